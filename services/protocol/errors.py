@@ -1,0 +1,101 @@
+"""The error tree. Every failure that crosses a service boundary is one of these.
+
+    CorralError                      code, retryable, status (the HTTP status the gateway maps it to)
+    ├── BadRequest                   400  the request itself is wrong; never retried
+    │   └── InvalidModelName         400  "invalid model name"
+    ├── ModelNotFound                404  "model 'x' not found"
+    ├── NoCapacity                   503  nothing could start it before its deadline ("server busy")
+    ├── AgentUnavailable             502  the agent died or went silent; retryable before the first byte
+    ├── BackendError                 502  the agent could not reach its Ollama; retryable
+    ├── Cancelled                    499  the client went away
+    └── InternalError                500
+
+Errors travel between services in the ``Corral-Error`` / ``Corral-Error-Code`` headers; only the
+gateway turns them into HTTP statuses and Ollama's ``{"error": "..."}`` (or `/v1`'s error object).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
+
+
+class CorralError(Exception):
+    code: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(CorralError):
+    code = "bad_request"
+    status = 400
+
+
+class InvalidModelName(BadRequest):
+    code = "invalid_model_name"
+
+    def __init__(self, name: str) -> None:
+        super().__init__("invalid model name")
+        self.name = name
+
+
+class ModelNotFound(CorralError):
+    code = "model_not_found"
+    status = 404
+
+
+class NoCapacity(CorralError):
+    code = "no_capacity"
+    status = 503
+
+    def __init__(self, message: str = BUSY_MESSAGE) -> None:
+        super().__init__(message)
+
+
+class AgentUnavailable(CorralError):
+    code = "agent_unavailable"
+    status = 502
+    retryable = True
+
+
+class BackendError(CorralError):
+    code = "backend_error"
+    status = 502
+    retryable = True
+
+
+class Cancelled(CorralError):
+    code = "cancelled"
+    status = 499
+
+
+class InternalError(CorralError):
+    code = "internal"
+    status = 500
+
+
+_BY_CODE: dict[str, type[CorralError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest,
+        ModelNotFound,
+        NoCapacity,
+        AgentUnavailable,
+        BackendError,
+        Cancelled,
+        InternalError,
+    )
+}
+
+
+def from_code(code: str, message: str) -> CorralError:
+    """Rebuild an error received in headers; unknown codes become `InternalError`."""
+    cls = _BY_CODE.get(code, InternalError)
+    err = CorralError.__new__(cls)
+    CorralError.__init__(err, message)
+    return err

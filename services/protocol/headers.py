@@ -1,0 +1,68 @@
+"""NATS header names. Requests carry the Ollama body verbatim as payload; these carry the rest.
+
+Work message (gateway → agent)::
+
+    Corral-Request        request id (token-safe)
+    Corral-Endpoint       Ollama path, e.g. /api/chat, /v1/chat/completions
+    Corral-Method         HTTP method (POST unless said)
+    Corral-Deadline       unix time in ms after which the agent drops the request unstarted
+    Corral-Model          the model's subject token, for the agent's slot accounting
+    Corral-Echo-Model     when the gateway stripped a vendor pin: the name to restore in responses
+    Corral-Upstream-Model the name Ollama sees (pairs with Corral-Echo-Model)
+    Corral-Body-Size      set when the body exceeds the payload limit: fetch it from the body subject
+    traceparent/tracestate W3C trace context
+
+Reply stream (agent → gateway, on the work message's reply subject), in order:
+
+    claim  Corral-Kind: claim, Corral-Agent: <id>        sent at once when an agent takes the work
+    ping   Corral-Kind: ping                              while Ollama has not answered (loading)
+    head   Corral-Kind: head, Corral-Status, Corral-Content-Type; payload = first body bytes
+    data   no headers at all; payload = the next body bytes (the cheap, frequent message)
+    end    Corral-Kind: end, Corral-Seq: <number of data messages>; optional Corral-Error(-Code)
+    busy   Corral-Kind: busy                              the agent cannot take it; try elsewhere
+
+A ``head`` with ``Corral-End: 1`` is also the end (the whole response fit in one message).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+REQUEST: Final = "Corral-Request"
+ENDPOINT: Final = "Corral-Endpoint"
+METHOD: Final = "Corral-Method"
+DEADLINE: Final = "Corral-Deadline"
+MODEL: Final = "Corral-Model"
+ECHO_MODEL: Final = "Corral-Echo-Model"
+UPSTREAM_MODEL: Final = "Corral-Upstream-Model"
+BODY_SIZE: Final = "Corral-Body-Size"
+
+KIND: Final = "Corral-Kind"
+AGENT: Final = "Corral-Agent"
+STATUS: Final = "Corral-Status"
+CONTENT_TYPE: Final = "Corral-Content-Type"
+SEQ: Final = "Corral-Seq"
+END: Final = "Corral-End"
+ERROR: Final = "Corral-Error"
+ERROR_CODE: Final = "Corral-Error-Code"
+
+CTL: Final = "Corral-Ctl"
+
+TRACEPARENT: Final = "traceparent"
+TRACESTATE: Final = "tracestate"
+
+# reply kinds
+CLAIM: Final = "claim"
+PING: Final = "ping"
+HEAD: Final = "head"
+END_KIND: Final = "end"
+BUSY: Final = "busy"
+
+# control kinds (Corral-Ctl on {root}.agent.{id}.ctl)
+CANCEL: Final = "cancel"
+DRAIN: Final = "drain"
+CORDON: Final = "cordon"
+UNCORDON: Final = "uncordon"
+
+# the nats-server's own status header (no responders = 503)
+NATS_STATUS: Final = "Status"

@@ -1,0 +1,112 @@
+"""Typed messages: KV values and events. One frozen, keyword-only base; unknown fields ignored.
+
+Schema evolution: new fields get defaults, no field ever changes type. Golden samples in
+``tests/unit/golden/`` keep old messages decodable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Base of every Corral wire struct."""
+
+
+class ModelDetails(msgspec.Struct, kw_only=True):
+    """Ollama's ``details`` object, all six keys always present (reference §2.7)."""
+
+    parent_model: str = ""
+    format: str = "gguf"
+    family: str = ""
+    families: list[str] | None = None
+    parameter_size: str = ""
+    quantization_level: str = ""
+
+
+class TagModel(msgspec.Struct, kw_only=True):
+    """One ``/api/tags`` entry as Ollama reports it."""
+
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: ModelDetails = msgspec.field(default_factory=ModelDetails)
+
+
+class PsModel(msgspec.Struct, kw_only=True):
+    """One ``/api/ps`` entry as Ollama reports it."""
+
+    name: str
+    model: str
+    size: int
+    digest: str
+    details: ModelDetails = msgspec.field(default_factory=ModelDetails)
+    expires_at: str
+    size_vram: int
+    context_length: int = 0
+
+
+class Gpu(Message, frozen=True, kw_only=True, omit_defaults=True):
+    index: int
+    name: str
+    vendor: str
+    vram_total: int
+    vram_free: int
+    utilization: float | None = None
+    source: str = "config"  # nvml | amd-sysfs | system-memory | config
+
+
+AgentStatus = Literal["active", "draining", "cordoned"]
+
+
+class AgentState(Message, frozen=True, kw_only=True, omit_defaults=True):
+    """Value of ``{root}_agents`` / key = agent id. Published on change and on every heartbeat."""
+
+    id: str
+    vendor: str
+    host: str
+    ollama_url: str
+    ollama_version: str = ""
+    status: AgentStatus = "active"
+    gpus: tuple[Gpu, ...] = ()
+    models: tuple[TagModel, ...] = ()
+    loaded: tuple[PsModel, ...] = ()
+    loading: tuple[str, ...] = ()  # model keys a load is under way for
+    parallel: int = 1  # slots per loaded model (OLLAMA_NUM_PARALLEL)
+    in_flight: int = 0
+    queued: int = 0
+    max_queue: int = 0
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    heartbeat_s: float = 5.0
+
+
+class AgentEvent(Message, frozen=True, kw_only=True, omit_defaults=True):
+    """``{root}.events.agent`` — joined, left (clean stop) or dead (missed heartbeats)."""
+
+    kind: Literal["joined", "left", "dead"]
+    agent: str
+    at: float
+
+
+class RequestFinished(Message, frozen=True, kw_only=True, omit_defaults=True):
+    """``{root}.events.request`` — one per finished request, for stats."""
+
+    agent: str
+    model: str
+    endpoint: str
+    status: int
+    ttft_ms: float | None = None
+    duration_ms: float = 0.0
+    eval_count: int = 0
+    prompt_eval_count: int = 0
+
+
+agent_state_encoder = msgspec.json.Encoder()
+agent_state_decoder = msgspec.json.Decoder(AgentState)
+agent_event_decoder = msgspec.json.Decoder(AgentEvent)
+request_finished_decoder = msgspec.json.Decoder(RequestFinished)

@@ -1,0 +1,111 @@
+"""Every NATS subject, queue group and KV bucket name Corral uses, built under one root.
+
+Subjects run general → specific so wildcards subscribe naturally (ADR-6 grammar)::
+
+    {root}.work.{vendor}.{model}     warm claims; queue group = the subject
+    {root}.queue.{vendor}.{model}    overflow (JetStream work-queue stream)
+    {root}.agent.{id}.work           direct work for one agent (affinity, pins, cold loads)
+    {root}.agent.{id}.ctl            cancel / drain / unload for one agent
+    {root}.reply.{gateway}.{req}     the reply stream of one request
+    {root}.body.{gateway}.{req}      an agent fetches a request body above the payload limit
+    {root}.events.{kind}             agent joined/left/dead, request finished, ...
+    {root}.registry.{op}             registry request API (queue group "registry")
+    {root}.agg.{op}                  aggregator request API (queue group "aggregator")
+
+``{vendor}`` is one of ``nvidia amd intel apple cpu any``; ``{model}`` is `ModelName.token`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from services.protocol.names import ANY_VENDOR, VENDORS, is_token
+
+_ROOT = re.compile(r"[A-Za-z0-9_-]+")
+_ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _check_id(value: str) -> str:
+    if not _ID.fullmatch(value):
+        raise ValueError(f"not a valid subject token: {value!r}")
+    return value
+
+
+class Subjects(msgspec.Struct, frozen=True):
+    root: str = "corral"
+
+    def __post_init__(self) -> None:
+        if not _ROOT.fullmatch(self.root):
+            raise ValueError(f"subject root must match [A-Za-z0-9_-]+, got {self.root!r}")
+
+    # -- request path ------------------------------------------------------------------------
+    def work(self, vendor: str, model_token: str) -> str:
+        if vendor not in VENDORS and vendor != ANY_VENDOR:
+            raise ValueError(f"unknown vendor {vendor!r}")
+        if not is_token(model_token):
+            raise ValueError(f"not a model token: {model_token!r}")
+        return f"{self.root}.work.{vendor}.{model_token}"
+
+    def work_queue_group(self, vendor: str, model_token: str) -> str:
+        """One queue group per claim subject: every agent that may claim shares it."""
+        return self.work(vendor, model_token)
+
+    def queue(self, vendor: str, model_token: str) -> str:
+        return f"{self.root}.queue.{vendor}.{model_token}"
+
+    def agent_work(self, agent_id: str) -> str:
+        return f"{self.root}.agent.{_check_id(agent_id)}.work"
+
+    def agent_ctl(self, agent_id: str) -> str:
+        return f"{self.root}.agent.{_check_id(agent_id)}.ctl"
+
+    def reply(self, gateway_id: str, request_id: str) -> str:
+        return f"{self.root}.reply.{_check_id(gateway_id)}.{_check_id(request_id)}"
+
+    def reply_all(self, gateway_id: str) -> str:
+        return f"{self.root}.reply.{_check_id(gateway_id)}.*"
+
+    def body(self, gateway_id: str, request_id: str) -> str:
+        return f"{self.root}.body.{_check_id(gateway_id)}.{_check_id(request_id)}"
+
+    def body_all(self, gateway_id: str) -> str:
+        return f"{self.root}.body.{_check_id(gateway_id)}.*"
+
+    # -- cluster -----------------------------------------------------------------------------
+    def event(self, kind: str) -> str:
+        return f"{self.root}.events.{_check_id(kind)}"
+
+    def events_all(self) -> str:
+        return f"{self.root}.events.>"
+
+    def registry(self, op: str) -> str:
+        return f"{self.root}.registry.{_check_id(op)}"
+
+    registry_queue_group = "registry"
+    aggregator_queue_group = "aggregator"
+
+    def agg(self, op: str) -> str:
+        return f"{self.root}.agg.{_check_id(op)}"
+
+    # -- JetStream ---------------------------------------------------------------------------
+    @property
+    def agents_bucket(self) -> str:
+        return f"{self.root}_agents"
+
+    @property
+    def models_bucket(self) -> str:
+        return f"{self.root}_models"
+
+    @property
+    def sessions_bucket(self) -> str:
+        return f"{self.root}_sessions"
+
+    @property
+    def views_bucket(self) -> str:
+        return f"{self.root}_views"
+
+    @property
+    def queue_stream(self) -> str:
+        return f"{self.root}_queue".upper()

@@ -1,0 +1,1 @@
+"""Shared plumbing: settings, NATS connection and JetStream setup, the embedded nats-server."""

@@ -1,0 +1,64 @@
+"""Connect to NATS and make sure the JetStream buckets Corral needs exist."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+
+from services.protocol.subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+
+async def connect(url: str, *, name: str) -> NATS:
+    """A connection that reconnects forever and reports state changes in the log."""
+
+    async def on_disconnect() -> None:
+        log.warning("%s: disconnected from NATS", name)
+
+    async def on_reconnect() -> None:
+        log.info("%s: reconnected to NATS", name)
+
+    async def on_error(e: Exception) -> None:
+        log.warning("%s: NATS error: %s", name, e)
+
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        error_cb=on_error,
+    )
+
+
+@dataclass(frozen=True)
+class Buckets:
+    agents: KeyValue
+    sessions: KeyValue
+    views: KeyValue
+
+
+async def ensure_buckets(js: JetStreamContext, subjects: Subjects) -> Buckets:
+    """Open the KV buckets, creating any that do not exist yet (idempotent across services)."""
+
+    async def bucket(name: str, *, ttl: float | None = None) -> KeyValue:
+        try:
+            return await js.key_value(name)
+        except BucketNotFoundError:
+            cfg = KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=StorageType.MEMORY)
+            return await js.create_key_value(cfg)
+
+    return Buckets(
+        agents=await bucket(subjects.agents_bucket),
+        sessions=await bucket(subjects.sessions_bucket, ttl=3600.0),
+        views=await bucket(subjects.views_bucket),
+    )

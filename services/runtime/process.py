@@ -1,0 +1,116 @@
+"""Process plumbing for entry points: the event loop, signals, an embedded uvicorn, common flags."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Coroutine, Generator
+from typing import Any
+
+import uvicorn
+
+from services.runtime.settings import CommonSettings, env_name
+
+log = logging.getLogger(__name__)
+
+
+def run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run a main coroutine on uvloop where available."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return int(uvloop.run(coro))
+
+
+async def wait_for_signal() -> signal.Signals:
+    """Wait for SIGINT or SIGTERM (an event, not a sleep loop); returns the signal."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def deliver(sig: signal.Signals) -> None:
+        if not got.done():
+            got.set_result(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, deliver, sig)
+    try:
+        return await got
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    d = CommonSettings()
+    p.add_argument(
+        "--nats", dest="nats_url", help=f"NATS server URL (env {env_name('nats_url')}; default {d.nats_url})"
+    )
+    p.add_argument(
+        "--root",
+        help=f"subject root / KV prefix; fleets sharing a NATS use different roots (default {d.root})",
+    )
+    p.add_argument("--log-level", help=f"DEBUG, INFO, WARNING... (default {d.log_level})")
+    p.add_argument(
+        "--otlp-endpoint", help="OTLP/HTTP endpoint for traces, e.g. http://localhost:4318 (default: off)"
+    )
+
+
+def overrides(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    common = ("nats_url", "root", "log_level", "otlp_endpoint")
+    return {n: getattr(args, n, None) for n in (*common, *names) if getattr(args, n, None) is not None}
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # signals belong to the process's own main, not to one server inside it
+
+
+class AsgiServer:
+    """uvicorn inside our own event loop: ``await start()`` returns once it listens."""
+
+    def __init__(self, app: Any, host: str, port: int, *, log_level: str = "warning") -> None:
+        self.config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            lifespan="on",
+            log_level=log_level.lower(),
+            access_log=False,
+            http="httptools",
+            ws="none",
+            timeout_keep_alive=30,
+            timeout_graceful_shutdown=30,
+        )
+        self._server = _Server(self.config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if not self.config.loaded:
+            self.config.load()
+        self._server.lifespan = self.config.lifespan_class(self.config)
+        await self._server.startup()
+        if self._server.should_exit or not self._server.started:
+            raise RuntimeError(f"could not start the HTTP server on {self.config.host}:{self.config.port}")
+        self._task = asyncio.create_task(self._server.main_loop(), name="uvicorn")
+
+    @property
+    def port(self) -> int:
+        return int(self._server.servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop accepting, let open requests finish (graceful timeout), run the lifespan shutdown."""
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+        self._task = None
+        await self._server.shutdown()

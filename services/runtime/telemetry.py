@@ -1,0 +1,160 @@
+"""OpenTelemetry for Corral: W3C trace context in NATS headers, messaging spans, SDK setup.
+
+Library code only calls `tracer`, `publish_span`, `process_span`, `inject_headers` and
+`extract_context`; with no SDK configured those are OpenTelemetry's no-op API and cost next to
+nothing. Only a process entry point (``__main__``) calls `setup_tracing`, once, and shuts the
+returned provider down on exit so batched spans are flushed.
+
+A request's trace::
+
+    gateway SERVER "POST /api/chat"
+      └─ PRODUCER "corral.work.{vendor}.{model} publish"     context → traceparent/tracestate headers
+           └─ agent CONSUMER "corral.work.{vendor}.{model} process"   context ← headers
+                └─ CLIENT call to Ollama
+
+Span names come from low-cardinality subject *templates* (as faststream names its spans
+``"{destination} {action}"``); the concrete subject goes into ``messaging.destination.name``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Final
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.util.types import AttributeValue
+
+logger = logging.getLogger(__name__)
+
+OTLP_TRACES_PATH: Final = "/v1/traces"
+
+MESSAGING_SYSTEM: Final = "messaging.system"
+MESSAGING_DESTINATION_NAME: Final = "messaging.destination.name"
+MESSAGING_DESTINATION_TEMPLATE: Final = "messaging.destination.template"
+MESSAGING_OPERATION_NAME: Final = "messaging.operation.name"
+MESSAGING_OPERATION_TYPE: Final = "messaging.operation.type"
+NATS: Final = "nats"
+
+
+def setup_tracing(
+    service_name: str,
+    *,
+    endpoint: str | None,
+    exporter: SpanExporter | None = None,
+    set_global: bool = True,
+) -> TracerProvider | None:
+    """Configure the SDK for this process; None (the no-op tracer stays) when there is nowhere to send.
+
+    ``endpoint`` is an OTLP/HTTP collector (``http://collector:4318``; ``/v1/traces`` is appended
+    when missing); spans go through a `BatchSpanProcessor`. An explicit ``exporter`` (tests pass an
+    ``InMemorySpanExporter``) takes its place, through a `SimpleSpanProcessor`. OpenTelemetry lets
+    a process set its global provider only once, so tests pass ``set_global=False`` and use the
+    returned provider through `tracer` (``tracer(name, provider)``) and the span helpers.
+    """
+    if exporter is not None:
+        processor: SpanProcessor = SimpleSpanProcessor(exporter)
+    elif endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        url = endpoint.rstrip("/")
+        if not url.endswith(OTLP_TRACES_PATH):
+            url += OTLP_TRACES_PATH
+        processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=url))
+        logger.info("tracing %s to %s", service_name, url)
+    else:
+        logger.debug("tracing off for %s: no OTLP endpoint configured", service_name)
+        return None
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+    provider.add_span_processor(processor)
+    if set_global:
+        trace.set_tracer_provider(provider)
+    return provider
+
+
+def tracer(name: str, provider: trace.TracerProvider | None = None) -> Tracer:
+    """``trace.get_tracer(name)``: the global provider's (no-op until configured) unless one is given."""
+    return trace.get_tracer(name, tracer_provider=provider)
+
+
+def inject_headers(headers: dict[str, str], context: Context | None = None) -> None:
+    """Add the current (or the given) span context to NATS headers as W3C traceparent/tracestate.
+
+    Adds nothing when there is no valid span context, e.g. tracing is off and nothing upstream
+    sent a traceparent.
+    """
+    propagate.inject(headers, context=context)
+
+
+def extract_context(headers: Mapping[str, str] | None) -> Context:
+    """The remote context carried in NATS headers; an empty `Context` when there is none."""
+    return propagate.extract(headers or {}, context=Context())
+
+
+def _attributes(
+    template: str,
+    subject: str,
+    operation: str,
+    operation_type: str,
+    extra: Mapping[str, AttributeValue] | None,
+) -> dict[str, AttributeValue]:
+    attributes: dict[str, AttributeValue] = {
+        MESSAGING_SYSTEM: NATS,
+        MESSAGING_DESTINATION_NAME: subject,
+        MESSAGING_DESTINATION_TEMPLATE: template,
+        MESSAGING_OPERATION_NAME: operation,
+        MESSAGING_OPERATION_TYPE: operation_type,
+    }
+    if extra:
+        attributes.update(extra)
+    return attributes
+
+
+@contextmanager
+def publish_span(
+    template: str,
+    subject: str,
+    headers: dict[str, str],
+    *,
+    tracer: Tracer | None = None,
+    attributes: Mapping[str, AttributeValue] | None = None,
+) -> Iterator[Span]:
+    """A PRODUCER span ``"{template} publish"`` around a publish; injects its context into headers.
+
+    ``template`` is the low-cardinality subject template (``corral.work.{vendor}.{model}``),
+    ``subject`` the concrete subject. Build ``headers`` before entering and publish inside.
+    """
+    t = tracer if tracer is not None else trace.get_tracer(__name__)
+    with t.start_as_current_span(
+        f"{template} publish",
+        kind=SpanKind.PRODUCER,
+        attributes=_attributes(template, subject, "publish", "send", attributes),
+    ) as span:
+        inject_headers(headers)
+        yield span
+
+
+@contextmanager
+def process_span(
+    template: str,
+    subject: str,
+    headers: Mapping[str, str] | None,
+    *,
+    tracer: Tracer | None = None,
+    attributes: Mapping[str, AttributeValue] | None = None,
+) -> Iterator[Span]:
+    """A CONSUMER span ``"{template} process"`` whose parent is the context in the message headers."""
+    t = tracer if tracer is not None else trace.get_tracer(__name__)
+    with t.start_as_current_span(
+        f"{template} process",
+        context=extract_context(headers),
+        kind=SpanKind.CONSUMER,
+        attributes=_attributes(template, subject, "process", "process", attributes),
+    ) as span:
+        yield span
