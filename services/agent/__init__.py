@@ -1,0 +1,1 @@
+"""The agent: one per Ollama instance; probes GPUs, claims work, streams replies."""
