@@ -79,18 +79,11 @@ class InternalError(CorralError):
     status = 500
 
 
-_BY_CODE: dict[str, type[CorralError]] = {
-    cls.code: cls
-    for cls in (
-        BadRequest,
-        ModelNotFound,
-        NoCapacity,
-        AgentUnavailable,
-        BackendError,
-        Cancelled,
-        InternalError,
-    )
-}
+def _tree(cls: type[CorralError]) -> list[type[CorralError]]:
+    return [cls, *(c for sub in cls.__subclasses__() for c in _tree(sub))]
+
+
+_BY_CODE: dict[str, type[CorralError]] = {cls.code: cls for cls in _tree(CorralError)}
 
 
 def from_code(code: str, message: str) -> CorralError:
@@ -98,4 +91,6 @@ def from_code(code: str, message: str) -> CorralError:
     cls = _BY_CODE.get(code, InternalError)
     err = CorralError.__new__(cls)
     CorralError.__init__(err, message)
+    if isinstance(err, InvalidModelName):
+        err.name = ""
     return err

@@ -15,7 +15,7 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Base of every Corral wire struct."""
 
 
-class ModelDetails(msgspec.Struct, kw_only=True):
+class ModelDetails(msgspec.Struct, frozen=True, kw_only=True):
     """Ollama's ``details`` object, all six keys always present (reference §2.7)."""
 
     parent_model: str = ""
@@ -26,7 +26,7 @@ class ModelDetails(msgspec.Struct, kw_only=True):
     quantization_level: str = ""
 
 
-class TagModel(msgspec.Struct, kw_only=True):
+class TagModel(msgspec.Struct, frozen=True, kw_only=True):
     """One ``/api/tags`` entry as Ollama reports it."""
 
     name: str
@@ -37,7 +37,7 @@ class TagModel(msgspec.Struct, kw_only=True):
     details: ModelDetails = msgspec.field(default_factory=ModelDetails)
 
 
-class PsModel(msgspec.Struct, kw_only=True):
+class PsModel(msgspec.Struct, frozen=True, kw_only=True):
     """One ``/api/ps`` entry as Ollama reports it."""
 
     name: str

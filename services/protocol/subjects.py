@@ -53,6 +53,7 @@ class Subjects(msgspec.Struct, frozen=True):
         return self.work(vendor, model_token)
 
     def queue(self, vendor: str, model_token: str) -> str:
+        self.work(vendor, model_token)  # same validation as the claim subject
         return f"{self.root}.queue.{vendor}.{model_token}"
 
     def agent_work(self, agent_id: str) -> str:
@@ -108,4 +109,4 @@ class Subjects(msgspec.Struct, frozen=True):
 
     @property
     def queue_stream(self) -> str:
-        return f"{self.root}_queue".upper()
+        return f"{self.root}_queue"

@@ -33,7 +33,9 @@ def load_settings(
     try:
         return msgspec.convert(values, cls, strict=False)
     except msgspec.ValidationError as e:
-        raise SystemExit(f"invalid setting: {e}") from None
+        field = str(e).rpartition("$.")[2]
+        where = f" ({env_name(field)} / --{field.replace('_', '-')})" if field.isidentifier() else ""
+        raise SystemExit(f"invalid setting{where}: {e}") from None
 
 
 def _from_env(raw: str, tp: Any) -> Any:
