@@ -33,8 +33,8 @@ def load_settings(
     try:
         return msgspec.convert(values, cls, strict=False)
     except msgspec.ValidationError as e:
-        field = str(e).rpartition("$.")[2]
-        where = f" ({env_name(field)} / --{field.replace('_', '-')})" if field.isidentifier() else ""
+        name = str(e).rpartition("$.")[2]
+        where = f" ({env_name(name)} / --{name.replace('_', '-')})" if name.isidentifier() else ""
         raise SystemExit(f"invalid setting{where}: {e}") from None
 
 
