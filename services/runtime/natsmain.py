@@ -17,9 +17,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=4222, help="client port (default 4222)")
     p.add_argument(
-        "--store-dir", default=".corral/nats", help="JetStream storage directory (default .corral/nats)"
+        "--store-dir",
+        default=".corral/nats",
+        help="JetStream storage directory (default .corral/nats; with --config the file decides)",
     )
-    p.add_argument("--config", help="a nats-server config file (e.g. deploy/nats.conf)")
+    p.add_argument(
+        "--config", help="a nats-server config file that enables JetStream (e.g. deploy/nats.conf)"
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 

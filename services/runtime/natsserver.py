@@ -88,10 +88,12 @@ class NatsServer:
         if self._proc is not None:
             raise NatsServerError("nats-server already started")
         args = [find_binary(), "-a", self.host, "-p", str(self.port)]
-        if self.jetstream:
-            args += ["-js", "-sd", str(self.store_dir)]
         if self.config_file:
+            # the config file owns JetStream and its store_dir (nats-server rejects both at once);
+            # start() still refuses a server that came up without JetStream
             args += ["-c", str(self.config_file)]
+        elif self.jetstream:
+            args += ["-js", "-sd", str(self.store_dir)]
         if self.max_payload:
             args += ["--max_payload", str(self.max_payload)]
         log.debug("starting %s", " ".join(args))
