@@ -1,0 +1,447 @@
+"""OpenAI-compatible routes under /v1 (reference §3): thin translations onto the same engine.
+
+Errors use OpenAI's shape ``{"error":{"message","type","param","code"}}`` with the native status;
+`stream` defaults to false; streams are SSE ending in ``data: [DONE]`` (HEAD chunking: role only
+in the first delta, a separate finish chunk, then the optional usage chunk).
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import struct
+import time
+from typing import Any, Final
+
+import msgspec
+from aiohttp import web
+
+from services.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
+from services.protocol.names import parse_name
+from services.simulator.catalog import LocalModel
+from services.simulator.context import SimContext
+from services.simulator.engine import CONTENT, THINKING, TOOL_CALLS, Job, Outcome
+from services.simulator.native import find_model, merged_options, runner_options
+from services.simulator.responses import StreamWriter, encode, json_response
+from services.simulator.text import (
+    Plan,
+    count_tokens,
+    embed,
+    l2_normalize,
+    plan_reply,
+    render_chat,
+    render_generate,
+    seed_for,
+)
+from services.simulator.wire import think_flag
+
+SSE: Final = "text/event-stream"
+_TYPES: Final = {400: "invalid_request_error", 404: "not_found_error"}
+_EFFORT: Final[dict[str, bool | str]] = {
+    "none": False,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "max": "max",
+    "xhigh": "max",
+    "ultra": "max",
+}
+
+
+def openai_error(status: int, message: str) -> web.Response:
+    body = {
+        "error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": None, "code": None}
+    }
+    return json_response(body, status)
+
+
+def _finish(plan: Plan) -> str:
+    if plan.done_reason == "stop" and plan.tool_calls:
+        return "tool_calls"
+    return plan.done_reason
+
+
+def _tool_calls(plan: Plan) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": c.id,
+            "index": i,
+            "type": "function",
+            "function": {"name": c.name, "arguments": msgspec.json.encode(c.arguments).decode()},
+        }
+        for i, c in enumerate(plan.tool_calls)
+    ]
+
+
+def _text_of(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict):
+                raise BadRequest("invalid message content type")
+            if part.get("type") == "text":
+                parts.append(str(part.get("text", "")))
+            elif part.get("type") == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str) or not url.startswith("data:"):
+                    raise BadRequest(
+                        "image URLs are not currently supported, please use base64 encoded data instead"
+                    )
+        return "".join(parts)
+    raise BadRequest("invalid message content type")
+
+
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        opts["num_predict"] = max_tokens
+    if body.get("seed") is not None:
+        opts["seed"] = body["seed"]
+    stop = body.get("stop")
+    if stop is not None:
+        opts["stop"] = [stop] if isinstance(stop, str) else stop
+    opts["temperature"] = body.get("temperature") if body.get("temperature") is not None else 1.0
+    opts["top_p"] = body.get("top_p") or 1.0
+    return opts
+
+
+class OpenAIRoutes:
+    def __init__(self, ctx: SimContext) -> None:
+        self.ctx = ctx
+        self.rng = random.Random(ctx.config.seed)
+
+    def add_to(self, app: web.Application) -> None:
+        r = app.router
+        r.add_post("/v1/chat/completions", self.chat)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/embeddings", self.embeddings)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/v1/models/{model}", self.model)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        if not raw.strip():
+            raise BadRequest("missing request body")
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            raise BadRequest("invalid request body") from None
+        if not isinstance(body, dict):
+            raise BadRequest("invalid request body")
+        return body
+
+    def _model(self, raw: Any) -> tuple[str, LocalModel]:
+        if not isinstance(raw, str) or not raw:
+            raise BadRequest("model is required")
+        return raw, find_model(self.ctx, raw, f"model '{raw}' not found")
+
+    # ---- chat ---------------------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        ctx = self.ctx
+        try:
+            body = await self._body(request)
+            messages = body.get("messages")
+            if not isinstance(messages, list):
+                raise BadRequest("invalid request body")
+            if not messages:
+                raise BadRequest("[] is too short - 'messages'")
+            raw, model = self._model(body.get("model"))
+            turns = []
+            for m in messages:
+                if not isinstance(m, dict):
+                    raise BadRequest("invalid message format")
+                turns.append((str(m.get("role", "user")).lower(), _text_of(m.get("content"))))
+            tools = body.get("tools") or []
+            caps = model.config.capabilities
+            if "completion" not in caps:
+                raise BadRequest(f'"{raw}" does not support chat')
+            if tools and "tools" not in caps:
+                raise BadRequest(f"{model.name.canonical} does not support tools")
+            effort = body.get("reasoning_effort")
+            if effort is None and isinstance(body.get("reasoning"), dict):
+                effort = body["reasoning"].get("effort")
+            think: bool | str | None = None
+            if effort is not None:
+                if effort not in _EFFORT:
+                    raise BadRequest(
+                        f'invalid reasoning value: \'{effort}\' (must be "high", "medium", "low", or "none")'
+                    )
+                think = _EFFORT[effort]
+                if think and "thinking" not in caps:
+                    raise BadRequest(f'"{raw}" does not support thinking')
+            opts = merged_options(model, _options(body))
+            fmt = _format(body.get("response_format"))
+        except CorralError as e:
+            return openai_error(e.status, e.message)
+        if model.system and turns[0][0] != "system":
+            turns.insert(0, ("system", model.system))
+        tokens = render_chat(turns, tools)
+        seed = opts.get("seed", ctx.config.seed)
+        plan = plan_reply(
+            seed_for(seed, tokens),
+            num_predict=opts.get("num_predict", -1),
+            think=think_flag(think, "thinking" in caps),
+            tools=tools,
+            last_user=turns[-1][1],
+            last_role=turns[-1][0],
+            fmt=fmt,
+            stop=opts.get("stop", []),
+        )
+        job = Job(
+            model=model,
+            options=runner_options(ctx, model, opts),
+            keep_alive=None,
+            tokens=tokens,
+            plan=plan,
+            t0=t0,
+        )
+        ident = f"chatcmpl-{self.rng.randrange(999)}"
+        created = int(time.time())
+        stream = body.get("stream") is True
+        if not stream:
+            try:
+                out = await ctx.engine.run(job, None)
+            except CorralError as e:
+                return openai_error(e.status, e.message)
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(plan.content)}
+            if plan.thinking:
+                message["reasoning"] = "".join(plan.thinking)
+            if plan.tool_calls:
+                message["tool_calls"] = _tool_calls(plan)
+            return json_response(
+                {
+                    "id": ident,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": raw,
+                    "system_fingerprint": "fp_ollama",
+                    "choices": [{"index": 0, "message": message, "finish_reason": _finish(plan)}],
+                    "usage": _usage(out),
+                }
+            )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        head = (
+            b'data: {"id":'
+            + encode(ident)
+            + b',"object":"chat.completion.chunk","created":'
+            + str(created).encode()
+            + b',"model":'
+            + encode(raw)
+            + b',"system_fingerprint":"fp_ollama","choices":[{"index":0,"delta":'
+        )
+        tail = b',"finish_reason":null}]}\n\n'
+        writer = StreamWriter(request, SSE)
+        first = [True]
+
+        async def emit(kind: int, piece: str) -> None:
+            delta: dict[str, Any] = {"role": "assistant"} if first[0] else {}
+            first[0] = False
+            if kind == CONTENT:
+                delta["content"] = piece
+            elif kind == THINKING:
+                delta["reasoning"] = piece
+            elif kind == TOOL_CALLS:
+                delta["tool_calls"] = _tool_calls(plan)
+            await writer.write(head + encode(delta) + tail)
+
+        def final(out: Outcome) -> bytes:
+            done = head + b'{},"finish_reason":' + encode(_finish(plan)) + b"}]}\n\n"
+            if include_usage:
+                usage = {
+                    "id": ident,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": raw,
+                    "system_fingerprint": "fp_ollama",
+                    "choices": [],
+                    "usage": _usage(out),
+                }
+                done += b"data: " + encode(usage) + b"\n\n"
+            return done + b"data: [DONE]\n\n"
+
+        return await self._stream(writer, job, emit, final, head + b'{"content":""}' + tail)
+
+    async def _stream(
+        self, writer: StreamWriter, job: Job, emit: Any, final: Any, error_chunk: bytes
+    ) -> web.StreamResponse:
+        try:
+            out = await self.ctx.engine.run(job, emit)
+            await writer.write(final(out))
+        except CorralError as e:
+            if not writer.started:
+                return openai_error(e.status, e.message)
+            await writer.write(error_chunk)
+        except ConnectionError:
+            return writer.response or web.Response(status=499)
+        try:
+            return await writer.finish()
+        except ConnectionError:
+            return writer.response or web.Response(status=499)
+
+    # ---- completions --------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        ctx = self.ctx
+        try:
+            body = await self._body(request)
+            prompt = body.get("prompt", "")
+            if not isinstance(prompt, str):
+                raise BadRequest("invalid type for 'prompt' field: only string is supported")
+            raw, model = self._model(body.get("model"))
+            if "completion" not in model.config.capabilities:
+                raise BadRequest(f'"{raw}" does not support generate')
+            opts = merged_options(model, _options(body))
+        except CorralError as e:
+            return openai_error(e.status, e.message)
+        ident = f"cmpl-{self.rng.randrange(999)}"
+        created = int(time.time())
+        job = Job(model=model, options=runner_options(ctx, model, opts), keep_alive=None, tokens=[], t0=t0)
+
+        def response(text: str, finish: str, out: Outcome | None) -> dict[str, Any]:
+            return {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": raw,
+                "system_fingerprint": "fp_ollama",
+                "choices": [{"text": text, "index": 0, "finish_reason": finish}],
+                "usage": _usage(out),
+            }
+
+        if not prompt:
+            try:
+                runner, _ = await ctx.engine.attach(job)
+            except CorralError as e:
+                return openai_error(e.status, e.message)
+            ctx.engine.detach(job, runner)
+            return json_response(response("", "load", None))
+        job.tokens = render_generate(prompt, model.system)
+        plan = job.plan = plan_reply(
+            seed_for(opts.get("seed", ctx.config.seed), job.tokens),
+            num_predict=opts.get("num_predict", -1),
+            stop=opts.get("stop", []),
+        )
+        if body.get("stream") is not True:
+            try:
+                out = await ctx.engine.run(job, None)
+            except CorralError as e:
+                return openai_error(e.status, e.message)
+            return json_response(response("".join(plan.content), plan.done_reason, out))
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        head = (
+            b'data: {"id":'
+            + encode(ident)
+            + b',"object":"text_completion","created":'
+            + str(created).encode()
+            + b',"model":'
+            + encode(raw)
+            + b',"system_fingerprint":"fp_ollama","choices":[{"text":'
+        )
+        writer = StreamWriter(request, SSE)
+
+        async def emit(kind: int, piece: str) -> None:
+            if kind == CONTENT:
+                await writer.write(head + encode(piece) + b',"index":0,"finish_reason":null}]}\n\n')
+
+        def final(out: Outcome) -> bytes:
+            done = head + b'"","index":0,"finish_reason":' + encode(plan.done_reason) + b"}]}\n\n"
+            if include_usage:
+                usage = response("", "", out)
+                usage["choices"] = []
+                done += b"data: " + encode(usage) + b"\n\n"
+            return done + b"data: [DONE]\n\n"
+
+        return await self._stream(
+            writer, job, emit, final, head + b'"","index":0,"finish_reason":null}]}\n\n'
+        )
+
+    # ---- embeddings ---------------------------------------------------------------------------
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        ctx = self.ctx
+        try:
+            body = await self._body(request)
+            inp = body.get("input")
+            if inp == "":
+                inp = [""]
+            if isinstance(inp, str):
+                inp = [inp]
+            if not isinstance(inp, list) or not inp or not all(isinstance(s, str) for s in inp):
+                raise BadRequest("invalid input")
+            fmt = body.get("encoding_format") or "float"
+            if fmt not in ("float", "base64"):
+                raise BadRequest(
+                    f"Invalid value for 'encoding_format' = {fmt}. Supported values: ['float', 'base64']."
+                )
+            raw, model = self._model(body.get("model"))
+            opts = merged_options(model, {})
+        except CorralError as e:
+            return openai_error(e.status, e.message)
+        job = Job(model=model, options=runner_options(ctx, model, opts), keep_alive=None, tokens=[], t0=t0)
+        n = sum(count_tokens(s) for s in inp)
+        try:
+            await ctx.engine.embed(job, n)
+        except CorralError as e:
+            return openai_error(e.status, e.message)
+        dim = model.config.embedding_dim
+        dims = body.get("dimensions")
+        data = []
+        for i, s in enumerate(inp):
+            vec = embed(s, dim, ctx.config.seed)
+            if isinstance(dims, int) and 0 < dims < dim:
+                vec = l2_normalize(vec[:dims])
+            value: Any = vec
+            if fmt == "base64":
+                value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+            data.append({"object": "embedding", "embedding": value, "index": i})
+        return json_response(
+            {"object": "list", "data": data, "model": raw, "usage": {"prompt_tokens": n, "total_tokens": n}}
+        )
+
+    # ---- models -------------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [_model_entry(m.display, m) for m in self.ctx.catalog.listing()]
+        return json_response({"object": "list", "data": data or None})
+
+    async def model(self, request: web.Request) -> web.Response:
+        raw = request.match_info["model"]
+        try:
+            m = self.ctx.catalog.models.get(parse_name(raw).key)
+        except InvalidModelName:
+            m = None
+        if m is None:
+            return openai_error(404, ModelNotFound(f"model '{raw}' not found").message)
+        return json_response(_model_entry(raw, m))
+
+
+def _model_entry(ident: str, m: LocalModel) -> dict[str, Any]:
+    return {"id": ident, "object": "model", "created": int(m.modified_at), "owned_by": m.name.namespace}
+
+
+def _usage(out: Outcome | None) -> dict[str, int]:
+    p = out.prompt_eval_count if out else 0
+    c = out.eval_count if out else 0
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _format(rf: Any) -> Any:
+    if not isinstance(rf, dict):
+        return None
+    if rf.get("type") == "json_object":
+        return "json"
+    if rf.get("type") == "json_schema":
+        schema = rf.get("json_schema")
+        return schema.get("schema") if isinstance(schema, dict) else None
+    return None
