@@ -94,3 +94,12 @@ def from_code(code: str, message: str) -> CorralError:
     if isinstance(err, InvalidModelName):
         err.name = ""
     return err
+
+
+def not_found_message(endpoint: str, raw_model: str, display: str) -> str:
+    """Ollama words its 404 differently per endpoint (reference §2.3–2.9)."""
+    if endpoint in ("/api/embed", "/api/embeddings"):
+        return f'model "{raw_model}" not found, try pulling it first'
+    if endpoint == "/api/show":
+        return f"model '{display}' not found"
+    return f"model '{raw_model}' not found"

@@ -41,6 +41,15 @@ class Subjects(msgspec.Struct, frozen=True):
             raise ValueError(f"subject root must match [A-Za-z0-9_-]+, got {self.root!r}")
 
     # -- request path ------------------------------------------------------------------------
+    @property
+    def work_template(self) -> str:
+        """Low-cardinality name of the claim subjects (span names, metrics)."""
+        return f"{self.root}.work.{{vendor}}.{{model}}"
+
+    @property
+    def agent_work_template(self) -> str:
+        return f"{self.root}.agent.{{id}}.work"
+
     def work(self, vendor: str, model_token: str) -> str:
         if vendor not in VENDORS and vendor != ANY_VENDOR:
             raise ValueError(f"unknown vendor {vendor!r}")

@@ -20,8 +20,13 @@ log = logging.getLogger(__name__)
 async def connect(url: str, *, name: str) -> NATS:
     """A connection that reconnects forever and reports state changes in the log."""
 
+    nc: NATS | None = None
+
     async def on_disconnect() -> None:
-        log.warning("%s: disconnected from NATS", name)
+        if nc is not None and (nc.is_closed or nc.is_draining):
+            log.debug("%s: NATS connection closed", name)
+        else:
+            log.warning("%s: disconnected from NATS", name)
 
     async def on_reconnect() -> None:
         log.info("%s: reconnected to NATS", name)
@@ -29,7 +34,7 @@ async def connect(url: str, *, name: str) -> NATS:
     async def on_error(e: Exception) -> None:
         log.warning("%s: NATS error: %s", name, e)
 
-    return await nats.connect(
+    nc = await nats.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
@@ -38,6 +43,7 @@ async def connect(url: str, *, name: str) -> NATS:
         reconnected_cb=on_reconnect,
         error_cb=on_error,
     )
+    return nc
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import sysconfig
@@ -20,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
 
 
 class NatsServerError(RuntimeError):
@@ -97,8 +101,14 @@ class NatsServer:
         if self.max_payload:
             args += ["--max_payload", str(self.max_payload)]
         log.debug("starting %s", " ".join(args))
+        # Its own process group: a Ctrl-C at the terminal reaches only us, and we stop the server
+        # after everything else has drained through it. It still dies with us (parent-death signal).
         self._proc = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            *args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self._log_task = asyncio.create_task(self._read_log(), name="nats-server-log")
         try:
@@ -164,3 +174,10 @@ class NatsServer:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to send SIGTERM when the parent dies (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

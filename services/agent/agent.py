@@ -1,0 +1,447 @@
+"""The agent: one per Ollama. Capacity is expressed as interest.
+
+For every model its Ollama has loaded, the agent holds one single-shot queue subscription per free
+slot on ``work.any.{model}`` and ``work.{vendor}.{model}``: NATS gives each request to exactly one
+agent that can start it now, in proportion to free slots, and answers "no responders" when none
+can. A subscription is armed with ``UNSUB <sid> 1`` so the server retires it after one delivery;
+nothing needs to race to take interest back. Direct work (``agent.{id}.work``) is always claimed
+while the agent is active: if no slot is free it waits in a bounded local FIFO that is served
+before the agent takes interest again, and past that bound the agent answers ``busy``.
+
+Lifecycle: NEW → RUNNING → DRAINING → STOPPED. `stop` drops every claim subscription, lets
+in-flight work finish within the grace period, cancels the rest with a final error, deletes the
+agent's KV entry and drains the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import socket
+import time
+from collections import deque
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry.trace import TracerProvider
+
+from services.agent.ollama import OllamaClient
+from services.agent.worker import Job, Worker
+from services.protocol import headers as H
+from services.protocol.errors import Cancelled
+from services.protocol.messages import AgentState, Gpu, PsModel, TagModel, agent_state_encoder
+from services.protocol.names import ANY_VENDOR, VENDORS, parse_name
+from services.protocol.subjects import Subjects
+from services.runtime.nats import Buckets, connect, ensure_buckets
+from services.runtime.settings import CommonSettings
+from services.runtime.telemetry import tracer
+
+log = logging.getLogger(__name__)
+
+
+class AgentSettings(CommonSettings, frozen=True, kw_only=True):
+    id: str = ""  # default: <hostname>-<ollama port>
+    ollama_url: str = "http://127.0.0.1:11434"
+    vendor: str = ""  # nvidia | amd | intel | apple | cpu; empty = detect
+    parallel: int = 1  # slots per loaded model; match the backend's OLLAMA_NUM_PARALLEL
+    max_queue: int = 64  # direct requests waiting for a slot before the agent answers busy
+    heartbeat_s: float = 5.0
+    refresh_s: float = 5.0  # re-read the backend's /api/tags and /api/ps this often
+    ping_interval_s: float = 2.0
+    drain_grace_s: float = 30.0
+    vram_gb: float = 0.0  # override the GPU probe (0 = probe)
+    advertise_host: str = ""  # default: this machine's hostname
+
+
+class Lifecycle(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+def default_agent_id(ollama_url: str) -> str:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(ollama_url)
+    raw = f"{socket.gethostname()}-{u.port or 11434}"
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in raw).lower()
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        gpus: list[Gpu] | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        self.settings = settings
+        self.id = settings.id or default_agent_id(settings.ollama_url)
+        self.vendor = settings.vendor or "cpu"
+        if self.vendor not in VENDORS:
+            raise ValueError(f"vendor must be one of {', '.join(VENDORS)}")
+        self.subjects = Subjects(settings.root)
+        self.ollama = OllamaClient(settings.ollama_url)
+        self.lifecycle = Lifecycle.NEW
+        self.status: str = "active"
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._done = asyncio.Event()
+        self._gpus = tuple(gpus or ())
+        self.nc: NATS | None = None
+        self._buckets: Buckets | None = None
+        self._worker: Worker | None = None
+        self._tracer = tracer(__name__, tracer_provider)
+        self._tg: asyncio.TaskGroup | None = None
+        self._subs: list[Subscription] = []
+        self._claims: dict[str, list[Subscription]] = {}  # claim subject → armed single-shot subs
+        self._busy: dict[str, int] = {}  # model token → requests holding a slot
+        self._waiting: dict[str, deque[Job]] = {}  # model token → FIFO of jobs waiting for a slot
+        self._jobs: dict[str, Job] = {}
+        self._models: tuple[TagModel, ...] = ()
+        self._loaded: tuple[PsModel, ...] = ()
+        self._loaded_tokens: frozenset[str] = frozenset()
+        self._version = ""
+        self._started_at = time.time()
+        self._claims_dirty = asyncio.Event()
+        self._state_dirty = asyncio.Event()
+        self._refresh_now = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until `stop`; the whole life of the agent, background work in one TaskGroup."""
+        if self.lifecycle is not Lifecycle.NEW:
+            raise RuntimeError("an agent runs once")
+        self.lifecycle = Lifecycle.RUNNING
+        try:
+            await self._open()
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                loops = [
+                    tg.create_task(self._reconcile_loop(), name="claims"),
+                    tg.create_task(self._state_loop(), name="state"),
+                    tg.create_task(self._refresh_loop(), name="refresh"),
+                    tg.create_task(self._ping_loop(), name="ping"),
+                ]
+                self.ready.set()
+                log.info("agent %s (%s) serving %s", self.id, self.vendor, self.settings.ollama_url)
+                await self._stop.wait()
+                await self._drain()
+                self._closing.set()
+                for t in loops:  # the loops park on events; nothing is left for them to do
+                    t.cancel()
+        finally:
+            await self._close()
+            self.lifecycle = Lifecycle.STOPPED
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Drain and stop; idempotent and safe before start."""
+        if self.lifecycle is Lifecycle.NEW:
+            self.lifecycle = Lifecycle.STOPPED
+            self._done.set()
+            return
+        self._stop.set()
+        await self._done.wait()
+
+    async def _open(self) -> None:
+        self.nc = await connect(self.settings.nats_url, name=f"corral-agent-{self.id}")
+        self._buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
+        self._worker = Worker(
+            self.nc,
+            self.ollama,
+            self.id,
+            templates=(self.subjects.agent_work_template, self.subjects.work_template),
+            tracer=self._tracer,
+        )
+        await self.ollama.start()
+        await self._refresh()
+        self._subs.append(await self.nc.subscribe(self.subjects.agent_work(self.id), cb=self._on_direct))
+        self._subs.append(await self.nc.subscribe(self.subjects.agent_ctl(self.id), cb=self._on_ctl))
+        await self._publish_state()
+
+    async def _drain(self) -> None:
+        self.lifecycle = Lifecycle.DRAINING
+        self.status = "draining"
+        await self._drop_claims()
+        await self._publish_state()
+        for job in [j for q in self._waiting.values() for j in q]:
+            self._cancel_job(job)
+        running = [j.task for j in self._jobs.values() if j.task is not None]
+        if running:
+            log.info(
+                "draining: waiting up to %.0fs for %d requests", self.settings.drain_grace_s, len(running)
+            )
+            _, pending = await asyncio.wait(running, timeout=self.settings.drain_grace_s)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            if self._buckets is not None:
+                with contextlib.suppress(Exception):
+                    await self._buckets.agents.delete(self.id)
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        await self.ollama.close()
+
+    # -- work intake -------------------------------------------------------------------------
+    def _job_from(self, msg: Msg) -> Job | None:
+        h = msg.headers or {}
+        rid = h.get(H.REQUEST)
+        if not rid or not msg.reply:
+            log.warning("dropping work without request id or reply subject on %s", msg.subject)
+            return None
+        size = h.get(H.BODY_SIZE)
+        gw_rid = msg.reply.rsplit(".", 2)
+        return Job(
+            rid=rid,
+            reply=msg.reply,
+            subject=msg.subject,
+            endpoint=h.get(H.ENDPOINT, "/"),
+            method=h.get(H.METHOD, "POST"),
+            token=h.get(H.MODEL),
+            body=msg.data,
+            body_size=int(size) if size else None,
+            body_subject=self.subjects.body(gw_rid[-2], gw_rid[-1]) if size else "",
+            deadline_ms=int(h.get(H.DEADLINE, "0")),
+            echo_model=h.get(H.ECHO_MODEL),
+            upstream_model=h.get(H.UPSTREAM_MODEL),
+            trace={k: h[k] for k in (H.TRACEPARENT, H.TRACESTATE) if k in h},
+        )
+
+    def _free(self, token: str) -> int:
+        return self.settings.parallel - self._busy.get(token, 0) - len(self._waiting.get(token, ()))
+
+    async def _on_claim(self, msg: Msg) -> None:
+        """A delivery on an armed claim subscription (it is spent now)."""
+        subs = self._claims.get(msg.subject)
+        if subs is not None:
+            self._claims[msg.subject] = [s for s in subs if s._id != msg.sid]
+        job = self._job_from(msg)
+        if job is None:
+            return
+        assert self._worker is not None
+        if self.status != "active" or job.token is None or self._free(job.token) <= 0:
+            # a sibling subscription for the same slot fired too: let the gateway go elsewhere
+            await self._worker.busy(job.reply)
+            self._claims_dirty.set()
+            return
+        await self._admit(job)
+
+    async def _on_direct(self, msg: Msg) -> None:
+        job = self._job_from(msg)
+        if job is None:
+            return
+        assert self._worker is not None
+        if self.status != "active":
+            await self._worker.busy(job.reply)
+            return
+        if job.token is not None and self._free(job.token) <= 0:
+            if sum(len(q) for q in self._waiting.values()) >= self.settings.max_queue:
+                await self._worker.busy(job.reply)
+                return
+            job.slot = asyncio.get_running_loop().create_future()
+            self._waiting.setdefault(job.token, deque()).append(job)
+        await self._admit(job)
+
+    async def _admit(self, job: Job) -> None:
+        assert self._worker is not None and self._tg is not None
+        if job.slot is None and job.token is not None:
+            self._busy[job.token] = self._busy.get(job.token, 0) + 1
+        self._jobs[job.rid] = job
+        await self._worker.claim(job)
+        job.task = self._tg.create_task(self._execute(job), name=f"job-{job.rid}")
+        self._claims_dirty.set()
+        self._state_dirty.set()
+
+    async def _execute(self, job: Job) -> None:
+        assert self._worker is not None
+        holds_slot = job.slot is None
+        try:
+            if job.slot is not None:
+                await job.slot  # granted by _release, in FIFO order
+                holds_slot = True
+            status = await self._worker.run(job)
+            if job.token is not None and job.token not in self._loaded_tokens and status == 200:
+                self._refresh_now.set()  # Ollama has just loaded it: take interest in it
+        except asyncio.CancelledError:
+            if not holds_slot:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._worker.fail(job, Cancelled("request canceled")))
+            # the job ends here; the TaskGroup must not see this cancellation as its own
+        finally:
+            self._jobs.pop(job.rid, None)
+            if job.token is not None:
+                if holds_slot:
+                    self._release(job.token)
+                else:
+                    q = self._waiting.get(job.token)
+                    if q is not None and job in q:
+                        q.remove(job)
+            self._claims_dirty.set()
+            self._state_dirty.set()
+
+    def _release(self, token: str) -> None:
+        q = self._waiting.get(token)
+        while q:
+            nxt = q.popleft()
+            if nxt.slot is not None and not nxt.slot.done():
+                nxt.slot.set_result(None)  # the slot passes straight to the next in line
+                return
+        self._busy[token] = self._busy.get(token, 1) - 1
+        if self._busy[token] <= 0:
+            del self._busy[token]
+
+    def _cancel_job(self, job: Job) -> None:
+        if job.task is not None and not job.task.done():
+            job.task.cancel()
+
+    async def _on_ctl(self, msg: Msg) -> None:
+        h = msg.headers or {}
+        kind = h.get(H.CTL)
+        if kind == H.CANCEL:
+            job = self._jobs.get(h.get(H.REQUEST, ""))
+            if job is not None:
+                log.info("cancelling request %s at the gateway's request", job.rid)
+                self._cancel_job(job)
+        elif kind in (H.DRAIN, H.CORDON):
+            self.status = "draining" if kind == H.DRAIN else "cordoned"
+            self._claims_dirty.set()
+            self._state_dirty.set()
+        elif kind == H.UNCORDON:
+            self.status = "active"
+            self._claims_dirty.set()
+            self._state_dirty.set()
+        if msg.reply:
+            await msg.respond(b"")
+
+    # -- claim subscriptions -----------------------------------------------------------------
+    async def _reconcile_loop(self) -> None:
+        while not self._closing.is_set():
+            await self._claims_dirty.wait()
+            self._claims_dirty.clear()
+            if self.lifecycle is not Lifecycle.RUNNING:
+                continue
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        assert self.nc is not None
+        want: dict[str, int] = {}
+        if self.status == "active":
+            for token in self._loaded_tokens:
+                free = max(self._free(token), 0)
+                want[self.subjects.work(ANY_VENDOR, token)] = free
+                want[self.subjects.work(self.vendor, token)] = free
+        for subject in set(self._claims) | set(want):
+            subs = self._claims.setdefault(subject, [])
+            n = want.get(subject, 0)
+            while len(subs) > n:
+                with contextlib.suppress(Exception):
+                    await subs.pop().unsubscribe()
+            while len(subs) < n:
+                sub = await self.nc.subscribe(subject, queue=subject, cb=self._on_claim)
+                await sub.unsubscribe(limit=1)
+                subs.append(sub)
+            if not subs:
+                del self._claims[subject]
+
+    async def _drop_claims(self) -> None:
+        for subs in self._claims.values():
+            for s in subs:
+                with contextlib.suppress(Exception):
+                    await s.unsubscribe()
+        self._claims.clear()
+
+    # -- backend state -----------------------------------------------------------------------
+    async def _refresh(self) -> None:
+        try:
+            if not self._version:
+                self._version = await self.ollama.version()
+            models, loaded = await self.ollama.tags(), await self.ollama.ps()
+        except Exception as e:  # unreachable or odd backend: advertise nothing until it is back
+            log.warning("cannot read ollama at %s: %s", self.settings.ollama_url, e)
+            self._version = ""
+            models, loaded = [], []
+        tokens = set()
+        for m in loaded:
+            with contextlib.suppress(Exception):
+                tokens.add(parse_name(m.name).token)
+        changed = (tuple(models), tuple(loaded)) != (self._models, self._loaded)
+        self._models, self._loaded = tuple(models), tuple(loaded)
+        if tokens != self._loaded_tokens:
+            self._loaded_tokens = frozenset(tokens)
+            self._claims_dirty.set()
+        if changed:
+            self._state_dirty.set()
+
+    async def _refresh_loop(self) -> None:
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._refresh_now.wait(), self.settings.refresh_s)
+            self._refresh_now.clear()
+            await self._refresh()
+
+    def state(self) -> AgentState:
+        return AgentState(
+            id=self.id,
+            vendor=self.vendor,
+            host=self.settings.advertise_host or socket.gethostname(),
+            ollama_url=self.settings.ollama_url,
+            ollama_version=self._version,
+            status=self.status,  # type: ignore[arg-type]
+            gpus=self._gpus,
+            models=self._models,
+            loaded=self._loaded,
+            loading=tuple(t for t in self._busy if t not in self._loaded_tokens),
+            parallel=self.settings.parallel,
+            in_flight=sum(self._busy.values()),
+            queued=sum(len(q) for q in self._waiting.values()),
+            max_queue=self.settings.max_queue,
+            started_at=self._started_at,
+            updated_at=time.time(),
+            heartbeat_s=self.settings.heartbeat_s,
+        )
+
+    async def _publish_state(self) -> None:
+        assert self._buckets is not None
+        try:
+            await self._buckets.agents.put(self.id, agent_state_encoder.encode(self.state()))
+        except Exception as e:
+            log.warning("cannot publish agent state: %s", e)
+
+    async def _state_loop(self) -> None:
+        """Publish on change (at most every 100 ms) and on every heartbeat."""
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._state_dirty.wait(), self.settings.heartbeat_s)
+            self._state_dirty.clear()
+            if self.lifecycle is Lifecycle.RUNNING:
+                await self._publish_state()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), 0.1)
+
+    async def _ping_loop(self) -> None:
+        """Keep silent requests (Ollama loading a model, or a queued job) visibly alive."""
+        assert self._worker is not None
+        interval = self.settings.ping_interval_s
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), interval / 2)
+            now = time.monotonic()
+            for job in list(self._jobs.values()):
+                if now - job.last_sent >= interval:
+                    with contextlib.suppress(Exception):
+                        await self._worker.ping(job)
+
+
+def decode_state(data: bytes) -> AgentState:
+    return msgspec.json.decode(data, type=AgentState)

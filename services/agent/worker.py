@@ -1,0 +1,187 @@
+"""One request on the agent: forward it to Ollama and stream the answer back on the reply subject.
+
+Reply stream (see `services.protocol.headers`): ``claim`` at once, ``ping`` while Ollama is silent
+(loading a model), ``head`` with status/content type and the first bytes, header-less ``data``
+messages, and ``end`` with the count of data messages and any error. Whatever Ollama sent while the
+previous message was being published goes out together (coalescing without timers); nothing is
+larger than the NATS payload limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import msgspec
+from nats.aio.client import Client as NATS
+from opentelemetry.trace import SpanKind, Tracer
+
+from services.agent.ollama import OllamaClient
+from services.protocol import headers as H
+from services.protocol.errors import BackendError, Cancelled, CorralError, InternalError, NoCapacity
+from services.runtime.telemetry import process_span
+
+log = logging.getLogger(__name__)
+
+HEADROOM = 8 * 1024
+
+
+@dataclass(eq=False)
+class Job:
+    rid: str
+    reply: str
+    subject: str
+    endpoint: str
+    method: str
+    token: str | None
+    body: bytes
+    body_size: int | None = None  # set when the body must be fetched from the gateway
+    body_subject: str = ""
+    deadline_ms: int = 0
+    echo_model: str | None = None
+    upstream_model: str | None = None
+    trace: dict[str, str] = field(default_factory=dict)
+    last_sent: float = 0.0
+    headed: bool = False
+    started: float = field(default_factory=time.monotonic)
+    task: asyncio.Task[None] | None = None
+    slot: asyncio.Future[None] | None = None  # set while queued for a slot
+
+
+class EchoRewriter:
+    """Put the client's model spelling back into Ollama's replies when a vendor pin was stripped.
+
+    Works on whole lines (NDJSON and SSE are line-based); a partial line waits for its end.
+    """
+
+    def __init__(self, upstream: str, echo: str) -> None:
+        self._from = b'"model":' + msgspec.json.encode(upstream)
+        self._to = b'"model":' + msgspec.json.encode(echo)
+        self._tail = b""
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._tail + data
+        cut = data.rfind(b"\n") + 1
+        self._tail = data[cut:]
+        return data[:cut].replace(self._from, self._to)
+
+    def flush(self) -> bytes:
+        out, self._tail = self._tail.replace(self._from, self._to), b""
+        return out
+
+
+class Worker:
+    """Runs jobs against one Ollama; owns no routing decisions."""
+
+    def __init__(
+        self, nc: NATS, ollama: OllamaClient, agent_id: str, *, templates: tuple[str, str], tracer: Tracer
+    ) -> None:
+        self.nc = nc
+        self.ollama = ollama
+        self.agent_id = agent_id
+        self._direct_template, self._claim_template = templates
+        self._tracer = tracer
+
+    async def send(self, job: Job, payload: bytes, headers: dict[str, str] | None) -> None:
+        job.last_sent = time.monotonic()
+        await self.nc.publish(job.reply, payload, headers=headers)
+
+    async def claim(self, job: Job) -> None:
+        await self.send(job, b"", {H.KIND: H.CLAIM, H.AGENT: self.agent_id, H.REQUEST: job.rid})
+
+    async def ping(self, job: Job) -> None:
+        await self.send(job, b"", {H.KIND: H.PING})
+
+    async def busy(self, reply: str) -> None:
+        await self.nc.publish(reply, b"", headers={H.KIND: H.BUSY, H.AGENT: self.agent_id})
+
+    async def fail(self, job: Job, err: CorralError) -> None:
+        await self.send(job, b"", {H.KIND: H.END_KIND, H.ERROR_CODE: err.code, H.ERROR: err.message})
+
+    def _limit(self) -> int:
+        return self.nc.max_payload - HEADROOM
+
+    def _pieces(self, data: bytes) -> Iterator[bytes]:
+        limit = self._limit()
+        for i in range(0, len(data), limit):
+            yield data[i : i + limit]
+
+    async def _fetch_body(self, job: Job) -> bytes:
+        assert job.body_size is not None
+        parts, got = [], 0
+        while got < job.body_size:
+            msg = await self.nc.request(job.body_subject, str(got).encode(), timeout=10)
+            if not msg.data:
+                raise BackendError("request body no longer available")
+            parts.append(msg.data)
+            got += len(msg.data)
+        return b"".join(parts)
+
+    async def run(self, job: Job) -> int:
+        """Execute the job; returns the HTTP status Ollama answered (0 when it never answered)."""
+        status = 0
+        if job.deadline_ms and time.time() * 1000 > job.deadline_ms:
+            await self.fail(job, NoCapacity())
+            return status
+        template = self._direct_template if ".agent." in job.subject else self._claim_template
+        try:
+            with process_span(template, job.subject, job.trace, tracer=self._tracer):
+                body = await self._fetch_body(job) if job.body_size is not None else job.body
+                with self._tracer.start_as_current_span(
+                    f"{job.method} {job.endpoint}", kind=SpanKind.CLIENT
+                ) as span:
+                    async with self.ollama.request(job.method, job.endpoint, body or None) as resp:
+                        status = resp.status
+                        span.set_attribute("http.response.status_code", status)
+                        await self._relay(job, resp)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.fail(job, Cancelled("request canceled")))
+            raise
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            log.warning("ollama request %s %s failed: %s", job.method, job.endpoint, e)
+            await self.fail(job, BackendError(f"ollama unavailable: {e}"))
+        except CorralError as e:
+            await self.fail(job, e)
+        except Exception as e:  # a bug here must still end the client's request, never leave it hanging
+            log.exception("request %s %s failed", job.method, job.endpoint)
+            await self.fail(job, InternalError(f"agent error: {e}"))
+        return status
+
+    async def _relay(self, job: Job, resp: aiohttp.ClientResponse) -> None:
+        ctype = resp.headers.get("Content-Type", "application/json; charset=utf-8")
+        head = {H.KIND: H.HEAD, H.STATUS: str(resp.status), H.CONTENT_TYPE: ctype}
+        rw = (
+            EchoRewriter(job.upstream_model, job.echo_model)
+            if job.echo_model and job.upstream_model
+            else None
+        )
+        if resp.content_length is not None and resp.content_length <= self._limit():
+            data = await resp.read()
+            if rw:
+                data = rw.feed(data) + rw.flush()
+            job.headed = True
+            await self.send(job, data, {**head, H.END: "1"})
+            return
+        count = 0
+        async for chunk in resp.content.iter_any():
+            data = rw.feed(chunk) if rw else chunk
+            for piece in self._pieces(data):
+                if not job.headed:
+                    job.headed = True
+                    await self.send(job, piece, head)
+                else:
+                    count += 1
+                    await self.send(job, piece, None)
+        tail = rw.flush() if rw else b""
+        if not job.headed:
+            job.headed = True
+            await self.send(job, tail, {**head, H.END: "1"})
+            return
+        for piece in self._pieces(tail):
+            count += 1
+            await self.send(job, piece, None)
+        await self.send(job, b"", {H.KIND: H.END_KIND, H.SEQ: str(count)})

@@ -1,0 +1,40 @@
+"""``corral``: one command, a subcommand per process. Each takes ``--help``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "up": ("services.up", "the whole fleet here: NATS, agents, gateway (simulated GPUs by default)"),
+    "nats": ("services.runtime.natsmain", "an embedded nats-server with JetStream"),
+    "sim": ("services.simulator.__main__", "a simulated Ollama GPU server"),
+    "gateway": ("services.gateway.__main__", "the Ollama-compatible HTTP endpoint"),
+    "agent": ("services.agent.__main__", "an agent beside one Ollama"),
+}
+
+
+def usage() -> str:
+    rows = "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items())
+    return f"usage: corral <command> [options]\n\ncommands:\n{rows}\n\n'corral <command> --help' for its options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if args[0] in ("-V", "--version"):
+        from services import __version__
+
+        print(f"corral {__version__}")
+        return 0
+    if args[0] not in COMMANDS:
+        print(f"corral: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[args[0]][0])
+    return int(module.main(args[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,16 @@
+"""Talk to a Corral fleet over NATS, without HTTP.
+
+    from services.client import AsyncClient
+
+    async with AsyncClient("nats://127.0.0.1:4222") as c:
+        r = await c.chat("llama3.2", [{"role": "user", "content": "hi"}])
+        async for part in await c.generate("amd/llama3.2", "hi", stream=True):
+            print(part["response"], end="")
+
+`Client` is the same API for synchronous code. Requests are routed exactly as the gateway routes
+them (the same `Dispatcher`): warm claim subjects first, then the agents that have the model.
+"""
+
+from services.client.api import AsyncClient, Client, ResponseError
+
+__all__ = ["AsyncClient", "Client", "ResponseError"]

@@ -1,0 +1,232 @@
+"""The direct NATS client: `AsyncClient` and its synchronous twin `Client`.
+
+Replies are Ollama's own JSON objects (dicts), exactly what the HTTP API would return; errors raise
+`ResponseError` with Ollama's message and HTTP status, like the official ``ollama`` client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+
+from services.client.dispatch import Dispatcher, DispatchSettings, Reply, model_work
+from services.client.fleet import FleetView
+from services.protocol.errors import CorralError, ModelNotFound, not_found_message
+from services.protocol.subjects import Subjects
+from services.runtime.nats import connect, ensure_buckets
+
+Json = dict[str, Any]
+
+_dec = msgspec.json.Decoder()
+_enc = msgspec.json.Encoder()
+
+
+class ResponseError(Exception):
+    def __init__(self, error: str, status_code: int = -1) -> None:
+        super().__init__(error)
+        self.error = error
+        self.status_code = status_code
+
+
+class AsyncClient:
+    def __init__(
+        self,
+        nats_url: str = "nats://127.0.0.1:4222",
+        *,
+        root: str = "corral",
+        queue_timeout: float = 60.0,
+        nc: NATS | None = None,
+    ) -> None:
+        self._url = nats_url
+        self._subjects = Subjects(root)
+        self._settings = DispatchSettings(queue_timeout=queue_timeout)
+        self._nc = nc
+        self._own_nc = nc is None
+        self._fleet: FleetView | None = None
+        self._dispatcher: Dispatcher | None = None
+
+    async def connect(self) -> None:
+        if self._dispatcher is not None:
+            raise RuntimeError("client already connected")
+        if self._nc is None:
+            self._nc = await connect(self._url, name="corral-client")
+        buckets = await ensure_buckets(self._nc.jetstream(), self._subjects)
+        self._fleet = FleetView(buckets.agents)
+        await self._fleet.start()
+        self._dispatcher = Dispatcher(self._nc, self._subjects, self._fleet, self._settings)
+        await self._dispatcher.start()
+
+    async def close(self) -> None:
+        if self._dispatcher is not None:
+            await self._dispatcher.stop()
+            self._dispatcher = None
+        if self._fleet is not None:
+            await self._fleet.stop()
+            self._fleet = None
+        if self._own_nc and self._nc is not None and not self._nc.is_closed:
+            await self._nc.drain()
+            self._nc = None
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- API ---------------------------------------------------------------------------------
+    async def generate(self, model: str, prompt: str = "", *, stream: bool = False, **fields: Any) -> Any:
+        return await self.request(
+            "/api/generate", {"model": model, "prompt": prompt, **fields}, stream=stream
+        )
+
+    async def chat(
+        self, model: str, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **fields: Any
+    ) -> Any:
+        return await self.request(
+            "/api/chat", {"model": model, "messages": list(messages), **fields}, stream=stream
+        )
+
+    async def embed(self, model: str, input: str | Sequence[str], **fields: Any) -> Json:
+        result: Json = await self.request("/api/embed", {"model": model, "input": input, **fields})
+        return result
+
+    async def request(
+        self,
+        endpoint: str,
+        body: Mapping[str, Any],
+        *,
+        stream: bool = False,
+        vendor: str | None = None,
+        strict: bool = False,
+    ) -> Any:
+        """Any model endpoint (``/api/*`` or ``/v1/*``). ``stream=True`` returns an async iterator."""
+        if self._dispatcher is None:
+            raise RuntimeError("client not connected")
+        payload = {**body}
+        if endpoint in ("/api/generate", "/api/chat") or endpoint.startswith("/v1/"):
+            payload["stream"] = stream
+        try:
+            work = model_work(
+                endpoint, _enc.encode(payload), str(body.get("model", "")), vendor=vendor, strict=strict
+            )
+            reply = await self._dispatcher.send(work)
+        except ModelNotFound as e:
+            message = not_found_message(endpoint, str(body.get("model", "")), e.message)
+            raise ResponseError(message, e.status) from None
+        except CorralError as e:
+            raise ResponseError(e.message, e.status) from None
+        if reply.status >= 400:
+            raise ResponseError(_error_text(await reply.read()), reply.status)
+        if not stream:
+            try:
+                data = await reply.read()
+            except CorralError as e:
+                raise ResponseError(e.message, e.status) from None
+            result = _dec.decode(data)
+            if isinstance(result, dict) and "error" in result:
+                raise ResponseError(str(result["error"]), reply.status)
+            return result
+        return _lines(reply)
+
+
+async def _lines(reply: Reply) -> AsyncIterator[Json]:
+    tail = b""
+    try:
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield reply.first
+            async for b in reply.batches():
+                yield b
+
+        async for chunk in chunks():
+            tail += chunk
+            *lines, tail = tail.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    obj = _dec.decode(line)
+                    if isinstance(obj, dict) and "error" in obj:
+                        raise ResponseError(str(obj["error"]))
+                    yield obj
+        if tail.strip():
+            yield _dec.decode(tail)
+    except CorralError as e:
+        raise ResponseError(e.message, e.status) from None
+    finally:
+        await reply.close()
+
+
+def _error_text(data: bytes) -> str:
+    try:
+        obj = _dec.decode(data)
+    except msgspec.DecodeError:
+        return data.decode(errors="replace")
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message", err))
+        if err is not None:
+            return str(err)
+    return data.decode(errors="replace")
+
+
+class Client:
+    """`AsyncClient` for synchronous code: its own event loop on a background thread."""
+
+    def __init__(self, nats_url: str = "nats://127.0.0.1:4222", **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="corral-client", daemon=True)
+        self._thread.start()
+        self._client = AsyncClient(nats_url, **kwargs)
+        self._call(self._client.connect())
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._call(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def generate(self, model: str, prompt: str = "", *, stream: bool = False, **fields: Any) -> Any:
+        return self._wrap(self._call(self._client.generate(model, prompt, stream=stream, **fields)), stream)
+
+    def chat(
+        self, model: str, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **fields: Any
+    ) -> Any:
+        return self._wrap(self._call(self._client.chat(model, messages, stream=stream, **fields)), stream)
+
+    def embed(self, model: str, input: str | Sequence[str], **fields: Any) -> Json:
+        result: Json = self._call(self._client.embed(model, input, **fields))
+        return result
+
+    def request(self, endpoint: str, body: Mapping[str, Any], *, stream: bool = False, **kw: Any) -> Any:
+        return self._wrap(self._call(self._client.request(endpoint, body, stream=stream, **kw)), stream)
+
+    def _wrap(self, result: Any, stream: bool) -> Any:
+        return self._iterate(result) if stream else result
+
+    def _iterate(self, it: AsyncIterator[Json]) -> Iterator[Json]:
+        while True:
+            try:
+                yield self._call(it.__anext__())
+            except StopAsyncIteration:
+                return

@@ -1,0 +1,442 @@
+"""Send one Ollama request to the fleet and relay the reply stream back, with failover.
+
+The routing plan for a model request (DESIGN.md, "A request, end to end"):
+
+1. warm claim subjects — ``work.{vendor}.{model}`` for a pin, then (unless strict) ``work.any.{model}``.
+   Only agents with the model loaded and a free slot listen there, so NATS hands the request to one
+   that can start it now, or answers "no responders" at once;
+2. direct subjects of agents that have the model — loaded first, then loading, then on disk, least
+   busy first. An agent with no free slot queues the request locally (bounded) or answers ``busy``;
+3. when every candidate is busy, wait for the fleet to change (a KV watch event, not a poll) and
+   start again, until the request's queue deadline; then Ollama's 503 ``server busy``.
+
+An attempt that fails before the agent sent its ``head`` (no claim in time, the agent went silent,
+the agent could not reach its Ollama) moves on to the next candidate; the client never notices.
+After the head, failures end the stream with an error (`Reply.batches` raises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry.trace import Tracer
+
+from services.client.fleet import FleetView
+from services.protocol import headers as H
+from services.protocol.errors import (
+    AgentUnavailable,
+    BadRequest,
+    ModelNotFound,
+    NoCapacity,
+    from_code,
+)
+from services.protocol.messages import AgentState
+from services.protocol.names import ANY_VENDOR, ModelName, parse_name, split_vendor_pin
+from services.protocol.subjects import Subjects
+from services.runtime.telemetry import publish_span
+
+log = logging.getLogger(__name__)
+
+PAYLOAD_HEADROOM = 8 * 1024  # room left for headers under the server's max_payload
+WARM_BUSY_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    claim_timeout: float = 2.0  # an agent must claim within this
+    idle_timeout: float = 10.0  # a claimed request silent this long means a dead agent
+    queue_timeout: float = 60.0  # how long a request may wait for capacity before 503
+    ping_interval: float = 2.0  # told to agents: ping at least this often while silent
+
+
+@dataclass
+class WorkRequest:
+    """One Ollama call to route. ``body`` is the client's bytes, sent on unchanged."""
+
+    endpoint: str
+    body: bytes
+    model: ModelName | None = None
+    vendor: str | None = None  # vendor pin
+    strict: bool = False  # the pin may not fall back to other vendors
+    echo_model: str | None = None  # when a pin was stripped from the body: restore in replies
+    upstream_model: str | None = None
+    method: str = "POST"
+    trace: dict[str, str] = field(default_factory=dict)
+
+
+_any = msgspec.json.Decoder()
+_enc = msgspec.json.Encoder()
+
+
+def model_work(
+    endpoint: str, body: bytes, raw_model: str, *, vendor: str | None = None, strict: bool = False
+) -> WorkRequest:
+    """A routed request for ``raw_model`` as the client spelt it (``amd/llama3``, ``llama3@amd`` ...).
+
+    A vendor pin in the name wins over ``vendor``; it is stripped from the body Ollama sees and
+    restored in its replies. Raises `InvalidModelName` or `BadRequest` for unusable names.
+    """
+    if not raw_model:
+        raise BadRequest("model is required")
+    pinned, name = split_vendor_pin(raw_model)
+    vendor = pinned or vendor
+    work = WorkRequest(
+        endpoint=endpoint,
+        body=body,
+        model=parse_name(name),
+        vendor=vendor,
+        strict=strict and vendor is not None,
+    )
+    if name != raw_model:
+        obj = _any.decode(body)
+        obj["model"] = name
+        work.body = _enc.encode(obj)
+        work.echo_model, work.upstream_model = raw_model, name
+    return work
+
+
+class _Outcome(enum.Enum):
+    NO_RESPONDERS = "no responders"
+    BUSY = "busy"
+    FAILED = "failed"
+
+
+class _Call:
+    __slots__ = ("agent", "queue", "rid")
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.agent: str | None = None
+
+    async def next(self, timeout: float) -> Msg:
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+
+
+class Reply:
+    """An open reply from the agent that claimed the request: status, content type, body stream."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, call: _Call, status: int, content_type: str, first: bytes, ended: bool
+    ) -> None:
+        self._d = dispatcher
+        self._call = call
+        self.agent = call.agent or ""
+        self.status = status
+        self.content_type = content_type
+        self.first = first
+        self.ended = ended
+        self._data_msgs = 0
+        if ended:
+            self._d._forget(call)
+
+    async def batches(self) -> AsyncIterator[bytes]:
+        """The body after ``first``: each item is everything that had arrived, joined.
+
+        Raises `CorralError` when the agent reports a failure or goes silent mid-stream.
+        """
+        if self.ended:
+            return
+        call, timeout = self._call, self._d.settings.idle_timeout
+        try:
+            while True:
+                try:
+                    msg = await call.next(timeout)
+                except TimeoutError:
+                    raise AgentUnavailable(f"agent {self.agent} stopped responding") from None
+                parts: list[bytes] = []
+                while True:
+                    hdrs = msg.headers
+                    if not hdrs:
+                        self._data_msgs += 1
+                        parts.append(msg.data)
+                    elif hdrs.get(H.KIND) == H.END_KIND:
+                        self.ended = True
+                        if parts:
+                            yield b"".join(parts)
+                        self._check_end(hdrs)
+                        return
+                    try:
+                        msg = call.queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                if parts:
+                    yield b"".join(parts) if len(parts) > 1 else parts[0]
+        finally:
+            await self.close()
+
+    def _check_end(self, hdrs: dict[str, str]) -> None:
+        if H.ERROR_CODE in hdrs:
+            raise from_code(hdrs[H.ERROR_CODE], hdrs.get(H.ERROR, "request failed"))
+        sent = int(hdrs.get(H.SEQ, self._data_msgs))
+        if sent != self._data_msgs:
+            raise AgentUnavailable(
+                f"lost {sent - self._data_msgs} of {sent} reply messages from {self.agent}"
+            )
+
+    async def read(self) -> bytes:
+        """The whole body (first bytes plus the rest)."""
+        return self.first + b"".join([b async for b in self.batches()])
+
+    async def close(self) -> None:
+        """Release the call; cancels the work on the agent if the stream has not ended."""
+        if self._d._forget(self._call) and not self.ended:
+            await self._d._cancel(self._call)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        fleet: FleetView,
+        settings: DispatchSettings | None = None,
+        *,
+        tracer: Tracer | None = None,
+    ) -> None:
+        self.nc = nc
+        self._tracer = tracer
+        self.subjects = subjects
+        self.fleet = fleet
+        self.settings = settings or DispatchSettings()
+        self.id = secrets.token_hex(6)
+        self._ids = itertools.count(1)
+        self._calls: dict[str, _Call] = {}
+        self._bodies: dict[str, bytes] = {}
+        self._outstanding: dict[str, int] = {}  # agent id → direct sends not yet finished
+        self._subs: list[Subscription] = []
+        self._reply_prefix = len(self.subjects.reply(self.id, "x")) - 1
+        self._body_prefix = len(self.subjects.body(self.id, "x")) - 1
+
+    async def start(self) -> None:
+        self._subs.append(
+            await self.nc.subscribe(
+                self.subjects.reply_all(self.id), cb=self._on_reply, pending_bytes_limit=512 * 1024 * 1024
+            )
+        )
+        self._subs.append(await self.nc.subscribe(self.subjects.body_all(self.id), cb=self._on_body))
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subs.clear()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls)
+
+    # -- reply mux ---------------------------------------------------------------------------
+    async def _on_reply(self, msg: Msg) -> None:
+        call = self._calls.get(msg.subject[self._reply_prefix :])
+        if call is not None:
+            call.queue.put_nowait(msg)
+        elif msg.headers and msg.headers.get(H.KIND) == H.CLAIM:
+            # a claim for a request we already gave up on: tell that agent to drop it
+            agent = msg.headers.get(H.AGENT)
+            rid = msg.subject[self._reply_prefix :]
+            if agent:
+                await self._send_cancel(agent, rid)
+
+    async def _on_body(self, msg: Msg) -> None:
+        body = self._bodies.get(msg.subject[self._body_prefix :])
+        if body is None or not msg.reply:
+            return
+        offset = int(msg.data or b"0")
+        chunk = self.nc.max_payload - PAYLOAD_HEADROOM
+        await self.nc.publish(msg.reply, body[offset : offset + chunk], headers={H.BODY_SIZE: str(len(body))})
+
+    def _forget(self, call: _Call) -> bool:
+        self._bodies.pop(call.rid, None)
+        if self._calls.pop(call.rid, None) is None:
+            return False
+        if call.agent and call.agent in self._outstanding:
+            self._outstanding[call.agent] -= 1
+            if self._outstanding[call.agent] <= 0:
+                del self._outstanding[call.agent]
+        return True
+
+    async def _cancel(self, call: _Call) -> None:
+        if call.agent:
+            await self._send_cancel(call.agent, call.rid)
+
+    async def _send_cancel(self, agent: str, rid: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.publish(
+                self.subjects.agent_ctl(agent), b"", headers={H.CTL: H.CANCEL, H.REQUEST: rid}
+            )
+
+    # -- routing -----------------------------------------------------------------------------
+    async def send(self, req: WorkRequest, *, queue_timeout: float | None = None) -> Reply:
+        """Route ``req`` to an agent and return once that agent's reply has begun (its head)."""
+        deadline = time.monotonic() + (
+            self.settings.queue_timeout if queue_timeout is None else queue_timeout
+        )
+        failed: set[str] = set()
+        while True:
+            for subject, agent in self._plan(req, failed):
+                outcome = await self._attempt(req, subject, agent, deadline)
+                if isinstance(outcome, Reply):
+                    return outcome
+                if outcome is _Outcome.FAILED and agent is not None:
+                    failed.add(agent)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoCapacity()
+            await self.fleet.wait_changed(min(remaining, 1.0))
+
+    async def send_to(self, agent_id: str, req: WorkRequest, *, timeout: float | None = None) -> Reply:
+        """Send to one agent's direct subject; no fallback (fan-out of unloads, pinned agents)."""
+        deadline = time.monotonic() + (self.settings.queue_timeout if timeout is None else timeout)
+        outcome = await self._attempt(req, self.subjects.agent_work(agent_id), agent_id, deadline)
+        if isinstance(outcome, Reply):
+            return outcome
+        if outcome is _Outcome.BUSY:
+            raise NoCapacity()
+        raise AgentUnavailable(f"agent {agent_id} did not answer")
+
+    def _plan(self, req: WorkRequest, failed: set[str]) -> Iterator[tuple[str, str | None]]:
+        if req.model is None:  # not a model request: any live agent will do
+            for a in sorted(self.fleet.agents(), key=self._load):
+                if a.status == "active" and a.id not in failed:
+                    yield self.subjects.agent_work(a.id), a.id
+            return
+        token, key = req.model.token, req.model.key
+        if req.vendor:
+            yield self.subjects.work(req.vendor, token), None
+        if not (req.vendor and req.strict):
+            yield self.subjects.work(ANY_VENDOR, token), None
+        holders = self.fleet.with_model(key)
+        if req.vendor and req.strict:
+            holders = [a for a in holders if a.vendor == req.vendor]
+        if not holders:
+            raise ModelNotFound(req.model.display)
+        ranked = sorted(
+            (a for a in holders if a.status == "active" and a.id not in failed),
+            key=lambda a: (
+                req.vendor is not None and a.vendor != req.vendor,
+                not self.fleet.is_loaded(a.id, key),
+                key not in a.loading,
+                self._load(a),
+            ),
+        )
+        for a in ranked:
+            yield self.subjects.agent_work(a.id), a.id
+
+    def _load(self, a: AgentState) -> float:
+        return (a.in_flight + a.queued + self._outstanding.get(a.id, 0)) / max(a.parallel, 1)
+
+    async def _attempt(
+        self, req: WorkRequest, subject: str, agent: str | None, deadline: float
+    ) -> Reply | _Outcome:
+        busy_retries = 0 if agent else WARM_BUSY_RETRIES
+        while True:
+            outcome = await self._attempt_once(req, subject, agent, deadline)
+            if outcome is _Outcome.BUSY and busy_retries > 0:
+                busy_retries -= 1
+                continue
+            return outcome
+
+    async def _attempt_once(
+        self, req: WorkRequest, subject: str, agent: str | None, deadline: float
+    ) -> Reply | _Outcome:
+        rid = format(next(self._ids), "x")
+        call = _Call(rid)
+        self._calls[rid] = call
+        if agent is not None:
+            call.agent = agent
+            self._outstanding[agent] = self._outstanding.get(agent, 0) + 1
+        hdrs = {
+            H.REQUEST: rid,
+            H.ENDPOINT: req.endpoint,
+            H.DEADLINE: str(int((time.time() + max(deadline - time.monotonic(), 0)) * 1000)),
+            **req.trace,
+        }
+        if req.model is not None:
+            hdrs[H.MODEL] = req.model.token
+        if req.method != "POST":
+            hdrs[H.METHOD] = req.method
+        if req.echo_model and req.upstream_model:
+            hdrs[H.ECHO_MODEL] = req.echo_model
+            hdrs[H.UPSTREAM_MODEL] = req.upstream_model
+        payload = req.body
+        if len(payload) > self.nc.max_payload - PAYLOAD_HEADROOM:
+            self._bodies[rid] = payload
+            hdrs[H.BODY_SIZE] = str(len(payload))
+            payload = b""
+        keep = False
+        try:
+            template = self.subjects.agent_work_template if agent else self.subjects.work_template
+            with publish_span(template, subject, hdrs, tracer=self._tracer):
+                await self.nc.publish(subject, payload, reply=self.subjects.reply(self.id, rid), headers=hdrs)
+            try:
+                msg = await call.next(self.settings.claim_timeout)
+            except TimeoutError:
+                log.warning("no claim from %s within %.1fs", agent or subject, self.settings.claim_timeout)
+                return _Outcome.FAILED
+            mh = msg.headers or {}
+            if mh.get(H.NATS_STATUS) == "503":
+                return _Outcome.NO_RESPONDERS
+            kind = mh.get(H.KIND)
+            if kind == H.BUSY:
+                return _Outcome.BUSY
+            if kind != H.CLAIM:
+                log.warning("unexpected first reply %r from %s", kind, subject)
+                return _Outcome.FAILED
+            if call.agent is None:
+                call.agent = mh.get(H.AGENT)
+                if call.agent:
+                    self._outstanding[call.agent] = self._outstanding.get(call.agent, 0) + 1
+            while True:
+                try:
+                    msg = await call.next(self.settings.idle_timeout)
+                except TimeoutError:
+                    log.warning("agent %s went silent before answering; trying elsewhere", call.agent)
+                    await self._cancel(call)
+                    return _Outcome.FAILED
+                mh = msg.headers or {}
+                kind = mh.get(H.KIND)
+                if kind == H.PING:
+                    continue
+                if kind == H.HEAD:
+                    keep = True
+                    return Reply(
+                        self,
+                        call,
+                        int(mh.get(H.STATUS, "200")),
+                        mh.get(H.CONTENT_TYPE, "application/json; charset=utf-8"),
+                        msg.data,
+                        ended=mh.get(H.END) == "1",
+                    )
+                if kind == H.END_KIND:
+                    err = from_code(mh.get(H.ERROR_CODE, "internal"), mh.get(H.ERROR, "request failed"))
+                    if err.retryable:
+                        log.warning(
+                            "agent %s failed before answering (%s); trying elsewhere", call.agent, err
+                        )
+                        return _Outcome.FAILED
+                    raise err
+                if kind == H.BUSY:
+                    return _Outcome.BUSY
+                log.warning("unexpected reply %r from %s before head", kind, call.agent)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancel(call))
+            raise
+        finally:
+            if not keep:
+                self._forget(call)

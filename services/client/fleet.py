@@ -1,0 +1,129 @@
+"""A live, in-memory view of the fleet, kept by a JetStream KV watch on the agents bucket.
+
+The gateway (and the direct client) route from this cache: which agents are alive, which models
+each has on disk and loaded, how busy each is. No NATS round trip per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+
+import msgspec
+from nats.js.kv import KeyValue
+
+from services.protocol.messages import AgentState, agent_state_decoder
+from services.protocol.names import parse_name
+
+log = logging.getLogger(__name__)
+
+STALE_HEARTBEATS = 3.0  # an agent silent for this many heartbeats is treated as dead
+
+
+class FleetView:
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        self._agents: dict[str, AgentState] = {}
+        self._disk: dict[str, set[str]] = {}  # model key → agent ids with it on disk
+        self._loaded: dict[str, set[str]] = {}  # model key → agent ids with it loaded
+        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[None] | None = None
+        self._synced = asyncio.Event()
+        self.revision = 0
+
+    async def start(self, timeout: float = 10.0) -> None:
+        watcher = await self._kv.watchall()
+        self._task = asyncio.create_task(self._watch(watcher), name="fleet-watch")
+        await asyncio.wait_for(self._synced.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:  # end of the initial snapshot
+                    self._synced.set()
+                    continue
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    self._remove(entry.key)
+                else:
+                    try:
+                        self._put(agent_state_decoder.decode(entry.value))
+                    except msgspec.DecodeError:
+                        log.warning("ignoring undecodable agent state for %s", entry.key)
+                self._notify()
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    def _put(self, state: AgentState) -> None:
+        self._remove(state.id)
+        self._agents[state.id] = state
+        for key in _keys(m.name for m in state.models):
+            self._disk.setdefault(key, set()).add(state.id)
+        for key in _keys(m.name for m in state.loaded):
+            self._loaded.setdefault(key, set()).add(state.id)
+
+    def _remove(self, agent_id: str) -> None:
+        old = self._agents.pop(agent_id, None)
+        if old is None:
+            return
+        for index in (self._disk, self._loaded):
+            for key in list(index):
+                index[key].discard(agent_id)
+                if not index[key]:
+                    del index[key]
+
+    def _notify(self) -> None:
+        self.revision += 1
+        fut, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+
+    async def wait_changed(self, timeout: float) -> bool:
+        """Wait for the next change to any agent's state; False on timeout."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._changed), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    # -- queries (all O(agents holding the model), never O(fleet)) -----------------------------
+    def alive(self, state: AgentState, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        return now - state.updated_at <= STALE_HEARTBEATS * state.heartbeat_s
+
+    def agents(self) -> list[AgentState]:
+        now = time.time()
+        return [a for a in self._agents.values() if self.alive(a, now)]
+
+    def get(self, agent_id: str) -> AgentState | None:
+        return self._agents.get(agent_id)
+
+    def with_model(self, key: str) -> list[AgentState]:
+        now = time.time()
+        return [a for i in self._disk.get(key, ()) if (a := self._agents[i]) and self.alive(a, now)]
+
+    def loaded_on(self, key: str) -> list[AgentState]:
+        now = time.time()
+        return [a for i in self._loaded.get(key, ()) if (a := self._agents[i]) and self.alive(a, now)]
+
+    def is_loaded(self, agent_id: str, key: str) -> bool:
+        return agent_id in self._loaded.get(key, ())
+
+
+def _keys(names: Iterable[str]) -> list[str]:
+    out = []
+    for n in names:
+        try:
+            out.append(parse_name(n).key)
+        except Exception:  # a name Ollama reports but we cannot parse: skip it, keep the rest
+            log.debug("unparseable model name %r", n)
+    return out

@@ -1,0 +1,149 @@
+"""Serve one routed request over raw ASGI: dispatch, then relay the agent's bytes as they come.
+
+The response starts only when the agent's ``head`` arrives (status and content type are Ollama's);
+every batch of reply messages becomes one body write. A client that disconnects cancels the work
+on the agent. Errors before the head become Ollama-shaped error responses; after it, a final
+``{"error": ...}`` line (NDJSON) or ``data:`` event (SSE) ends the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from services.client.dispatch import Dispatcher, Reply, WorkRequest
+from services.gateway.errors import JSON, error_response, native_body, openai_body
+from services.protocol.errors import CorralError, InternalError
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+
+async def read_body(receive: Receive) -> bytes:
+    parts = []
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ConnectionResetError("client disconnected")
+        parts.append(msg.get("body", b""))
+        if not msg.get("more_body"):
+            return b"".join(parts)
+
+
+async def respond(send: Send, status: int, body: bytes, content_type: str = JSON) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_error(
+    send: Send, err: CorralError, *, openai: bool, endpoint: str = "", raw_model: str = ""
+) -> None:
+    status, body = error_response(err, openai=openai, endpoint=endpoint, raw_model=raw_model)
+    await respond(send, status, body)
+
+
+async def until_disconnect(receive: Receive) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def relay(
+    dispatcher: Dispatcher,
+    work: WorkRequest,
+    receive: Receive,
+    send: Send,
+    *,
+    openai: bool = False,
+    raw_model: str = "",
+    target: str | None = None,
+) -> int:
+    """Route ``work`` (to ``target`` when given) and stream the reply; returns the HTTP status sent.
+
+    The dispatch and the stream run as one task raced against the client's disconnect.
+    """
+    job = asyncio.create_task(
+        _serve(dispatcher, work, send, openai=openai, raw_model=raw_model, target=target)
+    )
+    gone = asyncio.create_task(until_disconnect(receive))
+    try:
+        await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not job.done():
+            log.info("client went away; cancelling %s", work.endpoint)
+            job.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+    if job.cancelled():
+        return 499
+    return job.result()
+
+
+async def _serve(
+    dispatcher: Dispatcher, work: WorkRequest, send: Send, *, openai: bool, raw_model: str, target: str | None
+) -> int:
+    try:
+        reply = await (dispatcher.send_to(target, work) if target else dispatcher.send(work))
+    except CorralError as e:
+        await respond_error(send, e, openai=openai, endpoint=work.endpoint, raw_model=raw_model)
+        return e.status
+    try:
+        await stream_reply(reply, send, openai=openai)
+    finally:
+        await reply.close()
+    return reply.status
+
+
+async def stream_reply(reply: Reply, send: Send, *, openai: bool) -> None:
+    if reply.ended:
+        await respond(send, reply.status, reply.first, reply.content_type)
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": reply.status,
+            "headers": [(b"content-type", reply.content_type.encode())],
+        }
+    )
+    if reply.first:
+        await send({"type": "http.response.body", "body": reply.first, "more_body": True})
+    try:
+        async for batch in reply.batches():
+            await send({"type": "http.response.body", "body": batch, "more_body": True})
+    except CorralError as e:
+        log.warning("stream from agent %s failed: %s", reply.agent, e)
+        await send({"type": "http.response.body", "body": _stream_error(reply, e, openai), "more_body": True})
+    except Exception as e:  # never leave a client hanging on a half-written stream
+        log.exception("relay failed")
+        await send(
+            {
+                "type": "http.response.body",
+                "body": _stream_error(reply, InternalError(str(e)), openai),
+                "more_body": True,
+            }
+        )
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _stream_error(reply: Reply, err: CorralError, openai: bool) -> bytes:
+    if "text/event-stream" in reply.content_type:
+        return b"data: " + openai_body(err.status, err.message) + b"\n\n"
+    return native_body(err.message) + b"\n"

@@ -1,0 +1,256 @@
+"""``corral up``: the whole fleet in one process — embedded NATS, simulated or real Ollamas, one
+agent per backend, and the gateway — started in order and drained in reverse on Ctrl-C/SIGTERM.
+
+`LocalFleet` is also what the integration tests and benchmarks start, so the demo is the tested path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from opentelemetry.trace import TracerProvider
+
+from services.agent.agent import Agent, AgentSettings
+from services.gateway.app import Gateway, GatewaySettings
+from services.protocol.messages import Gpu
+from services.protocol.names import VENDORS
+from services.runtime.logs import setup_logging
+from services.runtime.natsserver import NatsServer
+from services.runtime.process import AsgiServer, run, wait_for_signal
+from services.simulator import SimConfig, SimServer, load_config
+
+log = logging.getLogger(__name__)
+
+# what `corral up` simulates with no backends given: a mixed NVIDIA/AMD fleet
+DEFAULT_SIMS: tuple[dict[str, Any], ...] = (
+    {"vendor": "nvidia", "gpus": [{"name": "RTX 4090", "vram_gb": 24}], "speed": 1.0},
+    {"vendor": "amd", "gpus": [{"name": "Radeon RX 7900 XTX", "vram_gb": 24}], "speed": 0.9},
+    {"vendor": "nvidia", "gpus": [{"name": "RTX 4080", "vram_gb": 16}], "speed": 0.8},
+    {"vendor": "amd", "gpus": [{"name": "Radeon PRO W7800", "vram_gb": 32}], "speed": 0.85},
+)
+
+
+@dataclass
+class Backend:
+    url: str
+    vendor: str = "cpu"
+    parallel: int = 1
+
+
+@dataclass
+class FleetOptions:
+    host: str = "127.0.0.1"
+    port: int = 11434
+    nats_url: str = ""  # empty = start an embedded nats-server
+    nats_port: int = 0  # 0 = a free port
+    root: str = "corral"
+    sims: list[SimConfig] = field(default_factory=list)
+    backends: list[Backend] = field(default_factory=list)
+    gateway: dict[str, Any] = field(default_factory=dict)  # extra GatewaySettings fields
+    agent: dict[str, Any] = field(default_factory=dict)  # extra AgentSettings fields
+    log_level: str = "INFO"
+    tracer_provider: TracerProvider | None = None  # tests collect spans with their own provider
+
+
+class LocalFleet:
+    def __init__(self, options: FleetOptions) -> None:
+        self.options = options
+        self.nats: NatsServer | None = None
+        self.nats_url = options.nats_url
+        self.sims: list[SimServer] = []
+        self.agents: list[Agent] = []
+        self._agent_tasks: list[asyncio.Task[None]] = []
+        self.gateway: Gateway | None = None
+        self.http: AsgiServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.http is not None
+        return self.http.url
+
+    async def start(self) -> None:
+        o = self.options
+        try:
+            if not self.nats_url:
+                self.nats = NatsServer(port=o.nats_port)
+                await self.nats.start()
+                self.nats_url = self.nats.url
+            backends = list(o.backends)
+            for cfg in o.sims:
+                sim = SimServer(cfg, host="127.0.0.1", port=0)
+                await sim.start()
+                self.sims.append(sim)
+                backends.append(Backend(sim.url, cfg.vendor, cfg.num_parallel))
+            for i, b in enumerate(backends):
+                await self.add_agent(b, agent_id=f"{b.vendor}-{i}")
+            gw_settings = GatewaySettings(
+                nats_url=self.nats_url,
+                root=o.root,
+                host=o.host,
+                port=o.port,
+                log_level=o.log_level,
+                **o.gateway,
+            )
+            self.gateway = Gateway(gw_settings, tracer_provider=o.tracer_provider)
+            self.http = AsgiServer(self.gateway, o.host, o.port, log_level="warning")
+            await self.http.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def add_agent(self, backend: Backend, *, agent_id: str, gpus: list[Gpu] | None = None) -> Agent:
+        settings = AgentSettings(
+            nats_url=self.nats_url,
+            root=self.options.root,
+            id=agent_id,
+            ollama_url=backend.url,
+            vendor=backend.vendor,
+            parallel=backend.parallel,
+            log_level=self.options.log_level,
+            **self.options.agent,
+        )
+        agent = Agent(settings, gpus=gpus, tracer_provider=self.options.tracer_provider)
+        task = asyncio.create_task(agent.run(), name=f"agent-{agent_id}")
+        ready = asyncio.create_task(agent.ready.wait())
+        await asyncio.wait((task, ready), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            task.result()  # raises why it could not start
+            raise RuntimeError(f"agent {agent_id} stopped during start")
+        self.agents.append(agent)
+        self._agent_tasks.append(task)
+        return agent
+
+    async def stop(self) -> None:
+        """Reverse order: stop taking HTTP, drain agents, stop backends, stop NATS. Idempotent."""
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+        await asyncio.gather(*(a.stop() for a in self.agents), return_exceptions=True)
+        for t in self._agent_tasks:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await t
+        self.agents.clear()
+        self._agent_tasks.clear()
+        for sim in self.sims:
+            await sim.stop()
+        self.sims.clear()
+        if self.nats is not None:
+            await self.nats.stop()
+            self.nats = None
+
+    async def __aenter__(self) -> LocalFleet:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+def default_sims(n: int, *, time_scale: float = 1.0) -> list[SimConfig]:
+    out = []
+    for i in range(n):
+        spec = dict(DEFAULT_SIMS[i % len(DEFAULT_SIMS)])
+        out.append(load_config(None, time_scale=time_scale, num_parallel=2, seed=i, **spec))
+    return out
+
+
+def parse_backend(spec: str) -> Backend:
+    """``http://h:11434`` or ``amd=http://h:11434`` (vendor defaults to cpu)."""
+    vendor, sep, url = spec.partition("=")
+    if sep and vendor in VENDORS:
+        return Backend(url, vendor)
+    return Backend(spec)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="corral up",
+        description="Run the whole fleet here: embedded NATS, agents and the gateway. With no --ollama, "
+        "simulated GPU servers (NVIDIA and AMD) stand in for Ollama.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=11434, help="gateway port (default 11434)")
+    p.add_argument(
+        "--ollama",
+        action="append",
+        default=[],
+        metavar="[VENDOR=]URL",
+        help="a real Ollama to put in the fleet, e.g. nvidia=http://127.0.0.1:11435 (repeat)",
+    )
+    p.add_argument(
+        "--parallel", type=int, default=1, help="OLLAMA_NUM_PARALLEL of the --ollama servers (default 1)"
+    )
+    p.add_argument(
+        "--sim",
+        type=int,
+        default=None,
+        metavar="N",
+        help="simulated servers to start (default 3 without --ollama)",
+    )
+    p.add_argument(
+        "--sim-config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a TOML file per simulated server (repeat)",
+    )
+    p.add_argument("--time-scale", type=float, default=1.0, help="simulated time factor (0.1 = 10x faster)")
+    p.add_argument("--nats", dest="nats_url", default="", help="use this NATS instead of an embedded one")
+    p.add_argument("--nats-port", type=int, default=4222, help="embedded NATS port (default 4222)")
+    p.add_argument("--root", default="corral", help="subject root / KV prefix (default corral)")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+async def _up(args: argparse.Namespace) -> int:
+    sims = [load_config(f, time_scale=args.time_scale) for f in args.sim_config]
+    n = args.sim if args.sim is not None else (0 if args.ollama or sims else 3)
+    sims += default_sims(n, time_scale=args.time_scale)
+    backends = [parse_backend(s) for s in args.ollama]
+    for b in backends:
+        b.parallel = args.parallel
+    fleet = LocalFleet(
+        FleetOptions(
+            host=args.host,
+            port=args.port,
+            nats_url=args.nats_url,
+            nats_port=args.nats_port,
+            root=args.root,
+            sims=sims,
+            backends=backends,
+            log_level=args.log_level,
+        )
+    )
+    await fleet.start()
+    lines = [f"  {a.id:<12} {a.vendor:<7} {a.settings.ollama_url}" for a in fleet.agents]
+    print(
+        f"\nCorral is up: {len(fleet.agents)} backends behind one Ollama endpoint.\n"
+        + "\n".join(lines)
+        + f"\n\n  NATS      {fleet.nats_url}\n  Gateway   {fleet.url}\n\n"
+        f"Point clients at it:  OLLAMA_HOST={fleet.url} ollama list\n"
+        f"                      openai base_url={fleet.url}/v1\n"
+        "Ctrl-C drains and stops everything.\n",
+        flush=True,
+    )
+    try:
+        await wait_for_signal()
+        print("draining...", flush=True)
+    finally:
+        await fleet.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.log_level, service="up")
+    return run(_up(args))

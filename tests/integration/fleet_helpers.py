@@ -1,0 +1,47 @@
+"""Helpers for tests that run a whole local fleet (LocalFleet: NATS, simulators, agents, gateway)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from services.up import LocalFleet
+
+
+async def until(fleet: LocalFleet, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds, woken by each change to the fleet's KV state (no polling)."""
+    assert fleet.gateway is not None
+    view = fleet.gateway.fleet
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("condition not reached in time")
+        await view.wait_changed(remaining)
+
+
+async def preload(fleet: LocalFleet, model: str, timeout: float = 10.0) -> None:
+    """Load ``model`` on every simulated backend directly and wait until every agent advertises it."""
+    import ollama
+
+    from services.protocol.names import parse_name
+
+    async def load(url: str) -> None:
+        async with ollama.AsyncClient(host=url) as c:
+            await c.generate(model=model, prompt="")
+
+    await asyncio.gather(*(load(s.url) for s in fleet.sims))
+    for a in fleet.agents:
+        a._refresh_now.set()
+    key = parse_name(model).key
+    assert fleet.gateway is not None
+    await until(fleet, lambda: len(fleet.gateway.fleet.loaded_on(key)) == len(fleet.agents), timeout)  # type: ignore[union-attr]
+
+
+async def generate(url: str, **kwargs: object) -> object:
+    """One ``/api/generate`` through the official client, closing its connection pool afterwards."""
+    import ollama
+
+    async with ollama.AsyncClient(host=url) as c:
+        return await c.generate(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,225 @@
+"""The request path end to end: official clients → gateway → NATS → agents → simulated Ollamas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import ollama
+import openai
+import pytest
+
+from services.runtime.natsserver import NatsServer
+from services.up import FleetOptions, LocalFleet, default_sims
+from tests.integration.fleet_helpers import preload, until
+
+pytestmark = pytest.mark.integration
+
+MODEL = "llama3.2"
+
+
+@pytest.fixture(scope="module")
+async def fleet(nats_server: NatsServer) -> LocalFleet:
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root="gw",
+        sims=default_sims(3, time_scale=0.01),  # nvidia, amd, nvidia
+        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
+        gateway={"queue_timeout_s": 5.0},
+    )
+    async with LocalFleet(options) as f:
+        await preload(f, MODEL)
+        yield f
+
+
+@pytest.fixture
+async def client(fleet: LocalFleet) -> AsyncIterator[ollama.AsyncClient]:
+    async with ollama.AsyncClient(host=fleet.url) as c:
+        yield c
+
+
+def _shape(obj: object) -> object:
+    """Keys and value types, recursively: what must match between the gateway and one Ollama."""
+    if isinstance(obj, dict):
+        return {k: _shape(v) for k, v in obj.items() if k not in ("created_at",)}
+    if isinstance(obj, list):
+        return [_shape(obj[0])] if obj else []
+    return type(obj).__name__
+
+
+async def test_ollama_client_methods_match_one_server(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
+    async with ollama.AsyncClient(host=fleet.sims[0].url) as direct:
+        await _compare(client, direct)
+
+
+async def _compare(client: ollama.AsyncClient, direct: ollama.AsyncClient) -> None:
+    for call in (
+        lambda c: c.generate(model=MODEL, prompt="why is the sky blue?", options={"seed": 1}),
+        lambda c: c.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], options={"seed": 1}),
+        lambda c: c.embed(model="all-minilm", input=["a", "b"]),
+        lambda c: c.embeddings(model="all-minilm", prompt="a"),
+        lambda c: c.show(MODEL),
+    ):
+        via, ref = await call(client), await call(direct)
+        assert _shape(via.model_dump()) == _shape(ref.model_dump())
+    gen = await client.generate(model=MODEL, prompt="why is the sky blue?", options={"seed": 7})
+    ref = await direct.generate(model=MODEL, prompt="why is the sky blue?", options={"seed": 7})
+    assert gen.response == ref.response and gen.model == MODEL and gen.done_reason == ref.done_reason
+
+
+async def test_streaming_generate_and_chat(client: ollama.AsyncClient) -> None:
+    parts = [p async for p in await client.generate(model=MODEL, prompt="count", stream=True)]
+    assert len(parts) > 2 and parts[-1].done and not any(p.done for p in parts[:-1])
+    assert parts[-1].eval_count and parts[-1].eval_count >= len(parts) - 1
+    chunks = [
+        c
+        async for c in await client.chat(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    ]
+    assert chunks[-1].done and all(c.message.role == "assistant" for c in chunks)
+    assert "".join(c.message.content for c in chunks)
+
+
+async def test_list_and_ps_are_merged(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
+    listed = await client.list()
+    names = [m.model for m in listed.models]
+    assert len(names) == len(set(names)) and "llama3.2:latest" in names
+    async with ollama.AsyncClient(host=fleet.sims[0].url) as one:
+        direct = await one.list()
+    assert {m.model for m in direct.models} <= set(names)
+    ps = await client.ps()
+    # one row per agent: a model loaded on three servers shows three times
+    assert sum(1 for m in ps.models if m.model == "llama3.2:latest") == 3
+
+
+async def test_requests_spread_over_agents(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
+    before = [s.stats.finished for s in fleet.sims]
+    await asyncio.gather(
+        *(client.generate(model=MODEL, prompt=f"q{i}", options={"num_predict": 4}) for i in range(30))
+    )
+    served = [s.stats.finished - b for s, b in zip(fleet.sims, before, strict=True)]
+    assert sum(served) == 30
+    assert sum(1 for n in served if n > 0) >= 2, served
+
+
+async def test_openai_client(fleet: LocalFleet) -> None:
+    async with openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="unused", max_retries=0) as oa:
+        await _openai_calls(oa)
+
+
+async def _openai_calls(oa: openai.AsyncOpenAI) -> None:
+    r = await oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content and r.usage and r.usage.completion_tokens > 0 and r.model == MODEL
+    stream = await oa.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks) and chunks[-1].usage
+    c = await oa.completions.create(model=MODEL, prompt="once upon")
+    assert c.choices[0].text
+    e = await oa.embeddings.create(model="all-minilm", input=["x", "y"])
+    assert len(e.data) == 2 and e.data[0].embedding
+    models = await oa.models.list()
+    assert "llama3.2:latest" in {m.id for m in models.data}
+    with pytest.raises(openai.NotFoundError) as err:
+        await oa.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert "model 'no-such-model' not found" in str(err.value)
+
+
+async def test_vendor_pins(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
+    amd = [s for s in fleet.sims if s.config.vendor == "amd"]
+    before = sum(s.stats.finished for s in amd)
+    for name in ("amd/llama3.2", "llama3.2@amd"):
+        r = await client.generate(model=name, prompt="hi", options={"num_predict": 3})
+        assert r.model == name  # echoed as the client sent it, pin and all
+        parts = [
+            p
+            async for p in await client.chat(
+                model=name, messages=[{"role": "user", "content": "x"}], stream=True
+            )
+        ]
+        assert all(p.model == name for p in parts)
+    assert sum(s.stats.finished for s in amd) - before == 4
+
+
+async def test_strict_pin_never_leaks(fleet: LocalFleet) -> None:
+    amd = [s for s in fleet.sims if s.config.vendor == "amd"]
+    others = [s for s in fleet.sims if s.config.vendor != "amd"]
+    before_amd, before_other = sum(s.stats.finished for s in amd), sum(s.stats.finished for s in others)
+    pin = {"X-Load-Balancing-Strategy": "amd", "X-Enforce-Strategy": "true"}
+    async with ollama.AsyncClient(host=fleet.url, headers=pin) as strict:
+        await asyncio.gather(
+            *(strict.generate(model=MODEL, prompt=f"{i}", options={"num_predict": 3}) for i in range(12))
+        )
+    assert sum(s.stats.finished for s in amd) - before_amd == 12
+    assert sum(s.stats.finished for s in others) == before_other
+
+
+async def test_unknown_model_and_bad_bodies(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
+    with pytest.raises(ollama.ResponseError) as e:
+        await client.generate(model="nope", prompt="x")
+    assert e.value.status_code == 404 and e.value.error == "model 'nope' not found"
+    with pytest.raises(ollama.ResponseError) as e:
+        await client.embed(model="nope", input="x")
+    assert e.value.error == 'model "nope" not found, try pulling it first'
+    with pytest.raises(ollama.ResponseError) as e:
+        await client.show("nope")
+    assert e.value.status_code == 404 and e.value.error == "model 'nope:latest' not found"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(fleet.url + "/api/chat", data=b"") as r:
+            assert r.status == 400 and await r.json() == {"error": "missing request body"}
+        async with s.post(fleet.url + "/api/chat", data=b"{not json") as r:
+            assert r.status == 400 and "error" in await r.json()
+        async with s.post(fleet.url + "/api/chat", json={"messages": []}) as r:
+            assert r.status == 400 and await r.json() == {"error": "model is required"}
+        async with s.post(fleet.url + "/api/generate", json={"model": "bad:name:", "prompt": "x"}) as r:
+            assert r.status == 400 and await r.json() == {"error": "invalid model name"}
+        async with s.get(fleet.url + "/api/nothing") as r:
+            assert r.status == 404 and await r.text() == "404 page not found"
+        async with s.get(fleet.url + "/") as r:
+            assert await r.text() == "Ollama is running"
+
+
+async def test_body_larger_than_nats_payload(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
+    assert fleet.gateway is not None and fleet.gateway.nc is not None
+    big = "word " * (fleet.gateway.nc.max_payload // 4)  # ~1.25x the payload limit
+    r = await client.generate(model=MODEL, prompt=big, options={"num_predict": 2, "num_ctx": 2_000_000})
+    assert r.done and r.prompt_eval_count and r.prompt_eval_count > 100_000
+
+
+async def test_client_disconnect_cancels_on_backend(fleet: LocalFleet) -> None:
+    before = [s.stats.cancelled for s in fleet.sims]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            fleet.url + "/api/generate",
+            json={"model": MODEL, "prompt": "long", "options": {"num_predict": 100000}},
+        ) as r:
+            assert r.status == 200
+            line = await r.content.readline()
+            assert json.loads(line)["done"] is False
+        # leaving the block closes the connection mid-stream
+    waits = [
+        asyncio.ensure_future(s.stats.wait_for(lambda st, n=n: st.cancelled > n, timeout=5))
+        for s, n in zip(fleet.sims, before, strict=True)
+    ]
+    _, pending = await asyncio.wait(waits, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    for p in pending:
+        p.cancel()
+    assert sum(s.stats.cancelled for s in fleet.sims) > sum(before)
+
+
+async def test_unload_reaches_every_agent(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
+    await preload(fleet, "qwen3:8b")
+    r = await client.generate(model="qwen3:8b", prompt="", keep_alive=0)
+    assert r.done_reason == "unload"
+    assert fleet.gateway is not None
+    for a in fleet.agents:
+        a._refresh_now.set()
+    await until(fleet, lambda: not fleet.gateway.fleet.loaded_on("qwen3:8b"))  # type: ignore[union-attr]
