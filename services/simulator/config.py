@@ -229,6 +229,7 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     push_bandwidth: float = 50e6
     decode_rate: float = 320.0  # tokens/s × GB for one stream on an NVIDIA card (≈150 tok/s at 2 GB)
     prompt_factor: float = 50.0  # prompt tok/s = decode tok/s × this
+    reply_tokens: tuple[int, int] = (20, 60)  # natural reply length range, before num_predict caps it
     version: str = "0.12.3"
     seed: int = 0
     models: list[ModelConfig] = msgspec.field(default_factory=_default_models)
@@ -296,6 +297,8 @@ def validate(cfg: SimConfig) -> None:
         raise ConfigError("num_parallel must be >= 1")
     if cfg.max_queue < 1:
         raise ConfigError("max_queue must be >= 1")
+    if not 1 <= cfg.reply_tokens[0] <= cfg.reply_tokens[1]:
+        raise ConfigError("reply_tokens must be [min, max] with 1 <= min <= max")
     if cfg.vendor != "cpu" and not cfg.gpus:
         raise ConfigError(f"vendor {cfg.vendor!r} needs at least one GPU")
     seen: set[str] = set()

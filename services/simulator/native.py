@@ -160,6 +160,7 @@ class NativeRoutes:
         seed = ctx.config.seed if sampling.seed is None else sampling.seed
         plan = job.plan = plan_reply(
             seed_for(seed, job.tokens),
+            length=self.ctx.config.reply_tokens,
             num_predict=sampling.num_predict,
             think=think_flag(req.think, "thinking" in caps),
             fmt=req.format,
@@ -310,6 +311,7 @@ class NativeRoutes:
         seed = ctx.config.seed if sampling.seed is None else sampling.seed
         plan = job.plan = plan_reply(
             seed_for(seed, job.tokens),
+            length=self.ctx.config.reply_tokens,
             num_predict=sampling.num_predict,
             think=think_flag(req.think, "thinking" in model.config.capabilities),
             tools=req.tools or (),

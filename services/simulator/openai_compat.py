@@ -188,6 +188,7 @@ class OpenAIRoutes:
         seed = opts.get("seed", ctx.config.seed)
         plan = plan_reply(
             seed_for(seed, tokens),
+            length=self.ctx.config.reply_tokens,
             num_predict=opts.get("num_predict", -1),
             think=think_flag(think, "thinking" in caps),
             tools=tools,
@@ -328,6 +329,7 @@ class OpenAIRoutes:
         job.tokens = render_generate(prompt, model.system)
         plan = job.plan = plan_reply(
             seed_for(opts.get("seed", ctx.config.seed), job.tokens),
+            length=self.ctx.config.reply_tokens,
             num_predict=opts.get("num_predict", -1),
             stop=opts.get("stop", []),
         )

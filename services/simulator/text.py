@@ -179,11 +179,12 @@ def plan_reply(
     last_role: str = "user",
     fmt: Any = None,
     stop: Sequence[str] = (),
+    length: tuple[int, int] = (20, 60),
 ) -> Plan:
-    """Decide a reply: optional thinking, then a tool call or text of 20–60 tokens (or `num_predict`)."""
+    """Decide a reply: optional thinking, then a tool call or text of `length` tokens (or `num_predict`)."""
     rng = random.Random(seed)
     thinking = _words(rng, rng.randrange(8, 30), _THOUGHTS) if think else []
-    natural = rng.randrange(20, 61)
+    natural = rng.randrange(length[0], length[1] + 1)
     calls: list[ToolCall] = []
     if tools and last_role == "user":
         call = _tool_call(tools, last_user, rng)

@@ -74,6 +74,8 @@ pulled = true
         '[[models]]\nname = "a"\nsize_gb = 1\n[[models]]\nname = "A:latest"\nsize_gb = 1',
         '[[models]]\nname = "bad name!"\nsize_gb = 1',
         "this is not toml",
+        "reply_tokens = [0, 5]",
+        "reply_tokens = [9, 5]",
     ],
 )
 def test_bad_config_is_rejected(tmp_path: Path, text: str) -> None:
@@ -81,6 +83,17 @@ def test_bad_config_is_rejected(tmp_path: Path, text: str) -> None:
     f.write_text(text)
     with pytest.raises(ConfigError):
         load_config(f)
+
+
+def test_reply_length_is_configurable() -> None:
+    cfg = load_config(None, reply_tokens=(500, 500))
+    plan = plan_reply(1, length=cfg.reply_tokens)
+    words = [t for t in plan.content if t.strip() not in (".", ",")]
+    assert len(words) == 500 and plan.done_reason == "stop"
+    capped = plan_reply(1, length=cfg.reply_tokens, num_predict=7)
+    assert capped.eval_count == 7 and capped.done_reason == "length"
+    default = [t for t in plan_reply(1).content if t.strip() not in (".", ",")]
+    assert 20 <= len(default) <= 60
 
 
 def test_cpu_vendor_has_no_vram() -> None:
