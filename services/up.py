@@ -106,16 +106,16 @@ class LocalFleet:
             raise
 
     async def add_agent(self, backend: Backend, *, agent_id: str, gpus: list[Gpu] | None = None) -> Agent:
-        settings = AgentSettings(
-            nats_url=self.nats_url,
-            root=self.options.root,
-            id=agent_id,
-            ollama_url=backend.url,
-            vendor=backend.vendor,
-            parallel=backend.parallel,
-            log_level=self.options.log_level,
-            **self.options.agent,
-        )
+        fields: dict[str, Any] = {
+            "nats_url": self.nats_url,
+            "root": self.options.root,
+            "id": agent_id,
+            "ollama_url": backend.url,
+            "vendor": backend.vendor,
+            "parallel": backend.parallel,
+            "log_level": self.options.log_level,
+        }
+        settings = AgentSettings(**(fields | self.options.agent))  # explicit agent options win
         agent = Agent(settings, gpus=gpus, tracer_provider=self.options.tracer_provider)
         task = asyncio.create_task(agent.run(), name=f"agent-{agent_id}")
         ready = asyncio.create_task(agent.ready.wait())
@@ -156,11 +156,12 @@ class LocalFleet:
         await self.stop()
 
 
-def default_sims(n: int, *, time_scale: float = 1.0) -> list[SimConfig]:
+def default_sims(n: int, *, time_scale: float = 1.0, **overrides: Any) -> list[SimConfig]:
+    """``n`` simulated boxes cycling through NVIDIA and AMD cards; ``overrides`` apply to each."""
     out = []
     for i in range(n):
-        spec = dict(DEFAULT_SIMS[i % len(DEFAULT_SIMS)])
-        out.append(load_config(None, time_scale=time_scale, num_parallel=2, seed=i, **spec))
+        spec: dict[str, Any] = {"num_parallel": 2, "seed": i, **DEFAULT_SIMS[i % len(DEFAULT_SIMS)]}
+        out.append(load_config(None, time_scale=time_scale, **(spec | overrides)))
     return out
 
 

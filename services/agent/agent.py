@@ -42,6 +42,9 @@ from services.runtime.telemetry import tracer
 
 log = logging.getLogger(__name__)
 
+# endpoints after which the models on disk differ: the agent re-reads its Ollama at once
+_CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create"})
+
 
 class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     id: str = ""  # default: <hostname>-<ollama port>
@@ -273,6 +276,8 @@ class Agent:
             status = await self._worker.run(job)
             if job.token is not None and job.token not in self._loaded_tokens and status == 200:
                 self._refresh_now.set()  # Ollama has just loaded it: take interest in it
+            elif job.endpoint in _CHANGES_MODELS and 200 <= status < 300:
+                self._refresh_now.set()  # what is on disk changed: advertise it now
         except asyncio.CancelledError:
             if not holds_slot:
                 with contextlib.suppress(Exception):

@@ -1,0 +1,127 @@
+"""Model management through the gateway, and a full fleet answering Ollama's 503 after the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import ollama
+import pytest
+
+from services.protocol.errors import BUSY_MESSAGE
+from services.protocol.names import parse_name
+from services.runtime.natsserver import NatsServer
+from services.up import FleetOptions, LocalFleet, default_sims
+from tests.integration.fleet_helpers import preload, until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def fleet(nats_server: NatsServer) -> AsyncIterator[LocalFleet]:
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root="models",
+        sims=default_sims(2, time_scale=0.001),
+        agent={"refresh_s": 30.0, "heartbeat_s": 1.0},  # refreshes here come from the changes themselves
+    )
+    async with LocalFleet(options) as f:
+        yield f
+
+
+@pytest.fixture
+async def client(fleet: LocalFleet) -> AsyncIterator[ollama.AsyncClient]:
+    async with ollama.AsyncClient(host=fleet.url) as c:
+        yield c
+
+
+def _holders(fleet: LocalFleet, name: str) -> list[str]:
+    assert fleet.gateway is not None
+    return sorted(a.id for a in fleet.gateway.fleet.with_model(parse_name(name).key))
+
+
+async def test_pull_streams_progress_and_lands_on_one_agent(
+    fleet: LocalFleet, client: ollama.AsyncClient
+) -> None:
+    assert _holders(fleet, "gemma3:4b") == []
+    statuses = [p.status async for p in await client.pull("gemma3:4b", stream=True)]
+    assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
+    assert any(s and s.startswith("pulling ") and s != "pulling manifest" for s in statuses)
+    await until(fleet, lambda: len(_holders(fleet, "gemma3:4b")) == 1)
+    listed = await client.list()
+    assert "gemma3:4b" in {m.model for m in listed.models}
+    # a second pull refreshes where it already is instead of making another copy
+    r = await client.pull("gemma3:4b")
+    assert r.status == "success"
+    assert len(_holders(fleet, "gemma3:4b")) == 1
+
+
+async def test_pull_unknown_model_is_ollamas_error(client: ollama.AsyncClient) -> None:
+    with pytest.raises(ollama.ResponseError) as e:
+        await client.pull("no-such-model-anywhere")
+    assert "file does not exist" in e.value.error or "not found" in e.value.error
+
+
+async def test_copy_then_delete_reach_every_holder(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
+    both = _holders(fleet, "llama3.2")
+    assert len(both) == 2  # every default simulator ships llama3.2
+    await client.copy("llama3.2", "mine:v1")
+    await until(fleet, lambda: _holders(fleet, "mine:v1") == both)
+    shown = await client.show("mine:v1")
+    assert shown.details and shown.details.family == "llama"
+    await client.delete("mine:v1")
+    await until(fleet, lambda: _holders(fleet, "mine:v1") == [])
+    with pytest.raises(ollama.ResponseError) as e:
+        await client.delete("mine:v1")
+    assert e.value.status_code == 404 and e.value.error == "model 'mine:v1' not found"
+    with pytest.raises(ollama.ResponseError) as e:
+        await client.copy("nothing-here", "x")
+    assert e.value.status_code == 404
+
+
+async def test_create_from_an_existing_model(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
+    statuses = [
+        p.status async for p in await client.create("pirate", from_="llama3.2", system="Arr.", stream=True)
+    ]
+    assert statuses[-1] == "success"
+    await until(fleet, lambda: len(_holders(fleet, "pirate")) == 1)
+    shown = await client.show("pirate")
+    assert "Arr." in (shown.modelfile or "")
+    r = await client.generate(model="pirate", prompt="ahoy", options={"num_predict": 3})
+    assert r.done and r.model == "pirate"
+
+
+async def test_full_fleet_answers_503_after_the_queue_deadline(nats_server: NatsServer) -> None:
+    # replies long enough to hold their slot for the whole test
+    sim = default_sims(1, time_scale=1.0, num_parallel=1, reply_tokens=(100_000, 100_000))[0]
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root="full",
+        sims=[sim],
+        agent={"max_queue": 1, "heartbeat_s": 1.0},
+        gateway={"queue_timeout_s": 0.5},
+    )
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, "llama3.2")
+        body = {"model": "llama3.2", "prompt": "long", "options": {"num_predict": 100_000}}
+        # one request runs, one waits in the agent's queue: the fleet is full
+        running = await s.post(fleet.url + "/api/generate", json=body)
+        assert running.status == 200
+        queued = asyncio.ensure_future(s.post(fleet.url + "/api/generate", json=body))
+        assert fleet.gateway is not None
+        agent_id = fleet.agents[0].id
+        await until(fleet, lambda: fleet.gateway.fleet.get(agent_id).queued == 1)  # type: ignore[union-attr]
+        async with s.post(fleet.url + "/api/generate", json={**body, "stream": False}) as r:
+            assert r.status == 503
+            assert await r.json() == {"error": BUSY_MESSAGE}
+        async with s.post(
+            fleet.url + "/v1/chat/completions",
+            json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]},
+        ) as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["message"] == BUSY_MESSAGE
+        running.close()
+        (await queued).close()
