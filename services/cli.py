@@ -11,12 +11,27 @@ COMMANDS = {
     "sim": ("services.simulator.__main__", "a simulated Ollama GPU server"),
     "gateway": ("services.gateway.__main__", "the Ollama-compatible HTTP endpoint"),
     "agent": ("services.agent.__main__", "an agent beside one Ollama"),
+    "registry": ("services.registry.__main__", "fleet membership and fleet-wide pulls"),
+    "aggregator": ("services.aggregator.__main__", "merged views and rolling figures in KV"),
+}
+FLEET_COMMANDS = {
+    "status": "the fleet at a glance",
+    "ps": "loaded models, one row per agent",
+    "models": "models on disk and where",
+    "pull": "pull a model onto N agents, with progress",
+    "drain": "no new work for an agent; running requests finish",
+    "cordon": "no new work for an agent",
+    "uncordon": "let an agent take work again",
 }
 
 
 def usage() -> str:
     rows = "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items())
-    return f"usage: corral <command> [options]\n\ncommands:\n{rows}\n\n'corral <command> --help' for its options."
+    fleet = "\n".join(f"  {name:<10} {text}" for name, text in FLEET_COMMANDS.items())
+    return (
+        f"usage: corral <command> [options]\n\nprocesses:\n{rows}\n\nthe fleet (over NATS):\n{fleet}\n\n"
+        "'corral <command> --help' for its options."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"corral {__version__}")
         return 0
+    if args[0] in FLEET_COMMANDS:
+        from services import fleetctl
+
+        return fleetctl.main(args[0], args[1:])
     if args[0] not in COMMANDS:
         print(f"corral: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -18,13 +18,17 @@ from typing import Any
 from opentelemetry.trace import TracerProvider
 
 from services.agent.agent import Agent, AgentSettings
+from services.agent.gpu import GpuProbe
+from services.aggregator.aggregator import Aggregator, AggregatorSettings
 from services.gateway.app import Gateway, GatewaySettings
 from services.protocol.messages import Gpu
 from services.protocol.names import VENDORS
+from services.registry.registry import Registry, RegistrySettings
 from services.runtime.logs import setup_logging
 from services.runtime.natsserver import NatsServer
 from services.runtime.process import AsgiServer, run, wait_for_signal
 from services.simulator import SimConfig, SimServer, load_config
+from services.simulator.config import GIB
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class Backend:
     url: str
     vendor: str = "cpu"
     parallel: int = 1
+    gpus: list[Gpu] | None = None  # known GPUs (a simulator's); None = probe this host
 
 
 @dataclass
@@ -55,7 +60,10 @@ class FleetOptions:
     backends: list[Backend] = field(default_factory=list)
     gateway: dict[str, Any] = field(default_factory=dict)  # extra GatewaySettings fields
     agent: dict[str, Any] = field(default_factory=dict)  # extra AgentSettings fields
+    registry: dict[str, Any] | None = field(default_factory=dict)  # RegistrySettings fields; None = none
+    aggregator: dict[str, Any] | None = field(default_factory=dict)  # AggregatorSettings; None = none
     log_level: str = "INFO"
+    http_grace_s: int = 5  # on stop, how long open HTTP requests may finish
     tracer_provider: TracerProvider | None = None  # tests collect spans with their own provider
 
 
@@ -69,6 +77,9 @@ class LocalFleet:
         self._agent_tasks: list[asyncio.Task[None]] = []
         self.gateway: Gateway | None = None
         self.http: AsgiServer | None = None
+        self.registry: Registry | None = None
+        self._probes: list[GpuProbe] = []
+        self.aggregator: Aggregator | None = None
 
     @property
     def url(self) -> str:
@@ -82,12 +93,19 @@ class LocalFleet:
                 self.nats = NatsServer(port=o.nats_port)
                 await self.nats.start()
                 self.nats_url = self.nats.url
+            common = {"nats_url": self.nats_url, "root": o.root, "log_level": o.log_level}
+            if o.registry is not None:
+                self.registry = Registry(RegistrySettings(**(common | o.registry)))
+                await self.registry.start()
+            if o.aggregator is not None:
+                self.aggregator = Aggregator(AggregatorSettings(**(common | o.aggregator)))
+                await self.aggregator.start()
             backends = list(o.backends)
             for cfg in o.sims:
                 sim = SimServer(cfg, host="127.0.0.1", port=0)
                 await sim.start()
                 self.sims.append(sim)
-                backends.append(Backend(sim.url, cfg.vendor, cfg.num_parallel))
+                backends.append(Backend(sim.url, cfg.vendor, cfg.num_parallel, sim_gpus(cfg)))
             for i, b in enumerate(backends):
                 await self.add_agent(b, agent_id=f"{b.vendor}-{i}")
             gw_settings = GatewaySettings(
@@ -99,7 +117,9 @@ class LocalFleet:
                 **o.gateway,
             )
             self.gateway = Gateway(gw_settings, tracer_provider=o.tracer_provider)
-            self.http = AsgiServer(self.gateway, o.host, o.port, log_level="warning")
+            self.http = AsgiServer(
+                self.gateway, o.host, o.port, log_level="warning", graceful_s=o.http_grace_s
+            )
             await self.http.start()
         except BaseException:
             await self.stop()
@@ -116,7 +136,13 @@ class LocalFleet:
             "log_level": self.options.log_level,
         }
         settings = AgentSettings(**(fields | self.options.agent))  # explicit agent options win
-        agent = Agent(settings, gpus=gpus, tracer_provider=self.options.tracer_provider)
+        gpus = gpus if gpus is not None else backend.gpus
+        probe = None
+        if gpus is None:  # a real backend on this host: read its GPUs like `corral agent` does
+            gpu_probe = GpuProbe(backend.vendor, vram_gb_override=settings.vram_gb or None)
+            self._probes.append(gpu_probe)
+            probe = gpu_probe.refresh
+        agent = Agent(settings, gpus=gpus, probe=probe, tracer_provider=self.options.tracer_provider)
         task = asyncio.create_task(agent.run(), name=f"agent-{agent_id}")
         ready = asyncio.create_task(agent.ready.wait())
         await asyncio.wait((task, ready), return_when=asyncio.FIRST_COMPLETED)
@@ -142,6 +168,13 @@ class LocalFleet:
         for sim in self.sims:
             await sim.stop()
         self.sims.clear()
+        for probe in self._probes:
+            probe.close()
+        self._probes.clear()
+        for service in (self.aggregator, self.registry):
+            if service is not None:
+                await service.stop()
+        self.aggregator = self.registry = None
         if self.nats is not None:
             await self.nats.stop()
             self.nats = None
@@ -154,6 +187,20 @@ class LocalFleet:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+def sim_gpus(cfg: SimConfig) -> list[Gpu]:
+    """A simulated box's GPUs as its agent reports them (free VRAM follows its loaded models)."""
+    return [
+        Gpu(
+            index=i,
+            name=g.name,
+            vendor=cfg.vendor,
+            vram_total=int(g.vram_gb * GIB),
+            vram_free=int(g.vram_gb * GIB),
+        )
+        for i, g in enumerate(cfg.gpus if cfg.vendor != "cpu" else [])
+    ]
 
 
 def default_sims(n: int, *, time_scale: float = 1.0, **overrides: Any) -> list[SimConfig]:

@@ -22,6 +22,7 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -30,17 +31,26 @@ from nats.aio.subscription import Subscription
 from opentelemetry.trace import TracerProvider
 
 from services.agent.ollama import OllamaClient
-from services.agent.worker import Job, Worker
+from services.agent.worker import Job, Worker, reply_counts
 from services.protocol import headers as H
 from services.protocol.errors import Cancelled
-from services.protocol.messages import AgentState, Gpu, PsModel, TagModel, agent_state_encoder
-from services.protocol.names import ANY_VENDOR, VENDORS, parse_name
+from services.protocol.messages import (
+    AgentState,
+    Gpu,
+    PsModel,
+    RequestFinished,
+    TagModel,
+    agent_state_encoder,
+)
+from services.protocol.names import ANY_VENDOR, VENDORS, decode_token, parse_name
 from services.protocol.subjects import Subjects
 from services.runtime.nats import Buckets, connect, ensure_buckets
 from services.runtime.settings import CommonSettings
 from services.runtime.telemetry import tracer
 
 log = logging.getLogger(__name__)
+
+_event_encoder = msgspec.json.Encoder()
 
 # endpoints after which the models on disk differ: the agent re-reads its Ollama at once
 _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create"})
@@ -81,9 +91,12 @@ class Agent:
         settings: AgentSettings,
         *,
         gpus: list[Gpu] | None = None,
+        probe: Callable[[], list[Gpu]] | None = None,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
+        """``probe`` re-reads the GPUs on every refresh (NVML, sysfs); ``gpus`` are fixed ones."""
         self.settings = settings
+        self._probe = probe
         self.id = settings.id or default_agent_id(settings.ollama_url)
         self.vendor = settings.vendor or "cpu"
         if self.vendor not in VENDORS:
@@ -274,6 +287,8 @@ class Agent:
                 await job.slot  # granted by _release, in FIFO order
                 holds_slot = True
             status = await self._worker.run(job)
+            if job.token is not None:
+                await self._report(job, status)
             if job.token is not None and job.token not in self._loaded_tokens and status == 200:
                 self._refresh_now.set()  # Ollama has just loaded it: take interest in it
             elif job.endpoint in _CHANGES_MODELS and 200 <= status < 300:
@@ -294,6 +309,23 @@ class Agent:
                         q.remove(job)
             self._claims_dirty.set()
             self._state_dirty.set()
+
+    async def _report(self, job: Job, status: int) -> None:
+        """One ``events.request`` per finished model request: what the aggregator's rates are made of."""
+        assert self.nc is not None and job.token is not None
+        generated, prompt = reply_counts(job.last_bytes) if status == 200 else (0, 0)
+        event = RequestFinished(
+            agent=self.id,
+            model=decode_token(job.token),
+            endpoint=job.endpoint,
+            status=status,
+            ttft_ms=None if job.ttft_ms is None else round(job.ttft_ms, 3),
+            duration_ms=round((time.monotonic() - job.ran_from) * 1000, 3),
+            eval_count=generated,
+            prompt_eval_count=prompt,
+        )
+        with contextlib.suppress(Exception):
+            await self.nc.publish(self.subjects.event("request"), _event_encoder.encode(event))
 
     def _release(self, token: str) -> None:
         q = self._waiting.get(token)
@@ -376,6 +408,15 @@ class Agent:
             log.warning("cannot read ollama at %s: %s", self.settings.ollama_url, e)
             self._version = ""
             models, loaded = [], []
+        if self._probe is not None:
+            try:
+                self._gpus = tuple(await asyncio.to_thread(self._probe))
+            except Exception as e:
+                log.warning("GPU probe failed, keeping the last reading: %s", e)
+        gpus = _with_ollama_usage(self._gpus, loaded)
+        if gpus != self._gpus:
+            self._gpus = gpus
+            self._state_dirty.set()
         tokens = set()
         for m in loaded:
             with contextlib.suppress(Exception):
@@ -390,8 +431,7 @@ class Agent:
 
     async def _refresh_loop(self) -> None:
         while not self._closing.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh_now.wait(), self.settings.refresh_s)
+            await _wait(self._refresh_now, self.settings.refresh_s)
             self._refresh_now.clear()
             await self._refresh()
 
@@ -426,21 +466,18 @@ class Agent:
     async def _state_loop(self) -> None:
         """Publish on change (at most every 100 ms) and on every heartbeat."""
         while not self._closing.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._state_dirty.wait(), self.settings.heartbeat_s)
+            await _wait(self._state_dirty, self.settings.heartbeat_s)
             self._state_dirty.clear()
             if self.lifecycle is Lifecycle.RUNNING:
                 await self._publish_state()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), 0.1)
+            await _wait(self._closing, 0.1)
 
     async def _ping_loop(self) -> None:
         """Keep silent requests (Ollama loading a model, or a queued job) visibly alive."""
         assert self._worker is not None
         interval = self.settings.ping_interval_s
         while not self._closing.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), interval / 2)
+            await _wait(self._closing, interval / 2)
             now = time.monotonic()
             for job in list(self._jobs.values()):
                 if now - job.last_sent >= interval:
@@ -450,3 +487,23 @@ class Agent:
 
 def decode_state(data: bytes) -> AgentState:
     return msgspec.json.decode(data, type=AgentState)
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds (no task per wait, unlike wait_for)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
+
+def _with_ollama_usage(gpus: tuple[Gpu, ...], loaded: list[PsModel]) -> tuple[Gpu, ...]:
+    """GPUs known only from configuration have no live reading: their free VRAM is what Ollama's
+    loaded models leave (their ``size_vram``, spread evenly). Probed GPUs report their own."""
+    config = [g for g in gpus if g.source == "config"]
+    if not config:
+        return gpus
+    used = sum(m.size_vram for m in loaded) // len(config)
+    return tuple(
+        msgspec.structs.replace(g, vram_free=max(g.vram_total - used, 0)) if g.source == "config" else g
+        for g in gpus
+    )

@@ -28,6 +28,7 @@ from services.runtime.telemetry import process_span
 log = logging.getLogger(__name__)
 
 HEADROOM = 8 * 1024
+_TAIL = 4096  # bytes of a reply kept to read its final token counts from
 
 
 @dataclass(eq=False)
@@ -50,6 +51,39 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
     slot: asyncio.Future[None] | None = None  # set while queued for a slot
+    # what the finished request reports for fleet stats (filled in while relaying)
+    ran_from: float = 0.0
+    ttft_ms: float | None = None
+    last_bytes: bytes = b""  # the end of Ollama's reply, where its final counts are
+
+
+class _Counts(msgspec.Struct):
+    eval_count: int = 0
+    prompt_eval_count: int = 0
+    usage: dict[str, int] | None = None  # /v1 replies
+
+
+_counts = msgspec.json.Decoder(_Counts)
+
+
+def reply_counts(tail: bytes) -> tuple[int, int]:
+    """(generated, prompt) tokens from the last JSON object in a reply's tail; (0, 0) if absent.
+
+    Native replies end with a line carrying ``eval_count``; /v1 ones may carry ``usage`` (SSE:
+    ``data: {...}`` lines before ``data: [DONE]``).
+    """
+    for line in reversed(tail.split(b"\n")):
+        line = line.strip().removeprefix(b"data:").strip()
+        if not line.startswith(b"{"):
+            continue
+        try:
+            c = _counts.decode(line)
+        except msgspec.DecodeError:
+            return 0, 0  # the tail started mid-object: nothing reliable to report
+        if c.usage:
+            return c.usage.get("completion_tokens", 0), c.usage.get("prompt_tokens", 0)
+        return c.eval_count, c.prompt_eval_count
+    return 0, 0
 
 
 class EchoRewriter:
@@ -128,6 +162,7 @@ class Worker:
             await self.fail(job, NoCapacity())
             return status
         template = self._direct_template if ".agent." in job.subject else self._claim_template
+        job.ran_from = time.monotonic()
         try:
             with process_span(template, job.subject, job.trace, tracer=self._tracer):
                 body = await self._fetch_body(job) if job.body_size is not None else job.body
@@ -163,20 +198,27 @@ class Worker:
             data = await resp.read()
             if rw:
                 data = rw.feed(data) + rw.flush()
+            job.last_bytes = data[-_TAIL:]
+            job.ttft_ms = (time.monotonic() - job.ran_from) * 1000
             job.headed = True
             await self.send(job, data, {**head, H.END: "1"})
             return
         count = 0
+        prev = b""
         async for chunk in resp.content.iter_any():
             data = rw.feed(chunk) if rw else chunk
+            if data:
+                prev, job.last_bytes = job.last_bytes, data
             for piece in self._pieces(data):
                 if not job.headed:
+                    job.ttft_ms = (time.monotonic() - job.ran_from) * 1000
                     job.headed = True
                     await self.send(job, piece, head)
                 else:
                     count += 1
                     await self.send(job, piece, None)
         tail = rw.flush() if rw else b""
+        job.last_bytes = (prev + job.last_bytes + tail)[-_TAIL:]
         if not job.headed:
             job.headed = True
             await self.send(job, tail, {**head, H.END: "1"})

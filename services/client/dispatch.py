@@ -125,7 +125,11 @@ class _Call:
         try:
             return self.queue.get_nowait()
         except asyncio.QueueEmpty:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            pass
+        # asyncio.timeout, not wait_for: no task per wait, and a cancel is never swallowed when
+        # the message arrives at the same moment (wait_for can lose it on Python 3.11)
+        async with asyncio.timeout(timeout):
+            return await self.queue.get()
 
 
 class Reply:
@@ -309,6 +313,15 @@ class Dispatcher:
         if outcome is _Outcome.BUSY:
             raise NoCapacity()
         raise AgentUnavailable(f"agent {agent_id} did not answer")
+
+    async def send_service(self, subject: str, req: WorkRequest, *, timeout: float) -> Reply | None:
+        """Send to a service's queue-group subject (e.g. the registry); None when none is running."""
+        outcome = await self._attempt(req, subject, None, time.monotonic() + timeout)
+        if isinstance(outcome, Reply):
+            return outcome
+        if outcome is _Outcome.NO_RESPONDERS:
+            return None
+        raise AgentUnavailable(f"no answer on {subject}")
 
     def _plan(self, req: WorkRequest, failed: set[str]) -> Iterator[tuple[str, str | None]]:
         if req.model is None:  # not a model request: any live agent will do

@@ -89,11 +89,8 @@ class FleetView:
 
     async def wait_changed(self, timeout: float) -> bool:
         """Wait for the next change to any agent's state; False on timeout."""
-        try:
-            await asyncio.wait_for(asyncio.shield(self._changed), timeout)
-            return True
-        except TimeoutError:
-            return False
+        done, _ = await asyncio.wait((self._changed,), timeout=timeout)  # never cancels the future
+        return bool(done)
 
     # -- queries (all O(agents holding the model), never O(fleet)) -----------------------------
     def alive(self, state: AgentState, now: float | None = None) -> bool:

@@ -10,21 +10,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
 from opentelemetry.trace import SpanKind, TracerProvider
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.client.dispatch import Dispatcher, DispatchSettings, WorkRequest, model_work
+from services.client import views
+from services.client.dispatch import Dispatcher, DispatchSettings, Reply, WorkRequest, model_work
 from services.client.fleet import FleetView
-from services.gateway import bodies, views
+from services.gateway import bodies
 from services.gateway.errors import JSON, native_body
-from services.gateway.relay import Receive, Scope, Send, read_body, relay, respond, respond_error
+from services.gateway.relay import (
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    relay,
+    relay_reply,
+    respond,
+    respond_error,
+)
 from services.protocol.errors import (
     BadRequest,
     CorralError,
@@ -54,6 +65,10 @@ MODEL_ENDPOINTS = frozenset(
 NDJSON_DEFAULT_STREAM = frozenset({"/api/generate", "/api/chat"})
 STRATEGY_HEADER = b"x-load-balancing-strategy"
 ENFORCE_HEADER = b"x-enforce-strategy"
+REPLICAS_HEADER = "X-Corral-Replicas"  # /api/pull: on how many agents (a number or "all")
+VENDOR_HEADER = "X-Corral-Vendor"  # /api/pull: only agents of this vendor
+STATUS_KEY = "status"  # the aggregator's entry in the views bucket
+_status_decoder = msgspec.json.Decoder(views.FleetStatus)
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
@@ -72,6 +87,9 @@ class Gateway:
         self.nc: NATS | None = None
         self._fleet: FleetView | None = None
         self._dispatcher: Dispatcher | None = None
+        self._rates_task: asyncio.Task[None] | None = None
+        self._rates: views.Rates | None = None
+        self._rates_seen = asyncio.Event()
         self._tracer = tracer(__name__, tracer_provider)
         self.app = self._build_app()
 
@@ -93,9 +111,41 @@ class Gateway:
             tracer=self._tracer,
         )
         await self._dispatcher.start()
+        self._rates_task = asyncio.create_task(self._watch_rates(buckets.views), name="rates-watch")
         log.info("gateway ready: %d agents in the fleet", len(self._fleet.agents()))
 
+    async def _watch_rates(self, kv: KeyValue) -> None:
+        """Keep the aggregator's latest rates (the only part of /api/status it alone knows)."""
+        watcher = await kv.watch(STATUS_KEY)
+        try:
+            async for entry in watcher:
+                if entry is None or not entry.value or entry.operation in ("DEL", "PURGE"):
+                    continue
+                with contextlib.suppress(msgspec.DecodeError):
+                    self._rates = _status_decoder.decode(entry.value).rates
+                    self._rates_seen.set()
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    @property
+    def rates(self) -> views.Rates | None:
+        """The aggregator's latest rolling figures (None until an aggregator has written them)."""
+        return self._rates
+
+    async def wait_rates(self, predicate: Callable[[views.Rates], bool], timeout: float) -> views.Rates:
+        """Wait until the aggregator's figures satisfy ``predicate`` (woken by each KV update)."""
+        async with asyncio.timeout(timeout):
+            while self._rates is None or not predicate(self._rates):
+                self._rates_seen.clear()
+                await self._rates_seen.wait()
+        return self._rates
+
     async def stop(self) -> None:
+        if self._rates_task is not None:
+            self._rates_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._rates_task
         if self._dispatcher is not None:
             await self._dispatcher.stop()
         if self._fleet is not None:
@@ -237,6 +287,10 @@ class Gateway:
         async def ps() -> Response:
             return Response(views.ps_body(gw.fleet.agents()), media_type=JSON)
 
+        @app.get("/api/status")
+        async def status() -> Response:
+            return Response(views.status_body(gw.fleet.agents(), gw._rates), media_type=JSON)
+
         @app.get("/v1/models")
         async def v1_models() -> Response:
             return Response(views.v1_models_body(gw.fleet.agents()), media_type=JSON)
@@ -321,15 +375,40 @@ class Gateway:
         return RelayResponse(self, work, agents[0])
 
     async def _pull(self, request: Request) -> Response:
+        """Through the registry (replicas, vendor, merged progress) when one runs, else to one agent.
+
+        ``X-Corral-Replicas: N`` (or ``all``) and ``X-Corral-Vendor: amd`` choose where the model
+        goes; a plain Ollama client gets one copy, on the agent with the fewest models.
+        """
         try:
-            body, _raw, model = await self._name(request)
+            body, raw, model = await self._name(request)
+            fields = msgspec.json.decode(body)
+            replicas = request.headers.get(REPLICAS_HEADER, "1").strip().lower()
+            vendor = request.headers.get(VENDOR_HEADER, "").strip().lower() or None
+            if replicas != "all" and not (replicas.isdigit() and int(replicas) > 0):
+                raise BadRequest(f"{REPLICAS_HEADER} must be a positive number or 'all'")
+            if vendor is not None and vendor not in VENDORS:
+                raise BadRequest(f"{VENDOR_HEADER} must be one of {', '.join(VENDORS)}")
         except CorralError as e:
             return _error(e)
-        agents = [a for a in self.fleet.agents() if a.status == "active"]
+        order = {
+            **fields,
+            "model": raw,
+            "replicas": 1 if replicas == "all" else int(replicas),
+            "all": replicas == "all",
+            "vendor": vendor,
+        }
+        work = WorkRequest(endpoint="/api/pull", body=msgspec.json.encode(order))
+        reply = await self.dispatcher.send_service(
+            self.subjects.registry("pull"), work, timeout=self.settings.claim_timeout_s
+        )
+        if reply is not None:
+            return ReplyResponse(reply)
+        # no registry running: one agent, the one that already has it or has the fewest models
+        agents = [a for a in self.fleet.agents() if a.status == "active" and vendor in (None, a.vendor)]
         if not agents:
             return _error(CorralError("no agents in the fleet"))
         has = {a.id for a in self.fleet.with_model(model.key)}
-        # refresh where it already is, else put it where there are fewest models
         target = min(agents, key=lambda a: (a.id not in has, len(a.models), a.id))
         return RelayResponse(self, WorkRequest(endpoint="/api/pull", body=body), target.id)
 
@@ -377,6 +456,17 @@ class RelayResponse(Response):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await relay(self._gw.dispatcher, self._work, receive, send, target=self._target)
+
+
+class ReplyResponse(Response):
+    """A FastAPI response relaying a reply that has already begun (its head is in hand)."""
+
+    def __init__(self, reply: Reply) -> None:
+        self._reply = reply
+        self.background = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await relay_reply(self._reply, receive, send)
 
 
 def create_app(settings: GatewaySettings) -> Gateway:

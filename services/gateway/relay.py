@@ -97,6 +97,20 @@ async def relay(
     return job.result()
 
 
+async def relay_reply(reply: Reply, receive: Receive, send: Send) -> None:
+    """Stream a reply that has already begun; the client going away closes (cancels) it."""
+    job = asyncio.create_task(stream_reply(reply, send, openai=False))
+    gone = asyncio.create_task(until_disconnect(receive))
+    try:
+        await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (job, gone):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await reply.close()
+
+
 async def _serve(
     dispatcher: Dispatcher, work: WorkRequest, send: Send, *, openai: bool, raw_model: str, target: str | None
 ) -> int:

@@ -73,7 +73,9 @@ class _Server(uvicorn.Server):
 class AsgiServer:
     """uvicorn inside our own event loop: ``await start()`` returns once it listens."""
 
-    def __init__(self, app: Any, host: str, port: int, *, log_level: str = "warning") -> None:
+    def __init__(
+        self, app: Any, host: str, port: int, *, log_level: str = "warning", graceful_s: int = 30
+    ) -> None:
         self.config = uvicorn.Config(
             app,
             host=host,
@@ -84,7 +86,7 @@ class AsgiServer:
             http="httptools",
             ws="none",
             timeout_keep_alive=30,
-            timeout_graceful_shutdown=30,
+            timeout_graceful_shutdown=graceful_s,
         )
         self._server = _Server(self.config)
         self._task: asyncio.Task[None] | None = None

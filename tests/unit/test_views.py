@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from services.gateway.views import (
+from services.client.views import (
     fleet_version,
     merged_ps,
     merged_tags,
@@ -226,6 +226,8 @@ def test_ps_body_shape_matches_ollama() -> None:
         ps_body([agent("a", loaded=(ps("mistral:latest", "2024-06-04T14:38:31.83753-07:00"),))])
     )
     (row,) = body["models"]
+    # Ollama's fields, plus where the row runs (clients ignore unknown fields)
+    assert row.pop("corral") == {"agent": "a", "vendor": "nvidia", "host": "a"}
     assert set(row) == {
         "name",
         "model",

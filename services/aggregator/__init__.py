@@ -1,0 +1,1 @@
+"""Merged fleet views and rolling request figures, kept in JetStream KV (``corral aggregator``)."""

@@ -1,0 +1,161 @@
+"""The aggregator: the fleet's merged views and rolling figures, written to JetStream KV.
+
+It keeps the same KV watch cache of agent states as the gateway, listens to every agent's
+``events.request`` (one per finished request) and writes, to the ``{root}_views`` bucket:
+
+- ``tags``, ``ps``, ``v1_models``: the merged Ollama views, whenever the fleet changes;
+- ``status``: ``/api/status``, the fleet at a glance with requests/s, tokens/s and time to first
+  token over the last ``stats_window_s`` seconds, every ``views_interval_s``.
+
+Several aggregators may run at once: each hears every event (plain subscriptions, no queue group)
+and computes the same figures; writing a view twice is harmless. The gateway serves tags and ps from
+its own watch cache (always as fresh as the agents' KV) and takes the rates from ``status`` here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import statistics
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from services.client import views
+from services.client.fleet import FleetView
+from services.protocol.messages import RequestFinished
+from services.protocol.subjects import Subjects
+from services.runtime.nats import Buckets, connect, ensure_buckets
+from services.runtime.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+STATUS_KEY = "status"
+R = TypeVar("R", views.Rates, views.ModelRate)
+_finished = msgspec.json.Decoder(RequestFinished)
+
+
+class AggregatorSettings(CommonSettings, frozen=True, kw_only=True):
+    stats_window_s: float = 60.0  # rates in /api/status cover this many seconds
+    views_interval_s: float = 1.0  # how often status (and its rates) is rewritten
+
+
+@dataclass(slots=True)
+class _Sample:
+    at: float
+    model: str
+    ok: bool
+    tokens: int
+    ttft_ms: float | None
+
+
+class Window:
+    """Finished requests over a sliding window; figures computed on demand."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._samples: deque[_Sample] = deque()
+
+    def add(self, event: RequestFinished, at: float) -> None:
+        ok = 200 <= event.status < 300
+        self._samples.append(_Sample(at, event.model, ok, event.eval_count, event.ttft_ms if ok else None))
+
+    def _prune(self, now: float) -> None:
+        while self._samples and self._samples[0].at < now - self.seconds:
+            self._samples.popleft()
+
+    def rates(self, now: float) -> views.Rates:
+        self._prune(now)
+        by_model: dict[str, list[_Sample]] = {}
+        for s in self._samples:
+            by_model.setdefault(s.model, []).append(s)
+        per_model = {m: self._figures(ss, views.ModelRate) for m, ss in sorted(by_model.items())}
+        return self._figures(list(self._samples), views.Rates, window_s=self.seconds, per_model=per_model)
+
+    def _figures(self, samples: list[_Sample], cls: type[R], **extra: Any) -> R:
+        ttfts = [s.ttft_ms for s in samples if s.ttft_ms is not None]
+        tokens = sum(s.tokens for s in samples)
+        return cls(
+            requests=len(samples),
+            errors=sum(1 for s in samples if not s.ok),
+            tokens=tokens,
+            requests_per_s=round(len(samples) / self.seconds, 3),
+            tokens_per_s=round(tokens / self.seconds, 3),
+            ttft_ms_p50=round(statistics.median(ttfts), 3) if ttfts else None,
+            **extra,
+        )
+
+
+class Aggregator:
+    def __init__(self, settings: AggregatorSettings) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.root)
+        self.window = Window(settings.stats_window_s)
+        self.nc: NATS | None = None
+        self._buckets: Buckets | None = None
+        self._fleet: FleetView | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._written: dict[str, bytes] = {}
+
+    @property
+    def fleet(self) -> FleetView:
+        assert self._fleet is not None, "aggregator not started"
+        return self._fleet
+
+    async def start(self) -> None:
+        self.nc = await connect(self.settings.nats_url, name="corral-aggregator")
+        self._buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
+        self._fleet = FleetView(self._buckets.agents)
+        await self._fleet.start()
+        await self.nc.subscribe(self.subjects.event("request"), cb=self._on_finished)
+        await self.write()
+        self._task = asyncio.create_task(self._loop(), name="aggregator")
+        log.info("aggregator ready: %d agents", len(self._fleet.agents()))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._fleet is not None:
+            await self._fleet.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    async def _on_finished(self, msg: Msg) -> None:
+        try:
+            self.window.add(_finished.decode(msg.data), time.time())
+        except msgspec.DecodeError:
+            log.debug("ignoring undecodable request event")
+
+    async def _loop(self) -> None:
+        """Rewrite views on every fleet change and at least every ``views_interval_s``."""
+        while True:
+            await self.fleet.wait_changed(self.settings.views_interval_s)
+            try:
+                await self.write()
+            except Exception as e:  # NATS away for a moment: the next round writes again
+                log.warning("writing views failed: %s", e)
+
+    async def write(self) -> None:
+        assert self._buckets is not None
+        agents = self.fleet.agents()
+        rates = self.window.rates(time.time())
+        out = {
+            "tags": views.tags_body(agents),
+            "ps": views.ps_body(agents),
+            "v1_models": views.v1_models_body(agents),
+            STATUS_KEY: views.status_body(agents, rates),
+        }
+        for key, value in out.items():
+            if self._written.get(key) != value:
+                await self._buckets.views.put(key, value)
+                self._written[key] = value

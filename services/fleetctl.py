@@ -1,0 +1,283 @@
+"""``corral status|ps|models|pull|drain|cordon|uncordon``: the fleet from a terminal.
+
+They talk to NATS directly (``--nats``, ``--root``), read the same KV state the gateway routes from,
+and print tables for people or JSON (``--json``) for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from services.client import views
+from services.client.dispatch import Dispatcher, DispatchSettings, WorkRequest
+from services.client.fleet import FleetView
+from services.protocol import headers as H
+from services.protocol.errors import CorralError
+from services.protocol.names import VENDORS
+from services.protocol.subjects import Subjects
+from services.runtime.nats import connect, ensure_buckets
+from services.runtime.process import add_common_arguments, overrides
+from services.runtime.settings import CommonSettings, load_settings
+
+_enc = msgspec.json.Encoder()
+_status = msgspec.json.Decoder(views.FleetStatus)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f}G"
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header)), *[[str(c) for c in r] for r in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+class _Session:
+    """A NATS connection, the agents' KV watch cache and the views bucket, for one command."""
+
+    def __init__(self, settings: CommonSettings) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.root)
+
+    async def __aenter__(self) -> _Session:
+        self.nc = await connect(self.settings.nats_url, name="corral-cli")
+        self.buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
+        self.fleet = FleetView(self.buckets.agents)
+        await self.fleet.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.fleet.stop()
+        await self.nc.drain()
+
+    async def rates(self) -> views.Rates | None:
+        try:
+            entry = await self.buckets.views.get("status")
+        except Exception:
+            return None
+        return _status.decode(entry.value or b"{}").rates if entry.value else None
+
+
+async def status(s: _Session, as_json: bool) -> int:
+    st = views.status_view(s.fleet.agents(), await s.rates())
+    if as_json:
+        print(_enc.encode(st).decode())
+        return 0
+    t = st.totals
+    print(
+        f"{t.agents} agents ({t.active} active), {t.gpus} GPUs, VRAM {_gb(t.vram_total - t.vram_free)} used "
+        f"of {_gb(t.vram_total)}, {t.models} models, {t.loaded} loaded, {t.in_flight} running, {t.queued} queued"
+    )
+    if st.rates is not None:
+        r = st.rates
+        ttft = f"{r.ttft_ms_p50:.0f} ms" if r.ttft_ms_p50 is not None else "-"
+        print(
+            f"last {r.window_s:.0f}s: {r.requests_per_s:.2f} req/s, {r.tokens_per_s:.1f} tokens/s, "
+            f"TTFT p50 {ttft}, {r.errors} errors"
+        )
+    rows = [
+        (
+            a.id,
+            a.vendor,
+            a.host,
+            a.status,
+            ", ".join(g.name for g in a.gpus) or "-",
+            f"{_gb(a.vram_total - a.vram_free)}/{_gb(a.vram_total)}",
+            ", ".join(m.model for m in a.loaded) or "-",
+            f"{a.in_flight}/{a.parallel}",
+            a.queued,
+        )
+        for a in st.agents
+    ]
+    print()
+    print(table(rows, ("AGENT", "VENDOR", "HOST", "STATUS", "GPUS", "VRAM", "LOADED", "RUNNING", "QUEUED")))
+    return 0
+
+
+async def ps(s: _Session, as_json: bool) -> int:
+    rows = views.merged_ps(s.fleet.agents())
+    if as_json:
+        print(_enc.encode({"models": rows}).decode())
+        return 0
+    print(
+        table(
+            [
+                (
+                    r.name,
+                    r.corral.agent,
+                    r.corral.vendor,
+                    _gb(r.size),
+                    _gb(r.size_vram),
+                    r.context_length,
+                    r.expires_at,
+                )
+                for r in rows
+            ],
+            ("NAME", "AGENT", "VENDOR", "SIZE", "IN VRAM", "CONTEXT", "UNTIL"),
+        )
+    )
+    return 0
+
+
+async def models(s: _Session, as_json: bool) -> int:
+    agents = s.fleet.agents()
+    merged = views.merged_tags(agents)
+    where: dict[str, list[str]] = {}
+    for a in agents:
+        for m in a.models:
+            where.setdefault(m.name, []).append(a.id)
+    if as_json:
+        print(_enc.encode([{"model": m, "agents": sorted(where.get(m.name, []))} for m in merged]).decode())
+        return 0
+    print(
+        table(
+            [
+                (
+                    m.name,
+                    _gb(m.size),
+                    m.details.parameter_size,
+                    m.details.quantization_level,
+                    ", ".join(sorted(where.get(m.name, []))),
+                )
+                for m in merged
+            ],
+            ("NAME", "SIZE", "PARAMS", "QUANT", "ON AGENTS"),
+        )
+    )
+    return 0
+
+
+async def pull(s: _Session, as_json: bool, model: str, replicas: str, vendor: str | None) -> int:
+    order: dict[str, Any] = {"model": model, "stream": True, "vendor": vendor}
+    order |= {"all": True} if replicas == "all" else {"replicas": int(replicas)}
+    dispatcher = Dispatcher(s.nc, s.subjects, s.fleet, DispatchSettings(queue_timeout=3600))
+    await dispatcher.start()
+    try:
+        reply = await dispatcher.send_service(
+            s.subjects.registry("pull"), WorkRequest("/api/pull", _enc.encode(order)), timeout=5
+        )
+        if reply is None:
+            print(
+                "corral pull: no registry is running (start `corral registry` or `corral up`)",
+                file=sys.stderr,
+            )
+            return 1
+        tail, failed, last_draw = reply.first, False, 0.0
+        async for batch in _batches(reply):
+            tail += batch
+            *lines, tail = tail.split(b"\n")
+            for raw in lines:
+                if not raw.strip():
+                    continue
+                obj = msgspec.json.decode(raw)
+                if as_json:
+                    print(raw.decode(), flush=True)
+                    continue
+                if "error" in obj:
+                    failed = True
+                    print(f"\nerror: {obj['error']}", file=sys.stderr)
+                elif obj.get("total"):
+                    now = time.monotonic()
+                    done = obj.get("completed", 0) / obj["total"]
+                    if now - last_draw > 0.1 or done >= 1:
+                        last_draw = now
+                        bar = "#" * int(done * 30)
+                        print(
+                            f"\r{obj['status']:<24} [{bar:<30}] {done:4.0%} of {_gb(obj['total'])}",
+                            end="",
+                            flush=True,
+                        )
+                else:
+                    print(
+                        f"\n{obj['status']}" if obj["status"] != "pulling manifest" else obj["status"],
+                        end="",
+                        flush=True,
+                    )
+        if not as_json:
+            print()
+        return 1 if failed or reply.status != 200 else 0
+    except CorralError as e:
+        print(f"corral pull: {e.message}", file=sys.stderr)
+        return 1
+    finally:
+        await dispatcher.stop()
+
+
+async def _batches(reply: Any) -> Any:
+    async for b in reply.batches():
+        yield b
+    yield b"\n"
+
+
+async def control(s: _Session, kind: str, agent: str) -> int:
+    if s.fleet.get(agent) is None:
+        print(f"corral {kind}: no agent {agent!r} (see `corral status`)", file=sys.stderr)
+        return 1
+    try:
+        await s.nc.request(s.subjects.agent_ctl(agent), b"", headers={H.CTL: kind}, timeout=5)
+    except Exception as e:
+        print(f"corral {kind}: agent {agent} did not answer: {e}", file=sys.stderr)
+        return 1
+    done = {
+        "drain": "draining: takes no new work, running requests finish",
+        "cordon": "cordoned: takes no new work",
+        "uncordon": "active again",
+    }[kind]
+    print(f"{agent}: {done}")
+    return 0
+
+
+def parser(command: str) -> argparse.ArgumentParser:
+    texts = {
+        "status": "The fleet at a glance: agents, GPUs, VRAM, loaded models, running and queued requests, rates.",
+        "ps": "Loaded models across the fleet, one row per agent and model.",
+        "models": "Models on disk across the fleet, and which agents have each.",
+        "pull": "Pull a model onto one or more agents (through the registry), with progress.",
+        "drain": "Stop sending new work to an agent; its running requests finish.",
+        "cordon": "Stop sending new work to an agent (same as drain, for maintenance).",
+        "uncordon": "Let a drained or cordoned agent take work again.",
+    }
+    p = argparse.ArgumentParser(prog=f"corral {command}", description=texts[command])
+    if command in ("drain", "cordon", "uncordon"):
+        p.add_argument("agent", help="agent id (see `corral status`)")
+    if command == "pull":
+        p.add_argument("model", help="model name, e.g. llama3.2 or hf.co/user/repo:Q4_K_M")
+        p.add_argument("--replicas", default="1", help="on how many agents (a number, or 'all'); default 1")
+        p.add_argument("--vendor", choices=VENDORS, help="only agents of this vendor")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_common_arguments(p)
+    return p
+
+
+def main(command: str, argv: list[str] | None = None) -> int:
+    args = parser(command).parse_args(argv)
+    settings = load_settings(CommonSettings, overrides(args))
+    if (
+        command == "pull"
+        and args.replicas != "all"
+        and not (args.replicas.isdigit() and int(args.replicas) > 0)
+    ):
+        print("corral pull: --replicas must be a positive number or 'all'", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        async with _Session(settings) as s:
+            if command == "status":
+                return await status(s, args.json)
+            if command == "ps":
+                return await ps(s, args.json)
+            if command == "models":
+                return await models(s, args.json)
+            if command == "pull":
+                return await pull(s, args.json, args.model, args.replicas, args.vendor)
+            return await control(s, command, args.agent)
+
+    return asyncio.run(go())

@@ -1,0 +1,1 @@
+"""Fleet membership (joined, left, dead) and fleet-wide pulls (``corral registry``)."""

@@ -1,0 +1,397 @@
+"""The registry: fleet membership and fleet-wide model pulls.
+
+Membership. Agents write their own state to the ``{root}_agents`` KV bucket (on change and on a
+heartbeat) and delete it when they stop cleanly. The registry watches that bucket and
+
+- announces ``joined`` on ``{root}.events.agent`` when an agent appears (or restarts);
+- announces ``left`` when an agent deleted its own key;
+- declares an agent ``dead`` when its state is older than ``dead_after_s`` (default: three of the
+  agent's own heartbeats): it deletes the key *at the revision it judged* (``last=revision``), so a
+  state written meanwhile wins and the agent stays. The gateway stops routing to the agent as soon
+  as its key is gone (and already stops after three missed heartbeats by itself).
+
+Several registries may run at once without double-acting: every announcement is made by whoever
+wins a KV compare-and-set on a ``member.{id}`` marker in the views bucket, and the death delete is
+a compare-and-set too.
+
+Pulls. ``{root}.registry.pull`` (queue group ``registry``, so one copy serves each pull) takes an
+Ollama pull body plus ``replicas`` / ``vendor`` / ``all``, chooses the agents, runs ``/api/pull``
+on each at once and answers with one merged NDJSON progress stream in the same reply framing agents
+use (claim, head, data, end): per-layer lines whose ``total``/``completed`` sum over the agents,
+``success`` only when every agent succeeded, an ``{"error": ...}`` line naming the agents that
+failed otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from services.client.dispatch import Dispatcher, DispatchSettings, Reply, WorkRequest
+from services.client.fleet import STALE_HEARTBEATS, FleetView
+from services.protocol import headers as H
+from services.protocol.errors import BadRequest, CorralError
+from services.protocol.messages import AgentEvent, AgentState, agent_state_decoder
+from services.protocol.names import VENDORS, parse_name
+from services.protocol.subjects import Subjects
+from services.runtime.nats import Buckets, connect, ensure_buckets
+from services.runtime.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+QUEUE_GROUP = "registry"
+NDJSON = "application/x-ndjson"
+JSON = "application/json; charset=utf-8"
+_enc = msgspec.json.Encoder()
+_DEAD = b"dead"
+
+
+class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
+    dead_after_s: float = 0.0  # an agent silent this long is dead; 0 = three of its own heartbeats
+    pull_timeout_s: float = 3600.0  # a fleet-wide pull may take this long
+
+
+class PullRequest(msgspec.Struct, kw_only=True):
+    """What ``{root}.registry.pull`` takes: Ollama's pull body plus where to put the model."""
+
+    model: str = ""
+    name: str = ""  # older clients
+    insecure: bool = False
+    stream: bool | None = None
+    replicas: int = 1  # how many agents should end up with it (ignored when ``all``)
+    vendor: str | None = None  # only agents of this vendor
+    all: bool = False  # every (matching) agent
+
+
+class _Progress(msgspec.Struct, omit_defaults=True):
+    status: str
+    digest: str = ""
+    total: int = 0
+    completed: int = 0
+
+
+class _Line(msgspec.Struct):
+    status: str = ""
+    digest: str = ""
+    total: int = 0
+    completed: int = 0
+    error: str = ""
+
+
+_line = msgspec.json.Decoder(_Line)
+_pull_request = msgspec.json.Decoder(PullRequest)
+
+
+class Registry:
+    def __init__(self, settings: RegistrySettings) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.root)
+        self.nc: NATS | None = None
+        self._buckets: Buckets | None = None
+        self._fleet: FleetView | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._known: dict[str, tuple[int, AgentState]] = {}  # agent id → (KV revision, state)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._synced = asyncio.Event()
+        self._pulls: set[asyncio.Task[None]] = set()
+
+    @property
+    def fleet(self) -> FleetView:
+        assert self._fleet is not None, "registry not started"
+        return self._fleet
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.nc = await connect(self.settings.nats_url, name="corral-registry")
+        self._buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
+        self._fleet = FleetView(self._buckets.agents)
+        await self._fleet.start()
+        self._dispatcher = Dispatcher(
+            self.nc, self.subjects, self._fleet, DispatchSettings(queue_timeout=self.settings.pull_timeout_s)
+        )
+        await self._dispatcher.start()
+        watcher = await self._buckets.agents.watchall()
+        self._tasks.append(asyncio.create_task(self._watch(watcher), name="registry-watch"))
+        await asyncio.wait_for(self._synced.wait(), 10)
+        self._tasks.append(asyncio.create_task(self._reaper(), name="registry-reaper"))
+        await self.nc.subscribe(self.subjects.registry("pull"), queue=QUEUE_GROUP, cb=self._on_pull)
+        log.info("registry ready: %d agents", len(self._known))
+
+    async def stop(self) -> None:
+        for t in [*self._tasks, *self._pulls]:
+            t.cancel()
+        for t in [*self._tasks, *self._pulls]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        if self._dispatcher is not None:
+            await self._dispatcher.stop()
+        if self._fleet is not None:
+            await self._fleet.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+    # -- membership ----------------------------------------------------------------------------
+    async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
+            if entry is None:
+                self._synced.set()
+                continue
+            agent_id, revision = entry.key, entry.revision or 0
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self._known.pop(agent_id, None)
+                await self._gone(agent_id)
+                continue
+            try:
+                state = agent_state_decoder.decode(entry.value)
+            except msgspec.DecodeError:
+                continue
+            previous = self._known.get(agent_id)
+            self._known[agent_id] = (revision, state)
+            if previous is None or previous[1].started_at != state.started_at:
+                await self._joined(state)
+
+    def _dead_after(self, state: AgentState) -> float:
+        return self.settings.dead_after_s or STALE_HEARTBEATS * state.heartbeat_s
+
+    async def _reaper(self) -> None:
+        """Judge silent agents. Wakes at the earliest moment one could be late; no NATS polling."""
+        while True:
+            now = time.time()
+            wake = 1.0
+            for agent_id, (revision, state) in list(self._known.items()):
+                late = state.updated_at + self._dead_after(state) - now
+                if late <= 0:
+                    await self._declare_dead(agent_id, revision)
+                else:
+                    wake = min(wake, late)
+            await asyncio.sleep(max(wake, 0.05))
+
+    async def _declare_dead(self, agent_id: str, revision: int) -> None:
+        assert self._buckets is not None
+        marker = _member_key(agent_id)
+        try:
+            entry = await self._buckets.views.get(marker)
+            await self._buckets.views.update(marker, _DEAD, last=entry.revision)
+        except (KeyNotFoundError, KeyWrongLastSequenceError):
+            pass  # another registry is on it
+        try:
+            await self._buckets.agents.delete(agent_id, last=revision)
+        except APIError:  # wrong last sequence: it spoke again, or another registry removed it
+            return
+        self._known.pop(agent_id, None)
+        log.warning("agent %s missed its heartbeats: removed from the fleet", agent_id)
+        await self._announce("dead", agent_id)
+        with contextlib.suppress(Exception):
+            await self._buckets.views.delete(marker)
+
+    async def _joined(self, state: AgentState) -> None:
+        assert self._buckets is not None
+        marker, value = _member_key(state.id), str(state.started_at).encode()
+        try:
+            await self._buckets.views.create(marker, value)
+        except KeyWrongLastSequenceError:  # known: announce only if it restarted, and only once
+            try:
+                entry = await self._buckets.views.get(marker)
+            except KeyNotFoundError:
+                return
+            if entry.value == value:
+                return
+            try:
+                await self._buckets.views.update(marker, value, last=entry.revision)
+            except KeyWrongLastSequenceError:
+                return
+        log.info("agent %s joined (%s on %s)", state.id, state.vendor, state.host)
+        await self._announce("joined", state.id)
+
+    async def _gone(self, agent_id: str) -> None:
+        assert self._buckets is not None
+        marker = _member_key(agent_id)
+        try:
+            entry = await self._buckets.views.get(marker)
+        except KeyNotFoundError:
+            return
+        if entry.value == _DEAD:
+            return  # the registry that judged it announces the death
+        try:
+            await self._buckets.views.delete(marker, last=entry.revision)
+        except APIError:
+            return
+        log.info("agent %s left", agent_id)
+        await self._announce("left", agent_id)
+
+    async def _announce(self, kind: str, agent_id: str) -> None:
+        assert self.nc is not None
+        event = AgentEvent(kind=kind, agent=agent_id, at=time.time())  # type: ignore[arg-type]
+        await self.nc.publish(self.subjects.event("agent"), _enc.encode(event))
+
+    # -- fleet-wide pull -----------------------------------------------------------------------
+    async def _on_pull(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._serve_pull(msg))
+        self._pulls.add(task)
+        task.add_done_callback(self._pulls.discard)
+
+    def targets(self, req: PullRequest) -> list[AgentState]:
+        """Agents that already have the model first (a pull there only checks), then the emptiest."""
+        key = parse_name(req.model or req.name).key
+        agents = [a for a in self.fleet.agents() if a.status == "active"]
+        if req.vendor:
+            agents = [a for a in agents if a.vendor == req.vendor]
+        has = {a.id for a in self.fleet.with_model(key)}
+        agents.sort(key=lambda a: (a.id not in has, len(a.models), a.id))
+        return agents if req.all else agents[: max(req.replicas, 1)]
+
+    async def _serve_pull(self, msg: Msg) -> None:
+        assert self.nc is not None
+        reply = msg.reply
+        if not reply:
+            return
+        seq = 0
+
+        async def send(data: bytes, headers: dict[str, str] | None) -> None:
+            await self.nc.publish(reply, data, headers=headers)  # type: ignore[union-attr]
+
+        await send(
+            b"", {H.KIND: H.CLAIM, H.AGENT: "registry", H.REQUEST: (msg.headers or {}).get(H.REQUEST, "")}
+        )
+        try:
+            req = _pull_request.decode(msg.data)
+            if not (req.model or req.name):
+                raise BadRequest("model is required")
+            if req.vendor is not None and req.vendor not in VENDORS:
+                raise BadRequest(f"unknown vendor {req.vendor!r}")
+            targets = self.targets(req)
+            if not targets:
+                raise BadRequest(
+                    "no agent can take this pull" + (f" (vendor {req.vendor})" if req.vendor else "")
+                )
+        except (CorralError, msgspec.DecodeError) as e:
+            message = e.message if isinstance(e, CorralError) else str(e)
+            status = e.status if isinstance(e, CorralError) else 400
+            await send(
+                _enc.encode({"error": message}),
+                {H.KIND: H.HEAD, H.STATUS: str(status), H.CONTENT_TYPE: JSON, H.END: "1"},
+            )
+            return
+        stream = req.stream is not False
+        if stream:
+            await send(b"", {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: NDJSON})
+        errors: list[str] = []
+        async for line in self._merged(req, targets, errors):
+            if stream:
+                await send(line, None)
+                seq += 1
+        if stream:
+            if errors:
+                await send(_enc.encode({"error": "; ".join(errors)}) + b"\n", None)
+                seq += 1
+            await send(b"", {H.KIND: H.END_KIND, H.SEQ: str(seq)})
+        elif errors:
+            await send(
+                _enc.encode({"error": "; ".join(errors)}),
+                {H.KIND: H.HEAD, H.STATUS: "500", H.CONTENT_TYPE: JSON, H.END: "1"},
+            )
+        else:
+            await send(
+                _enc.encode(_Progress("success")),
+                {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: JSON, H.END: "1"},
+            )
+
+    async def _merged(
+        self, req: PullRequest, targets: list[AgentState], errors: list[str]
+    ) -> AsyncIterator[bytes]:
+        """Run the pull on every target and yield merged progress lines as they come."""
+        assert self._dispatcher is not None
+        body = _enc.encode({"model": req.model or req.name, "insecure": req.insecure, "stream": True})
+        lines: asyncio.Queue[tuple[str, _Line | None]] = asyncio.Queue()
+
+        async def one(agent: AgentState) -> None:
+            try:
+                reply = await self._dispatcher.send_to(agent.id, WorkRequest("/api/pull", body))  # type: ignore[union-attr]
+                try:
+                    if reply.status != 200:
+                        data = await reply.read()
+                        await lines.put((agent.id, _Line(error=_error_text(data) or f"HTTP {reply.status}")))
+                        return
+                    async for raw in _ndjson(reply):
+                        await lines.put((agent.id, _line.decode(raw)))
+                finally:
+                    await reply.close()
+            except (CorralError, msgspec.DecodeError) as e:
+                await lines.put((agent.id, _Line(error=str(e))))
+            finally:
+                await lines.put((agent.id, None))
+
+        runners = [asyncio.create_task(one(a)) for a in targets]
+        layers: dict[str, dict[str, tuple[int, int]]] = {}  # digest → agent → (total, completed)
+        said: set[str] = set()
+        succeeded: set[str] = set()
+        running = len(runners)
+        try:
+            yield _enc.encode(_Progress("pulling manifest")) + b"\n"
+            said.add("pulling manifest")
+            while running:
+                agent_id, line = await lines.get()
+                if line is None:
+                    running -= 1
+                    continue
+                if line.error:
+                    errors.append(f"{agent_id}: {line.error}")
+                elif line.status == "success":
+                    succeeded.add(agent_id)
+                elif line.digest:
+                    per = layers.setdefault(line.digest, {})
+                    per[agent_id] = (line.total, line.completed)
+                    total = sum(t for t, _ in per.values())
+                    done = sum(c for _, c in per.values())
+                    yield _enc.encode(_Progress(line.status, line.digest, total, done)) + b"\n"
+                elif line.status and line.status not in said:
+                    said.add(line.status)
+                    yield _enc.encode(_Progress(line.status)) + b"\n"
+            missing = [
+                a.id
+                for a in targets
+                if a.id not in succeeded and not any(e.startswith(a.id + ":") for e in errors)
+            ]
+            errors.extend(f"{a}: pull ended without success" for a in missing)
+            if not errors:
+                yield _enc.encode(_Progress("success")) + b"\n"
+        finally:
+            for r in runners:
+                r.cancel()
+            await asyncio.gather(*runners, return_exceptions=True)
+
+
+async def _ndjson(reply: Reply) -> AsyncIterator[bytes]:
+    tail = reply.first
+    async for batch in reply.batches():
+        tail += batch
+        *complete, tail = tail.split(b"\n")
+        for raw in complete:
+            if raw.strip():
+                yield raw
+    for raw in tail.split(b"\n"):
+        if raw.strip():
+            yield raw
+
+
+def _member_key(agent_id: str) -> str:
+    return f"member.{agent_id}"
+
+
+def _error_text(data: bytes) -> str:
+    try:
+        obj = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data.decode(errors="replace")
+    return str(obj.get("error", "")) if isinstance(obj, dict) else ""

@@ -1,0 +1,223 @@
+"""Cluster state: membership events, death and return, fleet-wide pulls, /api/status, two of everything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import msgspec
+import nats
+import ollama
+import pytest
+
+from services.aggregator.aggregator import Aggregator, AggregatorSettings
+from services.client.views import FleetStatus
+from services.protocol.messages import AgentEvent
+from services.protocol.names import parse_name
+from services.protocol.subjects import Subjects
+from services.registry.registry import Registry, RegistrySettings
+from services.runtime.natsserver import NatsServer
+from services.up import Backend, FleetOptions, LocalFleet, default_sims
+from tests.integration.fleet_helpers import until
+
+pytestmark = pytest.mark.integration
+
+_status = msgspec.json.Decoder(FleetStatus)
+
+
+class Events:
+    """Every agent event on a root, as they arrive."""
+
+    def __init__(self) -> None:
+        self.seen: list[AgentEvent] = []
+        self._changed = asyncio.Event()
+
+    async def on(self, msg: nats.aio.msg.Msg) -> None:
+        self.seen.append(msgspec.json.decode(msg.data, type=AgentEvent))
+        self._changed.set()
+
+    def of(self, kind: str, agent: str) -> int:
+        return sum(1 for e in self.seen if e.kind == kind and e.agent == agent)
+
+    async def wait(self, kind: str, agent: str, count: int = 1, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.of(kind, agent) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@pytest.fixture
+async def events(nats_server: NatsServer, root: str) -> AsyncIterator[Events]:
+    nc = await nats.connect(nats_server.url)
+    ev = Events()
+    await nc.subscribe(Subjects(root).event("agent"), cb=ev.on)
+    yield ev
+    await nc.drain()
+
+
+@pytest.fixture
+async def fleet(nats_server: NatsServer, root: str, events: Events) -> AsyncIterator[LocalFleet]:
+    """Three simulated servers of two vendors, with a second registry and aggregator beside the first."""
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(3, time_scale=0.001),
+        agent={"heartbeat_s": 0.5, "refresh_s": 30.0},
+        aggregator={"views_interval_s": 0.2},
+    )
+    async with LocalFleet(options) as f:
+        common = {"nats_url": nats_server.url, "root": root}
+        second_registry = Registry(RegistrySettings(**common))
+        second_aggregator = Aggregator(AggregatorSettings(**common, views_interval_s=0.2))
+        await second_registry.start()
+        await second_aggregator.start()
+        try:
+            yield f
+        finally:
+            await second_aggregator.stop()
+            await second_registry.stop()
+
+
+def _holders(fleet: LocalFleet, name: str) -> list[str]:
+    assert fleet.gateway is not None
+    return sorted(a.id for a in fleet.gateway.fleet.with_model(parse_name(name).key))
+
+
+async def test_views_agree_with_each_server(fleet: LocalFleet) -> None:
+    async with ollama.AsyncClient(host=fleet.url) as c:
+        await c.generate(model="llama3.2", prompt="hi", options={"num_predict": 2})
+        for a in fleet.agents:
+            a._refresh_now.set()
+        await until(fleet, lambda: len(fleet.gateway.fleet.loaded_on("llama3.2:latest")) >= 1)  # type: ignore[union-attr]
+        tags, ps = await c.list(), await c.ps()
+    union: set[str] = set()
+    loaded: list[str] = []
+    for sim in fleet.sims:
+        async with ollama.AsyncClient(host=sim.url) as one:
+            union |= {m.model for m in (await one.list()).models if m.model}
+            loaded += [m.model for m in (await one.ps()).models if m.model]
+    assert sorted(m.model for m in tags.models if m.model) == sorted(union)  # each model once
+    assert sorted(m.model for m in ps.models if m.model) == sorted(loaded)  # one row per server
+    async with aiohttp.ClientSession() as s:
+        async with s.get(fleet.url + "/api/ps") as r:
+            rows = (await r.json())["models"]
+        assert {row["corral"]["agent"] for row in rows} <= {a.id for a in fleet.agents}
+        async with s.get(fleet.url + "/v1/models") as r:
+            assert sorted(m["id"] for m in (await r.json())["data"]) == sorted(union)
+        async with s.get(fleet.url + "/api/status") as r:
+            status = _status.decode(await r.read())
+    assert status.totals.agents == 3 and {a.vendor for a in status.agents} == {"nvidia", "amd"}
+    assert status.totals.vram_total == sum(s.config.total_vram for s in fleet.sims)
+    assert status.totals.loaded == len(loaded) and status.totals.models == len(union)
+
+
+async def test_status_rates_come_from_the_aggregators(fleet: LocalFleet) -> None:
+    assert fleet.gateway is not None
+    async with ollama.AsyncClient(host=fleet.url) as c:
+        results = await asyncio.gather(
+            *(c.generate(model="llama3.2", prompt=f"{i}", options={"num_predict": 5}) for i in range(6))
+        )
+    tokens = sum(r.eval_count or 0 for r in results)
+    assert tokens == 30
+    await fleet.gateway.wait_rates(lambda r: r.requests >= 6, timeout=10)
+    async with aiohttp.ClientSession() as s, s.get(fleet.url + "/api/status") as r:
+        status = _status.decode(await r.read())
+    assert status.rates is not None
+    assert status.rates.tokens == tokens and status.rates.errors == 0
+    assert status.rates.per_model["llama3.2:latest"].requests == 6
+    assert status.rates.ttft_ms_p50 is not None and status.rates.ttft_ms_p50 > 0
+
+
+async def test_pull_with_replicas_merges_progress(fleet: LocalFleet) -> None:
+    lines: list[dict[str, object]] = []
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            fleet.url + "/api/pull", json={"model": "mistral"}, headers={"X-Corral-Replicas": "2"}
+        ) as r:
+            assert r.status == 200 and r.content_type == "application/x-ndjson"
+            lines = [json.loads(raw) async for raw in r.content if raw.strip()]
+    assert lines[0] == {"status": "pulling manifest"} and lines[-1] == {"status": "success"}
+    by_digest: dict[str, list[dict[str, object]]] = {}
+    for x in lines:
+        if x.get("digest"):
+            by_digest.setdefault(str(x["digest"]), []).append(x)
+    assert by_digest
+    for seen in by_digest.values():
+        # the first line for a layer comes from one agent; by the end both agents' copies add up
+        first, last = seen[0], seen[-1]
+        assert last["total"] == 2 * first["total"]  # type: ignore[operator]
+        assert last["completed"] == last["total"]
+    await until(fleet, lambda: len(_holders(fleet, "mistral")) == 2)
+    # every agent, vendor-restricted: only the one AMD server
+    async with ollama.AsyncClient(host=fleet.url, headers={"X-Corral-Vendor": "amd"}) as c:
+        assert (await c.pull("deepseek-r1:7b")).status == "success"
+    await until(fleet, lambda: len(_holders(fleet, "deepseek-r1:7b")) == 1)
+    assert fleet.gateway is not None
+    (holder,) = fleet.gateway.fleet.with_model(parse_name("deepseek-r1:7b").key)
+    assert holder.vendor == "amd"
+    async with ollama.AsyncClient(host=fleet.url, headers={"X-Corral-Replicas": "all"}) as c:
+        parts = [p async for p in await c.pull("llama3.2:1b", stream=True)]
+    assert parts[-1].status == "success"
+    await until(fleet, lambda: len(_holders(fleet, "llama3.2:1b")) == 3)
+    async with ollama.AsyncClient(host=fleet.url) as c:
+        await c.delete("llama3.2:1b")
+    await until(fleet, lambda: _holders(fleet, "llama3.2:1b") == [])
+
+
+async def test_a_failing_agent_makes_the_pull_fail(fleet: LocalFleet) -> None:
+    # an agent whose Ollama is gone: its pull fails, so the fleet-wide pull must not say success
+    broken = await fleet.add_agent(Backend("http://127.0.0.1:9", "cpu"), agent_id="broken")
+    assert broken.id == "broken"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            fleet.url + "/api/pull", json={"model": "gemma3:4b"}, headers={"X-Corral-Replicas": "all"}
+        ) as r:
+            lines = [json.loads(raw) async for raw in r.content if raw.strip()]
+    assert "error" in lines[-1] and "broken" in str(lines[-1]["error"])
+    assert not any(x.get("status") == "success" for x in lines)
+    with pytest.raises(ollama.ResponseError) as e:
+        async with ollama.AsyncClient(host=fleet.url, headers={"X-Corral-Replicas": "all"}) as c:
+            await c.pull("gemma3:4b")
+    assert "broken" in e.value.error
+
+
+async def test_dead_agent_leaves_every_view_and_comes_back(
+    fleet: LocalFleet, events: Events, nats_server: NatsServer, root: str
+) -> None:
+    for a in fleet.agents:
+        await events.wait("joined", a.id)
+    victim = fleet.agents[1]
+    victim_id = victim.id
+    # silence it without a clean stop: its NATS connection goes, its KV entry stays behind
+    victim._closing.set()
+    assert victim.nc is not None
+    await victim.nc.close()
+    await events.wait("dead", victim_id)
+    assert fleet.gateway is not None
+    await until(fleet, lambda: fleet.gateway.fleet.get(victim_id) is None)  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as s, s.get(fleet.url + "/api/status") as r:
+        assert victim_id not in {a.id for a in _status.decode(await r.read()).agents}
+    # routing avoids it: every request lands on the two others
+    async with ollama.AsyncClient(host=fleet.url) as c:
+        for i in range(6):
+            await c.generate(model="llama3.2", prompt=f"{i}", options={"num_predict": 1})
+    # two registries ran, yet the death was announced once
+    assert events.of("dead", victim_id) == 1
+    # a fresh agent under the same id rejoins without manual steps
+    sim = fleet.sims[1]
+    back = await fleet.add_agent(Backend(sim.url, sim.config.vendor, 2), agent_id=victim_id)
+    await events.wait("joined", back.id, count=2)
+    await until(fleet, lambda: fleet.gateway.fleet.get(victim_id) is not None)  # type: ignore[union-attr]
+
+
+async def test_clean_stop_is_announced_once(fleet: LocalFleet, events: Events) -> None:
+    leaving = fleet.agents[0]
+    await events.wait("joined", leaving.id)
+    await leaving.stop()
+    await events.wait("left", leaving.id)
+    assert fleet.gateway is not None
+    await until(fleet, lambda: fleet.gateway.fleet.get(leaving.id) is None)  # type: ignore[union-attr]
+    assert events.of("left", leaving.id) == 1 and events.of("dead", leaving.id) == 0
