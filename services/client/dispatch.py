@@ -34,6 +34,7 @@ from nats.aio.subscription import Subscription
 from opentelemetry.trace import Tracer
 
 from services.client.fleet import FleetView
+from services.client.routing import DEFAULT_STRATEGY, Route, Router
 from services.protocol import headers as H
 from services.protocol.errors import (
     AgentUnavailable,
@@ -59,6 +60,7 @@ class DispatchSettings:
     idle_timeout: float = 10.0  # a claimed request silent this long means a dead agent
     queue_timeout: float = 60.0  # how long a request may wait for capacity before 503
     ping_interval: float = 2.0  # told to agents: ping at least this often while silent
+    strategy: str = DEFAULT_STRATEGY  # routing when a request names none
 
 
 @dataclass
@@ -74,6 +76,7 @@ class WorkRequest:
     upstream_model: str | None = None
     method: str = "POST"
     trace: dict[str, str] = field(default_factory=dict)
+    strategy: str | None = None  # None = the dispatcher's default (see services.client.routing)
 
 
 _any = msgspec.json.Decoder()
@@ -81,7 +84,13 @@ _enc = msgspec.json.Encoder()
 
 
 def model_work(
-    endpoint: str, body: bytes, raw_model: str, *, vendor: str | None = None, strict: bool = False
+    endpoint: str,
+    body: bytes,
+    raw_model: str,
+    *,
+    vendor: str | None = None,
+    strict: bool = False,
+    strategy: str | None = None,
 ) -> WorkRequest:
     """A routed request for ``raw_model`` as the client spelt it (``amd/llama3``, ``llama3@amd`` ...).
 
@@ -98,6 +107,7 @@ def model_work(
         model=parse_name(name),
         vendor=vendor,
         strict=strict and vendor is not None,
+        strategy=strategy,
     )
     if name != raw_model:
         obj = _any.decode(body)
@@ -224,6 +234,7 @@ class Dispatcher:
         self._bodies: dict[str, bytes] = {}
         self._outstanding: dict[str, int] = {}  # agent id → direct sends not yet finished
         self._subs: list[Subscription] = []
+        self._router = Router()
         self._reply_prefix = len(self.subjects.reply(self.id, "x")) - 1
         self._body_prefix = len(self.subjects.body(self.id, "x")) - 1
 
@@ -330,25 +341,21 @@ class Dispatcher:
                     yield self.subjects.agent_work(a.id), a.id
             return
         token, key = req.model.token, req.model.key
-        if req.vendor:
-            yield self.subjects.work(req.vendor, token), None
-        if not (req.vendor and req.strict):
-            yield self.subjects.work(ANY_VENDOR, token), None
+        strategy = req.strategy or self.settings.strategy
+        if strategy == "auto":
+            # the fast path: NATS hands it to an agent with a free warm slot, or says no at once
+            if req.vendor:
+                yield self.subjects.work(req.vendor, token), None
+            if not (req.vendor and req.strict):
+                yield self.subjects.work(ANY_VENDOR, token), None
         holders = self.fleet.with_model(key)
         if req.vendor and req.strict:
             holders = [a for a in holders if a.vendor == req.vendor]
         if not holders:
             raise ModelNotFound(req.model.display)
-        ranked = sorted(
-            (a for a in holders if a.status == "active" and a.id not in failed),
-            key=lambda a: (
-                req.vendor is not None and a.vendor != req.vendor,
-                not self.fleet.is_loaded(a.id, key),
-                key not in a.loading,
-                self._load(a),
-            ),
-        )
-        for a in ranked:
+        usable = [a for a in holders if a.status == "active" and a.id not in failed]
+        route = Route(key=key, vendor=req.vendor, strict=req.strict)
+        for a in self._router.rank(strategy, route, usable, self._outstanding):
             yield self.subjects.agent_work(a.id), a.id
 
     def _load(self, a: AgentState) -> float:

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.client import views
 from services.client.dispatch import Dispatcher, DispatchSettings, Reply, WorkRequest, model_work
 from services.client.fleet import FleetView
+from services.client.routing import STRATEGIES, parse_strategy
 from services.gateway import bodies
 from services.gateway.errors import JSON, native_body
 from services.gateway.relay import (
@@ -78,10 +79,13 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     idle_timeout_s: float = 10.0  # a claimed request silent this long means its agent died
     queue_timeout_s: float = 60.0  # how long a request may wait for capacity before 503
     ollama_version: str = "0.12.3"  # reported by /api/version when no backend says
+    strategy: str = "auto"  # routing when a request names none (X-Load-Balancing-Strategy)
 
 
 class Gateway:
     def __init__(self, settings: GatewaySettings, *, tracer_provider: TracerProvider | None = None) -> None:
+        if settings.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {settings.strategy!r}; use one of {', '.join(STRATEGIES)}")
         self.settings = settings
         self.subjects = Subjects(settings.root)
         self.nc: NATS | None = None
@@ -107,6 +111,7 @@ class Gateway:
                 claim_timeout=self.settings.claim_timeout_s,
                 idle_timeout=self.settings.idle_timeout_s,
                 queue_timeout=self.settings.queue_timeout_s,
+                strategy=self.settings.strategy,
             ),
             tracer=self._tracer,
         )
@@ -209,13 +214,16 @@ class Gateway:
         raw = view.model or ""
         if not raw and endpoint in ("/api/generate", "/api/embed"):
             raise ModelNotFound("model '' not found")
-        vendor, strict = None, False
+        vendor, strict, strategy = None, False, None
         for k, v in scope["headers"]:
-            if k == STRATEGY_HEADER and v.decode().lower() in VENDORS:
-                vendor = v.decode().lower()
+            if k == STRATEGY_HEADER:
+                try:
+                    strategy, vendor = parse_strategy(v.decode())
+                except ValueError as e:
+                    raise BadRequest(str(e)) from None
             elif k == ENFORCE_HEADER:
                 strict = v.decode().lower() in ("1", "true", "yes")
-        return model_work(endpoint, body, raw, vendor=vendor, strict=strict), raw
+        return model_work(endpoint, body, raw, vendor=vendor, strict=strict, strategy=strategy), raw
 
     async def _unload(self, work: WorkRequest, raw: str, receive: Receive, send: Send) -> None:
         """``keep_alive: 0`` with nothing to run: every agent holding the model must let it go."""

@@ -224,3 +224,16 @@ async def test_unload_reaches_every_agent(fleet: LocalFleet, client: ollama.Asyn
     for a in fleet.agents:
         a._refresh_now.set()
     await until(fleet, lambda: not fleet.gateway.fleet.loaded_on("qwen3:8b"))  # type: ignore[union-attr]
+
+
+async def test_strategy_header(fleet: LocalFleet) -> None:
+    # round_robin through direct subjects: 6 requests land 2, 2, 2 on the three agents
+    before = [s.stats.finished for s in fleet.sims]
+    async with ollama.AsyncClient(host=fleet.url, headers={"X-Load-Balancing-Strategy": "round_robin"}) as c:
+        for i in range(6):
+            await c.generate(model=MODEL, prompt=f"rr{i}", options={"num_predict": 1})
+    assert [s.stats.finished - b for s, b in zip(fleet.sims, before, strict=True)] == [2, 2, 2]
+    async with aiohttp.ClientSession() as s:
+        headers = {"X-Load-Balancing-Strategy": "fastest-please"}
+        async with s.post(fleet.url + "/api/generate", json={"model": MODEL}, headers=headers) as r:
+            assert r.status == 400 and "fastest-please" in (await r.json())["error"]

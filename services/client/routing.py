@@ -1,0 +1,337 @@
+"""Routing strategies: the order in which the agents holding a model are tried for one request.
+
+Pure functions of a fleet snapshot (`AgentState`) and the caller's own count of outstanding sends:
+no I/O, no clocks, no NATS. `Router.rank` takes the *holders* of the model (on disk or loaded;
+active, not failed) and returns them best first; the caller walks that list until one claims the
+request. Cost is O(holders) per call plus one sort of them; the fleet is never scanned.
+
+Strategies (`STRATEGIES`; a config value or the ``X-Load-Balancing-Strategy`` header, see
+`parse_strategy`):
+
+``auto`` (default)
+    Minimise the estimated time to first token (`estimate_ttft`): a free warm slot beats a queue,
+    a queue shorter than a load beats a cold load, a runner loaded with the wrong ``num_ctx`` is
+    reloaded only when nothing better exists, a cold load goes where the model fits in free VRAM,
+    and a conversation returns to the agent holding its prompt cache unless that agent's wait is
+    more than `SESSION_MAX_EXTRA_WAIT_S` worse than the best other (no hot-spotting).
+``round_robin``
+    Rotate over the holders sorted by id; one cursor per model, advanced once per call.
+``random``
+    A shuffle from the router's seeded generator.
+``least_connection``
+    Fewest requests per slot: (in_flight + queued + outstanding) / parallel.
+``vram``
+    Most free VRAM (all GPUs together) first.
+``affinity``
+    Loaded first, then loading, then on disk only; least busy first within each tier.
+
+A vendor preference (``Route.vendor``) puts that vendor's agents first, each group keeping the
+strategy's order; with ``Route.strict`` the other vendors are dropped instead. Ties are broken by
+load, then by agent id, so every strategy but ``random`` is deterministic.
+
+The auto cost model, in seconds (constants below)::
+
+    loaded, matching num_ctx    queue_wait                       0 while a slot is free, else
+                                                                 (busy - parallel + 1) * TYPICAL_REQUEST_S / parallel
+    loaded, other num_ctx       drain + load + CONTEXT_SWITCH_S  drain = busy * TYPICAL_REQUEST_S / parallel
+    loading                     LOADING_REMAINING * load + queue_wait
+    on disk only                load, + EVICTION_S + drain when the model does not fit in free VRAM
+    load                        LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH
+
+    ttft = wait + PROMPT_EVAL_S (+ SESSION_REPLAY_S when the request continues a conversation and
+           the agent cannot reuse its prompt cache)
+
+``busy`` is the agent's in_flight + queued plus this caller's outstanding sends to it, since the
+agent's published counts lag behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from services.protocol.errors import InvalidModelName
+from services.protocol.messages import AgentState, PsModel
+from services.protocol.names import VENDORS, parse_name
+
+__all__ = [
+    "CONTEXT_SWITCH_S",
+    "DEFAULT_MODEL_SIZE",
+    "DEFAULT_STRATEGY",
+    "EVICTION_S",
+    "LOADING_REMAINING",
+    "LOAD_BANDWIDTH",
+    "LOAD_OVERHEAD_S",
+    "PROMPT_EVAL_S",
+    "SESSION_MAX_EXTRA_WAIT_S",
+    "SESSION_REPLAY_S",
+    "STRATEGIES",
+    "TYPICAL_REQUEST_S",
+    "Route",
+    "Router",
+    "estimate_ttft",
+    "estimate_wait",
+    "load",
+    "parse_strategy",
+]
+
+STRATEGIES: Final = ("auto", "round_robin", "random", "least_connection", "vram", "affinity")
+DEFAULT_STRATEGY: Final = "auto"
+
+# -- the auto cost model -------------------------------------------------------------------------
+# Loading: bytes per second from disk into (V)RAM, and the fixed cost of starting a runner.
+LOAD_BANDWIDTH: Final = 2_000_000_000
+LOAD_OVERHEAD_S: Final = 1.0
+# Model size assumed when neither the route nor the agent's tags know it (a 7-8B model at q4).
+DEFAULT_MODEL_SIZE: Final = 4_000_000_000
+# Share of a load still ahead when one is already under way (its start time is not published).
+LOADING_REMAINING: Final = 0.5
+# Unloading a model to make room, on top of waiting for the agent's running requests to drain.
+EVICTION_S: Final = 2.0
+# Reloading a runner with another num_ctx also evicts it from everyone using it at its current
+# context: charged on top of the reload so models are not thrashed between contexts.
+CONTEXT_SWITCH_S: Final = 5.0
+# How long one request holds a slot: turns a queue length into a wait.
+TYPICAL_REQUEST_S: Final = 4.0
+# Prompt evaluation of a request that starts on a free slot.
+PROMPT_EVAL_S: Final = 0.1
+# Extra prompt evaluation a follow-up turn pays on an agent that does not hold the conversation's
+# prompt cache (it re-reads the history). The session agent's bonus.
+SESSION_REPLAY_S: Final = 1.5
+# The session agent keeps its bonus only while its wait is at most this much longer than the best
+# other agent's; beyond it the conversation moves rather than piling onto one agent.
+SESSION_MAX_EXTRA_WAIT_S: Final = 1.0
+
+
+def parse_strategy(value: str) -> tuple[str | None, str | None]:
+    """Map a strategy setting (config or ``X-Load-Balancing-Strategy``) to ``(strategy, vendor)``.
+
+    A strategy name gives ``(name, None)``; a vendor (``nvidia``, ``amd``, ``intel``, ``apple``,
+    ``cpu``) is a preference under the default strategy: ``(None, vendor)``. Case-insensitive,
+    ``-`` may stand for ``_``; an empty value is ``(None, None)``. Raises `ValueError` otherwise.
+    """
+    v = value.strip().lower().replace("-", "_")
+    if not v:
+        return None, None
+    if v in STRATEGIES:
+        return v, None
+    if v in VENDORS:
+        return None, v
+    raise ValueError(
+        f"unknown load-balancing strategy {value!r}; valid values: {', '.join(STRATEGIES + VENDORS)}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What one request asks of the fleet, as far as routing cares."""
+
+    key: str  # normalised model key (`ModelName.key`)
+    vendor: str | None = None  # preferred vendor
+    strict: bool = False  # only the preferred vendor will do
+    num_ctx: int | None = None  # runner option: a loaded runner with another context must reload
+    session_agent: str | None = None  # the agent that served this conversation last (prompt cache)
+    model_size: int = 0  # bytes; 0 when unknown (then the agent's tags are asked)
+
+
+# -- per-agent measures --------------------------------------------------------------------------
+
+
+def load(agent: AgentState, outstanding: Mapping[str, int]) -> float:
+    """Requests per slot: (in_flight + queued + outstanding) / parallel."""
+    return _busy(agent, outstanding) / max(agent.parallel, 1)
+
+
+def estimate_wait(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -> float:
+    """Seconds until ``agent`` could start ``route``'s request: queue, load or reload (no prompt eval)."""
+    return _estimate(route, agent, outstanding)[0]
+
+
+def estimate_ttft(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -> float:
+    """Estimated seconds to the first token of ``route``'s request on ``agent``, taken alone.
+
+    The session agent's prompt-cache bonus is included here unconditionally; `Router.rank`
+    withdraws it when that agent waits too much longer than the others.
+    """
+    wait, cached = _estimate(route, agent, outstanding)
+    return (
+        wait + PROMPT_EVAL_S + (SESSION_REPLAY_S if route.session_agent is not None and not cached else 0.0)
+    )
+
+
+def _busy(agent: AgentState, outstanding: Mapping[str, int]) -> int:
+    return agent.in_flight + agent.queued + outstanding.get(agent.id, 0)
+
+
+def _estimate(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -> tuple[float, bool]:
+    """(wait, whether the agent's warm runner holds this conversation's prompt cache)."""
+    busy = _busy(agent, outstanding)
+    parallel = max(agent.parallel, 1)
+    runner = _runner(agent, route.key)
+    if runner is not None:
+        if route.num_ctx is None or runner.context_length in (0, route.num_ctx):
+            return _queue_wait(busy, parallel), route.session_agent == agent.id
+        drain = busy * TYPICAL_REQUEST_S / parallel
+        return drain + _load_time(_size(route, agent)) + CONTEXT_SWITCH_S, False
+    if route.key in agent.loading:
+        return LOADING_REMAINING * _load_time(_size(route, agent)) + _queue_wait(busy, parallel), False
+    size = _size(route, agent)
+    wait = _load_time(size)
+    free = _vram_free(agent)
+    if free is not None and free < size:
+        wait += EVICTION_S + busy * TYPICAL_REQUEST_S / parallel
+    return wait, False
+
+
+def _queue_wait(busy: int, parallel: int) -> float:
+    if busy < parallel:
+        return 0.0
+    return (busy - parallel + 1) * TYPICAL_REQUEST_S / parallel
+
+
+def _load_time(size: int) -> float:
+    return LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH
+
+
+def _size(route: Route, agent: AgentState) -> int:
+    if route.model_size > 0:
+        return route.model_size
+    for m in agent.models:
+        if m.size > 0 and _matches(m.name, route.key):
+            return m.size
+    return DEFAULT_MODEL_SIZE
+
+
+def _vram_free(agent: AgentState) -> int | None:
+    """Free VRAM over all GPUs; None when the agent reports none (then a model is assumed to fit)."""
+    if not agent.gpus:
+        return None
+    return sum(g.vram_free for g in agent.gpus)
+
+
+def _runner(agent: AgentState, key: str) -> PsModel | None:
+    for m in agent.loaded:
+        if _matches(m.name, key):
+            return m
+    return None
+
+
+def _matches(name: str, key: str) -> bool:
+    return name == key or _key_of(name) == key
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_of(name: str) -> str | None:
+    """The routing key of a name as an agent reports it; memoised, names repeat on every snapshot."""
+    try:
+        return parse_name(name).key
+    except InvalidModelName:
+        return None
+
+
+# -- ranking -------------------------------------------------------------------------------------
+
+
+class Router:
+    """Ranks holders of a model under a strategy; keeps the state strategies carry between calls."""
+
+    __slots__ = ("_cursors", "_random")
+
+    def __init__(self, *, seed: int | None = None) -> None:
+        self._cursors: dict[str, int] = {}  # model key → round-robin turn
+        self._random = random.Random(seed)
+
+    def rank(
+        self,
+        strategy: str,
+        route: Route,
+        agents: Sequence[AgentState],
+        outstanding: Mapping[str, int],
+    ) -> list[AgentState]:
+        """``agents`` (the model's usable holders) in the order to try them, best first.
+
+        With ``route.strict`` only ``route.vendor``'s agents are returned. Raises `ValueError` for
+        an unknown strategy.
+        """
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown routing strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+        first, rest = _by_vendor(route, agents)
+        if not first and not rest:
+            return []
+        if strategy == "round_robin":
+            turn = self._cursors.get(route.key, 0)
+            self._cursors[route.key] = turn + 1
+            return _rotated(first, turn) + _rotated(rest, turn)
+        if strategy == "random":
+            self._random.shuffle(first)
+            self._random.shuffle(rest)
+            return first + rest
+        if strategy == "least_connection":
+
+            def key(a: AgentState) -> tuple[float, str]:
+                return load(a, outstanding), a.id
+
+            return sorted(first, key=key) + sorted(rest, key=key)
+        if strategy == "vram":
+
+            def vram_key(a: AgentState) -> tuple[int, float, str]:
+                return -(_vram_free(a) or 0), load(a, outstanding), a.id
+
+            return sorted(first, key=vram_key) + sorted(rest, key=vram_key)
+        if strategy == "affinity":
+
+            def tier_key(a: AgentState) -> tuple[int, float, str]:
+                tier = 0 if _runner(a, route.key) is not None else 1 if route.key in a.loading else 2
+                return tier, load(a, outstanding), a.id
+
+            return sorted(first, key=tier_key) + sorted(rest, key=tier_key)
+        costs = _auto_costs(route, first, rest, outstanding)
+
+        def cost_key(a: AgentState) -> tuple[float, float, str]:
+            return costs[a.id], load(a, outstanding), a.id
+
+        return sorted(first, key=cost_key) + sorted(rest, key=cost_key)
+
+
+def _by_vendor(route: Route, agents: Sequence[AgentState]) -> tuple[list[AgentState], list[AgentState]]:
+    """(preferred vendor's agents, the others); the others are empty under strict or no preference."""
+    if route.vendor is None:
+        return list(agents), []
+    first = [a for a in agents if a.vendor == route.vendor]
+    if route.strict:
+        return first, []
+    return first, [a for a in agents if a.vendor != route.vendor]
+
+
+def _rotated(group: list[AgentState], turn: int) -> list[AgentState]:
+    if not group:
+        return group
+    group.sort(key=lambda a: a.id)
+    i = turn % len(group)
+    return group[i:] + group[:i]
+
+
+def _auto_costs(
+    route: Route, first: list[AgentState], rest: list[AgentState], outstanding: Mapping[str, int]
+) -> dict[str, float]:
+    """Agent id → estimated time to first token, with the session bonus bounded (no hot-spotting)."""
+    session = route.session_agent
+    replay = SESSION_REPLAY_S if session is not None else 0.0
+    costs: dict[str, float] = {}
+    session_wait: float | None = None
+    best_other = float("inf")
+    for group in (first, rest):
+        for a in group:
+            wait, cached = _estimate(route, a, outstanding)
+            if cached:
+                session_wait = wait
+            else:
+                costs[a.id] = wait + PROMPT_EVAL_S + replay
+                best_other = min(best_other, wait)
+    if session is not None and session_wait is not None:
+        keeps_bonus = session_wait <= best_other + SESSION_MAX_EXTRA_WAIT_S
+        costs[session] = session_wait + PROMPT_EVAL_S + (0.0 if keeps_bonus else replay)
+    return costs
