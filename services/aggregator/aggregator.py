@@ -102,6 +102,7 @@ class Aggregator:
         self._fleet: FleetView | None = None
         self._task: asyncio.Task[None] | None = None
         self._written: dict[str, bytes] = {}
+        self._stopping = False
 
     @property
     def fleet(self) -> FleetView:
@@ -119,6 +120,7 @@ class Aggregator:
         log.info("aggregator ready: %d agents", len(self._fleet.agents()))
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -138,11 +140,14 @@ class Aggregator:
 
     async def _loop(self) -> None:
         """Rewrite views on every fleet change and at least every ``views_interval_s``."""
-        while True:
+        while not self._stopping:
             await self.fleet.wait_changed(self.settings.views_interval_s)
+            if self._stopping:
+                return
             try:
                 await self.write()
             except Exception as e:  # NATS away for a moment: the next round writes again
+                # (nats-py may turn a cancellation into its own error: hence the flag above)
                 log.warning("writing views failed: %s", e)
 
     async def write(self) -> None:

@@ -42,6 +42,7 @@ async def connect(url: str, *, name: str) -> NATS:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
         error_cb=on_error,
+        drain_timeout=5,  # bounded: a stop never waits longer than this for subscriptions to drain
     )
     return nc
 

@@ -54,7 +54,7 @@ async def events(nats_server: NatsServer, root: str) -> AsyncIterator[Events]:
     ev = Events()
     await nc.subscribe(Subjects(root).event("agent"), cb=ev.on)
     yield ev
-    await nc.drain()
+    await nc.close()
 
 
 @pytest.fixture
