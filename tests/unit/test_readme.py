@@ -8,7 +8,9 @@ from pathlib import Path
 import msgspec
 
 from services.agent.agent import AgentSettings
+from services.aggregator.aggregator import AggregatorSettings
 from services.gateway.app import GatewaySettings
+from services.registry.registry import RegistrySettings
 from services.runtime.settings import CommonSettings, env_name
 
 README = Path(__file__).parents[2] / "README.md"
@@ -22,7 +24,7 @@ def _documented() -> dict[str, str]:
 def test_every_setting_is_documented_and_nothing_else() -> None:
     fields = {
         env_name(f.name)
-        for cls in (CommonSettings, GatewaySettings, AgentSettings)
+        for cls in (CommonSettings, GatewaySettings, AgentSettings, RegistrySettings, AggregatorSettings)
         for f in msgspec.structs.fields(cls)
     }
     assert set(_documented()) == fields
@@ -30,7 +32,7 @@ def test_every_setting_is_documented_and_nothing_else() -> None:
 
 def test_documented_defaults_match() -> None:
     documented = _documented()
-    for cls in (CommonSettings, GatewaySettings, AgentSettings):
+    for cls in (CommonSettings, GatewaySettings, AgentSettings, RegistrySettings, AggregatorSettings):
         for f in msgspec.structs.fields(cls):
             default = f.default
             if default in ("", 0.0) and not isinstance(default, bool):
