@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -155,25 +155,35 @@ class LocalFleet:
         return agent
 
     async def stop(self) -> None:
-        """Reverse order: stop taking HTTP, drain agents, stop backends, stop NATS. Idempotent."""
+        """Reverse order: stop taking HTTP, drain agents, stop backends, stop NATS. Idempotent.
+
+        Every step is bounded: one that overruns is logged by name and left behind, so a stuck
+        component can never hang the whole fleet's shutdown.
+        """
         if self.http is not None:
-            await self.http.stop()
+            await _bounded("the HTTP server", self.http.stop(), self.options.http_grace_s + 5)
             self.http = None
-        await asyncio.gather(*(a.stop() for a in self.agents), return_exceptions=True)
+        grace = max((a.settings.drain_grace_s for a in self.agents), default=0.0)
+        await asyncio.gather(
+            *(_bounded(f"agent {a.id}", a.stop(), grace + 10) for a in self.agents), return_exceptions=True
+        )
         for t in self._agent_tasks:
+            if not t.done():
+                t.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await t
         self.agents.clear()
         self._agent_tasks.clear()
         for sim in self.sims:
-            await sim.stop()
+            await _bounded("a simulator", sim.stop(), 10)
         self.sims.clear()
         for probe in self._probes:
             probe.close()
         self._probes.clear()
-        for service in (self.aggregator, self.registry):
-            if service is not None:
-                await service.stop()
+        if self.aggregator is not None:
+            await _bounded("the aggregator", self.aggregator.stop(), 10)
+        if self.registry is not None:
+            await _bounded("the registry", self.registry.stop(), 10)
         self.aggregator = self.registry = None
         if self.nats is not None:
             await self.nats.stop()
@@ -187,6 +197,16 @@ class LocalFleet:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+async def _bounded(what: str, step: Coroutine[Any, Any, None], seconds: float) -> None:
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait((task,), timeout=seconds)
+    if not done:
+        log.warning("%s did not stop within %.0f s; leaving it behind", what, seconds)
+        task.cancel()
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("stopping %s failed: %s", what, task.exception())
 
 
 def sim_gpus(cfg: SimConfig) -> list[Gpu]:

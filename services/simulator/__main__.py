@@ -30,7 +30,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="ollama-sim",
+        prog="corral sim",
         description="Simulated Ollama server (Ollama HTTP API) for demos, tests and benchmarks.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
