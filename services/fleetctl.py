@@ -170,37 +170,32 @@ async def pull(s: _Session, as_json: bool, model: str, replicas: str, vendor: st
                 file=sys.stderr,
             )
             return 1
-        tail, failed, last_draw = reply.first, False, 0.0
-        async for batch in _batches(reply):
-            tail += batch
-            *lines, tail = tail.split(b"\n")
-            for raw in lines:
-                if not raw.strip():
-                    continue
-                obj = msgspec.json.decode(raw)
-                if as_json:
-                    print(raw.decode(), flush=True)
-                    continue
-                if "error" in obj:
-                    failed = True
-                    print(f"\nerror: {obj['error']}", file=sys.stderr)
-                elif obj.get("total"):
-                    now = time.monotonic()
-                    done = obj.get("completed", 0) / obj["total"]
-                    if now - last_draw > 0.1 or done >= 1:
-                        last_draw = now
-                        bar = "#" * int(done * 30)
-                        print(
-                            f"\r{obj['status']:<24} [{bar:<30}] {done:4.0%} of {_gb(obj['total'])}",
-                            end="",
-                            flush=True,
-                        )
-                else:
+        failed, last_draw = False, 0.0
+        async for raw in reply.lines():
+            obj = msgspec.json.decode(raw)
+            if as_json:
+                print(raw.decode(), flush=True)
+                continue
+            if "error" in obj:
+                failed = True
+                print(f"\nerror: {obj['error']}", file=sys.stderr)
+            elif obj.get("total"):
+                now = time.monotonic()
+                done = obj.get("completed", 0) / obj["total"]
+                if now - last_draw > 0.1 or done >= 1:
+                    last_draw = now
+                    bar = "#" * int(done * 30)
                     print(
-                        f"\n{obj['status']}" if obj["status"] != "pulling manifest" else obj["status"],
+                        f"\r{obj['status']:<24} [{bar:<30}] {done:4.0%} of {_gb(obj['total'])}",
                         end="",
                         flush=True,
                     )
+            else:
+                print(
+                    f"\n{obj['status']}" if obj["status"] != "pulling manifest" else obj["status"],
+                    end="",
+                    flush=True,
+                )
         if not as_json:
             print()
         return 1 if failed or reply.status != 200 else 0
@@ -209,12 +204,6 @@ async def pull(s: _Session, as_json: bool, model: str, replicas: str, vendor: st
         return 1
     finally:
         await dispatcher.stop()
-
-
-async def _batches(reply: Any) -> Any:
-    async for b in reply.batches():
-        yield b
-    yield b"\n"
 
 
 async def control(s: _Session, kind: str, agent: str) -> int:

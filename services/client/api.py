@@ -139,25 +139,12 @@ class AsyncClient:
 
 
 async def _lines(reply: Reply) -> AsyncIterator[Json]:
-    tail = b""
     try:
-
-        async def chunks() -> AsyncIterator[bytes]:
-            yield reply.first
-            async for b in reply.batches():
-                yield b
-
-        async for chunk in chunks():
-            tail += chunk
-            *lines, tail = tail.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    obj = _dec.decode(line)
-                    if isinstance(obj, dict) and "error" in obj:
-                        raise ResponseError(str(obj["error"]))
-                    yield obj
-        if tail.strip():
-            yield _dec.decode(tail)
+        async for line in reply.lines():
+            obj = _dec.decode(line)
+            if isinstance(obj, dict) and "error" in obj:
+                raise ResponseError(str(obj["error"]))
+            yield obj
     except CorralError as e:
         raise ResponseError(e.message, e.status) from None
     finally:

@@ -203,6 +203,19 @@ class Reply:
                 f"lost {sent - self._data_msgs} of {sent} reply messages from {self.agent}"
             )
 
+    async def lines(self) -> AsyncIterator[bytes]:
+        """The body as NDJSON lines (blank ones skipped), as they complete."""
+        tail = self.first
+        async for batch in self.batches():
+            tail += batch
+            *complete, tail = tail.split(b"\n")
+            for raw in complete:
+                if raw.strip():
+                    yield raw
+        for raw in tail.split(b"\n"):
+            if raw.strip():
+                yield raw
+
     async def read(self) -> bytes:
         """The whole body (first bytes plus the rest)."""
         return self.first + b"".join([b async for b in self.batches()])

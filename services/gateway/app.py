@@ -46,6 +46,7 @@ from services.protocol.errors import (
 )
 from services.protocol.names import VENDORS, ModelName, parse_name
 from services.protocol.subjects import Subjects
+from services.registry.registry import pull_order
 from services.runtime.nats import connect, ensure_buckets
 from services.runtime.settings import CommonSettings
 from services.runtime.telemetry import extract_context, tracer
@@ -412,13 +413,11 @@ class Gateway:
         )
         if reply is not None:
             return ReplyResponse(reply)
-        # no registry running: one agent, the one that already has it or has the fewest models
-        agents = [a for a in self.fleet.agents() if a.status == "active" and vendor in (None, a.vendor)]
+        # no registry running: the one agent the registry would have chosen first
+        agents = pull_order(self.fleet, model.key, vendor)
         if not agents:
             return _error(CorralError("no agents in the fleet"))
-        has = {a.id for a in self.fleet.with_model(model.key)}
-        target = min(agents, key=lambda a: (a.id not in has, len(a.models), a.id))
-        return RelayResponse(self, WorkRequest(endpoint="/api/pull", body=body), target.id)
+        return RelayResponse(self, WorkRequest(endpoint="/api/pull", body=body), agents[0].id)
 
     async def _to_all_holders(self, request: Request, endpoint: str, method: str) -> Response:
         field = "source" if endpoint == "/api/copy" else "model"

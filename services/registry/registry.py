@@ -36,7 +36,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from services.client.dispatch import Dispatcher, DispatchSettings, Reply, WorkRequest
+from services.client.dispatch import Dispatcher, DispatchSettings, WorkRequest
 from services.client.fleet import STALE_HEARTBEATS, FleetView
 from services.protocol import headers as H
 from services.protocol.errors import BadRequest, CorralError
@@ -242,13 +242,7 @@ class Registry:
         task.add_done_callback(self._pulls.discard)
 
     def targets(self, req: PullRequest) -> list[AgentState]:
-        """Agents that already have the model first (a pull there only checks), then the emptiest."""
-        key = parse_name(req.model or req.name).key
-        agents = [a for a in self.fleet.agents() if a.status == "active"]
-        if req.vendor:
-            agents = [a for a in agents if a.vendor == req.vendor]
-        has = {a.id for a in self.fleet.with_model(key)}
-        agents.sort(key=lambda a: (a.id not in has, len(a.models), a.id))
+        agents = pull_order(self.fleet, parse_name(req.model or req.name).key, req.vendor)
         return agents if req.all else agents[: max(req.replicas, 1)]
 
     async def _serve_pull(self, msg: Msg) -> None:
@@ -323,7 +317,7 @@ class Registry:
                         data = await reply.read()
                         await lines.put((agent.id, _Line(error=_error_text(data) or f"HTTP {reply.status}")))
                         return
-                    async for raw in _ndjson(reply):
+                    async for raw in reply.lines():
                         await lines.put((agent.id, _line.decode(raw)))
                 finally:
                     await reply.close()
@@ -372,17 +366,13 @@ class Registry:
             await asyncio.gather(*runners, return_exceptions=True)
 
 
-async def _ndjson(reply: Reply) -> AsyncIterator[bytes]:
-    tail = reply.first
-    async for batch in reply.batches():
-        tail += batch
-        *complete, tail = tail.split(b"\n")
-        for raw in complete:
-            if raw.strip():
-                yield raw
-    for raw in tail.split(b"\n"):
-        if raw.strip():
-            yield raw
+def pull_order(fleet: FleetView, key: str, vendor: str | None) -> list[AgentState]:
+    """Where a pull should go, best first: active agents (of ``vendor``) that already have the
+    model (a pull there only checks), then those with the fewest models."""
+    agents = [a for a in fleet.agents() if a.status == "active" and vendor in (None, a.vendor)]
+    has = {a.id for a in fleet.with_model(key)}
+    agents.sort(key=lambda a: (a.id not in has, len(a.models), a.id))
+    return agents
 
 
 def _member_key(agent_id: str) -> str:
