@@ -27,7 +27,6 @@ from services.runtime.process import add_common_arguments, overrides
 from services.runtime.settings import CommonSettings, load_settings
 
 _enc = msgspec.json.Encoder()
-_status = msgspec.json.Decoder(views.FleetStatus)
 
 
 def _gb(n: int) -> str:
@@ -60,10 +59,10 @@ class _Session:
 
     async def rates(self) -> views.Rates | None:
         try:
-            entry = await self.buckets.views.get("status")
-        except Exception:
+            entry = await self.buckets.views.get(views.RATES_KEY)
+        except Exception:  # no aggregator has written yet
             return None
-        return _status.decode(entry.value or b"{}").rates if entry.value else None
+        return views.rates_decoder.decode(entry.value) if entry.value else None
 
 
 async def status(s: _Session, as_json: bool) -> int:

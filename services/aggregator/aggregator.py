@@ -5,11 +5,12 @@ It keeps the same KV watch cache of agent states as the gateway, listens to ever
 
 - ``tags``, ``ps``, ``v1_models``: the merged Ollama views, whenever the fleet changes;
 - ``status``: ``/api/status``, the fleet at a glance with requests/s, tokens/s and time to first
-  token over the last ``stats_window_s`` seconds, every ``views_interval_s``.
+  token over the last ``stats_window_s`` seconds, every ``views_interval_s``;
+- ``rates``: just those figures, for readers that need nothing else (every gateway).
 
 Several aggregators may run at once: each hears every event (plain subscriptions, no queue group)
 and computes the same figures; writing a view twice is harmless. The gateway serves tags and ps from
-its own watch cache (always as fresh as the agents' KV) and takes the rates from ``status`` here.
+its own watch cache (always as fresh as the agents' KV) and takes ``rates`` from here.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from services.runtime.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
-STATUS_KEY = "status"
+_enc = msgspec.json.Encoder()
 R = TypeVar("R", views.Rates, views.ModelRate)
 _finished = msgspec.json.Decoder(RequestFinished)
 
@@ -158,7 +159,8 @@ class Aggregator:
             "tags": views.tags_body(agents),
             "ps": views.ps_body(agents),
             "v1_models": views.v1_models_body(agents),
-            STATUS_KEY: views.status_body(agents, rates),
+            views.STATUS_KEY: views.status_body(agents, rates),
+            views.RATES_KEY: _enc.encode(rates),
         }
         for key, value in out.items():
             if self._written.get(key) != value:

@@ -140,6 +140,12 @@ def now_utc() -> datetime:
 
 
 # -- /api/status ---------------------------------------------------------------------------------
+# The aggregator's entries in the views bucket. ``rates`` is the small part only it knows, kept
+# apart so readers that want just the figures (every gateway) never decode the whole fleet.
+STATUS_KEY = "status"
+RATES_KEY = "rates"
+
+
 class LoadedModel(msgspec.Struct, frozen=True):
     model: str
     size: int
@@ -250,3 +256,6 @@ def _agent_row(a: AgentState, now: float) -> AgentRow:
 
 def status_body(agents: list[AgentState], rates: Rates | None = None) -> bytes:
     return _enc.encode(status_view(agents, rates))
+
+
+rates_decoder = msgspec.json.Decoder(Rates)

@@ -69,8 +69,6 @@ STRATEGY_HEADER = b"x-load-balancing-strategy"
 ENFORCE_HEADER = b"x-enforce-strategy"
 REPLICAS_HEADER = "X-Corral-Replicas"  # /api/pull: on how many agents (a number or "all")
 VENDOR_HEADER = "X-Corral-Vendor"  # /api/pull: only agents of this vendor
-STATUS_KEY = "status"  # the aggregator's entry in the views bucket
-_status_decoder = msgspec.json.Decoder(views.FleetStatus)
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
@@ -122,13 +120,13 @@ class Gateway:
 
     async def _watch_rates(self, kv: KeyValue) -> None:
         """Keep the aggregator's latest rates (the only part of /api/status it alone knows)."""
-        watcher = await kv.watch(STATUS_KEY)
+        watcher = await kv.watch(views.RATES_KEY)
         try:
             async for entry in watcher:
                 if entry is None or not entry.value or entry.operation in ("DEL", "PURGE"):
                     continue
                 with contextlib.suppress(msgspec.DecodeError):
-                    self._rates = _status_decoder.decode(entry.value).rates
+                    self._rates = views.rates_decoder.decode(entry.value)
                     self._rates_seen.set()
         finally:
             with contextlib.suppress(Exception):
