@@ -46,6 +46,7 @@ class Backend:
     url: str
     vendor: str = "cpu"
     parallel: int = 1
+    context_length: int = 0  # the backend's OLLAMA_CONTEXT_LENGTH (0 = Ollama's default rule)
     gpus: list[Gpu] | None = None  # known GPUs (a simulator's); None = probe this host
 
 
@@ -105,7 +106,9 @@ class LocalFleet:
                 sim = SimServer(cfg, host="127.0.0.1", port=0)
                 await sim.start()
                 self.sims.append(sim)
-                backends.append(Backend(sim.url, cfg.vendor, cfg.num_parallel, sim_gpus(cfg)))
+                backends.append(
+                    Backend(sim.url, cfg.vendor, cfg.num_parallel, cfg.context_length, sim_gpus(cfg))
+                )
             for i, b in enumerate(backends):
                 await self.add_agent(b, agent_id=f"{b.vendor}-{i}")
             gw_settings = GatewaySettings(
@@ -133,6 +136,7 @@ class LocalFleet:
             "ollama_url": backend.url,
             "vendor": backend.vendor,
             "parallel": backend.parallel,
+            "context_length": backend.context_length,
             "log_level": self.options.log_level,
         }
         settings = AgentSettings(**(fields | self.options.agent))  # explicit agent options win

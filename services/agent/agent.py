@@ -32,6 +32,7 @@ from opentelemetry.trace import TracerProvider
 
 from services.agent.ollama import OllamaClient
 from services.agent.worker import Job, Worker, reply_counts
+from services.client.routing import effective_ctx
 from services.protocol import headers as H
 from services.protocol.errors import Cancelled
 from services.protocol.messages import (
@@ -47,10 +48,12 @@ from services.protocol.subjects import Subjects
 from services.runtime.nats import Buckets, connect, ensure_buckets
 from services.runtime.settings import CommonSettings
 from services.runtime.telemetry import tracer
+from services.runtime.workqueue import Puller
 
 log = logging.getLogger(__name__)
 
 _event_encoder = msgspec.json.Encoder()
+_GIB = 1 << 30
 
 # endpoints after which the models on disk differ: the agent re-reads its Ollama at once
 _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create"})
@@ -67,6 +70,7 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     ping_interval_s: float = 2.0
     drain_grace_s: float = 30.0
     vram_gb: float = 0.0  # override the GPU probe (0 = probe)
+    context_length: int = 0  # the backend's OLLAMA_CONTEXT_LENGTH; 0 = Ollama's VRAM tier rule
     advertise_host: str = ""  # default: this machine's hostname
 
 
@@ -123,9 +127,15 @@ class Agent:
         self._models: tuple[TagModel, ...] = ()
         self._loaded: tuple[PsModel, ...] = ()
         self._loaded_tokens: frozenset[str] = frozenset()
+        self._warm_tokens: frozenset[str] = frozenset()  # loaded at the default num_ctx: claimable
+        self._trained: dict[str, int] = {}  # loaded model key → trained context
+        self._trained_by_digest: dict[str, int] = {}
         self._version = ""
         self._started_at = time.time()
         self._claims_dirty = asyncio.Event()
+        self._puller: Puller | None = None
+        self._nudges: dict[str, Subscription] = {}  # queued-nudge subject → subscription
+        self._queue_hint: dict[str, int] = {}  # warm model token → nudges seen (0 = queue known empty)
         self._state_dirty = asyncio.Event()
         self._refresh_now = asyncio.Event()
 
@@ -176,6 +186,9 @@ class Agent:
             templates=(self.subjects.agent_work_template, self.subjects.work_template),
             tracer=self._tracer,
         )
+        self._worker.on_response = self._on_response
+        self._puller = Puller(self.nc, self.subjects)
+        await self._puller.start()
         await self.ollama.start()
         await self._refresh()
         self._subs.append(await self.nc.subscribe(self.subjects.agent_work(self.id), cb=self._on_direct))
@@ -201,6 +214,8 @@ class Agent:
                 await asyncio.wait(pending)
 
     async def _close(self) -> None:
+        if self._puller is not None:
+            await self._puller.stop()
         if self.nc is not None and not self.nc.is_closed:
             if self._buckets is not None:
                 with contextlib.suppress(Exception):
@@ -213,14 +228,15 @@ class Agent:
     def _job_from(self, msg: Msg) -> Job | None:
         h = msg.headers or {}
         rid = h.get(H.REQUEST)
-        if not rid or not msg.reply:
+        reply = h.get(H.REPLY) or msg.reply  # a queued request names its reply subject in a header
+        if not rid or not reply:
             log.warning("dropping work without request id or reply subject on %s", msg.subject)
             return None
         size = h.get(H.BODY_SIZE)
-        gw_rid = msg.reply.rsplit(".", 2)
+        gw_rid = reply.rsplit(".", 2)
         return Job(
             rid=rid,
-            reply=msg.reply,
+            reply=reply,
             subject=msg.subject,
             endpoint=h.get(H.ENDPOINT, "/"),
             method=h.get(H.METHOD, "POST"),
@@ -233,6 +249,10 @@ class Agent:
             upstream_model=h.get(H.UPSTREAM_MODEL),
             trace={k: h[k] for k in (H.TRACEPARENT, H.TRACESTATE) if k in h},
         )
+
+    def _on_response(self, job: Job) -> None:
+        if job.token is not None and job.token not in self._loaded_tokens:
+            self._refresh_now.set()  # Ollama has loaded it: advertise it and take interest at once
 
     def _free(self, token: str) -> int:
         return self.settings.parallel - self._busy.get(token, 0) - len(self._waiting.get(token, ()))
@@ -374,14 +394,22 @@ class Agent:
         assert self.nc is not None
         want: dict[str, int] = {}
         if self.status == "active":
-            for token in self._loaded_tokens:
+            await self._sync_nudges()
+            for token in self._warm_tokens:
+                await self._take_queued(token)  # waiting requests first, then new work
                 free = max(self._free(token), 0)
                 want[self.subjects.work(ANY_VENDOR, token)] = free
                 want[self.subjects.work(self.vendor, token)] = free
+        else:
+            await self._sync_nudges()
         for subject in set(self._claims) | set(want):
             subs = self._claims.setdefault(subject, [])
             n = want.get(subject, 0)
-            while len(subs) > n:
+            # Surplus armed subscriptions of a warm model are left armed: taking interest back
+            # races with a delivery already on its way (dropped on unsubscribe, the request then
+            # waits out the claim timeout). A surplus delivery is answered `busy` instead and the
+            # gateway moves on at once; each subscription fires only once anyway.
+            while len(subs) > n and subject not in want:
                 with contextlib.suppress(Exception):
                     await subs.pop().unsubscribe()
             while len(subs) < n:
@@ -391,7 +419,57 @@ class Agent:
             if not subs:
                 del self._claims[subject]
 
+    # -- the overflow queue ----------------------------------------------------------------------
+    async def _sync_nudges(self) -> None:
+        """Listen for enqueue nudges of exactly the warm models (while active)."""
+        assert self.nc is not None
+        want = set()
+        if self.status == "active":
+            for token in self._warm_tokens:
+                want.add(self.subjects.queued(ANY_VENDOR, token))
+                want.add(self.subjects.queued(self.vendor, token))
+        for subject in set(self._nudges) - want:
+            with contextlib.suppress(Exception):
+                await self._nudges.pop(subject).unsubscribe()
+        for subject in want - set(self._nudges):
+            self._nudges[subject] = await self.nc.subscribe(subject, cb=self._on_nudge)
+        for token in list(self._queue_hint):
+            if token not in self._warm_tokens:
+                del self._queue_hint[token]
+        for token in self._warm_tokens:
+            self._queue_hint.setdefault(token, 1)  # newly warm: requests may be waiting already
+
+    async def _on_nudge(self, msg: Msg) -> None:
+        token = msg.subject.rsplit(".", 1)[-1]
+        if token in self._warm_tokens:
+            self._queue_hint[token] = self._queue_hint.get(token, 0) + 1
+            self._claims_dirty.set()
+
+    async def _take_queued(self, token: str) -> None:
+        """Admit up to the free slots' worth of queued requests for ``token``, oldest first."""
+        assert self._puller is not None
+        hint = self._queue_hint.get(token, 0)
+        if not hint:
+            return
+        got_all = True
+        for vendor in (self.vendor, ANY_VENDOR):
+            free = self._free(token)
+            if free <= 0:
+                return  # more may wait: the hint stays for the next free slot
+            msgs = await self._puller.take(self.subjects.queue(vendor, token), free)
+            got_all = got_all and len(msgs) < free
+            for msg in msgs:
+                job = self._job_from(msg)
+                if job is not None:
+                    await self._admit(job)
+        if got_all and self._queue_hint.get(token) == hint:
+            self._queue_hint[token] = 0  # both queues ran dry and no nudge came meanwhile
+
     async def _drop_claims(self) -> None:
+        for sub in self._nudges.values():
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._nudges.clear()
         for subs in self._claims.values():
             for s in subs:
                 with contextlib.suppress(Exception):
@@ -417,14 +495,24 @@ class Agent:
         if gpus != self._gpus:
             self._gpus = gpus
             self._state_dirty.set()
-        tokens = set()
+        tokens, warm = set(), set()
+        default_ctx = self.default_num_ctx()
+        trained: dict[str, int] = {}
         for m in loaded:
             with contextlib.suppress(Exception):
-                tokens.add(parse_name(m.name).token)
+                name = parse_name(m.name)
+                tokens.add(name.token)
+                trained[name.key] = await self._trained_context(m)
+                # a request without num_ctx runs at the default; any other runner would reload
+                if m.context_length in (0, effective_ctx(default_ctx, trained[name.key])):
+                    warm.add(name.token)
+        if trained != self._trained:
+            self._trained = trained
+            self._state_dirty.set()
         changed = (tuple(models), tuple(loaded)) != (self._models, self._loaded)
         self._models, self._loaded = tuple(models), tuple(loaded)
-        if tokens != self._loaded_tokens:
-            self._loaded_tokens = frozenset(tokens)
+        if tokens != self._loaded_tokens or warm != self._warm_tokens:
+            self._loaded_tokens, self._warm_tokens = frozenset(tokens), frozenset(warm)
             self._claims_dirty.set()
         if changed:
             self._state_dirty.set()
@@ -434,6 +522,25 @@ class Agent:
             await _wait(self._refresh_now, self.settings.refresh_s)
             self._refresh_now.clear()
             await self._refresh()
+
+    async def _trained_context(self, m: PsModel) -> int:
+        """Asked of Ollama once per model digest (it caps every runner's num_ctx at this)."""
+        if m.digest not in self._trained_by_digest:
+            try:
+                self._trained_by_digest[m.digest] = await self.ollama.trained_context(m.name)
+            except Exception as e:
+                log.warning("cannot read %s's trained context: %s", m.name, e)
+                return 0
+        return self._trained_by_digest[m.digest]
+
+    def default_num_ctx(self) -> int:
+        """The backend's num_ctx for requests that give none (reference §4.1): OLLAMA_CONTEXT_LENGTH
+        when configured, else Ollama's VRAM tier — ≥ 47 GiB of VRAM → 262144, ≥ 23 GiB → 32768,
+        else 4096. (Ollama before 0.15.5 used a flat 4096: configure ``context_length`` for it.)"""
+        if self.settings.context_length > 0:
+            return self.settings.context_length
+        total = 0 if self.vendor == "cpu" else sum(g.vram_total for g in self._gpus)
+        return 262144 if total >= 47 * _GIB else 32768 if total >= 23 * _GIB else 4096
 
     def state(self) -> AgentState:
         return AgentState(
@@ -446,8 +553,10 @@ class Agent:
             gpus=self._gpus,
             models=self._models,
             loaded=self._loaded,
-            loading=tuple(t for t in self._busy if t not in self._loaded_tokens),
+            loading=tuple(decode_token(t) for t in self._busy if t not in self._loaded_tokens),
             parallel=self.settings.parallel,
+            default_num_ctx=self.default_num_ctx(),
+            trained_ctx=self._trained,
             in_flight=sum(self._busy.values()),
             queued=sum(len(q) for q in self._waiting.values()),
             max_queue=self.settings.max_queue,

@@ -33,6 +33,13 @@ _ps = msgspec.json.Decoder(_Ps)
 _version = msgspec.json.Decoder(_Version)
 
 
+class _Show(msgspec.Struct):
+    model_info: dict[str, Any] | None = None
+
+
+_show = msgspec.json.Decoder(_Show)
+
+
 class OllamaClient:
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")
@@ -81,3 +88,19 @@ class OllamaClient:
 
     async def version(self) -> str:
         return _version.decode(await self._get("/api/version")).version
+
+    async def trained_context(self, name: str) -> int:
+        """The model's trained context (``<arch>.context_length`` in /api/show); 0 if not given."""
+        body = msgspec.json.encode({"model": name})
+        async with self.session.post(
+            self.base_url + "/api/show",
+            data=body,
+            headers={"Content-Type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as r:
+            r.raise_for_status()
+            info = _show.decode(await r.read()).model_info or {}
+        for k, v in info.items():
+            if k.endswith(".context_length") and isinstance(v, int):
+                return v
+        return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -119,6 +119,8 @@ class Worker:
         self.agent_id = agent_id
         self._direct_template, self._claim_template = templates
         self._tracer = tracer
+        # called when Ollama's response headers arrive: a model it had to load is loaded by then
+        self.on_response: Callable[[Job], None] | None = None
 
     async def send(self, job: Job, payload: bytes, headers: dict[str, str] | None) -> None:
         job.last_sent = time.monotonic()
@@ -171,6 +173,8 @@ class Worker:
                 ) as span:
                     async with self.ollama.request(job.method, job.endpoint, body or None) as resp:
                         status = resp.status
+                        if self.on_response is not None:
+                            self.on_response(job)
                         span.set_attribute("http.response.status_code", status)
                         await self._relay(job, resp)
         except asyncio.CancelledError:

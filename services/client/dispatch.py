@@ -1,6 +1,19 @@
 """Send one Ollama request to the fleet and relay the reply stream back, with failover.
 
-The routing plan for a model request (DESIGN.md, "A request, end to end"):
+Under ``auto`` (the default; `Dispatcher._send_auto`), in order:
+
+1. the conversation's own agent (its prompt cache), when the cost model still ranks it first;
+2. the warm claim subjects (requests at default runner options): NATS hands the request to an agent
+   with the model loaded and a free slot, or answers "no responders" at once;
+3. an agent that by the fleet state can start it now (a free slot on a matching runner);
+4. nothing can start it now: if the cheapest place is a load (nobody has a matching runner, or a
+   load beats the queue) and no load of this model is under way, the registry places it — one load
+   per model at a time, fleet-wide — and this request goes to that agent; every other request waits
+   in the fleet-wide FIFO (`services.runtime.workqueue`), which agents serve before new work as
+   slots free. Requests with their own ``num_ctx`` wait at the agent whose runner will match;
+5. the queue's deadline passes: Ollama's 503 ``server busy``.
+
+The seed strategies (round_robin, random, ...) use the plan below instead:
 
 1. warm claim subjects — ``work.{vendor}.{model}`` for a pin, then (unless strict) ``work.any.{model}``.
    Only agents with the model loaded and a free slot listen there, so NATS hands the request to one
@@ -34,7 +47,8 @@ from nats.aio.subscription import Subscription
 from opentelemetry.trace import Tracer
 
 from services.client.fleet import FleetView
-from services.client.routing import DEFAULT_STRATEGY, Route, Router
+from services.client.routing import DEFAULT_STRATEGY, Route, Router, warm
+from services.client.sessions import Sessions
 from services.protocol import headers as H
 from services.protocol.errors import (
     AgentUnavailable,
@@ -43,15 +57,18 @@ from services.protocol.errors import (
     NoCapacity,
     from_code,
 )
-from services.protocol.messages import AgentState
+from services.protocol.messages import AgentState, PlaceRequest, place_reply_decoder
 from services.protocol.names import ANY_VENDOR, ModelName, parse_name, split_vendor_pin
 from services.protocol.subjects import Subjects
 from services.runtime.telemetry import publish_span
+from services.runtime.workqueue import Queued, QueueFull, enqueue, withdraw
 
 log = logging.getLogger(__name__)
 
 PAYLOAD_HEADROOM = 8 * 1024  # room left for headers under the server's max_payload
 WARM_BUSY_RETRIES = 3
+LOAD_MARKER_S = 120.0  # a load not seen to finish within this is presumed failed (local markers)
+RECHECK_S = 1.0  # a queued request checks this often that someone will still serve it
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,7 @@ class DispatchSettings:
     queue_timeout: float = 60.0  # how long a request may wait for capacity before 503
     ping_interval: float = 2.0  # told to agents: ping at least this often while silent
     strategy: str = DEFAULT_STRATEGY  # routing when a request names none
+    queue: bool = True  # wait in the fleet-wide JetStream queue (False: wait at the agents)
 
 
 @dataclass
@@ -77,6 +95,9 @@ class WorkRequest:
     method: str = "POST"
     trace: dict[str, str] = field(default_factory=dict)
     strategy: str | None = None  # None = the dispatcher's default (see services.client.routing)
+    num_ctx: int | None = None  # the request's runner context (options.num_ctx); None = default
+    session: str | None = None  # conversation key (`services.gateway.bodies.session`)
+    follow_up: bool = False  # the request continues that conversation
 
 
 _any = msgspec.json.Decoder()
@@ -235,9 +256,13 @@ class Dispatcher:
         settings: DispatchSettings | None = None,
         *,
         tracer: Tracer | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self.nc = nc
+        self._js = nc.jetstream()
         self._tracer = tracer
+        self.sessions = sessions
+        self._loads: dict[tuple[str, int], tuple[str, float]] = {}  # (model, ctx) → (agent, since)
         self.subjects = subjects
         self.fleet = fleet
         self.settings = settings or DispatchSettings()
@@ -316,13 +341,25 @@ class Dispatcher:
             self.settings.queue_timeout if queue_timeout is None else queue_timeout
         )
         failed: set[str] = set()
+        strategy = req.strategy or self.settings.strategy
+        auto = req.model is not None and strategy == "auto"
+        session_agent = None
+        if auto and req.session and req.follow_up and self.sessions is not None:
+            session_agent = await self.sessions.lookup(req.session)
         while True:
-            for subject, agent in self._plan(req, failed):
-                outcome = await self._attempt(req, subject, agent, deadline)
-                if isinstance(outcome, Reply):
-                    return outcome
-                if outcome is _Outcome.FAILED and agent is not None:
-                    failed.add(agent)
+            if auto:
+                reply = await self._send_auto(req, deadline, failed, session_agent)
+                if reply is not None:
+                    if req.session and self.sessions is not None:
+                        self.sessions.remember(req.session, reply.agent)
+                    return reply
+            else:
+                for subject, agent in self._plan(req, failed, strategy):
+                    outcome = await self._attempt(req, subject, agent, deadline)
+                    if isinstance(outcome, Reply):
+                        return outcome
+                    if outcome is _Outcome.FAILED and agent is not None:
+                        failed.add(agent)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise NoCapacity()
@@ -347,29 +384,201 @@ class Dispatcher:
             return None
         raise AgentUnavailable(f"no answer on {subject}")
 
-    def _plan(self, req: WorkRequest, failed: set[str]) -> Iterator[tuple[str, str | None]]:
+    def _plan(self, req: WorkRequest, failed: set[str], strategy: str) -> Iterator[tuple[str, str | None]]:
         if req.model is None:  # not a model request: any live agent will do
             for a in sorted(self.fleet.agents(), key=self._load):
                 if a.status == "active" and a.id not in failed:
                     yield self.subjects.agent_work(a.id), a.id
             return
-        token, key = req.model.token, req.model.key
-        strategy = req.strategy or self.settings.strategy
-        if strategy == "auto":
-            # the fast path: NATS hands it to an agent with a free warm slot, or says no at once
-            if req.vendor:
-                yield self.subjects.work(req.vendor, token), None
-            if not (req.vendor and req.strict):
-                yield self.subjects.work(ANY_VENDOR, token), None
-        holders = self.fleet.with_model(key)
+        usable = self._usable(req, failed)
+        route = Route(key=req.model.key, vendor=req.vendor, strict=req.strict, num_ctx=req.num_ctx)
+        for a in self._router.rank(strategy, route, usable, self._outstanding):
+            yield self.subjects.agent_work(a.id), a.id
+
+    def _usable(self, req: WorkRequest, failed: set[str]) -> list[AgentState]:
+        """Active holders of the request's model not yet failed; ModelNotFound when none hold it."""
+        assert req.model is not None
+        holders = self.fleet.with_model(req.model.key)
         if req.vendor and req.strict:
             holders = [a for a in holders if a.vendor == req.vendor]
         if not holders:
             raise ModelNotFound(req.model.display)
-        usable = [a for a in holders if a.status == "active" and a.id not in failed]
-        route = Route(key=key, vendor=req.vendor, strict=req.strict)
-        for a in self._router.rank(strategy, route, usable, self._outstanding):
-            yield self.subjects.agent_work(a.id), a.id
+        return [a for a in holders if a.status == "active" and a.id not in failed]
+
+    # -- auto ----------------------------------------------------------------------------------
+    async def _send_auto(
+        self, req: WorkRequest, deadline: float, failed: set[str], session_agent: str | None
+    ) -> Reply | None:
+        """One pass of the auto plan (module docstring); None when the caller should wait and retry."""
+        assert req.model is not None
+        usable = self._usable(req, failed)
+        if session_agent is not None and not any(a.id == session_agent for a in usable):
+            session_agent = None
+        route = Route(
+            key=req.model.key,
+            vendor=req.vendor,
+            strict=req.strict,
+            num_ctx=req.num_ctx,
+            session_agent=session_agent,
+        )
+        ranked = self._router.rank("auto", route, usable, self._outstanding)
+        tried: set[str] = set()
+
+        async def direct(a: AgentState) -> Reply | None:
+            tried.add(a.id)
+            outcome = await self._attempt(req, self.subjects.agent_work(a.id), a.id, deadline)
+            if isinstance(outcome, Reply):
+                return outcome
+            if outcome is _Outcome.FAILED:
+                failed.add(a.id)
+            return None
+
+        # 1. the conversation's agent, while the cost model still puts it first (its prompt cache)
+        if ranked and ranked[0].id == session_agent:
+            if (reply := await direct(ranked[0])) is not None:
+                return reply
+        # 2. warm claims: an agent with a free slot on a default-context runner takes it now
+        if req.num_ctx is None:
+            token = req.model.token
+            subjects = [self.subjects.work(req.vendor, token)] if req.vendor else []
+            if not (req.vendor and req.strict):
+                subjects.append(self.subjects.work(ANY_VENDOR, token))
+            for subject in subjects:
+                outcome = await self._attempt(req, subject, None, deadline)
+                if isinstance(outcome, Reply):
+                    return outcome
+        # 3. whoever can start it now by the fleet state (claims lag a little behind it)
+        for a in ranked:
+            if a.id not in tried and a.id not in failed and warm(route, a) and self._busy(a) < a.parallel:
+                if (reply := await direct(a)) is not None:
+                    return reply
+        # 4. nothing can start it now: a load, or a wait (ranked again: the attempts above moved
+        # the outstanding counts the costs are made of)
+        live = self._router.rank("auto", route, [a for a in usable if a.id not in failed], self._outstanding)
+        if not live:
+            return None
+        top = live[0]
+        if (
+            not warm(route, top)
+            and not self._loading_at(route, top)
+            and not self._load_under_way(route, live)
+        ):
+            target, mine = await self._place(req, route, top, failed)
+            if target is not None and mine:
+                return await direct(target)
+        if req.num_ctx is None and self.settings.queue:
+            return await self._queued(req, route, deadline, failed)
+        for a in live:  # its own num_ctx: wait at the agent whose runner will match soonest
+            if warm(route, a) or self._loading_at(route, a):
+                return await direct(a)
+        return None
+
+    def _busy(self, a: AgentState) -> int:
+        return a.in_flight + a.queued + self._outstanding.get(a.id, 0)
+
+    def _loading_at(self, route: Route, a: AgentState) -> bool:
+        if route.key in a.loading:
+            return True
+        marker = self._loads.get((route.key, route.num_ctx or 0))
+        return marker is not None and marker[0] == a.id and time.monotonic() - marker[1] < LOAD_MARKER_S
+
+    def _load_under_way(self, route: Route, agents: list[AgentState]) -> bool:
+        return any(self._loading_at(route, a) for a in agents)
+
+    async def _place(
+        self, req: WorkRequest, route: Route, proposal: AgentState, failed: set[str]
+    ) -> tuple[AgentState | None, bool]:
+        """Where ``route``'s model loads, and whether this request is the one to load it there.
+
+        The registry arbitrates fleet-wide (a KV marker per model and context); with no registry
+        running, this gateway's own markers keep it to one load at a time here.
+        """
+        assert req.model is not None
+        ask = PlaceRequest(
+            model=route.key,
+            token=req.model.token,
+            vendor=req.vendor,
+            strict=req.strict,
+            num_ctx=req.num_ctx,
+            proposal=proposal.id,
+            exclude=tuple(sorted(failed)),
+        )
+        agent_id, mine = proposal.id, True
+        try:
+            msg = await self.nc.request(self.subjects.registry("place"), _enc.encode(ask), timeout=2.0)
+            answer = place_reply_decoder.decode(msg.data)
+            if answer.agent:
+                agent_id, mine = answer.agent, answer.mine
+        except Exception as e:  # no registry (or it is slow): decide here
+            log.debug("placing %s locally: %s", route.key, e)
+            marker = self._loads.get((route.key, route.num_ctx or 0))
+            if (
+                marker is not None
+                and marker[0] not in failed
+                and time.monotonic() - marker[1] < LOAD_MARKER_S
+            ):
+                agent_id, mine = marker[0], False
+        if mine:
+            self._loads[(route.key, route.num_ctx or 0)] = (agent_id, time.monotonic())
+        return self.fleet.get(agent_id), mine
+
+    async def _queued(
+        self, req: WorkRequest, route: Route, deadline: float, failed: set[str]
+    ) -> Reply | None:
+        """Wait in the fleet-wide queue for the next free slot; None to re-plan (nobody will serve it)."""
+        assert req.model is not None
+        vendor = req.vendor if (req.vendor and req.strict) else ANY_VENDOR
+        call, hdrs, payload = self._prepare(req, None, deadline)
+        hdrs[H.REPLY] = self.subjects.reply(self.id, call.rid)
+        keep = False
+        queued: Queued | None = None
+        try:
+            try:
+                queued = await enqueue(
+                    self.nc, self._js, self.subjects, vendor, req.model.token, payload, hdrs
+                )
+            except QueueFull:
+                raise NoCapacity() from None
+            except Exception as e:
+                log.warning("cannot queue a request for %s: %s", route.key, e)
+                return None
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    msg = await call.next(max(min(remaining, RECHECK_S), 0.001))
+                except TimeoutError:
+                    if remaining <= RECHECK_S:
+                        if await withdraw(self._js, queued):
+                            raise NoCapacity() from None
+                        # an agent took it just now: its claim is on the way
+                        try:
+                            msg = await call.next(self.settings.claim_timeout)
+                        except TimeoutError:
+                            raise NoCapacity() from None
+                    else:
+                        if self._someone_serves(route, failed) or not await withdraw(self._js, queued):
+                            continue
+                        return None  # withdrawn: nobody has or is loading the model any more
+                outcome = await self._after_first(call, msg, "the queue")
+                if isinstance(outcome, Reply):
+                    keep = True
+                    return outcome
+                return None
+        except asyncio.CancelledError:
+            if queued is not None:
+                await asyncio.shield(withdraw(self._js, queued))
+            await asyncio.shield(self._cancel(call))
+            raise
+        finally:
+            if not keep:
+                self._forget(call)
+
+    def _someone_serves(self, route: Route, failed: set[str]) -> bool:
+        """Some usable agent has, or is loading, a runner for ``route``."""
+        for a in self.fleet.with_model(route.key):
+            if a.status == "active" and a.id not in failed and (warm(route, a) or self._loading_at(route, a)):
+                return True
+        return False
 
     def _load(self, a: AgentState) -> float:
         return (a.in_flight + a.queued + self._outstanding.get(a.id, 0)) / max(a.parallel, 1)
@@ -385,9 +594,10 @@ class Dispatcher:
                 continue
             return outcome
 
-    async def _attempt_once(
-        self, req: WorkRequest, subject: str, agent: str | None, deadline: float
-    ) -> Reply | _Outcome:
+    def _prepare(
+        self, req: WorkRequest, agent: str | None, deadline: float
+    ) -> tuple[_Call, dict[str, str], bytes]:
+        """Register a call for one attempt: (call, headers, payload) to publish."""
         rid = format(next(self._ids), "x")
         call = _Call(rid)
         self._calls[rid] = call
@@ -412,64 +622,75 @@ class Dispatcher:
             self._bodies[rid] = payload
             hdrs[H.BODY_SIZE] = str(len(payload))
             payload = b""
+        return call, hdrs, payload
+
+    async def _attempt_once(
+        self, req: WorkRequest, subject: str, agent: str | None, deadline: float
+    ) -> Reply | _Outcome:
+        call, hdrs, payload = self._prepare(req, agent, deadline)
         keep = False
         try:
             template = self.subjects.agent_work_template if agent else self.subjects.work_template
             with publish_span(template, subject, hdrs, tracer=self._tracer):
-                await self.nc.publish(subject, payload, reply=self.subjects.reply(self.id, rid), headers=hdrs)
+                await self.nc.publish(
+                    subject, payload, reply=self.subjects.reply(self.id, call.rid), headers=hdrs
+                )
             try:
                 msg = await call.next(self.settings.claim_timeout)
             except TimeoutError:
                 log.warning("no claim from %s within %.1fs", agent or subject, self.settings.claim_timeout)
                 return _Outcome.FAILED
-            mh = msg.headers or {}
-            if mh.get(H.NATS_STATUS) == "503":
-                return _Outcome.NO_RESPONDERS
-            kind = mh.get(H.KIND)
-            if kind == H.BUSY:
-                return _Outcome.BUSY
-            if kind != H.CLAIM:
-                log.warning("unexpected first reply %r from %s", kind, subject)
-                return _Outcome.FAILED
-            if call.agent is None:
-                call.agent = mh.get(H.AGENT)
-                if call.agent:
-                    self._outstanding[call.agent] = self._outstanding.get(call.agent, 0) + 1
-            while True:
-                try:
-                    msg = await call.next(self.settings.idle_timeout)
-                except TimeoutError:
-                    log.warning("agent %s went silent before answering; trying elsewhere", call.agent)
-                    await self._cancel(call)
-                    return _Outcome.FAILED
-                mh = msg.headers or {}
-                kind = mh.get(H.KIND)
-                if kind == H.PING:
-                    continue
-                if kind == H.HEAD:
-                    keep = True
-                    return Reply(
-                        self,
-                        call,
-                        int(mh.get(H.STATUS, "200")),
-                        mh.get(H.CONTENT_TYPE, "application/json; charset=utf-8"),
-                        msg.data,
-                        ended=mh.get(H.END) == "1",
-                    )
-                if kind == H.END_KIND:
-                    err = from_code(mh.get(H.ERROR_CODE, "internal"), mh.get(H.ERROR, "request failed"))
-                    if err.retryable:
-                        log.warning(
-                            "agent %s failed before answering (%s); trying elsewhere", call.agent, err
-                        )
-                        return _Outcome.FAILED
-                    raise err
-                if kind == H.BUSY:
-                    return _Outcome.BUSY
-                log.warning("unexpected reply %r from %s before head", kind, call.agent)
+            outcome = await self._after_first(call, msg, subject)
+            keep = isinstance(outcome, Reply)
+            return outcome
         except asyncio.CancelledError:
             await asyncio.shield(self._cancel(call))
             raise
         finally:
             if not keep:
                 self._forget(call)
+
+    async def _after_first(self, call: _Call, msg: Msg, source: str) -> Reply | _Outcome:
+        """From the first reply message to the head: claim, pings, then head (or why not)."""
+        mh = msg.headers or {}
+        if mh.get(H.NATS_STATUS) == "503":
+            return _Outcome.NO_RESPONDERS
+        kind = mh.get(H.KIND)
+        if kind == H.BUSY:
+            return _Outcome.BUSY
+        if kind != H.CLAIM:
+            log.warning("unexpected first reply %r from %s", kind, source)
+            return _Outcome.FAILED
+        if call.agent is None:
+            call.agent = mh.get(H.AGENT)
+            if call.agent:
+                self._outstanding[call.agent] = self._outstanding.get(call.agent, 0) + 1
+        while True:
+            try:
+                msg = await call.next(self.settings.idle_timeout)
+            except TimeoutError:
+                log.warning("agent %s went silent before answering; trying elsewhere", call.agent)
+                await self._cancel(call)
+                return _Outcome.FAILED
+            mh = msg.headers or {}
+            kind = mh.get(H.KIND)
+            if kind == H.PING:
+                continue
+            if kind == H.HEAD:
+                return Reply(
+                    self,
+                    call,
+                    int(mh.get(H.STATUS, "200")),
+                    mh.get(H.CONTENT_TYPE, "application/json; charset=utf-8"),
+                    msg.data,
+                    ended=mh.get(H.END) == "1",
+                )
+            if kind == H.END_KIND:
+                err = from_code(mh.get(H.ERROR_CODE, "internal"), mh.get(H.ERROR, "request failed"))
+                if err.retryable:
+                    log.warning("agent %s failed before answering (%s); trying elsewhere", call.agent, err)
+                    return _Outcome.FAILED
+                raise err
+            if kind == H.BUSY:
+                return _Outcome.BUSY
+            log.warning("unexpected reply %r from %s before head", kind, call.agent)

@@ -76,6 +76,8 @@ __all__ = [
     "estimate_wait",
     "load",
     "parse_strategy",
+    "runner_matches",
+    "warm",
 ]
 
 STRATEGIES: Final = ("auto", "round_robin", "random", "least_connection", "vram", "affinity")
@@ -132,7 +134,7 @@ class Route:
     key: str  # normalised model key (`ModelName.key`)
     vendor: str | None = None  # preferred vendor
     strict: bool = False  # only the preferred vendor will do
-    num_ctx: int | None = None  # runner option: a loaded runner with another context must reload
+    num_ctx: int | None = None  # runner option (None = each agent's default): another context reloads
     session_agent: str | None = None  # the agent that served this conversation last (prompt cache)
     model_size: int = 0  # bytes; 0 when unknown (then the agent's tags are asked)
 
@@ -172,7 +174,7 @@ def _estimate(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -
     parallel = max(agent.parallel, 1)
     runner = _runner(agent, route.key)
     if runner is not None:
-        if route.num_ctx is None or runner.context_length in (0, route.num_ctx):
+        if runner_matches(route, agent, runner):
             return _queue_wait(busy, parallel), route.session_agent == agent.id
         drain = busy * TYPICAL_REQUEST_S / parallel
         return drain + _load_time(_size(route, agent)) + CONTEXT_SWITCH_S, False
@@ -184,6 +186,24 @@ def _estimate(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -
     if free is not None and free < size:
         wait += EVICTION_S + busy * TYPICAL_REQUEST_S / parallel
     return wait, False
+
+
+def runner_matches(route: Route, agent: AgentState, runner: PsModel) -> bool:
+    """Whether ``runner`` can serve ``route`` without a reload: its context is the one asked for,
+    or the agent's default when the request asks for none (Ollama reloads on any difference)."""
+    want = effective_ctx(route.num_ctx or agent.default_num_ctx, agent.trained_ctx.get(route.key, 0))
+    return want == 0 or runner.context_length in (0, want)
+
+
+def effective_ctx(asked: int, trained: int) -> int:
+    """The num_ctx Ollama gives a runner asked for ``asked``: capped at the trained context."""
+    return min(asked, trained) if asked and trained else asked
+
+
+def warm(route: Route, agent: AgentState) -> bool:
+    """``agent`` has a runner for ``route`` that needs no reload."""
+    runner = _runner(agent, route.key)
+    return runner is not None and runner_matches(route, agent, runner)
 
 
 def _queue_wait(busy: int, parallel: int) -> float:

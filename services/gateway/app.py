@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,6 +26,7 @@ from services.client import views
 from services.client.dispatch import Dispatcher, DispatchSettings, Reply, WorkRequest, model_work
 from services.client.fleet import FleetView
 from services.client.routing import STRATEGIES, parse_strategy
+from services.client.sessions import Sessions
 from services.gateway import bodies
 from services.gateway.errors import JSON, native_body
 from services.gateway.relay import (
@@ -50,6 +52,7 @@ from services.registry.registry import pull_order
 from services.runtime.nats import connect, ensure_buckets
 from services.runtime.settings import CommonSettings
 from services.runtime.telemetry import extract_context, tracer
+from services.runtime.workqueue import ensure_stream
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ MODEL_ENDPOINTS = frozenset(
 NDJSON_DEFAULT_STREAM = frozenset({"/api/generate", "/api/chat"})
 STRATEGY_HEADER = b"x-load-balancing-strategy"
 ENFORCE_HEADER = b"x-enforce-strategy"
+SESSION_HEADER = b"x-corral-session"  # a client's own conversation id (overrides the derived key)
 REPLICAS_HEADER = "X-Corral-Replicas"  # /api/pull: on how many agents (a number or "all")
 VENDOR_HEADER = "X-Corral-Vendor"  # /api/pull: only agents of this vendor
 
@@ -79,6 +83,9 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     queue_timeout_s: float = 60.0  # how long a request may wait for capacity before 503
     ollama_version: str = "0.12.3"  # reported by /api/version when no backend says
     strategy: str = "auto"  # routing when a request names none (X-Load-Balancing-Strategy)
+    queue: bool = True  # auto: wait for a slot in the fleet-wide queue (False: at the agents)
+    queue_depth: int = 512  # requests that may wait per model (and vendor pin) before 503
+    sessions: bool = True  # auto: send a conversation's follow-up turns to its agent
 
 
 class Gateway:
@@ -100,6 +107,7 @@ class Gateway:
     async def start(self) -> None:
         self.nc = await connect(self.settings.nats_url, name="corral-gateway")
         buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
+        await ensure_stream(self.nc.jetstream(), self.subjects, depth=self.settings.queue_depth)
         self._fleet = FleetView(buckets.agents)
         await self._fleet.start()
         self._dispatcher = Dispatcher(
@@ -111,8 +119,10 @@ class Gateway:
                 idle_timeout=self.settings.idle_timeout_s,
                 queue_timeout=self.settings.queue_timeout_s,
                 strategy=self.settings.strategy,
+                queue=self.settings.queue,
             ),
             tracer=self._tracer,
+            sessions=Sessions(buckets.sessions) if self.settings.sessions else None,
         )
         await self._dispatcher.start()
         self._rates_task = asyncio.create_task(self._watch_rates(buckets.views), name="rates-watch")
@@ -152,6 +162,8 @@ class Gateway:
                 await self._rates_task
         if self._dispatcher is not None:
             await self._dispatcher.stop()
+            if self._dispatcher.sessions is not None:
+                await self._dispatcher.sessions.close()
         if self._fleet is not None:
             await self._fleet.stop()
         if self.nc is not None and not self.nc.is_closed:
@@ -213,7 +225,7 @@ class Gateway:
         raw = view.model or ""
         if not raw and endpoint in ("/api/generate", "/api/embed"):
             raise ModelNotFound("model '' not found")
-        vendor, strict, strategy = None, False, None
+        vendor, strict, strategy, session = None, False, None, None
         for k, v in scope["headers"]:
             if k == STRATEGY_HEADER:
                 try:
@@ -222,7 +234,16 @@ class Gateway:
                     raise BadRequest(str(e)) from None
             elif k == ENFORCE_HEADER:
                 strict = v.decode().lower() in ("1", "true", "yes")
-        return model_work(endpoint, body, raw, vendor=vendor, strict=strict, strategy=strategy), raw
+            elif k == SESSION_HEADER and v.strip():
+                session = v.decode().strip()
+        work = model_work(endpoint, body, raw, vendor=vendor, strict=strict, strategy=strategy)
+        work.num_ctx = bodies.num_ctx(view)
+        if session is not None:  # the client names its conversation: every turn after the first follows
+            work.session = "h." + hashlib.blake2b(session.encode(), digest_size=12).hexdigest()
+            work.follow_up = True
+        elif view.messages and work.model is not None:
+            work.session, work.follow_up = bodies.session(work.model.key, view)
+        return work, raw
 
     async def _unload(self, work: WorkRequest, raw: str, receive: Receive, send: Send) -> None:
         """``keep_alive: 0`` with nothing to run: every agent holding the model must let it go."""

@@ -6,6 +6,7 @@ The body itself travels on unchanged; the one exception is a vendor pin in the m
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -25,10 +26,23 @@ class RouteView(msgspec.Struct):
     prompt: str | None = None
     messages: list[msgspec.Raw] | None = None
     input: msgspec.Raw = _NULL
+    options: msgspec.Raw = _NULL
+
+
+class _RunnerOptions(msgspec.Struct):
+    num_ctx: Any = None
+
+
+class _Message(msgspec.Struct):
+    role: str = ""
+    content: Any = None
 
 
 _view = msgspec.json.Decoder(RouteView)
 _any = msgspec.json.Decoder()
+_options = msgspec.json.Decoder(_RunnerOptions)
+_message = msgspec.json.Decoder(_Message)
+_enc = msgspec.json.Encoder(order="sorted")
 
 
 def decode_view(body: bytes) -> RouteView:
@@ -58,3 +72,41 @@ def is_unload(endpoint: str, view: RouteView) -> bool:
     if endpoint == "/api/chat":
         return not view.messages and keep_alive_is_zero(view.keep_alive)
     return False
+
+
+def num_ctx(view: RouteView) -> int | None:
+    """``options.num_ctx`` when it is a positive number; None otherwise (a wrong type is left for
+    Ollama to reject in its own words)."""
+    if view.options is _NULL or view.options == _NULL:
+        return None
+    try:
+        value = _options.decode(view.options).num_ctx
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return None
+    return int(value)  # Ollama truncates floats into int options
+
+
+def session(model_key: str, view: RouteView) -> tuple[str | None, bool]:
+    """(session key, whether this request continues a conversation) for a chat body.
+
+    The key is a digest of the model and the conversation's opening — every message up to and
+    including the first user message, by role and content — so each turn of one chat, which resends
+    the whole history, maps to the same key, and two chats that open differently do not. A request
+    continues a conversation when it carries messages after that opening (earlier turns' replies).
+    Only the opening messages are decoded, however long the history.
+    """
+    msgs = view.messages
+    if not msgs:
+        return None, False
+    h = hashlib.blake2b(model_key.encode(), digest_size=12)
+    for i, raw in enumerate(msgs):
+        try:
+            m = _message.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None, False
+        h.update(b"\0" + m.role.encode() + b"\0" + _enc.encode(m.content))
+        if m.role == "user":
+            return h.hexdigest(), len(msgs) > i + 1
+    return None, False

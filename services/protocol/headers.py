@@ -10,6 +10,8 @@ Work message (gateway → agent)::
     Corral-Echo-Model     when the gateway stripped a vendor pin: the name to restore in responses
     Corral-Upstream-Model the name Ollama sees (pairs with Corral-Echo-Model)
     Corral-Body-Size      set when the body exceeds the payload limit: fetch it from the body subject
+    Corral-Reply          on a request waiting in the overflow queue: the reply subject (JetStream
+                          keeps headers, not the publisher's reply subject)
     traceparent/tracestate W3C trace context
 
 Reply stream (agent → gateway, on the work message's reply subject), in order:
@@ -36,6 +38,7 @@ MODEL: Final = "Corral-Model"
 ECHO_MODEL: Final = "Corral-Echo-Model"
 UPSTREAM_MODEL: Final = "Corral-Upstream-Model"
 BODY_SIZE: Final = "Corral-Body-Size"
+REPLY: Final = "Corral-Reply"
 
 KIND: Final = "Corral-Kind"
 AGENT: Final = "Corral-Agent"

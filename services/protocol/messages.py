@@ -77,6 +77,9 @@ class AgentState(Message, frozen=True, kw_only=True, omit_defaults=True):
     loaded: tuple[PsModel, ...] = ()
     loading: tuple[str, ...] = ()  # model keys a load is under way for
     parallel: int = 1  # slots per loaded model (OLLAMA_NUM_PARALLEL)
+    default_num_ctx: int = 0  # num_ctx of a request without one; a runner with another must reload
+    trained_ctx: dict[str, int] = msgspec.field(default_factory=dict)  # loaded model key → trained
+    # context (Ollama caps a runner's num_ctx at it, so a small model's default runner is smaller)
     in_flight: int = 0
     queued: int = 0
     max_queue: int = 0
@@ -110,3 +113,35 @@ agent_state_encoder = msgspec.json.Encoder()
 agent_state_decoder = msgspec.json.Decoder(AgentState)
 agent_event_decoder = msgspec.json.Decoder(AgentEvent)
 request_finished_decoder = msgspec.json.Decoder(RequestFinished)
+
+
+class PlaceRequest(Message, frozen=True, kw_only=True, omit_defaults=True):
+    """``{root}.registry.place`` — where should a cold model load? Asked by gateways."""
+
+    model: str  # model key
+    token: str
+    vendor: str | None = None
+    strict: bool = False
+    num_ctx: int | None = None
+    proposal: str = ""  # the asking gateway's own choice, used if the registry knows no better
+    exclude: tuple[str, ...] = ()  # agents that just failed this request (not to be chosen again)
+
+
+class PlaceReply(Message, frozen=True, kw_only=True, omit_defaults=True):
+    """The agent the model loads on; ``mine`` when the asker's request is the one that loads it
+    (everyone else waits for that load instead of starting another)."""
+
+    agent: str = ""
+    mine: bool = False
+
+
+class LoadMarker(Message, frozen=True, kw_only=True, omit_defaults=True):
+    """``{root}_models`` key ``loading.{token}.{num_ctx or 0}.{pin or any}``: one load of a model at a time."""
+
+    agent: str
+    at: float
+
+
+place_request_decoder = msgspec.json.Decoder(PlaceRequest)
+place_reply_decoder = msgspec.json.Decoder(PlaceReply)
+load_marker_decoder = msgspec.json.Decoder(LoadMarker)

@@ -4,6 +4,7 @@ Subjects run general → specific so wildcards subscribe naturally (ADR-6 gramma
 
     {root}.work.{vendor}.{model}     warm claims; queue group = the subject
     {root}.queue.{vendor}.{model}    overflow (JetStream work-queue stream)
+    {root}.queued.{vendor}.{model}   core-NATS nudge after each enqueue (empty payload)
     {root}.agent.{id}.work           direct work for one agent (affinity, pins, cold loads)
     {root}.agent.{id}.ctl            cancel / drain / unload for one agent
     {root}.reply.{gateway}.{req}     the reply stream of one request
@@ -64,6 +65,15 @@ class Subjects(msgspec.Struct, frozen=True):
     def queue(self, vendor: str, model_token: str) -> str:
         self.work(vendor, model_token)  # same validation as the claim subject
         return f"{self.root}.queue.{vendor}.{model_token}"
+
+    @property
+    def queue_all(self) -> str:
+        return f"{self.root}.queue.>"
+
+    def queued(self, vendor: str, model_token: str) -> str:
+        """The nudge published after a request joins ``queue(vendor, model)``."""
+        self.work(vendor, model_token)
+        return f"{self.root}.queued.{vendor}.{model_token}"
 
     def agent_work(self, agent_id: str) -> str:
         return f"{self.root}.agent.{_check_id(agent_id)}.work"

@@ -14,6 +14,9 @@ Several registries may run at once without double-acting: every announcement is 
 wins a KV compare-and-set on a ``member.{id}`` marker in the views bucket, and the death delete is
 a compare-and-set too.
 
+Model index. Every copy keeps the ``model.{token}`` keys of the ``{root}_models`` bucket (which
+agents have each model on disk and loaded) up to date; see `services.registry.index`.
+
 Pulls. ``{root}.registry.pull`` (queue group ``registry``, so one copy serves each pull) takes an
 Ollama pull body plus ``replicas`` / ``vendor`` / ``all``, chooses the agents, runs ``/api/pull``
 on each at once and answers with one merged NDJSON progress stream in the same reply framing agents
@@ -43,6 +46,8 @@ from services.protocol.errors import BadRequest, CorralError
 from services.protocol.messages import AgentEvent, AgentState, agent_state_decoder
 from services.protocol.names import VENDORS, parse_name
 from services.protocol.subjects import Subjects
+from services.registry.index import ModelIndexWriter
+from services.registry.placement import Placer, ReplicaSettings
 from services.runtime.nats import Buckets, connect, ensure_buckets
 from services.runtime.settings import CommonSettings
 
@@ -58,6 +63,8 @@ _DEAD = b"dead"
 class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
     dead_after_s: float = 0.0  # an agent silent this long is dead; 0 = three of its own heartbeats
     pull_timeout_s: float = 3600.0  # a fleet-wide pull may take this long
+    replica_check_s: float = 2.0  # read queue depths this often for demand-driven replicas; 0 = off
+    replica_patience: int = 2  # checks a model's queue must not shrink before a replica loads
 
 
 class PullRequest(msgspec.Struct, kw_only=True):
@@ -103,6 +110,8 @@ class Registry:
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = asyncio.Event()
         self._pulls: set[asyncio.Task[None]] = set()
+        self.placer: Placer | None = None
+        self._index: ModelIndexWriter | None = None  # the model index in the models bucket
 
     @property
     def fleet(self) -> FleetView:
@@ -122,17 +131,33 @@ class Registry:
         watcher = await self._buckets.agents.watchall()
         self._tasks.append(asyncio.create_task(self._watch(watcher), name="registry-watch"))
         await asyncio.wait_for(self._synced.wait(), 10)
+        self._index = ModelIndexWriter(self._buckets.agents, self._buckets.models)
+        await self._index.start()
         self._tasks.append(asyncio.create_task(self._reaper(), name="registry-reaper"))
         await self.nc.subscribe(self.subjects.registry("pull"), queue=QUEUE_GROUP, cb=self._on_pull)
+        self.placer = Placer(
+            self.nc,
+            self.subjects,
+            self._fleet,
+            self._buckets.models,
+            self._dispatcher,
+            ReplicaSettings(self.settings.replica_check_s, self.settings.replica_patience),
+        )
+        await self.nc.subscribe(self.subjects.registry("place"), queue=QUEUE_GROUP, cb=self.placer.on_place)
+        self._tasks.append(asyncio.create_task(self.placer.replica_loop(), name="registry-replicas"))
         log.info("registry ready: %d agents", len(self._known))
 
     async def stop(self) -> None:
+        if self.placer is not None:
+            await self.placer.stop()
         for t in [*self._tasks, *self._pulls]:
             t.cancel()
         for t in [*self._tasks, *self._pulls]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
+        if self._index is not None:
+            await self._index.stop()
         if self._dispatcher is not None:
             await self._dispatcher.stop()
         if self._fleet is not None:

@@ -13,6 +13,7 @@ from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from services.protocol.subjects import Subjects
+from services.runtime.workqueue import ensure_stream
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,14 @@ async def connect(url: str, *, name: str) -> NATS:
 @dataclass(frozen=True)
 class Buckets:
     agents: KeyValue
+    models: KeyValue  # registry: model index (``model.*``) and load markers (``loading.*``)
     sessions: KeyValue
     views: KeyValue
 
 
 async def ensure_buckets(js: JetStreamContext, subjects: Subjects) -> Buckets:
-    """Open the KV buckets, creating any that do not exist yet (idempotent across services)."""
+    """Open the KV buckets and the overflow queue's stream, creating what does not exist yet
+    (idempotent across services)."""
 
     async def bucket(name: str, *, ttl: float | None = None) -> KeyValue:
         try:
@@ -64,8 +67,10 @@ async def ensure_buckets(js: JetStreamContext, subjects: Subjects) -> Buckets:
             cfg = KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=StorageType.MEMORY)
             return await js.create_key_value(cfg)
 
+    await ensure_stream(js, subjects)
     return Buckets(
         agents=await bucket(subjects.agents_bucket),
+        models=await bucket(subjects.models_bucket),
         sessions=await bucket(subjects.sessions_bucket, ttl=3600.0),
         views=await bucket(subjects.views_bucket),
     )

@@ -12,6 +12,7 @@ import pytest
 from services.protocol.errors import BUSY_MESSAGE
 from services.protocol.names import parse_name
 from services.runtime.natsserver import NatsServer
+from services.runtime.workqueue import depths
 from services.up import FleetOptions, LocalFleet, default_sims
 from tests.integration.fleet_helpers import preload, until
 
@@ -93,27 +94,36 @@ async def test_create_from_an_existing_model(fleet: LocalFleet, client: ollama.A
     assert r.done and r.model == "pirate"
 
 
-async def test_full_fleet_answers_503_after_the_queue_deadline(nats_server: NatsServer) -> None:
+@pytest.mark.parametrize("fleet_queue", [True, False], ids=["fleet-queue", "agent-queue"])
+async def test_full_fleet_answers_503_after_the_queue_deadline(
+    nats_server: NatsServer, fleet_queue: bool
+) -> None:
     # replies long enough to hold their slot for the whole test
     sim = default_sims(1, time_scale=1.0, num_parallel=1, reply_tokens=(100_000, 100_000))[0]
     options = FleetOptions(
         port=0,
         nats_url=nats_server.url,
-        root="full",
+        root=f"full{int(fleet_queue)}",
         sims=[sim],
         agent={"max_queue": 1, "heartbeat_s": 1.0},
-        gateway={"queue_timeout_s": 0.5},
+        gateway={"queue_timeout_s": 1.0, "queue": fleet_queue},
     )
     async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
         await preload(fleet, "llama3.2")
         body = {"model": "llama3.2", "prompt": "long", "options": {"num_predict": 100_000}}
-        # one request runs, one waits in the agent's queue: the fleet is full
+        # one request runs, one waits (in the fleet-wide queue, or in the agent's own): the fleet is full
         running = await s.post(fleet.url + "/api/generate", json=body)
         assert running.status == 200
+        assert fleet.gateway is not None and fleet.gateway.nc is not None
+        nc, subjects = fleet.gateway.nc, fleet.gateway.subjects
+        nudges = await nc.subscribe(f"{subjects.root}.queued.>")  # published after each enqueue
         queued = asyncio.ensure_future(s.post(fleet.url + "/api/generate", json=body))
-        assert fleet.gateway is not None
-        agent_id = fleet.agents[0].id
-        await until(fleet, lambda: fleet.gateway.fleet.get(agent_id).queued == 1)  # type: ignore[union-attr]
+        if fleet_queue:
+            await nudges.next_msg(timeout=10)
+            assert sum((await depths(nc.jetstream(), subjects)).values()) == 1
+        else:
+            agent_id = fleet.agents[0].id
+            await until(fleet, lambda: fleet.gateway.fleet.get(agent_id).queued == 1)  # type: ignore[union-attr]
         async with s.post(fleet.url + "/api/generate", json={**body, "stream": False}) as r:
             assert r.status == 503
             assert await r.json() == {"error": BUSY_MESSAGE}

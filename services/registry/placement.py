@@ -1,0 +1,279 @@
+"""Cold-load placement and demand-driven replicas: where a model loads, and one load at a time.
+
+``{root}.registry.place`` (queue group ``registry``): a gateway that finds no agent with a runner
+for a request — and no load under way — asks where the model should load. The answer is
+
+- the gateway's proposed agent, if that one already has a matching runner (the gateway's view was
+  behind; ``mine=False``: the request waits in the queue for it);
+- the agent a live load marker names (``mine=False``: someone else's request is loading it);
+- otherwise the cheapest agent that needs a load, by the `auto` cost model — model on disk, fits in
+  free VRAM, else the cheapest eviction — and ``mine=True``: the asking request is the one that
+  loads it (a gateway asks only when it judged a load cheaper than waiting for a warm runner).
+
+The marker is a ``loading.{token}.{num_ctx or 0}.{vendor pin or any}`` key in the ``{root}_models`` bucket, created
+with a KV compare-and-set, so two registry copies (and any number of gateways) agree on one load
+per model and context at a time. A marker is live while its agent is alive and either reports the
+load under way or the marker is younger than `START_GRACE_S` (agent state lags the send), and
+never longer than `LOAD_TIMEOUT_S`; a stale marker is replaced by compare-and-set too.
+
+Replicas. Every `ReplicaSettings.check_s` the registry reads the overflow queue's depth per model;
+a model whose queue has not shrunk over ``patience`` checks while an agent with the model on disk
+has room for it (free VRAM) is loaded there (a preload: Ollama's empty generate), under the same
+marker rule. Replicas that then sit idle are let go by Ollama's own ``keep_alive``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
+
+from services.client.dispatch import Dispatcher, WorkRequest
+from services.client.fleet import FleetView
+from services.client.routing import Route, Router, warm
+from services.protocol.messages import (
+    AgentState,
+    LoadMarker,
+    PlaceReply,
+    load_marker_decoder,
+    place_request_decoder,
+)
+from services.protocol.names import decode_token, parse_name
+from services.protocol.subjects import Subjects
+from services.runtime.workqueue import depths
+
+log = logging.getLogger(__name__)
+
+START_GRACE_S = 5.0
+LOAD_TIMEOUT_S = 300.0
+_enc = msgspec.json.Encoder()
+
+
+def marker_key(token: str, num_ctx: int | None, vendor: str | None = None) -> str:
+    """One key per model, context and strict vendor pin (``any`` for requests any vendor may serve)."""
+    return f"loading.{token}.{num_ctx or 0}.{vendor or 'any'}"
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    check_s: float = 2.0  # how often queue depths are read; 0 = no demand-driven replicas
+    patience: int = 2  # checks in a row a model's queue must not shrink before another replica loads
+
+
+class Placer:
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        fleet: FleetView,
+        models: KeyValue,
+        dispatcher: Dispatcher,
+        replicas: ReplicaSettings | None = None,
+    ) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.fleet = fleet
+        self.kv = models
+        self.dispatcher = dispatcher
+        self.replicas = replicas or ReplicaSettings()
+        self._router = Router()
+        self._lock = asyncio.Lock()
+        self._growing: dict[str, tuple[int, int]] = {}  # token → (last depth, checks not shrinking)
+        self._preloads: set[asyncio.Task[None]] = set()
+        self.loads_started = 0  # placements and replicas this copy started (for tests and logs)
+
+    # -- placement -------------------------------------------------------------------------------
+    async def on_place(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        try:
+            req = place_request_decoder.decode(msg.data)
+            answer = await self.place(
+                req.model,
+                req.token,
+                req.vendor,
+                req.strict,
+                req.num_ctx,
+                exclude=frozenset(req.exclude),
+                proposal=req.proposal,
+            )
+        except Exception as e:
+            log.warning("placement failed: %s", e)
+            answer = PlaceReply()
+        with contextlib.suppress(Exception):
+            await msg.respond(_enc.encode(answer))
+
+    async def place(
+        self,
+        key: str,
+        token: str,
+        vendor: str | None,
+        strict: bool,
+        num_ctx: int | None,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        proposal: str = "",
+    ) -> PlaceReply:
+        route = Route(key=key, vendor=vendor, strict=strict, num_ctx=num_ctx)
+        holders = [a for a in self._holders(route) if a.id not in exclude]
+        if not holders:
+            return PlaceReply()
+        proposed = next((a for a in holders if a.id == proposal), None)
+        if proposed is not None and warm(route, proposed):
+            return PlaceReply(agent=proposed.id, mine=False)  # the asker's view was behind: wait for it
+        # the asker judged a load cheaper than waiting: choose among the agents that need one
+        holders = [a for a in holders if not warm(route, a)] or holders
+        async with self._lock:  # one decision at a time in this copy; KV CAS across copies
+            pin = vendor if strict else None
+            live = await self._live_marker(token, num_ctx, pin)
+            if live is not None and any(a.id == live for a in holders):  # never one the pin excludes
+                return PlaceReply(agent=live, mine=False)
+            ranked = self._router.rank("auto", route, holders, {})
+            if not ranked:
+                return PlaceReply()
+            choice = ranked[0].id
+            won = await self._claim(token, num_ctx, choice, pin)
+            if won is not None:
+                return PlaceReply(agent=won, mine=False)
+            self.loads_started += 1
+            log.info("placing %s (num_ctx %s) on %s", key, num_ctx or "default", choice)
+            return PlaceReply(agent=choice, mine=True)
+
+    def _holders(self, route: Route) -> list[AgentState]:
+        return [
+            a
+            for a in self.fleet.with_model(route.key)
+            if a.status == "active" and (not route.strict or a.vendor == route.vendor)
+        ]
+
+    async def _live_marker(self, token: str, num_ctx: int | None, vendor: str | None = None) -> str | None:
+        """The agent a live marker names, or None (no marker, or a stale one)."""
+        try:
+            entry = await self.kv.get(marker_key(token, num_ctx, vendor))
+        except Exception:
+            return None
+        if not entry.value:
+            return None
+        try:
+            m = load_marker_decoder.decode(entry.value)
+        except msgspec.DecodeError:
+            return None
+        age = time.time() - m.at
+        agent = self.fleet.get(m.agent)
+        if agent is None or not self.fleet.alive(agent) or age > LOAD_TIMEOUT_S:
+            return None
+        if decode_token(token) in agent.loading or age < START_GRACE_S:
+            return m.agent
+        return None
+
+    async def _claim(
+        self, token: str, num_ctx: int | None, agent: str, vendor: str | None = None
+    ) -> str | None:
+        """Write our marker by compare-and-set; None when ours won, else the winner's agent."""
+        key = marker_key(token, num_ctx, vendor)
+        value = _enc.encode(LoadMarker(agent=agent, at=time.time()))
+        try:
+            entry = await self.kv.get(key)
+            revision: int | None = entry.revision
+        except Exception:
+            revision = None
+        try:
+            if revision is None:
+                await self.kv.create(key, value)
+            else:
+                await self.kv.update(key, value, last=revision)
+            return None
+        except Exception:  # a sibling registry wrote first: its choice stands
+            with contextlib.suppress(Exception):
+                entry = await self.kv.get(key)
+                if entry.value:
+                    return load_marker_decoder.decode(entry.value).agent
+            return agent
+
+    # -- demand-driven replicas --------------------------------------------------------------------
+    async def replica_loop(self) -> None:
+        if self.replicas.check_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.replicas.check_s)  # a period, not a wait for an event
+            try:
+                await self.check_replicas()
+            except Exception as e:
+                log.warning("replica check failed: %s", e)
+
+    async def check_replicas(self) -> None:
+        per_model: dict[str, int] = {}
+        for subject, n in (await depths(self.nc.jetstream(), self.subjects)).items():
+            token = subject.rsplit(".", 1)[-1]
+            per_model[token] = per_model.get(token, 0) + n
+        for token in list(self._growing):
+            if token not in per_model:
+                del self._growing[token]
+        for token, depth in per_model.items():
+            last, streak = self._growing.get(token, (0, 0))
+            streak = streak + 1 if depth >= last else 0
+            self._growing[token] = (depth, streak)
+            if streak >= self.replicas.patience:
+                if await self._add_replica(token):
+                    self._growing[token] = (depth, 0)
+
+    async def _add_replica(self, token: str) -> bool:
+        key = decode_token(token)
+        route = Route(key=key)
+        holders = self._holders(route)
+        if not any(warm(route, a) for a in holders):
+            return False  # nothing serves it yet: the first load is the placement's business
+        spare = [a for a in holders if not warm(route, a) and key not in a.loading and _fits(a, key)]
+        if not spare:
+            return False
+        async with self._lock:
+            if await self._live_marker(token, None) is not None:
+                return False
+            ranked = self._router.rank("auto", route, spare, {})
+            choice = ranked[0]
+            if await self._claim(token, None, choice.id) is not None:
+                return False
+        self.loads_started += 1
+        log.info("queue for %s keeps growing: loading a replica on %s", key, choice.id)
+        task = asyncio.create_task(self._preload(choice.id, key))
+        self._preloads.add(task)
+        task.add_done_callback(self._preloads.discard)
+        return True
+
+    async def _preload(self, agent_id: str, key: str) -> None:
+        name = parse_name(key)
+        work = WorkRequest("/api/generate", _enc.encode({"model": key}), model=name)
+        try:
+            reply = await self.dispatcher.send_to(agent_id, work)
+            await reply.read()
+        except Exception as e:
+            log.warning("replica of %s on %s did not load: %s", key, agent_id, e)
+
+    async def stop(self) -> None:
+        for t in list(self._preloads):
+            t.cancel()
+        for t in list(self._preloads):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+
+def _fits(agent: AgentState, key: str) -> bool:
+    """The model's weights fit in the agent's free VRAM (no eviction for a replica)."""
+    if not agent.gpus:
+        return True
+    size = next((m.size for m in agent.models if _key(m.name) == key), 0)
+    return size <= sum(g.vram_free for g in agent.gpus)
+
+
+def _key(name: str) -> str | None:
+    try:
+        return parse_name(name).key
+    except Exception:
+        return None

@@ -1,0 +1,207 @@
+"""The fleet-wide overflow queue: a JetStream work-queue stream of requests no agent can start now.
+
+A gateway that finds every warm slot taken publishes the request, headers and body as they would
+go to an agent, on ``{root}.queue.{vendor}.{model}`` (`enqueue`), then sends an empty nudge on
+``{root}.queued.{vendor}.{model}`` and waits for a claim on its reply subject as usual. An agent
+that frees a slot of a warm model takes the oldest waiting requests of that model (`Puller.take`)
+*before* it takes interest in new work again; the nudge wakes agents that had room already. One
+durable pull consumer per queue subject is shared by every agent, so each request goes to exactly
+one agent, in publish order, whichever gateway queued it.
+
+Bounds: the stream keeps at most ``depth`` requests per subject (a full queue answers Ollama's 503
+at once, like ``OLLAMA_MAX_QUEUE``); every request carries its deadline, and an agent drops (acks
+without running) one whose deadline passed; the stream's ``max_age`` bounds anything left behind.
+A gateway that gives up on a request it queued (deadline, client gone) deletes it by sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, NotFoundError
+
+from services.protocol import headers as H
+from services.protocol.subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEPTH = 512  # requests waiting per model and vendor subject (Ollama's OLLAMA_MAX_QUEUE)
+MAX_AGE_S = 600.0  # nothing waits longer than this, whatever its deadline said
+ACK_WAIT_S = 30.0
+_STATUS = "Status"  # nats-py puts a status line (404 no messages, 408 timeout ...) under this header
+
+
+class QueueFull(Exception):
+    """The queue for this model is at its depth limit."""
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A request waiting in the stream: what is needed to withdraw it."""
+
+    stream: str
+    seq: int
+
+
+async def ensure_stream(js: JetStreamContext, subjects: Subjects, *, depth: int | None = None) -> None:
+    """Create the queue stream if it does not exist (idempotent across services; the first wins).
+
+    ``depth`` (requests per model and vendor) is enforced when given — the gateway, which enqueues,
+    passes its setting; other services pass None and leave an existing stream as it is.
+    """
+    try:
+        info = await js.stream_info(subjects.queue_stream)
+    except NotFoundError:
+        info = None
+    if info is not None:
+        if depth is not None and info.config.max_msgs_per_subject != depth:
+            await js.update_stream(replace(info.config, max_msgs_per_subject=depth))
+        return
+    cfg = StreamConfig(
+        name=subjects.queue_stream,
+        subjects=[subjects.queue_all],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.MEMORY,
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        max_msgs_per_subject=depth or DEFAULT_DEPTH,
+        max_age=MAX_AGE_S,
+    )
+    try:
+        await js.add_stream(cfg)
+    except APIError as e:
+        if e.err_code != 10058:  # "stream name already in use": a sibling service created it first
+            raise
+
+
+async def enqueue(
+    nc: NATS,
+    js: JetStreamContext,
+    subjects: Subjects,
+    vendor: str,
+    token: str,
+    payload: bytes,
+    headers: dict[str, str],
+) -> Queued:
+    """Append one request; raises `QueueFull` at the depth limit. ``headers`` must carry H.REPLY."""
+    try:
+        ack = await js.publish(subjects.queue(vendor, token), payload, headers=headers, timeout=2.0)
+    except APIError as e:
+        if "maximum messages" in (e.description or ""):
+            raise QueueFull() from None
+        raise
+    await nc.publish(subjects.queued(vendor, token), b"")
+    return Queued(ack.stream, ack.seq)
+
+
+async def withdraw(js: JetStreamContext, queued: Queued) -> bool:
+    """Remove a request nobody has taken yet; False when an agent already took it (or it expired)."""
+    try:
+        return bool(await js.delete_msg(queued.stream, queued.seq))
+    except Exception:
+        return False
+
+
+async def depths(js: JetStreamContext, subjects: Subjects) -> dict[str, int]:
+    """Requests waiting per queue subject (``{root}.queue.{vendor}.{token}`` → count)."""
+    try:
+        info = await js.stream_info(subjects.queue_stream, subjects_filter=subjects.queue_all)
+    except Exception:
+        return {}
+    return {s: n for s, n in (info.state.subjects or {}).items() if n}
+
+
+def consumer_name(subject: str) -> str:
+    """A durable consumer name for one queue subject (names may not contain ``.`` or ``/``)."""
+    return "q_" + hashlib.blake2b(subject.encode(), digest_size=10).hexdigest()
+
+
+class Puller:
+    """An agent's side: take the oldest waiting requests of a queue subject, without waiting."""
+
+    def __init__(self, nc: NATS, subjects: Subjects) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._subjects = subjects
+        self._ready: set[str] = set()  # queue subjects whose consumer exists
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def _ensure(self, subject: str) -> None:
+        if subject in self._ready:
+            return
+        cfg = ConsumerConfig(
+            durable_name=consumer_name(subject),
+            filter_subject=subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT_S,
+            max_ack_pending=-1,
+            max_waiting=4096,
+        )
+        await self._js.add_consumer(self._subjects.queue_stream, cfg)
+        self._ready.add(subject)
+
+    async def take(self, subject: str, n: int, *, timeout: float = 2.0) -> list[Msg]:
+        """Up to ``n`` waiting requests from ``subject``, oldest first, each already acknowledged
+        (taken off the queue); [] at once when none wait. Expired ones are dropped, not returned.
+
+        One pull request with ``no_wait`` on its own inbox: the server answers with what waits and
+        a 404 status when that is less than ``n`` (delivered messages keep their own subject, so
+        only the inbox subscription tells them apart).
+        """
+        if n <= 0:
+            return []
+        try:
+            await self._ensure(subject)
+        except Exception as e:
+            log.warning("cannot open queue consumer for %s: %s", subject, e)
+            return []
+        inbox = self._nc.new_inbox()
+        sub = await self._nc.subscribe(inbox)
+        got: list[Msg] = []
+        try:
+            await self._nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{self._subjects.queue_stream}.{consumer_name(subject)}",
+                json.dumps({"batch": n, "no_wait": True}).encode(),
+                reply=inbox,
+            )
+            while len(got) < n:
+                msg = await sub.next_msg(timeout)
+                if msg.headers and _STATUS in msg.headers:
+                    break  # 404 no messages / 408: the batch is over
+                got.append(msg)
+        except Exception as e:  # nats-py's own TimeoutError, or the connection closing
+            log.warning("queue %s did not answer: %r", subject, e)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        now_ms = time.time() * 1000
+        fresh = []
+        for msg in got:
+            with contextlib.suppress(Exception):
+                await msg.ack()
+            deadline = int((msg.headers or {}).get(H.DEADLINE, "0") or 0)
+            if deadline and now_ms > deadline:
+                continue  # its gateway has answered 503 already
+            fresh.append(msg)
+        return fresh

@@ -1,0 +1,263 @@
+"""Routing end to end over real NATS: sessions, num_ctx, one load per cold model, the fleet queue,
+demand-driven replicas. Simulated Ollamas; counts come from their own statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+import ollama
+import pytest
+
+from services.client.sessions import Sessions
+from services.protocol import headers as H
+from services.protocol.names import parse_name
+from services.protocol.subjects import Subjects
+from services.runtime.nats import connect, ensure_buckets
+from services.runtime.natsserver import NatsServer
+from services.runtime.workqueue import enqueue
+from services.up import FleetOptions, LocalFleet, default_sims
+from tests.integration.fleet_helpers import preload, until
+
+MODEL = "llama3.2"
+KEY = parse_name(MODEL).key
+HOLD = (10**6, 10**6)  # replies this long hold their slot until the test lets go
+
+
+def _options(nats_server: NatsServer, root: str, sims: int = 3, **kw: Any) -> FleetOptions:
+    sim_kw = kw.pop("sim", {})
+    return FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(sims, **({"time_scale": 0.02} | sim_kw)),
+        agent={"refresh_s": 0.5, "heartbeat_s": 1.0} | kw.pop("agent", {}),
+        gateway={"queue_timeout_s": 20.0} | kw.pop("gateway", {}),
+        registry={"replica_check_s": 0.0} | kw.pop("registry", {}),
+        **kw,
+    )
+
+
+def _served(fleet: LocalFleet) -> list[int]:
+    return [s.stats.finished for s in fleet.sims]
+
+
+async def test_follow_up_turns_return_to_the_conversations_agent(nats_server: NatsServer, root: str) -> None:
+    """Every turn of a chat lands on one agent and re-uses its prompt cache; round robin does not."""
+    async with LocalFleet(_options(nats_server, root)) as fleet:
+        await preload(fleet, MODEL)  # warm everywhere: only the session decides
+
+        async def converse(strategy: str) -> tuple[list[int], int]:
+            before = [s.stats.prompt_tokens_cached for s in fleet.sims]
+            counts_before = _served(fleet)
+            history: list[dict[str, str]] = [{"role": "system", "content": f"you are terse ({strategy})"}]
+            async with ollama.AsyncClient(
+                host=fleet.url, headers={"X-Load-Balancing-Strategy": strategy}
+            ) as client:
+                for turn in range(4):
+                    history.append({"role": "user", "content": f"turn {turn}: tell me more " * 20})
+                    r = await client.chat(model=MODEL, messages=history, options={"num_predict": 8})
+                    history.append({"role": "assistant", "content": r.message.content or ""})
+            per_sim = [a - b for a, b in zip(_served(fleet), counts_before, strict=True)]
+            cached = sum(s.stats.prompt_tokens_cached for s in fleet.sims) - sum(before)
+            return per_sim, cached
+
+        auto_turns, auto_cached = await converse("auto")
+        rr_turns, rr_cached = await converse("round_robin")
+        assert sorted(auto_turns) == [0, 0, 4]  # one agent served the whole conversation
+        assert max(rr_turns) < 4
+        assert auto_cached > 2 * max(rr_cached, 1)  # the history was read from the cache, not again
+
+
+async def test_session_is_found_through_kv_by_another_gateway(nats_server: NatsServer, root: str) -> None:
+    nc = await connect(nats_server.url, name="t")
+    try:
+        buckets = await ensure_buckets(nc.jetstream(), Subjects(root))
+        one, two = Sessions(buckets.sessions), Sessions(buckets.sessions)
+        one.remember("abc123", "nvidia-0")
+        await one.close()  # the write is done
+        assert await two.lookup("abc123") == "nvidia-0"
+        assert await two.lookup("unknown") is None
+    finally:
+        await nc.close()
+
+
+async def test_requests_go_where_their_num_ctx_runner_is_loaded(nats_server: NatsServer, root: str) -> None:
+    """A runner at 8192 on one agent, at the default on the other: no request causes a reload."""
+    async with LocalFleet(_options(nats_server, root, sims=2)) as fleet:
+        async with ollama.AsyncClient(host=fleet.sims[0].url) as c:
+            await c.generate(model=MODEL, prompt="", options={"num_ctx": 8192})
+        async with ollama.AsyncClient(host=fleet.sims[1].url) as c:
+            await c.generate(model=MODEL, prompt="")
+        for a in fleet.agents:
+            a._refresh_now.set()
+        gw = fleet.gateway
+        assert gw is not None
+        ids = [a.id for a in fleet.agents]
+        await until(fleet, lambda: all(gw.fleet.is_loaded(i, KEY) for i in ids))
+        before = _served(fleet)
+        async with ollama.AsyncClient(host=fleet.url) as client:
+            for _ in range(4):
+                await client.generate(model=MODEL, prompt="wide", options={"num_ctx": 8192, "num_predict": 4})
+            for _ in range(4):
+                await client.generate(model=MODEL, prompt="default", options={"num_predict": 4})
+        served = [a - b for a, b in zip(_served(fleet), before, strict=True)]
+        assert served == [4, 4]
+        assert [s.stats.reloads for s in fleet.sims] == [0, 0]
+
+
+async def test_a_burst_on_a_cold_model_starts_one_load(nats_server: NatsServer, root: str) -> None:
+    """50 concurrent requests for a model no one has loaded: one load fleet-wide, none fails."""
+    opts = _options(nats_server, root, sim={"time_scale": 0.2, "num_parallel": 4})
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        body = {"model": MODEL, "prompt": "burst", "stream": False, "options": {"num_predict": 4}}
+
+        async def one() -> int:
+            async with s.post(fleet.url + "/api/generate", json=body) as r:
+                await r.read()
+                return r.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(50)))
+        assert statuses == [200] * 50
+        assert sum(sim.stats.loads for sim in fleet.sims) == 1
+        assert sum(_served(fleet)) == 50
+        assert fleet.registry is not None and fleet.registry.placer is not None
+        assert fleet.registry.placer.loads_started == 1
+
+
+async def test_queued_requests_are_served_in_arrival_order(nats_server: NatsServer, root: str) -> None:
+    """One slot, held; five requests queue one after another; they finish in that order."""
+    opts = _options(
+        nats_server, root, sims=1, sim={"time_scale": 0.02, "num_parallel": 1, "reply_tokens": HOLD}
+    )
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+        gw = fleet.gateway
+        assert gw is not None and gw.nc is not None
+        nudges = await gw.nc.subscribe(f"{root}.queued.>")
+        hold = await s.post(
+            fleet.url + "/api/generate",
+            json={"model": MODEL, "prompt": "hold", "options": {"num_predict": 10**6}},
+        )
+        assert hold.status == 200
+        done: list[int] = []
+
+        async def one(i: int) -> None:
+            body = {"model": MODEL, "prompt": f"q{i}", "stream": False, "options": {"num_predict": 2}}
+            async with s.post(fleet.url + "/api/generate", json=body) as r:
+                assert r.status == 200
+                await r.read()
+                done.append(i)
+
+        tasks = []
+        for i in range(5):
+            tasks.append(asyncio.create_task(one(i)))
+            await nudges.next_msg(timeout=10)  # request i is in the queue before i + 1 is sent
+        hold.close()  # the slot frees: the agent serves the queue, oldest first
+        await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        assert done == [0, 1, 2, 3, 4]
+
+
+async def test_full_queue_answers_503_at_once(nats_server: NatsServer, root: str) -> None:
+    opts = _options(
+        nats_server,
+        root,
+        sims=1,
+        sim={"num_parallel": 1, "reply_tokens": HOLD},
+        gateway={"queue_depth": 1, "queue_timeout_s": 30.0},
+    )
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+        gw = fleet.gateway
+        assert gw is not None and gw.nc is not None
+        nudges = await gw.nc.subscribe(f"{root}.queued.>")
+        long = {"model": MODEL, "prompt": "hold", "options": {"num_predict": 10**6}}
+        hold = await s.post(fleet.url + "/api/generate", json=long)
+        waiting = asyncio.ensure_future(s.post(fleet.url + "/api/generate", json=long))
+        await nudges.next_msg(timeout=10)
+        started = time.monotonic()
+        async with s.post(fleet.url + "/api/generate", json={**long, "stream": False}) as r:
+            assert r.status == 503
+        assert time.monotonic() - started < 10  # refused, not made to wait out the 30 s deadline
+        hold.close()
+        (await waiting).close()
+
+
+async def test_a_busy_warm_agent_makes_auto_load_a_second_replica(nats_server: NatsServer, root: str) -> None:
+    """Warm on one single-slot agent only: a load elsewhere beats queueing behind it (once)."""
+    opts = _options(nats_server, root, sims=2, sim={"time_scale": 1.0, "num_parallel": 1})
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        await _warm_first_only(fleet)
+        body = {"model": MODEL, "prompt": "work", "stream": False, "options": {"num_predict": 100}}
+
+        async def one() -> int:
+            async with s.post(fleet.url + "/api/generate", json=body) as r:
+                await r.read()
+                return r.status
+
+        assert await asyncio.gather(*(one() for _ in range(8))) == [200] * 8
+        assert fleet.sims[1].stats.loads == 1  # one more load, not one per waiting request
+        assert fleet.sims[1].stats.finished > 1  # the new replica served part of the queue
+
+
+async def test_registry_loads_a_replica_when_a_queue_keeps_growing(
+    nats_server: NatsServer, root: str
+) -> None:
+    """Requests wait in the fleet queue behind a held slot; the registry's replica check loads the
+    model on the other agent, which then serves them from the same queue."""
+    opts = _options(
+        nats_server,
+        root,
+        sims=2,
+        sim={"time_scale": 0.2, "num_parallel": 1, "reply_tokens": HOLD},
+        registry={"replica_check_s": 0.1, "replica_patience": 2},
+    )
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        await _warm_first_only(fleet)
+        long = {"model": MODEL, "prompt": "hold", "options": {"num_predict": 10**6}}
+        hold = await s.post(fleet.url + "/api/generate", json=long)
+        gw = fleet.gateway
+        assert gw is not None and gw.nc is not None
+        subjects, token = gw.subjects, parse_name(MODEL).token
+        reply = gw.nc.new_inbox()
+        replies = await gw.nc.subscribe(reply + ".*")
+        deadline = str(int((time.time() + 60) * 1000))
+        for i in range(3):  # queued exactly as a gateway queues them
+            body = msgspec.json.encode(
+                {"model": MODEL, "prompt": f"q{i}", "stream": False, "options": {"num_predict": 2}}
+            )
+            headers = {H.REQUEST: f"r{i}", H.ENDPOINT: "/api/generate", H.MODEL: token, H.DEADLINE: deadline}
+            await enqueue(
+                gw.nc, gw.nc.jetstream(), subjects, "any", token, body, headers | {H.REPLY: f"{reply}.{i}"}
+            )
+        heads = 0
+        while heads < 3:  # each queued request is answered on its own reply subject
+            msg = await replies.next_msg(timeout=20)
+            heads += (msg.headers or {}).get(H.KIND) == H.HEAD
+        assert fleet.sims[1].stats.loads == 1
+        assert fleet.sims[1].stats.finished == 1 + 3  # the registry's preload, then the queue
+        assert fleet.registry is not None and fleet.registry.placer is not None
+        assert fleet.registry.placer.loads_started == 1
+        hold.close()
+
+
+async def _warm_first_only(fleet: LocalFleet) -> None:
+    async with ollama.AsyncClient(host=fleet.sims[0].url) as c:
+        await c.generate(model=MODEL, prompt="")
+    fleet.agents[0]._refresh_now.set()
+    gw = fleet.gateway
+    assert gw is not None
+    await until(fleet, lambda: gw.fleet.is_loaded(fleet.agents[0].id, KEY))
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "least_connection"])
+async def test_seed_strategies_still_route(nats_server: NatsServer, root: str, strategy: str) -> None:
+    async with LocalFleet(_options(nats_server, root, gateway={"strategy": strategy})) as fleet:
+        await preload(fleet, MODEL)
+        async with ollama.AsyncClient(host=fleet.url) as client:
+            for _ in range(6):
+                await client.generate(model=MODEL, prompt="x", options={"num_predict": 2})
+        assert sum(_served(fleet)) == 6 + len(fleet.sims)  # the preloads count too
