@@ -18,7 +18,7 @@ from services.protocol.names import parse_name
 from services.protocol.subjects import Subjects
 from services.runtime.nats import connect, ensure_buckets
 from services.runtime.natsserver import NatsServer
-from services.runtime.workqueue import enqueue
+from services.runtime.workqueue import Puller, depths, enqueue, withdraw
 from services.up import FleetOptions, LocalFleet, default_sims
 from tests.integration.fleet_helpers import preload, until
 
@@ -261,3 +261,29 @@ async def test_seed_strategies_still_route(nats_server: NatsServer, root: str, s
             for _ in range(6):
                 await client.generate(model=MODEL, prompt="x", options={"num_predict": 2})
         assert sum(_served(fleet)) == 6 + len(fleet.sims)  # the preloads count too
+
+
+async def test_queue_order_deadline_and_withdrawal(nats_server: NatsServer, root: str) -> None:
+    """The stream itself: oldest first across takes, expired entries dropped, withdrawn ones gone."""
+    nc = await connect(nats_server.url, name="t")
+    try:
+        subjects = Subjects(root)
+        await ensure_buckets(nc.jetstream(), subjects)
+        js, puller = nc.jetstream(), Puller(nc, subjects)
+        subject = subjects.queue("any", "m")
+        future = str(int((time.time() + 60) * 1000))
+        for i in range(5):
+            await enqueue(nc, js, subjects, "any", "m", b"%d" % i, {H.DEADLINE: future, H.REPLY: "r"})
+        assert [m.data for m in await puller.take(subject, 2)] == [b"0", b"1"]
+        assert [m.data for m in await puller.take(subject, 10)] == [b"2", b"3", b"4"]
+        assert await puller.take(subject, 1) == []
+        past = str(int((time.time() - 1) * 1000))
+        await enqueue(nc, js, subjects, "any", "m", b"late", {H.DEADLINE: past, H.REPLY: "r"})
+        assert await puller.take(subject, 1) == []  # dropped, its gateway has answered already
+        assert await depths(js, subjects) == {}  # and gone from the stream
+        queued = await enqueue(nc, js, subjects, "any", "m", b"gone", {H.DEADLINE: future, H.REPLY: "r"})
+        assert await withdraw(js, queued)
+        assert await puller.take(subject, 1) == []
+        assert not await withdraw(js, queued)  # nothing left to withdraw
+    finally:
+        await nc.close()
