@@ -25,6 +25,7 @@ from services.protocol.subjects import Subjects
 from services.runtime.nats import connect, ensure_buckets
 from services.runtime.process import add_common_arguments, overrides
 from services.runtime.settings import CommonSettings, load_settings
+from services.runtime.workqueue import depths
 
 _enc = msgspec.json.Encoder()
 
@@ -66,7 +67,11 @@ class _Session:
 
 
 async def status(s: _Session, as_json: bool) -> int:
-    st = views.status_view(s.fleet.agents(), await s.rates())
+    st = views.status_view(
+        s.fleet.agents(),
+        await s.rates(),
+        queue=views.queue_by_model(await depths(s.nc.jetstream(), s.subjects)),
+    )
     if as_json:
         print(_enc.encode(st).decode())
         return 0
@@ -75,6 +80,8 @@ async def status(s: _Session, as_json: bool) -> int:
         f"{t.agents} agents ({t.active} active), {t.gpus} GPUs, VRAM {_gb(t.vram_total - t.vram_free)} used "
         f"of {_gb(t.vram_total)}, {t.models} models, {t.loaded} loaded, {t.in_flight} running, {t.queued} queued"
     )
+    if st.queue:
+        print("waiting in the fleet queue: " + ", ".join(f"{m} {n}" for m, n in st.queue.items()))
     if st.rates is not None:
         r = st.rates
         ttft = f"{r.ttft_ms_p50:.0f} ms" if r.ttft_ms_p50 is not None else "-"

@@ -34,6 +34,7 @@ from services.protocol.messages import RequestFinished
 from services.protocol.subjects import Subjects
 from services.runtime.nats import Buckets, connect, ensure_buckets
 from services.runtime.settings import CommonSettings
+from services.runtime.workqueue import depths
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +153,16 @@ class Aggregator:
                 log.warning("writing views failed: %s", e)
 
     async def write(self) -> None:
-        assert self._buckets is not None
+        assert self._buckets is not None and self.nc is not None
         agents = self.fleet.agents()
         rates = self.window.rates(time.time())
         out = {
             "tags": views.tags_body(agents),
             "ps": views.ps_body(agents),
             "v1_models": views.v1_models_body(agents),
-            views.STATUS_KEY: views.status_body(agents, rates),
+            views.STATUS_KEY: views.status_body(
+                agents, rates, views.queue_by_model(await depths(self.nc.jetstream(), self.subjects))
+            ),
             views.RATES_KEY: _enc.encode(rates),
         }
         for key, value in out.items():

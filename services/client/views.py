@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from services.protocol.messages import AgentState, Gpu, PsModel, TagModel
-from services.protocol.names import parse_name
+from services.protocol.names import decode_token, parse_name
 
 _enc = msgspec.json.Encoder()
 _FRACTION = re.compile(r"(\.\d{6})\d+")
@@ -204,20 +204,37 @@ class Totals(msgspec.Struct, frozen=True, kw_only=True):
     models: int
     loaded: int
     in_flight: int
-    queued: int
+    queued: int  # waiting at agents and in the fleet-wide queue
+    waiting: int = 0  # of which in the fleet-wide queue
 
 
 class FleetStatus(msgspec.Struct, frozen=True, kw_only=True):
     totals: Totals
     agents: list[AgentRow]
     rates: Rates | None = None  # None when no aggregator is running
+    queue: dict[str, int] = msgspec.field(default_factory=dict)  # model → waiting in the fleet queue
     at: float = 0.0
 
 
+def queue_by_model(depths: dict[str, int]) -> dict[str, int]:
+    """Fleet-queue depths per model key, from `services.runtime.workqueue.depths` (per subject)."""
+    out: dict[str, int] = {}
+    for subject, n in depths.items():
+        key = decode_token(subject.rsplit(".", 1)[-1])
+        out[key] = out.get(key, 0) + n
+    return dict(sorted(out.items()))
+
+
 def status_view(
-    agents: list[AgentState], rates: Rates | None = None, now: float | None = None
+    agents: list[AgentState],
+    rates: Rates | None = None,
+    now: float | None = None,
+    queue: dict[str, int] | None = None,
 ) -> FleetStatus:
+    """``queue``: model key → requests waiting in the fleet-wide queue (`queue_by_model`)."""
     now = time.time() if now is None else now
+    queue = queue or {}
+    waiting = sum(queue.values())
     rows = [_agent_row(a, now) for a in sorted(agents, key=lambda a: a.id)]
     totals = Totals(
         agents=len(rows),
@@ -228,9 +245,10 @@ def status_view(
         models=len(merged_tags(agents)),
         loaded=sum(len(r.loaded) for r in rows),
         in_flight=sum(r.in_flight for r in rows),
-        queued=sum(r.queued for r in rows),
+        queued=sum(r.queued for r in rows) + waiting,
+        waiting=waiting,
     )
-    return FleetStatus(totals=totals, agents=rows, rates=rates, at=now)
+    return FleetStatus(totals=totals, agents=rows, rates=rates, queue=queue, at=now)
 
 
 def _agent_row(a: AgentState, now: float) -> AgentRow:
@@ -254,8 +272,10 @@ def _agent_row(a: AgentState, now: float) -> AgentRow:
     )
 
 
-def status_body(agents: list[AgentState], rates: Rates | None = None) -> bytes:
-    return _enc.encode(status_view(agents, rates))
+def status_body(
+    agents: list[AgentState], rates: Rates | None = None, queue: dict[str, int] | None = None
+) -> bytes:
+    return _enc.encode(status_view(agents, rates, queue=queue))
 
 
 rates_decoder = msgspec.json.Decoder(Rates)

@@ -52,7 +52,7 @@ from services.registry.registry import pull_order
 from services.runtime.nats import connect, ensure_buckets
 from services.runtime.settings import CommonSettings
 from services.runtime.telemetry import extract_context, tracer
-from services.runtime.workqueue import ensure_stream
+from services.runtime.workqueue import depths, ensure_stream
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +317,9 @@ class Gateway:
 
         @app.get("/api/status")
         async def status() -> Response:
-            return Response(views.status_body(gw.fleet.agents(), gw._rates), media_type=JSON)
+            assert gw.nc is not None
+            queue = views.queue_by_model(await depths(gw.nc.jetstream(), gw.subjects))
+            return Response(views.status_body(gw.fleet.agents(), gw._rates, queue), media_type=JSON)
 
         @app.get("/v1/models")
         async def v1_models() -> Response:
