@@ -16,10 +16,15 @@ per model and context at a time. A marker is live while its agent is alive and e
 load under way or the marker is younger than `START_GRACE_S` (agent state lags the send), and
 never longer than `LOAD_TIMEOUT_S`; a stale marker is replaced by compare-and-set too.
 
-Replicas. Every `ReplicaSettings.check_s` the registry reads the overflow queue's depth per model;
-a model whose queue has not shrunk over ``patience`` checks while an agent with the model on disk
-has room for it (free VRAM) is loaded there (a preload: Ollama's empty generate), under the same
-marker rule. Replicas that then sit idle are let go by Ollama's own ``keep_alive``.
+Replicas. Every `ReplicaSettings.check_s` the registry reads the overflow queue's depth per model.
+A model whose queue, at the rate it drained since the last check, would take longer to empty than
+a load of the model takes (the routing cost model's load time), or holds more than
+``backlog_per_slot`` waiting requests per warm slot — for ``patience`` checks in a row —
+is loaded on as many more agents as the backlog needs — until there is a slot (counting loads
+already under way) for every ``backlog_per_slot`` waiting requests — among those that have it on
+disk and room for it in free VRAM, cheapest first (a preload: Ollama's empty generate). A burst
+thus costs one load while nothing is warm, then a scale-out sized by the queue, never a load per
+request. Replicas that then sit idle are let go by Ollama's own ``keep_alive``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -37,7 +43,14 @@ from nats.js.kv import KeyValue
 
 from services.client.dispatch import Dispatcher, WorkRequest
 from services.client.fleet import FleetView
-from services.client.routing import Route, Router, warm
+from services.client.routing import (
+    DEFAULT_MODEL_SIZE,
+    LOAD_BANDWIDTH,
+    LOAD_OVERHEAD_S,
+    Route,
+    Router,
+    warm,
+)
 from services.protocol.messages import (
     AgentState,
     LoadMarker,
@@ -63,8 +76,9 @@ def marker_key(token: str, num_ctx: int | None, vendor: str | None = None) -> st
 
 @dataclass(frozen=True)
 class ReplicaSettings:
-    check_s: float = 2.0  # how often queue depths are read; 0 = no demand-driven replicas
-    patience: int = 2  # checks in a row a model's queue must not shrink before another replica loads
+    check_s: float = 1.0  # how often queue depths are read; 0 = no demand-driven replicas
+    patience: int = 2  # checks in a row a model's queue must drain too slowly before a replica loads
+    backlog_per_slot: float = 2.0  # ... or hold more than this many waiting requests per warm slot
 
 
 class Placer:
@@ -87,6 +101,7 @@ class Placer:
         self._lock = asyncio.Lock()
         self._growing: dict[str, tuple[int, int]] = {}  # token → (last depth, checks not shrinking)
         self._preloads: set[asyncio.Task[None]] = set()
+        self._replicating: dict[str, set[str]] = {}  # token → agents this copy is loading it on
         self.loads_started = 0  # placements and replicas this copy started (for tests and logs)
 
     # -- placement -------------------------------------------------------------------------------
@@ -169,7 +184,10 @@ class Placer:
         agent = self.fleet.get(m.agent)
         if agent is None or not self.fleet.alive(agent) or age > LOAD_TIMEOUT_S:
             return None
-        if decode_token(token) in agent.loading or age < START_GRACE_S:
+        key = decode_token(token)
+        if warm(Route(key=key, num_ctx=num_ctx), agent):
+            return None  # that load is done
+        if key in agent.loading or age < START_GRACE_S:
             return m.agent
         return None
 
@@ -218,36 +236,61 @@ class Placer:
                 del self._growing[token]
         for token, depth in per_model.items():
             last, streak = self._growing.get(token, (0, 0))
-            streak = streak + 1 if depth >= last else 0
+            # how long the queue would take to drain at the rate it drained since the last check
+            rate = (last - depth) / self.replicas.check_s if last > depth else 0.0
+            drain_s = depth / rate if rate > 0 else math.inf
+            key = decode_token(token)
+            backlog = depth / max(self._warm_slots(key), 1)
+            # a deep backlog is evidence enough at once; a slow drain must persist for `patience`
+            deep = backlog > self.replicas.backlog_per_slot
+            streak = streak + 1 if deep or drain_s > self._load_time(key) else 0
             self._growing[token] = (depth, streak)
-            if streak >= self.replicas.patience:
-                if await self._add_replica(token):
+            if streak >= self.replicas.patience or (deep and streak > 0 and last > 0):
+                if await self._add_replica(token, depth):
                     self._growing[token] = (depth, 0)
 
-    async def _add_replica(self, token: str) -> bool:
+    def _warm_slots(self, key: str) -> int:
+        route = Route(key=key)
+        return sum(a.parallel for a in self._holders(route) if warm(route, a))
+
+    def _load_time(self, key: str) -> float:
+        """What a load of ``key`` costs by the routing cost model (its size from any holder)."""
+        size = next(
+            (m.size for a in self.fleet.with_model(key) for m in a.models if _key(m.name) == key),
+            DEFAULT_MODEL_SIZE,
+        )
+        return LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH
+
+    async def _add_replica(self, token: str, depth: int) -> bool:
+        """Load ``token``'s model on as many more agents as its backlog needs (at most
+        ``backlog_per_slot`` waiting requests per slot, counting loads already under way)."""
         key = decode_token(token)
         route = Route(key=key)
         holders = self._holders(route)
-        if not any(warm(route, a) for a in holders):
+        serving = [a for a in holders if warm(route, a)]
+        if not serving:
             return False  # nothing serves it yet: the first load is the placement's business
-        spare = [a for a in holders if not warm(route, a) and key not in a.loading and _fits(a, key)]
-        if not spare:
-            return False
-        async with self._lock:
-            if await self._live_marker(token, None) is not None:
-                return False
-            ranked = self._router.rank("auto", route, spare, {})
-            choice = ranked[0]
-            if await self._claim(token, None, choice.id) is not None:
-                return False
-        self.loads_started += 1
-        log.info("queue for %s keeps growing: loading a replica on %s", key, choice.id)
-        task = asyncio.create_task(self._preload(choice.id, key))
-        self._preloads.add(task)
-        task.add_done_callback(self._preloads.discard)
-        return True
+        starting = self._replicating.setdefault(token, set())
+        loading = [a for a in holders if not warm(route, a) and (key in a.loading or a.id in starting)]
+        spare = [a for a in holders if a not in serving and a not in loading and _fits(a, key)]
+        slots = sum(a.parallel for a in serving + loading)
+        needed = depth / self.replicas.backlog_per_slot
+        chosen: list[AgentState] = []
+        for a in self._router.rank("auto", route, spare, {}):
+            if slots >= needed:
+                break
+            chosen.append(a)
+            slots += a.parallel
+        for a in chosen:
+            self.loads_started += 1
+            starting.add(a.id)
+            log.info("%d requests wait for %s: loading a replica on %s", depth, key, a.id)
+            task = asyncio.create_task(self._preload(a.id, key, token))
+            self._preloads.add(task)
+            task.add_done_callback(self._preloads.discard)
+        return bool(chosen)
 
-    async def _preload(self, agent_id: str, key: str) -> None:
+    async def _preload(self, agent_id: str, key: str, token: str) -> None:
         name = parse_name(key)
         work = WorkRequest("/api/generate", _enc.encode({"model": key}), model=name)
         try:
@@ -255,6 +298,8 @@ class Placer:
             await reply.read()
         except Exception as e:
             log.warning("replica of %s on %s did not load: %s", key, agent_id, e)
+        finally:
+            self._replicating.get(token, set()).discard(agent_id)
 
     async def stop(self) -> None:
         for t in list(self._preloads):

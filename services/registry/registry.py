@@ -63,8 +63,8 @@ _DEAD = b"dead"
 class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
     dead_after_s: float = 0.0  # an agent silent this long is dead; 0 = three of its own heartbeats
     pull_timeout_s: float = 3600.0  # a fleet-wide pull may take this long
-    replica_check_s: float = 2.0  # read queue depths this often for demand-driven replicas; 0 = off
-    replica_patience: int = 2  # checks a model's queue must not shrink before a replica loads
+    replica_check_s: float = 1.0  # read queue depths this often for demand-driven replicas; 0 = off
+    replica_patience: int = 2  # checks in a row a model's queue drains slower than a load takes
 
 
 class PullRequest(msgspec.Struct, kw_only=True):

@@ -198,10 +198,12 @@ class Puller:
         now_ms = time.time() * 1000
         fresh = []
         for msg in got:
-            with contextlib.suppress(Exception):
-                await msg.ack()
             deadline = int((msg.headers or {}).get(H.DEADLINE, "0") or 0)
             if deadline and now_ms > deadline:
-                continue  # its gateway has answered 503 already
+                with contextlib.suppress(Exception):
+                    await msg.ack_sync(timeout=2.0)  # confirmed gone: its gateway answered 503 already
+                continue
+            with contextlib.suppress(Exception):
+                await msg.ack()  # taken; the claim that follows tells its gateway
             fresh.append(msg)
         return fresh
