@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 
 PAYLOAD_HEADROOM = 8 * 1024  # room left for headers under the server's max_payload
 WARM_BUSY_RETRIES = 3
-LOAD_MARKER_S = 120.0  # a load not seen to finish within this is presumed failed (local markers)
+LOAD_START_GRACE_S = 5.0  # a load this gateway started counts as under way this long before the
+# agent's state shows it (a reload of a runner at another context never shows as loading there)
 RECHECK_S = 1.0  # a queued request checks this often that someone will still serve it
 
 
@@ -477,10 +478,14 @@ class Dispatcher:
         return a.in_flight + a.queued + self._outstanding.get(a.id, 0)
 
     def _loading_at(self, route: Route, a: AgentState) -> bool:
+        """A load for ``route`` is under way at ``a``: its state says so, or this gateway sent one
+        there moments ago (agent state lags the send by up to its publish interval)."""
         if route.key in a.loading:
             return True
         marker = self._loads.get((route.key, route.num_ctx or 0))
-        return marker is not None and marker[0] == a.id and time.monotonic() - marker[1] < LOAD_MARKER_S
+        if marker is None or marker[0] != a.id:
+            return False
+        return time.monotonic() - marker[1] < LOAD_START_GRACE_S and not warm(route, a)
 
     def _load_under_way(self, route: Route, agents: list[AgentState]) -> bool:
         return any(self._loading_at(route, a) for a in agents)
@@ -512,12 +517,9 @@ class Dispatcher:
         except Exception as e:  # no registry (or it is slow): decide here
             log.debug("placing %s locally: %s", route.key, e)
             marker = self._loads.get((route.key, route.num_ctx or 0))
-            if (
-                marker is not None
-                and marker[0] not in failed
-                and time.monotonic() - marker[1] < LOAD_MARKER_S
-            ):
-                agent_id, mine = marker[0], False
+            at = self.fleet.get(marker[0]) if marker is not None else None
+            if at is not None and at.id not in failed and self._loading_at(route, at):
+                agent_id, mine = at.id, False
         if mine:
             self._loads[(route.key, route.num_ctx or 0)] = (agent_id, time.monotonic())
         return self.fleet.get(agent_id), mine

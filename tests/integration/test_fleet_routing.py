@@ -109,9 +109,15 @@ async def test_requests_go_where_their_num_ctx_runner_is_loaded(nats_server: Nat
         assert [s.stats.reloads for s in fleet.sims] == [0, 0]
 
 
-async def test_a_burst_on_a_cold_model_starts_one_load(nats_server: NatsServer, root: str) -> None:
-    """50 concurrent requests for a model no one has loaded: one load fleet-wide, none fails."""
+@pytest.mark.parametrize("registry", [True, False], ids=["registry", "gateway-alone"])
+async def test_a_burst_on_a_cold_model_starts_one_load(
+    nats_server: NatsServer, root: str, registry: bool
+) -> None:
+    """50 concurrent requests for a model no one has loaded: one load, none fails — placed by the
+    registry, or by the gateway's own markers when no registry runs."""
     opts = _options(nats_server, root, sim={"time_scale": 0.2, "num_parallel": 4})
+    if not registry:
+        opts.registry = None
     async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
         body = {"model": MODEL, "prompt": "burst", "stream": False, "options": {"num_predict": 4}}
 
@@ -124,8 +130,9 @@ async def test_a_burst_on_a_cold_model_starts_one_load(nats_server: NatsServer, 
         assert statuses == [200] * 50
         assert sum(sim.stats.loads for sim in fleet.sims) == 1
         assert sum(_served(fleet)) == 50
-        assert fleet.registry is not None and fleet.registry.placer is not None
-        assert fleet.registry.placer.loads_started == 1
+        if registry:
+            assert fleet.registry is not None and fleet.registry.placer is not None
+            assert fleet.registry.placer.loads_started == 1
 
 
 async def test_queued_requests_are_served_in_arrival_order(nats_server: NatsServer, root: str) -> None:
