@@ -264,6 +264,7 @@ class Dispatcher:
         self._tracer = tracer
         self.sessions = sessions
         self._loads: dict[tuple[str, int], tuple[str, float]] = {}  # (model, ctx) → (agent, since)
+        self._waiting: dict[str, int] = {}  # model key → this gateway's requests in the fleet queue
         self.subjects = subjects
         self.fleet = fleet
         self.settings = settings or DispatchSettings()
@@ -455,7 +456,9 @@ class Dispatcher:
                     return reply
         # 4. nothing can start it now: a load, or a wait (ranked again: the attempts above moved
         # the outstanding counts the costs are made of)
-        live = self._router.rank("auto", route, [a for a in usable if a.id not in failed], self._outstanding)
+        live = self._router.rank(
+            "auto", route, [a for a in usable if a.id not in failed], self._with_queue(route, usable)
+        )
         if not live:
             return None
         top = live[0]
@@ -473,6 +476,21 @@ class Dispatcher:
             if warm(route, a) or self._loading_at(route, a):
                 return await direct(a)
         return None
+
+    def _with_queue(self, route: Route, usable: list[AgentState]) -> dict[str, int]:
+        """Outstanding sends plus this gateway's requests waiting in the fleet queue for ``route``'s
+        model, shared out over the agents that serve it: a long queue makes a load elsewhere win."""
+        waiting = self._waiting.get(route.key, 0)
+        if not waiting:
+            return self._outstanding
+        serving = [a.id for a in usable if warm(route, a)]
+        if not serving:
+            return self._outstanding
+        share = -(-waiting // len(serving))
+        out = dict(self._outstanding)
+        for agent_id in serving:
+            out[agent_id] = out.get(agent_id, 0) + share
+        return out
 
     def _busy(self, a: AgentState) -> int:
         return a.in_flight + a.queued + self._outstanding.get(a.id, 0)
@@ -534,6 +552,7 @@ class Dispatcher:
         hdrs[H.REPLY] = self.subjects.reply(self.id, call.rid)
         keep = False
         queued: Queued | None = None
+        self._waiting[route.key] = self._waiting.get(route.key, 0) + 1
         try:
             try:
                 queued = await enqueue(
@@ -572,6 +591,9 @@ class Dispatcher:
             await asyncio.shield(self._cancel(call))
             raise
         finally:
+            self._waiting[route.key] -= 1
+            if not self._waiting[route.key]:
+                del self._waiting[route.key]
             if not keep:
                 self._forget(call)
 
