@@ -418,3 +418,12 @@ def run(main: Coroutine[Any, Any, int]) -> int:
 
 def loop_name() -> str:
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def post_with_headers(host: str, port: int, path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    """Like `post`, with extra request headers (e.g. ``X-Load-Balancing-Strategy``)."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
