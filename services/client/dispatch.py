@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 PAYLOAD_HEADROOM = 8 * 1024  # room left for headers under the server's max_payload
 WARM_BUSY_RETRIES = 3
-LOAD_START_GRACE_S = 5.0  # a load this gateway started counts as under way this long before the
+LOAD_START_GRACE_S = 1.0  # a load this gateway started counts as under way this long before the
 # agent's state shows it (a reload of a runner at another context never shows as loading there)
 RECHECK_S = 1.0  # a queued request checks this often that someone will still serve it
 

@@ -310,8 +310,9 @@ class Router:
             return sorted(first, key=tier_key) + sorted(rest, key=tier_key)
         costs = _auto_costs(route, first, rest, outstanding)
 
-        def cost_key(a: AgentState) -> tuple[float, float, str]:
-            return costs[a.id], load(a, outstanding), a.id
+        def cost_key(a: AgentState) -> tuple[float, float, int, str]:
+            # equal cost and load: the agent with more slots (it will absorb more of what follows)
+            return costs[a.id], load(a, outstanding), -a.parallel, a.id
 
         return sorted(first, key=cost_key) + sorted(rest, key=cost_key)
 

@@ -64,7 +64,7 @@ from services.runtime.workqueue import depths
 
 log = logging.getLogger(__name__)
 
-START_GRACE_S = 5.0
+START_GRACE_S = 1.0  # agent state shows a load within ~0.1 s of the send; this is slack
 LOAD_TIMEOUT_S = 300.0
 _enc = msgspec.json.Encoder()
 
