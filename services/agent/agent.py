@@ -456,8 +456,8 @@ class Agent:
             free = self._free(token)
             if free <= 0:
                 return  # more may wait: the hint stays for the next free slot
-            msgs = await self._puller.take(self.subjects.queue(vendor, token), free)
-            got_all = got_all and len(msgs) < free
+            msgs, drained = await self._puller.take_batch(self.subjects.queue(vendor, token), free)
+            got_all = got_all and drained
             for msg in msgs:
                 job = self._job_from(msg)
                 if job is not None:

@@ -413,17 +413,6 @@ class Dispatcher:
     ) -> Reply | None:
         """One pass of the auto plan (module docstring); None when the caller should wait and retry."""
         assert req.model is not None
-        usable = self._usable(req, failed)
-        if session_agent is not None and not any(a.id == session_agent for a in usable):
-            session_agent = None
-        route = Route(
-            key=req.model.key,
-            vendor=req.vendor,
-            strict=req.strict,
-            num_ctx=req.num_ctx,
-            session_agent=session_agent,
-        )
-        ranked = self._router.rank("auto", route, usable, self._outstanding)
         tried: set[str] = set()
 
         async def direct(a: AgentState) -> Reply | None:
@@ -435,11 +424,25 @@ class Dispatcher:
                 failed.add(a.id)
             return None
 
+        def route_for(usable: list[AgentState]) -> Route:
+            session = session_agent if any(a.id == session_agent for a in usable) else None
+            return Route(
+                key=req.model.key,  # type: ignore[union-attr]
+                vendor=req.vendor,
+                strict=req.strict,
+                num_ctx=req.num_ctx,
+                session_agent=session,
+            )
+
         # 1. the conversation's agent, while the cost model still puts it first (its prompt cache)
-        if ranked and ranked[0].id == session_agent:
-            if (reply := await direct(ranked[0])) is not None:
-                return reply
-        # 2. warm claims: an agent with a free slot on a default-context runner takes it now
+        if session_agent is not None:
+            usable = self._usable(req, failed)
+            ranked = self._router.rank("auto", route_for(usable), usable, self._outstanding)
+            if ranked and ranked[0].id == session_agent:
+                if (reply := await direct(ranked[0])) is not None:
+                    return reply
+        # 2. warm claims: an agent with a free slot on a default-context runner takes it now. The
+        # fast path: no ranking, no fleet scan — NATS knows who has a free slot
         if req.num_ctx is None:
             token = req.model.token
             subjects = [self.subjects.work(req.vendor, token)] if req.vendor else []
@@ -449,6 +452,9 @@ class Dispatcher:
                 outcome = await self._attempt(req, subject, None, deadline)
                 if isinstance(outcome, Reply):
                     return outcome
+        usable = self._usable(req, failed)
+        route = route_for(usable)
+        ranked = self._router.rank("auto", route, usable, self._outstanding)
         # 3. whoever can start it now by the fleet state (claims lag a little behind it)
         for a in ranked:
             if a.id not in tried and a.id not in failed and warm(route, a) and self._busy(a) < a.parallel:

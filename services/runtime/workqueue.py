@@ -162,23 +162,29 @@ class Puller:
         self._ready.add(subject)
 
     async def take(self, subject: str, n: int, *, timeout: float = 2.0) -> list[Msg]:
-        """Up to ``n`` waiting requests from ``subject``, oldest first, each already acknowledged
-        (taken off the queue); [] at once when none wait. Expired ones are dropped, not returned.
+        """Up to ``n`` waiting requests from ``subject``, oldest first (see `take_batch`)."""
+        return (await self.take_batch(subject, n, timeout=timeout))[0]
+
+    async def take_batch(self, subject: str, n: int, *, timeout: float = 2.0) -> tuple[list[Msg], bool]:
+        """(up to ``n`` waiting requests from ``subject``, oldest first, each already acknowledged
+        — taken off the queue; whether the queue said it had no more). Expired requests are dropped,
+        not returned, so fewer than ``n`` does not by itself mean the queue ran dry.
 
         One pull request with ``no_wait`` on its own inbox: the server answers with what waits and
         a 404 status when that is less than ``n`` (delivered messages keep their own subject, so
         only the inbox subscription tells them apart).
         """
         if n <= 0:
-            return []
+            return [], False
         try:
             await self._ensure(subject)
         except Exception as e:
             log.warning("cannot open queue consumer for %s: %s", subject, e)
-            return []
+            return [], False
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
         got: list[Msg] = []
+        drained = False
         try:
             await self._nc.publish(
                 f"$JS.API.CONSUMER.MSG.NEXT.{self._subjects.queue_stream}.{consumer_name(subject)}",
@@ -188,7 +194,8 @@ class Puller:
             while len(got) < n:
                 msg = await sub.next_msg(timeout)
                 if msg.headers and _STATUS in msg.headers:
-                    break  # 404 no messages / 408: the batch is over
+                    drained = msg.headers[_STATUS] == "404"  # 404 no messages; 408 etc.: unknown
+                    break
                 got.append(msg)
         except Exception as e:  # nats-py's own TimeoutError, or the connection closing
             log.warning("queue %s did not answer: %r", subject, e)
@@ -206,4 +213,4 @@ class Puller:
             with contextlib.suppress(Exception):
                 await msg.ack()  # taken; the claim that follows tells its gateway
             fresh.append(msg)
-        return fresh
+        return fresh, drained
