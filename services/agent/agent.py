@@ -129,6 +129,8 @@ class Agent:
         self._loaded_tokens: frozenset[str] = frozenset()
         self._warm_tokens: frozenset[str] = frozenset()  # loaded at the default num_ctx: claimable
         self._trained: dict[str, int] = {}  # loaded model key → trained context
+        self._ran_default: set[str] = set()  # tokens just served without num_ctx (not yet warm)
+        self._learned_ctx: dict[str, int] = {}  # model key → runner context seen for such requests
         self._trained_by_digest: dict[str, int] = {}
         self._version = ""
         self._started_at = time.time()
@@ -247,6 +249,7 @@ class Agent:
             deadline_ms=int(h.get(H.DEADLINE, "0")),
             echo_model=h.get(H.ECHO_MODEL),
             upstream_model=h.get(H.UPSTREAM_MODEL),
+            explicit_ctx=H.NUM_CTX in h,
             trace={k: h[k] for k in (H.TRACEPARENT, H.TRACESTATE) if k in h},
         )
 
@@ -309,6 +312,9 @@ class Agent:
             status = await self._worker.run(job)
             if job.token is not None:
                 await self._report(job, status)
+                if status == 200 and not job.explicit_ctx and job.token not in self._warm_tokens:
+                    self._ran_default.add(job.token)  # its runner shows Ollama's real default
+                    self._refresh_now.set()
             if job.token is not None and job.token not in self._loaded_tokens and status == 200:
                 self._refresh_now.set()  # Ollama has just loaded it: take interest in it
             elif job.endpoint in _CHANGES_MODELS and 200 <= status < 300:
@@ -503,9 +509,13 @@ class Agent:
                 name = parse_name(m.name)
                 tokens.add(name.token)
                 trained[name.key] = await self._trained_context(m)
+                assumed = effective_ctx(default_ctx, trained[name.key])
+                if name.token in self._ran_default and m.context_length:
+                    self._learn_default(name.key, m.context_length, assumed)
                 # a request without num_ctx runs at the default; any other runner would reload
-                if m.context_length in (0, effective_ctx(default_ctx, trained[name.key])):
+                if m.context_length in (0, self._learned_ctx.get(name.key) or assumed):
                     warm.add(name.token)
+        self._ran_default.clear()
         if trained != self._trained:
             self._trained = trained
             self._state_dirty.set()
@@ -522,6 +532,22 @@ class Agent:
             await _wait(self._refresh_now, self.settings.refresh_s)
             self._refresh_now.clear()
             await self._refresh()
+
+    def _learn_default(self, key: str, seen: int, assumed: int) -> None:
+        """A request without num_ctx ran on a runner of ``seen`` context: that is this backend's
+        default for ``key``, whatever the configuration made us assume."""
+        if self._learned_ctx.get(key) == seen:
+            return
+        if seen != assumed:
+            log.warning(
+                "%s: requests without num_ctx run at context %d here, not the %d assumed; using what "
+                "Ollama does (set CORRAL_CONTEXT_LENGTH to that Ollama's OLLAMA_CONTEXT_LENGTH)",
+                key,
+                seen,
+                assumed,
+            )
+        self._learned_ctx[key] = seen
+        self._state_dirty.set()
 
     async def _trained_context(self, m: PsModel) -> int:
         """Asked of Ollama once per model digest (it caps every runner's num_ctx at this)."""
@@ -556,6 +582,7 @@ class Agent:
             loading=tuple(decode_token(t) for t in self._busy if t not in self._loaded_tokens),
             parallel=self.settings.parallel,
             default_num_ctx=self.default_num_ctx(),
+            default_ctx=dict(self._learned_ctx),
             trained_ctx=self._trained,
             in_flight=sum(self._busy.values()),
             queued=sum(len(q) for q in self._waiting.values()),

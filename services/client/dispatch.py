@@ -644,6 +644,8 @@ class Dispatcher:
             hdrs[H.MODEL] = req.model.token
         if req.method != "POST":
             hdrs[H.METHOD] = req.method
+        if req.num_ctx is not None:
+            hdrs[H.NUM_CTX] = str(req.num_ctx)
         if req.echo_model and req.upstream_model:
             hdrs[H.ECHO_MODEL] = req.echo_model
             hdrs[H.UPSTREAM_MODEL] = req.upstream_model

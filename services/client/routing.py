@@ -191,7 +191,11 @@ def _estimate(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -
 def runner_matches(route: Route, agent: AgentState, runner: PsModel) -> bool:
     """Whether ``runner`` can serve ``route`` without a reload: its context is the one asked for,
     or the agent's default when the request asks for none (Ollama reloads on any difference)."""
-    want = effective_ctx(route.num_ctx or agent.default_num_ctx, agent.trained_ctx.get(route.key, 0))
+    trained = agent.trained_ctx.get(route.key, 0)
+    if route.num_ctx is not None:
+        want = effective_ctx(route.num_ctx, trained)
+    else:
+        want = agent.default_ctx.get(route.key) or effective_ctx(agent.default_num_ctx, trained)
     return want == 0 or runner.context_length in (0, want)
 
 

@@ -10,6 +10,7 @@ Work message (gateway → agent)::
     Corral-Echo-Model     when the gateway stripped a vendor pin: the name to restore in responses
     Corral-Upstream-Model the name Ollama sees (pairs with Corral-Echo-Model)
     Corral-Body-Size      set when the body exceeds the payload limit: fetch it from the body subject
+    Corral-Num-Ctx        the request's own options.num_ctx, when it gives one
     Corral-Reply          on a request waiting in the overflow queue: the reply subject (JetStream
                           keeps headers, not the publisher's reply subject)
     traceparent/tracestate W3C trace context
@@ -39,6 +40,7 @@ ECHO_MODEL: Final = "Corral-Echo-Model"
 UPSTREAM_MODEL: Final = "Corral-Upstream-Model"
 BODY_SIZE: Final = "Corral-Body-Size"
 REPLY: Final = "Corral-Reply"
+NUM_CTX: Final = "Corral-Num-Ctx"  # set when the request gives options.num_ctx (value: that number)
 
 KIND: Final = "Corral-Kind"
 AGENT: Final = "Corral-Agent"

@@ -78,6 +78,8 @@ class AgentState(Message, frozen=True, kw_only=True, omit_defaults=True):
     loading: tuple[str, ...] = ()  # model keys a load is under way for
     parallel: int = 1  # slots per loaded model (OLLAMA_NUM_PARALLEL)
     default_num_ctx: int = 0  # num_ctx of a request without one; a runner with another must reload
+    default_ctx: dict[str, int] = msgspec.field(default_factory=dict)  # model key → the context its
+    # runner got from a request without num_ctx, as observed (wins over default_num_ctx's guess)
     trained_ctx: dict[str, int] = msgspec.field(default_factory=dict)  # loaded model key → trained
     # context (Ollama caps a runner's num_ctx at it, so a small model's default runner is smaller)
     in_flight: int = 0

@@ -296,3 +296,19 @@ async def test_queue_order_deadline_and_withdrawal(nats_server: NatsServer, root
         assert not await withdraw(js, queued)  # nothing left to withdraw
     finally:
         await nc.close()
+
+
+async def test_agent_learns_the_backends_real_default_context(nats_server: NatsServer, root: str) -> None:
+    """The agent is told the wrong default (8192; its Ollama uses 2048): the first request without
+    num_ctx shows the real one, and from then on the runner is advertised for such requests."""
+    opts = _options(nats_server, root, sims=1, sim={"context_length": 2048}, agent={"context_length": 8192})
+    async with LocalFleet(opts) as fleet:
+        agent, gw = fleet.agents[0], fleet.gateway
+        assert gw is not None
+        async with ollama.AsyncClient(host=fleet.url) as client:
+            await client.generate(model=MODEL, prompt="first", options={"num_predict": 2})
+            await until(fleet, lambda: gw.fleet.get(agent.id).default_ctx.get(KEY) == 2048)  # type: ignore[union-attr]
+            assert parse_name(MODEL).token in agent._warm_tokens  # claims advertised again
+            for _ in range(3):
+                await client.generate(model=MODEL, prompt="next", options={"num_predict": 2})
+        assert fleet.sims[0].stats.reloads == 0
