@@ -190,7 +190,6 @@ class Agent:
         )
         self._worker.on_response = self._on_response
         self._puller = Puller(self.nc, self.subjects)
-        await self._puller.start()
         await self.ollama.start()
         await self._refresh()
         self._subs.append(await self.nc.subscribe(self.subjects.agent_work(self.id), cb=self._on_direct))
@@ -216,8 +215,6 @@ class Agent:
                 await asyncio.wait(pending)
 
     async def _close(self) -> None:
-        if self._puller is not None:
-            await self._puller.stop()
         if self.nc is not None and not self.nc.is_closed:
             if self._buckets is not None:
                 with contextlib.suppress(Exception):
@@ -399,15 +396,13 @@ class Agent:
     async def _reconcile(self) -> None:
         assert self.nc is not None
         want: dict[str, int] = {}
+        await self._sync_nudges()
         if self.status == "active":
-            await self._sync_nudges()
             for token in self._warm_tokens:
                 await self._take_queued(token)  # waiting requests first, then new work
                 free = max(self._free(token), 0)
                 want[self.subjects.work(ANY_VENDOR, token)] = free
                 want[self.subjects.work(self.vendor, token)] = free
-        else:
-            await self._sync_nudges()
         for subject in set(self._claims) | set(want):
             subs = self._claims.setdefault(subject, [])
             n = want.get(subject, 0)

@@ -74,7 +74,9 @@ __all__ = [
     "Router",
     "estimate_ttft",
     "estimate_wait",
+    "fits",
     "load",
+    "load_time",
     "parse_strategy",
     "runner_matches",
     "warm",
@@ -214,6 +216,17 @@ def _queue_wait(busy: int, parallel: int) -> float:
     if busy < parallel:
         return 0.0
     return (busy - parallel + 1) * TYPICAL_REQUEST_S / parallel
+
+
+def load_time(route: Route, agent: AgentState) -> float:
+    """Seconds a load of ``route``'s model takes on ``agent`` by the cost model (no eviction)."""
+    return _load_time(_size(route, agent))
+
+
+def fits(route: Route, agent: AgentState) -> bool:
+    """``route``'s model fits in ``agent``'s free VRAM without evicting anything."""
+    free = _vram_free(agent)
+    return free is None or _size(route, agent) <= free
 
 
 def _load_time(size: int) -> float:

@@ -13,7 +13,7 @@ for a request — and no load under way — asks where the model should load. Th
 The marker is a ``loading.{token}.{num_ctx or 0}.{vendor pin or any}`` key in the ``{root}_models`` bucket, created
 with a KV compare-and-set, so two registry copies (and any number of gateways) agree on one load
 per model and context at a time. A marker is live while its agent is alive and either reports the
-load under way or the marker is younger than `START_GRACE_S` (agent state lags the send), and
+load under way or the marker is younger than `LOAD_START_GRACE_S` (agent state lags the send), and
 never longer than `LOAD_TIMEOUT_S`; a stale marker is replaced by compare-and-set too.
 
 Replicas. Every `ReplicaSettings.check_s` the registry reads the overflow queue's depth per model.
@@ -41,7 +41,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
-from services.client.dispatch import Dispatcher, WorkRequest
+from services.client.dispatch import LOAD_START_GRACE_S, Dispatcher, WorkRequest
 from services.client.fleet import FleetView
 from services.client.routing import (
     DEFAULT_MODEL_SIZE,
@@ -49,6 +49,8 @@ from services.client.routing import (
     LOAD_OVERHEAD_S,
     Route,
     Router,
+    fits,
+    load_time,
     warm,
 )
 from services.protocol.messages import (
@@ -64,7 +66,6 @@ from services.runtime.workqueue import depths
 
 log = logging.getLogger(__name__)
 
-START_GRACE_S = 1.0  # agent state shows a load within ~0.1 s of the send; this is slack
 LOAD_TIMEOUT_S = 300.0
 _enc = msgspec.json.Encoder()
 
@@ -187,7 +188,7 @@ class Placer:
         key = decode_token(token)
         if warm(Route(key=key, num_ctx=num_ctx), agent):
             return None  # that load is done
-        if key in agent.loading or age < START_GRACE_S:
+        if key in agent.loading or age < LOAD_START_GRACE_S:
             return m.agent
         return None
 
@@ -254,12 +255,12 @@ class Placer:
         return sum(a.parallel for a in self._holders(route) if warm(route, a))
 
     def _load_time(self, key: str) -> float:
-        """What a load of ``key`` costs by the routing cost model (its size from any holder)."""
-        size = next(
-            (m.size for a in self.fleet.with_model(key) for m in a.models if _key(m.name) == key),
-            DEFAULT_MODEL_SIZE,
+        """What a load of ``key`` costs by the routing cost model (on the first holder)."""
+        route = Route(key=key)
+        holders = self.fleet.with_model(key)
+        return (
+            load_time(route, holders[0]) if holders else LOAD_OVERHEAD_S + DEFAULT_MODEL_SIZE / LOAD_BANDWIDTH
         )
-        return LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH
 
     async def _add_replica(self, token: str, depth: int) -> bool:
         """Load ``token``'s model on as many more agents as its backlog needs (at most
@@ -272,7 +273,7 @@ class Placer:
             return False  # nothing serves it yet: the first load is the placement's business
         starting = self._replicating.setdefault(token, set())
         loading = [a for a in holders if not warm(route, a) and (key in a.loading or a.id in starting)]
-        spare = [a for a in holders if a not in serving and a not in loading and _fits(a, key)]
+        spare = [a for a in holders if a not in serving and a not in loading and fits(route, a)]
         slots = sum(a.parallel for a in serving + loading)
         needed = depth / self.replicas.backlog_per_slot
         chosen: list[AgentState] = []
@@ -307,18 +308,3 @@ class Placer:
         for t in list(self._preloads):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-
-
-def _fits(agent: AgentState, key: str) -> bool:
-    """The model's weights fit in the agent's free VRAM (no eviction for a replica)."""
-    if not agent.gpus:
-        return True
-    size = next((m.size for m in agent.models if _key(m.name) == key), 0)
-    return size <= sum(g.vram_free for g in agent.gpus)
-
-
-def _key(name: str) -> str | None:
-    try:
-        return parse_name(name).key
-    except Exception:
-        return None

@@ -141,12 +141,6 @@ class Puller:
         self._subjects = subjects
         self._ready: set[str] = set()  # queue subjects whose consumer exists
 
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
     async def _ensure(self, subject: str) -> None:
         if subject in self._ready:
             return

@@ -6,6 +6,10 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import msgspec
+import nats.aio.msg
+
+from services.protocol.messages import AgentEvent
 from services.up import LocalFleet
 
 
@@ -45,3 +49,24 @@ async def generate(url: str, **kwargs: object) -> object:
 
     async with ollama.AsyncClient(host=url) as c:
         return await c.generate(**kwargs)  # type: ignore[arg-type]
+
+
+class Events:
+    """Every agent event on a root, as they arrive (subscribe `on` to `Subjects.event("agent")`)."""
+
+    def __init__(self) -> None:
+        self.seen: list[AgentEvent] = []
+        self._changed = asyncio.Event()
+
+    async def on(self, msg: nats.aio.msg.Msg) -> None:
+        self.seen.append(msgspec.json.decode(msg.data, type=AgentEvent))
+        self._changed.set()
+
+    def of(self, kind: str, agent: str) -> int:
+        return sum(1 for e in self.seen if e.kind == kind and e.agent == agent)
+
+    async def wait(self, kind: str, agent: str, count: int = 1, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while self.of(kind, agent) < count:
+                self._changed.clear()
+                await self._changed.wait()

@@ -14,38 +14,16 @@ import pytest
 
 from services.aggregator.aggregator import Aggregator, AggregatorSettings
 from services.client.views import FleetStatus
-from services.protocol.messages import AgentEvent
 from services.protocol.names import parse_name
 from services.protocol.subjects import Subjects
 from services.registry.registry import Registry, RegistrySettings
 from services.runtime.natsserver import NatsServer
 from services.up import Backend, FleetOptions, LocalFleet, default_sims
-from tests.integration.fleet_helpers import until
+from tests.integration.fleet_helpers import Events, until
 
 pytestmark = pytest.mark.integration
 
 _status = msgspec.json.Decoder(FleetStatus)
-
-
-class Events:
-    """Every agent event on a root, as they arrive."""
-
-    def __init__(self) -> None:
-        self.seen: list[AgentEvent] = []
-        self._changed = asyncio.Event()
-
-    async def on(self, msg: nats.aio.msg.Msg) -> None:
-        self.seen.append(msgspec.json.decode(msg.data, type=AgentEvent))
-        self._changed.set()
-
-    def of(self, kind: str, agent: str) -> int:
-        return sum(1 for e in self.seen if e.kind == kind and e.agent == agent)
-
-    async def wait(self, kind: str, agent: str, count: int = 1, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while self.of(kind, agent) < count:
-                self._changed.clear()
-                await self._changed.wait()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from services.aggregator.aggregator import Aggregator, AggregatorSettings
 from services.client.fleet import FleetView
 from services.client.views import FleetStatus
 from services.gateway.app import Gateway, GatewaySettings
-from services.protocol.messages import AgentEvent, agent_state_decoder
+from services.protocol.messages import agent_state_decoder
 from services.protocol.names import parse_name
 from services.protocol.subjects import Subjects
 from services.registry.index import Holder, ModelEntry, index_key, model_entry_decoder
@@ -30,6 +30,7 @@ from services.registry.registry import Registry, RegistrySettings
 from services.runtime.natsserver import NatsServer
 from services.runtime.process import AsgiServer
 from services.up import FleetOptions, LocalFleet, default_sims
+from tests.integration.fleet_helpers import Events
 
 pytestmark = pytest.mark.integration
 
@@ -39,27 +40,6 @@ SLACK_S = 3.0  # the reaper waking, the delete reaching both watches, a busy mac
 LLAMA = "llama3.2:latest"
 
 _status = msgspec.json.Decoder(FleetStatus)
-
-
-class Events:
-    """Every agent event on a root, as they arrive."""
-
-    def __init__(self) -> None:
-        self.seen: list[AgentEvent] = []
-        self._changed = asyncio.Event()
-
-    async def on(self, msg: nats.aio.msg.Msg) -> None:
-        self.seen.append(msgspec.json.decode(msg.data, type=AgentEvent))
-        self._changed.set()
-
-    def of(self, kind: str, agent: str) -> int:
-        return sum(1 for e in self.seen if e.kind == kind and e.agent == agent)
-
-    async def wait(self, kind: str, agent: str, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not self.of(kind, agent):
-                self._changed.clear()
-                await self._changed.wait()
 
 
 class Watched:
