@@ -47,6 +47,7 @@ from services.protocol.names import ANY_VENDOR, VENDORS, decode_token, parse_nam
 from services.protocol.subjects import Subjects
 from services.runtime.nats import Buckets, connect, ensure_buckets
 from services.runtime.settings import CommonSettings
+from services.runtime.tasks import cancel_and_wait
 from services.runtime.telemetry import tracer
 from services.runtime.workqueue import Puller
 
@@ -162,8 +163,7 @@ class Agent:
                 await self._stop.wait()
                 await self._drain()
                 self._closing.set()
-                for t in loops:  # the loops park on events; nothing is left for them to do
-                    t.cancel()
+                await cancel_and_wait(loops)  # they park on events; nothing is left for them to do
         finally:
             await self._close()
             self.lifecycle = Lifecycle.STOPPED

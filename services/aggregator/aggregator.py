@@ -34,6 +34,7 @@ from services.protocol.messages import RequestFinished
 from services.protocol.subjects import Subjects
 from services.runtime.nats import Buckets, connect, ensure_buckets
 from services.runtime.settings import CommonSettings
+from services.runtime.tasks import cancel_and_wait
 from services.runtime.workqueue import depths
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,7 @@ class Aggregator:
     async def stop(self) -> None:
         self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
         if self._fleet is not None:
             await self._fleet.stop()

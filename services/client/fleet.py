@@ -17,6 +17,7 @@ from nats.js.kv import KeyValue
 
 from services.protocol.messages import AgentState, agent_state_decoder
 from services.protocol.names import parse_name
+from services.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,7 @@ class FleetView:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
 
     async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:

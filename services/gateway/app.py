@@ -51,6 +51,7 @@ from services.protocol.subjects import Subjects
 from services.registry.registry import pull_order
 from services.runtime.nats import connect, ensure_buckets
 from services.runtime.settings import CommonSettings
+from services.runtime.tasks import cancel_and_wait
 from services.runtime.telemetry import extract_context, tracer
 from services.runtime.workqueue import depths, ensure_stream
 
@@ -157,9 +158,7 @@ class Gateway:
 
     async def stop(self) -> None:
         if self._rates_task is not None:
-            self._rates_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._rates_task
+            await cancel_and_wait([self._rates_task])
         if self._dispatcher is not None:
             await self._dispatcher.stop()
             if self._dispatcher.sessions is not None:

@@ -39,6 +39,7 @@ from nats.js.kv import KeyValue
 
 from services.protocol.messages import AgentState, agent_state_decoder
 from services.protocol.names import parse_name
+from services.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +129,7 @@ class ModelIndexWriter:
 
     async def stop(self) -> None:
         self._stopping = True
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
 
     def observe(self, agent_id: str, state: AgentState | None) -> None:

@@ -62,6 +62,7 @@ from services.protocol.messages import (
 )
 from services.protocol.names import decode_token, parse_name
 from services.protocol.subjects import Subjects
+from services.runtime.tasks import cancel_and_wait
 from services.runtime.workqueue import depths
 
 log = logging.getLogger(__name__)
@@ -303,8 +304,4 @@ class Placer:
             self._replicating.get(token, set()).discard(agent_id)
 
     async def stop(self) -> None:
-        for t in list(self._preloads):
-            t.cancel()
-        for t in list(self._preloads):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._preloads)

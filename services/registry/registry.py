@@ -50,6 +50,7 @@ from services.registry.index import ModelIndexWriter
 from services.registry.placement import Placer, ReplicaSettings
 from services.runtime.nats import Buckets, connect, ensure_buckets
 from services.runtime.settings import CommonSettings
+from services.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +151,7 @@ class Registry:
     async def stop(self) -> None:
         if self.placer is not None:
             await self.placer.stop()
-        for t in [*self._tasks, *self._pulls]:
-            t.cancel()
-        for t in [*self._tasks, *self._pulls]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait([*self._tasks, *self._pulls])
         self._tasks.clear()
         if self._index is not None:
             await self._index.stop()

@@ -1,0 +1,57 @@
+"""cancel_and_wait: tasks that swallow a cancellation (as nats-py's publish path does) still end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from services.runtime.tasks import cancel_and_wait
+
+
+async def test_a_task_that_swallows_one_cancellation_is_cancelled_again() -> None:
+    parked = asyncio.Event()
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        try:
+            parked.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # what nats-py's _flush_pending does
+            swallowed += 1
+        await asyncio.Event().wait()  # on to the next await, as a watch loop would
+
+    task = asyncio.create_task(stubborn())
+    await parked.wait()
+    task.cancel()
+    _, pending = await asyncio.wait({task}, timeout=0.2)
+    assert pending == {task}  # one cancel is not enough: the hang the helper exists for
+    await asyncio.wait_for(cancel_and_wait([task]), 5)
+    assert task.cancelled() and swallowed == 1
+
+
+async def test_errors_and_finished_tasks_are_taken_quietly() -> None:
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    failed = asyncio.create_task(fails())
+    done = asyncio.create_task(asyncio.sleep(0))
+    await asyncio.wait({failed, done})
+    sleeper = asyncio.create_task(asyncio.Event().wait())
+    await cancel_and_wait([failed, done, sleeper])
+    assert sleeper.cancelled() and isinstance(failed.exception(), RuntimeError)
+
+
+async def test_a_task_that_will_not_end_is_left_behind_after_the_timeout() -> None:
+    release = asyncio.Event()
+
+    async def deaf() -> None:
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+    task = asyncio.create_task(deaf())
+    await asyncio.wait_for(cancel_and_wait([task], timeout=0.2), 5)
+    assert not task.done()
+    release.set()
+    await task
