@@ -127,7 +127,9 @@ class Agent:
         self._jobs: dict[str, Job] = {}
         self._models: tuple[TagModel, ...] = ()
         self._loaded: tuple[PsModel, ...] = ()
-        self._loaded_tokens: frozenset[str] = frozenset()
+        # models Ollama has finished loading: in /api/ps with none of our requests waiting on a
+        # load, or answered a request since (Ollama lists a runner in /api/ps while it loads)
+        self._ready: set[str] = set()
         self._warm_tokens: frozenset[str] = frozenset()  # loaded at the default num_ctx: claimable
         self._trained: dict[str, int] = {}  # loaded model key → trained context
         self._ran_default: set[str] = set()  # tokens just served without num_ctx (not yet warm)
@@ -250,9 +252,11 @@ class Agent:
             trace={k: h[k] for k in (H.TRACEPARENT, H.TRACESTATE) if k in h},
         )
 
-    def _on_response(self, job: Job) -> None:
-        if job.token is not None and job.token not in self._loaded_tokens:
-            self._refresh_now.set()  # Ollama has loaded it: advertise it and take interest at once
+    def _on_response(self, job: Job, status: int) -> None:
+        if job.token is not None and status < 400 and job.token not in self._ready:
+            self._ready.add(job.token)  # Ollama answers only once the model is loaded
+            self._state_dirty.set()
+            self._refresh_now.set()  # advertise it and take interest at once
 
     def _free(self, token: str) -> int:
         return self.settings.parallel - self._busy.get(token, 0) - len(self._waiting.get(token, ()))
@@ -312,9 +316,7 @@ class Agent:
                 if status == 200 and not job.explicit_ctx and job.token not in self._warm_tokens:
                     self._ran_default.add(job.token)  # its runner shows Ollama's real default
                     self._refresh_now.set()
-            if job.token is not None and job.token not in self._loaded_tokens and status == 200:
-                self._refresh_now.set()  # Ollama has just loaded it: take interest in it
-            elif job.endpoint in _CHANGES_MODELS and 200 <= status < 300:
+            if job.endpoint in _CHANGES_MODELS and 200 <= status < 300:
                 self._refresh_now.set()  # what is on disk changed: advertise it now
         except asyncio.CancelledError:
             if not holds_slot:
@@ -514,10 +516,18 @@ class Agent:
         if trained != self._trained:
             self._trained = trained
             self._state_dirty.set()
+        # a listed model none of our requests waits on is loaded; one a request of ours waits on
+        # stays loading until Ollama answers (`_on_response`); an unlisted idle one is gone
+        ready = {t for t in self._ready if t in tokens or self._busy.get(t)}
+        ready |= {t for t in tokens if not self._busy.get(t)}
+        warm &= ready
         changed = (tuple(models), tuple(loaded)) != (self._models, self._loaded)
         self._models, self._loaded = tuple(models), tuple(loaded)
-        if tokens != self._loaded_tokens or warm != self._warm_tokens:
-            self._loaded_tokens, self._warm_tokens = frozenset(tokens), frozenset(warm)
+        if ready != self._ready:
+            self._ready = ready
+            self._state_dirty.set()
+        if warm != self._warm_tokens:
+            self._warm_tokens = frozenset(warm)
             self._claims_dirty.set()
         if changed:
             self._state_dirty.set()
@@ -574,7 +584,7 @@ class Agent:
             gpus=self._gpus,
             models=self._models,
             loaded=self._loaded,
-            loading=tuple(decode_token(t) for t in self._busy if t not in self._loaded_tokens),
+            loading=tuple(decode_token(t) for t in self._busy if t not in self._ready),
             parallel=self.settings.parallel,
             default_num_ctx=self.default_num_ctx(),
             default_ctx=dict(self._learned_ctx),

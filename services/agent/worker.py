@@ -121,7 +121,7 @@ class Worker:
         self._direct_template, self._claim_template = templates
         self._tracer = tracer
         # called when Ollama's response headers arrive: a model it had to load is loaded by then
-        self.on_response: Callable[[Job], None] | None = None
+        self.on_response: Callable[[Job, int], None] | None = None  # Ollama's head arrived (status)
 
     async def send(self, job: Job, payload: bytes, headers: dict[str, str] | None) -> None:
         job.last_sent = time.monotonic()
@@ -175,7 +175,7 @@ class Worker:
                     async with self.ollama.request(job.method, job.endpoint, body or None) as resp:
                         status = resp.status
                         if self.on_response is not None:
-                            self.on_response(job)
+                            self.on_response(job, status)
                         span.set_attribute("http.response.status_code", status)
                         await self._relay(job, resp)
         except asyncio.CancelledError:

@@ -250,6 +250,10 @@ def _vram_free(agent: AgentState) -> int | None:
 
 
 def _runner(agent: AgentState, key: str) -> PsModel | None:
+    """``agent``'s runner for ``key`` that is ready to serve: Ollama lists a runner in /api/ps from
+    the moment its load begins, so one the agent reports still loading does not count yet."""
+    if key in agent.loading:
+        return None
     for m in agent.loaded:
         if _matches(m.name, key):
             return m

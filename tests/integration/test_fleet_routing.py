@@ -12,8 +12,10 @@ import msgspec
 import ollama
 import pytest
 
+from services.client.routing import Route, warm
 from services.client.sessions import Sessions
 from services.protocol import headers as H
+from services.protocol.messages import AgentState
 from services.protocol.names import parse_name
 from services.protocol.subjects import Subjects
 from services.runtime.nats import connect, ensure_buckets
@@ -249,6 +251,34 @@ async def test_registry_loads_a_replica_when_a_queue_keeps_growing(
         assert fleet.registry is not None and fleet.registry.placer is not None
         assert fleet.registry.placer.loads_started == 1
         hold.close()
+
+
+async def test_a_model_listed_while_it_loads_is_loading_not_warm(nats_server: NatsServer, root: str) -> None:
+    """Ollama lists a runner in /api/ps from the moment its load begins. The agent keeps reporting
+    it as loading — no claims, not warm to the router — until Ollama answers a request on it."""
+    opts = _options(nats_server, root, sims=1, sim={"time_scale": 0.05, "load_bandwidth": 7e7})
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        gw, agent, sim = fleet.gateway, fleet.agents[0], fleet.sims[0]
+        assert gw is not None
+        body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+        request = asyncio.create_task(s.post(fleet.url + "/api/generate", json=body))
+        await sim.stats.wait_for(lambda st: st.loads == 1)
+        async with s.get(sim.url + "/api/ps") as r:
+            assert [m["name"] for m in (await r.json())["models"]] == ["llama3.2:latest"]
+        agent._refresh_now.set()
+
+        def state() -> AgentState | None:
+            return gw.fleet.get(agent.id)
+
+        await until(fleet, lambda: bool((a := state()) and a.loaded))  # the refresh saw the listed runner
+        listed = state()
+        assert listed is not None and KEY in listed.loading and not warm(Route(key=KEY), listed)
+        assert sim.stats.loads_completed == 0  # still loading
+        assert parse_name(MODEL).token not in agent._warm_tokens  # no claims on a loading runner
+        async with await request as r:
+            assert r.status == 200
+        await until(fleet, lambda: bool((a := state()) and warm(Route(key=KEY), a) and not a.loading))
+        assert parse_name(MODEL).token in agent._warm_tokens
 
 
 async def _warm_first_only(fleet: LocalFleet) -> None:
