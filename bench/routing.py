@@ -12,12 +12,12 @@ has the same model catalogue on disk (`MODELS`, 1.3 to 9 GB; the 12 GB card lack
 nothing loaded, ``OLLAMA_CONTEXT_LENGTH=4096`` and keep_alive 5m.
 Simulated time runs ``1 / time_scale`` times faster than the wall clock; every time below is in
 simulated seconds (wall ÷ time_scale), so loads of seconds and decode rates keep their real
-proportions. The control plane's polling periods that are settings (`SCALED_PERIODS`: how often
-an agent re-reads its Ollama, how often the registry checks the overflow queue for replicas) are
+proportions. The control plane's periods (`SCALED_PERIODS`: how often an agent re-reads its
+Ollama, how often the registry checks the overflow queue for replicas, how often a queued request
+checks that its model is still served, how long a load just started counts as under way) are
 scaled the same way, so they keep their default length in simulated time; timeouts (claim, idle,
-queue) are failure detection and stay at their wall-clock defaults, and fixed constants in the
-code (a load marker's start grace, a queued request's recheck) stay wall-clock too, so they weigh
-``1 / time_scale`` times more here than in production: ``--time-scale 1`` runs in real time.
+queue) are failure detection and stay at their wall-clock defaults: ``--time-scale 1`` runs in
+real time.
 
 Workloads (all from ``random.Random(seed)``, identical for every policy; replies are bounded by
 ``num_predict`` and every simulator has the same seed, so the tokens generated do not depend on
@@ -90,6 +90,7 @@ from bench.common import (
 )
 from services.agent.agent import AgentSettings
 from services.client.routing import STRATEGIES, Router
+from services.gateway.app import GatewaySettings
 from services.protocol.names import parse_name
 from services.registry.registry import RegistrySettings
 from services.simulator import SimConfig, load_config
@@ -108,6 +109,9 @@ CONTEXT_LENGTH = 4096  # OLLAMA_CONTEXT_LENGTH on every simulated server
 SCALED_PERIODS: tuple[tuple[type[Any], str], ...] = (
     (AgentSettings, "refresh_s"),  # re-read the backend's /api/tags and /api/ps
     (RegistrySettings, "replica_check_s"),  # read the overflow queue's depth for replicas
+    (RegistrySettings, "load_grace_s"),  # a load marker is live this long before its agent shows it
+    (GatewaySettings, "load_grace_s"),  # the same for the gateway's own load markers
+    (GatewaySettings, "queue_recheck_s"),  # a queued request re-checks that its model is served
 )
 MIN_PERIOD_S = 0.1
 
@@ -748,6 +752,7 @@ async def run_one(
         log_level="WARNING",
         agent=dict(periods.get(AgentSettings, {})),
         registry=dict(periods.get(RegistrySettings, {})),
+        gateway=dict(periods.get(GatewaySettings, {})),
     )
     counter = LogCounter()
     logging.getLogger().addHandler(counter)

@@ -67,9 +67,6 @@ log = logging.getLogger(__name__)
 
 PAYLOAD_HEADROOM = 8 * 1024  # room left for headers under the server's max_payload
 WARM_BUSY_RETRIES = 3
-LOAD_START_GRACE_S = 1.0  # a load this gateway started counts as under way this long before the
-# agent's state shows it (a reload of a runner at another context never shows as loading there)
-RECHECK_S = 1.0  # a queued request checks this often that someone will still serve it
 
 
 @dataclass(frozen=True)
@@ -80,6 +77,9 @@ class DispatchSettings:
     ping_interval: float = 2.0  # told to agents: ping at least this often while silent
     strategy: str = DEFAULT_STRATEGY  # routing when a request names none
     queue: bool = True  # wait in the fleet-wide JetStream queue (False: wait at the agents)
+    load_grace_s: float = 1.0  # a load this gateway started counts as under way this long before
+    # the agent's state shows it (a reload of a runner at another context never shows as loading)
+    recheck_s: float = 1.0  # a queued request checks this often that someone will still serve it
 
 
 @dataclass
@@ -509,7 +509,7 @@ class Dispatcher:
         marker = self._loads.get((route.key, route.num_ctx or 0))
         if marker is None or marker[0] != a.id:
             return False
-        return time.monotonic() - marker[1] < LOAD_START_GRACE_S and not warm(route, a)
+        return time.monotonic() - marker[1] < self.settings.load_grace_s and not warm(route, a)
 
     def _load_under_way(self, route: Route, agents: list[AgentState]) -> bool:
         return any(self._loading_at(route, a) for a in agents)
@@ -571,10 +571,11 @@ class Dispatcher:
                 return None
             while True:
                 remaining = deadline - time.monotonic()
+                recheck = self.settings.recheck_s
                 try:
-                    msg = await call.next(max(min(remaining, RECHECK_S), 0.001))
+                    msg = await call.next(max(min(remaining, recheck), 0.001))
                 except TimeoutError:
-                    if remaining <= RECHECK_S:
+                    if remaining <= recheck:
                         if await withdraw(self._js, queued):
                             raise NoCapacity() from None
                         # an agent took it just now: its claim is on the way

@@ -87,6 +87,10 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     queue: bool = True  # auto: wait for a slot in the fleet-wide queue (False: at the agents)
     queue_depth: int = 512  # requests that may wait per model (and vendor pin) before 503
     sessions: bool = True  # auto: send a conversation's follow-up turns to its agent
+    load_grace_s: float = (
+        1.0  # a load this gateway starts counts as under way this long before the agent shows it
+    )
+    queue_recheck_s: float = 1.0  # a queued request checks this often that an agent still serves its model
 
 
 class Gateway:
@@ -121,6 +125,8 @@ class Gateway:
                 queue_timeout=self.settings.queue_timeout_s,
                 strategy=self.settings.strategy,
                 queue=self.settings.queue,
+                load_grace_s=self.settings.load_grace_s,
+                recheck_s=self.settings.queue_recheck_s,
             ),
             tracer=self._tracer,
             sessions=Sessions(buckets.sessions) if self.settings.sessions else None,

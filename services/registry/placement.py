@@ -13,18 +13,21 @@ for a request — and no load under way — asks where the model should load. Th
 The marker is a ``loading.{token}.{num_ctx or 0}.{vendor pin or any}`` key in the ``{root}_models`` bucket, created
 with a KV compare-and-set, so two registry copies (and any number of gateways) agree on one load
 per model and context at a time. A marker is live while its agent is alive and either reports the
-load under way or the marker is younger than `LOAD_START_GRACE_S` (agent state lags the send), and
+load under way or the marker is younger than ``load_grace_s`` (agent state lags the send), and
 never longer than `LOAD_TIMEOUT_S`; a stale marker is replaced by compare-and-set too.
 
 Replicas. Every `ReplicaSettings.check_s` the registry reads the overflow queue's depth per model.
 A model whose queue, at the rate it drained since the last check, would take longer to empty than
 a load of the model takes (the routing cost model's load time), or holds more than
-``backlog_per_slot`` waiting requests per warm slot — for ``patience`` checks in a row —
-is loaded on as many more agents as the backlog needs — until there is a slot (counting loads
-already under way) for every ``backlog_per_slot`` waiting requests — among those that have it on
-disk and room for it in free VRAM, cheapest first (a preload: Ollama's empty generate). A burst
-thus costs one load while nothing is warm, then a scale-out sized by the queue, never a load per
-request. Replicas that then sit idle are let go by Ollama's own ``keep_alive``.
+``backlog_per_slot`` waiting requests per warm slot — for ``patience`` checks in a row, or at once
+when nothing serves the model yet and its first load is under way (nothing drains that queue
+before the load ends, and a replica started now is ready about when that load is) — is loaded on
+as many more agents as the backlog needs — until there is a slot (counting loads already under
+way) for every ``backlog_per_slot`` waiting requests — among those that have it on disk and room
+for it in free VRAM, cheapest first (a preload: Ollama's empty generate). A burst on a cold model
+thus starts one load from the requests themselves, and the registry adds the loads its queue
+needs beside it: never a load per request, and no waiting for one load to end before the next
+starts. Replicas that then sit idle are let go by Ollama's own ``keep_alive``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
-from services.client.dispatch import LOAD_START_GRACE_S, Dispatcher, WorkRequest
+from services.client.dispatch import Dispatcher, WorkRequest
 from services.client.fleet import FleetView
 from services.client.routing import (
     DEFAULT_MODEL_SIZE,
@@ -92,6 +95,8 @@ class Placer:
         models: KeyValue,
         dispatcher: Dispatcher,
         replicas: ReplicaSettings | None = None,
+        *,
+        load_grace_s: float = 1.0,
     ) -> None:
         self.nc = nc
         self.subjects = subjects
@@ -99,6 +104,7 @@ class Placer:
         self.kv = models
         self.dispatcher = dispatcher
         self.replicas = replicas or ReplicaSettings()
+        self.load_grace_s = load_grace_s
         self._router = Router()
         self._lock = asyncio.Lock()
         self._growing: dict[str, tuple[int, int]] = {}  # token → (last depth, checks not shrinking)
@@ -189,7 +195,7 @@ class Placer:
         key = decode_token(token)
         if warm(Route(key=key, num_ctx=num_ctx), agent):
             return None  # that load is done
-        if key in agent.loading or age < LOAD_START_GRACE_S:
+        if key in agent.loading or age < self.load_grace_s:
             return m.agent
         return None
 
@@ -242,12 +248,14 @@ class Placer:
             rate = (last - depth) / self.replicas.check_s if last > depth else 0.0
             drain_s = depth / rate if rate > 0 else math.inf
             key = decode_token(token)
-            backlog = depth / max(self._warm_slots(key), 1)
-            # a deep backlog is evidence enough at once; a slow drain must persist for `patience`
+            warm_slots = self._warm_slots(key)
+            backlog = depth / max(warm_slots, 1)
+            # a deep backlog is evidence enough at once while the first load runs (nothing drains
+            # the queue before it ends), else on the second look; a slow drain must persist
             deep = backlog > self.replicas.backlog_per_slot
             streak = streak + 1 if deep or drain_s > self._load_time(key) else 0
             self._growing[token] = (depth, streak)
-            if streak >= self.replicas.patience or (deep and streak > 0 and last > 0):
+            if streak >= self.replicas.patience or (deep and (not warm_slots or last > 0)):
                 if await self._add_replica(token, depth):
                     self._growing[token] = (depth, 0)
 
@@ -270,10 +278,10 @@ class Placer:
         route = Route(key=key)
         holders = self._holders(route)
         serving = [a for a in holders if warm(route, a)]
-        if not serving:
-            return False  # nothing serves it yet: the first load is the placement's business
         starting = self._replicating.setdefault(token, set())
         loading = [a for a in holders if not warm(route, a) and (key in a.loading or a.id in starting)]
+        if not serving and not loading:
+            return False  # no load under way yet: the first one is the placement's business
         spare = [a for a in holders if a not in serving and a not in loading and fits(route, a)]
         slots = sum(a.parallel for a in serving + loading)
         needed = depth / self.replicas.backlog_per_slot

@@ -66,6 +66,7 @@ class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
     pull_timeout_s: float = 3600.0  # a fleet-wide pull may take this long
     replica_check_s: float = 1.0  # read queue depths this often for demand-driven replicas; 0 = off
     replica_patience: int = 2  # checks in a row a model's queue drains slower than a load takes
+    load_grace_s: float = 1.0  # a load marker counts as live this long before its agent shows the load
 
 
 class PullRequest(msgspec.Struct, kw_only=True):
@@ -143,6 +144,7 @@ class Registry:
             self._buckets.models,
             self._dispatcher,
             ReplicaSettings(self.settings.replica_check_s, self.settings.replica_patience),
+            load_grace_s=self.settings.load_grace_s,
         )
         await self.nc.subscribe(self.subjects.registry("place"), queue=QUEUE_GROUP, cb=self.placer.on_place)
         self._tasks.append(asyncio.create_task(self.placer.replica_loop(), name="registry-replicas"))

@@ -253,6 +253,49 @@ async def test_registry_loads_a_replica_when_a_queue_keeps_growing(
         hold.close()
 
 
+async def test_registry_scales_a_cold_burst_out_while_the_first_load_runs(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A burst on a cold model queues behind its one placed load; the registry sees a queue nothing
+    can drain before that load ends and starts the loads it needs beside it — not after it."""
+    opts = _options(
+        nats_server,
+        root,
+        sims=3,
+        # a load of about a second and a half of wall time: long beside the replica check
+        sim={"time_scale": 0.05, "num_parallel": 1, "load_bandwidth": 7e7, "reply_tokens": (300, 300)},
+        registry={"replica_check_s": 0.05},
+    )
+    loads_when_first_done: list[int] = []
+
+    def first_load_done(_: object) -> bool:
+        if not loads_when_first_done and any(sim.stats.loads_completed for sim in fleet.sims):
+            loads_when_first_done.append(sum(sim.stats.loads for sim in fleet.sims))
+        return bool(loads_when_first_done)
+
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        watch = [asyncio.create_task(sim.stats.wait_for(first_load_done, timeout=60)) for sim in fleet.sims]
+        # replies long enough that one slot cannot drain the queue before the replicas are up
+        body = {"model": MODEL, "prompt": "burst", "stream": False}
+
+        async def one() -> int:
+            async with s.post(fleet.url + "/api/generate", json=body) as r:
+                await r.read()
+                return r.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(20)))
+        await asyncio.wait(watch, return_when=asyncio.FIRST_COMPLETED)
+        for t in watch:
+            t.cancel()
+        assert statuses == [200] * 20
+        # 20 waiting requests want 10 slots: every agent loads it, each once, all at the same time
+        assert [sim.stats.loads for sim in fleet.sims] == [1, 1, 1]
+        assert loads_when_first_done == [3]
+        # each replica's preload (an empty generate) ends with its load, then it serves the queue
+        assert all(n >= 2 for n in _served(fleet)), _served(fleet)
+        assert sum(_served(fleet)) == 20 + 2
+
+
 async def test_a_model_listed_while_it_loads_is_loading_not_warm(nats_server: NatsServer, root: str) -> None:
     """Ollama lists a runner in /api/ps from the moment its load begins. The agent keeps reporting
     it as loading — no claims, not warm to the router — until Ollama answers a request on it."""
