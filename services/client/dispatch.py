@@ -13,6 +13,10 @@ Under ``auto`` (the default; `Dispatcher._send_auto`), in order:
    slots free. Requests with their own ``num_ctx`` wait at the agent whose runner will match;
 5. the queue's deadline passes: Ollama's 503 ``server busy``.
 
+With ``auto_pull`` on, a request for a model no agent has (any strategy) first pulls it onto one
+agent through the registry (`Dispatcher.auto_pull`; one pull per model however many requests ask),
+then is routed as above; a model that cannot be pulled is Ollama's 404 as before.
+
 The seed strategies (round_robin, random, ...) use the plan below instead:
 
 1. warm claim subjects — ``work.{vendor}.{model}`` for a pin, then (unless strict) ``work.any.{model}``.
@@ -53,6 +57,7 @@ from services.protocol import headers as H
 from services.protocol.errors import (
     AgentUnavailable,
     BadRequest,
+    CorralError,
     ModelNotFound,
     NoCapacity,
     from_code,
@@ -80,6 +85,7 @@ class DispatchSettings:
     load_grace_s: float = 1.0  # a load this gateway started counts as under way this long before
     # the agent's state shows it (a reload of a runner at another context never shows as loading)
     recheck_s: float = 1.0  # a queued request checks this often that someone will still serve it
+    auto_pull: bool = False  # a model no agent has is pulled onto one (through the registry) first
 
 
 @dataclass
@@ -265,6 +271,7 @@ class Dispatcher:
         self.sessions = sessions
         self._loads: dict[tuple[str, int], tuple[str, float]] = {}  # (model, ctx) → (agent, since)
         self._waiting: dict[str, int] = {}  # model key → this gateway's requests in the fleet queue
+        self._pulls: dict[tuple[str, str | None], asyncio.Future[bool]] = {}  # auto-pulls under way
         self.subjects = subjects
         self.fleet = fleet
         self.settings = settings or DispatchSettings()
@@ -348,24 +355,88 @@ class Dispatcher:
         session_agent = None
         if auto and req.session and req.follow_up and self.sessions is not None:
             session_agent = await self.sessions.lookup(req.session)
+        pulled = False
         while True:
-            if auto:
-                reply = await self._send_auto(req, deadline, failed, session_agent)
-                if reply is not None:
-                    if req.session and self.sessions is not None:
-                        self.sessions.remember(req.session, reply.agent)
-                    return reply
-            else:
-                for subject, agent in self._plan(req, failed, strategy):
-                    outcome = await self._attempt(req, subject, agent, deadline)
-                    if isinstance(outcome, Reply):
-                        return outcome
-                    if outcome is _Outcome.FAILED and agent is not None:
-                        failed.add(agent)
+            try:
+                reply = await self._send_once(req, deadline, failed, strategy, session_agent)
+            except ModelNotFound:
+                if pulled or not self.settings.auto_pull or req.model is None:
+                    raise
+                pulled = True
+                if not await self.auto_pull(req):
+                    raise
+                deadline = time.monotonic() + (  # the wait for capacity starts now
+                    self.settings.queue_timeout if queue_timeout is None else queue_timeout
+                )
+                continue
+            if reply is not None:
+                return reply
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise NoCapacity()
             await self.fleet.wait_changed(min(remaining, 1.0))
+
+    async def _send_once(
+        self, req: WorkRequest, deadline: float, failed: set[str], strategy: str, session_agent: str | None
+    ) -> Reply | None:
+        """One pass over the fleet under ``strategy``; None when nothing could take it now."""
+        if req.model is not None and strategy == "auto":
+            reply = await self._send_auto(req, deadline, failed, session_agent)
+            if reply is not None and req.session and self.sessions is not None:
+                self.sessions.remember(req.session, reply.agent)
+            return reply
+        for subject, agent in self._plan(req, failed, strategy):
+            outcome = await self._attempt(req, subject, agent, deadline)
+            if isinstance(outcome, Reply):
+                return outcome
+            if outcome is _Outcome.FAILED and agent is not None:
+                failed.add(agent)
+        return None
+
+    async def auto_pull(self, req: WorkRequest) -> bool:
+        """Pull ``req``'s model onto one agent (of the pinned vendor, when strict) and wait until the
+        fleet shows it there; False when it could not be pulled. Concurrent requests for one model
+        share one pull."""
+        assert req.model is not None
+        key = (req.model.key, req.vendor if req.strict else None)
+        pull = self._pulls.get(key)
+        if pull is None:
+            pull = asyncio.ensure_future(self._pull(req.model, key[1]))
+            self._pulls[key] = pull
+            pull.add_done_callback(lambda _: self._pulls.pop(key, None))
+        return await asyncio.shield(pull)
+
+    async def _pull(self, model: ModelName, vendor: str | None) -> bool:
+        log.info("no agent has %s: pulling it", model.display)
+        body = _enc.encode({"model": model.display, "stream": False, "replicas": 1, "vendor": vendor})
+        work = WorkRequest("/api/pull", body)
+        try:
+            reply = await self.send_service(
+                self.subjects.registry("pull"), work, timeout=self.settings.claim_timeout
+            )
+            if reply is None:  # no registry: the agent with the fewest models, as the registry would
+                agents = sorted(
+                    (a for a in self.fleet.agents() if a.status == "active" and vendor in (None, a.vendor)),
+                    key=lambda a: (len(a.models), a.id),
+                )
+                if not agents:
+                    return False
+                reply = await self.send_to(agents[0].id, WorkRequest("/api/pull", body))
+            data = await reply.read()
+        except CorralError as e:
+            log.warning("pulling %s failed: %s", model.display, e)
+            return False
+        if reply.status != 200:
+            log.warning("pulling %s failed: %s", model.display, data.decode(errors="replace")[:300])
+            return False
+        # the agent re-reads its Ollama after a pull and publishes its state: wait for that
+        deadline = time.monotonic() + self.settings.claim_timeout + self.settings.idle_timeout
+        while not any(vendor in (None, a.vendor) for a in self.fleet.with_model(model.key)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await self.fleet.wait_changed(remaining)
+        return True
 
     async def send_to(self, agent_id: str, req: WorkRequest, *, timeout: float | None = None) -> Reply:
         """Send to one agent's direct subject; no fallback (fan-out of unloads, pinned agents)."""

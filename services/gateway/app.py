@@ -91,6 +91,7 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
         1.0  # a load this gateway starts counts as under way this long before the agent shows it
     )
     queue_recheck_s: float = 1.0  # a queued request checks this often that an agent still serves its model
+    auto_pull: bool = False  # a request for a model no agent has pulls it onto one agent first
 
 
 class Gateway:
@@ -127,6 +128,7 @@ class Gateway:
                 queue=self.settings.queue,
                 load_grace_s=self.settings.load_grace_s,
                 recheck_s=self.settings.queue_recheck_s,
+                auto_pull=self.settings.auto_pull,
             ),
             tracer=self._tracer,
             sessions=Sessions(buckets.sessions) if self.settings.sessions else None,
@@ -434,9 +436,12 @@ class Gateway:
             "vendor": vendor,
         }
         work = WorkRequest(endpoint="/api/pull", body=msgspec.json.encode(order))
-        reply = await self.dispatcher.send_service(
-            self.subjects.registry("pull"), work, timeout=self.settings.claim_timeout_s
-        )
+        try:
+            reply = await self.dispatcher.send_service(
+                self.subjects.registry("pull"), work, timeout=self.settings.claim_timeout_s
+            )
+        except CorralError as e:  # the registry took it and went silent
+            return _error(e)
         if reply is not None:
             return ReplyResponse(reply)
         # no registry running: the one agent the registry would have chosen first

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -67,6 +67,9 @@ class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
     replica_check_s: float = 1.0  # read queue depths this often for demand-driven replicas; 0 = off
     replica_patience: int = 2  # checks in a row a model's queue drains slower than a load takes
     load_grace_s: float = 1.0  # a load marker counts as live this long before its agent shows the load
+    ping_interval_s: float = (
+        2.0  # keep-alive on a pull's reply while it is silent (under the gateway's idle timeout)
+    )
 
 
 class PullRequest(msgspec.Struct, kw_only=True):
@@ -305,10 +308,16 @@ class Registry:
         if stream:
             await send(b"", {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: NDJSON})
         errors: list[str] = []
-        async for line in self._merged(req, targets, errors):
-            if stream:
-                await send(line, None)
-                seq += 1
+        # a pull is silent for long stretches (all of it, unstreamed): pings keep the gateway's
+        # idle timeout from taking the registry for dead
+        keepalive = asyncio.create_task(self._ping(send))
+        try:
+            async for line in self._merged(req, targets, errors):
+                if stream:
+                    await send(line, None)
+                    seq += 1
+        finally:
+            await cancel_and_wait([keepalive])
         if stream:
             if errors:
                 await send(_enc.encode({"error": "; ".join(errors)}) + b"\n", None)
@@ -324,6 +333,11 @@ class Registry:
                 _enc.encode(_Progress("success")),
                 {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: JSON, H.END: "1"},
             )
+
+    async def _ping(self, send: Callable[[bytes, dict[str, str] | None], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ping_interval_s)  # a period, not a wait for an event
+            await send(b"", {H.KIND: H.PING})
 
     async def _merged(
         self, req: PullRequest, targets: list[AgentState], errors: list[str]
