@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import socket
 import time
@@ -34,7 +35,7 @@ from services.agent.ollama import OllamaClient
 from services.agent.worker import Job, Worker, reply_counts
 from services.client.routing import effective_ctx
 from services.protocol import headers as H
-from services.protocol.errors import Cancelled
+from services.protocol.errors import Cancelled, InvalidModelName
 from services.protocol.messages import (
     AgentState,
     Gpu,
@@ -58,6 +59,18 @@ _GIB = 1 << 30
 
 # endpoints after which the models on disk differ: the agent re-reads its Ollama at once
 _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create"})
+# requests that run their model, so Ollama loads it (or reloads it at their context) first
+_LOADS_MODEL = frozenset(
+    {
+        "/api/generate",
+        "/api/chat",
+        "/api/embed",
+        "/api/embeddings",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    }
+)
 
 
 class AgentSettings(CommonSettings, frozen=True, kw_only=True):
@@ -130,6 +143,7 @@ class Agent:
         # models Ollama has finished loading: in /api/ps with none of our requests waiting on a
         # load, or answered a request since (Ollama lists a runner in /api/ps while it loads)
         self._ready: set[str] = set()
+        self._loading_ctx: dict[str, int] = {}  # token → the num_ctx its load is for (0 = default)
         self._warm_tokens: frozenset[str] = frozenset()  # loaded at the default num_ctx: claimable
         self._trained: dict[str, int] = {}  # loaded model key → trained context
         self._ran_default: set[str] = set()  # tokens just served without num_ctx (not yet warm)
@@ -248,15 +262,42 @@ class Agent:
             deadline_ms=int(h.get(H.DEADLINE, "0")),
             echo_model=h.get(H.ECHO_MODEL),
             upstream_model=h.get(H.UPSTREAM_MODEL),
-            explicit_ctx=H.NUM_CTX in h,
+            num_ctx=int(h.get(H.NUM_CTX) or 0),
             trace={k: h[k] for k in (H.TRACEPARENT, H.TRACESTATE) if k in h},
         )
 
     def _on_response(self, job: Job, status: int) -> None:
         if job.token is not None and status < 400 and job.token not in self._ready:
             self._ready.add(job.token)  # Ollama answers only once the model is loaded
+            self._loading_ctx.pop(job.token, None)
             self._state_dirty.set()
             self._refresh_now.set()  # advertise it and take interest at once
+
+    def _note_load(self, job: Job) -> None:
+        """Before ``job`` reaches Ollama: will it load its model, or reload the runner at another
+        context? Then the model is loading — for that context — until Ollama answers."""
+        token = job.token
+        if token is None or job.endpoint not in _LOADS_MODEL:
+            return
+        if token in self._ready:
+            runner = next((m for m in self._loaded if _token_of(m.name) == token), None)
+            if runner is None or not runner.context_length:
+                return
+            key = decode_token(token)
+            trained = self._trained.get(key, 0)
+            if job.num_ctx:
+                want = effective_ctx(job.num_ctx, trained)
+            else:
+                want = self._learned_ctx.get(key) or effective_ctx(self.default_num_ctx(), trained)
+            if runner.context_length == want:
+                return
+            self._ready.discard(token)  # Ollama replaces the runner: a reload
+            if token in self._warm_tokens:
+                self._warm_tokens = self._warm_tokens - {token}
+                self._claims_dirty.set()
+        if self._loading_ctx.get(token) != job.num_ctx:
+            self._loading_ctx[token] = job.num_ctx
+            self._state_dirty.set()
 
     def _free(self, token: str) -> int:
         return self.settings.parallel - self._busy.get(token, 0) - len(self._waiting.get(token, ()))
@@ -310,10 +351,11 @@ class Agent:
             if job.slot is not None:
                 await job.slot  # granted by _release, in FIFO order
                 holds_slot = True
+            self._note_load(job)
             status = await self._worker.run(job)
             if job.token is not None:
                 await self._report(job, status)
-                if status == 200 and not job.explicit_ctx and job.token not in self._warm_tokens:
+                if status == 200 and not job.num_ctx and job.token not in self._warm_tokens:
                     self._ran_default.add(job.token)  # its runner shows Ollama's real default
                     self._refresh_now.set()
             if job.endpoint in _CHANGES_MODELS and 200 <= status < 300:
@@ -520,6 +562,7 @@ class Agent:
         # stays loading until Ollama answers (`_on_response`); an unlisted idle one is gone
         ready = {t for t in self._ready if t in tokens or self._busy.get(t)}
         ready |= {t for t in tokens if not self._busy.get(t)}
+        self._loading_ctx = {t: c for t, c in self._loading_ctx.items() if self._busy.get(t)}
         warm &= ready
         changed = (tuple(models), tuple(loaded)) != (self._models, self._loaded)
         self._models, self._loaded = tuple(models), tuple(loaded)
@@ -585,6 +628,11 @@ class Agent:
             models=self._models,
             loaded=self._loaded,
             loading=tuple(decode_token(t) for t in self._busy if t not in self._ready),
+            loading_ctx={
+                decode_token(t): c
+                for t, c in self._loading_ctx.items()
+                if t in self._busy and t not in self._ready
+            },
             parallel=self.settings.parallel,
             default_num_ctx=self.default_num_ctx(),
             default_ctx=dict(self._learned_ctx),
@@ -635,6 +683,14 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             await event.wait()
+
+
+@functools.lru_cache(maxsize=256)
+def _token_of(name: str) -> str | None:
+    try:
+        return parse_name(name).token
+    except InvalidModelName:
+        return None
 
 
 def _with_ollama_usage(gpus: tuple[Gpu, ...], loaded: list[PsModel]) -> tuple[Gpu, ...]:

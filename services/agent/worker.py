@@ -45,7 +45,7 @@ class Job:
     deadline_ms: int = 0
     echo_model: str | None = None
     upstream_model: str | None = None
-    explicit_ctx: bool = False  # the request gave its own num_ctx
+    num_ctx: int = 0  # the request's own options.num_ctx (0 = none: the backend's default)
     trace: dict[str, str] = field(default_factory=dict)
     last_sent: float = 0.0
     headed: bool = False

@@ -51,7 +51,7 @@ from nats.aio.subscription import Subscription
 from opentelemetry.trace import Tracer
 
 from services.client.fleet import FleetView
-from services.client.routing import DEFAULT_STRATEGY, Route, Router, warm
+from services.client.routing import DEFAULT_STRATEGY, Route, Router, loading_for, warm
 from services.client.sessions import Sessions
 from services.protocol import headers as H
 from services.protocol.errors import (
@@ -83,7 +83,7 @@ class DispatchSettings:
     strategy: str = DEFAULT_STRATEGY  # routing when a request names none
     queue: bool = True  # wait in the fleet-wide JetStream queue (False: wait at the agents)
     load_grace_s: float = 1.0  # a load this gateway started counts as under way this long before
-    # the agent's state shows it (a reload of a runner at another context never shows as loading)
+    # the agent's state shows it (the state follows the send by a publish)
     recheck_s: float = 1.0  # a queued request checks this often that someone will still serve it
     auto_pull: bool = False  # a model no agent has is pulled onto one (through the registry) first
 
@@ -575,7 +575,7 @@ class Dispatcher:
     def _loading_at(self, route: Route, a: AgentState) -> bool:
         """A load for ``route`` is under way at ``a``: its state says so, or this gateway sent one
         there moments ago (agent state lags the send by up to its publish interval)."""
-        if route.key in a.loading:
+        if loading_for(route, a):
             return True
         marker = self._loads.get((route.key, route.num_ctx or 0))
         if marker is None or marker[0] != a.id:

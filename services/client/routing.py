@@ -181,7 +181,11 @@ def _estimate(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -
         drain = busy * TYPICAL_REQUEST_S / parallel
         return drain + _load_time(_size(route, agent)) + CONTEXT_SWITCH_S, False
     if route.key in agent.loading:
-        return LOADING_REMAINING * _load_time(_size(route, agent)) + _queue_wait(busy, parallel), False
+        remaining = LOADING_REMAINING * _load_time(_size(route, agent)) + _queue_wait(busy, parallel)
+        if loading_for(route, agent):
+            return remaining, False
+        # loading for another context: that load, then a reload for this one
+        return remaining + _load_time(_size(route, agent)) + CONTEXT_SWITCH_S, False
     size = _size(route, agent)
     wait = _load_time(size)
     free = _vram_free(agent)
@@ -190,15 +194,31 @@ def _estimate(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -
     return wait, False
 
 
+def wanted_ctx(key: str, num_ctx: int | None, agent: AgentState) -> int:
+    """The context ``agent``'s Ollama gives a runner for ``key`` asked for ``num_ctx`` (None: the
+    agent's default, as observed or assumed); 0 when unknown."""
+    trained = agent.trained_ctx.get(key, 0)
+    if num_ctx is not None:
+        return effective_ctx(num_ctx, trained)
+    return agent.default_ctx.get(key) or effective_ctx(agent.default_num_ctx, trained)
+
+
 def runner_matches(route: Route, agent: AgentState, runner: PsModel) -> bool:
     """Whether ``runner`` can serve ``route`` without a reload: its context is the one asked for,
     or the agent's default when the request asks for none (Ollama reloads on any difference)."""
-    trained = agent.trained_ctx.get(route.key, 0)
-    if route.num_ctx is not None:
-        want = effective_ctx(route.num_ctx, trained)
-    else:
-        want = agent.default_ctx.get(route.key) or effective_ctx(agent.default_num_ctx, trained)
+    want = wanted_ctx(route.key, route.num_ctx, agent)
     return want == 0 or runner.context_length in (0, want)
+
+
+def loading_for(route: Route, agent: AgentState) -> bool:
+    """A load under way at ``agent`` will give ``route`` a matching runner: the model is loading
+    there, and (when the agent says for which context) for the context ``route`` needs."""
+    if route.key not in agent.loading:
+        return False
+    ctx = agent.loading_ctx.get(route.key)
+    if ctx is None:
+        return True  # the agent does not say which context: any load of the model counts
+    return wanted_ctx(route.key, ctx or None, agent) == wanted_ctx(route.key, route.num_ctx, agent)
 
 
 def effective_ctx(asked: int, trained: int) -> int:

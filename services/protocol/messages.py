@@ -75,7 +75,9 @@ class AgentState(Message, frozen=True, kw_only=True, omit_defaults=True):
     gpus: tuple[Gpu, ...] = ()
     models: tuple[TagModel, ...] = ()
     loaded: tuple[PsModel, ...] = ()
-    loading: tuple[str, ...] = ()  # model keys a load is under way for
+    loading: tuple[str, ...] = ()  # model keys a load (or a reload at another context) is under way for
+    loading_ctx: dict[str, int] = msgspec.field(default_factory=dict)  # model key → the num_ctx that
+    # load is for (0 = the agent's default); a load for another context is no use to a request
     parallel: int = 1  # slots per loaded model (OLLAMA_NUM_PARALLEL)
     default_num_ctx: int = 0  # num_ctx of a request without one; a runner with another must reload
     default_ctx: dict[str, int] = msgspec.field(default_factory=dict)  # model key → the context its

@@ -54,6 +54,7 @@ from services.client.routing import (
     Router,
     fits,
     load_time,
+    loading_for,
     warm,
 )
 from services.protocol.messages import (
@@ -195,7 +196,7 @@ class Placer:
         key = decode_token(token)
         if warm(Route(key=key, num_ctx=num_ctx), agent):
             return None  # that load is done
-        if key in agent.loading or age < self.load_grace_s:
+        if loading_for(Route(key=key, num_ctx=num_ctx), agent) or age < self.load_grace_s:
             return m.agent
         return None
 
@@ -279,7 +280,7 @@ class Placer:
         holders = self._holders(route)
         serving = [a for a in holders if warm(route, a)]
         starting = self._replicating.setdefault(token, set())
-        loading = [a for a in holders if not warm(route, a) and (key in a.loading or a.id in starting)]
+        loading = [a for a in holders if not warm(route, a) and (loading_for(route, a) or a.id in starting)]
         if not serving and not loading:
             return False  # no load under way yet: the first one is the placement's business
         spare = [a for a in holders if a not in serving and a not in loading and fits(route, a)]

@@ -12,7 +12,7 @@ import msgspec
 import ollama
 import pytest
 
-from services.client.routing import Route, warm
+from services.client.routing import Route, loading_for, warm
 from services.client.sessions import Sessions
 from services.protocol import headers as H
 from services.protocol.messages import AgentState
@@ -321,7 +321,41 @@ async def test_a_model_listed_while_it_loads_is_loading_not_warm(nats_server: Na
         async with await request as r:
             assert r.status == 200
         await until(fleet, lambda: bool((a := state()) and warm(Route(key=KEY), a) and not a.loading))
-        assert parse_name(MODEL).token in agent._warm_tokens
+
+
+async def test_a_reload_at_another_context_shows_as_loading_for_that_context(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A warm default runner that Ollama replaces for a request's own num_ctx is loading — for that
+    context — until Ollama answers: no use to default requests meanwhile, and no claims."""
+    opts = _options(nats_server, root, sims=1, sim={"time_scale": 0.05, "load_bandwidth": 7e7})
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+        gw, agent, sim = fleet.gateway, fleet.agents[0], fleet.sims[0]
+        assert gw is not None
+        body = {
+            "model": MODEL,
+            "prompt": "wide",
+            "stream": False,
+            "options": {"num_ctx": 8192, "num_predict": 2},
+        }
+        request = asyncio.create_task(s.post(fleet.url + "/api/generate", json=body))
+
+        def state() -> AgentState | None:
+            return gw.fleet.get(agent.id)
+
+        await until(fleet, lambda: bool((a := state()) and a.loading))
+        reloading = state()
+        assert reloading is not None and sim.stats.reloads == 1 and sim.stats.loads_completed == 1
+        assert reloading.loading_ctx == {KEY: 8192}
+        assert loading_for(Route(key=KEY, num_ctx=8192), reloading)
+        assert not loading_for(Route(key=KEY), reloading) and not warm(Route(key=KEY), reloading)
+        assert parse_name(MODEL).token not in agent._warm_tokens  # default claims withdrawn
+        async with await request as r:
+            assert r.status == 200
+        await until(fleet, lambda: bool((a := state()) and not a.loading))
+        done = state()
+        assert done is not None and warm(Route(key=KEY, num_ctx=8192), done)
 
 
 async def _warm_first_only(fleet: LocalFleet) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,7 +18,9 @@ from services.client.routing import (
     estimate_ttft,
     estimate_wait,
     load,
+    loading_for,
     parse_strategy,
+    warm,
 )
 from services.protocol.messages import AgentState, Gpu, PsModel, TagModel
 
@@ -298,6 +301,26 @@ def test_auto_model_size_from_route_else_tags_else_default() -> None:
 def test_auto_loading_beats_cold_and_loses_to_warm() -> None:
     fleet = [agent("cold"), agent("loading", loading=True), agent("warm", loaded=True)]
     assert rank("auto", Route(MODEL), fleet) == ["warm", "loading", "cold"]
+
+
+def test_a_runner_listed_while_loading_is_not_warm() -> None:
+    # Ollama lists a runner in /api/ps from the start of its load; the agent says it is loading
+    listed = agent("listed", loaded=True, loading=True)
+    assert not warm(Route(MODEL), listed) and loading_for(Route(MODEL), listed)
+    assert rank("auto", Route(MODEL), [listed, agent("warm", loaded=True)]) == ["warm", "listed"]
+
+
+def test_a_load_counts_only_for_the_context_it_is_for() -> None:
+    wide = msgspec.structs.replace(
+        agent("wide", loaded=True, ctx=4096, loading=True), default_num_ctx=4096, loading_ctx={MODEL: 8192}
+    )
+    assert loading_for(Route(MODEL, num_ctx=8192), wide)
+    assert not loading_for(Route(MODEL), wide) and not loading_for(Route(MODEL, num_ctx=2048), wide)
+    default = msgspec.structs.replace(wide, loading_ctx={MODEL: 0})
+    assert loading_for(Route(MODEL), default) and loading_for(Route(MODEL, num_ctx=4096), default)
+    # a request for the default waits out the wide load and then a reload: a cold load elsewhere wins
+    assert rank("auto", Route(MODEL), [wide, agent("disk")]) == ["disk", "wide"]
+    assert rank("auto", Route(MODEL, num_ctx=8192), [wide, agent("disk")]) == ["wide", "disk"]
 
 
 def test_auto_num_ctx_goes_to_the_matching_runner() -> None:
