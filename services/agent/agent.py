@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import logging
 import socket
 import time
@@ -33,9 +32,10 @@ from opentelemetry.trace import TracerProvider
 
 from services.agent.ollama import OllamaClient
 from services.agent.worker import Job, Worker, reply_counts
-from services.client.routing import effective_ctx
+from services.client.routing import effective_ctx, key_of
 from services.protocol import headers as H
-from services.protocol.errors import Cancelled, InvalidModelName
+from services.protocol.endpoints import MODEL_ENDPOINTS
+from services.protocol.errors import Cancelled
 from services.protocol.messages import (
     AgentState,
     Gpu,
@@ -44,7 +44,7 @@ from services.protocol.messages import (
     TagModel,
     agent_state_encoder,
 )
-from services.protocol.names import ANY_VENDOR, VENDORS, decode_token, parse_name
+from services.protocol.names import ANY_VENDOR, VENDORS, decode_token, encode_token, parse_name
 from services.protocol.subjects import Subjects
 from services.runtime.nats import Buckets, connect, ensure_buckets
 from services.runtime.settings import CommonSettings
@@ -59,18 +59,6 @@ _GIB = 1 << 30
 
 # endpoints after which the models on disk differ: the agent re-reads its Ollama at once
 _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create"})
-# requests that run their model, so Ollama loads it (or reloads it at their context) first
-_LOADS_MODEL = frozenset(
-    {
-        "/api/generate",
-        "/api/chat",
-        "/api/embed",
-        "/api/embeddings",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-    }
-)
 
 
 class AgentSettings(CommonSettings, frozen=True, kw_only=True):
@@ -143,7 +131,10 @@ class Agent:
         # models Ollama has finished loading: in /api/ps with none of our requests waiting on a
         # load, or answered a request since (Ollama lists a runner in /api/ps while it loads)
         self._ready: set[str] = set()
-        self._loading_ctx: dict[str, int] = {}  # token → the num_ctx its load is for (0 = default)
+        # token → {request id: (its num_ctx or 0, the context it needs)} of the requests waiting on
+        # a load (or reload) of that model, oldest first: the first one's context is loading now
+        self._load_waiters: dict[str, dict[str, tuple[int, int]]] = {}
+        self._ready_news = False  # a model became ready since the last refresh
         self._warm_tokens: frozenset[str] = frozenset()  # loaded at the default num_ctx: claimable
         self._trained: dict[str, int] = {}  # loaded model key → trained context
         self._ran_default: set[str] = set()  # tokens just served without num_ctx (not yet warm)
@@ -267,37 +258,68 @@ class Agent:
         )
 
     def _on_response(self, job: Job, status: int) -> None:
-        if job.token is not None and status < 400 and job.token not in self._ready:
-            self._ready.add(job.token)  # Ollama answers only once the model is loaded
-            self._loading_ctx.pop(job.token, None)
+        token = job.token
+        if token is None or status >= 400:
+            return
+        waiters = self._load_waiters.get(token)
+        if waiters is not None:
+            mine = waiters.pop(job.rid, None)
+            if mine is None:
+                return  # answered on the runner before the load this model waits on
+            # the runner now has this request's context: those waiting for the same context run on
+            # it; any waiting for another context wait on a reload after it
+            waiters = {rid: w for rid, w in waiters.items() if w[1] != mine[1]}
             self._state_dirty.set()
+            if waiters:
+                self._load_waiters[token] = waiters
+                return
+            del self._load_waiters[token]
+        if token not in self._ready:
+            self._ready.add(token)  # Ollama answers only once the model is loaded
+            # published by the refresh this triggers, together with Ollama's /api/ps: a state that
+            # says "not loading" must also list the runner, or the model looks absent meanwhile
+            self._ready_news = True
             self._refresh_now.set()  # advertise it and take interest at once
 
     def _note_load(self, job: Job) -> None:
         """Before ``job`` reaches Ollama: will it load its model, or reload the runner at another
         context? Then the model is loading — for that context — until Ollama answers."""
         token = job.token
-        if token is None or job.endpoint not in _LOADS_MODEL:
+        if token is None or job.endpoint not in MODEL_ENDPOINTS:
             return
-        if token in self._ready:
+        if not job.num_ctx and token in self._warm_tokens and token not in self._load_waiters:
+            return  # the common case: a default request on a warm default runner
+        key = decode_token(token)
+        want = self._wanted_ctx(key, job.num_ctx)
+        waiters = self._load_waiters.get(token)
+        if waiters is None and token in self._ready:
             runner = next((m for m in self._loaded if _token_of(m.name) == token), None)
-            if runner is None or not runner.context_length:
-                return
-            key = decode_token(token)
-            trained = self._trained.get(key, 0)
-            if job.num_ctx:
-                want = effective_ctx(job.num_ctx, trained)
-            else:
-                want = self._learned_ctx.get(key) or effective_ctx(self.default_num_ctx(), trained)
-            if runner.context_length == want:
-                return
-            self._ready.discard(token)  # Ollama replaces the runner: a reload
+            if runner is not None and runner.context_length in (0, want):
+                return  # a runner that serves it is loaded
+            # a runner at another context (a reload), or none since the last /api/ps (a load)
+            self._ready.discard(token)
             if token in self._warm_tokens:
                 self._warm_tokens = self._warm_tokens - {token}
                 self._claims_dirty.set()
-        if self._loading_ctx.get(token) != job.num_ctx:
-            self._loading_ctx[token] = job.num_ctx
+        self._load_waiters.setdefault(token, {})[job.rid] = (job.num_ctx, want)
+        self._state_dirty.set()
+
+    def _forget_waiter(self, job: Job) -> None:
+        """``job`` ended without an answer: it waits on no load any more."""
+        if job.token is None:
+            return
+        waiters = self._load_waiters.get(job.token)
+        if waiters is not None and waiters.pop(job.rid, None) is not None and not waiters:
+            del self._load_waiters[job.token]
             self._state_dirty.set()
+
+    def _wanted_ctx(self, key: str, num_ctx: int) -> int:
+        """The context Ollama gives ``key``'s runner for a request asking ``num_ctx`` (0: the default
+        — as observed, else as assumed from configuration and VRAM), capped at the trained context."""
+        trained = self._trained.get(key, 0)
+        if num_ctx:
+            return effective_ctx(num_ctx, trained)
+        return self._learned_ctx.get(key) or effective_ctx(self.default_num_ctx(), trained)
 
     def _free(self, token: str) -> int:
         return self.settings.parallel - self._busy.get(token, 0) - len(self._waiting.get(token, ()))
@@ -367,6 +389,7 @@ class Agent:
             # the job ends here; the TaskGroup must not see this cancellation as its own
         finally:
             self._jobs.pop(job.rid, None)
+            self._forget_waiter(job)
             if job.token is not None:
                 if holds_slot:
                     self._release(job.token)
@@ -562,12 +585,11 @@ class Agent:
         # stays loading until Ollama answers (`_on_response`); an unlisted idle one is gone
         ready = {t for t in self._ready if t in tokens or self._busy.get(t)}
         ready |= {t for t in tokens if not self._busy.get(t)}
-        self._loading_ctx = {t: c for t, c in self._loading_ctx.items() if self._busy.get(t)}
         warm &= ready
         changed = (tuple(models), tuple(loaded)) != (self._models, self._loaded)
         self._models, self._loaded = tuple(models), tuple(loaded)
-        if ready != self._ready:
-            self._ready = ready
+        if ready != self._ready or self._ready_news:
+            self._ready, self._ready_news = ready, False
             self._state_dirty.set()
         if warm != self._warm_tokens:
             self._warm_tokens = frozenset(warm)
@@ -629,9 +651,9 @@ class Agent:
             loaded=self._loaded,
             loading=tuple(decode_token(t) for t in self._busy if t not in self._ready),
             loading_ctx={
-                decode_token(t): c
-                for t, c in self._loading_ctx.items()
-                if t in self._busy and t not in self._ready
+                decode_token(t): next(iter(w.values()))[0]  # the oldest waiter's load runs first
+                for t, w in self._load_waiters.items()
+                if w and t not in self._ready
             },
             parallel=self.settings.parallel,
             default_num_ctx=self.default_num_ctx(),
@@ -685,12 +707,9 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
             await event.wait()
 
 
-@functools.lru_cache(maxsize=256)
 def _token_of(name: str) -> str | None:
-    try:
-        return parse_name(name).token
-    except InvalidModelName:
-        return None
+    key = key_of(name)  # memoised: names repeat on every /api/ps read
+    return encode_token(key) if key is not None else None
 
 
 def _with_ollama_usage(gpus: tuple[Gpu, ...], loaded: list[PsModel]) -> tuple[Gpu, ...]:

@@ -50,14 +50,13 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from opentelemetry.trace import Tracer
 
-from services.client.fleet import FleetView
+from services.client.fleet import FleetView, pull_order
 from services.client.routing import DEFAULT_STRATEGY, Route, Router, loading_for, warm
 from services.client.sessions import Sessions
 from services.protocol import headers as H
 from services.protocol.errors import (
     AgentUnavailable,
     BadRequest,
-    CorralError,
     ModelNotFound,
     NoCapacity,
     from_code,
@@ -65,6 +64,7 @@ from services.protocol.errors import (
 from services.protocol.messages import AgentState, PlaceRequest, place_reply_decoder
 from services.protocol.names import ANY_VENDOR, ModelName, parse_name, split_vendor_pin
 from services.protocol.subjects import Subjects
+from services.runtime.tasks import cancel_and_wait
 from services.runtime.telemetry import publish_span
 from services.runtime.workqueue import Queued, QueueFull, enqueue, withdraw
 
@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 
 PAYLOAD_HEADROOM = 8 * 1024  # room left for headers under the server's max_payload
 WARM_BUSY_RETRIES = 3
+PULL_FAILURE_MEMORY_S = 10.0  # an auto-pull that failed answers the same model's requests this long
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,7 @@ class Dispatcher:
         self._subs.append(await self.nc.subscribe(self.subjects.body_all(self.id), cb=self._on_body))
 
     async def stop(self) -> None:
+        await cancel_and_wait(list(self._pulls.values()))
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -403,7 +405,14 @@ class Dispatcher:
         if pull is None:
             pull = asyncio.ensure_future(self._pull(req.model, key[1]))
             self._pulls[key] = pull
-            pull.add_done_callback(lambda _: self._pulls.pop(key, None))
+
+            def forget(done: asyncio.Future[bool]) -> None:
+                # a failed pull answers the requests after it for a while (no pull per request
+                # for a model that does not exist); a successful one is done with
+                delay = 0.0 if done.cancelled() or done.result() else PULL_FAILURE_MEMORY_S
+                asyncio.get_running_loop().call_later(delay, lambda: self._pulls.pop(key, None))
+
+            pull.add_done_callback(forget)
         return await asyncio.shield(pull)
 
     async def _pull(self, model: ModelName, vendor: str | None) -> bool:
@@ -414,16 +423,13 @@ class Dispatcher:
             reply = await self.send_service(
                 self.subjects.registry("pull"), work, timeout=self.settings.claim_timeout
             )
-            if reply is None:  # no registry: the agent with the fewest models, as the registry would
-                agents = sorted(
-                    (a for a in self.fleet.agents() if a.status == "active" and vendor in (None, a.vendor)),
-                    key=lambda a: (len(a.models), a.id),
-                )
+            if reply is None:  # no registry: the agent the registry would have chosen
+                agents = pull_order(self.fleet, model.key, vendor)
                 if not agents:
                     return False
                 reply = await self.send_to(agents[0].id, WorkRequest("/api/pull", body))
             data = await reply.read()
-        except CorralError as e:
+        except Exception as e:  # CorralError, or NATS going away under a stopping gateway
             log.warning("pulling %s failed: %s", model.display, e)
             return False
         if reply.status != 200:

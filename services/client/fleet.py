@@ -123,3 +123,12 @@ def _keys(names: Iterable[str]) -> list[str]:
         except Exception:  # a name Ollama reports but we cannot parse: skip it, keep the rest
             log.debug("unparseable model name %r", n)
     return out
+
+
+def pull_order(fleet: FleetView, key: str, vendor: str | None) -> list[AgentState]:
+    """Where a pull should go, best first: active agents (of ``vendor``) that already have the
+    model (a pull there only checks), then those with the fewest models."""
+    agents = [a for a in fleet.agents() if a.status == "active" and vendor in (None, a.vendor)]
+    has = {a.id for a in fleet.with_model(key)}
+    agents.sort(key=lambda a: (a.id not in has, len(a.models), a.id))
+    return agents

@@ -281,11 +281,11 @@ def _runner(agent: AgentState, key: str) -> PsModel | None:
 
 
 def _matches(name: str, key: str) -> bool:
-    return name == key or _key_of(name) == key
+    return name == key or key_of(name) == key
 
 
 @functools.lru_cache(maxsize=1024)
-def _key_of(name: str) -> str | None:
+def key_of(name: str) -> str | None:
     """The routing key of a name as an agent reports it; memoised, names repeat on every snapshot."""
     try:
         return parse_name(name).key

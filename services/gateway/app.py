@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.client import views
 from services.client.dispatch import Dispatcher, DispatchSettings, Reply, WorkRequest, model_work
-from services.client.fleet import FleetView
+from services.client.fleet import FleetView, pull_order
 from services.client.routing import STRATEGIES, parse_strategy
 from services.client.sessions import Sessions
 from services.gateway import bodies
@@ -39,6 +39,7 @@ from services.gateway.relay import (
     respond,
     respond_error,
 )
+from services.protocol.endpoints import MODEL_ENDPOINTS
 from services.protocol.errors import (
     BadRequest,
     CorralError,
@@ -48,7 +49,6 @@ from services.protocol.errors import (
 )
 from services.protocol.names import VENDORS, ModelName, parse_name
 from services.protocol.subjects import Subjects
-from services.registry.registry import pull_order
 from services.runtime.nats import connect, ensure_buckets
 from services.runtime.settings import CommonSettings
 from services.runtime.tasks import cancel_and_wait
@@ -57,17 +57,6 @@ from services.runtime.workqueue import depths, ensure_stream
 
 log = logging.getLogger(__name__)
 
-MODEL_ENDPOINTS = frozenset(
-    {
-        "/api/generate",
-        "/api/chat",
-        "/api/embed",
-        "/api/embeddings",
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-    }
-)
 NDJSON_DEFAULT_STREAM = frozenset({"/api/generate", "/api/chat"})
 STRATEGY_HEADER = b"x-load-balancing-strategy"
 ENFORCE_HEADER = b"x-enforce-strategy"

@@ -72,6 +72,7 @@ from services.runtime.workqueue import depths
 log = logging.getLogger(__name__)
 
 LOAD_TIMEOUT_S = 300.0
+REPLICA_SETTLE_S = 10.0  # at most this long from a replica's load to its agent showing it warm
 _enc = msgspec.json.Encoder()
 
 
@@ -307,10 +308,19 @@ class Placer:
         try:
             reply = await self.dispatcher.send_to(agent_id, work)
             await reply.read()
+            # it counts as loading here until the fleet shows it serving (the agent's state
+            # follows the load by a refresh), lest the next check load it there again
+            deadline = time.monotonic() + REPLICA_SETTLE_S
+            while not self._serves(agent_id, key) and (left := deadline - time.monotonic()) > 0:
+                await self.fleet.wait_changed(left)
         except Exception as e:
             log.warning("replica of %s on %s did not load: %s", key, agent_id, e)
         finally:
             self._replicating.get(token, set()).discard(agent_id)
+
+    def _serves(self, agent_id: str, key: str) -> bool:
+        agent = self.fleet.get(agent_id)
+        return agent is not None and warm(Route(key=key), agent)
 
     async def stop(self) -> None:
         await cancel_and_wait(self._preloads)

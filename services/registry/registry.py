@@ -40,7 +40,7 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from services.client.dispatch import Dispatcher, DispatchSettings, WorkRequest
-from services.client.fleet import STALE_HEARTBEATS, FleetView
+from services.client.fleet import STALE_HEARTBEATS, FleetView, pull_order
 from services.protocol import headers as H
 from services.protocol.errors import BadRequest, CorralError
 from services.protocol.messages import AgentEvent, AgentState, agent_state_decoder
@@ -402,15 +402,6 @@ class Registry:
             for r in runners:
                 r.cancel()
             await asyncio.gather(*runners, return_exceptions=True)
-
-
-def pull_order(fleet: FleetView, key: str, vendor: str | None) -> list[AgentState]:
-    """Where a pull should go, best first: active agents (of ``vendor``) that already have the
-    model (a pull there only checks), then those with the fewest models."""
-    agents = [a for a in fleet.agents() if a.status == "active" and vendor in (None, a.vendor)]
-    has = {a.id for a in fleet.with_model(key)}
-    agents.sort(key=lambda a: (a.id not in has, len(a.models), a.id))
-    return agents
 
 
 def _member_key(agent_id: str) -> str:

@@ -15,7 +15,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-RECANCEL_S = 0.05  # how long a cancelled task gets to end before it is cancelled again
+FIRST_WAIT_S = 1.0  # a cancelled task's time to clean up before it is cancelled again
+RECANCEL_S = 0.05  # then, how often it is cancelled again
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, timeout: float = 10.0) -> None:
@@ -25,6 +26,7 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, timeout: floa
     pending = {t for t in tasks if not t.done()}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    wait = FIRST_WAIT_S  # cleanup that awaits (a publish, a close) is not cut short at once
     while pending:
         remaining = deadline - loop.time()
         if remaining <= 0:
@@ -32,7 +34,8 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, timeout: floa
             return
         for t in pending:
             t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=min(RECANCEL_S, remaining))
+        _, pending = await asyncio.wait(pending, timeout=min(wait, remaining))
+        wait = RECANCEL_S
     for t in tasks:
         if not t.cancelled():
             t.exception()  # retrieved: a stopping task's error is not news

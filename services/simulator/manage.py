@@ -136,6 +136,8 @@ class ManageRoutes:
         except CorralError as e:
             return error_response(e.status, e.message)
         offer = ctx.catalog.registry.get(name.key)
+        if offer is not None:
+            ctx.stats.bump("pulls")
         stream = req.stream is not False
         writer = StreamWriter(request)
 

@@ -345,8 +345,9 @@ async def test_a_reload_at_another_context_shows_as_loading_for_that_context(
             return gw.fleet.get(agent.id)
 
         await until(fleet, lambda: bool((a := state()) and a.loading))
+        await sim.stats.wait_for(lambda st: st.reloads == 1)  # Ollama's side of the same reload
         reloading = state()
-        assert reloading is not None and sim.stats.reloads == 1 and sim.stats.loads_completed == 1
+        assert reloading is not None and sim.stats.loads_completed == 1
         assert reloading.loading_ctx == {KEY: 8192}
         assert loading_for(Route(key=KEY, num_ctx=8192), reloading)
         assert not loading_for(Route(key=KEY), reloading) and not warm(Route(key=KEY), reloading)
@@ -356,6 +357,38 @@ async def test_a_reload_at_another_context_shows_as_loading_for_that_context(
         await until(fleet, lambda: bool((a := state()) and not a.loading))
         done = state()
         assert done is not None and warm(Route(key=KEY, num_ctx=8192), done)
+
+
+async def test_a_model_stays_loading_while_a_request_waits_to_reload_it_at_its_context(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A reload for a wide request, and a default request behind it: when the wide one is answered
+    the model is still loading — now for the default context the next reload gives it."""
+    opts = _options(nats_server, root, sims=1, sim={"time_scale": 0.05, "load_bandwidth": 7e7})
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+        gw, agent, sim = fleet.gateway, fleet.agents[0], fleet.sims[0]
+        assert gw is not None
+
+        def state() -> AgentState | None:
+            return gw.fleet.get(agent.id)
+
+        wide = {"model": MODEL, "prompt": "wide", "options": {"num_ctx": 8192, "num_predict": 20}}
+        narrow = {"model": MODEL, "prompt": "default", "stream": False, "options": {"num_predict": 2}}
+        first = asyncio.create_task(s.post(fleet.url + "/api/generate", json=wide))
+        await until(fleet, lambda: bool((a := state()) and a.loading_ctx == {KEY: 8192}))
+        behind = asyncio.create_task(s.post(fleet.url + "/api/generate", json=narrow))
+        await sim.stats.wait_for(lambda st: st.started == 2)  # both at Ollama: one reloading, one waiting
+        async with await first as r:  # the wide request is answered: its runner is up
+            await until(fleet, lambda: bool((a := state()) and a.loading_ctx == {KEY: 0}))
+            listed = state()
+            assert listed is not None and not warm(Route(key=KEY), listed)
+            assert parse_name(MODEL).token not in agent._warm_tokens
+            await r.read()
+        async with await behind as r2:
+            assert r2.status == 200
+        await until(fleet, lambda: bool((a := state()) and not a.loading and warm(Route(key=KEY), a)))
+        assert sim.stats.reloads == 2
 
 
 async def _warm_first_only(fleet: LocalFleet) -> None:
