@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import aiohttp
 import msgspec
 from nats.aio.client import Client as NATS
-from opentelemetry.trace import SpanKind, Tracer
+from opentelemetry.trace import Tracer
 
 from services.agent.ollama import OllamaClient
 from services.protocol import headers as H
 from services.protocol.errors import BackendError, Cancelled, CorralError, InternalError, NoCapacity
-from services.runtime.telemetry import process_span
+from services.runtime.telemetry import client_span, process_span
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +169,7 @@ class Worker:
         try:
             with process_span(template, job.subject, job.trace, tracer=self._tracer):
                 body = await self._fetch_body(job) if job.body_size is not None else job.body
-                with self._tracer.start_as_current_span(
-                    f"{job.method} {job.endpoint}", kind=SpanKind.CLIENT
-                ) as span:
+                with client_span(self._tracer, f"{job.method} {job.endpoint}") as span:
                     async with self.ollama.request(job.method, job.endpoint, body or None) as resp:
                         status = resp.status
                         if self.on_response is not None:

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
-from opentelemetry.trace import SpanKind, TracerProvider
+from opentelemetry.trace import TracerProvider
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.client import views
@@ -52,7 +52,7 @@ from services.protocol.subjects import Subjects
 from services.runtime.nats import connect, ensure_buckets
 from services.runtime.settings import CommonSettings
 from services.runtime.tasks import cancel_and_wait
-from services.runtime.telemetry import extract_context, tracer
+from services.runtime.telemetry import server_span, tracer
 from services.runtime.workqueue import depths, ensure_stream
 
 log = logging.getLogger(__name__)
@@ -186,10 +186,10 @@ class Gateway:
     async def _model_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint: str = scope["path"]
         openai = endpoint.startswith("/v1/")
-        ctx = extract_context(
-            {k.decode(): v.decode() for k, v in scope["headers"] if k in (b"traceparent", b"tracestate")}
-        )
-        with self._tracer.start_as_current_span(f"POST {endpoint}", kind=SpanKind.SERVER, context=ctx):
+        carrier = {
+            k.decode(): v.decode() for k, v in scope["headers"] if k in (b"traceparent", b"tracestate")
+        }
+        with server_span(self._tracer, f"POST {endpoint}", carrier):
             try:
                 body = await read_body(receive)
             except ConnectionResetError:

@@ -14,10 +14,13 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
 
 from services.runtime.telemetry import (
+    client_span,
     extract_context,
     inject_headers,
     process_span,
     publish_span,
+    recording,
+    server_span,
     setup_tracing,
     tracer,
 )
@@ -185,6 +188,36 @@ def test_noop_tracer_passes_upstream_context_through_unchanged() -> None:
         assert not span.is_recording()
         inject_headers(outgoing)
     assert outgoing == {"traceparent": TRACEPARENT}
+
+
+def test_tracing_off_server_and_client_spans_relay_an_incoming_trace_only() -> None:
+    t = tracer("gateway")
+    assert not recording(t)
+    with server_span(t, "POST /api/chat", {}):
+        with client_span(t, "POST /api/chat") as span:
+            assert not span.is_recording() and not span.get_span_context().is_valid
+        headers: dict[str, str] = {}
+        with publish_span(TEMPLATE, SUBJECT, headers, tracer=t):
+            pass
+        assert headers == {}  # nothing came in, nothing goes out
+    with server_span(t, "POST /api/chat", {"traceparent": TRACEPARENT}):
+        headers = {}
+        with publish_span(TEMPLATE, SUBJECT, headers, tracer=t):
+            pass
+        assert headers == {"traceparent": TRACEPARENT}  # the client's trace goes on, unrecorded
+
+
+def test_a_tracer_made_before_the_global_provider_records_once_it_is_set(
+    exporter: InMemorySpanExporter,
+) -> None:
+    early = tracer("made-at-import")
+    assert not recording(early)
+    setup_tracing("corral-gateway", endpoint=None, exporter=exporter)
+    assert recording(early)
+    with server_span(early, "POST /api/generate", {}):
+        with client_span(early, "POST /api/generate") as span:
+            assert span.is_recording()
+    assert [s.name for s in exporter.get_finished_spans()] == ["POST /api/generate"] * 2
 
 
 # -- global setup, as __main__ does it ------------------------------------------------------
