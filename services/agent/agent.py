@@ -254,6 +254,7 @@ class Agent:
             echo_model=h.get(H.ECHO_MODEL),
             upstream_model=h.get(H.UPSTREAM_MODEL),
             num_ctx=int(h.get(H.NUM_CTX) or 0),
+            unload=H.UNLOAD in h,
             trace={k: h[k] for k in (H.TRACEPARENT, H.TRACESTATE) if k in h},
         )
 
@@ -285,7 +286,7 @@ class Agent:
         """Before ``job`` reaches Ollama: will it load its model, or reload the runner at another
         context? Then the model is loading — for that context — until Ollama answers."""
         token = job.token
-        if token is None or job.endpoint not in MODEL_ENDPOINTS:
+        if token is None or job.unload or job.endpoint not in MODEL_ENDPOINTS:
             return
         if not job.num_ctx and token in self._warm_tokens and token not in self._load_waiters:
             return  # the common case: a default request on a warm default runner
@@ -380,8 +381,8 @@ class Agent:
                 if status == 200 and not job.num_ctx and job.token not in self._warm_tokens:
                     self._ran_default.add(job.token)  # its runner shows Ollama's real default
                     self._refresh_now.set()
-            if job.endpoint in _CHANGES_MODELS and 200 <= status < 300:
-                self._refresh_now.set()  # what is on disk changed: advertise it now
+            if (job.unload or job.endpoint in _CHANGES_MODELS) and 200 <= status < 300:
+                self._refresh_now.set()  # what is on disk or loaded changed: advertise it now
         except asyncio.CancelledError:
             if not holds_slot:
                 with contextlib.suppress(Exception):

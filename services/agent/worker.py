@@ -46,6 +46,7 @@ class Job:
     echo_model: str | None = None
     upstream_model: str | None = None
     num_ctx: int = 0  # the request's own options.num_ctx (0 = none: the backend's default)
+    unload: bool = False  # keep_alive 0 with nothing to run: what Ollama has loaded changes
     trace: dict[str, str] = field(default_factory=dict)
     last_sent: float = 0.0
     headed: bool = False

@@ -106,6 +106,7 @@ class WorkRequest:
     num_ctx: int | None = None  # the request's runner context (options.num_ctx); None = default
     session: str | None = None  # conversation key (`services.gateway.bodies.session`)
     follow_up: bool = False  # the request continues that conversation
+    unload: bool = False  # keep_alive 0 with nothing to run (the agent re-reads /api/ps after it)
 
 
 _any = msgspec.json.Decoder()
@@ -724,6 +725,8 @@ class Dispatcher:
             hdrs[H.METHOD] = req.method
         if req.num_ctx is not None:
             hdrs[H.NUM_CTX] = str(req.num_ctx)
+        if req.unload:
+            hdrs[H.UNLOAD] = "1"
         if req.echo_model and req.upstream_model:
             hdrs[H.ECHO_MODEL] = req.echo_model
             hdrs[H.UPSTREAM_MODEL] = req.upstream_model

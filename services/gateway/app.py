@@ -244,6 +244,7 @@ class Gateway:
     async def _unload(self, work: WorkRequest, raw: str, receive: Receive, send: Send) -> None:
         """``keep_alive: 0`` with nothing to run: every agent holding the model must let it go."""
         assert work.model is not None
+        work.unload = True
         key = work.model.key
         loaded = [a.id for a in self.fleet.loaded_on(key) if not work.strict or a.vendor == work.vendor]
         if not loaded:

@@ -41,6 +41,7 @@ UPSTREAM_MODEL: Final = "Corral-Upstream-Model"
 BODY_SIZE: Final = "Corral-Body-Size"
 REPLY: Final = "Corral-Reply"
 NUM_CTX: Final = "Corral-Num-Ctx"  # set when the request gives options.num_ctx (value: that number)
+UNLOAD: Final = "Corral-Unload"  # set on a keep_alive 0 unload: the agent re-reads its Ollama after it
 
 KIND: Final = "Corral-Kind"
 AGENT: Final = "Corral-Agent"
