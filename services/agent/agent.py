@@ -362,7 +362,7 @@ class Agent:
         if job.slot is None and job.token is not None:
             self._busy[job.token] = self._busy.get(job.token, 0) + 1
         self._jobs[job.rid] = job
-        await self._worker.claim(job)
+        self._worker.claim_soon(job)
         job.task = self._tg.create_task(self._execute(job), name=f"job-{job.rid}")
         self._claims_dirty.set()
         self._state_dirty.set()
@@ -389,6 +389,8 @@ class Agent:
                     await asyncio.shield(self._worker.fail(job, Cancelled("request canceled")))
             # the job ends here; the TaskGroup must not see this cancellation as its own
         finally:
+            if job.claim_timer is not None:
+                job.claim_timer.cancel()
             self._jobs.pop(job.rid, None)
             self._forget_waiter(job)
             if job.token is not None:

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 HEADROOM = 8 * 1024
 _TAIL = 4096  # bytes of a reply kept to read its final token counts from
+# A job's claim waits this long for its head: a reply that quick claims with its head, one message
+# instead of two (far inside the gateway's claim timeout, which is seconds)
+CLAIM_DELAY_S = 0.005
 
 
 @dataclass(eq=False)
@@ -49,6 +52,8 @@ class Job:
     unload: bool = False  # keep_alive 0 with nothing to run: what Ollama has loaded changes
     trace: dict[str, str] = field(default_factory=dict)
     last_sent: float = 0.0
+    claimed: bool = False  # the gateway knows this agent has it (a claim, or a head that says so)
+    claim_timer: asyncio.TimerHandle | None = None
     headed: bool = False
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
@@ -123,13 +128,43 @@ class Worker:
         self._tracer = tracer
         # called when Ollama's response headers arrive: a model it had to load is loaded by then
         self.on_response: Callable[[Job, int], None] | None = None  # Ollama's head arrived (status)
+        self._claiming: set[asyncio.Future[None]] = set()
 
     async def send(self, job: Job, payload: bytes, headers: dict[str, str] | None) -> None:
+        if not job.claimed:
+            if headers is not None and headers.get(H.KIND) == H.HEAD:
+                # a reply quicker than the claim's delay: its head is the claim too (one message)
+                job.claimed = True
+                if job.claim_timer is not None:
+                    job.claim_timer.cancel()
+                headers = {**headers, H.AGENT: self.agent_id, H.REQUEST: job.rid}
+            else:
+                await self.claim(job)
         job.last_sent = time.monotonic()
         await self.nc.publish(job.reply, payload, headers=headers)
 
     async def claim(self, job: Job) -> None:
-        await self.send(job, b"", {H.KIND: H.CLAIM, H.AGENT: self.agent_id, H.REQUEST: job.rid})
+        if job.claimed:
+            return
+        job.claimed = True
+        if job.claim_timer is not None:
+            job.claim_timer.cancel()
+        job.last_sent = time.monotonic()
+        await self.nc.publish(
+            job.reply, b"", headers={H.KIND: H.CLAIM, H.AGENT: self.agent_id, H.REQUEST: job.rid}
+        )
+
+    def claim_soon(self, job: Job, delay: float = CLAIM_DELAY_S) -> None:
+        """Claim ``job`` after ``delay`` unless its head goes out first and claims it."""
+        job.last_sent = time.monotonic()  # not silent yet: no ping before the claim is due
+        job.claim_timer = asyncio.get_running_loop().call_later(delay, self._claim_due, job)
+
+    def _claim_due(self, job: Job) -> None:
+        job.claim_timer = None
+        if not job.claimed:
+            task = asyncio.ensure_future(self.claim(job))
+            self._claiming.add(task)
+            task.add_done_callback(self._claiming.discard)
 
     async def ping(self, job: Job) -> None:
         await self.send(job, b"", {H.KIND: H.PING})

@@ -311,8 +311,8 @@ class Dispatcher:
         call = self._calls.get(msg.subject[self._reply_prefix :])
         if call is not None:
             call.queue.put_nowait(msg)
-        elif msg.headers and msg.headers.get(H.KIND) == H.CLAIM:
-            # a claim for a request we already gave up on: tell that agent to drop it
+        elif msg.headers and msg.headers.get(H.KIND) in (H.CLAIM, H.HEAD) and H.AGENT in msg.headers:
+            # a claim (or claiming head) for a request we already gave up on: tell that agent to drop it
             agent = msg.headers.get(H.AGENT)
             rid = msg.subject[self._reply_prefix :]
             if agent:
@@ -771,14 +771,15 @@ class Dispatcher:
         kind = mh.get(H.KIND)
         if kind == H.BUSY:
             return _Outcome.BUSY
-        if kind != H.CLAIM:
+        # a claim, or a head that claims too (an agent whose reply beat its claim's short delay)
+        if kind != H.CLAIM and not (kind == H.HEAD and H.AGENT in mh):
             log.warning("unexpected first reply %r from %s", kind, source)
             return _Outcome.FAILED
         if call.agent is None:
             call.agent = mh.get(H.AGENT)
             if call.agent:
                 self._outstanding[call.agent] = self._outstanding.get(call.agent, 0) + 1
-        while True:
+        while kind != H.HEAD:
             try:
                 msg = await call.next(self.settings.idle_timeout)
             except TimeoutError:
@@ -787,17 +788,8 @@ class Dispatcher:
                 return _Outcome.FAILED
             mh = msg.headers or {}
             kind = mh.get(H.KIND)
-            if kind == H.PING:
+            if kind in (H.PING, H.HEAD):
                 continue
-            if kind == H.HEAD:
-                return Reply(
-                    self,
-                    call,
-                    int(mh.get(H.STATUS, "200")),
-                    mh.get(H.CONTENT_TYPE, "application/json; charset=utf-8"),
-                    msg.data,
-                    ended=mh.get(H.END) == "1",
-                )
             if kind == H.END_KIND:
                 err = from_code(mh.get(H.ERROR_CODE, "internal"), mh.get(H.ERROR, "request failed"))
                 if err.retryable:
@@ -807,3 +799,11 @@ class Dispatcher:
             if kind == H.BUSY:
                 return _Outcome.BUSY
             log.warning("unexpected reply %r from %s before head", kind, call.agent)
+        return Reply(
+            self,
+            call,
+            int(mh.get(H.STATUS, "200")),
+            mh.get(H.CONTENT_TYPE, "application/json; charset=utf-8"),
+            msg.data,
+            ended=mh.get(H.END) == "1",
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -66,3 +67,52 @@ async def test_sync_client(fleet: LocalFleet) -> None:
 
     one, many = await asyncio.to_thread(run)
     assert one["done"] and many[-1]["done"] and len(many) >= 2
+
+
+async def _raw_reply_kinds(fleet: LocalFleet, body: dict[str, str | object]) -> list[dict[str, str]]:
+    """Publish one request on an agent's direct subject as a bare NATS client; the reply headers."""
+    import msgspec
+    import nats
+
+    from services.protocol import headers as H
+    from services.protocol.names import parse_name
+    from services.protocol.subjects import Subjects
+
+    nc = await nats.connect(fleet.nats_url)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        deadline = str(int((time.time() + 30) * 1000))
+        headers = {
+            H.REQUEST: "raw1",
+            H.ENDPOINT: "/api/generate",
+            H.MODEL: parse_name(str(body["model"])).token,
+            H.DEADLINE: deadline,
+        }
+        agent = fleet.agents[0].id
+        await nc.publish(
+            Subjects("cl").agent_work(agent), msgspec.json.encode(body), reply=inbox, headers=headers
+        )
+        seen: list[dict[str, str]] = []
+        while not seen or seen[-1].get(H.KIND) != H.END_KIND and seen[-1].get(H.END) != "1":
+            msg = await sub.next_msg(timeout=10)
+            if msg.headers:
+                seen.append(dict(msg.headers))
+        return seen
+    finally:
+        await nc.close()
+
+
+async def test_a_quick_reply_claims_with_its_head_a_slow_one_claims_first(fleet: LocalFleet) -> None:
+    from services.protocol import headers as H
+
+    quick = await _raw_reply_kinds(
+        fleet, {"model": "llama3.2", "prompt": "q", "stream": False, "options": {"num_predict": 1}}
+    )
+    assert quick[0][H.KIND] == H.HEAD and quick[0][H.AGENT] == fleet.agents[0].id  # one message
+    assert quick[0][H.REQUEST] == "raw1" and quick[0][H.END] == "1"
+    # a reply that takes far longer than the claim's few milliseconds (a cold load of 5 GB, about
+    # 30 ms here): the claim goes out first
+    slow = await _raw_reply_kinds(fleet, {"model": "qwen3:8b", "prompt": "s", "stream": False})
+    assert slow[0][H.KIND] == H.CLAIM and slow[0][H.AGENT] == fleet.agents[0].id
+    assert slow[-1][H.KIND] == H.HEAD and H.AGENT not in slow[-1]
