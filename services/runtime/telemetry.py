@@ -2,9 +2,10 @@
 
 Library code only calls `tracer`, `publish_span`, `process_span`, `server_span`, `client_span`,
 `inject_headers` and `extract_context`. With no SDK configured the span helpers skip
-OpenTelemetry altogether (its no-op spans still cost ~25 µs each here, several per request on the
-hot path) unless a trace context came in, which they pass on unchanged. Only a process entry point (``__main__``) calls `setup_tracing`, once, and shuts the
-returned provider down on exit so batched spans are flushed.
+OpenTelemetry altogether (its no-op spans still cost ~25 µs each here, several per request on
+the hot path) unless a trace context came in, which they pass on unchanged. Only a process entry
+point (``__main__``) calls `setup_tracing`, once, and shuts the returned provider down on exit so
+batched spans are flushed.
 
 A request's trace::
 
