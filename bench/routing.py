@@ -293,14 +293,21 @@ def plan_skewed(rng: random.Random, k: Knobs) -> list[Planned]:
     out = []
     for _ in range(k.skewed_requests):
         model = rng.choices(SKEWED_MODELS, weights=weights)[0]
-        body = {
-            "model": model,
-            "prompt": words(rng, rng.randint(50, 800)),
-            "stream": True,
-            "options": {"num_predict": rng.randint(24, 160)},
-        }
-        out.append(Planned("/api/generate", body, model))
+        out.append(_streamed(rng, model, (50, 800), (24, 160)))
     return out
+
+
+def _streamed(
+    rng: random.Random, model: str, prompt_words: tuple[int, int], num_predict: tuple[int, int]
+) -> Planned:
+    """A streaming ``/api/generate`` for ``model``; prompt and reply lengths drawn from the ranges."""
+    body = {
+        "model": model,
+        "prompt": words(rng, rng.randint(*prompt_words)),
+        "stream": True,
+        "options": {"num_predict": rng.randint(*num_predict)},
+    }
+    return Planned("/api/generate", body, model)
 
 
 def plan_chats(rng: random.Random, k: Knobs) -> list[Conversation]:
@@ -328,16 +335,7 @@ def plan_chats(rng: random.Random, k: Knobs) -> list[Conversation]:
 
 
 def plan_burst(rng: random.Random, k: Knobs) -> list[Planned]:
-    out = []
-    for _ in range(k.burst):
-        body = {
-            "model": BIG_MODEL,
-            "prompt": words(rng, rng.randint(50, 400)),
-            "stream": True,
-            "options": {"num_predict": rng.randint(24, 96)},
-        }
-        out.append(Planned("/api/generate", body, BIG_MODEL))
-    return out
+    return [_streamed(rng, BIG_MODEL, (50, 400), (24, 96)) for _ in range(k.burst)]
 
 
 def plan_num_ctx(rng: random.Random, k: Knobs) -> list[Planned]:

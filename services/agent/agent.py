@@ -314,10 +314,12 @@ class Agent:
             del self._load_waiters[job.token]
             self._state_dirty.set()
 
-    def _wanted_ctx(self, key: str, num_ctx: int) -> int:
+    def _wanted_ctx(self, key: str, num_ctx: int, trained: int | None = None) -> int:
         """The context Ollama gives ``key``'s runner for a request asking ``num_ctx`` (0: the default
-        — as observed, else as assumed from configuration and VRAM), capped at the trained context."""
-        trained = self._trained.get(key, 0)
+        — as observed, else as assumed from configuration and VRAM), capped at the trained context
+        (``trained``, else the last one read)."""
+        if trained is None:
+            trained = self._trained.get(key, 0)
         if num_ctx:
             return effective_ctx(num_ctx, trained)
         return self._learned_ctx.get(key) or effective_ctx(self.default_num_ctx(), trained)
@@ -578,7 +580,7 @@ class Agent:
                 if name.token in self._ran_default and m.context_length:
                     self._learn_default(name.key, m.context_length, assumed)
                 # a request without num_ctx runs at the default; any other runner would reload
-                if m.context_length in (0, self._learned_ctx.get(name.key) or assumed):
+                if m.context_length in (0, self._wanted_ctx(name.key, 0, trained[name.key])):
                     warm.add(name.token)
         self._ran_default.clear()
         if trained != self._trained:

@@ -135,9 +135,8 @@ class ManageRoutes:
             name = _parse(req.target)
         except CorralError as e:
             return error_response(e.status, e.message)
+        ctx.stats.bump("pulls")
         offer = ctx.catalog.registry.get(name.key)
-        if offer is not None:
-            ctx.stats.bump("pulls")
         stream = req.stream is not False
         writer = StreamWriter(request)
 

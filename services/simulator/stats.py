@@ -37,7 +37,7 @@ class SimStats:
     prompt_tokens_evaluated: int = 0  # actually processed
     prompt_tokens_cached: int = 0  # served from a slot's prompt cache
     generated_tokens: int = 0
-    pulls: int = 0  # /api/pull requests for a model the registry offers
+    pulls: int = 0  # /api/pull requests (with a valid name), whether or not the registry has it
     per_model: dict[str, ModelStats] = field(default_factory=dict)
     _waiters: list[tuple[Callable[[SimStats], bool], asyncio.Future[None]]] = field(
         default_factory=list, repr=False
