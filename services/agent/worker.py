@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import aiohttp
 import msgspec
 from nats.aio.client import Client as NATS
 from opentelemetry.trace import Tracer
 
+from services.agent.http import Response
 from services.agent.ollama import OllamaClient
 from services.protocol import headers as H
 from services.protocol.errors import BackendError, Cancelled, CorralError, InternalError, NoCapacity
@@ -215,7 +215,7 @@ class Worker:
         except asyncio.CancelledError:
             await asyncio.shield(self.fail(job, Cancelled("request canceled")))
             raise
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        except (OSError, TimeoutError) as e:
             log.warning("ollama request %s %s failed: %s", job.method, job.endpoint, e)
             await self.fail(job, BackendError(f"ollama unavailable: {e}"))
         except CorralError as e:
@@ -225,8 +225,8 @@ class Worker:
             await self.fail(job, InternalError(f"agent error: {e}"))
         return status
 
-    async def _relay(self, job: Job, resp: aiohttp.ClientResponse) -> None:
-        ctype = resp.headers.get("Content-Type", "application/json; charset=utf-8")
+    async def _relay(self, job: Job, resp: Response) -> None:
+        ctype = resp.headers.get("content-type", "application/json; charset=utf-8")
         head = {H.KIND: H.HEAD, H.STATUS: str(resp.status), H.CONTENT_TYPE: ctype}
         rw = (
             EchoRewriter(job.upstream_model, job.echo_model)
@@ -244,7 +244,7 @@ class Worker:
             return
         count = 0
         prev = b""
-        async for chunk in resp.content.iter_any():
+        async for chunk in resp:
             data = rw.feed(chunk) if rw else chunk
             if data:
                 prev, job.last_bytes = job.last_bytes, data
