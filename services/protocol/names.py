@@ -12,6 +12,7 @@ outside ``[a-z0-9_/-]`` becomes ``=XX`` (upper-case hex), so ``llama3.2:latest``
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -106,10 +107,13 @@ def split_vendor_pin(raw: str) -> tuple[str | None, str]:
     return None, raw
 
 
+# Model tokens are made and read on every request for the same few models: cache both ways.
+@functools.lru_cache(maxsize=4096)
 def encode_token(key: str) -> str:
     return "".join(chr(b) if b in _SAFE else f"={b:02X}" for b in key.encode())
 
 
+@functools.lru_cache(maxsize=4096)
 def decode_token(token: str) -> str:
     if not _TOKEN.fullmatch(token):
         raise ValueError(f"not a model token: {token!r}")

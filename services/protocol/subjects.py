@@ -18,6 +18,7 @@ Subjects run general → specific so wildcards subscribe naturally (ADR-6 gramma
 
 from __future__ import annotations
 
+import functools
 import re
 
 import msgspec
@@ -26,6 +27,16 @@ from services.protocol.names import ANY_VENDOR, VENDORS, is_token
 
 _ROOT = re.compile(r"[A-Za-z0-9_-]+")
 _ID = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@functools.lru_cache(maxsize=4096)
+def _work(root: str, vendor: str, model_token: str) -> str:
+    """A claim subject, validated once per (root, vendor, model): built on every request."""
+    if vendor not in VENDORS and vendor != ANY_VENDOR:
+        raise ValueError(f"unknown vendor {vendor!r}")
+    if not is_token(model_token):
+        raise ValueError(f"not a model token: {model_token!r}")
+    return f"{root}.work.{vendor}.{model_token}"
 
 
 def _check_id(value: str) -> str:
@@ -52,11 +63,7 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"{self.root}.agent.{{id}}.work"
 
     def work(self, vendor: str, model_token: str) -> str:
-        if vendor not in VENDORS and vendor != ANY_VENDOR:
-            raise ValueError(f"unknown vendor {vendor!r}")
-        if not is_token(model_token):
-            raise ValueError(f"not a model token: {model_token!r}")
-        return f"{self.root}.work.{vendor}.{model_token}"
+        return _work(self.root, vendor, model_token)
 
     def work_queue_group(self, vendor: str, model_token: str) -> str:
         """One queue group per claim subject: every agent that may claim shares it."""
