@@ -196,6 +196,7 @@ class Agent:
             tracer=self._tracer,
         )
         self._worker.on_response = self._on_response
+        self._worker.on_answered = self._on_answered
         self._puller = Puller(self.nc, self.subjects)
         await self.ollama.start()
         await self._refresh()
@@ -396,7 +397,7 @@ class Agent:
             self._jobs.pop(job.rid, None)
             self._forget_waiter(job)
             if job.token is not None:
-                if holds_slot:
+                if holds_slot and not job.released:
                     self._release(job.token)
                 else:
                     q = self._waiting.get(job.token)
@@ -421,6 +422,25 @@ class Agent:
         )
         with contextlib.suppress(Exception):
             await self.nc.publish(self.subjects.event("request"), _event_encoder.encode(event))
+
+    async def _on_answered(self, job: Job) -> None:
+        """Ollama has finished ``job``: free its slot and arm that slot's claim now.
+
+        This runs before the reply's last message is published, so the new subscription reaches
+        NATS first. A client answered at once may send its next request at once; it finds the slot
+        armed instead of falling back to a direct send or the queue. Requests waiting here or in
+        the fleet queue keep their turn: the slot passes to them and nothing is armed.
+        """
+        token = job.token
+        if token is None or job.released:
+            return
+        job.released = True
+        self._release(token)
+        if self.status != "active" or token not in self._warm_tokens or self._queue_hint.get(token):
+            return
+        free = max(self._free(token), 0)
+        for subject in (self.subjects.work(ANY_VENDOR, token), self.subjects.work(self.vendor, token)):
+            await self._arm(subject, free)
 
     def _release(self, token: str) -> None:
         q = self._waiting.get(token)
@@ -485,12 +505,20 @@ class Agent:
             while len(subs) > n and subject not in want:
                 with contextlib.suppress(Exception):
                     await subs.pop().unsubscribe()
-            while len(subs) < n:
-                sub = await self.nc.subscribe(subject, queue=subject, cb=self._on_claim)
-                await sub.unsubscribe(limit=1)
-                subs.append(sub)
+            await self._arm(subject, n)
             if not subs:
                 del self._claims[subject]
+
+    async def _arm(self, subject: str, n: int) -> None:
+        """Arm single-shot claim subscriptions on ``subject`` until ``n`` are armed."""
+        assert self.nc is not None
+        if n <= len(self._claims.get(subject, ())):
+            return
+        subs = self._claims.setdefault(subject, [])
+        while len(subs) < n:
+            sub = await self.nc.subscribe(subject, queue=subject, cb=self._on_claim)
+            await sub.unsubscribe(limit=1)
+            subs.append(sub)
 
     # -- the overflow queue ----------------------------------------------------------------------
     async def _sync_nudges(self) -> None:

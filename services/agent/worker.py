@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -58,6 +58,7 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
     slot: asyncio.Future[None] | None = None  # set while queued for a slot
+    released: bool = False  # its slot was freed when Ollama's answer ended, before the reply did
     # what the finished request reports for fleet stats (filled in while relaying)
     ran_from: float = 0.0
     ttft_ms: float | None = None
@@ -128,6 +129,9 @@ class Worker:
         self._tracer = tracer
         # called when Ollama's response headers arrive: a model it had to load is loaded by then
         self.on_response: Callable[[Job, int], None] | None = None  # Ollama's head arrived (status)
+        # Ollama's answer has ended; called just before the message that ends the reply, so what
+        # it does on NATS (re-arming the freed slot's claim) reaches the server before that message
+        self.on_answered: Callable[[Job], Awaitable[None]] | None = None
         self._claiming: set[asyncio.Future[None]] = set()
 
     async def send(self, job: Job, payload: bytes, headers: dict[str, str] | None) -> None:
@@ -240,6 +244,7 @@ class Worker:
             job.last_bytes = data[-_TAIL:]
             job.ttft_ms = (time.monotonic() - job.ran_from) * 1000
             job.headed = True
+            await self._answered(job)
             await self.send(job, data, {**head, H.END: "1"})
             return
         count = 0
@@ -258,6 +263,7 @@ class Worker:
                     await self.send(job, piece, None)
         tail = rw.flush() if rw else b""
         job.last_bytes = (prev + job.last_bytes + tail)[-_TAIL:]
+        await self._answered(job)
         if not job.headed:
             job.headed = True
             await self.send(job, tail, {**head, H.END: "1"})
@@ -266,3 +272,7 @@ class Worker:
             count += 1
             await self.send(job, piece, None)
         await self.send(job, b"", {H.KIND: H.END_KIND, H.SEQ: str(count)})
+
+    async def _answered(self, job: Job) -> None:
+        if self.on_answered is not None:
+            await self.on_answered(job)

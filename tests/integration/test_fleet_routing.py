@@ -170,6 +170,43 @@ async def test_queued_requests_are_served_in_arrival_order(nats_server: NatsServ
         assert done == [0, 1, 2, 3, 4]
 
 
+async def test_back_to_back_requests_find_the_freed_slot_armed(nats_server: NatsServer, root: str) -> None:
+    """One slot; each request is sent the moment the previous answer arrives. The agent arms the
+    freed slot's claim before the answer's last message, not later in its background reconcile
+    (held here), so every request is claimed off the claim subject: none falls back to a direct
+    send or the fleet queue."""
+    opts = _options(nats_server, root, sims=1, sim={"time_scale": 0.0, "num_parallel": 1})
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+        gw, agent = fleet.gateway, fleet.agents[0]
+        assert gw is not None and gw.nc is not None
+        body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+
+        async def run(n: int) -> None:
+            for _ in range(n):
+                async with s.post(fleet.url + "/api/generate", json=body) as r:
+                    assert r.status == 200
+                    await r.read()
+
+        await run(5)  # the first claim is armed and the newly-warm queue check is done
+        reconcile, held = agent._reconcile, asyncio.Event()
+
+        async def after_the_test() -> None:
+            await held.wait()
+            await reconcile()
+
+        agent._reconcile = after_the_test  # type: ignore[method-assign]
+        claims = await gw.nc.subscribe(f"{root}.work.>")
+        fallbacks = await gw.nc.subscribe(f"{root}.agent.*.work")
+        nudges = await gw.nc.subscribe(f"{root}.queued.>")
+        await gw.nc.flush()
+        await run(50)
+        await gw.nc.flush()
+        held.set()
+        assert claims.pending_msgs == 50
+        assert (fallbacks.pending_msgs, nudges.pending_msgs) == (0, 0)
+
+
 async def test_full_queue_answers_503_at_once(nats_server: NatsServer, root: str) -> None:
     opts = _options(
         nats_server,
