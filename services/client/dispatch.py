@@ -553,7 +553,12 @@ class Dispatcher:
         ):
             target, mine = await self._place(req, route, top, failed)
             if target is not None and mine:
-                return await direct(target)
+                reply = await direct(target)
+                if reply is None or reply.status >= 400:
+                    # the load failed (Ollama's error, e.g. not enough memory) or never started: the
+                    # next request must not wait on it as if it were under way
+                    await self._unplace(req, route, target)
+                return reply
         if req.num_ctx is None and self.settings.queue:
             return await self._queued(req, route, deadline, failed)
         for a in live:  # its own num_ctx: wait at the agent whose runner will match soonest
@@ -625,6 +630,26 @@ class Dispatcher:
         if mine:
             self._loads[(route.key, route.num_ctx or 0)] = (agent_id, time.monotonic())
         return self.fleet.get(agent_id), mine
+
+    async def _unplace(self, req: WorkRequest, route: Route, agent: AgentState) -> None:
+        """Forget the load this gateway was given at ``agent`` here and at the registry."""
+        assert req.model is not None
+        key = (route.key, route.num_ctx or 0)
+        marker = self._loads.get(key)
+        if marker is not None and marker[0] == agent.id:
+            del self._loads[key]
+        ask = PlaceRequest(
+            model=route.key,
+            token=req.model.token,
+            vendor=req.vendor,
+            strict=req.strict,
+            num_ctx=req.num_ctx,
+            proposal=agent.id,
+        )
+        try:  # answered, so the next placement cannot overtake it; no registry answers at once
+            await self.nc.request(self.subjects.registry("unplace"), _enc.encode(ask), timeout=1.0)
+        except Exception as e:
+            log.debug("no registry to unplace %s at %s: %s", route.key, agent.id, e)
 
     async def _queued(
         self, req: WorkRequest, route: Route, deadline: float, failed: set[str]

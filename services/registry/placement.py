@@ -135,6 +135,34 @@ class Placer:
         with contextlib.suppress(Exception):
             await msg.respond(_enc.encode(answer))
 
+    async def on_unplace(self, msg: Msg) -> None:
+        """A gateway's load on ``proposal`` failed or never started: drop the marker naming it."""
+        try:
+            req = place_request_decoder.decode(msg.data)
+            await self.unplace(req.token, req.num_ctx, req.vendor if req.strict else None, req.proposal)
+        except Exception as e:
+            log.warning("unplace failed: %s", e)
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await msg.respond(b"")
+
+    async def unplace(self, token: str, num_ctx: int | None, pin: str | None, agent: str) -> bool:
+        """Delete the load marker for (model, context, pin) if it still names ``agent``."""
+        key = marker_key(token, num_ctx, pin)
+        async with self._lock:
+            try:
+                entry = await self.kv.get(key)
+            except Exception:
+                return False
+            if not entry.value or load_marker_decoder.decode(entry.value).agent != agent:
+                return False  # gone already, or a newer load elsewhere: not ours to drop
+            try:
+                await self.kv.delete(key, last=entry.revision)
+            except Exception:
+                return False  # rewritten meanwhile
+        log.info("load of %s (num_ctx %s) on %s failed: marker dropped", key, num_ctx or "default", agent)
+        return True
+
     async def place(
         self,
         key: str,

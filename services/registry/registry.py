@@ -150,6 +150,9 @@ class Registry:
             load_grace_s=self.settings.load_grace_s,
         )
         await self.nc.subscribe(self.subjects.registry("place"), queue=QUEUE_GROUP, cb=self.placer.on_place)
+        await self.nc.subscribe(
+            self.subjects.registry("unplace"), queue=QUEUE_GROUP, cb=self.placer.on_unplace
+        )
         self._tasks.append(asyncio.create_task(self.placer.replica_loop(), name="registry-replicas"))
         log.info("registry ready: %d agents", len(self._known))
 

@@ -207,6 +207,30 @@ async def test_back_to_back_requests_find_the_freed_slot_armed(nats_server: Nats
         assert (fallbacks.pending_msgs, nudges.pending_msgs) == (0, 0)
 
 
+@pytest.mark.parametrize("registry", [True, False], ids=["registry", "no-registry"])
+async def test_a_failed_load_is_not_waited_on_by_the_next_request(
+    nats_server: NatsServer, root: str, registry: bool
+) -> None:
+    """A model that cannot fit: each request gets Ollama's own 500 from its own load attempt. The
+    failed load's marker is dropped (here and at the registry), so the next request does not queue
+    behind a load that is not under way."""
+    opts = _options(nats_server, root, sims=1, sim={"time_scale": 0.0, "num_parallel": 64})
+    if not registry:
+        opts.registry = None
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        gw = fleet.gateway
+        assert gw is not None and gw.nc is not None
+        nudges = await gw.nc.subscribe(f"{root}.queued.>")
+        body = {"model": MODEL, "prompt": "hi", "stream": False}
+        for _ in range(3):
+            async with s.post(fleet.url + "/api/generate", json=body) as r:
+                assert r.status == 500
+                assert (await r.json())["error"].startswith("model requires more system memory")
+        await gw.nc.flush()
+        assert nudges.pending_msgs == 0  # none of them waited in the fleet queue
+        assert fleet.sims[0].stats.failed == 3  # each one tried its own load
+
+
 async def test_full_queue_answers_503_at_once(nats_server: NatsServer, root: str) -> None:
     opts = _options(
         nats_server,
