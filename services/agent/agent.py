@@ -397,8 +397,9 @@ class Agent:
             self._jobs.pop(job.rid, None)
             self._forget_waiter(job)
             if job.token is not None:
-                if holds_slot and not job.released:
-                    self._release(job.token)
+                if holds_slot:
+                    if not job.released:  # else freed already, when Ollama's answer ended
+                        self._release(job.token)
                 else:
                     q = self._waiting.get(job.token)
                     if q is not None and job in q:
