@@ -147,6 +147,22 @@ def model_work(
     return work
 
 
+def _place_request(
+    req: WorkRequest, route: Route, proposal: str, exclude: tuple[str, ...] = ()
+) -> PlaceRequest:
+    """The registry's placement question (``place``, or ``unplace`` for a failed load) for ``req``."""
+    assert req.model is not None
+    return PlaceRequest(
+        model=route.key,
+        token=req.model.token,
+        vendor=req.vendor,
+        strict=req.strict,
+        num_ctx=req.num_ctx,
+        proposal=proposal,
+        exclude=exclude,
+    )
+
+
 class _Outcome(enum.Enum):
     NO_RESPONDERS = "no responders"
     BUSY = "busy"
@@ -605,16 +621,7 @@ class Dispatcher:
         The registry arbitrates fleet-wide (a KV marker per model and context); with no registry
         running, this gateway's own markers keep it to one load at a time here.
         """
-        assert req.model is not None
-        ask = PlaceRequest(
-            model=route.key,
-            token=req.model.token,
-            vendor=req.vendor,
-            strict=req.strict,
-            num_ctx=req.num_ctx,
-            proposal=proposal.id,
-            exclude=tuple(sorted(failed)),
-        )
+        ask = _place_request(req, route, proposal.id, exclude=tuple(sorted(failed)))
         agent_id, mine = proposal.id, True
         try:
             msg = await self.nc.request(self.subjects.registry("place"), _enc.encode(ask), timeout=2.0)
@@ -633,19 +640,11 @@ class Dispatcher:
 
     async def _unplace(self, req: WorkRequest, route: Route, agent: AgentState) -> None:
         """Forget the load this gateway was given at ``agent`` here and at the registry."""
-        assert req.model is not None
         key = (route.key, route.num_ctx or 0)
         marker = self._loads.get(key)
         if marker is not None and marker[0] == agent.id:
             del self._loads[key]
-        ask = PlaceRequest(
-            model=route.key,
-            token=req.model.token,
-            vendor=req.vendor,
-            strict=req.strict,
-            num_ctx=req.num_ctx,
-            proposal=agent.id,
-        )
+        ask = _place_request(req, route, agent.id)
         try:  # answered, so the next placement cannot overtake it; no registry answers at once
             await self.nc.request(self.subjects.registry("unplace"), _enc.encode(ask), timeout=1.0)
         except Exception as e:
