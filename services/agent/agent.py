@@ -440,7 +440,7 @@ class Agent:
         if self.status != "active" or token not in self._warm_tokens or self._queue_hint.get(token):
             return
         free = max(self._free(token), 0)
-        for subject in (self.subjects.work(ANY_VENDOR, token), self.subjects.work(self.vendor, token)):
+        for subject in self._claim_subjects(token):
             await self._arm(subject, free)
 
     def _release(self, token: str) -> None:
@@ -494,8 +494,7 @@ class Agent:
             for token in self._warm_tokens:
                 await self._take_queued(token)  # waiting requests first, then new work
                 free = max(self._free(token), 0)
-                want[self.subjects.work(ANY_VENDOR, token)] = free
-                want[self.subjects.work(self.vendor, token)] = free
+                want.update(dict.fromkeys(self._claim_subjects(token), free))
         for subject in set(self._claims) | set(want):
             subs = self._claims.setdefault(subject, [])
             n = want.get(subject, 0)
@@ -509,6 +508,10 @@ class Agent:
             await self._arm(subject, n)
             if not subs:
                 del self._claims[subject]
+
+    def _claim_subjects(self, token: str) -> tuple[str, str]:
+        """Where requests for ``token`` are claimed here: unpinned, and pinned to this vendor."""
+        return self.subjects.work(ANY_VENDOR, token), self.subjects.work(self.vendor, token)
 
     async def _arm(self, subject: str, n: int) -> None:
         """Arm single-shot claim subscriptions on ``subject`` until ``n`` are armed."""
