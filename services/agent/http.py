@@ -29,7 +29,8 @@ import httptools
 
 _HIGH_WATER = 512 * 1024  # bytes buffered unread before the socket stops reading
 _MAX_IDLE = 64  # idle keep-alive connections kept per backend
-_RETRYABLE = frozenset({"GET", "HEAD"})
+_RETRYABLE = frozenset({"GET", "HEAD"})  # sent again after a stale keep-alive connection
+_BODILESS = frozenset({"GET", "HEAD"})  # no Content-Length header when they carry no body
 
 
 class HTTPError(OSError):
@@ -86,7 +87,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self._complete = False
-        self._received = False  # any byte of the current answer
+        self.received = False  # any byte of the current answer came
         self._no_body = False  # a HEAD request: the answer ends with its head
         self._error: BaseException | None = None
         self.reusable = False  # the answer ended and the backend keeps the connection open
@@ -98,7 +99,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
-        self._received = True
+        self.received = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -180,7 +181,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._head = asyncio.get_running_loop().create_future()
         self._headers, self._pieces, self._buffered = {}, [], 0
-        self._complete = self._received = False
+        self._complete = self.received = False
         self._no_body = no_body
         self._error = None
         self.reusable = False
@@ -213,10 +214,6 @@ class _Connection(asyncio.Protocol):
     def done(self) -> bool:
         """The answer ended cleanly and nothing of it is left unread."""
         return self._complete and not self._pieces and self._error is None
-
-    @property
-    def received(self) -> bool:
-        return self._received
 
     def close(self) -> None:
         self.closed = True
@@ -288,7 +285,7 @@ class HTTPClient:
         if body:
             head.append(b"\r\nContent-Type: application/json\r\nContent-Length: ")
             head.append(str(len(body)).encode("ascii"))
-        elif method not in _RETRYABLE:
+        elif method not in _BODILESS:
             head.append(b"\r\nContent-Length: 0")
         head.append(b"\r\n\r\n")
         if body:

@@ -8,7 +8,8 @@ a proxy before it) can produce are each met: Content-Length, chunked, until-clos
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,11 +38,12 @@ class Backend:
     connections: int = 0
     eof: asyncio.Event = field(default_factory=asyncio.Event)  # a client closed its connection
     server: asyncio.Server | None = None
+    url: str = ""
 
     async def start(self) -> str:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self.url
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -65,6 +67,18 @@ class Backend:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(script: Script) -> AsyncIterator[tuple[Backend, HTTPClient]]:
+    """A scripted backend and a client to it; both closed on the way out."""
+    backend = Backend(script)
+    client = HTTPClient(await backend.start())
+    try:
+        yield backend, client
+    finally:
+        await client.close()
+        await backend.stop()
 
 
 def ok(body: bytes, extra: str = "") -> bytes:
@@ -97,10 +111,7 @@ async def test_keep_alive_reuses_one_connection_and_sends_the_backends_host() ->
         w.write(ok(b'{"n":%d}' % n, "Content-Type: application/json\r\n"))
         return True
 
-    backend = Backend(script)
-    url = await backend.start()
-    client = HTTPClient(url)
-    try:
+    async with serving(script) as (backend, client):
         for n in (1, 2, 3):
             async with client.request("POST", "/api/generate", b'{"model":"m"}') as resp:
                 assert resp.status == 200
@@ -109,13 +120,10 @@ async def test_keep_alive_reuses_one_connection_and_sends_the_backends_host() ->
                 assert await resp.read() == b'{"n":%d}' % n
         async with client.request("GET", "/api/tags") as resp:
             assert await resp.read() == b'{"n":4}'
-    finally:
-        await client.close()
-        await backend.stop()
     assert backend.connections == 1
     post, get = backend.requests[0], backend.requests[-1]
     assert post.line == "POST /api/generate HTTP/1.1"
-    assert post.headers["host"] == url.removeprefix("http://")
+    assert post.headers["host"] == backend.url.removeprefix("http://")
     assert post.headers["content-type"] == "application/json"
     assert "origin" not in post.headers and "accept-encoding" not in post.headers
     assert post.body == b'{"model":"m"}'
@@ -132,9 +140,7 @@ async def test_a_chunked_stream_arrives_piece_by_piece_before_it_ends() -> None:
         w.write(chunk(b'{"response":"b"}\n') + chunk(b'{"done":true}\n') + b"0\r\n\r\n")
         return True
 
-    backend = Backend(script)
-    client = HTTPClient(await backend.start())
-    try:
+    async with serving(script) as (backend, client):
         pieces = []
         async with client.request("POST", "/api/generate", b"{}") as resp:
             assert resp.content_length is None
@@ -145,9 +151,6 @@ async def test_a_chunked_stream_arrives_piece_by_piece_before_it_ends() -> None:
         assert pieces == [b'{"response":"a"}\n', b'{"response":"b"}\n{"done":true}\n']
         async with client.request("GET", "/") as resp:  # the connection is whole after a chunked body
             assert resp.status == 200
-    finally:
-        await client.close()
-        await backend.stop()
     assert backend.connections == 1
 
 
@@ -160,17 +163,12 @@ async def test_a_body_that_ends_with_the_connection_and_connection_close_are_not
             w.write(ok(b"bye", "Connection: close\r\n"))
         return False  # close after each answer
 
-    backend = Backend(script)
-    client = HTTPClient(await backend.start())
-    try:
+    async with serving(script) as (backend, client):
         async with client.request("GET", "/") as resp:
             assert await resp.read() == b"until the end"
         for _ in range(2):
             async with client.request("POST", "/api/x", b"{}") as resp:
                 assert await resp.read() == b"bye"
-    finally:
-        await client.close()
-        await backend.stop()
     assert backend.connections == 3
 
 
@@ -182,9 +180,7 @@ async def test_a_reused_connection_closed_unanswered_is_retried_for_get_only() -
         w.write(ok(b"fine"))
         return True
 
-    backend = Backend(script)
-    client = HTTPClient(await backend.start())
-    try:
+    async with serving(script) as (backend, client):
         async with client.request("GET", "/api/ps") as resp:
             await resp.read()
         async with client.request("GET", "/api/ps") as resp:  # #2 is dropped: sent again as #3
@@ -192,9 +188,6 @@ async def test_a_reused_connection_closed_unanswered_is_retried_for_get_only() -
         with pytest.raises(HTTPError, match="closed before the answer"):
             async with client.request("POST", "/api/generate", b"{}"):  # #4: might have run; not resent
                 pass
-    finally:
-        await client.close()
-        await backend.stop()
     assert [r.line.split()[0] for r in backend.requests] == ["GET", "GET", "GET", "POST"]
 
 
@@ -205,17 +198,12 @@ async def test_a_stream_broken_off_raises_after_what_did_arrive() -> None:
         await w.drain()
         return False
 
-    backend = Backend(script)
-    client = HTTPClient(await backend.start())
     got = []
-    try:
+    async with serving(script) as (backend, client):
         with pytest.raises(HTTPError, match="closed before the answer ended"):
             async with client.request("POST", "/api/generate", b"{}") as resp:
                 async for piece in resp:
                     got.append(piece)  # noqa: PERF401  # a comprehension would drop them on the raise
-    finally:
-        await client.close()
-        await backend.stop()
     assert got == [b"part\n"]
 
 
@@ -225,18 +213,13 @@ async def test_leaving_an_answer_unread_closes_its_connection() -> None:
         w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk(b"tok\n"))
         return True  # never ends: a long generation
 
-    backend = Backend(script)
-    client = HTTPClient(await backend.start())
-    try:
+    async with serving(script) as (backend, client):
         async with client.request("POST", "/api/generate", b"{}") as resp:
             async for _ in resp:
                 break  # the client went away: Ollama must hear of it and stop generating
         await backend.eof.wait()
         async with client.request("POST", "/api/generate", b"{}") as resp:
             assert resp.status == 200  # a new connection
-    finally:
-        await client.close()
-        await backend.stop()
     assert backend.connections == 2
 
 
@@ -253,9 +236,7 @@ async def test_head_interim_and_error_answers() -> None:
             )
         return True
 
-    backend = Backend(script)
-    client = HTTPClient(await backend.start())
-    try:
+    async with serving(script) as (backend, client):
         async with client.request("HEAD", "/") as resp:
             assert (resp.status, resp.content_length, await resp.read()) == (200, 17, b"")
         async with client.request("GET", "/") as resp:
@@ -264,9 +245,6 @@ async def test_head_interim_and_error_answers() -> None:
             with pytest.raises(StatusError) as e:
                 await resp.raise_for_status()
         assert e.value.status == 404 and b"not found" in e.value.body
-    finally:
-        await client.close()
-        await backend.stop()
 
 
 @on_loops
@@ -284,15 +262,10 @@ async def test_unreachable_and_garbled_backends_raise_oserrors() -> None:
         w.write(b"SMTP ready\r\n\r\n")
         return True
 
-    backend = Backend(script)
-    client = HTTPClient(await backend.start())
-    try:
+    async with serving(script) as (backend, client):
         with pytest.raises(HTTPError, match="malformed HTTP answer"):
             async with client.request("GET", "/"):
                 pass
-    finally:
-        await client.close()
-        await backend.stop()
 
 
 @on_loops
@@ -301,15 +274,10 @@ async def test_a_large_request_body_arrives_whole() -> None:
         w.write(ok(str(len(req.body)).encode()))
         return True
 
-    backend = Backend(script)
-    client = HTTPClient(await backend.start())
     body = b'{"prompt":"' + b"x" * (8 * 1024 * 1024) + b'"}'
-    try:
+    async with serving(script) as (backend, client):
         async with client.request("POST", "/api/generate", body) as resp:
             assert await resp.read() == str(len(body)).encode()
-    finally:
-        await client.close()
-        await backend.stop()
     assert backend.requests[0].body == body
 
 
