@@ -11,6 +11,7 @@ import aiohttp
 import msgspec
 import ollama
 import pytest
+from nats.js.errors import KeyNotFoundError
 
 from services.client.routing import Route, loading_for, warm
 from services.client.sessions import Sessions
@@ -18,6 +19,7 @@ from services.protocol import headers as H
 from services.protocol.messages import AgentState
 from services.protocol.names import parse_name
 from services.protocol.subjects import Subjects
+from services.registry.placement import marker_key
 from services.runtime.nats import connect, ensure_buckets
 from services.runtime.natsserver import NatsServer
 from services.runtime.workqueue import Puller, depths, enqueue, withdraw
@@ -229,6 +231,19 @@ async def test_a_failed_load_is_not_waited_on_by_the_next_request(
         await gw.nc.flush()
         assert nudges.pending_msgs == 0  # none of them waited in the fleet queue
         assert fleet.sims[0].stats.failed == 3  # each one tried its own load
+
+
+async def test_unplace_drops_only_the_marker_of_the_failed_load(nats_server: NatsServer, root: str) -> None:
+    """A late unplace from a gateway whose load failed must not drop a newer load's marker."""
+    async with LocalFleet(_options(nats_server, root, sims=1)) as fleet:
+        assert fleet.registry is not None
+        placer, token = fleet.registry.placer, parse_name(MODEL).token
+        assert await placer._claim(token, None, "newer") is None  # a newer load, on another agent
+        assert not await placer.unplace(token, None, None, "failed")
+        assert (await placer.kv.get(marker_key(token, None))).value  # still there
+        assert await placer.unplace(token, None, None, "newer")
+        with pytest.raises(KeyNotFoundError):
+            await placer.kv.get(marker_key(token, None))
 
 
 async def test_full_queue_answers_503_at_once(nats_server: NatsServer, root: str) -> None:
