@@ -72,6 +72,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+from corral.agent.settings import AgentSettings
+from corral.client.routing import STRATEGIES, Router
+from corral.gateway.settings import GatewaySettings
+from corral.protocol.names import parse_name
+from corral.registry.settings import RegistrySettings
+from corral.simulator import SimConfig, load_config
+from corral.up import FleetOptions, LocalFleet
 
 from bench.common import (
     _Conn,
@@ -88,13 +95,6 @@ from bench.common import (
     table,
     write_json,
 )
-from services.agent.agent import AgentSettings
-from services.client.routing import STRATEGIES, Router
-from services.gateway.app import GatewaySettings
-from services.protocol.names import parse_name
-from services.registry.registry import RegistrySettings
-from services.simulator import SimConfig, load_config
-from services.up import FleetOptions, LocalFleet
 
 HOST = "127.0.0.1"
 POLICIES = ("auto", "round_robin", "random", "least_connection")

@@ -9,7 +9,7 @@ Processes:
   it), so its fleet view (``gateway.fleet``) is read directly; the load generator (httptools, one
   keep-alive connection per concurrent request) shares this process and its event loop;
 * one fleet process (``python -m bench.scale --fleet-worker``) with a handful of in-process
-  simulators (no delays, the model preloaded) and the agents: real ``services.agent.agent.Agent``
+  simulators (no delays, the model preloaded) and the agents: real ``corral.agent.agent.Agent``
   objects, each with its own NATS connection, several agents per simulator. Agents re-read their
   simulator every ``--refresh`` seconds (default 3600: the backend reads are not what is measured)
   and heartbeat every ``--heartbeat`` seconds (default 5, the production default).
@@ -68,8 +68,9 @@ def _raise_fd_limit() -> int:
 # -- the fleet process -----------------------------------------------------------------------------
 async def fleet_worker(args: argparse.Namespace) -> int:
     """Simulators and agents; commands on stdin (``add N``, ``quit``), answers on stdout."""
-    from services.agent.agent import Agent, AgentSettings
-    from services.simulator import SimServer, load_config
+    from corral.agent.agent import Agent
+    from corral.agent.settings import AgentSettings
+    from corral.simulator import SimServer, load_config
 
     logging.basicConfig(level=logging.WARNING, format="fleet %(levelname)s %(name)s: %(message)s")
     _raise_fd_limit()
@@ -318,9 +319,10 @@ def report(small: Sample, big: Sample) -> tuple[str, dict[str, Any]]:
 
 
 async def amain(args: argparse.Namespace) -> int:
-    from services.gateway.app import Gateway, GatewaySettings
-    from services.runtime.natsserver import NatsServer
-    from services.runtime.process import AsgiServer
+    from corral.gateway.app import Gateway
+    from corral.gateway.settings import GatewaySettings
+    from corral.runtime.natsserver import NatsServer
+    from corral.runtime.process import AsgiServer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     me = asyncio.current_task()

@@ -6,13 +6,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "up": ("services.up", "the whole fleet here: NATS, agents, gateway (simulated GPUs by default)"),
-    "nats": ("services.runtime.natsmain", "an embedded nats-server with JetStream"),
-    "sim": ("services.simulator.__main__", "a simulated Ollama GPU server"),
-    "gateway": ("services.gateway.__main__", "the Ollama-compatible HTTP endpoint"),
-    "agent": ("services.agent.__main__", "an agent beside one Ollama"),
-    "registry": ("services.registry.__main__", "fleet membership and fleet-wide pulls"),
-    "aggregator": ("services.aggregator.__main__", "merged views and rolling figures in KV"),
+    "up": ("corral.up", "the whole fleet here: NATS, agents, gateway (simulated GPUs by default)"),
+    "nats": ("corral.runtime.natsmain", "an embedded nats-server with JetStream"),
+    "sim": ("corral.simulator.__main__", "a simulated Ollama GPU server"),
+    "gateway": ("corral.gateway.__main__", "the Ollama-compatible HTTP endpoint"),
+    "agent": ("corral.agent.__main__", "an agent beside one Ollama"),
+    "registry": ("corral.registry.__main__", "fleet membership and fleet-wide pulls"),
+    "aggregator": ("corral.aggregator.__main__", "merged views and rolling figures in KV"),
 }
 FLEET_COMMANDS = {
     "status": "the fleet at a glance",
@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if args[0] in ("-V", "--version"):
-        from services import __version__
+        from corral import __version__
 
         print(f"corral {__version__}")
         return 0
     if args[0] in FLEET_COMMANDS:
-        from services import fleetctl
+        from corral import fleetctl
 
         return fleetctl.main(args[0], args[1:])
     if args[0] not in COMMANDS:

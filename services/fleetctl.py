@@ -14,18 +14,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
-
-from services.client import views
-from services.client.dispatch import Dispatcher, DispatchSettings, WorkRequest
-from services.client.fleet import FleetView
-from services.protocol import headers as H
-from services.protocol.errors import CorralError
-from services.protocol.names import VENDORS
-from services.protocol.subjects import Subjects
-from services.runtime.nats import connect, ensure_buckets
-from services.runtime.process import add_common_arguments, overrides
-from services.runtime.settings import CommonSettings, load_settings
-from services.runtime.workqueue import depths
+from corral.client import views
+from corral.client.dispatch import Dispatcher, DispatchSettings, WorkRequest
+from corral.client.fleet import FleetView
+from corral.protocol import headers as H
+from corral.protocol.errors import CorralError
+from corral.protocol.names import VENDORS
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.process import add_common_arguments, overrides
+from corral.runtime.settings import CommonSettings, load_settings
+from corral.runtime.workqueue import depths
 
 _enc = msgspec.json.Encoder()
 

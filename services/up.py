@@ -15,20 +15,23 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from corral.agent.agent import Agent
+from corral.agent.gpu import GpuProbe
+from corral.agent.settings import AgentSettings
+from corral.aggregator.aggregator import Aggregator
+from corral.aggregator.settings import AggregatorSettings
+from corral.gateway.app import Gateway
+from corral.gateway.settings import GatewaySettings
+from corral.protocol.messages import Gpu
+from corral.protocol.names import VENDORS
+from corral.registry.registry import Registry
+from corral.registry.settings import RegistrySettings
+from corral.runtime.logs import setup_logging
+from corral.runtime.natsserver import NatsServer
+from corral.runtime.process import AsgiServer, run, wait_for_signal
+from corral.simulator import SimConfig, SimServer, load_config
+from corral.simulator.config import GIB
 from opentelemetry.trace import TracerProvider
-
-from services.agent.agent import Agent, AgentSettings
-from services.agent.gpu import GpuProbe
-from services.aggregator.aggregator import Aggregator, AggregatorSettings
-from services.gateway.app import Gateway, GatewaySettings
-from services.protocol.messages import Gpu
-from services.protocol.names import VENDORS
-from services.registry.registry import Registry, RegistrySettings
-from services.runtime.logs import setup_logging
-from services.runtime.natsserver import NatsServer
-from services.runtime.process import AsgiServer, run, wait_for_signal
-from services.simulator import SimConfig, SimServer, load_config
-from services.simulator.config import GIB
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,7 @@ import secrets
 from collections.abc import AsyncIterator
 
 import pytest
-
-from services.runtime.natsserver import NatsServer
+from corral.runtime.natsserver import NatsServer
 
 
 @pytest.fixture(scope="module")

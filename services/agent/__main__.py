@@ -7,13 +7,13 @@ import asyncio
 import logging
 
 import msgspec
-
-from services.agent.agent import Agent, AgentSettings
-from services.agent.gpu import GpuProbe, detect_vendor
-from services.runtime.logs import setup_logging
-from services.runtime.process import add_common_arguments, overrides, run, wait_for_signal
-from services.runtime.settings import load_settings
-from services.runtime.telemetry import setup_tracing
+from corral.agent.agent import Agent
+from corral.agent.gpu import GpuProbe, detect_vendor
+from corral.agent.settings import AgentSettings
+from corral.runtime.logs import setup_logging
+from corral.runtime.process import add_common_arguments, overrides, run, wait_for_signal
+from corral.runtime.settings import load_settings
+from corral.runtime.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
 

@@ -25,18 +25,14 @@ from collections import deque
 from collections.abc import Callable
 
 import msgspec
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from opentelemetry.trace import TracerProvider
-
-from services.agent.ollama import OllamaClient
-from services.agent.worker import Job, Worker, reply_counts
-from services.client.routing import effective_ctx, key_of
-from services.protocol import headers as H
-from services.protocol.endpoints import MODEL_ENDPOINTS
-from services.protocol.errors import Cancelled
-from services.protocol.messages import (
+from corral.agent.ollama import OllamaClient
+from corral.agent.settings import AgentSettings
+from corral.agent.worker import Job, Worker, reply_counts
+from corral.client.routing import effective_ctx, key_of
+from corral.protocol import headers as H
+from corral.protocol.endpoints import MODEL_ENDPOINTS
+from corral.protocol.errors import Cancelled
+from corral.protocol.messages import (
     AgentState,
     Gpu,
     PsModel,
@@ -44,13 +40,16 @@ from services.protocol.messages import (
     TagModel,
     agent_state_encoder,
 )
-from services.protocol.names import ANY_VENDOR, VENDORS, decode_token, encode_token, parse_name
-from services.protocol.subjects import Subjects
-from services.runtime.nats import Buckets, connect, ensure_buckets
-from services.runtime.settings import CommonSettings
-from services.runtime.tasks import cancel_and_wait
-from services.runtime.telemetry import tracer
-from services.runtime.workqueue import Puller
+from corral.protocol.names import ANY_VENDOR, VENDORS, decode_token, encode_token, parse_name
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import Buckets, connect, ensure_buckets
+from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.telemetry import tracer
+from corral.runtime.workqueue import Puller
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +58,6 @@ _GIB = 1 << 30
 
 # endpoints after which the models on disk differ: the agent re-reads its Ollama at once
 _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create"})
-
-
-class AgentSettings(CommonSettings, frozen=True, kw_only=True):
-    id: str = ""  # default: <hostname>-<ollama port>
-    ollama_url: str = "http://127.0.0.1:11434"
-    vendor: str = ""  # nvidia | amd | intel | apple | cpu; empty = detect
-    parallel: int = 1  # slots per loaded model; match the backend's OLLAMA_NUM_PARALLEL
-    max_queue: int = 64  # direct requests waiting for a slot before the agent answers busy
-    heartbeat_s: float = 5.0
-    refresh_s: float = 5.0  # re-read the backend's /api/tags and /api/ps this often
-    ping_interval_s: float = 2.0
-    drain_grace_s: float = 30.0
-    vram_gb: float = 0.0  # override the GPU probe (0 = probe)
-    context_length: int = 0  # the backend's OLLAMA_CONTEXT_LENGTH; 0 = Ollama's VRAM tier rule
-    advertise_host: str = ""  # default: this machine's hostname
 
 
 class Lifecycle(enum.Enum):

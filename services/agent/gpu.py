@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from services.protocol.messages import Gpu
+from corral.protocol.messages import Gpu
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,8 @@ import logging
 from typing import Any
 
 import msgspec
-
-from services.agent.http import HTTPClient
-from services.protocol.messages import PsModel, TagModel
+from corral.agent.http import HTTPClient
+from corral.protocol.messages import PsModel, TagModel
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ _show = msgspec.json.Decoder(_Show)
 
 
 class OllamaClient:
-    """Typed calls to one Ollama over `services.agent.http`; `request` is the proxied hot path."""
+    """Typed calls to one Ollama over `corral.agent.http`; `request` is the proxied hot path."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")

@@ -1,6 +1,6 @@
 """One request on the agent: forward it to Ollama and stream the answer back on the reply subject.
 
-Reply stream (see `services.protocol.headers`): ``claim`` at once, ``ping`` while Ollama is silent
+Reply stream (see `corral.protocol.headers`): ``claim`` at once, ``ping`` while Ollama is silent
 (loading a model), ``head`` with status/content type and the first bytes, header-less ``data``
 messages, and ``end`` with the count of data messages and any error. Whatever Ollama sent while the
 previous message was being published goes out together (coalescing without timers); nothing is
@@ -16,14 +16,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
+from corral.agent.http import Response
+from corral.agent.ollama import OllamaClient
+from corral.protocol import headers as H
+from corral.protocol.errors import BackendError, Cancelled, CorralError, InternalError, NoCapacity
+from corral.runtime.telemetry import client_span, process_span
 from nats.aio.client import Client as NATS
 from opentelemetry.trace import Tracer
-
-from services.agent.http import Response
-from services.agent.ollama import OllamaClient
-from services.protocol import headers as H
-from services.protocol.errors import BackendError, Cancelled, CorralError, InternalError, NoCapacity
-from services.runtime.telemetry import client_span, process_span
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 
-from services.aggregator.aggregator import Aggregator, AggregatorSettings
-from services.runtime.logs import setup_logging
-from services.runtime.process import add_common_arguments, overrides, run, wait_for_signal
-from services.runtime.settings import load_settings
+from corral.aggregator.aggregator import Aggregator
+from corral.aggregator.settings import AggregatorSettings
+from corral.runtime.logs import setup_logging
+from corral.runtime.process import add_common_arguments, overrides, run, wait_for_signal
+from corral.runtime.settings import load_settings
 
 log = logging.getLogger(__name__)
 

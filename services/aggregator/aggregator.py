@@ -25,28 +25,22 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
+from corral.aggregator.settings import AggregatorSettings
+from corral.client import views
+from corral.client.fleet import FleetView
+from corral.protocol.messages import RequestFinished
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import Buckets, connect, ensure_buckets
+from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.workqueue import depths
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-
-from services.client import views
-from services.client.fleet import FleetView
-from services.protocol.messages import RequestFinished
-from services.protocol.subjects import Subjects
-from services.runtime.nats import Buckets, connect, ensure_buckets
-from services.runtime.settings import CommonSettings
-from services.runtime.tasks import cancel_and_wait
-from services.runtime.workqueue import depths
 
 log = logging.getLogger(__name__)
 
 _enc = msgspec.json.Encoder()
 R = TypeVar("R", views.Rates, views.ModelRate)
 _finished = msgspec.json.Decoder(RequestFinished)
-
-
-class AggregatorSettings(CommonSettings, frozen=True, kw_only=True):
-    stats_window_s: float = 60.0  # rates in /api/status cover this many seconds
-    views_interval_s: float = 1.0  # how often status (and its rates) is rewritten
 
 
 @dataclass(slots=True)

@@ -1,6 +1,6 @@
 """Talk to a Corral fleet over NATS, without HTTP.
 
-    from services.client import AsyncClient
+    from corral.client import AsyncClient
 
     async with AsyncClient("nats://127.0.0.1:4222") as c:
         r = await c.chat("llama3.2", [{"role": "user", "content": "hi"}])
@@ -11,6 +11,6 @@
 them (the same `Dispatcher`): warm claim subjects first, then the agents that have the model.
 """
 
-from services.client.api import AsyncClient, Client, ResponseError
+from corral.client.api import AsyncClient, Client, ResponseError
 
 __all__ = ["AsyncClient", "Client", "ResponseError"]

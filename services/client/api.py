@@ -13,13 +13,12 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
+from corral.client.dispatch import Dispatcher, DispatchSettings, Reply, model_work
+from corral.client.fleet import FleetView
+from corral.protocol.errors import CorralError, ModelNotFound, not_found_message
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import connect, ensure_buckets
 from nats.aio.client import Client as NATS
-
-from services.client.dispatch import Dispatcher, DispatchSettings, Reply, model_work
-from services.client.fleet import FleetView
-from services.protocol.errors import CorralError, ModelNotFound, not_found_message
-from services.protocol.subjects import Subjects
-from services.runtime.nats import connect, ensure_buckets
 
 Json = dict[str, Any]
 

@@ -9,7 +9,7 @@ Under ``auto`` (the default; `Dispatcher._send_auto`), in order:
 4. nothing can start it now: if the cheapest place is a load (nobody has a matching runner, or a
    load beats the queue) and no load of this model is under way, the registry places it — one load
    per model at a time, fleet-wide — and this request goes to that agent; every other request waits
-   in the fleet-wide FIFO (`services.runtime.workqueue`), which agents serve before new work as
+   in the fleet-wide FIFO (`corral.runtime.workqueue`), which agents serve before new work as
    slots free. Requests with their own ``num_ctx`` wait at the agent whose runner will match;
 5. the queue's deadline passes: Ollama's 503 ``server busy``.
 
@@ -45,28 +45,27 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from opentelemetry.trace import Tracer
-
-from services.client.fleet import FleetView, pull_order
-from services.client.routing import DEFAULT_STRATEGY, Route, Router, loading_for, warm
-from services.client.sessions import Sessions
-from services.protocol import headers as H
-from services.protocol.errors import (
+from corral.client.fleet import FleetView, pull_order
+from corral.client.routing import DEFAULT_STRATEGY, Route, Router, loading_for, warm
+from corral.client.sessions import Sessions
+from corral.protocol import headers as H
+from corral.protocol.errors import (
     AgentUnavailable,
     BadRequest,
     ModelNotFound,
     NoCapacity,
     from_code,
 )
-from services.protocol.messages import AgentState, PlaceRequest, place_reply_decoder
-from services.protocol.names import ANY_VENDOR, ModelName, parse_name, split_vendor_pin
-from services.protocol.subjects import Subjects
-from services.runtime.tasks import cancel_and_wait
-from services.runtime.telemetry import publish_span
-from services.runtime.workqueue import Queued, QueueFull, enqueue, withdraw
+from corral.protocol.messages import AgentState, PlaceRequest, place_reply_decoder
+from corral.protocol.names import ANY_VENDOR, ModelName, parse_name, split_vendor_pin
+from corral.protocol.subjects import Subjects
+from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.telemetry import publish_span
+from corral.runtime.workqueue import Queued, QueueFull, enqueue, withdraw
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +101,9 @@ class WorkRequest:
     upstream_model: str | None = None
     method: str = "POST"
     trace: dict[str, str] = field(default_factory=dict)
-    strategy: str | None = None  # None = the dispatcher's default (see services.client.routing)
+    strategy: str | None = None  # None = the dispatcher's default (see corral.client.routing)
     num_ctx: int | None = None  # the request's runner context (options.num_ctx); None = default
-    session: str | None = None  # conversation key (`services.gateway.bodies.session`)
+    session: str | None = None  # conversation key (`corral.gateway.bodies.session`)
     follow_up: bool = False  # the request continues that conversation
     unload: bool = False  # keep_alive 0 with nothing to run (the agent re-reads /api/ps after it)
 

@@ -53,9 +53,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from services.protocol.errors import InvalidModelName
-from services.protocol.messages import AgentState, PsModel
-from services.protocol.names import VENDORS, parse_name
+from corral.protocol.errors import InvalidModelName
+from corral.protocol.messages import AgentState, PsModel
+from corral.protocol.names import VENDORS, parse_name
 
 __all__ = [
     "CONTEXT_SWITCH_S",

@@ -11,9 +11,8 @@ import time
 from datetime import UTC, datetime
 
 import msgspec
-
-from services.protocol.messages import AgentState, Gpu, PsModel, TagModel
-from services.protocol.names import decode_token, parse_name
+from corral.protocol.messages import AgentState, Gpu, PsModel, TagModel
+from corral.protocol.names import decode_token, parse_name
 
 _enc = msgspec.json.Encoder()
 _FRACTION = re.compile(r"(\.\d{6})\d+")
@@ -217,7 +216,7 @@ class FleetStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def queue_by_model(depths: dict[str, int]) -> dict[str, int]:
-    """Fleet-queue depths per model key, from `services.runtime.workqueue.depths` (per subject)."""
+    """Fleet-queue depths per model key, from `corral.runtime.workqueue.depths` (per subject)."""
     out: dict[str, int] = {}
     for subject, n in depths.items():
         key = decode_token(subject.rsplit(".", 1)[-1])

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from services.gateway.app import Gateway, GatewaySettings
-from services.runtime.logs import setup_logging
-from services.runtime.process import AsgiServer, add_common_arguments, overrides, run, wait_for_signal
-from services.runtime.settings import load_settings
-from services.runtime.telemetry import setup_tracing
+from corral.gateway.app import Gateway
+from corral.gateway.settings import GatewaySettings
+from corral.runtime.logs import setup_logging
+from corral.runtime.process import AsgiServer, add_common_arguments, overrides, run, wait_for_signal
+from corral.runtime.settings import load_settings
+from corral.runtime.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
 

@@ -15,21 +15,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
-from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, Response
-from nats.aio.client import Client as NATS
-from nats.js.kv import KeyValue
-from opentelemetry.trace import TracerProvider
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from services.client import views
-from services.client.dispatch import Dispatcher, DispatchSettings, Reply, WorkRequest, model_work
-from services.client.fleet import FleetView, pull_order
-from services.client.routing import STRATEGIES, parse_strategy
-from services.client.sessions import Sessions
-from services.gateway import bodies
-from services.gateway.errors import JSON, native_body
-from services.gateway.relay import (
+from corral.client import views
+from corral.client.dispatch import Dispatcher, DispatchSettings, Reply, WorkRequest, model_work
+from corral.client.fleet import FleetView, pull_order
+from corral.client.routing import STRATEGIES, parse_strategy
+from corral.client.sessions import Sessions
+from corral.gateway import bodies
+from corral.gateway.errors import JSON, native_body
+from corral.gateway.relay import (
     Receive,
     Scope,
     Send,
@@ -39,21 +32,27 @@ from services.gateway.relay import (
     respond,
     respond_error,
 )
-from services.protocol.endpoints import MODEL_ENDPOINTS
-from services.protocol.errors import (
+from corral.gateway.settings import GatewaySettings
+from corral.protocol.endpoints import MODEL_ENDPOINTS
+from corral.protocol.errors import (
     BadRequest,
     CorralError,
     InvalidModelName,
     ModelNotFound,
     not_found_message,
 )
-from services.protocol.names import VENDORS, ModelName, parse_name
-from services.protocol.subjects import Subjects
-from services.runtime.nats import connect, ensure_buckets
-from services.runtime.settings import CommonSettings
-from services.runtime.tasks import cancel_and_wait
-from services.runtime.telemetry import server_span, tracer
-from services.runtime.workqueue import depths, ensure_stream
+from corral.protocol.names import VENDORS, ModelName, parse_name
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.telemetry import server_span, tracer
+from corral.runtime.workqueue import depths, ensure_stream
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response
+from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
+from opentelemetry.trace import TracerProvider
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +62,6 @@ ENFORCE_HEADER = b"x-enforce-strategy"
 SESSION_HEADER = b"x-corral-session"  # a client's own conversation id (overrides the derived key)
 REPLICAS_HEADER = "X-Corral-Replicas"  # /api/pull: on how many agents (a number or "all")
 VENDOR_HEADER = "X-Corral-Vendor"  # /api/pull: only agents of this vendor
-
-
-class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
-    host: str = "127.0.0.1"
-    port: int = 11434
-    claim_timeout_s: float = 2.0  # an agent must claim a request within this
-    idle_timeout_s: float = 10.0  # a claimed request silent this long means its agent died
-    queue_timeout_s: float = 60.0  # how long a request may wait for capacity before 503
-    ollama_version: str = "0.12.3"  # reported by /api/version when no backend says
-    strategy: str = "auto"  # routing when a request names none (X-Load-Balancing-Strategy)
-    queue: bool = True  # auto: wait for a slot in the fleet-wide queue (False: at the agents)
-    queue_depth: int = 512  # requests that may wait per model (and vendor pin) before 503
-    sessions: bool = True  # auto: send a conversation's follow-up turns to its agent
-    load_grace_s: float = (
-        1.0  # a load this gateway starts counts as under way this long before the agent shows it
-    )
-    queue_recheck_s: float = 1.0  # a queued request checks this often that an agent still serves its model
-    auto_pull: bool = False  # a request for a model no agent has pulls it onto one agent first
 
 
 class Gateway:
@@ -326,7 +307,7 @@ class Gateway:
         async def v1_model(model: str) -> Response:
             body = views.v1_model_body(gw.fleet.agents(), model)
             if body is None:
-                from services.gateway.errors import openai_body
+                from corral.gateway.errors import openai_body
 
                 return Response(
                     openai_body(404, f"model '{model}' not found"), status_code=404, media_type=JSON

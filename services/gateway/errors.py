@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import msgspec
-
-from services.protocol.errors import CorralError, ModelNotFound, not_found_message
+from corral.protocol.errors import CorralError, ModelNotFound, not_found_message
 
 JSON = "application/json; charset=utf-8"
 

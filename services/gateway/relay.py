@@ -13,9 +13,9 @@ import contextlib
 import logging
 from typing import Any
 
-from services.client.dispatch import Dispatcher, Reply, WorkRequest
-from services.gateway.errors import JSON, error_response, native_body, openai_body
-from services.protocol.errors import CorralError, InternalError
+from corral.client.dispatch import Dispatcher, Reply, WorkRequest
+from corral.gateway.errors import JSON, error_response, native_body, openai_body
+from corral.protocol.errors import CorralError, InternalError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""NATS header names. Requests carry the Ollama body verbatim as payload; these carry the rest.
+"""NATS header names. Requests carry the Ollama body verbatim as payload; these carry the rest
+(`corral.protocol.envelope` builds and validates them as one value).
 
 Work message (gateway → agent)::
 
@@ -10,6 +11,7 @@ Work message (gateway → agent)::
     Corral-Echo-Model     when the gateway stripped a vendor pin: the name to restore in responses
     Corral-Upstream-Model the name Ollama sees (pairs with Corral-Echo-Model)
     Corral-Body-Size      set when the body exceeds the payload limit: fetch it from the body subject
+    Corral-Origin         with Corral-Body-Size: the sender's id (its body subject serves the bytes)
     Corral-Num-Ctx        the request's own options.num_ctx, when it gives one
     Corral-Reply          on a request waiting in the overflow queue: the reply subject (JetStream
                           keeps headers, not the publisher's reply subject)
@@ -39,6 +41,7 @@ MODEL: Final = "Corral-Model"
 ECHO_MODEL: Final = "Corral-Echo-Model"
 UPSTREAM_MODEL: Final = "Corral-Upstream-Model"
 BODY_SIZE: Final = "Corral-Body-Size"
+ORIGIN: Final = "Corral-Origin"
 REPLY: Final = "Corral-Reply"
 NUM_CTX: Final = "Corral-Num-Ctx"  # set when the request gives options.num_ctx (value: that number)
 UNLOAD: Final = "Corral-Unload"  # set on a keep_alive 0 unload: the agent re-reads its Ollama after it

@@ -17,8 +17,7 @@ import re
 from typing import Final
 
 import msgspec
-
-from services.protocol.errors import InvalidModelName
+from corral.protocol.errors import InvalidModelName
 
 DEFAULT_HOST: Final = "registry.ollama.ai"
 DEFAULT_NAMESPACE: Final = "library"
@@ -122,3 +121,14 @@ def decode_token(token: str) -> str:
 
 def is_token(token: str) -> bool:
     return _TOKEN.fullmatch(token) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def key_of(name: str) -> str | None:
+    """The routing key of a model name as Ollama reports or a client sends it; None when it is not a
+    valid Ollama name. The one rule every view, index and router uses: a name without a key is shown
+    nowhere and routed nowhere. Memoised: the same names repeat on every fleet snapshot."""
+    try:
+        return parse_name(name).key
+    except InvalidModelName:
+        return None

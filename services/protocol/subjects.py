@@ -22,8 +22,7 @@ import functools
 import re
 
 import msgspec
-
-from services.protocol.names import ANY_VENDOR, VENDORS, is_token
+from corral.protocol.names import ANY_VENDOR, VENDORS, is_token
 
 _ROOT = re.compile(r"[A-Za-z0-9_-]+")
 _ID = re.compile(r"[A-Za-z0-9_-]+")

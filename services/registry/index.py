@@ -34,12 +34,11 @@ import logging
 from collections.abc import Iterable, Mapping
 
 import msgspec
+from corral.protocol.messages import AgentState, agent_state_decoder
+from corral.protocol.names import parse_name
+from corral.runtime.tasks import cancel_and_wait
 from nats.js.errors import APIError, KeyNotFoundError
 from nats.js.kv import KeyValue
-
-from services.protocol.messages import AgentState, agent_state_decoder
-from services.protocol.names import parse_name
-from services.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

@@ -40,13 +40,9 @@ import time
 from dataclasses import dataclass
 
 import msgspec
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.js.kv import KeyValue
-
-from services.client.dispatch import Dispatcher, WorkRequest
-from services.client.fleet import FleetView
-from services.client.routing import (
+from corral.client.dispatch import Dispatcher, WorkRequest
+from corral.client.fleet import FleetView
+from corral.client.routing import (
     DEFAULT_MODEL_SIZE,
     LOAD_BANDWIDTH,
     LOAD_OVERHEAD_S,
@@ -57,17 +53,20 @@ from services.client.routing import (
     loading_for,
     warm,
 )
-from services.protocol.messages import (
+from corral.protocol.messages import (
     AgentState,
     LoadMarker,
     PlaceReply,
     load_marker_decoder,
     place_request_decoder,
 )
-from services.protocol.names import decode_token, parse_name
-from services.protocol.subjects import Subjects
-from services.runtime.tasks import cancel_and_wait
-from services.runtime.workqueue import depths
+from corral.protocol.names import decode_token, parse_name
+from corral.protocol.subjects import Subjects
+from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.workqueue import depths
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 

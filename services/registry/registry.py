@@ -15,7 +15,7 @@ wins a KV compare-and-set on a ``member.{id}`` marker in the views bucket, and t
 a compare-and-set too.
 
 Model index. Every copy keeps the ``model.{token}`` keys of the ``{root}_models`` bucket (which
-agents have each model on disk and loaded) up to date; see `services.registry.index`.
+agents have each model on disk and loaded) up to date; see `corral.registry.index`.
 
 Pulls. ``{root}.registry.pull`` (queue group ``registry``, so one copy serves each pull) takes an
 Ollama pull body plus ``replicas`` / ``vendor`` / ``all``, chooses the agents, runs ``/api/pull``
@@ -34,23 +34,22 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
+from corral.client.dispatch import Dispatcher, DispatchSettings, WorkRequest
+from corral.client.fleet import STALE_HEARTBEATS, FleetView, pull_order
+from corral.protocol import headers as H
+from corral.protocol.errors import BadRequest, CorralError
+from corral.protocol.messages import AgentEvent, AgentState, agent_state_decoder
+from corral.protocol.names import VENDORS, parse_name
+from corral.protocol.subjects import Subjects
+from corral.registry.index import ModelIndexWriter
+from corral.registry.placement import Placer, ReplicaSettings
+from corral.registry.settings import RegistrySettings
+from corral.runtime.nats import Buckets, connect, ensure_buckets
+from corral.runtime.tasks import cancel_and_wait
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
-
-from services.client.dispatch import Dispatcher, DispatchSettings, WorkRequest
-from services.client.fleet import STALE_HEARTBEATS, FleetView, pull_order
-from services.protocol import headers as H
-from services.protocol.errors import BadRequest, CorralError
-from services.protocol.messages import AgentEvent, AgentState, agent_state_decoder
-from services.protocol.names import VENDORS, parse_name
-from services.protocol.subjects import Subjects
-from services.registry.index import ModelIndexWriter
-from services.registry.placement import Placer, ReplicaSettings
-from services.runtime.nats import Buckets, connect, ensure_buckets
-from services.runtime.settings import CommonSettings
-from services.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +58,6 @@ NDJSON = "application/x-ndjson"
 JSON = "application/json; charset=utf-8"
 _enc = msgspec.json.Encoder()
 _DEAD = b"dead"
-
-
-class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
-    dead_after_s: float = 0.0  # an agent silent this long is dead; 0 = three of its own heartbeats
-    pull_timeout_s: float = 3600.0  # a fleet-wide pull may take this long
-    replica_check_s: float = 1.0  # read queue depths this often for demand-driven replicas; 0 = off
-    replica_patience: int = 2  # checks in a row a model's queue drains slower than a load takes
-    load_grace_s: float = 1.0  # a load marker counts as live this long before its agent shows the load
-    ping_interval_s: float = (
-        2.0  # keep-alive on a pull's reply while it is silent (under the gateway's idle timeout)
-    )
 
 
 class PullRequest(msgspec.Struct, kw_only=True):

@@ -6,14 +6,13 @@ import logging
 from dataclasses import dataclass
 
 import nats
+from corral.protocol.subjects import Subjects
+from corral.runtime.workqueue import ensure_stream
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
-
-from services.protocol.subjects import Subjects
-from services.runtime.workqueue import ensure_stream
 
 log = logging.getLogger(__name__)
 

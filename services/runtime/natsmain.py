@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from services.runtime.logs import setup_logging
-from services.runtime.natsserver import NatsServer, NatsServerError
-from services.runtime.process import run, wait_for_signal
+from corral.runtime.logs import setup_logging
+from corral.runtime.natsserver import NatsServer, NatsServerError
+from corral.runtime.process import run, wait_for_signal
 
 
 def parser() -> argparse.ArgumentParser:

@@ -11,8 +11,7 @@ from collections.abc import Coroutine, Generator
 from typing import Any
 
 import uvicorn
-
-from services.runtime.settings import CommonSettings, env_name
+from corral.runtime.settings import CommonSettings, env_name
 
 log = logging.getLogger(__name__)
 

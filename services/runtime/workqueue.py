@@ -23,6 +23,8 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
+from corral.protocol import headers as H
+from corral.protocol.subjects import Subjects
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -35,9 +37,6 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import APIError, NotFoundError
-
-from services.protocol import headers as H
-from services.protocol.subjects import Subjects
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`python -m services.simulator` / `corral sim`: run ollama-sim until SIGINT or SIGTERM."""
+"""`python -m corral.simulator` / `corral sim`: run ollama-sim until SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from services.simulator.config import ConfigError, load_config
-from services.simulator.server import SimServer
+from corral.simulator.config import ConfigError, load_config
+from corral.simulator.server import SimServer
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +22,9 @@ Flags override the --config TOML file, which overrides the built-in defaults (on
 GPU serving llama3.2, qwen3:8b and all-minilm; more models available to pull).
 
 examples:
-  python -m services.simulator --port 11500 --time-scale 0.1
-  python -m services.simulator --config sim.toml --vendor amd --vram-gb 48 --num-parallel 4
-  python -m services.simulator --time-scale 0   # no delays at all (benchmarks)
+  python -m corral.simulator --port 11500 --time-scale 0.1
+  python -m corral.simulator --config sim.toml --vendor amd --vram-gb 48 --num-parallel 4
+  python -m corral.simulator --time-scale 0   # no delays at all (benchmarks)
 """
 
 

@@ -11,9 +11,8 @@ import time
 from collections.abc import Iterable
 
 import msgspec
-
-from services.protocol.names import ModelName, parse_name
-from services.simulator.config import ModelConfig, SimConfig
+from corral.protocol.names import ModelName, parse_name
+from corral.simulator.config import ModelConfig, SimConfig
 
 _QUANT_BYTES = {"F32": 4.0, "F16": 2.0, "BF16": 2.0, "Q8_0": 1.06, "Q6_K": 0.82, "Q5_K_M": 0.71}
 _QUANT_DEFAULT = 0.6  # Q4_K_M and friends, bytes per parameter incl. overhead

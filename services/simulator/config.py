@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import msgspec
-
-from services.protocol.errors import InvalidModelName
-from services.protocol.names import parse_name
+from corral.protocol.errors import InvalidModelName
+from corral.protocol.names import parse_name
 
 Vendor = Literal["nvidia", "amd", "intel", "apple", "cpu"]
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.simulator.catalog import Catalog
-from services.simulator.clock import Clock
-from services.simulator.config import SimConfig
-from services.simulator.durations import CreatedAt
-from services.simulator.engine import Engine
-from services.simulator.scheduler import Scheduler
-from services.simulator.stats import SimStats
+from corral.simulator.catalog import Catalog
+from corral.simulator.clock import Clock
+from corral.simulator.config import SimConfig
+from corral.simulator.durations import CreatedAt
+from corral.simulator.engine import Engine
+from corral.simulator.scheduler import Scheduler
+from corral.simulator.stats import SimStats
 
 
 @dataclass

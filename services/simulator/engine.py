@@ -14,14 +14,13 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 import msgspec
-
-from services.protocol.errors import CorralError
-from services.simulator.catalog import LocalModel
-from services.simulator.clock import Clock
-from services.simulator.config import VENDOR_SPEED, SimConfig
-from services.simulator.scheduler import Runner, RunnerOptions, Scheduler, common_prefix
-from services.simulator.stats import SimStats
-from services.simulator.text import Plan, tokenize
+from corral.protocol.errors import CorralError
+from corral.simulator.catalog import LocalModel
+from corral.simulator.clock import Clock
+from corral.simulator.config import VENDOR_SPEED, SimConfig
+from corral.simulator.scheduler import Runner, RunnerOptions, Scheduler, common_prefix
+from corral.simulator.stats import SimStats
+from corral.simulator.text import Plan, tokenize
 
 CONTENT: Final = 0
 THINKING: Final = 1

@@ -10,13 +10,12 @@ from typing import Any, Final
 
 import msgspec
 from aiohttp import web
-
-from services.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
-from services.protocol.names import ModelName, parse_name
-from services.simulator.catalog import Layer, LocalModel
-from services.simulator.context import SimContext
-from services.simulator.durations import format_local
-from services.simulator.responses import (
+from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
+from corral.protocol.names import ModelName, parse_name
+from corral.simulator.catalog import Layer, LocalModel
+from corral.simulator.context import SimContext
+from corral.simulator.durations import format_local
+from corral.simulator.responses import (
     Details,
     Progress,
     PsModel,
@@ -27,7 +26,7 @@ from services.simulator.responses import (
     error_response,
     json_response,
 )
-from services.simulator.wire import CopyRequest, CreateRequest, ModelRequest, decode
+from corral.simulator.wire import CopyRequest, CreateRequest, ModelRequest, decode
 
 _DIGEST_RE: Final = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
 _TICK_S: Final = 0.06  # Ollama's pull progress tick

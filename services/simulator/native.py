@@ -13,13 +13,12 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
-
-from services.protocol.errors import BadRequest, CorralError, ModelNotFound
-from services.simulator.catalog import LocalModel
-from services.simulator.context import SimContext
-from services.simulator.durations import DurationError, parse_keep_alive
-from services.simulator.engine import CONTENT, THINKING, TOOL_CALLS, Job, Outcome
-from services.simulator.responses import (
+from corral.protocol.errors import BadRequest, CorralError, ModelNotFound
+from corral.simulator.catalog import LocalModel
+from corral.simulator.context import SimContext
+from corral.simulator.durations import DurationError, parse_keep_alive
+from corral.simulator.engine import CONTENT, THINKING, TOOL_CALLS, Job, Outcome
+from corral.simulator.responses import (
     ChatMessageOut,
     ChatResponse,
     EmbedResponse,
@@ -31,8 +30,8 @@ from services.simulator.responses import (
     error_response,
     json_response,
 )
-from services.simulator.scheduler import RunnerOptions
-from services.simulator.text import (
+from corral.simulator.scheduler import RunnerOptions
+from corral.simulator.text import (
     Plan,
     count_tokens,
     embed,
@@ -42,7 +41,7 @@ from services.simulator.text import (
     render_generate,
     seed_for,
 )
-from services.simulator.wire import (
+from corral.simulator.wire import (
     ChatRequest,
     EmbeddingsRequest,
     EmbedRequest,

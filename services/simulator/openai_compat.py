@@ -15,15 +15,14 @@ from typing import Any, Final
 
 import msgspec
 from aiohttp import web
-
-from services.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
-from services.protocol.names import parse_name
-from services.simulator.catalog import LocalModel
-from services.simulator.context import SimContext
-from services.simulator.engine import CONTENT, THINKING, TOOL_CALLS, Job, Outcome
-from services.simulator.native import find_model, merged_options, runner_options
-from services.simulator.responses import StreamWriter, encode, json_response
-from services.simulator.text import (
+from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
+from corral.protocol.names import parse_name
+from corral.simulator.catalog import LocalModel
+from corral.simulator.context import SimContext
+from corral.simulator.engine import CONTENT, THINKING, TOOL_CALLS, Job, Outcome
+from corral.simulator.native import find_model, merged_options, runner_options
+from corral.simulator.responses import StreamWriter, encode, json_response
+from corral.simulator.text import (
     Plan,
     count_tokens,
     embed,
@@ -33,7 +32,7 @@ from services.simulator.text import (
     render_generate,
     seed_for,
 )
-from services.simulator.wire import think_flag
+from corral.simulator.wire import think_flag
 
 SSE: Final = "text/event-stream"
 _TYPES: Final = {400: "invalid_request_error", 404: "not_found_error"}

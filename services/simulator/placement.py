@@ -8,9 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
-
-from services.simulator.catalog import LocalModel
-from services.simulator.config import GIB
+from corral.simulator.catalog import LocalModel
+from corral.simulator.config import GIB
 
 
 class RunnerOptions(msgspec.Struct, frozen=True, kw_only=True):

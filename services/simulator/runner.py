@@ -9,8 +9,8 @@ from collections import deque
 from collections.abc import Sequence
 from enum import Enum
 
-from services.simulator.catalog import LocalModel
-from services.simulator.placement import Placement, RunnerOptions
+from corral.simulator.catalog import LocalModel
+from corral.simulator.placement import Placement, RunnerOptions
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -22,13 +22,13 @@ import logging
 import time
 from collections import deque
 
-from services.protocol.errors import CorralError, InternalError, NoCapacity
-from services.simulator.catalog import LocalModel
-from services.simulator.clock import Clock
-from services.simulator.config import GB, GIB, SimConfig
-from services.simulator.durations import parse_server_keep_alive
-from services.simulator.placement import Placement, RunnerOptions, estimate, fit, needs_reload
-from services.simulator.runner import (
+from corral.protocol.errors import CorralError, InternalError, NoCapacity
+from corral.simulator.catalog import LocalModel
+from corral.simulator.clock import Clock
+from corral.simulator.config import GB, GIB, SimConfig
+from corral.simulator.durations import parse_server_keep_alive
+from corral.simulator.placement import Placement, RunnerOptions, estimate, fit, needs_reload
+from corral.simulator.runner import (
     Runner,
     RunnerState,
     Slot,
@@ -36,7 +36,7 @@ from services.simulator.runner import (
     common_prefix,
     pick_victim,
 )
-from services.simulator.stats import SimStats
+from corral.simulator.stats import SimStats
 
 __all__ = [
     "Placement",

@@ -17,15 +17,14 @@ from types import TracebackType
 from typing import Final
 
 from aiohttp import web
-
-from services.simulator.config import SimConfig
-from services.simulator.context import SimContext
-from services.simulator.manage import ManageRoutes
-from services.simulator.native import NativeRoutes
-from services.simulator.openai_compat import OpenAIRoutes
-from services.simulator.responses import text_response
-from services.simulator.scheduler import Scheduler
-from services.simulator.stats import SimStats
+from corral.simulator.config import SimConfig
+from corral.simulator.context import SimContext
+from corral.simulator.manage import ManageRoutes
+from corral.simulator.native import NativeRoutes
+from corral.simulator.openai_compat import OpenAIRoutes
+from corral.simulator.responses import text_response
+from corral.simulator.scheduler import Scheduler
+from corral.simulator.stats import SimStats
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,7 @@ import re
 from typing import Any, Final, TypeVar
 
 import msgspec
-
-from services.protocol.errors import BadRequest, InternalError
+from corral.protocol.errors import BadRequest, InternalError
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
-from services.agent.gpu import GpuProbe, detect_vendor, probe_gpus
+from corral.agent.gpu import GpuProbe, detect_vendor, probe_gpus
 
 pynvml = pytest.importorskip("pynvml", reason="nvidia-ml-py is not installed")
 

@@ -8,9 +8,8 @@ from collections.abc import Callable
 
 import msgspec
 import nats.aio.msg
-
-from services.protocol.messages import AgentEvent
-from services.up import LocalFleet
+from corral.protocol.messages import AgentEvent
+from corral.up import LocalFleet
 
 
 async def until(fleet: LocalFleet, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -28,8 +27,7 @@ async def until(fleet: LocalFleet, predicate: Callable[[], bool], timeout: float
 async def preload(fleet: LocalFleet, model: str, timeout: float = 10.0) -> None:
     """Load ``model`` on every simulated backend directly and wait until every agent advertises it."""
     import ollama
-
-    from services.protocol.names import parse_name
+    from corral.protocol.names import parse_name
 
     async def load(url: str) -> None:
         async with ollama.AsyncClient(host=url) as c:

@@ -9,10 +9,9 @@ from typing import Any
 import ollama
 import openai
 import pytest
-
-from services.protocol.names import parse_name
-from services.runtime.natsserver import NatsServer
-from services.up import FleetOptions, LocalFleet, default_sims
+from corral.protocol.names import parse_name
+from corral.runtime.natsserver import NatsServer
+from corral.up import FleetOptions, LocalFleet, default_sims
 
 pytestmark = pytest.mark.integration
 

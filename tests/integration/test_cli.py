@@ -8,10 +8,10 @@ import sys
 from collections.abc import AsyncIterator
 
 import pytest
+from corral.protocol.names import parse_name
+from corral.runtime.natsserver import NatsServer
+from corral.up import FleetOptions, LocalFleet, default_sims
 
-from services.protocol.names import parse_name
-from services.runtime.natsserver import NatsServer
-from services.up import FleetOptions, LocalFleet, default_sims
 from tests.integration.fleet_helpers import preload, until
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ async def corral(fleet: LocalFleet, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.cli",
+        "corral.cli",
         *args,
         "--nats",
         fleet.nats_url,

@@ -6,10 +6,10 @@ import asyncio
 import time
 
 import pytest
+from corral.client import AsyncClient, Client, ResponseError
+from corral.runtime.natsserver import NatsServer
+from corral.up import FleetOptions, LocalFleet, default_sims
 
-from services.client import AsyncClient, Client, ResponseError
-from services.runtime.natsserver import NatsServer
-from services.up import FleetOptions, LocalFleet, default_sims
 from tests.integration.fleet_helpers import preload
 
 pytestmark = pytest.mark.integration
@@ -73,10 +73,9 @@ async def _raw_reply_kinds(fleet: LocalFleet, body: dict[str, str | object]) -> 
     """Publish one request on an agent's direct subject as a bare NATS client; the reply headers."""
     import msgspec
     import nats
-
-    from services.protocol import headers as H
-    from services.protocol.names import parse_name
-    from services.protocol.subjects import Subjects
+    from corral.protocol import headers as H
+    from corral.protocol.names import parse_name
+    from corral.protocol.subjects import Subjects
 
     nc = await nats.connect(fleet.nats_url)
     try:
@@ -104,7 +103,7 @@ async def _raw_reply_kinds(fleet: LocalFleet, body: dict[str, str | object]) -> 
 
 
 async def test_a_quick_reply_claims_with_its_head_a_slow_one_claims_first(fleet: LocalFleet) -> None:
-    from services.protocol import headers as H
+    from corral.protocol import headers as H
 
     quick = await _raw_reply_kinds(
         fleet, {"model": "llama3.2", "prompt": "q", "stream": False, "options": {"num_predict": 1}}

@@ -11,14 +11,16 @@ import msgspec
 import nats
 import ollama
 import pytest
+from corral.aggregator.aggregator import Aggregator
+from corral.aggregator.settings import AggregatorSettings
+from corral.client.views import FleetStatus
+from corral.protocol.names import parse_name
+from corral.protocol.subjects import Subjects
+from corral.registry.registry import Registry
+from corral.registry.settings import RegistrySettings
+from corral.runtime.natsserver import NatsServer
+from corral.up import Backend, FleetOptions, LocalFleet, default_sims
 
-from services.aggregator.aggregator import Aggregator, AggregatorSettings
-from services.client.views import FleetStatus
-from services.protocol.names import parse_name
-from services.protocol.subjects import Subjects
-from services.registry.registry import Registry, RegistrySettings
-from services.runtime.natsserver import NatsServer
-from services.up import Backend, FleetOptions, LocalFleet, default_sims
 from tests.integration.fleet_helpers import Events, until
 
 pytestmark = pytest.mark.integration

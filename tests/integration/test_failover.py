@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import aiohttp
 import ollama
 import pytest
+from corral.gateway.app import Gateway
+from corral.gateway.settings import GatewaySettings
+from corral.runtime.natsserver import NatsServer
+from corral.runtime.process import AsgiServer
+from corral.simulator import SimServer, load_config
 
-from services.gateway.app import Gateway, GatewaySettings
-from services.runtime.natsserver import NatsServer
-from services.runtime.process import AsgiServer
-from services.simulator import SimServer, load_config
 from tests.integration.fleet_helpers import generate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -61,7 +62,7 @@ async def spawn_agent(nats_url: str, root: str, agent_id: str, ollama_url: str) 
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.agent",
+        "corral.agent",
         "--nats",
         nats_url,
         "--root",

@@ -11,19 +11,19 @@ import aiohttp
 import msgspec
 import ollama
 import pytest
+from corral.client.routing import Route, loading_for, warm
+from corral.client.sessions import Sessions
+from corral.protocol import headers as H
+from corral.protocol.messages import AgentState
+from corral.protocol.names import parse_name
+from corral.protocol.subjects import Subjects
+from corral.registry.placement import marker_key
+from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.natsserver import NatsServer
+from corral.runtime.workqueue import Puller, depths, enqueue, withdraw
+from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.js.errors import KeyNotFoundError
 
-from services.client.routing import Route, loading_for, warm
-from services.client.sessions import Sessions
-from services.protocol import headers as H
-from services.protocol.messages import AgentState
-from services.protocol.names import parse_name
-from services.protocol.subjects import Subjects
-from services.registry.placement import marker_key
-from services.runtime.nats import connect, ensure_buckets
-from services.runtime.natsserver import NatsServer
-from services.runtime.workqueue import Puller, depths, enqueue, withdraw
-from services.up import FleetOptions, LocalFleet, default_sims
 from tests.integration.fleet_helpers import preload, until
 
 MODEL = "llama3.2"

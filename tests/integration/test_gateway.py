@@ -10,9 +10,9 @@ import aiohttp
 import ollama
 import openai
 import pytest
+from corral.runtime.natsserver import NatsServer
+from corral.up import FleetOptions, LocalFleet, default_sims
 
-from services.runtime.natsserver import NatsServer
-from services.up import FleetOptions, LocalFleet, default_sims
 from tests.integration.fleet_helpers import preload, until
 
 pytestmark = pytest.mark.integration

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 import ollama
 import pytest
+from corral.protocol.errors import BUSY_MESSAGE
+from corral.protocol.names import parse_name
+from corral.runtime.natsserver import NatsServer
+from corral.runtime.workqueue import depths
+from corral.up import FleetOptions, LocalFleet, default_sims
 
-from services.protocol.errors import BUSY_MESSAGE
-from services.protocol.names import parse_name
-from services.runtime.natsserver import NatsServer
-from services.runtime.workqueue import depths
-from services.up import FleetOptions, LocalFleet, default_sims
 from tests.integration.fleet_helpers import preload, until
 
 pytestmark = pytest.mark.integration

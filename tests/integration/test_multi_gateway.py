@@ -16,20 +16,23 @@ import nats
 import ollama
 import openai
 import pytest
+from corral.aggregator.aggregator import Aggregator
+from corral.aggregator.settings import AggregatorSettings
+from corral.client.fleet import FleetView
+from corral.client.views import FleetStatus
+from corral.gateway.app import Gateway
+from corral.gateway.settings import GatewaySettings
+from corral.protocol.messages import agent_state_decoder
+from corral.protocol.names import parse_name
+from corral.protocol.subjects import Subjects
+from corral.registry.index import Holder, ModelEntry, index_key, model_entry_decoder
+from corral.registry.registry import Registry
+from corral.registry.settings import RegistrySettings
+from corral.runtime.natsserver import NatsServer
+from corral.runtime.process import AsgiServer
+from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.js.kv import KeyValue
 
-from services.aggregator.aggregator import Aggregator, AggregatorSettings
-from services.client.fleet import FleetView
-from services.client.views import FleetStatus
-from services.gateway.app import Gateway, GatewaySettings
-from services.protocol.messages import agent_state_decoder
-from services.protocol.names import parse_name
-from services.protocol.subjects import Subjects
-from services.registry.index import Holder, ModelEntry, index_key, model_entry_decoder
-from services.registry.registry import Registry, RegistrySettings
-from services.runtime.natsserver import NatsServer
-from services.runtime.process import AsgiServer
-from services.up import FleetOptions, LocalFleet, default_sims
 from tests.integration.fleet_helpers import Events
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,7 @@ import aiohttp
 import ollama
 import openai
 import pytest
-
-from services.simulator import GpuConfig, ModelConfig, SimConfig, SimServer, load_config
+from corral.simulator import GpuConfig, ModelConfig, SimConfig, SimServer, load_config
 
 pytestmark = pytest.mark.integration
 

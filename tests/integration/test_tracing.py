@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import ollama
 import pytest
+from corral.runtime.natsserver import NatsServer
+from corral.runtime.telemetry import setup_tracing
+from corral.up import FleetOptions, LocalFleet, default_sims
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-
-from services.runtime.natsserver import NatsServer
-from services.runtime.telemetry import setup_tracing
-from services.up import FleetOptions, LocalFleet, default_sims
 
 pytestmark = pytest.mark.integration
 

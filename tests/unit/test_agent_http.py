@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 import uvloop
-
-from services.agent.http import HTTPClient, HTTPError, StatusError, _Connection
+from corral.agent.http import HTTPClient, HTTPError, StatusError, _Connection
 
 
 @dataclass

@@ -95,7 +95,7 @@ def test_verdict() -> None:
 
 
 def test_polling_periods_follow_the_simulated_clock() -> None:
-    from services.agent.agent import AgentSettings
+    from corral.agent.settings import AgentSettings
 
     periods = scaled_periods(0.2)
     assert periods[AgentSettings]["refresh_s"] == AgentSettings().refresh_s * 0.2

@@ -7,11 +7,10 @@ from typing import Any
 
 import msgspec
 import pytest
+from corral.client.dispatch import model_work
+from corral.gateway.bodies import RouteView, decode_view, is_unload, keep_alive_is_zero
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from services.client.dispatch import model_work
-from services.gateway.bodies import RouteView, decode_view, is_unload, keep_alive_is_zero
 
 PROPERTY = settings(max_examples=200, derandomize=True, database=None, deadline=None)
 

@@ -27,17 +27,16 @@ import msgspec
 import nats
 import pytest
 import yaml
-
-from services.agent import __main__ as agent_main
-from services.agent.agent import AgentSettings
-from services.cli import COMMANDS
-from services.gateway import __main__ as gateway_main
-from services.gateway.app import GatewaySettings
-from services.protocol.names import VENDORS
-from services.runtime import natsmain
-from services.runtime.natsserver import find_binary, free_port
-from services.runtime.process import overrides
-from services.runtime.settings import CommonSettings, env_name, load_settings
+from corral.agent import __main__ as agent_main
+from corral.agent.settings import AgentSettings
+from corral.cli import COMMANDS
+from corral.gateway import __main__ as gateway_main
+from corral.gateway.settings import GatewaySettings
+from corral.protocol.names import VENDORS
+from corral.runtime import natsmain
+from corral.runtime.natsserver import find_binary, free_port
+from corral.runtime.process import overrides
+from corral.runtime.settings import CommonSettings, env_name, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -569,7 +568,7 @@ def test_dockerfile() -> None:
     (entrypoint,) = [v for k, v in rows if k == "ENTRYPOINT"]
     assert json.loads(entrypoint) == ["corral"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["corral"] == "services.cli:main"
+    assert scripts["corral"] == "corral.cli:main"
     assert any(k == "RUN" and re.search(r"pip install .*\.(\s|$)", v + " ") for k, v in rows), "pip install ."
     ignored = {
         line.strip().rstrip("/")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from services.protocol.errors import (
+from corral.protocol.errors import (
     BUSY_MESSAGE,
     AgentUnavailable,
     BackendError,

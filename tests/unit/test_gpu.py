@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from services.agent.gpu import GIB, GpuProbe, detect_vendor, probe_gpus
-from services.protocol.messages import Gpu
+from corral.agent.gpu import GIB, GpuProbe, detect_vendor, probe_gpus
+from corral.protocol.messages import Gpu
 
 MIB = 1024**2
 
@@ -227,7 +226,7 @@ def test_close_before_refresh_is_a_no_op(sysfs: Path) -> None:
 def test_nvml_failure_falls_back_to_system_memory_and_warns_once(
     sysfs: Path, nvml: FakeNvml, why: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="services.agent.gpu")
+    caplog.set_level(logging.WARNING, logger="corral.agent.gpu")
     with GpuProbe("nvidia", sysfs_root=sysfs, nvml=nvml) as probe:
         assert probe.refresh() == [SYSTEM_MEMORY]
         warned = len(caplog.records)
@@ -281,7 +280,7 @@ def test_amd_sysfs_cards(sysfs: Path) -> None:
 
 
 def test_amd_without_cards_falls_back(sysfs: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="services.agent.gpu")
+    caplog.set_level(logging.WARNING, logger="corral.agent.gpu")
     assert probe_gpus("amd", sysfs_root=sysfs) == [SYSTEM_MEMORY]
     assert "no amdgpu card" in caplog.text
     assert "falling back to system memory" in caplog.text
@@ -289,7 +288,7 @@ def test_amd_without_cards_falls_back(sysfs: Path, caplog: pytest.LogCaptureFixt
 
 # -- CPU / system memory ---------------------------------------------------------------------
 def test_cpu_is_system_memory_without_a_warning(sysfs: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="services.agent.gpu")
+    caplog.set_level(logging.WARNING, logger="corral.agent.gpu")
     assert probe_gpus("cpu", sysfs_root=sysfs, nvml=FakeNvml()) == [SYSTEM_MEMORY]
     assert caplog.records == []
 
@@ -334,7 +333,7 @@ def test_override_sums_usage_over_gpus(sysfs: Path) -> None:
 
 
 def test_override_without_a_working_probe_is_all_free(sysfs: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="services.agent.gpu")
+    caplog.set_level(logging.WARNING, logger="corral.agent.gpu")
     nvml = FakeNvml(init_error="Driver Not Loaded")
     [gpu] = probe_gpus("nvidia", vram_gb_override=8, sysfs_root=sysfs, nvml=nvml)
     assert (gpu.vram_total, gpu.vram_free, gpu.vendor, gpu.source) == (8 * GIB, 8 * GIB, "nvidia", "config")

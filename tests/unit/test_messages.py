@@ -8,8 +8,7 @@ from typing import Any
 
 import msgspec
 import pytest
-
-from services.protocol.messages import (
+from corral.protocol.messages import (
     AgentEvent,
     AgentState,
     Gpu,

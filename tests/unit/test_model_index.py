@@ -10,12 +10,10 @@ from collections.abc import AsyncIterator, Sequence
 import msgspec
 import nats
 import pytest
-from nats.js.kv import KeyValue
-
-from services.protocol.messages import AgentState, ModelDetails, PsModel, TagModel
-from services.protocol.names import parse_name
-from services.protocol.subjects import Subjects
-from services.registry.index import (
+from corral.protocol.messages import AgentState, ModelDetails, PsModel, TagModel
+from corral.protocol.names import parse_name
+from corral.protocol.subjects import Subjects
+from corral.registry.index import (
     Holder,
     ModelEntry,
     ModelIndexWriter,
@@ -24,8 +22,9 @@ from services.registry.index import (
     model_entry_decoder,
     model_index,
 )
-from services.runtime.nats import ensure_buckets
-from services.runtime.natsserver import NatsServer
+from corral.runtime.nats import ensure_buckets
+from corral.runtime.natsserver import NatsServer
+from nats.js.kv import KeyValue
 
 DIGEST = "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72"
 KV_KEY = re.compile(r"[-/_=.a-zA-Z0-9]+")  # what JetStream accepts as a key

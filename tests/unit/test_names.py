@@ -5,11 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from services.protocol.errors import BadRequest, InvalidModelName
-from services.protocol.names import (
+from corral.protocol.errors import BadRequest, InvalidModelName
+from corral.protocol.names import (
     DEFAULT_HOST,
     DEFAULT_NAMESPACE,
     DEFAULT_TAG,
@@ -20,6 +17,8 @@ from services.protocol.names import (
     parse_name,
     split_vendor_pin,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 # Deterministic and modest: the same examples every run, no example database on disk.
 PROPERTY = settings(max_examples=200, derandomize=True, database=None, deadline=None)

@@ -6,12 +6,11 @@ import re
 from pathlib import Path
 
 import msgspec
-
-from services.agent.agent import AgentSettings
-from services.aggregator.aggregator import AggregatorSettings
-from services.gateway.app import GatewaySettings
-from services.registry.registry import RegistrySettings
-from services.runtime.settings import CommonSettings, env_name
+from corral.agent.settings import AgentSettings
+from corral.aggregator.settings import AggregatorSettings
+from corral.gateway.settings import GatewaySettings
+from corral.registry.settings import RegistrySettings
+from corral.runtime.settings import CommonSettings, env_name
 
 README = Path(__file__).parents[2] / "README.md"
 

@@ -7,11 +7,8 @@ from collections import Counter
 
 import msgspec
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from services.client import routing
-from services.client.routing import (
+from corral.client import routing
+from corral.client.routing import (
     STRATEGIES,
     Route,
     Router,
@@ -22,7 +19,9 @@ from services.client.routing import (
     parse_strategy,
     warm,
 )
-from services.protocol.messages import AgentState, Gpu, PsModel, TagModel
+from corral.protocol.messages import AgentState, Gpu, PsModel, TagModel
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 PROPERTY = settings(max_examples=200, derandomize=True, database=None, deadline=None)
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import msgspec
-
-from services.client.routing import Route, effective_ctx, runner_matches, warm
-from services.gateway import bodies
-from services.protocol.messages import AgentState, PsModel
+from corral.client.routing import Route, effective_ctx, runner_matches, warm
+from corral.gateway import bodies
+from corral.protocol.messages import AgentState, PsModel
 
 KEY = "llama3.2:latest"
 

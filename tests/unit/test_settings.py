@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-
-from services.runtime.settings import ENV_PREFIX, CommonSettings, env_name, load_settings
+from corral.runtime.settings import ENV_PREFIX, CommonSettings, env_name, load_settings
 
 
 class DemoSettings(CommonSettings, frozen=True, kw_only=True):

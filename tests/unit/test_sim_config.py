@@ -6,11 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
-
-from services.protocol.errors import BadRequest, InternalError
-from services.simulator import ConfigError, SimConfig, load_config
-from services.simulator.config import GIB
-from services.simulator.durations import (
+from corral.protocol.errors import BadRequest, InternalError
+from corral.simulator import ConfigError, SimConfig, load_config
+from corral.simulator.config import GIB
+from corral.simulator.durations import (
     FOREVER,
     CreatedAt,
     DurationError,
@@ -19,8 +18,8 @@ from services.simulator.durations import (
     parse_keep_alive,
     parse_server_keep_alive,
 )
-from services.simulator.text import embed, plan_reply, render_chat, seed_for, tokenize
-from services.simulator.wire import ChatRequest, GenerateRequest, check_options, decode, think_flag
+from corral.simulator.text import embed, plan_reply, render_chat, seed_for, tokenize
+from corral.simulator.wire import ChatRequest, GenerateRequest, check_options, decode, think_flag
 
 # ---- config -------------------------------------------------------------------------------------
 

@@ -6,13 +6,12 @@ import asyncio
 import time
 
 import pytest
-
-from services.protocol.errors import NoCapacity
-from services.simulator import GpuConfig, ModelConfig, SimConfig
-from services.simulator.config import GB, GIB
-from services.simulator.context import SimContext
-from services.simulator.engine import Job
-from services.simulator.scheduler import (
+from corral.protocol.errors import NoCapacity
+from corral.simulator import GpuConfig, ModelConfig, SimConfig
+from corral.simulator.config import GB, GIB
+from corral.simulator.context import SimContext
+from corral.simulator.engine import Job
+from corral.simulator.scheduler import (
     Placement,
     Runner,
     RunnerOptions,
@@ -24,7 +23,7 @@ from services.simulator.scheduler import (
     needs_reload,
     pick_victim,
 )
-from services.simulator.text import plan_reply, render_chat, tokenize
+from corral.simulator.text import plan_reply, render_chat, tokenize
 
 MODELS = [
     ModelConfig(name="small:latest", size_gb=2.0, capabilities=["completion"]),

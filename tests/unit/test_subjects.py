@@ -6,11 +6,10 @@ import re
 
 import msgspec
 import pytest
+from corral.protocol.names import ANY_VENDOR, VENDORS, parse_name
+from corral.protocol.subjects import Subjects
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from services.protocol.names import ANY_VENDOR, VENDORS, parse_name
-from services.protocol.subjects import Subjects
 
 PROPERTY = settings(max_examples=200, derandomize=True, database=None, deadline=None)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from services.runtime.tasks import cancel_and_wait
+from corral.runtime.tasks import cancel_and_wait
 
 
 async def test_a_task_that_swallows_one_cancellation_is_cancelled_again() -> None:

@@ -6,14 +6,7 @@ import contextvars
 from collections.abc import Iterator, Sequence
 
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
-from opentelemetry.util._once import Once
-
-from services.runtime.telemetry import (
+from corral.runtime.telemetry import (
     client_span,
     extract_context,
     inject_headers,
@@ -24,6 +17,12 @@ from services.runtime.telemetry import (
     setup_tracing,
     tracer,
 )
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.util._once import Once
 
 TEMPLATE = "corral.work.{vendor}.{model}"
 SUBJECT = "corral.work.nvidia.llama3=2E2=3Alatest"

@@ -6,8 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-
-from services.client.views import (
+from corral.client.views import (
     fleet_version,
     merged_ps,
     merged_tags,
@@ -17,7 +16,7 @@ from services.client.views import (
     v1_model_body,
     v1_models_body,
 )
-from services.protocol.messages import AgentState, ModelDetails, PsModel, TagModel
+from corral.protocol.messages import AgentState, ModelDetails, PsModel, TagModel
 
 DIGEST_A = "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72"
 DIGEST_B = "2ae6f6dd2b3f1c1d7e4b5a6978c0d1e2f3a4b5c6d7e8f90a1b2c3d4e5f6a7d8"

@@ -1,0 +1,142 @@
+"""The request envelope: everything a work message carries besides the Ollama body, as one value.
+
+A sender builds a `RequestEnvelope` and publishes ``envelope.headers()`` with the body verbatim as
+the payload; a receiver calls `decode_request` on the message's headers. Decoding validates every
+field: a malformed header is a `BadEnvelope` (a `BadRequest`, code ``bad_request``) that the
+receiver answers to the sender, never an exception that escapes its loop.
+
+Headers (names in `corral.protocol.headers`)::
+
+    Corral-Request         request id: 1-64 characters of [A-Za-z0-9_-]
+    Corral-Endpoint        the Ollama path (``/api/...`` or ``/v1/...``)
+    Corral-Method          HTTP method; absent = POST
+    Corral-Deadline        unix time in ms after which the request is dropped unstarted; 0/absent = none
+    Corral-Model           the model's subject token (`corral.protocol.names.encode_token`)
+    Corral-Echo-Model      with Corral-Upstream-Model: the client's spelling, restored in replies
+    Corral-Upstream-Model  the name Ollama sees
+    Corral-Body-Size       the body is larger than the payload limit: fetch it (see below)
+    Corral-Origin          with Corral-Body-Size: the sender's id, whose body subject serves the bytes
+    Corral-Num-Ctx         the request's own options.num_ctx
+    Corral-Unload          a keep_alive 0 unload (any value)
+    Corral-Reply           a queued request's reply subject (JetStream keeps headers, not reply-to)
+    traceparent/tracestate W3C trace context
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Final
+
+import msgspec
+
+from corral.protocol import headers as H
+from corral.protocol.errors import BadRequest
+from corral.protocol.names import is_token
+
+__all__ = ["METHODS", "BadEnvelope", "RequestEnvelope", "decode_request"]
+
+METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE"})
+HEADER_HEADROOM: Final = 8 * 1024  # room kept for headers under the server's max_payload
+_RID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ENDPOINT = re.compile(r"/(api|v1)(/[A-Za-z0-9_.:/-]*)?")
+_ORIGIN = _RID
+_MAX_NAME = 512  # characters of a model name carried in Echo/Upstream headers
+_MAX_BODY = 1 << 40
+_MAX_CTX = 1 << 24
+_MAX_TRACE = 512
+
+
+class BadEnvelope(BadRequest):
+    """A work message whose headers cannot be a request."""
+
+
+class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    rid: str
+    endpoint: str
+    deadline_ms: int = 0
+    model: str | None = None  # subject token
+    method: str = "POST"
+    echo_model: str | None = None
+    upstream_model: str | None = None
+    body_size: int | None = None
+    origin: str | None = None  # the sender's id; set with body_size
+    num_ctx: int = 0  # 0 = the backend's default
+    unload: bool = False
+    reply: str | None = None
+    trace: dict[str, str] = msgspec.field(default_factory=dict)
+
+    def headers(self) -> dict[str, str]:
+        """The NATS headers for this envelope (only the fields that differ from the defaults)."""
+        h = {H.REQUEST: self.rid, H.ENDPOINT: self.endpoint, **self.trace}
+        if self.deadline_ms:
+            h[H.DEADLINE] = str(self.deadline_ms)
+        if self.model is not None:
+            h[H.MODEL] = self.model
+        if self.method != "POST":
+            h[H.METHOD] = self.method
+        if self.num_ctx:
+            h[H.NUM_CTX] = str(self.num_ctx)
+        if self.unload:
+            h[H.UNLOAD] = "1"
+        if self.echo_model and self.upstream_model:
+            h[H.ECHO_MODEL] = self.echo_model
+            h[H.UPSTREAM_MODEL] = self.upstream_model
+        if self.body_size is not None:
+            h[H.BODY_SIZE] = str(self.body_size)
+            if self.origin:
+                h[H.ORIGIN] = self.origin
+        if self.reply:
+            h[H.REPLY] = self.reply
+        return h
+
+
+def decode_request(headers: Mapping[str, str] | None) -> RequestEnvelope:
+    """The envelope of a work message; `BadEnvelope` names the first field that is wrong."""
+    h = headers or {}
+    rid = h.get(H.REQUEST, "")
+    if not _RID.fullmatch(rid):
+        raise BadEnvelope(f"bad {H.REQUEST} header {rid[:80]!r}")
+    endpoint = h.get(H.ENDPOINT, "")
+    if not _ENDPOINT.fullmatch(endpoint) or ".." in endpoint:
+        raise BadEnvelope(f"bad {H.ENDPOINT} header {endpoint[:80]!r}")
+    method = h.get(H.METHOD, "POST")
+    if method not in METHODS:
+        raise BadEnvelope(f"bad {H.METHOD} header {method[:20]!r}")
+    model = h.get(H.MODEL)
+    if model is not None and not is_token(model):
+        raise BadEnvelope(f"bad {H.MODEL} header {model[:80]!r}")
+    echo, upstream = h.get(H.ECHO_MODEL), h.get(H.UPSTREAM_MODEL)
+    if (echo is None) != (upstream is None) or any(
+        v is not None and not 0 < len(v) <= _MAX_NAME for v in (echo, upstream)
+    ):
+        raise BadEnvelope(f"{H.ECHO_MODEL} and {H.UPSTREAM_MODEL} come together, each a model name")
+    body_size = _number(h, H.BODY_SIZE, 1, _MAX_BODY)
+    origin = h.get(H.ORIGIN)
+    if body_size is not None and (origin is None or not _ORIGIN.fullmatch(origin)):
+        raise BadEnvelope(f"{H.BODY_SIZE} needs a {H.ORIGIN} header naming the sender")
+    trace = {k: h[k] for k in (H.TRACEPARENT, H.TRACESTATE) if k in h and len(h[k]) <= _MAX_TRACE}
+    return RequestEnvelope(
+        rid=rid,
+        endpoint=endpoint,
+        deadline_ms=_number(h, H.DEADLINE, 0, 1 << 62) or 0,
+        model=model,
+        method=method,
+        echo_model=echo,
+        upstream_model=upstream,
+        body_size=body_size,
+        origin=origin if body_size is not None else None,
+        num_ctx=_number(h, H.NUM_CTX, 0, _MAX_CTX) or 0,
+        unload=H.UNLOAD in h,
+        reply=h.get(H.REPLY) or None,
+        trace=trace,
+    )
+
+
+def _number(h: Mapping[str, str], name: str, low: int, high: int) -> int | None:
+    raw = h.get(name)
+    if raw is None or raw == "":
+        return None
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
+        raise BadEnvelope(f"bad {name} header {raw[:40]!r}")
+    return int(raw)

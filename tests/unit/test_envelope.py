@@ -1,0 +1,115 @@
+"""The request envelope: headers round-trip through the typed value, and every malformed header is a
+`BadEnvelope` (answered ``bad_request``), never another exception."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from corral.protocol import headers as H
+from corral.protocol.envelope import BadEnvelope, RequestEnvelope, decode_request
+from corral.protocol.errors import BadRequest
+from corral.protocol.names import encode_token
+
+_rid = st.text("abcdef0123456789-_", min_size=1, max_size=64)
+_names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=60)
+_endpoints = st.sampled_from(["/api/generate", "/api/chat", "/v1/chat/completions", "/api/tags"])
+
+
+@given(
+    rid=_rid,
+    endpoint=_endpoints,
+    deadline=st.integers(0, 1 << 50),
+    model=st.none() | st.sampled_from(["llama3.2:latest", "hf.co/u/r:q4", "a b c"]).map(encode_token),
+    method=st.sampled_from(["POST", "GET", "DELETE", "HEAD"]),
+    pin=st.none() | st.tuples(_names, _names),
+    large=st.none() | st.tuples(st.integers(1, 1 << 30), _rid),
+    num_ctx=st.integers(0, 1 << 20),
+    unload=st.booleans(),
+)
+def test_round_trip(
+    rid: str,
+    endpoint: str,
+    deadline: int,
+    model: str | None,
+    method: str,
+    pin: tuple[str, str] | None,
+    large: tuple[int, str] | None,
+    num_ctx: int,
+    unload: bool,
+) -> None:
+    env = RequestEnvelope(
+        rid=rid,
+        endpoint=endpoint,
+        deadline_ms=deadline,
+        model=model,
+        method=method,
+        echo_model=pin[0] if pin else None,
+        upstream_model=pin[1] if pin else None,
+        body_size=large[0] if large else None,
+        origin=large[1] if large else None,
+        num_ctx=num_ctx,
+        unload=unload,
+        reply="corral.reply.gw.1" if unload else None,
+        trace={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+    )
+    assert decode_request(env.headers()) == env
+
+
+def test_defaults_stay_off_the_wire() -> None:
+    h = RequestEnvelope(rid="1", endpoint="/api/chat").headers()
+    assert h == {H.REQUEST: "1", H.ENDPOINT: "/api/chat"}
+
+
+GOOD = {H.REQUEST: "a1", H.ENDPOINT: "/api/generate"}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {H.REQUEST: ""},
+        {H.REQUEST: "a.b"},  # would change the reply subject's shape
+        {H.REQUEST: "x" * 65},
+        {H.ENDPOINT: "/admin"},
+        {H.ENDPOINT: "/api/../x"},
+        {H.ENDPOINT: ""},
+        {H.METHOD: "PATCH"},
+        {H.MODEL: "Llama.3"},  # not a token: upper case and a dot
+        {H.DEADLINE: "soon"},
+        {H.DEADLINE: "-1"},
+        {H.DEADLINE: "١٢"},  # Arabic-Indic digits: isdigit() but not ASCII
+        {H.NUM_CTX: "4k"},
+        {H.NUM_CTX: str(1 << 30)},
+        {H.BODY_SIZE: "0", H.ORIGIN: "gw"},
+        {H.BODY_SIZE: "100"},  # no origin to fetch it from
+        {H.BODY_SIZE: "100", H.ORIGIN: "gw.x"},
+        {H.ECHO_MODEL: "amd/llama3"},  # without its upstream pair
+        {H.ECHO_MODEL: "x" * 600, H.UPSTREAM_MODEL: "llama3"},
+    ],
+)
+def test_malformed_headers_are_bad_requests(bad: dict[str, str]) -> None:
+    with pytest.raises(BadEnvelope) as e:
+        decode_request({**GOOD, **bad})
+    assert isinstance(e.value, BadRequest) and e.value.code == "bad_request"
+
+
+def test_no_headers_at_all() -> None:
+    with pytest.raises(BadEnvelope):
+        decode_request(None)
+
+
+def test_oversized_trace_context_is_dropped_not_forwarded() -> None:
+    env = decode_request({**GOOD, H.TRACESTATE: "k=" + "v" * 8000, H.TRACEPARENT: "00-ab"})
+    assert env.trace == {H.TRACEPARENT: "00-ab"}
+
+
+_HEADER_NAMES = sorted(v for k, v in vars(H).items() if k.isupper() and isinstance(v, str))
+
+
+@given(st.dictionaries(st.sampled_from(_HEADER_NAMES), st.text(max_size=30)))
+def test_any_headers_decode_or_raise_bad_envelope(h: dict[str, str]) -> None:
+    try:
+        decode_request(h)
+    except BadEnvelope:
+        pass

@@ -1,0 +1,57 @@
+"""The distribution installs one top-level package, `corral`, mapped onto the `services/` folders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _declared() -> list[str]:
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools = data["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"corral": "services"}
+    assert data["project"]["scripts"]["corral"] == "corral.cli:main"
+    packages: list[str] = setuptools["packages"]
+    return packages
+
+
+def test_every_folder_is_a_declared_package_and_nothing_else_is() -> None:
+    folders = sorted(
+        "corral" + "".join("." + part for part in p.parent.relative_to(ROOT / "services").parts)
+        for p in (ROOT / "services").rglob("__init__.py")
+    )
+    assert sorted(_declared()) == folders
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_corral_and_no_services(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("corral-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"corral"}
+    for package in _declared():
+        assert package.replace(".", "/") + "/__init__.py" in names
+    assert "corral/client/__init__.py" in names
