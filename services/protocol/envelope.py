@@ -29,9 +29,8 @@ from collections.abc import Mapping
 from typing import Final
 
 import msgspec
-
 from corral.protocol import headers as H
-from corral.protocol.errors import BadRequest
+from corral.protocol.errors import BadEnvelope
 from corral.protocol.names import is_token
 
 __all__ = ["METHODS", "BadEnvelope", "RequestEnvelope", "decode_request"]
@@ -45,10 +44,6 @@ _MAX_NAME = 512  # characters of a model name carried in Echo/Upstream headers
 _MAX_BODY = 1 << 40
 _MAX_CTX = 1 << 24
 _MAX_TRACE = 512
-
-
-class BadEnvelope(BadRequest):
-    """A work message whose headers cannot be a request."""
 
 
 class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):

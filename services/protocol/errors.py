@@ -2,7 +2,8 @@
 
     CorralError                      code, retryable, status (the HTTP status the gateway maps it to)
     ├── BadRequest                   400  the request itself is wrong; never retried
-    │   └── InvalidModelName         400  "invalid model name"
+    │   ├── InvalidModelName         400  "invalid model name"
+    │   └── BadEnvelope              400  a work message whose headers cannot be a request
     ├── ModelNotFound                404  "model 'x' not found"
     ├── NoCapacity                   503  nothing could start it before its deadline ("server busy")
     ├── AgentUnavailable             502  the agent died or went silent; retryable before the first byte
@@ -44,6 +45,11 @@ class InvalidModelName(BadRequest):
         self.name = name
 
 
+class BadEnvelope(BadRequest):
+    """A work message whose headers cannot be a request (`corral.protocol.envelope`); it travels as
+    ``bad_request``."""
+
+
 class ModelNotFound(CorralError):
     code = "model_not_found"
     status = 404
@@ -83,7 +89,9 @@ def _tree(cls: type[CorralError]) -> list[type[CorralError]]:
     return [cls, *(c for sub in cls.__subclasses__() for c in _tree(sub))]
 
 
-_BY_CODE: dict[str, type[CorralError]] = {cls.code: cls for cls in _tree(CorralError)}
+_BY_CODE: dict[str, type[CorralError]] = {}
+for _cls in _tree(CorralError):
+    _BY_CODE.setdefault(_cls.code, _cls)  # a code shared with a subclass rebuilds as the base
 
 
 def from_code(code: str, message: str) -> CorralError:

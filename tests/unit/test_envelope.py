@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from corral.protocol import headers as H
 from corral.protocol.envelope import BadEnvelope, RequestEnvelope, decode_request
 from corral.protocol.errors import BadRequest
 from corral.protocol.names import encode_token
+from hypothesis import given
+from hypothesis import strategies as st
 
 _rid = st.text("abcdef0123456789-_", min_size=1, max_size=64)
 _names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=60)
