@@ -90,7 +90,7 @@ def _tree(cls: type[CorralError]) -> list[type[CorralError]]:
 
 
 _BY_CODE: dict[str, type[CorralError]] = {}
-for _cls in _tree(CorralError):
+for _cls in _tree(CorralError)[1:]:
     _BY_CODE.setdefault(_cls.code, _cls)  # a code shared with a subclass rebuilds as the base
 
 
