@@ -49,6 +49,7 @@ from corral.client.fleet import FleetView, pull_order
 from corral.client.routing import DEFAULT_STRATEGY, Route, Router, loading_for, warm
 from corral.client.sessions import Sessions
 from corral.protocol import headers as H
+from corral.protocol.envelope import HEADER_HEADROOM, RequestEnvelope
 from corral.protocol.errors import (
     AgentUnavailable,
     BadRequest,
@@ -69,7 +70,6 @@ from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_HEADROOM = 8 * 1024  # room left for headers under the server's max_payload
 WARM_BUSY_RETRIES = 3
 PULL_FAILURE_MEMORY_S = 10.0  # an auto-pull that failed answers the same model's requests this long
 
@@ -338,7 +338,7 @@ class Dispatcher:
         if body is None or not msg.reply:
             return
         offset = int(msg.data or b"0")
-        chunk = self.nc.max_payload - PAYLOAD_HEADROOM
+        chunk = self.nc.max_payload - HEADER_HEADROOM
         await self.nc.publish(msg.reply, body[offset : offset + chunk], headers={H.BODY_SIZE: str(len(body))})
 
     def _forget(self, call: _Call) -> bool:
@@ -736,27 +736,25 @@ class Dispatcher:
         if agent is not None:
             call.agent = agent
             self._outstanding[agent] = self._outstanding.get(agent, 0) + 1
-        hdrs = {
-            H.REQUEST: rid,
-            H.ENDPOINT: req.endpoint,
-            H.DEADLINE: str(int((time.time() + max(deadline - time.monotonic(), 0)) * 1000)),
-            **req.trace,
-        }
-        if req.model is not None:
-            hdrs[H.MODEL] = req.model.token
-        if req.method != "POST":
-            hdrs[H.METHOD] = req.method
-        if req.num_ctx is not None:
-            hdrs[H.NUM_CTX] = str(req.num_ctx)
-        if req.unload:
-            hdrs[H.UNLOAD] = "1"
-        if req.echo_model and req.upstream_model:
-            hdrs[H.ECHO_MODEL] = req.echo_model
-            hdrs[H.UPSTREAM_MODEL] = req.upstream_model
         payload = req.body
-        if len(payload) > self.nc.max_payload - PAYLOAD_HEADROOM:
+        large = len(payload) > self.nc.max_payload - HEADER_HEADROOM
+        if large:
             self._bodies[rid] = payload
-            hdrs[H.BODY_SIZE] = str(len(payload))
+        hdrs = RequestEnvelope(
+            rid=rid,
+            endpoint=req.endpoint,
+            deadline_ms=int((time.time() + max(deadline - time.monotonic(), 0)) * 1000),
+            model=req.model.token if req.model is not None else None,
+            method=req.method,
+            num_ctx=req.num_ctx or 0,
+            unload=req.unload,
+            echo_model=req.echo_model if req.upstream_model else None,
+            upstream_model=req.upstream_model if req.echo_model else None,
+            body_size=len(payload) if large else None,
+            origin=self.id if large else None,
+            trace=req.trace,
+        ).headers()
+        if large:
             payload = b""
         return call, hdrs, payload
 
