@@ -105,7 +105,8 @@ def from_code(code: str, message: str) -> CorralError:
 
 
 def not_found_message(endpoint: str, raw_model: str, display: str) -> str:
-    """Ollama words its 404 differently per endpoint (reference §2.3–2.9)."""
+    """Ollama words its 404 differently per endpoint
+    (https://github.com/ollama/ollama/blob/main/docs/api.md)."""
     if endpoint in ("/api/embed", "/api/embeddings"):
         return f'model "{raw_model}" not found, try pulling it first'
     if endpoint == "/api/show":

@@ -16,7 +16,7 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class ModelDetails(msgspec.Struct, frozen=True, kw_only=True):
-    """Ollama's ``details`` object, all six keys always present (reference §2.7)."""
+    """Ollama's ``details`` object, all six keys always present, as in /api/tags."""
 
     parent_model: str = ""
     format: str = "gguf"

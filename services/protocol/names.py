@@ -1,6 +1,6 @@
 """Ollama model names: parsing, normalising, vendor pins and the reversible subject token.
 
-Grammar (reference §1): ``[host/][namespace/]model[:tag]``; missing parts default to
+Grammar (Ollama's types/model/name.go): ``[host/][namespace/]model[:tag]``; missing parts default to
 ``registry.ollama.ai``, ``library`` and ``latest``. Matching is case-insensitive, so
 ``Llama3.2``, ``llama3.2:latest`` and ``registry.ollama.ai/library/llama3.2:latest`` are one model.
 
@@ -41,7 +41,7 @@ class ModelName(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def display(self) -> str:
-        """The shortest form, as ``/api/tags`` and ``/api/ps`` show it (reference §1.2)."""
+        """The shortest form, as ``/api/tags`` and ``/api/ps`` show it."""
         if self.host.lower() != DEFAULT_HOST:
             return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
         if self.namespace.lower() != DEFAULT_NAMESPACE:

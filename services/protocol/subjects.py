@@ -1,6 +1,7 @@
 """Every NATS subject, queue group and KV bucket name Corral uses, built under one root.
 
-Subjects run general → specific so wildcards subscribe naturally (ADR-6 grammar)::
+Subjects run general → specific so wildcards subscribe naturally (NATS naming rules:
+https://github.com/nats-io/nats-architecture-and-design/blob/main/adr/ADR-6.md)::
 
     {root}.work.{vendor}.{model}     warm claims; queue group = the subject
     {root}.queue.{vendor}.{model}    overflow (JetStream work-queue stream)

@@ -69,7 +69,7 @@ class LocalModel(msgspec.Struct, kw_only=True):
 
     @property
     def digest(self) -> str:
-        """64 lowercase hex, no prefix: the manifest's sha256 (reference §2.7)."""
+        """64 lowercase hex, no prefix: the manifest's sha256, as /api/tags shows it."""
         return sha256_hex("manifest:" + "".join(layer.digest for layer in self.layers))
 
 

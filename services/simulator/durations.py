@@ -1,4 +1,5 @@
-"""Go-compatible durations and timestamps: `keep_alive` parsing (reference §4.2) and time formats (§0.3).
+"""Go-compatible durations and timestamps: `keep_alive` parsing (Go's
+`time.ParseDuration`, bare numbers as seconds) and the time formats Ollama writes.
 
 Durations are float seconds here; "forever" (any negative keep_alive) is `FOREVER` (``math.inf``).
 """

@@ -1,4 +1,5 @@
-"""Running one completion on a runner: admission, slot, prompt eval, decode, metrics (reference §5.6).
+"""Running one completion on a runner: admission, slot, prompt eval, decode, metrics
+(as Ollama's server/sched.go and llm/server.go do it).
 
 Rates: one stream decodes at ``decode_rate / size_gb`` tok/s (memory-bandwidth bound), scaled by
 vendor and `speed`, slowed by partial offload; prompt eval is `prompt_factor` × faster. Concurrent

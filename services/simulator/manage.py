@@ -1,5 +1,5 @@
 """Model-management routes: version, tags, ps, show, pull, push, create, copy, delete, blobs
-(reference §2.1–2.2, §2.7–2.15)."""
+(https://github.com/ollama/ollama/blob/main/docs/api.md)."""
 
 from __future__ import annotations
 

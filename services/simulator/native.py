@@ -1,4 +1,5 @@
-"""Inference routes: /api/generate, /api/chat, /api/embed, /api/embeddings (reference §2.3–2.6).
+"""Inference routes: /api/generate, /api/chat, /api/embed, /api/embeddings
+(https://github.com/ollama/ollama/blob/main/docs/api.md).
 
 Validation follows Ollama's processing order; errors before the first line are a status +
 `{"error": ...}`, after it the stream's last line. Streamed lines are assembled from pre-encoded

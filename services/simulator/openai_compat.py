@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes under /v1 (reference §3): thin translations onto the same engine.
+"""OpenAI-compatible routes under /v1
+(https://github.com/ollama/ollama/blob/main/docs/openai.md): thin translations onto the same engine.
 
 Errors use OpenAI's shape ``{"error":{"message","type","param","code"}}`` with the native status;
 `stream` defaults to false; streams are SSE ending in ``data: [DONE]`` (HEAD chunking: role only

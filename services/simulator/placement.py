@@ -1,4 +1,4 @@
-"""Memory arithmetic of the scheduler (reference §5.3–5.4): runner options, size estimate, fit rule.
+"""Memory arithmetic of Ollama's scheduler: runner options, size estimate, fit rule.
 
 Pure functions, unit-tested without an event loop.
 """
@@ -13,7 +13,7 @@ from corral.simulator.config import GIB
 
 
 class RunnerOptions(msgspec.Struct, frozen=True, kw_only=True):
-    """Load-time options: a difference in any of these forces a reload (§5.3)."""
+    """Load-time options: a difference in any of these forces a reload."""
 
     num_ctx: int
     num_batch: int = 512
@@ -38,7 +38,7 @@ def needs_reload(current: RunnerOptions, requested: RunnerOptions) -> bool:
 
 
 def estimate(model: LocalModel, opts: RunnerOptions, num_parallel: int) -> int:
-    """Weights + f16 KV cache for num_ctx × num_parallel + a batch surcharge (§5.4)."""
+    """Weights + f16 KV cache for num_ctx × num_parallel + a batch surcharge."""
     batch = 2 * GIB if opts.num_batch >= 2048 else 768 * (1 << 20) if opts.num_batch >= 1024 else 0
     return model.config.size + model.config.kv_bytes(opts.num_ctx, num_parallel) + batch
 

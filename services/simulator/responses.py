@@ -1,6 +1,6 @@
 """HTTP framing shared by all routes: JSON bodies without a trailing newline, `{"error": ...}`,
 lazily-started NDJSON streams (headers go out with the first line, as in Go), response Structs
-whose field order matches Ollama's (reference §0.3), zero metrics omitted."""
+whose field order matches Ollama's (Go's declaration order), zero metrics omitted."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""A loaded (or loading) model instance: its slots, FIFO slot wait and per-slot prompt cache (§5.2, §5.6),
-and the eviction choice among runners (§5.5)."""
+"""A loaded (or loading) model instance: its slots, FIFO slot wait and per-slot prompt cache,
+and the eviction choice among runners (Ollama's server/sched.go)."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ class Runner:
 
 
 def pick_victim(runners: Sequence[Runner]) -> Runner | None:
-    """§5.5: sort by keep_alive ascending (forever last), tie-break by name; first idle, else first."""
+    """Ollama's eviction order: sort by keep_alive ascending (forever last), tie-break by name; first idle, else first."""
     candidates = [r for r in runners if r.state is RunnerState.READY and not r.evicting]
     if not candidates:
         candidates = [r for r in runners if r.state is RunnerState.READY]

@@ -1,15 +1,15 @@
-"""Ollama's scheduler (reference §5): runners on GPUs, one FIFO loader, eviction, slots, keep_alive.
+"""Ollama's scheduler (server/sched.go in github.com/ollama/ollama): runners on GPUs, one FIFO loader, eviction, slots, keep_alive.
 
-Admission (§5.2): a request for a loaded runner whose runner options match attaches at once
+Admission: a request for a loaded runner whose runner options match attaches at once
 (refcount + 1, idle timer cancelled, keep_alive applied); one for a runner that is still loading
 waits for that load. Everything else goes to a bounded pending queue (full → 503 "server busy")
 that a single loop drains one request at a time: reload if the runner options changed, evict
-(§5.5: keep_alive ascending, idle first, not LRU) until the model fits (§5.4: ≤ 80 % of free VRAM
+(keep_alive ascending, idle first, not LRU) until the model fits (≤ 80 % of free VRAM
 when others are loaded; the only model may partially offload), then load — a load the triggering
 client abandons is aborted. Unloaded memory comes back after a release delay.
 
 Each runner has `num_parallel` slots handed out in FIFO order; each slot remembers the tokens it
-last processed (the prompt cache, §5.6). The idle timer starts when the last request detaches.
+last processed (the prompt cache). The idle timer starts when the last request detaches.
 
 The pure parts live in `placement` (`estimate`, `fit`, `needs_reload`) and `runner`
 (`pick_victim`, `common_prefix`, `choose_slot`); they are re-exported here.

@@ -3,7 +3,7 @@
 `decode(body, T)` raises `BadRequest` with the message Go's encoding/json would produce
 (``missing request body``, ``invalid character 'x' looking for beginning of value``,
 ``json: cannot unmarshal string into Go struct field ChatRequest.messages of type []api.Message``).
-`runner_and_sampling(options, ...)` validates `options` like `api.Options.FromMap` (§4.1): wrong
+`runner_and_sampling(options, ...)` validates `options` like Ollama's `api.Options.FromMap`: wrong
 types are a 500 ``option "num_ctx" must be of type integer``; unknown keys are ignored.
 """
 
@@ -187,7 +187,7 @@ def _syntax_message(msg: str, body: bytes) -> str:
     )
 
 
-# ---- options (§4.1) ---------------------------------------------------------------------------
+# ---- options ----------------------------------------------------------------------------------
 
 _INT_OPTS: Final = frozenset(
     "num_ctx num_batch num_gpu main_gpu num_thread num_keep seed num_predict top_k repeat_last_n "

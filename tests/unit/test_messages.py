@@ -33,14 +33,14 @@ DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
 
 DIGEST = "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72"
 
-# Reference §2.7, verbatim.
+# /api/tags as Ollama answers it, verbatim.
 TAGS_SAMPLE = b"""{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest",
   "modified_at":"2025-05-04T17:37:44.706015396-07:00","size":2019393189,
   "digest":"a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
   "details":{"parent_model":"","format":"gguf","family":"llama","families":["llama"],
              "parameter_size":"3.2B","quantization_level":"Q4_K_M"}}]}"""
 
-# Reference §2.8, with ``{...as in tags...}`` spelled out (families null, as Ollama may send it).
+# /api/ps as Ollama answers it, with ``{...as in tags...}`` spelled out (families null, as Ollama may send it).
 PS_SAMPLE = """{"models":[{"name":"mistral:latest","model":"mistral:latest","size":5137025024,
   "digest":"2ae6f6dd\u2026d8","details":{"parent_model":"","format":"gguf","family":"llama",
   "families":null,"parameter_size":"7.2B","quantization_level":"Q4_0"},
@@ -229,7 +229,7 @@ def test_message_types_are_keyword_only(cls: type[Message]) -> None:
         cls("x", "y", "z", "w", "v")
 
 
-# -- Ollama's own shapes (reference §2.7, §2.8) ------------------------------------------------
+# -- Ollama's own shapes (/api/tags, /api/ps) --------------------------------------------------
 
 
 def test_tags_sample_decodes_and_re_encodes() -> None:

@@ -1,4 +1,4 @@
-"""Ollama model names (reference §1): parsing, display form, matching, vendor pins, subject tokens."""
+"""Ollama model names: parsing, display form, matching, vendor pins, subject tokens."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ PROPERTY = settings(max_examples=200, derandomize=True, database=None, deadline=
 TOKEN_CHARS = re.compile(r"[a-z0-9_/=A-F-]+")
 KV_KEY = re.compile(r"[-/_=.a-zA-Z0-9]+")
 
-# -- the reference's examples (§1.1, §1.2) -----------------------------------------------------
+# -- Ollama's own examples ------------------------------------------------------------------
 
 
 def test_bare_model_gets_every_default() -> None:
