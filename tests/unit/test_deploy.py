@@ -3,20 +3,18 @@
 Nothing here runs Docker or Kubernetes. Instead every file is parsed, every ``corral ...`` command
 line in compose, Kubernetes, systemd and the README is fed to the real argument parser and the
 real settings loader (with the ``CORRAL_*`` environment it would get), every ``CORRAL_*`` name is
-checked against the settings Structs, and ``deploy/nats.conf`` is loaded by the real nats-server.
+checked against the settings Structs. ``tests/integration/test_deploy_nats.py`` loads
+``deploy/nats.conf`` into the real nats-server.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
 import re
 import shlex
-import subprocess
 import tomllib
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
-import nats
 import pytest
 import yaml
 from corral.agent import __main__ as agent_main
@@ -34,7 +31,7 @@ from corral.gateway import __main__ as gateway_main
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.names import VENDORS
 from corral.runtime import natsmain
-from corral.runtime.natsserver import find_binary, free_port
+from corral.runtime.natsserver import find_binary
 from corral.runtime.process import overrides
 from corral.runtime.settings import CommonSettings, env_name, load_settings
 
@@ -583,77 +580,10 @@ def test_dockerfile() -> None:
                 assert source.split("/")[0] not in ignored, f"COPY {source}: excluded by .dockerignore"
 
 
-# -- nats.conf --------------------------------------------------------------------------------
-def nats_conf_copy(tmp_path: Path, **replace: str) -> Path:
-    """deploy/nats.conf with its store dir under tmp_path and top-level settings replaced."""
-    text = NATS_CONF.read_text()
-    text, n = re.subn(r'store_dir:\s*"[^"]*"', f'store_dir: "{tmp_path / "js"}"', text)
-    assert n == 1, "nats.conf should set store_dir once"
-    for key, value in replace.items():
-        text, n = re.subn(rf"(?m)^{key}:.*$", f"{key}: {value}", text)
-        assert n == 1, f"nats.conf should set {key} once"
-    path = tmp_path / "nats.conf"
-    path.write_text(text)
-    return path
-
-
-def nats_config_test(conf: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [find_binary(), "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30, check=False
-    )
-
-
+# -- nats.conf (tests/integration/test_deploy_nats.py runs it in a real nats-server) ---------
 def test_nats_conf_enables_jetstream() -> None:
     text = re.sub(r"#.*", "", NATS_CONF.read_text())
     assert re.search(r"(?m)^jetstream\s*[{:]", text), "nats.conf must enable JetStream"
     assert re.search(r"(?m)^\s*store_dir:", text), "JetStream needs a store_dir"
     assert re.search(r"(?m)^max_payload:\s*8MB\s*$", text)
     assert re.search(r"(?m)^http_port:\s*\d+", text), "monitoring port (probes use /healthz)"
-
-
-def test_nats_server_accepts_nats_conf(tmp_path: Path) -> None:
-    result = nats_config_test(nats_conf_copy(tmp_path))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "is valid" in result.stdout + result.stderr
-
-
-def test_nats_server_config_test_can_fail(tmp_path: Path) -> None:
-    result = nats_config_test(nats_conf_copy(tmp_path, max_pending="not-a-size"))
-    assert result.returncode != 0, "nats-server -t accepted a broken config"
-
-
-@pytest.mark.integration
-async def test_nats_conf_boots_with_jetstream_and_8mb_payload(tmp_path: Path) -> None:
-    """Start nats-server on deploy/nats.conf (ports and store moved) and use it."""
-    port, http_port = free_port(), free_port()
-    conf = nats_conf_copy(tmp_path, port=str(port), http_port=str(http_port))
-    proc = await asyncio.create_subprocess_exec(
-        find_binary(), "-a", "127.0.0.1", "-c", str(conf), stderr=asyncio.subprocess.PIPE
-    )
-    stderr = proc.stderr
-    assert stderr is not None
-    try:
-        log: list[str] = []
-
-        async def ready() -> None:
-            async for raw in stderr:
-                log.append(raw.decode(errors="replace"))
-                if "Server is ready" in log[-1]:
-                    return
-            raise AssertionError("nats-server exited:\n" + "".join(log))
-
-        await asyncio.wait_for(ready(), 15)
-        assert any("Starting JetStream" in line for line in log)
-        nc = await nats.connect(f"nats://127.0.0.1:{port}")
-        try:
-            assert nc.max_payload == 8 * 1024 * 1024
-            info = await nc.jetstream().account_info()
-            assert info.limits is not None
-        finally:
-            await nc.drain()
-        url = f"http://127.0.0.1:{http_port}/healthz?js-enabled-only=true"
-        with await asyncio.to_thread(urllib.request.urlopen, url, timeout=5) as resp:
-            assert resp.status == 200
-    finally:
-        proc.terminate()
-        await proc.wait()
