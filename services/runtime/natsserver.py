@@ -82,6 +82,11 @@ class NatsServer:
         return f"nats://{self.host}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (benchmarks read its CPU time)."""
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    @property
     def store_dir(self) -> Path:
         if self._store_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="corral-nats-")
