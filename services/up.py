@@ -29,6 +29,7 @@ from corral.registry.settings import RegistrySettings
 from corral.runtime.logs import setup_logging
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.process import AsgiServer, run, wait_for_signal
+from corral.runtime.settings import CommonSettings, LogLevel, add_argument, describe
 from corral.simulator import SimConfig, SimServer, load_config
 from corral.simulator.config import GIB
 from opentelemetry.trace import TracerProvider
@@ -66,7 +67,7 @@ class FleetOptions:
     agent: dict[str, Any] = field(default_factory=dict)  # extra AgentSettings fields
     registry: dict[str, Any] | None = field(default_factory=dict)  # RegistrySettings fields; None = none
     aggregator: dict[str, Any] | None = field(default_factory=dict)  # AggregatorSettings; None = none
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"
     http_grace_s: int = 5  # on stop, how long open HTTP requests may finish
     tracer_provider: TracerProvider | None = None  # tests collect spans with their own provider
 
@@ -253,8 +254,9 @@ def parser() -> argparse.ArgumentParser:
         description="Run the whole fleet here: embedded NATS, agents and the gateway. With no --ollama, "
         "simulated GPU servers (NVIDIA and AMD) stand in for Ollama.",
     )
-    p.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=11434, help="gateway port (default 11434)")
+    gateway, common = describe(GatewaySettings), describe(CommonSettings)
+    add_argument(p, gateway["host"], default=gateway["host"].default, env=False)
+    add_argument(p, gateway["port"], default=gateway["port"].default, env=False)
     p.add_argument(
         "--ollama",
         action="append",
@@ -282,8 +284,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=1.0, help="simulated time factor (0.1 = 10x faster)")
     p.add_argument("--nats", dest="nats_url", default="", help="use this NATS instead of an embedded one")
     p.add_argument("--nats-port", type=int, default=4222, help="embedded NATS port (default 4222)")
-    p.add_argument("--root", default="corral", help="subject root / KV prefix (default corral)")
-    p.add_argument("--log-level", default="INFO")
+    add_argument(p, common["root"], default=common["root"].default, env=False)
+    add_argument(p, common["log_level"], default=common["log_level"].default, env=False)
     return p
 
 

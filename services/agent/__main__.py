@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 
 import msgspec
 from corral.agent.agent import Agent
 from corral.agent.gpu import GpuProbe, detect_vendor
 from corral.agent.settings import AgentSettings
 from corral.runtime.logs import setup_logging
-from corral.runtime.process import add_common_arguments, overrides, run, wait_for_signal
-from corral.runtime.settings import load_settings
+from corral.runtime.process import run, wait_for_signal
+from corral.runtime.settings import SettingsError, add_arguments, settings_from_args
 from corral.runtime.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -23,22 +24,7 @@ def parser() -> argparse.ArgumentParser:
         prog="corral agent",
         description="Claim work for one Ollama server: start one agent per `ollama serve`.",
     )
-    p.add_argument("--ollama", dest="ollama_url", help="the Ollama to serve (default http://127.0.0.1:11434)")
-    p.add_argument("--vendor", help="nvidia | amd | intel | apple | cpu (default: detect)")
-    p.add_argument("--id", help="agent id, unique in the fleet (default: <hostname>-<ollama port>)")
-    p.add_argument(
-        "--parallel",
-        type=int,
-        help="slots per loaded model; set to the Ollama's OLLAMA_NUM_PARALLEL (default 1)",
-    )
-    p.add_argument(
-        "--max-queue",
-        dest="max_queue",
-        type=int,
-        help="requests waiting here for a slot before answering busy (default 64)",
-    )
-    p.add_argument("--vram-gb", dest="vram_gb", type=float, help="override the GPU probe with this much VRAM")
-    add_common_arguments(p)
+    add_arguments(p, AgentSettings)
     return p
 
 
@@ -60,10 +46,13 @@ async def serve(settings: AgentSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    settings = load_settings(
-        AgentSettings, overrides(args, "ollama_url", "vendor", "id", "parallel", "max_queue", "vram_gb")
-    )
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        settings = settings_from_args(AgentSettings, args)
+    except SettingsError as e:
+        sys.stderr.write(f"{p.prog}: {e}\n")
+        return 2
     setup_logging(settings.log_level, service="agent")
     return run(serve(settings))
 

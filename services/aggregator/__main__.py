@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from corral.aggregator.aggregator import Aggregator
 from corral.aggregator.settings import AggregatorSettings
 from corral.runtime.logs import setup_logging
-from corral.runtime.process import add_common_arguments, overrides, run, wait_for_signal
-from corral.runtime.settings import load_settings
+from corral.runtime.process import run, wait_for_signal
+from corral.runtime.settings import SettingsError, add_arguments, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +22,7 @@ def parser() -> argparse.ArgumentParser:
         "requests/s, tokens/s and time to first token in the views KV bucket. Run one or more "
         "anywhere that reaches NATS; copies agree with each other.",
     )
-    p.add_argument("--window", dest="stats_window_s", type=float, help="seconds the rates cover (default 60)")
-    p.add_argument(
-        "--interval", dest="views_interval_s", type=float, help="seconds between status rewrites (default 1)"
-    )
-    add_common_arguments(p)
+    add_arguments(p, AggregatorSettings)
     return p
 
 
@@ -40,8 +37,13 @@ async def serve(settings: AggregatorSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    settings = load_settings(AggregatorSettings, overrides(args, "stats_window_s", "views_interval_s"))
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        settings = settings_from_args(AggregatorSettings, args)
+    except SettingsError as e:
+        sys.stderr.write(f"{p.prog}: {e}\n")
+        return 2
     setup_logging(settings.log_level, service="aggregator")
     return run(serve(settings))
 

@@ -1,10 +1,19 @@
-"""The aggregator's settings: one field per setting, read from ``CORRAL_*`` and flags."""
+"""The aggregator's settings: each declared once (type, default, doc); flags and env vars derive from it."""
 
 from __future__ import annotations
 
-from corral.runtime.settings import CommonSettings
+from typing import Annotated
+
+from corral.runtime.settings import CommonSettings, setting
 
 
 class AggregatorSettings(CommonSettings, frozen=True, kw_only=True):
-    stats_window_s: float = 60.0  # rates in /api/status cover this many seconds
-    views_interval_s: float = 1.0  # how often status (and its rates) is rewritten
+    stats_window_s: Annotated[
+        float, setting("the window of the rates in /api/status", gt=0, flags=["--window"])
+    ] = 60.0
+    views_interval_s: Annotated[
+        float,
+        setting(
+            "how often status is rewritten (views also on every fleet change)", gt=0, flags=["--interval"]
+        ),
+    ] = 1.0

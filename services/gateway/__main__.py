@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from corral.gateway.app import Gateway
 from corral.gateway.settings import GatewaySettings
 from corral.runtime.logs import setup_logging
-from corral.runtime.process import AsgiServer, add_common_arguments, overrides, run, wait_for_signal
-from corral.runtime.settings import load_settings
+from corral.runtime.process import AsgiServer, run, wait_for_signal
+from corral.runtime.settings import SettingsError, add_arguments, settings_from_args
 from corral.runtime.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -20,15 +21,7 @@ def parser() -> argparse.ArgumentParser:
         prog="corral gateway",
         description="Serve the Ollama API (and /v1) for the whole fleet. Point any Ollama client here.",
     )
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, help="port to listen on (default 11434, Ollama's)")
-    p.add_argument(
-        "--queue-timeout",
-        dest="queue_timeout_s",
-        type=float,
-        help="seconds a request may wait for capacity before 503 (default 60)",
-    )
-    add_common_arguments(p)
+    add_arguments(p, GatewaySettings)
     return p
 
 
@@ -47,8 +40,13 @@ async def serve(settings: GatewaySettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    settings = load_settings(GatewaySettings, overrides(args, "host", "port", "queue_timeout_s"))
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        settings = settings_from_args(GatewaySettings, args)
+    except SettingsError as e:
+        sys.stderr.write(f"{p.prog}: {e}\n")
+        return 2
     setup_logging(settings.log_level, service="gateway")
     return run(serve(settings))
 

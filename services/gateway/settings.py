@@ -1,23 +1,47 @@
-"""The gateway's settings: one field per setting, read from ``CORRAL_*`` and flags."""
+"""The gateway's settings: each declared once (type, default, doc); flags and env vars derive from it."""
 
 from __future__ import annotations
 
-from corral.runtime.settings import CommonSettings
+from typing import Annotated, Literal
+
+from corral.runtime.settings import CommonSettings, setting
+
+# the routing strategies a request may name (a test checks them against the routing module's)
+Strategy = Literal["auto", "round_robin", "random", "least_connection", "vram", "affinity"]
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
-    host: str = "127.0.0.1"
-    port: int = 11434
-    claim_timeout_s: float = 2.0  # an agent must claim a request within this
-    idle_timeout_s: float = 10.0  # a claimed request silent this long means its agent died
-    queue_timeout_s: float = 60.0  # how long a request may wait for capacity before 503
-    ollama_version: str = "0.12.3"  # reported by /api/version when no backend says
-    strategy: str = "auto"  # routing when a request names none (X-Load-Balancing-Strategy)
-    queue: bool = True  # auto: wait for a slot in the fleet-wide queue (False: at the agents)
-    queue_depth: int = 512  # requests that may wait per model (and vendor pin) before 503
-    sessions: bool = True  # auto: send a conversation's follow-up turns to its agent
-    load_grace_s: float = (
-        1.0  # a load this gateway starts counts as under way this long before the agent shows it
-    )
-    queue_recheck_s: float = 1.0  # a queued request checks this often that an agent still serves its model
-    auto_pull: bool = False  # a request for a model no agent has pulls it onto one agent first
+    host: Annotated[str, setting("address to listen on (0.0.0.0 for all)")] = "127.0.0.1"
+    port: Annotated[int, setting("port to listen on (Ollama's by default)", ge=0, le=65535)] = 11434
+    claim_timeout_s: Annotated[
+        float, setting("an agent must claim a request within this, or the next one is tried", gt=0)
+    ] = 2.0
+    idle_timeout_s: Annotated[
+        float, setting("a claimed request silent this long means its agent died", gt=0)
+    ] = 10.0
+    queue_timeout_s: Annotated[
+        float,
+        setting("how long a request may wait for capacity before 503", ge=0, flags=["--queue-timeout"]),
+    ] = 60.0
+    ollama_version: Annotated[str, setting("/api/version when no backend reports one")] = "0.12.3"
+    strategy: Annotated[
+        Strategy, setting("routing when a request names none (X-Load-Balancing-Strategy)")
+    ] = "auto"
+    queue: Annotated[
+        bool, setting("auto: wait for a slot in the fleet-wide queue (--no-queue: at the agents)")
+    ] = True
+    queue_depth: Annotated[
+        int, setting("requests that may wait per model (and vendor pin) before 503 at once", ge=0)
+    ] = 512
+    sessions: Annotated[
+        bool, setting("auto: send a conversation's follow-up turns to the agent holding its prompt cache")
+    ] = True
+    load_grace_s: Annotated[
+        float, setting("a load just started counts as under way this long before its agent shows it", ge=0)
+    ] = 1.0
+    queue_recheck_s: Annotated[
+        float, setting("how often a queued request checks that an agent still serves its model", gt=0)
+    ] = 1.0
+    auto_pull: Annotated[
+        bool, setting("a request for a model no agent has pulls it onto one agent first")
+    ] = False

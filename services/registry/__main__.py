@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
 from corral.runtime.logs import setup_logging
-from corral.runtime.process import add_common_arguments, overrides, run, wait_for_signal
-from corral.runtime.settings import load_settings
+from corral.runtime.process import run, wait_for_signal
+from corral.runtime.settings import SettingsError, add_arguments, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -21,13 +22,7 @@ def parser() -> argparse.ArgumentParser:
         "on the events subjects and remove dead ones, and run fleet-wide pulls with merged "
         "progress. Several copies may run at once.",
     )
-    p.add_argument(
-        "--dead-after",
-        dest="dead_after_s",
-        type=float,
-        help="seconds of silence after which an agent is dead (default: three of its heartbeats)",
-    )
-    add_common_arguments(p)
+    add_arguments(p, RegistrySettings)
     return p
 
 
@@ -42,8 +37,13 @@ async def serve(settings: RegistrySettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    settings = load_settings(RegistrySettings, overrides(args, "dead_after_s"))
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        settings = settings_from_args(RegistrySettings, args)
+    except SettingsError as e:
+        sys.stderr.write(f"{p.prog}: {e}\n")
+        return 2
     setup_logging(settings.log_level, service="registry")
     return run(serve(settings))
 

@@ -1,16 +1,35 @@
-"""The registry's settings: one field per setting, read from ``CORRAL_*`` and flags."""
+"""The registry's settings: each declared once (type, default, doc); flags and env vars derive from it."""
 
 from __future__ import annotations
 
-from corral.runtime.settings import CommonSettings
+from typing import Annotated
+
+from corral.runtime.settings import CommonSettings, setting
 
 
 class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
-    dead_after_s: float = 0.0  # an agent silent this long is dead; 0 = three of its own heartbeats
-    pull_timeout_s: float = 3600.0  # a fleet-wide pull may take this long
-    replica_check_s: float = 1.0  # read queue depths this often for demand-driven replicas; 0 = off
-    replica_patience: int = 2  # checks in a row a model's queue drains slower than a load takes
-    load_grace_s: float = 1.0  # a load marker counts as live this long before its agent shows the load
-    ping_interval_s: float = (
-        2.0  # keep-alive on a pull's reply while it is silent (under the gateway's idle timeout)
-    )
+    dead_after_s: Annotated[
+        float,
+        setting(
+            "an agent silent this long is removed and announced dead",
+            ge=0,
+            flags=["--dead-after"],
+            shown="0 (3 heartbeats)",
+        ),
+    ] = 0.0
+    pull_timeout_s: Annotated[float, setting("how long a fleet-wide pull may take", gt=0)] = 3600.0
+    replica_check_s: Annotated[
+        float, setting("how often queue depths are read for demand-driven replicas; 0 = off", ge=0)
+    ] = 1.0
+    replica_patience: Annotated[
+        int,
+        setting(
+            "checks in a row a model's queue must drain slower than a load takes before another replica", ge=1
+        ),
+    ] = 2
+    load_grace_s: Annotated[
+        float, setting("a load marker counts as live this long before its agent shows the load", ge=0)
+    ] = 1.0
+    ping_interval_s: Annotated[
+        float, setting("keep-alive on a silent pull's reply (well under the gateway's idle timeout)", gt=0)
+    ] = 2.0

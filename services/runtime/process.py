@@ -11,7 +11,7 @@ from collections.abc import Coroutine, Generator
 from typing import Any
 
 import uvicorn
-from corral.runtime.settings import CommonSettings, env_name
+from corral.runtime.settings import CommonSettings, add_arguments, describe
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +44,13 @@ async def wait_for_signal() -> signal.Signals:
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    d = CommonSettings()
-    p.add_argument(
-        "--nats", dest="nats_url", help=f"NATS server URL (env {env_name('nats_url')}; default {d.nats_url})"
-    )
-    p.add_argument(
-        "--root",
-        help=f"subject root / KV prefix; fleets sharing a NATS use different roots (default {d.root})",
-    )
-    p.add_argument("--log-level", help=f"DEBUG, INFO, WARNING... (default {d.log_level})")
-    p.add_argument(
-        "--otlp-endpoint", help="OTLP/HTTP endpoint for traces, e.g. http://localhost:4318 (default: off)"
-    )
+    """The flags of the settings every process shares (`CommonSettings`): ``--nats-url``, ``--root``..."""
+    add_arguments(p, CommonSettings)
 
 
 def overrides(args: argparse.Namespace, *names: str) -> dict[str, Any]:
-    common = ("nats_url", "root", "log_level", "otlp_endpoint")
+    """The common settings and ``names`` that the command line gave (``None`` = not given)."""
+    common = tuple(describe(CommonSettings))
     return {n: getattr(args, n, None) for n in (*common, *names) if getattr(args, n, None) is not None}
 
 

@@ -1,13 +1,30 @@
 """Settings: one frozen Struct per service, built once from ``CORRAL_*`` env vars and CLI flags.
 
+Each setting is declared once, as a field of a settings Struct::
+
+    port: Annotated[int, setting("port to listen on", ge=0, le=65535)] = 11434
+
+The field gives the type (a ``Literal`` for a closed set of values), the default and, through
+`setting`, the one-line doc, the constraints (``msgspec.Meta``'s ``ge``, ``gt``, ``le``, ``lt``), any
+older flag spellings and whether the value may carry a secret. From that one declaration come the
+environment variable (`env_name`), the command-line flag (`add_arguments`: ``--field-name``, booleans
+as ``--flag/--no-flag``), the help text and the README's configuration table (checked by a test).
+
 Nothing else in Corral reads ``os.environ``. Precedence: CLI flag > environment > default.
+An invalid value raises `SettingsError`, which names the variable and the flag; only a process's
+``main`` turns it into an exit.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import os
-from collections.abc import Mapping
-from typing import Any, TypeVar
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
@@ -15,39 +32,260 @@ ENV_PREFIX = "CORRAL_"
 
 S = TypeVar("S", bound=msgspec.Struct)
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names its environment variable and flag."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.env = env_name(field) if field else ""
+        self.flag = flag_name(field) if field else ""
+        where = f" {self.env} / {self.flag}" if field else ""
+        super().__init__(f"invalid setting{where}: {problem}")
+
 
 def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def setting(
+    doc: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    flags: Sequence[str] = (),
+    shown: str = "",
+    secret: bool = False,
+) -> msgspec.Meta:
+    """A setting's declaration, for ``Annotated[type, setting(...)]``.
+
+    ``doc`` is the one-line help; ``flags`` older spellings of the flag that keep working;
+    ``shown`` the default in words where the value alone says little (``"detect"``); ``secret``
+    marks a URL whose password is masked in ``repr`` and in error messages.
+    """
+    bounds: dict[str, Any] = {
+        k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None
+    }
+    extra = {"flags": tuple(flags), "shown": shown, "secret": secret}
+    meta: msgspec.Meta = msgspec.Meta(**bounds, description=doc, extra=extra)
+    return meta
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What one field of a settings Struct declares."""
+
+    name: str
+    type: Any  # the field's type without its ``Annotated`` metadata
+    default: Any
+    doc: str = ""
+    aliases: tuple[str, ...] = ()
+    shown: str = ""
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return env_name(self.name)
+
+    @property
+    def flag(self) -> str:
+        return flag_name(self.name)
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Every spelling of the flag: the generated one first, then the older ones."""
+        if self.type is bool:
+            return (self.flag, "--no-" + self.flag[2:], *self.aliases)
+        return (self.flag, *self.aliases)
+
+    @property
+    def choices(self) -> tuple[Any, ...]:
+        return typing.get_args(self.type) if typing.get_origin(self.type) is Literal else ()
+
+    @property
+    def default_text(self) -> str:
+        return self.shown or str(self.default)
+
+
+@functools.cache
+def describe(cls: type[msgspec.Struct]) -> dict[str, Setting]:
+    """Every field of a settings Struct, in declaration order, as declared (do not mutate)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out: dict[str, Setting] = {}
+    for f in msgspec.structs.fields(cls):
+        tp, metas = hints[f.name], []
+        if typing.get_origin(tp) is Annotated:
+            tp, *rest = typing.get_args(tp)
+            metas = [m for m in rest if isinstance(m, msgspec.Meta)]
+        extra: dict[str, Any] = {}
+        doc = ""
+        for m in metas:
+            extra |= m.extra or {}
+            doc = m.description or doc
+        default = f.default_factory() if f.default is msgspec.NODEFAULT else f.default
+        out[f.name] = Setting(
+            f.name,
+            tp,
+            default,
+            doc,
+            tuple(extra.get("flags", ())),
+            extra.get("shown", ""),
+            bool(extra.get("secret", False)),
+        )
+    return out
+
+
+def mask(url: str) -> str:
+    """``nats://user:pw@host`` → ``nats://user:***@host``; several URLs may be comma-separated."""
+    parts = []
+    for part in url.split(","):
+        u = urlsplit(part.strip()) if "@" in part else None
+        if u is None or u.password is None:
+            parts.append(part)
+            continue
+        host = u.netloc.rpartition("@")[2]
+        parts.append(urlunsplit(u._replace(netloc=f"{u.username or ''}:***@{host}")))
+    return ",".join(parts)
+
+
+def masked_repr(settings: msgspec.Struct) -> str:
+    """The Struct's repr with the passwords in its secret settings masked."""
+    shown = []
+    for s in describe(type(settings)).values():
+        value = getattr(settings, s.name)
+        if s.secret and isinstance(value, str):
+            value = mask(value)
+        shown.append(f"{s.name}={value!r}")
+    return f"{type(settings).__name__}({', '.join(shown)})"
+
+
 def load_settings(
     cls: type[S], overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> S:
+    """Build ``cls`` from the environment, then ``overrides`` (the flags; ``None`` = not given).
+
+    Raises `SettingsError` for a value of the wrong type or outside its declared range or set.
+    """
     env = os.environ if environ is None else environ
+    declared = describe(cls)
     values: dict[str, Any] = {}
-    for field in msgspec.structs.fields(cls):
-        raw = env.get(env_name(field.name))
+    for s in declared.values():
+        raw = env.get(s.env)
         if raw is not None and raw != "":
-            values[field.name] = _from_env(raw, field.type)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+            values[s.name] = _from_text(raw, s)
+    values.update({k: _canonical(v, declared[k]) for k, v in (overrides or {}).items() if v is not None})
     try:
         return msgspec.convert(values, cls, strict=False)
     except msgspec.ValidationError as e:
-        name = str(e).rpartition("$.")[2]
-        where = f" ({env_name(name)} / --{name.replace('_', '-')})" if name.isidentifier() else ""
-        raise SystemExit(f"invalid setting{where}: {e}") from None
+        name = str(e).rpartition("$.")[2].split(".")[0].split("[")[0].rstrip("`")
+        if name not in declared:
+            raise SettingsError("", str(e)) from None
+        s, shown = declared[name], values.get(name)
+        problem = (str(e).rpartition(" - at ")[0] or str(e)).partition(", got ")[0]
+        if s.choices:
+            problem = "expected one of " + ", ".join(map(repr, s.choices))
+        if s.secret and isinstance(shown, str):
+            shown = mask(shown)
+        raise SettingsError(name, f"{problem} (got {shown!r})") from None
 
 
-def _from_env(raw: str, tp: Any) -> Any:
+def settings_from_args(cls: type[S], args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> S:
+    """``load_settings`` with the flags that `add_arguments` made and the command line gave."""
+    given = {name: getattr(args, name, None) for name in describe(cls)}
+    return load_settings(cls, given, environ)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[msgspec.Struct], title: str = "") -> None:
+    """One flag per setting of ``cls`` (and its older spellings), its doc and default in the help.
+
+    Flags left out parse as ``None``, so the environment and then the default apply.
+    """
+    group = parser.add_argument_group(title or "settings (flag > CORRAL_* environment > default)")
+    for s in describe(cls).values():
+        add_argument(group, s)
+
+
+def add_argument(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    s: Setting,
+    *,
+    default: Any = None,
+    env: bool = True,
+    flags: Sequence[str] | None = None,
+) -> argparse.Action:
+    """The flag for one setting. ``default`` and ``env=False`` serve a parser that builds no settings."""
+    where = f"; env {s.env}" if env else ""
+    help_text = f"{s.doc or s.name} (default: {s.default_text}{where})".replace("%", "%%")
+    names = list(flags if flags is not None else s.flags)
+    kwargs: dict[str, Any] = {"dest": s.name, "default": default, "help": help_text}
+    if s.type is bool:
+        names = [n for n in names if not n.startswith("--no-")]
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif s.choices:
+        kwargs["choices"] = s.choices
+        kwargs["type"] = _choice_parser(s)
+        kwargs["metavar"] = "{" + ",".join(str(c) for c in s.choices if c != "") + "}"
+    elif typing.get_origin(s.type) in (list, tuple):
+        kwargs["type"] = _split
+        kwargs["metavar"] = "A,B,..."
+    else:
+        kwargs["type"] = s.type if s.type in (int, float, str) else str
+        kwargs["metavar"] = (
+            "SECONDS" if s.name.endswith("_s") else "URL" if s.secret else _METAVARS.get(s.type, "VALUE")
+        )
+    return parser.add_argument(*names, **kwargs)
+
+
+_METAVARS = {int: "N", float: "NUMBER", str: "TEXT"}
+
+
+def _split(raw: str) -> list[str]:
+    return [p.strip() for p in raw.split(",") if p.strip()]
+
+
+def _canonical(value: Any, s: Setting) -> Any:
+    """A closed set's value as declared, matched without regard to case (``debug`` → ``DEBUG``)."""
+    if isinstance(value, str) and s.choices and value not in s.choices:
+        matches = [c for c in s.choices if isinstance(c, str) and c.casefold() == value.casefold()]
+        if len(matches) == 1:
+            return matches[0]
+    return value
+
+
+def _choice_parser(s: Setting) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        return _canonical(raw, s)
+
+    parse.__name__ = s.name  # argparse names the type in its error for a value it cannot convert
+    return parse
+
+
+def _from_text(raw: str, s: Setting) -> Any:
     """Lists and tuples come as comma-separated env values; everything else converts as text."""
-    origin = getattr(tp, "__origin__", None)
-    if origin in (list, tuple):
-        return [p.strip() for p in raw.split(",") if p.strip()]
-    return raw
+    if typing.get_origin(s.type) in (list, tuple):
+        return _split(raw)
+    return _canonical(raw, s)
 
 
 class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
-    nats_url: str = "nats://127.0.0.1:4222"
-    root: str = "corral"  # subject root and KV bucket prefix; several fleets may share one NATS
-    log_level: str = "INFO"
-    otlp_endpoint: str = ""  # OTLP/HTTP traces endpoint; empty = tracing off
+    nats_url: Annotated[
+        str, setting("NATS server URL (several: comma-separated)", flags=["--nats"], secret=True)
+    ] = "nats://127.0.0.1:4222"
+    root: Annotated[
+        str, setting("subject root and KV bucket prefix; fleets sharing a NATS use different roots")
+    ] = "corral"
+    log_level: Annotated[LogLevel, setting("log level")] = "INFO"
+    otlp_endpoint: Annotated[
+        str, setting("OTLP/HTTP endpoint for traces, e.g. http://localhost:4318", shown="off", secret=True)
+    ] = ""
+
+    def __repr__(self) -> str:
+        return masked_repr(self)

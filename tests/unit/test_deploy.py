@@ -33,7 +33,7 @@ from corral.protocol.names import VENDORS
 from corral.runtime import natsmain
 from corral.runtime.natsserver import find_binary
 from corral.runtime.process import overrides
-from corral.runtime.settings import CommonSettings, env_name, load_settings
+from corral.runtime.settings import CommonSettings, SettingsError, env_name, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -263,7 +263,7 @@ def check_invocation(inv: Invocation) -> Checked:
     if inv.command in SETTINGS:
         try:
             settings = load_settings(SETTINGS[inv.command], overrides(args, *vars(args)), environ=inv.env)
-        except SystemExit as e:
+        except SettingsError as e:
             pytest.fail(f"{inv.source}: {e}")
     return Checked(args, settings)
 
