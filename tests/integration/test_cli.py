@@ -1,9 +1,10 @@
-"""The fleet CLI (corral status|ps|models|pull|drain|uncordon) as a real process against a live fleet."""
+"""The CLI as a real process: the fleet commands against a live fleet, and bad settings refused."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import AsyncIterator
 
@@ -81,3 +82,50 @@ async def test_drain_and_uncordon(fleet: LocalFleet) -> None:
     await until(fleet, lambda: fleet.gateway.fleet.get(agent).status == "active")  # type: ignore[union-attr]
     rc, _, err = await corral(fleet, "drain", "nobody")
     assert rc == 1 and "no agent 'nobody'" in err
+
+
+async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``corral ARGS`` as a real process, with only the ``CORRAL_*`` variables given here."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "corral.cli",
+        *args,
+        env=clean | (env or {}),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_a_bad_flag_value_exits_2_with_a_clear_message() -> None:
+    rc, out, err = await run_cli("gateway", "--strategy", "bogus")
+    assert rc == 2 and out == ""
+    assert "corral gateway: error: argument --strategy: invalid choice: 'bogus'" in err
+    assert "round_robin" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "named"),
+    [
+        ("gateway", {"CORRAL_STRATEGY": "bogus"}, "CORRAL_STRATEGY / --strategy: expected one of 'auto'"),
+        ("agent", {"CORRAL_PARALLEL": "0"}, "CORRAL_PARALLEL / --parallel: Expected `int` >= 1 (got '0')"),
+    ],
+)
+async def test_a_bad_environment_value_exits_2_naming_variable_and_flag(
+    command: str, env: dict[str, str], named: str
+) -> None:
+    rc, out, err = await run_cli(command, env=env)
+    assert rc == 2 and out == ""
+    assert err.startswith(f"corral {command}: invalid setting ") and named in err, err
+    assert "Traceback" not in err
+
+
+async def test_help_lists_every_setting_with_its_default() -> None:
+    rc, out, _ = await run_cli("registry", "--help")
+    assert rc == 0
+    for flag in ("--dead-after-s", "--dead-after", "--replica-patience", "--nats-url", "--nats"):
+        assert flag in out
+    assert "CORRAL_PULL_TIMEOUT_S" in out and "3600.0" in out
