@@ -23,6 +23,7 @@ import os
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -116,8 +117,8 @@ class Setting:
 
 
 @functools.cache
-def describe(cls: type[msgspec.Struct]) -> dict[str, Setting]:
-    """Every field of a settings Struct, in declaration order, as declared (do not mutate)."""
+def describe(cls: type[msgspec.Struct]) -> Mapping[str, Setting]:
+    """Every field of a settings Struct, in declaration order, as declared."""
     hints = typing.get_type_hints(cls, include_extras=True)
     out: dict[str, Setting] = {}
     for f in msgspec.structs.fields(cls):
@@ -140,7 +141,7 @@ def describe(cls: type[msgspec.Struct]) -> dict[str, Setting]:
             extra.get("shown", ""),
             bool(extra.get("secret", False)),
         )
-    return out
+    return MappingProxyType(out)
 
 
 def mask(url: str) -> str:
@@ -181,7 +182,8 @@ def load_settings(
         raw = env.get(s.env)
         if raw is not None and raw != "":
             values[s.name] = _from_text(raw, s)
-    values.update({k: _canonical(v, declared[k]) for k, v in (overrides or {}).items() if v is not None})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values.update({k: _canonical(v, declared[k]) if k in declared else v for k, v in given.items()})
     try:
         return msgspec.convert(values, cls, strict=False)
     except msgspec.ValidationError as e:

@@ -412,3 +412,7 @@ def test_secrets_are_masked_in_repr() -> None:
     assert "parallel=1" in text and text.startswith("AgentSettings(")
     assert s.nats_url == "nats://me:s3cret@hub:4222"  # only shown masked
     assert "s3cret" not in str(s) and "s3cret" not in f"{s}"
+
+
+def test_overrides_that_are_no_setting_are_ignored() -> None:
+    assert load_settings(DemoSettings, overrides={"json": True, "port": 1}, environ={}).port == 1
