@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
@@ -145,16 +145,12 @@ def describe(cls: type[msgspec.Struct]) -> Mapping[str, Setting]:
 
 
 def mask(url: str) -> str:
-    """``nats://user:pw@host`` → ``nats://user:***@host``; several URLs may be comma-separated."""
-    parts = []
-    for part in url.split(","):
-        u = urlsplit(part.strip()) if "@" in part else None
-        if u is None or u.password is None:
-            parts.append(part)
-            continue
-        host = u.netloc.rpartition("@")[2]
-        parts.append(urlunsplit(u._replace(netloc=f"{u.username or ''}:***@{host}")))
-    return ",".join(parts)
+    """Hide the credentials in a URL (or comma-separated URLs): ``nats://user:pw@host`` →
+    ``nats://user:***@host``; a lone user part may be a token (``nats://token@host`` → ``***@``)."""
+    return _USERINFO.sub(lambda m: f"//{m['user']}:***@" if m["password"] is not None else "//***@", url)
+
+
+_USERINFO = re.compile(r"//(?P<user>[^/@:,]*)(?::(?P<password>[^/@,]*))?@")
 
 
 def masked_repr(settings: msgspec.Struct) -> str:
@@ -221,15 +217,13 @@ def add_argument(
     *,
     default: Any = None,
     env: bool = True,
-    flags: Sequence[str] | None = None,
 ) -> argparse.Action:
     """The flag for one setting. ``default`` and ``env=False`` serve a parser that builds no settings."""
     where = f"; env {s.env}" if env else ""
     help_text = f"{s.doc or s.name} (default: {s.default_text}{where})".replace("%", "%%")
-    names = list(flags if flags is not None else s.flags)
+    names = [n for n in s.flags if not (s.type is bool and n.startswith("--no-"))]
     kwargs: dict[str, Any] = {"dest": s.name, "default": default, "help": help_text}
-    if s.type is bool:
-        names = [n for n in names if not n.startswith("--no-")]
+    if s.type is bool:  # argparse adds the --no- spellings
         kwargs["action"] = argparse.BooleanOptionalAction
     elif s.choices:
         kwargs["choices"] = s.choices

@@ -396,7 +396,9 @@ def test_corral_up_defaults_are_the_declared_ones() -> None:
         ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
         ("nats://me:s3cret@hub:4222", "nats://me:***@hub:4222"),
         ("nats://a:p1@n1:4222,nats://b:p2@n2:4222", "nats://a:***@n1:4222,nats://b:***@n2:4222"),
-        ("nats://token@hub:4222", "nats://token@hub:4222"),  # a bare token has no password part
+        ("nats://s3cret-token@hub:4222", "nats://***@hub:4222"),  # NATS token authentication
+        ("http://u:p%40ss@gpu:11434/api", "http://u:***@gpu:11434/api"),
+        ("http://127.0.0.1:11434/a@b", "http://127.0.0.1:11434/a@b"),  # an @ in the path is no user
         ("", ""),
     ],
 )
