@@ -1,0 +1,177 @@
+"""The reply stream's writer: what a service that takes a request sends back on its reply subject.
+
+The stream (headers in `corral.protocol.headers`), in order::
+
+    claim   the sender has the request (it carries Corral-Agent: <sender> and Corral-Request)
+    ping    keep-alive while the answer is silent (a model loading, a long pull)
+    head    Corral-Status and Corral-Content-Type with the first body bytes; with Corral-End: 1 it
+            is the whole answer
+    data    header-less messages with the next body bytes (the cheap, frequent message)
+    end     Corral-Seq: the number of data messages; with Corral-Error(-Code) on failure
+    busy    instead of all of the above: the sender cannot take it, try elsewhere
+
+No message is larger than the server's payload limit less `HEADER_HEADROOM`: a longer body is
+split across data messages. A reply quick enough claims with its head (`claim_soon`): one message
+instead of two.
+
+Any sender may use it: the agent names itself in the claim; the registry writes its pull replies
+with it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Final
+
+from corral.protocol import headers as H
+from corral.protocol.envelope import HEADER_HEADROOM
+from corral.protocol.errors import CorralError
+from nats.aio.client import Client as NATS
+
+__all__ = ["CLAIM_DELAY_S", "ReplyWriter", "send_busy"]
+
+# A claim waits this long for its head: a reply that quick claims with its head, one message instead
+# of two (far inside a requester's claim timeout, which is seconds)
+CLAIM_DELAY_S: Final = 0.005
+_PING: Final = {H.KIND: H.PING}
+
+
+async def send_busy(nc: NATS, reply: str, sender: str | None = None) -> None:
+    """Answer a request on ``reply`` with ``busy``: this sender cannot take it now."""
+    headers = {H.KIND: H.BUSY}
+    if sender:
+        headers[H.AGENT] = sender
+    await nc.publish(reply, b"", headers=headers)
+
+
+class ReplyWriter:
+    """The reply stream of one request: ``rid``'s answer on ``reply``, claimed by ``sender``."""
+
+    __slots__ = (
+        "_claim_task",
+        "_claim_timer",
+        "_limit",
+        "_nc",
+        "claimed",
+        "done",
+        "headed",
+        "last_sent",
+        "reply",
+        "rid",
+        "sender",
+        "seq",
+    )
+
+    def __init__(self, nc: NATS, reply: str, rid: str, sender: str | None = None) -> None:
+        self._nc = nc
+        self.reply = reply
+        self.rid = rid
+        self.sender = sender
+        self._limit = nc.max_payload - HEADER_HEADROOM
+        self.claimed = False  # the requester knows who has it (a claim, or a head that says so)
+        self.headed = False
+        self.done = False  # the stream has ended: nothing more goes out
+        self.seq = 0  # data messages sent
+        self.last_sent = 0.0  # monotonic time of the last message: when a ping is due
+        self._claim_timer: asyncio.TimerHandle | None = None
+        self._claim_task: asyncio.Task[None] | None = None
+
+    @property
+    def limit(self) -> int:
+        """The most body bytes one message carries."""
+        return self._limit
+
+    def _claim_headers(self, headers: dict[str, str]) -> dict[str, str]:
+        if self.sender:
+            headers[H.AGENT] = self.sender
+        headers[H.REQUEST] = self.rid
+        return headers
+
+    def _claimed_now(self) -> None:
+        self.claimed = True
+        if self._claim_timer is not None:
+            self._claim_timer.cancel()
+            self._claim_timer = None
+
+    async def claim(self) -> None:
+        """Tell the requester this sender has the request (once)."""
+        if self.claimed:
+            return
+        self._claimed_now()
+        self.last_sent = time.monotonic()
+        await self._nc.publish(self.reply, b"", headers=self._claim_headers({H.KIND: H.CLAIM}))
+
+    def claim_soon(self, delay: float = CLAIM_DELAY_S) -> None:
+        """Claim after ``delay`` seconds unless the head goes out first and claims it."""
+        self.last_sent = time.monotonic()  # not silent yet: no ping before the claim is due
+        self._claim_timer = asyncio.get_running_loop().call_later(delay, self._claim_due)
+
+    def _claim_due(self) -> None:
+        self._claim_timer = None
+        if not self.claimed:
+            self._claim_task = asyncio.ensure_future(self.claim())
+
+    def close(self) -> None:
+        """Stop a pending delayed claim (the request is over)."""
+        if self._claim_timer is not None:
+            self._claim_timer.cancel()
+            self._claim_timer = None
+
+    async def _send(self, payload: bytes, headers: dict[str, str]) -> None:
+        if not self.claimed:
+            await self.claim()
+        self.last_sent = time.monotonic()
+        await self._nc.publish(self.reply, payload, headers=headers)
+
+    async def ping(self) -> None:
+        await self._send(b"", _PING)
+
+    async def head(self, status: int, content_type: str, body: bytes = b"", *, end: bool = False) -> None:
+        """The answer's status and first bytes; ``end``: ``body`` is the whole answer."""
+        headers = {H.KIND: H.HEAD, H.STATUS: str(status), H.CONTENT_TYPE: content_type}
+        if end and len(body) <= self._limit:
+            headers[H.END] = "1"
+        first, rest = (body, b"") if len(body) <= self._limit else (body[: self._limit], body[self._limit :])
+        self.headed = True
+        if not self.claimed:
+            self._claimed_now()  # the head is the claim too: one message
+            self._claim_headers(headers)
+        self.last_sent = time.monotonic()
+        await self._nc.publish(self.reply, first, headers=headers)
+        if H.END in headers:
+            self.done = True
+            return
+        if rest:
+            await self.data(rest)
+        if end:
+            await self.end()
+
+    async def data(self, body: bytes) -> None:
+        """The next body bytes (split at the payload limit); nothing is sent for none."""
+        if not body:
+            return
+        if not self.claimed:
+            await self.claim()
+        if len(body) <= self._limit:  # the hot path: one header-less message, no copy
+            self.seq += 1
+            self.last_sent = time.monotonic()
+            await self._nc.publish(self.reply, body)
+            return
+        view = memoryview(body)
+        for i in range(0, len(body), self._limit):
+            self.seq += 1
+            self.last_sent = time.monotonic()
+            await self._nc.publish(self.reply, bytes(view[i : i + self._limit]))
+
+    async def end(self, error: CorralError | None = None) -> None:
+        """End the stream: the count of data messages, or the error that ended it (once: a stream
+        already ended stays as it ended)."""
+        if self.done:
+            return
+        if error is not None:
+            headers = {H.KIND: H.END_KIND, H.ERROR_CODE: error.code, H.ERROR: error.message}
+        else:
+            headers = {H.KIND: H.END_KIND, H.SEQ: str(self.seq)}
+        self.done = True
+        await self._send(b"", headers)
