@@ -1,0 +1,205 @@
+"""What the agent's Ollama has loaded, and which of those runners a request may be sent to now.
+
+A pure state machine, no I/O: the agent feeds it facts — an /api/ps reading (`observe`), "this
+request will run" (`will_run`), "Ollama answered it" (`responded`), "it ended" (`ended`) — and each
+method returns a `RunnerChange` saying what the agent must act on.
+
+Ollama lists a runner in /api/ps from the moment its load begins, so a listed model is not yet
+ready: a model is *ready* when it is listed and none of our requests waits on its load, or once
+Ollama has answered a request on it. A model is *warm* — claimable by requests that give no
+num_ctx — when it is ready and its runner runs at the context such a request gets (the learned or
+assumed default, capped at the trained context); any other runner would reload for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping, Sequence
+from typing import NamedTuple
+
+from corral.protocol.messages import PsModel
+from corral.protocol.names import decode_token, encode_token, key_of
+from corral.protocol.runners import effective_ctx
+
+log = logging.getLogger(__name__)
+
+
+class RunnerChange(NamedTuple):
+    state: bool = False  # what the agent advertises changed
+    claims: bool = False  # the set of warm models changed: claim subscriptions follow it
+    refresh: bool = False  # re-read Ollama now (a model became ready, or showed its default context)
+
+    def __or__(self, other: tuple[bool, ...]) -> RunnerChange:
+        return RunnerChange(*(a or b for a, b in zip(self, other, strict=True)))
+
+
+NOTHING = RunnerChange()
+
+
+def token_of(name: str) -> str | None:
+    key = key_of(name)  # memoised: names repeat on every /api/ps read
+    return encode_token(key) if key is not None else None
+
+
+class RunnerTracker:
+    def __init__(self, default_num_ctx: int = 4096) -> None:
+        # the num_ctx this backend is assumed to give requests without one (configuration, VRAM)
+        self.default_num_ctx = default_num_ctx
+        self.loaded: tuple[PsModel, ...] = ()  # the last /api/ps reading
+        self.ready: set[str] = set()  # tokens of the models Ollama has finished loading
+        self.warm: frozenset[str] = frozenset()  # ready at the default context: claimable
+        self.trained: dict[str, int] = {}  # loaded model key → trained context
+        self.learned_ctx: dict[str, int] = {}  # model key → runner context seen without num_ctx
+        # token → {request id: (its num_ctx or 0, the context it needs)} of the requests waiting on
+        # a load (or reload) of that model, oldest first: the first one's context is loading now
+        self._load_waiters: dict[str, dict[str, tuple[int, int]]] = {}
+        self._ran_default: set[str] = set()  # tokens just served without num_ctx (not yet warm)
+        self._ready_news = False  # a model became ready since the last reading
+
+    def wanted_ctx(self, key: str, num_ctx: int, trained: int | None = None) -> int:
+        """The context Ollama gives ``key``'s runner for a request asking ``num_ctx`` (0: the default
+        — as observed, else as assumed), capped at the trained context (``trained``, else the last
+        one read)."""
+        if trained is None:
+            trained = self.trained.get(key, 0)
+        if num_ctx:
+            return effective_ctx(num_ctx, trained)
+        return self.learned_ctx.get(key) or effective_ctx(self.default_num_ctx, trained)
+
+    def waits_on_load(self, token: str) -> bool:
+        return token in self._load_waiters
+
+    # -- facts about requests --------------------------------------------------------------
+    def will_run(self, token: str, rid: str, num_ctx: int) -> RunnerChange:
+        """Before request ``rid`` reaches Ollama: will it load its model, or reload the runner at
+        another context? Then the model is loading — for that context — until Ollama answers."""
+        if not num_ctx and token in self.warm and token not in self._load_waiters:
+            return NOTHING  # the common case: a default request on a warm default runner
+        key = decode_token(token)
+        want = self.wanted_ctx(key, num_ctx)
+        change = RunnerChange(state=True)
+        if token not in self._load_waiters and token in self.ready:
+            runner = next((m for m in self.loaded if token_of(m.name) == token), None)
+            if runner is not None and runner.context_length in (0, want):
+                return NOTHING  # a runner that serves it is loaded
+            # a runner at another context (a reload), or none since the last /api/ps (a load)
+            self.ready.discard(token)
+            if token in self.warm:
+                self.warm = self.warm - {token}
+                change = RunnerChange(state=True, claims=True)
+        self._load_waiters.setdefault(token, {})[rid] = (num_ctx, want)
+        return change
+
+    def responded(self, token: str, rid: str, status: int) -> RunnerChange:
+        """Ollama's answer to ``rid`` began with ``status``: a model it had to load is loaded."""
+        if status >= 400:
+            return NOTHING
+        change = NOTHING
+        waiters = self._load_waiters.get(token)
+        if waiters is not None:
+            mine = waiters.pop(rid, None)
+            if mine is None:
+                return NOTHING  # answered on the runner before the load this model waits on
+            # the runner now has this request's context: those waiting for the same context run on
+            # it; any waiting for another context wait on a reload after it
+            waiters = {r: w for r, w in waiters.items() if w[1] != mine[1]}
+            change = RunnerChange(state=True)
+            if waiters:
+                self._load_waiters[token] = waiters
+                return change
+            del self._load_waiters[token]
+        if token not in self.ready:
+            self.ready.add(token)  # Ollama answers only once the model is loaded
+            # advertised by the reading this asks for, together with Ollama's /api/ps: a state that
+            # says "not loading" must also list the runner, or the model looks absent meanwhile
+            self._ready_news = True
+            change = change | RunnerChange(refresh=True)
+        return change
+
+    def ended(self, token: str, rid: str) -> RunnerChange:
+        """``rid`` ended: it waits on no load any more."""
+        waiters = self._load_waiters.get(token)
+        if waiters is not None and waiters.pop(rid, None) is not None and not waiters:
+            del self._load_waiters[token]
+            return RunnerChange(state=True)
+        return NOTHING
+
+    def served(self, token: str, num_ctx: int, status: int) -> RunnerChange:
+        """A request finished with ``status``; one served at the default context on a model not
+        yet warm shows, in the next reading, the context Ollama really gives such requests."""
+        if status == 200 and not num_ctx and token not in self.warm:
+            self._ran_default.add(token)
+            return RunnerChange(refresh=True)
+        return NOTHING
+
+    # -- facts about Ollama ----------------------------------------------------------------
+    def observe(
+        self,
+        loaded: Sequence[PsModel],
+        trained: Mapping[str, int],
+        busy: Collection[str],
+        default_num_ctx: int,
+    ) -> RunnerChange:
+        """A reading of /api/ps (``trained``: model name → its trained context, 0 = unknown) while
+        the models ``busy`` have requests holding slots here."""
+        self.default_num_ctx = default_num_ctx
+        tokens, warm = set(), set()
+        state = False
+        by_key: dict[str, int] = {}
+        for m in loaded:
+            key = key_of(m.name)
+            if key is None:
+                continue  # not a name Ollama's clients could ask for: advertised nowhere
+            token = encode_token(key)
+            tokens.add(token)
+            by_key[key] = trained.get(m.name, 0)
+            assumed = effective_ctx(default_num_ctx, by_key[key])
+            if token in self._ran_default and m.context_length:
+                state = self._learn_default(key, m.context_length, assumed) or state
+            # a request without num_ctx runs at the default; any other runner would reload
+            if m.context_length in (0, self.wanted_ctx(key, 0, by_key[key])):
+                warm.add(token)
+        self._ran_default.clear()
+        if by_key != self.trained:
+            self.trained, state = by_key, True
+        # a listed model none of our requests waits on is loaded; one a request of ours waits on
+        # stays loading until Ollama answers (`responded`); an unlisted idle one is gone
+        ready = {t for t in self.ready if t in tokens or t in busy}
+        ready |= {t for t in tokens if t not in busy}
+        warm &= ready
+        if tuple(loaded) != self.loaded:
+            self.loaded, state = tuple(loaded), True
+        if ready != self.ready or self._ready_news:
+            self.ready, self._ready_news, state = ready, False, True
+        claims = warm != self.warm
+        self.warm = frozenset(warm)
+        return RunnerChange(state=state, claims=claims)
+
+    def _learn_default(self, key: str, seen: int, assumed: int) -> bool:
+        """A request without num_ctx ran on a runner of ``seen`` context: that is this backend's
+        default for ``key``, whatever the configuration made us assume."""
+        if self.learned_ctx.get(key) == seen:
+            return False
+        if seen != assumed:
+            log.warning(
+                "%s: requests without num_ctx run at context %d here, not the %d assumed; using what "
+                "Ollama does (set CORRAL_CONTEXT_LENGTH to that Ollama's OLLAMA_CONTEXT_LENGTH)",
+                key,
+                seen,
+                assumed,
+            )
+        self.learned_ctx[key] = seen
+        return True
+
+    # -- what the agent advertises ---------------------------------------------------------
+    def loading(self, busy: Collection[str]) -> tuple[str, ...]:
+        """Model keys with requests here that Ollama has not finished loading."""
+        return tuple(decode_token(t) for t in busy if t not in self.ready)
+
+    def loading_ctx(self) -> dict[str, int]:
+        """Model key → the num_ctx its load runs at (the oldest waiter's: its load runs first)."""
+        return {
+            decode_token(t): next(iter(w.values()))[0]
+            for t, w in self._load_waiters.items()
+            if w and t not in self.ready
+        }

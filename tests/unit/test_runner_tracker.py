@@ -1,0 +1,123 @@
+"""The agent's runner tracker on constructed /api/ps readings and request facts."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from corral.agent.runners import RunnerChange, RunnerTracker
+from corral.protocol.messages import PsModel
+from corral.protocol.names import parse_name
+
+NAME = "llama3.2:latest"
+KEY = parse_name(NAME).key
+TOKEN = parse_name(NAME).token
+
+
+def ps(ctx: int, name: str = NAME) -> PsModel:
+    return PsModel(name=name, model=name, size=1, digest="d1", expires_at="", size_vram=1, context_length=ctx)
+
+
+def warm_tracker(ctx: int = 4096) -> RunnerTracker:
+    t = RunnerTracker(4096)
+    change = t.observe([ps(ctx)], {NAME: 0}, busy=(), default_num_ctx=4096)
+    assert change.claims and TOKEN in t.warm
+    return t
+
+
+def test_a_listed_idle_model_at_the_default_context_is_ready_and_warm() -> None:
+    t = warm_tracker()
+    assert t.ready == {TOKEN} and t.trained == {KEY: 0}
+    assert t.observe([ps(4096)], {NAME: 0}, busy=(), default_num_ctx=4096) == RunnerChange()
+
+
+def test_a_runner_at_another_context_is_ready_but_not_warm() -> None:
+    t = RunnerTracker(4096)
+    t.observe([ps(8192)], {NAME: 0}, busy=(), default_num_ctx=4096)
+    assert TOKEN in t.ready and TOKEN not in t.warm
+
+
+def test_a_model_listed_while_our_request_loads_it_stays_loading_until_ollama_answers() -> None:
+    t = RunnerTracker(4096)
+    assert t.will_run(TOKEN, "r1", 0) == RunnerChange(state=True)
+    t.observe([ps(4096)], {NAME: 0}, busy={TOKEN}, default_num_ctx=4096)
+    assert TOKEN not in t.ready and TOKEN not in t.warm
+    assert t.loading({TOKEN}) == (KEY,) and t.loading_ctx() == {KEY: 0}
+    change = t.responded(TOKEN, "r1", 200)
+    assert change.state and change.refresh and TOKEN in t.ready
+    assert t.observe([ps(4096)], {NAME: 0}, busy={TOKEN}, default_num_ctx=4096).claims
+    assert TOKEN in t.warm and t.loading({TOKEN}) == ()
+
+
+def test_a_default_request_on_a_warm_runner_changes_nothing() -> None:
+    t = warm_tracker()
+    assert t.will_run(TOKEN, "r1", 0) == RunnerChange()
+    assert not t.waits_on_load(TOKEN)
+
+
+def test_a_request_at_another_context_reloads_and_withdraws_the_claims() -> None:
+    t = warm_tracker()
+    change = t.will_run(TOKEN, "r1", 16384)
+    assert change == RunnerChange(state=True, claims=True)
+    assert TOKEN not in t.warm and TOKEN not in t.ready
+    assert t.loading_ctx() == {KEY: 16384}
+
+
+def test_an_answer_frees_the_waiters_of_its_context_only() -> None:
+    t = RunnerTracker(4096)
+    t.will_run(TOKEN, "a", 8192)
+    t.will_run(TOKEN, "b", 8192)
+    t.will_run(TOKEN, "c", 16384)
+    assert t.responded(TOKEN, "a", 200) == RunnerChange(state=True)
+    assert t.waits_on_load(TOKEN) and t.loading_ctx() == {KEY: 16384}  # c waits on the reload
+    assert t.responded(TOKEN, "zzz", 200) == RunnerChange()  # answered before the load it waits on
+
+
+def test_an_error_answer_says_nothing_about_the_load() -> None:
+    t = RunnerTracker(4096)
+    t.will_run(TOKEN, "a", 0)
+    assert t.responded(TOKEN, "a", 500) == RunnerChange()
+    assert t.waits_on_load(TOKEN)
+
+
+def test_a_request_ending_unanswered_waits_no_more() -> None:
+    t = RunnerTracker(4096)
+    t.will_run(TOKEN, "a", 0)
+    assert t.ended(TOKEN, "a") == RunnerChange(state=True)
+    assert not t.waits_on_load(TOKEN)
+    assert t.ended(TOKEN, "a") == RunnerChange()
+
+
+def test_the_default_context_ollama_really_gives_is_learned(caplog: pytest.LogCaptureFixture) -> None:
+    t = RunnerTracker(4096)
+    t.observe([ps(32768)], {NAME: 0}, busy=(), default_num_ctx=4096)
+    assert TOKEN not in t.warm  # assumed 4096: a 32768 runner would reload for it
+    assert t.served(TOKEN, 0, 200) == RunnerChange(refresh=True)
+    assert t.served(TOKEN, 2048, 200) == RunnerChange()  # asked its own context: shows nothing
+    caplog.set_level(logging.WARNING, logger="corral.agent.runners")
+    change = t.observe([ps(32768)], {NAME: 0}, busy=(), default_num_ctx=4096)
+    assert change.state and change.claims and TOKEN in t.warm
+    assert t.learned_ctx == {KEY: 32768} and t.wanted_ctx(KEY, 0) == 32768
+    assert "not the 4096 assumed" in caplog.text
+
+
+def test_the_wanted_context_is_capped_at_the_trained_one() -> None:
+    t = RunnerTracker(262144)
+    t.observe([ps(131072)], {NAME: 131072}, busy=(), default_num_ctx=262144)
+    assert t.trained == {KEY: 131072}
+    assert t.wanted_ctx(KEY, 0) == 131072 and t.wanted_ctx(KEY, 8192) == 8192
+    assert TOKEN in t.warm  # the default, capped, is what the runner has
+
+
+def test_an_unlisted_idle_model_is_gone_but_a_busy_one_stays_ready() -> None:
+    t = warm_tracker()
+    change = t.observe([], {}, busy={TOKEN}, default_num_ctx=4096)
+    assert TOKEN in t.ready and TOKEN not in t.warm and change.claims
+    t.observe([], {}, busy=(), default_num_ctx=4096)
+    assert t.ready == set()
+
+
+def test_names_that_are_not_ollama_names_are_ignored() -> None:
+    t = RunnerTracker(4096)
+    t.observe([ps(4096, name="bad name!")], {}, busy=(), default_num_ctx=4096)
+    assert t.ready == set() and t.warm == frozenset()
