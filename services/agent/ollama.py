@@ -7,12 +7,14 @@ import logging
 from typing import Any
 
 import msgspec
-from corral.agent.http import HTTPClient
+from corral.agent.http import HTTPClient, StatusError
 from corral.protocol.messages import PsModel, TagModel
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+# what the agent's own calls raise when Ollama is unreachable, slow, answers an error or garbles it
+OLLAMA_ERRORS = (OSError, TimeoutError, StatusError, msgspec.DecodeError)
 CONTROL_TIMEOUT_S = 10.0  # the agent's own calls (tags, ps, version, show); proxied requests have none
 
 
@@ -65,7 +67,8 @@ class OllamaClient:
         """Start a request; use as ``async with client.request(...) as resp``.
 
         ``Host`` is always the backend's own address and no ``Origin`` is sent, so an Ollama bound
-        to loopback never answers 403 to a proxied browser request (reference §0.4).
+        to loopback never answers 403 to a proxied browser request (Ollama checks both against
+        OLLAMA_ORIGINS).
         """
         return self.http.request(method, path, body)
 

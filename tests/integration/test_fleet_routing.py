@@ -11,8 +11,8 @@ import aiohttp
 import msgspec
 import ollama
 import pytest
-from corral.client.routing import Route, loading_for, warm
-from corral.client.sessions import Sessions
+from corral.routing import Route, loading_for, warm
+from corral.gateway.sessions import Sessions
 from corral.protocol import headers as H
 from corral.protocol.messages import AgentState
 from corral.protocol.names import parse_name
@@ -393,7 +393,7 @@ async def test_a_model_listed_while_it_loads_is_loading_not_warm(nats_server: Na
         listed = state()
         assert listed is not None and KEY in listed.loading and not warm(Route(key=KEY), listed)
         assert sim.stats.loads_completed == 0  # still loading
-        assert parse_name(MODEL).token not in agent._warm_tokens  # no claims on a loading runner
+        assert parse_name(MODEL).token not in agent.runners.warm  # no claims on a loading runner
         async with await request as r:
             assert r.status == 200
         await until(fleet, lambda: bool((a := state()) and warm(Route(key=KEY), a) and not a.loading))
@@ -427,7 +427,7 @@ async def test_a_reload_at_another_context_shows_as_loading_for_that_context(
         assert reloading.loading_ctx == {KEY: 8192}
         assert loading_for(Route(key=KEY, num_ctx=8192), reloading)
         assert not loading_for(Route(key=KEY), reloading) and not warm(Route(key=KEY), reloading)
-        assert parse_name(MODEL).token not in agent._warm_tokens  # default claims withdrawn
+        assert parse_name(MODEL).token not in agent.runners.warm  # default claims withdrawn
         async with await request as r:
             assert r.status == 200
         await until(fleet, lambda: bool((a := state()) and not a.loading))
@@ -459,7 +459,7 @@ async def test_a_model_stays_loading_while_a_request_waits_to_reload_it_at_its_c
             await until(fleet, lambda: bool((a := state()) and a.loading_ctx == {KEY: 0}))
             listed = state()
             assert listed is not None and not warm(Route(key=KEY), listed)
-            assert parse_name(MODEL).token not in agent._warm_tokens
+            assert parse_name(MODEL).token not in agent.runners.warm
             await r.read()
         async with await behind as r2:
             assert r2.status == 200
@@ -524,7 +524,7 @@ async def test_agent_learns_the_backends_real_default_context(nats_server: NatsS
         async with ollama.AsyncClient(host=fleet.url) as client:
             await client.generate(model=MODEL, prompt="first", options={"num_predict": 2})
             await until(fleet, lambda: gw.fleet.get(agent.id).default_ctx.get(KEY) == 2048)  # type: ignore[union-attr]
-            assert parse_name(MODEL).token in agent._warm_tokens  # claims advertised again
+            assert parse_name(MODEL).token in agent.runners.warm  # claims advertised again
             for _ in range(3):
                 await client.generate(model=MODEL, prompt="next", options={"num_predict": 2})
         assert fleet.sims[0].stats.reloads == 0

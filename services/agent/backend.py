@@ -1,0 +1,101 @@
+"""The agent's reading of its Ollama: what is on disk, what is loaded, its version and its GPUs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import msgspec
+from corral.agent.ollama import OLLAMA_ERRORS, OllamaClient
+from corral.protocol.messages import Gpu, PsModel, TagModel
+
+log = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+
+
+class Reading(NamedTuple):
+    loaded: list[PsModel]  # /api/ps
+    trained: dict[str, int]  # loaded model name → its trained context (0 = unknown)
+    changed: bool  # what is on disk, loaded, the version or the GPUs changed since the last reading
+
+
+class Backend:
+    """Reads one Ollama (and this host's GPUs when a probe is given); holds the last reading."""
+
+    def __init__(
+        self,
+        ollama: OllamaClient,
+        *,
+        vendor: str,
+        context_length: int,
+        gpus: tuple[Gpu, ...],
+        probe: Callable[[], list[Gpu]] | None,
+    ) -> None:
+        self.ollama = ollama
+        self.vendor = vendor
+        self.context_length = context_length  # the backend's OLLAMA_CONTEXT_LENGTH (0 = unknown)
+        self.gpus = gpus
+        self._probe = probe
+        self.models: tuple[TagModel, ...] = ()
+        self.loaded: tuple[PsModel, ...] = ()
+        self.version = ""
+        self.started_at = time.time()
+        self._trained_by_digest: dict[str, int] = {}
+
+    async def read(self) -> Reading:
+        """Re-read Ollama; an unreachable or odd backend reads as empty (advertise nothing until it
+        is back)."""
+        before = (self.models, self.loaded, self.version, self.gpus)
+        try:
+            if not self.version:
+                self.version = await self.ollama.version()
+            models, loaded = await self.ollama.tags(), await self.ollama.ps()
+        except OLLAMA_ERRORS as e:
+            log.warning("cannot read ollama at %s: %s", self.ollama.base_url, e)
+            self.version = ""
+            models, loaded = [], []
+        if self._probe is not None:
+            try:
+                self.gpus = tuple(await asyncio.to_thread(self._probe))
+            except (OSError, ValueError, RuntimeError) as e:
+                log.warning("GPU probe failed, keeping the last reading: %s", e)
+        self.gpus = _with_ollama_usage(self.gpus, loaded)
+        trained = {m.name: await self._trained_context(m) for m in loaded}
+        self.models, self.loaded = tuple(models), tuple(loaded)
+        return Reading(loaded, trained, (self.models, self.loaded, self.version, self.gpus) != before)
+
+    async def _trained_context(self, m: PsModel) -> int:
+        """Asked of Ollama once per model digest (it caps every runner's num_ctx at this)."""
+        if m.digest not in self._trained_by_digest:
+            try:
+                self._trained_by_digest[m.digest] = await self.ollama.trained_context(m.name)
+            except OLLAMA_ERRORS as e:
+                log.warning("cannot read %s's trained context: %s", m.name, e)
+                return 0
+        return self._trained_by_digest[m.digest]
+
+    def default_num_ctx(self) -> int:
+        """The backend's num_ctx for requests that give none: OLLAMA_CONTEXT_LENGTH when configured,
+        else Ollama's VRAM tier — ≥ 47 GiB of VRAM → 262144, ≥ 23 GiB → 32768, else 4096. (Ollama
+        before 0.15.5 used a flat 4096: configure ``context_length`` for it.)"""
+        if self.context_length > 0:
+            return self.context_length
+        total = 0 if self.vendor == "cpu" else sum(g.vram_total for g in self.gpus)
+        return 262144 if total >= 47 * _GIB else 32768 if total >= 23 * _GIB else 4096
+
+
+def _with_ollama_usage(gpus: tuple[Gpu, ...], loaded: list[PsModel]) -> tuple[Gpu, ...]:
+    """GPUs known only from configuration have no live reading: their free VRAM is what Ollama's
+    loaded models leave (their ``size_vram``, spread evenly). Probed GPUs report their own."""
+    config = [g for g in gpus if g.source == "config"]
+    if not config:
+        return gpus
+    used = sum(m.size_vram for m in loaded) // len(config)
+    return tuple(
+        msgspec.structs.replace(g, vram_free=max(g.vram_total - used, 0)) if g.source == "config" else g
+        for g in gpus
+    )

@@ -1,0 +1,158 @@
+"""The agent's interest in work: claim subscriptions for free slots, and the fleet queue.
+
+For every warm model the agent holds one single-shot queue subscription per free slot on
+``work.any.{model}`` and ``work.{vendor}.{model}``: NATS gives each request to exactly one agent
+that can start it now, in proportion to free slots, and answers "no responders" when none can. A
+subscription is armed with ``UNSUB <sid> 1`` so the server retires it after one delivery; nothing
+needs to race to take interest back.
+
+Requests no agent could take wait in the fleet queue (a JetStream work queue per model). The agent
+listens for the nudges sent when one is queued, and before it takes interest in new work for a
+model it takes that model's queued requests, oldest first, up to its free slots.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Collection
+
+from corral.protocol.names import ANY_VENDOR
+from corral.protocol.subjects import Subjects
+from corral.runtime.workqueue import Puller
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+class Claims:
+    def __init__(
+        self, nc: NATS, subjects: Subjects, vendor: str, *, on_claim: Handler, on_nudge: Handler
+    ) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self._vendor = vendor
+        self._on_claim = on_claim
+        self._on_nudge = on_nudge
+        self._puller = Puller(nc, subjects)
+        self._armed: dict[str, list[Subscription]] = {}  # claim subject → armed single-shot subs
+        self._nudges: dict[str, Subscription] = {}  # queued-nudge subject → subscription
+        self._hint: dict[str, int] = {}  # warm model token → nudges seen (0 = queue known empty)
+
+    def subjects_of(self, token: str) -> tuple[str, str]:
+        """Where requests for ``token`` are claimed here: unpinned, and pinned to this vendor."""
+        return self._subjects.work(ANY_VENDOR, token), self._subjects.work(self._vendor, token)
+
+    def spent(self, msg: Msg) -> None:
+        """A claim subscription delivered its one message: it is retired."""
+        subs = self._armed.get(msg.subject)
+        if subs is not None:
+            self._armed[msg.subject] = [s for s in subs if s._id != msg.sid]
+
+    def queue_waits(self, token: str) -> bool:
+        """Requests for ``token`` may wait in the fleet queue: they go before new work."""
+        return bool(self._hint.get(token))
+
+    def nudged(self, token: str, warm: Collection[str]) -> bool:
+        """A request for ``token`` was queued; True when the agent should look at the queue."""
+        if token not in warm:
+            return False
+        self._hint[token] = self._hint.get(token, 0) + 1
+        return True
+
+    async def arm(self, subject: str, n: int) -> None:
+        """Arm single-shot claim subscriptions on ``subject`` until ``n`` are armed."""
+        if n <= len(self._armed.get(subject, ())):
+            return
+        subs = self._armed.setdefault(subject, [])
+        while len(subs) < n:
+            sub = await self._nc.subscribe(subject, queue=subject, cb=self._on_claim)
+            await sub.unsubscribe(limit=1)
+            subs.append(sub)
+
+    async def arm_free(self, token: str, free: int) -> None:
+        for subject in self.subjects_of(token):
+            await self.arm(subject, free)
+
+    async def reconcile(
+        self,
+        warm: Collection[str],
+        free: Callable[[str], int],
+        take: Callable[[str, list[Msg]], Awaitable[None]],
+    ) -> None:
+        """Hold interest in exactly the free slots of the ``warm`` models (none while the agent is
+        not active: pass no models), serving their queued requests first (``take``)."""
+        await self._sync_nudges(warm)
+        want: dict[str, int] = {}
+        for token in warm:
+            await self._take_queued(token, free, take)  # waiting requests first, then new work
+            want.update(dict.fromkeys(self.subjects_of(token), max(free(token), 0)))
+        for subject in set(self._armed) | set(want):
+            subs = self._armed.setdefault(subject, [])
+            n = want.get(subject, 0)
+            # Surplus armed subscriptions of a warm model are left armed: taking interest back
+            # races with a delivery already on its way (dropped on unsubscribe, the request then
+            # waits out the claim timeout). A surplus delivery is answered `busy` instead and the
+            # gateway moves on at once; each subscription fires only once anyway.
+            while len(subs) > n and subject not in want:
+                await _unsubscribe(subs.pop())
+            await self.arm(subject, n)
+            if not subs:
+                del self._armed[subject]
+
+    async def _sync_nudges(self, warm: Collection[str]) -> None:
+        """Listen for enqueue nudges of exactly the ``warm`` models."""
+        want = set()
+        for token in warm:
+            want.add(self._subjects.queued(ANY_VENDOR, token))
+            want.add(self._subjects.queued(self._vendor, token))
+        for subject in set(self._nudges) - want:
+            await _unsubscribe(self._nudges.pop(subject))
+        for subject in want - set(self._nudges):
+            self._nudges[subject] = await self._nc.subscribe(subject, cb=self._on_nudge)
+        for token in list(self._hint):
+            if token not in warm:
+                del self._hint[token]
+        for token in warm:
+            self._hint.setdefault(token, 1)  # newly warm: requests may be waiting already
+
+    async def _take_queued(
+        self, token: str, free: Callable[[str], int], take: Callable[[str, list[Msg]], Awaitable[None]]
+    ) -> None:
+        """Admit up to the free slots' worth of queued requests for ``token``, oldest first."""
+        hint = self._hint.get(token, 0)
+        if not hint:
+            return
+        got_all = True
+        for vendor in (self._vendor, ANY_VENDOR):
+            n = free(token)
+            if n <= 0:
+                return  # more may wait: the hint stays for the next free slot
+            msgs, drained = await self._puller.take_batch(self._subjects.queue(vendor, token), n)
+            got_all = got_all and drained
+            await take(token, msgs)
+        if got_all and self._hint.get(token) == hint:
+            self._hint[token] = 0  # both queues ran dry and no nudge came meanwhile
+
+    async def drop(self) -> None:
+        """Take back all interest (on drain)."""
+        for sub in self._nudges.values():
+            await _unsubscribe(sub)
+        self._nudges.clear()
+        for subs in self._armed.values():
+            for s in subs:
+                await _unsubscribe(s)
+        self._armed.clear()
+
+
+async def _unsubscribe(sub: Subscription) -> None:
+    """Unsubscribe; one already gone (retired after its delivery, or the connection closed) is
+    gone either way."""
+    try:
+        await sub.unsubscribe()
+    except NatsError as e:
+        log.debug("unsubscribe %s: %s", sub.subject, e)

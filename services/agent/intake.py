@@ -1,0 +1,70 @@
+"""Work intake: a work message's envelope validated into a `Job`, and callbacks that never raise.
+
+A malformed message is a typed error (`BadEnvelope`, code ``bad_request``) answered to its sender
+when it names a usable reply subject, else logged and dropped; it never escapes a subscription.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import TypeVar
+
+from corral.agent.worker import Job
+from corral.protocol import headers as H
+from corral.protocol.envelope import decode_request
+from corral.protocol.errors import BadEnvelope
+from corral.protocol.subjects import Subjects
+from corral.transport.replies import ReplyWriter
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+
+log = logging.getLogger(__name__)
+
+# a reply subject a sender's header may name: printable, no spaces, no wildcards
+_REPLY = re.compile(r"[!-)+-=?-~]{1,255}")
+
+S = TypeVar("S")
+
+
+async def job_from(msg: Msg, nc: NATS, subjects: Subjects, sender: str) -> Job | None:
+    """The job a work message carries; a malformed one is answered ``bad_request`` where it names
+    a usable reply subject, else logged and dropped (None either way)."""
+    try:
+        env = decode_request(msg.headers)
+    except BadEnvelope as e:
+        reply = (msg.headers or {}).get(H.REPLY) or msg.reply
+        if reply and _REPLY.fullmatch(reply):
+            log.warning("answering malformed work on %s: %s", msg.subject, e.message)
+            await ReplyWriter(nc, reply, "", sender).end(e)
+        else:
+            log.warning("dropping malformed work on %s: %s", msg.subject, e.message)
+        return None
+    reply = env.reply or msg.reply  # a queued request names its reply subject in a header
+    if not reply or not _REPLY.fullmatch(reply):
+        log.warning("dropping work %s without a usable reply subject on %s", env.rid, msg.subject)
+        return None
+    body_subject = ""
+    if env.body_size is not None and env.origin is not None:
+        body_subject = subjects.body(env.origin, env.rid)
+    out = ReplyWriter(nc, reply, env.rid, sender)
+    return Job(env=env, subject=msg.subject, body=msg.data, out=out, body_subject=body_subject)
+
+
+def guarded(handler: Callable[[S, Msg], Awaitable[None]]) -> Callable[[S, Msg], Awaitable[None]]:
+    """A subscription callback that never raises: a NATS error answering is logged; anything else
+    is a bug, logged with its traceback, and the next message is served as usual."""
+
+    @wraps(handler)
+    async def guarded(self: S, msg: Msg) -> None:
+        try:
+            await handler(self, msg)
+        except NatsError as e:
+            log.warning("%s on %s: %s", handler.__name__, msg.subject, e)
+        except Exception:
+            log.exception("%s failed on %s", handler.__name__, msg.subject)
+
+    return guarded

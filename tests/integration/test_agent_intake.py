@@ -1,0 +1,135 @@
+"""The agent against a real nats-server and a simulated Ollama: its work intake and slot keeping."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import msgspec
+import nats
+import pytest
+from corral.agent.agent import Agent
+from corral.agent.settings import AgentSettings
+from corral.protocol import headers as H
+from corral.protocol.envelope import RequestEnvelope
+from corral.protocol.names import parse_name
+from corral.protocol.subjects import Subjects
+from corral.runtime.natsserver import NatsServer
+from corral.simulator.config import load_config
+from corral.simulator.server import SimServer
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
+
+pytestmark = pytest.mark.integration
+
+MODEL = "llama3.2"
+TOKEN = parse_name(MODEL).token
+BODY = msgspec.json.encode({"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}})
+
+
+@asynccontextmanager
+async def serving(nats_server: NatsServer, root: str, **agent: object) -> AsyncIterator[tuple[Agent, NATS]]:
+    """One agent with parallel 1 beside one simulated Ollama, and a client connection."""
+    sim = SimServer(load_config(None, time_scale=0.0, num_parallel=1), host="127.0.0.1", port=0)
+    await sim.start()
+    settings = AgentSettings(
+        nats_url=nats_server.url, root=root, id="a1", ollama_url=sim.url, vendor="cpu", parallel=1, **agent
+    )
+    a = Agent(settings)
+    task = asyncio.create_task(a.run())
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with asyncio.timeout(10):
+            await a.ready.wait()
+        yield a, nc
+    finally:
+        await nc.close()
+        await a.stop()
+        await task
+        await sim.stop()
+
+
+async def send(nc: NATS, subject: str, rid: str, headers: dict[str, str] | None = None) -> Subscription:
+    """Publish one request for MODEL on ``subject``; the subscription gets its reply stream."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    if headers is None:
+        headers = RequestEnvelope(rid=rid, endpoint="/api/generate", model=TOKEN).headers()
+    await nc.publish(subject, BODY, reply=inbox, headers=headers)
+    return sub
+
+
+async def ended(sub: Subscription, timeout: float = 10.0) -> dict[str, str]:
+    """The headers of the message that ends a reply stream."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await sub.next_msg(timeout=timeout)
+            h = msg.headers or {}
+            if h.get(H.KIND) in (H.END_KIND, H.BUSY) or h.get(H.END) == "1":
+                return h
+
+
+async def test_a_waiter_cancelled_as_its_slot_is_handed_over_does_not_lose_the_slot(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A queued request cancelled after the freed slot passed to it, before it resumed, must give
+    the slot back: with parallel 1 the model would otherwise never serve on this agent again."""
+    async with serving(nats_server, root) as (agent, nc):
+        direct = Subjects(root).agent_work(agent.id)
+        answered = agent._on_answered
+
+        async def cancel_the_next_in_line(job: object) -> None:
+            await answered(job)  # type: ignore[arg-type]
+            if getattr(job, "rid", "") == "first":
+                waiting = agent._jobs["second"].task
+                assert waiting is not None
+                waiting.cancel()  # the slot was just handed to it; it has not run yet
+
+        agent._on_answered = cancel_the_next_in_line  # type: ignore[method-assign]
+        assert agent._worker is not None
+        agent._worker.on_answered = cancel_the_next_in_line
+        first = await send(nc, direct, "first")
+        second = await send(nc, direct, "second")
+        await nc.flush()
+        assert (await ended(first)).get(H.STATUS) == "200"
+        assert (await ended(second)).get(H.ERROR_CODE) == "cancelled"
+        third = await send(nc, direct, "third")
+        assert (await ended(third, timeout=5.0)).get(H.STATUS) == "200"
+        assert agent.state().in_flight == 0 and agent.state().queued == 0
+
+
+GARBAGE = {H.REQUEST: "no spaces allowed", H.ENDPOINT: "/etc/passwd", H.DEADLINE: "soon"}
+
+
+async def test_garbage_on_the_direct_subject_is_answered_bad_request_and_serving_goes_on(
+    nats_server: NatsServer, root: str
+) -> None:
+    async with serving(nats_server, root) as (agent, nc):
+        direct = Subjects(root).agent_work(agent.id)
+        bad = await send(nc, direct, "x", headers=GARBAGE)
+        end = await ended(bad)
+        assert end.get(H.ERROR_CODE) == "bad_request" and end.get(H.AGENT) is None
+        await nc.publish(direct, BODY, headers=GARBAGE)  # nowhere to answer: logged and dropped
+        await nc.publish(direct, BODY, headers={**GARBAGE, H.REPLY: "not a subject"})
+        ok = await send(nc, direct, "fine")
+        assert (await ended(ok)).get(H.STATUS) == "200"
+
+
+async def test_garbage_on_a_claim_subject_is_answered_bad_request_and_the_slot_is_armed_again(
+    nats_server: NatsServer, root: str
+) -> None:
+    async with serving(nats_server, root) as (agent, nc):
+        subjects = Subjects(root)
+        first = await send(nc, subjects.agent_work(agent.id), "load")
+        assert (await ended(first)).get(H.STATUS) == "200"
+        await agent._refresh()  # the model is loaded and ran at its default context: warm
+        assert TOKEN in agent.runners.warm
+        await agent._reconcile()
+        claim = subjects.work("any", TOKEN)
+        bad = await send(nc, claim, "x", headers=GARBAGE)
+        assert (await ended(bad)).get(H.ERROR_CODE) == "bad_request"
+        await agent._reconcile()  # the spent subscription is armed again
+        ok = await send(nc, claim, "fine")
+        assert (await ended(ok)).get(H.STATUS) == "200"
+        assert agent.state().in_flight == 0
