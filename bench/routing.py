@@ -73,10 +73,10 @@ from typing import Any
 
 import msgspec
 from corral.agent.settings import AgentSettings
-from corral.client.routing import STRATEGIES, Router
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.names import parse_name
 from corral.registry.settings import RegistrySettings
+from corral.routing import STRATEGIES, Router
 from corral.simulator import SimConfig, load_config
 from corral.up import FleetOptions, LocalFleet
 

@@ -10,21 +10,23 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgspec
-from corral.client import views
-from corral.client.dispatch import Dispatcher, DispatchSettings, WorkRequest
-from corral.client.fleet import FleetView
+import nats.errors
+from corral import views
 from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
+from corral.runtime.fleet import FleetView
 from corral.runtime.nats import connect, ensure_buckets
 from corral.runtime.process import add_common_arguments, overrides
 from corral.runtime.settings import CommonSettings, load_settings
 from corral.runtime.workqueue import depths
+from corral.transport import Transport, WorkRequest
+from nats.js.errors import KeyNotFoundError
 
 _enc = msgspec.json.Encoder()
 
@@ -60,7 +62,7 @@ class _Session:
     async def rates(self) -> views.Rates | None:
         try:
             entry = await self.buckets.views.get(views.RATES_KEY)
-        except Exception:  # no aggregator has written yet
+        except KeyNotFoundError:  # no aggregator has written yet
             return None
         return views.rates_decoder.decode(entry.value) if entry.value else None
 
@@ -163,10 +165,10 @@ async def models(s: _Session, as_json: bool) -> int:
 async def pull(s: _Session, as_json: bool, model: str, replicas: str, vendor: str | None) -> int:
     order: dict[str, Any] = {"model": model, "stream": True, "vendor": vendor}
     order |= {"all": True} if replicas == "all" else {"replicas": int(replicas)}
-    dispatcher = Dispatcher(s.nc, s.subjects, s.fleet, DispatchSettings(queue_timeout=3600))
-    await dispatcher.start()
+    transport = Transport(s.nc, s.subjects)
+    await transport.start()
     try:
-        reply = await dispatcher.send_service(
+        reply = await transport.send_service(
             s.subjects.registry("pull"), WorkRequest("/api/pull", _enc.encode(order)), timeout=5
         )
         if reply is None:
@@ -175,40 +177,46 @@ async def pull(s: _Session, as_json: bool, model: str, replicas: str, vendor: st
                 file=sys.stderr,
             )
             return 1
-        failed, last_draw = False, 0.0
-        async for raw in reply.lines():
-            obj = msgspec.json.decode(raw)
-            if as_json:
-                print(raw.decode(), flush=True)
-                continue
-            if "error" in obj:
-                failed = True
-                print(f"\nerror: {obj['error']}", file=sys.stderr)
-            elif obj.get("total"):
-                now = time.monotonic()
-                done = obj.get("completed", 0) / obj["total"]
-                if now - last_draw > 0.1 or done >= 1:
-                    last_draw = now
-                    bar = "#" * int(done * 30)
-                    print(
-                        f"\r{obj['status']:<24} [{bar:<30}] {done:4.0%} of {_gb(obj['total'])}",
-                        end="",
-                        flush=True,
-                    )
-            else:
-                print(
-                    f"\n{obj['status']}" if obj["status"] != "pulling manifest" else obj["status"],
-                    end="",
-                    flush=True,
-                )
-        if not as_json:
-            print()
-        return 1 if failed or reply.status != 200 else 0
+        async with reply:
+            return await _progress(reply.lines(), as_json) or (1 if reply.status != 200 else 0)
     except CorralError as e:
         print(f"corral pull: {e.message}", file=sys.stderr)
         return 1
     finally:
-        await dispatcher.stop()
+        await transport.stop()
+
+
+async def _progress(lines: AsyncIterator[bytes], as_json: bool) -> int:
+    """Print a pull's progress lines as they come; 1 when one was an error."""
+    failed, last_draw = False, 0.0
+    async for raw in lines:
+        obj = msgspec.json.decode(raw)
+        if as_json:
+            print(raw.decode(), flush=True)
+            continue
+        if "error" in obj:
+            failed = True
+            print(f"\nerror: {obj['error']}", file=sys.stderr)
+        elif obj.get("total"):
+            now = time.monotonic()
+            done = obj.get("completed", 0) / obj["total"]
+            if now - last_draw > 0.1 or done >= 1:
+                last_draw = now
+                bar = "#" * int(done * 30)
+                print(
+                    f"\r{obj['status']:<24} [{bar:<30}] {done:4.0%} of {_gb(obj['total'])}",
+                    end="",
+                    flush=True,
+                )
+        else:
+            print(
+                f"\n{obj['status']}" if obj["status"] != "pulling manifest" else obj["status"],
+                end="",
+                flush=True,
+            )
+    if not as_json:
+        print()
+    return 1 if failed else 0
 
 
 async def control(s: _Session, kind: str, agent: str) -> int:
@@ -217,7 +225,7 @@ async def control(s: _Session, kind: str, agent: str) -> int:
         return 1
     try:
         await s.nc.request(s.subjects.agent_ctl(agent), b"", headers={H.CTL: kind}, timeout=5)
-    except Exception as e:
+    except nats.errors.Error as e:  # a timeout, or no responders
         print(f"corral {kind}: agent {agent} did not answer: {e}", file=sys.stderr)
         return 1
     done = {

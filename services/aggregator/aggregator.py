@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
+import nats.errors
+from corral import views
 from corral.aggregator.settings import AggregatorSettings
-from corral.client import views
-from corral.client.fleet import FleetView
 from corral.protocol.messages import RequestFinished
 from corral.protocol.subjects import Subjects
+from corral.runtime.fleet import FleetView
 from corral.runtime.nats import Buckets, connect, ensure_buckets
 from corral.runtime.tasks import cancel_and_wait
 from corral.runtime.workqueue import depths
@@ -124,7 +125,7 @@ class Aggregator:
         if self._fleet is not None:
             await self._fleet.stop()
         if self.nc is not None and not self.nc.is_closed:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.errors.Error):  # closed meanwhile: nothing left to drain
                 await self.nc.drain()
 
     async def _on_finished(self, msg: Msg) -> None:
@@ -141,7 +142,7 @@ class Aggregator:
                 return
             try:
                 await self.write()
-            except Exception as e:  # NATS away for a moment: the next round writes again
+            except nats.errors.Error as e:  # NATS away for a moment: the next round writes again
                 # (nats-py may turn a cancellation into its own error: hence the flag above)
                 log.warning("writing views failed: %s", e)
 

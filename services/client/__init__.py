@@ -1,4 +1,4 @@
-"""Talk to a Corral fleet over NATS, without HTTP.
+"""Corral's public API: talk to a Corral fleet over NATS, without HTTP.
 
     from corral.client import AsyncClient
 
@@ -8,7 +8,10 @@
             print(part["response"], end="")
 
 `Client` is the same API for synchronous code. Requests are routed exactly as the gateway routes
-them (the same `Dispatcher`): warm claim subjects first, then the agents that have the model.
+them (the gateway's own planner): warm claim subjects first, then the agents that have the model.
+
+`AsyncClient`, `Client` and `ResponseError` are the public API; every other module of ``corral``
+is internal and may change without notice.
 """
 
 from corral.client.api import AsyncClient, Client, ResponseError

@@ -13,11 +13,13 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
-from corral.client.dispatch import Dispatcher, DispatchSettings, Reply, model_work
-from corral.client.fleet import FleetView
+from corral.gateway.planner import Planner
+from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import CorralError, ModelNotFound, not_found_message
 from corral.protocol.subjects import Subjects
+from corral.runtime.fleet import FleetView
 from corral.runtime.nats import connect, ensure_buckets
+from corral.transport import Reply, Transport, model_work
 from nats.aio.client import Client as NATS
 
 Json = dict[str, Any]
@@ -44,27 +46,38 @@ class AsyncClient:
     ) -> None:
         self._url = nats_url
         self._subjects = Subjects(root)
-        self._settings = DispatchSettings(queue_timeout=queue_timeout)
+        # routed exactly as the gateway routes, under the gateway's defaults
+        self._settings = GatewaySettings(root=root, queue_timeout_s=queue_timeout)
         self._nc = nc
         self._own_nc = nc is None
         self._fleet: FleetView | None = None
-        self._dispatcher: Dispatcher | None = None
+        self._transport: Transport | None = None
+        self._planner: Planner | None = None
 
     async def connect(self) -> None:
-        if self._dispatcher is not None:
+        if self._planner is not None:
             raise RuntimeError("client already connected")
         if self._nc is None:
             self._nc = await connect(self._url, name="corral-client")
         buckets = await ensure_buckets(self._nc.jetstream(), self._subjects)
         self._fleet = FleetView(buckets.agents)
         await self._fleet.start()
-        self._dispatcher = Dispatcher(self._nc, self._subjects, self._fleet, self._settings)
-        await self._dispatcher.start()
+        self._transport = Transport(
+            self._nc,
+            self._subjects,
+            claim_timeout=self._settings.claim_timeout_s,
+            idle_timeout=self._settings.idle_timeout_s,
+        )
+        await self._transport.start()
+        self._planner = Planner(self._transport, self._fleet, self._settings)
 
     async def close(self) -> None:
-        if self._dispatcher is not None:
-            await self._dispatcher.stop()
-            self._dispatcher = None
+        if self._planner is not None:
+            await self._planner.stop()
+            self._planner = None
+        if self._transport is not None:
+            await self._transport.stop()
+            self._transport = None
         if self._fleet is not None:
             await self._fleet.stop()
             self._fleet = None
@@ -108,7 +121,7 @@ class AsyncClient:
         strict: bool = False,
     ) -> Any:
         """Any model endpoint (``/api/*`` or ``/v1/*``). ``stream=True`` returns an async iterator."""
-        if self._dispatcher is None:
+        if self._planner is None:
             raise RuntimeError("client not connected")
         payload = {**body}
         if endpoint in ("/api/generate", "/api/chat") or endpoint.startswith("/v1/"):
@@ -117,17 +130,19 @@ class AsyncClient:
             work = model_work(
                 endpoint, _enc.encode(payload), str(body.get("model", "")), vendor=vendor, strict=strict
             )
-            reply = await self._dispatcher.send(work)
+            reply = await self._planner.send(work)
         except ModelNotFound as e:
             message = not_found_message(endpoint, str(body.get("model", "")), e.message)
             raise ResponseError(message, e.status) from None
         except CorralError as e:
             raise ResponseError(e.message, e.status) from None
         if reply.status >= 400:
-            raise ResponseError(_error_text(await reply.read()), reply.status)
+            async with reply:
+                raise ResponseError(_error_text(await reply.read()), reply.status)
         if not stream:
             try:
-                data = await reply.read()
+                async with reply:
+                    data = await reply.read()
             except CorralError as e:
                 raise ResponseError(e.message, e.status) from None
             result = _dec.decode(data)
@@ -138,16 +153,15 @@ class AsyncClient:
 
 
 async def _lines(reply: Reply) -> AsyncIterator[Json]:
-    try:
-        async for line in reply.lines():
-            obj = _dec.decode(line)
-            if isinstance(obj, dict) and "error" in obj:
-                raise ResponseError(str(obj["error"]))
-            yield obj
-    except CorralError as e:
-        raise ResponseError(e.message, e.status) from None
-    finally:
-        await reply.close()
+    async with reply:
+        try:
+            async for line in reply.lines():
+                obj = _dec.decode(line)
+                if isinstance(obj, dict) and "error" in obj:
+                    raise ResponseError(str(obj["error"]))
+                yield obj
+        except CorralError as e:
+            raise ResponseError(e.message, e.status) from None
 
 
 def _error_text(data: bytes) -> str:

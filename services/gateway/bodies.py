@@ -1,7 +1,7 @@
 """What the gateway reads of a request body: only the fields it routes on, decoded with msgspec.
 
 The body itself travels on unchanged; the one exception is a vendor pin in the model name
-(``amd/llama3``), which `corral.client.dispatch.model_work` strips before Ollama sees it.
+(``amd/llama3``), which `corral.transport.model_work` strips before Ollama sees it.
 """
 
 from __future__ import annotations

@@ -13,9 +13,11 @@ import contextlib
 import logging
 from typing import Any
 
-from corral.client.dispatch import Dispatcher, Reply, WorkRequest
 from corral.gateway.errors import JSON, error_response, native_body, openai_body
+from corral.gateway.planner import Planner
 from corral.protocol.errors import CorralError, InternalError
+from corral.transport import Reply, WorkRequest
+from fastapi.responses import Response
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ async def until_disconnect(receive: Receive) -> None:
 
 
 async def relay(
-    dispatcher: Dispatcher,
+    planner: Planner,
     work: WorkRequest,
     receive: Receive,
     send: Send,
@@ -77,9 +79,7 @@ async def relay(
 
     The dispatch and the stream run as one task raced against the client's disconnect.
     """
-    job = asyncio.create_task(
-        _serve(dispatcher, work, send, openai=openai, raw_model=raw_model, target=target)
-    )
+    job = asyncio.create_task(_serve(planner, work, send, openai=openai, raw_model=raw_model, target=target))
     gone = asyncio.create_task(until_disconnect(receive))
     try:
         await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
@@ -99,30 +99,28 @@ async def relay(
 
 async def relay_reply(reply: Reply, receive: Receive, send: Send) -> None:
     """Stream a reply that has already begun; the client going away closes (cancels) it."""
-    job = asyncio.create_task(stream_reply(reply, send, openai=False))
-    gone = asyncio.create_task(until_disconnect(receive))
-    try:
-        await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (job, gone):
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        await reply.close()
+    async with reply:
+        job = asyncio.create_task(stream_reply(reply, send, openai=False))
+        gone = asyncio.create_task(until_disconnect(receive))
+        try:
+            await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (job, gone):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
 
 
 async def _serve(
-    dispatcher: Dispatcher, work: WorkRequest, send: Send, *, openai: bool, raw_model: str, target: str | None
+    planner: Planner, work: WorkRequest, send: Send, *, openai: bool, raw_model: str, target: str | None
 ) -> int:
     try:
-        reply = await (dispatcher.send_to(target, work) if target else dispatcher.send(work))
+        reply = await (planner.send_to(target, work) if target else planner.send(work))
     except CorralError as e:
         await respond_error(send, e, openai=openai, endpoint=work.endpoint, raw_model=raw_model)
         return e.status
-    try:
+    async with reply:
         await stream_reply(reply, send, openai=openai)
-    finally:
-        await reply.close()
     return reply.status
 
 
@@ -161,3 +159,25 @@ def _stream_error(reply: Reply, err: CorralError, openai: bool) -> bytes:
     if "text/event-stream" in reply.content_type:
         return b"data: " + openai_body(err.status, err.message) + b"\n\n"
     return native_body(err.message) + b"\n"
+
+
+class RelayResponse(Response):
+    """A FastAPI response that is the agent's reply, streamed through as it comes."""
+
+    def __init__(self, planner: Planner, work: WorkRequest, target: str | None = None) -> None:
+        super().__init__()
+        self._planner, self._work, self._target = planner, work, target
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await relay(self._planner, self._work, receive, send, target=self._target)
+
+
+class ReplyResponse(Response):
+    """A FastAPI response relaying a reply that has already begun (its head is in hand)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__()
+        self._reply = reply
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await relay_reply(self._reply, receive, send)

@@ -34,8 +34,9 @@ import logging
 from collections.abc import Iterable, Mapping
 
 import msgspec
+import nats.errors
 from corral.protocol.messages import AgentState, agent_state_decoder
-from corral.protocol.names import parse_name
+from corral.protocol.names import encode_token, key_of
 from corral.runtime.tasks import cancel_and_wait
 from nats.js.errors import APIError, KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -88,13 +89,11 @@ def model_index(agents: Iterable[AgentState]) -> dict[str, ModelEntry]:
         holder = Holder(agent=a.id, vendor=a.vendor)
         for index, names in ((disk, a.models), (loaded, a.loaded)):
             for m in names:
-                try:
-                    name = parse_name(m.name)
-                except Exception:
-                    log.debug("unparseable model name %r from %s", m.name, a.id)
+                key = key_of(m.name)
+                if key is None:  # not a valid Ollama name: indexed nowhere, as it is routed nowhere
                     continue
-                tokens[name.key] = name.token
-                index.setdefault(name.key, {})[a.id] = holder
+                tokens[key] = encode_token(key)
+                index.setdefault(key, {})[a.id] = holder
     return {
         index_key(tokens[key]): ModelEntry(
             model=key,
@@ -158,7 +157,7 @@ class ModelIndexWriter:
                     except msgspec.DecodeError:
                         log.warning("model index: ignoring undecodable agent state for %s", entry.key)
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def _loop(self) -> None:
@@ -169,7 +168,7 @@ class ModelIndexWriter:
                 return
             try:
                 await self.write(model_index(self._agents.values()))
-            except Exception as e:  # NATS away for a moment: try again on the next change, or soon
+            except nats.errors.Error as e:  # NATS away for a moment: try again on the next change, or soon
                 log.warning("writing the model index failed: %s", e)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):
@@ -229,6 +228,6 @@ class ModelIndexWriter:
                     break
                 stored[entry.key] = (entry.revision or 0, entry.value or b"")
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
                 await watcher.stop()  # type: ignore[no-untyped-call]
         return stored

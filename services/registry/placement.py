@@ -40,9 +40,18 @@ import time
 from dataclasses import dataclass
 
 import msgspec
-from corral.client.dispatch import Dispatcher, WorkRequest
-from corral.client.fleet import FleetView
-from corral.client.routing import (
+import nats.errors
+from corral.protocol.errors import CorralError
+from corral.protocol.messages import (
+    AgentState,
+    LoadMarker,
+    PlaceReply,
+    load_marker_decoder,
+    place_request_decoder,
+)
+from corral.protocol.names import decode_token, parse_name
+from corral.protocol.subjects import Subjects
+from corral.routing import (
     DEFAULT_MODEL_SIZE,
     LOAD_BANDWIDTH,
     LOAD_OVERHEAD_S,
@@ -53,19 +62,13 @@ from corral.client.routing import (
     loading_for,
     warm,
 )
-from corral.protocol.messages import (
-    AgentState,
-    LoadMarker,
-    PlaceReply,
-    load_marker_decoder,
-    place_request_decoder,
-)
-from corral.protocol.names import decode_token, parse_name
-from corral.protocol.subjects import Subjects
+from corral.runtime.fleet import FleetView
 from corral.runtime.tasks import cancel_and_wait
 from corral.runtime.workqueue import depths
+from corral.transport import Transport, WorkRequest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
@@ -94,18 +97,20 @@ class Placer:
         subjects: Subjects,
         fleet: FleetView,
         models: KeyValue,
-        dispatcher: Dispatcher,
+        transport: Transport,
         replicas: ReplicaSettings | None = None,
         *,
         load_grace_s: float = 1.0,
+        preload_timeout_s: float = 3600.0,
     ) -> None:
         self.nc = nc
         self.subjects = subjects
         self.fleet = fleet
         self.kv = models
-        self.dispatcher = dispatcher
+        self.transport = transport
         self.replicas = replicas or ReplicaSettings()
         self.load_grace_s = load_grace_s
+        self.preload_timeout_s = preload_timeout_s  # a replica's load may take this long
         self._router = Router()
         self._lock = asyncio.Lock()
         self._growing: dict[str, tuple[int, int]] = {}  # token → (last depth, checks not shrinking)
@@ -128,10 +133,15 @@ class Placer:
                 exclude=frozenset(req.exclude),
                 proposal=req.proposal,
             )
-        except Exception as e:
+        except msgspec.DecodeError as e:
             log.warning("placement failed: %s", e)
             answer = PlaceReply()
-        with contextlib.suppress(Exception):
+        except nats.errors.Error as e:
+            # the load markers could not be read or written: whether a load is under way is
+            # unknown, so none is started on it; the asker waits for its proposal and asks again
+            log.warning("placement of %s unknown: %s", req.model, e)
+            answer = PlaceReply(agent=req.proposal, mine=False)
+        with contextlib.suppress(nats.errors.Error):  # the asker is gone: nothing to answer
             await msg.respond(_enc.encode(answer))
 
     async def on_unplace(self, msg: Msg) -> None:
@@ -139,10 +149,10 @@ class Placer:
         try:
             req = place_request_decoder.decode(msg.data)
             await self.unplace(req.token, req.num_ctx, req.vendor if req.strict else None, req.proposal)
-        except Exception as e:
+        except (msgspec.DecodeError, nats.errors.Error) as e:
             log.warning("unplace failed: %s", e)
         if msg.reply:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.errors.Error):  # the asker is gone: nothing to answer
                 await msg.respond(b"")
 
     async def unplace(self, token: str, num_ctx: int | None, pin: str | None, agent: str) -> bool:
@@ -151,14 +161,14 @@ class Placer:
         async with self._lock:
             try:
                 entry = await self.kv.get(key)
-            except Exception:
+            except KeyNotFoundError:
                 return False
             if not entry.value or load_marker_decoder.decode(entry.value).agent != agent:
                 return False  # gone already, or a newer load elsewhere: not ours to drop
             try:
                 await self.kv.delete(key, last=entry.revision)
-            except Exception:
-                return False  # rewritten meanwhile
+            except BadRequestError:  # wrong last sequence: rewritten meanwhile
+                return False
         log.info("load of %s (num_ctx %s) on %s failed: marker dropped", key, num_ctx or "default", agent)
         return True
 
@@ -206,10 +216,11 @@ class Placer:
         ]
 
     async def _live_marker(self, token: str, num_ctx: int | None, vendor: str | None = None) -> str | None:
-        """The agent a live marker names, or None (no marker, or a stale one)."""
+        """The agent a live marker names, or None (no marker, or a stale one). A marker that cannot
+        be read (a timeout, NATS away) raises: it is not known to be missing."""
         try:
             entry = await self.kv.get(marker_key(token, num_ctx, vendor))
-        except Exception:
+        except KeyNotFoundError:
             return None
         if not entry.value:
             return None
@@ -237,7 +248,7 @@ class Placer:
         try:
             entry = await self.kv.get(key)
             revision: int | None = entry.revision
-        except Exception:
+        except KeyNotFoundError:
             revision = None
         try:
             if revision is None:
@@ -245,11 +256,13 @@ class Placer:
             else:
                 await self.kv.update(key, value, last=revision)
             return None
-        except Exception:  # a sibling registry wrote first: its choice stands
-            with contextlib.suppress(Exception):
+        except KeyWrongLastSequenceError:  # a sibling registry wrote first: its choice stands
+            try:
                 entry = await self.kv.get(key)
-                if entry.value:
-                    return load_marker_decoder.decode(entry.value).agent
+            except KeyNotFoundError:  # and its load is over already
+                return agent
+            if entry.value:
+                return load_marker_decoder.decode(entry.value).agent
             return agent
 
     # -- demand-driven replicas --------------------------------------------------------------------
@@ -260,8 +273,10 @@ class Placer:
             await asyncio.sleep(self.replicas.check_s)  # a period, not a wait for an event
             try:
                 await self.check_replicas()
-            except Exception as e:
+            except nats.errors.Error as e:  # NATS away for a moment: the next check reads again
                 log.warning("replica check failed: %s", e)
+            except Exception:  # a bug must not end demand-driven replicas for good
+                log.exception("replica check failed")
 
     async def check_replicas(self) -> None:
         per_model: dict[str, int] = {}
@@ -333,14 +348,14 @@ class Placer:
         name = parse_name(key)
         work = WorkRequest("/api/generate", _enc.encode({"model": key}), model=name)
         try:
-            reply = await self.dispatcher.send_to(agent_id, work)
-            await reply.read()
+            async with await self.transport.send_to(agent_id, work, timeout=self.preload_timeout_s) as reply:
+                await reply.read()
             # it counts as loading here until the fleet shows it serving (the agent's state
             # follows the load by a refresh), lest the next check load it there again
             deadline = time.monotonic() + REPLICA_SETTLE_S
             while not self._serves(agent_id, key) and (left := deadline - time.monotonic()) > 0:
                 await self.fleet.wait_changed(left)
-        except Exception as e:
+        except (CorralError, nats.errors.Error) as e:
             log.warning("replica of %s on %s did not load: %s", key, agent_id, e)
         finally:
             self._replicating.get(token, set()).discard(agent_id)

@@ -34,8 +34,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
-from corral.client.dispatch import Dispatcher, DispatchSettings, WorkRequest
-from corral.client.fleet import STALE_HEARTBEATS, FleetView, pull_order
+import nats.errors
 from corral.protocol import headers as H
 from corral.protocol.errors import BadRequest, CorralError
 from corral.protocol.messages import AgentEvent, AgentState, agent_state_decoder
@@ -44,8 +43,11 @@ from corral.protocol.subjects import Subjects
 from corral.registry.index import ModelIndexWriter
 from corral.registry.placement import Placer, ReplicaSettings
 from corral.registry.settings import RegistrySettings
+from corral.routing import pull_order
+from corral.runtime.fleet import STALE_HEARTBEATS, FleetView
 from corral.runtime.nats import Buckets, connect, ensure_buckets
 from corral.runtime.tasks import cancel_and_wait
+from corral.transport import Reply, Transport, WorkRequest, fan_out
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
@@ -98,7 +100,7 @@ class Registry:
         self.nc: NATS | None = None
         self._buckets: Buckets | None = None
         self._fleet: FleetView | None = None
-        self._dispatcher: Dispatcher | None = None
+        self._transport: Transport | None = None
         self._known: dict[str, tuple[int, AgentState]] = {}  # agent id → (KV revision, state)
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = asyncio.Event()
@@ -117,10 +119,8 @@ class Registry:
         self._buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
         self._fleet = FleetView(self._buckets.agents)
         await self._fleet.start()
-        self._dispatcher = Dispatcher(
-            self.nc, self.subjects, self._fleet, DispatchSettings(queue_timeout=self.settings.pull_timeout_s)
-        )
-        await self._dispatcher.start()
+        self._transport = Transport(self.nc, self.subjects)
+        await self._transport.start()
         watcher = await self._buckets.agents.watchall()
         self._tasks.append(asyncio.create_task(self._watch(watcher), name="registry-watch"))
         await asyncio.wait_for(self._synced.wait(), 10)
@@ -133,9 +133,10 @@ class Registry:
             self.subjects,
             self._fleet,
             self._buckets.models,
-            self._dispatcher,
+            self._transport,
             ReplicaSettings(self.settings.replica_check_s, self.settings.replica_patience),
             load_grace_s=self.settings.load_grace_s,
+            preload_timeout_s=self.settings.pull_timeout_s,
         )
         await self.nc.subscribe(self.subjects.registry("place"), queue=QUEUE_GROUP, cb=self.placer.on_place)
         await self.nc.subscribe(
@@ -151,12 +152,12 @@ class Registry:
         self._tasks.clear()
         if self._index is not None:
             await self._index.stop()
-        if self._dispatcher is not None:
-            await self._dispatcher.stop()
+        if self._transport is not None:
+            await self._transport.stop()
         if self._fleet is not None:
             await self._fleet.stop()
         if self.nc is not None and not self.nc.is_closed:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.errors.Error):  # closed meanwhile: nothing left to drain
                 await self.nc.drain()
 
     # -- membership ----------------------------------------------------------------------------
@@ -210,8 +211,10 @@ class Registry:
         self._known.pop(agent_id, None)
         log.warning("agent %s missed its heartbeats: removed from the fleet", agent_id)
         await self._announce("dead", agent_id)
-        with contextlib.suppress(Exception):
+        try:
             await self._buckets.views.delete(marker)
+        except nats.errors.Error as e:  # left behind: the agent's next join rewrites it
+            log.warning("cannot drop the membership marker of %s: %s", agent_id, e)
 
     async def _joined(self, state: AgentState) -> None:
         assert self._buckets is not None
@@ -260,7 +263,7 @@ class Registry:
         task.add_done_callback(self._pulls.discard)
 
     def targets(self, req: PullRequest) -> list[AgentState]:
-        agents = pull_order(self.fleet, parse_name(req.model or req.name).key, req.vendor)
+        agents = pull_order(self.fleet.agents(), parse_name(req.model or req.name).key, req.vendor)
         return agents if req.all else agents[: max(req.replicas, 1)]
 
     async def _serve_pull(self, msg: Msg) -> None:
@@ -334,40 +337,44 @@ class Registry:
         self, req: PullRequest, targets: list[AgentState], errors: list[str]
     ) -> AsyncIterator[bytes]:
         """Run the pull on every target and yield merged progress lines as they come."""
-        assert self._dispatcher is not None
+        transport = self._transport
+        assert transport is not None
         body = _enc.encode({"model": req.model or req.name, "insecure": req.insecure, "stream": True})
-        lines: asyncio.Queue[tuple[str, _Line | None]] = asyncio.Queue()
+        lines: asyncio.Queue[tuple[str, _Line] | None] = asyncio.Queue()
 
-        async def one(agent: AgentState) -> None:
+        async def relay(reply: Reply) -> None:
+            if reply.status != 200:
+                data = await reply.read()
+                await lines.put((reply.agent, _Line(error=_error_text(data) or f"HTTP {reply.status}")))
+                return
+            async for raw in reply.lines():
+                await lines.put((reply.agent, _line.decode(raw)))
+
+        async def run_all() -> None:
             try:
-                reply = await self._dispatcher.send_to(agent.id, WorkRequest("/api/pull", body))  # type: ignore[union-attr]
-                try:
-                    if reply.status != 200:
-                        data = await reply.read()
-                        await lines.put((agent.id, _Line(error=_error_text(data) or f"HTTP {reply.status}")))
-                        return
-                    async for raw in reply.lines():
-                        await lines.put((agent.id, _line.decode(raw)))
-                finally:
-                    await reply.close()
-            except (CorralError, msgspec.DecodeError) as e:
-                await lines.put((agent.id, _Line(error=str(e))))
+                results = await fan_out(
+                    targets,
+                    lambda a: transport.send_to(
+                        a.id, WorkRequest("/api/pull", body), timeout=self.settings.pull_timeout_s
+                    ),
+                    relay,
+                    tolerate=(CorralError, msgspec.DecodeError),
+                )
+                for agent, result in zip(targets, results, strict=True):
+                    if isinstance(result, Exception):
+                        lines.put_nowait((agent.id, _Line(error=str(result))))
             finally:
-                await lines.put((agent.id, None))
+                lines.put_nowait(None)  # the merge below ends, whatever ended the fan-out
 
-        runners = [asyncio.create_task(one(a)) for a in targets]
+        runner = asyncio.create_task(run_all())
         layers: dict[str, dict[str, tuple[int, int]]] = {}  # digest → agent → (total, completed)
         said: set[str] = set()
         succeeded: set[str] = set()
-        running = len(runners)
         try:
             yield _enc.encode(_Progress("pulling manifest")) + b"\n"
             said.add("pulling manifest")
-            while running:
-                agent_id, line = await lines.get()
-                if line is None:
-                    running -= 1
-                    continue
+            while (item := await lines.get()) is not None:
+                agent_id, line = item
                 if line.error:
                     errors.append(f"{agent_id}: {line.error}")
                 elif line.status == "success":
@@ -381,6 +388,9 @@ class Registry:
                 elif line.status and line.status not in said:
                     said.add(line.status)
                     yield _enc.encode(_Progress(line.status)) + b"\n"
+            await asyncio.wait([runner])  # it has put its last line: ending now
+            if not runner.cancelled() and (failure := runner.exception()) is not None:
+                log.error("pull fan-out of %s failed", req.model or req.name, exc_info=failure)
             missing = [
                 a.id
                 for a in targets
@@ -390,9 +400,7 @@ class Registry:
             if not errors:
                 yield _enc.encode(_Progress("success")) + b"\n"
         finally:
-            for r in runners:
-                r.cancel()
-            await asyncio.gather(*runners, return_exceptions=True)
+            await cancel_and_wait([runner])
 
 
 def _member_key(agent_id: str) -> str:

@@ -13,13 +13,13 @@ import ollama
 import pytest
 from corral.aggregator.aggregator import Aggregator
 from corral.aggregator.settings import AggregatorSettings
-from corral.client.views import FleetStatus
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
 from corral.runtime.natsserver import NatsServer
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims
+from corral.views import FleetStatus
 
 from tests.integration.fleet_helpers import Events, until
 

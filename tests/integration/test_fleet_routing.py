@@ -11,13 +11,13 @@ import aiohttp
 import msgspec
 import ollama
 import pytest
-from corral.routing import Route, loading_for, warm
 from corral.gateway.sessions import Sessions
 from corral.protocol import headers as H
 from corral.protocol.messages import AgentState
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry.placement import marker_key
+from corral.routing import Route, loading_for, warm
 from corral.runtime.nats import connect, ensure_buckets
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.workqueue import Puller, depths, enqueue, withdraw

@@ -18,8 +18,6 @@ import openai
 import pytest
 from corral.aggregator.aggregator import Aggregator
 from corral.aggregator.settings import AggregatorSettings
-from corral.client.fleet import FleetView
-from corral.client.views import FleetStatus
 from corral.gateway.app import Gateway
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.messages import agent_state_decoder
@@ -28,9 +26,11 @@ from corral.protocol.subjects import Subjects
 from corral.registry.index import Holder, ModelEntry, index_key, model_entry_decoder
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
+from corral.runtime.fleet import FleetView
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.process import AsgiServer
 from corral.up import FleetOptions, LocalFleet, default_sims
+from corral.views import FleetStatus
 from nats.js.kv import KeyValue
 
 from tests.integration.fleet_helpers import Events

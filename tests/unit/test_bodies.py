@@ -7,8 +7,8 @@ from typing import Any
 
 import msgspec
 import pytest
-from corral.client.dispatch import model_work
 from corral.gateway.bodies import RouteView, decode_view, is_unload, keep_alive_is_zero
+from corral.transport import model_work
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

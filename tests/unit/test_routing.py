@@ -7,19 +7,21 @@ from collections import Counter
 
 import msgspec
 import pytest
-from corral.client import routing
-from corral.client.routing import (
+from corral import routing
+from corral.protocol.messages import AgentState, Gpu, PsModel, TagModel
+from corral.routing import (
     STRATEGIES,
     Route,
     Router,
     estimate_ttft,
     estimate_wait,
+    has_model,
     load,
     loading_for,
     parse_strategy,
+    pull_order,
     warm,
 )
-from corral.protocol.messages import AgentState, Gpu, PsModel, TagModel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -486,3 +488,25 @@ def test_strategies_are_independent_of_input_order() -> None:
     for strategy in ("auto", "least_connection", "vram", "affinity", "round_robin"):
         orders = {tuple(rank(strategy, Route(MODEL), list(p))) for p in itertools.permutations(fleet)}
         assert len(orders) == 1, strategy
+
+
+def test_a_name_without_a_key_is_routed_nowhere() -> None:
+    """An agent reporting a name that is not a valid model name (no `key_of`) serves no model by
+    it: not warm for any route, not a holder for a pull, whatever the name looks like."""
+    bad = "Not A Model!"
+    a = agent("a", model=bad, loaded=True)
+    assert not warm(Route(bad.lower()), a) and not warm(Route(MODEL), a)
+    assert not has_model(a, bad.lower())
+    b = agent("b", model=MODEL)
+    # the pull rule ranks the agent that has the model first; a bad name counts for nothing
+    assert ids(pull_order([a, b], MODEL, None)) == ["b", "a"]
+    assert ids(pull_order([a, b], bad.lower(), None)) == ["a", "b"]  # fewest models, then id
+
+
+def test_pull_order_prefers_holders_then_fewest_models_and_honours_the_vendor() -> None:
+    a = agent("a", vendor="amd", model=OTHER)
+    b = agent("b", model=MODEL)
+    c = agent("c", model=OTHER)
+    assert ids(pull_order([c, b, a], MODEL, None)) == ["b", "a", "c"]
+    assert ids(pull_order([c, b, a], MODEL, "amd")) == ["a"]
+    assert ids(pull_order([a, b, c], OTHER, None)) == ["a", "c", "b"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import msgspec
-from corral.client.routing import Route, effective_ctx, runner_matches, warm
 from corral.gateway import bodies
 from corral.protocol.messages import AgentState, PsModel
+from corral.routing import Route, effective_ctx, runner_matches, warm
 
 KEY = "llama3.2:latest"
 

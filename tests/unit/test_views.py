@@ -6,17 +6,18 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from corral.client.views import (
+from corral.protocol.messages import AgentState, ModelDetails, PsModel, TagModel
+from corral.views import (
     fleet_version,
     merged_ps,
     merged_tags,
     parse_time,
     ps_body,
+    status_view,
     tags_body,
     v1_model_body,
     v1_models_body,
 )
-from corral.protocol.messages import AgentState, ModelDetails, PsModel, TagModel
 
 DIGEST_A = "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72"
 DIGEST_B = "2ae6f6dd2b3f1c1d7e4b5a6978c0d1e2f3a4b5c6d7e8f90a1b2c3d4e5f6a7d8"
@@ -321,3 +322,21 @@ def test_fleet_version_default_when_none_known() -> None:
     assert fleet_version([], "0.12.3") == "0.12.3"
     assert fleet_version([agent("a"), agent("b")], "0.12.3") == "0.12.3"
     assert fleet_version([agent("a"), agent("b", version="0.11.0")], "0.12.3") == "0.11.0"
+
+
+def test_a_name_without_a_key_is_shown_nowhere() -> None:
+    """A name Ollama reports that is not a valid model name has no key: it is routed nowhere
+    (`corral.protocol.names.key_of`), so no view may list it either."""
+    bad = "not a model name!"
+    a = agent(
+        "a",
+        models=(tag("llama3.2:latest", "2025-01-02T00:00:00Z"), tag(bad, "2025-01-03T00:00:00Z", DIGEST_B)),
+        loaded=(ps("llama3.2:latest", "2025-01-02T00:05:00Z"), ps(bad, "2025-01-02T00:06:00Z", DIGEST_B)),
+    )
+    assert [m.name for m in merged_tags([a])] == ["llama3.2:latest"]
+    assert [m["name"] for m in json.loads(tags_body([a]))["models"]] == ["llama3.2:latest"]
+    assert [r.name for r in merged_ps([a])] == ["llama3.2:latest"]
+    assert [m["id"] for m in json.loads(v1_models_body([a]))["data"]] == ["llama3.2:latest"]
+    assert v1_model_body([a], bad) is None
+    row = status_view([a]).agents[0]
+    assert row.models_on_disk == 1 and [m.model for m in row.loaded] == ["llama3.2:latest"]

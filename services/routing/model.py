@@ -47,15 +47,14 @@ agent's published counts lag behind.
 
 from __future__ import annotations
 
-import functools
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from corral.protocol.errors import InvalidModelName
 from corral.protocol.messages import AgentState, PsModel
-from corral.protocol.names import VENDORS, parse_name
+from corral.protocol.names import VENDORS, key_of
+from corral.protocol.runners import effective_ctx
 
 __all__ = [
     "CONTEXT_SWITCH_S",
@@ -72,13 +71,16 @@ __all__ = [
     "TYPICAL_REQUEST_S",
     "Route",
     "Router",
+    "effective_ctx",
     "estimate_ttft",
     "estimate_wait",
     "fits",
     "load",
     "load_time",
+    "loading_for",
     "parse_strategy",
     "runner_matches",
+    "wanted_ctx",
     "warm",
 ]
 
@@ -221,11 +223,6 @@ def loading_for(route: Route, agent: AgentState) -> bool:
     return wanted_ctx(route.key, ctx or None, agent) == wanted_ctx(route.key, route.num_ctx, agent)
 
 
-def effective_ctx(asked: int, trained: int) -> int:
-    """The num_ctx Ollama gives a runner asked for ``asked``: capped at the trained context."""
-    return min(asked, trained) if asked and trained else asked
-
-
 def warm(route: Route, agent: AgentState) -> bool:
     """``agent`` has a runner for ``route`` that needs no reload."""
     runner = _runner(agent, route.key)
@@ -281,16 +278,8 @@ def _runner(agent: AgentState, key: str) -> PsModel | None:
 
 
 def _matches(name: str, key: str) -> bool:
-    return name == key or key_of(name) == key
-
-
-@functools.lru_cache(maxsize=1024)
-def key_of(name: str) -> str | None:
-    """The routing key of a name as an agent reports it; memoised, names repeat on every snapshot."""
-    try:
-        return parse_name(name).key
-    except InvalidModelName:
-        return None
+    """``name`` (as an agent reports it) is the model ``key``; a name without a key matches none."""
+    return key_of(name) == key
 
 
 # -- ranking -------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ bounded in number); a lost write only costs one turn its cache.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 
+import nats.errors
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Sessions:
             return None
         try:
             entry = await self._kv.get(key)
-        except Exception:  # not found, or KV unreachable: either way no affinity for this turn
+        except nats.errors.Error:  # not found, or KV unreachable: either way no affinity for this turn
             return None
         if not entry.value:
             return None
@@ -72,11 +72,10 @@ class Sessions:
         assert self._kv is not None
         try:
             await self._kv.put(key, agent.encode())
-        except Exception as e:
+        except nats.errors.Error as e:
             log.debug("session %s not written: %s", key, e)
 
     async def close(self) -> None:
         """Let pending writes finish (they are short)."""
         if self._writes:
-            with contextlib.suppress(Exception):
-                await asyncio.wait(set(self._writes), timeout=2.0)
+            await asyncio.wait(set(self._writes), timeout=2.0)

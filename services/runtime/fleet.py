@@ -1,7 +1,8 @@
 """A live, in-memory view of the fleet, kept by a JetStream KV watch on the agents bucket.
 
 The gateway (and the direct client) route from this cache: which agents are alive, which models
-each has on disk and loaded, how busy each is. No NATS round trip per request.
+each has on disk and loaded, how busy each is. No NATS round trip per request. A model name without
+a key (`corral.protocol.names.key_of`) is indexed under none: no request is routed to it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import time
 from collections.abc import Iterable
 
 import msgspec
+import nats.errors
 from corral.protocol.messages import AgentState, agent_state_decoder
-from corral.protocol.names import parse_name
+from corral.protocol.names import key_of
 from corral.runtime.tasks import cancel_and_wait
 from nats.js.kv import KeyValue
 
@@ -59,7 +61,7 @@ class FleetView:
                         log.warning("ignoring undecodable agent state for %s", entry.key)
                 self._notify()
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
                 await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _put(self, state: AgentState) -> None:
@@ -115,19 +117,5 @@ class FleetView:
 
 
 def _keys(names: Iterable[str]) -> list[str]:
-    out = []
-    for n in names:
-        try:
-            out.append(parse_name(n).key)
-        except Exception:  # a name Ollama reports but we cannot parse: skip it, keep the rest
-            log.debug("unparseable model name %r", n)
-    return out
-
-
-def pull_order(fleet: FleetView, key: str, vendor: str | None) -> list[AgentState]:
-    """Where a pull should go, best first: active agents (of ``vendor``) that already have the
-    model (a pull there only checks), then those with the fewest models."""
-    agents = [a for a in fleet.agents() if a.status == "active" and vendor in (None, a.vendor)]
-    has = {a.id for a in fleet.with_model(key)}
-    agents.sort(key=lambda a: (a.id not in has, len(a.models), a.id))
-    return agents
+    """The keys of ``names``; a name without one (not a valid Ollama name) is left out."""
+    return [k for n in names if (k := key_of(n)) is not None]

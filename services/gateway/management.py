@@ -1,0 +1,168 @@
+"""Model management, routed by who has what: show, push, pull, create, blobs, delete, copy, and
+unloads (``keep_alive: 0`` with nothing to run). Fan-outs go to every agent holding the model at
+once (`corral.transport.fan_out`), each reply closed however its read ends."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from corral.gateway.errors import JSON, native_body
+from corral.gateway.planner import Planner
+from corral.gateway.relay import Receive, RelayResponse, ReplyResponse, Send, relay, respond, respond_error
+from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound, not_found_message
+from corral.protocol.names import VENDORS, ModelName, parse_name
+from corral.routing import pull_order
+from corral.transport import Reply, WorkRequest, fan_out
+from fastapi import Request
+from fastapi.responses import Response
+
+log = logging.getLogger(__name__)
+
+REPLICAS_HEADER = "X-Corral-Replicas"  # /api/pull: on how many agents (a number or "all")
+VENDOR_HEADER = "X-Corral-Vendor"  # /api/pull: only agents of this vendor
+
+
+async def _whole(reply: Reply) -> tuple[int, bytes, str]:
+    return reply.status, await reply.read(), reply.content_type
+
+
+async def unload(planner: Planner, work: WorkRequest, raw: str, receive: Receive, send: Send) -> None:
+    """``keep_alive: 0`` with nothing to run: every agent holding the model must let it go."""
+    assert work.model is not None
+    work.unload = True
+    key = work.model.key
+    fleet = planner.fleet
+    loaded = [a.id for a in fleet.loaded_on(key) if not work.strict or a.vendor == work.vendor]
+    if not loaded:
+        holders = fleet.with_model(key)
+        if not holders:
+            await respond_error(send, ModelNotFound(key), openai=False, endpoint=work.endpoint, raw_model=raw)
+            return
+        await relay(planner, work, receive, send, raw_model=raw, target=holders[0].id)
+        return
+    first: tuple[int, bytes, str] | None = None
+    for r in await fan_out(loaded, lambda agent: planner.send_to(agent, work), _whole):
+        if isinstance(r, Exception):
+            log.warning("unload on one agent failed: %s", r)
+        elif first is None or (first[0] != 200 and r[0] == 200):
+            first = r
+    if first is None:
+        await respond_error(send, ModelNotFound(key), openai=False, endpoint=work.endpoint, raw_model=raw)
+        return
+    await respond(send, first[0], first[1], first[2])
+
+
+def error(err: CorralError) -> Response:
+    return Response(native_body(err.message), status_code=err.status, media_type=JSON)
+
+
+async def _name(request: Request, field: str = "model") -> tuple[bytes, str, ModelName]:
+    body = await request.body()
+    if not body.strip():
+        raise BadRequest("missing request body")
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError as e:
+        raise BadRequest(str(e)) from None
+    raw = ""
+    if isinstance(obj, dict):
+        raw = obj.get(field) or obj.get("name") or ""
+    if not raw:
+        raise BadRequest("model is required")
+    if not isinstance(raw, str):
+        raise BadRequest("invalid model name")
+    return body, raw, parse_name(raw)
+
+
+async def to_holder(planner: Planner, request: Request, endpoint: str) -> Response:
+    """Show and push go to the least busy agent that has the model."""
+    try:
+        body, raw, model = await _name(request)
+    except CorralError as e:
+        return error(e)
+    holders = sorted(planner.fleet.with_model(model.key), key=lambda a: a.in_flight)
+    if not holders:
+        msg = not_found_message(endpoint, raw, model.display)
+        return Response(native_body(msg), status_code=404, media_type=JSON)
+    return RelayResponse(planner, WorkRequest(endpoint=endpoint, body=body, model=None), holders[0].id)
+
+
+async def to_first(planner: Planner, request: Request, endpoint: str) -> Response:
+    """Blobs and creates go to one agent, the same one each time, so a create finds its blobs."""
+    body = await request.body()
+    agents = sorted(a.id for a in planner.fleet.agents() if a.status == "active")
+    if not agents:
+        return error(ModelNotFound("no agents in the fleet"))
+    work = WorkRequest(endpoint=endpoint, body=body, method=request.method)
+    return RelayResponse(planner, work, agents[0])
+
+
+async def pull(planner: Planner, request: Request) -> Response:
+    """Through the registry (replicas, vendor, merged progress) when one runs, else to one agent.
+
+    ``X-Corral-Replicas: N`` (or ``all``) and ``X-Corral-Vendor: amd`` choose where the model
+    goes; a plain Ollama client gets one copy, on the agent with the fewest models.
+    """
+    try:
+        body, raw, model = await _name(request)
+        fields = msgspec.json.decode(body)
+        replicas = request.headers.get(REPLICAS_HEADER, "1").strip().lower()
+        vendor = request.headers.get(VENDOR_HEADER, "").strip().lower() or None
+        if replicas != "all" and not (replicas.isdigit() and int(replicas) > 0):
+            raise BadRequest(f"{REPLICAS_HEADER} must be a positive number or 'all'")
+        if vendor is not None and vendor not in VENDORS:
+            raise BadRequest(f"{VENDOR_HEADER} must be one of {', '.join(VENDORS)}")
+    except CorralError as e:
+        return error(e)
+    order = {
+        **fields,
+        "model": raw,
+        "replicas": 1 if replicas == "all" else int(replicas),
+        "all": replicas == "all",
+        "vendor": vendor,
+    }
+    work = WorkRequest(endpoint="/api/pull", body=msgspec.json.encode(order))
+    transport = planner.transport
+    try:
+        reply = await transport.send_service(
+            transport.subjects.registry("pull"), work, timeout=planner.settings.claim_timeout_s
+        )
+    except CorralError as e:  # the registry took it and went silent
+        return error(e)
+    if reply is not None:
+        return ReplyResponse(reply)
+    # no registry running: the one agent the registry would have chosen first
+    agents = pull_order(planner.fleet.agents(), model.key, vendor)
+    if not agents:
+        return error(CorralError("no agents in the fleet"))
+    return RelayResponse(planner, WorkRequest(endpoint="/api/pull", body=body), agents[0].id)
+
+
+async def to_all_holders(planner: Planner, request: Request, endpoint: str, method: str) -> Response:
+    """Delete and copy run on every agent that has the model; one success is the answer."""
+    field = "source" if endpoint == "/api/copy" else "model"
+    try:
+        body, raw, model = await _name(request, field)
+    except InvalidModelName as e:
+        what = "source" if endpoint == "/api/copy" else "name"
+        return error(BadRequest(f'{what} "{e.name}" is invalid'))
+    except CorralError as e:
+        return error(e)
+    holders = [a.id for a in planner.fleet.with_model(model.key)]
+    if not holders:
+        text = f"model '{raw}' not found" if endpoint == "/api/delete" else f'model "{raw}" not found'
+        return Response(native_body(text), status_code=404, media_type=JSON)
+    work = WorkRequest(endpoint=endpoint, body=body, method=method)
+    results: list[tuple[int, bytes, str]] = []
+    for r in await fan_out(holders, lambda agent: planner.send_to(agent, work), _whole):
+        if isinstance(r, Exception):
+            log.warning("%s on one agent failed: %s", endpoint, r)
+        else:
+            results.append(r)
+    ok = [r for r in results if r[0] == 200]
+    if ok:
+        return Response(ok[0][1], status_code=200)
+    if results:
+        return Response(results[0][1], status_code=results[0][0], media_type=JSON)
+    return error(CorralError(f"{endpoint} failed on every agent"))

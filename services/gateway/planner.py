@@ -1,0 +1,241 @@
+"""The gateway's planner: which agent takes one Ollama request, when to load, when to queue.
+
+Under ``auto`` (the default; `Planner._send_auto`), in order:
+
+1. the conversation's own agent (its prompt cache), when the cost model still ranks it first;
+2. the warm claim subjects (requests at default runner options): NATS hands the request to an agent
+   with the model loaded and a free slot, or answers "no responders" at once;
+3. an agent that by the fleet state can start it now (a free slot on a matching runner);
+4. nothing can start it now: if the cheapest place is a load (nobody has a matching runner, or a
+   load beats the queue) and no load of this model is under way, the registry places it — one load
+   per model at a time, fleet-wide — and this request goes to that agent; every other request waits
+   in the fleet-wide FIFO (`corral.gateway.queueing`), which agents serve before new work as
+   slots free. Requests with their own ``num_ctx`` wait at the agent whose runner will match;
+5. the queue's deadline passes: Ollama's 503 ``server busy``.
+
+With ``auto_pull`` on, a request for a model no agent has (any strategy) first pulls it onto one
+agent through the registry (`corral.gateway.autopull`; one pull per model however many requests ask),
+then is routed as above; a model that cannot be pulled is Ollama's 404 as before.
+
+The seed strategies (round_robin, random, ...) use the plan below instead:
+
+1. warm claim subjects — ``work.{vendor}.{model}`` for a pin, then (unless strict) ``work.any.{model}``.
+   Only agents with the model loaded and a free slot listen there, so NATS hands the request to one
+   that can start it now, or answers "no responders" at once;
+2. direct subjects of agents that have the model — loaded first, then loading, then on disk, least
+   busy first. An agent with no free slot queues the request locally (bounded) or answers ``busy``;
+3. when every candidate is busy, wait for the fleet to change (a KV watch event, not a poll) and
+   start again, until the request's queue deadline; then Ollama's 503 ``server busy``.
+
+An attempt that fails before the agent sent its ``head`` (no claim in time, the agent went silent,
+the agent could not reach its Ollama) moves on to the next candidate; the client never notices.
+After the head, failures end the stream with an error (`Reply.batches` raises).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from corral.gateway.autopull import AutoPuller
+from corral.gateway.placement import Loads
+from corral.gateway.queueing import FleetQueue
+from corral.gateway.sessions import Sessions
+from corral.gateway.settings import GatewaySettings
+from corral.protocol.errors import ModelNotFound, NoCapacity
+from corral.protocol.messages import AgentState
+from corral.protocol.names import ANY_VENDOR
+from corral.routing import Route, Router, warm
+from corral.runtime.fleet import FleetView
+from corral.transport import Outcome, Reply, Transport, WorkRequest
+
+
+class Planner:
+    """Routes requests over one `Transport` from one fleet view, under the gateway's settings.
+
+    ``router`` carries the strategies' state (round-robin cursors, the random generator): pass
+    ``Router(seed=N)`` for a reproducible ``random`` strategy.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        fleet: FleetView,
+        settings: GatewaySettings,
+        *,
+        router: Router | None = None,
+        sessions: Sessions | None = None,
+    ) -> None:
+        self.transport = transport
+        self.fleet = fleet
+        self.settings = settings
+        self.sessions = sessions
+        self.router = router or Router()
+        self.loads = Loads(transport.nc, transport.subjects, fleet, grace_s=settings.load_grace_s)
+        self.queue = FleetQueue(transport, fleet, self.loads, settings)
+        self.pulls = AutoPuller(transport, fleet, settings)
+
+    async def stop(self) -> None:
+        await self.pulls.stop()
+
+    @property
+    def in_flight(self) -> int:
+        return self.transport.in_flight
+
+    async def send(self, req: WorkRequest, *, queue_timeout: float | None = None) -> Reply:
+        """Route ``req`` to an agent and return once that agent's reply has begun (its head)."""
+        wait_s = self.settings.queue_timeout_s if queue_timeout is None else queue_timeout
+        deadline = time.monotonic() + wait_s
+        failed: set[str] = set()
+        strategy = req.strategy or self.settings.strategy
+        auto = req.model is not None and strategy == "auto"
+        session_agent = None
+        if auto and req.session and req.follow_up and self.sessions is not None:
+            session_agent = await self.sessions.lookup(req.session)
+        pulled = False
+        while True:
+            try:
+                reply = await self._send_once(req, deadline, failed, strategy, session_agent)
+            except ModelNotFound:
+                if pulled or not self.settings.auto_pull or req.model is None:
+                    raise
+                pulled = True
+                if not await self.pulls.pull(req):
+                    raise
+                deadline = time.monotonic() + wait_s  # the wait for capacity starts now
+                continue
+            if reply is not None:
+                return reply
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoCapacity()
+            await self.fleet.wait_changed(min(remaining, 1.0))
+
+    async def send_to(self, agent_id: str, req: WorkRequest, *, timeout: float | None = None) -> Reply:
+        """Send to one agent's direct subject; no fallback (fan-out of unloads, pinned agents)."""
+        wait_s = self.settings.queue_timeout_s if timeout is None else timeout
+        return await self.transport.send_to(agent_id, req, timeout=wait_s)
+
+    async def _send_once(
+        self, req: WorkRequest, deadline: float, failed: set[str], strategy: str, session_agent: str | None
+    ) -> Reply | None:
+        """One pass over the fleet under ``strategy``; None when nothing could take it now."""
+        if req.model is not None and strategy == "auto":
+            reply = await self._send_auto(req, deadline, failed, session_agent)
+            if reply is not None and req.session and self.sessions is not None:
+                self.sessions.remember(req.session, reply.agent)
+            return reply
+        for subject, agent in self._plan(req, failed, strategy):
+            outcome = await self.transport.attempt(req, subject, agent, deadline)
+            if isinstance(outcome, Reply):
+                return outcome
+            if outcome is Outcome.FAILED and agent is not None:
+                failed.add(agent)
+        return None
+
+    def _plan(self, req: WorkRequest, failed: set[str], strategy: str) -> Iterator[tuple[str, str | None]]:
+        subjects = self.transport.subjects
+        if req.model is None:  # not a model request: any live agent will do
+            for a in sorted(self.fleet.agents(), key=self._load):
+                if a.status == "active" and a.id not in failed:
+                    yield subjects.agent_work(a.id), a.id
+            return
+        usable = self._usable(req, failed)
+        route = Route(key=req.model.key, vendor=req.vendor, strict=req.strict, num_ctx=req.num_ctx)
+        for a in self.router.rank(strategy, route, usable, self.transport.outstanding):
+            yield subjects.agent_work(a.id), a.id
+
+    def _usable(self, req: WorkRequest, failed: set[str]) -> list[AgentState]:
+        """Active holders of the request's model not yet failed; ModelNotFound when none hold it."""
+        assert req.model is not None
+        holders = self.fleet.with_model(req.model.key)
+        if req.vendor and req.strict:
+            holders = [a for a in holders if a.vendor == req.vendor]
+        if not holders:
+            raise ModelNotFound(req.model.display)
+        return [a for a in holders if a.status == "active" and a.id not in failed]
+
+    def _busy(self, a: AgentState) -> int:
+        return a.in_flight + a.queued + self.transport.outstanding.get(a.id, 0)
+
+    def _load(self, a: AgentState) -> float:
+        return self._busy(a) / max(a.parallel, 1)
+
+    # -- auto --------------------------------------------------------------------------------------
+    async def _send_auto(
+        self, req: WorkRequest, deadline: float, failed: set[str], session_agent: str | None
+    ) -> Reply | None:
+        """One pass of the auto plan (module docstring); None when the caller should wait and retry."""
+        assert req.model is not None
+        transport, router, loads = self.transport, self.router, self.loads
+        model = req.model
+        tried: set[str] = set()
+
+        async def direct(a: AgentState) -> Reply | None:
+            tried.add(a.id)
+            outcome = await transport.attempt(req, transport.subjects.agent_work(a.id), a.id, deadline)
+            if isinstance(outcome, Reply):
+                return outcome
+            if outcome is Outcome.FAILED:
+                failed.add(a.id)
+            return None
+
+        def route_for(usable: list[AgentState]) -> Route:
+            session = session_agent if any(a.id == session_agent for a in usable) else None
+            return Route(
+                key=model.key,
+                vendor=req.vendor,
+                strict=req.strict,
+                num_ctx=req.num_ctx,
+                session_agent=session,
+            )
+
+        # 1. the conversation's agent, while the cost model still puts it first (its prompt cache)
+        if session_agent is not None:
+            usable = self._usable(req, failed)
+            ranked = router.rank("auto", route_for(usable), usable, transport.outstanding)
+            if ranked and ranked[0].id == session_agent:
+                if (reply := await direct(ranked[0])) is not None:
+                    return reply
+        # 2. warm claims: an agent with a free slot on a default-context runner takes it now. The
+        # fast path: no ranking, no fleet scan — NATS knows who has a free slot
+        if req.num_ctx is None:
+            token = model.token
+            subjects = [transport.subjects.work(req.vendor, token)] if req.vendor else []
+            if not (req.vendor and req.strict):
+                subjects.append(transport.subjects.work(ANY_VENDOR, token))
+            for subject in subjects:
+                outcome = await transport.attempt(req, subject, None, deadline)
+                if isinstance(outcome, Reply):
+                    return outcome
+        usable = self._usable(req, failed)
+        route = route_for(usable)
+        ranked = router.rank("auto", route, usable, transport.outstanding)
+        # 3. whoever can start it now by the fleet state (claims lag a little behind it)
+        for a in ranked:
+            if a.id not in tried and a.id not in failed and warm(route, a) and self._busy(a) < a.parallel:
+                if (reply := await direct(a)) is not None:
+                    return reply
+        # 4. nothing can start it now: a load, or a wait (ranked again: the attempts above moved
+        # the outstanding counts the costs are made of)
+        live = router.rank(
+            "auto", route, [a for a in usable if a.id not in failed], self.queue.with_queue(route, usable)
+        )
+        if not live:
+            return None
+        top = live[0]
+        if not warm(route, top) and not loads.loading_at(route, top) and not loads.under_way(route, live):
+            target, mine = await loads.place(req, route, top, failed)
+            if target is not None and mine:
+                reply = await direct(target)
+                if reply is None or reply.status >= 400:
+                    # the load failed (Ollama's error, e.g. not enough memory) or never started: the
+                    # next request must not wait on it as if it were under way
+                    await loads.unplace(req, route, target)
+                return reply
+        if req.num_ctx is None and self.settings.queue:
+            return await self.queue.wait(req, route, deadline, failed)
+        for a in live:  # its own num_ctx: wait at the agent whose runner will match soonest
+            if warm(route, a) or loads.loading_at(route, a):
+                return await direct(a)
+        return None

@@ -1,0 +1,124 @@
+"""Waiting in the fleet-wide queue (`corral.runtime.workqueue`) for the next free slot of a model.
+
+A queued request is published to the JetStream queue with its reply subject in its headers; the
+agent that takes it claims it on that subject like any other. While it waits, the gateway checks
+every ``queue_recheck_s`` that some agent still has or is loading the model, and withdraws it (to
+plan again) when none does; at its deadline it is withdrawn and answered Ollama's 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+
+import nats.errors
+from corral.gateway.placement import Loads
+from corral.gateway.settings import GatewaySettings
+from corral.protocol import headers as H
+from corral.protocol.errors import NoCapacity
+from corral.protocol.messages import AgentState
+from corral.protocol.names import ANY_VENDOR
+from corral.routing import Route, warm
+from corral.runtime.fleet import FleetView
+from corral.runtime.workqueue import Queued, QueueFull, enqueue, withdraw
+from corral.transport import Reply, Transport, WorkRequest
+
+log = logging.getLogger(__name__)
+
+
+class FleetQueue:
+    """This gateway's requests in the fleet queue: the waits themselves and their count per model."""
+
+    def __init__(
+        self, transport: Transport, fleet: FleetView, loads: Loads, settings: GatewaySettings
+    ) -> None:
+        self._transport = transport
+        self._js = transport.nc.jetstream()
+        self._fleet = fleet
+        self._loads = loads
+        self._settings = settings
+        self._waiting: dict[str, int] = {}  # model key → this gateway's requests in the fleet queue
+
+    def with_queue(self, route: Route, usable: list[AgentState]) -> Mapping[str, int]:
+        """Outstanding sends plus this gateway's requests waiting in the fleet queue for ``route``'s
+        model, shared out over the agents that serve it: a long queue makes a load elsewhere win."""
+        outstanding = self._transport.outstanding
+        waiting = self._waiting.get(route.key, 0)
+        if not waiting:
+            return outstanding
+        serving = [a.id for a in usable if warm(route, a)]
+        if not serving:
+            return outstanding
+        share = -(-waiting // len(serving))
+        out = dict(outstanding)
+        for agent_id in serving:
+            out[agent_id] = out.get(agent_id, 0) + share
+        return out
+
+    def someone_serves(self, route: Route, failed: set[str]) -> bool:
+        """Some usable agent has, or is loading, a runner for ``route``."""
+        for a in self._fleet.with_model(route.key):
+            if (
+                a.status == "active"
+                and a.id not in failed
+                and (warm(route, a) or self._loads.loading_at(route, a))
+            ):
+                return True
+        return False
+
+    async def wait(self, req: WorkRequest, route: Route, deadline: float, failed: set[str]) -> Reply | None:
+        """Wait in the fleet-wide queue for the next free slot; None to re-plan (nobody will serve it)."""
+        assert req.model is not None
+        transport = self._transport
+        vendor = req.vendor if (req.vendor and req.strict) else ANY_VENDOR
+        call, hdrs, payload = transport.register(req, None, deadline)
+        hdrs[H.REPLY] = transport.reply_subject(call)
+        keep = False
+        queued: Queued | None = None
+        self._waiting[route.key] = self._waiting.get(route.key, 0) + 1
+        try:
+            try:
+                queued = await enqueue(
+                    transport.nc, self._js, transport.subjects, vendor, req.model.token, payload, hdrs
+                )
+            except QueueFull:
+                raise NoCapacity() from None
+            except nats.errors.Error as e:
+                log.warning("cannot queue a request for %s: %s", route.key, e)
+                return None
+            while True:
+                remaining = deadline - time.monotonic()
+                recheck = self._settings.queue_recheck_s
+                try:
+                    msg = await call.next(max(min(remaining, recheck), 0.001))
+                except TimeoutError:
+                    if remaining <= recheck:
+                        if await withdraw(self._js, queued):
+                            raise NoCapacity() from None
+                        # an agent took it just now: its claim is on the way
+                        try:
+                            msg = await call.next(transport.claim_timeout)
+                        except TimeoutError:
+                            raise NoCapacity() from None
+                    else:
+                        if self.someone_serves(route, failed) or not await withdraw(self._js, queued):
+                            continue
+                        return None  # withdrawn: nobody has or is loading the model any more
+                outcome = await transport.handshake(call, msg, "the queue")
+                if isinstance(outcome, Reply):
+                    keep = True
+                    return outcome
+                return None
+        except asyncio.CancelledError:
+            if queued is not None:
+                await asyncio.shield(withdraw(self._js, queued))
+            await asyncio.shield(transport.cancel(call))
+            raise
+        finally:
+            self._waiting[route.key] -= 1
+            if not self._waiting[route.key]:
+                del self._waiting[route.key]
+            if not keep:
+                transport.release(call)

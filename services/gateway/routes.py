@@ -1,0 +1,105 @@
+"""Everything but the hot model endpoints, as a FastAPI app: the fleet's merged views (tags, ps,
+/v1/models, version, status) and model management (`corral.gateway.management`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import msgspec
+from corral import views
+from corral.gateway import management
+from corral.gateway.errors import JSON, openai_body
+from corral.runtime.workqueue import depths
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+if TYPE_CHECKING:
+    from corral.gateway.app import Gateway
+
+
+def build_app(gw: Gateway) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        # gin's plain-text defaults, which Ollama clients see from a real server
+        if exc.status_code == 405:
+            return PlainTextResponse("405 method not allowed", status_code=405)
+        if exc.status_code == 404:
+            return PlainTextResponse("404 page not found", status_code=404)
+        return PlainTextResponse(str(exc.detail), status_code=exc.status_code)
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root() -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    @app.api_route("/api/version", methods=["GET", "HEAD"])
+    async def version() -> Response:
+        v = views.fleet_version(gw.fleet.agents(), gw.settings.ollama_version)
+        return Response(msgspec.json.encode({"version": v}), media_type=JSON)
+
+    @app.api_route("/api/tags", methods=["GET", "HEAD"])
+    async def tags() -> Response:
+        return Response(views.tags_body(gw.fleet.agents()), media_type=JSON)
+
+    @app.get("/api/ps")
+    async def ps() -> Response:
+        return Response(views.ps_body(gw.fleet.agents()), media_type=JSON)
+
+    @app.get("/api/status")
+    async def status() -> Response:
+        assert gw.nc is not None
+        queue = views.queue_by_model(await depths(gw.nc.jetstream(), gw.subjects))
+        return Response(views.status_body(gw.fleet.agents(), gw.rates, queue), media_type=JSON)
+
+    @app.get("/v1/models")
+    async def v1_models() -> Response:
+        return Response(views.v1_models_body(gw.fleet.agents()), media_type=JSON)
+
+    @app.get("/v1/models/{model}")
+    async def v1_model(model: str) -> Response:
+        body = views.v1_model_body(gw.fleet.agents(), model)
+        if body is None:
+            return Response(openai_body(404, f"model '{model}' not found"), status_code=404, media_type=JSON)
+        return Response(body, media_type=JSON)
+
+    @app.post("/api/show")
+    async def show(request: Request) -> Response:
+        return await management.to_holder(gw.planner, request, "/api/show")
+
+    @app.post("/api/push")
+    async def push(request: Request) -> Response:
+        return await management.to_holder(gw.planner, request, "/api/push")
+
+    @app.post("/api/pull")
+    async def pull(request: Request) -> Response:
+        return await management.pull(gw.planner, request)
+
+    @app.post("/api/create")
+    async def create(request: Request) -> Response:
+        return await management.to_first(gw.planner, request, "/api/create")
+
+    @app.api_route("/api/blobs/{digest}", methods=["HEAD", "POST"])
+    async def blobs(request: Request, digest: str) -> Response:
+        return await management.to_first(gw.planner, request, f"/api/blobs/{digest}")
+
+    @app.delete("/api/delete")
+    async def delete(request: Request) -> Response:
+        return await management.to_all_holders(gw.planner, request, "/api/delete", "DELETE")
+
+    @app.post("/api/copy")
+    async def copy(request: Request) -> Response:
+        return await management.to_all_holders(gw.planner, request, "/api/copy", "POST")
+
+    return app

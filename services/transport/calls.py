@@ -1,0 +1,272 @@
+"""A request over NATS and the start of its reply stream: `Transport`.
+
+One `Transport` per sender (a gateway, the registry, the direct client, the CLI) holds one wildcard
+subscription for the replies to all its calls (``reply.{sender}.*``) and one for its large bodies
+(``body.{sender}.*``), and hands each reply message to its call by request id. It registers calls,
+publishes work messages (headers from `corral.protocol.envelope.RequestEnvelope`), reads a reply's
+claim, pings and head, tells agents to cancel, and counts the calls each agent holds for this sender
+(`outstanding`: agents publish their own counts only now and then). It makes no routing decisions:
+the caller names the subject.
+
+An attempt that fails before the agent sent its ``head`` (no claim in time, the agent went silent,
+the agent could not reach its Ollama) is an `Outcome`; after the head, failures end the stream with
+an error (`Reply.batches` raises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+
+import nats.errors
+from corral.protocol import headers as H
+from corral.protocol.envelope import RequestEnvelope
+from corral.protocol.errors import AgentUnavailable, NoCapacity, from_code
+from corral.protocol.subjects import Subjects
+from corral.runtime.telemetry import publish_span
+from corral.transport.bodies import LargeBodies
+from corral.transport.reply import Call, Outcome, Reply
+from corral.transport.request import WorkRequest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from opentelemetry.trace import Tracer
+
+log = logging.getLogger(__name__)
+
+WARM_BUSY_RETRIES = 3  # a shared subject answered busy: NATS may pick another listener next time
+
+
+class Transport:
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        *,
+        claim_timeout: float = 2.0,
+        idle_timeout: float = 10.0,
+        tracer: Tracer | None = None,
+    ) -> None:
+        self.nc = nc
+        self.subjects = subjects
+        self.claim_timeout = claim_timeout  # an agent must claim within this
+        self.idle_timeout = idle_timeout  # a claimed request silent this long means a dead agent
+        self._tracer = tracer
+        self.id = secrets.token_hex(6)
+        self._ids = itertools.count(1)
+        self._calls: dict[str, Call] = {}
+        self._outstanding: dict[str, int] = {}  # agent id → calls it holds for this sender
+        self._subs: list[Subscription] = []
+        self._reply_prefix = len(subjects.reply(self.id, "x")) - 1
+        self._bodies = LargeBodies(nc, len(subjects.body(self.id, "x")) - 1)
+
+    async def start(self) -> None:
+        self._subs.append(
+            await self.nc.subscribe(
+                self.subjects.reply_all(self.id), cb=self._on_reply, pending_bytes_limit=512 * 1024 * 1024
+            )
+        )
+        self._subs.append(await self.nc.subscribe(self.subjects.body_all(self.id), cb=self._bodies.serve))
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(nats.errors.Error):  # the connection is closing already
+                await sub.unsubscribe()
+        self._subs.clear()
+
+    @property
+    def in_flight(self) -> int:
+        """Calls registered and not yet released."""
+        return len(self._calls)
+
+    @property
+    def outstanding(self) -> Mapping[str, int]:
+        """Agent id → calls it holds for this sender (only agents with at least one)."""
+        return self._outstanding
+
+    # -- the reply mux ---------------------------------------------------------------------------
+    async def _on_reply(self, msg: Msg) -> None:
+        call = self._calls.get(msg.subject[self._reply_prefix :])
+        if call is not None:
+            call.queue.put_nowait(msg)
+        elif msg.headers and msg.headers.get(H.KIND) in (H.CLAIM, H.HEAD) and H.AGENT in msg.headers:
+            # a claim (or claiming head) for a request we already gave up on: tell that agent to drop it
+            agent = msg.headers.get(H.AGENT)
+            if agent:
+                await self._send_cancel(agent, msg.subject[self._reply_prefix :])
+
+    # -- calls -----------------------------------------------------------------------------------
+    def register(
+        self, req: WorkRequest, agent: str | None, deadline: float
+    ) -> tuple[Call, dict[str, str], bytes]:
+        """Register a call for one attempt at ``req``: (call, headers, payload) to publish. The call
+        counts against ``agent`` (when named) until `release`."""
+        rid = format(next(self._ids), "x")
+        call = Call(rid)
+        self._calls[rid] = call
+        if agent is not None:
+            self.claimed(call, agent)
+        payload = req.body
+        large = self._bodies.too_large(payload)
+        if large:
+            self._bodies.keep(rid, payload)
+        hdrs = RequestEnvelope(
+            rid=rid,
+            endpoint=req.endpoint,
+            deadline_ms=int((time.time() + max(deadline - time.monotonic(), 0)) * 1000),
+            model=req.model.token if req.model is not None else None,
+            method=req.method,
+            num_ctx=req.num_ctx or 0,
+            unload=req.unload,
+            echo_model=req.echo_model if req.upstream_model else None,
+            upstream_model=req.upstream_model if req.echo_model else None,
+            body_size=len(payload) if large else None,
+            origin=self.id if large else None,
+            trace=req.trace,
+        ).headers()
+        if large:
+            payload = b""
+        return call, hdrs, payload
+
+    def reply_subject(self, call: Call) -> str:
+        return self.subjects.reply(self.id, call.rid)
+
+    def claimed(self, call: Call, agent: str) -> None:
+        """``agent`` holds ``call`` now (it claimed it, or the call went to it directly)."""
+        call.agent = agent
+        self._outstanding[agent] = self._outstanding.get(agent, 0) + 1
+
+    def release(self, call: Call) -> bool:
+        """Unregister ``call`` and its large body, and stop counting it against its agent; False
+        when it was released already."""
+        self._bodies.drop(call.rid)
+        if self._calls.pop(call.rid, None) is None:
+            return False
+        agent = call.agent
+        if agent and agent in self._outstanding:
+            self._outstanding[agent] -= 1
+            if self._outstanding[agent] <= 0:
+                del self._outstanding[agent]
+        return True
+
+    async def cancel(self, call: Call) -> None:
+        """Tell the agent holding ``call`` (if any) to drop it."""
+        if call.agent:
+            await self._send_cancel(call.agent, call.rid)
+
+    async def _send_cancel(self, agent: str, rid: str) -> None:
+        try:
+            await self.nc.publish(
+                self.subjects.agent_ctl(agent), b"", headers={H.CTL: H.CANCEL, H.REQUEST: rid}
+            )
+        except nats.errors.Error as e:  # the connection is closing: the agent's deadline ends it
+            log.debug("cannot tell %s to cancel %s: %s", agent, rid, e)
+
+    # -- attempts --------------------------------------------------------------------------------
+    async def attempt(
+        self, req: WorkRequest, subject: str, agent: str | None, deadline: float
+    ) -> Reply | Outcome:
+        """Publish ``req`` on ``subject`` (an agent's own when ``agent`` is named) and wait for its
+        head. A shared subject that answers busy is tried again a few times."""
+        busy_retries = 0 if agent else WARM_BUSY_RETRIES
+        while True:
+            outcome = await self._attempt_once(req, subject, agent, deadline)
+            if outcome is Outcome.BUSY and busy_retries > 0:
+                busy_retries -= 1
+                continue
+            return outcome
+
+    async def _attempt_once(
+        self, req: WorkRequest, subject: str, agent: str | None, deadline: float
+    ) -> Reply | Outcome:
+        call, hdrs, payload = self.register(req, agent, deadline)
+        keep = False
+        try:
+            template = self.subjects.agent_work_template if agent else self.subjects.work_template
+            with publish_span(template, subject, hdrs, tracer=self._tracer):
+                await self.nc.publish(subject, payload, reply=self.reply_subject(call), headers=hdrs)
+            try:
+                msg = await call.next(self.claim_timeout)
+            except TimeoutError:
+                log.warning("no claim from %s within %.1fs", agent or subject, self.claim_timeout)
+                return Outcome.FAILED
+            outcome = await self.handshake(call, msg, subject)
+            keep = isinstance(outcome, Reply)
+            return outcome
+        except asyncio.CancelledError:
+            await asyncio.shield(self.cancel(call))
+            raise
+        finally:
+            if not keep:
+                self.release(call)
+
+    async def handshake(self, call: Call, msg: Msg, source: str) -> Reply | Outcome:
+        """From the first reply message to the head: claim, pings, then head (or why not). The call
+        stays registered; the `Reply` returned owns it."""
+        mh = msg.headers or {}
+        if mh.get(H.NATS_STATUS) == "503":
+            return Outcome.NO_RESPONDERS
+        kind = mh.get(H.KIND)
+        if kind == H.BUSY:
+            return Outcome.BUSY
+        # a claim, or a head that claims too (an agent whose reply beat its claim's short delay)
+        if kind != H.CLAIM and not (kind == H.HEAD and H.AGENT in mh):
+            log.warning("unexpected first reply %r from %s", kind, source)
+            return Outcome.FAILED
+        if call.agent is None and (agent := mh.get(H.AGENT)):
+            self.claimed(call, agent)
+        while kind != H.HEAD:
+            try:
+                msg = await call.next(self.idle_timeout)
+            except TimeoutError:
+                log.warning("agent %s went silent before answering; trying elsewhere", call.agent)
+                await self.cancel(call)
+                return Outcome.FAILED
+            mh = msg.headers or {}
+            kind = mh.get(H.KIND)
+            if kind in (H.PING, H.HEAD):
+                continue
+            if kind == H.END_KIND:
+                err = from_code(mh.get(H.ERROR_CODE, "internal"), mh.get(H.ERROR, "request failed"))
+                if err.retryable:
+                    log.warning("agent %s failed before answering (%s); trying elsewhere", call.agent, err)
+                    return Outcome.FAILED
+                raise err
+            if kind == H.BUSY:
+                return Outcome.BUSY
+            log.warning("unexpected reply %r from %s before head", kind, call.agent)
+        return Reply(
+            self,
+            call,
+            int(mh.get(H.STATUS, "200")),
+            mh.get(H.CONTENT_TYPE, "application/json; charset=utf-8"),
+            msg.data,
+            ended=mh.get(H.END) == "1",
+            idle_timeout=self.idle_timeout,
+        )
+
+    async def send_to(self, agent_id: str, req: WorkRequest, *, timeout: float) -> Reply:
+        """Send to one agent's direct subject; no fallback (fan-outs, pinned agents). ``timeout``
+        is the request's deadline at the agent."""
+        outcome = await self.attempt(
+            req, self.subjects.agent_work(agent_id), agent_id, time.monotonic() + timeout
+        )
+        if isinstance(outcome, Reply):
+            return outcome
+        if outcome is Outcome.BUSY:
+            raise NoCapacity()
+        raise AgentUnavailable(f"agent {agent_id} did not answer")
+
+    async def send_service(self, subject: str, req: WorkRequest, *, timeout: float) -> Reply | None:
+        """Send to a service's queue-group subject (e.g. the registry); None when none is running."""
+        outcome = await self.attempt(req, subject, None, time.monotonic() + timeout)
+        if isinstance(outcome, Reply):
+            return outcome
+        if outcome is Outcome.NO_RESPONDERS:
+            return None
+        raise AgentUnavailable(f"no answer on {subject}")

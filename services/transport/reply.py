@@ -1,0 +1,176 @@
+"""The reply side of one call: `Call` (the messages that arrived for it), `Outcome` (why an attempt
+did not begin a reply) and `Reply`, the open reply stream, which owns its call.
+
+Reply framing (see `corral.protocol.headers`): the agent that takes a request sends a ``claim``,
+``ping``s while silent, then a ``head`` (Ollama's status and content type, maybe the first bytes
+and maybe ``end``), plain data messages, and an ``end`` carrying the count of data messages sent
+or an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Protocol
+
+from corral.protocol import headers as H
+from corral.protocol.errors import AgentUnavailable, from_code
+from nats.aio.msg import Msg
+
+
+class Outcome(enum.Enum):
+    """Why an attempt did not begin a reply."""
+
+    NO_RESPONDERS = "no responders"
+    BUSY = "busy"
+    FAILED = "failed"
+
+
+class Call:
+    """One registered request: the reply messages routed to it, and the agent that claimed it."""
+
+    __slots__ = ("agent", "queue", "rid")
+
+    def __init__(self, rid: str) -> None:
+        self.rid = rid
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.agent: str | None = None
+
+    async def next(self, timeout: float) -> Msg:
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            pass
+        # asyncio.timeout, not wait_for: no task per wait, and a cancel is never swallowed when
+        # the message arrives at the same moment (wait_for can lose it on Python 3.11)
+        async with asyncio.timeout(timeout):
+            return await self.queue.get()
+
+
+class CallOwner(Protocol):
+    """Where a call is registered (`corral.transport.calls.Transport`)."""
+
+    def release(self, call: Call) -> bool:
+        """Unregister ``call``; False when it was released already."""
+
+    async def cancel(self, call: Call) -> None:
+        """Tell the agent that claimed ``call`` to drop it."""
+
+
+class Reply:
+    """An open reply from the agent that claimed the request: status, content type, body stream.
+
+    It owns its call: use it as ``async with reply:`` (or call `close`). Leaving it releases the
+    call and, when the stream has not ended, tells the agent to cancel the work.
+    """
+
+    __slots__ = (
+        "_call",
+        "_data_msgs",
+        "_idle",
+        "_owner",
+        "agent",
+        "content_type",
+        "ended",
+        "first",
+        "status",
+    )
+
+    def __init__(
+        self,
+        owner: CallOwner,
+        call: Call,
+        status: int,
+        content_type: str,
+        first: bytes,
+        *,
+        ended: bool,
+        idle_timeout: float,
+    ) -> None:
+        self._owner = owner
+        self._call = call
+        self._idle = idle_timeout
+        self.agent = call.agent or ""
+        self.status = status
+        self.content_type = content_type
+        self.first = first
+        self.ended = ended
+        self._data_msgs = 0
+        if ended:
+            owner.release(call)
+
+    async def __aenter__(self) -> Reply:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def batches(self) -> AsyncIterator[bytes]:
+        """The body after ``first``: each item is everything that had arrived, joined.
+
+        Raises `CorralError` when the agent reports a failure or goes silent mid-stream.
+        """
+        if self.ended:
+            return
+        call, timeout = self._call, self._idle
+        try:
+            while True:
+                try:
+                    msg = await call.next(timeout)
+                except TimeoutError:
+                    raise AgentUnavailable(f"agent {self.agent} stopped responding") from None
+                parts: list[bytes] = []
+                while True:
+                    hdrs = msg.headers
+                    if not hdrs:
+                        self._data_msgs += 1
+                        parts.append(msg.data)
+                    elif hdrs.get(H.KIND) == H.END_KIND:
+                        self.ended = True
+                        if parts:
+                            yield b"".join(parts)
+                        self._check_end(hdrs)
+                        return
+                    try:
+                        msg = call.queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        break
+                if parts:
+                    yield b"".join(parts) if len(parts) > 1 else parts[0]
+        finally:
+            await self.close()
+
+    def _check_end(self, hdrs: dict[str, str]) -> None:
+        if H.ERROR_CODE in hdrs:
+            raise from_code(hdrs[H.ERROR_CODE], hdrs.get(H.ERROR, "request failed"))
+        sent = int(hdrs.get(H.SEQ, self._data_msgs))
+        if sent != self._data_msgs:
+            raise AgentUnavailable(
+                f"lost {sent - self._data_msgs} of {sent} reply messages from {self.agent}"
+            )
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """The body as NDJSON lines (blank ones skipped), as they complete."""
+        tail = self.first
+        async for batch in self.batches():
+            tail += batch
+            *complete, tail = tail.split(b"\n")
+            for raw in complete:
+                if raw.strip():
+                    yield raw
+        for raw in tail.split(b"\n"):
+            if raw.strip():
+                yield raw
+
+    async def read(self) -> bytes:
+        """The whole body (first bytes plus the rest)."""
+        return self.first + b"".join([b async for b in self.batches()])
+
+    async def close(self) -> None:
+        """Release the call; cancels the work on the agent if the stream has not ended."""
+        if self._owner.release(self._call) and not self.ended:
+            await self._owner.cancel(self._call)

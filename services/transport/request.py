@@ -1,0 +1,67 @@
+"""One Ollama call as it travels to an agent: `WorkRequest`, and `model_work` to build one from the
+model name a client spelt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+from corral.protocol.errors import BadRequest
+from corral.protocol.names import ModelName, parse_name, split_vendor_pin
+
+_any = msgspec.json.Decoder()
+_enc = msgspec.json.Encoder()
+
+
+@dataclass
+class WorkRequest:
+    """One Ollama call to route. ``body`` is the client's bytes, sent on unchanged."""
+
+    endpoint: str
+    body: bytes
+    model: ModelName | None = None
+    vendor: str | None = None  # vendor pin
+    strict: bool = False  # the pin may not fall back to other vendors
+    echo_model: str | None = None  # when a pin was stripped from the body: restore in replies
+    upstream_model: str | None = None
+    method: str = "POST"
+    trace: dict[str, str] = field(default_factory=dict)
+    strategy: str | None = None  # None = the planner's default (see corral.routing)
+    num_ctx: int | None = None  # the request's runner context (options.num_ctx); None = default
+    session: str | None = None  # conversation key (`corral.gateway.bodies.session`)
+    follow_up: bool = False  # the request continues that conversation
+    unload: bool = False  # keep_alive 0 with nothing to run (the agent re-reads /api/ps after it)
+
+
+def model_work(
+    endpoint: str,
+    body: bytes,
+    raw_model: str,
+    *,
+    vendor: str | None = None,
+    strict: bool = False,
+    strategy: str | None = None,
+) -> WorkRequest:
+    """A routed request for ``raw_model`` as the client spelt it (``amd/llama3``, ``llama3@amd`` ...).
+
+    A vendor pin in the name wins over ``vendor``; it is stripped from the body Ollama sees and
+    restored in its replies. Raises `InvalidModelName` or `BadRequest` for unusable names.
+    """
+    if not raw_model:
+        raise BadRequest("model is required")
+    pinned, name = split_vendor_pin(raw_model)
+    vendor = pinned or vendor
+    work = WorkRequest(
+        endpoint=endpoint,
+        body=body,
+        model=parse_name(name),
+        vendor=vendor,
+        strict=strict and vendor is not None,
+        strategy=strategy,
+    )
+    if name != raw_model:
+        obj = _any.decode(body)
+        obj["model"] = name
+        work.body = _enc.encode(obj)
+        work.echo_model, work.upstream_model = raw_model, name
+    return work
