@@ -1,0 +1,158 @@
+"""The transport over a real nats-server, with hand-written agents: a reply owns its call, and a
+fan-out leaves nothing behind however one of its reads ends."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+import nats
+import pytest
+from corral.protocol import headers as H
+from corral.protocol.errors import AgentUnavailable
+from corral.protocol.messages import AgentState, TagModel
+from corral.protocol.subjects import Subjects
+from corral.runtime.fleet import FleetView
+from corral.runtime.nats import ensure_buckets
+from corral.runtime.natsserver import NatsServer
+from corral.transport import Reply, Transport, WorkRequest, fan_out
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+pytestmark = pytest.mark.integration
+
+NDJSON = "application/x-ndjson"
+
+
+class FakeAgent:
+    """Claims every request on its direct subject and answers a head; the stream stays open
+    unless ``ends``. Records the request ids it is told to cancel."""
+
+    def __init__(self, nc: NATS, subjects: Subjects, agent_id: str, *, ends: bool = False) -> None:
+        self.nc, self.subjects, self.id, self.ends = nc, subjects, agent_id, ends
+        self.requests: list[str] = []
+        self.cancelled: asyncio.Queue[str] = asyncio.Queue()
+
+    async def start(self) -> None:
+        await self.nc.subscribe(self.subjects.agent_work(self.id), cb=self._on_work)
+        await self.nc.subscribe(self.subjects.agent_ctl(self.id), cb=self._on_ctl)
+
+    async def _on_work(self, msg: Msg) -> None:
+        rid = (msg.headers or {})[H.REQUEST]
+        self.requests.append(rid)
+        await self.nc.publish(msg.reply, b"", headers={H.KIND: H.CLAIM, H.AGENT: self.id, H.REQUEST: rid})
+        head = {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: NDJSON}
+        if self.ends:
+            head[H.END] = "1"
+        await self.nc.publish(msg.reply, b'{"from":"%s"}\n' % self.id.encode(), headers=head)
+
+    async def _on_ctl(self, msg: Msg) -> None:
+        if (msg.headers or {}).get(H.CTL) == H.CANCEL:
+            self.cancelled.put_nowait((msg.headers or {})[H.REQUEST])
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    conn = await nats.connect(nats_server.url)
+    yield conn
+    await conn.drain()
+
+
+@pytest.fixture
+async def transport(nc: NATS, root: str) -> AsyncIterator[Transport]:
+    t = Transport(nc, Subjects(root), claim_timeout=2.0, idle_timeout=30.0)
+    await t.start()
+    yield t
+    await t.stop()
+
+
+async def agents(nc: NATS, root: str, *names: str, ends: bool = False) -> dict[str, FakeAgent]:
+    out = {}
+    for name in names:
+        out[name] = FakeAgent(nc, Subjects(root), name, ends=ends)
+        await out[name].start()
+    await nc.flush()
+    return out
+
+
+def work() -> WorkRequest:
+    return WorkRequest("/api/show", b"{}")
+
+
+async def test_leaving_a_reply_releases_its_call_and_cancels_the_open_stream(
+    nc: NATS, root: str, transport: Transport
+) -> None:
+    (agent,) = (await agents(nc, root, "a1")).values()
+    async with await transport.send_to("a1", work(), timeout=5) as reply:
+        assert reply.agent == "a1" and not reply.ended
+        assert transport.in_flight == 1 and dict(transport.outstanding) == {"a1": 1}
+    assert transport.in_flight == 0 and dict(transport.outstanding) == {}
+    assert await asyncio.wait_for(agent.cancelled.get(), 5) == agent.requests[0]
+
+
+async def test_a_fan_out_with_one_failing_read_leaves_nothing_behind(
+    nc: NATS, root: str, transport: Transport
+) -> None:
+    fleet = await agents(nc, root, "a1", "a2", "a3")
+    reading: set[str] = set()
+    all_open = asyncio.Event()
+
+    async def read(reply: Reply) -> bytes:
+        reading.add(reply.agent)
+        if len(reading) == len(fleet):
+            all_open.set()
+        if reply.agent == "a2":
+            await all_open.wait()  # every other reply is open and mid-read when this one fails
+            raise RuntimeError("a read failed")
+        return await reply.read()  # never ends on its own: these agents keep their streams open
+
+    with pytest.raises(RuntimeError, match="a read failed"):
+        await fan_out(list(fleet), lambda a: transport.send_to(a, work(), timeout=5), read)
+    assert transport.in_flight == 0  # no call left registered
+    assert dict(transport.outstanding) == {}  # every agent's count back to zero
+    for agent in fleet.values():  # and every agent whose stream was open told to cancel
+        assert await asyncio.wait_for(agent.cancelled.get(), 5) == agent.requests[0]
+
+
+async def test_a_fan_out_tolerates_an_agent_that_does_not_answer(
+    nc: NATS, root: str, transport: Transport
+) -> None:
+    await agents(nc, root, "a1", "a3", ends=True)  # "a2" has no subscription: no responders
+
+    async def read(reply: Reply) -> bytes:
+        return await reply.read()
+
+    started = time.monotonic()
+    results = await fan_out(["a1", "a2", "a3"], lambda a: transport.send_to(a, work(), timeout=5), read)
+    assert time.monotonic() - started < 2.0  # no responders is answered at once, not by a timeout
+    assert results[0] == b'{"from":"a1"}\n' and results[2] == b'{"from":"a3"}\n'
+    assert isinstance(results[1], AgentUnavailable)
+    assert transport.in_flight == 0 and dict(transport.outstanding) == {}
+
+
+async def test_the_fleet_view_indexes_no_model_under_a_name_without_a_key(nc: NATS, root: str) -> None:
+    """An agent reporting an unparseable model name: the name is routed nowhere (no holder under
+    any key), while the agent's valid models are indexed as usual."""
+    buckets = await ensure_buckets(nc.jetstream(), Subjects(root))
+    names = ["llama3.2:latest", "not a model name!"]
+    state = AgentState(
+        id="a1",
+        vendor="nvidia",
+        host="h",
+        ollama_url="http://h:11434",
+        models=tuple(TagModel(name=n, model=n, modified_at="", size=1, digest="d") for n in names),
+        updated_at=time.time(),
+        heartbeat_s=60.0,
+    )
+    view = FleetView(buckets.agents)
+    await view.start()
+    try:
+        await buckets.agents.put("a1", msgspec.json.encode(state))
+        while view.get("a1") is None:
+            assert await view.wait_changed(5)
+        assert [a.id for a in view.with_model("llama3.2:latest")] == ["a1"]
+        assert view.with_model("not a model name!") == []
+    finally:
+        await view.stop()
