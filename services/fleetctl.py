@@ -22,8 +22,7 @@ from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
 from corral.runtime.nats import connect, ensure_buckets
-from corral.runtime.process import add_common_arguments, overrides
-from corral.runtime.settings import CommonSettings, load_settings
+from corral.runtime.settings import CommonSettings, SettingsError, add_arguments, settings_from_args
 from corral.runtime.workqueue import depths
 from corral.transport import Transport, WorkRequest
 from nats.js.errors import KeyNotFoundError
@@ -255,13 +254,18 @@ def parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--replicas", default="1", help="on how many agents (a number, or 'all'); default 1")
         p.add_argument("--vendor", choices=VENDORS, help="only agents of this vendor")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_common_arguments(p)
+    add_arguments(p, CommonSettings)
     return p
 
 
 def main(command: str, argv: list[str] | None = None) -> int:
-    args = parser(command).parse_args(argv)
-    settings = load_settings(CommonSettings, overrides(args))
+    p = parser(command)
+    args = p.parse_args(argv)
+    try:
+        settings = settings_from_args(CommonSettings, args)
+    except SettingsError as e:
+        sys.stderr.write(f"{p.prog}: {e}\n")
+        return 2
     if (
         command == "pull"
         and args.replicas != "all"

@@ -418,3 +418,14 @@ def test_secrets_are_masked_in_repr() -> None:
 
 def test_overrides_that_are_no_setting_are_ignored() -> None:
     assert load_settings(DemoSettings, overrides={"json": True, "port": 1}, environ={}).port == 1
+
+
+def test_fleet_commands_exit_2_on_a_bad_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from corral import fleetctl
+
+    monkeypatch.setenv("CORRAL_LOG_LEVEL", "loud")
+    assert fleetctl.main("status", []) == 2
+    err = capsys.readouterr().err
+    assert "corral status:" in err and "CORRAL_LOG_LEVEL" in err
