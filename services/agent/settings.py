@@ -23,9 +23,9 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
         int, setting("requests waiting at this agent for a slot before it answers busy", ge=0)
     ] = 64
     heartbeat_s: Annotated[float, setting("state heartbeat; three missed = treated as dead", gt=0)] = 5.0
-    refresh_s: Annotated[float, setting("how often it re-reads its Ollama's /api/tags and /api/ps", gt=0)] = (
-        5.0
-    )
+    refresh_s: Annotated[
+        float, setting("how often it re-reads its Ollama's /api/tags and /api/ps", gt=0, period=True)
+    ] = 5.0
     ping_interval_s: Annotated[
         float, setting("keep-alive on silent requests (well under the gateway's idle timeout)", gt=0)
     ] = 2.0

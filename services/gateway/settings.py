@@ -37,10 +37,16 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
         bool, setting("auto: send a conversation's follow-up turns to the agent holding its prompt cache")
     ] = True
     load_grace_s: Annotated[
-        float, setting("a load just started counts as under way this long before its agent shows it", ge=0)
+        float,
+        setting(
+            "a load just started counts as under way this long before its agent shows it",
+            ge=0,
+            period=True,
+        ),
     ] = 1.0
     queue_recheck_s: Annotated[
-        float, setting("how often a queued request checks that an agent still serves its model", gt=0)
+        float,
+        setting("how often a queued request checks that an agent still serves its model", gt=0, period=True),
     ] = 1.0
     auto_pull: Annotated[
         bool, setting("a request for a model no agent has pulls it onto one agent first")

@@ -19,7 +19,8 @@ class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
     ] = 0.0
     pull_timeout_s: Annotated[float, setting("how long a fleet-wide pull may take", gt=0)] = 3600.0
     replica_check_s: Annotated[
-        float, setting("how often queue depths are read for demand-driven replicas; 0 = off", ge=0)
+        float,
+        setting("how often queue depths are read for demand-driven replicas; 0 = off", ge=0, period=True),
     ] = 1.0
     replica_patience: Annotated[
         int,
@@ -28,7 +29,8 @@ class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
         ),
     ] = 2
     load_grace_s: Annotated[
-        float, setting("a load marker counts as live this long before its agent shows the load", ge=0)
+        float,
+        setting("a load marker counts as live this long before its agent shows the load", ge=0, period=True),
     ] = 1.0
     ping_interval_s: Annotated[
         float, setting("keep-alive on a silent pull's reply (well under the gateway's idle timeout)", gt=0)

@@ -6,7 +6,8 @@ Each setting is declared once, as a field of a settings Struct::
 
 The field gives the type (a ``Literal`` for a closed set of values), the default and, through
 `setting`, the one-line doc, the constraints (``msgspec.Meta``'s ``ge``, ``gt``, ``le``, ``lt``), any
-older flag spellings and whether the value may carry a secret. From that one declaration come the
+older flag spellings, whether the value may carry a secret and whether it is a period of the
+control plane (``period=True``). From that one declaration come the
 environment variable (`env_name`), the command-line flag (`add_arguments`: ``--field-name``, booleans
 as ``--flag/--no-flag``), the help text and the README's configuration table (checked by a test).
 
@@ -65,17 +66,21 @@ def setting(
     flags: Sequence[str] = (),
     shown: str = "",
     secret: bool = False,
+    period: bool = False,
 ) -> msgspec.Meta:
     """A setting's declaration, for ``Annotated[type, setting(...)]``.
 
     ``doc`` is the one-line help; ``flags`` older spellings of the flag that keep working;
     ``shown`` the default in words where the value alone says little (``"detect"``); ``secret``
-    marks a URL whose password is masked in ``repr`` and in error messages.
+    marks a URL whose password is masked in ``repr`` and in error messages. ``period`` marks a
+    control-plane period: how often something is re-read or re-checked, or how long a fresh state
+    counts as under way. A period keeps its meaning on a clock that runs faster (a simulated fleet
+    scales it with the clock); a timeout, which detects a failure, is no period.
     """
     bounds: dict[str, Any] = {
         k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None
     }
-    extra = {"flags": tuple(flags), "shown": shown, "secret": secret}
+    extra = {"flags": tuple(flags), "shown": shown, "secret": secret, "period": period}
     meta: msgspec.Meta = msgspec.Meta(**bounds, description=doc, extra=extra)
     return meta
 
@@ -91,6 +96,7 @@ class Setting:
     aliases: tuple[str, ...] = ()
     shown: str = ""
     secret: bool = False
+    period: bool = False  # a control-plane period (see `setting`), not a timeout
 
     @property
     def env(self) -> str:
@@ -140,6 +146,7 @@ def describe(cls: type[msgspec.Struct]) -> Mapping[str, Setting]:
             tuple(extra.get("flags", ())),
             extra.get("shown", ""),
             bool(extra.get("secret", False)),
+            bool(extra.get("period", False)),
         )
     return MappingProxyType(out)
 

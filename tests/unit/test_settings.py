@@ -29,6 +29,7 @@ from corral.runtime.settings import (
     env_name,
     load_settings,
     mask,
+    setting,
     settings_from_args,
 )
 
@@ -414,6 +415,32 @@ def test_secrets_are_masked_in_repr() -> None:
     assert "parallel=1" in text and text.startswith("AgentSettings(")
     assert s.nats_url == "nats://me:s3cret@hub:4222"  # only shown masked
     assert "s3cret" not in str(s) and "s3cret" not in f"{s}"
+
+
+def test_periods_are_declared_as_such_and_timeouts_are_not() -> None:
+    """A simulated fleet scales exactly the fields marked ``period=True`` with its clock."""
+    periods = {
+        cls.__name__: {s.name for s in describe(cls).values() if s.period}
+        for cls in (AgentSettings, RegistrySettings, GatewaySettings, AggregatorSettings)
+    }
+    assert periods == {
+        "AgentSettings": {"refresh_s"},
+        "RegistrySettings": {"replica_check_s", "load_grace_s"},
+        "GatewaySettings": {"load_grace_s", "queue_recheck_s"},
+        "AggregatorSettings": set(),
+    }
+    gateway = describe(GatewaySettings)
+    assert not any(gateway[t].period for t in ("claim_timeout_s", "idle_timeout_s", "queue_timeout_s"))
+
+
+def test_period_is_off_unless_declared() -> None:
+    class Periodic(CommonSettings, frozen=True, kw_only=True):
+        every_s: typing.Annotated[float, setting("how often", gt=0, period=True)] = 1.0
+        within_s: typing.Annotated[float, setting("how long at most", gt=0)] = 1.0
+
+    declared = describe(Periodic)
+    assert declared["every_s"].period and not declared["within_s"].period
+    assert not declared["nats_url"].period
 
 
 def test_overrides_that_are_no_setting_are_ignored() -> None:
