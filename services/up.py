@@ -26,6 +26,7 @@ from corral.protocol.messages import Gpu
 from corral.protocol.names import VENDORS
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
+from corral.routing import Router
 from corral.runtime.logs import setup_logging
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.process import AsgiServer, run, wait_for_signal
@@ -70,6 +71,7 @@ class FleetOptions:
     log_level: LogLevel = "INFO"
     http_grace_s: int = 5  # on stop, how long open HTTP requests may finish
     tracer_provider: TracerProvider | None = None  # tests collect spans with their own provider
+    router: Router | None = None  # the gateway's routing state; Router(seed=N): a reproducible `random`
 
 
 class LocalFleet:
@@ -123,7 +125,7 @@ class LocalFleet:
                 log_level=o.log_level,
                 **o.gateway,
             )
-            self.gateway = Gateway(gw_settings, tracer_provider=o.tracer_provider)
+            self.gateway = Gateway(gw_settings, router=o.router, tracer_provider=o.tracer_provider)
             self.http = AsgiServer(
                 self.gateway, o.host, o.port, log_level="warning", graceful_s=o.http_grace_s
             )
