@@ -27,6 +27,7 @@ from corral.protocol import headers as H
 from corral.protocol.subjects import Subjects
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -113,7 +114,10 @@ async def withdraw(js: JetStreamContext, queued: Queued) -> bool:
     """Remove a request nobody has taken yet; False when an agent already took it (or it expired)."""
     try:
         return bool(await js.delete_msg(queued.stream, queued.seq))
-    except Exception:
+    except NotFoundError:
+        return False  # taken by an agent, or expired
+    except (NatsError, TimeoutError) as e:
+        log.warning("cannot withdraw queued request %s/%d: %r", queued.stream, queued.seq, e)
         return False
 
 
@@ -121,7 +125,10 @@ async def depths(js: JetStreamContext, subjects: Subjects) -> dict[str, int]:
     """Requests waiting per queue subject (``{root}.queue.{vendor}.{token}`` → count)."""
     try:
         info = await js.stream_info(subjects.queue_stream, subjects_filter=subjects.queue_all)
-    except Exception:
+    except NotFoundError:
+        return {}  # no queue stream yet: nothing waits
+    except (NatsError, TimeoutError) as e:
+        log.warning("cannot read the queue's depths: %r", e)
         return {}
     return {s: n for s, n in (info.state.subjects or {}).items() if n}
 
@@ -171,7 +178,7 @@ class Puller:
             return [], False
         try:
             await self._ensure(subject)
-        except Exception as e:
+        except (NatsError, TimeoutError) as e:
             log.warning("cannot open queue consumer for %s: %s", subject, e)
             return [], False
         inbox = self._nc.new_inbox()
@@ -190,20 +197,28 @@ class Puller:
                     drained = msg.headers[_STATUS] == "404"  # 404 no messages; 408 etc.: unknown
                     break
                 got.append(msg)
-        except Exception as e:  # nats-py's own TimeoutError, or the connection closing
+        except (NatsError, TimeoutError) as e:  # no answer in time, or the connection closing
             log.warning("queue %s did not answer: %r", subject, e)
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(NatsError):
                 await sub.unsubscribe()
         now_ms = time.time() * 1000
         fresh = []
         for msg in got:
-            deadline = int((msg.headers or {}).get(H.DEADLINE, "0") or 0)
-            if deadline and now_ms > deadline:
-                with contextlib.suppress(Exception):
+            deadline = _deadline_ms(msg)
+            if deadline is None or (deadline and now_ms > deadline):
+                if deadline is None:  # a poison message: redelivering it would only fail again
+                    log.warning("dropping a queued request with a bad %s header", H.DEADLINE)
+                with contextlib.suppress(NatsError, TimeoutError):
                     await msg.ack_sync(timeout=2.0)  # confirmed gone: its gateway answered 503 already
                 continue
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(NatsError):
                 await msg.ack()  # taken; the claim that follows tells its gateway
             fresh.append(msg)
         return fresh, drained
+
+
+def _deadline_ms(msg: Msg) -> int | None:
+    """A queued request's deadline (0 = none); None when the header is not a number."""
+    raw = (msg.headers or {}).get(H.DEADLINE) or "0"
+    return int(raw) if raw.isascii() and raw.isdigit() else None

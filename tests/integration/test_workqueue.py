@@ -1,0 +1,37 @@
+"""The fleet-wide queue on a real JetStream stream: a poison message is dropped once, not redelivered."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from corral.protocol import headers as H
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import connect
+from corral.runtime.natsserver import NatsServer
+from corral.runtime.workqueue import Puller, depths, ensure_stream
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_queued_request_with_a_bad_deadline_is_dropped_and_the_next_served(
+    nats_server: NatsServer, root: str
+) -> None:
+    subjects = Subjects(root)
+    nc = await connect(nats_server.url, name="test")
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, subjects)
+        subject = subjects.queue("any", "llama3=2E2=3Alatest")
+        future = str(int(time.time() * 1000) + 60_000)
+        for rid, deadline in (("1", "not-a-number"), ("2", "١٢"), ("3", future)):
+            hdrs = {H.REQUEST: rid, H.DEADLINE: deadline, H.REPLY: "r." + rid}
+            await js.publish(subject, b"{}", headers=hdrs)
+        assert await depths(js, subjects) == {subject: 3}
+        taken, _ = await Puller(nc, subjects).take_batch(subject, 3)
+        assert [(m.headers or {})[H.REQUEST] for m in taken] == ["3"]
+        # the poison messages were acknowledged: nothing is left to be redelivered to the next agent
+        assert await depths(js, subjects) == {}
+        assert (await Puller(nc, subjects).take_batch(subject, 3))[0] == []
+    finally:
+        await nc.close()
