@@ -31,12 +31,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import msgspec
 import nats.errors
-from corral.protocol import headers as H
-from corral.protocol.errors import BadRequest, CorralError
+from corral.protocol.envelope import RequestEnvelope, decode_request
+from corral.protocol.errors import BadEnvelope, BadRequest, CorralError
 from corral.protocol.messages import AgentEvent, AgentState, agent_state_decoder
 from corral.protocol.names import VENDORS, parse_name
 from corral.protocol.subjects import Subjects
@@ -48,6 +48,7 @@ from corral.runtime.fleet import STALE_HEARTBEATS, FleetView
 from corral.runtime.nats import Buckets, connect, ensure_buckets
 from corral.runtime.tasks import cancel_and_wait
 from corral.transport import Reply, Transport, WorkRequest, fan_out
+from corral.transport.replies import ReplyWriter
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
@@ -268,18 +269,17 @@ class Registry:
 
     async def _serve_pull(self, msg: Msg) -> None:
         assert self.nc is not None
-        reply = msg.reply
-        if not reply:
+        if not msg.reply:
             return
-        seq = 0
-
-        async def send(data: bytes, headers: dict[str, str] | None) -> None:
-            await self.nc.publish(reply, data, headers=headers)  # type: ignore[union-attr]
-
-        await send(
-            b"", {H.KIND: H.CLAIM, H.AGENT: "registry", H.REQUEST: (msg.headers or {}).get(H.REQUEST, "")}
-        )
         try:
+            env: RequestEnvelope | BadEnvelope = decode_request(msg.headers)
+        except BadEnvelope as e:
+            env = e
+        out = ReplyWriter(self.nc, msg.reply, env.rid if isinstance(env, RequestEnvelope) else "", "registry")
+        await out.claim()
+        try:
+            if isinstance(env, BadEnvelope):
+                raise env
             req = _pull_request.decode(msg.data)
             if not (req.model or req.name):
                 raise BadRequest("model is required")
@@ -293,45 +293,34 @@ class Registry:
         except (CorralError, msgspec.DecodeError) as e:
             message = e.message if isinstance(e, CorralError) else str(e)
             status = e.status if isinstance(e, CorralError) else 400
-            await send(
-                _enc.encode({"error": message}),
-                {H.KIND: H.HEAD, H.STATUS: str(status), H.CONTENT_TYPE: JSON, H.END: "1"},
-            )
+            await out.head(status, JSON, _enc.encode({"error": message}), end=True)
             return
         stream = req.stream is not False
         if stream:
-            await send(b"", {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: NDJSON})
+            await out.head(200, NDJSON)
         errors: list[str] = []
         # a pull is silent for long stretches (all of it, unstreamed): pings keep the gateway's
         # idle timeout from taking the registry for dead
-        keepalive = asyncio.create_task(self._ping(send))
+        keepalive = asyncio.create_task(self._ping(out))
         try:
             async for line in self._merged(req, targets, errors):
                 if stream:
-                    await send(line, None)
-                    seq += 1
+                    await out.data(line)
         finally:
             await cancel_and_wait([keepalive])
         if stream:
             if errors:
-                await send(_enc.encode({"error": "; ".join(errors)}) + b"\n", None)
-                seq += 1
-            await send(b"", {H.KIND: H.END_KIND, H.SEQ: str(seq)})
+                await out.data(_enc.encode({"error": "; ".join(errors)}) + b"\n")
+            await out.end()
         elif errors:
-            await send(
-                _enc.encode({"error": "; ".join(errors)}),
-                {H.KIND: H.HEAD, H.STATUS: "500", H.CONTENT_TYPE: JSON, H.END: "1"},
-            )
+            await out.head(500, JSON, _enc.encode({"error": "; ".join(errors)}), end=True)
         else:
-            await send(
-                _enc.encode(_Progress("success")),
-                {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: JSON, H.END: "1"},
-            )
+            await out.head(200, JSON, _enc.encode(_Progress("success")), end=True)
 
-    async def _ping(self, send: Callable[[bytes, dict[str, str] | None], Awaitable[None]]) -> None:
+    async def _ping(self, out: ReplyWriter) -> None:
         while True:
             await asyncio.sleep(self.settings.ping_interval_s)  # a period, not a wait for an event
-            await send(b"", {H.KIND: H.PING})
+            await out.ping()
 
     async def _merged(
         self, req: PullRequest, targets: list[AgentState], errors: list[str]
