@@ -199,4 +199,12 @@ async def test_clean_stop_is_announced_once(fleet: LocalFleet, events: Events) -
     await events.wait("left", leaving.id)
     assert fleet.gateway is not None
     await until(fleet, lambda: fleet.gateway.fleet.get(leaving.id) is None)  # type: ignore[union-attr]
+    # a barrier for "never announced dead": an agent silenced after this one left is found dead,
+    # so the registries' death checks have run over the leaving agent's silence too
+    silenced = fleet.agents[1]
+    await events.wait("joined", silenced.id)
+    silenced._closing.set()
+    assert silenced.nc is not None
+    await silenced.nc.close()
+    await events.wait("dead", silenced.id)
     assert events.of("left", leaving.id) == 1 and events.of("dead", leaving.id) == 0
