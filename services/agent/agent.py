@@ -59,10 +59,11 @@ _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/crea
 
 
 class Agent:
-    # Eighteen attributes: the settings and identity it was given (5), its lifecycle (3), the I/O
-    # it owns — connection, KV buckets, subscriptions, worker, claims, backend reader, task group,
-    # tracer (8) — and the two state machines with the jobs they account for (3). The state that
-    # changes is in `SlotTable`, `RunnerTracker` and `Claims`; the agent only maps it onto I/O.
+    # Twenty attributes: the settings and identity it was given (settings, id, vendor, subjects,
+    # ollama), its lifecycle (lifecycle, status, ready, wake-ups), the I/O it owns (connection, KV
+    # buckets, subscriptions, worker, claims, backend reader, task group, tracer) and the two state
+    # machines with the jobs they account for (slots, runners, jobs). The state that changes lives
+    # in `SlotTable`, `RunnerTracker` and `Claims`; the agent only maps their answers onto I/O.
     def __init__(
         self,
         settings: AgentSettings,

@@ -64,7 +64,10 @@ AgentStatus = Literal["active", "draining", "cordoned"]
 
 
 class AgentState(Message, frozen=True, kw_only=True, omit_defaults=True):
-    """Value of ``{root}_agents`` / key = agent id. Published on change and on every heartbeat."""
+    """Value of ``{root}_agents`` / key = agent id. Published on change and on every heartbeat.
+
+    Many attributes, on purpose: each is one field of one immutable message, read together by
+    every view and router; splitting it would only nest the wire format."""
 
     id: str
     vendor: str

@@ -208,7 +208,9 @@ def _default_gpus() -> list[GpuConfig]:
 
 
 class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Everything the simulator needs; built once and passed down."""
+    """Everything the simulator needs; built once and passed down.
+
+    Many attributes, on purpose: each is one key of the simulator's TOML file (frozen, no logic)."""
 
     vendor: Vendor = "nvidia"
     gpus: list[GpuConfig] = msgspec.field(default_factory=_default_gpus)

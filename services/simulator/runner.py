@@ -56,7 +56,11 @@ def choose_slot(free: Sequence[Slot], tokens: Sequence[int]) -> Slot:
 
 
 class Runner:
-    """One loaded (or loading) model instance."""
+    """One loaded (or loading) model instance.
+
+    Its attributes mirror the fields of an Ollama runner (model, options, placement, keep_alive
+    timer, slots and their waiters, load state) so the scheduler reads like Ollama's; the slot
+    queue is the only part with rules of its own, and it is kept in `acquire`/`release`."""
 
     def __init__(
         self,

@@ -68,7 +68,11 @@ class _Pending:
 
 
 class Scheduler:
-    """The simulated GPU box's scheduler; one per `SimServer`."""
+    """The simulated GPU box's scheduler; one per `SimServer`.
+
+    Its attributes are the box's memory ledger (VRAM per GPU: total, used, being released; RAM)
+    and Ollama's loader (the pending FIFO, the runner loading now, the runners): one ledger that
+    must change together under one loop, as Ollama's scheduler keeps it."""
 
     def __init__(self, config: SimConfig, clock: Clock, stats: SimStats) -> None:
         self.config = config

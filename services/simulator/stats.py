@@ -21,6 +21,8 @@ class ModelStats:
 
 @dataclass
 class SimStats:
+    """Counters the simulator exposes; its attributes are the JSON fields of its stats endpoint."""
+
     started: int = 0
     finished: int = 0
     cancelled: int = 0  # client went away while waiting for a load/slot or while streaming

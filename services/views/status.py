@@ -27,6 +27,8 @@ class LoadedModel(msgspec.Struct, frozen=True):
 
 
 class AgentRow(msgspec.Struct, frozen=True, kw_only=True):
+    """One agent's row of ``/api/status``; its attributes are the row's JSON fields (no logic)."""
+
     id: str
     vendor: str
     host: str
