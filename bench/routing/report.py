@@ -1,0 +1,163 @@
+"""The report: per workload a table of the policies' figures, auto's ratios against the baselines
+and a verdict line; for conversations the prompt eval per turn; the JSON entry with every request."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from bench.common import fmt, table
+from bench.routing.results import RunResult, sample_json
+from bench.routing.workloads import Workload
+
+BASELINES = ("round_robin", "random")  # the strategies auto is measured against
+
+COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    # (summary key, header, higher is better)
+    ("ttft_p50_s", "TTFT p50 (s)", False),
+    ("ttft_p95_s", "TTFT p95 (s)", False),
+    ("e2e_p95_s", "e2e p95 (s)", False),
+    ("tokens_per_s", "tokens/s", True),
+    ("cold_loads", "cold loads", False),
+    ("reloads", "reloads", False),
+    ("evictions", "evictions", False),
+    ("errors", "errors", False),
+)
+
+
+def ratio(a: float, b: float) -> float:
+    if a != a or b != b or b == 0:  # NaN or no baseline
+        return math.nan
+    return a / b
+
+
+def verdict(summaries: dict[str, dict[str, Any]]) -> str:
+    """Auto passes when it beats every baseline present on TTFT p95 and tokens/s, with 0 errors."""
+    auto = summaries.get("auto")
+    bases = [b for b in BASELINES if b in summaries]
+    if auto is None or not bases:
+        return "verdict: needs auto and a baseline"
+    parts = []
+    passed = auto["errors"] == 0
+    for b in bases:
+        s = summaries[b]
+        t_ok = auto["ttft_p95_s"] < s["ttft_p95_s"]
+        r_ok = auto["tokens_per_s"] > s["tokens_per_s"]
+        passed &= t_ok and r_ok
+        parts.append(
+            f"TTFT p95 {'<' if t_ok else '>='} {b} ({fmt(auto['ttft_p95_s'])} vs {fmt(s['ttft_p95_s'])} s), "
+            f"tokens/s {'>' if r_ok else '<='} {b} ({fmt(auto['tokens_per_s'])} vs {fmt(s['tokens_per_s'])})"
+        )
+    parts.append(f"auto errors {auto['errors']}")
+    return f"verdict: {'PASS' if passed else 'MISS'} — " + "; ".join(parts)
+
+
+def workload_table(results: Sequence[RunResult]) -> tuple[str, dict[str, Any]]:
+    """The policies' figures and auto's ratios as text, and as the JSON entry's start."""
+    summaries = {r.policy: r.summary() for r in results}
+    header = ["policy", "requests", *(h for _, h, _ in COLUMNS)]
+    rows: list[list[str]] = []
+    for policy, s in summaries.items():
+        cells = [policy, str(s["requests"])]
+        for key, _, _ in COLUMNS:
+            v = s[key]
+            cells.append(str(v) if isinstance(v, int) else fmt(v))
+        rows.append(cells)
+    ratios: dict[str, dict[str, float]] = {}
+    if "auto" in summaries:
+        for b in BASELINES:
+            if b not in summaries:
+                continue
+            rs = {
+                key: ratio(float(summaries["auto"][key]), float(summaries[b][key])) for key, _, _ in COLUMNS
+            }
+            ratios[f"auto/{b}"] = rs
+            rows.append(
+                [f"auto ÷ {b}", ""]
+                + [fmt(rs[key]) + ("x" if rs[key] == rs[key] else "") for key, _, _ in COLUMNS]
+            )
+    text = table(header, rows) + "\n" + verdict(summaries)
+    return text, {"policies": summaries, "ratios": ratios, "verdict": verdict(summaries)}
+
+
+def chat_table(results: Sequence[RunResult]) -> tuple[str, list[dict[str, Any]]]:
+    """Mean prompt eval seconds per turn index, one column per policy, and the cache share."""
+    turns = {r.policy: r.turns() for r in results}
+    n = max((len(t) for t in turns.values()), default=0)
+    header = ["turn", "prompt tokens", *(f"{p} prompt eval (s)" for p in turns)]
+    rows = []
+    out = []
+    for i in range(n):
+        first = next((t[i] for t in turns.values() if len(t) > i), None)
+        row = [str(i + 1), fmt(first["prompt_tokens"], 0) if first else "—"]
+        entry: dict[str, Any] = {"turn": i + 1, "prompt_tokens": first["prompt_tokens"] if first else None}
+        for p, t in turns.items():
+            v = t[i]["prompt_eval_s"] if len(t) > i else math.nan
+            row.append(fmt(v, 3))
+            entry[p] = v
+        rows.append(row)
+        out.append(entry)
+    share = ["cached prompt tokens", ""] + [
+        f"{r.summary()['prompt_cache_share'] * 100:.0f}%" for r in results
+    ]
+    rows.append(share)
+    text = table(header, rows) + "\n" + cache_verdict(results)
+    return text, out
+
+
+def cache_verdict(results: Sequence[RunResult]) -> str:
+    """Under auto, later turns evaluate less prompt than the first turn (the history comes from the
+    cache) and less than under each baseline present."""
+    by = {r.policy: r for r in results}
+    auto = by.get("auto")
+    if auto is None:
+        return "prompt cache: needs auto"
+    first, later = auto.mean_prompt_eval(later=False), auto.mean_prompt_eval(later=True)
+    passed = later < first
+    parts = [f"auto: turn 1 {fmt(first, 3)} s, later turns {fmt(later, 3)} s"]
+    for b in BASELINES:
+        if b in by:
+            bl = by[b].mean_prompt_eval(later=True)
+            passed &= later < bl
+            parts.append(f"{b}: later turns {fmt(bl, 3)} s")
+    return f"prompt cache: {'PASS' if passed else 'MISS'} — mean prompt eval " + "; ".join(parts)
+
+
+def section(workload: Workload[Any], results: Sequence[RunResult]) -> tuple[str, dict[str, Any]]:
+    """One workload's part of the report: its text and its JSON entry."""
+    text, entry = workload_table(results)
+    entry["agents"] = {r.policy: r.agents for r in results}
+    entry["samples"] = {r.policy: [sample_json(x) for x in r.samples] for r in results}
+    entry["warnings"] = {r.policy: r.warnings for r in results}
+    if workload.per_turn:
+        ctext, turns = chat_table(results)
+        text += "\n\nprompt eval per turn (mean over conversations, simulated seconds):\n" + ctext
+        entry["turns"] = turns
+        entry["cache_verdict"] = cache_verdict(results)
+    return f"## {workload.name}\n\n{text}", entry
+
+
+def progress(r: RunResult) -> str:
+    """One line per finished run, printed as the benchmark goes."""
+    s = r.summary()
+    spread = " ".join(f"{a}:{d['requests']}/{d['loads']}" for a, d in r.agents.items())
+    warn = f" claim timeouts {s['claim_timeouts']}" if s["claim_timeouts"] else ""
+    for kind, n in s["error_kinds"].items():
+        warn += f"\n      {n} x {kind[:160]}"
+    return (
+        f"  {r.workload:<8} {r.policy:<16} {s['requests']:>4} req {s['errors']:>3} err "
+        f"{r.wall_s:6.1f}s wall  cpu {r.cpu_self_pct:3.0f}% (+nats {r.cpu_nats_pct:.0f}%)"
+        f"  requests/loads per agent: {spread}{warn}"
+    )
+
+
+def finite(obj: Any) -> Any:
+    """JSON has no NaN: None instead."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
