@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 
 import msgspec
 from corral.agent.agent import Agent
 from corral.agent.gpu import GpuProbe, detect_vendor
 from corral.agent.settings import AgentSettings
-from corral.runtime.logs import setup_logging
-from corral.runtime.process import run, wait_for_signal
-from corral.runtime.settings import SettingsError, add_arguments, settings_from_args
+from corral.runtime.process import service_main, wait_for_signal
+from corral.runtime.settings import add_arguments
 from corral.runtime.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -46,15 +44,7 @@ async def serve(settings: AgentSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        settings = settings_from_args(AgentSettings, args)
-    except SettingsError as e:
-        sys.stderr.write(f"{p.prog}: {e}\n")
-        return 2
-    setup_logging(settings.log_level, service="agent")
-    return run(serve(settings))
+    return service_main(parser(), AgentSettings, argv, "agent", serve)
 
 
 if __name__ == "__main__":

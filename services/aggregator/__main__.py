@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from corral.aggregator.aggregator import Aggregator
 from corral.aggregator.settings import AggregatorSettings
-from corral.runtime.logs import setup_logging
-from corral.runtime.process import run, wait_for_signal
-from corral.runtime.settings import SettingsError, add_arguments, settings_from_args
+from corral.runtime.process import service_main, wait_for_signal
+from corral.runtime.settings import add_arguments
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +35,7 @@ async def serve(settings: AggregatorSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        settings = settings_from_args(AggregatorSettings, args)
-    except SettingsError as e:
-        sys.stderr.write(f"{p.prog}: {e}\n")
-        return 2
-    setup_logging(settings.log_level, service="aggregator")
-    return run(serve(settings))
+    return service_main(parser(), AggregatorSettings, argv, "aggregator", serve)
 
 
 if __name__ == "__main__":

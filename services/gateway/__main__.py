@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from corral.gateway.app import Gateway
 from corral.gateway.settings import GatewaySettings
-from corral.runtime.logs import setup_logging
-from corral.runtime.process import AsgiServer, run, wait_for_signal
-from corral.runtime.settings import SettingsError, add_arguments, settings_from_args
+from corral.runtime.process import AsgiServer, service_main, wait_for_signal
+from corral.runtime.settings import add_arguments
 from corral.runtime.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -40,15 +38,7 @@ async def serve(settings: GatewaySettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        settings = settings_from_args(GatewaySettings, args)
-    except SettingsError as e:
-        sys.stderr.write(f"{p.prog}: {e}\n")
-        return 2
-    setup_logging(settings.log_level, service="gateway")
-    return run(serve(settings))
+    return service_main(parser(), GatewaySettings, argv, "gateway", serve)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
-from corral.runtime.logs import setup_logging
-from corral.runtime.process import run, wait_for_signal
-from corral.runtime.settings import SettingsError, add_arguments, settings_from_args
+from corral.runtime.process import service_main, wait_for_signal
+from corral.runtime.settings import add_arguments
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +35,7 @@ async def serve(settings: RegistrySettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        settings = settings_from_args(RegistrySettings, args)
-    except SettingsError as e:
-        sys.stderr.write(f"{p.prog}: {e}\n")
-        return 2
-    setup_logging(settings.log_level, service="registry")
-    return run(serve(settings))
+    return service_main(parser(), RegistrySettings, argv, "registry", serve)
 
 
 if __name__ == "__main__":

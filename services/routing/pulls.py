@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from corral.protocol.messages import AgentState
 from corral.protocol.names import key_of
 
+__all__ = ["has_model", "pull_order"]
+
 
 def has_model(agent: AgentState, key: str) -> bool:
     """``agent`` has the model ``key`` on disk (names without a key count for no model)."""

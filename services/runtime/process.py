@@ -7,13 +7,37 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Coroutine, Generator
-from typing import Any
+import sys
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, TypeVar
 
 import uvicorn
-from corral.runtime.settings import CommonSettings, add_arguments, describe
+from corral.runtime.logs import setup_logging
+from corral.runtime.settings import CommonSettings, SettingsError, add_arguments, describe, settings_from_args
 
 log = logging.getLogger(__name__)
+
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+def service_main(
+    parser: argparse.ArgumentParser,
+    cls: type[S],
+    argv: list[str] | None,
+    service: str,
+    serve: Callable[[S], Coroutine[Any, Any, int]],
+) -> int:
+    """A service's ``main``: its settings from flags and ``CORRAL_*`` (a bad one ends the command
+    with its message and exit code 2), logging, then ``serve`` until it returns."""
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(cls, args)
+    except SettingsError as e:
+        sys.stderr.write(f"{parser.prog}: {e}\n")
+        return 2
+    setup_logging(settings.log_level, service=service)
+    return run(serve(settings))
 
 
 def run(coro: Coroutine[Any, Any, int]) -> int:
