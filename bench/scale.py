@@ -343,8 +343,8 @@ async def amain(args: argparse.Namespace) -> int:
     started = time.time()
     try:
         await nats.start()
-        assert nats._proc is not None
-        nats_pid = nats._proc.pid
+        assert nats.pid is not None
+        nats_pid = nats.pid
         gateway = Gateway(GatewaySettings(nats_url=nats.url, root=args.root, log_level="WARNING"))
         http = AsgiServer(gateway, HOST, free_port(), log_level="warning")
         await http.start()

@@ -126,10 +126,13 @@ async def test_garbage_on_a_claim_subject_is_answered_bad_request_and_the_slot_i
         await agent._refresh()  # the model is loaded and ran at its default context: warm
         assert TOKEN in agent.runners.warm
         await agent._reconcile()
+        assert agent.nc is not None
+        await agent.nc.flush()  # its claim subscriptions have reached the server
         claim = subjects.work("any", TOKEN)
         bad = await send(nc, claim, "x", headers=GARBAGE)
         assert (await ended(bad)).get(H.ERROR_CODE) == "bad_request"
         await agent._reconcile()  # the spent subscription is armed again
+        await agent.nc.flush()
         ok = await send(nc, claim, "fine")
         assert (await ended(ok)).get(H.STATUS) == "200"
         assert agent.state().in_flight == 0
