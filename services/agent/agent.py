@@ -407,8 +407,11 @@ class Agent:
 
     async def _reconcile(self) -> None:
         assert self._claims is not None
-        warm = self.runners.warm if self.status == "active" else frozenset()
-        await self._claims.reconcile(warm, self.slots.free, self._take)
+        await self._claims.reconcile(self._claimable, self.slots.free, self._take)
+
+    def _claimable(self) -> frozenset[str]:
+        """The models whose free slots this agent holds interest in: the warm ones, while active."""
+        return self.runners.warm if self.status == "active" else frozenset()
 
     # -- backend state -----------------------------------------------------------------------
     async def _refresh(self) -> None:

@@ -13,6 +13,7 @@ model it takes that model's queued requests, oldest first, up to its free slots.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 
@@ -42,6 +43,9 @@ class Claims:
         self._armed: dict[str, list[Subscription]] = {}  # claim subject → armed single-shot subs
         self._nudges: dict[str, Subscription] = {}  # queued-nudge subject → subscription
         self._hint: dict[str, int] = {}  # warm model token → nudges seen (0 = queue known empty)
+        # one reconcile at a time, each from the warm set as it is when its turn comes: a reconcile
+        # from an older snapshot must never drop the interest a newer one just took
+        self._reconciling = asyncio.Lock()
 
     def subjects_of(self, token: str) -> tuple[str, str]:
         """Where requests for ``token`` are claimed here: unpinned, and pinned to this vendor."""
@@ -51,7 +55,7 @@ class Claims:
         """A claim subscription delivered its one message: it is retired."""
         subs = self._armed.get(msg.subject)
         if subs is not None:
-            self._armed[msg.subject] = [s for s in subs if s._id != msg.sid]
+            subs[:] = [s for s in subs if s._id != msg.sid]  # in place: `arm` may be appending to it
 
     def queue_waits(self, token: str) -> bool:
         """Requests for ``token`` may wait in the fleet queue: they go before new work."""
@@ -80,12 +84,21 @@ class Claims:
 
     async def reconcile(
         self,
+        warm: Callable[[], Collection[str]],
+        free: Callable[[str], int],
+        take: Callable[[str, list[Msg]], Awaitable[None]],
+    ) -> None:
+        """Hold interest in exactly the free slots of the ``warm()`` models (none while the agent is
+        not active: return no models), serving their queued requests first (``take``)."""
+        async with self._reconciling:
+            await self._reconcile(warm(), free, take)
+
+    async def _reconcile(
+        self,
         warm: Collection[str],
         free: Callable[[str], int],
         take: Callable[[str, list[Msg]], Awaitable[None]],
     ) -> None:
-        """Hold interest in exactly the free slots of the ``warm`` models (none while the agent is
-        not active: pass no models), serving their queued requests first (``take``)."""
         await self._sync_nudges(warm)
         want: dict[str, int] = {}
         for token in warm:
@@ -101,7 +114,7 @@ class Claims:
             while len(subs) > n and subject not in want:
                 await _unsubscribe(subs.pop())
             await self.arm(subject, n)
-            if not subs:
+            if not subs and self._armed.get(subject) is subs:
                 del self._armed[subject]
 
     async def _sync_nudges(self, warm: Collection[str]) -> None:
