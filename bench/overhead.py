@@ -17,7 +17,7 @@ connection per concurrent request) measures:
   nginx) from /proc/<pid>/stat before and after each phase, per request and per chunk. The
   simulator and the load generator are not counted; their CPU is listed separately.
 
-Figures are compared with the budgets in DESIGN.md ("Budgets").
+Figures are compared with Corral's performance budgets (`BUDGETS` below).
 """
 
 from __future__ import annotations
