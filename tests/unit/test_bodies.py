@@ -104,7 +104,7 @@ def test_bad_bodies_raise_a_decode_error(raw: bytes) -> None:
         decode_view(raw)
 
 
-# -- keep_alive (reference §4.2) ---------------------------------------------------------------
+# -- keep_alive (Go durations, bare numbers as seconds) ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_absent_keep_alive_is_not_zero() -> None:
     assert keep_alive_is_zero(msgspec.Raw(b"null")) is False
 
 
-# -- is_unload (reference §2.3 step 4, §2.4) ---------------------------------------------------
+# -- is_unload (an empty prompt or no messages with keep_alive 0) ---------------------------------------------------
 
 
 @pytest.mark.parametrize(

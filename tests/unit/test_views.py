@@ -72,12 +72,12 @@ PDT = timezone(timedelta(hours=-7))
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        # Go RFC3339Nano: nine fractional digits, numeric offset (reference §2.7)
+        # Go RFC3339Nano: nine fractional digits, numeric offset (as /api/tags shows it)
         ("2025-05-04T17:37:44.706015396-07:00", unix(2025, 5, 4, 17, 37, 44, 706015, tz=PDT)),
         ("2025-05-05T00:37:44.706015396Z", unix(2025, 5, 5, 0, 37, 44, 706015)),
         ("2025-10-26T17:15:24.097767Z", unix(2025, 10, 26, 17, 15, 24, 97767)),
         ("2025-10-26T17:15:24.097767123Z", unix(2025, 10, 26, 17, 15, 24, 97767)),
-        # Go trims trailing zeros: five digits (reference §2.8), one digit, none
+        # Go trims trailing zeros: five digits (as /api/ps shows it), one digit, none
         ("2024-06-04T14:38:31.83753-07:00", unix(2024, 6, 4, 14, 38, 31, 837530, tz=PDT)),
         ("2025-01-01T00:00:00.5Z", unix(2025, 1, 1, 0, 0, 0, 500000)),
         ("2025-01-01T00:00:00Z", 1735689600.0),
@@ -90,7 +90,7 @@ def test_parse_time(value: str, expected: float) -> None:
 
 
 def test_parse_time_keep_alive_forever() -> None:
-    # keep_alive < 0 ⇒ now + MaxInt64 ns, around the year 2318 (reference §2.8)
+    # keep_alive < 0 ⇒ now + MaxInt64 ns, around the year 2318 (as /api/ps shows it)
     t = parse_time("2318-04-11T19:47:16.854775807-07:00")
     assert t == pytest.approx(unix(2318, 4, 12, 2, 47, 16, 854775), abs=1e-3)
 
