@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -55,3 +56,8 @@ def test_the_wheel_holds_corral_and_no_services(tmp_path: Path) -> None:
     for package in _declared():
         assert package.replace(".", "/") + "/__init__.py" in names
     assert "corral/client/__init__.py" in names
+    modules = {n.removeprefix("corral/").removesuffix(".py") for n in names if n.endswith(".py")}
+    sources = {
+        str(p.relative_to(ROOT / "services").with_suffix("")) for p in (ROOT / "services").rglob("*.py")
+    }
+    assert modules == sources, "the wheel's modules differ from the source tree's"
