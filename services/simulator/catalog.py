@@ -95,9 +95,6 @@ class Catalog:
     def listing(self) -> list[LocalModel]:
         return sorted(self.models.values(), key=lambda m: m.modified_at, reverse=True)
 
-    def in_registry(self, raw: str) -> ModelConfig | None:
-        return self.registry.get(parse_name(raw).key)
-
     def add(self, name: ModelName, config: ModelConfig, **kw: object) -> LocalModel:
         model = LocalModel(name=name, config=config, modified_at=time.time(), **kw)  # type: ignore[arg-type]
         self.models[name.key] = model

@@ -37,10 +37,6 @@ EOT: Final = 2
 _ROLE_TOKENS: Final = {"system": 3, "user": 4, "assistant": 5, "tool": 6}
 
 
-def token_id(word: str) -> int:
-    return zlib.crc32(word.encode()) % 120_000 + 256
-
-
 def tokenize(text: str) -> list[int]:
     return [zlib.crc32(w.encode()) % 120_000 + 256 for w in _TOKEN_RE.findall(text)]
 
