@@ -23,6 +23,7 @@ from corral.gateway.routes import build_app
 from corral.gateway.sessions import Sessions
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.endpoints import MODEL_ENDPOINTS
+from corral.protocol.envelope import trace_context
 from corral.protocol.errors import BadRequest, CorralError, ModelNotFound
 from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
@@ -41,6 +42,25 @@ log = logging.getLogger(__name__)
 STRATEGY_HEADER = b"x-load-balancing-strategy"
 ENFORCE_HEADER = b"x-enforce-strategy"
 SESSION_HEADER = b"x-corral-session"  # a client's own conversation id (overrides the derived key)
+
+
+def trace_carrier(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The request's W3C trace context, when well formed and within W3C's limits; else nothing."""
+    parent = state = None
+    for k, v in headers:
+        if k == b"traceparent":
+            parent = v.decode("latin-1")
+        elif k == b"tracestate":
+            state = v.decode("latin-1")
+    return trace_context(parent, state)
+
+
+def _text(name: bytes, value: bytes) -> str:
+    """A header value as text; a `BadRequest` when it is not UTF-8."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise BadRequest(f"invalid {name.decode('latin-1')} header") from None
 
 
 class Gateway:
@@ -159,9 +179,7 @@ class Gateway:
     async def _model_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint: str = scope["path"]
         openai = endpoint.startswith("/v1/")
-        carrier = {
-            k.decode(): v.decode() for k, v in scope["headers"] if k in (b"traceparent", b"tracestate")
-        }
+        carrier = trace_carrier(scope["headers"])
         with server_span(self._tracer, f"POST {endpoint}", carrier):
             try:
                 body = await read_body(receive)
@@ -198,13 +216,13 @@ class Gateway:
         for k, v in scope["headers"]:
             if k == STRATEGY_HEADER:
                 try:
-                    strategy, vendor = parse_strategy(v.decode())
+                    strategy, vendor = parse_strategy(_text(k, v))
                 except ValueError as e:
                     raise BadRequest(str(e)) from None
             elif k == ENFORCE_HEADER:
-                strict = v.decode().lower() in ("1", "true", "yes")
+                strict = _text(k, v).lower() in ("1", "true", "yes")
             elif k == SESSION_HEADER and v.strip():
-                session = v.decode().strip()
+                session = _text(k, v).strip()
         work = model_work(endpoint, body, raw, vendor=vendor, strict=strict, strategy=strategy)
         work.num_ctx = bodies.num_ctx(view)
         if session is not None:  # the client names its conversation: every turn after the first follows

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -11,10 +12,14 @@ import msgspec
 from corral import views
 from corral.gateway import management
 from corral.gateway.errors import JSON, openai_body
+from corral.protocol.errors import BadRequest
 from corral.runtime.workqueue import depths
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# Ollama's own check of a blob digest (both separators, either case): at most 71 safe characters
+DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")
 
 if TYPE_CHECKING:
     from corral.gateway.app import Gateway
@@ -92,6 +97,8 @@ def build_app(gw: Gateway) -> FastAPI:
 
     @app.api_route("/api/blobs/{digest}", methods=["HEAD", "POST"])
     async def blobs(request: Request, digest: str) -> Response:
+        if not DIGEST.fullmatch(digest):  # before it goes anywhere near a NATS header
+            return management.error(BadRequest("invalid digest format"))
         return await management.to_first(gw.planner, request, f"/api/blobs/{digest}")
 
     @app.delete("/api/delete")

@@ -19,7 +19,14 @@ Headers (names in `corral.protocol.headers`)::
     Corral-Num-Ctx         the request's own options.num_ctx
     Corral-Unload          a keep_alive 0 unload (any value)
     Corral-Reply           a queued request's reply subject (JetStream keeps headers, not reply-to)
-    traceparent/tracestate W3C trace context
+    traceparent/tracestate W3C trace context (https://www.w3.org/TR/trace-context/), only when
+                           well formed: traceparent 55 characters, tracestate at most 512
+
+Size: a NATS message is its headers plus its payload, and a server closes the connection of a client
+that publishes more than its ``max_payload``. `header_size` is what a header map adds on the wire;
+a sender keeps a body inline only when `fits` says body and headers together stay under the limit
+less `HEADER_HEADROOM`, the room for what is added after the envelope (the trace context of the
+publish span, a queued request's reply subject).
 """
 
 from __future__ import annotations
@@ -31,19 +38,34 @@ from typing import Final
 import msgspec
 from corral.protocol import headers as H
 from corral.protocol.errors import BadEnvelope
-from corral.protocol.names import is_token
+from corral.protocol.names import MAX_NAME_LENGTH, is_token
 
-__all__ = ["METHODS", "BadEnvelope", "RequestEnvelope", "decode_request"]
+__all__ = [
+    "HEADER_HEADROOM",
+    "METHODS",
+    "BadEnvelope",
+    "RequestEnvelope",
+    "decode_request",
+    "fits",
+    "header_size",
+    "trace_context",
+]
 
 METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE"})
-HEADER_HEADROOM: Final = 8 * 1024  # room kept for headers under the server's max_payload
+HEADER_HEADROOM: Final = 8 * 1024  # room under max_payload for headers added after the envelope
 _RID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ENDPOINT = re.compile(r"/(api|v1)(/[A-Za-z0-9_.:/-]*)?")
 _ORIGIN = _RID
-_MAX_NAME = 512  # characters of a model name carried in Echo/Upstream headers
+_MAX_NAME = MAX_NAME_LENGTH  # characters of a model name carried in Echo/Upstream headers
 _MAX_BODY = 1 << 40
 _MAX_CTX = 1 << 24
 _MAX_TRACE = 512
+_TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACESTATE_MEMBER = re.compile(
+    r"[a-z0-9][_0-9a-z*/@-]{0,255}=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
+_TRACESTATE_MEMBERS = 32
+_NATS_HEADER_LINE = len("NATS/1.0\r\n") + len("\r\n")
 
 
 class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,7 +132,7 @@ def decode_request(headers: Mapping[str, str] | None) -> RequestEnvelope:
     origin = h.get(H.ORIGIN)
     if body_size is not None and (origin is None or not _ORIGIN.fullmatch(origin)):
         raise BadEnvelope(f"{H.BODY_SIZE} needs a {H.ORIGIN} header naming the sender")
-    trace = {k: h[k] for k in (H.TRACEPARENT, H.TRACESTATE) if k in h and len(h[k]) <= _MAX_TRACE}
+    trace = trace_context(h.get(H.TRACEPARENT), h.get(H.TRACESTATE))
     return RequestEnvelope(
         rid=rid,
         endpoint=endpoint,
@@ -135,3 +157,27 @@ def _number(h: Mapping[str, str], name: str, low: int, high: int) -> int | None:
     if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise BadEnvelope(f"bad {name} header {raw[:40]!r}")
     return int(raw)
+
+
+def trace_context(traceparent: str | None, tracestate: str | None) -> dict[str, str]:
+    """The W3C trace context worth passing on: a well-formed ``traceparent``, and with it a
+    ``tracestate`` of at most 512 characters and 32 well-formed members; anything else is dropped
+    (a malformed context starts a new trace, as the W3C recommendation asks)."""
+    if traceparent is None or not _TRACEPARENT.fullmatch(traceparent):
+        return {}
+    out = {H.TRACEPARENT: traceparent}
+    if tracestate is not None and tracestate.strip() and len(tracestate) <= _MAX_TRACE:
+        members = [m.strip() for m in tracestate.split(",") if m.strip()]
+        if len(members) <= _TRACESTATE_MEMBERS and all(_TRACESTATE_MEMBER.fullmatch(m) for m in members):
+            out[H.TRACESTATE] = ",".join(members)
+    return out
+
+
+def header_size(headers: Mapping[str, str]) -> int:
+    """Bytes a NATS header map adds to a message (its ``NATS/1.0`` block)."""
+    return _NATS_HEADER_LINE + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def fits(body_size: int, headers: Mapping[str, str], max_payload: int) -> bool:
+    """A body of ``body_size`` bytes can travel inline with ``headers`` under ``max_payload``."""
+    return body_size + header_size(headers) <= max_payload - HEADER_HEADROOM

@@ -22,6 +22,8 @@ from corral.protocol.errors import InvalidModelName
 DEFAULT_HOST: Final = "registry.ollama.ai"
 DEFAULT_NAMESPACE: Final = "library"
 DEFAULT_TAG: Final = "latest"
+MAX_NAME_LENGTH: Final = 512  # characters of a name as a client spells it (vendor pin and scheme included)
+SCHEMES: Final = ("http://", "https://")  # the only prefixes a name may carry before its host
 
 VENDORS: Final = ("nvidia", "amd", "intel", "apple", "cpu")
 ANY_VENDOR: Final = "any"
@@ -63,10 +65,19 @@ class ModelName(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def parse_name(raw: str) -> ModelName:
-    """Parse an Ollama model name; raise `InvalidModelName` where Ollama answers 400."""
+    """Parse an Ollama model name; raise `InvalidModelName` where Ollama answers 400.
+
+    A name is at most `MAX_NAME_LENGTH` characters; before its host it may carry ``http://`` or
+    ``https://`` (Ollama's insecure-registry spelling) and nothing else, so no part of a name is
+    ignored however long it is.
+    """
+    if len(raw) > MAX_NAME_LENGTH:
+        raise InvalidModelName(raw[:80])
     s = raw
     if "://" in s:
-        s = s.split("://", 1)[1]
+        scheme, s = s.split("://", 1)
+        if scheme.lower() + "://" not in SCHEMES:
+            raise InvalidModelName(raw)
     tag = DEFAULT_TAG
     colon, slash = s.rfind(":"), s.rfind("/")
     if colon > slash:

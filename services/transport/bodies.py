@@ -19,9 +19,6 @@ class LargeBodies:
         self._bodies: dict[str, bytes] = {}
         self._prefix = prefix  # length of the body subject before the request id
 
-    def too_large(self, body: bytes) -> bool:
-        return len(body) > self._nc.max_payload - HEADER_HEADROOM
-
     def keep(self, rid: str, body: bytes) -> None:
         self._bodies[rid] = body
 

@@ -23,10 +23,11 @@ import secrets
 import time
 from collections.abc import Mapping
 
+import msgspec
 import nats.errors
 from corral.protocol import headers as H
-from corral.protocol.envelope import RequestEnvelope
-from corral.protocol.errors import AgentUnavailable, NoCapacity, from_code
+from corral.protocol.envelope import RequestEnvelope, fits
+from corral.protocol.errors import AgentUnavailable, BadRequest, NoCapacity, from_code
 from corral.protocol.subjects import Subjects
 from corral.runtime.telemetry import publish_span
 from corral.transport.bodies import LargeBodies
@@ -105,17 +106,11 @@ class Transport:
         self, req: WorkRequest, agent: str | None, deadline: float
     ) -> tuple[Call, dict[str, str], bytes]:
         """Register a call for one attempt at ``req``: (call, headers, payload) to publish. The call
-        counts against ``agent`` (when named) until `release`."""
+        counts against ``agent`` (when named) until `release`. The message stays under the server's
+        max_payload: a body that does not fit beside its headers is served in chunks instead, and
+        headers that cannot fit even alone are a `BadRequest` (nothing registered)."""
         rid = format(next(self._ids), "x")
-        call = Call(rid)
-        self._calls[rid] = call
-        if agent is not None:
-            self.claimed(call, agent)
-        payload = req.body
-        large = self._bodies.too_large(payload)
-        if large:
-            self._bodies.keep(rid, payload)
-        hdrs = RequestEnvelope(
+        envelope = RequestEnvelope(
             rid=rid,
             endpoint=req.endpoint,
             deadline_ms=int((time.time() + max(deadline - time.monotonic(), 0)) * 1000),
@@ -125,11 +120,23 @@ class Transport:
             unload=req.unload,
             echo_model=req.echo_model if req.upstream_model else None,
             upstream_model=req.upstream_model if req.echo_model else None,
-            body_size=len(payload) if large else None,
-            origin=self.id if large else None,
             trace=req.trace,
-        ).headers()
+        )
+        payload = req.body
+        hdrs = envelope.headers()
+        limit = self.nc.max_payload
+        large = not fits(len(payload), hdrs, limit)
+        if large:  # the body stays here and is served in chunks (`LargeBodies`)
+            envelope = msgspec.structs.replace(envelope, body_size=len(payload), origin=self.id)
+            hdrs = envelope.headers()
+            if not fits(0, hdrs, limit):
+                raise BadRequest("request headers too large")
+        call = Call(rid)
+        self._calls[rid] = call
+        if agent is not None:
+            self.claimed(call, agent)
         if large:
+            self._bodies.keep(rid, payload)
             payload = b""
         return call, hdrs, payload
 

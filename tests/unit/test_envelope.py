@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 from corral.protocol import headers as H
-from corral.protocol.envelope import BadEnvelope, RequestEnvelope, decode_request
+from corral.protocol.envelope import (
+    HEADER_HEADROOM,
+    BadEnvelope,
+    RequestEnvelope,
+    decode_request,
+    fits,
+    header_size,
+    trace_context,
+)
 from corral.protocol.errors import BadRequest
 from corral.protocol.names import encode_token
 from hypothesis import given
@@ -98,9 +106,59 @@ def test_no_headers_at_all() -> None:
         decode_request(None)
 
 
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
 def test_oversized_trace_context_is_dropped_not_forwarded() -> None:
-    env = decode_request({**GOOD, H.TRACESTATE: "k=" + "v" * 8000, H.TRACEPARENT: "00-ab"})
-    assert env.trace == {H.TRACEPARENT: "00-ab"}
+    env = decode_request({**GOOD, H.TRACESTATE: "k=" + "v" * 8000, H.TRACEPARENT: TRACEPARENT})
+    assert env.trace == {H.TRACEPARENT: TRACEPARENT}
+    env = decode_request({**GOOD, H.TRACESTATE: "k=v", H.TRACEPARENT: "00-ab"})
+    assert env.trace == {}
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        "a=" + "b" * 511,  # over 512 characters
+        ",".join(f"k{i}=v" for i in range(33)),  # over 32 members
+        "k=v\r\nCorral-Model: x",  # no control characters
+        "K=v",  # keys are lower case
+        "k=v=w",
+    ],
+)
+def test_malformed_tracestate_is_dropped_and_the_traceparent_kept(state: str) -> None:
+    assert trace_context(TRACEPARENT, state) == {H.TRACEPARENT: TRACEPARENT}
+
+
+@pytest.mark.parametrize(
+    "parent",
+    [
+        TRACEPARENT[:-1],
+        TRACEPARENT.upper(),
+        "ff" + TRACEPARENT[2:],
+        "00-" + "0" * 32 + "-b7ad6b7169203331-01",
+        TRACEPARENT + "\n",
+        "x" * 8000,
+    ],
+)
+def test_a_malformed_traceparent_drops_the_whole_context(parent: str) -> None:
+    assert trace_context(parent, "k=v") == {}
+
+
+def test_well_formed_trace_context_is_kept() -> None:
+    state = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7,tenant@vendor=x"
+    assert trace_context(TRACEPARENT, state) == {H.TRACEPARENT: TRACEPARENT, H.TRACESTATE: state}
+
+
+def test_size_counts_headers_against_max_payload() -> None:
+    h = RequestEnvelope(rid="a1", endpoint="/api/generate", echo_model="x" * 500, upstream_model="y" * 500)
+    size = header_size(h.headers())
+    assert size > 1000
+    limit = 64 * 1024
+    room = limit - HEADER_HEADROOM - size
+    assert fits(room, h.headers(), limit)
+    assert not fits(room + 1, h.headers(), limit)
+    assert header_size({"a": "é"}) == header_size({"a": "e"}) + 1  # bytes, not characters
 
 
 _HEADER_NAMES = sorted(v for k, v in vars(H).items() if k.isupper() and isinstance(v, str))

@@ -10,6 +10,7 @@ from corral.protocol.names import (
     DEFAULT_HOST,
     DEFAULT_NAMESPACE,
     DEFAULT_TAG,
+    MAX_NAME_LENGTH,
     ModelName,
     decode_token,
     encode_token,
@@ -316,3 +317,26 @@ def test_pinned_remainder_is_a_plain_model_name() -> None:
     vendor, rest = split_vendor_pin("amd/mattw/pyg:7b")
     assert vendor == "amd"
     assert parse_name(rest).key == "mattw/pyg:7b"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "j" * 10_000 + "://llama3.2",  # a junk prefix is not ignored
+        "ftp://llama3.2",
+        "://llama3.2",
+        "http:/" + "/" + "x" * 600,
+        "llama3.2\r\n",
+        "llama3.2\x00",
+        "lla ma",
+    ],
+)
+def test_hostile_names_are_invalid(raw: str) -> None:
+    with pytest.raises(InvalidModelName):
+        parse_name(raw)
+
+
+def test_http_and_https_schemes_are_the_only_prefixes() -> None:
+    assert parse_name("https://example.com/ns/m:t").key == "example.com/ns/m:t"
+    assert parse_name("HTTP://example.com/ns/m:t").key == "example.com/ns/m:t"
+    assert len("https://" + "h" * 350 + "/n/m:t") <= MAX_NAME_LENGTH
