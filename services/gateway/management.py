@@ -109,7 +109,7 @@ async def pull(planner: Planner, request: Request) -> Response:
         fields = msgspec.json.decode(body)
         replicas = request.headers.get(REPLICAS_HEADER, "1").strip().lower()
         vendor = request.headers.get(VENDOR_HEADER, "").strip().lower() or None
-        if replicas != "all" and not (replicas.isdigit() and int(replicas) > 0):
+        if replicas != "all" and not (replicas.isascii() and replicas.isdigit() and int(replicas) > 0):
             raise BadRequest(f"{REPLICAS_HEADER} must be a positive number or 'all'")
         if vendor is not None and vendor not in VENDORS:
             raise BadRequest(f"{VENDOR_HEADER} must be one of {', '.join(VENDORS)}")

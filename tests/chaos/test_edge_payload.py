@@ -111,3 +111,59 @@ async def test_a_blob_digest_that_is_not_one_is_400_before_any_publish(fleet: Lo
         async with s.head(f"{fleet.url}/api/blobs/{'%0d%0a' * 10}") as r:
             assert r.status == 400
         await _plain(s, fleet.url)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/api/generate", [(b"x-load-balancing-strategy", b"\xff\xfe")]),
+        ("/api/chat", [(b"x-corral-session", b"caf\xe9")]),
+        ("/api/generate", [(b"x-enforce-strategy", b"\x80")]),
+        ("/api/pull", [(b"x-corral-replicas", "²".encode("latin-1"))]),  # int() takes it
+        ("/api/pull", [(b"x-corral-vendor", b"\xff")]),
+    ],
+)
+async def test_odd_header_bytes_are_400_not_500(
+    fleet: LocalFleet, path: str, headers: list[tuple[bytes, bytes]]
+) -> None:
+    body = b'{"model": "llama3.2", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}'
+    status, reply = await _raw_post(fleet.url, path, body, headers)
+    assert status == 400, reply
+    assert b'"error"' in reply
+    async with aiohttp.ClientSession() as s:
+        await _plain(s, fleet.url)
+
+
+async def _raw_post(
+    url: str, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 POST written byte for byte (aiohttp will not send non-UTF-8 header values)."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    try:
+        head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\nconnection: close\r\n"
+        writer.write(head.encode() + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    status_line, _, rest = raw.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+async def test_nats_client_neutralises_line_breaks_in_header_values(nats_server: NatsServer) -> None:
+    """The pinned nats-py keeps a header value on its line: no value can smuggle a header."""
+    import nats
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        sub = await nc.subscribe("edge.crlf")
+        await nc.publish("edge.crlf", b"", headers={"A": "x\r\nCorral-Model: evil", "B": "y\nZ: z"})
+        msg = await sub.next_msg(timeout=5)
+    finally:
+        await nc.close()
+    assert msg.headers is not None
+    assert set(msg.headers) == {"A", "B"}
