@@ -40,7 +40,7 @@ async def serve(settings: AgentSettings) -> int:
     if provider is not None:
         provider.shutdown()
     await task
-    return 0
+    return 1 if agent.connection_lost else 0
 
 
 def main(argv: list[str] | None = None) -> int:

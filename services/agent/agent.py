@@ -27,7 +27,7 @@ import msgspec
 from corral.agent.backend import Backend
 from corral.agent.claims import Claims
 from corral.agent.intake import guarded, job_from
-from corral.agent.lifecycle import Lifecycle, Wakeups, default_agent_id, wait_at_most
+from corral.agent.lifecycle import Lifecycle, Wakeups, default_agent_id, leave, reopen, wait_at_most
 from corral.agent.ollama import OllamaClient
 from corral.agent.runners import RunnerChange, RunnerTracker
 from corral.agent.settings import AgentSettings
@@ -148,9 +148,11 @@ class Agent:
                 self._wake.closing.set()
                 await cancel_and_wait(loops)  # they park on events; nothing is left for them to do
         finally:
-            await self._close()
-            self.lifecycle = Lifecycle.STOPPED
-            self._wake.done.set()
+            try:
+                await self._close()
+            finally:
+                self.lifecycle = Lifecycle.STOPPED
+                self._wake.done.set()
 
     async def stop(self) -> None:
         """Drain and stop; idempotent and safe before start."""
@@ -162,7 +164,8 @@ class Agent:
         await self._wake.done.wait()
 
     async def _open(self) -> None:
-        self.nc = nc = await connect(self.settings.nats_url, name=f"corral-agent-{self.id}")
+        on = {"on_closed": self._wake.connection_closed, "on_reconnected": self._reconnected}
+        self.nc = nc = await connect(self.settings.nats_url, name=f"corral-agent-{self.id}", **on)
         self._buckets = await ensure_buckets(nc.jetstream(), self.subjects)
         self._worker = Worker(
             nc,
@@ -181,12 +184,23 @@ class Agent:
         self._subs.append(await nc.subscribe(self.subjects.agent_ctl(self.id), cb=self._on_ctl))
         await self._publish_state()
 
+    @property
+    def connection_lost(self) -> bool:
+        return self._wake.lost.is_set()  # stopped because NATS closed the connection for good
+
+    def _reconnected(self) -> None:
+        """Back on NATS (maybe a restarted server that lost the agents bucket): the state loop
+        opens the buckets again and says who we are at once, not after the next heartbeat."""
+        self._wake.reconnected.set()
+        self._changed(claims=True, state=True)
+
     async def _drain(self) -> None:
         assert self._claims is not None
         self.lifecycle = Lifecycle.DRAINING
         self.status = "draining"
         await self._claims.drop()
-        await self._publish_state()
+        if self.nc is not None and self.nc.is_connected:  # else nobody reads it: heartbeats stop
+            await self._publish_state()
         for _, job in self.slots.waiters():
             self._cancel_job(job)
         running = [j.task for j in self._jobs.values() if j.task is not None]
@@ -201,16 +215,8 @@ class Agent:
                 await asyncio.wait(pending)
 
     async def _close(self) -> None:
-        if self.nc is not None and not self.nc.is_closed:
-            if self._buckets is not None:
-                try:
-                    await self._buckets.agents.delete(self.id)
-                except (NatsError, JetStreamError, TimeoutError) as e:
-                    log.warning("cannot remove agent %s from the fleet: %s", self.id, e)
-            try:
-                await self.nc.drain()
-            except (NatsError, TimeoutError) as e:
-                log.warning("draining the NATS connection: %s", e)
+        if self.nc is not None:
+            await leave(self.nc, self._buckets.agents if self._buckets else None, self.id)
         await self.ollama.close()
 
     # -- work intake -------------------------------------------------------------------------
@@ -471,6 +477,9 @@ class Agent:
             await wait_at_most(self._wake.state, self.settings.heartbeat_s)
             self._wake.state.clear()
             if self.lifecycle is Lifecycle.RUNNING:
+                if self._wake.reconnected.is_set() and self.nc is not None:
+                    self._wake.reconnected.clear()
+                    self._buckets = await reopen(self.nc, self.subjects) or self._buckets
                 await self._publish_state()
             await wait_at_most(self._wake.closing, 0.1)
 

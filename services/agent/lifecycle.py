@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import socket
 from dataclasses import dataclass, field
+
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import Buckets, ensure_buckets
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JetStreamError
+from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
 
 
 class Lifecycle(enum.Enum):
@@ -25,6 +35,15 @@ class Wakeups:
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # asked to stop
     closing: asyncio.Event = field(default_factory=asyncio.Event)  # drained: the loops end
     done: asyncio.Event = field(default_factory=asyncio.Event)  # stopped
+    reconnected: asyncio.Event = field(default_factory=asyncio.Event)  # open the buckets again
+    lost: asyncio.Event = field(default_factory=asyncio.Event)  # NATS closed for good: exit non-zero
+
+    def connection_closed(self) -> None:
+        """The NATS connection closed: by our own stop, or for good (then the agent stops)."""
+        if not self.stop.is_set():
+            log.error("the NATS connection is closed for good: the agent stops")
+            self.lost.set()
+            self.stop.set()
 
 
 def default_agent_id(ollama_url: str) -> str:
@@ -42,3 +61,38 @@ async def wait_at_most(event: asyncio.Event, timeout: float) -> None:
             await event.wait()
     except TimeoutError:
         return
+
+
+async def leave(nc: NATS, agents: KeyValue | None, agent_id: str) -> None:
+    """The last step of a stop: remove the agent's state and drain the connection — or, with NATS
+    away, just close it: a delete or a drain would only wait for a server that is not there. The
+    state then expires by itself (missed heartbeats); what could not be sent is lost with it."""
+    if nc.is_closed:
+        return
+    if not nc.is_connected:
+        log.warning("agent %s stopping without NATS: closing the connection", agent_id)
+        try:
+            await nc.close()
+        except (OSError, RuntimeError, NatsError) as e:
+            # nats-py writes what it still held to the dead socket: asyncio raises an OSError,
+            # uvloop a RuntimeError ("the handler is closed"). The connection is closed either way.
+            log.debug("closing the NATS connection: %r", e)
+        return
+    if agents is not None:
+        try:
+            await agents.delete(agent_id)
+        except (NatsError, JetStreamError, TimeoutError) as e:
+            log.warning("cannot remove agent %s from the fleet: %s", agent_id, e)
+    try:
+        await nc.drain()
+    except (NatsError, TimeoutError) as e:
+        log.warning("draining the NATS connection: %s", e)
+
+
+async def reopen(nc: NATS, subjects: Subjects) -> Buckets | None:
+    """The buckets, created again where a restarted NATS lost them; None while it cannot say."""
+    try:
+        return await ensure_buckets(nc.jetstream(), subjects)
+    except (NatsError, JetStreamError, TimeoutError) as e:  # the next reconnect tries again
+        log.warning("cannot open the buckets again after a reconnect: %s", e)
+        return None

@@ -7,7 +7,7 @@ import logging
 
 from corral.aggregator.aggregator import Aggregator
 from corral.aggregator.settings import AggregatorSettings
-from corral.runtime.process import service_main, wait_for_signal
+from corral.runtime.process import service_main, wait_for_stop
 from corral.runtime.settings import add_arguments
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,10 @@ async def serve(settings: AggregatorSettings) -> int:
     agg = Aggregator(settings)
     await agg.start()
     try:
-        await wait_for_signal()
+        lost = await wait_for_stop(agg.lost)
     finally:
         await agg.stop()
-    return 0
+    return 1 if lost else 0
 
 
 def main(argv: list[str] | None = None) -> int:

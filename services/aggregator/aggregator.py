@@ -101,6 +101,7 @@ class Aggregator:
         self._task: asyncio.Task[None] | None = None
         self._written: dict[str, bytes] = {}
         self._stopping = False
+        self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit
 
     @property
     def fleet(self) -> FleetView:
@@ -108,7 +109,7 @@ class Aggregator:
         return self._fleet
 
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, name="corral-aggregator")
+        self.nc = await connect(self.settings.nats_url, name="corral-aggregator", on_closed=self.lost.set)
         self._buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
         self._fleet = FleetView(self._buckets.agents)
         await self._fleet.start()

@@ -7,7 +7,7 @@ import logging
 
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
-from corral.runtime.process import service_main, wait_for_signal
+from corral.runtime.process import service_main, wait_for_stop
 from corral.runtime.settings import add_arguments
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,10 @@ async def serve(settings: RegistrySettings) -> int:
     registry = Registry(settings)
     await registry.start()
     try:
-        await wait_for_signal()
+        lost = await wait_for_stop(registry.lost)
     finally:
         await registry.stop()
-    return 0
+    return 1 if lost else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,6 +108,7 @@ class Registry:
         self._pulls: set[asyncio.Task[None]] = set()
         self.placer: Placer | None = None
         self._index: ModelIndexWriter | None = None  # the model index in the models bucket
+        self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit
 
     @property
     def fleet(self) -> FleetView:
@@ -116,7 +117,7 @@ class Registry:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, name="corral-registry")
+        self.nc = await connect(self.settings.nats_url, name="corral-registry", on_closed=self.lost.set)
         self._buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
         self._fleet = FleetView(self._buckets.agents)
         await self._fleet.start()

@@ -1,14 +1,32 @@
-"""Connect to NATS and make sure the JetStream buckets Corral needs exist."""
+"""Connect to NATS and make sure the JetStream buckets Corral needs exist.
+
+A connection reconnects for ever, with a capped, jittered backoff between attempts, and logs a
+repeated error at most once per `ERROR_LOG_EVERY_S`. A connection that nats-py closes for good
+(the server closed it for a protocol or authorization error) calls ``on_closed``: each service's
+``serve`` waits on that beside its stop signal and exits non-zero, so its supervisor restarts it
+instead of leaving a process up that answers nothing.
+
+What survives a NATS restart (`ensure_buckets`): the fleet queue holds clients' requests and the
+models bucket holds load markers and the model index, so both are kept in files. The agents bucket,
+the views and the sessions are rewritten by their owners (agents heartbeat and re-announce on
+reconnect; the aggregator rewrites views on every change; a lost session only costs a cold prompt
+cache), so memory storage is enough for them and keeps their frequent writes off the disk.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 from corral.protocol.subjects import Subjects
 from corral.runtime.workqueue import ensure_stream
 from nats.aio.client import Client as NATS
+from nats.aio.client import Server
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError
@@ -16,11 +34,62 @@ from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
+RECONNECT_FIRST_S = 0.25  # the wait before the second attempt to reach a server that went away
+RECONNECT_MAX_S = 2.0  # the backoff's cap: a restarted server is found again within this
+ERROR_LOG_EVERY_S = 10.0  # the same connection error is logged at most this often
 
-async def connect(url: str, *, name: str) -> NATS:
-    """A connection that reconnects forever and reports state changes in the log."""
+
+def reconnect_delay(attempts: int, *, rng: random.Random | None = None) -> float:
+    """The wait before reconnect attempt ``attempts + 1``: doubling from `RECONNECT_FIRST_S`,
+    capped at `RECONNECT_MAX_S`, with jitter (a half to the whole of it) so a fleet that lost its
+    server does not come back in lockstep."""
+    if attempts <= 0:
+        return 0.0
+    full = min(RECONNECT_MAX_S, RECONNECT_FIRST_S * 2 ** (attempts - 1))
+    return float(full * (0.5 + 0.5 * (rng or random).random()))
+
+
+def _next_server(servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
+    """nats-py's reconnect hook: the least-tried server, after its backoff."""
+    server = min(servers, key=lambda s: s.reconnects)
+    return server, reconnect_delay(server.reconnects)
+
+
+class _RateLimitedLog:
+    """Logs an error at once, then the same text at most every `ERROR_LOG_EVERY_S` (with how many
+    repeats were held back): a server that is away is one line every few seconds, not a flood."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._last: tuple[str, float] | None = None
+        self._held = 0
+
+    def __call__(self, e: Exception) -> None:
+        text, now = str(e) or type(e).__name__, time.monotonic()
+        if self._last is not None and self._last[0] == text and now - self._last[1] < ERROR_LOG_EVERY_S:
+            self._held += 1
+            return
+        more = f" (and {self._held} more times)" if self._held else ""
+        log.warning("%s: NATS error: %s%s", self.name, text, more)
+        self._last, self._held = (text, now), 0
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    on_closed: Callable[[], object] | None = None,
+    on_reconnected: Callable[[], object] | None = None,
+) -> NATS:
+    """A connection that reconnects for ever and reports state changes in the log.
+
+    ``on_closed`` is called once the connection is closed, by us or for good by nats-py;
+    ``on_reconnected`` after every reconnect (a restarted server may have lost what lived in
+    memory: the caller wakes its own loops to ensure its buckets and restart its watches — the
+    callback runs inside nats-py's reconnect, so it must not wait on NATS itself)."""
 
     nc: NATS | None = None
+    error_log = _RateLimitedLog(name)
 
     async def on_disconnect() -> None:
         if nc is not None and (nc.is_closed or nc.is_draining):
@@ -30,18 +99,28 @@ async def connect(url: str, *, name: str) -> NATS:
 
     async def on_reconnect() -> None:
         log.info("%s: reconnected to NATS", name)
+        if on_reconnected is not None:
+            on_reconnected()
 
     async def on_error(e: Exception) -> None:
-        log.warning("%s: NATS error: %s", name, e)
+        error_log(e)
+
+    async def on_close() -> None:
+        if nc is not None and nc.last_error is not None:
+            log.error("%s: NATS connection closed for good: %s", name, nc.last_error)
+        if on_closed is not None:
+            on_closed()
 
     nc = await nats.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=RECONNECT_MAX_S,  # nats-py's own wait, only used while closing
+        reconnect_to_server_handler=_next_server,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
         error_cb=on_error,
+        closed_cb=on_close,
         drain_timeout=5,  # bounded: a stop never waits longer than this for subscriptions to drain
     )
     return nc
@@ -55,21 +134,21 @@ class Buckets:
     views: KeyValue
 
 
-async def ensure_buckets(js: JetStreamContext, subjects: Subjects) -> Buckets:
+async def ensure_buckets(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> Buckets:
     """Open the KV buckets and the overflow queue's stream, creating what does not exist yet
-    (idempotent across services)."""
+    (idempotent across services; safe to call again after a NATS restart)."""
 
-    async def bucket(name: str, *, ttl: float | None = None) -> KeyValue:
+    async def bucket(name: str, storage: StorageType, *, ttl: float | None = None) -> KeyValue:
         try:
             return await js.key_value(name)
         except BucketNotFoundError:
-            cfg = KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=StorageType.MEMORY)
+            cfg = KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=storage, replicas=replicas)
             return await js.create_key_value(cfg)
 
-    await ensure_stream(js, subjects)
+    await ensure_stream(js, subjects, replicas=replicas)
     return Buckets(
-        agents=await bucket(subjects.agents_bucket),
-        models=await bucket(subjects.models_bucket),
-        sessions=await bucket(subjects.sessions_bucket, ttl=3600.0),
-        views=await bucket(subjects.views_bucket),
+        agents=await bucket(subjects.agents_bucket, StorageType.MEMORY),  # rewritten every heartbeat
+        models=await bucket(subjects.models_bucket, StorageType.FILE),  # index and load markers
+        sessions=await bucket(subjects.sessions_bucket, StorageType.MEMORY, ttl=3600.0),  # a cache
+        views=await bucket(subjects.views_bucket, StorageType.MEMORY),  # rewritten on every change
     )

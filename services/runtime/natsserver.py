@@ -96,6 +96,8 @@ class NatsServer:
     async def start(self) -> None:
         if self._proc is not None:
             raise NatsServerError("nats-server already started")
+        self._ready.clear()  # started again after `kill`: wait for this run's "ready" line
+        self._js_seen = False
         args = [find_binary(), "-a", self.host, "-p", str(self.port)]
         if self.config_file:
             # the config file owns JetStream and its store_dir (nats-server rejects both at once);
@@ -166,6 +168,23 @@ class NatsServer:
             self._tmp.cleanup()
             self._tmp = None
             self._store_dir = None
+
+    async def kill(self) -> None:
+        """SIGKILL the server, as a crash would; its port and store stay, and `start` runs it
+        again on both (what it kept in files comes back, what it kept in memory is gone)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if self._log_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._log_task
+            self._log_task = None
+
+    def reload(self) -> None:
+        """Ask the running server to read its config file again (SIGHUP)."""
+        assert self._proc is not None, "nats-server not running"
+        self._proc.send_signal(signal.SIGHUP)
 
     async def wait(self) -> int:
         assert self._proc is not None

@@ -67,6 +67,23 @@ async def wait_for_signal() -> signal.Signals:
             loop.remove_signal_handler(sig)
 
 
+async def wait_for_stop(lost: asyncio.Event) -> bool:
+    """Wait for SIGINT or SIGTERM, or for ``lost`` (the NATS connection closed for good); True when
+    the connection was lost, and the service should exit non-zero so that its supervisor restarts it."""
+    signalled = asyncio.create_task(wait_for_signal(), name="signals")
+    closed = asyncio.create_task(lost.wait(), name="connection-lost")
+    try:
+        await asyncio.wait((signalled, closed), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (signalled, closed):
+            t.cancel()
+        await asyncio.wait((signalled, closed))
+    if lost.is_set():
+        log.error("the NATS connection is closed for good: exiting so that a supervisor restarts us")
+        return True
+    return False
+
+
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of the settings every process shares (`CommonSettings`): ``--nats-url``, ``--root``..."""
     add_arguments(p, CommonSettings)

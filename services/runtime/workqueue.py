@@ -59,11 +59,15 @@ class Queued:
     seq: int
 
 
-async def ensure_stream(js: JetStreamContext, subjects: Subjects, *, depth: int | None = None) -> None:
-    """Create the queue stream if it does not exist (idempotent across services; the first wins).
+async def ensure_stream(
+    js: JetStreamContext, subjects: Subjects, *, depth: int | None = None, replicas: int = 1
+) -> None:
+    """Create the queue stream if it does not exist (idempotent across services; the first wins;
+    safe to call again after a NATS restart).
 
     ``depth`` (requests per model and vendor) is enforced when given — the gateway, which enqueues,
-    passes its setting; other services pass None and leave an existing stream as it is.
+    passes its setting; other services pass None and leave an existing stream as it is. The stream
+    is kept in files: it holds clients' requests, which must outlive a NATS restart.
     """
     try:
         info = await js.stream_info(subjects.queue_stream)
@@ -77,7 +81,8 @@ async def ensure_stream(js: JetStreamContext, subjects: Subjects, *, depth: int 
         name=subjects.queue_stream,
         subjects=[subjects.queue_all],
         retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.MEMORY,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
         discard=DiscardPolicy.NEW,
         discard_new_per_subject=True,
         max_msgs_per_subject=depth or DEFAULT_DEPTH,
