@@ -17,6 +17,7 @@ import msgspec
 import nats.errors
 from corral import views
 from corral.gateway import bodies, management
+from corral.gateway.edge import Edge
 from corral.gateway.planner import Planner
 from corral.gateway.relay import Receive, Scope, Send, read_body, relay, respond_error
 from corral.gateway.routes import build_app
@@ -87,6 +88,11 @@ class Gateway:
         self._rates: views.Rates | None = None
         self._rates_seen = asyncio.Event()
         self._tracer = tracer(__name__, tracer_provider)
+        self._edge = Edge(
+            max_body_bytes=settings.max_body_bytes,
+            max_requests=settings.max_requests,
+            body_timeout_s=settings.body_timeout_s,
+        )
         self.app = build_app(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -101,6 +107,7 @@ class Gateway:
             self.subjects,
             claim_timeout=self.settings.claim_timeout_s,
             idle_timeout=self.settings.idle_timeout_s,
+            reply_buffer=self.settings.reply_buffer_bytes,
             tracer=self._tracer,
         )
         await self._transport.start()
@@ -160,6 +167,11 @@ class Gateway:
                 await self.nc.drain()
 
     @property
+    def edge(self) -> Edge:
+        """The bounds every HTTP request meets (`corral.gateway.edge`)."""
+        return self._edge
+
+    @property
     def fleet(self) -> FleetView:
         assert self._fleet is not None, "gateway not started"
         return self._fleet
@@ -171,7 +183,13 @@ class Gateway:
 
     # -- ASGI --------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in MODEL_ENDPOINTS:
+        if scope["type"] == "http":
+            await self._edge.serve(scope, receive, send, self._http)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "POST" and scope["path"] in MODEL_ENDPOINTS:
             await self._model_request(scope, receive, send)
         else:
             await self.app(scope, receive, send)

@@ -11,6 +11,9 @@ Strategy = Literal["auto", "round_robin", "random", "least_connection", "vram", 
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
+    """One attribute per setting: each is a documented flag and environment variable, so the
+    gateway's many attributes are its configuration surface, not state."""
+
     host: Annotated[str, setting("address to listen on (0.0.0.0 for all)")] = "127.0.0.1"
     port: Annotated[int, setting("port to listen on (Ollama's by default)", ge=0, le=65535)] = 11434
     claim_timeout_s: Annotated[
@@ -51,3 +54,17 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     auto_pull: Annotated[
         bool, setting("a request for a model no agent has pulls it onto one agent first")
     ] = False
+    max_body_bytes: Annotated[
+        int,
+        setting("largest request body (blob uploads included) before 413; bodies are held in memory", ge=1),
+    ] = 256 * 1024 * 1024
+    max_requests: Annotated[
+        int, setting("requests with a body (POST, DELETE) served at once before 503 server busy", ge=1)
+    ] = 1024
+    body_timeout_s: Annotated[
+        float, setting("a request body must arrive whole within this, or the client is cut off (408)", gt=0)
+    ] = 60.0
+    reply_buffer_bytes: Annotated[
+        int,
+        setting("reply bytes one request may hold unread; past it the request is cancelled", ge=1),
+    ] = 32 * 1024 * 1024

@@ -51,12 +51,14 @@ class Transport:
         *,
         claim_timeout: float = 2.0,
         idle_timeout: float = 10.0,
+        reply_buffer: int = 0,
         tracer: Tracer | None = None,
     ) -> None:
         self.nc = nc
         self.subjects = subjects
         self.claim_timeout = claim_timeout  # an agent must claim within this
         self.idle_timeout = idle_timeout  # a claimed request silent this long means a dead agent
+        self.reply_buffer = reply_buffer  # bytes of reply one call may hold unread; 0 = no bound
         self._tracer = tracer
         self.id = secrets.token_hex(6)
         self._ids = itertools.count(1)
@@ -94,7 +96,11 @@ class Transport:
     async def _on_reply(self, msg: Msg) -> None:
         call = self._calls.get(msg.subject[self._reply_prefix :])
         if call is not None:
-            call.queue.put_nowait(msg)
+            overflowed = call.overflowed
+            if not call.put(msg) and not overflowed and call.agent:
+                # its reader fell too far behind: stop the work now, not when the reader notices
+                log.warning("reply to %s overflowed %d bytes; cancelling it", call.rid, self.reply_buffer)
+                await self._send_cancel(call.agent, call.rid)
         elif msg.headers and msg.headers.get(H.KIND) in (H.CLAIM, H.HEAD) and H.AGENT in msg.headers:
             # a claim (or claiming head) for a request we already gave up on: tell that agent to drop it
             agent = msg.headers.get(H.AGENT)
@@ -131,7 +137,7 @@ class Transport:
             hdrs = envelope.headers()
             if not fits(0, hdrs, limit):
                 raise BadRequest("request headers too large")
-        call = Call(rid)
+        call = Call(rid, self.reply_buffer)
         self._calls[rid] = call
         if agent is not None:
             self.claimed(call, agent)

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Protocol
 
 from corral.protocol import headers as H
-from corral.protocol.errors import AgentUnavailable, from_code
+from corral.protocol.errors import AgentUnavailable, Cancelled, from_code
 from nats.aio.msg import Msg
 
 
@@ -29,24 +29,61 @@ class Outcome(enum.Enum):
 
 
 class Call:
-    """One registered request: the reply messages routed to it, and the agent that claimed it."""
+    """One registered request: the reply messages routed to it, and the agent that claimed it.
 
-    __slots__ = ("agent", "queue", "rid")
+    Its queue holds at most ``max_bytes`` of reply data (0: no bound). A reply that arrives faster
+    than its reader takes it (a client that stops reading) overflows it: the queue is emptied, the
+    call is ``overflowed`` and its reader gets `Cancelled` once it has taken what came before.
+    """
 
-    def __init__(self, rid: str) -> None:
+    __slots__ = ("_bytes", "_max_bytes", "agent", "overflowed", "queue", "rid")
+
+    def __init__(self, rid: str, max_bytes: int = 0) -> None:
         self.rid = rid
-        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.queue: asyncio.Queue[Msg | None] = asyncio.Queue()  # None: the overflow mark
         self.agent: str | None = None
+        self.overflowed = False
+        self._bytes = 0
+        self._max_bytes = max_bytes
+
+    def put(self, msg: Msg) -> bool:
+        """Queue one reply message; False when it overflows the bound (or did before)."""
+        if self.overflowed:
+            return False
+        size = len(msg.data)
+        if self._max_bytes and self._bytes + size > self._max_bytes:
+            self.overflowed = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self._bytes = 0
+            self.queue.put_nowait(None)
+            return False
+        self._bytes += size
+        self.queue.put_nowait(msg)
+        return True
+
+    def take(self) -> Msg:
+        """The next queued message now; `asyncio.QueueEmpty` when there is none."""
+        return self._taken(self.queue.get_nowait())
 
     async def next(self, timeout: float) -> Msg:
         try:
-            return self.queue.get_nowait()
+            return self.take()
         except asyncio.QueueEmpty:
             pass
         # asyncio.timeout, not wait_for: no task per wait, and a cancel is never swallowed when
         # the message arrives at the same moment (wait_for can lose it on Python 3.11)
         async with asyncio.timeout(timeout):
-            return await self.queue.get()
+            return self._taken(await self.queue.get())
+
+    def _taken(self, msg: Msg | None) -> Msg:
+        if msg is None:
+            self.queue.put_nowait(None)  # every later read fails the same way
+            raise Cancelled(
+                f"reply cancelled: the client read it slower than it came (over {self._max_bytes} bytes waiting)"
+            )
+        self._bytes -= len(msg.data)
+        return msg
 
 
 class CallOwner(Protocol):
@@ -136,7 +173,7 @@ class Reply:
                         self._check_end(hdrs)
                         return
                     try:
-                        msg = call.queue.get_nowait()
+                        msg = call.take()
                     except asyncio.QueueEmpty:
                         break
                 if parts:

@@ -1,0 +1,108 @@
+"""The bounds at the HTTP edge, against a real gateway socket: body size, body time, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+from corral.runtime.natsserver import NatsServer
+from corral.up import FleetOptions, LocalFleet, default_sims
+
+from tests.integration.fleet_helpers import preload
+
+pytestmark = pytest.mark.chaos
+
+MODEL = "llama3.2"
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+async def fleet(nats_server: NatsServer) -> AsyncIterator[LocalFleet]:
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root="edgelimits",
+        sims=default_sims(1, time_scale=0.01),
+        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
+        gateway={
+            "queue_timeout_s": 5.0,
+            "max_body_bytes": MAX_BODY,
+            "max_requests": 2,
+            "body_timeout_s": 1.0,
+        },
+        registry=None,
+        aggregator=None,
+    )
+    async with LocalFleet(options) as f:
+        await preload(f, MODEL)
+        yield f
+
+
+async def _plain(url: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{url}/api/generate", json={"model": MODEL, "prompt": "hi", "stream": False}) as r:
+            assert r.status == 200, await r.text()
+
+
+async def _open(url: str, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    u = urlsplit(url)
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    writer.write(head)
+    await writer.drain()
+    return reader, writer
+
+
+def _status(raw: bytes) -> int:
+    return int(raw.split(b"\r\n", 1)[0].split()[1])
+
+
+@pytest.mark.parametrize("path", ["/api/generate", "/api/blobs/sha256:" + "a" * 64, "/api/create"])
+async def test_a_body_over_the_cap_is_413(fleet: LocalFleet, path: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{fleet.url}{path}", data=b"x" * (MAX_BODY + 1)) as r:
+            assert r.status == 413
+            assert "too large" in (await r.json())["error"]
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: cut off as it passes the cap
+            for _ in range(MAX_BODY // 1024 + 2):
+                yield b"y" * 1024
+
+        async with s.post(f"{fleet.url}{path}", data=chunks()) as r:
+            assert r.status == 413
+    await _plain(fleet.url)
+
+
+async def test_a_half_sent_body_is_cut_off_with_408(fleet: LocalFleet) -> None:
+    head = b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n" + b'{"model":'
+    reader, writer = await _open(fleet.url, head)
+    try:
+        raw = await asyncio.wait_for(reader.read(), 10)  # the server closes the connection after it
+    finally:
+        writer.close()
+    assert _status(raw) == 408
+    assert b'"error"' in raw
+    await _plain(fleet.url)
+
+
+async def test_requests_beyond_the_limit_are_503_at_once(fleet: LocalFleet) -> None:
+    assert fleet.gateway is not None
+    head = b"POST /api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{"
+    slow = [await _open(fleet.url, head) for _ in range(2)]  # two requests held reading their bodies
+    try:
+        await fleet.gateway.edge.wait_active(2, timeout=10)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{fleet.url}/api/generate", json={"model": MODEL, "prompt": "hi"}) as r:
+                assert r.status == 503
+                assert (await r.json())["error"].startswith("server busy")
+            async with s.get(f"{fleet.url}/api/tags") as r:  # the views are not counted
+                assert r.status == 200
+        for reader, _ in slow:
+            assert _status(await asyncio.wait_for(reader.read(), 10)) == 408
+    finally:
+        for _, writer in slow:
+            writer.close()
+    assert fleet.gateway.edge.active == 0
+    await _plain(fleet.url)
