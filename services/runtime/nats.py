@@ -1,7 +1,7 @@
 """Connect to NATS and make sure the JetStream buckets Corral needs exist.
 
-A connection reconnects for ever, with a capped, jittered backoff between attempts, and logs a
-repeated error at most once per `ERROR_LOG_EVERY_S`. A connection that nats-py closes for good
+A connection reconnects for ever, with a capped, jittered backoff between attempts, and logs
+its errors at most once per `ERROR_LOG_EVERY_S`. A connection that nats-py closes for good
 (the server closed it for a protocol or authorization error) calls ``on_closed``: each service's
 ``serve`` waits on that beside its stop signal and exits non-zero, so its supervisor restarts it
 instead of leaving a process up that answers nothing.
@@ -56,22 +56,22 @@ def _next_server(servers: list[Server], info: dict[str, Any]) -> tuple[Server | 
 
 
 class _RateLimitedLog:
-    """Logs an error at once, then the same text at most every `ERROR_LOG_EVERY_S` (with how many
-    repeats were held back): a server that is away is one line every few seconds, not a flood."""
+    """Logs an error at once, then at most one every `ERROR_LOG_EVERY_S` (saying how many were held
+    back): a server that is away is one line every few seconds, not one per reconnect attempt."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._last: tuple[str, float] | None = None
+        self._last: float | None = None
         self._held = 0
 
     def __call__(self, e: Exception) -> None:
-        text, now = str(e) or type(e).__name__, time.monotonic()
-        if self._last is not None and self._last[0] == text and now - self._last[1] < ERROR_LOG_EVERY_S:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < ERROR_LOG_EVERY_S:
             self._held += 1
             return
-        more = f" (and {self._held} more times)" if self._held else ""
-        log.warning("%s: NATS error: %s%s", self.name, text, more)
-        self._last, self._held = (text, now), 0
+        more = f" ({self._held} more errors since the last one logged)" if self._held else ""
+        log.warning("%s: NATS error: %s%s", self.name, str(e) or type(e).__name__, more)
+        self._last, self._held = now, 0
 
 
 async def connect(
