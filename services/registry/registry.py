@@ -32,6 +32,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 import msgspec
 import nats.errors
@@ -44,9 +45,9 @@ from corral.registry.index import ModelIndexWriter
 from corral.registry.placement import Placer, ReplicaSettings
 from corral.registry.settings import RegistrySettings
 from corral.routing import pull_order
-from corral.runtime.fleet import STALE_HEARTBEATS, FleetView
+from corral.runtime.fleet import SILENT_RESTART_S, STALE_HEARTBEATS, FleetView, received_at
 from corral.runtime.nats import Buckets, connect, ensure_buckets
-from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.transport import Reply, Transport, WorkRequest, fan_out
 from corral.transport.replies import ReplyWriter
 from nats.aio.client import Client as NATS
@@ -102,7 +103,7 @@ class Registry:
         self._buckets: Buckets | None = None
         self._fleet: FleetView | None = None
         self._transport: Transport | None = None
-        self._known: dict[str, tuple[int, AgentState]] = {}  # agent id → (KV revision, state)
+        self._known: dict[str, _Known] = {}  # agent id → its last state, as heard
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = asyncio.Event()
         self._pulls: set[asyncio.Task[None]] = set()
@@ -123,12 +124,15 @@ class Registry:
         await self._fleet.start()
         self._transport = Transport(self.nc, self.subjects)
         await self._transport.start()
-        watcher = await self._buckets.agents.watchall()
-        self._tasks.append(asyncio.create_task(self._watch(watcher), name="registry-watch"))
+        self._tasks.append(
+            asyncio.create_task(supervise("registry watch", self._watch), name="registry-watch")
+        )
         await asyncio.wait_for(self._synced.wait(), 10)
         self._index = ModelIndexWriter(self._buckets.agents, self._buckets.models)
         await self._index.start()
-        self._tasks.append(asyncio.create_task(self._reaper(), name="registry-reaper"))
+        self._tasks.append(
+            asyncio.create_task(supervise("registry reaper", self._reaper), name="registry-reaper")
+        )
         await self.nc.subscribe(self.subjects.registry("pull"), queue=QUEUE_GROUP, cb=self._on_pull)
         self.placer = Placer(
             self.nc,
@@ -144,7 +148,9 @@ class Registry:
         await self.nc.subscribe(
             self.subjects.registry("unplace"), queue=QUEUE_GROUP, cb=self.placer.on_unplace
         )
-        self._tasks.append(asyncio.create_task(self.placer.replica_loop(), name="registry-replicas"))
+        self._tasks.append(
+            asyncio.create_task(supervise("replica loop", self.placer.replica_loop), name="registry-replicas")
+        )
         log.info("registry ready: %d agents", len(self._known))
 
     async def stop(self) -> None:
@@ -163,52 +169,88 @@ class Registry:
                 await self.nc.drain()
 
     # -- membership ----------------------------------------------------------------------------
-    async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is None:
-                self._synced.set()
-                continue
-            agent_id, revision = entry.key, entry.revision or 0
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                self._known.pop(agent_id, None)
-                await self._gone(agent_id)
-                continue
-            try:
-                state = agent_state_decoder.decode(entry.value)
-            except msgspec.DecodeError:
-                continue
-            previous = self._known.get(agent_id)
-            self._known[agent_id] = (revision, state)
-            if previous is None or previous[1].started_at != state.started_at:
-                await self._joined(state)
+    async def _watch(self) -> None:
+        """Watch the agents bucket for ever (its supervisor opens it again when it fails)."""
+        while True:
+            await self._watch_once()
+
+    async def _watch_once(self) -> None:
+        """One watch: its snapshot (agents known but missing from it are gone), then every change
+        until it is silent for `SILENT_RESTART_S` (a NATS restart replaced the bucket under it)."""
+        assert self._buckets is not None
+        watcher = await self._buckets.agents.watchall()
+        seen: set[str] | None = set()  # the snapshot's agents, until it ends
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=SILENT_RESTART_S)  # type: ignore[no-untyped-call]
+                except nats.errors.TimeoutError:  # agents heartbeat: a NATS restart replaced the bucket
+                    return
+                if entry is None:
+                    for gone in set(self._known) - (seen or set()):
+                        self._known.pop(gone, None)
+                        await self._gone(gone)
+                    seen = None
+                    self._synced.set()
+                    continue
+                await self._seen(entry, snapshot=seen is not None)
+                if seen is not None:
+                    seen.add(entry.key)
+        finally:
+            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _seen(self, entry: KeyValue.Entry, *, snapshot: bool) -> None:
+        agent_id, revision = entry.key, entry.revision or 0
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self._known.pop(agent_id, None)
+            await self._gone(agent_id)
+            return
+        try:
+            state = agent_state_decoder.decode(entry.value)
+        except msgspec.DecodeError:
+            return
+        previous = self._known.get(agent_id)
+        self._known[agent_id] = _Known(revision, state, received_at(entry, snapshot=snapshot))
+        if previous is None or previous.state.started_at != state.started_at:
+            await self._joined(state)
 
     def _dead_after(self, state: AgentState) -> float:
         return self.settings.dead_after_s or STALE_HEARTBEATS * state.heartbeat_s
 
     async def _reaper(self) -> None:
-        """Judge silent agents. Wakes at the earliest moment one could be late; no NATS polling."""
+        """Judge silent agents by when their state arrived here (monotonic), never by their own
+        clocks. Wakes at the earliest moment one could be late; no NATS polling."""
         while True:
-            now = time.time()
+            now = time.monotonic()
             wake = 1.0
-            for agent_id, (revision, state) in list(self._known.items()):
-                late = state.updated_at + self._dead_after(state) - now
+            for agent_id, known in list(self._known.items()):
+                late = known.heard + self._dead_after(known.state) - now
                 if late <= 0:
-                    await self._declare_dead(agent_id, revision)
+                    await self._declare_dead(agent_id, known.revision)
                 else:
                     wake = min(wake, late)
-            await asyncio.sleep(max(wake, 0.05))
+            await asyncio.sleep(max(wake, 0.05))  # the next deadline, not a poll
 
     async def _declare_dead(self, agent_id: str, revision: int) -> None:
+        """Remove an agent that missed its heartbeats, and announce it. The ``dead`` marker goes
+        first, so that a registry seeing the delete does not announce a clean ``left``; when the
+        compare-and-set delete then fails (the agent spoke again, or another registry removed it),
+        the marker is put back as it was, so the agent's next clean stop is still announced."""
         assert self._buckets is not None
         marker = _member_key(agent_id)
+        before = None
         try:
-            entry = await self._buckets.views.get(marker)
-            await self._buckets.views.update(marker, _DEAD, last=entry.revision)
+            before = await self._buckets.views.get(marker)
+            mine = await self._buckets.views.update(marker, _DEAD, last=before.revision)
         except (KeyNotFoundError, KeyWrongLastSequenceError):
-            pass  # another registry is on it
+            mine = None  # another registry is on it, or it never joined
         try:
             await self._buckets.agents.delete(agent_id, last=revision)
         except APIError:  # wrong last sequence: it spoke again, or another registry removed it
+            if mine is not None and before is not None and before.value is not None:
+                with contextlib.suppress(KeyWrongLastSequenceError):
+                    await self._buckets.views.update(marker, before.value, last=mine)
             return
         self._known.pop(agent_id, None)
         log.warning("agent %s missed its heartbeats: removed from the fleet", agent_id)
@@ -391,6 +433,12 @@ class Registry:
                 yield _enc.encode(_Progress("success")) + b"\n"
         finally:
             await cancel_and_wait([runner])
+
+
+class _Known(NamedTuple):
+    revision: int  # the KV revision of ``state``: the death delete is conditional on it
+    state: AgentState
+    heard: float  # when it arrived (monotonic; see `received_at`)
 
 
 def _member_key(agent_id: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from collections.abc import Iterable
@@ -17,28 +18,48 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, agent_state_decoder
 from corral.protocol.names import key_of
-from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.tasks import cancel_and_wait, supervise
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
 STALE_HEARTBEATS = 3.0  # an agent silent for this many heartbeats is treated as dead
+SILENT_RESTART_S = 15.0  # a watch that heard nothing this long (agents heartbeat) is opened again
+
+
+def received_at(entry: KeyValue.Entry, *, snapshot: bool) -> float:
+    """When, on this process's monotonic clock, ``entry``'s state was as good as heard.
+
+    Liveness never compares an agent's own clock with ours: an update is as fresh as the moment it
+    arrived. An entry of a watch's initial snapshot may be old, though: it is as old as the time the
+    server stored it (the stream's timestamp, one clock for every reader), so a dead agent's last
+    state is not taken for a fresh one by a process that starts after it died."""
+    now = time.monotonic()
+    created: object = entry.created  # nats-py types it int; it is the message's datetime
+    if not snapshot or not isinstance(created, datetime.datetime):
+        return now
+    age = time.time() - created.timestamp()
+    return now - max(age, 0.0)
 
 
 class FleetView:
+    # Ten attributes: the bucket, the agents with when each was heard (the only state) and the two
+    # indexes over them, the change notifier and revision, and the watch task with its sync and
+    # restart events.
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
         self._agents: dict[str, AgentState] = {}
+        self._heard: dict[str, float] = {}  # agent id → monotonic time its state arrived
         self._disk: dict[str, set[str]] = {}  # model key → agent ids with it on disk
         self._loaded: dict[str, set[str]] = {}  # model key → agent ids with it loaded
         self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
+        self._restart = asyncio.Event()
         self.revision = 0
 
     async def start(self, timeout: float = 10.0) -> None:
-        watcher = await self._kv.watchall()
-        self._task = asyncio.create_task(self._watch(watcher), name="fleet-watch")
+        self._task = asyncio.create_task(supervise("fleet watch", self._watch), name="fleet-watch")
         await asyncio.wait_for(self._synced.wait(), timeout)
 
     async def stop(self) -> None:
@@ -46,12 +67,46 @@ class FleetView:
             await cancel_and_wait([self._task])
             self._task = None
 
-    async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
+    def restart(self) -> None:
+        """Open the watch again (after a reconnect: a restarted NATS may have a new bucket)."""
+        self._restart.set()
+
+    async def _watch(self) -> None:
+        """Watch for ever: a new watch whenever one ends (silence) or `restart` is asked for; a
+        watch that fails is raised to the supervisor, which logs it and backs off."""
+        while True:
+            self._restart.clear()
+            run = asyncio.create_task(self._watch_once(), name="fleet-watch-once")
+            restart = asyncio.create_task(self._restart.wait(), name="fleet-watch-restart")
+            try:
+                await asyncio.wait((run, restart), return_when=asyncio.FIRST_COMPLETED)
+                failure = run.exception() if run.done() and not run.cancelled() else None
+            finally:
+                await cancel_and_wait([run, restart])
+            if failure is not None:
+                raise failure
+
+    async def _watch_once(self) -> None:
+        """One watch: the snapshot (agents it lacks are gone), then updates until it is silent for
+        `SILENT_RESTART_S` (agents heartbeat more often: a NATS restart may have replaced the
+        bucket under it, and the watch would never hear of it)."""
+        watcher = await self._kv.watchall()
+        seen: set[str] | None = set()  # the agents of the snapshot, until it ends
         try:
-            async for entry in watcher:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=SILENT_RESTART_S)  # type: ignore[no-untyped-call]
+                except nats.errors.TimeoutError:
+                    return
                 if entry is None:  # end of the initial snapshot
+                    for gone in set(self._agents) - (seen or set()):
+                        self._remove(gone)
+                    seen = None
                     self._synced.set()
+                    self._notify()
                     continue
+                if seen is not None:
+                    seen.add(entry.key)
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
                     self._remove(entry.key)
                 else:
@@ -59,6 +114,8 @@ class FleetView:
                         self._put(agent_state_decoder.decode(entry.value))
                     except msgspec.DecodeError:
                         log.warning("ignoring undecodable agent state for %s", entry.key)
+                        continue
+                    self._heard[entry.key] = received_at(entry, snapshot=seen is not None)
                 self._notify()
         finally:
             with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
@@ -73,6 +130,7 @@ class FleetView:
             self._loaded.setdefault(key, set()).add(state.id)
 
     def _remove(self, agent_id: str) -> None:
+        self._heard.pop(agent_id, None)
         old = self._agents.pop(agent_id, None)
         if old is None:
             return
@@ -94,22 +152,29 @@ class FleetView:
 
     # -- queries (all O(agents holding the model), never O(fleet)) -----------------------------
     def alive(self, state: AgentState, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
-        return now - state.updated_at <= STALE_HEARTBEATS * state.heartbeat_s
+        """Whether ``state``'s agent was heard within its last `STALE_HEARTBEATS` heartbeats, by
+        this process's monotonic clock (``now``), never by the agent's own."""
+        heard = self._heard.get(state.id)
+        now = time.monotonic() if now is None else now
+        return heard is not None and now - heard <= STALE_HEARTBEATS * state.heartbeat_s
+
+    def heard(self, agent_id: str) -> float | None:
+        """When (monotonic) the current state of ``agent_id`` arrived."""
+        return self._heard.get(agent_id)
 
     def agents(self) -> list[AgentState]:
-        now = time.time()
+        now = time.monotonic()
         return [a for a in self._agents.values() if self.alive(a, now)]
 
     def get(self, agent_id: str) -> AgentState | None:
         return self._agents.get(agent_id)
 
     def with_model(self, key: str) -> list[AgentState]:
-        now = time.time()
+        now = time.monotonic()
         return [a for i in self._disk.get(key, ()) if (a := self._agents[i]) and self.alive(a, now)]
 
     def loaded_on(self, key: str) -> list[AgentState]:
-        now = time.time()
+        now = time.monotonic()
         return [a for i in self._loaded.get(key, ()) if (a := self._agents[i]) and self.alive(a, now)]
 
     def is_loaded(self, agent_id: str, key: str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -39,3 +39,35 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, timeout: floa
     for t in tasks:
         if not t.cancelled():
             t.exception()  # retrieved: a stopping task's error is not news
+
+
+BACKOFF_FIRST_S = 0.1  # a failed loop's first restart comes this soon
+BACKOFF_MAX_S = 10.0  # and a loop that keeps failing is restarted at least this often
+
+
+async def supervise(
+    name: str,
+    loop: Callable[[], Awaitable[None]],
+    *,
+    first_s: float = BACKOFF_FIRST_S,
+    max_s: float = BACKOFF_MAX_S,
+    healthy_s: float = 30.0,
+) -> None:
+    """Run ``loop()`` until it returns; when it raises, log the traceback and run it again after a
+    capped exponential backoff (reset once a run lasted ``healthy_s``). Cancellation ends it.
+
+    For a service's long-running loops (watches, reapers): a JetStream timeout must not end one
+    silently while the rest of the service keeps answering."""
+    clock = asyncio.get_running_loop().time
+    backoff = first_s
+    while True:
+        started = clock()
+        try:
+            await loop()
+            return
+        except Exception:
+            log.exception("%s failed; restarting it in %.1fs", name, backoff)
+        if clock() - started >= healthy_s:
+            backoff = first_s
+        await asyncio.sleep(backoff)  # a backoff period, not a wait for an event
+        backoff = min(backoff * 2, max_s)
