@@ -32,7 +32,7 @@ from corral.protocol.messages import RequestFinished
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
 from corral.runtime.nats import Buckets, connect, ensure_buckets
-from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import depths
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -115,7 +115,7 @@ class Aggregator:
         await self._fleet.start()
         await self.nc.subscribe(self.subjects.event("request"), cb=self._on_finished)
         await self.write()
-        self._task = asyncio.create_task(self._loop(), name="aggregator")
+        self._task = asyncio.create_task(supervise("aggregator views", self._loop), name="aggregator")
         log.info("aggregator ready: %d agents", len(self._fleet.agents()))
 
     async def stop(self) -> None:
