@@ -83,10 +83,9 @@ def parse_keep_alive(value: object) -> float | None:
     if isinstance(value, bool):
         raise DurationError("Unsupported type: 'bool'")
     if isinstance(value, int | float):
-        return FOREVER if value < 0 else float(value)
+        return _bounded(float(value))
     if isinstance(value, str):
-        d = parse_go_duration(value)
-        return FOREVER if d < 0 else d
+        return _bounded(parse_go_duration(value))
     if isinstance(value, dict):
         raise DurationError("Unsupported type: 'map[string]interface {}'")
     if isinstance(value, list):
@@ -100,7 +99,12 @@ def parse_server_keep_alive(value: str) -> float:
         secs = float(int(value))
     except ValueError:
         secs = parse_go_duration(value)
-    return FOREVER if secs < 0 else secs
+    return _bounded(secs)
+
+
+def _bounded(secs: float) -> float:
+    """Negative, or longer than a Go time.Duration can hold (MaxInt64 ns, ~292 years): forever."""
+    return FOREVER if secs < 0 or secs * 1e9 >= MAX_INT64 or math.isnan(secs) else secs
 
 
 class CreatedAt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,11 @@ def test_embeddings_are_deterministic_and_normalised() -> None:
     v = embed("hello", 384)
     assert v == embed("hello", 384) and v != embed("world", 384)
     assert sum(x * x for x in v) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("value", [10**30, 1e300, "2562048h"])
+def test_keep_alive_beyond_a_go_duration_is_forever(value: object) -> None:
+    # a Go time.Duration holds MaxInt64 ns (~292 years); longer is forever, and /api/ps can show it
+    secs = parse_keep_alive(value)
+    assert secs == FOREVER
+    assert format_local(time.time() + secs).startswith("23")  # Go's now + MaxInt64 ns
