@@ -119,10 +119,11 @@ _fields = st.fixed_dictionaries(
             _json, st.lists(st.fixed_dictionaries({}, optional={"role": _json, "content": _json}), max_size=3)
         ),
         "stream": _json,
-        # odd spellings and types, but no date past year 9999: the simulator cannot show one in /api/ps
+        # odd spellings and types, and lengths past any calendar
         "keep_alive": st.one_of(
-            st.sampled_from([0, "0", "0s", "-1m", "5m", "1h2x", None, True, [], {}, "", "x" * 300]),
+            st.sampled_from([0, "0", "0s", "-1m", "5m", "1h2x", None, True, [], {}, "", "x" * 300, 1e300]),
             st.integers(-(10**6), 10**6),
+            st.integers(10**12, 10**40),
         ),
         "options": st.one_of(
             _json, st.fixed_dictionaries({}, optional={"num_ctx": _json, "num_predict": st.just(2)})
