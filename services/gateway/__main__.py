@@ -7,7 +7,7 @@ import logging
 
 from corral.gateway.app import Gateway
 from corral.gateway.settings import GatewaySettings
-from corral.runtime.process import AsgiServer, service_main, wait_for_signal
+from corral.runtime.process import AsgiServer, service_main, wait_for_stop
 from corral.runtime.settings import add_arguments
 from corral.runtime.telemetry import setup_tracing
 
@@ -25,16 +25,17 @@ def parser() -> argparse.ArgumentParser:
 
 async def serve(settings: GatewaySettings) -> int:
     provider = setup_tracing("corral-gateway", endpoint=settings.otlp_endpoint)
-    server = AsgiServer(Gateway(settings), settings.host, settings.port, log_level=settings.log_level)
+    gateway = Gateway(settings)
+    server = AsgiServer(gateway, settings.host, settings.port, log_level=settings.log_level)
     await server.start()
     log.info("gateway listening on %s", server.url)
     try:
-        await wait_for_signal()
+        lost = await wait_for_stop(gateway.lost)
     finally:
         await server.stop()
         if provider is not None:
             provider.shutdown()
-    return 0
+    return 1 if lost else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,8 @@ from corral.protocol.errors import BadRequest, CorralError, ModelNotFound
 from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import connect, ensure_buckets
-from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.nats import Reopener, connect, ensure_buckets
+from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import server_span, tracer
 from corral.runtime.workqueue import ensure_stream
 from corral.transport import Transport, WorkRequest, model_work
@@ -66,7 +66,12 @@ def _text(name: bytes, value: bytes) -> str:
 
 class Gateway:
     """``router`` carries the routing strategies' state; pass ``Router(seed=N)`` for a reproducible
-    ``random`` strategy (benchmarks)."""
+    ``random`` strategy (benchmarks).
+
+    Sixteen attributes: the settings with what they give (subjects, edge, tracer, router), the
+    NATS connection with its closed-for-good event and reopener, the four parts it serves with
+    (fleet view, transport, planner, the FastAPI app) and the aggregator's rates with their watch
+    (task, latest figures, arrival and restart events)."""
 
     def __init__(
         self,
@@ -87,6 +92,9 @@ class Gateway:
         self._rates_task: asyncio.Task[None] | None = None
         self._rates: views.Rates | None = None
         self._rates_seen = asyncio.Event()
+        self._rates_restart = asyncio.Event()
+        self._reopener: Reopener | None = None
+        self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit
         self._tracer = tracer(__name__, tracer_provider)
         self._edge = Edge(
             max_body_bytes=settings.max_body_bytes,
@@ -97,9 +105,21 @@ class Gateway:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, name="corral-gateway")
-        buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
-        await ensure_stream(self.nc.jetstream(), self.subjects, depth=self.settings.queue_depth)
+        replicas = self.settings.js_replicas
+        self.nc = await connect(
+            self.settings.nats_url,
+            name="corral-gateway",
+            on_closed=self.lost.set,
+            on_reconnected=self._reconnected,
+        )
+        buckets = await ensure_buckets(self.nc.jetstream(), self.subjects, replicas=replicas)
+        await ensure_stream(
+            self.nc.jetstream(), self.subjects, depth=self.settings.queue_depth, replicas=replicas
+        )
+        self._reopener = Reopener(
+            self.nc, self.subjects, self._reopened, replicas=replicas, depth=self.settings.queue_depth
+        )
+        self._reopener.start()
         self._fleet = FleetView(buckets.agents)
         await self._fleet.start()
         self._transport = Transport(
@@ -118,11 +138,42 @@ class Gateway:
             router=self._router,
             sessions=Sessions(buckets.sessions) if self.settings.sessions else None,
         )
-        self._rates_task = asyncio.create_task(self._watch_rates(buckets.views), name="rates-watch")
+        self._rates_task = asyncio.create_task(
+            supervise("rates watch", lambda: self._watch_rates(buckets.views)), name="rates-watch"
+        )
         log.info("gateway ready: %d agents in the fleet", len(self._fleet.agents()))
 
+    def _reconnected(self) -> None:
+        """Back on NATS, maybe a restarted one that lost what it kept in memory: ensure the buckets
+        and the queue stream again, then restart the watches (`_reopened`)."""
+        if self._reopener is not None:
+            self._reopener.request()
+
+    def _reopened(self) -> None:
+        if self._fleet is not None:
+            self._fleet.restart()
+        self._rates_restart.set()
+
     async def _watch_rates(self, kv: KeyValue) -> None:
-        """Keep the aggregator's latest rates (the only part of /api/status it alone knows)."""
+        """Keep the aggregator's latest rates (the only part of /api/status it alone knows); a new
+        watch whenever the buckets were opened again (see `_reconnected`)."""
+        while True:
+            self._rates_restart.clear()
+            watch = asyncio.create_task(self._watch_rates_once(kv), name="rates-watch-once")
+            restart = asyncio.create_task(self._rates_restart.wait(), name="rates-watch-restart")
+            try:
+                await asyncio.wait((watch, restart), return_when=asyncio.FIRST_COMPLETED)
+                failure = watch.exception() if watch.done() and not watch.cancelled() else None
+            finally:
+                await cancel_and_wait([watch, restart])
+            if failure is not None:
+                if self._reopener is not None:
+                    self._reopener.missing(failure)
+                raise failure
+            if not self._rates_restart.is_set():  # the watch ended by itself: wait to be reopened
+                await self._rates_restart.wait()
+
+    async def _watch_rates_once(self, kv: KeyValue) -> None:
         watcher = await kv.watch(views.RATES_KEY)
         try:
             async for entry in watcher:
@@ -152,6 +203,8 @@ class Gateway:
         return self._rates
 
     async def stop(self) -> None:
+        if self._reopener is not None:
+            await self._reopener.stop()
         if self._rates_task is not None:
             await cancel_and_wait([self._rates_task])
         if self._planner is not None:

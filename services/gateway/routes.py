@@ -13,6 +13,7 @@ from corral import views
 from corral.gateway import management
 from corral.gateway.errors import JSON, openai_body
 from corral.protocol.errors import BadRequest
+from corral.runtime.health import not_ready
 from corral.runtime.workqueue import depths
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
@@ -48,6 +49,15 @@ def build_app(gw: Gateway) -> FastAPI:
     @app.api_route("/", methods=["GET", "HEAD"])
     async def root() -> Response:
         return PlainTextResponse("Ollama is running")
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        # readiness, not liveness (that is `/`): NATS connected and JetStream answering
+        problem = await not_ready(gw.nc)
+        if problem is not None:
+            body = msgspec.json.encode({"status": "not ready", "error": problem})
+            return Response(body, status_code=503, media_type=JSON)
+        return Response(msgspec.json.encode({"status": "ready"}), media_type=JSON)
 
     @app.api_route("/api/version", methods=["GET", "HEAD"])
     async def version() -> Response:

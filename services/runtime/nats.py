@@ -15,6 +15,7 @@ cache), so memory storage is enough for them and keeps their frequent writes off
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -24,12 +25,15 @@ from typing import Any
 
 import nats
 from corral.protocol.subjects import Subjects
+from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import ensure_stream
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import Error as JetStreamError
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
@@ -152,3 +156,70 @@ async def ensure_buckets(js: JetStreamContext, subjects: Subjects, *, replicas: 
         sessions=await bucket(subjects.sessions_bucket, StorageType.MEMORY, ttl=3600.0),  # a cache
         views=await bucket(subjects.views_bucket, StorageType.MEMORY),  # rewritten on every change
     )
+
+
+def is_missing(e: BaseException) -> bool:
+    """Whether a KV or stream call failed because its bucket or stream is gone (a restarted NATS
+    that kept it in memory) or JetStream is not up yet: creating them again is the cure."""
+    return isinstance(e, (BucketNotFoundError, NotFoundError, NoStreamResponseError, ServiceUnavailableError))
+
+
+class Reopener:
+    """Ensures the buckets and the queue stream again whenever asked — after every reconnect
+    (``connect(on_reconnected=reopener.request)``) and when a call finds one missing (`is_missing`)
+    — then calls ``reopened`` (the owner restarts its watches there). The `KeyValue` handles of the
+    first `ensure_buckets` stay valid: a bucket created again has the same name and stream.
+
+    `start` runs its loop under `corral.runtime.tasks.supervise`: an ensure that fails is asked for
+    again and raised, so the supervisor logs it and retries after its backoff."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        reopened: Callable[[], object],
+        *,
+        replicas: int = 1,
+        depth: int | None = None,
+    ) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self._reopened = reopened
+        self._replicas = replicas
+        self._depth = depth  # the queue's depth, enforced by whoever enqueues (see `ensure_stream`)
+        self._wanted = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(supervise("reopen buckets", self._run), name="reopen-buckets")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+            self._task = None
+
+    def request(self) -> None:
+        """Ensure again soon (cheap; safe from nats-py's callbacks: it waits on nothing)."""
+        self._wanted.set()
+
+    def missing(self, e: BaseException) -> bool:
+        """`request` when ``e`` says a bucket or stream is gone; returns whether it did."""
+        if is_missing(e):
+            log.warning("a bucket or stream is missing (%s): creating them again", type(e).__name__)
+            self.request()
+            return True
+        return False
+
+    async def _run(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            try:
+                js = self._nc.jetstream()
+                await ensure_buckets(js, self._subjects, replicas=self._replicas)
+                if self._depth is not None:
+                    await ensure_stream(js, self._subjects, depth=self._depth, replicas=self._replicas)
+            except (NatsError, JetStreamError, TimeoutError):
+                self._wanted.set()  # the supervisor retries after its backoff
+                raise
+            self._reopened()

@@ -289,6 +289,10 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     otlp_endpoint: Annotated[
         str, setting("OTLP/HTTP endpoint for traces, e.g. http://localhost:4318", shown="off", secret=True)
     ] = ""
+    js_replicas: Annotated[
+        int,
+        setting("JetStream replicas of every KV bucket and of the queue stream (a NATS cluster)", ge=1, le=5),
+    ] = 1
 
     def __repr__(self) -> str:
         return masked_repr(self)

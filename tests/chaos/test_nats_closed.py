@@ -65,6 +65,7 @@ async def _drain_stderr(proc: asyncio.subprocess.Process) -> None:
         ("registry", "registry ready", ()),
         ("aggregator", "aggregator ready", ()),
         ("agent", "serving", ("--id", "a1", "--ollama", "http://127.0.0.1:9", "--vendor", "cpu")),
+        ("gateway", "gateway listening", ("--port", "0")),
     ],
 )
 async def test_a_connection_closed_for_good_exits_non_zero(
