@@ -31,7 +31,7 @@ from corral.aggregator.settings import AggregatorSettings
 from corral.protocol.messages import RequestFinished
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import Buckets, connect, ensure_buckets
+from corral.runtime.nats import Buckets, Reopener, connect, ensure_buckets
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import depths
 from nats.aio.client import Client as NATS
@@ -102,6 +102,7 @@ class Aggregator:
         self._written: dict[str, bytes] = {}
         self._stopping = False
         self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit
+        self._reopener: Reopener | None = None  # the buckets again after a NATS restart
 
     @property
     def fleet(self) -> FleetView:
@@ -109,8 +110,16 @@ class Aggregator:
         return self._fleet
 
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, name="corral-aggregator", on_closed=self.lost.set)
-        self._buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
+        self.nc = await connect(
+            self.settings.nats_url,
+            name="corral-aggregator",
+            on_closed=self.lost.set,
+            on_reconnected=self._reconnected,
+        )
+        replicas = self.settings.js_replicas
+        self._buckets = await ensure_buckets(self.nc.jetstream(), self.subjects, replicas=replicas)
+        self._reopener = Reopener(self.nc, self.subjects, self._reopened, replicas=replicas)
+        self._reopener.start()
         self._fleet = FleetView(self._buckets.agents)
         await self._fleet.start()
         await self.nc.subscribe(self.subjects.event("request"), cb=self._on_finished)
@@ -120,6 +129,8 @@ class Aggregator:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._reopener is not None:
+            await self._reopener.stop()
         if self._task is not None:
             await cancel_and_wait([self._task])
             self._task = None
@@ -128,6 +139,17 @@ class Aggregator:
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(nats.errors.Error):  # closed meanwhile: nothing left to drain
                 await self.nc.drain()
+
+    def _reconnected(self) -> None:
+        """Back on NATS, maybe a restarted one that lost the views bucket: open it again."""
+        if self._reopener is not None:
+            self._reopener.request()
+
+    def _reopened(self) -> None:
+        """The buckets are open again: watch the fleet anew and write every view again (a views
+        bucket created again is empty, whatever was written before)."""
+        self._written.clear()
+        self.fleet.restart()
 
     async def _on_finished(self, msg: Msg) -> None:
         try:
@@ -145,7 +167,8 @@ class Aggregator:
                 await self.write()
             except nats.errors.Error as e:  # NATS away for a moment: the next round writes again
                 # (nats-py may turn a cancellation into its own error: hence the flag above)
-                log.warning("writing views failed: %s", e)
+                if self._reopener is None or not self._reopener.missing(e):
+                    log.warning("writing views failed: %s", e)
 
     async def write(self) -> None:
         assert self._buckets is not None and self.nc is not None

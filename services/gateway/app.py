@@ -29,7 +29,7 @@ from corral.protocol.errors import BadRequest, CorralError, ModelNotFound
 from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import Reopener, connect, ensure_buckets
+from corral.runtime.nats import Reopener, connect, ensure_buckets, watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import server_span, tracer
 from corral.runtime.workqueue import ensure_stream
@@ -158,20 +158,12 @@ class Gateway:
         """Keep the aggregator's latest rates (the only part of /api/status it alone knows); a new
         watch whenever the buckets were opened again (see `_reconnected`)."""
         while True:
-            self._rates_restart.clear()
-            watch = asyncio.create_task(self._watch_rates_once(kv), name="rates-watch-once")
-            restart = asyncio.create_task(self._rates_restart.wait(), name="rates-watch-restart")
             try:
-                await asyncio.wait((watch, restart), return_when=asyncio.FIRST_COMPLETED)
-                failure = watch.exception() if watch.done() and not watch.cancelled() else None
-            finally:
-                await cancel_and_wait([watch, restart])
-            if failure is not None:
+                await watch_until(lambda: self._watch_rates_once(kv), self._rates_restart)
+            except (nats.errors.Error, TimeoutError) as e:
                 if self._reopener is not None:
-                    self._reopener.missing(failure)
-                raise failure
-            if not self._rates_restart.is_set():  # the watch ended by itself: wait to be reopened
-                await self._rates_restart.wait()
+                    self._reopener.missing(e)
+                raise
 
     async def _watch_rates_once(self, kv: KeyValue) -> None:
         watcher = await kv.watch(views.RATES_KEY)

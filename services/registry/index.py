@@ -37,7 +37,8 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, agent_state_decoder
 from corral.protocol.names import encode_token, key_of
-from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.nats import watch_until
+from corral.runtime.tasks import cancel_and_wait, supervise
 from nats.js.errors import APIError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
@@ -117,11 +118,13 @@ class ModelIndexWriter:
         self._synced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._rewatch = asyncio.Event()
 
     async def start(self, timeout: float = 10.0) -> None:
         """Follow the agents bucket; returns once the current fleet has been read."""
-        watcher = await self._agents_kv.watchall()
-        self._tasks.append(asyncio.create_task(self._watch(watcher), name="model-index-watch"))
+        self._tasks.append(
+            asyncio.create_task(supervise("model index watch", self._follow), name="model-index-watch")
+        )
         await asyncio.wait_for(self._synced.wait(), timeout)
         self._tasks.append(asyncio.create_task(self._loop(), name="model-index"))
 
@@ -143,13 +146,30 @@ class ModelIndexWriter:
             self._holdings[agent_id] = held
             self._dirty.set()
 
-    async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
+    def restart(self) -> None:
+        """Watch the agents bucket anew (after the buckets were opened again on a restarted NATS);
+        the index itself is kept in files and survives."""
+        self._rewatch.set()
+
+    async def _follow(self) -> None:
+        while True:
+            await watch_until(self._watch, self._rewatch)
+
+    async def _watch(self) -> None:
+        watcher = await self._agents_kv.watchall()
+        seen: set[str] | None = set()  # the snapshot's agents, until it ends
         try:
             async for entry in watcher:
                 if entry is None:  # end of the initial snapshot: write once even if nothing is held
+                    for gone in set(self._agents) - (seen or set()):
+                        self.observe(gone, None)
+                    seen = None
                     self._synced.set()
                     self._dirty.set()
-                elif entry.operation in ("DEL", "PURGE") or not entry.value:
+                    continue
+                if seen is not None:
+                    seen.add(entry.key)
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
                     self.observe(entry.key, None)
                 else:
                     try:

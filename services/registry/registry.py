@@ -46,7 +46,7 @@ from corral.registry.placement import Placer, ReplicaSettings
 from corral.registry.settings import RegistrySettings
 from corral.routing import pull_order
 from corral.runtime.fleet import SILENT_RESTART_S, STALE_HEARTBEATS, FleetView, received_at
-from corral.runtime.nats import Buckets, connect, ensure_buckets
+from corral.runtime.nats import Buckets, Reopener, connect, ensure_buckets, watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.transport import Reply, Transport, WorkRequest, fan_out
 from corral.transport.replies import ReplyWriter
@@ -110,6 +110,8 @@ class Registry:
         self.placer: Placer | None = None
         self._index: ModelIndexWriter | None = None  # the model index in the models bucket
         self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit
+        self._reopener: Reopener | None = None  # the buckets again after a NATS restart
+        self._rewatch = asyncio.Event()  # the buckets were opened again: watch them anew
 
     @property
     def fleet(self) -> FleetView:
@@ -118,8 +120,17 @@ class Registry:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, name="corral-registry", on_closed=self.lost.set)
-        self._buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
+        self.nc = await connect(
+            self.settings.nats_url,
+            name="corral-registry",
+            on_closed=self.lost.set,
+            on_reconnected=self._reconnected,
+        )
+        self._buckets = await ensure_buckets(
+            self.nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
+        )
+        self._reopener = Reopener(self.nc, self.subjects, self._reopened, replicas=self.settings.js_replicas)
+        self._reopener.start()
         self._fleet = FleetView(self._buckets.agents)
         await self._fleet.start()
         self._transport = Transport(self.nc, self.subjects)
@@ -154,6 +165,8 @@ class Registry:
         log.info("registry ready: %d agents", len(self._known))
 
     async def stop(self) -> None:
+        if self._reopener is not None:
+            await self._reopener.stop()
         if self.placer is not None:
             await self.placer.stop()
         await cancel_and_wait([*self._tasks, *self._pulls])
@@ -168,11 +181,29 @@ class Registry:
             with contextlib.suppress(nats.errors.Error):  # closed meanwhile: nothing left to drain
                 await self.nc.drain()
 
+    def _reconnected(self) -> None:
+        """Back on NATS, maybe a restarted one that lost its memory buckets: open them again."""
+        if self._reopener is not None:
+            self._reopener.request()
+
+    def _reopened(self) -> None:
+        """The buckets are open again: every watch starts anew from the bucket's snapshot."""
+        self.fleet.restart()
+        self._rewatch.set()
+        if self._index is not None:
+            self._index.restart()
+
     # -- membership ----------------------------------------------------------------------------
     async def _watch(self) -> None:
-        """Watch the agents bucket for ever (its supervisor opens it again when it fails)."""
+        """Watch the agents bucket for ever (its supervisor opens it again when it fails; a
+        bucket found missing is created again first)."""
         while True:
-            await self._watch_once()
+            try:
+                await watch_until(self._watch_once, self._rewatch)
+            except (nats.errors.Error, TimeoutError) as e:
+                if self._reopener is not None:
+                    self._reopener.missing(e)
+                raise
 
     async def _watch_once(self) -> None:
         """One watch: its snapshot (agents known but missing from it are gone), then every change

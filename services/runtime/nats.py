@@ -19,7 +19,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,3 +223,19 @@ class Reopener:
                 self._wanted.set()  # the supervisor retries after its backoff
                 raise
             self._reopened()
+
+
+async def watch_until(watch: Callable[[], Coroutine[Any, Any, None]], restart: asyncio.Event) -> None:
+    """Run one ``watch()`` until it ends or ``restart`` is set (cleared first); a watch that fails
+    raises here, for the loop's supervisor. A watch on a bucket that a restarted NATS created again
+    hears nothing more: its owner sets ``restart`` once the buckets are open again (`Reopener`)."""
+    restart.clear()
+    run = asyncio.create_task(watch(), name="watch")
+    again = asyncio.create_task(restart.wait(), name="watch-restart")
+    try:
+        await asyncio.wait((run, again), return_when=asyncio.FIRST_COMPLETED)
+        failure = run.exception() if run.done() and not run.cancelled() else None
+    finally:
+        await cancel_and_wait([run, again])
+    if failure is not None:
+        raise failure
