@@ -1,0 +1,108 @@
+"""A NATS restart is not an outage: nats-server SIGKILLed and started again on the same port and
+store, and, without restarting any Corral process, the fleet serves again.
+
+The gateway, registry, aggregator and two agents beside simulators run in this process
+(`corral.up.LocalFleet`) against a nats-server the test controls. What the server kept in memory
+(the agents and views buckets) is gone after the restart: every service opens the buckets again on
+reconnect and restarts its watches, and the agents announce themselves at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import pytest
+from corral import views
+from corral.runtime.natsserver import NatsServer, free_port
+from corral.up import FleetOptions, LocalFleet, default_sims
+from nats.js.errors import KeyNotFoundError
+
+from tests.integration.fleet_helpers import preload
+
+pytestmark = pytest.mark.chaos
+
+MODEL = "llama3.2"
+BACK_WITHIN_S = 15.0  # reconnects back off to 2 s at most, agents heartbeat every 0.5 s
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    async with NatsServer(port=free_port(), store_dir=tmp_path / "js") as s:
+        yield s
+
+
+@pytest.fixture
+async def fleet(server: NatsServer, root: str) -> AsyncIterator[LocalFleet]:
+    options = FleetOptions(
+        port=0,
+        nats_url=server.url,
+        root=root,
+        sims=default_sims(2, time_scale=0.01),
+        agent={"refresh_s": 0.5, "heartbeat_s": 0.5},
+    )
+    async with LocalFleet(options) as f:
+        await preload(f, MODEL)
+        yield f
+
+
+async def _until(fleet: LocalFleet, predicate: Callable[[], Awaitable[bool]], timeout: float) -> None:
+    """Wait until ``predicate()`` holds, woken by every change the services' fleet views hear (and
+    checked again at least every half second: a write by the aggregator changes no fleet view)."""
+    assert fleet.gateway is not None and fleet.aggregator is not None and fleet.registry is not None
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the fleet did not come back in time")
+        await fleet.aggregator.fleet.wait_changed(min(remaining, 0.5))
+
+
+async def test_a_nats_restart_is_not_an_outage(server: NatsServer, fleet: LocalFleet) -> None:
+    assert fleet.gateway is not None and fleet.aggregator is not None and fleet.registry is not None
+    ids = sorted(a.id for a in fleet.agents)
+    await server.kill()
+    restarted = time.monotonic()
+    await server.start()
+
+    def heard_again(view_heard: Callable[[str], float | None]) -> bool:
+        return all((t := view_heard(i)) is not None and t > restarted for i in ids)
+
+    gw, agg, reg = fleet.gateway.fleet, fleet.aggregator.fleet, fleet.registry.fleet
+
+    async def everyone_heard_again() -> bool:
+        return heard_again(gw.heard) and heard_again(agg.heard) and heard_again(reg.heard)
+
+    await _until(fleet, everyone_heard_again, BACK_WITHIN_S)
+
+    async with aiohttp.ClientSession() as s:
+        body = {"model": MODEL, "prompt": "hello again", "stream": False}
+        async with s.post(f"{fleet.url}/api/generate", json=body) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["done"] is True
+        async with s.get(f"{fleet.url}/api/tags") as r:
+            tags = await r.json()
+            assert r.status == 200 and any(m["name"].startswith(MODEL) for m in tags["models"])
+        async with s.get(f"{fleet.url}/api/status") as r:
+            status = await r.json()
+            assert r.status == 200
+            assert sorted(a["id"] for a in status["agents"]) == ids
+        async with s.get(f"{fleet.url}/ready") as r:
+            assert r.status == 200
+
+    # the aggregator wrote its views again into the views bucket that the restart emptied
+    buckets = fleet.aggregator._buckets
+    assert buckets is not None
+
+    async def status_view_back() -> bool:
+        try:
+            entry = await buckets.views.get(views.STATUS_KEY)
+        except KeyNotFoundError:
+            return False
+        written = msgspec.json.decode(entry.value or b"{}")
+        return sorted(a["id"] for a in written.get("agents", [])) == ids
+
+    await _until(fleet, status_view_back, BACK_WITHIN_S)
