@@ -49,7 +49,9 @@ class _Session:
 
     async def __aenter__(self) -> _Session:
         self.nc = await connect(self.settings.nats_url, name="corral-cli")
-        self.buckets = await ensure_buckets(self.nc.jetstream(), self.subjects)
+        self.buckets = await ensure_buckets(
+            self.nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
+        )
         self.fleet = FleetView(self.buckets.agents)
         await self.fleet.start()
         return self

@@ -23,21 +23,28 @@ import socket
 import time
 from collections.abc import Callable
 
-import msgspec
 from corral.agent.backend import Backend
 from corral.agent.claims import Claims
 from corral.agent.intake import guarded, job_from
-from corral.agent.lifecycle import Lifecycle, Wakeups, default_agent_id, leave, reopen, wait_at_most
+from corral.agent.lifecycle import (
+    Lifecycle,
+    Wakeups,
+    default_agent_id,
+    leave,
+    ping_silent,
+    reopen,
+    wait_at_most,
+)
 from corral.agent.ollama import OllamaClient
 from corral.agent.runners import RunnerChange, RunnerTracker
 from corral.agent.settings import AgentSettings
 from corral.agent.slots import Admission, SlotTable
-from corral.agent.worker import Job, Worker, reply_counts
+from corral.agent.worker import Job, Worker, finished_event
 from corral.protocol import headers as H
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import Cancelled, InternalError
-from corral.protocol.messages import AgentState, Gpu, RequestFinished, agent_state_encoder
-from corral.protocol.names import VENDORS, decode_token
+from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
+from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import Buckets, connect, ensure_buckets
 from corral.runtime.tasks import cancel_and_wait
@@ -52,7 +59,6 @@ from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
-_event_encoder = msgspec.json.Encoder()
 
 # endpoints after which the models on disk differ: the agent re-reads its Ollama at once
 _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create"})
@@ -139,7 +145,10 @@ class Agent:
                     tg.create_task(self._reconcile_loop(), name="claims"),
                     tg.create_task(self._state_loop(), name="state"),
                     tg.create_task(self._refresh_loop(), name="refresh"),
-                    tg.create_task(self._ping_loop(), name="ping"),
+                    tg.create_task(
+                        ping_silent(self._jobs, self.settings.ping_interval_s, self._wake.closing),
+                        name="ping",
+                    ),
                 ]
                 self.ready.set()
                 log.info("agent %s (%s) serving %s", self.id, self.vendor, self.settings.ollama_url)
@@ -164,9 +173,15 @@ class Agent:
         await self._wake.done.wait()
 
     async def _open(self) -> None:
-        on = {"on_closed": self._wake.connection_closed, "on_reconnected": self._reconnected}
-        self.nc = nc = await connect(self.settings.nats_url, name=f"corral-agent-{self.id}", **on)
-        self._buckets = await ensure_buckets(nc.jetstream(), self.subjects)
+        self.nc = nc = await connect(
+            self.settings.nats_url,
+            name=f"corral-agent-{self.id}",
+            on_closed=self._wake.connection_closed,
+            on_reconnected=self._reconnected,
+        )
+        self._buckets = await ensure_buckets(
+            nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
+        )
         self._worker = Worker(
             nc,
             self.ollama,
@@ -359,20 +374,9 @@ class Agent:
 
     async def _report(self, job: Job, status: int) -> None:
         """One ``events.request`` per finished model request: what the aggregator's rates are made of."""
-        assert self.nc is not None and job.token is not None
-        generated, prompt = reply_counts(job.last_bytes) if status == 200 else (0, 0)
-        event = RequestFinished(
-            agent=self.id,
-            model=decode_token(job.token),
-            endpoint=job.env.endpoint,
-            status=status,
-            ttft_ms=None if job.ttft_ms is None else round(job.ttft_ms, 3),
-            duration_ms=round((time.monotonic() - job.ran_from) * 1000, 3),
-            eval_count=generated,
-            prompt_eval_count=prompt,
-        )
+        assert self.nc is not None
         try:
-            await self.nc.publish(self.subjects.event("request"), _event_encoder.encode(event))
+            await self.nc.publish(self.subjects.event("request"), finished_event(job, self.id, status))
         except NatsError as e:
             log.warning("cannot report request %s: %s", job.rid, e)
 
@@ -479,19 +483,8 @@ class Agent:
             if self.lifecycle is Lifecycle.RUNNING:
                 if self._wake.reconnected.is_set() and self.nc is not None:
                     self._wake.reconnected.clear()
-                    self._buckets = await reopen(self.nc, self.subjects) or self._buckets
+                    self._buckets = (
+                        await reopen(self.nc, self.subjects, self.settings.js_replicas) or self._buckets
+                    )
                 await self._publish_state()
             await wait_at_most(self._wake.closing, 0.1)
-
-    async def _ping_loop(self) -> None:
-        """Keep silent requests (Ollama loading a model, or a queued job) visibly alive."""
-        interval = self.settings.ping_interval_s
-        while not self._wake.closing.is_set():
-            await wait_at_most(self._wake.closing, interval / 2)
-            now = time.monotonic()
-            for job in list(self._jobs.values()):
-                if not job.out.done and now - job.out.last_sent >= interval:
-                    try:
-                        await job.out.ping()
-                    except NatsError as e:
-                        log.warning("cannot ping request %s: %s", job.rid, e)

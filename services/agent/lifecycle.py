@@ -6,8 +6,11 @@ import asyncio
 import enum
 import logging
 import socket
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from corral.agent.worker import Job
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import Buckets, ensure_buckets
 from nats.aio.client import Client as NATS
@@ -89,10 +92,24 @@ async def leave(nc: NATS, agents: KeyValue | None, agent_id: str) -> None:
         log.warning("draining the NATS connection: %s", e)
 
 
-async def reopen(nc: NATS, subjects: Subjects) -> Buckets | None:
+async def reopen(nc: NATS, subjects: Subjects, replicas: int) -> Buckets | None:
     """The buckets, created again where a restarted NATS lost them; None while it cannot say."""
     try:
-        return await ensure_buckets(nc.jetstream(), subjects)
+        return await ensure_buckets(nc.jetstream(), subjects, replicas=replicas)
     except (NatsError, JetStreamError, TimeoutError) as e:  # the next reconnect tries again
         log.warning("cannot open the buckets again after a reconnect: %s", e)
         return None
+
+
+async def ping_silent(jobs: Mapping[str, Job], interval: float, closing: asyncio.Event) -> None:
+    """Keep silent requests (Ollama loading a model, or a queued job) visibly alive: a ping on each
+    reply that has sent nothing for ``interval`` seconds, until ``closing``."""
+    while not closing.is_set():
+        await wait_at_most(closing, interval / 2)
+        now = time.monotonic()
+        for job in list(jobs.values()):
+            if not job.out.done and now - job.out.last_sent >= interval:
+                try:
+                    await job.out.ping()
+                except NatsError as e:
+                    log.warning("cannot ping request %s: %s", job.rid, e)

@@ -20,6 +20,8 @@ from corral.agent.http import Response
 from corral.agent.ollama import OllamaClient
 from corral.protocol.envelope import RequestEnvelope
 from corral.protocol.errors import BackendError, Cancelled, CorralError, InternalError, NoCapacity
+from corral.protocol.messages import RequestFinished
+from corral.protocol.names import decode_token
 from corral.runtime.telemetry import client_span, process_span
 from corral.transport.replies import ReplyWriter
 from nats.aio.client import Client as NATS
@@ -90,6 +92,26 @@ def reply_counts(tail: bytes) -> tuple[int, int]:
             return c.usage.get("completion_tokens", 0), c.usage.get("prompt_tokens", 0)
         return c.eval_count, c.prompt_eval_count
     return 0, 0
+
+
+_finished = msgspec.json.Encoder()
+
+
+def finished_event(job: Job, agent_id: str, status: int) -> bytes:
+    """The ``events.request`` message for a finished model request (what the rates are made of)."""
+    assert job.token is not None
+    generated, prompt = reply_counts(job.last_bytes) if status == 200 else (0, 0)
+    event = RequestFinished(
+        agent=agent_id,
+        model=decode_token(job.token),
+        endpoint=job.env.endpoint,
+        status=status,
+        ttft_ms=None if job.ttft_ms is None else round(job.ttft_ms, 3),
+        duration_ms=round((time.monotonic() - job.ran_from) * 1000, 3),
+        eval_count=generated,
+        prompt_eval_count=prompt,
+    )
+    return _finished.encode(event)
 
 
 class EchoRewriter:

@@ -59,7 +59,9 @@ class AsyncClient:
             raise RuntimeError("client already connected")
         if self._nc is None:
             self._nc = await connect(self._url, name="corral-client")
-        buckets = await ensure_buckets(self._nc.jetstream(), self._subjects)
+        buckets = await ensure_buckets(
+            self._nc.jetstream(), self._subjects, replicas=self._settings.js_replicas
+        )
         self._fleet = FleetView(buckets.agents)
         await self._fleet.start()
         self._transport = Transport(

@@ -474,11 +474,12 @@ def test_kubernetes_nats_config_is_deploy_nats_conf() -> None:
     assert data_mounts and store.group(1).startswith(data_mounts[0]), "JetStream store is not on the PVC"
 
 
-def test_kubernetes_gateway_probes_root() -> None:
+def test_kubernetes_gateway_probes_ready_and_root() -> None:
     gateway = find_object("Deployment", "gateway")
     (container,) = gateway["spec"]["template"]["spec"]["containers"]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["path"] == "/", f"gateway {probe} must GET /"
+    # ready: NATS and JetStream answer; alive: the process serves HTTP (Ollama's own "/")
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/"
 
 
 def test_kubernetes_gpu_pods_run_ollama_and_agent_side_by_side() -> None:
