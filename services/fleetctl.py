@@ -22,7 +22,8 @@ from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
 from corral.runtime.nats import connect, ensure_buckets
-from corral.runtime.settings import CommonSettings, SettingsError, add_arguments, settings_from_args
+from corral.runtime.process import parse_settings
+from corral.runtime.settings import CommonSettings, add_arguments
 from corral.runtime.workqueue import depths
 from corral.transport import Transport, WorkRequest
 from nats.js.errors import KeyNotFoundError
@@ -261,13 +262,10 @@ def parser(command: str) -> argparse.ArgumentParser:
 
 
 def main(command: str, argv: list[str] | None = None) -> int:
-    p = parser(command)
-    args = p.parse_args(argv)
-    try:
-        settings = settings_from_args(CommonSettings, args)
-    except SettingsError as e:
-        sys.stderr.write(f"{p.prog}: {e}\n")
+    parsed = parse_settings(parser(command), CommonSettings, argv)
+    if parsed is None:
         return 2
+    args, settings = parsed
     if (
         command == "pull"
         and args.replicas != "all"

@@ -160,10 +160,7 @@ class NatsServer:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-        if self._log_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._log_task
-            self._log_task = None
+        await self._end_log()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -176,6 +173,10 @@ class NatsServer:
         if proc is not None and proc.returncode is None:
             proc.kill()
             await proc.wait()
+        await self._end_log()
+
+    async def _end_log(self) -> None:
+        """Wait for the log reader to see the server's stderr close."""
         if self._log_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._log_task

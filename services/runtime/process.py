@@ -21,6 +21,19 @@ log = logging.getLogger(__name__)
 S = TypeVar("S", bound=CommonSettings)
 
 
+def parse_settings(
+    parser: argparse.ArgumentParser, cls: type[S], argv: list[str] | None
+) -> tuple[argparse.Namespace, S] | None:
+    """A command line and the settings it gives (flags > ``CORRAL_*`` > defaults); None, after the
+    message on stderr, when a setting is invalid (the command then exits 2)."""
+    args = parser.parse_args(argv)
+    try:
+        return args, settings_from_args(cls, args)
+    except SettingsError as e:
+        sys.stderr.write(f"{parser.prog}: {e}\n")
+        return None
+
+
 def service_main(
     parser: argparse.ArgumentParser,
     cls: type[S],
@@ -28,14 +41,11 @@ def service_main(
     service: str,
     serve: Callable[[S], Coroutine[Any, Any, int]],
 ) -> int:
-    """A service's ``main``: its settings from flags and ``CORRAL_*`` (a bad one ends the command
-    with its message and exit code 2), logging, then ``serve`` until it returns."""
-    args = parser.parse_args(argv)
-    try:
-        settings = settings_from_args(cls, args)
-    except SettingsError as e:
-        sys.stderr.write(f"{parser.prog}: {e}\n")
+    """A service's ``main``: its settings (a bad one: exit code 2), logging, then ``serve``."""
+    parsed = parse_settings(parser, cls, argv)
+    if parsed is None:
         return 2
+    settings = parsed[1]
     setup_logging(settings.log_level, service=service)
     return run(serve(settings))
 
