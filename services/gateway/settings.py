@@ -36,6 +36,10 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     queue_depth: Annotated[
         int, setting("requests that may wait per model (and vendor pin) before 503 at once", ge=0)
     ] = 512
+    queue_max_bytes: Annotated[
+        int,
+        setting("bytes the fleet-wide queue may hold, all models together (on disk), before 503", ge=1024),
+    ] = 1 << 30
     sessions: Annotated[
         bool, setting("auto: send a conversation's follow-up turns to the agent holding its prompt cache")
     ] = True

@@ -26,7 +26,7 @@ from typing import Any
 import nats
 from corral.protocol.subjects import Subjects
 from corral.runtime.tasks import cancel_and_wait, supervise
-from corral.runtime.workqueue import ensure_stream
+from corral.runtime.workqueue import QueueLimits, ensure_stream
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
 from nats.errors import Error as NatsError
@@ -180,13 +180,13 @@ class Reopener:
         reopened: Callable[[], object],
         *,
         replicas: int = 1,
-        depth: int | None = None,
+        queue: QueueLimits | None = None,
     ) -> None:
         self._nc = nc
         self._subjects = subjects
         self._reopened = reopened
         self._replicas = replicas
-        self._depth = depth  # the queue's depth, enforced by whoever enqueues (see `ensure_stream`)
+        self._queue = queue  # the queue's limits, enforced by whoever enqueues (see `ensure_stream`)
         self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -217,8 +217,8 @@ class Reopener:
             try:
                 js = self._nc.jetstream()
                 await ensure_buckets(js, self._subjects, replicas=self._replicas)
-                if self._depth is not None:
-                    await ensure_stream(js, self._subjects, depth=self._depth, replicas=self._replicas)
+                if self._queue is not None:
+                    await ensure_stream(js, self._subjects, limits=self._queue, replicas=self._replicas)
             except (NatsError, JetStreamError, TimeoutError):
                 self._wanted.set()  # the supervisor retries after its backoff
                 raise

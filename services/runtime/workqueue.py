@@ -8,8 +8,9 @@ that frees a slot of a warm model takes the oldest waiting requests of that mode
 durable pull consumer per queue subject is shared by every agent, so each request goes to exactly
 one agent, in publish order, whichever gateway queued it.
 
-Bounds: the stream keeps at most ``depth`` requests per subject (a full queue answers Ollama's 503
-at once, like ``OLLAMA_MAX_QUEUE``); every request carries its deadline, and an agent drops (acks
+Bounds (`QueueLimits`): the stream keeps at most ``depth`` requests per subject and ``max_bytes``
+in all (a full queue answers Ollama's 503 at once, like ``OLLAMA_MAX_QUEUE``; a body too large for
+one message stays with its gateway and only its headers wait here); every request carries its deadline, and an agent drops (acks
 without running) one whose deadline passed; the stream's ``max_age`` bounds anything left behind.
 A gateway that gives up on a request it queued (deadline, client gone) deletes it by sequence.
 """
@@ -42,13 +43,22 @@ from nats.js.errors import APIError, NotFoundError
 log = logging.getLogger(__name__)
 
 DEFAULT_DEPTH = 512  # requests waiting per model and vendor subject (Ollama's OLLAMA_MAX_QUEUE)
+DEFAULT_MAX_BYTES = 1 << 30  # the whole queue, on disk
 MAX_AGE_S = 600.0  # nothing waits longer than this, whatever its deadline said
 ACK_WAIT_S = 30.0
 _STATUS = "Status"  # nats-py puts a status line (404 no messages, 408 timeout ...) under this header
 
 
 class QueueFull(Exception):
-    """The queue for this model is at its depth limit."""
+    """The queue for this model is at its depth limit, or the whole queue at its size limit."""
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    """What the queue may hold: requests per model and vendor subject, and bytes in all."""
+
+    depth: int = DEFAULT_DEPTH
+    max_bytes: int = DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -60,13 +70,13 @@ class Queued:
 
 
 async def ensure_stream(
-    js: JetStreamContext, subjects: Subjects, *, depth: int | None = None, replicas: int = 1
+    js: JetStreamContext, subjects: Subjects, *, limits: QueueLimits | None = None, replicas: int = 1
 ) -> None:
     """Create the queue stream if it does not exist (idempotent across services; the first wins;
     safe to call again after a NATS restart).
 
-    ``depth`` (requests per model and vendor) is enforced when given — the gateway, which enqueues,
-    passes its setting; other services pass None and leave an existing stream as it is. The stream
+    ``limits`` are enforced when given — the gateway, which enqueues, passes its settings; other
+    services pass None and leave an existing stream as it is. The stream
     is kept in files: it holds clients' requests, which must outlive a NATS restart.
     """
     try:
@@ -74,9 +84,16 @@ async def ensure_stream(
     except NotFoundError:
         info = None
     if info is not None:
-        if depth is not None and info.config.max_msgs_per_subject != depth:
-            await js.update_stream(replace(info.config, max_msgs_per_subject=depth))
+        cfg = info.config
+        if limits is not None and (cfg.max_msgs_per_subject, cfg.max_bytes) != (
+            limits.depth,
+            limits.max_bytes,
+        ):
+            await js.update_stream(
+                replace(cfg, max_msgs_per_subject=limits.depth, max_bytes=limits.max_bytes)
+            )
         return
+    limits = limits or QueueLimits()
     cfg = StreamConfig(
         name=subjects.queue_stream,
         subjects=[subjects.queue_all],
@@ -85,7 +102,8 @@ async def ensure_stream(
         num_replicas=replicas,
         discard=DiscardPolicy.NEW,
         discard_new_per_subject=True,
-        max_msgs_per_subject=depth or DEFAULT_DEPTH,
+        max_msgs_per_subject=limits.depth,
+        max_bytes=limits.max_bytes,
         max_age=MAX_AGE_S,
     )
     try:
@@ -108,7 +126,7 @@ async def enqueue(
     try:
         ack = await js.publish(subjects.queue(vendor, token), payload, headers=headers, timeout=2.0)
     except APIError as e:
-        if "maximum messages" in (e.description or ""):
+        if any(full in (e.description or "") for full in ("maximum messages", "maximum bytes")):
             raise QueueFull() from None
         raise
     await nc.publish(subjects.queued(vendor, token), b"")

@@ -9,7 +9,7 @@ from corral.protocol import headers as H
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import connect
 from corral.runtime.natsserver import NatsServer
-from corral.runtime.workqueue import Puller, depths, ensure_stream
+from corral.runtime.workqueue import Puller, QueueFull, QueueLimits, depths, enqueue, ensure_stream
 from nats.js.errors import NotFoundError
 
 pytestmark = pytest.mark.integration
@@ -39,5 +39,28 @@ async def test_a_queued_request_with_a_bad_deadline_is_dropped_and_the_next_serv
         for seq in poison:
             with pytest.raises(NotFoundError):
                 await js.get_msg(subjects.queue_stream, seq)
+    finally:
+        await nc.close()
+
+
+async def test_the_queue_is_bounded_in_bytes_and_the_bound_follows_the_setting(
+    nats_server: NatsServer, root: str
+) -> None:
+    subjects = Subjects(root)
+    nc = await connect(nats_server.url, name="test")
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, subjects, limits=QueueLimits(depth=100, max_bytes=4096))
+        body = b"x" * 1000
+        hdrs = {H.REQUEST: "1", H.REPLY: "r.1"}
+        with pytest.raises(QueueFull):
+            for i in range(10):  # ten 1 kB requests cannot all fit in 4 kB
+                await enqueue(nc, js, subjects, "any", f"m{i % 2}", body, hdrs)
+        assert 1 <= sum((await depths(js, subjects)).values()) < 5
+        # a gateway with a larger setting raises the bound of the existing stream
+        await ensure_stream(js, subjects, limits=QueueLimits(depth=100, max_bytes=64 * 1024))
+        await enqueue(nc, js, subjects, "any", "m0", body, hdrs)
+        info = await js.stream_info(subjects.queue_stream)
+        assert (info.config.max_bytes, info.config.max_msgs_per_subject) == (64 * 1024, 100)
     finally:
         await nc.close()
