@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from corral.agent.backend import Backend
 from corral.agent.claims import Claims
-from corral.agent.intake import guarded, job_from
+from corral.agent.intake import decode_leniently, guarded, job_from, usable_reply
 from corral.agent.lifecycle import (
     Lifecycle,
     Wakeups,
@@ -179,6 +179,7 @@ class Agent:
             on_closed=self._wake.connection_closed,
             on_reconnected=self._reconnected,
         )
+        decode_leniently(nc)  # before any subscription: any client may publish to the agent
         self._buckets = await ensure_buckets(
             nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
         )
@@ -399,7 +400,7 @@ class Agent:
         elif kind == H.UNCORDON:
             self.status = "active"
             self._changed(claims=True, state=True)
-        if msg.reply:
+        if usable_reply(msg.reply):
             await msg.respond(b"")
 
     # -- claim subscriptions -----------------------------------------------------------------

@@ -2,6 +2,11 @@
 
 A malformed message is a typed error (`BadEnvelope`, code ``bad_request``) answered to its sender
 when it names a usable reply subject, else logged and dropped; it never escapes a subscription.
+
+Nor may it stop the connection: nats-py decodes a message's subject and reply subject as strict
+UTF-8 in its read loop, and any client may publish a reply subject that is not UTF-8. The error
+would end that read loop for good (the connection stays open and reads nothing more), so the agent's
+connection decodes them leniently (`decode_leniently`); such a reply subject is never usable.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from functools import wraps
-from typing import TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from corral.agent.worker import Job
 from corral.protocol import headers as H
@@ -30,6 +35,32 @@ _REPLY = re.compile(r"[!-)+-=?-~]{1,255}")
 S = TypeVar("S")
 
 
+def usable_reply(reply: str | None) -> TypeGuard[str]:
+    """Whether the agent answers on ``reply``: printable ASCII, no spaces, no wildcards."""
+    return reply is not None and _REPLY.fullmatch(reply) is not None
+
+
+def decode_leniently(nc: NATS) -> None:
+    """Make ``nc`` deliver a message whose subject or reply subject is not UTF-8 with the bad bytes
+    replaced (U+FFFD) instead of ending its read loop; call it before subscribing. Every other
+    message is built as before, at no extra cost. The message still reaches its subscription, so a
+    single-shot claim subscription sees its one delivery and is armed again."""
+    build = nc._build_message
+
+    def lenient(sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
+        try:
+            return build(sid, subject, reply, data, headers)
+        except UnicodeDecodeError:
+            log.warning("a message on %r has a subject or reply subject that is not UTF-8", subject[:80])
+            return build(sid, _utf8(subject), _utf8(reply), data, headers)
+
+    nc._build_message = lenient  # type: ignore[method-assign]
+
+
+def _utf8(raw: bytes) -> bytes:
+    return raw.decode("utf-8", "replace").encode()
+
+
 async def job_from(msg: Msg, nc: NATS, subjects: Subjects, sender: str) -> Job | None:
     """The job a work message carries; a malformed one is answered ``bad_request`` where it names
     a usable reply subject, else logged and dropped (None either way)."""
@@ -37,14 +68,14 @@ async def job_from(msg: Msg, nc: NATS, subjects: Subjects, sender: str) -> Job |
         env = decode_request(msg.headers)
     except BadEnvelope as e:
         reply = (msg.headers or {}).get(H.REPLY) or msg.reply
-        if reply and _REPLY.fullmatch(reply):
+        if usable_reply(reply):
             log.warning("answering malformed work on %s: %s", msg.subject, e.message)
             await ReplyWriter(nc, reply, "", sender).end(e)
         else:
             log.warning("dropping malformed work on %s: %s", msg.subject, e.message)
         return None
     reply = env.reply or msg.reply  # a queued request names its reply subject in a header
-    if not reply or not _REPLY.fullmatch(reply):
+    if not usable_reply(reply):
         log.warning("dropping work %s without a usable reply subject on %s", env.rid, msg.subject)
         return None
     body_subject = ""
