@@ -387,6 +387,7 @@ class Agent:
 
     @guarded
     async def _on_ctl(self, msg: Msg) -> None:
+        assert self.nc is not None
         h = msg.headers or {}
         kind = h.get(H.CTL)
         if kind == H.CANCEL:
@@ -401,7 +402,7 @@ class Agent:
             self.status = "active"
             self._changed(claims=True, state=True)
         if usable_reply(msg.reply):
-            await msg.respond(b"")
+            await self.nc.publish(msg.reply, b"")  # an empty ack: the request's headers stay here
 
     # -- claim subscriptions -----------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
