@@ -164,3 +164,14 @@ async def test_a_reply_subject_that_is_not_utf8_does_not_stop_the_agents_connect
         ok = await send(nc, subjects.agent_work(agent.id), "after")
         assert (await ended(ok, timeout=5.0)).get(H.STATUS) == "200"
         assert agent.nc is not None and agent.nc.is_connected
+
+
+async def test_a_control_message_is_acked_with_an_empty_message_not_an_echo_of_its_headers(
+    nats_server: NatsServer, root: str
+) -> None:
+    async with serving(nats_server, root) as (agent, nc):
+        ctl = Subjects(root).agent_ctl(agent.id)
+        ack = await nc.request(ctl, b"", headers={H.CTL: H.CORDON, H.KIND: H.END_KIND}, timeout=5)
+        assert (ack.headers, ack.data) == (None, b"") and agent.status == "cordoned"
+        ack = await nc.request(ctl, b"", headers={H.CTL: H.UNCORDON}, timeout=5)
+        assert (ack.headers, ack.data) == (None, b"") and agent.status == "active"
