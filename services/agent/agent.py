@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from corral.agent.backend import Backend
 from corral.agent.claims import Claims
-from corral.agent.intake import decode_leniently, guarded, job_from, usable_reply
+from corral.agent.intake import guarded, job_from, usable_reply
 from corral.agent.lifecycle import (
     Lifecycle,
     Wakeups,
@@ -179,7 +179,6 @@ class Agent:
             on_closed=self._wake.connection_closed,
             on_reconnected=self._reconnected,
         )
-        decode_leniently(nc)  # before any subscription: any client may publish to the agent
         self._buckets = await ensure_buckets(
             nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
         )

@@ -6,7 +6,7 @@ when it names a usable reply subject, else logged and dropped; it never escapes 
 Nor may it stop the connection: nats-py decodes a message's subject and reply subject as strict
 UTF-8 in its read loop, and any client may publish a reply subject that is not UTF-8. The error
 would end that read loop for good (the connection stays open and reads nothing more), so the agent's
-connection decodes them leniently (`decode_leniently`); such a reply subject is never usable.
+connection decodes them leniently (`corral.runtime.nats.connect`); such a reply subject is never usable.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from functools import wraps
-from typing import Any, TypeGuard, TypeVar
+from typing import TypeGuard, TypeVar
 
 from corral.agent.worker import Job
 from corral.protocol import headers as H
@@ -38,27 +38,6 @@ S = TypeVar("S")
 def usable_reply(reply: str | None) -> TypeGuard[str]:
     """Whether the agent answers on ``reply``: printable ASCII, no spaces, no wildcards."""
     return reply is not None and _REPLY.fullmatch(reply) is not None
-
-
-def decode_leniently(nc: NATS) -> None:
-    """Make ``nc`` deliver a message whose subject or reply subject is not UTF-8 with the bad bytes
-    replaced (U+FFFD) instead of ending its read loop; call it before subscribing. Every other
-    message is built as before, at no extra cost. The message still reaches its subscription, so a
-    single-shot claim subscription sees its one delivery and is armed again."""
-    build = nc._build_message
-
-    def lenient(sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
-        try:
-            return build(sid, subject, reply, data, headers)
-        except UnicodeDecodeError:
-            log.warning("a message on %r has a subject or reply subject that is not UTF-8", subject[:80])
-            return build(sid, _utf8(subject), _utf8(reply), data, headers)
-
-    nc._build_message = lenient  # type: ignore[method-assign]
-
-
-def _utf8(raw: bytes) -> bytes:
-    return raw.decode("utf-8", "replace").encode()
 
 
 async def job_from(msg: Msg, nc: NATS, subjects: Subjects, sender: str) -> Job | None:

@@ -127,7 +127,32 @@ async def connect(
         closed_cb=on_close,
         drain_timeout=5,  # bounded: a stop never waits longer than this for subscriptions to drain
     )
+    _decode_leniently(nc)  # before any subscription: any client may publish to our subjects
     return nc
+
+
+def _decode_leniently(nc: NATS) -> None:
+    """Make ``nc`` deliver a message whose subject or reply subject is not UTF-8 with the bad bytes
+    replaced (U+FFFD) instead of ending its read loop. nats-py decodes both as strict UTF-8 inside
+    that loop: one such message from any client would leave the connection looking open while it
+    reads nothing more. Every other message is built as before, at no extra cost; the message still
+    reaches its subscription (a single-shot claim sees its one delivery), and a reply subject with
+    U+FFFD in it is never a usable one. This wraps nats-py's private ``_build_message``, the one
+    place where the decoding happens (nats-py 2.16 and later)."""
+    build = nc._build_message
+
+    def lenient(sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:
+        try:
+            return build(sid, subject, reply, data, headers)
+        except UnicodeDecodeError:
+            log.warning("a message on %r has a subject or reply subject that is not UTF-8", subject[:80])
+            return build(sid, _utf8(subject), _utf8(reply), data, headers)
+
+    nc._build_message = lenient  # type: ignore[method-assign]
+
+
+def _utf8(raw: bytes) -> bytes:
+    return raw.decode("utf-8", "replace").encode()
 
 
 @dataclass(frozen=True)
