@@ -78,6 +78,16 @@ class _RateLimitedLog:
         self._last, self._held = now, 0
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of a NATS URL setting: one URL, or several comma-separated (the nodes of a
+    cluster, ``nats://a:4222,nats://b:4222``); blanks around and between them are dropped. nats-py
+    takes the list as its server pool and moves on to the next server when one goes away."""
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    if not servers:
+        raise ValueError("no NATS server URL given")
+    return servers
+
+
 async def connect(
     url: str,
     *,
@@ -86,6 +96,8 @@ async def connect(
     on_reconnected: Callable[[], object] | None = None,
 ) -> NATS:
     """A connection that reconnects for ever and reports state changes in the log.
+
+    ``url`` is one server or a comma-separated list of them (`server_urls`).
 
     ``on_closed`` is called once the connection is closed, by us or for good by nats-py;
     ``on_reconnected`` after every reconnect (a restarted server may have lost what lived in
@@ -116,7 +128,7 @@ async def connect(
             on_closed()
 
     nc = await nats.connect(
-        url,
+        server_urls(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=RECONNECT_MAX_S,  # nats-py's own wait, only used while closing

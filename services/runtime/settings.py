@@ -280,7 +280,12 @@ def _from_text(raw: str, s: Setting) -> Any:
 
 class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: Annotated[
-        str, setting("NATS server URL (several: comma-separated)", flags=["--nats"], secret=True)
+        str,
+        setting(
+            "NATS server URL; a cluster's nodes comma-separated (nats://a:4222,nats://b:4222)",
+            flags=["--nats"],
+            secret=True,
+        ),
     ] = "nats://127.0.0.1:4222"
     root: Annotated[
         str, setting("subject root and KV bucket prefix; fleets sharing a NATS use different roots")

@@ -20,6 +20,7 @@ from corral.gateway.settings import GatewaySettings, Strategy
 from corral.protocol.names import VENDORS
 from corral.registry import __main__ as registry_main
 from corral.registry.settings import RegistrySettings
+from corral.runtime.nats import server_urls
 from corral.runtime.process import add_common_arguments, overrides
 from corral.runtime.settings import (
     ENV_PREFIX,
@@ -456,3 +457,19 @@ def test_fleet_commands_exit_2_on_a_bad_setting(
     assert fleetctl.main("status", []) == 2
     err = capsys.readouterr().err
     assert "corral status:" in err and "CORRAL_LOG_LEVEL" in err
+
+
+def test_the_nats_url_is_a_comma_separated_server_list() -> None:
+    one, cluster, spaced = (
+        GatewaySettings(nats_url=url).nats_url
+        for url in (
+            "nats://127.0.0.1:4222",
+            "nats://a:4222,nats://b:4222",
+            " nats://a:4222 , nats://u:pw@b:4222,,nats://c:4222, ",
+        )
+    )
+    assert server_urls(one) == ["nats://127.0.0.1:4222"]
+    assert server_urls(cluster) == ["nats://a:4222", "nats://b:4222"]
+    assert server_urls(spaced) == ["nats://a:4222", "nats://u:pw@b:4222", "nats://c:4222"]
+    with pytest.raises(ValueError, match="no NATS server"):
+        server_urls(" , ")
