@@ -18,6 +18,7 @@ import socket
 import sys
 import sysconfig
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -49,8 +50,59 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class ClusterNode:
+    """What makes a server one node of a NATS cluster: the cluster's name, this node's name (unique
+    in the cluster, which JetStream needs), the port it listens on for the other nodes (routes) and
+    their route URLs. See https://docs.nats.io/running-a-nats-service/configuration/clustering."""
+
+    cluster_name: str
+    server_name: str
+    port: int
+    routes: tuple[str, ...]
+
+    def args(self, host: str) -> list[str]:
+        out = ["--cluster_name", self.cluster_name, "--server_name", self.server_name]
+        out += ["--cluster", f"nats://{host}:{self.port}"]
+        if self.routes:
+            out += ["--routes", ",".join(self.routes)]
+        return out
+
+
+def local_cluster(
+    size: int, store_root: str | Path, *, name: str = "corral", host: str = "127.0.0.1"
+) -> list[NatsServer]:
+    """``size`` servers (not yet started) that form one JetStream cluster, each routed to all the
+    others, each with its own store under ``store_root``. Start them together (`start_all`): a node
+    is ready before it has found the others, and JetStream answers once they elected a leader."""
+    route_ports = [free_port(host) for _ in range(size)]
+    return [
+        NatsServer(
+            host=host,
+            store_dir=Path(store_root) / f"n{i}",
+            cluster=ClusterNode(
+                cluster_name=name,
+                server_name=f"{name}-n{i}",
+                port=route_ports[i],
+                routes=tuple(f"nats://{host}:{p}" for j, p in enumerate(route_ports) if j != i),
+            ),
+        )
+        for i in range(size)
+    ]
+
+
+async def start_all(servers: list[NatsServer]) -> None:
+    """Start ``servers`` at once; if one fails, stop those that started and raise its error."""
+    results = await asyncio.gather(*(s.start() for s in servers), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        await asyncio.gather(*(s.stop() for s in servers))
+        raise errors[0]
+
+
 class NatsServer:
-    """An embedded nats-server process. ``async with NatsServer() as ns: ns.url``."""
+    """An embedded nats-server process. ``async with NatsServer() as ns: ns.url``; with ``cluster``
+    one node of a NATS cluster (`local_cluster` builds a whole one)."""
 
     def __init__(
         self,
@@ -62,6 +114,7 @@ class NatsServer:
         config_file: str | Path | None = None,
         max_payload: int | None = None,
         ready_timeout: float = 15.0,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -71,6 +124,7 @@ class NatsServer:
         self.config_file = config_file
         self.max_payload = max_payload
         self.ready_timeout = ready_timeout
+        self.cluster = cluster
         self._proc: asyncio.subprocess.Process | None = None
         self._log_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
@@ -107,6 +161,8 @@ class NatsServer:
             args += ["-js", "-sd", str(self.store_dir)]
         if self.max_payload:
             args += ["--max_payload", str(self.max_payload)]
+        if self.cluster is not None:
+            args += self.cluster.args(self.host)
         log.debug("starting %s", " ".join(args))
         # Its own process group: a Ctrl-C at the terminal reaches only us, and we stop the server
         # after everything else has drained through it. It still dies with us (parent-death signal).

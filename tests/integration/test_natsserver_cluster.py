@@ -1,0 +1,70 @@
+"""`NatsServer` as one node of a NATS cluster: three nodes routed to each other form one JetStream
+cluster, in which a stream with three replicas can be created and is placed on all three."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from corral.runtime.nats import connect
+from corral.runtime.natsserver import ClusterNode, NatsServer, local_cluster, start_all
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import StreamConfig
+from nats.js.errors import ServiceUnavailableError
+
+JETSTREAM_WITHIN_S = 20.0  # the nodes find each other and elect a JetStream meta leader
+
+
+async def wait_for_jetstream(nc: NATS, timeout: float = JETSTREAM_WITHIN_S) -> None:
+    """Wait until JetStream answers on ``nc`` (a new cluster has elected its meta leader): each
+    `account_info` is answered at once by "unavailable" or waits out its own short timeout, so
+    this is bounded by ``timeout`` without sleeping."""
+    js = nc.jetstream(timeout=1.0)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await js.account_info()
+            return
+        except (ServiceUnavailableError, NoRespondersError, NatsTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path) -> AsyncIterator[list[NatsServer]]:
+    servers = local_cluster(3, tmp_path)
+    await start_all(servers)
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            await s.stop()
+
+
+def test_a_node_is_given_its_cluster_flags() -> None:
+    node = ClusterNode("c", "c-n0", 6222, ("nats://127.0.0.1:6223", "nats://127.0.0.1:6224"))
+    assert node.args("127.0.0.1") == [
+        "--cluster_name", "c", "--server_name", "c-n0", "--cluster", "nats://127.0.0.1:6222",
+        "--routes", "nats://127.0.0.1:6223,nats://127.0.0.1:6224",
+    ]  # fmt: skip
+
+
+async def test_three_nodes_form_a_jetstream_cluster(nodes: list[NatsServer]) -> None:
+    nc = await connect(",".join(s.url for s in nodes), name="cluster-test")
+    try:
+        await wait_for_jetstream(nc)
+        js = nc.jetstream(timeout=5.0)
+        info = await js.add_stream(StreamConfig(name="R3", subjects=["r3.>"], num_replicas=3))
+        assert info.config.num_replicas == 3
+        ack = await js.publish("r3.one", b"x")
+        assert ack.stream == "R3"
+        info = await js.stream_info("R3")
+        assert info.cluster is not None and info.cluster.name == "corral"
+        placed = {info.cluster.leader, *(r.name for r in info.cluster.replicas or [])}
+        assert placed == {s.cluster.server_name for s in nodes if s.cluster is not None}
+    finally:
+        await nc.close()
