@@ -45,7 +45,7 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR
-from corral.routing import Route, Router, warm
+from corral.routing import Route, Router, route_ctx, warm
 from corral.runtime.fleet import FleetView
 from corral.transport import Outcome, Reply, Transport, WorkRequest
 
@@ -141,7 +141,7 @@ class Planner:
                     yield subjects.agent_work(a.id), a.id
             return
         usable = self._usable(req, failed)
-        route = Route(key=req.model.key, vendor=req.vendor, strict=req.strict, num_ctx=req.num_ctx)
+        route = Route(key=req.model.key, vendor=req.vendor, strict=req.strict, num_ctx=self._num_ctx(req))
         for a in self.router.rank(strategy, route, usable, self.transport.outstanding):
             yield subjects.agent_work(a.id), a.id
 
@@ -154,6 +154,13 @@ class Planner:
         if not holders:
             raise ModelNotFound(req.model.display)
         return [a for a in holders if a.status == "active" and a.id not in failed]
+
+    def _num_ctx(self, req: WorkRequest) -> int | None:
+        """The request's ``num_ctx`` capped at its model's trained context, where an agent knows it:
+        the context Ollama runs it at, so the runner (and load) it is routed and marked at. The
+        body itself goes unchanged (Ollama caps it the same way)."""
+        assert req.model is not None
+        return route_ctx(req.model.key, req.num_ctx, self.fleet.with_model(req.model.key))
 
     def _busy(self, a: AgentState) -> int:
         return a.in_flight + a.queued + self.transport.outstanding.get(a.id, 0)
@@ -180,13 +187,15 @@ class Planner:
                 failed.add(a.id)
             return None
 
+        num_ctx = self._num_ctx(req)
+
         def route_for(usable: list[AgentState]) -> Route:
             session = session_agent if any(a.id == session_agent for a in usable) else None
             return Route(
                 key=model.key,
                 vendor=req.vendor,
                 strict=req.strict,
-                num_ctx=req.num_ctx,
+                num_ctx=num_ctx,
                 session_agent=session,
             )
 

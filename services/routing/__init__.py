@@ -2,7 +2,9 @@
 No I/O, no clocks, no NATS: only `corral.protocol` types go in and out.
 
 `corral.routing.model` holds the cost model and the strategies (`Router`), `corral.routing.pulls`
-the rule for where a pull goes (`pull_order`)."""
+the rule for where a pull goes (`pull_order`), `corral.routing.markers` when a load marker has done
+its work (`marker_expired`) and the context a request is routed at (`route_ctx`)."""
 
+from corral.routing.markers import *  # noqa: F403  (... the load markers' rule ...)
 from corral.routing.model import *  # noqa: F403  (the package's face: the model's __all__ ...)
 from corral.routing.pulls import *  # noqa: F403  (... and the pull rule's)

@@ -510,3 +510,23 @@ def test_pull_order_prefers_holders_then_fewest_models_and_honours_the_vendor() 
     assert ids(pull_order([c, b, a], MODEL, None)) == ["b", "a", "c"]
     assert ids(pull_order([c, b, a], MODEL, "amd")) == ["a"]
     assert ids(pull_order([a, b, c], OTHER, None)) == ["a", "c", "b"]
+
+
+def test_num_ctx_above_the_trained_context_is_one_runner_and_one_marker() -> None:
+    """32768, 65536 and 131072 on a model trained for 8192 are what Ollama runs at 8192: routed and
+    marked as 8192, so they share the runner (and the load marker) and force no reload."""
+    from corral.protocol.names import parse_name
+    from corral.registry.placement import marker_key
+    from corral.routing import route_ctx
+
+    key = parse_name(MODEL).key
+    trained = msgspec.structs.replace(agent("a", loaded=True, ctx=8192), trained_ctx={key: 8192})
+    fleet = [agent("b"), trained]
+    asked = (32768, 65536, 131072)
+    assert {route_ctx(key, n, fleet) for n in asked} == {8192}
+    assert len({marker_key(parse_name(MODEL).token, route_ctx(key, n, fleet)) for n in asked}) == 1
+    assert all(warm(routing.Route(key=key, num_ctx=route_ctx(key, n, fleet)), trained) for n in asked)
+    # an agent that does not know the trained context would reload for the raw value
+    unknowing = agent("c", loaded=True, ctx=8192)
+    assert not warm(routing.Route(key=key, num_ctx=65536), unknowing)
+    assert warm(routing.Route(key=key, num_ctx=route_ctx(key, 65536, fleet)), unknowing)
