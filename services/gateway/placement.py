@@ -5,6 +5,9 @@ The registry arbitrates fleet-wide (a KV marker per model and context, see
 `corral.registry.placement`); with no registry running, this gateway's own markers keep it to one
 load per model and context at a time here. A marker counts for ``load_grace_s`` after the send,
 before the agent's published state shows the load (that state follows the send by a publish).
+Each new marker first drops those that have done their work (`corral.routing.marker_expired`:
+load done, failed, or older than `LOAD_MARKER_TTL_S`), so the map holds the loads under way, not
+every model and context ever asked for.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, PlaceRequest, place_reply_decoder
 from corral.protocol.subjects import Subjects
-from corral.routing import Route, loading_for, warm
+from corral.routing import LOAD_MARKER_TTL_S, Route, loading_for, marker_expired, warm
 from corral.runtime.fleet import FleetView
 from corral.transport import WorkRequest
 from nats.aio.client import Client as NATS
@@ -36,7 +39,7 @@ def place_request(
         token=req.model.token,
         vendor=req.vendor,
         strict=req.strict,
-        num_ctx=req.num_ctx,
+        num_ctx=route.num_ctx,
         proposal=proposal,
         exclude=exclude,
     )
@@ -45,11 +48,20 @@ def place_request(
 class Loads:
     """The loads this gateway started or was told of, by (model key, num_ctx or 0)."""
 
-    def __init__(self, nc: NATS, subjects: Subjects, fleet: FleetView, *, grace_s: float) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        fleet: FleetView,
+        *,
+        grace_s: float,
+        ttl_s: float = LOAD_MARKER_TTL_S,
+    ) -> None:
         self._nc = nc
         self._subjects = subjects
         self._fleet = fleet
         self._grace_s = grace_s
+        self._ttl_s = ttl_s
         self._started: dict[tuple[str, int], tuple[str, float]] = {}  # → (agent, monotonic since)
 
     def loading_at(self, route: Route, a: AgentState) -> bool:
@@ -83,8 +95,29 @@ class Loads:
             if at is not None and at.id not in failed and self.loading_at(route, at):
                 agent_id, mine = at.id, False
         if mine:
+            self.prune()
             self._started[(route.key, route.num_ctx or 0)] = (agent_id, time.monotonic())
         return self._fleet.get(agent_id), mine
+
+    def prune(self) -> None:
+        """Forget the markers that have done their work (`marker_expired`)."""
+        now = time.monotonic()
+        for (key, ctx), (agent_id, since) in list(self._started.items()):
+            agent = self._fleet.get(agent_id)
+            if marker_expired(
+                Route(key=key, num_ctx=ctx or None),
+                agent,
+                alive=agent is not None and self._fleet.alive(agent),
+                age_s=now - since,
+                grace_s=self._grace_s,
+                ttl_s=self._ttl_s,
+            ):
+                del self._started[(key, ctx)]
+
+    @property
+    def marked(self) -> int:
+        """How many markers this gateway keeps."""
+        return len(self._started)
 
     async def unplace(self, req: WorkRequest, route: Route, agent: AgentState) -> None:
         """Forget the load this gateway was given at ``agent`` here and at the registry."""

@@ -14,7 +14,11 @@ The marker is a ``loading.{token}.{num_ctx or 0}.{vendor pin or any}`` key in th
 with a KV compare-and-set, so two registry copies (and any number of gateways) agree on one load
 per model and context at a time. A marker is live while its agent is alive and either reports the
 load under way or the marker is younger than ``load_grace_s`` (agent state lags the send), and
-never longer than `LOAD_TIMEOUT_S`; a stale marker is replaced by compare-and-set too.
+never longer than ``marker_ttl_s``; a stale marker is replaced by compare-and-set too. Every
+`MARKER_CHECK_S` the registry deletes the markers whose load is done, has failed or is past
+``marker_ttl_s`` (`corral.routing.marker_expired`), each by compare-and-set on the revision it read,
+so a newer marker is never removed: the bucket holds a marker per load under way, not one per
+model and context ever asked for.
 
 Replicas. Every `ReplicaSettings.check_s` the registry reads the overflow queue's depth per model.
 A model whose queue, at the rate it drained since the last check, would take longer to empty than
@@ -54,12 +58,14 @@ from corral.protocol.subjects import Subjects
 from corral.routing import (
     DEFAULT_MODEL_SIZE,
     LOAD_BANDWIDTH,
+    LOAD_MARKER_TTL_S,
     LOAD_OVERHEAD_S,
     Route,
     Router,
     fits,
     load_time,
     loading_for,
+    marker_expired,
     warm,
 )
 from corral.runtime.fleet import FleetView
@@ -73,9 +79,12 @@ from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
-LOAD_TIMEOUT_S = 300.0
+MARKER_CHECK_S = 1.0  # how often the registry deletes the load markers that have done their work
 REPLICA_SETTLE_S = 10.0  # at most this long from a replica's load to its agent showing it warm
 _enc = msgspec.json.Encoder()
+
+
+MARKERS = "loading.>"  # every load marker's key
 
 
 def marker_key(token: str, num_ctx: int | None, vendor: str | None = None) -> str:
@@ -102,6 +111,7 @@ class Placer:
         *,
         load_grace_s: float = 1.0,
         preload_timeout_s: float = 3600.0,
+        marker_ttl_s: float = LOAD_MARKER_TTL_S,
     ) -> None:
         self.nc = nc
         self.subjects = subjects
@@ -110,6 +120,7 @@ class Placer:
         self.transport = transport
         self.replicas = replicas or ReplicaSettings()
         self.load_grace_s = load_grace_s
+        self.marker_ttl_s = marker_ttl_s
         self.preload_timeout_s = preload_timeout_s  # a replica's load may take this long
         self._router = Router()
         self._lock = asyncio.Lock()
@@ -230,7 +241,7 @@ class Placer:
             return None
         age = time.time() - m.at
         agent = self.fleet.get(m.agent)
-        if agent is None or not self.fleet.alive(agent) or age > LOAD_TIMEOUT_S:
+        if agent is None or not self.fleet.alive(agent) or age > self.marker_ttl_s:
             return None
         key = decode_token(token)
         if warm(Route(key=key, num_ctx=num_ctx), agent):
@@ -264,6 +275,59 @@ class Placer:
             if entry.value:
                 return load_marker_decoder.decode(entry.value).agent
             return agent
+
+    # -- expiring markers --------------------------------------------------------------------------
+    async def marker_loop(self) -> None:
+        while True:
+            await asyncio.sleep(MARKER_CHECK_S)  # a period, not a wait for an event
+            try:
+                await self.prune_markers()
+            except nats.errors.Error as e:  # NATS away for a moment: the next check reads again
+                log.warning("load marker check failed: %s", e)
+
+    async def prune_markers(self) -> int:
+        """Delete every load marker that has done its work (`marker_expired`); how many were."""
+        markers: list[tuple[str, bytes, int]] = []
+        watcher = await self.kv.watch(MARKERS, ignore_deletes=True)  # the markers there now, then None
+        try:
+            while True:
+                entry = await watcher.updates(timeout=MARKER_CHECK_S * 5)  # type: ignore[no-untyped-call]
+                if entry is None:
+                    break
+                if entry.value and entry.revision is not None:
+                    markers.append((entry.key, entry.value, entry.revision))
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+        pruned = 0
+        async with self._lock:  # not under a placement here that is replacing the same stale marker
+            for key, value, revision in markers:
+                if not self._expired(key, value):
+                    continue
+                try:
+                    await self.kv.delete(key, last=revision)
+                except BadRequestError:  # wrong last sequence: a newer marker stands there now
+                    continue
+                pruned += 1
+        if pruned:
+            log.debug("%d load markers done: deleted", pruned)
+        return pruned
+
+    def _expired(self, key: str, value: bytes) -> bool:
+        try:
+            _, token, ctx, _pin = key.split(".")
+            m = load_marker_decoder.decode(value)
+            route = Route(key=decode_token(token), num_ctx=int(ctx) or None)
+        except (ValueError, msgspec.DecodeError):  # not a marker this registry wrote: none to keep
+            return True
+        agent = self.fleet.get(m.agent)
+        return marker_expired(
+            route,
+            agent,
+            alive=agent is not None and self.fleet.alive(agent),
+            age_s=time.time() - m.at,
+            grace_s=self.load_grace_s,
+            ttl_s=self.marker_ttl_s,
+        )
 
     # -- demand-driven replicas --------------------------------------------------------------------
     async def replica_loop(self) -> None:

@@ -154,6 +154,7 @@ class Registry:
             ReplicaSettings(self.settings.replica_check_s, self.settings.replica_patience),
             load_grace_s=self.settings.load_grace_s,
             preload_timeout_s=self.settings.pull_timeout_s,
+            marker_ttl_s=self.settings.load_marker_ttl_s,
         )
         await self.nc.subscribe(self.subjects.registry("place"), queue=QUEUE_GROUP, cb=self.placer.on_place)
         await self.nc.subscribe(
@@ -161,6 +162,9 @@ class Registry:
         )
         self._tasks.append(
             asyncio.create_task(supervise("replica loop", self.placer.replica_loop), name="registry-replicas")
+        )
+        self._tasks.append(
+            asyncio.create_task(supervise("load markers", self.placer.marker_loop), name="registry-markers")
         )
         log.info("registry ready: %d agents", len(self._known))
 

@@ -32,6 +32,10 @@ class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
         float,
         setting("a load marker counts as live this long before its agent shows the load", ge=0, period=True),
     ] = 1.0
+    load_marker_ttl_s: Annotated[
+        float,
+        setting("a load marker is deleted this long after it was written, whatever its agent shows", gt=0),
+    ] = 300.0
     ping_interval_s: Annotated[
         float, setting("keep-alive on a silent pull's reply (well under the gateway's idle timeout)", gt=0)
     ] = 2.0

@@ -1,0 +1,207 @@
+"""Load markers expire: the pure rule (`marker_expired`), the registry's pruning of its KV markers
+(by compare-and-set on the revision read) and the gateway's own marker map; and ``num_ctx`` capped
+at the model's trained context (`route_ctx`), so contexts Ollama runs alike share one marker."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats.errors
+import pytest
+from corral.gateway.placement import Loads
+from corral.protocol.messages import AgentState, LoadMarker, PsModel, TagModel
+from corral.protocol.names import parse_name
+from corral.protocol.subjects import Subjects
+from corral.registry.placement import Placer, marker_key
+from corral.routing import Route, marker_expired, route_ctx
+from corral.transport import WorkRequest
+from nats.js.errors import BadRequestError
+
+MODEL = "llama3.2:latest"
+NAME = parse_name(MODEL)
+KEY = NAME.key
+TTL = {"grace_s": 1.0, "ttl_s": 300.0}
+
+
+def state(
+    agent_id: str = "a", *, loaded_ctx: int = 0, loading_ctx: int | None = None, trained: int = 0
+) -> AgentState:
+    """An agent with the model on disk; loaded at ``loaded_ctx`` or loading for ``loading_ctx``."""
+    tag = TagModel(name=MODEL, model=MODEL, modified_at="", size=1, digest="d")
+    ps = PsModel(
+        name=MODEL, model=MODEL, size=1, digest="d", expires_at="", size_vram=1, context_length=loaded_ctx
+    )
+    return AgentState(
+        id=agent_id,
+        vendor="nvidia",
+        host="h",
+        ollama_url="http://h",
+        models=(tag,),
+        loaded=(ps,) if loaded_ctx else (),
+        loading=(KEY,) if loading_ctx is not None else (),
+        loading_ctx={KEY: loading_ctx} if loading_ctx is not None else {},
+        trained_ctx={KEY: trained} if trained else {},
+    )
+
+
+# -- the rule ----------------------------------------------------------------------------------
+ROUTE = Route(key=KEY, num_ctx=4096)
+
+
+def test_a_young_marker_whose_load_the_agent_does_not_show_yet_stays() -> None:
+    assert not marker_expired(ROUTE, state(), alive=True, age_s=0.5, **TTL)
+
+
+def test_a_marker_stays_while_its_agent_shows_the_load() -> None:
+    assert not marker_expired(ROUTE, state(loading_ctx=4096), alive=True, age_s=60.0, **TTL)
+
+
+def test_a_marker_expires_once_its_runner_is_warm() -> None:
+    assert marker_expired(ROUTE, state(loaded_ctx=4096), alive=True, age_s=0.1, **TTL)
+
+
+def test_a_marker_expires_when_the_load_failed() -> None:
+    """Past the grace the agent no longer shows the load (or shows one for another context)."""
+    assert marker_expired(ROUTE, state(), alive=True, age_s=2.0, **TTL)
+    assert marker_expired(ROUTE, state(loading_ctx=8192), alive=True, age_s=2.0, **TTL)
+    assert marker_expired(ROUTE, state(loaded_ctx=8192), alive=True, age_s=2.0, **TTL)
+
+
+def test_a_marker_expires_with_its_agent() -> None:
+    assert marker_expired(ROUTE, None, alive=False, age_s=0.1, **TTL)
+    assert marker_expired(ROUTE, state(loading_ctx=4096), alive=False, age_s=0.1, **TTL)
+
+
+def test_no_marker_outlives_the_bound() -> None:
+    assert marker_expired(ROUTE, state(loading_ctx=4096), alive=True, age_s=300.0, **TTL)
+
+
+# -- num_ctx capped at the trained context -------------------------------------------------------
+def test_contexts_above_the_trained_one_are_routed_as_the_trained_one() -> None:
+    fleet = [state("a"), state("b", loaded_ctx=8192, trained=8192)]
+    assert {route_ctx(KEY, n, fleet) for n in (32768, 65536, 131072)} == {8192}
+    assert route_ctx(KEY, 4096, fleet) == 4096
+    assert route_ctx(KEY, None, fleet) is None
+
+
+def test_an_unknown_trained_context_caps_nothing() -> None:
+    assert route_ctx(KEY, 65536, [state("a")]) == 65536
+    assert route_ctx(KEY, 65536, []) == 65536
+
+
+# -- the registry's KV markers ---------------------------------------------------------------------
+class Fleet:
+    def __init__(self, *agents: AgentState) -> None:
+        self.agents = {a.id: a for a in agents}
+
+    def with_model(self, key: str) -> list[AgentState]:
+        return list(self.agents.values())
+
+    def get(self, agent_id: str) -> AgentState | None:
+        return self.agents.get(agent_id)
+
+    def alive(self, state: AgentState) -> bool:
+        return True
+
+
+@dataclass
+class Entry:
+    value: bytes
+    revision: int
+    key: str = ""
+
+
+class Watcher:
+    def __init__(self, entries: list[Entry]) -> None:
+        self.entries = [*entries, None]
+
+    async def updates(self, timeout: float) -> Entry | None:
+        return self.entries.pop(0)
+
+    async def stop(self) -> None:
+        pass
+
+
+class KV:
+    """A models bucket with compare-and-set deletes; ``overwrite`` rewrites a key between the
+    listing and the delete that follows it (a newer marker written meanwhile)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+        self.revision = 0
+        self.overwrite: str | None = None
+
+    def put(self, key: str, marker: LoadMarker) -> None:
+        self.revision += 1
+        self.entries[key] = Entry(msgspec.json.encode(marker), self.revision, key)
+
+    async def watch(self, keys: str, ignore_deletes: bool) -> Watcher:
+        assert keys == "loading.>" and ignore_deletes
+        listed = [Entry(e.value, e.revision, k) for k, e in self.entries.items()]
+        if self.overwrite is not None:
+            self.put(self.overwrite, LoadMarker(agent="b", at=time.time()))
+        return Watcher(listed)
+
+    async def delete(self, key: str, last: int) -> bool:
+        if self.entries[key].revision != last:
+            raise BadRequestError()
+        del self.entries[key]
+        return True
+
+
+def placer(kv: KV, *agents: AgentState) -> Placer:
+    return Placer(None, Subjects("t"), Fleet(*agents), kv, None)  # type: ignore[arg-type]
+
+
+async def test_the_registry_deletes_the_markers_that_did_their_work() -> None:
+    kv = KV()
+    now = time.time()
+    token = NAME.token
+    kv.put(marker_key(token, 2048), LoadMarker(agent="a", at=now))  # done: runner warm
+    kv.put(marker_key(token, 4096), LoadMarker(agent="b", at=now))  # under way at b
+    kv.put(marker_key(token, 8192), LoadMarker(agent="a", at=now - 10))  # failed: a shows no load
+    kv.put(marker_key(token, 16384), LoadMarker(agent="gone", at=now))  # agent left the fleet
+    kv.put(marker_key(token, 512), LoadMarker(agent="c", at=now))  # just sent: agent lags
+    kv.put(marker_key(token, 1024, "amd"), LoadMarker(agent="b", at=now - 400))  # past the bound
+    p = placer(kv, state("a", loaded_ctx=2048), state("b", loading_ctx=4096), state("c"))
+    assert await p.prune_markers() == 4
+    assert sorted(kv.entries) == sorted([marker_key(token, 4096), marker_key(token, 512)])
+    assert await p.prune_markers() == 0
+
+
+async def test_a_newer_marker_is_never_deleted() -> None:
+    kv = KV()
+    key = marker_key(NAME.token, 2048)
+    kv.put(key, LoadMarker(agent="a", at=time.time()))
+    kv.overwrite = key  # a new load's marker lands between the listing and the delete
+    assert await placer(kv, state("a", loaded_ctx=2048)).prune_markers() == 0
+    assert kv.entries[key].revision == 2
+
+
+async def test_no_markers_no_work() -> None:
+    assert await placer(KV()).prune_markers() == 0
+
+
+# -- the gateway's own markers -------------------------------------------------------------------------
+class NoRegistry:
+    async def request(self, *args: Any, **kwargs: Any) -> Any:
+        raise nats.errors.NoRespondersError()
+
+
+@pytest.mark.parametrize("done", ["warm", "failed"])
+async def test_the_gateways_markers_do_not_grow_with_the_contexts_asked_for(done: str) -> None:
+    """Twenty contexts, each loaded in turn: the map keeps only the load under way."""
+    agent = state("a")
+    fleet = Fleet(agent)
+    loads = Loads(NoRegistry(), Subjects("t"), fleet, grace_s=0.0 if done == "failed" else 60.0)  # type: ignore[arg-type]
+    for i in range(20):
+        ctx = 2048 + 256 * i
+        req = WorkRequest("/api/generate", b"{}", model=NAME, num_ctx=ctx)
+        target, mine = await loads.place(req, Route(key=KEY, num_ctx=ctx), agent, set())
+        assert target is agent and mine
+        if done == "warm":  # the load is done: the agent shows the runner
+            fleet.agents["a"] = agent = state("a", loaded_ctx=ctx)
+        assert loads.marked == 1
