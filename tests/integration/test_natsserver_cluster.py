@@ -14,22 +14,25 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StreamConfig
-from nats.js.errors import ServiceUnavailableError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 
 JETSTREAM_WITHIN_S = 20.0  # the nodes find each other and elect a JetStream meta leader
 
 
-async def wait_for_jetstream(nc: NATS, timeout: float = JETSTREAM_WITHIN_S) -> None:
-    """Wait until JetStream answers on ``nc`` (a new cluster has elected its meta leader): each
-    `account_info` is answered at once by "unavailable" or waits out its own short timeout, so
-    this is bounded by ``timeout`` without sleeping."""
+async def wait_for_jetstream(nc: NATS, replicas: int, timeout: float = JETSTREAM_WITHIN_S) -> None:
+    """Wait until JetStream on ``nc`` places a stream on ``replicas`` servers: a new cluster must
+    first elect its meta leader and hear from every peer. Each try is answered at once ("no
+    suitable peers", "unavailable") or waits out its own short timeout, so this is bounded by
+    ``timeout`` without sleeping."""
     js = nc.jetstream(timeout=1.0)
+    probe = StreamConfig(name="CLUSTER_PROBE", subjects=["cluster-probe.>"], num_replicas=replicas)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            await js.account_info()
+            await js.add_stream(probe)
+            await js.delete_stream(probe.name)
             return
-        except (ServiceUnavailableError, NoRespondersError, NatsTimeoutError):
+        except (ServiceUnavailableError, NoRespondersError, NatsTimeoutError, BadRequestError):
             if time.monotonic() > deadline:
                 raise
 
@@ -56,7 +59,7 @@ def test_a_node_is_given_its_cluster_flags() -> None:
 async def test_three_nodes_form_a_jetstream_cluster(nodes: list[NatsServer]) -> None:
     nc = await connect(",".join(s.url for s in nodes), name="cluster-test")
     try:
-        await wait_for_jetstream(nc)
+        await wait_for_jetstream(nc, 3)
         js = nc.jetstream(timeout=5.0)
         info = await js.add_stream(StreamConfig(name="R3", subjects=["r3.>"], num_replicas=3))
         assert info.config.num_replicas == 3

@@ -1,0 +1,191 @@
+"""Losing one node of a three-node NATS cluster is not an outage.
+
+The gateway, registry, aggregator and two agents beside simulators run in this process
+(`corral.up.LocalFleet`), given the three nodes' URLs and three JetStream replicas. A few clients
+send a bounded run of streamed generate requests; a third of the way through, the node the gateway
+is connected to is SIGKILLed. Every connection moves to another node, and the buckets and the queue
+stream keep a quorum (two of three) and elect new leaders where they lost one. No request hangs:
+one under way at the kill finishes or ends with an error; one started after it is served, except
+while the gateway's fleet view lacks the model after the failover (it watches the agents bucket
+again on another node, whose stream may be electing a new leader): then, and at most
+`REFUSED_WITHIN_S` after the kill, a request may be answered 404 "model not found". That window is
+a known gap, left visible here rather than hidden. Once the gateway's view lists the model on every
+agent again, every request is served and the model is listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import pytest
+from corral.protocol.names import parse_name
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import connect
+from corral.runtime.natsserver import NatsServer, local_cluster, start_all
+from corral.up import FleetOptions, LocalFleet, default_sims
+
+from tests.integration.fleet_helpers import preload, until
+from tests.integration.test_natsserver_cluster import wait_for_jetstream
+
+pytestmark = pytest.mark.chaos
+
+MODEL = "llama3.2"
+REPLICAS = {"js_replicas": 3}
+REQUESTS = 36  # the whole run, sent by CLIENTS clients one after another
+CLIENTS = 4
+KILL_AFTER = REQUESTS // 3  # requests finished before the node is killed
+REQUEST_WITHIN_S = 15.0  # every request ends within this, through a failover included
+RUN_WITHIN_S = 40.0  # the whole run
+BACK_WITHIN_S = 15.0  # the gateway's fleet view lists the model on both agents again
+REFUSED_WITHIN_S = BACK_WITHIN_S  # seen up to ~10 s on 2 CPUs: the stream leader elections
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path) -> AsyncIterator[list[NatsServer]]:
+    servers = local_cluster(3, tmp_path)
+    await start_all(servers)
+    try:
+        nc = await connect(",".join(s.url for s in servers), name="cluster-wait")
+        try:
+            await wait_for_jetstream(nc, 3)  # the fleet creates its buckets as it starts
+        finally:
+            await nc.close()
+        yield servers
+    finally:
+        for s in servers:
+            await s.stop()
+
+
+@pytest.fixture
+async def fleet(nodes: list[NatsServer], root: str) -> AsyncIterator[LocalFleet]:
+    options = FleetOptions(
+        port=0,
+        nats_url=",".join(s.url for s in nodes),
+        root=root,
+        sims=default_sims(2, time_scale=0.01),
+        gateway=REPLICAS,
+        registry=REPLICAS,
+        aggregator=REPLICAS,
+        agent={"refresh_s": 0.5, "heartbeat_s": 0.5, **REPLICAS},
+    )
+    async with LocalFleet(options) as f:
+        await preload(f, MODEL)
+        yield f
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    status: int
+    done: bool  # the last line says done
+    error: str | None  # the error line or body, if any
+
+
+async def _generate(s: aiohttp.ClientSession, url: str, i: int) -> Outcome:
+    started = time.monotonic()
+    body = {"model": MODEL, "prompt": f"request {i}", "stream": True, "options": {"num_predict": 8}}
+    done, error = False, None
+    async with asyncio.timeout(REQUEST_WITHIN_S), s.post(f"{url}/api/generate", json=body) as r:
+        if r.status != 200:
+            error = await r.text()
+        else:
+            async for raw in r.content:
+                if not raw.strip():
+                    continue
+                line = msgspec.json.decode(raw)
+                if "error" in line:
+                    error = line["error"]
+                done = done or bool(line.get("done"))
+    return Outcome(started, time.monotonic(), r.status, done, error)
+
+
+async def _replicas(fleet: LocalFleet) -> dict[str, int]:
+    """The replicas of every bucket's stream and of the queue stream."""
+    subjects = Subjects(fleet.options.root)
+    buckets = (
+        subjects.agents_bucket,
+        subjects.models_bucket,
+        subjects.sessions_bucket,
+        subjects.views_bucket,
+    )
+    nc = await connect(fleet.options.nats_url, name="cluster-check")
+    try:
+        js = nc.jetstream(timeout=5.0)
+        streams = (subjects.queue_stream, *(f"KV_{b}" for b in buckets))
+        return {stream: (await js.stream_info(stream)).config.num_replicas for stream in streams}
+    finally:
+        await nc.close()
+
+
+def _connected_node(fleet: LocalFleet, nodes: list[NatsServer]) -> NatsServer:
+    """The node the gateway's connection is on (any node if that cannot be told)."""
+    assert fleet.gateway is not None and fleet.gateway.nc is not None
+    connected = fleet.gateway.nc.connected_url
+    port = connected.port if connected is not None else None
+    return next((n for n in nodes if n.port == port), nodes[0])
+
+
+async def test_losing_one_node_of_three_hangs_no_request_and_the_fleet_serves_on(
+    nodes: list[NatsServer], fleet: LocalFleet
+) -> None:
+    replicas = await _replicas(fleet)
+    assert len(replicas) == 5 and set(replicas.values()) == {3}, replicas
+
+    outcomes: list[Outcome] = []
+    enough_done = asyncio.Event()
+    sent = 0
+
+    async def client(s: aiohttp.ClientSession) -> None:
+        nonlocal sent
+        while sent < REQUESTS:
+            sent += 1
+            outcomes.append(await _generate(s, fleet.url, sent))
+            if len(outcomes) >= KILL_AFTER:
+                enough_done.set()
+
+    async def kill_one() -> tuple[NatsServer, float]:
+        await enough_done.wait()
+        victim = _connected_node(fleet, nodes)
+        killed_at = time.monotonic()
+        await victim.kill()
+        return victim, killed_at
+
+    async with aiohttp.ClientSession() as s, asyncio.timeout(RUN_WITHIN_S):
+        killer = asyncio.create_task(kill_one())
+        await asyncio.gather(*(client(s) for _ in range(CLIENTS)))
+        _, killed_at = await killer
+
+    assert len(outcomes) == REQUESTS
+    after = [o for o in outcomes if o.started >= killed_at]
+    in_flight = [o for o in outcomes if o.started < killed_at < o.ended]
+    assert after, "the kill came after the last request"
+    refused = (404, f'{{"error":"model \'{MODEL}\' not found"}}')
+    for o in after:  # not started at the kill: served in full, or refused only during failover
+        served = (o.status, o.done, o.error) == (200, True, None)
+        assert served or (o.started - killed_at < REFUSED_WITHIN_S and (o.status, o.error) == refused), o
+    for o in in_flight:  # under way at the kill: finished, or ended with an error (line or body)
+        assert o.done or o.error, o
+    for o in outcomes:  # none hung (each is bounded by REQUEST_WITHIN_S; this says by how much)
+        assert o.ended - o.started < REQUEST_WITHIN_S, o
+
+    assert fleet.gateway is not None
+    key, view = parse_name(MODEL).key, fleet.gateway.fleet
+    await until(fleet, lambda: len(view.with_model(key)) == len(fleet.agents), BACK_WITHIN_S)
+    async with aiohttp.ClientSession() as s:
+        for i in range(CLIENTS):
+            o = await _generate(s, fleet.url, REQUESTS + i)
+            assert (o.status, o.done, o.error) == (200, True, None), o
+        body = {"model": MODEL, "prompt": "after the loss", "stream": False}
+        async with s.post(f"{fleet.url}/api/generate", json=body) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["done"] is True
+        async with s.get(f"{fleet.url}/api/tags") as r:
+            tags = await r.json()
+            assert r.status == 200 and any(m["name"].startswith(MODEL) for m in tags["models"])
