@@ -99,8 +99,7 @@ class FleetView:
                 except nats.errors.TimeoutError:
                     return
                 if entry is None:  # end of the initial snapshot
-                    for gone in set(self._agents) - (seen or set()):
-                        self._remove(gone)
+                    self._forget_missing(seen or set())
                     seen = None
                     self._synced.set()
                     self._notify()
@@ -120,6 +119,17 @@ class FleetView:
         finally:
             with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
                 await watcher.stop()  # type: ignore[no-untyped-call]
+
+    def _forget_missing(self, seen: set[str]) -> None:
+        """After a snapshot: agents it lacks are gone — unless heard within their liveness window.
+        A watch opened again while a NATS cluster elects a new leader (or on a bucket a restarted
+        server is refilling) can see an empty or partial snapshot; dropping live agents on it would
+        answer "model not found" until their next heartbeats. Those kept age out like any agent
+        that stops heartbeating, and a deletion the watch does see removes at once."""
+        now = time.monotonic()
+        for agent_id in set(self._agents) - seen:
+            if not self.alive(self._agents[agent_id], now):
+                self._remove(agent_id)
 
     def _put(self, state: AgentState) -> None:
         self._remove(state.id)

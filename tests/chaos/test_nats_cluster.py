@@ -5,12 +5,11 @@ The gateway, registry, aggregator and two agents beside simulators run in this p
 send a bounded run of streamed generate requests; a third of the way through, the node the gateway
 is connected to is SIGKILLed. Every connection moves to another node, and the buckets and the queue
 stream keep a quorum (two of three) and elect new leaders where they lost one. No request hangs:
-one under way at the kill finishes or ends with an error; one started after it is served, except
-while the gateway's fleet view lacks the model after the failover (it watches the agents bucket
-again on another node, whose stream may be electing a new leader): then, and at most
-`REFUSED_WITHIN_S` after the kill, a request may be answered 404 "model not found". That window is
-a known gap, left visible here rather than hidden. Once the gateway's view lists the model on every
-agent again, every request is served and the model is listed.
+one under way at the kill finishes or ends with an error; one started after it is served. The
+agents heartbeat at the default period: three missed heartbeats (15 s) outlast the elections, in
+which an agent cannot publish its state (with 0.5 s heartbeats the gateway took them for dead for a
+few seconds and answered 404). Once the gateway's view lists the model on every agent again, the
+model is listed and served.
 """
 
 from __future__ import annotations
@@ -43,7 +42,6 @@ KILL_AFTER = REQUESTS // 3  # requests finished before the node is killed
 REQUEST_WITHIN_S = 15.0  # every request ends within this, through a failover included
 RUN_WITHIN_S = 40.0  # the whole run
 BACK_WITHIN_S = 15.0  # the gateway's fleet view lists the model on both agents again
-REFUSED_WITHIN_S = BACK_WITHIN_S  # seen up to ~10 s on 2 CPUs: the stream leader elections
 
 
 @pytest.fixture
@@ -72,7 +70,7 @@ async def fleet(nodes: list[NatsServer], root: str) -> AsyncIterator[LocalFleet]
         gateway=REPLICAS,
         registry=REPLICAS,
         aggregator=REPLICAS,
-        agent={"refresh_s": 0.5, "heartbeat_s": 0.5, **REPLICAS},
+        agent={"refresh_s": 0.5, **REPLICAS},  # the default heartbeat: 15 s of silence is dead
     )
     async with LocalFleet(options) as f:
         await preload(f, MODEL)
@@ -166,10 +164,9 @@ async def test_losing_one_node_of_three_hangs_no_request_and_the_fleet_serves_on
     after = [o for o in outcomes if o.started >= killed_at]
     in_flight = [o for o in outcomes if o.started < killed_at < o.ended]
     assert after, "the kill came after the last request"
-    refused = (404, f'{{"error":"model \'{MODEL}\' not found"}}')
-    for o in after:  # not started at the kill: served in full, or refused only during failover
+    for o in after:  # not started at the kill: served in full
         served = (o.status, o.done, o.error) == (200, True, None)
-        assert served or (o.started - killed_at < REFUSED_WITHIN_S and (o.status, o.error) == refused), o
+        assert served, o
     for o in in_flight:  # under way at the kill: finished, or ended with an error (line or body)
         assert o.done or o.error, o
     for o in outcomes:  # none hung (each is bounded by REQUEST_WITHIN_S; this says by how much)

@@ -1,0 +1,51 @@
+"""FleetView across a watch opened again on a bucket that came back empty (a NATS cluster electing a
+new leader, a restarted server refilling memory buckets): live agents are not dropped on it."""
+
+from __future__ import annotations
+
+import pytest
+from corral.protocol.messages import AgentState, TagModel, agent_state_encoder
+from corral.protocol.names import key_of
+from corral.protocol.subjects import Subjects
+from corral.runtime.fleet import FleetView
+from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.natsserver import NatsServer
+from nats.js.api import KeyValueConfig
+
+pytestmark = pytest.mark.integration
+
+MODEL = TagModel(name="llama3.2:latest", model="llama3.2:latest", modified_at="", size=1, digest="d")
+
+
+async def test_a_watch_opened_again_on_an_empty_bucket_keeps_the_agents_it_heard_recently(
+    nats_server: NatsServer, root: str
+) -> None:
+    subjects = Subjects(root)
+    nc = await connect(nats_server.url, name="test")
+    try:
+        js = nc.jetstream()
+        buckets = await ensure_buckets(js, subjects)
+        state = AgentState(id="a1", vendor="cpu", host="h", ollama_url="http://h", models=(MODEL,))
+        await buckets.agents.put("a1", agent_state_encoder.encode(state))
+        fleet = FleetView(buckets.agents)
+        await fleet.start()
+        key = key_of("llama3.2")
+        assert key is not None and [a.id for a in fleet.with_model(key)] == ["a1"]
+        try:
+            # the bucket is replaced by an empty one, as a memory bucket after a NATS restart
+            await js.delete_key_value(subjects.agents_bucket)
+            await js.create_key_value(KeyValueConfig(bucket=subjects.agents_bucket, history=1))
+            seen = fleet.revision
+            fleet.restart()
+            while fleet.revision == seen:  # the new watch's (empty) snapshot has been read
+                assert await fleet.wait_changed(5.0)
+            assert [a.id for a in fleet.with_model(key)] == ["a1"]  # heard moments ago: kept
+            # a deletion the watch does see removes it at once
+            await buckets.agents.delete("a1")
+            while fleet.get("a1") is not None:
+                assert await fleet.wait_changed(5.0)
+        finally:
+            await fleet.stop()
+    finally:
+        await nc.close()
+
