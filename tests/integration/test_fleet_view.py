@@ -48,4 +48,3 @@ async def test_a_watch_opened_again_on_an_empty_bucket_keeps_the_agents_it_heard
             await fleet.stop()
     finally:
         await nc.close()
-
