@@ -7,7 +7,6 @@ still serves a plain request.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from corral.up import FleetOptions, LocalFleet, default_sims
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fuzz.logs import Tracebacks, capturing_tracebacks
 from tests.integration.fleet_helpers import preload
 
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")]
@@ -30,29 +30,14 @@ URLS: dict[str, str] = {}  # "gateway", and "ollama": the fleet's one simulated 
 FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
-class _Tracebacks(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info:
-            self.records.append(record)
+@pytest.fixture(scope="module")
+def tracebacks() -> Iterator[Tracebacks]:
+    with capturing_tracebacks() as handler:
+        yield handler
 
 
 @pytest.fixture(scope="module")
-def tracebacks() -> Iterator[_Tracebacks]:
-    handler = _Tracebacks()
-    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "uvicorn.asgi")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    yield handler
-    for lg in loggers:
-        lg.removeHandler(handler)
-
-
-@pytest.fixture(scope="module")
-async def fleet(nats_server: NatsServer, tracebacks: _Tracebacks) -> AsyncIterator[LocalFleet]:
+async def fleet(nats_server: NatsServer, tracebacks: Tracebacks) -> AsyncIterator[LocalFleet]:
     options = FleetOptions(
         port=0,
         nats_url=nats_server.url,

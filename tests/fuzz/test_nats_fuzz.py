@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
 
+from tests.fuzz.logs import Tracebacks, capturing_tracebacks
+
 pytestmark = [pytest.mark.fuzz, pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")]
 
 MODEL = "llama3.2"
@@ -52,23 +53,10 @@ MIN_MESSAGES = 1500
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
-class _Tracebacks(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info:
-            self.records.append(record)
-
-
 @pytest.fixture(scope="module")
-def tracebacks() -> Iterator[_Tracebacks]:
-    handler = _Tracebacks()
-    root = logging.getLogger()
-    root.addHandler(handler)
-    yield handler
-    root.removeHandler(handler)
+def tracebacks() -> Iterator[Tracebacks]:
+    with capturing_tracebacks() as handler:
+        yield handler
 
 
 @dataclass
@@ -168,7 +156,7 @@ async def _plain(rig: _Rig, rid: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-async def rig(nats_server: NatsServer, tracebacks: _Tracebacks) -> AsyncIterator[_Rig]:
+async def rig(nats_server: NatsServer, tracebacks: Tracebacks) -> AsyncIterator[_Rig]:
     sim = SimServer(load_config(None, time_scale=0.0, num_parallel=2), host="127.0.0.1", port=0)
     await sim.start()
     settings_ = AgentSettings(

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import msgspec
 import nats.aio.msg
 from corral.protocol.messages import AgentEvent
+from corral.runtime.natsserver import NatsServer
 from corral.up import LocalFleet
 
 
@@ -68,3 +69,18 @@ class Events:
             while self.of(kind, agent) < count:
                 self._changed.clear()
                 await self._changed.wait()
+
+
+async def publish_raw(server: NatsServer, subject: str, reply: bytes, payload: bytes) -> None:
+    """Publish over the bare NATS protocol, which (unlike nats-py) can send any bytes as a reply
+    subject: what a hostile or broken client can do."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"protocol":1}\r\n')
+        writer.write(b"PUB %s %s %d\r\n%s\r\nPING\r\n" % (subject.encode(), reply, len(payload), payload))
+        async with asyncio.timeout(5):
+            assert await reader.readline() == b"PONG\r\n"
+    finally:
+        writer.close()
+        await writer.wait_closed()

@@ -21,6 +21,8 @@ from corral.simulator.server import SimServer
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 
+from tests.integration.fleet_helpers import publish_raw
+
 pytestmark = pytest.mark.integration
 
 MODEL = "llama3.2"
@@ -138,20 +140,6 @@ async def test_garbage_on_a_claim_subject_is_answered_bad_request_and_the_slot_i
         assert agent.state().in_flight == 0
 
 
-async def _publish_raw(nats_server: NatsServer, subject: str, reply: bytes, payload: bytes) -> None:
-    """Publish over a bare protocol connection: nats-py refuses a reply subject that is not UTF-8."""
-    reader, writer = await asyncio.open_connection(nats_server.host, nats_server.port)
-    try:
-        await reader.readline()  # INFO
-        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"protocol":1}\r\n')
-        writer.write(b"PUB %s %s %d\r\n%s\r\nPING\r\n" % (subject.encode(), reply, len(payload), payload))
-        async with asyncio.timeout(5):
-            assert await reader.readline() == b"PONG\r\n"
-    finally:
-        writer.close()
-        await writer.wait_closed()
-
-
 async def test_a_reply_subject_that_is_not_utf8_does_not_stop_the_agents_connection(
     nats_server: NatsServer, root: str
 ) -> None:
@@ -160,7 +148,7 @@ async def test_a_reply_subject_that_is_not_utf8_does_not_stop_the_agents_connect
     async with serving(nats_server, root) as (agent, nc):
         subjects = Subjects(root)
         for subject in (subjects.agent_work(agent.id), subjects.agent_ctl(agent.id)):
-            await _publish_raw(nats_server, subject, b"x.\xff\xfe", BODY)
+            await publish_raw(nats_server, subject, b"x.\xff\xfe", BODY)
         ok = await send(nc, subjects.agent_work(agent.id), "after")
         assert (await ended(ok, timeout=5.0)).get(H.STATUS) == "200"
         assert agent.nc is not None and agent.nc.is_connected
