@@ -32,7 +32,7 @@ from corral.runtime.fleet import FleetView
 from corral.runtime.nats import Reopener, connect, ensure_buckets, watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import server_span, tracer
-from corral.runtime.workqueue import QueueLimits, ensure_stream
+from corral.runtime.workqueue import QueueLimits
 from corral.transport import Transport, WorkRequest, model_work
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
@@ -112,9 +112,8 @@ class Gateway:
             on_closed=self.lost.set,
             on_reconnected=self._reconnected,
         )
-        buckets = await ensure_buckets(self.nc.jetstream(), self.subjects, replicas=replicas)
         queue = QueueLimits(depth=self.settings.queue_depth, max_bytes=self.settings.queue_max_bytes)
-        await ensure_stream(self.nc.jetstream(), self.subjects, limits=queue, replicas=replicas)
+        buckets = await ensure_buckets(self.nc.jetstream(), self.subjects, replicas=replicas, queue=queue)
         self._reopener = Reopener(self.nc, self.subjects, self._reopened, replicas=replicas, queue=queue)
         self._reopener.start()
         self._fleet = FleetView(buckets.agents)
@@ -245,7 +244,7 @@ class Gateway:
                 body = await read_body(receive)
             except ConnectionResetError:
                 return
-            if not body.strip():
+            if not body or body.isspace():  # no copy of a large body
                 await respond_error(send, BadRequest("missing request body"), openai=openai)
                 return
             try:

@@ -59,7 +59,7 @@ def error(err: CorralError) -> Response:
 
 async def _name(request: Request, field: str = "model") -> tuple[bytes, str, ModelName]:
     body = await request.body()
-    if not body.strip():
+    if not body or body.isspace():  # no copy of a large body
         raise BadRequest("missing request body")
     try:
         obj = msgspec.json.decode(body)

@@ -45,7 +45,7 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR
-from corral.routing import Route, Router, route_ctx, warm
+from corral.routing import Route, Router, load, route_ctx, warm
 from corral.runtime.fleet import FleetView
 from corral.transport import Outcome, Reply, Transport, WorkRequest
 
@@ -77,10 +77,6 @@ class Planner:
 
     async def stop(self) -> None:
         await self.pulls.stop()
-
-    @property
-    def in_flight(self) -> int:
-        return self.transport.in_flight
 
     async def send(self, req: WorkRequest, *, queue_timeout: float | None = None) -> Reply:
         """Route ``req`` to an agent and return once that agent's reply has begun (its head)."""
@@ -136,7 +132,7 @@ class Planner:
     def _plan(self, req: WorkRequest, failed: set[str], strategy: str) -> Iterator[tuple[str, str | None]]:
         subjects = self.transport.subjects
         if req.model is None:  # not a model request: any live agent will do
-            for a in sorted(self.fleet.agents(), key=self._load):
+            for a in sorted(self.fleet.agents(), key=lambda a: load(a, self.transport.outstanding)):
                 if a.status == "active" and a.id not in failed:
                     yield subjects.agent_work(a.id), a.id
             return
@@ -160,13 +156,9 @@ class Planner:
         the context Ollama runs it at, so the runner (and load) it is routed and marked at. The
         body itself goes unchanged (Ollama caps it the same way)."""
         assert req.model is not None
+        if req.num_ctx is None:  # the common case: no fleet scan
+            return None
         return route_ctx(req.model.key, req.num_ctx, self.fleet.with_model(req.model.key))
-
-    def _busy(self, a: AgentState) -> int:
-        return a.in_flight + a.queued + self.transport.outstanding.get(a.id, 0)
-
-    def _load(self, a: AgentState) -> float:
-        return self._busy(a) / max(a.parallel, 1)
 
     # -- auto --------------------------------------------------------------------------------------
     async def _send_auto(
@@ -222,7 +214,12 @@ class Planner:
         ranked = router.rank("auto", route, usable, transport.outstanding)
         # 3. whoever can start it now by the fleet state (claims lag a little behind it)
         for a in ranked:
-            if a.id not in tried and a.id not in failed and warm(route, a) and self._busy(a) < a.parallel:
+            if (
+                a.id not in tried
+                and a.id not in failed
+                and warm(route, a)
+                and load(a, transport.outstanding) < 1
+            ):
                 if (reply := await direct(a)) is not None:
                     return reply
         # 4. nothing can start it now: a load, or a wait (ranked again: the attempts above moved
@@ -233,7 +230,7 @@ class Planner:
         if not live:
             return None
         top = live[0]
-        if not warm(route, top) and not loads.loading_at(route, top) and not loads.under_way(route, live):
+        if not warm(route, top) and not loads.under_way(route, live):  # `top` is among `live`
             target, mine = await loads.place(req, route, top, failed)
             if target is not None and mine:
                 reply = await direct(target)

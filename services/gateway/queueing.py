@@ -16,7 +16,6 @@ from collections.abc import Mapping
 import nats.errors
 from corral.gateway.placement import Loads
 from corral.gateway.settings import GatewaySettings
-from corral.protocol import headers as H
 from corral.protocol.errors import NoCapacity
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR
@@ -73,8 +72,7 @@ class FleetQueue:
         assert req.model is not None
         transport = self._transport
         vendor = req.vendor if (req.vendor and req.strict) else ANY_VENDOR
-        call, hdrs, payload = transport.register(req, None, deadline)
-        hdrs[H.REPLY] = transport.reply_subject(call)
+        call, hdrs, payload = transport.register(req, None, deadline, queued=True)
         keep = False
         queued: Queued | None = None
         self._waiting[route.key] = self._waiting.get(route.key, 0) + 1

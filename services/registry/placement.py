@@ -239,16 +239,7 @@ class Placer:
             m = load_marker_decoder.decode(entry.value)
         except msgspec.DecodeError:
             return None
-        age = time.time() - m.at
-        agent = self.fleet.get(m.agent)
-        if agent is None or not self.fleet.alive(agent) or age > self.marker_ttl_s:
-            return None
-        key = decode_token(token)
-        if warm(Route(key=key, num_ctx=num_ctx), agent):
-            return None  # that load is done
-        if loading_for(Route(key=key, num_ctx=num_ctx), agent) or age < self.load_grace_s:
-            return m.agent
-        return None
+        return None if self._expired(marker_key(token, num_ctx, vendor), entry.value) else m.agent
 
     async def _claim(
         self, token: str, num_ctx: int | None, agent: str, vendor: str | None = None
@@ -339,8 +330,6 @@ class Placer:
                 await self.check_replicas()
             except nats.errors.Error as e:  # NATS away for a moment: the next check reads again
                 log.warning("replica check failed: %s", e)
-            except Exception:  # a bug must not end demand-driven replicas for good
-                log.exception("replica check failed")
 
     async def check_replicas(self) -> None:
         per_model: dict[str, int] = {}

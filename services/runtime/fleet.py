@@ -18,6 +18,7 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, agent_state_decoder
 from corral.protocol.names import key_of
+from corral.runtime.nats import watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
 from nats.js.kv import KeyValue
 
@@ -75,16 +76,7 @@ class FleetView:
         """Watch for ever: a new watch whenever one ends (silence) or `restart` is asked for; a
         watch that fails is raised to the supervisor, which logs it and backs off."""
         while True:
-            self._restart.clear()
-            run = asyncio.create_task(self._watch_once(), name="fleet-watch-once")
-            restart = asyncio.create_task(self._restart.wait(), name="fleet-watch-restart")
-            try:
-                await asyncio.wait((run, restart), return_when=asyncio.FIRST_COMPLETED)
-                failure = run.exception() if run.done() and not run.cancelled() else None
-            finally:
-                await cancel_and_wait([run, restart])
-            if failure is not None:
-                raise failure
+            await watch_until(self._watch_once, self._restart)
 
     async def _watch_once(self) -> None:
         """One watch: the snapshot (agents it lacks are gone), then updates until it is silent for

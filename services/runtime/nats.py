@@ -175,9 +175,12 @@ class Buckets:
     views: KeyValue
 
 
-async def ensure_buckets(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> Buckets:
+async def ensure_buckets(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int = 1, queue: QueueLimits | None = None
+) -> Buckets:
     """Open the KV buckets and the overflow queue's stream, creating what does not exist yet
-    (idempotent across services; safe to call again after a NATS restart)."""
+    (idempotent across services; safe to call again after a NATS restart). ``queue``: the queue's
+    limits, which whoever enqueues (the gateway) enforces; None leaves an existing stream as it is."""
 
     async def bucket(name: str, storage: StorageType, *, ttl: float | None = None) -> KeyValue:
         try:
@@ -186,7 +189,7 @@ async def ensure_buckets(js: JetStreamContext, subjects: Subjects, *, replicas: 
             cfg = KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=storage, replicas=replicas)
             return await js.create_key_value(cfg)
 
-    await ensure_stream(js, subjects, replicas=replicas)
+    await ensure_stream(js, subjects, limits=queue, replicas=replicas)
     return Buckets(
         agents=await bucket(subjects.agents_bucket, StorageType.MEMORY),  # rewritten every heartbeat
         models=await bucket(subjects.models_bucket, StorageType.FILE),  # index and load markers
@@ -252,10 +255,9 @@ class Reopener:
             await self._wanted.wait()
             self._wanted.clear()
             try:
-                js = self._nc.jetstream()
-                await ensure_buckets(js, self._subjects, replicas=self._replicas)
-                if self._queue is not None:
-                    await ensure_stream(js, self._subjects, limits=self._queue, replicas=self._replicas)
+                await ensure_buckets(
+                    self._nc.jetstream(), self._subjects, replicas=self._replicas, queue=self._queue
+                )
             except (NatsError, JetStreamError, TimeoutError):
                 self._wanted.set()  # the supervisor retries after its backoff
                 raise

@@ -109,12 +109,14 @@ class Transport:
 
     # -- calls -----------------------------------------------------------------------------------
     def register(
-        self, req: WorkRequest, agent: str | None, deadline: float
+        self, req: WorkRequest, agent: str | None, deadline: float, *, queued: bool = False
     ) -> tuple[Call, dict[str, str], bytes]:
         """Register a call for one attempt at ``req``: (call, headers, payload) to publish. The call
-        counts against ``agent`` (when named) until `release`. The message stays under the server's
-        max_payload: a body that does not fit beside its headers is served in chunks instead, and
-        headers that cannot fit even alone are a `BadRequest` (nothing registered)."""
+        counts against ``agent`` (when named) until `release`. ``queued``: the message goes into the
+        fleet queue, so it names its reply subject in a header (JetStream keeps headers, not the
+        reply-to). The message stays under the server's max_payload, every header counted: a body
+        that does not fit beside its headers is served in chunks instead, and headers that cannot
+        fit even alone are a `BadRequest` (nothing registered)."""
         rid = format(next(self._ids), "x")
         envelope = RequestEnvelope(
             rid=rid,
@@ -127,6 +129,7 @@ class Transport:
             echo_model=req.echo_model if req.upstream_model else None,
             upstream_model=req.upstream_model if req.echo_model else None,
             trace=req.trace,
+            reply=self.subjects.reply(self.id, rid) if queued else None,
         )
         payload = req.body
         hdrs = envelope.headers()
