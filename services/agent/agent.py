@@ -32,7 +32,6 @@ from corral.agent.lifecycle import (
     default_agent_id,
     leave,
     ping_silent,
-    reopen,
     wait_at_most,
 )
 from corral.agent.ollama import OllamaClient
@@ -46,8 +45,8 @@ from corral.protocol.errors import Cancelled, InternalError
 from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import Buckets, connect, ensure_buckets
-from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.nats import Buckets, Reopener, connect, ensure_buckets
+from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import tracer
 from corral.transport.replies import send_busy
 from nats.aio.client import Client as NATS
@@ -65,9 +64,9 @@ _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/crea
 
 
 class Agent:
-    # Twenty attributes: the settings and identity it was given (settings, id, vendor, subjects,
+    # Twenty-one attributes: the settings and identity it was given (settings, id, vendor, subjects,
     # ollama), its lifecycle (lifecycle, status, ready, wake-ups), the I/O it owns (connection, KV
-    # buckets, subscriptions, worker, claims, backend reader, task group, tracer) and the two state
+    # buckets and their reopener, subscriptions, worker, claims, backend reader, task group, tracer) and the two state
     # machines with the jobs they account for (slots, runners, jobs). The state that changes lives
     # in `SlotTable`, `RunnerTracker` and `Claims`; the agent only maps their answers onto I/O.
     def __init__(
@@ -92,6 +91,7 @@ class Agent:
         self._wake = Wakeups()
         self.nc: NATS | None = None
         self._buckets: Buckets | None = None
+        self._reopener: Reopener | None = None  # the buckets again after a NATS restart
         self._subs: list[Subscription] = []
         self._worker: Worker | None = None
         self._claims: Claims | None = None
@@ -142,9 +142,9 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 loops = [
-                    tg.create_task(self._reconcile_loop(), name="claims"),
-                    tg.create_task(self._state_loop(), name="state"),
-                    tg.create_task(self._refresh_loop(), name="refresh"),
+                    tg.create_task(supervise("claims", self._reconcile_loop), name="claims"),
+                    tg.create_task(supervise("state", self._state_loop), name="state"),
+                    tg.create_task(supervise("refresh", self._refresh_loop), name="refresh"),
                     tg.create_task(
                         ping_silent(self._jobs, self.settings.ping_interval_s, self._wake.closing),
                         name="ping",
@@ -182,6 +182,10 @@ class Agent:
         self._buckets = await ensure_buckets(
             nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
         )
+        self._reopener = Reopener(
+            nc, self.subjects, lambda: self._changed(state=True), replicas=self.settings.js_replicas
+        )
+        self._reopener.start()
         self._worker = Worker(
             nc,
             self.ollama,
@@ -204,9 +208,10 @@ class Agent:
         return self._wake.lost.is_set()  # stopped because NATS closed the connection for good
 
     def _reconnected(self) -> None:
-        """Back on NATS (maybe a restarted server that lost the agents bucket): the state loop
-        opens the buckets again and says who we are at once, not after the next heartbeat."""
-        self._wake.reconnected.set()
+        """Back on NATS (maybe a restarted server that lost the agents bucket): open the buckets
+        again (retried until it works) and say who we are at once, not after the next heartbeat."""
+        if self._reopener is not None:
+            self._reopener.request()
         self._changed(claims=True, state=True)
 
     async def _drain(self) -> None:
@@ -224,12 +229,11 @@ class Agent:
                 "draining: waiting up to %.0fs for %d requests", self.settings.drain_grace_s, len(running)
             )
             _, pending = await asyncio.wait(running, timeout=self.settings.drain_grace_s)
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.wait(pending)
+            await cancel_and_wait(pending)  # again until they end: nats-py can swallow one cancel
 
     async def _close(self) -> None:
+        if self._reopener is not None:
+            await self._reopener.stop()
         if self.nc is not None:
             await leave(self.nc, self._buckets.agents if self._buckets else None, self.id)
         await self.ollama.close()
@@ -439,10 +443,6 @@ class Agent:
             self._wake.refresh.clear()
             await self._refresh()
 
-    def default_num_ctx(self) -> int:
-        """The backend's num_ctx for requests that give none (see `Backend.default_num_ctx`)."""
-        return self._backend.default_num_ctx()
-
     def state(self) -> AgentState:
         b, busy = self._backend, self.slots.busy_tokens()
         return AgentState(
@@ -475,6 +475,8 @@ class Agent:
             await self._buckets.agents.put(self.id, agent_state_encoder.encode(self.state()))
         except (NatsError, JetStreamError, TimeoutError) as e:
             log.warning("cannot publish agent state: %s", e)
+            if self._reopener is not None:
+                self._reopener.missing(e)  # a bucket a restarted NATS lost: create it again
 
     async def _state_loop(self) -> None:
         """Publish on change (at most every 100 ms) and on every heartbeat."""
@@ -482,10 +484,5 @@ class Agent:
             await wait_at_most(self._wake.state, self.settings.heartbeat_s)
             self._wake.state.clear()
             if self.lifecycle is Lifecycle.RUNNING:
-                if self._wake.reconnected.is_set() and self.nc is not None:
-                    self._wake.reconnected.clear()
-                    self._buckets = (
-                        await reopen(self.nc, self.subjects, self.settings.js_replicas) or self._buckets
-                    )
                 await self._publish_state()
             await wait_at_most(self._wake.closing, 0.1)

@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from corral.agent.worker import Job
-from corral.protocol.subjects import Subjects
-from corral.runtime.nats import Buckets, ensure_buckets
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
@@ -38,7 +36,6 @@ class Wakeups:
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # asked to stop
     closing: asyncio.Event = field(default_factory=asyncio.Event)  # drained: the loops end
     done: asyncio.Event = field(default_factory=asyncio.Event)  # stopped
-    reconnected: asyncio.Event = field(default_factory=asyncio.Event)  # open the buckets again
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # NATS closed for good: exit non-zero
 
     def connection_closed(self) -> None:
@@ -90,15 +87,6 @@ async def leave(nc: NATS, agents: KeyValue | None, agent_id: str) -> None:
         await nc.drain()
     except (NatsError, TimeoutError) as e:
         log.warning("draining the NATS connection: %s", e)
-
-
-async def reopen(nc: NATS, subjects: Subjects, replicas: int) -> Buckets | None:
-    """The buckets, created again where a restarted NATS lost them; None while it cannot say."""
-    try:
-        return await ensure_buckets(nc.jetstream(), subjects, replicas=replicas)
-    except (NatsError, JetStreamError, TimeoutError) as e:  # the next reconnect tries again
-        log.warning("cannot open the buckets again after a reconnect: %s", e)
-        return None
 
 
 async def ping_silent(jobs: Mapping[str, Job], interval: float, closing: asyncio.Event) -> None:

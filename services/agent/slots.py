@@ -70,10 +70,6 @@ class SlotTable(Generic[K]):
     def queued(self) -> int:
         return self._queued
 
-    def tokens(self) -> set[str]:
-        """Models with a job holding or waiting for a slot."""
-        return set(self._holders) | set(self._queues)
-
     def busy_tokens(self) -> set[str]:
         return set(self._holders)
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 from corral.agent.http import Response
@@ -43,7 +43,6 @@ class Job:
     body: bytes
     out: ReplyWriter
     body_subject: str = ""  # where a body larger than the payload limit is fetched from
-    started: float = field(default_factory=time.monotonic)
     task: asyncio.Task[None] | None = None
     slot: asyncio.Future[None] | None = None  # set while it waits here for a slot
     released: bool = False  # its slot was freed when Ollama's answer ended, before the reply did
