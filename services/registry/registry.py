@@ -222,9 +222,7 @@ class Registry:
                 except nats.errors.TimeoutError:  # agents heartbeat: a NATS restart replaced the bucket
                     return
                 if entry is None:
-                    for gone in set(self._known) - (seen or set()):
-                        self._known.pop(gone, None)
-                        await self._gone(gone)
+                    await self._forget_missing(seen or set())
                     seen = None
                     self._synced.set()
                     continue
@@ -234,6 +232,20 @@ class Registry:
         finally:
             with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
                 await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _forget_missing(self, seen: set[str]) -> None:
+        """After a snapshot: agents it lacks are gone — unless heard within their liveness window.
+        A watch opened again while a NATS cluster elects a leader (or on a bucket a restarted server
+        is refilling) can see an empty or partial snapshot; announcing those agents `left` would be
+        false, and they would be `joined` again at their next heartbeat. Those kept are declared
+        dead by the reaper if they stay silent (`corral.runtime.fleet.FleetView` keeps the same
+        rule)."""
+        now = time.monotonic()
+        for agent_id in set(self._known) - seen:
+            known = self._known[agent_id]
+            if now - known.heard > self._dead_after(known.state):
+                self._known.pop(agent_id, None)
+                await self._gone(agent_id)
 
     async def _seen(self, entry: KeyValue.Entry, *, snapshot: bool) -> None:
         agent_id, revision = entry.key, entry.revision or 0
@@ -246,9 +258,9 @@ class Registry:
         except msgspec.DecodeError:
             return
         previous = self._known.get(agent_id)
-        self._known[agent_id] = _Known(revision, state, received_at(entry, snapshot=snapshot))
         if previous is None or previous.state.started_at != state.started_at:
-            await self._joined(state)
+            await self._joined(state)  # raises (a KV call failed): known only once announced
+        self._known[agent_id] = _Known(revision, state, received_at(entry, snapshot=snapshot))
 
     def _dead_after(self, state: AgentState) -> float:
         return self.settings.dead_after_s or STALE_HEARTBEATS * state.heartbeat_s

@@ -67,11 +67,13 @@ async def test_a_failing_kv_call_does_not_stop_dead_agents_being_removed(
                 started_at=started, updated_at=time.time(), heartbeat_s=HEARTBEAT_S,
             )  # fmt: skip
             await buckets.agents.put("a1", agent_state_encoder.encode(s))
+        kinds: list[str] = []
         async with asyncio.timeout(15):
             while (event := await events.get()).kind != "dead":
-                pass
+                kinds.append(event.kind)
         assert failed.is_set()
         assert event.agent == "a1"
+        assert kinds == ["joined"]  # announced once, the failed first try included
         assert "a1" not in [k async for k in _keys(buckets.agents)]
     finally:
         await sub.unsubscribe()
