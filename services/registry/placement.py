@@ -15,8 +15,8 @@ with a KV compare-and-set, so two registry copies (and any number of gateways) a
 per model and context at a time. A marker is live while its agent is alive and either reports the
 load under way or the marker is younger than ``load_grace_s`` (agent state lags the send), and
 never longer than ``marker_ttl_s``; a stale marker is replaced by compare-and-set too. Every
-`MARKER_CHECK_S` the registry deletes the markers whose load is done, has failed or is past
-``marker_ttl_s`` (`corral.routing.marker_expired`), each by compare-and-set on the revision it read,
+`MARKER_CHECK_S` the registry deletes the markers it wrote whose load is done, has failed or is past
+``marker_ttl_s`` (and every `MARKER_SWEEP_S` any such marker, a vanished registry's too) (`corral.routing.marker_expired`), each by compare-and-set on the revision it read,
 so a newer marker is never removed: the bucket holds a marker per load under way, not one per
 model and context ever asked for.
 
@@ -79,7 +79,8 @@ from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
-MARKER_CHECK_S = 1.0  # how often the registry deletes the load markers that have done their work
+MARKER_CHECK_S = 1.0  # how often the registry deletes the load markers it wrote that did their work
+MARKER_SWEEP_S = 60.0  # how often it looks at every marker (a registry that wrote some went away)
 REPLICA_SETTLE_S = 10.0  # at most this long from a replica's load to its agent showing it warm
 _enc = msgspec.json.Encoder()
 
@@ -124,6 +125,7 @@ class Placer:
         self.preload_timeout_s = preload_timeout_s  # a replica's load may take this long
         self._router = Router()
         self._lock = asyncio.Lock()
+        self._written: dict[str, tuple[bytes, int]] = {}  # markers this registry wrote: value, revision
         self._growing: dict[str, tuple[int, int]] = {}  # token → (last depth, checks not shrinking)
         self._preloads: set[asyncio.Task[None]] = set()
         self._replicating: dict[str, set[str]] = {}  # token → agents this copy is loading it on
@@ -254,9 +256,10 @@ class Placer:
             revision = None
         try:
             if revision is None:
-                await self.kv.create(key, value)
+                written = await self.kv.create(key, value)
             else:
-                await self.kv.update(key, value, last=revision)
+                written = await self.kv.update(key, value, last=revision)
+            self._written[key] = (value, written)
             return None
         except KeyWrongLastSequenceError:  # a sibling registry wrote first: its choice stands
             try:
@@ -269,15 +272,29 @@ class Placer:
 
     # -- expiring markers --------------------------------------------------------------------------
     async def marker_loop(self) -> None:
+        """Every `MARKER_CHECK_S`, the markers this registry wrote (no listing: it knows them);
+        every `MARKER_SWEEP_S`, every marker in the bucket (those of a registry that went away)."""
+        swept = time.monotonic()
         while True:
             await asyncio.sleep(MARKER_CHECK_S)  # a period, not a wait for an event
             try:
-                await self.prune_markers()
+                if time.monotonic() - swept >= MARKER_SWEEP_S:
+                    swept = time.monotonic()
+                    await self.prune_markers()
+                elif self._written:
+                    await self.prune_markers(mine=True)
             except nats.errors.Error as e:  # NATS away for a moment: the next check reads again
                 log.warning("load marker check failed: %s", e)
 
-    async def prune_markers(self) -> int:
-        """Delete every load marker that has done its work (`marker_expired`); how many were."""
+    async def prune_markers(self, *, mine: bool = False) -> int:
+        """Delete every load marker that has done its work (`marker_expired`) — only those this
+        registry wrote when ``mine`` (no listing), else all of them; how many were deleted."""
+        if mine:
+            return await self._prune([(k, v, r) for k, (v, r) in self._written.items()])
+        return await self._prune(await self._markers())
+
+    async def _markers(self) -> list[tuple[str, bytes, int]]:
+        """(key, value, revision) of every load marker in the bucket now."""
         markers: list[tuple[str, bytes, int]] = []
         watcher = await self.kv.watch(MARKERS, ignore_deletes=True)  # the markers there now, then None
         try:
@@ -289,11 +306,16 @@ class Placer:
                     markers.append((entry.key, entry.value, entry.revision))
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
+        return markers
+
+    async def _prune(self, markers: list[tuple[str, bytes, int]]) -> int:
         pruned = 0
         async with self._lock:  # not under a placement here that is replacing the same stale marker
             for key, value, revision in markers:
                 if not self._expired(key, value):
                     continue
+                if self._written.get(key, (b"", revision))[1] == revision:
+                    self._written.pop(key, None)  # done with (deleted now, or replaced by a newer one)
                 try:
                     await self.kv.delete(key, last=revision)
                 except BadRequestError:  # wrong last sequence: a newer marker stands there now

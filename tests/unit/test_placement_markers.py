@@ -18,7 +18,7 @@ from corral.protocol.subjects import Subjects
 from corral.registry.placement import Placer, marker_key
 from corral.routing import Route, marker_expired, route_ctx
 from corral.transport import WorkRequest
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, KeyNotFoundError
 
 MODEL = "llama3.2:latest"
 NAME = parse_name(MODEL)
@@ -145,6 +145,16 @@ class KV:
             self.put(self.overwrite, LoadMarker(agent="b", at=time.time()))
         return Watcher(listed)
 
+    async def get(self, key: str) -> Entry:
+        if key not in self.entries:
+            raise KeyNotFoundError()
+        return self.entries[key]
+
+    async def create(self, key: str, value: bytes) -> int:
+        self.revision += 1
+        self.entries[key] = Entry(value, self.revision, key)
+        return self.revision
+
     async def delete(self, key: str, last: int) -> bool:
         if self.entries[key].revision != last:
             raise BadRequestError()
@@ -179,6 +189,23 @@ async def test_a_newer_marker_is_never_deleted() -> None:
     kv.overwrite = key  # a new load's marker lands between the listing and the delete
     assert await placer(kv, state("a", loaded_ctx=2048)).prune_markers() == 0
     assert kv.entries[key].revision == 2
+
+
+async def test_the_markers_this_registry_wrote_are_pruned_without_listing_the_bucket() -> None:
+    kv = KV()
+    token = NAME.token
+    p = placer(kv, state("a", loaded_ctx=2048), state("b", loading_ctx=4096))
+    assert await p._claim(token, 2048, "a") is None  # its load is done: a's runner is warm
+    assert await p._claim(token, 4096, "b") is None  # under way at b
+    kv.put(marker_key(token, 8192), LoadMarker(agent="gone", at=time.time()))  # another registry's
+
+    async def no_listing(keys: str, ignore_deletes: bool) -> Watcher:
+        raise AssertionError("listed the bucket")
+
+    kv.watch = no_listing  # type: ignore[method-assign]
+    assert await p.prune_markers(mine=True) == 1
+    assert sorted(kv.entries) == sorted([marker_key(token, 4096), marker_key(token, 8192)])
+    assert await p.prune_markers(mine=True) == 0  # the deleted one is forgotten
 
 
 async def test_no_markers_no_work() -> None:
