@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import uvicorn
 from corral.runtime.logs import setup_logging
-from corral.runtime.settings import CommonSettings, SettingsError, add_arguments, describe, settings_from_args
+from corral.runtime.settings import CommonSettings, SettingsError, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +92,6 @@ async def wait_for_stop(lost: asyncio.Event) -> bool:
         log.error("the NATS connection is closed for good: exiting so that a supervisor restarts us")
         return True
     return False
-
-
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of the settings every process shares (`CommonSettings`): ``--nats-url``, ``--root``..."""
-    add_arguments(p, CommonSettings)
-
-
-def overrides(args: argparse.Namespace, *names: str) -> dict[str, Any]:
-    """The common settings and ``names`` that the command line gave (``None`` = not given)."""
-    common = tuple(describe(CommonSettings))
-    return {n: getattr(args, n, None) for n in (*common, *names) if getattr(args, n, None) is not None}
 
 
 class _Server(uvicorn.Server):

@@ -32,8 +32,7 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.names import VENDORS
 from corral.runtime import natsmain
 from corral.runtime.natsserver import find_binary
-from corral.runtime.process import overrides
-from corral.runtime.settings import CommonSettings, SettingsError, env_name, load_settings
+from corral.runtime.settings import CommonSettings, SettingsError, env_name, load_settings, settings_from_args
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -262,7 +261,7 @@ def check_invocation(inv: Invocation) -> Checked:
     settings = None
     if inv.command in SETTINGS:
         try:
-            settings = load_settings(SETTINGS[inv.command], overrides(args, *vars(args)), environ=inv.env)
+            settings = settings_from_args(SETTINGS[inv.command], args, environ=inv.env)
         except SettingsError as e:
             pytest.fail(f"{inv.source}: {e}")
     return Checked(args, settings)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
 import pytest
-from corral import up
+from corral import routing, up
 from corral.agent import __main__ as agent_main
 from corral.agent.settings import AgentSettings, Vendor
 from corral.aggregator import __main__ as aggregator_main
@@ -21,11 +20,11 @@ from corral.protocol.names import VENDORS
 from corral.registry import __main__ as registry_main
 from corral.registry.settings import RegistrySettings
 from corral.runtime.nats import server_urls
-from corral.runtime.process import add_common_arguments, overrides
 from corral.runtime.settings import (
     ENV_PREFIX,
     CommonSettings,
     SettingsError,
+    add_arguments,
     describe,
     env_name,
     load_settings,
@@ -340,12 +339,7 @@ def test_main_turns_a_settings_error_into_exit_2(
 
 
 def test_the_gateway_strategies_are_the_routers() -> None:
-    try:
-        routing = importlib.import_module("corral.routing")
-        strategies = routing.STRATEGIES
-    except AttributeError:  # the routing model's older home
-        strategies = importlib.import_module("corral.client.routing").STRATEGIES
-    assert typing.get_args(Strategy) == tuple(strategies)
+    assert typing.get_args(Strategy) == tuple(routing.STRATEGIES)
 
 
 def test_the_agent_vendors_are_the_protocols() -> None:
@@ -354,9 +348,9 @@ def test_the_agent_vendors_are_the_protocols() -> None:
 
 def test_common_flags_for_other_commands() -> None:
     p = argparse.ArgumentParser()
-    add_common_arguments(p)
+    add_arguments(p, CommonSettings)
     args = p.parse_args(["--nats", "nats://n:1", "--log-level", "error"])
-    assert load_settings(CommonSettings, overrides(args), environ={}) == CommonSettings(
+    assert settings_from_args(CommonSettings, args, environ={}) == CommonSettings(
         nats_url="nats://n:1", log_level="ERROR"
     )
 
