@@ -153,7 +153,10 @@ class Transport:
         return self.subjects.reply(self.id, call.rid)
 
     def claimed(self, call: Call, agent: str) -> None:
-        """``agent`` holds ``call`` now (it claimed it, or the call went to it directly)."""
+        """``agent`` holds ``call`` now (it claimed it, or the call went to it directly); counted
+        once, however often it is said."""
+        if call.agent is not None:
+            return
         call.agent = agent
         self._outstanding[agent] = self._outstanding.get(agent, 0) + 1
 
