@@ -17,9 +17,9 @@ import msgspec
 import nats.errors
 from corral import views
 from corral.gateway import bodies, management
-from corral.gateway.edge import Edge
+from corral.gateway.edge import BODY, Edge
 from corral.gateway.planner import Planner
-from corral.gateway.relay import Receive, Scope, Send, read_body, relay, respond_error
+from corral.gateway.relay import Receive, Scope, Send, relay, respond_error
 from corral.gateway.routes import build_app
 from corral.gateway.sessions import Sessions
 from corral.gateway.settings import GatewaySettings
@@ -240,10 +240,7 @@ class Gateway:
         openai = endpoint.startswith("/v1/")
         carrier = trace_carrier(scope["headers"])
         with server_span(self._tracer, f"POST {endpoint}", carrier):
-            try:
-                body = await read_body(receive)
-            except ConnectionResetError:
-                return
+            body: bytes = scope[BODY]
             if not body or body.isspace():  # no copy of a large body
                 await respond_error(send, BadRequest("missing request body"), openai=openai)
                 return

@@ -24,6 +24,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UNCOUNTED = frozenset({"GET", "HEAD"})
+BODY = "corral.body"  # the scope key under which the app finds the body the edge read
 
 
 class Refused(Exception):
@@ -69,6 +70,7 @@ class Edge:
             except Refused as e:
                 await _refuse(send, e, openai=openai, close=True)
                 return
+            scope[BODY] = body  # read once: the model routes take it from here, others from receive
             await app(scope, _replay(body, receive), send)
         finally:
             self.active -= counted

@@ -26,17 +26,6 @@ Receive = Any
 Send = Any
 
 
-async def read_body(receive: Receive) -> bytes:
-    parts = []
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise ConnectionResetError("client disconnected")
-        parts.append(msg.get("body", b""))
-        if not msg.get("more_body"):
-            return b"".join(parts)
-
-
 async def respond(send: Send, status: int, body: bytes, content_type: str = JSON) -> None:
     await send(
         {
