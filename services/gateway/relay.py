@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from corral.gateway.errors import JSON, error_response, native_body, openai_body
@@ -63,54 +64,42 @@ async def relay(
     openai: bool = False,
     raw_model: str = "",
     target: str | None = None,
-) -> int:
-    """Route ``work`` (to ``target`` when given) and stream the reply; returns the HTTP status sent.
-
-    The dispatch and the stream run as one task raced against the client's disconnect.
-    """
-    job = asyncio.create_task(_serve(planner, work, send, openai=openai, raw_model=raw_model, target=target))
-    gone = asyncio.create_task(until_disconnect(receive))
-    try:
-        await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not job.done():
-            log.info("client went away; cancelling %s", work.endpoint)
-            job.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await job
-        gone.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await gone
-    if job.cancelled():
-        return 499
-    return job.result()
+) -> None:
+    """Route ``work`` (to ``target`` when given) and stream the reply, cancelled if the client goes."""
+    await _until_gone(_serve(planner, work, send, openai=openai, raw_model=raw_model, target=target), receive)
 
 
 async def relay_reply(reply: Reply, receive: Receive, send: Send) -> None:
     """Stream a reply that has already begun; the client going away closes (cancels) it."""
     async with reply:
-        job = asyncio.create_task(stream_reply(reply, send, openai=False))
-        gone = asyncio.create_task(until_disconnect(receive))
-        try:
-            await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (job, gone):
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+        await _until_gone(stream_reply(reply, send, openai=False), receive)
+
+
+async def _until_gone(work: Coroutine[Any, Any, None], receive: Receive) -> None:
+    """Run ``work`` raced against the client's disconnect; a client that goes cancels it."""
+    job = asyncio.create_task(work)
+    gone = asyncio.create_task(until_disconnect(receive))
+    try:
+        await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not job.done():
+            log.info("client went away; cancelling its request")
+        for t in (job, gone):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
 
 
 async def _serve(
     planner: Planner, work: WorkRequest, send: Send, *, openai: bool, raw_model: str, target: str | None
-) -> int:
+) -> None:
     try:
         reply = await (planner.send_to(target, work) if target else planner.send(work))
     except CorralError as e:
         await respond_error(send, e, openai=openai, endpoint=work.endpoint, raw_model=raw_model)
-        return e.status
+        return
     async with reply:
         await stream_reply(reply, send, openai=openai)
-    return reply.status
 
 
 async def stream_reply(reply: Reply, send: Send, *, openai: bool) -> None:
