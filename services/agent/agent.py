@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from corral.agent.backend import Backend
 from corral.agent.claims import Claims
-from corral.agent.intake import guarded, job_from, usable_reply
+from corral.agent.intake import guarded, job_from
 from corral.agent.lifecycle import (
     Lifecycle,
     Wakeups,
@@ -44,7 +44,7 @@ from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import Cancelled, InternalError
 from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
 from corral.protocol.names import VENDORS
-from corral.protocol.subjects import Subjects
+from corral.protocol.subjects import Subjects, usable_reply
 from corral.runtime.nats import Buckets, Reopener, connect, ensure_buckets
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import tracer

@@ -12,16 +12,15 @@ connection decodes them leniently (`corral.runtime.nats.connect`); such a reply 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from functools import wraps
-from typing import TypeGuard, TypeVar
+from typing import TypeVar
 
 from corral.agent.worker import Job
 from corral.protocol import headers as H
 from corral.protocol.envelope import decode_request
 from corral.protocol.errors import BadEnvelope
-from corral.protocol.subjects import Subjects
+from corral.protocol.subjects import Subjects, usable_reply
 from corral.transport.replies import ReplyWriter
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -29,15 +28,7 @@ from nats.errors import Error as NatsError
 
 log = logging.getLogger(__name__)
 
-# a reply subject a sender's header may name: printable, no spaces, no wildcards
-_REPLY = re.compile(r"[!-)+-=?-~]{1,255}")
-
 S = TypeVar("S")
-
-
-def usable_reply(reply: str | None) -> TypeGuard[str]:
-    """Whether the agent answers on ``reply``: printable ASCII, no spaces, no wildcards."""
-    return reply is not None and _REPLY.fullmatch(reply) is not None
 
 
 async def job_from(msg: Msg, nc: NATS, subjects: Subjects, sender: str) -> Job | None:

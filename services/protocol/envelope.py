@@ -39,6 +39,7 @@ import msgspec
 from corral.protocol import headers as H
 from corral.protocol.errors import BadEnvelope
 from corral.protocol.names import MAX_NAME_LENGTH, is_token
+from corral.protocol.subjects import usable_reply
 
 __all__ = [
     "HEADER_HEADROOM",
@@ -145,7 +146,7 @@ def decode_request(headers: Mapping[str, str] | None) -> RequestEnvelope:
         origin=origin if body_size is not None else None,
         num_ctx=_number(h, H.NUM_CTX, 0, _MAX_CTX) or 0,
         unload=H.UNLOAD in h,
-        reply=h.get(H.REPLY) or None,
+        reply=_reply(h),
         trace=trace,
     )
 
@@ -181,3 +182,11 @@ def header_size(headers: Mapping[str, str]) -> int:
 def fits(body_size: int, headers: Mapping[str, str], max_payload: int) -> bool:
     """A body of ``body_size`` bytes can travel inline with ``headers`` under ``max_payload``."""
     return body_size + header_size(headers) <= max_payload - HEADER_HEADROOM
+
+
+def _reply(h: Mapping[str, str]) -> str | None:
+    """A queued request's ``Corral-Reply``: a subject a reply may be sent on, or none at all."""
+    reply = h.get(H.REPLY) or None
+    if reply is not None and not usable_reply(reply):
+        raise BadEnvelope(f"bad {H.REPLY} header {reply[:80]!r}")
+    return reply

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import TypeGuard
 
 import msgspec
 from corral.protocol.names import ANY_VENDOR, VENDORS, is_token
 
 _ROOT = re.compile(r"[A-Za-z0-9_-]+")
+# a reply subject a peer may name: printable ASCII, no spaces, no wildcards (``*`` ``>``)
+_REPLY = re.compile(r"[!-)+-=?-~]{1,255}")
 _ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -136,3 +139,9 @@ class Subjects(msgspec.Struct, frozen=True):
     @property
     def queue_stream(self) -> str:
         return f"{self.root}_queue"
+
+
+def usable_reply(subject: str | None) -> TypeGuard[str]:
+    """Whether a reply may be sent on ``subject`` (a reply-to, or a ``Corral-Reply`` header):
+    printable ASCII, no spaces, no wildcards."""
+    return subject is not None and _REPLY.fullmatch(subject) is not None

@@ -92,6 +92,9 @@ GOOD = {H.REQUEST: "a1", H.ENDPOINT: "/api/generate"}
         {H.BODY_SIZE: "100"},  # no origin to fetch it from
         {H.BODY_SIZE: "100", H.ORIGIN: "gw.x"},
         {H.ECHO_MODEL: "amd/llama3"},  # without its upstream pair
+        {H.REPLY: "corral.reply.>"},  # a wildcard would fan the reply out
+        {H.REPLY: "a b"},
+        {H.REPLY: "x" * 300},
         {H.ECHO_MODEL: "x" * 600, H.UPSTREAM_MODEL: "llama3"},
     ],
 )
