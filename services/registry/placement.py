@@ -101,6 +101,10 @@ class ReplicaSettings:
 
 
 class Placer:
+    # Sixteen attributes: what it works with (connection, subjects, fleet view, models bucket,
+    # transport), its settings (replicas, grace, marker TTL, preload timeout), and three small
+    # pieces of state that each belong to one job — load markers (the lock, the markers it wrote),
+    # replicas (queue growth, preloads under way, agents being loaded) — plus a counter for logs.
     def __init__(
         self,
         nc: NATS,
