@@ -127,7 +127,12 @@ class LocalFleet:
             )
             self.gateway = Gateway(gw_settings, router=o.router, tracer_provider=o.tracer_provider)
             self.http = AsgiServer(
-                self.gateway, o.host, o.port, log_level="warning", graceful_s=o.http_grace_s
+                self.gateway,
+                o.host,
+                o.port,
+                log_level="warning",
+                graceful_s=o.http_grace_s,
+                header_timeout_s=gw_settings.header_timeout_s,
             )
             await self.http.start()
         except BaseException:

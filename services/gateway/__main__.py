@@ -26,7 +26,13 @@ def parser() -> argparse.ArgumentParser:
 async def serve(settings: GatewaySettings) -> int:
     provider = setup_tracing("corral-gateway", endpoint=settings.otlp_endpoint)
     gateway = Gateway(settings)
-    server = AsgiServer(gateway, settings.host, settings.port, log_level=settings.log_level)
+    server = AsgiServer(
+        gateway,
+        settings.host,
+        settings.port,
+        log_level=settings.log_level,
+        header_timeout_s=settings.header_timeout_s,
+    )
     await server.start()
     log.info("gateway listening on %s", server.url)
     try:

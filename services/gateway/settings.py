@@ -65,6 +65,13 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     max_requests: Annotated[
         int, setting("requests with a body (POST, DELETE) served at once before 503 server busy", ge=1)
     ] = 1024
+    header_timeout_s: Annotated[
+        float,
+        setting(
+            "a request's headers must arrive whole within this of its first byte, or the connection closes",
+            gt=0,
+        ),
+    ] = 10.0
     body_timeout_s: Annotated[
         float, setting("a request body must arrive whole within this, or the client is cut off (408)", gt=0)
     ] = 60.0

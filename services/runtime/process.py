@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import uvicorn
 from corral.runtime.logs import setup_logging
 from corral.runtime.settings import CommonSettings, SettingsError, settings_from_args
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,53 @@ async def wait_for_stop(lost: asyncio.Event) -> bool:
     return False
 
 
+class _HeaderTimeout(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with a bound on the request head: a connection must deliver a
+    request's whole header block within ``header_timeout_s`` of opening (or of the request's first
+    byte on a kept-alive connection), else it is closed. uvicorn itself waits forever for headers,
+    so one client trickling them a byte at a time would hold a socket for good."""
+
+    header_timeout_s = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        self._arm_head_timer()
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            log.info(
+                "%s: request headers not received within %gs; closing", self.client, self.header_timeout_s
+            )
+            self.transport.close()
+
+
+def _protocol(header_timeout_s: float) -> type[_HeaderTimeout]:
+    return type("HeaderTimeoutProtocol", (_HeaderTimeout,), {"header_timeout_s": header_timeout_s})
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -104,7 +152,14 @@ class AsgiServer:
     """uvicorn inside our own event loop: ``await start()`` returns once it listens."""
 
     def __init__(
-        self, app: Any, host: str, port: int, *, log_level: str = "warning", graceful_s: int = 30
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        *,
+        log_level: str = "warning",
+        graceful_s: int = 30,
+        header_timeout_s: float = 10.0,
     ) -> None:
         self.config = uvicorn.Config(
             app,
@@ -113,7 +168,7 @@ class AsgiServer:
             lifespan="on",
             log_level=log_level.lower(),
             access_log=False,
-            http="httptools",
+            http=_protocol(header_timeout_s),
             ws="none",
             timeout_keep_alive=30,
             timeout_graceful_shutdown=graceful_s,

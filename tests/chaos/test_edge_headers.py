@@ -1,0 +1,121 @@
+"""The bound on request headers at the HTTP edge, against a real gateway socket: a client that opens
+a connection and sends no header block, or trickles one a byte at a time, is cut off after
+``header_timeout_s``; an idle kept-alive connection between requests is not."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import pytest
+from corral.runtime.natsserver import NatsServer
+from corral.up import FleetOptions, LocalFleet, default_sims
+
+from tests.integration.fleet_helpers import preload
+
+pytestmark = pytest.mark.chaos
+
+MODEL = "llama3.2"
+HEADER_TIMEOUT_S = 0.5
+CLOSED_WITHIN_S = 10.0  # generous: the bound is the setting, this only keeps a broken test from hanging
+REQUEST = b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+
+
+@pytest.fixture(scope="module")
+async def fleet(nats_server: NatsServer) -> AsyncIterator[LocalFleet]:
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root="edgeheaders",
+        sims=default_sims(1, time_scale=0.01),
+        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
+        gateway={"header_timeout_s": HEADER_TIMEOUT_S},
+        registry=None,
+        aggregator=None,
+    )
+    async with LocalFleet(options) as f:
+        await preload(f, MODEL)
+        yield f
+
+
+@contextlib.asynccontextmanager
+async def _connection(url: str) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    u = urlsplit(url)
+    reader, writer = await asyncio.open_connection(u.hostname, u.port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _closed(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sent until it closed the connection (EOF)."""
+    async with asyncio.timeout(CLOSED_WITHIN_S):
+        return await reader.read()
+
+
+def _generate() -> bytes:
+    body = b'{"model":"%s","prompt":"hi","stream":false}' % MODEL.encode()
+    return REQUEST % (len(body), body)
+
+
+async def _one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(_generate())
+    await writer.drain()
+    async with asyncio.timeout(CLOSED_WITHIN_S):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        assert b'"done":true' in await reader.readexactly(length)
+
+
+async def test_a_connection_that_sends_nothing_is_closed(fleet: LocalFleet) -> None:
+    async with _connection(fleet.url) as (reader, _):
+        assert await _closed(reader) == b""
+
+
+async def test_half_a_header_block_is_closed_and_the_next_request_is_served(fleet: LocalFleet) -> None:
+    async with _connection(fleet.url) as (reader, writer):
+        writer.write(b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-le")
+        await writer.drain()
+        assert await _closed(reader) == b""
+    async with _connection(fleet.url) as (reader, writer):
+        await _one_request(reader, writer)
+
+
+async def test_headers_trickled_a_byte_at_a_time_are_cut_off(fleet: LocalFleet) -> None:
+    """Bytes keep arriving, but the block is never whole: the bound runs from the first byte."""
+    async with _connection(fleet.url) as (reader, writer):
+
+        async def trickle() -> None:
+            with contextlib.suppress(OSError):
+                for _ in range(1000):
+                    writer.write(b"x")
+                    await writer.drain()
+                    await asyncio.sleep(HEADER_TIMEOUT_S / 10)  # the trickle's pace, not a wait for state
+
+        writer.write(b"GET / HTTP/1.1\r\nx-slow: ")
+        sender = asyncio.create_task(trickle())
+        try:
+            assert await _closed(reader) == b""
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+
+
+async def test_an_idle_kept_alive_connection_still_serves_its_next_request(fleet: LocalFleet) -> None:
+    """The header bound is not an idle bound: between requests uvicorn's keep-alive timeout rules."""
+    async with _connection(fleet.url) as (reader, writer):
+        await _one_request(reader, writer)
+        async with _connection(fleet.url) as (silent, _):  # closed once a header timeout has passed ...
+            assert await _closed(silent) == b""
+        await _one_request(reader, writer)  # ... which this connection sat idle through
