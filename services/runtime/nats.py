@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import nats
@@ -31,7 +31,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.client import Server
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from nats.js.errors import Error as JetStreamError
 from nats.js.kv import KeyValue
@@ -175,27 +175,81 @@ class Buckets:
     views: KeyValue
 
 
+@dataclass(frozen=True)
+class BucketSpec:
+    """How one KV bucket is kept, and how much of the JetStream store it may take: the buckets
+    share that store with each other and with the queue, so none may grow with what clients send.
+    ``evict``: when full, a put drops the oldest entry (a cache); otherwise it fails, and the
+    writer logs it."""
+
+    storage: StorageType
+    max_bytes: int
+    ttl: float | None = None
+    evict: bool = False
+
+
+MiB = 1 << 20
+
+# nats-server reserves a bucket's whole max_bytes in its store when the bucket is made, so the
+# memory buckets of one fleet take 48 MiB of `max_memory_store` up front. An agent's value is a few
+# KiB (16 MiB holds thousands of agents), a view at most one NATS message; sessions, one small entry
+# per conversation (clients choose how many), are a cache that forgets its oldest entries when full.
+BUCKETS: dict[str, BucketSpec] = {
+    "agents": BucketSpec(StorageType.MEMORY, 16 * MiB),  # rewritten every heartbeat
+    "models": BucketSpec(StorageType.FILE, 256 * MiB),  # index and load markers
+    "sessions": BucketSpec(StorageType.MEMORY, 16 * MiB, ttl=3600.0, evict=True),  # a cache
+    "views": BucketSpec(StorageType.MEMORY, 16 * MiB),  # rewritten on every change
+}
+
+
 async def ensure_buckets(
-    js: JetStreamContext, subjects: Subjects, *, replicas: int = 1, queue: QueueLimits | None = None
+    js: JetStreamContext,
+    subjects: Subjects,
+    *,
+    replicas: int = 1,
+    queue: QueueLimits | None = None,
+    specs: dict[str, BucketSpec] | None = None,
 ) -> Buckets:
     """Open the KV buckets and the overflow queue's stream, creating what does not exist yet
     (idempotent across services; safe to call again after a NATS restart). ``queue``: the queue's
-    limits, which whoever enqueues (the gateway) enforces; None leaves an existing stream as it is."""
+    limits, which whoever enqueues (the gateway) enforces; None leaves an existing stream as it is.
+    A bucket that exists with other limits than its `BucketSpec` (``specs``, `BUCKETS` by default)
+    is given them."""
+    specs = BUCKETS | (specs or {})
 
-    async def bucket(name: str, storage: StorageType, *, ttl: float | None = None) -> KeyValue:
+    async def bucket(kind: str, name: str) -> KeyValue:
+        spec = specs[kind]
         try:
-            return await js.key_value(name)
+            kv = await js.key_value(name)
         except BucketNotFoundError:
-            cfg = KeyValueConfig(bucket=name, history=1, ttl=ttl, storage=storage, replicas=replicas)
-            return await js.create_key_value(cfg)
+            cfg = KeyValueConfig(
+                bucket=name,
+                history=1,
+                ttl=spec.ttl,
+                storage=spec.storage,
+                replicas=replicas,
+                max_bytes=spec.max_bytes,
+            )
+            kv = await js.create_key_value(cfg)
+        await _hold_to(js, f"KV_{name}", spec)
+        return kv
 
     await ensure_stream(js, subjects, limits=queue, replicas=replicas)
     return Buckets(
-        agents=await bucket(subjects.agents_bucket, StorageType.MEMORY),  # rewritten every heartbeat
-        models=await bucket(subjects.models_bucket, StorageType.FILE),  # index and load markers
-        sessions=await bucket(subjects.sessions_bucket, StorageType.MEMORY, ttl=3600.0),  # a cache
-        views=await bucket(subjects.views_bucket, StorageType.MEMORY),  # rewritten on every change
+        agents=await bucket("agents", subjects.agents_bucket),
+        models=await bucket("models", subjects.models_bucket),
+        sessions=await bucket("sessions", subjects.sessions_bucket),
+        views=await bucket("views", subjects.views_bucket),
     )
+
+
+async def _hold_to(js: JetStreamContext, stream: str, spec: BucketSpec) -> None:
+    """Give a bucket's stream the spec's size bound and discard policy, where it has others (a
+    bucket made by an older version, or by a service with other specs)."""
+    cfg = (await js.stream_info(stream)).config
+    discard = DiscardPolicy.OLD if spec.evict else DiscardPolicy.NEW
+    if (cfg.max_bytes, cfg.discard) != (spec.max_bytes, discard):
+        await js.update_stream(replace(cfg, max_bytes=spec.max_bytes, discard=discard))
 
 
 def is_missing(e: BaseException) -> bool:

@@ -1,0 +1,73 @@
+"""The KV buckets are bounded in bytes, each as its `BucketSpec` says, against a real nats-server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import BUCKETS, BucketSpec, ensure_buckets
+from corral.runtime.natsserver import NatsServer
+from nats.aio.client import Client as NATS
+from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
+from nats.js.errors import KeyNotFoundError
+
+SMALL = 64 * 1024
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    conn = await nats.connect(nats_server.url)
+    yield conn
+    await conn.close()
+
+
+async def test_every_bucket_is_made_with_its_bounds(nc: NATS, root: str) -> None:
+    subjects = Subjects(root)
+    await ensure_buckets(nc.jetstream(), subjects)
+    names = {
+        "agents": subjects.agents_bucket,
+        "models": subjects.models_bucket,
+        "sessions": subjects.sessions_bucket,
+        "views": subjects.views_bucket,
+    }
+    assert set(names) == set(BUCKETS)
+    for kind, name in names.items():
+        cfg = (await nc.jetstream().stream_info(f"KV_{name}")).config
+        spec = BUCKETS[kind]
+        assert cfg.max_bytes == spec.max_bytes, kind
+        assert cfg.storage == spec.storage, kind
+        assert cfg.discard == (DiscardPolicy.OLD if spec.evict else DiscardPolicy.NEW), kind
+
+
+async def test_a_bucket_made_without_bounds_is_given_them(nc: NATS, root: str) -> None:
+    subjects = Subjects(root)
+    js = nc.jetstream()
+    await js.create_key_value(KeyValueConfig(bucket=subjects.views_bucket, storage=StorageType.MEMORY))
+    assert (await js.stream_info(f"KV_{subjects.views_bucket}")).config.max_bytes in (None, -1)
+    await ensure_buckets(js, subjects)
+    assert (await js.stream_info(f"KV_{subjects.views_bucket}")).config.max_bytes == BUCKETS[
+        "views"
+    ].max_bytes
+
+
+async def test_a_full_cache_forgets_its_oldest_entries_and_a_full_bucket_refuses(nc: NATS, root: str) -> None:
+    specs = {
+        "sessions": BucketSpec(StorageType.MEMORY, SMALL, ttl=3600.0, evict=True),
+        "agents": BucketSpec(StorageType.MEMORY, SMALL),
+    }
+    buckets = await ensure_buckets(nc.jetstream(), Subjects(root), specs=specs)
+    value = b"x" * 512
+    for i in range(4 * SMALL // len(value)):  # four times what fits: every put is taken
+        await buckets.sessions.put(f"s{i}", value)
+    with pytest.raises(KeyNotFoundError):
+        await buckets.sessions.get("s0")
+    assert (await buckets.sessions.get(f"s{i}")).value == value
+
+    taken = 0
+    with pytest.raises(nats.errors.Error):
+        for i in range(4 * SMALL // len(value)):
+            await buckets.agents.put(f"a{i}", value)
+            taken += 1
+    assert 0 < taken < SMALL // len(value)  # it took what fits, then refused
