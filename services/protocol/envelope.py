@@ -14,7 +14,10 @@ Headers (names in `corral.protocol.headers`)::
     Corral-Model           the model's subject token (`corral.protocol.names.encode_token`)
     Corral-Echo-Model      with Corral-Upstream-Model: the client's spelling, restored in replies
     Corral-Upstream-Model  the name Ollama sees
-    Corral-Body-Size       the body is larger than the payload limit: fetch it (see below)
+    Corral-Body-Size       the body's size when it is not the payload: larger than the payload limit,
+                           or still arriving at the sender (a blob upload); the receiver fetches it
+                           in chunks from ``body.{origin}.{rid}`` (the exchange: see
+                           `corral.transport.bodies`), at most `MAX_BODY_SIZE`
     Corral-Origin          with Corral-Body-Size: the sender's id, whose body subject serves the bytes
     Corral-Num-Ctx         the request's own options.num_ctx
     Corral-Unload          a keep_alive 0 unload (any value)
@@ -43,6 +46,7 @@ from corral.protocol.subjects import usable_reply
 
 __all__ = [
     "HEADER_HEADROOM",
+    "MAX_BODY_SIZE",
     "METHODS",
     "BadEnvelope",
     "RequestEnvelope",
@@ -58,7 +62,7 @@ _RID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ENDPOINT = re.compile(r"/(api|v1)(/[A-Za-z0-9_.:/-]*)?")
 _ORIGIN = _RID
 _MAX_NAME = MAX_NAME_LENGTH  # characters of a model name carried in Echo/Upstream headers
-_MAX_BODY = 1 << 40
+MAX_BODY_SIZE: Final = 1 << 40  # the largest Corral-Body-Size a receiver accepts
 _MAX_CTX = 1 << 24
 _MAX_TRACE = 512
 _TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
@@ -129,7 +133,7 @@ def decode_request(headers: Mapping[str, str] | None) -> RequestEnvelope:
         v is not None and not 0 < len(v) <= _MAX_NAME for v in (echo, upstream)
     ):
         raise BadEnvelope(f"{H.ECHO_MODEL} and {H.UPSTREAM_MODEL} come together, each a model name")
-    body_size = _number(h, H.BODY_SIZE, 1, _MAX_BODY)
+    body_size = _number(h, H.BODY_SIZE, 1, MAX_BODY_SIZE)
     origin = h.get(H.ORIGIN)
     if body_size is not None and (origin is None or not _ORIGIN.fullmatch(origin)):
         raise BadEnvelope(f"{H.BODY_SIZE} needs a {H.ORIGIN} header naming the sender")

@@ -10,7 +10,8 @@ Work message (gateway → agent)::
     Corral-Model          the model's subject token, for the agent's slot accounting
     Corral-Echo-Model     when the gateway stripped a vendor pin: the name to restore in responses
     Corral-Upstream-Model the name Ollama sees (pairs with Corral-Echo-Model)
-    Corral-Body-Size      set when the body exceeds the payload limit: fetch it from the body subject
+    Corral-Body-Size      set when the body exceeds the payload limit or is still arriving at the
+                          sender (a blob upload): fetch it from the body subject, chunk by chunk
     Corral-Origin         with Corral-Body-Size: the sender's id (its body subject serves the bytes)
     Corral-Num-Ctx        the request's own options.num_ctx, when it gives one
     Corral-Reply          on a request waiting in the overflow queue: the reply subject (JetStream
@@ -27,6 +28,13 @@ Reply stream (agent → gateway, on the work message's reply subject), in order:
     busy   Corral-Kind: busy                              the agent cannot take it; try elsewhere
 
 A ``head`` with ``Corral-End: 1`` is also the end (the whole response fit in one message).
+
+Body chunks (receiver → sender on ``body.{origin}.{rid}``, request/reply; `corral.transport.bodies`):
+
+    request  payload = the byte offset wanted, as decimal text
+    reply    Corral-Body-Size: <size>; payload = the bytes from that offset (one chunk), or empty with
+             Corral-Kind: ping ("not yet": ask again for the same offset), or empty with
+             Corral-Error(-Code) (the body cannot be served: give up)
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 One `Transport` per sender (a gateway, the registry, the direct client, the CLI) holds one wildcard
 subscription for the replies to all its calls (``reply.{sender}.*``) and one for its large bodies
-(``body.{sender}.*``), and hands each reply message to its call by request id. It registers calls,
-publishes work messages (headers from `corral.protocol.envelope.RequestEnvelope`), reads a reply's
+(``body.{sender}.*``, `corral.transport.bodies`: whole bodies, and streamed ones — blob uploads
+still arriving from the client — served as the agent asks), and hands each reply message to its
+call by request id. It registers calls, publishes work messages (headers from `corral.protocol.envelope.RequestEnvelope`), reads a reply's
 claim, pings and head, tells agents to cancel, and counts the calls each agent holds for this sender
 (`outstanding`: agents publish their own counts only now and then). It makes no routing decisions:
 the caller names the subject.
@@ -81,11 +82,22 @@ class Transport:
             with contextlib.suppress(nats.errors.Error):  # the connection is closing already
                 await sub.unsubscribe()
         self._subs.clear()
+        await self._bodies.close()
 
     @property
     def in_flight(self) -> int:
         """Calls registered and not yet released."""
         return len(self._calls)
+
+    @property
+    def bodies_held(self) -> int:
+        """Bytes of large request bodies this sender holds now (streamed ones: what is buffered)."""
+        return self._bodies.held
+
+    @property
+    def bodies_streaming(self) -> int:
+        """Streamed request bodies being served now."""
+        return self._bodies.streams
 
     @property
     def outstanding(self) -> Mapping[str, int]:
@@ -134,9 +146,10 @@ class Transport:
         payload = req.body
         hdrs = envelope.headers()
         limit = self.nc.max_payload
-        large = not fits(len(payload), hdrs, limit)
+        large = req.stream is not None or not fits(len(payload), hdrs, limit)
         if large:  # the body stays here and is served in chunks (`LargeBodies`)
-            envelope = msgspec.structs.replace(envelope, body_size=len(payload), origin=self.id)
+            size = req.stream.size if req.stream is not None else len(payload)
+            envelope = msgspec.structs.replace(envelope, body_size=size, origin=self.id)
             hdrs = envelope.headers()
             if not fits(0, hdrs, limit):
                 raise BadRequest("request headers too large")
@@ -145,7 +158,7 @@ class Transport:
         if agent is not None:
             self.claimed(call, agent)
         if large:
-            self._bodies.keep(rid, payload)
+            self._bodies.keep(rid, req.stream if req.stream is not None else payload)
             payload = b""
         return call, hdrs, payload
 

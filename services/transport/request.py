@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import msgspec
 from corral.protocol.errors import BadRequest
 from corral.protocol.names import ModelName, parse_name, split_vendor_pin
+from corral.transport.bodies import BodySource
 
 _any = msgspec.json.Decoder()
 _enc = msgspec.json.Encoder()
@@ -15,7 +16,9 @@ _enc = msgspec.json.Encoder()
 
 @dataclass
 class WorkRequest:
-    """One Ollama call to route. ``body`` is the client's bytes, sent on unchanged."""
+    """One Ollama call to route. ``body`` is the client's bytes, sent on unchanged; or, with
+    ``stream``, the body is still arriving from the client and is served to the agent as it asks
+    (a blob upload: `corral.transport.bodies`), ``body`` left empty."""
 
     endpoint: str
     body: bytes
@@ -31,6 +34,7 @@ class WorkRequest:
     session: str | None = None  # conversation key (`corral.gateway.bodies.session`)
     follow_up: bool = False  # the request continues that conversation
     unload: bool = False  # keep_alive 0 with nothing to run (the agent re-reads /api/ps after it)
+    stream: BodySource | None = None  # a body read from its client only as the agent asks for it
 
 
 def model_work(
