@@ -1,13 +1,23 @@
-"""The agent's client to its Ollama: one keep-alive connection pool, no per-request clients."""
+"""The agent's client to its Ollama: one keep-alive connection pool, no per-request clients.
+
+`OllamaClient.request` sends a body the agent holds (the hot path, `corral.agent.http`);
+`OllamaClient.upload` streams a body the agent receives in chunks (a blob upload, any request body
+larger than a NATS message) with its declared ``Content-Length``, so Ollama sees an ordinary
+upload, over aiohttp, which writes a body from an async iterator. Both answer an `Answer`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, Protocol
 
+import aiohttp
 import msgspec
-from corral.agent.http import HTTPClient, StatusError
+from corral.agent.http import HTTPClient, HTTPError, StatusError
 from corral.protocol.messages import PsModel, TagModel
 
 log = logging.getLogger(__name__)
@@ -42,12 +52,102 @@ class _Show(msgspec.Struct):
 _show = msgspec.json.Decoder(_Show)
 
 
+class Answer(Protocol):
+    """Ollama's answer as the worker reads it: its head, then its body."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...  # names in lower case
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    async def read(self) -> bytes: ...
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+
+class _Uploaded:
+    """An `Answer` over aiohttp's response; its failures are `HTTPError` (an OSError), as the hot
+    path's are, or the body's own failure when that is what broke the exchange."""
+
+    __slots__ = ("_resp", "_upload", "content_length", "headers", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse, upload: _Upload) -> None:
+        self._resp = resp
+        self._upload = upload
+        self.status = resp.status
+        self.headers = {k.lower(): v for k, v in resp.headers.items()}
+        self.content_length = resp.content_length
+
+    async def read(self) -> bytes:
+        return b"".join([piece async for piece in self])
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._pieces()
+
+    async def _pieces(self) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self._resp.content.iter_any():
+                yield piece
+        except aiohttp.ClientError as e:
+            raise self._upload.failure(e) from e
+
+
+class _Upload:
+    """``async with``: one streamed request and its answer; leaving it closes an unread answer."""
+
+    __slots__ = ("_chunks", "_error", "_method", "_owner", "_path", "_resp", "_size")
+
+    def __init__(
+        self, owner: OllamaClient, method: str, path: str, chunks: AsyncIterator[bytes], size: int
+    ) -> None:
+        self._owner, self._method, self._path = owner, method, path
+        self._chunks, self._size = chunks, size
+        self._error: BaseException | None = None  # what the body raised while aiohttp sent it
+        self._resp: aiohttp.ClientResponse | None = None
+
+    def failure(self, e: aiohttp.ClientError) -> BaseException:
+        """What to raise for ``e``: the body's own error when it broke the exchange."""
+        return self._error if self._error is not None else HTTPError(f"upload to ollama failed: {e}")
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._chunks:
+                yield chunk
+        except Exception as e:  # kept to be raised in place of aiohttp's wrapping of it
+            self._error = e
+            raise
+
+    async def __aenter__(self) -> _Uploaded:
+        ctype = "application/octet-stream" if self._path.startswith("/api/blobs/") else "application/json"
+        headers = {"Content-Length": str(self._size), "Content-Type": ctype}
+        session = self._owner.uploads
+        try:
+            self._resp = await session.request(
+                self._method, self._owner.base_url + self._path, data=self._body(), headers=headers
+            )
+        except aiohttp.ClientError as e:
+            raise self.failure(e) from e
+        return _Uploaded(self._resp, self)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._resp is not None:
+            self._resp.release()  # an answer not read to its end closes its connection
+            self._resp = None
+
+
 class OllamaClient:
     """Typed calls to one Ollama over `corral.agent.http`; `request` is the proxied hot path."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url.rstrip("/")
         self._http: HTTPClient | None = None
+        self._uploads: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         self._http = HTTPClient(self.base_url, connect_timeout=CONNECT_TIMEOUT_S)
@@ -56,6 +156,22 @@ class OllamaClient:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        if self._uploads is not None:
+            await self._uploads.close()
+            self._uploads = None
+
+    @property
+    def uploads(self) -> aiohttp.ClientSession:
+        """The session for streamed bodies, opened with the first (most agents never need it)."""
+        if self._http is None:
+            raise RuntimeError("OllamaClient not started")
+        if self._uploads is None:
+            self._uploads = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S),
+                skip_auto_headers=("Accept-Encoding", "User-Agent"),  # Ollama's bytes, as they are
+                auto_decompress=False,
+            )
+        return self._uploads
 
     @property
     def http(self) -> HTTPClient:
@@ -63,7 +179,7 @@ class OllamaClient:
             raise RuntimeError("OllamaClient not started")
         return self._http
 
-    def request(self, method: str, path: str, body: bytes | None) -> Any:
+    def request(self, method: str, path: str, body: bytes | None) -> AbstractAsyncContextManager[Answer]:
         """Start a request; use as ``async with client.request(...) as resp``.
 
         ``Host`` is always the backend's own address and no ``Origin`` is sent, so an Ollama bound
@@ -71,6 +187,11 @@ class OllamaClient:
         OLLAMA_ORIGINS).
         """
         return self.http.request(method, path, body)
+
+    def upload(self, method: str, path: str, chunks: AsyncIterator[bytes], size: int) -> _Upload:
+        """Start a request whose body of ``size`` bytes is ``chunks``, sent as they come; use as
+        ``async with client.upload(...) as resp``. A failure of ``chunks`` is raised as it is."""
+        return _Upload(self, method, path, chunks, size)
 
     async def _call(self, method: str, path: str, body: bytes | None = None) -> bytes:
         async with asyncio.timeout(CONTROL_TIMEOUT_S), self.http.request(method, path, body) as r:

@@ -5,6 +5,10 @@ that claims), ``ping`` while Ollama is silent (loading a model), ``head`` with s
 and the first bytes, header-less ``data`` messages, and ``end`` with the count of data messages and
 any error. Whatever Ollama sent while the previous message was being published goes out together
 (coalescing without timers); nothing is larger than the NATS payload limit.
+
+A request body larger than one NATS message (``Corral-Body-Size``) stays with its sender and is
+streamed from there into the Ollama request chunk by chunk (`corral.transport.bodies`), so a blob
+upload of any size passes through the agent without being held whole.
 """
 
 from __future__ import annotations
@@ -13,16 +17,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 import msgspec
-from corral.agent.http import Response
-from corral.agent.ollama import OllamaClient
+from corral.agent.ollama import Answer, OllamaClient
 from corral.protocol.envelope import RequestEnvelope
 from corral.protocol.errors import BackendError, Cancelled, CorralError, InternalError, NoCapacity
 from corral.protocol.messages import RequestFinished
 from corral.protocol.names import decode_token
 from corral.runtime.telemetry import client_span, process_span
+from corral.transport.bodies import fetch_body
 from corral.transport.replies import ReplyWriter
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
@@ -159,17 +164,15 @@ class Worker:
         self.on_response = on_response
         self.on_answered = on_answered
 
-    async def _fetch_body(self, job: Job) -> bytes:
-        size = job.env.body_size
-        assert size is not None
-        parts, got = [], 0
-        while got < size:
-            msg = await self.nc.request(job.body_subject, str(got).encode(), timeout=10)
-            if not msg.data:
-                raise BackendError("request body no longer available")
-            parts.append(msg.data)
-            got += len(msg.data)
-        return b"".join(parts)
+    def _call(self, job: Job) -> AbstractAsyncContextManager[Answer]:
+        """``async with`` Ollama's answer to the job: a large body (one that did not fit in a NATS
+        message, a blob upload) is streamed from its sender into the request as it comes, never
+        joined here (`corral.transport.bodies.fetch_body`)."""
+        env = job.env
+        if env.body_size is None:
+            return self.ollama.request(env.method, env.endpoint, job.body or None)
+        chunks = fetch_body(self.nc, job.body_subject, env.body_size)
+        return self.ollama.upload(env.method, env.endpoint, chunks, env.body_size)
 
     async def run(self, job: Job) -> int:
         """Execute the job; returns the HTTP status Ollama answered (0 when it never answered).
@@ -185,9 +188,8 @@ class Worker:
         job.ran_from = time.monotonic()
         try:
             with process_span(template, job.subject, env.trace, tracer=self._tracer):
-                body = await self._fetch_body(job) if env.body_size is not None else job.body
                 with client_span(self._tracer, f"{env.method} {env.endpoint}") as span:
-                    async with self.ollama.request(env.method, env.endpoint, body or None) as resp:
+                    async with self._call(job) as resp:
                         status = resp.status
                         self.on_response(job, status)
                         span.set_attribute("http.response.status_code", status)
@@ -208,7 +210,7 @@ class Worker:
             await out.end(InternalError(f"agent error: {e}"))
         return status
 
-    async def _relay(self, job: Job, resp: Response) -> None:
+    async def _relay(self, job: Job, resp: Answer) -> None:
         out = job.out
         ctype = resp.headers.get("content-type", _JSON)
         rw = (
