@@ -4,6 +4,14 @@
 ``body_timeout_s`` — and hands the app a ``receive`` that replays it, so neither the raw model path
 nor FastAPI ever waits on a slow client or holds more than the cap. Requests with a body (anything
 but GET and HEAD) count against ``max_requests``; one more is Ollama's 503 "server busy" at once.
+
+A blob upload (``POST /api/blobs/:digest``) with a ``Content-Length`` is the exception: its body
+may be many gigabytes, so the edge does not read it. The app finds a `ClientBody` under
+`STREAM`, which the transport reads only as the agent asks for chunks (about one chunk held at a
+time, `corral.transport.bodies`), of any size, each piece due within ``body_timeout_s`` of asking
+for it (a stall timeout, not a whole-body one). A client that stalls gets 408, one whose body is
+longer or shorter than it declared 400; either way the upload ends at the agent and everything it
+held is released. Without a ``Content-Length`` (chunked) an upload is read whole like any body.
 """
 
 from __future__ import annotations
@@ -14,17 +22,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from corral.gateway.errors import JSON, native_body, openai_body
+from corral.protocol.envelope import MAX_BODY_SIZE
 from corral.protocol.errors import BUSY_MESSAGE, NoCapacity
+from corral.transport.bodies import BodyGone
 
 log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UNCOUNTED = frozenset({"GET", "HEAD"})
 BODY = "corral.body"  # the scope key under which the app finds the body the edge read
+STREAM = "corral.stream"  # ... or, for a blob upload, the `ClientBody` it did not read
+STREAMED_PREFIX = "/api/blobs/"  # POSTs under this with a Content-Length are streamed
+_DISCONNECT: Message = {"type": "http.disconnect"}
 
 
 class Refused(Exception):
@@ -64,7 +78,11 @@ class Edge:
         self._admitted.set()
         try:
             try:
-                body = await self._read(scope, receive)
+                declared = _content_length(scope)
+                if declared and scope["method"] == "POST" and scope["path"].startswith(STREAMED_PREFIX):
+                    await self._stream(scope, ClientBody(receive, declared, self.body_timeout_s), send, app)
+                    return
+                body = await self._read(scope, receive, declared)
             except ConnectionResetError:
                 return
             except Refused as e:
@@ -75,8 +93,25 @@ class Edge:
         finally:
             self.active -= counted
 
-    async def _read(self, scope: Scope, receive: Receive) -> bytes:
-        declared = _content_length(scope)
+    async def _stream(self, scope: Scope, body: ClientBody, send: Send, app: App) -> None:
+        if body.size > MAX_BODY_SIZE:
+            raise Refused(413, f"request body too large: over {MAX_BODY_SIZE} bytes")
+        started = False
+
+        async def tracked(msg: Message) -> None:
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        scope[STREAM] = body
+        try:
+            await app(scope, body.receive_after, tracked)
+        finally:
+            body.close()
+        if body.error is not None and not started:  # the upload ended for the client's fault: say why
+            await _refuse(send, body.error, openai=False, close=True)
+
+    async def _read(self, scope: Scope, receive: Receive, declared: int | None) -> bytes:
         if declared is not None and declared > self.max_body_bytes:
             raise Refused(413, f"request body too large: over {self.max_body_bytes} bytes")
         parts: list[bytes] = []
@@ -99,6 +134,141 @@ class Edge:
                 "%s %s: body not received within %.0fs", scope["method"], scope["path"], self.body_timeout_s
             )
             raise Refused(408, f"request body not received within {self.body_timeout_s:g}s") from None
+
+
+class ClientBody:
+    """A client's request body read only as it is asked for (`corral.transport.bodies.BodySource`):
+    of ``size`` bytes as declared, each piece due within ``stall_s`` of asking for it.
+
+    Reads are sequential (the transport serves one chunk request at a time); a ``receive`` that is
+    still pending when a read gives up waiting is kept for the next read, never cancelled, so no
+    piece is lost. ``receive_after`` is the app's ``receive``: it waits until the body has come
+    whole (or failed), then watches the client, so the app's disconnect watch never races the reads.
+    """
+
+    __slots__ = (
+        "_asked_at",
+        "_buffered",
+        "_ended",
+        "_got",
+        "_next",
+        "_pieces",
+        "_receive",
+        "_settled",
+        "_stall_s",
+        "disconnected",
+        "error",
+        "size",
+    )
+
+    def __init__(self, receive: Receive, size: int, stall_s: float) -> None:
+        self._receive = receive
+        self.size = size
+        self._stall_s = stall_s
+        self._pieces: list[bytes] = []
+        self._buffered = 0  # bytes received and not handed out yet
+        self._got = 0  # bytes received in all
+        self._ended = False  # the client said the body is over (``more_body`` false)
+        self._next: asyncio.Task[Message] | None = None  # the receive under way
+        self._asked_at = 0.0
+        self._settled = asyncio.Event()  # the body came whole, or failed
+        self.error: Refused | None = None  # why the client is answered 400/408
+        self.disconnected = False
+
+    @property
+    def held(self) -> int:
+        return self._buffered
+
+    async def read(self, limit: int, wait: float) -> bytes:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while self._buffered < limit and self._got < self.size:
+            self._check()
+            if self._next is None:
+                self._next = asyncio.create_task(self._pull(), name="client-body")
+                self._asked_at = loop.time()
+            stall_at = self._asked_at + self._stall_s
+            done, _ = await asyncio.wait((self._next,), timeout=max(min(deadline, stall_at) - loop.time(), 0))
+            if not done:
+                if loop.time() >= stall_at:
+                    log.info("upload of %d bytes: nothing received for %.0fs", self.size, self._stall_s)
+                    self._fail(Refused(408, f"request body stalled: nothing received for {self._stall_s:g}s"))
+                break
+            msg, self._next = self._next.result(), None
+            self._take(msg)
+        self._check()
+        return self._hand_out(limit)
+
+    async def _pull(self) -> Message:
+        return await self._receive()
+
+    def _check(self) -> None:
+        if self.disconnected:
+            raise BodyGone("the client went away")
+        if self.error is not None:
+            raise BodyGone(self.error.message)
+
+    def _take(self, msg: Message) -> None:
+        if msg["type"] == "http.disconnect":
+            self.disconnected = True
+            self._fail(None)
+            return
+        piece: bytes = msg.get("body", b"")
+        self._got += len(piece)
+        if self._got > self.size:
+            self._fail(Refused(400, "request body longer than its content-length"))
+            return
+        if piece:
+            self._pieces.append(piece)
+            self._buffered += len(piece)
+        if not msg.get("more_body"):
+            self._ended = True
+            if self._got < self.size:
+                self._fail(Refused(400, "request body shorter than its content-length"))
+                return
+        if self._got == self.size:
+            self._settled.set()
+
+    def _hand_out(self, limit: int) -> bytes:
+        if not self._pieces:
+            return b""
+        data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
+        out, rest = data[:limit], data[limit:]
+        self._pieces = [rest] if rest else []
+        self._buffered = len(rest)
+        return out
+
+    def _fail(self, error: Refused | None) -> None:
+        if self.error is None:
+            self.error = error
+        self._pieces, self._buffered = [], 0
+        self._settled.set()
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+
+    async def receive_after(self) -> Message:
+        """The app's ``receive``: once the body has come whole, the client's next message (its
+        disconnect); a body that failed reads as a disconnect."""
+        await self._settled.wait()
+        while not (self.disconnected or self.error is not None):
+            msg = await self._receive()
+            if msg["type"] == "http.disconnect":
+                self.disconnected = True
+            elif self._ended:
+                return msg
+            elif msg.get("body"):
+                self._fail(Refused(400, "request body longer than its content-length"))
+            else:
+                self._ended = not msg.get("more_body")
+        return _DISCONNECT
+
+    def close(self) -> None:
+        """Stop reading the client; nothing is held after it."""
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+        self._pieces, self._buffered = [], 0
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import msgspec
+from corral.gateway.edge import STREAM, ClientBody
 from corral.gateway.errors import JSON, native_body
 from corral.gateway.planner import Planner
 from corral.gateway.relay import Receive, RelayResponse, ReplyResponse, Send, relay, respond, respond_error
@@ -89,12 +90,15 @@ async def to_holder(planner: Planner, request: Request, endpoint: str) -> Respon
 
 
 async def to_first(planner: Planner, request: Request, endpoint: str) -> Response:
-    """Blobs and creates go to one agent, the same one each time, so a create finds its blobs."""
-    body = await request.body()
+    """Blobs and creates go to one agent, the same one each time, so a create finds its blobs. A
+    blob upload's body the edge left unread (`corral.gateway.edge.ClientBody`) is streamed to that
+    agent as it asks for it, never held whole here."""
+    stream: ClientBody | None = request.scope.get(STREAM)
+    body = b"" if stream is not None else await request.body()
     agents = sorted(a.id for a in planner.fleet.agents() if a.status == "active")
     if not agents:
         return error(ModelNotFound("no agents in the fleet"))
-    work = WorkRequest(endpoint=endpoint, body=body, method=request.method)
+    work = WorkRequest(endpoint=endpoint, body=body, method=request.method, stream=stream)
     return RelayResponse(planner, work, agents[0])
 
 
