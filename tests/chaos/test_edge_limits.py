@@ -59,12 +59,19 @@ def _status(raw: bytes) -> int:
     return int(raw.split(b"\r\n", 1)[0].split()[1])
 
 
-@pytest.mark.parametrize("path", ["/api/generate", "/api/blobs/sha256:" + "a" * 64, "/api/create"])
+BLOB = "/api/blobs/sha256:" + "a" * 64
+
+
+@pytest.mark.parametrize("path", ["/api/generate", BLOB, "/api/create"])
 async def test_a_body_over_the_cap_is_413(fleet: LocalFleet, path: str) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{fleet.url}{path}", data=b"x" * (MAX_BODY + 1)) as r:
-            assert r.status == 413
-            assert "too large" in (await r.json())["error"]
+            if path == BLOB:  # a blob with a Content-Length streams past the cap, to Ollama's check
+                assert r.status == 400
+                assert (await r.json())["error"].startswith("digest mismatch")
+            else:
+                assert r.status == 413
+                assert "too large" in (await r.json())["error"]
 
         async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: cut off as it passes the cap
             for _ in range(MAX_BODY // 1024 + 2):
