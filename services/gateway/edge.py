@@ -51,7 +51,7 @@ class Refused(Exception):
 
 
 class Edge:
-    __slots__ = ("_admitted", "active", "body_timeout_s", "max_body_bytes", "max_requests")
+    __slots__ = ("_admitted", "_ended", "active", "body_timeout_s", "max_body_bytes", "max_requests")
 
     def __init__(self, *, max_body_bytes: int, max_requests: int, body_timeout_s: float) -> None:
         self.max_body_bytes = max_body_bytes
@@ -59,6 +59,7 @@ class Edge:
         self.body_timeout_s = body_timeout_s
         self.active = 0  # requests with a body being served now
         self._admitted = asyncio.Event()
+        self._ended = asyncio.Event()
 
     async def wait_active(self, n: int, timeout: float) -> None:
         """Wait until at least ``n`` counted requests are being served (woken by each admission)."""
@@ -66,6 +67,13 @@ class Edge:
             while self.active < n:
                 self._admitted.clear()
                 await self._admitted.wait()
+
+    async def wait_idle(self, timeout: float) -> None:
+        """Wait until no counted request is being served (woken by each one that ends)."""
+        async with asyncio.timeout(timeout):
+            while self.active:
+                self._ended.clear()
+                await self._ended.wait()
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, app: App) -> None:
         """Serve one HTTP request through ``app`` within the bounds."""
@@ -92,6 +100,7 @@ class Edge:
             await app(scope, _replay(body, receive), send)
         finally:
             self.active -= counted
+            self._ended.set()
 
     async def _stream(self, scope: Scope, body: ClientBody, send: Send, app: App) -> None:
         if body.size > MAX_BODY_SIZE:
