@@ -136,18 +136,26 @@ class Claims:
     async def _take_queued(
         self, token: str, free: Callable[[str], int], take: Callable[[str, list[Msg]], Awaitable[None]]
     ) -> None:
-        """Admit up to the free slots' worth of queued requests for ``token``, oldest first."""
+        """Admit up to the free slots' worth of queued requests for ``token``, oldest first.
+
+        A batch can admit fewer than it took — expired requests are dropped, malformed ones answered
+        ``bad_request`` — so it takes again while slots are free and the queue has more: nothing
+        else would wake the agent for the requests behind them."""
         hint = self._hint.get(token, 0)
         if not hint:
             return
         got_all = True
         for vendor in (self._vendor, ANY_VENDOR):
-            n = free(token)
-            if n <= 0:
-                return  # more may wait: the hint stays for the next free slot
-            msgs, drained = await self._puller.take_batch(self._subjects.queue(vendor, token), n)
+            drained = False
+            while not drained:
+                n = free(token)
+                if n <= 0:
+                    return  # more may wait: the hint stays for the next free slot
+                msgs, drained = await self._puller.take_batch(self._subjects.queue(vendor, token), n)
+                await take(token, msgs)
+                if not msgs and not drained:
+                    break  # the queue did not say (an error, logged): the hint stays
             got_all = got_all and drained
-            await take(token, msgs)
         if got_all and self._hint.get(token) == hint:
             self._hint[token] = 0  # both queues ran dry and no nudge came meanwhile
 

@@ -190,12 +190,10 @@ class Puller:
 
     async def take_batch(self, subject: str, n: int, *, timeout: float = 2.0) -> tuple[list[Msg], bool]:
         """(up to ``n`` waiting requests from ``subject``, oldest first, each already acknowledged
-        — taken off the queue; whether the queue said it had no more). Expired requests are dropped,
-        not returned, so fewer than ``n`` does not by itself mean the queue ran dry.
-
-        One pull request with ``no_wait`` on its own inbox: the server answers with what waits and
-        a 404 status when that is less than ``n`` (delivered messages keep their own subject, so
-        only the inbox subscription tells them apart).
+        — taken off the queue; whether the queue said it had no more). Expired and poison requests
+        are dropped, not returned; when a pull brought only those it pulls again, so an empty list
+        with ``False`` means the queue did not answer (logged), never that the queue may hold more
+        behind what was dropped.
         """
         if n <= 0:
             return [], False
@@ -204,6 +202,16 @@ class Puller:
         except (NatsError, TimeoutError) as e:
             log.warning("cannot open queue consumer for %s: %s", subject, e)
             return [], False
+        while True:
+            got, drained = await self._pull(subject, n, timeout)
+            fresh = await _admit(got)
+            if fresh or drained or not got:
+                return fresh, drained
+
+    async def _pull(self, subject: str, n: int, timeout: float) -> tuple[list[Msg], bool]:
+        """One pull request with ``no_wait`` on its own inbox: the server answers with what waits
+        and a 404 status when that is less than ``n`` (delivered messages keep their own subject, so
+        only the inbox subscription tells them apart)."""
         inbox = self._nc.new_inbox()
         sub = await self._nc.subscribe(inbox)
         got: list[Msg] = []
@@ -225,20 +233,27 @@ class Puller:
         finally:
             with contextlib.suppress(NatsError):
                 await sub.unsubscribe()
-        now_ms = time.time() * 1000
-        fresh = []
-        for msg in got:
-            deadline = _deadline_ms(msg)
-            if deadline is None or (deadline and now_ms > deadline):
-                if deadline is None:  # a poison message: redelivering it would only fail again
-                    log.warning("dropping a queued request with a bad %s header", H.DEADLINE)
-                with contextlib.suppress(NatsError, TimeoutError):
-                    await msg.ack_sync(timeout=2.0)  # confirmed gone: its gateway answered 503 already
-                continue
-            with contextlib.suppress(NatsError):
-                await msg.ack()  # taken; the claim that follows tells its gateway
-            fresh.append(msg)
-        return fresh, drained
+        return got, drained
+
+
+async def _admit(got: list[Msg]) -> list[Msg]:
+    """Acknowledge every pulled request (each is taken off the queue) and keep those still worth
+    serving: an expired one was answered 503 by its gateway already, and one whose deadline does
+    not parse would fail again on every agent it was redelivered to."""
+    now_ms = time.time() * 1000
+    fresh = []
+    for msg in got:
+        deadline = _deadline_ms(msg)
+        if deadline is None or (deadline and now_ms > deadline):
+            if deadline is None:
+                log.warning("dropping a queued request with a bad %s header", H.DEADLINE)
+            with contextlib.suppress(NatsError, TimeoutError):
+                await msg.ack_sync(timeout=2.0)  # confirmed gone
+            continue
+        with contextlib.suppress(NatsError):
+            await msg.ack()  # taken; the claim that follows tells its gateway
+        fresh.append(msg)
+    return fresh
 
 
 def _deadline_ms(msg: Msg) -> int | None:

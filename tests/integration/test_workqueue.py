@@ -64,3 +64,22 @@ async def test_the_queue_is_bounded_in_bytes_and_the_bound_follows_the_setting(
         assert (info.config.max_bytes, info.config.max_msgs_per_subject) == (64 * 1024, 100)
     finally:
         await nc.close()
+
+
+async def test_a_pull_that_brought_only_dropped_requests_pulls_again(
+    nats_server: NatsServer, root: str
+) -> None:
+    """Expired and poison requests ahead of a live one do not hide it: one take returns it."""
+    subjects = Subjects(root)
+    nc = await connect(nats_server.url, name="test")
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, subjects)
+        subject = subjects.queue("any", "m")
+        past, future = str(int(time.time() * 1000) - 1000), str(int(time.time() * 1000) + 60_000)
+        for rid, deadline in (("1", past), ("2", "x"), ("3", past), ("4", future)):
+            await js.publish(subject, b"{}", headers={H.REQUEST: rid, H.DEADLINE: deadline, H.REPLY: "r"})
+        taken, _ = await Puller(nc, subjects).take_batch(subject, 2)
+        assert [(m.headers or {})[H.REQUEST] for m in taken] == ["4"]
+    finally:
+        await nc.close()
