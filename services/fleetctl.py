@@ -226,7 +226,7 @@ async def control(s: _Session, kind: str, agent: str) -> int:
         print(f"corral {kind}: no agent {agent!r} (see `corral status`)", file=sys.stderr)
         return 1
     try:
-        await s.nc.request(s.subjects.agent_ctl(agent), b"", headers={H.CTL: kind}, timeout=5)
+        await s.nc.request(s.subjects.agent_admin(agent), b"", headers={H.CTL: kind}, timeout=5)
     except nats.errors.Error as e:  # a timeout, or no responders
         print(f"corral {kind}: agent {agent} did not answer: {e}", file=sys.stderr)
         return 1

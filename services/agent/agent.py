@@ -201,6 +201,7 @@ class Agent:
         await self._refresh()
         self._subs.append(await nc.subscribe(self.subjects.agent_work(self.id), cb=self._on_direct))
         self._subs.append(await nc.subscribe(self.subjects.agent_ctl(self.id), cb=self._on_ctl))
+        self._subs.append(await nc.subscribe(self.subjects.agent_admin(self.id), cb=self._on_admin))
         await self._publish_state()
 
     @property
@@ -390,15 +391,24 @@ class Agent:
 
     @guarded
     async def _on_ctl(self, msg: Msg) -> None:
+        """A cancel, from whoever sent the request (drain and cordon come on `_on_admin`)."""
         assert self.nc is not None
         h = msg.headers or {}
-        kind = h.get(H.CTL)
-        if kind == H.CANCEL:
+        if h.get(H.CTL) == H.CANCEL:
             job = self._jobs.get(h.get(H.REQUEST, ""))
             if job is not None:
                 log.info("cancelling request %s at the gateway's request", job.rid)
                 self._cancel_job(job)
-        elif kind in (H.DRAIN, H.CORDON):
+        if usable_reply(msg.reply):
+            await self.nc.publish(msg.reply, b"")
+
+    @guarded
+    async def _on_admin(self, msg: Msg) -> None:
+        """Drain, cordon, uncordon: the operator's, on a subject of their own (see
+        `Subjects.agent_admin`)."""
+        assert self.nc is not None
+        kind = (msg.headers or {}).get(H.CTL)
+        if kind in (H.DRAIN, H.CORDON):
             self.status = "draining" if kind == H.DRAIN else "cordoned"
             self._changed(claims=True, state=True)
         elif kind == H.UNCORDON:

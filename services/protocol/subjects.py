@@ -7,7 +7,8 @@ https://github.com/nats-io/nats-architecture-and-design/blob/main/adr/ADR-6.md):
     {root}.queue.{vendor}.{model}    overflow (JetStream work-queue stream)
     {root}.queued.{vendor}.{model}   core-NATS nudge after each enqueue (empty payload)
     {root}.agent.{id}.work           direct work for one agent (affinity, pins, cold loads)
-    {root}.agent.{id}.ctl            cancel / drain / unload for one agent
+    {root}.agent.{id}.ctl            cancel a request on one agent (whoever sent it)
+    {root}.agent.{id}.admin          drain / cordon / uncordon one agent (the operator)
     {root}.reply.{gateway}.{req}     the reply stream of one request
     {root}.body.{gateway}.{req}      an agent fetches a request body above the payload limit
     {root}.events.{kind}             agent joined/left/dead, request finished, ...
@@ -89,7 +90,17 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"{self.root}.agent.{_check_id(agent_id)}.work"
 
     def agent_ctl(self, agent_id: str) -> str:
+        """Cancel of one request: a sender of work may publish here."""
         return f"{self.root}.agent.{_check_id(agent_id)}.ctl"
+
+    def agent_admin(self, agent_id: str) -> str:
+        """Drain, cordon, uncordon: apart from `agent_ctl`, so that NATS permissions can let a
+        gateway cancel its requests without letting it take agents out of the fleet."""
+        return f"{self.root}.agent.{_check_id(agent_id)}.admin"
+
+    def agent_all(self, kind: str) -> str:
+        """``agent_work``, ``agent_ctl`` or ``agent_admin`` of every agent (``kind``: the last token)."""
+        return f"{self.root}.agent.*.{_check_id(kind)}"
 
     def reply(self, gateway_id: str, request_id: str) -> str:
         return f"{self.root}.reply.{_check_id(gateway_id)}.{_check_id(request_id)}"
@@ -106,6 +117,23 @@ class Subjects(msgspec.Struct, frozen=True):
     # -- cluster -----------------------------------------------------------------------------
     def event(self, kind: str) -> str:
         return f"{self.root}.events.{_check_id(kind)}"
+
+    @property
+    def work_all(self) -> str:
+        return f"{self.root}.work.>"
+
+    @property
+    def queued_all(self) -> str:
+        return f"{self.root}.queued.>"
+
+    @property
+    def replies_all(self) -> str:
+        """Every reply subject, of every sender."""
+        return f"{self.root}.reply.>"
+
+    @property
+    def bodies_all(self) -> str:
+        return f"{self.root}.body.>"
 
     def events_all(self) -> str:
         return f"{self.root}.events.>"
@@ -139,6 +167,20 @@ class Subjects(msgspec.Struct, frozen=True):
     @property
     def queue_stream(self) -> str:
         return f"{self.root}_queue"
+
+    @property
+    def buckets(self) -> tuple[str, ...]:
+        return (self.agents_bucket, self.models_bucket, self.sessions_bucket, self.views_bucket)
+
+    @staticmethod
+    def kv_key(bucket: str, key: str) -> str:
+        """The subject a KV put, create, update or delete of ``key`` publishes on (``>``: every key)."""
+        return f"$KV.{bucket}.{key}"
+
+    @staticmethod
+    def kv_stream(bucket: str) -> str:
+        """The JetStream stream that holds a KV bucket."""
+        return f"KV_{bucket}"
 
 
 def usable_reply(subject: str | None) -> TypeGuard[str]:

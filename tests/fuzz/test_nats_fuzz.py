@@ -440,7 +440,7 @@ async def test_every_reply_stream_ended_and_the_agent_still_serves(rig: _Rig) ->
     assert rig.sent >= MIN_MESSAGES
     assert not rig.task.done()
     # a drain or cordon among the messages left it refusing work; the ack comes once it is active
-    await rig.nc.request(rig.subjects.agent_ctl(rig.agent.id), b"", headers={H.CTL: H.UNCORDON}, timeout=5)
+    await rig.nc.request(rig.subjects.agent_admin(rig.agent.id), b"", headers={H.CTL: H.UNCORDON}, timeout=5)
     assert rig.agent.status == "active"
     async with asyncio.timeout(BOUND_S):
         while rig.open_streams():

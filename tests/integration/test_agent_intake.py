@@ -158,7 +158,7 @@ async def test_a_control_message_is_acked_with_an_empty_message_not_an_echo_of_i
     nats_server: NatsServer, root: str
 ) -> None:
     async with serving(nats_server, root) as (agent, nc):
-        ctl = Subjects(root).agent_ctl(agent.id)
+        ctl = Subjects(root).agent_admin(agent.id)
         ack = await nc.request(ctl, b"", headers={H.CTL: H.CORDON, H.KIND: H.END_KIND}, timeout=5)
         assert (ack.headers, ack.data) == (None, b"") and agent.status == "cordoned"
         ack = await nc.request(ctl, b"", headers={H.CTL: H.UNCORDON}, timeout=5)
