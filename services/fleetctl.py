@@ -21,7 +21,7 @@ from corral.protocol.errors import CorralError
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.nats import NatsAuth, connect, ensure_buckets
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
 from corral.runtime.workqueue import depths
@@ -49,7 +49,7 @@ class _Session:
         self.subjects = Subjects(settings.root)
 
     async def __aenter__(self) -> _Session:
-        self.nc = await connect(self.settings.nats_url, name="corral-cli")
+        self.nc = await connect(self.settings.nats_url, name="corral-cli", auth=NatsAuth.of(self.settings))
         self.buckets = await ensure_buckets(
             self.nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
         )

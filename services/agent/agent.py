@@ -45,7 +45,7 @@ from corral.protocol.errors import Cancelled, InternalError
 from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects, usable_reply
-from corral.runtime.nats import Buckets, Reopener, connect, ensure_buckets
+from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import tracer
 from corral.transport.replies import send_busy
@@ -176,6 +176,7 @@ class Agent:
         self.nc = nc = await connect(
             self.settings.nats_url,
             name=f"corral-agent-{self.id}",
+            auth=NatsAuth.of(self.settings),
             on_closed=self._wake.connection_closed,
             on_reconnected=self._reconnected,
         )

@@ -31,7 +31,7 @@ from corral.aggregator.settings import AggregatorSettings
 from corral.protocol.messages import RequestFinished
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import Buckets, Reopener, connect, ensure_buckets
+from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import depths
 from nats.aio.client import Client as NATS
@@ -113,6 +113,7 @@ class Aggregator:
         self.nc = await connect(
             self.settings.nats_url,
             name="corral-aggregator",
+            auth=NatsAuth.of(self.settings),
             on_closed=self.lost.set,
             on_reconnected=self._reconnected,
         )

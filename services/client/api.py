@@ -18,7 +18,7 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import CorralError, ModelNotFound, not_found_message
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.nats import NatsAuth, connect, ensure_buckets
 from corral.transport import Reply, Transport, model_work
 from nats.aio.client import Client as NATS
 
@@ -58,7 +58,7 @@ class AsyncClient:
         if self._planner is not None:
             raise RuntimeError("client already connected")
         if self._nc is None:
-            self._nc = await connect(self._url, name="corral-client")
+            self._nc = await connect(self._url, name="corral-client", auth=NatsAuth.of(self._settings))
         buckets = await ensure_buckets(
             self._nc.jetstream(), self._subjects, replicas=self._settings.js_replicas
         )

@@ -29,7 +29,7 @@ from corral.protocol.errors import BadRequest, CorralError, ModelNotFound
 from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import Reopener, connect, ensure_buckets, watch_until
+from corral.runtime.nats import NatsAuth, Reopener, connect, ensure_buckets, watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import server_span, tracer
 from corral.runtime.workqueue import QueueLimits
@@ -109,6 +109,7 @@ class Gateway:
         self.nc = await connect(
             self.settings.nats_url,
             name="corral-gateway",
+            auth=NatsAuth.of(self.settings),
             on_closed=self.lost.set,
             on_reconnected=self._reconnected,
         )

@@ -46,7 +46,7 @@ from corral.registry.placement import Placer, ReplicaSettings
 from corral.registry.settings import RegistrySettings
 from corral.routing import pull_order
 from corral.runtime.fleet import SILENT_RESTART_S, STALE_HEARTBEATS, FleetView, received_at
-from corral.runtime.nats import Buckets, Reopener, connect, ensure_buckets, watch_until
+from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets, watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.transport import Reply, Transport, WorkRequest, fan_out
 from corral.transport.replies import ReplyWriter
@@ -123,6 +123,7 @@ class Registry:
         self.nc = await connect(
             self.settings.nats_url,
             name="corral-registry",
+            auth=NatsAuth.of(self.settings),
             on_closed=self.lost.set,
             on_reconnected=self._reconnected,
         )

@@ -25,6 +25,7 @@ from typing import Any
 
 import nats
 from corral.protocol.subjects import Subjects
+from corral.runtime.natsauth import NatsAuth as NatsAuth  # callers take it from here, beside connect
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import QueueLimits, ensure_stream
 from nats.aio.client import Client as NATS
@@ -94,10 +95,12 @@ async def connect(
     name: str,
     on_closed: Callable[[], object] | None = None,
     on_reconnected: Callable[[], object] | None = None,
+    auth: NatsAuth | None = None,
 ) -> NATS:
     """A connection that reconnects for ever and reports state changes in the log.
 
-    ``url`` is one server or a comma-separated list of them (`server_urls`).
+    ``url`` is one server or a comma-separated list of them (`server_urls`); ``auth`` this process's
+    identity and TLS files (`NatsAuth.of(settings)`; raises `CredentialsError` for a bad one).
 
     ``on_closed`` is called once the connection is closed, by us or for good by nats-py;
     ``on_reconnected`` after every reconnect (a restarted server may have lost what lived in
@@ -138,6 +141,7 @@ async def connect(
         error_cb=on_error,
         closed_cb=on_close,
         drain_timeout=5,  # bounded: a stop never waits longer than this for subscriptions to drain
+        **(auth.options() if auth is not None else {}),
     )
     _decode_leniently(nc)  # before any subscription: any client may publish to our subjects
     return nc
@@ -214,7 +218,8 @@ async def ensure_buckets(
     (idempotent across services; safe to call again after a NATS restart). ``queue``: the queue's
     limits, which whoever enqueues (the gateway) enforces; None leaves an existing stream as it is.
     A bucket that exists with other limits than its `BucketSpec` (``specs``, `BUCKETS` by default)
-    is given them."""
+    is given them. An identity without stream-admin rights (``corral auth``) only opens what the
+    admin identity created: a missing bucket or stream raises, other limits are logged and kept."""
     specs = BUCKETS | (specs or {})
 
     async def bucket(kind: str, name: str) -> KeyValue:
@@ -234,7 +239,15 @@ async def ensure_buckets(
         await _hold_to(js, f"KV_{name}", spec)
         return kv
 
-    await ensure_stream(js, subjects, limits=queue, replicas=replicas)
+    try:
+        await ensure_stream(js, subjects, limits=queue, replicas=replicas)
+    except (NatsError, JetStreamError, TimeoutError) as e:
+        if queue is None:
+            raise
+        # an identity without stream-admin rights (``corral auth``) cannot set the queue's limits:
+        # whoever administers JetStream does; the queue keeps the limits it has
+        log.warning("cannot give the queue stream its limits (%r): it keeps those it has", e)
+        await ensure_stream(js, subjects, limits=None, replicas=replicas)
     return Buckets(
         agents=await bucket("agents", subjects.agents_bucket),
         models=await bucket("models", subjects.models_bucket),
@@ -249,7 +262,10 @@ async def _hold_to(js: JetStreamContext, stream: str, spec: BucketSpec) -> None:
     cfg = (await js.stream_info(stream)).config
     discard = DiscardPolicy.OLD if spec.evict else DiscardPolicy.NEW
     if (cfg.max_bytes, cfg.discard) != (spec.max_bytes, discard):
-        await js.update_stream(replace(cfg, max_bytes=spec.max_bytes, discard=discard))
+        try:
+            await js.update_stream(replace(cfg, max_bytes=spec.max_bytes, discard=discard))
+        except (NatsError, JetStreamError, TimeoutError) as e:  # no stream-admin rights (`corral auth`)
+            log.warning("cannot give bucket stream %s its limits (%r): it keeps those it has", stream, e)
 
 
 def is_missing(e: BaseException) -> bool:

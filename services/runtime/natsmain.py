@@ -24,12 +24,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", help="a nats-server config file that enables JetStream (e.g. deploy/nats.conf)"
     )
+    p.add_argument(
+        "--auth",
+        metavar="FILE",
+        help="an authorization include from `corral auth init` (DIR/auth.conf): only its identities connect",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    server = NatsServer(host=args.host, port=args.port, store_dir=args.store_dir, config_file=args.config)
+    if args.auth and args.config:
+        print(
+            'corral nats: --auth goes with the default config; with --config, write include "auth.conf" in it'
+        )
+        return 2
+    server = NatsServer(
+        host=args.host, port=args.port, store_dir=args.store_dir, config_file=args.config, auth_file=args.auth
+    )
     try:
         await server.start()
     except NatsServerError as e:

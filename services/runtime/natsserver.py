@@ -100,9 +100,38 @@ async def start_all(servers: list[NatsServer]) -> None:
         raise errors[0]
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """The server's certificate and key (PEM); with ``ca``, the CA its clients' certificates must
+    be signed by, which ``verify`` then demands of every client. See
+    https://docs.nats.io/running-a-nats-service/configuration/securing_nats/tls."""
+
+    cert: str | Path
+    key: str | Path
+    ca: str | Path | None = None
+    verify: bool = False
+
+    def block(self) -> str:
+        lines = [f"  cert_file: {_quoted(self.cert)}", f"  key_file: {_quoted(self.key)}"]
+        if self.ca:
+            lines.append(f"  ca_file: {_quoted(self.ca)}")
+        if self.verify:
+            lines.append("  verify: true")
+        return "tls {\n" + "\n".join(lines) + "\n}\n"
+
+
+def _quoted(path: str | Path) -> str:
+    return '"' + str(Path(path).resolve()).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 class NatsServer:
     """An embedded nats-server process. ``async with NatsServer() as ns: ns.url``; with ``cluster``
-    one node of a NATS cluster (`local_cluster` builds a whole one)."""
+    one node of a NATS cluster (`local_cluster` builds a whole one).
+
+    It keeps seventeen attributes: the options it starts the server with (address, store, JetStream,
+    config file, payload limit, cluster, authorization include, TLS) and the state of the one
+    process it runs (the process, its log reader and tail, the ready and reloaded events). Both
+    halves are read together in `start`; apart, they would only pass each other everything."""
 
     def __init__(
         self,
@@ -115,7 +144,13 @@ class NatsServer:
         max_payload: int | None = None,
         ready_timeout: float = 15.0,
         cluster: ClusterNode | None = None,
+        auth_file: str | Path | None = None,
+        tls: ServerTls | None = None,
     ) -> None:
+        """``auth_file``: a nats-server authorization include (`corral auth init`); ``tls``: serve
+        TLS. Either writes a config file of its own into the store (not with ``config_file``)."""
+        if config_file and (auth_file or tls):
+            raise ValueError("auth_file and tls go into a config file of our own: not with config_file")
         self.host = host
         self.port = port or free_port(host)
         self._store_dir = Path(store_dir) if store_dir else None
@@ -125,9 +160,12 @@ class NatsServer:
         self.max_payload = max_payload
         self.ready_timeout = ready_timeout
         self.cluster = cluster
+        self.auth_file = Path(auth_file) if auth_file else None
+        self.tls = tls
         self._proc: asyncio.subprocess.Process | None = None
         self._log_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._reloaded = asyncio.Event()
         self._js_seen = False
         self._log_tail: list[str] = []
 
@@ -153,7 +191,9 @@ class NatsServer:
         self._ready.clear()  # started again after `kill`: wait for this run's "ready" line
         self._js_seen = False
         args = [find_binary(), "-a", self.host, "-p", str(self.port)]
-        if self.config_file:
+        if self.auth_file or self.tls:
+            args += ["-c", str(self._write_config())]
+        elif self.config_file:
             # the config file owns JetStream and its store_dir (nats-server rejects both at once);
             # start() still refuses a server that came up without JetStream
             args += ["-c", str(self.config_file)]
@@ -193,6 +233,19 @@ class NatsServer:
             )
         log.info("nats-server ready on %s (JetStream store %s)", self.url, self._store_dir)
 
+    def _write_config(self) -> Path:
+        """JetStream in the store, the authorization include, TLS: the file the server reads (and
+        reads again on `reload`, so an agent added to the include is let in)."""
+        conf = self.store_dir / "corral-nats.conf"
+        text = f"jetstream {{ store_dir: {_quoted(self.store_dir)} }}\n" if self.jetstream else ""
+        if self.auth_file:
+            # nats-server resolves an include relative to the including file, never as absolute
+            text += f'include "{os.path.relpath(self.auth_file.resolve(), conf.parent.resolve())}"\n'
+        if self.tls:
+            text += self.tls.block()
+        conf.write_text(text)
+        return conf
+
     async def _read_log(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
         async for raw in self._proc.stderr:
@@ -202,6 +255,8 @@ class NatsServer:
                 self._js_seen = True
             if "Server is ready" in line:
                 self._ready.set()
+            if "Reloaded server configuration" in line:
+                self._reloaded.set()
             if "[FTL]" in line or "[ERR]" in line:
                 log.warning("nats-server: %s", line)
         self._ready.set()  # the process ended: wake start() so it reports the failure
@@ -242,6 +297,12 @@ class NatsServer:
         """Ask the running server to read its config file again (SIGHUP)."""
         assert self._proc is not None, "nats-server not running"
         self._proc.send_signal(signal.SIGHUP)
+
+    async def reloaded(self, timeout: float = 10.0) -> None:
+        """`reload`, and wait until the server says it applied the file (its log line)."""
+        self._reloaded.clear()
+        self.reload()
+        await asyncio.wait_for(self._reloaded.wait(), timeout)
 
     async def wait(self) -> int:
         assert self._proc is not None

@@ -298,6 +298,16 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
         int,
         setting("JetStream replicas of every KV bucket and of the queue stream (a NATS cluster)", ge=1, le=5),
     ] = 1
+    nats_creds: Annotated[
+        str, setting("this process's NATS identity: a credentials file from `corral auth init`", shown="none")
+    ] = ""
+    nats_tls_ca: Annotated[
+        str, setting("CA certificate (PEM) that signed the NATS server's certificate", shown="system CAs")
+    ] = ""
+    nats_tls_cert: Annotated[
+        str, setting("client certificate (PEM) for a NATS server that verifies its clients", shown="none")
+    ] = ""
+    nats_tls_key: Annotated[str, setting("the private key (PEM) of --nats-tls-cert", shown="none")] = ""
 
     def __repr__(self) -> str:
         return masked_repr(self)
