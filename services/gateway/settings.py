@@ -60,7 +60,10 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     ] = False
     max_body_bytes: Annotated[
         int,
-        setting("largest request body (blob uploads included) before 413; bodies are held in memory", ge=1),
+        setting(
+            "largest request body before 413; bodies are held in memory (blob uploads with a Content-Length stream past it)",
+            ge=1,
+        ),
     ] = 256 * 1024 * 1024
     max_requests: Annotated[
         int, setting("requests with a body (POST, DELETE) served at once before 503 server busy", ge=1)
@@ -73,7 +76,10 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
         ),
     ] = 10.0
     body_timeout_s: Annotated[
-        float, setting("a request body must arrive whole within this, or the client is cut off (408)", gt=0)
+        float,
+        setting(
+            "a request body must arrive whole within this (a streamed blob upload: each piece), or 408", gt=0
+        ),
     ] = 60.0
     reply_buffer_bytes: Annotated[
         int,
