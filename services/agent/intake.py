@@ -18,9 +18,10 @@ from typing import TypeVar
 
 from corral.agent.worker import Job
 from corral.protocol import headers as H
+from corral.protocol.endpoints import served
 from corral.protocol.envelope import decode_request
 from corral.protocol.errors import BadEnvelope
-from corral.protocol.subjects import Subjects, usable_reply
+from corral.protocol.subjects import Subjects
 from corral.transport.replies import ReplyWriter
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -38,15 +39,31 @@ async def job_from(msg: Msg, nc: NATS, subjects: Subjects, sender: str) -> Job |
         env = decode_request(msg.headers)
     except BadEnvelope as e:
         reply = (msg.headers or {}).get(H.REPLY) or msg.reply
-        if usable_reply(reply):
+        if subjects.is_reply(reply):
             log.warning("answering malformed work on %s: %s", msg.subject, e.message)
             await ReplyWriter(nc, reply, "", sender).end(e)
         else:
             log.warning("dropping malformed work on %s: %s", msg.subject, e.message)
         return None
     reply = env.reply or msg.reply  # a queued request names its reply subject in a header
-    if not usable_reply(reply):
-        log.warning("dropping work %s without a usable reply subject on %s", env.rid, msg.subject)
+    if not subjects.is_reply(reply):
+        log.warning(
+            "dropping work %s without a reply subject under %s.reply on %s",
+            env.rid,
+            subjects.root,
+            msg.subject,
+        )
+        return None
+    if not served(env.method, env.endpoint):
+        log.warning(
+            "refusing work %s: %s %s is not an Ollama endpoint agents serve",
+            env.rid,
+            env.method,
+            env.endpoint,
+        )
+        await ReplyWriter(nc, reply, env.rid, sender).end(
+            BadEnvelope(f"{env.method} {env.endpoint} is not served")
+        )
         return None
     body_subject = ""
     if env.body_size is not None and env.origin is not None:

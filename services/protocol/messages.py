@@ -118,6 +118,18 @@ class RequestFinished(Message, frozen=True, kw_only=True, omit_defaults=True):
 
 agent_state_encoder = msgspec.json.Encoder()
 agent_state_decoder = msgspec.json.Decoder(AgentState)
+
+
+def agent_state_of(key: str, value: bytes) -> AgentState:
+    """The agent state stored under KV key ``key`` (the agent's id). A value that does not decode,
+    or that names another agent, raises `msgspec.DecodeError` (`msgspec.ValidationError`): an agent
+    writes only its own key, so the key, not the value, says whose state it is."""
+    state = agent_state_decoder.decode(value)
+    if state.id != key:
+        raise msgspec.ValidationError(f"the state under {key!r} names agent {state.id[:80]!r}")
+    return state
+
+
 agent_event_decoder = msgspec.json.Decoder(AgentEvent)
 request_finished_decoder = msgspec.json.Decoder(RequestFinished)
 

@@ -105,6 +105,12 @@ class Subjects(msgspec.Struct, frozen=True):
     def reply(self, gateway_id: str, request_id: str) -> str:
         return f"{self.root}.reply.{_check_id(gateway_id)}.{_check_id(request_id)}"
 
+    def is_reply(self, subject: str | None) -> TypeGuard[str]:
+        """Whether ``subject`` is a usable reply subject of this root (``{root}.reply.…``): the only
+        subjects a work request may be answered on, so a request cannot aim an agent's answer at
+        another subject its sender could not publish to itself."""
+        return usable_reply(subject) and subject.startswith(f"{self.root}.reply.")
+
     def reply_all(self, gateway_id: str) -> str:
         return f"{self.root}.reply.{_check_id(gateway_id)}.*"
 
@@ -185,5 +191,6 @@ class Subjects(msgspec.Struct, frozen=True):
 
 def usable_reply(subject: str | None) -> TypeGuard[str]:
     """Whether a reply may be sent on ``subject`` (a reply-to, or a ``Corral-Reply`` header):
-    printable ASCII, no spaces, no wildcards."""
-    return subject is not None and _REPLY.fullmatch(subject) is not None
+    printable ASCII, no spaces, no wildcards, and not a system subject (``$KV.…``, ``$JS.…``): a
+    reply there would be a KV write or a JetStream call made on a stranger's behalf."""
+    return subject is not None and _REPLY.fullmatch(subject) is not None and not subject.startswith("$")

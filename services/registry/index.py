@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping
 
 import msgspec
 import nats.errors
-from corral.protocol.messages import AgentState, agent_state_decoder
+from corral.protocol.messages import AgentState, agent_state_of
 from corral.protocol.names import encode_token, key_of
 from corral.runtime.nats import watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
@@ -173,9 +173,9 @@ class ModelIndexWriter:
                     self.observe(entry.key, None)
                 else:
                     try:
-                        self.observe(entry.key, agent_state_decoder.decode(entry.value))
-                    except msgspec.DecodeError:
-                        log.warning("model index: ignoring undecodable agent state for %s", entry.key)
+                        self.observe(entry.key, agent_state_of(entry.key, entry.value))
+                    except msgspec.DecodeError as e:
+                        log.warning("model index: ignoring agent state for %s: %s", entry.key, e)
         finally:
             with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
                 await watcher.stop()  # type: ignore[no-untyped-call]

@@ -54,7 +54,7 @@ from corral.protocol.messages import (
     place_request_decoder,
 )
 from corral.protocol.names import decode_token, parse_name
-from corral.protocol.subjects import Subjects
+from corral.protocol.subjects import Subjects, usable_reply
 from corral.routing import (
     DEFAULT_MODEL_SIZE,
     LOAD_BANDWIDTH,
@@ -137,7 +137,7 @@ class Placer:
 
     # -- placement -------------------------------------------------------------------------------
     async def on_place(self, msg: Msg) -> None:
-        if not msg.reply:
+        if not usable_reply(msg.reply):
             return
         try:
             req = place_request_decoder.decode(msg.data)
@@ -168,7 +168,7 @@ class Placer:
             await self.unplace(req.token, req.num_ctx, req.vendor if req.strict else None, req.proposal)
         except (msgspec.DecodeError, nats.errors.Error) as e:
             log.warning("unplace failed: %s", e)
-        if msg.reply:
+        if usable_reply(msg.reply):
             with contextlib.suppress(nats.errors.Error):  # the asker is gone: nothing to answer
                 await msg.respond(b"")
 

@@ -38,7 +38,7 @@ import msgspec
 import nats.errors
 from corral.protocol.envelope import RequestEnvelope, decode_request
 from corral.protocol.errors import BadEnvelope, BadRequest, CorralError
-from corral.protocol.messages import AgentEvent, AgentState, agent_state_decoder
+from corral.protocol.messages import AgentEvent, AgentState, agent_state_of
 from corral.protocol.names import VENDORS, parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry.index import ModelIndexWriter
@@ -200,8 +200,7 @@ class Registry:
 
     # -- membership ----------------------------------------------------------------------------
     async def _watch(self) -> None:
-        """Watch the agents bucket for ever (its supervisor opens it again when it fails; a
-        bucket found missing is created again first)."""
+        """Watch the agents bucket for ever (its supervisor reopens it; a missing bucket is made)."""
         while True:
             try:
                 await watch_until(self._watch_once, self._rewatch)
@@ -239,8 +238,7 @@ class Registry:
         A watch opened again while a NATS cluster elects a leader (or on a bucket a restarted server
         is refilling) can see an empty or partial snapshot; announcing those agents `left` would be
         false, and they would be `joined` again at their next heartbeat. Those kept are declared
-        dead by the reaper if they stay silent (`corral.runtime.fleet.FleetView` keeps the same
-        rule)."""
+        dead by the reaper if they stay silent (`corral.runtime.fleet.FleetView`'s rule too)."""
         now = time.monotonic()
         for agent_id in set(self._known) - seen:
             known = self._known[agent_id]
@@ -255,8 +253,9 @@ class Registry:
             await self._gone(agent_id)
             return
         try:
-            state = agent_state_decoder.decode(entry.value)
-        except msgspec.DecodeError:
+            state = agent_state_of(agent_id, entry.value)
+        except msgspec.DecodeError as e:
+            log.warning("ignoring agent state for %s: %s", agent_id, e)
             return
         previous = self._known.get(agent_id)
         if previous is None or previous.state.started_at != state.started_at:
@@ -360,8 +359,8 @@ class Registry:
 
     async def _serve_pull(self, msg: Msg) -> None:
         assert self.nc is not None
-        if not msg.reply:
-            return
+        if not self.subjects.is_reply(msg.reply):
+            return  # nowhere under the root to answer: a pull nobody can follow is not started
         try:
             env: RequestEnvelope | BadEnvelope = decode_request(msg.headers)
         except BadEnvelope as e:

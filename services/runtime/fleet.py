@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import msgspec
 import nats.errors
-from corral.protocol.messages import AgentState, agent_state_decoder
+from corral.protocol.messages import AgentState, agent_state_of
 from corral.protocol.names import key_of
 from corral.runtime.nats import watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
@@ -102,9 +102,9 @@ class FleetView:
                     self._remove(entry.key)
                 else:
                     try:
-                        self._put(agent_state_decoder.decode(entry.value))
-                    except msgspec.DecodeError:
-                        log.warning("ignoring undecodable agent state for %s", entry.key)
+                        self._put(agent_state_of(entry.key, entry.value))
+                    except msgspec.DecodeError as e:
+                        log.warning("ignoring agent state for %s: %s", entry.key, e)
                         continue
                     self._heard[entry.key] = received_at(entry, snapshot=seen is not None)
                 self._notify()

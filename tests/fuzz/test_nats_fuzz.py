@@ -47,7 +47,7 @@ MODEL = "llama3.2"
 TOKEN = parse_name(MODEL).token
 BODY = msgspec.json.encode({"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}})
 ROOT = "nfuzz"
-INBOX = "fzreply"  # every reply subject the test listens on is under it
+INBOX = f"{ROOT}.reply.fz"  # every reply subject the test listens on is under it (agents answer only there)
 BOUND_S = 8.0  # a reply stream that starts ends within this many seconds of its request
 MIN_MESSAGES = 1500
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -142,7 +142,7 @@ class _Rig:
 
 async def _plain(rig: _Rig, rid: str) -> dict[str, str]:
     """A well-formed request on the direct subject; the headers of the message that ends it."""
-    sub = await rig.nc.subscribe(rig.nc.new_inbox())
+    sub = await rig.nc.subscribe(f"{rig.subjects.root}.reply.fuzz.{rig.nc.new_inbox().rsplit('.', 1)[-1]}")
     try:
         headers = RequestEnvelope(rid=rid, endpoint="/api/generate", model=TOKEN).headers()
         await rig.nc.publish(rig.subjects.agent_work(rig.agent.id), BODY, reply=sub.subject, headers=headers)
@@ -339,6 +339,8 @@ _JUNK_REPLIES = [
     "x.*",
     "fzjunk.>",
     "_INBOX.gone",
+    f"{ROOT}.reply.gone.1",
+    f"$KV.{ROOT}_agents.victim",
     "q" * 255,
     "not a subject",
     "é.x",

@@ -53,8 +53,9 @@ async def serving(nats_server: NatsServer, root: str, **agent: object) -> AsyncI
 
 
 async def send(nc: NATS, subject: str, rid: str, headers: dict[str, str] | None = None) -> Subscription:
-    """Publish one request for MODEL on ``subject``; the subscription gets its reply stream."""
-    inbox = nc.new_inbox()
+    """Publish one request for MODEL on ``subject``; the subscription gets its reply stream (on a
+    reply subject under the root: agents answer nowhere else)."""
+    inbox = f"{subject.split('.', 1)[0]}.reply.test.{nc.new_inbox().rsplit('.', 1)[-1]}"
     sub = await nc.subscribe(inbox)
     if headers is None:
         headers = RequestEnvelope(rid=rid, endpoint="/api/generate", model=TOKEN).headers()
@@ -163,3 +164,30 @@ async def test_a_control_message_is_acked_with_an_empty_message_not_an_echo_of_i
         assert (ack.headers, ack.data) == (None, b"") and agent.status == "cordoned"
         ack = await nc.request(ctl, b"", headers={H.CTL: H.UNCORDON}, timeout=5)
         assert (ack.headers, ack.data) == (None, b"") and agent.status == "active"
+
+
+async def test_an_agent_answers_only_under_the_root_and_asks_its_ollama_only_what_ollama_serves(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A request cannot aim the agent's answer at a KV key (an empty claim there would delete that
+    agent from every view) nor make it send any method and path to its Ollama."""
+    async with serving(nats_server, root) as (agent, nc):
+        subjects = Subjects(root)
+        direct = subjects.agent_work(agent.id)
+        kv = await nc.jetstream().key_value(subjects.agents_bucket)
+        victim = msgspec.json.encode({"id": "victim", "host": "h", "vendor": "cpu", "ollama_url": "http://x"})
+        before = await kv.put("victim", victim)
+        target = f"$KV.{subjects.agents_bucket}.victim"
+        good = RequestEnvelope(rid="h1", endpoint="/api/generate", model=TOKEN).headers()
+        await nc.publish(direct, BODY, headers={**good, H.REPLY: target})
+        await nc.publish(direct, BODY, reply=target, headers=good)
+        await nc.publish(direct, BODY, reply="_INBOX.elsewhere", headers=good)
+        for method, endpoint in (("GET", "/api/generate"), ("POST", "/api/blobs/x"), ("DELETE", "/api/tags")):
+            headers = RequestEnvelope(rid="h2", endpoint=endpoint, method=method).headers()
+            refused = await send(nc, direct, "h2", headers=headers)
+            assert (await ended(refused)).get(H.ERROR_CODE) == "bad_request"
+        ok = await send(nc, direct, "fine")
+        assert (await ended(ok)).get(H.STATUS) == "200"
+        entry = await kv.get("victim")
+        assert (entry.revision, entry.value) == (before, victim)
+        assert agent.state().in_flight == 0

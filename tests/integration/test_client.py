@@ -79,7 +79,7 @@ async def _raw_reply_kinds(fleet: LocalFleet, body: dict[str, str | object]) -> 
 
     nc = await nats.connect(fleet.nats_url)
     try:
-        inbox = nc.new_inbox()
+        inbox = "cl.reply.raw." + nc.new_inbox().rsplit(".", 1)[-1]  # agents answer only under the root
         sub = await nc.subscribe(inbox)
         deadline = str(int((time.time() + 30) * 1000))
         headers = {

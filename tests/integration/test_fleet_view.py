@@ -48,3 +48,34 @@ async def test_a_watch_opened_again_on_an_empty_bucket_keeps_the_agents_it_heard
             await fleet.stop()
     finally:
         await nc.close()
+
+
+async def test_a_state_under_another_agents_key_is_not_believed(nats_server: NatsServer, root: str) -> None:
+    """The KV key says whose state it is: a value naming another agent is ignored, so nobody can
+    overwrite a live agent's state (or make up one) by writing under a key of their own."""
+    subjects = Subjects(root)
+    nc = await connect(nats_server.url, name="test")
+    try:
+        buckets = await ensure_buckets(nc.jetstream(), subjects)
+        a1 = AgentState(id="a1", vendor="cpu", host="h", ollama_url="http://h", models=(MODEL,))
+        await buckets.agents.put("a1", agent_state_encoder.encode(a1))
+        fleet = FleetView(buckets.agents)
+        await fleet.start()
+        try:
+            forged = AgentState(id="a1", vendor="amd", host="evil", ollama_url="http://evil")
+            await buckets.agents.put("mallory", agent_state_encoder.encode(forged))
+            await buckets.agents.put(
+                "a2",
+                agent_state_encoder.encode(
+                    AgentState(id="a2", vendor="cpu", host="h", ollama_url="http://h2")
+                ),
+            )
+            while fleet.get("a2") is None:  # the watch has read past the forged entry
+                assert await fleet.wait_changed(5.0)
+            assert fleet.get("mallory") is None
+            a = fleet.get("a1")
+            assert a is not None and (a.host, a.vendor) == ("h", "cpu")
+        finally:
+            await fleet.stop()
+    finally:
+        await nc.close()
