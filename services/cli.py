@@ -13,6 +13,8 @@ COMMANDS = {
     "agent": ("corral.agent.__main__", "an agent beside one Ollama"),
     "registry": ("corral.registry.__main__", "fleet membership and fleet-wide pulls"),
     "aggregator": ("corral.aggregator.__main__", "merged views and rolling figures in KV"),
+    "auth": ("corral.auth.main", "NATS identities with least privilege: one per role and agent"),
+    "keys": ("corral.gateway.keysmain", "the gateway's API keys: create, list, revoke, usage"),
 }
 FLEET_COMMANDS = {
     "status": "the fleet at a glance",

@@ -1,0 +1,146 @@
+"""What each role may publish and subscribe to, built from the subjects of one root.
+
+Roles, and why each right is there (``R`` is the root; JetStream API subjects are NATS's own,
+https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
+
+- every role opens the four KV buckets and the queue stream (``STREAM.INFO``), reads and watches
+  the buckets (direct gets, ordered consumers and their flow control) and receives the answers to
+  its own requests on its own inbox prefix only (``_INBOX_<user>.>``: nobody reads another's);
+  ``allow_responses`` lets it answer requests it received (one message each) on their reply subject.
+- gateway: sends work (``R.work.>``, ``R.agent.*.work``), cancels it (``R.agent.*.ctl``), queues it
+  (``R.queue.>`` + the nudge ``R.queued.>``, withdraws by ``STREAM.MSG.DELETE``), asks the registry
+  (``place``, ``unplace``, ``pull``), remembers sessions (``$KV.R_sessions.>``); reads its replies
+  and serves large bodies (``R.reply.>``, ``R.body.>``).
+- agent ``<id>``: takes claims and nudges (``R.work.>``, ``R.queued.>``), its own direct work,
+  cancels and admin (``R.agent.<id>.*``); answers on ``R.reply.>``, fetches bodies
+  (``R.body.>``), takes from the queue (its consumers, ``MSG.NEXT``, acks), reports finished
+  requests (``R.events.request``) and writes only its own state key (``$KV.R_agents.<id>``).
+- registry: serves ``R.registry.>``, sends pulls to agents (``R.agent.*.work``, ``.ctl``) and reads
+  their replies, writes the model index, load markers and dead-agent markers
+  (``$KV.R_models.>``, ``$KV.R_views.>``), deletes the state of dead agents (``$KV.R_agents.>``),
+  announces membership (``R.events.agent``).
+- aggregator: hears finished requests (``R.events.request``), writes the views (``$KV.R_views.>``).
+- operator (``corral status/pull/drain…``, `corral.client`, whoever creates the buckets and the
+  stream): all of ``R.>`` and the JetStream API; reads replies and events, no other inbox.
+
+Neither the gateway nor the agents may create or change a stream: the operator identity does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from corral.protocol.subjects import Subjects
+
+ROLES = ("gateway", "registry", "aggregator", "operator")  # and one "agent-<id>" per agent
+AGENT_PREFIX = "agent-"
+_API = "$JS.API"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = True
+
+
+def inbox_prefix(user: str) -> str:
+    """The one subject token that starts every reply subject of ``user``'s requests."""
+    return f"_INBOX_{user}"
+
+
+def agent_user(agent_id: str) -> str:
+    return AGENT_PREFIX + agent_id
+
+
+def _open_and_read(s: Subjects) -> list[str]:
+    out = [f"{_API}.STREAM.INFO.{s.queue_stream}"]
+    for bucket in s.buckets:
+        stream = s.kv_stream(bucket)
+        out += [
+            f"{_API}.STREAM.INFO.{stream}",
+            f"{_API}.DIRECT.GET.{stream}",
+            f"{_API}.DIRECT.GET.{stream}.>",
+            f"{_API}.STREAM.MSG.GET.{stream}",
+            f"{_API}.CONSUMER.CREATE.{stream}",
+            f"{_API}.CONSUMER.CREATE.{stream}.>",
+            f"{_API}.CONSUMER.DELETE.{stream}.>",
+            f"{_API}.CONSUMER.INFO.{stream}.>",
+            f"$JS.FC.{stream}.>",
+        ]
+    return out
+
+
+def role_permissions(role: str, s: Subjects) -> Permissions:
+    """The rights of ``role`` (one of `ROLES`, or ``agent-<id>``) under the root of ``s``."""
+    user = role
+    read = _open_and_read(s)
+    inbox = f"{inbox_prefix(user)}.>"
+    if role.startswith(AGENT_PREFIX):
+        return _agent(role.removeprefix(AGENT_PREFIX), s, read, inbox)
+    match role:
+        case "gateway":
+            publish = [
+                s.work_all,
+                s.agent_all("work"),
+                s.agent_all("ctl"),
+                s.queue_all,
+                s.queued_all,
+                s.registry("place"),
+                s.registry("unplace"),
+                s.registry("pull"),
+                s.kv_key(s.sessions_bucket, ">"),
+                f"{_API}.STREAM.MSG.DELETE.{s.queue_stream}",
+                *read,
+            ]
+            return Permissions(tuple(publish), (s.replies_all, s.bodies_all, inbox))
+        case "registry":
+            publish = [
+                s.agent_all("work"),
+                s.agent_all("ctl"),
+                s.replies_all,
+                s.event("agent"),
+                s.kv_key(s.models_bucket, ">"),
+                s.kv_key(s.views_bucket, ">"),
+                s.kv_key(s.agents_bucket, ">"),
+                *read,
+            ]
+            subscribe = (f"{s.root}.registry.>", s.replies_all, s.bodies_all, inbox)
+            return Permissions(tuple(publish), subscribe)
+        case "aggregator":
+            publish = [s.kv_key(s.views_bucket, ">"), *read]
+            return Permissions(tuple(publish), (s.event("request"), inbox))
+        case "operator":
+            publish = [
+                f"{s.root}.>",
+                f"{_API}.>",
+                "$JS.ACK.>",
+                "$JS.FC.>",
+                *(s.kv_key(b, ">") for b in s.buckets),
+            ]
+            return Permissions(tuple(publish), (s.replies_all, s.bodies_all, s.events_all(), inbox))
+    raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)} or {AGENT_PREFIX}<id>")
+
+
+def _agent(agent_id: str, s: Subjects, read: list[str], inbox: str) -> Permissions:
+    q = s.queue_stream
+    publish = [
+        s.replies_all,
+        s.bodies_all,
+        s.event("request"),
+        s.kv_key(s.agents_bucket, agent_id),
+        f"{_API}.CONSUMER.CREATE.{q}.>",
+        f"{_API}.CONSUMER.DURABLE.CREATE.{q}.>",
+        f"{_API}.CONSUMER.MSG.NEXT.{q}.>",
+        f"$JS.ACK.{q}.>",
+        *read,
+    ]
+    subscribe = (
+        s.work_all,
+        s.queued_all,
+        s.agent_work(agent_id),
+        s.agent_ctl(agent_id),
+        s.agent_admin(agent_id),
+        inbox,
+    )
+    return Permissions(tuple(publish), subscribe)

@@ -1,0 +1,288 @@
+"""A fleet under `corral auth init`'s identities, on a real nats-server: every role does its work,
+and every identity is refused what it has no business doing (the server's permissions violation)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import ollama
+import pytest
+from corral.auth.config import add_agent, creds_path, init
+from corral.auth.permissions import agent_user
+from corral.protocol import headers as H
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.natsauth import NatsAuth
+from corral.runtime.natsserver import NatsServer, free_port
+from corral.simulator import SimServer
+from corral.up import Backend, FleetOptions, LocalFleet, default_sims, sim_gpus
+from nats.aio.client import Client as NATS
+
+from tests.integration.fleet_helpers import preload, until
+
+pytestmark = pytest.mark.integration
+
+ROOT = "sec"
+MODEL = "llama3.2"
+AGENTS = ("nvidia-0", "amd-1")
+LATE = "late-2"  # an agent added after the server started: `corral auth agent` and a reload
+
+
+@pytest.fixture(scope="module")
+def auth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("auth")
+    init(d, ROOT, AGENTS)
+    return d
+
+
+@pytest.fixture(scope="module")
+async def server(auth_dir: Path) -> AsyncIterator[NatsServer]:
+    async with NatsServer(auth_file=auth_dir / "auth.conf") as s:
+        yield s
+
+
+def creds(auth_dir: Path, user: str) -> dict[str, Any]:
+    return {"nats_creds": str(creds_path(auth_dir, user))}
+
+
+@pytest.fixture(scope="module")
+async def fleet(server: NatsServer, auth_dir: Path) -> AsyncIterator[LocalFleet]:
+    # the operator identity creates the buckets and the queue stream: no service may
+    operator = await connect(
+        server.url, name="operator", auth=NatsAuth(str(creds_path(auth_dir, "operator")))
+    )
+    await ensure_buckets(operator.jetstream(), Subjects(ROOT))
+    await operator.close()
+    options = FleetOptions(
+        port=0,
+        nats_url=server.url,
+        root=ROOT,
+        gateway={"queue_timeout_s": 5.0} | creds(auth_dir, "gateway"),
+        registry=creds(auth_dir, "registry"),
+        aggregator=creds(auth_dir, "aggregator"),
+    )
+    async with LocalFleet(options) as f:
+        for agent_id, cfg in zip(AGENTS, default_sims(len(AGENTS), time_scale=0.01), strict=True):
+            sim = SimServer(cfg, host="127.0.0.1", port=0)
+            await sim.start()
+            f.sims.append(sim)
+            f.options.agent = {"refresh_s": 0.5, "heartbeat_s": 1.0} | creds(auth_dir, agent_user(agent_id))
+            await f.add_agent(
+                Backend(sim.url, cfg.vendor, cfg.num_parallel, gpus=sim_gpus(cfg)), agent_id=agent_id
+            )
+        await preload(f, MODEL)
+        yield f
+
+
+def services(fleet: LocalFleet) -> dict[str, Any]:
+    assert fleet.gateway is not None and fleet.registry is not None and fleet.aggregator is not None
+    out = {"gateway": fleet.gateway.nc, "registry": fleet.registry.nc, "aggregator": fleet.aggregator.nc}
+    return out | {a.id: a.nc for a in fleet.agents}
+
+
+def assert_no_violation(fleet: LocalFleet) -> None:
+    """nats-py keeps the server's last error: a permissions violation would be one."""
+    errors = {name: nc.last_error for name, nc in services(fleet).items() if nc.last_error is not None}
+    assert errors == {}
+
+
+class Denials:
+    """A connection as one identity, and the permission errors the server sends it."""
+
+    def __init__(self) -> None:
+        self.errors: asyncio.Queue[Exception] = asyncio.Queue()
+        self.nc: Any = None
+
+    async def open(self, url: str, creds_file: Path) -> Denials:
+        async def on_error(e: Exception) -> None:
+            await self.errors.put(e)
+
+        self.nc = await nats.connect(
+            url, error_cb=on_error, allow_reconnect=False, **NatsAuth(str(creds_file)).options()
+        )
+        return self
+
+    async def denied(self, what: str) -> str:
+        error = await asyncio.wait_for(self.errors.get(), 5.0)
+        text = str(error).lower()
+        assert "permissions violation" in text and what.lower() in text, text
+        return text
+
+
+@pytest.fixture
+async def as_user(server: NatsServer, auth_dir: Path) -> AsyncIterator[Any]:
+    opened: list[Denials] = []
+
+    async def open_as(user: str) -> Denials:
+        d = await Denials().open(server.url, creds_path(auth_dir, user))
+        opened.append(d)
+        return d
+
+    yield open_as
+    for d in opened:
+        await d.nc.close()
+
+
+# -- every role works -------------------------------------------------------------------------
+
+
+async def test_generate_tags_and_pull_through_the_gateway(fleet: LocalFleet) -> None:
+    async with ollama.AsyncClient(host=fleet.url) as c:
+        r = await c.generate(model=MODEL, prompt="hello", options={"num_predict": 3})
+        assert r.done and r.response
+        chunks = [p async for p in await c.generate(model=MODEL, prompt="hi", stream=True)]
+        assert chunks[-1].done
+        tags = await c.list()
+        assert MODEL + ":latest" in {m.model for m in tags.models}
+        pulled = await c.pull("deepseek-r1:7b")
+        assert pulled.status == "success"
+    assert_no_violation(fleet)
+
+
+async def test_the_operator_drains_and_uncordons_an_agent(fleet: LocalFleet, auth_dir: Path) -> None:
+    assert fleet.gateway is not None
+    agent = fleet.agents[0]
+    operator = str(creds_path(auth_dir, "operator"))
+    flags = ["--nats-url", fleet.nats_url, "--root", ROOT, "--nats-creds", operator]
+    view = fleet.gateway.fleet
+    for kind, status in (("drain", "draining"), ("uncordon", "active")):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "corral.cli", kind, agent.id, *flags, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, out
+        assert agent.status == status
+        await until(fleet, lambda s=status: (a := view.get(agent.id)) is not None and a.status == s)
+    assert_no_violation(fleet)
+
+
+async def test_an_agent_added_later_joins_after_a_reload(
+    fleet: LocalFleet, server: NatsServer, auth_dir: Path
+) -> None:
+    add_agent(auth_dir, LATE)
+    await server.reloaded()
+    assert fleet.gateway is not None
+    sim = SimServer(default_sims(1, time_scale=0.01)[0], host="127.0.0.1", port=0)
+    await sim.start()
+    fleet.sims.append(sim)
+    fleet.options.agent = {"refresh_s": 0.5, "heartbeat_s": 1.0} | creds(auth_dir, agent_user(LATE))
+    cfg = sim.config
+    await fleet.add_agent(Backend(sim.url, cfg.vendor, cfg.num_parallel, gpus=sim_gpus(cfg)), agent_id=LATE)
+    await until(fleet, lambda: fleet.gateway is not None and fleet.gateway.fleet.get(LATE) is not None)
+    assert_no_violation(fleet)
+
+
+# -- every identity is refused what is not its own ----------------------------------------------
+
+
+async def test_an_anonymous_client_cannot_connect(server: NatsServer) -> None:
+    nc = NATS()
+    try:
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await nc.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0)
+    finally:
+        await nc.close()
+
+
+async def test_an_agent_cannot_publish_work(fleet: LocalFleet, as_user: Any) -> None:
+    s = Subjects(ROOT)
+    agent = await as_user(agent_user(AGENTS[0]))
+    for subject in (s.work("any", "x"), s.agent_work(AGENTS[1]), s.queue("any", "x")):
+        await agent.nc.publish(subject, b"{}")
+        await agent.nc.flush()
+        await agent.denied(f'Publish to "{subject}"')
+
+
+async def test_an_agent_cannot_read_replies_or_anothers_work(fleet: LocalFleet, as_user: Any) -> None:
+    s = Subjects(ROOT)
+    agent = await as_user(agent_user(AGENTS[0]))
+    for subject in (s.replies_all, s.reply("gw1", "r1"), s.agent_work(AGENTS[1]), "_INBOX_gateway.>", ">"):
+        await agent.nc.subscribe(subject)
+        await agent.nc.flush()
+        await agent.denied(f'Subscription to "{subject}"')
+
+
+async def test_an_agent_writes_its_own_state_and_no_one_elses(fleet: LocalFleet, as_user: Any) -> None:
+    s = Subjects(ROOT)
+    agent = await as_user(agent_user(AGENTS[0]))
+    kv = await agent.nc.jetstream(timeout=1.0).key_value(s.agents_bucket)
+    other = await kv.get(AGENTS[1])
+    with pytest.raises(nats.errors.TimeoutError):  # the put is dropped: no acknowledgement comes
+        await kv.put(AGENTS[1], b"{}")
+    await agent.denied(f'Publish to "$KV.{s.agents_bucket}.{AGENTS[1]}"')
+    with pytest.raises(nats.errors.TimeoutError):
+        await kv.delete(AGENTS[1])
+    await agent.denied("Publish to")
+    assert (await kv.get(AGENTS[1])).revision >= other.revision  # untouched, still its own
+    assert (await kv.get(AGENTS[1])).value != b"{}"
+
+
+async def test_an_agent_cannot_drain_agents_or_create_streams(fleet: LocalFleet, as_user: Any) -> None:
+    s = Subjects(ROOT)
+    agent = await as_user(agent_user(AGENTS[0]))
+    await agent.nc.publish(s.agent_admin(AGENTS[1]), b"", headers={H.CTL: H.DRAIN})
+    await agent.nc.flush()
+    await agent.denied("Publish to")
+    with pytest.raises(nats.errors.TimeoutError):
+        await agent.nc.jetstream(timeout=1.0).delete_stream(s.queue_stream)
+    await agent.denied("$JS.API.STREAM.DELETE")
+
+
+async def test_a_gateway_cannot_write_agent_state_or_drain_agents(fleet: LocalFleet, as_user: Any) -> None:
+    s = Subjects(ROOT)
+    gateway = await as_user("gateway")
+    kv = await gateway.nc.jetstream(timeout=1.0).key_value(s.agents_bucket)
+    with pytest.raises(nats.errors.TimeoutError):
+        await kv.put(AGENTS[0], b"{}")
+    await gateway.denied(f'Publish to "$KV.{s.agents_bucket}.{AGENTS[0]}"')
+    for kind in (H.DRAIN, H.CORDON):
+        await gateway.nc.publish(s.agent_admin(AGENTS[0]), b"", headers={H.CTL: kind})
+        await gateway.nc.flush()
+        await gateway.denied(f'Publish to "{s.agent_admin(AGENTS[0])}"')
+    assert all(a.status == "active" for a in fleet.agents)
+
+
+async def test_the_aggregator_cannot_send_work_or_hear_requests(fleet: LocalFleet, as_user: Any) -> None:
+    s = Subjects(ROOT)
+    aggregator = await as_user("aggregator")
+    await aggregator.nc.publish(s.work("any", "x"), b"{}")
+    await aggregator.nc.flush()
+    await aggregator.denied("Publish to")
+    await aggregator.nc.subscribe(s.work_all)
+    await aggregator.nc.flush()
+    await aggregator.denied("Subscription to")
+
+
+# -- deploy/nats.conf and password identities ----------------------------------------------------
+
+
+async def test_deploy_nats_conf_with_the_include_only_lets_identities_in(tmp_path: Path) -> None:
+    """deploy/nats.conf's opt-in line, uncommented, beside a `corral auth init --passwords` dir."""
+    from tests.integration.test_deploy_nats import nats_conf_copy
+
+    init(tmp_path / "auth", "pw", ["a1"], passwords=True)
+    port = free_port()
+    conf = nats_conf_copy(tmp_path, port=str(port), http_port=str(free_port()))
+    text = conf.read_text()
+    assert text.count('# include "auth/auth.conf"') == 1
+    conf.write_text(text.replace('# include "auth/auth.conf"', 'include "auth/auth.conf"'))
+    async with NatsServer(port=port, config_file=conf) as server:
+        nc = await connect(
+            server.url, name="op", auth=NatsAuth(str(creds_path(tmp_path / "auth", "operator")))
+        )
+        try:
+            await ensure_buckets(nc.jetstream(), Subjects("pw"))
+        finally:
+            await nc.close()
+        anonymous = NATS()
+        try:
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await anonymous.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0)
+        finally:
+            await anonymous.close()

@@ -1,0 +1,89 @@
+"""`corral auth`: the identities it writes and the permissions each role gets."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from corral.auth.config import AuthDirError, add_agent, creds_path, init
+from corral.auth.main import main
+from corral.auth.permissions import agent_user, role_permissions
+from corral.protocol.subjects import Subjects
+from corral.runtime.natsauth import CredentialsError, NatsAuth, parse_credentials, read_credentials
+
+S = Subjects("corral")
+
+
+def test_init_writes_one_private_identity_per_role_and_agent(tmp_path: Path) -> None:
+    conf = init(tmp_path / "a", "corral", ["gpu-1"])
+    users = {p.stem for p in (tmp_path / "a").glob("*.creds")}
+    assert users == {"gateway", "registry", "aggregator", "operator", "agent-gpu-1"}
+    for p in [*(tmp_path / "a").glob("*.creds"), conf]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    text = conf.read_text()
+    seed = read_credentials(creds_path(tmp_path / "a", "gateway")).nkey
+    assert seed.startswith("SU") and seed not in text  # the server's file holds public keys only
+    assert text.count("nkey:") == 5 and "# agent-gpu-1" in text
+
+
+def test_init_refuses_a_directory_with_identities_and_agent_adds_one(tmp_path: Path) -> None:
+    init(tmp_path, "corral", passwords=True)
+    with pytest.raises(AuthDirError):
+        init(tmp_path, "corral")
+    path = add_agent(tmp_path, "late")
+    assert read_credentials(path).password  # the kind of secret the others have
+    assert "# agent-late" in (tmp_path / "auth.conf").read_text()
+    with pytest.raises(AuthDirError):
+        add_agent(tmp_path, "late")
+    with pytest.raises(ValueError):
+        add_agent(tmp_path, "bad.id")
+
+
+def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init", str(tmp_path), "--root", "r1", "--agents", "a,b"]) == 0
+    assert main(["agent", str(tmp_path), "c"]) == 0
+    assert {p.stem for p in tmp_path.glob("agent-*.creds")} == {"agent-a", "agent-b", "agent-c"}
+    assert main(["init", str(tmp_path)]) == 2
+    assert "already holds" in capsys.readouterr().err
+
+
+def test_an_agent_may_write_only_its_own_state_and_take_only_its_own_work() -> None:
+    p = role_permissions(agent_user("a1"), S)
+    assert S.kv_key(S.agents_bucket, "a1") in p.publish
+    assert not any(s.startswith("$KV.") and s != "$KV.corral_agents.a1" for s in p.publish)
+    assert not any(s.startswith(("corral.work", "corral.queue.", "corral.agent.")) for s in p.publish)
+    assert not any(s.startswith(("$JS.API.STREAM.CREATE", "$JS.API.STREAM.UPDATE", "$JS.API.STREAM.DELETE"))
+                   for s in p.publish)  # fmt: skip
+    assert {S.agent_work("a1"), S.agent_ctl("a1"), S.agent_admin("a1")} <= set(p.subscribe)
+    assert not any(s.startswith(("corral.reply", "corral.body", "corral.agent.*")) for s in p.subscribe)
+    assert "_INBOX_agent-a1.>" in p.subscribe
+
+
+def test_a_gateway_may_cancel_but_not_drain_nor_write_agent_state() -> None:
+    p = role_permissions("gateway", S)
+    assert S.agent_all("ctl") in p.publish and S.agent_all("admin") not in p.publish
+    assert not any(s.startswith("$KV.corral_agents") for s in p.publish)
+    assert not any(".STREAM.CREATE" in s or ".STREAM.UPDATE" in s for s in p.publish)
+    with pytest.raises(ValueError):
+        role_permissions("nobody", S)
+
+
+def test_credentials_files_are_read_strictly() -> None:
+    c = parse_credentials("# x\nuser: gw\ninbox: _INBOX_gw\npassword: pw\n")
+    assert (c.user, c.inbox, c.password) == ("gw", "_INBOX_gw", "pw") and "pw" not in repr(c)
+    for bad in ("user: gw\n", "user: gw\nnkey: SUA\npassword: x\n", "user: gw\nnkey: UAB\n",
+                "user: gw\npassword: x\ninbox: a.b\n", "who: gw\n"):  # fmt: skip
+        with pytest.raises(CredentialsError):
+            parse_credentials(bad)
+
+
+def test_nats_options_for_an_identity(tmp_path: Path) -> None:
+    init(tmp_path, "corral", passwords=True)
+    options = NatsAuth(str(creds_path(tmp_path, "registry"))).options()
+    assert options["user"] == "registry" and options["inbox_prefix"] == "_INBOX_registry"
+    assert NatsAuth().options() == {}
+    with pytest.raises(CredentialsError):
+        NatsAuth(str(tmp_path / "missing.creds")).options()
+    with pytest.raises(CredentialsError):
+        NatsAuth(tls_key="k.pem").options()
