@@ -171,6 +171,21 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"{self.root}_views"
 
     @property
+    def keys_bucket(self) -> str:
+        """The gateway's API keys (hashes only), one entry per key name."""
+        return f"{self.root}_keys"
+
+    @property
+    def usage_bucket(self) -> str:
+        """Usage per API key, model and hour or day."""
+        return f"{self.root}_usage"
+
+    @property
+    def limits_bucket(self) -> str:
+        """Each API key's requests and tokens in the current minute, shared by the gateways."""
+        return f"{self.root}_limits"
+
+    @property
     def queue_stream(self) -> str:
         return f"{self.root}_queue"
 

@@ -205,6 +205,16 @@ BUCKETS: dict[str, BucketSpec] = {
     "views": BucketSpec(StorageType.MEMORY, 16 * MiB),  # rewritten on every change
 }
 
+# The gateway's API keys, opened by the gateways and `corral keys` only (`corral.gateway.keys`), all on
+# disk: the key records (hashes, never keys; a put past the bound fails); usage per key, model and
+# hour or day, kept 35 days and forgetting its oldest entries when full; each key's counts in the
+# current minute, kept two minutes (a bucket's TTL applies to every entry in it).
+KEY_BUCKETS: dict[str, BucketSpec] = {
+    "keys": BucketSpec(StorageType.FILE, 16 * MiB),
+    "usage": BucketSpec(StorageType.FILE, 256 * MiB, ttl=35 * 86400.0, evict=True),
+    "limits": BucketSpec(StorageType.FILE, 64 * MiB, ttl=120.0, evict=True),
+}
+
 
 async def ensure_buckets(
     js: JetStreamContext,

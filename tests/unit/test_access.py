@@ -1,0 +1,146 @@
+"""The pure rules of API keys: roles, allow-lists, hashes, the Bearer header, windows and limits,
+token counts of a reply, allowed registries, usage keys."""
+
+from __future__ import annotations
+
+import pytest
+from corral.gateway.access import (
+    ApiKey,
+    Window,
+    bearer,
+    hash_key,
+    model_allowed,
+    new_key,
+    over_limit,
+    registry_allowed,
+    reply_tokens,
+    retry_after,
+    user_may,
+    window_of,
+)
+from corral.gateway.limits import periods, usage_key, usage_model
+from hypothesis import given
+from hypothesis import strategies as st
+
+
+def key(**kw: object) -> ApiKey:
+    return ApiKey(name="k", hash="h", **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/api/generate"),
+        ("POST", "/api/chat"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/api/show"),
+        ("GET", "/api/tags"),
+        ("GET", "/api/ps"),
+        ("GET", "/api/status"),
+        ("GET", "/api/version"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/llama3.2"),
+    ],
+)
+def test_a_user_may_infer_and_read(method: str, path: str) -> None:
+    assert user_may(method, path)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/api/pull"),
+        ("POST", "/api/push"),
+        ("POST", "/api/create"),
+        ("POST", "/api/copy"),
+        ("DELETE", "/api/delete"),
+        ("POST", "/api/blobs/sha256:" + "0" * 64),
+        ("HEAD", "/api/blobs/sha256:" + "0" * 64),
+        ("POST", "/api/tags"),
+        ("GET", "/v1/models/a/b"),
+        ("POST", "/api/drain"),  # a route added later needs an admin until said otherwise
+    ],
+)
+def test_everything_else_needs_an_admin(method: str, path: str) -> None:
+    assert not user_may(method, path)
+
+
+def test_allow_lists_match_globs_over_the_short_name() -> None:
+    assert model_allowed((), "anything:at-all")
+    assert model_allowed(("llama3*",), "llama3.2")
+    assert model_allowed(("llama3.2",), "Llama3.2:latest")  # no tag in the pattern: every tag
+    assert model_allowed(("llama3.2:1b",), "registry.ollama.ai/library/llama3.2:1b")
+    assert not model_allowed(("llama3.2:1b",), "llama3.2")
+    assert not model_allowed(("llama3*",), "qwen2:7b")
+    assert model_allowed(("hf.co/*",), "hf.co/user/repo:Q4_K_M")
+    assert not model_allowed(("llama3*",), "not a name")
+
+
+def test_keys_are_fresh_and_only_their_hash_is_kept() -> None:
+    a, b = new_key(), new_key()
+    assert a != b and a.startswith("corral-") and len(a) > 40
+    assert hash_key(a) == hash_key(a) != hash_key(b)
+    assert a not in hash_key(a) and len(hash_key(a)) == 64
+
+
+def test_bearer_reads_the_authorization_header() -> None:
+    assert bearer([(b"authorization", b"Bearer abc")]) == "abc"
+    assert bearer([(b"authorization", b"bearer  abc ")]) == "abc"
+    assert bearer([(b"authorization", b"Basic abc")]) is None
+    assert bearer([(b"authorization", b"Bearer ")]) is None
+    assert bearer([]) is None
+
+
+def test_windows_are_whole_minutes() -> None:
+    assert window_of(120.0) == window_of(179.9) == 2 != window_of(180.0)
+    assert retry_after(120.0) == 60
+    assert retry_after(179.2) == 1
+    assert retry_after(179.99) == 1  # never 0
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_retry_after_reaches_the_next_window(now: float) -> None:
+    wait = retry_after(now)
+    assert 1 <= wait <= 60
+    assert window_of(now + wait) > window_of(now)
+
+
+def test_limits() -> None:
+    assert over_limit(key(), Window(requests=10**6, tokens=10**9)) is None  # 0: no limit
+    assert over_limit(key(rpm=2), Window(requests=1)) is None
+    assert "2 requests per minute" in (over_limit(key(rpm=2), Window(requests=2)) or "")
+    assert "100 tokens per minute" in (over_limit(key(tpm=100), Window(tokens=100)) or "")
+    assert over_limit(key(tpm=100), Window(tokens=99)) is None
+
+
+def test_reply_tokens_native_v1_and_mid_object() -> None:
+    ndjson = b'{"response":"a","done":false}\n{"done":true,"prompt_eval_count":12,"eval_count":30}\n'
+    assert reply_tokens(ndjson) == (12, 30)
+    sse = b'data: {"choices":[]}\n\ndata: {"usage":{"prompt_tokens":5,"completion_tokens":7}}\n\ndata: [DONE]\n\n'
+    assert reply_tokens(sse) == (5, 7)
+    assert reply_tokens(b'0.5, 0.25],"prompt_eval_count":4,"eval_count":0}') == (4, 0)  # a cut tail
+    assert reply_tokens(b'{"response":"say \\"eval_count\\": 99"}') == (0, 0)  # inside a string
+    assert reply_tokens(b"") == (0, 0)
+
+
+def test_allowed_registries() -> None:
+    allowed = ("registry.ollama.ai", "hf.co")
+    assert registry_allowed("llama3.2", allowed)
+    assert registry_allowed("hf.co/user/repo:Q4", allowed)
+    assert registry_allowed("HF.CO/user/repo", allowed)
+    assert not registry_allowed("evil.example:5000/library/x", allowed)
+    assert not registry_allowed("http://10.0.0.1:8080/a/b", allowed)
+    assert not registry_allowed("https://evil.example/a/b:latest", allowed)
+    assert registry_allowed("https://hf.co/a/b", allowed)
+    assert not registry_allowed("not//valid", allowed)
+    assert registry_allowed("mirror:5000/a/b", ("mirror:5000",))
+
+
+def test_usage_keys_are_kv_keys_and_name_their_model() -> None:
+    hour, day = periods(1_700_000_000.0)
+    assert (hour, day) == ("2023-11-14T22", "2023-11-14")
+    k = usage_key("alice", "llama3.2:latest", hour)
+    assert k == "alice.llama3=2E2=3Alatest.h2023111422"
+    assert usage_model(k.split(".")[1]) == "llama3.2:latest"
+    assert usage_key("alice", "", day) == "alice.-.d20231114"
+    assert usage_model("-") == ""
