@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -30,7 +31,14 @@ from corral.routing import Router
 from corral.runtime.logs import setup_logging
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.process import AsgiServer, run, wait_for_signal
-from corral.runtime.settings import CommonSettings, LogLevel, add_argument, describe
+from corral.runtime.settings import (
+    CommonSettings,
+    LogLevel,
+    SettingsError,
+    add_argument,
+    describe,
+    load_settings,
+)
 from corral.simulator import SimConfig, SimServer, load_config
 from corral.simulator.config import GIB
 from opentelemetry.trace import TracerProvider
@@ -133,6 +141,8 @@ class LocalFleet:
                 log_level="warning",
                 graceful_s=o.http_grace_s,
                 header_timeout_s=gw_settings.header_timeout_s,
+                tls_cert=gw_settings.tls_cert,
+                tls_key=gw_settings.tls_key,
             )
             await self.http.start()
         except BaseException:
@@ -264,6 +274,8 @@ def parser() -> argparse.ArgumentParser:
     gateway, common = describe(GatewaySettings), describe(CommonSettings)
     add_argument(p, gateway["host"], default=gateway["host"].default, env=False)
     add_argument(p, gateway["port"], default=gateway["port"].default, env=False)
+    for name in ("auth", "tls_cert", "tls_key"):
+        add_argument(p, gateway[name])
     p.add_argument(
         "--ollama",
         action="append",
@@ -313,6 +325,7 @@ async def _up(args: argparse.Namespace) -> int:
             sims=sims,
             backends=backends,
             log_level=args.log_level,
+            gateway=args.gateway,
         )
     )
     await fleet.start()
@@ -323,7 +336,8 @@ async def _up(args: argparse.Namespace) -> int:
         + f"\n\n  NATS      {fleet.nats_url}\n  Gateway   {fleet.url}\n\n"
         f"Point clients at it:  OLLAMA_HOST={fleet.url} ollama list\n"
         f"                      openai base_url={fleet.url}/v1\n"
-        "Ctrl-C drains and stops everything.\n",
+        + _auth_hint(fleet)
+        + "Ctrl-C drains and stops everything.\n",
         flush=True,
     )
     try:
@@ -334,7 +348,28 @@ async def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The gateway's ``--auth``, ``--tls-cert`` and ``--tls-key`` (flag > ``CORRAL_*`` > default)."""
+    given = {name: getattr(args, name) for name in ("auth", "tls_cert", "tls_key")}
+    settings = load_settings(GatewaySettings, given)
+    return {"auth": settings.auth, "tls_cert": settings.tls_cert, "tls_key": settings.tls_key}
+
+
+def _auth_hint(fleet: LocalFleet) -> str:
+    if fleet.gateway is None or fleet.gateway.settings.auth != "keys":
+        return ""
+    return (
+        "API keys are on: every request needs 'Authorization: Bearer <key>'. Make one with\n"
+        f"                      corral keys create NAME --role admin --nats {fleet.nats_url}\n\n"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    try:
+        args.gateway = _gateway_options(args)
+    except SettingsError as e:
+        print(f"corral up: {e}", file=sys.stderr)
+        return 2
     setup_logging(args.log_level, service="up")
     return run(_up(args))

@@ -32,6 +32,8 @@ async def serve(settings: GatewaySettings) -> int:
         settings.port,
         log_level=settings.log_level,
         header_timeout_s=settings.header_timeout_s,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
     )
     await server.start()
     log.info("gateway listening on %s", server.url)

@@ -11,8 +11,9 @@ import time
 
 import msgspec
 import nats.errors
+from corral.gateway.access import registry_allowed, registry_refused
 from corral.gateway.settings import GatewaySettings
-from corral.protocol.errors import CorralError
+from corral.protocol.errors import BadRequest, CorralError
 from corral.protocol.names import ModelName
 from corral.routing import pull_order
 from corral.runtime.fleet import FleetView
@@ -39,8 +40,10 @@ class AutoPuller:
     async def pull(self, req: WorkRequest) -> bool:
         """Pull ``req``'s model onto one agent (of the pinned vendor, when strict) and wait until the
         fleet shows it there; False when it could not be pulled. Concurrent requests for one model
-        share one pull."""
+        share one pull. A model from a registry not in ``allowed_registries`` is a `BadRequest`."""
         assert req.model is not None
+        if not registry_allowed(req.model.display, self._settings.allowed_registries):
+            raise BadRequest(registry_refused(req.model.host))
         key = (req.model.key, req.vendor if req.strict else None)
         pull = self._pulls.get(key)
         if pull is None:

@@ -30,7 +30,13 @@ def native_body(message: str) -> bytes:
 
 
 def openai_body(status: int, message: str) -> bytes:
-    kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+    }.get(status, "api_error")
     return _enc.encode(_OpenAIBody(_OpenAIError(message, kind)))
 
 

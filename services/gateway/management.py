@@ -5,8 +5,11 @@ once (`corral.transport.fan_out`), each reply closed however its read ends."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import msgspec
+from corral.gateway.access import registry_allowed, registry_refused
 from corral.gateway.edge import STREAM, ClientBody
 from corral.gateway.errors import JSON, native_body
 from corral.gateway.planner import Planner
@@ -76,14 +79,21 @@ async def _name(request: Request, field: str = "model") -> tuple[bytes, str, Mod
     return body, raw, parse_name(raw)
 
 
-async def to_holder(planner: Planner, request: Request, endpoint: str) -> Response:
-    """Show and push go to the least busy agent that has the model."""
+async def to_holder(
+    planner: Planner,
+    request: Request,
+    endpoint: str,
+    *,
+    hidden: Callable[[Mapping[str, Any], str], bool] | None = None,
+) -> Response:
+    """Show and push go to the least busy agent that has the model; a model ``hidden`` from the
+    request's API key (`corral.gateway.auth.hides`) answers as if no agent had it."""
     try:
         body, raw, model = await _name(request)
     except CorralError as e:
         return error(e)
     holders = sorted(planner.fleet.with_model(model.key), key=lambda a: a.in_flight)
-    if not holders:
+    if not holders or (hidden is not None and hidden(request.scope, model.display)):
         msg = not_found_message(endpoint, raw, model.display)
         return Response(native_body(msg), status_code=404, media_type=JSON)
     return RelayResponse(planner, WorkRequest(endpoint=endpoint, body=body, model=None), holders[0].id)
@@ -117,6 +127,9 @@ async def pull(planner: Planner, request: Request) -> Response:
             raise BadRequest(f"{REPLICAS_HEADER} must be a positive number or 'all'")
         if vendor is not None and vendor not in VENDORS:
             raise BadRequest(f"{VENDOR_HEADER} must be one of {', '.join(VENDORS)}")
+        allowed = planner.settings.allowed_registries
+        if not registry_allowed(raw, allowed):
+            raise BadRequest(registry_refused(model.host))
     except CorralError as e:
         return error(e)
     order = {

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 from corral import views
-from corral.gateway import management
+from corral.gateway import management, userviews
+from corral.gateway.auth import hides, key_of
 from corral.gateway.errors import JSON, openai_body
 from corral.protocol.errors import BadRequest
 from corral.runtime.health import not_ready
@@ -65,33 +66,34 @@ def build_app(gw: Gateway) -> FastAPI:
         return Response(msgspec.json.encode({"version": v}), media_type=JSON)
 
     @app.api_route("/api/tags", methods=["GET", "HEAD"])
-    async def tags() -> Response:
-        return Response(views.tags_body(gw.fleet.agents()), media_type=JSON)
+    async def tags(request: Request) -> Response:
+        return Response(userviews.tags_body(gw.fleet.agents(), key_of(request.scope)), media_type=JSON)
 
     @app.get("/api/ps")
-    async def ps() -> Response:
-        return Response(views.ps_body(gw.fleet.agents()), media_type=JSON)
+    async def ps(request: Request) -> Response:
+        return Response(userviews.ps_body(gw.fleet.agents(), key_of(request.scope)), media_type=JSON)
 
     @app.get("/api/status")
-    async def status() -> Response:
+    async def status(request: Request) -> Response:
         assert gw.nc is not None
         queue = views.queue_by_model(await depths(gw.nc.jetstream(), gw.subjects))
-        return Response(views.status_body(gw.fleet.agents(), gw.rates, queue), media_type=JSON)
+        body = userviews.status_body(gw.fleet.agents(), gw.rates, queue, key_of(request.scope))
+        return Response(body, media_type=JSON)
 
     @app.get("/v1/models")
-    async def v1_models() -> Response:
-        return Response(views.v1_models_body(gw.fleet.agents()), media_type=JSON)
+    async def v1_models(request: Request) -> Response:
+        return Response(userviews.v1_models_body(gw.fleet.agents(), key_of(request.scope)), media_type=JSON)
 
     @app.get("/v1/models/{model}")
-    async def v1_model(model: str) -> Response:
-        body = views.v1_model_body(gw.fleet.agents(), model)
+    async def v1_model(request: Request, model: str) -> Response:
+        body = None if hides(request.scope, model) else views.v1_model_body(gw.fleet.agents(), model)
         if body is None:
             return Response(openai_body(404, f"model '{model}' not found"), status_code=404, media_type=JSON)
         return Response(body, media_type=JSON)
 
     @app.post("/api/show")
     async def show(request: Request) -> Response:
-        return await management.to_holder(gw.planner, request, "/api/show")
+        return await management.to_holder(gw.planner, request, "/api/show", hidden=hides)
 
     @app.post("/api/push")
     async def push(request: Request) -> Response:

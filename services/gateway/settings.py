@@ -85,3 +85,18 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
         int,
         setting("reply bytes one request may hold unread; past it the request is cancelled", ge=1),
     ] = 32 * 1024 * 1024
+    auth: Annotated[
+        Literal["off", "keys"],
+        setting("keys: every request needs an API key made by `corral keys create` (off: anyone may)"),
+    ] = "off"
+    tls_cert: Annotated[
+        str, setting("certificate (PEM) to serve HTTPS with; with --tls-key", shown="none: HTTP")
+    ] = ""
+    tls_key: Annotated[str, setting("the private key (PEM) of --tls-cert", shown="none")] = ""
+    allowed_registries: Annotated[
+        tuple[str, ...],
+        setting(
+            "registries a pull may fetch from (model-name hosts, comma-separated); any other is 400",
+            shown="registry.ollama.ai,hf.co",
+        ),
+    ] = ("registry.ollama.ai", "hf.co")

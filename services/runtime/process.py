@@ -149,7 +149,8 @@ class _Server(uvicorn.Server):
 
 
 class AsgiServer:
-    """uvicorn inside our own event loop: ``await start()`` returns once it listens."""
+    """uvicorn inside our own event loop: ``await start()`` returns once it listens. With
+    ``tls_cert`` and ``tls_key`` (PEM files) it serves HTTPS."""
 
     def __init__(
         self,
@@ -160,6 +161,8 @@ class AsgiServer:
         log_level: str = "warning",
         graceful_s: int = 30,
         header_timeout_s: float = 10.0,
+        tls_cert: str = "",
+        tls_key: str = "",
     ) -> None:
         self.config = uvicorn.Config(
             app,
@@ -172,6 +175,8 @@ class AsgiServer:
             ws="none",
             timeout_keep_alive=30,
             timeout_graceful_shutdown=graceful_s,
+            ssl_certfile=tls_cert or None,
+            ssl_keyfile=tls_key or None,
         )
         self._server = _Server(self.config)
         self._task: asyncio.Task[None] | None = None
@@ -191,7 +196,8 @@ class AsgiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
+        scheme = "https" if self.config.ssl_certfile else "http"
+        return f"{scheme}://{self.config.host}:{self.port}"
 
     async def stop(self) -> None:
         """Stop accepting, let open requests finish (graceful timeout), run the lifespan shutdown."""

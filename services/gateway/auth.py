@@ -1,0 +1,168 @@
+"""API keys at the gateway's door (``CORRAL_AUTH=keys``): every HTTP request but ``/`` and
+``/ready`` needs ``Authorization: Bearer <key>``, its key's role must allow the call, and its key's
+limits must leave room; the app then finds the key under `KEY` in the scope (model allow-lists and
+the views a user sees, `corral.gateway.userviews`) and sets the model it served under `MODEL`.
+
+Refusals come before the body is read, Ollama-style (``{"error": ...}``; /v1's error object):
+401 for a missing or unknown key, 403 for a user key on an admin call, 429 with ``Retry-After``
+over a limit. Each answered request adds to its key's usage, and its reply's tokens to its
+key's tokens per minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from corral.gateway.access import (
+    OPEN_PATHS,
+    TAIL_BYTES,
+    ApiKey,
+    bearer,
+    model_allowed,
+    reply_tokens,
+    user_may,
+)
+from corral.gateway.errors import JSON, native_body, openai_body
+from corral.gateway.keys import KeyBuckets, KeyStore
+from corral.gateway.limits import Limited, Limiter, UsageBook
+from corral.runtime.nats import watch_until
+from corral.runtime.tasks import cancel_and_wait, supervise
+
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+KEY = "corral.key"  # the scope key under which the app finds the request's `ApiKey`
+MODEL = "corral.model"  # ... and under which it leaves the model it served (for usage)
+USAGE_FLUSH_S = 1.0  # how often usage is added to the usage bucket
+UNAUTHORIZED = "unauthorized: a valid API key is required (Authorization: Bearer <key>)"
+
+
+def key_of(scope: Mapping[str, Any]) -> ApiKey | None:
+    """The request's key; None when keys are off."""
+    key: ApiKey | None = scope.get(KEY)
+    return key
+
+
+def hides(scope: Mapping[str, Any], model: str) -> bool:
+    """Whether the request's key may not see ``model``: it then answers as if the model were absent."""
+    key = key_of(scope)
+    return key is not None and not model_allowed(key.models, model)
+
+
+class _Meter:
+    """Wraps ``send``: the reply's status and the last `TAIL_BYTES` of its body (its token counts)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status = 0
+        self.tail = b""
+
+    async def send(self, msg: Message) -> None:
+        if msg["type"] == "http.response.start":
+            self.status = msg["status"]
+        elif msg["type"] == "http.response.body":
+            body: bytes = msg.get("body", b"")
+            if body:
+                self.tail = (self.tail + body)[-TAIL_BYTES:] if len(body) < TAIL_BYTES else body[-TAIL_BYTES:]
+        await self._send(msg)
+
+
+class Access:
+    """The keys, limits and usage of one gateway; `serve` wraps the rest of the gateway."""
+
+    def __init__(self, buckets: KeyBuckets) -> None:
+        self.keys = KeyStore(buckets.keys)
+        self.limiter = Limiter(buckets.limits)
+        self.usage = UsageBook(buckets.usage)
+        self._restart = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start the keys watch and the usage flush; returns once the keys are loaded."""
+        self._tasks = [
+            asyncio.create_task(
+                supervise("keys watch", lambda: watch_until(self.keys.watch_once, self._restart)),
+                name="keys-watch",
+            ),
+            asyncio.create_task(supervise("usage flush", self._flush_loop), name="usage-flush"),
+        ]
+        async with asyncio.timeout(timeout):
+            await self.keys.loaded.wait()
+
+    def restart(self) -> None:
+        """Watch the keys bucket again (the buckets were opened again after a reconnect)."""
+        self._restart.set()
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._tasks)
+        self._tasks = []
+        await self.usage.flush()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(USAGE_FLUSH_S)  # a period, not a wait for readiness
+            await self.usage.flush()
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, app: App) -> None:
+        method, path = scope["method"], scope["path"]
+        if path in OPEN_PATHS:
+            await app(scope, receive, send)
+            return
+        openai = path.startswith("/v1/")
+        closing = method not in ("GET", "HEAD")
+        token = bearer(scope["headers"])
+        key = self.keys.lookup(token) if token else None
+        if key is None:
+            await _refuse(
+                send, 401, UNAUTHORIZED, openai, [(b"www-authenticate", b"Bearer")], closing=closing
+            )
+            return
+        if not key.admin and not user_may(method, path):
+            await _refuse(
+                send, 403, f"forbidden: this API key may not call {method} {path}", openai, closing=closing
+            )
+            return
+        try:
+            await self.limiter.admit(key)
+        except Limited as e:
+            self.usage.record(key.name, "", prompt=0, generated=0, error=True)
+            await _refuse(
+                send, 429, e.message, openai, [(b"retry-after", str(e.retry_after).encode())], closing=closing
+            )
+            return
+        scope[KEY] = key
+        meter = _Meter(send)
+        try:
+            await app(scope, receive, meter.send)
+        finally:
+            self.limiter.release(key)
+            prompt, generated = reply_tokens(meter.tail) if meter.status == 200 else (0, 0)
+            model: str = scope.get(MODEL, "")
+            self.usage.record(key.name, model, prompt=prompt, generated=generated, error=meter.status >= 400)
+        if key.tpm and prompt + generated:
+            await self.limiter.add_tokens(key, prompt + generated)
+
+
+async def _refuse(
+    send: Send,
+    status: int,
+    message: str,
+    openai: bool,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    *,
+    closing: bool = False,
+) -> None:
+    body = openai_body(status, message) if openai else native_body(message)
+    headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode()), *(extra or [])]
+    if closing:  # its body is left unread: do not read it as the next request
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
