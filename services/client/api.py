@@ -69,6 +69,7 @@ class AsyncClient:
             self._subjects,
             claim_timeout=self._settings.claim_timeout_s,
             idle_timeout=self._settings.idle_timeout_s,
+            members=self._fleet.knows,
         )
         await self._transport.start()
         self._planner = Planner(self._transport, self._fleet, self._settings)

@@ -126,6 +126,7 @@ class Gateway:
             idle_timeout=self.settings.idle_timeout_s,
             reply_buffer=self.settings.reply_buffer_bytes,
             tracer=self._tracer,
+            members=self._fleet.knows,
         )
         await self._transport.start()
         self._planner = Planner(

@@ -171,6 +171,10 @@ class FleetView:
     def get(self, agent_id: str) -> AgentState | None:
         return self._agents.get(agent_id)
 
+    def knows(self, agent_id: str) -> bool:
+        """Whether ``agent_id`` is an agent of this fleet (its state is in the agents bucket)."""
+        return agent_id in self._agents
+
     def with_model(self, key: str) -> list[AgentState]:
         now = time.monotonic()
         return [a for i in self._disk.get(key, ()) if (a := self._agents[i]) and self.alive(a, now)]

@@ -22,7 +22,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import msgspec
 import nats.errors
@@ -54,13 +54,17 @@ class Transport:
         idle_timeout: float = 10.0,
         reply_buffer: int = 0,
         tracer: Tracer | None = None,
+        members: Callable[[str], bool] | None = None,
     ) -> None:
+        """``members``: whether an agent id belongs to the fleet (the sender's fleet view); a claim
+        from any other is not believed. None believes every claimant (a sender without a view)."""
         self.nc = nc
         self.subjects = subjects
         self.claim_timeout = claim_timeout  # an agent must claim within this
         self.idle_timeout = idle_timeout  # a claimed request silent this long means a dead agent
         self.reply_buffer = reply_buffer  # bytes of reply one call may hold unread; 0 = no bound
         self._tracer = tracer
+        self._members = members
         self.id = secrets.token_hex(6)
         self._ids = itertools.count(1)
         self._calls: dict[str, Call] = {}
@@ -129,7 +133,9 @@ class Transport:
         reply-to). The message stays under the server's max_payload, every header counted: a body
         that does not fit beside its headers is served in chunks instead, and headers that cannot
         fit even alone are a `BadRequest` (nothing registered)."""
-        rid = format(next(self._ids), "x")
+        # unique (the counter) and unguessable (64 random bits): nobody who did not see the request
+        # can aim a message at its reply subject, and no two senders' ids meet at an agent
+        rid = format(next(self._ids), "x") + secrets.token_hex(8)
         envelope = RequestEnvelope(
             rid=rid,
             endpoint=req.endpoint,
@@ -201,20 +207,21 @@ class Transport:
 
     # -- attempts --------------------------------------------------------------------------------
     async def attempt(
-        self, req: WorkRequest, subject: str, agent: str | None, deadline: float
+        self, req: WorkRequest, subject: str, agent: str | None, deadline: float, *, service: bool = False
     ) -> Reply | Outcome:
-        """Publish ``req`` on ``subject`` (an agent's own when ``agent`` is named) and wait for its
-        head. A shared subject that answers busy is tried again a few times."""
+        """Publish ``req`` on ``subject`` (an agent's own when ``agent`` is named; a service's queue
+        group when ``service``) and wait for its head. A shared subject that answers busy is tried
+        again a few times."""
         busy_retries = 0 if agent else WARM_BUSY_RETRIES
         while True:
-            outcome = await self._attempt_once(req, subject, agent, deadline)
+            outcome = await self._attempt_once(req, subject, agent, deadline, service)
             if outcome is Outcome.BUSY and busy_retries > 0:
                 busy_retries -= 1
                 continue
             return outcome
 
     async def _attempt_once(
-        self, req: WorkRequest, subject: str, agent: str | None, deadline: float
+        self, req: WorkRequest, subject: str, agent: str | None, deadline: float, service: bool
     ) -> Reply | Outcome:
         call, hdrs, payload = self.register(req, agent, deadline)
         keep = False
@@ -223,7 +230,7 @@ class Transport:
             with publish_span(template, subject, hdrs, tracer=self._tracer):
                 await self.nc.publish(subject, payload, reply=self.reply_subject(call), headers=hdrs)
             try:
-                msg = await call.next(self.claim_timeout)
+                msg = await self._first(call, service)
             except TimeoutError:
                 log.warning("no claim from %s within %.1fs", agent or subject, self.claim_timeout)
                 return Outcome.FAILED
@@ -236,6 +243,30 @@ class Transport:
         finally:
             if not keep:
                 self.release(call)
+
+    async def _first(self, call: Call, service: bool) -> Msg:
+        """The first reply message from a sender this call may believe (`_believed`), within the
+        claim timeout; others are logged and skipped."""
+        async with asyncio.timeout(self.claim_timeout):
+            while True:
+                msg = await call.next(self.claim_timeout)
+                if self._believed(call, msg, service):
+                    return msg
+
+    def _believed(self, call: Call, msg: Msg, service: bool) -> bool:
+        """A reply that names its sender (a claim, a claiming head, busy) is believed from the agent
+        the call went to, or, on a shared subject, from an agent of the fleet (any sender of a
+        service's queue group)."""
+        sender = (msg.headers or {}).get(H.AGENT)
+        if sender is None or service:
+            return True
+        if call.agent is not None:
+            ok = sender == call.agent
+        else:
+            ok = self._members is None or self._members(sender)
+        if not ok:
+            log.warning("ignoring a reply to %s from %r, which it was not sent to", call.rid, sender[:80])
+        return ok
 
     async def handshake(self, call: Call, msg: Msg, source: str) -> Reply | Outcome:
         """From the first reply message to the head: claim, pings, then head (or why not). The call
@@ -260,6 +291,10 @@ class Transport:
                 await self.cancel(call)
                 return Outcome.FAILED
             mh = msg.headers or {}
+            if H.AGENT in mh and mh[H.AGENT] != call.agent:
+                log.warning("ignoring a reply to %s from %r, not its claimant", call.rid, mh[H.AGENT][:80])
+                kind = None
+                continue
             kind = mh.get(H.KIND)
             if kind in (H.PING, H.HEAD):
                 continue
@@ -296,7 +331,7 @@ class Transport:
 
     async def send_service(self, subject: str, req: WorkRequest, *, timeout: float) -> Reply | None:
         """Send to a service's queue-group subject (e.g. the registry); None when none is running."""
-        outcome = await self.attempt(req, subject, None, time.monotonic() + timeout)
+        outcome = await self.attempt(req, subject, None, time.monotonic() + timeout, service=True)
         if isinstance(outcome, Reply):
             return outcome
         if outcome is Outcome.NO_RESPONDERS:

@@ -156,3 +156,76 @@ async def test_the_fleet_view_indexes_no_model_under_a_name_without_a_key(nc: NA
         assert view.with_model("not a model name!") == []
     finally:
         await view.stop()
+
+
+class Impostor:
+    """Listens where it should not and answers first, claiming as ``claim_as``; then lets the honest
+    agent (waiting on ``answered``) answer."""
+
+    def __init__(self, nc: NATS, subject: str, claim_as: str) -> None:
+        self.nc, self.subject, self.claim_as = nc, subject, claim_as
+        self.answered = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.nc.subscribe(self.subject, cb=self._on_work)
+
+    async def _on_work(self, msg: Msg) -> None:
+        rid = (msg.headers or {})[H.REQUEST]
+        claim = {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: NDJSON, H.AGENT: self.claim_as, H.END: "1"}
+        await self.nc.publish(msg.reply, b'{"from":"impostor"}\n', headers=claim | {H.REQUEST: rid})
+        await self.nc.flush()
+        self.answered.set()
+
+
+class Honest(FakeAgent):
+    def __init__(
+        self, nc: NATS, subjects: Subjects, agent_id: str, subject: str, after: asyncio.Event
+    ) -> None:
+        super().__init__(nc, subjects, agent_id, ends=True)
+        self.subject, self.after = subject, after
+
+    async def start(self) -> None:
+        await self.nc.subscribe(self.subject, cb=self._on_work)
+
+    async def _on_work(self, msg: Msg) -> None:
+        await self.after.wait()  # the impostor's answer is on its way first
+        await super()._on_work(msg)
+
+
+async def _body(reply: Reply) -> bytes:
+    async with reply:
+        return await reply.read()
+
+
+async def test_on_a_shared_subject_only_an_agent_of_the_fleet_is_believed(nc: NATS, root: str) -> None:
+    subjects = Subjects(root)
+    shared = subjects.work("any", "m")
+    impostor = Impostor(nc, shared, "mallory")
+    honest = Honest(nc, subjects, "a1", shared, impostor.answered)
+    for listener in (impostor, honest):
+        await listener.start()
+    await nc.flush()
+    t = Transport(nc, subjects, claim_timeout=5.0, idle_timeout=30.0, members=lambda agent: agent == "a1")
+    await t.start()
+    try:
+        reply = await t.attempt(work(), shared, None, time.monotonic() + 5)
+        assert isinstance(reply, Reply) and reply.agent == "a1"
+        assert await _body(reply) == b'{"from":"a1"}\n'
+        assert len(honest.requests[0]) >= 17  # a counter and 64 random bits: not guessable
+    finally:
+        await t.stop()
+
+
+async def test_a_direct_send_believes_only_the_agent_it_went_to(
+    nc: NATS, root: str, transport: Transport
+) -> None:
+    subjects = Subjects(root)
+    direct = subjects.agent_work("a1")
+    impostor = Impostor(nc, direct, "a2")
+    honest = Honest(nc, subjects, "a1", direct, impostor.answered)
+    for listener in (impostor, honest):
+        await listener.start()
+    await nc.flush()
+    reply = await transport.send_to("a1", work(), timeout=5)
+    assert reply.agent == "a1"
+    assert await _body(reply) == b'{"from":"a1"}\n'
