@@ -1,0 +1,78 @@
+"""`corral up` as users run it: a real process, its gateway URL and backends read from what it prints."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_GATEWAY = re.compile(r"^\s*Gateway\s+(http\S+)\s*$")
+_BACKEND = re.compile(r"^\s+(\S+)\s+(nvidia|amd|cpu)\s+(http\S+)\s*$")
+
+
+@dataclass
+class CorralUp:
+    """A running ``corral up``: the gateway's URL and each agent's Ollama URL, as it printed them."""
+
+    url: str = ""
+    backends: dict[str, str] = field(default_factory=dict)  # agent id -> its (simulated) Ollama's URL
+    printed: list[str] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def corral_up(
+    nats_url: str, root: str, log: Path, *, sims: int = 2, time_scale: float = 0.01, timeout: float = 60.0
+) -> AsyncIterator[CorralUp]:
+    """Start ``corral up --sim N --port 0`` on ``nats_url`` under ``root``, wait for its "Gateway" line,
+    and on exit stop it with SIGINT, as Ctrl-C does, expecting a clean drain (exit status 0).
+    Its log (stderr) goes to ``log``; a failure to start says what it printed."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    args = ["--sim", str(sims), "--port", "0", "--time-scale", str(time_scale)]
+    with log.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "corral.cli",
+            "up",
+            *args,
+            "--nats",
+            nats_url,
+            "--root",
+            root,
+            env=clean,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err,
+        )
+        up = CorralUp()
+        try:
+            await asyncio.wait_for(_read_banner(proc, up), timeout)
+            yield up
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.communicate(), timeout)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                raise
+    assert proc.returncode == 0, f"corral up exited {proc.returncode}:\n{log.read_text()[-4000:]}"
+
+
+async def _read_banner(proc: asyncio.subprocess.Process, up: CorralUp) -> None:
+    assert proc.stdout is not None
+    while not up.url:
+        line = (await proc.stdout.readline()).decode()
+        if not line:
+            raise RuntimeError("corral up ended before printing its gateway:\n" + "".join(up.printed))
+        up.printed.append(line)
+        if m := _BACKEND.match(line):
+            up.backends[m.group(1)] = m.group(3)
+        elif m := _GATEWAY.match(line):
+            up.url = m.group(1)
