@@ -17,7 +17,10 @@ import msgspec
 import nats.errors
 from corral import views
 from corral.gateway import bodies, management
+from corral.gateway.access import model_allowed
+from corral.gateway.auth import MODEL, Access, key_of
 from corral.gateway.edge import BODY, Edge
+from corral.gateway.keys import open_key_buckets
 from corral.gateway.planner import Planner
 from corral.gateway.relay import Receive, Scope, Send, relay, respond_error
 from corral.gateway.routes import build_app
@@ -68,10 +71,10 @@ class Gateway:
     """``router`` carries the routing strategies' state; pass ``Router(seed=N)`` for a reproducible
     ``random`` strategy (benchmarks).
 
-    Sixteen attributes: the settings with what they give (subjects, edge, tracer, router), the
-    NATS connection with its closed-for-good event and reopener, the four parts it serves with
-    (fleet view, transport, planner, the FastAPI app) and the aggregator's rates with their watch
-    (task, latest figures, arrival and restart events)."""
+    Seventeen attributes: the settings with what they give (subjects, edge, tracer, router), the
+    NATS connection with its closed-for-good event and reopener, the five parts it serves with
+    (fleet view, transport, planner, the FastAPI app, the API keys when on) and the aggregator's
+    rates with their watch (task, latest figures, arrival and restart events)."""
 
     def __init__(
         self,
@@ -82,6 +85,8 @@ class Gateway:
     ) -> None:
         if settings.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {settings.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if bool(settings.tls_cert) != bool(settings.tls_key):
+            raise ValueError("HTTPS needs both --tls-cert and --tls-key")
         self.settings = settings
         self.subjects = Subjects(settings.root)
         self.nc: NATS | None = None
@@ -89,6 +94,7 @@ class Gateway:
         self._fleet: FleetView | None = None
         self._transport: Transport | None = None
         self._planner: Planner | None = None
+        self._access: Access | None = None  # API keys, limits and usage (CORRAL_AUTH=keys)
         self._rates_task: asyncio.Task[None] | None = None
         self._rates: views.Rates | None = None
         self._rates_seen = asyncio.Event()
@@ -136,6 +142,10 @@ class Gateway:
             router=self._router,
             sessions=Sessions(buckets.sessions) if self.settings.sessions else None,
         )
+        if self.settings.auth == "keys":
+            access = Access(await open_key_buckets(self.nc.jetstream(), self.subjects, replicas=replicas))
+            await access.start()
+            self._access = access
         self._rates_task = asyncio.create_task(
             supervise("rates watch", lambda: self._watch_rates(buckets.views)), name="rates-watch"
         )
@@ -150,6 +160,8 @@ class Gateway:
     def _reopened(self) -> None:
         if self._fleet is not None:
             self._fleet.restart()
+        if self._access is not None:
+            self._access.restart()
         self._rates_restart.set()
 
     async def _watch_rates(self, kv: KeyValue) -> None:
@@ -197,6 +209,8 @@ class Gateway:
             await self._reopener.stop()
         if self._rates_task is not None:
             await cancel_and_wait([self._rates_task])
+        if self._access is not None:
+            await self._access.stop()
         if self._planner is not None:
             await self._planner.stop()
             if self._planner.sessions is not None:
@@ -220,6 +234,11 @@ class Gateway:
         return self._fleet
 
     @property
+    def access(self) -> Access | None:
+        """The API keys, limits and usage; None with keys off."""
+        return self._access
+
+    @property
     def planner(self) -> Planner:
         assert self._planner is not None, "gateway not started"
         return self._planner
@@ -227,9 +246,15 @@ class Gateway:
     # -- ASGI --------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            await self._edge.serve(scope, receive, send, self._http)
+            if self._access is not None:
+                await self._access.serve(scope, receive, send, self._edge_http)
+            else:
+                await self._edge.serve(scope, receive, send, self._http)
         else:
             await self.app(scope, receive, send)
+
+    async def _edge_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._edge.serve(scope, receive, send, self._http)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] == "POST" and scope["path"] in MODEL_ENDPOINTS:
@@ -246,9 +271,13 @@ class Gateway:
             if not body or body.isspace():  # no copy of a large body
                 await respond_error(send, BadRequest("missing request body"), openai=openai)
                 return
+            key = key_of(scope)
             try:
                 view = bodies.decode_view(body)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                if key is not None and key.models:  # its model cannot be checked: it goes nowhere
+                    await respond_error(send, BadRequest(f"invalid request body: {e}"), openai=openai)
+                    return
                 # let an Ollama word the error exactly as it would
                 await relay(
                     self.planner, WorkRequest(endpoint=endpoint, body=body), receive, send, openai=openai
@@ -258,6 +287,16 @@ class Gateway:
                 work, raw = self._route(endpoint, body, view, scope)
             except CorralError as e:
                 await respond_error(send, e, openai=openai, endpoint=endpoint)
+                return
+            if work.model is not None:
+                if key is not None and not model_allowed(key.models, work.model.display):
+                    # outside the key's allow-list: exactly what a model no agent has answers
+                    err = ModelNotFound(work.model.display)
+                    await respond_error(send, err, openai=openai, endpoint=endpoint, raw_model=raw)
+                    return
+                scope[MODEL] = work.model.display
+            elif key is not None and key.models:
+                await respond_error(send, ModelNotFound(f"model '{raw}' not found"), openai=openai)
                 return
             if bodies.is_unload(endpoint, view):
                 await management.unload(self.planner, work, raw, receive, send)
