@@ -1,17 +1,27 @@
-"""``corral agent``: stand beside one Ollama and serve its share of the fleet's work."""
+"""``corral agent``: stand beside one Ollama and serve its share of the fleet's work.
+
+With ``--docker`` it stands beside every Ollama container of a Docker engine instead, one agent
+each (`corral.agent.docker`); with ``--spawn`` it starts one ``ollama serve`` per GPU of this host
+and stands beside each (`corral.agent.spawn`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
+from collections.abc import Callable
 
 import msgspec
 from corral.agent.agent import Agent
+from corral.agent.agentset import AgentSet
 from corral.agent.gpu import GpuProbe, detect_vendor
+from corral.agent.multi import Agents, DockerAgents, Probes, SpawnedAgents
 from corral.agent.settings import AgentSettings
 from corral.runtime.process import service_main, wait_for_signal
 from corral.runtime.settings import add_arguments
+from corral.runtime.tasks import cancel_and_wait
 from corral.runtime.telemetry import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -20,14 +30,34 @@ log = logging.getLogger(__name__)
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="corral agent",
-        description="Claim work for one Ollama server: start one agent per `ollama serve`.",
+        description="Claim work for one Ollama server: start one agent per `ollama serve` "
+        "(--docker: one per Ollama container; --spawn: one `ollama serve` and agent per GPU).",
     )
     add_arguments(p, AgentSettings)
     return p
 
 
 async def serve(settings: AgentSettings) -> int:
+    if settings.docker and settings.spawn:
+        log.error("--docker and --spawn exclude each other: run one agent process for each")
+        return 2
     provider = setup_tracing("corral-agent", endpoint=settings.otlp_endpoint)
+    try:
+        if settings.docker:
+            return await serve_many(settings, lambda agents, probes: DockerAgents(settings, agents, probes))
+        if settings.spawn:
+            # the Ollamas start from the agent's own environment, as from a shell: PATH, HOME, proxies
+            environ = dict(os.environ)
+            return await serve_many(
+                settings, lambda agents, probes: SpawnedAgents(settings, agents, probes, environ=environ)
+            )
+        return await serve_one(settings)
+    finally:
+        if provider is not None:
+            provider.shutdown()
+
+
+async def serve_one(settings: AgentSettings) -> int:
     vendor = settings.vendor or detect_vendor()
     probe = GpuProbe(vendor, vram_gb_override=settings.vram_gb or None)
     agent = Agent(msgspec.structs.replace(settings, vendor=vendor), probe=probe.refresh)
@@ -37,10 +67,30 @@ async def serve(settings: AgentSettings) -> int:
     await agent.stop()
     stop.cancel()
     probe.close()
-    if provider is not None:
-        provider.shutdown()
     await task
     return 1 if agent.connection_lost else 0
+
+
+async def serve_many(settings: AgentSettings, make: Callable[[AgentSet, Probes], Agents]) -> int:
+    """Run the agents ``make`` manages until a signal, or until one ends on its own (exit 1); then
+    drain every agent, and only then stop what they serve."""
+    agents, probes = AgentSet(), Probes(settings.vram_gb)
+    manager = make(agents, probes)
+    managing = asyncio.create_task(manager.run(), name="agents")
+    signalled = asyncio.create_task(wait_for_signal(), name="signals")
+    ended = asyncio.create_task(agents.ended.wait(), name="ended")
+    try:
+        await asyncio.wait((managing, signalled, ended), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await agents.stop()
+        await manager.stop()
+        await cancel_and_wait([managing, signalled, ended])
+        await agents.stop()  # any added while the manager stopped
+        probes.close()
+    failed = managing.done() and not managing.cancelled() and managing.exception() is not None
+    if failed:
+        log.error("stopped: %s", managing.exception())
+    return 1 if failed or agents.ended.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:

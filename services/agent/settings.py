@@ -42,3 +42,41 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
         ),
     ] = 0
     advertise_host: Annotated[str, setting("host name shown in fleet views", shown="hostname")] = ""
+    # several Ollamas on this host, one agent each (see corral.agent.docker and corral.agent.spawn)
+    docker: Annotated[
+        bool, setting("run one agent per running Ollama container of the Docker engine, following its events")
+    ] = False
+    docker_host: Annotated[
+        str,
+        setting(
+            "the Docker engine to follow (unix:///var/run/docker.sock, tcp://host:2376)",
+            shown="DOCKER_HOST, else the local socket",
+        ),
+    ] = ""
+    docker_network: Annotated[
+        str,
+        setting(
+            "reach Ollama containers at their address on this Docker network, not their published port",
+            shown="published port",
+        ),
+    ] = ""
+    spawn: Annotated[
+        bool, setting("start one `ollama serve` per GPU of this host, supervised, and one agent for each")
+    ] = False
+    spawn_port: Annotated[
+        int,
+        setting(
+            "with --spawn: GPU 0's Ollama port, GPU N's is N higher; 0 = a free port each", ge=0, le=65535
+        ),
+    ] = 11435
+    gpus: Annotated[
+        int,
+        setting("with --spawn: serve GPUs 0..N-1 whatever the probe finds", ge=0, shown="0 (probe)"),
+    ] = 0
+    max_loaded_models: Annotated[
+        int,
+        setting("with --spawn: each Ollama's OLLAMA_MAX_LOADED_MODELS", ge=0, shown="0 (Ollama's default)"),
+    ] = 0
+    models_dir: Annotated[
+        str, setting("with --spawn: the model directory they share (OLLAMA_MODELS)", shown="Ollama's default")
+    ] = ""
