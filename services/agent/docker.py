@@ -188,10 +188,18 @@ class EngineGone(ConnectionError):
     """The Docker events stream ended: the engine stopped or restarted."""
 
 
+def require_docker() -> None:
+    """Raise `RuntimeError` saying what to install when the ``docker`` package is missing."""
+    try:
+        import docker  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        raise RuntimeError("--docker needs the `docker` package: pip install docker") from None
+
+
 def docker_client(docker_host: str) -> Any:
     """A low-level client of ``docker_host``, else of ``DOCKER_HOST`` (with ``DOCKER_TLS_VERIFY`` and
     ``DOCKER_CERT_PATH``) as the ``docker`` package reads it; the API version is the engine's."""
-    import docker  # type: ignore[import-untyped]
+    import docker
 
     if docker_host:
         return docker.APIClient(base_url=docker_host, version="auto")

@@ -13,7 +13,7 @@ from typing import Protocol
 import msgspec
 from corral.agent.agent import Agent
 from corral.agent.agentset import AgentSet, agent_id
-from corral.agent.docker import LOCAL_HOST, ContainerBackend, DockerWatch
+from corral.agent.docker import LOCAL_HOST, ContainerBackend, DockerWatch, require_docker
 from corral.agent.gpu import GIB, SOURCE_AMD_SYSFS, SOURCE_CONFIG, SOURCE_NVML, GpuProbe, detect_vendor
 from corral.agent.settings import AgentSettings
 from corral.agent.spawn import OllamaServe, ollama_env, ports
@@ -75,6 +75,7 @@ class DockerAgents:
         )
 
     async def run(self) -> None:
+        require_docker()
         await supervise("the Docker watch", self.watch.run)  # an engine restart: follow it again
 
     async def stop(self) -> None:
