@@ -12,17 +12,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import msgspec
 import nats.errors
 from corral.gateway.access import ApiKey, Role, api_key_decoder, hash_key, new_key, same_hash
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import KEY_BUCKETS, BucketSpec
+from corral.runtime.nats import KEY_BUCKETS, open_bucket
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.errors import Error as JetStreamError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
@@ -41,36 +39,12 @@ class KeyBuckets:
     limits: KeyValue  # name and minute → `corral.gateway.access.Window`
 
 
-async def _bucket(js: JetStreamContext, name: str, spec: BucketSpec, replicas: int) -> KeyValue:
-    try:
-        kv = await js.key_value(name)
-    except BucketNotFoundError:
-        cfg = KeyValueConfig(
-            bucket=name,
-            history=1,
-            ttl=spec.ttl,
-            storage=spec.storage,
-            replicas=replicas,
-            max_bytes=spec.max_bytes,
-        )
-        return await js.create_key_value(cfg)
-    stream = Subjects.kv_stream(name)
-    cfg_now = (await js.stream_info(stream)).config
-    discard = DiscardPolicy.OLD if spec.evict else DiscardPolicy.NEW
-    if (cfg_now.max_bytes, cfg_now.discard) != (spec.max_bytes, discard):
-        try:
-            await js.update_stream(replace(cfg_now, max_bytes=spec.max_bytes, discard=discard))
-        except (nats.errors.Error, JetStreamError, TimeoutError) as e:  # no stream-admin rights
-            log.warning("cannot give bucket stream %s its limits (%r): it keeps those it has", stream, e)
-    return kv
-
-
 async def open_key_buckets(js: JetStreamContext, subjects: Subjects, *, replicas: int = 1) -> KeyBuckets:
     """Open the keys, usage and limits buckets, creating what does not exist yet (idempotent)."""
     return KeyBuckets(
-        keys=await _bucket(js, subjects.keys_bucket, KEY_BUCKETS["keys"], replicas),
-        usage=await _bucket(js, subjects.usage_bucket, KEY_BUCKETS["usage"], replicas),
-        limits=await _bucket(js, subjects.limits_bucket, KEY_BUCKETS["limits"], replicas),
+        keys=await open_bucket(js, subjects.keys_bucket, KEY_BUCKETS["keys"], replicas=replicas),
+        usage=await open_bucket(js, subjects.usage_bucket, KEY_BUCKETS["usage"], replicas=replicas),
+        limits=await open_bucket(js, subjects.limits_bucket, KEY_BUCKETS["limits"], replicas=replicas),
     )
 
 

@@ -27,13 +27,19 @@ import nats
 from corral.protocol.subjects import Subjects
 from corral.runtime.natsauth import NatsAuth as NatsAuth  # callers take it from here, beside connect
 from corral.runtime.tasks import cancel_and_wait, supervise
-from corral.runtime.workqueue import QueueLimits, ensure_stream
+from corral.runtime.workqueue import STREAM_NAME_IN_USE, QueueLimits, ensure_stream
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.errors import Error as JetStreamError
 from nats.js.kv import KeyValue
 
@@ -233,21 +239,7 @@ async def ensure_buckets(
     specs = BUCKETS | (specs or {})
 
     async def bucket(kind: str, name: str) -> KeyValue:
-        spec = specs[kind]
-        try:
-            kv = await js.key_value(name)
-        except BucketNotFoundError:
-            cfg = KeyValueConfig(
-                bucket=name,
-                history=1,
-                ttl=spec.ttl,
-                storage=spec.storage,
-                replicas=replicas,
-                max_bytes=spec.max_bytes,
-            )
-            kv = await js.create_key_value(cfg)
-        await _hold_to(js, f"KV_{name}", spec)
-        return kv
+        return await open_bucket(js, name, specs[kind], replicas=replicas)
 
     try:
         await ensure_stream(js, subjects, limits=queue, replicas=replicas)
@@ -264,6 +256,33 @@ async def ensure_buckets(
         sessions=await bucket("sessions", subjects.sessions_bucket),
         views=await bucket("views", subjects.views_bucket),
     )
+
+
+async def open_bucket(js: JetStreamContext, name: str, spec: BucketSpec, *, replicas: int = 1) -> KeyValue:
+    """Open KV bucket ``name``, creating it as ``spec`` says when it does not exist, and giving an
+    existing one the spec's bounds where it has others (logged and kept when this identity has no
+    stream-admin rights)."""
+    try:
+        kv = await js.key_value(name)
+    except BucketNotFoundError:
+        cfg = KeyValueConfig(
+            bucket=name,
+            history=1,
+            ttl=spec.ttl,
+            storage=spec.storage,
+            replicas=replicas,
+            max_bytes=spec.max_bytes,
+        )
+        try:
+            kv = await js.create_key_value(cfg)
+        except APIError as e:
+            if e.err_code != STREAM_NAME_IN_USE:
+                raise
+            # another service made it meanwhile (and may have given it its spec already, which a
+            # create with another configuration is refused): open theirs
+            kv = await js.key_value(name)
+    await _hold_to(js, f"KV_{name}", spec)
+    return kv
 
 
 async def _hold_to(js: JetStreamContext, stream: str, spec: BucketSpec) -> None:

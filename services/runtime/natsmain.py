@@ -51,9 +51,11 @@ async def _serve(args: argparse.Namespace) -> int:
     stop = asyncio.create_task(wait_for_signal())
     died = asyncio.create_task(server.wait())
     await asyncio.wait((stop, died), return_when=asyncio.FIRST_COMPLETED)
+    signalled = stop.done()  # judged before stopping the server: stopping ends `died` too
     stop.cancel()
     await server.stop()
-    return 0 if not died.done() else 1
+    died.cancel()
+    return 0 if signalled else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,8 @@ from nats.js.errors import APIError, NotFoundError
 
 log = logging.getLogger(__name__)
 
+STREAM_NAME_IN_USE = 10058  # JetStream's error code: a stream of that name exists (other config)
+
 DEFAULT_DEPTH = 512  # requests waiting per model and vendor subject (Ollama's OLLAMA_MAX_QUEUE)
 DEFAULT_MAX_BYTES = 1 << 30  # the whole queue, on disk
 MAX_AGE_S = 600.0  # nothing waits longer than this, whatever its deadline said
@@ -109,7 +111,7 @@ async def ensure_stream(
     try:
         await js.add_stream(cfg)
     except APIError as e:
-        if e.err_code != 10058:  # "stream name already in use": a sibling service created it first
+        if e.err_code != STREAM_NAME_IN_USE:  # a sibling service created it first
             raise
 
 

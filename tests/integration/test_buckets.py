@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import BUCKETS, BucketSpec, ensure_buckets
+from corral.runtime.nats import BUCKETS, BucketSpec, ensure_buckets, open_bucket
 from corral.runtime.natsserver import NatsServer
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 SMALL = 64 * 1024
 
@@ -71,3 +71,25 @@ async def test_a_full_cache_forgets_its_oldest_entries_and_a_full_bucket_refuses
             await buckets.agents.put(f"a{i}", value)
             taken += 1
     assert 0 < taken < SMALL // len(value)  # it took what fits, then refused
+
+
+async def test_a_bucket_made_by_another_service_meanwhile_is_opened(nc: NATS, root: str) -> None:
+    """Two services open the sessions bucket at once: the other one creates it (and gives it its
+    discard policy) between this one's lookup and its create, which the server refuses as a stream
+    of another configuration. This one opens theirs instead of failing."""
+    subjects = Subjects(root)
+    js = nc.jetstream()
+    await ensure_buckets(js, subjects)  # "the other service"
+    lookup = js.key_value
+    missed = False
+
+    async def late_lookup(bucket: str) -> object:
+        nonlocal missed
+        if bucket == subjects.sessions_bucket and not missed:
+            missed = True  # this service looked before the other one created it
+            raise BucketNotFoundError()
+        return await lookup(bucket)
+
+    js.key_value = late_lookup  # type: ignore[method-assign]
+    kv = await open_bucket(js, subjects.sessions_bucket, BUCKETS["sessions"])
+    assert missed and kv._name == subjects.sessions_bucket

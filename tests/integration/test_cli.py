@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from corral.protocol.names import parse_name
-from corral.runtime.natsserver import NatsServer
+from corral.runtime.natsserver import NatsServer, free_port
 from corral.up import FleetOptions, LocalFleet, default_sims
 
 from tests.integration.fleet_helpers import preload, until
@@ -129,3 +131,23 @@ async def test_help_lists_every_setting_with_its_default() -> None:
     for flag in ("--dead-after-s", "--dead-after", "--replica-patience", "--nats-url", "--nats"):
         assert flag in out
     assert "CORRAL_PULL_TIMEOUT_S" in out and "3600.0" in out
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+async def test_corral_nats_stopped_by_a_signal_exits_0(tmp_path: Path, sig: str) -> None:
+    """A supervisor stopping the embedded nats-server sees a clean exit, not a failure."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", "nats", "--port", str(port), "--store-dir", str(tmp_path / "js"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert b"nats-server with JetStream on" in line
+        proc.send_signal(getattr(signal, sig))
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
