@@ -20,7 +20,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import nkeys
-from corral.auth.permissions import ROLES, Permissions, agent_user, inbox_prefix, role_permissions
+from corral.auth.permissions import (
+    ROLES,
+    Permissions,
+    agent_user,
+    gateway_user,
+    inbox_prefix,
+    role_permissions,
+)
 from corral.protocol.subjects import Subjects
 from corral.runtime.natsauth import Credentials, read_credentials
 
@@ -48,9 +55,17 @@ def creds_path(directory: str | Path, user: str) -> Path:
     return Path(directory) / f"{user}{CREDS_SUFFIX}"
 
 
-def init(directory: str | Path, root: str, agents: Iterable[str] = (), *, passwords: bool = False) -> Path:
-    """Write every role's identity, one per agent in ``agents``, and ``auth.conf``; returns the
-    latter. Refuses a directory that already holds identities (they would be replaced)."""
+def init(
+    directory: str | Path,
+    root: str,
+    agents: Iterable[str] = (),
+    *,
+    gateways: Iterable[str] = (),
+    passwords: bool = False,
+) -> Path:
+    """Write every role's identity, one per agent in ``agents`` and per gateway in ``gateways``, and
+    ``auth.conf``; returns the latter. Refuses a directory that already holds identities (they
+    would be replaced)."""
     d = Path(directory)
     subjects = Subjects(root)  # validates the root
     if (d / ROOT_FILE).exists() or any(d.glob(f"*{CREDS_SUFFIX}")):
@@ -58,10 +73,10 @@ def init(directory: str | Path, root: str, agents: Iterable[str] = (), *, passwo
     d.mkdir(parents=True, exist_ok=True)
     d.chmod(0o700)
     (d / ROOT_FILE).write_text(subjects.root + "\n")
-    agents = list(agents)
-    for a in agents:
-        subjects.agent_work(a)  # validates the id
-    for user in (*ROLES, *(agent_user(a) for a in agents)):
+    agents, gateways = list(agents), list(gateways)
+    for i in (*agents, *gateways):
+        subjects.agent_work(i)  # validates the id (the same rule for every subject token)
+    for user in (*ROLES, *(agent_user(a) for a in agents), *(gateway_user(g) for g in gateways)):
         _write_private(creds_path(d, user), _render(new_identity(user, password=passwords), root))
     return write_authorization(d)
 
@@ -69,15 +84,25 @@ def init(directory: str | Path, root: str, agents: Iterable[str] = (), *, passwo
 def add_agent(directory: str | Path, agent_id: str, *, password: bool | None = None) -> Path:
     """Write one more agent's identity (the kind of secret the gateway's has, unless told) and
     build ``auth.conf`` again; returns the agent's credentials file."""
+    return _add(directory, agent_id, agent_user(agent_id), password)
+
+
+def add_gateway(directory: str | Path, gateway_id: str, *, password: bool | None = None) -> Path:
+    """Write one more gateway's identity, for a gateway run with ``--gateway-id``: it reads only
+    its own replies. Builds ``auth.conf`` again; returns the credentials file."""
+    return _add(directory, gateway_id, gateway_user(gateway_id), password)
+
+
+def _add(directory: str | Path, ident: str, user: str, password: bool | None) -> Path:
     d = Path(directory)
     root = read_root(d)
-    Subjects(root).agent_work(agent_id)  # validates the id
-    path = creds_path(d, agent_user(agent_id))
+    Subjects(root).agent_work(ident)  # validates the id
+    path = creds_path(d, user)
     if path.exists():
         raise AuthDirError(f"{path} exists already")
     if password is None:
         password = bool(read_credentials(creds_path(d, "gateway")).password)
-    _write_private(path, _render(new_identity(agent_user(agent_id), password=password), root))
+    _write_private(path, _render(new_identity(user, password=password), root))
     write_authorization(d)
     return path
 

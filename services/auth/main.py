@@ -1,7 +1,8 @@
 """``corral auth``: NATS identities with least privilege for a fleet.
 
-    corral auth init DIR [--root R] [--agents ID,ID] [--passwords]
+    corral auth init DIR [--root R] [--agents ID,ID] [--gateways ID,ID] [--passwords]
     corral auth agent DIR ID
+    corral auth gateway DIR ID
 
 Then run nats-server with ``include "DIR/auth.conf"`` (``corral nats --auth DIR/auth.conf``), create
 the buckets and the queue stream once with the operator identity (``corral status --nats-creds
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from corral.auth.config import AUTH_FILE, AuthDirError, add_agent, creds_path, init
+from corral.auth.config import AUTH_FILE, AuthDirError, add_agent, add_gateway, creds_path, init
 from corral.runtime.natsauth import CredentialsError
 
 
@@ -29,10 +30,20 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("dir", help="where to write them (created; must hold no identities yet)")
     i.add_argument("--root", default="corral", help="the fleet's subject root (default corral)")
     i.add_argument("--agents", type=_ids, default=[], metavar="ID,ID", help="agent ids, one identity each")
+    i.add_argument(
+        "--gateways",
+        type=_ids,
+        default=[],
+        metavar="ID,ID",
+        help="gateway ids (each gateway's --gateway-id), one identity each reading only its own replies",
+    )
     i.add_argument("--passwords", action="store_true", help="user/password identities instead of nkeys")
     a = sub.add_parser("agent", help="add one agent's identity and rebuild the server's include")
     a.add_argument("dir")
     a.add_argument("id", help="the agent's id (its --id)")
+    g = sub.add_parser("gateway", help="add one gateway's identity and rebuild the server's include")
+    g.add_argument("dir")
+    g.add_argument("id", help="the gateway's id (its --gateway-id)")
     return p
 
 
@@ -40,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "init":
-            conf = init(args.dir, args.root, args.agents, passwords=args.passwords)
+            conf = init(args.dir, args.root, args.agents, gateways=args.gateways, passwords=args.passwords)
             print(f"wrote {conf} and one .creds file per identity in {args.dir}")
             print(f'nats-server: include "{conf.resolve()}"; then create the buckets once with')
             print(f"  corral status --root {args.root} --nats-creds {creds_path(args.dir, 'operator')}")
         else:
-            path = add_agent(args.dir, args.id)
+            path = (add_agent if args.command == "agent" else add_gateway)(args.dir, args.id)
             print(f"wrote {path}; {AUTH_FILE} rebuilt: reload nats-server (nats-server --signal reload)")
     except (AuthDirError, CredentialsError, ValueError) as e:
         print(f"corral auth: {e}", file=sys.stderr)

@@ -9,8 +9,10 @@ https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
   ``allow_responses`` lets it answer requests it received (one message each) on their reply subject.
 - gateway: sends work (``R.work.>``, ``R.agent.*.work``), cancels it (``R.agent.*.ctl``), queues it
   (``R.queue.>`` + the nudge ``R.queued.>``, withdraws by ``STREAM.MSG.DELETE``), asks the registry
-  (``place``, ``unplace``, ``pull``), remembers sessions (``$KV.R_sessions.>``); reads its replies
-  and serves large bodies (``R.reply.>``, ``R.body.>``).
+  (``place``, ``unplace``, ``pull``), remembers sessions (``$KV.R_sessions.>``), reads the API keys
+  and counts their usage and limits (``R_keys``; ``$KV.R_usage.>``, ``$KV.R_limits.>``); reads its
+  replies and serves large bodies: its own (``R.reply.<id>.*``, ``R.body.<id>.*``) as ``gateway-<id>``
+  with a fixed ``--gateway-id``, every gateway's (``R.reply.>``, ``R.body.>``) as the shared ``gateway``.
 - agent ``<id>``: takes claims and nudges (``R.work.>``, ``R.queued.>``), its own direct work,
   cancels and admin (``R.agent.<id>.*``); answers on ``R.reply.>``, fetches bodies
   (``R.body.>``), takes from the queue (its consumers, ``MSG.NEXT``, acks), reports finished
@@ -32,8 +34,9 @@ from dataclasses import dataclass
 
 from corral.protocol.subjects import Subjects
 
-ROLES = ("gateway", "registry", "aggregator", "operator")  # and one "agent-<id>" per agent
+ROLES = ("gateway", "registry", "aggregator", "operator")  # and "agent-<id>", "gateway-<id>"
 AGENT_PREFIX = "agent-"
+GATEWAY_PREFIX = "gateway-"
 _API = "$JS.API"
 
 
@@ -53,9 +56,18 @@ def agent_user(agent_id: str) -> str:
     return AGENT_PREFIX + agent_id
 
 
-def _open_and_read(s: Subjects) -> list[str]:
+def gateway_user(gateway_id: str) -> str:
+    return GATEWAY_PREFIX + gateway_id
+
+
+def _key_buckets(s: Subjects) -> tuple[str, ...]:
+    """The gateway's API keys, their usage and their per-minute counters (``CORRAL_AUTH=keys``)."""
+    return (s.keys_bucket, s.usage_bucket, s.limits_bucket)
+
+
+def _open_and_read(s: Subjects, extra: tuple[str, ...] = ()) -> list[str]:
     out = [f"{_API}.STREAM.INFO.{s.queue_stream}"]
-    for bucket in s.buckets:
+    for bucket in (*s.buckets, *extra):
         stream = s.kv_stream(bucket)
         out += [
             f"{_API}.STREAM.INFO.{stream}",
@@ -78,22 +90,11 @@ def role_permissions(role: str, s: Subjects) -> Permissions:
     inbox = f"{inbox_prefix(user)}.>"
     if role.startswith(AGENT_PREFIX):
         return _agent(role.removeprefix(AGENT_PREFIX), s, read, inbox)
+    if role.startswith(GATEWAY_PREFIX):
+        return _gateway(s, inbox, role.removeprefix(GATEWAY_PREFIX))
     match role:
         case "gateway":
-            publish = [
-                s.work_all,
-                s.agent_all("work"),
-                s.agent_all("ctl"),
-                s.queue_all,
-                s.queued_all,
-                s.registry("place"),
-                s.registry("unplace"),
-                s.registry("pull"),
-                s.kv_key(s.sessions_bucket, ">"),
-                f"{_API}.STREAM.MSG.DELETE.{s.queue_stream}",
-                *read,
-            ]
-            return Permissions(tuple(publish), (s.replies_all, s.bodies_all, inbox))
+            return _gateway(s, inbox, None)
         case "registry":
             publish = [
                 s.agent_all("work"),
@@ -116,10 +117,35 @@ def role_permissions(role: str, s: Subjects) -> Permissions:
                 f"{_API}.>",
                 "$JS.ACK.>",
                 "$JS.FC.>",
-                *(s.kv_key(b, ">") for b in s.buckets),
+                *(s.kv_key(b, ">") for b in (*s.buckets, *_key_buckets(s))),
             ]
             return Permissions(tuple(publish), (s.replies_all, s.bodies_all, s.events_all(), inbox))
-    raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)} or {AGENT_PREFIX}<id>")
+    raise ValueError(
+        f"unknown role {role!r}: one of {', '.join(ROLES)}, {AGENT_PREFIX}<id> or {GATEWAY_PREFIX}<id>"
+    )
+
+
+def _gateway(s: Subjects, inbox: str, gateway_id: str | None) -> Permissions:
+    """A gateway: ``gateway_id`` (its ``--id``) scopes its replies and bodies to its own subjects,
+    so one gateway cannot read another's; the shared ``gateway`` identity (None) reads them all."""
+    publish = [
+        s.work_all,
+        s.agent_all("work"),
+        s.agent_all("ctl"),
+        s.queue_all,
+        s.queued_all,
+        s.registry("place"),
+        s.registry("unplace"),
+        s.registry("pull"),
+        s.kv_key(s.sessions_bucket, ">"),
+        s.kv_key(s.usage_bucket, ">"),
+        s.kv_key(s.limits_bucket, ">"),
+        f"{_API}.STREAM.MSG.DELETE.{s.queue_stream}",
+        *_open_and_read(s, _key_buckets(s)),
+    ]
+    if gateway_id is None:
+        return Permissions(tuple(publish), (s.replies_all, s.bodies_all, inbox))
+    return Permissions(tuple(publish), (s.reply_all(gateway_id), s.body_all(gateway_id), inbox))
 
 
 def _agent(agent_id: str, s: Subjects, read: list[str], inbox: str) -> Permissions:

@@ -133,6 +133,7 @@ class Gateway:
             reply_buffer=self.settings.reply_buffer_bytes,
             tracer=self._tracer,
             members=self._fleet.knows,
+            sender_id=self.settings.gateway_id,
         )
         await self._transport.start()
         self._planner = Planner(

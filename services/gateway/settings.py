@@ -14,6 +14,15 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     """One attribute per setting: each is a documented flag and environment variable, so the
     gateway's many attributes are its configuration surface, not state."""
 
+    gateway_id: Annotated[
+        str,
+        setting(
+            "this gateway's token in its reply and body subjects, unique in the fleet (with NATS "
+            "identities: its own, from `corral auth gateway`)",
+            pattern=r"^[A-Za-z0-9_-]{0,64}$",
+            shown="random",
+        ),
+    ] = ""
     host: Annotated[str, setting("address to listen on (0.0.0.0 for all)")] = "127.0.0.1"
     port: Annotated[int, setting("port to listen on (Ollama's by default)", ge=0, le=65535)] = 11434
     claim_timeout_s: Annotated[

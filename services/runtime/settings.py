@@ -63,6 +63,7 @@ def setting(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    pattern: str | None = None,
     flags: Sequence[str] = (),
     shown: str = "",
     secret: bool = False,
@@ -70,7 +71,8 @@ def setting(
 ) -> msgspec.Meta:
     """A setting's declaration, for ``Annotated[type, setting(...)]``.
 
-    ``doc`` is the one-line help; ``flags`` older spellings of the flag that keep working;
+    ``doc`` is the one-line help; ``pattern`` a regular expression a text value must match (the
+    whole of it: anchor it); ``flags`` older spellings of the flag that keep working;
     ``shown`` the default in words where the value alone says little (``"detect"``); ``secret``
     marks a URL whose password is masked in ``repr`` and in error messages. ``period`` marks a
     control-plane period: how often something is re-read or re-checked, or how long a fresh state
@@ -78,7 +80,7 @@ def setting(
     scales it with the clock); a timeout, which detects a failure, is no period.
     """
     bounds: dict[str, Any] = {
-        k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None
+        k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt, "pattern": pattern}.items() if v is not None
     }
     extra = {"flags": tuple(flags), "shown": shown, "secret": secret, "period": period}
     meta: msgspec.Meta = msgspec.Meta(**bounds, description=doc, extra=extra)

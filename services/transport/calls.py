@@ -55,9 +55,12 @@ class Transport:
         reply_buffer: int = 0,
         tracer: Tracer | None = None,
         members: Callable[[str], bool] | None = None,
+        sender_id: str = "",
     ) -> None:
         """``members``: whether an agent id belongs to the fleet (the sender's fleet view); a claim
-        from any other is not believed. None believes every claimant (a sender without a view)."""
+        from any other is not believed. None believes every claimant (a sender without a view).
+        ``sender_id``: this sender's token in its reply and body subjects; empty = random (a fixed
+        one lets NATS permissions give each sender only its own replies)."""
         self.nc = nc
         self.subjects = subjects
         self.claim_timeout = claim_timeout  # an agent must claim within this
@@ -65,7 +68,7 @@ class Transport:
         self.reply_buffer = reply_buffer  # bytes of reply one call may hold unread; 0 = no bound
         self._tracer = tracer
         self._members = members
-        self.id = secrets.token_hex(6)
+        self.id = sender_id or secrets.token_hex(6)
         self._ids = itertools.count(1)
         self._calls: dict[str, Call] = {}
         self._outstanding: dict[str, int] = {}  # agent id → calls it holds for this sender

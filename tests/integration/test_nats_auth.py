@@ -14,12 +14,15 @@ import nats.errors
 import ollama
 import pytest
 from corral.auth.config import add_agent, creds_path, init
-from corral.auth.permissions import agent_user
+from corral.auth.permissions import agent_user, gateway_user
+from corral.gateway.app import Gateway
+from corral.gateway.settings import GatewaySettings
 from corral.protocol import headers as H
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import connect, ensure_buckets
 from corral.runtime.natsauth import NatsAuth
 from corral.runtime.natsserver import NatsServer, free_port
+from corral.runtime.process import AsgiServer
 from corral.simulator import SimServer
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims, sim_gpus
 from nats.aio.client import Client as NATS
@@ -32,12 +35,13 @@ ROOT = "sec"
 MODEL = "llama3.2"
 AGENTS = ("nvidia-0", "amd-1")
 LATE = "late-2"  # an agent added after the server started: `corral auth agent` and a reload
+GATEWAYS = ("gw1", "gw2")  # gateways with a fixed --gateway-id, each its own identity
 
 
 @pytest.fixture(scope="module")
 def auth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("auth")
-    init(d, ROOT, AGENTS)
+    init(d, ROOT, AGENTS, gateways=GATEWAYS)
     return d
 
 
@@ -63,7 +67,7 @@ async def fleet(server: NatsServer, auth_dir: Path) -> AsyncIterator[LocalFleet]
         port=0,
         nats_url=server.url,
         root=ROOT,
-        gateway={"queue_timeout_s": 5.0} | creds(auth_dir, "gateway"),
+        gateway={"queue_timeout_s": 5.0, "gateway_id": "gw1"} | creds(auth_dir, gateway_user("gw1")),
         registry=creds(auth_dir, "registry"),
         aggregator=creds(auth_dir, "aggregator"),
     )
@@ -286,3 +290,52 @@ async def test_deploy_nats_conf_with_the_include_only_lets_identities_in(tmp_pat
                 await anonymous.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0)
         finally:
             await anonymous.close()
+
+
+async def test_a_gateway_with_its_own_identity_reads_only_its_own_replies(
+    fleet: LocalFleet, as_user: Any
+) -> None:
+    """The fleet's gateway runs as ``gateway-gw1`` with ``--gateway-id gw1`` (and serves: the tests
+    above); ``gateway-gw2`` may not listen to gw1's replies or large bodies."""
+    s = Subjects(ROOT)
+    assert fleet.gateway is not None and fleet.gateway.planner.transport.id == "gw1"
+    other = await as_user(gateway_user("gw2"))
+    for subject in (s.reply_all("gw1"), s.body_all("gw1"), s.replies_all):
+        await other.nc.subscribe(subject)
+        await other.denied(f'Subscription to "{subject}"')
+    assert_no_violation(fleet)
+
+
+async def test_api_keys_work_under_a_gateways_identity(fleet: LocalFleet, auth_dir: Path) -> None:
+    """A gateway with keys on (CORRAL_AUTH=keys) reads the keys and counts usage and limits under its
+    own NATS identity; the operator makes the key with `corral keys create`."""
+    operator = str(creds_path(auth_dir, "operator"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", "keys", "create", "k1", "--rpm", "100",
+        "--nats", fleet.nats_url, "--root", ROOT, "--nats-creds", operator,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    key = out.decode().strip()
+    settings = GatewaySettings(
+        nats_url=fleet.nats_url, root=ROOT, port=0, auth="keys", gateway_id="gw2",
+        **creds(auth_dir, gateway_user("gw2")),
+    )  # fmt: skip
+    second = Gateway(settings)
+    http = AsgiServer(second, "127.0.0.1", 0)
+    await second.start()
+    await http.start()
+    try:
+        await until(fleet, lambda: len(second.fleet.agents()) == len(AGENTS))
+        async with ollama.AsyncClient(host=http.url, headers={"Authorization": f"Bearer {key}"}) as client:
+            r = await client.generate(model=MODEL, prompt="hi", options={"num_predict": 2})
+            assert r.done
+        async with ollama.AsyncClient(host=http.url) as anonymous:
+            with pytest.raises(ollama.ResponseError) as refused:
+                await anonymous.generate(model=MODEL, prompt="hi")
+        assert refused.value.status_code == 401
+        assert second.nc is not None and second.nc.last_error is None
+    finally:
+        await http.stop()
+        await second.stop()

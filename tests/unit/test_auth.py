@@ -6,7 +6,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from corral.auth.config import AuthDirError, add_agent, creds_path, init
+from corral.auth.config import AuthDirError, add_agent, add_gateway, creds_path, init
 from corral.auth.main import main
 from corral.auth.permissions import agent_user, role_permissions
 from corral.protocol.subjects import Subjects
@@ -87,3 +87,27 @@ def test_nats_options_for_an_identity(tmp_path: Path) -> None:
         NatsAuth(str(tmp_path / "missing.creds")).options()
     with pytest.raises(CredentialsError):
         NatsAuth(tls_key="k.pem").options()
+
+
+def test_a_gateway_with_its_own_identity_reads_only_its_own_replies(tmp_path: Path) -> None:
+    init(tmp_path / "a", "corral", gateways=["gw1"])
+    assert (creds_path(tmp_path / "a", "gateway-gw1")).exists()
+    own = role_permissions("gateway-gw1", S)
+    assert set(own.subscribe) == {S.reply_all("gw1"), S.body_all("gw1"), "_INBOX_gateway-gw1.>"}
+    shared = role_permissions("gateway", S)
+    assert S.replies_all in shared.subscribe and S.bodies_all in shared.subscribe
+    assert own.publish == shared.publish
+    add_gateway(tmp_path / "a", "gw2")
+    assert "# gateway-gw2" in (tmp_path / "a" / "auth.conf").read_text()
+
+
+def test_gateways_count_key_usage_and_only_the_operator_writes_keys() -> None:
+    gateway = role_permissions("gateway", S)
+    assert (
+        S.kv_key(S.usage_bucket, ">") in gateway.publish and S.kv_key(S.limits_bucket, ">") in gateway.publish
+    )
+    assert S.kv_key(S.keys_bucket, ">") not in gateway.publish
+    assert f"$JS.API.DIRECT.GET.KV_{S.keys_bucket}" in gateway.publish  # it reads them
+    assert S.kv_key(S.keys_bucket, ">") in role_permissions("operator", S).publish
+    for role in ("registry", "aggregator", "agent-a1"):
+        assert not any(S.keys_bucket in p for p in role_permissions(role, S).publish), role
