@@ -243,7 +243,7 @@ class Agent:
     # -- work intake -------------------------------------------------------------------------
     async def _job_from(self, msg: Msg) -> Job | None:
         assert self.nc is not None
-        return await job_from(msg, self.nc, self.subjects, self.id)
+        return await job_from(msg, self.nc, self.subjects, self.id, self.settings.allowed_registries)
 
     @guarded
     async def _on_claim(self, msg: Msg) -> None:

@@ -18,9 +18,9 @@ from typing import TypeVar
 
 from corral.agent.worker import Job
 from corral.protocol import headers as H
-from corral.protocol.endpoints import served
+from corral.protocol.endpoints import remote_refused, served
 from corral.protocol.envelope import decode_request
-from corral.protocol.errors import BadEnvelope
+from corral.protocol.errors import BadEnvelope, BadRequest
 from corral.protocol.subjects import Subjects
 from corral.transport.replies import ReplyWriter
 from nats.aio.client import Client as NATS
@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 S = TypeVar("S")
 
 
-async def job_from(msg: Msg, nc: NATS, subjects: Subjects, sender: str) -> Job | None:
+async def job_from(
+    msg: Msg, nc: NATS, subjects: Subjects, sender: str, allowed_registries: tuple[str, ...]
+) -> Job | None:
     """The job a work message carries; a malformed one is answered ``bad_request`` where it names
     a usable reply subject, else logged and dropped (None either way)."""
     try:
@@ -64,6 +66,11 @@ async def job_from(msg: Msg, nc: NATS, subjects: Subjects, sender: str) -> Job |
         await ReplyWriter(nc, reply, env.rid, sender).end(
             BadEnvelope(f"{env.method} {env.endpoint} is not served")
         )
+        return None
+    refused = remote_refused(env.endpoint, msg.data, allowed_registries) if env.body_size is None else None
+    if refused is not None:  # whoever sent it: the gateway checks too, but NATS clients need not
+        log.warning("refusing work %s: %s", env.rid, refused)
+        await ReplyWriter(nc, reply, env.rid, sender).end(BadRequest(refused))
         return None
     body_subject = ""
     if env.body_size is not None and env.origin is not None:

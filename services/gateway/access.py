@@ -20,8 +20,7 @@ from typing import Final, Literal
 
 import msgspec
 from corral.protocol.endpoints import MODEL_ENDPOINTS
-from corral.protocol.errors import InvalidModelName
-from corral.protocol.names import key_of, parse_name
+from corral.protocol.names import key_of
 
 Role = Literal["user", "admin"]
 ROLES: Final = ("user", "admin")
@@ -111,27 +110,6 @@ def model_allowed(patterns: tuple[str, ...], name: str) -> bool:
         if fnmatch.fnmatchcase(key, p) or (":" not in p and fnmatch.fnmatchcase(untagged, p)):
             return True
     return False
-
-
-def registry_host(name: str) -> str:
-    """The registry host a model name pulls from, lower-cased (``registry.ollama.ai`` when the name
-    has none); raises `InvalidModelName` for a name Ollama would refuse."""
-    return parse_name(name).host.lower()
-
-
-def registry_allowed(name: str, allowed: tuple[str, ...]) -> bool:
-    """Whether pulling ``name`` fetches from a registry in ``allowed`` (hosts, case-insensitive; a
-    host with a port must be listed with it). A name that does not parse is not allowed."""
-    try:
-        host = registry_host(name)
-    except InvalidModelName:
-        return False
-    return host in {a.strip().lower() for a in allowed}
-
-
-def registry_refused(host: str) -> str:
-    """The 400's message for a pull from a registry that is not allowed."""
-    return f"pull model manifest: registry '{host}' is not allowed on this server"
 
 
 # -- limits: fixed one-minute windows --------------------------------------------------------------

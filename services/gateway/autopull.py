@@ -11,10 +11,9 @@ import time
 
 import msgspec
 import nats.errors
-from corral.gateway.access import registry_allowed, registry_refused
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import BadRequest, CorralError
-from corral.protocol.names import ModelName
+from corral.protocol.names import ModelName, registry_allowed, registry_refused
 from corral.routing import pull_order
 from corral.runtime.fleet import FleetView
 from corral.runtime.tasks import cancel_and_wait

@@ -102,10 +102,3 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
         str, setting("certificate (PEM) to serve HTTPS with; with --tls-key", shown="none: HTTP")
     ] = ""
     tls_key: Annotated[str, setting("the private key (PEM) of --tls-cert", shown="none")] = ""
-    allowed_registries: Annotated[
-        tuple[str, ...],
-        setting(
-            "registries a pull may fetch from (model-name hosts, comma-separated); any other is 400",
-            shown="registry.ollama.ai,hf.co",
-        ),
-    ] = ("registry.ollama.ai", "hf.co")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Final
 
+import msgspec
+from corral.protocol.errors import InvalidModelName
+from corral.protocol.names import registry_allowed, registry_host, registry_refused
+
 # requests that run a model: Ollama loads it first (or reloads it at the request's context)
 MODEL_ENDPOINTS: Final = frozenset(
     {
@@ -50,3 +54,35 @@ def served(method: str, endpoint: str) -> bool:
         digest = endpoint[len(_BLOBS) :]
         return method in ("HEAD", "POST") and len(digest) == _BLOB_DIGEST_LENGTH and digest[6] in ":-"
     return method == "GET" and endpoint.startswith(_V1_MODEL) and "/" not in endpoint[len(_V1_MODEL) :]
+
+
+# The body fields naming a model an Ollama fetches from (or sends to) a registry.
+_REMOTE_FIELDS: Final = {
+    "/api/pull": ("model", "name"),
+    "/api/push": ("model", "name"),
+    "/api/create": ("from",),
+}
+
+
+def remote_refused(endpoint: str, body: bytes, allowed: tuple[str, ...]) -> str | None:
+    """Why a request may not run: a pull, push or create whose model names a registry not in
+    ``allowed`` (Ollama's error wording); None when it may (or when the body does not parse:
+    Ollama answers that itself)."""
+    fields = _REMOTE_FIELDS.get(endpoint)
+    if fields is None:
+        return None
+    try:
+        doc = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    for field in fields:
+        name = doc.get(field)
+        if isinstance(name, str) and name and not registry_allowed(name, allowed):
+            try:
+                host = registry_host(name)
+            except InvalidModelName:
+                return f'invalid model name "{name[:80]}"'
+            return registry_refused(host)
+    return None

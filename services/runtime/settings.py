@@ -310,6 +310,13 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True):
         str, setting("client certificate (PEM) for a NATS server that verifies its clients", shown="none")
     ] = ""
     nats_tls_key: Annotated[str, setting("the private key (PEM) of --nats-tls-cert", shown="none")] = ""
+    allowed_registries: Annotated[
+        tuple[str, ...],
+        setting(
+            "registries a pull, push or create may reach (model-name hosts, comma-separated); others: 400",
+            shown="registry.ollama.ai,hf.co",
+        ),
+    ] = ("registry.ollama.ai", "hf.co")
 
     def __repr__(self) -> str:
         return masked_repr(self)

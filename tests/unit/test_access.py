@@ -12,13 +12,13 @@ from corral.gateway.access import (
     model_allowed,
     new_key,
     over_limit,
-    registry_allowed,
     reply_tokens,
     retry_after,
     user_may,
     window_of,
 )
 from corral.gateway.limits import periods, usage_key, usage_model
+from corral.protocol.names import registry_allowed
 from hypothesis import given
 from hypothesis import strategies as st
 

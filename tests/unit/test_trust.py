@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from corral.protocol.endpoints import MODEL_ENDPOINTS, served
+from corral.protocol.endpoints import MODEL_ENDPOINTS, remote_refused, served
 from corral.protocol.messages import AgentState, agent_state_of
 from corral.protocol.subjects import Subjects, usable_reply
 
@@ -67,3 +67,23 @@ def test_an_agent_state_is_believed_only_under_its_own_key() -> None:
         agent_state_of("victim", value)
     with pytest.raises(msgspec.DecodeError):
         agent_state_of("a1", b"{}")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "refused"),
+    [
+        ("/api/pull", b'{"model": "llama3.2"}', False),
+        ("/api/pull", b'{"name": "hf.co/a/b"}', False),
+        ("/api/pull", b'{"model": "10.0.0.1:8080/a/b", "insecure": true}', True),
+        ("/api/push", b'{"model": "evil.example/library/x"}', True),
+        ("/api/create", b'{"model": "mine", "from": "https://evil.example/a/b"}', True),
+        ("/api/create", b'{"model": "mine", "from": "llama3.2"}', False),
+        ("/api/generate", b'{"model": "evil.example/a/b"}', False),  # runs only what is on disk
+        ("/api/pull", b"not json", False),  # Ollama words that error itself
+    ],
+)
+def test_pull_push_and_create_reach_only_allowed_registries(
+    endpoint: str, body: bytes, refused: bool
+) -> None:
+    why = remote_refused(endpoint, body, ("registry.ollama.ai", "hf.co"))
+    assert (why is not None) == refused, why
