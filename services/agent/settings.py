@@ -11,6 +11,10 @@ Vendor = Literal["", "nvidia", "amd", "intel", "apple", "cpu"]
 
 
 class AgentSettings(CommonSettings, frozen=True, kw_only=True):
+    """Every setting of `corral agent`: twenty attributes, a flag and a variable each (as with
+    the other services' settings): the Ollama it serves, its slots and periods, and how it finds
+    several Ollamas on one host (Docker discovery, one spawned Ollama per GPU)."""
+
     id: Annotated[str, setting("agent id, unique in the fleet", shown="<hostname>-<port>")] = ""
     ollama_url: Annotated[str, setting("the Ollama this agent serves", flags=["--ollama"], secret=True)] = (
         "http://127.0.0.1:11434"
