@@ -43,11 +43,25 @@ class AsyncClient:
         root: str = "corral",
         queue_timeout: float = 60.0,
         nc: NATS | None = None,
+        nats_creds: str = "",
+        nats_tls_ca: str = "",
+        nats_tls_cert: str = "",
+        nats_tls_key: str = "",
     ) -> None:
+        """``nats_creds``: a NATS identity from ``corral auth init`` (the operator's, or any with the
+        rights of a gateway); ``nats_tls_*``: the CA, and a client certificate and key, for a NATS
+        server that uses TLS. ``nc``: an open connection to use instead (not closed by the client)."""
         self._url = nats_url
         self._subjects = Subjects(root)
         # routed exactly as the gateway routes, under the gateway's defaults
-        self._settings = GatewaySettings(root=root, queue_timeout_s=queue_timeout)
+        self._settings = GatewaySettings(
+            root=root,
+            queue_timeout_s=queue_timeout,
+            nats_creds=nats_creds,
+            nats_tls_ca=nats_tls_ca,
+            nats_tls_cert=nats_tls_cert,
+            nats_tls_key=nats_tls_key,
+        )
         self._nc = nc
         self._own_nc = nc is None
         self._fleet: FleetView | None = None

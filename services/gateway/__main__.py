@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
 async def serve(settings: GatewaySettings) -> int:
     provider = setup_tracing("corral-gateway", endpoint=settings.otlp_endpoint)
     gateway = Gateway(settings)
+    await gateway.start()  # NATS before HTTP: a refused identity ends here, said in one line
     server = AsgiServer(
         gateway,
         settings.host,
@@ -35,7 +36,11 @@ async def serve(settings: GatewaySettings) -> int:
         tls_cert=settings.tls_cert,
         tls_key=settings.tls_key,
     )
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await gateway.stop()
+        raise
     log.info("gateway listening on %s", server.url)
     try:
         lost = await wait_for_stop(gateway.lost)

@@ -111,6 +111,10 @@ class Gateway:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        """Connect and open everything; a second call (the HTTP lifespan after ``corral gateway``
+        started it first) does nothing."""
+        if self.nc is not None:
+            return
         replicas = self.settings.js_replicas
         self.nc = await connect(
             self.settings.nats_url,

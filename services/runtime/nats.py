@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
-import nats
 from corral.protocol.subjects import Subjects
 from corral.runtime.natsauth import NatsAuth as NatsAuth  # callers take it from here, beside connect
 from corral.runtime.tasks import cancel_and_wait, supervise
@@ -95,6 +95,20 @@ def server_urls(url: str) -> list[str]:
     return servers
 
 
+class NatsRefused(ConnectionError):
+    """The NATS server refused this process's first connection for a reason retrying cannot cure:
+    its identity is not authorized, or the server's certificate does not verify. A service exits
+    with status 1 and says so; a later refusal (an identity revoked while connected) closes the
+    connection for good instead (``on_closed``)."""
+
+
+def refused_for_good(e: BaseException) -> bool:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return True
+    text = str(e).lower()
+    return "authorization violation" in text or "authentication" in text or "user authentication" in text
+
+
 async def connect(
     url: str,
     *,
@@ -103,7 +117,8 @@ async def connect(
     on_reconnected: Callable[[], object] | None = None,
     auth: NatsAuth | None = None,
 ) -> NATS:
-    """A connection that reconnects for ever and reports state changes in the log.
+    """A connection that reconnects for ever and reports state changes in the log; `NatsRefused`
+    when the server refuses the first connection for good (see there).
 
     ``url`` is one server or a comma-separated list of them (`server_urls`); ``auth`` this process's
     identity and TLS files (`NatsAuth.of(settings)`; raises `CredentialsError` for a bad one).
@@ -113,11 +128,12 @@ async def connect(
     memory: the caller wakes its own loops to ensure its buckets and restart its watches — the
     callback runs inside nats-py's reconnect, so it must not wait on NATS itself)."""
 
-    nc: NATS | None = None
+    nc = NATS()
+    connected = False
     error_log = _RateLimitedLog(name)
 
     async def on_disconnect() -> None:
-        if nc is not None and (nc.is_closed or nc.is_draining):
+        if nc.is_closed or nc.is_draining:
             log.debug("%s: NATS connection closed", name)
         else:
             log.warning("%s: disconnected from NATS", name)
@@ -129,15 +145,17 @@ async def connect(
 
     async def on_error(e: Exception) -> None:
         error_log(e)
+        if not connected and refused_for_good(e):
+            # raised inside nats-py's first connect, which it ends: retrying cannot help
+            raise NatsRefused(f"NATS at {url} refused this process: {e}") from e
 
     async def on_close() -> None:
-        if nc is not None and nc.last_error is not None:
+        if connected and nc.last_error is not None:
             log.error("%s: NATS connection closed for good: %s", name, nc.last_error)
         if on_closed is not None:
             on_closed()
 
-    nc = await nats.connect(
-        server_urls(url),
+    options: dict[str, Any] = dict(
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=RECONNECT_MAX_S,  # nats-py's own wait, only used while closing
@@ -149,6 +167,12 @@ async def connect(
         drain_timeout=5,  # bounded: a stop never waits longer than this for subscriptions to drain
         **(auth.options() if auth is not None else {}),
     )
+    try:
+        await nc.connect(server_urls(url), **options)
+    except NatsRefused:
+        await nc.close()  # the refused attempt's socket
+        raise
+    connected = True
     _decode_leniently(nc)  # before any subscription: any client may publish to our subjects
     return nc
 

@@ -109,7 +109,7 @@ class NatsAuth:
                     out["nkeys_seed_str"] = c.nkey
                 else:
                     out["user"], out["password"] = c.user, c.password
-        if self.tls_ca or self.tls_cert:
+        if self.tls_ca or self.tls_cert or self.tls_key:
             out["tls"] = self.tls_context()
         return out
 

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import uvicorn
 from corral.runtime.logs import setup_logging
+from corral.runtime.nats import NatsRefused
 from corral.runtime.settings import CommonSettings, SettingsError, settings_from_args
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -48,7 +49,11 @@ def service_main(
         return 2
     settings = parsed[1]
     setup_logging(settings.log_level, service=service)
-    return run(serve(settings))
+    try:
+        return run(serve(settings))
+    except NatsRefused as e:  # a configuration error, said in one line: no traceback
+        log.error("%s", e)
+        return 1
 
 
 def run(coro: Coroutine[Any, Any, int]) -> int:

@@ -15,11 +15,12 @@ import ollama
 import pytest
 from corral.auth.config import add_agent, creds_path, init
 from corral.auth.permissions import agent_user, gateway_user
+from corral.client import AsyncClient
 from corral.gateway.app import Gateway
 from corral.gateway.settings import GatewaySettings
 from corral.protocol import headers as H
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.nats import NatsRefused, connect, ensure_buckets
 from corral.runtime.natsauth import NatsAuth
 from corral.runtime.natsserver import NatsServer, free_port
 from corral.runtime.process import AsgiServer
@@ -327,7 +328,7 @@ async def test_api_keys_work_under_a_gateways_identity(fleet: LocalFleet, auth_d
     await second.start()
     await http.start()
     try:
-        await until(fleet, lambda: len(second.fleet.agents()) == len(AGENTS))
+        await until(fleet, lambda: len(second.fleet.agents()) >= len(AGENTS))
         async with ollama.AsyncClient(host=http.url, headers={"Authorization": f"Bearer {key}"}) as client:
             r = await client.generate(model=MODEL, prompt="hi", options={"num_predict": 2})
             assert r.done
@@ -339,3 +340,33 @@ async def test_api_keys_work_under_a_gateways_identity(fleet: LocalFleet, auth_d
     finally:
         await http.stop()
         await second.stop()
+
+
+async def test_the_python_client_speaks_nats_under_an_identity(fleet: LocalFleet, auth_dir: Path) -> None:
+    operator = str(creds_path(auth_dir, "operator"))
+    async with AsyncClient(fleet.nats_url, root=ROOT, nats_creds=operator) as client:
+        r = await client.generate(MODEL, "hi", options={"num_predict": 2})
+        assert r["done"] is True
+    with pytest.raises(NatsRefused, match="Authorization Violation"):  # no identity: refused at once
+        async with AsyncClient(fleet.nats_url, root=ROOT) as anonymous:
+            await anonymous.generate(MODEL, "hi")
+
+
+@pytest.mark.parametrize("service", ["gateway", "agent", "registry", "aggregator"])
+async def test_a_service_refused_by_nats_exits_1_and_says_why(server: NatsServer, service: str) -> None:
+    """A wrong (here: no) identity is a configuration error: the process says so in one line and
+    exits 1 for its supervisor, instead of retrying for ever."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", f"corral.{service}", "--nats", server.url, "--root", ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1
+    text = err.decode()
+    assert "refused this process" in text and "Authorization Violation" in text
+    assert "Traceback" not in text
