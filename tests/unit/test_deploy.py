@@ -24,12 +24,18 @@ from urllib.parse import urlsplit
 import msgspec
 import pytest
 import yaml
+from corral import fleetctl
 from corral.agent import __main__ as agent_main
 from corral.agent.settings import AgentSettings
-from corral.cli import COMMANDS
+from corral.aggregator import __main__ as aggregator_main
+from corral.aggregator.settings import AggregatorSettings
+from corral.auth import main as auth_main
+from corral.cli import COMMANDS, FLEET_COMMANDS
 from corral.gateway import __main__ as gateway_main
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.names import VENDORS
+from corral.registry import __main__ as registry_main
+from corral.registry.settings import RegistrySettings
 from corral.runtime import natsmain
 from corral.runtime.natsserver import find_binary
 from corral.runtime.settings import CommonSettings, SettingsError, env_name, load_settings, settings_from_args
@@ -42,11 +48,31 @@ SYSTEMD = DEPLOY / "systemd"
 NATS_CONF = DEPLOY / "nats.conf"
 DOCKERFILE = ROOT / "Dockerfile"
 
-PARSERS = {"gateway": gateway_main.parser, "agent": agent_main.parser, "nats": natsmain.parser}
-SETTINGS: dict[str, type[msgspec.Struct]] = {"gateway": GatewaySettings, "agent": AgentSettings}
+PARSERS = {
+    "gateway": gateway_main.parser,
+    "agent": agent_main.parser,
+    "registry": registry_main.parser,
+    "aggregator": aggregator_main.parser,
+    "nats": natsmain.parser,
+    "status": lambda: fleetctl.parser("status"),  # the one-shot that creates buckets and stream
+    # commands the README has a person type
+    **{c: (lambda c=c: fleetctl.parser(c)) for c in ("pull", "drain", "uncordon")},
+    "auth": auth_main.parser,
+}
+SETTINGS: dict[str, type[msgspec.Struct]] = {
+    "gateway": GatewaySettings,
+    "agent": AgentSettings,
+    "registry": RegistrySettings,
+    "aggregator": AggregatorSettings,
+    "status": CommonSettings,
+    "pull": CommonSettings,
+    "drain": CommonSettings,
+    "uncordon": CommonSettings,
+}
+SERVICES = ("gateway", "agent", "registry", "aggregator")  # every deploy target runs all four
 SETTING_ENV = {
     env_name(f.name)
-    for cls in (CommonSettings, GatewaySettings, AgentSettings)
+    for cls in (CommonSettings, GatewaySettings, AgentSettings, RegistrySettings, AggregatorSettings)
     for f in msgspec.structs.fields(cls)
 }
 DRAIN_S = AgentSettings().drain_grace_s
@@ -202,7 +228,23 @@ def env_file(path: Path) -> dict[str, str]:
 
 
 # install path in a unit -> the example in the repository that documents it
-ENV_EXAMPLES = {"/etc/corral/agent-%i.env": SYSTEMD / "agent.env.example"}
+ENV_EXAMPLES = {
+    "/etc/corral/agent-%i.env": SYSTEMD / "agent.env.example",
+    "/etc/corral/corral.env": SYSTEMD / "corral.env.example",
+    "/etc/corral/nats-cluster.env": SYSTEMD / "nats-cluster.env.example",
+}
+
+
+def unit_env(unit: dict[str, list[tuple[str, str]]]) -> dict[str, str]:
+    """The environment a unit's command sees: Environment= lines, then the documented examples of
+    its EnvironmentFile= lines, in order (later wins, as in systemd)."""
+    env: dict[str, str] = {}
+    for key, value in unit.get("Service", []):
+        if key == "Environment":
+            env.update(item.split("=", 1) for item in shlex.split(value))
+        elif key == "EnvironmentFile" and (example := ENV_EXAMPLES.get(value.lstrip("-"))) is not None:
+            env.update(env_file(example))
+    return env
 
 
 def exec_start(unit: dict[str, list[tuple[str, str]]], path: Path) -> list[str]:
@@ -217,14 +259,7 @@ def systemd_invocations() -> Iterator[Invocation]:
         argv = exec_start(unit, path)
         if Path(argv[0]).name != "corral":
             continue
-        env: dict[str, str] = {}
-        for value in unit_values(unit, "Service", "EnvironmentFile"):
-            example = ENV_EXAMPLES.get(value.lstrip("-"))
-            if example is not None:
-                env.update(env_file(example))
-        for value in unit_values(unit, "Service", "Environment"):
-            env.update(item.split("=", 1) for item in shlex.split(value))
-        yield Invocation("systemd", path.name, [expand(a) for a in argv[1:]], env)
+        yield Invocation("systemd", path.name, [expand(a) for a in argv[1:]], unit_env(unit))
 
 
 def readme_invocations() -> Iterator[Invocation]:
@@ -234,7 +269,9 @@ def readme_invocations() -> Iterator[Invocation]:
             line = line.strip().removeprefix("$ ")
             if line.startswith("corral "):
                 yield Invocation(
-                    "readme", f"deploy/README.md: {line}", [expand(a) for a in shlex.split(line)[1:]]
+                    "readme",
+                    f"deploy/README.md: {line}",
+                    [expand(a) for a in shlex.split(line, comments=True)[1:]],
                 )
 
 
@@ -250,7 +287,9 @@ class Checked:
 
 def check_invocation(inv: Invocation) -> Checked:
     """Parse the command line with the real parser, then build the real settings from it."""
-    assert inv.command in COMMANDS, f"{inv.source}: `corral {inv.command}` is not a corral command"
+    assert inv.command in COMMANDS or inv.command in FLEET_COMMANDS, (
+        f"{inv.source}: `corral {inv.command}` is not a corral command"
+    )
     assert inv.command in PARSERS, f"{inv.source}: deploy files should only run {sorted(PARSERS)}"
     err = io.StringIO()
     try:
@@ -271,10 +310,10 @@ INVOCATIONS = all_invocations()
 
 
 def test_invocations_found_everywhere() -> None:
-    """The extraction itself works: each kind of file starts both a gateway and an agent."""
+    """The extraction itself works, and each kind of file starts all four services."""
     found = {(inv.where, inv.command) for inv in INVOCATIONS}
     for where in ("compose", "kubernetes", "systemd", "readme"):
-        for command in ("gateway", "agent"):
+        for command in SERVICES:
             assert (where, command) in found, f"no `corral {command}` found in {where} files"
 
 
@@ -294,7 +333,7 @@ def test_corral_command_lines_parse(inv: Invocation) -> None:
 def test_a_bad_command_line_is_caught() -> None:
     """The check above can fail: an unknown flag and a bad value are both refused."""
     with pytest.raises(pytest.fail.Exception, match="rejected"):
-        check_invocation(Invocation("test", "test", ["agent", "--gpu", "0"]))
+        check_invocation(Invocation("test", "test", ["agent", "--no-such-flag", "0"]))
     with pytest.raises(pytest.fail.Exception, match="invalid setting"):
         check_invocation(Invocation("test", "test", ["agent"], {"CORRAL_PARALLEL": "many"}))
 
@@ -388,11 +427,16 @@ def test_compose_pairs_each_agent_with_its_ollama() -> None:
 
 def test_compose_nats_and_gateway() -> None:
     services = load_compose()["services"]
-    nats_svc = services["nats"]
-    assert nats_svc["image"] == "nats:2.10-alpine"
-    mounts = dict(v.split(":")[:2] for v in nats_svc["volumes"])
-    target = mounts["./nats.conf"]
-    assert nats_svc["command"][nats_svc["command"].index("-c") + 1] == target
+    nodes = [services[n] for n in ("nats", "nats-2", "nats-3")]
+    assert [n.get("profiles") for n in nodes] == [None, ["cluster"], ["cluster"]]
+    for node in nodes:
+        assert node["image"] == "nats:2.10-alpine"
+        mounts = dict(v.split(":")[:2] for v in node["volumes"])
+        assert {f"./{c}" for c in NATS_CONFIGS} <= mounts.keys()
+        config = expand(node["command"][node["command"].index("-c") + 1])
+        assert config in (mounts["./nats.conf"], mounts["./nats-cluster.conf"]), config
+    for name in ("registry", "aggregator"):
+        assert services[name]["deploy"]["replicas"] == 2, f"{name}: two replicas"
     gateway = services["gateway"]
     assert any(str(p).endswith(":11434") for p in gateway["ports"]), "gateway must publish 11434"
 
@@ -430,8 +474,9 @@ def test_kubernetes_objects_are_well_formed() -> None:
         claims = {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for v in volumes.values():
-            if "configMap" in v:
-                assert v["configMap"]["name"] in config_maps, f"{where}: ConfigMap {v['configMap']['name']}"
+            sources = [v, *v.get("projected", {}).get("sources", [])]
+            for name in (s["configMap"]["name"] for s in sources if "configMap" in s):
+                assert name in config_maps, f"{where}: ConfigMap {name}"
         for c in spec["containers"]:
             ports = {p.get("name") for p in c.get("ports", [])} | {
                 p["containerPort"] for p in c.get("ports", [])
@@ -462,11 +507,17 @@ def find_object(kind: str, name: str) -> dict[str, Any]:
 
 def test_kubernetes_nats_config_is_deploy_nats_conf() -> None:
     config = find_object("ConfigMap", "nats-config")
-    assert config["data"]["nats.conf"] == NATS_CONF.read_text(), "ConfigMap drifted from deploy/nats.conf"
+    assert set(config["data"]) == {*NATS_CONFIGS, "secure.conf"}
+    for name, text in config["data"].items():
+        assert text == (DEPLOY / name).read_text(), f"ConfigMap drifted from deploy/{name}"
     nats_set = find_object("StatefulSet", "nats")
     container = nats_set["spec"]["template"]["spec"]["containers"][0]
     mount = next(m for m in container["volumeMounts"] if m["name"] == "config")["mountPath"]
-    assert container["args"] == ["-c", f"{mount}/nats.conf"]
+    (config_volume,) = [v for v in nats_set["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
+    assert config_volume["projected"]["sources"] == [{"configMap": {"name": "nats-config"}}]
+    assert container["args"] == ["-c", f"{mount}/nats$(NATS_CLUSTER)$(NATS_SECURE).conf"]
+    env = k8s_container_env(container)
+    assert (env["NATS_CLUSTER"], env["NATS_SECURE"]) == ("", ""), "the base runs nats.conf"
     store = re.search(r'store_dir:\s*"?([^"\n]+)', NATS_CONF.read_text())
     assert store, "nats.conf sets no store_dir"
     data_mounts = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "data"]
@@ -516,7 +567,15 @@ def test_kubernetes_gpu_pods_run_ollama_and_agent_side_by_side() -> None:
 
 
 # -- systemd ----------------------------------------------------------------------------------
-UNITS = {"corral-agent@.service", "corral-gateway.service", "corral-nats.service"}
+UNITS = {
+    "corral-agent@.service",
+    "corral-gateway.service",
+    "corral-registry@.service",
+    "corral-aggregator@.service",
+    "corral-nats.service",
+    "corral-nats-cluster.service",
+}
+NATS_CONFIGS = ("nats.conf", "nats-cluster.conf", "nats-secure.conf", "nats-cluster-secure.conf")
 
 
 @pytest.mark.parametrize("name", sorted(UNITS))
@@ -536,13 +595,20 @@ def test_systemd_unit(name: str) -> None:
         check_invocation(Invocation("systemd", name, [expand(a) for a in argv[1:]]))
     else:
         assert binary == Path(find_binary()).name, f"{name}: runs {binary}"
-        assert argv[argv.index("-c") + 1] == "/etc/corral/nats.conf"
+        config = re.sub(r"\$\{(\w+)\}", lambda m: unit_env(unit)[m.group(1)], argv[argv.index("-c") + 1])
+        assert config.startswith("/etc/corral/") and config.removeprefix("/etc/corral/") in NATS_CONFIGS
 
 
 def test_systemd_files() -> None:
     assert {p.name for p in SYSTEMD.glob("*.service")} == UNITS
     agent = parse_unit(SYSTEMD / "corral-agent@.service")
-    assert unit_values(agent, "Service", "EnvironmentFile") == ["/etc/corral/agent-%i.env"]
+    assert unit_values(agent, "Service", "EnvironmentFile") == [
+        "-/etc/corral/corral.env",
+        "/etc/corral/agent-%i.env",
+    ]
+    for example in ("corral.env.example", "nats-cluster.env.example"):
+        names = env_file(SYSTEMD / example).keys()
+        assert all(n in SETTING_ENV or n.startswith("NATS_") for n in names), f"{example}: {names}"
     example = env_file(SYSTEMD / "agent.env.example")
     assert example.keys() <= SETTING_ENV, f"agent.env.example: {example.keys() - SETTING_ENV}"
     settings = load_settings(AgentSettings, environ=example)
