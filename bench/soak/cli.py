@@ -71,6 +71,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="agents' heartbeat (default 1)")
     p.add_argument("--seed", type=int, default=1, help="seed of the request mix (default 1)")
+    p.add_argument(
+        "--conversations",
+        type=int,
+        default=512,
+        help="chats open with one of this many openings, a steady working set for the session caches; "
+        "0 = every chat anew, so the caches fill toward their bounds (default 512)",
+    )
     p.add_argument("--log-dir", help="where each process's log goes (default: a new temporary folder, kept)")
     p.add_argument(
         "--log-level", default="WARNING", help="log level of every Corral process (default WARNING)"
@@ -214,7 +221,12 @@ async def soak(args: argparse.Namespace, workdir: Path, log_dir: Path, stop_earl
             f"load for {args.minutes:g} min, {args.clients} clients, warm-up {warmup_s:.0f} s",
             flush=True,
         )
-        load = Load(f"http://{HOST}:{fleet.ports.gateway}", args.clients, seed=args.seed)
+        load = Load(
+            f"http://{HOST}:{fleet.ports.gateway}",
+            args.clients,
+            seed=args.seed,
+            conversations=args.conversations,
+        )
         state = Run(args, fleet, load)
         async with asyncio.TaskGroup() as tg:
             load_task = tg.create_task(load.run())

@@ -57,13 +57,19 @@ KINDS: tuple[Kind, ...] = (
 )
 
 
-def body_for(kind: Kind, rng: random.Random) -> dict[str, Any] | None:
-    """A request body of ``kind``; None for a GET."""
+def body_for(kind: Kind, rng: random.Random, conversations: int = 0) -> dict[str, Any] | None:
+    """A request body of ``kind``; None for a GET. ``conversations`` > 0: a chat opens with one of
+    that many openings (a steady set of conversations, so the gateway's session cache and the
+    sessions bucket reach their working set instead of growing with every request: a leak is then
+    growth that goes on); 0: every chat opens anew."""
     if kind.method == "GET":
         return None
     n = rng.randint(16, 200)
+    text = (
+        random.Random(rng.randrange(conversations)) if conversations and kind.path != "/api/generate" else rng
+    )
     words = " ".join(
-        rng.choice(("soak", "fleet", "agent", "stream", "token", "model")) for _ in range(n // 4)
+        text.choice(("soak", "fleet", "agent", "stream", "token", "model")) for _ in range(n // 4)
     )
     if kind.openai:
         return {
@@ -121,10 +127,10 @@ def _finished(line: bytes, openai: bool) -> bool:
 
 
 async def send(
-    session: aiohttp.ClientSession, base: str, kind: Kind, rng: random.Random
+    session: aiohttp.ClientSession, base: str, kind: Kind, rng: random.Random, conversations: int = 0
 ) -> tuple[Outcome, str]:
     """Send one request of ``kind``; its outcome and, for a failure, what went wrong."""
-    body = body_for(kind, rng)
+    body = body_for(kind, rng, conversations)
     data = msgspec.json.encode(body) if body is not None else None
     headers = {"Content-Type": "application/json"} if data is not None else None
     started = False
@@ -176,6 +182,7 @@ class Load:
     base: str
     clients: int
     seed: int = 1
+    conversations: int = 0  # see `body_for`
     records: list[Record] = field(default_factory=list)
     in_flight: int = 0
     t0: float = 0.0
@@ -200,7 +207,7 @@ class Load:
             t = time.monotonic()
             self.in_flight += 1
             try:
-                outcome, error = await send(session, self.base, kind, rng)
+                outcome, error = await send(session, self.base, kind, rng, self.conversations)
             finally:
                 self.in_flight -= 1
             end = time.monotonic()
