@@ -191,7 +191,7 @@ class EngineGone(ConnectionError):
 def require_docker() -> None:
     """Raise `RuntimeError` saying what to install when the ``docker`` package is missing."""
     try:
-        import docker  # type: ignore[import-untyped]  # noqa: F401
+        import docker  # noqa: F401
     except ImportError:
         raise RuntimeError("--docker needs the `docker` package: pip install docker") from None
 
