@@ -50,7 +50,7 @@ def node() -> str:
             [npm, "ci", "--no-audit", "--no-fund", "--prefix", str(JS)],
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=100,  # inside the test timeout
             check=False,
         )
         assert done.returncode == 0, f"npm ci failed:\n{done.stdout}\n{done.stderr}"
