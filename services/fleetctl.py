@@ -249,7 +249,7 @@ def parser(command: str) -> argparse.ArgumentParser:
         "cordon": "Stop sending new work to an agent (same as drain, for maintenance).",
         "uncordon": "Let a drained or cordoned agent take work again.",
     }
-    p = argparse.ArgumentParser(prog=f"corral {command}", description=texts[command])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog=f"corral {command}", description=texts[command])
     if command in ("drain", "cordon", "uncordon"):
         p.add_argument("agent", help="agent id (see `corral status`)")
     if command == "pull":

@@ -267,6 +267,7 @@ def parse_backend(spec: str) -> Backend:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="corral up",
         description="Run the whole fleet here: embedded NATS, agents and the gateway. With no --ollama, "
         "simulated GPU servers (NVIDIA and AMD) stand in for Ollama.",

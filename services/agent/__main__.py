@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="corral agent",
         description="Claim work for one Ollama server: start one agent per `ollama serve` "
         "(--docker: one per Ollama container; --spawn: one `ollama serve` and agent per GPU).",

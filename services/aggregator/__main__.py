@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="corral aggregator",
         description="Keep the fleet's merged views (tags, ps, /v1/models) and /api/status with "
         "requests/s, tokens/s and time to first token in the views KV bucket. Run one or more "

@@ -24,9 +24,13 @@ def _ids(raw: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corral auth", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="corral auth", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    i = sub.add_parser("init", help="write one identity per role (and per agent) and the server's include")
+    i = sub.add_parser(
+        "init",
+        allow_abbrev=False,
+        help="write one identity per role (and per agent) and the server's include",
+    )
     i.add_argument("dir", help="where to write them (created; must hold no identities yet)")
     i.add_argument("--root", default="corral", help="the fleet's subject root (default corral)")
     i.add_argument("--agents", type=_ids, default=[], metavar="ID,ID", help="agent ids, one identity each")
@@ -38,10 +42,14 @@ def parser() -> argparse.ArgumentParser:
         help="gateway ids (each gateway's --gateway-id), one identity each reading only its own replies",
     )
     i.add_argument("--passwords", action="store_true", help="user/password identities instead of nkeys")
-    a = sub.add_parser("agent", help="add one agent's identity and rebuild the server's include")
+    a = sub.add_parser(
+        "agent", allow_abbrev=False, help="add one agent's identity and rebuild the server's include"
+    )
     a.add_argument("dir")
     a.add_argument("id", help="the agent's id (its --id)")
-    g = sub.add_parser("gateway", help="add one gateway's identity and rebuild the server's include")
+    g = sub.add_parser(
+        "gateway", allow_abbrev=False, help="add one gateway's identity and rebuild the server's include"
+    )
     g.add_argument("dir")
     g.add_argument("id", help="the gateway's id (its --gateway-id)")
     return p

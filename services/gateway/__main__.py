@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="corral gateway",
         description="Serve the Ollama API (and /v1) for the whole fleet. Point any Ollama client here.",
     )

@@ -37,9 +37,9 @@ def _limit(raw: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="corral keys", description=__doc__)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="corral keys", description=__doc__)
     commands = p.add_subparsers(dest="command", required=True)
-    create = commands.add_parser("create", help="make a key; prints only the key, once")
+    create = commands.add_parser("create", allow_abbrev=False, help="make a key; prints only the key, once")
     create.add_argument("name", help="the key's name: letters, digits, _ and -, at most 64")
     create.add_argument("--role", choices=ROLES, default="user", help="user (inference, views) or admin")
     create.add_argument("--models", default="", metavar="GLOB,...", help="allowed models (default: all)")
@@ -48,10 +48,12 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--concurrency", type=_limit, default=0, metavar="N", help="requests at once per gateway"
     )
-    commands.add_parser("list", help="every key, without the keys themselves")
-    revoke = commands.add_parser("revoke", help="refuse a key from now on")
+    commands.add_parser("list", allow_abbrev=False, help="every key, without the keys themselves")
+    revoke = commands.add_parser("revoke", allow_abbrev=False, help="refuse a key from now on")
     revoke.add_argument("name")
-    usage = commands.add_parser("usage", help="requests, tokens and errors per key, model, hour and day")
+    usage = commands.add_parser(
+        "usage", allow_abbrev=False, help="requests, tokens and errors per key, model, hour and day"
+    )
     usage.add_argument("name", nargs="?", help="only this key")
     for sub in (create, commands.choices["list"], revoke, usage):
         sub.add_argument("--json", action="store_true", help="machine-readable output")

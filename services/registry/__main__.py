@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="corral registry",
         description="Watch the fleet: announce agents that join, leave or die (missed heartbeats) "
         "on the events subjects and remove dead ones, and run fleet-wide pulls with merged "

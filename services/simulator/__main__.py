@@ -30,6 +30,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="corral sim",
         description="Simulated Ollama server (Ollama HTTP API) for demos, tests and benchmarks.",
         epilog=EPILOG,

@@ -32,6 +32,7 @@ from corral.aggregator.settings import AggregatorSettings
 from corral.auth import main as auth_main
 from corral.cli import COMMANDS, FLEET_COMMANDS
 from corral.gateway import __main__ as gateway_main
+from corral.gateway import keysmain as keys_main
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.names import VENDORS
 from corral.registry import __main__ as registry_main
@@ -653,3 +654,18 @@ def test_nats_conf_enables_jetstream() -> None:
     assert re.search(r"(?m)^\s*store_dir:", text), "JetStream needs a store_dir"
     assert re.search(r"(?m)^max_payload:\s*8MB\s*$", text)
     assert re.search(r"(?m)^http_port:\s*\d+", text), "monitoring port (probes use /healthz)"
+
+
+def test_no_command_takes_an_abbreviated_flag() -> None:
+    """A flag added later must not change what an abbreviation in a deploy file meant: argparse's
+    prefix matching is off in every command."""
+    cases = [
+        (agent_main.parser(), ["--gpu", "0"]),
+        (gateway_main.parser(), ["--max-req", "5"]),
+        (keys_main.parser(), ["create", "k", "--conc", "2"]),
+        (auth_main.parser(), ["init", "d", "--agent", "a"]),
+    ]
+    for parser, argv in cases:
+        with pytest.raises(SystemExit) as exited, contextlib.redirect_stderr(io.StringIO()):
+            parser.parse_args(argv)
+        assert exited.value.code == 2, argv
