@@ -86,6 +86,7 @@ class AsyncClient:
             members=self._fleet.knows,
         )
         await self._transport.start()
+        self._fleet.on_gone(self._transport.agent_gone)  # its calls end now, not at the idle timeout
         self._planner = Planner(self._transport, self._fleet, self._settings)
 
     async def close(self) -> None:

@@ -140,6 +140,7 @@ class Gateway:
             sender_id=self.settings.gateway_id,
         )
         await self._transport.start()
+        self._fleet.on_gone(self._transport.agent_gone)  # its calls end now, not at the idle timeout
         self._planner = Planner(
             self._transport,
             self._fleet,

@@ -12,7 +12,7 @@ import contextlib
 import datetime
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 import nats.errors
@@ -44,9 +44,9 @@ def received_at(entry: KeyValue.Entry, *, snapshot: bool) -> float:
 
 
 class FleetView:
-    # Ten attributes: the bucket, the agents with when each was heard (the only state) and the two
-    # indexes over them, the change notifier and revision, and the watch task with its sync and
-    # restart events.
+    # Eleven attributes: the bucket, the agents with when each was heard (the only state) and the
+    # two indexes over them, the change notifier and revision, the listeners for agents that leave,
+    # and the watch task with its sync and restart events.
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
         self._agents: dict[str, AgentState] = {}
@@ -57,7 +57,13 @@ class FleetView:
         self._task: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
         self._restart = asyncio.Event()
+        self._gone_listeners: list[Callable[[str], object]] = []
         self.revision = 0
+
+    def on_gone(self, listener: Callable[[str], object]) -> None:
+        """Call ``listener(agent_id)`` whenever an agent leaves this view: its key was deleted (it
+        stopped, or a registry declared it dead) or a new snapshot lacks it and it went silent."""
+        self._gone_listeners.append(listener)
 
     async def start(self, timeout: float = 10.0) -> None:
         self._task = asyncio.create_task(supervise("fleet watch", self._watch), name="fleet-watch")
@@ -99,7 +105,7 @@ class FleetView:
                 if seen is not None:
                     seen.add(entry.key)
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._remove(entry.key)
+                    self._gone(entry.key)
                 else:
                     try:
                         self._put(agent_state_of(entry.key, entry.value))
@@ -121,7 +127,7 @@ class FleetView:
         now = time.monotonic()
         for agent_id in set(self._agents) - seen:
             if not self.alive(self._agents[agent_id], now):
-                self._remove(agent_id)
+                self._gone(agent_id)
 
     def _put(self, state: AgentState) -> None:
         self._remove(state.id)
@@ -130,6 +136,13 @@ class FleetView:
             self._disk.setdefault(key, set()).add(state.id)
         for key in _keys(m.name for m in state.loaded):
             self._loaded.setdefault(key, set()).add(state.id)
+
+    def _gone(self, agent_id: str) -> None:
+        known = agent_id in self._agents
+        self._remove(agent_id)
+        if known:
+            for listener in self._gone_listeners:
+                listener(agent_id)
 
     def _remove(self, agent_id: str) -> None:
         self._heard.pop(agent_id, None)

@@ -171,6 +171,25 @@ class Transport:
             payload = b""
         return call, hdrs, payload
 
+    def agent_gone(self, agent_id: str) -> int:
+        """``agent_id`` left the fleet (its key was deleted: it stopped, or a registry found it
+        dead): every call it holds ends now, as if it had said so, instead of at the idle timeout. A
+        call before its head fails over (``agent_unavailable`` is retryable); one streaming ends
+        with that error. Returns how many calls it ended."""
+        end = {
+            H.KIND: H.END_KIND,
+            H.ERROR_CODE: AgentUnavailable.code,
+            H.ERROR: f"agent {agent_id} left the fleet",
+        }
+        ended = 0
+        for call in list(self._calls.values()):
+            if call.agent == agent_id:
+                call.put(Msg(_client=self.nc, subject=self.reply_subject(call), headers=dict(end)))
+                ended += 1
+        if ended:
+            log.warning("agent %s left the fleet holding %d of our calls: ended them", agent_id, ended)
+        return ended
+
     def reply_subject(self, call: Call) -> str:
         return self.subjects.reply(self.id, call.rid)
 

@@ -79,3 +79,26 @@ async def test_a_state_under_another_agents_key_is_not_believed(nats_server: Nat
             await fleet.stop()
     finally:
         await nc.close()
+
+
+async def test_an_agent_whose_key_is_deleted_is_announced_gone_once(nats_server: NatsServer, root: str) -> None:
+    subjects = Subjects(root)
+    nc = await connect(nats_server.url, name="test")
+    try:
+        buckets = await ensure_buckets(nc.jetstream(), subjects)
+        a1 = AgentState(id="a1", vendor="cpu", host="h", ollama_url="http://h")
+        await buckets.agents.put("a1", agent_state_encoder.encode(a1))
+        fleet = FleetView(buckets.agents)
+        gone: list[str] = []
+        fleet.on_gone(gone.append)
+        await fleet.start()
+        try:
+            await buckets.agents.delete("never-there")
+            await buckets.agents.delete("a1")
+            while fleet.get("a1") is not None:
+                assert await fleet.wait_changed(5.0)
+            assert gone == ["a1"]
+        finally:
+            await fleet.stop()
+    finally:
+        await nc.close()

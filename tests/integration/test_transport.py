@@ -229,3 +229,20 @@ async def test_a_direct_send_believes_only_the_agent_it_went_to(
     reply = await transport.send_to("a1", work(), timeout=5)
     assert reply.agent == "a1"
     assert await _body(reply) == b'{"from":"a1"}\n'
+
+
+async def test_an_agent_that_leaves_the_fleet_ends_its_calls_at_once(nc: NATS, root: str) -> None:
+    """Not at the idle timeout (30 s here): a stream under way ends with ``agent_unavailable``."""
+    (agent,) = (await agents(nc, root, "a1")).values()
+    t = Transport(nc, Subjects(root), claim_timeout=5.0, idle_timeout=30.0)
+    await t.start()
+    try:
+        reply = await t.send_to("a1", work(), timeout=5)
+        assert not reply.ended and t.agent_gone("a2") == 0
+        assert t.agent_gone("a1") == 1
+        with pytest.raises(AgentUnavailable, match="left the fleet"):
+            async with asyncio.timeout(5):
+                await reply.read()
+        assert t.in_flight == 0
+    finally:
+        await t.stop()
