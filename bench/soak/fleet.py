@@ -58,7 +58,6 @@ class Proc(Child):
 
     async def start(self) -> None:
         self.starts += 1
-        self.killed = False
         with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - a local log file, opened per start
             if self.starts > 1:
                 log.write(
@@ -74,6 +73,7 @@ class Proc(Child):
                 env=self.env,
                 preexec_fn=_die_with_parent,
             )
+        self.killed = False  # only now: until the new run exists, the killed one is what `exited` sees
 
     async def kill(self) -> None:
         """SIGKILL its whole process group, as a crash of the machine's process would, and reap it."""
