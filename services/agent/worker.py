@@ -26,7 +26,7 @@ from corral.protocol.envelope import RequestEnvelope
 from corral.protocol.errors import BackendError, Cancelled, CorralError, InternalError, NoCapacity
 from corral.protocol.messages import RequestFinished
 from corral.protocol.names import decode_token
-from corral.runtime.telemetry import client_span, process_span
+from corral.runtime.telemetry import client_span, process_span, set_model, set_usage
 from corral.transport.bodies import fetch_body
 from corral.transport.replies import ReplyWriter
 from nats.aio.client import Client as NATS
@@ -189,11 +189,16 @@ class Worker:
         try:
             with process_span(template, job.subject, env.trace, tracer=self._tracer):
                 with client_span(self._tracer, f"{env.method} {env.endpoint}") as span:
+                    if job.token is not None:
+                        set_model(span, env.endpoint, decode_token(job.token))
                     async with self._call(job) as resp:
                         status = resp.status
                         self.on_response(job, status)
                         span.set_attribute("http.response.status_code", status)
                         await self._relay(job, resp)
+                    if span.is_recording():
+                        generated, prompt = reply_counts(job.last_bytes)
+                        set_usage(span, prompt=prompt, generated=generated, ttft_ms=job.ttft_ms)
         except asyncio.CancelledError:
             await asyncio.shield(out.end(Cancelled("request canceled")))
             raise

@@ -16,6 +16,16 @@ A request's trace::
 
 Span names come from low-cardinality subject *templates* (as faststream names its spans
 ``"{destination} {action}"``); the concrete subject goes into ``messaging.destination.name``.
+
+What a request was and what it cost are attributes, named after OpenTelemetry's generative-AI
+semantic conventions (https://opentelemetry.io/docs/specs/semconv/gen-ai/) where they have a name:
+the gateway's SERVER span and the agent's CLIENT span carry ``gen_ai.request.model``,
+``gen_ai.operation.name``, ``gen_ai.usage.input_tokens`` / ``gen_ai.usage.output_tokens`` (read
+from the end of the answer) and ``corral.ttft_ms`` (each measured where it is: the gateway's from
+the request's arrival to its first bytes, the agent's from its call to Ollama's); the gateway's
+also ``corral.agent``, the agent that served it. A PRODUCER span lasts from the publish until the
+agent's head or the attempt's failure, so an attempt that failed over is an error span of its own,
+with ``corral.agent`` when an agent had claimed it.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.trace import Span, SpanKind, Tracer
+from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 logger = logging.getLogger(__name__)
@@ -43,6 +53,24 @@ MESSAGING_DESTINATION_TEMPLATE: Final = "messaging.destination.template"
 MESSAGING_OPERATION_NAME: Final = "messaging.operation.name"
 MESSAGING_OPERATION_TYPE: Final = "messaging.operation.type"
 NATS: Final = "nats"
+
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+CORRAL_AGENT: Final = "corral.agent"  # the agent id that served (or claimed) the request
+CORRAL_TTFT_MS: Final = "corral.ttft_ms"  # milliseconds until the answer's first bytes
+CORRAL_OUTCOME: Final = "corral.outcome"  # why an attempt did not begin a reply (busy, failed ...)
+
+_OPERATIONS: Final = {
+    "/api/chat": "chat",
+    "/v1/chat/completions": "chat",
+    "/api/generate": "text_completion",
+    "/v1/completions": "text_completion",
+    "/api/embed": "embeddings",
+    "/api/embeddings": "embeddings",
+    "/v1/embeddings": "embeddings",
+}
 
 
 def setup_tracing(
@@ -102,13 +130,13 @@ def _traced() -> bool:
 
 
 @contextmanager
-def server_span(t: Tracer, name: str, carrier: Mapping[str, str]) -> Iterator[None]:
+def server_span(t: Tracer, name: str, carrier: Mapping[str, str]) -> Iterator[Span]:
     """A SERVER span ``name`` continuing the trace in ``carrier`` (the HTTP request's traceparent)."""
     if not carrier and not recording(t):
-        yield
+        yield trace.INVALID_SPAN
         return
-    with t.start_as_current_span(name, kind=SpanKind.SERVER, context=extract_context(carrier)):
-        yield
+    with t.start_as_current_span(name, kind=SpanKind.SERVER, context=extract_context(carrier)) as span:
+        yield span
 
 
 @contextmanager
@@ -119,6 +147,41 @@ def client_span(t: Tracer, name: str) -> Iterator[Span]:
         return
     with t.start_as_current_span(name, kind=SpanKind.CLIENT) as span:
         yield span
+
+
+def set_model(span: Span, endpoint: str, model: str) -> None:
+    """Name on ``span`` the model a request asked for and what it does with it (chat, ...)."""
+    if not span.is_recording():
+        return
+    span.set_attribute(GEN_AI_REQUEST_MODEL, model)
+    if operation := _OPERATIONS.get(endpoint):
+        span.set_attribute(GEN_AI_OPERATION_NAME, operation)
+
+
+def set_usage(span: Span, *, prompt: int, generated: int, ttft_ms: float | None) -> None:
+    """Set on ``span`` an answer's token counts (none when it said none) and the time to its first
+    bytes."""
+    if not span.is_recording():
+        return
+    if ttft_ms is not None:
+        span.set_attribute(CORRAL_TTFT_MS, round(ttft_ms, 3))
+    if generated or prompt:
+        span.set_attribute(GEN_AI_USAGE_INPUT_TOKENS, prompt)
+        span.set_attribute(GEN_AI_USAGE_OUTPUT_TOKENS, generated)
+
+
+def attempted(span: Span, agent: str | None, outcome: str = "", *, failed: bool = False) -> None:
+    """Mark a PRODUCER span with how its attempt went: the agent that claimed it and, when the
+    attempt did not begin a reply, why (``outcome``: busy, no responders, failed); a ``failed``
+    attempt (claimed and then silent or failing, or not claimed in time) is an error."""
+    if not span.is_recording():
+        return
+    if agent:
+        span.set_attribute(CORRAL_AGENT, agent)
+    if outcome:
+        span.set_attribute(CORRAL_OUTCOME, outcome)
+    if failed:
+        span.set_status(StatusCode.ERROR, "the attempt failed before the answer began")
 
 
 def inject_headers(headers: dict[str, str], context: Context | None = None) -> None:

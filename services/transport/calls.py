@@ -30,7 +30,7 @@ from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope, fits
 from corral.protocol.errors import AgentUnavailable, BadRequest, NoCapacity, from_code
 from corral.protocol.subjects import Subjects
-from corral.runtime.telemetry import publish_span
+from corral.runtime.telemetry import attempted, publish_span
 from corral.transport.bodies import LargeBodies
 from corral.transport.reply import Call, Outcome, Reply
 from corral.transport.request import WorkRequest
@@ -249,14 +249,18 @@ class Transport:
         keep = False
         try:
             template = self.subjects.agent_work_template if agent else self.subjects.work_template
-            with publish_span(template, subject, hdrs, tracer=self._tracer):
+            # the span lasts until the head or the failure: an attempt that fails over is its own error
+            with publish_span(template, subject, hdrs, tracer=self._tracer) as span:
                 await self.nc.publish(subject, payload, reply=self.reply_subject(call), headers=hdrs)
-            try:
-                msg = await self._first(call, service)
-            except TimeoutError:
-                log.warning("no claim from %s within %.1fs", agent or subject, self.claim_timeout)
-                return Outcome.FAILED
-            outcome = await self.handshake(call, msg, subject)
+                try:
+                    msg = await self._first(call, service)
+                except TimeoutError:
+                    log.warning("no claim from %s within %.1fs", agent or subject, self.claim_timeout)
+                    outcome: Reply | Outcome = Outcome.FAILED
+                else:
+                    outcome = await self.handshake(call, msg, subject)
+                why = outcome.value if isinstance(outcome, Outcome) else ""
+                attempted(span, call.agent, why, failed=outcome is Outcome.FAILED)
             keep = isinstance(outcome, Reply)
             return outcome
         except asyncio.CancelledError:
