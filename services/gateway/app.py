@@ -34,7 +34,7 @@ from corral.routing import STRATEGIES, Router, parse_strategy
 from corral.runtime.fleet import FleetView
 from corral.runtime.nats import NatsAuth, Reopener, connect, ensure_buckets, watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
-from corral.runtime.telemetry import server_span, tracer
+from corral.runtime.telemetry import server_span, set_model, tracer
 from corral.runtime.workqueue import QueueLimits
 from corral.transport import Transport, WorkRequest, model_work
 from nats.aio.client import Client as NATS
@@ -272,7 +272,7 @@ class Gateway:
         endpoint: str = scope["path"]
         openai = endpoint.startswith("/v1/")
         carrier = trace_carrier(scope["headers"])
-        with server_span(self._tracer, f"POST {endpoint}", carrier):
+        with server_span(self._tracer, f"POST {endpoint}", carrier) as span:
             body: bytes = scope[BODY]
             if not body or body.isspace():  # no copy of a large body
                 await respond_error(send, BadRequest("missing request body"), openai=openai)
@@ -301,6 +301,7 @@ class Gateway:
                     await respond_error(send, err, openai=openai, endpoint=endpoint, raw_model=raw)
                     return
                 scope[MODEL] = work.model.display
+                set_model(span, endpoint, work.model.display)
             elif key is not None and key.models:
                 await respond_error(send, ModelNotFound(f"model '{raw}' not found"), openai=openai)
                 return

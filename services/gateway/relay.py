@@ -16,6 +16,7 @@ from typing import Any
 
 from corral.gateway.errors import JSON, error_response, native_body, openai_body
 from corral.gateway.planner import Planner
+from corral.gateway.spans import AnswerSpan
 from corral.protocol.errors import CorralError, InternalError
 from corral.transport import Reply, WorkRequest
 from fastapi.responses import Response
@@ -103,7 +104,10 @@ async def _serve(
 
 
 async def stream_reply(reply: Reply, send: Send, *, openai: bool) -> None:
+    answer = AnswerSpan(reply.agent)
+    answer.head(reply.first)
     if reply.ended:
+        answer.end()
         await respond(send, reply.status, reply.first, reply.content_type)
         return
     await send(
@@ -117,7 +121,9 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool) -> None:
         await send({"type": "http.response.body", "body": reply.first, "more_body": True})
     try:
         async for batch in reply.batches():
+            answer.data(batch)
             await send({"type": "http.response.body", "body": batch, "more_body": True})
+        answer.end()
     except CorralError as e:
         log.warning("stream from agent %s failed: %s", reply.agent, e)
         await send({"type": "http.response.body", "body": _stream_error(reply, e, openai), "more_body": True})
