@@ -51,7 +51,11 @@ async def fleet(server: NatsServer, root: str) -> AsyncIterator[LocalFleet]:
         nats_url=server.url,
         root=root,
         sims=default_sims(1, time_scale=0.05),
-        agent={"refresh_s": 0.5, "heartbeat_s": 0.5, "parallel": 1},
+        agent={
+            "refresh_s": 0.5,
+            "heartbeat_s": 2.0,
+            "parallel": 1,
+        },  # dead after 6 s silent: slack for a loaded CI
         gateway={"queue_timeout_s": 6.0},
         registry=None,
         aggregator=None,
