@@ -264,6 +264,20 @@ async def test_the_aggregator_cannot_send_work_or_hear_requests(fleet: LocalFlee
     await aggregator.denied("Subscription to")
 
 
+async def test_the_registry_cannot_drain_agents_touch_keys_or_hear_claims(
+    fleet: LocalFleet, as_user: Any
+) -> None:
+    s = Subjects(ROOT)
+    registry = await as_user("registry")
+    for subject in (s.agent_admin(AGENTS[0]), s.kv_key(s.keys_bucket, "k1"), s.work("any", "x")):
+        await registry.nc.publish(subject, b"")
+        await registry.nc.flush()
+        await registry.denied(f'Publish to "{subject}"')
+    await registry.nc.subscribe(s.work_all)
+    await registry.nc.flush()
+    await registry.denied("Subscription to")
+
+
 # -- deploy/nats.conf and password identities ----------------------------------------------------
 
 
