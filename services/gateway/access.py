@@ -35,9 +35,13 @@ _USER_CALLS: Final = frozenset(
     | {("POST", "/api/show")}
     | {(m, p) for m in ("GET", "HEAD") for p in ("/api/tags", "/api/version", "/api/ps", "/api/status")}
     | {("GET", "/v1/models")}
+    | {("GET", "/api/corral/whoami")}  # the console asks which role it has
 )
+# The console's own admin calls (`corral.gateway.console`: drain, cordon, uncordon, unload) are
+# under /api/corral/ and, not being listed above, need an admin key like pull and delete.
 _V1_MODEL: Final = "/v1/models/"
 OPEN_PATHS: Final = frozenset({"/", "/ready"})  # liveness and readiness answer without a key
+CONSOLE_PATH: Final = "/console"  # the console's static pages: open, they hold no fleet data
 
 
 class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,6 +89,12 @@ def bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
                 return token.strip()
             return None
     return None
+
+
+def is_open(path: str) -> bool:
+    """Whether a path answers without a key: liveness, readiness, and the console's pages (which
+    then ask for a key before they read anything)."""
+    return path in OPEN_PATHS or path == CONSOLE_PATH or path.startswith(CONSOLE_PATH + "/")
 
 
 def user_may(method: str, path: str) -> bool:

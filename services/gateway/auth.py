@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from corral.gateway.access import (
-    OPEN_PATHS,
     TAIL_BYTES,
     ApiKey,
     bearer,
+    is_open,
     model_allowed,
     reply_tokens,
     user_may,
@@ -113,7 +113,7 @@ class Access:
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, app: App) -> None:
         method, path = scope["method"], scope["path"]
-        if path in OPEN_PATHS:
+        if is_open(path):
             await app(scope, receive, send)
             return
         openai = path.startswith("/v1/")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 from corral import views
-from corral.gateway import management, userviews
+from corral.gateway import console, management, userviews
 from corral.gateway.auth import hides, key_of
 from corral.gateway.errors import JSON, openai_body
 from corral.protocol.errors import BadRequest
@@ -121,4 +121,5 @@ def build_app(gw: Gateway) -> FastAPI:
     async def copy(request: Request) -> Response:
         return await management.to_all_holders(gw.planner, request, "/api/copy", "POST")
 
+    console.mount(app, gw)  # /console and its calls under /api/corral/
     return app

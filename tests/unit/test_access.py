@@ -9,6 +9,7 @@ from corral.gateway.access import (
     Window,
     bearer,
     hash_key,
+    is_open,
     model_allowed,
     new_key,
     over_limit,
@@ -40,6 +41,7 @@ def key(**kw: object) -> ApiKey:
         ("GET", "/api/version"),
         ("GET", "/v1/models"),
         ("GET", "/v1/models/llama3.2"),
+        ("GET", "/api/corral/whoami"),
     ],
 )
 def test_a_user_may_infer_and_read(method: str, path: str) -> None:
@@ -59,10 +61,22 @@ def test_a_user_may_infer_and_read(method: str, path: str) -> None:
         ("POST", "/api/tags"),
         ("GET", "/v1/models/a/b"),
         ("POST", "/api/drain"),  # a route added later needs an admin until said otherwise
+        ("POST", "/api/corral/agents/nvidia-0/drain"),  # the console's admin calls
+        ("POST", "/api/corral/agents/nvidia-0/cordon"),
+        ("POST", "/api/corral/agents/nvidia-0/uncordon"),
+        ("POST", "/api/corral/unload"),
+        ("POST", "/api/corral/whoami"),
     ],
 )
 def test_everything_else_needs_an_admin(method: str, path: str) -> None:
     assert not user_may(method, path)
+
+
+def test_only_liveness_readiness_and_the_console_pages_answer_without_a_key() -> None:
+    for path in ("/", "/ready", "/console", "/console/", "/console/app.js"):
+        assert is_open(path), path
+    for path in ("/consoles", "/console.js", "/api/status", "/api/corral/whoami", "/ready/x", ""):
+        assert not is_open(path), path
 
 
 def test_allow_lists_match_globs_over_the_short_name() -> None:

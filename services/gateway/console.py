@@ -1,0 +1,137 @@
+"""The web console at ``/console``: static files shipped in the package (`STATIC`, no build step),
+and the few admin calls over HTTP that it needs besides Ollama's own API.
+
+- ``GET /api/corral/whoami``: whether API keys are on, and the calling key's name and role, so the
+  page can grey out what a user key may not do (the gateway refuses it all the same).
+- ``POST /api/corral/agents/{id}/drain|cordon|uncordon``: what ``corral drain`` does over NATS
+  (`corral.protocol.subjects.Subjects.agent_admin`), answered once the agent has taken it.
+- ``POST /api/corral/unload`` with ``{"model": ...}``: every agent that has the model loaded lets it
+  go, as Ollama's ``keep_alive: 0`` does; unlike that call (open to user keys, since it is a
+  generate) this one is an admin call.
+
+Everything under ``/api/corral/`` but ``whoami`` needs an admin key when keys are on
+(`corral.gateway.access.user_may`). The pages themselves are open (`corral.gateway.access.is_open`):
+they hold no data, and the page asks for a key before it reads any.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import msgspec
+import nats.errors
+from corral.gateway.auth import key_of
+from corral.gateway.errors import JSON, native_body
+from corral.protocol import headers as H
+from corral.protocol.errors import CorralError
+from corral.protocol.names import parse_name
+from corral.transport import Reply, WorkRequest, fan_out
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+
+if TYPE_CHECKING:
+    from corral.gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+
+# index.html, app.js, charts.js, style.css; a name no import can mean (unlike a "console" folder
+# beside this module, which Python and setuptools would take for a package)
+STATIC: Final = Path(__file__).with_name("console-static")
+PREFIX: Final = "/console"
+ACTIONS: Final = {H.DRAIN: "draining", H.CORDON: "cordoned", H.UNCORDON: "active"}
+CONTROL_TIMEOUT_S: Final = 5.0  # how long an agent may take to acknowledge a drain
+UNLOAD_TIMEOUT_S: Final = 30.0  # how long an agent may take to let a model go
+
+_enc = msgspec.json.Encoder()
+
+
+class _Unload(msgspec.Struct):
+    model: str
+
+
+def _json(obj: object, status: int = 200) -> Response:
+    return Response(_enc.encode(obj), status_code=status, media_type=JSON)
+
+
+def _error(message: str, status: int) -> Response:
+    return Response(native_body(message), status_code=status, media_type=JSON)
+
+
+def mount(app: FastAPI, gw: Gateway) -> None:
+    """Add the console's pages and calls to the gateway's app."""
+    app.include_router(router(gw))
+
+    @app.get(PREFIX, include_in_schema=False)
+    async def console_root() -> Response:
+        return RedirectResponse(PREFIX + "/", status_code=307)
+
+    app.mount(PREFIX, StaticFiles(directory=STATIC, html=True), name="console")
+
+
+def router(gw: Gateway) -> APIRouter:
+    r = APIRouter(prefix="/api/corral")
+
+    @r.get("/whoami")
+    async def whoami(request: Request) -> Response:
+        key = key_of(request.scope)
+        if key is None:  # keys off: everyone may do everything
+            return _json({"auth": "off", "name": None, "role": "admin"})
+        return _json({"auth": "keys", "name": key.name, "role": key.role})
+
+    @r.post("/agents/{agent}/{action}")
+    async def control(agent: str, action: str) -> Response:
+        if action not in ACTIONS:
+            return _error(f"unknown action {action!r}; use drain, cordon or uncordon", 404)
+        if gw.fleet.get(agent) is None:
+            return _error(f"no agent {agent!r} in the fleet", 404)
+        assert gw.nc is not None
+        try:
+            subject = gw.subjects.agent_admin(agent)
+        except ValueError as e:  # an id that cannot be a subject token cannot be in the fleet
+            return _error(str(e), 400)
+        try:
+            await gw.nc.request(subject, b"", headers={H.CTL: action}, timeout=CONTROL_TIMEOUT_S)
+        except nats.errors.Error as e:  # a timeout, no responders, or a permissions violation
+            log.warning("%s of agent %s got no answer: %s", action, agent, e)
+            return _error(f"agent {agent} did not answer the {action}: {e}", 504)
+        log.info("agent %s: %s (through the console's HTTP call)", agent, action)
+        return _json({"agent": agent, "status": ACTIONS[action]})
+
+    @r.post("/unload")
+    async def unload(request: Request) -> Response:
+        try:
+            raw = msgspec.json.decode(await request.body(), type=_Unload).model
+            model = parse_name(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            return _error(f"invalid request body: {e}", 400)
+        except CorralError as e:
+            return _error(e.message, e.status)
+        loaded = [a.id for a in gw.fleet.loaded_on(model.key)]
+        if not loaded:
+            return _error(f"model '{raw}' is not loaded on any agent", 404)
+        body = _enc.encode({"model": model.display, "keep_alive": 0})
+        work = WorkRequest(endpoint="/api/generate", body=body, model=model, unload=True)
+        done: list[str] = []
+        failed: dict[str, str] = {}
+        results = await fan_out(
+            loaded, lambda agent: gw.planner.send_to(agent, work, timeout=UNLOAD_TIMEOUT_S), _status
+        )
+        for agent, result in zip(loaded, results, strict=True):
+            if isinstance(result, Exception):
+                failed[agent] = str(result)
+            elif result != 200:
+                failed[agent] = f"status {result}"
+            else:
+                done.append(agent)
+        status = 200 if done else 502
+        return _json({"model": model.display, "unloaded": done, "failed": failed}, status)
+
+    return r
+
+
+async def _status(reply: Reply) -> int:
+    await reply.read()
+    return reply.status
