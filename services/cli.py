@@ -15,6 +15,7 @@ COMMANDS = {
     "aggregator": ("corral.aggregator.__main__", "merged views and rolling figures in KV"),
     "auth": ("corral.auth.main", "NATS identities with least privilege: one per role and agent"),
     "keys": ("corral.gateway.keysmain", "the gateway's API keys: create, list, revoke, usage"),
+    "top": ("corral.top", "a live terminal view of the fleet, read from a gateway over HTTP"),
 }
 FLEET_COMMANDS = {
     "status": "the fleet at a glance",
