@@ -157,22 +157,13 @@
       ...a.gpus.map((g) => {
         const used = g.vram_total - g.vram_free;
         const pct = g.vram_total ? Math.round((100 * used) / g.vram_total) : 0;
+        const meter = { class: "bar", role: "meter", "aria-label": `${g.name} VRAM used` };
+        Object.assign(meter, { "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": pct });
         return el(
           "div",
           { class: "gpu" },
           el("span", { class: "gpu-name", text: g.name }),
-          el(
-            "div",
-            {
-              class: "bar",
-              role: "meter",
-              "aria-label": `${g.name} VRAM used`,
-              "aria-valuemin": 0,
-              "aria-valuemax": 100,
-              "aria-valuenow": pct,
-            },
-            el("div", { class: "fill", style: `width:${pct}%` }),
-          ),
+          el("div", meter, el("div", { class: "fill", style: `width:${pct}%` })),
           el("span", { class: "vram", text: `${gib(used)} / ${gib(g.vram_total)} GiB` }),
         );
       }),
@@ -206,6 +197,8 @@
     const rows = [];
     for (const a of agents) {
       for (const m of a.loaded) {
+        const ask = () =>
+          confirmThen(`Unload ${m.model} from every agent that has it loaded?`, () => unload(m.model));
         rows.push(
           el(
             "tr",
@@ -216,13 +209,7 @@
             el("td", { text: `${gib(m.size_vram)} GiB` }),
             el("td", { text: `${a.in_flight} / ${a.parallel}` }),
             el("td", { title: m.expires_at, text: until(m.expires_at) }),
-            el(
-              "td",
-              { class: "actions" },
-              adminButton("Unload", `unload:${a.id}:${m.model}`, `unload ${m.model}`, () =>
-                confirmThen(`Unload ${m.model} from every agent that has it loaded?`, () => unload(m.model)),
-              ),
-            ),
+            el("td", { class: "actions" }, adminButton("Unload", `unload:${a.id}:${m.model}`, `unload ${m.model}`, ask)),
           ),
         );
       }
