@@ -34,10 +34,12 @@ After the head, failures end the stream with an error (`Reply.batches` raises).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
 from corral.gateway.autopull import AutoPuller
+from corral.gateway.metrics import LOAD, QUEUED, SESSION, WARM, Decision, GatewayMetrics, new_decision
 from corral.gateway.placement import Loads
 from corral.gateway.queueing import FleetQueue
 from corral.gateway.sessions import Sessions
@@ -45,9 +47,11 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR
-from corral.routing import Route, Router, load, route_ctx, warm
+from corral.routing import Route, Router, estimate_wait, load, route_ctx, warm
 from corral.runtime.fleet import FleetView
 from corral.transport import Outcome, Reply, Transport, WorkRequest
+
+log = logging.getLogger(__name__)
 
 
 class Planner:
@@ -65,6 +69,7 @@ class Planner:
         *,
         router: Router | None = None,
         sessions: Sessions | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.transport = transport
         self.fleet = fleet
@@ -74,16 +79,23 @@ class Planner:
         self.loads = Loads(transport.nc, transport.subjects, fleet, grace_s=settings.load_grace_s)
         self.queue = FleetQueue(transport, fleet, self.loads, settings)
         self.pulls = AutoPuller(transport, fleet, settings)
+        self.metrics = metrics or GatewayMetrics(fleet)
 
     async def stop(self) -> None:
         await self.pulls.stop()
 
-    async def send(self, req: WorkRequest, *, queue_timeout: float | None = None) -> Reply:
-        """Route ``req`` to an agent and return once that agent's reply has begun (its head)."""
+    async def send(
+        self, req: WorkRequest, *, queue_timeout: float | None = None, decision: Decision | None = None
+    ) -> Reply:
+        """Route ``req`` to an agent and return once that agent's reply has begun (its head);
+        ``decision`` is told where it went and why."""
         wait_s = self.settings.queue_timeout_s if queue_timeout is None else queue_timeout
         deadline = time.monotonic() + wait_s
         failed: set[str] = set()
         strategy = req.strategy or self.settings.strategy
+        decision = decision or new_decision()
+        decision.strategy = strategy
+        waited_since: float | None = None
         auto = req.model is not None and strategy == "auto"
         session_agent = None
         if auto and req.session and req.follow_up and self.sessions is not None:
@@ -91,7 +103,7 @@ class Planner:
         pulled = False
         while True:
             try:
-                reply = await self._send_once(req, deadline, failed, strategy, session_agent)
+                reply = await self._send_once(req, deadline, failed, strategy, session_agent, decision)
             except ModelNotFound:
                 if pulled or not self.settings.auto_pull or req.model is None:
                     raise
@@ -101,11 +113,49 @@ class Planner:
                 deadline = time.monotonic() + wait_s  # the wait for capacity starts now
                 continue
             if reply is not None:
+                if waited_since is not None:  # it waited for the fleet to change too
+                    decision.queue_s = (decision.queue_s or 0.0) + time.monotonic() - waited_since
+                if failed:
+                    self.metrics.failed_over(req)
+                if log.isEnabledFor(logging.DEBUG):
+                    self._explain(req, reply, decision)
                 return reply
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise NoCapacity()
+            waited_since = waited_since or time.monotonic()
             await self.fleet.wait_changed(min(remaining, 1.0))
+
+    def _explain(self, req: WorkRequest, reply: Reply, decision: Decision) -> None:
+        """The debug line of one routed request: where it went, why, and the candidates' expected waits."""
+        outstanding = self.transport.outstanding
+        if req.model is None:
+            candidates = ", ".join(f"{a.id} load {load(a, outstanding):.2f}" for a in self.fleet.agents())
+            model = "-"
+        else:
+            route = Route(key=req.model.key, vendor=req.vendor, strict=req.strict, num_ctx=req.num_ctx)
+            holders = self.fleet.with_model(req.model.key)
+            candidates = ", ".join(f"{a.id} {estimate_wait(route, a, outstanding):.3f}s" for a in holders)
+            model = req.model.key
+        log.debug(
+            "%s %s -> %s (route %s, strategy %s, queued %s s); candidates (expected wait): %s",
+            req.endpoint,
+            model,
+            reply.agent,
+            decision.route,
+            decision.strategy,
+            "-" if decision.queue_s is None else f"{decision.queue_s:.3f}",
+            candidates or "none",
+        )
+
+    async def _attempt(
+        self, req: WorkRequest, subject: str, agent: str | None, deadline: float
+    ) -> Reply | Outcome:
+        """One attempt, its retry counted when it did not begin a reply and others may be tried."""
+        outcome = await self.transport.attempt(req, subject, agent, deadline)
+        if outcome is Outcome.BUSY or outcome is Outcome.FAILED:
+            self.metrics.retried(req, outcome.name.lower())
+        return outcome
 
     async def send_to(self, agent_id: str, req: WorkRequest, *, timeout: float | None = None) -> Reply:
         """Send to one agent's direct subject; no fallback (fan-out of unloads, pinned agents)."""
@@ -113,16 +163,23 @@ class Planner:
         return await self.transport.send_to(agent_id, req, timeout=wait_s)
 
     async def _send_once(
-        self, req: WorkRequest, deadline: float, failed: set[str], strategy: str, session_agent: str | None
+        self,
+        req: WorkRequest,
+        deadline: float,
+        failed: set[str],
+        strategy: str,
+        session_agent: str | None,
+        decision: Decision,
     ) -> Reply | None:
         """One pass over the fleet under ``strategy``; None when nothing could take it now."""
         if req.model is not None and strategy == "auto":
-            reply = await self._send_auto(req, deadline, failed, session_agent)
+            reply = await self._send_auto(req, deadline, failed, session_agent, decision)
             if reply is not None and req.session and self.sessions is not None:
                 self.sessions.remember(req.session, reply.agent)
             return reply
+        decision.route = strategy
         for subject, agent in self._plan(req, failed, strategy):
-            outcome = await self.transport.attempt(req, subject, agent, deadline)
+            outcome = await self._attempt(req, subject, agent, deadline)
             if isinstance(outcome, Reply):
                 return outcome
             if outcome is Outcome.FAILED and agent is not None:
@@ -162,7 +219,12 @@ class Planner:
 
     # -- auto --------------------------------------------------------------------------------------
     async def _send_auto(
-        self, req: WorkRequest, deadline: float, failed: set[str], session_agent: str | None
+        self,
+        req: WorkRequest,
+        deadline: float,
+        failed: set[str],
+        session_agent: str | None,
+        decision: Decision,
     ) -> Reply | None:
         """One pass of the auto plan (module docstring); None when the caller should wait and retry."""
         assert req.model is not None
@@ -170,9 +232,10 @@ class Planner:
         model = req.model
         tried: set[str] = set()
 
-        async def direct(a: AgentState) -> Reply | None:
+        async def direct(a: AgentState, why: str) -> Reply | None:
             tried.add(a.id)
-            outcome = await transport.attempt(req, transport.subjects.agent_work(a.id), a.id, deadline)
+            decision.route = why
+            outcome = await self._attempt(req, transport.subjects.agent_work(a.id), a.id, deadline)
             if isinstance(outcome, Reply):
                 return outcome
             if outcome is Outcome.FAILED:
@@ -196,7 +259,7 @@ class Planner:
             usable = self._usable(req, failed)
             ranked = router.rank("auto", route_for(usable), usable, transport.outstanding)
             if ranked and ranked[0].id == session_agent:
-                if (reply := await direct(ranked[0])) is not None:
+                if (reply := await direct(ranked[0], SESSION)) is not None:
                     return reply
         # 2. warm claims: an agent with a free slot on a default-context runner takes it now. The
         # fast path: no ranking, no fleet scan — NATS knows who has a free slot
@@ -205,8 +268,9 @@ class Planner:
             subjects = [transport.subjects.work(req.vendor, token)] if req.vendor else []
             if not (req.vendor and req.strict):
                 subjects.append(transport.subjects.work(ANY_VENDOR, token))
+            decision.route = WARM
             for subject in subjects:
-                outcome = await transport.attempt(req, subject, None, deadline)
+                outcome = await self._attempt(req, subject, None, deadline)
                 if isinstance(outcome, Reply):
                     return outcome
         usable = self._usable(req, failed)
@@ -220,7 +284,7 @@ class Planner:
                 and warm(route, a)
                 and load(a, transport.outstanding) < 1
             ):
-                if (reply := await direct(a)) is not None:
+                if (reply := await direct(a, WARM)) is not None:
                     return reply
         # 4. nothing can start it now: a load, or a wait (ranked again: the attempts above moved
         # the outstanding counts the costs are made of)
@@ -233,15 +297,19 @@ class Planner:
         if not warm(route, top) and not loads.under_way(route, live):  # `top` is among `live`
             target, mine = await loads.place(req, route, top, failed)
             if target is not None and mine:
-                reply = await direct(target)
+                reply = await direct(target, LOAD)
                 if reply is None or reply.status >= 400:
                     # the load failed (Ollama's error, e.g. not enough memory) or never started: the
                     # next request must not wait on it as if it were under way
                     await loads.unplace(req, route, target)
                 return reply
         if req.num_ctx is None and self.settings.queue:
-            return await self.queue.wait(req, route, deadline, failed)
+            decision.route, since = QUEUED, time.monotonic()
+            queued = await self.queue.wait(req, route, deadline, failed)
+            if queued is not None:
+                decision.queue_s = time.monotonic() - since
+            return queued
         for a in live:  # its own num_ctx: wait at the agent whose runner will match soonest
             if warm(route, a) or loads.loading_at(route, a):
-                return await direct(a)
+                return await direct(a, QUEUED)
         return None

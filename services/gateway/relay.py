@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
+from corral.gateway.access import TAIL_BYTES
 from corral.gateway.errors import JSON, error_response, native_body, openai_body
+from corral.gateway.metrics import DIRECT, Decision, new_decision, streamed
 from corral.gateway.planner import Planner
 from corral.gateway.spans import AnswerSpan
 from corral.protocol.errors import CorralError, InternalError
@@ -28,7 +31,9 @@ Receive = Any
 Send = Any
 
 
-async def respond(send: Send, status: int, body: bytes, content_type: str = JSON) -> None:
+async def respond(
+    send: Send, status: int, body: bytes, content_type: str = JSON, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -36,6 +41,7 @@ async def respond(send: Send, status: int, body: bytes, content_type: str = JSON
             "headers": [
                 (b"content-type", content_type.encode()),
                 (b"content-length", str(len(body)).encode()),
+                *extra,
             ],
         }
     )
@@ -94,35 +100,58 @@ async def _until_gone(work: Coroutine[Any, Any, None], receive: Receive) -> None
 async def _serve(
     planner: Planner, work: WorkRequest, send: Send, *, openai: bool, raw_model: str, target: str | None
 ) -> None:
+    decision = new_decision()
+    status, agent = 499, ""  # 499: the client went away before an answer (nginx's convention)
     try:
-        reply = await (planner.send_to(target, work) if target else planner.send(work))
-    except CorralError as e:
-        await respond_error(send, e, openai=openai, endpoint=work.endpoint, raw_model=raw_model)
-        return
-    async with reply:
-        await stream_reply(reply, send, openai=openai)
+        try:
+            if target:
+                decision.route = DIRECT
+                reply = await planner.send_to(target, work)
+            else:
+                reply = await planner.send(work, decision=decision)
+        except CorralError as e:
+            status = e.status
+            await respond_error(send, e, openai=openai, endpoint=work.endpoint, raw_model=raw_model)
+            return
+        status, agent = reply.status, reply.agent
+        async with reply:
+            await stream_reply(reply, send, openai=openai, decision=decision)
+    finally:
+        planner.metrics.finished(work, decision, status, agent)
 
 
-async def stream_reply(reply: Reply, send: Send, *, openai: bool) -> None:
+async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Decision | None = None) -> None:
+    """``decision``: how the request was routed, for the response's X-Corral headers; it is told
+    when a streamed body's first byte went out and keeps the body's end (its token counts)."""
+    extra = [] if decision is None else decision.headers(reply.agent)
+    d = decision or new_decision()
     answer = AnswerSpan(reply.agent)
     answer.head(reply.first)
     if reply.ended:
         answer.end()
-        await respond(send, reply.status, reply.first, reply.content_type)
+        d.tail = reply.first
+        await respond(send, reply.status, reply.first, reply.content_type, extra)
         return
     await send(
         {
             "type": "http.response.start",
             "status": reply.status,
-            "headers": [(b"content-type", reply.content_type.encode())],
+            "headers": [(b"content-type", reply.content_type.encode()), *extra],
         }
     )
+    timing = streamed(reply.content_type)  # time to first token: of streamed bodies only
     if reply.first:
         await send({"type": "http.response.body", "body": reply.first, "more_body": True})
+        if timing:
+            d.first_byte, timing = time.perf_counter(), False
+    prev = tail = reply.first
     try:
         async for batch in reply.batches():
             answer.data(batch)
             await send({"type": "http.response.body", "body": batch, "more_body": True})
+            if timing:
+                d.first_byte, timing = time.perf_counter(), False
+            prev, tail = tail, batch
         answer.end()
     except CorralError as e:
         log.warning("stream from agent %s failed: %s", reply.agent, e)
@@ -136,6 +165,7 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool) -> None:
                 "more_body": True,
             }
         )
+    d.tail = prev[-TAIL_BYTES:] + tail[-TAIL_BYTES:]
     await send({"type": "http.response.body", "body": b""})
 
 

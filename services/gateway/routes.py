@@ -13,6 +13,7 @@ from corral import views
 from corral.gateway import console, management, userviews
 from corral.gateway.auth import hides, key_of
 from corral.gateway.errors import JSON, openai_body
+from corral.gateway.metrics import CONTENT_TYPE
 from corral.protocol.errors import BadRequest
 from corral.runtime.health import not_ready
 from corral.runtime.workqueue import depths
@@ -59,6 +60,12 @@ def build_app(gw: Gateway) -> FastAPI:
             body = msgspec.json.encode({"status": "not ready", "error": problem})
             return Response(body, status_code=503, media_type=JSON)
         return Response(msgspec.json.encode({"status": "ready"}), media_type=JSON)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:  # Prometheus: this gateway's requests and the fleet's state
+        assert gw.nc is not None
+        body = await gw.planner.metrics.scrape(gw.nc.jetstream(), gw.subjects)
+        return Response(body, media_type=CONTENT_TYPE)
 
     @app.api_route("/api/version", methods=["GET", "HEAD"])
     async def version() -> Response:

@@ -1,0 +1,211 @@
+"""The gateway's Prometheus series (``GET /metrics``), in the text format of
+https://prometheus.io/docs/instrumenting/exposition_formats/.
+
+Two kinds of series, so that several gateways add up correctly:
+
+- **this gateway's own requests** (`GatewayMetrics`): requests, latencies, tokens, queue waits,
+  routing decisions, claim retries and failovers, each updated once when a request ends (never per
+  chunk). Summed over gateways they give the fleet's traffic.
+- **the fleet** (`corral.gateway.fleetmetrics`): agents, VRAM, slots and the fleet-wide queue,
+  computed at scrape time from the shared state (the agents bucket and the queue stream), so every
+  gateway reports the same values: take ``max`` (or one gateway's), never ``sum``, over gateways.
+
+Label values are bounded: a model is its normalised name only while some agent of the fleet has it
+(else ``other``), an endpoint is one of Ollama's routes (else ``other``), agents are the fleet's,
+and a route is one of `ROUTES` or a strategy name.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from corral import views
+from corral.gateway.access import TAIL_BYTES, reply_tokens
+from corral.gateway.fleetmetrics import FleetCollector
+from corral.protocol.endpoints import MODEL_ENDPOINTS
+from corral.protocol.subjects import Subjects
+from corral.runtime.fleet import FleetView
+from corral.runtime.workqueue import depths
+from corral.transport import WorkRequest
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+OTHER: Final = "other"  # the label of a model no agent has, or of an endpoint Ollama does not serve
+NONE: Final = "none"  # no model (management, views) or no agent (answered before one took it)
+
+# why a request went where it went (the X-Corral-Route header and the decisions counter)
+SESSION: Final = "session"  # the agent holding the conversation's prompt cache
+WARM: Final = "warm"  # an agent with the model loaded and a free slot
+LOAD: Final = "load"  # the agent chosen to load a cold model (one load per model, fleet-wide)
+QUEUED: Final = "queued"  # waited for a slot: the fleet-wide queue, or at the agent whose runner will match
+DIRECT: Final = "direct"  # sent to one agent the call names (management: show, create, blobs, pull, unload)
+ROUTES: Final = (SESSION, WARM, LOAD, QUEUED, DIRECT)  # else the strategy's name (round_robin, ...)
+
+# seconds; LLM calls run from tens of milliseconds (an embed, a warm first token) to minutes
+TTFT_BUCKETS: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+DURATION_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+QUEUE_BUCKETS: Final = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+ENDPOINTS: Final = MODEL_ENDPOINTS | {
+    "/api/show",
+    "/api/pull",
+    "/api/push",
+    "/api/create",
+    "/api/copy",
+    "/api/delete",
+    "/api/blobs",
+    "/api/tags",
+    "/api/ps",
+    "/api/version",
+    "/v1/models",
+}
+_STREAMING: Final = ("application/x-ndjson", "text/event-stream")
+
+
+def endpoint_label(path: str) -> str:
+    """An Ollama route as a label: a blob's digest dropped, anything unknown ``other``."""
+    if path.startswith("/api/blobs/"):
+        return "/api/blobs"
+    return path if path in ENDPOINTS else OTHER
+
+
+def streamed(content_type: str) -> bool:
+    """Whether a reply of this content type streams (NDJSON, server-sent events)."""
+    return content_type.startswith(_STREAMING)
+
+
+@dataclass(slots=True)
+class Decision:
+    """One request's route, filled in as it goes: the planner says where and why, the relay when
+    the first byte went out; both read back into the response's headers and `GatewayMetrics`."""
+
+    started: float  # time.perf_counter() when the gateway began routing it
+    strategy: str = ""
+    route: str = ""  # one of ROUTES, or the strategy's name; empty: not routed (an error)
+    queue_s: float | None = None  # how long it waited for a slot, when it did
+    first_byte: float | None = None  # perf_counter() when its first body byte went out, when streamed
+    tail: bytes = b""  # the end of the reply's body (its token counts)
+
+    def headers(self, agent: str) -> list[tuple[bytes, bytes]]:
+        """``X-Corral-Agent``, ``X-Corral-Route`` and, after a wait, ``X-Corral-Queue-Ms``."""
+        out = [(b"x-corral-agent", agent.encode())] if agent else []
+        if self.route:
+            out.append((b"x-corral-route", self.route.encode()))
+        if self.queue_s is not None:
+            out.append((b"x-corral-queue-ms", b"%d" % round(self.queue_s * 1000)))
+        return out
+
+
+def new_decision() -> Decision:
+    return Decision(started=time.perf_counter())
+
+
+class GatewayMetrics:
+    """This gateway's per-request series, in a registry of its own (several gateways in one process
+    — tests, benchmarks — never share counts), plus the fleet's at scrape time (`scrape`)."""
+
+    def __init__(self, fleet: FleetView) -> None:
+        self._fleet = fleet
+        r = self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter(
+            "corral_gateway_requests",
+            "Requests answered by this gateway, by model, endpoint, HTTP status and serving agent",
+            ["model", "endpoint", "status", "agent"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "corral_gateway_time_to_first_token_seconds",
+            "Streamed requests: from routing to the first body byte sent to the client",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "corral_gateway_request_duration_seconds",
+            "Requests an agent answered: from routing to the last body byte",
+            ["model"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "corral_gateway_prompt_tokens",
+            "Prompt tokens evaluated, from replies' counts",
+            ["model", "agent"],
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "corral_gateway_generated_tokens",
+            "Tokens generated, from replies' counts",
+            ["model", "agent"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "corral_gateway_queue_wait_seconds",
+            "Requests that waited for a slot: how long",
+            ["model"],
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter(
+            "corral_gateway_routing_decisions",
+            "Routed requests by strategy and reason (warm, session, load, queued, direct, or the strategy)",
+            ["strategy", "reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "corral_gateway_claim_retries",
+            "Attempts that did not begin a reply and were tried elsewhere: busy, or failed (no claim, silent, error)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "corral_gateway_failovers",
+            "Requests served by another agent after one failed before answering",
+            ["model"],
+            registry=r,
+        )
+
+    def model_label(self, work: WorkRequest) -> str:
+        """The request's model as a label: bounded by what the fleet has."""
+        if work.model is None:
+            return NONE
+        key = work.model.key
+        return key if self._fleet.with_model(key) else OTHER
+
+    def retried(self, work: WorkRequest, reason: str) -> None:
+        self.retries.labels(self.model_label(work), reason).inc()
+
+    def failed_over(self, work: WorkRequest) -> None:
+        self.failovers.labels(self.model_label(work)).inc()
+
+    def finished(self, work: WorkRequest, decision: Decision, status: int, agent: str) -> None:
+        """One request ended (answered, failed or its client gone): every series it adds to, once."""
+        now = time.perf_counter()
+        model = self.model_label(work)
+        self.requests.labels(model, endpoint_label(work.endpoint), str(status), agent or NONE).inc()
+        if decision.route:
+            self.decisions.labels(decision.strategy, decision.route).inc()
+        if decision.queue_s is not None:
+            self.queue_wait.labels(model).observe(decision.queue_s)
+        if not agent:
+            return
+        self.duration.labels(model).observe(now - decision.started)
+        if decision.first_byte is not None:
+            self.ttft.labels(model).observe(decision.first_byte - decision.started)
+        if status == 200 and decision.tail:
+            prompt, generated = reply_tokens(decision.tail[-TAIL_BYTES:])
+            if prompt:
+                self.prompt_tokens.labels(model, agent).inc(prompt)
+            if generated:
+                self.generated_tokens.labels(model, agent).inc(generated)
+
+    async def scrape(self, js: JetStreamContext, subjects: Subjects) -> bytes:
+        """The exposition text: this gateway's series, then the fleet's as the shared state says now."""
+        queue = views.queue_by_model(await depths(js, subjects))
+        fleet = CollectorRegistry(auto_describe=False)
+        fleet.register(FleetCollector(self._fleet.agents(), queue))
+        return generate_latest(self.registry) + generate_latest(fleet)
