@@ -17,8 +17,10 @@ import msgspec
 from corral.agent.agent import Agent
 from corral.agent.agentset import AgentSet
 from corral.agent.gpu import GpuProbe, detect_vendor
+from corral.agent.metrics import registry_for
 from corral.agent.multi import Agents, DockerAgents, Probes, SpawnedAgents
 from corral.agent.settings import AgentSettings
+from corral.runtime.metricsserver import serve_metrics
 from corral.runtime.process import service_main, wait_for_signal
 from corral.runtime.settings import add_arguments
 from corral.runtime.tasks import cancel_and_wait
@@ -62,12 +64,17 @@ async def serve_one(settings: AgentSettings) -> int:
     vendor = settings.vendor or detect_vendor()
     probe = GpuProbe(vendor, vram_gb_override=settings.vram_gb or None)
     agent = Agent(msgspec.structs.replace(settings, vendor=vendor), probe=probe.refresh)
+    metrics = None
+    if settings.metrics_port:
+        metrics = await serve_metrics(registry_for(lambda: [agent]), settings.metrics_port)
     task = asyncio.create_task(agent.run())
     stop = asyncio.create_task(wait_for_signal())
     await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
     await agent.stop()
     stop.cancel()
     probe.close()
+    if metrics is not None:
+        metrics.close()
     await task
     return 1 if agent.connection_lost else 0
 
@@ -76,6 +83,8 @@ async def serve_many(settings: AgentSettings, make: Callable[[AgentSet, Probes],
     """Run the agents ``make`` manages until a signal, or until one ends on its own (exit 1); then
     drain every agent, and only then stop what they serve."""
     agents, probes = AgentSet(), Probes(settings.vram_gb)
+    if settings.metrics_port:
+        log.warning("--metrics-port serves one agent's figures: not yet with --docker or --spawn")
     manager = make(agents, probes)
     managing = asyncio.create_task(manager.run(), name="agents")
     signalled = asyncio.create_task(wait_for_signal(), name="signals")

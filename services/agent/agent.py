@@ -34,6 +34,7 @@ from corral.agent.lifecycle import (
     ping_silent,
     wait_at_most,
 )
+from corral.agent.metrics import LoadBook
 from corral.agent.ollama import OllamaClient
 from corral.agent.runners import RunnerChange, RunnerTracker
 from corral.agent.settings import AgentSettings
@@ -64,10 +65,10 @@ _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/crea
 
 
 class Agent:
-    # Twenty-one attributes: the settings and identity it was given (settings, id, vendor, subjects,
+    # Twenty-two attributes: the settings and identity it was given (settings, id, vendor, subjects,
     # ollama), its lifecycle (lifecycle, status, ready, wake-ups), the I/O it owns (connection, KV
     # buckets and their reopener, subscriptions, worker, claims, backend reader, task group, tracer) and the two state
-    # machines with the jobs they account for (slots, runners, jobs). The state that changes lives
+    # machines with the jobs they account for (slots, runners, jobs, loads). The state that changes lives
     # in `SlotTable`, `RunnerTracker` and `Claims`; the agent only maps their answers onto I/O.
     def __init__(
         self,
@@ -106,6 +107,7 @@ class Agent:
         self._tg: asyncio.TaskGroup | None = None
         self.slots: SlotTable[Job] = SlotTable(settings.parallel, settings.max_queue)
         self.runners = RunnerTracker(self._backend.default_num_ctx())
+        self.loads = LoadBook()  # what its /api/ps readings show loaded and evicted (for /metrics)
         self._jobs: dict[str, Job] = {}
 
     # seams the integration tests use: re-read Ollama at once after changing the backend behind
@@ -441,11 +443,10 @@ class Agent:
 
     # -- backend state -----------------------------------------------------------------------
     async def _refresh(self) -> None:
-        reading = await self._backend.read()
-        change = self.runners.observe(
-            reading.loaded, reading.trained, self.slots.busy_tokens(), self._backend.default_num_ctx()
-        )
-        self._apply(change)
+        b = self._backend
+        reading, busy = await b.read(), self.slots.busy_tokens()
+        self.loads.observe(reading.loaded, busy | self.runners.ready)  # ready: answered, so ours
+        self._apply(self.runners.observe(reading.loaded, reading.trained, busy, b.default_num_ctx()))
         self._changed(state=reading.changed)
 
     async def _refresh_loop(self) -> None:

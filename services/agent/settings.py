@@ -11,7 +11,7 @@ Vendor = Literal["", "nvidia", "amd", "intel", "apple", "cpu"]
 
 
 class AgentSettings(CommonSettings, frozen=True, kw_only=True):
-    """Every setting of `corral agent`: twenty attributes, a flag and a variable each (as with
+    """Every setting of `corral agent`: twenty-one attributes, a flag and a variable each (as with
     the other services' settings): the Ollama it serves, its slots and periods, and how it finds
     several Ollamas on one host (Docker discovery, one spawned Ollama per GPU)."""
 
@@ -80,6 +80,15 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     max_loaded_models: Annotated[
         int,
         setting("with --spawn: each Ollama's OLLAMA_MAX_LOADED_MODELS", ge=0, shown="0 (Ollama's default)"),
+    ] = 0
+    metrics_port: Annotated[
+        int,
+        setting(
+            "serve Prometheus /metrics (slots per model, loads, evictions) on this port; 0 = off",
+            ge=0,
+            le=65535,
+            shown="0 (off)",
+        ),
     ] = 0
     models_dir: Annotated[
         str, setting("with --spawn: the model directory they share (OLLAMA_MODELS)", shown="Ollama's default")

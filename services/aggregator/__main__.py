@@ -7,6 +7,7 @@ import logging
 
 from corral.aggregator.aggregator import Aggregator
 from corral.aggregator.settings import AggregatorSettings
+from corral.runtime.metricsserver import serve_metrics
 from corral.runtime.process import service_main, wait_for_stop
 from corral.runtime.settings import add_arguments
 
@@ -28,9 +29,14 @@ def parser() -> argparse.ArgumentParser:
 async def serve(settings: AggregatorSettings) -> int:
     agg = Aggregator(settings)
     await agg.start()
+    metrics = (
+        await serve_metrics(agg.metrics.registry, settings.metrics_port) if settings.metrics_port else None
+    )
     try:
         lost = await wait_for_stop(agg.lost)
     finally:
+        if metrics is not None:
+            metrics.close()
         await agg.stop()
     return 1 if lost else 0
 

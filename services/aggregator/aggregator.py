@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 import nats.errors
 from corral import views
+from corral.aggregator.metrics import AggregatorMetrics
 from corral.aggregator.settings import AggregatorSettings
 from corral.protocol.messages import RequestFinished
 from corral.protocol.subjects import Subjects
@@ -95,6 +96,7 @@ class Aggregator:
         self.settings = settings
         self.subjects = Subjects(settings.root)
         self.window = Window(settings.stats_window_s)
+        self.metrics = AggregatorMetrics()  # served by `corral aggregator --metrics-port`
         self.nc: NATS | None = None
         self._buckets: Buckets | None = None
         self._fleet: FleetView | None = None
@@ -154,9 +156,12 @@ class Aggregator:
 
     async def _on_finished(self, msg: Msg) -> None:
         try:
-            self.window.add(_finished.decode(msg.data), time.time())
+            event = _finished.decode(msg.data)
         except msgspec.DecodeError:
             log.debug("ignoring undecodable request event")
+            return
+        self.window.add(event, time.time())
+        self.metrics.finished(event, self.fleet)
 
     async def _loop(self) -> None:
         """Rewrite views on every fleet change and at least every ``views_interval_s``."""

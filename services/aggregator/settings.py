@@ -17,3 +17,12 @@ class AggregatorSettings(CommonSettings, frozen=True, kw_only=True):
             "how often status is rewritten (views also on every fleet change)", gt=0, flags=["--interval"]
         ),
     ] = 1.0
+    metrics_port: Annotated[
+        int,
+        setting(
+            "serve Prometheus /metrics (every agent's finished requests) on this port; 0 = off",
+            ge=0,
+            le=65535,
+            shown="0 (off)",
+        ),
+    ] = 0
