@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from corral import views
 from corral.gateway.access import TAIL_BYTES, reply_tokens
@@ -110,6 +110,9 @@ class GatewayMetrics:
 
     def __init__(self, fleet: FleetView) -> None:
         self._fleet = fleet
+        # (series, label values) → its child: `labels()` validates and locks on every call, a dict
+        # lookup does not; bounded like the label values themselves
+        self._children: dict[tuple[Any, ...], Any] = {}
         r = self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Counter(
             "corral_gateway_requests",
@@ -169,6 +172,13 @@ class GatewayMetrics:
             registry=r,
         )
 
+    def _child(self, series: Any, *labels: str) -> Any:
+        key = (series, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = series.labels(*labels)
+        return child
+
     def model_label(self, work: WorkRequest) -> str:
         """The request's model as a label: bounded by what the fleet has."""
         if work.model is None:
@@ -177,31 +187,32 @@ class GatewayMetrics:
         return key if self._fleet.with_model(key) else OTHER
 
     def retried(self, work: WorkRequest, reason: str) -> None:
-        self.retries.labels(self.model_label(work), reason).inc()
+        self._child(self.retries, self.model_label(work), reason).inc()
 
     def failed_over(self, work: WorkRequest) -> None:
-        self.failovers.labels(self.model_label(work)).inc()
+        self._child(self.failovers, self.model_label(work)).inc()
 
     def finished(self, work: WorkRequest, decision: Decision, status: int, agent: str) -> None:
         """One request ended (answered, failed or its client gone): every series it adds to, once."""
         now = time.perf_counter()
         model = self.model_label(work)
-        self.requests.labels(model, endpoint_label(work.endpoint), str(status), agent or NONE).inc()
+        child = self._child
+        child(self.requests, model, endpoint_label(work.endpoint), str(status), agent or NONE).inc()
         if decision.route:
-            self.decisions.labels(decision.strategy, decision.route).inc()
+            child(self.decisions, decision.strategy, decision.route).inc()
         if decision.queue_s is not None:
-            self.queue_wait.labels(model).observe(decision.queue_s)
+            child(self.queue_wait, model).observe(decision.queue_s)
         if not agent:
             return
-        self.duration.labels(model).observe(now - decision.started)
+        child(self.duration, model).observe(now - decision.started)
         if decision.first_byte is not None:
-            self.ttft.labels(model).observe(decision.first_byte - decision.started)
+            child(self.ttft, model).observe(decision.first_byte - decision.started)
         if status == 200 and decision.tail:
             prompt, generated = reply_tokens(decision.tail[-TAIL_BYTES:])
             if prompt:
-                self.prompt_tokens.labels(model, agent).inc(prompt)
+                child(self.prompt_tokens, model, agent).inc(prompt)
             if generated:
-                self.generated_tokens.labels(model, agent).inc(generated)
+                child(self.generated_tokens, model, agent).inc(generated)
 
     async def scrape(self, js: JetStreamContext, subjects: Subjects) -> bytes:
         """The exposition text: this gateway's series, then the fleet's as the shared state says now."""
