@@ -19,7 +19,7 @@ from corral.gateway.access import TAIL_BYTES
 from corral.gateway.errors import JSON, error_response, native_body, openai_body
 from corral.gateway.metrics import DIRECT, Decision, new_decision, streamed
 from corral.gateway.planner import Planner
-from corral.gateway.spans import AnswerSpan
+from corral.gateway.spans import record_answer
 from corral.protocol.errors import CorralError, InternalError
 from corral.transport import Reply, WorkRequest
 from fastapi.responses import Response
@@ -118,6 +118,7 @@ async def _serve(
             await stream_reply(reply, send, openai=openai, decision=decision)
     finally:
         planner.metrics.finished(work, decision, status, agent)
+        record_answer(decision, agent)
 
 
 async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Decision | None = None) -> None:
@@ -125,10 +126,7 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
     when a streamed body's first byte went out and keeps the body's end (its token counts)."""
     extra = [] if decision is None else decision.headers(reply.agent)
     d = decision or new_decision()
-    answer = AnswerSpan(reply.agent)
-    answer.head(reply.first)
     if reply.ended:
-        answer.end()
         d.tail = reply.first
         await respond(send, reply.status, reply.first, reply.content_type, extra)
         return
@@ -147,12 +145,10 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
     prev = tail = reply.first
     try:
         async for batch in reply.batches():
-            answer.data(batch)
             await send({"type": "http.response.body", "body": batch, "more_body": True})
             if timing:
                 d.first_byte, timing = time.perf_counter(), False
             prev, tail = tail, batch
-        answer.end()
     except CorralError as e:
         log.warning("stream from agent %s failed: %s", reply.agent, e)
         await send({"type": "http.response.body", "body": _stream_error(reply, e, openai), "more_body": True})

@@ -1,44 +1,27 @@
-"""What the gateway's SERVER span learns from an answer as it relays it: `AnswerSpan`."""
+"""What the gateway's SERVER span learns from a relayed answer: `record_answer`."""
 
 from __future__ import annotations
 
 import time
 
-from corral.gateway.access import TAIL_BYTES, reply_tokens
-from corral.runtime.telemetry import CORRAL_AGENT, set_usage
+from corral.gateway.access import reply_tokens
+from corral.gateway.metrics import Decision
+from corral.runtime.telemetry import CORRAL_AGENT, CORRAL_ROUTE, set_usage
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan
 
 
-class AnswerSpan:
-    """The current span (the request's SERVER span) gets the agent that answered, the time from
-    the request's arrival (the span's start) to the answer's first bytes, and the token counts at
-    the answer's end. Keeps nothing, and costs next to nothing, when that span is not recorded."""
-
-    __slots__ = ("_span", "_tail", "_ttft_ms", "on")
-
-    def __init__(self, agent: str) -> None:
-        self._span = trace.get_current_span()
-        self.on = self._span.is_recording()
-        self._tail = b""
-        self._ttft_ms: float | None = None
-        if self.on and agent:
-            self._span.set_attribute(CORRAL_AGENT, agent)
-
-    def head(self, data: bytes) -> None:
-        """The answer's first bytes go to the client now."""
-        if not self.on:
-            return
-        if isinstance(self._span, ReadableSpan) and self._span.start_time is not None:
-            self._ttft_ms = (time.time_ns() - self._span.start_time) / 1e6
-        self._tail = data[-TAIL_BYTES:]
-
-    def data(self, data: bytes) -> None:
-        if self.on:
-            self._tail = (self._tail + data[-TAIL_BYTES:])[-TAIL_BYTES:]
-
-    def end(self) -> None:
-        """The answer ended: its figures go on the span."""
-        if self.on:
-            prompt, generated = reply_tokens(self._tail)
-            set_usage(self._span, prompt=prompt, generated=generated, ttft_ms=self._ttft_ms)
+def record_answer(decision: Decision, agent: str) -> None:
+    """Put on the current span (the request's SERVER span) how the request was routed, the agent
+    that answered, the time from routing to the first body bytes sent (a body sent whole: to its
+    end) and the token counts at the answer's end, all as the relay's `Decision` recorded them."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    if decision.route:
+        span.set_attribute(CORRAL_ROUTE, decision.route)
+    if not agent:  # no answer began
+        return
+    span.set_attribute(CORRAL_AGENT, agent)
+    first = decision.first_byte if decision.first_byte is not None else time.perf_counter()
+    prompt, generated = reply_tokens(decision.tail)
+    set_usage(span, prompt=prompt, generated=generated, ttft_ms=(first - decision.started) * 1000)

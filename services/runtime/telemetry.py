@@ -22,10 +22,10 @@ semantic conventions (https://opentelemetry.io/docs/specs/semconv/gen-ai/) where
 the gateway's SERVER span and the agent's CLIENT span carry ``gen_ai.request.model``,
 ``gen_ai.operation.name``, ``gen_ai.usage.input_tokens`` / ``gen_ai.usage.output_tokens`` (read
 from the end of the answer) and ``corral.ttft_ms`` (each measured where it is: the gateway's from
-the request's arrival to its first bytes, the agent's from its call to Ollama's); the gateway's
-also ``corral.agent``, the agent that served it. A PRODUCER span lasts from the publish until the
-agent's head or the attempt's failure, so an attempt that failed over is an error span of its own,
-with ``corral.agent`` when an agent had claimed it.
+its routing to the first bytes sent, the agent's from its call to Ollama's); the gateway's also
+``corral.agent``, the agent that served it, and ``corral.route``, how it was routed. A PRODUCER
+span lasts from the publish until the agent's head or the attempt's failure, so an attempt that
+failed over is an error span of its own, with ``corral.agent`` when an agent had claimed it.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
 CORRAL_AGENT: Final = "corral.agent"  # the agent id that served (or claimed) the request
 CORRAL_TTFT_MS: Final = "corral.ttft_ms"  # milliseconds until the answer's first bytes
+CORRAL_ROUTE: Final = "corral.route"  # how the gateway routed it (warm, load, queue, direct ...)
 CORRAL_OUTCOME: Final = "corral.outcome"  # why an attempt did not begin a reply (busy, failed ...)
 
 _OPERATIONS: Final = {

@@ -167,6 +167,7 @@ def _assert_answer(
         assert span.attributes["gen_ai.usage.output_tokens"] == generated
         assert span.attributes["corral.ttft_ms"] > 0
     assert server.attributes["corral.agent"] == agent
+    assert server.attributes["corral.route"]  # how the gateway routed it (warm, load ...)
     # the time to the first bytes is part of the request, which the span covers whole
     assert server.attributes["corral.ttft_ms"] <= server.duration_ms
     assert server.status != "ERROR" and client.status != "ERROR"
