@@ -358,13 +358,14 @@ class Agent:
             self._apply(self.runners.responded(job.token, job.rid, status))
 
     async def _on_answered(self, job: Job) -> None:
-        """Ollama has finished ``job``: free its slot and arm that slot's claim now.
-
-        This runs before the reply's last message is published, so the new subscription reaches
-        NATS first. A client answered at once may send its next request at once; it finds the slot
-        armed instead of falling back to a direct send or the queue. Requests waiting here or in
-        the fleet queue keep their turn: the slot passes to them and nothing is armed.
-        """
+        """Ollama has finished ``job``: publish what it changed on disk, free its slot and arm that
+        slot's claim now — all before the reply's last message goes out, so a client answered at
+        once finds a just-pulled model in the fleet and the slot armed (not a direct send or the
+        queue). Requests waiting here or in the fleet queue keep their turn: the slot passes to
+        them and nothing is armed."""
+        if job.env.endpoint in _CHANGES_MODELS:
+            await self._refresh()
+            await self._publish_state()
         token = job.token
         if token is None or job.released:
             return
@@ -407,8 +408,7 @@ class Agent:
 
     @guarded
     async def _on_admin(self, msg: Msg) -> None:
-        """Drain, cordon, uncordon: the operator's, on a subject of their own (see
-        `Subjects.agent_admin`)."""
+        """Drain, cordon, uncordon: the operator's, on a subject of their own (`agent_admin`)."""
         assert self.nc is not None
         kind = (msg.headers or {}).get(H.CTL)
         if kind in (H.DRAIN, H.CORDON):

@@ -44,13 +44,15 @@ async def _serve(args: argparse.Namespace) -> int:
     server = NatsServer(
         host=args.host, port=args.port, store_dir=args.store_dir, config_file=args.config, auth_file=args.auth
     )
+    stop = asyncio.create_task(wait_for_signal())
+    await asyncio.sleep(0)  # one turn of the loop: its handlers are in place before anyone can signal
     try:
         await server.start()
     except NatsServerError as e:
+        stop.cancel()
         print(f"corral nats: {e}")
         return 1
     print(f"nats-server with JetStream on {server.url} (store {args.store_dir}); Ctrl-C stops it", flush=True)
-    stop = asyncio.create_task(wait_for_signal())
     died = asyncio.create_task(server.wait())
     await asyncio.wait((stop, died), return_when=asyncio.FIRST_COMPLETED)
     signalled = stop.done()  # judged before stopping the server: stopping ends `died` too

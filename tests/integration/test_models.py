@@ -151,3 +151,20 @@ async def test_an_unload_leaves_the_merged_ps_at_once(fleet: LocalFleet, client:
     key = parse_name("llama3.2").key
     await until(fleet, lambda: fleet.gateway.fleet.loaded_on(key) == [], timeout=5)  # type: ignore[union-attr]
     assert "llama3.2:latest" not in [m.model for m in (await client.ps()).models]
+
+
+@pytest.mark.parametrize("through", ["the registry", "one agent"])
+async def test_a_model_is_usable_the_moment_its_pull_says_success(
+    fleet: LocalFleet, client: ollama.AsyncClient, through: str
+) -> None:
+    """The agent publishes what it has on disk before its pull's last line goes out, so the very
+    next request (and /api/tags) finds the model — as with one Ollama."""
+    name = "mistral" if through == "the registry" else "nomic-embed-text"
+    if through == "one agent":
+        assert fleet.registry is not None
+        await fleet.registry.stop()  # no registry: the gateway sends the pull to one agent itself
+    last = [p.status async for p in await client.pull(name, stream=True)][-1]
+    assert last == "success"
+    assert any(m.model.startswith(name) for m in (await client.list()).models)
+    r = await client.embed(model=name, input="at once")
+    assert r.embeddings
