@@ -55,4 +55,6 @@ def test_the_wheel_holds_corral_and_no_services(tmp_path: Path) -> None:
     assert modules == sources, "the wheel's modules differ from the source tree's"
     pages = {p.name for p in (ROOT / "services/gateway/console-static").iterdir()}
     assert {"index.html", "app.js", "charts.js", "style.css"} <= pages
-    assert {n.removeprefix("corral/gateway/console-static/") for n in names if "console-static/" in n} == pages
+    assert {
+        n.removeprefix("corral/gateway/console-static/") for n in names if "console-static/" in n
+    } == pages
