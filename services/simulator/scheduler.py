@@ -6,7 +6,10 @@ waits for that load. Everything else goes to a bounded pending queue (full → 5
 that a single loop drains one request at a time: reload if the runner options changed, evict
 (keep_alive ascending, idle first, not LRU) until the model fits (≤ 80 % of free VRAM
 when others are loaded; the only model may partially offload), then load — a load the triggering
-client abandons is aborted. Unloaded memory comes back after a release delay.
+client abandons is aborted. Unloaded memory comes back after a release delay; after an eviction the
+loader waits for that memory to come back (at most `VRAM_RECOVERY_S`, as Ollama's
+`waitForVRAMRecovery` does) before it places the next model, so a model that fits once the victim is
+gone loads entirely in VRAM instead of spilling into system RAM.
 
 Each runner has `num_parallel` slots handed out in FIFO order; each slot remembers the tokens it
 last processed (the prompt cache). The idle timer starts when the last request detaches.
@@ -54,6 +57,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+VRAM_RECOVERY_S = 5.0  # simulated seconds the loader waits for an evicted runner's VRAM
 
 
 class _Pending:
@@ -263,6 +268,24 @@ class Scheduler:
         if victim.idle and victim.state is RunnerState.READY:
             self._unload(victim)
         await victim.unloaded.wait()
+        await self._wait_vram_recovered()
+
+    async def _wait_vram_recovered(self) -> None:
+        """Until no unloaded runner's VRAM is still being released, or `VRAM_RECOVERY_S` passed."""
+        if not any(self.vram_releasing):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.clock.real(VRAM_RECOVERY_S)
+        while any(self.vram_releasing):
+            left = deadline - loop.time()
+            if left <= 0:
+                log.info("VRAM not recovered after %.1f s; placing with what is free", VRAM_RECOVERY_S)
+                return
+            self._released.clear()
+            try:
+                await asyncio.wait_for(self._released.wait(), left)
+            except TimeoutError:
+                continue
 
     async def _wait_released(self) -> None:
         self._released.clear()

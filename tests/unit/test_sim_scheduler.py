@@ -354,6 +354,39 @@ async def test_vram_release_delay_holds_memory_briefly() -> None:
         await s.stop()
 
 
+async def test_after_an_eviction_the_next_load_waits_for_vram_and_fits_fully() -> None:
+    ctx = make(time_scale=0.001, vram_release_s=0.5, gpus=[GpuConfig(vram_gb=8)])
+    s = ctx.scheduler
+    s.start()
+    try:
+        mid, big = ctx.catalog.get("mid"), ctx.catalog.get("big")
+        assert mid and big
+        s.release(await s.acquire(mid, opts(), None))
+        r = await asyncio.wait_for(s.acquire(big, opts(), None), 2)
+        assert ctx.stats.evictions == 1
+        assert r.size_vram == r.size  # not spilled to the CPU while mid's memory was released
+        assert s.ram_used == 0
+        s.release(r)
+    finally:
+        await s.stop()
+
+
+async def test_vram_recovery_wait_is_bounded() -> None:
+    # The released memory takes far longer than the loader waits: it places with what is free.
+    ctx = make(time_scale=0.001, vram_release_s=60.0, gpus=[GpuConfig(vram_gb=8)])
+    s = ctx.scheduler
+    s.start()
+    try:
+        mid, big = ctx.catalog.get("mid"), ctx.catalog.get("big")
+        assert mid and big
+        s.release(await s.acquire(mid, opts(), None))
+        r = await asyncio.wait_for(s.acquire(big, opts(), None), 2)
+        assert 0 < r.size_vram < r.size and s.vram_releasing[0] > 0
+        s.release(r)
+    finally:
+        await s.stop()
+
+
 async def test_embedding_models_get_one_slot() -> None:
     ctx = make(num_parallel=4)
     s = ctx.scheduler
