@@ -81,7 +81,9 @@ async def test_a_state_under_another_agents_key_is_not_believed(nats_server: Nat
         await nc.close()
 
 
-async def test_an_agent_whose_key_is_deleted_is_announced_gone_once(nats_server: NatsServer, root: str) -> None:
+async def test_an_agent_whose_key_is_deleted_is_announced_gone_once(
+    nats_server: NatsServer, root: str
+) -> None:
     subjects = Subjects(root)
     nc = await connect(nats_server.url, name="test")
     try:
