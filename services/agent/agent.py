@@ -26,14 +26,7 @@ from collections.abc import Callable
 from corral.agent.backend import Backend
 from corral.agent.claims import Claims
 from corral.agent.intake import guarded, job_from
-from corral.agent.lifecycle import (
-    Lifecycle,
-    Wakeups,
-    default_agent_id,
-    leave,
-    ping_silent,
-    wait_at_most,
-)
+from corral.agent.lifecycle import Lifecycle, Wakeups, default_agent_id, leave, ping_silent, wait_at_most
 from corral.agent.metrics import LoadBook
 from corral.agent.ollama import OllamaClient
 from corral.agent.runners import RunnerChange, RunnerTracker
@@ -44,7 +37,7 @@ from corral.protocol import headers as H
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import Cancelled, InternalError
 from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
-from corral.protocol.names import VENDORS
+from corral.protocol.names import VENDORS, decode_token
 from corral.protocol.subjects import Subjects, usable_reply
 from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets
 from corral.runtime.tasks import cancel_and_wait, supervise
@@ -473,6 +466,8 @@ class Agent:
             default_num_ctx=b.default_num_ctx(),
             default_ctx=dict(self.runners.learned_ctx),
             trained_ctx=self.runners.trained,
+            model_meta=b.model_meta,
+            busy_models=tuple(sorted(decode_token(t) for t in busy)),
             in_flight=self.slots.in_flight,
             queued=self.slots.queued,
             max_queue=self.settings.max_queue,

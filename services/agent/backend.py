@@ -10,7 +10,8 @@ from typing import NamedTuple
 
 import msgspec
 from corral.agent.ollama import OLLAMA_ERRORS, OllamaClient
-from corral.protocol.messages import Gpu, PsModel, TagModel
+from corral.protocol.messages import Gpu, ModelMeta, PsModel, TagModel
+from corral.protocol.names import key_of
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class Backend:
         self.loaded: tuple[PsModel, ...] = ()
         self.version = ""
         self.started_at = time.time()
-        self._trained_by_digest: dict[str, int] = {}
+        self._meta_by_digest: dict[str, ModelMeta] = {}
+        self.model_meta: dict[str, ModelMeta] = {}  # model key (on disk) → its shape
 
     async def read(self) -> Reading:
         """Re-read Ollama; an unreachable or odd backend reads as empty (advertise nothing until it
@@ -64,19 +66,26 @@ class Backend:
             except (OSError, ValueError, RuntimeError) as e:
                 log.warning("GPU probe failed, keeping the last reading: %s", e)
         self.gpus = _with_ollama_usage(self.gpus, loaded)
-        trained = {m.name: await self._trained_context(m) for m in loaded}
+        for name, digest in [(m.name, m.digest) for m in models] + [(m.name, m.digest) for m in loaded]:
+            await self._read_meta(name, digest)
+        self.model_meta = _meta_by_key(models, self._meta_by_digest)
+        trained = {m.name: self._trained_context(m.digest) for m in loaded}
         self.models, self.loaded = tuple(models), tuple(loaded)
         return Reading(loaded, trained, (self.models, self.loaded, self.version, self.gpus) != before)
 
-    async def _trained_context(self, m: PsModel) -> int:
-        """Asked of Ollama once per model digest (it caps every runner's num_ctx at this)."""
-        if m.digest not in self._trained_by_digest:
-            try:
-                self._trained_by_digest[m.digest] = await self.ollama.trained_context(m.name)
-            except OLLAMA_ERRORS as e:
-                log.warning("cannot read %s's trained context: %s", m.name, e)
-                return 0
-        return self._trained_by_digest[m.digest]
+    async def _read_meta(self, name: str, digest: str) -> None:
+        """Asks Ollama for a model's shape once per digest (its trained context caps every
+        runner's num_ctx; the rest sizes the KV cache a load allocates)."""
+        if digest in self._meta_by_digest:
+            return
+        try:
+            self._meta_by_digest[digest] = await self.ollama.model_meta(name)
+        except OLLAMA_ERRORS as e:
+            log.warning("cannot read %s's metadata: %s", name, e)
+
+    def _trained_context(self, digest: str) -> int:
+        meta = self._meta_by_digest.get(digest)
+        return meta.trained_ctx if meta is not None else 0
 
     def default_num_ctx(self) -> int:
         """The backend's num_ctx for requests that give none: OLLAMA_CONTEXT_LENGTH when configured,
@@ -99,3 +108,12 @@ def _with_ollama_usage(gpus: tuple[Gpu, ...], loaded: list[PsModel]) -> tuple[Gp
         msgspec.structs.replace(g, vram_free=max(g.vram_total - used, 0)) if g.source == "config" else g
         for g in gpus
     )
+
+
+def _meta_by_key(models: list[TagModel], by_digest: dict[str, ModelMeta]) -> dict[str, ModelMeta]:
+    out: dict[str, ModelMeta] = {}
+    for m in models:
+        key, meta = key_of(m.name), by_digest.get(m.digest)
+        if key is not None and meta is not None and meta != ModelMeta():
+            out[key] = meta
+    return out

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import aiohttp
 import msgspec
 from corral.agent.http import HTTPClient, HTTPError, StatusError
-from corral.protocol.messages import PsModel, TagModel
+from corral.protocol.messages import ModelMeta, PsModel, TagModel
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +209,35 @@ class OllamaClient:
 
     async def trained_context(self, name: str) -> int:
         """The model's trained context (``<arch>.context_length`` in /api/show); 0 if not given."""
+        return (await self.model_meta(name)).trained_ctx
+
+    async def model_meta(self, name: str) -> ModelMeta:
+        """The model's shape from /api/show's ``model_info`` (fields not given read as 0)."""
         body = await self._call("POST", "/api/show", msgspec.json.encode({"model": name}))
-        info = _show.decode(body).model_info or {}
+        return meta_of(_show.decode(body).model_info or {})
+
+
+def meta_of(info: Mapping[str, Any]) -> ModelMeta:
+    """`ModelMeta` from Ollama's ``model_info``: keys ``<arch>.…`` where ``general.architecture``
+    names ``<arch>`` (any prefix is accepted when it does not). The head dimension is
+    ``attention.key_length`` when given, else ``embedding_length / attention.head_count``, as
+    Ollama's own estimate takes it."""
+    arch = info.get("general.architecture")
+
+    def field(suffix: str) -> int:
+        if isinstance(arch, str):
+            v = info.get(f"{arch}.{suffix}")
+            return v if isinstance(v, int) and not isinstance(v, bool) else 0
         for k, v in info.items():
-            if k.endswith(".context_length") and isinstance(v, int):
+            if k.endswith("." + suffix) and isinstance(v, int) and not isinstance(v, bool):
                 return v
         return 0
+
+    heads = field("attention.head_count")
+    head_dim = field("attention.key_length") or (field("embedding_length") // heads if heads else 0)
+    return ModelMeta(
+        layers=field("block_count"),
+        kv_heads=field("attention.head_count_kv") or heads,
+        head_dim=head_dim,
+        trained_ctx=field("context_length"),
+    )

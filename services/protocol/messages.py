@@ -50,6 +50,18 @@ class PsModel(msgspec.Struct, frozen=True, kw_only=True):
     context_length: int = 0
 
 
+class ModelMeta(Message, frozen=True, kw_only=True, omit_defaults=True):
+    """What Ollama's memory estimate needs of one model, read once from its /api/show
+    ``model_info`` (``<arch>.block_count``, ``<arch>.attention.head_count_kv``, the head dimension
+    from ``<arch>.attention.key_length`` or ``<arch>.embedding_length`` / ``head_count``,
+    ``<arch>.context_length``). 0 = not given."""
+
+    layers: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    trained_ctx: int = 0
+
+
 class Gpu(Message, frozen=True, kw_only=True, omit_defaults=True):
     index: int
     name: str
@@ -87,6 +99,9 @@ class AgentState(Message, frozen=True, kw_only=True, omit_defaults=True):
     # runner got from a request without num_ctx, as observed (wins over default_num_ctx's guess)
     trained_ctx: dict[str, int] = msgspec.field(default_factory=dict)  # loaded model key → trained
     # context (Ollama caps a runner's num_ctx at it, so a small model's default runner is smaller)
+    model_meta: dict[str, ModelMeta] = msgspec.field(default_factory=dict)  # model key (on disk) →
+    # its shape, for the router's estimate of what a load of it takes in memory
+    busy_models: tuple[str, ...] = ()  # model keys with requests running here (not to be evicted)
     in_flight: int = 0
     queued: int = 0
     max_queue: int = 0

@@ -1,4 +1,5 @@
-"""What Ollama does with a runner's context length, as a pure rule shared by routers and agents."""
+"""What Ollama does with a runner: its context length and the memory it takes, as pure rules
+shared by routers, agents and the simulator."""
 
 from __future__ import annotations
 
@@ -7,3 +8,21 @@ def effective_ctx(asked: int, trained: int) -> int:
     """The num_ctx Ollama gives a runner asked for ``asked``: capped at the model's trained context
     (0 = unknown: no cap)."""
     return min(asked, trained) if asked and trained else asked
+
+
+F16_BYTES = 2  # bytes per KV-cache element at Ollama's default OLLAMA_KV_CACHE_TYPE (f16)
+
+
+def kv_cache_bytes(
+    layers: int, kv_heads: int, head_dim: int, num_ctx: int, num_parallel: int, elem_bytes: float = F16_BYTES
+) -> int:
+    """The KV cache Ollama allocates for a runner: K and V, per layer, per KV head, for
+    ``num_ctx`` tokens in each of ``num_parallel`` slots (``q8_0`` is 1 byte an element, ``q4_0``
+    half a byte; see https://github.com/ollama/ollama/blob/main/docs/faq.md)."""
+    return int(2 * layers * kv_heads * head_dim * num_ctx * num_parallel * elem_bytes)
+
+
+def loaded_size(weights: int, kv: int, graph: int = 0) -> int:
+    """What a runner takes in (V)RAM, as Ollama's scheduler estimates it before a load: the
+    weights (the model file), its KV cache and the compute graph."""
+    return weights + kv + graph

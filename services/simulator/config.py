@@ -24,6 +24,7 @@ from typing import Any, Final, Literal
 import msgspec
 from corral.protocol.errors import InvalidModelName
 from corral.protocol.names import parse_name
+from corral.protocol.runners import kv_cache_bytes
 
 Vendor = Literal["nvidia", "amd", "intel", "apple", "cpu"]
 
@@ -101,7 +102,7 @@ class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
     def kv_bytes(self, num_ctx: int, num_parallel: int) -> int:
         """f16 KV cache: 2 × layers × kv_heads × head_dim × (num_ctx × num_parallel) × 2 bytes."""
-        return 2 * self.layers * self.head_count_kv * self.head_dim * num_ctx * num_parallel * 2
+        return kv_cache_bytes(self.layers, self.head_count_kv, self.head_dim, num_ctx, num_parallel)
 
 
 def _default_models() -> list[ModelConfig]:

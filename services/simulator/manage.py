@@ -392,6 +392,8 @@ def show_body(m: LocalModel, *, verbose: bool) -> dict[str, Any]:
         "general.quantization_version": 2,
         f"{arch}.attention.head_count": c.head_count_kv * 4,
         f"{arch}.attention.head_count_kv": c.head_count_kv,
+        f"{arch}.attention.key_length": c.head_dim,
+        f"{arch}.attention.value_length": c.head_dim,
         f"{arch}.block_count": c.layers,
         f"{arch}.context_length": c.trained_context,
         f"{arch}.embedding_length": c.embedding_dim,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
+from corral.protocol.runners import loaded_size
 from corral.simulator.catalog import LocalModel
 from corral.simulator.config import GIB
 
@@ -40,7 +41,7 @@ def needs_reload(current: RunnerOptions, requested: RunnerOptions) -> bool:
 def estimate(model: LocalModel, opts: RunnerOptions, num_parallel: int) -> int:
     """Weights + f16 KV cache for num_ctx × num_parallel + a batch surcharge."""
     batch = 2 * GIB if opts.num_batch >= 2048 else 768 * (1 << 20) if opts.num_batch >= 1024 else 0
-    return model.config.size + model.config.kv_bytes(opts.num_ctx, num_parallel) + batch
+    return loaded_size(model.config.size, model.config.kv_bytes(opts.num_ctx, num_parallel), batch)
 
 
 class Placement(msgspec.Struct, frozen=True):
