@@ -26,11 +26,15 @@ FLEET_COMMANDS = {
     "cordon": "no new work for an agent",
     "uncordon": "let an agent take work again",
 }
+POLICY_COMMANDS = {  # `corral.policyctl`
+    "alias": "serve a model name with another model",
+    "fallback": "models that serve a model that cannot start in time",
+}
 
 
 def usage() -> str:
     rows = "\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items())
-    fleet = "\n".join(f"  {name:<10} {text}" for name, text in FLEET_COMMANDS.items())
+    fleet = "\n".join(f"  {name:<10} {text}" for name, text in (FLEET_COMMANDS | POLICY_COMMANDS).items())
     return (
         f"usage: corral <command> [options]\n\nprocesses:\n{rows}\n\nthe fleet (over NATS):\n{fleet}\n\n"
         "'corral <command> --help' for its options."
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"corral {__version__}")
         return 0
+    if args[0] in POLICY_COMMANDS:
+        from corral import policyctl
+
+        return policyctl.main(args[0], args[1:])
     if args[0] in FLEET_COMMANDS:
         from corral import fleetctl
 

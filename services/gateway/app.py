@@ -22,6 +22,7 @@ from corral.gateway.auth import MODEL, Access, key_of
 from corral.gateway.edge import BODY, Edge
 from corral.gateway.keys import open_key_buckets
 from corral.gateway.planner import Planner
+from corral.gateway.policy import PolicyStore
 from corral.gateway.relay import Receive, Scope, Send, relay, respond_error
 from corral.gateway.routes import build_app
 from corral.gateway.sessions import Sessions
@@ -71,9 +72,9 @@ class Gateway:
     """``router`` carries the routing strategies' state; pass ``Router(seed=N)`` for a reproducible
     ``random`` strategy (benchmarks).
 
-    Seventeen attributes: the settings with what they give (subjects, edge, tracer, router), the
-    NATS connection with its closed-for-good event and reopener, the five parts it serves with
-    (fleet view, transport, planner, the FastAPI app, the API keys when on) and the aggregator's
+    Eighteen attributes: the settings with what they give (subjects, edge, tracer, router), the
+    NATS connection with its closed-for-good event and reopener, the six parts it serves with
+    (fleet view, transport, planner, the FastAPI app, the model policy, the API keys when on) and the aggregator's
     rates with their watch (task, latest figures, arrival and restart events)."""
 
     def __init__(
@@ -94,6 +95,7 @@ class Gateway:
         self._fleet: FleetView | None = None
         self._transport: Transport | None = None
         self._planner: Planner | None = None
+        self._policy: PolicyStore | None = None  # aliases and fallbacks (`corral.gateway.policy`)
         self._access: Access | None = None  # API keys, limits and usage (CORRAL_AUTH=keys)
         self._rates_task: asyncio.Task[None] | None = None
         self._rates: views.Rates | None = None
@@ -141,12 +143,15 @@ class Gateway:
         )
         await self._transport.start()
         self._fleet.on_gone(self._transport.agent_gone)  # its calls end now, not at the idle timeout
+        self._policy = PolicyStore(buckets.policy)
+        await self._policy.start()
         self._planner = Planner(
             self._transport,
             self._fleet,
             self.settings,
             router=self._router,
             sessions=Sessions(buckets.sessions) if self.settings.sessions else None,
+            policy=self._policy,
         )
         if self.settings.auth == "keys":
             access = Access(await open_key_buckets(self.nc.jetstream(), self.subjects, replicas=replicas))
@@ -168,6 +173,8 @@ class Gateway:
             self._fleet.restart()
         if self._access is not None:
             self._access.restart()
+        if self._policy is not None:
+            self._policy.restart()
         self._rates_restart.set()
 
     async def _watch_rates(self, kv: KeyValue) -> None:
@@ -223,6 +230,8 @@ class Gateway:
                 await self._planner.sessions.close()
         if self._transport is not None:
             await self._transport.stop()
+        if self._policy is not None:
+            await self._policy.stop()
         if self._fleet is not None:
             await self._fleet.stop()
         if self.nc is not None and not self.nc.is_closed:
@@ -243,6 +252,12 @@ class Gateway:
     def access(self) -> Access | None:
         """The API keys, limits and usage; None with keys off."""
         return self._access
+
+    @property
+    def policy(self) -> PolicyStore:
+        """The fleet's model aliases and fallbacks, as this gateway last heard them."""
+        assert self._policy is not None, "gateway not started"
+        return self._policy
 
     @property
     def planner(self) -> Planner:

@@ -89,10 +89,16 @@ class Decision:
     queue_s: float | None = None  # how long it waited for a slot, when it did
     first_byte: float | None = None  # perf_counter() when its first body byte went out, when streamed
     tail: bytes = b""  # the end of the reply's body (its token counts)
+    served: str = ""  # the key of the model that served a model call
+    requested: str = ""  # with a substitution: the key of the model the client asked for
+    substitution: str = ""  # alias, fallback or quant (`corral.gateway.policy`); empty: none
 
     def headers(self, agent: str) -> list[tuple[bytes, bytes]]:
-        """``X-Corral-Agent``, ``X-Corral-Route`` and, after a wait, ``X-Corral-Queue-Ms``."""
+        """``X-Corral-Agent``, ``X-Corral-Route``, ``X-Corral-Model`` (the model that served) and,
+        after a wait, ``X-Corral-Queue-Ms``."""
         out = [(b"x-corral-agent", agent.encode())] if agent else []
+        if self.served:
+            out.append((b"x-corral-model", self.served.encode()))
         if self.route:
             out.append((b"x-corral-route", self.route.encode()))
         if self.queue_s is not None:
@@ -165,6 +171,12 @@ class GatewayMetrics:
             ["model", "reason"],
             registry=r,
         )
+        self.substitutions = Counter(
+            "corral_gateway_model_substitutions",
+            "Requests served by another model than they named: by alias, fallback or quantisation",
+            ["requested", "served", "kind"],
+            registry=r,
+        )
         self.failovers = Counter(
             "corral_gateway_failovers",
             "Requests served by another agent after one failed before answering",
@@ -183,8 +195,20 @@ class GatewayMetrics:
         """The request's model as a label: bounded by what the fleet has."""
         if work.model is None:
             return NONE
-        key = work.model.key
+        return self._key_label(work.model.key)
+
+    def _key_label(self, key: str) -> str:
         return key if self._fleet.with_model(key) else OTHER
+
+    def _substituted(self, decision: Decision) -> None:
+        """An alias or fallback names its model in the fleet's rules (a bounded set); a model a
+        quantisation stood in for is any name a client sent, so ``other`` unless the fleet has it."""
+        kind = decision.substitution
+        requested = (
+            decision.requested if kind in ("alias", "fallback") else self._key_label(decision.requested)
+        )
+        served = self._key_label(decision.served)
+        self._child(self.substitutions, requested, served, kind).inc()
 
     def retried(self, work: WorkRequest, reason: str) -> None:
         self._child(self.retries, self.model_label(work), reason).inc()
@@ -204,6 +228,8 @@ class GatewayMetrics:
             child(self.queue_wait, model).observe(decision.queue_s)
         if not agent:
             return
+        if decision.substitution:
+            self._substituted(decision)
         child(self.duration, model).observe(now - decision.started)
         if decision.first_byte is not None:
             child(self.ttft, model).observe(decision.first_byte - decision.started)

@@ -41,10 +41,12 @@ from collections.abc import Iterator
 from corral.gateway.autopull import AutoPuller
 from corral.gateway.metrics import LOAD, QUEUED, SESSION, WARM, Decision, GatewayMetrics, new_decision
 from corral.gateway.placement import Loads
+from corral.gateway.policy import Candidate, PolicyStore, candidates, quant_match, substitute
 from corral.gateway.queueing import FleetQueue
 from corral.gateway.sessions import Sessions
 from corral.gateway.settings import GatewaySettings
-from corral.protocol.errors import ModelNotFound, NoCapacity
+from corral.protocol.endpoints import MODEL_ENDPOINTS
+from corral.protocol.errors import CorralError, ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR
 from corral.routing import Route, Router, estimate_wait, load, route_ctx, warm
@@ -70,6 +72,7 @@ class Planner:
         router: Router | None = None,
         sessions: Sessions | None = None,
         metrics: GatewayMetrics | None = None,
+        policy: PolicyStore | None = None,
     ) -> None:
         self.transport = transport
         self.fleet = fleet
@@ -80,6 +83,7 @@ class Planner:
         self.queue = FleetQueue(transport, fleet, self.loads, settings)
         self.pulls = AutoPuller(transport, fleet, settings)
         self.metrics = metrics or GatewayMetrics(fleet)
+        self.policy = policy  # aliases and fallbacks (None: every model serves only itself)
 
     async def stop(self) -> None:
         await self.pulls.stop()
@@ -88,12 +92,56 @@ class Planner:
         self, req: WorkRequest, *, queue_timeout: float | None = None, decision: Decision | None = None
     ) -> Reply:
         """Route ``req`` to an agent and return once that agent's reply has begun (its head);
-        ``decision`` is told where it went and why."""
+        ``decision`` is told where it went and why, and which model served it. A model call goes
+        by the fleet's aliases and fallbacks (`corral.gateway.policy`)."""
         wait_s = self.settings.queue_timeout_s if queue_timeout is None else queue_timeout
+        decision = decision or new_decision()
+        if req.model is None:
+            return await self._send(req, wait_s, decision)
+        if self.policy is None or req.endpoint not in MODEL_ENDPOINTS:
+            reply = await self._send(req, wait_s, decision)
+            decision.served = req.model.key
+            return reply
+        return await self._send_by_policy(req, wait_s, decision)
+
+    async def _send_by_policy(self, req: WorkRequest, wait_s: float, decision: Decision) -> Reply:
+        """Try the request's model (or its alias's target); when no agent has it, a loaded model
+        in another quantisation (when on); then its fallbacks. Each but the last may take
+        ``fallback_after_s`` of the deadline; an error other than not found or busy is the model's
+        own answer."""
+        assert req.model is not None and self.policy is not None
+        requested = req.model.key
+        tries = candidates(self.policy.policy, requested)
+        deadline = time.monotonic() + wait_s
+        first: CorralError | None = None
+        i = 0
+        while i < len(tries):
+            attempt = tries[i]
+            i += 1
+            work = req if attempt.kind is None else substitute(req, attempt.key)
+            remaining = max(0.0, deadline - time.monotonic())
+            budget = remaining if i == len(tries) else min(remaining, self.settings.fallback_after_s)
+            try:
+                reply = await self._send(work, budget, decision)
+            except (ModelNotFound, NoCapacity) as e:
+                first = first or e
+                if i == 1 and isinstance(e, ModelNotFound) and self.settings.quant_fallback:
+                    quant = quant_match(attempt.key, self.fleet.agents())
+                    if quant is not None and all(t.key != quant for t in tries):
+                        tries.insert(1, Candidate(quant, "quant"))
+                continue
+            decision.served = attempt.key
+            if attempt.kind is not None:
+                decision.requested, decision.substitution = requested, attempt.kind
+                log.info("%s served by %s (%s)", requested, attempt.key, attempt.kind)
+            return reply
+        assert first is not None
+        raise first
+
+    async def _send(self, req: WorkRequest, wait_s: float, decision: Decision) -> Reply:
         deadline = time.monotonic() + wait_s
         failed: set[str] = set()
         strategy = req.strategy or self.settings.strategy
-        decision = decision or new_decision()
         decision.strategy = strategy
         waited_since: float | None = None
         auto = req.model is not None and strategy == "auto"

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 import msgspec
 from corral import views
 from corral.gateway import console, management, userviews
+from corral.gateway.access import model_allowed
 from corral.gateway.auth import hides, key_of
 from corral.gateway.errors import JSON, openai_body
 from corral.gateway.metrics import CONTENT_TYPE
+from corral.gateway.policy import with_aliases
 from corral.protocol.errors import BadRequest
 from corral.runtime.health import not_ready
 from corral.runtime.workqueue import depths
@@ -89,7 +91,12 @@ def build_app(gw: Gateway) -> FastAPI:
 
     @app.get("/v1/models")
     async def v1_models(request: Request) -> Response:
-        return Response(userviews.v1_models_body(gw.fleet.agents(), key_of(request.scope)), media_type=JSON)
+        key = key_of(request.scope)
+        body = userviews.v1_models_body(gw.fleet.agents(), key)
+        body = with_aliases(
+            body, gw.policy.policy, lambda name: key is None or model_allowed(key.models, name)
+        )
+        return Response(body, media_type=JSON)
 
     @app.get("/v1/models/{model}")
     async def v1_model(request: Request, model: str) -> Response:

@@ -102,3 +102,17 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
         str, setting("certificate (PEM) to serve HTTPS with; with --tls-key", shown="none: HTTP")
     ] = ""
     tls_key: Annotated[str, setting("the private key (PEM) of --tls-cert", shown="none")] = ""
+    quant_fallback: Annotated[
+        bool,
+        setting(
+            "a request for a model no agent has may be served by a loaded model of the same name and "
+            "size in another quantisation (named in X-Corral-Model)"
+        ),
+    ] = False
+    fallback_after_s: Annotated[
+        float,
+        setting(
+            "a model with fallbacks (`corral fallback`) that cannot start within this goes to the next one",
+            gt=0,
+        ),
+    ] = 10.0

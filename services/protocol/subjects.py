@@ -171,6 +171,11 @@ class Subjects(msgspec.Struct, frozen=True):
         return f"{self.root}_views"
 
     @property
+    def policy_bucket(self) -> str:
+        """The fleet's model aliases and fallbacks (``corral alias``, ``corral fallback``)."""
+        return f"{self.root}_policy"
+
+    @property
     def keys_bucket(self) -> str:
         """The gateway's API keys (hashes only), one entry per key name."""
         return f"{self.root}_keys"
@@ -191,7 +196,13 @@ class Subjects(msgspec.Struct, frozen=True):
 
     @property
     def buckets(self) -> tuple[str, ...]:
-        return (self.agents_bucket, self.models_bucket, self.sessions_bucket, self.views_bucket)
+        return (
+            self.agents_bucket,
+            self.models_bucket,
+            self.sessions_bucket,
+            self.views_bucket,
+            self.policy_bucket,
+        )
 
     @staticmethod
     def kv_key(bucket: str, key: str) -> str:

@@ -207,6 +207,7 @@ class Buckets:
     models: KeyValue  # registry: model index (``model.*``) and load markers (``loading.*``)
     sessions: KeyValue
     views: KeyValue
+    policy: KeyValue  # the gateways' model aliases and fallbacks, written by the operator
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ BUCKETS: dict[str, BucketSpec] = {
     "models": BucketSpec(StorageType.FILE, 256 * MiB),  # index and load markers
     "sessions": BucketSpec(StorageType.MEMORY, 16 * MiB, ttl=3600.0, evict=True),  # a cache
     "views": BucketSpec(StorageType.MEMORY, 16 * MiB),  # rewritten on every change
+    "policy": BucketSpec(StorageType.FILE, 1 * MiB),  # one small record that people write
 }
 
 # The gateway's API keys, opened by the gateways and `corral keys` only (`corral.gateway.keys`), all on
@@ -279,6 +281,7 @@ async def ensure_buckets(
         models=await bucket("models", subjects.models_bucket),
         sessions=await bucket("sessions", subjects.sessions_bucket),
         views=await bucket("views", subjects.views_bucket),
+        policy=await bucket("policy", subjects.policy_bucket),
     )
 
 

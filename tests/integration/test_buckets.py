@@ -31,6 +31,7 @@ async def test_every_bucket_is_made_with_its_bounds(nc: NATS, root: str) -> None
         "models": subjects.models_bucket,
         "sessions": subjects.sessions_bucket,
         "views": subjects.views_bucket,
+        "policy": subjects.policy_bucket,
     }
     assert set(names) == set(BUCKETS)
     for kind, name in names.items():

@@ -1,0 +1,212 @@
+"""``corral alias`` and ``corral fallback``: the fleet's model aliases and fallbacks, from a terminal.
+
+They talk to NATS directly (``--nats``, ``--root``) and change the one record of the policy bucket
+(`corral.gateway.policy`) by compare-and-set, so two people changing rules at once lose nothing.
+Every gateway watches that record: a change applies everywhere within a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+
+import msgspec
+from corral.gateway.policy import MAX_FALLBACKS, POLICY_KEY, Policy, model_key, policy_decoder, policy_encoder
+from corral.protocol.errors import InvalidModelName
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import BUCKETS, NatsAuth, connect, open_bucket
+from corral.runtime.process import parse_settings
+from corral.runtime.settings import CommonSettings, add_arguments
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+COMMANDS = {
+    "alias": "serve a model name with another model (e.g. gpt-4o-mini with llama3.1:8b)",
+    "fallback": "models that serve a model that cannot start within its deadline",
+}
+_TRIES = 10  # compare-and-set rounds before giving up on a record others keep changing
+
+
+def table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
+    width = max(len(r[0]) for r in [header, *rows])
+    return "\n".join(f"{a.ljust(width)}  {b}" for a, b in [header, *rows])
+
+
+class PolicyError(Exception):
+    """A rule that cannot be stored (the message says why)."""
+
+
+Change = Callable[[Policy], Policy]
+
+
+def set_alias(name: str, target: str) -> Change:
+    alias, served = model_key(name), model_key(target)
+    if alias == served:
+        raise PolicyError(f"{name} cannot be an alias of itself")
+
+    def change(p: Policy) -> Policy:
+        if served in p.aliases:
+            raise PolicyError(f"{target} is an alias itself (aliases are followed once): name its model")
+        if alias in p.aliases.values():
+            raise PolicyError(f"{name} is the model of another alias: remove that alias first")
+        return msgspec.structs.replace(p, aliases={**p.aliases, alias: served})
+
+    return change
+
+
+def remove_alias(name: str) -> Change:
+    alias = model_key(name)
+
+    def change(p: Policy) -> Policy:
+        if alias not in p.aliases:
+            raise PolicyError(f"no alias {name}")
+        return msgspec.structs.replace(p, aliases={k: v for k, v in p.aliases.items() if k != alias})
+
+    return change
+
+
+def set_fallback(model: str, to: list[str]) -> Change:
+    key = model_key(model)
+    targets = tuple(dict.fromkeys(model_key(t) for t in to))
+    if not targets:
+        raise PolicyError("--to needs at least one model")
+    if key in targets:
+        raise PolicyError(f"{model} cannot fall back to itself")
+    if len(targets) > MAX_FALLBACKS:
+        raise PolicyError(f"at most {MAX_FALLBACKS} fallbacks per model")
+
+    def change(p: Policy) -> Policy:
+        return msgspec.structs.replace(p, fallbacks={**p.fallbacks, key: targets})
+
+    return change
+
+
+def remove_fallback(model: str) -> Change:
+    key = model_key(model)
+
+    def change(p: Policy) -> Policy:
+        if key not in p.fallbacks:
+            raise PolicyError(f"no fallbacks for {model}")
+        return msgspec.structs.replace(p, fallbacks={k: v for k, v in p.fallbacks.items() if k != key})
+
+    return change
+
+
+async def read(kv: KeyValue) -> tuple[Policy, int | None]:
+    """The rules and their revision (None: never written, or deleted)."""
+    try:
+        entry = await kv.get(POLICY_KEY)
+    except KeyNotFoundError:
+        return Policy(), None
+    if not entry.value:
+        return Policy(), entry.revision
+    return policy_decoder.decode(entry.value), entry.revision
+
+
+async def apply(kv: KeyValue, change: Change) -> Policy:
+    """Read, change and write the rules, again when someone else wrote them meanwhile."""
+    for _ in range(_TRIES):
+        policy, revision = await read(kv)
+        new = change(policy)
+        value = policy_encoder.encode(new)
+        try:
+            if revision is None:
+                await kv.create(POLICY_KEY, value)
+            else:
+                await kv.update(POLICY_KEY, value, last=revision)
+        except KeyWrongLastSequenceError:
+            continue
+        return new
+    raise PolicyError("the rules kept changing under this command; try again")
+
+
+def show(command: str, policy: Policy, as_json: bool) -> None:
+    if command == "alias":
+        if as_json:
+            print(policy_encoder.encode(policy.aliases).decode())
+        elif policy.aliases:
+            print(table(sorted(policy.aliases.items()), ("ALIAS", "MODEL")))
+        else:
+            print("no aliases")
+        return
+    if as_json:
+        print(policy_encoder.encode(policy.fallbacks).decode())
+    elif policy.fallbacks:
+        rows = [(k, ", ".join(v)) for k, v in sorted(policy.fallbacks.items())]
+        print(table(rows, ("MODEL", "FALLBACKS (in order)")))
+    else:
+        print("no fallbacks")
+
+
+def parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(allow_abbrev=False, prog=f"corral {command}", description=COMMANDS[command])
+    if command == "alias":
+        p.add_argument("name", nargs="?", help="the name clients use, e.g. gpt-4o-mini")
+        p.add_argument("target", nargs="?", help="the model that serves it, e.g. llama3.1:8b")
+        p.add_argument("--rm", metavar="NAME", help="remove the alias NAME")
+    else:
+        p.add_argument("model", nargs="?", help="the model, e.g. llama3.1:70b")
+        p.add_argument("--to", help="the models that serve it, in order, comma-separated")
+        p.add_argument("--rm", metavar="MODEL", help="remove the fallbacks of MODEL")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_arguments(p, CommonSettings)
+    return p
+
+
+def _change(command: str, args: argparse.Namespace) -> Change | None:
+    """The change the arguments ask for; None to list. `PolicyError` or `InvalidModelName` when wrong."""
+    if command == "alias":
+        if args.rm:
+            if args.name or args.target:
+                raise PolicyError("--rm NAME takes no other names")
+            return remove_alias(args.rm)
+        if args.name is None:
+            return None
+        if args.target is None:
+            raise PolicyError("name the model that serves the alias: corral alias NAME MODEL")
+        return set_alias(args.name, args.target)
+    if args.rm:
+        if args.model or args.to:
+            raise PolicyError("--rm MODEL takes no other arguments")
+        return remove_fallback(args.rm)
+    if args.model is None:
+        return None
+    if not args.to:
+        raise PolicyError("name the fallbacks: corral fallback MODEL --to M2[,M3]")
+    return set_fallback(args.model, [t.strip() for t in args.to.split(",") if t.strip()])
+
+
+def main(command: str, argv: list[str] | None = None) -> int:
+    parsed = parse_settings(parser(command), CommonSettings, argv)
+    if parsed is None:
+        return 2
+    args, settings = parsed
+    try:
+        change = _change(command, args)
+    except (PolicyError, InvalidModelName) as e:
+        print(f"corral {command}: {e}", file=sys.stderr)
+        return 2
+
+    async def go() -> int:
+        nc = await connect(settings.nats_url, name="corral-cli", auth=NatsAuth.of(settings))
+        try:
+            subjects = Subjects(settings.root)
+            kv = await open_bucket(
+                nc.jetstream(), subjects.policy_bucket, BUCKETS["policy"], replicas=settings.js_replicas
+            )
+            if change is None:
+                policy, _ = await read(kv)
+            else:
+                try:
+                    policy = await apply(kv, change)
+                except PolicyError as e:
+                    print(f"corral {command}: {e}", file=sys.stderr)
+                    return 1
+            show(command, policy, args.json)
+            return 0
+        finally:
+            await nc.drain()
+
+    return asyncio.run(go())
