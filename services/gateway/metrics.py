@@ -89,7 +89,7 @@ class Decision:
     queue_s: float | None = None  # how long it waited for a slot, when it did
     first_byte: float | None = None  # perf_counter() when its first body byte went out, when streamed
     tail: bytes = b""  # the end of the reply's body (its token counts)
-    served: str = ""  # the key of the model that served a model call
+    served: str = ""  # the model that served a model call (its short display form)
     requested: str = ""  # with a substitution: the key of the model the client asked for
     substitution: str = ""  # alias, fallback or quant (`corral.gateway.policy`); empty: none
 
@@ -207,7 +207,7 @@ class GatewayMetrics:
         requested = (
             decision.requested if kind in ("alias", "fallback") else self._key_label(decision.requested)
         )
-        served = self._key_label(decision.served)
+        served = self._key_label(decision.served.lower())  # a display form's key
         self._child(self.substitutions, requested, served, kind).inc()
 
     def retried(self, work: WorkRequest, reason: str) -> None:

@@ -100,7 +100,7 @@ class Planner:
             return await self._send(req, wait_s, decision)
         if self.policy is None or req.endpoint not in MODEL_ENDPOINTS:
             reply = await self._send(req, wait_s, decision)
-            decision.served = req.model.key
+            decision.served = req.model.display
             return reply
         return await self._send_by_policy(req, wait_s, decision)
 
@@ -127,13 +127,14 @@ class Planner:
                 first = first or e
                 if i == 1 and isinstance(e, ModelNotFound) and self.settings.quant_fallback:
                     quant = quant_match(attempt.key, self.fleet.agents())
-                    if quant is not None and all(t.key != quant for t in tries):
+                    if quant is not None and all(t.key != quant.lower() for t in tries):
                         tries.insert(1, Candidate(quant, "quant"))
                 continue
-            decision.served = attempt.key
+            assert work.model is not None
+            decision.served = work.model.display
             if attempt.kind is not None:
                 decision.requested, decision.substitution = requested, attempt.kind
-                log.info("%s served by %s (%s)", requested, attempt.key, attempt.kind)
+                log.info("%s served by %s (%s)", requested, decision.served, attempt.kind)
             return reply
         assert first is not None
         raise first

@@ -113,6 +113,7 @@ def quant_match(requested: str, agents: Iterable[AgentState]) -> str | None:
     if wanted is None:
         return None
     counts: dict[str, int] = {}
+    names: dict[str, str] = {}  # key → the name as its agent spells it (what Ollama is asked for)
     for agent in agents:
         if agent.status != "active":
             continue
@@ -132,13 +133,14 @@ def quant_match(requested: str, agents: Iterable[AgentState]) -> str | None:
                 == (want.host.lower(), want.namespace.lower(), want.model.lower())
             ):
                 counts[have.key] = counts.get(have.key, 0) + 1
+                names.setdefault(have.key, have.display)
     if not counts:
         return None
-    return min(counts, key=lambda k: (-counts[k], k))
+    return names[min(counts, key=lambda k: (-counts[k], k))]
 
 
 def substitute(work: WorkRequest, served: str) -> WorkRequest:
-    """``work`` for model key ``served`` instead: the body names it, so Ollama's reply does too
+    """``work`` for model ``served`` instead: the body names it, so Ollama's reply does too
     (a stripped vendor pin is not restored: the reply names the model that served)."""
     obj = _any.decode(work.body)
     obj["model"] = served

@@ -92,8 +92,9 @@ Q4 = ("llama3.1:8b-instruct-q4_K_M", "Q4_K_M")
 
 def test_a_quantisation_stands_in_for_another_of_the_same_model_size_and_variant() -> None:
     agents = [_agent("a", Q4)]
-    assert quant_match("llama3.1:8b-instruct-q8_0", agents) == "llama3.1:8b-instruct-q4_k_m"
-    assert quant_match("llama3.1:8b-instruct-fp16", agents) == "llama3.1:8b-instruct-q4_k_m"
+    # named as its agent spells it: that is what Ollama is asked for
+    assert quant_match("llama3.1:8b-instruct-q8_0", agents) == "llama3.1:8b-instruct-q4_K_M"
+    assert quant_match("llama3.1:8b-instruct-fp16", agents) == "llama3.1:8b-instruct-q4_K_M"
 
 
 @pytest.mark.parametrize(
@@ -122,12 +123,12 @@ def test_only_loaded_models_of_active_agents_with_a_known_quantisation_stand_in(
 def test_the_quantisation_loaded_on_most_agents_wins() -> None:
     q5 = ("llama3.1:8b-instruct-q5_K_M", "Q5_K_M")
     agents = [_agent("a", Q4), _agent("b", q5), _agent("c", q5)]
-    assert quant_match("llama3.1:8b-instruct-q8_0", agents) == "llama3.1:8b-instruct-q5_k_m"
+    assert quant_match("llama3.1:8b-instruct-q8_0", agents) == "llama3.1:8b-instruct-q5_K_M"
 
 
 def test_a_whole_tag_quantisation_matches_its_siblings() -> None:
     agents = [_agent("a", ("hf.co/user/repo:Q4_K_M", "Q4_K_M"))]
-    assert quant_match("hf.co/user/repo:Q8_0", agents) == "hf.co/user/repo:q4_k_m"
+    assert quant_match("hf.co/user/repo:Q8_0", agents) == "hf.co/user/repo:Q4_K_M"
 
 
 def test_a_substitute_names_the_served_model_in_its_body_and_drops_the_pin_echo() -> None:
@@ -297,7 +298,7 @@ async def test_the_quantisation_fallback_is_opt_in_and_only_for_an_absent_model(
     d = new_decision()
     await p.send(chat(want), decision=d)
     assert [k for k, _ in calls] == [want, "llama3.1:8b-instruct-q4_k_m"]
-    assert (d.served, d.substitution) == ("llama3.1:8b-instruct-q4_k_m", "quant")
+    assert (d.served, d.substitution) == ("llama3.1:8b-instruct-q4_K_M", "quant")
     p, calls = planner(Policy(), {want: NoCapacity()}, fleet, quant_fallback=True)
     with pytest.raises(NoCapacity):  # present but busy: its own model or a configured fallback only
         await p.send(chat(want))
