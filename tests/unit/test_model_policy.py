@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 from corral import policyctl
+from corral.auth.permissions import role_permissions
 from corral.gateway.metrics import Decision, new_decision
 from corral.gateway.planner import Planner
 from corral.gateway.policy import (
@@ -24,6 +25,7 @@ from corral.gateway.policy import (
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import BadRequest, CorralError, ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState, ModelDetails, PsModel
+from corral.protocol.subjects import Subjects
 from corral.transport import Reply, WorkRequest, model_work
 
 RULES = Policy(
@@ -307,3 +309,13 @@ async def test_the_quantisation_fallback_is_opt_in_and_only_for_an_absent_model(
 
 def test_the_quantisation_fallback_is_off_by_default() -> None:
     assert GatewaySettings().quant_fallback is False
+
+
+def test_gateways_read_the_policy_bucket_and_only_the_operator_writes_it() -> None:
+    s = Subjects("corral")
+    write = s.kv_key(s.policy_bucket, ">")
+    assert f"$JS.API.DIRECT.GET.KV_{s.policy_bucket}" in role_permissions("gateway", s).publish
+    assert f"$JS.API.CONSUMER.CREATE.KV_{s.policy_bucket}" in role_permissions("gateway-g1", s).publish
+    assert write in role_permissions("operator", s).publish
+    for role in ("gateway", "gateway-g1", "registry", "aggregator", "agent-a1"):
+        assert write not in role_permissions(role, s).publish, role
