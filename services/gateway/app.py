@@ -18,12 +18,13 @@ import nats.errors
 from corral import views
 from corral.gateway import bodies, management
 from corral.gateway.access import model_allowed
+from corral.gateway.asgi import Receive, Scope, Send
 from corral.gateway.auth import MODEL, Access, key_of
 from corral.gateway.edge import BODY, Edge
 from corral.gateway.keys import open_key_buckets
 from corral.gateway.planner import Planner
 from corral.gateway.policy import PolicyStore
-from corral.gateway.relay import Receive, Scope, Send, relay, respond_error
+from corral.gateway.relay import relay, respond_error
 from corral.gateway.routes import build_app
 from corral.gateway.sessions import Sessions
 from corral.gateway.settings import GatewaySettings

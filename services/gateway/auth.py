@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from corral.gateway.access import (
@@ -25,6 +25,7 @@ from corral.gateway.access import (
     reply_tokens,
     user_may,
 )
+from corral.gateway.asgi import App, Message, Receive, Scope, Send
 from corral.gateway.errors import JSON, native_body, openai_body
 from corral.gateway.keys import KeyBuckets, KeyStore
 from corral.gateway.limits import Limited, Limiter, UsageBook
@@ -33,11 +34,6 @@ from corral.runtime.tasks import cancel_and_wait, supervise
 
 log = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 KEY = "corral.key"  # the scope key under which the app finds the request's `ApiKey`
 MODEL = "corral.model"  # ... and under which it leaves the model it served (for usage)

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
 
+from corral.gateway.asgi import App, Message, Receive, Scope, Send
 from corral.gateway.errors import JSON, native_body, openai_body
 from corral.protocol.envelope import MAX_BODY_SIZE
 from corral.protocol.errors import BUSY_MESSAGE, NoCapacity
@@ -28,11 +27,6 @@ from corral.transport.bodies import BodyGone
 
 log = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UNCOUNTED = frozenset({"GET", "HEAD"})
 BODY = "corral.body"  # the scope key under which the app finds the body the edge read
@@ -293,7 +287,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that gives the body read already, then waits on the client (its disconnect)."""
     sent = False
 
-    async def replay() -> dict[str, Any]:
+    async def replay() -> Message:
         nonlocal sent
         if not sent:
             sent = True

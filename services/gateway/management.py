@@ -9,10 +9,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
+from corral.gateway.asgi import Receive, Send
 from corral.gateway.edge import STREAM, ClientBody
 from corral.gateway.errors import JSON, native_body
 from corral.gateway.planner import Planner
-from corral.gateway.relay import Receive, RelayResponse, ReplyResponse, Send, relay, respond, respond_error
+from corral.gateway.relay import RelayResponse, ReplyResponse, relay, respond, respond_error
 from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound, not_found_message
 from corral.protocol.names import VENDORS, ModelName, parse_name, registry_allowed, registry_refused
 from corral.routing import pull_order

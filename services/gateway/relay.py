@@ -16,6 +16,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from corral.gateway.access import TAIL_BYTES
+from corral.gateway.asgi import Receive, Send
 from corral.gateway.errors import JSON, error_response, native_body, openai_body
 from corral.gateway.metrics import DIRECT, Decision, new_decision, streamed
 from corral.gateway.planner import Planner
@@ -25,10 +26,6 @@ from corral.transport import Reply, WorkRequest
 from fastapi.responses import Response
 
 log = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
-Receive = Any
-Send = Any
 
 
 async def respond(
