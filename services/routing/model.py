@@ -35,14 +35,20 @@ The auto cost model, in seconds (constants below)::
                                                                  (busy - parallel + 1) * TYPICAL_REQUEST_S / parallel
     loaded, other num_ctx       drain + load + CONTEXT_SWITCH_S  drain = busy * TYPICAL_REQUEST_S / parallel
     loading                     LOADING_REMAINING * load + queue_wait
-    on disk only                load, + EVICTION_S + drain when the model does not fit in free VRAM
-    load                        LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH
+    on disk only                load + EVICTION_S per model Ollama unloads to make room
+                                (+ drain when one of them has requests running: a thrash),
+                                + OFFLOAD_S + offload share * CPU_DECODE_SLOWDOWN * TYPICAL_REQUEST_S
+                                when the model only fits partly in VRAM (`corral.routing.memory`)
+    load                        LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH (size: the model file)
 
     ttft = wait + PROMPT_EVAL_S (+ SESSION_REPLAY_S when the request continues a conversation and
            the agent cannot reuse its prompt cache)
 
 ``busy`` is the agent's in_flight + queued plus this caller's outstanding sends to it, since the
-agent's published counts lag behind.
+agent's published counts lag behind. Whether and how a cold load fits follows Ollama's own rule on
+its estimate of the loaded size (weights + KV cache + graph, or an observed runner's size; see
+`corral.routing.memory`). ``auto`` ranks agents where a cold load would evict a busy model or
+spill into system RAM after every agent where it would not (never thrash, prefer full fits).
 """
 
 from __future__ import annotations
@@ -55,15 +61,18 @@ from typing import Final
 from corral.protocol.messages import AgentState, PsModel
 from corral.protocol.names import VENDORS, key_of
 from corral.protocol.runners import effective_ctx
+from corral.routing.memory import LoadPlan, ObservedSizes, estimate_size, observed_sizes, plan_load
 
 __all__ = [
     "CONTEXT_SWITCH_S",
+    "CPU_DECODE_SLOWDOWN",
     "DEFAULT_MODEL_SIZE",
     "DEFAULT_STRATEGY",
     "EVICTION_S",
     "LOADING_REMAINING",
     "LOAD_BANDWIDTH",
     "LOAD_OVERHEAD_S",
+    "OFFLOAD_S",
     "PROMPT_EVAL_S",
     "SESSION_MAX_EXTRA_WAIT_S",
     "SESSION_REPLAY_S",
@@ -77,6 +86,7 @@ __all__ = [
     "fits",
     "load",
     "load_time",
+    "load_plan",
     "loading_for",
     "parse_strategy",
     "runner_matches",
@@ -100,6 +110,9 @@ EVICTION_S: Final = 2.0
 # Reloading a runner with another num_ctx also evicts it from everyone using it at its current
 # context: charged on top of the reload so models are not thrashed between contexts.
 CONTEXT_SWITCH_S: Final = 5.0
+# A partial offload: the fixed penalty, and how many times slower a fully offloaded model decodes.
+OFFLOAD_S: Final = 10.0
+CPU_DECODE_SLOWDOWN: Final = 10.0
 # How long one request holds a slot: turns a queue length into a wait.
 TYPICAL_REQUEST_S: Final = 4.0
 # Prompt evaluation of a request that starts on a free slot.
@@ -151,18 +164,23 @@ def load(agent: AgentState, outstanding: Mapping[str, int]) -> float:
     return _busy(agent, outstanding) / max(agent.parallel, 1)
 
 
-def estimate_wait(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -> float:
-    """Seconds until ``agent`` could start ``route``'s request: queue, load or reload (no prompt eval)."""
-    return _estimate(route, agent, outstanding)[0]
+def estimate_wait(
+    route: Route, agent: AgentState, outstanding: Mapping[str, int], observed: ObservedSizes | None = None
+) -> float:
+    """Seconds until ``agent`` could start ``route``'s request: queue, load or reload (no prompt
+    eval). ``observed``: runner sizes seen in the fleet (`observed_sizes`)."""
+    return _estimate(route, agent, outstanding, observed or {})[0]
 
 
-def estimate_ttft(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -> float:
+def estimate_ttft(
+    route: Route, agent: AgentState, outstanding: Mapping[str, int], observed: ObservedSizes | None = None
+) -> float:
     """Estimated seconds to the first token of ``route``'s request on ``agent``, taken alone.
 
     The session agent's prompt-cache bonus is included here unconditionally; `Router.rank`
     withdraws it when that agent waits too much longer than the others.
     """
-    wait, cached = _estimate(route, agent, outstanding)
+    wait, cached = _estimate(route, agent, outstanding, observed or {})
     return (
         wait + PROMPT_EVAL_S + (SESSION_REPLAY_S if route.session_agent is not None and not cached else 0.0)
     )
@@ -172,7 +190,9 @@ def _busy(agent: AgentState, outstanding: Mapping[str, int]) -> int:
     return agent.in_flight + agent.queued + outstanding.get(agent.id, 0)
 
 
-def _estimate(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -> tuple[float, bool]:
+def _estimate(
+    route: Route, agent: AgentState, outstanding: Mapping[str, int], observed: ObservedSizes
+) -> tuple[float, bool]:
     """(wait, whether the agent's warm runner holds this conversation's prompt cache)."""
     busy = _busy(agent, outstanding)
     parallel = max(agent.parallel, 1)
@@ -188,12 +208,21 @@ def _estimate(route: Route, agent: AgentState, outstanding: Mapping[str, int]) -
             return remaining, False
         # loading for another context: that load, then a reload for this one
         return remaining + _load_time(_size(route, agent)) + CONTEXT_SWITCH_S, False
-    size = _size(route, agent)
-    wait = _load_time(size)
-    free = _vram_free(agent)
-    if free is not None and free < size:
-        wait += EVICTION_S + busy * TYPICAL_REQUEST_S / parallel
+    plan = load_plan(route, agent, observed)
+    wait = _load_time(_size(route, agent)) + EVICTION_S * len(plan.evicts)
+    if plan.thrashes:
+        wait += busy * TYPICAL_REQUEST_S / parallel
+    if not plan.full:
+        wait += OFFLOAD_S + plan.offload * CPU_DECODE_SLOWDOWN * TYPICAL_REQUEST_S
     return wait, False
+
+
+def load_plan(route: Route, agent: AgentState, observed: ObservedSizes | None = None) -> LoadPlan:
+    """How a cold load of ``route``'s model lands on ``agent`` by Ollama's fit rule, on the
+    estimated loaded size (``observed``: runner sizes seen in the fleet, `observed_sizes`)."""
+    ctx = wanted_ctx(route.key, route.num_ctx, agent)
+    size = estimate_size(route.key, ctx, _size(route, agent), agent, observed or {})
+    return plan_load(route.key, size, agent)
 
 
 def wanted_ctx(key: str, num_ctx: int | None, agent: AgentState) -> int:
@@ -240,10 +269,10 @@ def load_time(route: Route, agent: AgentState) -> float:
     return _load_time(_size(route, agent))
 
 
-def fits(route: Route, agent: AgentState) -> bool:
-    """``route``'s model fits in ``agent``'s free VRAM without evicting anything."""
-    free = _vram_free(agent)
-    return free is None or _size(route, agent) <= free
+def fits(route: Route, agent: AgentState, observed: ObservedSizes | None = None) -> bool:
+    """``route``'s model loads on ``agent`` entirely in VRAM without evicting anything."""
+    plan = load_plan(route, agent, observed)
+    return plan.full and not plan.evicts
 
 
 def _load_time(size: int) -> float:
@@ -251,6 +280,7 @@ def _load_time(size: int) -> float:
 
 
 def _size(route: Route, agent: AgentState) -> int:
+    """The model file's size: what a load reads from disk (the weights)."""
     if route.model_size > 0:
         return route.model_size
     for m in agent.models:
@@ -338,11 +368,13 @@ class Router:
                 return tier, load(a, outstanding), a.id
 
             return sorted(first, key=tier_key) + sorted(rest, key=tier_key)
-        costs = _auto_costs(route, first, rest, outstanding)
+        observed = observed_sizes(agents)
+        costs = _auto_costs(route, first, rest, outstanding, observed)
+        last = _last_resorts(route, first + rest, observed)
 
-        def cost_key(a: AgentState) -> tuple[float, float, int, str]:
+        def cost_key(a: AgentState) -> tuple[bool, float, float, int, str]:
             # equal cost and load: the agent with more slots (it will absorb more of what follows)
-            return costs[a.id], load(a, outstanding), -a.parallel, a.id
+            return a.id in last, costs[a.id], load(a, outstanding), -a.parallel, a.id
 
         return sorted(first, key=cost_key) + sorted(rest, key=cost_key)
 
@@ -365,8 +397,24 @@ def _rotated(group: list[AgentState], turn: int) -> list[AgentState]:
     return group[i:] + group[:i]
 
 
+def _last_resorts(route: Route, agents: list[AgentState], observed: ObservedSizes) -> set[str]:
+    """Agents where a cold load would evict a busy model or spill into system RAM, when some other
+    agent can serve without either (warm, loading, or a full fit evicting only idle models)."""
+    bad: set[str] = set()
+    for a in agents:
+        if _runner(a, route.key) is None and route.key not in a.loading:
+            plan = load_plan(route, a, observed)
+            if plan.thrashes or not plan.full:
+                bad.add(a.id)
+    return bad if len(bad) < len(agents) else set()
+
+
 def _auto_costs(
-    route: Route, first: list[AgentState], rest: list[AgentState], outstanding: Mapping[str, int]
+    route: Route,
+    first: list[AgentState],
+    rest: list[AgentState],
+    outstanding: Mapping[str, int],
+    observed: ObservedSizes,
 ) -> dict[str, float]:
     """Agent id → estimated time to first token, with the session bonus bounded (no hot-spotting)."""
     session = route.session_agent
@@ -376,7 +424,7 @@ def _auto_costs(
     best_other = float("inf")
     for group in (first, rest):
         for a in group:
-            wait, cached = _estimate(route, a, outstanding)
+            wait, cached = _estimate(route, a, outstanding, observed)
             if cached:
                 session_wait = wait
             else:

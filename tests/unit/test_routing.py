@@ -283,7 +283,11 @@ def test_auto_cold_placement_prefers_an_agent_where_the_model_fits() -> None:
 
 
 def test_auto_eviction_waits_for_running_requests_to_drain() -> None:
-    idle, busy = agent("idle", free=(1 * GB,)), agent("busy", free=(1 * GB,), in_flight=2)
+    def beside(a: AgentState) -> AgentState:  # another model fills the GPU: a load evicts it
+        other = PsModel(name=OTHER, model=OTHER, size=20 * GB, digest="o", expires_at="", size_vram=20 * GB)
+        return msgspec.structs.replace(a, loaded=(other,))
+
+    idle, busy = beside(agent("idle", free=(1 * GB,))), beside(agent("busy", free=(1 * GB,), in_flight=2))
     assert estimate_wait(Route(MODEL), busy, {}) > estimate_wait(Route(MODEL), idle, {})
 
 
