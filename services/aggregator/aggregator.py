@@ -54,12 +54,16 @@ class _Sample:
     ttft_ms: float | None
 
 
+MIN_SPAN_S = 1.0  # rates over less than a second of watching would be noise
+
+
 class Window:
     """Finished requests over a sliding window; figures computed on demand."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, *, started: float | None = None) -> None:
         self.seconds = seconds
         self._samples: deque[_Sample] = deque()
+        self._started = time.time() if started is None else started  # when this window began watching
 
     def add(self, event: RequestFinished, at: float) -> None:
         ok = 200 <= event.status < 300
@@ -74,21 +78,32 @@ class Window:
         by_model: dict[str, list[_Sample]] = {}
         for s in self._samples:
             by_model.setdefault(s.model, []).append(s)
-        per_model = {m: self._figures(ss, views.ModelRate) for m, ss in sorted(by_model.items())}
-        return self._figures(list(self._samples), views.Rates, window_s=self.seconds, per_model=per_model)
+        # the time actually watched: an aggregator up for 5 s of a 60 s window divides by 5, not 60
+        span = min(self.seconds, max(now - self._started, MIN_SPAN_S))
+        per_model = {m: self._figures(ss, views.ModelRate, span) for m, ss in sorted(by_model.items())}
+        return self._figures(
+            list(self._samples), views.Rates, span, window_s=round(span, 3), per_model=per_model
+        )
 
-    def _figures(self, samples: list[_Sample], cls: type[R], **extra: Any) -> R:
+    @staticmethod
+    def _figures(samples: list[_Sample], cls: type[R], span: float, **extra: Any) -> R:
         ttfts = [s.ttft_ms for s in samples if s.ttft_ms is not None]
         tokens = sum(s.tokens for s in samples)
         return cls(
             requests=len(samples),
             errors=sum(1 for s in samples if not s.ok),
             tokens=tokens,
-            requests_per_s=round(len(samples) / self.seconds, 3),
-            tokens_per_s=round(tokens / self.seconds, 3),
+            requests_per_s=round(len(samples) / span, 3),
+            tokens_per_s=round(tokens / span, 3),
             ttft_ms_p50=round(statistics.median(ttfts), 3) if ttfts else None,
+            ttft_ms_p95=round(_p95(ttfts), 3) if ttfts else None,
             **extra,
         )
+
+
+def _p95(values: list[float]) -> float:
+    """The 95th percentile (inclusive method: a single value is its own)."""
+    return values[0] if len(values) == 1 else statistics.quantiles(values, n=20, method="inclusive")[18]
 
 
 class Aggregator:

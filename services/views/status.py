@@ -54,6 +54,7 @@ class ModelRate(msgspec.Struct, frozen=True, kw_only=True):
     requests_per_s: float
     tokens_per_s: float
     ttft_ms_p50: float | None = None
+    ttft_ms_p95: float | None = None
 
 
 class Rates(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +67,7 @@ class Rates(msgspec.Struct, frozen=True, kw_only=True):
     requests_per_s: float
     tokens_per_s: float
     ttft_ms_p50: float | None = None
+    ttft_ms_p95: float | None = None
     per_model: dict[str, ModelRate] = msgspec.field(default_factory=dict)
 
 
