@@ -22,6 +22,7 @@ COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("cold_loads", "cold loads", False),
     ("reloads", "reloads", False),
     ("evictions", "evictions", False),
+    ("partial_offloads", "partial offloads", False),
     ("errors", "errors", False),
 )
 

@@ -57,6 +57,7 @@ class RunResult:
             "cold_loads": self._per_run(f["loads"] - f["reloads"]),
             "reloads": self._per_run(f["reloads"]),
             "evictions": self._per_run(f["evictions"]),
+            "partial_offloads": self._per_run(f.get("partial_offloads", 0)),
             "runs": self.runs,
             "requests_waiting_on_load": sum(1 for s in ok if s.load_s >= 0.5),
             "prompt_cache_share": f["prompt_tokens_cached"] / f["prompt_tokens"]

@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 from corral.simulator import SimServer
+from corral.simulator.placement import Placement
 from corral.up import LocalFleet
 
 from bench.common import cpu_seconds
@@ -46,8 +47,28 @@ class LogCounter(logging.Handler):
         self.counts[f"{record.name}: {record.msg}"] += 1
 
 
-def counters(sims: list[SimServer]) -> list[dict[str, int]]:
-    return [{k: int(getattr(sim.stats, k)) for k in COUNTERS} for sim in sims]
+class OffloadCounter:
+    """Loads a simulator placed partly in system RAM (size_vram < size), counted as each load
+    starts: the simulator's own counters do not tell a partial load from a whole one."""
+
+    def __init__(self, sim: SimServer) -> None:
+        self.partial = 0
+        scheduler = sim.ctx.scheduler
+        load = scheduler._load
+
+        async def counted(p: Any, placement: Placement, num_parallel: int) -> None:
+            if placement.size_vram < placement.size:
+                self.partial += 1
+            await load(p, placement, num_parallel)
+
+        scheduler._load = counted  # type: ignore[method-assign]
+
+
+def counters(sims: list[SimServer], offloads: list[OffloadCounter]) -> list[dict[str, int]]:
+    return [
+        {k: int(getattr(sim.stats, k)) for k in COUNTERS} | {"partial_offloads": o.partial}
+        for sim, o in zip(sims, offloads, strict=True)
+    ]
 
 
 def nats_cpu_seconds(fleet: LocalFleet) -> float:
@@ -70,28 +91,30 @@ async def run_one(
         await workload.prepare(fleet)
         host, port = address(fleet.url)
         ids = agent_ids(fleet)
-        before = counters(fleet.sims)
+        offloads = [OffloadCounter(sim) for sim in fleet.sims]
+        before = counters(fleet.sims, offloads)
         cpu0, nats0 = time.process_time(), nats_cpu_seconds(fleet)
         counter.counts.clear()
         plans = workload.plan(rng, knobs)
         clients = Clients(host, port, policy, time_scale)
         samples, wall = await workload.drive(clients, plans, knobs, cap)
         cpu1, nats1 = time.process_time(), nats_cpu_seconds(fleet)
-        after = counters(fleet.sims)
+        after = counters(fleet.sims, offloads)
         warnings = dict(counter.counts)
     finally:
         logging.getLogger().removeHandler(counter)
         await fleet.stop()
-    per_sim = [{k: a[k] - b[k] for k in COUNTERS} for a, b in zip(after, before, strict=True)]
+    per_sim = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before, strict=True)]
     return RunResult(
         workload=workload.name,
         policy=policy,
         samples=samples,
         wall_s=wall,
         scale=time_scale,
-        fleet={k: sum(d[k] for d in per_sim) for k in COUNTERS},
+        fleet={k: sum(d[k] for d in per_sim) for k in per_sim[0]},
         agents={
-            i: {"requests": d["started"], "loads": d["loads"], "reloads": d["reloads"]}
+            i: {"requests": d["started"]}
+            | {k: d[k] for k in ("loads", "reloads", "evictions", "partial_offloads")}
             for i, d in zip(ids, per_sim, strict=True)
         },
         cpu_self_pct=(cpu1 - cpu0) / wall * 100 if wall > 0 else 0.0,

@@ -5,6 +5,7 @@ the wall seconds it took. `WORKLOADS` lists them by name, in the order the bench
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,7 @@ class Knobs:
     burst: int = 50
     num_ctx_requests: int = 120
     num_ctx_concurrency: int = 8
+    steady_clients: int = 12
 
 
 QUICK = Knobs(
@@ -40,6 +42,7 @@ QUICK = Knobs(
     burst=12,
     num_ctx_requests=24,
     num_ctx_concurrency=4,
+    steady_clients=6,
 )
 
 
@@ -168,6 +171,59 @@ class Burst(Workload[Planned]):
         return samples, wall
 
 
+STEADY_MODEL = "llama3.2:3b"
+STEADY_LEAD_S = 5.0  # simulated seconds of steady traffic before the burst, so the agents report it
+
+
+class SteadyBurst(Workload[Planned]):
+    """The cold `Burst` beside steady traffic: `STEADY_MODEL` is loaded everywhere and
+    ``steady_clients`` closed loops stream on it; after `STEADY_LEAD_S` every burst request for
+    `BIG_MODEL` goes at once. The steady loops stop when the burst is answered. A policy that sizes
+    the load by the file alone can evict the busy model or load the cold one partly on the CPU."""
+
+    name = "steady_burst"
+
+    def plan(self, rng: random.Random, knobs: Knobs) -> list[Planned]:
+        burst = [streamed(rng, BIG_MODEL, (50, 400), (24, 96)) for _ in range(knobs.burst)]
+        steady = [streamed(rng, STEADY_MODEL, (50, 400), (24, 160)) for _ in range(4 * knobs.burst)]
+        return burst + steady
+
+    async def prepare(self, fleet: LocalFleet) -> None:
+        await prewarm(fleet, [STEADY_MODEL])
+
+    async def drive(
+        self, clients: Clients, plans: Sequence[Planned], knobs: Knobs, cap: float
+    ) -> tuple[list[Sample], float]:
+        burst = [p for p in plans if p.model == BIG_MODEL]
+        steady = [p for p in plans if p.model != BIG_MODEL]
+        opened = await clients.open(len(burst) + knobs.steady_clients)
+        samples: list[Sample] = []
+        burst_done = asyncio.Event()
+        todo: Iterator[Planned] = itertools.cycle(steady)
+
+        async def loop(c: Client) -> None:
+            while not burst_done.is_set():
+                p = next(todo)
+                s = Sample(model=p.model, num_ctx=p.num_ctx)
+                samples.append(s)
+                await c.send(p.path, p.body, s)
+
+        async def send_burst() -> None:
+            await asyncio.sleep(STEADY_LEAD_S * clients.scale)  # the planned lead on the simulated clock
+            burst_samples = [Sample(model=p.model, num_ctx=p.num_ctx) for p in burst]
+            samples.extend(burst_samples)
+            try:
+                pairs = zip(opened[: len(burst)], burst, burst_samples, strict=True)
+                sends = (c.send(p.path, p.body, s) for c, p, s in pairs)
+                await asyncio.gather(*sends)
+            finally:
+                burst_done.set()
+
+        loops = (loop(c) for c in opened[len(burst) :])
+        wall = await clients.timed(asyncio.gather(send_burst(), *loops), samples, cap)
+        return samples, wall
+
+
 # -- conversations ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Turn:
@@ -253,7 +309,9 @@ class Chat(Workload[Conversation]):
         return samples, wall
 
 
-WORKLOADS: dict[str, Workload[Any]] = {w.name: w for w in (Skewed(), Chat(), Burst(), NumCtx())}
+WORKLOADS: dict[str, Workload[Any]] = {
+    w.name: w for w in (Skewed(), Chat(), Burst(), SteadyBurst(), NumCtx())
+}
 
 
 # -- text and draws -----------------------------------------------------------------------------------

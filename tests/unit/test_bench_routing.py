@@ -28,7 +28,7 @@ def test_workloads_are_fixed_by_the_seed(name: str) -> None:
 
 
 def test_workloads_are_named_in_the_order_they_run() -> None:
-    assert list(WORKLOADS) == ["skewed", "chat", "burst", "num_ctx"]
+    assert list(WORKLOADS) == ["skewed", "chat", "burst", "steady_burst", "num_ctx"]
     assert all(w.name == name for name, w in WORKLOADS.items())
     assert [name for name, w in WORKLOADS.items() if w.per_turn] == ["chat"]
 
