@@ -29,6 +29,8 @@ FLEET_COMMANDS = {
 POLICY_COMMANDS = {  # `corral.policyctl`
     "alias": "serve a model name with another model",
     "fallback": "models that serve a model that cannot start in time",
+    "pin": "keep a model loaded on N agents",
+    "unpin": "stop keeping a model loaded",
 }
 
 

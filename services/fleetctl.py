@@ -16,6 +16,8 @@ from typing import Any
 import msgspec
 import nats.errors
 from corral import views
+from corral.gateway.policy import POLICY_KEY as PINS_RECORD
+from corral.gateway.policy import Policy
 from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import VENDORS
@@ -26,9 +28,11 @@ from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
 from corral.runtime.workqueue import depths
 from corral.transport import Transport, WorkRequest
+from corral.views.status import Pin
 from nats.js.errors import KeyNotFoundError
 
 _enc = msgspec.json.Encoder()
+_pins = msgspec.json.Decoder(Policy)
 
 
 def _gb(n: int) -> str:
@@ -61,6 +65,14 @@ class _Session:
         await self.fleet.stop()
         await self.nc.drain()
 
+    async def pins(self) -> dict[str, Pin]:
+        """The models kept warm, as the policy record names them (`corral pin`)."""
+        try:
+            entry = await self.buckets.policy.get(PINS_RECORD)
+        except KeyNotFoundError:  # no rules written yet
+            return {}
+        return _pins.decode(entry.value).pins if entry.value else {}
+
     async def rates(self) -> views.Rates | None:
         try:
             entry = await self.buckets.views.get(views.RATES_KEY)
@@ -74,6 +86,7 @@ async def status(s: _Session, as_json: bool) -> int:
         s.fleet.agents(),
         await s.rates(),
         queue=views.queue_by_model(await depths(s.nc.jetstream(), s.subjects)),
+        pins=await s.pins(),
     )
     if as_json:
         print(_enc.encode(st).decode())
@@ -85,6 +98,11 @@ async def status(s: _Session, as_json: bool) -> int:
     )
     if st.queue:
         print("waiting in the fleet queue: " + ", ".join(f"{m} {n}" for m, n in st.queue.items()))
+    for p in st.pins:
+        vendor = f" {p.vendor}" if p.vendor else ""
+        print(
+            f"pinned: {p.model} on {p.loaded}/{p.replicas}{vendor} agents ({', '.join(p.agents) or 'none yet'})"
+        )
     if st.rates is not None:
         r = st.rates
         ttft = f"{r.ttft_ms_p50:.0f} ms" if r.ttft_ms_p50 is not None else "-"

@@ -1,8 +1,10 @@
-"""``corral alias`` and ``corral fallback``: the fleet's model aliases and fallbacks, from a terminal.
+"""``corral alias``, ``corral fallback``, ``corral pin`` and ``corral unpin``: the fleet's model
+aliases, fallbacks and models kept warm, from a terminal.
 
 They talk to NATS directly (``--nats``, ``--root``) and change the one record of the policy bucket
 (`corral.gateway.policy`) by compare-and-set, so two people changing rules at once lose nothing.
-Every gateway watches that record: a change applies everywhere within a second.
+Every gateway watches that record: a change applies everywhere within a second; the registry
+watches it for the pins (`corral.registry.pins`).
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ from collections.abc import Callable
 import msgspec
 from corral.gateway.policy import MAX_FALLBACKS, POLICY_KEY, Policy, model_key, policy_decoder, policy_encoder
 from corral.protocol.errors import InvalidModelName
+from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import BUCKETS, NatsAuth, connect, open_bucket
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
+from corral.views.status import Pin
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 COMMANDS = {
     "alias": "serve a model name with another model (e.g. gpt-4o-mini with llama3.1:8b)",
     "fallback": "models that serve a model that cannot start within its deadline",
+    "pin": "keep a model loaded on N agents (the registry re-places it when one goes)",
+    "unpin": "stop keeping a model loaded",
 }
 _TRIES = 10  # compare-and-set rounds before giving up on a record others keep changing
 
@@ -94,6 +100,30 @@ def remove_fallback(model: str) -> Change:
     return change
 
 
+def set_pin(model: str, replicas: int, vendor: str | None) -> Change:
+    key = model_key(model)
+    if replicas < 1:
+        raise PolicyError("--replicas must be at least 1 (corral unpin MODEL lets a model go)")
+    if vendor is not None and vendor not in VENDORS:
+        raise PolicyError(f"unknown vendor {vendor!r}; valid: {', '.join(VENDORS)}")
+
+    def change(p: Policy) -> Policy:
+        return msgspec.structs.replace(p, pins={**p.pins, key: Pin(replicas=replicas, vendor=vendor)})
+
+    return change
+
+
+def remove_pin(model: str) -> Change:
+    key = model_key(model)
+
+    def change(p: Policy) -> Policy:
+        if key not in p.pins:
+            raise PolicyError(f"{model} is not pinned")
+        return msgspec.structs.replace(p, pins={k: v for k, v in p.pins.items() if k != key})
+
+    return change
+
+
 async def read(kv: KeyValue) -> tuple[Policy, int | None]:
     """The rules and their revision (None: never written, or deleted)."""
     try:
@@ -123,6 +153,18 @@ async def apply(kv: KeyValue, change: Change) -> Policy:
 
 
 def show(command: str, policy: Policy, as_json: bool) -> None:
+    if command in ("pin", "unpin"):
+        if as_json:
+            print(policy_encoder.encode(policy.pins).decode())
+        elif policy.pins:
+            rows = [
+                (k, f"{p.replicas}" + (f" ({p.vendor})" if p.vendor else ""))
+                for k, p in sorted(policy.pins.items())
+            ]
+            print(table(rows, ("MODEL", "REPLICAS")))
+        else:
+            print("no pins")
+        return
     if command == "alias":
         if as_json:
             print(policy_encoder.encode(policy.aliases).decode())
@@ -146,6 +188,12 @@ def parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("name", nargs="?", help="the name clients use, e.g. gpt-4o-mini")
         p.add_argument("target", nargs="?", help="the model that serves it, e.g. llama3.1:8b")
         p.add_argument("--rm", metavar="NAME", help="remove the alias NAME")
+    elif command == "pin":
+        p.add_argument("model", nargs="?", help="the model to keep loaded, e.g. llama3.2:1b")
+        p.add_argument("--replicas", type=int, default=1, help="on how many agents (default 1)")
+        p.add_argument("--vendor", help="only agents of this vendor")
+    elif command == "unpin":
+        p.add_argument("model", help="the model to let go of")
     else:
         p.add_argument("model", nargs="?", help="the model, e.g. llama3.1:70b")
         p.add_argument("--to", help="the models that serve it, in order, comma-separated")
@@ -157,6 +205,10 @@ def parser(command: str) -> argparse.ArgumentParser:
 
 def _change(command: str, args: argparse.Namespace) -> Change | None:
     """The change the arguments ask for; None to list. `PolicyError` or `InvalidModelName` when wrong."""
+    if command == "pin":
+        return None if args.model is None else set_pin(args.model, args.replicas, args.vendor)
+    if command == "unpin":
+        return remove_pin(args.model)
     if command == "alias":
         if args.rm:
             if args.name or args.target:

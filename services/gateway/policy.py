@@ -1,5 +1,5 @@
-"""Model aliases and fallbacks: the rules (`Policy`, one KV record that ``corral alias`` and
-``corral fallback`` write), what they make of a request (`candidates`, `quant_match`, `substitute`),
+"""Model aliases, fallbacks and pins: the rules (`Policy`, one KV record that ``corral alias``,
+``corral fallback`` and ``corral pin`` write), what they make of a request (`candidates`, `quant_match`, `substitute`),
 and `PolicyStore`, every gateway's live copy of the record.
 
 - an **alias** serves a name no model has (``gpt-4o-mini``) with a model the fleet has
@@ -12,6 +12,9 @@ and `PolicyStore`, every gateway's live copy of the record.
 
 Never silently: the reply's ``model`` field and its ``X-Corral-Model`` header name the model that
 served, and ``corral_gateway_model_substitutions_total`` counts each substitution.
+
+A **pin** keeps a model loaded on N agents; the registry acts on it (`corral.registry.pins`), the
+gateway only shows it in ``/api/status``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from corral.protocol.names import ModelName, parse_name
 from corral.runtime.nats import watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.transport import WorkRequest
+from corral.views.status import Pin
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
@@ -48,10 +52,12 @@ _QUANT = re.compile(r"(?:i?q\d+(?:_[a-z0-9]+)*|f16|fp16|bf16|f32|fp32)", re.IGNO
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The fleet's rules, by normalised model key (``llama3.2:latest``): alias → the model that
-    serves it; model → the models that serve it, in order, when it cannot start in time."""
+    serves it; model → the models that serve it, in order, when it cannot start in time; model →
+    how many agents keep it loaded."""
 
     aliases: dict[str, str] = msgspec.field(default_factory=dict)
     fallbacks: dict[str, tuple[str, ...]] = msgspec.field(default_factory=dict)
+    pins: dict[str, Pin] = msgspec.field(default_factory=dict)
 
 
 policy_decoder = msgspec.json.Decoder(Policy)
@@ -228,9 +234,10 @@ class PolicyStore:
                         log.warning("ignoring an undecodable policy record; the rules stay as they were")
                         continue
                 log.info(
-                    "model policy: %d aliases, %d fallback lists",
+                    "model policy: %d aliases, %d fallback lists, %d pins",
                     len(self.policy.aliases),
                     len(self.policy.fallbacks),
+                    len(self.policy.pins),
                 )
                 self._changed.set()
         finally:

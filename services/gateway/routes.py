@@ -86,7 +86,8 @@ def build_app(gw: Gateway) -> FastAPI:
     async def status(request: Request) -> Response:
         assert gw.nc is not None
         queue = views.queue_by_model(await depths(gw.nc.jetstream(), gw.subjects))
-        body = userviews.status_body(gw.fleet.agents(), gw.rates, queue, key_of(request.scope))
+        pins = gw.policy.policy.pins
+        body = userviews.status_body(gw.fleet.agents(), gw.rates, queue, key_of(request.scope), pins)
         return Response(body, media_type=JSON)
 
     @app.get("/v1/models")

@@ -11,6 +11,7 @@ import msgspec
 from corral import views
 from corral.gateway.access import ApiKey, model_allowed
 from corral.protocol.messages import AgentState
+from corral.views.status import Pin
 
 _enc = msgspec.json.Encoder()
 _HIDDEN = ("host", "ollama_url")  # what a user key never sees of an agent
@@ -52,14 +53,19 @@ def _only_allowed(agent: AgentState, key: ApiKey) -> AgentState:
 
 
 def status_body(
-    agents: list[AgentState], rates: views.Rates | None, queue: dict[str, int], key: ApiKey | None
+    agents: list[AgentState],
+    rates: views.Rates | None,
+    queue: dict[str, int],
+    key: ApiKey | None,
+    pins: dict[str, Pin] | None = None,
 ) -> bytes:
     if key is None or (key.admin and not key.models):
-        return views.status_body(agents, rates, queue)
+        return views.status_body(agents, rates, queue, pins)
     if key.models:
         agents = [_only_allowed(a, key) for a in agents]
         queue = {m: n for m, n in queue.items() if _ok(key, m)}
-    status: dict[str, Any] = msgspec.to_builtins(views.status_view(agents, rates, queue=queue))
+        pins = {m: p for m, p in (pins or {}).items() if _ok(key, m)}
+    status: dict[str, Any] = msgspec.to_builtins(views.status_view(agents, rates, queue=queue, pins=pins))
     if not key.admin:
         for row in status["agents"]:
             for field in _HIDDEN:

@@ -101,10 +101,11 @@ class ReplicaSettings:
 
 
 class Placer:
-    # Sixteen attributes: what it works with (connection, subjects, fleet view, models bucket,
+    # Seventeen attributes: what it works with (connection, subjects, fleet view, models bucket,
     # transport), its settings (replicas, grace, marker TTL, preload timeout), and three small
     # pieces of state that each belong to one job — load markers (the lock, the markers it wrote),
-    # replicas (queue growth, preloads under way, agents being loaded) — plus a counter for logs.
+    # replicas (queue growth, preloads under way, agents being loaded) — plus a counter for logs
+    # and the pinned models (kept up to date by `corral.registry.pins.PinKeeper`).
     def __init__(
         self,
         nc: NATS,
@@ -134,6 +135,7 @@ class Placer:
         self._preloads: set[asyncio.Task[None]] = set()
         self._replicating: dict[str, set[str]] = {}  # token → agents this copy is loading it on
         self.loads_started = 0  # placements and replicas this copy started (for tests and logs)
+        self.pinned: frozenset[str] = frozenset()  # models kept warm: a load evicting one ranks last
 
     # -- placement -------------------------------------------------------------------------------
     async def on_place(self, msg: Msg) -> None:
@@ -214,7 +216,7 @@ class Placer:
             live = await self._live_marker(token, num_ctx, pin)
             if live is not None and any(a.id == live for a in holders):  # never one the pin excludes
                 return PlaceReply(agent=live, mine=False)
-            ranked = self._router.rank("auto", route, holders, {})
+            ranked = self._router.rank("auto", route, holders, {}, self.pinned)
             if not ranked:
                 return PlaceReply()
             choice = ranked[0].id
@@ -409,7 +411,7 @@ class Placer:
         slots = sum(a.parallel for a in serving + loading)
         needed = depth / self.replicas.backlog_per_slot
         chosen: list[AgentState] = []
-        for a in self._router.rank("auto", route, spare, {}):
+        for a in self._router.rank("auto", route, spare, {}, self.pinned):
             if slots >= needed:
                 break
             chosen.append(a)

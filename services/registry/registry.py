@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import NamedTuple
 
 import msgspec
@@ -42,6 +42,7 @@ from corral.protocol.messages import AgentEvent, AgentState, agent_state_of
 from corral.protocol.names import VENDORS, parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry.index import ModelIndexWriter
+from corral.registry.pins import PinKeeper
 from corral.registry.placement import Placer, ReplicaSettings
 from corral.registry.settings import RegistrySettings
 from corral.routing import pull_order
@@ -108,6 +109,7 @@ class Registry:
         self._synced = asyncio.Event()
         self._pulls: set[asyncio.Task[None]] = set()
         self.placer: Placer | None = None
+        self.pins: PinKeeper | None = None  # keeps the pinned models loaded
         self._index: ModelIndexWriter | None = None  # the model index in the models bucket
         self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit
         self._reopener: Reopener | None = None  # the buckets again after a NATS restart
@@ -136,15 +138,11 @@ class Registry:
         await self._fleet.start()
         self._transport = Transport(self.nc, self.subjects)
         await self._transport.start()
-        self._tasks.append(
-            asyncio.create_task(supervise("registry watch", self._watch), name="registry-watch")
-        )
+        self._spawn("registry watch", self._watch, "registry-watch")
         await asyncio.wait_for(self._synced.wait(), 10)
         self._index = ModelIndexWriter(self._buckets.agents, self._buckets.models)
         await self._index.start()
-        self._tasks.append(
-            asyncio.create_task(supervise("registry reaper", self._reaper), name="registry-reaper")
-        )
+        self._spawn("registry reaper", self._reaper, "registry-reaper")
         await self.nc.subscribe(self.subjects.registry("pull"), queue=QUEUE_GROUP, cb=self._on_pull)
         self.placer = Placer(
             self.nc,
@@ -161,13 +159,14 @@ class Registry:
         await self.nc.subscribe(
             self.subjects.registry("unplace"), queue=QUEUE_GROUP, cb=self.placer.on_unplace
         )
-        self._tasks.append(
-            asyncio.create_task(supervise("replica loop", self.placer.replica_loop), name="registry-replicas")
-        )
-        self._tasks.append(
-            asyncio.create_task(supervise("load markers", self.placer.marker_loop), name="registry-markers")
-        )
+        self._spawn("replica loop", self.placer.replica_loop, "registry-replicas")
+        self._spawn("load markers", self.placer.marker_loop, "registry-markers")
+        self.pins = PinKeeper(self.placer, self._buckets)
+        self._spawn("pin keeper", self.pins.run, "registry-pins")
         log.info("registry ready: %d agents", len(self._known))
+
+    def _spawn(self, what: str, run: Callable[[], Awaitable[None]], name: str) -> None:
+        self._tasks.append(asyncio.create_task(supervise(what, run), name=name))
 
     async def stop(self) -> None:
         if self._reopener is not None:
@@ -195,6 +194,8 @@ class Registry:
         """The buckets are open again: every watch starts anew from the bucket's snapshot."""
         self.fleet.restart()
         self._rewatch.set()
+        if self.pins is not None:
+            self.pins.rewatch.set()
         if self._index is not None:
             self._index.restart()
 
@@ -488,8 +489,7 @@ class _Known(NamedTuple):
     heard: float  # when it arrived (monotonic; see `received_at`)
 
 
-def _member_key(agent_id: str) -> str:
-    return f"member.{agent_id}"
+_member_key = "member.{}".format  # an agent's membership marker in the views bucket
 
 
 def _error_text(data: bytes) -> str:

@@ -330,11 +330,13 @@ class Router:
         route: Route,
         agents: Sequence[AgentState],
         outstanding: Mapping[str, int],
+        pinned: frozenset[str] = frozenset(),
     ) -> list[AgentState]:
         """``agents`` (the model's usable holders) in the order to try them, best first.
 
-        With ``route.strict`` only ``route.vendor``'s agents are returned. Raises `ValueError` for
-        an unknown strategy.
+        With ``route.strict`` only ``route.vendor``'s agents are returned. ``pinned``: model keys
+        kept warm, which ``auto`` spares from eviction as it spares busy ones. Raises `ValueError`
+        for an unknown strategy.
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown routing strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
@@ -370,7 +372,7 @@ class Router:
             return sorted(first, key=tier_key) + sorted(rest, key=tier_key)
         observed = observed_sizes(agents)
         costs = _auto_costs(route, first, rest, outstanding, observed)
-        last = _last_resorts(route, first + rest, observed)
+        last = _last_resorts(route, first + rest, observed, pinned)
 
         def cost_key(a: AgentState) -> tuple[bool, float, float, int, str]:
             # equal cost and load: the agent with more slots (it will absorb more of what follows)
@@ -397,14 +399,17 @@ def _rotated(group: list[AgentState], turn: int) -> list[AgentState]:
     return group[i:] + group[:i]
 
 
-def _last_resorts(route: Route, agents: list[AgentState], observed: ObservedSizes) -> set[str]:
-    """Agents where a cold load would evict a busy model or spill into system RAM, when some other
-    agent can serve without either (warm, loading, or a full fit evicting only idle models)."""
+def _last_resorts(
+    route: Route, agents: list[AgentState], observed: ObservedSizes, pinned: frozenset[str] = frozenset()
+) -> set[str]:
+    """Agents where a cold load would evict a busy or pinned model or spill into system RAM, when
+    some other agent can serve without either (warm, loading, or a full fit evicting only idle
+    models)."""
     bad: set[str] = set()
     for a in agents:
         if _runner(a, route.key) is None and route.key not in a.loading:
             plan = load_plan(route, a, observed)
-            if plan.thrashes or not plan.full:
+            if plan.thrashes or not plan.full or not pinned.isdisjoint(plan.evicts):
                 bad.add(a.id)
     return bad if len(bad) < len(agents) else set()
 

@@ -84,12 +84,50 @@ class Totals(msgspec.Struct, frozen=True, kw_only=True):
     waiting: int = 0  # of which in the fleet-wide queue
 
 
+class Pin(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A model kept warm (``corral pin``): the registry keeps it loaded, with ``keep_alive: -1``,
+    on ``replicas`` live agents (of ``vendor`` only, when one is named)."""
+
+    replicas: int = 1
+    vendor: str | None = None
+
+
+class PinRow(msgspec.Struct, frozen=True, kw_only=True):
+    """A pin of ``/api/status``: the replicas wanted, and the active agents that have it loaded."""
+
+    model: str
+    replicas: int
+    vendor: str | None
+    loaded: int
+    agents: list[str]
+
+
 class FleetStatus(msgspec.Struct, frozen=True, kw_only=True):
     totals: Totals
     agents: list[AgentRow]
     rates: Rates | None = None  # None when no aggregator is running
     queue: dict[str, int] = msgspec.field(default_factory=dict)  # model → waiting in the fleet queue
     at: float = 0.0
+    pins: list[PinRow] = msgspec.field(default_factory=list)
+
+
+def pinned_on(key: str, pin: Pin, agents: list[AgentState]) -> list[str]:
+    """The active agents (of the pin's vendor) with a runner of model ``key``, by id."""
+    return sorted(
+        a.id
+        for a in agents
+        if a.status == "active"
+        and (pin.vendor is None or a.vendor == pin.vendor)
+        and any(key_of(m.name) == key for m in a.loaded)
+    )
+
+
+def pin_rows(pins: dict[str, Pin], agents: list[AgentState]) -> list[PinRow]:
+    rows = []
+    for key, pin in sorted(pins.items()):
+        on = pinned_on(key, pin, agents)
+        rows.append(PinRow(model=key, replicas=pin.replicas, vendor=pin.vendor, loaded=len(on), agents=on))
+    return rows
 
 
 def queue_by_model(depths: dict[str, int]) -> dict[str, int]:
@@ -106,8 +144,10 @@ def status_view(
     rates: Rates | None = None,
     now: float | None = None,
     queue: dict[str, int] | None = None,
+    pins: dict[str, Pin] | None = None,
 ) -> FleetStatus:
-    """``queue``: model key → requests waiting in the fleet-wide queue (`queue_by_model`)."""
+    """``queue``: model key → requests waiting in the fleet-wide queue (`queue_by_model`);
+    ``pins``: the models kept warm, by key (the policy record's)."""
     now = time.time() if now is None else now
     queue = queue or {}
     waiting = sum(queue.values())
@@ -124,7 +164,9 @@ def status_view(
         queued=sum(r.queued for r in rows) + waiting,
         waiting=waiting,
     )
-    return FleetStatus(totals=totals, agents=rows, rates=rates, queue=queue, at=now)
+    return FleetStatus(
+        totals=totals, agents=rows, rates=rates, queue=queue, at=now, pins=pin_rows(pins or {}, agents)
+    )
 
 
 def _agent_row(a: AgentState, now: float) -> AgentRow:
@@ -153,9 +195,12 @@ def _agent_row(a: AgentState, now: float) -> AgentRow:
 
 
 def status_body(
-    agents: list[AgentState], rates: Rates | None = None, queue: dict[str, int] | None = None
+    agents: list[AgentState],
+    rates: Rates | None = None,
+    queue: dict[str, int] | None = None,
+    pins: dict[str, Pin] | None = None,
 ) -> bytes:
-    return _enc.encode(status_view(agents, rates, queue=queue))
+    return _enc.encode(status_view(agents, rates, queue=queue, pins=pins))
 
 
 rates_decoder = msgspec.json.Decoder(Rates)
