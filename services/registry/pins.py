@@ -19,8 +19,9 @@ each pin lacks (`plan`):
 Pinned models also count as busy for the placement of ordinary cold loads: the placer passes the
 pinned set to `corral.routing.Router.rank`, which ranks agents where a load would evict one last.
 
-On unpin the keeper sends each agent still holding the model an empty generate without
-``keep_alive``: the runner falls back to its Ollama's default keep-alive and is let go when idle.
+On unpin the keeper sends each agent still holding the model an empty generate with Ollama's
+default ``keep_alive`` (`RELEASE_KEEP_ALIVE`; a request without one would leave the runner's
+``-1`` in place): it is let go once idle that long, as any other model.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ LEASE_S = 10.0  # a lease not renewed for this long is taken over
 CHECK_S = 1.0  # the pins are checked at least this often (and on every fleet change)
 SETTLE_S = 10.0  # at most this long from a load's answer to its agent showing the runner
 RETRY_S = 10.0  # a load that failed on an agent is not tried there again for this long
+RELEASE_KEEP_ALIVE = "5m"  # what an unpinned model gets back: Ollama's default keep_alive
 FOREVER_YEARS = 100  # a runner expiring this many years ahead was loaded with keep_alive -1
 
 _enc = msgspec.json.Encoder()
@@ -229,18 +231,16 @@ class PinKeeper:
                     log.info("%s is pinned to %d replicas: loading it on %s", key, pin.replicas, agent_id)
                 self._start(key, agent_id, keep_alive=-1)
 
-    def _start(self, key: str, agent_id: str, keep_alive: int | None) -> None:
+    def _start(self, key: str, agent_id: str, keep_alive: int | str) -> None:
         self.loads_started += 1
         self._starting.setdefault(key, set()).add(agent_id)
         task = asyncio.create_task(self._load(key, agent_id, keep_alive))
         self._loads.add(task)
         task.add_done_callback(self._loads.discard)
 
-    async def _load(self, key: str, agent_id: str, keep_alive: int | None) -> None:
-        body: dict[str, object] = {"model": key}
-        if keep_alive is not None:
-            body["keep_alive"] = keep_alive
-        work = WorkRequest("/api/generate", _enc.encode(body), model=parse_name(key))
+    async def _load(self, key: str, agent_id: str, keep_alive: int | str) -> None:
+        body = _enc.encode({"model": key, "keep_alive": keep_alive})
+        work = WorkRequest("/api/generate", body, model=parse_name(key))
         try:
             async with await self.placer.transport.send_to(
                 agent_id, work, timeout=self.placer.preload_timeout_s
@@ -259,19 +259,22 @@ class PinKeeper:
             self._starting.get(key, set()).discard(agent_id)
             self.changed.set()
 
-    def _shows(self, agent_id: str, key: str, keep_alive: int | None) -> bool:
+    def _shows(self, agent_id: str, key: str, keep_alive: int | str) -> bool:
         agent = self.fleet.get(agent_id)
         if agent is None:
             return True  # gone: nothing to wait for
         now = datetime.datetime.now(datetime.UTC)
         runners = [m for m in agent.loaded if key_of(m.name) == key]
-        return bool(runners) and (keep_alive is None or all(forever(m.expires_at, now) for m in runners))
+        kept = [forever(m.expires_at, now) for m in runners]
+        return bool(runners) and all(kept) == (keep_alive == -1)
 
     async def _let_go(self, key: str, pin: Pin, agents: list[AgentState]) -> None:
-        """Unpinned: each agent still holding it gets its Ollama's default keep-alive back."""
+        """Unpinned: each agent still holding it gets Ollama's default keep-alive back."""
         for agent_id in pinned_on(key, Pin(replicas=pin.replicas), agents):
-            log.info("%s is no longer pinned: %s keeps it for its default keep_alive", key, agent_id)
-            self._start(key, agent_id, keep_alive=None)
+            log.info(
+                "%s is no longer pinned: %s keeps it for %s once idle", key, agent_id, RELEASE_KEEP_ALIVE
+            )
+            self._start(key, agent_id, keep_alive=RELEASE_KEEP_ALIVE)
 
     async def _lead(self) -> bool:
         """Whether this copy holds the lease (taken or renewed by compare-and-set when due)."""
