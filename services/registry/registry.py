@@ -109,7 +109,7 @@ class Registry:
         self._synced = asyncio.Event()
         self._pulls: set[asyncio.Task[None]] = set()
         self.placer: Placer | None = None
-        self.pins: PinKeeper | None = None  # keeps the pinned models loaded
+        self.pins: PinKeeper | None = None  # pinned models (16 attributes: each job's own state)
         self._index: ModelIndexWriter | None = None  # the model index in the models bucket
         self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit
         self._reopener: Reopener | None = None  # the buckets again after a NATS restart
