@@ -30,7 +30,7 @@ from corral.gateway.sessions import Sessions
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.envelope import trace_context
-from corral.protocol.errors import BadRequest, CorralError, ModelNotFound
+from corral.protocol.errors import BadRequest, CorralError, Forbidden, ModelNotFound
 from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
 from corral.runtime.fleet import FleetView
@@ -322,6 +322,10 @@ class Gateway:
                 await respond_error(send, ModelNotFound(f"model '{raw}' not found"), openai=openai)
                 return
             if bodies.is_unload(endpoint, view):
+                if key is not None and key.role != "admin":  # it would end other users' warm runners
+                    refused = Forbidden("forbidden: unloading a model (keep_alive 0) needs an admin key")
+                    await respond_error(send, refused, openai=openai, endpoint=endpoint)
+                    return
                 await management.unload(self.planner, work, raw, receive, send)
                 return
             await relay(self.planner, work, receive, send, openai=openai, raw_model=raw)

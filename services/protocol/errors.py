@@ -50,6 +50,13 @@ class BadEnvelope(BadRequest):
     ``bad_request``."""
 
 
+class Forbidden(CorralError):
+    """The caller's API key may not do this (``CORRAL_AUTH=keys``)."""
+
+    code = "forbidden"
+    status = 403
+
+
 class ModelNotFound(CorralError):
     code = "model_not_found"
     status = 404

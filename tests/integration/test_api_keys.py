@@ -164,8 +164,12 @@ async def test_a_user_key_is_refused_management(fleet: LocalFleet) -> None:
     async with ollama.AsyncClient(host=fleet.url, headers=auth(key)) as c:
         assert (await c.generate(model=MODEL, prompt="hi", options={"num_predict": 2})).done
         assert (await c.show(MODEL)).modelfile is not None
+        with pytest.raises(ollama.ResponseError) as unload:  # it would end others' warm runners
+            await c.generate(model=MODEL, keep_alive=0)
+        assert unload.value.status_code == 403 and "admin" in unload.value.error
     assert fleet.gateway is not None
     assert fleet.gateway.fleet.with_model("llama3.2:latest")  # nothing was deleted
+    assert fleet.gateway.fleet.loaded_on("llama3.2:latest")  # nor unloaded
 
 
 async def test_a_model_outside_the_allow_list_is_absent(fleet: LocalFleet) -> None:
