@@ -35,13 +35,15 @@ _SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_/-")
 _TOKEN = re.compile(r"(?:[a-z0-9_/-]|=[0-9A-F]{2})+")
 
 
-class ModelName(msgspec.Struct, frozen=True, kw_only=True):
+class ModelName(msgspec.Struct, frozen=True, kw_only=True, dict=True):
+    # `dict=True` only to let the derived names below be computed once per name: a request's
+    # routing reads them a dozen times
     host: str
     namespace: str
     model: str
     tag: str
 
-    @property
+    @functools.cached_property
     def display(self) -> str:
         """The shortest form, as ``/api/tags`` and ``/api/ps`` show it."""
         if self.host.lower() != DEFAULT_HOST:
@@ -54,12 +56,12 @@ class ModelName(msgspec.Struct, frozen=True, kw_only=True):
     def canonical(self) -> str:
         return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """What two spellings of one model have in common: the lower-cased display form."""
         return self.display.lower()
 
-    @property
+    @functools.cached_property
     def token(self) -> str:
         return encode_token(self.key)
 
