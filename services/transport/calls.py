@@ -273,11 +273,11 @@ class Transport:
     async def _first(self, call: Call, service: bool) -> Msg:
         """The first reply message from a sender this call may believe (`_believed`), within the
         claim timeout; others are logged and skipped."""
-        async with asyncio.timeout(self.claim_timeout):
-            while True:
-                msg = await call.next(self.claim_timeout)
-                if self._believed(call, msg, service):
-                    return msg
+        deadline = time.monotonic() + self.claim_timeout
+        while True:  # one wait in the usual case: `call.next` holds the only timeout
+            msg = await call.next(max(deadline - time.monotonic(), 0.0))
+            if self._believed(call, msg, service):
+                return msg
 
     def _believed(self, call: Call, msg: Msg, service: bool) -> bool:
         """A reply that names its sender (a claim, a claiming head, busy) is believed from the agent
