@@ -103,10 +103,11 @@ class NatsRefused(ConnectionError):
 
 
 def refused_for_good(e: BaseException) -> bool:
+    """Whether a first-connection error is one retrying cannot cure (see `NatsRefused`)."""
     if isinstance(e, ssl.SSLCertVerificationError):
         return True
     text = str(e).lower()
-    return "authorization violation" in text or "authentication" in text or "user authentication" in text
+    return "authorization violation" in text or "authentication" in text
 
 
 async def connect(
