@@ -29,7 +29,7 @@ from corral.gateway.asgi import App, Message, Receive, Scope, Send
 from corral.gateway.errors import JSON, native_body, openai_body
 from corral.gateway.keys import KeyBuckets, KeyStore
 from corral.gateway.limits import Limited, Limiter, UsageBook
-from corral.runtime.nats import watch_until
+from corral.runtime.nats import watch_forever
 from corral.runtime.tasks import cancel_and_wait, supervise
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Access:
         """Start the keys watch and the usage flush; returns once the keys are loaded."""
         self._tasks = [
             asyncio.create_task(
-                supervise("keys watch", lambda: watch_until(self.keys.watch_once, self._restart)),
+                supervise("keys watch", lambda: watch_forever(self.keys.watch_once, self._restart)),
                 name="keys-watch",
             ),
             asyncio.create_task(supervise("usage flush", self._flush_loop), name="usage-flush"),

@@ -124,7 +124,7 @@ def _decode(name: str, value: bytes | None) -> ApiKey | None:
 
 class KeyStore:
     """Every gateway's live copy of the keys bucket, kept by a KV watch (`watch_once`, run under
-    `corral.runtime.nats.watch_until` by `corral.gateway.auth.Access`)."""
+    `corral.runtime.nats.watch_forever` by `corral.gateway.auth.Access`)."""
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv

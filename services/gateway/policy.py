@@ -32,7 +32,7 @@ import nats.errors
 from corral.protocol.errors import InvalidModelName
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ModelName, parse_name
-from corral.runtime.nats import watch_until
+from corral.runtime.nats import watch_forever
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.transport import WorkRequest
 from corral.views.status import Pin
@@ -182,7 +182,7 @@ def with_aliases(v1_models: bytes, policy: Policy, allowed: Callable[[str], bool
 # -- every gateway's copy -----------------------------------------------------------------------------
 class PolicyStore:
     """The policy bucket's record, kept by a KV watch (`watch_once`, under
-    `corral.runtime.nats.watch_until`): a change made anywhere reaches every gateway as a KV event."""
+    `corral.runtime.nats.watch_forever`): a change made anywhere reaches every gateway as a KV event."""
 
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
@@ -195,7 +195,7 @@ class PolicyStore:
     async def start(self, timeout: float = 10.0) -> None:
         """Start the watch; returns once the rules are loaded."""
         self._task = asyncio.create_task(
-            supervise("policy watch", lambda: watch_until(self.watch_once, self._restart)),
+            supervise("policy watch", lambda: watch_forever(self.watch_once, self._restart)),
             name="policy-watch",
         )
         async with asyncio.timeout(timeout):

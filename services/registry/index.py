@@ -37,7 +37,7 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, agent_state_of
 from corral.protocol.names import encode_token, key_of
-from corral.runtime.nats import watch_until
+from corral.runtime.nats import watch_forever
 from corral.runtime.tasks import cancel_and_wait, supervise
 from nats.js.errors import APIError, KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -152,8 +152,7 @@ class ModelIndexWriter:
         self._rewatch.set()
 
     async def _follow(self) -> None:
-        while True:
-            await watch_until(self._watch, self._rewatch)
+        await watch_forever(self._watch, self._rewatch)
 
     async def _watch(self) -> None:
         watcher = await self._agents_kv.watchall()

@@ -40,7 +40,7 @@ from corral.protocol.messages import AgentState
 from corral.protocol.names import key_of, parse_name
 from corral.registry.placement import Placer
 from corral.routing import Route, Router
-from corral.runtime.nats import Buckets, watch_until
+from corral.runtime.nats import Buckets, watch_forever
 from corral.runtime.tasks import cancel_and_wait
 from corral.transport import WorkRequest
 from corral.views.status import Pin, pinned_on
@@ -157,7 +157,7 @@ class PinKeeper:
         """Watch the pins and keep them; the loads under way end with it."""
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(watch_until(self._watch_once, self.rewatch))
+                tg.create_task(watch_forever(self._watch_once, self.rewatch))
                 tg.create_task(self._keep())
         finally:
             await cancel_and_wait(self._loads)

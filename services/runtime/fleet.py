@@ -18,7 +18,7 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, agent_state_of
 from corral.protocol.names import key_of
-from corral.runtime.nats import watch_until
+from corral.runtime.nats import watch_forever
 from corral.runtime.tasks import cancel_and_wait, supervise
 from nats.js.kv import KeyValue
 
@@ -81,8 +81,7 @@ class FleetView:
     async def _watch(self) -> None:
         """Watch for ever: a new watch whenever one ends (silence) or `restart` is asked for; a
         watch that fails is raised to the supervisor, which logs it and backs off."""
-        while True:
-            await watch_until(self._watch_once, self._restart)
+        await watch_forever(self._watch_once, self._restart)
 
     async def _watch_once(self) -> None:
         """One watch: the snapshot (agents it lacks are gone), then updates until it is silent for

@@ -405,3 +405,11 @@ async def watch_until(watch: Callable[[], Coroutine[Any, Any, None]], restart: a
         await cancel_and_wait([run, again])
     if failure is not None:
         raise failure
+
+
+async def watch_forever(watch: Callable[[], Coroutine[Any, Any, None]], restart: asyncio.Event) -> None:
+    """`watch_until` again and again: a new watch whenever one ends (a silent or replaced bucket) or
+    ``restart`` is set. A watch that fails raises, for the loop's supervisor; `watch_until` alone
+    returns on a restart, and a supervisor takes a return for the end of the loop."""
+    while True:
+        await watch_until(watch, restart)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from corral.runtime.tasks import cancel_and_wait
+from corral.runtime.tasks import cancel_and_wait, supervise
 
 
 async def test_a_task_that_swallows_one_cancellation_is_cancelled_again() -> None:
@@ -56,3 +56,32 @@ async def test_a_task_that_will_not_end_is_left_behind_after_the_timeout() -> No
     assert not task.done()
     release.set()
     await task
+
+
+async def test_a_supervised_watch_is_opened_again_after_a_restart() -> None:
+    """`watch_until` returns when its restart is set; `watch_forever` keeps watching, so a
+    supervised watch does not end on the first reconnect (a revoked API key, a policy edit or a
+    pin made after it would go unseen)."""
+    from corral.runtime.nats import watch_forever
+
+    restart = asyncio.Event()
+    opened: asyncio.Queue[int] = asyncio.Queue()
+    runs = 0
+
+    async def watch() -> None:
+        nonlocal runs
+        runs += 1
+        opened.put_nowait(runs)
+        await asyncio.Event().wait()  # a watch that hears nothing more until it is replaced
+
+    task = asyncio.create_task(supervise("a watch", lambda: watch_forever(watch, restart)))
+    try:
+        async with asyncio.timeout(5):
+            assert await opened.get() == 1
+            restart.set()
+            assert await opened.get() == 2
+            restart.set()
+            assert await opened.get() == 3
+        assert not task.done()
+    finally:
+        await cancel_and_wait([task])
