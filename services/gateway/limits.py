@@ -78,6 +78,15 @@ class Limiter:
         """Count a new request of ``key``, or raise `Limited`. Pair with `release`."""
         if key.concurrency and self._active.get(key.name, 0) >= key.concurrency:
             raise Limited(f"rate limit exceeded: {key.concurrency} concurrent requests", 1)
+        # counted before the window's KV round trip, so requests arriving meanwhile see it
+        self._active[key.name] = self._active.get(key.name, 0) + 1
+        try:
+            await self._count_window(key)
+        except BaseException:
+            self.release(key)
+            raise
+
+    async def _count_window(self, key: ApiKey) -> None:
         if key.rpm or key.tpm:
             now = self._clock()
             refused: list[str] = []
@@ -97,7 +106,6 @@ class Limiter:
                 log.warning("could not count a request of key %r (admitted): %r", key.name, e)
             if refused:
                 raise Limited(refused[-1], retry_after(now))
-        self._active[key.name] = self._active.get(key.name, 0) + 1
 
     def release(self, key: ApiKey) -> None:
         n = self._active.get(key.name, 0) - 1

@@ -281,6 +281,34 @@ async def test_concurrency_answers_429(fleet: LocalFleet) -> None:
     assert r.status == 200  # the slot is free again
 
 
+async def test_concurrency_holds_while_the_per_minute_count_is_being_written(fleet: LocalFleet) -> None:
+    """With rpm set, admitting a request awaits a KV write; requests arriving meanwhile must still
+    see it counted: of six at once, exactly two run."""
+    _, key = await make_key(fleet, concurrency=2, rpm=1000)
+    release = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b'{"model": "llama3.2", '
+        await release.wait()
+        yield b'"prompt": "hi", "stream": false, "options": {"num_predict": 1}}'
+
+    async with aiohttp.ClientSession() as s:
+
+        async def one() -> int:
+            async with s.post(fleet.url + "/api/generate", data=slow_body(), headers=auth(key)) as r:
+                await r.read()
+                return r.status
+
+        tasks = [asyncio.create_task(one()) for _ in range(6)]
+        assert fleet.gateway is not None
+        await fleet.gateway.edge.wait_active(2, 5)
+        done, _ = await asyncio.wait(tasks, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert done  # the refused ones answer at once, the admitted ones wait for their bodies
+        release.set()
+        statuses = sorted(await asyncio.gather(*tasks))
+    assert statuses == [200, 200, 429, 429, 429, 429]
+
+
 async def test_a_revoked_key_is_refused_by_two_gateways_within_a_second(fleet: LocalFleet) -> None:
     assert fleet.gateway is not None
     second = Gateway(GatewaySettings(nats_url=fleet.nats_url, root=ROOT, port=0, auth="keys"))
