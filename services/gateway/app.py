@@ -22,6 +22,7 @@ from corral.gateway.asgi import Receive, Scope, Send
 from corral.gateway.auth import MODEL, Access, key_of
 from corral.gateway.edge import BODY, Edge
 from corral.gateway.keys import open_key_buckets
+from corral.gateway.metrics import OTHER
 from corral.gateway.planner import Planner
 from corral.gateway.policy import PolicyStore
 from corral.gateway.relay import relay, respond_error
@@ -316,7 +317,10 @@ class Gateway:
                     err = ModelNotFound(work.model.display)
                     await respond_error(send, err, openai=openai, endpoint=endpoint, raw_model=raw)
                     return
-                scope[MODEL] = work.model.display
+                # usage is kept per model: a name no agent has is "other", so a client sending
+                # made-up names cannot fill the usage bucket with rows of its own
+                known = key is None or bool(self.fleet.with_model(work.model.key))
+                scope[MODEL] = work.model.display if known else OTHER
                 set_model(span, endpoint, work.model.display)
             elif key is not None and key.models:
                 await respond_error(send, ModelNotFound(f"model '{raw}' not found"), openai=openai)
