@@ -18,14 +18,16 @@ Which GPU a process sees, by vendor::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Mapping
 
 from corral.agent.lifecycle import wait_at_most
-from corral.runtime.tasks import BACKOFF_FIRST_S, BACKOFF_MAX_S
+from corral.runtime.tasks import BACKOFF_FIRST_S, BACKOFF_MAX_S, cancel_and_wait
 
 log = logging.getLogger(__name__)
 ollama_log = logging.getLogger(f"{__name__}.ollama")
@@ -152,6 +154,10 @@ class OllamaServe:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             limit=_LINE_LIMIT,
+            # its own session: a Ctrl-C at the agent's terminal reaches the agent, which drains its
+            # agents first and then stops this Ollama; and it dies with the agent (no orphan)
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.starts += 1
         log.info("gpu%d: started ollama serve (pid %d) on %s", self.gpu, process.pid, self.env["OLLAMA_HOST"])
@@ -162,7 +168,7 @@ class OllamaServe:
         try:
             ready = asyncio.create_task(wait_at_most(listening, READY_WAIT_S))
             await asyncio.wait((ready, exited), return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
+            await cancel_and_wait([ready])
             if not exited.done():
                 if not listening.is_set():
                     log.warning(
@@ -191,3 +197,14 @@ class OllamaServe:
             if not listening.is_set() and _LISTENING.search(line):
                 listening.set()
             ollama_log.info("gpu%d | %s", self.gpu, line.decode(errors="replace").rstrip())
+
+
+def _die_with_parent() -> None:
+    """In the child, before ``ollama serve`` runs: on Linux, SIGTERM it when the agent dies, even by
+    SIGKILL (``PR_SET_PDEATHSIG``); elsewhere nothing."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
