@@ -65,17 +65,20 @@ async def serve_one(settings: AgentSettings) -> int:
     probe = GpuProbe(vendor, vram_gb_override=settings.vram_gb or None)
     agent = Agent(msgspec.structs.replace(settings, vendor=vendor), probe=probe.refresh)
     metrics = None
-    if settings.metrics_port:
-        metrics = await serve_metrics(registry_for(lambda: [agent]), settings.metrics_port)
-    task = asyncio.create_task(agent.run())
-    stop = asyncio.create_task(wait_for_signal())
-    await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
-    await agent.stop()
-    stop.cancel()
-    probe.close()
-    if metrics is not None:
-        metrics.close()
-    await task
+    try:  # a metrics port already taken still closes the probe
+        if settings.metrics_port:
+            metrics = await serve_metrics(registry_for(lambda: [agent]), settings.metrics_port)
+        task = asyncio.create_task(agent.run())
+        stop = asyncio.create_task(wait_for_signal())
+        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+        await agent.stop()
+        await cancel_and_wait([stop])
+        await task
+    finally:
+        probe.close()
+        if metrics is not None:
+            metrics.close()
+            await metrics.wait_closed()
     return 1 if agent.connection_lost else 0
 
 

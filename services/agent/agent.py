@@ -141,7 +141,12 @@ class Agent:
                     tg.create_task(supervise("state", self._state_loop), name="state"),
                     tg.create_task(supervise("refresh", self._refresh_loop), name="refresh"),
                     tg.create_task(
-                        ping_silent(self._jobs, self.settings.ping_interval_s, self._wake.closing),
+                        supervise(
+                            "ping",
+                            lambda: ping_silent(
+                                self._jobs, self.settings.ping_interval_s, self._wake.closing
+                            ),
+                        ),
                         name="ping",
                     ),
                 ]

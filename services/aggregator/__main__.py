@@ -29,14 +29,15 @@ def parser() -> argparse.ArgumentParser:
 async def serve(settings: AggregatorSettings) -> int:
     agg = Aggregator(settings)
     await agg.start()
-    metrics = (
-        await serve_metrics(agg.metrics.registry, settings.metrics_port) if settings.metrics_port else None
-    )
-    try:
+    metrics = None
+    try:  # a metrics port already taken still stops the aggregator cleanly
+        if settings.metrics_port:
+            metrics = await serve_metrics(agg.metrics.registry, settings.metrics_port)
         lost = await wait_for_stop(agg.lost)
     finally:
         if metrics is not None:
             metrics.close()
+            await metrics.wait_closed()
         await agg.stop()
     return 1 if lost else 0
 
