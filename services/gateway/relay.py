@@ -114,8 +114,11 @@ async def _serve(
         async with reply:
             await stream_reply(reply, send, openai=openai, decision=decision)
     finally:
-        planner.metrics.finished(work, decision, status, agent)
-        record_answer(decision, agent)
+        try:  # bookkeeping after the answer: never in the way of the request's own outcome
+            planner.metrics.finished(work, decision, status, agent)
+            record_answer(decision, agent)
+        except Exception:
+            log.exception("recording the answer of %s failed", work.endpoint)
 
 
 async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Decision | None = None) -> None:

@@ -178,6 +178,10 @@ class LargeBodies:
                 log.info("body of %s: %s", rid, e)
                 await self._gone(msg, size, str(e))
                 continue
+            except Exception as e:  # its source failed otherwise: say so now, not at the agent's timeout
+                log.exception("body of %s: its source failed", rid)
+                await self._gone(msg, size, f"request body failed: {e}")
+                continue
             headers = {H.BODY_SIZE: str(size)}
             if not data:
                 headers[H.KIND] = H.PING  # not yet: ask again
