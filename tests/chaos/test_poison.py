@@ -1,4 +1,5 @@
-"""An agent never dies of one message, and a poisoned queued request is not passed around the fleet.
+"""An agent never dies of one message, and a poisoned queued request leaves the queue instead of
+waiting in it (that no other agent gets it again is `tests/integration/test_workqueue.py`'s).
 
 The agent runs as a real process beside a simulated Ollama; a gateway (in this process) fronts it.
 Hostile messages arrive on every subject the agent listens on — its direct and control subjects,
@@ -163,7 +164,7 @@ async def test_hostile_messages_on_every_subject_leave_the_agent_serving(
     agent.assert_alive_and_clean()
 
 
-async def test_poisoned_queued_requests_are_dropped_once_not_passed_around(
+async def test_poisoned_queued_requests_are_taken_off_the_queue_and_serving_goes_on(
     server: NatsServer, agent: AgentProcess, fleet: LocalFleet, root: str
 ) -> None:
     subjects = Subjects(root)

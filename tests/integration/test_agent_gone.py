@@ -51,6 +51,6 @@ async def test_a_stream_on_an_agent_that_left_ends_with_an_error_line_at_once(fl
             left = time.monotonic()
             async with asyncio.timeout(10):
                 lines = [line async for line in r.content]
-    assert time.monotonic() - left < 10
+    assert time.monotonic() - left < 3  # the key's deletion, heard through the watch: not a timeout
     last = msgspec.json.decode(lines[-1])
     assert "left the fleet" in last["error"]
