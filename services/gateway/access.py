@@ -21,6 +21,7 @@ from typing import Final, Literal
 import msgspec
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.names import key_of
+from corral.protocol.priority import Priority
 
 Role = Literal["user", "admin"]
 ROLES: Final = ("user", "admin")
@@ -55,6 +56,7 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     rpm: int = 0
     tpm: int = 0
     concurrency: int = 0
+    priority: Priority = "interactive"  # the highest this key's requests may ask for
     created_at: float = 0.0
 
     @property

@@ -32,6 +32,8 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.envelope import trace_context
 from corral.protocol.errors import BadRequest, CorralError, Forbidden, ModelNotFound
+from corral.protocol.priority import HTTP_HEADER as PRIORITY_HEADER
+from corral.protocol.priority import INTERACTIVE, capped, parse_priority
 from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
 from corral.runtime.fleet import FleetView
@@ -340,7 +342,7 @@ class Gateway:
         raw = view.model or ""
         if not raw and endpoint in ("/api/generate", "/api/embed"):
             raise ModelNotFound("model '' not found")
-        vendor, strict, strategy, session = None, False, None, None
+        vendor, strict, strategy, session, priority = None, False, None, None, None
         for k, v in scope["headers"]:
             if k == STRATEGY_HEADER:
                 try:
@@ -351,8 +353,12 @@ class Gateway:
                 strict = _text(k, v).lower() in ("1", "true", "yes")
             elif k == SESSION_HEADER and v.strip():
                 session = _text(k, v).strip()
+            elif k == PRIORITY_HEADER:
+                priority = parse_priority(_text(k, v))
         work = model_work(endpoint, body, raw, vendor=vendor, strict=strict, strategy=strategy)
         work.num_ctx = bodies.num_ctx(view)
+        key = key_of(scope)
+        work.priority = capped(priority, key.priority if key is not None else INTERACTIVE)
         if session is not None:  # the client names its conversation: every turn after the first follows
             work.session = "h." + hashlib.blake2b(session.encode(), digest_size=12).hexdigest()
             work.follow_up = True

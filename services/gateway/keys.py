@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import msgspec
 import nats.errors
 from corral.gateway.access import ApiKey, Role, api_key_decoder, hash_key, new_key, same_hash
+from corral.protocol.priority import Priority
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import KEY_BUCKETS, open_bucket
 from nats.js import JetStreamContext
@@ -58,6 +59,7 @@ async def create_key(
     rpm: int = 0,
     tpm: int = 0,
     concurrency: int = 0,
+    priority: Priority = "interactive",
 ) -> str:
     """Store a new key's record under ``name`` and return the key (its only copy); `KeyExists` when
     the name is taken."""
@@ -70,6 +72,7 @@ async def create_key(
         rpm=rpm,
         tpm=tpm,
         concurrency=concurrency,
+        priority=priority,
         created_at=round(time.time(), 3),
     )
     try:

@@ -13,6 +13,7 @@ import msgspec
 from corral.gateway.access import NAME, ROLES, ApiKey
 from corral.gateway.keys import KeyBuckets, KeyExists, create_key, list_keys, open_key_buckets, revoke_key
 from corral.gateway.limits import Usage, read_usage
+from corral.protocol.priority import PRIORITIES
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import NatsAuth, connect
 from corral.runtime.process import parse_settings
@@ -47,6 +48,12 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--tpm", type=_limit, default=0, metavar="N", help="tokens per minute (0: none)")
     create.add_argument(
         "--concurrency", type=_limit, default=0, metavar="N", help="requests at once per gateway"
+    )
+    create.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        default="interactive",
+        help="the highest priority its requests get (batch: only slots no interactive request waits for)",
     )
     commands.add_parser("list", allow_abbrev=False, help="every key, without the keys themselves")
     revoke = commands.add_parser("revoke", allow_abbrev=False, help="refuse a key from now on")
@@ -85,6 +92,7 @@ async def _run(args: argparse.Namespace, buckets: KeyBuckets) -> int:
                 rpm=args.rpm,
                 tpm=args.tpm,
                 concurrency=args.concurrency,
+                priority=args.priority,
             )
         except KeyExists:
             _err(f"a key named {args.name!r} exists; revoke it first")
@@ -96,9 +104,9 @@ async def _run(args: argparse.Namespace, buckets: KeyBuckets) -> int:
         if args.json:
             _out(_enc.encode([_shown(k) for k in keys]).decode())
         else:
-            rows = [[k.name, k.role, ",".join(k.models) or "*", k.rpm or "-", k.tpm or "-", k.concurrency or "-"]
+            rows = [[k.name, k.role, ",".join(k.models) or "*", k.rpm or "-", k.tpm or "-", k.concurrency or "-", k.priority]
                     for k in keys]  # fmt: skip
-            _out(_table(rows, ["NAME", "ROLE", "MODELS", "RPM", "TPM", "CONCURRENCY"]))
+            _out(_table(rows, ["NAME", "ROLE", "MODELS", "RPM", "TPM", "CONCURRENCY", "PRIORITY"]))
         return 0
     if args.command == "revoke":
         if not await revoke_key(buckets.keys, args.name):

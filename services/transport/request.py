@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import msgspec
 from corral.protocol.errors import BadRequest
 from corral.protocol.names import ModelName, parse_name, split_vendor_pin
+from corral.protocol.priority import Priority
 from corral.transport.bodies import BodySource
 
 _any = msgspec.json.Decoder()
@@ -35,6 +36,7 @@ class WorkRequest:
     follow_up: bool = False  # the request continues that conversation
     unload: bool = False  # keep_alive 0 with nothing to run (the agent re-reads /api/ps after it)
     stream: BodySource | None = None  # a body read from its client only as the agent asks for it
+    priority: Priority = "interactive"  # batch work takes only slots no interactive request waits for
 
 
 def model_work(
