@@ -4,7 +4,9 @@ Subjects run general → specific so wildcards subscribe naturally (NATS naming 
 https://github.com/nats-io/nats-architecture-and-design/blob/main/adr/ADR-6.md)::
 
     {root}.work.{vendor}.{model}     warm claims; queue group = the subject
+    {root}.work.batch.{vendor}.{model}   the same for batch-priority work (spare slots only)
     {root}.queue.{vendor}.{model}    overflow (JetStream work-queue stream)
+    {root}.queue.batch.{vendor}.{model}  its batch lane, taken after the interactive one
     {root}.queued.{vendor}.{model}   core-NATS nudge after each enqueue (empty payload)
     {root}.agent.{id}.work           direct work for one agent (affinity, pins, cold loads)
     {root}.agent.{id}.ctl            cancel a request on one agent (whoever sent it)
@@ -26,6 +28,7 @@ from typing import TypeGuard
 
 import msgspec
 from corral.protocol.names import ANY_VENDOR, VENDORS, is_token
+from corral.protocol.priority import BATCH, INTERACTIVE, Priority
 
 _ROOT = re.compile(r"[A-Za-z0-9_-]+")
 # a reply subject a peer may name: printable ASCII, no spaces, no wildcards (``*`` ``>``)
@@ -41,6 +44,11 @@ def _work(root: str, vendor: str, model_token: str) -> str:
     if not is_token(model_token):
         raise ValueError(f"not a model token: {model_token!r}")
     return f"{root}.work.{vendor}.{model_token}"
+
+
+def _lane(subject: str, kind: str) -> str:
+    """``subject``'s batch lane: ``batch`` after its kind (``.work.`` or ``.queue.``)."""
+    return subject.replace(kind, f"{kind}{BATCH}.", 1)
 
 
 def _check_id(value: str) -> str:
@@ -66,16 +74,23 @@ class Subjects(msgspec.Struct, frozen=True):
     def agent_work_template(self) -> str:
         return f"{self.root}.agent.{{id}}.work"
 
-    def work(self, vendor: str, model_token: str) -> str:
-        return _work(self.root, vendor, model_token)
+    def work(self, vendor: str, model_token: str, priority: Priority = INTERACTIVE) -> str:
+        """The claim subject of ``model_token`` for ``vendor`` (or any); batch work has its own
+        (``{root}.work.batch.{vendor}.{model}``), armed by agents only for slots they can spare."""
+        subject = _work(self.root, vendor, model_token)
+        return subject if priority == INTERACTIVE else _lane(subject, ".work.")
 
     def work_queue_group(self, vendor: str, model_token: str) -> str:
         """One queue group per claim subject: every agent that may claim shares it."""
         return self.work(vendor, model_token)
 
-    def queue(self, vendor: str, model_token: str) -> str:
+    def queue(self, vendor: str, model_token: str, priority: Priority = INTERACTIVE) -> str:
+        """The fleet queue's lane for ``model_token``: ``{root}.queue.{vendor}.{model}``, and for
+        batch work ``{root}.queue.batch.{vendor}.{model}`` (agents take it after the first). The
+        model token is the last token of both."""
         self.work(vendor, model_token)  # same validation as the claim subject
-        return f"{self.root}.queue.{vendor}.{model_token}"
+        subject = f"{self.root}.queue.{vendor}.{model_token}"
+        return subject if priority == INTERACTIVE else _lane(subject, ".queue.")
 
     @property
     def queue_all(self) -> str:
