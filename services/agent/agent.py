@@ -195,9 +195,8 @@ class Agent:
             on_response=self._on_response,
             on_answered=self._on_answered,
         )
-        self._claims = Claims(
-            nc, self.subjects, self.vendor, on_claim=self._on_claim, on_nudge=self._on_nudge
-        )
+        self._claims = Claims(nc, self.subjects, self.vendor, on_claim=self._on_claim, on_nudge=self._on_nudge,
+                              reserve=min(self.settings.batch_reserve, self.settings.parallel - 1))  # fmt: skip
         await self.ollama.start()
         await self._refresh()
         self._subs.append(await nc.subscribe(self.subjects.agent_work(self.id), cb=self._on_direct))
@@ -254,8 +253,8 @@ class Agent:
         if job is None:
             self._changed(claims=True)  # re-arm the spent subscription
             return
-        if self.status != "active" or job.token is None or not self.slots.claim(job.token, job):
-            # a sibling subscription for the same slot fired too: let the gateway go elsewhere
+        if self.status != "active" or job.token is None or not self._claims.claim(msg, self.slots, job):
+            # a sibling subscription for the slot fired too, or a batch claim found none to spare
             await send_busy(self.nc, job.reply, self.id)
             self._changed(claims=True)
             return

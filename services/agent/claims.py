@@ -9,6 +9,11 @@ needs to race to take interest back.
 Requests no agent could take wait in the fleet queue (a JetStream work queue per model). The agent
 listens for the nudges sent when one is queued, and before it takes interest in new work for a
 model it takes that model's queued requests, oldest first, up to its free slots.
+
+Batch-priority work has lanes of its own (`corral.protocol.priority`): claim subjects
+``work.batch.{vendor}.{model}``, armed only for the free slots beyond ``reserve`` (kept for
+interactive requests), and a queue lane taken only once the model's interactive lane is empty, up
+to those same spare slots. A batch claim that finds no spare slot is answered ``busy``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 
+from corral.agent.slots import SlotTable
+from corral.agent.worker import Job
 from corral.protocol.names import ANY_VENDOR
+from corral.protocol.priority import BATCH
 from corral.protocol.subjects import Subjects
 from corral.runtime.workqueue import Puller
 from nats.aio.client import Client as NATS
@@ -32,9 +40,17 @@ Handler = Callable[[Msg], Awaitable[None]]
 
 class Claims:
     def __init__(
-        self, nc: NATS, subjects: Subjects, vendor: str, *, on_claim: Handler, on_nudge: Handler
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        vendor: str,
+        *,
+        on_claim: Handler,
+        on_nudge: Handler,
+        reserve: int = 0,
     ) -> None:
         self._nc = nc
+        self.reserve = reserve  # free slots per model batch work leaves to interactive requests
         self._subjects = subjects
         self._vendor = vendor
         self._on_claim = on_claim
@@ -50,6 +66,22 @@ class Claims:
     def subjects_of(self, token: str) -> tuple[str, str]:
         """Where requests for ``token`` are claimed here: unpinned, and pinned to this vendor."""
         return self._subjects.work(ANY_VENDOR, token), self._subjects.work(self._vendor, token)
+
+    def batch_subjects_of(self, token: str) -> tuple[str, str]:
+        """Where batch-priority requests for ``token`` are claimed here."""
+        return self._subjects.work(ANY_VENDOR, token, BATCH), self._subjects.work(self._vendor, token, BATCH)
+
+    def spare(self, free: int) -> int:
+        """Of ``free`` slots, how many batch work may take."""
+        return max(free - self.reserve, 0)
+
+    def claim(self, msg: Msg, slots: SlotTable[Job], job: Job) -> bool:
+        """Take a slot for ``job``, delivered by ``msg`` on a claim subject: a batch claim only a
+        slot to spare (`spare`)."""
+        assert job.token is not None
+        if msg.subject.split(".", 3)[2] == BATCH and not self.spare(slots.free(job.token)):
+            return False
+        return slots.claim(job.token, job)
 
     def spent(self, msg: Msg) -> None:
         """A claim subscription delivered its one message: it is retired."""
@@ -81,6 +113,8 @@ class Claims:
     async def arm_free(self, token: str, free: int) -> None:
         for subject in self.subjects_of(token):
             await self.arm(subject, free)
+        for subject in self.batch_subjects_of(token):
+            await self.arm(subject, self.spare(free))
 
     async def reconcile(
         self,
@@ -103,7 +137,9 @@ class Claims:
         want: dict[str, int] = {}
         for token in warm:
             await self._take_queued(token, free, take)  # waiting requests first, then new work
-            want.update(dict.fromkeys(self.subjects_of(token), max(free(token), 0)))
+            n = max(free(token), 0)
+            want.update(dict.fromkeys(self.subjects_of(token), n))
+            want.update(dict.fromkeys(self.batch_subjects_of(token), self.spare(n)))
         for subject in set(self._armed) | set(want):
             subs = self._armed.setdefault(subject, [])
             n = want.get(subject, 0)
@@ -136,28 +172,31 @@ class Claims:
     async def _take_queued(
         self, token: str, free: Callable[[str], int], take: Callable[[str, list[Msg]], Awaitable[None]]
     ) -> None:
-        """Admit up to the free slots' worth of queued requests for ``token``, oldest first.
+        """Admit up to the free slots' worth of queued requests for ``token``, oldest first: the
+        interactive lanes, then, with slots to spare (`spare`), the batch lanes.
 
-        A batch can admit fewer than it took — expired requests are dropped, malformed ones answered
+        A pull can admit fewer than it took — expired requests are dropped, malformed ones answered
         ``bad_request`` — so it takes again while slots are free and the queue has more: nothing
         else would wake the agent for the requests behind them."""
         hint = self._hint.get(token, 0)
         if not hint:
             return
         got_all = True
-        for vendor in (self._vendor, ANY_VENDOR):
+        lanes = [(self._subjects.queue(v, token), False) for v in (self._vendor, ANY_VENDOR)]
+        lanes += [(self._subjects.queue(v, token, BATCH), True) for v in (self._vendor, ANY_VENDOR)]
+        for subject, batch in lanes:
             drained = False
             while not drained:
-                n = free(token)
+                n = self.spare(free(token)) if batch else free(token)
                 if n <= 0:
                     return  # more may wait: the hint stays for the next free slot
-                msgs, drained = await self._puller.take_batch(self._subjects.queue(vendor, token), n)
+                msgs, drained = await self._puller.take_batch(subject, n)
                 await take(token, msgs)
                 if not msgs and not drained:
                     break  # the queue did not say (an error, logged): the hint stays
             got_all = got_all and drained
         if got_all and self._hint.get(token) == hint:
-            self._hint[token] = 0  # both queues ran dry and no nudge came meanwhile
+            self._hint[token] = 0  # every lane ran dry and no nudge came meanwhile
 
     async def drop(self) -> None:
         """Take back all interest (on drain)."""

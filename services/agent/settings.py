@@ -11,7 +11,7 @@ Vendor = Literal["", "nvidia", "amd", "intel", "apple", "cpu"]
 
 
 class AgentSettings(CommonSettings, frozen=True, kw_only=True):
-    """Every setting of `corral agent`: twenty-one attributes, a flag and a variable each (as with
+    """Every setting of `corral agent`: twenty-two attributes, a flag and a variable each (as with
     the other services' settings): the Ollama it serves, its slots and periods, and how it finds
     several Ollamas on one host (Docker discovery, one spawned Ollama per GPU)."""
 
@@ -22,6 +22,14 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     vendor: Annotated[Vendor, setting("GPU vendor", shown="detect")] = ""
     parallel: Annotated[
         int, setting("slots per loaded model: set it to that Ollama's OLLAMA_NUM_PARALLEL", ge=1)
+    ] = 1
+    batch_reserve: Annotated[
+        int,
+        setting(
+            "slots per loaded model that batch-priority work leaves free for interactive requests "
+            "(never all of them: with one slot, batch and interactive share it, interactive first)",
+            ge=0,
+        ),
     ] = 1
     max_queue: Annotated[
         int, setting("requests waiting at this agent for a slot before it answers busy", ge=0)

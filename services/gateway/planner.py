@@ -13,6 +13,11 @@ Under ``auto`` (the default; `Planner._send_auto`), in order:
    slots free. Requests with their own ``num_ctx`` wait at the agent whose runner will match;
 5. the queue's deadline passes: Ollama's 503 ``server busy``.
 
+Batch-priority work (`corral.protocol.priority`) skips 1 and 3, claims on the batch claim subjects
+in 2 (only slots an agent can spare) and waits in the queue's batch lane in 4, which agents take
+after the interactive lane; after ``batch_aging_s`` there it moves to the interactive lane's end,
+so it is never starved for longer than that.
+
 With ``auto_pull`` on, a request for a model no agent has (any strategy) first pulls it onto one
 agent through the registry (`corral.gateway.autopull`; one pull per model however many requests ask),
 then is routed as above; a model that cannot be pulled is Ollama's 404 as before.
@@ -49,6 +54,7 @@ from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import CorralError, ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR
+from corral.protocol.priority import BATCH
 from corral.routing import Route, Router, estimate_wait, load, route_ctx, warm
 from corral.runtime.fleet import FleetView
 from corral.transport import Outcome, Reply, Transport, WorkRequest
@@ -303,8 +309,9 @@ class Planner:
                 session_agent=session,
             )
 
+        batch = req.priority == BATCH  # only spare slots: no direct sends to a busy agent
         # 1. the conversation's agent, while the cost model still puts it first (its prompt cache)
-        if session_agent is not None:
+        if session_agent is not None and not batch:
             usable = self._usable(req, failed)
             ranked = router.rank("auto", route_for(usable), usable, transport.outstanding)
             if ranked and ranked[0].id == session_agent:
@@ -313,10 +320,10 @@ class Planner:
         # 2. warm claims: an agent with a free slot on a default-context runner takes it now. The
         # fast path: no ranking, no fleet scan — NATS knows who has a free slot
         if req.num_ctx is None:
-            token = model.token
-            subjects = [transport.subjects.work(req.vendor, token)] if req.vendor else []
+            token, lane = model.token, req.priority
+            subjects = [transport.subjects.work(req.vendor, token, lane)] if req.vendor else []
             if not (req.vendor and req.strict):
-                subjects.append(transport.subjects.work(ANY_VENDOR, token))
+                subjects.append(transport.subjects.work(ANY_VENDOR, token, lane))
             decision.route = WARM
             for subject in subjects:
                 outcome = await self._attempt(req, subject, None, deadline)
@@ -326,7 +333,7 @@ class Planner:
         route = route_for(usable)
         ranked = router.rank("auto", route, usable, transport.outstanding)
         # 3. whoever can start it now by the fleet state (claims lag a little behind it)
-        for a in ranked:
+        for a in () if batch else ranked:
             if (
                 a.id not in tried
                 and a.id not in failed

@@ -4,12 +4,17 @@ A queued request is published to the JetStream queue with its reply subject in i
 agent that takes it claims it on that subject like any other. While it waits, the gateway checks
 every ``queue_recheck_s`` that some agent still has or is loading the model, and withdraws it (to
 plan again) when none does; at its deadline it is withdrawn and answered Ollama's 503.
+
+A batch-priority request waits in the queue's batch lane, which agents serve only when no
+interactive request of that model waits; after ``batch_aging_s`` there it is withdrawn and queued
+again at the end of the interactive lane, so interactive work can hold it back that long at most.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 
@@ -19,6 +24,7 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import NoCapacity
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR
+from corral.protocol.priority import BATCH
 from corral.routing import Route, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.workqueue import Queued, QueueFull, enqueue, withdraw
@@ -56,6 +62,20 @@ class FleetQueue:
             out[agent_id] = out.get(agent_id, 0) + share
         return out
 
+    async def _requeue(
+        self, req: WorkRequest, vendor: str, payload: bytes, hdrs: dict[str, str]
+    ) -> Queued | None:
+        """``req``, withdrawn from the batch lane, queued again at the interactive lane's end."""
+        assert req.model is not None
+        t = self._transport
+        try:
+            return await enqueue(t.nc, self._js, t.subjects, vendor, req.model.token, payload, hdrs)
+        except QueueFull:
+            raise NoCapacity() from None
+        except nats.errors.Error as e:
+            log.warning("cannot move an aged batch request for %s: %s", req.model.key, e)
+            return None
+
     def someone_serves(self, route: Route, failed: set[str]) -> bool:
         """Some usable agent has, or is loading, a runner for ``route``."""
         for a in self._fleet.with_model(route.key):
@@ -77,21 +97,33 @@ class FleetQueue:
         queued: Queued | None = None
         self._waiting[route.key] = self._waiting.get(route.key, 0) + 1
         try:
+            lane = req.priority
             try:
                 queued = await enqueue(
-                    transport.nc, self._js, transport.subjects, vendor, req.model.token, payload, hdrs
+                    transport.nc, self._js, transport.subjects, vendor, req.model.token, payload, hdrs, lane
                 )
             except QueueFull:
                 raise NoCapacity() from None
             except nats.errors.Error as e:
                 log.warning("cannot queue a request for %s: %s", route.key, e)
                 return None
+            promote_at = time.monotonic() + self._settings.batch_aging_s if lane == BATCH else math.inf
             while True:
-                remaining = deadline - time.monotonic()
-                recheck = self._settings.queue_recheck_s
+                now = time.monotonic()
+                remaining = deadline - now
+                recheck = min(self._settings.queue_recheck_s, promote_at - now)
                 try:
                     msg = await call.next(max(min(remaining, recheck), 0.001))
                 except TimeoutError:
+                    if time.monotonic() >= promote_at and remaining > recheck:
+                        promote_at = math.inf
+                        # aged: to the end of the interactive lane, unless an agent took it just now
+                        if await withdraw(self._js, queued):
+                            moved = await self._requeue(req, vendor, payload, hdrs)
+                            if moved is None:
+                                return None
+                            queued = moved
+                        continue
                     if remaining <= recheck:
                         if await withdraw(self._js, queued):
                             raise NoCapacity() from None

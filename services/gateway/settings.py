@@ -64,6 +64,15 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
         float,
         setting("how often a queued request checks that an agent still serves its model", gt=0, period=True),
     ] = 1.0
+    batch_aging_s: Annotated[
+        float,
+        setting(
+            "a batch-priority request waiting in the fleet queue's batch lane this long moves to the "
+            "end of the interactive lane (the bound on how long interactive work can starve it)",
+            gt=0,
+            flags=["--batch-aging"],
+        ),
+    ] = 30.0
     auto_pull: Annotated[
         bool, setting("a request for a model no agent has pulls it onto one agent first")
     ] = False

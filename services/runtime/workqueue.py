@@ -13,6 +13,9 @@ in all (a full queue answers Ollama's 503 at once, like ``OLLAMA_MAX_QUEUE``; a 
 one message stays with its gateway and only its headers wait here); every request carries its deadline, and an agent drops (acks
 without running) one whose deadline passed; the stream's ``max_age`` bounds anything left behind.
 A gateway that gives up on a request it queued (deadline, client gone) deletes it by sequence.
+
+Batch-priority requests wait in a lane of their own, ``{root}.queue.batch.{vendor}.{model}``, in
+the same stream; agents take it only when the interactive lane is empty (`corral.agent.claims`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from dataclasses import dataclass, replace
 
 from corral.protocol import headers as H
+from corral.protocol.priority import INTERACTIVE, Priority
 from corral.protocol.subjects import Subjects
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -123,10 +127,13 @@ async def enqueue(
     token: str,
     payload: bytes,
     headers: dict[str, str],
+    priority: Priority = INTERACTIVE,
 ) -> Queued:
-    """Append one request; raises `QueueFull` at the depth limit. ``headers`` must carry H.REPLY."""
+    """Append one request to ``priority``'s lane; raises `QueueFull` at the depth limit (per lane).
+    ``headers`` must carry H.REPLY. The nudge is the same for both lanes."""
     try:
-        ack = await js.publish(subjects.queue(vendor, token), payload, headers=headers, timeout=2.0)
+        subject = subjects.queue(vendor, token, priority)
+        ack = await js.publish(subject, payload, headers=headers, timeout=2.0)
     except APIError as e:
         if any(full in (e.description or "") for full in ("maximum messages", "maximum bytes")):
             raise QueueFull() from None

@@ -19,7 +19,11 @@ _enc = msgspec.json.Encoder()
 class WorkRequest:
     """One Ollama call to route. ``body`` is the client's bytes, sent on unchanged; or, with
     ``stream``, the body is still arriving from the client and is served to the agent as it asks
-    (a blob upload: `corral.transport.bodies`), ``body`` left empty."""
+    (a blob upload: `corral.transport.bodies`), ``body`` left empty.
+
+    Sixteen attributes: what the client sent (endpoint, method, body or its stream, trace context)
+    and what the gateway derived from it once, so that routing never parses the body again
+    (model, vendor pin, context, conversation, strategy, priority, unload, the names to restore)."""
 
     endpoint: str
     body: bytes
