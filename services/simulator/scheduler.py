@@ -356,6 +356,8 @@ class Scheduler:
         self.ram_used += placement.size - placement.size_vram
         self.loading = r
         self.stats.bump("loads", model=r.key)
+        if placement.size_vram < placement.size:
+            self.stats.bump("partial_loads", model=r.key)
         log.info("loading %s (%d bytes, %d in VRAM)", r.key, placement.size, placement.size_vram)
         task = asyncio.get_running_loop().create_task(self.clock.sleep(self.load_seconds(p.model)))
         p.load_task = task

@@ -15,6 +15,7 @@ class ModelStats:
     failed: int = 0
     loads: int = 0
     loads_completed: int = 0
+    partial_loads: int = 0
     load_aborts: int = 0
     reloads: int = 0
 
@@ -30,6 +31,7 @@ class SimStats:
     busy_rejections: int = 0  # 503 "server busy"
     loads: int = 0  # loads begun
     loads_completed: int = 0
+    partial_loads: int = 0  # loads begun partly in system RAM (size_vram < size): slower decode
     load_aborts: int = 0  # triggering client disconnected during the load
     unloads: int = 0
     reloads: int = 0  # runner replaced because runner options changed

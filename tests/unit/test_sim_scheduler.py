@@ -366,6 +366,7 @@ async def test_after_an_eviction_the_next_load_waits_for_vram_and_fits_fully() -
         assert ctx.stats.evictions == 1
         assert r.size_vram == r.size  # not spilled to the CPU while mid's memory was released
         assert s.ram_used == 0
+        assert ctx.stats.partial_loads == 0
         s.release(r)
     finally:
         await s.stop()
@@ -382,6 +383,7 @@ async def test_vram_recovery_wait_is_bounded() -> None:
         s.release(await s.acquire(mid, opts(), None))
         r = await asyncio.wait_for(s.acquire(big, opts(), None), 2)
         assert 0 < r.size_vram < r.size and s.vram_releasing[0] > 0
+        assert (ctx.stats.partial_loads, ctx.stats.model("big:latest").partial_loads) == (1, 1)
         s.release(r)
     finally:
         await s.stop()
