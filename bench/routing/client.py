@@ -1,12 +1,13 @@
 """The load generator's side: keep-alive connections to the gateway, each request sent with the
-policy's ``X-Load-Balancing-Strategy`` header, and what each request measured (`Sample`)."""
+run's headers (a policy's ``X-Load-Balancing-Strategy``, or none for a peer router), and what each
+request measured (`Sample`)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,11 @@ from bench.common import _Conn, connect, post_with_headers
 STRATEGY_HEADER = "X-Load-Balancing-Strategy"
 REQUEST_TIMEOUT_S = 180.0  # wall seconds; the gateway answers 503 long before (queue timeout)
 CUT_OFF = "cut off: the run exceeded its time cap"
+
+
+def strategy_headers(policy: str) -> dict[str, str]:
+    """The headers that ask Corral's gateway for ``policy``."""
+    return {STRATEGY_HEADER: policy}
 
 
 @dataclass
@@ -46,12 +52,12 @@ class Sample:
 
 
 class Client:
-    """One keep-alive connection to the gateway, sending with one strategy header."""
+    """One keep-alive connection to the gateway, sending the same headers with every request."""
 
-    def __init__(self, host: str, port: int, policy: str, scale: float) -> None:
+    def __init__(self, host: str, port: int, headers: Mapping[str, str], scale: float) -> None:
         self.host = host
         self.port = port
-        self.headers = {STRATEGY_HEADER: policy}
+        self.headers = dict(headers)
         self.scale = scale
         self.t0 = 0.0  # perf_counter when the workload started (`Clients.timed` sets it)
         self.conn: _Conn | None = None
@@ -93,18 +99,19 @@ class Client:
 
 
 class Clients:
-    """The connections one workload run opens to the gateway: one policy, one workload clock.
+    """The connections one workload run opens to the gateway: one set of headers (the policy's, or
+    none for a peer router), one workload clock.
 
     Connections are opened before the clock starts; `timed` runs the workload, cut off after
     ``cap`` wall seconds (requests still open count as errors, requests not sent yet are not
     counted), and closes every connection."""
 
-    def __init__(self, host: str, port: int, policy: str, scale: float) -> None:
-        self.host, self.port, self.policy, self.scale = host, port, policy, scale
+    def __init__(self, host: str, port: int, headers: Mapping[str, str], scale: float) -> None:
+        self.host, self.port, self.headers, self.scale = host, port, dict(headers), scale
         self._opened: list[Client] = []
 
     async def open(self, n: int) -> list[Client]:
-        clients = [Client(self.host, self.port, self.policy, self.scale) for _ in range(n)]
+        clients = [Client(self.host, self.port, self.headers, self.scale) for _ in range(n)]
         self._opened += clients
         await asyncio.gather(*(c.open() for c in clients))
         return clients

@@ -177,9 +177,9 @@ async def wait_ready(fleet: LocalFleet, n: int, timeout: float = 15.0) -> None:
         await view.wait_changed(min(left, 0.5))
 
 
-async def prewarm(fleet: LocalFleet, models: Sequence[str], timeout: float = 60.0) -> None:
-    """Load ``models`` on every simulator directly (Ollama's load-only request), then wait until the
-    gateway's fleet view shows them loaded everywhere."""
+async def load_directly(urls: Sequence[str], models: Sequence[str], timeout: float = 60.0) -> None:
+    """Load ``models`` on every simulator at ``urls`` directly (Ollama's load-only request), past any
+    router: the same starting state whichever router the workload then goes through."""
 
     async def load(url: str) -> None:
         host, port = address(url)
@@ -189,7 +189,13 @@ async def prewarm(fleet: LocalFleet, models: Sequence[str], timeout: float = 60.
             if status != 200:
                 raise RuntimeError(f"loading {m} on {url}: HTTP {status} {reply[:200]!r}")
 
-    await asyncio.gather(*(load(sim.url) for sim in fleet.sims))
+    await asyncio.gather(*(load(url) for url in urls))
+
+
+async def prewarm(fleet: LocalFleet, models: Sequence[str], timeout: float = 60.0) -> None:
+    """`load_directly` on every simulator of ``fleet``, then wait until the gateway's fleet view
+    shows ``models`` loaded everywhere."""
+    await load_directly([sim.url for sim in fleet.sims], models, timeout)
     keys = [parse_name(m).key for m in models]
     assert fleet.gateway is not None
     view = fleet.gateway.fleet

@@ -3,11 +3,14 @@ pooled into one result (`pool`) and one request as the JSON file stores it (`sam
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from bench.common import percentile
 from bench.routing.client import Sample
@@ -26,6 +29,7 @@ class RunResult:
     cpu_nats_pct: float
     warnings: dict[str, int] = field(default_factory=dict)
     runs: int = 1  # repetitions pooled here (`pool`)
+    cpu_peer_pct: float = 0.0  # a peer router's own processes (router and node agents), % of one core
 
     @property
     def sim_s(self) -> float:
@@ -67,6 +71,7 @@ class RunResult:
             "wall_s": self.wall_s,
             "cpu_self_pct": self.cpu_self_pct,
             "cpu_nats_pct": self.cpu_nats_pct,
+            "cpu_peer_pct": self.cpu_peer_pct,
             "claim_timeouts": sum(n for k, n in self.warnings.items() if "no claim from" in k),
             "error_kinds": dict(Counter(s.error_kind for s in self.samples if not s.ok)),
         }
@@ -122,6 +127,7 @@ def pool(runs: Sequence[RunResult]) -> RunResult:
         cpu_nats_pct=sum(r.cpu_nats_pct * r.wall_s for r in runs) / wall if wall > 0 else 0.0,
         warnings=dict(warnings),
         runs=len(runs),
+        cpu_peer_pct=sum(r.cpu_peer_pct * r.wall_s for r in runs) / wall if wall > 0 else 0.0,
     )
 
 
@@ -146,3 +152,12 @@ def sample_json(s: Sample) -> dict[str, Any]:
     if s.run:
         out["run"] = s.run
     return out
+
+
+def result_to_json(r: RunResult) -> bytes:
+    """A whole `RunResult` as JSON, NaN kept (a failed request has no TTFT), for `result_from_json`."""
+    return json.dumps(msgspec.to_builtins(r)).encode()
+
+
+def result_from_json(data: bytes) -> RunResult:
+    return msgspec.convert(json.loads(data), RunResult)

@@ -14,8 +14,8 @@ from corral.simulator.placement import Placement
 from corral.up import LocalFleet
 
 from bench.common import cpu_seconds
-from bench.routing.client import Clients
-from bench.routing.fleet import MACHINES, address, agent_ids, fleet_options, wait_ready
+from bench.routing.client import Clients, Sample, strategy_headers
+from bench.routing.fleet import MACHINES, address, agent_ids, fleet_options, prewarm, wait_ready
 from bench.routing.results import RunResult
 from bench.routing.workloads import Knobs, Workload
 
@@ -88,7 +88,8 @@ async def run_one(
     try:
         await fleet.start()
         await wait_ready(fleet, len(MACHINES))
-        await workload.prepare(fleet)
+        if workload.preload:
+            await prewarm(fleet, workload.preload)
         host, port = address(fleet.url)
         ids = agent_ids(fleet)
         offloads = [OffloadCounter(sim) for sim in fleet.sims]
@@ -96,7 +97,7 @@ async def run_one(
         cpu0, nats0 = time.process_time(), nats_cpu_seconds(fleet)
         counter.counts.clear()
         plans = workload.plan(rng, knobs)
-        clients = Clients(host, port, policy, time_scale)
+        clients = Clients(host, port, strategy_headers(policy), time_scale)
         samples, wall = await workload.drive(clients, plans, knobs, cap)
         cpu1, nats1 = time.process_time(), nats_cpu_seconds(fleet)
         after = counters(fleet.sims, offloads)
@@ -104,9 +105,41 @@ async def run_one(
     finally:
         logging.getLogger().removeHandler(counter)
         await fleet.stop()
+    return run_result(
+        workload.name,
+        policy,
+        samples,
+        wall,
+        time_scale,
+        ids,
+        before,
+        after,
+        cpu_self_pct=(cpu1 - cpu0) / wall * 100 if wall > 0 else 0.0,
+        cpu_nats_pct=(nats1 - nats0) / wall * 100 if wall > 0 else 0.0,
+        warnings=warnings,
+    )
+
+
+def run_result(
+    workload: str,
+    policy: str,
+    samples: list[Sample],
+    wall: float,
+    time_scale: float,
+    ids: list[str],
+    before: list[dict[str, int]],
+    after: list[dict[str, int]],
+    *,
+    cpu_self_pct: float,
+    cpu_nats_pct: float = 0.0,
+    cpu_peer_pct: float = 0.0,
+    warnings: dict[str, int] | None = None,
+) -> RunResult:
+    """A run's figures from its samples and the simulators' counters before and after it (one
+    entry per simulator, in the order of ``ids``)."""
     per_sim = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before, strict=True)]
     return RunResult(
-        workload=workload.name,
+        workload=workload,
         policy=policy,
         samples=samples,
         wall_s=wall,
@@ -117,7 +150,8 @@ async def run_one(
             | {k: d[k] for k in ("loads", "reloads", "evictions", "partial_offloads")}
             for i, d in zip(ids, per_sim, strict=True)
         },
-        cpu_self_pct=(cpu1 - cpu0) / wall * 100 if wall > 0 else 0.0,
-        cpu_nats_pct=(nats1 - nats0) / wall * 100 if wall > 0 else 0.0,
-        warnings=warnings,
+        cpu_self_pct=cpu_self_pct,
+        cpu_nats_pct=cpu_nats_pct,
+        cpu_peer_pct=cpu_peer_pct,
+        warnings=warnings or {},
     )

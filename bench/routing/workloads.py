@@ -12,10 +12,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-from corral.up import LocalFleet
-
 from bench.routing.client import Client, Clients, Sample
-from bench.routing.fleet import BIG_MODEL, prewarm
+from bench.routing.fleet import BIG_MODEL
 
 P = TypeVar("P")
 
@@ -51,12 +49,11 @@ class Workload(ABC, Generic[P]):
 
     name: ClassVar[str]
     per_turn: ClassVar[bool] = False  # the report adds the prompt eval per conversation turn
+    # models loaded on every server before the clock starts (the fresh fleet's starting state)
+    preload: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def plan(self, rng: random.Random, knobs: Knobs) -> list[P]: ...
-
-    async def prepare(self, fleet: LocalFleet) -> None:
-        """Bring the fresh fleet into the workload's starting state, before the clock starts."""
 
     @abstractmethod
     async def drive(
@@ -182,14 +179,12 @@ class SteadyBurst(Workload[Planned]):
     the load by the file alone can evict the busy model or load the cold one partly on the CPU."""
 
     name = "steady_burst"
+    preload = (STEADY_MODEL,)
 
     def plan(self, rng: random.Random, knobs: Knobs) -> list[Planned]:
         burst = [streamed(rng, BIG_MODEL, (50, 400), (24, 96)) for _ in range(knobs.burst)]
         steady = [streamed(rng, STEADY_MODEL, (50, 400), (24, 160)) for _ in range(4 * knobs.burst)]
         return burst + steady
-
-    async def prepare(self, fleet: LocalFleet) -> None:
-        await prewarm(fleet, [STEADY_MODEL])
 
     async def drive(
         self, clients: Clients, plans: Sequence[Planned], knobs: Knobs, cap: float
@@ -249,6 +244,7 @@ class Chat(Workload[Conversation]):
 
     name = "chat"
     per_turn = True
+    preload = tuple(m for m, _ in CHAT_MODELS)
 
     def plan(self, rng: random.Random, knobs: Knobs) -> list[Conversation]:
         models = [m for m, _ in CHAT_MODELS]
@@ -272,9 +268,6 @@ class Chat(Workload[Conversation]):
                 )
             )
         return out
-
-    async def prepare(self, fleet: LocalFleet) -> None:
-        await prewarm(fleet, [m for m, _ in CHAT_MODELS])
 
     async def drive(
         self, clients: Clients, plans: Sequence[Conversation], knobs: Knobs, cap: float
