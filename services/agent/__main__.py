@@ -86,8 +86,13 @@ async def serve_many(settings: AgentSettings, make: Callable[[AgentSet, Probes],
     """Run the agents ``make`` manages until a signal, or until one ends on its own (exit 1); then
     drain every agent, and only then stop what they serve."""
     agents, probes = AgentSet(), Probes(settings.vram_gb)
-    if settings.metrics_port:
-        log.warning("--metrics-port serves one agent's figures: not yet with --docker or --spawn")
+    metrics = None
+    try:  # a metrics port already taken still closes the probes
+        if settings.metrics_port:  # every agent of this process, labelled by its id
+            metrics = await serve_metrics(registry_for(agents.agents), settings.metrics_port)
+    except OSError:
+        probes.close()
+        raise
     manager = make(agents, probes)
     managing = asyncio.create_task(manager.run(), name="agents")
     signalled = asyncio.create_task(wait_for_signal(), name="signals")
@@ -100,6 +105,9 @@ async def serve_many(settings: AgentSettings, make: Callable[[AgentSet, Probes],
         await cancel_and_wait([managing, signalled, ended])
         await agents.stop()  # any added while the manager stopped
         probes.close()
+        if metrics is not None:
+            metrics.close()
+            await metrics.wait_closed()
     failed = managing.done() and not managing.cancelled() and managing.exception() is not None
     if failed:
         log.error("stopped: %s", managing.exception())

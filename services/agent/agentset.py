@@ -42,6 +42,10 @@ class AgentSet:
     def __len__(self) -> int:
         return len(self._agents)
 
+    def agents(self) -> list[Agent]:
+        """The agents running now (each scrape of ``--metrics-port`` reads them)."""
+        return [agent for agent, _ in self._agents.values()]
+
     def get(self, agent_id: str) -> Agent | None:
         entry = self._agents.get(agent_id)
         return entry[0] if entry is not None else None

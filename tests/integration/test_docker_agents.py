@@ -1,7 +1,7 @@
 """`corral agent --docker` against a stand-in Docker engine (the Engine API over a unix socket, read
 by the real `docker` client) whose "containers" are simulators: one agent per running Ollama
 container, with its vendor and slots; a stopped container leaves at once, a started one joins
-within a second; other containers are ignored."""
+within a second; other containers are ignored; ``--metrics-port`` serves every agent's series."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 from corral.runtime.natsserver import NatsServer
 from corral.simulator import SimServer, load_config
@@ -36,6 +38,23 @@ async def engine() -> AsyncIterator[FakeDockerEngine]:
     finally:
         await fake.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def load_model(url: str, model: str) -> None:
+    async with aiohttp.ClientSession() as s, s.post(url + "/api/generate", json={"model": model}) as r:
+        assert r.status == 200, await r.text()
+
+
+async def scrape(port: int) -> str:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        assert r.status == 200
+        return await r.text()
 
 
 async def sim(vendor: str) -> SimServer:
@@ -62,6 +81,8 @@ async def test_one_agent_per_running_ollama_container(
         "CORRAL_PARALLEL": "2",  # for containers that do not say
         "CORRAL_VRAM_GB": "24",
         "CORRAL_DRAIN_GRACE_S": "5",
+        "CORRAL_REFRESH_S": "0.2",
+        "CORRAL_METRICS_PORT": str(metrics_port := free_port()),
     }
     agent = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "corral.agent", "--docker", env=env, stderr=asyncio.subprocess.PIPE
@@ -87,6 +108,21 @@ async def test_one_agent_per_running_ollama_container(
             took = time.monotonic() - amd_started
             state = fleet.agents["box-ollama-b"]
             assert (state.vendor, state.parallel, state.ollama_url) == ("amd", 2, amd.url)
+
+            # one metrics port for the process: every agent's series, labelled by its id
+            for server in (nvidia, amd):
+                await load_model(server.url, "llama3.2")
+            await fleet.until(
+                "both agents showing the model loaded",
+                lambda f: all(f[a].loaded for a in ("box-ollama-a", "box-ollama-b")),
+                10,
+            )
+            scraped = await scrape(metrics_port)
+            for agent_id, slots in (("box-ollama-a", 3), ("box-ollama-b", 2)):
+                assert (
+                    f'corral_agent_slots_free{{agent="{agent_id}",model="llama3.2:latest"}} {slots}.0'
+                    in scraped
+                )
 
             engine.stop_container(a)
             await fleet.until("a stopped container leaving", lambda f: "box-ollama-a" not in f, JOIN_S)
