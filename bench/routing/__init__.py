@@ -2,8 +2,9 @@
 under each ``X-Load-Balancing-Strategy``, each on a fresh fleet.
 
     .venv/bin/python -m bench.routing [--quick] [--seed N] [--workloads skewed,chat,burst,num_ctx]
-                                      [--policies auto,round_robin,random,least_connection]
+                                      [--policies auto,round_robin,random,least_connection[,herd]]
                                       [--repeat N] [--time-scale 0.2] [--cap 150] [--json FILE]
+                                      [--herd-venv DIR]
 
 Where each part lives:
 
@@ -13,8 +14,17 @@ Where each part lives:
 ``client``     one keep-alive connection to the gateway and what one request measured (`Sample`)
 ``run``        one workload under one policy on a fresh fleet: counters, CPU, warnings
 ``results``    a run's figures (`RunResult`), repetitions pooled, one request as JSON
-``report``     the tables, auto's ratios against the baselines, the verdicts
+``report``     the tables, auto's ratios against the baselines and peers, the verdicts
 ``cli``        the command line (``__main__`` runs it)
+``herd``       the peer router ollama-herd: its pinned release in a virtualenv of its own, and
+               the settings and command lines of its router and nodes
+``peer``       a workload through herd, in a child process inside a network namespace
+``netns``      that namespace (loopback only), removed with everything in it afterwards
+
+The policy ``herd`` runs each workload through ollama-herd instead of the gateway, on the same
+simulators (same machines, seed and time scale), with one herd node per simulator; the report then
+shows auto ÷ herd beside auto ÷ round robin. It needs root (a network namespace) and installs
+herd on first use; without either it says so in one line and the other policies still run.
 
 The fleet (`LocalFleet`, in this process, as ``corral up`` runs it): an embedded nats-server, a
 registry, an aggregator, six simulated GPU servers of mixed vendors, VRAM sizes, speeds and

@@ -1,12 +1,15 @@
 """The command line: ``python -m bench.routing`` runs every chosen workload under every chosen
-policy, prints a progress line per run and the report, and writes the JSON file."""
+policy (a gateway strategy, or ``herd``: the same workload through ollama-herd, see
+`bench.routing.peer`), prints a progress line per run and the report, and writes the JSON file."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -18,13 +21,17 @@ from corral.routing import STRATEGIES
 
 import bench.routing
 from bench.common import loop_name, machine, run, write_json
+from bench.routing import herd
 from bench.routing.fleet import MACHINES, scaled_periods
-from bench.routing.report import finite, progress, section
-from bench.routing.results import pool
+from bench.routing.netns import NamespaceUnavailable, unavailable
+from bench.routing.peer import PeerFailed, run_herd
+from bench.routing.report import PEERS, comparison, finite, progress, section
+from bench.routing.results import RunResult, pool
 from bench.routing.run import run_one
 from bench.routing.workloads import QUICK, WORKLOADS, Knobs
 
-POLICIES = ("auto", "round_robin", "random", "least_connection")
+POLICIES = ("auto", "round_robin", "random", "least_connection")  # the default choice
+VALID = (*STRATEGIES, *PEERS)
 DEFAULT_TIME_SCALE = 0.2
 DEFAULT_JSON = Path(__file__).parent.parent / "results" / "routing.json"
 
@@ -41,7 +48,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policies",
         default=",".join(POLICIES),
-        help=f"comma-separated strategies to compare (default {','.join(POLICIES)})",
+        help=f"comma-separated strategies to compare, and 'herd' for ollama-herd {herd.HERD_VERSION} on the "
+        f"same simulators (installed into its own virtualenv on first use; needs root for a network "
+        f"namespace) (default {','.join(POLICIES)})",
+    )
+    p.add_argument(
+        "--herd-venv",
+        metavar="DIR",
+        default=str(herd.default_venv()),
+        help="ollama-herd's virtualenv, created there on first use (default %(default)s)",
     )
     p.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     p.add_argument(
@@ -81,7 +96,7 @@ def split(value: str, valid: Sequence[str], what: str) -> list[str]:
 async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
     """Every workload under every policy; prints progress and the tables, returns the JSON data."""
     workloads = [WORKLOADS[w] for w in split(args.workloads, list(WORKLOADS), "workload")]
-    policies = split(args.policies, STRATEGIES, "policy")
+    policies = split(args.policies, VALID, "policy")
     knobs = QUICK if args.quick else Knobs()
     data: dict[str, Any] = {
         "machine": machine(),
@@ -105,25 +120,84 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
         ],
         "workloads": {},
     }
+    if "herd" in policies:
+        data["peers"] = {"herd": await herd_setup(args)}
+        if "error" in data["peers"]["herd"]:
+            policies.remove("herd")
     texts = []
+    summaries: dict[str, dict[str, dict[str, Any]]] = {}
     for w in workloads:
         results = []
-        for p in policies:
+        for p in list(policies):
             runs = []
             for _ in range(args.repeat):
-                r = await run_one(w, p, seed=args.seed, time_scale=args.time_scale, knobs=knobs, cap=args.cap)
+                try:
+                    r = await run_policy(args, w.name, p, knobs)
+                except (PeerFailed, NamespaceUnavailable) as e:
+                    print(f"herd: skipped from here on: {e}", flush=True)
+                    data["peers"]["herd"]["error"] = str(e)
+                    policies.remove(p)
+                    break
                 print(progress(r), flush=True)
                 runs.append(r)
-            results.append(pool(runs))
+            else:
+                results.append(pool(runs))
         text, entry = section(w, results)
         texts.append(text)
         data["workloads"][w.name] = entry
+        summaries[w.name] = entry["policies"]
     print()
     print("\n\n".join(texts))
+    side_by_side = comparison(summaries) if any(p in policies for p in PEERS) else ""
+    if side_by_side:
+        print("\n## auto against the baselines and herd, per workload\n")
+        print(side_by_side)
     return data
 
 
+async def run_policy(args: argparse.Namespace, workload: str, policy: str, knobs: Knobs) -> RunResult:
+    """One run of ``workload`` under a gateway strategy, or through a peer router."""
+    if policy == "herd":
+        return await run_herd(
+            workload,
+            seed=args.seed,
+            time_scale=args.time_scale,
+            cap=args.cap,
+            quick=bool(args.quick),
+            venv=Path(args.herd_venv),
+            keep_logs=args.keep_logs,
+        )
+    return await run_one(
+        WORKLOADS[workload], policy, seed=args.seed, time_scale=args.time_scale, knobs=knobs, cap=args.cap
+    )
+
+
+async def herd_setup(args: argparse.Namespace) -> dict[str, Any]:
+    """herd's virtualenv, installed on first use; prints one line either way. Its JSON entry:
+    the release, what is configured, the virtualenv's packages, or the error."""
+    entry: dict[str, Any] = {
+        "requirement": herd.REQUIREMENT,
+        "venv": args.herd_venv,
+        "router_settings": herd.ROUTER_SETTINGS | herd.scaled(herd.ROUTER_PERIODS, args.time_scale),
+        "node_settings": herd.NODE_SETTINGS | herd.scaled(herd.NODE_PERIODS, args.time_scale),
+    }
+    try:
+        why = unavailable()
+        if why:
+            raise herd.HerdUnavailable(f"herd runs in a network namespace: {why}")
+        done = await asyncio.to_thread(herd.ensure_installed, Path(args.herd_venv))
+    except herd.HerdUnavailable as e:
+        print(f"herd: skipped, the other policies run: {e}", flush=True)
+        return entry | {"error": str(e)}
+    print(f"herd: {herd.REQUIREMENT} {'installed into' if done.fresh else 'from'} {done.venv}", flush=True)
+    return entry | {"packages": done.freeze}
+
+
 async def amain(args: argparse.Namespace) -> int:
+    # SIGTERM stops the run as Ctrl-C does: every fleet, namespace and child process is removed
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     knobs = QUICK if args.quick else Knobs()
     print(
         f"machine: {machine()}; {loop_name()}; seed {args.seed}; time_scale {args.time_scale:g} "
@@ -146,7 +220,7 @@ async def amain(args: argparse.Namespace) -> int:
 def main() -> int:
     args = parser().parse_args()
     split(args.workloads, list(WORKLOADS), "workload")  # fail before anything starts
-    split(args.policies, STRATEGIES, "policy")
+    split(args.policies, VALID, "policy")
     if args.time_scale <= 0:
         print("--time-scale must be > 0 (times are measured on the wall clock)", file=sys.stderr)
         return 2
@@ -162,6 +236,9 @@ def main() -> int:
     root.setLevel(logging.WARNING)
     try:
         return run(amain(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("stopped: the run was interrupted", file=sys.stderr)
+        return 130
     finally:
         handler.close()
         if args.keep_logs:

@@ -1,5 +1,7 @@
 """The report: per workload a table of the policies' figures, auto's ratios against the baselines
-and a verdict line; for conversations the prompt eval per turn; the JSON entry with every request."""
+and peer routers, a verdict line and a line against each peer; for conversations the prompt eval
+per turn; the JSON entry with every request; at the end auto's ratios per workload side by side
+(`comparison`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from bench.routing.results import RunResult, sample_json
 from bench.routing.workloads import Workload
 
 BASELINES = ("round_robin", "random")  # the strategies auto is measured against
+PEERS = ("herd",)  # other routers, run on the same simulators (`bench.routing.peer`)
+COMPARED = BASELINES + PEERS
 
 COLUMNS: tuple[tuple[str, str, bool], ...] = (
     # (summary key, header, higher is better)
@@ -67,19 +71,74 @@ def workload_table(results: Sequence[RunResult]) -> tuple[str, dict[str, Any]]:
         rows.append(cells)
     ratios: dict[str, dict[str, float]] = {}
     if "auto" in summaries:
-        for b in BASELINES:
+        for b in COMPARED:
             if b not in summaries:
                 continue
             rs = {
                 key: ratio(float(summaries["auto"][key]), float(summaries[b][key])) for key, _, _ in COLUMNS
             }
             ratios[f"auto/{b}"] = rs
-            rows.append(
-                [f"auto ÷ {b}", ""]
-                + [fmt(rs[key]) + ("x" if rs[key] == rs[key] else "") for key, _, _ in COLUMNS]
-            )
-    text = table(header, rows) + "\n" + verdict(summaries)
+            rows.append([f"auto ÷ {b}", ""] + [times(rs[key]) for key, _, _ in COLUMNS])
+    lines = [verdict(summaries), *(peer_line(summaries, p) for p in PEERS if p in summaries)]
+    text = table(header, rows) + "\n" + "\n".join(lines)
     return text, {"policies": summaries, "ratios": ratios, "verdict": verdict(summaries)}
+
+
+def peer_line(summaries: dict[str, dict[str, Any]], peer: str) -> str:
+    """Auto against one peer router: the TTFT p95 and throughput ratios, loads and errors."""
+    auto = summaries.get("auto")
+    if auto is None:
+        return f"against {peer}: needs auto"
+    s = summaries[peer]
+    t = ratio(float(auto["ttft_p95_s"]), float(s["ttft_p95_s"]))
+    r = ratio(float(auto["tokens_per_s"]), float(s["tokens_per_s"]))
+    return (
+        f"against {peer}: auto ÷ {peer} TTFT p95 {times(t)}, tokens/s {times(r)}; "
+        f"cold loads {count(auto['cold_loads'])} vs {count(s['cold_loads'])}, "
+        f"evictions {count(auto['evictions'])} vs {count(s['evictions'])}, "
+        f"errors {auto['errors']} vs {s['errors']}"
+    )
+
+
+def times(x: float) -> str:
+    """A ratio as the tables print it: ``0.52x``, or ``—`` without one."""
+    return fmt(x) + ("x" if x == x else "")
+
+
+def count(x: float) -> str:
+    """A count, or a mean count per run (``--repeat``)."""
+    return str(x) if isinstance(x, int) else fmt(x, 1)
+
+
+def comparison(workloads: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Per workload (name → policy → summary), auto ÷ each baseline and peer present side by side:
+    TTFT p95 and tokens/s ratios, then cold loads and errors of auto and of each of them."""
+    present = [b for b in COMPARED if any(b in s and "auto" in s for s in workloads.values())]
+    if not present:
+        return ""
+    header = ["workload"]
+    for b in present:
+        header += [f"TTFT p95 ÷ {b}", f"tokens/s ÷ {b}"]
+    header += [f"cold loads auto / {' / '.join(present)}", f"errors auto / {' / '.join(present)}"]
+    rows = []
+    for name, s in workloads.items():
+        auto = s.get("auto")
+        if auto is None:
+            continue
+        row = [name]
+        for b in present:
+            other = s.get(b)
+            if other is None:
+                row += ["—", "—"]
+                continue
+            row += [
+                times(ratio(float(auto["ttft_p95_s"]), float(other["ttft_p95_s"]))),
+                times(ratio(float(auto["tokens_per_s"]), float(other["tokens_per_s"]))),
+            ]
+        row.append(" / ".join(count(s[p]["cold_loads"]) if p in s else "—" for p in ["auto", *present]))
+        row.append(" / ".join(str(s[p]["errors"]) if p in s else "—" for p in ["auto", *present]))
+        rows.append(row)
+    return table(header, rows)
 
 
 def chat_table(results: Sequence[RunResult]) -> tuple[str, list[dict[str, Any]]]:
@@ -144,11 +203,12 @@ def progress(r: RunResult) -> str:
     s = r.summary()
     spread = " ".join(f"{a}:{d['requests']}/{d['loads']}" for a, d in r.agents.items())
     warn = f" claim timeouts {s['claim_timeouts']}" if s["claim_timeouts"] else ""
+    rest = f"+{r.policy} {r.cpu_peer_pct:.0f}%" if r.cpu_peer_pct else f"+nats {r.cpu_nats_pct:.0f}%"
     for kind, n in s["error_kinds"].items():
         warn += f"\n      {n} x {kind[:160]}"
     return (
         f"  {r.workload:<8} {r.policy:<16} {s['requests']:>4} req {s['errors']:>3} err "
-        f"{r.wall_s:6.1f}s wall  cpu {r.cpu_self_pct:3.0f}% (+nats {r.cpu_nats_pct:.0f}%)"
+        f"{r.wall_s:6.1f}s wall  cpu {r.cpu_self_pct:3.0f}% ({rest})"
         f"  requests/loads per agent: {spread}{warn}"
     )
 

@@ -1,7 +1,10 @@
 """The routing benchmark's pure parts: seeded workloads, the fleet's options (scaled periods, the
 seeded router), reply parsing, pooling and the verdict (no sockets)."""
 
+import math
 import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 from corral.agent.settings import AgentSettings
@@ -12,10 +15,22 @@ from corral.registry.settings import RegistrySettings
 from corral.routing import Route, Router
 from corral.runtime.settings import describe
 
+from bench.routing.cli import POLICIES, VALID, split
 from bench.routing.client import Sample, parse_reply
 from bench.routing.fleet import BIG_MODEL, FLEET_SETTINGS, MACHINES, fleet_options, fleet_sims, scaled_periods
-from bench.routing.report import verdict
-from bench.routing.results import RunResult, pool
+from bench.routing.herd import (
+    install_commands,
+    installed,
+    node_argv,
+    node_env,
+    router_argv,
+    router_env,
+    scaled,
+)
+from bench.routing.netns import exec_argv
+from bench.routing.peer import child_argv, child_parser, log_warnings, models_loaded, node_ids, nodes_ready
+from bench.routing.report import comparison, peer_line, verdict
+from bench.routing.results import RunResult, pool, result_from_json, result_to_json
 from bench.routing.workloads import QUICK, WORKLOADS, Burst, Chat, NumCtx, Skewed, zipf_weights
 
 
@@ -182,3 +197,151 @@ def test_pooled_repetitions() -> None:
     assert s["ttft_p50_s"] == 2.0
     assert pooled.agents["a"]["loads"] == 6
     assert {x.run for x in pooled.samples} == {0, 1}
+
+
+# -- the herd peer: its configuration, command lines, result transport and the report's lines ------------
+def test_herd_settings_keep_the_workload_and_the_model_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEET_AUTO_PULL", "true")
+    monkeypatch.setenv("SOME_TOKEN", "secret")
+    venv, home = Path("/v"), Path("/h")
+    env = router_env(venv, home, time_scale=0.2)
+    assert env["HOME"] == "/h" and env["PATH"].startswith("/v/bin:")
+    assert env["FLEET_TELEMETRY"] == env["FLEET_NODE_TELEMETRY"] == "false"
+    assert env["FLEET_AUTO_PULL"] == env["FLEET_VRAM_FALLBACK"] == "false"
+    assert env["FLEET_CONTEXT_PROTECTION"] == "warn"  # 'strip' may switch to another model
+    assert env["FLEET_THINKING_OVERHEAD"] == "1" and env["FLEET_THINKING_MIN_PREDICT"] == "0"
+    assert env["FLEET_HEARTBEAT_INTERVAL"] == env["FLEET_REBALANCE_INTERVAL"] == "1"  # 5 s x 0.2
+    assert "SOME_TOKEN" not in env  # nothing of this process's environment is inherited
+
+
+def test_each_herd_node_reports_its_simulators_slots() -> None:
+    sims = fleet_sims(seed=1, time_scale=0.2)
+    for machine, sim in zip(MACHINES, sims, strict=True):
+        env = node_env(Path("/v"), Path("/h"), machine, sim, time_scale=0.2)
+        assert env["OLLAMA_NUM_PARALLEL"] == str(machine.parallel) == str(sim.num_parallel)
+        assert env["OLLAMA_MAX_LOADED_MODELS"] == str(sim.max_loaded)
+        assert env["FLEET_NODE_TELEMETRY"] == "false"
+        assert env["FLEET_NODE_HEARTBEAT_INTERVAL"] == "1"
+    # the periods keep the floor of Corral's own
+    assert scaled({"X": 5.0}, 0.001) == {"X": "0.1"}
+
+
+def test_herd_command_lines() -> None:
+    venv = Path("/v")
+    assert router_argv(venv, 4321) == [
+        "/v/bin/herd",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "4321",
+        "--log-level",
+        "warning",
+    ]
+    node = node_argv(venv, "amd-1", "http://127.0.0.1:5000", "http://127.0.0.1:4321")
+    assert node[0] == "/v/bin/herd-node"
+    assert node[node.index("--node-id") + 1] == "amd-1"
+    assert node[node.index("--ollama-host") + 1] == "http://127.0.0.1:5000"
+    assert node[node.index("--router-url") + 1] == "http://127.0.0.1:4321"
+    create, install = install_commands("/usr/bin/python3", Path("/c/herd"))
+    assert create == ["/usr/bin/python3", "-m", "venv", "/c/herd"]
+    assert install[0] == "/c/herd/bin/python" and install[-2:] == ["install", "ollama-herd==0.11.4"]
+    assert not installed(Path("/nonexistent/herd"))
+    assert node_ids() == ["nvidia-0", "amd-1", "nvidia-2", "amd-3", "nvidia-4", "nvidia-5"]
+
+
+def test_the_peer_runs_in_a_namespace_with_the_same_fleet_arguments() -> None:
+    argv = child_argv(
+        "chat", seed=3, time_scale=0.2, cap=150.0, venv=Path("/v"), workdir=Path("/w"), quick=True
+    )
+    args = child_parser().parse_args(argv[3:])
+    assert argv[1:3] == ["-m", "bench.routing.peer"]
+    assert (args.workload, args.seed, args.time_scale, args.cap, args.quick) == ("chat", 3, 0.2, 150.0, True)
+    assert exec_argv("ns1", ["x", "y"]) == ["ip", "netns", "exec", "ns1", "x", "y"]
+
+
+def test_herd_readiness_from_its_fleet_status() -> None:
+    def node(i: str, loaded: list[str], status: str = "online") -> dict[str, Any]:
+        return {
+            "node_id": i,
+            "status": status,
+            "ollama": {"models_available": ["a", "b"], "models_loaded": [{"name": m} for m in loaded]},
+        }
+
+    status = {"nodes": [node("n0", ["a"]), node("n1", ["a", "b"])]}
+    assert nodes_ready(status, ["n0", "n1"])
+    assert not nodes_ready(status, ["n0", "n1", "n2"])
+    assert not nodes_ready({"nodes": [node("n0", [], status="degraded")]}, ["n0"])
+    assert models_loaded(status, ["n0", "n1"], ["a"])
+    assert not models_loaded(status, ["n0", "n1"], ["a", "b"])
+
+
+def test_herd_warnings_are_counted_by_kind() -> None:
+    lines = [
+        '{"level": "WARNING", "logger": "fleet_manager.server.streaming", "msg": "retry 1 of 2 on amd-1"}',
+        '{"level": "WARNING", "logger": "fleet_manager.server.streaming", "msg": "retry 2 of 2 on amd-1"}',
+        '{"level": "INFO", "logger": "x", "msg": "fine"}',
+        "not json",
+    ]
+    assert log_warnings(lines) == {"herd fleet_manager.server.streaming: retry N of N on amd-N": 2}
+
+
+def test_a_run_result_crosses_the_process_boundary() -> None:
+    failed = Sample(model="m", error="HTTP 503")
+    done = Sample(model="m", ok=True, status=200, ttft=0.5, e2e=1.0, eval_count=9, turn=1)
+    r = RunResult(
+        workload="chat",
+        policy="herd",
+        samples=[failed, done],
+        wall_s=2.0,
+        scale=0.2,
+        fleet={"loads": 1},
+        agents={"nvidia-0": {"requests": 2, "loads": 1}},
+        cpu_self_pct=10.0,
+        cpu_nats_pct=0.0,
+        warnings={"w": 1},
+        cpu_peer_pct=30.0,
+    )
+    back = result_from_json(result_to_json(r))
+    assert math.isnan(back.samples[0].ttft) and back.samples[0].error == "HTTP 503"
+    assert back.samples[1] == done
+    assert (back.agents, back.fleet, back.warnings, back.cpu_peer_pct) == (
+        r.agents,
+        r.fleet,
+        r.warnings,
+        30.0,
+    )
+
+
+def _summary(p95: float, tps: float, loads: int, errors: int = 0) -> dict[str, Any]:
+    return {"ttft_p95_s": p95, "tokens_per_s": tps, "cold_loads": loads, "evictions": 0, "errors": errors}
+
+
+def test_auto_against_herd_beside_auto_against_round_robin() -> None:
+    workloads = {
+        "skewed": {
+            "auto": _summary(1.0, 120.0, 4),
+            "round_robin": _summary(2.0, 100.0, 9),
+            "herd": _summary(4.0, 60.0, 6, errors=2),
+        },
+        "burst": {"auto": _summary(3.0, 50.0, 2), "round_robin": _summary(3.0, 50.0, 5)},
+    }
+    text = comparison(workloads)
+    header, _, skewed, burst = text.splitlines()
+    assert "TTFT p95 ÷ round_robin" in header and "TTFT p95 ÷ herd" in header
+    assert header.index("÷ round_robin") < header.index("÷ herd")
+    assert [c.strip() for c in skewed.strip("|").split("|")] == [
+        "skewed", "0.50x", "1.20x", "0.25x", "2.00x", "4 / 9 / 6", "0 / 0 / 2",
+    ]  # fmt: skip
+    assert [c.strip() for c in burst.strip("|").split("|")][3:] == ["—", "—", "2 / 5 / —", "0 / 0 / —"]
+    assert comparison({"burst": {"auto": _summary(1.0, 1.0, 0)}}) == ""
+
+    line = peer_line(workloads["skewed"], "herd")
+    assert line.startswith("against herd: auto ÷ herd TTFT p95 0.25x, tokens/s 2.00x")
+    assert line.endswith("cold loads 4 vs 6, evictions 0 vs 0, errors 0 vs 2")
+
+
+def test_the_herd_policy_is_valid_but_not_run_by_default() -> None:
+    assert "herd" in VALID and "herd" not in POLICIES
+    assert split("auto,herd", VALID, "policy") == ["auto", "herd"]
+    with pytest.raises(SystemExit):
+        split("auto,herds", VALID, "policy")
