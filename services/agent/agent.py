@@ -32,7 +32,7 @@ from corral.agent.ollama import OllamaClient
 from corral.agent.runners import RunnerChange, RunnerTracker
 from corral.agent.settings import AgentSettings
 from corral.agent.slots import Admission, SlotTable
-from corral.agent.worker import Job, Worker, finished_event
+from corral.agent.worker import Job, Worker, finished_event, load_seconds
 from corral.protocol import headers as H
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import Cancelled, InternalError
@@ -317,7 +317,7 @@ class Agent:
             status = await self._worker.run(job)
             if token is not None:
                 await self._report(job, status)
-                self._apply(self.runners.served(token, env.num_ctx, status))
+                self._apply(self.runners.served(token, env.num_ctx, status, job.rid, load_seconds(job)))
             if (env.unload or env.endpoint in _CHANGES_MODELS) and 200 <= status < 300:
                 self._changed(refresh=True)  # what is on disk or loaded changed: advertise it now
         except asyncio.CancelledError:
@@ -355,11 +355,10 @@ class Agent:
             self._apply(self.runners.responded(job.token, job.rid, status))
 
     async def _on_answered(self, job: Job) -> None:
-        """Ollama has finished ``job``: publish what it changed on disk, free its slot and arm that
-        slot's claim now — all before the reply's last message goes out, so a client answered at
-        once finds a just-pulled model in the fleet and the slot armed (not a direct send or the
-        queue). Requests waiting here or in the fleet queue keep their turn: the slot passes to
-        them and nothing is armed."""
+        """Ollama has finished ``job``: publish what it changed on disk, free its slot and arm that slot's
+        claim now — all before the reply's last message goes out, so a client answered at once finds a
+        just-pulled model in the fleet and the slot armed (not a direct send or the queue). Requests
+        waiting here or in the fleet queue keep their turn: the slot passes to them and nothing is armed."""
         if job.env.endpoint in _CHANGES_MODELS:
             await self._refresh()
             await self._publish_state()
@@ -472,6 +471,7 @@ class Agent:
             trained_ctx=self.runners.trained,
             model_meta=b.model_meta,
             busy_models=tuple(sorted(decode_token(t) for t in busy)),
+            load_s=dict(self.runners.load_s),
             in_flight=self.slots.in_flight,
             queued=self.slots.queued,
             max_queue=self.settings.max_queue,

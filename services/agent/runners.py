@@ -9,6 +9,9 @@ ready: a model is *ready* when it is listed and none of our requests waits on it
 Ollama has answered a request on it. A model is *warm* — claimable by requests that give no
 num_ctx — when it is ready and its runner runs at the context such a request gets (the learned or
 assumed default, capped at the trained context); any other runner would reload for it.
+
+It also keeps how long each model's last load here took (`load_s`): the request that started a load
+reports, when it is served, how long the load took by its reply (`corral.agent.worker.reply_load_s`).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class RunnerTracker:
         self._load_waiters: dict[str, dict[str, tuple[int, int]]] = {}
         self._ran_default: set[str] = set()  # tokens just served without num_ctx (not yet warm)
         self._ready_news = False  # a model became ready since the last reading
+        self._loaders: dict[str, str] = {}  # request id → token of the load it started
+        self.load_s: dict[str, float] = {}  # model key → seconds its last load here took
 
     def wanted_ctx(self, key: str, num_ctx: int, trained: int | None = None) -> int:
         """The context Ollama gives ``key``'s runner for a request asking ``num_ctx`` (0: the default
@@ -87,6 +92,8 @@ class RunnerTracker:
             if token in self.warm:
                 self.warm = self.warm - {token}
                 change = RunnerChange(state=True, claims=True)
+        if token not in self._load_waiters:
+            self._loaders[rid] = token  # the first to wait on the load is the one that starts it
         self._load_waiters.setdefault(token, {})[rid] = (num_ctx, want)
         return change
 
@@ -118,19 +125,27 @@ class RunnerTracker:
 
     def ended(self, token: str, rid: str) -> RunnerChange:
         """``rid`` ended: it waits on no load any more."""
+        self._loaders.pop(rid, None)
         waiters = self._load_waiters.get(token)
         if waiters is not None and waiters.pop(rid, None) is not None and not waiters:
             del self._load_waiters[token]
             return RunnerChange(state=True)
         return NOTHING
 
-    def served(self, token: str, num_ctx: int, status: int) -> RunnerChange:
-        """A request finished with ``status``; one served at the default context on a model not
-        yet warm shows, in the next reading, the context Ollama really gives such requests."""
+    def served(
+        self, token: str, num_ctx: int, status: int, rid: str = "", load_s: float | None = None
+    ) -> RunnerChange:
+        """Request ``rid`` finished with ``status``; one served at the default context on a model
+        not yet warm shows, in the next reading, the context Ollama really gives such requests.
+        ``load_s``: how long the load took by its reply, kept when ``rid`` started the load."""
+        change = NOTHING
+        if self._loaders.pop(rid, None) == token and status == 200 and load_s is not None and load_s > 0:
+            self.load_s[decode_token(token)] = round(load_s, 3)
+            change = RunnerChange(state=True)
         if status == 200 and not num_ctx and token not in self.warm:
             self._ran_default.add(token)
-            return RunnerChange(refresh=True)
-        return NOTHING
+            return change | RunnerChange(refresh=True)
+        return change
 
     # -- facts about Ollama ----------------------------------------------------------------
     def observe(

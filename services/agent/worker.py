@@ -78,6 +78,45 @@ class _Counts(msgspec.Struct):
 _counts = msgspec.json.Decoder(_Counts)
 
 
+class _Timings(msgspec.Struct):
+    load_duration: int = 0  # nanoseconds, by Ollama's clock
+    total_duration: int = 0
+    done_reason: str = ""
+
+
+_timings = msgspec.json.Decoder(_Timings)
+
+
+def reply_load_s(tail: bytes, elapsed_s: float) -> float | None:
+    """Seconds the model's load took for a request whose reply ends with ``tail`` and that took
+    ``elapsed_s`` here; None when the reply does not say (/v1 replies, a cut-off tail).
+
+    A load-only reply (an empty prompt: ``done_reason`` ``load``) comes when the load ends, so the
+    request's own time is the load's. Other native replies carry ``load_duration`` and
+    ``total_duration`` by Ollama's clock: the load's share of the request's time, taken on ours
+    (the same with Ollama, and right too with a simulator whose clock runs faster).
+    """
+    for line in reversed(tail.split(b"\n")):
+        line = line.strip()
+        if not line.startswith(b"{"):
+            continue
+        try:
+            t = _timings.decode(line)
+        except msgspec.DecodeError:
+            return None
+        if t.done_reason == "load":
+            return elapsed_s
+        if t.load_duration > 0 and t.total_duration >= t.load_duration:
+            return elapsed_s * t.load_duration / t.total_duration
+        return None
+    return None
+
+
+def load_seconds(job: Job) -> float | None:
+    """`reply_load_s` of a finished job's reply."""
+    return reply_load_s(job.last_bytes, time.monotonic() - job.ran_from) if job.ran_from else None
+
+
 def reply_counts(tail: bytes) -> tuple[int, int]:
     """(generated, prompt) tokens from the last JSON object in a reply's tail; (0, 0) if absent.
 

@@ -102,6 +102,8 @@ class AgentState(Message, frozen=True, kw_only=True, omit_defaults=True):
     model_meta: dict[str, ModelMeta] = msgspec.field(default_factory=dict)  # model key (on disk) →
     # its shape, for the router's estimate of what a load of it takes in memory
     busy_models: tuple[str, ...] = ()  # model keys with requests running here (not to be evicted)
+    load_s: dict[str, float] = msgspec.field(default_factory=dict)  # model key → seconds its last
+    # load here took, as observed (`corral.routing.loads`; the cost model estimates the others)
     in_flight: int = 0
     queued: int = 0
     max_queue: int = 0
