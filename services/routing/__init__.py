@@ -3,8 +3,12 @@ No I/O, no clocks, no NATS: only `corral.protocol` types go in and out.
 
 `corral.routing.model` holds the cost model and the strategies (`Router`), `corral.routing.pulls`
 the rule for where a pull goes (`pull_order`), `corral.routing.markers` when a load marker has done
-its work (`marker_expired`) and the context a request is routed at (`route_ctx`)."""
+its work (`marker_expired`) and the context a request is routed at (`route_ctx`),
+`corral.routing.loads` the load times agents observed (`observed_load_s`) and
+`corral.routing.replicas` how many more loads a model's backlog needs (`plan_replicas`)."""
 
+from corral.routing.loads import *  # noqa: F403  (... the observed load times ...)
 from corral.routing.markers import *  # noqa: F403  (... the load markers' rule ...)
 from corral.routing.model import *  # noqa: F403  (the package's face: the model's __all__ ...)
-from corral.routing.pulls import *  # noqa: F403  (... and the pull rule's)
+from corral.routing.pulls import *  # noqa: F403  (... the pull rule's ...)
+from corral.routing.replicas import *  # noqa: F403  (... and the replica rule's)

@@ -39,7 +39,9 @@ The auto cost model, in seconds (constants below)::
                                 (+ drain when one of them has requests running: a thrash),
                                 + OFFLOAD_S + offload share * CPU_DECODE_SLOWDOWN * TYPICAL_REQUEST_S
                                 when the model only fits partly in VRAM (`corral.routing.memory`)
-    load                        LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH (size: the model file)
+    load                        as last observed on the agent or on one like it (same vendor and
+                                GPUs, `corral.routing.loads`), else
+                                LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH (size: the model file)
 
     ttft = wait + PROMPT_EVAL_S (+ SESSION_REPLAY_S when the request continues a conversation and
            the agent cannot reuse its prompt cache)
@@ -61,6 +63,7 @@ from typing import Final
 from corral.protocol.messages import AgentState, PsModel
 from corral.protocol.names import VENDORS, key_of
 from corral.protocol.runners import effective_ctx
+from corral.routing.loads import ObservedLoads, observed_load_s, observed_loads
 from corral.routing.memory import LoadPlan, ObservedSizes, estimate_size, observed_sizes, plan_load
 
 __all__ = [
@@ -165,22 +168,31 @@ def load(agent: AgentState, outstanding: Mapping[str, int]) -> float:
 
 
 def estimate_wait(
-    route: Route, agent: AgentState, outstanding: Mapping[str, int], observed: ObservedSizes | None = None
+    route: Route,
+    agent: AgentState,
+    outstanding: Mapping[str, int],
+    observed: ObservedSizes | None = None,
+    loads: ObservedLoads | None = None,
 ) -> float:
     """Seconds until ``agent`` could start ``route``'s request: queue, load or reload (no prompt
-    eval). ``observed``: runner sizes seen in the fleet (`observed_sizes`)."""
-    return _estimate(route, agent, outstanding, observed or {})[0]
+    eval). ``observed``: runner sizes seen in the fleet (`observed_sizes`); ``loads``: load times
+    seen in the fleet (`observed_loads`; the agent's own are used without it)."""
+    return _estimate(route, agent, outstanding, observed or {}, loads or {})[0]
 
 
 def estimate_ttft(
-    route: Route, agent: AgentState, outstanding: Mapping[str, int], observed: ObservedSizes | None = None
+    route: Route,
+    agent: AgentState,
+    outstanding: Mapping[str, int],
+    observed: ObservedSizes | None = None,
+    loads: ObservedLoads | None = None,
 ) -> float:
     """Estimated seconds to the first token of ``route``'s request on ``agent``, taken alone.
 
     The session agent's prompt-cache bonus is included here unconditionally; `Router.rank`
     withdraws it when that agent waits too much longer than the others.
     """
-    wait, cached = _estimate(route, agent, outstanding, observed or {})
+    wait, cached = _estimate(route, agent, outstanding, observed or {}, loads or {})
     return (
         wait + PROMPT_EVAL_S + (SESSION_REPLAY_S if route.session_agent is not None and not cached else 0.0)
     )
@@ -191,25 +203,30 @@ def _busy(agent: AgentState, outstanding: Mapping[str, int]) -> int:
 
 
 def _estimate(
-    route: Route, agent: AgentState, outstanding: Mapping[str, int], observed: ObservedSizes
+    route: Route,
+    agent: AgentState,
+    outstanding: Mapping[str, int],
+    observed: ObservedSizes,
+    loads: ObservedLoads,
 ) -> tuple[float, bool]:
     """(wait, whether the agent's warm runner holds this conversation's prompt cache)."""
     busy = _busy(agent, outstanding)
+    load_s = load_time(route, agent, loads)
     parallel = max(agent.parallel, 1)
     runner = _runner(agent, route.key)
     if runner is not None:
         if runner_matches(route, agent, runner):
             return _queue_wait(busy, parallel), route.session_agent == agent.id
         drain = busy * TYPICAL_REQUEST_S / parallel
-        return drain + _load_time(_size(route, agent)) + CONTEXT_SWITCH_S, False
+        return drain + load_s + CONTEXT_SWITCH_S, False
     if route.key in agent.loading:
-        remaining = LOADING_REMAINING * _load_time(_size(route, agent)) + _queue_wait(busy, parallel)
+        remaining = LOADING_REMAINING * load_s + _queue_wait(busy, parallel)
         if loading_for(route, agent):
             return remaining, False
         # loading for another context: that load, then a reload for this one
-        return remaining + _load_time(_size(route, agent)) + CONTEXT_SWITCH_S, False
+        return remaining + load_s + CONTEXT_SWITCH_S, False
     plan = load_plan(route, agent, observed)
-    wait = _load_time(_size(route, agent)) + EVICTION_S * len(plan.evicts)
+    wait = load_s + EVICTION_S * len(plan.evicts)
     if plan.thrashes:
         wait += busy * TYPICAL_REQUEST_S / parallel
     if not plan.full:
@@ -264,9 +281,11 @@ def _queue_wait(busy: int, parallel: int) -> float:
     return (busy - parallel + 1) * TYPICAL_REQUEST_S / parallel
 
 
-def load_time(route: Route, agent: AgentState) -> float:
-    """Seconds a load of ``route``'s model takes on ``agent`` by the cost model (no eviction)."""
-    return _load_time(_size(route, agent))
+def load_time(route: Route, agent: AgentState, loads: ObservedLoads | None = None) -> float:
+    """Seconds a load of ``route``'s model takes on ``agent`` (no eviction): as last observed there
+    or on an agent like it (``loads``: `observed_loads` of the fleet), else by the cost model."""
+    seen = observed_load_s(route.key, agent, loads)
+    return seen if seen is not None else _load_time(_size(route, agent))
 
 
 def fits(route: Route, agent: AgentState, observed: ObservedSizes | None = None) -> bool:
@@ -371,7 +390,7 @@ class Router:
 
             return sorted(first, key=tier_key) + sorted(rest, key=tier_key)
         observed = observed_sizes(agents)
-        costs = _auto_costs(route, first, rest, outstanding, observed)
+        costs = _auto_costs(route, first, rest, outstanding, observed, observed_loads(agents))
         last = _last_resorts(route, first + rest, observed, pinned)
 
         def cost_key(a: AgentState) -> tuple[bool, float, float, int, str]:
@@ -420,6 +439,7 @@ def _auto_costs(
     rest: list[AgentState],
     outstanding: Mapping[str, int],
     observed: ObservedSizes,
+    loads: ObservedLoads,
 ) -> dict[str, float]:
     """Agent id → estimated time to first token, with the session bonus bounded (no hot-spotting)."""
     session = route.session_agent
@@ -429,7 +449,7 @@ def _auto_costs(
     best_other = float("inf")
     for group in (first, rest):
         for a in group:
-            wait, cached = _estimate(route, a, outstanding, observed)
+            wait, cached = _estimate(route, a, outstanding, observed, loads)
             if cached:
                 session_wait = wait
             else:

@@ -1,0 +1,122 @@
+"""Demand-driven replicas: how many more loads a model's backlog needs, and on which agents.
+
+Pure functions of a fleet snapshot (`AgentState`): no I/O, no clocks (times are passed in).
+
+A model's backlog — its requests waiting in the fleet queue — drains on the slots that serve the
+model and, once their loads end, on the slots loading it. `drain_s` says when the last waiting
+request would start: every slot takes a request when it is free and another every ``request_s``
+(the queue forms only when every warm slot is taken, so a serving slot frees after about one
+request; a load under way is taken to be `LOADING_REMAINING` from its end). A replica elsewhere
+helps only if its load ends before that. `plan_replicas` walks the candidates — active agents with
+the model on disk where it fits in free VRAM without evicting anything (`fits`; a pinned model is
+never evicted), cheapest first by the router — and takes each one whose load (as observed there or
+on an agent like it, else estimated: `load_time`) ends before the backlog, with the replicas
+already taken, would have drained; it stops once the backlog has a slot for every
+``backlog_per_slot`` waiting requests. So fast loads and a deep backlog load several replicas at
+once, a backlog that drains before a load could end loads none, loads under way count, and no
+backlog gets a load per waiting request. With nothing serving or loading the model there is no
+plan: the first load is the placement's (the request that finds the model cold starts it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from corral.protocol.messages import AgentState
+from corral.routing.loads import observed_loads
+from corral.routing.memory import observed_sizes
+from corral.routing.model import LOADING_REMAINING, Route, Router, fits, load_time, loading_for, warm
+
+__all__ = ["BACKLOG_PER_SLOT", "ReplicaPlan", "drain_s", "plan_replicas"]
+
+# A backlog gets at most one slot (serving, loading or to load) per this many waiting requests.
+BACKLOG_PER_SLOT: Final = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaPlan:
+    """What `plan_replicas` decided for one model's backlog."""
+
+    load: tuple[str, ...] = ()  # agents to load the model on now, best first
+    depth: int = 0  # requests waiting
+    drain_s: float = math.inf  # when the backlog would drain without them
+    slots: int = 0  # slots serving or loading the model before them
+    load_s: float = math.inf  # the shortest load of the model among the agents looked at
+    candidates: tuple[str, ...] = ()  # agents where a load fits, cheapest first
+
+
+def drain_s(depth: int, groups: Iterable[tuple[float, int]], request_s: float) -> float:
+    """Seconds until the ``depth``-th waiting request starts on slot ``groups`` — (seconds until
+    free, slots) — where each slot takes a request when free and another every ``request_s``
+    (``inf``: a slot takes one and is never seen free again); ``inf`` when they never get there."""
+    if depth <= 0:
+        return 0.0
+    heap = [(ready, n) for ready, n in groups if n > 0 and math.isfinite(ready)]
+    if not heap:
+        return math.inf
+    if request_s <= 0:
+        return min(ready for ready, _ in heap)  # a slot takes any number at once
+    heapq.heapify(heap)
+    started = 0
+    while heap:
+        ready, n = heapq.heappop(heap)
+        started += n
+        if started >= depth:
+            return ready
+        if math.isfinite(request_s):
+            heapq.heappush(heap, (ready + request_s, n))
+    return math.inf
+
+
+def plan_replicas(
+    route: Route,
+    holders: Sequence[AgentState],
+    depth: int,
+    request_s: float,
+    *,
+    starting: frozenset[str] = frozenset(),
+    pinned: frozenset[str] = frozenset(),
+    backlog_per_slot: float = BACKLOG_PER_SLOT,
+) -> ReplicaPlan:
+    """The replicas ``depth`` requests waiting for ``route``'s model need now.
+
+    ``holders``: the active agents with the model on disk (the candidates, and those serving or
+    loading it); ``request_s``: seconds one request holds a slot; ``starting``: agents a load was
+    sent to that may not show it yet (they count as loading); ``pinned``: models kept warm.
+    """
+    loads = observed_loads(holders)
+    serving = [a for a in holders if warm(route, a)]
+    loading = [a for a in holders if not warm(route, a) and (loading_for(route, a) or a.id in starting)]
+    groups = [(request_s, _slots(a)) for a in serving]
+    groups += [(LOADING_REMAINING * load_time(route, a, loads), _slots(a)) for a in loading]
+    slots = sum(_slots(a) for a in serving + loading)
+    busy = {a.id for a in serving + loading}
+    sizes = observed_sizes(holders)
+    spare = [a for a in holders if a.id not in busy and fits(route, a, sizes)]
+    ranked = Router().rank("auto", route, spare, {}, pinned)
+    load_s = min((load_time(route, a, loads) for a in [*loading, *ranked]), default=math.inf)
+    before = drain_s(depth, groups, request_s)
+    plan = ReplicaPlan(
+        depth=depth, drain_s=before, slots=slots, load_s=load_s, candidates=tuple(a.id for a in ranked)
+    )
+    if not serving and not loading:
+        return plan  # the first load is the placement's
+    chosen: list[str] = []
+    for a in ranked:
+        if slots >= depth / backlog_per_slot:
+            break
+        ready = load_time(route, a, loads)
+        if ready < drain_s(depth, groups, request_s):  # ready before the backlog is gone
+            chosen.append(a.id)
+            groups.append((ready, _slots(a)))
+            slots += _slots(a)
+    return dataclasses.replace(plan, load=tuple(chosen))
+
+
+def _slots(agent: AgentState) -> int:
+    return max(agent.parallel, 1)
