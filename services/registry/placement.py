@@ -20,18 +20,8 @@ never longer than ``marker_ttl_s``; a stale marker is replaced by compare-and-se
 so a newer marker is never removed: the bucket holds a marker per load under way, not one per
 model and context ever asked for.
 
-Replicas. Every `ReplicaSettings.check_s` the registry reads the overflow queue's depth per model.
-A model whose queue, at the rate it drained since the last check, would take longer to empty than
-a load of the model takes (the routing cost model's load time), or holds more than
-``backlog_per_slot`` waiting requests per warm slot — for ``patience`` checks in a row, or at once
-when nothing serves the model yet and its first load is under way (nothing drains that queue
-before the load ends, and a replica started now is ready about when that load is) — is loaded on
-as many more agents as the backlog needs — until there is a slot (counting loads already under
-way) for every ``backlog_per_slot`` waiting requests — among those that have it on disk and room
-for it in free VRAM, cheapest first (a preload: Ollama's empty generate). A burst on a cold model
-thus starts one load from the requests themselves, and the registry adds the loads its queue
-needs beside it: never a load per request, and no waiting for one load to end before the next
-starts. Replicas that then sit idle are let go by Ollama's own ``keep_alive``.
+Replicas: `corral.registry.replicas.Replicator`, which counts the loads this registry placed (and
+still marks) as loads under way (`Placer.placing`).
 """
 
 from __future__ import annotations
@@ -39,13 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
-from dataclasses import dataclass
 
 import msgspec
 import nats.errors
-from corral.protocol.errors import CorralError
 from corral.protocol.messages import (
     AgentState,
     LoadMarker,
@@ -53,25 +40,12 @@ from corral.protocol.messages import (
     load_marker_decoder,
     place_request_decoder,
 )
-from corral.protocol.names import decode_token, parse_name
+from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects, usable_reply
-from corral.routing import (
-    DEFAULT_MODEL_SIZE,
-    LOAD_BANDWIDTH,
-    LOAD_MARKER_TTL_S,
-    LOAD_OVERHEAD_S,
-    Route,
-    Router,
-    fits,
-    load_time,
-    loading_for,
-    marker_expired,
-    warm,
-)
+from corral.registry.replicas import ReplicaSettings, Replicator
+from corral.routing import LOAD_MARKER_TTL_S, Route, Router, marker_expired, warm
 from corral.runtime.fleet import FleetView
-from corral.runtime.tasks import cancel_and_wait
-from corral.runtime.workqueue import depths
-from corral.transport import Transport, WorkRequest
+from corral.transport import Transport
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
@@ -81,7 +55,6 @@ log = logging.getLogger(__name__)
 
 MARKER_CHECK_S = 1.0  # how often the registry deletes the load markers it wrote that did their work
 MARKER_SWEEP_S = 60.0  # how often it looks at every marker (a registry that wrote some went away)
-REPLICA_SETTLE_S = 10.0  # at most this long from a replica's load to its agent showing it warm
 _enc = msgspec.json.Encoder()
 
 
@@ -93,19 +66,14 @@ def marker_key(token: str, num_ctx: int | None, vendor: str | None = None) -> st
     return f"loading.{token}.{num_ctx or 0}.{vendor or 'any'}"
 
 
-@dataclass(frozen=True)
-class ReplicaSettings:
-    check_s: float = 1.0  # how often queue depths are read; 0 = no demand-driven replicas
-    patience: int = 2  # checks in a row a model's queue must drain too slowly before a replica loads
-    backlog_per_slot: float = 2.0  # ... or hold more than this many waiting requests per warm slot
+__all__ = ["MARKERS", "Placer", "ReplicaSettings", "marker_key"]  # ReplicaSettings: for the registry
 
 
 class Placer:
-    # Seventeen attributes: what it works with (connection, subjects, fleet view, models bucket,
-    # transport), its settings (replicas, grace, marker TTL, preload timeout), and three small
-    # pieces of state that each belong to one job — load markers (the lock, the markers it wrote),
-    # replicas (queue growth, preloads under way, agents being loaded) — plus a counter for logs
-    # and the pinned models (kept up to date by `corral.registry.pins.PinKeeper`).
+    # Fourteen attributes: what it works with (connection, subjects, fleet view, models bucket,
+    # transport), its settings (grace, marker TTL, preload timeout), the load markers' state (the
+    # lock, the markers it wrote), the replicas' own `Replicator`, a counter for logs and the
+    # pinned models (kept up to date by `corral.registry.pins.PinKeeper`).
     def __init__(
         self,
         nc: NATS,
@@ -124,18 +92,24 @@ class Placer:
         self.fleet = fleet
         self.kv = models
         self.transport = transport
-        self.replicas = replicas or ReplicaSettings()
         self.load_grace_s = load_grace_s
         self.marker_ttl_s = marker_ttl_s
         self.preload_timeout_s = preload_timeout_s  # a replica's load may take this long
         self._router = Router()
         self._lock = asyncio.Lock()
         self._written: dict[str, tuple[bytes, int]] = {}  # markers this registry wrote: value, revision
-        self._growing: dict[str, tuple[int, int]] = {}  # token → (last depth, checks not shrinking)
-        self._preloads: set[asyncio.Task[None]] = set()
-        self._replicating: dict[str, set[str]] = {}  # token → agents this copy is loading it on
-        self.loads_started = 0  # placements and replicas this copy started (for tests and logs)
+        self.loads_started = 0  # placements this copy started (for tests and logs)
         self.pinned: frozenset[str] = frozenset()  # models kept warm: a load evicting one ranks last
+        self.replicator = Replicator(
+            nc,
+            subjects,
+            fleet,
+            transport,
+            replicas or ReplicaSettings(),
+            pinned=lambda: self.pinned,
+            placing=self.placing,
+            preload_timeout_s=preload_timeout_s,
+        )
 
     # -- placement -------------------------------------------------------------------------------
     async def on_place(self, msg: Msg) -> None:
@@ -348,102 +322,18 @@ class Placer:
             ttl_s=self.marker_ttl_s,
         )
 
-    # -- demand-driven replicas --------------------------------------------------------------------
-    async def replica_loop(self) -> None:
-        if self.replicas.check_s <= 0:
-            return
-        while True:
-            await asyncio.sleep(self.replicas.check_s)  # a period, not a wait for an event
-            try:
-                await self.check_replicas()
-            except nats.errors.Error as e:  # NATS away for a moment: the next check reads again
-                log.warning("replica check failed: %s", e)
-
-    async def check_replicas(self) -> None:
-        per_model: dict[str, int] = {}
-        for subject, n in (await depths(self.nc.jetstream(), self.subjects)).items():
-            token = subject.rsplit(".", 1)[-1]
-            per_model[token] = per_model.get(token, 0) + n
-        for token in list(self._growing):
-            if token not in per_model:
-                del self._growing[token]
-        for token, depth in per_model.items():
-            last, streak = self._growing.get(token, (0, 0))
-            # how long the queue would take to drain at the rate it drained since the last check
-            rate = (last - depth) / self.replicas.check_s if last > depth else 0.0
-            drain_s = depth / rate if rate > 0 else math.inf
-            key = decode_token(token)
-            warm_slots = self._warm_slots(key)
-            backlog = depth / max(warm_slots, 1)
-            # a deep backlog is evidence enough at once while the first load runs (nothing drains
-            # the queue before it ends), else on the second look; a slow drain must persist
-            deep = backlog > self.replicas.backlog_per_slot
-            streak = streak + 1 if deep or drain_s > self._load_time(key) else 0
-            self._growing[token] = (depth, streak)
-            if streak >= self.replicas.patience or (deep and (not warm_slots or last > 0)):
-                if await self._add_replica(token, depth):
-                    self._growing[token] = (depth, 0)
-
-    def _warm_slots(self, key: str) -> int:
-        route = Route(key=key)
-        return sum(a.parallel for a in self._holders(route) if warm(route, a))
-
-    def _load_time(self, key: str) -> float:
-        """What a load of ``key`` costs by the routing cost model (on the first holder)."""
-        route = Route(key=key)
-        holders = self.fleet.with_model(key)
-        return (
-            load_time(route, holders[0]) if holders else LOAD_OVERHEAD_S + DEFAULT_MODEL_SIZE / LOAD_BANDWIDTH
+    # -- demand-driven replicas (`corral.registry.replicas`) -----------------------------------------
+    def placing(self, token: str) -> frozenset[str]:
+        """Agents this copy placed a load of ``token`` on (any context or pin) whose marker it keeps."""
+        prefix = f"loading.{token}."
+        return frozenset(
+            load_marker_decoder.decode(value).agent
+            for key, (value, _) in self._written.items()
+            if key.startswith(prefix)
         )
 
-    async def _add_replica(self, token: str, depth: int) -> bool:
-        """Load ``token``'s model on as many more agents as its backlog needs (at most
-        ``backlog_per_slot`` waiting requests per slot, counting loads already under way)."""
-        key = decode_token(token)
-        route = Route(key=key)
-        holders = self._holders(route)
-        serving = [a for a in holders if warm(route, a)]
-        starting = self._replicating.setdefault(token, set())
-        loading = [a for a in holders if not warm(route, a) and (loading_for(route, a) or a.id in starting)]
-        if not serving and not loading:
-            return False  # no load under way yet: the first one is the placement's business
-        spare = [a for a in holders if a not in serving and a not in loading and fits(route, a)]
-        slots = sum(a.parallel for a in serving + loading)
-        needed = depth / self.replicas.backlog_per_slot
-        chosen: list[AgentState] = []
-        for a in self._router.rank("auto", route, spare, {}, self.pinned):
-            if slots >= needed:
-                break
-            chosen.append(a)
-            slots += a.parallel
-        for a in chosen:
-            self.loads_started += 1
-            starting.add(a.id)
-            log.info("%d requests wait for %s: loading a replica on %s", depth, key, a.id)
-            task = asyncio.create_task(self._preload(a.id, key, token))
-            self._preloads.add(task)
-            task.add_done_callback(self._preloads.discard)
-        return bool(chosen)
-
-    async def _preload(self, agent_id: str, key: str, token: str) -> None:
-        name = parse_name(key)
-        work = WorkRequest("/api/generate", _enc.encode({"model": key}), model=name)
-        try:
-            async with await self.transport.send_to(agent_id, work, timeout=self.preload_timeout_s) as reply:
-                await reply.read()
-            # it counts as loading here until the fleet shows it serving (the agent's state
-            # follows the load by a refresh), lest the next check load it there again
-            deadline = time.monotonic() + REPLICA_SETTLE_S
-            while not self._serves(agent_id, key) and (left := deadline - time.monotonic()) > 0:
-                await self.fleet.wait_changed(left)
-        except (CorralError, nats.errors.Error) as e:
-            log.warning("replica of %s on %s did not load: %s", key, agent_id, e)
-        finally:
-            self._replicating.get(token, set()).discard(agent_id)
-
-    def _serves(self, agent_id: str, key: str) -> bool:
-        agent = self.fleet.get(agent_id)
-        return agent is not None and warm(Route(key=key), agent)
+    async def replica_loop(self) -> None:
+        await self.replicator.run()
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._preloads)
+        await self.replicator.stop()

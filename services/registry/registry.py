@@ -150,7 +150,7 @@ class Registry:
             self._fleet,
             self._buckets.models,
             self._transport,
-            ReplicaSettings(self.settings.replica_check_s, self.settings.replica_patience),
+            ReplicaSettings(self.settings.replica_check_s),
             load_grace_s=self.settings.load_grace_s,
             preload_timeout_s=self.settings.pull_timeout_s,
             marker_ttl_s=self.settings.load_marker_ttl_s,

@@ -20,13 +20,16 @@ class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
     pull_timeout_s: Annotated[float, setting("how long a fleet-wide pull may take", gt=0)] = 3600.0
     replica_check_s: Annotated[
         float,
-        setting("how often queue depths are read for demand-driven replicas; 0 = off", ge=0, period=True),
+        setting(
+            "demand-driven replicas: decided on each queue nudge; every this often, every model's queue "
+            "depth is read too (for nudges that were missed); 0 = no demand-driven replicas",
+            ge=0,
+            period=True,
+        ),
     ] = 1.0
     replica_patience: Annotated[
         int,
-        setting(
-            "checks in a row a model's queue must drain slower than a load takes before another replica", ge=1
-        ),
+        setting("ignored: replicas are decided on queue events now (kept so old configurations load)", ge=1),
     ] = 2
     load_grace_s: Annotated[
         float,

@@ -291,14 +291,15 @@ async def test_a_busy_warm_agent_makes_auto_load_a_second_replica(nats_server: N
 async def test_registry_loads_a_replica_when_a_queue_keeps_growing(
     nats_server: NatsServer, root: str
 ) -> None:
-    """Requests wait in the fleet queue behind a held slot; the registry's replica check loads the
-    model on the other agent, which then serves them from the same queue."""
+    """Requests wait in the fleet queue behind a held slot; the registry, nudged by the queue, loads
+    the model on the other agent, which then serves them from the same queue. (Its fallback resync
+    is a minute away: the nudges did it.)"""
     opts = _options(
         nats_server,
         root,
         sims=2,
         sim={"time_scale": 0.2, "num_parallel": 1, "reply_tokens": HOLD},
-        registry={"replica_check_s": 0.1, "replica_patience": 2},
+        registry={"replica_check_s": 60.0},
     )
     async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
         await _warm_first_only(fleet)
@@ -325,7 +326,7 @@ async def test_registry_loads_a_replica_when_a_queue_keeps_growing(
         assert fleet.sims[1].stats.loads == 1
         assert fleet.sims[1].stats.finished == 1 + 3  # the registry's preload, then the queue
         assert fleet.registry is not None and fleet.registry.placer is not None
-        assert fleet.registry.placer.loads_started == 1
+        assert fleet.registry.placer.replicator.loads_started == 1
         hold.close()
 
 
@@ -333,14 +334,15 @@ async def test_registry_scales_a_cold_burst_out_while_the_first_load_runs(
     nats_server: NatsServer, root: str
 ) -> None:
     """A burst on a cold model queues behind its one placed load; the registry sees a queue nothing
-    can drain before that load ends and starts the loads it needs beside it — not after it."""
+    can drain before that load ends and starts the loads it needs beside it — not after it, and on
+    the queue's nudges, not on a poll (the fallback resync is a minute away)."""
     opts = _options(
         nats_server,
         root,
         sims=3,
         # a load of about a second and a half of wall time: long beside the replica check
         sim={"time_scale": 0.05, "num_parallel": 1, "load_bandwidth": 7e7, "reply_tokens": (300, 300)},
-        registry={"replica_check_s": 0.05},
+        registry={"replica_check_s": 60.0},
     )
     loads_when_first_done: list[int] = []
 

@@ -1,0 +1,93 @@
+"""Demand-driven replicas decided on the queue's nudges, in units of the observed load time: the
+agents publish how long their loads took, and a backlog that drains before a load could end starts
+no load. (The cold burst that gets its replicas from the nudges alone is in test_fleet_routing.py.)
+Simulated Ollamas; the registry's fallback resync is a minute away, so only nudges can decide."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+from corral.protocol import headers as H
+from corral.protocol.names import parse_name
+from corral.routing import Route, warm
+from corral.runtime.natsserver import NatsServer
+from corral.runtime.workqueue import enqueue
+from corral.up import FleetOptions, LocalFleet, default_sims
+
+from tests.integration.fleet_helpers import until
+
+MODEL = "llama3.2"
+KEY = parse_name(MODEL).key
+TOKEN = parse_name(MODEL).token
+ALIKE = {"vendor": "nvidia", "gpus": [{"name": "RTX 4090", "vram_gb": 24}], "speed": 1.0}
+
+
+def _options(nats_server: NatsServer, root: str, **sim: Any) -> FleetOptions:
+    return FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(2, **(ALIKE | {"num_parallel": 1} | sim)),
+        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
+        gateway={"queue_timeout_s": 20.0},
+        registry={"replica_check_s": 60.0},  # the fallback resync never comes in these tests
+    )
+
+
+async def _generate(s: aiohttp.ClientSession, fleet: LocalFleet, prompt: str) -> None:
+    body = {"model": MODEL, "prompt": prompt, "stream": False, "options": {"num_predict": 8}}
+    async with s.post(fleet.url + "/api/generate", json=body) as r:
+        assert r.status == 200
+        await r.read()
+
+
+async def test_a_burst_that_drains_faster_than_a_load_starts_no_load(
+    nats_server: NatsServer, root: str
+) -> None:
+    """Loads take seconds here, requests a fraction of one: a backlog of three drains long before
+    a replica could be ready, so the registry looks at it (on the nudges) and loads nothing."""
+    opts = _options(nats_server, root, load_bandwidth=1e9, reply_tokens=(8, 8))
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        gw, registry = fleet.gateway, fleet.registry
+        assert gw is not None and gw.nc is not None and registry is not None and registry.placer is not None
+        await _generate(s, fleet, "cold")  # one load, measured by the agent that did it
+        await until(fleet, lambda: any(KEY in a.load_s for a in gw.fleet.agents()))
+        (loaded,) = [a for a in gw.fleet.agents() if KEY in a.load_s]
+        spare = next(i for i, a in enumerate(fleet.agents) if a.id != loaded.id)
+        assert loaded.load_s[KEY] > 1.0  # the simulated load: 2 GB at 1 GB/s and its overhead
+
+        def idle() -> bool:  # a request sent while the last one still shows would load elsewhere
+            a = gw.fleet.get(loaded.id)
+            return a is not None and warm(Route(key=KEY), a) and a.in_flight == 0
+
+        for i in range(4):  # how long a request takes, as the registry hears of finished ones
+            await until(fleet, idle)
+            await _generate(s, fleet, f"warm {i}")
+        assert fleet.sims[spare].stats.loads == 0
+
+        subjects = gw.subjects
+        reply = f"{subjects.root}.reply.test.{gw.nc.new_inbox().rsplit('.', 1)[-1]}"
+        replies = await gw.nc.subscribe(reply + ".*")
+        deadline = str(int((time.time() + 60) * 1000))
+        for i in range(4):  # queued exactly as a gateway queues them, each with its nudge
+            body = msgspec.json.encode(
+                {"model": MODEL, "prompt": f"q{i}", "stream": False, "options": {"num_predict": 8}}
+            )
+            headers = {H.REQUEST: f"r{i}", H.ENDPOINT: "/api/generate", H.MODEL: TOKEN, H.DEADLINE: deadline}
+            await enqueue(
+                gw.nc, gw.nc.jetstream(), subjects, "any", TOKEN, body, headers | {H.REPLY: f"{reply}.{i}"}
+            )
+        heads = 0
+        while heads < 4:  # each queued request is answered on its own reply subject
+            msg = await replies.next_msg(timeout=20)
+            heads += (msg.headers or {}).get(H.KIND) == H.HEAD
+
+        plan = registry.placer.replicator.plans.get(TOKEN)
+        assert plan is not None and plan.depth > 0  # the nudges made it look at the backlog
+        assert plan.candidates == (fleet.agents[spare].id,)  # a replica could have gone there
+        assert plan.load == () and plan.drain_s < plan.load_s  # drained before a load would end
+        assert fleet.sims[spare].stats.loads == 0
+        assert registry.placer.replicator.loads_started == 0
