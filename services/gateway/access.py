@@ -41,6 +41,8 @@ _USER_CALLS: Final = frozenset(
 # The console's own admin calls (`corral.gateway.console`: drain, cordon, uncordon, unload) are
 # under /api/corral/ and, not being listed above, need an admin key like pull and delete.
 _V1_MODEL: Final = "/v1/models/"
+# The Files and Batch APIs: a user key sees and uses only the files and batches it made there
+_BATCH_PREFIXES: Final = ("/v1/files", "/v1/batches")
 OPEN_PATHS: Final = frozenset({"/", "/ready"})  # liveness and readiness answer without a key
 CONSOLE_PATH: Final = "/console"  # the console's static pages: open, they hold no fleet data
 
@@ -102,6 +104,10 @@ def is_open(path: str) -> bool:
 def user_may(method: str, path: str) -> bool:
     """Whether a user key may make this call; everything else needs an admin key."""
     if (method, path) in _USER_CALLS:
+        return True
+    if method in ("GET", "POST", "DELETE") and any(
+        path == p or path.startswith(p + "/") for p in _BATCH_PREFIXES
+    ):
         return True
     return method == "GET" and path.startswith(_V1_MODEL) and "/" not in path[len(_V1_MODEL) :]
 

@@ -20,6 +20,8 @@ from corral.gateway import bodies, management
 from corral.gateway.access import model_allowed
 from corral.gateway.asgi import Receive, Scope, Send
 from corral.gateway.auth import MODEL, Access, key_of
+from corral.gateway.batch.lifecycle import BatchLimits
+from corral.gateway.batch.runner import BatchRunner
 from corral.gateway.edge import BODY, Edge
 from corral.gateway.keys import open_key_buckets
 from corral.gateway.metrics import OTHER
@@ -76,10 +78,11 @@ class Gateway:
     """``router`` carries the routing strategies' state; pass ``Router(seed=N)`` for a reproducible
     ``random`` strategy (benchmarks).
 
-    Eighteen attributes: the settings with what they give (subjects, edge, tracer, router), the
-    NATS connection with its closed-for-good event and reopener, the six parts it serves with
-    (fleet view, transport, planner, the FastAPI app, the model policy, the API keys when on) and the aggregator's
-    rates with their watch (task, latest figures, arrival and restart events)."""
+    Twenty attributes: the settings with what they give (subjects, edge, tracer, router), the
+    NATS connection with its closed-for-good event and reopener, the seven parts it serves with
+    (fleet view, transport, planner, the FastAPI app, the model policy, the API keys when on, the
+    batch runner with its limits) and the aggregator's rates with their watch (task, latest figures,
+    arrival and restart events)."""
 
     def __init__(
         self,
@@ -87,6 +90,7 @@ class Gateway:
         *,
         router: Router | None = None,
         tracer_provider: TracerProvider | None = None,
+        batch_limits: BatchLimits | None = None,
     ) -> None:
         if settings.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {settings.strategy!r}; use one of {', '.join(STRATEGIES)}")
@@ -101,6 +105,8 @@ class Gateway:
         self._planner: Planner | None = None
         self._policy: PolicyStore | None = None  # aliases and fallbacks (`corral.gateway.policy`)
         self._access: Access | None = None  # API keys, limits and usage (CORRAL_AUTH=keys)
+        self._batch_limits = batch_limits or BatchLimits()
+        self._batches: BatchRunner | None = None  # the Batch API's share of the fleet's batch lines
         self._rates_task: asyncio.Task[None] | None = None
         self._rates: views.Rates | None = None
         self._rates_seen = asyncio.Event()
@@ -161,6 +167,15 @@ class Gateway:
             access = Access(await open_key_buckets(self.nc.jetstream(), self.subjects, replicas=replicas))
             await access.start()
             self._access = access
+        self._batches = BatchRunner(
+            self.nc,
+            self.subjects,
+            self._edge_http,
+            access=self._access,
+            limits=self._batch_limits,
+            replicas=replicas,
+        )
+        await self._batches.start()
         self._rates_task = asyncio.create_task(
             supervise("rates watch", lambda: self._watch_rates(buckets.views)), name="rates-watch"
         )
@@ -222,6 +237,8 @@ class Gateway:
         return self._rates
 
     async def stop(self) -> None:
+        if self._batches is not None:  # first: the lines it runs go back to the fleet at once
+            await self._batches.stop()
         if self._reopener is not None:
             await self._reopener.stop()
         if self._rates_task is not None:
@@ -262,6 +279,12 @@ class Gateway:
         """The fleet's model aliases and fallbacks, as this gateway last heard them."""
         assert self._policy is not None, "gateway not started"
         return self._policy
+
+    @property
+    def batches(self) -> BatchRunner:
+        """The Batch API's runner and store (`corral.gateway.batch`)."""
+        assert self._batches is not None, "gateway not started"
+        return self._batches
 
     @property
     def planner(self) -> Planner:

@@ -13,6 +13,7 @@ from corral import views
 from corral.gateway import console, management, userviews
 from corral.gateway.access import model_allowed
 from corral.gateway.auth import hides, key_of
+from corral.gateway.batch import routes as batch_routes
 from corral.gateway.errors import JSON, openai_body
 from corral.gateway.metrics import CONTENT_TYPE
 from corral.gateway.policy import with_aliases
@@ -137,4 +138,5 @@ def build_app(gw: Gateway) -> FastAPI:
         return await management.to_all_holders(gw.planner, request, "/api/copy", "POST")
 
     console.mount(app, gw)  # /console and its calls under /api/corral/
+    batch_routes.mount(app, gw)  # /v1/files and /v1/batches
     return app

@@ -16,6 +16,7 @@ https://github.com/nats-io/nats-architecture-and-design/blob/main/adr/ADR-6.md):
     {root}.events.{kind}             agent joined/left/dead, request finished, ...
     {root}.registry.{op}             registry request API (queue group "registry")
     {root}.agg.{op}                  aggregator request API (queue group "aggregator")
+    {root}.batchline.{batch}         the lines of one batch (JetStream work-queue stream)
 
 ``{vendor}`` is one of ``nvidia amd intel apple cpu any``; ``{model}`` is `ModelName.token`.
 """
@@ -208,6 +209,46 @@ class Subjects(msgspec.Struct, frozen=True):
     @property
     def queue_stream(self) -> str:
         return f"{self.root}_queue"
+
+    # -- the Batch API (``corral.gateway.batch``) --------------------------------------------
+    @property
+    def files_store(self) -> str:
+        """The object store of uploaded files and batch output files (``/v1/files``)."""
+        return f"{self.root}_files"
+
+    @property
+    def batches_bucket(self) -> str:
+        """One record per batch (``/v1/batches``), updated by compare-and-set only."""
+        return f"{self.root}_batches"
+
+    @property
+    def batch_results_bucket(self) -> str:
+        """Each batch line's result, keyed ``{batch}.{line index}``, until its batch is finished."""
+        return f"{self.root}_batchresults"
+
+    @property
+    def batch_lines_stream(self) -> str:
+        """The work-queue stream of batch lines waiting to run, one subject per batch."""
+        return f"{self.root}_batchlines"
+
+    def batch_line(self, batch_id: str) -> str:
+        return f"{self.root}.batchline.{_check_id(batch_id)}"
+
+    @property
+    def batch_lines_all(self) -> str:
+        return f"{self.root}.batchline.>"
+
+    batch_consumer = "batch-runner"  # the one durable consumer every gateway's runner shares
+
+    @staticmethod
+    def object_stream(store: str) -> str:
+        """The JetStream stream that holds an object store."""
+        return f"OBJ_{store}"
+
+    @staticmethod
+    def object_subjects(store: str) -> str:
+        """Every subject of an object store: its chunks and its metadata."""
+        return f"$O.{store}.>"
 
     @property
     def buckets(self) -> tuple[str, ...]:

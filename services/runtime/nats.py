@@ -248,6 +248,19 @@ KEY_BUCKETS: dict[str, BucketSpec] = {
     "limits": BucketSpec(StorageType.FILE, 64 * MiB, ttl=120.0, evict=True),
 }
 
+# The Batch API's stores (`corral.gateway.batch.store`), made by the first gateway that is sent a
+# file (nats-server reserves each bound in its file store when a stream is made, so a fleet that never
+# uses batches reserves nothing), all on disk since a batch must outlive a restart of every process
+# and of nats-server: the files (an object store: uploads and output files), one record per batch,
+# each line's result until its batch is finished, and the lines waiting to run (a work-queue
+# stream). None forgets: a write past a bound fails, and the client is told, or the line runs again.
+BATCH_STORES: dict[str, BucketSpec] = {
+    "files": BucketSpec(StorageType.FILE, 1024 * MiB),
+    "batches": BucketSpec(StorageType.FILE, 32 * MiB),
+    "batchresults": BucketSpec(StorageType.FILE, 512 * MiB),
+    "batchlines": BucketSpec(StorageType.FILE, 512 * MiB),
+}
+
 
 async def ensure_buckets(
     js: JetStreamContext,

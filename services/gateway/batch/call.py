@@ -1,0 +1,90 @@
+"""One batch line through the gateway's own HTTP path, in-process: a POST of the line's body to its
+url with ``X-Corral-Priority: batch``, so aliases, fallbacks, routing, limits and metrics apply to
+it as to any client's request. With API keys on, it runs as the key that made the batch (its model
+allow-list and priority cap), and counts in that key's usage like any of its requests."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from corral.gateway.access import TAIL_BYTES, ApiKey, reply_tokens
+from corral.gateway.asgi import App, Message, Scope
+from corral.gateway.auth import KEY, MODEL, Access
+from corral.protocol.priority import BATCH, HTTP_HEADER
+
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    request_id: str
+
+
+def _scope(url: str, body: bytes, key: ApiKey | None) -> Scope:
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": url,
+        "raw_path": url.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (HTTP_HEADER, BATCH.encode()),
+        ],
+        "client": None,
+        "server": None,
+        "state": {},
+    }
+    if key is not None:
+        scope[KEY] = key
+    return scope
+
+
+async def call(app: App, url: str, body: bytes, *, key: ApiKey | None, access: Access | None) -> Answer:
+    """POST ``body`` to ``url`` through ``app`` (the gateway behind its edge bounds); the whole answer.
+    Cancelling it is a client that went away: the gateway cancels the work on its agent."""
+    scope = _scope(url, body, key)
+    answered = asyncio.Event()
+    delivered = False
+    status = 0
+    request_id = ""
+    parts: list[bytes] = []
+
+    async def receive() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await answered.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(msg: Message) -> None:
+        nonlocal status, request_id
+        if msg["type"] == "http.response.start":
+            status = msg["status"]
+            for k, v in msg.get("headers", []):
+                if k.lower() == REQUEST_ID_HEADER:
+                    request_id = v.decode("latin-1")
+        elif msg["type"] == "http.response.body":
+            parts.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                answered.set()
+
+    try:
+        await app(scope, receive, send)
+    finally:
+        answered.set()
+    reply = b"".join(parts)
+    if key is not None and access is not None:
+        prompt, generated = reply_tokens(reply[-TAIL_BYTES:]) if status == 200 else (0, 0)
+        model: str = scope.get(MODEL, "")
+        access.usage.record(key.name, model, prompt=prompt, generated=generated, error=status >= 400)
+    return Answer(status, reply, request_id)

@@ -1,0 +1,323 @@
+"""Where the Batch API keeps everything, all in JetStream on disk (bounds: `BATCH_STORES`):
+
+- the files (``{root}_files``, an object store): uploads and output files under their ids, each
+  object's description holding its `FileMeta` (name, purpose, time, owner);
+- the batch records (``{root}_batches``, KV, key = batch id), changed only by compare-and-set on the
+  revision read (`BatchStore.change`), so two gateways never both win one transition;
+- the lines waiting to run (``{root}_batchlines``, a work-queue stream, subject
+  ``{root}.batchline.{batch}``), published with ``Nats-Msg-Id`` = ``{batch}.{index}`` so a
+  validation redone after a crash queues no line twice (within the stream's duplicate window);
+- each line's result (``{root}_batchresults``, KV, key ``{batch}.{index}``), written only if absent:
+  the first result of a line is its result, whoever wrote it and however often it ran. A line whose
+  result is a failure also gets ``{batch}.f.{index}``, for the live ``request_counts``.
+
+Counts come from the results stream itself (subjects under a filter), not from a counter a process
+could die before bumping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+from corral.gateway.batch.lines import Line, LineResult, result_decoder
+from corral.gateway.batch.model import BatchRecord, FileMeta, FileObject, file_meta_decoder, record_decoder
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import BATCH_STORES, BucketSpec, open_bucket
+from corral.runtime.workqueue import STREAM_NAME_IN_USE
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DeliverPolicy,
+    DiscardPolicy,
+    ObjectInfo,
+    ObjectMeta,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StreamConfig,
+)
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+    ObjectNotFoundError,
+)
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_WINDOW_S = 600.0  # a line published again within this is dropped by the stream
+READ_TIMEOUT_S = 5.0  # the next message of a listing already under way
+PUBLISH_WINDOW = 256  # lines published at once while queueing a batch
+CAS_TRIES = 20  # a record contended by this many writers in a row is a bug, not a race
+
+
+class Conflict(Exception):
+    """A record kept changing under a compare-and-set more than `CAS_TRIES` times."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A batch record and the revision it was read at."""
+
+    record: BatchRecord
+    revision: int
+
+
+class Missing(Exception):
+    """The Batch API's stores do not exist yet (nobody has sent a file)."""
+
+
+async def _object_store(
+    js: JetStreamContext, name: str, spec: BucketSpec, replicas: int, create: bool
+) -> ObjectStore:
+    try:
+        return await js.object_store(name)
+    except BucketNotFoundError:
+        if not create:
+            raise Missing(name) from None
+    cfg = ObjectStoreConfig(storage=spec.storage, max_bytes=spec.max_bytes, replicas=replicas)
+    try:
+        return await js.create_object_store(name, config=cfg)
+    except APIError as e:
+        if e.err_code != STREAM_NAME_IN_USE:
+            raise
+        return await js.object_store(name)  # another gateway made it meanwhile
+
+
+async def _line_stream(js: JetStreamContext, subjects: Subjects, spec: BucketSpec, replicas: int) -> None:
+    try:
+        await js.stream_info(subjects.batch_lines_stream)
+        return
+    except NotFoundError:
+        pass
+    cfg = StreamConfig(
+        name=subjects.batch_lines_stream,
+        subjects=[subjects.batch_lines_all],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=spec.storage,
+        num_replicas=replicas,
+        discard=DiscardPolicy.NEW,
+        max_bytes=spec.max_bytes,
+        duplicate_window=DUPLICATE_WINDOW_S,
+    )
+    try:
+        await js.add_stream(cfg)
+    except APIError as e:
+        if e.err_code != STREAM_NAME_IN_USE:
+            raise
+
+
+async def last_per_subject(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
+    """The latest message of every subject under ``subject`` in ``stream``, read to the end by the
+    consumer's own count of what is left (not by nats-py's KV "no more" marker, which a watch can
+    send before the values it has already been delivered)."""
+    info = await js.stream_info(stream, subjects_filter=subject)
+    if not info.state.subjects:
+        return []
+    sub = await js.subscribe(
+        subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT
+    )
+    out: list[Msg] = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=READ_TIMEOUT_S)
+            out.append(msg)
+            if msg.metadata.num_pending == 0:
+                return out
+    finally:
+        await sub.unsubscribe()
+
+
+def _live(msg: Msg) -> bool:
+    """Whether a KV message holds a value (not a delete or purge marker)."""
+    return not (msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE")) and bool(msg.data)
+
+
+class BatchStore:
+    """The Batch API's state in JetStream; every method is one or a few JetStream calls."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        files: ObjectStore,
+        batches: KeyValue,
+        results: KeyValue,
+    ) -> None:
+        self.js = js
+        self.subjects = subjects
+        self._files = files
+        self._batches = batches
+        self._results = results
+
+    @classmethod
+    async def open(
+        cls, js: JetStreamContext, subjects: Subjects, *, replicas: int = 1, create: bool = True
+    ) -> BatchStore:
+        """Open the stores, creating what does not exist yet (idempotent across gateways); with
+        ``create`` off, `Missing` until someone made them (the files store is made first)."""
+        s = BATCH_STORES
+        files = await _object_store(js, subjects.files_store, s["files"], replicas, create)
+        batches = await open_bucket(js, subjects.batches_bucket, s["batches"], replicas=replicas)
+        results = await open_bucket(js, subjects.batch_results_bucket, s["batchresults"], replicas=replicas)
+        await _line_stream(js, subjects, s["batchlines"], replicas)
+        return cls(js, subjects, files, batches, results)
+
+    # -- files -------------------------------------------------------------------------------------
+    async def put_file(self, file_id: str, data: bytes, meta: FileMeta) -> FileObject:
+        description = msgspec.json.encode(meta).decode()
+        await self._files.put(file_id, data, meta=ObjectMeta(name=file_id, description=description))
+        return _file_object(file_id, len(data), meta)
+
+    async def file(self, file_id: str) -> tuple[FileObject, FileMeta] | None:
+        try:
+            info = await self._files.get_info(file_id)
+        except ObjectNotFoundError:
+            return None
+        meta = _meta_of(info.description)
+        return (_file_object(file_id, info.size or 0, meta), meta) if meta is not None else None
+
+    async def file_data(self, file_id: str) -> bytes | None:
+        try:
+            return bytes((await self._files.get(file_id)).data or b"")
+        except ObjectNotFoundError:
+            return None
+
+    async def files(self) -> list[tuple[FileObject, FileMeta]]:
+        store = self.subjects.files_store
+        msgs = await last_per_subject(self.js, self.subjects.object_stream(store), f"$O.{store}.M.>")
+        out = []
+        for msg in msgs:
+            info = ObjectInfo.from_response(json.loads(msg.data))
+            meta = _meta_of(info.description)
+            if meta is not None and not info.deleted:
+                out.append((_file_object(info.name, info.size or 0, meta), meta))
+        return out
+
+    async def delete_file(self, file_id: str) -> bool:
+        try:
+            await self._files.delete(file_id)
+        except ObjectNotFoundError:
+            return False
+        return True
+
+    # -- batch records -----------------------------------------------------------------------------
+    async def create_batch(self, record: BatchRecord) -> None:
+        await self._batches.create(record.batch.id, msgspec.json.encode(record))
+
+    async def batch(self, batch_id: str) -> Stored | None:
+        try:
+            entry = await self._batches.get(batch_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        return Stored(record_decoder.decode(entry.value), entry.revision or 0)
+
+    async def change(self, batch_id: str, step: Callable[[BatchRecord], BatchRecord]) -> BatchRecord | None:
+        """Apply ``step`` to the batch by compare-and-set, reading again after each lost race; the
+        record written (or read, when ``step`` changed nothing); None for an unknown batch. Whatever
+        ``step`` raises (`corral.gateway.batch.model.Refused`) reaches the caller."""
+        for _ in range(CAS_TRIES):
+            stored = await self.batch(batch_id)
+            if stored is None:
+                return None
+            new = step(stored.record)
+            if new == stored.record:
+                return new
+            try:
+                await self._batches.update(batch_id, msgspec.json.encode(new), last=stored.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            return new
+        raise Conflict(f"batch {batch_id} changed under {CAS_TRIES} compare-and-sets in a row")
+
+    async def batches(self) -> list[Stored]:
+        """Every batch record, with its revision."""
+        bucket = self.subjects.batches_bucket
+        msgs = await last_per_subject(
+            self.js, self.subjects.kv_stream(bucket), self.subjects.kv_key(bucket, ">")
+        )
+        return [Stored(record_decoder.decode(m.data), m.metadata.sequence.stream) for m in msgs if _live(m)]
+
+    # -- lines and results -------------------------------------------------------------------------
+    async def queue_lines(self, batch_id: str, lines: list[tuple[str, bytes]], url: str) -> None:
+        """Publish every line, `PUBLISH_WINDOW` awaiting their acks at a time."""
+        subject = self.subjects.batch_line(batch_id)
+
+        async def one(index: int, custom_id: str, body: bytes) -> None:
+            line = Line(batch=batch_id, index=index, custom_id=custom_id, url=url, body=msgspec.Raw(body))
+            headers = {"Nats-Msg-Id": f"{batch_id}.{index}"}
+            await self.js.publish(subject, msgspec.json.encode(line), headers=headers)
+
+        for start in range(0, len(lines), PUBLISH_WINDOW):
+            part = lines[start : start + PUBLISH_WINDOW]
+            await asyncio.gather(*(one(start + i, c, b) for i, (c, b) in enumerate(part)))
+
+    async def store_result(self, batch_id: str, index: int, result: LineResult) -> LineResult:
+        """Keep a line's result unless it has one already; the result it has."""
+        key = f"{batch_id}.{index}"
+        try:
+            await self._results.create(key, msgspec.json.encode(result))
+        except KeyWrongLastSequenceError:
+            entry = await self._results.get(key)
+            result = result_decoder.decode(entry.value or b"")
+        if not result.ok:  # also when an earlier writer died before marking it
+            try:
+                await self._results.create(f"{batch_id}.f.{index}", b"")
+            except KeyWrongLastSequenceError:
+                pass
+        return result
+
+    async def _count(self, keys: str) -> int:
+        stream = self.subjects.kv_stream(self.subjects.batch_results_bucket)
+        subject = self.subjects.kv_key(self.subjects.batch_results_bucket, keys)
+        info = await self.js.stream_info(stream, subjects_filter=subject)
+        return len(info.state.subjects or {})
+
+    async def done_count(self, batch_id: str) -> int:
+        """How many lines of the batch have their result."""
+        return await self._count(f"{batch_id}.*")
+
+    async def failed_count(self, batch_id: str) -> int:
+        return await self._count(f"{batch_id}.f.*")
+
+    async def results(self, batch_id: str, total: int) -> list[LineResult] | None:
+        """Every line's result in input order; None while some line has none."""
+        bucket = self.subjects.batch_results_bucket
+        subject = self.subjects.kv_key(bucket, f"{batch_id}.*")
+        found: dict[int, LineResult] = {}
+        for msg in await last_per_subject(self.js, self.subjects.kv_stream(bucket), subject):
+            if _live(msg):
+                found[int(msg.subject.rsplit(".", 1)[1])] = result_decoder.decode(msg.data)
+        if any(i not in found for i in range(total)):
+            return None
+        return [found[i] for i in range(total)]
+
+    async def drop_results(self, batch_id: str) -> None:
+        """Forget a finished batch's results: its files hold them now."""
+        stream = self.subjects.kv_stream(self.subjects.batch_results_bucket)
+        subject = self.subjects.kv_key(self.subjects.batch_results_bucket, f"{batch_id}.>")
+        await self.js.purge_stream(stream, subject=subject)
+
+
+def _meta_of(description: str | None) -> FileMeta | None:
+    try:
+        return file_meta_decoder.decode(description or "")
+    except (msgspec.DecodeError, json.JSONDecodeError):
+        log.warning("a file in the files store has no readable description: not shown")
+        return None
+
+
+def _file_object(file_id: str, size: int, meta: FileMeta) -> FileObject:
+    return FileObject(
+        id=file_id, bytes=size, created_at=meta.created_at, filename=meta.filename, purpose=meta.purpose
+    )

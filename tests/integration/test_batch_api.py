@@ -1,0 +1,263 @@
+"""The OpenAI Batch and Files APIs on a real fleet (nats-server, simulators, agents, the gateway on a
+real socket), driven by the ``openai`` SDK exactly as against OpenAI: upload, create, retrieve, list,
+cancel, read the output and error files; and with API keys on, each user key sees only its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import openai
+import pytest
+from corral.gateway.batch import model
+from corral.gateway.keys import create_key, open_key_buckets
+from corral.protocol.subjects import Subjects
+from corral.runtime.natsserver import NatsServer
+from corral.up import FleetOptions, LocalFleet, default_sims
+
+from tests.integration.batch_helpers import (
+    EMBED,
+    LLAMA,
+    exactly_once,
+    jsonl,
+    outcome,
+    request,
+    submit,
+    wait_until,
+)
+from tests.integration.fleet_helpers import preload
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def fleet(nats_server: NatsServer, root: str) -> AsyncIterator[LocalFleet]:
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(2, time_scale=0),
+        agent={"heartbeat_s": 0.5},
+    )
+    async with LocalFleet(options) as f:
+        await preload(f, LLAMA)
+        yield f
+
+
+@pytest.fixture
+async def client(fleet: LocalFleet) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0) as c:
+        yield c
+
+
+def js(fleet: LocalFleet):  # type: ignore[no-untyped-def]
+    assert fleet.gateway is not None and fleet.gateway.nc is not None
+    return fleet.gateway.nc.jetstream()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "model", "kind"),
+    [
+        ("/v1/chat/completions", LLAMA, "chat.completion"),
+        ("/v1/completions", LLAMA, "text_completion"),
+        ("/v1/embeddings", EMBED, "list"),
+    ],
+)
+async def test_a_batch_runs_every_line_through_the_fleet(
+    fleet: LocalFleet, client: openai.AsyncOpenAI, root: str, endpoint: str, model: str, kind: str
+) -> None:
+    lines = [request(i, endpoint, model) for i in range(6)]
+    b = await submit(client, jsonl(lines), endpoint)
+    assert b.object == "batch" and b.endpoint == endpoint and b.status in ("validating", "in_progress")
+    assert b.completion_window == "24h" and b.expires_at == b.created_at + 86400
+    done = await wait_until(client, js(fleet), root, b.id)
+    assert done.status == "completed", done.errors
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (6, 6, 0)
+    assert done.in_progress_at and done.finalizing_at and done.completed_at and done.error_file_id is None
+    out, err = await outcome(client, done)
+    assert err == []
+    assert [x["custom_id"] for x in out] == [f"req-{i}" for i in range(6)]  # input order
+    for x in out:
+        assert x["error"] is None and x["id"].startswith("batch_req_")
+        assert x["response"]["status_code"] == 200 and x["response"]["request_id"]
+        assert x["response"]["body"]["object"] == kind
+    assert done.output_file_id is not None
+    f = await client.files.retrieve(done.output_file_id)
+    assert f.purpose == "batch_output" and f.bytes > 0  # type: ignore[comparison-overlap]
+    # a finished batch keeps nothing but its record and files: its results were dropped
+    sub = Subjects(root)
+    info = await js(fleet).stream_info(
+        sub.kv_stream(sub.batch_results_bucket),
+        subjects_filter=sub.kv_key(sub.batch_results_bucket, f"{b.id}.>"),
+    )
+    assert not info.state.subjects
+
+
+async def test_a_models_refusal_is_that_lines_answer_in_the_error_file(
+    fleet: LocalFleet, client: openai.AsyncOpenAI, root: str
+) -> None:
+    lines = [request(0), request(1, model="no-such-model:latest"), request(2)]
+    done = await wait_until(client, js(fleet), root, (await submit(client, jsonl(lines))).id)
+    assert done.status == "completed"
+    assert done.request_counts is not None and (
+        done.request_counts.completed,
+        done.request_counts.failed,
+    ) == (2, 1)
+    out, err = await outcome(client, done)
+    assert [x["custom_id"] for x in out] == ["req-0", "req-2"]
+    assert len(err) == 1 and err[0]["custom_id"] == "req-1" and err[0]["error"] is None
+    assert err[0]["response"]["status_code"] == 404
+    assert "no-such-model" in err[0]["response"]["body"]["error"]["message"]
+
+
+async def test_an_invalid_input_file_fails_the_batch_at_validation(
+    fleet: LocalFleet, client: openai.AsyncOpenAI, root: str
+) -> None:
+    good = request(0)
+    lines = [
+        jsonl([good]),
+        b"{not json\n",
+        jsonl([{k: v for k, v in request(2).items() if k != "custom_id"}]),
+        jsonl([good]),  # its custom_id again
+        jsonl([request(4) | {"url": "/v1/images"}]),
+        jsonl([request(5) | {"url": "/v1/embeddings"}]),  # another endpoint than the batch's
+        jsonl([request(6) | {"method": "GET"}]),
+    ]
+    b = await submit(client, b"".join(lines))
+    done = await wait_until(client, js(fleet), root, b.id)
+    assert done.status == "failed" and done.failed_at and done.output_file_id is None
+    assert done.errors is not None and done.errors.data is not None
+    found = {(e.line, e.code) for e in done.errors.data}
+    assert found == {
+        (2, "invalid_json_line"),
+        (3, "missing_required_parameter"),
+        (4, "duplicate_custom_id"),
+        (5, "invalid_url"),
+        (6, "mismatched_endpoint"),
+        (7, "invalid_method"),
+    }
+
+
+async def test_a_cancelled_batch_answers_every_line_once(nats_server: NatsServer, root: str) -> None:
+    # simulated generation at real speed: most lines are still waiting when the cancel comes
+    options = FleetOptions(port=0, nats_url=nats_server.url, root=root, sims=default_sims(2, time_scale=1.0))
+    lines = [request(i) for i in range(60)]
+    for line in lines:
+        line["body"]["max_tokens"] = 40
+    async with (
+        LocalFleet(options) as fleet,
+        openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0) as c,
+    ):
+        b = await submit(c, jsonl(lines))
+        cancelling = await c.batches.cancel(b.id)
+        assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+        done = await wait_until(c, js(fleet), root, b.id)
+        assert done.status == "cancelled" and done.cancelled_at
+        out, err = await outcome(c, done)
+        exactly_once(out, err, [x["custom_id"] for x in lines])
+        cancelled = [x for x in err if x["error"] and x["error"]["code"] == "batch_cancelled"]
+        assert cancelled and all(x["response"] is None for x in cancelled)
+        assert done.request_counts is not None and done.request_counts.total == 60
+        assert done.request_counts.failed == len(err) and done.request_counts.completed == len(out)
+        assert (await c.batches.cancel(b.id)).status == "cancelled"  # again: nothing changes
+        finished = await wait_until(c, js(fleet), root, (await submit(c, jsonl(lines[:1]))).id)
+        assert finished.status == "completed"
+        with pytest.raises(openai.ConflictError):  # a completed batch cannot be cancelled
+            await c.batches.cancel(finished.id)
+
+
+async def test_batches_and_files_are_listed_newest_first_a_page_at_a_time(
+    fleet: LocalFleet, client: openai.AsyncOpenAI, root: str
+) -> None:
+    made = [await submit(client, jsonl([request(i)])) for i in range(3)]
+    page = await client.batches.list(limit=2)
+    assert [b.id for b in page.data] == [made[2].id, made[1].id] and page.has_more
+    every = [b.id async for b in client.batches.list(limit=2)]  # the SDK follows `after`
+    assert every == [m.id for m in reversed(made)]
+    files = [f.id async for f in client.files.list(purpose="batch")]
+    assert files == sorted((m.input_file_id for m in made), reverse=True)
+    for m in made:
+        await wait_until(client, js(fleet), root, m.id)
+
+
+async def test_with_keys_a_user_sees_only_its_own_batches_and_files(
+    nats_server: NatsServer, root: str
+) -> None:
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=0),
+        gateway={"auth": "keys"},
+    )
+    async with LocalFleet(options) as fleet:
+        await preload(fleet, LLAMA)
+        gw = fleet.gateway
+        assert gw is not None and gw.access is not None
+        buckets = await open_key_buckets(js(fleet), Subjects(root))
+        keys = {
+            name: await create_key(buckets.keys, name, role=role)  # type: ignore[arg-type]
+            for name, role in (("alice", "user"), ("bob", "user"), ("root", "admin"))
+        }
+        async with asyncio.timeout(10):
+            while any(gw.access.keys.lookup(k) is None for k in keys.values()):
+                await gw.access.keys.wait_changed(10)
+
+        def as_key(key: str) -> openai.AsyncOpenAI:
+            return openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key=key, max_retries=0)
+
+        async with (
+            as_key(keys["alice"]) as alice,
+            as_key(keys["bob"]) as bob,
+            as_key(keys["root"]) as admin,
+            as_key("corral-nope") as stranger,
+        ):
+            await _only_their_own(fleet, root, alice, bob, admin, stranger)
+
+
+async def _only_their_own(
+    fleet: LocalFleet,
+    root: str,
+    alice: openai.AsyncOpenAI,
+    bob: openai.AsyncOpenAI,
+    admin: openai.AsyncOpenAI,
+    stranger: openai.AsyncOpenAI,
+) -> None:
+    gw = fleet.gateway
+    assert gw is not None
+    mine = await submit(alice, jsonl([request(i) for i in range(3)]))
+    done = await wait_until(alice, js(fleet), root, mine.id)
+    assert done.status == "completed"
+    theirs = await wait_until(bob, js(fleet), root, (await submit(bob, jsonl([request(0)]))).id)
+    assert [b.id async for b in alice.batches.list()] == [mine.id]
+    assert [b.id async for b in bob.batches.list()] == [theirs.id]
+    assert {b.id async for b in admin.batches.list()} == {mine.id, theirs.id}
+    with pytest.raises(openai.NotFoundError):
+        await bob.batches.retrieve(mine.id)
+    with pytest.raises(openai.NotFoundError):
+        await bob.files.content(done.output_file_id or "")
+    with pytest.raises(openai.NotFoundError):  # nor can another's input file start a batch
+        await bob.batches.create(
+            input_file_id=mine.input_file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert {f.id async for f in alice.files.list()} == {mine.input_file_id, done.output_file_id}
+    with pytest.raises(openai.AuthenticationError):
+        await stranger.batches.list()
+
+    # a batch's lines run as the key that made it, looked up when each runs: once that key is
+    # revoked, its remaining lines fail
+    ghost = model.new_batch(
+        model.new_id("batch"),
+        endpoint="/v1/chat/completions",
+        input_file_id=mine.input_file_id,
+        window="24h",
+        now=int(time.time()),
+        owner="carol-revoked",
+    )
+    await gw.batches.lifecycle.store.create_batch(ghost)
+    await gw.batches.lifecycle.validate(ghost.batch.id)
+    failed = await wait_until(admin, js(fleet), root, ghost.batch.id)
+    out, err = await outcome(admin, failed)
+    assert out == [] and {x["error"]["code"] for x in err} == {"invalid_api_key"} and len(err) == 3
