@@ -13,6 +13,12 @@ https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
   and counts their usage and limits (``R_keys``; ``$KV.R_usage.>``, ``$KV.R_limits.>``); reads its
   replies and serves large bodies: its own (``R.reply.<id>.*``, ``R.body.<id>.*``) as ``gateway-<id>``
   with a fixed ``--gateway-id``, every gateway's (``R.reply.>``, ``R.body.>``) as the shared ``gateway``.
+  Its Batch API runner (`corral.gateway.batch`) keeps the fleet's batches in stores no other service
+  touches, so the gateway makes them itself, and may make and change those streams only (``STREAM.
+  CREATE``/``UPDATE`` of ``OBJ_R_files``, ``KV_R_batches``, ``KV_R_batchresults``, ``R_batchlines``):
+  it writes files (``$O.R_files.>``, purging an object's old chunks), batch records and results
+  (``$KV.R_batches.>``, ``$KV.R_batchresults.>``, purging a finished batch's results), queues lines
+  (``R.batchline.>``) and takes them from their one durable consumer (``MSG.NEXT``, acks).
 - agent ``<id>``: takes claims and nudges (``R.work.>``, ``R.queued.>``), its own direct work,
   cancels and admin (``R.agent.<id>.*``); answers on ``R.reply.>``, fetches bodies
   (``R.body.>``), takes from the queue (its consumers, ``MSG.NEXT``, acks), reports finished
@@ -20,12 +26,14 @@ https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
 - registry: serves ``R.registry.>``, sends pulls to agents (``R.agent.*.work``, ``.ctl``) and reads
   their replies, writes the model index, load markers and dead-agent markers
   (``$KV.R_models.>``, ``$KV.R_views.>``), deletes the state of dead agents (``$KV.R_agents.>``),
-  announces membership (``R.events.agent``).
+  announces membership (``R.events.agent``); hears queued requests' nudges (``R.queued.>``) and
+  finished requests (``R.events.request``) for demand-driven replicas.
 - aggregator: hears finished requests (``R.events.request``), writes the views (``$KV.R_views.>``).
 - operator (``corral status/pull/drain…``, `corral.client`, whoever creates the buckets and the
   stream): all of ``R.>`` and the JetStream API; reads replies and events, no other inbox.
 
-Neither the gateway nor the agents may create or change a stream: the operator identity does.
+Neither the gateway nor the agents may create or change a stream of the fleet: the operator identity
+does (the gateway makes only the Batch API's own stores).
 """
 
 from __future__ import annotations
@@ -63,6 +71,41 @@ def gateway_user(gateway_id: str) -> str:
 def _key_buckets(s: Subjects) -> tuple[str, ...]:
     """The gateway's API keys, their usage and their per-minute counters (``CORRAL_AUTH=keys``)."""
     return (s.keys_bucket, s.usage_bucket, s.limits_bucket)
+
+
+def _batch_kv(s: Subjects) -> tuple[str, ...]:
+    return (s.batches_bucket, s.batch_results_bucket)
+
+
+def _batch(s: Subjects) -> list[str]:
+    """What a gateway's batch runner publishes, beyond reading its KV buckets (`_open_and_read`)."""
+    files = s.object_stream(s.files_store)
+    lines = s.batch_lines_stream
+    kv = [s.kv_stream(b) for b in _batch_kv(s)]
+    return [
+        s.batch_lines_all,
+        s.object_subjects(s.files_store),
+        *(s.kv_key(b, ">") for b in _batch_kv(s)),
+        *(f"{_API}.STREAM.{op}.{stream}" for op in ("CREATE", "UPDATE") for stream in (files, lines, *kv)),
+        f"{_API}.STREAM.INFO.{files}",
+        f"{_API}.STREAM.INFO.{lines}",
+        f"{_API}.STREAM.NAMES",  # nats-py finds an object's stream by name before reading it
+        f"{_API}.STREAM.PURGE.{files}",
+        f"{_API}.STREAM.PURGE.{s.kv_stream(s.batch_results_bucket)}",
+        f"{_API}.STREAM.MSG.GET.{files}",
+        f"{_API}.DIRECT.GET.{files}",
+        f"{_API}.DIRECT.GET.{files}.>",
+        f"{_API}.CONSUMER.CREATE.{files}",
+        f"{_API}.CONSUMER.CREATE.{files}.>",
+        f"{_API}.CONSUMER.DELETE.{files}.>",
+        f"{_API}.CONSUMER.INFO.{files}.>",
+        f"$JS.FC.{files}.>",
+        f"{_API}.CONSUMER.CREATE.{lines}.>",
+        f"{_API}.CONSUMER.DURABLE.CREATE.{lines}.>",
+        f"{_API}.CONSUMER.INFO.{lines}.>",
+        f"{_API}.CONSUMER.MSG.NEXT.{lines}.>",
+        f"$JS.ACK.{lines}.>",
+    ]
 
 
 def _open_and_read(s: Subjects, extra: tuple[str, ...] = ()) -> list[str]:
@@ -106,7 +149,15 @@ def role_permissions(role: str, s: Subjects) -> Permissions:
                 s.kv_key(s.agents_bucket, ">"),
                 *read,
             ]
-            subscribe = (f"{s.root}.registry.>", s.replies_all, s.bodies_all, inbox)
+            # demand-driven replicas hear each queued request's nudge and each finished request
+            subscribe = (
+                f"{s.root}.registry.>",
+                s.replies_all,
+                s.bodies_all,
+                s.queued_all,
+                s.event("request"),
+                inbox,
+            )
             return Permissions(tuple(publish), subscribe)
         case "aggregator":
             publish = [s.kv_key(s.views_bucket, ">"), *read]
@@ -117,7 +168,8 @@ def role_permissions(role: str, s: Subjects) -> Permissions:
                 f"{_API}.>",
                 "$JS.ACK.>",
                 "$JS.FC.>",
-                *(s.kv_key(b, ">") for b in (*s.buckets, *_key_buckets(s))),
+                *(s.kv_key(b, ">") for b in (*s.buckets, *_key_buckets(s), *_batch_kv(s))),
+                s.object_subjects(s.files_store),
             ]
             return Permissions(tuple(publish), (s.replies_all, s.bodies_all, s.events_all(), inbox))
     raise ValueError(
@@ -141,7 +193,8 @@ def _gateway(s: Subjects, inbox: str, gateway_id: str | None) -> Permissions:
         s.kv_key(s.usage_bucket, ">"),
         s.kv_key(s.limits_bucket, ">"),
         f"{_API}.STREAM.MSG.DELETE.{s.queue_stream}",
-        *_open_and_read(s, _key_buckets(s)),
+        *_open_and_read(s, (*_key_buckets(s), *_batch_kv(s))),
+        *_batch(s),
     ]
     if gateway_id is None:
         return Permissions(tuple(publish), (s.replies_all, s.bodies_all, inbox))

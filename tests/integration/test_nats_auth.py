@@ -12,6 +12,7 @@ from typing import Any
 import nats
 import nats.errors
 import ollama
+import openai
 import pytest
 from corral.auth.config import add_agent, creds_path, init
 from corral.auth.permissions import agent_user, gateway_user
@@ -384,3 +385,28 @@ async def test_a_service_refused_by_nats_exits_1_and_says_why(server: NatsServer
     text = err.decode()
     assert "refused this process" in text and "Authorization Violation" in text
     assert "Traceback" not in text
+
+
+async def test_the_batch_api_runs_under_a_gateways_identity(fleet: LocalFleet, as_user: Any) -> None:
+    """The gateway (as ``gateway-gw1``) makes the Batch API's stores on the first upload and runs a
+    batch through them — files, records, results, the line stream and its consumer — without one
+    permissions violation; an agent may touch none of them."""
+    from tests.integration.batch_helpers import exactly_once, jsonl, outcome, request, submit, wait_until
+
+    assert fleet.gateway is not None and fleet.gateway.nc is not None
+    lines = [request(i, model="llama3.2:latest") for i in range(4)]
+    async with openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0) as c:
+        b = await submit(c, jsonl(lines))
+        done = await wait_until(c, fleet.gateway.nc.jetstream(), ROOT, b.id)
+        assert done.status == "completed", done
+        out, err = await outcome(c, done)
+        assert [b.id async for b in c.batches.list()] == [b.id]
+    exactly_once(out, err, [x["custom_id"] for x in lines])
+    assert len(out) == 4
+    assert_no_violation(fleet)
+    agent = await as_user(agent_user(AGENTS[0]))
+    s = Subjects(ROOT)
+    await agent.nc.publish(s.kv_key(s.batches_bucket, b.id), b"{}")
+    await agent.denied(f'Publish to "$KV.{s.batches_bucket}.{b.id}"')
+    await agent.nc.publish(s.batch_line(b.id), b"{}")
+    await agent.denied(f'Publish to "{s.batch_line(b.id)}"')

@@ -64,7 +64,10 @@ def test_a_gateway_may_cancel_but_not_drain_nor_write_agent_state() -> None:
     p = role_permissions("gateway", S)
     assert S.agent_all("ctl") in p.publish and S.agent_all("admin") not in p.publish
     assert not any(s.startswith("$KV.corral_agents") for s in p.publish)
-    assert not any(".STREAM.CREATE" in s or ".STREAM.UPDATE" in s for s in p.publish)
+    # it makes and changes no stream of the fleet: only the Batch API's own stores
+    batch_streams = {"OBJ_corral_files", "KV_corral_batches", "KV_corral_batchresults", "corral_batchlines"}
+    made = {s.rsplit(".", 1)[1] for s in p.publish if ".STREAM.CREATE" in s or ".STREAM.UPDATE" in s}
+    assert made == batch_streams
     with pytest.raises(ValueError):
         role_permissions("nobody", S)
 
@@ -111,3 +114,22 @@ def test_gateways_count_key_usage_and_only_the_operator_writes_keys() -> None:
     assert S.kv_key(S.keys_bucket, ">") in role_permissions("operator", S).publish
     for role in ("registry", "aggregator", "agent-a1"):
         assert not any(S.keys_bucket in p for p in role_permissions(role, S).publish), role
+
+
+def test_a_gateway_runs_batches_in_its_own_stores_and_nowhere_else() -> None:
+    p = role_permissions("gateway", S)
+    for right in (
+        "corral.batchline.>",  # queue lines
+        "$O.corral_files.>",  # write files
+        "$KV.corral_batches.>",
+        "$KV.corral_batchresults.>",
+        "$JS.API.CONSUMER.MSG.NEXT.corral_batchlines.>",  # take lines from the one durable consumer
+        "$JS.ACK.corral_batchlines.>",
+        "$JS.API.STREAM.PURGE.KV_corral_batchresults",  # forget a finished batch's results
+        "$JS.API.DIRECT.GET.KV_corral_batches",
+    ):
+        assert right in p.publish, right
+    assert "$JS.API.STREAM.PURGE.corral_queue" not in p.publish  # nor any other stream's
+    assert not any(r.startswith("$JS.API.STREAM.DELETE") for r in p.publish)
+    for role in ("registry", "aggregator", "agent-a1"):
+        assert not any("batch" in r or "files" in r for r in role_permissions(role, S).publish), role
