@@ -16,6 +16,7 @@ COMMANDS = {
     "auth": ("corral.auth.main", "NATS identities with least privilege: one per role and agent"),
     "keys": ("corral.gateway.keysmain", "the gateway's API keys: create, list, revoke, usage"),
     "top": ("corral.top", "a live terminal view of the fleet, read from a gateway over HTTP"),
+    "batch": ("corral.batchctl", "OpenAI batch jobs on a gateway: submit, status, results, cancel, list"),
 }
 FLEET_COMMANDS = {
     "status": "the fleet at a glance",

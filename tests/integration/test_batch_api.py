@@ -5,8 +5,11 @@ cancel, read the output and error files; and with API keys on, each user key see
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -261,3 +264,43 @@ async def _only_their_own(
     failed = await wait_until(admin, js(fleet), root, ghost.batch.id)
     out, err = await outcome(admin, failed)
     assert out == [] and {x["error"]["code"] for x in err} == {"invalid_api_key"} and len(err) == 3
+
+
+async def corral_batch(fleet: LocalFleet, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "corral.cli",
+        "batch",
+        *args,
+        "--url",
+        fleet.url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_the_cli_submits_bare_bodies_waits_and_writes_the_results(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    bodies = [{"messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 3} for i in range(3)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps(b) for b in bodies) + "\n\n" + json.dumps(request(9)) + "\n")
+    code, out, err = await corral_batch(fleet, "submit", str(source), "--model", LLAMA, "--wait")
+    assert code == 0, err
+    batch_id = out.strip()
+    assert "completed" in err and "4/4" in err  # the progress lines, one per change (not a terminal)
+    code, out, _ = await corral_batch(fleet, "status", batch_id)
+    assert code == 0 and "completed" in out and "4/4 done, 0 failed" in out
+    target = tmp_path / "out.jsonl"
+    code, _, err = await corral_batch(fleet, "results", batch_id, "-o", str(target))
+    assert code == 0, err
+    got = [json.loads(x) for x in target.read_text().splitlines()]
+    assert [x["custom_id"] for x in got] == ["line-1", "line-2", "line-3", "req-9"]
+    assert all(x["response"]["status_code"] == 200 for x in got)
+    code, out, _ = await corral_batch(fleet, "list")
+    assert code == 0 and batch_id in out
+    code, _, err = await corral_batch(fleet, "cancel", batch_id)
+    assert code == 1 and "409" in err and "completed" in err
