@@ -21,7 +21,7 @@ from corral.runtime.natsserver import NatsServer
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims
 from corral.views import FleetStatus
 
-from tests.integration.fleet_helpers import Events, until
+from tests.integration.fleet_helpers import Events, preload, until
 
 pytestmark = pytest.mark.integration
 
@@ -96,6 +96,8 @@ async def test_views_agree_with_each_server(fleet: LocalFleet) -> None:
 
 async def test_status_rates_come_from_the_aggregators(fleet: LocalFleet) -> None:
     assert fleet.gateway is not None
+    # warm everywhere first: a cold burst that queues gets replica preloads, requests of their own
+    await preload(fleet, "llama3.2")
     async with ollama.AsyncClient(host=fleet.url) as c:
         results = await asyncio.gather(
             *(c.generate(model="llama3.2", prompt=f"{i}", options={"num_predict": 5}) for i in range(6))
