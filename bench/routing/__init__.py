@@ -1,7 +1,7 @@
 """Routing policies compared on a simulated fleet: the same seeded workloads through the gateway
 under each ``X-Load-Balancing-Strategy``, each on a fresh fleet.
 
-    .venv/bin/python -m bench.routing [--quick] [--seed N] [--workloads skewed,chat,burst,num_ctx]
+    .venv/bin/python -m bench.routing [--quick] [--seed N] [--workloads skewed,chat,burst,steady_burst,num_ctx]
                                       [--policies auto,round_robin,random,least_connection[,herd]]
                                       [--repeat N] [--time-scale 0.2] [--cap 150] [--json FILE]
                                       [--herd-venv DIR]
@@ -10,7 +10,7 @@ Where each part lives:
 
 ``fleet``      the simulated machines and model catalogue, the fleet's options (scaled periods,
                the seeded router) and the waits until it is ready
-``workloads``  the four workloads: each plans its requests from a seeded generator and drives them
+``workloads``  the five workloads: each plans its requests from a seeded generator and drives them
 ``client``     one keep-alive connection to the gateway and what one request measured (`Sample`)
 ``run``        one workload under one policy on a fresh fleet: counters, CPU, warnings
 ``results``    a run's figures (`RunResult`), repetitions pooled, one request as JSON
@@ -30,7 +30,8 @@ The fleet (`LocalFleet`, in this process, as ``corral up`` runs it): an embedded
 registry, an aggregator, six simulated GPU servers of mixed vendors, VRAM sizes, speeds and
 parallel slots (`fleet.MACHINES`), one agent each, and the gateway on a real socket. Every
 simulator has the same model catalogue on disk (`fleet.MODELS`, 1.3 to 9 GB; the 12 GB card lacks
-the 14B model), nothing loaded, ``OLLAMA_CONTEXT_LENGTH=4096`` and keep_alive 5m. The gateway's
+the 14B model), nothing loaded, ``OLLAMA_CONTEXT_LENGTH=4096`` (8192 for ``steady_burst``) and
+keep_alive 5m. The gateway's
 `Router` is seeded with the run's seed, so the ``random`` strategy draws the same sequence on
 every run.
 
@@ -60,6 +61,12 @@ where a request runs):
 ``burst``
     50 concurrent streaming requests for a model no agent has loaded (phi4:14b); counts the loads
     across the fleet.
+``steady_burst``
+    The burst beside steady traffic: ``llama3.2:3b`` loaded everywhere and 12 closed loops streaming
+    on it; after 5 simulated seconds the 50-request cold burst for phi4:14b. At
+    ``OLLAMA_CONTEXT_LENGTH=8192`` the 16 GB card cannot load phi4:14b whole beside the busy model
+    (Ollama's 80 % rule) while the others can: a policy that loads it there evicts the busy model,
+    which its own traffic then loads back. The report adds the burst requests' TTFT p95 alone.
 ``num_ctx``
     Two models with ``options.num_ctx`` drawn from {default, 2048, 8192} (prompt sizes to match),
     closed loop with 8 concurrent clients; a runner loaded with another context must reload.

@@ -106,8 +106,8 @@ def scaled_periods(time_scale: float) -> dict[type[msgspec.Struct], dict[str, fl
     return out
 
 
-def fleet_sims(seed: int, time_scale: float) -> list[SimConfig]:
-    """One `SimConfig` per machine in `MACHINES`."""
+def fleet_sims(seed: int, time_scale: float, context_length: int = CONTEXT_LENGTH) -> list[SimConfig]:
+    """One `SimConfig` per machine in `MACHINES`, each with ``OLLAMA_CONTEXT_LENGTH=context_length``."""
     out = []
     for m in MACHINES:
         models = [
@@ -122,7 +122,7 @@ def fleet_sims(seed: int, time_scale: float) -> list[SimConfig]:
                 speed=m.speed,
                 num_parallel=m.parallel,
                 time_scale=time_scale,
-                context_length=CONTEXT_LENGTH,
+                context_length=context_length,
                 keep_alive="5m",
                 reply_tokens=(512, 768),  # longer than any num_predict of a workload: num_predict decides
                 seed=seed,
@@ -132,12 +132,12 @@ def fleet_sims(seed: int, time_scale: float) -> list[SimConfig]:
     return out
 
 
-def fleet_options(seed: int, time_scale: float) -> FleetOptions:
+def fleet_options(seed: int, time_scale: float, context_length: int = CONTEXT_LENGTH) -> FleetOptions:
     """A fresh fleet of `MACHINES` on the simulated clock, its gateway's `random` strategy seeded."""
     periods = scaled_periods(time_scale)
     return FleetOptions(
         port=0,
-        sims=fleet_sims(seed, time_scale),
+        sims=fleet_sims(seed, time_scale, context_length),
         log_level="WARNING",
         agent=dict(periods.get(AgentSettings, {})),
         registry=dict(periods.get(RegistrySettings, {})),

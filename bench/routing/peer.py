@@ -39,11 +39,11 @@ from corral.simulator import SimServer
 import bench
 from bench.common import Child, fetch, free_port, get, run, tree_cpu_seconds, wait_port
 from bench.routing.client import Clients
-from bench.routing.fleet import MACHINES, fleet_sims, load_directly
+from bench.routing.fleet import CONTEXT_LENGTH, MACHINES, fleet_sims, load_directly
 from bench.routing.herd import node_argv, node_env, router_argv, router_env
 from bench.routing.netns import Namespace, exec_argv
 from bench.routing.results import RunResult, result_from_json, result_to_json
-from bench.routing.run import OffloadCounter, counters, run_result
+from bench.routing.run import counters, run_result
 from bench.routing.workloads import QUICK, WORKLOADS, Knobs
 
 POLICY = "herd"
@@ -67,8 +67,11 @@ def node_ids() -> list[str]:
 class HerdFleet:
     """The simulators (in this process), herd's router and its nodes (child processes)."""
 
-    def __init__(self, venv: Path, seed: int, time_scale: float, workdir: Path) -> None:
+    def __init__(
+        self, venv: Path, seed: int, time_scale: float, workdir: Path, context_length: int = CONTEXT_LENGTH
+    ) -> None:
         self.venv, self.seed, self.time_scale, self.workdir = venv, seed, time_scale, workdir
+        self.context_length = context_length
         self.sims: list[SimServer] = []
         self.children: list[Child] = []
         self.port = 0
@@ -78,7 +81,7 @@ class HerdFleet:
         return self.workdir / "home" / "router" / ".fleet-manager" / "logs" / "herd.jsonl"
 
     async def start(self) -> None:
-        for cfg in fleet_sims(self.seed, self.time_scale):
+        for cfg in fleet_sims(self.seed, self.time_scale, self.context_length):
             sim = SimServer(cfg, host="127.0.0.1", port=0)
             await sim.start()
             self.sims.append(sim)
@@ -189,20 +192,21 @@ async def run_child(args: argparse.Namespace) -> RunResult:
     workload = WORKLOADS[args.workload]
     knobs = QUICK if args.quick else Knobs()
     rng = random.Random(f"{args.seed}/{workload.name}")  # the same requests as every policy's
-    fleet = HerdFleet(Path(args.venv), args.seed, args.time_scale, Path(args.workdir))
+    fleet = HerdFleet(
+        Path(args.venv), args.seed, args.time_scale, Path(args.workdir), workload.context_length
+    )
     try:
         await fleet.start()
         if workload.preload:
             await load_directly([s.url for s in fleet.sims], workload.preload)
             await fleet.wait_loaded(workload.preload)
-        offloads = [OffloadCounter(sim) for sim in fleet.sims]
-        before = counters(fleet.sims, offloads)
+        before = counters(fleet.sims)
         log_at = fleet.router_log.stat().st_size if fleet.router_log.exists() else 0
         cpu0, herd0 = time.process_time(), fleet.cpu_seconds()
         clients = Clients("127.0.0.1", fleet.port, {}, args.time_scale)
         samples, wall = await workload.drive(clients, workload.plan(rng, knobs), knobs, args.cap)
         cpu1, herd1 = time.process_time(), fleet.cpu_seconds()
-        after = counters(fleet.sims, offloads)
+        after = counters(fleet.sims)
         warnings: dict[str, int] = {}
         with contextlib.suppress(OSError):
             with open(fleet.router_log, errors="replace") as f:  # noqa: ASYNC230 - a local file, read once

@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import fmt, table
+from bench.common import fmt, percentile, table
 from bench.routing.results import RunResult, sample_json
 from bench.routing.workloads import Workload
 
@@ -98,6 +98,18 @@ def peer_line(summaries: dict[str, dict[str, Any]], peer: str) -> str:
         f"evictions {count(auto['evictions'])} vs {count(s['evictions'])}, "
         f"errors {auto['errors']} vs {s['errors']}"
     )
+
+
+def focus_line(model: str, results: Sequence[RunResult]) -> tuple[str, dict[str, float]]:
+    """The TTFT p95 of ``model``'s requests alone under each policy, with auto's ratio to each."""
+    p95 = {r.policy: percentile([s.ttft for s in r.ok if s.model == model], 95) for r in results}
+    parts = []
+    for policy, v in p95.items():
+        part = f"{policy} {fmt(v)} s"
+        if policy != "auto" and "auto" in p95:
+            part += f" (auto ÷ {policy} {times(ratio(p95['auto'], v))})"
+        parts.append(part)
+    return f"{model} requests alone, TTFT p95: " + "; ".join(parts), p95
 
 
 def times(x: float) -> str:
@@ -190,6 +202,9 @@ def section(workload: Workload[Any], results: Sequence[RunResult]) -> tuple[str,
     entry["agents"] = {r.policy: r.agents for r in results}
     entry["samples"] = {r.policy: [sample_json(x) for x in r.samples] for r in results}
     entry["warnings"] = {r.policy: r.warnings for r in results}
+    if workload.focus is not None:
+        line, entry["focus"] = focus_line(workload.focus, results)
+        text += "\n" + line
     if workload.per_turn:
         ctext, turns = chat_table(results)
         text += "\n\nprompt eval per turn (mean over conversations, simulated seconds):\n" + ctext

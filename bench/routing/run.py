@@ -10,7 +10,6 @@ from collections import Counter
 from typing import Any
 
 from corral.simulator import SimServer
-from corral.simulator.placement import Placement
 from corral.up import LocalFleet
 
 from bench.common import cpu_seconds
@@ -47,27 +46,11 @@ class LogCounter(logging.Handler):
         self.counts[f"{record.name}: {record.msg}"] += 1
 
 
-class OffloadCounter:
-    """Loads a simulator placed partly in system RAM (size_vram < size), counted as each load
-    starts: the simulator's own counters do not tell a partial load from a whole one."""
-
-    def __init__(self, sim: SimServer) -> None:
-        self.partial = 0
-        scheduler = sim.ctx.scheduler
-        load = scheduler._load
-
-        async def counted(p: Any, placement: Placement, num_parallel: int) -> None:
-            if placement.size_vram < placement.size:
-                self.partial += 1
-            await load(p, placement, num_parallel)
-
-        scheduler._load = counted  # type: ignore[method-assign]
-
-
-def counters(sims: list[SimServer], offloads: list[OffloadCounter]) -> list[dict[str, int]]:
+def counters(sims: list[SimServer]) -> list[dict[str, int]]:
+    """Each simulator's `COUNTERS` now, with its loads placed partly in system RAM."""
     return [
-        {k: int(getattr(sim.stats, k)) for k in COUNTERS} | {"partial_offloads": o.partial}
-        for sim, o in zip(sims, offloads, strict=True)
+        {k: int(getattr(sim.stats, k)) for k in COUNTERS} | {"partial_offloads": sim.stats.partial_loads}
+        for sim in sims
     ]
 
 
@@ -84,7 +67,7 @@ async def run_one(
     rng = random.Random(f"{seed}/{workload.name}")  # the same requests for every policy
     counter = LogCounter()
     logging.getLogger().addHandler(counter)
-    fleet = LocalFleet(fleet_options(seed, time_scale))
+    fleet = LocalFleet(fleet_options(seed, time_scale, workload.context_length))
     try:
         await fleet.start()
         await wait_ready(fleet, len(MACHINES))
@@ -92,15 +75,14 @@ async def run_one(
             await prewarm(fleet, workload.preload)
         host, port = address(fleet.url)
         ids = agent_ids(fleet)
-        offloads = [OffloadCounter(sim) for sim in fleet.sims]
-        before = counters(fleet.sims, offloads)
+        before = counters(fleet.sims)
         cpu0, nats0 = time.process_time(), nats_cpu_seconds(fleet)
         counter.counts.clear()
         plans = workload.plan(rng, knobs)
         clients = Clients(host, port, strategy_headers(policy), time_scale)
         samples, wall = await workload.drive(clients, plans, knobs, cap)
         cpu1, nats1 = time.process_time(), nats_cpu_seconds(fleet)
-        after = counters(fleet.sims, offloads)
+        after = counters(fleet.sims)
         warnings = dict(counter.counts)
     finally:
         logging.getLogger().removeHandler(counter)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from bench.routing.client import Client, Clients, Sample
-from bench.routing.fleet import BIG_MODEL
+from bench.routing.fleet import BIG_MODEL, CONTEXT_LENGTH
 
 P = TypeVar("P")
 
@@ -51,6 +51,10 @@ class Workload(ABC, Generic[P]):
     per_turn: ClassVar[bool] = False  # the report adds the prompt eval per conversation turn
     # models loaded on every server before the clock starts (the fresh fleet's starting state)
     preload: ClassVar[tuple[str, ...]] = ()
+    # OLLAMA_CONTEXT_LENGTH on every server: the larger, the larger each runner (its KV cache)
+    context_length: ClassVar[int] = CONTEXT_LENGTH
+    # the model whose requests the workload is about: their TTFT is reported apart as well
+    focus: ClassVar[str | None] = None
 
     @abstractmethod
     def plan(self, rng: random.Random, knobs: Knobs) -> list[P]: ...
@@ -180,6 +184,8 @@ class SteadyBurst(Workload[Planned]):
 
     name = "steady_burst"
     preload = (STEADY_MODEL,)
+    focus = BIG_MODEL
+    context_length = 8192
 
     def plan(self, rng: random.Random, knobs: Knobs) -> list[Planned]:
         burst = [streamed(rng, BIG_MODEL, (50, 400), (24, 96)) for _ in range(knobs.burst)]
