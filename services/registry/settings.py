@@ -26,11 +26,7 @@ class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
             ge=0,
             period=True,
         ),
-    ] = 1.0
-    replica_patience: Annotated[
-        int,
-        setting("ignored: replicas are decided on queue events now (kept so old configurations load)", ge=1),
-    ] = 2
+    ] = 5.0
     load_grace_s: Annotated[
         float,
         setting("a load marker counts as live this long before its agent shows the load", ge=0, period=True),

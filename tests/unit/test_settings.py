@@ -282,7 +282,7 @@ def test_flag_beats_environment_beats_default() -> None:
         (AgentSettings, {"CORRAL_PARALLEL": "0"}, "parallel"),
         (AgentSettings, {"CORRAL_HEARTBEAT_S": "-5"}, "heartbeat_s"),
         (AgentSettings, {"CORRAL_VRAM_GB": "-1"}, "vram_gb"),
-        (RegistrySettings, {"CORRAL_REPLICA_PATIENCE": "0"}, "replica_patience"),
+        (RegistrySettings, {"CORRAL_REPLICA_CHECK_S": "-1"}, "replica_check_s"),
         (RegistrySettings, {"CORRAL_PULL_TIMEOUT_S": "0"}, "pull_timeout_s"),
         (AggregatorSettings, {"CORRAL_VIEWS_INTERVAL_S": "0"}, "views_interval_s"),
     ],
@@ -308,8 +308,8 @@ def test_a_closed_set_names_its_values() -> None:
 
 
 def test_limits_themselves_are_allowed() -> None:
-    env = {"CORRAL_REPLICA_CHECK_S": "0", "CORRAL_DEAD_AFTER_S": "0", "CORRAL_REPLICA_PATIENCE": "1"}
-    assert load_settings(RegistrySettings, environ=env).replica_patience == 1
+    env = {"CORRAL_REPLICA_CHECK_S": "0", "CORRAL_DEAD_AFTER_S": "0"}
+    assert load_settings(RegistrySettings, environ=env).replica_check_s == 0
     assert load_settings(GatewaySettings, environ={"CORRAL_PORT": "65535"}).port == 65535
 
 
