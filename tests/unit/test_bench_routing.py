@@ -29,7 +29,7 @@ from bench.routing.herd import (
 )
 from bench.routing.netns import exec_argv
 from bench.routing.peer import child_argv, child_parser, log_warnings, models_loaded, node_ids, nodes_ready
-from bench.routing.report import comparison, peer_line, verdict
+from bench.routing.report import comparison, focus_line, peer_line, verdict
 from bench.routing.results import RunResult, pool, result_from_json, result_to_json
 from bench.routing.workloads import QUICK, WORKLOADS, Burst, Chat, NumCtx, Skewed, zipf_weights
 
@@ -345,3 +345,17 @@ def test_the_herd_policy_is_valid_but_not_run_by_default() -> None:
     assert split("auto,herd", VALID, "policy") == ["auto", "herd"]
     with pytest.raises(SystemExit):
         split("auto,herds", VALID, "policy")
+
+
+def test_the_focus_line_reports_one_models_ttft_p95_alone_with_autos_ratios() -> None:
+    def result(policy: str, burst_ttft: float) -> RunResult:
+        samples = [Sample(model="steady", ok=True, status=200, ttft=0.1, e2e=1.0) for _ in range(20)]
+        samples += [Sample(model="big", ok=True, status=200, ttft=burst_ttft, e2e=9.0) for _ in range(5)]
+        samples.append(Sample(model="big", error="HTTP 503"))  # failures are not in the TTFT
+        fleet = {"loads": 1, "reloads": 0, "evictions": 0, "prompt_tokens": 0, "prompt_tokens_cached": 0}
+        return RunResult("steady_burst", policy, samples, 1.0, 1.0, fleet, {}, 0.0, 0.0)
+
+    line, p95 = focus_line("big", [result("auto", 5.0), result("round_robin", 20.0)])
+    assert p95 == {"auto": 5.0, "round_robin": 20.0}  # the steady requests' 0.1 s do not count
+    assert line == "big requests alone, TTFT p95: auto 5.00 s; round_robin 20.00 s (auto ÷ round_robin 0.25x)"
+    assert WORKLOADS["steady_burst"].focus == BIG_MODEL
