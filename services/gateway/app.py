@@ -90,7 +90,6 @@ class Gateway:
         *,
         router: Router | None = None,
         tracer_provider: TracerProvider | None = None,
-        batch_limits: BatchLimits | None = None,
     ) -> None:
         if settings.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {settings.strategy!r}; use one of {', '.join(STRATEGIES)}")
@@ -105,7 +104,13 @@ class Gateway:
         self._planner: Planner | None = None
         self._policy: PolicyStore | None = None  # aliases and fallbacks (`corral.gateway.policy`)
         self._access: Access | None = None  # API keys, limits and usage (CORRAL_AUTH=keys)
-        self._batch_limits = batch_limits or BatchLimits()
+        self._batch_limits = BatchLimits(
+            in_flight=settings.batch_in_flight,
+            slots=settings.batch_slots,
+            attempts=settings.batch_attempts,
+            ack_wait_s=settings.batch_ack_wait_s,
+            max_lines=settings.batch_max_lines,
+        )
         self._batches: BatchRunner | None = None  # the Batch API's share of the fleet's batch lines
         self._rates_task: asyncio.Task[None] | None = None
         self._rates: views.Rates | None = None

@@ -73,6 +73,27 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
             flags=["--batch-aging"],
         ),
     ] = 30.0
+    batch_in_flight: Annotated[
+        int,
+        setting(
+            "Batch API: lines running at once, fleet-wide (the shared consumer's bound; a gateway "
+            "that starts with another value sets it for all)",
+            ge=1,
+        ),
+    ] = 64
+    batch_slots: Annotated[int, setting("Batch API: lines this gateway runs at once", ge=1)] = 16
+    batch_attempts: Annotated[
+        int,
+        setting(
+            "Batch API: runs of a line that fail transiently (503, agent gone) before it is an error line",
+            ge=1,
+        ),
+    ] = 5
+    batch_ack_wait_s: Annotated[
+        float,
+        setting("Batch API: a line whose gateway went silent this long (it died) runs again elsewhere", gt=0),
+    ] = 10.0
+    batch_max_lines: Annotated[int, setting("Batch API: requests one input file may hold", ge=1)] = 50_000
     auto_pull: Annotated[
         bool, setting("a request for a model no agent has pulls it onto one agent first")
     ] = False

@@ -128,7 +128,7 @@ async def test_a_bad_environment_value_exits_2_naming_variable_and_flag(
 async def test_help_lists_every_setting_with_its_default() -> None:
     rc, out, _ = await run_cli("registry", "--help")
     assert rc == 0
-    for flag in ("--dead-after-s", "--dead-after", "--replica-patience", "--nats-url", "--nats"):
+    for flag in ("--dead-after-s", "--dead-after", "--replica-check-s", "--nats-url", "--nats"):
         assert flag in out
     assert "CORRAL_PULL_TIMEOUT_S" in out and "3600.0" in out
 

@@ -30,19 +30,20 @@ from nats.js.errors import Error as JetStreamError
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BatchLimits:
-    """How the batch runners work; one value for the whole fleet where noted."""
+    """How the batch runners work. The first five are the gateway's ``batch_*`` settings
+    (`corral.gateway.settings`, declared there once); the rest are fixed."""
 
-    in_flight: int = 64  # lines running at once, fleet-wide (the consumer's max_ack_pending)
-    slots: int = 16  # lines one gateway runs at once
-    ack_wait_s: float = 10.0  # a line silent this long (its gateway died) runs again elsewhere
-    attempts: int = 5  # runs of a line that fail transiently before it is an error line
+    in_flight: int  # lines running at once, fleet-wide (the consumer's max_ack_pending)
+    slots: int  # lines one gateway runs at once
+    ack_wait_s: float  # a line silent this long (its gateway died) runs again elsewhere
+    attempts: int  # runs of a line that fail transiently before it is an error line
+    max_lines: int  # requests one input file may hold (OpenAI's bound: 50,000)
     retry_first_s: float = 1.0  # the backoff before its second run, doubling up to retry_max_s
     retry_max_s: float = 60.0
     sweep_s: float = 5.0  # how often each runner looks over the unfinished batches
     lease_s: float = 30.0  # a validation or finalization unchanged this long is taken over
-    max_lines: int = 50_000  # requests one input file may hold (OpenAI's bound)
 
 
 def now() -> int:

@@ -75,14 +75,14 @@ class BatchRunner:
         app: App,
         *,
         access: Access | None,
-        limits: BatchLimits | None = None,
+        limits: BatchLimits,
         replicas: int = 1,
     ) -> None:
         self._nc = nc
         self._subjects = subjects
         self._app = app
         self._access = access
-        self.limits = limits or BatchLimits()
+        self.limits = limits
         self._replicas = replicas
         self._lifecycle: Lifecycle | None = None
         self._opened = asyncio.Event()
