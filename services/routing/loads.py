@@ -1,22 +1,57 @@
-"""How long a load of a model takes on an agent: as observed there, or on agents like it.
+"""How long a load of a model takes on an agent: as observed there, on agents like it, or by the
+cost model's estimate calibrated by what the fleet observed.
 
 Pure functions of fleet snapshots (`AgentState`). Each agent publishes how long its last load of
 each model took (``AgentState.load_s``, measured from Ollama's replies). An agent that has not
 loaded the model yet is taken to load it as fast as an agent like it did — same vendor and same
-GPUs (`hardware`) — the slowest such agent counting; where no such load was seen the caller falls
-back on the cost model's estimate (size / bandwidth, `corral.routing.load_time`).
+GPUs (`hardware`) — the slowest such agent counting. Where no such load was seen, the estimate
+(`estimated_load_s`: a fixed start-up cost plus the file at a nominal disk bandwidth) is scaled by
+the agent's *pace* — how its own loads compared with their estimates (its disk) — or, for an agent
+that has loaded nothing yet, by the fleet's median pace. So an observation never makes one agent
+look cheaper than another only because the other has not been observed yet: a fleet whose disks
+are twice as fast as the nominal bandwidth has every estimate halved, observed or not.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
 
 from corral.protocol.messages import AgentState
+from corral.protocol.names import key_of
 
-__all__ = ["ObservedLoads", "hardware", "observed_load_s", "observed_loads"]
+__all__ = [
+    "DEFAULT_MODEL_SIZE",
+    "LOAD_BANDWIDTH",
+    "LOAD_OVERHEAD_S",
+    "ObservedLoads",
+    "estimated_load_s",
+    "file_size",
+    "hardware",
+    "observed_load_s",
+    "observed_loads",
+]
 
-# (model key, `hardware` of the agents) → seconds a load of the model took on such an agent
-ObservedLoads = Mapping[tuple[str, tuple[str, ...]], float]
+# Loading: bytes per second from disk into (V)RAM, and the fixed cost of starting a runner.
+LOAD_BANDWIDTH: Final = 2_000_000_000
+LOAD_OVERHEAD_S: Final = 1.0
+# Model size assumed when neither the request nor the agent's tags know it (a 7-8B model at q4).
+DEFAULT_MODEL_SIZE: Final = 4_000_000_000
+
+
+@dataclass(frozen=True)
+class ObservedLoads:
+    """The loads a fleet observed (`observed_loads`)."""
+
+    # (model key, `hardware`) → seconds a load of the model took on such an agent (the slowest)
+    seconds: Mapping[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
+    pace: Mapping[str, float] = field(default_factory=dict)  # agent id → observed ÷ estimated
+    fleet_pace: float = 1.0  # the median pace of the agents with loads observed (1: none)
+
+    def pace_of(self, agent: AgentState) -> float:
+        return self.pace.get(agent.id, self.fleet_pace)
 
 
 def hardware(agent: AgentState) -> tuple[str, ...]:
@@ -25,15 +60,35 @@ def hardware(agent: AgentState) -> tuple[str, ...]:
     return (agent.vendor, *sorted(g.name for g in agent.gpus))
 
 
-def observed_loads(agents: Iterable[AgentState]) -> dict[tuple[str, tuple[str, ...]], float]:
-    """The loads the agents observed, by model and hardware (the slowest where several did)."""
-    seen: dict[tuple[str, tuple[str, ...]], float] = {}
+def file_size(key: str, agent: AgentState) -> int:
+    """The model file's size as ``agent`` lists it (what a load reads); `DEFAULT_MODEL_SIZE` when
+    it does not."""
+    for m in agent.models:
+        if m.size > 0 and key_of(m.name) == key:
+            return m.size
+    return DEFAULT_MODEL_SIZE
+
+
+def estimated_load_s(size: int) -> float:
+    """A load of a ``size``-byte model by the nominal figures, before any calibration."""
+    return LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH
+
+
+def observed_loads(agents: Iterable[AgentState]) -> ObservedLoads:
+    """The loads the agents observed, by model and hardware, and each agent's pace."""
+    seconds: dict[tuple[str, tuple[str, ...]], float] = {}
+    pace: dict[str, float] = {}
     for a in agents:
-        for key, seconds in a.load_s.items():
-            if seconds > 0:
+        ratios = []
+        for key, s in a.load_s.items():
+            if s > 0:
                 k = (key, hardware(a))
-                seen[k] = max(seen.get(k, 0.0), seconds)
-    return seen
+                seconds[k] = max(seconds.get(k, 0.0), s)
+                ratios.append(s / estimated_load_s(file_size(key, a)))
+        if ratios:
+            pace[a.id] = statistics.median(ratios)
+    fleet = statistics.median(pace.values()) if pace else 1.0
+    return ObservedLoads(seconds, pace, fleet)
 
 
 def observed_load_s(key: str, agent: AgentState, observed: ObservedLoads | None = None) -> float | None:
@@ -42,6 +97,6 @@ def observed_load_s(key: str, agent: AgentState, observed: ObservedLoads | None 
     own = agent.load_s.get(key, 0.0)
     if own > 0:
         return own
-    if observed:
-        return observed.get((key, hardware(agent)))
+    if observed is not None:
+        return observed.seconds.get((key, hardware(agent)))
     return None

@@ -63,7 +63,16 @@ from typing import Final
 from corral.protocol.messages import AgentState, PsModel
 from corral.protocol.names import VENDORS, key_of
 from corral.protocol.runners import effective_ctx
-from corral.routing.loads import ObservedLoads, observed_load_s, observed_loads
+from corral.routing.loads import (
+    DEFAULT_MODEL_SIZE,
+    LOAD_BANDWIDTH,
+    LOAD_OVERHEAD_S,
+    ObservedLoads,
+    estimated_load_s,
+    file_size,
+    observed_load_s,
+    observed_loads,
+)
 from corral.routing.memory import LoadPlan, ObservedSizes, estimate_size, observed_sizes, plan_load
 
 __all__ = [
@@ -101,11 +110,7 @@ STRATEGIES: Final = ("auto", "round_robin", "random", "least_connection", "vram"
 DEFAULT_STRATEGY: Final = "auto"
 
 # -- the auto cost model -------------------------------------------------------------------------
-# Loading: bytes per second from disk into (V)RAM, and the fixed cost of starting a runner.
-LOAD_BANDWIDTH: Final = 2_000_000_000
-LOAD_OVERHEAD_S: Final = 1.0
-# Model size assumed when neither the route nor the agent's tags know it (a 7-8B model at q4).
-DEFAULT_MODEL_SIZE: Final = 4_000_000_000
+# Loading: `corral.routing.loads` (LOAD_BANDWIDTH, LOAD_OVERHEAD_S, DEFAULT_MODEL_SIZE).
 # Share of a load still ahead when one is already under way (its start time is not published).
 LOADING_REMAINING: Final = 0.5
 # Unloading a model to make room, on top of waiting for the agent's running requests to drain.
@@ -177,7 +182,7 @@ def estimate_wait(
     """Seconds until ``agent`` could start ``route``'s request: queue, load or reload (no prompt
     eval). ``observed``: runner sizes seen in the fleet (`observed_sizes`); ``loads``: load times
     seen in the fleet (`observed_loads`; the agent's own are used without it)."""
-    return _estimate(route, agent, outstanding, observed or {}, loads or {})[0]
+    return _estimate(route, agent, outstanding, observed or {}, loads or ObservedLoads())[0]
 
 
 def estimate_ttft(
@@ -192,7 +197,7 @@ def estimate_ttft(
     The session agent's prompt-cache bonus is included here unconditionally; `Router.rank`
     withdraws it when that agent waits too much longer than the others.
     """
-    wait, cached = _estimate(route, agent, outstanding, observed or {}, loads or {})
+    wait, cached = _estimate(route, agent, outstanding, observed or {}, loads or ObservedLoads())
     return (
         wait + PROMPT_EVAL_S + (SESSION_REPLAY_S if route.session_agent is not None and not cached else 0.0)
     )
@@ -283,9 +288,13 @@ def _queue_wait(busy: int, parallel: int) -> float:
 
 def load_time(route: Route, agent: AgentState, loads: ObservedLoads | None = None) -> float:
     """Seconds a load of ``route``'s model takes on ``agent`` (no eviction): as last observed there
-    or on an agent like it (``loads``: `observed_loads` of the fleet), else by the cost model."""
+    or on an agent like it (``loads``: `observed_loads` of the fleet), else by the cost model's
+    estimate at the pace the agent's (or the fleet's) observed loads show."""
     seen = observed_load_s(route.key, agent, loads)
-    return seen if seen is not None else _load_time(_size(route, agent))
+    if seen is not None:
+        return seen
+    estimate = estimated_load_s(_size(route, agent))
+    return estimate * loads.pace_of(agent) if loads is not None else estimate
 
 
 def fits(route: Route, agent: AgentState, observed: ObservedSizes | None = None) -> bool:
@@ -294,18 +303,9 @@ def fits(route: Route, agent: AgentState, observed: ObservedSizes | None = None)
     return plan.full and not plan.evicts
 
 
-def _load_time(size: int) -> float:
-    return LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH
-
-
 def _size(route: Route, agent: AgentState) -> int:
     """The model file's size: what a load reads from disk (the weights)."""
-    if route.model_size > 0:
-        return route.model_size
-    for m in agent.models:
-        if m.size > 0 and _matches(m.name, route.key):
-            return m.size
-    return DEFAULT_MODEL_SIZE
+    return route.model_size if route.model_size > 0 else file_size(route.key, agent)
 
 
 def _vram_free(agent: AgentState) -> int | None:

@@ -87,7 +87,29 @@ def test_load_time_is_the_agents_own_observation_else_one_like_it_else_the_estim
     assert load_time(ROUTE, same, loads) == 0.3  # an agent like it loaded it that fast
     assert observed_load_s(KEY, same) is None
     assert load_time(ROUTE, same) == pytest.approx(ESTIMATE)  # nothing observed: the estimate
-    assert load_time(ROUTE, other_gpu, loads) == pytest.approx(ESTIMATE)  # other GPUs: unlike it
+    # other GPUs: not like it, so the estimate, at the pace the fleet's loads show (0.3 s for a
+    # load estimated at 2 s: the fleet loads at 0.15 of the nominal time)
+    assert load_time(ROUTE, other_gpu, loads) == pytest.approx(ESTIMATE * 0.3 / ESTIMATE)
+
+
+def test_an_estimate_runs_at_the_agents_own_pace_else_the_fleets() -> None:
+    """An agent that has loaded other models is as fast (or slow) against the estimate as it was
+    for them; one that has loaded nothing goes at the fleet's median pace. So an unobserved agent
+    never looks dearer than an observed one only because nobody has watched it load yet."""
+    other = "mistral:7b"  # another 2 GB file: estimated at ESTIMATE like the routed model
+
+    def loaded_other(id: str, gpu: str, seconds: float) -> AgentState:
+        a = agent(id, gpu=gpu)
+        listed = (*a.models, msgspec.structs.replace(a.models[0], name=other, model=other))
+        return msgspec.structs.replace(a, models=listed, load_s={other: seconds})
+
+    fast_disk, slow_disk = loaded_other("fast", "g1", ESTIMATE / 4), loaded_other("slow", "g2", ESTIMATE * 2)
+    fresh = agent("fresh", gpu="g3")
+    loads = observed_loads([fast_disk, slow_disk, fresh])
+    assert loads.pace == {"fast": 0.25, "slow": 2.0}
+    assert load_time(ROUTE, fast_disk, loads) == pytest.approx(ESTIMATE / 4)
+    assert load_time(ROUTE, slow_disk, loads) == pytest.approx(ESTIMATE * 2)
+    assert load_time(ROUTE, fresh, loads) == pytest.approx(ESTIMATE * (0.25 + 2.0) / 2)  # the median
 
 
 def test_the_slowest_load_seen_on_like_agents_counts() -> None:
