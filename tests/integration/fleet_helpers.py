@@ -84,3 +84,32 @@ async def publish_raw(server: NatsServer, subject: str, reply: bytes, payload: b
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def queue_and_serve(fleet: LocalFleet, model: str, n: int, num_predict: int) -> None:
+    """Put ``n`` generate requests for ``model`` in the fleet queue exactly as a gateway queues
+    them (each with its nudge), then wait until every one has been answered (its head arrived on
+    its own reply subject)."""
+    from corral.protocol import headers as H
+    from corral.protocol.names import parse_name
+    from corral.runtime.workqueue import enqueue
+
+    gw = fleet.gateway
+    assert gw is not None and gw.nc is not None
+    subjects, token = gw.subjects, parse_name(model).token
+    reply = f"{subjects.root}.reply.test.{gw.nc.new_inbox().rsplit('.', 1)[-1]}"
+    replies = await gw.nc.subscribe(reply + ".*")
+    deadline = str(int((time.time() + 60) * 1000))
+    for i in range(n):
+        body = msgspec.json.encode(
+            {"model": model, "prompt": f"q{i}", "stream": False, "options": {"num_predict": num_predict}}
+        )
+        headers = {H.REQUEST: f"r{i}", H.ENDPOINT: "/api/generate", H.MODEL: token, H.DEADLINE: deadline}
+        await enqueue(
+            gw.nc, gw.nc.jetstream(), subjects, "any", token, body, headers | {H.REPLY: f"{reply}.{i}"}
+        )
+    heads = 0
+    while heads < n:
+        msg = await replies.next_msg(timeout=20)
+        heads += (msg.headers or {}).get(H.KIND) == H.HEAD
+    await replies.unsubscribe()

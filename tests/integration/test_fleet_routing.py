@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import aiohttp
-import msgspec
 import ollama
 import pytest
 from corral.gateway.sessions import Sessions
@@ -24,7 +23,7 @@ from corral.runtime.workqueue import Puller, depths, enqueue, withdraw
 from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.js.errors import KeyNotFoundError
 
-from tests.integration.fleet_helpers import preload, until
+from tests.integration.fleet_helpers import preload, queue_and_serve, until
 
 MODEL = "llama3.2"
 KEY = parse_name(MODEL).key
@@ -305,24 +304,7 @@ async def test_registry_loads_a_replica_when_a_queue_keeps_growing(
         await _warm_first_only(fleet)
         long = {"model": MODEL, "prompt": "hold", "options": {"num_predict": 10**6}}
         hold = await s.post(fleet.url + "/api/generate", json=long)
-        gw = fleet.gateway
-        assert gw is not None and gw.nc is not None
-        subjects, token = gw.subjects, parse_name(MODEL).token
-        reply = f"{subjects.root}.reply.test.{gw.nc.new_inbox().rsplit('.', 1)[-1]}"
-        replies = await gw.nc.subscribe(reply + ".*")
-        deadline = str(int((time.time() + 60) * 1000))
-        for i in range(3):  # queued exactly as a gateway queues them
-            body = msgspec.json.encode(
-                {"model": MODEL, "prompt": f"q{i}", "stream": False, "options": {"num_predict": 2}}
-            )
-            headers = {H.REQUEST: f"r{i}", H.ENDPOINT: "/api/generate", H.MODEL: token, H.DEADLINE: deadline}
-            await enqueue(
-                gw.nc, gw.nc.jetstream(), subjects, "any", token, body, headers | {H.REPLY: f"{reply}.{i}"}
-            )
-        heads = 0
-        while heads < 3:  # each queued request is answered on its own reply subject
-            msg = await replies.next_msg(timeout=20)
-            heads += (msg.headers or {}).get(H.KIND) == H.HEAD
+        await queue_and_serve(fleet, MODEL, 3, num_predict=2)  # queued as a gateway queues them
         assert fleet.sims[1].stats.loads == 1
         assert fleet.sims[1].stats.finished == 1 + 3  # the registry's preload, then the queue
         assert fleet.registry is not None and fleet.registry.placer is not None

@@ -5,19 +5,15 @@ Simulated Ollamas; the registry's fallback resync is a minute away, so only nudg
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import aiohttp
-import msgspec
-from corral.protocol import headers as H
 from corral.protocol.names import parse_name
 from corral.routing import Route, warm
 from corral.runtime.natsserver import NatsServer
-from corral.runtime.workqueue import enqueue
 from corral.up import FleetOptions, LocalFleet, default_sims
 
-from tests.integration.fleet_helpers import until
+from tests.integration.fleet_helpers import queue_and_serve, until
 
 MODEL = "llama3.2"
 KEY = parse_name(MODEL).key
@@ -68,22 +64,7 @@ async def test_a_burst_that_drains_faster_than_a_load_starts_no_load(
             await _generate(s, fleet, f"warm {i}")
         assert fleet.sims[spare].stats.loads == 0
 
-        subjects = gw.subjects
-        reply = f"{subjects.root}.reply.test.{gw.nc.new_inbox().rsplit('.', 1)[-1]}"
-        replies = await gw.nc.subscribe(reply + ".*")
-        deadline = str(int((time.time() + 60) * 1000))
-        for i in range(4):  # queued exactly as a gateway queues them, each with its nudge
-            body = msgspec.json.encode(
-                {"model": MODEL, "prompt": f"q{i}", "stream": False, "options": {"num_predict": 8}}
-            )
-            headers = {H.REQUEST: f"r{i}", H.ENDPOINT: "/api/generate", H.MODEL: TOKEN, H.DEADLINE: deadline}
-            await enqueue(
-                gw.nc, gw.nc.jetstream(), subjects, "any", TOKEN, body, headers | {H.REPLY: f"{reply}.{i}"}
-            )
-        heads = 0
-        while heads < 4:  # each queued request is answered on its own reply subject
-            msg = await replies.next_msg(timeout=20)
-            heads += (msg.headers or {}).get(H.KIND) == H.HEAD
+        await queue_and_serve(fleet, MODEL, 4, num_predict=8)  # queued as a gateway queues them
 
         plan = registry.placer.replicator.plans.get(TOKEN)
         assert plan is not None and plan.depth > 0  # the nudges made it look at the backlog
