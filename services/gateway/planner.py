@@ -345,7 +345,10 @@ class Planner:
         # 4. nothing can start it now: a load, or a wait (ranked again: the attempts above moved
         # the outstanding counts the costs are made of)
         live = router.rank(
-            "auto", route, [a for a in usable if a.id not in failed], self.queue.with_queue(route, usable)
+            "auto",
+            route,
+            [a for a in usable if a.id not in failed],
+            self.queue.with_queue(route, usable, req.priority),
         )
         if not live:
             return None

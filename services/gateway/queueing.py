@@ -24,7 +24,7 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import NoCapacity
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR
-from corral.protocol.priority import BATCH
+from corral.protocol.priority import BATCH, INTERACTIVE, Priority
 from corral.routing import Route, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.workqueue import Queued, QueueFull, enqueue, withdraw
@@ -44,13 +44,20 @@ class FleetQueue:
         self._fleet = fleet
         self._loads = loads
         self._settings = settings
-        self._waiting: dict[str, int] = {}  # model key → this gateway's requests in the fleet queue
+        # (model key, lane) → this gateway's requests waiting in the fleet queue
+        self._waiting: dict[tuple[str, Priority], int] = {}
 
-    def with_queue(self, route: Route, usable: list[AgentState]) -> Mapping[str, int]:
+    def with_queue(
+        self, route: Route, usable: list[AgentState], priority: Priority = INTERACTIVE
+    ) -> Mapping[str, int]:
         """Outstanding sends plus this gateway's requests waiting in the fleet queue for ``route``'s
-        model, shared out over the agents that serve it: a long queue makes a load elsewhere win."""
+        model ahead of a ``priority`` request, shared out over the agents that serve it: a long
+        queue makes a load elsewhere win. Batch work waiting does not count for an interactive
+        request: it goes first anyway."""
         outstanding = self._transport.outstanding
-        waiting = self._waiting.get(route.key, 0)
+        waiting = self._waiting.get((route.key, INTERACTIVE), 0)
+        if priority == BATCH:
+            waiting += self._waiting.get((route.key, BATCH), 0)
         if not waiting:
             return outstanding
         serving = [a.id for a in usable if warm(route, a)]
@@ -61,6 +68,13 @@ class FleetQueue:
         for agent_id in serving:
             out[agent_id] = out.get(agent_id, 0) + share
         return out
+
+    def _count(self, key: str, lane: Priority, n: int) -> None:
+        waiting = self._waiting.get((key, lane), 0) + n
+        if waiting:
+            self._waiting[key, lane] = waiting
+        else:
+            self._waiting.pop((key, lane), None)
 
     async def _requeue(
         self, req: WorkRequest, vendor: str, payload: bytes, hdrs: dict[str, str]
@@ -95,9 +109,9 @@ class FleetQueue:
         call, hdrs, payload = transport.register(req, None, deadline, queued=True)
         keep = False
         queued: Queued | None = None
-        self._waiting[route.key] = self._waiting.get(route.key, 0) + 1
+        lane = req.priority
+        self._count(route.key, lane, +1)
         try:
-            lane = req.priority
             try:
                 queued = await enqueue(
                     transport.nc, self._js, transport.subjects, vendor, req.model.token, payload, hdrs, lane
@@ -120,6 +134,9 @@ class FleetQueue:
                         # aged: to the end of the interactive lane, unless an agent took it just now
                         if await withdraw(self._js, queued):
                             moved = await self._requeue(req, vendor, payload, hdrs)
+                            self._count(route.key, lane, -1)
+                            lane = INTERACTIVE
+                            self._count(route.key, lane, +1)
                             if moved is None:
                                 return None
                             queued = moved
@@ -147,8 +164,6 @@ class FleetQueue:
             await asyncio.shield(transport.cancel(call))
             raise
         finally:
-            self._waiting[route.key] -= 1
-            if not self._waiting[route.key]:
-                del self._waiting[route.key]
+            self._count(route.key, lane, -1)
             if not keep:
                 transport.release(call)

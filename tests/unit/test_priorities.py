@@ -31,3 +31,27 @@ def test_batch_lanes_keep_the_model_token_last_and_stay_apart_from_interactive_o
     assert s.queue("any", "m", BATCH).startswith(s.queue_all[:-1])  # in the same stream
     with pytest.raises(ValueError):
         s.work("batch", "m")  # "batch" is not a vendor: the lanes cannot collide
+
+
+def test_batch_work_waiting_weighs_only_on_batch_requests_when_loads_are_weighed() -> None:
+    """The planner weighs a load elsewhere against the wait in the fleet queue: waiting batch work
+    does not make an interactive request load a model elsewhere, since it goes before that work."""
+    from types import SimpleNamespace
+
+    from corral.gateway.queueing import FleetQueue
+    from corral.protocol.messages import AgentState, PsModel
+    from corral.routing import Route
+
+    runner = PsModel(name="m:latest", model="m:latest", size=1, digest="d", expires_at="", size_vram=1)
+    agent = AgentState(id="a", vendor="nvidia", host="h", ollama_url="http://h", loaded=(runner,))
+    transport = SimpleNamespace(outstanding={"a": 1}, nc=SimpleNamespace(jetstream=lambda: None))
+    queue = FleetQueue(transport, None, None, None)  # type: ignore[arg-type]
+    route = Route(key="m:latest")
+    queue._count("m:latest", "batch", +6)
+    assert queue.with_queue(route, [agent]) == {"a": 1}  # interactive: batch work does not count
+    assert queue.with_queue(route, [agent], "batch") == {"a": 7}
+    queue._count("m:latest", "interactive", +2)
+    assert queue.with_queue(route, [agent]) == {"a": 3}
+    queue._count("m:latest", "batch", -6)
+    queue._count("m:latest", "interactive", -2)
+    assert queue._waiting == {}  # nothing left behind once every wait ended
