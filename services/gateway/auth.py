@@ -26,7 +26,7 @@ from corral.gateway.access import (
     user_may,
 )
 from corral.gateway.asgi import App, Message, Receive, Scope, Send
-from corral.gateway.errors import JSON, native_body, openai_body
+from corral.gateway.errors import refuse
 from corral.gateway.keys import KeyBuckets, KeyStore
 from corral.gateway.limits import Limited, Limiter, UsageBook
 from corral.runtime.nats import watch_forever
@@ -117,22 +117,19 @@ class Access:
         token = bearer(scope["headers"])
         key = self.keys.lookup(token) if token else None
         if key is None:
-            await _refuse(
-                send, 401, UNAUTHORIZED, openai, [(b"www-authenticate", b"Bearer")], closing=closing
-            )
+            challenge = [(b"www-authenticate", b"Bearer")]
+            await refuse(send, 401, UNAUTHORIZED, openai=openai, close=closing, headers=challenge)
             return
         if not key.admin and not user_may(method, path):
-            await _refuse(
-                send, 403, f"forbidden: this API key may not call {method} {path}", openai, closing=closing
-            )
+            message = f"forbidden: this API key may not call {method} {path}"
+            await refuse(send, 403, message, openai=openai, close=closing)
             return
         try:
             await self.limiter.admit(key)
         except Limited as e:
             self.usage.record(key.name, "", prompt=0, generated=0, error=True)
-            await _refuse(
-                send, 429, e.message, openai, [(b"retry-after", str(e.retry_after).encode())], closing=closing
-            )
+            later = [(b"retry-after", str(e.retry_after).encode())]
+            await refuse(send, 429, e.message, openai=openai, close=closing, headers=later)
             return
         scope[KEY] = key
         meter = _Meter(send)
@@ -145,20 +142,3 @@ class Access:
             self.usage.record(key.name, model, prompt=prompt, generated=generated, error=meter.status >= 400)
         if key.tpm and prompt + generated:
             await self.limiter.add_tokens(key, prompt + generated)
-
-
-async def _refuse(
-    send: Send,
-    status: int,
-    message: str,
-    openai: bool,
-    extra: list[tuple[bytes, bytes]] | None = None,
-    *,
-    closing: bool = False,
-) -> None:
-    body = openai_body(status, message) if openai else native_body(message)
-    headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode()), *(extra or [])]
-    if closing:  # its body is left unread: do not read it as the next request
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final
 import msgspec
 import nats.errors
 from corral.gateway.auth import key_of
-from corral.gateway.errors import JSON, native_body
+from corral.gateway.errors import JSON, json_error
 from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import parse_name
@@ -56,10 +56,6 @@ def _json(obj: object, status: int = 200) -> Response:
     return Response(_enc.encode(obj), status_code=status, media_type=JSON)
 
 
-def _error(message: str, status: int) -> Response:
-    return Response(native_body(message), status_code=status, media_type=JSON)
-
-
 def mount(app: FastAPI, gw: Gateway) -> None:
     """Add the console's pages and calls to the gateway's app."""
     app.include_router(router(gw))
@@ -84,19 +80,19 @@ def router(gw: Gateway) -> APIRouter:
     @r.post("/agents/{agent}/{action}")
     async def control(agent: str, action: str) -> Response:
         if action not in ACTIONS:
-            return _error(f"unknown action {action!r}; use drain, cordon or uncordon", 404)
+            return json_error(404, f"unknown action {action!r}; use drain, cordon or uncordon")
         if gw.fleet.get(agent) is None:
-            return _error(f"no agent {agent!r} in the fleet", 404)
+            return json_error(404, f"no agent {agent!r} in the fleet")
         assert gw.nc is not None
         try:
             subject = gw.subjects.agent_admin(agent)
         except ValueError as e:  # an id that cannot be a subject token cannot be in the fleet
-            return _error(str(e), 400)
+            return json_error(400, str(e))
         try:
             await gw.nc.request(subject, b"", headers={H.CTL: action}, timeout=CONTROL_TIMEOUT_S)
         except nats.errors.Error as e:  # a timeout, no responders, or a permissions violation
             log.warning("%s of agent %s got no answer: %s", action, agent, e)
-            return _error(f"agent {agent} did not answer the {action}: {e}", 504)
+            return json_error(504, f"agent {agent} did not answer the {action}: {e}")
         log.info("agent %s: %s (through the console's HTTP call)", agent, action)
         return _json({"agent": agent, "status": ACTIONS[action]})
 
@@ -106,12 +102,12 @@ def router(gw: Gateway) -> APIRouter:
             raw = msgspec.json.decode(await request.body(), type=_Unload).model
             model = parse_name(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            return _error(f"invalid request body: {e}", 400)
+            return json_error(400, f"invalid request body: {e}")
         except CorralError as e:
-            return _error(e.message, e.status)
+            return json_error(e.status, e.message)
         loaded = [a.id for a in gw.fleet.loaded_on(model.key)]
         if not loaded:
-            return _error(f"model '{raw}' is not loaded on any agent", 404)
+            return json_error(404, f"model '{raw}' is not loaded on any agent")
         body = _enc.encode({"model": model.display, "keep_alive": 0})
         work = WorkRequest(endpoint="/api/generate", body=body, model=model, unload=True)
         done: list[str] = []

@@ -20,7 +20,7 @@ import asyncio
 import logging
 
 from corral.gateway.asgi import App, Message, Receive, Scope, Send
-from corral.gateway.errors import JSON, native_body, openai_body
+from corral.gateway.errors import refuse
 from corral.protocol.envelope import MAX_BODY_SIZE
 from corral.protocol.errors import BUSY_MESSAGE, NoCapacity
 from corral.transport.bodies import BodyGone
@@ -74,7 +74,7 @@ class Edge:
         counted = scope["method"] not in UNCOUNTED
         openai = scope["path"].startswith("/v1/")
         if counted and self.active >= self.max_requests:
-            await _refuse(send, Refused(NoCapacity.status, BUSY_MESSAGE), openai=openai, close=False)
+            await refuse(send, NoCapacity.status, BUSY_MESSAGE, openai=openai)
             return
         self.active += counted
         self._admitted.set()
@@ -88,7 +88,7 @@ class Edge:
             except ConnectionResetError:
                 return
             except Refused as e:
-                await _refuse(send, e, openai=openai, close=True)
+                await refuse(send, e.status, e.message, openai=openai, close=True)
                 return
             scope[BODY] = body  # read once: the model routes take it from here, others from receive
             await app(scope, _replay(body, receive), send)
@@ -112,7 +112,7 @@ class Edge:
         finally:
             body.close()
         if body.error is not None and not started:  # the upload ended for the client's fault: say why
-            await _refuse(send, body.error, openai=False, close=True)
+            await refuse(send, body.error.status, body.error.message, openai=False, close=True)
 
     async def _read(self, scope: Scope, receive: Receive, declared: int | None) -> bytes:
         if declared is not None and declared > self.max_body_bytes:
@@ -295,13 +295,3 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
-
-
-async def _refuse(send: Send, err: Refused, *, openai: bool, close: bool) -> None:
-    status = err.status
-    body = openai_body(status, err.message) if openai else native_body(err.message)
-    headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]
-    if close:  # the rest of the body may still be on its way: do not read it as the next request
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

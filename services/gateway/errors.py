@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import msgspec
+from corral.gateway.asgi import Send
 from corral.protocol.errors import CorralError, ModelNotFound, not_found_message
+from starlette.responses import Response
 
 JSON = "application/json; charset=utf-8"
 
@@ -48,3 +50,29 @@ def error_response(
         message = not_found_message(endpoint, raw_model, err.message)
     status = err.status
     return status, (openai_body(status, message) if openai else native_body(message))
+
+
+def json_error(status: int, message: str, *, openai: bool = False) -> Response:
+    """A route's error answer in the API's shape: Ollama's ``{"error": ...}``, or /v1's object."""
+    body = openai_body(status, message) if openai else native_body(message)
+    return Response(body, status_code=status, media_type=JSON)
+
+
+async def refuse(
+    send: Send,
+    status: int,
+    message: str,
+    *,
+    openai: bool,
+    close: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer a request refused before it reached a route (the edge's bounds, a key's check) in
+    the API's own error shape. ``close``: the request's body may still be on its way unread, so the
+    connection must not be read for a next request."""
+    body = openai_body(status, message) if openai else native_body(message)
+    head = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    if close:
+        head.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 from corral.gateway.asgi import Receive, Send
 from corral.gateway.edge import STREAM, ClientBody
-from corral.gateway.errors import JSON, native_body
+from corral.gateway.errors import JSON, json_error, native_body
 from corral.gateway.planner import Planner
 from corral.gateway.relay import RelayResponse, ReplyResponse, relay, respond, respond_error
 from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound, not_found_message
@@ -58,7 +58,7 @@ async def unload(planner: Planner, work: WorkRequest, raw: str, receive: Receive
 
 
 def error(err: CorralError) -> Response:
-    return Response(native_body(err.message), status_code=err.status, media_type=JSON)
+    return json_error(err.status, err.message)
 
 
 async def _name(request: Request, field: str = "model") -> tuple[bytes, str, ModelName]:

@@ -17,7 +17,7 @@ from corral.gateway.auth import key_of
 from corral.gateway.batch import model
 from corral.gateway.batch.lifecycle import now
 from corral.gateway.batch.model import ENDPOINTS, Batch, BatchRecord, FileMeta, Refused, visible_to
-from corral.gateway.errors import JSON, openai_body
+from corral.gateway.errors import JSON, json_error
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
@@ -60,7 +60,7 @@ def _json(value: object, status: int = 200) -> Response:
 
 
 def _error(status: int, message: str) -> Response:
-    return Response(openai_body(status, message), status_code=status, media_type=JSON)
+    return json_error(status, message, openai=True)
 
 
 def _viewer(request: Request) -> str | None:
