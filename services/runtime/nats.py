@@ -20,7 +20,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -150,7 +150,13 @@ async def connect(
             # raised inside nats-py's first connect, which it ends: retrying cannot help
             raise NatsRefused(f"NATS at {url} refused this process: {e}") from e
 
+    told = False
+
     async def on_close() -> None:
+        nonlocal told
+        if told:
+            return
+        told = True
         if connected and nc.last_error is not None:
             log.error("%s: NATS connection closed for good: %s", name, nc.last_error)
         if on_closed is not None:
@@ -175,7 +181,29 @@ async def connect(
         raise
     connected = True
     _decode_leniently(nc)  # before any subscription: any client may publish to our subjects
+    _close_reliably(nc, on_close)
     return nc
+
+
+def _close_reliably(nc: NATS, on_close: Callable[[], Awaitable[None]]) -> None:
+    """Make sure ``on_close`` runs once ``nc`` is closed. nats-py's private ``_close`` marks the
+    client closed first, then flushes what is pending to the socket and only at its end calls the
+    closed callback: when the server has just reset the connection (it closed it for good, e.g. on
+    an authorization violation), that flush raises ``ConnectionResetError`` and the callback never
+    runs, so a service would wait on a connection that is gone. This wraps ``_close`` (nats-py 2.16
+    and later) to call ``on_close`` itself when ``_close`` fails that way."""
+    close = nc._close
+
+    async def guarded(status: int, do_cbs: bool = True) -> None:
+        try:
+            await close(status, do_cbs)
+        except OSError as e:  # the socket was reset under the final flush: closed all the same
+            if not (do_cbs and nc.is_closed):
+                raise
+            log.debug("NATS connection closed with an error: %r", e)
+            await on_close()
+
+    nc._close = guarded  # type: ignore[method-assign]
 
 
 def _decode_leniently(nc: NATS) -> None:
