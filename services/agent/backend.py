@@ -16,6 +16,7 @@ from corral.protocol.names import key_of
 log = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+META_RETRY_S = 60.0  # a model whose /api/show failed is asked again after this, not every refresh
 
 
 class Reading(NamedTuple):
@@ -35,8 +36,10 @@ class Backend:
         context_length: int,
         gpus: tuple[Gpu, ...],
         probe: Callable[[], list[Gpu]] | None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ollama = ollama
+        self._clock = clock
         self.vendor = vendor
         self.context_length = context_length  # the backend's OLLAMA_CONTEXT_LENGTH (0 = unknown)
         self.gpus = gpus
@@ -46,6 +49,7 @@ class Backend:
         self.version = ""
         self.started_at = time.time()
         self._meta_by_digest: dict[str, ModelMeta] = {}
+        self._meta_retry_at: dict[str, float] = {}  # digest whose /api/show failed → when to ask again
         self.model_meta: dict[str, ModelMeta] = {}  # model key (on disk) → its shape
 
     async def read(self) -> Reading:
@@ -76,12 +80,15 @@ class Backend:
     async def _read_meta(self, name: str, digest: str) -> None:
         """Asks Ollama for a model's shape once per digest (its trained context caps every
         runner's num_ctx; the rest sizes the KV cache a load allocates)."""
-        if digest in self._meta_by_digest:
+        if digest in self._meta_by_digest or self._clock() < self._meta_retry_at.get(digest, 0.0):
             return
         try:
             self._meta_by_digest[digest] = await self.ollama.model_meta(name)
         except OLLAMA_ERRORS as e:
-            log.warning("cannot read %s's metadata: %s", name, e)
+            log.warning("cannot read %s's metadata (asking again in %.0f s): %s", name, META_RETRY_S, e)
+            self._meta_retry_at[digest] = self._clock() + META_RETRY_S
+        else:
+            self._meta_retry_at.pop(digest, None)
 
     def _trained_context(self, digest: str) -> int:
         meta = self._meta_by_digest.get(digest)
