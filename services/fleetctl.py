@@ -16,8 +16,7 @@ from typing import Any
 import msgspec
 import nats.errors
 from corral import views
-from corral.gateway.policy import POLICY_KEY as PINS_RECORD
-from corral.gateway.policy import Policy
+from corral.gateway.policy import POLICY_KEY, policy_decoder
 from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import VENDORS
@@ -32,7 +31,6 @@ from corral.views.status import Pin
 from nats.js.errors import KeyNotFoundError
 
 _enc = msgspec.json.Encoder()
-_pins = msgspec.json.Decoder(Policy)
 
 
 def _gb(n: int) -> str:
@@ -68,10 +66,10 @@ class _Session:
     async def pins(self) -> dict[str, Pin]:
         """The models kept warm, as the policy record names them (`corral pin`)."""
         try:
-            entry = await self.buckets.policy.get(PINS_RECORD)
+            entry = await self.buckets.policy.get(POLICY_KEY)
         except KeyNotFoundError:  # no rules written yet
             return {}
-        return _pins.decode(entry.value).pins if entry.value else {}
+        return policy_decoder.decode(entry.value).pins if entry.value else {}
 
     async def rates(self) -> views.Rates | None:
         try:

@@ -318,8 +318,8 @@ class Agent:
             if token is not None:
                 await self._report(job, status)
                 self._apply(self.runners.served(token, env.num_ctx, status, job.rid, load_seconds(job)))
-            if (env.unload or env.endpoint in _CHANGES_MODELS) and 200 <= status < 300:
-                self._changed(refresh=True)  # what is on disk or loaded changed: advertise it now
+            if env.unload and 200 <= status < 300:  # pulls and the like refreshed in `_on_answered`
+                self._changed(refresh=True)  # what is loaded changed: advertise it now
         except asyncio.CancelledError:
             await self._end_reply(job, Cancelled("request canceled"))
             # the job ends here; the TaskGroup must not see this cancellation as its own

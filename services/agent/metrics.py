@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from corral.agent.runners import token_of
 from corral.protocol.messages import PsModel
 from corral.protocol.names import decode_token, encode_token, key_of
 from prometheus_client import CollectorRegistry
@@ -92,9 +93,7 @@ def agent_families(agents: Iterable[Agent]) -> list[Metric]:
     )
     for agent in agents:
         slots = agent.slots
-        tokens = {
-            t for m in agent.runners.loaded if (k := key_of(m.name)) is not None for t in [encode_token(k)]
-        }
+        tokens = {t for m in agent.runners.loaded if (t := token_of(m.name)) is not None}
         tokens |= slots.busy_tokens()
         for token in sorted(tokens):
             model = decode_token(token)

@@ -207,10 +207,6 @@ class OllamaClient:
     async def version(self) -> str:
         return _version.decode(await self._call("GET", "/api/version")).version
 
-    async def trained_context(self, name: str) -> int:
-        """The model's trained context (``<arch>.context_length`` in /api/show); 0 if not given."""
-        return (await self.model_meta(name)).trained_ctx
-
     async def model_meta(self, name: str) -> ModelMeta:
         """The model's shape from /api/show's ``model_info`` (fields not given read as 0)."""
         body = await self._call("POST", "/api/show", msgspec.json.encode({"model": name}))

@@ -57,7 +57,6 @@ _enc = msgspec.json.Encoder()
 @dataclass(frozen=True)
 class ReplicaSettings:
     check_s: float = 1.0  # the fallback resync: every model's queue depth is read this often; 0 = off
-    backlog_per_slot: float = 2.0  # a backlog gets at most a slot per this many waiting requests
 
 
 @dataclass(eq=False)
@@ -195,7 +194,6 @@ class Replicator:
             self._request_s(key, backlog, depth, now),
             starting=frozenset(backlog.starting) | self._placing(token),
             pinned=self._pinned(),
-            backlog_per_slot=self.settings.backlog_per_slot,
         )
         self.plans[token] = plan
         for agent_id in plan.load:
