@@ -95,7 +95,9 @@ class Lifecycle:
         rec = stored.record
         if rec.total < 0 or rec.closing or rec.batch.status not in ("in_progress", "cancelling"):
             return
-        if await self.store.done_count(batch_id) < rec.total:
+        # a line is acknowledged only once its result is stored: while any is not, the batch is not
+        # done, and the count of results (one entry per line) need not be read
+        if await self.store.lines_waiting(batch_id) or await self.store.done_count(batch_id) < rec.total:
             return
         try:
             taken = await self.store.change(batch_id, lambda r: model.finalize(r, now()))

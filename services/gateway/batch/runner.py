@@ -209,7 +209,7 @@ class BatchRunner:
             if result is None:
                 return  # handed back for a later run
         await store.store_result(line.batch, line.index, result)
-        await msg.ack()
+        await msg.ack_sync()  # gone from the stream before `maybe_finalize` counts what is left
         await self.lifecycle.maybe_finalize(line.batch)
 
     async def _answer(self, msg: Msg, line: Line, rec: BatchRecord) -> LineResult | None:
