@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from corral import views
-from corral.gateway.access import TAIL_BYTES, reply_tokens
+from corral.gateway.access import reply_tokens
 from corral.gateway.fleetmetrics import FleetCollector
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.subjects import Subjects
@@ -234,7 +234,7 @@ class GatewayMetrics:
         if decision.first_byte is not None:
             child(self.ttft, model).observe(decision.first_byte - decision.started)
         if status == 200 and decision.tail:
-            prompt, generated = reply_tokens(decision.tail[-TAIL_BYTES:])
+            prompt, generated = reply_tokens(decision.tail)
             if prompt:
                 child(self.prompt_tokens, model, agent).inc(prompt)
             if generated:

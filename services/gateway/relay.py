@@ -127,7 +127,7 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
     extra = [] if decision is None else decision.headers(reply.agent)
     d = decision or new_decision()
     if reply.ended:
-        d.tail = reply.first
+        d.tail = reply.first[-TAIL_BYTES:]  # a whole body (an embedding may be megabytes): its end
         await respond(send, reply.status, reply.first, reply.content_type, extra)
         return
     await send(
