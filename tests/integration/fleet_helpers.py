@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 import nats.aio.msg
 from corral.protocol.messages import AgentEvent
 from corral.runtime.natsserver import NatsServer
 from corral.up import LocalFleet
+
+if TYPE_CHECKING:
+    from corral.gateway.app import Gateway
 
 
 async def until(fleet: LocalFleet, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -113,3 +117,11 @@ async def queue_and_serve(fleet: LocalFleet, model: str, n: int, num_predict: in
         msg = await replies.next_msg(timeout=20)
         heads += (msg.headers or {}).get(H.KIND) == H.HEAD
     await replies.unsubscribe()
+
+
+async def seen(gw: Gateway, key: str, present: bool = True, timeout: float = 5.0) -> None:
+    """Wait until ``gw`` knows API key ``key`` (or, with ``present`` False, no longer knows it)."""
+    assert gw.access is not None
+    async with asyncio.timeout(timeout):
+        while (gw.access.keys.lookup(key) is not None) != present:
+            await gw.access.keys.wait_changed(timeout)

@@ -27,7 +27,7 @@ from corral.runtime.process import AsgiServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.js.kv import KeyValue
 
-from tests.integration.fleet_helpers import preload
+from tests.integration.fleet_helpers import preload, seen
 
 pytestmark = pytest.mark.integration
 
@@ -80,13 +80,6 @@ async def make_key(fleet: LocalFleet, **kw: object) -> tuple[str, str]:
     key = await create_key(buckets.keys, name, **kw)  # type: ignore[arg-type]
     await seen(fleet.gateway, key)  # type: ignore[arg-type]
     return name, key
-
-
-async def seen(gw: Gateway, key: str, present: bool = True, timeout: float = 5.0) -> None:
-    assert gw.access is not None
-    async with asyncio.timeout(timeout):
-        while (gw.access.keys.lookup(key) is not None) != present:
-            await gw.access.keys.wait_changed(timeout)
 
 
 def auth(key: str) -> dict[str, str]:

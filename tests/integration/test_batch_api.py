@@ -29,7 +29,7 @@ from tests.integration.batch_helpers import (
     submit,
     wait_until,
 )
-from tests.integration.fleet_helpers import preload
+from tests.integration.fleet_helpers import preload, seen
 
 pytestmark = pytest.mark.integration
 
@@ -204,9 +204,8 @@ async def test_with_keys_a_user_sees_only_its_own_batches_and_files(
             name: await create_key(buckets.keys, name, role=role)  # type: ignore[arg-type]
             for name, role in (("alice", "user"), ("bob", "user"), ("root", "admin"))
         }
-        async with asyncio.timeout(10):
-            while any(gw.access.keys.lookup(k) is None for k in keys.values()):
-                await gw.access.keys.wait_changed(10)
+        for key in keys.values():
+            await seen(gw, key)
 
         def as_key(key: str) -> openai.AsyncOpenAI:
             return openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key=key, max_retries=0)

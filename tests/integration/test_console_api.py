@@ -19,7 +19,7 @@ from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 from yarl import URL
 
-from tests.integration.fleet_helpers import preload, until
+from tests.integration.fleet_helpers import preload, seen, until
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +47,8 @@ async def keys(fleet: LocalFleet) -> dict[str, str]:
     assert fleet.gateway is not None and fleet.gateway.nc is not None and fleet.gateway.access is not None
     buckets = await open_key_buckets(fleet.gateway.nc.jetstream(), Subjects(ROOT))
     made = {role: await create_key(buckets.keys, f"console-{role}", role=role) for role in ("admin", "user")}
-    store = fleet.gateway.access.keys
     for key in made.values():
-        while store.lookup(key) is None:
-            await store.wait_changed(5.0)
+        await seen(fleet.gateway, key)
     return made
 
 

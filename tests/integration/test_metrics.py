@@ -223,7 +223,7 @@ async def test_metrics_and_route_headers_after_traffic(
         r = await asyncio.wait_for(queued, 20)
         assert r.status == 200
         assert r.headers["x-corral-route"] == "queued"
-        assert int(r.headers["x-corral-queue-ms"]) >= 0
+        assert int(r.headers["x-corral-queue-ms"]) > 0  # it waited while the other slot was held
         await r.read()
         holds[1].close()
         _, samples = await scrape(s, fleet.url)
