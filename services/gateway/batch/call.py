@@ -13,14 +13,11 @@ from corral.gateway.asgi import App, Message, Scope
 from corral.gateway.auth import KEY, MODEL, Access
 from corral.protocol.priority import BATCH, HTTP_HEADER
 
-REQUEST_ID_HEADER = b"x-request-id"
-
 
 @dataclass(frozen=True)
 class Answer:
     status: int
     body: bytes
-    request_id: str
 
 
 def _scope(url: str, body: bytes, key: ApiKey | None) -> Scope:
@@ -55,7 +52,6 @@ async def call(app: App, url: str, body: bytes, *, key: ApiKey | None, access: A
     answered = asyncio.Event()
     delivered = False
     status = 0
-    request_id = ""
     parts: list[bytes] = []
 
     async def receive() -> Message:
@@ -67,12 +63,9 @@ async def call(app: App, url: str, body: bytes, *, key: ApiKey | None, access: A
         return {"type": "http.disconnect"}
 
     async def send(msg: Message) -> None:
-        nonlocal status, request_id
+        nonlocal status
         if msg["type"] == "http.response.start":
             status = msg["status"]
-            for k, v in msg.get("headers", []):
-                if k.lower() == REQUEST_ID_HEADER:
-                    request_id = v.decode("latin-1")
         elif msg["type"] == "http.response.body":
             parts.append(msg.get("body", b""))
             if not msg.get("more_body", False):
@@ -87,4 +80,4 @@ async def call(app: App, url: str, body: bytes, *, key: ApiKey | None, access: A
         prompt, generated = reply_tokens(reply[-TAIL_BYTES:]) if status == 200 else (0, 0)
         model: str = scope.get(MODEL, "")
         access.usage.record(key.name, model, prompt=prompt, generated=generated, error=status >= 400)
-    return Answer(status, reply, request_id)
+    return Answer(status, reply)

@@ -233,8 +233,8 @@ class BatchRunner:
             text = answer.body[:500].decode("utf-8", "replace")
             message = f"No answer after {runs} attempts; the last was HTTP {answer.status}: {text}"
             return unanswered(line.custom_id, "server_error", message)
-        request_id = answer.request_id or f"{line.batch}-{line.index}"
-        return answered(line.custom_id, answer.status, answer.body, request_id)
+        # the gateway sets no request id of its own: the line's place in its batch is one
+        return answered(line.custom_id, answer.status, answer.body, f"{line.batch}-{line.index}")
 
     async def _heartbeat(self, msg: Msg) -> None:
         while True:
