@@ -143,6 +143,11 @@ class KeyStore:
             return None
         return record
 
+    def by_name(self, name: str) -> ApiKey | None:
+        """The record of the key called ``name`` (None when there is none, or it was revoked); the
+        keys are few, so a scan of the live copy, not a KV read."""
+        return next((r for r in self._by_hash.values() if r.name == name), None)
+
     async def wait_changed(self, timeout: float) -> None:
         """Wait for the next change to the keys (tests; woken by each KV event)."""
         self._changed.clear()

@@ -23,7 +23,7 @@ import contextlib
 import logging
 
 import msgspec
-from corral.gateway.access import ApiKey, api_key_decoder
+from corral.gateway.access import ApiKey
 from corral.gateway.asgi import App
 from corral.gateway.auth import Access
 from corral.gateway.batch.call import call
@@ -47,7 +47,6 @@ from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import Error as JetStreamError
-from nats.js.errors import KeyNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +214,7 @@ class BatchRunner:
     async def _answer(self, msg: Msg, line: Line, rec: BatchRecord) -> LineResult | None:
         key = None
         if rec.owner and self._access is not None:
-            key = await self._key(rec.owner)
+            key = self._key(rec.owner)
             if key is None:
                 return unanswered(
                     line.custom_id, "invalid_api_key", "The API key that made this batch was revoked."
@@ -241,11 +240,7 @@ class BatchRunner:
             await asyncio.sleep(self.limits.ack_wait_s / 3)  # a period: the consumer's ack wait
             await msg.in_progress()
 
-    async def _key(self, name: str) -> ApiKey | None:
-        """The record of the key that made a batch, as it is now (None once revoked)."""
+    def _key(self, name: str) -> ApiKey | None:
+        """The record of the key that made a batch, as this gateway knows it now (None once revoked)."""
         assert self._access is not None
-        try:
-            entry = await self._access.keys.kv.get(name)
-        except KeyNotFoundError:
-            return None
-        return api_key_decoder.decode(entry.value) if entry.value else None
+        return self._access.keys.by_name(name)
