@@ -236,6 +236,16 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     seed: int = 0
     models: list[ModelConfig] = msgspec.field(default_factory=_default_models)
 
+    def load_seconds(self, size: int) -> float:
+        """Seconds to load a model file of ``size`` bytes from disk into the GPU."""
+        return (size / self.load_bandwidth + self.load_overhead_s) / self.speed
+
+    def stream_rate(self, size_gb: float) -> float:
+        """Decode tokens/s of one stream of a model of ``size_gb`` held wholly in VRAM (memory-bandwidth
+        bound), scaled by vendor and `speed`."""
+        base = min(self.decode_rate / max(size_gb, 0.05), 1500.0)
+        return base * VENDOR_SPEED.get(self.vendor, 1.0) * self.speed
+
     @property
     def max_loaded(self) -> int:
         if self.max_loaded_models > 0:

@@ -18,7 +18,7 @@ import msgspec
 from corral.protocol.errors import CorralError
 from corral.simulator.catalog import LocalModel
 from corral.simulator.clock import Clock
-from corral.simulator.config import VENDOR_SPEED, SimConfig
+from corral.simulator.config import SimConfig
 from corral.simulator.scheduler import Runner, RunnerOptions, Scheduler, common_prefix
 from corral.simulator.stats import SimStats
 from corral.simulator.text import Plan, tokenize
@@ -65,9 +65,7 @@ class Engine:
 
     def decode_rate(self, runner: Runner) -> float:
         """Single-stream decode tokens/s on this runner."""
-        c = self.config
-        base = min(c.decode_rate / max(runner.model.config.size_gb, 0.05), 1500.0)
-        base *= VENDOR_SPEED.get(c.vendor, 1.0) * c.speed
+        base = self.config.stream_rate(runner.model.config.size_gb)
         if runner.size > 0 and runner.size_vram < runner.size:
             cpu_fraction = 1.0 - runner.size_vram / runner.size
             base /= 1.0 + 12.0 * cpu_fraction

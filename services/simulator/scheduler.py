@@ -343,8 +343,7 @@ class Scheduler:
             return
 
     def load_seconds(self, model: LocalModel) -> float:
-        c = self.config
-        return (model.config.size / c.load_bandwidth + c.load_overhead_s) / c.speed
+        return self.config.load_seconds(model.config.size)
 
     async def _load(self, p: _Pending, placement: Placement, num_parallel: int) -> None:
         keep_alive = self.default_keep_alive if p.keep_alive is None else p.keep_alive
