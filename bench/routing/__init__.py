@@ -15,6 +15,8 @@ Where each part lives:
 ``run``        one workload under one policy on a fresh fleet: counters, CPU, warnings
 ``results``    a run's figures (`RunResult`), repetitions pooled, one request as JSON
 ``report``     the tables, auto's ratios against the baselines and peers, the verdicts
+``ideal``      the best schedule any router could reach for a workload's burst, on the simulators'
+               own rates, to read the burst's TTFT against
 ``cli``        the command line (``__main__`` runs it)
 ``herd``       the peer router ollama-herd: its pinned release in a virtualenv of its own, and
                the settings and command lines of its router and nodes
@@ -66,7 +68,8 @@ where a request runs):
     on it; after 5 simulated seconds the 50-request cold burst for phi4:14b. At
     ``OLLAMA_CONTEXT_LENGTH=8192`` the 16 GB card cannot load phi4:14b whole beside the busy model
     (Ollama's 80 % rule) while the others can: a policy that loads it there evicts the busy model,
-    which its own traffic then loads back. The report adds the burst requests' TTFT p95 alone.
+    which its own traffic then loads back. The report adds the burst requests' TTFT p95 alone,
+    and the same figure under an ideal schedule (`ideal`).
 ``num_ctx``
     Two models with ``options.num_ctx`` drawn from {default, 2048, 8192} (prompt sizes to match),
     closed loop with 8 concurrent clients; a runner loaded with another context must reload.

@@ -22,7 +22,7 @@ from corral.routing import STRATEGIES
 import bench.routing
 from bench.common import loop_name, machine, run, write_json
 from bench.routing import herd
-from bench.routing.fleet import MACHINES, scaled_periods
+from bench.routing.fleet import MACHINES, fleet_sims, scaled_periods
 from bench.routing.netns import NamespaceUnavailable, unavailable
 from bench.routing.peer import PeerFailed, run_herd
 from bench.routing.report import PEERS, comparison, finite, progress, section
@@ -142,7 +142,7 @@ async def bench_all(args: argparse.Namespace) -> dict[str, Any]:
                 runs.append(r)
             else:
                 results.append(pool(runs))
-        text, entry = section(w, results)
+        text, entry = section(w, results, fleet_sims(args.seed, args.time_scale, w.context_length))
         texts.append(text)
         data["workloads"][w.name] = entry
         summaries[w.name] = entry["policies"]

@@ -9,7 +9,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from corral.simulator import SimConfig
+
 from bench.common import fmt, percentile, table
+from bench.routing.ideal import Job, ideal_p95
 from bench.routing.results import RunResult, sample_json
 from bench.routing.workloads import Workload
 
@@ -100,8 +103,11 @@ def peer_line(summaries: dict[str, dict[str, Any]], peer: str) -> str:
     )
 
 
-def focus_line(model: str, results: Sequence[RunResult]) -> tuple[str, dict[str, float]]:
-    """The TTFT p95 of ``model``'s requests alone under each policy, with auto's ratio to each."""
+def focus_line(
+    model: str, results: Sequence[RunResult], sims: Sequence[SimConfig] = ()
+) -> tuple[str, dict[str, float]]:
+    """The TTFT p95 of ``model``'s requests alone under each policy, with auto's ratio to each, and
+    (given the fleet's ``sims``) the `ideal` schedule's for the same requests."""
     p95 = {r.policy: percentile([s.ttft for s in r.ok if s.model == model], 95) for r in results}
     parts = []
     for policy, v in p95.items():
@@ -109,7 +115,27 @@ def focus_line(model: str, results: Sequence[RunResult]) -> tuple[str, dict[str,
         if policy != "auto" and "auto" in p95:
             part += f" (auto ÷ {policy} {times(ratio(p95['auto'], v))})"
         parts.append(part)
-    return f"{model} requests alone, TTFT p95: " + "; ".join(parts), p95
+    line = f"{model} requests alone, TTFT p95: " + "; ".join(parts)
+    jobs = focus_jobs(model, results)
+    if sims and jobs:
+        best = ideal_p95(sims, model, jobs)
+        p95["ideal"] = best
+        line += (
+            f"\nideal schedule for the same requests (every server with {model} on disk loading it at "
+            f"once, nothing to evict, slots refilled instantly, shortest reply first): TTFT p95 "
+            f"{fmt(best)} s"
+        )
+    return line, p95
+
+
+def focus_jobs(model: str, results: Sequence[RunResult]) -> list[Job]:
+    """``model``'s requests of one run, as `ideal` takes them: the first result whose first run
+    answered every one of them (the workloads are seeded, so every run sends the same ones)."""
+    for r in results:
+        mine = [s for s in r.samples if s.model == model and s.run == 0]
+        if mine and all(s.ok for s in mine):
+            return [Job(s.prompt_eval_count, s.eval_count) for s in mine]
+    return []
 
 
 def times(x: float) -> str:
@@ -196,14 +222,17 @@ def cache_verdict(results: Sequence[RunResult]) -> str:
     return f"prompt cache: {'PASS' if passed else 'MISS'} — mean prompt eval " + "; ".join(parts)
 
 
-def section(workload: Workload[Any], results: Sequence[RunResult]) -> tuple[str, dict[str, Any]]:
-    """One workload's part of the report: its text and its JSON entry."""
+def section(
+    workload: Workload[Any], results: Sequence[RunResult], sims: Sequence[SimConfig] = ()
+) -> tuple[str, dict[str, Any]]:
+    """One workload's part of the report: its text and its JSON entry (``sims``: the fleet it ran
+    on, for the ideal schedule of a workload with a focus model)."""
     text, entry = workload_table(results)
     entry["agents"] = {r.policy: r.agents for r in results}
     entry["samples"] = {r.policy: [sample_json(x) for x in r.samples] for r in results}
     entry["warnings"] = {r.policy: r.warnings for r in results}
     if workload.focus is not None:
-        line, entry["focus"] = focus_line(workload.focus, results)
+        line, entry["focus"] = focus_line(workload.focus, results, sims)
         text += "\n" + line
     if workload.per_turn:
         ctext, turns = chat_table(results)

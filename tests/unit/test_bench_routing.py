@@ -14,6 +14,9 @@ from corral.protocol.messages import AgentState
 from corral.registry.settings import RegistrySettings
 from corral.routing import Route, Router
 from corral.runtime.settings import describe
+from corral.simulator import SimConfig, load_config
+from corral.simulator.config import GB
+from corral.simulator.engine import share
 
 from bench.routing.cli import POLICIES, VALID, split
 from bench.routing.client import Sample, parse_reply
@@ -27,6 +30,7 @@ from bench.routing.herd import (
     router_env,
     scaled,
 )
+from bench.routing.ideal import Job, first_tokens, ideal_p95
 from bench.routing.netns import exec_argv
 from bench.routing.peer import child_argv, child_parser, log_warnings, models_loaded, node_ids, nodes_ready
 from bench.routing.report import comparison, focus_line, peer_line, verdict
@@ -359,3 +363,57 @@ def test_the_focus_line_reports_one_models_ttft_p95_alone_with_autos_ratios() ->
     assert p95 == {"auto": 5.0, "round_robin": 20.0}  # the steady requests' 0.1 s do not count
     assert line == "big requests alone, TTFT p95: auto 5.00 s; round_robin 20.00 s (auto ÷ round_robin 0.25x)"
     assert WORKLOADS["steady_burst"].focus == BIG_MODEL
+
+
+def one_server(*, parallel: int = 1, pulled: bool = True, speed: float = 1.0) -> SimConfig:
+    model = {"name": "m", "size_gb": 2.0, "pulled": pulled}
+    return load_config(None, num_parallel=parallel, speed=speed, models=[model])
+
+
+def test_the_ideal_schedule_on_one_slot_serves_the_shortest_reply_first() -> None:
+    c = one_server()
+    load, rate = c.load_seconds(2 * GB), c.stream_rate(2.0)
+    long, short = Job(prompt_tokens=100, eval_count=50), Job(prompt_tokens=100, eval_count=10)
+    prompt = 100 / c.prompt_factor
+    got = first_tokens([c], "m", [long, short])
+    # the short reply first, though it was sent second; the long one waits for all of it
+    assert got[1] == pytest.approx(load + (prompt + 1) / rate)
+    assert got[0] == pytest.approx(load + (prompt + 10) / rate + (prompt + 1) / rate)
+    assert ideal_p95([c], "m", [long, short]) == pytest.approx(got[1] + 0.95 * (got[0] - got[1]))
+
+
+def test_the_ideal_schedule_shares_a_runner_as_the_engine_does_and_uses_every_server_with_the_model() -> None:
+    jobs = [Job(prompt_tokens=0, eval_count=20)] * 2
+    two_slots = one_server(parallel=2)
+    together = first_tokens([two_slots], "m", jobs)
+    rate = two_slots.stream_rate(2.0) * share(2)  # two streams at once, each slower
+    assert together == pytest.approx([two_slots.load_seconds(2 * GB) + 1 / rate] * 2)
+    slow, fast = one_server(speed=0.5), one_server(speed=1.0)
+    load, rate = fast.load_seconds(2 * GB), fast.stream_rate(2.0)
+    assert slow.load_seconds(2 * GB) > load + 40 / rate  # the fast server is done before the slow one loads
+    assert first_tokens([slow, fast], "m", jobs) == pytest.approx([load + 1 / rate, load + 21 / rate])
+    both_fast = first_tokens([fast, one_server(speed=1.0)], "m", jobs)
+    assert both_fast == pytest.approx([load + 1 / rate] * 2)  # two servers: one each, at once
+    # a server without the model on disk takes nothing; none at all: no figure
+    assert first_tokens([one_server(pulled=False), fast], "m", jobs) == pytest.approx(
+        [load + 1 / rate, load + 21 / rate]
+    )
+    assert all(math.isnan(t) for t in first_tokens([one_server(pulled=False)], "m", jobs))
+
+
+def test_the_focus_line_adds_the_ideal_schedule_for_the_requests_of_one_run() -> None:
+    def sample(run: int, ok: bool = True) -> Sample:
+        return Sample(
+            model="m", ok=ok, status=200, ttft=3.0, e2e=4.0, eval_count=20, prompt_eval_count=50, run=run
+        )
+
+    fleet = {"loads": 1, "reloads": 0, "evictions": 0, "prompt_tokens": 0, "prompt_tokens_cached": 0}
+    pooled = RunResult(
+        "burst", "auto", [sample(0), sample(0), sample(1)], 1.0, 1.0, fleet, {}, 0.0, 0.0, runs=2
+    )
+    sims = [one_server(parallel=2)]
+    line, p95 = focus_line("m", [pooled], sims)
+    assert p95["ideal"] == pytest.approx(ideal_p95(sims, "m", [Job(50, 20)] * 2))  # run 0's two requests
+    assert line.endswith(f"TTFT p95 {p95['ideal']:.2f} s")
+    failed = RunResult("burst", "auto", [sample(0), sample(0, ok=False)], 1.0, 1.0, fleet, {}, 0.0, 0.0)
+    assert "ideal" not in focus_line("m", [failed], sims)[1]  # a run that lost a request has no job list
