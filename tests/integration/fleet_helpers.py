@@ -13,20 +13,18 @@ from corral.protocol.messages import AgentEvent
 from corral.runtime.natsserver import NatsServer
 from corral.up import LocalFleet
 
+from tests.integration import waits
+
 if TYPE_CHECKING:
     from corral.gateway.app import Gateway
 
 
-async def until(fleet: LocalFleet, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def until(
+    fleet: LocalFleet, predicate: Callable[[], bool], timeout: float = 10.0, what: str = ""
+) -> None:
     """Wait until ``predicate()`` holds, woken by each change to the fleet's KV state (no polling)."""
     assert fleet.gateway is not None
-    view = fleet.gateway.fleet
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("condition not reached in time")
-        await view.wait_changed(remaining)
+    await waits.until(predicate, fleet.gateway.fleet.wait_changed, timeout=timeout, what=what)
 
 
 async def preload(fleet: LocalFleet, model: str, timeout: float = 10.0) -> None:
@@ -59,20 +57,23 @@ class Events:
 
     def __init__(self) -> None:
         self.seen: list[AgentEvent] = []
-        self._changed = asyncio.Event()
+        self._changes = waits.Changes()
 
     async def on(self, msg: nats.aio.msg.Msg) -> None:
         self.seen.append(msgspec.json.decode(msg.data, type=AgentEvent))
-        self._changed.set()
+        self._changes.set()
 
     def of(self, kind: str, agent: str) -> int:
         return sum(1 for e in self.seen if e.kind == kind and e.agent == agent)
 
     async def wait(self, kind: str, agent: str, count: int = 1, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while self.of(kind, agent) < count:
-                self._changed.clear()
-                await self._changed.wait()
+        await waits.until(
+            lambda: self.of(kind, agent) >= count,
+            self._changes.wait,
+            timeout=timeout,
+            what=f"{count} {kind!r} event(s) of agent {agent}",
+            state=lambda: [(e.kind, e.agent) for e in self.seen],
+        )
 
 
 async def publish_raw(server: NatsServer, subject: str, reply: bytes, payload: bytes) -> None:
@@ -121,7 +122,11 @@ async def queue_and_serve(fleet: LocalFleet, model: str, n: int, num_predict: in
 
 async def seen(gw: Gateway, key: str, present: bool = True, timeout: float = 5.0) -> None:
     """Wait until ``gw`` knows API key ``key`` (or, with ``present`` False, no longer knows it)."""
-    assert gw.access is not None
-    async with asyncio.timeout(timeout):
-        while (gw.access.keys.lookup(key) is not None) != present:
-            await gw.access.keys.wait_changed(timeout)
+    keys = gw.access.keys if gw.access is not None else None
+    assert keys is not None
+    await waits.until(
+        lambda: (keys.lookup(key) is not None) == present,
+        keys.wait_changed,
+        timeout=timeout,
+        what=f"the gateway {'knows' if present else 'no longer knows'} the API key",
+    )
