@@ -137,8 +137,18 @@ class Access:
             await app(scope, receive, meter.send)
         finally:
             self.limiter.release(key)
-            prompt, generated = reply_tokens(meter.tail) if meter.status == 200 else (0, 0)
-            model: str = scope.get(MODEL, "")
-            self.usage.record(key.name, model, prompt=prompt, generated=generated, error=meter.status >= 400)
-        if key.tpm and prompt + generated:
-            await self.limiter.add_tokens(key, prompt + generated)
+            tokens = self.record(key, scope, meter.status, meter.tail)
+        await self.count_tokens(key, tokens)
+
+    def record(self, key: ApiKey, scope: Scope, status: int, tail: bytes) -> int:
+        """Add an answered request of ``key`` (``tail``: its reply's last `TAIL_BYTES`) to its usage,
+        under the model the app left in ``scope``; returns its reply's tokens (for `count_tokens`)."""
+        prompt, generated = reply_tokens(tail) if status == 200 else (0, 0)
+        model: str = scope.get(MODEL, "")
+        self.usage.record(key.name, model, prompt=prompt, generated=generated, error=status >= 400)
+        return prompt + generated
+
+    async def count_tokens(self, key: ApiKey, tokens: int) -> None:
+        """Add a reply's ``tokens`` to its key's tokens per minute (when the key has that limit)."""
+        if key.tpm and tokens:
+            await self.limiter.add_tokens(key, tokens)

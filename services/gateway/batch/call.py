@@ -1,16 +1,17 @@
 """One batch line through the gateway's own HTTP path, in-process: a POST of the line's body to its
 url with ``X-Corral-Priority: batch``, so aliases, fallbacks, routing, limits and metrics apply to
 it as to any client's request. With API keys on, it runs as the key that made the batch (its model
-allow-list and priority cap), and counts in that key's usage like any of its requests."""
+allow-list and priority cap), and counts in that key's usage and tokens per minute like any of its
+requests."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
 
-from corral.gateway.access import TAIL_BYTES, ApiKey, reply_tokens
+from corral.gateway.access import TAIL_BYTES, ApiKey
 from corral.gateway.asgi import App, Message, Scope
-from corral.gateway.auth import KEY, MODEL, Access
+from corral.gateway.auth import KEY, Access
 from corral.protocol.priority import BATCH, HTTP_HEADER
 
 
@@ -77,7 +78,6 @@ async def call(app: App, url: str, body: bytes, *, key: ApiKey | None, access: A
         answered.set()
     reply = b"".join(parts)
     if key is not None and access is not None:
-        prompt, generated = reply_tokens(reply[-TAIL_BYTES:]) if status == 200 else (0, 0)
-        model: str = scope.get(MODEL, "")
-        access.usage.record(key.name, model, prompt=prompt, generated=generated, error=status >= 400)
+        tokens = access.record(key, scope, status, reply[-TAIL_BYTES:])
+        await access.count_tokens(key, tokens)
     return Answer(status, reply)

@@ -1,0 +1,70 @@
+"""Batch lines count against their key's limits: a line's reply tokens are added to the tokens per
+minute of the key that made the batch, as an interactive request's are."""
+
+from __future__ import annotations
+
+import msgspec
+import openai
+import pytest
+from corral.gateway.access import Window
+from corral.gateway.keys import create_key, open_key_buckets
+from corral.protocol.subjects import Subjects
+from corral.runtime.natsserver import NatsServer
+from corral.up import FleetOptions, LocalFleet, default_sims
+from nats.js.kv import KeyValue
+
+from tests.integration.batch_helpers import LLAMA, jsonl, outcome, request, submit, wait_until
+from tests.integration.fleet_helpers import preload, seen
+
+pytestmark = pytest.mark.integration
+
+
+async def tokens_counted(kv: KeyValue, name: str) -> int:
+    """The tokens every per-minute window of key ``name`` holds (a batch may span two minutes)."""
+    total = 0
+    watcher = await kv.watch(f"{name}.>")
+    try:
+        async for entry in watcher:
+            if entry is None:  # every current window is in
+                break
+            if entry.value:
+                total += msgspec.json.decode(entry.value, type=Window).tokens
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return total
+
+
+async def test_a_batch_lines_tokens_count_in_its_keys_tokens_per_minute(
+    nats_server: NatsServer, root: str
+) -> None:
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=0),
+        gateway={"auth": "keys"},
+    )
+    async with LocalFleet(options) as fleet:
+        await preload(fleet, LLAMA)
+        gw = fleet.gateway
+        assert gw is not None and gw.nc is not None
+        js = gw.nc.jetstream()
+        buckets = await open_key_buckets(js, Subjects(root))
+        # a limit high enough never to refuse: the test is what it counts
+        key = await create_key(buckets.keys, "alice", role="user", tpm=1_000_000)
+        await seen(gw, key)
+        async with openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key=key, max_retries=0) as c:
+            b = await submit(c, jsonl([request(i) for i in range(3)]))
+            b = await wait_until(c, js, root, b.id)
+            assert b.status == "completed"
+            # read before the output file is fetched: its download is itself a reply naming tokens
+            counted = await tokens_counted(buckets.limits, "alice")
+            out, err = await outcome(c, b)
+    assert not err and len(out) == 3
+    spent = sum(
+        line["response"]["body"]["usage"]["prompt_tokens"]
+        + line["response"]["body"]["usage"]["completion_tokens"]
+        for line in out
+    )
+    assert spent > 0
+    assert counted == spent
