@@ -26,7 +26,7 @@ from corral.gateway.edge import BODY, Edge
 from corral.gateway.keys import open_key_buckets
 from corral.gateway.metrics import OTHER
 from corral.gateway.planner import Planner
-from corral.gateway.policy import PolicyStore
+from corral.runtime.policy import PolicyStore
 from corral.gateway.relay import relay, respond_error
 from corral.gateway.routes import build_app
 from corral.gateway.sessions import Sessions

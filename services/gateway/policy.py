@@ -1,6 +1,7 @@
 """Model aliases, fallbacks and pins: the rules (`Policy`, one KV record that ``corral alias``,
 ``corral fallback`` and ``corral pin`` write), what they make of a request (`candidates`, `quant_match`, `substitute`),
-and `PolicyStore`, every gateway's live copy of the record.
+and `PolicyStore`, every gateway's live copy of the record (both at home in `corral.runtime.policy`,
+which the registry reads too).
 
 - an **alias** serves a name no model has (``gpt-4o-mini``) with a model the fleet has
   (``llama3.1:8b``); it is followed once, never in a chain;
@@ -19,7 +20,6 @@ gateway only shows it in ``/api/status``.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -28,19 +28,20 @@ from collections.abc import Callable, Iterable
 from typing import Final, Literal
 
 import msgspec
-import nats.errors
 from corral.protocol.errors import InvalidModelName
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ModelName, parse_name
-from corral.runtime.nats import watch_forever
-from corral.runtime.tasks import cancel_and_wait, supervise
+
+# the rules' record and its live copy live in `corral.runtime.policy`; named here too, as the CLIs know them
+from corral.runtime.policy import POLICY_KEY as POLICY_KEY
+from corral.runtime.policy import Policy as Policy
+from corral.runtime.policy import PolicyStore as PolicyStore
+from corral.runtime.policy import policy_decoder as policy_decoder
+from corral.runtime.policy import policy_encoder as policy_encoder
 from corral.transport import WorkRequest
-from corral.views.status import Pin
-from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
-POLICY_KEY: Final = "rules"  # the one record in the policy bucket
 MAX_FALLBACKS: Final = 8  # models one fallback list may name
 
 Kind = Literal["alias", "fallback", "quant"]
@@ -48,20 +49,6 @@ Kind = Literal["alias", "fallback", "quant"]
 # a quantisation as the last dash-separated part of a tag (``8b-instruct-q4_K_M``) or as the whole
 # tag (``hf.co/user/repo:Q4_K_M``): llama.cpp's k-quants, i-quants and float types
 _QUANT = re.compile(r"(?:i?q\d+(?:_[a-z0-9]+)*|f16|fp16|bf16|f32|fp32)", re.IGNORECASE)
-
-
-class Policy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """The fleet's rules, by normalised model key (``llama3.2:latest``): alias → the model that
-    serves it; model → the models that serve it, in order, when it cannot start in time; model →
-    how many agents keep it loaded."""
-
-    aliases: dict[str, str] = msgspec.field(default_factory=dict)
-    fallbacks: dict[str, tuple[str, ...]] = msgspec.field(default_factory=dict)
-    pins: dict[str, Pin] = msgspec.field(default_factory=dict)
-
-
-policy_decoder = msgspec.json.Decoder(Policy)
-policy_encoder = msgspec.json.Encoder()
 _any = msgspec.json.Decoder()
 
 
@@ -177,69 +164,3 @@ def with_aliases(v1_models: bytes, policy: Policy, allowed: Callable[[str], bool
             data.append({"id": alias, "object": "model", "created": served["created"], "owned_by": "corral"})
     body["data"] = data or None
     return policy_encoder.encode(body)
-
-
-# -- every gateway's copy -----------------------------------------------------------------------------
-class PolicyStore:
-    """The policy bucket's record, kept by a KV watch (`watch_once`, under
-    `corral.runtime.nats.watch_forever`): a change made anywhere reaches every gateway as a KV event."""
-
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
-        self.policy = Policy()
-        self.loaded = asyncio.Event()  # the first value (or its absence) is in
-        self._changed = asyncio.Event()
-        self._restart = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self, timeout: float = 10.0) -> None:
-        """Start the watch; returns once the rules are loaded."""
-        self._task = asyncio.create_task(
-            supervise("policy watch", lambda: watch_forever(self.watch_once, self._restart)),
-            name="policy-watch",
-        )
-        async with asyncio.timeout(timeout):
-            await self.loaded.wait()
-
-    def restart(self) -> None:
-        """Watch the bucket again (it was opened again after a reconnect)."""
-        self._restart.set()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait([self._task])
-            self._task = None
-
-    async def wait_for(self, predicate: Callable[[Policy], bool], timeout: float) -> Policy:
-        """Wait until the rules satisfy ``predicate`` (woken by each KV event; tests)."""
-        async with asyncio.timeout(timeout):
-            while not predicate(self.policy):
-                self._changed.clear()
-                await self._changed.wait()
-        return self.policy
-
-    async def watch_once(self) -> None:
-        watcher = await self.kv.watch(POLICY_KEY)
-        try:
-            async for entry in watcher:
-                if entry is None:  # the initial value is in (None when there is none)
-                    self.loaded.set()
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self.policy = Policy()
-                else:
-                    try:
-                        self.policy = policy_decoder.decode(entry.value)
-                    except msgspec.DecodeError:
-                        log.warning("ignoring an undecodable policy record; the rules stay as they were")
-                        continue
-                log.info(
-                    "model policy: %d aliases, %d fallback lists, %d pins",
-                    len(self.policy.aliases),
-                    len(self.policy.fallbacks),
-                    len(self.policy.pins),
-                )
-                self._changed.set()
-        finally:
-            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
-                await watcher.stop()  # type: ignore[no-untyped-call]

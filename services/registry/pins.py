@@ -3,7 +3,7 @@ asks for.
 
 A pin (``corral pin MODEL --replicas N [--vendor V]``) is part of the policy record in the
 ``{root}_policy`` bucket (its ``pins`` field; `corral.views.status.Pin`), which every registry
-copy watches. One copy acts on the pins: the one holding the ``pins.keeper`` lease in the views
+copy watches (`corral.runtime.policy.PolicyStore`). One copy acts on the pins: the one holding the ``pins.keeper`` lease in the views
 bucket, taken and renewed by compare-and-set (a copy that stops renewing it for `LEASE_S` is
 replaced). On every change of the fleet, and at least every `CHECK_S`, that copy works out what
 each pin lacks (`plan`):
@@ -12,8 +12,7 @@ each pin lacks (`plan`):
   draining or cordoned agent, or one that died, no longer does, so its replica is placed again;
 - a replica whose runner would expire is loaded again with ``keep_alive: -1``, which Ollama keeps
   loaded until it is told otherwise (https://github.com/ollama/ollama/blob/main/docs/faq.md);
-- missing replicas are loaded (an empty generate with ``keep_alive: -1``, sent to the agent
-  directly) on the agents that have the model on disk, cheapest first by the routing cost model,
+- missing replicas are loaded (a preload with ``keep_alive: -1``, `corral.registry.preload`) on the agents that have the model on disk, cheapest first by the routing cost model,
   as cold loads are placed, sparing agents where the load would evict another pinned model.
 
 Pinned models also count as busy for the placement of ordinary cold loads: the placer passes the
@@ -37,18 +36,18 @@ import msgspec
 import nats.errors
 from corral.protocol.errors import CorralError
 from corral.protocol.messages import AgentState
-from corral.protocol.names import key_of, parse_name
+from corral.protocol.names import key_of
 from corral.registry.placement import Placer
+from corral.registry.preload import preload
 from corral.routing import Route, Router
-from corral.runtime.nats import Buckets, watch_forever
+from corral.runtime.nats import Buckets
+from corral.runtime.policy import Policy, PolicyStore
 from corral.runtime.tasks import cancel_and_wait
-from corral.transport import WorkRequest
 from corral.views.status import Pin, pinned_on
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 log = logging.getLogger(__name__)
 
-POLICY_KEY = "rules"  # the policy record (`corral.gateway.policy.POLICY_KEY`), read for its pins
 LEASE_KEY = "pins.keeper"  # in the views bucket: which registry copy acts on the pins
 LEASE_S = 10.0  # a lease not renewed for this long is taken over
 CHECK_S = 1.0  # the pins are checked at least this often (and on every fleet change)
@@ -60,18 +59,11 @@ FOREVER_YEARS = 100  # a runner expiring this many years ahead was loaded with k
 _enc = msgspec.json.Encoder()
 
 
-class _Pins(msgspec.Struct, frozen=True):
-    """The part of the policy record the registry reads (unknown fields are ignored)."""
-
-    pins: dict[str, Pin] = msgspec.field(default_factory=dict)
-
-
 class _Lease(msgspec.Struct, frozen=True):
     holder: str
     at: float
 
 
-_pins_decoder = msgspec.json.Decoder(_Pins)
 _lease_decoder = msgspec.json.Decoder(_Lease)
 
 
@@ -136,11 +128,10 @@ class PinKeeper:
     def __init__(self, placer: Placer, buckets: Buckets) -> None:
         self.placer = placer  # its fleet view and transport; told the pinned models (loads spare them)
         self.fleet = placer.fleet
-        self.buckets = buckets  # the policy record (the pins) and the views bucket (the lease)
-        self.pins: dict[str, Pin] = {}  # as the policy record says now
+        self.buckets = buckets  # the views bucket (the lease)
+        self.policy = PolicyStore(buckets.policy, on_change=self._on_policy)  # the pins, as they are now
         self.kept: dict[str, Pin] = {}  # the pins this copy acted on (to let go of on unpin)
         self.changed = asyncio.Event()  # the pins changed, or the keeper checked them
-        self.rewatch = asyncio.Event()  # the buckets were opened again: watch anew
         self._me = uuid.uuid4().hex
         self._held_at = 0.0  # when this copy last wrote the lease (0: not holding it)
         self._router = Router()
@@ -150,39 +141,30 @@ class PinKeeper:
         self.loads_started = 0  # for tests and logs
 
     @property
+    def pins(self) -> dict[str, Pin]:
+        """The pins as the policy record says now."""
+        return self.policy.policy.pins
+
+    @property
     def pinned(self) -> frozenset[str]:
         return frozenset(self.pins)
+
+    def restart(self) -> None:
+        """Watch the pins anew (the buckets were opened again)."""
+        self.policy.restart()
 
     async def run(self) -> None:
         """Watch the pins and keep them; the loads under way end with it."""
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(watch_forever(self._watch_once, self.rewatch))
+                tg.create_task(self.policy.watch())
                 tg.create_task(self._keep())
         finally:
             await cancel_and_wait(self._loads)
 
-    async def _watch_once(self) -> None:
-        watcher = await self.buckets.policy.watch(POLICY_KEY)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self.pins = {}
-                else:
-                    try:
-                        self.pins = _pins_decoder.decode(entry.value).pins
-                    except msgspec.DecodeError:
-                        log.warning("ignoring an undecodable policy record; the pins stay as they were")
-                        continue
-                self.placer.pinned = self.pinned
-                self.changed.set()
-        finally:
-            try:
-                await watcher.stop()  # type: ignore[no-untyped-call]
-            except nats.errors.Error:  # the connection is closing under us
-                pass
+    def _on_policy(self, policy: Policy) -> None:
+        self.placer.pinned = frozenset(policy.pins)
+        self.changed.set()
 
     async def _keep(self) -> None:
         while True:
@@ -239,19 +221,17 @@ class PinKeeper:
         task.add_done_callback(self._loads.discard)
 
     async def _load(self, key: str, agent_id: str, keep_alive: int | str) -> None:
-        body = _enc.encode({"model": key, "keep_alive": keep_alive})
-        work = WorkRequest("/api/generate", body, model=parse_name(key))
-        try:
-            async with await self.placer.transport.send_to(
-                agent_id, work, timeout=self.placer.preload_timeout_s
-            ) as reply:
-                data = await reply.read()
-                if reply.status != 200:
-                    raise CorralError(f"HTTP {reply.status}: {data[:200].decode(errors='replace')}")
-            # it counts as starting until the fleet shows the runner (agent state follows the load)
-            deadline = time.monotonic() + SETTLE_S
-            while not self._shows(agent_id, key, keep_alive) and (left := deadline - time.monotonic()) > 0:
-                await self.fleet.wait_changed(left)
+        try:  # it counts as starting until the fleet shows the runner
+            await preload(
+                self.placer.transport,
+                self.fleet,
+                agent_id,
+                key,
+                timeout=self.placer.preload_timeout_s,
+                shown=lambda: self._shows(agent_id, key, keep_alive),
+                settle_s=SETTLE_S,
+                keep_alive=keep_alive,
+            )
         except (CorralError, nats.errors.Error) as e:
             log.warning("pinned %s did not load on %s: %s", key, agent_id, e)
             self._failed[(key, agent_id)] = time.monotonic()

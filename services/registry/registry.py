@@ -195,7 +195,7 @@ class Registry:
         self.fleet.restart()
         self._rewatch.set()
         if self.pins is not None:
-            self.pins.rewatch.set()
+            self.pins.restart()
         if self._index is not None:
             self._index.restart()
 

@@ -15,8 +15,8 @@ of) is the median of the model's last `REQUEST_SAMPLES` finished requests (the a
 the warm slots would at that pace (requests longer than those seen finishing hold them: a backlog
 that has not moved at all in that time counts as one they may never drain). Loads this registry
 placed (its load markers) or sent (its preloads, until the agent shows the model warm) count as
-loads under way. Each replica is a preload (Ollama's empty generate) sent straight to its agent.
-Replicas that then sit idle are let go by Ollama's own ``keep_alive``.
+loads under way. Each replica is a preload (Ollama's empty generate) sent straight to its agent
+(`corral.registry.preload`). Replicas that then sit idle are let go by Ollama's own ``keep_alive``.
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ import msgspec
 import nats.errors
 from corral.protocol.errors import CorralError
 from corral.protocol.messages import AgentState, request_finished_decoder
-from corral.protocol.names import decode_token, parse_name
+from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects
+from corral.registry.preload import preload
 from corral.routing import TYPICAL_REQUEST_S, ReplicaPlan, Route, plan_replicas, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.tasks import cancel_and_wait
 from corral.runtime.workqueue import depths
-from corral.transport import Transport, WorkRequest
+from corral.transport import Transport
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -51,7 +52,6 @@ RECHECK_SHARE = 0.25  # a persisting backlog is checked again after this share o
 RECHECK_MIN_S = 0.05  # ... but not more often than this
 REQUEST_SAMPLES = 16  # finished requests per model whose median is a request's time
 REPLICA_SETTLE_S = 10.0  # at most this long from a replica's load to its agent showing it warm
-_enc = msgspec.json.Encoder()
 
 
 @dataclass(frozen=True)
@@ -236,15 +236,17 @@ class Replicator:
 
     # -- loads ---------------------------------------------------------------------------------
     async def _preload(self, agent_id: str, key: str, backlog: _Backlog) -> None:
-        work = WorkRequest("/api/generate", _enc.encode({"model": key}), model=parse_name(key))
+        # it counts as loading here until the fleet shows it serving, lest the next check load it there again
         try:
-            async with await self.transport.send_to(agent_id, work, timeout=self.preload_timeout_s) as reply:
-                await reply.read()
-            # it counts as loading here until the fleet shows it serving (the agent's state
-            # follows the load by a refresh), lest the next check load it there again
-            deadline = time.monotonic() + REPLICA_SETTLE_S
-            while not self._serves(agent_id, key) and (left := deadline - time.monotonic()) > 0:
-                await self.fleet.wait_changed(left)
+            await preload(
+                self.transport,
+                self.fleet,
+                agent_id,
+                key,
+                timeout=self.preload_timeout_s,
+                shown=lambda: self._serves(agent_id, key),
+                settle_s=REPLICA_SETTLE_S,
+            )
         except (CorralError, nats.errors.Error) as e:
             log.warning("replica of %s on %s did not load: %s", key, agent_id, e)
         finally:

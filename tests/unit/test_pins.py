@@ -7,11 +7,11 @@ import datetime
 
 import msgspec
 import pytest
-from corral.gateway.policy import POLICY_KEY, Policy, policy_decoder, policy_encoder
 from corral.policyctl import PolicyError, remove_pin, set_pin
 from corral.protocol.messages import AgentState, Gpu, PsModel, TagModel
 from corral.registry import pins
 from corral.routing import Route, Router
+from corral.runtime.policy import Policy, policy_decoder, policy_encoder
 from corral.views.status import Pin, pin_rows, status_view
 
 GB = 1_000_000_000
@@ -125,11 +125,10 @@ def test_forever_reads_ollamas_far_future_expiry() -> None:
     assert not pins.forever("", NOW)
 
 
-def test_old_policy_records_decode_without_pins_and_the_registry_reads_the_same_record() -> None:
+def test_old_policy_records_decode_without_pins_and_pins_round_trip() -> None:
     assert policy_decoder.decode(b'{"aliases":{"a:latest":"b:latest"}}').pins == {}
-    assert pins.POLICY_KEY == POLICY_KEY
     record = policy_encoder.encode(Policy(pins={PINNED: Pin(replicas=2, vendor="amd")}))
-    assert pins._pins_decoder.decode(record).pins == {PINNED: Pin(replicas=2, vendor="amd")}
+    assert policy_decoder.decode(record).pins == {PINNED: Pin(replicas=2, vendor="amd")}
 
 
 def test_pin_and_unpin_rules() -> None:
