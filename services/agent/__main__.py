@@ -20,7 +20,7 @@ from corral.agent.gpu import GpuProbe, detect_vendor
 from corral.agent.metrics import registry_for
 from corral.agent.multi import Agents, DockerAgents, Probes, SpawnedAgents
 from corral.agent.settings import AgentSettings
-from corral.runtime.metricsserver import serve_metrics
+from corral.runtime.metricsserver import metrics_served
 from corral.runtime.process import service_main, wait_for_signal
 from corral.runtime.settings import add_arguments
 from corral.runtime.tasks import cancel_and_wait
@@ -64,21 +64,16 @@ async def serve_one(settings: AgentSettings) -> int:
     vendor = settings.vendor or detect_vendor()
     probe = GpuProbe(vendor, vram_gb_override=settings.vram_gb or None)
     agent = Agent(msgspec.structs.replace(settings, vendor=vendor), probe=probe.refresh)
-    metrics = None
     try:  # a metrics port already taken still closes the probe
-        if settings.metrics_port:
-            metrics = await serve_metrics(registry_for(lambda: [agent]), settings.metrics_port)
-        task = asyncio.create_task(agent.run())
-        stop = asyncio.create_task(wait_for_signal())
-        await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
-        await agent.stop()
-        await cancel_and_wait([stop])
-        await task
+        async with metrics_served(registry_for(lambda: [agent]), settings.metrics_port):
+            task = asyncio.create_task(agent.run())
+            stop = asyncio.create_task(wait_for_signal())
+            await asyncio.wait((task, stop), return_when=asyncio.FIRST_COMPLETED)
+            await agent.stop()
+            await cancel_and_wait([stop])
+            await task
     finally:
         probe.close()
-        if metrics is not None:
-            metrics.close()
-            await metrics.wait_closed()
     return 1 if agent.connection_lost else 0
 
 
@@ -86,28 +81,22 @@ async def serve_many(settings: AgentSettings, make: Callable[[AgentSet, Probes],
     """Run the agents ``make`` manages until a signal, or until one ends on its own (exit 1); then
     drain every agent, and only then stop what they serve."""
     agents, probes = AgentSet(), Probes(settings.vram_gb)
-    metrics = None
     try:  # a metrics port already taken still closes the probes
-        if settings.metrics_port:  # every agent of this process, labelled by its id
-            metrics = await serve_metrics(registry_for(agents.agents), settings.metrics_port)
-    except OSError:
-        probes.close()
-        raise
-    manager = make(agents, probes)
-    managing = asyncio.create_task(manager.run(), name="agents")
-    signalled = asyncio.create_task(wait_for_signal(), name="signals")
-    ended = asyncio.create_task(agents.ended.wait(), name="ended")
-    try:
-        await asyncio.wait((managing, signalled, ended), return_when=asyncio.FIRST_COMPLETED)
+        # every agent of this process, labelled by its id
+        async with metrics_served(registry_for(agents.agents), settings.metrics_port):
+            manager = make(agents, probes)
+            managing = asyncio.create_task(manager.run(), name="agents")
+            signalled = asyncio.create_task(wait_for_signal(), name="signals")
+            ended = asyncio.create_task(agents.ended.wait(), name="ended")
+            try:
+                await asyncio.wait((managing, signalled, ended), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                await agents.stop()
+                await manager.stop()
+                await cancel_and_wait([managing, signalled, ended])
+                await agents.stop()  # any added while the manager stopped
     finally:
-        await agents.stop()
-        await manager.stop()
-        await cancel_and_wait([managing, signalled, ended])
-        await agents.stop()  # any added while the manager stopped
         probes.close()
-        if metrics is not None:
-            metrics.close()
-            await metrics.wait_closed()
     failed = managing.done() and not managing.cancelled() and managing.exception() is not None
     if failed:
         log.error("stopped: %s", managing.exception())

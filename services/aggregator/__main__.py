@@ -7,7 +7,7 @@ import logging
 
 from corral.aggregator.aggregator import Aggregator
 from corral.aggregator.settings import AggregatorSettings
-from corral.runtime.metricsserver import serve_metrics
+from corral.runtime.metricsserver import metrics_served
 from corral.runtime.process import service_main, wait_for_stop
 from corral.runtime.settings import add_arguments
 
@@ -29,15 +29,10 @@ def parser() -> argparse.ArgumentParser:
 async def serve(settings: AggregatorSettings) -> int:
     agg = Aggregator(settings)
     await agg.start()
-    metrics = None
     try:  # a metrics port already taken still stops the aggregator cleanly
-        if settings.metrics_port:
-            metrics = await serve_metrics(agg.metrics.registry, settings.metrics_port)
-        lost = await wait_for_stop(agg.lost)
+        async with metrics_served(agg.metrics.registry, settings.metrics_port):
+            lost = await wait_for_stop(agg.lost)
     finally:
-        if metrics is not None:
-            metrics.close()
-            await metrics.wait_closed()
         await agg.stop()
     return 1 if lost else 0
 

@@ -5,7 +5,9 @@ the service's state between its steps, never beside them from another thread."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -46,3 +48,18 @@ async def serve_metrics(registry: CollectorRegistry, port: int, host: str = "") 
     server = await asyncio.start_server(handle, host or None, port)
     log.info("metrics on port %d", server.sockets[0].getsockname()[1])
     return server
+
+
+@contextlib.asynccontextmanager
+async def metrics_served(registry: CollectorRegistry, port: int) -> AsyncIterator[asyncio.Server | None]:
+    """A service's metrics port for the life of the block: ``registry`` served on ``port`` (0: off,
+    the settings' meaning; yields None), closed however the block ends."""
+    if not port:
+        yield None
+        return
+    server = await serve_metrics(registry, port)
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()
