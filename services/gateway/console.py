@@ -6,8 +6,9 @@ and the few admin calls over HTTP that it needs besides Ollama's own API.
 - ``POST /api/corral/agents/{id}/drain|cordon|uncordon``: what ``corral drain`` does over NATS
   (`corral.protocol.subjects.Subjects.agent_admin`), answered once the agent has taken it.
 - ``POST /api/corral/unload`` with ``{"model": ...}``: every agent that has the model loaded lets it
-  go, as Ollama's ``keep_alive: 0`` does; unlike that call (open to user keys, since it is a
-  generate) this one is an admin call.
+  go, as Ollama's ``keep_alive: 0`` does (`corral.gateway.management.unload_everywhere`, which
+  that call uses too), answered with which agents did and which failed. Both are admin calls: a
+  user key's ``keep_alive: 0`` is refused (403), since it would end other users' warm runners.
 
 Everything under ``/api/corral/`` but ``whoami`` needs an admin key when keys are on
 (`corral.gateway.access.user_may`). The pages themselves are open (`corral.gateway.access.is_open`):
@@ -22,12 +23,13 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 import nats.errors
+from corral.gateway import management
 from corral.gateway.auth import key_of
 from corral.gateway.errors import JSON, json_error
 from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import parse_name
-from corral.transport import Reply, WorkRequest, fan_out
+from corral.transport import WorkRequest
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -105,29 +107,21 @@ def router(gw: Gateway) -> APIRouter:
             return json_error(400, f"invalid request body: {e}")
         except CorralError as e:
             return json_error(e.status, e.message)
-        loaded = [a.id for a in gw.fleet.loaded_on(model.key)]
-        if not loaded:
-            return json_error(404, f"model '{raw}' is not loaded on any agent")
         body = _enc.encode({"model": model.display, "keep_alive": 0})
-        work = WorkRequest(endpoint="/api/generate", body=body, model=model, unload=True)
+        work = WorkRequest(endpoint="/api/generate", body=body, model=model)
+        answers = await management.unload_everywhere(gw.planner, work, timeout=UNLOAD_TIMEOUT_S)
+        if not answers:
+            return json_error(404, f"model '{raw}' is not loaded on any agent")
         done: list[str] = []
         failed: dict[str, str] = {}
-        results = await fan_out(
-            loaded, lambda agent: gw.planner.send_to(agent, work, timeout=UNLOAD_TIMEOUT_S), _status
-        )
-        for agent, result in zip(loaded, results, strict=True):
-            if isinstance(result, Exception):
-                failed[agent] = str(result)
-            elif result != 200:
-                failed[agent] = f"status {result}"
+        for agent, answer in answers.items():
+            if isinstance(answer, Exception):
+                failed[agent] = str(answer)
+            elif answer[0] != 200:
+                failed[agent] = f"status {answer[0]}"
             else:
                 done.append(agent)
         status = 200 if done else 502
         return _json({"model": model.display, "unloaded": done, "failed": failed}, status)
 
     return r
-
-
-async def _status(reply: Reply) -> int:
-    await reply.read()
-    return reply.status

@@ -31,22 +31,36 @@ async def _whole(reply: Reply) -> tuple[int, bytes, str]:
     return reply.status, await reply.read(), reply.content_type
 
 
-async def unload(planner: Planner, work: WorkRequest, raw: str, receive: Receive, send: Send) -> None:
-    """``keep_alive: 0`` with nothing to run: every agent holding the model must let it go."""
+async def unload_everywhere(
+    planner: Planner, work: WorkRequest, *, timeout: float | None = None
+) -> dict[str, tuple[int, bytes, str] | Exception]:
+    """Tell every agent that has ``work``'s model loaded (of its vendor, when strict) to let it go,
+    all at once: agent → its answer (status, body, content type) or the error it failed with. Empty
+    when no agent has it loaded."""
     assert work.model is not None
     work.unload = True
     key = work.model.key
-    fleet = planner.fleet
-    loaded = [a.id for a in fleet.loaded_on(key) if not work.strict or a.vendor == work.vendor]
+    loaded = [a.id for a in planner.fleet.loaded_on(key) if not work.strict or a.vendor == work.vendor]
     if not loaded:
-        holders = fleet.with_model(key)
+        return {}
+    answers = await fan_out(loaded, lambda agent: planner.send_to(agent, work, timeout=timeout), _whole)
+    return dict(zip(loaded, answers, strict=True))
+
+
+async def unload(planner: Planner, work: WorkRequest, raw: str, receive: Receive, send: Send) -> None:
+    """``keep_alive: 0`` with nothing to run: every agent holding the model must let it go."""
+    assert work.model is not None
+    key = work.model.key
+    answers = await unload_everywhere(planner, work)
+    if not answers:
+        holders = planner.fleet.with_model(key)
         if not holders:
             await respond_error(send, ModelNotFound(key), openai=False, endpoint=work.endpoint, raw_model=raw)
             return
         await relay(planner, work, receive, send, raw_model=raw, target=holders[0].id)
         return
     first: tuple[int, bytes, str] | None = None
-    for r in await fan_out(loaded, lambda agent: planner.send_to(agent, work), _whole):
+    for r in answers.values():
         if isinstance(r, Exception):
             log.warning("unload on one agent failed: %s", r)
         elif first is None or (first[0] != 200 and r[0] == 200):
