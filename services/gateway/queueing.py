@@ -76,18 +76,19 @@ class FleetQueue:
         else:
             self._waiting.pop((key, lane), None)
 
-    async def _requeue(
-        self, req: WorkRequest, vendor: str, payload: bytes, hdrs: dict[str, str]
+    async def _enqueue(
+        self, req: WorkRequest, vendor: str, payload: bytes, hdrs: dict[str, str], lane: Priority
     ) -> Queued | None:
-        """``req``, withdrawn from the batch lane, queued again at the interactive lane's end."""
+        """``req`` queued at the end of ``lane``; `NoCapacity` when the queue is full, None when
+        NATS failed (logged: the caller plans again)."""
         assert req.model is not None
         t = self._transport
         try:
-            return await enqueue(t.nc, self._js, t.subjects, vendor, req.model.token, payload, hdrs)
+            return await enqueue(t.nc, self._js, t.subjects, vendor, req.model.token, payload, hdrs, lane)
         except QueueFull:
             raise NoCapacity() from None
         except nats.errors.Error as e:
-            log.warning("cannot move an aged batch request for %s: %s", req.model.key, e)
+            log.warning("cannot queue a request for %s in the %s lane: %s", req.model.key, lane, e)
             return None
 
     def someone_serves(self, route: Route, failed: set[str]) -> bool:
@@ -112,14 +113,8 @@ class FleetQueue:
         lane = req.priority
         self._count(route.key, lane, +1)
         try:
-            try:
-                queued = await enqueue(
-                    transport.nc, self._js, transport.subjects, vendor, req.model.token, payload, hdrs, lane
-                )
-            except QueueFull:
-                raise NoCapacity() from None
-            except nats.errors.Error as e:
-                log.warning("cannot queue a request for %s: %s", route.key, e)
+            queued = await self._enqueue(req, vendor, payload, hdrs, lane)
+            if queued is None:
                 return None
             promote_at = time.monotonic() + self._settings.batch_aging_s if lane == BATCH else math.inf
             while True:
@@ -133,7 +128,7 @@ class FleetQueue:
                         promote_at = math.inf
                         # aged: to the end of the interactive lane, unless an agent took it just now
                         if await withdraw(self._js, queued):
-                            moved = await self._requeue(req, vendor, payload, hdrs)
+                            moved = await self._enqueue(req, vendor, payload, hdrs, INTERACTIVE)
                             self._count(route.key, lane, -1)
                             lane = INTERACTIVE
                             self._count(route.key, lane, +1)
