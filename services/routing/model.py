@@ -55,6 +55,7 @@ spill into system RAM after every agent where it would not (never thrash, prefer
 
 from __future__ import annotations
 
+import operator
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -182,7 +183,8 @@ def estimate_wait(
     """Seconds until ``agent`` could start ``route``'s request: queue, load or reload (no prompt
     eval). ``observed``: runner sizes seen in the fleet (`observed_sizes`); ``loads``: load times
     seen in the fleet (`observed_loads`; the agent's own are used without it)."""
-    return _estimate(route, agent, outstanding, observed or {}, loads or ObservedLoads())[0]
+    plan = _cold_plan(route, agent, observed or {})
+    return _estimate(route, agent, outstanding, loads or ObservedLoads(), plan)[0]
 
 
 def estimate_ttft(
@@ -197,7 +199,8 @@ def estimate_ttft(
     The session agent's prompt-cache bonus is included here unconditionally; `Router.rank`
     withdraws it when that agent waits too much longer than the others.
     """
-    wait, cached = _estimate(route, agent, outstanding, observed or {}, loads or ObservedLoads())
+    plan = _cold_plan(route, agent, observed or {})
+    wait, cached = _estimate(route, agent, outstanding, loads or ObservedLoads(), plan)
     return (
         wait + PROMPT_EVAL_S + (SESSION_REPLAY_S if route.session_agent is not None and not cached else 0.0)
     )
@@ -211,10 +214,11 @@ def _estimate(
     route: Route,
     agent: AgentState,
     outstanding: Mapping[str, int],
-    observed: ObservedSizes,
     loads: ObservedLoads,
+    plan: LoadPlan | None,
 ) -> tuple[float, bool]:
-    """(wait, whether the agent's warm runner holds this conversation's prompt cache)."""
+    """(wait, whether the agent's warm runner holds this conversation's prompt cache). ``plan``:
+    `_cold_plan` of the same agent (None where the model is loaded or loading there)."""
     busy = _busy(agent, outstanding)
     load_s = load_time(route, agent, loads)
     parallel = max(agent.parallel, 1)
@@ -230,7 +234,7 @@ def _estimate(
             return remaining, False
         # loading for another context: that load, then a reload for this one
         return remaining + load_s + CONTEXT_SWITCH_S, False
-    plan = load_plan(route, agent, observed)
+    assert plan is not None, "a cold load is planned wherever the model is neither loaded nor loading"
     wait = load_s + EVICTION_S * len(plan.evicts)
     if plan.thrashes:
         wait += busy * TYPICAL_REQUEST_S / parallel
@@ -242,8 +246,26 @@ def _estimate(
 def load_plan(route: Route, agent: AgentState, observed: ObservedSizes | None = None) -> LoadPlan:
     """How a cold load of ``route``'s model lands on ``agent`` by Ollama's fit rule, on the
     estimated loaded size (``observed``: runner sizes seen in the fleet, `observed_sizes`)."""
+    return plan_load(route.key, _loaded_size(route, agent, observed or {}), agent)
+
+
+def _loaded_size(route: Route, agent: AgentState, observed: ObservedSizes) -> int:
     ctx = wanted_ctx(route.key, route.num_ctx, agent)
-    size = estimate_size(route.key, ctx, _size(route, agent), agent, observed or {})
+    return estimate_size(route.key, ctx, _size(route, agent), agent, observed)
+
+
+def _cold_plan(
+    route: Route, agent: AgentState, observed: ObservedSizes, known: LoadPlan | None = None
+) -> LoadPlan | None:
+    """`load_plan` where ``route``'s request needs a cold load on ``agent`` (no runner of the model,
+    no load of it under way); None elsewhere. ``known``: a plan already made for a load of the
+    model on this very state, taken when it is for the same loaded size (`plan_load` depends on
+    nothing else)."""
+    if _runner(agent, route.key) is not None or route.key in agent.loading:
+        return None
+    size = _loaded_size(route, agent, observed)
+    if known is not None and known.size == size:
+        return known
     return plan_load(route.key, size, agent)
 
 
@@ -337,11 +359,13 @@ def _matches(name: str, key: str) -> bool:
 class Router:
     """Ranks holders of a model under a strategy; keeps the state strategies carry between calls."""
 
-    __slots__ = ("_cursors", "_random")
+    __slots__ = ("_cursors", "_observed", "_random")
 
     def __init__(self, *, seed: int | None = None) -> None:
         self._cursors: dict[str, int] = {}  # model key → round-robin turn
         self._random = random.Random(seed)
+        # the agents ``auto`` last ranked, with the runner sizes and load times they observed
+        self._observed: tuple[tuple[AgentState, ...], ObservedSizes, ObservedLoads] | None = None
 
     def rank(
         self,
@@ -350,12 +374,16 @@ class Router:
         agents: Sequence[AgentState],
         outstanding: Mapping[str, int],
         pinned: frozenset[str] = frozenset(),
+        *,
+        plans: Mapping[str, LoadPlan] | None = None,
     ) -> list[AgentState]:
         """``agents`` (the model's usable holders) in the order to try them, best first.
 
         With ``route.strict`` only ``route.vendor``'s agents are returned. ``pinned``: model keys
-        kept warm, which ``auto`` spares from eviction as it spares busy ones. Raises `ValueError`
-        for an unknown strategy.
+        kept warm, which ``auto`` spares from eviction as it spares busy ones. ``plans``: agent id →
+        a `load_plan` of ``route`` the caller already made on that agent's state in ``agents``;
+        ``auto`` takes it where its own estimate of the loaded size is the same. Raises
+        `ValueError` for an unknown strategy.
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown routing strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
@@ -389,15 +417,30 @@ class Router:
                 return tier, load(a, outstanding), a.id
 
             return sorted(first, key=tier_key) + sorted(rest, key=tier_key)
-        observed = observed_sizes(agents)
-        costs = _auto_costs(route, first, rest, outstanding, observed, observed_loads(agents))
-        last = _last_resorts(route, first + rest, observed, pinned)
+        observed, loads = self._observations(agents)
+        known = plans or {}
+        planned = [(a, _cold_plan(route, a, observed, known.get(a.id))) for a in first + rest]
+        costs = _auto_costs(route, planned, outstanding, loads)
+        last = _last_resorts(planned, pinned)
 
         def cost_key(a: AgentState) -> tuple[bool, float, float, int, str]:
             # equal cost and load: the agent with more slots (it will absorb more of what follows)
             return a.id in last, costs[a.id], load(a, outstanding), -a.parallel, a.id
 
         return sorted(first, key=cost_key) + sorted(rest, key=cost_key)
+
+    def _observations(self, agents: Sequence[AgentState]) -> tuple[ObservedSizes, ObservedLoads]:
+        """`observed_sizes` and `observed_loads` of ``agents``, made again only when they are not
+        the very states of the last call, in the same order. A state is a frozen message, never
+        changed once made (a change arrives as a new state), so the same states observe the same;
+        the last ones are held, so an ``is`` match is never a recycled object."""
+        last = self._observed
+        if last is not None and len(last[0]) == len(agents) and all(map(operator.is_, last[0], agents)):
+            return last[1], last[2]
+        snapshot = tuple(agents)
+        observed, loads = observed_sizes(snapshot), observed_loads(snapshot)
+        self._observed = (snapshot, observed, loads)
+        return observed, loads
 
 
 def _by_vendor(route: Route, agents: Sequence[AgentState]) -> tuple[list[AgentState], list[AgentState]]:
@@ -418,43 +461,38 @@ def _rotated(group: list[AgentState], turn: int) -> list[AgentState]:
     return group[i:] + group[:i]
 
 
-def _last_resorts(
-    route: Route, agents: list[AgentState], observed: ObservedSizes, pinned: frozenset[str] = frozenset()
-) -> set[str]:
-    """Agents where a cold load would evict a busy or pinned model or spill into system RAM, when
-    some other agent can serve without either (warm, loading, or a full fit evicting only idle
-    models)."""
-    bad: set[str] = set()
-    for a in agents:
-        if _runner(a, route.key) is None and route.key not in a.loading:
-            plan = load_plan(route, a, observed)
-            if plan.thrashes or not plan.full or not pinned.isdisjoint(plan.evicts):
-                bad.add(a.id)
-    return bad if len(bad) < len(agents) else set()
+def _last_resorts(planned: list[tuple[AgentState, LoadPlan | None]], pinned: frozenset[str]) -> set[str]:
+    """Agents where a cold load (``planned``: each agent with its `_cold_plan`) would evict a busy
+    or pinned model or spill into system RAM, when some other agent can serve without either
+    (warm, loading, or a full fit evicting only idle models)."""
+    bad = {
+        a.id
+        for a, plan in planned
+        if plan is not None and (plan.thrashes or not plan.full or not pinned.isdisjoint(plan.evicts))
+    }
+    return bad if len(bad) < len(planned) else set()
 
 
 def _auto_costs(
     route: Route,
-    first: list[AgentState],
-    rest: list[AgentState],
+    planned: list[tuple[AgentState, LoadPlan | None]],
     outstanding: Mapping[str, int],
-    observed: ObservedSizes,
     loads: ObservedLoads,
 ) -> dict[str, float]:
-    """Agent id → estimated time to first token, with the session bonus bounded (no hot-spotting)."""
+    """Agent id → estimated time to first token, with the session bonus bounded (no hot-spotting).
+    ``planned``: each agent with its `_cold_plan`."""
     session = route.session_agent
     replay = SESSION_REPLAY_S if session is not None else 0.0
     costs: dict[str, float] = {}
     session_wait: float | None = None
     best_other = float("inf")
-    for group in (first, rest):
-        for a in group:
-            wait, cached = _estimate(route, a, outstanding, observed, loads)
-            if cached:
-                session_wait = wait
-            else:
-                costs[a.id] = wait + PROMPT_EVAL_S + replay
-                best_other = min(best_other, wait)
+    for a, plan in planned:
+        wait, cached = _estimate(route, a, outstanding, loads, plan)
+        if cached:
+            session_wait = wait
+        else:
+            costs[a.id] = wait + PROMPT_EVAL_S + replay
+            best_other = min(best_other, wait)
     if session is not None and session_wait is not None:
         keeps_bonus = session_wait <= best_other + SESSION_MAX_EXTRA_WAIT_S
         costs[session] = session_wait + PROMPT_EVAL_S + (0.0 if keeps_bonus else replay)
