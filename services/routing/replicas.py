@@ -29,8 +29,8 @@ from typing import Final
 
 from corral.protocol.messages import AgentState
 from corral.routing.loads import observed_loads
-from corral.routing.memory import observed_sizes
-from corral.routing.model import LOADING_REMAINING, Route, Router, fits, load_time, loading_for, warm
+from corral.routing.memory import LoadPlan, observed_sizes
+from corral.routing.model import LOADING_REMAINING, Route, Router, load_plan, load_time, loading_for, warm
 
 __all__ = ["BACKLOG_PER_SLOT", "ReplicaPlan", "drain_s", "plan_replicas"]
 
@@ -90,16 +90,25 @@ def plan_replicas(
     sent to that may not show it yet (they count as loading); ``pinned``: models kept warm.
     """
     loads = observed_loads(holders)
-    serving = [a for a in holders if warm(route, a)]
-    loading = [a for a in holders if not warm(route, a) and (loading_for(route, a) or a.id in starting)]
-    groups = [(request_s, _slots(a)) for a in serving]
-    groups += [(LOADING_REMAINING * load_time(route, a, loads), _slots(a)) for a in loading]
-    slots = sum(_slots(a) for a in serving + loading)
-    busy = {a.id for a in serving + loading}
     sizes = observed_sizes(holders)
-    spare = [a for a in holders if a.id not in busy and fits(route, a, sizes)]
-    ranked = Router().rank("auto", route, spare, {}, pinned)
-    load_s = min((load_time(route, a, loads) for a in [*loading, *ranked]), default=math.inf)
+    serving: list[AgentState] = []
+    loading: list[AgentState] = []
+    spare: list[AgentState] = []
+    plans: dict[str, LoadPlan] = {}  # spare agent id → its load plan, for the ranking to reuse
+    for a in holders:
+        if warm(route, a):
+            serving.append(a)
+        elif loading_for(route, a) or a.id in starting:
+            loading.append(a)
+        elif (fit := load_plan(route, a, sizes)).full and not fit.evicts:  # fits, evicting nothing
+            spare.append(a)
+            plans[a.id] = fit
+    ranked = Router().rank("auto", route, spare, {}, pinned, plans=plans)
+    ready_s = {a.id: load_time(route, a, loads) for a in [*loading, *ranked]}
+    groups = [(request_s, _slots(a)) for a in serving]
+    groups += [(LOADING_REMAINING * ready_s[a.id], _slots(a)) for a in loading]
+    slots = sum(_slots(a) for a in serving + loading)
+    load_s = min(ready_s.values(), default=math.inf)
     before = drain_s(depth, groups, request_s)
     plan = ReplicaPlan(
         depth=depth, drain_s=before, slots=slots, load_s=load_s, candidates=tuple(a.id for a in ranked)
@@ -110,7 +119,7 @@ def plan_replicas(
     for a in ranked:
         if slots >= depth / backlog_per_slot:
             break
-        ready = load_time(route, a, loads)
+        ready = ready_s[a.id]
         if ready < drain_s(depth, groups, request_s):  # ready before the backlog is gone
             chosen.append(a.id)
             groups.append((ready, _slots(a)))
