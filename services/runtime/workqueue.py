@@ -47,6 +47,10 @@ from nats.js.errors import APIError, NotFoundError
 log = logging.getLogger(__name__)
 
 STREAM_NAME_IN_USE = 10058  # JetStream's error code: a stream of that name exists (other config)
+# JetStream's "message delete failed" (HTTP-like code 500); with this description the message is
+# no longer in the stream: an agent took (acked) it, or another withdrawal removed it, first
+MSG_DELETE_FAILED = 10057
+NO_MESSAGE = "no message found"
 
 DEFAULT_DEPTH = 512  # requests waiting per model and vendor subject (Ollama's OLLAMA_MAX_QUEUE)
 DEFAULT_MAX_BYTES = 1 << 30  # the whole queue, on disk
@@ -142,12 +146,27 @@ async def enqueue(
     return Queued(ack.stream, ack.seq)
 
 
+def already_gone(e: APIError) -> bool:
+    """Whether a failed delete of a queued message says it is no longer there (taken or expired):
+    JetStream answers that as not found, or as a failed delete with `NO_MESSAGE` when an agent
+    acked it between the request's cancellation and its withdrawal, which many cancellations at
+    once (a shutdown, a burst of clients going away) make common."""
+    return isinstance(e, NotFoundError) or (e.err_code == MSG_DELETE_FAILED and e.description == NO_MESSAGE)
+
+
 async def withdraw(js: JetStreamContext, queued: Queued) -> bool:
-    """Remove a request nobody has taken yet; False when an agent already took it (or it expired)."""
+    """Remove a request nobody has taken yet; False when an agent already took it (or it expired),
+    or when it could not be removed (logged)."""
     try:
         return bool(await js.delete_msg(queued.stream, queued.seq))
-    except NotFoundError:
-        return False  # taken by an agent, or expired
+    except APIError as e:
+        if already_gone(e):
+            log.debug(
+                "queued request %s/%d was taken before its withdrawal: %s", queued.stream, queued.seq, e
+            )
+        else:
+            log.warning("cannot withdraw queued request %s/%d: %s", queued.stream, queued.seq, e)
+        return False
     except (NatsError, TimeoutError) as e:
         log.warning("cannot withdraw queued request %s/%d: %r", queued.stream, queued.seq, e)
         return False
