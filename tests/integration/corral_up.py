@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import sys
@@ -11,6 +10,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.integration.cli_helpers import without_corral_settings
 
 _GATEWAY = re.compile(r"^\s*Gateway\s+(http\S+)\s*$")
 _BACKEND = re.compile(r"^\s+(\S+)\s+(nvidia|amd|cpu)\s+(http\S+)\s*$")
@@ -24,6 +25,14 @@ class CorralUp:
     backends: dict[str, str] = field(default_factory=dict)  # agent id -> its (simulated) Ollama's URL
     printed: list[str] = field(default_factory=list)
 
+    def take(self, line: str) -> None:
+        """One line of its banner: the gateway's URL, or an agent and its Ollama's URL."""
+        self.printed.append(line)
+        if m := _BACKEND.match(line):
+            self.backends[m.group(1)] = m.group(3)
+        elif m := _GATEWAY.match(line):
+            self.url = m.group(1)
+
 
 @asynccontextmanager
 async def corral_up(
@@ -32,7 +41,7 @@ async def corral_up(
     """Start ``corral up --sim N --port 0`` on ``nats_url`` under ``root``, wait for its "Gateway" line,
     and on exit stop it with SIGINT, as Ctrl-C does, expecting a clean drain (exit status 0).
     Its log (stderr) goes to ``log``; a failure to start says what it printed."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    clean = without_corral_settings()
     args = ["--sim", str(sims), "--port", "0", "--time-scale", str(time_scale)]
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
@@ -71,8 +80,4 @@ async def _read_banner(proc: asyncio.subprocess.Process, up: CorralUp) -> None:
         line = (await proc.stdout.readline()).decode()
         if not line:
             raise RuntimeError("corral up ended before printing its gateway:\n" + "".join(up.printed))
-        up.printed.append(line)
-        if m := _BACKEND.match(line):
-            up.backends[m.group(1)] = m.group(3)
-        elif m := _GATEWAY.match(line):
-            up.url = m.group(1)
+        up.take(line)

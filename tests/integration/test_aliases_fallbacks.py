@@ -5,9 +5,7 @@ gateway has the quantisation fallback on, the second has it off (the default).""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,6 +22,8 @@ from corral.runtime.process import AsgiServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration.cli_helpers import corral_ok
+
 pytestmark = pytest.mark.integration
 
 LLAMA = "llama3.2:latest"
@@ -33,7 +33,6 @@ MODELS = [
     {"name": "llama3.2:1b", "size_gb": 1.3, "parameter_size": "1.2B"},
     {"name": Q4, "size_gb": 4.9, "parameter_size": "8.0B"},
 ]
-CLI_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -46,21 +45,7 @@ class Pair:
 
     async def cli(self, *args: str) -> str:
         """Run ``corral ARGS`` as a person would; its standard output (it must succeed)."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "corral.cli",
-            *args,
-            "--nats",
-            self.nats_url,
-            "--root",
-            self.root,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT_S)
-        assert proc.returncode == 0, err.decode()
-        return out.decode()
+        return await corral_ok(*args, "--nats", self.nats_url, "--root", self.root)
 
     async def applied(self, predicate: Callable[[Policy], bool], timeout: float) -> None:
         """Wait until both gateways hold rules that satisfy ``predicate``, within ``timeout`` in all."""

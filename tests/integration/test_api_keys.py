@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -27,6 +26,7 @@ from corral.runtime.process import AsgiServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.js.kv import KeyValue
 
+from tests.integration import cli_helpers as cli
 from tests.integration.fleet_helpers import preload, seen
 
 pytestmark = pytest.mark.integration
@@ -51,21 +51,7 @@ async def fleet(nats_server: NatsServer) -> AsyncIterator[LocalFleet]:
 
 
 async def corral(fleet: LocalFleet, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "corral.cli",
-        "keys",
-        *args,
-        "--nats",
-        fleet.nats_url,
-        "--root",
-        ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await cli.corral("keys", *args, "--nats", fleet.nats_url, "--root", ROOT)
 
 
 _n = 0

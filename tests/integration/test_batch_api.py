@@ -4,9 +4,7 @@ cancel, read the output and error files; and with API keys on, each user key see
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +27,7 @@ from tests.integration.batch_helpers import (
     submit,
     wait_until,
 )
+from tests.integration.cli_helpers import corral
 from tests.integration.fleet_helpers import preload, seen
 
 pytestmark = pytest.mark.integration
@@ -266,19 +265,7 @@ async def _only_their_own(
 
 
 async def corral_batch(fleet: LocalFleet, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "corral.cli",
-        "batch",
-        *args,
-        "--url",
-        fleet.url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await corral("batch", *args, "--url", fleet.url)
 
 
 async def test_the_cli_submits_bare_bodies_waits_and_writes_the_results(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ from corral.protocol.names import parse_name
 from corral.runtime.natsserver import NatsServer, free_port
 from corral.up import FleetOptions, LocalFleet, default_sims
 
+from tests.integration import cli_helpers as cli
 from tests.integration.fleet_helpers import preload, until
 
 pytestmark = pytest.mark.integration
@@ -31,20 +31,7 @@ async def fleet(nats_server: NatsServer) -> AsyncIterator[LocalFleet]:
 
 
 async def corral(fleet: LocalFleet, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "corral.cli",
-        *args,
-        "--nats",
-        fleet.nats_url,
-        "--root",
-        "cli",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await cli.corral(*args, "--nats", fleet.nats_url, "--root", "cli")
 
 
 async def test_status_ps_models(fleet: LocalFleet) -> None:
@@ -88,18 +75,7 @@ async def test_drain_and_uncordon(fleet: LocalFleet) -> None:
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """``corral ARGS`` as a real process, with only the ``CORRAL_*`` variables given here."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "corral.cli",
-        *args,
-        env=clean | (env or {}),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await cli.corral(*args, env=cli.without_corral_settings(env))
 
 
 async def test_a_bad_flag_value_exits_2_with_a_clear_message() -> None:

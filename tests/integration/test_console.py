@@ -28,6 +28,9 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, expect, sync_playwright
 
+from tests.integration.cli_helpers import without_corral_settings
+from tests.integration.corral_up import CorralUp
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 WAIT_MS = 15_000  # every wait in the page is bounded by this
@@ -40,9 +43,6 @@ pytestmark = [
         "`chromium` when it runs as root with apt-get; elsewhere install it (apt-get install chromium).",
     ),
 ]
-
-_GATEWAY = re.compile(r"^\s*Gateway\s+(http\S+)\s*$")
-_BACKEND = re.compile(r"^\s+(\S+)\s+(nvidia|amd|cpu)\s+(http\S+)\s*$")
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Up:
 def start_up(log: Path, sims: int, timeout: float = 60.0) -> Up:
     """``corral up --sim N`` on free ports, its own embedded NATS; returns once it printed its gateway.
     Its stdout is read to the end by a thread, so it never blocks on a full pipe."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env = without_corral_settings()
     args = ["--sim", str(sims), "--port", "0", "--nats-port", "0", "--time-scale", "0.05"]
     with log.open("wb") as err:
         proc = subprocess.Popen(
@@ -90,21 +90,18 @@ def start_up(log: Path, sims: int, timeout: float = 60.0) -> Up:
     reader.start()
     up = Up(proc, reader)
     deadline = time.monotonic() + timeout
-    printed: list[str] = []
-    while not up.url:
+    banner = CorralUp()
+    while not banner.url:
         try:
             line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
         except queue.Empty:
             up.stop()
-            raise TimeoutError("corral up printed no gateway:\n" + "".join(printed)) from None
+            raise TimeoutError("corral up printed no gateway:\n" + "".join(banner.printed)) from None
         if not line:
             up.stop()
-            raise RuntimeError(f"corral up ended:\n{''.join(printed)}\n{log.read_text()[-3000:]}")
-        printed.append(line)
-        if m := _BACKEND.match(line):
-            up.agents.append(m.group(1))
-        elif m := _GATEWAY.match(line):
-            up.url = m.group(1)
+            raise RuntimeError(f"corral up ended:\n{''.join(banner.printed)}\n{log.read_text()[-3000:]}")
+        banner.take(line)
+    up.url, up.agents = banner.url, list(banner.backends)
     return up
 
 

@@ -5,8 +5,6 @@ and `whoami` tells the page which role it has. The page itself is tested in Chro
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 from yarl import URL
 
+from tests.integration.cli_helpers import corral
 from tests.integration.fleet_helpers import preload, seen, until
 
 pytestmark = pytest.mark.integration
@@ -134,18 +133,7 @@ async def test_an_admin_unloads_a_model_from_every_agent(fleet: LocalFleet, keys
 
 
 async def corral_top(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "corral.cli",
-        "top",
-        "--once",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
+    return await corral("top", "--once", *args)
 
 
 async def test_corral_top_shows_the_fleet_to_any_key(

@@ -29,6 +29,7 @@ from corral.simulator import SimServer
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims, sim_gpus
 from nats.aio.client import Client as NATS
 
+from tests.integration.cli_helpers import corral_ok
 from tests.integration.fleet_helpers import preload, until
 
 pytestmark = pytest.mark.integration
@@ -158,11 +159,7 @@ async def test_the_operator_drains_and_uncordons_an_agent(fleet: LocalFleet, aut
     flags = ["--nats-url", fleet.nats_url, "--root", ROOT, "--nats-creds", operator]
     view = fleet.gateway.fleet
     for kind, status in (("drain", "draining"), ("uncordon", "active")):
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "corral.cli", kind, agent.id, *flags, stdout=asyncio.subprocess.PIPE
-        )
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0, out
+        await corral_ok(kind, agent.id, *flags, timeout=30)
         assert agent.status == status
         await until(fleet, lambda s=status: (a := view.get(agent.id)) is not None and a.status == s)
     assert_no_violation(fleet)
@@ -326,14 +323,11 @@ async def test_api_keys_work_under_a_gateways_identity(fleet: LocalFleet, auth_d
     """A gateway with keys on (CORRAL_AUTH=keys) reads the keys and counts usage and limits under its
     own NATS identity; the operator makes the key with `corral keys create`."""
     operator = str(creds_path(auth_dir, "operator"))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "corral.cli", "keys", "create", "k1", "--rpm", "100",
-        "--nats", fleet.nats_url, "--root", ROOT, "--nats-creds", operator,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    out = await corral_ok(
+        "keys", "create", "k1", "--rpm", "100", "--nats", fleet.nats_url, "--root", ROOT, "--nats-creds", operator,
+        timeout=30,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
-    key = out.decode().strip()
+    key = out.strip()
     settings = GatewaySettings(
         nats_url=fleet.nats_url, root=ROOT, port=0, auth="keys", gateway_id="gw2",
         **creds(auth_dir, gateway_user("gw2")),

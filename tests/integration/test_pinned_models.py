@@ -4,9 +4,7 @@ and ``corral status`` show the pin, and after ``corral unpin`` nothing is placed
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -19,31 +17,18 @@ from corral.runtime.fleet import FleetView
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 
+from tests.integration.cli_helpers import corral_ok
+
 pytestmark = pytest.mark.integration
 
 PINNED = "llama3.2:1b"
 MODELS = [{"name": PINNED, "size_gb": 1.3, "parameter_size": "1.2B"}]
-CLI_TIMEOUT_S = 60.0
 WAIT_S = 20.0
 
 
 async def cli(fleet: LocalFleet, root: str, *args: str) -> str:
     """Run ``corral ARGS`` as a person would; its standard output (it must succeed)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "corral.cli",
-        *args,
-        "--nats",
-        fleet.nats_url,
-        "--root",
-        root,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), CLI_TIMEOUT_S)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    return await corral_ok(*args, "--nats", fleet.nats_url, "--root", root)
 
 
 async def until(
