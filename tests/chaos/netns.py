@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from tests.integration.waits import Changes, until
+
 CLONE_NEWNET = 0x40000000  # setns(2): join a network namespace
 IP_TIMEOUT_S = 10.0  # one `ip` command
 STOP_GRACE_S = 5.0  # SIGTERM → SIGKILL
@@ -168,7 +170,7 @@ class Proc:
     name: str
     process: asyncio.subprocess.Process
     lines: list[str] = field(default_factory=list)
-    _line: asyncio.Event = field(default_factory=asyncio.Event)
+    _line: Changes = field(default_factory=Changes)
 
     @property
     def pid(self) -> int:
@@ -183,12 +185,17 @@ class Proc:
 
     async def wait_line(self, text: str, timeout: float) -> None:
         """Until a line containing ``text`` was written; fails at once if the process ended."""
-        async with asyncio.timeout(timeout):
-            while not any(text in line for line in self.lines):
-                if self.process.stdout is not None and self.process.stdout.at_eof():
-                    raise AssertionError(f"{self.name} ended without logging {text!r}:\n{self.tail()}")
-                self._line.clear()
-                await self._line.wait()
+
+        def logged() -> bool:
+            if any(text in line for line in self.lines):
+                return True
+            if self.process.stdout is not None and self.process.stdout.at_eof():
+                raise AssertionError(f"{self.name} ended without logging {text!r}:\n{self.tail()}")
+            return False
+
+        await until(
+            logged, self._line.wait, timeout=timeout, what=f"{self.name} logs {text!r}", state=self.tail
+        )
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(f"  [{self.name}] {line}" for line in self.lines[-n:])

@@ -9,7 +9,6 @@ their generation is slowed so that the batch is mid-flight when the fault comes.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -25,6 +24,8 @@ from corral.up import default_sims
 from nats.js import JetStreamContext
 
 from tests.integration.batch_helpers import exactly_once, jsonl, outcome, request, submit, wait_until
+from tests.integration.cli_helpers import without_corral_settings
+from tests.integration.waits import Changes, until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -41,13 +42,17 @@ class Proc:
         self.log = log
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
-        self._seen = asyncio.Event()
+        self._seen = Changes()
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> Proc:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "corral.cli", *self.args, env=env, stderr=asyncio.subprocess.PIPE
+            sys.executable,
+            "-m",
+            "corral.cli",
+            *self.args,
+            env=without_corral_settings(),
+            stderr=asyncio.subprocess.PIPE,
         )
         self._reader = asyncio.create_task(self._read())
         return self
@@ -61,12 +66,14 @@ class Proc:
                 self._seen.set()
 
     async def wait_for(self, text: str, timeout: float = READY_TIMEOUT_S) -> None:
-        async with asyncio.timeout(timeout):
-            while not any(text in line for line in self.lines):
-                if self.proc is not None and self.proc.returncode is not None:
-                    raise RuntimeError(f"{self.args[0]} exited:\n{''.join(self.lines[-30:])}")
-                self._seen.clear()
-                await self._seen.wait()
+        def logged() -> bool:
+            if any(text in line for line in self.lines):
+                return True
+            if self.proc is not None and self.proc.returncode is not None:
+                raise RuntimeError(f"{self.args[0]} exited:\n{''.join(self.lines[-30:])}")
+            return False
+
+        await until(logged, self._seen.wait, timeout=timeout, what=f"{self.args[0]} logs {text!r}")
 
     async def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:

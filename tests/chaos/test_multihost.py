@@ -42,6 +42,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from tests.chaos.netns import Lan, NetnsUnavailable, Proc, Processes
+from tests.integration.waits import Changes, until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(120)]
 
@@ -95,7 +96,7 @@ class Load:
         self.session, self.url = session, url
         self.outcomes: list[Outcome] = []
         self.stop = asyncio.Event()
-        self._done = asyncio.Event()
+        self._done = Changes()
 
     async def one(
         self,
@@ -157,10 +158,13 @@ class Load:
             self._done.set()
             n += 1
 
-    async def finished_since(self, t: float, count: int) -> None:
-        while sum(1 for o in self.outcomes if o.started >= t) < count:
-            self._done.clear()
-            await self._done.wait()
+    async def finished_since(self, t: float, count: int, timeout: float, what: str) -> None:
+        """Until ``count`` requests begun at ``t`` or later have ended."""
+
+        def begun() -> int:
+            return sum(1 for o in self.outcomes if o.started >= t)
+
+        await until(lambda: begun() >= count, self._done.wait, timeout=timeout, what=what, state=begun)
 
 
 class Served:
@@ -168,7 +172,7 @@ class Served:
 
     def __init__(self) -> None:
         self.by_agent: Counter[str] = Counter()
-        self._changed = asyncio.Event()
+        self._changed = Changes()
 
     async def on(self, msg: Msg) -> None:
         event = request_finished_decoder.decode(msg.data)
@@ -179,10 +183,10 @@ class Served:
     def on_host(self, host: str) -> int:
         return sum(self.by_agent[a] for a in AGENTS[host])
 
-    async def until(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            self._changed.clear()
-            await self._changed.wait()
+    async def until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        await until(
+            predicate, self._changed.wait, timeout=timeout, what=what, state=lambda: dict(self.by_agent)
+        )
 
 
 async def within(what: str, timeout: float, step: Awaitable[T]) -> T:
@@ -212,15 +216,14 @@ async def poll_status(
     event to wait on, since the gateway judges liveness by the time since each last heartbeat."""
     t0, live = time.monotonic(), dict[str, Any]()
 
-    async def poll() -> None:
+    async def holds() -> bool:
         nonlocal live
-        while not predicate(live := await live_agents(session, url)):
-            await asyncio.sleep(POLL_S)
+        live = await live_agents(session, url)
+        return predicate(live)
 
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout}s: {what} (live: {sorted(live)})") from None
+    await until(
+        holds, lambda s: asyncio.sleep(min(s, POLL_S)), timeout=timeout, what=what, state=lambda: sorted(live)
+    )
     return time.monotonic() - t0
 
 
@@ -412,7 +415,7 @@ async def cut_and_restore(
         for e in begun
     ]
     try:
-        await within("both hosts serve", SERVED_WITHIN_S, served.until(both_serve))
+        await served.until(both_serve, SERVED_WITHIN_S, "both hosts serve")
         await within("B's long streams begin", SERVED_WITHIN_S, asyncio.gather(*(e.wait() for e in begun)))
 
         cutting = time.monotonic()
@@ -421,10 +424,8 @@ async def cut_and_restore(
         gone_s = await poll_status(
             session, url, "B's agents unlisted", lambda live: set(live) == set(AGENTS["c"]), GONE_WITHIN_S
         )
-        await within(
-            "requests served while B is out",
-            REQUEST_TIMEOUT_S,
-            load.finished_since(time.monotonic(), AFTER_CUT),
+        await load.finished_since(
+            time.monotonic(), AFTER_CUT, REQUEST_TIMEOUT_S, "requests served while B is out"
         )
 
         restoring = time.monotonic()
@@ -436,7 +437,7 @@ async def cut_and_restore(
         # so has every event it sent before; the flush makes sure this client has read them too.
         await nc.flush()
         before = served.on_host("b")
-        await within("B serves again", SERVED_WITHIN_S, served.until(lambda: served.on_host("b") > before))
+        await served.until(lambda: served.on_host("b") > before, SERVED_WITHIN_S, "B serves again")
         held = [await within("B's long streams end", REQUEST_TIMEOUT_S + 5, t) for t in longs]
     finally:
         load.stop.set()
