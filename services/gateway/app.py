@@ -17,16 +17,15 @@ import msgspec
 import nats.errors
 from corral import views
 from corral.gateway import bodies, management
-from corral.gateway.access import model_allowed
+from corral.gateway.access import ApiKey, model_allowed
 from corral.gateway.asgi import Receive, Scope, Send
 from corral.gateway.auth import MODEL, Access, key_of
 from corral.gateway.batch.lifecycle import BatchLimits
 from corral.gateway.batch.runner import BatchRunner
 from corral.gateway.edge import BODY, Edge
 from corral.gateway.keys import open_key_buckets
-from corral.gateway.metrics import OTHER
+from corral.gateway.metrics import OTHER, known_label
 from corral.gateway.planner import Planner
-from corral.runtime.policy import PolicyStore
 from corral.gateway.relay import relay, respond_error
 from corral.gateway.routes import build_app
 from corral.gateway.sessions import Sessions
@@ -40,6 +39,7 @@ from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
 from corral.runtime.fleet import FleetView
 from corral.runtime.nats import NatsAuth, Reopener, connect, ensure_buckets, watch_until
+from corral.runtime.policy import PolicyStore
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import server_span, set_model, tracer
 from corral.runtime.workqueue import QueueLimits
@@ -337,10 +337,11 @@ class Gateway:
                 )
                 return
             try:
-                work, raw = self._route(endpoint, body, view, scope)
+                work, raw = self._route(endpoint, body, view, scope["headers"], key)
             except CorralError as e:
                 await respond_error(send, e, openai=openai, endpoint=endpoint)
                 return
+            label = ""  # its model as a metrics label, and in usage: worked out once, here
             if work.model is not None:
                 if key is not None and not model_allowed(key.models, work.model.display):
                     # outside the key's allow-list: exactly what a model no agent has answers
@@ -349,8 +350,8 @@ class Gateway:
                     return
                 # usage is kept per model: a name no agent has is "other", so a client sending
                 # made-up names cannot fill the usage bucket with rows of its own
-                known = key is None or bool(self.fleet.with_model(work.model.key))
-                scope[MODEL] = work.model.display if known else OTHER
+                label = known_label(work.model.key, bool(self.fleet.with_model(work.model.key)))
+                scope[MODEL] = work.model.display if label != OTHER else OTHER
                 set_model(span, endpoint, work.model.display)
             elif key is not None and key.models:
                 await respond_error(send, ModelNotFound(f"model '{raw}' not found"), openai=openai)
@@ -362,16 +363,21 @@ class Gateway:
                     return
                 await management.unload(self.planner, work, raw, receive, send)
                 return
-            await relay(self.planner, work, receive, send, openai=openai, raw_model=raw)
+            await relay(self.planner, work, receive, send, openai=openai, raw_model=raw, model_label=label)
 
     def _route(
-        self, endpoint: str, body: bytes, view: bodies.RouteView, scope: Scope
+        self,
+        endpoint: str,
+        body: bytes,
+        view: bodies.RouteView,
+        headers: list[tuple[bytes, bytes]],
+        key: ApiKey | None,
     ) -> tuple[WorkRequest, str]:
         raw = view.model or ""
         if not raw and endpoint in ("/api/generate", "/api/embed"):
             raise ModelNotFound("model '' not found")
         vendor, strict, strategy, session, priority = None, False, None, None, None
-        for k, v in scope["headers"]:
+        for k, v in headers:
             if k == STRATEGY_HEADER:
                 try:
                     strategy, vendor = parse_strategy(_text(k, v))
@@ -385,7 +391,6 @@ class Gateway:
                 priority = parse_priority(_text(k, v))
         work = model_work(endpoint, body, raw, vendor=vendor, strict=strict, strategy=strategy)
         work.num_ctx = bodies.num_ctx(view)
-        key = key_of(scope)
         work.priority = capped(priority, key.priority if key is not None else INTERACTIVE)
         if session is not None:  # the client names its conversation: every turn after the first follows
             work.session = "h." + hashlib.blake2b(session.encode(), digest_size=12).hexdigest()

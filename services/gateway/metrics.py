@@ -92,6 +92,7 @@ class Decision:
     served: str = ""  # the model that served a model call (its short display form)
     requested: str = ""  # with a substitution: the key of the model the client asked for
     substitution: str = ""  # alias, fallback or quant (`corral.gateway.policy`); empty: none
+    model_label: str = ""  # the requested model as a label, once worked out (`GatewayMetrics.model_label`)
 
     def headers(self, agent: str) -> list[tuple[bytes, bytes]]:
         """``X-Corral-Agent``, ``X-Corral-Route``, ``X-Corral-Model`` (the model that served) and,
@@ -106,8 +107,14 @@ class Decision:
         return out
 
 
-def new_decision() -> Decision:
-    return Decision(started=time.perf_counter())
+def known_label(key: str, known: bool) -> str:
+    """Model ``key`` as a label: itself when some agent has it (``known``), else `OTHER`, so that
+    clients sending made-up names add one label value, not one each."""
+    return key if known else OTHER
+
+
+def new_decision(model_label: str = "") -> Decision:
+    return Decision(started=time.perf_counter(), model_label=model_label)
 
 
 class GatewayMetrics:
@@ -191,14 +198,17 @@ class GatewayMetrics:
             child = self._children[key] = series.labels(*labels)
         return child
 
-    def model_label(self, work: WorkRequest) -> str:
-        """The request's model as a label: bounded by what the fleet has."""
+    def model_label(self, work: WorkRequest, decision: Decision | None = None) -> str:
+        """The request's model as a label, bounded by what the fleet has: the one its ``decision``
+        carries when the gateway worked it out already (`known_label`), else worked out now."""
+        if decision is not None and decision.model_label:
+            return decision.model_label
         if work.model is None:
             return NONE
         return self._key_label(work.model.key)
 
     def _key_label(self, key: str) -> str:
-        return key if self._fleet.with_model(key) else OTHER
+        return known_label(key, bool(self._fleet.with_model(key)))
 
     def _substituted(self, decision: Decision) -> None:
         """An alias or fallback names its model in the fleet's rules (a bounded set); a model a
@@ -219,7 +229,7 @@ class GatewayMetrics:
     def finished(self, work: WorkRequest, decision: Decision, status: int, agent: str) -> None:
         """One request ended (answered, failed or its client gone): every series it adds to, once."""
         now = time.perf_counter()
-        model = self.model_label(work)
+        model = self.model_label(work, decision)
         child = self._child
         child(self.requests, model, endpoint_label(work.endpoint), str(status), agent or NONE).inc()
         if decision.route:

@@ -68,9 +68,12 @@ async def relay(
     openai: bool = False,
     raw_model: str = "",
     target: str | None = None,
+    model_label: str = "",
 ) -> None:
-    """Route ``work`` (to ``target`` when given) and stream the reply, cancelled if the client goes."""
-    await _until_gone(_serve(planner, work, send, openai=openai, raw_model=raw_model, target=target), receive)
+    """Route ``work`` (to ``target`` when given) and stream the reply, cancelled if the client goes.
+    ``model_label``: its model as a metrics label, when the caller worked it out already."""
+    serve = _serve(planner, work, send, openai=openai, raw_model=raw_model, target=target, label=model_label)
+    await _until_gone(serve, receive)
 
 
 async def relay_reply(reply: Reply, receive: Receive, send: Send) -> None:
@@ -95,9 +98,16 @@ async def _until_gone(work: Coroutine[Any, Any, None], receive: Receive) -> None
 
 
 async def _serve(
-    planner: Planner, work: WorkRequest, send: Send, *, openai: bool, raw_model: str, target: str | None
+    planner: Planner,
+    work: WorkRequest,
+    send: Send,
+    *,
+    openai: bool,
+    raw_model: str,
+    target: str | None,
+    label: str,
 ) -> None:
-    decision = new_decision()
+    decision = new_decision(label)
     status, agent = 499, ""  # 499: the client went away before an answer (nginx's convention)
     try:
         try:
