@@ -10,7 +10,7 @@ reconnect and restarts its watches, and the agents announce themselves at once.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -22,6 +22,7 @@ from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.js.errors import KeyNotFoundError
 
 from tests.integration.fleet_helpers import preload
+from tests.integration.waits import Wake, until
 
 pytestmark = pytest.mark.chaos
 
@@ -49,16 +50,12 @@ async def fleet(server: NatsServer, root: str) -> AsyncIterator[LocalFleet]:
         yield f
 
 
-async def _until(fleet: LocalFleet, predicate: Callable[[], Awaitable[bool]], timeout: float) -> None:
-    """Wait until ``predicate()`` holds, woken by every change the services' fleet views hear (and
-    checked again at least every half second: a write by the aggregator changes no fleet view)."""
-    assert fleet.gateway is not None and fleet.aggregator is not None and fleet.registry is not None
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the fleet did not come back in time")
-        await fleet.aggregator.fleet.wait_changed(min(remaining, 0.5))
+def _any_change(fleet: LocalFleet) -> Wake:
+    """Woken by every change the services' fleet views hear, and at least every half second: a
+    write by the aggregator changes no fleet view."""
+    assert fleet.aggregator is not None
+    view = fleet.aggregator.fleet
+    return lambda remaining: view.wait_changed(min(remaining, 0.5))
 
 
 async def test_a_nats_restart_is_not_an_outage(server: NatsServer, fleet: LocalFleet) -> None:
@@ -76,7 +73,12 @@ async def test_a_nats_restart_is_not_an_outage(server: NatsServer, fleet: LocalF
     async def everyone_heard_again() -> bool:
         return heard_again(gw.heard) and heard_again(agg.heard) and heard_again(reg.heard)
 
-    await _until(fleet, everyone_heard_again, BACK_WITHIN_S)
+    await until(
+        everyone_heard_again,
+        _any_change(fleet),
+        timeout=BACK_WITHIN_S,
+        what="every service heard every agent again",
+    )
 
     async with aiohttp.ClientSession() as s:
         body = {"model": MODEL, "prompt": "hello again", "stream": False}
@@ -107,4 +109,6 @@ async def test_a_nats_restart_is_not_an_outage(server: NatsServer, fleet: LocalF
         written = msgspec.json.decode(status.value or b"{}")
         return bool(tags.value) and sorted(a["id"] for a in written.get("agents", [])) == ids
 
-    await _until(fleet, views_back, BACK_WITHIN_S)
+    await until(
+        views_back, _any_change(fleet), timeout=BACK_WITHIN_S, what="the aggregator's views written again"
+    )

@@ -13,6 +13,8 @@ from corral.protocol.messages import AgentState, agent_state_decoder
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import ensure_buckets
 
+from tests.integration.waits import Changes, until
+
 
 class AgentsWatch:
     """``async with AgentsWatch(url, root) as fleet``: ``fleet.agents`` is the agents bucket as
@@ -23,7 +25,7 @@ class AgentsWatch:
         self.root = root
         self.agents: dict[str, AgentState] = {}
         self.history: list[tuple[str, str]] = []  # (agent id, "put" | "del"), in order
-        self._changed = asyncio.Condition()
+        self._changed = Changes()
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AgentsWatch:
@@ -49,21 +51,22 @@ class AgentsWatch:
             entry = await self._watcher.updates(timeout=3600)
             if entry is None:
                 continue  # the end of the initial values
-            async with self._changed:
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self.agents.pop(entry.key, None)
-                    self.history.append((entry.key, "del"))
-                else:
-                    self.agents[entry.key] = agent_state_decoder.decode(entry.value)
-                    self.history.append((entry.key, "put"))
-                self._changed.notify_all()
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self.agents.pop(entry.key, None)
+                self.history.append((entry.key, "del"))
+            else:
+                self.agents[entry.key] = agent_state_decoder.decode(entry.value)
+                self.history.append((entry.key, "put"))
+            self._changed.set()
 
     async def until(
         self, what: str, predicate: Callable[[dict[str, AgentState]], bool], timeout: float
     ) -> None:
         """Wait until ``predicate(self.agents)`` holds; fail naming ``what`` after ``timeout`` s."""
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                await self._changed.wait_for(lambda: predicate(self.agents))
-        except TimeoutError:
-            raise AssertionError(f"{what}: not within {timeout}s; agents {sorted(self.agents)}") from None
+        await until(
+            lambda: predicate(self.agents),
+            self._changed.wait,
+            timeout=timeout,
+            what=what,
+            state=lambda: sorted(self.agents),
+        )

@@ -5,7 +5,6 @@ and ``corral status`` show the pin, and after ``corral unpin`` nothing is placed
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -17,6 +16,7 @@ from corral.runtime.fleet import FleetView
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 
+from tests.integration import waits
 from tests.integration.cli_helpers import corral_ok
 
 pytestmark = pytest.mark.integration
@@ -34,9 +34,13 @@ async def cli(fleet: LocalFleet, root: str, *args: str) -> str:
 async def until(
     view: FleetView, predicate: Callable[[list[AgentState]], bool], timeout: float = WAIT_S
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate(view.agents()):
-        assert await view.wait_changed(max(0.0, deadline - time.monotonic())), "timed out"
+    await waits.until(
+        lambda: predicate(view.agents()),
+        view.wait_changed,
+        timeout=timeout,
+        what=waits.describe(predicate),
+        state=lambda: sorted(a.id for a in view.agents()),
+    )
 
 
 def runners(agents: list[AgentState]) -> dict[str, str]:

@@ -37,7 +37,7 @@ async def until(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             seen = f"; last seen: {state()}" if state is not None else ""
-            raise TimeoutError(f"not within {timeout}s: {what or _describe(holds)}{seen}")
+            raise TimeoutError(f"not within {timeout}s: {what or describe(holds)}{seen}")
         with contextlib.suppress(TimeoutError):  # a wake out of time: the loop checks once more
             async with asyncio.timeout(remaining):
                 await wake(remaining)
@@ -54,7 +54,7 @@ async def views_hold(
             functools.partial(holds, view),
             view.wait_changed,
             timeout=max(0.0, deadline - time.monotonic()),
-            what=what or _describe(holds),
+            what=what or describe(holds),
         )
 
 
@@ -78,7 +78,7 @@ async def _check(holds: Callable[[], bool | Awaitable[bool]]) -> bool:
     return await result if inspect.isawaitable(result) else result
 
 
-def _describe(fn: Callable[..., object]) -> str:
+def describe(fn: Callable[..., object]) -> str:
     """The source line that defines ``fn`` (a lambda's says what it checks), else its name."""
     code = getattr(fn, "__code__", None)
     if code is None:
