@@ -80,12 +80,6 @@ def candidates(policy: Policy, requested: str) -> list[Candidate]:
     return out
 
 
-def falls_back(status: int) -> bool:
-    """Whether a model that failed with this status may be served by its fallbacks: not found
-    (404) or no capacity within its deadline (503); any other error is the model's own answer."""
-    return status in (404, 503)
-
-
 def split_quant(name: ModelName) -> tuple[str, str] | None:
     """``(tag without its quantisation, quantisation)`` of a model whose tag names one, else None."""
     head, _, last = name.tag.rpartition("-")

@@ -17,7 +17,6 @@ from corral.gateway.policy import (
     Candidate,
     Policy,
     candidates,
-    falls_back,
     quant_match,
     substitute,
     with_aliases,
@@ -60,11 +59,6 @@ def test_an_aliass_own_fallbacks_win_and_no_model_is_tried_twice() -> None:
         Candidate("m:latest", "alias"),
         Candidate("n:latest", "fallback"),
     ]
-
-
-def test_only_not_found_and_busy_fall_back() -> None:
-    assert falls_back(404) and falls_back(503)
-    assert not falls_back(400) and not falls_back(500)
 
 
 def _agent(agent_id: str, *loaded: tuple[str, str], status: str = "active") -> AgentState:
