@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from corral import views
 from corral.agent.metrics import registry_for
 from corral.gateway.app import Gateway
 from corral.gateway.settings import GatewaySettings
@@ -20,6 +21,7 @@ from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.integration import waits
 from tests.integration.fleet_helpers import preload, until
 
 pytestmark = pytest.mark.integration
@@ -180,17 +182,26 @@ async def test_metrics_and_route_headers_after_traffic(
         second = Gateway(GatewaySettings(nats_url=nats_server.url, root=root, port=0))
         await second.start()
         try:
-            for _ in range(20):  # both watches caught up with the same heartbeat
-                ours = fleet_part((await scrape(s, fleet.url))[1])
-                theirs = fleet_part(
+            scraped: dict[str, Samples] = {}
+
+            async def same_fleet() -> bool:
+                scraped["ours"] = fleet_part((await scrape(s, fleet.url))[1])
+                scraped["theirs"] = fleet_part(
                     parse(
                         (await second.planner.metrics.scrape(second.nc.jetstream(), second.subjects)).decode()
                     )[1]
                 )  # type: ignore[union-attr]
-                if ours == theirs:
-                    break
-                await gw.fleet.wait_changed(1.0)
-            assert ours == theirs
+                return scraped["ours"] == scraped["theirs"]
+
+            # both watches caught up with the same heartbeat: checked on each change the first gateway
+            # hears, and at least every second, for the second gateway may hear it a moment later
+            await waits.until(
+                same_fleet,
+                lambda left: gw.fleet.wait_changed(min(left, 1.0)),
+                timeout=20.0,
+                what="both gateways report the same fleet",
+                state=lambda: scraped,
+            )
             _, own = parse(
                 (await second.planner.metrics.scrape(second.nc.jetstream(), second.subjects)).decode()
             )  # type: ignore[union-attr]
@@ -291,11 +302,27 @@ async def test_agent_and_aggregator_serve_their_own_metrics(fleet: LocalFleet) -
                     assert r.status == 200
                     return parse(await r.text())[1]
 
-            for _ in range(50):  # the request's event reaches the aggregator on its own subscription
+            # The request's event reaches the aggregator on its own subscription; it then writes its
+            # rolling rates, which count the request, to the views bucket: each write wakes the check.
+            samples: Samples = {}
+
+            async def counted() -> bool:
+                nonlocal samples
                 samples = await aggregated()
-                if total(samples, "corral_aggregator_requests_total", model=KEY) >= 1:
-                    break
-                await fleet.gateway.fleet.wait_changed(0.2)  # type: ignore[union-attr]
+                return total(samples, "corral_aggregator_requests_total", model=KEY) >= 1
+
+            assert fleet.gateway is not None and fleet.gateway.nc is not None
+            kv = await fleet.gateway.nc.jetstream().key_value(fleet.gateway.subjects.views_bucket)
+            rates = await kv.watch(views.RATES_KEY)
+            try:
+                await waits.until(
+                    counted,
+                    lambda left: rates.updates(timeout=left),
+                    timeout=10.0,
+                    what="the aggregator counts the request",
+                )
+            finally:
+                await rates.stop()  # type: ignore[no-untyped-call]
             assert (
                 total(samples, "corral_aggregator_requests_total", model=KEY, agent=served, status="200") >= 1
             )
