@@ -1,4 +1,4 @@
-"""The registry: fleet membership and fleet-wide model pulls.
+"""The registry: fleet membership, the model index, placement, pins and fleet-wide model pulls.
 
 Membership. Agents write their own state to the ``{root}_agents`` KV bucket (on change and on a
 heartbeat) and delete it when they stop cleanly. The registry watches that bucket and
@@ -17,12 +17,8 @@ a compare-and-set too.
 Model index. Every copy keeps the ``model.{token}`` keys of the ``{root}_models`` bucket (which
 agents have each model on disk and loaded) up to date; see `corral.registry.index`.
 
-Pulls. ``{root}.registry.pull`` (queue group ``registry``, so one copy serves each pull) takes an
-Ollama pull body plus ``replicas`` / ``vendor`` / ``all``, chooses the agents, runs ``/api/pull``
-on each at once and answers with one merged NDJSON progress stream in the same reply framing agents
-use (claim, head, data, end): per-layer lines whose ``total``/``completed`` sum over the agents,
-``success`` only when every agent succeeded, an ``{"error": ...}`` line naming the agents that
-failed otherwise.
+Pulls. ``{root}.registry.pull``: one copy runs each pull on the agents it chooses and merges their
+progress into one reply; see `corral.registry.pulls`.
 """
 
 from __future__ import annotations
@@ -31,69 +27,31 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 import msgspec
 import nats.errors
-from corral.protocol.envelope import RequestEnvelope, decode_request
-from corral.protocol.errors import BadEnvelope, BadRequest, CorralError
 from corral.protocol.messages import AgentEvent, AgentState, agent_state_of
-from corral.protocol.names import VENDORS, parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry.index import ModelIndexWriter
 from corral.registry.pins import PinKeeper
 from corral.registry.placement import Placer, ReplicaSettings
+from corral.registry.pulls import FleetPulls
 from corral.registry.settings import RegistrySettings
-from corral.routing import pull_order
 from corral.runtime.fleet import SILENT_RESTART_S, STALE_HEARTBEATS, FleetView, received_at
 from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets, watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
-from corral.transport import Reply, Transport, WorkRequest, fan_out
-from corral.transport.replies import ReplyWriter
+from corral.transport import Transport
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
 QUEUE_GROUP = "registry"
-NDJSON = "application/x-ndjson"
-JSON = "application/json; charset=utf-8"
 _enc = msgspec.json.Encoder()
 _DEAD = b"dead"
-
-
-class PullRequest(msgspec.Struct, kw_only=True):
-    """What ``{root}.registry.pull`` takes: Ollama's pull body plus where to put the model."""
-
-    model: str = ""
-    name: str = ""  # older clients
-    insecure: bool = False
-    stream: bool | None = None
-    replicas: int = 1  # how many agents should end up with it (ignored when ``all``)
-    vendor: str | None = None  # only agents of this vendor
-    all: bool = False  # every (matching) agent
-
-
-class _Progress(msgspec.Struct, omit_defaults=True):
-    status: str
-    digest: str = ""
-    total: int = 0
-    completed: int = 0
-
-
-class _Line(msgspec.Struct):
-    status: str = ""
-    digest: str = ""
-    total: int = 0
-    completed: int = 0
-    error: str = ""
-
-
-_line = msgspec.json.Decoder(_Line)
-_pull_request = msgspec.json.Decoder(PullRequest)
 
 
 class Registry:
@@ -107,7 +65,7 @@ class Registry:
         self._known: dict[str, _Known] = {}  # agent id → its last state, as heard
         self._tasks: list[asyncio.Task[None]] = []
         self._synced = asyncio.Event()
-        self._pulls: set[asyncio.Task[None]] = set()
+        self._pulls: FleetPulls | None = None  # fleet-wide pulls under way
         self.placer: Placer | None = None
         self.pins: PinKeeper | None = None  # pinned models (16 attributes: each job's own state)
         self._index: ModelIndexWriter | None = None  # the model index in the models bucket
@@ -143,7 +101,15 @@ class Registry:
         self._index = ModelIndexWriter(self._buckets.agents, self._buckets.models)
         await self._index.start()
         self._spawn("registry reaper", self._reaper, "registry-reaper")
-        await self.nc.subscribe(self.subjects.registry("pull"), queue=QUEUE_GROUP, cb=self._on_pull)
+        self._pulls = FleetPulls(
+            self.nc,
+            self.subjects,
+            self._fleet,
+            self._transport,
+            pull_timeout_s=self.settings.pull_timeout_s,
+            ping_interval_s=self.settings.ping_interval_s,
+        )
+        await self.nc.subscribe(self.subjects.registry("pull"), queue=QUEUE_GROUP, cb=self._pulls.on_pull)
         self.placer = Placer(
             self.nc,
             self.subjects,
@@ -173,8 +139,10 @@ class Registry:
             await self._reopener.stop()
         if self.placer is not None:
             await self.placer.stop()
-        await cancel_and_wait([*self._tasks, *self._pulls])
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
+        if self._pulls is not None:
+            await self._pulls.stop()
         if self._index is not None:
             await self._index.stop()
         if self._transport is not None:
@@ -348,140 +316,6 @@ class Registry:
         event = AgentEvent(kind=kind, agent=agent_id, at=time.time())  # type: ignore[arg-type]
         await self.nc.publish(self.subjects.event("agent"), _enc.encode(event))
 
-    # -- fleet-wide pull -----------------------------------------------------------------------
-    async def _on_pull(self, msg: Msg) -> None:
-        task = asyncio.create_task(self._serve_pull(msg))
-        self._pulls.add(task)
-        task.add_done_callback(self._pulls.discard)
-
-    def targets(self, req: PullRequest) -> list[AgentState]:
-        agents = pull_order(self.fleet.agents(), parse_name(req.model or req.name).key, req.vendor)
-        return agents if req.all else agents[: max(req.replicas, 1)]
-
-    async def _serve_pull(self, msg: Msg) -> None:
-        assert self.nc is not None
-        if not self.subjects.is_reply(msg.reply):
-            return  # nowhere under the root to answer: a pull nobody can follow is not started
-        try:
-            env: RequestEnvelope | BadEnvelope = decode_request(msg.headers)
-        except BadEnvelope as e:
-            env = e
-        out = ReplyWriter(self.nc, msg.reply, env.rid if isinstance(env, RequestEnvelope) else "", "registry")
-        await out.claim()
-        try:
-            if isinstance(env, BadEnvelope):
-                raise env
-            req = _pull_request.decode(msg.data)
-            if not (req.model or req.name):
-                raise BadRequest("model is required")
-            if req.vendor is not None and req.vendor not in VENDORS:
-                raise BadRequest(f"unknown vendor {req.vendor!r}")
-            targets = self.targets(req)
-            if not targets:
-                raise BadRequest(
-                    "no agent can take this pull" + (f" (vendor {req.vendor})" if req.vendor else "")
-                )
-        except (CorralError, msgspec.DecodeError) as e:
-            message = e.message if isinstance(e, CorralError) else str(e)
-            status = e.status if isinstance(e, CorralError) else 400
-            await out.head(status, JSON, _enc.encode({"error": message}), end=True)
-            return
-        stream = req.stream is not False
-        if stream:
-            await out.head(200, NDJSON)
-        errors: list[str] = []
-        # a pull is silent for long stretches (all of it, unstreamed): pings keep the gateway's
-        # idle timeout from taking the registry for dead
-        keepalive = asyncio.create_task(self._ping(out))
-        try:
-            async for line in self._merged(req, targets, errors):
-                if stream:
-                    await out.data(line)
-        finally:
-            await cancel_and_wait([keepalive])
-        if stream:
-            if errors:
-                await out.data(_enc.encode({"error": "; ".join(errors)}) + b"\n")
-            await out.end()
-        elif errors:
-            await out.head(500, JSON, _enc.encode({"error": "; ".join(errors)}), end=True)
-        else:
-            await out.head(200, JSON, _enc.encode(_Progress("success")), end=True)
-
-    async def _ping(self, out: ReplyWriter) -> None:
-        while True:
-            await asyncio.sleep(self.settings.ping_interval_s)  # a period, not a wait for an event
-            await out.ping()
-
-    async def _merged(
-        self, req: PullRequest, targets: list[AgentState], errors: list[str]
-    ) -> AsyncIterator[bytes]:
-        """Run the pull on every target and yield merged progress lines as they come."""
-        transport = self._transport
-        assert transport is not None
-        body = _enc.encode({"model": req.model or req.name, "insecure": req.insecure, "stream": True})
-        lines: asyncio.Queue[tuple[str, _Line] | None] = asyncio.Queue()
-
-        async def relay(reply: Reply) -> None:
-            if reply.status != 200:
-                data = await reply.read()
-                await lines.put((reply.agent, _Line(error=_error_text(data) or f"HTTP {reply.status}")))
-                return
-            async for raw in reply.lines():
-                await lines.put((reply.agent, _line.decode(raw)))
-
-        async def run_all() -> None:
-            try:
-                results = await fan_out(
-                    targets,
-                    lambda a: transport.send_to(
-                        a.id, WorkRequest("/api/pull", body), timeout=self.settings.pull_timeout_s
-                    ),
-                    relay,
-                    tolerate=(CorralError, msgspec.DecodeError),
-                )
-                for agent, result in zip(targets, results, strict=True):
-                    if isinstance(result, Exception):
-                        lines.put_nowait((agent.id, _Line(error=str(result))))
-            finally:
-                lines.put_nowait(None)  # the merge below ends, whatever ended the fan-out
-
-        runner = asyncio.create_task(run_all())
-        layers: dict[str, dict[str, tuple[int, int]]] = {}  # digest → agent → (total, completed)
-        said: set[str] = set()
-        succeeded: set[str] = set()
-        try:
-            yield _enc.encode(_Progress("pulling manifest")) + b"\n"
-            said.add("pulling manifest")
-            while (item := await lines.get()) is not None:
-                agent_id, line = item
-                if line.error:
-                    errors.append(f"{agent_id}: {line.error}")
-                elif line.status == "success":
-                    succeeded.add(agent_id)
-                elif line.digest:
-                    per = layers.setdefault(line.digest, {})
-                    per[agent_id] = (line.total, line.completed)
-                    total = sum(t for t, _ in per.values())
-                    done = sum(c for _, c in per.values())
-                    yield _enc.encode(_Progress(line.status, line.digest, total, done)) + b"\n"
-                elif line.status and line.status not in said:
-                    said.add(line.status)
-                    yield _enc.encode(_Progress(line.status)) + b"\n"
-            await asyncio.wait([runner])  # it has put its last line: ending now
-            if not runner.cancelled() and (failure := runner.exception()) is not None:
-                log.error("pull fan-out of %s failed", req.model or req.name, exc_info=failure)
-            missing = [
-                a.id
-                for a in targets
-                if a.id not in succeeded and not any(e.startswith(a.id + ":") for e in errors)
-            ]
-            errors.extend(f"{a}: pull ended without success" for a in missing)
-            if not errors:
-                yield _enc.encode(_Progress("success")) + b"\n"
-        finally:
-            await cancel_and_wait([runner])
-
 
 class _Known(NamedTuple):
     revision: int  # the KV revision of ``state``: the death delete is conditional on it
@@ -490,11 +324,3 @@ class _Known(NamedTuple):
 
 
 _member_key = "member.{}".format  # an agent's membership marker in the views bucket
-
-
-def _error_text(data: bytes) -> str:
-    try:
-        obj = msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        return data.decode(errors="replace")
-    return str(obj.get("error", "")) if isinstance(obj, dict) else ""

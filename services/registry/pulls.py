@@ -1,0 +1,233 @@
+"""Fleet-wide pulls: ``{root}.registry.pull`` (queue group ``registry``, so one registry copy serves
+each pull) takes an Ollama pull body plus ``replicas`` / ``vendor`` / ``all``, chooses the agents
+(`corral.routing.pull_order`), runs ``/api/pull`` on each at once and answers with one merged NDJSON
+progress stream in the same reply framing agents use (claim, head, data, end): per-layer lines
+whose ``total``/``completed`` sum over the agents, ``success`` only when every agent succeeded, an
+``{"error": ...}`` line naming the agents that failed otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import msgspec
+from corral.protocol.envelope import RequestEnvelope, decode_request
+from corral.protocol.errors import BadEnvelope, BadRequest, CorralError
+from corral.protocol.messages import AgentState
+from corral.protocol.names import VENDORS, parse_name
+from corral.protocol.subjects import Subjects
+from corral.routing import pull_order
+from corral.runtime.fleet import FleetView
+from corral.runtime.tasks import cancel_and_wait
+from corral.transport import Reply, Transport, WorkRequest, fan_out
+from corral.transport.replies import ReplyWriter
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+log = logging.getLogger(__name__)
+
+NDJSON = "application/x-ndjson"
+JSON = "application/json; charset=utf-8"
+_enc = msgspec.json.Encoder()
+
+
+class PullRequest(msgspec.Struct, kw_only=True):
+    """What ``{root}.registry.pull`` takes: Ollama's pull body plus where to put the model."""
+
+    model: str = ""
+    name: str = ""  # older clients
+    insecure: bool = False
+    stream: bool | None = None
+    replicas: int = 1  # how many agents should end up with it (ignored when ``all``)
+    vendor: str | None = None  # only agents of this vendor
+    all: bool = False  # every (matching) agent
+
+
+class _Progress(msgspec.Struct, omit_defaults=True):
+    status: str
+    digest: str = ""
+    total: int = 0
+    completed: int = 0
+
+
+class _Line(msgspec.Struct):
+    status: str = ""
+    digest: str = ""
+    total: int = 0
+    completed: int = 0
+    error: str = ""
+
+
+_line = msgspec.json.Decoder(_Line)
+_pull_request = msgspec.json.Decoder(PullRequest)
+
+
+class FleetPulls:
+    """Serves the registry's pull subject: each pull runs on its chosen agents at once, its
+    progress merged into one reply stream; pings keep a long silent pull's reply alive."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        fleet: FleetView,
+        transport: Transport,
+        *,
+        pull_timeout_s: float,
+        ping_interval_s: float,
+    ) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self._fleet = fleet
+        self._transport = transport
+        self._pull_timeout_s = pull_timeout_s  # one agent's pull may take this long
+        self._ping_interval_s = ping_interval_s
+        self._pulls: set[asyncio.Task[None]] = set()
+
+    async def on_pull(self, msg: Msg) -> None:
+        """A pull request: served in a task of its own (pulls take minutes)."""
+        task = asyncio.create_task(self._serve_pull(msg))
+        self._pulls.add(task)
+        task.add_done_callback(self._pulls.discard)
+
+    async def stop(self) -> None:
+        """End the pulls under way (their replies end with them)."""
+        await cancel_and_wait(set(self._pulls))
+
+    def targets(self, req: PullRequest) -> list[AgentState]:
+        agents = pull_order(self._fleet.agents(), parse_name(req.model or req.name).key, req.vendor)
+        return agents if req.all else agents[: max(req.replicas, 1)]
+
+    async def _serve_pull(self, msg: Msg) -> None:
+        if not self._subjects.is_reply(msg.reply):
+            return  # nowhere under the root to answer: a pull nobody can follow is not started
+        try:
+            env: RequestEnvelope | BadEnvelope = decode_request(msg.headers)
+        except BadEnvelope as e:
+            env = e
+        out = ReplyWriter(
+            self._nc, msg.reply, env.rid if isinstance(env, RequestEnvelope) else "", "registry"
+        )
+        await out.claim()
+        try:
+            if isinstance(env, BadEnvelope):
+                raise env
+            req = _pull_request.decode(msg.data)
+            if not (req.model or req.name):
+                raise BadRequest("model is required")
+            if req.vendor is not None and req.vendor not in VENDORS:
+                raise BadRequest(f"unknown vendor {req.vendor!r}")
+            targets = self.targets(req)
+            if not targets:
+                raise BadRequest(
+                    "no agent can take this pull" + (f" (vendor {req.vendor})" if req.vendor else "")
+                )
+        except (CorralError, msgspec.DecodeError) as e:
+            message = e.message if isinstance(e, CorralError) else str(e)
+            status = e.status if isinstance(e, CorralError) else 400
+            await out.head(status, JSON, _enc.encode({"error": message}), end=True)
+            return
+        stream = req.stream is not False
+        if stream:
+            await out.head(200, NDJSON)
+        errors: list[str] = []
+        # a pull is silent for long stretches (all of it, unstreamed): pings keep the gateway's
+        # idle timeout from taking the registry for dead
+        keepalive = asyncio.create_task(self._ping(out))
+        try:
+            async for line in self._merged(req, targets, errors):
+                if stream:
+                    await out.data(line)
+        finally:
+            await cancel_and_wait([keepalive])
+        if stream:
+            if errors:
+                await out.data(_enc.encode({"error": "; ".join(errors)}) + b"\n")
+            await out.end()
+        elif errors:
+            await out.head(500, JSON, _enc.encode({"error": "; ".join(errors)}), end=True)
+        else:
+            await out.head(200, JSON, _enc.encode(_Progress("success")), end=True)
+
+    async def _ping(self, out: ReplyWriter) -> None:
+        while True:
+            await asyncio.sleep(self._ping_interval_s)  # a period, not a wait for an event
+            await out.ping()
+
+    async def _merged(
+        self, req: PullRequest, targets: list[AgentState], errors: list[str]
+    ) -> AsyncIterator[bytes]:
+        """Run the pull on every target and yield merged progress lines as they come."""
+        transport = self._transport
+        body = _enc.encode({"model": req.model or req.name, "insecure": req.insecure, "stream": True})
+        lines: asyncio.Queue[tuple[str, _Line] | None] = asyncio.Queue()
+
+        async def relay(reply: Reply) -> None:
+            if reply.status != 200:
+                data = await reply.read()
+                await lines.put((reply.agent, _Line(error=_error_text(data) or f"HTTP {reply.status}")))
+                return
+            async for raw in reply.lines():
+                await lines.put((reply.agent, _line.decode(raw)))
+
+        async def run_all() -> None:
+            try:
+                results = await fan_out(
+                    targets,
+                    lambda a: transport.send_to(
+                        a.id, WorkRequest("/api/pull", body), timeout=self._pull_timeout_s
+                    ),
+                    relay,
+                    tolerate=(CorralError, msgspec.DecodeError),
+                )
+                for agent, result in zip(targets, results, strict=True):
+                    if isinstance(result, Exception):
+                        lines.put_nowait((agent.id, _Line(error=str(result))))
+            finally:
+                lines.put_nowait(None)  # the merge below ends, whatever ended the fan-out
+
+        runner = asyncio.create_task(run_all())
+        layers: dict[str, dict[str, tuple[int, int]]] = {}  # digest → agent → (total, completed)
+        said: set[str] = set()
+        succeeded: set[str] = set()
+        try:
+            yield _enc.encode(_Progress("pulling manifest")) + b"\n"
+            said.add("pulling manifest")
+            while (item := await lines.get()) is not None:
+                agent_id, line = item
+                if line.error:
+                    errors.append(f"{agent_id}: {line.error}")
+                elif line.status == "success":
+                    succeeded.add(agent_id)
+                elif line.digest:
+                    per = layers.setdefault(line.digest, {})
+                    per[agent_id] = (line.total, line.completed)
+                    total = sum(t for t, _ in per.values())
+                    done = sum(c for _, c in per.values())
+                    yield _enc.encode(_Progress(line.status, line.digest, total, done)) + b"\n"
+                elif line.status and line.status not in said:
+                    said.add(line.status)
+                    yield _enc.encode(_Progress(line.status)) + b"\n"
+            await asyncio.wait([runner])  # it has put its last line: ending now
+            if not runner.cancelled() and (failure := runner.exception()) is not None:
+                log.error("pull fan-out of %s failed", req.model or req.name, exc_info=failure)
+            missing = [
+                a.id
+                for a in targets
+                if a.id not in succeeded and not any(e.startswith(a.id + ":") for e in errors)
+            ]
+            errors.extend(f"{a}: pull ended without success" for a in missing)
+            if not errors:
+                yield _enc.encode(_Progress("success")) + b"\n"
+        finally:
+            await cancel_and_wait([runner])
+
+
+def _error_text(data: bytes) -> str:
+    try:
+        obj = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data.decode(errors="replace")
+    return str(obj.get("error", "")) if isinstance(obj, dict) else ""
