@@ -24,6 +24,7 @@ from corral.runtime.workqueue import depths
 from corral.up import FleetOptions, LocalFleet, default_sims
 
 from tests.integration.fleet_helpers import preload
+from tests.integration.waits import until
 
 pytestmark = pytest.mark.chaos
 
@@ -84,13 +85,21 @@ async def test_a_flood_of_large_queued_requests_leaves_the_fleet_heartbeating(
 
             flood = [asyncio.create_task(one()) for _ in range(REQUESTS)]
             try:
-                async with asyncio.timeout(WITHIN_S):  # most of them wait in the queue
-                    while sum((await depths(nc.jetstream(), Subjects(root))).values()) < REQUESTS // 2:
-                        await view.wait_changed(0.5)
+
+                async def queued() -> bool:
+                    return sum((await depths(nc.jetstream(), Subjects(root))).values()) >= REQUESTS // 2
+
+                async def paced(left: float) -> None:  # by the fleet's changes, at least every 0.5 s
+                    await view.wait_changed(min(left, 0.5))
+
+                await until(queued, paced, timeout=WITHIN_S, what="most of them wait in the queue")
                 full = time.monotonic()
-                async with asyncio.timeout(WITHIN_S):  # and the agent's state is still written
-                    while (t := view.heard(agent)) is None or t <= full:
-                        await view.wait_changed(0.5)
+                await until(
+                    lambda: (t := view.heard(agent)) is not None and t > full,
+                    paced,
+                    timeout=WITHIN_S,
+                    what="the agent's state is still written",
+                )
                 statuses = await asyncio.gather(*flood)
             finally:
                 for t in flood:

@@ -32,6 +32,7 @@ from corral.simulator.server import SimServer
 from corral.up import FleetOptions, LocalFleet
 
 from tests.integration.fleet_helpers import publish_raw
+from tests.integration.waits import until
 
 pytestmark = pytest.mark.chaos
 
@@ -106,9 +107,12 @@ async def fleet(server: NatsServer, agent: AgentProcess, root: str) -> AsyncIter
     async with LocalFleet(options) as f:
         assert f.gateway is not None
         gateway = f.gateway
-        async with asyncio.timeout(WITHIN_S):
-            while gateway.fleet.heard(AGENT) is None:
-                await gateway.fleet.wait_changed(0.5)
+        await until(
+            lambda: gateway.fleet.heard(AGENT) is not None,
+            lambda left: gateway.fleet.wait_changed(min(left, 0.5)),
+            timeout=WITHIN_S,
+            what=f"the gateway hears agent {AGENT}",
+        )
         await _plain(f)  # loads the model: the agent now holds a claim subscription for it
         yield f
 
@@ -123,9 +127,12 @@ async def _plain(fleet: LocalFleet) -> None:
 async def _heard_since(fleet: LocalFleet, since: float) -> None:
     assert fleet.gateway is not None
     view = fleet.gateway.fleet
-    async with asyncio.timeout(WITHIN_S):
-        while (t := view.heard(AGENT)) is None or t <= since:
-            await view.wait_changed(0.5)
+    await until(
+        lambda: (t := view.heard(AGENT)) is not None and t > since,
+        lambda left: view.wait_changed(min(left, 0.5)),
+        timeout=WITHIN_S,
+        what=f"a new state of agent {AGENT} heard",
+    )
 
 
 BAD_HEADERS = [
