@@ -23,6 +23,7 @@ from corral.up import FleetOptions, LocalFleet, default_sims
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.cli_helpers import corral_ok
+from tests.integration.waits import views_hold
 
 pytestmark = pytest.mark.integration
 
@@ -71,10 +72,12 @@ async def pair(nats_server: NatsServer, root: str) -> AsyncIterator[Pair]:
         await http.start()
         try:
             pair = Pair(fleet, (fleet.gateway, second), (fleet.url, http.url), nats_server.url, root)
-            deadline = time.monotonic() + 10.0
-            for gw in pair.gateways:  # both see the whole fleet
-                while len(gw.fleet.agents()) < 2 or not gw.fleet.with_model(LLAMA):
-                    assert await gw.fleet.wait_changed(max(0.0, deadline - time.monotonic()))
+            await views_hold(
+                (gw.fleet for gw in pair.gateways),
+                lambda view: len(view.agents()) >= 2 and bool(view.with_model(LLAMA)),
+                timeout=10.0,
+                what="both gateways see the whole fleet",
+            )
             yield pair
         finally:
             await http.stop()
@@ -155,9 +158,7 @@ async def test_the_quantisation_fallback_serves_only_where_it_is_on(pair: Pair) 
     status, _, served = await chat(pair.urls[0], Q4)  # loads it
     assert (status, served) == (200, Q4)
     q4 = Q4.lower()
-    deadline = time.monotonic() + 10.0
-    while not pair.gateways[0].fleet.loaded_on(q4):
-        assert await pair.gateways[0].fleet.wait_changed(max(0.0, deadline - time.monotonic()))
+    await views_hold([pair.gateways[0].fleet], lambda view: bool(view.loaded_on(q4)), timeout=10.0)
 
     want = "llama3.1:8b-instruct-q8_0"
     status, body, served = await chat(pair.urls[0], want)

@@ -19,6 +19,7 @@ from corral.runtime.process import AsgiServer
 from corral.simulator import SimServer, load_config
 
 from tests.integration.fleet_helpers import generate
+from tests.integration.waits import views_hold
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,10 +46,7 @@ class Rig:
         return busy[0]
 
     async def wait_agents(self, n: int, timeout: float = 15.0) -> None:
-        view = self.gateway.fleet
-        async with asyncio.timeout(timeout):
-            while len(view.agents()) < n:
-                await view.wait_changed(timeout)
+        await views_hold([self.gateway.fleet], lambda view: len(view.agents()) >= n, timeout=timeout)
 
 
 async def spawn_agent(nats_url: str, root: str, agent_id: str, ollama_url: str) -> asyncio.subprocess.Process:

@@ -34,6 +34,7 @@ from corral.views import FleetStatus
 from nats.js.kv import KeyValue
 
 from tests.integration.fleet_helpers import Events
+from tests.integration.waits import views_hold
 
 pytestmark = pytest.mark.integration
 
@@ -98,13 +99,7 @@ class Pair:
 
     async def settle(self, predicate: Callable[[FleetView], bool], timeout: float = 10.0) -> None:
         """Wait until ``predicate`` holds for both gateways' fleet views (woken by KV changes)."""
-        deadline = time.monotonic() + timeout
-        for gw in self.gateways:
-            while not predicate(gw.fleet):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("the gateways did not reach the expected fleet state in time")
-                await gw.fleet.wait_changed(remaining)
+        await views_hold((gw.fleet for gw in self.gateways), predicate, timeout=timeout)
 
     def entries(self) -> dict[str, ModelEntry]:
         return {k: model_entry_decoder.decode(v) for k, v in self.index.values.items()}
