@@ -3,7 +3,6 @@ reading its output and error files back."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -12,6 +11,8 @@ from corral.gateway.batch.model import record_decoder
 from corral.protocol.subjects import Subjects
 from nats.js import JetStreamContext
 from openai.types import Batch
+
+from tests.integration.waits import until
 
 FINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 LLAMA = "llama3.2:latest"
@@ -54,15 +55,21 @@ async def wait_until(
     kv = await js.key_value(Subjects(root).batches_bucket)
     watcher = await kv.watch(batch_id)
     status = "unknown"
+
+    async def next_record(timeout: float) -> None:
+        nonlocal status
+        entry = await watcher.updates(timeout=timeout)
+        if entry is not None and entry.value:
+            status = record_decoder.decode(entry.value).batch.status
+
     try:
-        async with asyncio.timeout(timeout):
-            async for entry in watcher:
-                if entry is not None and entry.value:
-                    status = record_decoder.decode(entry.value).batch.status
-                    if status in statuses:
-                        break
-    except TimeoutError:
-        raise TimeoutError(f"batch {batch_id} still {status} after {timeout}s") from None
+        await until(
+            lambda: status in statuses,
+            next_record,
+            timeout=timeout,
+            what=f"batch {batch_id} {'/'.join(sorted(statuses))}",
+            state=lambda: status,
+        )
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
     return await c.batches.retrieve(batch_id)

@@ -15,6 +15,7 @@ from corral.runtime.nats import ensure_buckets
 from corral.runtime.natsserver import NatsServer
 from nats.js.kv import KeyValue
 
+from tests.integration import waits
 from tests.unit.test_model_index import agent
 
 pytestmark = pytest.mark.integration
@@ -110,17 +111,20 @@ async def test_the_writer_follows_the_agents_bucket(bucket: tuple[KeyValue, KeyV
     seen: dict[str, bytes | None] = {}
     events = 0
 
-    async def until(want: dict[str, bytes]) -> None:
+    def present() -> dict[str, bytes]:
+        return {k: v for k, v in seen.items() if v is not None}
+
+    async def next_entry(timeout: float) -> None:
         nonlocal events
-        async with asyncio.timeout(10):
-            if {k: v for k, v in seen.items() if v is not None} == want:
-                return
-            async for entry in watcher:
-                if entry is not None:
-                    events += 1
-                    seen[entry.key] = None if entry.operation in ("DEL", "PURGE") else entry.value
-                if {k: v for k, v in seen.items() if v is not None} == want:
-                    return
+        entry = await watcher.updates(timeout=timeout)
+        if entry is not None:
+            events += 1
+            seen[entry.key] = None if entry.operation in ("DEL", "PURGE") else entry.value
+
+    async def until(want: dict[str, bytes]) -> None:
+        await waits.until(
+            lambda: present() == want, next_entry, timeout=10, what=f"the index holds {want}", state=present
+        )
 
     try:
         await until(encoded(model_index([FLEET[0]])))
