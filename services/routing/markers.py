@@ -17,7 +17,7 @@ from typing import Final
 
 from corral.protocol.messages import AgentState
 from corral.protocol.runners import effective_ctx
-from corral.routing.model import Route, loading_for, warm
+from corral.routing.route import Route, loading_for, warm
 
 __all__ = ["LOAD_MARKER_TTL_S", "marker_expired", "route_ctx", "trained_ctx"]
 

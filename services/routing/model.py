@@ -58,12 +58,10 @@ from __future__ import annotations
 import operator
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Final
 
-from corral.protocol.messages import AgentState, PsModel
-from corral.protocol.names import VENDORS, key_of
-from corral.protocol.runners import effective_ctx
+from corral.protocol.messages import AgentState
+from corral.protocol.names import VENDORS
 from corral.routing.loads import (
     DEFAULT_MODEL_SIZE,
     LOAD_BANDWIDTH,
@@ -75,6 +73,7 @@ from corral.routing.loads import (
     observed_loads,
 )
 from corral.routing.memory import LoadPlan, ObservedSizes, estimate_size, observed_sizes, plan_load
+from corral.routing.route import Route, loading_for, ready_runner, runner_matches, vram_free, wanted_ctx
 
 __all__ = [
     "CONTEXT_SWITCH_S",
@@ -91,20 +90,14 @@ __all__ = [
     "SESSION_REPLAY_S",
     "STRATEGIES",
     "TYPICAL_REQUEST_S",
-    "Route",
     "Router",
-    "effective_ctx",
     "estimate_ttft",
     "estimate_wait",
     "fits",
     "load",
     "load_time",
     "load_plan",
-    "loading_for",
     "parse_strategy",
-    "runner_matches",
-    "wanted_ctx",
-    "warm",
 ]
 
 STRATEGIES: Final = ("auto", "round_robin", "random", "least_connection", "vram", "affinity")
@@ -151,18 +144,6 @@ def parse_strategy(value: str) -> tuple[str | None, str | None]:
     raise ValueError(
         f"unknown load-balancing strategy {value!r}; valid values: {', '.join(STRATEGIES + VENDORS)}"
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """What one request asks of the fleet, as far as routing cares."""
-
-    key: str  # normalised model key (`ModelName.key`)
-    vendor: str | None = None  # preferred vendor
-    strict: bool = False  # only the preferred vendor will do
-    num_ctx: int | None = None  # runner option (None = each agent's default): another context reloads
-    session_agent: str | None = None  # the agent that served this conversation last (prompt cache)
-    model_size: int = 0  # bytes; 0 when unknown (then the agent's tags are asked)
 
 
 # -- per-agent measures --------------------------------------------------------------------------
@@ -222,7 +203,7 @@ def _estimate(
     busy = _busy(agent, outstanding)
     load_s = load_time(route, agent, loads)
     parallel = max(agent.parallel, 1)
-    runner = _runner(agent, route.key)
+    runner = ready_runner(agent, route.key)
     if runner is not None:
         if runner_matches(route, agent, runner):
             return _queue_wait(busy, parallel), route.session_agent == agent.id
@@ -261,45 +242,12 @@ def _cold_plan(
     no load of it under way); None elsewhere. ``known``: a plan already made for a load of the
     model on this very state, taken when it is for the same loaded size (`plan_load` depends on
     nothing else)."""
-    if _runner(agent, route.key) is not None or route.key in agent.loading:
+    if ready_runner(agent, route.key) is not None or route.key in agent.loading:
         return None
     size = _loaded_size(route, agent, observed)
     if known is not None and known.size == size:
         return known
     return plan_load(route.key, size, agent)
-
-
-def wanted_ctx(key: str, num_ctx: int | None, agent: AgentState) -> int:
-    """The context ``agent``'s Ollama gives a runner for ``key`` asked for ``num_ctx`` (None: the
-    agent's default, as observed or assumed); 0 when unknown."""
-    trained = agent.trained_ctx.get(key, 0)
-    if num_ctx is not None:
-        return effective_ctx(num_ctx, trained)
-    return agent.default_ctx.get(key) or effective_ctx(agent.default_num_ctx, trained)
-
-
-def runner_matches(route: Route, agent: AgentState, runner: PsModel) -> bool:
-    """Whether ``runner`` can serve ``route`` without a reload: its context is the one asked for,
-    or the agent's default when the request asks for none (Ollama reloads on any difference)."""
-    want = wanted_ctx(route.key, route.num_ctx, agent)
-    return want == 0 or runner.context_length in (0, want)
-
-
-def loading_for(route: Route, agent: AgentState) -> bool:
-    """A load under way at ``agent`` will give ``route`` a matching runner: the model is loading
-    there, and (when the agent says for which context) for the context ``route`` needs."""
-    if route.key not in agent.loading:
-        return False
-    ctx = agent.loading_ctx.get(route.key)
-    if ctx is None:
-        return True  # the agent does not say which context: any load of the model counts
-    return wanted_ctx(route.key, ctx or None, agent) == wanted_ctx(route.key, route.num_ctx, agent)
-
-
-def warm(route: Route, agent: AgentState) -> bool:
-    """``agent`` has a runner for ``route`` that needs no reload."""
-    runner = _runner(agent, route.key)
-    return runner is not None and runner_matches(route, agent, runner)
 
 
 def _queue_wait(busy: int, parallel: int) -> float:
@@ -330,29 +278,6 @@ def _size(route: Route, agent: AgentState) -> int:
     return route.model_size if route.model_size > 0 else file_size(route.key, agent)
 
 
-def _vram_free(agent: AgentState) -> int | None:
-    """Free VRAM over all GPUs; None when the agent reports none (then a model is assumed to fit)."""
-    if not agent.gpus:
-        return None
-    return sum(g.vram_free for g in agent.gpus)
-
-
-def _runner(agent: AgentState, key: str) -> PsModel | None:
-    """``agent``'s runner for ``key`` that is ready to serve: Ollama lists a runner in /api/ps from
-    the moment its load begins, so one the agent reports still loading does not count yet."""
-    if key in agent.loading:
-        return None
-    for m in agent.loaded:
-        if _matches(m.name, key):
-            return m
-    return None
-
-
-def _matches(name: str, key: str) -> bool:
-    """``name`` (as an agent reports it) is the model ``key``; a name without a key matches none."""
-    return key_of(name) == key
-
-
 # -- ranking -------------------------------------------------------------------------------------
 
 
@@ -376,14 +301,17 @@ class Router:
         pinned: frozenset[str] = frozenset(),
         *,
         plans: Mapping[str, LoadPlan] | None = None,
+        observed_in: Sequence[AgentState] | None = None,
     ) -> list[AgentState]:
         """``agents`` (the model's usable holders) in the order to try them, best first.
 
         With ``route.strict`` only ``route.vendor``'s agents are returned. ``pinned``: model keys
         kept warm, which ``auto`` spares from eviction as it spares busy ones. ``plans``: agent id →
         a `load_plan` of ``route`` the caller already made on that agent's state in ``agents``;
-        ``auto`` takes it where its own estimate of the loaded size is the same. Raises
-        `ValueError` for an unknown strategy.
+        ``auto`` takes it where its own estimate of the loaded size is the same. ``observed_in``:
+        the agents whose runners and loads ``auto`` learns sizes and load times from (default
+        ``agents``; more when ``agents`` is a subset of the model's holders). Raises `ValueError`
+        for an unknown strategy.
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown routing strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
@@ -407,17 +335,17 @@ class Router:
         if strategy == "vram":
 
             def vram_key(a: AgentState) -> tuple[int, float, str]:
-                return -(_vram_free(a) or 0), load(a, outstanding), a.id
+                return -(vram_free(a) or 0), load(a, outstanding), a.id
 
             return sorted(first, key=vram_key) + sorted(rest, key=vram_key)
         if strategy == "affinity":
 
             def tier_key(a: AgentState) -> tuple[int, float, str]:
-                tier = 0 if _runner(a, route.key) is not None else 1 if route.key in a.loading else 2
+                tier = 0 if ready_runner(a, route.key) is not None else 1 if route.key in a.loading else 2
                 return tier, load(a, outstanding), a.id
 
             return sorted(first, key=tier_key) + sorted(rest, key=tier_key)
-        observed, loads = self._observations(agents)
+        observed, loads = self._observations(agents if observed_in is None else observed_in)
         known = plans or {}
         planned = [(a, _cold_plan(route, a, observed, known.get(a.id))) for a in first + rest]
         costs = _auto_costs(route, planned, outstanding, loads)

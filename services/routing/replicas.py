@@ -30,7 +30,8 @@ from typing import Final
 from corral.protocol.messages import AgentState
 from corral.routing.loads import observed_loads
 from corral.routing.memory import LoadPlan, observed_sizes
-from corral.routing.model import LOADING_REMAINING, Route, Router, load_plan, load_time, loading_for, warm
+from corral.routing.model import LOADING_REMAINING, Router, load_plan, load_time
+from corral.routing.route import Route, loading_for, warm
 
 __all__ = ["BACKLOG_PER_SLOT", "ReplicaPlan", "drain_s", "plan_replicas"]
 
@@ -103,7 +104,7 @@ def plan_replicas(
         elif (fit := load_plan(route, a, sizes)).full and not fit.evicts:  # fits, evicting nothing
             spare.append(a)
             plans[a.id] = fit
-    ranked = Router().rank("auto", route, spare, {}, pinned, plans=plans)
+    ranked = Router().rank("auto", route, spare, {}, pinned, plans=plans, observed_in=holders)
     ready_s = {a.id: load_time(route, a, loads) for a in [*loading, *ranked]}
     groups = [(request_s, _slots(a)) for a in serving]
     groups += [(LOADING_REMAINING * ready_s[a.id], _slots(a)) for a in loading]

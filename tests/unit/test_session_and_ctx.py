@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgspec
 from corral.gateway import bodies
 from corral.protocol.messages import AgentState, PsModel
-from corral.routing import Route, effective_ctx, runner_matches, warm
+from corral.protocol.runners import effective_ctx
+from corral.routing import Route, runner_matches, warm
 
 KEY = "llama3.2:latest"
 
