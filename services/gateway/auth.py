@@ -142,9 +142,11 @@ class Access:
 
     def record(self, key: ApiKey, scope: Scope, status: int, tail: bytes) -> int:
         """Add an answered request of ``key`` (``tail``: its reply's last `TAIL_BYTES`) to its usage,
-        under the model the app left in ``scope``; returns its reply's tokens (for `count_tokens`)."""
-        prompt, generated = reply_tokens(tail) if status == 200 else (0, 0)
+        under the model the app left in ``scope``; returns its reply's tokens (for `count_tokens`).
+        Only a model's reply has tokens: a file or listing that merely quotes some (a batch's
+        output file ends with a line's ``usage``) counts none."""
         model: str = scope.get(MODEL, "")
+        prompt, generated = reply_tokens(tail) if status == 200 and model else (0, 0)
         self.usage.record(key.name, model, prompt=prompt, generated=generated, error=status >= 400)
         return prompt + generated
 

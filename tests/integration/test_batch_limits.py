@@ -15,6 +15,7 @@ from nats.js.kv import KeyValue
 
 from tests.integration.batch_helpers import LLAMA, jsonl, outcome, request, submit, wait_until
 from tests.integration.fleet_helpers import preload, seen
+from tests.integration.waits import until
 
 pytestmark = pytest.mark.integration
 
@@ -57,9 +58,25 @@ async def test_a_batch_lines_tokens_count_in_its_keys_tokens_per_minute(
             b = await submit(c, jsonl([request(i) for i in range(3)]))
             b = await wait_until(c, js, root, b.id)
             assert b.status == "completed"
-            # read before the output file is fetched: its download is itself a reply naming tokens
             counted = await tokens_counted(buckets.limits, "alice")
             out, err = await outcome(c, b)
+            # the output file quotes every line's usage, but fetching it is no model reply: after
+            # it, one chat's tokens are all the key's windows gain
+            chat = await c.chat.completions.create(model=LLAMA, messages=[{"role": "user", "content": "hi"}])
+            assert chat.usage is not None
+            want = counted + chat.usage.prompt_tokens + chat.usage.completion_tokens
+            now = [counted]
+
+            async def chat_counted() -> bool:
+                now[0] = await tokens_counted(buckets.limits, "alice")
+                return now[0] >= want
+
+            watcher = await buckets.limits.watch("alice.>")  # each write to a window wakes the check
+            try:
+                await until(chat_counted, watcher.updates, timeout=10.0, state=lambda: now[0])
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+            assert now[0] == want
     assert not err and len(out) == 3
     spent = sum(
         line["response"]["body"]["usage"]["prompt_tokens"]
