@@ -13,7 +13,7 @@ import msgspec
 import nats.errors
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import BadRequest, CorralError
-from corral.protocol.names import ModelName, registry_allowed, registry_refused
+from corral.protocol.names import ModelName, host_allowed, registry_refused
 from corral.routing import pull_order
 from corral.runtime.fleet import FleetView
 from corral.runtime.tasks import cancel_and_wait
@@ -41,7 +41,7 @@ class AutoPuller:
         fleet shows it there; False when it could not be pulled. Concurrent requests for one model
         share one pull. A model from a registry not in ``allowed_registries`` is a `BadRequest`."""
         assert req.model is not None
-        if not registry_allowed(req.model.display, self._settings.allowed_registries):
+        if not host_allowed(req.model.host, self._settings.allowed_registries):
             raise BadRequest(registry_refused(req.model.host))
         key = (req.model.key, req.vendor if req.strict else None)
         pull = self._pulls.get(key)

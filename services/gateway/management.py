@@ -15,7 +15,7 @@ from corral.gateway.errors import JSON, json_error, native_body
 from corral.gateway.planner import Planner
 from corral.gateway.relay import RelayResponse, ReplyResponse, relay, respond, respond_error
 from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound, not_found_message
-from corral.protocol.names import VENDORS, ModelName, parse_name, registry_allowed, registry_refused
+from corral.protocol.names import VENDORS, ModelName, host_allowed, parse_name, registry_refused
 from corral.routing import pull_order
 from corral.transport import Reply, WorkRequest, fan_out
 from fastapi import Request
@@ -142,7 +142,7 @@ async def pull(planner: Planner, request: Request) -> Response:
         if vendor is not None and vendor not in VENDORS:
             raise BadRequest(f"{VENDOR_HEADER} must be one of {', '.join(VENDORS)}")
         allowed = planner.settings.allowed_registries
-        if not registry_allowed(raw, allowed):
+        if not host_allowed(model.host, allowed):
             raise BadRequest(registry_refused(model.host))
     except CorralError as e:
         return error(e)

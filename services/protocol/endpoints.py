@@ -6,7 +6,7 @@ from typing import Final
 
 import msgspec
 from corral.protocol.errors import InvalidModelName
-from corral.protocol.names import registry_allowed, registry_host, registry_refused
+from corral.protocol.names import host_allowed, registry_host, registry_refused
 
 # requests that run a model: Ollama loads it first (or reloads it at the request's context)
 MODEL_ENDPOINTS: Final = frozenset(
@@ -79,10 +79,12 @@ def remote_refused(endpoint: str, body: bytes, allowed: tuple[str, ...]) -> str 
         return None
     for field in fields:
         name = doc.get(field)
-        if isinstance(name, str) and name and not registry_allowed(name, allowed):
-            try:
-                host = registry_host(name)
-            except InvalidModelName:
-                return f'invalid model name "{name[:80]}"'
+        if not isinstance(name, str) or not name:
+            continue
+        try:
+            host = registry_host(name)
+        except InvalidModelName:
+            return f'invalid model name "{name[:80]}"'
+        if not host_allowed(host, allowed):
             return registry_refused(host)
     return None

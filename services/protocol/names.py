@@ -153,14 +153,10 @@ def registry_host(name: str) -> str:
     return parse_name(name).host.lower()
 
 
-def registry_allowed(name: str, allowed: tuple[str, ...]) -> bool:
-    """Whether pulling ``name`` fetches from a registry in ``allowed`` (hosts, case-insensitive; a
-    host with a port must be listed with it). A name that does not parse is not allowed."""
-    try:
-        host = registry_host(name)
-    except InvalidModelName:
-        return False
-    return host in {a.strip().lower() for a in allowed}
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a pull from registry ``host`` (`ModelName.host`, `registry_host`) is allowed by
+    ``allowed`` (hosts, case-insensitive; a host with a port must be listed with it)."""
+    return host.lower() in {a.strip().lower() for a in allowed}
 
 
 def registry_refused(host: str) -> str:

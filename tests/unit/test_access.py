@@ -19,7 +19,7 @@ from corral.gateway.access import (
     window_of,
 )
 from corral.gateway.limits import periods, usage_key, usage_model
-from corral.protocol.names import registry_allowed
+from corral.protocol.names import InvalidModelName, host_allowed, parse_name, registry_host
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -139,15 +139,21 @@ def test_reply_tokens_native_v1_and_mid_object() -> None:
 
 def test_allowed_registries() -> None:
     allowed = ("registry.ollama.ai", "hf.co")
-    assert registry_allowed("llama3.2", allowed)
-    assert registry_allowed("hf.co/user/repo:Q4", allowed)
-    assert registry_allowed("HF.CO/user/repo", allowed)
-    assert not registry_allowed("evil.example:5000/library/x", allowed)
-    assert not registry_allowed("http://10.0.0.1:8080/a/b", allowed)
-    assert not registry_allowed("https://evil.example/a/b:latest", allowed)
-    assert registry_allowed("https://hf.co/a/b", allowed)
-    assert not registry_allowed("not//valid", allowed)
-    assert registry_allowed("mirror:5000/a/b", ("mirror:5000",))
+
+    def pulls_from_allowed(name: str, hosts: tuple[str, ...] = allowed) -> bool:
+        return host_allowed(parse_name(name).host, hosts)
+
+    assert pulls_from_allowed("llama3.2")
+    assert pulls_from_allowed("hf.co/user/repo:Q4")
+    assert pulls_from_allowed("HF.CO/user/repo")
+    assert not pulls_from_allowed("evil.example:5000/library/x")
+    assert not pulls_from_allowed("http://10.0.0.1:8080/a/b")
+    assert not pulls_from_allowed("https://evil.example/a/b:latest")
+    assert pulls_from_allowed("https://hf.co/a/b")
+    assert pulls_from_allowed("mirror:5000/a/b", ("mirror:5000",))
+    assert host_allowed("HF.co", (" hf.CO ",))  # both sides case-insensitive, listed hosts trimmed
+    with pytest.raises(InvalidModelName):
+        registry_host("not//valid")  # refused before any host is looked at
 
 
 def test_usage_keys_are_kv_keys_and_name_their_model() -> None:
