@@ -32,7 +32,7 @@ from corral.agent.ollama import OllamaClient
 from corral.agent.runners import RunnerChange, RunnerTracker
 from corral.agent.settings import AgentSettings
 from corral.agent.slots import Admission, SlotTable
-from corral.agent.worker import Job, Worker, finished_event, load_seconds
+from corral.agent.worker import Job, Worker, finished_event, load_seconds, ran_seconds
 from corral.protocol import headers as H
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import Cancelled, InternalError
@@ -226,10 +226,9 @@ class Agent:
             self._cancel_job(job)
         running = [j.task for j in self._jobs.values() if j.task is not None]
         if running:
-            log.info(
-                "draining: waiting up to %.0fs for %d requests", self.settings.drain_grace_s, len(running)
-            )
-            _, pending = await asyncio.wait(running, timeout=self.settings.drain_grace_s)
+            grace = self.settings.drain_grace_s
+            log.info("draining: waiting up to %.0fs for %d requests", grace, len(running))
+            _, pending = await asyncio.wait(running, timeout=grace)
             await cancel_and_wait(pending)  # again until they end: nats-py can swallow one cancel
 
     async def _close(self) -> None:
@@ -317,7 +316,8 @@ class Agent:
             status = await self._worker.run(job)
             if token is not None:
                 await self._report(job, status)
-                self._apply(self.runners.served(token, env.num_ctx, status, job.rid, load_seconds(job)))
+                load_s, ran_s = load_seconds(job), ran_seconds(job)
+                self._apply(self.runners.served(token, env.num_ctx, status, job.rid, load_s, ran_s))
             if env.unload and 200 <= status < 300:  # pulls and the like refreshed in `_on_answered`
                 self._changed(refresh=True)  # what is loaded changed: advertise it now
         except asyncio.CancelledError:
@@ -472,6 +472,7 @@ class Agent:
             model_meta=b.model_meta,
             busy_models=tuple(sorted(decode_token(t) for t in busy)),
             load_s=dict(self.runners.load_s),
+            request_s=dict(self.runners.request_s),
             in_flight=self.slots.in_flight,
             queued=self.slots.queued,
             max_queue=self.settings.max_queue,

@@ -11,12 +11,16 @@ num_ctx — when it is ready and its runner runs at the context such a request g
 assumed default, capped at the trained context); any other runner would reload for it.
 
 It also keeps how long each model's last load here took (`load_s`): the request that started a load
-reports, when it is served, how long the load took by its reply (`corral.agent.worker.reply_load_s`).
+reports, when it is served, how long the load took by its reply (`corral.agent.worker.reply_load_s`);
+and how long a request of each model holds a slot once it is loaded (`request_s`: the median of the
+last `REQUEST_SAMPLES` answered, their load left out), what the router's queue waits are made of.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
+from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from typing import NamedTuple
 
@@ -25,6 +29,8 @@ from corral.protocol.names import decode_token, encode_token, key_of
 from corral.protocol.runners import effective_ctx
 
 log = logging.getLogger(__name__)
+
+REQUEST_SAMPLES = 16  # answered requests per model whose median is `RunnerTracker.request_s`
 
 
 class RunnerChange(NamedTuple):
@@ -60,6 +66,8 @@ class RunnerTracker:
         self._ready_news = False  # a model became ready since the last reading
         self._loaders: dict[str, str] = {}  # request id → token of the load it started
         self.load_s: dict[str, float] = {}  # model key → seconds its last load here took
+        self.request_s: dict[str, float] = {}  # model key → median seconds a request of it held a slot
+        self._held: dict[str, deque[float]] = {}  # model key → its last requests' seconds in a slot
 
     def wanted_ctx(self, key: str, num_ctx: int, trained: int | None = None) -> int:
         """The context Ollama gives ``key``'s runner for a request asking ``num_ctx`` (0: the default
@@ -133,15 +141,32 @@ class RunnerTracker:
         return NOTHING
 
     def served(
-        self, token: str, num_ctx: int, status: int, rid: str = "", load_s: float | None = None
+        self,
+        token: str,
+        num_ctx: int,
+        status: int,
+        rid: str = "",
+        load_s: float | None = None,
+        ran_s: float = 0.0,
     ) -> RunnerChange:
         """Request ``rid`` finished with ``status``; one served at the default context on a model
         not yet warm shows, in the next reading, the context Ollama really gives such requests.
-        ``load_s``: how long the load took by its reply, kept when ``rid`` started the load."""
+        ``load_s``: how long the load took by its reply, kept when ``rid`` started the load;
+        ``ran_s``: how long Ollama took to answer it, load included (`request_s` keeps the rest)."""
         change = NOTHING
-        if self._loaders.pop(rid, None) == token and status == 200 and load_s is not None and load_s > 0:
-            self.load_s[decode_token(token)] = round(load_s, 3)
+        key = decode_token(token)
+        loaded = (
+            load_s if self._loaders.pop(rid, None) == token and load_s is not None and load_s > 0 else 0.0
+        )
+        if loaded and status == 200:
+            self.load_s[key] = round(loaded, 3)
             change = RunnerChange(state=True)
+        if status == 200 and ran_s > 0:
+            held = ran_s - loaded
+            if held > 0:
+                samples = self._held.setdefault(key, deque(maxlen=REQUEST_SAMPLES))
+                samples.append(held)
+                self.request_s[key] = round(statistics.median(samples), 3)
         if status == 200 and not num_ctx and token not in self.warm:
             self._ran_default.add(token)
             return change | RunnerChange(refresh=True)

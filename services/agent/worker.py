@@ -112,9 +112,14 @@ def reply_load_s(tail: bytes, elapsed_s: float) -> float | None:
     return None
 
 
+def ran_seconds(job: Job) -> float:
+    """Seconds since ``job`` was sent to Ollama (0 before it was)."""
+    return time.monotonic() - job.ran_from if job.ran_from else 0.0
+
+
 def load_seconds(job: Job) -> float | None:
     """`reply_load_s` of a finished job's reply."""
-    return reply_load_s(job.last_bytes, time.monotonic() - job.ran_from) if job.ran_from else None
+    return reply_load_s(job.last_bytes, ran_seconds(job)) if job.ran_from else None
 
 
 def reply_counts(tail: bytes) -> tuple[int, int]:
@@ -150,7 +155,7 @@ def finished_event(job: Job, agent_id: str, status: int) -> bytes:
         endpoint=job.env.endpoint,
         status=status,
         ttft_ms=None if job.ttft_ms is None else round(job.ttft_ms, 3),
-        duration_ms=round((time.monotonic() - job.ran_from) * 1000, 3),
+        duration_ms=round(ran_seconds(job) * 1000, 3),
         eval_count=generated,
         prompt_eval_count=prompt,
     )

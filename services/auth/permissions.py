@@ -26,8 +26,8 @@ https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
 - registry: serves ``R.registry.>``, sends pulls to agents (``R.agent.*.work``, ``.ctl``) and reads
   their replies, writes the model index, load markers and dead-agent markers
   (``$KV.R_models.>``, ``$KV.R_views.>``), deletes the state of dead agents (``$KV.R_agents.>``),
-  announces membership (``R.events.agent``); hears queued requests' nudges (``R.queued.>``) and
-  finished requests (``R.events.request``) for demand-driven replicas.
+  announces membership (``R.events.agent``); hears queued requests' nudges (``R.queued.>``) for
+  demand-driven replicas.
 - aggregator: hears finished requests (``R.events.request``), writes the views (``$KV.R_views.>``).
 - operator (``corral status/pull/drain…``, `corral.client`, whoever creates the buckets and the
   stream): all of ``R.>`` and the JetStream API; reads replies and events, no other inbox.
@@ -149,15 +149,8 @@ def role_permissions(role: str, s: Subjects) -> Permissions:
                 s.kv_key(s.agents_bucket, ">"),
                 *read,
             ]
-            # demand-driven replicas hear each queued request's nudge and each finished request
-            subscribe = (
-                f"{s.root}.registry.>",
-                s.replies_all,
-                s.bodies_all,
-                s.queued_all,
-                s.event("request"),
-                inbox,
-            )
+            # demand-driven replicas hear each queued request's nudge
+            subscribe = (f"{s.root}.registry.>", s.replies_all, s.bodies_all, s.queued_all, inbox)
             return Permissions(tuple(publish), subscribe)
         case "aggregator":
             publish = [s.kv_key(s.views_bucket, ">"), *read]

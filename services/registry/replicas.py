@@ -10,8 +10,8 @@ a second is looked at every quarter second, one whose loads take a minute every 
 
 A check reads the model's queue depth and lets `corral.routing.plan_replicas` decide how many more
 loads it needs, and where. How long one request holds a slot (what the backlog's drain time is made
-of) is the median of the model's last `REQUEST_SAMPLES` finished requests (the agents'
-``events.request``; `TYPICAL_REQUEST_S` before any), or longer when the backlog drains slower than
+of) is what the model's holders observed (`corral.routing.request_time`: the median over the agents
+that published one, `TYPICAL_REQUEST_S` before any), or longer when the backlog drains slower than
 the warm slots would at that pace (requests longer than those seen finishing hold them: a backlog
 that has not moved at all in that time counts as one they may never drain). Loads this registry
 placed (its load markers) or sent (its preloads, until the agent shows the model warm) count as
@@ -25,20 +25,17 @@ import asyncio
 import contextlib
 import logging
 import math
-import statistics
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
-import msgspec
 import nats.errors
 from corral.protocol.errors import CorralError
-from corral.protocol.messages import AgentState, request_finished_decoder
+from corral.protocol.messages import AgentState
 from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects
 from corral.registry.preload import preload
-from corral.routing import TYPICAL_REQUEST_S, ReplicaPlan, Route, plan_replicas, warm
+from corral.routing import TYPICAL_REQUEST_S, ReplicaPlan, Route, observed_times, plan_replicas, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.tasks import cancel_and_wait
 from corral.runtime.workqueue import depths
@@ -50,7 +47,6 @@ log = logging.getLogger(__name__)
 
 RECHECK_SHARE = 0.25  # a persisting backlog is checked again after this share of a load
 RECHECK_MIN_S = 0.05  # ... but not more often than this
-REQUEST_SAMPLES = 16  # finished requests per model whose median is a request's time
 REPLICA_SETTLE_S = 10.0  # at most this long from a replica's load to its agent showing it warm
 
 
@@ -98,21 +94,17 @@ class Replicator:
         self._placing = placing
         self.preload_timeout_s = preload_timeout_s  # a replica's load may take this long
         self.backlogs: dict[str, _Backlog] = {}  # model token → its backlog, while it lasts
-        self._requests: dict[str, deque[float]] = {}  # model key → seconds its last requests took
         self._tasks: set[asyncio.Task[None]] = set()  # checks and preloads under way
         self.loads_started = 0  # replica loads this copy started (for tests and logs)
         self.plans: dict[str, ReplicaPlan] = {}  # model token → the last decision on its backlog
 
     # -- events --------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Listen to nudges and finished requests; resync every ``check_s``. Returns at once when
-        demand-driven replicas are off (``check_s`` 0)."""
+        """Listen to nudges; resync every ``check_s``. Returns at once when demand-driven replicas
+        are off (``check_s`` 0)."""
         if self.settings.check_s <= 0:
             return
-        subs = [
-            await self.nc.subscribe(self.subjects.queued_all, cb=self._on_nudge),
-            await self.nc.subscribe(self.subjects.event("request"), cb=self._on_finished),
-        ]
+        sub = await self.nc.subscribe(self.subjects.queued_all, cb=self._on_nudge)
         try:
             while True:
                 try:
@@ -121,21 +113,11 @@ class Replicator:
                     log.warning("replica resync failed: %s", e)
                 await asyncio.sleep(self.settings.check_s)  # the fallback period, not a wait for an event
         finally:
-            for sub in subs:
-                with contextlib.suppress(nats.errors.Error):  # the connection is gone already
-                    await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):  # the connection is gone already
+                await sub.unsubscribe()
 
     async def _on_nudge(self, msg: Msg) -> None:
         self.nudge(msg.subject.rsplit(".", 1)[-1], enqueued=1)
-
-    async def _on_finished(self, msg: Msg) -> None:
-        try:
-            done = request_finished_decoder.decode(msg.data)
-        except msgspec.DecodeError:
-            return  # not ours to judge: the aggregator logs malformed events
-        if done.status == 200 and (done.eval_count or done.prompt_eval_count) and done.duration_ms > 0:
-            samples = self._requests.setdefault(done.model, deque(maxlen=REQUEST_SAMPLES))
-            samples.append(done.duration_ms / 1000)
 
     def nudge(self, token: str, *, enqueued: int = 0) -> None:
         """Check ``token``'s backlog now, or once more after the check in flight."""
@@ -191,7 +173,7 @@ class Replicator:
             route,
             holders,
             depth,
-            self._request_s(key, backlog, depth, now),
+            self._request_s(key, holders, backlog, depth, now),
             starting=frozenset(backlog.starting) | self._placing(token),
             pinned=self._pinned(),
         )
@@ -210,11 +192,12 @@ class Replicator:
             self._spawn(self._preload(agent_id, key, backlog), f"replica-{agent_id}")
         return plan
 
-    def _request_s(self, key: str, backlog: _Backlog, depth: int, now: float) -> float:
-        """Seconds one of ``key``'s requests holds a slot: as they were seen to finish, or longer
-        when the backlog has drained slower than its warm slots would at that pace."""
-        samples = self._requests.get(key)
-        seen = statistics.median(samples) if samples else TYPICAL_REQUEST_S
+    def _request_s(
+        self, key: str, holders: list[AgentState], backlog: _Backlog, depth: int, now: float
+    ) -> float:
+        """Seconds one of ``key``'s requests holds a slot: as its holders observed, or longer when
+        the backlog has drained slower than its warm slots would at that pace."""
+        seen = observed_times(holders).requests.get(key, TYPICAL_REQUEST_S)
         elapsed = now - (backlog.since or now)
         if not backlog.warm_slots or elapsed < seen:
             return seen  # too soon to tell how fast it drains

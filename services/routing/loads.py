@@ -10,6 +10,11 @@ the agent's *pace* — how its own loads compared with their estimates (its disk
 that has loaded nothing yet, by the fleet's median pace. So an observation never makes one agent
 look cheaper than another only because the other has not been observed yet: a fleet whose disks
 are twice as fast as the nominal bandwidth has every estimate halved, observed or not.
+
+How long a request holds a slot — what a queue's wait is made of — is observed the same way: each
+agent publishes the median time its last requests of each model took once the model was loaded
+(``AgentState.request_s``). An agent that has served none of a model is taken to serve it at the
+fleet's median for that model, and where nobody has, at `TYPICAL_REQUEST_S` (`request_time`).
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ __all__ = [
     "DEFAULT_MODEL_SIZE",
     "LOAD_BANDWIDTH",
     "LOAD_OVERHEAD_S",
-    "ObservedLoads",
+    "TYPICAL_REQUEST_S",
+    "ObservedTimes",
     "estimated_load_s",
     "file_size",
     "hardware",
     "observed_load_s",
-    "observed_loads",
+    "observed_times",
+    "request_time",
 ]
 
 # Loading: bytes per second from disk into (V)RAM, and the fixed cost of starting a runner.
@@ -39,16 +46,20 @@ LOAD_BANDWIDTH: Final = 2_000_000_000
 LOAD_OVERHEAD_S: Final = 1.0
 # Model size assumed when neither the request nor the agent's tags know it (a 7-8B model at q4).
 DEFAULT_MODEL_SIZE: Final = 4_000_000_000
+# How long one request holds a slot where no agent has observed the model's yet.
+TYPICAL_REQUEST_S: Final = 4.0
 
 
 @dataclass(frozen=True)
-class ObservedLoads:
-    """The loads a fleet observed (`observed_loads`)."""
+class ObservedTimes:
+    """The loads and requests a fleet observed (`observed_times`)."""
 
     # (model key, `hardware`) → seconds a load of the model took on such an agent (the slowest)
     seconds: Mapping[tuple[str, tuple[str, ...]], float] = field(default_factory=dict)
     pace: Mapping[str, float] = field(default_factory=dict)  # agent id → observed ÷ estimated
     fleet_pace: float = 1.0  # the median pace of the agents with loads observed (1: none)
+    # model key → seconds a request of it holds a slot: the median over the agents that observed it
+    requests: Mapping[str, float] = field(default_factory=dict)
 
     def pace_of(self, agent: AgentState) -> float:
         return self.pace.get(agent.id, self.fleet_pace)
@@ -74,11 +85,16 @@ def estimated_load_s(size: int) -> float:
     return LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH
 
 
-def observed_loads(agents: Iterable[AgentState]) -> ObservedLoads:
-    """The loads the agents observed, by model and hardware, and each agent's pace."""
+def observed_times(agents: Iterable[AgentState]) -> ObservedTimes:
+    """The loads the agents observed, by model and hardware, each agent's pace, and the requests'
+    time per model."""
     seconds: dict[tuple[str, tuple[str, ...]], float] = {}
     pace: dict[str, float] = {}
+    held: dict[str, list[float]] = {}
     for a in agents:
+        for key, s in a.request_s.items():
+            if s > 0:
+                held.setdefault(key, []).append(s)
         ratios = []
         for key, s in a.load_s.items():
             if s > 0:
@@ -88,12 +104,23 @@ def observed_loads(agents: Iterable[AgentState]) -> ObservedLoads:
         if ratios:
             pace[a.id] = statistics.median(ratios)
     fleet = statistics.median(pace.values()) if pace else 1.0
-    return ObservedLoads(seconds, pace, fleet)
+    return ObservedTimes(seconds, pace, fleet, {k: statistics.median(v) for k, v in held.items()})
 
 
-def observed_load_s(key: str, agent: AgentState, observed: ObservedLoads | None = None) -> float | None:
+def request_time(key: str, agent: AgentState, observed: ObservedTimes | None = None) -> float:
+    """Seconds a request for ``key`` holds a slot on ``agent``: as the agent observed it, else as
+    the fleet did (``observed``: `observed_times`), else `TYPICAL_REQUEST_S`."""
+    own = agent.request_s.get(key, 0.0)
+    if own > 0:
+        return own
+    if observed is not None:
+        return observed.requests.get(key, TYPICAL_REQUEST_S)
+    return TYPICAL_REQUEST_S
+
+
+def observed_load_s(key: str, agent: AgentState, observed: ObservedTimes | None = None) -> float | None:
     """Seconds a load of ``key`` takes on ``agent``: its own last one, else one on an agent like it
-    (``observed``: `observed_loads` of the fleet); None when neither was seen."""
+    (``observed``: `observed_times` of the fleet); None when neither was seen."""
     own = agent.load_s.get(key, 0.0)
     if own > 0:
         return own

@@ -32,16 +32,18 @@ load, then by agent id, so every strategy but ``random`` is deterministic.
 The auto cost model, in seconds (constants below)::
 
     loaded, matching num_ctx    queue_wait                       0 while a slot is free, else
-                                                                 (busy - parallel + 1) * TYPICAL_REQUEST_S / parallel
-    loaded, other num_ctx       drain + load + CONTEXT_SWITCH_S  drain = busy * TYPICAL_REQUEST_S / parallel
+                                                                 (busy - parallel + 1) * request / parallel
+    loaded, other num_ctx       drain + load + CONTEXT_SWITCH_S  drain = busy * request / parallel
     loading                     LOADING_REMAINING * load + queue_wait
     on disk only                load + EVICTION_S per model Ollama unloads to make room
                                 (+ drain when one of them has requests running: a thrash),
-                                + OFFLOAD_S + offload share * CPU_DECODE_SLOWDOWN * TYPICAL_REQUEST_S
+                                + OFFLOAD_S + offload share * CPU_DECODE_SLOWDOWN * request
                                 when the model only fits partly in VRAM (`corral.routing.memory`)
     load                        as last observed on the agent or on one like it (same vendor and
                                 GPUs, `corral.routing.loads`), else
                                 LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH (size: the model file)
+    request                     seconds a request of the model holds a slot, as the agent or else
+                                the fleet observed it (`corral.routing.loads`), else TYPICAL_REQUEST_S
 
     ttft = wait + PROMPT_EVAL_S (+ SESSION_REPLAY_S when the request continues a conversation and
            the agent cannot reuse its prompt cache)
@@ -66,11 +68,12 @@ from corral.routing.loads import (
     DEFAULT_MODEL_SIZE,
     LOAD_BANDWIDTH,
     LOAD_OVERHEAD_S,
-    ObservedLoads,
+    ObservedTimes,
     estimated_load_s,
     file_size,
     observed_load_s,
-    observed_loads,
+    observed_times,
+    request_time,
 )
 from corral.routing.memory import LoadPlan, ObservedSizes, estimate_size, observed_sizes, plan_load
 from corral.routing.route import Route, loading_for, ready_runner, runner_matches, vram_free, wanted_ctx
@@ -89,7 +92,6 @@ __all__ = [
     "SESSION_MAX_EXTRA_WAIT_S",
     "SESSION_REPLAY_S",
     "STRATEGIES",
-    "TYPICAL_REQUEST_S",
     "Router",
     "estimate_ttft",
     "estimate_wait",
@@ -115,8 +117,6 @@ CONTEXT_SWITCH_S: Final = 5.0
 # A partial offload: the fixed penalty, and how many times slower a fully offloaded model decodes.
 OFFLOAD_S: Final = 10.0
 CPU_DECODE_SLOWDOWN: Final = 10.0
-# How long one request holds a slot: turns a queue length into a wait.
-TYPICAL_REQUEST_S: Final = 4.0
 # Prompt evaluation of a request that starts on a free slot.
 PROMPT_EVAL_S: Final = 0.1
 # Extra prompt evaluation a follow-up turn pays on an agent that does not hold the conversation's
@@ -159,13 +159,13 @@ def estimate_wait(
     agent: AgentState,
     outstanding: Mapping[str, int],
     observed: ObservedSizes | None = None,
-    loads: ObservedLoads | None = None,
+    loads: ObservedTimes | None = None,
 ) -> float:
     """Seconds until ``agent`` could start ``route``'s request: queue, load or reload (no prompt
     eval). ``observed``: runner sizes seen in the fleet (`observed_sizes`); ``loads``: load times
-    seen in the fleet (`observed_loads`; the agent's own are used without it)."""
+    seen in the fleet (`observed_times`; the agent's own are used without it)."""
     plan = _cold_plan(route, agent, observed or {})
-    return _estimate(route, agent, outstanding, loads or ObservedLoads(), plan)[0]
+    return _estimate(route, agent, outstanding, loads or ObservedTimes(), plan)[0]
 
 
 def estimate_ttft(
@@ -173,7 +173,7 @@ def estimate_ttft(
     agent: AgentState,
     outstanding: Mapping[str, int],
     observed: ObservedSizes | None = None,
-    loads: ObservedLoads | None = None,
+    loads: ObservedTimes | None = None,
 ) -> float:
     """Estimated seconds to the first token of ``route``'s request on ``agent``, taken alone.
 
@@ -181,7 +181,7 @@ def estimate_ttft(
     withdraws it when that agent waits too much longer than the others.
     """
     plan = _cold_plan(route, agent, observed or {})
-    wait, cached = _estimate(route, agent, outstanding, loads or ObservedLoads(), plan)
+    wait, cached = _estimate(route, agent, outstanding, loads or ObservedTimes(), plan)
     return (
         wait + PROMPT_EVAL_S + (SESSION_REPLAY_S if route.session_agent is not None and not cached else 0.0)
     )
@@ -195,22 +195,23 @@ def _estimate(
     route: Route,
     agent: AgentState,
     outstanding: Mapping[str, int],
-    loads: ObservedLoads,
+    loads: ObservedTimes,
     plan: LoadPlan | None,
 ) -> tuple[float, bool]:
     """(wait, whether the agent's warm runner holds this conversation's prompt cache). ``plan``:
     `_cold_plan` of the same agent (None where the model is loaded or loading there)."""
     busy = _busy(agent, outstanding)
     load_s = load_time(route, agent, loads)
+    request_s = request_time(route.key, agent, loads)
     parallel = max(agent.parallel, 1)
     runner = ready_runner(agent, route.key)
     if runner is not None:
         if runner_matches(route, agent, runner):
-            return _queue_wait(busy, parallel), route.session_agent == agent.id
-        drain = busy * TYPICAL_REQUEST_S / parallel
+            return _queue_wait(busy, parallel, request_s), route.session_agent == agent.id
+        drain = busy * request_s / parallel
         return drain + load_s + CONTEXT_SWITCH_S, False
     if route.key in agent.loading:
-        remaining = LOADING_REMAINING * load_s + _queue_wait(busy, parallel)
+        remaining = LOADING_REMAINING * load_s + _queue_wait(busy, parallel, request_s)
         if loading_for(route, agent):
             return remaining, False
         # loading for another context: that load, then a reload for this one
@@ -218,9 +219,9 @@ def _estimate(
     assert plan is not None, "a cold load is planned wherever the model is neither loaded nor loading"
     wait = load_s + EVICTION_S * len(plan.evicts)
     if plan.thrashes:
-        wait += busy * TYPICAL_REQUEST_S / parallel
+        wait += busy * request_s / parallel
     if not plan.full:
-        wait += OFFLOAD_S + plan.offload * CPU_DECODE_SLOWDOWN * TYPICAL_REQUEST_S
+        wait += OFFLOAD_S + plan.offload * CPU_DECODE_SLOWDOWN * request_s
     return wait, False
 
 
@@ -250,15 +251,15 @@ def _cold_plan(
     return plan_load(route.key, size, agent)
 
 
-def _queue_wait(busy: int, parallel: int) -> float:
+def _queue_wait(busy: int, parallel: int, request_s: float) -> float:
     if busy < parallel:
         return 0.0
-    return (busy - parallel + 1) * TYPICAL_REQUEST_S / parallel
+    return (busy - parallel + 1) * request_s / parallel
 
 
-def load_time(route: Route, agent: AgentState, loads: ObservedLoads | None = None) -> float:
+def load_time(route: Route, agent: AgentState, loads: ObservedTimes | None = None) -> float:
     """Seconds a load of ``route``'s model takes on ``agent`` (no eviction): as last observed there
-    or on an agent like it (``loads``: `observed_loads` of the fleet), else by the cost model's
+    or on an agent like it (``loads``: `observed_times` of the fleet), else by the cost model's
     estimate at the pace the agent's (or the fleet's) observed loads show."""
     seen = observed_load_s(route.key, agent, loads)
     if seen is not None:
@@ -290,7 +291,7 @@ class Router:
         self._cursors: dict[str, int] = {}  # model key → round-robin turn
         self._random = random.Random(seed)
         # the agents ``auto`` last ranked, with the runner sizes and load times they observed
-        self._observed: tuple[tuple[AgentState, ...], ObservedSizes, ObservedLoads] | None = None
+        self._observed: tuple[tuple[AgentState, ...], ObservedSizes, ObservedTimes] | None = None
 
     def rank(
         self,
@@ -357,8 +358,8 @@ class Router:
 
         return sorted(first, key=cost_key) + sorted(rest, key=cost_key)
 
-    def _observations(self, agents: Sequence[AgentState]) -> tuple[ObservedSizes, ObservedLoads]:
-        """`observed_sizes` and `observed_loads` of ``agents``, made again only when they are not
+    def _observations(self, agents: Sequence[AgentState]) -> tuple[ObservedSizes, ObservedTimes]:
+        """`observed_sizes` and `observed_times` of ``agents``, made again only when they are not
         the very states of the last call, in the same order. A state is a frozen message, never
         changed once made (a change arrives as a new state), so the same states observe the same;
         the last ones are held, so an ``is`` match is never a recycled object."""
@@ -366,7 +367,7 @@ class Router:
         if last is not None and len(last[0]) == len(agents) and all(map(operator.is_, last[0], agents)):
             return last[1], last[2]
         snapshot = tuple(agents)
-        observed, loads = observed_sizes(snapshot), observed_loads(snapshot)
+        observed, loads = observed_sizes(snapshot), observed_times(snapshot)
         self._observed = (snapshot, observed, loads)
         return observed, loads
 
@@ -405,7 +406,7 @@ def _auto_costs(
     route: Route,
     planned: list[tuple[AgentState, LoadPlan | None]],
     outstanding: Mapping[str, int],
-    loads: ObservedLoads,
+    loads: ObservedTimes,
 ) -> dict[str, float]:
     """Agent id → estimated time to first token, with the session bonus bounded (no hot-spotting).
     ``planned``: each agent with its `_cold_plan`."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from corral.protocol.messages import AgentState
-from corral.routing.loads import observed_loads
+from corral.routing.loads import observed_times
 from corral.routing.memory import LoadPlan, observed_sizes
 from corral.routing.model import LOADING_REMAINING, Router, load_plan, load_time
 from corral.routing.route import Route, loading_for, warm
@@ -90,7 +90,7 @@ def plan_replicas(
     loading it); ``request_s``: seconds one request holds a slot; ``starting``: agents a load was
     sent to that may not show it yet (they count as loading); ``pinned``: models kept warm.
     """
-    loads = observed_loads(holders)
+    loads = observed_times(holders)
     sizes = observed_sizes(holders)
     serving: list[AgentState] = []
     loading: list[AgentState] = []

@@ -63,6 +63,10 @@ async def test_a_burst_that_drains_faster_than_a_load_starts_no_load(
             await until(fleet, idle)
             await _generate(s, fleet, f"warm {i}")
         assert fleet.sims[spare].stats.loads == 0
+        # the agent publishes how long a request held its slot, the load left out
+        await until(fleet, lambda: KEY in getattr(gw.fleet.get(loaded.id), "request_s", {}))
+        now = gw.fleet.get(loaded.id)
+        assert now is not None and 0 < now.request_s[KEY] < loaded.load_s[KEY]
 
         await queue_and_serve(fleet, MODEL, 4, num_predict=8)  # queued as a gateway queues them
 

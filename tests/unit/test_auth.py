@@ -60,6 +60,14 @@ def test_an_agent_may_write_only_its_own_state_and_take_only_its_own_work() -> N
     assert "_INBOX_agent-a1.>" in p.subscribe
 
 
+def test_the_registry_hears_queue_nudges_but_not_finished_requests() -> None:
+    p = role_permissions("registry", S)
+    assert S.queued_all in p.subscribe
+    # demand replicas read how long requests take from the agents' published state, not the events
+    assert not any(s.startswith("corral.events") for s in p.subscribe)
+    assert not any(s.startswith(("corral.work", "corral.queue.")) for s in p.subscribe)
+
+
 def test_a_gateway_may_cancel_but_not_drain_nor_write_agent_state() -> None:
     p = role_permissions("gateway", S)
     assert S.agent_all("ctl") in p.publish and S.agent_all("admin") not in p.publish

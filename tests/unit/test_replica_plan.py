@@ -19,7 +19,7 @@ from corral.routing import (
     drain_s,
     load_time,
     observed_load_s,
-    observed_loads,
+    observed_times,
     plan_replicas,
 )
 
@@ -81,7 +81,7 @@ ESTIMATE = LOAD_OVERHEAD_S + 2 * GB / LOAD_BANDWIDTH  # the cost model's guess f
 
 def test_load_time_is_the_agents_own_observation_else_one_like_it_else_the_estimate() -> None:
     seen, same, other_gpu = agent("a", load_s=0.3), agent("b"), agent("c", gpu="other")
-    loads = observed_loads([seen, same, other_gpu])
+    loads = observed_times([seen, same, other_gpu])
     assert observed_load_s(KEY, seen) == 0.3
     assert load_time(ROUTE, seen) == 0.3  # its own, without the fleet's
     assert load_time(ROUTE, same, loads) == 0.3  # an agent like it loaded it that fast
@@ -105,7 +105,7 @@ def test_an_estimate_runs_at_the_agents_own_pace_else_the_fleets() -> None:
 
     fast_disk, slow_disk = loaded_other("fast", "g1", ESTIMATE / 4), loaded_other("slow", "g2", ESTIMATE * 2)
     fresh = agent("fresh", gpu="g3")
-    loads = observed_loads([fast_disk, slow_disk, fresh])
+    loads = observed_times([fast_disk, slow_disk, fresh])
     assert loads.pace == {"fast": 0.25, "slow": 2.0}
     assert load_time(ROUTE, fast_disk, loads) == pytest.approx(ESTIMATE / 4)
     assert load_time(ROUTE, slow_disk, loads) == pytest.approx(ESTIMATE * 2)
@@ -113,7 +113,7 @@ def test_an_estimate_runs_at_the_agents_own_pace_else_the_fleets() -> None:
 
 
 def test_the_slowest_load_seen_on_like_agents_counts() -> None:
-    loads = observed_loads([agent("a", load_s=0.3), agent("b", load_s=1.2), agent("c")])
+    loads = observed_times([agent("a", load_s=0.3), agent("b", load_s=1.2), agent("c")])
     assert load_time(ROUTE, agent("c"), loads) == 1.2
 
 

@@ -111,9 +111,9 @@ def test_a_plan_made_for_the_same_loaded_size_is_reused(planned: Counter[str]) -
 
 def test_observations_are_made_once_per_fleet_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: Counter[str] = Counter()
-    sizes, loads = model_module.observed_sizes, model_module.observed_loads
+    sizes, loads = model_module.observed_sizes, model_module.observed_times
     monkeypatch.setattr(model_module, "observed_sizes", lambda a: calls.update(["sizes"]) or sizes(a))
-    monkeypatch.setattr(model_module, "observed_loads", lambda a: calls.update(["loads"]) or loads(a))
+    monkeypatch.setattr(model_module, "observed_times", lambda a: calls.update(["loads"]) or loads(a))
     fleet = [agent("a"), agent("b", load_s=3.0), agent("c")]
     router = Router()
     for _ in range(3):  # a new list of the same states each time, as a caller filters its fleet view
