@@ -9,6 +9,8 @@ from typing import Any
 import openai
 from corral.gateway.batch.model import record_decoder
 from corral.protocol.subjects import Subjects
+from corral.runtime.natsserver import NatsServer
+from corral.up import FleetOptions, default_sims
 from nats.js import JetStreamContext
 from openai.types import Batch
 
@@ -31,6 +33,17 @@ def request(
     else:
         body = {"model": model, "input": f"text {i}"}
     return {"custom_id": f"req-{i}", "method": "POST", "url": endpoint, "body": body | extra}
+
+
+def keyed_fleet(nats_server: NatsServer, root: str) -> FleetOptions:
+    """One simulated server (no delays) behind a gateway that asks for API keys."""
+    return FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=0),
+        gateway={"auth": "keys"},
+    )
 
 
 def jsonl(lines: list[dict[str, Any]]) -> bytes:

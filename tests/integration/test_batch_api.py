@@ -22,6 +22,7 @@ from tests.integration.batch_helpers import (
     LLAMA,
     exactly_once,
     jsonl,
+    keyed_fleet,
     outcome,
     request,
     submit,
@@ -187,14 +188,7 @@ async def test_batches_and_files_are_listed_newest_first_a_page_at_a_time(
 async def test_with_keys_a_user_sees_only_its_own_batches_and_files(
     nats_server: NatsServer, root: str
 ) -> None:
-    options = FleetOptions(
-        port=0,
-        nats_url=nats_server.url,
-        root=root,
-        sims=default_sims(1, time_scale=0),
-        gateway={"auth": "keys"},
-    )
-    async with LocalFleet(options) as fleet:
+    async with LocalFleet(keyed_fleet(nats_server, root)) as fleet:
         await preload(fleet, LLAMA)
         gw = fleet.gateway
         assert gw is not None and gw.access is not None

@@ -10,10 +10,10 @@ from corral.gateway.access import Window
 from corral.gateway.keys import create_key, open_key_buckets
 from corral.protocol.subjects import Subjects
 from corral.runtime.natsserver import NatsServer
-from corral.up import FleetOptions, LocalFleet, default_sims
+from corral.up import LocalFleet
 from nats.js.kv import KeyValue
 
-from tests.integration.batch_helpers import LLAMA, jsonl, outcome, request, submit, wait_until
+from tests.integration.batch_helpers import LLAMA, jsonl, keyed_fleet, outcome, request, submit, wait_until
 from tests.integration.fleet_helpers import preload, seen
 from tests.integration.waits import until
 
@@ -38,14 +38,7 @@ async def tokens_counted(kv: KeyValue, name: str) -> int:
 async def test_a_batch_lines_tokens_count_in_its_keys_tokens_per_minute(
     nats_server: NatsServer, root: str
 ) -> None:
-    options = FleetOptions(
-        port=0,
-        nats_url=nats_server.url,
-        root=root,
-        sims=default_sims(1, time_scale=0),
-        gateway={"auth": "keys"},
-    )
-    async with LocalFleet(options) as fleet:
+    async with LocalFleet(keyed_fleet(nats_server, root)) as fleet:
         await preload(fleet, LLAMA)
         gw = fleet.gateway
         assert gw is not None and gw.nc is not None

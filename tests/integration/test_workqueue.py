@@ -1,85 +1,114 @@
-"""The fleet-wide queue on a real JetStream stream: a poison message is dropped once, not redelivered."""
+"""The fleet-wide queue on a real JetStream stream: a poison message is dropped once, not redelivered;
+the queue is bounded; withdrawing a request an agent already took, or that another withdrawal
+removed first, is reported as taken and logged at debug (what many cancellations at once produce),
+not as a failure."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from corral.protocol import headers as H
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import connect
 from corral.runtime.natsserver import NatsServer
-from corral.runtime.workqueue import Puller, QueueFull, QueueLimits, depths, enqueue, ensure_stream
+from corral.runtime.workqueue import Puller, QueueFull, QueueLimits, depths, enqueue, ensure_stream, withdraw
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 pytestmark = pytest.mark.integration
 
+Queue = tuple[Subjects, NATS, JetStreamContext]
+TOKEN = "llama3=2E2=3Alatest"
 
-async def test_a_queued_request_with_a_bad_deadline_is_dropped_and_the_next_served(
-    nats_server: NatsServer, root: str
-) -> None:
-    subjects = Subjects(root)
+
+@pytest.fixture
+async def queue(nats_server: NatsServer, root: str) -> AsyncIterator[Queue]:
+    """A connection to a real NATS with JetStream, under the test's own subject root."""
     nc = await connect(nats_server.url, name="test")
     try:
-        js = nc.jetstream()
-        await ensure_stream(js, subjects)
-        subject = subjects.queue("any", "llama3=2E2=3Alatest")
-        future = str(int(time.time() * 1000) + 60_000)
-        poison = []
-        for rid, deadline in (("1", "not-a-number"), ("2", "١٢"), ("3", future)):
-            hdrs = {H.REQUEST: rid, H.DEADLINE: deadline, H.REPLY: "r." + rid}
-            ack = await js.publish(subject, b"{}", headers=hdrs)
-            if rid != "3":
-                poison.append(ack.seq)
-        assert await depths(js, subjects) == {subject: 3}
-        taken, _ = await Puller(nc, subjects).take_batch(subject, 3)
-        assert [(m.headers or {})[H.REQUEST] for m in taken] == ["3"]
-        # the poison messages were acknowledged (and so removed) before take_batch returned:
-        # nothing is left to be redelivered to the next agent
-        for seq in poison:
-            with pytest.raises(NotFoundError):
-                await js.get_msg(subjects.queue_stream, seq)
+        yield Subjects(root), nc, nc.jetstream()
     finally:
         await nc.close()
 
 
-async def test_the_queue_is_bounded_in_bytes_and_the_bound_follows_the_setting(
-    nats_server: NatsServer, root: str
-) -> None:
-    subjects = Subjects(root)
-    nc = await connect(nats_server.url, name="test")
-    try:
-        js = nc.jetstream()
-        await ensure_stream(js, subjects, limits=QueueLimits(depth=100, max_bytes=4096))
-        body = b"x" * 1000
-        hdrs = {H.REQUEST: "1", H.REPLY: "r.1"}
-        with pytest.raises(QueueFull):
-            for i in range(10):  # ten 1 kB requests cannot all fit in 4 kB
-                await enqueue(nc, js, subjects, "any", f"m{i % 2}", body, hdrs)
-        assert 1 <= sum((await depths(js, subjects)).values()) < 5
-        # a gateway with a larger setting raises the bound of the existing stream
-        await ensure_stream(js, subjects, limits=QueueLimits(depth=100, max_bytes=64 * 1024))
-        await enqueue(nc, js, subjects, "any", "m0", body, hdrs)
-        info = await js.stream_info(subjects.queue_stream)
-        assert (info.config.max_bytes, info.config.max_msgs_per_subject) == (64 * 1024, 100)
-    finally:
-        await nc.close()
+async def test_a_queued_request_with_a_bad_deadline_is_dropped_and_the_next_served(queue: Queue) -> None:
+    subjects, nc, js = queue
+    await ensure_stream(js, subjects)
+    subject = subjects.queue("any", "llama3=2E2=3Alatest")
+    future = str(int(time.time() * 1000) + 60_000)
+    poison = []
+    for rid, deadline in (("1", "not-a-number"), ("2", "١٢"), ("3", future)):
+        hdrs = {H.REQUEST: rid, H.DEADLINE: deadline, H.REPLY: "r." + rid}
+        ack = await js.publish(subject, b"{}", headers=hdrs)
+        if rid != "3":
+            poison.append(ack.seq)
+    assert await depths(js, subjects) == {subject: 3}
+    taken, _ = await Puller(nc, subjects).take_batch(subject, 3)
+    assert [(m.headers or {})[H.REQUEST] for m in taken] == ["3"]
+    # the poison messages were acknowledged (and so removed) before take_batch returned:
+    # nothing is left to be redelivered to the next agent
+    for seq in poison:
+        with pytest.raises(NotFoundError):
+            await js.get_msg(subjects.queue_stream, seq)
 
 
-async def test_a_pull_that_brought_only_dropped_requests_pulls_again(
-    nats_server: NatsServer, root: str
-) -> None:
+async def test_the_queue_is_bounded_in_bytes_and_the_bound_follows_the_setting(queue: Queue) -> None:
+    subjects, nc, js = queue
+    await ensure_stream(js, subjects, limits=QueueLimits(depth=100, max_bytes=4096))
+    body = b"x" * 1000
+    hdrs = {H.REQUEST: "1", H.REPLY: "r.1"}
+    with pytest.raises(QueueFull):
+        for i in range(10):  # ten 1 kB requests cannot all fit in 4 kB
+            await enqueue(nc, js, subjects, "any", f"m{i % 2}", body, hdrs)
+    assert 1 <= sum((await depths(js, subjects)).values()) < 5
+    # a gateway with a larger setting raises the bound of the existing stream
+    await ensure_stream(js, subjects, limits=QueueLimits(depth=100, max_bytes=64 * 1024))
+    await enqueue(nc, js, subjects, "any", "m0", body, hdrs)
+    info = await js.stream_info(subjects.queue_stream)
+    assert (info.config.max_bytes, info.config.max_msgs_per_subject) == (64 * 1024, 100)
+
+
+async def test_a_pull_that_brought_only_dropped_requests_pulls_again(queue: Queue) -> None:
     """Expired and poison requests ahead of a live one do not hide it: one take returns it."""
-    subjects = Subjects(root)
-    nc = await connect(nats_server.url, name="test")
-    try:
-        js = nc.jetstream()
-        await ensure_stream(js, subjects)
-        subject = subjects.queue("any", "m")
-        past, future = str(int(time.time() * 1000) - 1000), str(int(time.time() * 1000) + 60_000)
-        for rid, deadline in (("1", past), ("2", "x"), ("3", past), ("4", future)):
-            await js.publish(subject, b"{}", headers={H.REQUEST: rid, H.DEADLINE: deadline, H.REPLY: "r"})
-        taken, _ = await Puller(nc, subjects).take_batch(subject, 2)
-        assert [(m.headers or {})[H.REQUEST] for m in taken] == ["4"]
-    finally:
-        await nc.close()
+    subjects, nc, js = queue
+    await ensure_stream(js, subjects)
+    subject = subjects.queue("any", "m")
+    past, future = str(int(time.time() * 1000) - 1000), str(int(time.time() * 1000) + 60_000)
+    for rid, deadline in (("1", past), ("2", "x"), ("3", past), ("4", future)):
+        await js.publish(subject, b"{}", headers={H.REQUEST: rid, H.DEADLINE: deadline, H.REPLY: "r"})
+    taken, _ = await Puller(nc, subjects).take_batch(subject, 2)
+    assert [(m.headers or {})[H.REQUEST] for m in taken] == ["4"]
+
+
+async def test_withdrawing_what_was_taken_or_withdrawn_already_is_no_warning(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    subjects, nc, js = queue
+    await ensure_stream(js, subjects)
+    deadline = str(int(time.time() * 1000) + 60_000)
+
+    async def put(rid: str):  # type: ignore[no-untyped-def]
+        hdrs = {H.REQUEST: rid, H.DEADLINE: deadline, H.REPLY: "r." + rid}
+        return await enqueue(nc, js, subjects, "any", TOKEN, b"{}", hdrs)
+
+    taken = await put("taken")
+    raced = await put("raced")
+    caplog.set_level(logging.DEBUG, logger="corral.runtime.workqueue")
+    agent = await js.pull_subscribe(subjects.queue("any", TOKEN), durable="agent")
+    msgs = await agent.fetch(1, timeout=5)
+    assert [(m.headers or {})[H.REQUEST] for m in msgs] == ["taken"]
+    await msgs[0].ack_sync()  # an agent took it: confirmed gone from the work queue
+
+    assert await withdraw(js, taken) is False
+    # a burst of cancellations withdrawing the same request: one removes it, the rest find it gone
+    results = await asyncio.gather(*(withdraw(js, raced) for _ in range(10)))
+    assert sorted(results) == [False] * 9 + [True]
+    ours = [r for r in caplog.records if r.name == "corral.runtime.workqueue"]
+    assert not [r for r in ours if r.levelno >= logging.WARNING], [r.getMessage() for r in ours]
+    gone = [r for r in ours if r.levelno == logging.DEBUG and "taken before its withdrawal" in r.getMessage()]
+    assert len(gone) == 10

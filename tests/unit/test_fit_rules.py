@@ -4,52 +4,14 @@ from __future__ import annotations
 
 import pytest
 from corral import routing
-from corral.protocol.messages import AgentState, Gpu, ModelMeta, PsModel, TagModel
+from corral.protocol.messages import AgentState
 from corral.routing import Route, Router, estimate_wait, fits, load_plan
 from corral.routing.memory import GRAPH_BYTES, estimate_size, observed_sizes, plan_load
 
-GB = 1_000_000_000
-GIB = 1 << 30
-MODEL = "qwen2.5:14b"
+from tests.unit.qwen_fleet import GB, GIB, MODEL, agent, ps
+
 IDLE = "idle:latest"
 BUSY = "busy:latest"
-# qwen2.5:14b: 48 layers, 8 KV heads of 128, trained on 32k
-QWEN = ModelMeta(layers=48, kv_heads=8, head_dim=128, trained_ctx=32768)
-
-
-def ps(name: str, size: int, ctx: int = 0) -> PsModel:
-    return PsModel(
-        name=name, model=name, size=size, digest=name, expires_at="", size_vram=size, context_length=ctx
-    )
-
-
-def agent(
-    id: str,
-    *,
-    vram: int = 24 * GIB,
-    loaded: tuple[PsModel, ...] = (),
-    busy: tuple[str, ...] = (),
-    in_flight: int = 0,
-    parallel: int = 1,
-    ctx: int = 32768,
-    meta: bool = True,
-) -> AgentState:
-    """``MODEL`` (9 GB file) on disk; ``loaded`` fill the GPU (free = vram - their size_vram)."""
-    free = vram - sum(m.size_vram for m in loaded)
-    return AgentState(
-        id=id,
-        vendor="nvidia",
-        host=id,
-        ollama_url=f"http://{id}:11434",
-        gpus=(Gpu(index=0, name="gpu", vendor="nvidia", vram_total=vram, vram_free=free),),
-        models=(TagModel(name=MODEL, model=MODEL, modified_at="", size=9 * GB, digest="q"),),
-        loaded=loaded,
-        parallel=parallel,
-        default_num_ctx=ctx,
-        model_meta={MODEL: QWEN} if meta else {},
-        busy_models=busy,
-        in_flight=in_flight,
-    )
 
 
 def rank(agents: list[AgentState], route: Route | None = None) -> list[str]:

@@ -8,47 +8,20 @@ from collections import Counter
 
 import msgspec
 import pytest
-from corral.protocol.messages import AgentState, Gpu, ModelMeta, PsModel, TagModel
+from corral.protocol.messages import AgentState, PsModel
 from corral.routing import Route, Router, load_plan, plan_replicas
 from corral.routing import memory as memory_module
 from corral.routing import model as model_module
 from corral.routing.memory import LoadPlan, observed_sizes
 
-GB = 1_000_000_000
-GIB = 1 << 30
-MODEL = "qwen2.5:14b"  # a 9 GB file; at 32k context its runner is about 15.7 GB by the estimate
+from tests.unit import qwen_fleet
+from tests.unit.qwen_fleet import GB, GIB, MODEL, agent
+
 OTHER = "phi3:mini"
-QWEN = ModelMeta(layers=48, kv_heads=8, head_dim=128, trained_ctx=32768)
 
 
 def ps(name: str, size: int, ctx: int = 32768) -> PsModel:
-    return PsModel(
-        name=name, model=name, size=size, digest=name, expires_at="", size_vram=size, context_length=ctx
-    )
-
-
-def agent(
-    id: str,
-    *,
-    vram: int = 24 * GIB,
-    loaded: tuple[PsModel, ...] = (),
-    loading: bool = False,
-    load_s: float = 0.0,
-) -> AgentState:
-    free = vram - sum(m.size_vram for m in loaded)
-    return AgentState(
-        id=id,
-        vendor="nvidia",
-        host=id,
-        ollama_url=f"http://{id}:11434",
-        gpus=(Gpu(index=0, name="gpu", vendor="nvidia", vram_total=vram, vram_free=free),),
-        models=(TagModel(name=MODEL, model=MODEL, modified_at="", size=9 * GB, digest="q"),),
-        loaded=loaded,
-        loading=(MODEL,) if loading else (),
-        default_num_ctx=32768,
-        model_meta={MODEL: QWEN},
-        load_s={MODEL: load_s} if load_s else {},
-    )
+    return qwen_fleet.ps(name, size, ctx)
 
 
 @pytest.fixture
