@@ -4,8 +4,8 @@ asks for.
 A pin (``corral pin MODEL --replicas N [--vendor V]``) is part of the policy record in the
 ``{root}_policy`` bucket (its ``pins`` field; `corral.views.status.Pin`), which every registry
 copy watches (`corral.runtime.policy.PolicyStore`). One copy acts on the pins: the one holding the ``pins.keeper`` lease in the views
-bucket, taken and renewed by compare-and-set (a copy that stops renewing it for `LEASE_S` is
-replaced). On every change of the fleet, and at least every `CHECK_S`, that copy works out what
+bucket, taken and renewed by compare-and-set (`corral.registry.lease`; a copy that stops renewing it
+for `LEASE_S` is replaced). On every change of the fleet, and at least every `CHECK_S`, that copy works out what
 each pin lacks (`plan`):
 
 - an active agent (of the pin's vendor) with a runner of the model counts as a replica; a
@@ -29,14 +29,13 @@ import asyncio
 import datetime
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
-import msgspec
 import nats.errors
 from corral.protocol.errors import CorralError
 from corral.protocol.messages import AgentState
 from corral.protocol.names import key_of
+from corral.registry.lease import Lease
 from corral.registry.placement import Placer
 from corral.registry.preload import preload
 from corral.routing import Route, Router
@@ -44,7 +43,6 @@ from corral.runtime.nats import Buckets
 from corral.runtime.policy import Policy, PolicyStore
 from corral.runtime.tasks import cancel_and_wait
 from corral.views.status import Pin, pinned_on
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +53,6 @@ SETTLE_S = 10.0  # at most this long from a load's answer to its agent showing t
 RETRY_S = 10.0  # a load that failed on an agent is not tried there again for this long
 RELEASE_KEEP_ALIVE = "5m"  # what an unpinned model gets back: Ollama's default keep_alive
 FOREVER_YEARS = 100  # a runner expiring this many years ahead was loaded with keep_alive -1
-
-_enc = msgspec.json.Encoder()
-
-
-class _Lease(msgspec.Struct, frozen=True):
-    holder: str
-    at: float
-
-
-_lease_decoder = msgspec.json.Decoder(_Lease)
 
 
 # -- what each pin lacks (pure) ---------------------------------------------------------------------
@@ -128,12 +116,10 @@ class PinKeeper:
     def __init__(self, placer: Placer, buckets: Buckets) -> None:
         self.placer = placer  # its fleet view and transport; told the pinned models (loads spare them)
         self.fleet = placer.fleet
-        self.buckets = buckets  # the views bucket (the lease)
         self.policy = PolicyStore(buckets.policy, on_change=self._on_policy)  # the pins, as they are now
         self.kept: dict[str, Pin] = {}  # the pins this copy acted on (to let go of on unpin)
         self.changed = asyncio.Event()  # the pins changed, or the keeper checked them
-        self._me = uuid.uuid4().hex
-        self._held_at = 0.0  # when this copy last wrote the lease (0: not holding it)
+        self.lease = Lease(buckets.views, LEASE_KEY, LEASE_S)  # held by the one copy that acts
         self._router = Router()
         self._starting: dict[str, set[str]] = {}  # model key → agents a load is under way on
         self._failed: dict[tuple[str, str], float] = {}  # (key, agent) → monotonic time of failure
@@ -187,7 +173,7 @@ class PinKeeper:
         pins = dict(self.pins)
         if not pins and not self.kept:
             return
-        if not await self._lead():
+        if not await self.lease.held():
             self.kept = pins  # another copy acts (and lets go of what is unpinned)
             return
         agents = [a for a in self.fleet.agents() if self.fleet.alive(a)]
@@ -255,32 +241,3 @@ class PinKeeper:
                 "%s is no longer pinned: %s keeps it for %s once idle", key, agent_id, RELEASE_KEEP_ALIVE
             )
             self._start(key, agent_id, keep_alive=RELEASE_KEEP_ALIVE)
-
-    async def _lead(self) -> bool:
-        """Whether this copy holds the lease (taken or renewed by compare-and-set when due)."""
-        now = time.time()
-        if self._held_at and now - self._held_at < LEASE_S / 3:
-            return True
-        revision: int | None = None
-        try:
-            entry = await self.buckets.views.get(LEASE_KEY)
-            revision = entry.revision
-            lease = _lease_decoder.decode(entry.value) if entry.value else None
-        except KeyNotFoundError:
-            lease = None
-        except msgspec.DecodeError:
-            lease = None
-        if lease is not None and lease.holder != self._me and now - lease.at < LEASE_S:
-            self._held_at = 0.0
-            return False
-        value = _enc.encode(_Lease(self._me, now))
-        try:
-            if revision is None:
-                await self.buckets.views.create(LEASE_KEY, value)
-            else:
-                await self.buckets.views.update(LEASE_KEY, value, last=revision)
-        except KeyWrongLastSequenceError:  # another copy took it meanwhile
-            self._held_at = 0.0
-            return False
-        self._held_at = now
-        return True
