@@ -2,7 +2,8 @@
 
 Every enqueue publishes an empty nudge on ``{root}.queued.{vendor}.{token}``. The registry listens
 to all of them and checks that model's backlog at once: one check in flight per model, and the
-nudges that arrive meanwhile make it check once more when it is done, not once each. While the
+nudges that arrive meanwhile make it check once more when it is done, not once each (and one model
+is checked at most every `RECHECK_MIN_S`, so a flood of nudges is not a flood of reads). While the
 backlog persists it checks again after `RECHECK_SHARE` of the model's load time (as observed,
 `corral.routing.load_time`; at least `RECHECK_MIN_S`, at most ``check_s``): a model whose loads take
 a second is looked at every quarter second, one whose loads take a minute every ``check_s``. Every
@@ -134,10 +135,11 @@ class Replicator:
                 self.nudge(token)
 
     async def _watch(self, token: str, backlog: _Backlog) -> None:
-        """Check ``token``'s backlog until it is gone: at once on a nudge, else every
-        `RECHECK_SHARE` of the model's load time."""
+        """Check ``token``'s backlog until it is gone: on a nudge (at most every `RECHECK_MIN_S`),
+        else every `RECHECK_SHARE` of the model's load time."""
         while True:
             backlog.nudged.clear()
+            started = time.monotonic()
             try:
                 plan = await self.check(token, backlog)
             except nats.errors.Error as e:  # NATS away for a moment: the resync looks again
@@ -151,6 +153,10 @@ class Replicator:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await backlog.nudged.wait()
+            # however fast the nudges come, one model's queue is read at most every RECHECK_MIN_S
+            spacing = started + RECHECK_MIN_S - time.monotonic()
+            if spacing > 0:
+                await asyncio.sleep(spacing)  # a rate bound, not a wait for an event
 
     def _recheck_s(self, plan: ReplicaPlan) -> float:
         return min(max(RECHECK_SHARE * plan.load_s, RECHECK_MIN_S), self.settings.check_s)

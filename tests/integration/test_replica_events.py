@@ -5,10 +5,15 @@ Simulated Ollamas; the registry's fallback resync is a minute away, so only nudg
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import time
 from typing import Any
 
 import aiohttp
+import pytest
 from corral.protocol.names import parse_name
+from corral.registry.replicas import RECHECK_MIN_S
 from corral.routing import Route, warm
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
@@ -76,3 +81,29 @@ async def test_a_burst_that_drains_faster_than_a_load_starts_no_load(
         assert plan.load == () and plan.drain_s < plan.load_s  # drained before a load would end
         assert fleet.sims[spare].stats.loads == 0
         assert registry.placer.replicator.loads_started == 0
+
+
+async def test_a_flood_of_nudges_reads_one_models_queue_at_most_every_recheck_min(
+    nats_server: NatsServer, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every enqueue nudges; a burst of them checks the model's queue again and again, but never two
+    reads of it closer together than `RECHECK_MIN_S` (each read asks JetStream for every queue's
+    depth)."""
+    async with LocalFleet(_options(nats_server, root)) as fleet:
+        assert fleet.registry is not None and fleet.registry.placer is not None
+        replicator = fleet.registry.placer.replicator
+        reads: list[float] = []
+        real = replicator._depths
+
+        async def recorded() -> dict[str, int]:
+            reads.append(time.monotonic())
+            return await real()
+
+        monkeypatch.setattr(replicator, "_depths", recorded)
+        for _ in range(100):  # nudges arriving while the first check reads
+            replicator.nudge(TOKEN)
+            await asyncio.sleep(0)  # let the check start and the next nudge arrive
+        await until(fleet, lambda: TOKEN not in replicator.backlogs)  # nothing queued: it lets go
+    assert len(reads) >= 2  # the nudges during the first read made it read once more
+    gaps = [b - a for a, b in itertools.pairwise(reads)]
+    assert min(gaps) >= RECHECK_MIN_S * 0.99, gaps
