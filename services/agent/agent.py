@@ -103,16 +103,6 @@ class Agent:
         self.loads = LoadBook()  # what its /api/ps readings show loaded and evicted (for /metrics)
         self._jobs: dict[str, Job] = {}
 
-    # seams the integration tests use: re-read Ollama at once after changing the backend behind
-    # the agent's back; silence the agent's loops to simulate its death without a clean stop
-    @property
-    def _refresh_now(self) -> asyncio.Event:
-        return self._wake.refresh
-
-    @property
-    def _closing(self) -> asyncio.Event:
-        return self._wake.closing
-
     def _changed(self, *, claims: bool = False, state: bool = False, refresh: bool = False) -> None:
         """The one way the state machines' answers reach the loops: re-check claim subscriptions,
         publish the state, re-read Ollama."""
@@ -473,6 +463,7 @@ class Agent:
             busy_models=tuple(sorted(decode_token(t) for t in busy)),
             load_s=dict(self.runners.load_s),
             request_s=dict(self.runners.request_s),
+            max_loaded=self.settings.max_loaded_models,
             in_flight=self.slots.in_flight,
             queued=self.slots.queued,
             max_queue=self.settings.max_queue,

@@ -87,7 +87,12 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     ] = 0
     max_loaded_models: Annotated[
         int,
-        setting("with --spawn: each Ollama's OLLAMA_MAX_LOADED_MODELS", ge=0, shown="0 (Ollama's default)"),
+        setting(
+            "the Ollama's OLLAMA_MAX_LOADED_MODELS, which the router's fit plan follows (with --spawn: "
+            "set on each Ollama it starts)",
+            ge=0,
+            shown="0 (Ollama's default)",
+        ),
     ] = 0
     metrics_port: Annotated[
         int,

@@ -104,6 +104,7 @@ class AgentState(Message, frozen=True, kw_only=True, omit_defaults=True):
     busy_models: tuple[str, ...] = ()  # model keys with requests running here (not to be evicted)
     load_s: dict[str, float] = msgspec.field(default_factory=dict)  # model key → seconds its last
     # load here took, as observed (`corral.routing.loads`; the cost model estimates the others)
+    max_loaded: int = 0  # its Ollama's OLLAMA_MAX_LOADED_MODELS, as configured (0: Ollama's default)
     request_s: dict[str, float] = msgspec.field(default_factory=dict)  # model key → seconds a request
     # of it holds a slot here once the model is loaded (the median of the last few answered here)
     in_flight: int = 0

@@ -10,8 +10,9 @@ Pure functions of fleet snapshots (`AgentState`), as Ollama's scheduler decides
 - **Fit.** With other models loaded, the model must fit entirely in VRAM within
   `FIT_SHARE_WITH_OTHERS` of the free memory of all the agent's GPUs together; alone on the GPUs it
   may load partially offloaded (the rest in system RAM, decoding much slower).
-- **Eviction.** When it does not fit, Ollama unloads loaded models one at a time, idle ones first,
-  until it does (`plan_load`). A busy model's eviction waits for its requests to finish and then
+- **Eviction.** When it does not fit, or the agent's Ollama already holds as many models as it keeps
+  at once (``OLLAMA_MAX_LOADED_MODELS``, by default three per GPU: `max_runners`), Ollama unloads
+  loaded models one at a time, idle ones first, until it does (`plan_load`). A busy model's eviction waits for its requests to finish and then
   reloads elsewhere or later: the plan says so, and routers avoid it (`LoadPlan.thrashes`).
 """
 
@@ -29,7 +30,9 @@ __all__ = [
     "FIT_SHARE_WITH_OTHERS",
     "GRAPH_BYTES",
     "LoadPlan",
+    "MAX_RUNNERS_PER_GPU",
     "estimate_size",
+    "max_runners",
     "observed_sizes",
     "plan_load",
 ]
@@ -39,6 +42,8 @@ FIT_SHARE_WITH_OTHERS: Final = 0.8
 # The compute graph Ollama reserves besides weights and KV cache at the default batch of 512 (it
 # grows with the vocabulary and the batch; an observed runner's size replaces the estimate).
 GRAPH_BYTES: Final = 256 * (1 << 20)
+# Ollama's default OLLAMA_MAX_LOADED_MODELS is this many models per GPU.
+MAX_RUNNERS_PER_GPU: Final = 3
 
 # (model key, num_ctx, num_parallel) → the size Ollama reported for such a runner
 ObservedSizes = Mapping[tuple[str, int, int], int]
@@ -107,9 +112,10 @@ def plan_load(key: str, size: int, agent: AgentState) -> LoadPlan:
         # Ollama unloads idle runners first; among equals the biggest frees most
         key=lambda m: (key_of(m.name) in busy_keys, -m.size_vram, m.name),
     )
+    limit = max_runners(agent)
     evicted: list[str] = []
     while others:
-        if size <= free * FIT_SHARE_WITH_OTHERS:
+        if size <= free * FIT_SHARE_WITH_OTHERS and len(others) < limit:
             break
         victim = others.pop(0)
         free += victim.size_vram
@@ -117,6 +123,13 @@ def plan_load(key: str, size: int, agent: AgentState) -> LoadPlan:
     busy = tuple(k for k in evicted if k in busy_keys)
     offload = 0.0 if others or size <= free else 1.0 - free / size
     return LoadPlan(size, tuple(evicted), busy, max(0.0, min(offload, 1.0)))
+
+
+def max_runners(agent: AgentState) -> int:
+    """How many models ``agent``'s Ollama keeps loaded at once, however much memory is free: its
+    ``OLLAMA_MAX_LOADED_MODELS`` as the agent publishes it, else Ollama's default of three per GPU
+    (a load beyond it unloads another model first)."""
+    return agent.max_loaded if agent.max_loaded > 0 else MAX_RUNNERS_PER_GPU * max(len(agent.gpus), 1)
 
 
 def _busy_keys(agent: AgentState) -> set[str]:

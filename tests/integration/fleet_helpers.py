@@ -38,7 +38,7 @@ async def preload(fleet: LocalFleet, model: str, timeout: float = 10.0) -> None:
 
     await asyncio.gather(*(load(s.url) for s in fleet.sims))
     for a in fleet.agents:
-        a._refresh_now.set()
+        a._wake.refresh.set()
     key = parse_name(model).key
     assert fleet.gateway is not None
     await until(fleet, lambda: len(fleet.gateway.fleet.loaded_on(key)) == len(fleet.agents), timeout)  # type: ignore[union-attr]

@@ -70,7 +70,7 @@ async def test_views_agree_with_each_server(fleet: LocalFleet) -> None:
     async with ollama.AsyncClient(host=fleet.url) as c:
         await c.generate(model="llama3.2", prompt="hi", options={"num_predict": 2})
         for a in fleet.agents:
-            a._refresh_now.set()
+            a._wake.refresh.set()
         await until(fleet, lambda: len(fleet.gateway.fleet.loaded_on("llama3.2:latest")) >= 1)  # type: ignore[union-attr]
         tags, ps = await c.list(), await c.ps()
     union: set[str] = set()
@@ -173,7 +173,7 @@ async def test_dead_agent_leaves_every_view_and_comes_back(
     victim = fleet.agents[1]
     victim_id = victim.id
     # silence it without a clean stop: its NATS connection goes, its KV entry stays behind
-    victim._closing.set()
+    victim._wake.closing.set()
     assert victim.nc is not None
     await victim.nc.close()
     await events.wait("dead", victim_id)
@@ -205,7 +205,7 @@ async def test_clean_stop_is_announced_once(fleet: LocalFleet, events: Events) -
     # so the registries' death checks have run over the leaving agent's silence too
     silenced = fleet.agents[1]
     await events.wait("joined", silenced.id)
-    silenced._closing.set()
+    silenced._wake.closing.set()
     assert silenced.nc is not None
     await silenced.nc.close()
     await events.wait("dead", silenced.id)

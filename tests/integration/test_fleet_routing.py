@@ -96,7 +96,7 @@ async def test_requests_go_where_their_num_ctx_runner_is_loaded(nats_server: Nat
         async with ollama.AsyncClient(host=fleet.sims[1].url) as c:
             await c.generate(model=MODEL, prompt="")
         for a in fleet.agents:
-            a._refresh_now.set()
+            a._wake.refresh.set()
         gw = fleet.gateway
         assert gw is not None
         ids = [a.id for a in fleet.agents]
@@ -368,7 +368,7 @@ async def test_a_model_listed_while_it_loads_is_loading_not_warm(nats_server: Na
         await sim.stats.wait_for(lambda st: st.loads == 1)
         async with s.get(sim.url + "/api/ps") as r:
             assert [m["name"] for m in (await r.json())["models"]] == ["llama3.2:latest"]
-        agent._refresh_now.set()
+        agent._wake.refresh.set()
 
         def state() -> AgentState | None:
             return gw.fleet.get(agent.id)
@@ -454,7 +454,7 @@ async def test_a_model_stays_loading_while_a_request_waits_to_reload_it_at_its_c
 async def _warm_first_only(fleet: LocalFleet) -> None:
     async with ollama.AsyncClient(host=fleet.sims[0].url) as c:
         await c.generate(model=MODEL, prompt="")
-    fleet.agents[0]._refresh_now.set()
+    fleet.agents[0]._wake.refresh.set()
     gw = fleet.gateway
     assert gw is not None
     await until(fleet, lambda: gw.fleet.is_loaded(fleet.agents[0].id, KEY))

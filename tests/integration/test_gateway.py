@@ -222,7 +222,7 @@ async def test_unload_reaches_every_agent(fleet: LocalFleet, client: ollama.Asyn
     assert r.done_reason == "unload"
     assert fleet.gateway is not None
     for a in fleet.agents:
-        a._refresh_now.set()
+        a._wake.refresh.set()
     await until(fleet, lambda: not fleet.gateway.fleet.loaded_on("qwen3:8b"))  # type: ignore[union-attr]
 
 

@@ -337,7 +337,7 @@ async def test_a_killed_agent_leaves_both_gateways_within_the_dead_timeout(pair:
     survivors = sorted(x.id for x in fleet.agents if x is not victim)
 
     # killed: its NATS connection goes at once, its state stays behind in the bucket
-    victim._closing.set()
+    victim._wake.closing.set()
     assert victim.nc is not None
     await victim.nc.close()
     last_heard = agent_state_decoder.decode((await pair.agents.get(victim.id)).value or b"").updated_at

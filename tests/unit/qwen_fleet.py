@@ -31,10 +31,11 @@ def agent(
     meta: bool = True,
     loading: bool = False,
     load_s: float = 0.0,
+    max_loaded: int = 0,
 ) -> AgentState:
     """``MODEL`` on disk; ``loaded`` fill the GPU (free = vram - their size_vram); ``busy``: models
     with requests running; ``loading``: a load of ``MODEL`` under way; ``load_s``: its last load's
-    time here."""
+    time here; ``max_loaded``: its Ollama's OLLAMA_MAX_LOADED_MODELS (0: the default)."""
     free = vram - sum(m.size_vram for m in loaded)
     return AgentState(
         id=id,
@@ -51,4 +52,5 @@ def agent(
         busy_models=busy,
         in_flight=in_flight,
         load_s={MODEL: load_s} if load_s else {},
+        max_loaded=max_loaded,
     )

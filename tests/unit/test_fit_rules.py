@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from corral import routing
 from corral.protocol.messages import AgentState
 from corral.routing import Route, Router, estimate_wait, fits, load_plan
-from corral.routing.memory import GRAPH_BYTES, estimate_size, observed_sizes, plan_load
+from corral.routing.memory import GRAPH_BYTES, estimate_size, max_runners, observed_sizes, plan_load
 
 from tests.unit.qwen_fleet import GB, GIB, MODEL, agent, ps
 
@@ -125,3 +126,17 @@ def test_a_warm_agent_is_not_a_last_resort() -> None:
     warm = agent("warm", loaded=(ps(MODEL, 16 * GB, ctx=32768),), busy=(MODEL,), in_flight=1)
     spare = agent("spare", vram=12 * GIB)
     assert rank([spare, warm]) == ["warm", "spare"]
+
+
+def test_a_load_beyond_the_models_ollama_keeps_at_once_unloads_an_idle_one() -> None:
+    small = tuple(ps(f"small{i}:latest", 2 * GB) for i in range(3))
+    three = agent("three", vram=48 * GIB, loaded=small)  # Ollama's default on one GPU: 3 models
+    plan = load_plan(Route(MODEL), three)
+    assert plan.full and plan.evicts == ("small0:latest",)  # room enough, yet one of them goes
+    assert load_plan(Route(MODEL), agent("four", vram=48 * GIB, loaded=small, max_loaded=4)).evicts == ()
+    # the load goes where nothing has to make way for it
+    two = agent("two", vram=48 * GIB, loaded=small[:2])
+    assert rank([three, two]) == ["two", "three"]
+    two_gpus = msgspec.structs.replace(three, gpus=three.gpus * 2)
+    assert (max_runners(three), max_runners(two_gpus)) == (3, 6)  # three per GPU
+    assert load_plan(Route(MODEL), two_gpus).evicts == ()
