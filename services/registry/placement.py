@@ -43,7 +43,8 @@ from corral.protocol.messages import (
 from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects, usable_reply
 from corral.registry.replicas import ReplicaSettings, Replicator
-from corral.routing import LOAD_MARKER_TTL_S, Route, Router, marker_expired, warm
+from corral.routing import LOAD_MARKER_TTL_S, Route, Router, load_plan, marker_expired, warm
+from corral.routing.memory import with_loads
 from corral.runtime.fleet import FleetView
 from corral.transport import Transport
 from nats.aio.client import Client as NATS
@@ -190,7 +191,8 @@ class Placer:
             live = await self._live_marker(token, num_ctx, pin)
             if live is not None and any(a.id == live for a in holders):  # never one the pin excludes
                 return PlaceReply(agent=live, mine=False)
-            ranked = self._router.rank("auto", route, holders, {}, self.pinned)
+            # the loads this copy placed moments ago count, though the agents do not show them yet
+            ranked = self._router.rank("auto", route, [self._as_placed(a) for a in holders], {}, self.pinned)
             if not ranked:
                 return PlaceReply()
             choice = ranked[0].id
@@ -323,6 +325,18 @@ class Placer:
         )
 
     # -- demand-driven replicas (`corral.registry.replicas`) -----------------------------------------
+    def _as_placed(self, agent: AgentState) -> AgentState:
+        """``agent`` with the loads this copy placed there (its markers) that its state does not
+        show yet: they take its memory and count among the models its Ollama keeps."""
+        loads = []
+        for key, (value, _) in self._written.items():
+            if load_marker_decoder.decode(value).agent != agent.id:
+                continue
+            _, token, ctx, _pin = key.split(".", 3)
+            route = Route(key=decode_token(token), num_ctx=int(ctx) or None)
+            loads.append((route.key, load_plan(route, agent).size))
+        return with_loads(agent, loads) if loads else agent
+
     def placing(self, token: str) -> frozenset[str]:
         """Agents this copy placed a load of ``token`` on (any context or pin) whose marker it keeps."""
         prefix = f"loading.{token}."

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from corral.protocol.messages import AgentState
+import msgspec
+from corral.protocol.messages import AgentState, PsModel
 from corral.protocol.names import key_of
 from corral.protocol.runners import effective_ctx, kv_cache_bytes, loaded_size
 
@@ -35,6 +36,7 @@ __all__ = [
     "max_runners",
     "observed_sizes",
     "plan_load",
+    "with_loads",
 ]
 
 # Share of free VRAM a model may take when others stay loaded beside it (Ollama leaves headroom).
@@ -138,3 +140,20 @@ def _busy_keys(agent: AgentState) -> set[str]:
     if agent.busy_models or agent.in_flight + agent.queued == 0:
         return set(agent.busy_models)
     return {k for m in agent.loaded if (k := key_of(m.name)) is not None}
+
+
+def with_loads(agent: AgentState, loads: Iterable[tuple[str, int]]) -> AgentState:
+    """``agent`` as it will be once ``loads`` (model key, loaded size) have begun there: each listed
+    as a runner still loading (Ollama lists one in /api/ps from the moment its load begins), its
+    size taken from the GPU with the most free memory. For a placer that decides faster than agents
+    publish what it sent them."""
+    loaded, loading, gpus = list(agent.loaded), list(agent.loading), list(agent.gpus)
+    for key, size in loads:
+        if key in loading or any(key_of(m.name) == key for m in loaded):
+            continue
+        loaded.append(PsModel(name=key, model=key, size=size, digest="", expires_at="", size_vram=size))
+        loading.append(key)
+        if gpus:
+            i = max(range(len(gpus)), key=lambda j: gpus[j].vram_free)
+            gpus[i] = msgspec.structs.replace(gpus[i], vram_free=max(0, gpus[i].vram_free - size))
+    return msgspec.structs.replace(agent, loaded=tuple(loaded), loading=tuple(loading), gpus=tuple(gpus))

@@ -7,7 +7,14 @@ import pytest
 from corral import routing
 from corral.protocol.messages import AgentState
 from corral.routing import Route, Router, estimate_wait, fits, load_plan
-from corral.routing.memory import GRAPH_BYTES, estimate_size, max_runners, observed_sizes, plan_load
+from corral.routing.memory import (
+    GRAPH_BYTES,
+    estimate_size,
+    max_runners,
+    observed_sizes,
+    plan_load,
+    with_loads,
+)
 
 from tests.unit.qwen_fleet import GB, GIB, MODEL, agent, ps
 
@@ -140,3 +147,14 @@ def test_a_load_beyond_the_models_ollama_keeps_at_once_unloads_an_idle_one() -> 
     two_gpus = msgspec.structs.replace(three, gpus=three.gpus * 2)
     assert (max_runners(three), max_runners(two_gpus)) == (3, 6)  # three per GPU
     assert load_plan(Route(MODEL), two_gpus).evicts == ()
+
+
+def test_a_load_just_placed_takes_memory_and_a_place_before_the_agent_shows_it() -> None:
+    shown = agent("a", vram=24 * GIB, loaded=(ps("other:latest", 4 * GB),))
+    soon = with_loads(shown, [(MODEL, 15 * GB), ("other:latest", 4 * GB)])  # the second is loaded already
+    assert soon.loading == (MODEL,) and [m.name for m in soon.loaded] == ["other:latest", MODEL]
+    assert soon.gpus[0].vram_free == shown.gpus[0].vram_free - 15 * GB
+    assert load_plan(Route(MODEL), soon).size == load_plan(Route(MODEL), shown).size
+    eight = Route("eight:latest", model_size=8 * GB)
+    assert load_plan(eight, soon).evicts  # 15 GB more in use: room only by unloading
+    assert not load_plan(eight, shown).evicts
