@@ -334,7 +334,7 @@ class Placer:
                 continue
             _, token, ctx, _pin = key.split(".", 3)
             route = Route(key=decode_token(token), num_ctx=int(ctx) or None)
-            loads.append((route.key, load_plan(route, agent).size))
+            loads.append((route.key, int(ctx), load_plan(route, agent).size))
         return with_loads(agent, loads) if loads else agent
 
     def placing(self, token: str) -> frozenset[str]:

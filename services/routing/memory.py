@@ -142,18 +142,22 @@ def _busy_keys(agent: AgentState) -> set[str]:
     return {k for m in agent.loaded if (k := key_of(m.name)) is not None}
 
 
-def with_loads(agent: AgentState, loads: Iterable[tuple[str, int]]) -> AgentState:
-    """``agent`` as it will be once ``loads`` (model key, loaded size) have begun there: each listed
-    as a runner still loading (Ollama lists one in /api/ps from the moment its load begins), its
-    size taken from the GPU with the most free memory. For a placer that decides faster than agents
-    publish what it sent them."""
+def with_loads(agent: AgentState, loads: Iterable[tuple[str, int, int]]) -> AgentState:
+    """``agent`` as it will be once ``loads`` (model key, num_ctx or 0 for the default, loaded size)
+    have begun there: each listed as a runner still loading for that context (Ollama lists one in
+    /api/ps from the moment its load begins), its size taken from the GPU with the most free memory.
+    For a placer that decides faster than agents publish what it sent them."""
     loaded, loading, gpus = list(agent.loaded), list(agent.loading), list(agent.gpus)
-    for key, size in loads:
+    loading_ctx = dict(agent.loading_ctx)
+    for key, num_ctx, size in loads:
         if key in loading or any(key_of(m.name) == key for m in loaded):
             continue
         loaded.append(PsModel(name=key, model=key, size=size, digest="", expires_at="", size_vram=size))
         loading.append(key)
+        loading_ctx[key] = num_ctx
         if gpus:
             i = max(range(len(gpus)), key=lambda j: gpus[j].vram_free)
             gpus[i] = msgspec.structs.replace(gpus[i], vram_free=max(0, gpus[i].vram_free - size))
-    return msgspec.structs.replace(agent, loaded=tuple(loaded), loading=tuple(loading), gpus=tuple(gpus))
+    return msgspec.structs.replace(
+        agent, loaded=tuple(loaded), loading=tuple(loading), loading_ctx=loading_ctx, gpus=tuple(gpus)
+    )

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 from corral import routing
 from corral.protocol.messages import AgentState
-from corral.routing import Route, Router, estimate_wait, fits, load_plan
+from corral.routing import Route, Router, estimate_wait, fits, load_plan, loading_for
 from corral.routing.memory import (
     GRAPH_BYTES,
     estimate_size,
@@ -151,8 +151,10 @@ def test_a_load_beyond_the_models_ollama_keeps_at_once_unloads_an_idle_one() -> 
 
 def test_a_load_just_placed_takes_memory_and_a_place_before_the_agent_shows_it() -> None:
     shown = agent("a", vram=24 * GIB, loaded=(ps("other:latest", 4 * GB),))
-    soon = with_loads(shown, [(MODEL, 15 * GB), ("other:latest", 4 * GB)])  # the second is loaded already
+    soon = with_loads(shown, [(MODEL, 8192, 15 * GB), ("other:latest", 0, 4 * GB)])  # the second is loaded
     assert soon.loading == (MODEL,) and [m.name for m in soon.loaded] == ["other:latest", MODEL]
+    # the load is for its own context: a request at another one is not served by it
+    assert loading_for(Route(MODEL, num_ctx=8192), soon) and not loading_for(Route(MODEL), soon)
     assert soon.gpus[0].vram_free == shown.gpus[0].vram_free - 15 * GB
     assert load_plan(Route(MODEL), soon).size == load_plan(Route(MODEL), shown).size
     eight = Route("eight:latest", model_size=8 * GB)
