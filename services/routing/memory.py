@@ -12,8 +12,9 @@ Pure functions of fleet snapshots (`AgentState`), as Ollama's scheduler decides
   may load partially offloaded (the rest in system RAM, decoding much slower).
 - **Eviction.** When it does not fit, or the agent's Ollama already holds as many models as it keeps
   at once (``OLLAMA_MAX_LOADED_MODELS``, by default three per GPU: `max_runners`), Ollama unloads
-  loaded models one at a time, idle ones first, until it does (`plan_load`). A busy model's eviction waits for its requests to finish and then
-  reloads elsewhere or later: the plan says so, and routers avoid it (`LoadPlan.thrashes`).
+  loaded models one at a time, idle ones first, until it does (`plan_load`). A busy model's
+  eviction waits for its requests to finish and then reloads elsewhere or later: the plan says so,
+  and routers avoid it (`LoadPlan.thrashes`).
 """
 
 from __future__ import annotations

@@ -236,19 +236,12 @@ def _loaded_size(route: Route, agent: AgentState, observed: ObservedSizes) -> in
     return estimate_size(route.key, ctx, _size(route, agent), agent, observed)
 
 
-def _cold_plan(
-    route: Route, agent: AgentState, observed: ObservedSizes, known: LoadPlan | None = None
-) -> LoadPlan | None:
+def _cold_plan(route: Route, agent: AgentState, observed: ObservedSizes) -> LoadPlan | None:
     """`load_plan` where ``route``'s request needs a cold load on ``agent`` (no runner of the model,
-    no load of it under way); None elsewhere. ``known``: a plan already made for a load of the
-    model on this very state, taken when it is for the same loaded size (`plan_load` depends on
-    nothing else)."""
+    no load of it under way); None elsewhere."""
     if ready_runner(agent, route.key) is not None or route.key in agent.loading:
         return None
-    size = _loaded_size(route, agent, observed)
-    if known is not None and known.size == size:
-        return known
-    return plan_load(route.key, size, agent)
+    return plan_load(route.key, _loaded_size(route, agent, observed), agent)
 
 
 def _queue_wait(busy: int, parallel: int, request_s: float) -> float:
@@ -301,15 +294,12 @@ class Router:
         outstanding: Mapping[str, int],
         pinned: frozenset[str] = frozenset(),
         *,
-        plans: Mapping[str, LoadPlan] | None = None,
         observed_in: Sequence[AgentState] | None = None,
     ) -> list[AgentState]:
         """``agents`` (the model's usable holders) in the order to try them, best first.
 
         With ``route.strict`` only ``route.vendor``'s agents are returned. ``pinned``: model keys
-        kept warm, which ``auto`` spares from eviction as it spares busy ones. ``plans``: agent id →
-        a `load_plan` of ``route`` the caller already made on that agent's state in ``agents``;
-        ``auto`` takes it where its own estimate of the loaded size is the same. ``observed_in``:
+        kept warm, which ``auto`` spares from eviction as it spares busy ones. ``observed_in``:
         the agents whose runners and loads ``auto`` learns sizes and load times from (default
         ``agents``; more when ``agents`` is a subset of the model's holders). Raises `ValueError`
         for an unknown strategy.
@@ -347,8 +337,7 @@ class Router:
 
             return sorted(first, key=tier_key) + sorted(rest, key=tier_key)
         observed, loads = self._observations(agents if observed_in is None else observed_in)
-        known = plans or {}
-        planned = [(a, _cold_plan(route, a, observed, known.get(a.id))) for a in first + rest]
+        planned = [(a, _cold_plan(route, a, observed)) for a in first + rest]
         costs = _auto_costs(route, planned, outstanding, loads)
         last = _last_resorts(planned, pinned)
 

@@ -29,8 +29,8 @@ from typing import Final
 
 from corral.protocol.messages import AgentState
 from corral.routing.loads import observed_times
-from corral.routing.memory import LoadPlan, observed_sizes
-from corral.routing.model import LOADING_REMAINING, Router, load_plan, load_time
+from corral.routing.memory import observed_sizes
+from corral.routing.model import LOADING_REMAINING, Router, fits, load_time
 from corral.routing.route import Route, loading_for, warm
 
 __all__ = ["BACKLOG_PER_SLOT", "ReplicaPlan", "drain_s", "plan_replicas"]
@@ -95,16 +95,14 @@ def plan_replicas(
     serving: list[AgentState] = []
     loading: list[AgentState] = []
     spare: list[AgentState] = []
-    plans: dict[str, LoadPlan] = {}  # spare agent id → its load plan, for the ranking to reuse
     for a in holders:
         if warm(route, a):
             serving.append(a)
         elif loading_for(route, a) or a.id in starting:
             loading.append(a)
-        elif (fit := load_plan(route, a, sizes)).full and not fit.evicts:  # fits, evicting nothing
+        elif fits(route, a, sizes):  # entirely in VRAM, evicting nothing
             spare.append(a)
-            plans[a.id] = fit
-    ranked = Router().rank("auto", route, spare, {}, pinned, plans=plans, observed_in=holders)
+    ranked = Router().rank("auto", route, spare, {}, pinned, observed_in=holders)
     ready_s = {a.id: load_time(route, a, loads) for a in [*loading, *ranked]}
     groups = [(request_s, _slots(a)) for a in serving]
     groups += [(LOADING_REMAINING * ready_s[a.id], _slots(a)) for a in loading]

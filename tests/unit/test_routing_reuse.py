@@ -1,6 +1,6 @@
 """The auto cost path makes each thing once: a cold load's plan once per agent and ranking, the
-fleet's observations once per fleet snapshot, and `plan_replicas` reuses the plans it already made,
-without changing a ranking."""
+fleet's observations once per fleet snapshot, without changing a ranking; `plan_replicas` ranks its
+candidates on the observations its fit check used."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections import Counter
 import msgspec
 import pytest
 from corral.protocol.messages import AgentState, PsModel
-from corral.routing import Route, Router, load_plan, plan_replicas
+from corral.routing import Route, Router, plan_replicas
 from corral.routing import memory as memory_module
 from corral.routing import model as model_module
-from corral.routing.memory import LoadPlan, observed_sizes
+from corral.routing.memory import LoadPlan
 
 from tests.unit import qwen_fleet
 from tests.unit.qwen_fleet import GB, GIB, MODEL, agent
@@ -55,33 +55,6 @@ def test_rank_plans_a_cold_load_once_per_cold_agent(planned: Counter[str]) -> No
     assert planned == {"roomy": 1, "evicts": 1, "cramped": 1}  # none for the warm or loading agent
 
 
-def test_plan_replicas_plans_each_spare_agent_once(planned: Counter[str]) -> None:
-    # the serving runner reports no context, so it observes no size: every plan is at the estimate
-    fleet = [agent("serving", loaded=(ps(MODEL, 16 * GB, ctx=0),), load_s=0.5)]
-    fleet += [agent("s0"), agent("s1"), agent("full", vram=16 * GIB, loaded=(ps(OTHER, 4 * GB),))]
-    plan = plan_replicas(Route(MODEL), fleet, depth=20, request_s=4.0)
-    assert plan.candidates == ("s0", "s1") and plan.load == ("s0", "s1")
-    assert planned == {"s0": 1, "s1": 1, "full": 1}  # "full" would evict: planned, not a candidate
-
-
-def test_a_plan_made_for_another_loaded_size_is_not_reused() -> None:
-    # planned on a runner size seen elsewhere (10 GB), "cramped" fits; by the estimate it does not
-    cramped, roomy = agent("cramped", vram=14 * GIB), agent("roomy")
-    seen = observed_sizes([agent("w", loaded=(ps(MODEL, 10 * GB),))])
-    plans = {a.id: load_plan(Route(MODEL), a, seen) for a in (cramped, roomy)}
-    assert plans["cramped"].full  # reused, this plan would tie "cramped" with "roomy" and put it first
-    assert ids(Router().rank("auto", Route(MODEL), [cramped, roomy], {})) == ["roomy", "cramped"]
-    assert ids(Router().rank("auto", Route(MODEL), [cramped, roomy], {}, plans=plans)) == ["roomy", "cramped"]
-
-
-def test_a_plan_made_for_the_same_loaded_size_is_reused(planned: Counter[str]) -> None:
-    fleet = [agent("cramped", vram=14 * GIB), agent("roomy")]
-    plans = {a.id: load_plan(Route(MODEL), a) for a in fleet}
-    planned.clear()
-    assert ids(Router().rank("auto", Route(MODEL), fleet, {}, plans=plans)) == ["roomy", "cramped"]
-    assert planned == {}
-
-
 def test_observations_are_made_once_per_fleet_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: Counter[str] = Counter()
     sizes, loads = model_module.observed_sizes, model_module.observed_times
@@ -111,3 +84,12 @@ def test_a_changed_fleet_is_never_ranked_on_stale_observations() -> None:
     assert ids(router.rank("auto", Route(MODEL), fleet, {})) == ids(
         Router().rank("auto", Route(MODEL), fleet, {})
     )
+
+
+def test_replica_candidates_are_ranked_on_what_every_holder_observed() -> None:
+    # only the serving agent lists a runner of the model (10 GB at 32k): by it, "cramped" takes a
+    # replica whole, as the fit check found; by the estimate alone (~15.7 GB) it would spill and
+    # rank after "roomy"
+    serving = agent("serving", loaded=(ps(MODEL, 10 * GB),))
+    plan = plan_replicas(Route(MODEL), [serving, agent("roomy"), agent("cramped", vram=14 * GIB)], 20, 4.0)
+    assert plan.candidates == ("cramped", "roomy")  # equal costs: by id
