@@ -3,17 +3,18 @@ asks for.
 
 A pin (``corral pin MODEL --replicas N [--vendor V]``) is part of the policy record in the
 ``{root}_policy`` bucket (its ``pins`` field; `corral.views.status.Pin`), which every registry
-copy watches (`corral.runtime.policy.PolicyStore`). One copy acts on the pins: the one holding the ``pins.keeper`` lease in the views
-bucket, taken and renewed by compare-and-set (`corral.registry.lease`; a copy that stops renewing it
-for `LEASE_S` is replaced). On every change of the fleet, and at least every `CHECK_S`, that copy works out what
-each pin lacks (`plan`):
+copy watches (`corral.runtime.policy.PolicyStore`). One copy acts on the pins: the one holding the
+``pins.keeper`` lease in the views bucket, taken and renewed by compare-and-set
+(`corral.registry.lease`; a copy that stops renewing it for `LEASE_S` is replaced). On every change
+of the fleet, and at least every `CHECK_S`, that copy works out what each pin lacks (`plan`):
 
 - an active agent (of the pin's vendor) with a runner of the model counts as a replica; a
   draining or cordoned agent, or one that died, no longer does, so its replica is placed again;
 - a replica whose runner would expire is loaded again with ``keep_alive: -1``, which Ollama keeps
   loaded until it is told otherwise (https://github.com/ollama/ollama/blob/main/docs/faq.md);
-- missing replicas are loaded (a preload with ``keep_alive: -1``, `corral.registry.preload`) on the agents that have the model on disk, cheapest first by the routing cost model,
-  as cold loads are placed, sparing agents where the load would evict another pinned model.
+- missing replicas are loaded (a preload with ``keep_alive: -1``, `corral.registry.preload`) on
+  the agents that have the model on disk, cheapest first by the routing cost model, as cold loads
+  are placed, sparing agents where the load would evict another pinned model.
 
 Pinned models also count as busy for the placement of ordinary cold loads: the placer passes the
 pinned set to `corral.routing.Router.rank`, which ranks agents where a load would evict one last.

@@ -67,6 +67,12 @@ def marker_key(token: str, num_ctx: int | None, vendor: str | None = None) -> st
     return f"loading.{token}.{num_ctx or 0}.{vendor or 'any'}"
 
 
+def marker_route(key: str) -> Route:
+    """The model and context a `marker_key` is for; `ValueError` for a key that is not one."""
+    _, token, ctx, _pin = key.split(".")
+    return Route(key=decode_token(token), num_ctx=int(ctx) or None)
+
+
 __all__ = ["MARKERS", "Placer", "ReplicaSettings", "marker_key"]  # ReplicaSettings: for the registry
 
 
@@ -192,7 +198,7 @@ class Placer:
             if live is not None and any(a.id == live for a in holders):  # never one the pin excludes
                 return PlaceReply(agent=live, mine=False)
             # the loads this copy placed moments ago count, though the agents do not show them yet
-            ranked = self._router.rank("auto", route, [self._as_placed(a) for a in holders], {}, self.pinned)
+            ranked = self._router.rank("auto", route, self._as_placed(holders), {}, self.pinned)
             if not ranked:
                 return PlaceReply()
             choice = ranked[0].id
@@ -307,11 +313,23 @@ class Placer:
             log.debug("%d load markers done: deleted", pruned)
         return pruned
 
+    def _as_placed(self, holders: list[AgentState]) -> list[AgentState]:
+        """``holders`` with the loads this copy placed on them (its markers) that their states do
+        not show yet: they take memory and count among the models an agent's Ollama keeps."""
+        placed: dict[str, list[Route]] = {}
+        for key, (value, _) in self._written.items():
+            placed.setdefault(load_marker_decoder.decode(value).agent, []).append(marker_route(key))
+        return [
+            with_loads(a, [(r.key, r.num_ctx or 0, load_plan(r, a).size) for r in placed[a.id]])
+            if a.id in placed
+            else a
+            for a in holders
+        ]
+
     def _expired(self, key: str, value: bytes) -> bool:
         try:
-            _, token, ctx, _pin = key.split(".")
+            route = marker_route(key)
             m = load_marker_decoder.decode(value)
-            route = Route(key=decode_token(token), num_ctx=int(ctx) or None)
         except (ValueError, msgspec.DecodeError):  # not a marker this registry wrote: none to keep
             return True
         agent = self.fleet.get(m.agent)
@@ -325,18 +343,6 @@ class Placer:
         )
 
     # -- demand-driven replicas (`corral.registry.replicas`) -----------------------------------------
-    def _as_placed(self, agent: AgentState) -> AgentState:
-        """``agent`` with the loads this copy placed there (its markers) that its state does not
-        show yet: they take its memory and count among the models its Ollama keeps."""
-        loads = []
-        for key, (value, _) in self._written.items():
-            if load_marker_decoder.decode(value).agent != agent.id:
-                continue
-            _, token, ctx, _pin = key.split(".", 3)
-            route = Route(key=decode_token(token), num_ctx=int(ctx) or None)
-            loads.append((route.key, int(ctx), load_plan(route, agent).size))
-        return with_loads(agent, loads) if loads else agent
-
     def placing(self, token: str) -> frozenset[str]:
         """Agents this copy placed a load of ``token`` on (any context or pin) whose marker it keeps."""
         prefix = f"loading.{token}."
