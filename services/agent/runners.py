@@ -151,18 +151,17 @@ class RunnerTracker:
     ) -> RunnerChange:
         """Request ``rid`` finished with ``status``; one served at the default context on a model
         not yet warm shows, in the next reading, the context Ollama really gives such requests.
-        ``load_s``: how long the load took by its reply, kept when ``rid`` started the load;
-        ``ran_s``: how long Ollama took to answer it, load included (`request_s` keeps the rest)."""
+        ``load_s``: how long it waited for the model to load, by its reply (kept as the model's load
+        time when ``rid`` started the load); ``ran_s``: how long Ollama took to answer it, that wait
+        included (`request_s` keeps the rest)."""
         change = NOTHING
         key = decode_token(token)
-        loaded = (
-            load_s if self._loaders.pop(rid, None) == token and load_s is not None and load_s > 0 else 0.0
-        )
-        if loaded and status == 200:
-            self.load_s[key] = round(loaded, 3)
+        waited = load_s if load_s is not None and load_s > 0 else 0.0
+        if self._loaders.pop(rid, None) == token and waited and status == 200:
+            self.load_s[key] = round(waited, 3)
             change = RunnerChange(state=True)
         if status == 200 and ran_s > 0:
-            held = ran_s - loaded
+            held = ran_s - waited
             if held > 0:
                 samples = self._held.setdefault(key, deque(maxlen=REQUEST_SAMPLES))
                 samples.append(held)

@@ -23,9 +23,11 @@ def test_the_tracker_keeps_the_median_time_a_request_held_its_slot_without_its_l
     t.responded(TOKEN, "cold", 200)
     t.served(TOKEN, 0, 200, "cold", load_s=3.0, ran_s=3.5)
     assert t.request_s == {KEY: 0.5}
+    t.served(TOKEN, 0, 200, "waited", load_s=2.9, ran_s=3.6)  # sent during that load: it waited 2.9 s
+    assert t.request_s == {KEY: 0.6} and t.load_s == {KEY: 3.0}  # its wait is no load time of its own
     t.served(TOKEN, 0, 200, "warm-1", ran_s=0.7)
     t.served(TOKEN, 0, 200, "warm-2", ran_s=0.9)
-    assert t.request_s == {KEY: 0.7}  # the median of 0.5, 0.7 and 0.9
+    assert t.request_s == {KEY: 0.7}  # the median of 0.5, 0.7, 0.7 and 0.9
     t.served(TOKEN, 0, 500, "failed", ran_s=60.0)  # a failure says nothing of a slot's time
     t.served(TOKEN, 0, 200, "never-sent")  # no time at all
     assert t.request_s == {KEY: 0.7}
