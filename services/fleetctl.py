@@ -16,13 +16,13 @@ from typing import Any
 import msgspec
 import nats.errors
 from corral import views
-from corral.gateway.policy import POLICY_KEY, policy_decoder
 from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
 from corral.runtime.nats import NatsAuth, connect, ensure_buckets
+from corral.runtime.policy import POLICY_KEY, policy_decoder
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
 from corral.runtime.workqueue import depths

@@ -46,7 +46,7 @@ from collections.abc import Iterator
 from corral.gateway.autopull import AutoPuller
 from corral.gateway.metrics import LOAD, QUEUED, SESSION, WARM, Decision, GatewayMetrics, new_decision
 from corral.gateway.placement import Loads
-from corral.gateway.policy import Candidate, PolicyStore, candidates, quant_match, substitute
+from corral.gateway.policy import Candidate, candidates, quant_match, substitute
 from corral.gateway.queueing import FleetQueue
 from corral.gateway.sessions import Sessions
 from corral.gateway.settings import GatewaySettings
@@ -57,6 +57,7 @@ from corral.protocol.names import ANY_VENDOR
 from corral.protocol.priority import BATCH
 from corral.routing import Route, Router, estimate_wait, load, route_ctx, warm
 from corral.runtime.fleet import FleetView
+from corral.runtime.policy import PolicyStore
 from corral.transport import Outcome, Reply, Transport, WorkRequest
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
-"""Model aliases, fallbacks and pins: the rules (`Policy`, one KV record that ``corral alias``,
-``corral fallback`` and ``corral pin`` write), what they make of a request (`candidates`, `quant_match`, `substitute`),
-and `PolicyStore`, every gateway's live copy of the record (both at home in `corral.runtime.policy`,
-which the registry reads too).
+"""What the fleet's model rules make of a request: aliases, fallbacks and quantisation matches
+(`candidates`, `quant_match`, `substitute`). The rules themselves (`Policy`, one KV record that
+``corral alias``, ``corral fallback`` and ``corral pin`` write) and `PolicyStore`, every gateway's
+live copy of it, are in `corral.runtime.policy`, which the registry reads for the pins.
 
 - an **alias** serves a name no model has (``gpt-4o-mini``) with a model the fleet has
   (``llama3.1:8b``); it is followed once, never in a chain;
@@ -31,13 +31,7 @@ import msgspec
 from corral.protocol.errors import InvalidModelName
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ModelName, parse_name
-
-# the rules' record and its live copy live in `corral.runtime.policy`; named here too, as the CLIs know them
-from corral.runtime.policy import POLICY_KEY as POLICY_KEY
-from corral.runtime.policy import Policy as Policy
-from corral.runtime.policy import PolicyStore as PolicyStore
-from corral.runtime.policy import policy_decoder as policy_decoder
-from corral.runtime.policy import policy_encoder as policy_encoder
+from corral.runtime.policy import Policy, policy_encoder
 from corral.transport import WorkRequest
 
 log = logging.getLogger(__name__)

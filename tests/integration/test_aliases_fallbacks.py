@@ -15,9 +15,9 @@ import aiohttp
 import openai
 import pytest
 from corral.gateway.app import Gateway
-from corral.gateway.policy import Policy
 from corral.gateway.settings import GatewaySettings
 from corral.runtime.natsserver import NatsServer
+from corral.runtime.policy import Policy
 from corral.runtime.process import AsgiServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 from prometheus_client.parser import text_string_to_metric_families

@@ -15,7 +15,6 @@ from corral.gateway.metrics import Decision, new_decision
 from corral.gateway.planner import Planner
 from corral.gateway.policy import (
     Candidate,
-    Policy,
     candidates,
     quant_match,
     substitute,
@@ -25,6 +24,7 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import BadRequest, CorralError, ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState, ModelDetails, PsModel
 from corral.protocol.subjects import Subjects
+from corral.runtime.policy import Policy
 from corral.transport import Reply, WorkRequest, model_work
 
 RULES = Policy(
