@@ -38,6 +38,7 @@ from corral.protocol.priority import INTERACTIVE, capped, parse_priority
 from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
 from corral.runtime.fleet import FleetView
+from corral.runtime.kvwatch import watching
 from corral.runtime.nats import NatsAuth, Reopener, connect, ensure_buckets, watch_until
 from corral.runtime.policy import PolicyStore
 from corral.runtime.tasks import cancel_and_wait, supervise
@@ -213,8 +214,7 @@ class Gateway:
                 raise
 
     async def _watch_rates_once(self, kv: KeyValue) -> None:
-        watcher = await kv.watch(views.RATES_KEY)
-        try:
+        async with watching(kv, views.RATES_KEY) as watcher:
             async for entry in watcher:
                 if entry is None or not entry.value or entry.operation in ("DEL", "PURGE"):
                     continue
@@ -224,9 +224,6 @@ class Gateway:
                     log.warning("ignoring undecodable rates in the views bucket")
                     continue
                 self._rates_seen.set()
-        finally:
-            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
-                await watcher.stop()  # type: ignore[no-untyped-call]
 
     @property
     def rates(self) -> views.Rates | None:

@@ -9,16 +9,15 @@ Only hashes are stored (`corral.gateway.access`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
 import msgspec
-import nats.errors
 from corral.gateway.access import ApiKey, Role, api_key_decoder, hash_key, new_key, same_hash
 from corral.protocol.priority import Priority
 from corral.protocol.subjects import Subjects
+from corral.runtime.kvwatch import snapshot, watching
 from corral.runtime.nats import KEY_BUCKETS, open_bucket
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -99,17 +98,10 @@ async def revoke_key(kv: KeyValue, name: str) -> bool:
 async def _snapshot(kv: KeyValue) -> dict[str, ApiKey]:
     """Every record in the bucket now (a watch's initial values)."""
     out: dict[str, ApiKey] = {}
-    watcher = await kv.watch(">", ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            record = _decode(entry.key, entry.value)
-            if record is not None:
-                out[record.name] = record
-    finally:
-        with contextlib.suppress(nats.errors.Error):
-            await watcher.stop()  # type: ignore[no-untyped-call]
+    for entry in await snapshot(kv):
+        record = _decode(entry.key, entry.value)
+        if record is not None:
+            out[record.name] = record
     return out
 
 
@@ -159,8 +151,7 @@ class KeyStore:
         watch was down is gone), then each put and delete as it comes."""
         fresh: dict[str, ApiKey] | None = {}
         names: dict[str, str] = {}  # name → hash, to drop a revoked key's entry
-        watcher = await self.kv.watch(">")
-        try:
+        async with watching(self.kv) as watcher:
             async for entry in watcher:
                 if entry is None:  # the initial values are in
                     if fresh is not None:
@@ -181,6 +172,3 @@ class KeyStore:
                     if old is not None and entry.operation in ("DEL", "PURGE"):
                         log.info("API key %r revoked", entry.key)
                     self._changed.set()
-        finally:
-            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
-                await watcher.stop()  # type: ignore[no-untyped-call]

@@ -21,6 +21,7 @@ import msgspec
 import nats.errors
 from corral.gateway.access import ApiKey, Window, over_limit, retry_after, window_decoder, window_of
 from corral.protocol.names import decode_token, encode_token, is_token
+from corral.runtime.kvwatch import snapshot
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -213,15 +214,9 @@ class UsageBook:
 async def read_usage(kv: KeyValue, name: str | None = None) -> list[Usage]:
     """Every usage row (of key ``name``, when given), oldest period first."""
     rows: list[Usage] = []
-    watcher = await kv.watch(f"{name}.>" if name else ">", ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            try:
-                rows.append(usage_decoder.decode(entry.value or b""))
-            except msgspec.DecodeError:
-                log.warning("ignoring an undecodable usage row %r", entry.key)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
+    for entry in await snapshot(kv, f"{name}.>" if name else ">"):
+        try:
+            rows.append(usage_decoder.decode(entry.value or b""))
+        except msgspec.DecodeError:
+            log.warning("ignoring an undecodable usage row %r", entry.key)
     return sorted(rows, key=lambda r: (r.key, r.period, r.model))

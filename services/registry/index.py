@@ -37,6 +37,7 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, agent_state_of
 from corral.protocol.names import encode_token, key_of
+from corral.runtime.kvwatch import snapshot, watching
 from corral.runtime.nats import watch_forever
 from corral.runtime.tasks import cancel_and_wait, supervise
 from nats.js.errors import APIError, KeyNotFoundError
@@ -155,9 +156,8 @@ class ModelIndexWriter:
         await watch_forever(self._watch, self._rewatch)
 
     async def _watch(self) -> None:
-        watcher = await self._agents_kv.watchall()
         seen: set[str] | None = set()  # the snapshot's agents, until it ends
-        try:
+        async with watching(self._agents_kv) as watcher:
             async for entry in watcher:
                 if entry is None:  # end of the initial snapshot: write once even if nothing is held
                     for gone in set(self._agents) - (seen or set()):
@@ -175,9 +175,6 @@ class ModelIndexWriter:
                         self.observe(entry.key, agent_state_of(entry.key, entry.value))
                     except msgspec.DecodeError as e:
                         log.warning("model index: ignoring agent state for %s: %s", entry.key, e)
-        finally:
-            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
-                await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def _loop(self) -> None:
         while not self._stopping:
@@ -239,14 +236,4 @@ class ModelIndexWriter:
 
     async def _load(self) -> dict[str, tuple[int, bytes]]:
         """The ``model.*`` entries in the bucket now (a restarted registry rewrites none of them)."""
-        stored: dict[str, tuple[int, bytes]] = {}
-        watcher = await self._kv.watch(PREFIX + ">", ignore_deletes=True)
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                stored[entry.key] = (entry.revision or 0, entry.value or b"")
-        finally:
-            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
-                await watcher.stop()  # type: ignore[no-untyped-call]
-        return stored
+        return {e.key: (e.revision or 0, e.value or b"") for e in await snapshot(self._kv, PREFIX + ">")}

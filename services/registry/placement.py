@@ -46,6 +46,7 @@ from corral.registry.replicas import ReplicaSettings, Replicator
 from corral.routing import LOAD_MARKER_TTL_S, Route, Router, load_plan, marker_expired, warm
 from corral.routing.memory import with_loads
 from corral.runtime.fleet import FleetView
+from corral.runtime.kvwatch import snapshot
 from corral.transport import Transport
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -283,18 +284,11 @@ class Placer:
 
     async def _markers(self) -> list[tuple[str, bytes, int]]:
         """(key, value, revision) of every load marker in the bucket now."""
-        markers: list[tuple[str, bytes, int]] = []
-        watcher = await self.kv.watch(MARKERS, ignore_deletes=True)  # the markers there now, then None
-        try:
-            while True:
-                entry = await watcher.updates(timeout=MARKER_CHECK_S * 5)  # type: ignore[no-untyped-call]
-                if entry is None:
-                    break
-                if entry.value and entry.revision is not None:
-                    markers.append((entry.key, entry.value, entry.revision))
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
-        return markers
+        return [
+            (e.key, e.value, e.revision)
+            for e in await snapshot(self.kv, MARKERS, timeout=MARKER_CHECK_S * 5)
+            if e.value and e.revision is not None
+        ]
 
     async def _prune(self, markers: list[tuple[str, bytes, int]]) -> int:
         pruned = 0

@@ -40,6 +40,7 @@ from corral.registry.placement import Placer, ReplicaSettings
 from corral.registry.pulls import FleetPulls
 from corral.registry.settings import RegistrySettings
 from corral.runtime.fleet import SILENT_RESTART_S, STALE_HEARTBEATS, FleetView, received_at
+from corral.runtime.kvwatch import watching
 from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets, watch_until
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.transport import Transport
@@ -182,12 +183,11 @@ class Registry:
         """One watch: its snapshot (agents known but missing from it are gone), then every change
         until it is silent for `SILENT_RESTART_S` (a NATS restart replaced the bucket under it)."""
         assert self._buckets is not None
-        watcher = await self._buckets.agents.watchall()
         seen: set[str] | None = set()  # the snapshot's agents, until it ends
-        try:
+        async with watching(self._buckets.agents) as watcher:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=SILENT_RESTART_S)  # type: ignore[no-untyped-call]
+                    entry = await watcher.updates(timeout=SILENT_RESTART_S)
                 except nats.errors.TimeoutError:  # agents heartbeat: a NATS restart replaced the bucket
                     return
                 if entry is None:
@@ -198,9 +198,6 @@ class Registry:
                 await self._seen(entry, snapshot=seen is not None)
                 if seen is not None:
                     seen.add(entry.key)
-        finally:
-            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
-                await watcher.stop()  # type: ignore[no-untyped-call]
 
     async def _forget_missing(self, seen: set[str]) -> None:
         """After a snapshot: agents it lacks are gone — unless heard within their liveness window.

@@ -8,7 +8,6 @@ a key (`corral.protocol.names.key_of`) is indexed under none: no request is rout
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import time
@@ -18,6 +17,7 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, agent_state_of
 from corral.protocol.names import key_of
+from corral.runtime.kvwatch import watching
 from corral.runtime.nats import watch_forever
 from corral.runtime.tasks import cancel_and_wait, supervise
 from nats.js.kv import KeyValue
@@ -87,12 +87,11 @@ class FleetView:
         """One watch: the snapshot (agents it lacks are gone), then updates until it is silent for
         `SILENT_RESTART_S` (agents heartbeat more often: a NATS restart may have replaced the
         bucket under it, and the watch would never hear of it)."""
-        watcher = await self._kv.watchall()
         seen: set[str] | None = set()  # the agents of the snapshot, until it ends
-        try:
+        async with watching(self._kv) as watcher:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=SILENT_RESTART_S)  # type: ignore[no-untyped-call]
+                    entry = await watcher.updates(timeout=SILENT_RESTART_S)
                 except nats.errors.TimeoutError:
                     return
                 if entry is None:  # end of the initial snapshot
@@ -113,9 +112,6 @@ class FleetView:
                         continue
                     self._heard[entry.key] = received_at(entry, snapshot=seen is not None)
                 self._notify()
-        finally:
-            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
-                await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _forget_missing(self, seen: set[str]) -> None:
         """After a snapshot: agents it lacks are gone — unless heard within their liveness window.

@@ -6,13 +6,12 @@ the policy bucket) that ``corral alias``, ``corral fallback`` and ``corral pin``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Final
 
 import msgspec
-import nats.errors
+from corral.runtime.kvwatch import watching
 from corral.runtime.nats import watch_forever
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.views.status import Pin
@@ -79,8 +78,7 @@ class PolicyStore:
         await watch_forever(self.watch_once, self._restart)
 
     async def watch_once(self) -> None:
-        watcher = await self.kv.watch(POLICY_KEY)
-        try:
+        async with watching(self.kv, POLICY_KEY) as watcher:
             async for entry in watcher:
                 if entry is None:  # the initial value is in (None when there is none)
                     self.loaded.set()
@@ -102,6 +100,3 @@ class PolicyStore:
                 if self._on_change is not None:
                     self._on_change(self.policy)
                 self._changed.set()
-        finally:
-            with contextlib.suppress(nats.errors.Error):  # the connection is closing under us
-                await watcher.stop()  # type: ignore[no-untyped-call]

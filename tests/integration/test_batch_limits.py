@@ -9,6 +9,7 @@ import pytest
 from corral.gateway.access import Window
 from corral.gateway.keys import create_key, open_key_buckets
 from corral.protocol.subjects import Subjects
+from corral.runtime.kvwatch import snapshot
 from corral.runtime.natsserver import NatsServer
 from corral.up import LocalFleet
 from nats.js.kv import KeyValue
@@ -22,17 +23,8 @@ pytestmark = pytest.mark.integration
 
 async def tokens_counted(kv: KeyValue, name: str) -> int:
     """The tokens every per-minute window of key ``name`` holds (a batch may span two minutes)."""
-    total = 0
-    watcher = await kv.watch(f"{name}.>")
-    try:
-        async for entry in watcher:
-            if entry is None:  # every current window is in
-                break
-            if entry.value:
-                total += msgspec.json.decode(entry.value, type=Window).tokens
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return total
+    windows = await snapshot(kv, f"{name}.>")
+    return sum(msgspec.json.decode(e.value, type=Window).tokens for e in windows if e.value)
 
 
 async def test_a_batch_lines_tokens_count_in_its_keys_tokens_per_minute(

@@ -7,6 +7,7 @@ import time
 
 import ollama
 from corral.registry.placement import MARKERS
+from corral.runtime.kvwatch import watch
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.js.kv import KeyValue
@@ -19,7 +20,7 @@ async def _markers_fall_to(kv: KeyValue, bound: int, timeout: float) -> int:
     """Wait, woken by each write or delete of a marker (a KV watch, no polling), until at most
     ``bound`` markers are left; how many are."""
     live: set[str] = set()
-    watcher = await kv.watch(MARKERS)
+    watcher = await watch(kv, MARKERS)
     deadline = time.monotonic() + timeout
     synced = False
     try:

@@ -11,6 +11,7 @@ import nats
 import pytest
 from corral.protocol.subjects import Subjects
 from corral.registry.index import ModelEntry, ModelIndexWriter, model_index
+from corral.runtime.kvwatch import snapshot
 from corral.runtime.nats import ensure_buckets
 from corral.runtime.natsserver import NatsServer
 from nats.js.kv import KeyValue
@@ -32,14 +33,7 @@ async def bucket(nats_server: NatsServer, root: str) -> AsyncIterator[tuple[KeyV
 
 
 async def contents(kv: KeyValue) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    watcher = await kv.watchall(ignore_deletes=True)
-    async for entry in watcher:
-        if entry is None:
-            break
-        out[entry.key] = entry.value or b""
-    await watcher.stop()  # type: ignore[no-untyped-call]
-    return out
+    return {e.key: e.value or b"" for e in await snapshot(kv)}
 
 
 def encoded(index: dict[str, ModelEntry]) -> dict[str, bytes]:

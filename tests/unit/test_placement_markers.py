@@ -15,6 +15,7 @@ from corral.gateway.placement import Loads
 from corral.protocol.messages import AgentState, LoadMarker, PsModel, TagModel
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
+from corral.registry import placement
 from corral.registry.placement import Placer, marker_key
 from corral.routing import Route, marker_expired, route_ctx
 from corral.transport import WorkRequest
@@ -114,15 +115,14 @@ class Entry:
     key: str = ""
 
 
-class Watcher:
-    def __init__(self, entries: list[Entry]) -> None:
-        self.entries = [*entries, None]
+@pytest.fixture(autouse=True)
+def listing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The placer lists markers with `corral.runtime.kvwatch.snapshot`: here, the fake's listing."""
 
-    async def updates(self, timeout: float) -> Entry | None:
-        return self.entries.pop(0)
+    async def snapshot(kv: KV, keys: str, *, timeout: float | None = None) -> list[Entry]:
+        return kv.listing(keys)
 
-    async def stop(self) -> None:
-        pass
+    monkeypatch.setattr(placement, "snapshot", snapshot)
 
 
 class KV:
@@ -138,12 +138,12 @@ class KV:
         self.revision += 1
         self.entries[key] = Entry(msgspec.json.encode(marker), self.revision, key)
 
-    async def watch(self, keys: str, ignore_deletes: bool) -> Watcher:
-        assert keys == "loading.>" and ignore_deletes
+    def listing(self, keys: str) -> list[Entry]:
+        assert keys == "loading.>"
         listed = [Entry(e.value, e.revision, k) for k, e in self.entries.items()]
         if self.overwrite is not None:
             self.put(self.overwrite, LoadMarker(agent="b", at=time.time()))
-        return Watcher(listed)
+        return listed
 
     async def get(self, key: str) -> Entry:
         if key not in self.entries:
@@ -199,10 +199,10 @@ async def test_the_markers_this_registry_wrote_are_pruned_without_listing_the_bu
     assert await p._claim(token, 4096, "b") is None  # under way at b
     kv.put(marker_key(token, 8192), LoadMarker(agent="gone", at=time.time()))  # another registry's
 
-    async def no_listing(keys: str, ignore_deletes: bool) -> Watcher:
+    def no_listing(keys: str) -> list[Entry]:
         raise AssertionError("listed the bucket")
 
-    kv.watch = no_listing  # type: ignore[method-assign]
+    kv.listing = no_listing  # type: ignore[method-assign]
     assert await p.prune_markers(mine=True) == 1
     assert sorted(kv.entries) == sorted([marker_key(token, 4096), marker_key(token, 8192)])
     assert await p.prune_markers(mine=True) == 0  # the deleted one is forgotten

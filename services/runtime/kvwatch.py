@@ -1,0 +1,230 @@
+"""A JetStream key-value watch whose end-of-snapshot marker can be trusted.
+
+A watch (NATS ADR-8) delivers the latest value of every matching key, then a ``None`` marker,
+then every later change. Readers lean on that marker: a snapshot read stops at it, and a cache
+(the gateway's API keys, the fleet view, the policy) counts itself loaded when it comes.
+
+nats-py's ``KeyValue.watch`` can send the marker before the snapshot has arrived
+(nats-io/nats.py#842): it compares the server's count of messages still to send with the number
+its own callback has processed, and messages the server has already sent but the client has not
+yet handed to that callback are counted by neither. A reader then sees an empty or partial
+bucket: ``corral keys usage`` printed an empty table, and a cache could count itself loaded
+without a key in it. A lone per-message ``num_pending`` of 0 is no proof either: under
+concurrent writes it can reach 0 and rise again.
+
+Here the snapshot's size comes from the server alone: the consumer's messages already delivered
+plus those pending when it is first asked (`Catchup`). Every message counts toward it, deletes
+and markers a reader asked to skip included, and the marker follows the last of them. Messages
+counted there can vanish before they are sent (a purge, an expiry); the marker then follows the
+message that reported nothing pending once `SETTLE_S` has passed with no other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+from nats.js import api
+from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
+
+SETTLE_S = 1.0
+"""How long a watch short of its snapshot's size waits, after a message said nothing more was
+pending, before it takes the rest as removed and sends the marker anyway."""
+
+LIVE_INACTIVE_S = 5 * 60.0
+"""How long the server keeps a watch's consumer once nobody listens: a live watch's client may be
+away for a while and resume. A snapshot's consumer goes after `SNAPSHOT_INACTIVE_S` (read once,
+then stopped; kept longer, frequent listings would pile up consumers on the stream)."""
+SNAPSHOT_INACTIVE_S = 5.0
+
+_QUEUE = 256  # entries a slow reader may lag behind; the subscription waits beyond that
+
+_MARKER_OPS = {"MaxAge": KV_PURGE, "Purge": KV_PURGE, "Remove": KV_DEL}  # nats-server 2.11+ markers
+
+Entry = KeyValue.Entry
+
+
+@dataclass
+class Catchup:
+    """When a watch's snapshot is complete; pure state, fed by the watch.
+
+    ``size`` is what the server counted when asked after the consumer began: messages it had
+    delivered plus those pending. The snapshot is complete once that many have arrived, or once
+    the latest one reported nothing pending and `SETTLE_S` passed with no other (those counted
+    were removed before they were sent).
+    """
+
+    size: int | None = None  # unknown until the consumer's info is in
+    received: int = 0
+    drained: bool = False  # the latest message reported nothing pending
+    done: bool = False
+
+    def sized(self, size: int) -> bool:
+        """The server's count is in; True when that already completes the snapshot."""
+        self.size = size
+        return self._check()
+
+    def message(self, pending: int) -> bool:
+        """One more message, reporting ``pending`` after it; True when it completes the snapshot."""
+        self.received += 1
+        self.drained = pending == 0
+        return self._check()
+
+    def settled(self) -> bool:
+        """`SETTLE_S` passed with no message; True when that completes the snapshot."""
+        if self.done or self.size is None or not self.drained:
+            return False
+        self.done = True
+        return True
+
+    def _check(self) -> bool:
+        if self.done or self.size is None or self.received < self.size:
+            return False
+        self.done = True
+        return True
+
+
+def operation(headers: dict[str, str] | None) -> str | None:
+    """A message's KV operation: None for a value, ``DEL``/``PURGE``, or ``?`` for a marker of a
+    reason this version does not know (skipped like nats-py does)."""
+    if not headers:
+        return None
+    if KV_OP in headers:
+        return headers[KV_OP]
+    if KV_MARKER_REASON in headers:
+        return _MARKER_OPS.get(headers[KV_MARKER_REASON], "?")
+    return None
+
+
+class KvWatch:
+    """The entries under one key pattern: the snapshot, ``None``, then each change.
+
+    Read with ``async for`` or `updates` (which raises ``nats.errors.TimeoutError`` like
+    nats-py's watcher); `stop` ends it and is safe to call twice. Use `watch` to open one.
+    """
+
+    def __init__(self, kv: KeyValue, keys: str, *, ignore_deletes: bool, inactive_s: float) -> None:
+        # nats-py keeps a bucket's stream, subject prefix and JetStream context private; they
+        # are read here and nowhere else (tests/integration/test_kvwatch.py runs this on a server)
+        self._kv = kv
+        self._subject = f"{kv._pre}{keys}"
+        self._ignore_deletes = ignore_deletes
+        self._inactive_s = inactive_s
+        self._queue: asyncio.Queue[Entry | None] = asyncio.Queue(maxsize=_QUEUE)
+        self._catchup = Catchup()
+        self._sized = asyncio.Event()
+        self._heard = 0.0  # loop time of the latest message (or of the start)
+        self._sub: Any = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        js = self._kv._js
+        self._sub = await js.subscribe(
+            self._subject,
+            stream=self._kv._stream,
+            cb=self._on_message,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=self._inactive_s,
+        )
+        try:
+            info = await self._sub.consumer_info()
+        except BaseException:
+            await self.stop()
+            raise
+        self._heard = asyncio.get_running_loop().time()
+        if self._catchup.sized(info.delivered.consumer_seq + info.num_pending):
+            await self._queue.put(None)
+        self._sized.set()
+
+    async def _on_message(self, msg: Any) -> None:
+        await self._sized.wait()  # messages may come before the server's count is in
+        self._heard = asyncio.get_running_loop().time()
+        meta = msg.metadata
+        op = operation(msg.headers)
+        if op != "?" and not (self._ignore_deletes and op in (KV_DEL, KV_PURGE)):
+            entry = Entry(
+                bucket=self._kv._name,
+                key=msg.subject[len(self._kv._pre) :],
+                value=msg.data,
+                revision=meta.sequence.stream,
+                delta=meta.num_pending,
+                created=meta.timestamp,
+                operation=op,
+            )
+            await self._queue.put(entry)
+        if self._catchup.message(meta.num_pending):
+            await self._queue.put(None)
+
+    async def updates(self, timeout: float | None = None) -> Entry | None:
+        """The next entry, or ``None`` once, where the snapshot ends."""
+        if self._stopped:
+            raise nats.errors.TimeoutError  # nothing more will come
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
+        while True:
+            wait = None if end is None else end - loop.time()
+            if not self._catchup.done and self._catchup.drained:
+                settle = self._heard + SETTLE_S - loop.time()
+                wait = settle if wait is None else min(wait, settle)
+            try:
+                async with asyncio.timeout(max(wait, 0.0) if wait is not None else None):
+                    return await self._queue.get()
+            except TimeoutError:
+                if self._queue.empty() and loop.time() >= self._heard + SETTLE_S and self._catchup.settled():
+                    return None
+                if end is not None and loop.time() >= end:
+                    raise nats.errors.TimeoutError from None
+
+    def __aiter__(self) -> KvWatch:
+        return self
+
+    async def __anext__(self) -> Entry | None:
+        if self._stopped:
+            raise StopAsyncIteration
+        return await self.updates()
+
+    async def stop(self) -> None:
+        """Unsubscribe; a connection already closing is no error here."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+
+
+async def watch(
+    kv: KeyValue, keys: str = ">", *, ignore_deletes: bool = False, inactive_s: float = LIVE_INACTIVE_S
+) -> KvWatch:
+    """Open a watch of ``keys`` in ``kv`` (see `KvWatch`); the caller stops it."""
+    watcher = KvWatch(kv, keys, ignore_deletes=ignore_deletes, inactive_s=inactive_s)
+    await watcher.start()
+    return watcher
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    kv: KeyValue, keys: str = ">", *, ignore_deletes: bool = False, inactive_s: float = LIVE_INACTIVE_S
+) -> AsyncIterator[KvWatch]:
+    """`watch` as a context manager: stopped on the way out, however the block ends."""
+    watcher = await watch(kv, keys, ignore_deletes=ignore_deletes, inactive_s=inactive_s)
+    try:
+        yield watcher
+    finally:
+        await watcher.stop()
+
+
+async def snapshot(kv: KeyValue, keys: str = ">", *, timeout: float | None = None) -> list[Entry]:
+    """The current value of every key matching ``keys`` (deleted keys left out), in stream order.
+
+    ``timeout`` bounds the wait for each entry; nats.errors.TimeoutError when it passes."""
+    out: list[Entry] = []
+    async with watching(kv, keys, ignore_deletes=True, inactive_s=SNAPSHOT_INACTIVE_S) as watcher:
+        while (entry := await watcher.updates(timeout)) is not None:
+            out.append(entry)
+    return out

@@ -1,0 +1,117 @@
+"""`corral.runtime.kvwatch` on a real JetStream KV bucket: a snapshot holds every live key, a
+watch's marker comes once after it, and a snapshot's consumer does not outlive it for long."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from corral.runtime.kvwatch import LIVE_INACTIVE_S, SNAPSHOT_INACTIVE_S, snapshot, watching
+from corral.runtime.natsserver import NatsServer
+from nats.aio.client import Client as NATS
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    client = await nats.connect(nats_server.url)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
+async def kv(nc: NATS, root: str) -> KeyValue:
+    return await nc.jetstream().create_key_value(KeyValueConfig(bucket=root, history=3))
+
+
+async def test_an_empty_bucket_snapshot_is_empty(kv: KeyValue) -> None:
+    assert await snapshot(kv, timeout=5.0) == []
+
+
+async def test_a_snapshot_holds_the_latest_value_of_each_live_key(kv: KeyValue) -> None:
+    await kv.put("a.one", b"1")
+    await kv.put("a.two", b"2")
+    await kv.put("a.one", b"1b")
+    await kv.put("b.three", b"3")
+    await kv.put("a.gone", b"x")
+    await kv.delete("a.gone")  # the stream's last message is a delete marker
+    got = {e.key: e.value for e in await snapshot(kv, timeout=5.0)}
+    assert got == {"a.one": b"1b", "a.two": b"2", "b.three": b"3"}
+    assert {e.key for e in await snapshot(kv, "a.>", timeout=5.0)} == {"a.one", "a.two"}
+    await kv.purge("b.three")
+    assert {e.key for e in await snapshot(kv, "b.>", timeout=5.0)} == set()
+
+
+async def test_a_snapshot_beside_a_writer_has_every_key_written_before_it(kv: KeyValue) -> None:
+    """Writes going on while it is read: whatever was there when it began is in it."""
+    for i in range(50):
+        await kv.put(f"k{i}", b"v")
+    stop = asyncio.Event()
+
+    async def write() -> None:
+        i = 0
+        while not stop.is_set():
+            await kv.put(f"w{i % 20}", str(i).encode())
+            i += 1
+
+    writer = asyncio.create_task(write())
+    try:
+        for _ in range(20):
+            keys = {e.key for e in await snapshot(kv, timeout=5.0)}
+            assert {f"k{i}" for i in range(50)} <= keys
+    finally:
+        stop.set()
+        await writer
+
+
+async def test_a_watch_gives_the_snapshot_then_one_marker_then_every_change(kv: KeyValue) -> None:
+    await kv.put("x", b"1")
+    await kv.put("y", b"2")
+    async with watching(kv) as w:
+        first = [await w.updates(5.0), await w.updates(5.0)]
+        assert sorted((e.key, e.value) for e in first if e is not None) == [("x", b"1"), ("y", b"2")]
+        assert await w.updates(5.0) is None
+        await kv.put("x", b"3")
+        await kv.delete("y")
+        changed = await w.updates(5.0)
+        assert changed is not None and (changed.key, changed.value, changed.operation) == ("x", b"3", None)
+        deleted = await w.updates(5.0)
+        assert deleted is not None and (deleted.key, deleted.operation) == ("y", "DEL")
+        with pytest.raises(nats.errors.TimeoutError):
+            await w.updates(0.2)  # nothing more, and no second marker
+
+
+async def test_a_watch_of_nothing_marks_its_end_at_once_then_follows(kv: KeyValue) -> None:
+    async with watching(kv, "z.>") as w:
+        assert await w.updates(5.0) is None
+        await kv.put("z.1", b"a")
+        entry = await w.updates(5.0)
+        assert entry is not None and entry.key == "z.1"
+
+
+async def test_a_stopped_watch_ends_its_iteration(kv: KeyValue) -> None:
+    async with watching(kv) as w:
+        await w.stop()
+        await w.stop()  # twice is no error
+        assert [e async for e in w] == []
+
+
+async def test_a_snapshots_consumer_is_short_lived_and_a_live_watchs_is_not(
+    nc: NATS, kv: KeyValue, root: str
+) -> None:
+    """A snapshot's consumer goes soon after its reader stops listening (so frequent listings do
+    not pile consumers up on the stream); a live watch's waits out a client's absence."""
+    stream, jsm = f"KV_{root}", nc.jsm()
+    async with watching(kv, inactive_s=SNAPSHOT_INACTIVE_S):
+        (info,) = await jsm.consumers_info(stream)
+        assert info.config.inactive_threshold == SNAPSHOT_INACTIVE_S
+    async with watching(kv):
+        infos = await jsm.consumers_info(stream)
+        assert LIVE_INACTIVE_S in {i.config.inactive_threshold for i in infos}

@@ -1,0 +1,60 @@
+"""When a KV watch's snapshot is complete (`Catchup`): the server's count, not the client's."""
+
+from __future__ import annotations
+
+from corral.runtime.kvwatch import Catchup, operation
+
+
+def test_the_snapshot_ends_after_as_many_messages_as_the_server_counted() -> None:
+    c = Catchup()
+    assert not c.message(pending=2)  # messages may come before the server's count is in
+    assert not c.sized(3)
+    assert not c.message(pending=1)
+    assert c.message(pending=0)
+    assert c.done and not c.message(pending=0)  # once only
+
+
+def test_a_count_reached_before_it_was_known_ends_the_snapshot_when_it_is() -> None:
+    """The server had sent every message before it answered how many there were (the case
+    nats-py's watch ends too early on: it counts only the messages its callback has handled)."""
+    c = Catchup()
+    for pending in (2, 1, 0):
+        assert not c.message(pending)
+    assert c.sized(3)
+
+
+def test_an_empty_watch_ends_at_once() -> None:
+    assert Catchup().sized(0)
+
+
+def test_nothing_pending_is_not_the_end_while_the_count_is_short() -> None:
+    """Under concurrent writes a message can report 0 pending and more follow behind it."""
+    c = Catchup()
+    c.sized(4)
+    assert not c.message(pending=0)
+    assert not c.message(pending=1)
+    assert not c.message(pending=0)
+    assert c.message(pending=3)  # the fourth: the count, whatever it reports
+
+
+def test_settling_ends_a_snapshot_whose_counted_messages_vanished() -> None:
+    """A purge or an expiry can remove messages after the server counted them."""
+    c = Catchup()
+    c.sized(5)
+    assert not c.settled()  # nothing came yet: no message has said nothing more is pending
+    c.message(pending=3)
+    assert not c.settled()  # more to come by its own account
+    c.message(pending=0)
+    assert c.settled() and c.done
+    assert not c.settled()
+
+
+def test_operation_reads_kv_headers_and_server_markers() -> None:
+    assert operation(None) is None
+    assert operation({}) is None
+    assert operation({"KV-Operation": "DEL"}) == "DEL"
+    assert operation({"KV-Operation": "PURGE"}) == "PURGE"
+    assert operation({"Nats-Marker-Reason": "MaxAge"}) == "PURGE"
+    assert operation({"Nats-Marker-Reason": "Purge"}) == "PURGE"
+    assert operation({"Nats-Marker-Reason": "Remove"}) == "DEL"
+    assert operation({"Nats-Marker-Reason": "Later"}) == "?"
