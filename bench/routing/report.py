@@ -12,7 +12,7 @@ from typing import Any
 from corral.simulator import SimConfig
 
 from bench.common import fmt, percentile, table
-from bench.routing.ideal import Job, ideal_p95
+from bench.routing.ideal import Job, beside, ideal_p95
 from bench.routing.results import RunResult, sample_json
 from bench.routing.workloads import Workload
 
@@ -104,10 +104,12 @@ def peer_line(summaries: dict[str, dict[str, Any]], peer: str) -> str:
 
 
 def focus_line(
-    model: str, results: Sequence[RunResult], sims: Sequence[SimConfig] = ()
+    model: str, results: Sequence[RunResult], sims: Sequence[SimConfig] = (), loaded: Sequence[str] = ()
 ) -> tuple[str, dict[str, float]]:
     """The TTFT p95 of ``model``'s requests alone under each policy, with auto's ratio to each, and
-    (given the fleet's ``sims``) the `ideal` schedule's for the same requests."""
+    (given the fleet's ``sims``) the `ideal` schedule's for the same requests; with ``loaded`` (the
+    busy models already loaded everywhere), also the ideal of a first-come-first-served router that
+    evicts none of them (``ideal_fcfs_beside``)."""
     p95 = {r.policy: percentile([s.ttft for s in r.ok if s.model == model], 95) for r in results}
     parts = []
     for policy, v in p95.items():
@@ -125,6 +127,14 @@ def focus_line(
             f"once, nothing to evict, slots refilled instantly, shortest reply first): TTFT p95 "
             f"{fmt(best)} s"
         )
+        room = beside(sims, model, loaded) if loaded else []
+        if room:
+            fair = ideal_p95(room, model, jobs, order="sent")
+            p95["ideal_fcfs_beside"] = fair
+            line += (
+                f"\nthe same, first come first served and only on the {len(room)} servers where {model} "
+                f"loads whole beside {', '.join(loaded)} (no busy model evicted): TTFT p95 {fmt(fair)} s"
+            )
     return line, p95
 
 
@@ -232,7 +242,7 @@ def section(
     entry["samples"] = {r.policy: [sample_json(x) for x in r.samples] for r in results}
     entry["warnings"] = {r.policy: r.warnings for r in results}
     if workload.focus is not None:
-        line, entry["focus"] = focus_line(workload.focus, results, sims)
+        line, entry["focus"] = focus_line(workload.focus, results, sims, workload.preload)
         text += "\n" + line
     if workload.per_turn:
         ctext, turns = chat_table(results)

@@ -30,7 +30,7 @@ from bench.routing.herd import (
     router_env,
     scaled,
 )
-from bench.routing.ideal import Job, first_tokens, ideal_p95
+from bench.routing.ideal import Job, beside, first_tokens, ideal_p95
 from bench.routing.netns import exec_argv
 from bench.routing.peer import child_argv, child_parser, log_warnings, models_loaded, node_ids, nodes_ready
 from bench.routing.report import comparison, focus_line, peer_line, verdict
@@ -401,6 +401,28 @@ def test_the_ideal_schedule_shares_a_runner_as_the_engine_does_and_uses_every_se
     assert all(math.isnan(t) for t in first_tokens([one_server(pulled=False)], "m", jobs))
 
 
+def test_first_come_first_served_the_ideal_takes_the_requests_in_the_order_sent() -> None:
+    c = one_server()
+    load, rate = c.load_seconds(2 * GB), c.stream_rate(2.0)
+    long, short = Job(prompt_tokens=100, eval_count=50), Job(prompt_tokens=100, eval_count=10)
+    prompt = 100 / c.prompt_factor
+    got = first_tokens([c], "m", [long, short], order="sent")
+    assert got[0] == pytest.approx(load + (prompt + 1) / rate)
+    assert got[1] == pytest.approx(load + (prompt + 50) / rate + (prompt + 1) / rate)
+    assert ideal_p95([c], "m", [long, short], order="sent") > ideal_p95([c], "m", [long, short])
+
+
+def test_beside_keeps_the_servers_where_the_model_loads_whole_next_to_the_busy_one() -> None:
+    """steady_burst's fleet: at an 8192 context phi4:14b does not fit within 80 % of what the busy
+    llama3.2:3b leaves on the 16 GB card, while it does on the larger ones; at 4096 it fits there
+    too; alone it fits wherever it is on disk (the 12 GB card has no copy)."""
+    tight = fleet_sims(1, 0.2, 8192)
+    sizes = [c.gpus[0].vram_gb for c in beside(tight, BIG_MODEL, ["llama3.2:3b"])]
+    assert sizes == [24.0, 24.0, 32.0, 48.0]
+    assert 16.0 in [c.gpus[0].vram_gb for c in beside(fleet_sims(1, 0.2, 4096), BIG_MODEL, ["llama3.2:3b"])]
+    assert [c.gpus[0].vram_gb for c in beside(tight, BIG_MODEL, [])] == [24.0, 24.0, 16.0, 32.0, 48.0]
+
+
 def test_the_focus_line_adds_the_ideal_schedule_for_the_requests_of_one_run() -> None:
     def sample(run: int, ok: bool = True) -> Sample:
         return Sample(
@@ -417,3 +439,22 @@ def test_the_focus_line_adds_the_ideal_schedule_for_the_requests_of_one_run() ->
     assert line.endswith(f"TTFT p95 {p95['ideal']:.2f} s")
     failed = RunResult("burst", "auto", [sample(0), sample(0, ok=False)], 1.0, 1.0, fleet, {}, 0.0, 0.0)
     assert "ideal" not in focus_line("m", [failed], sims)[1]  # a run that lost a request has no job list
+    assert "ideal_fcfs_beside" not in p95  # no busy model named: no such line
+
+
+def test_the_focus_line_beside_busy_models_adds_the_first_come_first_served_ideal_on_the_room_left() -> None:
+    jobs = [Job(100, 96 - 3 * i) for i in range(30)]  # more than the slots, the longest sent first
+    samples = [
+        Sample(model=BIG_MODEL, ok=True, status=200, ttft=9.0, e2e=9.5, eval_count=j.eval_count,
+               prompt_eval_count=j.prompt_tokens)
+        for j in jobs
+    ]  # fmt: skip
+    fleet = {"loads": 1, "reloads": 0, "evictions": 0, "prompt_tokens": 0, "prompt_tokens_cached": 0}
+    result = RunResult("steady_burst", "auto", samples, 1.0, 1.0, fleet, {}, 0.0, 0.0)
+    sims = fleet_sims(1, 0.2, 8192)
+    line, p95 = focus_line(BIG_MODEL, [result], sims, ["llama3.2:3b"])
+    room = beside(sims, BIG_MODEL, ["llama3.2:3b"])
+    assert p95["ideal_fcfs_beside"] == pytest.approx(ideal_p95(room, BIG_MODEL, jobs, order="sent"))
+    assert p95["ideal_fcfs_beside"] > p95["ideal"]
+    assert line.endswith(f"on the 4 servers where {BIG_MODEL} loads whole beside llama3.2:3b (no busy model "
+                         f"evicted): TTFT p95 {p95['ideal_fcfs_beside']:.2f} s")  # fmt: skip
