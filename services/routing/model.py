@@ -39,8 +39,6 @@ The auto cost model, in seconds (constants below)::
                                 (+ drain when one of them has requests running: a thrash),
                                 + OFFLOAD_S + offload share * CPU_DECODE_SLOWDOWN * request
                                 when the model only fits partly in VRAM (`corral.routing.memory`)
-    other loads ahead           LOADING_REMAINING * load of each other model loading there, added
-                                to a cold load or a reload (Ollama loads one model at a time)
     load                        as last observed on the agent or on one like it (same vendor and
                                 GPUs, `corral.routing.loads`), else
                                 LOAD_OVERHEAD_S + size / LOAD_BANDWIDTH (size: the model file)
@@ -211,7 +209,7 @@ def _estimate(
         if runner_matches(route, agent, runner):
             return _queue_wait(busy, parallel, request_s), route.session_agent == agent.id
         drain = busy * request_s / parallel
-        return drain + load_s + CONTEXT_SWITCH_S + _loads_ahead(route, agent, loads), False
+        return drain + load_s + CONTEXT_SWITCH_S, False
     if route.key in agent.loading:
         remaining = LOADING_REMAINING * load_s + _queue_wait(busy, parallel, request_s)
         if loading_for(route, agent):
@@ -219,23 +217,12 @@ def _estimate(
         # loading for another context: that load, then a reload for this one
         return remaining + load_s + CONTEXT_SWITCH_S, False
     assert plan is not None, "a cold load is planned wherever the model is neither loaded nor loading"
-    wait = load_s + EVICTION_S * len(plan.evicts) + _loads_ahead(route, agent, loads)
+    wait = load_s + EVICTION_S * len(plan.evicts)
     if plan.thrashes:
         wait += busy * request_s / parallel
     if not plan.full:
         wait += OFFLOAD_S + plan.offload * CPU_DECODE_SLOWDOWN * request_s
     return wait, False
-
-
-def _loads_ahead(route: Route, agent: AgentState, loads: ObservedTimes) -> float:
-    """What is left of the loads of other models under way at ``agent``: Ollama's scheduler loads
-    one model at a time, so a load placed there now starts after them."""
-    ahead = 0.0
-    for key in agent.loading:
-        if key != route.key:
-            seen = observed_load_s(key, agent, loads)
-            ahead += seen if seen is not None else estimated_load_s(file_size(key, agent)) * loads.pace_of(agent)
-    return LOADING_REMAINING * ahead
 
 
 def load_plan(route: Route, agent: AgentState, observed: ObservedSizes | None = None) -> LoadPlan:
