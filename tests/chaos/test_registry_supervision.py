@@ -15,6 +15,7 @@ from corral.protocol.messages import AgentEvent, AgentState, agent_state_encoder
 from corral.protocol.subjects import Subjects
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
+from corral.runtime.kvwatch import snapshot
 from corral.runtime.nats import connect, ensure_buckets
 from corral.runtime.natsserver import NatsServer
 from nats.aio.client import Client as NATS
@@ -74,15 +75,7 @@ async def test_a_failing_kv_call_does_not_stop_dead_agents_being_removed(
         assert failed.is_set()
         assert event.agent == "a1"
         assert kinds == ["joined"]  # announced once, the failed first try included
-        assert "a1" not in [k async for k in _keys(buckets.agents)]
+        assert "a1" not in {e.key for e in await snapshot(buckets.agents)}
     finally:
         await sub.unsubscribe()
         await registry.stop()
-
-
-async def _keys(kv: Any) -> AsyncIterator[str]:
-    try:
-        for k in await kv.keys():
-            yield k
-    except nats.js.errors.NoKeysError:
-        return
