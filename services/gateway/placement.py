@@ -19,7 +19,7 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, PlaceRequest, place_reply_decoder
 from corral.protocol.subjects import Subjects
-from corral.routing import LOAD_MARKER_TTL_S, Route, loading_for, marker_expired, warm
+from corral.routing import LOAD_MARKER_TTL_S, Route, as_placed, loading_for, marker_expired, warm
 from corral.runtime.fleet import FleetView
 from corral.transport import WorkRequest
 from nats.aio.client import Client as NATS
@@ -73,6 +73,17 @@ class Loads:
         if marker is None or marker[0] != a.id:
             return False
         return time.monotonic() - marker[1] < self._grace_s and not warm(route, a)
+
+    def as_placed(self, agents: list[AgentState]) -> list[AgentState]:
+        """``agents`` with the loads this gateway sent them within ``load_grace_s`` counted as under
+        way where their states do not show them yet (`corral.routing.as_placed`): the next cold
+        load, of this model or another, sees that memory taken."""
+        now = time.monotonic()
+        placed: dict[str, list[Route]] = {}
+        for (key, ctx), (agent_id, since) in self._started.items():
+            if now - since < self._grace_s:
+                placed.setdefault(agent_id, []).append(Route(key=key, num_ctx=ctx or None))
+        return as_placed(agents, placed) if placed else agents
 
     def under_way(self, route: Route, agents: list[AgentState]) -> bool:
         return any(self.loading_at(route, a) for a in agents)

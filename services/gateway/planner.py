@@ -348,7 +348,7 @@ class Planner:
         live = router.rank(
             "auto",
             route,
-            [a for a in usable if a.id not in failed],
+            loads.as_placed([a for a in usable if a.id not in failed]),  # with the loads it just sent
             self.queue.with_queue(route, usable, req.priority),
         )
         if not live:

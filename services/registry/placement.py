@@ -43,8 +43,7 @@ from corral.protocol.messages import (
 from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects, usable_reply
 from corral.registry.replicas import ReplicaSettings, Replicator
-from corral.routing import LOAD_MARKER_TTL_S, Route, Router, load_plan, marker_expired, warm
-from corral.routing.memory import with_loads
+from corral.routing import LOAD_MARKER_TTL_S, Route, Router, as_placed, marker_expired, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.kvwatch import snapshot
 from corral.transport import Transport
@@ -313,12 +312,7 @@ class Placer:
         placed: dict[str, list[Route]] = {}
         for key, (value, _) in self._written.items():
             placed.setdefault(load_marker_decoder.decode(value).agent, []).append(marker_route(key))
-        return [
-            with_loads(a, [(r.key, r.num_ctx or 0, load_plan(r, a).size) for r in placed[a.id]])
-            if a.id in placed
-            else a
-            for a in holders
-        ]
+        return as_placed(holders, placed)
 
     def _expired(self, key: str, value: bytes) -> bool:
         try:

@@ -75,7 +75,14 @@ from corral.routing.loads import (
     observed_times,
     request_time,
 )
-from corral.routing.memory import LoadPlan, ObservedSizes, estimate_size, observed_sizes, plan_load
+from corral.routing.memory import (
+    LoadPlan,
+    ObservedSizes,
+    estimate_size,
+    observed_sizes,
+    plan_load,
+    with_loads,
+)
 from corral.routing.route import Route, loading_for, ready_runner, runner_matches, vram_free, wanted_ctx
 
 __all__ = [
@@ -93,6 +100,7 @@ __all__ = [
     "SESSION_REPLAY_S",
     "STRATEGIES",
     "Router",
+    "as_placed",
     "estimate_ttft",
     "estimate_wait",
     "fits",
@@ -229,6 +237,18 @@ def load_plan(route: Route, agent: AgentState, observed: ObservedSizes | None = 
     """How a cold load of ``route``'s model lands on ``agent`` by Ollama's fit rule, on the
     estimated loaded size (``observed``: runner sizes seen in the fleet, `observed_sizes`)."""
     return plan_load(route.key, _loaded_size(route, agent, observed or {}), agent)
+
+
+def as_placed(agents: Sequence[AgentState], placed: Mapping[str, Sequence[Route]]) -> list[AgentState]:
+    """``agents`` with the loads a placer sent them moments ago (``placed``: agent id → routes)
+    counted as under way (`corral.routing.memory.with_loads`, each at its `load_plan` size): a
+    placer decides faster than agents publish, and the next cold load must see that memory taken."""
+    return [
+        with_loads(a, [(r.key, r.num_ctx or 0, load_plan(r, a).size) for r in placed[a.id]])
+        if a.id in placed
+        else a
+        for a in agents
+    ]
 
 
 def _loaded_size(route: Route, agent: AgentState, observed: ObservedSizes) -> int:

@@ -17,9 +17,13 @@ from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry import placement
 from corral.registry.placement import Placer, marker_key
-from corral.routing import Route, marker_expired, route_ctx
+from corral.routing import Route, Router, marker_expired, route_ctx
 from corral.transport import WorkRequest
 from nats.js.errors import BadRequestError, KeyNotFoundError
+
+from tests.unit.test_routing import GB, OTHER
+from tests.unit.test_routing import MODEL as ROUTING_MODEL
+from tests.unit.test_routing import agent as routing_agent
 
 MODEL = "llama3.2:latest"
 NAME = parse_name(MODEL)
@@ -232,3 +236,31 @@ async def test_the_gateways_markers_do_not_grow_with_the_contexts_asked_for(done
         if done == "warm":  # the load is done: the agent shows the runner
             fleet.agents["a"] = agent = state("a", loaded_ctx=ctx)
         assert loads.marked == 1
+
+
+async def test_a_load_the_gateway_sent_takes_its_memory_until_the_agent_shows_it() -> None:
+    """With no registry the gateway places cold loads itself: the one it sent to ``a`` moments ago
+    leaves too little room there for the next cold model, so that one goes to ``b``, where without
+    the count the two agents tie and ``a`` (first by id) would be asked to evict a model loading."""
+    big = 12 * GB
+
+    def two_models(agent_id: str) -> AgentState:
+        a = routing_agent(agent_id, size=big)
+        other = TagModel(name=OTHER, model=OTHER, modified_at="", size=big, digest="d")
+        return msgspec.structs.replace(a, models=(*a.models, other))
+
+    a, b = two_models("a"), two_models("b")
+    fleet = Fleet(a, b)
+    loads = Loads(NoRegistry(), Subjects("t"), fleet, grace_s=60.0)  # type: ignore[arg-type]
+    assert loads.as_placed([a, b]) == [a, b]  # nothing sent yet
+    cold = Route(key=parse_name(OTHER).key)
+    assert [x.id for x in Router().rank("auto", cold, [a, b], {})] == ["a", "b"]
+    req = WorkRequest("/api/generate", b"{}", model=parse_name(ROUTING_MODEL))
+    target, mine = await loads.place(req, Route(key=parse_name(ROUTING_MODEL).key), a, set())
+    assert target is a and mine
+    placed = loads.as_placed([a, b])
+    assert placed[0].loading == (parse_name(ROUTING_MODEL).key,) and placed[1] is b
+    assert [x.id for x in Router().rank("auto", cold, placed, {})] == ["b", "a"]
+    # the agent shows the load now: counted once, as the agent tells it
+    shown = msgspec.structs.replace(a, loading=(parse_name(ROUTING_MODEL).key,))
+    assert loads.as_placed([shown, b])[0] == shown
