@@ -17,6 +17,10 @@ plus those pending when it is first asked (`Catchup`). Every message counts towa
 and markers a reader asked to skip included, and the marker follows the last of them. Messages
 counted there can vanish before they are sent (a purge, an expiry); the marker then follows the
 message that reported nothing pending once `SETTLE_S` has passed with no other.
+
+A reader is handed a backlog one entry per turn of the event loop: a gateway following a thousand
+agents' heartbeats under load would otherwise work through every queued state before serving the
+next request (`bench.scale` with 1,000 agents shows it; bench/README.md has the figures).
 """
 
 from __future__ import annotations
@@ -171,6 +175,9 @@ class KvWatch:
             if not self._catchup.done and self._catchup.drained:
                 settle = self._heard + SETTLE_S - loop.time()
                 wait = settle if wait is None else min(wait, settle)
+            if not self._queue.empty():
+                await asyncio.sleep(0)  # one turn of the loop per entry: a backlog never starves other tasks
+                return self._queue.get_nowait()
             try:
                 async with asyncio.timeout(max(wait, 0.0) if wait is not None else None):
                     return await self._queue.get()

@@ -1,8 +1,11 @@
-"""When a KV watch's snapshot is complete (`Catchup`): the server's count, not the client's."""
+"""When a KV watch's snapshot is complete (`Catchup`): the server's count, not the client's; and a
+watch hands out a backlog one loop turn at a time."""
 
 from __future__ import annotations
 
-from corral.runtime.kvwatch import Catchup, operation
+import asyncio
+
+from corral.runtime.kvwatch import Catchup, Entry, KvWatch, operation
 
 
 def test_the_snapshot_ends_after_as_many_messages_as_the_server_counted() -> None:
@@ -58,3 +61,33 @@ def test_operation_reads_kv_headers_and_server_markers() -> None:
     assert operation({"Nats-Marker-Reason": "Purge"}) == "PURGE"
     assert operation({"Nats-Marker-Reason": "Remove"}) == "DEL"
     assert operation({"Nats-Marker-Reason": "Later"}) == "?"
+
+
+async def test_a_backlog_is_handed_out_one_loop_turn_per_entry() -> None:
+    """A reader working through queued entries (a fleet of agents' heartbeats under load) gives
+    the loop back after each one, so the gateway's requests are not kept waiting behind them."""
+
+    class Bucket:
+        _pre = "$KV.b."
+
+    w = KvWatch(Bucket(), ">", ignore_deletes=False, inactive_s=5.0)  # type: ignore[arg-type]
+    w._catchup.sized(0)
+    for i in range(10):
+        w._queue.put_nowait(
+            Entry(bucket="b", key=f"k{i}", value=b"v", revision=i + 1, delta=0, created=None, operation=None)
+        )
+    turns = 0
+
+    async def spin() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    spinner = asyncio.create_task(spin())
+    try:
+        got = [await w.updates(1.0) for _ in range(10)]
+    finally:
+        spinner.cancel()
+    assert [e.key for e in got if e is not None] == [f"k{i}" for i in range(10)]
+    assert turns >= 10
