@@ -54,6 +54,9 @@ HOST = "127.0.0.1"
 MODEL = "llama3.2"
 BODY = msgspec.json.encode({"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 4}})
 SIM_PARALLEL = 32
+# The simulators' OLLAMA_CONTEXT_LENGTH, told to the agents (CORRAL_CONTEXT_LENGTH) as a deployment
+# should: an agent that assumes another default counts a runner warm only once it has served one.
+SIM_CONTEXT = 2048
 
 
 def _raise_fd_limit() -> int:
@@ -94,6 +97,7 @@ async def fleet_worker(args: argparse.Namespace) -> int:
             ollama_url=sim.url,
             vendor="nvidia" if i % 2 == 0 else "amd",
             parallel=1,
+            context_length=SIM_CONTEXT,
             heartbeat_s=args.heartbeat,
             refresh_s=args.refresh,
             log_level="WARNING",
@@ -116,7 +120,7 @@ async def fleet_worker(args: argparse.Namespace) -> int:
                 time_scale=0,
                 num_parallel=SIM_PARALLEL,
                 max_queue=4096,
-                context_length=2048,
+                context_length=SIM_CONTEXT,
                 seed=i,
                 vram_gb=80,
             )
