@@ -347,7 +347,7 @@ class Gateway:
                     return
                 # usage is kept per model: a name no agent has is "other", so a client sending
                 # made-up names cannot fill the usage bucket with rows of its own
-                label = known_label(work.model.key, bool(self.fleet.with_model(work.model.key)))
+                label = known_label(work.model.key, self.fleet.has_model(work.model.key))
                 scope[MODEL] = work.model.display if label != OTHER else OTHER
                 set_model(span, endpoint, work.model.display)
             elif key is not None and key.models:

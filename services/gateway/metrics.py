@@ -208,7 +208,7 @@ class GatewayMetrics:
         return self._key_label(work.model.key)
 
     def _key_label(self, key: str) -> str:
-        return known_label(key, bool(self._fleet.with_model(key)))
+        return known_label(key, self._fleet.has_model(key))
 
     def _substituted(self, decision: Decision) -> None:
         """An alias or fallback names its model in the fleet's rules (a bounded set); a model a

@@ -187,6 +187,12 @@ class FleetView:
         now = time.monotonic()
         return [a for i in self._disk.get(key, ()) if (a := self._agents[i]) and self.alive(a, now)]
 
+    def has_model(self, key: str) -> bool:
+        """Whether a live agent has ``key`` on disk: O(1) while its first holder is alive, where
+        `with_model` lists them all."""
+        now = time.monotonic()
+        return any(self.alive(self._agents[i], now) for i in self._disk.get(key, ()))
+
     def loaded_on(self, key: str) -> list[AgentState]:
         now = time.monotonic()
         return [a for i in self._loaded.get(key, ()) if (a := self._agents[i]) and self.alive(a, now)]

@@ -3,6 +3,7 @@ new leader, a restarted server refilling memory buckets): live agents are not dr
 
 from __future__ import annotations
 
+import corral.runtime.fleet as fleet_module
 import pytest
 from corral.protocol.messages import AgentState, TagModel, agent_state_encoder
 from corral.protocol.names import key_of
@@ -100,6 +101,38 @@ async def test_an_agent_whose_key_is_deleted_is_announced_gone_once(
             while fleet.get("a1") is not None:
                 assert await fleet.wait_changed(5.0)
             assert gone == ["a1"]
+        finally:
+            await fleet.stop()
+    finally:
+        await nc.close()
+
+
+async def test_has_model_answers_as_the_holders_do_live_stale_and_gone(
+    nats_server: NatsServer, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`has_model` (the per-request check whether the fleet knows a model) agrees with `with_model`:
+    a live holder counts, one silent past its heartbeats or deleted does not."""
+    subjects = Subjects(root)
+    nc = await connect(nats_server.url, name="test")
+    try:
+        buckets = await ensure_buckets(nc.jetstream(), subjects)
+        a1 = AgentState(id="a1", vendor="cpu", host="h", ollama_url="http://h", models=(MODEL,))
+        await buckets.agents.put("a1", agent_state_encoder.encode(a1))
+        fleet = FleetView(buckets.agents)
+        await fleet.start()
+        key, other = key_of("llama3.2"), key_of("qwen2.5")
+        assert key is not None and other is not None
+        try:
+            assert fleet.has_model(key) and not fleet.has_model(other)
+            later = fleet_module.time.monotonic() + 4 * a1.heartbeat_s
+            with monkeypatch.context() as m:
+                m.setattr(fleet_module.time, "monotonic", lambda: later)  # no await in here
+                assert not fleet.has_model(key) and fleet.with_model(key) == []  # silent: dead
+            assert fleet.has_model(key)
+            await buckets.agents.delete("a1")
+            while fleet.get("a1") is not None:
+                assert await fleet.wait_changed(5.0)
+            assert not fleet.has_model(key)
         finally:
             await fleet.stop()
     finally:
