@@ -29,6 +29,7 @@ from corral.agent.intake import guarded, job_from
 from corral.agent.lifecycle import Lifecycle, Wakeups, default_agent_id, leave, ping_silent, wait_at_most
 from corral.agent.metrics import LoadBook
 from corral.agent.ollama import OllamaClient
+from corral.agent.pacing import Pace, StatePacer, parts
 from corral.agent.runners import RunnerChange, RunnerTracker
 from corral.agent.settings import AgentSettings
 from corral.agent.slots import Admission, SlotTable
@@ -58,8 +59,8 @@ _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/crea
 
 
 class Agent:
-    # Twenty-two attributes: the settings and identity it was given (settings, id, vendor, subjects,
-    # ollama), its lifecycle (lifecycle, status, ready, wake-ups), the I/O it owns (connection, KV
+    # Twenty-three attributes: the settings and identity it was given (settings, id, vendor, subjects,
+    # ollama), its lifecycle (lifecycle, status, ready, wake-ups, state pacer), the I/O it owns (connection, KV
     # buckets and their reopener, subscriptions, worker, claims, backend reader, task group, tracer) and the two state
     # machines with the jobs they account for (slots, runners, jobs, loads). The state that changes lives
     # in `SlotTable`, `RunnerTracker` and `Claims`; the agent only maps their answers onto I/O.
@@ -102,6 +103,7 @@ class Agent:
         self.runners = RunnerTracker(self._backend.default_num_ctx())
         self.loads = LoadBook()  # what its /api/ps readings show loaded and evicted (for /metrics)
         self._jobs: dict[str, Job] = {}
+        self._pacer = StatePacer(settings.heartbeat_s)  # when its state is published
 
     def _changed(self, *, claims: bool = False, state: bool = False, refresh: bool = False) -> None:
         """The one way the state machines' answers reach the loops: re-check claim subscriptions,
@@ -397,11 +399,8 @@ class Agent:
         """Drain, cordon, uncordon: the operator's, on a subject of their own (`agent_admin`)."""
         assert self.nc is not None
         kind = (msg.headers or {}).get(H.CTL)
-        if kind in (H.DRAIN, H.CORDON):
-            self.status = "draining" if kind == H.DRAIN else "cordoned"
-            self._changed(claims=True, state=True)
-        elif kind == H.UNCORDON:
-            self.status = "active"
+        if kind in (H.DRAIN, H.CORDON, H.UNCORDON):
+            self.status = {H.DRAIN: "draining", H.CORDON: "cordoned"}.get(kind, "active")
             self._changed(claims=True, state=True)
         if usable_reply(msg.reply):
             await self.nc.publish(msg.reply, b"")  # an empty ack: the request's headers stay here
@@ -474,18 +473,28 @@ class Agent:
 
     async def _publish_state(self) -> None:
         assert self._buckets is not None
+        state = self.state()
         try:
-            await self._buckets.agents.put(self.id, agent_state_encoder.encode(self.state()))
+            await self._buckets.agents.put(self.id, agent_state_encoder.encode(state))
         except (NatsError, JetStreamError, TimeoutError) as e:
             log.warning("cannot publish agent state: %s", e)
             if self._reopener is not None:
                 self._reopener.missing(e)  # a bucket a restarted NATS lost: create it again
+        else:
+            self._pacer.published(time.monotonic(), *parts(state))
 
     async def _state_loop(self) -> None:
-        """Publish on change (at most every 100 ms) and on every heartbeat."""
+        """Publish on change and on every heartbeat, as `StatePacer` decides; at most every 100 ms."""
+        pacer = self._pacer
         while not self._wake.closing.is_set():
-            await wait_at_most(self._wake.state, self.settings.heartbeat_s)
+            running = self.lifecycle is Lifecycle.RUNNING  # else its stop says the rest
+            due = pacer.until_heartbeat(time.monotonic()) if running else self.settings.heartbeat_s
+            await wait_at_most(self._wake.state, due)
             self._wake.state.clear()
-            if self.lifecycle is Lifecycle.RUNNING:
+            pace = pacer.decide(time.monotonic(), *parts(self.state()))
+            if pace is Pace.SETTLE:  # request counts alone changed: publish them if they stand
+                await wait_at_most(self._wake.closing, pacer.settle_s)
+                pace = pacer.decide(time.monotonic(), *parts(self.state()))
+            if pace is Pace.PUBLISH and self.lifecycle is Lifecycle.RUNNING:
                 await self._publish_state()
             await wait_at_most(self._wake.closing, 0.1)
