@@ -466,7 +466,7 @@ async def test_every_reply_stream_ended_and_the_agent_still_serves(rig: _Rig) ->
 
 async def _settled(rig: _Rig) -> None:
     """Until the agent publishes a state with nothing in flight and nothing waiting (it publishes
-    on every change and every heartbeat) and its live state agrees."""
+    every change that lasts, and every heartbeat) and its live state agrees."""
     kv = await rig.nc.jetstream().key_value(rig.subjects.agents_bucket)
     watcher = await kv.watch(rig.agent.id)
     try:
