@@ -36,7 +36,7 @@ from corral.protocol.messages import AgentState
 from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects
 from corral.registry.preload import preload
-from corral.routing import TYPICAL_REQUEST_S, ReplicaPlan, Route, observed_times, plan_replicas, warm
+from corral.routing import TYPICAL_REQUEST_S, ReplicaPlan, Route, Router, plan_replicas, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.tasks import cancel_and_wait
 from corral.runtime.workqueue import depths
@@ -98,6 +98,7 @@ class Replicator:
         self._tasks: set[asyncio.Task[None]] = set()  # checks and preloads under way
         self.loads_started = 0  # replica loads this copy started (for tests and logs)
         self.plans: dict[str, ReplicaPlan] = {}  # model token → the last decision on its backlog
+        self._router = Router()  # ranks replica candidates; keeps the holders' observations
 
     # -- events --------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -182,6 +183,7 @@ class Replicator:
             self._request_s(key, holders, backlog, depth, now),
             starting=frozenset(backlog.starting) | self._placing(token),
             pinned=self._pinned(),
+            router=self._router,
         )
         self.plans[token] = plan
         for agent_id in plan.load:
@@ -203,7 +205,7 @@ class Replicator:
     ) -> float:
         """Seconds one of ``key``'s requests holds a slot: as its holders observed, or longer when
         the backlog has drained slower than its warm slots would at that pace."""
-        seen = observed_times(holders).requests.get(key, TYPICAL_REQUEST_S)
+        seen = self._router.observations(holders)[1].requests.get(key, TYPICAL_REQUEST_S)
         elapsed = now - (backlog.since or now)
         if not backlog.warm_slots or elapsed < seen:
             return seen  # too soon to tell how fast it drains

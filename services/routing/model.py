@@ -356,7 +356,7 @@ class Router:
                 return tier, load(a, outstanding), a.id
 
             return sorted(first, key=tier_key) + sorted(rest, key=tier_key)
-        observed, loads = self._observations(agents if observed_in is None else observed_in)
+        observed, loads = self.observations(agents if observed_in is None else observed_in)
         planned = [(a, _cold_plan(route, a, observed)) for a in first + rest]
         costs = _auto_costs(route, planned, outstanding, loads)
         last = _last_resorts(planned, pinned)
@@ -367,7 +367,7 @@ class Router:
 
         return sorted(first, key=cost_key) + sorted(rest, key=cost_key)
 
-    def _observations(self, agents: Sequence[AgentState]) -> tuple[ObservedSizes, ObservedTimes]:
+    def observations(self, agents: Sequence[AgentState]) -> tuple[ObservedSizes, ObservedTimes]:
         """`observed_sizes` and `observed_times` of ``agents``, made again only when they are not
         the very states of the last call, in the same order. A state is a frozen message, never
         changed once made (a change arrives as a new state), so the same states observe the same;

@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from typing import Final
 
 from corral.protocol.messages import AgentState
-from corral.routing.loads import observed_times
-from corral.routing.memory import observed_sizes
 from corral.routing.model import LOADING_REMAINING, Router, fits, load_time
 from corral.routing.route import Route, loading_for, warm
 
@@ -83,15 +81,17 @@ def plan_replicas(
     starting: frozenset[str] = frozenset(),
     pinned: frozenset[str] = frozenset(),
     backlog_per_slot: float = BACKLOG_PER_SLOT,
+    router: Router | None = None,
 ) -> ReplicaPlan:
     """The replicas ``depth`` requests waiting for ``route``'s model need now.
 
     ``holders``: the active agents with the model on disk (the candidates, and those serving or
     loading it); ``request_s``: seconds one request holds a slot; ``starting``: agents a load was
-    sent to that may not show it yet (they count as loading); ``pinned``: models kept warm.
+    sent to that may not show it yet (they count as loading); ``pinned``: models kept warm;
+    ``router``: the caller's, whose observations of these very ``holders`` are reused.
     """
-    loads = observed_times(holders)
-    sizes = observed_sizes(holders)
+    router = router or Router()
+    sizes, loads = router.observations(holders)
     serving: list[AgentState] = []
     loading: list[AgentState] = []
     spare: list[AgentState] = []
@@ -102,7 +102,7 @@ def plan_replicas(
             loading.append(a)
         elif fits(route, a, sizes):  # entirely in VRAM, evicting nothing
             spare.append(a)
-    ranked = Router().rank("auto", route, spare, {}, pinned, observed_in=holders)
+    ranked = router.rank("auto", route, spare, {}, pinned, observed_in=holders)
     ready_s = {a.id: load_time(route, a, loads) for a in [*loading, *ranked]}
     groups = [(request_s, _slots(a)) for a in serving]
     groups += [(LOADING_REMAINING * ready_s[a.id], _slots(a)) for a in loading]

@@ -93,3 +93,18 @@ def test_replica_candidates_are_ranked_on_what_every_holder_observed() -> None:
     serving = agent("serving", loaded=(ps(MODEL, 10 * GB),))
     plan = plan_replicas(Route(MODEL), [serving, agent("roomy"), agent("cramped", vram=14 * GIB)], 20, 4.0)
     assert plan.candidates == ("cramped", "roomy")  # equal costs: by id
+
+
+def test_a_replica_plan_reuses_the_callers_observations_of_the_same_holders(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: Counter[str] = Counter()
+    sizes, loads = model_module.observed_sizes, model_module.observed_times
+    monkeypatch.setattr(model_module, "observed_sizes", lambda a: calls.update(["sizes"]) or sizes(a))
+    monkeypatch.setattr(model_module, "observed_times", lambda a: calls.update(["loads"]) or loads(a))
+    holders = [agent("serving", loaded=(ps(MODEL, 10 * GB),)), agent("roomy"), agent("b")]
+    router = Router()
+    request_s = router.observations(holders)[1].requests.get(MODEL, 4.0)  # as the registry reads it
+    plan = plan_replicas(Route(MODEL), holders, 20, request_s, router=router)
+    assert plan.candidates == ("b", "roomy")
+    assert calls == {"sizes": 1, "loads": 1}  # the plan and its ranking used the same observations
