@@ -3,7 +3,8 @@
 It keeps the same KV watch cache of agent states as the gateway, listens to every agent's
 ``events.request`` (one per finished request) and writes, to the ``{root}_views`` bucket:
 
-- ``tags``, ``ps``, ``v1_models``: the merged Ollama views, whenever the fleet changes;
+- ``tags``, ``ps``, ``v1_models``: the merged Ollama views, whenever the fleet changes (at most
+  every `VIEWS_MIN_S`);
 - ``status``: ``/api/status``, the fleet at a glance with requests/s, tokens/s and time to first
   token over the last ``stats_window_s`` seconds, every ``views_interval_s``;
 - ``rates``: just those figures, for readers that need nothing else (every gateway).
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 
 _enc = msgspec.json.Encoder()
 R = TypeVar("R", views.Rates, views.ModelRate)
+
+# Views are rewritten on fleet changes at most this often: a fleet of a thousand agents changes
+# hundreds of times a second (heartbeats alone), and each rewrite is the whole fleet's views.
+VIEWS_MIN_S = 0.5
 _finished = msgspec.json.Decoder(RequestFinished)
 
 
@@ -117,6 +122,7 @@ class Aggregator:
         self._fleet: FleetView | None = None
         self._task: asyncio.Task[None] | None = None
         self._written: dict[str, bytes] = {}
+        self.writes = 0  # rounds of view rewrites the loop made (for tests and logs)
         self._stopping = False
         self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit
         self._reopener: Reopener | None = None  # the buckets again after a NATS restart
@@ -179,17 +185,25 @@ class Aggregator:
         self.metrics.finished(event, self.fleet)
 
     async def _loop(self) -> None:
-        """Rewrite views on every fleet change and at least every ``views_interval_s``."""
+        """Rewrite views on fleet changes, at most every `VIEWS_MIN_S` (or ``views_interval_s``
+        when shorter), and at least every ``views_interval_s``. A change that came while a rewrite
+        ran is in the next one."""
+        spacing = min(VIEWS_MIN_S, self.settings.views_interval_s)
+        written = self.fleet.revision  # `start` wrote the views as of this
         while not self._stopping:
-            await self.fleet.wait_changed(self.settings.views_interval_s)
+            if self.fleet.revision == written:
+                await self.fleet.wait_changed(self.settings.views_interval_s)
             if self._stopping:
                 return
+            began, written = time.monotonic(), self.fleet.revision
             try:
                 await self.write()
             except nats.errors.Error as e:  # NATS away for a moment: the next round writes again
                 # (nats-py may turn a cancellation into its own error: hence the flag above)
                 if self._reopener is None or not self._reopener.missing(e):
                     log.warning("writing views failed: %s", e)
+            self.writes += 1
+            await asyncio.sleep(max(began + spacing - time.monotonic(), 0.0))  # changes gather
 
     async def write(self) -> None:
         assert self._buckets is not None and self.nc is not None

@@ -14,7 +14,9 @@ class AggregatorSettings(CommonSettings, frozen=True, kw_only=True):
     views_interval_s: Annotated[
         float,
         setting(
-            "how often status is rewritten (views also on every fleet change)", gt=0, flags=["--interval"]
+            "how often status is rewritten (views also on fleet changes, at most every 0.5 s)",
+            gt=0,
+            flags=["--interval"],
         ),
     ] = 1.0
     metrics_port: Annotated[

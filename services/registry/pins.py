@@ -27,6 +27,7 @@ default ``keep_alive`` (`RELEASE_KEEP_ALIVE`; a request without one would leave 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import time
@@ -49,7 +50,9 @@ log = logging.getLogger(__name__)
 
 LEASE_KEY = "pins.keeper"  # in the views bucket: which registry copy acts on the pins
 LEASE_S = 10.0  # a lease not renewed for this long is taken over
-CHECK_S = 1.0  # the pins are checked at least this often (and on every fleet change)
+CHECK_S = 1.0  # the pins are checked at least this often (and on every fleet change) ...
+CHECK_MIN_S = 0.25  # ... but on fleet changes not more often than this: a large fleet changes
+# hundreds of times a second (heartbeats alone); a change of the pins is acted on at once
 SETTLE_S = 10.0  # at most this long from a load's answer to its agent showing the runner
 RETRY_S = 10.0  # a load that failed on an agent is not tried there again for this long
 RELEASE_KEEP_ALIVE = "5m"  # what an unpinned model gets back: Ollama's default keep_alive
@@ -126,6 +129,7 @@ class PinKeeper:
         self._failed: dict[tuple[str, str], float] = {}  # (key, agent) → monotonic time of failure
         self._loads: set[asyncio.Task[None]] = set()
         self.loads_started = 0  # for tests and logs
+        self.rounds = 0  # checks the keeper's loop made (for tests)
 
     @property
     def pins(self) -> dict[str, Pin]:
@@ -156,6 +160,8 @@ class PinKeeper:
     async def _keep(self) -> None:
         while True:
             self.changed.clear()
+            began = time.monotonic()
+            self.rounds += 1
             try:
                 await self.check()
             except nats.errors.Error as e:  # NATS away for a moment: the next check reads again
@@ -168,6 +174,9 @@ class PinKeeper:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 await cancel_and_wait(waits)
+            if not self.changed.is_set():  # the fleet's changes gather until `CHECK_MIN_S` is out
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), began + CHECK_MIN_S - time.monotonic())
 
     async def check(self) -> None:
         """Act once on the pins as they are now, if this copy holds the lease."""
