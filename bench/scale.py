@@ -29,13 +29,17 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from bench.common import (
+    Child,
     Phase,
     closed_loop,
     cpu_seconds,
@@ -176,6 +180,8 @@ class Sample:
     nats_rss: int = 0
     c1: Phase = field(default_factory=Phase)
     c16: Phase = field(default_factory=Phase)
+    # --control-plane: name → (CPU % idle, CPU % during c=16, RSS) of `corral registry`/`aggregator`
+    control: dict[str, tuple[float, float, int]] = field(default_factory=dict)
 
 
 class Fleet:
@@ -248,16 +254,23 @@ async def grow(fleet: Fleet, gateway: Any, n: int, timeout: float) -> tuple[floa
 
 
 async def sample(
-    s: Sample, gateway: Any, port: int, fleet_pid: int, nats_pid: int, args: argparse.Namespace
+    s: Sample,
+    gateway: Any,
+    port: int,
+    fleet_pid: int,
+    nats_pid: int,
+    args: argparse.Namespace,
+    control: Sequence[Child] = (),
 ) -> None:
     # steady state: wait until the start-up burst of state puts is over (one heartbeat and a bit)
     await asyncio.sleep(args.settle)
     view = gateway.fleet
-    cpu0 = {p: cpu_seconds(p) for p in (os.getpid(), fleet_pid, nats_pid)}
+    pids = (os.getpid(), fleet_pid, nats_pid, *(c.pid for c in control))
+    cpu0 = {p: cpu_seconds(p) for p in pids}
     rev0, t0 = view.revision, time.perf_counter()
     await asyncio.sleep(args.window)
     rev1, t1 = view.revision, time.perf_counter()
-    cpu1 = {p: cpu_seconds(p) for p in (os.getpid(), fleet_pid, nats_pid)}
+    cpu1 = {p: cpu_seconds(p) for p in pids}
     s.watch_window_s = t1 - t0
     s.watch_msgs_s = (rev1 - rev0) / s.watch_window_s
     s.gateway_cpu_pct = (cpu1[os.getpid()] - cpu0[os.getpid()]) / s.watch_window_s * 100
@@ -270,8 +283,13 @@ async def sample(
     await closed_loop(HOST, port, raw, concurrency=16, requests=max(200, 2 * s.agents), time_cap=5.0)
     s.c1 = await closed_loop(HOST, port, raw, concurrency=1, requests=args.requests, time_cap=args.cap)
     rev0 = view.revision
+    busy0 = {c.pid: cpu_seconds(c.pid) for c in control}
     s.c16 = await closed_loop(HOST, port, raw, concurrency=16, requests=args.requests * 4, time_cap=args.cap)
     s.watch_load_msgs_s = (view.revision - rev0) / s.c16.wall_s if s.c16.wall_s else 0.0
+    for c in control:
+        idle = (cpu1[c.pid] - cpu0[c.pid]) / s.watch_window_s * 100
+        busy = (cpu_seconds(c.pid) - busy0[c.pid]) / s.c16.wall_s * 100 if s.c16.wall_s else 0.0
+        s.control[c.name] = (idle, busy, rss_bytes(c.pid))
     for ph in (s.c1, s.c16):
         if ph.errors:
             bad = next(r for r in ph.results if r.error or r.status != 200)
@@ -308,6 +326,13 @@ def report(small: Sample, big: Sample) -> tuple[str, dict[str, Any]]:
         ),
         ("failed requests", small.c1.errors + small.c16.errors, big.c1.errors + big.c16.errors),
     ]
+    for name in big.control:
+        (idle_a, busy_a, rss_a), (idle_b, busy_b, rss_b) = small.control[name], big.control[name]
+        rows_def += [
+            (f"{name} CPU, idle (% of a core)", idle_a, idle_b),
+            (f"{name} CPU, c=16 load (% of a core)", busy_a, busy_b),
+            (f"{name} RSS (MiB)", mb(rss_a), mb(rss_b)),
+        ]
     rows = []
     data: dict[str, Any] = {}
     for label, a, b in rows_def:
@@ -344,6 +369,7 @@ async def amain(args: argparse.Namespace) -> int:
     nats = NatsServer(port=free_port())
     fleet: Fleet | None = None
     http: AsgiServer | None = None
+    control: list[Child] = []  # --control-plane: `corral registry` and `corral aggregator`
     started = time.time()
     try:
         await nats.start()
@@ -353,13 +379,23 @@ async def amain(args: argparse.Namespace) -> int:
         http = AsgiServer(gateway, HOST, free_port(), log_level="warning")
         await http.start()
         rss_empty = rss_bytes()
+        if args.control_plane:
+            logs = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+            corral = str(Path(sys.executable).with_name("corral"))
+            for name in ("registry", "aggregator"):
+                argv = [corral, name, "--nats", nats.url, "--root", args.root, "--log-level", "WARNING"]
+                control.append(Child(name, argv, log_path=logs / f"{name}.log"))
+                await control[-1].start()
         fleet = await Fleet.start(args, nats.url)
         samples = []
         for n in (args.small, args.agents):
             s = Sample(agents=n)
             s.register_s, s.started_s = await grow(fleet, gateway, n, args.register_timeout)
             print(f"{n} agents: listed by the gateway after {s.register_s:.2f}s", flush=True)
-            await sample(s, gateway, http.port, fleet.proc.pid, nats_pid, args)
+            await sample(s, gateway, http.port, fleet.proc.pid, nats_pid, args, control)
+            for c in control:
+                if not c.alive():
+                    raise RuntimeError(f"{c.name} exited:\n{c.log_tail()}")
             print(
                 f"  watch {s.watch_msgs_s:.1f} msgs/s, p50 {s.c1.lat_ms(50):.2f} ms, "
                 f"p99 {s.c1.lat_ms(99):.2f} ms, c=16 {s.c16.rps:.0f} req/s",
@@ -374,6 +410,7 @@ async def amain(args: argparse.Namespace) -> int:
             f"setup: {args.sims} in-process simulators shared by the agents; each agent has its own NATS "
             f"connection; heartbeat {args.heartbeat:g}s, backend refresh {args.refresh:g}s; "
             f"gateway and load generator share one process"
+            + ("; `corral registry` and `corral aggregator` run beside it" if control else "")
         )
         if args.json:
             data |= {
@@ -395,6 +432,8 @@ async def amain(args: argparse.Namespace) -> int:
     finally:
         if fleet is not None:
             await asyncio.shield(fleet.stop())
+        for c in control:
+            await asyncio.shield(c.stop())
         if http is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(http.stop())
@@ -414,6 +453,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=50, help="agents started concurrently (default 50)")
     p.add_argument("--requests", type=int, default=2000, help="requests at c=1 (x4 at c=16; default 2000)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON here")
+    p.add_argument(
+        "--control-plane",
+        action="store_true",
+        help="also run `corral registry` and `corral aggregator` and report their CPU and RSS",
+    )
     p.add_argument("--root", default="bench", help="subject root (default bench)")
     p.add_argument("--fleet-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--nats", default="", help=argparse.SUPPRESS)
