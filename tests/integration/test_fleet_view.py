@@ -3,13 +3,16 @@ new leader, a restarted server refilling memory buckets): live agents are not dr
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import corral.runtime.fleet as fleet_module
 import pytest
 from corral.protocol.messages import AgentState, TagModel, agent_state_encoder
 from corral.protocol.names import key_of
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.nats import Buckets, connect, ensure_buckets
 from corral.runtime.natsserver import NatsServer
 from nats.js.api import KeyValueConfig
 
@@ -54,32 +57,18 @@ async def test_a_watch_opened_again_on_an_empty_bucket_keeps_the_agents_it_heard
 async def test_a_state_under_another_agents_key_is_not_believed(nats_server: NatsServer, root: str) -> None:
     """The KV key says whose state it is: a value naming another agent is ignored, so nobody can
     overwrite a live agent's state (or make up one) by writing under a key of their own."""
-    subjects = Subjects(root)
-    nc = await connect(nats_server.url, name="test")
-    try:
-        buckets = await ensure_buckets(nc.jetstream(), subjects)
-        a1 = AgentState(id="a1", vendor="cpu", host="h", ollama_url="http://h", models=(MODEL,))
-        await buckets.agents.put("a1", agent_state_encoder.encode(a1))
-        fleet = FleetView(buckets.agents)
-        await fleet.start()
-        try:
-            forged = AgentState(id="a1", vendor="amd", host="evil", ollama_url="http://evil")
-            await buckets.agents.put("mallory", agent_state_encoder.encode(forged))
-            await buckets.agents.put(
-                "a2",
-                agent_state_encoder.encode(
-                    AgentState(id="a2", vendor="cpu", host="h", ollama_url="http://h2")
-                ),
-            )
-            while fleet.get("a2") is None:  # the watch has read past the forged entry
-                assert await fleet.wait_changed(5.0)
-            assert fleet.get("mallory") is None
-            a = fleet.get("a1")
-            assert a is not None and (a.host, a.vendor) == ("h", "cpu")
-        finally:
-            await fleet.stop()
-    finally:
-        await nc.close()
+    async with holding_a1(nats_server, root) as (buckets, fleet):
+        forged = AgentState(id="a1", vendor="amd", host="evil", ollama_url="http://evil")
+        await buckets.agents.put("mallory", agent_state_encoder.encode(forged))
+        await buckets.agents.put(
+            "a2",
+            agent_state_encoder.encode(AgentState(id="a2", vendor="cpu", host="h", ollama_url="http://h2")),
+        )
+        while fleet.get("a2") is None:  # the watch has read past the forged entry
+            assert await fleet.wait_changed(5.0)
+        assert fleet.get("mallory") is None
+        a = fleet.get("a1")
+        assert a is not None and (a.host, a.vendor) == ("h", "cpu")
 
 
 async def test_an_agent_whose_key_is_deleted_is_announced_gone_once(
@@ -112,27 +101,35 @@ async def test_has_model_answers_as_the_holders_do_live_stale_and_gone(
 ) -> None:
     """`has_model` (the per-request check whether the fleet knows a model) agrees with `with_model`:
     a live holder counts, one silent past its heartbeats or deleted does not."""
-    subjects = Subjects(root)
-    nc = await connect(nats_server.url, name="test")
+    key, other = key_of("llama3.2"), key_of("qwen2.5")
+    assert key is not None and other is not None
+    async with holding_a1(nats_server, root) as (buckets, fleet):
+        assert fleet.has_model(key) and not fleet.has_model(other)
+        a1 = fleet.get("a1")
+        assert a1 is not None
+        later = fleet_module.time.monotonic() + 4 * a1.heartbeat_s
+        with monkeypatch.context() as m:
+            m.setattr(fleet_module.time, "monotonic", lambda: later)  # no await in here
+            assert not fleet.has_model(key) and fleet.with_model(key) == []  # silent: dead
+        assert fleet.has_model(key)
+        await buckets.agents.delete("a1")
+        while fleet.get("a1") is not None:
+            assert await fleet.wait_changed(5.0)
+        assert not fleet.has_model(key)
+
+
+@contextlib.asynccontextmanager
+async def holding_a1(server: NatsServer, root: str) -> AsyncIterator[tuple[Buckets, FleetView]]:
+    """The buckets, with agent ``a1`` holding `MODEL`, and a started fleet view of them."""
+    nc = await connect(server.url, name="test")
     try:
-        buckets = await ensure_buckets(nc.jetstream(), subjects)
+        buckets = await ensure_buckets(nc.jetstream(), Subjects(root))
         a1 = AgentState(id="a1", vendor="cpu", host="h", ollama_url="http://h", models=(MODEL,))
         await buckets.agents.put("a1", agent_state_encoder.encode(a1))
         fleet = FleetView(buckets.agents)
         await fleet.start()
-        key, other = key_of("llama3.2"), key_of("qwen2.5")
-        assert key is not None and other is not None
         try:
-            assert fleet.has_model(key) and not fleet.has_model(other)
-            later = fleet_module.time.monotonic() + 4 * a1.heartbeat_s
-            with monkeypatch.context() as m:
-                m.setattr(fleet_module.time, "monotonic", lambda: later)  # no await in here
-                assert not fleet.has_model(key) and fleet.with_model(key) == []  # silent: dead
-            assert fleet.has_model(key)
-            await buckets.agents.delete("a1")
-            while fleet.get("a1") is not None:
-                assert await fleet.wait_changed(5.0)
-            assert not fleet.has_model(key)
+            yield buckets, fleet
         finally:
             await fleet.stop()
     finally:
