@@ -1,6 +1,6 @@
 """Does the gateway stay fast with a large fleet? 10 agents versus N (default 1,000), in one run.
 
-    .venv/bin/python -m bench.scale [--agents 1000] [--quick] [--json out.json]
+    .venv/bin/python -m bench.scale [--agents 1000] [--quick] [--control-plane] [--json out.json]
 
 Processes:
 
@@ -12,7 +12,10 @@ Processes:
   simulators (no delays, the model preloaded) and the agents: real ``corral.agent.agent.Agent``
   objects, each with its own NATS connection, several agents per simulator. Agents re-read their
   simulator every ``--refresh`` seconds (default 3600: the backend reads are not what is measured)
-  and heartbeat every ``--heartbeat`` seconds (default 5, the production default).
+  and heartbeat every ``--heartbeat`` seconds (default 5, the production default). They are told
+  the simulators' default context (`SIM_CONTEXT`), so every preloaded runner is warm from the start;
+* with ``--control-plane``, ``corral registry`` and ``corral aggregator``, each its own process, whose
+  CPU and RSS are measured too.
 
 Steps: start 10 agents and time until the gateway's fleet view lists all of them; measure at
 steady state the KV watch messages/s the gateway receives, its CPU and RSS, and request latency
