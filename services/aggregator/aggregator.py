@@ -123,6 +123,7 @@ class Aggregator:
         self._task: asyncio.Task[None] | None = None
         self._written: dict[str, bytes] = {}
         self.writes = 0  # rounds of view rewrites the loop made (for tests and logs)
+        self._oversize: set[str] = set()  # views too large for a NATS message (warned once each)
         self._stopping = False
         self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit
         self._reopener: Reopener | None = None  # the buckets again after a NATS restart
@@ -210,15 +211,23 @@ class Aggregator:
         agents = self.fleet.agents()
         rates = self.window.rates(time.time())
         out = {
+            views.RATES_KEY: _enc.encode(rates),  # first: every gateway reads it
             "tags": views.tags_body(agents),
             "ps": views.ps_body(agents),
             "v1_models": views.v1_models_body(agents),
             views.STATUS_KEY: views.status_body(
                 agents, rates, views.queue_by_model(await depths(self.nc.jetstream(), self.subjects))
             ),
-            views.RATES_KEY: _enc.encode(rates),
         }
         for key, value in out.items():
-            if self._written.get(key) != value:
+            if self._written.get(key) == value:
+                continue
+            try:
                 await self._buckets.views.put(key, value)
-                self._written[key] = value
+            except nats.errors.MaxPayloadError:  # a large fleet's ps or status: the others still go
+                if key not in self._oversize:
+                    log.warning("view %s not written: %d bytes, over NATS's max_payload", key, len(value))
+                self._oversize.add(key)
+                continue
+            self._oversize.discard(key)
+            self._written[key] = value

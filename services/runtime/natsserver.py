@@ -148,9 +148,12 @@ class NatsServer:
         tls: ServerTls | None = None,
     ) -> None:
         """``auth_file``: a nats-server authorization include (`corral auth init`); ``tls``: serve
-        TLS. Either writes a config file of its own into the store (not with ``config_file``)."""
-        if config_file and (auth_file or tls):
-            raise ValueError("auth_file and tls go into a config file of our own: not with config_file")
+        TLS; ``max_payload``: the largest message the server takes. Each writes a config file of its
+        own into the store (not with ``config_file``)."""
+        if config_file and (auth_file or tls or max_payload):
+            raise ValueError(
+                "auth_file, tls and max_payload go into a config file of our own: not with config_file"
+            )
         self.host = host
         self.port = port or free_port(host)
         self._store_dir = Path(store_dir) if store_dir else None
@@ -191,7 +194,7 @@ class NatsServer:
         self._ready.clear()  # started again after `kill`: wait for this run's "ready" line
         self._js_seen = False
         args = [find_binary(), "-a", self.host, "-p", str(self.port)]
-        if self.auth_file or self.tls:
+        if self.auth_file or self.tls or self.max_payload:
             args += ["-c", str(self._write_config())]
         elif self.config_file:
             # the config file owns JetStream and its store_dir (nats-server rejects both at once);
@@ -199,8 +202,6 @@ class NatsServer:
             args += ["-c", str(self.config_file)]
         elif self.jetstream:
             args += ["-js", "-sd", str(self.store_dir)]
-        if self.max_payload:
-            args += ["--max_payload", str(self.max_payload)]
         if self.cluster is not None:
             args += self.cluster.args(self.host)
         log.debug("starting %s", " ".join(args))
@@ -234,11 +235,13 @@ class NatsServer:
         log.info("nats-server ready on %s (JetStream store %s)", self.url, self._store_dir)
 
     def _write_config(self) -> Path:
-        """JetStream in the store, the authorization include, TLS: the file the server reads (and
+        """JetStream in the store, max_payload, the authorization include, TLS: the file the server reads (and
         reads again on `reload`, so an agent added to the include is let in)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "corral-nats.conf"
         text = f"jetstream {{ store_dir: {_quoted(self.store_dir)} }}\n" if self.jetstream else ""
+        if self.max_payload:
+            text += f"max_payload: {self.max_payload}\n"  # no command-line flag sets it
         if self.auth_file:
             # nats-server resolves an include relative to the including file, never as absolute
             text += f'include "{os.path.relpath(self.auth_file.resolve(), conf.parent.resolve())}"\n'
