@@ -132,8 +132,14 @@ def decode_token(token: str) -> str:
     return re.sub(r"=([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), token).encode("latin-1").decode()
 
 
+@functools.lru_cache(maxsize=4096)
 def is_token(token: str) -> bool:
-    return _TOKEN.fullmatch(token) is not None
+    """``token`` is what `encode_token` makes of some name: escapes that decode (UTF-8) and none
+    that need not be there, so every model has exactly one token and every token decodes."""
+    try:
+        return encode_token(decode_token(token)) == token
+    except ValueError:  # not token-shaped, or escapes that are not UTF-8 (UnicodeDecodeError)
+        return False
 
 
 @functools.lru_cache(maxsize=4096)

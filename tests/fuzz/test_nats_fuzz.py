@@ -247,7 +247,9 @@ _VALUES: dict[str, st.SearchStrategy[str]] = {
         st.sampled_from(["0", str(_now_ms + 600_000), str(_now_ms - 1), "9" * 40, "-1", "1e12", "0x10"]),
         _odd_text,
     ),
-    H.MODEL: st.one_of(st.sampled_from([TOKEN, "nope=3Alatest", "A B", "llama3.2:latest", ""]), _odd_text),
+    H.MODEL: st.one_of(
+        st.sampled_from([TOKEN, "nope=3Alatest", "=C3", "A B", "llama3.2:latest", ""]), _odd_text
+    ),
     H.ECHO_MODEL: st.one_of(st.just(MODEL), _odd_text),
     H.UPSTREAM_MODEL: st.one_of(st.just(f"{MODEL}:latest"), _odd_text),
     H.BODY_SIZE: st.one_of(st.sampled_from(["1", "100", str(1 << 40), str(1 << 41), "0"]), _odd_text),

@@ -83,6 +83,7 @@ GOOD = {H.REQUEST: "a1", H.ENDPOINT: "/api/generate"}
         {H.ENDPOINT: ""},
         {H.METHOD: "PATCH"},
         {H.MODEL: "Llama.3"},  # not a token: upper case and a dot
+        {H.MODEL: "llama=FF"},  # token-shaped, but its escape is not UTF-8: no model's token
         {H.DEADLINE: "soon"},
         {H.DEADLINE: "-1"},
         {H.DEADLINE: "١٢"},  # Arabic-Indic digits: isdigit() but not ASCII

@@ -187,9 +187,16 @@ def test_non_tokens_are_rejected(bad: str) -> None:
 
 
 def test_escape_of_invalid_utf8_is_rejected() -> None:
-    assert is_token("=C3")  # well formed as a token ...
+    # token-shaped, but not the encoding of any string: a message naming it is refused at intake,
+    # not admitted to fail later wherever the agent reads its model
+    assert not is_token("=C3") and not is_token("a=FF")
     with pytest.raises(ValueError):
-        decode_token("=C3")  # ... but not the encoding of any string
+        decode_token("=C3")
+
+
+def test_a_needless_escape_is_not_a_token() -> None:
+    # "=61" decodes to "a", whose token is "a": one token per model, so one subject per model
+    assert decode_token("=61") == "a" and not is_token("=61") and is_token("a")
 
 
 # -- properties over names generated from the grammar ------------------------------------------
