@@ -1,7 +1,7 @@
 """Does NATS hand out work more slowly when 1,000 agents claim it? Request latency on one queue
 group of 10 versus N (default 1,000) subscribers, each on its own connection, in one run.
 
-    .venv/bin/python -m bench.claims [--subscribers 1000] [--requests 2000]
+    .venv/bin/python -m bench.claims [--subscribers 1000] [--requests 2000] [--churn-minutes 5]
 
 Each subscriber answers at once. Two ways of subscribing are measured: a plain queue subscription,
 and the way Corral's agents hold a claim (`corral.agent.claims`): a single-shot subscription
@@ -9,25 +9,36 @@ and the way Corral's agents hold a claim (`corral.agent.claims`): a single-shot 
 every request. One requester sends requests one at a time (concurrency 1); latency is from publish
 to reply. Everything runs against an embedded nats-server on 127.0.0.1; the subscribers share this
 process, as `bench.scale`'s agents share its fleet process.
+
+With ``--churn-minutes M`` it then sends requests at concurrency 16 to ``--churn-subscribers`` (4)
+re-armed claimers for M minutes and prints nats-server's RSS every 30 s: whether the claim churn of
+a busy fleet, with nothing else on the server, grows nats-server's memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import nats
+import nats.errors
+from corral.runtime.natsserver import NatsServer
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from bench.common import free_port, loop_name, machine, percentile, run, table
+from bench.common import free_port, loop_name, machine, percentile, rss_bytes, run, table
 
 SUBJECT, GROUP = "work", "claimers"
+SAMPLE_S = 30.0  # how often the churn run reads nats-server's RSS
 
 
-async def measure(url: str, n: int, rearm: bool, requests: int) -> tuple[float, float]:
-    """(p50, p99) milliseconds of ``requests`` requests to ``n`` subscribers."""
+@contextlib.asynccontextmanager
+async def claimers(url: str, n: int, rearm: bool) -> AsyncIterator[NATS]:
+    """``n`` subscribers on the queue group, each on its own connection (armed again after each
+    delivery when ``rearm``); yields a connection to send requests on."""
     conns: list[NATS] = []
 
     async def subscriber() -> None:
@@ -46,11 +57,20 @@ async def measure(url: str, n: int, rearm: bool, requests: int) -> tuple[float, 
 
         await arm()
 
-    requester: NATS | None = None
     try:
         for i in range(0, n, 50):
             await asyncio.gather(*(subscriber() for _ in range(min(50, n - i))))
         requester = await nats.connect(url)
+        conns.append(requester)
+        yield requester
+    finally:
+        for nc in conns:
+            await nc.close()
+
+
+async def measure(url: str, n: int, rearm: bool, requests: int) -> tuple[float, float]:
+    """(p50, p99) milliseconds of ``requests`` requests to ``n`` subscribers, one at a time."""
+    async with claimers(url, n, rearm) as requester:
         for _ in range(min(200, requests)):  # warm-up
             await requester.request(SUBJECT, b"x", timeout=5)
         took = []
@@ -59,14 +79,42 @@ async def measure(url: str, n: int, rearm: bool, requests: int) -> tuple[float, 
             await requester.request(SUBJECT, b"x", timeout=5)
             took.append((time.perf_counter() - t0) * 1000)
         return percentile(took, 50), percentile(took, 99)
-    finally:
-        for nc in [*conns, *([requester] if requester else [])]:
-            await nc.close()
+
+
+async def churn(server: NatsServer, n: int, minutes: float, concurrency: int = 16) -> None:
+    """Requests to ``n`` re-armed claimers for ``minutes``, ``concurrency`` at a time (one that
+    finds every claim taken is sent again), printing nats-server's RSS every `SAMPLE_S`."""
+    pid = server.pid
+    assert pid is not None
+    async with claimers(server.url, n, rearm=True) as requester:
+        done = 0
+        start = time.monotonic()
+        stop = start + minutes * 60
+
+        def line(at: str) -> str:
+            return f"  [{at}] {done:>9,} requests, nats-server RSS {rss_bytes(pid) / (1 << 20):.1f} MiB"
+
+        async def client() -> None:
+            nonlocal done
+            while time.monotonic() < stop:
+                with contextlib.suppress(nats.errors.NoRespondersError):  # all claims taken: again
+                    await requester.request(SUBJECT, b"x", timeout=5)
+                    done += 1
+
+        async def sampler() -> None:
+            while True:
+                print(line(f"{time.monotonic() - start:5.0f} s"), flush=True)
+                await asyncio.sleep(SAMPLE_S)  # a sampling period, not a wait for an event
+
+        sampling = asyncio.create_task(sampler())
+        try:
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+        finally:
+            sampling.cancel()
+        print(line("  end"), flush=True)
 
 
 async def amain(args: argparse.Namespace) -> int:
-    from corral.runtime.natsserver import NatsServer
-
     print(f"machine: {machine()}; {loop_name()}", flush=True)
     rows = []
     for rearm in (False, True):
@@ -82,11 +130,16 @@ async def amain(args: argparse.Namespace) -> int:
         kind = "single-shot, armed again" if rearm else "plain queue subscription"
         rows.append([kind, f"{a50:.3f}", f"{b50:.3f}", f"{a99:.3f}", f"{b99:.3f}", f"{b50 / a50:.2f}x"])
     n, m = args.small, args.subscribers
-    print(
-        table(
-            ["subscribers", f"p50 ms, {n}", f"p50 ms, {m}", f"p99 ms, {n}", f"p99 ms, {m}", "p50 ratio"], rows
-        )
-    )
+    header = ["subscribers", f"p50 ms, {n}", f"p50 ms, {m}", f"p99 ms, {n}", f"p99 ms, {m}", "p50 ratio"]
+    print(table(header, rows))
+    if args.churn_minutes > 0:
+        print(f"claim churn: {args.churn_subscribers} re-armed claimers, c=16, {args.churn_minutes:g} min")
+        server = NatsServer(port=free_port())
+        await server.start()
+        try:
+            await churn(server, args.churn_subscribers, args.churn_minutes)
+        finally:
+            await server.stop()
     return 0
 
 
@@ -95,6 +148,13 @@ def main() -> int:
     p.add_argument("--subscribers", type=int, default=1000, help="the large queue group (default 1000)")
     p.add_argument("--small", type=int, default=10, help="the small one compared with (default 10)")
     p.add_argument("--requests", type=int, default=2000, help="requests per measurement (default 2000)")
+    p.add_argument(
+        "--churn-minutes",
+        type=float,
+        default=0.0,
+        help="then load re-armed claimers this long, printing nats-server's RSS (default 0: no)",
+    )
+    p.add_argument("--churn-subscribers", type=int, default=4, help="claimers in the churn run (default 4)")
     return run(amain(p.parse_args()))
 
 
