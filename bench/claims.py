@@ -87,19 +87,24 @@ async def churn(server: NatsServer, n: int, minutes: float, concurrency: int = 1
     pid = server.pid
     assert pid is not None
     async with claimers(server.url, n, rearm=True) as requester:
-        done = 0
+        done = unanswered = 0  # unanswered: a delivery whose claimer did not answer within 1 s
         start = time.monotonic()
         stop = start + minutes * 60
 
         def line(at: str) -> str:
-            return f"  [{at}] {done:>9,} requests, nats-server RSS {rss_bytes(pid) / (1 << 20):.1f} MiB"
+            mib = rss_bytes(pid) / (1 << 20)
+            return f"  [{at}] {done:>9,} requests ({unanswered} unanswered), nats-server RSS {mib:.1f} MiB"
 
         async def client() -> None:
-            nonlocal done
+            nonlocal done, unanswered
             while time.monotonic() < stop:
-                with contextlib.suppress(nats.errors.NoRespondersError):  # all claims taken: again
-                    await requester.request(SUBJECT, b"x", timeout=5)
+                try:
+                    await requester.request(SUBJECT, b"x", timeout=1)
                     done += 1
+                except nats.errors.NoRespondersError:  # every claim taken this instant: again
+                    pass
+                except nats.errors.TimeoutError:
+                    unanswered += 1
 
         async def sampler() -> None:
             while True:
