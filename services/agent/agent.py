@@ -29,7 +29,7 @@ from corral.agent.intake import guarded, job_from
 from corral.agent.lifecycle import Lifecycle, Wakeups, default_agent_id, leave, ping_silent, wait_at_most
 from corral.agent.metrics import LoadBook
 from corral.agent.ollama import OllamaClient
-from corral.agent.pacing import Pace, StatePacer, parts
+from corral.agent.pacing import Pace, Reading, StatePacer, parts
 from corral.agent.runners import RunnerChange, RunnerTracker
 from corral.agent.settings import AgentSettings
 from corral.agent.slots import Admission, SlotTable
@@ -59,11 +59,9 @@ _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/crea
 
 
 class Agent:
-    # Twenty-three attributes: the settings and identity it was given (settings, id, vendor, subjects,
-    # ollama), its lifecycle (lifecycle, status, ready, wake-ups, state pacer), the I/O it owns (connection, KV
-    # buckets and their reopener, subscriptions, worker, claims, backend reader, task group, tracer) and the two state
-    # machines with the jobs they account for (slots, runners, jobs, loads). The state that changes lives
-    # in `SlotTable`, `RunnerTracker` and `Claims`; the agent only maps their answers onto I/O.
+    # 23 attributes: identity (settings, id, vendor, subjects, ollama), lifecycle (lifecycle, status, ready,
+    # wake-ups, state pacer), owned I/O (connection, buckets, reopener, subscriptions, worker, claims, backend,
+    # task group, tracer), state machines and their jobs (slots, runners, jobs, loads), mapped onto I/O.
     def __init__(
         self,
         settings: AgentSettings,
@@ -471,9 +469,10 @@ class Agent:
             heartbeat_s=self.settings.heartbeat_s,
         )
 
-    async def _publish_state(self) -> None:
+    async def _publish_state(self, state: AgentState | None = None, reading: Reading | None = None) -> None:
+        """Publish ``state`` (default: as it is now); ``reading``: its `parts`, if made already."""
         assert self._buckets is not None
-        state = self.state()
+        state = state or self.state()
         try:
             await self._buckets.agents.put(self.id, agent_state_encoder.encode(state))
         except (NatsError, JetStreamError, TimeoutError) as e:
@@ -481,7 +480,7 @@ class Agent:
             if self._reopener is not None:
                 self._reopener.missing(e)  # a bucket a restarted NATS lost: create it again
         else:
-            self._pacer.published(time.monotonic(), *parts(state))
+            self._pacer.published(time.monotonic(), *(reading or parts(state)))
 
     async def _state_loop(self) -> None:
         """Publish on change and on every heartbeat, as `StatePacer` decides; at most every 100 ms."""
@@ -491,10 +490,11 @@ class Agent:
             due = pacer.until_heartbeat(time.monotonic()) if running else self.settings.heartbeat_s
             await wait_at_most(self._wake.state, due)
             self._wake.state.clear()
-            pace = pacer.decide(time.monotonic(), *parts(self.state()))
-            if pace is Pace.SETTLE:  # request counts alone changed: publish them if they stand
-                await wait_at_most(self._wake.closing, pacer.settle_s)
-                pace = pacer.decide(time.monotonic(), *parts(self.state()))
-            if pace is Pace.PUBLISH and self.lifecycle is Lifecycle.RUNNING:
-                await self._publish_state()
+            if self.lifecycle is Lifecycle.RUNNING:
+                pace = pacer.decide(time.monotonic(), *(reading := parts(state := self.state())))
+                if pace is Pace.SETTLE:  # request counts alone changed: publish them if they stand
+                    await wait_at_most(self._wake.closing, pacer.settle_s)
+                    pace = pacer.decide(time.monotonic(), *(reading := parts(state := self.state())))
+                if pace is Pace.PUBLISH and self.lifecycle is Lifecycle.RUNNING:
+                    await self._publish_state(state, reading)
             await wait_at_most(self._wake.closing, 0.1)

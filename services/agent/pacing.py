@@ -28,12 +28,13 @@ from typing import Final
 import msgspec
 from corral.protocol.messages import AgentState, agent_state_encoder
 
-__all__ = ["SETTLE_S", "Pace", "StatePacer", "parts"]
+__all__ = ["SETTLE_S", "Pace", "Reading", "StatePacer", "parts"]
 
 # How long a change of the request counts alone must stand before it is published.
 SETTLE_S: Final = 0.1
 
 Counts = tuple[int, int, tuple[str, ...]]  # in_flight, queued, busy_models
+Reading = tuple[bytes, Counts]  # `parts` of a state: its shape, encoded, and its counts
 
 
 class Pace(enum.Enum):
@@ -42,7 +43,7 @@ class Pace(enum.Enum):
     SKIP = "skip"  # nothing to say before the next heartbeat
 
 
-def parts(state: AgentState) -> tuple[bytes, Counts]:
+def parts(state: AgentState) -> Reading:
     """(``state`` without its request counts, request times and timestamp, encoded; the counts)."""
     shape = msgspec.structs.replace(
         state, in_flight=0, queued=0, busy_models=(), request_s={}, updated_at=0.0

@@ -235,8 +235,8 @@ class NatsServer:
         log.info("nats-server ready on %s (JetStream store %s)", self.url, self._store_dir)
 
     def _write_config(self) -> Path:
-        """JetStream in the store, max_payload, the authorization include, TLS: the file the server reads (and
-        reads again on `reload`, so an agent added to the include is let in)."""
+        """JetStream in the store, max_payload, the authorization include, TLS: the file the server
+        reads (and reads again on `reload`, so an agent added to the include is let in)."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "corral-nats.conf"
         text = f"jetstream {{ store_dir: {_quoted(self.store_dir)} }}\n" if self.jetstream else ""

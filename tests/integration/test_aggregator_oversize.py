@@ -49,7 +49,6 @@ async def test_views_that_fit_are_written_and_an_oversized_one_is_named_once(
                 await aggregator.start()
                 try:
                     await views_hold([aggregator.fleet], lambda v: len(v.agents()) == AGENTS, timeout=10)
-                    first = aggregator.writes
                     await aggregator.write()  # and again, as the loop does
                     rates = msgspec.json.decode((await buckets.views.get(RATES_KEY)).value or b"")
                     tags = msgspec.json.decode((await buckets.views.get("tags")).value or b"")
@@ -57,7 +56,6 @@ async def test_views_that_fit_are_written_and_an_oversized_one_is_named_once(
                     assert {m["name"] for m in tags["models"]} == {"m0:latest", "m1:latest", "m2:latest"}
                     with pytest.raises(nats.js.errors.KeyNotFoundError):
                         await buckets.views.get(STATUS_KEY)  # too large for this server
-                    assert aggregator.writes >= first
                 finally:
                     await aggregator.stop()
         finally:

@@ -20,7 +20,7 @@ from corral.protocol.subjects import Subjects
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
 from corral.runtime.natsserver import NatsServer
-from corral.views import FleetStatus
+from corral.views import STATUS_KEY, FleetStatus
 from nats.js.kv import KeyValue
 
 from tests.integration.waits import Changes, until, views_hold
@@ -45,7 +45,7 @@ class Rig:
 
     async def in_status(self) -> set[str]:
         """The agents the ``status`` view lists."""
-        status = msgspec.json.decode((await self.views.get("status")).value or b"", type=FleetStatus)
+        status = msgspec.json.decode((await self.views.get(STATUS_KEY)).value or b"", type=FleetStatus)
         return {row.id for row in status.agents}
 
     async def seen(self, agent_id: str) -> None:
