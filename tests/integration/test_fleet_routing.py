@@ -23,6 +23,7 @@ from corral.runtime.workqueue import Puller, depths, enqueue, withdraw
 from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.js.errors import KeyNotFoundError
 
+from tests.integration import waits
 from tests.integration.fleet_helpers import preload, queue_and_serve, until
 
 MODEL = "llama3.2"
@@ -489,7 +490,11 @@ async def test_queue_order_deadline_and_withdrawal(nats_server: NatsServer, root
         await enqueue(nc, js, subjects, "any", "m", b"late", {H.DEADLINE: past, H.REPLY: "r"})
         # dropped, its gateway has answered already; the take pulled again and found the queue dry
         assert await puller.take_batch(subject, 1) == ([], True)
-        assert await depths(js, subjects) == {}  # and gone from the stream
+        # and gone from the stream: nats-server confirms an ack before a work queue drops the
+        # message, so the depth is read again after each round trip to the server
+        await waits.until(
+            lambda: _no_depths(js, subjects), lambda t: nc.flush(timeout=max(t, 0.01)), timeout=5.0
+        )
         queued = await enqueue(nc, js, subjects, "any", "m", b"gone", {H.DEADLINE: future, H.REPLY: "r"})
         assert await withdraw(js, queued)
         assert await puller.take(subject, 1) == []
@@ -512,3 +517,7 @@ async def test_agent_learns_the_backends_real_default_context(nats_server: NatsS
             for _ in range(3):
                 await client.generate(model=MODEL, prompt="next", options={"num_predict": 2})
         assert fleet.sims[0].stats.reloads == 0
+
+
+async def _no_depths(js: Any, subjects: Subjects) -> bool:
+    return await depths(js, subjects) == {}
