@@ -454,3 +454,29 @@ async def watch_forever(watch: Callable[[], Coroutine[Any, Any, None]], restart:
     returns on a restart, and a supervisor takes a return for the end of the loop."""
     while True:
         await watch_until(watch, restart)
+
+
+async def round_trip(nc: NATS, timeout: float) -> bool:
+    """A barrier: True once the server has read everything sent here before the call, and all it
+    sent before that has been read here; False when that is not known within ``timeout``.
+
+    Not `nats.aio.client.Client.flush`, which nats-py 2.16 gets wrong twice: its PING is written
+    straight to the socket, ahead of commands still buffered (so it can return before the server has
+    read a SUB sent just before), and it cancels its PONG's future on a timeout or when its caller is
+    cancelled but leaves it queued, so the late PONG ends the read loop (``InvalidStateError``) and
+    the connection reads nothing more. Here the buffer is written out first, then the PING; the
+    future is only waited on, never cancelled: a late PONG completes it, a reconnect forgets it."""
+    written = asyncio.create_task(nc._flush_pending(force_flush=True))  # returns once written
+    done, _ = await asyncio.wait([written], timeout=timeout)
+    if not done:
+        written.cancel()  # nats-py's flush loop stopped (the connection is down): nothing to wait for
+        return False
+    if not nc.is_connected:
+        return False
+    pong = asyncio.get_running_loop().create_future()
+    await nc._send_ping(pong)
+    try:
+        await asyncio.wait_for(asyncio.shield(pong), timeout)  # a timeout cancels the shield only
+    except TimeoutError:
+        return False
+    return True

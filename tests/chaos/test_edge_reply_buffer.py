@@ -11,6 +11,7 @@ import pytest
 from corral.gateway.relay import stream_reply
 from corral.protocol import headers as H
 from corral.protocol.subjects import Subjects
+from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.transport import Reply, Transport, WorkRequest
 from nats.aio.msg import Msg
@@ -42,7 +43,7 @@ async def test_an_unread_reply_past_its_bound_is_cancelled_at_the_agent(
 
     await agent.subscribe(subjects.agent_work(AGENT), cb=on_work)
     await agent.subscribe(subjects.agent_ctl(AGENT), cb=on_ctl)
-    await agent.flush()
+    assert await round_trip(agent, 10.0)
     transport = Transport(gw, subjects, reply_buffer=BOUND)
     await transport.start()
     try:

@@ -38,6 +38,7 @@ import nats
 import pytest
 from corral.protocol.messages import request_finished_decoder
 from corral.protocol.subjects import Subjects
+from corral.runtime.nats import round_trip
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -435,7 +436,7 @@ async def cut_and_restore(
         )
         # One connection carries an agent's messages in order: once its fresh heartbeat has arrived,
         # so has every event it sent before; the flush makes sure this client has read them too.
-        await nc.flush()
+        assert await round_trip(nc, 10.0)
         before = served.on_host("b")
         await served.until(lambda: served.on_host("b") > before, SERVED_WITHIN_S, "B serves again")
         held = [await within("B's long streams end", REQUEST_TIMEOUT_S + 5, t) for t in longs]

@@ -24,7 +24,7 @@ import pytest
 from corral.protocol import headers as H
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import connect
+from corral.runtime.nats import connect, round_trip
 from corral.runtime.natsserver import NatsServer, free_port
 from corral.runtime.workqueue import depths, enqueue, ensure_stream
 from corral.simulator.config import load_config
@@ -163,7 +163,7 @@ async def test_hostile_messages_on_every_subject_leave_the_agent_serving(
             good = {H.REQUEST: "r8", H.ENDPOINT: "/api/generate", H.MODEL: TOKEN}
             await nc.publish(subject, BODY, headers={**good, H.REPLY: "not a subject"})
             await publish_raw(server, subject, b"x.\xff\xfe", BODY)  # a reply subject not UTF-8
-        await nc.flush()
+        assert await round_trip(nc, 10.0)
         await _heard_since(fleet, time.monotonic())  # it still heartbeats after reading them all
         await _plain(fleet)
     finally:

@@ -29,6 +29,7 @@ from corral.protocol.envelope import RequestEnvelope
 from corral.protocol.messages import agent_state_decoder
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
+from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.simulator.config import load_config
 from corral.simulator.server import SimServer
@@ -193,7 +194,7 @@ async def rig(nats_server: NatsServer, tracebacks: Tracebacks) -> AsyncIterator[
         assert TOKEN in agent.runners.warm
         await agent._reconcile()
         assert agent.nc is not None
-        await agent.nc.flush()
+        assert await round_trip(agent.nc, 10.0)
         yield r
     finally:
         await raw.close()
@@ -435,7 +436,7 @@ async def test_random_messages_on_every_agent_subject(
         rig.raw.publish(rig.target_subject(r.target), reply, r.header, r.body)
         rig.sent += 1
     await rig.raw.sync()
-    await rig.nc.flush()
+    assert await round_trip(rig.nc, 10.0)
     assert not rig.task.done(), rig.task
     assert rig.agent.nc is not None and rig.agent.nc.is_connected
 

@@ -15,6 +15,7 @@ from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
+from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.simulator.config import load_config
 from corral.simulator.server import SimServer
@@ -94,7 +95,7 @@ async def test_a_waiter_cancelled_as_its_slot_is_handed_over_does_not_lose_the_s
         agent._worker.on_answered = cancel_the_next_in_line
         first = await send(nc, direct, "first")
         second = await send(nc, direct, "second")
-        await nc.flush()
+        assert await round_trip(nc, 10.0)
         assert (await ended(first)).get(H.STATUS) == "200"
         assert (await ended(second)).get(H.ERROR_CODE) == "cancelled"
         third = await send(nc, direct, "third")
@@ -130,12 +131,12 @@ async def test_garbage_on_a_claim_subject_is_answered_bad_request_and_the_slot_i
         assert TOKEN in agent.runners.warm
         await agent._reconcile()
         assert agent.nc is not None
-        await agent.nc.flush()  # its claim subscriptions have reached the server
+        assert await round_trip(agent.nc, 10.0)  # its claim subscriptions have reached the server
         claim = subjects.work("any", TOKEN)
         bad = await send(nc, claim, "x", headers=GARBAGE)
         assert (await ended(bad)).get(H.ERROR_CODE) == "bad_request"
         await agent._reconcile()  # the spent subscription is armed again
-        await agent.nc.flush()
+        assert await round_trip(agent.nc, 10.0)
         ok = await send(nc, claim, "fine")
         assert (await ended(ok)).get(H.STATUS) == "200"
         assert agent.state().in_flight == 0

@@ -17,7 +17,7 @@ from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry.placement import marker_key
 from corral.routing import Route, loading_for, warm
-from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.nats import connect, ensure_buckets, round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.workqueue import Puller, depths, enqueue, withdraw
 from corral.up import FleetOptions, LocalFleet, default_sims
@@ -201,9 +201,9 @@ async def test_back_to_back_requests_find_the_freed_slot_armed(nats_server: Nats
         claims = await gw.nc.subscribe(f"{root}.work.>")
         fallbacks = await gw.nc.subscribe(f"{root}.agent.*.work")
         nudges = await gw.nc.subscribe(f"{root}.queued.>")
-        await gw.nc.flush()
+        assert await round_trip(gw.nc, 10.0)
         await run(50)
-        await gw.nc.flush()
+        assert await round_trip(gw.nc, 10.0)
         held.set()
         assert claims.pending_msgs == 50
         assert (fallbacks.pending_msgs, nudges.pending_msgs) == (0, 0)
@@ -228,7 +228,7 @@ async def test_a_failed_load_is_not_waited_on_by_the_next_request(
             async with s.post(fleet.url + "/api/generate", json=body) as r:
                 assert r.status == 500
                 assert (await r.json())["error"].startswith("model requires more system memory")
-        await gw.nc.flush()
+        assert await round_trip(gw.nc, 10.0)
         assert nudges.pending_msgs == 0  # none of them waited in the fleet queue
         assert fleet.sims[0].stats.failed == 3  # each one tried its own load
 

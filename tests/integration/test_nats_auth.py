@@ -21,7 +21,7 @@ from corral.gateway.app import Gateway
 from corral.gateway.settings import GatewaySettings
 from corral.protocol import headers as H
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import NatsRefused, connect, ensure_buckets
+from corral.runtime.nats import NatsRefused, connect, ensure_buckets, round_trip
 from corral.runtime.natsauth import NatsAuth
 from corral.runtime.natsserver import NatsServer, free_port
 from corral.runtime.process import AsgiServer
@@ -198,7 +198,7 @@ async def test_an_agent_cannot_publish_work(fleet: LocalFleet, as_user: Any) -> 
     agent = await as_user(agent_user(AGENTS[0]))
     for subject in (s.work("any", "x"), s.agent_work(AGENTS[1]), s.queue("any", "x")):
         await agent.nc.publish(subject, b"{}")
-        await agent.nc.flush()
+        assert await round_trip(agent.nc, 10.0)
         await agent.denied(f'Publish to "{subject}"')
 
 
@@ -207,7 +207,7 @@ async def test_an_agent_cannot_read_replies_or_anothers_work(fleet: LocalFleet, 
     agent = await as_user(agent_user(AGENTS[0]))
     for subject in (s.replies_all, s.reply("gw1", "r1"), s.agent_work(AGENTS[1]), "_INBOX_gateway.>", ">"):
         await agent.nc.subscribe(subject)
-        await agent.nc.flush()
+        assert await round_trip(agent.nc, 10.0)
         await agent.denied(f'Subscription to "{subject}"')
 
 
@@ -230,7 +230,7 @@ async def test_an_agent_cannot_drain_agents_or_create_streams(fleet: LocalFleet,
     s = Subjects(ROOT)
     agent = await as_user(agent_user(AGENTS[0]))
     await agent.nc.publish(s.agent_admin(AGENTS[1]), b"", headers={H.CTL: H.DRAIN})
-    await agent.nc.flush()
+    assert await round_trip(agent.nc, 10.0)
     await agent.denied("Publish to")
     with pytest.raises(nats.errors.TimeoutError):
         await agent.nc.jetstream(timeout=1.0).delete_stream(s.queue_stream)
@@ -246,7 +246,7 @@ async def test_a_gateway_cannot_write_agent_state_or_drain_agents(fleet: LocalFl
     await gateway.denied(f'Publish to "$KV.{s.agents_bucket}.{AGENTS[0]}"')
     for kind in (H.DRAIN, H.CORDON):
         await gateway.nc.publish(s.agent_admin(AGENTS[0]), b"", headers={H.CTL: kind})
-        await gateway.nc.flush()
+        assert await round_trip(gateway.nc, 10.0)
         await gateway.denied(f'Publish to "{s.agent_admin(AGENTS[0])}"')
     assert all(a.status == "active" for a in fleet.agents)
 
@@ -255,10 +255,10 @@ async def test_the_aggregator_cannot_send_work_or_hear_requests(fleet: LocalFlee
     s = Subjects(ROOT)
     aggregator = await as_user("aggregator")
     await aggregator.nc.publish(s.work("any", "x"), b"{}")
-    await aggregator.nc.flush()
+    assert await round_trip(aggregator.nc, 10.0)
     await aggregator.denied("Publish to")
     await aggregator.nc.subscribe(s.work_all)
-    await aggregator.nc.flush()
+    assert await round_trip(aggregator.nc, 10.0)
     await aggregator.denied("Subscription to")
 
 
@@ -269,10 +269,10 @@ async def test_the_registry_cannot_drain_agents_touch_keys_or_hear_claims(
     registry = await as_user("registry")
     for subject in (s.agent_admin(AGENTS[0]), s.kv_key(s.keys_bucket, "k1"), s.work("any", "x")):
         await registry.nc.publish(subject, b"")
-        await registry.nc.flush()
+        assert await round_trip(registry.nc, 10.0)
         await registry.denied(f'Publish to "{subject}"')
     await registry.nc.subscribe(s.work_all)
-    await registry.nc.flush()
+    assert await round_trip(registry.nc, 10.0)
     await registry.denied("Subscription to")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import nats
 import pytest
-from corral.runtime.nats import connect
+from corral.runtime.nats import connect, round_trip
 from corral.runtime.natsserver import NatsServer
 
 from tests.integration.fleet_helpers import publish_raw
@@ -21,10 +21,10 @@ async def test_a_reply_subject_that_is_not_utf8_does_not_stop_the_connection(
     other = await nats.connect(nats_server.url)
     try:
         sub = await nc.subscribe(f"{root}.>")
-        await nc.flush()
+        assert await round_trip(nc, 10.0)
         await publish_raw(nats_server, f"{root}.hostile", b"x.\xff\xfe", b"boom")
         await other.publish(f"{root}.after", b"fine")
-        await other.flush()
+        assert await round_trip(other, 10.0)
         first = await sub.next_msg(timeout=5)
         assert first.subject == f"{root}.hostile" and "\ufffd" in first.reply
         second = await sub.next_msg(timeout=5)

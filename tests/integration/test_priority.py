@@ -19,6 +19,7 @@ import pytest
 from corral.protocol.names import parse_name
 from corral.protocol.priority import BATCH
 from corral.protocol.subjects import Subjects
+from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.workqueue import depths
 from corral.simulator.config import load_config
@@ -76,7 +77,7 @@ async def nudges(nats_server: NatsServer, root: str) -> AsyncIterator[Nudges]:
     nc = await nats.connect(nats_server.url)
     try:
         await nc.subscribe(Subjects(root).queued_all, cb=seen.on)
-        await nc.flush()
+        assert await round_trip(nc, 10.0)
         yield seen
     finally:
         await nc.close()

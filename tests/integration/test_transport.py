@@ -15,7 +15,7 @@ from corral.protocol.errors import AgentUnavailable
 from corral.protocol.messages import AgentState, TagModel
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import ensure_buckets
+from corral.runtime.nats import ensure_buckets, round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.transport import Reply, Transport, WorkRequest, fan_out
 from nats.aio.client import Client as NATS
@@ -73,7 +73,7 @@ async def agents(nc: NATS, root: str, *names: str, ends: bool = False) -> dict[s
     for name in names:
         out[name] = FakeAgent(nc, Subjects(root), name, ends=ends)
         await out[name].start()
-    await nc.flush()
+    assert await round_trip(nc, 10.0)
     return out
 
 
@@ -173,7 +173,7 @@ class Impostor:
         rid = (msg.headers or {})[H.REQUEST]
         claim = {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: NDJSON, H.AGENT: self.claim_as, H.END: "1"}
         await self.nc.publish(msg.reply, b'{"from":"impostor"}\n', headers=claim | {H.REQUEST: rid})
-        await self.nc.flush()
+        assert await round_trip(self.nc, 10.0)
         self.answered.set()
 
 
@@ -204,7 +204,7 @@ async def test_on_a_shared_subject_only_an_agent_of_the_fleet_is_believed(nc: NA
     honest = Honest(nc, subjects, "a1", shared, impostor.answered)
     for listener in (impostor, honest):
         await listener.start()
-    await nc.flush()
+    assert await round_trip(nc, 10.0)
     t = Transport(nc, subjects, claim_timeout=5.0, idle_timeout=30.0, members=lambda agent: agent == "a1")
     await t.start()
     try:
@@ -225,7 +225,7 @@ async def test_a_direct_send_believes_only_the_agent_it_went_to(
     honest = Honest(nc, subjects, "a1", direct, impostor.answered)
     for listener in (impostor, honest):
         await listener.start()
-    await nc.flush()
+    assert await round_trip(nc, 10.0)
     reply = await transport.send_to("a1", work(), timeout=5)
     assert reply.agent == "a1"
     assert await _body(reply) == b'{"from":"a1"}\n'
