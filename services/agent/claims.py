@@ -3,8 +3,9 @@
 For every warm model the agent holds one single-shot queue subscription per free slot on
 ``work.any.{model}`` and ``work.{vendor}.{model}``: NATS gives each request to exactly one agent
 that can start it now, in proportion to free slots, and answers "no responders" when none can. A
-subscription is armed with ``UNSUB <sid> 1`` so the server retires it after one delivery; nothing
-needs to race to take interest back.
+subscription is armed with ``UNSUB <sid> 1`` so the server retires it after one delivery, and it
+is taken out of service without losing a delivery (`corral.runtime.singleshot`): one that fires
+twice, or after the agent took interest back, is answered ``busy`` and the gateway moves on.
 
 Requests no agent could take wait in the fleet queue (a JetStream work queue per model). The agent
 listens for the nudges sent when one is queued, and before it takes interest in new work for a
@@ -27,6 +28,7 @@ from corral.agent.worker import Job
 from corral.protocol.names import ANY_VENDOR
 from corral.protocol.priority import BATCH
 from corral.protocol.subjects import Subjects
+from corral.runtime.singleshot import SingleShots
 from corral.runtime.workqueue import Puller
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -56,6 +58,7 @@ class Claims:
         self._on_claim = on_claim
         self._on_nudge = on_nudge
         self._puller = Puller(nc, subjects)
+        self._shots = SingleShots(nc)
         self._armed: dict[str, list[Subscription]] = {}  # claim subject → armed single-shot subs
         self._nudges: dict[str, Subscription] = {}  # queued-nudge subject → subscription
         self._hint: dict[str, int] = {}  # warm model token → nudges seen (0 = queue known empty)
@@ -84,10 +87,16 @@ class Claims:
         return slots.claim(job.token, job)
 
     def spent(self, msg: Msg) -> None:
-        """A claim subscription delivered its one message: it is retired."""
+        """A claim subscription delivered: it is retired (a second delivery, of the race its arming
+        leaves, finds it gone already)."""
         subs = self._armed.get(msg.subject)
-        if subs is not None:
-            subs[:] = [s for s in subs if s._id != msg.sid]  # in place: `arm` may be appending to it
+        if subs is None:
+            return
+        for i, s in enumerate(subs):
+            if s._id == msg.sid:
+                del subs[i]  # in place: `arm` may be appending to it
+                self._shots.retire(s)
+                return
 
     def queue_waits(self, token: str) -> bool:
         """Requests for ``token`` may wait in the fleet queue: they go before new work."""
@@ -106,9 +115,7 @@ class Claims:
             return
         subs = self._armed.setdefault(subject, [])
         while len(subs) < n:
-            sub = await self._nc.subscribe(subject, queue=subject, cb=self._on_claim)
-            await sub.unsubscribe(limit=1)
-            subs.append(sub)
+            subs.append(await self._shots.arm(subject, subject, self._on_claim))
 
     async def arm_free(self, token: str, free: int) -> None:
         for subject in self.subjects_of(token):
@@ -133,6 +140,7 @@ class Claims:
         free: Callable[[str], int],
         take: Callable[[str, list[Msg]], Awaitable[None]],
     ) -> None:
+        await self._shots.relimit()  # after a reconnect: the replayed claims fire once again
         await self._sync_nudges(warm)
         want: dict[str, int] = {}
         for token in warm:
@@ -144,11 +152,10 @@ class Claims:
             subs = self._armed.setdefault(subject, [])
             n = want.get(subject, 0)
             # Surplus armed subscriptions of a warm model are left armed: taking interest back
-            # races with a delivery already on its way (dropped on unsubscribe, the request then
-            # waits out the claim timeout). A surplus delivery is answered `busy` instead and the
-            # gateway moves on at once; each subscription fires only once anyway.
+            # costs a round trip, and each fires only once anyway; a surplus delivery is answered
+            # `busy` and the gateway moves on at once.
             while len(subs) > n and subject not in want:
-                await _unsubscribe(subs.pop())
+                self._shots.retire(subs.pop())
             await self.arm(subject, n)
             if not subs and self._armed.get(subject) is subs:
                 del self._armed[subject]
@@ -199,14 +206,16 @@ class Claims:
             self._hint[token] = 0  # every lane ran dry and no nudge came meanwhile
 
     async def drop(self) -> None:
-        """Take back all interest (on drain)."""
+        """Take back all interest (on drain). A claim on its way meanwhile is still delivered, and
+        answered ``busy`` (the agent is no longer active), so its sender moves on at once."""
         for sub in self._nudges.values():
             await _unsubscribe(sub)
         self._nudges.clear()
         for subs in self._armed.values():
             for s in subs:
-                await _unsubscribe(s)
+                self._shots.retire(s)
         self._armed.clear()
+        await self._shots.settled()
 
 
 async def _unsubscribe(sub: Subscription) -> None:
