@@ -493,7 +493,7 @@ async def test_queue_order_deadline_and_withdrawal(nats_server: NatsServer, root
         # and gone from the stream: nats-server confirms an ack before a work queue drops the
         # message, so the depth is read again after each round trip to the server
         await waits.until(
-            lambda: _no_depths(js, subjects), lambda t: nc.flush(timeout=max(t, 0.01)), timeout=5.0
+            lambda: _no_depths(js, subjects), lambda t: round_trip(nc, max(t, 0.01)), timeout=5.0
         )
         queued = await enqueue(nc, js, subjects, "any", "m", b"gone", {H.DEADLINE: future, H.REPLY: "r"})
         assert await withdraw(js, queued)
