@@ -60,7 +60,7 @@ async def claimers(url: str, n: int, way: str) -> AsyncIterator[NATS]:
             if way == NATS_PY:
                 await arm()
             elif way == CORRAL and (sub := armed.pop(msg.sid, None)) is not None:
-                shot.retire(sub)  # a second delivery to the same subscription arms nothing
+                await shot.spent(sub)  # a second delivery to the same subscription arms nothing
                 await arm()
 
         async def arm() -> None:

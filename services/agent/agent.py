@@ -237,7 +237,7 @@ class Agent:
     async def _on_claim(self, msg: Msg) -> None:
         """A delivery on an armed claim subscription (it is spent now)."""
         assert self._claims is not None and self.nc is not None
-        self._claims.spent(msg)
+        await self._claims.spent(msg)
         job = await self._job_from(msg)
         if job is None:
             self._changed(claims=True)  # re-arm the spent subscription

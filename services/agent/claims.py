@@ -86,7 +86,7 @@ class Claims:
             return False
         return slots.claim(job.token, job)
 
-    def spent(self, msg: Msg) -> None:
+    async def spent(self, msg: Msg) -> None:
         """A claim subscription delivered: it is retired (a second delivery, of the race its arming
         leaves, finds it gone already)."""
         subs = self._armed.get(msg.subject)
@@ -95,7 +95,7 @@ class Claims:
         for i, s in enumerate(subs):
             if s._id == msg.sid:
                 del subs[i]  # in place: `arm` may be appending to it
-                self._shots.retire(s)
+                await self._shots.spent(s)
                 return
 
     def queue_waits(self, token: str) -> bool:
@@ -155,7 +155,7 @@ class Claims:
             # costs a round trip, and each fires only once anyway; a surplus delivery is answered
             # `busy` and the gateway moves on at once.
             while len(subs) > n and subject not in want:
-                self._shots.retire(subs.pop())
+                await self._shots.retire(subs.pop())
             await self.arm(subject, n)
             if not subs and self._armed.get(subject) is subs:
                 del self._armed[subject]
@@ -213,7 +213,7 @@ class Claims:
         self._nudges.clear()
         for subs in self._armed.values():
             for s in subs:
-                self._shots.retire(s)
+                await self._shots.retire(s)
         self._armed.clear()
         await self._shots.settled()
 

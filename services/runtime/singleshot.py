@@ -8,10 +8,10 @@ every one past the first, so that second request would wait out its sender's cla
 
 `SingleShots` sends the server the limit but keeps listening: every delivery reaches the callback
 (which answers one it cannot serve at once, so the sender moves on). After the first delivery the
-subscription is retired: an unsubscribe and a round trip to the server, after which nothing more
-can be on its way, then the deliveries already here are handed to the callback and it is dropped.
-Subscriptions due while a round trip is out share the next one. Taking interest back (`retire`)
-works the same way, so no delivery is lost to it either.
+subscription is retired (`spent`): after a round trip to the server nothing more can be on its way,
+and once the deliveries already here have been handed to the callback it is dropped. Taking
+interest back (`retire`) sends an unsubscribe at once and then works the same way, so no delivery
+is lost to it either. Retirements share round trips (`GATHER_S`, `GATHER_MAX`).
 
 A reconnect subscribes again without the limit (nats-py replays its subscriptions, and counts
 nothing here); `relimit` sends it again for every subscription armed and not yet retired. Until it
@@ -21,6 +21,7 @@ does, a delivery past the first also goes to the callback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -34,6 +35,10 @@ from nats.errors import Error as NatsError
 log = logging.getLogger(__name__)
 
 ROUND_TRIP_S = 5.0  # how long retiring waits for the server, and then for the callbacks
+# Retirements due within GATHER_S of the first, up to GATHER_MAX, share one round trip. The server
+# has stopped delivering to them already; they only linger here, idle, until it.
+GATHER_S = 5.0
+GATHER_MAX = 256
 
 Handler = Callable[[Msg], Awaitable[None]]
 
@@ -43,36 +48,61 @@ class SingleShots:
 
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
-        self._due: list[Subscription] = []  # to retire, gathered while a round trip is out
-        self._batch: list[Subscription] = []  # being retired
+        # armed and not yet due to retire, by sid: with the connection's reconnect count when
+        # the server was last sent its limit (a reconnect since means it was replayed without)
+        self._armed: dict[int, tuple[Subscription, int]] = {}
+        self._due: list[Subscription] = []  # to drop here after the next round trip
+        self._batch: list[Subscription] = []  # being dropped
         self._task: asyncio.Task[None] | None = None  # the retiring, while there is any
-        self._armed: dict[int, Subscription] = {}  # armed and not yet due to retire, by sid
-        self._reconnects = nc.stats["reconnects"]  # as of the last `relimit`
+        self._now = asyncio.Event()  # retire what is due without gathering more
+        self.unsubscribed = 0  # UNSUBs sent on retiring (none for a subscription its limit ended)
+
+    def _reconnects(self) -> int:
+        return int(self._nc.stats["reconnects"])
 
     async def arm(self, subject: str, queue: str, cb: Handler) -> Subscription:
-        """Subscribe to ``subject`` in ``queue`` for one delivery; call `retire` once it came."""
+        """Subscribe to ``subject`` in ``queue`` for one delivery; call `spent` once it came."""
         sub = await self._nc.subscribe(subject, queue=queue, cb=cb)
         # The limit goes to the server only: nats-py's client-side count would drop a second
         # delivery that the server sent before it read the limit.
         await self._nc._send_unsubscribe(sub._id, limit=1)
-        self._armed[sub._id] = sub
+        self._armed[sub._id] = sub, self._reconnects()
         return sub
 
     async def relimit(self) -> None:
         """After a reconnect (nats-py subscribed again without the limit), send the limit again
-        for every armed subscription; nothing when there was no reconnect since the last call."""
-        reconnects = self._nc.stats["reconnects"]
-        if reconnects == self._reconnects:
-            return
-        self._reconnects = reconnects
-        for sid in list(self._armed):
-            await self._nc._send_unsubscribe(sid, limit=1)  # one delivered already: gone at once
+        for every armed subscription."""
+        now = self._reconnects()
+        for sid, (sub, limited) in list(self._armed.items()):
+            if limited != now:
+                await self._nc._send_unsubscribe(sid, limit=1)  # one delivered already: gone at once
+                self._armed[sid] = sub, now
 
-    def retire(self, sub: Subscription) -> None:
-        """Take ``sub`` out of service in the background; what was already sent to it is still
-        handed to its callback."""
+    async def spent(self, sub: Subscription) -> None:
+        """``sub`` delivered: retire it. The server has (its limit), unless a reconnect replayed
+        it without one."""
+        armed = self._armed.pop(sub._id, None)
+        if armed is None or armed[1] != self._reconnects():
+            await self._unsubscribe(sub)
+        self._due_now(sub)
+
+    async def retire(self, sub: Subscription) -> None:
+        """Take interest in ``sub`` back now; what was already sent to it is still handed to its
+        callback."""
         self._armed.pop(sub._id, None)
+        await self._unsubscribe(sub)
+        self._due_now(sub)
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        """Tell the server; this side keeps listening until the round trip (`_retire`)."""
+        if self._nc.is_connected:
+            await self._nc._send_unsubscribe(sub._id)
+            self.unsubscribed += 1
+
+    def _due_now(self, sub: Subscription) -> None:
         self._due.append(sub)
+        if len(self._due) >= GATHER_MAX:
+            self._now.set()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._retire(), name="retire")
 
@@ -82,20 +112,20 @@ class SingleShots:
         return len(self._due) + len(self._batch)
 
     async def _retire(self) -> None:
-        """Retire what is due, a batch per round trip: every subscription retired in one needs
-        only the one (the server reads a connection's commands in order)."""
+        """Drop what is due here, a batch per round trip: the server has read every unsubscribe
+        (or used up every limit) sent before it, so nothing more is on its way to them."""
         try:
             while self._due:
+                if len(self._due) < GATHER_MAX:
+                    with contextlib.suppress(TimeoutError):  # gathering, unless hurried
+                        async with asyncio.timeout(GATHER_S):
+                            await self._now.wait()
+                self._now.clear()
                 batch = self._batch = self._due
                 self._due = []
                 try:
-                    if not self._nc.is_connected:
-                        raise NatsError("not connected")  # nothing is delivered meanwhile
-                    for sub in batch:
-                        await self._nc._send_unsubscribe(sub._id)  # spent ones: gone already
                     if not await round_trip(self._nc, ROUND_TRIP_S):
                         raise NatsError("no answer from the server")
-                    # the server has read them, so nothing more is on its way
                     async with asyncio.timeout(ROUND_TRIP_S):
                         for sub in batch:
                             await sub._pending_queue.join()  # what came was handed to the callback
@@ -107,8 +137,9 @@ class SingleShots:
             self._task, self._batch = None, []
 
     async def settled(self) -> None:
-        """Wait for the retirements under way (on drain, before the connection closes)."""
+        """Retire what is due at once, and wait for it (on drain, before the connection closes)."""
         while self._task is not None:
+            self._now.set()
             await asyncio.shield(self._task)
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ requests have been delivered to the fresh subscription."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -79,7 +79,7 @@ async def test_a_delivery_sent_before_the_server_read_the_limit_reaches_the_call
     sub = await shots.arm(subject, "q", inbox.take)
     await inbox.until(2)
     assert sorted(inbox.got) == [b"m0", b"m1"]
-    shots.retire(sub)
+    await shots.spent(sub)
     await shots.settled()
     with pytest.raises(nats.errors.NoRespondersError):  # retired by the server, and here
         await pub.request(subject, b"late", timeout=WAIT_S)
@@ -122,7 +122,7 @@ async def test_retiring_hands_over_what_is_on_its_way(pair: tuple[NATS, NATS], r
     assert await round_trip(sub_nc, WAIT_S)
     await pub.publish(subject, b"on its way")
     assert await round_trip(pub, WAIT_S)  # delivered by the server; maybe not read yet
-    shots.retire(sub)
+    await shots.retire(sub)
     assert shots.retiring == 1
     await shots.settled()
     assert inbox.got == [b"on its way"]
@@ -134,7 +134,7 @@ async def test_retiring_while_disconnected_drops_it_at_once(nats_server: NatsSer
     shots = SingleShots(nc)
     sub = await shots.arm(f"{root}.work", "q", Inbox().take)
     await nc.close()
-    shots.retire(sub)
+    await shots.retire(sub)
     async with asyncio.timeout(WAIT_S):
         await shots.settled()
     assert shots.retiring == 0
@@ -186,35 +186,100 @@ async def test_a_round_trip_follows_what_was_sent_before_it(pair: tuple[NATS, NA
         await sub.unsubscribe()
 
 
-async def test_after_a_reconnect_relimit_makes_them_single_shot_again(tmp_path: Path, root: str) -> None:
-    async with NatsServer(port=free_port(), store_dir=tmp_path / "js") as server:
-        back = asyncio.Event(), asyncio.Event()
+class Restartable:
+    """A server, and a subscriber's and a publisher's connection to it that come back after
+    `restart`."""
 
+    def __init__(self, server: NatsServer) -> None:
+        self.server = server
+        self.back = asyncio.Event(), asyncio.Event()
+
+    async def connect(self) -> tuple[NATS, NATS]:
         async def sub_back() -> None:
-            back[0].set()
+            self.back[0].set()
 
         async def pub_back() -> None:
-            back[1].set()
+            self.back[1].set()
 
-        sub_nc = await nats.connect(server.url, reconnected_cb=sub_back, reconnect_time_wait=0.05)
-        pub = await nats.connect(server.url, reconnected_cb=pub_back, reconnect_time_wait=0.05)
+        url = self.server.url
+        self.sub = await nats.connect(url, reconnected_cb=sub_back, reconnect_time_wait=0.05)
+        self.pub = await nats.connect(url, reconnected_cb=pub_back, reconnect_time_wait=0.05)
+        return self.sub, self.pub
+
+    async def restart(self) -> None:
+        """Kill the server, start it again, and return once both connections are back."""
+        await self.server.kill()
+        await self.server.start()
+        async with asyncio.timeout(WAIT_S):
+            await asyncio.gather(self.back[0].wait(), self.back[1].wait())
+
+    async def close(self) -> None:
+        await self.sub.close()
+        await self.pub.close()
+
+
+@pytest.fixture
+async def restartable(tmp_path: Path) -> AsyncIterator[Restartable]:
+    async with NatsServer(port=free_port(), store_dir=tmp_path / "js") as server:
+        r = Restartable(server)
+        await r.connect()
         try:
-            subject, shots, inbox = f"{root}.work", SingleShots(sub_nc), Inbox()
-
-            async def answer(msg: Msg) -> None:
-                await inbox.take(msg)
-                await sub_nc.publish(msg.reply, b"ok")
-
-            await shots.arm(subject, "q", answer)
-            await server.kill()
-            await server.start()
-            async with asyncio.timeout(WAIT_S):
-                await asyncio.gather(back[0].wait(), back[1].wait())
-            await shots.relimit()
-            assert await round_trip(sub_nc, WAIT_S)
-            assert (await pub.request(subject, b"1", timeout=WAIT_S)).data == b"ok"
-            with pytest.raises(nats.errors.NoRespondersError):  # replayed unlimited, limited again
-                await pub.request(subject, b"2", timeout=WAIT_S)
+            yield r
         finally:
-            await sub_nc.close()
-            await pub.close()
+            await r.close()
+
+
+def answering(nc: NATS, inbox: Inbox) -> Callable[[Msg], Awaitable[None]]:
+    async def answer(msg: Msg) -> None:
+        await inbox.take(msg)
+        await nc.publish(msg.reply, b"ok")
+
+    return answer
+
+
+async def test_after_a_reconnect_relimit_makes_them_single_shot_again(
+    restartable: Restartable, root: str
+) -> None:
+    sub_nc, pub = restartable.sub, restartable.pub
+    subject, shots = f"{root}.work", SingleShots(sub_nc)
+    await shots.arm(subject, "q", answering(sub_nc, Inbox()))
+    await restartable.restart()
+    await shots.relimit()
+    assert await round_trip(sub_nc, WAIT_S)
+    assert (await pub.request(subject, b"1", timeout=WAIT_S)).data == b"ok"
+    with pytest.raises(nats.errors.NoRespondersError):  # replayed unlimited, limited again
+        await pub.request(subject, b"2", timeout=WAIT_S)
+
+
+async def test_spent_after_a_reconnect_unsubscribes(restartable: Restartable, root: str) -> None:
+    """Before `relimit`, a replayed subscription has no limit at the server: spending it must
+    take interest back, not trust the limit."""
+    sub_nc, pub = restartable.sub, restartable.pub
+    subject, shots, inbox = f"{root}.work", SingleShots(sub_nc), Inbox()
+    sub = await shots.arm(subject, "q", answering(sub_nc, inbox))
+    await restartable.restart()
+    assert await round_trip(sub_nc, WAIT_S)
+    assert (await pub.request(subject, b"1", timeout=WAIT_S)).data == b"ok"
+    await shots.spent(sub)
+    await shots.settled()
+    assert shots.unsubscribed == 1
+    with pytest.raises(nats.errors.NoRespondersError):
+        await pub.request(subject, b"2", timeout=WAIT_S)
+    assert inbox.got == [b"1"]
+
+
+async def test_spent_trusts_the_limit_and_retire_unsubscribes(pair: tuple[NATS, NATS], root: str) -> None:
+    sub_nc, pub = pair
+    shots, inbox = SingleShots(sub_nc), Inbox()
+    sub = await shots.arm(f"{root}.a", "q", answering(sub_nc, inbox))
+    other = await shots.arm(f"{root}.b", "q", answering(sub_nc, inbox))
+    assert await round_trip(sub_nc, WAIT_S)
+    assert (await pub.request(f"{root}.a", b"1", timeout=WAIT_S)).data == b"ok"
+    await shots.spent(sub)
+    await shots.settled()
+    assert shots.unsubscribed == 0  # the server retired it after its delivery
+    await shots.retire(other)  # interest taken back: unsubscribed first
+    await shots.settled()
+    assert shots.unsubscribed == 1
+    with pytest.raises(nats.errors.NoRespondersError):
+        await pub.request(f"{root}.b", b"2", timeout=WAIT_S)
