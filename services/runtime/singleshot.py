@@ -55,6 +55,7 @@ class SingleShots:
         self._batch: list[Subscription] = []  # being dropped
         self._task: asyncio.Task[None] | None = None  # the retiring, while there is any
         self._now = asyncio.Event()  # retire what is due without gathering more
+        self._settling = 0  # callers of `settled`: while any wait, nothing is gathered
         self.unsubscribed = 0  # UNSUBs sent on retiring (none for a subscription its limit ended)
 
     def _reconnects(self) -> int:
@@ -116,7 +117,8 @@ class SingleShots:
         (or used up every limit) sent before it, so nothing more is on its way to them."""
         try:
             while self._due:
-                if len(self._due) < GATHER_MAX:
+                since = self._reconnects()
+                if len(self._due) < GATHER_MAX and not self._settling:
                     with contextlib.suppress(TimeoutError):  # gathering, unless hurried
                         async with asyncio.timeout(GATHER_S):
                             await self._now.wait()
@@ -124,6 +126,9 @@ class SingleShots:
                 batch = self._batch = self._due
                 self._due = []
                 try:
+                    if self._reconnects() != since:  # replayed meanwhile, without any limit
+                        for sub in batch:
+                            await self._unsubscribe(sub)
                     if not await round_trip(self._nc, ROUND_TRIP_S):
                         raise NatsError("no answer from the server")
                     async with asyncio.timeout(ROUND_TRIP_S):
@@ -138,9 +143,13 @@ class SingleShots:
 
     async def settled(self) -> None:
         """Retire what is due at once, and wait for it (on drain, before the connection closes)."""
-        while self._task is not None:
-            self._now.set()
-            await asyncio.shield(self._task)
+        self._settling += 1
+        try:
+            while self._task is not None:
+                self._now.set()
+                await asyncio.shield(self._task)
+        finally:
+            self._settling -= 1
 
     async def close(self) -> None:
         """Stop retiring (the connection is going away)."""
