@@ -64,10 +64,11 @@ def body_for(kind: Kind, rng: random.Random, conversations: int = 0) -> dict[str
     growth that goes on); 0: every chat opens anew."""
     if kind.method == "GET":
         return None
-    n = rng.randint(16, 200)
+    # a conversation's whole opening (its length too) comes from its own seed
     text = (
         random.Random(rng.randrange(conversations)) if conversations and kind.path != "/api/generate" else rng
     )
+    n = text.randint(16, 200)
     words = " ".join(
         text.choice(("soak", "fleet", "agent", "stream", "token", "model")) for _ in range(n // 4)
     )
