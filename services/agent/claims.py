@@ -151,9 +151,8 @@ class Claims:
         for subject in set(self._armed) | set(want):
             subs = self._armed.setdefault(subject, [])
             n = want.get(subject, 0)
-            # Surplus armed subscriptions of a warm model are left armed: taking interest back
-            # costs a round trip, and each fires only once anyway; a surplus delivery is answered
-            # `busy` and the gateway moves on at once.
+            # Surplus armed subscriptions of a warm model are left armed: each fires only once,
+            # and a surplus delivery is answered `busy`, so the gateway moves on at once.
             while len(subs) > n and subject not in want:
                 await self._shots.retire(subs.pop())
             await self.arm(subject, n)

@@ -8,7 +8,8 @@ https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
   its own requests on its own inbox prefix only (``_INBOX_<user>.>``: nobody reads another's);
   ``allow_responses`` lets it answer requests it received (one message each) on their reply subject.
 - gateway: sends work (``R.work.>``, ``R.agent.*.work``), cancels it (``R.agent.*.ctl``), queues it
-  (``R.queue.>`` + the nudge ``R.queued.>``, withdraws by ``STREAM.MSG.DELETE``), asks the registry
+  (``R.queue.>`` + the nudge ``R.queued.>``, withdraws by ``STREAM.MSG.DELETE`` and sees whether
+  an agent took it by ``STREAM.MSG.GET``), asks the registry
   (``place``, ``unplace``, ``pull``), remembers sessions (``$KV.R_sessions.>``), reads the API keys
   and counts their usage and limits (``R_keys``; ``$KV.R_usage.>``, ``$KV.R_limits.>``); reads its
   replies and serves large bodies: its own (``R.reply.<id>.*``, ``R.body.<id>.*``) as ``gateway-<id>``
@@ -186,6 +187,7 @@ def _gateway(s: Subjects, inbox: str, gateway_id: str | None) -> Permissions:
         s.kv_key(s.usage_bucket, ">"),
         s.kv_key(s.limits_bucket, ">"),
         f"{_API}.STREAM.MSG.DELETE.{s.queue_stream}",
+        f"{_API}.STREAM.MSG.GET.{s.queue_stream}",  # whether a queued request was taken
         *_open_and_read(s, (*_key_buckets(s), *_batch_kv(s))),
         *_batch(s),
     ]

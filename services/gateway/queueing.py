@@ -27,7 +27,7 @@ from corral.protocol.names import ANY_VENDOR
 from corral.protocol.priority import BATCH, INTERACTIVE, Priority
 from corral.routing import Route, warm
 from corral.runtime.fleet import FleetView
-from corral.runtime.workqueue import Queued, QueueFull, enqueue, withdraw
+from corral.runtime.workqueue import Queued, QueueFull, enqueue, still_queued, withdraw
 from corral.transport import Reply, Transport, WorkRequest
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class FleetQueue:
             if queued is None:
                 return None
             promote_at = time.monotonic() + self._settings.batch_aging_s if lane == BATCH else math.inf
+            taken_at: float | None = None  # when a recheck first found it taken and not yet claimed
             while True:
                 now = time.monotonic()
                 remaining = deadline - now
@@ -145,6 +146,14 @@ class FleetQueue:
                         except TimeoutError:
                             raise NoCapacity() from None
                     else:
+                        if await still_queued(self._js, queued) is False:
+                            # an agent took it: its claim is due at once, unless the agent died
+                            # between taking and claiming, and then nobody ever will
+                            taken_at = taken_at or time.monotonic()
+                            if time.monotonic() - taken_at < transport.claim_timeout:
+                                continue
+                            log.warning("a queued %s was taken but never claimed: routing it again", req.endpoint)
+                            return None
                         if self.someone_serves(route, failed) or not await withdraw(self._js, queued):
                             continue
                         return None  # withdrawn: nobody has or is loading the model any more

@@ -172,6 +172,21 @@ async def withdraw(js: JetStreamContext, queued: Queued) -> bool:
         return False
 
 
+async def still_queued(js: JetStreamContext, queued: Queued) -> bool | None:
+    """Whether ``queued`` still waits in the stream: False once an agent took it (or it expired),
+    None when the stream did not say (logged)."""
+    try:
+        await js.get_msg(queued.stream, queued.seq)
+        return True
+    except APIError as e:
+        if already_gone(e):
+            return False
+        log.warning("cannot read queued request %s/%d: %s", queued.stream, queued.seq, e)
+    except (NatsError, TimeoutError) as e:
+        log.warning("cannot read queued request %s/%d: %r", queued.stream, queued.seq, e)
+    return None
+
+
 async def depths(js: JetStreamContext, subjects: Subjects) -> dict[str, int]:
     """Requests waiting per queue subject (``{root}.queue.{vendor}.{token}`` → count)."""
     try:

@@ -172,6 +172,48 @@ async def test_queued_requests_are_served_in_arrival_order(nats_server: NatsServ
         assert done == [0, 1, 2, 3, 4]
 
 
+async def test_a_queued_request_taken_and_never_claimed_is_routed_again(
+    nats_server: NatsServer, root: str
+) -> None:
+    """An agent takes a queued request off the fleet queue and dies before it claims it (here a
+    bare taker that never answers): the waiting gateway sees it taken and unclaimed, routes it
+    again, and the request is served when a slot frees, long before its queue deadline."""
+    opts = _options(
+        nats_server,
+        root,
+        sims=1,
+        sim={"time_scale": 0.02, "num_parallel": 1, "reply_tokens": HOLD},
+        gateway={"queue_timeout_s": 60.0, "claim_timeout_s": 0.5, "queue_recheck_s": 0.2},
+    )
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+        gw = fleet.gateway
+        assert gw is not None and gw.nc is not None
+        nudges = await gw.nc.subscribe(f"{root}.queued.>")
+        hold = await s.post(
+            fleet.url + "/api/generate",
+            json={"model": MODEL, "prompt": "hold", "options": {"num_predict": 10**6}},
+        )
+        assert hold.status == 200
+        body = {"model": MODEL, "prompt": "taken", "stream": False, "options": {"num_predict": 2}}
+        started = time.monotonic()
+        request = asyncio.create_task(s.post(fleet.url + "/api/generate", json=body))
+        nudge = await nudges.next_msg(timeout=10)  # it waits in the queue
+        queue_subject = nudge.subject.replace(f"{root}.queued.", f"{root}.queue.", 1)
+        nc = await connect(nats_server.url, name="taker")
+        try:
+            assert len(await Puller(nc, Subjects(root)).take(queue_subject, 1)) == 1  # and is gone
+        finally:
+            await nc.close()
+        await nudges.next_msg(timeout=10)  # queued again: routed anew, not left to its deadline
+        hold.close()  # the slot frees: the agent serves the queue
+        async with asyncio.timeout(20):
+            r = await request
+        assert r.status == 200, await r.text()
+        assert (await r.json())["done"]
+        assert time.monotonic() - started < 30  # its queue deadline is 60 s
+
+
 async def test_back_to_back_requests_find_the_freed_slot_armed(nats_server: NatsServer, root: str) -> None:
     """One slot; each request is sent the moment the previous answer arrives. The agent arms the
     freed slot's claim before the answer's last message, not later in its background reconcile

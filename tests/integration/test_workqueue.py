@@ -13,12 +13,23 @@ from collections.abc import AsyncIterator
 import pytest
 from corral.protocol import headers as H
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import connect
+from corral.runtime.nats import connect, round_trip
 from corral.runtime.natsserver import NatsServer
-from corral.runtime.workqueue import Puller, QueueFull, QueueLimits, depths, enqueue, ensure_stream, withdraw
+from corral.runtime.workqueue import (
+    Puller,
+    QueueFull,
+    QueueLimits,
+    depths,
+    enqueue,
+    ensure_stream,
+    still_queued,
+    withdraw,
+)
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+
+from tests.integration import waits
 
 pytestmark = pytest.mark.integration
 
@@ -112,3 +123,21 @@ async def test_withdrawing_what_was_taken_or_withdrawn_already_is_no_warning(
     assert not [r for r in ours if r.levelno >= logging.WARNING], [r.getMessage() for r in ours]
     gone = [r for r in ours if r.levelno == logging.DEBUG and "taken before its withdrawal" in r.getMessage()]
     assert len(gone) == 10
+
+
+async def test_still_queued_until_an_agent_takes_it(queue: Queue, caplog: pytest.LogCaptureFixture) -> None:
+    subjects, nc, js = queue
+    await ensure_stream(js, subjects)
+    deadline = str(int(time.time() * 1000) + 60_000)
+    hdrs = {H.REQUEST: "q", H.DEADLINE: deadline, H.REPLY: "r.q"}
+    queued = await enqueue(nc, js, subjects, "any", TOKEN, b"{}", hdrs)
+    assert await still_queued(js, queued) is True
+    caplog.set_level(logging.WARNING, logger="corral.runtime.workqueue")
+    assert len(await Puller(nc, subjects).take(subjects.queue("any", TOKEN), 1)) == 1
+
+    async def taken() -> bool:
+        return await still_queued(js, queued) is False
+
+    # the take's ack is on its way: the stream drops the request once the server has handled it
+    await waits.until(taken, lambda t: round_trip(nc, max(t, 0.01)), timeout=5.0)
+    assert not caplog.records  # taken is an answer, not a warning
