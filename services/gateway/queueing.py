@@ -152,7 +152,9 @@ class FleetQueue:
                             taken_at = taken_at or time.monotonic()
                             if time.monotonic() - taken_at < transport.claim_timeout:
                                 continue
-                            log.warning("a queued %s was taken but never claimed: routing it again", req.endpoint)
+                            log.warning(
+                                "a queued %s was taken but never claimed: routing it again", req.endpoint
+                            )
                             return None
                         if self.someone_serves(route, failed) or not await withdraw(self._js, queued):
                             continue
