@@ -255,7 +255,7 @@ class Agent:
         job = await self._job_from(msg)
         if job is None:
             return
-        if self.status != "active":
+        if self.status != "active" or self._tg is None:  # draining, or announced but not yet running
             await send_busy(self.nc, job.reply, self.id)
             return
         if job.token is not None:

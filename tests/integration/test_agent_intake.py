@@ -192,3 +192,23 @@ async def test_an_agent_answers_only_under_the_root_and_asks_its_ollama_only_wha
         entry = await kv.get("victim")
         assert (entry.revision, entry.value) == (before, victim)
         assert agent.state().in_flight == 0
+
+
+async def test_direct_work_before_the_agent_runs_is_answered_busy(nats_server: NatsServer, root: str) -> None:
+    """An agent announces itself (its state in KV) before its task group runs; a direct request a
+    gateway sends in that moment is answered ``busy``, so the gateway tries elsewhere at once."""
+    sim = SimServer(load_config(None, time_scale=0.0, num_parallel=1), host="127.0.0.1", port=0)
+    await sim.start()
+    settings = AgentSettings(
+        nats_url=nats_server.url, root=root, id="a1", ollama_url=sim.url, vendor="cpu", parallel=1
+    )
+    a = Agent(settings)
+    nc = await nats.connect(nats_server.url)
+    try:
+        await a._open()  # subscribed and announced; `run` has not entered its task group
+        sub = await send(nc, Subjects(root).agent_work("a1"), "early")
+        assert (await ended(sub)).get(H.KIND) == H.BUSY
+    finally:
+        await nc.close()
+        await a._close()
+        await sim.stop()
