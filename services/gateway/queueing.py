@@ -110,6 +110,9 @@ class FleetQueue:
         call, hdrs, payload = transport.register(req, None, deadline, queued=True)
         keep = False
         queued: Queued | None = None
+        # whether it is still in the stream, asked at one recheck and read at a later one: the wait
+        # for its claim never waits on JetStream (slow while a cluster elects a leader)
+        check: asyncio.Task[bool | None] | None = None
         lane = req.priority
         self._count(route.key, lane, +1)
         try:
@@ -136,6 +139,9 @@ class FleetQueue:
                             if moved is None:
                                 return None
                             queued = moved
+                            if check is not None:
+                                check.cancel()  # it asked about the entry withdrawn
+                                check = None
                         continue
                     if remaining <= recheck:
                         if await withdraw(self._js, queued):
@@ -146,16 +152,19 @@ class FleetQueue:
                         except TimeoutError:
                             raise NoCapacity() from None
                     else:
-                        if await still_queued(self._js, queued) is False:
+                        if check is not None and check.done() and check.result() is False:
                             # an agent took it: its claim is due at once, unless the agent died
                             # between taking and claiming, and then nobody ever will
                             taken_at = taken_at or time.monotonic()
-                            if time.monotonic() - taken_at < transport.claim_timeout:
-                                continue
-                            log.warning(
-                                "a queued %s was taken but never claimed: routing it again", req.endpoint
-                            )
-                            return None
+                            if time.monotonic() - taken_at >= transport.claim_timeout:
+                                log.warning(
+                                    "a queued %s was taken but never claimed: routing it again", req.endpoint
+                                )
+                                return None
+                        if check is None or check.done():
+                            check = asyncio.create_task(still_queued(self._js, queued))
+                        if taken_at is not None:
+                            continue
                         if self.someone_serves(route, failed) or not await withdraw(self._js, queued):
                             continue
                         return None  # withdrawn: nobody has or is loading the model any more
@@ -170,6 +179,8 @@ class FleetQueue:
             await asyncio.shield(transport.cancel(call))
             raise
         finally:
+            if check is not None:
+                check.cancel()  # a JetStream request: a cancelled one is dropped when its answer comes
             self._count(route.key, lane, -1)
             if not keep:
                 transport.release(call)
