@@ -21,6 +21,7 @@ from corral.runtime.nats import connect, ensure_buckets, round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.workqueue import Puller, depths, enqueue, withdraw
 from corral.up import FleetOptions, LocalFleet, default_sims
+from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError
 
 from tests.integration import waits
@@ -139,21 +140,30 @@ async def test_a_burst_on_a_cold_model_starts_one_load(
             assert fleet.registry.placer.loads_started == 1
 
 
+async def _one_slot_held(
+    fleet: LocalFleet, s: aiohttp.ClientSession, root: str
+) -> tuple[Subscription, aiohttp.ClientResponse]:
+    """The fleet's one slot taken by an endless generation, and a subscription to the queue's
+    nudges (one per request queued)."""
+    await preload(fleet, MODEL)
+    gw = fleet.gateway
+    assert gw is not None and gw.nc is not None
+    nudges = await gw.nc.subscribe(f"{root}.queued.>")
+    hold = await s.post(
+        fleet.url + "/api/generate",
+        json={"model": MODEL, "prompt": "hold", "options": {"num_predict": 10**6}},
+    )
+    assert hold.status == 200
+    return nudges, hold
+
+
 async def test_queued_requests_are_served_in_arrival_order(nats_server: NatsServer, root: str) -> None:
     """One slot, held; five requests queue one after another; they finish in that order."""
     opts = _options(
         nats_server, root, sims=1, sim={"time_scale": 0.02, "num_parallel": 1, "reply_tokens": HOLD}
     )
     async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
-        await preload(fleet, MODEL)
-        gw = fleet.gateway
-        assert gw is not None and gw.nc is not None
-        nudges = await gw.nc.subscribe(f"{root}.queued.>")
-        hold = await s.post(
-            fleet.url + "/api/generate",
-            json={"model": MODEL, "prompt": "hold", "options": {"num_predict": 10**6}},
-        )
-        assert hold.status == 200
+        nudges, hold = await _one_slot_held(fleet, s, root)
         done: list[int] = []
 
         async def one(i: int) -> None:
@@ -186,15 +196,7 @@ async def test_a_queued_request_taken_and_never_claimed_is_routed_again(
         gateway={"queue_timeout_s": 60.0, "claim_timeout_s": 0.5, "queue_recheck_s": 0.2},
     )
     async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
-        await preload(fleet, MODEL)
-        gw = fleet.gateway
-        assert gw is not None and gw.nc is not None
-        nudges = await gw.nc.subscribe(f"{root}.queued.>")
-        hold = await s.post(
-            fleet.url + "/api/generate",
-            json={"model": MODEL, "prompt": "hold", "options": {"num_predict": 10**6}},
-        )
-        assert hold.status == 200
+        nudges, hold = await _one_slot_held(fleet, s, root)
         body = {"model": MODEL, "prompt": "taken", "stream": False, "options": {"num_predict": 2}}
         started = time.monotonic()
         request = asyncio.create_task(s.post(fleet.url + "/api/generate", json=body))
