@@ -5,7 +5,8 @@ For every warm model the agent holds one single-shot queue subscription per free
 that can start it now, in proportion to free slots, and answers "no responders" when none can. A
 subscription is armed with ``UNSUB <sid> 1`` so the server retires it after one delivery, and it
 is taken out of service without losing a delivery (`corral.runtime.singleshot`): one that fires
-twice, or after the agent took interest back, is answered ``busy`` and the gateway moves on.
+twice, or after the agent took interest back, is served if a slot is free, else answered ``busy``
+and the gateway moves on.
 
 Requests no agent could take wait in the fleet queue (a JetStream work queue per model). The agent
 listens for the nudges sent when one is queued, and before it takes interest in new work for a
@@ -152,7 +153,8 @@ class Claims:
             subs = self._armed.setdefault(subject, [])
             n = want.get(subject, 0)
             # Surplus armed subscriptions of a warm model are left armed: each fires only once,
-            # and a surplus delivery is answered `busy`, so the gateway moves on at once.
+            # and a surplus delivery finds no free slot and is answered `busy`, so the gateway
+            # moves on at once.
             while len(subs) > n and subject not in want:
                 await self._shots.retire(subs.pop())
             await self.arm(subject, n)

@@ -152,7 +152,7 @@ class FleetQueue:
                         except TimeoutError:
                             raise NoCapacity() from None
                     else:
-                        if check is not None and check.done() and check.result() is False:
+                        if check is not None and check.done() and _answered(check) is False:
                             # an agent took it: its claim is due at once, unless the agent died
                             # between taking and claiming, and then nobody ever will
                             taken_at = taken_at or time.monotonic()
@@ -184,3 +184,13 @@ class FleetQueue:
             self._count(route.key, lane, -1)
             if not keep:
                 transport.release(call)
+
+
+def _answered(check: asyncio.Task[bool | None]) -> bool | None:
+    """A finished `still_queued` task's answer; None when it was cancelled or failed (logged)."""
+    if check.cancelled():
+        return None
+    if (e := check.exception()) is not None:
+        log.warning("cannot tell whether a queued request was taken: %r", e)
+        return None
+    return check.result()

@@ -469,6 +469,8 @@ async def round_trip(nc: NATS, timeout: float) -> bool:
     cancelled but leaves it queued, so the late PONG ends the read loop (``InvalidStateError``) and
     the connection reads nothing more. Here the buffer is written out first, then the PING; the
     future is only waited on, never cancelled: a late PONG completes it, a reconnect forgets it."""
+    if not nc.is_connected:
+        return False  # nothing is read or answered meanwhile
     written = asyncio.create_task(nc._flush_pending(force_flush=True))  # returns once written
     done, _ = await asyncio.wait([written], timeout=timeout)
     if not done:

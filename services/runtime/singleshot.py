@@ -51,12 +51,15 @@ class SingleShots:
         # armed and not yet due to retire, by sid: with the connection's reconnect count when
         # the server was last sent its limit (a reconnect since means it was replayed without)
         self._armed: dict[int, tuple[Subscription, int]] = {}
-        self._due: list[Subscription] = []  # to drop here after the next round trip
-        self._batch: list[Subscription] = []  # being dropped
+        # to drop here after the next round trip, with the reconnect count when each became due
+        self._due: list[tuple[Subscription, int]] = []
+        self._batch: list[tuple[Subscription, int]] = []  # being dropped
         self._task: asyncio.Task[None] | None = None  # the retiring, while there is any
         self._now = asyncio.Event()  # retire what is due without gathering more
         self._settling = 0  # callers of `settled`: while any wait, nothing is gathered
-        self.unsubscribed = 0  # UNSUBs sent on retiring (none for a subscription its limit ended)
+        # UNSUBs sent to take interest back before a round trip (none for a subscription its limit
+        # ended); dropping one here afterwards (nats-py's unsubscribe) sends one more, needless one
+        self.unsubscribed = 0
 
     def _reconnects(self) -> int:
         return int(self._nc.stats["reconnects"])
@@ -77,7 +80,8 @@ class SingleShots:
         for sid, (sub, limited) in list(self._armed.items()):
             if limited != now:
                 await self._nc._send_unsubscribe(sid, limit=1)  # one delivered already: gone at once
-                self._armed[sid] = sub, now
+                if sid in self._armed:  # not spent meanwhile
+                    self._armed[sid] = sub, now
 
     async def spent(self, sub: Subscription) -> None:
         """``sub`` delivered: retire it. The server has (its limit), unless a reconnect replayed
@@ -95,13 +99,14 @@ class SingleShots:
         self._due_now(sub)
 
     async def _unsubscribe(self, sub: Subscription) -> None:
-        """Tell the server; this side keeps listening until the round trip (`_retire`)."""
-        if self._nc.is_connected:
+        """Tell the server (while reconnecting, nats-py writes it after its replay); this side
+        keeps listening until the round trip (`_retire`)."""
+        if not self._nc.is_closed:
             await self._nc._send_unsubscribe(sub._id)
             self.unsubscribed += 1
 
     def _due_now(self, sub: Subscription) -> None:
-        self._due.append(sub)
+        self._due.append((sub, self._reconnects()))
         if len(self._due) >= GATHER_MAX:
             self._now.set()
         if self._task is None:
@@ -114,10 +119,11 @@ class SingleShots:
 
     async def _retire(self) -> None:
         """Drop what is due here, a batch per round trip: the server has read every unsubscribe
-        (or used up every limit) sent before it, so nothing more is on its way to them."""
+        (or used up every limit) sent before it, so nothing more is on its way to them. One that
+        a reconnect replayed (without any limit) since it became due is unsubscribed first, and a
+        reconnect during the round trip means another one."""
         try:
             while self._due:
-                since = self._reconnects()
                 if len(self._due) < GATHER_MAX and not self._settling:
                     with contextlib.suppress(TimeoutError):  # gathering, unless hurried
                         async with asyncio.timeout(GATHER_S):
@@ -126,17 +132,26 @@ class SingleShots:
                 batch = self._batch = self._due
                 self._due = []
                 try:
-                    if self._reconnects() != since:  # replayed meanwhile, without any limit
-                        for sub in batch:
+                    stale = [sub for sub, seen in batch if seen != self._reconnects()]
+                    for _ in range(2):
+                        for sub in stale:
                             await self._unsubscribe(sub)
-                    if not await round_trip(self._nc, ROUND_TRIP_S):
-                        raise NatsError("no answer from the server")
-                    async with asyncio.timeout(ROUND_TRIP_S):
-                        for sub in batch:
-                            await sub._pending_queue.join()  # what came was handed to the callback
-                except (NatsError, TimeoutError) as e:  # closed, or no answer in time
+                        since = self._reconnects()
+                        if not await round_trip(self._nc, ROUND_TRIP_S):
+                            raise NatsError("no answer from the server")
+                        if self._reconnects() == since:
+                            break
+                        stale = [sub for sub, _ in batch]  # all replayed during the round trip
+                    else:
+                        raise NatsError("reconnected during each round trip")
+                except NatsError as e:  # closed, or no answer in time
                     log.debug("retiring %d single-shot subscriptions: %s", len(batch), e)
-                for sub in batch:
+                if not self._nc.is_closed:  # what came is handed to the callback (closed: no use)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(ROUND_TRIP_S):
+                            for sub, _ in batch:
+                                await sub._pending_queue.join()
+                for sub, _ in batch:
                     await _forget(sub)
         finally:
             self._task, self._batch = None, []

@@ -145,7 +145,11 @@ async def test_a_cancelled_round_trip_leaves_the_connection_reading(
 ) -> None:
     sub_nc, pub = pair
     waiting = asyncio.create_task(round_trip(sub_nc, WAIT_S))
-    await asyncio.sleep(0)  # it has sent its PING
+    for _ in range(1000):  # yields, until it has sent its PING (its future is queued)
+        if sub_nc._pongs:
+            break
+        await asyncio.sleep(0)
+    assert sub_nc._pongs
     waiting.cancel()
     inbox = Inbox()
     await sub_nc.subscribe(f"{root}.after", cb=inbox.take)
