@@ -213,7 +213,7 @@ class Agent:
         if self.nc is not None and self.nc.is_connected:  # else nobody reads it: heartbeats stop
             await self._publish_state()
         for _, job in self.slots.waiters():
-            self._cancel_job(job)
+            job.cancel()
         running = [j.task for j in self._jobs.values() if j.task is not None]
         if running:
             grace = self.settings.drain_grace_s
@@ -299,6 +299,9 @@ class Agent:
         assert self._worker is not None
         token, env = job.token, job.env
         try:
+            job.started = True
+            if job.cancel_on_start:
+                raise asyncio.CancelledError  # cancelled before this first step (`Job.cancel`)
             if job.slot is not None:
                 await job.slot  # granted when a slot passes to it, in FIFO order
             if token is not None and not env.unload and env.endpoint in MODEL_ENDPOINTS:
@@ -375,10 +378,6 @@ class Agent:
         except NatsError as e:
             log.warning("cannot report request %s: %s", job.rid, e)
 
-    def _cancel_job(self, job: Job) -> None:
-        if job.task is not None and not job.task.done():
-            job.task.cancel()
-
     @guarded
     async def _on_ctl(self, msg: Msg) -> None:
         """A cancel, from whoever sent the request (drain and cordon come on `_on_admin`)."""
@@ -388,7 +387,7 @@ class Agent:
             job = self._jobs.get(h.get(H.REQUEST, ""))
             if job is not None:
                 log.info("cancelling request %s at the gateway's request", job.rid)
-                self._cancel_job(job)
+                job.cancel()
         if usable_reply(msg.reply):
             await self.nc.publish(msg.reply, b"")
 

@@ -51,6 +51,8 @@ class Job:
     task: asyncio.Task[None] | None = None
     slot: asyncio.Future[None] | None = None  # set while it waits here for a slot
     released: bool = False  # its slot was freed when Ollama's answer ended, before the reply did
+    started: bool = False  # its task has begun to run
+    cancel_on_start: bool = False  # cancelled before that: it ends as cancelled when it starts
     # what the finished request reports for fleet stats (filled in while relaying)
     ran_from: float = 0.0
     ttft_ms: float | None = None
@@ -67,6 +69,17 @@ class Job:
     @property
     def reply(self) -> str:
         return self.out.reply
+
+    def cancel(self) -> None:
+        """Stop this job's task. A task cancelled before its first step never runs its body, not
+        even its ``finally``: the reply would stay open and the slot held for good. A job not yet
+        started is marked instead, and its task ends it as cancelled as soon as it runs."""
+        if self.task is None or self.task.done():
+            return
+        if self.started:
+            self.task.cancel()
+        else:
+            self.cancel_on_start = True
 
 
 class _Counts(msgspec.Struct):

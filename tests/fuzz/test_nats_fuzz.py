@@ -447,10 +447,13 @@ async def test_every_reply_stream_ended_and_the_agent_still_serves(rig: _Rig) ->
     # a drain or cordon among the messages left it refusing work; the ack comes once it is active
     await rig.nc.request(rig.subjects.agent_admin(rig.agent.id), b"", headers={H.CTL: H.UNCORDON}, timeout=5)
     assert rig.agent.status == "active"
-    async with asyncio.timeout(BOUND_S):
-        while rig.open_streams():
-            rig.ended.clear()
-            await rig.ended.wait()
+    try:
+        async with asyncio.timeout(BOUND_S):
+            while rig.open_streams():
+                rig.ended.clear()
+                await rig.ended.wait()
+    except TimeoutError:
+        raise AssertionError({s: rig.streams[s] for s in rig.open_streams()}) from None
     await _settled(rig)  # requests answered on junk reply subjects finish unseen: wait for them too
     assert (await _plain(rig, "final")).get(H.STATUS) == "200"
     for subject, stream in rig.streams.items():

@@ -11,6 +11,7 @@ import nats
 import pytest
 from corral.agent.agent import Agent
 from corral.agent.settings import AgentSettings
+from corral.agent.worker import Job
 from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope
 from corral.protocol.names import parse_name
@@ -101,6 +102,30 @@ async def test_a_waiter_cancelled_as_its_slot_is_handed_over_does_not_lose_the_s
         third = await send(nc, direct, "third")
         assert (await ended(third, timeout=5.0)).get(H.STATUS) == "200"
         assert agent.state().in_flight == 0 and agent.state().queued == 0
+
+
+async def test_a_request_cancelled_before_its_task_first_runs_ends_and_frees_its_slot(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A cancel handled between a job's start and its task's first step: asyncio then never runs
+    the task's body, its ``finally`` included, so the reply would stay open after its claim and,
+    with parallel 1, the model's only slot would be held for good."""
+    async with serving(nats_server, root) as (agent, nc):
+        direct = Subjects(root).agent_work(agent.id)
+        start = agent._start
+
+        def start_then_cancel(job: Job) -> None:
+            start(job)
+            if job.rid == "doomed":  # as a cancel handled before the event loop runs the new task
+                job.cancel()
+
+        agent._start = start_then_cancel  # type: ignore[method-assign]
+        doomed = await send(nc, direct, "doomed")
+        assert (await ended(doomed, timeout=5.0)).get(H.ERROR_CODE) == "cancelled"
+        after = await send(nc, direct, "after")
+        assert (await ended(after, timeout=5.0)).get(H.STATUS) == "200"
+        assert agent.state().in_flight == 0 and agent.state().queued == 0
+        assert not agent._jobs
 
 
 GARBAGE = {H.REQUEST: "no spaces allowed", H.ENDPOINT: "/etc/passwd", H.DEADLINE: "soon"}
