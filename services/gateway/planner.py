@@ -255,12 +255,19 @@ class Planner:
             yield subjects.agent_work(a.id), a.id
 
     def _usable(self, req: WorkRequest, failed: set[str]) -> list[AgentState]:
-        """Active holders of the request's model not yet failed; ModelNotFound when none hold it."""
+        """Active holders of the request's model not yet failed; ModelNotFound when none hold it.
+        None usable when its only holders went silent lately (`FleetView.lately_silent_with`): the
+        request waits for them to speak again, or to be gone."""
         assert req.model is not None
-        holders = self.fleet.with_model(req.model.key)
-        if req.vendor and req.strict:
-            holders = [a for a in holders if a.vendor == req.vendor]
+        key = req.model.key
+
+        def pinned(agents: list[AgentState]) -> list[AgentState]:
+            return [a for a in agents if a.vendor == req.vendor] if req.vendor and req.strict else agents
+
+        holders = pinned(self.fleet.with_model(key))
         if not holders:
+            if pinned(self.fleet.lately_silent_with(key)):
+                return []
             raise ModelNotFound(req.model.display)
         return [a for a in holders if a.status == "active" and a.id not in failed]
 

@@ -25,6 +25,9 @@ from nats.js.kv import KeyValue
 log = logging.getLogger(__name__)
 
 STALE_HEARTBEATS = 3.0  # an agent silent for this many heartbeats is treated as dead
+# a holder silent for up to this many heartbeats still keeps its models from "not found": a
+# request for a model only such agents hold waits for them (`FleetView.lately_silent_with`)
+LATELY_SILENT_HEARTBEATS = 2 * STALE_HEARTBEATS
 SILENT_RESTART_S = 15.0  # a watch that heard nothing this long (agents heartbeat) is opened again
 
 
@@ -186,6 +189,22 @@ class FleetView:
     def with_model(self, key: str) -> list[AgentState]:
         now = time.monotonic()
         return [a for i in self._disk.get(key, ()) if (a := self._agents[i]) and self.alive(a, now)]
+
+    def lately_silent_with(self, key: str) -> list[AgentState]:
+        """Agents with ``key`` on disk that went silent only lately: past their liveness window
+        (`alive`) by no more than that window again (`LATELY_SILENT_HEARTBEATS` in all). Such an
+        agent is as likely slow (a loaded host, a NATS leader election) or restarting as gone, so
+        its models are not "not found" yet; a registry removes one that stays silent."""
+        now, lately = time.monotonic(), []
+        for agent_id in self._disk.get(key, ()):
+            a, heard = self._agents[agent_id], self._heard.get(agent_id)
+            if (
+                heard is not None
+                and not self.alive(a, now)
+                and now - heard <= LATELY_SILENT_HEARTBEATS * a.heartbeat_s
+            ):
+                lately.append(a)
+        return lately
 
     def has_model(self, key: str) -> bool:
         """Whether a live agent has ``key`` on disk: O(1) while its first holder is alive, where

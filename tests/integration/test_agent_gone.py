@@ -10,6 +10,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 import msgspec
 import pytest
+from corral.agent.agent import Agent
+from corral.gateway.app import Gateway
+from corral.protocol.messages import AgentState, agent_state_decoder
+from corral.runtime.fleet import LATELY_SILENT_HEARTBEATS, STALE_HEARTBEATS
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 
@@ -54,3 +58,79 @@ async def test_a_stream_on_an_agent_that_left_ends_with_an_error_line_at_once(fl
     assert time.monotonic() - left < 3  # the key's deletion, heard through the watch: not a timeout
     last = msgspec.json.decode(lines[-1])
     assert "left the fleet" in last["error"]
+
+
+async def test_a_model_held_only_by_a_lately_silent_agent_waits_for_it_not_answered_not_found(
+    nats_server: NatsServer, root: str
+) -> None:
+    """An agent whose heartbeats are late (a loaded host, a NATS leader election) may only be slow.
+    A request for a model only it holds waits for it to speak again and is served, instead of
+    `404 model not found` (on which the ollama CLI would pull the model again). Silent for longer
+    (`LATELY_SILENT_HEARTBEATS`), it is gone: 404 at once."""
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=0.0),
+        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
+        registry=None,  # nothing removes a silent agent's state: only its silence counts
+        aggregator=None,
+    )
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+        gw, agent = fleet.gateway, fleet.agents[0]
+        assert gw is not None
+        publish, speak, silent = agent._publish_state, asyncio.Event(), asyncio.Event()
+
+        async def held(*args: object) -> None:
+            silent.set()  # the state loop's publishes before this one are done
+            await speak.wait()
+            await publish(*args)  # type: ignore[arg-type]
+
+        agent._publish_state = held  # type: ignore[method-assign]
+        try:
+            async with asyncio.timeout(10):
+                await silent.wait()
+                await _heard_last_state(gw, agent)
+            await _lately_silent(fleet, gw, agent, s, speak)
+        finally:
+            speak.set()
+
+
+async def _heard_last_state(gw: Gateway, agent: Agent) -> None:
+    """The gateway has heard the last state the agent published."""
+    assert gw.nc is not None
+    kv = await gw.nc.jetstream().key_value(gw.subjects.agents_bucket)
+    last = agent_state_decoder.decode((await kv.get(agent.id)).value or b"").updated_at
+    while (a := gw.fleet.get(agent.id)) is None or a.updated_at != last:
+        await gw.fleet.wait_changed(1.0)
+
+
+async def _lately_silent(
+    fleet: LocalFleet, gw: Gateway, agent: Agent, s: aiohttp.ClientSession, speak: asyncio.Event
+) -> None:
+    heartbeat_s, heard = agent.settings.heartbeat_s, gw.fleet._heard
+    body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+    # not loaded anywhere: no claim takes it, so the plan looks at the holders
+    heard[agent.id] = time.monotonic() - (LATELY_SILENT_HEARTBEATS + 1) * heartbeat_s
+    async with s.post(f"{fleet.url}/api/generate", json=body) as r:
+        assert r.status == 404, await r.text()
+    heard[agent.id] = time.monotonic() - (STALE_HEARTBEATS + 1) * heartbeat_s
+    looked = asyncio.Event()
+    lately_silent_with = gw.fleet.lately_silent_with
+
+    def seen(key: str) -> list[AgentState]:
+        found = lately_silent_with(key)
+        if found:
+            looked.set()
+        return found
+
+    gw.fleet.lately_silent_with = seen  # type: ignore[method-assign]
+    request = asyncio.ensure_future(s.post(f"{fleet.url}/api/generate", json=body))
+    async with asyncio.timeout(10):
+        await looked.wait()  # it found only a lately silent holder ...
+    assert not request.done()  # ... and waits
+    speak.set()  # the agent's next state arrives
+    async with asyncio.timeout(10):
+        r = await request
+    assert r.status == 200, await r.text()
+    assert (await r.json())["done"]

@@ -100,7 +100,8 @@ async def test_has_model_answers_as_the_holders_do_live_stale_and_gone(
     nats_server: NatsServer, root: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`has_model` (the per-request check whether the fleet knows a model) agrees with `with_model`:
-    a live holder counts, one silent past its heartbeats or deleted does not."""
+    a live holder counts, one silent past its heartbeats or deleted does not. `lately_silent_with`
+    lists a holder silent past its heartbeats by up to as many again."""
     key, other = key_of("llama3.2"), key_of("qwen2.5")
     assert key is not None and other is not None
     async with holding_a1(nats_server, root) as (buckets, fleet):
@@ -111,7 +112,12 @@ async def test_has_model_answers_as_the_holders_do_live_stale_and_gone(
         with monkeypatch.context() as m:
             m.setattr(fleet_module.time, "monotonic", lambda: later)  # no await in here
             assert not fleet.has_model(key) and fleet.with_model(key) == []  # silent: dead
-        assert fleet.has_model(key)
+            assert [a.id for a in fleet.lately_silent_with(key)] == ["a1"]  # but only lately
+        gone = fleet_module.time.monotonic() + (fleet_module.LATELY_SILENT_HEARTBEATS + 1) * a1.heartbeat_s
+        with monkeypatch.context() as m:
+            m.setattr(fleet_module.time, "monotonic", lambda: gone)
+            assert fleet.lately_silent_with(key) == [] and not fleet.has_model(key)
+        assert fleet.has_model(key) and fleet.lately_silent_with(key) == []  # live: not silent
         await buckets.agents.delete("a1")
         while fleet.get("a1") is not None:
             assert await fleet.wait_changed(5.0)
