@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import ollama
 import pytest
+from corral.agent.worker import Job
 from corral.gateway.sessions import Sessions
 from corral.protocol import headers as H
 from corral.protocol.messages import AgentState
@@ -275,6 +276,56 @@ async def test_a_failed_load_is_not_waited_on_by_the_next_request(
         assert await round_trip(gw.nc, 10.0)
         assert nudges.pending_msgs == 0  # none of them waited in the fleet queue
         assert fleet.sims[0].stats.failed == 3  # each one tried its own load
+
+
+async def test_a_failed_load_is_not_waited_on_while_the_agents_state_still_shows_it_loading(
+    nats_server: NatsServer, root: str
+) -> None:
+    """The agent's state saying its load is over can reach the gateway after the load's error reply
+    does (a KV write and a watch, against a reply). The failure is newer than any state heard
+    before it, so the next request tries a load of its own instead of waiting behind the failed one."""
+    opts = _options(nats_server, root, sims=1, sim={"time_scale": 0.0, "num_parallel": 64})
+    opts.registry = None  # the gateway's own view decides whether a load is under way
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        gw, agent = fleet.gateway, fleet.agents[0]
+        assert gw is not None and gw.nc is not None and agent._worker is not None
+        key = parse_name(MODEL).key
+        run, publish = agent._worker.run, agent._publish_state
+        go, failed, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def held_run(job: Job) -> int:
+            await go.wait()  # the load stays under way until the gateway has seen it so
+            return await run(job)
+
+        async def held_publish(state: AgentState | None = None, *args: object) -> None:
+            state = state or agent.state()
+            if failed.is_set() and key not in state.loading:
+                await release.wait()  # the state saying the load is over comes late
+            await publish(state, *args)  # type: ignore[arg-type]
+
+        agent._worker.run = held_run  # type: ignore[method-assign]
+        agent._publish_state = held_publish  # type: ignore[method-assign]
+        nudges = await gw.nc.subscribe(f"{root}.queued.>")
+        body = {"model": MODEL, "prompt": "hi", "stream": False}
+        try:
+            first = asyncio.ensure_future(s.post(fleet.url + "/api/generate", json=body))
+            await until(fleet, lambda: (a := gw.fleet.get(agent.id)) is not None and key in a.loading)
+            failed.set()
+            go.set()
+            async with asyncio.timeout(10):
+                r = await first
+            assert r.status == 500
+            a = gw.fleet.get(agent.id)
+            assert a is not None and key in a.loading  # the gateway still sees the load under way
+            async with s.post(fleet.url + "/api/generate", json=body) as r:
+                assert r.status == 500
+                assert (await r.json())["error"].startswith("model requires more system memory")
+            assert await round_trip(gw.nc, 10.0)
+            assert nudges.pending_msgs == 0  # it did not wait in the fleet queue
+            assert fleet.sims[0].stats.failed == 2
+        finally:
+            go.set()
+            release.set()
 
 
 async def test_unplace_drops_only_the_marker_of_the_failed_load(nats_server: NatsServer, root: str) -> None:
