@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Mapping
 
 import nats.errors
 from corral.gateway.placement import Loads
+from corral.gateway.queuewait import QueueWait, Silence
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import NoCapacity
 from corral.protocol.messages import AgentState
@@ -103,14 +103,15 @@ class FleetQueue:
         return False
 
     async def wait(self, req: WorkRequest, route: Route, deadline: float, failed: set[str]) -> Reply | None:
-        """Wait in the fleet-wide queue for the next free slot; None to re-plan (nobody will serve it)."""
+        """Wait in the fleet-wide queue for the next free slot; None to re-plan (nobody will serve it).
+        What to do each time no claim came is `QueueWait`'s to say; this does the I/O."""
         assert req.model is not None
         transport = self._transport
         vendor = req.vendor if (req.vendor and req.strict) else ANY_VENDOR
         call, hdrs, payload = transport.register(req, None, deadline, queued=True)
         keep = False
         queued: Queued | None = None
-        # whether it is still in the stream, asked at one recheck and read at a later one: the wait
+        # whether it is still in the stream, asked at one silence and read at a later one: the wait
         # for its claim never waits on JetStream (slow while a cluster elects a leader)
         check: asyncio.Task[bool | None] | None = None
         lane = req.priority
@@ -119,54 +120,54 @@ class FleetQueue:
             queued = await self._enqueue(req, vendor, payload, hdrs, lane)
             if queued is None:
                 return None
-            promote_at = time.monotonic() + self._settings.batch_aging_s if lane == BATCH else math.inf
-            taken_at: float | None = None  # when a recheck first found it taken and not yet claimed
+            aging_s = self._settings.batch_aging_s if lane == BATCH else None
+            state = QueueWait(
+                time.monotonic(),
+                deadline,
+                recheck_s=self._settings.queue_recheck_s,
+                claim_timeout_s=transport.claim_timeout,
+                aging_s=aging_s,
+            )
             while True:
-                now = time.monotonic()
-                remaining = deadline - now
-                recheck = min(self._settings.queue_recheck_s, promote_at - now)
                 try:
-                    msg = await call.next(max(min(remaining, recheck), 0.001))
+                    msg = await call.next(state.timeout(time.monotonic()))
                 except TimeoutError:
-                    if time.monotonic() >= promote_at and remaining > recheck:
-                        promote_at = math.inf
-                        # aged: to the end of the interactive lane, unless an agent took it just now
+                    left = False
+                    if check is not None and check.done():
+                        left, check = _answered(check) is False, None  # read: the next asks again
+                    step = state.silence(time.monotonic(), left_stream=left)
+                    if step is Silence.PROMOTE:
+                        # to the end of the interactive lane, unless an agent took it just now
                         if await withdraw(self._js, queued):
-                            moved = await self._enqueue(req, vendor, payload, hdrs, INTERACTIVE)
                             self._count(route.key, lane, -1)
                             lane = INTERACTIVE
                             self._count(route.key, lane, +1)
+                            moved = await self._enqueue(req, vendor, payload, hdrs, lane)
                             if moved is None:
                                 return None
                             queued = moved
+                            state.requeued()
                             if check is not None:
                                 check.cancel()  # it asked about the entry withdrawn
                                 check = None
                         continue
-                    if remaining <= recheck:
+                    if step is Silence.EXPIRE:
                         if await withdraw(self._js, queued):
                             raise NoCapacity() from None
-                        # an agent took it just now: its claim is on the way
-                        try:
+                        try:  # an agent took it just now: its claim is on the way
                             msg = await call.next(transport.claim_timeout)
                         except TimeoutError:
                             raise NoCapacity() from None
+                    elif step is Silence.ABANDONED:
+                        log.warning("a queued %s was taken but never claimed: routing it again", req.endpoint)
+                        return None
                     else:
-                        if check is not None and check.done() and _answered(check) is False:
-                            # an agent took it: its claim is due at once, unless the agent died
-                            # between taking and claiming, and then nobody ever will
-                            taken_at = taken_at or time.monotonic()
-                            if time.monotonic() - taken_at >= transport.claim_timeout:
-                                log.warning(
-                                    "a queued %s was taken but never claimed: routing it again", req.endpoint
-                                )
-                                return None
-                        if check is None or check.done():
+                        if check is None:
                             check = asyncio.create_task(still_queued(self._js, queued))
-                        if taken_at is not None:
+                        if step is Silence.TAKEN or self.someone_serves(route, failed):
                             continue
-                        if self.someone_serves(route, failed) or not await withdraw(self._js, queued):
-                            continue
+                        if not await withdraw(self._js, queued):
+                            continue  # an agent took it just now
                         return None  # withdrawn: nobody has or is loading the model any more
                 outcome = await transport.handshake(call, msg, "the queue")
                 if isinstance(outcome, Reply):
