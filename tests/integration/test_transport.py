@@ -246,3 +246,17 @@ async def test_an_agent_that_leaves_the_fleet_ends_its_calls_at_once(nc: NATS, r
         assert t.in_flight == 0
     finally:
         await t.stop()
+
+
+async def test_a_claim_for_a_call_given_up_on_is_answered_with_a_cancel(
+    nc: NATS, root: str, transport: Transport
+) -> None:
+    """A request routed again after it was taken and never claimed (an agent stalled between taking
+    it off the fleet queue and claiming it) must not run twice: when the stalled agent's claim comes
+    at last, its sender has released that call and tells the agent to drop the request."""
+    (agent,) = (await agents(nc, root, "a1")).values()
+    call, headers, _ = transport.register(work(), None, time.monotonic() + 30, queued=True)
+    transport.release(call)  # given up on: routed again under a new call
+    rid, reply = headers[H.REQUEST], headers[H.REPLY]
+    await nc.publish(reply, b"", headers={H.KIND: H.CLAIM, H.AGENT: "a1", H.REQUEST: rid})
+    assert await asyncio.wait_for(agent.cancelled.get(), 5) == rid
