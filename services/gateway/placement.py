@@ -63,32 +63,28 @@ class Loads:
         self._grace_s = grace_s
         self._ttl_s = ttl_s
         self._started: dict[tuple[str, int], tuple[str, float]] = {}  # → (agent, monotonic since)
-        self._failed: dict[tuple[str, int], tuple[str, float]] = {}  # → (agent, monotonic when)
+        # (model key, num_ctx or 0, agent) → monotonic time its load there failed
+        self._failed: dict[tuple[str, int, str], float] = {}
 
     def loading_at(self, route: Route, a: AgentState) -> bool:
-        """A load for ``route`` is under way at ``a``: its state says so (unless that state is older
-        than this gateway's word that the load failed), or this gateway sent one there moments ago
-        (agent state lags the send by up to its publish interval)."""
+        """A load for ``route`` is under way at ``a``: its state says so (unless that load failed
+        moments ago, `failed_lately`), or this gateway sent one there moments ago (agent state lags
+        the send by up to its publish interval)."""
         key = (route.key, route.num_ctx or 0)
-        if loading_for(route, a) and not self._failed_since_heard(key, a):
+        if loading_for(route, a) and not self.failed_lately(route, a):
             return True
         marker = self._started.get(key)
         if marker is None or marker[0] != a.id:
             return False
         return time.monotonic() - marker[1] < self._grace_s and not warm(route, a)
 
-    def _failed_since_heard(self, key: tuple[str, int], a: AgentState) -> bool:
-        """A load of ``key`` at ``a`` failed (its reply said so) after ``a``'s current state was
-        heard: a state still showing it loading is older than the failure. The agent's next state
-        speaks for itself (a KV write and a watch may reach here after the error reply did)."""
-        failed = self._failed.get(key)
-        if failed is None or failed[0] != a.id:
-            return False
-        heard = self._fleet.heard(a.id)
-        if heard is not None and heard > failed[1]:
-            del self._failed[key]
-            return False
-        return True
+    def failed_lately(self, route: Route, a: AgentState) -> bool:
+        """A load of ``route`` at ``a`` failed (its reply said so) within ``load_grace_s``. The
+        agent's state saying the load is over travels by a KV write and a watch, and may reach this
+        gateway after the error reply did, even after a state published before the failure: for
+        that long, a state showing the load under way is not believed."""
+        when = self._failed.get((route.key, route.num_ctx or 0, a.id))
+        return when is not None and time.monotonic() - when < self._grace_s
 
     def as_placed(self, agents: list[AgentState]) -> list[AgentState]:
         """``agents`` with the loads this gateway sent them within ``load_grace_s`` counted as under
@@ -127,12 +123,11 @@ class Loads:
         return self._fleet.get(agent_id), mine
 
     def prune(self) -> None:
-        """Forget the markers that have done their work (`marker_expired`), and the failures the
-        agents' states have caught up with."""
+        """Forget the markers that have done their work (`marker_expired`), and the failures
+        older than ``load_grace_s``."""
         now = time.monotonic()
-        for failure, (agent_id, when) in list(self._failed.items()):
-            heard = self._fleet.heard(agent_id)
-            if heard is None or heard > when:
+        for failure, when in list(self._failed.items()):
+            if now - when >= self._grace_s:
                 del self._failed[failure]
         for (key, ctx), (agent_id, since) in list(self._started.items()):
             agent = self._fleet.get(agent_id)
@@ -154,7 +149,8 @@ class Loads:
     async def unplace(self, req: WorkRequest, route: Route, agent: AgentState) -> None:
         """Forget the load this gateway was given at ``agent`` here and at the registry."""
         key = (route.key, route.num_ctx or 0)
-        self._failed[key] = (agent.id, time.monotonic())
+        self.prune()  # keeps the failures to those of the last ``load_grace_s``
+        self._failed[(*key, agent.id)] = time.monotonic()
         marker = self._started.get(key)
         if marker is not None and marker[0] == agent.id:
             del self._started[key]

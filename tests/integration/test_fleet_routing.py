@@ -282,9 +282,16 @@ async def test_a_failed_load_is_not_waited_on_while_the_agents_state_still_shows
     nats_server: NatsServer, root: str
 ) -> None:
     """The agent's state saying its load is over can reach the gateway after the load's error reply
-    does (a KV write and a watch, against a reply). The failure is newer than any state heard
-    before it, so the next request tries a load of its own instead of waiting behind the failed one."""
-    opts = _options(nats_server, root, sims=1, sim={"time_scale": 0.0, "num_parallel": 64})
+    does (a KV write and a watch, against a reply). For `load_grace_s` after the failure a state
+    showing the load under way is not believed, so the next request tries a load of its own
+    instead of waiting behind the failed one."""
+    opts = _options(
+        nats_server,
+        root,
+        sims=1,
+        sim={"time_scale": 0.0, "num_parallel": 64},
+        gateway={"load_grace_s": 30.0},  # however slow this machine is between the two requests
+    )
     opts.registry = None  # the gateway's own view decides whether a load is under way
     async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
         gw, agent = fleet.gateway, fleet.agents[0]
