@@ -347,7 +347,8 @@ class Gateway:
                     return
                 # usage is kept per model: a name no agent has is "other", so a client sending
                 # made-up names cannot fill the usage bucket with rows of its own
-                label = known_label(work.model.key, self.fleet.has_model(work.model.key))
+                k = work.model.key  # a model only lately silent agents hold may yet be served
+                label = known_label(k, self.fleet.has_model(k) or bool(self.fleet.lately_silent_with(k)))
                 scope[MODEL] = work.model.display if label != OTHER else OTHER
                 set_model(span, endpoint, work.model.display)
             elif key is not None and key.models:

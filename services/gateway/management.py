@@ -100,13 +100,18 @@ async def to_holder(
     *,
     hidden: Callable[[Mapping[str, Any], str], bool] | None = None,
 ) -> Response:
-    """Show and push go to the least busy agent that has the model; a model ``hidden`` from the
-    request's API key (`corral.gateway.auth.hides`) answers as if no agent had it."""
+    """Show and push go to the least busy agent that has the model, else to the one heard last
+    of those gone silent lately (`FleetView.lately_silent_with`: it may only be slow, and a 404
+    would make ``ollama run`` pull the model again); a model ``hidden`` from the request's API key
+    (`corral.gateway.auth.hides`) answers as if no agent had it."""
     try:
         body, raw, model = await _name(request)
     except CorralError as e:
         return error(e)
-    holders = sorted(planner.fleet.with_model(model.key), key=lambda a: a.in_flight)
+    fleet = planner.fleet
+    holders = sorted(fleet.with_model(model.key), key=lambda a: a.in_flight)
+    if not holders:
+        holders = sorted(fleet.lately_silent_with(model.key), key=lambda a: -(fleet.heard(a.id) or 0.0))
     if not holders or (hidden is not None and hidden(request.scope, model.display)):
         msg = not_found_message(endpoint, raw, model.display)
         return Response(native_body(msg), status_code=404, media_type=JSON)

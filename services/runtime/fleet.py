@@ -117,14 +117,15 @@ class FleetView:
                 self._notify()
 
     def _forget_missing(self, seen: set[str]) -> None:
-        """After a snapshot: agents it lacks are gone — unless heard within their liveness window.
-        A watch opened again while a NATS cluster elects a new leader (or on a bucket a restarted
-        server is refilling) can see an empty or partial snapshot; dropping live agents on it would
-        answer "model not found" until their next heartbeats. Those kept age out like any agent
-        that stops heartbeating, and a deletion the watch does see removes at once."""
+        """After a snapshot: agents it lacks are gone — unless heard lately (`lately_silent_with`'s
+        window). A watch opened again while a NATS cluster elects a new leader (or on a bucket a
+        restarted server is refilling) can see an empty or partial snapshot, at about the time the
+        election has silenced the agents; dropping them on it would answer "model not found" until
+        their next heartbeats. Those kept age out like any agent that stops heartbeating, and a
+        deletion the watch does see removes at once."""
         now = time.monotonic()
         for agent_id in set(self._agents) - seen:
-            if not self.alive(self._agents[agent_id], now):
+            if not self._heard_lately(self._agents[agent_id], now):
                 self._gone(agent_id)
 
     def _put(self, state: AgentState) -> None:
@@ -195,16 +196,14 @@ class FleetView:
         (`alive`) by no more than that window again (`LATELY_SILENT_HEARTBEATS` in all). Such an
         agent is as likely slow (a loaded host, a NATS leader election) or restarting as gone, so
         its models are not "not found" yet; a registry removes one that stays silent."""
-        now, lately = time.monotonic(), []
-        for agent_id in self._disk.get(key, ()):
-            a, heard = self._agents[agent_id], self._heard.get(agent_id)
-            if (
-                heard is not None
-                and not self.alive(a, now)
-                and now - heard <= LATELY_SILENT_HEARTBEATS * a.heartbeat_s
-            ):
-                lately.append(a)
-        return lately
+        now = time.monotonic()
+        agents = (self._agents[i] for i in self._disk.get(key, ()))
+        return [a for a in agents if not self.alive(a, now) and self._heard_lately(a, now)]
+
+    def _heard_lately(self, state: AgentState, now: float) -> bool:
+        """``state``'s agent was heard within `LATELY_SILENT_HEARTBEATS` of its heartbeats."""
+        heard = self._heard.get(state.id)
+        return heard is not None and now - heard <= LATELY_SILENT_HEARTBEATS * state.heartbeat_s
 
     def has_model(self, key: str) -> bool:
         """Whether a live agent has ``key`` on disk: O(1) while its first holder is alive, where

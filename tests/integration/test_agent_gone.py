@@ -65,14 +65,14 @@ async def test_a_model_held_only_by_a_lately_silent_agent_waits_for_it_not_answe
 ) -> None:
     """An agent whose heartbeats are late (a loaded host, a NATS leader election) may only be slow.
     A request for a model only it holds waits for it to speak again and is served, instead of
-    `404 model not found` (on which the ollama CLI would pull the model again). Silent for longer
-    (`LATELY_SILENT_HEARTBEATS`), it is gone: 404 at once."""
+    `404 model not found` (on which the ollama CLI would pull the model again), and `/api/show`
+    goes to it. Silent for longer (`LATELY_SILENT_HEARTBEATS`), it is gone: 404 at once."""
     options = FleetOptions(
         port=0,
         nats_url=nats_server.url,
         root=root,
         sims=default_sims(1, time_scale=0.0),
-        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
+        agent={"refresh_s": 0.5, "heartbeat_s": 2.0},
         registry=None,  # nothing removes a silent agent's state: only its silence counts
         aggregator=None,
     )
@@ -114,7 +114,12 @@ async def _lately_silent(
     heard[agent.id] = time.monotonic() - (LATELY_SILENT_HEARTBEATS + 1) * heartbeat_s
     async with s.post(f"{fleet.url}/api/generate", json=body) as r:
         assert r.status == 404, await r.text()
-    heard[agent.id] = time.monotonic() - (STALE_HEARTBEATS + 1) * heartbeat_s
+    async with s.post(f"{fleet.url}/api/show", json={"model": MODEL}) as r:
+        assert r.status == 404, await r.text()
+    # silent past its liveness window, with most of the lately-silent window (6 s) still to go
+    heard[agent.id] = time.monotonic() - (STALE_HEARTBEATS + 0.5) * heartbeat_s
+    async with s.post(f"{fleet.url}/api/show", json={"model": MODEL}) as r:  # what `ollama run` asks
+        assert r.status == 200, await r.text()  # the agent heard last answers: it was only slow
     looked = asyncio.Event()
     lately_silent_with = gw.fleet.lately_silent_with
 

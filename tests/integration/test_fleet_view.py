@@ -39,11 +39,18 @@ async def test_a_watch_opened_again_on_an_empty_bucket_keeps_the_agents_it_heard
             # the bucket is replaced by an empty one, as a memory bucket after a NATS restart
             await js.delete_key_value(subjects.agents_bucket)
             await js.create_key_value(KeyValueConfig(bucket=subjects.agents_bucket, history=1))
-            seen = fleet.revision
-            fleet.restart()
-            while fleet.revision == seen:  # the new watch's (empty) snapshot has been read
-                assert await fleet.wait_changed(5.0)
+            await _reopen(fleet)
             assert [a.id for a in fleet.with_model(key)] == ["a1"]  # heard moments ago: kept
+            # silent past its liveness window, but lately (an election silences agents too): kept
+            fleet._heard["a1"] -= (fleet_module.STALE_HEARTBEATS + 1) * state.heartbeat_s
+            await _reopen(fleet)
+            assert [a.id for a in fleet.lately_silent_with(key)] == ["a1"]
+            fleet._heard["a1"] -= fleet_module.LATELY_SILENT_HEARTBEATS * state.heartbeat_s
+            await _reopen(fleet)  # silent for longer: gone
+            assert fleet.get("a1") is None and fleet.lately_silent_with(key) == []
+            await buckets.agents.put("a1", agent_state_encoder.encode(state))  # back
+            while fleet.get("a1") is None:
+                assert await fleet.wait_changed(5.0)
             # a deletion the watch does see removes it at once
             await buckets.agents.delete("a1")
             while fleet.get("a1") is not None:
@@ -122,6 +129,14 @@ async def test_has_model_answers_as_the_holders_do_live_stale_and_gone(
         while fleet.get("a1") is not None:
             assert await fleet.wait_changed(5.0)
         assert not fleet.has_model(key)
+
+
+async def _reopen(fleet: FleetView) -> None:
+    """Open the fleet view's watch again and wait until its snapshot has been read."""
+    seen = fleet.revision
+    fleet.restart()
+    while fleet.revision == seen:
+        assert await fleet.wait_changed(5.0)
 
 
 @contextlib.asynccontextmanager
