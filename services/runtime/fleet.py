@@ -117,15 +117,16 @@ class FleetView:
                 self._notify()
 
     def _forget_missing(self, seen: set[str]) -> None:
-        """After a snapshot: agents it lacks are gone — unless heard lately (`lately_silent_with`'s
-        window). A watch opened again while a NATS cluster elects a new leader (or on a bucket a
-        restarted server is refilling) can see an empty or partial snapshot, at about the time the
-        election has silenced the agents; dropping them on it would answer "model not found" until
-        their next heartbeats. Those kept age out like any agent that stops heartbeating, and a
-        deletion the watch does see removes at once."""
+        """After a snapshot: agents it lacks are gone — unless heard within their liveness window.
+        A watch opened again while a NATS cluster elects a new leader (or on a bucket a restarted
+        server is refilling) can see an empty or partial snapshot; dropping live agents on it would
+        answer "model not found" until their next heartbeats. Those kept age out like any agent
+        that stops heartbeating, and a deletion the watch does see removes at once. A silent one
+        is not kept even within `lately_silent_with`'s window: a registry may have removed it
+        while the watch was closed, and only this ends the calls it holds."""
         now = time.monotonic()
         for agent_id in set(self._agents) - seen:
-            if not self._heard_lately(self._agents[agent_id], now):
+            if not self.alive(self._agents[agent_id], now):
                 self._gone(agent_id)
 
     def _put(self, state: AgentState) -> None:

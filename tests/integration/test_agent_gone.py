@@ -116,7 +116,7 @@ async def _lately_silent(
         assert r.status == 404, await r.text()
     async with s.post(f"{fleet.url}/api/show", json={"model": MODEL}) as r:
         assert r.status == 404, await r.text()
-    # silent past its liveness window, with most of the lately-silent window (6 s) still to go
+    # silent past its liveness window, with most of the lately-silent window still to go
     heard[agent.id] = time.monotonic() - (STALE_HEARTBEATS + 0.5) * heartbeat_s
     async with s.post(f"{fleet.url}/api/show", json={"model": MODEL}) as r:  # what `ollama run` asks
         assert r.status == 200, await r.text()  # the agent heard last answers: it was only slow

@@ -41,12 +41,10 @@ async def test_a_watch_opened_again_on_an_empty_bucket_keeps_the_agents_it_heard
             await js.create_key_value(KeyValueConfig(bucket=subjects.agents_bucket, history=1))
             await _reopen(fleet)
             assert [a.id for a in fleet.with_model(key)] == ["a1"]  # heard moments ago: kept
-            # silent past its liveness window, but lately (an election silences agents too): kept
+            # silent past its liveness window: gone, though silent only lately (a registry may
+            # have removed it while the watch was closed, and this is what ends its calls)
             fleet._heard["a1"] -= (fleet_module.STALE_HEARTBEATS + 1) * state.heartbeat_s
             await _reopen(fleet)
-            assert [a.id for a in fleet.lately_silent_with(key)] == ["a1"]
-            fleet._heard["a1"] -= fleet_module.LATELY_SILENT_HEARTBEATS * state.heartbeat_s
-            await _reopen(fleet)  # silent for longer: gone
             assert fleet.get("a1") is None and fleet.lately_silent_with(key) == []
             await buckets.agents.put("a1", agent_state_encoder.encode(state))  # back
             while fleet.get("a1") is None:
