@@ -146,11 +146,14 @@ class Loads:
         """How many markers this gateway keeps."""
         return len(self._started)
 
-    async def unplace(self, req: WorkRequest, route: Route, agent: AgentState) -> None:
-        """Forget the load this gateway was given at ``agent`` here and at the registry."""
+    async def unplace(self, req: WorkRequest, route: Route, agent: AgentState, *, failed: bool) -> None:
+        """Forget the load this gateway was given at ``agent`` here and at the registry: it never
+        started there (no answer, or ``busy``), or it ``failed`` (an error answered it), and then
+        that agent's state showing it loading is not believed for a while (`failed_lately`)."""
         key = (route.key, route.num_ctx or 0)
-        self.prune()  # keeps the failures to those of the last ``load_grace_s``
-        self._failed[(*key, agent.id)] = time.monotonic()
+        if failed:
+            self.prune()  # keeps the failures to those of the last ``load_grace_s``
+            self._failed[(*key, agent.id)] = time.monotonic()
         marker = self._started.get(key)
         if marker is not None and marker[0] == agent.id:
             del self._started[key]

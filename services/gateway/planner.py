@@ -368,7 +368,7 @@ class Planner:
                 if reply is None or reply.status >= 400:
                     # the load failed (Ollama's error, e.g. not enough memory) or never started: the
                     # next request must not wait on it as if it were under way
-                    await loads.unplace(req, route, target)
+                    await loads.unplace(req, route, target, failed=reply is not None)
                 return reply
         if req.num_ctx is None and self.settings.queue:
             decision.route, since = QUEUED, time.monotonic()

@@ -282,9 +282,10 @@ async def test_a_failed_load_is_not_waited_on_while_the_agents_state_still_shows
     nats_server: NatsServer, root: str
 ) -> None:
     """The agent's state saying its load is over can reach the gateway after the load's error reply
-    does (a KV write and a watch, against a reply). For `load_grace_s` after the failure a state
-    showing the load under way is not believed, so the next request tries a load of its own
-    instead of waiting behind the failed one."""
+    does (a KV write and a watch, against a reply), and a state published while it was loading can
+    even arrive after that reply. For `load_grace_s` after the failure a state showing the load
+    under way is not believed, so the next request tries a load of its own instead of waiting
+    behind the failed one."""
     opts = _options(
         nats_server,
         root,
@@ -299,6 +300,7 @@ async def test_a_failed_load_is_not_waited_on_while_the_agents_state_still_shows
         key = parse_name(MODEL).key
         run, publish = agent._worker.run, agent._publish_state
         go, failed, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        loading: list[AgentState] = []
 
         async def held_run(job: Job) -> int:
             await go.wait()  # the load stays under way until the gateway has seen it so
@@ -306,6 +308,8 @@ async def test_a_failed_load_is_not_waited_on_while_the_agents_state_still_shows
 
         async def held_publish(state: AgentState | None = None, *args: object) -> None:
             state = state or agent.state()
+            if key in state.loading:
+                loading.append(state)
             if failed.is_set() and key not in state.loading:
                 await release.wait()  # the state saying the load is over comes late
             await publish(state, *args)  # type: ignore[arg-type]
@@ -322,8 +326,11 @@ async def test_a_failed_load_is_not_waited_on_while_the_agents_state_still_shows
             async with asyncio.timeout(10):
                 r = await first
             assert r.status == 500
+            heard = gw.fleet.heard(agent.id)
+            await publish(loading[-1])  # a state of the load under way, heard after its failure
+            await until(fleet, lambda: gw.fleet.heard(agent.id) != heard)
             a = gw.fleet.get(agent.id)
-            assert a is not None and key in a.loading  # the gateway still sees the load under way
+            assert a is not None and key in a.loading  # the gateway sees the load under way
             async with s.post(fleet.url + "/api/generate", json=body) as r:
                 assert r.status == 500
                 assert (await r.json())["error"].startswith("model requires more system memory")
