@@ -9,12 +9,13 @@ whose ``total``/``completed`` sum over the agents, ``success`` only when every a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import msgspec
 from corral.protocol.envelope import RequestEnvelope, decode_request
-from corral.protocol.errors import BadEnvelope, BadRequest, CorralError
+from corral.protocol.errors import AgentUnavailable, BadEnvelope, BadRequest, CorralError
 from corral.protocol.messages import AgentState
 from corral.protocol.names import VENDORS, parse_name
 from corral.protocol.subjects import Subjects
@@ -25,6 +26,7 @@ from corral.transport import Reply, Transport, WorkRequest, fan_out
 from corral.transport.replies import ReplyWriter
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,10 @@ class FleetPulls:
         task.add_done_callback(self._pulls.discard)
 
     async def stop(self) -> None:
-        """End the pulls under way (their replies end with them)."""
+        """End the pulls under way: each reply ends with a retryable error (`_serve_pull`)."""
+        # A task cancelled before its first step never runs its body, so a pull taken a moment ago
+        # would leave its asker waiting for an answer that never comes: let each take that step
+        await asyncio.sleep(0)
         await cancel_and_wait(set(self._pulls))
 
     def targets(self, req: PullRequest) -> list[AgentState]:
@@ -110,6 +115,15 @@ class FleetPulls:
         out = ReplyWriter(
             self._nc, msg.reply, env.rid if isinstance(env, RequestEnvelope) else "", "registry"
         )
+        try:
+            await self._pull(msg, env, out)
+        except asyncio.CancelledError:
+            # the registry is stopping: its asker hears so now, not at its idle timeout
+            with contextlib.suppress(NatsError):
+                await asyncio.shield(out.end(AgentUnavailable("the registry is stopping")))
+            raise
+
+    async def _pull(self, msg: Msg, env: RequestEnvelope | BadEnvelope, out: ReplyWriter) -> None:
         await out.claim()
         try:
             if isinstance(env, BadEnvelope):
