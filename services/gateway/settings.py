@@ -55,7 +55,8 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     load_grace_s: Annotated[
         float,
         setting(
-            "a load just started counts as under way this long before its agent shows it",
+            "a load just started counts as under way this long before its agent shows it; "
+            "a failed one's loading state is not believed for as long",
             ge=0,
             period=True,
         ),
