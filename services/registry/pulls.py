@@ -95,10 +95,8 @@ class FleetPulls:
         task.add_done_callback(self._pulls.discard)
 
     async def stop(self) -> None:
-        """End the pulls under way: each reply ends with a retryable error (`_serve_pull`)."""
-        # A task cancelled before its first step never runs its body, so a pull taken a moment ago
-        # would leave its asker waiting for an answer that never comes: let each take that step
-        await asyncio.sleep(0)
+        """End the pulls under way, one taken a moment ago included (`cancel_and_wait` lets it
+        start): each reply ends with a retryable error (`_serve_pull`)."""
         await cancel_and_wait(set(self._pulls))
 
     def targets(self, req: PullRequest) -> list[AgentState]:

@@ -4,6 +4,11 @@ nats-py swallows a `asyncio.CancelledError` that lands while a publish hands its
 flusher (`Client._flush_pending` catches it and returns). A task cancelled at that moment runs on
 to its next await — a KV watch, an event — and waits there for ever, and whoever awaits it hangs
 with it. `cancel_and_wait` therefore cancels again until each task has ended.
+
+And asyncio never runs the body of a task cancelled before its first step, not even its
+``finally``: a task made a moment ago, cancelled at once, ends without the cleanup it was written
+with (a reply it would end, a slot it would free). `cancel_and_wait` lets every task take its first
+step before it cancels any.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, timeout: floa
     """Cancel ``tasks`` and return once every one has ended (their results and errors are dropped);
     a task still running after ``timeout`` seconds is logged and left behind."""
     tasks = list(tasks)
+    if any(not t.done() for t in tasks):
+        await asyncio.sleep(0)  # one turn of the loop: a task made just now takes its first step
     pending = {t for t in tasks if not t.done()}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

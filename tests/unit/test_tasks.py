@@ -1,4 +1,5 @@
-"""cancel_and_wait: tasks that swallow a cancellation (as nats-py's publish path does) still end."""
+"""cancel_and_wait: tasks that swallow a cancellation (as nats-py's publish path does) still end,
+and a task made a moment ago runs its cleanup."""
 
 from __future__ import annotations
 
@@ -85,3 +86,19 @@ async def test_a_supervised_watch_is_opened_again_after_a_restart() -> None:
         assert not task.done()
     finally:
         await cancel_and_wait([task])
+
+
+async def test_a_task_made_just_now_runs_its_cleanup_when_cancelled() -> None:
+    """Cancelled before its first step, asyncio would run none of its body, `finally` included."""
+    cleaned = False
+
+    async def with_cleanup() -> None:
+        nonlocal cleaned
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned = True
+
+    task = asyncio.create_task(with_cleanup())
+    await cancel_and_wait([task])  # awaited directly: no turn of the loop before it is called
+    assert task.cancelled() and cleaned
