@@ -141,16 +141,22 @@ async def test_retiring_while_disconnected_drops_it_at_once(nats_server: NatsSer
     assert shots.retiring == 0
 
 
+async def _ping_sent(nc: NATS) -> None:
+    """Yield (a bounded number of turns, no clock) until ``nc`` has sent a PING: its future waits
+    for the PONG. nats-py offers no event for it."""
+    for _ in range(1000):
+        if nc._pongs:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("no PING was sent")
+
+
 async def test_a_cancelled_round_trip_leaves_the_connection_reading(
     pair: tuple[NATS, NATS], root: str
 ) -> None:
     sub_nc, pub = pair
     waiting = asyncio.create_task(round_trip(sub_nc, WAIT_S))
-    for _ in range(1000):  # yields, until it has sent its PING (its future is queued)
-        if sub_nc._pongs:
-            break
-        await asyncio.sleep(0)
-    assert sub_nc._pongs
+    await _ping_sent(sub_nc)
     waiting.cancel()
     inbox = Inbox()
     await sub_nc.subscribe(f"{root}.after", cb=inbox.take)
@@ -166,7 +172,7 @@ async def test_nats_py_flush_cancelled_stops_the_connection_reading(
     ends nats-py's read loop. (Should nats-py mend that, this fails and `round_trip` can go.)"""
     sub_nc, pub = pair
     waiting = asyncio.create_task(sub_nc.flush())
-    await asyncio.sleep(0)
+    await _ping_sent(sub_nc)
     waiting.cancel()
     inbox = Inbox()
     await sub_nc.subscribe(f"{root}.after", cb=inbox.take)
