@@ -105,6 +105,10 @@ def describe(b: dict[str, Any]) -> str:
     text = (
         f"{b['id']}  {b['status']:<11} {done}/{counts.get('total', 0)} done, {counts.get('failed', 0)} failed"
     )
+    if b.get("model"):
+        text += f", {b['model']}"
+    if usage := b.get("usage"):
+        text += f", {usage.get('input_tokens', 0):,} tokens in, {usage.get('output_tokens', 0):,} out"
     for e in ((b.get("errors") or {}).get("data") or [])[:20]:
         text += f"\n  line {e.get('line')}: {e.get('code')}: {e.get('message')}"
     return text

@@ -86,6 +86,13 @@ async def test_a_batch_runs_every_line_through_the_fleet(
         assert x["error"] is None and x["id"].startswith("batch_req_")
         assert x["response"]["status_code"] == 200 and x["response"]["request_id"]
         assert x["response"]["body"]["object"] == kind
+    # the batch names its model and sums its lines' usage as OpenAI's batch object does
+    assert done.model == model and done.usage is not None
+    bodies = [x["response"]["body"]["usage"] for x in out]
+    assert done.usage.input_tokens == sum(u["prompt_tokens"] for u in bodies) > 0
+    assert done.usage.output_tokens == sum(u.get("completion_tokens", 0) for u in bodies)
+    assert done.usage.total_tokens == sum(u["total_tokens"] for u in bodies)
+    assert (done.usage.output_tokens > 0) == (kind != "list")
     assert done.output_file_id is not None
     f = await client.files.retrieve(done.output_file_id)
     assert f.purpose == "batch_output" and f.bytes > 0  # type: ignore[comparison-overlap]
@@ -103,7 +110,7 @@ async def test_a_models_refusal_is_that_lines_answer_in_the_error_file(
 ) -> None:
     lines = [request(0), request(1, model="no-such-model:latest"), request(2)]
     done = await wait_until(client, js(fleet), root, (await submit(client, jsonl(lines))).id)
-    assert done.status == "completed"
+    assert done.status == "completed" and done.model is None  # its lines name two models
     assert done.request_counts is not None and (
         done.request_counts.completed,
         done.request_counts.failed,
@@ -274,6 +281,7 @@ async def test_the_cli_submits_bare_bodies_waits_and_writes_the_results(
     assert "completed" in err and "4/4" in err  # the progress lines, one per change (not a terminal)
     code, out, _ = await corral_batch(fleet, "status", batch_id)
     assert code == 0 and "completed" in out and "4/4 done, 0 failed" in out
+    assert f", {LLAMA}, " in out and " tokens in, " in out
     target = tmp_path / "out.jsonl"
     code, _, err = await corral_batch(fleet, "results", batch_id, "-o", str(target))
     assert code == 0, err

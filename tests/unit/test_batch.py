@@ -8,7 +8,7 @@ import json
 import msgspec
 import pytest
 from corral.gateway.batch import model
-from corral.gateway.batch.lines import answered, assemble, parse_input, unanswered
+from corral.gateway.batch.lines import answered, assemble, common_model, parse_input, unanswered
 from corral.gateway.batch.model import Refused
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -66,7 +66,7 @@ def test_output_and_error_files_keep_input_order_and_openais_shapes() -> None:
         unanswered("c", "batch_cancelled", "not run"),
         answered("d", 200, b"not json", "r4"),
     ]
-    out, err, counts = assemble("batch_0123456789ab", results)
+    out, err, counts, _ = assemble("batch_0123456789ab", results)
     o = [json.loads(x) for x in out.splitlines()]
     e = [json.loads(x) for x in err.splitlines()]
     assert [x["custom_id"] for x in o] == ["a", "d"] and [x["custom_id"] for x in e] == ["b", "c"]
@@ -86,6 +86,66 @@ def test_output_and_error_files_keep_input_order_and_openais_shapes() -> None:
     }
     assert len({x["id"] for x in o + e}) == 4
     assert (counts.total, counts.completed, counts.failed) == (4, 2, 2)
+
+
+def test_usage_sums_every_answer_that_reports_one() -> None:
+    chat = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+    results = [
+        answered("a", 200, json.dumps({"usage": chat}).encode(), "r1"),
+        answered("b", 200, json.dumps({"usage": {"prompt_tokens": 7, "total_tokens": 7}}).encode(), "r2"),
+        answered(
+            "c",
+            200,
+            json.dumps(
+                {
+                    "usage": {
+                        "prompt_tokens": 3,
+                        "completion_tokens": 4,
+                        "prompt_tokens_details": {"cached_tokens": 2},
+                        "completion_tokens_details": {"reasoning_tokens": 1},
+                    }
+                }
+            ).encode(),
+            "r3",
+        ),
+        answered("d", 400, b'{"error": {"message": "no"}}', "r4"),
+        answered("e", 200, b"not json", "r5"),
+        answered("f", 200, b'{"usage": {"prompt_tokens": "many"}}', "r6"),
+        unanswered("g", "batch_cancelled", "not run"),
+    ]
+    usage = assemble("batch_0123456789ab", results)[3]
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (20, 9, 29)
+    assert usage.input_tokens_details.cached_tokens == 2
+    assert usage.output_tokens_details.reasoning_tokens == 1
+
+
+def test_a_batch_names_its_model_only_when_every_line_names_the_same() -> None:
+    def parsed(*models: object) -> list[tuple[str, bytes]]:
+        data = b"\n".join(line(f"l{i}", model=m) for i, m in enumerate(models))
+        lines, errors = parse_input(data, CHAT, max_lines=10)
+        assert errors == []
+        return lines
+
+    assert common_model(parsed("llama3.2", "llama3.2")) == "llama3.2"
+    assert common_model(parsed("llama3.2", "qwen3")) is None
+    assert common_model(parsed("llama3.2", 7)) is None
+    assert common_model([]) is None
+
+
+def test_a_finished_batch_shows_its_model_and_usage() -> None:
+    r = model.queued(_record(), 2, 101, "llama3.2")
+    assert r.batch.model == "llama3.2" and r.batch.usage is None
+    usage = model.BatchUsage(input_tokens=3, output_tokens=4, total_tokens=7)
+    done = model.finished(model.finalize(r, 102), model.RequestCounts(total=2), "file-o", None, 103, usage)
+    shown = json.loads(msgspec.json.encode(done.batch))
+    assert shown["model"] == "llama3.2"
+    assert shown["usage"] == {
+        "input_tokens": 3,
+        "output_tokens": 4,
+        "total_tokens": 7,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0},
+    }
 
 
 def test_ids_windows_and_output_file_ids() -> None:

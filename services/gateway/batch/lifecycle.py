@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from corral.gateway.batch import model
-from corral.gateway.batch.lines import assemble, parse_input
+from corral.gateway.batch.lines import assemble, common_model, parse_input
 from corral.gateway.batch.model import TERMINAL, BatchError, BatchRecord, FileMeta, Refused
 from corral.gateway.batch.store import BatchStore, Conflict, Stored
 from nats.errors import Error as NatsError
@@ -76,9 +76,9 @@ class Lifecycle:
             if errors:
                 return await self.store.change(batch_id, lambda r: model.failed(r, errors, now()))
             await self.store.queue_lines(batch_id, lines, rec.batch.endpoint)
-            total = len(lines)
+            total, named = len(lines), common_model(lines)
             changed = await self.store.change(
-                batch_id, lambda r: r if r.total >= 0 else model.queued(r, total, now())
+                batch_id, lambda r: r if r.total >= 0 else model.queued(r, total, now(), named)
             )
         except Refused as e:  # another gateway's validation ended it first
             log.info("batch %s: validation overtaken: %s", batch_id, e)
@@ -114,7 +114,7 @@ class Lifecycle:
             if again is not None and again.record.batch.status not in TERMINAL:  # the sweep tries again
                 log.error("batch %s is finalizing but some line has no result", batch_id)
             return  # else another gateway finished it and dropped the results meanwhile
-        output, errors, counts = assemble(batch_id, results)
+        output, errors, counts, usage = assemble(batch_id, results)
         ids: dict[str, str | None] = {}
         for kind, data in (("output", output), ("error", errors)):
             file_id = model.output_file_id(batch_id, kind)  # type: ignore[arg-type]
@@ -129,7 +129,7 @@ class Lifecycle:
                 await self.store.put_file(file_id, data, meta)
         try:
             await self.store.change(
-                batch_id, lambda r: model.finished(r, counts, ids["output"], ids["error"], now())
+                batch_id, lambda r: model.finished(r, counts, ids["output"], ids["error"], now(), usage)
             )
         except Refused:
             return  # a gateway that took it over finished it first

@@ -18,7 +18,14 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
-from corral.gateway.batch.model import ENDPOINTS, BatchError, RequestCounts
+from corral.gateway.batch.model import (
+    ENDPOINTS,
+    BatchError,
+    BatchUsage,
+    InputTokensDetails,
+    OutputTokensDetails,
+    RequestCounts,
+)
 
 MAX_ERRORS: Final = 100  # errors.data names at most this many lines
 CANCELLED: Final = "batch_cancelled"
@@ -70,6 +77,36 @@ class _Output(msgspec.Struct):
     custom_id: str
     response: _Response | None
     error: LineError | None
+
+
+class _Named(msgspec.Struct):
+    model: str | None = None
+
+
+class _Cached(msgspec.Struct):
+    cached_tokens: int = 0
+
+
+class _Reasoning(msgspec.Struct):
+    reasoning_tokens: int = 0
+
+
+class _Usage(msgspec.Struct):
+    """The ``usage`` of an OpenAI-style answer (chat, completions, embeddings)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: _Cached | None = None
+    completion_tokens_details: _Reasoning | None = None
+
+
+class _Answered(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_named_decoder = msgspec.json.Decoder(_Named)
+_answered_decoder = msgspec.json.Decoder(_Answered)
 
 
 def _error(errors: list[BatchError], code: str, message: str, line: int, param: str | None = None) -> None:
@@ -136,6 +173,19 @@ def parse_input(
     return lines, errors
 
 
+def common_model(lines: Sequence[tuple[str, bytes]]) -> str | None:
+    """The model every line's body names, or None if they name different ones (or none)."""
+    models: set[str | None] = set()
+    for _, body in lines:
+        try:
+            models.add(_named_decoder.decode(body).model)
+        except msgspec.ValidationError:  # a model that is not a string: that line fails when it runs
+            return None
+        if len(models) > 1:
+            return None
+    return models.pop() if models else None
+
+
 def answered(custom_id: str, status: int, body: bytes, request_id: str) -> LineResult:
     """The result of a line that got an HTTP answer; a body that is not JSON is kept as a string."""
     try:
@@ -154,8 +204,33 @@ def request_line_id(batch_id: str, index: int) -> str:
     return f"batch_req_{batch_id.split('_', 1)[1]}{index:08x}"
 
 
-def assemble(batch_id: str, results: Sequence[LineResult]) -> tuple[bytes, bytes, RequestCounts]:
-    """The output and error files (JSONL, input order) and the counts, from every line's result."""
+def usage_of(results: Sequence[LineResult]) -> BatchUsage:
+    """The token usage of every answer that reports one, in the Batch object's terms (input and
+    output tokens for OpenAI's prompt and completion tokens)."""
+    total = BatchUsage()
+    cached = reasoning = 0
+    for r in results:
+        if r.error is not None:
+            continue
+        try:
+            u = _answered_decoder.decode(r.body).usage
+        except msgspec.DecodeError:  # a body kept as a string, or not an OpenAI answer
+            continue
+        if u is None:
+            continue
+        total.input_tokens += u.prompt_tokens
+        total.output_tokens += u.completion_tokens
+        total.total_tokens += u.total_tokens or u.prompt_tokens + u.completion_tokens
+        cached += u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else 0
+        reasoning += u.completion_tokens_details.reasoning_tokens if u.completion_tokens_details else 0
+    total.input_tokens_details = InputTokensDetails(cached_tokens=cached)
+    total.output_tokens_details = OutputTokensDetails(reasoning_tokens=reasoning)
+    return total
+
+
+def assemble(batch_id: str, results: Sequence[LineResult]) -> tuple[bytes, bytes, RequestCounts, BatchUsage]:
+    """The output and error files (JSONL, input order), the counts and the usage, from every line's
+    result."""
     out: list[bytes] = []
     err: list[bytes] = []
     for index, r in enumerate(results):
@@ -165,4 +240,4 @@ def assemble(batch_id: str, results: Sequence[LineResult]) -> tuple[bytes, bytes
         line = msgspec.json.encode(_Output(request_line_id(batch_id, index), r.custom_id, response, r.error))
         (out if r.ok else err).append(line + b"\n")
     counts = RequestCounts(total=len(results), completed=len(out), failed=len(err))
-    return b"".join(out), b"".join(err), counts
+    return b"".join(out), b"".join(err), counts, usage_of(results)

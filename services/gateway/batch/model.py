@@ -51,6 +51,24 @@ class RequestCounts(msgspec.Struct, kw_only=True):
     failed: int = 0
 
 
+class InputTokensDetails(msgspec.Struct, kw_only=True):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(msgspec.Struct, kw_only=True):
+    reasoning_tokens: int = 0
+
+
+class BatchUsage(msgspec.Struct, kw_only=True):
+    """The tokens of every line that was answered, summed once the batch's files are written."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    input_tokens_details: InputTokensDetails = msgspec.field(default_factory=InputTokensDetails)
+    output_tokens_details: OutputTokensDetails = msgspec.field(default_factory=OutputTokensDetails)
+
+
 class Batch(msgspec.Struct, kw_only=True):
     """A batch exactly as ``GET /v1/batches/{id}`` shows it: one attribute per field of OpenAI's
     batch object, so its many attributes are the wire shape, not state."""
@@ -75,6 +93,8 @@ class Batch(msgspec.Struct, kw_only=True):
     cancelled_at: int | None = None
     request_counts: RequestCounts = msgspec.field(default_factory=RequestCounts)
     metadata: dict[str, str] | None = None
+    model: str | None = None  # the model every line names (None while validating, or if they differ)
+    usage: BatchUsage | None = None
 
 
 class BatchRecord(msgspec.Struct, kw_only=True):
@@ -170,14 +190,15 @@ def _with(r: BatchRecord, **changes: object) -> BatchRecord:
     return msgspec.structs.replace(r, batch=msgspec.structs.replace(r.batch, **changes))
 
 
-def queued(r: BatchRecord, total: int, now: int) -> BatchRecord:
-    """Its ``total`` lines are in the line stream: a validating batch starts, a batch cancelled
-    while validating only learns its count (its lines will be answered ``batch_cancelled``)."""
+def queued(r: BatchRecord, total: int, now: int, model: str | None = None) -> BatchRecord:
+    """Its ``total`` lines, naming ``model`` (None if they differ), are in the line stream: a
+    validating batch starts, a batch cancelled while validating only learns its count (its lines
+    will be answered ``batch_cancelled``)."""
     counts = RequestCounts(total=total)
     if r.batch.status == "validating":
-        r = _with(r, status="in_progress", in_progress_at=now, request_counts=counts)
+        r = _with(r, status="in_progress", in_progress_at=now, request_counts=counts, model=model)
     elif r.batch.status == "cancelling":
-        r = _with(r, request_counts=counts)
+        r = _with(r, request_counts=counts, model=model)
     else:
         raise Refused(f"a batch that is {r.batch.status} cannot start")
     return msgspec.structs.replace(r, total=total)
@@ -216,13 +237,19 @@ def finalize(r: BatchRecord, now: int) -> BatchRecord:
 
 
 def finished(
-    r: BatchRecord, counts: RequestCounts, output_id: str | None, error_id: str | None, now: int
+    r: BatchRecord,
+    counts: RequestCounts,
+    output_id: str | None,
+    error_id: str | None,
+    now: int,
+    usage: BatchUsage | None = None,
 ) -> BatchRecord:
-    """Its files are written: completed (or expired, or cancelled)."""
+    """Its files are written: completed (or expired, or cancelled), with its lines' token usage."""
     files: dict[str, object] = {
         "output_file_id": output_id,
         "error_file_id": error_id,
         "request_counts": counts,
+        "usage": usage if usage is not None else BatchUsage(),
     }
     if r.batch.status == "finalizing":
         if r.ending == "expire":
