@@ -192,6 +192,51 @@ async def test_batches_and_files_are_listed_newest_first_a_page_at_a_time(
         await wait_until(client, js(fleet), root, m.id)
 
 
+async def test_files_expire_as_asked_and_are_then_gone(
+    fleet: LocalFleet, client: openai.AsyncOpenAI, root: str
+) -> None:
+    f = await client.files.create(
+        file=("in.jsonl", jsonl([request(0)])),
+        purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    assert f.expires_at == f.created_at + 3600
+    assert (await client.files.retrieve(f.id)).expires_at == f.expires_at
+    for bad in (59, 2_592_001):
+        with pytest.raises(openai.BadRequestError, match="expires_after.seconds"):
+            await client.files.create(
+                file=("x.jsonl", b"{}"),
+                purpose="batch",
+                expires_after={"anchor": "created_at", "seconds": bad},
+            )
+    b = await client.batches.create(
+        input_file_id=f.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        output_expires_after={"anchor": "created_at", "seconds": 7200},
+    )
+    done = await wait_until(client, js(fleet), root, b.id)
+    assert done.output_file_id is not None
+    output = await client.files.retrieve(done.output_file_id)
+    assert output.expires_at == output.created_at + 7200
+    # a file past its expires_at is hidden at once, and the sweep deletes it
+    assert fleet.gateway is not None
+    lifecycle = fleet.gateway.batches.lifecycle
+    old = model.FileMeta(filename="old.jsonl", purpose="batch", created_at=1, expires_at=int(time.time()) - 1)
+    await lifecycle.store.put_file(model.new_id("file"), b"{}\n", old)
+    gone = model.new_id("file")
+    await lifecycle.store.put_file(gone, b"{}\n", old)
+    with pytest.raises(openai.NotFoundError):
+        await client.files.retrieve(gone)
+    with pytest.raises(openai.NotFoundError):
+        await client.files.content(gone)
+    assert gone not in [x.id async for x in client.files.list()]
+    assert len(await lifecycle.store.files(expired=True)) == 2
+    await lifecycle.delete_expired_files()
+    assert await lifecycle.store.files(expired=True) == []
+    assert f.id in [x.id async for x in client.files.list()]  # one that has not expired stays
+
+
 async def test_with_keys_a_user_sees_only_its_own_batches_and_files(
     nats_server: NatsServer, root: str
 ) -> None:

@@ -159,6 +159,25 @@ def test_ids_windows_and_output_file_ids() -> None:
             model.window_seconds(bad)
 
 
+def test_expires_after_is_bounded_as_openai_bounds_it() -> None:
+    assert model.expiry_seconds("created_at", 3600) == 3600
+    assert model.expiry_seconds("created_at", "2592000") == 2_592_000  # a multipart form's string
+    for anchor, seconds in [
+        ("created_at", 3599),
+        ("created_at", 2_592_001),
+        ("last_active_at", 3600),
+        ("created_at", "an hour"),
+        ("created_at", True),
+        ("created_at", None),
+        (None, 3600),
+    ]:
+        with pytest.raises(ValueError, match="expires_after"):
+            model.expiry_seconds(anchor, seconds)
+    meta = model.FileMeta(filename="f", purpose="batch", created_at=100, expires_at=200)
+    assert not meta.expired(199) and meta.expired(200)
+    assert not model.FileMeta(filename="f", purpose="batch", created_at=100).expired(10**10)
+
+
 def _record() -> model.BatchRecord:
     return model.new_batch(
         "batch_000000000000aa", endpoint=CHAT, input_file_id="file-x", window="24h", now=100

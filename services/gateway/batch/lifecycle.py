@@ -10,7 +10,8 @@ a gateway that died in the middle of it:
   lines are all done (a result stored by a gateway that died before finalizing), mark expired those
   past ``expires_at``, and take over a validation or finalization whose record has not changed for a
   lease (its gateway died). A lease is judged by when *this* gateway first saw that revision of the
-  record, never by another gateway's clock.
+  record, never by another gateway's clock. Once a minute it also deletes the files past their
+  ``expires_at`` (a file is hidden from the moment it expires).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from corral.gateway.batch import model
 from corral.gateway.batch.lines import assemble, common_model, parse_input
-from corral.gateway.batch.model import TERMINAL, BatchError, BatchRecord, FileMeta, Refused
+from corral.gateway.batch.model import TERMINAL, BatchError, BatchRecord, FileMeta, Refused, now
 from corral.gateway.batch.store import BatchStore, Conflict, Stored
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
@@ -44,10 +45,7 @@ class BatchLimits:
     retry_max_s: float = 60.0
     sweep_s: float = 5.0  # how often each runner looks over the unfinished batches
     lease_s: float = 30.0  # a validation or finalization unchanged this long is taken over
-
-
-def now() -> int:
-    return int(time.time())
+    expiry_sweep_s: float = 60.0  # how often a runner deletes the files past their expires_at
 
 
 class Lifecycle:
@@ -58,6 +56,7 @@ class Lifecycle:
         self.limits = limits
         self._clock = clock
         self._seen: dict[str, tuple[int, float]] = {}  # batch → (revision, when first seen here)
+        self._next_expiry = 0.0  # when the sweep next deletes expired files
 
     async def validate(self, batch_id: str) -> BatchRecord | None:
         stored = await self.store.batch(batch_id)
@@ -120,11 +119,13 @@ class Lifecycle:
             file_id = model.output_file_id(batch_id, kind)  # type: ignore[arg-type]
             ids[kind] = file_id if data else None
             if data and await self.store.file(file_id) is None:
+                created = now()
                 meta = FileMeta(
                     filename=f"{batch_id}_{kind}.jsonl",
                     purpose="batch_output",
-                    created_at=now(),
+                    created_at=created,
                     owner=rec.owner,
+                    expires_at=None if rec.output_expires_s is None else created + rec.output_expires_s,
                 )
                 await self.store.put_file(file_id, data, meta)
         try:
@@ -137,6 +138,12 @@ class Lifecycle:
         await self.store.drop_results(batch_id)
         log.info("batch %s finished: %d lines, %d failed", batch_id, counts.total, counts.failed)
 
+    async def delete_expired_files(self) -> None:
+        """Delete the files past their ``expires_at`` (hidden from the moment they expire)."""
+        for f, _ in await self.store.files(expired=True):
+            if await self.store.delete_file(f.id):
+                log.info("file %s expired and was deleted", f.id)
+
     # -- the sweep ---------------------------------------------------------------------------------
     def _stuck(self, stored: Stored) -> bool:
         """Whether this revision of the record has been seen here, unchanged, for a lease."""
@@ -148,6 +155,12 @@ class Lifecycle:
         return self._clock() - seen[1] >= self.limits.lease_s
 
     async def sweep(self) -> None:
+        if self._clock() >= self._next_expiry:
+            self._next_expiry = self._clock() + self.limits.expiry_sweep_s
+            try:
+                await self.delete_expired_files()
+            except (NatsError, JetStreamError, TimeoutError) as e:
+                log.warning("deleting expired files failed (%r); the next sweep tries again", e)
         for stored in await self.store.batches():
             rec = stored.record
             if rec.batch.status in TERMINAL:

@@ -27,6 +27,12 @@ ENDPOINTS: Final = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _WINDOW = re.compile(r"([1-9][0-9]{0,5})([smh])")
 _SECONDS: Final = {"s": 1, "m": 60, "h": 3600}
 _ID = re.compile(r"(batch|file)[_-][0-9a-f]{12,40}")
+EXPIRY_S: Final = (3600, 2_592_000)  # the seconds an expires_after may give: 1 hour to 30 days
+
+
+def now() -> int:
+    """Wall-clock seconds, as OpenAI's timestamps are."""
+    return int(time.time())
 
 
 class Refused(Exception):
@@ -108,6 +114,7 @@ class BatchRecord(msgspec.Struct, kw_only=True):
     total: int = -1
     ending: Literal["", "expire"] = ""
     closing: bool = False
+    output_expires_s: int | None = None  # its output and error files expire this long after written
 
 
 class FileObject(msgspec.Struct, kw_only=True):
@@ -120,6 +127,7 @@ class FileObject(msgspec.Struct, kw_only=True):
     purpose: str
     object: str = "file"
     status: str = "processed"
+    expires_at: int | None = None
 
 
 class FileMeta(msgspec.Struct, kw_only=True):
@@ -129,6 +137,10 @@ class FileMeta(msgspec.Struct, kw_only=True):
     purpose: str
     created_at: int
     owner: str = ""
+    expires_at: int | None = None
+
+    def expired(self, now: int) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
 
 record_decoder = msgspec.json.Decoder(BatchRecord)
@@ -163,6 +175,22 @@ def window_seconds(window: str) -> int:
     return int(m.group(1)) * _SECONDS[m.group(2)]
 
 
+def expiry_seconds(anchor: object, seconds: object) -> int:
+    """The seconds of an ``expires_after`` (``{"anchor": "created_at", "seconds": N}``, N from one hour
+    to 30 days, as OpenAI bounds it); ValueError otherwise."""
+    if anchor != "created_at":
+        raise ValueError("expires_after.anchor must be 'created_at'")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | str):
+        raise ValueError("expires_after.seconds must be an integer")
+    try:
+        value = int(seconds)
+    except ValueError:
+        raise ValueError("expires_after.seconds must be an integer") from None
+    if not EXPIRY_S[0] <= value <= EXPIRY_S[1]:
+        raise ValueError(f"expires_after.seconds must be between {EXPIRY_S[0]} and {EXPIRY_S[1]}")
+    return value
+
+
 def new_batch(
     batch_id: str,
     *,
@@ -172,6 +200,7 @@ def new_batch(
     now: int,
     owner: str = "",
     metadata: dict[str, str] | None = None,
+    output_expires_s: int | None = None,
 ) -> BatchRecord:
     batch = Batch(
         id=batch_id,
@@ -182,7 +211,7 @@ def new_batch(
         expires_at=now + window_seconds(window),
         metadata=metadata,
     )
-    return BatchRecord(batch=batch, owner=owner)
+    return BatchRecord(batch=batch, owner=owner, output_expires_s=output_expires_s)
 
 
 # -- transitions: each returns the next record, or raises `Refused` ----------------------------------

@@ -1,6 +1,6 @@
 """The Files and Batch APIs over HTTP, as OpenAI serves them, so the ``openai`` SDK works unchanged:
 
-    POST /v1/files (multipart: file, purpose)   GET /v1/files   GET|DELETE /v1/files/{id}
+    POST /v1/files (multipart: file, purpose, expires_after)   GET /v1/files   GET|DELETE /v1/files/{id}
     GET /v1/files/{id}/content
     POST /v1/batches   GET /v1/batches   GET /v1/batches/{id}   POST /v1/batches/{id}/cancel
 
@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from corral.gateway.auth import key_of
 from corral.gateway.batch import model
-from corral.gateway.batch.lifecycle import now
-from corral.gateway.batch.model import ENDPOINTS, Batch, BatchRecord, FileMeta, Refused, visible_to
+from corral.gateway.batch.model import ENDPOINTS, Batch, BatchRecord, FileMeta, Refused, now, visible_to
 from corral.gateway.errors import JSON, json_error
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -39,11 +38,17 @@ class _List(msgspec.Struct):
     object: str = "list"
 
 
+class _ExpiresAfter(msgspec.Struct):
+    anchor: str
+    seconds: int
+
+
 class _CreateBatch(msgspec.Struct, kw_only=True):
     input_file_id: str
     endpoint: str
     completion_window: str
     metadata: dict[str, str] | None = None
+    output_expires_after: _ExpiresAfter | None = None
 
 
 class _Deleted(msgspec.Struct):
@@ -120,9 +125,21 @@ def mount(app: FastAPI, gw: Gateway) -> None:
                 return _error(400, "a file is required (multipart field 'file')")
             if not isinstance(purpose, str) or purpose not in PURPOSES:
                 return _error(400, f"purpose must be one of {', '.join(sorted(PURPOSES))}")
+            anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+            try:
+                expires_s = None if anchor is seconds is None else model.expiry_seconds(anchor, seconds)
+            except ValueError as e:
+                return _error(400, str(e))
             data = await upload.read()
             filename = upload.filename or "file"
-        meta = FileMeta(filename=filename, purpose=purpose, created_at=now(), owner=_owner(request))
+        created = now()
+        meta = FileMeta(
+            filename=filename,
+            purpose=purpose,
+            created_at=created,
+            owner=_owner(request),
+            expires_at=None if expires_s is None else created + expires_s,
+        )
         await gw.batches.open(create=True)
         return _json(await store().put_file(model.new_id("file"), data, meta))
 
@@ -174,6 +191,8 @@ def mount(app: FastAPI, gw: Gateway) -> None:
         try:
             asked = _create_batch.decode(await request.body())
             model.window_seconds(asked.completion_window)
+            after = asked.output_expires_after
+            output_expires_s = None if after is None else model.expiry_seconds(after.anchor, after.seconds)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
             return _error(400, f"invalid request: {e}")
         if asked.endpoint not in ENDPOINTS:
@@ -193,6 +212,7 @@ def mount(app: FastAPI, gw: Gateway) -> None:
             now=now(),
             owner=_owner(request),
             metadata=asked.metadata,
+            output_expires_s=output_expires_s,
         )
         await store().create_batch(record)
         validated = await gw.batches.lifecycle.validate(record.batch.id)

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 
 import msgspec
 from corral.gateway.batch.lines import Line, LineResult, result_decoder
-from corral.gateway.batch.model import BatchRecord, FileMeta, FileObject, file_meta_decoder, record_decoder
+from corral.gateway.batch.model import (
+    BatchRecord,
+    FileMeta,
+    FileObject,
+    file_meta_decoder,
+    now,
+    record_decoder,
+)
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import BATCH_STORES, BucketSpec, open_bucket
 from corral.runtime.workqueue import STREAM_NAME_IN_USE
@@ -178,27 +185,34 @@ class BatchStore:
         return _file_object(file_id, len(data), meta)
 
     async def file(self, file_id: str) -> tuple[FileObject, FileMeta] | None:
+        """A file and its meta; None if there is none, or it has expired (the sweep deletes it)."""
         try:
             info = await self._files.get_info(file_id)
         except ObjectNotFoundError:
             return None
         meta = _meta_of(info.description)
-        return (_file_object(file_id, info.size or 0, meta), meta) if meta is not None else None
+        if meta is None or meta.expired(now()):
+            return None
+        return _file_object(file_id, info.size or 0, meta), meta
 
     async def file_data(self, file_id: str) -> bytes | None:
         try:
-            return bytes((await self._files.get(file_id)).data or b"")
+            got = await self._files.get(file_id)
         except ObjectNotFoundError:
             return None
+        meta = _meta_of(got.info.description)
+        return bytes(got.data or b"") if meta is not None and not meta.expired(now()) else None
 
-    async def files(self) -> list[tuple[FileObject, FileMeta]]:
+    async def files(self, *, expired: bool = False) -> list[tuple[FileObject, FileMeta]]:
+        """Every file that has not expired (with ``expired``: every file that has)."""
         store = self.subjects.files_store
         msgs = await last_per_subject(self.js, self.subjects.object_stream(store), f"$O.{store}.M.>")
         out = []
+        t = now()
         for msg in msgs:
             info = ObjectInfo.from_response(json.loads(msg.data))
             meta = _meta_of(info.description)
-            if meta is not None and not info.deleted:
+            if meta is not None and not info.deleted and meta.expired(t) == expired:
                 out.append((_file_object(info.name, info.size or 0, meta), meta))
         return out
 
@@ -326,5 +340,10 @@ def _meta_of(description: str | None) -> FileMeta | None:
 
 def _file_object(file_id: str, size: int, meta: FileMeta) -> FileObject:
     return FileObject(
-        id=file_id, bytes=size, created_at=meta.created_at, filename=meta.filename, purpose=meta.purpose
+        id=file_id,
+        bytes=size,
+        created_at=meta.created_at,
+        filename=meta.filename,
+        purpose=meta.purpose,
+        expires_at=meta.expires_at,
     )
