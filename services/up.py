@@ -265,6 +265,9 @@ def parse_backend(spec: str) -> Backend:
     return Backend(spec)
 
 
+UP_GATEWAY_SETTINGS = ("auth", "tls_cert", "tls_key", "origins")  # `corral up` flags of the gateway's
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         allow_abbrev=False,
@@ -275,7 +278,7 @@ def parser() -> argparse.ArgumentParser:
     gateway, common = describe(GatewaySettings), describe(CommonSettings)
     add_argument(p, gateway["host"], default=gateway["host"].default, env=False)
     add_argument(p, gateway["port"], default=gateway["port"].default, env=False)
-    for name in ("auth", "tls_cert", "tls_key"):
+    for name in UP_GATEWAY_SETTINGS:
         add_argument(p, gateway[name])
     p.add_argument(
         "--ollama",
@@ -350,10 +353,10 @@ async def _up(args: argparse.Namespace) -> int:
 
 
 def _gateway_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The gateway's ``--auth``, ``--tls-cert`` and ``--tls-key`` (flag > ``CORRAL_*`` > default)."""
-    given = {name: getattr(args, name) for name in ("auth", "tls_cert", "tls_key")}
+    """The gateway's settings `corral up` takes (flag > ``CORRAL_*`` > default)."""
+    given = {name: getattr(args, name) for name in UP_GATEWAY_SETTINGS}
     settings = load_settings(GatewaySettings, given)
-    return {"auth": settings.auth, "tls_cert": settings.tls_cert, "tls_key": settings.tls_key}
+    return {name: getattr(settings, name) for name in UP_GATEWAY_SETTINGS}
 
 
 def _auth_hint(fleet: LocalFleet) -> str:

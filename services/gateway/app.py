@@ -22,7 +22,9 @@ from corral.gateway.asgi import Receive, Scope, Send
 from corral.gateway.auth import MODEL, Access, key_of
 from corral.gateway.batch.lifecycle import BatchLimits
 from corral.gateway.batch.runner import BatchRunner
+from corral.gateway.cors import Gate, machine_origins
 from corral.gateway.edge import BODY, Edge
+from corral.gateway.errors import plain
 from corral.gateway.keys import open_key_buckets
 from corral.gateway.metrics import OTHER, known_label
 from corral.gateway.planner import Planner
@@ -125,6 +127,7 @@ class Gateway:
             max_requests=settings.max_requests,
             body_timeout_s=settings.body_timeout_s,
         )
+        self._gate = Gate(machine_origins(settings.host, settings.origins))  # Host and Origin
         self.app = build_app(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -296,19 +299,29 @@ class Gateway:
     # -- ASGI --------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if self._access is not None:
-                await self._access.serve(scope, receive, send, self._edge_http)
-            else:
-                await self._edge.serve(scope, receive, send, self._http)
+            await self._gate.serve(scope, receive, send, self._gated)
         else:
             await self.app(scope, receive, send)
+
+    async def _gated(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._access is not None:
+            await self._access.serve(scope, receive, send, self._edge_http)
+        else:
+            await self._edge.serve(scope, receive, send, self._http)
 
     async def _edge_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._edge.serve(scope, receive, send, self._http)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] == "POST" and scope["path"] in MODEL_ENDPOINTS:
-            await self._model_request(scope, receive, send)
+        path: str = scope["path"]
+        if path in MODEL_ENDPOINTS:
+            if scope["method"] == "POST":
+                await self._model_request(scope, receive, send)
+            else:  # gin's answer to a known path and another method
+                await plain(send, 405, b"405 method not allowed")
+        elif path.endswith("/") and path.rstrip("/") in MODEL_ENDPOINTS:  # gin redirects, POST kept
+            query = b"?" + scope["query_string"] if scope.get("query_string") else b""
+            await plain(send, 307, b"", [(b"location", path.rstrip("/").encode() + query)])
         else:
             await self.app(scope, receive, send)
 

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import msgspec
+from corral.protocol.envelope import MAX_NUM_CTX
 
 # msgspec cannot decode a value into `Raw | None`; an explicit null Raw stands for "absent"
 _NULL = msgspec.Raw(b"null")
@@ -53,7 +54,10 @@ def keep_alive_is_zero(raw: msgspec.Raw | None) -> bool:
     """``0``, ``0.0``, ``"0"``, ``"0s"``, ``"0m0s"`` … — Ollama's "unload now" (a Go duration of zero)."""
     if raw is None:
         return False
-    v: Any = _any.decode(raw)
+    try:
+        v: Any = _any.decode(raw)
+    except msgspec.ValidationError:  # a number past float's range: not zero, and Ollama's to refuse
+        return False
     if isinstance(v, bool):
         return False
     if isinstance(v, int | float):
@@ -75,8 +79,9 @@ def is_unload(endpoint: str, view: RouteView) -> bool:
 
 
 def num_ctx(view: RouteView) -> int | None:
-    """``options.num_ctx`` when it is a positive number; None otherwise (a wrong type is left for
-    Ollama to reject in its own words)."""
+    """``options.num_ctx`` when it is a positive number, at most `MAX_NUM_CTX` (Ollama clamps a
+    context past the model's trained one to it, and so does the router); None otherwise (a wrong
+    type is left for Ollama to reject in its own words)."""
     if view.options is _NULL or view.options == _NULL:
         return None
     try:
@@ -85,7 +90,7 @@ def num_ctx(view: RouteView) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         return None
-    return int(value)  # Ollama truncates floats into int options
+    return min(int(value), MAX_NUM_CTX)  # Ollama truncates floats into int options
 
 
 def session(model_key: str, view: RouteView) -> tuple[str | None, bool]:

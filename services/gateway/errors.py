@@ -76,3 +76,16 @@ async def refuse(
         head.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})
+
+
+async def plain(
+    send: Send, status: int, text: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer in gin's plain text (``405 method not allowed``), as Ollama does outside its handlers."""
+    head = [
+        (b"content-type", b"text/plain"),
+        (b"content-length", str(len(text)).encode()),
+        *(headers or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": text})

@@ -24,6 +24,14 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
         ),
     ] = ""
     host: Annotated[str, setting("address to listen on (0.0.0.0 for all)")] = "127.0.0.1"
+    origins: Annotated[
+        str,
+        setting(
+            "browser origins allowed besides the local ones, comma-separated globs as OLLAMA_ORIGINS "
+            "(https://*.example.com; * for any)",
+            shown="none",
+        ),
+    ] = ""
     port: Annotated[int, setting("port to listen on (Ollama's by default)", ge=0, le=65535)] = 11434
     claim_timeout_s: Annotated[
         float, setting("an agent must claim a request within this, or the next one is tried", gt=0)

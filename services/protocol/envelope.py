@@ -63,7 +63,7 @@ _ENDPOINT = re.compile(r"/(api|v1)(/[A-Za-z0-9_.:/-]*)?")
 _ORIGIN = _RID
 _MAX_NAME = MAX_NAME_LENGTH  # characters of a model name carried in Echo/Upstream headers
 MAX_BODY_SIZE: Final = 1 << 40  # the largest Corral-Body-Size a receiver accepts
-_MAX_CTX = 1 << 24
+MAX_NUM_CTX: Final = 1 << 24  # a Corral-Num-Ctx above this is refused (no model is trained past it)
 _MAX_TRACE = 512
 _TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _TRACESTATE_MEMBER = re.compile(
@@ -148,7 +148,7 @@ def decode_request(headers: Mapping[str, str] | None) -> RequestEnvelope:
         upstream_model=upstream,
         body_size=body_size,
         origin=origin if body_size is not None else None,
-        num_ctx=_number(h, H.NUM_CTX, 0, _MAX_CTX) or 0,
+        num_ctx=_number(h, H.NUM_CTX, 0, MAX_NUM_CTX) or 0,
         unload=H.UNLOAD in h,
         reply=_reply(h),
         trace=trace,

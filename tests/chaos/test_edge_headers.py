@@ -20,7 +20,7 @@ pytestmark = pytest.mark.chaos
 MODEL = "llama3.2"
 HEADER_TIMEOUT_S = 0.5
 CLOSED_WITHIN_S = 10.0  # generous: the bound is the setting, this only keeps a broken test from hanging
-REQUEST = b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+REQUEST = b"POST /api/generate HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ async def test_a_connection_that_sends_nothing_is_closed(fleet: LocalFleet) -> N
 
 async def test_half_a_header_block_is_closed_and_the_next_request_is_served(fleet: LocalFleet) -> None:
     async with _connection(fleet.url) as (reader, writer):
-        writer.write(b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-le")
+        writer.write(b"POST /api/generate HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-le")
         await writer.drain()
         assert await _closed(reader) == b""
     async with _connection(fleet.url) as (reader, writer):

@@ -83,7 +83,7 @@ async def test_a_body_over_the_cap_is_413(fleet: LocalFleet, path: str) -> None:
 
 
 async def test_a_half_sent_body_is_cut_off_with_408(fleet: LocalFleet) -> None:
-    head = b"POST /api/generate HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n" + b'{"model":'
+    head = b"POST /api/generate HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n" + b'{"model":'
     reader, writer = await _open(fleet.url, head)
     try:
         raw = await asyncio.wait_for(reader.read(), 10)  # the server closes the connection after it
@@ -96,7 +96,7 @@ async def test_a_half_sent_body_is_cut_off_with_408(fleet: LocalFleet) -> None:
 
 async def test_requests_beyond_the_limit_are_503_at_once(fleet: LocalFleet) -> None:
     assert fleet.gateway is not None
-    head = b"POST /api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{"
+    head = b"POST /api/chat HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n{"
     slow = [await _open(fleet.url, head) for _ in range(2)]  # two requests held reading their bodies
     try:
         await fleet.gateway.edge.wait_active(2, timeout=10)

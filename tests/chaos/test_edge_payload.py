@@ -144,7 +144,9 @@ async def _raw_post(
     u = urlsplit(url)
     reader, writer = await asyncio.open_connection(u.hostname, u.port)
     try:
-        head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\nconnection: close\r\n"
+        head = (
+            f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {len(body)}\r\nconnection: close\r\n"
+        )
         writer.write(head.encode() + b"".join(k + b": " + v + b"\r\n" for k, v in headers) + b"\r\n" + body)
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), 10)

@@ -129,7 +129,7 @@ async def _open(url: str, head: bytes) -> tuple[asyncio.StreamReader, asyncio.St
 
 
 def _upload_head(digest: str, size: int) -> bytes:
-    return f"POST /api/blobs/{digest} HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n".encode()
+    return f"POST /api/blobs/{digest} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {size}\r\n\r\n".encode()
 
 
 async def test_a_client_that_stalls_mid_upload_gets_408_and_nothing_stays(fleet: LocalFleet) -> None:
@@ -194,7 +194,7 @@ async def test_a_body_other_than_its_content_length_is_400(fleet: LocalFleet, se
         "raw_path": path.encode(),
         "root_path": "",
         "query_string": b"",
-        "headers": [(b"host", b"x"), (b"content-length", str(declared).encode())],
+        "headers": [(b"host", b"127.0.0.1"), (b"content-length", str(declared).encode())],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 2),
     }

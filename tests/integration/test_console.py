@@ -11,6 +11,8 @@ Screenshots go to the test's temporary folder; with ``CORRAL_UPDATE_SCREENSHOTS=
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import queue
 import re
@@ -248,6 +250,67 @@ def test_a_drain_confirmed_in_the_page_shows_the_agent_draining(
     page.locator("#confirm-ok").click()
     expect(row.locator(".status")).to_have_text("active")
     assert errors == []
+
+
+class _Blank(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = b"<!doctype html><title>app</title>"
+        self.send_response(200)
+        self.send_header("content-type", "text/html")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def blank_page(address: str) -> Iterator[str]:
+    """A server of an empty page on ``address`` (a loopback one: the browser lets loopback pages
+    call the loopback gateway), on a free port; its origin."""
+    server = http.server.ThreadingHTTPServer((address, 0), _Blank)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{address}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT_MS / 1000)
+
+
+def test_a_page_of_an_allowed_origin_streams_a_chat_and_one_of_another_is_refused(page: Page, up: Up) -> None:
+    """Pages of two other origins calling the gateway from the browser: ``http://127.0.0.1:<port>``
+    is one of Ollama's default origins, so its preflighted streaming chat is served with CORS
+    headers; ``http://127.0.0.2:<port>`` is not, so the browser gets the gateway's 403 without CORS
+    headers and its fetch fails."""
+    page.set_default_timeout(WAIT_MS)
+    with blank_page("127.0.0.1") as allowed, blank_page("127.0.0.2") as other:
+        page.goto(allowed + "/")
+        got = page.evaluate(
+            """async (url) => {
+                const tags = await (await fetch(url + '/api/tags')).json();
+                const r = await fetch(url + '/api/chat', {  // JSON: a preflighted request
+                    method: 'POST',
+                    headers: {'Content-Type': 'application/json'},
+                    body: JSON.stringify({model: tags.models[0].name, stream: true,
+                                          messages: [{role: 'user', content: 'hi'}]}),
+                });
+                const lines = (await r.text()).trim().split('\\n').map(JSON.parse);
+                return {status: r.status, lines: lines.length, done: lines[lines.length - 1].done};
+            }""",
+            up.url,
+        )
+        # read at all only because the gateway named this origin in its CORS headers
+        assert got["status"] == 200 and got["done"] is True and got["lines"] > 1
+        page.goto(other + "/")
+        refused = page.evaluate(
+            "async (url) => { try { await fetch(url + '/api/tags'); return 'served'; }"
+            " catch (e) { return e.name; } }",
+            up.url,
+        )
+        assert refused == "TypeError"  # the browser's "Failed to fetch": no CORS headers on the 403
 
 
 def test_a_gateway_that_goes_away_is_said_to_be_unreachable(

@@ -187,6 +187,28 @@ async def test_unknown_model_and_bad_bodies(fleet: LocalFleet, client: ollama.As
             assert await r.text() == "Ollama is running"
 
 
+async def test_wrong_methods_slashes_and_numbers_past_their_range_answer_as_ollama(fleet: LocalFleet) -> None:
+    async with aiohttp.ClientSession() as s:
+        for path in ("/api/generate", "/api/chat", "/api/embed", "/v1/chat/completions"):
+            for method in ("GET", "PUT", "DELETE"):
+                async with s.request(method, fleet.url + path) as r:
+                    assert r.status == 405 and await r.text() == "405 method not allowed", (method, path)
+        async with s.post(fleet.url + "/api/generate/?x=1", allow_redirects=False) as r:
+            assert r.status == 307 and r.headers["location"] == "/api/generate?x=1"
+        body = {"model": MODEL, "prompt": "hi", "stream": False}
+        async with s.post(fleet.url + "/api/generate/", json=body) as r:  # followed, POST and body kept
+            assert r.status == 200 and (await r.json())["done"]
+        # a context past any model's is clamped to the trained one, as Ollama does
+        body["options"] = {"num_ctx": 2**31 - 1, "num_predict": 2}
+        async with s.post(fleet.url + "/api/generate", json=body) as r:
+            assert r.status == 200 and (await r.json())["done"]
+        # a keep_alive past float's range is Ollama's 400 to word, never a 500 of the gateway
+        async with s.post(
+            fleet.url + "/api/generate", data=b'{"model": "llama3.2", "keep_alive": 1e400}'
+        ) as r:
+            assert r.status == 400 and "error" in await r.json()
+
+
 async def test_body_larger_than_nats_payload(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
     assert fleet.gateway is not None and fleet.gateway.nc is not None
     big = "word " * (fleet.gateway.nc.max_payload // 4)  # ~1.25x the payload limit

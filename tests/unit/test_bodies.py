@@ -157,6 +157,13 @@ def test_malformed_durations_are_not_zero(value: str) -> None:
     assert keep_alive_is_zero(ka(value)) is False
 
 
+@pytest.mark.parametrize("raw", [b"1e400", b"-1e400", b"1" + b"0" * 400])
+def test_a_keep_alive_past_floats_range_is_not_zero_and_raises_nothing(raw: bytes) -> None:
+    view = decode_view(b'{"model":"m","keep_alive":' + raw + b"}")
+    assert keep_alive_is_zero(view.keep_alive) is False
+    assert is_unload("/api/generate", view) is False  # Ollama words the 400
+
+
 def test_absent_keep_alive_is_not_zero() -> None:
     assert keep_alive_is_zero(None) is False
     assert keep_alive_is_zero(decode_view(b"{}").keep_alive) is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 from corral.gateway import bodies
+from corral.protocol.envelope import MAX_NUM_CTX
 from corral.protocol.messages import AgentState, PsModel
 from corral.protocol.runners import effective_ctx
 from corral.routing import Route, runner_matches, warm
@@ -48,6 +49,9 @@ def test_num_ctx_is_read_when_it_is_a_number() -> None:
     assert bodies.num_ctx(_view(options={"num_ctx": 8192})) == 8192
     assert bodies.num_ctx(_view(options={"num_ctx": 8192.9})) == 8192  # Ollama truncates floats
     assert bodies.num_ctx(_view(options={"num_ctx": "8192"})) is None  # Ollama's own 500 follows
+    # past any trained context: Ollama clamps it to the model's, so the gateway carries it clamped
+    assert bodies.num_ctx(_view(options={"num_ctx": 2**31 - 1})) == MAX_NUM_CTX
+    assert bodies.num_ctx(_view(options={"num_ctx": 1e300})) == MAX_NUM_CTX
     assert bodies.num_ctx(_view(options={"temperature": 0})) is None
     assert bodies.num_ctx(_view()) is None
     assert bodies.num_ctx(_view(options=None)) is None
