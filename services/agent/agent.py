@@ -311,8 +311,8 @@ class Agent:
                 await self._report(job, status)
                 load_s, ran_s = load_seconds(job), ran_seconds(job)
                 self._apply(self.runners.served(token, env.num_ctx, status, job.rid, load_s, ran_s))
-            if env.unload and 200 <= status < 300:  # pulls and the like refreshed in `_on_answered`
-                self._changed(refresh=True)  # what is loaded changed: advertise it now
+            if (env.unload or env.keep_alive) and 200 <= status < 300:  # pulls: `_on_answered`
+                self._changed(refresh=True)  # what is loaded, or until when, changed: advertise it now
         except asyncio.CancelledError:
             await self._end_reply(job, Cancelled("request canceled"))
             # the job ends here; the TaskGroup must not see this cancellation as its own

@@ -70,6 +70,11 @@ def keep_alive_is_zero(raw: msgspec.Raw | None) -> bool:
     return False
 
 
+def names_keep_alive(view: RouteView) -> bool:
+    """Whether the body gives a keep_alive (not null): its runner's expiry changes with it."""
+    return view.keep_alive is not _NULL and view.keep_alive != _NULL
+
+
 def is_unload(endpoint: str, view: RouteView) -> bool:
     if endpoint == "/api/generate":
         return not view.prompt and keep_alive_is_zero(view.keep_alive)

@@ -21,6 +21,7 @@ Headers (names in `corral.protocol.headers`)::
     Corral-Origin          with Corral-Body-Size: the sender's id, whose body subject serves the bytes
     Corral-Num-Ctx         the request's own options.num_ctx
     Corral-Unload          a keep_alive 0 unload (any value)
+    Corral-Keep-Alive      the request names a keep_alive (any value): what its runner shows changes
     Corral-Reply           a queued request's reply subject (JetStream keeps headers, not reply-to)
     traceparent/tracestate W3C trace context (https://www.w3.org/TR/trace-context/), only when
                            well formed: traceparent 55 characters, tracestate at most 512
@@ -85,6 +86,7 @@ class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     origin: str | None = None  # the sender's id; set with body_size
     num_ctx: int = 0  # 0 = the backend's default
     unload: bool = False
+    keep_alive: bool = False
     reply: str | None = None
     trace: dict[str, str] = msgspec.field(default_factory=dict)
 
@@ -101,6 +103,8 @@ class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
             h[H.NUM_CTX] = str(self.num_ctx)
         if self.unload:
             h[H.UNLOAD] = "1"
+        if self.keep_alive:
+            h[H.KEEP_ALIVE] = "1"
         if self.echo_model and self.upstream_model:
             h[H.ECHO_MODEL] = self.echo_model
             h[H.UPSTREAM_MODEL] = self.upstream_model
@@ -150,6 +154,7 @@ def decode_request(headers: Mapping[str, str] | None) -> RequestEnvelope:
         origin=origin if body_size is not None else None,
         num_ctx=_number(h, H.NUM_CTX, 0, MAX_NUM_CTX) or 0,
         unload=H.UNLOAD in h,
+        keep_alive=H.KEEP_ALIVE in h,
         reply=_reply(h),
         trace=trace,
     )

@@ -53,6 +53,9 @@ ORIGIN: Final = "Corral-Origin"
 REPLY: Final = "Corral-Reply"
 NUM_CTX: Final = "Corral-Num-Ctx"  # set when the request gives options.num_ctx (value: that number)
 UNLOAD: Final = "Corral-Unload"  # set on a keep_alive 0 unload: the agent re-reads its Ollama after it
+KEEP_ALIVE: Final = (
+    "Corral-Keep-Alive"  # the request names a keep_alive: the agent re-reads its Ollama after it
+)
 
 KIND: Final = "Corral-Kind"
 AGENT: Final = "Corral-Agent"

@@ -147,6 +147,7 @@ class Transport:
             method=req.method,
             num_ctx=req.num_ctx or 0,
             unload=req.unload,
+            keep_alive=req.keep_alive,
             echo_model=req.echo_model if req.upstream_model else None,
             upstream_model=req.upstream_model if req.echo_model else None,
             trace=req.trace,

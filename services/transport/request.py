@@ -21,9 +21,10 @@ class WorkRequest:
     ``stream``, the body is still arriving from the client and is served to the agent as it asks
     (a blob upload: `corral.transport.bodies`), ``body`` left empty.
 
-    Sixteen attributes: what the client sent (endpoint, method, body or its stream, trace context)
+    Seventeen attributes: what the client sent (endpoint, method, body or its stream, trace context)
     and what the gateway derived from it once, so that routing never parses the body again
-    (model, vendor pin, context, conversation, strategy, priority, unload, the names to restore)."""
+    (model, vendor pin, context, conversation, strategy, priority, unload, keep_alive, the names to
+    restore)."""
 
     endpoint: str
     body: bytes
@@ -39,6 +40,7 @@ class WorkRequest:
     session: str | None = None  # conversation key (`corral.gateway.bodies.session`)
     follow_up: bool = False  # the request continues that conversation
     unload: bool = False  # keep_alive 0 with nothing to run (the agent re-reads /api/ps after it)
+    keep_alive: bool = False  # the body names a keep_alive (the agent re-reads /api/ps after it)
     stream: BodySource | None = None  # a body read from its client only as the agent asks for it
     priority: Priority = "interactive"  # batch work takes only slots no interactive request waits for
 

@@ -248,6 +248,31 @@ async def test_unload_reaches_every_agent(fleet: LocalFleet, client: ollama.Asyn
     await until(fleet, lambda: not fleet.gateway.fleet.loaded_on("qwen3:8b"))  # type: ignore[union-attr]
 
 
+async def test_a_keep_alive_on_a_request_shows_in_ps_without_waiting_for_a_refresh(
+    nats_server: NatsServer,
+) -> None:
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root="gwka",
+        sims=default_sims(1, time_scale=0.0),
+        agent={"refresh_s": 3600.0},  # only what a request makes the agent re-read can show
+    )
+    async with LocalFleet(options) as fleet, ollama.AsyncClient(host=fleet.url) as c:
+        await preload(fleet, MODEL)
+        assert fleet.gateway is not None
+        gw = fleet.gateway
+
+        def expires() -> str:
+            return next(m.expires_at for a in gw.fleet.agents() for m in a.loaded if m.name.startswith(MODEL))
+
+        before = expires()
+        await c.generate(model=MODEL, prompt="hi", keep_alive=-1, options={"num_predict": 1})
+        await until(fleet, lambda: expires() != before and expires()[:2] == "23", what="forever")
+        await c.generate(model=MODEL, prompt="hi", keep_alive=0, options={"num_predict": 1})
+        await until(fleet, lambda: not gw.fleet.loaded_on(MODEL), what="unloaded after its reply")
+
+
 async def test_strategy_header(fleet: LocalFleet) -> None:
     # round_robin through direct subjects: 6 requests land 2, 2, 2 on the three agents
     before = [s.stats.finished for s in fleet.sims]

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from corral.gateway.bodies import RouteView, decode_view, is_unload, keep_alive_is_zero
+from corral.gateway.bodies import RouteView, decode_view, is_unload, keep_alive_is_zero, names_keep_alive
 from corral.transport import model_work
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -162,6 +162,13 @@ def test_a_keep_alive_past_floats_range_is_not_zero_and_raises_nothing(raw: byte
     view = decode_view(b'{"model":"m","keep_alive":' + raw + b"}")
     assert keep_alive_is_zero(view.keep_alive) is False
     assert is_unload("/api/generate", view) is False  # Ollama words the 400
+
+
+def test_a_body_names_a_keep_alive_when_it_gives_any_but_null() -> None:
+    for value in (b'"5m"', b"0", b"-1", b'"0s"', b'"nonsense"'):
+        assert names_keep_alive(decode_view(b'{"model":"m","keep_alive":' + value + b"}"))
+    assert not names_keep_alive(decode_view(b'{"model":"m","keep_alive":null}'))
+    assert not names_keep_alive(decode_view(b'{"model":"m"}'))
 
 
 def test_absent_keep_alive_is_not_zero() -> None:

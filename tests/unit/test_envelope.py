@@ -34,6 +34,7 @@ _endpoints = st.sampled_from(["/api/generate", "/api/chat", "/v1/chat/completion
     large=st.none() | st.tuples(st.integers(1, 1 << 30), _rid),
     num_ctx=st.integers(0, 1 << 20),
     unload=st.booleans(),
+    keep_alive=st.booleans(),
 )
 def test_round_trip(
     rid: str,
@@ -45,6 +46,7 @@ def test_round_trip(
     large: tuple[int, str] | None,
     num_ctx: int,
     unload: bool,
+    keep_alive: bool,
 ) -> None:
     env = RequestEnvelope(
         rid=rid,
@@ -58,6 +60,7 @@ def test_round_trip(
         origin=large[1] if large else None,
         num_ctx=num_ctx,
         unload=unload,
+        keep_alive=keep_alive,
         reply="corral.reply.gw.1" if unload else None,
         trace={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
     )
