@@ -131,6 +131,33 @@ async def to_first(planner: Planner, request: Request, endpoint: str) -> Respons
     return RelayResponse(planner, work, agents[0])
 
 
+async def create(planner: Planner, request: Request) -> Response:
+    """A create from a model the fleet has (``from`` naming it, no ``files``) runs on every agent
+    that has that model, so the new model is wherever its base is and requests for it spread as its
+    base's do; each agent runs it unstreamed and the client gets the one ``{"status": "success"}``
+    (as its only line when it asked for a stream). A create from uploaded blobs goes where they went
+    (`to_first`)."""
+    body = await request.body()
+    try:
+        fields = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        fields = None
+    holders: list[str] = []
+    if isinstance(fields, dict) and not fields.get("files") and isinstance(fields.get("from"), str):
+        try:
+            holders = [a.id for a in planner.fleet.with_model(parse_name(fields["from"]).key)]
+        except InvalidModelName:
+            pass  # Ollama words the error
+    if not isinstance(fields, dict) or not holders:
+        return await to_first(planner, request, "/api/create")
+    streamed = fields.get("stream") is not False
+    work = WorkRequest(endpoint="/api/create", body=msgspec.json.encode({**fields, "stream": False}))
+    answer = await _on_every(planner, holders, work)
+    if streamed and answer.status_code == 200:
+        return Response(bytes(answer.body) + b"\n", media_type="application/x-ndjson")
+    return answer
+
+
 async def pull(planner: Planner, request: Request) -> Response:
     """Through the registry (replicas, vendor, merged progress) when one runs, else to one agent.
 
@@ -189,16 +216,28 @@ async def to_all_holders(planner: Planner, request: Request, endpoint: str, meth
     if not holders:
         text = f"model '{raw}' not found" if endpoint == "/api/delete" else f'model "{raw}" not found'
         return Response(native_body(text), status_code=404, media_type=JSON)
-    work = WorkRequest(endpoint=endpoint, body=body, method=method)
+    return await _on_every(planner, holders, WorkRequest(endpoint=endpoint, body=body, method=method))
+
+
+async def _on_every(planner: Planner, agents: list[str], work: WorkRequest) -> Response:
+    """Run ``work`` on every one of ``agents`` at once; one success is the answer (the others'
+    failures logged), else the first failure."""
     results: list[tuple[int, bytes, str]] = []
-    for r in await fan_out(holders, lambda agent: planner.send_to(agent, work), _whole):
-        if isinstance(r, Exception):
-            log.warning("%s on one agent failed: %s", endpoint, r)
-        else:
+    for agent, r in zip(
+        agents, await fan_out(agents, lambda a: planner.send_to(a, work), _whole), strict=True
+    ):
+        if isinstance(r, Exception) or r[0] != 200:
+            log.warning(
+                "%s on agent %s failed: %s",
+                work.endpoint,
+                agent,
+                r if isinstance(r, Exception) else r[1][:200],
+            )
+        if not isinstance(r, Exception):
             results.append(r)
     ok = [r for r in results if r[0] == 200]
     if ok:
-        return Response(ok[0][1], status_code=200)
+        return Response(ok[0][1], status_code=200, media_type=ok[0][2] or None)
     if results:
-        return Response(results[0][1], status_code=results[0][0], media_type=JSON)
-    return error(CorralError(f"{endpoint} failed on every agent"))
+        return Response(results[0][1], status_code=results[0][0], media_type=results[0][2] or JSON)
+    return error(CorralError(f"{work.endpoint} failed on every agent"))

@@ -121,7 +121,7 @@ def build_app(gw: Gateway) -> FastAPI:
 
     @app.post("/api/create")
     async def create(request: Request) -> Response:
-        return await management.to_first(gw.planner, request, "/api/create")
+        return await management.create(gw.planner, request)
 
     @app.api_route("/api/blobs/{digest}", methods=["HEAD", "POST"])
     async def blobs(request: Request, digest: str) -> Response:

@@ -82,16 +82,33 @@ async def test_copy_then_delete_reach_every_holder(fleet: LocalFleet, client: ol
     assert e.value.status_code == 404
 
 
-async def test_create_from_an_existing_model(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
+async def test_create_from_an_existing_model_lands_wherever_its_base_is(
+    fleet: LocalFleet, client: ollama.AsyncClient
+) -> None:
+    both = _holders(fleet, "llama3.2")
     statuses = [
         p.status async for p in await client.create("pirate", from_="llama3.2", system="Arr.", stream=True)
     ]
-    assert statuses[-1] == "success"
-    await until(fleet, lambda: len(_holders(fleet, "pirate")) == 1)
+    assert statuses == ["success"]
+    await until(fleet, lambda: _holders(fleet, "pirate") == both)
     shown = await client.show("pirate")
     assert "Arr." in (shown.modelfile or "")
     r = await client.generate(model="pirate", prompt="ahoy", options={"num_predict": 3})
     assert r.done and r.model == "pirate"
+    # a base only the last agent has: the create runs there, not on the first agent
+    last = both[-1]
+    vendor = next(a.vendor for a in fleet.gateway.fleet.agents() if a.id == last)  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as s:
+        pulled = {"model": "mistral", "stream": False}
+        async with s.post(fleet.url + "/api/pull", json=pulled, headers={"X-Corral-Vendor": vendor}) as p:
+            assert p.status == 200
+    await until(fleet, lambda: _holders(fleet, "mistral") == [last])
+    done = await client.create("sage", from_="mistral", system="Be wise.")  # stream off: one object
+    assert done.status == "success"
+    await until(fleet, lambda: _holders(fleet, "sage") == [last])
+    with pytest.raises(ollama.ResponseError) as e:
+        await client.create("nobody", from_="not-in-the-fleet")
+    assert e.value.status_code in (400, 404)
 
 
 @pytest.mark.parametrize("fleet_queue", [True, False], ids=["fleet-queue", "agent-queue"])
