@@ -75,7 +75,11 @@ def error(err: CorralError) -> Response:
     return json_error(err.status, err.message)
 
 
-async def _name(request: Request, field: str = "model") -> tuple[bytes, str, ModelName]:
+async def _name(
+    request: Request, field: str = "model", *, empty: bool = False
+) -> tuple[bytes, str, ModelName]:
+    """The body and the model it names (``field``, or Ollama's alias ``name``). No name is
+    ``model is required``, or with ``empty`` an invalid (empty) name, as copy and delete say."""
     body = await request.body()
     if not body or body.isspace():  # no copy of a large body
         raise BadRequest("missing request body")
@@ -86,6 +90,8 @@ async def _name(request: Request, field: str = "model") -> tuple[bytes, str, Mod
     raw = ""
     if isinstance(obj, dict):
         raw = obj.get(field) or obj.get("name") or ""
+    if not raw and empty:
+        raise InvalidModelName("")
     if not raw:
         raise BadRequest("model is required")
     if not isinstance(raw, str):
@@ -206,7 +212,7 @@ async def to_all_holders(planner: Planner, request: Request, endpoint: str, meth
     """Delete and copy run on every agent that has the model; one success is the answer."""
     field = "source" if endpoint == "/api/copy" else "model"
     try:
-        body, raw, model = await _name(request, field)
+        body, raw, model = await _name(request, field, empty=True)
     except InvalidModelName as e:
         what = "source" if endpoint == "/api/copy" else "name"
         return error(BadRequest(f'{what} "{e.name}" is invalid'))

@@ -179,6 +179,10 @@ async def test_unknown_model_and_bad_bodies(fleet: LocalFleet, client: ollama.As
             assert r.status == 400 and "error" in await r.json()
         async with s.post(fleet.url + "/api/chat", json={"messages": []}) as r:
             assert r.status == 400 and await r.json() == {"error": "model is required"}
+        async with s.post(fleet.url + "/api/copy", json={"destination": "x"}) as r:
+            assert r.status == 400 and await r.json() == {"error": 'source "" is invalid'}
+        async with s.delete(fleet.url + "/api/delete", json={}) as r:
+            assert r.status == 400 and await r.json() == {"error": 'name "" is invalid'}
         async with s.post(fleet.url + "/api/generate", json={"model": "bad:name:", "prompt": "x"}) as r:
             assert r.status == 400 and await r.json() == {"error": "invalid model name"}
         async with s.get(fleet.url + "/api/nothing") as r:
