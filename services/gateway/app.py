@@ -24,7 +24,7 @@ from corral.gateway.batch.lifecycle import BatchLimits
 from corral.gateway.batch.runner import BatchRunner
 from corral.gateway.cors import Gate, machine_origins
 from corral.gateway.edge import BODY, Edge
-from corral.gateway.errors import plain
+from corral.gateway.errors import TOO_DEEP, plain
 from corral.gateway.keys import open_key_buckets
 from corral.gateway.metrics import OTHER, known_label
 from corral.gateway.planner import Planner
@@ -337,6 +337,9 @@ class Gateway:
             key = key_of(scope)
             try:
                 view = bodies.decode_view(body)
+            except RecursionError:  # Go's decoder refuses such a body too
+                await respond_error(send, BadRequest(TOO_DEEP), openai=openai)
+                return
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
                 if key is not None and key.models:  # its model cannot be checked: it goes nowhere
                     await respond_error(send, BadRequest(f"invalid request body: {e}"), openai=openai)

@@ -25,7 +25,7 @@ import msgspec
 import nats.errors
 from corral.gateway import management
 from corral.gateway.auth import key_of
-from corral.gateway.errors import JSON, json_error
+from corral.gateway.errors import JSON, TOO_DEEP, json_error
 from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import parse_name
@@ -105,6 +105,8 @@ def router(gw: Gateway) -> APIRouter:
             model = parse_name(raw)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             return json_error(400, f"invalid request body: {e}")
+        except RecursionError:
+            return json_error(400, TOO_DEEP)
         except CorralError as e:
             return json_error(e.status, e.message)
         body = _enc.encode({"model": model.display, "keep_alive": 0})

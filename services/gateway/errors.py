@@ -8,6 +8,8 @@ from corral.protocol.errors import CorralError, ModelNotFound, not_found_message
 from starlette.responses import Response
 
 JSON = "application/json; charset=utf-8"
+# a body nested deeper than the decoder goes (about a thousand levels): Go's words for its own bound
+TOO_DEEP = "exceeded max depth"
 
 _enc = msgspec.json.Encoder()
 

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 from corral.gateway.asgi import Receive, Send
 from corral.gateway.edge import STREAM, ClientBody
-from corral.gateway.errors import JSON, json_error, native_body
+from corral.gateway.errors import JSON, TOO_DEEP, json_error, native_body
 from corral.gateway.planner import Planner
 from corral.gateway.relay import RelayResponse, ReplyResponse, relay, respond, respond_error
 from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound, not_found_message
@@ -87,6 +87,8 @@ async def _name(
         obj = msgspec.json.decode(body)
     except msgspec.DecodeError as e:
         raise BadRequest(str(e)) from None
+    except RecursionError:
+        raise BadRequest(TOO_DEEP) from None
     raw = ""
     if isinstance(obj, dict):
         raw = obj.get(field) or obj.get("name") or ""
@@ -147,7 +149,9 @@ async def create(planner: Planner, request: Request) -> Response:
     try:
         fields = msgspec.json.decode(body)
     except msgspec.DecodeError:
-        fields = None
+        fields = None  # Ollama words the error
+    except RecursionError:
+        return error(BadRequest(TOO_DEEP))
     holders: list[str] = []
     if isinstance(fields, dict) and not fields.get("files") and isinstance(fields.get("from"), str):
         try:

@@ -213,6 +213,34 @@ async def test_wrong_methods_slashes_and_numbers_past_their_range_answer_as_olla
             assert r.status == 400 and "error" in await r.json()
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/api/chat", b'{"model":"llama3.2","messages":' + DEEP + b"}"),
+        ("POST", "/api/generate", b'{"model":"llama3.2","prompt":"hi","x":' + DEEP + b"}"),
+        ("POST", "/api/embed", b'{"model":"llama3.2","input":' + DEEP + b"}"),
+        ("POST", "/v1/chat/completions", b'{"model":"llama3.2","messages":' + DEEP + b"}"),
+        ("POST", "/api/show", b'{"model":"llama3.2","x":' + DEEP + b"}"),
+        ("POST", "/api/pull", b'{"model":"llama3.2","x":' + DEEP + b"}"),
+        ("POST", "/api/create", b'{"model":"x","from":"llama3.2","x":' + DEEP + b"}"),
+        ("POST", "/api/copy", b'{"source":"llama3.2","x":' + DEEP + b"}"),
+        ("DELETE", "/api/delete", b'{"model":"nothing","x":' + DEEP + b"}"),
+        ("POST", "/v1/batches", b'{"input_file_id":"file-x","x":' + DEEP + b"}"),
+        ("POST", "/api/corral/unload", b'{"model":"llama3.2","x":' + DEEP + b"}"),
+    ],
+)
+async def test_a_body_nested_past_the_decoders_depth_is_400(
+    fleet: LocalFleet, method: str, path: str, body: bytes
+) -> None:
+    async with aiohttp.ClientSession() as s, s.request(method, fleet.url + path, data=body) as r:
+        assert r.status == 400, await r.text()
+        error = (await r.json())["error"]
+        assert "exceeded max depth" in (error["message"] if path.startswith("/v1/") else error)
+
+
 async def test_body_larger_than_nats_payload(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
     assert fleet.gateway is not None and fleet.gateway.nc is not None
     big = "word " * (fleet.gateway.nc.max_payload // 4)  # ~1.25x the payload limit

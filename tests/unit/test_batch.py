@@ -41,6 +41,7 @@ def test_each_bad_line_is_named_by_its_number() -> None:
             line("a"),
             json.dumps({"custom_id": "c", "method": "POST", "url": CHAT, "body": "x"}).encode(),
             line("d", url="/v1/completions"),
+            b'{"custom_id": "e", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # past the depth
         ]
     )
     _, errors = parse_input(data, CHAT, max_lines=10)
@@ -50,6 +51,7 @@ def test_each_bad_line_is_named_by_its_number() -> None:
         (4, "duplicate_custom_id", "custom_id"),
         (5, "missing_required_parameter", "body"),
         (6, "mismatched_endpoint", "url"),
+        (7, "invalid_json_line", None),
     ]
 
 

@@ -127,7 +127,7 @@ def parse_input(
             continue
         try:
             item: Any = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # nested past the decoder's depth, too
             _error(errors, "invalid_json_line", "This line is not parseable as valid JSON.", number)
             continue
         if not isinstance(item, dict):

@@ -16,7 +16,7 @@ import msgspec
 from corral.gateway.auth import key_of
 from corral.gateway.batch import model
 from corral.gateway.batch.model import ENDPOINTS, Batch, BatchRecord, FileMeta, Refused, now, visible_to
-from corral.gateway.errors import JSON, json_error
+from corral.gateway.errors import JSON, TOO_DEEP, json_error
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
@@ -195,6 +195,8 @@ def mount(app: FastAPI, gw: Gateway) -> None:
             output_expires_s = None if after is None else model.expiry_seconds(after.anchor, after.seconds)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
             return _error(400, f"invalid request: {e}")
+        except RecursionError:
+            return _error(400, TOO_DEEP)
         if asked.endpoint not in ENDPOINTS:
             return _error(400, f"endpoint must be one of {', '.join(ENDPOINTS)}")
         if asked.metadata is not None and len(asked.metadata) > MAX_METADATA:
