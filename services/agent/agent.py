@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 # endpoints after which the models on disk differ: the agent re-reads its Ollama at once
 _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create"})
+_HEARD = (Lifecycle.RUNNING, Lifecycle.DRAINING)  # the states in which the agent publishes its state
 
 
 class Agent:
@@ -485,15 +486,15 @@ class Agent:
         """Publish on change and on every heartbeat, as `StatePacer` decides; at most every 100 ms."""
         pacer = self._pacer
         while not self._wake.closing.is_set():
-            running = self.lifecycle is Lifecycle.RUNNING  # else its stop says the rest
-            due = pacer.until_heartbeat(time.monotonic()) if running else self.settings.heartbeat_s
+            live = self.lifecycle in _HEARD  # a draining agent heartbeats until its last request ends
+            due = pacer.until_heartbeat(time.monotonic()) if live else self.settings.heartbeat_s
             await wait_at_most(self._wake.state, due)
             self._wake.state.clear()
-            if self.lifecycle is Lifecycle.RUNNING:
+            if self.lifecycle in _HEARD:
                 pace = pacer.decide(time.monotonic(), *(reading := parts(state := self.state())))
                 if pace is Pace.SETTLE:  # request counts alone changed: publish them if they stand
                     await wait_at_most(self._wake.closing, pacer.settle_s)
                     pace = pacer.decide(time.monotonic(), *(reading := parts(state := self.state())))
-                if pace is Pace.PUBLISH and self.lifecycle is Lifecycle.RUNNING:
+                if pace is Pace.PUBLISH and self.lifecycle in _HEARD:
                     await self._publish_state(state, reading)
             await wait_at_most(self._wake.closing, 0.1)

@@ -60,6 +60,42 @@ async def test_a_stream_on_an_agent_that_left_ends_with_an_error_line_at_once(fl
     assert "left the fleet" in last["error"]
 
 
+async def test_a_draining_agent_heartbeats_until_its_last_stream_has_finished(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A stop (SIGTERM) drains: the agent takes nothing new but its running streams may finish within
+    its drain grace, however many heartbeats that takes, with a registry watching for silent agents."""
+    heartbeat_s = 0.2
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=1.0, reply_tokens=[500, 500]),  # ~3 s: many heartbeats
+        agent={"refresh_s": 0.5, "heartbeat_s": heartbeat_s, "drain_grace_s": 30.0},
+        gateway={"idle_timeout_s": IDLE_TIMEOUT_S},
+        aggregator=None,
+    )
+    async with LocalFleet(options) as fleet:
+        await preload(fleet, MODEL)
+        assert fleet.gateway is not None
+        view = fleet.gateway.fleet
+        agent = fleet.agents[0]
+        body = {"model": MODEL, "prompt": "a story", "options": {"num_predict": 1000}}
+        async with aiohttp.ClientSession() as s, s.post(f"{fleet.url}/api/generate", json=body) as r:
+            assert r.status == 200
+            await r.content.readline()  # tokens are flowing
+            stopping = asyncio.create_task(agent.stop())
+            started = time.monotonic()
+            async with asyncio.timeout(20):
+                lines = [msgspec.json.decode(line) async for line in r.content]
+            took = time.monotonic() - started
+        assert lines[-1]["done"] is True and not any("error" in x for x in lines), lines[-1]
+        assert took > STALE_HEARTBEATS * heartbeat_s * 2  # long past the silence a registry removes
+        async with asyncio.timeout(10):
+            await stopping
+        assert agent.id not in {a.id for a in view.agents()}  # gone once drained
+
+
 async def test_a_model_held_only_by_a_lately_silent_agent_waits_for_it_not_answered_not_found(
     nats_server: NatsServer, root: str
 ) -> None:
