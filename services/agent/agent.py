@@ -36,7 +36,7 @@ from corral.agent.slots import Admission, SlotTable
 from corral.agent.worker import Job, Worker, finished_event, load_seconds, ran_seconds
 from corral.protocol import headers as H
 from corral.protocol.endpoints import MODEL_ENDPOINTS
-from corral.protocol.errors import Cancelled, InternalError
+from corral.protocol.errors import BackendError, CorralError, InternalError
 from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
 from corral.protocol.names import VENDORS, decode_token
 from corral.protocol.subjects import Subjects, usable_reply
@@ -131,15 +131,7 @@ class Agent:
                     tg.create_task(supervise("claims", self._reconcile_loop), name="claims"),
                     tg.create_task(supervise("state", self._state_loop), name="state"),
                     tg.create_task(supervise("refresh", self._refresh_loop), name="refresh"),
-                    tg.create_task(
-                        supervise(
-                            "ping",
-                            lambda: ping_silent(
-                                self._jobs, self.settings.ping_interval_s, self._wake.closing
-                            ),
-                        ),
-                        name="ping",
-                    ),
+                    tg.create_task(supervise("ping", self._ping_loop), name="ping"),
                 ]
                 self.ready.set()
                 log.info("agent %s (%s) serving %s", self.id, self.vendor, self.settings.ollama_url)
@@ -315,7 +307,7 @@ class Agent:
             if (env.unload or env.keep_alive) and 200 <= status < 300:  # pulls: `_on_answered`
                 self._changed(refresh=True)  # what is loaded, or until when, changed: advertise it now
         except asyncio.CancelledError:
-            await self._end_reply(job, Cancelled("request canceled"))
+            await self._end_reply(job, job.ending)
             # the job ends here; the TaskGroup must not see this cancellation as its own
         except Exception as e:
             log.exception("request %s (%s %s) failed", job.rid, env.method, env.endpoint)
@@ -329,7 +321,7 @@ class Agent:
                 self._end_slot(token, job)
             self._changed(claims=True, state=True)
 
-    async def _end_reply(self, job: Job, error: Cancelled | InternalError) -> None:
+    async def _end_reply(self, job: Job, error: CorralError) -> None:
         """End ``job``'s reply with ``error`` unless it has ended already."""
         try:
             await asyncio.shield(job.out.end(error))
@@ -428,9 +420,14 @@ class Agent:
     async def _refresh(self) -> None:
         b = self._backend
         reading, busy = await b.read(), self.slots.busy_tokens()
+        for job in list(self._jobs.values()) if b.hung else ():  # its requests would wait for good
+            job.fail(BackendError(f"ollama at {self.ollama.base_url} is not answering"))
         self.loads.observe(reading.loaded, busy | self.runners.ready)  # ready: answered, so ours
         self._apply(self.runners.observe(reading.loaded, reading.trained, busy, b.default_num_ctx()))
         self._changed(state=reading.changed)
+
+    async def _ping_loop(self) -> None:
+        await ping_silent(self._jobs, self.settings.ping_interval_s, self._wake.closing)
 
     async def _refresh_loop(self) -> None:
         while not self._wake.closing.is_set():

@@ -47,6 +47,7 @@ class Backend:
         self.models: tuple[TagModel, ...] = ()
         self.loaded: tuple[PsModel, ...] = ()
         self.version = ""
+        self.hung = False  # its last reading got no answer within the control timeout
         self.started_at = time.time()
         self._meta_by_digest: dict[str, ModelMeta] = {}
         self._meta_retry_at: dict[str, float] = {}  # digest whose /api/show failed → when to ask again
@@ -61,9 +62,14 @@ class Backend:
                 self.version = await self.ollama.version()
             models, loaded = await self.ollama.tags(), await self.ollama.ps()
         except OLLAMA_ERRORS as e:
-            log.warning("cannot read ollama at %s: %s", self.ollama.base_url, e)
+            log.warning("cannot read ollama at %s: %r", self.ollama.base_url, e)
             self.version = ""
             models, loaded = [], []
+            # no answer within the control timeout: the server hangs (Ollama answers these at once,
+            # loading or generating), so what waits on it would wait for good
+            self.hung = isinstance(e, TimeoutError)
+        else:
+            self.hung = False
         if self._probe is not None:
             try:
                 self.gpus = tuple(await asyncio.to_thread(self._probe))

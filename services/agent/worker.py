@@ -53,6 +53,7 @@ class Job:
     released: bool = False  # its slot was freed when Ollama's answer ended, before the reply did
     started: bool = False  # its task has begun to run
     cancel_on_start: bool = False  # cancelled before that: it ends as cancelled when it starts
+    failure: CorralError | None = None  # why it was cancelled, when not at its sender's request
     # what the finished request reports for fleet stats (filled in while relaying)
     ran_from: float = 0.0
     ttft_ms: float | None = None
@@ -80,6 +81,16 @@ class Job:
             self.task.cancel()
         else:
             self.cancel_on_start = True
+
+    def fail(self, error: CorralError) -> None:
+        """End this job with ``error`` (its reply says so) instead of a cancellation."""
+        self.failure = self.failure or error
+        self.cancel()
+
+    @property
+    def ending(self) -> CorralError:
+        """What a cancelled job's reply ends with."""
+        return self.failure or Cancelled("request canceled")
 
 
 class _Counts(msgspec.Struct):
@@ -257,7 +268,7 @@ class Worker:
                         generated, prompt = reply_counts(job.last_bytes)
                         set_usage(span, prompt=prompt, generated=generated, ttft_ms=job.ttft_ms)
         except asyncio.CancelledError:
-            await asyncio.shield(out.end(Cancelled("request canceled")))
+            await asyncio.shield(out.end(job.ending))
             raise
         except (OSError, TimeoutError) as e:
             log.warning("ollama request %s %s failed: %s", env.method, env.endpoint, e)
