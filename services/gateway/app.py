@@ -126,6 +126,7 @@ class Gateway:
             max_body_bytes=settings.max_body_bytes,
             max_requests=settings.max_requests,
             body_timeout_s=settings.body_timeout_s,
+            max_held_bytes=settings.max_bodies_bytes,
         )
         self._gate = Gate(machine_origins(settings.host, settings.origins))  # Host and Origin
         self.app = build_app(self)

@@ -4,6 +4,9 @@
 ``body_timeout_s`` — and hands the app a ``receive`` that replays it, so neither the raw model path
 nor FastAPI ever waits on a slow client or holds more than the cap. Requests with a body (anything
 but GET and HEAD) count against ``max_requests``; one more is Ollama's 503 "server busy" at once.
+The bodies held by all requests together, read or being read, stay within ``max_held_bytes``: a
+body that would pass it (as declared, or as it arrives) is the same 503, so many large bodies at
+once cannot exhaust the gateway's memory.
 
 A blob upload (``POST /api/blobs/:digest``) with a ``Content-Length`` is the exception: its body
 may be many gigabytes, so the edge does not read it. The app finds a `ClientBody` under
@@ -45,13 +48,26 @@ class Refused(Exception):
 
 
 class Edge:
-    __slots__ = ("_admitted", "_ended", "active", "body_timeout_s", "max_body_bytes", "max_requests")
+    __slots__ = (
+        "_admitted",
+        "_ended",
+        "active",
+        "body_timeout_s",
+        "held",
+        "max_body_bytes",
+        "max_held_bytes",
+        "max_requests",
+    )
 
-    def __init__(self, *, max_body_bytes: int, max_requests: int, body_timeout_s: float) -> None:
+    def __init__(
+        self, *, max_body_bytes: int, max_requests: int, body_timeout_s: float, max_held_bytes: int = 1 << 62
+    ) -> None:
         self.max_body_bytes = max_body_bytes
         self.max_requests = max_requests
         self.body_timeout_s = body_timeout_s
+        self.max_held_bytes = max_held_bytes
         self.active = 0  # requests with a body being served now
+        self.held = 0  # bytes of request bodies held now, by all of them
         self._admitted = asyncio.Event()
         self._ended = asyncio.Event()
 
@@ -78,13 +94,14 @@ class Edge:
             return
         self.active += counted
         self._admitted.set()
+        held = [0]  # this request's share of `held`, given back when it ends
         try:
             try:
                 declared = _content_length(scope)
                 if declared and scope["method"] == "POST" and scope["path"].startswith(STREAMED_PREFIX):
                     await self._stream(scope, ClientBody(receive, declared, self.body_timeout_s), send, app)
                     return
-                body = await self._read(scope, receive, declared)
+                body = await self._read(scope, receive, declared, held)
             except ConnectionResetError:
                 return
             except Refused as e:
@@ -93,8 +110,19 @@ class Edge:
             scope[BODY] = body  # read once: the model routes take it from here, others from receive
             await app(scope, _replay(body, receive), send)
         finally:
+            self.held -= held[0]
             self.active -= counted
             self._ended.set()
+
+    def _hold(self, held: list[int], more: int) -> None:
+        """Count ``more`` bytes of a request's body as held; past the budget: 503 server busy."""
+        if self.held + more > self.max_held_bytes:
+            log.warning(
+                "request bodies held would pass %d bytes: refusing one of %d", self.max_held_bytes, more
+            )
+            raise Refused(NoCapacity.status, BUSY_MESSAGE)
+        self.held += more
+        held[0] += more
 
     async def _stream(self, scope: Scope, body: ClientBody, send: Send, app: App) -> None:
         if body.size > MAX_BODY_SIZE:
@@ -114,9 +142,11 @@ class Edge:
         if body.error is not None and not started:  # the upload ended for the client's fault: say why
             await refuse(send, body.error.status, body.error.message, openai=False, close=True)
 
-    async def _read(self, scope: Scope, receive: Receive, declared: int | None) -> bytes:
+    async def _read(self, scope: Scope, receive: Receive, declared: int | None, held: list[int]) -> bytes:
         if declared is not None and declared > self.max_body_bytes:
             raise Refused(413, f"request body too large: over {self.max_body_bytes} bytes")
+        if declared:
+            self._hold(held, declared)  # all of it at once: what it will hold when it has come
         parts: list[bytes] = []
         size = 0
         try:
@@ -129,6 +159,8 @@ class Edge:
                     size += len(chunk)
                     if size > self.max_body_bytes:
                         raise Refused(413, f"request body too large: over {self.max_body_bytes} bytes")
+                    if size > held[0]:  # chunked, or longer than declared (the server stops that)
+                        self._hold(held, size - held[0])
                     parts.append(chunk)
                     if not msg.get("more_body"):
                         return b"".join(parts)

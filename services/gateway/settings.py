@@ -113,6 +113,14 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
             ge=1,
         ),
     ] = 256 * 1024 * 1024
+    max_bodies_bytes: Annotated[
+        int,
+        setting(
+            "request bodies all requests together may hold in memory (as declared, or as they arrive) "
+            "before 503 server busy",
+            ge=1,
+        ),
+    ] = 1024 * 1024 * 1024
     max_requests: Annotated[
         int, setting("requests with a body (POST, DELETE) served at once before 503 server busy", ge=1)
     ] = 1024

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.chaos
 
 MODEL = "llama3.2"
 MAX_BODY = 64 * 1024
+MAX_BODIES = 100 * 1024  # all bodies held at once: one large body and a bit
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ async def fleet(nats_server: NatsServer) -> AsyncIterator[LocalFleet]:
             "queue_timeout_s": 5.0,
             "max_body_bytes": MAX_BODY,
             "max_requests": 2,
+            "max_bodies_bytes": MAX_BODIES,
             "body_timeout_s": 1.0,
         },
         registry=None,
@@ -113,3 +115,39 @@ async def test_requests_beyond_the_limit_are_503_at_once(fleet: LocalFleet) -> N
             writer.close()
     assert fleet.gateway.edge.active == 0
     await _plain(fleet.url)
+
+
+def _padded(size: int) -> bytes:
+    """A generate body of exactly ``size`` bytes."""
+    head, tail = b'{"model": "llama3.2", "stream": false, "options": {"num_predict": 1}, "prompt": "', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+async def test_bodies_held_together_stay_within_their_budget(fleet: LocalFleet) -> None:
+    assert fleet.gateway is not None
+    edge = fleet.gateway.edge
+    big = 60 * 1024
+    head = f"POST /api/generate HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {big}\r\n\r\n".encode()
+    reader, writer = await _open(fleet.url, head + b"{")  # holds 60 KiB of the budget, sending slowly
+    try:
+        await edge.wait_active(1, timeout=10)
+        assert edge.held == big
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{fleet.url}/api/generate", data=_padded(big)) as r:  # would pass it
+                assert r.status == 503 and (await r.json())["error"].startswith("server busy")
+
+            async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: refused as it passes it
+                for _ in range(50):
+                    yield b" " * 1024
+
+            async with s.post(f"{fleet.url}/api/generate", data=chunks()) as r:
+                assert r.status == 503
+            async with s.post(f"{fleet.url}/api/generate", data=_padded(4 * 1024)) as r:  # fits
+                assert r.status == 200, await r.text()
+        assert _status(await asyncio.wait_for(reader.read(), 10)) == 408  # the slow one ends
+    finally:
+        writer.close()
+    await edge.wait_idle(timeout=10)
+    assert edge.held == 0  # every body's share given back
+    async with aiohttp.ClientSession() as s, s.post(f"{fleet.url}/api/generate", data=_padded(big)) as r:
+        assert r.status == 200, await r.text()
