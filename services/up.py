@@ -186,6 +186,8 @@ class LocalFleet:
         component can never hang the whole fleet's shutdown.
         """
         if self.http is not None:
+            if self.gateway is not None:
+                self.gateway.begin_stop(self.http.grace_s)
             await _bounded("the HTTP server", self.http.stop(), self.options.http_grace_s + 5)
             self.http = None
         grace = max((a.settings.drain_grace_s for a in self.agents), default=0.0)

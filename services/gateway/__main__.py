@@ -46,6 +46,7 @@ async def serve(settings: GatewaySettings) -> int:
     try:
         lost = await wait_for_stop(gateway.lost)
     finally:
+        gateway.begin_stop(server.grace_s)
         await server.stop()
         if provider is not None:
             provider.shutdown()

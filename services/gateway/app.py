@@ -242,7 +242,15 @@ class Gateway:
                 await self._rates_seen.wait()
         return self._rates
 
+    def begin_stop(self, grace_s: float) -> None:
+        """The HTTP server is about to stop, cutting what is open after ``grace_s``: queued requests
+        are answered now, running ones in words before then (`corral.gateway.shutdown`)."""
+        if self._planner is not None:
+            self._planner.shutdown.begin(grace_s)
+
     async def stop(self) -> None:
+        if self._planner is not None:
+            self._planner.shutdown.cancel()
         if self._batches is not None:  # first: the lines it runs go back to the fleet at once
             await self._batches.stop()
         if self._reopener is not None:

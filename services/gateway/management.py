@@ -204,7 +204,7 @@ async def pull(planner: Planner, request: Request) -> Response:
     except CorralError as e:  # the registry took it and went silent
         return error(e)
     if reply is not None:
-        return ReplyResponse(reply)
+        return ReplyResponse(reply, planner.shutdown)
     # no registry running: the one agent the registry would have chosen first
     agents = pull_order(planner.fleet.agents(), model.key, vendor)
     if not agents:

@@ -93,6 +93,7 @@ class Decision:
     requested: str = ""  # with a substitution: the key of the model the client asked for
     substitution: str = ""  # alias, fallback or quant (`corral.gateway.policy`); empty: none
     model_label: str = ""  # the requested model as a label, once worked out (`GatewayMetrics.model_label`)
+    in_queue: bool = False  # waiting in the fleet queue now, no agent has claimed it (a stop answers it 503)
 
     def headers(self, agent: str) -> list[tuple[bytes, bytes]]:
         """``X-Corral-Agent``, ``X-Corral-Route``, ``X-Corral-Model`` (the model that served) and,

@@ -50,6 +50,7 @@ from corral.gateway.policy import Candidate, candidates, quant_match, substitute
 from corral.gateway.queueing import FleetQueue
 from corral.gateway.sessions import Sessions
 from corral.gateway.settings import GatewaySettings
+from corral.gateway.shutdown import Shutdown
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import CorralError, ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState
@@ -91,6 +92,7 @@ class Planner:
         self.pulls = AutoPuller(transport, fleet, settings)
         self.metrics = metrics or GatewayMetrics(fleet)
         self.policy = policy  # aliases and fallbacks (None: every model serves only itself)
+        self.shutdown = Shutdown()  # the gateway's stop, as its relays act on it
 
     async def stop(self) -> None:
         await self.pulls.stop()
@@ -372,7 +374,7 @@ class Planner:
                 return reply
         if req.num_ctx is None and self.settings.queue:
             decision.route, since = QUEUED, time.monotonic()
-            queued = await self.queue.wait(req, route, deadline, failed)
+            queued = await self.queue.wait(req, route, deadline, failed, decision)
             if queued is not None:
                 decision.queue_s = time.monotonic() - since
             return queued

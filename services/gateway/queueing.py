@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping
 
 import nats.errors
+from corral.gateway.metrics import Decision
 from corral.gateway.placement import Loads
 from corral.gateway.queuewait import QueueWait, Silence
 from corral.gateway.settings import GatewaySettings
@@ -102,9 +103,17 @@ class FleetQueue:
                 return True
         return False
 
-    async def wait(self, req: WorkRequest, route: Route, deadline: float, failed: set[str]) -> Reply | None:
+    async def wait(
+        self,
+        req: WorkRequest,
+        route: Route,
+        deadline: float,
+        failed: set[str],
+        decision: Decision | None = None,
+    ) -> Reply | None:
         """Wait in the fleet-wide queue for the next free slot; None to re-plan (nobody will serve it).
-        What to do each time no claim came is `QueueWait`'s to say; this does the I/O."""
+        What to do each time no claim came is `QueueWait`'s to say; this does the I/O. ``decision``
+        says whether it is in the queue now (`Decision.in_queue`)."""
         assert req.model is not None
         transport = self._transport
         vendor = req.vendor if (req.vendor and req.strict) else ANY_VENDOR
@@ -120,6 +129,8 @@ class FleetQueue:
             queued = await self._enqueue(req, vendor, payload, hdrs, lane)
             if queued is None:
                 return None
+            if decision is not None:
+                decision.in_queue = True
             aging_s = self._settings.batch_aging_s if lane == BATCH else None
             state = QueueWait(
                 time.monotonic(),
@@ -169,6 +180,8 @@ class FleetQueue:
                         if not await withdraw(self._js, queued):
                             continue  # an agent took it just now
                         return None  # withdrawn: nobody has or is loading the model any more
+                if decision is not None:
+                    decision.in_queue = False  # claimed: an agent has it
                 outcome = await transport.handshake(call, msg, "the queue")
                 if isinstance(outcome, Reply):
                     keep = True
@@ -180,6 +193,8 @@ class FleetQueue:
             await asyncio.shield(transport.cancel(call))
             raise
         finally:
+            if decision is not None:
+                decision.in_queue = False
             if check is not None:
                 check.cancel()  # a JetStream request: a cancelled one is dropped when its answer comes
             self._count(route.key, lane, -1)

@@ -12,16 +12,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from corral.gateway.access import TAIL_BYTES
-from corral.gateway.asgi import Receive, Send
+from corral.gateway.asgi import Message, Receive, Send
 from corral.gateway.errors import JSON, error_response, native_body, openai_body
 from corral.gateway.metrics import DIRECT, Decision, new_decision, streamed
 from corral.gateway.planner import Planner
+from corral.gateway.shutdown import MESSAGE as STOP_MESSAGE
+from corral.gateway.shutdown import Shutdown
 from corral.gateway.spans import record_answer
-from corral.protocol.errors import CorralError, InternalError
+from corral.protocol.errors import CorralError, InternalError, NoCapacity
 from corral.transport import Reply, WorkRequest
 from fastapi.responses import Response
 
@@ -70,44 +72,101 @@ async def relay(
     target: str | None = None,
     model_label: str = "",
 ) -> None:
-    """Route ``work`` (to ``target`` when given) and stream the reply, cancelled if the client goes.
-    ``model_label``: its model as a metrics label, when the caller worked it out already."""
-    serve = _serve(planner, work, send, openai=openai, raw_model=raw_model, target=target, label=model_label)
-    await _until_gone(serve, receive)
+    """Route ``work`` (to ``target`` when given) and stream the reply, cancelled if the client goes
+    or the gateway's stop reaches it (`corral.gateway.shutdown`). ``model_label``: its model as a
+    metrics label, when the caller worked it out already."""
+    decision, sent = new_decision(model_label), Sent(send)
+    serve = _serve(planner, work, sent, decision, openai=openai, raw_model=raw_model, target=target)
+    await _until_gone(serve, receive, sent, planner.shutdown, openai, lambda: decision.in_queue)
 
 
-async def relay_reply(reply: Reply, receive: Receive, send: Send) -> None:
+async def relay_reply(reply: Reply, receive: Receive, send: Send, shutdown: Shutdown) -> None:
     """Stream a reply that has already begun; the client going away closes (cancels) it."""
+    sent = Sent(send)
     async with reply:
-        await _until_gone(stream_reply(reply, send, openai=False), receive)
+        await _until_gone(stream_reply(reply, sent, openai=False), receive, sent, shutdown, False)
 
 
-async def _until_gone(work: Coroutine[Any, Any, None], receive: Receive) -> None:
-    """Run ``work`` raced against the client's disconnect; a client that goes cancels it."""
+class Sent:
+    """A request's ``send``, remembering what went out: whether the response began (and as what
+    content type) and whether it ended."""
+
+    __slots__ = ("content_type", "ended", "send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = self.ended = False
+        self.content_type = b""
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            self.content_type = next((v for k, v in message["headers"] if k == b"content-type"), b"")
+        elif not message.get("more_body"):
+            self.ended = True
+        await self.send(message)
+
+
+async def _until_gone(
+    work: Coroutine[Any, Any, None],
+    receive: Receive,
+    sent: Sent,
+    shutdown: Shutdown,
+    openai: bool,
+    in_queue: Callable[[], bool] = lambda: False,
+) -> None:
+    """Run ``work`` raced against the client's disconnect (a client that goes cancels it) and the
+    gateway's stop: once it drains, a request still in the fleet queue is answered 503; once it
+    closes, whatever still runs is cancelled and ends in words."""
     job = asyncio.create_task(work)
     gone = asyncio.create_task(until_disconnect(receive))
+    step = shutdown.draining  # shared by every request: never cancelled here
+    stopped = False
     try:
-        await asyncio.wait((job, gone), return_when=asyncio.FIRST_COMPLETED)
+        while not stopped:
+            await asyncio.wait((job, gone, step), return_when=asyncio.FIRST_COMPLETED)
+            if job.done() or gone.done():
+                break
+            stopped = shutdown.closing.done() or (in_queue() and not sent.started)
+            step = shutdown.closing
     finally:
-        if not job.done():
+        if not job.done() and not stopped:
             log.info("client went away; cancelling its request")
         for t in (job, gone):
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+    if stopped and not sent.ended:
+        await _ended_by_stop(sent, openai)
+
+
+async def _ended_by_stop(sent: Sent, openai: bool) -> None:
+    """What a request the gateway's stop cut short is told: 503 when its answer had not begun,
+    else a last error line (a ``data:`` event on an SSE stream)."""
+    err = NoCapacity(STOP_MESSAGE)
+    if not sent.started:
+        await respond_error(sent, err, openai=openai)
+        return
+    sse = b"text/event-stream" in sent.content_type
+    line = (
+        b"data: " + openai_body(err.status, err.message) + b"\n\n"
+        if sse
+        else native_body(err.message) + b"\n"
+    )
+    await sent({"type": "http.response.body", "body": line, "more_body": True})
+    await sent({"type": "http.response.body", "body": b""})
 
 
 async def _serve(
     planner: Planner,
     work: WorkRequest,
     send: Send,
+    decision: Decision,
     *,
     openai: bool,
     raw_model: str,
     target: str | None,
-    label: str,
 ) -> None:
-    decision = new_decision(label)
     status, agent = 499, ""  # 499: the client went away before an answer (nginx's convention)
     try:
         try:
@@ -195,9 +254,9 @@ class RelayResponse(Response):
 class ReplyResponse(Response):
     """A FastAPI response relaying a reply that has already begun (its head is in hand)."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, shutdown: Shutdown) -> None:
         super().__init__()
-        self._reply = reply
+        self._reply, self._shutdown = reply, shutdown
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await relay_reply(self._reply, receive, send)
+        await relay_reply(self._reply, receive, send, self._shutdown)

@@ -200,6 +200,11 @@ class AsgiServer:
         return int(self._server.servers[0].sockets[0].getsockname()[1])
 
     @property
+    def grace_s(self) -> float:
+        """How long `stop` lets open requests finish before it cuts them."""
+        return float(self.config.timeout_graceful_shutdown or 0)
+
+    @property
     def url(self) -> str:
         scheme = "https" if self.config.ssl_certfile else "http"
         return f"{scheme}://{self.config.host}:{self.port}"

@@ -1,0 +1,69 @@
+"""A gateway asked to stop (SIGTERM, Ctrl-C) ends every request it holds in words: one waiting in
+the fleet queue is answered 503 at once, one running may finish within the HTTP grace, and one
+still running near its end is cancelled at its agent and ends with an error line."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import msgspec
+import pytest
+from corral.runtime.natsserver import NatsServer
+from corral.up import FleetOptions, LocalFleet, default_sims
+
+from tests.integration.fleet_helpers import preload
+
+pytestmark = pytest.mark.integration
+
+MODEL = "llama3.2"
+GRACE_S = 4  # the HTTP server's: running requests are ended in words 2 s before it runs out
+
+
+async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_streams_in_words(
+    nats_server: NatsServer, root: str
+) -> None:
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=1.0, num_parallel=1, reply_tokens=[100_000, 100_000]),
+        agent={"refresh_s": 0.5, "heartbeat_s": 0.5, "parallel": 1},
+        http_grace_s=GRACE_S,
+        aggregator=None,
+    )
+    fleet = LocalFleet(options)
+    await fleet.start()
+    stopping: asyncio.Task[None] | None = None
+    try:
+        await preload(fleet, MODEL)
+        sim = fleet.sims[0]
+        async with aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "a long story"}
+            async with s.post(fleet.url + "/api/generate", json=body) as running:
+                assert running.status == 200
+                await running.content.readline()  # its one slot is busy now
+                assert fleet.gateway is not None and fleet.gateway.nc is not None
+                nudges = await fleet.gateway.nc.subscribe(f"{root}.queued.>")  # after each enqueue
+                queued = asyncio.create_task(s.post(fleet.url + "/api/generate", json=body))
+                await nudges.next_msg(timeout=10)  # it waits in the fleet queue
+                await nudges.unsubscribe()
+                stopping = asyncio.create_task(fleet.stop())
+                began = time.monotonic()
+                async with asyncio.timeout(3), await queued as r:
+                    assert r.status == 503 and await r.json() == {"error": "server shutting down"}
+                assert time.monotonic() - began < 1.5  # at once, not at the end of the grace
+                async with asyncio.timeout(GRACE_S + 3):
+                    lines = [msgspec.json.decode(line) async for line in running.content]
+            ended = time.monotonic() - began
+        assert lines[-1] == {"error": "server shutting down"} and len(lines) > 10  # ran meanwhile
+        assert GRACE_S - 2 - 0.5 < ended < GRACE_S  # in words, before the server would cut it
+        async with asyncio.timeout(5):
+            await sim.stats.wait_for(lambda st: st.cancelled >= 1, timeout=5)  # stopped at its Ollama
+    finally:
+        if stopping is None:
+            await fleet.stop()
+        else:
+            async with asyncio.timeout(30):
+                await stopping
