@@ -139,7 +139,11 @@ async def connect(
         else:
             log.warning("%s: disconnected from NATS", name)
 
+    got_past: BaseException | None = None  # the last error a reconnect got past: no cause of a close
+
     async def on_reconnect() -> None:
+        nonlocal got_past
+        got_past = nc.last_error
         log.info("%s: reconnected to NATS", name)
         if on_reconnected is not None:
             on_reconnected()
@@ -157,7 +161,7 @@ async def connect(
         if told:
             return
         told = True
-        if connected and nc.last_error is not None:
+        if connected and nc.last_error is not None and nc.last_error is not got_past:
             log.error("%s: NATS connection closed for good: %s", name, nc.last_error)
         if on_closed is not None:
             on_closed()

@@ -58,7 +58,9 @@ def _any_change(fleet: LocalFleet) -> Wake:
     return lambda remaining: view.wait_changed(min(remaining, 0.5))
 
 
-async def test_a_nats_restart_is_not_an_outage(server: NatsServer, fleet: LocalFleet) -> None:
+async def test_a_nats_restart_is_not_an_outage(
+    server: NatsServer, fleet: LocalFleet, caplog: pytest.LogCaptureFixture
+) -> None:
     assert fleet.gateway is not None and fleet.aggregator is not None and fleet.registry is not None
     ids = sorted(a.id for a in fleet.agents)
     await server.kill()
@@ -112,3 +114,8 @@ async def test_a_nats_restart_is_not_an_outage(server: NatsServer, fleet: LocalF
     await until(
         views_back, _any_change(fleet), timeout=BACK_WITHIN_S, what="the aggregator's views written again"
     )
+
+    # a clean stop after the outage: nobody says its connection closed "for good"
+    await fleet.stop()
+    for_good = [r.getMessage() for r in caplog.records if "closed for good" in r.getMessage()]
+    assert for_good == []
