@@ -147,12 +147,7 @@ async def _ended_by_stop(sent: Sent, openai: bool) -> None:
     if not sent.started:
         await respond_error(sent, err, openai=openai)
         return
-    sse = b"text/event-stream" in sent.content_type
-    line = (
-        b"data: " + openai_body(err.status, err.message) + b"\n\n"
-        if sse
-        else native_body(err.message) + b"\n"
-    )
+    line = _last_line(b"text/event-stream" in sent.content_type, err)
     await sent({"type": "http.response.body", "body": line, "more_body": True})
     await sent({"type": "http.response.body", "body": b""})
 
@@ -235,7 +230,12 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
 
 
 def _stream_error(reply: Reply, err: CorralError, openai: bool) -> bytes:
-    if "text/event-stream" in reply.content_type:
+    return _last_line("text/event-stream" in reply.content_type, err)
+
+
+def _last_line(sse: bool, err: CorralError) -> bytes:
+    """The line that ends a stream with ``err``: an SSE ``data:`` event, or an NDJSON line."""
+    if sse:
         return b"data: " + openai_body(err.status, err.message) + b"\n\n"
     return native_body(err.message) + b"\n"
 
