@@ -88,23 +88,26 @@ async def relay_reply(reply: Reply, receive: Receive, send: Send, shutdown: Shut
 
 
 class Sent:
-    """A request's ``send``, remembering what went out: whether the response began (and as what
-    content type) and whether it ended."""
+    """A request's ``send``, remembering whether the response began, and as what content type (a
+    stream's body writes may go to the server's ``send`` itself: `direct`)."""
 
-    __slots__ = ("content_type", "ended", "send", "started")
+    __slots__ = ("content_type", "send", "started")
 
     def __init__(self, send: Send) -> None:
         self.send = send
-        self.started = self.ended = False
+        self.started = False
         self.content_type = b""
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
             self.content_type = next((v for k, v in message["headers"] if k == b"content-type"), b"")
-        elif not message.get("more_body"):
-            self.ended = True
         await self.send(message)
+
+
+def direct(send: Send) -> Send:
+    """The server's own ``send`` under a `Sent`: for a stream's body writes, once it has begun."""
+    return send.send if isinstance(send, Sent) else send
 
 
 async def _until_gone(
@@ -129,6 +132,7 @@ async def _until_gone(
                 break
             stopped = shutdown.closing.done() or (in_queue() and not sent.started)
             step = shutdown.closing
+        stopped = stopped and not job.done()  # one that ended meanwhile has said all it had to
     finally:
         if not job.done() and not stopped:
             log.info("client went away; cancelling its request")
@@ -136,7 +140,7 @@ async def _until_gone(
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-    if stopped and not sent.ended:
+    if stopped:
         await _ended_by_stop(sent, openai)
 
 
@@ -202,6 +206,7 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
         }
     )
     timing = streamed(reply.content_type)  # time to first token: of streamed bodies only
+    send = direct(send)  # the body's many writes: no wrapper in between
     if reply.first:
         await send({"type": "http.response.body", "body": reply.first, "more_body": True})
         if timing:
