@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 # endpoints after which the models on disk differ: the agent re-reads its Ollama at once
 _CHANGES_MODELS = frozenset({"/api/pull", "/api/delete", "/api/copy", "/api/create"})
 _HEARD = (Lifecycle.RUNNING, Lifecycle.DRAINING)  # the states in which the agent publishes its state
+REFRESH_GAP_S = 0.2  # the least time between two readings of its Ollama
 
 
 class Agent:
@@ -418,9 +419,10 @@ class Agent:
 
     # -- backend state -----------------------------------------------------------------------
     async def _refresh(self) -> None:
-        b = self._backend
+        b, heard = self._backend, {j.rid: j.last_bytes for j in self._jobs.values()}
         reading, busy = await b.read(), self.slots.busy_tokens()
-        for job in list(self._jobs.values()) if b.hung else ():  # its requests would wait for good
+        for job in [j for j in self._jobs.values() if b.hung and heard.get(j.rid) is j.last_bytes]:
+            # nothing from its Ollama all the while that did not answer: it would wait for good
             job.fail(BackendError(f"ollama at {self.ollama.base_url} is not answering"))
         self.loads.observe(reading.loaded, busy | self.runners.ready)  # ready: answered, so ours
         self._apply(self.runners.observe(reading.loaded, reading.trained, busy, b.default_num_ctx()))
@@ -434,6 +436,7 @@ class Agent:
             await wait_at_most(self._wake.refresh, self.settings.refresh_s)
             self._wake.refresh.clear()
             await self._refresh()
+            await wait_at_most(self._wake.closing, REFRESH_GAP_S)  # requests asking often: not back to back
 
     def state(self) -> AgentState:
         b, busy = self._backend, self.slots.busy_tokens()

@@ -327,7 +327,7 @@ class Gateway:
             if scope["method"] == "POST":
                 await self._model_request(scope, receive, send)
             else:  # gin's answer to a known path and another method
-                await plain(send, 405, b"405 method not allowed")
+                await plain(send, 405, b"405 method not allowed", [(b"allow", b"POST")])
         elif path.endswith("/") and path.rstrip("/") in MODEL_ENDPOINTS:  # gin redirects, POST kept
             query = b"?" + scope["query_string"] if scope.get("query_string") else b""
             await plain(send, 307, b"", [(b"location", path.rstrip("/").encode() + query)])

@@ -4,9 +4,10 @@
 ``body_timeout_s`` — and hands the app a ``receive`` that replays it, so neither the raw model path
 nor FastAPI ever waits on a slow client or holds more than the cap. Requests with a body (anything
 but GET and HEAD) count against ``max_requests``; one more is Ollama's 503 "server busy" at once.
-The bodies held by all requests together, read or being read, stay within ``max_held_bytes``: a
-body that would pass it (as declared, or as it arrives) is the same 503, so many large bodies at
-once cannot exhaust the gateway's memory.
+The bodies held by all requests together, read or being read, stay within ``max_held_bytes``,
+counted as their bytes arrive (what they take in memory; a declared length alone takes nothing, so
+idle connections cannot block the rest): a body whose bytes would pass it is the same 503, so many
+large bodies at once cannot exhaust the gateway's memory.
 
 A blob upload (``POST /api/blobs/:digest``) with a ``Content-Length`` is the exception: its body
 may be many gigabytes, so the edge does not read it. The app finds a `ClientBody` under
@@ -51,6 +52,7 @@ class Edge:
     __slots__ = (
         "_admitted",
         "_ended",
+        "_held_more",
         "active",
         "body_timeout_s",
         "held",
@@ -70,6 +72,7 @@ class Edge:
         self.held = 0  # bytes of request bodies held now, by all of them
         self._admitted = asyncio.Event()
         self._ended = asyncio.Event()
+        self._held_more = asyncio.Event()
 
     async def wait_active(self, n: int, timeout: float) -> None:
         """Wait until at least ``n`` counted requests are being served (woken by each admission)."""
@@ -77,6 +80,13 @@ class Edge:
             while self.active < n:
                 self._admitted.clear()
                 await self._admitted.wait()
+
+    async def wait_held(self, n: int, timeout: float) -> None:
+        """Wait until request bodies hold at least ``n`` bytes (woken by each body chunk read)."""
+        async with asyncio.timeout(timeout):
+            while self.held < n:
+                self._held_more.clear()
+                await self._held_more.wait()
 
     async def wait_idle(self, timeout: float) -> None:
         """Wait until no counted request is being served (woken by each one that ends)."""
@@ -123,6 +133,7 @@ class Edge:
             raise Refused(NoCapacity.status, BUSY_MESSAGE)
         self.held += more
         held[0] += more
+        self._held_more.set()
 
     async def _stream(self, scope: Scope, body: ClientBody, send: Send, app: App) -> None:
         if body.size > MAX_BODY_SIZE:
@@ -145,8 +156,6 @@ class Edge:
     async def _read(self, scope: Scope, receive: Receive, declared: int | None, held: list[int]) -> bytes:
         if declared is not None and declared > self.max_body_bytes:
             raise Refused(413, f"request body too large: over {self.max_body_bytes} bytes")
-        if declared:
-            self._hold(held, declared)  # all of it at once: what it will hold when it has come
         parts: list[bytes] = []
         size = 0
         try:
@@ -159,8 +168,7 @@ class Edge:
                     size += len(chunk)
                     if size > self.max_body_bytes:
                         raise Refused(413, f"request body too large: over {self.max_body_bytes} bytes")
-                    if size > held[0]:  # chunked, or longer than declared (the server stops that)
-                        self._hold(held, size - held[0])
+                    self._hold(held, len(chunk))
                     parts.append(chunk)
                     if not msg.get("more_body"):
                         return b"".join(parts)

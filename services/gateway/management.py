@@ -140,11 +140,11 @@ async def to_first(planner: Planner, request: Request, endpoint: str) -> Respons
 
 
 async def create(planner: Planner, request: Request) -> Response:
-    """A create from a model the fleet has (``from`` naming it, no ``files``) runs on every agent
-    that has that model, so the new model is wherever its base is and requests for it spread as its
-    base's do; each agent runs it unstreamed and the client gets the one ``{"status": "success"}``
-    (as its only line when it asked for a stream). A create from uploaded blobs goes where they went
-    (`to_first`)."""
+    """A create from a model the fleet has (``from`` naming it, no ``files`` or ``adapters``) runs on
+    every agent that has that model, so the new model is wherever its base is and requests for it
+    spread as its base's do; each agent runs it unstreamed and the client gets the one
+    ``{"status": "success"}`` (as its only line when it asked for a stream). A create that names
+    uploaded blobs goes where they went (`to_first`)."""
     body = await request.body()
     try:
         fields = msgspec.json.decode(body)
@@ -153,7 +153,8 @@ async def create(planner: Planner, request: Request) -> Response:
     except RecursionError:
         return error(BadRequest(TOO_DEEP))
     holders: list[str] = []
-    if isinstance(fields, dict) and not fields.get("files") and isinstance(fields.get("from"), str):
+    uploads = isinstance(fields, dict) and (fields.get("files") or fields.get("adapters"))
+    if isinstance(fields, dict) and not uploads and isinstance(fields.get("from"), str):
         try:
             holders = [a.id for a in planner.fleet.with_model(parse_name(fields["from"]).key)]
         except InvalidModelName:

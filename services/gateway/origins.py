@@ -20,8 +20,8 @@ The I/O half (`corral.gateway.cors`) applies these to each request.
 
 from __future__ import annotations
 
-import fnmatch
 import ipaddress
+import re
 from collections.abc import Iterable
 from typing import Final
 
@@ -47,11 +47,15 @@ _CACHE_MOST: Final = 256  # Host and Origin values remembered with their verdict
 
 
 def host_name(host: str) -> str:
-    """The name or address of a ``Host`` header without its port (``[::1]:80`` → ``::1``)."""
+    """The name or address of a ``Host`` header without its port (``[::1]:80`` → ``::1``); a
+    bracketed address followed by anything but a port is returned whole (never local)."""
     host = host.strip().lower()
     if host.startswith("["):
         end = host.find("]")
-        return host[1:end] if end > 0 else host
+        rest = host[end + 1 :] if end > 0 else ""
+        if end > 0 and (rest == "" or re.fullmatch(r":[0-9]*", rest)):
+            return host[1:end]
+        return host
     if host.count(":") == 1:
         return host.split(":", 1)[0]
     return host  # no port, or an IPv6 address without brackets
@@ -89,6 +93,7 @@ class Origins:
         patterns = [o.strip().lower().rstrip("/") for o in extra if o.strip()]
         self.any_origin = "*" in patterns
         self.patterns = tuple(LOCAL_ORIGINS) + tuple(p for p in patterns if p != "*")
+        self._globs = tuple(_glob(p) for p in self.patterns)
         self.check_host = check_host
         self.hostname = hostname.lower()
         self.addresses = frozenset(a.lower() for a in addresses)
@@ -126,7 +131,7 @@ class Origins:
         return verdict
 
     def _judge(self, origin: str, host: str) -> bool:
-        if any(fnmatch.fnmatchcase(origin, p) for p in self.patterns):
+        if any(g.fullmatch(origin) for g in self._globs):
             return True
         # its own origin (the console): only on an address or a local name, never a rebound one
         scheme, sep, rest = origin.partition("://")
@@ -134,6 +139,12 @@ class Origins:
             return False
         name = host_name(host)
         return _ip(name) is not None or self.local(name)
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    """An origin pattern where only ``*`` is special (any run of characters), as Ollama matches
+    them: ``[``, ``]`` and ``?`` are themselves (``http://[::1]:*``)."""
+    return re.compile(".*".join(re.escape(part) for part in pattern.split("*")))
 
 
 def _remember(cache: dict[str, bool] | dict[tuple[str, str], bool], key: object, verdict: bool) -> None:

@@ -88,11 +88,11 @@ class Planner:
         self.sessions = sessions
         self.router = router or Router()
         self.loads = Loads(transport.nc, transport.subjects, fleet, grace_s=settings.load_grace_s)
-        self.queue = FleetQueue(transport, fleet, self.loads, settings)
+        self.shutdown = Shutdown()  # the gateway's stop, as its relays and its queue act on it
+        self.queue = FleetQueue(transport, fleet, self.loads, settings, self.shutdown)
         self.pulls = AutoPuller(transport, fleet, settings)
         self.metrics = metrics or GatewayMetrics(fleet)
         self.policy = policy  # aliases and fallbacks (None: every model serves only itself)
-        self.shutdown = Shutdown()  # the gateway's stop, as its relays act on it
 
     async def stop(self) -> None:
         await self.pulls.stop()

@@ -22,6 +22,8 @@ from corral.gateway.metrics import Decision
 from corral.gateway.placement import Loads
 from corral.gateway.queuewait import QueueWait, Silence
 from corral.gateway.settings import GatewaySettings
+from corral.gateway.shutdown import MESSAGE as STOP_MESSAGE
+from corral.gateway.shutdown import Shutdown
 from corral.protocol.errors import NoCapacity
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR
@@ -38,8 +40,14 @@ class FleetQueue:
     """This gateway's requests in the fleet queue: the waits themselves and their count per model."""
 
     def __init__(
-        self, transport: Transport, fleet: FleetView, loads: Loads, settings: GatewaySettings
+        self,
+        transport: Transport,
+        fleet: FleetView,
+        loads: Loads,
+        settings: GatewaySettings,
+        shutdown: Shutdown | None = None,
     ) -> None:
+        self._shutdown = shutdown or Shutdown()  # once the gateway drains, no request waits here
         self._transport = transport
         self._js = transport.nc.jetstream()
         self._fleet = fleet
@@ -69,6 +77,10 @@ class FleetQueue:
         for agent_id in serving:
             out[agent_id] = out.get(agent_id, 0) + share
         return out
+
+    def _refuse_if_stopping(self) -> None:
+        if self._shutdown.draining.done():
+            raise NoCapacity(STOP_MESSAGE)
 
     def _count(self, key: str, lane: Priority, n: int) -> None:
         waiting = self._waiting.get((key, lane), 0) + n
@@ -126,6 +138,7 @@ class FleetQueue:
         lane = req.priority
         self._count(route.key, lane, +1)
         try:
+            self._refuse_if_stopping()
             queued = await self._enqueue(req, vendor, payload, hdrs, lane)
             if queued is None:
                 return None
@@ -143,6 +156,8 @@ class FleetQueue:
                 try:
                     msg = await call.next(state.timeout(time.monotonic()))
                 except TimeoutError:
+                    if self._shutdown.draining.done() and await withdraw(self._js, queued):
+                        self._refuse_if_stopping()  # it came in as the stop began: answered now
                     left = False
                     if check is not None and check.done():
                         left, check = _answered(check) is False, None  # read: the next asks again

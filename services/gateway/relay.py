@@ -88,20 +88,23 @@ async def relay_reply(reply: Reply, receive: Receive, send: Send, shutdown: Shut
 
 
 class Sent:
-    """A request's ``send``, remembering whether the response began, and as what content type (a
-    stream's body writes may go to the server's ``send`` itself: `direct`)."""
+    """A request's ``send``, remembering whether the response began (and as what content type) and
+    whether it ended. A stream's many body writes may go to the server's ``send`` itself
+    (`direct`); its start and its last write come through here."""
 
-    __slots__ = ("content_type", "send", "started")
+    __slots__ = ("content_type", "ended", "send", "started")
 
     def __init__(self, send: Send) -> None:
         self.send = send
-        self.started = False
+        self.started = self.ended = False
         self.content_type = b""
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
             self.content_type = next((v for k, v in message["headers"] if k == b"content-type"), b"")
+        elif not message.get("more_body"):
+            self.ended = True
         await self.send(message)
 
 
@@ -132,7 +135,6 @@ async def _until_gone(
                 break
             stopped = shutdown.closing.done() or (in_queue() and not sent.started)
             step = shutdown.closing
-        stopped = stopped and not job.done()  # one that ended meanwhile has said all it had to
     finally:
         if not job.done() and not stopped:
             log.info("client went away; cancelling its request")
@@ -140,8 +142,11 @@ async def _until_gone(
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-    if stopped:
-        await _ended_by_stop(sent, openai)
+    if stopped and not sent.ended:  # one that ended meanwhile has said all it had to
+        try:
+            await _ended_by_stop(sent, openai)
+        except (OSError, RuntimeError) as e:  # the client went away meanwhile
+            log.info("cannot tell a request the gateway stops: %r", e)
 
 
 async def _ended_by_stop(sent: Sent, openai: bool) -> None:
@@ -206,7 +211,7 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
         }
     )
     timing = streamed(reply.content_type)  # time to first token: of streamed bodies only
-    send = direct(send)  # the body's many writes: no wrapper in between
+    last, send = send, direct(send)  # the body's many writes: no wrapper in between
     if reply.first:
         await send({"type": "http.response.body", "body": reply.first, "more_body": True})
         if timing:
@@ -231,7 +236,7 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
             }
         )
     d.tail = prev[-TAIL_BYTES:] + tail[-TAIL_BYTES:]
-    await send({"type": "http.response.body", "body": b""})
+    await last({"type": "http.response.body", "body": b""})  # the end, through the `Sent` that notes it
 
 
 def _stream_error(reply: Reply, err: CorralError, openai: bool) -> bytes:

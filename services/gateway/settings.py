@@ -116,7 +116,7 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     max_bodies_bytes: Annotated[
         int,
         setting(
-            "request bodies all requests together may hold in memory (as declared, or as they arrive) "
+            "request bodies all requests together may hold in memory, counted as their bytes arrive, "
             "before 503 server busy",
             ge=1,
         ),

@@ -14,6 +14,7 @@ requests finish within its grace. `Shutdown.begin` marks the two moments the rel
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Final
 
 MARGIN_S: Final = 2.0  # closing comes this long before the HTTP server's grace runs out
@@ -46,7 +47,8 @@ class Shutdown:
         if self.draining.done():
             return
         self.draining.set_result(None)
-        self._timer = asyncio.get_running_loop().call_later(max(grace_s - MARGIN_S, 0.0), self._close)
+        if math.isfinite(grace_s):  # else the server waits for every request: nothing is cut
+            self._timer = asyncio.get_running_loop().call_later(max(grace_s - MARGIN_S, 0.0), self._close)
 
     def _close(self) -> None:
         if not self.closing.done():

@@ -202,7 +202,8 @@ class AsgiServer:
     @property
     def grace_s(self) -> float:
         """How long `stop` lets open requests finish before it cuts them."""
-        return float(self.config.timeout_graceful_shutdown or 0)
+        grace = self.config.timeout_graceful_shutdown
+        return float("inf") if grace is None else float(grace)  # None: uvicorn waits for ever
 
     @property
     def url(self) -> str:

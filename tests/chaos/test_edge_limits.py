@@ -127,11 +127,18 @@ async def test_bodies_held_together_stay_within_their_budget(fleet: LocalFleet) 
     assert fleet.gateway is not None
     edge = fleet.gateway.edge
     big = 60 * 1024
+    # a declared length alone holds nothing: idle connections cannot block everyone else
+    declared = f"POST /api/chat HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {MAX_BODY}\r\n\r\n"
+    _, idle = await _open(fleet.url, declared.encode())
+    await edge.wait_active(1, timeout=10)
+    assert edge.held == 0
+    idle.close()
     head = f"POST /api/generate HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {big}\r\n\r\n".encode()
-    reader, writer = await _open(fleet.url, head + b"{")  # holds 60 KiB of the budget, sending slowly
+    sent = big - 10  # what it sent before it stalls: what it holds
+    reader, writer = await _open(fleet.url, head + _padded(big)[:sent])
     try:
-        await edge.wait_active(1, timeout=10)
-        assert edge.held == big
+        await edge.wait_held(sent, timeout=10)  # the server read what was sent
+        assert edge.held == sent
         async with aiohttp.ClientSession() as s:
             async with s.post(f"{fleet.url}/api/generate", data=_padded(big)) as r:  # would pass it
                 assert r.status == 503 and (await r.json())["error"].startswith("server busy")

@@ -16,11 +16,12 @@ import aiohttp
 import msgspec
 import pytest
 from corral.agent import ollama as agent_ollama
+from corral.protocol.messages import TagModel
 from corral.protocol.names import parse_name
 from corral.runtime.natsserver import NatsServer, free_port
-from corral.up import Backend, FleetOptions, LocalFleet
+from corral.up import Backend, FleetOptions, LocalFleet, default_sims
 
-from tests.integration.fleet_helpers import until
+from tests.integration.fleet_helpers import preload, until
 
 pytestmark = pytest.mark.chaos
 
@@ -98,3 +99,35 @@ async def test_a_hung_ollama_ends_its_requests_and_is_routed_around(
                 assert r.status == 200 and (await r.json())["done"]
             os.kill(hung.pid, signal.SIGCONT)
             await until(fleet, lambda: len(view.loaded_on(KEY)) == 2, timeout=15, what="back")
+
+
+async def test_a_slow_reading_does_not_fail_a_stream_its_ollama_is_still_feeding(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A reading of Ollama that times out while tokens still flow to a request (a busy server slow
+    to list its models) ends nothing: only requests that heard nothing all that while fail."""
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=1.0, reply_tokens=[400, 400]),  # ~3 s of tokens
+        agent={"refresh_s": 3600.0},  # only the reading below
+        aggregator=None,
+    )
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+        agent = fleet.agents[0]
+
+        async def slow_tags() -> list[TagModel]:
+            await asyncio.sleep(0.5)  # a server slow to answer, while it streams: the stand-in's delay
+            raise TimeoutError
+
+        body = {"model": MODEL, "prompt": "a story", "options": {"num_predict": 1000}}
+        async with s.post(fleet.url + "/api/generate", json=body) as r:
+            assert r.status == 200
+            await r.content.readline()  # tokens are flowing
+            agent.ollama.tags = slow_tags  # type: ignore[method-assign]
+            await agent._refresh()  # the reading times out: the server reads as hung
+            assert agent._backend.hung
+            lines = [msgspec.json.decode(line) async for line in r.content]
+        assert lines[-1]["done"] is True and not any("error" in x for x in lines)

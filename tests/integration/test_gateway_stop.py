@@ -67,3 +67,28 @@ async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_strea
         else:
             async with asyncio.timeout(30):
                 await stopping
+
+
+async def test_a_request_that_would_queue_once_the_stop_began_is_answered_at_once(
+    nats_server: NatsServer, root: str
+) -> None:
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=1.0, num_parallel=1, reply_tokens=[100_000, 100_000]),
+        agent={"refresh_s": 0.5, "heartbeat_s": 0.5, "parallel": 1},
+        aggregator=None,
+    )
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+        assert fleet.gateway is not None
+        body = {"model": MODEL, "prompt": "a long story"}
+        async with s.post(fleet.url + "/api/generate", json=body) as running:
+            await running.content.readline()  # its one slot is busy now
+            fleet.gateway.begin_stop(3600.0)  # the stop began; the server still takes connections
+            began = time.monotonic()
+            async with asyncio.timeout(5), s.post(fleet.url + "/api/generate", json=body) as r:
+                assert r.status == 503 and await r.json() == {"error": "server shutting down"}
+            assert time.monotonic() - began < 2
+            assert msgspec.json.decode(await running.content.readline())["done"] is False  # still running

@@ -129,6 +129,8 @@ def test_a_batch_names_its_model_only_when_every_line_names_the_same() -> None:
         return lines
 
     assert common_model(parsed("llama3.2", "llama3.2")) == "llama3.2"
+    assert common_model(parsed("llama3.2", "LLAMA3.2:latest")) == "llama3.2"  # one model, two spellings
+    assert common_model(parsed("llama3.2", None)) is None
     assert common_model(parsed("llama3.2", "qwen3")) is None
     assert common_model(parsed("llama3.2", 7)) is None
     assert common_model([]) is None

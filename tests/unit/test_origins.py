@@ -22,6 +22,8 @@ def rules(*extra: str, check_host: bool = True) -> Origins:
         ("::1", "::1"),
         ("127.0.0.1", "127.0.0.1"),
         ("example.com:80", "example.com"),
+        ("[::1]evil.com", "[::1]evil.com"),  # not an address and a port: whole, so never local
+        ("[::1]:x", "[::1]:x"),
     ],
 )
 def test_a_host_header_loses_its_port(header: str, name: str) -> None:
@@ -51,7 +53,17 @@ def test_local_hosts_pass_a_loopback_gateway(host: str | None) -> None:
 
 @pytest.mark.parametrize(
     "host",
-    ["evil.com", "evil.com:11434", "localhost.evil.com", "8.8.8.8", "192.0.2.1", "[2001:db8::1]", "local"],
+    [
+        "evil.com",
+        "evil.com:11434",
+        "localhost.evil.com",
+        "8.8.8.8",
+        "192.0.2.1",
+        "[2001:db8::1]",
+        "local",
+        "[::1]evil.com",
+        "localhost.",
+    ],
 )
 def test_other_hosts_are_refused_on_a_loopback_gateway_and_served_on_any_other(host: str) -> None:
     assert not rules().host_allowed(host)
@@ -79,7 +91,9 @@ def test_other_origins_are_refused_by_default(origin: str) -> None:
 
 
 def test_corral_origins_adds_globs_and_a_lone_star_allows_every_origin() -> None:
-    r = rules(" https://*.example.com ", "http://127.0.0.2:*", "")
+    r = rules(" https://*.example.com ", "http://127.0.0.2:*", "", "http://[::1]:*", "http://a?b.example")
+    assert r.origin_allowed("http://[::1]:3000", None)  # brackets are themselves, not a class
+    assert r.origin_allowed("http://a?b.example", None) and not r.origin_allowed("http://axb.example", None)
     assert r.origin_allowed("https://chat.example.com", "127.0.0.1:11434")
     assert r.origin_allowed("http://127.0.0.2:8080", "127.0.0.1:11434")
     assert not r.origin_allowed("https://example.org", "127.0.0.1:11434")

@@ -26,6 +26,8 @@ from corral.gateway.batch.model import (
     OutputTokensDetails,
     RequestCounts,
 )
+from corral.protocol.errors import InvalidModelName
+from corral.protocol.names import parse_name
 
 MAX_ERRORS: Final = 100  # errors.data names at most this many lines
 CANCELLED: Final = "batch_cancelled"
@@ -174,16 +176,20 @@ def parse_input(
 
 
 def common_model(lines: Sequence[tuple[str, bytes]]) -> str | None:
-    """The model every line's body names, or None if they name different ones (or none)."""
-    models: set[str | None] = set()
+    """The model every line's body names (``llama3.2`` and ``llama3.2:latest`` are one: the first
+    line's spelling), or None if they name different ones (or none, or one that is no name)."""
+    first: str | None = None
+    keys: set[str] = set()
     for _, body in lines:
         try:
-            models.add(_named_decoder.decode(body).model)
-        except msgspec.ValidationError:  # a model that is not a string: that line fails when it runs
+            name = _named_decoder.decode(body).model
+            keys.add(parse_name(name).key if name else "")
+        except (msgspec.ValidationError, InvalidModelName):  # that line fails when it runs
             return None
-        if len(models) > 1:
+        first = first or name
+        if len(keys) > 1:
             return None
-    return models.pop() if models else None
+    return first if keys and "" not in keys else None
 
 
 def answered(custom_id: str, status: int, body: bytes, request_id: str) -> LineResult:
