@@ -47,7 +47,17 @@ _enc = msgspec.json.Encoder(order="sorted")
 
 
 def decode_view(body: bytes) -> RouteView:
-    return _view.decode(body)
+    """The routing fields; a body that is not valid UTF-8 is read as Go reads it (each bad byte
+    U+FFFD: Ollama serves it), though the body itself travels on unchanged."""
+    try:
+        return _view.decode(body)
+    except msgspec.ValidationError:
+        raise
+    except msgspec.DecodeError:
+        fixed = body.decode("utf-8", "replace").encode()
+        if fixed == body:
+            raise
+        return _view.decode(fixed)
 
 
 def keep_alive_is_zero(raw: msgspec.Raw | None) -> bool:

@@ -151,6 +151,9 @@ def decode(body: bytes, t: type[T]) -> T:
     except msgspec.ValidationError as e:
         raise BadRequest(_validation_message(str(e), t)) from None
     except msgspec.DecodeError as e:
+        fixed = body.decode("utf-8", "replace").encode()  # Go reads invalid UTF-8 as U+FFFD
+        if fixed != body:
+            return decode(fixed, t)
         raise BadRequest(_syntax_message(str(e), body)) from None
 
 

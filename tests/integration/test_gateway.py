@@ -206,6 +206,12 @@ async def test_wrong_methods_slashes_and_numbers_past_their_range_answer_as_olla
         body["options"] = {"num_ctx": 2**31 - 1, "num_predict": 2}
         async with s.post(fleet.url + "/api/generate", json=body) as r:
             assert r.status == 200 and (await r.json())["done"]
+        # bytes that are not UTF-8 are read as Go reads them (U+FFFD), and the model is routed on
+        async with s.post(
+            fleet.url + "/api/generate",
+            data=b'{"model": "llama3.2", "stream": false, "options": {"num_predict": 2}, "prompt": "a\xff\xfeb"}',
+        ) as r:
+            assert r.status == 200 and (await r.json())["done"], await r.text()
         # a keep_alive past float's range is Ollama's 400 to word, never a 500 of the gateway
         async with s.post(
             fleet.url + "/api/generate", data=b'{"model": "llama3.2", "keep_alive": 1e400}'

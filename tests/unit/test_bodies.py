@@ -171,6 +171,13 @@ def test_a_body_names_a_keep_alive_when_it_gives_any_but_null() -> None:
     assert not names_keep_alive(decode_view(b'{"model":"m"}'))
 
 
+def test_a_body_that_is_not_utf8_is_read_as_go_reads_it() -> None:
+    view = decode_view(b'{"model":"llama3.2","prompt":"a\xff\xfeb"}')
+    assert view.model == "llama3.2" and view.prompt == "a\ufffd\ufffdb"
+    with pytest.raises(msgspec.DecodeError):
+        decode_view(b'{"model":"llama3.2","prompt":"a\xff')  # broken beyond its bytes: still an error
+
+
 def test_absent_keep_alive_is_not_zero() -> None:
     assert keep_alive_is_zero(None) is False
     assert keep_alive_is_zero(decode_view(b"{}").keep_alive) is False
