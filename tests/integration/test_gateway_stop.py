@@ -21,10 +21,9 @@ MODEL = "llama3.2"
 GRACE_S = 4  # the HTTP server's: running requests are ended in words 2 s before it runs out
 
 
-async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_streams_in_words(
-    nats_server: NatsServer, root: str
-) -> None:
-    options = FleetOptions(
+def one_slot(nats_server: NatsServer, root: str) -> FleetOptions:
+    """One simulated server with one slot, whose replies go on for as long as a test needs."""
+    return FleetOptions(
         port=0,
         nats_url=nats_server.url,
         root=root,
@@ -33,7 +32,12 @@ async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_strea
         http_grace_s=GRACE_S,
         aggregator=None,
     )
-    fleet = LocalFleet(options)
+
+
+async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_streams_in_words(
+    nats_server: NatsServer, root: str
+) -> None:
+    fleet = LocalFleet(one_slot(nats_server, root))
     await fleet.start()
     stopping: asyncio.Task[None] | None = None
     try:
@@ -72,15 +76,7 @@ async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_strea
 async def test_a_request_that_would_queue_once_the_stop_began_is_answered_at_once(
     nats_server: NatsServer, root: str
 ) -> None:
-    options = FleetOptions(
-        port=0,
-        nats_url=nats_server.url,
-        root=root,
-        sims=default_sims(1, time_scale=1.0, num_parallel=1, reply_tokens=[100_000, 100_000]),
-        agent={"refresh_s": 0.5, "heartbeat_s": 0.5, "parallel": 1},
-        aggregator=None,
-    )
-    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+    async with LocalFleet(one_slot(nats_server, root)) as fleet, aiohttp.ClientSession() as s:
         await preload(fleet, MODEL)
         assert fleet.gateway is not None
         body = {"model": MODEL, "prompt": "a long story"}
