@@ -24,7 +24,7 @@ from corral.gateway.batch.lifecycle import BatchLimits
 from corral.gateway.batch.runner import BatchRunner
 from corral.gateway.cors import Gate, machine_origins
 from corral.gateway.edge import BODY, Edge
-from corral.gateway.errors import TOO_DEEP, plain
+from corral.gateway.errors import METHOD_NOT_ALLOWED, TOO_DEEP, plain
 from corral.gateway.keys import open_key_buckets
 from corral.gateway.metrics import OTHER, known_label
 from corral.gateway.planner import Planner
@@ -327,7 +327,7 @@ class Gateway:
             if scope["method"] == "POST":
                 await self._model_request(scope, receive, send)
             else:  # gin's answer to a known path and another method
-                await plain(send, 405, b"405 method not allowed", [(b"allow", b"POST")])
+                await plain(send, 405, METHOD_NOT_ALLOWED.encode(), [(b"allow", b"POST")])
         elif path.endswith("/") and path.rstrip("/") in MODEL_ENDPOINTS:  # gin redirects, POST kept
             query = b"?" + scope["query_string"] if scope.get("query_string") else b""
             await plain(send, 307, b"", [(b"location", path.rstrip("/").encode() + query)])

@@ -8,6 +8,9 @@ from corral.protocol.errors import CorralError, ModelNotFound, not_found_message
 from starlette.responses import Response
 
 JSON = "application/json; charset=utf-8"
+# gin's plain-text answers outside Ollama's handlers
+NOT_FOUND = "404 page not found"
+METHOD_NOT_ALLOWED = "405 method not allowed"
 # a body nested deeper than the decoder goes (about a thousand levels): Go's words for its own bound
 TOO_DEEP = "exceeded max depth"
 

@@ -152,14 +152,14 @@ async def create(planner: Planner, request: Request) -> Response:
         fields = None  # Ollama words the error
     except RecursionError:
         return error(BadRequest(TOO_DEEP))
-    holders: list[str] = []
-    uploads = isinstance(fields, dict) and (fields.get("files") or fields.get("adapters"))
-    if isinstance(fields, dict) and not uploads and isinstance(fields.get("from"), str):
-        try:
-            holders = [a.id for a in planner.fleet.with_model(parse_name(fields["from"]).key)]
-        except InvalidModelName:
-            pass  # Ollama words the error
-    if not isinstance(fields, dict) or not holders:
+    base = fields.get("from") if isinstance(fields, dict) else None
+    if not isinstance(base, str) or fields.get("files") or fields.get("adapters"):
+        return await to_first(planner, request, "/api/create")  # blobs, or no base to go by
+    try:
+        holders = [a.id for a in planner.fleet.with_model(parse_name(base).key)]
+    except InvalidModelName:
+        holders = []  # Ollama words the error
+    if not holders:
         return await to_first(planner, request, "/api/create")
     streamed = fields.get("stream") is not False
     work = WorkRequest(endpoint="/api/create", body=msgspec.json.encode({**fields, "stream": False}))
@@ -237,15 +237,11 @@ async def _on_every(planner: Planner, agents: list[str], work: WorkRequest) -> R
     for agent, r in zip(
         agents, await fan_out(agents, lambda a: planner.send_to(a, work), _whole), strict=True
     ):
-        if isinstance(r, Exception) or r[0] != 200:
-            log.warning(
-                "%s on agent %s failed: %s",
-                work.endpoint,
-                agent,
-                r if isinstance(r, Exception) else r[1][:200],
-            )
         if not isinstance(r, Exception):
             results.append(r)
+        if isinstance(r, Exception) or r[0] != 200:
+            why = r if isinstance(r, Exception) else r[1][:200]
+            log.warning("%s on agent %s failed: %s", work.endpoint, agent, why)
     ok = [r for r in results if r[0] == 200]
     if ok:
         return Response(ok[0][1], status_code=200, media_type=ok[0][2] or None)

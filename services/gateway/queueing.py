@@ -78,10 +78,6 @@ class FleetQueue:
             out[agent_id] = out.get(agent_id, 0) + share
         return out
 
-    def _refuse_if_stopping(self) -> None:
-        if self._shutdown.draining.done():
-            raise NoCapacity(STOP_MESSAGE)
-
     def _count(self, key: str, lane: Priority, n: int) -> None:
         waiting = self._waiting.get((key, lane), 0) + n
         if waiting:
@@ -136,9 +132,11 @@ class FleetQueue:
         # for its claim never waits on JetStream (slow while a cluster elects a leader)
         check: asyncio.Task[bool | None] | None = None
         lane = req.priority
+        stop_tried = False
         self._count(route.key, lane, +1)
         try:
-            self._refuse_if_stopping()
+            if self._shutdown.draining.done():  # the gateway stops: nothing joins the queue now
+                raise NoCapacity(STOP_MESSAGE)
             queued = await self._enqueue(req, vendor, payload, hdrs, lane)
             if queued is None:
                 return None
@@ -156,8 +154,11 @@ class FleetQueue:
                 try:
                     msg = await call.next(state.timeout(time.monotonic()))
                 except TimeoutError:
-                    if self._shutdown.draining.done() and await withdraw(self._js, queued):
-                        self._refuse_if_stopping()  # it came in as the stop began: answered now
+                    if self._shutdown.draining.done() and not stop_tried:
+                        # it joined as the stop began, after the relay looked (`_until_gone`)
+                        stop_tried = True  # once: a withdraw that fails means an agent has it
+                        if await withdraw(self._js, queued):
+                            raise NoCapacity(STOP_MESSAGE) from None
                     left = False
                     if check is not None and check.done():
                         left, check = _answered(check) is False, None  # read: the next asks again

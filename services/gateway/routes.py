@@ -14,7 +14,7 @@ from corral.gateway import console, management, userviews
 from corral.gateway.access import model_allowed
 from corral.gateway.auth import hides, key_of
 from corral.gateway.batch import routes as batch_routes
-from corral.gateway.errors import JSON, openai_body
+from corral.gateway.errors import JSON, METHOD_NOT_ALLOWED, NOT_FOUND, openai_body
 from corral.gateway.metrics import CONTENT_TYPE
 from corral.gateway.policy import with_aliases
 from corral.protocol.errors import BadRequest
@@ -46,9 +46,9 @@ def build_app(gw: Gateway) -> FastAPI:
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
         # gin's plain-text defaults, which Ollama clients see from a real server
         if exc.status_code == 405:
-            return PlainTextResponse("405 method not allowed", status_code=405)
+            return PlainTextResponse(METHOD_NOT_ALLOWED, status_code=405)
         if exc.status_code == 404:
-            return PlainTextResponse("404 page not found", status_code=404)
+            return PlainTextResponse(NOT_FOUND, status_code=404)
         return PlainTextResponse(str(exc.detail), status_code=exc.status_code)
 
     @app.api_route("/", methods=["GET", "HEAD"])

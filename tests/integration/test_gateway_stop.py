@@ -5,7 +5,6 @@ still running near its end is cancelled at its agent and ends with an error line
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 import msgspec
@@ -54,15 +53,14 @@ async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_strea
                 await nudges.next_msg(timeout=10)  # it waits in the fleet queue
                 await nudges.unsubscribe()
                 stopping = asyncio.create_task(fleet.stop())
-                began = time.monotonic()
-                async with asyncio.timeout(3), await queued as r:
+                async with asyncio.timeout(GRACE_S), await queued as r:
                     assert r.status == 503 and await r.json() == {"error": "server shutting down"}
-                assert time.monotonic() - began < 1.5  # at once, not at the end of the grace
+                # answered at once: the running stream goes on after it, to the closing
+                assert msgspec.json.decode(await running.content.readline())["done"] is False
                 async with asyncio.timeout(GRACE_S + 3):
                     lines = [msgspec.json.decode(line) async for line in running.content]
-            ended = time.monotonic() - began
-        assert lines[-1] == {"error": "server shutting down"} and len(lines) > 10  # ran meanwhile
-        assert GRACE_S - 2 - 0.5 < ended < GRACE_S  # in words, before the server would cut it
+        # ended in words (a cut by the server would leave no such line), after running meanwhile
+        assert lines[-1] == {"error": "server shutting down"} and len(lines) > 10
         async with asyncio.timeout(5):
             await sim.stats.wait_for(lambda st: st.cancelled >= 1, timeout=5)  # stopped at its Ollama
     finally:
@@ -83,8 +81,6 @@ async def test_a_request_that_would_queue_once_the_stop_began_is_answered_at_onc
         async with s.post(fleet.url + "/api/generate", json=body) as running:
             await running.content.readline()  # its one slot is busy now
             fleet.gateway.begin_stop(3600.0)  # the stop began; the server still takes connections
-            began = time.monotonic()
             async with asyncio.timeout(5), s.post(fleet.url + "/api/generate", json=body) as r:
                 assert r.status == 503 and await r.json() == {"error": "server shutting down"}
-            assert time.monotonic() - began < 2
             assert msgspec.json.decode(await running.content.readline())["done"] is False  # still running

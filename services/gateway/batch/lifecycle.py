@@ -125,7 +125,7 @@ class Lifecycle:
                     purpose="batch_output",
                     created_at=created,
                     owner=rec.owner,
-                    expires_at=None if rec.output_expires_s is None else created + rec.output_expires_s,
+                    expires_at=FileMeta.expiry(created, rec.output_expires_s),
                 )
                 await self.store.put_file(file_id, data, meta)
         try:

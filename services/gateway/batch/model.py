@@ -139,6 +139,11 @@ class FileMeta(msgspec.Struct, kw_only=True):
     owner: str = ""
     expires_at: int | None = None
 
+    @staticmethod
+    def expiry(created_at: int, after_s: int | None) -> int | None:
+        """The ``expires_at`` of a file made at ``created_at`` that expires ``after_s`` later (None: never)."""
+        return None if after_s is None else created_at + after_s
+
     def expired(self, now: int) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 

@@ -138,7 +138,7 @@ def mount(app: FastAPI, gw: Gateway) -> None:
             purpose=purpose,
             created_at=created,
             owner=_owner(request),
-            expires_at=None if expires_s is None else created + expires_s,
+            expires_at=FileMeta.expiry(created, expires_s),
         )
         await gw.batches.open(create=True)
         return _json(await store().put_file(model.new_id("file"), data, meta))
