@@ -21,6 +21,7 @@ from corral.protocol.names import parse_name
 from corral.runtime.natsserver import NatsServer, free_port
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims
 
+from bench.common import wait_port
 from tests.integration.fleet_helpers import preload, until
 
 pytestmark = pytest.mark.chaos
@@ -40,15 +41,7 @@ async def sim_process(config: Path) -> AsyncIterator[tuple[str, asyncio.subproce
         "--log-level", "WARNING",
     )  # fmt: skip
     try:
-        async with asyncio.timeout(20):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    await asyncio.sleep(0.05)  # polling a port that is not open yet
-                    continue
-                writer.close()
-                break
+        await wait_port(port, None, 20)
         yield f"http://127.0.0.1:{port}", proc
     finally:
         if proc.returncode is None:
