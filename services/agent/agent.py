@@ -26,7 +26,7 @@ from collections.abc import Callable
 from corral.agent.backend import Backend
 from corral.agent.claims import Claims
 from corral.agent.intake import guarded, job_from
-from corral.agent.lifecycle import Lifecycle, Wakeups, default_agent_id, leave, ping_silent, wait_at_most
+from corral.agent.lifecycle import Lifecycle, Requesters, Wakeups, default_agent_id, leave, wait_at_most
 from corral.agent.metrics import LoadBook
 from corral.agent.ollama import OllamaClient
 from corral.agent.pacing import Pace, Reading, StatePacer, parts
@@ -103,6 +103,7 @@ class Agent:
         self.runners = RunnerTracker(self._backend.default_num_ctx())
         self.loads = LoadBook()  # what its /api/ps readings show loaded and evicted (for /metrics)
         self._jobs: dict[str, Job] = {}
+        self._requesters = Requesters(self._jobs, settings.ping_interval_s, self._wake.closing)
         self._pacer = StatePacer(settings.heartbeat_s)  # when its state is published
 
     def _changed(self, *, claims: bool = False, state: bool = False, refresh: bool = False) -> None:
@@ -132,7 +133,7 @@ class Agent:
                     tg.create_task(supervise("claims", self._reconcile_loop), name="claims"),
                     tg.create_task(supervise("state", self._state_loop), name="state"),
                     tg.create_task(supervise("refresh", self._refresh_loop), name="refresh"),
-                    tg.create_task(supervise("ping", self._ping_loop), name="ping"),
+                    tg.create_task(supervise("ping", self._requesters.run), name="ping"),
                 ]
                 self.ready.set()
                 log.info("agent %s (%s) serving %s", self.id, self.vendor, self.settings.ollama_url)
@@ -181,6 +182,7 @@ class Agent:
         )
         self._claims = Claims(nc, self.subjects, self.vendor, on_claim=self._on_claim, on_nudge=self._on_nudge,
                               reserve=min(self.settings.batch_reserve, self.settings.parallel - 1))  # fmt: skip
+        await self._requesters.start(nc)
         await self.ollama.start()
         await self._refresh()
         self._subs.append(await nc.subscribe(self.subjects.agent_work(self.id), cb=self._on_direct))
@@ -427,9 +429,6 @@ class Agent:
         self.loads.observe(reading.loaded, busy | self.runners.ready)  # ready: answered, so ours
         self._apply(self.runners.observe(reading.loaded, reading.trained, busy, b.default_num_ctx()))
         self._changed(state=reading.changed)
-
-    async def _ping_loop(self) -> None:
-        await ping_silent(self._jobs, self.settings.ping_interval_s, self._wake.closing)
 
     async def _refresh_loop(self) -> None:
         while not self._wake.closing.is_set():

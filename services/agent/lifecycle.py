@@ -1,9 +1,11 @@
-"""The agent's lifecycle: its states, the events its loops wait on, its default id."""
+"""The agent's lifecycle: its states, the events its loops wait on, its default id, and the check
+that each job's requester is still there."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import socket
 import time
@@ -11,7 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from corral.agent.worker import Job
+from corral.protocol import headers as H
+from corral.protocol.errors import Cancelled
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
 from nats.js.kv import KeyValue
@@ -89,15 +94,51 @@ async def leave(nc: NATS, agents: KeyValue | None, agent_id: str) -> None:
         log.warning("draining the NATS connection: %s", e)
 
 
-async def ping_silent(jobs: Mapping[str, Job], interval: float, closing: asyncio.Event) -> None:
-    """Keep silent requests (Ollama loading a model, or a queued job) visibly alive: a ping on each
-    reply that has sent nothing for ``interval`` seconds, until ``closing``."""
-    while not closing.is_set():
-        await wait_at_most(closing, interval / 2)
-        now = time.monotonic()
-        for job in list(jobs.values()):
-            if not job.out.done and now - job.out.last_sent >= interval:
-                try:
-                    await job.out.ping()
-                except NatsError as e:
-                    log.warning("cannot ping request %s: %s", job.rid, e)
+class Requesters:
+    """Every job's requester, kept informed and checked on until ``closing``: every ``interval``
+    seconds each job's reply gets a ping (the keep-alive of a silent one) whose reply-to is a probe
+    (`corral.agent.probes`); a job whose requester is gone is cancelled, so its Ollama stops
+    generating for nobody. Probes come back on one subscription, under an inbox of the agent's."""
+
+    def __init__(self, jobs: Mapping[str, Job], interval: float, closing: asyncio.Event) -> None:
+        self._closing = closing
+        self._jobs = jobs
+        self._interval = interval
+        self._inbox = ""
+        self._watched: dict[str, Job] = {}  # probe key → the job it names
+        self._keys = itertools.count()
+
+    async def start(self, nc: NATS) -> None:
+        self._inbox = nc.new_inbox()
+        await nc.subscribe(self._inbox + ".>", cb=self._on_answer)
+
+    async def run(self) -> None:
+        """Ping until the agent is closing."""
+        while not self._closing.is_set():
+            await wait_at_most(self._closing, self._interval / 2)
+            now = time.monotonic()
+            self._watched = {k: j for k, j in self._watched.items() if self._jobs.get(j.rid) is j}
+            for job in list(self._jobs.values()):
+                if not job.out.done and now - job.out.last_pinged >= self._interval:
+                    try:
+                        await job.out.ping(self._probe(job))
+                    except NatsError as e:
+                        log.warning("cannot ping request %s: %s", job.rid, e)
+
+    def _probe(self, job: Job) -> str | None:
+        if not self._inbox:
+            return None
+        if not job.probes.key:
+            job.probes.key = str(next(self._keys))
+            self._watched[job.probes.key] = job
+        return f"{self._inbox}.{job.probes.key}.{job.probes.next()}"
+
+    async def _on_answer(self, msg: Msg) -> None:
+        if (msg.headers or {}).get(H.NATS_STATUS) != "503":
+            return  # only "no responders" comes here: NATS's, never a requester's
+        key, _, n = msg.subject[len(self._inbox) + 1 :].partition(".")
+        job = self._watched.get(key)
+        if job is None or not n.isdigit() or job.probes.gone or not job.probes.missed(int(n)):
+            return
+        log.warning("the requester of %s is gone (nobody listens on %s): cancelling it", job.rid, job.reply)
+        job.fail(Cancelled("the requester is gone"))

@@ -39,7 +39,8 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
         float, setting("how often it re-reads its Ollama's /api/tags and /api/ps", gt=0, period=True)
     ] = 5.0
     ping_interval_s: Annotated[
-        float, setting("keep-alive on silent requests (well under the gateway's idle timeout)", gt=0)
+        float,
+        setting("a ping on every request: keep-alive and check that its requester is there", gt=0),
     ] = 2.0
     drain_grace_s: Annotated[float, setting("on stop, how long in-flight requests may finish", ge=0)] = 30.0
     vram_gb: Annotated[

@@ -18,10 +18,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 from corral.agent.ollama import Answer, OllamaClient
+from corral.agent.probes import Probes
 from corral.protocol.envelope import RequestEnvelope
 from corral.protocol.errors import BackendError, Cancelled, CorralError, InternalError, NoCapacity
 from corral.protocol.messages import RequestFinished
@@ -58,6 +59,7 @@ class Job:
     ran_from: float = 0.0
     ttft_ms: float | None = None
     last_bytes: bytes = b""  # the end of Ollama's reply, where its final counts are
+    probes: Probes = field(default_factory=Probes)  # whether its requester is still there
 
     @property
     def rid(self) -> str:

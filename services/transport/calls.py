@@ -41,6 +41,9 @@ from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
+# reply messages that say an agent holds the request (each names it): its claim, a head, its pings
+_HELD = frozenset({H.CLAIM, H.HEAD, H.PING})
+
 WARM_BUSY_RETRIES = 3  # a shared subject answered busy: NATS may pick another listener next time
 
 
@@ -120,8 +123,9 @@ class Transport:
                 # its reader fell too far behind: stop the work now, not when the reader notices
                 log.warning("reply to %s overflowed %d bytes; cancelling it", call.rid, self.reply_buffer)
                 await self._send_cancel(call.agent, call.rid)
-        elif msg.headers and msg.headers.get(H.KIND) in (H.CLAIM, H.HEAD) and H.AGENT in msg.headers:
-            # a claim (or claiming head) for a request we already gave up on: tell that agent to drop it
+        elif msg.headers and msg.headers.get(H.KIND) in _HELD and H.AGENT in msg.headers:
+            # a claim (claiming head, ping) for a request we gave up on, or never held (a gateway
+            # restarted under the same id; a cancel lost to a NATS outage): tell that agent to drop it
             agent = msg.headers.get(H.AGENT)
             if agent:
                 await self._send_cancel(agent, msg.subject[self._reply_prefix :])

@@ -3,7 +3,9 @@
 The stream (headers in `corral.protocol.headers`), in order::
 
     claim   the sender has the request (it carries Corral-Agent: <sender> and Corral-Request)
-    ping    keep-alive while the answer is silent (a model loading, a long pull)
+    ping    keep-alive while the answer is silent (a model loading, a long pull); an agent pings
+            every request it holds now and then, with a reply-to of its own: NATS answers "no
+            responders" there when nobody listens on the reply subject (`corral.agent.probes`)
     head    Corral-Status and Corral-Content-Type with the first body bytes; with Corral-End: 1 it
             is the whole answer
     data    header-less messages with the next body bytes (the cheap, frequent message)
@@ -34,7 +36,6 @@ __all__ = ["CLAIM_DELAY_S", "ReplyWriter", "send_busy"]
 # A claim waits this long for its head: a reply that quick claims with its head, one message instead
 # of two (far inside a requester's claim timeout, which is seconds)
 CLAIM_DELAY_S: Final = 0.005
-_PING: Final = {H.KIND: H.PING}
 
 
 async def send_busy(nc: NATS, reply: str, sender: str | None = None) -> None:
@@ -56,6 +57,7 @@ class ReplyWriter:
         "claimed",
         "done",
         "headed",
+        "last_pinged",
         "last_sent",
         "reply",
         "rid",
@@ -73,7 +75,8 @@ class ReplyWriter:
         self.headed = False
         self.done = False  # the stream has ended: nothing more goes out
         self.seq = 0  # data messages sent
-        self.last_sent = 0.0  # monotonic time of the last message: when a ping is due
+        self.last_sent = 0.0  # monotonic time of the last message
+        self.last_pinged = time.monotonic()  # of the last ping (or the start): when the next is due
         self._claim_timer: asyncio.TimerHandle | None = None
         self._claim_task: asyncio.Task[None] | None = None
 
@@ -124,8 +127,14 @@ class ReplyWriter:
         self.last_sent = time.monotonic()
         await self._nc.publish(self.reply, payload, headers=headers)
 
-    async def ping(self) -> None:
-        await self._send(b"", _PING)
+    async def ping(self, probe: str | None = None) -> None:
+        """A keep-alive that names its sender; ``probe``: its reply-to, where NATS says "no
+        responders" (status 503) when nobody listens on the reply subject."""
+        if not self.claimed:
+            await self.claim()
+        self.last_sent = self.last_pinged = time.monotonic()
+        headers = self._claim_headers({H.KIND: H.PING})
+        await self._nc.publish(self.reply, b"", reply=probe or "", headers=headers)
 
     async def head(self, status: int, content_type: str, body: bytes = b"", *, end: bool = False) -> None:
         """The answer's status and first bytes; ``end``: ``body`` is the whole answer."""

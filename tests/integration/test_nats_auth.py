@@ -20,6 +20,8 @@ from corral.client import AsyncClient
 from corral.gateway.app import Gateway
 from corral.gateway.settings import GatewaySettings
 from corral.protocol import headers as H
+from corral.protocol.envelope import RequestEnvelope
+from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import NatsRefused, connect, ensure_buckets, round_trip
 from corral.runtime.natsauth import NatsAuth
@@ -38,13 +40,14 @@ ROOT = "sec"
 MODEL = "llama3.2"
 AGENTS = ("nvidia-0", "amd-1")
 LATE = "late-2"  # an agent added after the server started: `corral auth agent` and a reload
+SOLO = "solo-3"  # an agent one test starts and stops, beside its own simulated server
 GATEWAYS = ("gw1", "gw2")  # gateways with a fixed --gateway-id, each its own identity
 
 
 @pytest.fixture(scope="module")
 def auth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("auth")
-    init(d, ROOT, AGENTS, gateways=GATEWAYS)
+    init(d, ROOT, (*AGENTS, SOLO), gateways=GATEWAYS)
     return d
 
 
@@ -359,6 +362,37 @@ async def test_the_python_client_speaks_nats_under_an_identity(fleet: LocalFleet
     with pytest.raises(NatsRefused, match="Authorization Violation"):  # no identity: refused at once
         async with AsyncClient(fleet.nats_url, root=ROOT) as anonymous:
             await anonymous.generate(MODEL, "hi")
+
+
+async def test_an_agent_finds_a_requester_gone_under_its_identity(
+    fleet: LocalFleet, auth_dir: Path, as_user: Any
+) -> None:
+    """The agent's probes (a reply-to on its own inbox, where NATS says "no responders") work
+    within its permissions: a request whose sender closed its connection stops at its Ollama."""
+    sim = SimServer(default_sims(1, load_overhead_s=600.0)[0], host="127.0.0.1", port=0)  # loads for long
+    await sim.start()
+    fleet.sims.append(sim)
+    fleet.options.agent = {"ping_interval_s": 0.2} | creds(auth_dir, agent_user(SOLO))
+    cfg = sim.config
+    agent = await fleet.add_agent(
+        Backend(sim.url, cfg.vendor, cfg.num_parallel, gpus=sim_gpus(cfg)), agent_id=SOLO
+    )
+    try:
+        sender = await as_user(gateway_user("gw2"))
+        subjects = Subjects(ROOT)
+        reply = subjects.reply("gw2", "r9")
+        sub = await sender.nc.subscribe(reply)
+        env = RequestEnvelope(rid="r9", endpoint="/api/generate", model=parse_name(MODEL).token)
+        body = b'{"model":"%s","prompt":"hi"}' % MODEL.encode()
+        await sender.nc.publish(subjects.agent_work(SOLO), body, reply=reply, headers=env.headers())
+        async with asyncio.timeout(10):
+            while ((await sub.next_msg(timeout=10)).headers or {}).get(H.KIND) != H.PING:
+                pass  # claimed; its Ollama is loading the model
+        await sender.nc.close()
+        await sim.stats.wait_for(lambda st: st.cancelled >= 1, timeout=20)
+        assert_no_violation(fleet)
+    finally:
+        await agent.stop()
 
 
 @pytest.mark.parametrize("service", ["gateway", "agent", "registry", "aggregator"])

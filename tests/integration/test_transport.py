@@ -260,3 +260,21 @@ async def test_a_claim_for_a_call_given_up_on_is_answered_with_a_cancel(
     rid, reply = headers[H.REQUEST], headers[H.REPLY]
     await nc.publish(reply, b"", headers={H.KIND: H.CLAIM, H.AGENT: "a1", H.REQUEST: rid})
     assert await asyncio.wait_for(agent.cancelled.get(), 5) == rid
+
+
+async def test_a_ping_for_a_request_the_sender_does_not_hold_is_answered_with_a_cancel(
+    nc: NATS, root: str, transport: Transport
+) -> None:
+    """An agent pings every request it holds now and then. A ping naming a request its sender does
+    not hold (a gateway restarted under the same id, a cancel lost in a NATS outage) is answered
+    with a cancel; a ping for a request it holds is not."""
+    (agent,) = (await agents(nc, root, "a1")).values()
+    subjects = Subjects(root)
+    held, headers, _ = transport.register(work(), "a1", time.monotonic() + 30)
+    ping = {H.KIND: H.PING, H.AGENT: "a1"}
+    await nc.publish(subjects.reply(transport.id, held.rid), b"", headers={**ping, H.REQUEST: held.rid})
+    await nc.publish(subjects.reply(transport.id, "r0"), b"", headers={**ping, H.REQUEST: "r0"})
+    # replies are handled in order: a cancel for the held request would have come first
+    assert await asyncio.wait_for(agent.cancelled.get(), 5) == "r0"
+    assert (await held.next(5)).headers == {**ping, H.REQUEST: held.rid}  # its call has the ping
+    transport.release(held)
