@@ -160,8 +160,10 @@ class Planner:
             session_agent = await self.sessions.lookup(req.session)
         pulled = False
         while True:
+            skip = self._unanswering()
+            avoid = failed | skip if skip else failed  # what this pass does not try
             try:
-                reply = await self._send_once(req, deadline, failed, strategy, session_agent, decision)
+                reply = await self._send_once(req, deadline, avoid, strategy, session_agent, decision)
             except ModelNotFound:
                 if pulled or not self.settings.auto_pull or req.model is None:
                     raise
@@ -170,6 +172,8 @@ class Planner:
                     raise
                 deadline = time.monotonic() + wait_s  # the wait for capacity starts now
                 continue
+            if skip:
+                failed |= avoid - skip
             if reply is not None:
                 if waited_since is not None:  # it waited for the fleet to change too
                     decision.queue_s = (decision.queue_s or 0.0) + time.monotonic() - waited_since
@@ -183,6 +187,23 @@ class Planner:
                 raise NoCapacity()
             waited_since = waited_since or time.monotonic()
             await self.fleet.wait_changed(min(remaining, 1.0))
+
+    def _unanswering(self) -> set[str]:
+        """Agents that let a request sent to them go unanswered (`Transport.unanswered`: stopped,
+        wedged or cut off from NATS) and whose state has not been heard since: no request is sent
+        to them until it is, so one stopped agent costs one claim timeout, not one per request.
+        A registry removes one that stays silent."""
+        unanswered = self.transport.unanswered
+        if not unanswered:  # the common case
+            return set()
+        out = set()
+        for agent, since in list(unanswered.items()):
+            heard = self.fleet.heard(agent)
+            if heard is None or heard > since:  # gone from the fleet, or heard since
+                del unanswered[agent]
+            else:
+                out.add(agent)
+        return out
 
     def _explain(self, req: WorkRequest, reply: Reply, decision: Decision) -> None:
         """The debug line of one routed request: where it went, why, and the candidates' expected waits."""

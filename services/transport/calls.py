@@ -75,6 +75,10 @@ class Transport:
         self._ids = itertools.count(1)
         self._calls: dict[str, Call] = {}
         self._outstanding: dict[str, int] = {}  # agent id → calls it holds for this sender
+        # agent id → when it last let a request sent to it go unanswered (no claim, or silence
+        # before its head): a stopped or cut-off agent; a sender with a fleet view skips it until
+        # its state is heard again (`corral.gateway.planner`)
+        self.unanswered: dict[str, float] = {}
         self._subs: list[Subscription] = []
         self._reply_prefix = len(subjects.reply(self.id, "x")) - 1
         self._bodies = LargeBodies(nc, len(subjects.body(self.id, "x")) - 1)
@@ -261,6 +265,8 @@ class Transport:
                     msg = await self._first(call, service)
                 except TimeoutError:
                     log.warning("no claim from %s within %.1fs", agent or subject, self.claim_timeout)
+                    if agent is not None:
+                        self.unanswered[agent] = time.monotonic()
                     outcome: Reply | Outcome = Outcome.FAILED
                 else:
                     outcome = await self.handshake(call, msg, subject)
@@ -319,6 +325,8 @@ class Transport:
                 msg = await call.next(self.idle_timeout)
             except TimeoutError:
                 log.warning("agent %s went silent before answering; trying elsewhere", call.agent)
+                if call.agent is not None:
+                    self.unanswered[call.agent] = time.monotonic()
                 await self.cancel(call)
                 return Outcome.FAILED
             mh = msg.headers or {}
