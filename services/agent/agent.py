@@ -36,7 +36,7 @@ from corral.agent.slots import Admission, SlotTable
 from corral.agent.worker import Job, Worker, finished_event, load_seconds, ran_seconds
 from corral.protocol import headers as H
 from corral.protocol.endpoints import MODEL_ENDPOINTS
-from corral.protocol.errors import BackendError, CorralError, InternalError
+from corral.protocol.errors import BackendError, InternalError
 from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
 from corral.protocol.names import VENDORS, decode_token
 from corral.protocol.subjects import Subjects, usable_reply
@@ -196,9 +196,12 @@ class Agent:
 
     def _reconnected(self) -> None:
         """Back on NATS (maybe a restarted server that lost the agents bucket): open the buckets
-        again (retried until it works) and say who we are at once, not after the next heartbeat."""
+        again (retried until it works), say who we are at once, not after the next heartbeat, and
+        look at the fleet queue: the nudges of requests queued meanwhile went to nobody."""
         if self._reopener is not None:
             self._reopener.request()
+        if self._claims is not None:
+            self._claims.look_at_queues()
         self._changed(claims=True, state=True)
 
     async def _drain(self) -> None:
@@ -310,11 +313,11 @@ class Agent:
             if (env.unload or env.keep_alive) and 200 <= status < 300:  # pulls: `_on_answered`
                 self._changed(refresh=True)  # what is loaded, or until when, changed: advertise it now
         except asyncio.CancelledError:
-            await self._end_reply(job, job.ending)
+            await job.end_reply(job.ending)
             # the job ends here; the TaskGroup must not see this cancellation as its own
         except Exception as e:
             log.exception("request %s (%s %s) failed", job.rid, env.method, env.endpoint)
-            await self._end_reply(job, InternalError(f"agent error: {e}"))
+            await job.end_reply(InternalError(f"agent error: {e}"))
         finally:
             job.out.close()
             if self._jobs.get(job.rid) is job:
@@ -323,13 +326,6 @@ class Agent:
                 self._apply(self.runners.ended(token, job.rid))
                 self._end_slot(token, job)
             self._changed(claims=True, state=True)
-
-    async def _end_reply(self, job: Job, error: CorralError) -> None:
-        """End ``job``'s reply with ``error`` unless it has ended already."""
-        try:
-            await asyncio.shield(job.out.end(error))
-        except (NatsError, asyncio.CancelledError) as e:
-            log.warning("cannot end request %s: %r", job.rid, e)
 
     def _end_slot(self, token: str, job: Job) -> bool:
         """``job`` is done with its slot (or its place in line); True when a slot became free."""

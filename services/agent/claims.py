@@ -103,6 +103,12 @@ class Claims:
         """Requests for ``token`` may wait in the fleet queue: they go before new work."""
         return bool(self._hint.get(token))
 
+    def look_at_queues(self) -> None:
+        """Requests may wait for every warm model without a nudge having said so (nudges sent
+        while this agent was off NATS reached nobody): the next reconcile looks at each queue."""
+        for token in self._hint:
+            self._hint[token] = self._hint[token] + 1
+
     def nudged(self, token: str, warm: Collection[str]) -> bool:
         """A request for ``token`` was queued; True when the agent should look at the queue."""
         if token not in warm:

@@ -89,6 +89,13 @@ class Job:
         self.failure = self.failure or error
         self.cancel()
 
+    async def end_reply(self, error: CorralError) -> None:
+        """End the reply with ``error`` unless it has ended already."""
+        try:
+            await asyncio.shield(self.out.end(error))
+        except (NatsError, asyncio.CancelledError) as e:
+            log.warning("cannot end request %s: %r", self.rid, e)
+
     @property
     def ending(self) -> CorralError:
         """What a cancelled job's reply ends with."""

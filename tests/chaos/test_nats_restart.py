@@ -9,15 +9,21 @@ reconnect and restarts its watches, and the agents announce themselves at once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import msgspec
+import nats
 import pytest
 from corral import views
+from corral.protocol.names import ANY_VENDOR
+from corral.protocol.subjects import Subjects
 from corral.runtime.natsserver import NatsServer, free_port
+from corral.transport import Transport
+from corral.transport.request import model_work
 from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.js.errors import KeyNotFoundError
 
@@ -119,3 +125,51 @@ async def test_a_nats_restart_is_not_an_outage(
     await fleet.stop()
     for_good = [r.getMessage() for r in caplog.records if "closed for good" in r.getMessage()]
     assert for_good == []
+
+
+async def test_a_request_whose_nudge_reached_no_agent_is_taken_once_the_agents_are_back(
+    server: NatsServer, fleet: LocalFleet, root: str
+) -> None:
+    """An agent looks at the fleet queue only when nudged that a request waits there; a nudge sent
+    while it was off NATS reaches nobody. Back on NATS, it looks at every queue of its warm models:
+    a request queued without a nudge is served with nothing else happening."""
+    subjects = Subjects(root)
+    nc = await nats.connect(server.url)  # reconnects by itself
+    transport = Transport(nc, subjects)
+    await transport.start()
+    body = msgspec.json.encode({"model": MODEL, "prompt": "waiting", "stream": False})
+    req = model_work("/api/generate", body, MODEL)
+    assert req.model is not None
+    call, headers, payload = transport.register(req, None, time.monotonic() + 60, queued=True)
+    try:
+        js = nc.jetstream()
+        async with aiohttp.ClientSession() as s:
+
+            async def other_work() -> None:  # after each, the serving agent looks again at its queues
+                body = {"model": MODEL, "prompt": "other work", "stream": False}
+                async with s.post(f"{fleet.url}/api/generate", json=body) as r:
+                    assert r.status == 200
+
+            for _ in range(2 * len(fleet.agents)):
+                await other_work()  # every agent knows its queue empty now
+            await js.publish(
+                subjects.queue(ANY_VENDOR, req.model.token), payload, headers=headers
+            )  # no nudge
+            for _ in range(2 * len(fleet.agents)):
+                await other_work()
+        assert (await js.stream_info(subjects.queue_stream)).state.messages == 1  # left there
+        before = [sim.stats.started for sim in fleet.sims]
+        await server.kill()
+        await server.start()
+        taken = [
+            asyncio.ensure_future(sim.stats.wait_for(lambda st, n=n: st.started > n, BACK_WITHIN_S))
+            for sim, n in zip(fleet.sims, before, strict=True)
+        ]
+        done, pending = await asyncio.wait(taken, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
+        assert all(t.exception() is None for t in done), "the queued request was not taken"
+    finally:
+        transport.release(call)
+        await transport.stop()
+        await nc.close()
