@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 from corral.protocol.envelope import MAX_NUM_CTX
+from corral.protocol.gojson import as_go_reads
 
 # msgspec cannot decode a value into `Raw | None`; an explicit null Raw stands for "absent"
 _NULL = msgspec.Raw(b"null")
@@ -47,14 +48,14 @@ _enc = msgspec.json.Encoder(order="sorted")
 
 
 def decode_view(body: bytes) -> RouteView:
-    """The routing fields; a body that is not valid UTF-8 is read as Go reads it (each bad byte
-    U+FFFD: Ollama serves it), though the body itself travels on unchanged."""
+    """The routing fields; a body with bytes that are not UTF-8 or with lone surrogate escapes is
+    read as Go reads it (U+FFFD: Ollama serves it), though the body itself travels on unchanged."""
     try:
         return _view.decode(body)
     except msgspec.ValidationError:
         raise
     except msgspec.DecodeError:
-        fixed = body.decode("utf-8", "replace").encode()
+        fixed = as_go_reads(body)
         if fixed == body:
             raise
         return _view.decode(fixed)

@@ -17,6 +17,7 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
+from corral.protocol.gojson import as_go_reads
 from corral.protocol.names import parse_name
 from corral.simulator.catalog import LocalModel
 from corral.simulator.context import SimContext
@@ -132,7 +133,10 @@ class OpenAIRoutes:
         try:
             body = msgspec.json.decode(raw)
         except msgspec.DecodeError:
-            raise BadRequest("invalid request body") from None
+            try:  # invalid UTF-8, lone surrogate escapes: read as Go reads them
+                body = msgspec.json.decode(as_go_reads(raw))
+            except msgspec.DecodeError:
+                raise BadRequest("invalid request body") from None
         if not isinstance(body, dict):
             raise BadRequest("invalid request body")
         return body

@@ -15,6 +15,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 from corral.protocol.errors import BadRequest, InternalError
+from corral.protocol.gojson import as_go_reads
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def decode(body: bytes, t: type[T]) -> T:
     except msgspec.ValidationError as e:
         raise BadRequest(_validation_message(str(e), t)) from None
     except msgspec.DecodeError as e:
-        fixed = body.decode("utf-8", "replace").encode()  # Go reads invalid UTF-8 as U+FFFD
+        fixed = as_go_reads(body)  # invalid UTF-8, lone surrogate escapes: U+FFFD, as Go reads them
         if fixed != body:
             return decode(fixed, t)
         raise BadRequest(_syntax_message(str(e), body)) from None

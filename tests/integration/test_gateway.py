@@ -212,6 +212,19 @@ async def test_wrong_methods_slashes_and_numbers_past_their_range_answer_as_olla
             data=b'{"model": "llama3.2", "stream": false, "options": {"num_predict": 2}, "prompt": "a\xff\xfeb"}',
         ) as r:
             assert r.status == 200 and (await r.json())["done"], await r.text()
+        # so is a lone surrogate escape (a JavaScript string cut in the middle of an emoji)
+        for path, lone in (
+            (
+                "/api/chat",
+                b'{"model":"llama3.2","stream":false,"messages":[{"role":"user","content":"a\\ud83d"}]}',
+            ),
+            (
+                "/v1/chat/completions",
+                b'{"model":"llama3.2","messages":[{"role":"user","content":"\\ude00b"}]}',
+            ),
+        ):
+            async with s.post(fleet.url + path, data=lone) as r:
+                assert r.status == 200, (path, await r.text())
         # a keep_alive past float's range is Ollama's 400 to word, never a 500 of the gateway
         async with s.post(
             fleet.url + "/api/generate", data=b'{"model": "llama3.2", "keep_alive": 1e400}'

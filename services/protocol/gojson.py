@@ -1,0 +1,58 @@
+"""JSON text as Go's encoding/json reads it, for bodies a strict decoder refuses but Ollama serves.
+
+Go is lenient in two ways a strict decoder (msgspec) is not:
+
+- bytes that are not UTF-8 are read as U+FFFD, one per bad byte;
+- a ``\\uXXXX`` escape of a UTF-16 surrogate that is not the first half of a pair followed at once
+  by its second half (a lone surrogate: what JavaScript's ``JSON.stringify`` writes for a string
+  cut in the middle of an emoji) is read as U+FFFD (https://pkg.go.dev/encoding/json#Unmarshal).
+
+`as_go_reads` rewrites a body so that a strict decoder reads what Go reads; callers use it only
+after the strict decoder refused the body, so well-formed bodies never pay for it.
+"""
+
+from __future__ import annotations
+
+import re
+
+# a run of backslashes, then u and a surrogate's four hex digits: an escape when the run is odd
+_SURROGATE_ESCAPE = re.compile(rb"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
+_REPLACEMENT = rb"\ufffd"
+
+
+def as_go_reads(body: bytes) -> bytes:
+    """``body`` with invalid UTF-8 and lone surrogate escapes replaced as Go reads them (U+FFFD);
+    the same bytes when there is nothing to replace."""
+    fixed = body.decode("utf-8", "replace").encode()
+    return _lone_surrogates(fixed) if b"\\u" in fixed else fixed
+
+
+def _lone_surrogates(text: bytes) -> bytes:
+    escapes = [m for m in _SURROGATE_ESCAPE.finditer(text) if len(m.group(1)) % 2]
+    out: list[bytes] = []
+    done = 0  # where the text not yet copied begins
+    i = 0
+    while i < len(escapes):
+        m = escapes[i]
+        nxt = escapes[i + 1] if i + 1 < len(escapes) else None
+        if (
+            _is_high(m)
+            and nxt is not None
+            and nxt.start() == m.end()  # the very next escape, nothing between
+            and len(nxt.group(1)) == 1
+            and not _is_high(nxt)
+        ):
+            i += 2  # a pair: read as one character
+            continue
+        out += [text[done : m.end(1) - 1], _REPLACEMENT]
+        done = m.end()
+        i += 1
+    if not out:
+        return text
+    out.append(text[done:])
+    return b"".join(out)
+
+
+def _is_high(m: re.Match[bytes]) -> bool:
+    """A first half (U+D800–U+DBFF); else a second half (U+DC00–U+DFFF)."""
+    return m.group(2)[1:2].lower() in b"89ab"
