@@ -287,3 +287,13 @@ def test_keep_alive_beyond_a_go_duration_is_forever(value: object) -> None:
     secs = parse_keep_alive(value)
     assert secs == FOREVER
     assert format_local(time.time() + secs).startswith("23")  # Go's now + MaxInt64 ns
+
+
+def test_a_reply_of_a_million_tokens_is_as_long_as_asked() -> None:
+    """Past a few thousand words a reply repeats the words it drew (drawing a million words at
+    random held the simulator's event loop for most of a second); its length is still the one
+    asked for."""
+    natural = plan_reply(7, length=(10**6, 10**6))
+    assert natural.eval_count >= 10**6 and natural.done_reason == "stop"
+    assert natural.content[1:100] != natural.content[101:200]  # words, not one word repeated
+    assert plan_reply(7, num_predict=654_321, length=(10**6, 10**6)).eval_count == 654_321
