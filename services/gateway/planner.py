@@ -341,6 +341,7 @@ class Planner:
             )
 
         batch = req.priority == BATCH  # only spare slots: no direct sends to a busy agent
+        unclaimed = False  # a warm claim was taken and never claimed
         # 1. the conversation's agent, while the cost model still puts it first (its prompt cache)
         if session_agent is not None and not batch:
             usable = self._usable(req, failed)
@@ -360,11 +361,14 @@ class Planner:
                 outcome = await self._attempt(req, subject, None, deadline)
                 if isinstance(outcome, Reply):
                     return outcome
+                unclaimed = unclaimed or outcome is Outcome.FAILED
         usable = self._usable(req, failed)
         route = route_for(usable)
         ranked = router.rank("auto", route, usable, transport.outstanding)
-        # 3. whoever can start it now by the fleet state (claims lag a little behind it)
-        for a in () if batch else ranked:
+        # 3. whoever can start it now by the fleet state (claims lag a little behind it). Not after
+        # a claim went unanswered: an agent took it and went silent (stopped, cut off), and the fleet
+        # state still shows its free slots; the queue below is served only by agents that answer
+        for a in () if batch or unclaimed else ranked:
             if (
                 a.id not in tried
                 and a.id not in failed

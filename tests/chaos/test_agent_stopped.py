@@ -71,6 +71,36 @@ async def fleet(
             await sim.stop()
 
 
+async def failed_attempts(s: aiohttp.ClientSession, url: str) -> float:
+    """The gateway's count of attempts that went unclaimed (or otherwise failed) and were retried."""
+    async with s.get(url + "/metrics") as r:
+        text = await r.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("corral_gateway_claim_retries_total{") and 'reason="failed"' in line
+    )
+
+
+async def test_a_request_its_claims_took_does_not_wait_on_it_twice(
+    fleet: tuple[str, list[asyncio.subprocess.Process]],
+) -> None:
+    """One at a time, requests go to the claim subscriptions of both agents, the stopped one's
+    included (one per slot it had free): each such request waits one claim timeout and then goes
+    to an agent that answers, never to the stopped one a second time."""
+    url, (stopped, _) = fleet
+    os.kill(stopped.pid, signal.SIGSTOP)
+    async with aiohttp.ClientSession() as s:
+        failures = []
+        for _ in range(8 * SLOTS):
+            before = await failed_attempts(s, url)
+            async with asyncio.timeout(20), s.post(url + "/api/generate", json=BODY) as r:
+                assert r.status == 200 and r.headers["X-Corral-Agent"] == "node1"
+            failures.append(await failed_attempts(s, url) - before)
+    assert sum(failures) >= 1  # the stopped agent's claims took some (else this shows nothing)
+    assert max(failures) == 1, failures
+
+
 async def test_a_stopped_agent_is_sent_nothing_more_once_it_let_a_request_go_unclaimed(
     fleet: tuple[str, list[asyncio.subprocess.Process]], nats_server: NatsServer, root: str
 ) -> None:
