@@ -12,9 +12,11 @@ the model on disk where it fits in free VRAM without evicting anything (`fits`; 
 never evicted), cheapest first by the router — and takes each one whose load (as observed there or
 on an agent like it, else estimated: `load_time`) ends before the backlog, with the replicas
 already taken, would have drained; it stops once the backlog has a slot for every
-``backlog_per_slot`` waiting requests. So fast loads and a deep backlog load several replicas at
-once, a backlog that drains before a load could end loads none, loads under way count, and no
-backlog gets a load per waiting request. With nothing serving or loading the model there is no
+``backlog_per_slot`` waiting requests (serving slots count only while they free: a backlog that has
+not moved, ``request_s`` infinite, is waiting on requests that may never end). So fast loads and a
+deep backlog load several replicas at once, a backlog that drains before a load could end loads
+none, loads under way count, a request stuck behind endless streams gets a replica where one fits,
+and no backlog gets a load per waiting request. With nothing serving or loading the model there is no
 plan: the first load is the placement's (the request that finds the model cold starts it).
 """
 
@@ -44,7 +46,7 @@ class ReplicaPlan:
     load: tuple[str, ...] = ()  # agents to load the model on now, best first
     depth: int = 0  # requests waiting
     drain_s: float = math.inf  # when the backlog would drain without them
-    slots: int = 0  # slots serving or loading the model before them
+    slots: int = 0  # slots that will take the backlog before them: loading, and serving ones that free
     load_s: float = math.inf  # the shortest load of the model among the agents looked at
     candidates: tuple[str, ...] = ()  # agents where a load fits, cheapest first
 
@@ -106,7 +108,11 @@ def plan_replicas(
     ready_s = {a.id: load_time(route, a, loads) for a in [*loading, *ranked]}
     groups = [(request_s, _slots(a)) for a in serving]
     groups += [(LOADING_REMAINING * ready_s[a.id], _slots(a)) for a in loading]
-    slots = sum(_slots(a) for a in serving + loading)
+    # slots that will take the backlog: serving ones only if they free (``request_s`` finite: with
+    # its requests of unknown length, a backlog that has not moved may never see them free)
+    slots = sum(_slots(a) for a in loading) + (
+        sum(_slots(a) for a in serving) if math.isfinite(request_s) else 0
+    )
     load_s = min(ready_s.values(), default=math.inf)
     before = drain_s(depth, groups, request_s)
     plan = ReplicaPlan(

@@ -107,3 +107,28 @@ async def test_a_flood_of_nudges_reads_one_models_queue_at_most_every_recheck_mi
     assert len(reads) >= 2  # the nudges during the first read made it read once more
     gaps = [b - a for a, b in itertools.pairwise(reads)]
     assert min(gaps) >= RECHECK_MIN_S * 0.99, gaps
+
+
+async def test_a_request_stuck_behind_endless_streams_gets_a_replica_on_an_idle_agent(
+    nats_server: NatsServer, root: str
+) -> None:
+    """The model is warm on one agent, whose one slot an endless stream holds; another agent has
+    it on disk and room. A request waits in the fleet queue: its backlog does not move in a
+    request's time, so the registry loads a replica for it, however many slots the model has."""
+    opts = _options(nats_server, root, load_bandwidth=1e10, reply_tokens=(100_000, 100_000))
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        gw = fleet.gateway
+        assert gw is not None
+        await _generate(s, fleet, "cold")  # one load, on one agent
+        await until(fleet, lambda: any(KEY in a.request_s for a in gw.fleet.agents()))
+        (loaded,) = [a for a in gw.fleet.agents() if warm(Route(key=KEY), a)]
+        spare = next(i for i, a in enumerate(fleet.agents) if a.id != loaded.id)
+        endless = {"model": MODEL, "prompt": "endless"}
+        async with s.post(fleet.url + "/api/generate", json=endless) as stream:
+            assert stream.status == 200 and stream.headers["X-Corral-Agent"] == loaded.id
+            await stream.content.readline()  # its one slot is taken for good
+            body = {"model": MODEL, "prompt": "short", "stream": False, "options": {"num_predict": 8}}
+            async with asyncio.timeout(20), s.post(fleet.url + "/api/generate", json=body) as r:
+                assert r.status == 200, await r.text()
+                assert r.headers["X-Corral-Agent"] == fleet.agents[spare].id
+            assert fleet.sims[spare].stats.loads == 1

@@ -243,6 +243,15 @@ def test_only_agents_where_the_model_fits_without_evicting() -> None:
 
 
 def test_a_backlog_that_never_drains_gets_its_slots() -> None:
-    # the warm slot is held by a request of unknown length (request_s inf): replicas up to the cap
-    fleet = [agent("serving", warm=True, load_s=60.0), agent("a"), agent("b")]
-    assert plan_replicas(ROUTE, fleet, depth=3, request_s=math.inf).load == ("a",)
+    # the warm slot is held by a request of unknown length (request_s inf): it takes none of the
+    # backlog, so the backlog gets its slot per two waiting requests from replicas
+    fleet = [agent("serving", warm=True, load_s=60.0), agent("a"), agent("b"), agent("c")]
+    assert plan_replicas(ROUTE, fleet, depth=3, request_s=math.inf).load == ("a", "b")
+
+
+def test_one_request_stuck_behind_busy_slots_gets_a_replica() -> None:
+    """Four slots held by endless streams and one request waiting: however many slots serve the
+    model, none will take it, and an idle agent with room loads the model for it."""
+    fleet = [agent("serving", warm=True, parallel=4, load_s=1.0), agent("idle")]
+    assert plan_replicas(ROUTE, fleet, depth=1, request_s=math.inf).load == ("idle",)
+    assert plan_replicas(ROUTE, fleet, depth=1, request_s=2.0).load == ()  # it frees in 2 s
