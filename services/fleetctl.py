@@ -20,7 +20,8 @@ from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
-from corral.runtime.fleet import FleetView
+from corral.runtime.fleet import FleetView, received_at
+from corral.runtime.kvwatch import snapshot
 from corral.runtime.nats import NatsAuth, connect, ensure_buckets
 from corral.runtime.policy import POLICY_KEY, policy_decoder
 from corral.runtime.process import parse_settings
@@ -72,11 +73,14 @@ class _Session:
         return policy_decoder.decode(entry.value).pins if entry.value else {}
 
     async def rates(self) -> views.Rates | None:
-        try:
-            entry = await self.buckets.views.get(views.RATES_KEY)
-        except KeyNotFoundError:  # no aggregator has written yet
+        """The aggregator's figures; None when none has written them, or its last are stale."""
+        # a snapshot, not a get: its entry carries when the server stored it
+        entries = await snapshot(self.buckets.views, views.RATES_KEY, timeout=5.0)
+        entry = entries[-1] if entries else None
+        if entry is None or not entry.value:  # no aggregator has written yet
             return None
-        return views.rates_decoder.decode(entry.value) if entry.value else None
+        age = time.monotonic() - received_at(entry, snapshot=True)  # by the server's timestamp
+        return views.current(views.rates_decoder.decode(entry.value), age)
 
 
 async def status(s: _Session, as_json: bool) -> int:

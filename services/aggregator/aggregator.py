@@ -209,7 +209,9 @@ class Aggregator:
     async def write(self) -> None:
         assert self._buckets is not None and self.nc is not None
         agents = self.fleet.agents()
-        rates = self.window.rates(time.time())
+        rates = msgspec.structs.replace(
+            self.window.rates(time.time()), every_s=self.settings.views_interval_s
+        )
         out = {
             views.RATES_KEY: _enc.encode(rates),  # first: every gateway reads it
             "tags": views.tags_body(agents),

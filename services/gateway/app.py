@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -39,7 +40,7 @@ from corral.protocol.priority import HTTP_HEADER as PRIORITY_HEADER
 from corral.protocol.priority import INTERACTIVE, capped, parse_priority
 from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
-from corral.runtime.fleet import FleetView
+from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import watching
 from corral.runtime.nats import NatsAuth, Reopener, connect, ensure_buckets, watch_until
 from corral.runtime.policy import PolicyStore
@@ -117,6 +118,7 @@ class Gateway:
         self._batches: BatchRunner | None = None  # the Batch API's share of the fleet's batch lines
         self._rates_task: asyncio.Task[None] | None = None
         self._rates: views.Rates | None = None
+        self._rates_at = 0.0  # when they were written, on this process's monotonic clock
         self._rates_seen = asyncio.Event()
         self._rates_restart = asyncio.Event()
         self._reopener: Reopener | None = None
@@ -218,8 +220,11 @@ class Gateway:
                 raise
 
     async def _watch_rates_once(self, kv: KeyValue) -> None:
+        snapshot = True
         async with watching(kv, views.RATES_KEY) as watcher:
             async for entry in watcher:
+                if entry is None:
+                    snapshot = False
                 if entry is None or not entry.value or entry.operation in ("DEL", "PURGE"):
                     continue
                 try:
@@ -227,12 +232,14 @@ class Gateway:
                 except msgspec.DecodeError:
                     log.warning("ignoring undecodable rates in the views bucket")
                     continue
+                self._rates_at = received_at(entry, snapshot=snapshot)
                 self._rates_seen.set()
 
     @property
     def rates(self) -> views.Rates | None:
-        """The aggregator's latest rolling figures (None until an aggregator has written them)."""
-        return self._rates
+        """The aggregator's latest rolling figures; None until an aggregator has written them, or
+        once it has stopped rewriting them (`corral.views.current`)."""
+        return views.current(self._rates, time.monotonic() - self._rates_at)
 
     async def wait_rates(self, predicate: Callable[[views.Rates], bool], timeout: float) -> views.Rates:
         """Wait until the aggregator's figures satisfy ``predicate`` (woken by each KV update)."""

@@ -69,6 +69,18 @@ class Rates(msgspec.Struct, frozen=True, kw_only=True):
     ttft_ms_p50: float | None = None
     ttft_ms_p95: float | None = None
     per_model: dict[str, ModelRate] = msgspec.field(default_factory=dict)
+    every_s: float = 0.0  # how often its aggregator rewrites them (0: not said)
+
+
+STALE_REWRITES = 5  # rates not rewritten for this many of their aggregator's periods: it stopped
+
+
+def current(rates: Rates | None, age_s: float) -> Rates | None:
+    """``rates`` last written ``age_s`` seconds ago, or None when their aggregator has stopped
+    rewriting them (a dead aggregator's last figures would otherwise show for good)."""
+    if rates is None or (rates.every_s > 0 and age_s > STALE_REWRITES * rates.every_s):
+        return None
+    return rates
 
 
 class Totals(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,16 +11,19 @@ import msgspec
 import nats
 import ollama
 import pytest
+from corral import views
 from corral.aggregator.aggregator import Aggregator
 from corral.aggregator.settings import AggregatorSettings
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
+from corral.runtime.nats import ensure_buckets
 from corral.runtime.natsserver import NatsServer
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims
 from corral.views import FleetStatus
 
+from tests.integration.cli_helpers import corral_ok
 from tests.integration.fleet_helpers import Events, preload, until
 
 pytestmark = pytest.mark.integration
@@ -210,3 +213,36 @@ async def test_clean_stop_is_announced_once(fleet: LocalFleet, events: Events) -
     await silenced.nc.close()
     await events.wait("dead", silenced.id)
     assert events.of("left", leaving.id) == 1 and events.of("dead", leaving.id) == 0
+
+
+async def test_rates_an_aggregator_stopped_rewriting_are_not_shown(
+    nats_server: NatsServer, root: str
+) -> None:
+    """With no aggregator left, the last one's figures would show for good: rates not rewritten
+    for five of their aggregator's periods are ``null`` in /api/status and `corral status`."""
+    options = FleetOptions(port=0, nats_url=nats_server.url, root=root, sims=default_sims(1), aggregator=None)
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+        assert fleet.gateway is not None and fleet.gateway.nc is not None
+        buckets = await ensure_buckets(fleet.gateway.nc.jetstream(), Subjects(root))
+
+        async def written(every_s: float) -> dict[str, object] | None:
+            rates = views.Rates(
+                window_s=60,
+                requests=7,
+                errors=0,
+                tokens=70,
+                requests_per_s=0.1,
+                tokens_per_s=1.0,
+                every_s=every_s,
+            )
+            await buckets.views.put(views.RATES_KEY, msgspec.json.encode(rates))
+            assert fleet.gateway is not None
+            await fleet.gateway.wait_rates(lambda r: r.every_s == every_s, timeout=10)
+            async with s.get(fleet.url + "/api/status") as r:
+                return (await r.json())["rates"]
+
+        status = ("status", "--nats", nats_server.url, "--root", root)
+        assert (await written(3600.0) or {})["requests"] == 7  # rewritten every hour: current
+        assert "req/s" in await corral_ok(*status)
+        assert await written(1e-6) is None  # every microsecond, and not since: its aggregator stopped
+        assert "req/s" not in await corral_ok(*status)

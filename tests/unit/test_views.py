@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
+import msgspec
 import pytest
+from corral import views
 from corral.protocol.messages import AgentState, ModelDetails, PsModel, TagModel
 from corral.views import (
     fleet_version,
@@ -340,3 +342,14 @@ def test_a_name_without_a_key_is_shown_nowhere() -> None:
     assert v1_model_body([a], bad) is None
     row = status_view([a]).agents[0]
     assert row.models_on_disk == 1 and [m.model for m in row.loaded] == ["llama3.2:latest"]
+
+
+def test_rates_not_rewritten_for_five_of_their_periods_are_not_current() -> None:
+    rates = views.Rates(
+        window_s=60, requests=1, errors=0, tokens=1, requests_per_s=0.0, tokens_per_s=0.0, every_s=1.0
+    )
+    assert views.current(rates, 4.9) is rates
+    assert views.current(rates, 5.1) is None  # its aggregator stopped
+    unsaid = msgspec.structs.replace(rates, every_s=0.0)  # an aggregator that does not say
+    assert views.current(unsaid, 3600.0) is unsaid
+    assert views.current(None, 0.0) is None
