@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -45,6 +46,18 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Output piped into a reader that stops early (``corral status | head``)
+    ends the command quietly, as other command-line tools do, not with a traceback."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # what a shell reports for a command ended by SIGPIPE (128 + 13)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage())

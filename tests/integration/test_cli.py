@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -47,6 +48,23 @@ async def test_status_ps_models(fleet: LocalFleet) -> None:
     assert sorted(by_name["llama3.2:latest"]) == sorted(a.id for a in fleet.agents)
     rc, out, _ = await corral(fleet, "status")
     assert rc == 0 and "2 agents (2 active)" in out and "nvidia-0" in out
+
+
+async def test_output_into_a_reader_that_stopped_ends_quietly(fleet: LocalFleet) -> None:
+    """``corral status | head -1``: the reader is gone before the output is written (here, at
+    once), and the command ends as other tools do, with no traceback."""
+    read, write = os.pipe()
+    os.close(read)  # a reader that took what it wanted and left
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "corral.cli", "status", "--nats", fleet.nats_url, "--root", "cli",
+            stdout=write, stderr=asyncio.subprocess.PIPE, env=cli.without_corral_settings(),
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    async with asyncio.timeout(60):
+        _, err = await proc.communicate()
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
 
 
 async def test_pull_with_replicas(fleet: LocalFleet) -> None:
