@@ -94,6 +94,7 @@ class Decision:
     substitution: str = ""  # alias, fallback or quant (`corral.gateway.policy`); empty: none
     model_label: str = ""  # the requested model as a label, once worked out (`GatewayMetrics.model_label`)
     in_queue: bool = False  # waiting in the fleet queue now, no agent has claimed it (a stop answers it 503)
+    stopped: bool = False  # the gateway's stop ended it: its client was told so (503 or a last error line)
 
     def headers(self, agent: str) -> list[tuple[bytes, bytes]]:
         """``X-Corral-Agent``, ``X-Corral-Route``, ``X-Corral-Model`` (the model that served) and,

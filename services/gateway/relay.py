@@ -77,7 +77,11 @@ async def relay(
     metrics label, when the caller worked it out already."""
     decision, sent = new_decision(model_label), Sent(send)
     serve = _serve(planner, work, sent, decision, openai=openai, raw_model=raw_model, target=target)
-    await _until_gone(serve, receive, sent, planner.shutdown, openai, lambda: decision.in_queue)
+
+    def stopped() -> None:
+        decision.stopped = True
+
+    await _until_gone(serve, receive, sent, planner.shutdown, openai, lambda: decision.in_queue, stopped)
 
 
 async def relay_reply(reply: Reply, receive: Receive, send: Send, shutdown: Shutdown) -> None:
@@ -120,10 +124,11 @@ async def _until_gone(
     shutdown: Shutdown,
     openai: bool,
     in_queue: Callable[[], bool] = lambda: False,
+    on_stop: Callable[[], None] = lambda: None,
 ) -> None:
     """Run ``work`` raced against the client's disconnect (a client that goes cancels it) and the
     gateway's stop: once it drains, a request still in the fleet queue is answered 503; once it
-    closes, whatever still runs is cancelled and ends in words."""
+    closes, whatever still runs is cancelled and ends in words (``on_stop`` is told first)."""
     job = asyncio.create_task(work)
     gone = asyncio.create_task(until_disconnect(receive))
     step = shutdown.draining  # shared by every request: never cancelled here
@@ -135,6 +140,8 @@ async def _until_gone(
                 break
             stopped = shutdown.closing.done() or (in_queue() and not sent.started)
             step = shutdown.closing
+        if stopped:
+            on_stop()
     finally:
         if not job.done() and not stopped:
             log.info("client went away; cancelling its request")
@@ -187,6 +194,8 @@ async def _serve(
         async with reply:
             await stream_reply(reply, send, openai=openai, decision=decision)
     finally:
+        if decision.stopped and status == 499:  # not its client's leaving: the stop answered it 503
+            status = 503
         try:  # bookkeeping after the answer: never in the way of the request's own outcome
             planner.metrics.finished(work, decision, status, agent)
             record_answer(decision, agent)

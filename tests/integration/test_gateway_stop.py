@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
+from prometheus_client import CollectorRegistry
 
 from tests.integration.fleet_helpers import preload
 
@@ -18,6 +19,19 @@ pytestmark = pytest.mark.integration
 
 MODEL = "llama3.2"
 GRACE_S = 4  # the HTTP server's: running requests are ended in words 2 s before it runs out
+
+
+def statuses(registry: CollectorRegistry) -> dict[str, int]:
+    """Model requests this gateway counted, by the status it recorded."""
+    out: dict[str, int] = {}
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if (
+                sample.name == "corral_gateway_requests_total"
+                and sample.labels["endpoint"] == "/api/generate"
+            ):
+                out[sample.labels["status"]] = out.get(sample.labels["status"], 0) + int(sample.value)
+    return out
 
 
 def one_slot(nats_server: NatsServer, root: str) -> FleetOptions:
@@ -63,6 +77,9 @@ async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_strea
         assert lines[-1] == {"error": "server shutting down"} and len(lines) > 10
         async with asyncio.timeout(5):
             await sim.stats.wait_for(lambda st: st.cancelled >= 1, timeout=5)  # stopped at its Ollama
+        # counted as their clients saw them: the queued one 503, the stream 200; neither as gone
+        assert fleet.gateway is not None
+        assert statuses(fleet.gateway.planner.metrics.registry) == {"200": 1, "503": 1}
     finally:
         if stopping is None:
             await fleet.stop()
