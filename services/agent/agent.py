@@ -288,6 +288,7 @@ class Agent:
         """Run an admitted job (holding its slot, or waiting for one) in the agent's task group."""
         assert self._tg is not None
         self._jobs[job.rid] = job
+        self._requesters.watch(job)
         job.out.claim_soon()
         job.task = self._tg.create_task(self._execute(job), name=f"job-{job.rid}")
         self._changed(claims=True, state=True)

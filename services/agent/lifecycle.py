@@ -125,12 +125,21 @@ class Requesters:
                     except NatsError as e:
                         log.warning("cannot ping request %s: %s", job.rid, e)
 
-    def _probe(self, job: Job) -> str | None:
-        if not self._inbox:
-            return None
+    def watch(self, job: Job) -> None:
+        """Check on ``job``'s requester from its claim on (the claim carries the first probe)."""
+        if self._inbox and not job.out.claimed:
+            self._key(job)
+            job.out.probe = f"{self._inbox}.{job.probes.key}.{job.probes.claim()}"
+
+    def _key(self, job: Job) -> None:
         if not job.probes.key:
             job.probes.key = str(next(self._keys))
             self._watched[job.probes.key] = job
+
+    def _probe(self, job: Job) -> str | None:
+        if not self._inbox:
+            return None
+        self._key(job)
         return f"{self._inbox}.{job.probes.key}.{job.probes.next()}"
 
     async def _on_answer(self, msg: Msg) -> None:
@@ -140,5 +149,10 @@ class Requesters:
         job = self._watched.get(key)
         if job is None or not n.isdigit() or job.probes.gone or not job.probes.missed(int(n)):
             return
-        log.warning("the requester of %s is gone (nobody listens on %s): cancelling it", job.rid, job.reply)
+        if job.probes.is_claim(int(n)):  # its requester sends it elsewhere, if it is there at all
+            log.warning("nobody heard the claim of %s on %s: dropping it", job.rid, job.reply)
+        else:
+            log.warning(
+                "the requester of %s is gone (nobody listens on %s): cancelling it", job.rid, job.reply
+            )
         job.fail(Cancelled("the requester is gone"))

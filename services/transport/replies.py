@@ -59,6 +59,7 @@ class ReplyWriter:
         "headed",
         "last_pinged",
         "last_sent",
+        "probe",
         "reply",
         "rid",
         "sender",
@@ -77,6 +78,7 @@ class ReplyWriter:
         self.seq = 0  # data messages sent
         self.last_sent = 0.0  # monotonic time of the last message
         self.last_pinged = time.monotonic()  # of the last ping (or the start): when the next is due
+        self.probe = ""  # the claim's reply-to, where NATS says "no responders" if nobody heard it
         self._claim_timer: asyncio.TimerHandle | None = None
         self._claim_task: asyncio.Task[None] | None = None
 
@@ -103,7 +105,9 @@ class ReplyWriter:
             return
         self._claimed_now()
         self.last_sent = time.monotonic()
-        await self._nc.publish(self.reply, b"", headers=self._claim_headers({H.KIND: H.CLAIM}))
+        await self._nc.publish(
+            self.reply, b"", reply=self.probe, headers=self._claim_headers({H.KIND: H.CLAIM})
+        )
 
     def claim_soon(self, delay: float = CLAIM_DELAY_S) -> None:
         """Claim after ``delay`` seconds unless the head goes out first and claims it."""
@@ -143,11 +147,13 @@ class ReplyWriter:
             headers[H.END] = "1"
         first, rest = (body, b"") if len(body) <= self._limit else (body[: self._limit], body[self._limit :])
         self.headed = True
+        probe = ""
         if not self.claimed:
             self._claimed_now()  # the head is the claim too: one message
             self._claim_headers(headers)
+            probe = self.probe
         self.last_sent = time.monotonic()
-        await self._nc.publish(self.reply, first, headers=headers)
+        await self._nc.publish(self.reply, first, reply=probe, headers=headers)
         if H.END in headers:
             self.done = True
             return

@@ -150,3 +150,39 @@ async def pings(sub: nats.aio.subscription.Subscription, count: int) -> None:
         while seen < count:
             msg = await sub.next_msg(timeout=10)
             seen += (msg.headers or {}).get(H.KIND) == H.PING
+
+
+async def test_a_queued_request_of_a_killed_gateway_is_dropped_at_its_claim(
+    nats_server: NatsServer, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway dies with a request waiting in the fleet queue. The agent that takes it claims it
+    and nobody hears the claim: it drops it at once (its pings alone would take about 10 s, and
+    here never), and the slot serves the next request."""
+    monkeypatch.setattr(probes, "MISSES", 10**9)  # only the claim can tell
+    one_slot = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=1.0, num_parallel=1, reply_tokens=[100_000, 100_000]),
+        agent={"parallel": 1},
+        gateway={"queue_timeout_s": 60.0},
+        aggregator=None,
+    )
+    async with LocalFleet(one_slot) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+        assert fleet.gateway is not None and fleet.gateway.nc is not None
+        nudges = await fleet.gateway.nc.subscribe(f"{root}.queued.>")  # one per request queued
+        async with s.post(fleet.url + "/api/generate", json=LONG) as hold:  # the one slot, held
+            assert hold.status == 200
+            await hold.content.readline()
+            async with gateway_process(nats_server, root) as (url, proc):
+                orphan = asyncio.create_task(s.post(url + "/api/generate", json=LONG))
+                await nudges.next_msg(timeout=20)  # it waits in the fleet queue
+                proc.kill()
+                await proc.wait()
+                with contextlib.suppress(aiohttp.ClientError):
+                    await orphan
+        # the slot frees; the orphan is taken first (the queue is first in, first out)
+        body = {"model": MODEL, "prompt": "next", "stream": False, "options": {"num_predict": 3}}
+        async with asyncio.timeout(20), s.post(fleet.url + "/api/generate", json=body) as r:
+            assert r.status == 200 and (await r.json())["done"]

@@ -37,3 +37,13 @@ def test_answers_for_probes_never_sent_or_already_counted_change_nothing() -> No
         assert not p.missed(0)  # the same answer again (a duplicate) is one miss
     assert not p.gone
     assert not p.missed(-1)
+
+
+def test_a_claim_nobody_heard_is_enough() -> None:
+    """Nobody heard the claim: a requester that is there after all takes the request for unclaimed
+    and sends it elsewhere, so the agent drops it at once; a ping nobody heard is not enough."""
+    claimed = Probes()
+    assert claimed.missed(claimed.claim()) and claimed.gone
+    pinged = Probes()
+    pinged.claim()
+    assert not pinged.missed(pinged.next()) and not pinged.gone
