@@ -104,11 +104,13 @@ class Requesters:
         self._closing = closing
         self._jobs = jobs
         self._interval = interval
+        self._nc: NATS | None = None
         self._inbox = ""
         self._watched: dict[str, Job] = {}  # probe key → the job it names
         self._keys = itertools.count()
 
     async def start(self, nc: NATS) -> None:
+        self._nc = nc
         self._inbox = nc.new_inbox()
         await nc.subscribe(self._inbox + ".>", cb=self._on_answer)
 
@@ -116,6 +118,8 @@ class Requesters:
         """Ping until the agent is closing."""
         while not self._closing.is_set():
             await wait_at_most(self._closing, self._interval / 2)
+            if self._nc is None or not self._nc.is_connected:
+                continue  # held back until a reconnect, pings would all meet nobody at once
             now = time.monotonic()
             self._watched = {k: j for k, j in self._watched.items() if self._jobs.get(j.rid) is j}
             for job in list(self._jobs.values()):

@@ -172,8 +172,9 @@ class Planner:
                     raise
                 deadline = time.monotonic() + wait_s  # the wait for capacity starts now
                 continue
-            if skip:
-                failed |= avoid - skip
+            finally:
+                if skip:
+                    failed |= avoid - skip  # what this pass found failing, not the skipped
             if reply is not None:
                 if waited_since is not None:  # it waited for the fleet to change too
                     decision.queue_s = (decision.queue_s or 0.0) + time.monotonic() - waited_since

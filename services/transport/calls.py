@@ -190,6 +190,7 @@ class Transport:
             H.ERROR_CODE: AgentUnavailable.code,
             H.ERROR: f"agent {agent_id} left the fleet",
         }
+        self.unanswered.pop(agent_id, None)
         ended = 0
         for call in list(self._calls.values()):
             if call.agent == agent_id:
@@ -198,6 +199,12 @@ class Transport:
         if ended:
             log.warning("agent %s left the fleet holding %d of our calls: ended them", agent_id, ended)
         return ended
+
+    def _unanswered(self, agent: str | None) -> None:
+        """Note that ``agent`` let a request go unanswered; only for a sender with a fleet view
+        (``members``), whose planner reads it and whose view says when an agent is gone."""
+        if agent is not None and self._members is not None:
+            self.unanswered[agent] = time.monotonic()
 
     def reply_subject(self, call: Call) -> str:
         return self.subjects.reply(self.id, call.rid)
@@ -265,8 +272,7 @@ class Transport:
                     msg = await self._first(call, service)
                 except TimeoutError:
                     log.warning("no claim from %s within %.1fs", agent or subject, self.claim_timeout)
-                    if agent is not None:
-                        self.unanswered[agent] = time.monotonic()
+                    self._unanswered(agent)
                     outcome: Reply | Outcome = Outcome.FAILED
                 else:
                     outcome = await self.handshake(call, msg, subject)
@@ -325,8 +331,7 @@ class Transport:
                 msg = await call.next(self.idle_timeout)
             except TimeoutError:
                 log.warning("agent %s went silent before answering; trying elsewhere", call.agent)
-                if call.agent is not None:
-                    self.unanswered[call.agent] = time.monotonic()
+                self._unanswered(call.agent)
                 await self.cancel(call)
                 return Outcome.FAILED
             mh = msg.headers or {}
