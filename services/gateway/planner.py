@@ -190,21 +190,11 @@ class Planner:
             await self.fleet.wait_changed(min(remaining, 1.0))
 
     def _unanswering(self) -> set[str]:
-        """Agents that let a request sent to them go unanswered (`Transport.unanswered`: stopped,
-        wedged or cut off from NATS) and whose state has not been heard since: no request is sent
-        to them until it is, so one stopped agent costs one claim timeout, not one per request.
-        A registry removes one that stays silent."""
-        unanswered = self.transport.unanswered
-        if not unanswered:  # the common case
-            return set()
-        out = set()
-        for agent, since in list(unanswered.items()):
-            heard = self.fleet.heard(agent)
-            if heard is None or heard > since:  # gone from the fleet, or heard since
-                del unanswered[agent]
-            else:
-                out.add(agent)
-        return out
+        """Agents that let a request sent to them go unanswered (stopped, wedged or cut off from
+        NATS) and whose state has not been heard since: no request is sent to them until it is,
+        so one stopped agent costs one claim timeout, not one per request. A registry removes one
+        that stays silent."""
+        return self.transport.unanswering(self.fleet.heard)
 
     def _explain(self, req: WorkRequest, reply: Reply, decision: Decision) -> None:
         """The debug line of one routed request: where it went, why, and the candidates' expected waits."""

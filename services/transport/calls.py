@@ -200,6 +200,17 @@ class Transport:
             log.warning("agent %s left the fleet holding %d of our calls: ended them", agent_id, ended)
         return ended
 
+    def unanswering(self, heard: Callable[[str], float | None]) -> set[str]:
+        """Agents that let a request go unanswered (`_unanswered`) and whose state has not been
+        ``heard`` (monotonic time, None: gone from the fleet) since; the others are forgotten."""
+        if not self.unanswered:  # the common case
+            return set()
+        for agent, since in list(self.unanswered.items()):
+            at = heard(agent)
+            if at is None or at > since:
+                del self.unanswered[agent]
+        return set(self.unanswered)
+
     def _unanswered(self, agent: str | None) -> None:
         """Note that ``agent`` let a request go unanswered; only for a sender with a fleet view
         (``members``), whose planner reads it and whose view says when an agent is gone."""

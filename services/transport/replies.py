@@ -125,20 +125,17 @@ class ReplyWriter:
             self._claim_timer.cancel()
             self._claim_timer = None
 
-    async def _send(self, payload: bytes, headers: dict[str, str]) -> None:
+    async def _send(self, payload: bytes, headers: dict[str, str], reply_to: str = "") -> None:
         if not self.claimed:
             await self.claim()
         self.last_sent = time.monotonic()
-        await self._nc.publish(self.reply, payload, headers=headers)
+        await self._nc.publish(self.reply, payload, reply=reply_to, headers=headers)
 
     async def ping(self, probe: str | None = None) -> None:
         """A keep-alive that names its sender; ``probe``: its reply-to, where NATS says "no
         responders" (status 503) when nobody listens on the reply subject."""
-        if not self.claimed:
-            await self.claim()
-        self.last_sent = self.last_pinged = time.monotonic()
-        headers = self._claim_headers({H.KIND: H.PING})
-        await self._nc.publish(self.reply, b"", reply=probe or "", headers=headers)
+        self.last_pinged = time.monotonic()
+        await self._send(b"", self._claim_headers({H.KIND: H.PING}), probe or "")
 
     async def head(self, status: int, content_type: str, body: bytes = b"", *, end: bool = False) -> None:
         """The answer's status and first bytes; ``end``: ``body`` is the whole answer."""
