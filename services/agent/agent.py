@@ -181,6 +181,7 @@ class Agent:
             on_answered=self._on_answered,
         )
         self._claims = Claims(nc, self.subjects, self.vendor, on_claim=self._on_claim, on_nudge=self._on_nudge,
+                              retry=lambda: self._changed(claims=True),
                               reserve=min(self.settings.batch_reserve, self.settings.parallel - 1))  # fmt: skip
         await self._requesters.start(nc)
         await self.ollama.start()

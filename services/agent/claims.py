@@ -10,7 +10,9 @@ and the gateway moves on.
 
 Requests no agent could take wait in the fleet queue (a JetStream work queue per model). The agent
 listens for the nudges sent when one is queued, and before it takes interest in new work for a
-model it takes that model's queued requests, oldest first, up to its free slots.
+model it takes that model's queued requests, oldest first, up to its free slots. A take the queue
+did not answer (JetStream electing a leader, say) is tried again `TAKE_RETRY_S` later, nudge or
+not: the requests it missed may have no other event to wake the agent for them.
 
 Batch-priority work has lanes of its own (`corral.protocol.priority`): claim subjects
 ``work.batch.{vendor}.{model}``, armed only for the free slots beyond ``reserve`` (kept for
@@ -38,6 +40,8 @@ from nats.errors import Error as NatsError
 
 log = logging.getLogger(__name__)
 
+TAKE_RETRY_S = 1.0  # after a take the queue did not answer, reconcile again this long after
+
 Handler = Callable[[Msg], Awaitable[None]]
 
 
@@ -50,14 +54,19 @@ class Claims:
         *,
         on_claim: Handler,
         on_nudge: Handler,
+        retry: Callable[[], None] = lambda: None,
         reserve: int = 0,
     ) -> None:
+        """``retry``: asks the agent for another `reconcile` (called `TAKE_RETRY_S` after a take
+        the queue did not answer)."""
         self._nc = nc
         self.reserve = reserve  # free slots per model batch work leaves to interactive requests
         self._subjects = subjects
         self._vendor = vendor
         self._on_claim = on_claim
         self._on_nudge = on_nudge
+        self._retry = retry
+        self._retry_timer: asyncio.TimerHandle | None = None
         self._puller = Puller(nc, subjects)
         self._shots = SingleShots(nc)
         self._armed: dict[str, list[Subscription]] = {}  # claim subject → armed single-shot subs
@@ -207,14 +216,24 @@ class Claims:
                 msgs, drained = await self._puller.take_batch(subject, n)
                 await take(token, msgs)
                 if not msgs and not drained:
-                    break  # the queue did not say (an error, logged): the hint stays
+                    # the queue did not say (an error, logged; JetStream electing a leader, say):
+                    # the hint stays, and the other lanes, in the same stream, are not waited on too
+                    self._retry_later()
+                    return
             got_all = got_all and drained
         if got_all and self._hint.get(token) == hint:
             self._hint[token] = 0  # every lane ran dry and no nudge came meanwhile
 
+    def _retry_later(self) -> None:
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+        self._retry_timer = asyncio.get_running_loop().call_later(TAKE_RETRY_S, self._retry)
+
     async def drop(self) -> None:
         """Take back all interest (on drain). A claim on its way meanwhile is still delivered, and
         answered ``busy`` (the agent is no longer active), so its sender moves on at once."""
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
         for sub in self._nudges.values():
             await _unsubscribe(sub)
         self._nudges.clear()

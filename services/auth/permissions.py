@@ -188,6 +188,7 @@ def _gateway(s: Subjects, inbox: str, gateway_id: str | None) -> Permissions:
         s.kv_key(s.limits_bucket, ">"),
         f"{_API}.STREAM.MSG.DELETE.{s.queue_stream}",
         f"{_API}.STREAM.MSG.GET.{s.queue_stream}",  # whether a queued request was taken
+        f"{_API}.CONSUMER.INFO.{s.queue_stream}.>",  # whether the queue's reader answers
         *_open_and_read(s, (*_key_buckets(s), *_batch_kv(s))),
         *_batch(s),
     ]

@@ -96,6 +96,7 @@ class Planner:
 
     async def stop(self) -> None:
         await self.pulls.stop()
+        self.queue.stop()
 
     async def send(
         self, req: WorkRequest, *, queue_timeout: float | None = None, decision: Decision | None = None

@@ -5,6 +5,12 @@ agent that takes it claims it on that subject like any other. While it waits, th
 every ``queue_recheck_s`` that some agent still has or is loading the model, and withdraws it (to
 plan again) when none does; at its deadline it is withdrawn and answered Ollama's 503.
 
+The queue needs JetStream, which a cluster loses for seconds at a time when a node dies (its leaders
+are elected again), while the claims agents hold on core NATS go on working. So every recheck
+JetStream is asked whether the queue's reader answers, once per queue subject however many requests
+wait there (`_Rechecks`); a request nobody took while it does not is withdrawn and planned again
+(`corral.gateway.queuewait`), which routes it by claims.
+
 A batch-priority request waits in the queue's batch lane, which agents serve only when no
 interactive request of that model waits; after ``batch_aging_s`` there it is withdrawn and queued
 again at the end of the interactive lane, so interactive work can hold it back that long at most.
@@ -30,7 +36,14 @@ from corral.protocol.names import ANY_VENDOR
 from corral.protocol.priority import BATCH, INTERACTIVE, Priority
 from corral.routing import Route, warm
 from corral.runtime.fleet import FleetView
-from corral.runtime.workqueue import Queued, QueueFull, enqueue, still_queued, withdraw
+from corral.runtime.workqueue import (
+    Queued,
+    QueueFull,
+    enqueue,
+    reader_answers,
+    still_queued,
+    withdraw,
+)
 from corral.transport import Reply, Transport, WorkRequest
 
 log = logging.getLogger(__name__)
@@ -55,6 +68,11 @@ class FleetQueue:
         self._settings = settings
         # (model key, lane) → this gateway's requests waiting in the fleet queue
         self._waiting: dict[tuple[str, Priority], int] = {}
+        self._rechecks = _Rechecks(transport, settings.queue_recheck_s)
+
+    def stop(self) -> None:
+        """Drop the JetStream questions still out (the gateway stops)."""
+        self._rechecks.stop()
 
     def with_queue(
         self, route: Route, usable: list[AgentState], priority: Priority = INTERACTIVE
@@ -126,6 +144,7 @@ class FleetQueue:
         transport = self._transport
         vendor = req.vendor if (req.vendor and req.strict) else ANY_VENDOR
         call, hdrs, payload = transport.register(req, None, deadline, queued=True)
+        token = req.model.token
         keep = False
         queued: Queued | None = None
         # whether it is still in the stream, asked at one silence and read at a later one: the wait
@@ -140,6 +159,7 @@ class FleetQueue:
             queued = await self._enqueue(req, vendor, payload, hdrs, lane)
             if queued is None:
                 return None
+            queued_at = time.monotonic()
             if decision is not None:
                 decision.in_queue = True
             aging_s = self._settings.batch_aging_s if lane == BATCH else None
@@ -162,7 +182,11 @@ class FleetQueue:
                     left = False
                     if check is not None and check.done():
                         left, check = _answered(check) is False, None  # read: the next asks again
-                    step = state.silence(time.monotonic(), left_stream=left)
+                    now = time.monotonic()
+                    unreadable = self._rechecks.unreadable(
+                        transport.subjects.queue(vendor, token, lane), queued_at, now
+                    )
+                    step = state.silence(now, left_stream=left, unreadable=unreadable)
                     if step is Silence.PROMOTE:
                         # to the end of the interactive lane, unless an agent took it just now
                         if await withdraw(self._js, queued):
@@ -187,6 +211,12 @@ class FleetQueue:
                             raise NoCapacity() from None
                     elif step is Silence.ABANDONED:
                         log.warning("a queued %s was taken but never claimed: routing it again", req.endpoint)
+                        return None
+                    elif step is Silence.UNREADABLE:
+                        # withdrawn in the background (JetStream may take its whole timeout to fail):
+                        # an agent that takes it meanwhile claims a call released, which cancels it
+                        log.warning("no agent can take a queued %s now: routing it again", req.endpoint)
+                        self._rechecks.withdraw(queued)
                         return None
                     else:
                         if check is None:
@@ -216,6 +246,47 @@ class FleetQueue:
             self._count(route.key, lane, -1)
             if not keep:
                 transport.release(call)
+
+
+class _Rechecks:
+    """Per queue subject, once for all of this gateway's requests waiting there: JetStream asked
+    whether the subject's reader answers; and the withdrawals of requests the queue could not
+    serve, which nobody waits for."""
+
+    def __init__(self, transport: Transport, every_s: float) -> None:
+        self._transport = transport
+        self._js = transport.nc.jetstream()
+        self._every_s = every_s
+        self._asked: dict[str, tuple[float, asyncio.Task[bool]]] = {}  # subject → (when, question)
+        self._withdrawing: set[asyncio.Task[bool]] = set()
+
+    def unreadable(self, subject: str, since: float, now: float) -> bool:
+        """Whether JetStream's latest answer for ``subject``'s reader, asked at ``since`` or later,
+        was none (False while it is out); asks again when the last question is a recheck old."""
+        asked = self._asked.get(subject)
+        if asked is not None and not asked[1].done():
+            return False
+        if asked is None or now - asked[0] >= self._every_s:
+            t = self._transport
+            question = reader_answers(self._js, t.subjects, subject, timeout=t.claim_timeout)
+            self._asked[subject] = (now, asyncio.create_task(question))
+        if asked is None:
+            return False
+        at, task = asked
+        return at >= since and not task.cancelled() and task.exception() is None and not task.result()
+
+    def withdraw(self, queued: Queued) -> None:
+        """Withdraw ``queued`` without waiting for JetStream to answer."""
+        task = asyncio.create_task(withdraw(self._js, queued))
+        self._withdrawing.add(task)
+        task.add_done_callback(self._withdrawing.discard)
+
+    def stop(self) -> None:
+        for _, task in self._asked.values():
+            task.cancel()
+        self._asked.clear()
+        for task in self._withdrawing:
+            task.cancel()
 
 
 def _answered(check: asyncio.Task[bool | None]) -> bool | None:

@@ -13,9 +13,12 @@ the answer names:
 * ``ABANDONED``: an agent took it (the stream no longer holds it) and no claim came within a claim
   timeout since; that agent died between taking and claiming, and the request is routed again;
 * ``TAKEN``: an agent took it and its claim is due; the stream is asked again and the wait goes on;
-* ``RECHECK``: the stream is asked whether it still holds the request (the answer is read at a
-  later silence, so a slow JetStream never holds up a claim), and unless some agent has or is
-  loading the model it is withdrawn and routed again.
+* ``UNREADABLE``: nobody has taken it, and JetStream did not answer for the queue's reader (a
+  cluster electing a leader after losing a node): no agent can take it now, however free, so it is
+  withdrawn and routed again (by the claims agents with a free slot hold, which need no JetStream);
+* ``RECHECK``: the stream is asked whether it still holds the request, and JetStream whether the
+  queue's reader answers (the answers are read at a later silence, so a slow JetStream never holds
+  up a claim), and unless some agent has or is loading the model it is withdrawn and routed again.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Silence(enum.Enum):
     EXPIRE = "expire"
     ABANDONED = "abandoned"
     TAKEN = "taken"
+    UNREADABLE = "unreadable"
     RECHECK = "recheck"
 
 
@@ -62,14 +66,17 @@ class QueueWait:
         the promotion or the deadline."""
         return max(min(self.deadline - now, self.recheck_s, self.promote_at - now), MIN_WAIT_S)
 
-    def silence(self, now: float, *, left_stream: bool = False) -> Silence:
+    def silence(self, now: float, *, left_stream: bool = False, unreadable: bool = False) -> Silence:
         """No claim came within `timeout`: what to do now. ``left_stream``: the stream's latest
-        answer said it no longer holds the request."""
+        answer said it no longer holds the request; ``unreadable``: JetStream's latest answer for
+        the queue's reader, asked since the request was queued, was none."""
         if left_stream and self.taken_at is None:
             self.taken_at = now
         remaining = self.deadline - now
         if remaining < MIN_WAIT_S:
             return Silence.EXPIRE
+        if unreadable and self.taken_at is None:
+            return Silence.UNREADABLE
         if now >= self.promote_at:
             self.promote_at = math.inf
             if remaining > self.recheck_s:  # not worth it in its last recheck before the deadline

@@ -187,6 +187,22 @@ async def still_queued(js: JetStreamContext, queued: Queued) -> bool | None:
     return None
 
 
+async def reader_answers(js: JetStreamContext, subjects: Subjects, subject: str, *, timeout: float) -> bool:
+    """Whether JetStream answers for the reader of queue ``subject`` (its durable consumer) within
+    ``timeout``: with the consumer's info, or that it does not exist yet (an agent creates it at its
+    first take). False when nothing answered, or JetStream said it cannot now: a cluster that lost
+    the node leading the consumer, or its own meta leader, elects another first (seconds), and until
+    then no agent can take what waits there, though the stream itself may still accept requests."""
+    try:
+        await js.consumer_info(subjects.queue_stream, consumer_name(subject), timeout=timeout)
+    except NotFoundError:
+        return True
+    except (APIError, NatsError, TimeoutError) as e:
+        log.warning("the reader of queue %s does not answer: %r", subject, e)
+        return False
+    return True
+
+
 async def depths(js: JetStreamContext, subjects: Subjects) -> dict[str, int]:
     """Requests waiting per queue subject (``{root}.queue.{vendor}.{token}`` → count)."""
     try:
@@ -213,7 +229,7 @@ class Puller:
         self._subjects = subjects
         self._ready: set[str] = set()  # queue subjects whose consumer exists
 
-    async def _ensure(self, subject: str) -> None:
+    async def _ensure(self, subject: str, timeout: float) -> None:
         if subject in self._ready:
             return
         cfg = ConsumerConfig(
@@ -224,7 +240,7 @@ class Puller:
             max_ack_pending=-1,
             max_waiting=4096,
         )
-        await self._js.add_consumer(self._subjects.queue_stream, cfg)
+        await self._js.add_consumer(self._subjects.queue_stream, cfg, timeout=timeout)
         self._ready.add(subject)
 
     async def take(self, subject: str, n: int, *, timeout: float = 2.0) -> list[Msg]:
@@ -241,7 +257,7 @@ class Puller:
         if n <= 0:
             return [], False
         try:
-            await self._ensure(subject)
+            await self._ensure(subject, timeout)
         except (NatsError, TimeoutError) as e:
             log.warning("cannot open queue consumer for %s: %s", subject, e)
             return [], False

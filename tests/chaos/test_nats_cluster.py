@@ -10,6 +10,10 @@ agents heartbeat at the default period: three missed heartbeats (15 s) outlast t
 which an agent cannot publish its state (with 0.5 s heartbeats the gateway took them for dead for a
 few seconds and answered 404). Once the gateway's view lists the model on every agent again, the
 model is listed and served.
+
+When two of the three die, JetStream has no quorum left and the fleet queue cannot be read, while
+core NATS works on the last node: a request waiting in the queue is served by the claim of the
+agent whose slot frees, not left there until its deadline.
 """
 
 from __future__ import annotations
@@ -185,3 +189,42 @@ async def test_losing_one_node_of_three_hangs_no_request_and_the_fleet_serves_on
         async with s.get(f"{fleet.url}/api/tags") as r:
             tags = await r.json()
             assert r.status == 200 and any(m["name"].startswith(MODEL) for m in tags["models"])
+
+
+async def test_a_queued_request_is_served_by_claims_when_jetstream_loses_its_quorum(
+    nodes: list[NatsServer], root: str
+) -> None:
+    """A request waits in the fleet queue behind the one slot of the one agent; two of the three
+    nodes die, so no agent can take it from the queue (JetStream has no quorum), and the slot
+    frees. The gateway finds the queue's reader does not answer, takes the request back and routes
+    it by claims, which need only core NATS. Without that it waited for its queue deadline, then
+    got a 503."""
+    queue_timeout_s = 30.0
+    options = FleetOptions(
+        port=0,
+        nats_url=",".join(n.url for n in nodes),
+        root=root,
+        sims=default_sims(1, time_scale=1.0, num_parallel=1, reply_tokens=[100_000, 100_000]),
+        gateway={"queue_timeout_s": queue_timeout_s, **REPLICAS},
+        registry=REPLICAS,
+        aggregator=None,
+        agent={"parallel": 1, **REPLICAS},
+    )
+    long_body = {"model": MODEL, "prompt": "a long story"}  # minutes of tokens at this pace
+    body = {"model": MODEL, "prompt": "waiting", "stream": False, "options": {"num_predict": 3}}
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+        assert fleet.gateway is not None and fleet.gateway.nc is not None
+        nudges = await fleet.gateway.nc.subscribe(f"{root}.queued.>")  # one per request queued
+        async with s.post(f"{fleet.url}/api/generate", json=long_body) as hold:  # the one slot
+            assert hold.status == 200
+            await hold.content.readline()
+            waiting = asyncio.create_task(s.post(f"{fleet.url}/api/generate", json=body))
+            await nudges.next_msg(timeout=20)  # it waits in the fleet queue
+            for n in nodes[1:]:
+                await n.kill()
+        # the held stream's client is gone: its slot frees (the cancel, or the agent's pings)
+        async with asyncio.timeout(queue_timeout_s + 10):
+            r = await waiting
+            assert r.status == 200, await r.text()
+            assert (await r.json())["done"] is True

@@ -22,6 +22,7 @@ from corral.runtime.nats import connect, ensure_buckets, round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.workqueue import Puller, depths, enqueue, withdraw
 from corral.up import FleetOptions, LocalFleet, default_sims
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError
 
@@ -215,6 +216,42 @@ async def test_a_queued_request_taken_and_never_claimed_is_routed_again(
         assert r.status == 200, await r.text()
         assert (await r.json())["done"]
         assert time.monotonic() - started < 30  # its queue deadline is 60 s
+
+
+async def test_a_take_the_queue_did_not_answer_is_tried_again_with_nothing_else_to_wake_it(
+    nats_server: NatsServer, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slot frees and the agent's take of the fleet queue goes unanswered (JetStream electing
+    a leader, say): no nudge comes again and no other event wakes the agent, so it takes again
+    by itself a moment later, and the request is served instead of waiting for its deadline."""
+    opts = _options(
+        nats_server,
+        root,
+        sims=1,
+        sim={"time_scale": 1.0, "num_parallel": 1, "reply_tokens": HOLD},  # kept loaded for minutes
+        gateway={"queue_timeout_s": 60.0},
+    )
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        nudges, hold = await _one_slot_held(fleet, s, root)
+        body = {"model": MODEL, "prompt": "waits", "stream": False, "options": {"num_predict": 2}}
+        request = asyncio.create_task(s.post(fleet.url + "/api/generate", json=body))
+        await nudges.next_msg(timeout=10)  # it waits in the queue
+        pull, unanswered = Puller._pull, []
+
+        async def unanswered_once(
+            self: Puller, subject: str, n: int, timeout: float
+        ) -> tuple[list[Msg], bool]:
+            if not unanswered:
+                unanswered.append(subject)
+                return [], False  # what a pull the queue did not answer returns
+            return await pull(self, subject, n, timeout)
+
+        monkeypatch.setattr(Puller, "_pull", unanswered_once)
+        hold.close()  # the slot frees: the agent looks at the queue, which does not answer
+        async with asyncio.timeout(30):  # its queue deadline is 60 s
+            r = await request
+        assert r.status == 200, await r.text()
+        assert (await r.json())["done"] and len(unanswered) == 1
 
 
 async def test_back_to_back_requests_find_the_freed_slot_armed(nats_server: NatsServer, root: str) -> None:

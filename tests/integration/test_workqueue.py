@@ -22,6 +22,7 @@ from corral.runtime.workqueue import (
     depths,
     enqueue,
     ensure_stream,
+    reader_answers,
     still_queued,
     withdraw,
 )
@@ -141,3 +142,29 @@ async def test_still_queued_until_an_agent_takes_it(queue: Queue, caplog: pytest
     # the take's ack is on its way: the stream drops the request once the server has handled it
     await waits.until(taken, lambda t: round_trip(nc, max(t, 0.01)), timeout=5.0)
     assert not caplog.records  # taken is an answer, not a warning
+
+
+async def test_the_queue_reader_answers_before_and_after_an_agent_makes_it(queue: Queue) -> None:
+    subjects, nc, js = queue
+    await ensure_stream(js, subjects)
+    subject = subjects.queue("any", TOKEN)
+    assert await reader_answers(js, subjects, subject, timeout=2.0)  # none yet: JetStream says so
+    assert await Puller(nc, subjects).take(subject, 1) == []  # an agent's first take makes it
+    assert await reader_answers(js, subjects, subject, timeout=2.0)
+
+
+async def test_a_queue_reader_jetstream_cannot_answer_for_is_unreadable(
+    root: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without JetStream nobody answers its API (as in a cluster electing a leader): unreadable."""
+    async with NatsServer(jetstream=False) as server:
+        nc = await connect(server.url, name="test")
+        try:
+            subjects = Subjects(root)
+            caplog.set_level(logging.WARNING, logger="corral.runtime.workqueue")
+            assert not await reader_answers(
+                nc.jetstream(), subjects, subjects.queue("any", TOKEN), timeout=2.0
+            )
+            assert "does not answer" in caplog.text
+        finally:
+            await nc.close()

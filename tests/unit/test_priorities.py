@@ -39,13 +39,14 @@ def test_batch_work_waiting_weighs_only_on_batch_requests_when_loads_are_weighed
     from types import SimpleNamespace
 
     from corral.gateway.queueing import FleetQueue
+    from corral.gateway.settings import GatewaySettings
     from corral.protocol.messages import AgentState, PsModel
     from corral.routing import Route
 
     runner = PsModel(name="m:latest", model="m:latest", size=1, digest="d", expires_at="", size_vram=1)
     agent = AgentState(id="a", vendor="nvidia", host="h", ollama_url="http://h", loaded=(runner,))
     transport = SimpleNamespace(outstanding={"a": 1}, nc=SimpleNamespace(jetstream=lambda: None))
-    queue = FleetQueue(transport, None, None, None)  # type: ignore[arg-type]
+    queue = FleetQueue(transport, None, None, GatewaySettings())  # type: ignore[arg-type]
     route = Route(key="m:latest")
     queue._count("m:latest", "batch", +6)
     assert queue.with_queue(route, [agent]) == {"a": 1}  # interactive: batch work does not count

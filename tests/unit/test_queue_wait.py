@@ -69,22 +69,36 @@ def test_a_promoted_request_forgets_what_the_stream_said_of_its_old_entry() -> N
     assert w.silence(20.0) is Silence.RECHECK
 
 
+def test_a_request_nobody_took_while_the_queue_cannot_be_read_is_routed_again() -> None:
+    w = _wait(deadline=10.0)
+    assert w.silence(2.0) is Silence.RECHECK
+    assert w.silence(4.0, unreadable=True) is Silence.UNREADABLE  # withdrawn, routed by claims
+
+
+def test_an_unreadable_queue_does_not_take_back_a_request_an_agent_took() -> None:
+    w = _wait(deadline=10.0)
+    assert w.silence(2.0, left_stream=True) is Silence.TAKEN  # its claim is due: wait for it
+    assert w.silence(3.0, unreadable=True) is Silence.TAKEN
+    assert w.silence(4.0, unreadable=True) is Silence.ABANDONED
+    assert _wait(deadline=10.0).silence(10.0, unreadable=True) is Silence.EXPIRE  # the deadline first
+
+
 @given(
     deadline=st.floats(0.0, 120.0),
     aging=st.one_of(st.none(), st.floats(0.0, 120.0)),
-    steps=st.lists(st.tuples(st.floats(0.0, 5.0), st.booleans()), max_size=40),
+    steps=st.lists(st.tuples(st.floats(0.0, 5.0), st.booleans(), st.booleans()), max_size=40),
 )
 def test_every_wait_is_bounded_and_ends_at_the_deadline(
-    deadline: float, aging: float | None, steps: list[tuple[float, bool]]
+    deadline: float, aging: float | None, steps: list[tuple[float, bool, bool]]
 ) -> None:
     """Each wait is positive and at most a recheck; a silence at the deadline expires, and none
     well before it does; a request is promoted at most once, never in its last recheck."""
     w = _wait(deadline=deadline, aging_s=aging)
     now, promoted = 0.0, 0
-    for dt, left in steps:
+    for dt, left, unreadable in steps:
         assert MIN_WAIT_S <= w.timeout(now) <= RECHECK_S
         now += dt
-        step = w.silence(now, left_stream=left)
+        step = w.silence(now, left_stream=left, unreadable=unreadable)
         if now >= deadline:
             assert step is Silence.EXPIRE
         elif deadline - now >= 2 * MIN_WAIT_S:
