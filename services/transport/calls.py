@@ -211,10 +211,19 @@ class Transport:
                 del self.unanswered[agent]
         return set(self.unanswered)
 
-    def _unanswered(self, agent: str | None) -> None:
+    def _epoch(self) -> int:
+        """How many times this sender's connection came back so far (`_unanswered`)."""
+        return int(self.nc.stats["reconnects"])
+
+    def _unanswered(self, agent: str | None, epoch: int) -> None:
         """Note that ``agent`` let a request go unanswered; only for a sender with a fleet view
-        (``members``), whose planner reads it and whose view says when an agent is gone."""
-        if agent is not None and self._members is not None:
+        (``members``), whose planner reads it and whose view says when an agent is gone; and only
+        when this sender's own connection held since ``epoch`` (`_epoch`, taken when the wait
+        began): a wait across its own NATS outage says nothing of the agent, whose answer may have
+        been lost with the connection."""
+        if agent is None or self._members is None:
+            return
+        if self.nc.is_connected and self._epoch() == epoch:
             self.unanswered[agent] = time.monotonic()
 
     def reply_subject(self, call: Call) -> str:
@@ -278,12 +287,13 @@ class Transport:
             template = self.subjects.agent_work_template if agent else self.subjects.work_template
             # the span lasts until the head or the failure: an attempt that fails over is its own error
             with publish_span(template, subject, hdrs, tracer=self._tracer) as span:
+                epoch = self._epoch()
                 await self.nc.publish(subject, payload, reply=self.reply_subject(call), headers=hdrs)
                 try:
                     msg = await self._first(call, service)
                 except TimeoutError:
                     log.warning("no claim from %s within %.1fs", agent or subject, self.claim_timeout)
-                    self._unanswered(agent)
+                    self._unanswered(agent, epoch)
                     outcome: Reply | Outcome = Outcome.FAILED
                 else:
                     outcome = await self.handshake(call, msg, subject)
@@ -337,12 +347,13 @@ class Transport:
             return Outcome.FAILED
         if call.agent is None and (agent := mh.get(H.AGENT)):
             self.claimed(call, agent)
+        epoch = self._epoch()
         while kind != H.HEAD:
             try:
                 msg = await call.next(self.idle_timeout)
             except TimeoutError:
                 log.warning("agent %s went silent before answering; trying elsewhere", call.agent)
-                self._unanswered(call.agent)
+                self._unanswered(call.agent, epoch)
                 await self.cancel(call)
                 return Outcome.FAILED
             mh = msg.headers or {}

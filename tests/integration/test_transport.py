@@ -16,8 +16,8 @@ from corral.protocol.messages import AgentState, TagModel
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
 from corral.runtime.nats import ensure_buckets, round_trip
-from corral.runtime.natsserver import NatsServer
-from corral.transport import Reply, Transport, WorkRequest, fan_out
+from corral.runtime.natsserver import NatsServer, free_port
+from corral.transport import Outcome, Reply, Transport, WorkRequest, fan_out
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -278,3 +278,32 @@ async def test_a_ping_for_a_request_the_sender_does_not_hold_is_answered_with_a_
     assert await asyncio.wait_for(agent.cancelled.get(), 5) == "r0"
     assert (await held.next(5)).headers == {**ping, H.REQUEST: held.rid}  # its call has the ping
     transport.release(held)
+
+
+async def test_an_agent_is_not_blamed_for_a_claim_lost_to_the_senders_own_outage(root: str) -> None:
+    """A direct request goes unclaimed: the sender notes that agent as unanswering (its planner
+    skips it until its state is heard again), unless its own connection dropped meanwhile, which
+    may have lost the claim: then the agent is not blamed."""
+    subjects = Subjects(root)
+    async with NatsServer(port=free_port()) as server:
+        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+        transport = Transport(nc, subjects, claim_timeout=1.0, members=lambda _: True)
+        await transport.start()
+        try:
+            silent = await nc.subscribe(subjects.agent_work("silent"))  # takes work, never claims
+            deadline = time.monotonic() + 30
+            subject = subjects.agent_work("silent")
+            outcome = await transport.attempt(work(), subject, "silent", deadline)
+            assert outcome is Outcome.FAILED and "silent" in transport.unanswered  # its connection held
+            await silent.next_msg(timeout=10)
+            transport.unanswered.clear()
+
+            attempt = asyncio.create_task(transport.attempt(work(), subject, "silent", deadline))
+            await silent.next_msg(timeout=10)  # it has the request
+            await server.kill()  # the sender's connection drops before the claim timeout
+            await server.start()
+            assert await attempt is Outcome.FAILED
+            assert "silent" not in transport.unanswered
+        finally:
+            await transport.stop()
+            await nc.close()
