@@ -12,7 +12,9 @@ Requests no agent could take wait in the fleet queue (a JetStream work queue per
 listens for the nudges sent when one is queued, and before it takes interest in new work for a
 model it takes that model's queued requests, oldest first, up to its free slots. A take the queue
 did not answer (JetStream electing a leader, say) is tried again `TAKE_RETRY_S` later, nudge or
-not: the requests it missed may have no other event to wake the agent for them.
+not: the requests it missed may have no other event to wake the agent for them; and until the
+queue answers again, the agent arms its free slots' claims before it takes, so new work is not held
+up by the queue's timeouts (a lane at a time: another lane's reader may still answer).
 
 Batch-priority work has lanes of its own (`corral.protocol.priority`): claim subjects
 ``work.batch.{vendor}.{model}``, armed only for the free slots beyond ``reserve`` (kept for
@@ -67,6 +69,7 @@ class Claims:
         self._on_nudge = on_nudge
         self._retry = retry
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._unanswered = False  # the last reconcile's take of some lane went unanswered
         self._puller = Puller(nc, subjects)
         self._shots = SingleShots(nc)
         self._armed: dict[str, list[Subscription]] = {}  # claim subject → armed single-shot subs
@@ -158,9 +161,17 @@ class Claims:
     ) -> None:
         await self._shots.relimit()  # after a reconnect: the replayed claims fire once again
         await self._sync_nudges(warm)
-        want: dict[str, int] = {}
+        if self._unanswered:  # the queue did not answer the last take: new work first this time
+            await self._hold(warm, free)
+        self._unanswered = False
         for token in warm:
             await self._take_queued(token, free, take)  # waiting requests first, then new work
+        await self._hold(warm, free)
+
+    async def _hold(self, warm: Collection[str], free: Callable[[str], int]) -> None:
+        """Hold exactly one armed claim subscription per free slot of the ``warm`` models."""
+        want: dict[str, int] = {}
+        for token in warm:
             n = max(free(token), 0)
             want.update(dict.fromkeys(self.subjects_of(token), n))
             want.update(dict.fromkeys(self.batch_subjects_of(token), self.spare(n)))
@@ -217,9 +228,10 @@ class Claims:
                 await take(token, msgs)
                 if not msgs and not drained:
                     # the queue did not say (an error, logged; JetStream electing a leader, say):
-                    # the hint stays, and the other lanes, in the same stream, are not waited on too
+                    # the hint stays, and the agent looks again by itself (`_retry_later`)
+                    self._unanswered = True
                     self._retry_later()
-                    return
+                    break
             got_all = got_all and drained
         if got_all and self._hint.get(token) == hint:
             self._hint[token] = 0  # every lane ran dry and no nudge came meanwhile

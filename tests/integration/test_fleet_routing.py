@@ -254,6 +254,43 @@ async def test_a_take_the_queue_did_not_answer_is_tried_again_with_nothing_else_
         assert (await r.json())["done"] and len(unanswered) == 1
 
 
+async def test_a_queue_lane_that_never_answers_holds_up_no_other_lane(
+    nats_server: NatsServer, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's lane for requests pinned to its vendor never answers (its consumer cannot be
+    made or has no leader, as in a cluster's election); the unpinned lane does, and the request
+    waiting there is served when the slot frees."""
+    opts = _options(
+        nats_server,
+        root,
+        sims=1,
+        sim={"time_scale": 1.0, "num_parallel": 1, "reply_tokens": HOLD},  # kept loaded for minutes
+        gateway={"queue_timeout_s": 60.0},
+    )
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        nudges, hold = await _one_slot_held(fleet, s, root)
+        body = {"model": MODEL, "prompt": "waits", "stream": False, "options": {"num_predict": 2}}
+        request = asyncio.create_task(s.post(fleet.url + "/api/generate", json=body))
+        await nudges.next_msg(timeout=10)  # it waits in the unpinned lane
+        pull, unanswered = Puller._pull, []
+        pinned = Subjects(root).queue("nvidia", parse_name(MODEL).token)
+
+        async def pinned_unanswered(
+            self: Puller, subject: str, n: int, timeout: float
+        ) -> tuple[list[Msg], bool]:
+            if subject == pinned:
+                unanswered.append(subject)
+                return [], False  # what a pull the queue did not answer returns
+            return await pull(self, subject, n, timeout)
+
+        monkeypatch.setattr(Puller, "_pull", pinned_unanswered)
+        hold.close()  # the slot frees: the agent looks at its lanes, the pinned one first
+        async with asyncio.timeout(30):  # its queue deadline is 60 s
+            r = await request
+        assert r.status == 200, await r.text()
+        assert (await r.json())["done"] and unanswered
+
+
 async def test_back_to_back_requests_find_the_freed_slot_armed(nats_server: NatsServer, root: str) -> None:
     """One slot; each request is sent the moment the previous answer arrives. The agent arms the
     freed slot's claim before the answer's last message, not later in its background reconcile
