@@ -11,8 +11,8 @@ and the gateway moves on.
 Requests no agent could take wait in the fleet queue (a JetStream work queue per model). The agent
 listens for the nudges sent when one is queued, and before it takes interest in new work for a
 model it takes that model's queued requests, oldest first, up to its free slots. A take the queue
-did not answer (JetStream electing a leader, say) is tried again `TAKE_RETRY_S` later, nudge or
-not: the requests it missed may have no other event to wake the agent for them; and until the
+did not answer (JetStream electing a leader, say) is tried again `TAKE_RETRY_S` later (twice that
+after the next, and so on), nudge or not: the requests it missed may have no other event to wake the agent for them; and until the
 queue answers again, the agent arms its free slots' claims before it takes, so new work is not held
 up by the queue's timeouts (a lane at a time: another lane's reader may still answer).
 
@@ -42,7 +42,10 @@ from nats.errors import Error as NatsError
 
 log = logging.getLogger(__name__)
 
-TAKE_RETRY_S = 1.0  # after a take the queue did not answer, reconcile again this long after
+# after a take the queue did not answer, reconcile again this long after; doubled for each take
+# unanswered in a row, up to the most
+TAKE_RETRY_S = 1.0
+TAKE_RETRY_MAX_S = 16.0
 
 Handler = Callable[[Msg], Awaitable[None]]
 
@@ -69,6 +72,7 @@ class Claims:
         self._on_nudge = on_nudge
         self._retry = retry
         self._retry_timer: asyncio.TimerHandle | None = None
+        self._retry_s = TAKE_RETRY_S
         self._unanswered = False  # the last reconcile's take of some lane went unanswered
         self._puller = Puller(nc, subjects)
         self._shots = SingleShots(nc)
@@ -226,7 +230,9 @@ class Claims:
                     return  # more may wait: the hint stays for the next free slot
                 msgs, drained = await self._puller.take_batch(subject, n)
                 await take(token, msgs)
-                if not msgs and not drained:
+                if msgs or drained:
+                    self._retry_s = TAKE_RETRY_S  # the queue answers
+                else:
                     # the queue did not say (an error, logged; JetStream electing a leader, say):
                     # the hint stays, and the agent looks again by itself (`_retry_later`)
                     self._unanswered = True
@@ -237,9 +243,10 @@ class Claims:
             self._hint[token] = 0  # every lane ran dry and no nudge came meanwhile
 
     def _retry_later(self) -> None:
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
-        self._retry_timer = asyncio.get_running_loop().call_later(TAKE_RETRY_S, self._retry)
+        if self._retry_timer is not None and self._retry_timer.when() > asyncio.get_running_loop().time():
+            return  # one is due already (another lane of this reconcile went unanswered too)
+        self._retry_timer = asyncio.get_running_loop().call_later(self._retry_s, self._retry)
+        self._retry_s = min(self._retry_s * 2, TAKE_RETRY_MAX_S)
 
     async def drop(self) -> None:
         """Take back all interest (on drain). A claim on its way meanwhile is still delivered, and
