@@ -159,7 +159,6 @@ class FleetQueue:
             queued = await self._enqueue(req, vendor, payload, hdrs, lane)
             if queued is None:
                 return None
-            queued_at = time.monotonic()
             if decision is not None:
                 decision.in_queue = True
             aging_s = self._settings.batch_aging_s if lane == BATCH else None
@@ -183,9 +182,7 @@ class FleetQueue:
                     if check is not None and check.done():
                         left, check = _answered(check) is False, None  # read: the next asks again
                     now = time.monotonic()
-                    unreadable = self._rechecks.unreadable(
-                        transport.subjects.queue(vendor, token, lane), queued_at, now
-                    )
+                    unreadable = self._rechecks.unreadable(transport.subjects.queue(vendor, token, lane), now)
                     step = state.silence(now, left_stream=left, unreadable=unreadable)
                     if step is Silence.PROMOTE:
                         # to the end of the interactive lane, unless an agent took it just now
@@ -260,9 +257,10 @@ class _Rechecks:
         self._asked: dict[str, tuple[float, asyncio.Task[bool]]] = {}  # subject → (when, question)
         self._withdrawing: set[asyncio.Task[bool]] = set()
 
-    def unreadable(self, subject: str, since: float, now: float) -> bool:
-        """Whether JetStream's latest answer for ``subject``'s reader, asked at ``since`` or later,
-        was none (False while it is out); asks again when the last question is a recheck old."""
+    def unreadable(self, subject: str, now: float) -> bool:
+        """Whether JetStream's latest answer for ``subject``'s reader was none, if it is recent:
+        asked within a question's timeout and two rechecks (a request withdrawn and queued again
+        meanwhile still reads it). Asks again when the last question is a recheck old."""
         asked = self._asked.get(subject)
         if asked is not None and not asked[1].done():
             return False
@@ -273,7 +271,8 @@ class _Rechecks:
         if asked is None:
             return False
         at, task = asked
-        return at >= since and not task.cancelled() and task.exception() is None and not task.result()
+        recent = now - at <= 2 * self._every_s + self._transport.claim_timeout
+        return recent and not task.cancelled() and task.exception() is None and not task.result()
 
     def withdraw(self, queued: Queued) -> None:
         """Withdraw ``queued`` without waiting for JetStream to answer."""

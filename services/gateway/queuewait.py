@@ -69,7 +69,7 @@ class QueueWait:
     def silence(self, now: float, *, left_stream: bool = False, unreadable: bool = False) -> Silence:
         """No claim came within `timeout`: what to do now. ``left_stream``: the stream's latest
         answer said it no longer holds the request; ``unreadable``: JetStream's latest answer for
-        the queue's reader, asked since the request was queued, was none."""
+        the queue's reader, asked moments ago, was none."""
         if left_stream and self.taken_at is None:
             self.taken_at = now
         remaining = self.deadline - now
