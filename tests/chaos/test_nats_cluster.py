@@ -70,7 +70,9 @@ async def fleet(nodes: list[NatsServer], root: str) -> AsyncIterator[LocalFleet]
         port=0,
         nats_url=",".join(s.url for s in nodes),
         root=root,
-        sims=default_sims(2, time_scale=0.01),
+        # a model stays loaded through the run, as for minutes in a real fleet: Ollama's default
+        # keep-alive (5 m) is 3 s at this time scale, less than a lost claim's timeout and an election
+        sims=default_sims(2, time_scale=0.01, keep_alive="1h"),
         gateway=REPLICAS,
         registry=REPLICAS,
         aggregator=REPLICAS,
