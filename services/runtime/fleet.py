@@ -47,9 +47,10 @@ def received_at(entry: KeyValue.Entry, *, snapshot: bool) -> float:
 
 
 class FleetView:
-    # Eleven attributes: the bucket, the agents with when each was heard (the only state) and the
+    # Thirteen attributes: the bucket, the agents with when each was heard (the only state) and the
     # two indexes over them, the change notifier and revision, the listeners for agents that leave,
-    # and the watch task with its sync and restart events.
+    # the watch task with its sync and restart events, and when the watch last heard anything and
+    # since when it cannot (`_now`).
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
         self._agents: dict[str, AgentState] = {}
@@ -62,6 +63,8 @@ class FleetView:
         self._restart = asyncio.Event()
         self._gone_listeners: list[Callable[[str], object]] = []
         self.revision = 0
+        self._last_heard = time.monotonic()  # the watch's latest entry (or snapshot's end)
+        self._deaf_since: float | None = None  # the watch failed: silence since is not the agents'
 
     def on_gone(self, listener: Callable[[str], object]) -> None:
         """Call ``listener(agent_id)`` whenever an agent leaves this view: its key was deleted (it
@@ -90,6 +93,16 @@ class FleetView:
         """One watch: the snapshot (agents it lacks are gone), then updates until it is silent for
         `SILENT_RESTART_S` (agents heartbeat more often: a NATS restart may have replaced the
         bucket under it, and the watch would never hear of it)."""
+        try:
+            await self._watch_entries()
+        except Exception:
+            if self._deaf_since is None:
+                log.warning("the fleet watch fails: agents' silence from now on is not counted")
+                self._deaf_since = self._last_heard
+                self._notify()  # liveness changed: waiters look again
+            raise
+
+    async def _watch_entries(self) -> None:
         seen: set[str] | None = set()  # the agents of the snapshot, until it ends
         async with watching(self._kv) as watcher:
             while True:
@@ -97,7 +110,9 @@ class FleetView:
                     entry = await watcher.updates(timeout=SILENT_RESTART_S)
                 except nats.errors.TimeoutError:
                     return
+                self._last_heard = time.monotonic()
                 if entry is None:  # end of the initial snapshot
+                    self._deaf_since = None  # it hears again; what it heard is as fresh as it is
                     self._forget_missing(seen or set())
                     seen = None
                     self._synced.set()
@@ -166,12 +181,24 @@ class FleetView:
         return bool(done)
 
     # -- queries (all O(agents holding the model), never O(fleet)) -----------------------------
+    def _now(self, now: float | None) -> float:
+        """The clock agents' silence is counted by: ``now`` (monotonic), stopped while the watch
+        fails (JetStream without a quorum, a cluster electing a leader): agents cannot write their
+        state then, nor could it be heard, and the claims they hold on core NATS still serve; so
+        none of them turns dead, or its models "not found", for a silence nobody could hear."""
+        now = time.monotonic() if now is None else now
+        return now if self._deaf_since is None else min(now, self._deaf_since)
+
+    @property
+    def deaf(self) -> bool:
+        """Whether the watch fails now (`_now`)."""
+        return self._deaf_since is not None
+
     def alive(self, state: AgentState, now: float | None = None) -> bool:
         """Whether ``state``'s agent was heard within its last `STALE_HEARTBEATS` heartbeats, by
-        this process's monotonic clock (``now``), never by the agent's own."""
+        this process's monotonic clock (``now``; `_now`), never by the agent's own."""
         heard = self._heard.get(state.id)
-        now = time.monotonic() if now is None else now
-        return heard is not None and now - heard <= STALE_HEARTBEATS * state.heartbeat_s
+        return heard is not None and self._now(now) - heard <= STALE_HEARTBEATS * state.heartbeat_s
 
     def heard(self, agent_id: str) -> float | None:
         """When (monotonic) the current state of ``agent_id`` arrived."""
@@ -204,7 +231,7 @@ class FleetView:
     def _heard_lately(self, state: AgentState, now: float) -> bool:
         """``state``'s agent was heard within `LATELY_SILENT_HEARTBEATS` of its heartbeats."""
         heard = self._heard.get(state.id)
-        return heard is not None and now - heard <= LATELY_SILENT_HEARTBEATS * state.heartbeat_s
+        return heard is not None and self._now(now) - heard <= LATELY_SILENT_HEARTBEATS * state.heartbeat_s
 
     def has_model(self, key: str) -> bool:
         """Whether a live agent has ``key`` on disk: O(1) while its first holder is alive, where

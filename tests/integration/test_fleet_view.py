@@ -4,6 +4,7 @@ new leader, a restarted server refilling memory buckets): live agents are not dr
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import corral.runtime.fleet as fleet_module
@@ -15,6 +16,8 @@ from corral.runtime.fleet import FleetView
 from corral.runtime.nats import Buckets, connect, ensure_buckets
 from corral.runtime.natsserver import NatsServer
 from nats.js.api import KeyValueConfig
+
+from tests.integration import waits
 
 pytestmark = pytest.mark.integration
 
@@ -127,6 +130,35 @@ async def test_has_model_answers_as_the_holders_do_live_stale_and_gone(
         while fleet.get("a1") is not None:
             assert await fleet.wait_changed(5.0)
         assert not fleet.has_model(key)
+
+
+async def test_agents_do_not_turn_dead_for_a_silence_the_view_could_not_hear(
+    nats_server: NatsServer, root: str
+) -> None:
+    """The watch fails (here its bucket is gone; as well JetStream without a quorum, when agents
+    cannot write their state either, though their claims still serve): the agents it knew stay
+    alive and their models found however long that lasts, not "not found" after six heartbeats.
+    Once it hears again, silence counts as before."""
+    async with holding_a1(nats_server, root) as (buckets, fleet):
+        key = key_of("llama3.2")
+        a1 = fleet.get("a1")
+        assert a1 is not None and key is not None
+        later = time.monotonic() + 10 * fleet_module.LATELY_SILENT_HEARTBEATS * a1.heartbeat_s
+        assert not fleet.alive(a1, later)  # by the clock alone it would be gone by then
+        nc = await connect(nats_server.url, name="test-js")
+        try:
+            js = nc.jetstream()
+            await js.delete_key_value(Subjects(root).agents_bucket)
+            fleet.restart()  # the watch opened again fails
+            await waits.until(lambda: fleet.deaf, fleet.wait_changed, timeout=10)
+            assert fleet.alive(a1, later) and [a.id for a in fleet.with_model(key)] == ["a1"]
+
+            agents = (await ensure_buckets(js, Subjects(root))).agents
+            await agents.put("a1", agent_state_encoder.encode(a1))
+            await waits.until(lambda: not fleet.deaf, fleet.wait_changed, timeout=15)
+            assert fleet.alive(a1) and not fleet.alive(a1, later)
+        finally:
+            await nc.close()
 
 
 async def _reopen(fleet: FleetView) -> None:
