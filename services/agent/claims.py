@@ -70,9 +70,7 @@ class Claims:
         self._vendor = vendor
         self._on_claim = on_claim
         self._on_nudge = on_nudge
-        self._retry = retry
-        self._retry_timer: asyncio.TimerHandle | None = None
-        self._retry_s = TAKE_RETRY_S
+        self._retry = _TakeRetry(retry)
         self._unanswered = False  # the last reconcile's take of some lane went unanswered
         self._puller = Puller(nc, subjects)
         self._shots = SingleShots(nc)
@@ -231,28 +229,21 @@ class Claims:
                 msgs, drained = await self._puller.take_batch(subject, n)
                 await take(token, msgs)
                 if msgs or drained:
-                    self._retry_s = TAKE_RETRY_S  # the queue answers
+                    self._retry.answered()
                 else:
                     # the queue did not say (an error, logged; JetStream electing a leader, say):
-                    # the hint stays, and the agent looks again by itself (`_retry_later`)
+                    # the hint stays, and the agent looks again by itself
                     self._unanswered = True
-                    self._retry_later()
+                    self._retry.later()
                     break
             got_all = got_all and drained
         if got_all and self._hint.get(token) == hint:
             self._hint[token] = 0  # every lane ran dry and no nudge came meanwhile
 
-    def _retry_later(self) -> None:
-        if self._retry_timer is not None and self._retry_timer.when() > asyncio.get_running_loop().time():
-            return  # one is due already (another lane of this reconcile went unanswered too)
-        self._retry_timer = asyncio.get_running_loop().call_later(self._retry_s, self._retry)
-        self._retry_s = min(self._retry_s * 2, TAKE_RETRY_MAX_S)
-
     async def drop(self) -> None:
         """Take back all interest (on drain). A claim on its way meanwhile is still delivered, and
         answered ``busy`` (the agent is no longer active), so its sender moves on at once."""
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
+        self._retry.cancel()
         for sub in self._nudges.values():
             await _unsubscribe(sub)
         self._nudges.clear()
@@ -261,6 +252,30 @@ class Claims:
                 await self._shots.retire(s)
         self._armed.clear()
         await self._shots.settled()
+
+
+class _TakeRetry:
+    """When to reconcile again after takes the queue did not answer: `TAKE_RETRY_S` after the
+    first, doubling up to `TAKE_RETRY_MAX_S` while none answers."""
+
+    def __init__(self, retry: Callable[[], None]) -> None:
+        self._retry = retry
+        self._timer: asyncio.TimerHandle | None = None
+        self._delay_s = TAKE_RETRY_S
+
+    def later(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._timer is not None and self._timer.when() > loop.time():
+            return  # one is due already (another lane of this reconcile went unanswered too)
+        self._timer = loop.call_later(self._delay_s, self._retry)
+        self._delay_s = min(self._delay_s * 2, TAKE_RETRY_MAX_S)
+
+    def answered(self) -> None:
+        self._delay_s = TAKE_RETRY_S
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 async def _unsubscribe(sub: Subscription) -> None:
