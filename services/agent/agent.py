@@ -40,7 +40,7 @@ from corral.protocol.errors import BackendError, InternalError
 from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
 from corral.protocol.names import VENDORS, decode_token
 from corral.protocol.subjects import Subjects, usable_reply
-from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets
+from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets_at_start
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import tracer
 from corral.transport.replies import send_busy
@@ -165,7 +165,7 @@ class Agent:
             on_closed=self._wake.connection_closed,
             on_reconnected=self._reconnected,
         )
-        self._buckets = await ensure_buckets(
+        self._buckets = await ensure_buckets_at_start(
             nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
         )
         self._reopener = Reopener(

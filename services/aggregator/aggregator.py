@@ -33,7 +33,7 @@ from corral.aggregator.settings import AggregatorSettings
 from corral.protocol.messages import RequestFinished
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets
+from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets_at_start
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import depths
 from nats.aio.client import Client as NATS
@@ -142,7 +142,7 @@ class Aggregator:
             on_reconnected=self._reconnected,
         )
         replicas = self.settings.js_replicas
-        self._buckets = await ensure_buckets(self.nc.jetstream(), self.subjects, replicas=replicas)
+        self._buckets = await ensure_buckets_at_start(self.nc.jetstream(), self.subjects, replicas=replicas)
         self._reopener = Reopener(self.nc, self.subjects, self._reopened, replicas=replicas)
         self._reopener.start()
         self._fleet = FleetView(self._buckets.agents)

@@ -41,8 +41,8 @@ from corral.protocol.priority import INTERACTIVE, capped, parse_priority
 from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
 from corral.runtime.fleet import FleetView, received_at
-from corral.runtime.kvwatch import watching
-from corral.runtime.nats import NatsAuth, Reopener, connect, ensure_buckets, watch_until
+from corral.runtime.kvwatch import watch_until, watching
+from corral.runtime.nats import NatsAuth, Reopener, connect, ensure_buckets_at_start
 from corral.runtime.policy import PolicyStore
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import server_span, set_model, tracer
@@ -148,7 +148,9 @@ class Gateway:
             on_reconnected=self._reconnected,
         )
         queue = QueueLimits(depth=self.settings.queue_depth, max_bytes=self.settings.queue_max_bytes)
-        buckets = await ensure_buckets(self.nc.jetstream(), self.subjects, replicas=replicas, queue=queue)
+        buckets = await ensure_buckets_at_start(
+            self.nc.jetstream(), self.subjects, replicas=replicas, queue=queue
+        )
         self._reopener = Reopener(self.nc, self.subjects, self._reopened, replicas=replicas, queue=queue)
         self._reopener.start()
         self._fleet = FleetView(buckets.agents)

@@ -29,7 +29,7 @@ from corral.gateway.asgi import App, Message, Receive, Scope, Send
 from corral.gateway.errors import refuse
 from corral.gateway.keys import KeyBuckets, KeyStore
 from corral.gateway.limits import Limited, Limiter, UsageBook
-from corral.runtime.nats import watch_forever
+from corral.runtime.kvwatch import watch_forever
 from corral.runtime.tasks import cancel_and_wait, supervise
 
 log = logging.getLogger(__name__)

@@ -37,8 +37,7 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, agent_state_of
 from corral.protocol.names import encode_token, key_of
-from corral.runtime.kvwatch import snapshot, watching
-from corral.runtime.nats import watch_forever
+from corral.runtime.kvwatch import snapshot, watch_forever, watching
 from corral.runtime.tasks import cancel_and_wait, supervise
 from nats.js.errors import APIError, KeyNotFoundError
 from nats.js.kv import KeyValue

@@ -40,8 +40,8 @@ from corral.registry.placement import Placer, ReplicaSettings
 from corral.registry.pulls import FleetPulls
 from corral.registry.settings import RegistrySettings
 from corral.runtime.fleet import SILENT_RESTART_S, STALE_HEARTBEATS, FleetView, received_at
-from corral.runtime.kvwatch import watching
-from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets, watch_until
+from corral.runtime.kvwatch import watch_until, watching
+from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets_at_start
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.transport import Transport
 from nats.aio.client import Client as NATS
@@ -88,7 +88,7 @@ class Registry:
             on_closed=self.lost.set,
             on_reconnected=self._reconnected,
         )
-        self._buckets = await ensure_buckets(
+        self._buckets = await ensure_buckets_at_start(
             self.nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
         )
         self._reopener = Reopener(self.nc, self.subjects, self._reopened, replicas=self.settings.js_replicas)

@@ -17,8 +17,7 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, agent_state_of
 from corral.protocol.names import key_of
-from corral.runtime.kvwatch import watching
-from corral.runtime.nats import watch_forever
+from corral.runtime.kvwatch import watch_forever, watching
 from corral.runtime.tasks import cancel_and_wait, supervise
 from nats.js.kv import KeyValue
 

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
+from corral.runtime.tasks import cancel_and_wait
 from nats.js import api
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
@@ -235,3 +236,27 @@ async def snapshot(kv: KeyValue, keys: str = ">", *, timeout: float | None = Non
         while (entry := await watcher.updates(timeout)) is not None:
             out.append(entry)
     return out
+
+
+async def watch_until(watch: Callable[[], Coroutine[Any, Any, None]], restart: asyncio.Event) -> None:
+    """Run one ``watch()`` until it ends or ``restart`` is set (cleared first); a watch that fails
+    raises here, for the loop's supervisor. A watch on a bucket that a restarted NATS created again
+    hears nothing more: its owner sets ``restart`` once the buckets are open again (`Reopener`)."""
+    restart.clear()
+    run = asyncio.create_task(watch(), name="watch")
+    again = asyncio.create_task(restart.wait(), name="watch-restart")
+    try:
+        await asyncio.wait((run, again), return_when=asyncio.FIRST_COMPLETED)
+        failure = run.exception() if run.done() and not run.cancelled() else None
+    finally:
+        await cancel_and_wait([run, again])
+    if failure is not None:
+        raise failure
+
+
+async def watch_forever(watch: Callable[[], Coroutine[Any, Any, None]], restart: asyncio.Event) -> None:
+    """`watch_until` again and again: a new watch whenever one ends (a silent or replaced bucket) or
+    ``restart`` is set. A watch that fails raises, for the loop's supervisor; `watch_until` alone
+    returns on a restart, and a supervisor takes a return for the end of the loop."""
+    while True:
+        await watch_until(watch, restart)

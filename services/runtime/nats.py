@@ -20,7 +20,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 RECONNECT_FIRST_S = 0.25  # the wait before the second attempt to reach a server that went away
 RECONNECT_MAX_S = 2.0  # the backoff's cap: a restarted server is found again within this
 ERROR_LOG_EVERY_S = 10.0  # the same connection error is logged at most this often
+START_PATIENCE_S = 60.0  # a starting service asks JetStream that does not answer yet this long
+NO_PEERS = 10005  # JetStream's "no suitable peers for placement": a cluster still forming
 
 
 def reconnect_delay(attempts: int, *, rng: random.Random | None = None) -> float:
@@ -334,6 +336,33 @@ async def ensure_buckets(
     )
 
 
+async def ensure_buckets_at_start(
+    js: JetStreamContext, subjects: Subjects, *, replicas: int = 1, queue: QueueLimits | None = None
+) -> Buckets:
+    """`ensure_buckets` for a service that starts. JetStream that does not answer yet is asked again,
+    backing off, for up to `START_PATIENCE_S`: services started together on a cluster that has just
+    formed create their replicated streams at once, and most time out (or find no peers) while the
+    first are placed; a leader being elected does the same. Any other error is raised at once."""
+    deadline = time.monotonic() + START_PATIENCE_S
+    delay = 0.2
+    while True:
+        try:
+            return await ensure_buckets(js, subjects, replicas=replicas, queue=queue)
+        except (TimeoutError, JetStreamError) as e:
+            if not _not_yet(e) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("JetStream does not answer yet (%r): asking again in %.1fs", e, delay)
+            await asyncio.sleep(delay)  # a backoff between attempts, not a wait for an event
+            delay = min(delay * 2, 5.0)
+
+
+def _not_yet(e: BaseException) -> bool:
+    """Whether ``e`` says JetStream does not answer yet, rather than no."""
+    if isinstance(e, (TimeoutError, NoStreamResponseError, ServiceUnavailableError)):
+        return True
+    return isinstance(e, APIError) and e.err_code == NO_PEERS
+
+
 async def open_bucket(js: JetStreamContext, name: str, spec: BucketSpec, *, replicas: int = 1) -> KeyValue:
     """Open KV bucket ``name``, creating it as ``spec`` says when it does not exist, and giving an
     existing one the spec's bounds where it has others (logged and kept when this identity has no
@@ -437,30 +466,6 @@ class Reopener:
                 self._wanted.set()  # the supervisor retries after its backoff
                 raise
             self._reopened()
-
-
-async def watch_until(watch: Callable[[], Coroutine[Any, Any, None]], restart: asyncio.Event) -> None:
-    """Run one ``watch()`` until it ends or ``restart`` is set (cleared first); a watch that fails
-    raises here, for the loop's supervisor. A watch on a bucket that a restarted NATS created again
-    hears nothing more: its owner sets ``restart`` once the buckets are open again (`Reopener`)."""
-    restart.clear()
-    run = asyncio.create_task(watch(), name="watch")
-    again = asyncio.create_task(restart.wait(), name="watch-restart")
-    try:
-        await asyncio.wait((run, again), return_when=asyncio.FIRST_COMPLETED)
-        failure = run.exception() if run.done() and not run.cancelled() else None
-    finally:
-        await cancel_and_wait([run, again])
-    if failure is not None:
-        raise failure
-
-
-async def watch_forever(watch: Callable[[], Coroutine[Any, Any, None]], restart: asyncio.Event) -> None:
-    """`watch_until` again and again: a new watch whenever one ends (a silent or replaced bucket) or
-    ``restart`` is set. A watch that fails raises, for the loop's supervisor; `watch_until` alone
-    returns on a restart, and a supervisor takes a return for the end of the loop."""
-    while True:
-        await watch_until(watch, restart)
 
 
 async def round_trip(nc: NATS, timeout: float) -> bool:

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from typing import Final
 
 import msgspec
-from corral.runtime.kvwatch import watching
-from corral.runtime.nats import watch_forever
+from corral.runtime.kvwatch import watch_forever, watching
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.views.status import Pin
 from nats.js.kv import KeyValue

@@ -3,12 +3,14 @@ cluster, in which a stream with three replicas can be created and is placed on a
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from corral.runtime.nats import connect
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import connect, ensure_buckets_at_start
 from corral.runtime.natsserver import ClusterNode, NatsServer, local_cluster, start_all
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
@@ -71,3 +73,25 @@ async def test_three_nodes_form_a_jetstream_cluster(nodes: list[NatsServer]) -> 
         assert placed == {s.cluster.server_name for s in nodes if s.cluster is not None}
     finally:
         await nc.close()
+
+
+async def test_services_started_together_on_a_new_cluster_all_open_their_buckets(
+    nodes: list[NatsServer], root: str
+) -> None:
+    """Five services start at once on a cluster that has just formed, each creating the fleet's
+    replicated streams: JetStream times out or finds no peers for most of them while the first
+    are placed. Each asks again until they are there, rather than exiting."""
+    url = ",".join(s.url for s in nodes)
+    conns = [await connect(url, name=f"service-{i}") for i in range(5)]
+    try:
+        await wait_for_jetstream(conns[0], 3)
+        subjects = Subjects(root)
+        opened = await asyncio.gather(
+            *(ensure_buckets_at_start(nc.jetstream(), subjects, replicas=3) for nc in conns)
+        )
+        assert len(opened) == 5
+        info = await conns[0].jetstream().stream_info(f"KV_{subjects.agents_bucket}")
+        assert info.config.num_replicas == 3
+    finally:
+        for nc in conns:
+            await nc.close()

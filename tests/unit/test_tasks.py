@@ -63,7 +63,7 @@ async def test_a_supervised_watch_is_opened_again_after_a_restart() -> None:
     """`watch_until` returns when its restart is set; `watch_forever` keeps watching, so a
     supervised watch does not end on the first reconnect (a revoked API key, a policy edit or a
     pin made after it would go unseen)."""
-    from corral.runtime.nats import watch_forever
+    from corral.runtime.kvwatch import watch_forever
 
     restart = asyncio.Event()
     opened: asyncio.Queue[int] = asyncio.Queue()
