@@ -473,7 +473,9 @@ class Agent:
         try:
             await self._buckets.agents.put(self.id, agent_state_encoder.encode(state))
         except (NatsError, JetStreamError, TimeoutError) as e:
-            log.warning("cannot publish agent state: %s", e)
+            log.warning(
+                "cannot publish agent state (again in %.1fs): %s", self._pacer.failed(time.monotonic()), e
+            )
             if self._reopener is not None:
                 self._reopener.missing(e)  # a bucket a restarted NATS lost: create it again
         else:

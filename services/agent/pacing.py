@@ -14,7 +14,9 @@ heartbeats when it changed:
 * a change of ``request_s`` alone (how long its requests hold a slot: a median that moves with
   nearly every request answered) does not call for a publish: it goes out with the next one, at the
   latest with the heartbeat;
-* nothing changed: nothing is published until the heartbeat is due.
+* nothing changed: nothing is published until the heartbeat is due;
+* a publish that failed (JetStream without a quorum, a leader being elected) is tried again after
+  `RETRY_FIRST_S`, doubling to a heartbeat while it keeps failing, whatever changes meanwhile.
 
 The agent hands each reading over as two parts (`parts`): the state without its counts, request
 times and timestamp, and the counts.
@@ -32,6 +34,8 @@ __all__ = ["SETTLE_S", "Pace", "Reading", "StatePacer", "parts"]
 
 # How long a change of the request counts alone must stand before it is published.
 SETTLE_S: Final = 0.1
+# The wait before a publish that failed is tried again (it doubles while they keep failing).
+RETRY_FIRST_S: Final = 0.2
 
 Counts = tuple[int, int, tuple[str, ...]]  # in_flight, queued, busy_models
 Reading = tuple[bytes, Counts]  # `parts` of a state: its shape, encoded, and its counts
@@ -61,15 +65,22 @@ class StatePacer:
         self._counts: Counts | None = None
         self._at = 0.0  # when it was published
         self._settling = False  # the counts changed and are waiting out `settle_s`
+        self._retry_at = 0.0  # after a failed publish: none before this
+        self._retry_s = 0.0  # the wait after the last failure (0: the last publish went out)
 
     def until_heartbeat(self, now: float) -> float:
-        """Seconds until the next heartbeat is due (0: due now, or nothing published yet)."""
+        """Seconds until the next heartbeat is due (0: due now, or nothing published yet), or
+        after a failed publish until its retry."""
+        if self._retry_s:  # the last publish failed: the next try is due then
+            return max(self._retry_at - now, 0.0)
         if self._shape is None:
             return 0.0
         return max(self._at + self.heartbeat_s - now, 0.0)
 
     def decide(self, now: float, shape: bytes, counts: Counts) -> Pace:
         """What to do with a reading taken at ``now`` (`parts` of the state)."""
+        if now < self._retry_at:
+            return Pace.SKIP  # a publish failed moments ago: not before its retry
         if self._shape is None or shape != self._shape or now >= self._at + self.heartbeat_s:
             return Pace.PUBLISH
         if counts == self._counts:
@@ -83,3 +94,12 @@ class StatePacer:
     def published(self, now: float, shape: bytes, counts: Counts) -> None:
         """The reading ``shape``/``counts`` went out at ``now``."""
         self._shape, self._counts, self._at, self._settling = shape, counts, now, False
+        self._retry_at, self._retry_s = 0.0, 0.0
+
+    def failed(self, now: float) -> float:
+        """A publish at ``now`` failed: returns the wait before the next try (`RETRY_FIRST_S`,
+        doubled for each failure in a row, at most a heartbeat)."""
+        self._retry_s = min(max(self._retry_s * 2, RETRY_FIRST_S), self.heartbeat_s)
+        self._retry_at = now + self._retry_s
+        self._settling = False
+        return self._retry_s

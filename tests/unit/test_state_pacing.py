@@ -76,3 +76,24 @@ def test_a_publish_that_failed_is_not_counted_as_said() -> None:
     loading = at(IDLE, loading=("m",))
     assert pacer.decide(0.5, *loading) is Pace.PUBLISH  # the put failed: `published` not called
     assert pacer.decide(0.7, *loading) is Pace.PUBLISH
+
+
+def test_a_failed_publish_is_tried_again_backing_off_to_a_heartbeat_whatever_changes() -> None:
+    """JetStream without a quorum fails every publish: retries go out 0.2 s, 0.4 s, ... apart, up
+    to a heartbeat, not every time the state changes; the first that goes out starts over."""
+    pacer = published(StatePacer(HB), 0.0)
+    changed = at(IDLE, status="draining")
+    assert pacer.decide(1.0, *changed) is Pace.PUBLISH
+    waits = [pacer.failed(1.0)]
+    assert pacer.decide(1.1, *changed) is Pace.SKIP  # not before its retry, changed or not
+    assert abs(pacer.until_heartbeat(1.1) - 0.1) < 1e-9  # woken for the retry, not the heartbeat
+    now = 1.0
+    for _ in range(6):
+        now += waits[-1]
+        assert pacer.decide(now, *changed) is Pace.PUBLISH
+        waits.append(pacer.failed(now))
+    assert waits == [0.2, 0.4, 0.8, 1.6, 3.2, HB, HB]
+    now += HB
+    published(pacer, now, msgspec.structs.replace(IDLE, status="draining"))
+    assert pacer.decide(now + 0.1, *at(IDLE, status="active")) is Pace.PUBLISH  # at once again
+    assert pacer.failed(now + 0.1) == 0.2
