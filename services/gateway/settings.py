@@ -36,6 +36,14 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     claim_timeout_s: Annotated[
         float, setting("an agent must claim a request within this, or the next one is tried", gt=0)
     ] = 2.0
+    warm_claim_timeout_s: Annotated[
+        float,
+        setting(
+            "a request offered to every free slot of its model must be claimed within this, or it "
+            "goes to the fleet queue (on a NATS cluster one can be dropped unseen)",
+            gt=0,
+        ),
+    ] = 0.5
     idle_timeout_s: Annotated[
         float, setting("a claimed request silent this long means its agent died", gt=0)
     ] = 10.0

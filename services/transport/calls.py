@@ -265,21 +265,35 @@ class Transport:
 
     # -- attempts --------------------------------------------------------------------------------
     async def attempt(
-        self, req: WorkRequest, subject: str, agent: str | None, deadline: float, *, service: bool = False
+        self,
+        req: WorkRequest,
+        subject: str,
+        agent: str | None,
+        deadline: float,
+        *,
+        service: bool = False,
+        claim_within: float | None = None,
     ) -> Reply | Outcome:
         """Publish ``req`` on ``subject`` (an agent's own when ``agent`` is named; a service's queue
-        group when ``service``) and wait for its head. A shared subject that answers busy is tried
-        again a few times."""
+        group when ``service``) and wait for its head, its claim at most ``claim_within`` seconds
+        (the claim timeout by default). A shared subject that answers busy is tried again a few
+        times."""
         busy_retries = 0 if agent else WARM_BUSY_RETRIES
         while True:
-            outcome = await self._attempt_once(req, subject, agent, deadline, service)
+            outcome = await self._attempt_once(req, subject, agent, deadline, service, claim_within)
             if outcome is Outcome.BUSY and busy_retries > 0:
                 busy_retries -= 1
                 continue
             return outcome
 
     async def _attempt_once(
-        self, req: WorkRequest, subject: str, agent: str | None, deadline: float, service: bool
+        self,
+        req: WorkRequest,
+        subject: str,
+        agent: str | None,
+        deadline: float,
+        service: bool,
+        claim_within: float | None,
     ) -> Reply | Outcome:
         call, hdrs, payload = self.register(req, agent, deadline)
         keep = False
@@ -289,10 +303,11 @@ class Transport:
             with publish_span(template, subject, hdrs, tracer=self._tracer) as span:
                 epoch = self._epoch()
                 await self.nc.publish(subject, payload, reply=self.reply_subject(call), headers=hdrs)
+                within = self.claim_timeout if claim_within is None else claim_within
                 try:
-                    msg = await self._first(call, service)
+                    msg = await self._first(call, service, within)
                 except TimeoutError:
-                    log.warning("no claim from %s within %.1fs", agent or subject, self.claim_timeout)
+                    log.warning("no claim from %s within %.1fs", agent or subject, within)
                     self._unanswered(agent, epoch)
                     outcome: Reply | Outcome = Outcome.FAILED
                 else:
@@ -308,10 +323,10 @@ class Transport:
             if not keep:
                 self.release(call)
 
-    async def _first(self, call: Call, service: bool) -> Msg:
-        """The first reply message from a sender this call may believe (`_believed`), within the
-        claim timeout; others are logged and skipped."""
-        deadline = time.monotonic() + self.claim_timeout
+    async def _first(self, call: Call, service: bool, within: float) -> Msg:
+        """The first reply message from a sender this call may believe (`_believed`), within
+        ``within`` seconds; others are logged and skipped."""
+        deadline = time.monotonic() + within
         while True:  # one wait in the usual case: `call.next` holds the only timeout
             msg = await call.next(max(deadline - time.monotonic(), 0.0))
             if self._believed(call, msg, service):

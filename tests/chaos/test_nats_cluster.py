@@ -230,3 +230,35 @@ async def test_a_queued_request_is_served_by_claims_when_jetstream_loses_its_quo
             r = await waiting
             assert r.status == 200, await r.text()
             assert (await r.json())["done"] is True
+
+
+async def test_a_burst_beyond_the_free_slots_waits_no_claim_timeout_on_a_cluster(
+    nodes: list[NatsServer], root: str
+) -> None:
+    """The gateway's node forwards a request for a warm model's free slots to an agent's node by
+    the interest it last heard of; one that arrives just after that slot's claim subscription took
+    another is dropped there unseen (one server alone answers "no responders" at once). Such a
+    request gives up its warm claim after `CORRAL_WARM_CLAIM_TIMEOUT_S`, not the claim timeout of a
+    request sent to an agent itself (here long enough to show), and waits for the next free slot."""
+    options = FleetOptions(
+        port=0,
+        nats_url=nodes[0].url,  # the gateway on one node, the agents on another
+        root=root,
+        sims=default_sims(2, time_scale=0.01, keep_alive="1h"),
+        gateway={"claim_timeout_s": 60.0, "queue_timeout_s": 60.0, **REPLICAS},
+        registry=REPLICAS,
+        aggregator=None,
+        agent={"nats_url": nodes[1].url, **REPLICAS},
+    )
+    body = {"model": MODEL, "prompt": "burst", "stream": False, "options": {"num_predict": 3}}
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+
+        async def one() -> int:
+            async with s.post(f"{fleet.url}/api/generate", json=body) as r:
+                await r.read()
+                return r.status
+
+        for _ in range(3):  # a burst of twice the free slots, three times
+            async with asyncio.timeout(30):  # a dropped request used to wait out the claim timeout
+                assert await asyncio.gather(*(one() for _ in range(8))) == [200] * 8
