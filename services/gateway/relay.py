@@ -226,13 +226,29 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
         if timing:
             d.first_byte, timing = time.perf_counter(), False
     prev = tail = reply.first
+
+    async def out(batch: bytes) -> None:
+        nonlocal prev, tail, timing
+        await send({"type": "http.response.body", "body": batch, "more_body": True})
+        if timing:
+            d.first_byte, timing = time.perf_counter(), False
+        prev, tail = tail, batch
+
+    held = b""  # a batch with the answer's last line, sent once the stream's end says none was lost
     try:
         async for batch in reply.batches():
-            await send({"type": "http.response.body", "body": batch, "more_body": True})
-            if timing:
-                d.first_byte, timing = time.perf_counter(), False
-            prev, tail = tail, batch
+            if held:
+                await out(held)  # not the end after all
+            held = b""
+            if _FINAL[0] in batch or _FINAL[1] in batch:
+                held = batch
+            else:
+                await out(batch)
+        if held:
+            await out(held)
     except CorralError as e:
+        if partial := held[: held.rstrip(b"\n").rfind(b"\n") + 1]:
+            await out(partial)  # all but the last line: a client that stops at "done" must not
         log.warning("stream from agent %s failed: %s", reply.agent, e)
         await send({"type": "http.response.body", "body": _stream_error(reply, e, openai), "more_body": True})
     except Exception as e:  # never leave a client hanging on a half-written stream
@@ -246,6 +262,13 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
         )
     d.tail = prev[-TAIL_BYTES:] + tail[-TAIL_BYTES:]
     await last({"type": "http.response.body", "body": b""})  # the end, through the `Sent` that notes it
+
+
+# An answer's last line: Ollama's NDJSON ``"done":true`` (a quote in the text is escaped, so never
+# this), the OpenAI SSE ``[DONE]``. The batch holding it waits for the stream's end, which comes
+# right after it: a reply that lost messages on the way (a NATS node dying) ends with an error line
+# instead of "done", so no client takes a gapped answer for a whole one.
+_FINAL = (b'"done":true', b"data: [DONE]")
 
 
 def _stream_error(reply: Reply, err: CorralError, openai: bool) -> bytes:

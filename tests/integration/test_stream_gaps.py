@@ -1,0 +1,79 @@
+"""A streamed answer that lost reply messages on the way (a NATS node dying under it) ends with an
+error line, never with Ollama's last line (``"done":true``) after a gap: a client that stops
+reading at "done" would take the gapped text for the whole answer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+from corral.gateway.relay import stream_reply
+from corral.protocol import headers as H
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import round_trip
+from corral.runtime.natsserver import NatsServer
+from corral.transport import Reply, Transport, WorkRequest
+from nats.aio.msg import Msg
+
+pytestmark = pytest.mark.integration
+
+AGENT = "a1"
+NDJSON = "application/x-ndjson"
+LINES = [b'{"response":"one","done":false}\n', b'{"response":"two","done":false}\n']
+LAST = b'{"response":"","done":true,"eval_count":3}\n'
+
+
+async def _relayed(nats_server: NatsServer, root: str, *, lost: int) -> list[bytes]:
+    """The body lines a client gets for an answer whose agent sent every line but ``lost`` of
+    them were lost on the way (its end still counts what it sent)."""
+    subjects = Subjects(root)
+    gw = await nats.connect(nats_server.url)
+    agent = await nats.connect(nats_server.url)
+
+    async def on_work(msg: Msg) -> None:
+        assert msg.reply
+        await agent.publish(msg.reply, b"", headers={H.KIND: H.CLAIM, H.AGENT: AGENT})
+        head = {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: NDJSON}
+        await agent.publish(msg.reply, b"", headers=head)
+        for line in LINES[lost:]:
+            await agent.publish(msg.reply, line)
+        await agent.publish(msg.reply, LAST)
+        await agent.publish(msg.reply, b"", headers={H.KIND: H.END_KIND, H.SEQ: str(len(LINES) + 1)})
+
+    await agent.subscribe(subjects.agent_work(AGENT), cb=on_work)
+    assert await round_trip(agent, 10.0)
+    transport = Transport(gw, subjects)
+    await transport.start()
+    sent: list[dict[str, Any]] = []
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event)
+
+    try:
+        reply = await transport.send_to(AGENT, WorkRequest(endpoint="/api/generate", body=b"{}"), timeout=5)
+        assert isinstance(reply, Reply)
+        async with asyncio.timeout(10), reply:
+            await stream_reply(reply, send, openai=False)
+    finally:
+        await transport.stop()
+        await gw.close()
+        await agent.close()
+    body = b"".join(e.get("body", b"") for e in sent if e["type"] == "http.response.body")
+    return [line for line in body.split(b"\n") if line.strip()]
+
+
+async def test_a_whole_answer_ends_with_its_done_line(nats_server: NatsServer, root: str) -> None:
+    lines = await _relayed(nats_server, root, lost=0)
+    assert [msgspec.json.decode(line).get("done") for line in lines] == [False, False, True]
+
+
+async def test_an_answer_that_lost_a_message_ends_with_an_error_not_done(
+    nats_server: NatsServer, root: str
+) -> None:
+    lines = await _relayed(nats_server, root, lost=1)
+    decoded = [msgspec.json.decode(line) for line in lines]
+    assert not any(d.get("done") for d in decoded)
+    assert "lost 1 of 3 reply messages" in decoded[-1]["error"]
