@@ -306,4 +306,12 @@ def main(command: str, argv: list[str] | None = None) -> int:
                 return await pull(s, args.json, args.model, args.replicas, args.vendor)
             return await control(s, command, args.agent)
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except (TimeoutError, nats.errors.Error) as e:  # JetStream's own errors are nats-py's too
+        print(
+            f"corral {command}: NATS at {settings.nats_url} did not answer ({e!r}); "
+            "a NATS cluster without a quorum, or electing a leader, cannot answer for a while",
+            file=sys.stderr,
+        )
+        return 1

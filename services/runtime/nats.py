@@ -186,6 +186,7 @@ async def connect(
         await nc.close()  # the refused attempt's socket
         raise
     connected = True
+    got_past = nc.last_error  # a server of the list that refused before another took us: no cause
     _decode_leniently(nc)  # before any subscription: any client may publish to our subjects
     _close_reliably(nc, on_close)
     return nc

@@ -145,3 +145,11 @@ async def test_corral_nats_stopped_by_a_signal_exits_0(tmp_path: Path, sig: str)
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_fleet_command_jetstream_cannot_answer_exits_1_with_a_clear_message() -> None:
+    """JetStream that does not answer (here none at all; as well a cluster without a quorum): one
+    line that says so, no traceback."""
+    async with NatsServer(jetstream=False) as server:
+        rc, _, err = await cli.corral("status", "--nats", server.url, "--root", "cli")
+    assert rc == 1 and "did not answer" in err and "Traceback" not in err, err

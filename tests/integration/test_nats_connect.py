@@ -5,9 +5,10 @@ reads nothing more — one raw publish from any client could silence a gateway o
 from __future__ import annotations
 
 import nats
+import nats.aio.client
 import pytest
 from corral.runtime.nats import connect, round_trip
-from corral.runtime.natsserver import NatsServer
+from corral.runtime.natsserver import NatsServer, free_port
 
 from tests.integration.fleet_helpers import publish_raw
 
@@ -33,3 +34,17 @@ async def test_a_reply_subject_that_is_not_utf8_does_not_stop_the_connection(
     finally:
         await other.close()
         await nc.close()
+
+
+async def test_a_server_that_refused_before_another_took_the_connection_is_no_cause_of_its_close(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first node of a cluster's URL list is down and the next one takes the connection: closing
+    it later is no "closed for good" on the first node's refusal (what `corral status` printed with
+    one node of three down, though it worked)."""
+    monkeypatch.setattr(nats.aio.client, "shuffle", lambda pool: None)  # the list's order
+    dead = f"nats://127.0.0.1:{free_port()}"
+    nc = await connect(f"{dead},{nats_server.url}", name="test")
+    assert nc.last_error is not None  # it was refused there first
+    await nc.drain()
+    assert not [r for r in caplog.records if "closed for good" in r.getMessage()]
