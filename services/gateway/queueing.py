@@ -19,7 +19,9 @@ again at the end of the interactive lane, so interactive work can hold it back t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import time
 from collections.abc import Mapping
 
@@ -254,25 +256,33 @@ class _Rechecks:
         self._transport = transport
         self._js = transport.nc.jetstream()
         self._every_s = every_s
-        self._asked: dict[str, tuple[float, asyncio.Task[bool]]] = {}  # subject → (when, question)
+        self._asking: dict[str, asyncio.Task[bool]] = {}  # subject → its last question
+        self._asked_at: dict[str, float] = {}  # subject → when the last question was asked
+        self._answers: dict[str, tuple[float, bool]] = {}  # subject → (asked when, answered)
         self._withdrawing: set[asyncio.Task[bool]] = set()
 
     def unreadable(self, subject: str, now: float) -> bool:
         """Whether JetStream's latest answer for ``subject``'s reader was none, if it is recent:
         asked within a question's timeout and two rechecks (a request withdrawn and queued again
-        meanwhile still reads it). Asks again when the last question is a recheck old."""
-        asked = self._asked.get(subject)
-        if asked is not None and not asked[1].done():
-            return False
-        if asked is None or now - asked[0] >= self._every_s:
+        meanwhile still reads it; so does every request waiting there while the next question is
+        out). Asks again when none is out and the last was asked a recheck ago."""
+        asking = self._asking.get(subject)
+        due = now - self._asked_at.get(subject, -math.inf) >= self._every_s
+        if due and (asking is None or asking.done()):
             t = self._transport
-            question = reader_answers(self._js, t.subjects, subject, timeout=t.claim_timeout)
-            self._asked[subject] = (now, asyncio.create_task(question))
-        if asked is None:
+            task = asyncio.create_task(reader_answers(self._js, t.subjects, subject, timeout=t.claim_timeout))
+            task.add_done_callback(functools.partial(self._answered, subject, now))
+            self._asking[subject] = task
+            self._asked_at[subject] = now
+        answer = self._answers.get(subject)
+        if answer is None:
             return False
-        at, task = asked
-        recent = now - at <= 2 * self._every_s + self._transport.claim_timeout
-        return recent and not task.cancelled() and task.exception() is None and not task.result()
+        at, answered = answer
+        return not answered and now - at <= 2 * self._every_s + self._transport.claim_timeout
+
+    def _answered(self, subject: str, at: float, task: asyncio.Task[bool]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._answers[subject] = (at, task.result())
 
     def withdraw(self, queued: Queued) -> None:
         """Withdraw ``queued`` without waiting for JetStream to answer."""
@@ -281,9 +291,9 @@ class _Rechecks:
         task.add_done_callback(self._withdrawing.discard)
 
     def stop(self) -> None:
-        for _, task in self._asked.values():
+        for task in self._asking.values():
             task.cancel()
-        self._asked.clear()
+        self._asking.clear()
         for task in self._withdrawing:
             task.cancel()
 
