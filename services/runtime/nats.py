@@ -50,6 +50,7 @@ RECONNECT_MAX_S = 2.0  # the backoff's cap: a restarted server is found again wi
 ERROR_LOG_EVERY_S = 10.0  # the same connection error is logged at most this often
 START_PATIENCE_S = 60.0  # a starting service asks JetStream that does not answer yet this long
 NO_PEERS = 10005  # JetStream's "no suitable peers for placement": a cluster still forming
+UNAVAILABLE = 10008  # JetStream's "system temporarily unavailable": a leader being elected
 
 
 def reconnect_delay(attempts: int, *, rng: random.Random | None = None) -> float:
@@ -358,10 +359,12 @@ async def ensure_buckets_at_start(
 
 
 def _not_yet(e: BaseException) -> bool:
-    """Whether ``e`` says JetStream does not answer yet, rather than no."""
-    if isinstance(e, (TimeoutError, NoStreamResponseError, ServiceUnavailableError)):
+    """Whether ``e`` says JetStream does not answer yet (a timeout, "temporarily unavailable", no
+    peers for placement), rather than no: "no responders" (no JetStream on that server at all) is
+    raised at once."""
+    if isinstance(e, TimeoutError):
         return True
-    return isinstance(e, APIError) and e.err_code == NO_PEERS
+    return isinstance(e, APIError) and e.err_code in (UNAVAILABLE, NO_PEERS)
 
 
 async def open_bucket(js: JetStreamContext, name: str, spec: BucketSpec, *, replicas: int = 1) -> KeyValue:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import nats
 import pytest
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import BUCKETS, BucketSpec, ensure_buckets, open_bucket
+from corral.runtime.nats import BUCKETS, BucketSpec, ensure_buckets, ensure_buckets_at_start, open_bucket
 from corral.runtime.natsserver import NatsServer
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, ServiceUnavailableError
 
 SMALL = 64 * 1024
 
@@ -94,3 +95,16 @@ async def test_a_bucket_made_by_another_service_meanwhile_is_opened(nc: NATS, ro
     js.key_value = late_lookup  # type: ignore[method-assign]
     kv = await open_bucket(js, subjects.sessions_bucket, BUCKETS["sessions"])
     assert missed and kv._name == subjects.sessions_bucket
+
+
+async def test_a_service_starting_against_a_server_without_jetstream_fails_at_once(root: str) -> None:
+    """JetStream that is not there at all ("no responders") is a misconfiguration, raised at once,
+    not a cluster still forming that a starting service waits for."""
+    async with NatsServer(jetstream=False) as server:
+        nc = await nats.connect(server.url)
+        try:
+            async with asyncio.timeout(10):  # its patience for a forming cluster is a minute
+                with pytest.raises(ServiceUnavailableError):
+                    await ensure_buckets_at_start(nc.jetstream(), Subjects(root))
+        finally:
+            await nc.close()
