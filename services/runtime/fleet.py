@@ -111,7 +111,7 @@ class FleetView:
                     return
                 self._last_heard = time.monotonic()
                 if entry is None:  # end of the initial snapshot
-                    self._deaf_since = None  # it hears again; what it heard is as fresh as it is
+                    self._hears_again()
                     self._forget_missing(seen or set())
                     seen = None
                     self._synced.set()
@@ -129,6 +129,18 @@ class FleetView:
                         continue
                     self._heard[entry.key] = received_at(entry, snapshot=seen is not None)
                 self._notify()
+
+    def _hears_again(self) -> None:
+        """The watch hears again after failing (`_now`): the silence it could not hear is nobody's,
+        so an agent not heard since it went deaf is as silent now as it was then (its state in the
+        snapshot is as old as the outage: agents could not write it)."""
+        if self._deaf_since is None:
+            return
+        deaf_for = time.monotonic() - self._deaf_since
+        for agent_id, heard in self._heard.items():
+            if heard <= self._deaf_since:
+                self._heard[agent_id] = heard + deaf_for
+        self._deaf_since = None
 
     def _forget_missing(self, seen: set[str]) -> None:
         """After a snapshot: agents it lacks are gone — unless heard within their liveness window.

@@ -138,7 +138,7 @@ async def test_agents_do_not_turn_dead_for_a_silence_the_view_could_not_hear(
     """The watch fails (here its bucket is gone; as well JetStream without a quorum, when agents
     cannot write their state either, though their claims still serve): the agents it knew stay
     alive and their models found however long that lasts, not "not found" after six heartbeats.
-    Once it hears again, silence counts as before."""
+    Once it hears again, silence counts as before, leaving out the time it could not hear."""
     async with holding_a1(nats_server, root) as (buckets, fleet):
         key = key_of("llama3.2")
         a1 = fleet.get("a1")
@@ -153,10 +153,13 @@ async def test_agents_do_not_turn_dead_for_a_silence_the_view_could_not_hear(
             await waits.until(lambda: fleet.deaf, fleet.wait_changed, timeout=10)
             assert fleet.alive(a1, later) and [a.id for a in fleet.with_model(key)] == ["a1"]
 
-            agents = (await ensure_buckets(js, Subjects(root))).agents
-            await agents.put("a1", agent_state_encoder.encode(a1))
+            # as if it had been deaf for long, a1 heard last just before: it is as silent as then
+            fleet._deaf_since -= 100.0  # type: ignore[operator]
+            fleet._heard["a1"] -= 100.0
+            await ensure_buckets(js, Subjects(root))  # back, empty: a1 has not written yet
             await waits.until(lambda: not fleet.deaf, fleet.wait_changed, timeout=15)
-            assert fleet.alive(a1) and not fleet.alive(a1, later)
+            assert fleet.get("a1") is not None and fleet.alive(a1)  # not gone, nor dead
+            assert not fleet.alive(a1, later)  # its silence counts again
         finally:
             await nc.close()
 
