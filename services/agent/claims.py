@@ -114,8 +114,9 @@ class Claims:
                 return
 
     def queue_waits(self, token: str) -> bool:
-        """Requests for ``token`` may wait in the fleet queue: they go before new work."""
-        return bool(self._hint.get(token))
+        """Requests for ``token`` may wait in the fleet queue: they go before new work (unless the
+        queue is not answering: a freed slot is offered to new work at once then)."""
+        return bool(self._hint.get(token)) and not self._unanswered
 
     def look_at_queues(self) -> None:
         """Requests may wait for every warm model without a nudge having said so (nudges sent

@@ -15,7 +15,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from corral.auth.config import AUTH_FILE, AuthDirError, add_agent, add_gateway, creds_path, init
+from corral.auth.config import (
+    AUTH_FILE,
+    AuthDirError,
+    add_agent,
+    add_gateway,
+    creds_path,
+    init,
+    write_authorization,
+)
 from corral.runtime.natsauth import CredentialsError
 
 
@@ -52,6 +60,12 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("dir")
     g.add_argument("id", help="the gateway's id (its --gateway-id)")
+    r = sub.add_parser(
+        "rebuild",
+        allow_abbrev=False,
+        help="rebuild the server's include from the identities there, with this version's permissions",
+    )
+    r.add_argument("dir")
     return p
 
 
@@ -63,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {conf} and one .creds file per identity in {args.dir}")
             print(f'nats-server: include "{conf.resolve()}"; then create the buckets once with')
             print(f"  corral status --root {args.root} --nats-creds {creds_path(args.dir, 'operator')}")
+        elif args.command == "rebuild":
+            conf = write_authorization(args.dir)
+            print(f"{conf} rebuilt: reload nats-server (nats-server --signal reload)")
         else:
             path = (add_agent if args.command == "agent" else add_gateway)(args.dir, args.id)
             print(f"wrote {path}; {AUTH_FILE} rebuilt: reload nats-server (nats-server --signal reload)")

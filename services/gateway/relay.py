@@ -240,7 +240,7 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
             if held:
                 await out(held)  # not the end after all
             held = b""
-            if _FINAL[0] in batch or _FINAL[1] in batch:
+            if _FINAL[0] in batch or _FINAL[1] in batch or batch.startswith(_FINAL[1][1:]):
                 held = batch
             else:
                 await out(batch)
@@ -264,11 +264,12 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
     await last({"type": "http.response.body", "body": b""})  # the end, through the `Sent` that notes it
 
 
-# An answer's last line: Ollama's NDJSON ``"done":true`` (a quote in the text is escaped, so never
-# this), the OpenAI SSE ``[DONE]``. The batch holding it waits for the stream's end, which comes
-# right after it: a reply that lost messages on the way (a NATS node dying) ends with an error line
-# instead of "done", so no client takes a gapped answer for a whole one.
-_FINAL = (b'"done":true', b"data: [DONE]")
+# An answer's last line: Ollama's NDJSON ``"done":true``, the OpenAI SSE ``[DONE]`` event at the
+# start of a line (in the text, a quote or a newline is escaped, so never these). The batch holding
+# it waits for the stream's end, which comes right after it: a reply that lost messages on the way
+# (a NATS node dying) ends with an error line instead, so no client takes a gapped answer for a
+# whole one.
+_FINAL = (b'"done":true', b"\ndata: [DONE]")
 
 
 def _stream_error(reply: Reply, err: CorralError, openai: bool) -> bytes:

@@ -26,7 +26,20 @@ LINES = [b'{"response":"one","done":false}\n', b'{"response":"two","done":false}
 LAST = b'{"response":"","done":true,"eval_count":3}\n'
 
 
-async def _relayed(nats_server: NatsServer, root: str, *, lost: int) -> list[bytes]:
+SSE = "text/event-stream"
+SSE_LINES = [b'data: {"choices":[{"delta":{"content":"data: [DONE]"}}]}\n\n']
+SSE_LAST = b"data: [DONE]\n\n"
+
+
+async def _relayed(
+    nats_server: NatsServer,
+    root: str,
+    *,
+    lost: int,
+    lines: list[bytes] = LINES,
+    last: bytes = LAST,
+    content_type: str = NDJSON,
+) -> list[bytes]:
     """The body lines a client gets for an answer whose agent sent every line but ``lost`` of
     them were lost on the way (its end still counts what it sent)."""
     subjects = Subjects(root)
@@ -36,12 +49,12 @@ async def _relayed(nats_server: NatsServer, root: str, *, lost: int) -> list[byt
     async def on_work(msg: Msg) -> None:
         assert msg.reply
         await agent.publish(msg.reply, b"", headers={H.KIND: H.CLAIM, H.AGENT: AGENT})
-        head = {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: NDJSON}
+        head = {H.KIND: H.HEAD, H.STATUS: "200", H.CONTENT_TYPE: content_type}
         await agent.publish(msg.reply, b"", headers=head)
-        for line in LINES[lost:]:
+        for line in lines[lost:]:
             await agent.publish(msg.reply, line)
-        await agent.publish(msg.reply, LAST)
-        await agent.publish(msg.reply, b"", headers={H.KIND: H.END_KIND, H.SEQ: str(len(LINES) + 1)})
+        await agent.publish(msg.reply, last)
+        await agent.publish(msg.reply, b"", headers={H.KIND: H.END_KIND, H.SEQ: str(len(lines) + 1)})
 
     await agent.subscribe(subjects.agent_work(AGENT), cb=on_work)
     assert await round_trip(agent, 10.0)
@@ -77,3 +90,12 @@ async def test_an_answer_that_lost_a_message_ends_with_an_error_not_done(
     decoded = [msgspec.json.decode(line) for line in lines]
     assert not any(d.get("done") for d in decoded)
     assert "lost 1 of 3 reply messages" in decoded[-1]["error"]
+
+
+async def test_an_openai_stream_that_lost_a_message_ends_with_an_error_not_done(
+    nats_server: NatsServer, root: str
+) -> None:
+    whole = await _relayed(nats_server, root, lost=0, lines=SSE_LINES, last=SSE_LAST, content_type=SSE)
+    assert whole[-1] == b"data: [DONE]" and len(whole) == 2  # the text saying "data: [DONE]" too
+    gapped = await _relayed(nats_server, root, lost=1, lines=SSE_LINES, last=SSE_LAST, content_type=SSE)
+    assert b"data: [DONE]" not in gapped and b"lost 1 of 2 reply messages" in gapped[-1]

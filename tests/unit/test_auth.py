@@ -141,3 +141,18 @@ def test_a_gateway_runs_batches_in_its_own_stores_and_nowhere_else() -> None:
     assert not any(r.startswith("$JS.API.STREAM.DELETE") for r in p.publish)
     for role in ("registry", "aggregator", "agent-a1"):
         assert not any("batch" in r or "files" in r for r in role_permissions(role, S).publish), role
+
+
+def test_rebuild_gives_an_older_include_this_versions_permissions(tmp_path: Path) -> None:
+    """An include written by an earlier version lacks the permissions added since (here, as one
+    that predates the gateway's look at the queue's reader): ``rebuild`` writes it again from the
+    identities there, keeping every secret."""
+    assert main(["init", str(tmp_path), "--root", "r1", "--agents", "a", "--gateways", "g1"]) == 0
+    conf = tmp_path / "auth.conf"
+    secrets = {p.name: p.read_text() for p in tmp_path.glob("*.creds")}
+    current = conf.read_text()
+    assert "$JS.API.CONSUMER.INFO.r1_queue.>" in current
+    conf.write_text(current.replace('"$JS.API.CONSUMER.INFO.r1_queue.>"', '"$JS.API.INFO"'))
+    assert main(["rebuild", str(tmp_path)]) == 0
+    assert conf.read_text() == current
+    assert {p.name: p.read_text() for p in tmp_path.glob("*.creds")} == secrets
