@@ -82,6 +82,7 @@ class AsyncClient:
             self._nc,
             self._subjects,
             claim_timeout=self._settings.claim_timeout_s,
+            warm_claim_timeout=self._settings.warm_claim_timeout_s,
             idle_timeout=self._settings.idle_timeout_s,
             members=self._fleet.knows,
         )

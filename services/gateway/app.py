@@ -159,6 +159,7 @@ class Gateway:
             self.nc,
             self.subjects,
             claim_timeout=self.settings.claim_timeout_s,
+            warm_claim_timeout=self.settings.warm_claim_timeout_s,
             idle_timeout=self.settings.idle_timeout_s,
             reply_buffer=self.settings.reply_buffer_bytes,
             tracer=self._tracer,

@@ -222,11 +222,8 @@ class Planner:
     async def _attempt(
         self, req: WorkRequest, subject: str, agent: str | None, deadline: float
     ) -> Reply | Outcome:
-        """One attempt, its retry counted when it did not begin a reply and others may be tried. A
-        warm claim (``agent`` None: every free slot's subscription) is claimed at once or not at
-        all: a NATS cluster may drop one unseen where a single server answers "no responders"."""
-        within = self.settings.warm_claim_timeout_s if agent is None else None
-        outcome = await self.transport.attempt(req, subject, agent, deadline, claim_within=within)
+        """One attempt, its retry counted when it did not begin a reply and others may be tried."""
+        outcome = await self.transport.attempt(req, subject, agent, deadline)
         if outcome is Outcome.BUSY or outcome is Outcome.FAILED:
             self.metrics.retried(req, outcome.name.lower())
         return outcome

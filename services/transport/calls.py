@@ -54,6 +54,7 @@ class Transport:
         subjects: Subjects,
         *,
         claim_timeout: float = 2.0,
+        warm_claim_timeout: float | None = None,
         idle_timeout: float = 10.0,
         reply_buffer: int = 0,
         tracer: Tracer | None = None,
@@ -67,6 +68,9 @@ class Transport:
         self.nc = nc
         self.subjects = subjects
         self.claim_timeout = claim_timeout  # an agent must claim within this
+        # on a subject every free slot shares (a warm claim) a claim comes at once or not at all: a
+        # NATS cluster may drop one unseen where a single server answers "no responders"
+        self.warm_claim_timeout = claim_timeout if warm_claim_timeout is None else warm_claim_timeout
         self.idle_timeout = idle_timeout  # a claimed request silent this long means a dead agent
         self.reply_buffer = reply_buffer  # bytes of reply one call may hold unread; 0 = no bound
         self._tracer = tracer
@@ -272,15 +276,14 @@ class Transport:
         deadline: float,
         *,
         service: bool = False,
-        claim_within: float | None = None,
     ) -> Reply | Outcome:
         """Publish ``req`` on ``subject`` (an agent's own when ``agent`` is named; a service's queue
-        group when ``service``) and wait for its head, its claim at most ``claim_within`` seconds
-        (the claim timeout by default). A shared subject that answers busy is tried again a few
+        group when ``service``) and wait for its head: for its claim, the claim timeout, or the warm
+        one on a subject free slots share. A shared subject that answers busy is tried again a few
         times."""
         busy_retries = 0 if agent else WARM_BUSY_RETRIES
         while True:
-            outcome = await self._attempt_once(req, subject, agent, deadline, service, claim_within)
+            outcome = await self._attempt_once(req, subject, agent, deadline, service)
             if outcome is Outcome.BUSY and busy_retries > 0:
                 busy_retries -= 1
                 continue
@@ -293,7 +296,6 @@ class Transport:
         agent: str | None,
         deadline: float,
         service: bool,
-        claim_within: float | None,
     ) -> Reply | Outcome:
         call, hdrs, payload = self.register(req, agent, deadline)
         keep = False
@@ -303,7 +305,7 @@ class Transport:
             with publish_span(template, subject, hdrs, tracer=self._tracer) as span:
                 epoch = self._epoch()
                 await self.nc.publish(subject, payload, reply=self.reply_subject(call), headers=hdrs)
-                within = self.claim_timeout if claim_within is None else claim_within
+                within = self.warm_claim_timeout if agent is None and not service else self.claim_timeout
                 try:
                     msg = await self._first(call, service, within)
                 except TimeoutError:
