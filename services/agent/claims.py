@@ -12,9 +12,10 @@ Requests no agent could take wait in the fleet queue (a JetStream work queue per
 listens for the nudges sent when one is queued, and before it takes interest in new work for a
 model it takes that model's queued requests, oldest first, up to its free slots. A take the queue
 did not answer (JetStream electing a leader, say) is tried again `TAKE_RETRY_S` later (twice that
-after the next, and so on), nudge or not: the requests it missed may have no other event to wake the agent for them; and until the
-queue answers again, the agent arms its free slots' claims before it takes, so new work is not held
-up by the queue's timeouts (a lane at a time: another lane's reader may still answer).
+after the next, and so on), nudge or not: the requests it missed may have no other event to wake
+the agent for them. Until the queue answers again, the agent arms its free slots' claims before
+it takes, so new work is not held up by the queue's timeouts; the other lanes are still tried
+(another lane's reader may answer).
 
 Batch-priority work has lanes of its own (`corral.protocol.priority`): claim subjects
 ``work.batch.{vendor}.{model}``, armed only for the free slots beyond ``reserve`` (kept for

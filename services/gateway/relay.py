@@ -240,7 +240,7 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
             if held:
                 await out(held)  # not the end after all
             held = b""
-            if _FINAL[0] in batch or _FINAL[1] in batch or batch.startswith(_FINAL[1][1:]):
+            if _ends_answer(batch):
                 held = batch
             else:
                 await out(batch)
@@ -269,7 +269,13 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
 # it waits for the stream's end, which comes right after it: a reply that lost messages on the way
 # (a NATS node dying) ends with an error line instead, so no client takes a gapped answer for a
 # whole one.
-_FINAL = (b'"done":true', b"\ndata: [DONE]")
+_DONE = b'"done":true'
+_SSE_DONE = b"data: [DONE]"
+_SSE_DONE_LINE = b"\n" + _SSE_DONE
+
+
+def _ends_answer(batch: bytes) -> bool:
+    return _DONE in batch or batch.startswith(_SSE_DONE) or _SSE_DONE_LINE in batch
 
 
 def _stream_error(reply: Reply, err: CorralError, openai: bool) -> bytes:
