@@ -4,7 +4,6 @@ bound the work is cancelled at the agent and the client's stream ends with an er
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import nats
 import pytest
@@ -15,6 +14,8 @@ from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.transport import Reply, Transport, WorkRequest
 from nats.aio.msg import Msg
+
+from tests.integration.fleet_helpers import AsgiSink
 
 pytestmark = pytest.mark.chaos
 
@@ -53,17 +54,13 @@ async def test_an_unread_reply_past_its_bound_is_cancelled_at_the_agent(
             await agent.publish(await reply_to, b'{"response":"' + b"x" * 1000 + b'"}\n')
         ctl = await asyncio.wait_for(cancelled, 10)  # nobody has read a byte: the bound cancels it
         assert ctl[H.CTL] == H.CANCEL
-        sent: list[dict[str, Any]] = []
-
-        async def send(event: dict[str, Any]) -> None:
-            sent.append(event)
-
-        await stream_reply(reply, send, openai=False)
+        sink = AsgiSink()
+        await stream_reply(reply, sink, openai=False)
     finally:
         await transport.stop()
         await gw.close()
         await agent.close()
-    body = b"".join(e.get("body", b"") for e in sent if e["type"] == "http.response.body")
+    body = sink.body
     last = body.strip().split(b"\n")[-1]
     assert last.startswith(b'{"error":"reply cancelled')
     assert len(body) < 2 * BOUND  # what was held is at most the bound, never the whole reply

@@ -130,3 +130,19 @@ async def seen(gw: Gateway, key: str, present: bool = True, timeout: float = 5.0
         timeout=timeout,
         what=f"the gateway {'knows' if present else 'no longer knows'} the API key",
     )
+
+
+class AsgiSink:
+    """An ASGI ``send`` that keeps what a response sent (for `corral.gateway.relay.stream_reply`)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+
+    async def __call__(self, event: dict[str, object]) -> None:
+        self.events.append(event)
+
+    @property
+    def body(self) -> bytes:
+        """The response body: every body part, joined."""
+        parts = (e.get("body", b"") for e in self.events if e["type"] == "http.response.body")
+        return b"".join(p for p in parts if isinstance(p, bytes))

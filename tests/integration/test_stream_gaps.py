@@ -5,7 +5,6 @@ reading at "done" would take the gapped text for the whole answer."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import msgspec
 import nats
@@ -17,6 +16,8 @@ from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.transport import Reply, Transport, WorkRequest
 from nats.aio.msg import Msg
+
+from tests.integration.fleet_helpers import AsgiSink
 
 pytestmark = pytest.mark.integration
 
@@ -60,22 +61,17 @@ async def _relayed(
     assert await round_trip(agent, 10.0)
     transport = Transport(gw, subjects)
     await transport.start()
-    sent: list[dict[str, Any]] = []
-
-    async def send(event: dict[str, Any]) -> None:
-        sent.append(event)
-
+    sink = AsgiSink()
     try:
         reply = await transport.send_to(AGENT, WorkRequest(endpoint="/api/generate", body=b"{}"), timeout=5)
         assert isinstance(reply, Reply)
         async with asyncio.timeout(10), reply:
-            await stream_reply(reply, send, openai=False)
+            await stream_reply(reply, sink, openai=False)
     finally:
         await transport.stop()
         await gw.close()
         await agent.close()
-    body = b"".join(e.get("body", b"") for e in sent if e["type"] == "http.response.body")
-    return [line for line in body.split(b"\n") if line.strip()]
+    return [line for line in sink.body.split(b"\n") if line.strip()]
 
 
 async def test_a_whole_answer_ends_with_its_done_line(nats_server: NatsServer, root: str) -> None:
