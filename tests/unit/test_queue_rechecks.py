@@ -15,41 +15,38 @@ SUBJECT = "t.queue.any.m"
 RECHECK_S = 1.0
 
 
-async def _settle() -> None:
-    """Let the question's task and its done callback run (no time passes)."""
-    for _ in range(3):
-        await asyncio.sleep(0)
-
-
 async def test_every_waiting_request_reads_the_latest_answer_while_the_next_is_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    answers: list[asyncio.Future[bool]] = []
+    asked: asyncio.Queue[asyncio.Future[bool]] = asyncio.Queue()  # each question, as it goes out
 
     async def reader_answers(*_: Any, **__: Any) -> bool:  # JetStream's answer, when the test gives it
-        answers.append(asyncio.get_running_loop().create_future())
-        return await answers[-1]
+        answer = asyncio.get_running_loop().create_future()
+        asked.put_nowait(answer)
+        return await answer
 
     monkeypatch.setattr(queueing, "reader_answers", reader_answers)
     transport = SimpleNamespace(
         nc=SimpleNamespace(jetstream=lambda: None), subjects=Subjects("t"), claim_timeout=2.0
     )
     rechecks = queueing._Rechecks(transport, RECHECK_S)  # type: ignore[arg-type]
+
+    async def answer(value: bool) -> None:
+        """The question out gets ``value``, and its answer is kept (its task has ended)."""
+        (await asked.get()).set_result(value)
+        await rechecks._asking[SUBJECT]
+
     try:
         assert not rechecks.unreadable(SUBJECT, 0.0)  # asked; no answer yet
         assert not rechecks.unreadable(SUBJECT, 0.5)  # one question at a time
-        await _settle()  # the question starts
-        assert len(answers) == 1
-        answers[0].set_result(False)  # no answer from the reader (JetStream timed out)
-        await _settle()
+        await answer(False)  # no answer from the reader (JetStream timed out)
         assert rechecks.unreadable(SUBJECT, 1.0)  # read, and the next question goes out
-        await _settle()
-        assert len(answers) == 2
         # every other request waiting there reads it too while the next question is out
         assert all(rechecks.unreadable(SUBJECT, t) for t in (1.1, 1.5, 2.9))
-        answers[1].set_result(True)  # the reader answers again
-        await _settle()
-        assert not rechecks.unreadable(SUBJECT, 3.0)
-        assert not rechecks.unreadable(SUBJECT, 100.0)  # an old answer is never read
+        await answer(True)  # the reader answers again
+        assert not rechecks.unreadable(SUBJECT, 3.0)  # read, and the next question goes out
+        await answer(False)
+        assert not rechecks.unreadable(SUBJECT, 100.0)  # an answer that old is never read
+        assert not rechecks._asking[SUBJECT].done()  # and a new question is out
     finally:
         rechecks.stop()
