@@ -48,6 +48,10 @@ WARM_BUSY_RETRIES = 3  # a shared subject answered busy: NATS may pick another l
 
 
 class Transport:
+    # Sixteen attributes: the connection, subjects, this sender's id, reply-subject prefix and
+    # subscriptions, the tracer and fleet membership it was given; its three timeouts and the
+    # reply bound, which its callers read too; and its own state: the calls and their id counter,
+    # the counts per agent, the agents that left a request unanswered, and the large bodies held.
     def __init__(
         self,
         nc: NATS,
