@@ -4,7 +4,7 @@ conversations, against the same number of writes to a steady working set.
     .venv/bin/python -m bench.sessions [--keys N] [--working-set 512]
 
 The gateway writes one small entry per conversation (`corral.gateway.sessions`) to the sessions
-bucket, made as every Corral service makes it (`corral.runtime.nats.ensure_buckets`: memory
+bucket, made as every Corral service makes it (`corral.runtime.buckets.ensure_buckets`: memory
 storage, a TTL, a byte bound past which the oldest entries go). Each run starts its own embedded
 nats-server on 127.0.0.1 and writes entries as the gateway does (a 24-hex-digit key, an agent id as
 the value): first ``--keys`` distinct keys (default: 20 % past what the bound holds), then, on a
@@ -20,7 +20,7 @@ import time
 
 import nats
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import BUCKETS, ensure_buckets
+from corral.runtime.buckets import BUCKETS, ensure_buckets
 from corral.runtime.natsserver import NatsServer
 
 from bench.common import free_port, loop_name, machine, rss_bytes, run, table

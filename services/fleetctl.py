@@ -20,9 +20,10 @@ from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
+from corral.runtime.buckets import ensure_buckets
 from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import snapshot
-from corral.runtime.nats import NatsAuth, connect, ensure_buckets
+from corral.runtime.nats import NatsAuth, connect
 from corral.runtime.policy import POLICY_KEY, policy_decoder
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments

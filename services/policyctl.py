@@ -19,7 +19,8 @@ from corral.gateway.policy import MAX_FALLBACKS, model_key
 from corral.protocol.errors import InvalidModelName
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import BUCKETS, NatsAuth, connect, open_bucket
+from corral.runtime.buckets import BUCKETS, open_bucket
+from corral.runtime.nats import NatsAuth, connect
 from corral.runtime.policy import POLICY_KEY, Policy, policy_decoder, policy_encoder
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments

@@ -40,7 +40,8 @@ from corral.protocol.errors import BackendError, InternalError
 from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
 from corral.protocol.names import VENDORS, decode_token
 from corral.protocol.subjects import Subjects, usable_reply
-from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets_at_start
+from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start
+from corral.runtime.nats import NatsAuth, connect
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import tracer
 from corral.transport.replies import send_busy

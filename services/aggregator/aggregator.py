@@ -32,8 +32,9 @@ from corral.aggregator.metrics import AggregatorMetrics
 from corral.aggregator.settings import AggregatorSettings
 from corral.protocol.messages import RequestFinished
 from corral.protocol.subjects import Subjects
+from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets_at_start
+from corral.runtime.nats import NatsAuth, connect
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import depths
 from nats.aio.client import Client as NATS

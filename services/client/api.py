@@ -17,8 +17,9 @@ from corral.gateway.planner import Planner
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.errors import CorralError, ModelNotFound, not_found_message
 from corral.protocol.subjects import Subjects
+from corral.runtime.buckets import ensure_buckets
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import NatsAuth, connect, ensure_buckets
+from corral.runtime.nats import NatsAuth, connect
 from corral.transport import Reply, Transport, model_work
 from nats.aio.client import Client as NATS
 

@@ -40,9 +40,10 @@ from corral.protocol.priority import HTTP_HEADER as PRIORITY_HEADER
 from corral.protocol.priority import INTERACTIVE, capped, parse_priority
 from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
+from corral.runtime.buckets import Reopener, ensure_buckets_at_start
 from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import watch_until, watching
-from corral.runtime.nats import NatsAuth, Reopener, connect, ensure_buckets_at_start
+from corral.runtime.nats import NatsAuth, connect
 from corral.runtime.policy import PolicyStore
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import server_span, set_model, tracer

@@ -17,8 +17,8 @@ import msgspec
 from corral.gateway.access import ApiKey, Role, api_key_decoder, hash_key, new_key, same_hash
 from corral.protocol.priority import Priority
 from corral.protocol.subjects import Subjects
+from corral.runtime.buckets import KEY_BUCKETS, open_bucket
 from corral.runtime.kvwatch import snapshot, watching
-from corral.runtime.nats import KEY_BUCKETS, open_bucket
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue

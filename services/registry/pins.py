@@ -41,7 +41,7 @@ from corral.registry.lease import Lease
 from corral.registry.placement import Placer
 from corral.registry.preload import preload
 from corral.routing import Route, Router
-from corral.runtime.nats import Buckets
+from corral.runtime.buckets import Buckets
 from corral.runtime.policy import Policy, PolicyStore
 from corral.runtime.tasks import cancel_and_wait
 from corral.views.status import Pin, pinned_on

@@ -39,9 +39,10 @@ from corral.registry.pins import PinKeeper
 from corral.registry.placement import Placer, ReplicaSettings
 from corral.registry.pulls import FleetPulls
 from corral.registry.settings import RegistrySettings
+from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start
 from corral.runtime.fleet import SILENT_RESTART_S, STALE_HEARTBEATS, FleetView, received_at
 from corral.runtime.kvwatch import watch_until, watching
-from corral.runtime.nats import Buckets, NatsAuth, Reopener, connect, ensure_buckets_at_start
+from corral.runtime.nats import NatsAuth, connect
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.transport import Transport
 from nats.aio.client import Client as NATS

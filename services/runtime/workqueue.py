@@ -46,7 +46,10 @@ from nats.js.errors import APIError, NotFoundError
 
 log = logging.getLogger(__name__)
 
-STREAM_NAME_IN_USE = 10058  # JetStream's error code: a stream of that name exists (other config)
+# JetStream's error codes this package tells apart
+NO_PEERS = 10005  # "no suitable peers for placement": a cluster still forming
+UNAVAILABLE = 10008  # "system temporarily unavailable": a leader being elected
+STREAM_NAME_IN_USE = 10058  # a stream of that name exists (other config)
 # JetStream's "message delete failed" (HTTP-like code 500); with this description the message is
 # no longer in the stream: an agent took (acked) it, or another withdrawal removed it, first
 MSG_DELETE_FAILED = 10057

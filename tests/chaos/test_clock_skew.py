@@ -14,8 +14,9 @@ from corral.protocol.names import key_of
 from corral.protocol.subjects import Subjects
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
+from corral.runtime.buckets import ensure_buckets
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.nats import connect
 from corral.runtime.natsserver import NatsServer
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg

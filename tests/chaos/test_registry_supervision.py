@@ -15,8 +15,9 @@ from corral.protocol.messages import AgentEvent, AgentState, agent_state_encoder
 from corral.protocol.subjects import Subjects
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
+from corral.runtime.buckets import ensure_buckets
 from corral.runtime.kvwatch import snapshot
-from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.nats import connect
 from corral.runtime.natsserver import NatsServer
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg

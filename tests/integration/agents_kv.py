@@ -11,7 +11,7 @@ from types import TracebackType
 import nats
 from corral.protocol.messages import AgentState, agent_state_decoder
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import ensure_buckets
+from corral.runtime.buckets import ensure_buckets
 
 from tests.integration.waits import Changes, until
 

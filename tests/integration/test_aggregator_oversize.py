@@ -12,7 +12,7 @@ from corral.aggregator.aggregator import Aggregator
 from corral.aggregator.settings import AggregatorSettings
 from corral.protocol.messages import AgentState, TagModel, agent_state_encoder
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import ensure_buckets
+from corral.runtime.buckets import ensure_buckets
 from corral.runtime.natsserver import NatsServer
 from corral.views import RATES_KEY, STATUS_KEY
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import BUCKETS, BucketSpec, ensure_buckets, ensure_buckets_at_start, open_bucket
+from corral.runtime.buckets import BUCKETS, BucketSpec, ensure_buckets, ensure_buckets_at_start, open_bucket
 from corral.runtime.natsserver import NatsServer
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType

@@ -18,7 +18,7 @@ from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
-from corral.runtime.nats import ensure_buckets
+from corral.runtime.buckets import ensure_buckets
 from corral.runtime.natsserver import NatsServer
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims
 from corral.views import FleetStatus

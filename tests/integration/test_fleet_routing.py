@@ -20,7 +20,8 @@ from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry.placement import marker_key
 from corral.routing import Route, loading_for, warm
-from corral.runtime.nats import connect, ensure_buckets, round_trip
+from corral.runtime.buckets import ensure_buckets
+from corral.runtime.nats import connect, round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.workqueue import Puller, depths, enqueue, withdraw
 from corral.up import FleetOptions, LocalFleet, default_sims

@@ -12,8 +12,9 @@ import pytest
 from corral.protocol.messages import AgentState, TagModel, agent_state_encoder
 from corral.protocol.names import key_of
 from corral.protocol.subjects import Subjects
+from corral.runtime.buckets import Buckets, ensure_buckets
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import Buckets, connect, ensure_buckets
+from corral.runtime.nats import connect
 from corral.runtime.natsserver import NatsServer
 from nats.js.api import KeyValueConfig
 

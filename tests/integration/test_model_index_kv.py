@@ -11,8 +11,8 @@ import nats
 import pytest
 from corral.protocol.subjects import Subjects
 from corral.registry.index import ModelEntry, ModelIndexWriter, model_index
+from corral.runtime.buckets import ensure_buckets
 from corral.runtime.kvwatch import snapshot
-from corral.runtime.nats import ensure_buckets
 from corral.runtime.natsserver import NatsServer
 from nats.js.kv import KeyValue
 

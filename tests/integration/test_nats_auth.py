@@ -23,7 +23,8 @@ from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import NatsRefused, connect, ensure_buckets, round_trip
+from corral.runtime.buckets import ensure_buckets
+from corral.runtime.nats import NatsRefused, connect, round_trip
 from corral.runtime.natsauth import NatsAuth
 from corral.runtime.natsserver import NatsServer, free_port
 from corral.runtime.process import AsgiServer

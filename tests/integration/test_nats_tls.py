@@ -14,7 +14,8 @@ import pytest
 from corral.aggregator.aggregator import Aggregator
 from corral.aggregator.settings import AggregatorSettings
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.buckets import ensure_buckets
+from corral.runtime.nats import connect
 from corral.runtime.natsauth import NatsAuth
 from corral.runtime.natsserver import NatsServer, ServerTls
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import connect, ensure_buckets_at_start
+from corral.runtime.buckets import ensure_buckets_at_start
+from corral.runtime.nats import connect
 from corral.runtime.natsserver import ClusterNode, NatsServer, local_cluster, start_all
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError

@@ -11,7 +11,8 @@ from corral.protocol.messages import AgentState, Gpu, TagModel
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry.placement import Placer
-from corral.runtime.nats import connect, ensure_buckets
+from corral.runtime.buckets import ensure_buckets
+from corral.runtime.nats import connect
 from corral.runtime.natsserver import NatsServer
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,9 @@ from corral.protocol import headers as H
 from corral.protocol.errors import AgentUnavailable
 from corral.protocol.messages import AgentState, TagModel
 from corral.protocol.subjects import Subjects
+from corral.runtime.buckets import ensure_buckets
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import ensure_buckets, round_trip
+from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer, free_port
 from corral.transport import Outcome, Reply, Transport, WorkRequest, fan_out
 from nats.aio.client import Client as NATS

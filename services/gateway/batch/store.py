@@ -34,7 +34,7 @@ from corral.gateway.batch.model import (
     record_decoder,
 )
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import BATCH_STORES, BucketSpec, open_bucket
+from corral.runtime.buckets import BATCH_STORES, BucketSpec, open_bucket
 from corral.runtime.workqueue import STREAM_NAME_IN_USE
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
