@@ -21,6 +21,7 @@ from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import (
     NO_PEERS,
     STREAM_NAME_IN_USE,
+    STREAM_NOT_FOUND,
     UNAVAILABLE,
     QueueLimits,
     ensure_stream,
@@ -167,10 +168,11 @@ async def ensure_buckets_at_start(
 def _not_yet(e: BaseException) -> bool:
     """Whether ``e`` says JetStream does not answer yet (a timeout, "temporarily unavailable", no
     peers for placement), rather than no: "no responders" (no JetStream on that server at all) is
-    raised at once."""
-    if isinstance(e, TimeoutError):
+    raised at once. So is "stream not found" just after a create (a new meta leader that has not
+    applied it yet): the next attempt opens the stream, or makes it again."""
+    if isinstance(e, (TimeoutError, BucketNotFoundError)):
         return True
-    return isinstance(e, APIError) and e.err_code in (UNAVAILABLE, NO_PEERS)
+    return isinstance(e, APIError) and e.err_code in (UNAVAILABLE, NO_PEERS, STREAM_NOT_FOUND)
 
 
 async def open_bucket(js: JetStreamContext, name: str, spec: BucketSpec, *, replicas: int = 1) -> KeyValue:

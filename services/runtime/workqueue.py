@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 NO_PEERS = 10005  # "no suitable peers for placement": a cluster still forming
 UNAVAILABLE = 10008  # "system temporarily unavailable": a leader being elected
 STREAM_NAME_IN_USE = 10058  # a stream of that name exists (other config)
+STREAM_NOT_FOUND = 10059  # "stream not found": on a new cluster, also just after a create
 # JetStream's "message delete failed" (HTTP-like code 500); with this description the message is
 # no longer in the stream: an agent took (acked) it, or another withdrawal removed it, first
 MSG_DELETE_FAILED = 10057

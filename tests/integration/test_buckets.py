@@ -12,7 +12,7 @@ from corral.runtime.buckets import BUCKETS, BucketSpec, ensure_buckets, ensure_b
 from corral.runtime.natsserver import NatsServer
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, ServiceUnavailableError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError, ServiceUnavailableError
 
 SMALL = 64 * 1024
 
@@ -95,6 +95,33 @@ async def test_a_bucket_made_by_another_service_meanwhile_is_opened(nc: NATS, ro
     js.key_value = late_lookup  # type: ignore[method-assign]
     kv = await open_bucket(js, subjects.sessions_bucket, BUCKETS["sessions"])
     assert missed and kv._name == subjects.sessions_bucket
+
+
+async def test_a_stream_not_found_just_after_it_was_made_is_asked_for_again(nc: NATS, root: str) -> None:
+    """On a cluster that has just formed, a meta leader elected between a bucket's create and the
+    next question answers "stream not found" until it has applied the create. A starting service
+    asks again, rather than exiting."""
+    subjects = Subjects(root)
+    js = nc.jetstream()
+    info = js.stream_info
+    asked = missed = 0
+
+    async def behind(name: str, *args: object, **kwargs: object) -> object:
+        nonlocal asked, missed
+        if name == f"KV_{subjects.sessions_bucket}":
+            asked += 1
+            if asked == 2:  # the first question after the create (the first is the lookup)
+                missed += 1
+                raise NotFoundError(code=404, err_code=10059, description="stream not found")
+        return await info(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    js.stream_info = behind  # type: ignore[method-assign]
+    async with asyncio.timeout(10):  # its patience for a forming cluster is a minute
+        buckets = await ensure_buckets_at_start(js, subjects)
+    assert missed == 1
+    await buckets.sessions.put("s", b"kept")
+    assert (await buckets.sessions.get("s")).value == b"kept"
+    assert (await info(f"KV_{subjects.sessions_bucket}")).config.max_bytes == BUCKETS["sessions"].max_bytes
 
 
 async def test_a_service_starting_against_a_server_without_jetstream_fails_at_once(root: str) -> None:
