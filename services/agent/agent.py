@@ -7,7 +7,7 @@ NATS subscriptions, the Ollama client and the published state; `Claims` holds it
 
 Direct work (``agent.{id}.work``) is always taken while the agent is active: if no slot is free it
 waits in a bounded local FIFO that is served before the agent takes interest again, and past that
-bound the agent answers ``busy``. A malformed work message is answered with a ``bad_request`` end
+bound (or at once, for a send marked ``Corral-Now``) the agent answers ``busy``. A malformed work message is answered with a ``bad_request`` end
 when it names where to answer, else logged and dropped; it never stops the agent.
 
 Lifecycle: NEW → RUNNING → DRAINING → STOPPED. `stop` drops every claim subscription, lets
@@ -260,7 +260,7 @@ class Agent:
             await send_busy(self.nc, job.reply, self.id)
             return
         if job.token is not None:
-            admission = self.slots.admit(job.token, job)
+            admission = self.slots.admit(job.token, job, wait=not job.env.now)
             if admission is Admission.FULL:
                 await send_busy(self.nc, job.reply, self.id)
                 return

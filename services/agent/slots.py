@@ -82,11 +82,17 @@ class SlotTable(Generic[K]):
         self._holders.setdefault(token, set()).add(job)
         return True
 
-    def admit(self, token: str, job: K) -> Admission:
-        """A direct request: a free slot, else a place in its model's FIFO, else FULL."""
+    def admit(self, token: str, job: K, *, wait: bool = True) -> Admission:
+        """A direct request: a free slot, else a place in its model's FIFO (unless not ``wait``),
+        else FULL."""
         if self.claim(token, job):
             return Admission.RUN
-        if self._queued >= self.max_queue or self.holds(token, job) or self.is_waiting(token, job):
+        if (
+            not wait
+            or self._queued >= self.max_queue
+            or self.holds(token, job)
+            or self.is_waiting(token, job)
+        ):
             return Admission.FULL
         self._queues.setdefault(token, deque()).append(job)
         self._queued += 1

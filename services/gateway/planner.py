@@ -5,7 +5,10 @@ Under ``auto`` (the default; `Planner._send_auto`), in order:
 1. the conversation's own agent (its prompt cache), when the cost model still ranks it first;
 2. the warm claim subjects (requests at default runner options): NATS hands the request to an agent
    with the model loaded and a free slot, or answers "no responders" at once;
-3. an agent that by the fleet state can start it now (a free slot on a matching runner);
+3. an agent that by the fleet state can start it now (a free slot on a matching runner), sent with
+   ``Corral-Now``: one whose slots were taken since it published its state (by other senders, or
+   by requests whose claims this gateway has not read yet) answers busy rather than keeping the
+   request waiting behind them, and counts as full below;
 4. nothing can start it now: if the cheapest place is a load (nobody has a matching runner, or a
    load beats the queue) and no load of this model is under way, the registry places it — one load
    per model at a time, fleet-wide — and this request goes to that agent; every other request waits
@@ -56,7 +59,7 @@ from corral.protocol.errors import CorralError, ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR
 from corral.protocol.priority import BATCH
-from corral.routing import Route, Router, estimate_wait, load, route_ctx, warm
+from corral.routing import Route, Router, estimate_wait, load, route_ctx, slots_taken, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.policy import PolicyStore
 from corral.transport import Outcome, Reply, Transport, WorkRequest
@@ -220,10 +223,10 @@ class Planner:
         )
 
     async def _attempt(
-        self, req: WorkRequest, subject: str, agent: str | None, deadline: float
+        self, req: WorkRequest, subject: str, agent: str | None, deadline: float, *, now: bool = False
     ) -> Reply | Outcome:
         """One attempt, its retry counted when it did not begin a reply and others may be tried."""
-        outcome = await self.transport.attempt(req, subject, agent, deadline)
+        outcome = await self.transport.attempt(req, subject, agent, deadline, now=now)
         if outcome is Outcome.BUSY or outcome is Outcome.FAILED:
             self.metrics.retried(req, outcome.name.lower())
         return outcome
@@ -310,14 +313,18 @@ class Planner:
         model = req.model
         tried: set[str] = set()
 
-        async def direct(a: AgentState, why: str) -> Reply | None:
+        full: set[str] = set()  # agents that answered a send marked now that no slot is free
+
+        async def direct(a: AgentState, why: str, *, now: bool = False) -> Reply | None:
             tried.add(a.id)
             decision.route = why
-            outcome = await self._attempt(req, transport.subjects.agent_work(a.id), a.id, deadline)
+            outcome = await self._attempt(req, transport.subjects.agent_work(a.id), a.id, deadline, now=now)
             if isinstance(outcome, Reply):
                 return outcome
             if outcome is Outcome.FAILED:
                 failed.add(a.id)
+            elif outcome is Outcome.BUSY and now:
+                full.add(a.id)
             return None
 
         num_ctx = self._num_ctx(req)
@@ -367,15 +374,16 @@ class Planner:
                 and warm(route, a)
                 and load(a, transport.outstanding) < 1
             ):
-                if (reply := await direct(a, WARM)) is not None:
+                if (reply := await direct(a, WARM, now=True)) is not None:
                     return reply
         # 4. nothing can start it now: a load, or a wait (ranked again: the attempts above moved
-        # the outstanding counts the costs are made of)
+        # the outstanding counts the costs are made of, and agents that said they are full are)
+        outstanding = slots_taken(usable, transport.outstanding, full) if full else transport.outstanding
         live = router.rank(
             "auto",
             route,
             loads.as_placed([a for a in usable if a.id not in failed]),  # with the loads it just sent
-            self.queue.with_queue(route, usable, req.priority),
+            self.queue.with_queue(route, usable, req.priority, outstanding),
         )
         if not live:
             return None

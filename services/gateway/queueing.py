@@ -77,13 +77,17 @@ class FleetQueue:
         self._rechecks.stop()
 
     def with_queue(
-        self, route: Route, usable: list[AgentState], priority: Priority = INTERACTIVE
+        self,
+        route: Route,
+        usable: list[AgentState],
+        priority: Priority = INTERACTIVE,
+        outstanding: Mapping[str, int] | None = None,
     ) -> Mapping[str, int]:
-        """Outstanding sends plus this gateway's requests waiting in the fleet queue for ``route``'s
-        model ahead of a ``priority`` request, shared out over the agents that serve it: a long
-        queue makes a load elsewhere win. Batch work waiting does not count for an interactive
-        request: it goes first anyway."""
-        outstanding = self._transport.outstanding
+        """Outstanding sends (``outstanding``, the transport's by default) plus this gateway's
+        requests waiting in the fleet queue for ``route``'s model ahead of a ``priority`` request,
+        shared out over the agents that serve it: a long queue makes a load elsewhere win. Batch
+        work waiting does not count for an interactive request: it goes first anyway."""
+        outstanding = self._transport.outstanding if outstanding is None else outstanding
         waiting = self._waiting.get((route.key, INTERACTIVE), 0)
         if priority == BATCH:
             waiting += self._waiting.get((route.key, BATCH), 0)

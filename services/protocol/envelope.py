@@ -87,6 +87,7 @@ class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     num_ctx: int = 0  # 0 = the backend's default
     unload: bool = False
     keep_alive: bool = False
+    now: bool = False  # a direct send that must not wait in the agent's FIFO: busy instead
     reply: str | None = None
     trace: dict[str, str] = msgspec.field(default_factory=dict)
 
@@ -105,6 +106,8 @@ class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
             h[H.UNLOAD] = "1"
         if self.keep_alive:
             h[H.KEEP_ALIVE] = "1"
+        if self.now:
+            h[H.NOW] = "1"
         if self.echo_model and self.upstream_model:
             h[H.ECHO_MODEL] = self.echo_model
             h[H.UPSTREAM_MODEL] = self.upstream_model
@@ -155,6 +158,7 @@ def decode_request(headers: Mapping[str, str] | None) -> RequestEnvelope:
         num_ctx=_number(h, H.NUM_CTX, 0, MAX_NUM_CTX) or 0,
         unload=H.UNLOAD in h,
         keep_alive=H.KEEP_ALIVE in h,
+        now=H.NOW in h,
         reply=_reply(h),
         trace=trace,
     )

@@ -14,6 +14,8 @@ Work message (gateway → agent)::
                           sender (a blob upload): fetch it from the body subject, chunk by chunk
     Corral-Origin         with Corral-Body-Size: the sender's id (its body subject serves the bytes)
     Corral-Num-Ctx        the request's own options.num_ctx, when it gives one
+    Corral-Now            on a direct send: start it on a free slot now or answer busy, never wait
+                          in the agent's FIFO (the sender's view showed a free slot; it may be old)
     Corral-Reply          on a request waiting in the overflow queue: the reply subject (JetStream
                           keeps headers, not the publisher's reply subject)
     traceparent/tracestate W3C trace context
@@ -52,6 +54,7 @@ BODY_SIZE: Final = "Corral-Body-Size"
 ORIGIN: Final = "Corral-Origin"
 REPLY: Final = "Corral-Reply"
 NUM_CTX: Final = "Corral-Num-Ctx"  # set when the request gives options.num_ctx (value: that number)
+NOW: Final = "Corral-Now"  # a direct send that starts on a free slot or is answered busy
 UNLOAD: Final = "Corral-Unload"  # set on a keep_alive 0 unload: the agent re-reads its Ollama after it
 KEEP_ALIVE: Final = (
     "Corral-Keep-Alive"  # the request names a keep_alive: the agent re-reads its Ollama after it

@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import operator
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Final
 
 from corral.protocol.messages import AgentState
@@ -108,6 +108,7 @@ __all__ = [
     "load_time",
     "load_plan",
     "parse_strategy",
+    "slots_taken",
 ]
 
 STRATEGIES: Final = ("auto", "round_robin", "random", "least_connection", "vram", "affinity")
@@ -160,6 +161,21 @@ def parse_strategy(value: str) -> tuple[str | None, str | None]:
 def load(agent: AgentState, outstanding: Mapping[str, int]) -> float:
     """Requests per slot: (in_flight + queued + outstanding) / parallel."""
     return _busy(agent, outstanding) / max(agent.parallel, 1)
+
+
+def slots_taken(
+    agents: Sequence[AgentState], outstanding: Mapping[str, int], full: Set[str]
+) -> Mapping[str, int]:
+    """``outstanding`` with every slot the agents named in ``full`` show free counted as taken: they
+    answered that they have none, which is newer than the counts they publish (those lag by their
+    pacing and leave out other senders' requests)."""
+    out: dict[str, int] | None = None
+    for a in agents:
+        free = max(a.parallel, 1) - _busy(a, outstanding)
+        if free > 0 and a.id in full:
+            out = out if out is not None else dict(outstanding)
+            out[a.id] = out.get(a.id, 0) + free
+    return outstanding if out is None else out
 
 
 def estimate_wait(

@@ -144,12 +144,12 @@ class Transport:
 
     # -- calls -----------------------------------------------------------------------------------
     def register(
-        self, req: WorkRequest, agent: str | None, deadline: float, *, queued: bool = False
+        self, req: WorkRequest, agent: str | None, deadline: float, *, queued: bool = False, now: bool = False
     ) -> tuple[Call, dict[str, str], bytes]:
         """Register a call for one attempt at ``req``: (call, headers, payload) to publish. The call
         counts against ``agent`` (when named) until `release`. ``queued``: the message goes into the
         fleet queue, so it names its reply subject in a header (JetStream keeps headers, not the
-        reply-to). The message stays under the server's max_payload, every header counted: a body
+        reply-to). ``now``: the agent starts it on a free slot or answers busy (``Corral-Now``). The message stays under the server's max_payload, every header counted: a body
         that does not fit beside its headers is served in chunks instead, and headers that cannot
         fit even alone are a `BadRequest` (nothing registered)."""
         # unique (the counter) and unguessable (64 random bits): nobody who did not see the request
@@ -167,6 +167,7 @@ class Transport:
             echo_model=req.echo_model if req.upstream_model else None,
             upstream_model=req.upstream_model if req.echo_model else None,
             trace=req.trace,
+            now=now,
             reply=self.subjects.reply(self.id, rid) if queued else None,
         )
         payload = req.body
@@ -280,14 +281,15 @@ class Transport:
         deadline: float,
         *,
         service: bool = False,
+        now: bool = False,
     ) -> Reply | Outcome:
         """Publish ``req`` on ``subject`` (an agent's own when ``agent`` is named; a service's queue
         group when ``service``) and wait for its head: for its claim, the claim timeout, or the warm
         one on a subject free slots share. A shared subject that answers busy is tried again a few
-        times."""
+        times. ``now``: an agent named starts it on a free slot or answers busy, never queues it."""
         busy_retries = 0 if agent else WARM_BUSY_RETRIES
         while True:
-            outcome = await self._attempt_once(req, subject, agent, deadline, service)
+            outcome = await self._attempt_once(req, subject, agent, deadline, service, now)
             if outcome is Outcome.BUSY and busy_retries > 0:
                 busy_retries -= 1
                 continue
@@ -300,8 +302,9 @@ class Transport:
         agent: str | None,
         deadline: float,
         service: bool,
+        now: bool = False,
     ) -> Reply | Outcome:
-        call, hdrs, payload = self.register(req, agent, deadline)
+        call, hdrs, payload = self.register(req, agent, deadline, now=now)
         keep = False
         try:
             template = self.subjects.agent_work_template if agent else self.subjects.work_template

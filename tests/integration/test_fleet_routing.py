@@ -13,6 +13,7 @@ import aiohttp
 import ollama
 import pytest
 from corral.agent.worker import Job
+from corral.client import AsyncClient
 from corral.gateway.sessions import Sessions
 from corral.protocol import headers as H
 from corral.protocol.messages import AgentState
@@ -469,6 +470,44 @@ async def test_a_busy_warm_agent_makes_auto_load_a_second_replica(nats_server: N
         assert await asyncio.gather(*(one() for _ in range(8))) == [200] * 8
         assert fleet.sims[1].stats.loads == 1  # one more load, not one per waiting request
         assert fleet.sims[1].stats.finished > 1  # the new replica served part of the queue
+
+
+async def test_an_agent_whose_slot_went_since_its_state_is_not_made_to_queue_the_request(
+    nats_server: NatsServer, root: str
+) -> None:
+    """The slot of the one warm agent is taken by another sender (a direct NATS client), whose
+    request this gateway never counted, before the agent publishes its state: the gateway's view
+    still shows it free. Its warm claim finds no free slot; the direct send that follows is marked
+    now, so the agent answers busy instead of queueing the request behind work that may run for
+    minutes, and the gateway, counting that agent full, loads the model elsewhere."""
+    # heartbeats a minute apart: the held state does not make the agent dead meanwhile
+    opts = _options(
+        nats_server, root, sims=3, sim={"num_parallel": 1, "reply_tokens": HOLD}, agent={"heartbeat_s": 60.0}
+    )
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        await _warm_first_only(fleet)
+        gw, first = fleet.gateway, fleet.agents[0]
+        assert gw is not None
+        await until(fleet, lambda: all(a.in_flight == 0 for a in gw.fleet.agents()))
+        published = first._publish_state
+
+        async def held(*args: Any) -> None:
+            return None  # the agent's state is as the gateway last heard it
+
+        first._publish_state = held  # type: ignore[method-assign]
+        async with AsyncClient(nats_server.url, root=root) as other:
+            holding = await other.generate(MODEL, "long", stream=True)
+            assert first.slots.free(parse_name(MODEL).token) == 0
+            assert [a.in_flight for a in gw.fleet.agents() if a.id == first.id] == [0]
+            body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 3}}
+            async with asyncio.timeout(20):  # behind the held replies it would wait for ever
+                async with s.post(fleet.url + "/api/generate", json=body) as r:
+                    assert r.status == 200
+                    await r.read()
+                    assert r.headers["X-Corral-Agent"] != first.id
+            assert first.slots.queued == 0
+            await holding.aclose()
+        first._publish_state = published  # type: ignore[method-assign]
 
 
 async def test_registry_loads_a_replica_when_a_queue_keeps_growing(

@@ -35,6 +35,7 @@ _endpoints = st.sampled_from(["/api/generate", "/api/chat", "/v1/chat/completion
     num_ctx=st.integers(0, 1 << 20),
     unload=st.booleans(),
     keep_alive=st.booleans(),
+    now=st.booleans(),
 )
 def test_round_trip(
     rid: str,
@@ -47,6 +48,7 @@ def test_round_trip(
     num_ctx: int,
     unload: bool,
     keep_alive: bool,
+    now: bool,
 ) -> None:
     env = RequestEnvelope(
         rid=rid,
@@ -61,6 +63,7 @@ def test_round_trip(
         num_ctx=num_ctx,
         unload=unload,
         keep_alive=keep_alive,
+        now=now,
         reply="corral.reply.gw.1" if unload else None,
         trace={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
     )

@@ -534,3 +534,21 @@ def test_num_ctx_above_the_trained_context_is_one_runner_and_one_marker() -> Non
     unknowing = agent("c", loaded=True, ctx=8192)
     assert not warm(routing.Route(key=key, num_ctx=65536), unknowing)
     assert warm(routing.Route(key=key, num_ctx=route_ctx(key, 65536, fleet)), unknowing)
+
+
+def test_agents_that_said_they_are_full_count_their_free_slots_taken() -> None:
+    """An agent that answered busy to a send marked now counts as full whatever its published
+    counts say; the others, and the sender's own counts, are left as they are."""
+    shown_free = agent("a", loaded=True, parallel=4, in_flight=1)
+    full = agent("b", loaded=True, parallel=2, in_flight=2)
+    other = agent("c", loaded=True, parallel=2)
+    fleet = [shown_free, full, other]
+    outstanding = {"a": 1}
+
+    taken = routing.slots_taken(fleet, outstanding, {"a", "b"})
+    assert taken == {"a": 3}  # one of ours, one in flight, and the two it showed free
+    assert [load(a, taken) for a in fleet] == [1.0, 1.0, 0.0]
+    assert outstanding == {"a": 1}
+    assert routing.slots_taken(fleet, outstanding, {"b"}) is outstanding  # nothing it showed free
+    route = Route(key=MODEL)
+    assert estimate_wait(route, shown_free, taken) > estimate_wait(route, shown_free, outstanding) == 0.0

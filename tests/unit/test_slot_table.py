@@ -51,6 +51,14 @@ def test_the_queue_bound_covers_every_model_and_claims_never_wait() -> None:
     assert t.queued == 1
 
 
+def test_a_direct_request_that_may_not_wait_is_refused_when_no_slot_is_free() -> None:
+    t: SlotTable[str] = SlotTable(capacity=1, max_queue=4)
+    assert t.admit("a", "j1", wait=False) is Admission.RUN
+    assert t.admit("a", "j2", wait=False) is Admission.FULL
+    assert t.queued == 0 and not t.is_waiting("a", "j2")
+    assert t.admit("a", "j2") is Admission.QUEUED  # one that may wait, waits
+
+
 def test_capacity_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="capacity"):
         SlotTable(capacity=0, max_queue=1)
