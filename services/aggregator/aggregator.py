@@ -223,7 +223,9 @@ class Aggregator:
             ),
         }
         for key, value in out.items():
-            if self._written.get(key) == value:
+            # the rates go out every time, changed or not: their age is how readers tell a live
+            # aggregator of a quiet fleet from a stopped one (`corral.views.current`)
+            if key != views.RATES_KEY and self._written.get(key) == value:
                 continue
             try:
                 await self._buckets.views.put(key, value)

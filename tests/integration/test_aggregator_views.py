@@ -1,8 +1,10 @@
-"""A fleet whose merged views outgrow a NATS message: the aggregator writes the views that fit —
-``rates`` first, the one every gateway reads — and says once which one it could not write."""
+"""The aggregator's views in the views bucket: a fleet whose merged views outgrow a NATS message
+gets the views that fit — ``rates`` first, the one every gateway reads — and is told once which one
+could not be written; a quiet fleet's rates are written again all the same."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import msgspec
@@ -62,3 +64,31 @@ async def test_views_that_fit_are_written_and_an_oversized_one_is_named_once(
             await nc.close()
     warned = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
     assert len([w for w in warned if w.startswith(f"view {STATUS_KEY} ")]) == 1, warned
+
+
+async def test_a_quiet_fleets_rates_are_written_again_every_interval(
+    nats_server: NatsServer, root: str
+) -> None:
+    """Nothing happens in the fleet, so the rates do not change; they are written again anyway,
+    since readers take rates older than a few intervals for a stopped aggregator's."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        buckets = await ensure_buckets(nc.jetstream(), Subjects(root))
+        aggregator = Aggregator(
+            AggregatorSettings(nats_url=nats_server.url, root=root, views_interval_s=0.05)
+        )
+        await aggregator.start()
+        try:
+            watcher = await buckets.views.watch(RATES_KEY)
+            values = []
+            async with asyncio.timeout(10):
+                while len(values) < 5:
+                    entry = await watcher.updates(timeout=5)
+                    if entry is not None:  # None: the end of what was there already
+                        values.append(entry.value)
+            await watcher.stop()
+        finally:
+            await aggregator.stop()
+    finally:
+        await nc.close()
+    assert len(set(values)) == 1  # the same rates each time: no request, nothing changed
