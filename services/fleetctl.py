@@ -23,7 +23,7 @@ from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import ensure_buckets
 from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import snapshot
-from corral.runtime.nats import NatsAuth, connect
+from corral.runtime.nats import NatsAuth, NatsRefused, NatsUnreachable, connect_command
 from corral.runtime.policy import POLICY_KEY, policy_decoder
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
@@ -53,7 +53,9 @@ class _Session:
         self.subjects = Subjects(settings.root)
 
     async def __aenter__(self) -> _Session:
-        self.nc = await connect(self.settings.nats_url, name="corral-cli", auth=NatsAuth.of(self.settings))
+        self.nc = await connect_command(
+            self.settings.nats_url, name="corral-cli", auth=NatsAuth.of(self.settings)
+        )
         self.buckets = await ensure_buckets(
             self.nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
         )
@@ -309,6 +311,9 @@ def main(command: str, argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(go())
+    except (NatsUnreachable, NatsRefused) as e:
+        print(f"corral {command}: {e}", file=sys.stderr)
+        return 1
     except (TimeoutError, nats.errors.Error) as e:  # JetStream's own errors are nats-py's too
         print(
             f"corral {command}: NATS at {settings.nats_url} did not answer ({e!r}); "

@@ -20,7 +20,7 @@ from corral.protocol.errors import InvalidModelName
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import BUCKETS, open_bucket
-from corral.runtime.nats import NatsAuth, connect
+from corral.runtime.nats import NatsAuth, NatsRefused, NatsUnreachable, connect_command
 from corral.runtime.policy import POLICY_KEY, Policy, policy_decoder, policy_encoder
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
@@ -244,7 +244,7 @@ def main(command: str, argv: list[str] | None = None) -> int:
         return 2
 
     async def go() -> int:
-        nc = await connect(settings.nats_url, name="corral-cli", auth=NatsAuth.of(settings))
+        nc = await connect_command(settings.nats_url, name="corral-cli", auth=NatsAuth.of(settings))
         try:
             subjects = Subjects(settings.root)
             kv = await open_bucket(
@@ -263,4 +263,8 @@ def main(command: str, argv: list[str] | None = None) -> int:
         finally:
             await nc.drain()
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except (NatsUnreachable, NatsRefused) as e:
+        print(f"corral {command}: {e}", file=sys.stderr)
+        return 1

@@ -15,7 +15,7 @@ from corral.gateway.keys import KeyBuckets, KeyExists, create_key, list_keys, op
 from corral.gateway.limits import Usage, read_usage
 from corral.protocol.priority import PRIORITIES
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import NatsAuth, connect
+from corral.runtime.nats import NatsAuth, NatsRefused, NatsUnreachable, connect_command
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     async def go() -> int:
-        nc = await connect(settings.nats_url, name="corral-keys", auth=NatsAuth.of(settings))
+        nc = await connect_command(settings.nats_url, name="corral-keys", auth=NatsAuth.of(settings))
         try:
             subjects = Subjects(settings.root)
             buckets = await open_key_buckets(nc.jetstream(), subjects, replicas=settings.js_replicas)
@@ -143,4 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             await nc.drain()
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except (NatsUnreachable, NatsRefused) as e:
+        _err(str(e))
+        return 1

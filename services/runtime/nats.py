@@ -21,12 +21,14 @@ from typing import Any
 from corral.runtime.natsauth import NatsAuth as NatsAuth  # callers take it from here, beside connect
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
+from nats.errors import NoServersError
 
 log = logging.getLogger(__name__)
 
 RECONNECT_FIRST_S = 0.25  # the wait before the second attempt to reach a server that went away
 RECONNECT_MAX_S = 2.0  # the backoff's cap: a restarted server is found again within this
 ERROR_LOG_EVERY_S = 10.0  # the same connection error is logged at most this often
+COMMAND_RECONNECTS = 2  # a command run once (the CLI) tries each server this many times more
 
 
 def reconnect_delay(attempts: int, *, rng: random.Random | None = None) -> float:
@@ -81,6 +83,10 @@ class NatsRefused(ConnectionError):
     connection for good instead (``on_closed``)."""
 
 
+class NatsUnreachable(ConnectionError):
+    """No NATS server of the URL could be reached within a command's patience (`connect_command`)."""
+
+
 def refused_for_good(e: BaseException) -> bool:
     """Whether a first-connection error is one retrying cannot cure (see `NatsRefused`)."""
     if isinstance(e, ssl.SSLCertVerificationError):
@@ -96,9 +102,11 @@ async def connect(
     on_closed: Callable[[], object] | None = None,
     on_reconnected: Callable[[], object] | None = None,
     auth: NatsAuth | None = None,
+    reconnects: int = -1,
 ) -> NATS:
-    """A connection that reconnects for ever and reports state changes in the log; `NatsRefused`
-    when the server refuses the first connection for good (see there).
+    """A connection that reconnects for ever (or tries each server ``reconnects`` times more, the
+    first connection included, then raises nats-py's ``NoServersError``) and reports state changes
+    in the log; `NatsRefused` when the server refuses the first connection for good (see there).
 
     ``url`` is one server or a comma-separated list of them (`server_urls`); ``auth`` this process's
     identity and TLS files (`NatsAuth.of(settings)`; raises `CredentialsError` for a bad one).
@@ -147,7 +155,7 @@ async def connect(
 
     options: dict[str, Any] = dict(
         name=name,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=reconnects,
         reconnect_time_wait=RECONNECT_MAX_S,  # nats-py's own wait, only used while closing
         reconnect_to_server_handler=_next_server,
         disconnected_cb=on_disconnect,
@@ -240,3 +248,12 @@ async def round_trip(nc: NATS, timeout: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+async def connect_command(url: str, *, name: str, auth: NatsAuth | None = None) -> NATS:
+    """`connect` for a command run once (the CLI): each server is tried `COMMAND_RECONNECTS` times
+    more, then `NatsUnreachable` — a service waits for NATS to come up, a command says it is not."""
+    try:
+        return await connect(url, name=name, auth=auth, reconnects=COMMAND_RECONNECTS)
+    except NoServersError as e:
+        raise NatsUnreachable(f"cannot reach NATS at {url}") from e

@@ -153,3 +153,12 @@ async def test_a_fleet_command_jetstream_cannot_answer_exits_1_with_a_clear_mess
     async with NatsServer(jetstream=False) as server:
         rc, _, err = await cli.corral("status", "--nats", server.url, "--root", "cli")
     assert rc == 1 and "did not answer" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", [["status"], ["ps"], ["pin", "llama3.2"], ["keys", "list"]])
+async def test_a_command_with_no_nats_to_reach_exits_1_with_a_clear_message(command: list[str]) -> None:
+    """Nothing listens at the URL: after a few tries the command says so and exits 1, where a
+    service would wait for NATS for ever (a script or a health check calling it must not hang)."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    rc, _, err = await cli.corral(*command, "--nats", url, "--root", "cli", timeout=30)
+    assert rc == 1 and f"cannot reach NATS at {url}" in err and "Traceback" not in err, err
