@@ -18,6 +18,9 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import nats.errors
+import nats.js.errors
+
 log = logging.getLogger(__name__)
 
 FIRST_WAIT_S = 1.0  # a cancelled task's time to clean up before it is cancelled again
@@ -51,6 +54,22 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, timeout: floa
 BACKOFF_FIRST_S = 0.1  # a failed loop's first restart comes this soon
 BACKOFF_MAX_S = 10.0  # and a loop that keeps failing is restarted at least this often
 
+# What a loop fails with while NATS or its JetStream is away (a restart, a cluster electing a
+# leader): expected on a bad day, so one warning line, not an error with its traceback
+NATS_AWAY: tuple[type[BaseException], ...] = (
+    TimeoutError,  # nats-py's request timeouts are TimeoutErrors too
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoRespondersError,
+    nats.errors.NoServersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.UnexpectedEOF,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
 
 async def supervise(
     name: str,
@@ -60,8 +79,9 @@ async def supervise(
     max_s: float = BACKOFF_MAX_S,
     healthy_s: float = 30.0,
 ) -> None:
-    """Run ``loop()`` until it returns; when it raises, log the traceback and run it again after a
-    capped exponential backoff (reset once a run lasted ``healthy_s``). Cancellation ends it.
+    """Run ``loop()`` until it returns; when it raises, log it (one warning line when NATS is away,
+    `NATS_AWAY`; else an error with its traceback) and run it again after a capped exponential
+    backoff (reset once a run lasted ``healthy_s``). Cancellation ends it.
 
     For a service's long-running loops (watches, reapers): a JetStream timeout must not end one
     silently while the rest of the service keeps answering."""
@@ -72,6 +92,10 @@ async def supervise(
         try:
             await loop()
             return
+        except NATS_AWAY as e:
+            log.warning(
+                "%s failed, NATS away (%s); restarting it in %.1fs", name, str(e) or type(e).__name__, backoff
+            )
         except Exception:
             log.exception("%s failed; restarting it in %.1fs", name, backoff)
         if clock() - started >= healthy_s:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
+import nats.errors
+import pytest
 from corral.runtime.tasks import cancel_and_wait, supervise
 
 
@@ -102,3 +105,30 @@ async def test_a_task_made_just_now_runs_its_cleanup_when_cancelled() -> None:
     task = asyncio.create_task(with_cleanup())
     await cancel_and_wait([task])  # awaited directly: no turn of the loop before it is called
     assert task.cancelled() and cleaned
+
+
+async def test_a_loop_failing_while_nats_is_away_logs_one_line_and_a_bug_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A NATS restart fails every loop that asks NATS anything: one warning line each, which an
+    operator reads as the outage it is; any other failure is an error with its traceback."""
+    failures: list[Exception] = [
+        nats.errors.TimeoutError(),
+        nats.errors.ConnectionClosedError(),
+        ValueError("bug"),
+    ]
+
+    async def loop() -> None:
+        if failures:
+            raise failures.pop(0)
+
+    with caplog.at_level(logging.WARNING, logger="corral.runtime.tasks"):
+        async with asyncio.timeout(10):
+            await supervise("a loop", loop, first_s=0.0)
+    records = [(r.levelname, r.exc_info is not None, r.getMessage()) for r in caplog.records]
+    assert [(level, traced) for level, traced, _ in records] == [
+        ("WARNING", False),
+        ("WARNING", False),
+        ("ERROR", True),
+    ], records
+    assert "NATS away (nats: timeout)" in records[0][2]
