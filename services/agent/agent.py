@@ -343,11 +343,11 @@ class Agent:
             self._apply(self.runners.responded(job.token, job.rid, status))
 
     async def _on_answered(self, job: Job) -> None:
-        """Ollama has finished ``job``: publish what it changed on disk, free its slot and arm that slot's
+        """Ollama has finished ``job``: publish what it changed (on disk, or an unload), free its slot and arm that slot's
         claim now — all before the reply's last message goes out, so a client answered at once finds a
         just-pulled model in the fleet and the slot armed (not a direct send or the queue). Requests
         waiting here or in the fleet queue keep their turn: the slot passes to them and nothing is armed."""
-        if job.env.endpoint in _CHANGES_MODELS:
+        if job.env.endpoint in _CHANGES_MODELS or job.env.unload:
             await self._refresh()
             await self._publish_state()
         token = job.token

@@ -12,6 +12,7 @@ import msgspec
 from corral.gateway.asgi import Receive, Send
 from corral.gateway.edge import STREAM, ClientBody
 from corral.gateway.errors import JSON, TOO_DEEP, json_error, native_body
+from corral.gateway.metrics import DIRECT, Decision
 from corral.gateway.planner import Planner
 from corral.gateway.relay import RelayResponse, ReplyResponse, relay, respond, respond_error
 from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound, not_found_message
@@ -59,16 +60,18 @@ async def unload(planner: Planner, work: WorkRequest, raw: str, receive: Receive
             return
         await relay(planner, work, receive, send, raw_model=raw, target=holders[0].id)
         return
-    first: tuple[int, bytes, str] | None = None
-    for r in answers.values():
+    first: tuple[str, tuple[int, bytes, str]] | None = None  # the agent whose answer is given
+    for agent, r in answers.items():
         if isinstance(r, Exception):
             log.warning("unload on one agent failed: %s", r)
-        elif first is None or (first[0] != 200 and r[0] == 200):
-            first = r
+        elif first is None or (first[1][0] != 200 and r[0] == 200):
+            first = agent, r
     if first is None:
         await respond_error(send, ModelNotFound(key), openai=False, endpoint=work.endpoint, raw_model=raw)
         return
-    await respond(send, first[0], first[1], first[2])
+    agent, (status, body, content_type) = first
+    said = Decision(started=0.0, route=DIRECT, served=work.model.display).headers(agent)
+    await respond(send, status, body, content_type, said)
 
 
 def error(err: CorralError) -> Response:

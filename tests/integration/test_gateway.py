@@ -289,10 +289,15 @@ async def test_client_disconnect_cancels_on_backend(nats_server: NatsServer) -> 
         assert sim.stats.finished == 0
 
 
-async def test_unload_reaches_every_agent(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
+async def test_unload_reaches_every_agent(fleet: LocalFleet) -> None:
+    """And its answer says which agent's answer it is and which model, as every model call does."""
     await preload(fleet, "qwen3:8b")
-    r = await client.generate(model="qwen3:8b", prompt="", keep_alive=0)
-    assert r.done_reason == "unload"
+    body = {"model": "qwen3:8b", "prompt": "", "keep_alive": 0, "stream": False}
+    async with aiohttp.ClientSession() as s, s.post(fleet.url + "/api/generate", json=body) as r:
+        assert r.status == 200
+        assert (await r.json())["done_reason"] == "unload"
+        assert r.headers["X-Corral-Model"] == "qwen3:8b" and r.headers["X-Corral-Route"] == "direct"
+        assert r.headers["X-Corral-Agent"] in {a.id for a in fleet.agents}
     assert fleet.gateway is not None
     for a in fleet.agents:
         a._wake.refresh.set()
