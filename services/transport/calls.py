@@ -220,19 +220,19 @@ class Transport:
                 del self.unanswered[agent]
         return set(self.unanswered)
 
-    def _epoch(self) -> int:
+    def epoch(self) -> int:
         """How many times this sender's connection came back so far (`_unanswered`)."""
         return int(self.nc.stats["reconnects"])
 
     def _unanswered(self, agent: str | None, epoch: int) -> None:
         """Note that ``agent`` let a request go unanswered; only for a sender with a fleet view
         (``members``), whose planner reads it and whose view says when an agent is gone; and only
-        when this sender's own connection held since ``epoch`` (`_epoch`, taken when the wait
+        when this sender's own connection held since ``epoch`` (`epoch`, taken when the wait
         began): a wait across its own NATS outage says nothing of the agent, whose answer may have
         been lost with the connection."""
         if agent is None or self._members is None:
             return
-        if self.nc.is_connected and self._epoch() == epoch:
+        if self.nc.is_connected and self.epoch() == epoch:
             self.unanswered[agent] = time.monotonic()
 
     def reply_subject(self, call: Call) -> str:
@@ -310,7 +310,7 @@ class Transport:
             template = self.subjects.agent_work_template if agent else self.subjects.work_template
             # the span lasts until the head or the failure: an attempt that fails over is its own error
             with publish_span(template, subject, hdrs, tracer=self._tracer) as span:
-                epoch = self._epoch()
+                epoch = self.epoch()
                 await self.nc.publish(subject, payload, reply=self.reply_subject(call), headers=hdrs)
                 within = self.warm_claim_timeout if agent is None and not service else self.claim_timeout
                 try:
@@ -371,7 +371,7 @@ class Transport:
             return Outcome.FAILED
         if call.agent is None and (agent := mh.get(H.AGENT)):
             self.claimed(call, agent)
-        epoch = self._epoch()
+        epoch = self.epoch()
         while kind != H.HEAD:
             try:
                 msg = await call.next(self.idle_timeout)

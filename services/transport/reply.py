@@ -95,6 +95,9 @@ class CallOwner(Protocol):
     async def cancel(self, call: Call) -> None:
         """Tell the agent that claimed ``call`` to drop it."""
 
+    def epoch(self) -> int:
+        """How many times the owner's NATS connection came back so far."""
+
 
 class Reply:
     """An open reply from the agent that claimed the request: status, content type, body stream.
@@ -106,6 +109,7 @@ class Reply:
     __slots__ = (
         "_call",
         "_data_msgs",
+        "_epoch",
         "_idle",
         "_owner",
         "agent",
@@ -135,6 +139,7 @@ class Reply:
         self.first = first
         self.ended = ended
         self._data_msgs = 0
+        self._epoch = owner.epoch()  # a reconnect since: silence may be the connection's loss
         if ended:
             owner.release(call)
 
@@ -159,6 +164,10 @@ class Reply:
                 try:
                     msg = await call.next(timeout)
                 except TimeoutError:
+                    if self._owner.epoch() != self._epoch:  # its end may have been lost with it
+                        raise AgentUnavailable(
+                            f"the NATS connection was lost while agent {self.agent} answered: the rest of the reply did not come"
+                        ) from None
                     raise AgentUnavailable(f"agent {self.agent} stopped responding") from None
                 parts: list[bytes] = []
                 while True:

@@ -308,3 +308,45 @@ async def test_an_agent_is_not_blamed_for_a_claim_lost_to_the_senders_own_outage
         finally:
             await transport.stop()
             await nc.close()
+
+
+async def test_a_reply_gone_silent_across_the_senders_own_outage_blames_the_connection(root: str) -> None:
+    """An agent's reply goes silent while the sender's own connection dropped and came back (the
+    rest of the reply, its end included, may have been lost with it): the error says so, rather
+    than that the agent stopped responding. Without a reconnect, it is the agent's silence."""
+    subjects = Subjects(root)
+    async with NatsServer(port=free_port()) as server:
+        back = asyncio.Event()
+
+        async def reconnected() -> None:
+            back.set()
+
+        nc = await nats.connect(
+            server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1, reconnected_cb=reconnected
+        )
+        agent_nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
+        transport = Transport(nc, subjects, claim_timeout=5.0, idle_timeout=1.0)
+        await transport.start()
+        try:
+            await FakeAgent(agent_nc, subjects, "a1").start()  # a head, then silence
+            assert await round_trip(agent_nc, 5)
+            deadline = time.monotonic() + 30
+
+            quiet = await transport.attempt(work(), subjects.agent_work("a1"), "a1", deadline)
+            assert isinstance(quiet, Reply)
+            with pytest.raises(AgentUnavailable, match="agent a1 stopped responding"):
+                async with quiet:
+                    _ = [b async for b in quiet.batches()]
+
+            cut = await transport.attempt(work(), subjects.agent_work("a1"), "a1", deadline)
+            assert isinstance(cut, Reply)
+            await server.kill()
+            await server.start()
+            await asyncio.wait_for(back.wait(), 30)
+            with pytest.raises(AgentUnavailable, match="NATS connection was lost while agent a1 answered"):
+                async with cut:
+                    _ = [b async for b in cut.batches()]
+        finally:
+            await transport.stop()
+            await nc.close()
+            await agent_nc.close()
