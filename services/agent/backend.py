@@ -48,6 +48,7 @@ class Backend:
         self.loaded: tuple[PsModel, ...] = ()
         self.version = ""
         self.hung = False  # its last reading got no answer within the control timeout
+        self.down = False  # its last reading failed (it reads as empty until one succeeds)
         self.started_at = time.time()
         self._meta_by_digest: dict[str, ModelMeta] = {}
         self._meta_retry_at: dict[str, float] = {}  # digest whose /api/show failed → when to ask again
@@ -68,8 +69,11 @@ class Backend:
             # no answer within the control timeout: the server hangs (Ollama answers these at once,
             # loading or generating), so what waits on it would wait for good
             self.hung = isinstance(e, TimeoutError)
+            self.down = True
         else:
-            self.hung = False
+            if self.down:
+                log.info("ollama at %s answers again", self.ollama.base_url)
+            self.hung = self.down = False
         if self._probe is not None:
             try:
                 self.gpus = tuple(await asyncio.to_thread(self._probe))

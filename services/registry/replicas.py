@@ -189,11 +189,14 @@ class Replicator:
         for agent_id in plan.load:
             self.loads_started += 1
             backlog.starting.add(agent_id)
+            drained = (
+                f"drained in {plan.drain_s:.1f}s" if math.isfinite(plan.drain_s) else "no slot serves them"
+            )
             log.info(
-                "%d requests wait for %s (drained in %.1fs, a load takes %.1fs): loading a replica on %s",
+                "%d requests wait for %s (%s, a load takes %.1fs): loading a replica on %s",
                 depth,
                 key,
-                plan.drain_s,
+                drained,
                 plan.load_s,
                 agent_id,
             )
