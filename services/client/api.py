@@ -152,7 +152,7 @@ class AsyncClient:
             )
             reply = await self._planner.send(work)
         except ModelNotFound as e:
-            message = not_found_message(endpoint, str(body.get("model", "")), e.message)
+            message = not_found_message(endpoint, str(body.get("model", "")), e.message, e.vendor)
             raise ResponseError(message, e.status) from None
         except CorralError as e:
             raise ResponseError(e.message, e.status) from None

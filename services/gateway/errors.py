@@ -52,7 +52,7 @@ def error_response(
 ) -> tuple[int, bytes]:
     message = err.message
     if isinstance(err, ModelNotFound) and raw_model:
-        message = not_found_message(endpoint, raw_model, err.message)
+        message = not_found_message(endpoint, raw_model, err.message, err.vendor)
     status = err.status
     return status, (openai_body(status, message) if openai else native_body(message))
 

@@ -282,11 +282,12 @@ class Planner:
         def pinned(agents: list[AgentState]) -> list[AgentState]:
             return [a for a in agents if a.vendor == req.vendor] if req.vendor and req.strict else agents
 
-        holders = pinned(self.fleet.with_model(key))
+        everywhere = self.fleet.with_model(key)
+        holders = pinned(everywhere)
         if not holders:
             if pinned(self.fleet.lately_silent_with(key)):
                 return []
-            raise ModelNotFound(req.model.display)
+            raise ModelNotFound(req.model.display, vendor=req.vendor if everywhere else None)
         return [a for a in holders if a.status == "active" and a.id not in failed]
 
     def _num_ctx(self, req: WorkRequest) -> int | None:

@@ -58,8 +58,14 @@ class Forbidden(CorralError):
 
 
 class ModelNotFound(CorralError):
+    """``vendor``: the model is there, but not on an agent of the vendor the request insists on."""
+
     code = "model_not_found"
     status = 404
+
+    def __init__(self, message: str, *, vendor: str | None = None) -> None:
+        super().__init__(message)
+        self.vendor = vendor
 
 
 class NoCapacity(CorralError):
@@ -111,11 +117,13 @@ def from_code(code: str, message: str) -> CorralError:
     return err
 
 
-def not_found_message(endpoint: str, raw_model: str, display: str) -> str:
+def not_found_message(endpoint: str, raw_model: str, display: str, vendor: str | None = None) -> str:
     """Ollama words its 404 differently per endpoint
-    (https://github.com/ollama/ollama/blob/main/docs/api.md)."""
+    (https://github.com/ollama/ollama/blob/main/docs/api.md); with ``vendor`` (a request that
+    insists on one), it says that no agent of that vendor has the model."""
+    where = f" on any {vendor} agent" if vendor else ""
     if endpoint in ("/api/embed", "/api/embeddings"):
-        return f'model "{raw_model}" not found, try pulling it first'
+        return f'model "{raw_model}" not found{where}, try pulling it first'
     if endpoint == "/api/show":
-        return f"model '{display}' not found"
-    return f"model '{raw_model}' not found"
+        return f"model '{display}' not found{where}"
+    return f"model '{raw_model}' not found{where}"

@@ -162,6 +162,16 @@ async def test_strict_pin_never_leaks(fleet: LocalFleet) -> None:
     assert sum(s.stats.finished for s in others) == before_other
 
 
+async def test_a_strict_pin_to_a_vendor_without_the_model_says_which_is_missing(fleet: LocalFleet) -> None:
+    """The model is there, only not on an agent of the vendor the request insists on: the 404 says
+    so, rather than that the model does not exist."""
+    pin = {"X-Load-Balancing-Strategy": "intel", "X-Enforce-Strategy": "true"}
+    async with ollama.AsyncClient(host=fleet.url, headers=pin) as strict:
+        with pytest.raises(ollama.ResponseError) as e:
+            await strict.generate(model=MODEL, prompt="x")
+    assert e.value.status_code == 404 and e.value.error == f"model '{MODEL}' not found on any intel agent"
+
+
 async def test_unknown_model_and_bad_bodies(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
     with pytest.raises(ollama.ResponseError) as e:
         await client.generate(model="nope", prompt="x")
