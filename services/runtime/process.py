@@ -66,7 +66,11 @@ def run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 async def wait_for_signal() -> signal.Signals:
-    """Wait for SIGINT or SIGTERM (an event, not a sleep loop); returns the signal."""
+    """Wait for SIGINT or SIGTERM (an event, not a sleep loop); returns the signal.
+
+    Later ones, while the process drains, are said and otherwise ignored: a second Ctrl-C would
+    else raise KeyboardInterrupt in the middle of the drain, cut it short and print a traceback.
+    The drain is bounded by its grace periods; SIGKILL ends the process at once."""
     loop = asyncio.get_running_loop()
     got: asyncio.Future[signal.Signals] = loop.create_future()
 
@@ -74,13 +78,16 @@ async def wait_for_signal() -> signal.Signals:
         if not got.done():
             got.set_result(sig)
 
+    def again(sig: signal.Signals) -> None:
+        log.warning("%s: already stopping; running work finishes within its grace period", sig.name)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, deliver, sig)
     try:
         return await got
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+            loop.add_signal_handler(sig, again, sig)
 
 
 async def wait_for_stop(lost: asyncio.Event) -> bool:

@@ -36,10 +36,18 @@ class CorralUp:
 
 @asynccontextmanager
 async def corral_up(
-    nats_url: str, root: str, log: Path, *, sims: int = 2, time_scale: float = 0.01, timeout: float = 60.0
+    nats_url: str,
+    root: str,
+    log: Path,
+    *,
+    sims: int = 2,
+    time_scale: float = 0.01,
+    timeout: float = 60.0,
+    ctrl_c: int = 1,
 ) -> AsyncIterator[CorralUp]:
     """Start ``corral up --sim N --port 0`` on ``nats_url`` under ``root``, wait for its "Gateway" line,
-    and on exit stop it with SIGINT, as Ctrl-C does, expecting a clean drain (exit status 0).
+    and on exit stop it with SIGINT, as Ctrl-C does (``ctrl_c`` times: the later ones once it says
+    it is draining, as an impatient user presses it again), expecting a clean drain (exit status 0).
     Its log (stderr) goes to ``log``; a failure to start says what it printed."""
     clean = without_corral_settings()
     args = ["--sim", str(sims), "--port", "0", "--time-scale", str(time_scale)]
@@ -65,6 +73,10 @@ async def corral_up(
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGINT)
+                if ctrl_c > 1:
+                    await asyncio.wait_for(_read_until(proc, "draining..."), timeout)
+                    for _ in range(ctrl_c - 1):
+                        proc.send_signal(signal.SIGINT)
             try:
                 await asyncio.wait_for(proc.communicate(), timeout)
             except TimeoutError:
@@ -81,3 +93,10 @@ async def _read_banner(proc: asyncio.subprocess.Process, up: CorralUp) -> None:
         if not line:
             raise RuntimeError("corral up ended before printing its gateway:\n" + "".join(up.printed))
         up.take(line)
+
+
+async def _read_until(proc: asyncio.subprocess.Process, text: str) -> None:
+    assert proc.stdout is not None
+    while text not in (line := (await proc.stdout.readline()).decode()):
+        if not line:
+            raise RuntimeError(f"corral up ended before printing {text!r}")

@@ -16,6 +16,7 @@ from corral.runtime.natsserver import NatsServer, free_port
 from corral.up import FleetOptions, LocalFleet, default_sims
 
 from tests.integration import cli_helpers as cli
+from tests.integration.corral_up import corral_up
 from tests.integration.fleet_helpers import preload, until
 
 pytestmark = pytest.mark.integration
@@ -162,3 +163,15 @@ async def test_a_command_with_no_nats_to_reach_exits_1_with_a_clear_message(comm
     url = f"nats://127.0.0.1:{free_port()}"
     rc, _, err = await cli.corral(*command, "--nats", url, "--root", "cli", timeout=30)
     assert rc == 1 and f"cannot reach NATS at {url}" in err and "Traceback" not in err, err
+
+
+async def test_corral_up_given_ctrl_c_again_while_it_drains_still_stops_cleanly(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """An impatient second Ctrl-C during the drain is said and ignored: exit status 0, no
+    KeyboardInterrupt cutting the drain short with a traceback."""
+    log = tmp_path / "up.log"
+    async with corral_up(nats_server.url, "upctrlc", log, sims=1, ctrl_c=2):
+        pass
+    text = log.read_text()
+    assert "SIGINT: already stopping" in text and "Traceback" not in text, text[-3000:]
