@@ -224,6 +224,11 @@ class Transport:
         """How many times this sender's connection came back so far (`_unanswered`)."""
         return int(self.nc.stats["reconnects"])
 
+    def held(self, epoch: int) -> bool:
+        """Whether this sender's connection is up and has not come back since ``epoch``: a silence
+        across its own outage says nothing of the agent, whose messages may have been lost with it."""
+        return self.nc.is_connected and self.epoch() == epoch
+
     def _unanswered(self, agent: str | None, epoch: int) -> None:
         """Note that ``agent`` let a request go unanswered; only for a sender with a fleet view
         (``members``), whose planner reads it and whose view says when an agent is gone; and only
@@ -232,7 +237,7 @@ class Transport:
         been lost with the connection."""
         if agent is None or self._members is None:
             return
-        if self.nc.is_connected and self.epoch() == epoch:
+        if self.held(epoch):
             self.unanswered[agent] = time.monotonic()
 
     def reply_subject(self, call: Call) -> str:

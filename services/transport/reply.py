@@ -98,6 +98,9 @@ class CallOwner(Protocol):
     def epoch(self) -> int:
         """How many times the owner's NATS connection came back so far."""
 
+    def held(self, epoch: int) -> bool:
+        """Whether the owner's connection is up and has not come back since ``epoch``."""
+
 
 class Reply:
     """An open reply from the agent that claimed the request: status, content type, body stream.
@@ -139,7 +142,7 @@ class Reply:
         self.first = first
         self.ended = ended
         self._data_msgs = 0
-        self._epoch = owner.epoch()  # a reconnect since: silence may be the connection's loss
+        self._epoch = owner.epoch()  # as of the last message: silence since may be the connection's loss
         if ended:
             owner.release(call)
 
@@ -164,11 +167,12 @@ class Reply:
                 try:
                     msg = await call.next(timeout)
                 except TimeoutError:
-                    if self._owner.epoch() != self._epoch:  # its end may have been lost with it
+                    if not self._owner.held(self._epoch):  # what followed may have been lost with it
                         raise AgentUnavailable(
                             f"the NATS connection was lost while agent {self.agent} answered: the rest of the reply did not come"
                         ) from None
                     raise AgentUnavailable(f"agent {self.agent} stopped responding") from None
+                self._epoch = self._owner.epoch()
                 parts: list[bytes] = []
                 while True:
                     hdrs = msg.headers

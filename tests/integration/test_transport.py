@@ -311,9 +311,10 @@ async def test_an_agent_is_not_blamed_for_a_claim_lost_to_the_senders_own_outage
 
 
 async def test_a_reply_gone_silent_across_the_senders_own_outage_blames_the_connection(root: str) -> None:
-    """An agent's reply goes silent while the sender's own connection dropped and came back (the
-    rest of the reply, its end included, may have been lost with it): the error says so, rather
-    than that the agent stopped responding. Without a reconnect, it is the agent's silence."""
+    """An agent's reply goes silent while the sender's own connection dropped and came back, or is
+    still away (the rest of the reply, its end included, may have been lost with it): the error
+    says so, rather than that the agent stopped responding. Without an outage, it is the agent's
+    silence."""
     subjects = Subjects(root)
     async with NatsServer(port=free_port()) as server:
         back = asyncio.Event()
@@ -346,6 +347,16 @@ async def test_a_reply_gone_silent_across_the_senders_own_outage_blames_the_conn
             with pytest.raises(AgentUnavailable, match="NATS connection was lost while agent a1 answered"):
                 async with cut:
                     _ = [b async for b in cut.batches()]
+
+            down = await transport.attempt(work(), subjects.agent_work("a1"), "a1", deadline)
+            assert isinstance(down, Reply)
+            back.clear()
+            await server.kill()  # and still away when the silence has lasted the idle timeout
+            with pytest.raises(AgentUnavailable, match="NATS connection was lost while agent a1 answered"):
+                async with down:
+                    _ = [b async for b in down.batches()]
+            await server.start()
+            await asyncio.wait_for(back.wait(), 30)  # back before it is closed
         finally:
             await transport.stop()
             await nc.close()
