@@ -23,7 +23,7 @@ from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import ensure_buckets
 from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import snapshot
-from corral.runtime.nats import NatsAuth, NatsRefused, NatsUnreachable, connect_command
+from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
 from corral.runtime.policy import POLICY_KEY, policy_decoder
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
@@ -311,13 +311,6 @@ def main(command: str, argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(go())
-    except (NatsUnreachable, NatsRefused) as e:
-        print(f"corral {command}: {e}", file=sys.stderr)
-        return 1
-    except (TimeoutError, nats.errors.Error) as e:  # JetStream's own errors are nats-py's too
-        print(
-            f"corral {command}: NATS at {settings.nats_url} did not answer ({e!r}); "
-            "a NATS cluster without a quorum, or electing a leader, cannot answer for a while",
-            file=sys.stderr,
-        )
+    except COMMAND_ERRORS as e:
+        print(f"corral {command}: {command_error(settings.nats_url, e)}", file=sys.stderr)
         return 1

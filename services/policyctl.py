@@ -20,7 +20,7 @@ from corral.protocol.errors import InvalidModelName
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import BUCKETS, open_bucket
-from corral.runtime.nats import NatsAuth, NatsRefused, NatsUnreachable, connect_command
+from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
 from corral.runtime.policy import POLICY_KEY, Policy, policy_decoder, policy_encoder
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
@@ -265,6 +265,6 @@ def main(command: str, argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(go())
-    except (NatsUnreachable, NatsRefused) as e:
-        print(f"corral {command}: {e}", file=sys.stderr)
+    except COMMAND_ERRORS as e:
+        print(f"corral {command}: {command_error(settings.nats_url, e)}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ from corral.gateway.keys import KeyBuckets, KeyExists, create_key, list_keys, op
 from corral.gateway.limits import Usage, read_usage
 from corral.protocol.priority import PRIORITIES
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import NatsAuth, NatsRefused, NatsUnreachable, connect_command
+from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
 
@@ -145,6 +145,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(go())
-    except (NatsUnreachable, NatsRefused) as e:
-        _err(str(e))
+    except COMMAND_ERRORS as e:
+        _err(command_error(settings.nats_url, e))
         return 1

@@ -21,6 +21,7 @@ from typing import Any
 from corral.runtime.natsauth import NatsAuth as NatsAuth  # callers take it from here, beside connect
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
+from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ async def connect(
     reconnects: int = -1,
 ) -> NATS:
     """A connection that reconnects for ever (or tries each server ``reconnects`` times more, the
-    first connection included, then raises nats-py's ``NoServersError``) and reports state changes
-    in the log; `NatsRefused` when the server refuses the first connection for good (see there).
+    first connection included, then raises nats-py's ``NoServersError``; the bound holds for later
+    reconnects too unless lifted, as `connect_command` does) and reports state changes in the log; `NatsRefused` when the server refuses the first connection for good (see there).
 
     ``url`` is one server or a comma-separated list of them (`server_urls`); ``auth`` this process's
     identity and TLS files (`NatsAuth.of(settings)`; raises `CredentialsError` for a bad one).
@@ -252,8 +253,25 @@ async def round_trip(nc: NATS, timeout: float) -> bool:
 
 async def connect_command(url: str, *, name: str, auth: NatsAuth | None = None) -> NATS:
     """`connect` for a command run once (the CLI): each server is tried `COMMAND_RECONNECTS` times
-    more, then `NatsUnreachable` — a service waits for NATS to come up, a command says it is not."""
+    more, then `NatsUnreachable` — a service waits for NATS to come up, a command says it is not.
+    Once connected it reconnects for ever, as a service does: a pull that streams for minutes
+    rides out a NATS restart (nats-py reads the bound again on every reconnect)."""
     try:
-        return await connect(url, name=name, auth=auth, reconnects=COMMAND_RECONNECTS)
+        nc = await connect(url, name=name, auth=auth, reconnects=COMMAND_RECONNECTS)
     except NoServersError as e:
         raise NatsUnreachable(f"cannot reach NATS at {url}") from e
+    nc.options["max_reconnect_attempts"] = -1
+    return nc
+
+
+COMMAND_ERRORS = (NatsUnreachable, NatsRefused, TimeoutError, NatsError)  # JetStream's are NatsErrors
+
+
+def command_error(url: str, e: BaseException) -> str:
+    """The one line a command prints for one of `COMMAND_ERRORS` (it then exits 1)."""
+    if isinstance(e, (NatsUnreachable, NatsRefused)):
+        return str(e)
+    return (
+        f"NATS at {url} did not answer ({e!r}); "
+        "a NATS cluster without a quorum, or electing a leader, cannot answer for a while"
+    )

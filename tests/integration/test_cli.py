@@ -148,11 +148,14 @@ async def test_corral_nats_stopped_by_a_signal_exits_0(tmp_path: Path, sig: str)
             await proc.wait()
 
 
-async def test_a_fleet_command_jetstream_cannot_answer_exits_1_with_a_clear_message() -> None:
+@pytest.mark.parametrize("command", [["status"], ["pin", "llama3.2"], ["keys", "list"]])
+async def test_a_fleet_command_jetstream_cannot_answer_exits_1_with_a_clear_message(
+    command: list[str],
+) -> None:
     """JetStream that does not answer (here none at all; as well a cluster without a quorum): one
     line that says so, no traceback."""
     async with NatsServer(jetstream=False) as server:
-        rc, _, err = await cli.corral("status", "--nats", server.url, "--root", "cli")
+        rc, _, err = await cli.corral(*command, "--nats", server.url, "--root", "cli")
     assert rc == 1 and "did not answer" in err and "Traceback" not in err, err
 
 

@@ -4,10 +4,13 @@ reads nothing more — one raw publish from any client could silence a gateway o
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 import nats
 import nats.aio.client
 import pytest
-from corral.runtime.nats import connect, round_trip
+from corral.runtime.nats import COMMAND_RECONNECTS, NatsUnreachable, connect, connect_command, round_trip
 from corral.runtime.natsserver import NatsServer, free_port
 
 from tests.integration.fleet_helpers import publish_raw
@@ -48,3 +51,47 @@ async def test_a_server_that_refused_before_another_took_the_connection_is_no_ca
     assert nc.last_error is not None  # it was refused there first
     await nc.drain()
     assert not [r for r in caplog.records if "closed for good" in r.getMessage()]
+
+
+async def test_a_commands_connection_gives_up_only_on_its_first_connect() -> None:
+    """A command (`connect_command`) gives up on NATS that is not there, but once connected rides
+    out a NATS restart as a service does, however many attempts it takes: a pull streaming for
+    minutes outlives a blip."""
+    with pytest.raises(NatsUnreachable):
+        await connect_command(f"nats://127.0.0.1:{free_port()}", name="test")
+    async with NatsServer(port=free_port()) as server:
+        back, refusals = asyncio.Event(), asyncio.Queue[Exception]()
+        nc = await connect_command(server.url, name="test")
+        nc._reconnected_cb = _also(nc._reconnected_cb, back.set)  # told when it is back
+        nc._error_cb = _also_error(nc._error_cb, refusals.put_nowait)  # and of each refused attempt
+        try:
+            await server.kill()
+            async with asyncio.timeout(30):
+                for _ in range(COMMAND_RECONNECTS + 2):  # more than a first connect may take
+                    await refusals.get()
+            await server.start()
+            await asyncio.wait_for(back.wait(), 30)
+            assert nc.is_connected and await round_trip(nc, 5)
+        finally:
+            await nc.close()
+
+
+def _also(
+    cb: Callable[[], Awaitable[None]] | None, then: Callable[[], None]
+) -> Callable[[], Awaitable[None]]:
+    async def both() -> None:
+        if cb is not None:
+            await cb()
+        then()
+
+    return both
+
+
+def _also_error(
+    cb: Callable[[Exception], Awaitable[None]], then: Callable[[Exception], None]
+) -> Callable[[Exception], Awaitable[None]]:
+    async def both(e: Exception) -> None:
+        await cb(e)
+        then(e)
+
+    return both
