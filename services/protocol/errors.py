@@ -62,6 +62,7 @@ class ModelNotFound(CorralError):
 
     code = "model_not_found"
     status = 404
+    vendor: str | None = None  # also for one rebuilt from its code (`from_code`)
 
     def __init__(self, message: str, *, vendor: str | None = None) -> None:
         super().__init__(message)

@@ -69,14 +69,17 @@ async def test_views_that_fit_are_written_and_an_oversized_one_is_named_once(
 async def test_a_quiet_fleets_rates_are_written_again_every_interval(
     nats_server: NatsServer, root: str
 ) -> None:
-    """Nothing happens in the fleet, so the rates do not change; they are written again anyway,
-    since readers take rates older than a few intervals for a stopped aggregator's."""
+    """Nothing happens in the fleet, so once its whole window has passed the rates do not change;
+    they are written again anyway, since readers take rates older than a few intervals for a
+    stopped aggregator's. (A window of a second, the least the rates are taken over: they stand
+    still from the first write, as a quiet fleet's do after a minute.)"""
     nc = await nats.connect(nats_server.url)
     try:
         buckets = await ensure_buckets(nc.jetstream(), Subjects(root))
-        aggregator = Aggregator(
-            AggregatorSettings(nats_url=nats_server.url, root=root, views_interval_s=0.05)
+        settings = AggregatorSettings(
+            nats_url=nats_server.url, root=root, views_interval_s=0.05, stats_window_s=1.0
         )
+        aggregator = Aggregator(settings)
         await aggregator.start()
         try:
             watcher = await buckets.views.watch(RATES_KEY)

@@ -495,19 +495,21 @@ async def test_an_agent_whose_slot_went_since_its_state_is_not_made_to_queue_the
             return None  # the agent's state is as the gateway last heard it
 
         first._publish_state = held  # type: ignore[method-assign]
-        async with AsyncClient(nats_server.url, root=root) as other:
-            holding = await other.generate(MODEL, "long", stream=True)
-            assert first.slots.free(parse_name(MODEL).token) == 0
-            assert [a.in_flight for a in gw.fleet.agents() if a.id == first.id] == [0]
-            body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 3}}
-            async with asyncio.timeout(20):  # behind the held replies it would wait for ever
-                async with s.post(fleet.url + "/api/generate", json=body) as r:
-                    assert r.status == 200
-                    await r.read()
-                    assert r.headers["X-Corral-Agent"] != first.id
-            assert first.slots.queued == 0
-            await holding.aclose()
-        first._publish_state = published  # type: ignore[method-assign]
+        try:
+            async with AsyncClient(nats_server.url, root=root) as other:
+                holding = await other.generate(MODEL, "long", stream=True)
+                assert first.slots.free(parse_name(MODEL).token) == 0
+                assert [a.in_flight for a in gw.fleet.agents() if a.id == first.id] == [0]
+                body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 3}}
+                async with asyncio.timeout(20):  # behind the held replies it would wait for ever
+                    async with s.post(fleet.url + "/api/generate", json=body) as r:
+                        assert r.status == 200
+                        await r.read()
+                        assert r.headers["X-Corral-Agent"] != first.id
+                assert first.slots.queued == 0
+                await holding.aclose()
+        finally:
+            first._publish_state = published  # type: ignore[method-assign]
 
 
 async def test_registry_loads_a_replica_when_a_queue_keeps_growing(
