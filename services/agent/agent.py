@@ -5,10 +5,10 @@ The agent is an I/O shell around pure state machines: `SlotTable` (who runs, who
 NATS subscriptions, the Ollama client and the published state; `Claims` holds its interest in work
 (a claim subscription per free slot of each warm model, and the fleet queue).
 
-Direct work (``agent.{id}.work``) is always taken while the agent is active: if no slot is free it
-waits in a bounded local FIFO that is served before the agent takes interest again, and past that
-bound (or at once, for a send marked ``Corral-Now``) the agent answers ``busy``. A malformed work message is answered with a ``bad_request`` end
-when it names where to answer, else logged and dropped; it never stops the agent.
+Direct work (``agent.{id}.work``) is taken while the agent is active: with no slot free it waits in a
+bounded local FIFO served before the agent takes interest again; past that bound (at once, if marked
+``Corral-Now``) the agent answers ``busy``. A malformed work message is answered with a ``bad_request``
+end when it names where to answer, else logged and dropped; it never stops the agent.
 
 Lifecycle: NEW → RUNNING → DRAINING → STOPPED. `stop` drops every claim subscription, lets
 in-flight work finish within the grace period, cancels the rest with a final error, deletes the
@@ -343,8 +343,8 @@ class Agent:
             self._apply(self.runners.responded(job.token, job.rid, status))
 
     async def _on_answered(self, job: Job) -> None:
-        """Ollama has finished ``job``: publish what it changed (on disk, or an unload), free its slot and arm that slot's
-        claim now — all before the reply's last message goes out, so a client answered at once finds a
+        """Ollama has finished ``job``: publish what it changed (on disk, an unload), free its slot, arm
+        its claim — all before the reply's last message goes out, so a client answered at once finds a
         just-pulled model in the fleet and the slot armed (not a direct send or the queue). Requests
         waiting here or in the fleet queue keep their turn: the slot passes to them and nothing is armed."""
         if job.env.endpoint in _CHANGES_MODELS or job.env.unload:

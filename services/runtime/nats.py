@@ -107,7 +107,8 @@ async def connect(
 ) -> NATS:
     """A connection that reconnects for ever (or tries each server ``reconnects`` times more, the
     first connection included, then raises nats-py's ``NoServersError``; the bound holds for later
-    reconnects too unless lifted, as `connect_command` does) and reports state changes in the log; `NatsRefused` when the server refuses the first connection for good (see there).
+    reconnects too unless lifted, as `connect_command` does) and reports state changes in the log;
+    `NatsRefused` when the server refuses the first connection for good (see there).
 
     ``url`` is one server or a comma-separated list of them (`server_urls`); ``auth`` this process's
     identity and TLS files (`NatsAuth.of(settings)`; raises `CredentialsError` for a bad one).

@@ -149,9 +149,10 @@ class Transport:
         """Register a call for one attempt at ``req``: (call, headers, payload) to publish. The call
         counts against ``agent`` (when named) until `release`. ``queued``: the message goes into the
         fleet queue, so it names its reply subject in a header (JetStream keeps headers, not the
-        reply-to). ``now``: the agent starts it on a free slot or answers busy (``Corral-Now``). The message stays under the server's max_payload, every header counted: a body
-        that does not fit beside its headers is served in chunks instead, and headers that cannot
-        fit even alone are a `BadRequest` (nothing registered)."""
+        reply-to). ``now``: the agent starts it on a free slot or answers busy (``Corral-Now``). The
+        message stays under the server's max_payload, every header counted: a body that does not fit
+        beside its headers is served in chunks instead, and headers that cannot fit even alone are a
+        `BadRequest` (nothing registered)."""
         # unique (the counter) and unguessable (64 random bits): nobody who did not see the request
         # can aim a message at its reply subject, and no two senders' ids meet at an agent
         rid = format(next(self._ids), "x") + secrets.token_hex(8)

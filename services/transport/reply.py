@@ -168,9 +168,8 @@ class Reply:
                     msg = await call.next(timeout)
                 except TimeoutError:
                     if not self._owner.held(self._epoch):  # what followed may have been lost with it
-                        raise AgentUnavailable(
-                            f"the NATS connection was lost while agent {self.agent} answered: the rest of the reply did not come"
-                        ) from None
+                        lost = f"the NATS connection was lost while agent {self.agent} answered"
+                        raise AgentUnavailable(f"{lost}: the rest of the reply did not come") from None
                     raise AgentUnavailable(f"agent {self.agent} stopped responding") from None
                 self._epoch = self._owner.epoch()
                 parts: list[bytes] = []
