@@ -39,6 +39,7 @@ from corral.runtime.settings import (
     describe,
     load_settings,
 )
+from corral.runtime.tasks import cancel_and_wait
 from corral.simulator import SimConfig, SimServer, load_config
 from corral.simulator.config import GIB
 from opentelemetry.trace import TracerProvider
@@ -334,7 +335,14 @@ async def _up(args: argparse.Namespace) -> int:
             gateway=args.gateway,
         )
     )
-    await fleet.start()
+    # Ctrl-C is ours from here on, not Python's KeyboardInterrupt: one pressed while the fleet
+    # starts (or the moment its banner is out) stops it once it has started
+    signalled = asyncio.create_task(wait_for_signal(), name="signals")
+    try:
+        await fleet.start()
+    except BaseException:
+        await cancel_and_wait([signalled])
+        raise
     lines = [f"  {a.id:<12} {a.vendor:<7} {a.settings.ollama_url}" for a in fleet.agents]
     print(
         f"\nCorral is up: {len(fleet.agents)} backends behind one Ollama endpoint.\n"
@@ -347,7 +355,7 @@ async def _up(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        await wait_for_signal()
+        await signalled
         print("draining...", flush=True)
     finally:
         await fleet.stop()
