@@ -18,6 +18,12 @@ and markers a reader asked to skip included, and the marker follows the last of 
 counted there can vanish before they are sent (a purge, an expiry); the marker then follows the
 message that reported nothing pending once `SETTLE_S` has passed with no other.
 
+Even the server's count is short when a key is written while the snapshot is sent: the buckets
+keep one revision, so the write removes the message the consumer was about to send, and the key
+comes only after the marker, as a change. A live watch loses nothing by that. A one-off read
+(`snapshot`, `latest_per_subject`) would: it lists the stream's subjects first and fetches any
+the consumer did not bring on its own.
+
 A reader is handed a backlog one entry per turn of the event loop: a gateway following a thousand
 agents' heartbeats under load would otherwise work through every queued state before serving the
 next request (`bench.scale` with 1,000 agents shows it; bench/README.md has the figures).
@@ -32,8 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from corral.runtime.tasks import cancel_and_wait
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
 SETTLE_S = 1.0
@@ -228,14 +235,97 @@ async def watching(
 
 
 async def snapshot(kv: KeyValue, keys: str = ">", *, timeout: float | None = None) -> list[Entry]:
-    """The current value of every key matching ``keys`` (deleted keys left out), in stream order.
+    """The current value of every key matching ``keys`` (deleted keys left out), in stream order:
+    every key that had a value when it began and still has one (`latest_per_subject`).
 
     ``timeout`` bounds the wait for each entry; nats.errors.TimeoutError when it passes."""
-    out: list[Entry] = []
-    async with watching(kv, keys, ignore_deletes=True, inactive_s=SNAPSHOT_INACTIVE_S) as watcher:
-        while (entry := await watcher.updates(timeout)) is not None:
-            out.append(entry)
-    return out
+    return [
+        Entry(
+            bucket=kv._name,
+            key=m.subject[len(kv._pre) :],
+            value=m.data,
+            revision=m.seq,
+            delta=0,
+            created=m.time,  # type: ignore[arg-type]  # a datetime, as nats-py's own watcher gives
+            operation=None,
+        )
+        for m in await latest_per_subject(kv._js, kv._stream, f"{kv._pre}{keys}", timeout=timeout)
+        if operation(m.headers) is None
+    ]
+
+
+@dataclass(frozen=True)
+class Latest:
+    """The latest message of one subject of a stream."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str] | None
+    seq: int
+    time: object  # the message's datetime (nats-py gives one from a consumer, another from a get)
+
+
+async def latest_per_subject(
+    js: JetStreamContext, stream: str, subject: str, *, timeout: float | None
+) -> list[Latest]:
+    """The latest message of every subject under ``subject`` in ``stream`` that had one when this
+    began, and of any that came since and were read on the way, in stream order; delete and purge
+    markers included (the caller tells them apart).
+
+    The subjects come from the stream's own list; an ordered consumer delivering the last message
+    of each (``LAST_PER_SUBJECT``) reads them. Neither its count nor its per-message
+    ``num_pending`` proves the read complete: in a bucket keeping one revision a key written while
+    it is read loses the message the consumer was about to send, and both counts can drop or
+    reach 0 and rise again (a listing beside a busy writer missed keys). The read stops when every
+    listed subject has come or the server's count (`Catchup`) is met, and a subject still missing
+    then is fetched alone (or found gone). ``timeout`` bounds the wait for each message;
+    nats.errors.TimeoutError when it passes."""
+    listed = await js.stream_info(stream, subjects_filter=subject)
+    wanted = set(listed.state.subjects or {})
+    if not wanted:
+        return []
+    got: dict[str, Latest] = {}
+    sub = await js.subscribe(
+        subject,
+        stream=stream,
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+        inactive_threshold=SNAPSHOT_INACTIVE_S,
+    )
+    catchup = Catchup()
+    try:
+        info = await sub.consumer_info()
+        sent = info.delivered.consumer_seq if info.delivered is not None else 0
+        done = catchup.sized((sent or 0) + (info.num_pending or 0))
+        while not done and not wanted <= got.keys():
+            wait = timeout if not catchup.drained else min(timeout or SETTLE_S, SETTLE_S)
+            try:
+                msg = await sub.next_msg(timeout=wait)
+            except nats.errors.TimeoutError:
+                if catchup.settled():
+                    break  # those counted were removed before they were sent
+                raise
+            meta = msg.metadata
+            got[msg.subject] = Latest(
+                msg.subject, msg.data, msg.headers, meta.sequence.stream, meta.timestamp
+            )
+            done = catchup.message(meta.num_pending)
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    for one in await asyncio.gather(*(_last(js, stream, s) for s in wanted - got.keys())):
+        if one is not None:
+            got[one.subject] = one
+    return sorted(got.values(), key=lambda m: m.seq)
+
+
+async def _last(js: JetStreamContext, stream: str, subject: str) -> Latest | None:
+    """The last message of one subject, None once it has none."""
+    try:
+        raw = await js.get_last_msg(stream, subject)
+    except nats.js.errors.NotFoundError:
+        return None
+    return Latest(subject, raw.data or b"", raw.headers, raw.seq or 0, raw.time)
 
 
 async def watch_until(watch: Callable[[], Coroutine[Any, Any, None]], restart: asyncio.Event) -> None:

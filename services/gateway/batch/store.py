@@ -35,11 +35,10 @@ from corral.gateway.batch.model import (
 )
 from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import BATCH_STORES, BucketSpec, open_bucket
+from corral.runtime.kvwatch import Latest, latest_per_subject, operation
 from corral.runtime.workqueue import STREAM_NAME_IN_USE
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import (
-    DeliverPolicy,
     DiscardPolicy,
     ObjectInfo,
     ObjectMeta,
@@ -122,30 +121,9 @@ async def _line_stream(js: JetStreamContext, subjects: Subjects, spec: BucketSpe
             raise
 
 
-async def last_per_subject(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
-    """The latest message of every subject under ``subject`` in ``stream``, read to the end by the
-    consumer's own count of what is left (not by nats-py's KV "no more" marker, which a watch can
-    send before the values it has already been delivered)."""
-    info = await js.stream_info(stream, subjects_filter=subject)
-    if not info.state.subjects:
-        return []
-    sub = await js.subscribe(
-        subject, stream=stream, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT
-    )
-    out: list[Msg] = []
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=READ_TIMEOUT_S)
-            out.append(msg)
-            if msg.metadata.num_pending == 0:
-                return out
-    finally:
-        await sub.unsubscribe()
-
-
-def _live(msg: Msg) -> bool:
+def _live(msg: Latest) -> bool:
     """Whether a KV message holds a value (not a delete or purge marker)."""
-    return not (msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE")) and bool(msg.data)
+    return operation(msg.headers) is None and bool(msg.data)
 
 
 class BatchStore:
@@ -206,7 +184,9 @@ class BatchStore:
     async def files(self, *, expired: bool = False) -> list[tuple[FileObject, FileMeta]]:
         """Every file that has not expired (with ``expired``: every file that has)."""
         store = self.subjects.files_store
-        msgs = await last_per_subject(self.js, self.subjects.object_stream(store), f"$O.{store}.M.>")
+        msgs = await latest_per_subject(
+            self.js, self.subjects.object_stream(store), f"$O.{store}.M.>", timeout=READ_TIMEOUT_S
+        )
         out = []
         t = now()
         for msg in msgs:
@@ -257,10 +237,13 @@ class BatchStore:
     async def batches(self) -> list[Stored]:
         """Every batch record, with its revision."""
         bucket = self.subjects.batches_bucket
-        msgs = await last_per_subject(
-            self.js, self.subjects.kv_stream(bucket), self.subjects.kv_key(bucket, ">")
+        msgs = await latest_per_subject(
+            self.js,
+            self.subjects.kv_stream(bucket),
+            self.subjects.kv_key(bucket, ">"),
+            timeout=READ_TIMEOUT_S,
         )
-        return [Stored(record_decoder.decode(m.data), m.metadata.sequence.stream) for m in msgs if _live(m)]
+        return [Stored(record_decoder.decode(m.data), m.seq) for m in msgs if _live(m)]
 
     # -- lines and results -------------------------------------------------------------------------
     async def queue_lines(self, batch_id: str, lines: list[tuple[str, bytes]], url: str) -> None:
@@ -316,7 +299,8 @@ class BatchStore:
         bucket = self.subjects.batch_results_bucket
         subject = self.subjects.kv_key(bucket, f"{batch_id}.*")
         found: dict[int, LineResult] = {}
-        for msg in await last_per_subject(self.js, self.subjects.kv_stream(bucket), subject):
+        stream = self.subjects.kv_stream(bucket)
+        for msg in await latest_per_subject(self.js, stream, subject, timeout=READ_TIMEOUT_S):
             if _live(msg):
                 found[int(msg.subject.rsplit(".", 1)[1])] = result_decoder.decode(msg.data)
         if any(i not in found for i in range(total)):
