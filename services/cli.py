@@ -46,11 +46,13 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Output piped into a reader that stops early (``corral status | head``)
-    ends the command quietly, as other command-line tools do, not with a traceback."""
+    """Run one command. Output piped into a reader that stops early (``corral status | head``),
+    and Ctrl-C, end the command quietly, as other command-line tools do, not with a traceback."""
     try:
         code = _main(argv)
         sys.stdout.flush()
+    except KeyboardInterrupt:  # Ctrl-C on a command (a long `corral pull`): no traceback
+        return 130  # what a shell reports for a command ended by SIGINT (128 + 2)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141  # what a shell reports for a command ended by SIGPIPE (128 + 13)

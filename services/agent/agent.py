@@ -12,7 +12,7 @@ end when it names where to answer, else logged and dropped; it never stops the a
 
 Lifecycle: NEW → RUNNING → DRAINING → STOPPED. `stop` drops every claim subscription, lets
 in-flight work finish within the grace period, cancels the rest with a final error, deletes the
-agent's KV entry and drains the connection.
+agent's KV entry and drains the connection; a `stop` while it still waits for NATS ends it at once.
 """
 
 from __future__ import annotations
@@ -127,7 +127,9 @@ class Agent:
             raise RuntimeError("an agent runs once")
         self.lifecycle = Lifecycle.RUNNING
         try:
-            await self._open()
+            if not await self._wake.unless_stopped(self._open()):  # nothing taken yet, nothing to drain
+                log.warning("agent %s stopped before it was up", self.id)
+                return
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 loops = [
@@ -244,8 +246,7 @@ class Agent:
             self._changed(claims=True)  # re-arm the spent subscription
             return
         if self.status != "active" or job.token is None or not self._claims.claim(msg, self.slots, job):
-            # a sibling subscription for the slot fired too, or a batch claim found none to spare
-            await send_busy(self.nc, job.reply, self.id)
+            await send_busy(self.nc, job.reply, self.id)  # a sibling claim fired too, or none to spare
             self._changed(claims=True)
             return
         self._start(job)
@@ -315,9 +316,8 @@ class Agent:
                 self._apply(self.runners.served(token, env.num_ctx, status, job.rid, load_s, ran_s))
             if (env.unload or env.keep_alive) and 200 <= status < 300:  # pulls: `_on_answered`
                 self._changed(refresh=True)  # what is loaded, or until when, changed: advertise it now
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the job ends here; the TaskGroup must not see it as its own
             await job.end_reply(job.ending)
-            # the job ends here; the TaskGroup must not see this cancellation as its own
         except Exception as e:
             log.exception("request %s (%s %s) failed", job.rid, env.method, env.endpoint)
             await job.end_reply(InternalError(f"agent error: {e}"))

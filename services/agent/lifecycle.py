@@ -9,12 +9,14 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from corral.agent.worker import Job
 from corral.protocol import headers as H
 from corral.protocol.errors import Cancelled
+from corral.runtime.tasks import cancel_and_wait
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -49,6 +51,21 @@ class Wakeups:
             log.error("the NATS connection is closed for good: the agent stops")
             self.lost.set()
             self.stop.set()
+
+    async def unless_stopped(self, opening: Coroutine[Any, Any, None]) -> bool:
+        """Run ``opening`` until it ends, or until `stop` is set (it is then cancelled); True when
+        it ended, with its error raised. An agent stopped while it waits for NATS ends then, where
+        it used to wait for a connection that may never come (Ctrl-C did nothing)."""
+        opened = asyncio.ensure_future(opening)
+        stopped = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait((opened, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait([t for t in (opened, stopped) if not t.done()])
+        if opened.cancelled():
+            return False
+        opened.result()
+        return True
 
 
 def default_agent_id(ollama_url: str) -> str:

@@ -168,6 +168,64 @@ async def test_a_command_with_no_nats_to_reach_exits_1_with_a_clear_message(comm
     assert rc == 1 and f"cannot reach NATS at {url}" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize(
+    ("service", "sig"),
+    [
+        ("agent", "SIGINT"),
+        ("agent", "SIGTERM"),
+        ("gateway", "SIGINT"),
+        ("registry", "SIGINT"),
+        ("registry", "SIGTERM"),
+        ("aggregator", "SIGTERM"),
+    ],
+)
+async def test_a_service_still_waiting_for_nats_stops_at_a_signal(service: str, sig: str) -> None:
+    """Ctrl-C or a supervisor's SIGTERM while a service waits for its first NATS connection: it
+    stops at once and exits 0, as it would once up. The agent ignored both and waited on; the
+    others printed a KeyboardInterrupt traceback or died without closing what they had opened."""
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens: the service keeps trying
+    extra = ["--ollama-url", f"http://127.0.0.1:{free_port()}"] if service == "agent" else []
+    extra += ["--port", "0"] if service == "gateway" else []
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", service, "--nats", url, *extra,
+        env=cli.without_corral_settings(), stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    err = b""
+    try:
+        assert proc.stderr is not None
+        while b"NATS error" not in err:  # it is trying to connect now
+            line = await asyncio.wait_for(proc.stderr.readline(), 30)
+            assert line, err.decode()
+            err += line
+        proc.send_signal(getattr(signal, sig))
+        rest = await asyncio.wait_for(proc.stderr.read(), 30)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0, (err + rest).decode()
+        assert b"Traceback" not in rest, rest.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_a_fleet_command_given_ctrl_c_ends_as_a_shell_expects() -> None:
+    """Ctrl-C on a command (here one still trying to reach NATS): exit status 130, no traceback."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", "ps", "--nats", f"nats://127.0.0.1:{free_port()}",
+        env=cli.without_corral_settings(), stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        first = await asyncio.wait_for(proc.stderr.readline(), 30)
+        assert b"NATS error" in first, first  # it is trying to connect now
+        proc.send_signal(signal.SIGINT)
+        rest = await asyncio.wait_for(proc.stderr.read(), 30)
+        assert await asyncio.wait_for(proc.wait(), 30) == 130 and b"Traceback" not in rest, rest.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_corral_up_given_ctrl_c_again_while_it_drains_still_stops_cleanly(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
