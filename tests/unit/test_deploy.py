@@ -533,6 +533,17 @@ def test_kubernetes_gateway_probes_ready_and_root() -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/"
 
 
+def test_kubernetes_gateway_has_a_writable_tmp_for_uploads() -> None:
+    """Its root is read-only, and a Batch API upload over 1 MiB is spooled to a temporary file while
+    it is read (Starlette's multipart parser): without a /tmp of its own, such an upload is a 500."""
+    spec = find_object("Deployment", "gateway")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    volume = {v["name"]: v for v in spec["volumes"]}[tmp["name"]]
+    assert "emptyDir" in volume and not tmp.get("readOnly")
+
+
 def test_kubernetes_gpu_pods_run_ollama_and_agent_side_by_side() -> None:
     by_pod = {
         inv.source.rsplit(" container ", 1)[0]: inv for inv in k8s_invocations() if inv.command == "agent"
