@@ -4,6 +4,7 @@ and every identity is refused what it has no business doing (the server's permis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 import ollama
 import openai
 import pytest
@@ -353,6 +355,40 @@ async def test_api_keys_work_under_a_gateways_identity(fleet: LocalFleet, auth_d
     finally:
         await http.stop()
         await second.stop()
+
+
+async def test_keys_on_before_any_key_the_gateway_makes_their_buckets(
+    fleet: LocalFleet, auth_dir: Path
+) -> None:
+    """Keys on (CORRAL_AUTH=keys) before the operator made the first key: the gateway makes the
+    three key buckets under its own identity (it used to time out on the create, refused, and not
+    start) and refuses every request until a key exists."""
+    operator = await connect(
+        fleet.nats_url, name="operator", auth=NatsAuth(str(creds_path(auth_dir, "operator")))
+    )
+    s = Subjects(ROOT)
+    for bucket in (s.keys_bucket, s.usage_bucket, s.limits_bucket):
+        with contextlib.suppress(nats.js.errors.NotFoundError):  # another test of this file made them
+            await operator.jetstream().delete_key_value(bucket)
+    await operator.close()
+    settings = GatewaySettings(
+        nats_url=fleet.nats_url, root=ROOT, port=0, auth="keys", gateway_id="gw2",
+        **creds(auth_dir, gateway_user("gw2")),
+    )  # fmt: skip
+    gateway = Gateway(settings)
+    http = AsgiServer(gateway, "127.0.0.1", 0)
+    try:
+        async with asyncio.timeout(30):
+            await gateway.start()
+        await http.start()
+        async with ollama.AsyncClient(host=http.url) as anonymous:
+            with pytest.raises(ollama.ResponseError) as refused:
+                await anonymous.generate(model=MODEL, prompt="hi")
+        assert refused.value.status_code == 401
+        assert gateway.nc is not None and gateway.nc.last_error is None
+    finally:
+        await http.stop()
+        await gateway.stop()
 
 
 async def test_the_python_client_speaks_nats_under_an_identity(fleet: LocalFleet, auth_dir: Path) -> None:
