@@ -20,7 +20,7 @@ from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
-from corral.runtime.buckets import ensure_buckets
+from corral.runtime.buckets import ensure_buckets_at_start
 from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import snapshot
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
@@ -56,7 +56,9 @@ class _Session:
         self.nc = await connect_command(
             self.settings.nats_url, name="corral-cli", auth=NatsAuth.of(self.settings)
         )
-        self.buckets = await ensure_buckets(
+        # as patient as a service: `corral status` is the setup step that makes the buckets, run
+        # beside a cluster that may still be forming (deploy/compose.secure.yaml, the k8s Job)
+        self.buckets = await ensure_buckets_at_start(
             self.nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
         )
         self.fleet = FleetView(self.buckets.agents)

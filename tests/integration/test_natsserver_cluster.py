@@ -4,6 +4,8 @@ cluster, in which a stream with three replicas can be created and is placed on a
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +20,8 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StreamConfig
 from nats.js.errors import BadRequestError, ServiceUnavailableError
+
+from tests.integration.cli_helpers import without_corral_settings
 
 JETSTREAM_WITHIN_S = 20.0  # the nodes find each other and elect a JetStream meta leader
 
@@ -96,3 +100,36 @@ async def test_services_started_together_on_a_new_cluster_all_open_their_buckets
     finally:
         for nc in conns:
             await nc.close()
+
+
+async def test_corral_status_as_the_setup_step_waits_for_the_cluster_to_form(
+    tmp_path: Path, root: str
+) -> None:
+    """`corral status` is the deploy files' one-shot setup step, which makes the replicated
+    buckets; started beside a cluster still forming (here one node of three), it asks again until
+    JetStream can place them, as the services do, instead of failing the whole deployment."""
+    servers = local_cluster(3, tmp_path)
+    first, rest = servers[0], servers[1:]
+    await first.start()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", "status", "--json", "--nats", ",".join(s.url for s in servers),
+        "--root", root, "--js-replicas", "3",
+        env=without_corral_settings(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        err = b""
+        while b"does not answer yet" not in err:  # a first attempt failed: no quorum to place them
+            line = await asyncio.wait_for(proc.stderr.readline(), 60)
+            assert line, err.decode()
+            err += line
+        await start_all(rest)
+        out, more = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode == 0, (err + more).decode()
+        assert json.loads(out)["totals"]["agents"] == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for s in servers:
+            await s.stop()
