@@ -1,6 +1,7 @@
-"""A preload: Ollama's empty generate (load the model, run nothing) sent straight to one agent,
-then a bounded wait until the fleet shows what it was for. Pinned models (`corral.registry.pins`)
-and demand-driven replicas (`corral.registry.replicas`) both place theirs with it."""
+"""A preload: Ollama's empty generate (load the model, run nothing; for an embedding model, which
+refuses generate, an empty embed) sent straight to one agent, then a bounded wait until the fleet
+shows what it was for. Pinned models (`corral.registry.pins`) and demand-driven replicas
+(`corral.registry.replicas`) both place theirs with it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from corral.runtime.fleet import FleetView
 from corral.transport import Transport, WorkRequest
 
 _enc = msgspec.json.Encoder()
+NO_GENERATE = b"does not support generate"  # Ollama's 400 for an embedding-only model
 
 
 async def preload(
@@ -34,11 +36,20 @@ async def preload(
     order: dict[str, object] = {"model": key}
     if keep_alive is not None:
         order["keep_alive"] = keep_alive
-    work = WorkRequest("/api/generate", _enc.encode(order), model=parse_name(key))
-    async with await transport.send_to(agent_id, work, timeout=timeout) as reply:
-        data = await reply.read()
-        if reply.status != 200:
-            raise CorralError(f"HTTP {reply.status}: {data[:200].decode(errors='replace')}")
+    status, data = await _load(transport, agent_id, "/api/generate", order, timeout)
+    if status == 400 and NO_GENERATE in data:  # an embedding model: an empty embed loads it
+        status, data = await _load(transport, agent_id, "/api/embed", order, timeout)
+    if status != 200:
+        raise CorralError(f"HTTP {status}: {data[:200].decode(errors='replace')}")
     deadline = time.monotonic() + settle_s
     while not shown() and (left := deadline - time.monotonic()) > 0:
         await fleet.wait_changed(left)
+
+
+async def _load(
+    transport: Transport, agent_id: str, endpoint: str, order: dict[str, object], timeout: float
+) -> tuple[int, bytes]:
+    """One load-only request (no prompt, no input) to one agent: its status and body."""
+    work = WorkRequest(endpoint, _enc.encode(order), model=parse_name(str(order["model"])))
+    async with await transport.send_to(agent_id, work, timeout=timeout) as reply:
+        return reply.status, await reply.read()

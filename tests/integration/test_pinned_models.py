@@ -22,7 +22,11 @@ from tests.integration.cli_helpers import corral_ok
 pytestmark = pytest.mark.integration
 
 PINNED = "llama3.2:1b"
-MODELS = [{"name": PINNED, "size_gb": 1.3, "parameter_size": "1.2B"}]
+EMBEDDING = "all-minilm:latest"
+MODELS = [
+    {"name": PINNED, "size_gb": 1.3, "parameter_size": "1.2B"},
+    {"name": EMBEDDING, "size_gb": 0.046, "family": "bert", "capabilities": ["embedding"]},
+]
 WAIT_S = 20.0
 
 
@@ -43,19 +47,19 @@ async def until(
     )
 
 
-def runners(agents: list[AgentState]) -> dict[str, str]:
-    """Agent id → the expiry of its runner of the pinned model (active agents only)."""
+def runners(agents: list[AgentState], model: str = PINNED) -> dict[str, str]:
+    """Agent id → the expiry of its runner of ``model`` (active agents only)."""
     return {
         a.id: m.expires_at
         for a in agents
         if a.status == "active"
         for m in a.loaded
-        if key_of(m.name) == PINNED
+        if key_of(m.name) == model
     }
 
 
-def kept(agents: list[AgentState]) -> set[str]:
-    return {a for a, expires in runners(agents).items() if expires[:4] >= "2100"}
+def kept(agents: list[AgentState], model: str = PINNED) -> set[str]:
+    return {a for a, expires in runners(agents, model).items() if expires[:4] >= "2100"}
 
 
 @pytest.fixture
@@ -121,3 +125,15 @@ async def test_a_pinned_model_stays_loaded_on_n_agents_until_it_is_unpinned(
     await until(view, lambda agents: len(agents) == 1)
     await keeper.check()
     assert keeper.loads_started == started  # nothing placed again
+
+
+async def test_a_pinned_embedding_model_is_loaded_too(fleet: LocalFleet, root: str) -> None:
+    """An embedding model refuses Ollama's load-only generate ("does not support generate"): the
+    keeper loads it with an empty embed instead, where it used to retry that 400 for ever."""
+    assert fleet.registry is not None
+    view = fleet.registry.fleet
+    await cli(fleet, root, "pin", EMBEDDING, "--replicas", "2")
+    await until(view, lambda agents: len(kept(agents, EMBEDDING)) == 2)
+    by_id: dict[str, Agent] = {a.id: a for a in fleet.agents}
+    for agent_id in kept(view.agents(), EMBEDDING):
+        assert (await sim_ps(by_id[agent_id].settings.ollama_url))[EMBEDDING][:4] >= "2100"
