@@ -4,11 +4,13 @@ cancel, read the output and error files; and with API keys on, each user key see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats.errors
 import openai
 import pytest
 from corral.gateway.batch import model
@@ -17,6 +19,7 @@ from corral.protocol.subjects import Subjects
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 
+from tests.integration import waits
 from tests.integration.batch_helpers import (
     EMBED,
     LLAMA,
@@ -337,3 +340,81 @@ async def test_the_cli_submits_bare_bodies_waits_and_writes_the_results(
     assert code == 0 and batch_id in out
     code, _, err = await corral_batch(fleet, "cancel", batch_id)
     assert code == 1 and "409" in err and "completed" in err
+
+
+async def test_a_line_or_result_too_big_for_a_nats_message_runs_and_is_kept(root: str) -> None:
+    """A line over NATS's max_payload (a long prompt, an image) and a result over it (an embedding of
+    many inputs) run as they would sent alone: each waits in the object store, not in one message.
+    The line used to fail validation for good (the batch stuck in "validating"), the result to run
+    again and again; and nothing of them stays once the batch is done."""
+    limit = 256 * 1024
+    async with NatsServer(max_payload=limit) as server:
+        options = FleetOptions(port=0, nats_url=server.url, root=root, sims=default_sims(1, time_scale=0))
+        async with (
+            LocalFleet(options) as fleet,
+            openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0) as c,
+        ):
+            long = request(0, max_tokens=2)
+            long["body"]["messages"][0]["content"] = "word " * (limit // 4)  # 1.25 x the limit
+            b = await submit(c, jsonl([long, request(1)]))
+            done = await wait_until(c, js(fleet), root, b.id)
+            assert done.status == "completed" and done.request_counts is not None, done.errors
+            assert (done.request_counts.completed, done.request_counts.failed) == (2, 0)
+            out, err = await outcome(c, done)
+            assert not err and sorted(x["custom_id"] for x in out) == ["req-0", "req-1"]
+            assert all(x["response"]["status_code"] == 200 for x in out)
+
+            many = request(0, "/v1/embeddings", EMBED)
+            many["body"]["input"] = [f"text {i}" for i in range(100)]  # ~8 KB of JSON per vector
+            b = await submit(c, jsonl([many, request(1, "/v1/embeddings", EMBED)]), "/v1/embeddings")
+            done = await wait_until(c, js(fleet), root, b.id)
+            assert done.status == "completed", done.errors
+            out, err = await outcome(c, done)
+            (big,) = [x for x in out if x["custom_id"] == "req-0"]
+            assert len(big["response"]["body"]["data"]) == 100 and len(json.dumps(big)) > limit
+
+            # the batch's own objects go just after it ends: a watch of the store sees both deleted
+            store = await js(fleet).object_store(Subjects(root).files_store)
+            spilled: dict[str, bool] = {}  # name → still there
+            watcher = await store.watch()
+
+            async def heard(left: float) -> None:
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    info = await watcher.updates(timeout=left)
+                    if info is not None and ".spill." in info.name:
+                        spilled[info.name] = not info.deleted
+
+            try:
+                await waits.until(
+                    lambda: len(spilled) == 2 and not any(spilled.values()),
+                    heard,
+                    timeout=30,
+                    state=lambda: spilled,
+                )
+            finally:
+                await watcher.stop()
+
+
+async def test_a_validation_nats_fails_leaves_one_batch_for_the_sweep(
+    fleet: LocalFleet, client: openai.AsyncOpenAI, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NATS failing while a new batch's lines are queued: the batch exists and is answered as
+    validating, for the sweep to validate again. A 500 here made the SDK retry, each retry one
+    more batch stuck behind the same failure."""
+    assert fleet.gateway is not None
+    f = await client.files.create(file=("in.jsonl", jsonl([request(0)])), purpose="batch")  # opens the stores
+    lifecycle = fleet.gateway.batches.lifecycle
+    real = lifecycle.store.queue_lines
+
+    async def fails_once(*args: object, **kwargs: object) -> None:
+        monkeypatch.setattr(lifecycle.store, "queue_lines", real)
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(lifecycle.store, "queue_lines", fails_once)
+    b = await client.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert b.status == "validating"
+    assert [x.id async for x in client.batches.list()] == [b.id]
+    await lifecycle.validate(b.id)  # what the sweep does once the validation's lease has passed
+    assert (await wait_until(client, js(fleet), root, b.id)).status == "completed"

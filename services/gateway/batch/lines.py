@@ -42,6 +42,7 @@ class Line(msgspec.Struct, kw_only=True):
     custom_id: str
     url: str
     body: msgspec.Raw
+    spilled: str = ""  # the object holding the body, when it was too big for one message
 
 
 class LineError(msgspec.Struct, kw_only=True):
@@ -58,6 +59,7 @@ class LineResult(msgspec.Struct, kw_only=True):
     request_id: str = ""
     body: msgspec.Raw = msgspec.Raw(b"null")
     error: LineError | None = None
+    spilled: str = ""  # the object holding the whole result, when it was too big for one entry
 
     @property
     def ok(self) -> bool:

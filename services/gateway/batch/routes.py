@@ -10,6 +10,7 @@ sees and uses only the files and batches it made; an admin key sees all. Errors 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -19,11 +20,15 @@ from corral.gateway.batch.model import ENDPOINTS, Batch, BatchRecord, FileMeta, 
 from corral.gateway.errors import JSON, TOO_DEEP, json_error
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from nats.errors import Error as NatsError
+from nats.js.errors import Error as JetStreamError
 from starlette.datastructures import UploadFile
 
 if TYPE_CHECKING:
     from corral.gateway.app import Gateway
     from corral.gateway.batch.store import BatchStore
+
+log = logging.getLogger(__name__)
 
 PURPOSES = frozenset({"batch", "assistants", "fine-tune", "vision", "user_data", "evals"})
 MAX_METADATA = 16  # OpenAI's bound on metadata pairs
@@ -217,7 +222,11 @@ def mount(app: FastAPI, gw: Gateway) -> None:
             output_expires_s=output_expires_s,
         )
         await store().create_batch(record)
-        validated = await gw.batches.lifecycle.validate(record.batch.id)
+        try:
+            validated = await gw.batches.lifecycle.validate(record.batch.id)
+        except (NatsError, JetStreamError, TimeoutError) as e:  # made: the sweep validates it again
+            log.warning("batch %s: validation put off (%r)", record.batch.id, e)
+            validated = None  # a 500 here made clients retry, each retry another batch
         return _json(await _live_counts(store(), validated or record))
 
     async def visible_batch(request: Request, batch_id: str) -> BatchRecord | None:

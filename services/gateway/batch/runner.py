@@ -100,7 +100,11 @@ class BatchRunner:
         if self._lifecycle is None:
             try:
                 store = await BatchStore.open(
-                    self._nc.jetstream(), self._subjects, replicas=self._replicas, create=create
+                    self._nc.jetstream(),
+                    self._subjects,
+                    max_payload=self._nc.max_payload,
+                    replicas=self._replicas,
+                    create=create,
                 )
             except Missing:
                 return None
@@ -221,7 +225,8 @@ class BatchRunner:
                 )
         beat = asyncio.create_task(self._heartbeat(msg), name="batch-line-heartbeat")
         try:
-            answer = await call(self._app, line.url, bytes(line.body), key=key, access=self._access)
+            body = await self.lifecycle.store.line_body(line)
+            answer = await call(self._app, line.url, body, key=key, access=self._access)
         finally:
             await cancel_and_wait([beat])
         if transient(answer.status):

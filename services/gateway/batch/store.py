@@ -18,8 +18,10 @@ could die before bumping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,6 +65,8 @@ DUPLICATE_WINDOW_S = 600.0  # a line published again within this is dropped by t
 READ_TIMEOUT_S = 5.0  # the next message of a listing already under way
 PUBLISH_WINDOW = 256  # lines published at once while queueing a batch
 CAS_TRIES = 20  # a record contended by this many writers in a row is a bug, not a race
+ENVELOPE_BYTES = 16 * 1024  # room kept for a message's headers within NATS's max_payload
+SPILL = ".spill."  # in the names of objects holding a line or result too big for one message
 
 
 class Conflict(Exception):
@@ -136,25 +140,34 @@ class BatchStore:
         files: ObjectStore,
         batches: KeyValue,
         results: KeyValue,
+        max_payload: int,
     ) -> None:
         self.js = js
         self.subjects = subjects
         self._files = files
         self._batches = batches
         self._results = results
+        self._room = max(max_payload - ENVELOPE_BYTES, 1024)  # a larger line or result is spilled
 
     @classmethod
     async def open(
-        cls, js: JetStreamContext, subjects: Subjects, *, replicas: int = 1, create: bool = True
+        cls,
+        js: JetStreamContext,
+        subjects: Subjects,
+        *,
+        max_payload: int,
+        replicas: int = 1,
+        create: bool = True,
     ) -> BatchStore:
         """Open the stores, creating what does not exist yet (idempotent across gateways); with
-        ``create`` off, `Missing` until someone made them (the files store is made first)."""
+        ``create`` off, `Missing` until someone made them (the files store is made first).
+        ``max_payload``: the largest message the NATS server takes (its INFO says)."""
         s = BATCH_STORES
         files = await _object_store(js, subjects.files_store, s["files"], replicas, create)
         batches = await open_bucket(js, subjects.batches_bucket, s["batches"], replicas=replicas)
         results = await open_bucket(js, subjects.batch_results_bucket, s["batchresults"], replicas=replicas)
         await _line_stream(js, subjects, s["batchlines"], replicas)
-        return cls(js, subjects, files, batches, results)
+        return cls(js, subjects, files, batches, results, max_payload)
 
     # -- files -------------------------------------------------------------------------------------
     async def put_file(self, file_id: str, data: bytes, meta: FileMeta) -> FileObject:
@@ -191,6 +204,8 @@ class BatchStore:
         t = now()
         for msg in msgs:
             info = ObjectInfo.from_response(json.loads(msg.data))
+            if SPILL in info.name:
+                continue  # a batch's own, not a file
             meta = _meta_of(info.description)
             if meta is not None and not info.deleted and meta.expired(t) == expired:
                 out.append((_file_object(info.name, info.size or 0, meta), meta))
@@ -252,19 +267,40 @@ class BatchStore:
 
         async def one(index: int, custom_id: str, body: bytes) -> None:
             line = Line(batch=batch_id, index=index, custom_id=custom_id, url=url, body=msgspec.Raw(body))
+            data = msgspec.json.encode(line)
+            if len(data) > self._room:  # the body waits in the object store (chunked), the line refers to it
+                line.spilled = await self._spill(batch_id, "line", index, body)
+                line.body = msgspec.Raw(b"null")
+                data = msgspec.json.encode(line)
             headers = {"Nats-Msg-Id": f"{batch_id}.{index}"}
-            await self.js.publish(subject, msgspec.json.encode(line), headers=headers)
+            await self.js.publish(subject, data, headers=headers)
 
         for start in range(0, len(lines), PUBLISH_WINDOW):
             part = lines[start : start + PUBLISH_WINDOW]
             await asyncio.gather(*(one(start + i, c, b) for i, (c, b) in enumerate(part)))
 
+    async def line_body(self, line: Line) -> bytes:
+        """A line's request body, from the object store where it was too big for the line."""
+        if not line.spilled:
+            return bytes(line.body)
+        got = await self._files.get(line.spilled)  # ObjectNotFoundError once the batch is dropped
+        return bytes(got.data or b"")
+
     async def store_result(self, batch_id: str, index: int, result: LineResult) -> LineResult:
-        """Keep a line's result unless it has one already; the result it has."""
-        key = f"{batch_id}.{index}"
+        """Keep a line's result unless it has one already; the result it has (one too big for a
+        message is kept in the object store, its entry a reference holding the status)."""
+        key, name = f"{batch_id}.{index}", ""
+        data = msgspec.json.encode(result)
+        if len(data) > self._room:
+            name = await self._spill(batch_id, "result", index, data)
+            ref = LineResult(custom_id=result.custom_id, status=result.status, request_id=result.request_id)
+            ref.spilled = name
+            data = msgspec.json.encode(ref)
         try:
-            await self._results.create(key, msgspec.json.encode(result))
+            await self._results.create(key, data)
         except KeyWrongLastSequenceError:
+            if name:  # another run's result came first: ours goes
+                await self._files.delete(name)
             entry = await self._results.get(key)
             result = result_decoder.decode(entry.value or b"")
         if not result.ok:  # also when an earlier writer died before marking it
@@ -305,13 +341,36 @@ class BatchStore:
                 found[int(msg.subject.rsplit(".", 1)[1])] = result_decoder.decode(msg.data)
         if any(i not in found for i in range(total)):
             return None
+        for i, result in found.items():
+            if result.spilled:
+                try:
+                    got = await self._files.get(result.spilled)
+                except ObjectNotFoundError:
+                    return None  # another gateway finished the batch and dropped it meanwhile
+                found[i] = result_decoder.decode(got.data or b"")
         return [found[i] for i in range(total)]
 
     async def drop_results(self, batch_id: str) -> None:
-        """Forget a finished batch's results: its files hold them now."""
+        """Forget a finished batch's results, and the lines and results it kept as objects: its
+        files hold them now."""
         stream = self.subjects.kv_stream(self.subjects.batch_results_bucket)
         subject = self.subjects.kv_key(self.subjects.batch_results_bucket, f"{batch_id}.>")
         await self.js.purge_stream(stream, subject=subject)
+        store = self.subjects.files_store
+        msgs = await latest_per_subject(
+            self.js, self.subjects.object_stream(store), f"$O.{store}.M.>", timeout=READ_TIMEOUT_S
+        )
+        for msg in msgs:
+            info = ObjectInfo.from_response(json.loads(msg.data))
+            if info.name.startswith(batch_id + SPILL) and not info.deleted:
+                with contextlib.suppress(ObjectNotFoundError):
+                    await self._files.delete(info.name)
+
+    async def _spill(self, batch_id: str, kind: str, index: int, data: bytes) -> str:
+        """Keep ``data`` as an object of the batch's own (no file: never listed); its name."""
+        name = f"{batch_id}{SPILL}{kind}.{index}.{secrets.token_hex(4)}"
+        await self._files.put(name, data)
+        return name
 
 
 def _meta_of(description: str | None) -> FileMeta | None:
