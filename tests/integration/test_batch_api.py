@@ -195,6 +195,20 @@ async def test_batches_and_files_are_listed_newest_first_a_page_at_a_time(
         await wait_until(client, js(fleet), root, m.id)
 
 
+async def test_files_deleted_while_listed_page_by_page_are_all_deleted(client: openai.AsyncOpenAI) -> None:
+    """Deleting each file as the SDK pages through them: the next page starts after the deleted
+    last one (``after`` is a position). It used to be empty, so only the first page was deleted."""
+    made = [await client.files.create(file=(f"{i}.txt", b"x"), purpose="user_data") for i in range(7)]
+    async for f in client.files.list(purpose="user_data", limit=3):
+        await client.files.delete(f.id)
+    assert [f.id async for f in client.files.list(purpose="user_data")] == []
+    oldest = [f.id async for f in client.files.list(order="asc", limit=2, after=made[2].id)]  # type: ignore[call-arg]
+    assert oldest == []  # all gone; and in ascending order "after" counts upwards
+    again = [await client.files.create(file=(f"{i}.txt", b"x"), purpose="user_data") for i in range(3)]
+    page = await client.files.list(purpose="user_data", order="asc", after=again[0].id)  # type: ignore[call-arg]
+    assert [f.id for f in page.data] == [again[1].id, again[2].id]
+
+
 async def test_files_expire_as_asked_and_are_then_gone(
     fleet: LocalFleet, client: openai.AsyncOpenAI, root: str
 ) -> None:

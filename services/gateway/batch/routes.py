@@ -84,11 +84,12 @@ def _owner(request: Request) -> str:
     return key.name if key is not None else ""
 
 
-def _page(items: list[Any], after: str | None, limit: int) -> _List:
-    """One page of ``items`` (ordered as listed) after the item with id ``after``."""
+def _page(items: list[Any], after: str | None, limit: int, *, newest_first: bool = True) -> _List:
+    """One page of ``items`` (sorted by id, newest first unless told otherwise) after the id
+    ``after``: a position, not an item that must still be there (a client deleting what it lists
+    page by page asks for the page after one it just deleted). Ids sort by creation time."""
     if after is not None:
-        ids = [i.id for i in items]
-        items = items[ids.index(after) + 1 :] if after in ids else []
+        items = [i for i in items if (i.id < after if newest_first else i.id > after)]
     page = items[:limit]
     return _List(page, len(items) > limit, page[0].id if page else None, page[-1].id if page else None)
 
@@ -163,8 +164,9 @@ def mount(app: FastAPI, gw: Gateway) -> None:
             for f, meta in await store().files()
             if visible_to(meta, viewer) and purpose in (None, f.purpose)
         ]
-        files.sort(key=lambda f: f.id, reverse=q.get("order", "desc") != "asc")
-        return _json(_page(files, q.get("after"), limit))
+        newest_first = q.get("order", "desc") != "asc"
+        files.sort(key=lambda f: f.id, reverse=newest_first)
+        return _json(_page(files, q.get("after"), limit, newest_first=newest_first))
 
     async def visible_file(request: Request, file_id: str) -> model.FileObject | None:
         found = await store().file(file_id) if model.is_id(file_id) and await opened() else None
