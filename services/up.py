@@ -10,12 +10,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+import msgspec
 from corral.agent.agent import Agent
 from corral.agent.gpu import GpuProbe
 from corral.agent.settings import AgentSettings
@@ -70,6 +72,7 @@ class FleetOptions:
     port: int = 11434
     nats_url: str = ""  # empty = start an embedded nats-server
     nats_port: int = 0  # 0 = a free port
+    store_dir: str = ""  # the embedded nats-server's JetStream store; empty = a temporary one
     root: str = "corral"
     sims: list[SimConfig] = field(default_factory=list)
     backends: list[Backend] = field(default_factory=list)
@@ -106,7 +109,7 @@ class LocalFleet:
         o = self.options
         try:
             if not self.nats_url:
-                self.nats = NatsServer(port=o.nats_port)
+                self.nats = NatsServer(port=o.nats_port, store_dir=o.store_dir or None)
                 await self.nats.start()
                 self.nats_url = self.nats.url
             common = {"nats_url": self.nats_url, "root": o.root, "log_level": o.log_level}
@@ -310,6 +313,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=1.0, help="simulated time factor (0.1 = 10x faster)")
     p.add_argument("--nats", dest="nats_url", default="", help="use this NATS instead of an embedded one")
     p.add_argument("--nats-port", type=int, default=4222, help="embedded NATS port (default 4222)")
+    p.add_argument(
+        "--store-dir",
+        default="",
+        metavar="DIR",
+        help="keep the embedded NATS's JetStream store here, so files, batches, keys, pins and aliases "
+        "outlive a restart (default: a temporary one, removed at stop)",
+    )
     add_argument(p, common["root"], default=common["root"].default, env=False)
     add_argument(p, common["log_level"], default=common["log_level"].default, env=False)
     return p
@@ -333,6 +343,9 @@ async def _up(args: argparse.Namespace) -> int:
             backends=backends,
             log_level=args.log_level,
             gateway=args.gateway,
+            registry=args.registry,
+            aggregator=args.aggregator,
+            store_dir=args.store_dir,
         )
     )
     # Ctrl-C is ours from here on, not Python's KeyboardInterrupt: one pressed while the fleet
@@ -362,11 +375,22 @@ async def _up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gateway_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The gateway's settings `corral up` takes (flag > ``CORRAL_*`` > default)."""
-    given = {name: getattr(args, name) for name in UP_GATEWAY_SETTINGS}
-    settings = load_settings(GatewaySettings, given)
-    return {name: getattr(settings, name) for name in UP_GATEWAY_SETTINGS}
+# what `corral up` decides itself, for every process of the fleet alike: where it listens, its root
+# and log level, and the NATS connection (an embedded server, or --nats)
+UP_DECIDES = frozenset(
+    {"host", "port", "root", "log_level", "nats_url", "nats_creds", "js_replicas"}
+    | {n for n in describe(CommonSettings) if n.startswith("nats_tls_")}
+)
+
+
+def _settings_given(cls: type[msgspec.Struct], flags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings of one service that ``CORRAL_*`` variables or ``flags`` give (flag > variable),
+    less those `corral up` decides with flags of its own: the rest keep their defaults. Agents take
+    none (an agent's id, Ollama and parallel are per agent; `corral up` sets them)."""
+    named = {s.name for s in describe(cls).values() if os.environ.get(s.env)}
+    named |= {k for k, v in (flags or {}).items() if v is not None}
+    settings = load_settings(cls, flags)
+    return {name: getattr(settings, name) for name in sorted(named - UP_DECIDES)}
 
 
 def _auth_hint(fleet: LocalFleet) -> str:
@@ -381,7 +405,11 @@ def _auth_hint(fleet: LocalFleet) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.gateway = _gateway_options(args)
+        args.gateway = _settings_given(
+            GatewaySettings, {name: getattr(args, name) for name in UP_GATEWAY_SETTINGS}
+        )
+        args.registry = _settings_given(RegistrySettings)
+        args.aggregator = _settings_given(AggregatorSettings)
     except SettingsError as e:
         print(f"corral up: {e}", file=sys.stderr)
         return 2

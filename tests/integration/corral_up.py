@@ -6,7 +6,7 @@ import asyncio
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +44,17 @@ async def corral_up(
     time_scale: float = 0.01,
     timeout: float = 60.0,
     ctrl_c: int = 1,
+    env: Mapping[str, str] | None = None,
+    extra: Sequence[str] = (),
 ) -> AsyncIterator[CorralUp]:
-    """Start ``corral up --sim N --port 0`` on ``nats_url`` under ``root``, wait for its "Gateway" line,
-    and on exit stop it with SIGINT, as Ctrl-C does (``ctrl_c`` times: the later ones once it says
-    it is draining, as an impatient user presses it again), expecting a clean drain (exit status 0).
-    Its log (stderr) goes to ``log``; a failure to start says what it printed."""
-    clean = without_corral_settings()
-    args = ["--sim", str(sims), "--port", "0", "--time-scale", str(time_scale)]
+    """Start ``corral up --sim N --port 0`` on ``nats_url`` (empty: its embedded one) under ``root``,
+    with ``env`` beside no other ``CORRAL_*`` variable and ``extra`` arguments, wait for its "Gateway"
+    line, and on exit stop it with SIGINT, as Ctrl-C does (``ctrl_c`` times: the later ones once it
+    says it is draining, as an impatient user presses it again), expecting a clean drain (exit
+    status 0). Its log (stderr) goes to ``log``; a failure to start says what it printed."""
+    clean = without_corral_settings(env)
+    args = ["--sim", str(sims), "--port", "0", "--time-scale", str(time_scale), *extra]
+    args += ["--nats", nats_url] if nats_url else []
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -58,8 +62,6 @@ async def corral_up(
             "corral.cli",
             "up",
             *args,
-            "--nats",
-            nats_url,
             "--root",
             root,
             env=clean,

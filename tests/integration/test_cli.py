@@ -10,6 +10,8 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
+import openai
 import pytest
 from corral.protocol.names import parse_name
 from corral.runtime.natsserver import NatsServer, free_port
@@ -236,3 +238,28 @@ async def test_corral_up_given_ctrl_c_again_while_it_drains_still_stops_cleanly(
         pass
     text = log.read_text()
     assert "SIGINT: already stopping" in text and "Traceback" not in text, text[-3000:]
+
+
+async def test_corral_up_takes_the_services_settings_from_the_environment(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """``CORRAL_*`` variables reach the gateway (and the registry and aggregator) `corral up` runs,
+    as they reach each service run alone: here a body bound. They used to be ignored but for a few."""
+    env = {"CORRAL_MAX_BODY_BYTES": "100000"}
+    async with corral_up(nats_server.url, "upenv", tmp_path / "up.log", sims=1, env=env) as up:
+        body = json.dumps({"model": "llama3.2", "prompt": "x" * 200_000}).encode()
+        async with aiohttp.ClientSession() as s, s.post(f"{up.url}/api/generate", data=body) as r:
+            assert r.status == 413, await r.text()
+
+
+async def test_corral_up_keeps_its_state_in_a_store_dir_across_a_restart(tmp_path: Path) -> None:
+    """With ``--store-dir`` the embedded NATS keeps JetStream there: a file uploaded before a
+    restart is there after it (by default the store is a temporary one, gone at stop)."""
+    extra = ["--store-dir", str(tmp_path / "js"), "--nats-port", str(free_port())]
+    async with corral_up("", "upstore", tmp_path / "up1.log", sims=1, extra=extra) as up:
+        async with openai.AsyncOpenAI(base_url=up.url + "/v1", api_key="x", max_retries=0) as c:
+            made = await c.files.create(file=("kept.txt", b"kept"), purpose="user_data")
+    async with corral_up("", "upstore", tmp_path / "up2.log", sims=1, extra=extra) as up:
+        async with openai.AsyncOpenAI(base_url=up.url + "/v1", api_key="x", max_retries=0) as c:
+            assert [f.id async for f in c.files.list()] == [made.id]
+            assert (await c.files.content(made.id)).content == b"kept"
