@@ -98,6 +98,39 @@ def _text_of(content: Any) -> str:
     raise BadRequest("invalid message content type")
 
 
+# the typed fields of Ollama's request structs (openai/openai.go): a value of another JSON type
+# fails Go's decoding, a 400 before anything runs
+_FLOATS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
+_INTS = ("max_tokens", "max_completion_tokens", "seed")
+
+
+def _json_kind(value: Any) -> str:
+    """How Go's encoding/json names a JSON value it cannot unmarshal."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return f"number {value}"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _check_types(body: dict[str, Any], struct: str, floats: str = "float64") -> None:
+    """Go's decoding of ``body`` into Ollama's ``struct``: the error it gives for a wrong type."""
+    for name, wanted in [*((f, floats) for f in _FLOATS), *((f, "int") for f in _INTS), ("stream", "bool")]:
+        value = body.get(name)
+        if value is None:
+            continue
+        ok = {
+            "bool": isinstance(value, bool),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+        }.get(wanted, isinstance(value, (int, float)) and not isinstance(value, bool))
+        if not ok:
+            raise BadRequest(
+                f"json: cannot unmarshal {_json_kind(value)} into Go struct field {struct}.{name} of type {wanted}"
+            )
+
+
 def _options(body: dict[str, Any]) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -153,6 +186,7 @@ class OpenAIRoutes:
         ctx = self.ctx
         try:
             body = await self._body(request)
+            _check_types(body, "ChatCompletionRequest")
             messages = body.get("messages")
             if not isinstance(messages, list):
                 raise BadRequest("invalid request body")
@@ -299,6 +333,7 @@ class OpenAIRoutes:
         ctx = self.ctx
         try:
             body = await self._body(request)
+            _check_types(body, "CompletionRequest", floats="float32")
             prompt = body.get("prompt", "")
             if not isinstance(prompt, str):
                 raise BadRequest("invalid type for 'prompt' field: only string is supported")

@@ -443,6 +443,23 @@ async def test_framing_and_content_types(sim: SimServer, http: aiohttp.ClientSes
         ("POST", "/api/embeddings", b'{"model":""}', 400, b'{"error":"model is required"}'),
         (
             "POST",
+            "/v1/chat/completions",
+            b'{"model":"llama3.2","messages":[{"role":"user","content":"x"}],"temperature":"hot"}',
+            400,
+            b'{"error":{"message":"json: cannot unmarshal string into Go struct field '
+            b'ChatCompletionRequest.temperature of type float64","type":"invalid_request_error",'
+            b'"param":null,"code":null}}',
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"model":"llama3.2","messages":[{"role":"user","content":"x"}],"stream":"yes"}',
+            400,
+            None,
+        ),
+        ("POST", "/v1/completions", b'{"model":"llama3.2","prompt":"x","max_tokens":1.5}', 400, None),
+        (
+            "POST",
             "/api/embed",
             b'{"model":"all-minilm","input":[]}',
             200,
