@@ -260,13 +260,17 @@ class Puller:
         """
         if n <= 0:
             return [], False
-        try:
-            await self._ensure(subject, timeout)
-        except (NatsError, TimeoutError) as e:
-            log.warning("cannot open queue consumer for %s: %s", subject, e)
-            return [], False
+        again = True
         while True:
+            try:
+                await self._ensure(subject, timeout)
+            except (NatsError, TimeoutError) as e:
+                log.warning("cannot open queue consumer for %s: %s", subject, e)
+                return [], False
             got, drained = await self._pull(subject, n, timeout)
+            if not got and subject not in self._ready and again:
+                again = False  # its consumer was gone (`_pull`): made again, and asked again once
+                continue
             fresh = await _admit(got)
             if fresh or drained or not got:
                 return fresh, drained
@@ -289,6 +293,9 @@ class Puller:
                 msg = await sub.next_msg(timeout)
                 if msg.headers and _STATUS in msg.headers:
                     drained = msg.headers[_STATUS] == "404"  # 404 no messages; 408 etc.: unknown
+                    if msg.headers[_STATUS] == "503":  # no responders: the consumer is gone (the
+                        # stream was made again: a NATS that lost its state, a deleted stream)
+                        self._ready.discard(subject)
                     break
                 got.append(msg)
         except (NatsError, TimeoutError) as e:  # no answer in time, or the connection closing

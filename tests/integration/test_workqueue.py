@@ -97,6 +97,23 @@ async def test_a_pull_that_brought_only_dropped_requests_pulls_again(queue: Queu
     assert [(m.headers or {})[H.REQUEST] for m in taken] == ["4"]
 
 
+async def test_a_consumer_gone_under_an_agent_is_made_again(queue: Queue) -> None:
+    """The queue stream made again under a running agent (a NATS that lost its state, an operator
+    switching to a cluster): its consumers are gone. The agent's next take makes its consumer again
+    and takes; it used to ask the gone consumer for ever (nobody answers) while requests waited."""
+    subjects, nc, js = queue
+    await ensure_stream(js, subjects)
+    subject = subjects.queue("any", "m")
+    puller = Puller(nc, subjects)
+    assert await puller.take_batch(subject, 1) == ([], True)  # its consumer exists now
+    await js.delete_stream(subjects.queue_stream)
+    await ensure_stream(js, subjects)
+    future = str(int(time.time() * 1000) + 60_000)
+    await js.publish(subject, b"{}", headers={H.REQUEST: "1", H.DEADLINE: future, H.REPLY: "r"})
+    taken, _ = await puller.take_batch(subject, 1)
+    assert [(m.headers or {})[H.REQUEST] for m in taken] == ["1"]
+
+
 async def test_withdrawing_what_was_taken_or_withdrawn_already_is_no_warning(
     queue: Queue, caplog: pytest.LogCaptureFixture
 ) -> None:
