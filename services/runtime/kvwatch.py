@@ -262,7 +262,7 @@ class Latest:
     data: bytes
     headers: dict[str, str] | None
     seq: int
-    time: object  # the message's datetime (nats-py gives one from a consumer, another from a get)
+    time: object  # the message's datetime, when the server stored it
 
 
 async def latest_per_subject(

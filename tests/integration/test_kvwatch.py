@@ -4,10 +4,12 @@ watch's marker comes once after it, and a snapshot's consumer does not outlive i
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import AsyncIterator
 
 import nats
 import pytest
+from corral.runtime import kvwatch
 from corral.runtime.kvwatch import (
     LIVE_INACTIVE_S,
     SNAPSHOT_INACTIVE_S,
@@ -118,6 +120,28 @@ async def test_latest_per_subject_keeps_markers_in_stream_order(nc: NATS, kv: Ke
     ]
     assert [m.seq for m in got] == sorted(m.seq for m in got)
     assert await latest_per_subject(nc.jetstream(), f"KV_{root}", f"$KV.{root}.none.>", timeout=5.0) == []
+
+
+async def test_a_subject_fetched_alone_reads_as_the_consumer_brings_it(
+    nc: NATS, kv: KeyValue, root: str
+) -> None:
+    """What `latest_per_subject` fetches alone (a key the consumer did not bring) is the same as
+    what the consumer brings, its time a datetime too (`corral status` reads its age); a subject
+    with nothing left is None."""
+    await kv.put("a", b"1")
+    js = nc.jetstream()
+    alone = await kvwatch._last(js, f"KV_{root}", f"$KV.{root}.a")
+    (brought,) = await latest_per_subject(js, f"KV_{root}", f"$KV.{root}.>", timeout=5.0)
+    assert alone is not None and (alone.subject, alone.data, alone.seq) == (
+        brought.subject,
+        b"1",
+        brought.seq,
+    )
+    assert isinstance(alone.time, datetime.datetime) and isinstance(brought.time, datetime.datetime)
+    assert abs((alone.time - brought.time).total_seconds()) < 0.001
+    await kv.purge("a")
+    gone = await kvwatch._last(js, f"KV_{root}", f"$KV.{root}.b")
+    assert gone is None
 
 
 async def test_a_watch_gives_the_snapshot_then_one_marker_then_every_change(kv: KeyValue) -> None:
