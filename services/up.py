@@ -68,6 +68,8 @@ class Backend:
 
 @dataclass
 class FleetOptions:
+    # 16 attributes: the whole fleet of one `corral up`, in one place: where the gateway listens,
+    # NATS (embedded or not, its store), the backends, each service's settings, and test hooks.
     host: str = "127.0.0.1"
     port: int = 11434
     nats_url: str = ""  # empty = start an embedded nats-server
