@@ -122,7 +122,7 @@ async def status(s: _Session, as_json: bool) -> int:
             a.id,
             a.vendor,
             a.host,
-            a.status,
+            a.status + (" (ollama down)" if a.ollama_down else ""),
             ", ".join(g.name for g in a.gpus) or "-",
             f"{_gb(a.vram_total - a.vram_free)}/{_gb(a.vram_total)}",
             ", ".join(m.model for m in a.loaded) or "-",

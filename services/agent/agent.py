@@ -199,9 +199,8 @@ class Agent:
         return self._wake.lost.is_set()  # stopped because NATS closed the connection for good
 
     def _reconnected(self) -> None:
-        """Back on NATS (maybe a restarted server that lost the agents bucket): open the buckets
-        again (retried until it works), say who we are at once, not after the next heartbeat, and
-        look at the fleet queue: the nudges of requests queued meanwhile went to nobody."""
+        """Back on NATS (maybe a restarted server that lost the buckets): open them again (retried),
+        say who we are at once, and look at the fleet queue, whose nudges meanwhile reached nobody."""
         if self._reopener is not None:
             self._reopener.request()
         if self._claims is not None:
@@ -444,6 +443,7 @@ class Agent:
             host=self.settings.advertise_host or socket.gethostname(),
             ollama_url=self.settings.ollama_url,
             ollama_version=b.version,
+            ollama_down=b.down,
             status=self.status,  # type: ignore[arg-type]
             gpus=b.gpus,
             models=b.models,

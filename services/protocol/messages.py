@@ -86,6 +86,7 @@ class AgentState(Message, frozen=True, kw_only=True, omit_defaults=True):
     host: str
     ollama_url: str
     ollama_version: str = ""
+    ollama_down: bool = False  # its last reading of its Ollama failed: it offers nothing meanwhile
     status: AgentStatus = "active"
     gpus: tuple[Gpu, ...] = ()
     models: tuple[TagModel, ...] = ()

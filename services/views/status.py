@@ -35,6 +35,7 @@ class AgentRow(msgspec.Struct, frozen=True, kw_only=True):
     status: str
     ollama_url: str
     ollama_version: str
+    ollama_down: bool  # the agent cannot read its Ollama: it offers nothing until it can
     gpus: list[Gpu]
     vram_total: int
     vram_free: int
@@ -189,6 +190,7 @@ def _agent_row(a: AgentState, now: float) -> AgentRow:
         status=a.status,
         ollama_url=a.ollama_url,
         ollama_version=a.ollama_version,
+        ollama_down=a.ollama_down,
         gpus=list(a.gpus),
         vram_total=sum(g.vram_total for g in a.gpus),
         vram_free=sum(g.vram_free for g in a.gpus),

@@ -18,6 +18,7 @@ from corral.runtime.natsserver import NatsServer, free_port
 from corral.up import FleetOptions, LocalFleet, default_sims
 
 from tests.integration import cli_helpers as cli
+from tests.integration import waits
 from tests.integration.corral_up import corral_up
 from tests.integration.fleet_helpers import preload, until
 
@@ -263,3 +264,21 @@ async def test_corral_up_keeps_its_state_in_a_store_dir_across_a_restart(tmp_pat
         async with openai.AsyncOpenAI(base_url=up.url + "/v1", api_key="x", max_retries=0) as c:
             assert [f.id async for f in c.files.list()] == [made.id]
             assert (await c.files.content(made.id)).content == b"kept"
+
+
+async def test_corral_status_says_when_an_agents_ollama_is_down(nats_server: NatsServer) -> None:
+    """An agent that cannot read its Ollama offers nothing; `corral status` (and ``/api/status``)
+    says why, where it used to show a plain "active" agent with nothing on it."""
+    options = FleetOptions(
+        port=0, nats_url=nats_server.url, root="clidown", sims=default_sims(1, time_scale=0.001),
+        agent={"refresh_s": 0.2},
+    )  # fmt: skip
+    async with LocalFleet(options) as f:
+        assert f.gateway is not None
+        view = f.gateway.fleet
+        await f.sims[0].stop()
+        await waits.until(lambda: any(a.ollama_down for a in view.agents()), view.wait_changed, timeout=20)
+        rc, out, _ = await cli.corral("status", "--nats", f.nats_url, "--root", "clidown")
+        assert rc == 0 and "active (ollama down)" in out, out
+        rc, out, _ = await cli.corral("status", "--json", "--nats", f.nats_url, "--root", "clidown")
+        assert [a["ollama_down"] for a in json.loads(out)["agents"]] == [True]
