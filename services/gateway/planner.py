@@ -57,7 +57,7 @@ from corral.gateway.shutdown import Shutdown
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import CorralError, ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState
-from corral.protocol.names import ANY_VENDOR
+from corral.protocol.names import ANY_VENDOR, ModelName, key_of, parse_name
 from corral.protocol.priority import BATCH
 from corral.routing import Route, Router, estimate_wait, load, route_ctx, slots_taken, warm
 from corral.runtime.fleet import FleetView
@@ -113,9 +113,20 @@ class Planner:
             return await self._send(req, wait_s, decision)
         if self.policy is None or req.endpoint not in MODEL_ENDPOINTS:
             reply = await self._send(req, wait_s, decision)
-            decision.served = req.model.display
+            decision.served = self._as_listed(reply.agent, req.model)
             return reply
         return await self._send_by_policy(req, wait_s, decision)
+
+    def _as_listed(self, agent_id: str, model: ModelName) -> str:
+        """``model`` as the agent that served it lists it: names are case-insensitive, and a request
+        for ``LLAMA3.2`` is served by the ``llama3.2:latest`` that X-Corral-Model names."""
+        if model.display == model.display.lower():
+            return model.display  # the common case, spelled as listed already
+        state = self.fleet.get(agent_id)
+        for m in state.models if state is not None else ():
+            if key_of(m.name) == model.key:
+                return parse_name(m.name).display
+        return model.display
 
     async def _send_by_policy(self, req: WorkRequest, wait_s: float, decision: Decision) -> Reply:
         """Try the request's model (or its alias's target); when no agent has it, a loaded model
@@ -144,7 +155,7 @@ class Planner:
                         tries.insert(1, Candidate(quant, "quant"))
                 continue
             assert work.model is not None
-            decision.served = work.model.display
+            decision.served = self._as_listed(reply.agent, work.model)
             if attempt.kind is not None:
                 decision.requested, decision.substitution = requested, attempt.kind
                 log.info("%s served by %s (%s)", requested, decision.served, attempt.kind)

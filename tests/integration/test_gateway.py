@@ -172,6 +172,15 @@ async def test_a_strict_pin_to_a_vendor_without_the_model_says_which_is_missing(
     assert e.value.status_code == 404 and e.value.error == f"model '{MODEL}' not found on any intel agent"
 
 
+async def test_x_corral_model_names_the_model_as_the_fleet_lists_it(fleet: LocalFleet) -> None:
+    """Model names are case-insensitive: a request for ``LLAMA3.2`` is served by ``llama3.2:latest``,
+    and the header says so (it echoed the request's spelling)."""
+    body = {"model": "LLAMA3.2", "prompt": "x", "stream": False, "options": {"num_predict": 1}}
+    async with aiohttp.ClientSession() as s, s.post(f"{fleet.url}/api/generate", json=body) as r:
+        assert r.status == 200
+        assert r.headers["x-corral-model"] == "llama3.2:latest"
+
+
 async def test_unknown_model_and_bad_bodies(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
     with pytest.raises(ollama.ResponseError) as e:
         await client.generate(model="nope", prompt="x")
