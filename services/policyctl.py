@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from collections.abc import Callable
 
@@ -19,12 +20,16 @@ from corral.gateway.policy import MAX_FALLBACKS, model_key
 from corral.protocol.errors import InvalidModelName
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
+from corral.registry.lease import held_by_any
+from corral.registry.pins import LEASE_KEY, LEASE_S
 from corral.runtime.buckets import BUCKETS, open_bucket
+from corral.runtime.kvwatch import watching
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
 from corral.runtime.policy import POLICY_KEY, Policy, policy_decoder, policy_encoder
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
 from corral.views.status import Pin
+from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -35,6 +40,7 @@ COMMANDS = {
     "unpin": "stop keeping a model loaded",
 }
 _TRIES = 10  # compare-and-set rounds before giving up on a record others keep changing
+KEEPER_WAIT_S = 3.0  # how long `corral pin` waits for a registry to act on a new pin before it warns
 
 
 def table(rows: list[tuple[str, str]], header: tuple[str, str]) -> str:
@@ -154,6 +160,24 @@ async def apply(kv: KeyValue, change: Change) -> Policy:
     raise PolicyError("the rules kept changing under this command; try again")
 
 
+async def keeper_heard(nc: NATS, subjects: Subjects, settings: CommonSettings) -> bool:
+    """Whether a registry keeps the pins: one holds the keeper lease, or takes it within
+    `KEEPER_WAIT_S` (a registry acts on a change of the pins at once, taking the lease if none holds it)."""
+    views = await open_bucket(
+        nc.jetstream(), subjects.views_bucket, BUCKETS["views"], replicas=settings.js_replicas
+    )
+    if await held_by_any(views, LEASE_KEY, LEASE_S):
+        return True
+    async with watching(views, LEASE_KEY) as watch:
+        with contextlib.suppress(TimeoutError):  # the wait's end (nats-py's own timeout is one too)
+            async with asyncio.timeout(KEEPER_WAIT_S):
+                while True:
+                    entry = await watch.updates(KEEPER_WAIT_S)
+                    if entry is not None and await held_by_any(views, LEASE_KEY, LEASE_S):
+                        return True
+    return await held_by_any(views, LEASE_KEY, LEASE_S)
+
+
 def show(command: str, policy: Policy, as_json: bool) -> None:
     if command in ("pin", "unpin"):
         if as_json:
@@ -259,6 +283,12 @@ def main(command: str, argv: list[str] | None = None) -> int:
                     print(f"corral {command}: {e}", file=sys.stderr)
                     return 1
             show(command, policy, args.json)
+            if command == "pin" and change is not None and not await keeper_heard(nc, subjects, settings):
+                print(
+                    f"corral pin: no registry keeps the pins now (none took the keeper lease within "
+                    f"{KEEPER_WAIT_S:.0f} s): the pin is kept, and loads once `corral registry` runs",
+                    file=sys.stderr,
+                )
             return 0
         finally:
             await nc.drain()

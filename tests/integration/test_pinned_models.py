@@ -17,7 +17,7 @@ from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 
 from tests.integration import waits
-from tests.integration.cli_helpers import corral_ok
+from tests.integration.cli_helpers import corral, corral_ok
 
 pytestmark = pytest.mark.integration
 
@@ -87,8 +87,11 @@ async def test_a_pinned_model_stays_loaded_on_n_agents_until_it_is_unpinned(
 ) -> None:
     assert fleet.registry is not None and fleet.registry.pins is not None
     view, keeper = fleet.registry.fleet, fleet.registry.pins
-    out = await cli(fleet, root, "pin", "llama3.2:1b", "--replicas", "2")
-    assert PINNED in out and "2" in out
+    rc, out, err = await corral(
+        "pin", "llama3.2:1b", "--replicas", "2", "--nats", fleet.nats_url, "--root", root
+    )
+    assert rc == 0 and PINNED in out and "2" in out
+    assert "no registry keeps the pins" not in err  # the fleet's registry took the keeper lease
 
     await until(view, lambda agents: len(kept(agents)) == 2)
     first = kept(view.agents())
@@ -137,3 +140,13 @@ async def test_a_pinned_embedding_model_is_loaded_too(fleet: LocalFleet, root: s
     by_id: dict[str, Agent] = {a.id: a for a in fleet.agents}
     for agent_id in kept(view.agents(), EMBEDDING):
         assert (await sim_ps(by_id[agent_id].settings.ollama_url))[EMBEDDING][:4] >= "2100"
+
+
+async def test_a_pin_with_no_registry_running_says_it_waits_for_one(
+    nats_server: NatsServer, root: str
+) -> None:
+    """Nothing loads a pin but a registry: with none running, `corral pin` keeps the pin and says
+    so, where it used to answer as if the model were being loaded."""
+    rc, out, err = await corral("pin", PINNED, "--nats", nats_server.url, "--root", root)
+    assert rc == 0 and PINNED in out
+    assert "no registry keeps the pins now" in err and "loads once `corral registry` runs" in err
