@@ -16,11 +16,12 @@ from typing import Any
 import msgspec
 import nats.errors
 from corral import views
+from corral.gateway.keys import open_key_buckets
 from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
-from corral.runtime.buckets import ensure_buckets_at_start
+from corral.runtime.buckets import ensure_buckets, ensure_buckets_at_start
 from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import snapshot
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
@@ -48,19 +49,24 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
 class _Session:
     """A NATS connection, the agents' KV watch cache and the views bucket, for one command."""
 
-    def __init__(self, settings: CommonSettings) -> None:
+    def __init__(self, settings: CommonSettings, *, setup: bool = False) -> None:
         self.settings = settings
         self.subjects = Subjects(settings.root)
+        self.setup = setup
 
     async def __aenter__(self) -> _Session:
         self.nc = await connect_command(
             self.settings.nats_url, name="corral-cli", auth=NatsAuth.of(self.settings)
         )
-        # as patient as a service: `corral status` is the setup step that makes the buckets, run
-        # beside a cluster that may still be forming (deploy/compose.secure.yaml, the k8s Job)
-        self.buckets = await ensure_buckets_at_start(
-            self.nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
-        )
+        js, replicas = self.nc.jetstream(), self.settings.js_replicas
+        if self.setup:
+            # `corral status` is the deploy files' setup step, run as the operator beside a cluster
+            # that may still be forming: as patient as a service, and it makes the API keys' buckets
+            # too (with NATS identities no gateway may make them)
+            self.buckets = await ensure_buckets_at_start(js, self.subjects, replicas=replicas)
+            await open_key_buckets(js, self.subjects, replicas=replicas)
+        else:
+            self.buckets = await ensure_buckets(js, self.subjects, replicas=replicas)
         self.fleet = FleetView(self.buckets.agents)
         await self.fleet.start()
         return self
@@ -300,7 +306,7 @@ def main(command: str, argv: list[str] | None = None) -> int:
         return 2
 
     async def go() -> int:
-        async with _Session(settings) as s:
+        async with _Session(settings, setup=command == "status") as s:
             if command == "status":
                 return await status(s, args.json)
             if command == "ps":

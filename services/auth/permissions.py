@@ -11,9 +11,7 @@ https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
   (``R.queue.>`` + the nudge ``R.queued.>``, withdraws by ``STREAM.MSG.DELETE`` and sees whether
   an agent took it by ``STREAM.MSG.GET``), asks the registry
   (``place``, ``unplace``, ``pull``), remembers sessions (``$KV.R_sessions.>``), reads the API keys
-  and counts their usage and limits (``R_keys``; ``$KV.R_usage.>``, ``$KV.R_limits.>``), and
-  makes those three buckets where they do not exist yet (``STREAM.CREATE``; ``UPDATE`` of the
-  usage and limits buckets, for their discard policy); reads its
+  and counts their usage and limits (``R_keys``; ``$KV.R_usage.>``, ``$KV.R_limits.>``); reads its
   replies and serves large bodies: its own (``R.reply.<id>.*``, ``R.body.<id>.*``) as ``gateway-<id>``
   with a fixed ``--gateway-id``, every gateway's (``R.reply.>``, ``R.body.>``) as the shared ``gateway``.
   Its Batch API runner (`corral.gateway.batch`) keeps the fleet's batches in stores no other service
@@ -36,7 +34,7 @@ https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
   stream): all of ``R.>`` and the JetStream API; reads replies and events, no other inbox.
 
 Neither the gateway nor the agents may create or change a stream of the fleet: the operator identity
-does (the gateway makes only the Batch API's own stores and the API keys' buckets).
+does (the gateway makes only the Batch API's own stores).
 """
 
 from __future__ import annotations
@@ -192,11 +190,6 @@ def _gateway(s: Subjects, inbox: str, gateway_id: str | None) -> Permissions:
         f"{_API}.STREAM.MSG.GET.{s.queue_stream}",  # whether a queued request was taken
         f"{_API}.CONSUMER.INFO.{s.queue_stream}.>",  # whether the queue's reader answers
         *_open_and_read(s, (*_key_buckets(s), *_batch_kv(s))),
-        # keys turned on before the operator made the first key: the gateway makes their buckets,
-        # and then gives the two that evict their oldest entries that discard policy (nats-py
-        # makes every bucket with "discard new"); the keys themselves it may neither write nor change
-        *(f"{_API}.STREAM.CREATE.{s.kv_stream(b)}" for b in _key_buckets(s)),
-        *(f"{_API}.STREAM.UPDATE.{s.kv_stream(b)}" for b in (s.usage_bucket, s.limits_bucket)),
         *_batch(s),
     ]
     if gateway_id is None:

@@ -43,7 +43,7 @@ from corral.routing import STRATEGIES, Router, parse_strategy
 from corral.runtime.buckets import Reopener, ensure_buckets_at_start
 from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import watch_until, watching
-from corral.runtime.nats import NatsAuth, connect
+from corral.runtime.nats import NatsAuth, NatsRefused, connect
 from corral.runtime.policy import PolicyStore
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import server_span, set_model, tracer
@@ -180,7 +180,15 @@ class Gateway:
             policy=self._policy,
         )
         if self.settings.auth == "keys":
-            access = Access(await open_key_buckets(self.nc.jetstream(), self.subjects, replicas=replicas))
+            try:
+                keys = await open_key_buckets(self.nc.jetstream(), self.subjects, replicas=replicas)
+            except (TimeoutError, nats.errors.Error) as e:  # a create an identity may not make: no answer
+                raise NatsRefused(
+                    f"cannot open the API keys' buckets ({e!r}): JetStream did not answer, or, with NATS "
+                    "identities, they do not exist yet and only the operator may make them: run `corral "
+                    "status` (the setup step) or `corral keys create` with the operator's credentials first"
+                ) from e
+            access = Access(keys)
             await access.start()
             self._access = access
         self._batches = BatchRunner(

@@ -357,29 +357,35 @@ async def test_api_keys_work_under_a_gateways_identity(fleet: LocalFleet, auth_d
         await second.stop()
 
 
-async def test_keys_on_before_any_key_the_gateway_makes_their_buckets(
+async def test_keys_on_before_any_key_the_setup_step_makes_their_buckets(
     fleet: LocalFleet, auth_dir: Path
 ) -> None:
-    """Keys on (CORRAL_AUTH=keys) before the operator made the first key: the gateway makes the
-    three key buckets under its own identity (it used to time out on the create, refused, and not
-    start) and refuses every request until a key exists."""
-    operator = await connect(
-        fleet.nats_url, name="operator", auth=NatsAuth(str(creds_path(auth_dir, "operator")))
-    )
+    """Keys on (CORRAL_AUTH=keys) before the operator made the first key: the gateway may not make
+    the key buckets (a gateway that could make the keys' stream could make it copy keys in from a
+    stream it writes), so it stops with a line saying what to run; `corral status` as the operator,
+    the setup step, makes them, and the gateway then starts and refuses requests without a key."""
+    operator = str(creds_path(auth_dir, "operator"))
+    admin = await connect(fleet.nats_url, name="operator", auth=NatsAuth(operator))
     s = Subjects(ROOT)
     for bucket in (s.keys_bucket, s.usage_bucket, s.limits_bucket):
         with contextlib.suppress(nats.js.errors.NotFoundError):  # another test of this file made them
-            await operator.jetstream().delete_key_value(bucket)
-    await operator.close()
+            await admin.jetstream().delete_key_value(bucket)
+    await admin.close()
     settings = GatewaySettings(
         nats_url=fleet.nats_url, root=ROOT, port=0, auth="keys", gateway_id="gw2",
         **creds(auth_dir, gateway_user("gw2")),
     )  # fmt: skip
+    early = Gateway(settings)
+    try:
+        with pytest.raises(NatsRefused, match="only the operator may make them: run `corral status`"):
+            await early.start()
+    finally:
+        await early.stop()
+    await corral_ok("status", "--nats", fleet.nats_url, "--root", ROOT, "--nats-creds", operator, timeout=30)
     gateway = Gateway(settings)
     http = AsgiServer(gateway, "127.0.0.1", 0)
     try:
-        async with asyncio.timeout(30):
-            await gateway.start()
+        await gateway.start()
         await http.start()
         async with ollama.AsyncClient(host=http.url) as anonymous:
             with pytest.raises(ollama.ResponseError) as refused:
