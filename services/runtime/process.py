@@ -60,27 +60,38 @@ def run(coro: Coroutine[Any, Any, int]) -> int:
     """Run a main coroutine on uvloop where available.
 
     SIGINT or SIGTERM before the coroutine waits for signals itself (`wait_for_signal`; a service
-    still waiting for NATS, say) cancels it: what it opened is closed on the way out, and the
-    process exits 0 with one line, as a service stopped once up does, not with a traceback."""
+    still waiting for NATS, say) cancels it, so the ``finally`` blocks of what it was doing run, and
+    the process exits 0 with one line, as a service stopped once up does, not with a traceback. A
+    cancellation no signal asked for is a bug, and is raised as one."""
     try:
         import uvloop
 
         loop_run: Callable[[Coroutine[Any, Any, int]], int] = uvloop.run
     except ImportError:
         loop_run = asyncio.run
+    stopped: list[signal.Signals] = []
     try:
-        return int(loop_run(_stoppable(coro)))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        log.warning("stopped by a signal before it was up")
-        return 0
+        return int(loop_run(_stoppable(coro, stopped)))
+    except KeyboardInterrupt:  # asyncio's runner: SIGINT cancelled the coroutine, which has ended
+        stopped.append(signal.SIGINT)
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+    log.warning("stopped by %s before it was up", stopped[0].name)
+    return 0
 
 
-async def _stoppable(coro: Coroutine[Any, Any, int]) -> int:
-    """``coro``, cancelled by SIGTERM until `wait_for_signal` takes the signal over (asyncio's
-    runner does the same for SIGINT, and raises KeyboardInterrupt once the coroutine has ended)."""
+async def _stoppable(coro: Coroutine[Any, Any, int], stopped: list[signal.Signals]) -> int:
+    """``coro``, cancelled by SIGTERM (noted in ``stopped``) until `wait_for_signal` takes the
+    signal over; asyncio's runner does the same for SIGINT."""
     task = asyncio.current_task()
     assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+    def stop() -> None:
+        stopped.append(signal.SIGTERM)
+        task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
     return await coro
 
 
