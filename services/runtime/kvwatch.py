@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,8 @@ LIVE_INACTIVE_S = 5 * 60.0
 away for a while and resume. A snapshot's consumer goes after `SNAPSHOT_INACTIVE_S` (read once,
 then stopped; kept longer, frequent listings would pile up consumers on the stream)."""
 SNAPSHOT_INACTIVE_S = 5.0
+SNAPSHOT_WAIT_S = 5.0  # a one-off read's longest wait for the next message, given no timeout
+FETCH_AT_ONCE = 64  # subjects a one-off read fetches alone at a time
 
 _QUEUE = 256  # entries a slow reader may lag behind; the subscription waits beyond that
 
@@ -236,9 +239,8 @@ async def watching(
 
 async def snapshot(kv: KeyValue, keys: str = ">", *, timeout: float | None = None) -> list[Entry]:
     """The current value of every key matching ``keys`` (deleted keys left out), in stream order:
-    every key that had a value when it began and still has one (`latest_per_subject`).
-
-    ``timeout`` bounds the wait for each entry; nats.errors.TimeoutError when it passes."""
+    every key that had a value when it began and still has one (`latest_per_subject`, which
+    ``timeout`` is passed to)."""
     return [
         Entry(
             bucket=kv._name,
@@ -272,16 +274,16 @@ async def latest_per_subject(
     began, and of any that came since and were read on the way, in stream order; delete and purge
     markers included (the caller tells them apart).
 
-    The subjects come from the stream's own list; an ordered consumer delivering the last message
-    of each (``LAST_PER_SUBJECT``) reads them. Neither its count nor its per-message
+    The subjects come from the stream's own list (`_subjects`); an ordered consumer delivering the
+    last message of each (``LAST_PER_SUBJECT``) reads them. Neither its count nor its per-message
     ``num_pending`` proves the read complete: in a bucket keeping one revision a key written while
-    it is read loses the message the consumer was about to send, and both counts can drop or
-    reach 0 and rise again (a listing beside a busy writer missed keys). The read stops when every
-    listed subject has come or the server's count (`Catchup`) is met, and a subject still missing
-    then is fetched alone (or found gone). ``timeout`` bounds the wait for each message;
-    nats.errors.TimeoutError when it passes."""
-    listed = await js.stream_info(stream, subjects_filter=subject)
-    wanted = set(listed.state.subjects or {})
+    it is read loses the message the consumer was about to send, and both counts can drop or reach
+    0 and rise again (a listing beside a busy writer missed keys). The read stops when every listed
+    subject has come, the server's count (`Catchup`) is met, or no message came for ``timeout``
+    seconds (`SNAPSHOT_WAIT_S` when None: a one-off read never waits unbounded); a subject still
+    missing then is fetched alone (or found gone). The server's errors (a timeout of its own)
+    are raised."""
+    wanted = await _subjects(js, stream, subject)
     if not wanted:
         return []
     got: dict[str, Latest] = {}
@@ -293,18 +295,16 @@ async def latest_per_subject(
         inactive_threshold=SNAPSHOT_INACTIVE_S,
     )
     catchup = Catchup()
+    each = SNAPSHOT_WAIT_S if timeout is None else timeout
     try:
         info = await sub.consumer_info()
         sent = info.delivered.consumer_seq if info.delivered is not None else 0
         done = catchup.sized((sent or 0) + (info.num_pending or 0))
         while not done and not wanted <= got.keys():
-            wait = timeout if not catchup.drained else min(timeout or SETTLE_S, SETTLE_S)
             try:
-                msg = await sub.next_msg(timeout=wait)
+                msg = await sub.next_msg(timeout=min(each, SETTLE_S) if catchup.drained else each)
             except nats.errors.TimeoutError:
-                if catchup.settled():
-                    break  # those counted were removed before they were sent
-                raise
+                break  # the rest were removed before they were sent, or come slowly: fetched alone
             meta = msg.metadata
             got[msg.subject] = Latest(
                 msg.subject, msg.data, msg.headers, meta.sequence.stream, meta.timestamp
@@ -313,10 +313,30 @@ async def latest_per_subject(
     finally:
         with contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
-    for one in await asyncio.gather(*(_last(js, stream, s) for s in wanted - got.keys())):
-        if one is not None:
-            got[one.subject] = one
+    missing = sorted(wanted - got.keys())
+    for start in range(0, len(missing), FETCH_AT_ONCE):
+        part = missing[start : start + FETCH_AT_ONCE]
+        for one in await asyncio.gather(*(_last(js, stream, s) for s in part)):
+            if one is not None:
+                got[one.subject] = one
     return sorted(got.values(), key=lambda m: m.seq)
+
+
+async def _subjects(js: JetStreamContext, stream: str, subject: str) -> set[str]:
+    """Every subject under ``subject`` with a message in ``stream``. The server lists at most
+    100,000 in one answer, with ``total`` and an ``offset`` to page on; nats-py's ``stream_info``
+    reads the first page only, so the pages are asked for here (its request helper and subject
+    prefix are read here and nowhere else)."""
+    out: set[str] = set()
+    while True:
+        ask = {"subjects_filter": subject, "offset": len(out)}
+        answer = await js._api_request(
+            f"{js._prefix}.STREAM.INFO.{stream}", json.dumps(ask).encode(), timeout=js._timeout
+        )
+        page = (answer.get("state") or {}).get("subjects") or {}
+        out.update(page)
+        if not page or len(out) >= int(answer.get("total") or 0):
+            return out
 
 
 async def _last(js: JetStreamContext, stream: str, subject: str) -> Latest | None:

@@ -126,8 +126,8 @@ async def test_a_subject_fetched_alone_reads_as_the_consumer_brings_it(
     nc: NATS, kv: KeyValue, root: str
 ) -> None:
     """What `latest_per_subject` fetches alone (a key the consumer did not bring) is the same as
-    what the consumer brings, its time a datetime too (`corral status` reads its age); a subject
-    with nothing left is None."""
+    what the consumer brings, its time a datetime too (`corral status` reads its age); a purged key
+    is its purge marker, and a subject never written is None."""
     await kv.put("a", b"1")
     js = nc.jetstream()
     alone = await kvwatch._last(js, f"KV_{root}", f"$KV.{root}.a")
@@ -140,8 +140,9 @@ async def test_a_subject_fetched_alone_reads_as_the_consumer_brings_it(
     assert isinstance(alone.time, datetime.datetime) and isinstance(brought.time, datetime.datetime)
     assert abs((alone.time - brought.time).total_seconds()) < 0.001
     await kv.purge("a")
-    gone = await kvwatch._last(js, f"KV_{root}", f"$KV.{root}.b")
-    assert gone is None
+    purged = await kvwatch._last(js, f"KV_{root}", f"$KV.{root}.a")
+    assert purged is not None and operation(purged.headers) == "PURGE"  # the marker: the caller skips it
+    assert await kvwatch._last(js, f"KV_{root}", f"$KV.{root}.b") is None  # never written
 
 
 async def test_a_watch_gives_the_snapshot_then_one_marker_then_every_change(kv: KeyValue) -> None:

@@ -4,8 +4,9 @@ watch hands out a backlog one loop turn at a time."""
 from __future__ import annotations
 
 import asyncio
+import json
 
-from corral.runtime.kvwatch import Catchup, Entry, KvWatch, operation
+from corral.runtime.kvwatch import Catchup, Entry, KvWatch, _subjects, operation
 
 
 def test_the_snapshot_ends_after_as_many_messages_as_the_server_counted() -> None:
@@ -91,3 +92,34 @@ async def test_a_backlog_is_handed_out_one_loop_turn_per_entry() -> None:
         spinner.cancel()
     assert [e.key for e in got if e is not None] == [f"k{i}" for i in range(10)]
     assert turns >= 10
+
+
+class _PagedServer:
+    """A stream's INFO answers as nats-server gives them for a subjects filter: at most ``limit``
+    subjects a page, from the asked ``offset``, with the ``total``."""
+
+    _prefix = "$JS.API"
+    _timeout = 5.0
+
+    def __init__(self, subjects: list[str], limit: int) -> None:
+        self.subjects, self.limit, self.asked = subjects, limit, []
+
+    async def _api_request(self, subject: str, req: bytes, timeout: float) -> dict[str, object]:
+        ask = json.loads(req)
+        self.asked.append((subject, ask["offset"]))
+        page = self.subjects[ask["offset"] : ask["offset"] + self.limit]
+        return {"state": {"subjects": dict.fromkeys(page, 1)}, "total": len(self.subjects)}
+
+
+async def test_every_page_of_a_streams_subjects_is_read() -> None:
+    """The server lists at most 100,000 subjects an answer: a listing past that read only the first
+    page and stopped early, losing the newest records (the batches a gateway must finish)."""
+    server = _PagedServer([f"s.{i:03d}" for i in range(250)], limit=100)
+    got = await _subjects(server, "S", "s.>")  # type: ignore[arg-type]
+    assert got == set(server.subjects)
+    assert server.asked == [
+        ("$JS.API.STREAM.INFO.S", 0),
+        ("$JS.API.STREAM.INFO.S", 100),
+        ("$JS.API.STREAM.INFO.S", 200),
+    ]
+    assert await _subjects(_PagedServer([], limit=100), "S", "s.>") == set()  # type: ignore[arg-type]
