@@ -4,6 +4,7 @@ cancel, read the output and error files; and with API keys on, each user key see
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -16,8 +17,10 @@ import pytest
 from corral.gateway.batch import model
 from corral.gateway.keys import create_key, open_key_buckets
 from corral.protocol.subjects import Subjects
+from corral.runtime.kvwatch import latest_per_subject
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
+from nats.js.errors import APIError
 
 from tests.integration import waits
 from tests.integration.batch_helpers import (
@@ -387,26 +390,77 @@ async def test_a_line_or_result_too_big_for_a_nats_message_runs_and_is_kept(root
             (big,) = [x for x in out if x["custom_id"] == "req-0"]
             assert len(big["response"]["body"]["data"]) == 100 and len(json.dumps(big)) > limit
 
-            # the batch's own objects go just after it ends: a watch of the store sees both deleted
-            store = await js(fleet).object_store(Subjects(root).files_store)
-            spilled: dict[str, bool] = {}  # name → still there
-            watcher = await store.watch()
+            # the batch's own objects go just after it ends, records and all (a deleted object's record
+            # would stay in the store for good): woken by the store's changes, at least every 0.5 s
+            await waits.until(
+                lambda: no_spills(fleet, root), store_changed(fleet, root), timeout=30, what="spills gone"
+            )
 
-            async def heard(left: float) -> None:
-                with contextlib.suppress(nats.errors.TimeoutError):
-                    info = await watcher.updates(timeout=left)
-                    if info is not None and ".spill." in info.name:
-                        spilled[info.name] = not info.deleted
 
-            try:
-                await waits.until(
-                    lambda: len(spilled) == 2 and not any(spilled.values()),
-                    heard,
-                    timeout=30,
-                    state=lambda: spilled,
-                )
-            finally:
-                await watcher.stop()
+async def object_names(fleet: LocalFleet, root: str) -> set[str]:
+    """The name of every object record in the files store, deleted ones' included."""
+    store = Subjects(root).files_store
+    msgs = await latest_per_subject(js(fleet), f"OBJ_{store}", f"$O.{store}.M.>", timeout=5.0)
+    return {json.loads(m.data)["name"] for m in msgs}
+
+
+async def no_spills(fleet: LocalFleet, root: str) -> bool:
+    return not [n for n in await object_names(fleet, root) if ".spill." in n]
+
+
+def store_changed(fleet: LocalFleet, root: str) -> waits.Wake:
+    async def wake(left: float) -> None:
+        store = await js(fleet).object_store(Subjects(root).files_store)
+        watcher = await store.watch(updates_only=True)
+        try:
+            with contextlib.suppress(nats.errors.TimeoutError):
+                await watcher.updates(timeout=min(left, 0.5))
+        finally:
+            await watcher.stop()
+
+    return wake
+
+
+async def test_lines_the_files_store_cannot_keep_fail_the_batch_and_leave_nothing(
+    root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line too big for a message that the files store refuses (full): the batch fails validation
+    with a line saying so, where it stayed "validating" and was validated again every few seconds;
+    and what the batch kept of its own before that is deleted by the sweep once it has ended."""
+    limit = 256 * 1024
+    async with NatsServer(max_payload=limit) as server:
+        options = FleetOptions(port=0, nats_url=server.url, root=root, sims=default_sims(1, time_scale=0))
+        async with (
+            LocalFleet(options) as fleet,
+            openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0) as c,
+        ):
+            lines = [request(i, max_tokens=2) for i in range(3)]
+            for line in lines:
+                line["body"]["messages"][0]["content"] = "word " * (limit // 4)
+            f = await c.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+            store = fleet.gateway.batches.lifecycle.store  # type: ignore[union-attr]
+            real, asked, kept, full = store._spill, [], [], asyncio.Event()
+
+            async def full_after_one(name: str, data: bytes) -> str:
+                asked.append(name)
+                if len(asked) > 1:  # the store is full once the first is in
+                    await full.wait()
+                    raise APIError(code=503, err_code=10047, description="insufficient resources")
+                kept.append(await real(name, data))
+                full.set()
+                return kept[-1]
+
+            monkeypatch.setattr(store, "_spill", full_after_one)
+            b = await c.batches.create(
+                input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            done = await wait_until(c, js(fleet), root, b.id)
+            assert done.status == "failed" and done.errors is not None and done.errors.data
+            (error,) = done.errors.data
+            assert error.code == "too_large" and "files store refused to keep it" in (error.message or "")
+            assert kept and not await no_spills(fleet, root)  # the one kept is still there
+            await fleet.gateway.batches.lifecycle.delete_expired_files()  # type: ignore[union-attr]  # the sweep's step
+            assert await no_spills(fleet, root)
 
 
 async def test_a_validation_nats_fails_leaves_one_batch_for_the_sweep(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from corral.gateway.batch import model
 from corral.gateway.batch.lines import assemble, common_model, parse_input
 from corral.gateway.batch.model import TERMINAL, BatchError, BatchRecord, FileMeta, Refused, now
-from corral.gateway.batch.store import BatchStore, Conflict, Stored
+from corral.gateway.batch.store import BatchStore, Conflict, SpillRefused, Stored
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
 
@@ -72,9 +72,13 @@ class Lifecycle:
         else:
             lines, errors = parse_input(data, rec.batch.endpoint, max_lines=self.limits.max_lines)
         try:
+            if not errors:
+                try:
+                    await self.store.queue_lines(batch_id, lines, rec.batch.endpoint)
+                except SpillRefused as e:  # lines queued so far are dropped: the batch has failed
+                    errors = [BatchError(code="too_large", message=str(e))]
             if errors:
                 return await self.store.change(batch_id, lambda r: model.failed(r, errors, now()))
-            await self.store.queue_lines(batch_id, lines, rec.batch.endpoint)
             total, named = len(lines), common_model(lines)
             changed = await self.store.change(
                 batch_id, lambda r: r if r.total >= 0 else model.queued(r, total, now(), named)
@@ -139,10 +143,15 @@ class Lifecycle:
         log.info("batch %s finished: %d lines, %d failed", batch_id, counts.total, counts.failed)
 
     async def delete_expired_files(self) -> None:
-        """Delete the files past their ``expires_at`` (hidden from the moment they expire)."""
+        """Delete the files past their ``expires_at`` (hidden from the moment they expire), and the
+        objects a batch kept of its own once it has ended (a gateway died before deleting them)."""
         for f, _ in await self.store.files(expired=True):
             if await self.store.delete_file(f.id):
                 log.info("file %s expired and was deleted", f.id)
+        for name, batch_id in await self.store.spills():
+            stored = await self.store.batch(batch_id)
+            if stored is None or stored.record.batch.status in TERMINAL:
+                await self.store.forget(name)
 
     # -- the sweep ---------------------------------------------------------------------------------
     def _stuck(self, stored: Stored) -> bool:

@@ -17,6 +17,7 @@ import msgspec
 from corral.gateway.auth import key_of
 from corral.gateway.batch import model
 from corral.gateway.batch.model import ENDPOINTS, Batch, BatchRecord, FileMeta, Refused, now, visible_to
+from corral.gateway.batch.store import Conflict
 from corral.gateway.errors import JSON, TOO_DEEP, json_error
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -226,7 +227,7 @@ def mount(app: FastAPI, gw: Gateway) -> None:
         await store().create_batch(record)
         try:
             validated = await gw.batches.lifecycle.validate(record.batch.id)
-        except (NatsError, JetStreamError, TimeoutError) as e:  # made: the sweep validates it again
+        except (NatsError, JetStreamError, TimeoutError, Conflict) as e:  # made: the sweep validates it again
             log.warning("batch %s: validation put off (%r)", record.batch.id, e)
             validated = None  # a 500 here made clients retry, each retry another batch
         return _json(await _live_counts(store(), validated or record))

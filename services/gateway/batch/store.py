@@ -18,6 +18,7 @@ could die before bumping.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -79,6 +80,11 @@ class Stored:
 
     record: BatchRecord
     revision: int
+
+
+class SpillRefused(Exception):
+    """JetStream would not keep a line too big for one message (the files store is full): the
+    batch fails validation, it cannot run."""
 
 
 class Missing(Exception):
@@ -269,7 +275,13 @@ class BatchStore:
             line = Line(batch=batch_id, index=index, custom_id=custom_id, url=url, body=msgspec.Raw(body))
             data = msgspec.json.encode(line)
             if len(data) > self._room:  # the body waits in the object store (chunked), the line refers to it
-                line.spilled = await self._spill(batch_id, "line", index, body)
+                try:  # one name a line: a validation redone replaces it, never copies it
+                    line.spilled = await self._spill(f"{batch_id}{SPILL}line.{index}", body)
+                except APIError as e:
+                    raise SpillRefused(
+                        f"Line {index + 1} ({len(body):,} bytes) is larger than a NATS message and the "
+                        f"files store refused to keep it: {e.description or e}"
+                    ) from e
                 line.body = msgspec.Raw(b"null")
                 data = msgspec.json.encode(line)
             headers = {"Nats-Msg-Id": f"{batch_id}.{index}"}
@@ -292,7 +304,7 @@ class BatchStore:
         key, name = f"{batch_id}.{index}", ""
         data = msgspec.json.encode(result)
         if len(data) > self._room:
-            name = await self._spill(batch_id, "result", index, data)
+            name = await self._spill(f"{batch_id}{SPILL}result.{index}.{secrets.token_hex(4)}", data)
             ref = LineResult(custom_id=result.custom_id, status=result.status, request_id=result.request_id)
             ref.spilled = name
             data = msgspec.json.encode(ref)
@@ -300,7 +312,7 @@ class BatchStore:
             await self._results.create(key, data)
         except KeyWrongLastSequenceError:
             if name:  # another run's result came first: ours goes
-                await self._files.delete(name)
+                await self.forget(name)
             entry = await self._results.get(key)
             result = result_decoder.decode(entry.value or b"")
         if not result.ok:  # also when an earlier writer died before marking it
@@ -356,19 +368,34 @@ class BatchStore:
         stream = self.subjects.kv_stream(self.subjects.batch_results_bucket)
         subject = self.subjects.kv_key(self.subjects.batch_results_bucket, f"{batch_id}.>")
         await self.js.purge_stream(stream, subject=subject)
+        for name, owner in await self.spills():
+            if owner == batch_id:
+                await self.forget(name)
+
+    async def spills(self) -> list[tuple[str, str]]:
+        """(name, batch id) of every object a batch keeps of its own (a line or result too big for a
+        message), for the batch's end and for the sweep (one a gateway died before deleting)."""
         store = self.subjects.files_store
         msgs = await latest_per_subject(
             self.js, self.subjects.object_stream(store), f"$O.{store}.M.>", timeout=READ_TIMEOUT_S
         )
+        out = []
         for msg in msgs:
             info = ObjectInfo.from_response(json.loads(msg.data))
-            if info.name.startswith(batch_id + SPILL) and not info.deleted:
-                with contextlib.suppress(ObjectNotFoundError):
-                    await self._files.delete(info.name)
+            if SPILL in info.name and not info.deleted:
+                out.append((info.name, info.name.split(SPILL, 1)[0]))
+        return out
 
-    async def _spill(self, batch_id: str, kind: str, index: int, data: bytes) -> str:
+    async def forget(self, name: str) -> None:
+        """Delete a batch's own object, and its record too: the store would keep the deleted
+        object's record for good, and every listing reads it."""
+        with contextlib.suppress(ObjectNotFoundError):
+            await self._files.delete(name)
+        meta = f"$O.{self.subjects.files_store}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        await self.js.purge_stream(self.subjects.object_stream(self.subjects.files_store), subject=meta)
+
+    async def _spill(self, name: str, data: bytes) -> str:
         """Keep ``data`` as an object of the batch's own (no file: never listed); its name."""
-        name = f"{batch_id}{SPILL}{kind}.{index}.{secrets.token_hex(4)}"
         await self._files.put(name, data)
         return name
 
