@@ -93,12 +93,7 @@ async def leave(nc: NATS, agents: KeyValue | None, agent_id: str) -> None:
         return
     if not nc.is_connected:
         log.warning("agent %s stopping without NATS: closing the connection", agent_id)
-        try:
-            await nc.close()
-        except (OSError, RuntimeError, NatsError) as e:
-            # nats-py writes what it still held to the dead socket: asyncio raises an OSError,
-            # uvloop a RuntimeError ("the handler is closed"). The connection is closed either way.
-            log.debug("closing the NATS connection: %r", e)
+        await _close(nc)
         return
     if agents is not None:
         try:
@@ -108,7 +103,20 @@ async def leave(nc: NATS, agents: KeyValue | None, agent_id: str) -> None:
     try:
         await nc.drain()
     except (NatsError, TimeoutError) as e:
-        log.warning("draining the NATS connection: %s", e)
+        # NATS went away meanwhile ("connection reconnecting"): a drain that failed leaves the
+        # connection open, and nats-py would go on reconnecting for good, the process with it
+        log.warning("draining the NATS connection: %s; closing it", e)
+        await _close(nc)
+
+
+async def _close(nc: NATS) -> None:
+    """Close ``nc`` whatever state it is in."""
+    try:
+        await nc.close()
+    except (OSError, RuntimeError, NatsError) as e:
+        # nats-py writes what it still held to the dead socket: asyncio raises an OSError,
+        # uvloop a RuntimeError ("the handler is closed"). The connection is closed either way.
+        log.debug("closing the NATS connection: %r", e)
 
 
 class Requesters:
