@@ -42,7 +42,7 @@ from corral.runtime.workqueue import (
     Queued,
     QueueFull,
     enqueue,
-    reader_answers,
+    reader_position,
     still_queued,
     withdraw,
 )
@@ -156,6 +156,7 @@ class FleetQueue:
         # whether it is still in the stream, asked at one silence and read at a later one: the wait
         # for its claim never waits on JetStream (slow while a cluster elects a leader)
         check: asyncio.Task[bool | None] | None = None
+        check_at = 0.0  # when it was asked
         lane = req.priority
         stop_tried = False
         self._count(route.key, lane, +1)
@@ -168,8 +169,9 @@ class FleetQueue:
             if decision is not None:
                 decision.in_queue = True
             aging_s = self._settings.batch_aging_s if lane == BATCH else None
+            queued_at = time.monotonic()
             state = QueueWait(
-                time.monotonic(),
+                queued_at,
                 deadline,
                 recheck_s=self._settings.queue_recheck_s,
                 claim_timeout_s=transport.claim_timeout,
@@ -184,12 +186,20 @@ class FleetQueue:
                         stop_tried = True  # once: a withdraw that fails means an agent has it
                         if await withdraw(self._js, queued):
                             raise NoCapacity(STOP_MESSAGE) from None
-                    left = False
+                    subject = transport.subjects.queue(vendor, token, lane)
+                    left = passed = False
                     if check is not None and check.done():
-                        left, check = _answered(check) is False, None  # read: the next asks again
+                        there = _answered(check)
+                        left = there is False
+                        # the reader's position, asked since it was queued and before the stream was
+                        # asked: past it, yet still there
+                        passed = there is True and self._rechecks.passed(
+                            subject, queued.seq, queued_at, check_at
+                        )
+                        check = None  # read: the next asks again
                     now = time.monotonic()
-                    unreadable = self._rechecks.unreadable(transport.subjects.queue(vendor, token, lane), now)
-                    step = state.silence(now, left_stream=left, unreadable=unreadable)
+                    unreadable = self._rechecks.unreadable(subject, now)
+                    step = state.silence(now, left_stream=left, unreadable=unreadable, passed=passed)
                     if step is Silence.PROMOTE:
                         # to the end of the interactive lane, unless an agent took it just now
                         if await withdraw(self._js, queued):
@@ -199,7 +209,7 @@ class FleetQueue:
                             moved = await self._enqueue(req, vendor, payload, hdrs, lane)
                             if moved is None:
                                 return None
-                            queued = moved
+                            queued, queued_at = moved, time.monotonic()
                             state.requeued()
                             if check is not None:
                                 check.cancel()  # it asked about the entry withdrawn
@@ -215,6 +225,14 @@ class FleetQueue:
                     elif step is Silence.ABANDONED:
                         log.warning("a queued %s was taken but never claimed: routing it again", req.endpoint)
                         return None
+                    elif step is Silence.PASSED:
+                        log.warning(
+                            "the queue's reader went past a queued %s (a NATS that lost its last writes): "
+                            "routing it again",
+                            req.endpoint,
+                        )
+                        self._rechecks.withdraw(queued)
+                        return None
                     elif step is Silence.UNREADABLE:
                         # withdrawn in the background (JetStream may take its whole timeout to fail):
                         # an agent that takes it meanwhile claims a call released, which cancels it
@@ -223,7 +241,7 @@ class FleetQueue:
                         return None
                     else:
                         if check is None:
-                            check = asyncio.create_task(still_queued(self._js, queued))
+                            check, check_at = asyncio.create_task(still_queued(self._js, queued)), now
                         if step is Silence.TAKEN or self.someone_serves(route, failed):
                             continue
                         if not await withdraw(self._js, queued):
@@ -260,9 +278,9 @@ class _Rechecks:
         self._transport = transport
         self._js = transport.nc.jetstream()
         self._every_s = every_s
-        self._asking: dict[str, asyncio.Task[bool]] = {}  # subject → its last question
+        self._asking: dict[str, asyncio.Task[int | None]] = {}  # subject → its last question
         self._asked_at: dict[str, float] = {}  # subject → when the last question was asked
-        self._answers: dict[str, tuple[float, bool]] = {}  # subject → (asked when, answered)
+        self._answers: dict[str, tuple[float, int | None]] = {}  # subject → (asked when, position)
         self._withdrawing: set[asyncio.Task[bool]] = set()
 
     def unreadable(self, subject: str, now: float) -> bool:
@@ -274,17 +292,28 @@ class _Rechecks:
         due = now - self._asked_at.get(subject, -math.inf) >= self._every_s
         if due and (asking is None or asking.done()):
             t = self._transport
-            task = asyncio.create_task(reader_answers(self._js, t.subjects, subject, timeout=t.claim_timeout))
+            task = asyncio.create_task(
+                reader_position(self._js, t.subjects, subject, timeout=t.claim_timeout)
+            )
             task.add_done_callback(functools.partial(self._answered, subject, now))
             self._asking[subject] = task
             self._asked_at[subject] = now
         answer = self._answers.get(subject)
         if answer is None:
             return False
-        at, answered = answer
-        return not answered and now - at <= 2 * self._every_s + self._transport.claim_timeout
+        at, position = answer
+        return position is None and now - at <= 2 * self._every_s + self._transport.claim_timeout
 
-    def _answered(self, subject: str, at: float, task: asyncio.Task[bool]) -> None:
+    def passed(self, subject: str, seq: int, after: float, before: float) -> bool:
+        """Whether the latest answer for ``subject``'s reader, asked between ``after`` and
+        ``before``, says it had handed out requests at or past stream sequence ``seq``."""
+        answer = self._answers.get(subject)
+        if answer is None:
+            return False
+        at, position = answer
+        return position is not None and position >= seq and after <= at <= before
+
+    def _answered(self, subject: str, at: float, task: asyncio.Task[int | None]) -> None:
         if not task.cancelled() and task.exception() is None:
             self._answers[subject] = (at, task.result())
 

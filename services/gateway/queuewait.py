@@ -16,6 +16,10 @@ the answer names:
 * ``UNREADABLE``: nobody has taken it, and JetStream did not answer for the queue's reader (a
   cluster electing a leader after losing a node): no agent can take it now, however free, so it is
   withdrawn and routed again (by the claims agents with a free slot hold, which need no JetStream);
+* ``PASSED``: the stream still holds it, though the queue's reader had already handed out requests
+  past it before the stream was last asked: no agent will ever get it (a nats-server killed outright
+  can come back with its consumer's position saved and the removal of what it handed out lost), so
+  it is withdrawn and routed again;
 * ``RECHECK``: the stream is asked whether it still holds the request, and JetStream whether the
   queue's reader answers (the answers are read at a later silence, so a slow JetStream never holds
   up a claim), and unless some agent has or is loading the model it is withdrawn and routed again.
@@ -39,6 +43,7 @@ class Silence(enum.Enum):
     ABANDONED = "abandoned"
     TAKEN = "taken"
     UNREADABLE = "unreadable"
+    PASSED = "passed"
     RECHECK = "recheck"
 
 
@@ -66,10 +71,13 @@ class QueueWait:
         the promotion or the deadline."""
         return max(min(self.deadline - now, self.recheck_s, self.promote_at - now), MIN_WAIT_S)
 
-    def silence(self, now: float, *, left_stream: bool = False, unreadable: bool = False) -> Silence:
+    def silence(
+        self, now: float, *, left_stream: bool = False, unreadable: bool = False, passed: bool = False
+    ) -> Silence:
         """No claim came within `timeout`: what to do now. ``left_stream``: the stream's latest
         answer said it no longer holds the request; ``unreadable``: JetStream's latest answer for
-        the queue's reader, asked moments ago, was none."""
+        the queue's reader, asked moments ago, was none; ``passed``: the stream's latest answer said
+        it still holds the request, and the reader had handed out requests past it before that."""
         if left_stream and self.taken_at is None:
             self.taken_at = now
         remaining = self.deadline - now
@@ -77,6 +85,8 @@ class QueueWait:
             return Silence.EXPIRE
         if unreadable and self.taken_at is None:
             return Silence.UNREADABLE
+        if passed and self.taken_at is None:
+            return Silence.PASSED
         if now >= self.promote_at:
             self.promote_at = math.inf
             if remaining > self.recheck_s:  # not worth it in its last recheck before the deadline

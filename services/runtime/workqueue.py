@@ -191,20 +191,26 @@ async def still_queued(js: JetStreamContext, queued: Queued) -> bool | None:
     return None
 
 
-async def reader_answers(js: JetStreamContext, subjects: Subjects, subject: str, *, timeout: float) -> bool:
-    """Whether JetStream answers for the reader of queue ``subject`` (its durable consumer) within
-    ``timeout``: with the consumer's info, or that it does not exist yet (an agent creates it at its
-    first take). False when nothing answered, or JetStream said it cannot now: a cluster that lost
-    the node leading the consumer, or its own meta leader, elects another first (seconds), and until
-    then no agent can take what waits there, though the stream itself may still accept requests."""
+async def reader_position(
+    js: JetStreamContext, subjects: Subjects, subject: str, *, timeout: float
+) -> int | None:
+    """How far the reader of queue ``subject`` (its durable consumer) has handed out requests: the
+    stream sequence of the last it delivered (0 before it exists: an agent creates it at its first
+    take). None when nothing answered within ``timeout``, or JetStream said it cannot now: a cluster
+    that lost the node leading the consumer, or its own meta leader, elects another first (seconds),
+    and until then no agent can take what waits there, though the stream may still take requests.
+
+    A request still in the stream at a sequence the reader has passed is one it will never hand
+    out: a nats-server killed outright can come back with its consumer's position saved but the
+    removal of what that consumer handed out lost."""
     try:
-        await js.consumer_info(subjects.queue_stream, consumer_name(subject), timeout=timeout)
+        info = await js.consumer_info(subjects.queue_stream, consumer_name(subject), timeout=timeout)
     except NotFoundError:
-        return True
+        return 0
     except (APIError, NatsError, TimeoutError) as e:
         log.warning("the reader of queue %s does not answer: %r", subject, e)
-        return False
-    return True
+        return None
+    return (info.delivered.stream_seq or 0) if info.delivered is not None else 0
 
 
 async def depths(js: JetStreamContext, subjects: Subjects) -> dict[str, int]:

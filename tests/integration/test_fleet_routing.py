@@ -24,7 +24,7 @@ from corral.routing import Route, loading_for, warm
 from corral.runtime.buckets import ensure_buckets
 from corral.runtime.nats import connect, round_trip
 from corral.runtime.natsserver import NatsServer
-from corral.runtime.workqueue import Puller, depths, enqueue, withdraw
+from corral.runtime.workqueue import Puller, consumer_name, depths, enqueue, withdraw
 from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -453,6 +453,50 @@ async def test_full_queue_answers_503_at_once(nats_server: NatsServer, root: str
         assert not waiting.done()
         hold.close()
         (await waiting).close()
+
+
+async def test_a_queued_request_the_queues_reader_passed_over_is_routed_again(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A request still in the queue stream at a sequence its reader has already handed out: no agent
+    will get it (a nats-server killed outright came back with its consumer's position saved and the
+    removal of the taken request lost; here another reader takes it and never acknowledges). The
+    gateway sees the reader past it while the stream still holds it, and routes it again: it is
+    served once a slot frees, where it used to wait for its deadline with the agent idle."""
+    opts = _options(
+        nats_server,
+        root,
+        sims=1,
+        sim={"num_parallel": 1, "reply_tokens": HOLD, "time_scale": 1.0},
+        gateway={"queue_timeout_s": 20.0, "queue_recheck_s": 0.5},
+    )
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        await preload(fleet, MODEL)
+        gw = fleet.gateway
+        assert gw is not None and gw.nc is not None
+        subjects = Subjects(root)
+        nudges = await gw.nc.subscribe(f"{root}.queued.>")
+        long = {"model": MODEL, "prompt": "hold", "options": {"num_predict": 480}}  # seconds of the only slot
+        hold = await s.post(fleet.url + "/api/generate", json=long)
+        short = {"model": MODEL, "prompt": "next", "stream": False, "options": {"num_predict": 2}}
+        waiting = asyncio.ensure_future(s.post(fleet.url + "/api/generate", json=short))
+        await nudges.next_msg(timeout=10)  # it waits in the queue
+        subject = subjects.queue("any", parse_name(MODEL).token)
+        stray = gw.nc.new_inbox()
+        taken = await gw.nc.subscribe(stray)
+        await gw.nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{subjects.queue_stream}.{consumer_name(subject)}",
+            b'{"batch": 1}',
+            reply=stray,
+        )
+        got = await taken.next_msg(timeout=10)  # handed out, never acknowledged: in the stream for 30 s
+        assert H.REQUEST in (got.headers or {}), got.headers  # the request itself, not a status
+        await (
+            hold.read()
+        )  # it ends: the slot frees, the model stays warm, and the agent finds nothing to take
+        async with asyncio.timeout(40):  # a bound only: its own deadline (20 s) would answer 503
+            async with await waiting as r:
+                assert r.status == 200, await r.text()
 
 
 async def test_a_busy_warm_agent_makes_auto_load_a_second_replica(nats_server: NatsServer, root: str) -> None:

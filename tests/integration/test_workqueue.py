@@ -22,7 +22,7 @@ from corral.runtime.workqueue import (
     depths,
     enqueue,
     ensure_stream,
-    reader_answers,
+    reader_position,
     still_queued,
     withdraw,
 )
@@ -161,13 +161,17 @@ async def test_still_queued_until_an_agent_takes_it(queue: Queue, caplog: pytest
     assert not caplog.records  # taken is an answer, not a warning
 
 
-async def test_the_queue_reader_answers_before_and_after_an_agent_makes_it(queue: Queue) -> None:
+async def test_the_queue_readers_position_before_and_after_an_agent_makes_it_and_takes(queue: Queue) -> None:
     subjects, nc, js = queue
     await ensure_stream(js, subjects)
     subject = subjects.queue("any", TOKEN)
-    assert await reader_answers(js, subjects, subject, timeout=2.0)  # none yet: JetStream says so
+    assert await reader_position(js, subjects, subject, timeout=2.0) == 0  # none yet: JetStream says so
     assert await Puller(nc, subjects).take(subject, 1) == []  # an agent's first take makes it
-    assert await reader_answers(js, subjects, subject, timeout=2.0)
+    assert await reader_position(js, subjects, subject, timeout=2.0) == 0
+    future = str(int(time.time() * 1000) + 60_000)
+    ack = await js.publish(subject, b"{}", headers={H.REQUEST: "1", H.DEADLINE: future, H.REPLY: "r"})
+    assert len(await Puller(nc, subjects).take(subject, 1)) == 1
+    assert await reader_position(js, subjects, subject, timeout=2.0) == ack.seq  # handed out up to it
 
 
 async def test_a_queue_reader_jetstream_cannot_answer_for_is_unreadable(
@@ -179,8 +183,9 @@ async def test_a_queue_reader_jetstream_cannot_answer_for_is_unreadable(
         try:
             subjects = Subjects(root)
             caplog.set_level(logging.WARNING, logger="corral.runtime.workqueue")
-            assert not await reader_answers(
-                nc.jetstream(), subjects, subjects.queue("any", TOKEN), timeout=2.0
+            assert (
+                await reader_position(nc.jetstream(), subjects, subjects.queue("any", TOKEN), timeout=2.0)
+                is None
             )
             assert "does not answer" in caplog.text
         finally:

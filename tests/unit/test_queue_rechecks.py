@@ -18,20 +18,20 @@ RECHECK_S = 1.0
 async def test_every_waiting_request_reads_the_latest_answer_while_the_next_is_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    asked: asyncio.Queue[asyncio.Future[bool]] = asyncio.Queue()  # each question, as it goes out
+    asked: asyncio.Queue[asyncio.Future[int | None]] = asyncio.Queue()  # each question, as it goes out
 
-    async def reader_answers(*_: Any, **__: Any) -> bool:  # JetStream's answer, when the test gives it
+    async def reader_position(*_: Any, **__: Any) -> int | None:  # JetStream's answer, when the test gives it
         answer = asyncio.get_running_loop().create_future()
         asked.put_nowait(answer)
         return await answer
 
-    monkeypatch.setattr(queueing, "reader_answers", reader_answers)
+    monkeypatch.setattr(queueing, "reader_position", reader_position)
     transport = SimpleNamespace(
         nc=SimpleNamespace(jetstream=lambda: None), subjects=Subjects("t"), claim_timeout=2.0
     )
     rechecks = queueing._Rechecks(transport, RECHECK_S)  # type: ignore[arg-type]
 
-    async def answer(value: bool) -> None:
+    async def answer(value: int | None) -> None:
         """The question out gets ``value``, and its answer is kept (its task has ended)."""
         (await asked.get()).set_result(value)
         await rechecks._asking[SUBJECT]
@@ -39,13 +39,19 @@ async def test_every_waiting_request_reads_the_latest_answer_while_the_next_is_o
     try:
         assert not rechecks.unreadable(SUBJECT, 0.0)  # asked; no answer yet
         assert not rechecks.unreadable(SUBJECT, 0.5)  # one question at a time
-        await answer(False)  # no answer from the reader (JetStream timed out)
+        await answer(None)  # no answer from the reader (JetStream timed out)
         assert rechecks.unreadable(SUBJECT, 1.0)  # read, and the next question goes out
         # every other request waiting there reads it too while the next question is out
         assert all(rechecks.unreadable(SUBJECT, t) for t in (1.1, 1.5, 2.9))
-        await answer(True)  # the reader answers again
+        await answer(7)  # the reader answers again: it has handed out up to sequence 7
         assert not rechecks.unreadable(SUBJECT, 3.0)  # read, and the next question goes out
-        await answer(False)
+        # that answer's question went out at 1.0: a request at sequence 7 or before, queued before
+        # then and asked about after, was passed over; one after 7, or asked about before, was not
+        assert rechecks.passed(SUBJECT, 7, after=0.0, before=1.5)
+        assert not rechecks.passed(SUBJECT, 8, after=0.0, before=1.5)
+        assert not rechecks.passed(SUBJECT, 7, after=0.0, before=0.9)
+        assert not rechecks.passed(SUBJECT, 7, after=1.1, before=9.0)
+        await answer(None)
         assert not rechecks.unreadable(SUBJECT, 100.0)  # an answer that old is never read
         assert not rechecks._asking[SUBJECT].done()  # and a new question is out
     finally:

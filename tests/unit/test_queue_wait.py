@@ -75,6 +75,15 @@ def test_a_request_nobody_took_while_the_queue_cannot_be_read_is_routed_again() 
     assert w.silence(4.0, unreadable=True) is Silence.UNREADABLE  # withdrawn, routed by claims
 
 
+def test_a_request_the_reader_passed_over_is_routed_again() -> None:
+    """Still in the stream, though the queue's reader had handed out requests past it: no agent
+    will get it (a NATS killed outright lost its removal), so it is withdrawn and routed again."""
+    w = _wait()
+    assert w.silence(1.0) is Silence.RECHECK
+    assert w.silence(2.0, passed=True) is Silence.PASSED
+    assert _wait(deadline=10.0).silence(10.0, passed=True) is Silence.EXPIRE  # the deadline first
+
+
 def test_an_unreadable_queue_does_not_take_back_a_request_an_agent_took() -> None:
     w = _wait(deadline=10.0)
     assert w.silence(2.0, left_stream=True) is Silence.TAKEN  # its claim is due: wait for it
