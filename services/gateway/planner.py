@@ -55,7 +55,7 @@ from corral.gateway.sessions import Sessions
 from corral.gateway.settings import GatewaySettings
 from corral.gateway.shutdown import Shutdown
 from corral.protocol.endpoints import MODEL_ENDPOINTS
-from corral.protocol.errors import CorralError, ModelNotFound, NoCapacity
+from corral.protocol.errors import BackendError, CorralError, ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR, ModelName, key_of, parse_name
 from corral.protocol.priority import BATCH
@@ -298,6 +298,12 @@ class Planner:
         if not holders:
             if pinned(self.fleet.lately_silent_with(key)):
                 return []
+            if down := pinned([a for a in self.fleet.agents() if a.ollama_down and self.fleet.alive(a)]):
+                # its Ollama may hold the model: a 404 would have clients pull it (the ollama CLI does)
+                raise BackendError(
+                    f"model '{req.model.display}' is on no agent whose Ollama answers; the Ollama of "
+                    f"{len(down)} agent(s) cannot be read now ({', '.join(sorted(a.id for a in down))})"
+                )
             raise ModelNotFound(req.model.display, vendor=req.vendor if everywhere else None)
         return [a for a in holders if a.status == "active" and a.id not in failed]
 

@@ -282,3 +282,8 @@ async def test_corral_status_says_when_an_agents_ollama_is_down(nats_server: Nat
         assert rc == 0 and "active (ollama down)" in out, out
         rc, out, _ = await cli.corral("status", "--json", "--nats", f.nats_url, "--root", "clidown")
         assert [a["ollama_down"] for a in json.loads(out)["agents"]] == [True]
+        # and its models are not "not found" (a 404 has the ollama CLI pull them): its Ollama is down
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "llama3.2", "prompt": "x", "stream": False}
+            async with s.post(f"{f.url}/api/generate", json=body) as r:
+                assert r.status == 502 and "cannot be read now (nvidia-0)" in (await r.json())["error"]
