@@ -364,37 +364,48 @@ async def test_a_line_or_result_too_big_for_a_nats_message_runs_and_is_kept(root
     many inputs) run as they would sent alone: each waits in the object store, not in one message.
     The line used to fail validation for good (the batch stuck in "validating"), the result to run
     again and again; and nothing of them stays once the batch is done."""
-    limit = 256 * 1024
-    async with NatsServer(max_payload=limit) as server:
+    limit = SMALL_PAYLOAD
+    async with small_payload_fleet(root) as (fleet, c):
+        long = request(0, max_tokens=2)
+        long["body"]["messages"][0]["content"] = "word " * (limit // 4)  # 1.25 x the limit
+        b = await submit(c, jsonl([long, request(1)]))
+        done = await wait_until(c, js(fleet), root, b.id)
+        assert done.status == "completed" and done.request_counts is not None, done.errors
+        assert (done.request_counts.completed, done.request_counts.failed) == (2, 0)
+        out, err = await outcome(c, done)
+        assert not err and sorted(x["custom_id"] for x in out) == ["req-0", "req-1"]
+        assert all(x["response"]["status_code"] == 200 for x in out)
+
+        many = request(0, "/v1/embeddings", EMBED)
+        many["body"]["input"] = [f"text {i}" for i in range(100)]  # ~8 KB of JSON per vector
+        b = await submit(c, jsonl([many, request(1, "/v1/embeddings", EMBED)]), "/v1/embeddings")
+        done = await wait_until(c, js(fleet), root, b.id)
+        assert done.status == "completed", done.errors
+        out, err = await outcome(c, done)
+        (big,) = [x for x in out if x["custom_id"] == "req-0"]
+        assert len(big["response"]["body"]["data"]) == 100 and len(json.dumps(big)) > limit
+
+        # the batch's own objects go just after it ends, records and all (a deleted object's record
+        # would stay in the store for good): woken by the store's changes, at least every 0.5 s
+        await waits.until(
+            lambda: no_spills(fleet, root), store_changed(fleet, root), timeout=30, what="spills gone"
+        )
+
+
+SMALL_PAYLOAD = 256 * 1024  # a NATS server's max_payload small enough for test lines to pass it
+
+
+@contextlib.asynccontextmanager
+async def small_payload_fleet(root: str) -> AsyncIterator[tuple[LocalFleet, openai.AsyncOpenAI]]:
+    """One simulated server behind a gateway, on a NATS server taking `SMALL_PAYLOAD` at most, and
+    an OpenAI client of its gateway."""
+    async with NatsServer(max_payload=SMALL_PAYLOAD) as server:
         options = FleetOptions(port=0, nats_url=server.url, root=root, sims=default_sims(1, time_scale=0))
         async with (
             LocalFleet(options) as fleet,
             openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0) as c,
         ):
-            long = request(0, max_tokens=2)
-            long["body"]["messages"][0]["content"] = "word " * (limit // 4)  # 1.25 x the limit
-            b = await submit(c, jsonl([long, request(1)]))
-            done = await wait_until(c, js(fleet), root, b.id)
-            assert done.status == "completed" and done.request_counts is not None, done.errors
-            assert (done.request_counts.completed, done.request_counts.failed) == (2, 0)
-            out, err = await outcome(c, done)
-            assert not err and sorted(x["custom_id"] for x in out) == ["req-0", "req-1"]
-            assert all(x["response"]["status_code"] == 200 for x in out)
-
-            many = request(0, "/v1/embeddings", EMBED)
-            many["body"]["input"] = [f"text {i}" for i in range(100)]  # ~8 KB of JSON per vector
-            b = await submit(c, jsonl([many, request(1, "/v1/embeddings", EMBED)]), "/v1/embeddings")
-            done = await wait_until(c, js(fleet), root, b.id)
-            assert done.status == "completed", done.errors
-            out, err = await outcome(c, done)
-            (big,) = [x for x in out if x["custom_id"] == "req-0"]
-            assert len(big["response"]["body"]["data"]) == 100 and len(json.dumps(big)) > limit
-
-            # the batch's own objects go just after it ends, records and all (a deleted object's record
-            # would stay in the store for good): woken by the store's changes, at least every 0.5 s
-            await waits.until(
-                lambda: no_spills(fleet, root), store_changed(fleet, root), timeout=30, what="spills gone"
-            )
+            yield fleet, c
 
 
 async def object_names(fleet: LocalFleet, root: str) -> set[str]:
@@ -427,40 +438,35 @@ async def test_lines_the_files_store_cannot_keep_fail_the_batch_and_leave_nothin
     """A line too big for a message that the files store refuses (full): the batch fails validation
     with a line saying so, where it stayed "validating" and was validated again every few seconds;
     and what the batch kept of its own before that is deleted by the sweep once it has ended."""
-    limit = 256 * 1024
-    async with NatsServer(max_payload=limit) as server:
-        options = FleetOptions(port=0, nats_url=server.url, root=root, sims=default_sims(1, time_scale=0))
-        async with (
-            LocalFleet(options) as fleet,
-            openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="x", max_retries=0) as c,
-        ):
-            lines = [request(i, max_tokens=2) for i in range(3)]
-            for line in lines:
-                line["body"]["messages"][0]["content"] = "word " * (limit // 4)
-            f = await c.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
-            store = fleet.gateway.batches.lifecycle.store  # type: ignore[union-attr]
-            real, asked, kept, full = store._spill, [], [], asyncio.Event()
+    limit = SMALL_PAYLOAD
+    async with small_payload_fleet(root) as (fleet, c):
+        lines = [request(i, max_tokens=2) for i in range(3)]
+        for line in lines:
+            line["body"]["messages"][0]["content"] = "word " * (limit // 4)
+        f = await c.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+        store = fleet.gateway.batches.lifecycle.store  # type: ignore[union-attr]
+        real, asked, kept, full = store._spill, [], [], asyncio.Event()
 
-            async def full_after_one(name: str, data: bytes) -> str:
-                asked.append(name)
-                if len(asked) > 1:  # the store is full once the first is in
-                    await full.wait()
-                    raise APIError(code=503, err_code=10047, description="insufficient resources")
-                kept.append(await real(name, data))
-                full.set()
-                return kept[-1]
+        async def full_after_one(name: str, data: bytes) -> str:
+            asked.append(name)
+            if len(asked) > 1:  # the store is full once the first is in
+                await full.wait()
+                raise APIError(code=503, err_code=10047, description="insufficient resources")
+            kept.append(await real(name, data))
+            full.set()
+            return kept[-1]
 
-            monkeypatch.setattr(store, "_spill", full_after_one)
-            b = await c.batches.create(
-                input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
-            )
-            done = await wait_until(c, js(fleet), root, b.id)
-            assert done.status == "failed" and done.errors is not None and done.errors.data
-            (error,) = done.errors.data
-            assert error.code == "too_large" and "files store refused to keep it" in (error.message or "")
-            assert kept and not await no_spills(fleet, root)  # the one kept is still there
-            await fleet.gateway.batches.lifecycle.delete_expired_files()  # type: ignore[union-attr]  # the sweep's step
-            assert await no_spills(fleet, root)
+        monkeypatch.setattr(store, "_spill", full_after_one)
+        b = await c.batches.create(
+            input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        done = await wait_until(c, js(fleet), root, b.id)
+        assert done.status == "failed" and done.errors is not None and done.errors.data
+        (error,) = done.errors.data
+        assert error.code == "too_large" and "files store refused to keep it" in (error.message or "")
+        assert kept and not await no_spills(fleet, root)  # the one kept is still there
+        await fleet.gateway.batches.lifecycle.delete_expired_files()  # type: ignore[union-attr]  # the sweep's step
+        assert await no_spills(fleet, root)
 
 
 async def test_a_validation_nats_fails_leaves_one_batch_for_the_sweep(

@@ -325,6 +325,14 @@ async def test_a_gateway_with_its_own_identity_reads_only_its_own_replies(
     assert_no_violation(fleet)
 
 
+async def refuses_anonymous(url: str) -> None:
+    """A request without a key to the gateway at ``url`` is refused: 401."""
+    async with ollama.AsyncClient(host=url) as anonymous:
+        with pytest.raises(ollama.ResponseError) as refused:
+            await anonymous.generate(model=MODEL, prompt="hi")
+    assert refused.value.status_code == 401
+
+
 async def test_api_keys_work_under_a_gateways_identity(fleet: LocalFleet, auth_dir: Path) -> None:
     """A gateway with keys on (CORRAL_AUTH=keys) reads the keys and counts usage and limits under its
     own NATS identity; the operator makes the key with `corral keys create`."""
@@ -347,10 +355,7 @@ async def test_api_keys_work_under_a_gateways_identity(fleet: LocalFleet, auth_d
         async with ollama.AsyncClient(host=http.url, headers={"Authorization": f"Bearer {key}"}) as client:
             r = await client.generate(model=MODEL, prompt="hi", options={"num_predict": 2})
             assert r.done
-        async with ollama.AsyncClient(host=http.url) as anonymous:
-            with pytest.raises(ollama.ResponseError) as refused:
-                await anonymous.generate(model=MODEL, prompt="hi")
-        assert refused.value.status_code == 401
+        await refuses_anonymous(http.url)
         assert second.nc is not None and second.nc.last_error is None
     finally:
         await http.stop()
@@ -387,10 +392,7 @@ async def test_keys_on_before_any_key_the_setup_step_makes_their_buckets(
     try:
         await gateway.start()
         await http.start()
-        async with ollama.AsyncClient(host=http.url) as anonymous:
-            with pytest.raises(ollama.ResponseError) as refused:
-                await anonymous.generate(model=MODEL, prompt="hi")
-        assert refused.value.status_code == 401
+        await refuses_anonymous(http.url)
         assert gateway.nc is not None and gateway.nc.last_error is None
     finally:
         await http.stop()
