@@ -191,6 +191,7 @@ def test_the_record_round_trips() -> None:
 # -- the planner: which model it tries, for how long, and what it reports -------------------------------
 class FakeReply:
     status = 200
+    agent = "a1"  # the agent that answered (X-Corral-Model names the model as it lists it)
 
 
 class PolicyView:
@@ -204,6 +205,9 @@ class Fleet:
 
     def agents(self) -> list[AgentState]:
         return self._agents
+
+    def get(self, agent_id: str) -> AgentState | None:
+        return next((a for a in self._agents if a.id == agent_id), None)
 
 
 def planner(
