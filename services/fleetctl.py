@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -15,6 +16,7 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from corral import views
 from corral.gateway.keys import open_key_buckets
 from corral.protocol import headers as H
@@ -34,6 +36,8 @@ from corral.views.status import Pin
 from nats.js.errors import KeyNotFoundError
 
 _enc = msgspec.json.Encoder()
+
+log = logging.getLogger(__name__)
 
 
 def _gb(n: int) -> str:
@@ -64,7 +68,15 @@ class _Session:
             # that may still be forming: as patient as a service, and it makes the API keys' buckets
             # too (with NATS identities no gateway may make them)
             self.buckets = await ensure_buckets_at_start(js, self.subjects, replicas=replicas)
-            await open_key_buckets(js, self.subjects, replicas=replicas)
+            try:
+                await open_key_buckets(js, self.subjects, replicas=replicas)
+            except (
+                TimeoutError,
+                nats.errors.Error,
+                nats.js.errors.Error,
+            ) as e:  # an identity that may not make them
+                log.warning("the API keys' buckets are not there and cannot be made here (%r): "
+                            "the operator's `corral status` makes them", e)  # fmt: skip
         else:
             self.buckets = await ensure_buckets(js, self.subjects, replicas=replicas)
         self.fleet = FleetView(self.buckets.agents)

@@ -34,7 +34,7 @@ from corral.simulator import SimServer
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims, sim_gpus
 from nats.aio.client import Client as NATS
 
-from tests.integration.cli_helpers import corral_ok
+from tests.integration.cli_helpers import corral, corral_ok
 from tests.integration.fleet_helpers import preload, until
 
 pytestmark = pytest.mark.integration
@@ -386,6 +386,12 @@ async def test_keys_on_before_any_key_the_setup_step_makes_their_buckets(
             await early.start()
     finally:
         await early.stop()
+    # run by another identity, the setup step says what it could not make, and still shows the fleet
+    gateway_creds = str(creds_path(auth_dir, gateway_user("gw2")))
+    rc, out, err = await corral(
+        "status", "--nats", fleet.nats_url, "--root", ROOT, "--nats-creds", gateway_creds
+    )
+    assert rc == 0 and "agents" in out and "the operator's `corral status` makes them" in err, err
     await corral_ok("status", "--nats", fleet.nats_url, "--root", ROOT, "--nats-creds", operator, timeout=30)
     gateway = Gateway(settings)
     http = AsgiServer(gateway, "127.0.0.1", 0)
