@@ -143,13 +143,20 @@ async def test_a_request_whose_nudge_reached_no_agent_is_taken_once_the_agents_a
     call, headers, payload = transport.register(req, None, time.monotonic() + 60, queued=True)
     try:
         js = nc.jetstream()
-        # every agent takes its model's queue for empty, as after a take that found nothing (set
-        # here, with nothing running: requests meanwhile, or a take that timed out under load,
-        # would make one look, and take the request before the restart this test is about)
-        for agent in fleet.agents:
-            assert agent._claims is not None
-            agent._claims._hint[req.model.token] = 0
-        await js.publish(subjects.queue(ANY_VENDOR, req.model.token), payload, headers=headers)  # no nudge
+        async with aiohttp.ClientSession() as s:
+
+            async def other_work() -> None:  # after each, the serving agent looks again at its queues
+                body = {"model": MODEL, "prompt": "other work", "stream": False}
+                async with s.post(f"{fleet.url}/api/generate", json=body) as r:
+                    assert r.status == 200
+
+            for _ in range(2 * len(fleet.agents)):
+                await other_work()  # every agent knows its queue empty now
+            await js.publish(
+                subjects.queue(ANY_VENDOR, req.model.token), payload, headers=headers
+            )  # no nudge
+            for _ in range(2 * len(fleet.agents)):
+                await other_work()
         assert (await js.stream_info(subjects.queue_stream)).state.messages == 1  # left there
         before = [sim.stats.started for sim in fleet.sims]
         await server.kill()
