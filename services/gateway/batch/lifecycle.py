@@ -145,10 +145,11 @@ class Lifecycle:
     async def delete_expired_files(self) -> None:
         """Delete the files past their ``expires_at`` (hidden from the moment they expire), and the
         objects a batch kept of its own once it has ended (a gateway died before deleting them)."""
-        for f, _ in await self.store.files(expired=True):
+        expired, spills = await self.store.leftovers()
+        for f in expired:
             if await self.store.delete_file(f.id):
                 log.info("file %s expired and was deleted", f.id)
-        for name, batch_id in await self.store.spills():
+        for name, batch_id in spills:
             stored = await self.store.batch(batch_id)
             if stored is None or stored.record.batch.status in TERMINAL:
                 await self.store.forget(name)

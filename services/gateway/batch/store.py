@@ -202,20 +202,20 @@ class BatchStore:
 
     async def files(self, *, expired: bool = False) -> list[tuple[FileObject, FileMeta]]:
         """Every file that has not expired (with ``expired``: every file that has)."""
+        return _files_in(await self._objects(), expired)
+
+    async def leftovers(self) -> tuple[list[FileObject], list[tuple[str, str]]]:
+        """For the sweep, from one reading of the store: the files past their expiry, and `spills`."""
+        objects = await self._objects()
+        return [f for f, _ in _files_in(objects, expired=True)], _spills_in(objects)
+
+    async def _objects(self) -> list[ObjectInfo]:
+        """The record of every object in the files store (deleted ones' included)."""
         store = self.subjects.files_store
         msgs = await latest_per_subject(
             self.js, self.subjects.object_stream(store), f"$O.{store}.M.>", timeout=READ_TIMEOUT_S
         )
-        out = []
-        t = now()
-        for msg in msgs:
-            info = ObjectInfo.from_response(json.loads(msg.data))
-            if SPILL in info.name:
-                continue  # a batch's own, not a file
-            meta = _meta_of(info.description)
-            if meta is not None and not info.deleted and meta.expired(t) == expired:
-                out.append((_file_object(info.name, info.size or 0, meta), meta))
-        return out
+        return [ObjectInfo.from_response(json.loads(m.data)) for m in msgs]
 
     async def delete_file(self, file_id: str) -> bool:
         try:
@@ -375,16 +375,7 @@ class BatchStore:
     async def spills(self) -> list[tuple[str, str]]:
         """(name, batch id) of every object a batch keeps of its own (a line or result too big for a
         message), for the batch's end and for the sweep (one a gateway died before deleting)."""
-        store = self.subjects.files_store
-        msgs = await latest_per_subject(
-            self.js, self.subjects.object_stream(store), f"$O.{store}.M.>", timeout=READ_TIMEOUT_S
-        )
-        out = []
-        for msg in msgs:
-            info = ObjectInfo.from_response(json.loads(msg.data))
-            if SPILL in info.name and not info.deleted:
-                out.append((info.name, info.name.split(SPILL, 1)[0]))
-        return out
+        return _spills_in(await self._objects())
 
     async def forget(self, name: str) -> None:
         """Delete a batch's own object, and its record too: the store would keep the deleted
@@ -398,6 +389,24 @@ class BatchStore:
         """Keep ``data`` as an object of the batch's own (no file: never listed); its name."""
         await self._files.put(name, data)
         return name
+
+
+def _files_in(objects: list[ObjectInfo], expired: bool) -> list[tuple[FileObject, FileMeta]]:
+    """The files among ``objects`` that have not expired (with ``expired``: that have)."""
+    out = []
+    t = now()
+    for info in objects:
+        if SPILL in info.name:
+            continue  # a batch's own, not a file
+        meta = _meta_of(info.description)
+        if meta is not None and not info.deleted and meta.expired(t) == expired:
+            out.append((_file_object(info.name, info.size or 0, meta), meta))
+    return out
+
+
+def _spills_in(objects: list[ObjectInfo]) -> list[tuple[str, str]]:
+    """(name, batch id) of the batches' own objects among ``objects``."""
+    return [(i.name, i.name.split(SPILL, 1)[0]) for i in objects if SPILL in i.name and not i.deleted]
 
 
 def _meta_of(description: str | None) -> FileMeta | None:
