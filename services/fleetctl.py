@@ -16,7 +16,6 @@ from typing import Any
 
 import msgspec
 import nats.errors
-import nats.js.errors
 from corral import views
 from corral.gateway.keys import open_key_buckets
 from corral.protocol import headers as H
@@ -70,11 +69,7 @@ class _Session:
             self.buckets = await ensure_buckets_at_start(js, self.subjects, replicas=replicas)
             try:
                 await open_key_buckets(js, self.subjects, replicas=replicas)
-            except (
-                TimeoutError,
-                nats.errors.Error,
-                nats.js.errors.Error,
-            ) as e:  # an identity that may not make them
+            except COMMAND_ERRORS as e:  # an identity that may not make them: its create goes unanswered
                 log.warning("the API keys' buckets are not there and cannot be made here (%r): "
                             "the operator's `corral status` makes them", e)  # fmt: skip
         else:

@@ -20,7 +20,7 @@ from corral.gateway.policy import MAX_FALLBACKS, model_key
 from corral.protocol.errors import InvalidModelName
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
-from corral.registry.lease import held_by_any
+from corral.registry.lease import held
 from corral.registry.pins import LEASE_KEY, LEASE_S
 from corral.runtime.buckets import BUCKETS, open_bucket
 from corral.runtime.kvwatch import watching
@@ -162,20 +162,19 @@ async def apply(kv: KeyValue, change: Change) -> Policy:
 
 async def keeper_heard(nc: NATS, subjects: Subjects, settings: CommonSettings) -> bool:
     """Whether a registry keeps the pins: one holds the keeper lease, or takes it within
-    `KEEPER_WAIT_S` (a registry acts on a change of the pins at once, taking the lease if none holds it)."""
+    `KEEPER_WAIT_S` (a registry acts on a change of the pins at once, taking the lease if none holds it).
+    A watch of the lease gives its value now, then each write."""
     views = await open_bucket(
         nc.jetstream(), subjects.views_bucket, BUCKETS["views"], replicas=settings.js_replicas
     )
-    if await held_by_any(views, LEASE_KEY, LEASE_S):
-        return True
     async with watching(views, LEASE_KEY) as watch:
         with contextlib.suppress(TimeoutError):  # the wait's end (nats-py's own timeout is one too)
             async with asyncio.timeout(KEEPER_WAIT_S):
                 while True:
                     entry = await watch.updates(KEEPER_WAIT_S)
-                    if entry is not None and await held_by_any(views, LEASE_KEY, LEASE_S):
+                    if entry is not None and held(entry.value, LEASE_S):
                         return True
-    return await held_by_any(views, LEASE_KEY, LEASE_S)
+    return False
 
 
 def show(command: str, policy: Policy, as_json: bool) -> None:

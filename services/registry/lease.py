@@ -79,12 +79,11 @@ class Lease:
         return False
 
 
-async def held_by_any(kv: KeyValue, key: str, term_s: float, *, now: Callable[[], float] = time.time) -> bool:
-    """Whether some copy holds the lease at ``key`` now: written within its term (by the writer's
-    clock, so a clock skewed by more than the term reads as no holder)."""
+def held(value: bytes | None, term_s: float, *, now: Callable[[], float] = time.time) -> bool:
+    """Whether a lease whose value is ``value`` is held now: written within its term (by the
+    writer's clock, so a clock skewed by more than the term reads as no holder)."""
     try:
-        entry = await kv.get(key)
-        record = _decoder.decode(entry.value) if entry.value else None
-    except (KeyNotFoundError, msgspec.DecodeError):
+        record = _decoder.decode(value) if value else None
+    except msgspec.DecodeError:
         return False
     return record is not None and now() - record.at < term_s

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from corral.protocol.subjects import Subjects
-from corral.registry.lease import Lease
+from corral.registry.lease import Lease, held
 from corral.runtime.nats import connect
 from corral.runtime.natsserver import NatsServer
 from nats.js.api import KeyValueConfig, StorageType
@@ -74,5 +74,20 @@ async def test_one_copy_holds_the_lease_and_another_takes_it_over_once_it_lapses
         assert not await a.held()  # the old holder finds it taken and stands by
         clock.t += TERM / 3
         assert await b.held()  # the new holder renews
+    finally:
+        await nc.close()
+
+
+async def test_a_lease_value_reads_as_held_within_its_term_only(nats_server: NatsServer, root: str) -> None:
+    """`held`, what `corral pin` reads to tell whether a registry keeps the pins."""
+    nc = await connect(nats_server.url, name="test")
+    try:
+        kv = await nc.jetstream().create_key_value(
+            KeyValueConfig(bucket=Subjects(root).views_bucket, storage=StorageType.MEMORY)
+        )
+        assert await Lease(kv, "k", TERM, now=lambda: 1_000.0).held()
+        value = (await kv.get("k")).value
+        assert held(value, TERM, now=lambda: 1_008.0) and not held(value, TERM, now=lambda: 1_009.0)
+        assert not held(None, TERM) and not held(b"not json", TERM)
     finally:
         await nc.close()
