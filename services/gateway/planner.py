@@ -168,7 +168,7 @@ class Planner:
         failed: set[str] = set()
         strategy = req.strategy or self.settings.strategy
         decision.strategy = strategy
-        waited_since: float | None = None
+        waited: float | None = None  # how long it waited for the fleet to change, when it did
         auto = req.model is not None and strategy == "auto"
         session_agent = None
         if auto and req.session and req.follow_up and self.sessions is not None:
@@ -191,8 +191,8 @@ class Planner:
                 if skip:
                     failed |= avoid - skip  # what this pass found failing, not the skipped
             if reply is not None:
-                if waited_since is not None:  # it waited for the fleet to change too
-                    decision.queue_s = (decision.queue_s or 0.0) + time.monotonic() - waited_since
+                if waited is not None:  # besides any wait in the fleet queue (`FleetQueue.wait`)
+                    decision.queue_s = (decision.queue_s or 0.0) + waited
                 if failed:
                     self.metrics.failed_over(req)
                 if log.isEnabledFor(logging.DEBUG):
@@ -201,8 +201,9 @@ class Planner:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise NoCapacity()
-            waited_since = waited_since or time.monotonic()
+            since = time.monotonic()
             await self.fleet.wait_changed(min(remaining, 1.0))
+            waited = (waited or 0.0) + time.monotonic() - since
 
     def _unanswering(self) -> set[str]:
         """Agents that let a request sent to them go unanswered (stopped, wedged or cut off from
@@ -416,11 +417,8 @@ class Planner:
                     await loads.unplace(req, route, target, failed=reply is not None)
                 return reply
         if req.num_ctx is None and self.settings.queue:
-            decision.route, since = QUEUED, time.monotonic()
-            queued = await self.queue.wait(req, route, deadline, failed, decision)
-            if queued is not None:
-                decision.queue_s = time.monotonic() - since
-            return queued
+            decision.route = QUEUED
+            return await self.queue.wait(req, route, deadline, failed, decision)  # sets its queue_s
         for a in live:  # its own num_ctx: wait at the agent whose runner will match soonest
             if warm(route, a) or loads.loading_at(route, a):
                 return await direct(a, QUEUED)

@@ -145,7 +145,9 @@ class FleetQueue:
     ) -> Reply | None:
         """Wait in the fleet-wide queue for the next free slot; None to re-plan (nobody will serve it).
         What to do each time no claim came is `QueueWait`'s to say; this does the I/O. ``decision``
-        says whether it is in the queue now (`Decision.in_queue`)."""
+        says whether it is in the queue now (`Decision.in_queue`) and, once an agent claimed it, how
+        long it waited (`Decision.queue_s`: until the claim, not the head, which an unstreamed reply
+        sends only at its end)."""
         assert req.model is not None
         transport = self._transport
         vendor = req.vendor if (req.vendor and req.strict) else ANY_VENDOR
@@ -159,6 +161,7 @@ class FleetQueue:
         check_at = 0.0  # when it was asked
         lane = req.priority
         stop_tried = False
+        began = time.monotonic()
         self._count(route.key, lane, +1)
         try:
             if self._shutdown.draining.done():  # the gateway stops: nothing joins the queue now
@@ -249,6 +252,7 @@ class FleetQueue:
                         return None  # withdrawn: nobody has or is loading the model any more
                 if decision is not None:
                     decision.in_queue = False  # claimed: an agent has it
+                    decision.queue_s = (decision.queue_s or 0.0) + time.monotonic() - began
                 outcome = await transport.handshake(call, msg, "the queue")
                 if isinstance(outcome, Reply):
                     keep = True
