@@ -229,6 +229,7 @@ async def pull(s: _Session, as_json: bool, model: str, replicas: str, vendor: st
 async def _progress(lines: AsyncIterator[bytes], as_json: bool) -> int:
     """Print a pull's progress lines as they come; 1 when one was an error."""
     failed, last_draw = False, 0.0
+    open_line = False  # a line printed without its newline yet (the next starts with one)
     async for raw in lines:
         obj = msgspec.json.decode(raw)
         if as_json:
@@ -236,7 +237,7 @@ async def _progress(lines: AsyncIterator[bytes], as_json: bool) -> int:
             continue
         if "error" in obj:
             failed = True
-            print(f"\nerror: {obj['error']}", file=sys.stderr)
+            print(f"\nerror: {obj['error']}" if open_line else f"error: {obj['error']}", file=sys.stderr)
         elif obj.get("total"):
             now = time.monotonic()
             done = obj.get("completed", 0) / obj["total"]
@@ -248,13 +249,11 @@ async def _progress(lines: AsyncIterator[bytes], as_json: bool) -> int:
                     end="",
                     flush=True,
                 )
+                open_line = True
         else:
-            print(
-                f"\n{obj['status']}" if obj["status"] != "pulling manifest" else obj["status"],
-                end="",
-                flush=True,
-            )
-    if not as_json:
+            print(f"\n{obj['status']}" if open_line else obj["status"], end="", flush=True)
+            open_line = True
+    if open_line:
         print()
     return 1 if failed else 0
 

@@ -144,6 +144,8 @@ class FleetPulls:
         stream = req.stream is not False
         if stream:
             await out.head(200, NDJSON)
+            if not req.all and len(targets) < req.replicas:  # said first, in Ollama's own line shape
+                await out.data(_enc.encode(_Progress(_fewer(len(targets), req))) + b"\n")
         errors: list[str] = []
         # a pull is silent for long stretches (all of it, unstreamed): pings keep the gateway's
         # idle timeout from taking the registry for dead
@@ -243,3 +245,10 @@ def _error_text(data: bytes) -> str:
     except msgspec.DecodeError:
         return data.decode(errors="replace")
     return str(obj.get("error", "")) if isinstance(obj, dict) else ""
+
+
+def _fewer(n: int, req: PullRequest) -> str:
+    """The line saying a pull goes to fewer agents than the replicas asked for."""
+    which = f" of vendor {req.vendor}" if req.vendor else ""
+    agents = "agent" if n == 1 else "agents"
+    return f"only {n} {agents}{which} can take this pull ({req.replicas} asked for)"

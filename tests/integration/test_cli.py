@@ -83,6 +83,11 @@ async def test_pull_with_replicas(fleet: LocalFleet) -> None:
     assert rc == 1 and "file does not exist" in err
 
 
+    # more replicas than agents of that vendor: done where it can be, and said so first
+    rc, out, err = await corral(fleet, "pull", "gemma3:4b", "--vendor", "amd", "--replicas", "2")
+    assert rc == 0, err
+    assert out.splitlines()[0] == "only 1 agent of vendor amd can take this pull (2 asked for)"
+    assert out.rstrip().endswith("success")
 async def test_drain_and_uncordon(fleet: LocalFleet) -> None:
     assert fleet.gateway is not None
     agent = fleet.agents[0].id
