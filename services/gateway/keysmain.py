@@ -114,6 +114,13 @@ async def _run(args: argparse.Namespace, buckets: KeyBuckets) -> int:
             return 1
         return 0
     used: list[Usage] = await read_usage(buckets.usage, args.name)
+    if (
+        args.name is not None
+        and not used
+        and args.name not in {k.name for k in await list_keys(buckets.keys)}
+    ):
+        _err(f"no key named {args.name!r}")  # a revoked key's usage is still shown, while it lasts
+        return 1
     if args.json:
         _out(_enc.encode(used).decode())
     else:

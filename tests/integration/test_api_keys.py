@@ -335,6 +335,12 @@ async def test_usage_is_kept_per_key_and_model(fleet: LocalFleet) -> None:
     assert not [r for r in rows if r["model"].startswith("no-such-model")]
     rc, table, _ = await corral(fleet, "usage")
     assert rc == 0 and name in table and "EVAL" in table
+    # a key that is not there is an error, not an empty table; a fresh one's is an empty table
+    rc, _, err = await corral(fleet, "usage", "nobody")
+    assert rc == 1 and "no key named 'nobody'" in err
+    fresh, _ = await make_key(fleet)
+    rc, out, err = await corral(fleet, "usage", fresh, "--json")
+    assert rc == 0 and json.loads(out) == [], err
 
 
 async def test_pulls_only_from_allowed_registries(fleet: LocalFleet) -> None:
