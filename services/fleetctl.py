@@ -22,7 +22,7 @@ from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
-from corral.runtime.buckets import ensure_buckets, ensure_buckets_at_start
+from corral.runtime.buckets import NoFleet, ensure_buckets, ensure_buckets_at_start, require_fleet
 from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import snapshot
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
@@ -73,6 +73,11 @@ class _Session:
                 log.warning("the API keys' buckets are not there and cannot be made here (%r): "
                             "the operator's `corral status` makes them", e)  # fmt: skip
         else:
+            try:
+                await require_fleet(js, self.subjects)
+            except NoFleet:
+                await self.nc.close()
+                raise
             self.buckets = await ensure_buckets(js, self.subjects, replicas=replicas)
         self.fleet = FleetView(self.buckets.agents)
         await self.fleet.start()
@@ -325,6 +330,9 @@ def main(command: str, argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(go())
+    except NoFleet as e:
+        print(f"corral {command}: {e}", file=sys.stderr)
+        return 1
     except COMMAND_ERRORS as e:
         print(f"corral {command}: {command_error(settings.nats_url, e)}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
 from corral.registry.lease import held
 from corral.registry.pins import LEASE_KEY, LEASE_S
-from corral.runtime.buckets import BUCKETS, open_bucket
+from corral.runtime.buckets import BUCKETS, NoFleet, open_bucket, require_fleet
 from corral.runtime.kvwatch import watching
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
 from corral.runtime.policy import POLICY_KEY, Policy, policy_decoder, policy_encoder
@@ -270,6 +270,7 @@ def main(command: str, argv: list[str] | None = None) -> int:
         nc = await connect_command(settings.nats_url, name="corral-cli", auth=NatsAuth.of(settings))
         try:
             subjects = Subjects(settings.root)
+            await require_fleet(nc.jetstream(), subjects)  # not the stores of a mistyped root
             kv = await open_bucket(
                 nc.jetstream(), subjects.policy_bucket, BUCKETS["policy"], replicas=settings.js_replicas
             )
@@ -294,6 +295,9 @@ def main(command: str, argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(go())
+    except NoFleet as e:
+        print(f"corral {command}: {e}", file=sys.stderr)
+        return 1
     except COMMAND_ERRORS as e:
         print(f"corral {command}: {command_error(settings.nats_url, e)}", file=sys.stderr)
         return 1

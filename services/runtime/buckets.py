@@ -214,6 +214,25 @@ async def _hold_to(js: JetStreamContext, stream: str, spec: BucketSpec) -> None:
             log.warning("cannot give bucket stream %s its limits (%r): it keeps those it has", stream, e)
 
 
+class NoFleet(Exception):
+    """No fleet lives under this root: its buckets are not there (a mistyped ``--root``, say)."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(
+            f"no fleet under root {root!r} on this NATS (its buckets are not there: a mistyped --root? "
+            "`corral status` or any Corral service makes them)"
+        )
+
+
+async def require_fleet(js: JetStreamContext, subjects: Subjects) -> None:
+    """Raise `NoFleet` unless the fleet's agents bucket exists: a command that only reads or
+    changes a fleet must not make the stores of a root nobody runs."""
+    try:
+        await js.key_value(subjects.agents_bucket)
+    except BucketNotFoundError:
+        raise NoFleet(subjects.root) from None
+
+
 def is_missing(e: BaseException) -> bool:
     """Whether a KV or stream call failed because its bucket or stream is gone (a restarted NATS
     that kept it in memory) or JetStream is not up yet: creating them again is the cure."""

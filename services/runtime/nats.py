@@ -104,11 +104,14 @@ async def connect(
     on_reconnected: Callable[[], object] | None = None,
     auth: NatsAuth | None = None,
     reconnects: int = -1,
+    quiet_first: bool = False,
 ) -> NATS:
     """A connection that reconnects for ever (or tries each server ``reconnects`` times more, the
     first connection included, then raises nats-py's ``NoServersError``; the bound holds for later
     reconnects too unless lifted, as `connect_command` does) and reports state changes in the log;
-    `NatsRefused` when the server refuses the first connection for good (see there).
+    `NatsRefused` when the server refuses the first connection for good (see there). With
+    ``quiet_first`` the first connection's errors are logged at debug level only: a command says
+    in one line of its own why it could not connect.
 
     ``url`` is one server or a comma-separated list of them (`server_urls`); ``auth`` this process's
     identity and TLS files (`NatsAuth.of(settings)`; raises `CredentialsError` for a bad one).
@@ -138,7 +141,10 @@ async def connect(
             on_reconnected()
 
     async def on_error(e: Exception) -> None:
-        error_log(e)
+        if connected or not quiet_first:
+            error_log(e)
+        else:
+            log.debug("%s: NATS error: %s", name, e)
         if not connected and refused_for_good(e):
             # raised inside nats-py's first connect, which it ends: retrying cannot help
             raise NatsRefused(f"NATS at {url} refused this process: {e}") from e
@@ -258,7 +264,7 @@ async def connect_command(url: str, *, name: str, auth: NatsAuth | None = None) 
     Once connected it reconnects for ever, as a service does: a pull that streams for minutes
     rides out a NATS restart (nats-py reads the bound again on every reconnect)."""
     try:
-        nc = await connect(url, name=name, auth=auth, reconnects=COMMAND_RECONNECTS)
+        nc = await connect(url, name=name, auth=auth, reconnects=COMMAND_RECONNECTS, quiet_first=True)
     except NoServersError as e:
         raise NatsUnreachable(f"cannot reach NATS at {url}") from e
     nc.options["max_reconnect_attempts"] = -1

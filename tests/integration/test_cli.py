@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import nats
 import openai
 import pytest
 from corral.protocol.names import parse_name
@@ -81,13 +83,13 @@ async def test_pull_with_replicas(fleet: LocalFleet) -> None:
     await until(fleet, lambda: len(fleet.gateway.fleet.with_model(key)) == 2)  # type: ignore[union-attr]
     rc, _, err = await corral(fleet, "pull", "no-such-model")
     assert rc == 1 and "file does not exist" in err
-
-
     # more replicas than agents of that vendor: done where it can be, and said so first
     rc, out, err = await corral(fleet, "pull", "gemma3:4b", "--vendor", "amd", "--replicas", "2")
     assert rc == 0, err
     assert out.splitlines()[0] == "only 1 agent of vendor amd can take this pull (2 asked for)"
     assert out.rstrip().endswith("success")
+
+
 async def test_drain_and_uncordon(fleet: LocalFleet) -> None:
     assert fleet.gateway is not None
     agent = fleet.agents[0].id
@@ -174,6 +176,28 @@ async def test_a_command_with_no_nats_to_reach_exits_1_with_a_clear_message(comm
     url = f"nats://127.0.0.1:{free_port()}"
     rc, _, err = await cli.corral(*command, "--nats", url, "--root", "cli", timeout=30)
     assert rc == 1 and f"cannot reach NATS at {url}" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err  # its own line, not nats-py's error before it too
+
+
+@pytest.mark.parametrize("command", [["ps"], ["models"], ["drain", "nvidia-0"], ["pin"], ["alias", "a", "b"]])
+async def test_a_command_under_a_root_no_fleet_uses_makes_nothing(
+    nats_server: NatsServer, command: list[str]
+) -> None:
+    """A mistyped ``--root``: the command says no fleet lives there, exits 1, and makes no bucket
+    or stream of that root (`corral status`, the setup step, does)."""
+    root = "typo" + secrets.token_hex(4)
+    rc, _, err = await cli.corral(*command, "--nats", nats_server.url, "--root", root)
+    assert rc == 1 and f"no fleet under root {root!r}" in err and "Traceback" not in err, err
+    nc = await nats.connect(nats_server.url)
+    try:
+        names = [info.config.name for info in await nc.jetstream().streams_info()]
+    finally:
+        await nc.close()
+    assert not [n for n in names if root in (n or "")], names
+    rc, _, err = await cli.corral("status", "--nats", nats_server.url, "--root", root)
+    assert rc == 0, err
+    rc, _, err = await cli.corral(*command, "--nats", nats_server.url, "--root", root)
+    assert "no fleet" not in err, err  # the setup step made it
 
 
 @pytest.mark.parametrize(
