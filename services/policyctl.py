@@ -23,6 +23,7 @@ from corral.protocol.subjects import Subjects
 from corral.registry.lease import held
 from corral.registry.pins import LEASE_KEY, LEASE_S
 from corral.runtime.buckets import BUCKETS, NoFleet, open_bucket, require_fleet
+from corral.runtime.fleet import FleetView
 from corral.runtime.kvwatch import watching
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
 from corral.runtime.policy import POLICY_KEY, Policy, policy_decoder, policy_encoder
@@ -177,6 +178,33 @@ async def keeper_heard(nc: NATS, subjects: Subjects, settings: CommonSettings) -
     return False
 
 
+def fleet_notes(command: str, args: argparse.Namespace, fleet: FleetView) -> list[str]:
+    """What a new rule means for the fleet as it is now, worth a line on stderr: a model it names
+    that no agent has, an alias that hides a model agents have, a pin with too few agents to keep
+    it on. The rule is stored all the same (models come and go)."""
+    notes: list[str] = []
+    if command == "alias" and args.name and args.target:
+        if fleet.has_model(model_key(args.name)):
+            notes.append(f"agents have a model named {args.name}: requests for it now go to "
+                         f"{args.target} (pull, delete and show still reach {args.name})")  # fmt: skip
+        if not fleet.has_model(model_key(args.target)):
+            notes.append(f"no agent has {args.target} now: requests for {args.name} are answered "
+                         "404 until one does")  # fmt: skip
+    elif command == "fallback" and args.model and args.to:
+        missing = [
+            t for t in (t.strip() for t in args.to.split(",")) if t and not fleet.has_model(model_key(t))
+        ]
+        if missing:
+            notes.append(f"no agent has {', '.join(missing)} now: a fallback to it is skipped until one does")
+    elif command == "pin" and args.model:
+        holders = [a for a in fleet.with_model(model_key(args.model)) if args.vendor in (None, a.vendor)]
+        agents = f"{args.vendor} agent" if args.vendor else "agent"
+        if len(holders) < args.replicas:
+            notes.append(f"{len(holders)} {agents}(s) have {args.model} on disk, {args.replicas} wanted: "
+                         f"pins load only where it is (`corral pull {args.model}` puts it on more)")  # fmt: skip
+    return notes
+
+
 def show(command: str, policy: Policy, as_json: bool) -> None:
     if command in ("pin", "unpin"):
         if as_json:
@@ -283,6 +311,17 @@ def main(command: str, argv: list[str] | None = None) -> int:
                     print(f"corral {command}: {e}", file=sys.stderr)
                     return 1
             show(command, policy, args.json)
+            if change is not None:
+                agents = await open_bucket(
+                    nc.jetstream(), subjects.agents_bucket, BUCKETS["agents"], replicas=settings.js_replicas
+                )
+                fleet = FleetView(agents)
+                await fleet.start()
+                try:
+                    for note in fleet_notes(command, args, fleet):
+                        print(f"corral {command}: note: {note}", file=sys.stderr)
+                finally:
+                    await fleet.stop()
             if command == "pin" and change is not None and not await keeper_heard(nc, subjects, settings):
                 print(
                     f"corral pin: no registry keeps the pins now (none took the keeper lease within "

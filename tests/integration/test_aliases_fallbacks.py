@@ -22,7 +22,7 @@ from corral.runtime.process import AsgiServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.cli_helpers import corral_ok
+from tests.integration.cli_helpers import corral, corral_ok
 from tests.integration.waits import views_hold
 
 pytestmark = pytest.mark.integration
@@ -168,3 +168,20 @@ async def test_the_quantisation_fallback_serves_only_where_it_is_on(pair: Pair) 
     assert status == 404, body
     status, _, _ = await chat(pair.urls[0], "llama3.1:70b-instruct-q8_0")  # another size: nothing
     assert status == 404
+
+
+async def test_a_rule_naming_models_the_fleet_lacks_or_has_is_stored_with_a_note(pair: Pair) -> None:
+    """Rules are stored whatever the fleet holds now (models come and go), but a rule that will not
+    do what it says yet, or hides a model, says so on stderr."""
+    args = ("--nats", pair.nats_url, "--root", pair.root)
+    rc, _, err = await corral("fallback", "llama3.2", "--to", "absent-model,llama3.2:1b", *args)
+    assert rc == 0 and "note: no agent has absent-model now" in err and "1b" not in err, err
+    rc, _, err = await corral("alias", "my-model", "absent-model", *args)
+    assert rc == 0 and "note: no agent has absent-model now" in err, err
+    rc, _, err = await corral("alias", "gpt-4o", "llama3.2", *args)
+    assert rc == 0 and err == "", err  # a plain alias to a model the fleet has: nothing to say
+    rc, _, err = await corral("alias", "llama3.2:1b", "llama3.2:latest", *args)
+    assert rc == 0 and "note: agents have a model named llama3.2:1b" in err, err
+    aliases = json.loads(await pair.cli("alias", "--json"))
+    assert aliases == {"my-model:latest": "absent-model:latest", "gpt-4o:latest": LLAMA, "llama3.2:1b": LLAMA}
+    assert json.loads(await pair.cli("fallback", "--json")) == {LLAMA: ["absent-model:latest", "llama3.2:1b"]}

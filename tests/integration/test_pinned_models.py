@@ -147,6 +147,9 @@ async def test_a_pin_with_no_registry_running_says_it_waits_for_one(
 ) -> None:
     """Nothing loads a pin but a registry: with none running, `corral pin` keeps the pin and says
     so, where it used to answer as if the model were being loaded."""
+    rc, _, err = await corral("status", "--nats", nats_server.url, "--root", root)  # the setup step
+    assert rc == 0, err
     rc, out, err = await corral("pin", PINNED, "--nats", nats_server.url, "--root", root)
     assert rc == 0 and PINNED in out
     assert "no registry keeps the pins now" in err and "loads once `corral registry` runs" in err
+    assert f"0 agent(s) have {PINNED} on disk, 1 wanted" in err  # no agent at all
