@@ -41,6 +41,7 @@ from corral.runtime.fleet import FleetView
 from corral.runtime.workqueue import (
     Queued,
     QueueFull,
+    Reader,
     enqueue,
     reader_position,
     still_queued,
@@ -194,8 +195,8 @@ class FleetQueue:
                     if check is not None and check.done():
                         there = _answered(check)
                         left = there is False
-                        # the reader's position, asked since it was queued and before the stream was
-                        # asked: past it, yet still there
+                        # the reader, asked since it was queued and before the stream was asked: past
+                        # it, yet still there
                         passed = there is True and self._rechecks.passed(
                             subject, queued.seq, queued_at, check_at
                         )
@@ -282,9 +283,9 @@ class _Rechecks:
         self._transport = transport
         self._js = transport.nc.jetstream()
         self._every_s = every_s
-        self._asking: dict[str, asyncio.Task[int | None]] = {}  # subject → its last question
+        self._asking: dict[str, asyncio.Task[Reader | None]] = {}  # subject → its last question
         self._asked_at: dict[str, float] = {}  # subject → when the last question was asked
-        self._answers: dict[str, tuple[float, int | None]] = {}  # subject → (asked when, position)
+        self._answers: dict[str, tuple[float, Reader | None]] = {}  # subject → (asked when, answer)
         self._withdrawing: set[asyncio.Task[bool]] = set()
 
     def unreadable(self, subject: str, now: float) -> bool:
@@ -310,14 +311,14 @@ class _Rechecks:
 
     def passed(self, subject: str, seq: int, after: float, before: float) -> bool:
         """Whether the latest answer for ``subject``'s reader, asked between ``after`` and
-        ``before``, says it had handed out requests at or past stream sequence ``seq``."""
+        ``before``, says it had passed stream sequence ``seq`` (`Reader.passed`)."""
         answer = self._answers.get(subject)
         if answer is None:
             return False
-        at, position = answer
-        return position is not None and position >= seq and after <= at <= before
+        at, reader = answer
+        return reader is not None and reader.passed(seq) and after <= at <= before
 
-    def _answered(self, subject: str, at: float, task: asyncio.Task[int | None]) -> None:
+    def _answered(self, subject: str, at: float, task: asyncio.Task[Reader | None]) -> None:
         if not task.cancelled() and task.exception() is None:
             self._answers[subject] = (at, task.result())
 
@@ -331,8 +332,8 @@ class _Rechecks:
         for task in self._asking.values():
             task.cancel()
         self._asking.clear()
-        for task in self._withdrawing:
-            task.cancel()
+        for withdrawal in self._withdrawing:
+            withdrawal.cancel()
 
 
 def _answered(check: asyncio.Task[bool | None]) -> bool | None:

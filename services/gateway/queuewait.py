@@ -16,10 +16,10 @@ the answer names:
 * ``UNREADABLE``: nobody has taken it, and JetStream did not answer for the queue's reader (a
   cluster electing a leader after losing a node): no agent can take it now, however free, so it is
   withdrawn and routed again (by the claims agents with a free slot hold, which need no JetStream);
-* ``PASSED``: the stream still holds it, though the queue's reader had already handed out requests
-  past it before the stream was last asked: no agent will ever get it (a nats-server killed outright
-  can come back with its consumer's position saved and the removal of what it handed out lost), so
-  it is withdrawn and routed again;
+* ``PASSED``: the stream still holds it, though the queue's reader had already passed it (handed out
+  requests past it, or counted none left to hand out) before the stream was last asked: no agent
+  will ever get it (see `corral.runtime.workqueue.reader_position` for how nats-server gets there),
+  so it is withdrawn and routed again;
 * ``RECHECK``: the stream is asked whether it still holds the request, and JetStream whether the
   queue's reader answers (the answers are read at a later silence, so a slow JetStream never holds
   up a claim), and unless some agent has or is loading the model it is withdrawn and routed again.

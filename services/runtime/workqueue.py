@@ -26,6 +26,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from corral.protocol import headers as H
 from corral.protocol.priority import INTERACTIVE, Priority
@@ -191,26 +192,42 @@ async def still_queued(js: JetStreamContext, queued: Queued) -> bool | None:
     return None
 
 
+class Reader(NamedTuple):
+    """Where a queue subject's reader (its durable consumer) stands, as JetStream says."""
+
+    delivered: int  # the stream sequence of the last request it handed out (0: none yet)
+    pending: int | None  # requests it still has to hand out; None: it does not exist yet
+
+    def passed(self, seq: int) -> bool:
+        """Whether it will never hand out the request at stream sequence ``seq``, asked after that
+        request was stored, if the stream still holds it: it handed out requests at or past it, or
+        it counts nothing left to hand out (the request is behind it)."""
+        return self.delivered >= seq or self.pending == 0
+
+
 async def reader_position(
     js: JetStreamContext, subjects: Subjects, subject: str, *, timeout: float
-) -> int | None:
-    """How far the reader of queue ``subject`` (its durable consumer) has handed out requests: the
-    stream sequence of the last it delivered (0 before it exists: an agent creates it at its first
-    take). None when nothing answered within ``timeout``, or JetStream said it cannot now: a cluster
-    that lost the node leading the consumer, or its own meta leader, elects another first (seconds),
-    and until then no agent can take what waits there, though the stream may still take requests.
+) -> Reader | None:
+    """Where the reader of queue ``subject`` (its durable consumer) stands (`Reader`; delivered 0
+    and pending None before it exists: an agent creates it at its first take). None when nothing
+    answered within ``timeout``, or JetStream said it cannot now: a cluster that lost the node
+    leading the consumer, or its own meta leader, elects another first (seconds), and until then no
+    agent can take what waits there, though the stream may still take requests.
 
-    A request still in the stream at a sequence the reader has passed is one it will never hand
-    out: a nats-server killed outright can come back with its consumer's position saved but the
-    removal of what that consumer handed out lost."""
+    A request still in the stream that the reader has passed (`Reader.passed`) is one it will never
+    hand out. Two ways are known: a nats-server killed outright can come back with its consumer's
+    position saved but the removal of what that consumer handed out lost; and nats-server (2.15
+    here) can move a work-queue consumer past a request stored while a consumer-info request (this
+    one, or a KEDA scaler's) races the deletion of the requests before it."""
     try:
         info = await js.consumer_info(subjects.queue_stream, consumer_name(subject), timeout=timeout)
     except NotFoundError:
-        return 0
+        return Reader(0, None)
     except (APIError, NatsError, TimeoutError) as e:
         log.warning("the reader of queue %s does not answer: %r", subject, e)
         return None
-    return (info.delivered.stream_seq or 0) if info.delivered is not None else 0
+    delivered = (info.delivered.stream_seq or 0) if info.delivered is not None else 0
+    return Reader(delivered, info.num_pending)
 
 
 async def depths(js: JetStreamContext, subjects: Subjects) -> dict[str, int]:

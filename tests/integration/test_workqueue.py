@@ -19,6 +19,7 @@ from corral.runtime.workqueue import (
     Puller,
     QueueFull,
     QueueLimits,
+    Reader,
     depths,
     enqueue,
     ensure_stream,
@@ -165,13 +166,16 @@ async def test_the_queue_readers_position_before_and_after_an_agent_makes_it_and
     subjects, nc, js = queue
     await ensure_stream(js, subjects)
     subject = subjects.queue("any", TOKEN)
-    assert await reader_position(js, subjects, subject, timeout=2.0) == 0  # none yet: JetStream says so
+    none_yet = await reader_position(js, subjects, subject, timeout=2.0)
+    assert none_yet == Reader(0, None)  # JetStream says there is none
     assert await Puller(nc, subjects).take(subject, 1) == []  # an agent's first take makes it
-    assert await reader_position(js, subjects, subject, timeout=2.0) == 0
+    assert await reader_position(js, subjects, subject, timeout=2.0) == Reader(0, 0)
     future = str(int(time.time() * 1000) + 60_000)
     ack = await js.publish(subject, b"{}", headers={H.REQUEST: "1", H.DEADLINE: future, H.REPLY: "r"})
+    waiting = await reader_position(js, subjects, subject, timeout=2.0)
+    assert waiting == Reader(0, 1) and waiting is not None and not waiting.passed(ack.seq)
     assert len(await Puller(nc, subjects).take(subject, 1)) == 1
-    assert await reader_position(js, subjects, subject, timeout=2.0) == ack.seq  # handed out up to it
+    assert await reader_position(js, subjects, subject, timeout=2.0) == Reader(ack.seq, 0)  # handed out
 
 
 async def test_a_queue_reader_jetstream_cannot_answer_for_is_unreadable(
@@ -190,3 +194,48 @@ async def test_a_queue_reader_jetstream_cannot_answer_for_is_unreadable(
             assert "does not answer" in caplog.text
         finally:
             await nc.close()
+
+
+async def test_a_request_the_reader_skipped_while_its_position_was_read_counts_as_passed(
+    queue: Queue, nats_server: NatsServer
+) -> None:
+    """nats-server can move a work-queue consumer past a request stored while a consumer-info
+    request races the deletion of the requests before it (what a gateway's rechecks, or a KEDA
+    scaler, ask while queued requests are withdrawn): the request stays in the stream and no take
+    ever gets it. Its reader then counts nothing left to hand out, which `Reader.passed` reads as
+    passed, so a waiting gateway routes it again. Raced here until it happens, a bounded number of
+    times; a nats-server that never skips leaves nothing to check."""
+    subjects, nc, js = queue
+    await ensure_stream(js, subjects)
+    subject = subjects.queue("any", TOKEN)
+    puller = Puller(nc, subjects)
+    assert await puller.take(subject, 1) == []  # the reader exists
+    future = str(int(time.time() * 1000) + 60_000)
+    hdrs = {H.DEADLINE: future, H.REPLY: "r"}
+    asker = await connect(nats_server.url, name="asker")
+    stop = asyncio.Event()
+
+    async def ask() -> None:  # the reader's position, asked again and again
+        while not stop.is_set():
+            await reader_position(asker.jetstream(), subjects, subject, timeout=2.0)
+
+    asking = asyncio.create_task(ask())
+    skipped = None
+    try:
+        for i in range(50):
+            before = await enqueue(nc, js, subjects, "any", TOKEN, b"{}", hdrs | {H.REQUEST: f"w{i}"})
+            await withdraw(js, before)
+            queued = await enqueue(nc, js, subjects, "any", TOKEN, b"{}", hdrs | {H.REQUEST: f"q{i}"})
+            if not await puller.take(subject, 1):
+                skipped = queued
+                break
+    finally:
+        stop.set()
+        await asking
+        await asker.close()
+    if skipped is None:
+        pytest.skip("this nats-server handed out every request: no skip to check")
+    assert await puller.take(subject, 1) == []  # for good: no take gets it
+    assert await still_queued(js, skipped) is True
+    reader = await reader_position(js, subjects, subject, timeout=2.0)
+    assert reader is not None and reader.delivered < skipped.seq and reader.passed(skipped.seq), reader
