@@ -6,8 +6,9 @@ heartbeat) and delete it when they stop cleanly. The registry watches that bucke
 - announces ``joined`` on ``{root}.events.agent`` when an agent appears (or restarts);
 - announces ``left`` when an agent deleted its own key;
 - declares an agent ``dead`` when its state is older than ``dead_after_s`` (default: three of the
-  agent's own heartbeats): it deletes the key *at the revision it judged* (``last=revision``), so a
-  state written meanwhile wins and the agent stays. The gateway stops routing to the agent as soon
+  agent's own heartbeats), or sooner when NATS says nothing subscribes to its subjects any more
+  (its process is gone; `corral.registry.liveness`): it deletes the key *at the revision it
+  judged* (``last=revision``), so a state written meanwhile wins and the agent stays. The gateway stops routing to the agent as soon
   as its key is gone (and already stops after three missed heartbeats by itself).
 
 Several registries may run at once without double-acting: every announcement is made by whoever
@@ -35,6 +36,7 @@ import nats.errors
 from corral.protocol.messages import AgentEvent, AgentState, agent_state_of
 from corral.protocol.subjects import Subjects
 from corral.registry.index import ModelIndexWriter
+from corral.registry.liveness import Prober
 from corral.registry.pins import PinKeeper
 from corral.registry.placement import Placer, ReplicaSettings
 from corral.registry.pulls import FleetPulls
@@ -74,6 +76,7 @@ class Registry:
         self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit
         self._reopener: Reopener | None = None  # the buckets again after a NATS restart
         self._rewatch = asyncio.Event()  # the buckets were opened again: watch them anew
+        self._prober: Prober | None = None  # finds agents whose connection is gone
 
     @property
     def fleet(self) -> FleetView:
@@ -103,6 +106,9 @@ class Registry:
         self._index = ModelIndexWriter(self._buckets.agents, self._buckets.models)
         await self._index.start()
         self._spawn("registry reaper", self._reaper, "registry-reaper")
+        if self.settings.probe_s > 0:
+            self._prober = Prober(self.nc, self.subjects, self.settings.probe_s, self._heard, self._vanished)
+            self._spawn("agent probes", self._prober.run, "registry-probes")
         self._pulls = FleetPulls(
             self.nc,
             self.subjects,
@@ -229,6 +235,15 @@ class Registry:
             await self._joined(state)  # raises (a KV call failed): known only once announced
         self._known[agent_id] = _Known(revision, state, received_at(entry, snapshot=snapshot))
 
+    def _heard(self) -> dict[str, float]:
+        return {agent_id: known.heard for agent_id, known in self._known.items()}
+
+    async def _vanished(self, agent_id: str) -> None:
+        """Nothing subscribes to the agent's subjects any more: its process is gone."""
+        known = self._known.get(agent_id)
+        if known is not None:
+            await self._declare_dead(agent_id, known.revision, "its NATS connection is gone")
+
     def _dead_after(self, state: AgentState) -> float:
         return self.settings.dead_after_s or STALE_HEARTBEATS * state.heartbeat_s
 
@@ -241,13 +256,14 @@ class Registry:
             for agent_id, known in list(self._known.items()):
                 late = known.heard + self._dead_after(known.state) - now
                 if late <= 0:
-                    await self._declare_dead(agent_id, known.revision)
+                    await self._declare_dead(agent_id, known.revision, "it missed its heartbeats")
                 else:
                     wake = min(wake, late)
             await asyncio.sleep(max(wake, 0.05))  # the next deadline, not a poll
 
-    async def _declare_dead(self, agent_id: str, revision: int) -> None:
-        """Remove an agent that missed its heartbeats, and announce it. The ``dead`` marker goes
+    async def _declare_dead(self, agent_id: str, revision: int, why: str) -> None:
+        """Remove an agent that missed its heartbeats (or whose connection is gone: ``why``), and
+        announce it. The ``dead`` marker goes
         first, so that a registry seeing the delete does not announce a clean ``left``; when the
         compare-and-set delete then fails (the agent spoke again, or another registry removed it),
         the marker is put back as it was, so the agent's next clean stop is still announced."""
@@ -267,7 +283,7 @@ class Registry:
                     await self._buckets.views.update(marker, before.value, last=mine)
             return
         self._known.pop(agent_id, None)
-        log.warning("agent %s missed its heartbeats: removed from the fleet", agent_id)
+        log.warning("agent %s removed from the fleet: %s", agent_id, why)
         await self._announce("dead", agent_id)
         try:
             await self._buckets.views.delete(marker)

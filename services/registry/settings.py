@@ -17,6 +17,15 @@ class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
             shown="0 (3 heartbeats)",
         ),
     ] = 0.0
+    probe_s: Annotated[
+        float,
+        setting(
+            "every this often, each agent is asked over NATS whether it is there; one whose connection "
+            "is gone (nothing subscribes to its subjects for two of these) is removed and announced "
+            "dead before its heartbeats run out; 0 = by heartbeats only",
+            ge=0,
+        ),
+    ] = 1.0
     pull_timeout_s: Annotated[float, setting("how long a fleet-wide pull may take", gt=0)] = 3600.0
     replica_check_s: Annotated[
         float,

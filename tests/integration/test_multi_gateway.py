@@ -113,7 +113,8 @@ async def pair(nats_server: NatsServer, root: str) -> AsyncIterator[Pair]:
     events = Events()
     await nc.subscribe(subjects.event("agent"), cb=events.on)
     # the second registry and aggregator start before the agents, so both race for every announcement
-    registry = Registry(RegistrySettings(**common, dead_after_s=DEAD_AFTER_S))
+    # no probes: the killed agent's removal is the heartbeat rule's (test_agent_vanished.py has the probes')
+    registry = Registry(RegistrySettings(**common, dead_after_s=DEAD_AFTER_S, probe_s=0))
     aggregator = Aggregator(AggregatorSettings(**common, views_interval_s=0.2))
     await registry.start()
     await aggregator.start()
@@ -123,7 +124,7 @@ async def pair(nats_server: NatsServer, root: str) -> AsyncIterator[Pair]:
         root=root,
         sims=default_sims(3, time_scale=0),  # no delays, and models stay loaded
         agent={"heartbeat_s": HEARTBEAT_S, "refresh_s": 30.0},
-        registry={"dead_after_s": DEAD_AFTER_S},
+        registry={"dead_after_s": DEAD_AFTER_S, "probe_s": 0},
         aggregator={"views_interval_s": 0.2},
     )
     js = nc.jetstream()

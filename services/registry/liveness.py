@@ -1,0 +1,157 @@
+"""Finding agents whose process is gone before their heartbeats run out.
+
+An agent's state counts as alive for three heartbeats (15 s by default) after its last one, and a
+process killed outright (the OOM killer, SIGKILL, a crash) says nothing meanwhile: requests queued
+for its models wait for it. NATS knows at once, though: a server drops the subscriptions of a
+connection that closed, and answers a request nobody subscribes to with "no responders"
+(https://docs.nats.io/nats-concepts/core-nats/reqreply). So every ``probe_s`` the registry sends
+each agent an empty request on its cancel subject (`Subjects.agent_ctl`, which every agent holds
+from its start to its stop and answers). An agent that nothing answers for `MISSES` probes in a
+row, the first and last at least two probe periods apart, and that has not been heard from since
+the first, is declared dead as if its heartbeats had run out (`Absences`, a pure state machine; the
+registry does the I/O in `Prober`).
+
+What it is not fooled by:
+
+- a slow or busy agent: a probe delivered but unanswered in time is no miss (somebody subscribes);
+- an agent moving to another server of a cluster: it subscribes there again within moments, well
+  inside two probe periods;
+- the registry's own connection coming back (a restarted server, the registry moved): a server that
+  just came back knows nobody's subscriptions until every client has reconnected, each after its
+  own backoff (at most `RECONNECT_MAX_S`), so what the registry found before is forgotten and no
+  miss counts until `SETTLE_S` after it is back.
+
+A host that vanishes without closing its connections (power lost, a cable pulled) leaves them open
+on the server until NATS's own pings fail; such an agent is found by its heartbeats, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import nats.errors
+from corral.protocol.subjects import Subjects
+from corral.runtime.nats import RECONNECT_MAX_S
+from nats.aio.client import Client as NATS
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MISSES", "SETTLE_S", "Absences", "Prober"]
+
+MISSES = 3  # probes in a row that nothing answered
+SETTLE_S = 2 * RECONNECT_MAX_S  # after the registry's own reconnect, no miss counts for this long
+
+
+class Absences:
+    """Which agents nothing answered at their last probes: a pure state machine (no I/O, no clock).
+
+    ``every_s`` is the probe period: an agent is absent for good after `MISSES` misses in a row
+    spanning at least two periods, with nothing heard from it since the first."""
+
+    def __init__(self, every_s: float, now: float) -> None:
+        self.span_s = 2 * every_s
+        self._misses: dict[str, tuple[float, int]] = {}  # agent → (its first miss, misses in a row)
+        self._steady_since = now  # misses count from `SETTLE_S` after this
+
+    def reconnected(self, now: float) -> None:
+        """The registry's own connection came back: what it found before says nothing now."""
+        self._misses.clear()
+        self._steady_since = now
+
+    def answered(self, agent: str) -> None:
+        """Somebody subscribes to the agent's subject (it answered, or was too busy to in time)."""
+        self._misses.pop(agent, None)
+
+    def missed(self, agent: str, now: float, heard: float) -> bool:
+        """Nothing subscribes to ``agent``'s subject; ``heard``: when its state last arrived. Whether
+        it is gone: the agent is then forgotten here (it is removed, or it spoke again)."""
+        if now - self._steady_since < SETTLE_S:
+            return False
+        first, count = self._misses.get(agent, (now, 0))
+        if heard >= first:  # it spoke since the first miss (a restart, a reconnect): start again
+            first, count = now, 0
+        count += 1
+        if count >= MISSES and now - first >= self.span_s:
+            self._misses.pop(agent, None)
+            return True
+        self._misses[agent] = (first, count)
+        return False
+
+    def keep(self, agents: set[str]) -> None:
+        """Forget agents no longer in the fleet."""
+        for agent in set(self._misses) - agents:
+            del self._misses[agent]
+
+    def missing(self) -> dict[str, int]:
+        """Agents missed at their last probe, and how many times in a row (for the log and tests)."""
+        return {agent: count for agent, (_, count) in self._misses.items()}
+
+
+class Prober:
+    """Every ``every_s``, asks each agent of ``known()`` (id → when its state last arrived, on the
+    monotonic clock) whether it is there, and calls ``dead(agent)`` for each that `Absences` finds
+    gone. One request per agent and period, all at once, each waiting one period at most."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects,
+        every_s: float,
+        known: Callable[[], Mapping[str, float]],
+        dead: Callable[[str], Awaitable[None]],
+    ) -> None:
+        self._nc = nc
+        self._subjects = subjects
+        self.every_s = every_s
+        self._known = known
+        self._dead = dead
+        self.absences = Absences(every_s, time.monotonic())
+        self._epoch = self._reconnects()
+
+    def _reconnects(self) -> int:
+        return int(self._nc.stats["reconnects"])
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)  # a period, not a wait for something
+            await self.probe_once()
+
+    async def probe_once(self) -> dict[str, bool | None]:
+        """One round: every known agent asked at once, then judged. Returns what each answer said
+        (`_there`); nothing while the registry's own connection is or was just away."""
+        epoch = self._reconnects()
+        if epoch != self._epoch or not self._nc.is_connected:
+            self._epoch = epoch
+            self.absences.reconnected(time.monotonic())
+            return {}
+        agents = dict(self._known())
+        self.absences.keep(set(agents))
+        there = await asyncio.gather(*(self._there(agent) for agent in agents))
+        if self._reconnects() != epoch or not self._nc.is_connected:  # its answers say nothing
+            return {}
+        now = time.monotonic()
+        for (agent, heard), present in zip(agents.items(), there, strict=True):
+            if present is None:
+                continue  # unknown (the request failed otherwise): neither a miss nor an answer
+            if present:
+                self.absences.answered(agent)
+            elif self.absences.missed(agent, now, heard):
+                log.warning("agent %s: nothing answers on its NATS subjects (its process is gone)", agent)
+                await self._dead(agent)
+        return dict(zip(agents, there, strict=True))
+
+    async def _there(self, agent: str) -> bool | None:
+        """True: somebody subscribes to ``agent``'s cancel subject; False: nobody; None: unknown."""
+        try:
+            await self._nc.request(self._subjects.agent_ctl(agent), b"", timeout=self.every_s)
+        except nats.errors.NoRespondersError:
+            return False
+        except nats.errors.TimeoutError:
+            return True  # delivered (NATS says "no responders" at once otherwise): only slow
+        except nats.errors.Error as e:
+            log.debug("probe of agent %s: %s", agent, e)
+            return None
+        return True
