@@ -446,6 +446,15 @@ async def test_an_agent_finds_a_requester_gone_under_its_identity(
         await agent.stop()
 
 
+async def test_the_registry_probes_every_agent_under_its_identity(fleet: LocalFleet) -> None:
+    """The registry's probes (a request on each agent's cancel subject, answered by the agent) are
+    within both identities' rights: every agent answers, and no violation is reported."""
+    assert fleet.registry is not None and fleet.registry._prober is not None
+    answers = await fleet.registry._prober.probe_once()
+    assert answers == dict.fromkeys((a.id for a in fleet.agents), True)
+    assert_no_violation(fleet)
+
+
 @pytest.mark.parametrize("service", ["gateway", "agent", "registry", "aggregator"])
 async def test_a_service_refused_by_nats_exits_1_and_says_why(server: NatsServer, service: str) -> None:
     """A wrong (here: no) identity is a configuration error: the process says so in one line and
