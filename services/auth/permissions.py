@@ -25,7 +25,7 @@ https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
   (``R.body.>``), takes from the queue (its consumers, ``MSG.NEXT``, acks), reports finished
   requests (``R.events.request``) and writes only its own state key (``$KV.R_agents.<id>``).
 - registry: serves ``R.registry.>``, sends pulls to agents (``R.agent.*.work``, ``.ctl``) and reads
-  their replies, writes the model index, load markers and dead-agent markers
+  their replies, hears a pull's cancel from its asker (``R.agent.registry.ctl``), writes the model index, load markers and dead-agent markers
   (``$KV.R_models.>``, ``$KV.R_views.>``), deletes the state of dead agents (``$KV.R_agents.>``),
   announces membership (``R.events.agent``); hears queued requests' nudges (``R.queued.>``) for
   demand-driven replicas.
@@ -151,7 +151,15 @@ def role_permissions(role: str, s: Subjects) -> Permissions:
                 *read,
             ]
             # demand-driven replicas hear each queued request's nudge
-            subscribe = (f"{s.root}.registry.>", s.replies_all, s.bodies_all, s.queued_all, inbox)
+            # and a pull's cancel from whoever asked for it
+            subscribe = (
+                f"{s.root}.registry.>",
+                s.registry_ctl,
+                s.replies_all,
+                s.bodies_all,
+                s.queued_all,
+                inbox,
+            )
             return Permissions(tuple(publish), subscribe)
         case "aggregator":
             publish = [s.kv_key(s.views_bucket, ">"), *read]

@@ -35,6 +35,7 @@ _ROOT = re.compile(r"[A-Za-z0-9_-]+")
 # a reply subject a peer may name: printable ASCII, no spaces, no wildcards (``*`` ``>``)
 _REPLY = re.compile(r"[!-)+-=?-~]{1,255}")
 _ID = re.compile(r"[A-Za-z0-9_-]+")
+REGISTRY_SENDER = "registry"  # the sender the registry's replies name (`Subjects.registry_ctl`)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -108,6 +109,12 @@ class Subjects(msgspec.Struct, frozen=True):
     def agent_ctl(self, agent_id: str) -> str:
         """Cancel of one request: a sender of work may publish here."""
         return f"{self.root}.agent.{_check_id(agent_id)}.ctl"
+
+    @property
+    def registry_ctl(self) -> str:
+        """Cancels of the registry's fleet-wide pulls: their replies name `REGISTRY_SENDER` as the
+        sender, and a sender of work cancels on the sender's `agent_ctl`."""
+        return self.agent_ctl(REGISTRY_SENDER)
 
     def agent_admin(self, agent_id: str) -> str:
         """Drain, cordon, uncordon: apart from `agent_ctl`, so that NATS permissions can let a

@@ -4,6 +4,10 @@ each pull) takes an Ollama pull body plus ``replicas`` / ``vendor`` / ``all``, c
 progress stream in the same reply framing agents use (claim, head, data, end): per-layer lines
 whose ``total``/``completed`` sum over the agents, ``success`` only when every agent succeeded, an
 ``{"error": ...}`` line naming the agents that failed otherwise.
+
+The reply names `REGISTRY_SENDER` as its sender, so the asker's cancel (its client went away) comes
+on `Subjects.registry_ctl`, which every registry copy hears: the copy running that pull stops it,
+and so each agent's pull.
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import logging
 from collections.abc import AsyncIterator
 
 import msgspec
+from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope, decode_request
 from corral.protocol.errors import AgentUnavailable, BadEnvelope, BadRequest, CorralError
 from corral.protocol.messages import AgentState
 from corral.protocol.names import VENDORS, parse_name
-from corral.protocol.subjects import Subjects
+from corral.protocol.subjects import REGISTRY_SENDER, Subjects
 from corral.routing import pull_order
 from corral.runtime.fleet import FleetView
 from corral.runtime.tasks import cancel_and_wait
@@ -87,12 +92,24 @@ class FleetPulls:
         self._pull_timeout_s = pull_timeout_s  # one agent's pull may take this long
         self._ping_interval_s = ping_interval_s
         self._pulls: set[asyncio.Task[None]] = set()
+        self._by_request: dict[str, asyncio.Task[None]] = {}  # request id → the pull serving it
+        self._cancelled: set[str] = set()  # request ids whose asker cancelled them
 
     async def on_pull(self, msg: Msg) -> None:
         """A pull request: served in a task of its own (pulls take minutes)."""
         task = asyncio.create_task(self._serve_pull(msg))
         self._pulls.add(task)
         task.add_done_callback(self._pulls.discard)
+
+    async def on_cancel(self, msg: Msg) -> None:
+        """An asker cancelled its pull (its client went away): stop it if this copy runs it."""
+        h = msg.headers or {}
+        rid = h.get(H.REQUEST, "")
+        task = self._by_request.get(rid) if h.get(H.CTL) == H.CANCEL else None
+        if task is not None:
+            log.info("pull %s cancelled by its asker: stopping it on every agent", rid)
+            self._cancelled.add(rid)
+            task.cancel()
 
     async def stop(self) -> None:
         """End the pulls under way, one taken a moment ago included (`cancel_and_wait` lets it
@@ -110,16 +127,22 @@ class FleetPulls:
             env: RequestEnvelope | BadEnvelope = decode_request(msg.headers)
         except BadEnvelope as e:
             env = e
-        out = ReplyWriter(
-            self._nc, msg.reply, env.rid if isinstance(env, RequestEnvelope) else "", "registry"
-        )
+        rid = env.rid if isinstance(env, RequestEnvelope) else ""
+        out = ReplyWriter(self._nc, msg.reply, rid, REGISTRY_SENDER)
+        task = asyncio.current_task()
+        if rid and task is not None:
+            self._by_request[rid] = task
         try:
             await self._pull(msg, env, out)
         except asyncio.CancelledError:
-            # the registry is stopping: its asker hears so now, not at its idle timeout
-            with contextlib.suppress(NatsError):
-                await asyncio.shield(out.end(AgentUnavailable("the registry is stopping")))
+            if rid not in self._cancelled:
+                # the registry is stopping: its asker hears so now, not at its idle timeout
+                with contextlib.suppress(NatsError):
+                    await asyncio.shield(out.end(AgentUnavailable("the registry is stopping")))
             raise
+        finally:
+            self._by_request.pop(rid, None)
+            self._cancelled.discard(rid)
 
     async def _pull(self, msg: Msg, env: RequestEnvelope | BadEnvelope, out: ReplyWriter) -> None:
         await out.claim()

@@ -118,6 +118,8 @@ class Registry:
             ping_interval_s=self.settings.ping_interval_s,
         )
         await self.nc.subscribe(self.subjects.registry("pull"), queue=QUEUE_GROUP, cb=self._pulls.on_pull)
+        # every copy hears a pull's cancel: the one running it stops it
+        await self.nc.subscribe(self.subjects.registry_ctl, cb=self._pulls.on_cancel)
         self.placer = Placer(
             self.nc,
             self.subjects,

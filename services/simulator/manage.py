@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
@@ -165,7 +166,13 @@ class ManageRoutes:
             ctx.catalog.models[name.key] = target
             await say(Progress("success"))
         except ConnectionError:
+            ctx.stats.bump("pulls_cut")
             return writer.response or web.Response(status=499)
+        except asyncio.CancelledError:  # the client went away: aiohttp cancels its handler
+            ctx.stats.bump("pulls_cut")
+            raise
+        finally:
+            ctx.stats.bump("pulls_ended")
         if not stream:
             return json_response(Progress("success"))
         return await writer.finish()

@@ -42,6 +42,8 @@ class SimStats:
     prompt_tokens_cached: int = 0  # served from a slot's prompt cache
     generated_tokens: int = 0
     pulls: int = 0  # /api/pull requests (with a valid name), whether or not the registry has it
+    pulls_ended: int = 0  # of those, ended: done, failed, or cut off by their client
+    pulls_cut: int = 0  # of those, cut off by their client before the end
     per_model: dict[str, ModelStats] = field(default_factory=dict)
     _waiters: list[tuple[Callable[[SimStats], bool], asyncio.Future[None]]] = field(
         default_factory=list, repr=False

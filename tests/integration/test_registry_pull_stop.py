@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import msgspec
 import pytest
 from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope
+from corral.protocol.names import parse_name
 from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
@@ -54,3 +56,29 @@ async def test_a_pull_taken_just_before_the_registry_stops_is_answered(
                     if h.get(H.KIND) == H.END_KIND or h.get(H.END) == "1":
                         break
             assert h.get(H.ERROR_CODE) == "agent_unavailable", h
+
+
+async def test_a_pull_whose_client_went_away_stops_on_every_agent(nats_server: NatsServer, root: str) -> None:
+    """`ollama pull` given Ctrl-C: the gateway cancels its call, and the registry running the
+    fleet-wide pull stops it on each agent, as Ollama stops a pull whose client left, instead of
+    downloading the model everywhere for nobody."""
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(2, time_scale=1.0, pull_bandwidth=100e6),  # 1.3 GB: about 13 s each
+        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
+        aggregator=None,
+    )
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+        body = {"model": "llama3.2:1b"}  # in the simulator's registry, on no disk
+        async with s.post(fleet.url + "/api/pull", json=body, headers={"X-Corral-Replicas": "2"}) as r:
+            assert r.status == 200
+            for _ in range(3):
+                await r.content.readline()  # under way on both agents
+            assert all(sim.stats.pulls == 1 and sim.stats.pulls_ended == 0 for sim in fleet.sims)
+        # the client is gone: each agent's pull ends long before its download could have
+        for sim in fleet.sims:
+            await sim.stats.wait_for(lambda st: st.pulls_ended == 1, timeout=10)
+            assert sim.stats.pulls_cut == 1
+            assert parse_name("llama3.2:1b").key not in sim.ctx.catalog.models
