@@ -7,20 +7,23 @@ connection that closed, and answers a request nobody subscribes to with "no resp
 (https://docs.nats.io/nats-concepts/core-nats/reqreply). So every ``probe_s`` the registry sends
 each agent an empty request on its cancel subject (`Subjects.agent_ctl`, which every agent holds
 from its start to its stop and answers). An agent that nothing answers for `MISSES` probes in a
-row, the first and last at least two probe periods apart, and that has not been heard from since
-the first, is declared dead as if its heartbeats had run out (`Absences`, a pure state machine; the
-registry does the I/O in `Prober`).
+row, the first and last at least `ABSENT_S` apart (or two probe periods, if longer), and that has
+not been heard from since the first, is declared dead as if its heartbeats had run out
+(`Absences`, a pure state machine; the registry does the I/O in `Prober`).
 
 What it is not fooled by:
 
 - a slow or busy agent: a probe delivered but unanswered in time is no miss (somebody subscribes);
-- an agent moving to another server of a cluster: it subscribes there again within moments, well
-  inside two probe periods;
+- an agent reconnecting, to the same server or another of a cluster: it subscribes again after
+  its reconnect backoff (at most `RECONNECT_MAX_S`) and a connect attempt or two, well inside
+  `ABSENT_S`, and writes its state at once, which starts the count again;
+- an agent whose state still arrives (its heartbeats, default 5 s, come within `ABSENT_S`): a live
+  agent that only this registry's server cannot see (a broken route in a cluster) is heard;
 - the registry's own connection coming back (a restarted server, the registry moved): a server that
-  just came back knows nobody's subscriptions until every client has reconnected, each after its
-  own backoff (at most `RECONNECT_MAX_S`), so what the registry found before is forgotten and no
-  miss counts until `SETTLE_S` after it is back.
+  just came back knows nobody's subscriptions until every client has reconnected, so what the
+  registry found before is forgotten and no miss counts until `SETTLE_S` after it is back.
 
+An agent away from NATS for longer than `ABSENT_S` is removed, and joins again once it is back.
 A host that vanishes without closing its connections (power lost, a cable pulled) leaves them open
 on the server until NATS's own pings fail; such an agent is found by its heartbeats, as before.
 """
@@ -28,9 +31,11 @@ on the server until NATS's own pings fail; such an agent is found by its heartbe
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import NamedTuple
 
 import nats.errors
 from corral.protocol.subjects import Subjects
@@ -39,20 +44,41 @@ from nats.aio.client import Client as NATS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MISSES", "SETTLE_S", "Absences", "Prober"]
+__all__ = ["ABSENT_S", "MISSES", "SETTLE_S", "Absences", "Known", "Presence", "Prober"]
 
 MISSES = 3  # probes in a row that nothing answered
+CONNECT_TIMEOUT_S = 2.0  # nats-py's wait for a server that takes the connection but does not answer
+# nothing answers an agent this long (at least) before it is taken for gone: a reconnect's backoff,
+# one connect attempt that timed out and a probe period more; longer than the default heartbeat
+ABSENT_S = RECONNECT_MAX_S + CONNECT_TIMEOUT_S + 2.0
 SETTLE_S = 2 * RECONNECT_MAX_S  # after the registry's own reconnect, no miss counts for this long
+
+
+class Presence(enum.Enum):
+    """What one probe of an agent found."""
+
+    ANSWERED = "answered"  # the agent answered
+    SLOW = "slow"  # delivered (somebody subscribes: NATS says "no responders" at once otherwise), unanswered
+    ABSENT = "absent"  # nobody subscribes: "no responders"
+    UNKNOWN = "unknown"  # the request failed otherwise (the registry's own connection, say)
+
+
+class Known(NamedTuple):
+    """An agent as the registry last heard it."""
+
+    heard: float  # when its state arrived (monotonic)
+    revision: int  # that state's KV revision: a removal is conditional on it
 
 
 class Absences:
     """Which agents nothing answered at their last probes: a pure state machine (no I/O, no clock).
 
     ``every_s`` is the probe period: an agent is absent for good after `MISSES` misses in a row
-    spanning at least two periods, with nothing heard from it since the first."""
+    spanning at least `ABSENT_S` (or two periods, if longer), with nothing heard from it since the
+    first."""
 
     def __init__(self, every_s: float, now: float) -> None:
-        self.span_s = 2 * every_s
+        self.span_s = max(2 * every_s, ABSENT_S)
         self._misses: dict[str, tuple[float, int]] = {}  # agent → (its first miss, misses in a row)
         self._steady_since = now  # misses count from `SETTLE_S` after this
 
@@ -91,17 +117,18 @@ class Absences:
 
 
 class Prober:
-    """Every ``every_s``, asks each agent of ``known()`` (id → when its state last arrived, on the
-    monotonic clock) whether it is there, and calls ``dead(agent)`` for each that `Absences` finds
-    gone. One request per agent and period, all at once, each waiting one period at most."""
+    """Every ``every_s``, asks each agent of ``known()`` (id → `Known`, read before the probes go
+    out) whether it is there, and calls ``dead(agent, revision)`` for each that `Absences` finds
+    gone, with the revision of the state it judged (a state written since wins the removal). One
+    request per agent and period, all at once, each waiting one period at most."""
 
     def __init__(
         self,
         nc: NATS,
         subjects: Subjects,
         every_s: float,
-        known: Callable[[], Mapping[str, float]],
-        dead: Callable[[str], Awaitable[None]],
+        known: Callable[[], Mapping[str, Known]],
+        dead: Callable[[str, int], Awaitable[None]],
     ) -> None:
         self._nc = nc
         self._subjects = subjects
@@ -119,7 +146,7 @@ class Prober:
             await asyncio.sleep(self.every_s)  # a period, not a wait for something
             await self.probe_once()
 
-    async def probe_once(self) -> dict[str, bool | None]:
+    async def probe_once(self) -> dict[str, Presence]:
         """One round: every known agent asked at once, then judged. Returns what each answer said
         (`_there`); nothing while the registry's own connection is or was just away."""
         epoch = self._reconnects()
@@ -133,25 +160,22 @@ class Prober:
         if self._reconnects() != epoch or not self._nc.is_connected:  # its answers say nothing
             return {}
         now = time.monotonic()
-        for (agent, heard), present in zip(agents.items(), there, strict=True):
-            if present is None:
-                continue  # unknown (the request failed otherwise): neither a miss nor an answer
-            if present:
+        for (agent, known), presence in zip(agents.items(), there, strict=True):
+            if presence in (Presence.ANSWERED, Presence.SLOW):
                 self.absences.answered(agent)
-            elif self.absences.missed(agent, now, heard):
+            elif presence is Presence.ABSENT and self.absences.missed(agent, now, known.heard):
                 log.warning("agent %s: nothing answers on its NATS subjects (its process is gone)", agent)
-                await self._dead(agent)
+                await self._dead(agent, known.revision)
         return dict(zip(agents, there, strict=True))
 
-    async def _there(self, agent: str) -> bool | None:
-        """True: somebody subscribes to ``agent``'s cancel subject; False: nobody; None: unknown."""
+    async def _there(self, agent: str) -> Presence:
         try:
             await self._nc.request(self._subjects.agent_ctl(agent), b"", timeout=self.every_s)
         except nats.errors.NoRespondersError:
-            return False
+            return Presence.ABSENT
         except nats.errors.TimeoutError:
-            return True  # delivered (NATS says "no responders" at once otherwise): only slow
+            return Presence.SLOW
         except nats.errors.Error as e:
             log.debug("probe of agent %s: %s", agent, e)
-            return None
-        return True
+            return Presence.UNKNOWN
+        return Presence.ANSWERED

@@ -8,8 +8,9 @@ heartbeat) and delete it when they stop cleanly. The registry watches that bucke
 - declares an agent ``dead`` when its state is older than ``dead_after_s`` (default: three of the
   agent's own heartbeats), or sooner when NATS says nothing subscribes to its subjects any more
   (its process is gone; `corral.registry.liveness`): it deletes the key *at the revision it
-  judged* (``last=revision``), so a state written meanwhile wins and the agent stays. The gateway stops routing to the agent as soon
-  as its key is gone (and already stops after three missed heartbeats by itself).
+  judged* (``last=revision``), so a state written meanwhile wins and the agent stays. The gateway
+  stops routing to the agent as soon as its key is gone (and already stops after three missed
+  heartbeats by itself).
 
 Several registries may run at once without double-acting: every announcement is made by whoever
 wins a KV compare-and-set on a ``member.{id}`` marker in the views bucket, and the death delete is
@@ -36,6 +37,7 @@ import nats.errors
 from corral.protocol.messages import AgentEvent, AgentState, agent_state_of
 from corral.protocol.subjects import Subjects
 from corral.registry.index import ModelIndexWriter
+from corral.registry.liveness import Known as Heard
 from corral.registry.liveness import Prober
 from corral.registry.pins import PinKeeper
 from corral.registry.placement import Placer, ReplicaSettings
@@ -237,14 +239,14 @@ class Registry:
             await self._joined(state)  # raises (a KV call failed): known only once announced
         self._known[agent_id] = _Known(revision, state, received_at(entry, snapshot=snapshot))
 
-    def _heard(self) -> dict[str, float]:
-        return {agent_id: known.heard for agent_id, known in self._known.items()}
+    def _heard(self) -> dict[str, Heard]:
+        return {agent_id: Heard(known.heard, known.revision) for agent_id, known in self._known.items()}
 
-    async def _vanished(self, agent_id: str) -> None:
-        """Nothing subscribes to the agent's subjects any more: its process is gone."""
-        known = self._known.get(agent_id)
-        if known is not None:
-            await self._declare_dead(agent_id, known.revision, "its NATS connection is gone")
+    async def _vanished(self, agent_id: str, revision: int) -> None:
+        """Nothing subscribes to the agent's subjects any more: its process is gone. ``revision``:
+        the state judged, as heard before the probes went out (one written since wins)."""
+        if agent_id in self._known:
+            await self._declare_dead(agent_id, revision, "its NATS connection is gone")
 
     def _dead_after(self, state: AgentState) -> float:
         return self.settings.dead_after_s or STALE_HEARTBEATS * state.heartbeat_s

@@ -21,8 +21,8 @@ class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
         float,
         setting(
             "every this often, each agent is asked over NATS whether it is there; one whose connection "
-            "is gone (nothing subscribes to its subjects for two of these) is removed and announced "
-            "dead before its heartbeats run out; 0 = by heartbeats only",
+            "is gone (nothing subscribes to its subjects for 6 s and three of these) is removed and "
+            "announced dead before its heartbeats run out; 0 = by heartbeats only",
             ge=0,
         ),
     ] = 1.0

@@ -13,6 +13,7 @@ import pytest
 from corral.agent.agent import Agent
 from corral.protocol import headers as H
 from corral.protocol.names import parse_name
+from corral.registry.liveness import Presence
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 
@@ -33,7 +34,7 @@ def _options(nats_server: NatsServer, root: str, registry: Mapping[str, Any]) ->
         root=root,
         sims=default_sims(2, time_scale=0.02, num_parallel=1, reply_tokens=(10**6, 10**6)),
         agent={"refresh_s": 0.5, "heartbeat_s": HEARTBEAT_S},
-        gateway={"queue_timeout_s": 60.0},
+        gateway={"queue_timeout_s": 60.0, "idle_timeout_s": 60.0},  # the streams end by the removal
         registry={"replica_check_s": 0.0} | dict(registry),  # no demand replicas: only a death re-plans
         aggregator=None,
     )
@@ -111,6 +112,6 @@ async def test_live_agents_are_never_taken_for_gone(nats_server: NatsServer, roo
         assert prober is not None
         ids = {a.id for a in fleet.agents}
         for _ in range(20):
-            assert await prober.probe_once() == dict.fromkeys(ids, True)  # each one answered
+            assert await prober.probe_once() == dict.fromkeys(ids, Presence.ANSWERED)
             assert prober.absences.missing() == {}
         assert {a.id for a in fleet.gateway.fleet.agents()} == {a.id for a in fleet.agents}

