@@ -15,7 +15,14 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     the other services' settings): the Ollama it serves, its slots and periods, and how it finds
     several Ollamas on one host (Docker discovery, one spawned Ollama per GPU)."""
 
-    id: Annotated[str, setting("agent id, unique in the fleet", shown="<hostname>-<port>")] = ""
+    id: Annotated[
+        str,
+        setting(
+            "agent id, unique in the fleet; letters, digits, _ and -, and not `registry` (the registry's own)",
+            pattern=r"^(?!registry$)[A-Za-z0-9_-]*$",
+            shown="<hostname>-<port>",
+        ),
+    ] = ""
     ollama_url: Annotated[str, setting("the Ollama this agent serves", flags=["--ollama"], secret=True)] = (
         "http://127.0.0.1:11434"
     )

@@ -467,3 +467,10 @@ def test_the_nats_url_is_a_comma_separated_server_list() -> None:
     assert server_urls(spaced) == ["nats://a:4222", "nats://u:pw@b:4222", "nats://c:4222"]
     with pytest.raises(ValueError, match="no NATS server"):
         server_urls(" , ")
+
+
+@pytest.mark.parametrize("agent_id", ["registry", "a.b", "a b", "gpu*"])
+def test_an_agent_id_that_is_no_subject_token_or_is_the_registrys_is_refused(agent_id: str) -> None:
+    with pytest.raises(SettingsError, match="CORRAL_ID / --id"):
+        load_settings(AgentSettings, environ={"CORRAL_ID": agent_id})
+    assert load_settings(AgentSettings, environ={"CORRAL_ID": "registry-2"}).id == "registry-2"
