@@ -231,8 +231,7 @@ class FleetQueue:
                         return None
                     elif step is Silence.PASSED:
                         log.warning(
-                            "the queue's reader went past a queued %s (a NATS that lost its last writes): "
-                            "routing it again",
+                            "the queue's reader passed a queued %s, which no agent will get now: routing it again",
                             req.endpoint,
                         )
                         self._rechecks.withdraw(queued)
