@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import sys
 from collections.abc import Callable
 
@@ -33,6 +34,8 @@ from corral.views.status import Pin
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
 
 COMMANDS = {
     "alias": "serve a model name with another model (e.g. gpt-4o-mini with llama3.1:8b)",
@@ -178,6 +181,21 @@ async def keeper_heard(nc: NATS, subjects: Subjects, settings: CommonSettings) -
     return False
 
 
+async def _fleet_notes(
+    command: str, args: argparse.Namespace, nc: NATS, subjects: Subjects, settings: CommonSettings
+) -> list[str]:
+    """`fleet_notes` on the fleet as the agents bucket has it now."""
+    agents = await open_bucket(
+        nc.jetstream(), subjects.agents_bucket, BUCKETS["agents"], replicas=settings.js_replicas
+    )
+    fleet = FleetView(agents)
+    await fleet.start()
+    try:
+        return fleet_notes(command, args, fleet)
+    finally:
+        await fleet.stop()
+
+
 def fleet_notes(command: str, args: argparse.Namespace, fleet: FleetView) -> list[str]:
     """What a new rule means for the fleet as it is now, worth a line on stderr: a model it names
     that no agent has, an alias that hides a model agents have, a pin with too few agents to keep
@@ -200,8 +218,10 @@ def fleet_notes(command: str, args: argparse.Namespace, fleet: FleetView) -> lis
         holders = [a for a in fleet.with_model(model_key(args.model)) if args.vendor in (None, a.vendor)]
         agents = f"{args.vendor} agent" if args.vendor else "agent"
         if len(holders) < args.replicas:
-            notes.append(f"{len(holders)} {agents}(s) have {args.model} on disk, {args.replicas} wanted: "
-                         f"pins load only where it is (`corral pull {args.model}` puts it on more)")  # fmt: skip
+            notes.append(
+                f"{len(holders)} {agents}(s) have {args.model} on disk, {args.replicas} wanted: "
+                f"pins load only where it is (`corral pull {args.model}` puts it on more)"
+            )
     return notes
 
 
@@ -312,16 +332,13 @@ def main(command: str, argv: list[str] | None = None) -> int:
                     return 1
             show(command, policy, args.json)
             if change is not None:
-                agents = await open_bucket(
-                    nc.jetstream(), subjects.agents_bucket, BUCKETS["agents"], replicas=settings.js_replicas
-                )
-                fleet = FleetView(agents)
-                await fleet.start()
                 try:
-                    for note in fleet_notes(command, args, fleet):
-                        print(f"corral {command}: note: {note}", file=sys.stderr)
-                finally:
-                    await fleet.stop()
+                    notes = await _fleet_notes(command, args, nc, subjects, settings)
+                except COMMAND_ERRORS as e:  # the rule is stored: nothing to fail for
+                    log.debug("cannot read the fleet for notes on the rule: %r", e)
+                    notes = []
+                for note in notes:
+                    print(f"corral {command}: note: {note}", file=sys.stderr)
             if command == "pin" and change is not None and not await keeper_heard(nc, subjects, settings):
                 print(
                     f"corral pin: no registry keeps the pins now (none took the keeper lease within "
