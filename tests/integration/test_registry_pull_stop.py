@@ -74,9 +74,10 @@ async def test_a_pull_whose_client_went_away_stops_on_every_agent(nats_server: N
         body = {"model": "llama3.2:1b"}  # in the simulator's registry, on no disk
         async with s.post(fleet.url + "/api/pull", json=body, headers={"X-Corral-Replicas": "2"}) as r:
             assert r.status == 200
-            for _ in range(3):
-                await r.content.readline()  # under way on both agents
-            assert all(sim.stats.pulls == 1 and sim.stats.pulls_ended == 0 for sim in fleet.sims)
+            await r.content.readline()
+            for sim in fleet.sims:  # under way on both agents
+                await sim.stats.wait_for(lambda st: st.pulls == 1, timeout=10)
+            assert all(sim.stats.pulls_ended == 0 for sim in fleet.sims)
         # the client is gone: each agent's pull ends long before its download could have
         for sim in fleet.sims:
             await sim.stats.wait_for(lambda st: st.pulls_ended == 1, timeout=10)
