@@ -22,7 +22,7 @@ from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
-from corral.runtime.buckets import NoFleet, ensure_buckets, ensure_buckets_at_start, require_fleet
+from corral.runtime.buckets import ensure_buckets, ensure_buckets_at_start, require_fleet
 from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import snapshot
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
@@ -61,6 +61,14 @@ class _Session:
         self.nc = await connect_command(
             self.settings.nats_url, name="corral-cli", auth=NatsAuth.of(self.settings)
         )
+        try:
+            await self._open()
+        except BaseException:  # the command ends here: what it opened goes with it
+            await self.nc.close()
+            raise
+        return self
+
+    async def _open(self) -> None:
         js, replicas = self.nc.jetstream(), self.settings.js_replicas
         if self.setup:
             # `corral status` is the deploy files' setup step, run as the operator beside a cluster
@@ -73,15 +81,10 @@ class _Session:
                 log.warning("the API keys' buckets are not there and cannot be made here (%r): "
                             "the operator's `corral status` makes them", e)  # fmt: skip
         else:
-            try:
-                await require_fleet(js, self.subjects)
-            except NoFleet:
-                await self.nc.close()
-                raise
+            await require_fleet(js, self.subjects)
             self.buckets = await ensure_buckets(js, self.subjects, replicas=replicas)
         self.fleet = FleetView(self.buckets.agents)
         await self.fleet.start()
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.fleet.stop()
@@ -330,9 +333,6 @@ def main(command: str, argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(go())
-    except NoFleet as e:
-        print(f"corral {command}: {e}", file=sys.stderr)
-        return 1
     except COMMAND_ERRORS as e:
         print(f"corral {command}: {command_error(settings.nats_url, e)}", file=sys.stderr)
         return 1

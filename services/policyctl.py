@@ -23,7 +23,7 @@ from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
 from corral.registry.lease import held
 from corral.registry.pins import LEASE_KEY, LEASE_S
-from corral.runtime.buckets import BUCKETS, NoFleet, open_bucket, require_fleet
+from corral.runtime.buckets import BUCKETS, open_bucket, require_fleet
 from corral.runtime.fleet import FleetView
 from corral.runtime.kvwatch import watching
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
@@ -351,9 +351,6 @@ def main(command: str, argv: list[str] | None = None) -> int:
 
     try:
         return asyncio.run(go())
-    except NoFleet as e:
-        print(f"corral {command}: {e}", file=sys.stderr)
-        return 1
     except COMMAND_ERRORS as e:
         print(f"corral {command}: {command_error(settings.nats_url, e)}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from corral.protocol.subjects import Subjects
+from corral.runtime.nats import NoFleet
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import (
     NO_PEERS,
@@ -212,16 +213,6 @@ async def _hold_to(js: JetStreamContext, stream: str, spec: BucketSpec) -> None:
             await js.update_stream(replace(cfg, max_bytes=spec.max_bytes, discard=discard))
         except (NatsError, JetStreamError, TimeoutError) as e:  # no stream-admin rights (`corral auth`)
             log.warning("cannot give bucket stream %s its limits (%r): it keeps those it has", stream, e)
-
-
-class NoFleet(Exception):
-    """No fleet lives under this root: its buckets are not there (a mistyped ``--root``, say)."""
-
-    def __init__(self, root: str) -> None:
-        super().__init__(
-            f"no fleet under root {root!r} on this NATS (its buckets are not there: a mistyped --root? "
-            "`corral status` or any Corral service makes them)"
-        )
 
 
 async def require_fleet(js: JetStreamContext, subjects: Subjects) -> None:

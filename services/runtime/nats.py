@@ -88,6 +88,17 @@ class NatsUnreachable(ConnectionError):
     """No NATS server of the URL could be reached within a command's patience (`connect_command`)."""
 
 
+class NoFleet(Exception):
+    """No fleet lives under this root: its buckets are not there (a mistyped ``--root``, say;
+    `corral.runtime.buckets.require_fleet`)."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(
+            f"no fleet under root {root!r} on this NATS (its buckets are not there: a mistyped --root? "
+            "`corral status` or any Corral service makes them)"
+        )
+
+
 def refused_for_good(e: BaseException) -> bool:
     """Whether a first-connection error is one retrying cannot cure (see `NatsRefused`)."""
     if isinstance(e, ssl.SSLCertVerificationError):
@@ -271,12 +282,18 @@ async def connect_command(url: str, *, name: str, auth: NatsAuth | None = None) 
     return nc
 
 
-COMMAND_ERRORS = (NatsUnreachable, NatsRefused, TimeoutError, NatsError)  # JetStream's are NatsErrors
+COMMAND_ERRORS = (
+    NatsUnreachable,
+    NatsRefused,
+    NoFleet,
+    TimeoutError,
+    NatsError,
+)  # JetStream's are NatsErrors
 
 
 def command_error(url: str, e: BaseException) -> str:
     """The one line a command prints for one of `COMMAND_ERRORS` (it then exits 1)."""
-    if isinstance(e, (NatsUnreachable, NatsRefused)):
+    if isinstance(e, (NatsUnreachable, NatsRefused, NoFleet)):
         return str(e)
     return (
         f"NATS at {url} did not answer ({e!r}); "
