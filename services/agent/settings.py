@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from corral.protocol.subjects import AGENT_ID_PATTERN
 from corral.runtime.settings import CommonSettings, setting
 
 # the GPU vendors an agent may declare; empty = detect (corral.protocol.names.VENDORS, plus "")
@@ -19,7 +20,7 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
         str,
         setting(
             "agent id, unique in the fleet; letters, digits, _ and -, and not `registry` (the registry's own)",
-            pattern=r"^(?!registry$)[A-Za-z0-9_-]*$",
+            pattern=AGENT_ID_PATTERN,
             shown="<hostname>-<port>",
         ),
     ] = ""

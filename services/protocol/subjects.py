@@ -34,8 +34,11 @@ from corral.protocol.priority import BATCH, INTERACTIVE, Priority
 _ROOT = re.compile(r"[A-Za-z0-9_-]+")
 # a reply subject a peer may name: printable ASCII, no spaces, no wildcards (``*`` ``>``)
 _REPLY = re.compile(r"[!-)+-=?-~]{1,255}")
-_ID = re.compile(r"[A-Za-z0-9_-]+")
+_ID_CHARS = "[A-Za-z0-9_-]"
+_ID = re.compile(f"{_ID_CHARS}+")
 REGISTRY_SENDER = "registry"  # the sender the registry's replies name (`Subjects.registry_ctl`)
+# an agent id: a subject token, and not the registry's (empty: the agent makes its own)
+AGENT_ID_PATTERN = f"^(?!{REGISTRY_SENDER}$){_ID_CHARS}*$"
 
 
 @functools.lru_cache(maxsize=4096)
