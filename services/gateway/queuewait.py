@@ -77,7 +77,8 @@ class QueueWait:
         """No claim came within `timeout`: what to do now. ``left_stream``: the stream's latest
         answer said it no longer holds the request; ``unreadable``: JetStream's latest answer for
         the queue's reader, asked moments ago, was none; ``passed``: the stream's latest answer said
-        it still holds the request, and the reader had handed out requests past it before that."""
+        it still holds the request, and the reader had passed it before that (handed out requests
+        past it, or counted none left to hand out)."""
         if left_stream and self.taken_at is None:
             self.taken_at = now
         remaining = self.deadline - now
