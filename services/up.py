@@ -312,7 +312,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="a TOML file per simulated server (repeat)",
     )
-    p.add_argument("--time-scale", type=float, default=1.0, help="simulated time factor (0.1 = 10x faster)")
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=None,
+        help="simulated time factor (0.1 = 10x faster; default 1, or a --sim-config file's time_scale)",
+    )
     p.add_argument("--nats", dest="nats_url", default="", help="use this NATS instead of an embedded one")
     p.add_argument("--nats-port", type=int, default=4222, help="embedded NATS port (default 4222)")
     p.add_argument(
@@ -327,10 +332,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _up(args: argparse.Namespace) -> int:
+def sim_configs(args: argparse.Namespace) -> list[SimConfig]:
+    """The simulated servers ``args`` ask for: one per ``--sim-config`` file, then ``--sim N`` of
+    the defaults (3 when neither they nor ``--ollama`` are given). ``--time-scale`` overrides a
+    file's ``time_scale`` only when given."""
     sims = [load_config(f, time_scale=args.time_scale) for f in args.sim_config]
     n = args.sim if args.sim is not None else (0 if args.ollama or sims else 3)
-    sims += default_sims(n, time_scale=args.time_scale)
+    return sims + default_sims(n, time_scale=1.0 if args.time_scale is None else args.time_scale)
+
+
+async def _up(args: argparse.Namespace) -> int:
+    sims = sim_configs(args)
     backends = [parse_backend(s) for s in args.ollama]
     for b in backends:
         b.parallel = args.parallel

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import typing
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -377,6 +378,16 @@ def test_common_flags_for_other_commands() -> None:
 )
 def test_corral_up_keeps_its_flags(argv: list[str], field: str, expected: Any) -> None:
     assert getattr(up.parser().parse_args(argv), field) == expected
+
+
+def test_corral_up_takes_a_sim_config_files_time_scale_unless_told_otherwise(tmp_path: Path) -> None:
+    f = tmp_path / "sim.toml"
+    f.write_text('vendor = "amd"\ntime_scale = 0.2\n')
+    from_file = up.sim_configs(up.parser().parse_args(["--sim-config", str(f)]))
+    assert [(c.vendor, c.time_scale) for c in from_file] == [("amd", 0.2)]
+    told = up.sim_configs(up.parser().parse_args(["--sim-config", str(f), "--time-scale", "0.5"]))
+    assert [c.time_scale for c in told] == [0.5]
+    assert [c.time_scale for c in up.sim_configs(up.parser().parse_args([]))] == [1.0, 1.0, 1.0]
 
 
 def test_corral_up_defaults_are_the_declared_ones() -> None:
