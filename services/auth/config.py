@@ -28,7 +28,7 @@ from corral.auth.permissions import (
     inbox_prefix,
     role_permissions,
 )
-from corral.protocol.subjects import Subjects
+from corral.protocol.subjects import Subjects, check_agent_id
 from corral.runtime.natsauth import Credentials, read_credentials
 
 AUTH_FILE = "auth.conf"
@@ -70,12 +70,14 @@ def init(
     subjects = Subjects(root)  # validates the root
     if (d / ROOT_FILE).exists() or any(d.glob(f"*{CREDS_SUFFIX}")):
         raise AuthDirError(f"{d} already holds NATS identities: use 'corral auth agent' to add an agent")
+    agents, gateways = list(agents), list(gateways)
+    for a in agents:
+        check_agent_id(a)
+    for g in gateways:
+        subjects.agent_work(g)  # validates the id (the same rule for every subject token)
     d.mkdir(parents=True, exist_ok=True)
     d.chmod(0o700)
     (d / ROOT_FILE).write_text(subjects.root + "\n")
-    agents, gateways = list(agents), list(gateways)
-    for i in (*agents, *gateways):
-        subjects.agent_work(i)  # validates the id (the same rule for every subject token)
     for user in (*ROLES, *(agent_user(a) for a in agents), *(gateway_user(g) for g in gateways)):
         _write_private(creds_path(d, user), _render(new_identity(user, password=passwords), root))
     return write_authorization(d)
@@ -84,6 +86,7 @@ def init(
 def add_agent(directory: str | Path, agent_id: str, *, password: bool | None = None) -> Path:
     """Write one more agent's identity (the kind of secret the gateway's has, unless told) and
     build ``auth.conf`` again; returns the agent's credentials file."""
+    check_agent_id(agent_id)
     return _add(directory, agent_id, agent_user(agent_id), password)
 
 

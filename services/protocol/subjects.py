@@ -62,6 +62,14 @@ def _check_id(value: str) -> str:
     return value
 
 
+def check_agent_id(value: str) -> str:
+    """``value`` if an agent may be named so (`AGENT_ID_PATTERN`): a subject token other than the
+    sender the registry's own control subject uses; else `ValueError`."""
+    if value == REGISTRY_SENDER:
+        raise ValueError(f"{value!r} names the registry's own control subject, not an agent")
+    return _check_id(value)
+
+
 class Subjects(msgspec.Struct, frozen=True):
     root: str = "corral"
 

@@ -38,6 +38,16 @@ def test_init_refuses_a_directory_with_identities_and_agent_adds_one(tmp_path: P
         add_agent(tmp_path, "late")
     with pytest.raises(ValueError):
         add_agent(tmp_path, "bad.id")
+    with pytest.raises(ValueError, match="registry"):  # the registry's own control subject
+        add_agent(tmp_path, "registry")
+    assert not (tmp_path / "agent-registry.creds").exists()
+
+
+def test_init_refuses_the_registrys_name_as_an_agent(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="registry"):
+        init(tmp_path, "corral", ["gpu-1", "registry"])
+    assert not any(tmp_path.iterdir())  # nothing written, so the corrected command may run
+    init(tmp_path, "corral", ["gpu-1"])
 
 
 def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
