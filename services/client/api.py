@@ -42,7 +42,7 @@ class AsyncClient:
         nats_url: str = "nats://127.0.0.1:4222",
         *,
         root: str = "corral",
-        queue_timeout: float = 60.0,
+        queue_timeout: float = 600.0,
         nc: NATS | None = None,
         nats_creds: str = "",
         nats_tls_ca: str = "",

@@ -50,7 +50,7 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     queue_timeout_s: Annotated[
         float,
         setting("how long a request may wait for capacity before 503", ge=0, flags=["--queue-timeout"]),
-    ] = 60.0
+    ] = 600.0  # Ollama waits without a bound; a fleet that is busy for minutes still serves in turn
     ollama_version: Annotated[str, setting("/api/version when no backend reports one")] = "0.12.3"
     strategy: Annotated[
         Strategy, setting("routing when a request names none (X-Load-Balancing-Strategy)")
