@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from corral.runtime.settings import CommonSettings, setting
+from corral.runtime.workqueue import MAX_AGE_S
 
 # the routing strategies a request may name (a test checks them against the routing module's)
 Strategy = Literal["auto", "round_robin", "random", "least_connection", "vram", "affinity"]
@@ -49,7 +50,12 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     ] = 10.0
     queue_timeout_s: Annotated[
         float,
-        setting("how long a request may wait for capacity before 503", ge=0, flags=["--queue-timeout"]),
+        setting(
+            "how long a request may wait for capacity before 503 (at most the queue's hour)",
+            ge=0,
+            le=MAX_AGE_S,
+            flags=["--queue-timeout"],
+        ),
     ] = 600.0  # Ollama waits without a bound; a fleet that is busy for minutes still serves in turn
     ollama_version: Annotated[str, setting("/api/version when no backend reports one")] = "0.12.3"
     strategy: Annotated[

@@ -59,7 +59,7 @@ NO_MESSAGE = "no message found"
 
 DEFAULT_DEPTH = 512  # requests waiting per model and vendor subject (Ollama's OLLAMA_MAX_QUEUE)
 DEFAULT_MAX_BYTES = 1 << 30  # the whole queue, on disk
-MAX_AGE_S = 600.0  # nothing waits longer than this, whatever its deadline said
+MAX_AGE_S = 3600.0  # nothing waits longer than this, whatever its deadline said (a leftover's bound)
 ACK_WAIT_S = 30.0
 _STATUS = "Status"  # nats-py puts a status line (404 no messages, 408 timeout ...) under this header
 
@@ -100,12 +100,13 @@ async def ensure_stream(
         info = None
     if info is not None:
         cfg = info.config
-        if limits is not None and (cfg.max_msgs_per_subject, cfg.max_bytes) != (
+        if limits is not None and (cfg.max_msgs_per_subject, cfg.max_bytes, cfg.max_age) != (
             limits.depth,
             limits.max_bytes,
+            MAX_AGE_S,
         ):
             await js.update_stream(
-                replace(cfg, max_msgs_per_subject=limits.depth, max_bytes=limits.max_bytes)
+                replace(cfg, max_msgs_per_subject=limits.depth, max_bytes=limits.max_bytes, max_age=MAX_AGE_S)
             )
         return
     limits = limits or QueueLimits()

@@ -9,13 +9,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
+from corral.gateway.settings import GatewaySettings
 from corral.protocol import headers as H
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import connect, round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.workqueue import (
+    MAX_AGE_S,
     Puller,
     QueueFull,
     QueueLimits,
@@ -84,6 +87,18 @@ async def test_the_queue_is_bounded_in_bytes_and_the_bound_follows_the_setting(q
     await enqueue(nc, js, subjects, "any", "m0", body, hdrs)
     info = await js.stream_info(subjects.queue_stream)
     assert (info.config.max_bytes, info.config.max_msgs_per_subject) == (64 * 1024, 100)
+
+
+async def test_a_queue_made_by_an_older_version_keeps_requests_for_the_longest_deadline(queue: Queue) -> None:
+    """A stream made when requests aged out after ten minutes outlives a deadline of an hour, once a
+    gateway has set its limits."""
+    subjects, _, js = queue
+    await ensure_stream(js, subjects)
+    info = await js.stream_info(subjects.queue_stream)
+    await js.update_stream(replace(info.config, max_age=600.0))
+    await ensure_stream(js, subjects, limits=QueueLimits())
+    assert (await js.stream_info(subjects.queue_stream)).config.max_age == MAX_AGE_S
+    assert GatewaySettings().queue_timeout_s <= MAX_AGE_S
 
 
 async def test_a_pull_that_brought_only_dropped_requests_pulls_again(queue: Queue) -> None:
