@@ -29,7 +29,7 @@ from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect
 from corral.runtime.policy import POLICY_KEY, policy_decoder
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
-from corral.runtime.workqueue import depths
+from corral.runtime.workqueue import MAX_AGE_S, depths, keep_long_enough
 from corral.transport import Transport, WorkRequest
 from corral.views.status import Pin
 from nats.js.errors import KeyNotFoundError
@@ -75,6 +75,11 @@ class _Session:
             # that may still be forming: as patient as a service, and it makes the API keys' buckets
             # too (with NATS identities no gateway may make them)
             self.buckets = await ensure_buckets_at_start(js, self.subjects, replicas=replicas)
+            try:
+                if await keep_long_enough(js, self.subjects):
+                    log.info("the queue stream now keeps requests for up to %.0f s", MAX_AGE_S)
+            except COMMAND_ERRORS as e:
+                log.warning("cannot give the queue stream its age limit (%r): it keeps its own", e)
             try:
                 await open_key_buckets(js, self.subjects, replicas=replicas)
             except COMMAND_ERRORS as e:  # an identity that may not make them: its create goes unanswered

@@ -129,6 +129,17 @@ async def ensure_stream(
             raise
 
 
+async def keep_long_enough(js: JetStreamContext, subjects: Subjects) -> bool:
+    """Give an existing queue stream made by an older version (its requests aged out after ten
+    minutes) `MAX_AGE_S`, leaving its other limits; True when it was changed. For the operator's
+    setup step: with NATS identities no other service may change the stream."""
+    cfg = (await js.stream_info(subjects.queue_stream)).config
+    if cfg.max_age is not None and 0 < cfg.max_age < MAX_AGE_S:
+        await js.update_stream(replace(cfg, max_age=MAX_AGE_S))
+        return True
+    return False
+
+
 async def enqueue(
     nc: NATS,
     js: JetStreamContext,

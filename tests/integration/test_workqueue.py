@@ -26,6 +26,7 @@ from corral.runtime.workqueue import (
     depths,
     enqueue,
     ensure_stream,
+    keep_long_enough,
     reader_position,
     still_queued,
     withdraw,
@@ -99,6 +100,12 @@ async def test_a_queue_made_by_an_older_version_keeps_requests_for_the_longest_d
     await ensure_stream(js, subjects, limits=QueueLimits())
     assert (await js.stream_info(subjects.queue_stream)).config.max_age == MAX_AGE_S
     assert GatewaySettings().queue_timeout_s <= MAX_AGE_S
+    # with NATS identities only the operator's setup step may change it, and changes only the age
+    await js.update_stream(replace(info.config, max_age=600.0, max_msgs_per_subject=7))
+    assert await keep_long_enough(js, subjects)
+    cfg = (await js.stream_info(subjects.queue_stream)).config
+    assert (cfg.max_age, cfg.max_msgs_per_subject) == (MAX_AGE_S, 7)
+    assert not await keep_long_enough(js, subjects)
 
 
 async def test_a_pull_that_brought_only_dropped_requests_pulls_again(queue: Queue) -> None:
