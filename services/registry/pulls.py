@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import msgspec
 from corral.protocol import headers as H
@@ -169,7 +169,7 @@ class FleetPulls:
             await out.head(200, NDJSON)
             if not req.all and len(targets) < req.replicas:  # said first, in Ollama's own line shape
                 await out.data(_enc.encode(_Progress(_fewer(len(targets), req))) + b"\n")
-        errors: list[str] = []
+        errors: dict[str, str] = {}  # agent id → its first error
         # a pull is silent for long stretches (all of it, unstreamed): pings keep the gateway's
         # idle timeout from taking the registry for dead
         keepalive = asyncio.create_task(self._ping(out))
@@ -181,10 +181,10 @@ class FleetPulls:
             await cancel_and_wait([keepalive])
         if stream:
             if errors:
-                await out.data(_enc.encode({"error": "; ".join(errors)}) + b"\n")
+                await out.data(_enc.encode({"error": failure_text(errors)}) + b"\n")
             await out.end()
         elif errors:
-            await out.head(500, JSON, _enc.encode({"error": "; ".join(errors)}), end=True)
+            await out.head(500, JSON, _enc.encode({"error": failure_text(errors)}), end=True)
         else:
             await out.head(200, JSON, _enc.encode(_Progress("success")), end=True)
 
@@ -194,7 +194,7 @@ class FleetPulls:
             await out.ping()
 
     async def _merged(
-        self, req: PullRequest, targets: list[AgentState], errors: list[str]
+        self, req: PullRequest, targets: list[AgentState], errors: dict[str, str]
     ) -> AsyncIterator[bytes]:
         """Run the pull on every target and yield merged progress lines as they come."""
         transport = self._transport
@@ -235,7 +235,7 @@ class FleetPulls:
             while (item := await lines.get()) is not None:
                 agent_id, line = item
                 if line.error:
-                    errors.append(f"{agent_id}: {line.error}")
+                    errors.setdefault(agent_id, line.error)
                 elif line.status == "success":
                     succeeded.add(agent_id)
                 elif line.digest:
@@ -250,16 +250,22 @@ class FleetPulls:
             await asyncio.wait([runner])  # it has put its last line: ending now
             if not runner.cancelled() and (failure := runner.exception()) is not None:
                 log.error("pull fan-out of %s failed", req.model or req.name, exc_info=failure)
-            missing = [
-                a.id
-                for a in targets
-                if a.id not in succeeded and not any(e.startswith(a.id + ":") for e in errors)
-            ]
-            errors.extend(f"{a}: pull ended without success" for a in missing)
+            for a in targets:
+                if a.id not in succeeded:
+                    errors.setdefault(a.id, "pull ended without success")
             if not errors:
                 yield _enc.encode(_Progress("success")) + b"\n"
         finally:
             await cancel_and_wait([runner])
+
+
+def failure_text(errors: Mapping[str, str]) -> str:
+    """A failed pull's error: Ollama's own text when every agent that failed said the same (one
+    agent, or a model no registry has), else each agent's, named."""
+    texts = set(errors.values())
+    if len(texts) == 1:
+        return texts.pop()
+    return "; ".join(f"{agent}: {text}" for agent, text in errors.items())
 
 
 def _error_text(data: bytes) -> str:

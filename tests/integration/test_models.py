@@ -62,7 +62,7 @@ async def test_pull_streams_progress_and_lands_on_one_agent(
 async def test_pull_unknown_model_is_ollamas_error(client: ollama.AsyncClient) -> None:
     with pytest.raises(ollama.ResponseError) as e:
         await client.pull("no-such-model-anywhere")
-    assert "file does not exist" in e.value.error or "not found" in e.value.error
+    assert e.value.error == "pull model manifest: file does not exist"  # Ollama's own words
 
 
 async def test_copy_then_delete_reach_every_holder(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
