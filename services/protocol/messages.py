@@ -16,7 +16,8 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class ModelDetails(msgspec.Struct, frozen=True, kw_only=True):
-    """Ollama's ``details`` object, all six keys always present, as in /api/tags."""
+    """Ollama's ``details`` object, all six keys always present, as in /api/tags; the keys newer
+    Ollamas add are kept when given and left out when not (`msgspec.UNSET`)."""
 
     parent_model: str = ""
     format: str = "gguf"
@@ -24,10 +25,13 @@ class ModelDetails(msgspec.Struct, frozen=True, kw_only=True):
     families: list[str] | None = None
     parameter_size: str = ""
     quantization_level: str = ""
+    context_length: int | msgspec.UnsetType = msgspec.UNSET
+    embedding_length: int | msgspec.UnsetType = msgspec.UNSET
 
 
 class TagModel(msgspec.Struct, frozen=True, kw_only=True):
-    """One ``/api/tags`` entry as Ollama reports it."""
+    """One ``/api/tags`` entry as Ollama reports it; ``capabilities`` (``completion``,
+    ``embedding``, ``tools``, ...) and the cloud stubs' ``remote_*`` only where it gives them."""
 
     name: str
     model: str
@@ -35,6 +39,9 @@ class TagModel(msgspec.Struct, frozen=True, kw_only=True):
     size: int
     digest: str
     details: ModelDetails = msgspec.field(default_factory=ModelDetails)
+    capabilities: list[str] | msgspec.UnsetType = msgspec.UNSET
+    remote_model: str | msgspec.UnsetType = msgspec.UNSET
+    remote_host: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class PsModel(msgspec.Struct, frozen=True, kw_only=True):

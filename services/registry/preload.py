@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import msgspec
 from corral.protocol.errors import CorralError
-from corral.protocol.names import parse_name
+from corral.protocol.names import key_of, parse_name
 from corral.runtime.fleet import FleetView
 from corral.transport import Transport, WorkRequest
 
@@ -36,14 +36,27 @@ async def preload(
     order: dict[str, object] = {"model": key}
     if keep_alive is not None:
         order["keep_alive"] = keep_alive
-    status, data = await _load(transport, agent_id, "/api/generate", order, timeout)
-    if status == 400 and NO_GENERATE in data:  # an embedding model: an empty embed loads it
+    embeds_only = _embeds_only(fleet, agent_id, key)
+    status, data = await _load(
+        transport, agent_id, "/api/embed" if embeds_only else "/api/generate", order, timeout
+    )
+    if status == 400 and NO_GENERATE in data:  # an embedding model its Ollama did not say is one
         status, data = await _load(transport, agent_id, "/api/embed", order, timeout)
     if status != 200:
         raise CorralError(f"HTTP {status}: {data[:200].decode(errors='replace')}")
     deadline = time.monotonic() + settle_s
     while not shown() and (left := deadline - time.monotonic()) > 0:
         await fleet.wait_changed(left)
+
+
+def _embeds_only(fleet: FleetView, agent_id: str, key: str) -> bool:
+    """Whether the agent's Ollama lists model ``key`` as an embedding model (``capabilities`` in its
+    /api/tags, given by newer Ollamas), which refuses generate: an empty embed loads it."""
+    state = fleet.get(agent_id)
+    for m in state.models if state is not None else ():
+        if key_of(m.name) == key and isinstance(m.capabilities, list):
+            return "embedding" in m.capabilities and "completion" not in m.capabilities
+    return False
 
 
 async def _load(

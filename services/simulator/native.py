@@ -97,6 +97,12 @@ def tool_calls_out(plan: Plan) -> list[OutToolCall]:
     ]
 
 
+def unsupported(ctx: SimContext, message: str) -> BadRequest:
+    """Ollama's 400 for a model that lacks what the request needs, counted (`SimStats.unsupported`)."""
+    ctx.stats.bump("unsupported")
+    return BadRequest(message)
+
+
 def _check_top_logprobs(n: int | None) -> None:
     if n is not None and not 0 <= n <= 20:
         raise BadRequest("top_logprobs must be between 0 and 20")
@@ -141,12 +147,12 @@ class NativeRoutes:
                 raise BadRequest("raw mode does not support template, system, or context")
             caps = model.config.capabilities
             if "completion" not in caps:
-                raise BadRequest(f'"{raw}" does not support generate')
+                raise unsupported(ctx, f'"{raw}" does not support generate')
             if req.suffix and "insert" not in caps:
-                raise BadRequest(f"{model.name.canonical} does not support insert")
+                raise unsupported(ctx, f"{model.name.canonical} does not support insert")
             check_think(req.think)
             if req.think not in (None, False) and "thinking" not in caps and think_flag(req.think, False):
-                raise BadRequest(f'"{raw}" does not support thinking')
+                raise unsupported(ctx, f'"{raw}" does not support thinking')
             opts = merged_options(model, req.options)
             ropts = runner_options(ctx, model, opts)
         except CorralError as e:
@@ -276,12 +282,12 @@ class NativeRoutes:
                 )
             caps = model.config.capabilities
             if "completion" not in caps:
-                raise BadRequest(f'"{raw}" does not support chat')
+                raise unsupported(ctx, f'"{raw}" does not support chat')
             if req.tools and "tools" not in caps:
-                raise BadRequest(f"{model.name.canonical} does not support tools")
+                raise unsupported(ctx, f"{model.name.canonical} does not support tools")
             check_think(req.think)
             if req.think not in (None, False) and "thinking" not in caps and think_flag(req.think, False):
-                raise BadRequest(f'"{raw}" does not support thinking')
+                raise unsupported(ctx, f'"{raw}" does not support thinking')
             opts = merged_options(model, req.options)
             ropts = runner_options(ctx, model, opts)
         except CorralError as e:

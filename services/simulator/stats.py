@@ -29,6 +29,7 @@ class SimStats:
     cancelled: int = 0  # client went away while waiting for a load/slot or while streaming
     failed: int = 0  # scheduling errors (busy, load failure)
     busy_rejections: int = 0  # 503 "server busy"
+    unsupported: int = 0  # 400 "... does not support generate" (chat, insert, tools, thinking)
     loads: int = 0  # loads begun
     loads_completed: int = 0
     partial_loads: int = 0  # loads begun partly in system RAM (size_vram < size): slower decode

@@ -59,6 +59,22 @@ async def test_pull_streams_progress_and_lands_on_one_agent(
     assert len(_holders(fleet, "gemma3:4b")) == 1
 
 
+async def test_the_merged_list_keeps_what_each_ollama_says_of_a_model(fleet: LocalFleet) -> None:
+    """Newer Ollamas list each model's capabilities; the fleet's list keeps them, and leaves out
+    what no Ollama gave (an entry keeps Ollama's six detail keys, no more)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(fleet.sims[0].url + "/api/tags") as r:
+            direct = {m["model"]: m for m in (await r.json())["models"]}
+        async with http.get(fleet.url + "/api/tags") as r:
+            merged = {m["model"]: m for m in (await r.json())["models"]}
+    assert direct and set(direct) <= set(merged)
+    for name, entry in direct.items():
+        assert merged[name]["capabilities"] == entry["capabilities"], name
+        assert merged[name]["details"].keys() == entry["details"].keys(), name
+        assert "remote_model" not in merged[name]
+    assert any("embedding" in m["capabilities"] for m in merged.values())
+
+
 async def test_pull_unknown_model_is_ollamas_error(client: ollama.AsyncClient) -> None:
     with pytest.raises(ollama.ResponseError) as e:
         await client.pull("no-such-model-anywhere")

@@ -132,7 +132,8 @@ async def test_a_pinned_model_stays_loaded_on_n_agents_until_it_is_unpinned(
 
 async def test_a_pinned_embedding_model_is_loaded_too(fleet: LocalFleet, root: str) -> None:
     """An embedding model refuses Ollama's load-only generate ("does not support generate"): the
-    keeper loads it with an empty embed instead, where it used to retry that 400 for ever."""
+    keeper loads it with an empty embed instead, where it used to retry that 400 for ever, and
+    asks for no generate first where the Ollama lists the model's capabilities."""
     assert fleet.registry is not None
     view = fleet.registry.fleet
     await cli(fleet, root, "pin", EMBEDDING, "--replicas", "2")
@@ -140,6 +141,7 @@ async def test_a_pinned_embedding_model_is_loaded_too(fleet: LocalFleet, root: s
     by_id: dict[str, Agent] = {a.id: a for a in fleet.agents}
     for agent_id in kept(view.agents(), EMBEDDING):
         assert (await sim_ps(by_id[agent_id].settings.ollama_url))[EMBEDDING][:4] >= "2100"
+    assert [sim.stats.unsupported for sim in fleet.sims] == [0, 0, 0]
 
 
 async def test_a_pin_with_no_registry_running_says_it_waits_for_one(

@@ -94,11 +94,27 @@ def test_unknown_fields_are_ignored_at_every_level() -> None:
     doc = json.loads((GOLDEN / "agent_state_v1.json").read_bytes())
     doc["added_in_v9"] = {"anything": [1, 2, 3]}
     doc["gpus"][0]["pcie_gen"] = 5
-    doc["models"][0]["capabilities"] = ["completion", "tools"]  # Ollama HEAD extra
-    doc["models"][0]["details"]["context_length"] = 131072  # Ollama HEAD extra
+    doc["models"][0]["added_in_ollama_9"] = ["x"]
+    doc["models"][0]["details"]["added_in_ollama_9"] = 131072
     doc["loaded"][0]["remote_host"] = None
     with_extras = agent_state_decoder.decode(json.dumps(doc).encode())
     assert with_extras == agent_state_decoder.decode((GOLDEN / "agent_state_v1.json").read_bytes())
+
+
+def test_a_newer_ollamas_model_fields_are_kept_and_absent_ones_left_out() -> None:
+    doc = json.loads((GOLDEN / "agent_state_v1.json").read_bytes())
+    doc["models"][0]["capabilities"] = ["completion", "tools"]
+    doc["models"][0]["details"]["context_length"] = 131072
+    state = agent_state_decoder.decode(json.dumps(doc).encode())
+    first, second = state.models[0], state.models[1]
+    assert first.capabilities == ["completion", "tools"] and first.details.context_length == 131072
+    again = json.loads(msgspec.json.encode(state))
+    assert again["models"][0]["capabilities"] == ["completion", "tools"]
+    assert again["models"][0]["details"]["context_length"] == 131072
+    # a model its Ollama said nothing more of: Ollama's six detail keys, no others
+    assert "capabilities" not in again["models"][1] and "remote_model" not in again["models"][1]
+    assert set(again["models"][1]["details"]) == set(doc["models"][1]["details"])
+    assert second.capabilities is msgspec.UNSET
 
 
 def test_unknown_fields_ignored_in_events() -> None:
