@@ -37,7 +37,6 @@ from opentelemetry.trace import Tracer
 log = logging.getLogger(__name__)
 
 _TAIL = 4096  # bytes of a reply kept to read its final token counts from
-_JSON = "application/json; charset=utf-8"
 
 
 @dataclass(eq=False)
@@ -294,7 +293,7 @@ class Worker:
 
     async def _relay(self, job: Job, resp: Answer) -> None:
         out = job.out
-        ctype = resp.headers.get("content-type", _JSON)
+        ctype = resp.headers.get("content-type", "")  # none for Ollama's empty 200s (copy, delete)
         rw = (
             EchoRewriter(job.env.upstream_model, job.env.echo_model)
             if job.env.echo_model and job.env.upstream_model

@@ -33,17 +33,11 @@ log = logging.getLogger(__name__)
 async def respond(
     send: Send, status: int, body: bytes, content_type: str = JSON, extra: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type.encode()),
-                (b"content-length", str(len(body)).encode()),
-                *extra,
-            ],
-        }
-    )
+    """A whole answer; no Content-Type when ``content_type`` is empty (as Ollama's empty 200s)."""
+    headers = [(b"content-length", str(len(body)).encode()), *extra]
+    if content_type:
+        headers.insert(0, (b"content-type", content_type.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -216,7 +210,9 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
         {
             "type": "http.response.start",
             "status": reply.status,
-            "headers": [(b"content-type", reply.content_type.encode()), *extra],
+            "headers": [(b"content-type", reply.content_type.encode()), *extra]
+            if reply.content_type
+            else list(extra),
         }
     )
     timing = streamed(reply.content_type)  # time to first token: of streamed bodies only

@@ -81,6 +81,20 @@ async def test_pull_unknown_model_is_ollamas_error(client: ollama.AsyncClient) -
     assert e.value.error == "pull model manifest: file does not exist"  # Ollama's own words
 
 
+async def test_copy_and_delete_answer_as_ollama_does_an_empty_200_with_no_content_type(
+    fleet: LocalFleet,
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        for url, name in ((fleet.sims[0].url, "bare:v0"), (fleet.url, "bare:v1")):  # Ollama, then Corral
+            copy = {"source": "llama3.2", "destination": name}
+            async with http.post(url + "/api/copy", json=copy) as r:
+                assert (r.status, await r.read(), r.headers.get("Content-Type")) == (200, b"", None), url
+            if url == fleet.url:
+                await until(fleet, lambda: bool(_holders(fleet, "bare:v1")))
+            async with http.delete(url + "/api/delete", json={"model": name}) as r:
+                assert (r.status, await r.read(), r.headers.get("Content-Type")) == (200, b"", None), url
+
+
 async def test_copy_then_delete_reach_every_holder(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
     both = _holders(fleet, "llama3.2")
     assert len(both) == 2  # every default simulator ships llama3.2
