@@ -125,6 +125,6 @@ def not_found_message(endpoint: str, raw_model: str, display: str, vendor: str |
     where = f" on any {vendor} agent" if vendor else ""
     if endpoint in ("/api/embed", "/api/embeddings"):
         return f'model "{raw_model}" not found{where}, try pulling it first'
-    if endpoint == "/api/show":
+    if endpoint in ("/api/show", "/api/push"):  # these name the model as parsed: `nope:latest`
         return f"model '{display}' not found{where}"
     return f"model '{raw_model}' not found{where}"

@@ -191,6 +191,9 @@ async def test_unknown_model_and_bad_bodies(fleet: LocalFleet, client: ollama.As
     with pytest.raises(ollama.ResponseError) as e:
         await client.show("nope")
     assert e.value.status_code == 404 and e.value.error == "model 'nope:latest' not found"
+    with pytest.raises(ollama.ResponseError) as e:
+        await client.push("nope", stream=False)
+    assert e.value.status_code == 404 and e.value.error == "model 'nope:latest' not found"
     async with aiohttp.ClientSession() as s:
         async with s.post(fleet.url + "/api/chat", data=b"") as r:
             assert r.status == 400 and await r.json() == {"error": "missing request body"}
