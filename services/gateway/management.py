@@ -4,6 +4,7 @@ once (`corral.transport.fan_out`), each reply closed however its read ends."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from corral.gateway.metrics import DIRECT, Decision
 from corral.gateway.planner import Planner
 from corral.gateway.relay import RelayResponse, ReplyResponse, relay, respond, respond_error
 from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound, not_found_message
+from corral.protocol.gojson import as_go_reads, kind, syntax_message
 from corral.protocol.names import VENDORS, ModelName, host_allowed, parse_name, registry_refused
 from corral.routing import pull_order
 from corral.transport import Reply, WorkRequest, fan_out
@@ -78,30 +80,58 @@ def error(err: CorralError) -> Response:
     return json_error(err.status, err.message)
 
 
+# the Go struct Ollama decodes each of these bodies into, named in its decoding errors
+_GO_STRUCT = {
+    "/api/show": "ShowRequest",
+    "/api/pull": "PullRequest",
+    "/api/push": "PushRequest",
+    "/api/copy": "CopyRequest",
+    "/api/delete": "DeleteRequest",
+}
+
+
 async def _name(
     request: Request, field: str = "model", *, empty: bool = False
 ) -> tuple[bytes, str, ModelName]:
     """The body and the model it names (``field``, or Ollama's alias ``name``). No name is
-    ``model is required``, or with ``empty`` an invalid (empty) name, as copy and delete say."""
+    ``model is required``, or with ``empty`` an invalid (empty) name, as copy and delete say. A
+    body Go could not decode gets the error Go's encoding/json gives (`corral.protocol.gojson`)."""
     body = await request.body()
     if not body or body.isspace():  # no copy of a large body
         raise BadRequest("missing request body")
+    struct = _GO_STRUCT.get(request.url.path.rstrip("/"), "ShowRequest")
     try:
-        obj = msgspec.json.decode(body)
+        obj = _decode(body)
     except msgspec.DecodeError as e:
-        raise BadRequest(str(e)) from None
+        raise BadRequest(syntax_message(str(e), body)) from None
     except RecursionError:
         raise BadRequest(TOO_DEEP) from None
-    raw = ""
-    if isinstance(obj, dict):
-        raw = obj.get(field) or obj.get("name") or ""
+    if not isinstance(obj, dict):
+        raise BadRequest(f"json: cannot unmarshal {kind(obj)} into Go value of type api.{struct}")
+    for key in (field, "name") if field == "model" else (field,):  # `name`: the older spelling of `model`
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise BadRequest(
+                f"json: cannot unmarshal {kind(obj[key])} into Go struct field {struct}.{key} of type string"
+            )
+    raw = obj.get(field) or obj.get("name") or ""
     if not raw and empty:
         raise InvalidModelName("")
     if not raw:
         raise BadRequest("model is required")
-    if not isinstance(raw, str):
-        raise BadRequest("invalid model name")
     return body, raw, parse_name(raw)
+
+
+def _decode(body: bytes) -> Any:
+    """``body`` as JSON; where the strict decoder refuses it, as Go reads it (invalid UTF-8 and lone
+    surrogates as U+FFFD), else the strict decoder's error."""
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError as e:
+        fixed = as_go_reads(body)
+        if fixed != body:
+            with contextlib.suppress(msgspec.DecodeError):
+                return msgspec.json.decode(fixed)
+        raise e from None
 
 
 async def to_holder(

@@ -56,3 +56,35 @@ def _lone_surrogates(text: bytes) -> bytes:
 def _is_high(m: re.Match[bytes]) -> bool:
     """A first half (U+D800–U+DBFF); else a second half (U+DC00–U+DFFF)."""
     return m.group(2)[1:2].lower() in b"89ab"
+
+
+_BYTE = re.compile(r"\(byte (\d+)\)")
+
+
+def syntax_message(msgspec_message: str, body: bytes) -> str:
+    """What Go's encoding/json says of ``body`` where msgspec refused it with ``msgspec_message``
+    (``unexpected EOF``, ``invalid character 'x' looking for beginning of value``, ...)."""
+    if "truncated" in msgspec_message:
+        return "unexpected EOF"
+    m = _BYTE.search(msgspec_message)
+    pos = int(m.group(1)) if m else 0
+    ch = chr(body[pos]) if pos < len(body) else "?"
+    first = len(body) - len(body.lstrip())
+    if pos <= first:
+        return f"invalid character '{ch}' looking for beginning of value"
+    if "trailing" in msgspec_message:
+        return f"invalid character '{ch}' after top-level value"
+    return f"invalid character '{ch}' looking for beginning of object key string"
+
+
+def kind(value: object) -> str:
+    """How Go's encoding/json names a JSON value it cannot store in a field (``number``, ...)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if value is None:
+        return "null"
+    return "array" if isinstance(value, list) else "object"

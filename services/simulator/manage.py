@@ -112,7 +112,7 @@ class ManageRoutes:
 
     async def show(self, request: web.Request) -> web.Response:
         try:
-            req = decode(await request.read(), ModelRequest)
+            req = decode(await request.read(), ModelRequest, "ShowRequest")
             raw = req.target
             if not raw:
                 raise BadRequest("model is required")
@@ -129,7 +129,7 @@ class ManageRoutes:
     async def pull(self, request: web.Request) -> web.StreamResponse:
         ctx = self.ctx
         try:
-            req = decode(await request.read(), ModelRequest)
+            req = decode(await request.read(), ModelRequest, "PullRequest")
             if not req.target:
                 raise BadRequest("model is required")
             name = _parse(req.target)
@@ -192,7 +192,7 @@ class ManageRoutes:
     async def push(self, request: web.Request) -> web.StreamResponse:
         ctx = self.ctx
         try:
-            req = decode(await request.read(), ModelRequest)
+            req = decode(await request.read(), ModelRequest, "PushRequest")
             if not req.target:
                 raise BadRequest("model is required")
             name = _parse(req.target)
@@ -334,7 +334,7 @@ class ManageRoutes:
     async def delete(self, request: web.Request) -> web.Response:
         catalog = self.ctx.catalog
         try:
-            req = decode(await request.read(), ModelRequest)
+            req = decode(await request.read(), ModelRequest, "DeleteRequest")
             raw = req.target
             try:
                 name = parse_name(raw)

@@ -15,7 +15,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 from corral.protocol.errors import BadRequest, InternalError
-from corral.protocol.gojson import as_go_reads
+from corral.protocol.gojson import as_go_reads, syntax_message
 
 log = logging.getLogger(__name__)
 
@@ -137,28 +137,25 @@ _GO_TYPES: Final[dict[str, str]] = {
 _JSON_KIND: Final = {"int": "number", "float": "number", "str": "string", "bool": "bool", "array": "array"}
 _EXPECTED: Final = {"str": "string", "int": "int", "bool": "bool", "float": "float64"}
 _GOT_RE: Final = re.compile(r"Expected `([^`]+)`, got `([^`]+)`(?: - at `\$(.*)`)?")
-_BYTE_RE: Final = re.compile(r"\(byte (\d+)\)")
 
 
-def _go_name(t: type) -> str:
-    return {"ModelRequest": "ShowRequest"}.get(t.__name__, t.__name__)
-
-
-def decode(body: bytes, t: type[T]) -> T:
+def decode(body: bytes, t: type[T], go_name: str = "") -> T:
+    """``body`` as a ``t``; ``go_name``: the Go struct Ollama decodes it into, where ``t``'s own
+    name is not it (`ModelRequest` serves show, pull, push and delete)."""
     if not body.strip():
         raise BadRequest("missing request body")
     try:
         return msgspec.json.decode(body, type=t)
     except msgspec.ValidationError as e:
-        raise BadRequest(_validation_message(str(e), t)) from None
+        raise BadRequest(_validation_message(str(e), go_name or t.__name__)) from None
     except msgspec.DecodeError as e:
         fixed = as_go_reads(body)  # invalid UTF-8, lone surrogate escapes: U+FFFD, as Go reads them
         if fixed != body:
-            return decode(fixed, t)
-        raise BadRequest(_syntax_message(str(e), body)) from None
+            return decode(fixed, t, go_name)
+        raise BadRequest(syntax_message(str(e), body)) from None
 
 
-def _validation_message(msg: str, t: type) -> str:
+def _validation_message(msg: str, struct: str) -> str:
     m = _GOT_RE.search(msg)
     if not m:
         return "json: " + msg
@@ -166,29 +163,11 @@ def _validation_message(msg: str, t: type) -> str:
     expected = expected.removesuffix(" | null")
     kind = _JSON_KIND.get(got, "object" if got == "object" else got)
     if not path:
-        return f"json: cannot unmarshal {kind} into Go value of type api.{_go_name(t)}"
+        return f"json: cannot unmarshal {kind} into Go value of type api.{struct}"
     parts = [p for p in re.split(r"\.|\[\d+\]", path) if p]
     field = parts[0] if parts else ""
     gotype = _GO_TYPES.get(field, _EXPECTED.get(expected, expected))
-    return (
-        f"json: cannot unmarshal {kind} into Go struct field {_go_name(t)}.{'.'.join(parts)} of type {gotype}"
-    )
-
-
-def _syntax_message(msg: str, body: bytes) -> str:
-    if "truncated" in msg:
-        return "unexpected EOF"
-    m = _BYTE_RE.search(msg)
-    pos = int(m.group(1)) if m else 0
-    ch = chr(body[pos]) if pos < len(body) else "?"
-    first = len(body) - len(body.lstrip())
-    if pos <= first:
-        return f"invalid character '{ch}' looking for beginning of value"
-    return (
-        f"invalid character '{ch}' after top-level value"
-        if "trailing" in msg
-        else (f"invalid character '{ch}' looking for beginning of object key string")
-    )
+    return f"json: cannot unmarshal {kind} into Go struct field {struct}.{'.'.join(parts)} of type {gotype}"
 
 
 # ---- options ----------------------------------------------------------------------------------

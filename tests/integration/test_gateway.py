@@ -362,3 +362,31 @@ async def test_strategy_header(fleet: LocalFleet) -> None:
         headers = {"X-Load-Balancing-Strategy": "fastest-please"}
         async with s.post(fleet.url + "/api/generate", json={"model": MODEL}, headers=headers) as r:
             assert r.status == 400 and "fastest-please" in (await r.json())["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/api/show", b"{"),
+        ("POST", "/api/show", b'{"model": 5}'),
+        ("POST", "/api/show", b"[1, 2]"),
+        ("POST", "/api/show", b'{"model": "llama3.2"} x'),
+        ("POST", "/api/show", b'{"model": "\xffnope"}'),
+        ("POST", "/api/pull", b'{"model": '),
+        ("POST", "/api/pull", b'{"name": true}'),
+        ("POST", "/api/push", b'{"model": ["x"]}'),
+        ("POST", "/api/copy", b'{"source": 5, "destination": "x"}'),
+        ("DELETE", "/api/delete", b'{"model":'),
+        ("DELETE", "/api/delete", b'{"model": {}}'),
+    ],
+)
+async def test_a_management_body_go_cannot_decode_is_refused_in_ollamas_words(
+    fleet: LocalFleet, method: str, path: str, body: bytes
+) -> None:
+    """The gateway decides these itself, before any Ollama sees them: it words them as one does."""
+    async with aiohttp.ClientSession() as http:
+        answers = []
+        for url in (fleet.sims[0].url, fleet.url):
+            async with http.request(method, url + path, data=body) as r:
+                answers.append((r.status, await r.json()))
+    assert answers[1] == answers[0]

@@ -20,7 +20,14 @@ from corral.simulator.durations import (
     parse_server_keep_alive,
 )
 from corral.simulator.text import embed, plan_reply, render_chat, seed_for, tokenize
-from corral.simulator.wire import ChatRequest, GenerateRequest, check_options, decode, think_flag
+from corral.simulator.wire import (
+    ChatRequest,
+    GenerateRequest,
+    ModelRequest,
+    check_options,
+    decode,
+    think_flag,
+)
 
 # ---- config -------------------------------------------------------------------------------------
 
@@ -185,6 +192,16 @@ def test_decode_chat_messages_type_error() -> None:
         decode(b'{"model":"x","messages":"hi"}', ChatRequest)
     assert e.value.message == (
         "json: cannot unmarshal string into Go struct field ChatRequest.messages of type []api.Message"
+    )
+
+
+@pytest.mark.parametrize("go_name", ["ShowRequest", "PullRequest", "PushRequest", "DeleteRequest"])
+def test_a_shared_request_type_is_named_as_the_go_struct_of_its_route(go_name: str) -> None:
+    """Ollama decodes each route's body into its own struct (server/routes.go): the error names it."""
+    with pytest.raises(BadRequest) as e:
+        decode(b'{"name": true}', ModelRequest, go_name)
+    assert (
+        e.value.message == f"json: cannot unmarshal bool into Go struct field {go_name}.name of type string"
     )
 
 
