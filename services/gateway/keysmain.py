@@ -15,7 +15,8 @@ from corral.gateway.keys import KeyBuckets, KeyExists, create_key, list_keys, op
 from corral.gateway.limits import Usage, read_usage
 from corral.protocol.priority import PRIORITIES
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
+from corral.runtime.buckets import require_fleet
+from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, NoFleet, command_error, connect_command
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import CommonSettings, add_arguments
 
@@ -145,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         nc = await connect_command(settings.nats_url, name="corral-keys", auth=NatsAuth.of(settings))
         try:
             subjects = Subjects(settings.root)
+            try:
+                await require_fleet(nc.jetstream(), subjects)
+            except NoFleet as e:  # keys may come first, but a mistyped root makes keys no gateway reads
+                _err(f"note: {e}; gateways read the keys of their own root")
             buckets = await open_key_buckets(nc.jetstream(), subjects, replicas=settings.js_replicas)
             return await _run(args, buckets)
         finally:

@@ -179,6 +179,19 @@ async def test_a_command_with_no_nats_to_reach_exits_1_with_a_clear_message(comm
     assert len(err.strip().splitlines()) == 1, err  # its own line, not nats-py's error before it too
 
 
+async def test_a_key_made_under_a_root_no_fleet_uses_comes_with_a_note(nats_server: NatsServer) -> None:
+    """Keys may be made before the fleet starts, so the key is made; but a mistyped ``--root`` would
+    give a key every gateway refuses, so the command says no fleet runs there."""
+    root = "typo" + secrets.token_hex(4)
+    rc, out, err = await cli.corral("keys", "create", "early", "--nats", nats_server.url, "--root", root)
+    assert rc == 0 and out.strip(), err
+    assert f"note: no fleet under root {root!r}" in err, err
+    rc, _, err = await cli.corral("status", "--nats", nats_server.url, "--root", root)  # the fleet's stores
+    assert rc == 0, err
+    rc, out, err = await cli.corral("keys", "list", "--nats", nats_server.url, "--root", root)
+    assert rc == 0 and "early" in out and "note:" not in err, err
+
+
 @pytest.mark.parametrize("command", [["ps"], ["models"], ["drain", "nvidia-0"], ["pin"], ["alias", "a", "b"]])
 async def test_a_command_under_a_root_no_fleet_uses_makes_nothing(
     nats_server: NatsServer, command: list[str]
