@@ -27,13 +27,14 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from corral import views
 from corral.aggregator.metrics import AggregatorMetrics
 from corral.aggregator.settings import AggregatorSettings
 from corral.protocol.messages import RequestFinished
 from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start
-from corral.runtime.fleet import FleetView
+from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.nats import NatsAuth, connect
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import depths
@@ -105,6 +106,18 @@ class Window:
             ttft_ms_p95=round(_p95(ttfts), 3) if ttfts else None,
             **extra,
         )
+
+
+def fuller(
+    own: views.Rates, stored: views.Rates | None, stored_age_s: float, window_s: float
+) -> views.Rates | None:
+    """The figures another aggregator copy wrote (``stored``, ``stored_age_s`` ago) where they cover
+    more of the ``window_s`` window than this copy's ``own`` (it started less than a window ago)
+    and that copy still rewrites them; else None. Two copies' figures differ only while one is
+    new: readers would see them jump between the two at each write."""
+    if stored is None or own.window_s >= window_s or stored.window_s <= own.window_s:
+        return None
+    return views.current(stored, stored_age_s)
 
 
 def _p95(values: list[float]) -> float:
@@ -207,21 +220,36 @@ class Aggregator:
             self.writes += 1
             await asyncio.sleep(max(began + spacing - time.monotonic(), 0.0))  # changes gather
 
+    async def _fuller_rates(self, own: views.Rates) -> views.Rates | None:
+        """`fuller` over the rates in the views bucket now."""
+        assert self._buckets is not None
+        try:
+            entry = await self._buckets.views.get(views.RATES_KEY)
+            stored = views.rates_decoder.decode(entry.value or b"")
+        except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError):
+            return None
+        return fuller(own, stored, time.monotonic() - received_at(entry, snapshot=True), self.window.seconds)
+
     async def write(self) -> None:
         assert self._buckets is not None and self.nc is not None
         agents = self.fleet.agents()
         rates = msgspec.structs.replace(
             self.window.rates(time.time()), every_s=self.settings.views_interval_s
         )
+        fuller = await self._fuller_rates(rates) if rates.window_s < self.window.seconds else None
         out = {
-            views.RATES_KEY: _enc.encode(rates),  # first: every gateway reads it
+            views.RATES_KEY: _enc.encode(fuller or rates),  # first: every gateway reads it
             "tags": views.tags_body(agents),
             "ps": views.ps_body(agents),
             "v1_models": views.v1_models_body(agents),
             views.STATUS_KEY: views.status_body(
-                agents, rates, views.queue_by_model(await depths(self.nc.jetstream(), self.subjects))
+                agents,
+                fuller or rates,
+                views.queue_by_model(await depths(self.nc.jetstream(), self.subjects)),
             ),
         }
+        if fuller is not None:  # the copy that wrote them rewrites them
+            del out[views.RATES_KEY]
         for key, value in out.items():
             # the rates go out every time, changed or not: their age is how readers tell a live
             # aggregator of a quiet fleet from a stopped one (`corral.views.current`)

@@ -95,3 +95,45 @@ async def test_a_quiet_fleets_rates_are_written_again_every_interval(
     finally:
         await nc.close()
     assert len(set(values)) == 1  # the same rates each time: no request, nothing changed
+
+
+async def test_a_new_aggregator_copy_leaves_the_rates_to_one_that_has_watched_longer(
+    nats_server: NatsServer, root: str
+) -> None:
+    """Two copies run (several are recommended); one started moments ago has watched less of the
+    window, and its figures would alternate with the older copy's at every write. It defers to
+    them until its own window is full."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        buckets = await ensure_buckets(nc.jetstream(), Subjects(root))
+        settings = AggregatorSettings(
+            nats_url=nats_server.url, root=root, views_interval_s=0.05, stats_window_s=2.0
+        )
+        watcher = await buckets.views.watch(RATES_KEY)
+
+        async def next_window() -> float:
+            while (entry := await watcher.updates(timeout=5)) is None:
+                pass  # None: the end of what was there already
+            return float(msgspec.json.decode(entry.value or b"{}")["window_s"])
+
+        first = Aggregator(settings)
+        await first.start()
+        try:
+            async with asyncio.timeout(10):
+                while await next_window() < 2.0:  # the first copy has watched a whole window
+                    pass
+            second = Aggregator(settings)
+            await second.start()
+            try:
+                async with asyncio.timeout(10):
+                    windows = [await next_window() for _ in range(20)]
+                writes = second.writes
+            finally:
+                await second.stop()
+        finally:
+            await first.stop()
+        await watcher.stop()
+    finally:
+        await nc.close()
+    assert writes >= 5, writes  # the second copy was writing its other views meanwhile
+    assert windows == [2.0] * 20, windows

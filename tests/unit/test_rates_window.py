@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from corral.aggregator.aggregator import Window
+from corral import views
+from corral.aggregator.aggregator import Window, fuller
 from corral.protocol.messages import RequestFinished
 
 
@@ -37,3 +38,30 @@ def test_ttft_p50_and_p95() -> None:
     one = Window(60.0, started=0.0)
     one.add(_done(42.0), 10.0)
     assert one.rates(10.0).ttft_ms_p95 == 42.0
+
+
+def _rates(window_s: float, every_s: float = 1.0) -> views.Rates:
+    return views.Rates(
+        window_s=window_s,
+        requests=0,
+        errors=0,
+        tokens=0,
+        requests_per_s=0.0,
+        tokens_per_s=0.0,
+        every_s=every_s,
+    )
+
+
+def test_a_new_copy_defers_to_fresh_figures_that_cover_more_of_the_window() -> None:
+    stored = _rates(60.0)
+    assert fuller(_rates(5.0), stored, 2.0, 60.0) is stored
+
+
+def test_it_writes_its_own_once_its_window_is_full_or_the_others_cover_no_more() -> None:
+    assert fuller(_rates(60.0), _rates(60.0), 0.5, 60.0) is None
+    assert fuller(_rates(5.0), _rates(4.0), 0.5, 60.0) is None
+    assert fuller(_rates(5.0), None, 0.0, 60.0) is None
+
+
+def test_it_does_not_defer_to_a_copy_that_stopped_rewriting_them() -> None:
+    assert fuller(_rates(5.0), _rates(60.0, every_s=1.0), 6.0, 60.0) is None  # five periods unwritten
