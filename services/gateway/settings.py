@@ -18,8 +18,8 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     gateway_id: Annotated[
         str,
         setting(
-            "this gateway's token in its reply and body subjects, unique in the fleet (with NATS "
-            "identities: its own, from `corral auth gateway`)",
+            "this gateway's token in its reply and body subjects, unique in the fleet; up to 64 letters, "
+            "digits, _ and - (with NATS identities: its own, from `corral auth gateway`)",
             pattern=r"^[A-Za-z0-9_-]{0,64}$",
             shown="random",
         ),

@@ -198,7 +198,11 @@ def load_settings(
         s, shown = declared[name], values.get(name)
         problem = (str(e).rpartition(" - at ")[0] or str(e)).partition(", got ")[0]
         if s.choices:
-            problem = "expected one of " + ", ".join(map(repr, s.choices))
+            problem = "expected one of " + ", ".join(
+                repr(c) if c != "" else f"'' ({s.shown})" if s.shown else "''" for c in s.choices
+            )
+        elif "matching regex" in problem:  # the rule in words, not the expression that checks it
+            problem = f"does not fit: {s.doc}"
         if s.secret and isinstance(shown, str):
             shown = mask(shown)
         raise SettingsError(name, f"{problem} (got {shown!r})") from None

@@ -308,6 +308,20 @@ def test_a_closed_set_names_its_values() -> None:
         load_settings(GatewaySettings, overrides={"strategy": "bogus"}, environ={})
 
 
+def test_an_empty_choice_says_what_it_stands_for() -> None:
+    with pytest.raises(SettingsError, match="expected one of '' \\(detect\\), 'nvidia', 'amd'"):
+        load_settings(AgentSettings, environ={"CORRAL_VENDOR": "nvida"})
+
+
+def test_a_pattern_is_explained_in_words_not_as_the_expression() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(AgentSettings, environ={"CORRAL_ID": "bad id"})
+    assert "regex" not in str(info.value) and "letters, digits, _ and -" in str(info.value)
+    with pytest.raises(SettingsError) as info:
+        load_settings(GatewaySettings, environ={"CORRAL_GATEWAY_ID": "a.b"})
+    assert "regex" not in str(info.value) and "up to 64 letters, digits, _ and -" in str(info.value)
+
+
 def test_limits_themselves_are_allowed() -> None:
     env = {"CORRAL_REPLICA_CHECK_S": "0", "CORRAL_DEAD_AFTER_S": "0"}
     assert load_settings(RegistrySettings, environ=env).replica_check_s == 0
