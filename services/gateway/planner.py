@@ -48,6 +48,7 @@ from collections.abc import Iterator
 
 from corral.gateway.autopull import AutoPuller
 from corral.gateway.metrics import LOAD, QUEUED, SESSION, WARM, Decision, GatewayMetrics, new_decision
+from corral.gateway.outage import Outage
 from corral.gateway.placement import Loads
 from corral.gateway.policy import Candidate, candidates, quant_match, substitute
 from corral.gateway.queueing import FleetQueue
@@ -92,7 +93,8 @@ class Planner:
         self.router = router or Router()
         self.loads = Loads(transport.nc, transport.subjects, fleet, grace_s=settings.load_grace_s)
         self.shutdown = Shutdown()  # the gateway's stop, as its relays and its queue act on it
-        self.queue = FleetQueue(transport, fleet, self.loads, settings, self.shutdown)
+        self.outage = Outage(settings.nats_outage_s)  # how long NATS has been away, as requests see it
+        self.queue = FleetQueue(transport, fleet, self.loads, settings, self.shutdown, self.outage)
         self.pulls = AutoPuller(transport, fleet, settings)
         self.metrics = metrics or GatewayMetrics(fleet)
         self.policy = policy  # aliases and fallbacks (None: every model serves only itself)
@@ -175,6 +177,8 @@ class Planner:
             session_agent = await self.sessions.lookup(req.session)
         pulled = False
         while True:
+            if (cut_off := self.outage.seen(self.transport.nc.is_connected, time.monotonic())) is not None:
+                raise NoCapacity(cut_off)
             skip = self._unanswering()
             avoid = failed | skip if skip else failed  # what this pass does not try
             try:

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 
 import nats.errors
 from corral.gateway.metrics import Decision
+from corral.gateway.outage import Outage
 from corral.gateway.placement import Loads
 from corral.gateway.queuewait import QueueWait, Silence
 from corral.gateway.settings import GatewaySettings
@@ -62,8 +63,10 @@ class FleetQueue:
         loads: Loads,
         settings: GatewaySettings,
         shutdown: Shutdown | None = None,
+        outage: Outage | None = None,
     ) -> None:
         self._shutdown = shutdown or Shutdown()  # once the gateway drains, no request waits here
+        self._outage = outage or Outage(settings.nats_outage_s)  # a long one ends the waits
         self._transport = transport
         self._js = transport.nc.jetstream()
         self._fleet = fleet
@@ -190,6 +193,10 @@ class FleetQueue:
                         stop_tried = True  # once: a withdraw that fails means an agent has it
                         if await withdraw(self._js, queued):
                             raise NoCapacity(STOP_MESSAGE) from None
+                    now = time.monotonic()
+                    if (cut_off := self._outage.seen(transport.nc.is_connected, now)) is not None:
+                        self._rechecks.withdraw(queued)  # an agent that takes it first claims a call released
+                        raise NoCapacity(cut_off) from None
                     subject = transport.subjects.queue(vendor, token, lane)
                     left = passed = False
                     if check is not None and check.done():

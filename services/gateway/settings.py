@@ -64,6 +64,14 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     queue: Annotated[
         bool, setting("auto: wait for a slot in the fleet-wide queue (--no-queue: at the agents)")
     ] = True
+    nats_outage_s: Annotated[
+        float,
+        setting(
+            "a waiting request ends with 503 once this gateway has been cut off from NATS this long "
+            "(0: waits until its queue deadline)",
+            ge=0,
+        ),
+    ] = 10.0
     queue_depth: Annotated[
         int, setting("requests that may wait per model (and vendor pin) before 503 at once", ge=0)
     ] = 512

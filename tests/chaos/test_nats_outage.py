@@ -1,0 +1,87 @@
+"""A NATS outage that lasts: requests waiting for a slot when the gateway loses NATS, or arriving
+while it is away, end with a 503 that says the fleet is unreachable once it has been away for
+`CORRAL_NATS_OUTAGE_S`, not with the queue-is-full text at the end of their deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import nats
+import pytest
+from corral.protocol.subjects import Subjects
+from corral.runtime.natsserver import NatsServer, free_port
+from corral.runtime.workqueue import depths
+from corral.up import FleetOptions, LocalFleet, default_sims
+
+from tests.integration.fleet_helpers import preload
+from tests.integration.waits import until
+
+pytestmark = pytest.mark.chaos
+
+MODEL = "llama3.2"
+OUTAGE_S = 1.0
+BOUND_S = 30.0  # a bound on the test, far above the outage limit; the deadline is ten minutes
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    async with NatsServer(port=free_port(), store_dir=tmp_path / "js") as s:
+        yield s
+
+
+@pytest.fixture
+async def fleet(server: NatsServer, root: str) -> AsyncIterator[LocalFleet]:
+    options = FleetOptions(
+        port=0,
+        nats_url=server.url,
+        root=root,
+        # one slot each, replies of minutes: two requests hold the fleet, the next ones wait
+        sims=default_sims(2, time_scale=1.0, num_parallel=1, reply_tokens=[100_000, 100_000]),
+        agent={"refresh_s": 0.5, "heartbeat_s": 0.5},
+        gateway={"nats_outage_s": OUTAGE_S, "queue_timeout_s": 600.0},
+    )
+    async with LocalFleet(options) as f:
+        await preload(f, MODEL)
+        yield f
+
+
+async def _answer(http: aiohttp.ClientSession, url: str, prompt: str) -> tuple[int, dict[str, str]]:
+    body = {"model": MODEL, "prompt": prompt, "stream": False}
+    async with http.post(f"{url}/api/generate", json=body) as r:
+        return r.status, await r.json()
+
+
+async def test_requests_end_with_fleet_unreachable_once_nats_has_been_away_long_enough(
+    server: NatsServer, fleet: LocalFleet, root: str
+) -> None:
+    nc = await nats.connect(server.url)
+    async with aiohttp.ClientSession() as http:
+        streams = []
+        for i in range(2):  # the fleet's two slots, taken for minutes
+            streams.append(
+                await http.post(f"{fleet.url}/api/generate", json={"model": MODEL, "prompt": f"long {i}"})
+            )
+            assert streams[-1].status == 200
+        waiting = asyncio.ensure_future(_answer(http, fleet.url, "waits for a slot"))
+
+        async def queued() -> bool:
+            return sum((await depths(nc.jetstream(), Subjects(root))).values()) == 1
+
+        assert fleet.gateway is not None
+        view = fleet.gateway.fleet  # the agents write their queued counts: woken by that, or each 0.5 s
+        await until(
+            queued, lambda left: view.wait_changed(min(left, 0.5)), timeout=10, what="one request queued"
+        )
+        await nc.close()
+        await server.kill()
+        async with asyncio.timeout(BOUND_S):
+            status, body = await waiting
+            assert status == 503 and body["error"].startswith("fleet unreachable: "), body
+            arriving = await _answer(http, fleet.url, "arrives while NATS is away")
+            assert arriving[0] == 503 and arriving[1]["error"].startswith("fleet unreachable: "), arriving
+        for r in streams:
+            r.close()
+        await server.start()  # the fleet stops cleanly
