@@ -137,28 +137,71 @@ async def wait_for_stop(lost: asyncio.Event) -> bool:
     return False
 
 
+# Go's net/http (http.DefaultMaxHeaderBytes, which Ollama's server keeps): a request head larger
+# than this is answered 431 and its connection closed
+MAX_HEADER_BYTES = 1 << 20
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\n\r\n431 Request Header Fields Too Large"
+)
+
+
+LINGER_S = 0.5  # Go's closeWriteAndWait
+
+
 class _HeaderTimeout(HttpToolsProtocol):
-    """uvicorn's HTTP/1.1 protocol with a bound on the request head: a connection must deliver a
+    """uvicorn's HTTP/1.1 protocol with bounds on the request head: a connection must deliver a
     request's whole header block within ``header_timeout_s`` of opening (or of the request's first
-    byte on a kept-alive connection), else it is closed. uvicorn itself waits forever for headers,
-    so one client trickling them a byte at a time would hold a socket for good."""
+    byte on a kept-alive connection), else it is closed; and in at most `MAX_HEADER_BYTES` (give or
+    take the read that completes it), else it is answered 431 and closed. uvicorn itself waits
+    forever for headers and keeps however many bytes of them come, so one client trickling them a
+    byte at a time would hold a socket for good, and one sending an endless header the memory."""
 
     header_timeout_s = 10.0
     _head_timer: asyncio.TimerHandle | None = None
+    _in_head = True  # between a request's first byte (or the connection's) and its headers' end
+    _head_bytes = 0
+    _refused = False  # answered 431: the connection closes after `LINGER_S`
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # what the client still sends after the 431: read and dropped
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._refuse_head()
+                return
+        super().data_received(data)
+
+    def _refuse_head(self) -> None:
+        """Answer 431 and close, as Go does: the write side first, then, after a moment in which
+        what the client still sends is read and dropped, the socket. Closed at once, a socket with
+        unread bytes is reset, and the client might never read the answer."""
+        self._refused = True
+        self._disarm_head_timer()
+        if self.transport.is_closing():
+            return
+        log.info("%s: request headers over %d bytes; answering 431", self.client, MAX_HEADER_BYTES)
+        self.transport.write(_TOO_LARGE)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
+        self._in_head, self._head_bytes = True, 0
         self._arm_head_timer()
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._disarm_head_timer()
         super().on_headers_complete()
 

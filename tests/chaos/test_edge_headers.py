@@ -1,6 +1,7 @@
 """The bound on request headers at the HTTP edge, against a real gateway socket: a client that opens
 a connection and sends no header block, or trickles one a byte at a time, is cut off after
-``header_timeout_s``; an idle kept-alive connection between requests is not."""
+``header_timeout_s``; one over 1 MiB is answered 431; an idle kept-alive connection between
+requests is not."""
 
 from __future__ import annotations
 
@@ -119,3 +120,25 @@ async def test_an_idle_kept_alive_connection_still_serves_its_next_request(fleet
         async with _connection(fleet.url) as (silent, _):  # closed once a header timeout has passed ...
             assert await _closed(silent) == b""
         await _one_request(reader, writer)  # ... which this connection sat idle through
+
+
+async def test_a_header_block_over_a_mebibyte_is_answered_431_as_go_does(fleet: LocalFleet) -> None:
+    """An endless header is not kept in memory: past Go's 1 MiB the client is told, and cut off."""
+    async with _connection(fleet.url) as (reader, writer):
+        writer.write(b"POST /api/generate HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: " + b"a" * (3 << 20))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        answer = await _closed(reader)
+    assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer[:200]
+    assert answer.endswith(b"\r\n\r\n431 Request Header Fields Too Large"), answer[-200:]
+
+
+async def test_a_large_header_block_under_the_bound_is_served(fleet: LocalFleet) -> None:
+    body = b'{"model":"%s","prompt":"hi","stream":false}' % MODEL.encode()
+    big = b"".join(b"x-many-%d: %s\r\n" % (i, b"v" * 100) for i in range(5000))  # half a MiB
+    async with _connection(fleet.url) as (reader, writer):
+        writer.write(REQUEST.replace(b"\r\n\r\n", b"\r\n" + big + b"\r\n", 1) % (len(body), body))
+        await writer.drain()
+        async with asyncio.timeout(CLOSED_WITHIN_S):
+            head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
