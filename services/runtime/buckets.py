@@ -116,12 +116,14 @@ async def ensure_buckets(
     replicas: int = 1,
     queue: QueueLimits | None = None,
     specs: dict[str, BucketSpec] | None = None,
+    change_queue: bool = True,
 ) -> Buckets:
     """Open the KV buckets and the overflow queue's stream, creating what does not exist yet
     (idempotent across services; safe to call again after a NATS restart). ``queue``: the queue's
     limits, which whoever enqueues (the gateway) enforces; None leaves an existing stream as it is.
     A bucket that exists with other limits than its `BucketSpec` (``specs``, `BUCKETS` by default)
-    is given them. An identity without stream-admin rights (``corral auth``) only opens what the
+    is given them. ``change_queue`` False gives ``queue`` only to a queue stream made anew (see
+    `ensure_stream`). An identity without stream-admin rights (``corral auth``) only opens what the
     admin identity created: a missing bucket or stream raises, other limits are logged and kept."""
     specs = BUCKETS | (specs or {})
 
@@ -129,7 +131,7 @@ async def ensure_buckets(
         return await open_bucket(js, name, specs[kind], replicas=replicas)
 
     try:
-        await ensure_stream(js, subjects, limits=queue, replicas=replicas)
+        await ensure_stream(js, subjects, limits=queue, replicas=replicas, change=change_queue)
     except (NatsError, JetStreamError, TimeoutError) as e:
         if queue is None:
             raise
@@ -282,7 +284,11 @@ class Reopener:
             self._wanted.clear()
             try:
                 await ensure_buckets(
-                    self._nc.jetstream(), self._subjects, replicas=self._replicas, queue=self._queue
+                    self._nc.jetstream(),
+                    self._subjects,
+                    replicas=self._replicas,
+                    queue=self._queue,
+                    change_queue=False,  # set at start; a reconnect only makes the stream again
                 )
             except (NatsError, JetStreamError, TimeoutError):
                 self._wanted.set()  # the supervisor retries after its backoff

@@ -85,13 +85,20 @@ class Queued:
 
 
 async def ensure_stream(
-    js: JetStreamContext, subjects: Subjects, *, limits: QueueLimits | None = None, replicas: int = 1
+    js: JetStreamContext,
+    subjects: Subjects,
+    *,
+    limits: QueueLimits | None = None,
+    replicas: int = 1,
+    change: bool = True,
 ) -> None:
     """Create the queue stream if it does not exist (idempotent across services; the first wins;
     safe to call again after a NATS restart).
 
-    ``limits`` are enforced when given — the gateway, which enqueues, passes its settings; other
-    services pass None and leave an existing stream as it is. The stream
+    ``limits``: a new stream's; with ``change`` an existing stream is given them too (logged, as
+    they hold for every gateway) — the gateway passes its settings when it starts, and only to
+    create the stream again after a reconnect, so gateways set differently do not take turns at
+    every NATS restart. Other services pass None and leave an existing stream as it is. The stream
     is kept in files: it holds clients' requests, which must outlive a NATS restart.
     """
     try:
@@ -100,11 +107,21 @@ async def ensure_stream(
         info = None
     if info is not None:
         cfg = info.config
-        if limits is not None and (cfg.max_msgs_per_subject, cfg.max_bytes, cfg.max_age) != (
-            limits.depth,
-            limits.max_bytes,
-            MAX_AGE_S,
+        if (
+            change
+            and limits is not None
+            and (cfg.max_msgs_per_subject, cfg.max_bytes, cfg.max_age)
+            != (limits.depth, limits.max_bytes, MAX_AGE_S)
         ):
+            if (cfg.max_msgs_per_subject, cfg.max_bytes) != (limits.depth, limits.max_bytes):
+                log.warning(
+                    "the fleet queue's limits change from %d requests per model and %d bytes to %d and %d "
+                    "(this gateway's settings), for every gateway",
+                    cfg.max_msgs_per_subject,
+                    cfg.max_bytes,
+                    limits.depth,
+                    limits.max_bytes,
+                )
             await js.update_stream(
                 replace(cfg, max_msgs_per_subject=limits.depth, max_bytes=limits.max_bytes, max_age=MAX_AGE_S)
             )

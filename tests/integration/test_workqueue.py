@@ -74,6 +74,27 @@ async def test_a_queued_request_with_a_bad_deadline_is_dropped_and_the_next_serv
             await js.get_msg(subjects.queue_stream, seq)
 
 
+async def test_a_gateway_sets_the_fleets_queue_limits_when_it_starts_not_when_it_reconnects(
+    queue: Queue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue is one for the fleet: a gateway started with other limits changes them for every
+    gateway, and says so; its ensure after a reconnect does not, so gateways set differently do
+    not take turns at each NATS restart."""
+    subjects, _, js = queue
+    await ensure_stream(js, subjects, limits=QueueLimits(depth=512, max_bytes=1 << 20))
+    with caplog.at_level(logging.WARNING, logger="corral.runtime.workqueue"):
+        await ensure_stream(js, subjects, limits=QueueLimits(depth=3, max_bytes=1 << 20), change=False)
+        cfg = (await js.stream_info(subjects.queue_stream)).config
+        assert cfg.max_msgs_per_subject == 512 and not caplog.records
+        await ensure_stream(js, subjects, limits=QueueLimits(depth=3, max_bytes=1 << 20))
+    cfg = (await js.stream_info(subjects.queue_stream)).config
+    assert cfg.max_msgs_per_subject == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the fleet queue's limits change from 512 requests per model and {1 << 20} bytes to 3 and "
+        f"{1 << 20} (this gateway's settings), for every gateway"
+    ]
+
+
 async def test_the_queue_is_bounded_in_bytes_and_the_bound_follows_the_setting(queue: Queue) -> None:
     subjects, nc, js = queue
     await ensure_stream(js, subjects, limits=QueueLimits(depth=100, max_bytes=4096))
