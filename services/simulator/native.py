@@ -103,6 +103,16 @@ def unsupported(ctx: SimContext, message: str) -> BadRequest:
     return BadRequest(message)
 
 
+def fit_context(tokens: list[int], num_ctx: int, opts: Mapping[str, Any]) -> list[int]:
+    """A prompt longer than the context as Ollama's runner cuts it: the first ``num_keep`` tokens
+    (option, 4 by default) kept, then as many of the last as fit, so ``prompt_eval_count`` is at
+    most ``num_ctx`` and a huge prompt costs no more prompt evaluation than a full context."""
+    if len(tokens) <= num_ctx:
+        return tokens
+    keep = max(0, min(int(opts.get("num_keep", 4)), num_ctx - 1))
+    return tokens[:keep] + tokens[len(tokens) - (num_ctx - keep) :]
+
+
 def _check_top_logprobs(n: int | None) -> None:
     if n is not None and not 0 <= n <= 20:
         raise BadRequest("top_logprobs must be between 0 and 20")
@@ -162,7 +172,9 @@ class NativeRoutes:
             return await self._load_only(job, GenerateResponse, raw, response="")
         sampling = sampling_of(opts)
         system = req.system if req.system is not None else model.system
-        job.tokens = render_generate(prompt, system, req.context or (), bool(req.raw))
+        job.tokens = fit_context(
+            render_generate(prompt, system, req.context or (), bool(req.raw)), ropts.num_ctx, opts
+        )
         seed = ctx.config.seed if sampling.seed is None else sampling.seed
         plan = job.plan = plan_reply(
             seed_for(seed, job.tokens),
@@ -313,7 +325,7 @@ class NativeRoutes:
         turns = [((m.role or "user").lower(), m.content or "") for m in req.messages or []]
         if model.system and (not turns or turns[0][0] != "system"):
             turns.insert(0, ("system", model.system))
-        job.tokens = render_chat(turns, req.tools or ())
+        job.tokens = fit_context(render_chat(turns, req.tools or ()), job.options.num_ctx, opts)
         seed = ctx.config.seed if sampling.seed is None else sampling.seed
         plan = job.plan = plan_reply(
             seed_for(seed, job.tokens),

@@ -580,3 +580,17 @@ async def test_redirects_heads_and_reload_over_http(sim: SimServer, http: aiohtt
         "size_vram",
         "context_length",
     ]
+
+
+async def test_a_prompt_longer_than_the_context_is_cut_to_it_as_ollamas_runner_does(
+    client: ollama.AsyncClient,
+) -> None:
+    long = "word " * 20_000
+    r = await client.generate(model="llama3.2", prompt=long, options={"num_ctx": 2048})
+    assert r.prompt_eval_count == 2048
+    c = await client.chat(
+        model="llama3.2", messages=[{"role": "user", "content": long}], options={"num_ctx": 2048}
+    )
+    assert c.prompt_eval_count == 2048
+    short = await client.generate(model="llama3.2", prompt="hello there", options={"num_ctx": 2048})
+    assert short.prompt_eval_count is not None and 0 < short.prompt_eval_count < 100
