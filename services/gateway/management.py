@@ -80,7 +80,8 @@ def error(err: CorralError) -> Response:
     return json_error(err.status, err.message)
 
 
-# the Go struct Ollama decodes each of these bodies into, named in its decoding errors
+# the Go struct Ollama decodes each of these bodies into, named in its decoding errors, and its
+# typed fields besides the model's name (api/types.go)
 _GO_STRUCT = {
     "/api/show": "ShowRequest",
     "/api/pull": "PullRequest",
@@ -88,6 +89,13 @@ _GO_STRUCT = {
     "/api/copy": "CopyRequest",
     "/api/delete": "DeleteRequest",
 }
+_GO_FIELDS: dict[str, dict[str, type]] = {
+    "/api/show": {"verbose": bool},
+    "/api/pull": {"stream": bool, "insecure": bool},
+    "/api/push": {"stream": bool, "insecure": bool},
+    "/api/copy": {"destination": str},
+}
+_GO_TYPE = {bool: "bool", str: "string"}
 
 
 async def _name(
@@ -99,7 +107,8 @@ async def _name(
     body = await request.body()
     if not body or body.isspace():  # no copy of a large body
         raise BadRequest("missing request body")
-    struct = _GO_STRUCT.get(request.url.path.rstrip("/"), "ShowRequest")
+    path = request.url.path.rstrip("/")
+    struct = _GO_STRUCT.get(path, "ShowRequest")
     try:
         obj = _decode(body)
     except msgspec.DecodeError as e:
@@ -108,10 +117,15 @@ async def _name(
         raise BadRequest(TOO_DEEP) from None
     if not isinstance(obj, dict):
         raise BadRequest(f"json: cannot unmarshal {kind(obj)} into Go value of type api.{struct}")
-    for key in (field, "name") if field == "model" else (field,):  # `name`: the older spelling of `model`
-        if obj.get(key) is not None and not isinstance(obj[key], str):
+    names = (
+        {field: str, "name": str} if field == "model" else {field: str}
+    )  # `name`: `model`'s older spelling
+    for key, wanted in (names | _GO_FIELDS.get(path, {})).items():
+        value = obj.get(key)
+        if value is not None and not isinstance(value, wanted):
             raise BadRequest(
-                f"json: cannot unmarshal {kind(obj[key])} into Go struct field {struct}.{key} of type string"
+                f"json: cannot unmarshal {kind(value)} into Go struct field {struct}.{key} "
+                f"of type {_GO_TYPE[wanted]}"
             )
     raw = obj.get(field) or obj.get("name") or ""
     if not raw and empty:

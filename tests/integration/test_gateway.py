@@ -374,6 +374,8 @@ async def test_strategy_header(fleet: LocalFleet) -> None:
         ("POST", "/api/show", b'{"model": "\xffnope"}'),
         ("POST", "/api/pull", b'{"model": '),
         ("POST", "/api/pull", b'{"name": true}'),
+        ("POST", "/api/pull", b'{"model": "llama3.2", "stream": "yes"}'),
+        ("POST", "/api/show", b'{"model": "llama3.2", "verbose": 1}'),
         ("POST", "/api/push", b'{"model": ["x"]}'),
         ("POST", "/api/copy", b'{"source": 5, "destination": "x"}'),
         ("DELETE", "/api/delete", b'{"model":'),
