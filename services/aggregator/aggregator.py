@@ -236,19 +236,19 @@ class Aggregator:
         rates = msgspec.structs.replace(
             self.window.rates(time.time()), every_s=self.settings.views_interval_s
         )
-        fuller = await self._fuller_rates(rates) if rates.window_s < self.window.seconds else None
+        theirs = await self._fuller_rates(rates) if rates.window_s < self.window.seconds else None
         out = {
-            views.RATES_KEY: _enc.encode(fuller or rates),  # first: every gateway reads it
+            views.RATES_KEY: _enc.encode(theirs or rates),  # first: every gateway reads it
             "tags": views.tags_body(agents),
             "ps": views.ps_body(agents),
             "v1_models": views.v1_models_body(agents),
             views.STATUS_KEY: views.status_body(
                 agents,
-                fuller or rates,
+                theirs or rates,
                 views.queue_by_model(await depths(self.nc.jetstream(), self.subjects)),
             ),
         }
-        if fuller is not None:  # the copy that wrote them rewrites them
+        if theirs is not None:  # the copy that wrote them rewrites them
             del out[views.RATES_KEY]
         for key, value in out.items():
             # the rates go out every time, changed or not: their age is how readers tell a live

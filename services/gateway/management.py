@@ -117,9 +117,8 @@ async def _name(
         raise BadRequest(TOO_DEEP) from None
     if not isinstance(obj, dict):
         raise BadRequest(f"json: cannot unmarshal {kind(obj)} into Go value of type api.{struct}")
-    names = (
-        {field: str, "name": str} if field == "model" else {field: str}
-    )  # `name`: `model`'s older spelling
+    # the name's field, with `model`'s older spelling `name`, then the struct's other typed fields
+    names: dict[str, type] = {field: str, "name": str} if field == "model" else {field: str}
     for key, wanted in (names | _GO_FIELDS.get(path, {})).items():
         value = obj.get(key)
         if value is not None and not isinstance(value, wanted):
@@ -127,7 +126,7 @@ async def _name(
                 f"json: cannot unmarshal {kind(value)} into Go struct field {struct}.{key} "
                 f"of type {_GO_TYPE[wanted]}"
             )
-    raw = obj.get(field) or obj.get("name") or ""
+    raw = obj.get(field) or (obj.get("name") if field == "model" else None) or ""
     if not raw and empty:
         raise InvalidModelName("")
     if not raw:

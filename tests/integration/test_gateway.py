@@ -378,6 +378,7 @@ async def test_strategy_header(fleet: LocalFleet) -> None:
         ("POST", "/api/show", b'{"model": "llama3.2", "verbose": 1}'),
         ("POST", "/api/push", b'{"model": ["x"]}'),
         ("POST", "/api/copy", b'{"source": 5, "destination": "x"}'),
+        ("POST", "/api/copy", b'{"name": 1}'),  # no field of Go's CopyRequest: no source
         ("DELETE", "/api/delete", b'{"model":'),
         ("DELETE", "/api/delete", b'{"model": {}}'),
     ],
