@@ -44,7 +44,7 @@ from nats.aio.client import Client as NATS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ABSENT_S", "MISSES", "SETTLE_S", "Absences", "Known", "Presence", "Prober"]
+__all__ = ["ABSENT_S", "MISSES", "SETTLE_S", "Absences", "Known", "Presence", "Prober", "round_s"]
 
 MISSES = 3  # probes in a row that nothing answered
 CONNECT_TIMEOUT_S = 2.0  # nats-py's wait for a server that takes the connection but does not answer
@@ -82,6 +82,10 @@ class Absences:
         self._misses: dict[str, tuple[float, int]] = {}  # agent → (its first miss, misses in a row)
         self._steady_since = now  # misses count from `SETTLE_S` after this
 
+    def period(self, every_s: float) -> None:
+        """The probe period is now ``every_s`` (a large fleet is probed less often)."""
+        self.span_s = max(2 * every_s, ABSENT_S)
+
     def reconnected(self, now: float) -> None:
         """The registry's own connection came back: what it found before says nothing now."""
         self._misses.clear()
@@ -116,11 +120,22 @@ class Absences:
         return {agent: count for agent, (_, count) in self._misses.items()}
 
 
+def round_s(every_s: float, agents: int, per_s: float) -> float:
+    """How long one round of probes takes: ``every_s``, or longer where probing ``agents`` that
+    often would send more than ``per_s`` probes a second (0: no bound)."""
+    return max(every_s, agents / per_s) if per_s > 0 else every_s
+
+
+BATCHES_PER_S = 20  # a round's probes go out in this many batches a second, not all at once
+
+
 class Prober:
-    """Every ``every_s``, asks each agent of ``known()`` (id → `Known`, read before the probes go
-    out) whether it is there, and calls ``dead(agent, revision)`` for each that `Absences` finds
-    gone, with the revision of the state it judged (a state written since wins the removal). One
-    request per agent and period, all at once, each waiting one period at most."""
+    """Every round, asks each agent of ``known()`` (id → `Known`, read before the probes go out)
+    whether it is there, and calls ``dead(agent, revision)`` for each that `Absences` finds gone,
+    with the revision of the state it judged (a state written since wins the removal). A round
+    takes ``every_s``, or longer for a fleet that would take more than ``per_s`` probes a second
+    (`round_s`); its probes are spread over it in small batches, each waiting ``every_s`` at most
+    for its answer, so a thousand agents are not asked, nor answer, in one burst."""
 
     def __init__(
         self,
@@ -129,10 +144,13 @@ class Prober:
         every_s: float,
         known: Callable[[], Mapping[str, Known]],
         dead: Callable[[str, int], Awaitable[None]],
+        *,
+        per_s: float = 0.0,
     ) -> None:
         self._nc = nc
         self._subjects = subjects
         self.every_s = every_s
+        self.per_s = per_s
         self._known = known
         self._dead = dead
         self.absences = Absences(every_s, time.monotonic())
@@ -142,21 +160,26 @@ class Prober:
         return int(self._nc.stats["reconnects"])
 
     async def run(self) -> None:
+        clock = asyncio.get_running_loop().time
         while True:
-            await asyncio.sleep(self.every_s)  # a period, not a wait for something
-            await self.probe_once()
+            began = clock()
+            length = round_s(self.every_s, len(self._known()), self.per_s)
+            await self.probe_once(over_s=length)
+            await asyncio.sleep(max(began + length - clock(), 0.0))  # the rest of the round's period
 
-    async def probe_once(self) -> dict[str, Presence]:
-        """One round: every known agent asked at once, then judged. Returns what each answer said
-        (`_there`); nothing while the registry's own connection is or was just away."""
+    async def probe_once(self, *, over_s: float = 0.0) -> dict[str, Presence]:
+        """One round: every known agent asked, in batches spread over ``over_s`` (0: all at once),
+        then judged. Returns what each answer said (`_there`); nothing while the registry's own
+        connection is or was just away."""
         epoch = self._reconnects()
         if epoch != self._epoch or not self._nc.is_connected:
             self._epoch = epoch
             self.absences.reconnected(time.monotonic())
             return {}
         agents = dict(self._known())
+        self.absences.period(max(over_s, self.every_s))
         self.absences.keep(set(agents))
-        there = await asyncio.gather(*(self._there(agent) for agent in agents))
+        there = await self._ask(list(agents), over_s)
         if self._reconnects() != epoch or not self._nc.is_connected:  # its answers say nothing
             return {}
         now = time.monotonic()
@@ -167,6 +190,21 @@ class Prober:
                 log.warning("agent %s: nothing answers on its NATS subjects (its process is gone)", agent)
                 await self._dead(agent, known.revision)
         return dict(zip(agents, there, strict=True))
+
+    async def _ask(self, agents: list[str], over_s: float) -> list[Presence]:
+        """Probe ``agents``, in batches spread over ``over_s`` seconds (0: all at once)."""
+        batches = max(1, min(len(agents), int(over_s * BATCHES_PER_S)))
+        size = -(-len(agents) // batches)  # ceiling
+        asked: list[asyncio.Task[Presence]] = []
+        try:
+            for i in range(0, len(agents), size):
+                if i:
+                    await asyncio.sleep(over_s / batches)  # the spacing of the batches, a period
+                asked += [asyncio.create_task(self._there(agent)) for agent in agents[i : i + size]]
+            return list(await asyncio.gather(*asked))
+        finally:
+            for t in asked:
+                t.cancel()  # only when the round itself was cancelled: the others are done
 
     async def _there(self, agent: str) -> Presence:
         try:

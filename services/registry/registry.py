@@ -109,7 +109,14 @@ class Registry:
         await self._index.start()
         self._spawn("registry reaper", self._reaper, "registry-reaper")
         if self.settings.probe_s > 0:
-            self._prober = Prober(self.nc, self.subjects, self.settings.probe_s, self._heard, self._vanished)
+            self._prober = Prober(
+                self.nc,
+                self.subjects,
+                self.settings.probe_s,
+                self._heard,
+                self._vanished,
+                per_s=self.settings.probes_per_s,
+            )
             self._spawn("agent probes", self._prober.run, "registry-probes")
         self._pulls = FleetPulls(
             self.nc,

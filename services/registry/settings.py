@@ -26,6 +26,14 @@ class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
             ge=0,
         ),
     ] = 1.0
+    probes_per_s: Annotated[
+        float,
+        setting(
+            "at most this many agent probes a second from this registry copy: a larger fleet is probed "
+            "less often than every probe_s (0: no bound)",
+            ge=0,
+        ),
+    ] = 250.0
     pull_timeout_s: Annotated[float, setting("how long a fleet-wide pull may take", gt=0)] = 3600.0
     replica_check_s: Annotated[
         float,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from corral.registry.liveness import ABSENT_S, MISSES, SETTLE_S, Absences
+from corral.registry.liveness import ABSENT_S, MISSES, SETTLE_S, Absences, round_s
 
 EVERY_S = 1.0
 T0 = 100.0
@@ -89,3 +89,17 @@ def test_each_agent_counts_apart_and_those_gone_from_the_fleet_are_forgotten() -
     assert a.missing() == {"y": 2}
     assert a.missed("y", STEADY + SPAN, HEARD)
     assert not a.missed("x", STEADY + SPAN, HEARD)  # x starts afresh
+
+
+def test_a_large_fleet_is_probed_less_often_within_the_probe_budget() -> None:
+    assert round_s(1.0, 100, 250.0) == 1.0  # within the budget: every probe_s
+    assert round_s(1.0, 1000, 250.0) == 4.0  # 1,000 agents at 250 a second: each every 4 s
+    assert round_s(1.0, 10_000, 0.0) == 1.0  # no budget
+
+
+def test_a_longer_period_stretches_the_span_three_misses_need() -> None:
+    every_s = 4.0  # a round of 1,000 agents at 250 probes a second
+    a = absences()
+    a.period(every_s)
+    assert a.span_s == max(2 * every_s, ABSENT_S)
+    assert misses(a, "x", STEADY, MISSES, every_s) == [False] * (MISSES - 1) + [True]
