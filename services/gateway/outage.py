@@ -23,16 +23,19 @@ class Outage:
     def __init__(self, limit_s: float) -> None:
         self.limit_s = limit_s
         self.since: float | None = None
+        self._epoch = 0  # the connection's reconnect count when the outage was first seen
 
-    def seen(self, connected: bool, now: float) -> str | None:
-        """Record the connection's state at ``now``; the error a waiting request ends with once it
-        has been down for ``limit_s``, else None. The outage counts from the first look that saw
-        it down: looks come at least every second from each waiting request."""
+    def seen(self, connected: bool, now: float, epoch: int) -> str | None:
+        """Record the connection's state at ``now`` (``epoch``: how many times it has come back so
+        far); the error a waiting request ends with once it has been down for ``limit_s``, else
+        None. The outage counts from the first look that saw it down: looks come at least every
+        second from each waiting request, but none while nothing waits, so an outage seen with
+        another reconnect count than the last one is a new outage."""
         if connected:
             self.since = None
             return None
-        if self.since is None:
-            self.since = now
+        if self.since is None or epoch != self._epoch:
+            self.since, self._epoch = now, epoch
         down = now - self.since
         if self.limit_s > 0 and down >= self.limit_s:
             return MESSAGE.format(down)

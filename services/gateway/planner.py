@@ -177,7 +177,8 @@ class Planner:
             session_agent = await self.sessions.lookup(req.session)
         pulled = False
         while True:
-            if (cut_off := self.outage.seen(self.transport.nc.is_connected, time.monotonic())) is not None:
+            t = self.transport
+            if (cut_off := self.outage.seen(t.nc.is_connected, time.monotonic(), t.epoch())) is not None:
                 raise NoCapacity(cut_off)
             skip = self._unanswering()
             avoid = failed | skip if skip else failed  # what this pass does not try

@@ -194,7 +194,8 @@ class FleetQueue:
                         if await withdraw(self._js, queued):
                             raise NoCapacity(STOP_MESSAGE) from None
                     now = time.monotonic()
-                    if (cut_off := self._outage.seen(transport.nc.is_connected, now)) is not None:
+                    connected = transport.nc.is_connected
+                    if (cut_off := self._outage.seen(connected, now, transport.epoch())) is not None:
                         self._rechecks.withdraw(queued)  # an agent that takes it first claims a call released
                         raise NoCapacity(cut_off) from None
                     subject = transport.subjects.queue(vendor, token, lane)
