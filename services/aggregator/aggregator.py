@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
-import nats.js.errors
 from corral import views
 from corral.aggregator.metrics import AggregatorMetrics
 from corral.aggregator.settings import AggregatorSettings
@@ -35,6 +34,7 @@ from corral.protocol.messages import RequestFinished
 from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start
 from corral.runtime.fleet import FleetView, received_at
+from corral.runtime.kvwatch import snapshot
 from corral.runtime.nats import NatsAuth, connect
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import depths
@@ -221,14 +221,18 @@ class Aggregator:
             await asyncio.sleep(max(began + spacing - time.monotonic(), 0.0))  # changes gather
 
     async def _fuller_rates(self, own: views.Rates) -> views.Rates | None:
-        """`fuller` over the rates in the views bucket now."""
+        """`fuller` over the rates in the views bucket now (a snapshot, not a get: its entry carries
+        when the server stored it, so a stopped copy's last figures show their age)."""
         assert self._buckets is not None
-        try:
-            entry = await self._buckets.views.get(views.RATES_KEY)
-            stored = views.rates_decoder.decode(entry.value or b"")
-        except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError):
+        entries = await snapshot(self._buckets.views, views.RATES_KEY, timeout=2.0)
+        if not entries or not entries[-1].value:
             return None
-        return fuller(own, stored, time.monotonic() - received_at(entry, snapshot=True), self.window.seconds)
+        try:
+            stored = views.rates_decoder.decode(entries[-1].value)
+        except msgspec.DecodeError:
+            return None
+        age = time.monotonic() - received_at(entries[-1], snapshot=True)
+        return fuller(own, stored, age, self.window.seconds)
 
     async def write(self) -> None:
         assert self._buckets is not None and self.nc is not None

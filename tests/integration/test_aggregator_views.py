@@ -137,3 +137,44 @@ async def test_a_new_aggregator_copy_leaves_the_rates_to_one_that_has_watched_lo
         await nc.close()
     assert writes >= 5, writes  # the second copy was writing its other views meanwhile
     assert windows == [2.0] * 20, windows
+
+
+async def test_a_new_copy_does_not_defer_to_a_stopped_copys_last_rates(
+    nats_server: NatsServer, root: str
+) -> None:
+    """The copy that wrote the fuller figures has stopped: a new copy writes its own at once, or
+    readers would find no live rates until its window filled."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        buckets = await ensure_buckets(nc.jetstream(), Subjects(root))
+        settings = AggregatorSettings(
+            nats_url=nats_server.url, root=root, views_interval_s=0.05, stats_window_s=2.0
+        )
+        watcher = await buckets.views.watch(RATES_KEY)
+
+        async def next_window() -> float:
+            while (entry := await watcher.updates(timeout=5)) is None:
+                pass  # None: the end of what was there already
+            return float(msgspec.json.decode(entry.value or b"{}")["window_s"])
+
+        first = Aggregator(settings)
+        await first.start()
+        try:
+            async with asyncio.timeout(10):
+                while await next_window() < 2.0:
+                    pass
+        finally:
+            await first.stop()
+        second = Aggregator(settings)
+        await second.start()
+        try:
+            async with asyncio.timeout(10):
+                window = await next_window()
+                while window == 2.0:  # the first copy's last writes, still on their way
+                    window = await next_window()
+        finally:
+            await second.stop()
+        await watcher.stop()
+    finally:
+        await nc.close()
+    assert window < 2.0  # the second copy's own, over the time it has watched
