@@ -115,6 +115,8 @@ async def _name(
         raise BadRequest(syntax_message(str(e), body)) from None
     except RecursionError:
         raise BadRequest(TOO_DEEP) from None
+    if obj is None:
+        obj = {}  # Go leaves a struct as it was for `null`: no name
     if not isinstance(obj, dict):
         raise BadRequest(f"json: cannot unmarshal {kind(obj)} into Go value of type api.{struct}")
     # the name's field, with `model`'s older spelling `name`, then the struct's other typed fields
@@ -223,7 +225,7 @@ async def pull(planner: Planner, request: Request) -> Response:
     """
     try:
         body, raw, model = await _name(request)
-        fields = msgspec.json.decode(body)
+        fields = _decode(body)  # as `_name` read it: invalid UTF-8 as Go reads it
         replicas = request.headers.get(REPLICAS_HEADER, "1").strip().lower()
         vendor = request.headers.get(VENDOR_HEADER, "").strip().lower() or None
         if replicas != "all" and not (replicas.isascii() and replicas.isdigit() and int(replicas) > 0):

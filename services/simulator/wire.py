@@ -144,6 +144,8 @@ def decode(body: bytes, t: type[T], go_name: str = "") -> T:
     name is not it (`ModelRequest` serves show, pull, push and delete)."""
     if not body.strip():
         raise BadRequest("missing request body")
+    if body.strip() == b"null":
+        return t()  # Go leaves the struct as it was: every field unset
     try:
         return msgspec.json.decode(body, type=t)
     except msgspec.ValidationError as e:

@@ -370,11 +370,14 @@ async def test_strategy_header(fleet: LocalFleet) -> None:
         ("POST", "/api/show", b"{"),
         ("POST", "/api/show", b'{"model": 5}'),
         ("POST", "/api/show", b"[1, 2]"),
+        ("POST", "/api/show", b"null"),  # Go leaves the struct empty: no model
+        ("DELETE", "/api/delete", b"null"),
         ("POST", "/api/show", b'{"model": "llama3.2"} x'),
         ("POST", "/api/show", b'{"model": "\xffnope"}'),
         ("POST", "/api/pull", b'{"model": '),
         ("POST", "/api/pull", b'{"name": true}'),
         ("POST", "/api/pull", b'{"model": "llama3.2", "stream": "yes"}'),
+        ("POST", "/api/pull", b'{"model": "nope-\xff", "x": "\xff"}'),  # invalid UTF-8, read as Go does
         ("POST", "/api/show", b'{"model": "llama3.2", "verbose": 1}'),
         ("POST", "/api/push", b'{"model": ["x"]}'),
         ("POST", "/api/copy", b'{"source": 5, "destination": "x"}'),
