@@ -25,8 +25,8 @@ class ModelDetails(msgspec.Struct, frozen=True, kw_only=True):
     families: list[str] | None = None
     parameter_size: str = ""
     quantization_level: str = ""
-    context_length: int | msgspec.UnsetType = msgspec.UNSET
-    embedding_length: int | msgspec.UnsetType = msgspec.UNSET
+    context_length: int | None | msgspec.UnsetType = msgspec.UNSET
+    embedding_length: int | None | msgspec.UnsetType = msgspec.UNSET
 
 
 class TagModel(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,9 +39,9 @@ class TagModel(msgspec.Struct, frozen=True, kw_only=True):
     size: int
     digest: str
     details: ModelDetails = msgspec.field(default_factory=ModelDetails)
-    capabilities: list[str] | msgspec.UnsetType = msgspec.UNSET
-    remote_model: str | msgspec.UnsetType = msgspec.UNSET
-    remote_host: str | msgspec.UnsetType = msgspec.UNSET
+    capabilities: list[str] | None | msgspec.UnsetType = msgspec.UNSET
+    remote_model: str | None | msgspec.UnsetType = msgspec.UNSET
+    remote_host: str | None | msgspec.UnsetType = msgspec.UNSET
 
 
 class PsModel(msgspec.Struct, frozen=True, kw_only=True):

@@ -107,11 +107,12 @@ async def ensure_stream(
         info = None
     if info is not None:
         cfg = info.config
+        age = _kept_for(cfg.max_age)
         if (
             change
             and limits is not None
             and (cfg.max_msgs_per_subject, cfg.max_bytes, cfg.max_age)
-            != (limits.depth, limits.max_bytes, MAX_AGE_S)
+            != (limits.depth, limits.max_bytes, age)
         ):
             if (cfg.max_msgs_per_subject, cfg.max_bytes) != (limits.depth, limits.max_bytes):
                 log.warning(
@@ -123,7 +124,7 @@ async def ensure_stream(
                     limits.max_bytes,
                 )
             await js.update_stream(
-                replace(cfg, max_msgs_per_subject=limits.depth, max_bytes=limits.max_bytes, max_age=MAX_AGE_S)
+                replace(cfg, max_msgs_per_subject=limits.depth, max_bytes=limits.max_bytes, max_age=age)
             )
         return
     limits = limits or QueueLimits()
@@ -151,10 +152,18 @@ async def keep_long_enough(js: JetStreamContext, subjects: Subjects) -> bool:
     minutes) `MAX_AGE_S`, leaving its other limits; True when it was changed. For the operator's
     setup step: with NATS identities no other service may change the stream."""
     cfg = (await js.stream_info(subjects.queue_stream)).config
-    if cfg.max_age is not None and 0 < cfg.max_age < MAX_AGE_S:
-        await js.update_stream(replace(cfg, max_age=MAX_AGE_S))
+    if (age := _kept_for(cfg.max_age)) != cfg.max_age:
+        await js.update_stream(replace(cfg, max_age=age))
         return True
     return False
+
+
+def _kept_for(max_age: float | None) -> float | None:
+    """The queue stream's age limit given its current one: at least `MAX_AGE_S`; a longer one, or
+    none (0 or None: for ever), as an operator set it."""
+    if not max_age or max_age >= MAX_AGE_S:
+        return max_age
+    return MAX_AGE_S
 
 
 async def enqueue(

@@ -127,6 +127,11 @@ async def test_a_queue_made_by_an_older_version_keeps_requests_for_the_longest_d
     cfg = (await js.stream_info(subjects.queue_stream)).config
     assert (cfg.max_age, cfg.max_msgs_per_subject) == (MAX_AGE_S, 7)
     assert not await keep_long_enough(js, subjects)
+    # an operator's longer limit is kept, by the setup step and by a gateway's start alike
+    await js.update_stream(replace(cfg, max_age=2 * MAX_AGE_S))
+    assert not await keep_long_enough(js, subjects)
+    await ensure_stream(js, subjects, limits=QueueLimits())
+    assert (await js.stream_info(subjects.queue_stream)).config.max_age == 2 * MAX_AGE_S
 
 
 async def test_a_pull_that_brought_only_dropped_requests_pulls_again(queue: Queue) -> None:
