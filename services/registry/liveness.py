@@ -7,7 +7,7 @@ connection that closed, and answers a request nobody subscribes to with "no resp
 (https://docs.nats.io/nats-concepts/core-nats/reqreply). So every ``probe_s`` the registry sends
 each agent an empty request on its cancel subject (`Subjects.agent_ctl`, which every agent holds
 from its start to its stop and answers). An agent that nothing answers for `MISSES` probes in a
-row, the first and last at least `ABSENT_S` apart (or two probe periods, if longer), and that has
+row, the first and last at least `ABSENT_S` apart (or 1.5 probe periods, if longer), and that has
 not been heard from since the first, is declared dead as if its heartbeats had run out
 (`Absences`, a pure state machine; the registry does the I/O in `Prober`).
 
@@ -54,6 +54,13 @@ ABSENT_S = RECONNECT_MAX_S + CONNECT_TIMEOUT_S + 2.0
 SETTLE_S = 2 * RECONNECT_MAX_S  # after the registry's own reconnect, no miss counts for this long
 
 
+def _span(every_s: float) -> float:
+    """How long `MISSES` misses in a row must span at a probe period of ``every_s``: `ABSENT_S`, or
+    one and a half periods where longer. Three probes a period apart span two periods, give or take
+    how long each round's answers took: one and a half leaves them that margin."""
+    return max(1.5 * every_s, ABSENT_S)
+
+
 class Presence(enum.Enum):
     """What one probe of an agent found."""
 
@@ -74,17 +81,17 @@ class Absences:
     """Which agents nothing answered at their last probes: a pure state machine (no I/O, no clock).
 
     ``every_s`` is the probe period: an agent is absent for good after `MISSES` misses in a row
-    spanning at least `ABSENT_S` (or two periods, if longer), with nothing heard from it since the
+    spanning at least `ABSENT_S` (or 1.5 periods, if longer), with nothing heard from it since the
     first."""
 
     def __init__(self, every_s: float, now: float) -> None:
-        self.span_s = max(2 * every_s, ABSENT_S)
+        self.span_s = _span(every_s)
         self._misses: dict[str, tuple[float, int]] = {}  # agent → (its first miss, misses in a row)
         self._steady_since = now  # misses count from `SETTLE_S` after this
 
     def period(self, every_s: float) -> None:
         """The probe period is now ``every_s`` (a large fleet is probed less often)."""
-        self.span_s = max(2 * every_s, ABSENT_S)
+        self.span_s = _span(every_s)
 
     def reconnected(self, now: float) -> None:
         """The registry's own connection came back: what it found before says nothing now."""

@@ -153,7 +153,7 @@ class _HeaderTimeout(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol with bounds on the request head: a connection must deliver a
     request's whole header block within ``header_timeout_s`` of opening (or of the request's first
     byte on a kept-alive connection), else it is closed; and in at most `MAX_HEADER_BYTES` (give or
-    take the read that completes it), else it is answered 431 and closed. uvicorn itself waits
+    take the read in which the request begins, at most 256 KiB), else it is answered 431 and closed. uvicorn itself waits
     forever for headers and keeps however many bytes of them come, so one client trickling them a
     byte at a time would hold a socket for good, and one sending an endless header the memory."""
 
@@ -184,6 +184,12 @@ class _HeaderTimeout(HttpToolsProtocol):
         self._refused = True
         self._disarm_head_timer()
         if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # a pipelined head while the last response still goes out: no answer can be put in
+            # the middle of it, so the connection just closes, as for a head that never ends
+            log.info("%s: pipelined request headers over %d bytes; closing", self.client, MAX_HEADER_BYTES)
+            self.transport.close()
             return
         log.info("%s: request headers over %d bytes; answering 431", self.client, MAX_HEADER_BYTES)
         self.transport.write(_TOO_LARGE)

@@ -8,7 +8,7 @@ EVERY_S = 1.0
 T0 = 100.0
 STEADY = T0 + SETTLE_S  # the first moment a miss counts
 HEARD = T0 - 50.0  # the agent's state last arrived long ago
-SPAN = max(2 * EVERY_S, ABSENT_S)
+SPAN = max(1.5 * EVERY_S, ABSENT_S)
 
 
 def absences(every_s: float = EVERY_S) -> Absences:
@@ -28,9 +28,12 @@ def test_gone_after_three_misses_in_a_row_absent_s_apart() -> None:
 
 
 def test_a_long_probe_period_needs_three_probes_two_periods_apart() -> None:
-    every_s = ABSENT_S  # two periods are longer than ABSENT_S
+    every_s = ABSENT_S  # 1.5 periods are longer than ABSENT_S
     a = absences(every_s)
     assert misses(a, "x", STEADY, MISSES, every_s) == [False] * (MISSES - 1) + [True]
+    late = absences(every_s)  # the third answer a little early (the round's answers came quicker)
+    assert not late.missed("x", STEADY, HEARD) and not late.missed("x", STEADY + every_s, HEARD)
+    assert late.missed("x", STEADY + 2 * every_s - 0.2, HEARD)
 
 
 def test_three_quick_misses_are_not_enough_without_the_span() -> None:
@@ -101,5 +104,5 @@ def test_a_longer_period_stretches_the_span_three_misses_need() -> None:
     every_s = 4.0  # a round of 1,000 agents at 250 probes a second
     a = absences()
     a.period(every_s)
-    assert a.span_s == max(2 * every_s, ABSENT_S)
+    assert a.span_s == max(1.5 * every_s, ABSENT_S)
     assert misses(a, "x", STEADY, MISSES, every_s) == [False] * (MISSES - 1) + [True]
