@@ -1,11 +1,14 @@
 """The aggregator's views in the views bucket: a fleet whose merged views outgrow a NATS message
 gets the views that fit — ``rates`` first, the one every gateway reads — and is told once which one
-could not be written; a quiet fleet's rates are written again all the same."""
+could not be written; a quiet fleet's rates are written again all the same; of two copies, the new
+one leaves the rates to one that has watched longer, unless that one has stopped."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import nats
@@ -97,18 +100,15 @@ async def test_a_quiet_fleets_rates_are_written_again_every_interval(
     assert len(set(values)) == 1  # the same rates each time: no request, nothing changed
 
 
-async def test_a_new_aggregator_copy_leaves_the_rates_to_one_that_has_watched_longer(
-    nats_server: NatsServer, root: str
-) -> None:
-    """Two copies run (several are recommended); one started moments ago has watched less of the
-    window, and its figures would alternate with the older copy's at every write. It defers to
-    them until its own window is full."""
+WINDOW_S = 2.0  # the copies' rates window: a new copy has watched all of it after two seconds
+
+
+@contextlib.asynccontextmanager
+async def rates_written(nats_server: NatsServer, root: str) -> AsyncIterator[Callable[[], Awaitable[float]]]:
+    """The ``window_s`` of each rates write to the views bucket, the next one per call."""
     nc = await nats.connect(nats_server.url)
     try:
         buckets = await ensure_buckets(nc.jetstream(), Subjects(root))
-        settings = AggregatorSettings(
-            nats_url=nats_server.url, root=root, views_interval_s=0.05, stats_window_s=2.0
-        )
         watcher = await buckets.views.watch(RATES_KEY)
 
         async def next_window() -> float:
@@ -116,13 +116,36 @@ async def test_a_new_aggregator_copy_leaves_the_rates_to_one_that_has_watched_lo
                 pass  # None: the end of what was there already
             return float(msgspec.json.decode(entry.value or b"{}")["window_s"])
 
-        first = Aggregator(settings)
+        try:
+            yield next_window
+        finally:
+            await watcher.stop()
+    finally:
+        await nc.close()
+
+
+def copy_of(nats_server: NatsServer, root: str) -> Aggregator:
+    return Aggregator(
+        AggregatorSettings(
+            nats_url=nats_server.url, root=root, views_interval_s=0.05, stats_window_s=WINDOW_S
+        )
+    )
+
+
+async def test_a_new_aggregator_copy_leaves_the_rates_to_one_that_has_watched_longer(
+    nats_server: NatsServer, root: str
+) -> None:
+    """Two copies run (several are recommended); one started moments ago has watched less of the
+    window, and its figures would alternate with the older copy's at every write. It defers to
+    them until its own window is full."""
+    async with rates_written(nats_server, root) as next_window:
+        first = copy_of(nats_server, root)
         await first.start()
         try:
             async with asyncio.timeout(10):
-                while await next_window() < 2.0:  # the first copy has watched a whole window
+                while await next_window() < WINDOW_S:  # the first copy has watched a whole window
                     pass
-            second = Aggregator(settings)
+            second = copy_of(nats_server, root)
             await second.start()
             try:
                 async with asyncio.timeout(10):
@@ -132,11 +155,8 @@ async def test_a_new_aggregator_copy_leaves_the_rates_to_one_that_has_watched_lo
                 await second.stop()
         finally:
             await first.stop()
-        await watcher.stop()
-    finally:
-        await nc.close()
     assert writes >= 5, writes  # the second copy was writing its other views meanwhile
-    assert windows == [2.0] * 20, windows
+    assert windows == [WINDOW_S] * 20, windows
 
 
 async def test_a_new_copy_does_not_defer_to_a_stopped_copys_last_rates(
@@ -144,37 +164,22 @@ async def test_a_new_copy_does_not_defer_to_a_stopped_copys_last_rates(
 ) -> None:
     """The copy that wrote the fuller figures has stopped: a new copy writes its own at once, or
     readers would find no live rates until its window filled."""
-    nc = await nats.connect(nats_server.url)
-    try:
-        buckets = await ensure_buckets(nc.jetstream(), Subjects(root))
-        settings = AggregatorSettings(
-            nats_url=nats_server.url, root=root, views_interval_s=0.05, stats_window_s=2.0
-        )
-        watcher = await buckets.views.watch(RATES_KEY)
-
-        async def next_window() -> float:
-            while (entry := await watcher.updates(timeout=5)) is None:
-                pass  # None: the end of what was there already
-            return float(msgspec.json.decode(entry.value or b"{}")["window_s"])
-
-        first = Aggregator(settings)
+    async with rates_written(nats_server, root) as next_window:
+        first = copy_of(nats_server, root)
         await first.start()
         try:
             async with asyncio.timeout(10):
-                while await next_window() < 2.0:
+                while await next_window() < WINDOW_S:
                     pass
         finally:
             await first.stop()
-        second = Aggregator(settings)
+        second = copy_of(nats_server, root)
         await second.start()
         try:
             async with asyncio.timeout(10):
                 window = await next_window()
-                while window == 2.0:  # the first copy's last writes, still on their way
+                while window == WINDOW_S:  # the first copy's last writes, still on their way
                     window = await next_window()
         finally:
             await second.stop()
-        await watcher.stop()
-    finally:
-        await nc.close()
-    assert window < 2.0  # the second copy's own, over the time it has watched
+    assert window < WINDOW_S  # the second copy's own, over the time it has watched
