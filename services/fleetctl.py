@@ -28,7 +28,7 @@ from corral.runtime.kvwatch import snapshot
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
 from corral.runtime.policy import POLICY_KEY, policy_decoder
 from corral.runtime.process import parse_settings
-from corral.runtime.settings import CommonSettings, add_arguments
+from corral.runtime.settings import SERVICES_ONLY, CommonSettings, add_arguments
 from corral.runtime.workqueue import MAX_AGE_S, depths, keep_long_enough
 from corral.transport import Transport, WorkRequest
 from corral.views.status import Pin
@@ -307,7 +307,7 @@ def parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--replicas", default="1", help="on how many agents (a number, or 'all'); default 1")
         p.add_argument("--vendor", choices=VENDORS, help="only agents of this vendor")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_arguments(p, CommonSettings)
+    add_arguments(p, CommonSettings, leave=SERVICES_ONLY)
     return p
 
 

@@ -29,7 +29,7 @@ from corral.runtime.kvwatch import watching
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
 from corral.runtime.policy import POLICY_KEY, Policy, policy_decoder, policy_encoder
 from corral.runtime.process import parse_settings
-from corral.runtime.settings import CommonSettings, add_arguments
+from corral.runtime.settings import SERVICES_ONLY, CommonSettings, add_arguments
 from corral.views.status import Pin
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -272,7 +272,7 @@ def parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--to", help="the models that serve it, in order, comma-separated")
         p.add_argument("--rm", metavar="MODEL", help="remove the fallbacks of MODEL")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    add_arguments(p, CommonSettings)
+    add_arguments(p, CommonSettings, leave=SERVICES_ONLY)
     return p
 
 

@@ -18,7 +18,7 @@ from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import require_fleet
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, NoFleet, command_error, connect_command
 from corral.runtime.process import parse_settings
-from corral.runtime.settings import CommonSettings, add_arguments
+from corral.runtime.settings import SERVICES_ONLY, CommonSettings, add_arguments
 
 _enc = msgspec.json.Encoder()
 
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("name", nargs="?", help="only this key")
     for sub in (create, commands.choices["list"], revoke, usage):
         sub.add_argument("--json", action="store_true", help="machine-readable output")
-        add_arguments(sub, CommonSettings)
+        add_arguments(sub, CommonSettings, leave=SERVICES_ONLY)
     return p
 
 

@@ -23,10 +23,10 @@ import functools
 import os
 import re
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
@@ -214,14 +214,27 @@ def settings_from_args(cls: type[S], args: argparse.Namespace, environ: Mapping[
     return load_settings(cls, given, environ)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[msgspec.Struct], title: str = "") -> None:
-    """One flag per setting of ``cls`` (and its older spellings), its doc and default in the help.
+# the common settings a terminal command (`corral ps`, `corral keys`, ...) has no use for: it sends
+# no traces, and the registries a pull may reach are the gateway's and the registry's to enforce
+SERVICES_ONLY: Final = frozenset({"otlp_endpoint", "allowed_registries"})
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls: type[msgspec.Struct],
+    title: str = "",
+    *,
+    leave: Collection[str] = (),
+) -> None:
+    """One flag per setting of ``cls`` (and its older spellings), its doc and default in the help;
+    none for the settings named in ``leave`` (`SERVICES_ONLY` for a terminal command).
 
     Flags left out parse as ``None``, so the environment and then the default apply.
     """
     group = parser.add_argument_group(title or "settings (flag > CORRAL_* environment > default)")
     for s in describe(cls).values():
-        add_argument(group, s)
+        if s.name not in leave:
+            add_argument(group, s)
 
 
 def add_argument(

@@ -27,7 +27,7 @@ from corral.gateway.settings import GatewaySettings
 from corral.registry import __main__ as registry_main
 from corral.registry.settings import RegistrySettings
 from corral.runtime import natsmain
-from corral.runtime.settings import CommonSettings, Setting, describe
+from corral.runtime.settings import SERVICES_ONLY, CommonSettings, Setting, describe, env_name
 from corral.simulator import __main__ as sim_main
 
 README = Path(__file__).parents[2] / "README.md"
@@ -110,8 +110,8 @@ def test_used_by_names_the_services_that_declare_it() -> None:
     common = {s.env for s in describe(CommonSettings).values()}
     for env, (_, users) in declared().items():
         cell = rows[env].used_by
-        if env in common:
-            assert cell == "all", env
+        if env in common:  # every process, or the services alone (`SERVICES_ONLY`)
+            assert cell == ("services" if env in {env_name(n) for n in SERVICES_ONLY} else "all"), env
         else:
             assert set(cell.split(", ")) == users, (env, cell, users)
 

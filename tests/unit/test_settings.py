@@ -23,6 +23,7 @@ from corral.registry.settings import RegistrySettings
 from corral.runtime.nats import server_urls
 from corral.runtime.settings import (
     ENV_PREFIX,
+    SERVICES_ONLY,
     CommonSettings,
     SettingsError,
     add_arguments,
@@ -499,3 +500,16 @@ def test_an_agent_id_that_is_no_subject_token_or_is_the_registrys_is_refused(age
     with pytest.raises(SettingsError, match="CORRAL_ID / --id"):
         load_settings(AgentSettings, environ={"CORRAL_ID": agent_id})
     assert load_settings(AgentSettings, environ={"CORRAL_ID": "registry-2"}).id == "registry-2"
+
+
+def test_terminal_commands_offer_no_flag_they_do_not_use() -> None:
+    from corral import fleetctl, policyctl
+    from corral.gateway import keysmain
+
+    for args in (
+        fleetctl.parser("ps").parse_args([]),
+        policyctl.parser("pin").parse_args([]),
+        keysmain.parser().parse_args(["list"]),
+    ):
+        assert not SERVICES_ONLY & set(vars(args)), vars(args)
+        assert "nats_creds" in vars(args) and "js_replicas" in vars(args)
