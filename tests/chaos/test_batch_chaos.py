@@ -142,12 +142,6 @@ class Fleet:
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    async with NatsServer(port=free_port(), store_dir=tmp_path / "js") as s:
-        yield s
-
-
-@pytest.fixture
 async def fleet(server: NatsServer, root: str, tmp_path: Path) -> AsyncIterator[Fleet]:
     sims = [SimServer(cfg, host="127.0.0.1", port=0) for cfg in default_sims(2, time_scale=0.3)]
     for s in sims:

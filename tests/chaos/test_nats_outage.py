@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import nats
 import pytest
 from corral.protocol.subjects import Subjects
-from corral.runtime.natsserver import NatsServer, free_port
+from corral.runtime.natsserver import NatsServer
 from corral.runtime.workqueue import depths
 from corral.up import FleetOptions, LocalFleet, default_sims
 
@@ -24,12 +23,6 @@ pytestmark = pytest.mark.chaos
 MODEL = "llama3.2"
 OUTAGE_S = 1.0
 BOUND_S = 30.0  # a bound on the test, far above the outage limit; the deadline is ten minutes
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    async with NatsServer(port=free_port(), store_dir=tmp_path / "js") as s:
-        yield s
 
 
 @pytest.fixture

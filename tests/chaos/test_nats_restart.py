@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -21,7 +20,7 @@ import pytest
 from corral import views
 from corral.protocol.names import ANY_VENDOR
 from corral.protocol.subjects import Subjects
-from corral.runtime.natsserver import NatsServer, free_port
+from corral.runtime.natsserver import NatsServer
 from corral.transport import Transport
 from corral.transport.request import model_work
 from corral.up import FleetOptions, LocalFleet, default_sims
@@ -34,12 +33,6 @@ pytestmark = pytest.mark.chaos
 
 MODEL = "llama3.2"
 BACK_WITHIN_S = 15.0  # reconnects back off to 2 s at most, agents heartbeat every 0.5 s
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    async with NatsServer(port=free_port(), store_dir=tmp_path / "js") as s:
-        yield s
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -25,7 +24,7 @@ from corral.protocol import headers as H
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import connect, round_trip
-from corral.runtime.natsserver import NatsServer, free_port
+from corral.runtime.natsserver import NatsServer
 from corral.runtime.workqueue import depths, enqueue, ensure_stream
 from corral.simulator.config import load_config
 from corral.simulator.server import SimServer
@@ -60,12 +59,6 @@ class AgentProcess:
     def assert_alive_and_clean(self) -> None:
         assert self.proc.returncode is None, "".join(self.lines[-40:])
         assert not any("Traceback" in line for line in self.lines), "".join(self.lines)
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    async with NatsServer(port=free_port(), store_dir=tmp_path / "js") as s:
-        yield s
 
 
 @pytest.fixture
