@@ -120,7 +120,14 @@ async def test_a_request_stuck_behind_endless_streams_gets_a_replica_on_an_idle_
         gw = fleet.gateway
         assert gw is not None
         await _generate(s, fleet, "cold")  # one load, on one agent
-        await until(fleet, lambda: any(KEY in a.request_s for a in gw.fleet.agents()))
+        # its request time known, and its runner listed (the two may come in separate writes)
+        await until(
+            fleet,
+            lambda: (
+                any(KEY in a.request_s for a in gw.fleet.agents())
+                and any(warm(Route(key=KEY), a) for a in gw.fleet.agents())
+            ),
+        )
         (loaded,) = [a for a in gw.fleet.agents() if warm(Route(key=KEY), a)]
         spare = next(i for i, a in enumerate(fleet.agents) if a.id != loaded.id)
         endless = {"model": MODEL, "prompt": "endless"}
