@@ -100,8 +100,8 @@ _GO_TYPE = {bool: "bool", str: "string"}
 
 async def _name(
     request: Request, field: str = "model", *, empty: bool = False
-) -> tuple[bytes, str, ModelName]:
-    """The body and the model it names (``field``, or Ollama's alias ``name``). No name is
+) -> tuple[bytes, dict[str, Any], str, ModelName]:
+    """The body, its fields and the model it names (``field``, or Ollama's alias ``name``). No name is
     ``model is required``, or with ``empty`` an invalid (empty) name, as copy and delete say. A
     body Go could not decode gets the error Go's encoding/json gives (`corral.protocol.gojson`)."""
     body = await request.body()
@@ -133,7 +133,7 @@ async def _name(
         raise InvalidModelName("")
     if not raw:
         raise BadRequest("model is required")
-    return body, raw, parse_name(raw)
+    return body, obj, raw, parse_name(raw)
 
 
 def _decode(body: bytes) -> Any:
@@ -161,7 +161,7 @@ async def to_holder(
     would make ``ollama run`` pull the model again); a model ``hidden`` from the request's API key
     (`corral.gateway.auth.hides`) answers as if no agent had it."""
     try:
-        body, raw, model = await _name(request)
+        body, _, raw, model = await _name(request)
     except CorralError as e:
         return error(e)
     fleet = planner.fleet
@@ -224,8 +224,7 @@ async def pull(planner: Planner, request: Request) -> Response:
     goes; a plain Ollama client gets one copy, on the agent with the fewest models.
     """
     try:
-        body, raw, model = await _name(request)
-        fields = _decode(body)  # as `_name` read it: invalid UTF-8 as Go reads it
+        body, fields, raw, model = await _name(request)  # invalid UTF-8 read as Go reads it
         replicas = request.headers.get(REPLICAS_HEADER, "1").strip().lower()
         vendor = request.headers.get(VENDOR_HEADER, "").strip().lower() or None
         if replicas != "all" and not (replicas.isascii() and replicas.isdigit() and int(replicas) > 0):
@@ -265,7 +264,7 @@ async def to_all_holders(planner: Planner, request: Request, endpoint: str, meth
     """Delete and copy run on every agent that has the model; one success is the answer."""
     field = "source" if endpoint == "/api/copy" else "model"
     try:
-        body, raw, model = await _name(request, field, empty=True)
+        body, _, raw, model = await _name(request, field, empty=True)
     except InvalidModelName as e:
         what = "source" if endpoint == "/api/copy" else "name"
         return error(BadRequest(f'{what} "{e.name}" is invalid'))

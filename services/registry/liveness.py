@@ -168,20 +168,25 @@ class Prober:
         clock = asyncio.get_running_loop().time
         while True:
             began = clock()
-            length = round_s(self.every_s, len(self._known()), self.per_s)
-            await self.probe_once(over_s=length)
+            agents = dict(self._known())
+            length = round_s(self.every_s, len(agents), self.per_s)
+            await self.probe_once(over_s=length, agents=agents)
             await asyncio.sleep(max(began + length - clock(), 0.0))  # the rest of the round's period
 
-    async def probe_once(self, *, over_s: float = 0.0) -> dict[str, Presence]:
+    async def probe_once(
+        self, *, over_s: float = 0.0, agents: dict[str, Known] | None = None
+    ) -> dict[str, Presence]:
         """One round: every known agent asked (a second's worth of probes at a time when the round
         is longer than one period, ``over_s``; else all at once), then judged. Returns what each
-        answer said (`_there`); nothing while the registry's own connection is or was just away."""
+        answer said (`_there`); nothing while the registry's own connection is or was just away.
+        ``agents`` is ``known()`` as the caller just read it."""
         epoch = self._reconnects()
         if epoch != self._epoch or not self._nc.is_connected:
             self._epoch = epoch
             self.absences.reconnected(time.monotonic())
             return {}
-        agents = dict(self._known())
+        if agents is None:
+            agents = dict(self._known())
         self.absences.period(max(over_s, self.every_s))
         self.absences.keep(set(agents))
         there = await self._ask(list(agents), over_s)
