@@ -370,7 +370,11 @@ async def _up(args: argparse.Namespace) -> int:
     except BaseException:
         await cancel_and_wait([signalled])
         raise
-    lines = [f"  {a.id:<12} {a.vendor:<7} {a.settings.ollama_url}" for a in fleet.agents]
+    lines = [
+        f"  {a.id:<12} {a.vendor:<7} {a.settings.ollama_url}"
+        + ("   (not answering: its agent offers nothing until it does)" if a.state().ollama_down else "")
+        for a in fleet.agents
+    ]
     print(
         f"\nCorral is up: {len(fleet.agents)} backends behind one Ollama endpoint.\n"
         + "\n".join(lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.integration.cli_helpers import without_corral_settings
 
 _GATEWAY = re.compile(r"^\s*Gateway\s+(http\S+)\s*$")
-_BACKEND = re.compile(r"^\s+(\S+)\s+(nvidia|amd|cpu)\s+(http\S+)\s*$")
+_BACKEND = re.compile(r"^\s+(\S+)\s+(nvidia|amd|cpu)\s+(http\S+)\s*(.*)$")
 
 
 @dataclass
@@ -23,6 +23,7 @@ class CorralUp:
 
     url: str = ""
     backends: dict[str, str] = field(default_factory=dict)  # agent id -> its (simulated) Ollama's URL
+    remarks: dict[str, str] = field(default_factory=dict)  # agent id -> what follows its URL, if anything
     printed: list[str] = field(default_factory=list)
 
     def take(self, line: str) -> None:
@@ -30,6 +31,8 @@ class CorralUp:
         self.printed.append(line)
         if m := _BACKEND.match(line):
             self.backends[m.group(1)] = m.group(3)
+            if m.group(4):
+                self.remarks[m.group(1)] = m.group(4)
         elif m := _GATEWAY.match(line):
             self.url = m.group(1)
 

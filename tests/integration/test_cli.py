@@ -308,6 +308,19 @@ async def test_corral_up_takes_the_services_settings_from_the_environment(
             assert r.status == 413, await r.text()
 
 
+async def test_corral_ups_banner_says_which_ollama_is_not_answering(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """A backend given with ``--ollama`` that does not answer is said so in the banner, beside the
+    simulated one that does, not only in warnings every few seconds after it."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    extra = ["--ollama", f"nvidia={dead}"]
+    async with corral_up(nats_server.url, "updown", tmp_path / "up.log", sims=1, extra=extra) as up:
+        down = [a for a, url in up.backends.items() if url == dead]
+        assert len(up.backends) == 2 and len(down) == 1, up.printed
+        assert up.remarks == {down[0]: "(not answering: its agent offers nothing until it does)"}, up.printed
+
+
 async def test_corral_up_keeps_its_state_in_a_store_dir_across_a_restart(tmp_path: Path) -> None:
     """With ``--store-dir`` the embedded NATS keeps JetStream there: a file uploaded before a
     restart is there after it (by default the store is a temporary one, gone at stop)."""
