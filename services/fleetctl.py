@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 
 def _gb(n: int) -> str:
-    return f"{n / 2**30:.1f}G"
+    """Bytes in GiB, as `corral top` and the console show them; the unit is said beside it."""
+    return f"{n / 2**30:.1f}"
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -126,8 +127,8 @@ async def status(s: _Session, as_json: bool) -> int:
         return 0
     t = st.totals
     print(
-        f"{t.agents} agents ({t.active} active), {t.gpus} GPUs, VRAM {_gb(t.vram_total - t.vram_free)} used "
-        f"of {_gb(t.vram_total)}, {t.models} models, {t.loaded} loaded, {t.in_flight} running, {t.queued} queued"
+        f"{t.agents} agents ({t.active} active), {t.gpus} GPUs, VRAM {_gb(t.vram_total - t.vram_free)} GiB used "
+        f"of {_gb(t.vram_total)} GiB, {t.models} models, {t.loaded} loaded, {t.in_flight} running, {t.queued} queued"
     )
     if st.queue:
         print("waiting in the fleet queue: " + ", ".join(f"{m} {n}" for m, n in st.queue.items()))
@@ -158,7 +159,9 @@ async def status(s: _Session, as_json: bool) -> int:
         for a in st.agents
     ]
     print()
-    print(table(rows, ("AGENT", "VENDOR", "HOST", "STATUS", "GPUS", "VRAM", "LOADED", "RUNNING", "QUEUED")))
+    print(
+        table(rows, ("AGENT", "VENDOR", "HOST", "STATUS", "GPUS", "VRAM GiB", "LOADED", "RUNNING", "QUEUED"))
+    )
     return 0
 
 
@@ -181,7 +184,7 @@ async def ps(s: _Session, as_json: bool) -> int:
                 )
                 for r in rows
             ],
-            ("NAME", "AGENT", "VENDOR", "SIZE", "IN VRAM", "CONTEXT", "UNTIL"),
+            ("NAME", "AGENT", "VENDOR", "SIZE GiB", "IN VRAM GiB", "CONTEXT", "UNTIL"),
         )
     )
     return 0
@@ -209,7 +212,7 @@ async def models(s: _Session, as_json: bool) -> int:
                 )
                 for m in merged
             ],
-            ("NAME", "SIZE", "PARAMS", "QUANT", "ON AGENTS"),
+            ("NAME", "SIZE GiB", "PARAMS", "QUANT", "ON AGENTS"),
         )
     )
     return 0
@@ -258,7 +261,7 @@ async def _progress(lines: AsyncIterator[bytes], as_json: bool) -> int:
                 last_draw = now
                 bar = "#" * int(done * 30)
                 print(
-                    f"\r{obj['status']:<24} [{bar:<30}] {done:4.0%} of {_gb(obj['total'])}",
+                    f"\r{obj['status']:<24} [{bar:<30}] {done:4.0%} of {_gb(obj['total'])} GiB",
                     end="",
                     flush=True,
                 )

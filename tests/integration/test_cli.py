@@ -54,6 +54,11 @@ async def test_status_ps_models(fleet: LocalFleet) -> None:
     assert sorted(by_name["llama3.2:latest"]) == sorted(a.id for a in fleet.agents)
     rc, out, _ = await corral(fleet, "status")
     assert rc == 0 and "2 agents (2 active)" in out and "nvidia-0" in out
+    # sizes in GiB, said as `corral top` and the console say them
+    total = status["totals"]["vram_total"] / 2**30
+    assert f"of {total:.1f} GiB" in out and "VRAM GiB" in out, out
+    rc, out, _ = await corral(fleet, "ps")
+    assert rc == 0 and out.split("\n")[0].split()[3:7] == ["SIZE", "GiB", "IN", "VRAM"], out
 
 
 async def test_output_into_a_reader_that_stopped_ends_quietly(fleet: LocalFleet) -> None:
