@@ -760,9 +760,16 @@ async def test_queue_order_deadline_and_withdrawal(nats_server: NatsServer, root
         assert await puller.take_batch(subject, 1) == ([], True)
         # and gone from the stream: nats-server confirms an ack before a work queue drops the
         # message, so the depth is read again after each round trip to the server
-        await waits.until(
-            lambda: _no_depths(js, subjects), lambda t: round_trip(nc, max(t, 0.01)), timeout=5.0
-        )
+        seen: list[object] = []
+
+        async def emptied() -> bool:  # and if not, what the stream and the consumer say
+            left = await depths(js, subjects)
+            if left:
+                consumer = await js.consumer_info(subjects.queue_stream, consumer_name(subject))
+                seen[:] = [left, consumer.delivered, consumer.ack_floor, consumer.num_ack_pending]
+            return not left
+
+        await waits.until(emptied, lambda t: round_trip(nc, max(t, 0.01)), timeout=5.0, state=lambda: seen)
         queued = await enqueue(nc, js, subjects, "any", "m", b"gone", {H.DEADLINE: future, H.REPLY: "r"})
         assert await withdraw(js, queued)
         assert await puller.take(subject, 1) == []
@@ -785,7 +792,3 @@ async def test_agent_learns_the_backends_real_default_context(nats_server: NatsS
             for _ in range(3):
                 await client.generate(model=MODEL, prompt="next", options={"num_predict": 2})
         assert fleet.sims[0].stats.reloads == 0
-
-
-async def _no_depths(js: Any, subjects: Subjects) -> bool:
-    return await depths(js, subjects) == {}
