@@ -36,6 +36,7 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.envelope import trace_context
 from corral.protocol.errors import BadRequest, CorralError, Forbidden, ModelNotFound
+from corral.protocol.gohttp import slash_redirect
 from corral.protocol.priority import HTTP_HEADER as PRIORITY_HEADER
 from corral.protocol.priority import INTERACTIVE, capped, parse_priority
 from corral.protocol.subjects import Subjects
@@ -347,9 +348,8 @@ class Gateway:
                 await self._model_request(scope, receive, send)
             else:  # gin's answer to a known path and another method
                 await plain(send, 405, METHOD_NOT_ALLOWED.encode(), [(b"allow", b"POST")])
-        elif path.endswith("/") and path.rstrip("/") in MODEL_ENDPOINTS:  # gin redirects, POST kept
-            query = b"?" + scope["query_string"] if scope.get("query_string") else b""
-            await plain(send, 307, b"", [(b"location", path.rstrip("/").encode() + query)])
+        elif path.endswith("/") and path.rstrip("/") in MODEL_ENDPOINTS:
+            await _redirect_slash(scope, send)
         else:
             await self.app(scope, receive, send)
 
@@ -441,3 +441,13 @@ class Gateway:
         elif view.messages and work.model is not None:
             work.session, work.follow_up = bodies.session(work.model.key, view)
         return work, raw
+
+
+async def _redirect_slash(scope: Scope, send: Send) -> None:
+    """gin's trailing-slash redirect (`corral.protocol.gohttp.slash_redirect`)."""
+    query = "?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else ""
+    status, headers, body = slash_redirect(scope["method"], scope["path"].rstrip("/") + query)
+    head = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers]
+    head.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})

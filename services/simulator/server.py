@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Final
 
 from aiohttp import web
+from corral.protocol.gohttp import slash_redirect
 from corral.simulator.config import SimConfig
 from corral.simulator.context import SimContext
 from corral.simulator.manage import ManageRoutes
@@ -88,8 +89,9 @@ class SimServer:
         if path in self._known or (path.startswith(_PREFIX_ROUTES) and path.count("/") == 3):
             return text_response(405, "405 method not allowed")
         if path.endswith("/") and path.rstrip("/") in self._known:
-            status = 301 if request.method == "GET" else 307
-            return web.Response(status=status, headers={"Location": path.rstrip("/")})
+            query = f"?{request.query_string}" if request.query_string else ""
+            status, headers, body = slash_redirect(request.method, path.rstrip("/") + query)
+            return web.Response(status=status, headers=headers, body=body)
         return text_response(404, "404 page not found")
 
     async def start(self) -> None:

@@ -221,6 +221,10 @@ async def test_wrong_methods_slashes_and_numbers_past_their_range_answer_as_olla
                     assert r.status == 405 and await r.text() == "405 method not allowed", (method, path)
         async with s.post(fleet.url + "/api/generate/?x=1", allow_redirects=False) as r:
             assert r.status == 307 and r.headers["location"] == "/api/generate?x=1"
+            assert "content-type" not in r.headers and await r.read() == b""
+        async with s.get(fleet.url + "/api/chat/", allow_redirects=False) as r:  # gin: 301 for a GET
+            assert r.status == 301 and r.headers["location"] == "/api/chat"
+            assert await r.text() == '<a href="/api/chat">Moved Permanently</a>.\n\n'
         body = {"model": MODEL, "prompt": "hi", "stream": False}
         async with s.post(fleet.url + "/api/generate/", json=body) as r:  # followed, POST and body kept
             assert r.status == 200 and (await r.json())["done"]
@@ -396,3 +400,20 @@ async def test_a_management_body_go_cannot_decode_is_refused_in_ollamas_words(
             async with http.request(method, url + path, data=body) as r:
                 answers.append((r.status, await r.json()))
     assert answers[1] == answers[0]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "DELETE"])
+async def test_a_trailing_slash_is_redirected_as_ollamas_router_does(fleet: LocalFleet, method: str) -> None:
+    """gin's redirect: 301 for a GET with Go's small HTML body, 307 (method and body kept) for the
+    rest, the query kept; the gateway answers as a lone Ollama (here its simulator) does."""
+    answers = []
+    async with aiohttp.ClientSession() as http:
+        for url in (fleet.sims[0].url, fleet.url):
+            async with http.request(method, url + "/api/chat/?x=1", allow_redirects=False) as r:
+                answers.append(
+                    (r.status, r.headers.get("Location"), r.headers.get("Content-Type"), await r.read())
+                )
+    assert answers[1] == answers[0]
+    status, location, kind, body = answers[0]
+    assert status == (301 if method == "GET" else 307) and location == "/api/chat?x=1"
+    assert (kind is not None, body != b"") == (method in ("GET", "HEAD"), method == "GET")
