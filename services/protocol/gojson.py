@@ -88,3 +88,49 @@ def kind(value: object) -> str:
     if value is None:
         return "null"
     return "array" if isinstance(value, list) else "object"
+
+
+_B64 = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+_NEWLINES = b"\r\n"
+
+
+def base64_error(text: str) -> str | None:
+    """What Go's encoding/json says of ``text`` stored in a ``[]byte`` field (an image): standard
+    base64 with padding, newlines skipped (`encoding/base64`'s ``decodeQuantum``), else
+    ``illegal base64 data at input byte N``; None when it decodes."""
+    src = text.encode("utf-8", "surrogatepass")
+    si = 0
+    while True:
+        j, si, bad = _quantum(src, si)
+        if bad is not None:
+            return f"illegal base64 data at input byte {bad}"
+        if j < 4:  # the end: nothing more, or a padded last quantum
+            return None
+
+
+def _quantum(src: bytes, si: int) -> tuple[int, int, int | None]:
+    """One quantum from ``si``: (characters read, where the next begins, the bad byte or None)."""
+    for j in range(4):
+        while True:
+            if si == len(src):
+                return (0, si, None) if j == 0 else (j, si, si - j)
+            c = src[si]
+            si += 1
+            if c in _B64:
+                break
+            if c in _NEWLINES:
+                continue
+            if c != ord("=") or j < 2:
+                return j, si, si - 1
+            if j == 2:  # "==" expected: the second, after any newlines
+                while si < len(src) and src[si] in _NEWLINES:
+                    si += 1
+                if si == len(src):
+                    return j, si, len(src)
+                if src[si] != ord("="):
+                    return j, si, si - 1
+                si += 1
+            while si < len(src) and src[si] in _NEWLINES:
+                si += 1
+            return j, si, (si if si < len(src) else None)  # anything after the padding is garbage
+    return 4, si, None

@@ -15,7 +15,7 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 from corral.protocol.errors import BadRequest, InternalError
-from corral.protocol.gojson import as_go_reads, syntax_message
+from corral.protocol.gojson import as_go_reads, base64_error, syntax_message
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def decode(body: bytes, t: type[T], go_name: str = "") -> T:
     if body.strip() == b"null":
         return t()  # Go leaves the struct as it was: every field unset
     try:
-        return msgspec.json.decode(body, type=t)
+        req = msgspec.json.decode(body, type=t)
     except msgspec.ValidationError as e:
         raise BadRequest(_validation_message(str(e), go_name or t.__name__)) from None
     except msgspec.DecodeError as e:
@@ -155,6 +155,18 @@ def decode(body: bytes, t: type[T], go_name: str = "") -> T:
         if fixed != body:
             return decode(fixed, t, go_name)
         raise BadRequest(syntax_message(str(e), body)) from None
+    _check_images(req)
+    return req
+
+
+def _check_images(req: object) -> None:
+    """Images are Go ``[]byte``: base64 text, refused in Go's words when it is not."""
+    images = list(getattr(req, "images", None) or [])
+    for m in getattr(req, "messages", None) or []:
+        images += m.images or []
+    for image in images:
+        if (why := base64_error(image)) is not None:
+            raise BadRequest(why)
 
 
 def _validation_message(msg: str, struct: str) -> str:

@@ -6,7 +6,7 @@ import json
 
 import msgspec
 import pytest
-from corral.protocol.gojson import as_go_reads
+from corral.protocol.gojson import as_go_reads, base64_error
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,28 @@ def test_what_go_reads_a_strict_decoder_reads_too(body: bytes, read: str) -> Non
 def test_a_body_with_nothing_to_replace_is_the_same_bytes() -> None:
     body = json.dumps({"prompt": "plain \u00e9 \\u text", "emoji": "\U0001f600"}).encode()
     assert as_go_reads(body) == body
+
+
+@pytest.mark.parametrize(
+    ("text", "bad"),
+    [
+        ("", None),
+        ("aGk=", None),
+        ("ab==", None),
+        ("aGk=\n", None),  # newlines anywhere are skipped
+        ("aG\r\nk=", None),
+        ("abc", 0),  # a last quantum without its padding: Go reports where that quantum began
+        ("aGVsbG8gd29ybGQ", 12),
+        ("a", 0),
+        ("not base64!", 3),  # the space
+        ("ab=", 3),  # one "=" where two were due
+        ("ab=c", 2),
+        ("a===", 1),
+        ("ab==x", 4),  # anything after the padding
+        ("data:image/png;base64,aGk=", 4),  # a data URL is not base64 text
+    ],
+)
+def test_an_image_is_read_as_go_reads_base64(text: str, bad: int | None) -> None:
+    """Go's encoding/base64 (standard, padded) positions, as `illegal base64 data at input byte N`."""
+    expected = None if bad is None else f"illegal base64 data at input byte {bad}"
+    assert base64_error(text) == expected

@@ -187,6 +187,16 @@ def test_decode_errors_read_like_go(body: bytes, message: str) -> None:
     assert e.value.message == message
 
 
+def test_images_that_are_not_base64_are_refused_in_gos_words() -> None:
+    body = b'{"model":"x","messages":[{"role":"user","content":"hi","images":["aGk=","no!"]}]}'
+    with pytest.raises(BadRequest) as e:
+        decode(body, ChatRequest)
+    assert e.value.message == "illegal base64 data at input byte 2"
+    with pytest.raises(BadRequest):
+        decode(b'{"model":"x","prompt":"hi","images":["abc"]}', GenerateRequest)
+    assert decode(b'{"model":"x","prompt":"hi","images":["aGk="]}', GenerateRequest).images == ["aGk="]
+
+
 def test_decode_chat_messages_type_error() -> None:
     with pytest.raises(BadRequest) as e:
         decode(b'{"model":"x","messages":"hi"}', ChatRequest)
