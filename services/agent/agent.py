@@ -342,14 +342,14 @@ class Agent:
             self._apply(self.runners.responded(job.token, job.rid, status))
 
     async def _on_answered(self, job: Job) -> None:
-        """Ollama has finished ``job``: publish what it changed (on disk, an unload), free its slot, arm
+        """Ollama has finished ``job``: publish what it changed (on disk, a load, an unload), free its slot, arm
         its claim — all before the reply's last message goes out, so a client answered at once finds a
         just-pulled model in the fleet and the slot armed (not a direct send or the queue). Requests
         waiting here or in the fleet queue keep their turn: the slot passes to them and nothing is armed."""
-        if job.env.endpoint in _CHANGES_MODELS or job.env.unload:
+        env, token, late = job.env, job.token, self.runners.shows_late(job.token, job.rid)  # a load
+        if env.endpoint in _CHANGES_MODELS or env.unload or env.expires_now or late:
             await self._refresh()
             await self._publish_state()
-        token = job.token
         if token is None or job.released:
             return
         job.released = True
@@ -430,7 +430,7 @@ class Agent:
 
     async def _refresh_loop(self) -> None:
         while not self._wake.closing.is_set():
-            await wait_at_most(self._wake.refresh, self.settings.refresh_s)
+            await wait_at_most(self._wake.refresh, self._backend.next_read_s(self.settings.refresh_s))
             self._wake.refresh.clear()
             await self._refresh()
             await wait_at_most(self._wake.closing, REFRESH_GAP_S)  # requests asking often: not back to back

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import msgspec
 from corral.agent.ollama import OLLAMA_ERRORS, OllamaClient
+from corral.agent.runners import until_expiry
 from corral.protocol.messages import Gpu, ModelMeta, PsModel, TagModel
 from corral.protocol.names import key_of
 
@@ -53,6 +54,11 @@ class Backend:
         self._meta_by_digest: dict[str, ModelMeta] = {}
         self._meta_retry_at: dict[str, float] = {}  # digest whose /api/show failed → when to ask again
         self.model_meta: dict[str, ModelMeta] = {}  # model key (on disk) → its shape
+
+    def next_read_s(self, longest: float) -> float:
+        """Seconds until Ollama is to be read again: ``longest``, or sooner when a runner's
+        keep_alive runs out before (`corral.agent.runners.until_expiry`)."""
+        return until_expiry(self.loaded, time.time(), longest)
 
     async def read(self) -> Reading:
         """Re-read Ollama; an unreachable or odd backend reads as empty (advertise nothing until it

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from datetime import datetime
 from typing import TYPE_CHECKING
 
-from corral.agent.runners import token_of
+from corral.agent.runners import expires_ts, token_of
 from corral.protocol.messages import PsModel
 from corral.protocol.names import decode_token, encode_token, key_of
 from prometheus_client import CollectorRegistry
@@ -29,14 +28,6 @@ if TYPE_CHECKING:
     from corral.agent.agent import Agent
 
 EXPIRY_SLACK_S = 1.0  # a model gone within this of its expiry counts as expired
-
-
-def _expires(text: str) -> float | None:
-    """``expires_at`` as a Unix time; None when it cannot be read."""
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
 
 
 class LoadBook:
@@ -65,7 +56,7 @@ class LoadBook:
         for key, (_, expires_at) in before.items():
             if key in current:
                 continue
-            expiry = _expires(expires_at)
+            expiry = expires_ts(expires_at)
             if expiry is not None and expiry <= now + EXPIRY_SLACK_S:
                 reason = "expired"
             else:

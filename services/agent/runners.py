@@ -22,6 +22,7 @@ import logging
 import statistics
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime
 from typing import NamedTuple
 
 from corral.protocol.messages import PsModel
@@ -31,6 +32,8 @@ from corral.protocol.runners import effective_ctx
 log = logging.getLogger(__name__)
 
 REQUEST_SAMPLES = 16  # answered requests per model whose median is `RunnerTracker.request_s`
+EXPIRY_MARGIN_S = 0.05  # Ollama is read again this long after a runner's keep_alive runs out
+EXPIRED_AGAIN_S = 0.5  # and this often while one past it is still listed (its unload under way)
 
 
 class RunnerChange(NamedTuple):
@@ -43,6 +46,31 @@ class RunnerChange(NamedTuple):
 
 
 NOTHING = RunnerChange()
+
+
+def expires_ts(text: str) -> float | None:
+    """A runner's ``expires_at`` as a Unix time; None when it cannot be read."""
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def until_expiry(loaded: Sequence[PsModel], now: float, longest: float) -> float:
+    """Seconds until Ollama should be read again for its runners' expiries, so that a runner whose
+    keep_alive ran out stops being advertised then: just after the soonest expiry to come; soon
+    again while one past its expiry is still listed, for at most ``longest`` after it (a clock
+    apart from Ollama's must not keep the agent reading); else ``longest``."""
+    wait = longest
+    for m in loaded:
+        at = expires_ts(m.expires_at)
+        if at is None:
+            continue
+        if at >= now:
+            wait = min(wait, at - now + EXPIRY_MARGIN_S)
+        elif now - at < longest:
+            wait = min(wait, EXPIRED_AGAIN_S)
+    return wait
 
 
 def token_of(name: str) -> str | None:
@@ -81,6 +109,15 @@ class RunnerTracker:
 
     def waits_on_load(self, token: str) -> bool:
         return token in self._load_waiters
+
+    def shows_late(self, token: str | None, rid: str) -> bool:
+        """Request ``rid`` started a load of ``token``'s model, which the last reading does not list:
+        Ollama has it loaded now (it answered), and what the agent advertises does not say so."""
+        return (
+            token is not None
+            and self._loaders.get(rid) == token
+            and all(token_of(m.name) != token for m in self.loaded)
+        )
 
     # -- facts about requests --------------------------------------------------------------
     def will_run(self, token: str, rid: str, num_ctx: int) -> RunnerChange:

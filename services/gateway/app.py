@@ -434,6 +434,7 @@ class Gateway:
         work = model_work(endpoint, body, raw, vendor=vendor, strict=strict, strategy=strategy)
         work.num_ctx = bodies.num_ctx(view)
         work.keep_alive = bodies.names_keep_alive(view)
+        work.expires_now = work.keep_alive and bodies.keep_alive_is_zero(view.keep_alive)
         work.priority = capped(priority, key.priority if key is not None else INTERACTIVE)
         if session is not None:  # the client names its conversation: every turn after the first follows
             work.session = "h." + hashlib.blake2b(session.encode(), digest_size=12).hexdigest()

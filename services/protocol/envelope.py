@@ -21,7 +21,9 @@ Headers (names in `corral.protocol.headers`)::
     Corral-Origin          with Corral-Body-Size: the sender's id, whose body subject serves the bytes
     Corral-Num-Ctx         the request's own options.num_ctx
     Corral-Unload          a keep_alive 0 unload (any value)
-    Corral-Keep-Alive      the request names a keep_alive (any value): what its runner shows changes
+    Corral-Keep-Alive      the request names a keep_alive: what its runner shows changes; ``0`` when
+                           it is zero (the runner ends with the request), else any other value
+    Corral-Now             a direct send that must not wait in the agent's FIFO: busy instead
     Corral-Reply           a queued request's reply subject (JetStream keeps headers, not reply-to)
     traceparent/tracestate W3C trace context (https://www.w3.org/TR/trace-context/), only when
                            well formed: traceparent 55 characters, tracestate at most 512
@@ -75,6 +77,10 @@ _NATS_HEADER_LINE = len("NATS/1.0\r\n") + len("\r\n")
 
 
 class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    """Sixteen attributes: the headers of the table above, each read once here (Corral-Keep-Alive
+    gives two, whether a keep_alive is named and whether it is zero; the trace context's two are
+    one)."""
+
     rid: str
     endpoint: str
     deadline_ms: int = 0
@@ -87,6 +93,7 @@ class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     num_ctx: int = 0  # 0 = the backend's default
     unload: bool = False
     keep_alive: bool = False
+    expires_now: bool = False  # keep_alive 0 with something to run: the runner ends with the request
     now: bool = False  # a direct send that must not wait in the agent's FIFO: busy instead
     reply: str | None = None
     trace: dict[str, str] = msgspec.field(default_factory=dict)
@@ -104,8 +111,8 @@ class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
             h[H.NUM_CTX] = str(self.num_ctx)
         if self.unload:
             h[H.UNLOAD] = "1"
-        if self.keep_alive:
-            h[H.KEEP_ALIVE] = "1"
+        if self.keep_alive or self.expires_now:
+            h[H.KEEP_ALIVE] = "0" if self.expires_now else "1"
         if self.now:
             h[H.NOW] = "1"
         if self.echo_model and self.upstream_model:
@@ -158,6 +165,7 @@ def decode_request(headers: Mapping[str, str] | None) -> RequestEnvelope:
         num_ctx=_number(h, H.NUM_CTX, 0, MAX_NUM_CTX) or 0,
         unload=H.UNLOAD in h,
         keep_alive=H.KEEP_ALIVE in h,
+        expires_now=h.get(H.KEEP_ALIVE) == "0",
         now=H.NOW in h,
         reply=_reply(h),
         trace=trace,

@@ -165,6 +165,7 @@ class Transport:
             num_ctx=req.num_ctx or 0,
             unload=req.unload,
             keep_alive=req.keep_alive,
+            expires_now=req.expires_now,
             echo_model=req.echo_model if req.upstream_model else None,
             upstream_model=req.upstream_model if req.echo_model else None,
             trace=req.trace,

@@ -21,7 +21,7 @@ class WorkRequest:
     ``stream``, the body is still arriving from the client and is served to the agent as it asks
     (a blob upload: `corral.transport.bodies`), ``body`` left empty.
 
-    Seventeen attributes: what the client sent (endpoint, method, body or its stream, trace context)
+    Eighteen attributes: what the client sent (endpoint, method, body or its stream, trace context)
     and what the gateway derived from it once, so that routing never parses the body again
     (model, vendor pin, context, conversation, strategy, priority, unload, keep_alive, the names to
     restore)."""
@@ -41,6 +41,7 @@ class WorkRequest:
     follow_up: bool = False  # the request continues that conversation
     unload: bool = False  # keep_alive 0 with nothing to run (the agent re-reads /api/ps after it)
     keep_alive: bool = False  # the body names a keep_alive (the agent re-reads /api/ps after it)
+    expires_now: bool = False  # that keep_alive is 0: the runner ends with the request (read before it ends)
     stream: BodySource | None = None  # a body read from its client only as the agent asks for it
     priority: Priority = "interactive"  # batch work takes only slots no interactive request waits for
 

@@ -198,6 +198,39 @@ async def test_an_unload_leaves_the_merged_ps_at_once(fleet: LocalFleet, client:
     assert "llama3.2:latest" not in [m.model for m in (await client.ps()).models]
 
 
+async def test_a_cold_load_is_in_the_merged_ps_when_its_answer_ends(
+    fleet: LocalFleet, client: ollama.AsyncClient
+) -> None:
+    """A request that loaded its model: the agent reads its Ollama again and publishes the runner
+    before the answer ends, so the /api/ps that follows lists it, as one Ollama's does."""
+    assert "qwen3:8b" not in [m.model for m in (await client.ps()).models]
+    await client.generate(model="qwen3:8b", prompt="hi", options={"num_predict": 1})
+    assert "qwen3:8b" in [m.model for m in (await client.ps()).models]
+
+
+async def test_a_request_with_keep_alive_0_leaves_the_merged_ps_when_it_ends(
+    fleet: LocalFleet, client: ollama.AsyncClient
+) -> None:
+    """``keep_alive: 0`` with a prompt: its runner ends with it, and the answer ends after the
+    agent published so."""
+    await preload(fleet, "llama3.2")  # on both agents
+    r = await client.generate(model="llama3.2", prompt="hi", keep_alive=0, options={"num_predict": 1})
+    assert r.done_reason != "unload"  # a request served, not an unload
+    assert [m.model for m in (await client.ps()).models] == ["llama3.2:latest"]  # the other's
+
+
+async def test_a_runner_leaves_the_merged_ps_when_its_keep_alive_runs_out(
+    fleet: LocalFleet, client: ollama.AsyncClient
+) -> None:
+    """The agent reads its Ollama again just after the soonest expiry its last reading shows, not
+    at its next periodic read (30 s here)."""
+    await client.generate(model="llama3.2", prompt="hi", keep_alive="1000s", options={"num_predict": 1})
+    assert "llama3.2:latest" in [m.model for m in (await client.ps()).models]  # 1 s at this time scale
+    assert fleet.gateway is not None
+    view, key = fleet.gateway.fleet, parse_name("llama3.2").key
+    await until(fleet, lambda: not view.loaded_on(key), timeout=10.0)
+
+
 @pytest.mark.parametrize("through", ["the registry", "one agent"])
 async def test_a_model_is_usable_the_moment_its_pull_says_success(
     fleet: LocalFleet, client: ollama.AsyncClient, through: str

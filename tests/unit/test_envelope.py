@@ -35,6 +35,7 @@ _endpoints = st.sampled_from(["/api/generate", "/api/chat", "/v1/chat/completion
     num_ctx=st.integers(0, 1 << 20),
     unload=st.booleans(),
     keep_alive=st.booleans(),
+    expires_now=st.booleans(),
     now=st.booleans(),
 )
 def test_round_trip(
@@ -48,6 +49,7 @@ def test_round_trip(
     num_ctx: int,
     unload: bool,
     keep_alive: bool,
+    expires_now: bool,
     now: bool,
 ) -> None:
     env = RequestEnvelope(
@@ -62,7 +64,8 @@ def test_round_trip(
         origin=large[1] if large else None,
         num_ctx=num_ctx,
         unload=unload,
-        keep_alive=keep_alive,
+        keep_alive=keep_alive or expires_now,  # a zero keep_alive is one named
+        expires_now=expires_now,
         now=now,
         reply="corral.reply.gw.1" if unload else None,
         trace={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},

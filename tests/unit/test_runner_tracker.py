@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from corral.agent.runners import RunnerChange, RunnerTracker
+from corral.agent.runners import EXPIRED_AGAIN_S, EXPIRY_MARGIN_S, RunnerChange, RunnerTracker, until_expiry
 from corral.protocol.messages import PsModel
 from corral.protocol.names import parse_name
 
@@ -121,3 +121,38 @@ def test_names_that_are_not_ollama_names_are_ignored() -> None:
     t = RunnerTracker(4096)
     t.observe([ps(4096, name="bad name!")], {}, busy=(), default_num_ctx=4096)
     assert t.ready == set() and t.warm == frozenset()
+
+
+def expiring(at: str, name: str = NAME) -> PsModel:
+    return PsModel(
+        name=name, model=name, size=1, digest="d1", expires_at=at, size_vram=1, context_length=4096
+    )
+
+
+NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+
+
+def test_ollama_is_read_again_just_after_the_soonest_runner_expiry() -> None:
+    soon, later = "2027-01-15T08:00:02Z", "2027-01-15T09:00:03+01:00"  # in 2 s; in 3 s, at +01:00
+    assert until_expiry([expiring(later), expiring(soon)], NOW, 5.0) == pytest.approx(2 + EXPIRY_MARGIN_S)
+    assert until_expiry([expiring("2027-01-15T08:00:30Z")], NOW, 5.0) == 5.0  # past the period: the period
+    assert until_expiry([], NOW, 5.0) == 5.0
+    assert until_expiry([expiring("")], NOW, 5.0) == 5.0  # unreadable: as none
+
+
+def test_a_runner_past_its_expiry_still_listed_is_read_again_soon_for_one_period_only() -> None:
+    assert (
+        until_expiry([expiring("2027-01-15T07:59:59Z")], NOW, 5.0) == EXPIRED_AGAIN_S
+    )  # its unload under way
+    # long past (a clock apart from Ollama's, a runner that will not go): the regular period
+    assert until_expiry([expiring("2027-01-15T07:59:00Z")], NOW, 5.0) == 5.0
+
+
+def test_a_load_a_request_started_shows_late_until_a_reading_lists_it() -> None:
+    t = RunnerTracker(4096)
+    t.will_run(TOKEN, "r1", 0)
+    assert t.shows_late(TOKEN, "r1") and not t.shows_late(TOKEN, "r2") and not t.shows_late(None, "r1")
+    t.responded(TOKEN, "r1", 200)
+    assert t.shows_late(TOKEN, "r1")  # answered: loaded, and no reading says so yet
+    t.observe([ps(4096)], {NAME: 0}, busy=(TOKEN,), default_num_ctx=4096)
+    assert not t.shows_late(TOKEN, "r1")
