@@ -58,7 +58,7 @@ def build_app(gw: Gateway) -> FastAPI:
     @app.get("/ready")
     async def ready() -> Response:
         # readiness, not liveness (that is `/`): NATS connected and JetStream answering
-        problem = await not_ready(gw.nc)
+        problem = await not_ready(gw.nc, gw.subjects.queue_stream)
         if problem is not None:
             body = msgspec.json.encode({"status": "not ready", "error": problem})
             return Response(body, status_code=503, media_type=JSON)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
 import nats.errors
 import nats.js.errors
@@ -156,6 +157,14 @@ async def test_generate_tags_and_pull_through_the_gateway(fleet: LocalFleet) -> 
         assert MODEL + ":latest" in {m.model for m in tags.models}
         pulled = await c.pull("deepseek-r1:7b")
         assert pulled.status == "success"
+    assert_no_violation(fleet)
+
+
+async def test_a_gateway_under_its_identity_says_it_is_ready(fleet: LocalFleet) -> None:
+    """``/ready`` asks JetStream what the gateway's identity may ask: a readiness probe (Kubernetes,
+    a load balancer) keeps it in rotation. It asked for the account's info, the operator's alone."""
+    async with aiohttp.ClientSession() as s, s.get(fleet.url + "/ready") as r:
+        assert r.status == 200, await r.text()
     assert_no_violation(fleet)
 
 

@@ -23,18 +23,18 @@ async def test_not_ready_says_why_while_nats_is_away(tmp_path: Path) -> None:
     reconnected = asyncio.Event()
     nc = await connect(server.url, name="health-test", on_reconnected=reconnected.set)
     try:
-        assert await not_ready(nc) is None
+        assert await not_ready(nc, "corral_queue") is None
         await server.kill()
         # disconnected, or connected to nothing that answers: either way said within the timeout
-        assert "NATS" in (await not_ready(nc) or "")
+        assert "NATS" in (await not_ready(nc, "corral_queue") or "")
         await server.start()
         await asyncio.wait_for(reconnected.wait(), WITHIN_S)
-        assert await not_ready(nc) is None
+        assert await not_ready(nc, "corral_queue") is None
     finally:
         await nc.close()
         await server.stop()
-    assert await not_ready(nc) == "the NATS connection is closed"
-    assert await not_ready(None) is not None
+    assert await not_ready(nc, "corral_queue") == "the NATS connection is closed"
+    assert await not_ready(None, "corral_queue") is not None
 
 
 async def test_gateway_ready_is_503_while_nats_is_away(tmp_path: Path, root: str) -> None:
