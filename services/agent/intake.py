@@ -22,6 +22,7 @@ from corral.protocol.endpoints import remote_refused, served
 from corral.protocol.envelope import decode_request
 from corral.protocol.errors import BadEnvelope, BadRequest
 from corral.protocol.subjects import Subjects
+from corral.runtime.nats import stream_delivery
 from corral.transport.replies import ReplyWriter
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -81,10 +82,13 @@ async def job_from(
 
 def guarded(handler: Callable[[S, Msg], Awaitable[None]]) -> Callable[[S, Msg], Awaitable[None]]:
     """A subscription callback that never raises: a NATS error answering is logged; anything else
-    is a bug, logged with its traceback, and the next message is served as usual."""
+    is a bug, logged with its traceback, and the next message is served as usual. What a JetStream
+    consumer delivers there is dropped unread (`corral.runtime.nats.published`)."""
 
     @wraps(handler)
     async def guarded(self: S, msg: Msg) -> None:
+        if stream_delivery(msg):
+            return
         try:
             await handler(self, msg)
         except NatsError as e:

@@ -35,7 +35,7 @@ from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start
 from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import snapshot
-from corral.runtime.nats import NatsAuth, connect
+from corral.runtime.nats import NatsAuth, connect, published
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import depths
 from nats.aio.client import Client as NATS
@@ -161,7 +161,7 @@ class Aggregator:
         self._reopener.start()
         self._fleet = FleetView(self._buckets.agents)
         await self._fleet.start()
-        await self.nc.subscribe(self.subjects.event("request"), cb=self._on_finished)
+        await self.nc.subscribe(self.subjects.event("request"), cb=published(self._on_finished))
         await self.write()
         self._task = asyncio.create_task(supervise("aggregator views", self._loop), name="aggregator")
         log.info("aggregator ready: %d agents", len(self._fleet.agents()))

@@ -46,7 +46,7 @@ from corral.registry.settings import RegistrySettings
 from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start
 from corral.runtime.fleet import SILENT_RESTART_S, STALE_HEARTBEATS, FleetView, received_at
 from corral.runtime.kvwatch import watch_until, watching
-from corral.runtime.nats import NatsAuth, connect
+from corral.runtime.nats import NatsAuth, connect, published
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.transport import Transport
 from nats.aio.client import Client as NATS
@@ -126,9 +126,11 @@ class Registry:
             pull_timeout_s=self.settings.pull_timeout_s,
             ping_interval_s=self.settings.ping_interval_s,
         )
-        await self.nc.subscribe(self.subjects.registry("pull"), queue=QUEUE_GROUP, cb=self._pulls.on_pull)
+        await self.nc.subscribe(
+            self.subjects.registry("pull"), queue=QUEUE_GROUP, cb=published(self._pulls.on_pull)
+        )
         # every copy hears a pull's cancel: the one running it stops it
-        await self.nc.subscribe(self.subjects.registry_ctl, cb=self._pulls.on_cancel)
+        await self.nc.subscribe(self.subjects.registry_ctl, cb=published(self._pulls.on_cancel))
         self.placer = Placer(
             self.nc,
             self.subjects,
@@ -140,9 +142,11 @@ class Registry:
             preload_timeout_s=self.settings.pull_timeout_s,
             marker_ttl_s=self.settings.load_marker_ttl_s,
         )
-        await self.nc.subscribe(self.subjects.registry("place"), queue=QUEUE_GROUP, cb=self.placer.on_place)
         await self.nc.subscribe(
-            self.subjects.registry("unplace"), queue=QUEUE_GROUP, cb=self.placer.on_unplace
+            self.subjects.registry("place"), queue=QUEUE_GROUP, cb=published(self.placer.on_place)
+        )
+        await self.nc.subscribe(
+            self.subjects.registry("unplace"), queue=QUEUE_GROUP, cb=published(self.placer.on_unplace)
         )
         self._spawn("replica loop", self.placer.replica_loop, "registry-replicas")
         self._spawn("load markers", self.placer.marker_loop, "registry-markers")

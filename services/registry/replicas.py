@@ -38,6 +38,7 @@ from corral.protocol.subjects import Subjects
 from corral.registry.preload import preload
 from corral.routing import TYPICAL_REQUEST_S, ReplicaPlan, Route, Router, plan_replicas, warm
 from corral.runtime.fleet import FleetView
+from corral.runtime.nats import published
 from corral.runtime.tasks import cancel_and_wait
 from corral.runtime.workqueue import depths
 from corral.transport import Transport
@@ -106,7 +107,7 @@ class Replicator:
         are off (``check_s`` 0)."""
         if self.settings.check_s <= 0:
             return
-        sub = await self.nc.subscribe(self.subjects.queued_all, cb=self._on_nudge)
+        sub = await self.nc.subscribe(self.subjects.queued_all, cb=published(self._on_nudge))
         try:
             while True:
                 try:

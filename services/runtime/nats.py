@@ -21,6 +21,7 @@ from typing import Any
 from corral.runtime.natsauth import NatsAuth as NatsAuth  # callers take it from here, beside connect
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
+from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
@@ -299,3 +300,34 @@ def command_error(url: str, e: BaseException) -> str:
         f"NATS at {url} did not answer ({e!r}); "
         "a NATS cluster without a quorum, or electing a leader, cannot answer for a while"
     )
+
+
+STREAM_DELIVERY = "$JS.ACK."  # the reply subject of every message a JetStream consumer delivers
+_dropped_logged = [0.0]  # when a dropped delivery was last logged (at most one a `ERROR_LOG_EVERY_S`)
+
+
+def published(cb: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
+    """``cb`` for a core subscription that acts on what it hears (work, cancels, drain and cordon,
+    events, replies), minus what a JetStream consumer delivers there. A push consumer delivers a
+    stream's messages to whatever subject its creator names, whether that identity may publish
+    there or not (https://github.com/nats-io/nats-server/issues/8274): any role that may read a
+    KV bucket and write a key in one could otherwise post, headers and all, on subjects its NATS
+    permissions deny it. Such a delivery's reply is an ack subject (`STREAM_DELIVERY`); nobody of
+    the fleet publishes on these subjects with one."""
+
+    async def only_published(msg: Msg) -> None:
+        if not stream_delivery(msg):
+            await cb(msg)
+
+    return only_published
+
+
+def stream_delivery(msg: Msg) -> bool:
+    """Whether ``msg``, heard on a core subscription, is a JetStream consumer's delivery (logged,
+    at most once a `ERROR_LOG_EVERY_S`): see `published`."""
+    if not msg.reply.startswith(STREAM_DELIVERY):
+        return False
+    if time.monotonic() - _dropped_logged[0] >= ERROR_LOG_EVERY_S:
+        _dropped_logged[0] = time.monotonic()
+        log.warning("dropped a JetStream delivery of %s on a subscription of peers' messages", msg.subject)
+    return True

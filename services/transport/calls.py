@@ -30,6 +30,7 @@ from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope, fits
 from corral.protocol.errors import AgentUnavailable, BadRequest, NoCapacity, from_code
 from corral.protocol.subjects import Subjects
+from corral.runtime.nats import published
 from corral.runtime.telemetry import attempted, publish_span
 from corral.transport.bodies import LargeBodies
 from corral.transport.reply import Call, Outcome, Reply
@@ -94,10 +95,14 @@ class Transport:
     async def start(self) -> None:
         self._subs.append(
             await self.nc.subscribe(
-                self.subjects.reply_all(self.id), cb=self._on_reply, pending_bytes_limit=512 * 1024 * 1024
+                self.subjects.reply_all(self.id),
+                cb=published(self._on_reply),
+                pending_bytes_limit=512 * 1024 * 1024,
             )
         )
-        self._subs.append(await self.nc.subscribe(self.subjects.body_all(self.id), cb=self._bodies.serve))
+        self._subs.append(
+            await self.nc.subscribe(self.subjects.body_all(self.id), cb=published(self._bodies.serve))
+        )
 
     async def stop(self) -> None:
         for sub in self._subs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,6 +37,7 @@ from corral.simulator import SimServer
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims, sim_gpus
 from nats.aio.client import Client as NATS
 
+from tests.integration import waits
 from tests.integration.cli_helpers import corral, corral_ok
 from tests.integration.fleet_helpers import preload, until
 
@@ -251,6 +253,47 @@ async def test_an_agent_cannot_drain_agents_or_create_streams(fleet: LocalFleet,
     with pytest.raises(nats.errors.TimeoutError):
         await agent.nc.jetstream(timeout=1.0).delete_stream(s.queue_stream)
     await agent.denied("$JS.API.STREAM.DELETE")
+
+
+async def test_a_consumer_cannot_deliver_a_drain_its_creator_may_not_publish(
+    fleet: LocalFleet, as_user: Any, auth_dir: Path
+) -> None:
+    """nats-server lets a push consumer deliver to any subject, whatever its creator may publish
+    (nats-io/nats-server#8274): an agent writes its own state key with a drain header and has a
+    consumer deliver that entry to another agent's admin subject. Agents drop what a JetStream
+    consumer delivers on their core subscriptions, so only a peer's publish drains them."""
+    s = Subjects(ROOT)
+    attacker = (await as_user(agent_user(AGENTS[0]))).nc
+    victim = next(a for a in fleet.agents if a.id == AGENTS[1])
+    key, stream = s.kv_key(s.agents_bucket, AGENTS[0]), s.kv_stream(s.agents_bucket)
+    mine = await (await attacker.jetstream().key_value(s.agents_bucket)).get(AGENTS[0])
+    written = await attacker.request(key, mine.value, headers={H.CTL: H.DRAIN}, timeout=5)
+    seq = json.loads(written.data)["seq"]
+    config = {
+        "deliver_subject": s.agent_admin(AGENTS[1]),
+        "deliver_policy": "by_start_sequence",
+        "opt_start_seq": seq,
+        "ack_policy": "none",
+        "filter_subject": key,
+    }
+    made = await attacker.request(
+        f"$JS.API.CONSUMER.CREATE.{stream}", json.dumps({"stream_name": stream, "config": config}).encode()
+    )
+    name = json.loads(made.data)["name"]  # the server took it: the hole is nats-server's
+
+    async def delivered() -> bool:
+        info = await attacker.request(f"$JS.API.CONSUMER.INFO.{stream}.{name}", b"", timeout=5)
+        return json.loads(info.data)["delivered"]["stream_seq"] >= seq
+
+    await waits.until(delivered, lambda t: round_trip(attacker, max(t, 0.01)), timeout=10.0)
+    await attacker.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=5)
+    # the operator's own request on the same subject: answered once the agent has read what came before
+    operator = await connect(fleet.nats_url, name="op", auth=NatsAuth(str(creds_path(auth_dir, "operator"))))
+    try:
+        await operator.request(s.agent_admin(AGENTS[1]), b"", headers={H.CTL: "nothing"}, timeout=5)
+    finally:
+        await operator.close()
+    assert victim.status == "active"
 
 
 async def test_a_gateway_cannot_write_agent_state_or_drain_agents(fleet: LocalFleet, as_user: Any) -> None:
