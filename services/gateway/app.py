@@ -398,11 +398,13 @@ class Gateway:
             elif key is not None and key.models:
                 await respond_error(send, ModelNotFound(f"model '{raw}' not found"), openai=openai)
                 return
+            if work.expires_now and key is not None and key.role != "admin":
+                # keep_alive 0 ends the runner after this request, with nothing to run or not:
+                # other users' warm runner too
+                refused = Forbidden("forbidden: keep_alive 0 (unloading a model) needs an admin key")
+                await respond_error(send, refused, openai=openai, endpoint=endpoint)
+                return
             if bodies.is_unload(endpoint, view):
-                if key is not None and key.role != "admin":  # it would end other users' warm runners
-                    refused = Forbidden("forbidden: unloading a model (keep_alive 0) needs an admin key")
-                    await respond_error(send, refused, openai=openai, endpoint=endpoint)
-                    return
                 await management.unload(self.planner, work, raw, receive, send)
                 return
             await relay(self.planner, work, receive, send, openai=openai, raw_model=raw, model_label=label)

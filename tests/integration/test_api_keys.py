@@ -143,9 +143,18 @@ async def test_a_user_key_is_refused_management(fleet: LocalFleet) -> None:
     async with ollama.AsyncClient(host=fleet.url, headers=auth(key)) as c:
         assert (await c.generate(model=MODEL, prompt="hi", options={"num_predict": 2})).done
         assert (await c.show(MODEL)).modelfile is not None
-        with pytest.raises(ollama.ResponseError) as unload:  # it would end others' warm runners
-            await c.generate(model=MODEL, keep_alive=0)
-        assert unload.value.status_code == 403 and "admin" in unload.value.error
+        # keep_alive 0 would end others' warm runners: with nothing to run, with a prompt, and
+        # through the embedding endpoints alike
+        for unload in (
+            c.generate(model=MODEL, keep_alive=0),
+            c.generate(model=MODEL, prompt="hi", keep_alive="0s", options={"num_predict": 1}),
+            c.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], keep_alive=0),
+            c.embed(model=MODEL, input=[], keep_alive=0),
+            c.embeddings(model=MODEL, prompt="", keep_alive=0),
+        ):
+            with pytest.raises(ollama.ResponseError) as refused:
+                await unload
+            assert refused.value.status_code == 403 and "admin" in refused.value.error
     assert fleet.gateway is not None
     assert fleet.gateway.fleet.with_model("llama3.2:latest")  # nothing was deleted
     assert fleet.gateway.fleet.loaded_on("llama3.2:latest")  # nor unloaded
