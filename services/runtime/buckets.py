@@ -207,12 +207,17 @@ async def open_bucket(js: JetStreamContext, name: str, spec: BucketSpec, *, repl
 
 async def _hold_to(js: JetStreamContext, stream: str, spec: BucketSpec) -> None:
     """Give a bucket's stream the spec's size bound and discard policy, where it has others (a
-    bucket made by an older version, or by a service with other specs)."""
+    bucket made by an older version, or by a service with other specs), and no rollups: a put with
+    a ``Nats-Rollup: all`` header would delete every other key of the bucket, and whoever may
+    write one key (an agent, its own state) could so wipe everyone's. Nothing of the fleet purges
+    a key (a KV purge is such a rollup); deletes are markers of their own."""
     cfg = (await js.stream_info(stream)).config
     discard = DiscardPolicy.OLD if spec.evict else DiscardPolicy.NEW
-    if (cfg.max_bytes, cfg.discard) != (spec.max_bytes, discard):
+    if (cfg.max_bytes, cfg.discard, cfg.allow_rollup_hdrs) != (spec.max_bytes, discard, False):
         try:
-            await js.update_stream(replace(cfg, max_bytes=spec.max_bytes, discard=discard))
+            await js.update_stream(
+                replace(cfg, max_bytes=spec.max_bytes, discard=discard, allow_rollup_hdrs=False)
+            )
         except (NatsError, JetStreamError, TimeoutError) as e:  # no stream-admin rights (`corral auth`)
             log.warning("cannot give bucket stream %s its limits (%r): it keeps those it has", stream, e)
 

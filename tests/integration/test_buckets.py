@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import nats
+import nats.js.errors
 import pytest
 from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import BUCKETS, BucketSpec, ensure_buckets, ensure_buckets_at_start, open_bucket
@@ -52,6 +53,22 @@ async def test_a_bucket_made_without_bounds_is_given_them(nc: NATS, root: str) -
     assert (await js.stream_info(f"KV_{subjects.views_bucket}")).config.max_bytes == BUCKETS[
         "views"
     ].max_bytes
+
+
+async def test_a_put_with_a_rollup_header_cannot_wipe_a_bucket(nc: NATS, root: str) -> None:
+    """A bucket stream refuses rollups: whoever may write one key (an agent, its own state) would
+    otherwise delete every other key with ``Nats-Rollup: all``. Also for a bucket made before."""
+    subjects = Subjects(root)
+    js = nc.jetstream()
+    await js.create_key_value(KeyValueConfig(bucket=subjects.agents_bucket, storage=StorageType.MEMORY))
+    assert (await js.stream_info(f"KV_{subjects.agents_bucket}")).config.allow_rollup_hdrs
+    agents = (await ensure_buckets(js, subjects)).agents
+    await agents.put("other", b"kept")
+    with pytest.raises(nats.js.errors.APIError, match="rollup not permitted"):
+        await js.publish(
+            subjects.kv_key(subjects.agents_bucket, "mine"), b"x", headers={"Nats-Rollup": "all"}
+        )
+    assert (await agents.get("other")).value == b"kept"
 
 
 async def test_a_full_cache_forgets_its_oldest_entries_and_a_full_bucket_refuses(nc: NATS, root: str) -> None:
