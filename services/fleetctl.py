@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 import nats.errors
 from corral import views
+from corral.gateway.batch.store import BatchStore
 from corral.gateway.keys import open_key_buckets
 from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
@@ -83,9 +84,13 @@ class _Session:
                 log.warning("cannot give the queue stream its age limit (%r): it keeps its own", e)
             try:
                 await open_key_buckets(js, self.subjects, replicas=replicas)
+                if self.settings.nats_creds:  # with NATS identities no gateway may make them either
+                    await BatchStore.open(
+                        js, self.subjects, max_payload=self.nc.max_payload, replicas=replicas
+                    )
             except COMMAND_ERRORS as e:  # an identity that may not make them: its create goes unanswered
-                log.warning("the API keys' buckets are not there and cannot be made here (%r): "
-                            "the operator's `corral status` makes them", e)  # fmt: skip
+                log.warning("the API keys' or the Batch API's stores are not there and cannot be made "
+                            "here (%r): the operator's `corral status` makes them", e)  # fmt: skip
         else:
             await require_fleet(js, self.subjects)
             self.buckets = await ensure_buckets(js, self.subjects, replicas=replicas)

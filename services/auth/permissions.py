@@ -15,9 +15,8 @@ https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
   replies and serves large bodies: its own (``R.reply.<id>.*``, ``R.body.<id>.*``) as ``gateway-<id>``
   with a fixed ``--gateway-id``, every gateway's (``R.reply.>``, ``R.body.>``) as the shared ``gateway``.
   Its Batch API runner (`corral.gateway.batch`) keeps the fleet's batches in stores no other service
-  touches, so the gateway makes them itself, and may make and change those streams only (``STREAM.
-  CREATE``/``UPDATE`` of ``OBJ_R_files``, ``KV_R_batches``, ``KV_R_batchresults``, ``R_batchlines``):
-  it writes files (``$O.R_files.>``, purging an object's old chunks), batch records and results
+  touches; the operator's setup makes them (a stream's maker sets its subjects: a gateway that could
+  make or change one could have it capture other gateways' replies or every request): it writes files (``$O.R_files.>``, purging an object's old chunks), batch records and results
   (``$KV.R_batches.>``, ``$KV.R_batchresults.>``, purging a finished batch's results), queues lines
   (``R.batchline.>``) and takes them from their one durable consumer (``MSG.NEXT``, acks).
 - agent ``<id>``: takes claims and nudges (``R.work.>``, ``R.queued.>``), its own direct work,
@@ -35,7 +34,7 @@ https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
   stream): all of ``R.>`` and the JetStream API; reads replies and events, no other inbox.
 
 Neither the gateway nor the agents may create or change a stream of the fleet: the operator identity
-does (the gateway makes only the Batch API's own stores).
+does, the Batch API's stores included.
 """
 
 from __future__ import annotations
@@ -83,12 +82,10 @@ def _batch(s: Subjects) -> list[str]:
     """What a gateway's batch runner publishes, beyond reading its KV buckets (`_open_and_read`)."""
     files = s.object_stream(s.files_store)
     lines = s.batch_lines_stream
-    kv = [s.kv_stream(b) for b in _batch_kv(s)]
     return [
         s.batch_lines_all,
         s.object_subjects(s.files_store),
         *(s.kv_key(b, ">") for b in _batch_kv(s)),
-        *(f"{_API}.STREAM.{op}.{stream}" for op in ("CREATE", "UPDATE") for stream in (files, lines, *kv)),
         f"{_API}.STREAM.INFO.{files}",
         f"{_API}.STREAM.INFO.{lines}",
         f"{_API}.STREAM.NAMES",  # nats-py finds an object's stream by name before reading it

@@ -22,6 +22,7 @@ from corral.auth.config import add_agent, creds_path, init
 from corral.auth.permissions import agent_user, gateway_user
 from corral.client import AsyncClient
 from corral.gateway.app import Gateway
+from corral.gateway.batch.store import BatchStore
 from corral.gateway.settings import GatewaySettings
 from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope
@@ -75,6 +76,8 @@ async def fleet(server: NatsServer, auth_dir: Path) -> AsyncIterator[LocalFleet]
         server.url, name="operator", auth=NatsAuth(str(creds_path(auth_dir, "operator")))
     )
     await ensure_buckets(operator.jetstream(), Subjects(ROOT))
+    # and the Batch API's stores, as its `corral status` does: no gateway may make a stream
+    await BatchStore.open(operator.jetstream(), Subjects(ROOT), max_payload=operator.max_payload)
     await operator.close()
     options = FleetOptions(
         port=0,
@@ -294,6 +297,36 @@ async def test_a_consumer_cannot_deliver_a_drain_its_creator_may_not_publish(
     finally:
         await operator.close()
     assert victim.status == "active"
+
+
+async def test_a_gateway_cannot_give_a_batch_stream_other_subjects(fleet: LocalFleet, as_user: Any) -> None:
+    """A stream's subjects are what it captures: a gateway that could change the Batch API's line
+    stream could have it keep other gateways' replies (or every request) for it to read."""
+    s = Subjects(ROOT)
+    gateway = await as_user(gateway_user("gw1"))
+    js = gateway.nc.jetstream(timeout=1.0)
+    config = (await js.stream_info(s.batch_lines_stream)).config
+    config.subjects = [s.batch_lines_all, s.reply_all("gw2")]
+    with pytest.raises(nats.errors.TimeoutError):
+        await js.update_stream(config)
+    await gateway.denied("$JS.API.STREAM.UPDATE")
+    assert (await js.stream_info(s.batch_lines_stream)).config.subjects == [s.batch_lines_all]
+
+
+async def test_the_operators_setup_step_makes_the_batch_stores(tmp_path: Path) -> None:
+    """No gateway may make a stream, so the operator's `corral status` makes the Batch API's too."""
+    init(tmp_path, "bs", ("a1",))
+    async with NatsServer(auth_file=tmp_path / "auth.conf") as server:
+        operator = str(creds_path(tmp_path, "operator"))
+        await corral_ok("status", "--nats", server.url, "--root", "bs", "--nats-creds", operator, timeout=30)
+        nc = await connect(server.url, name="operator", auth=NatsAuth(operator))
+        try:
+            opened = await BatchStore.open(
+                nc.jetstream(), Subjects("bs"), max_payload=nc.max_payload, create=False
+            )
+            assert opened is not None  # `Missing` before
+        finally:
+            await nc.close()
 
 
 async def test_a_gateway_cannot_write_agent_state_or_drain_agents(fleet: LocalFleet, as_user: Any) -> None:
