@@ -11,6 +11,7 @@ that connection are `corral.runtime.buckets`'s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -31,6 +32,7 @@ RECONNECT_FIRST_S = 0.25  # the wait before the second attempt to reach a server
 RECONNECT_MAX_S = 2.0  # the backoff's cap: a restarted server is found again within this
 ERROR_LOG_EVERY_S = 10.0  # the same connection error is logged at most this often
 COMMAND_RECONNECTS = 2  # a command run once (the CLI) tries each server this many times more
+REFUSED_CLOSE_S = 2.0  # the most a refused first connection is given to close its socket
 
 
 def reconnect_delay(attempts: int, *, rng: random.Random | None = None) -> float:
@@ -188,7 +190,10 @@ async def connect(
     try:
         await nc.connect(server_urls(url), **options)
     except NatsRefused:
-        await nc.close()  # the refused attempt's socket
+        # the refused attempt's socket; a TLS one whose handshake failed can wait for ever to close
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(REFUSED_CLOSE_S):
+                await nc.close()
         raise
     connected = True
     got_past = nc.last_error  # a server of the list that refused before another took us: no cause

@@ -19,6 +19,8 @@ from corral.runtime.nats import connect
 from corral.runtime.natsauth import NatsAuth
 from corral.runtime.natsserver import NatsServer, ServerTls
 
+from tests.integration.cli_helpers import corral
+
 pytestmark = pytest.mark.integration
 
 ROOT = "tls"
@@ -118,3 +120,12 @@ async def test_the_server_lets_in_only_a_client_with_the_ca_and_a_certificate(
     assert await _ping(server, with_ca_only.tls_context()) != b"PONG"  # no client certificate
     unknown_ca = NatsAuth(tls_cert=str(pki / "client.pem"), tls_key=str(pki / "client.key"))
     assert await _ping(server, unknown_ca.tls_context()) == b"SSLCertVerificationError"
+
+
+async def test_a_command_given_a_plain_url_for_a_tls_server_says_so_and_exits_1(server: NatsServer) -> None:
+    """nats-py upgrades a nats:// connection to TLS when the server asks, and with no CA given the
+    server's certificate does not verify: the command says so in one line, where it used to wait
+    for ever on the refused socket's close."""
+    plain = server.url.replace("tls://", "nats://")
+    rc, _, err = await corral("status", "--nats", plain, "--root", ROOT, timeout=30)
+    assert rc == 1 and "refused this process" in err and "certificate verify failed" in err, err
