@@ -155,6 +155,8 @@ async def connect(
             on_reconnected()
 
     async def on_error(e: Exception) -> None:
+        if "permissions violation" in str(e).lower():
+            _last_denial[0] = str(e)  # what a command that then times out says (`command_error`)
         if connected or not quiet_first:
             error_log(e)
         else:
@@ -297,10 +299,19 @@ COMMAND_ERRORS = (
 )  # JetStream's are NatsErrors
 
 
+_last_denial = [""]  # the last permissions violation this process's NATS connections were told
+
+
 def command_error(url: str, e: BaseException) -> str:
-    """The one line a command prints for one of `COMMAND_ERRORS` (it then exits 1)."""
+    """The one line a command prints for one of `COMMAND_ERRORS` (it then exits 1): a call the
+    server denied this identity goes unanswered, so a timeout after a denial names the denial."""
     if isinstance(e, (NatsUnreachable, NatsRefused, NoFleet)):
         return str(e)
+    if _last_denial[0]:
+        return (
+            f"NATS at {url} denied this identity what the command asked ({_last_denial[0]}); "
+            "commands that change the fleet need the operator's identity (--nats-creds)"
+        )
     return (
         f"NATS at {url} did not answer ({e!r}); "
         "a NATS cluster without a quorum, or electing a leader, cannot answer for a while"

@@ -313,6 +313,17 @@ async def test_a_gateway_cannot_give_a_batch_stream_other_subjects(fleet: LocalF
     assert (await js.stream_info(s.batch_lines_stream)).config.subjects == [s.batch_lines_all]
 
 
+async def test_a_command_denied_by_nats_says_so(fleet: LocalFleet, auth_dir: Path) -> None:
+    """A call the server denies goes unanswered: the command names the denial, not a NATS that
+    did not answer."""
+    agent = str(creds_path(auth_dir, agent_user(AGENTS[0])))
+    rc, _, err = await corral(
+        "keys", "create", "mallory", "--role", "admin", "--nats", fleet.nats_url, "--root", ROOT,
+        "--nats-creds", agent, timeout=60,
+    )  # fmt: skip
+    assert rc == 1 and "denied this identity" in err and "permissions violation" in err, err
+
+
 async def test_the_operators_setup_step_makes_the_batch_stores(tmp_path: Path) -> None:
     """No gateway may make a stream, so the operator's `corral status` makes the Batch API's too."""
     init(tmp_path, "bs", ("a1",))
