@@ -28,13 +28,15 @@ async def until(
 
 
 async def preload(fleet: LocalFleet, model: str, timeout: float = 10.0) -> None:
-    """Load ``model`` on every simulated backend directly and wait until every agent advertises it."""
+    """Load ``model`` on every simulated backend directly, to stay (``keep_alive: -1``: Ollama's
+    default five minutes are moments at a test's time scale, and agents read an expiry when it
+    comes), and wait until every agent advertises it."""
     import ollama
     from corral.protocol.names import parse_name
 
     async def load(url: str) -> None:
         async with ollama.AsyncClient(host=url) as c:
-            await c.generate(model=model, prompt="")
+            await c.generate(model=model, prompt="", keep_alive=-1)
 
     await asyncio.gather(*(load(s.url) for s in fleet.sims))
     for a in fleet.agents:
