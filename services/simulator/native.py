@@ -41,6 +41,7 @@ from corral.simulator.text import (
     render_chat,
     render_generate,
     seed_for,
+    weights_seed,
 )
 from corral.simulator.wire import (
     ChatRequest,
@@ -442,7 +443,7 @@ class NativeRoutes:
         except CorralError as e:
             return error_response(e.status, e.message)
         dim = model.config.embedding_dim
-        vectors = [embed(s, dim, ctx.config.seed) for s in inputs]
+        vectors = [embed(s, dim, weights_seed(model.config.name)) for s in inputs]
         if req.dimensions and 0 < req.dimensions < dim:
             vectors = [l2_normalize(v[: req.dimensions]) for v in vectors]
         return json_response(
@@ -478,7 +479,12 @@ class NativeRoutes:
             await ctx.engine.embed(job, count_tokens(prompt))
         except CorralError as e:
             return error_response(e.status, e.message)
-        vec = [v * 4.0 for v in embed(prompt, model.config.embedding_dim, ctx.config.seed, normalize=False)]
+        vec = [
+            v * 4.0
+            for v in embed(
+                prompt, model.config.embedding_dim, weights_seed(model.config.name), normalize=False
+            )
+        ]
         return json_response(msgspec.json.encode({"embedding": vec}))
 
 

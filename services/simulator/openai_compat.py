@@ -33,6 +33,7 @@ from corral.simulator.text import (
     render_chat,
     render_generate,
     seed_for,
+    weights_seed,
 )
 from corral.simulator.wire import think_flag
 
@@ -439,7 +440,7 @@ class OpenAIRoutes:
         dims = body.get("dimensions")
         data = []
         for i, s in enumerate(inp):
-            vec = embed(s, dim, ctx.config.seed)
+            vec = embed(s, dim, weights_seed(model.config.name))
             if isinstance(dims, int) and 0 < dims < dim:
                 vec = l2_normalize(vec[:dims])
             value: Any = vec

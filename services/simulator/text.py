@@ -226,8 +226,14 @@ def plan_reply(
     return Plan(thinking=thinking, content=content, tool_calls=calls, done_reason=reason)
 
 
+def weights_seed(model: str) -> int:
+    """The seed of a model's embeddings (by its weights' name, so a copy embeds alike): the same
+    model gives the same vector on every server, as real ones do, and two models differ."""
+    return zlib.crc32(model.encode())
+
+
 def embed(text: str, dim: int, seed: int = 0, *, normalize: bool = True) -> list[float]:
-    """A deterministic pseudo-embedding: equal texts give equal vectors."""
+    """A deterministic pseudo-embedding: equal texts give equal vectors (for one ``seed``)."""
     rng = random.Random(zlib.crc32(text.encode(), seed & 0xFFFFFFFF))
     vec = [rng.random() * 2.0 - 1.0 for _ in range(dim)]
     if not normalize:

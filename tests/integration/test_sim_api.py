@@ -173,6 +173,20 @@ async def test_embed_and_embeddings(client: ollama.AsyncClient) -> None:
     assert (e.value.status_code, e.value.error) == (404, 'model "nope" not found, try pulling it first')
 
 
+async def test_a_model_embeds_alike_on_every_server(client: ollama.AsyncClient) -> None:
+    """A model's vectors come from its weights: another server (another seed) gives the same ones,
+    as real Ollamas do, so a fleet's vectors can be compared; another model gives others."""
+    r = await client.embed(model="all-minilm", input="hello")
+    async with SimServer(load_config(time_scale=0.0005, seed=7), port=0) as other:
+        c = ollama.AsyncClient(host=other.url)
+        assert (await c.embed(model="all-minilm", input="hello")).embeddings == r.embeddings
+        await c.close()
+    await client.copy("all-minilm", "minilm-copy")  # the same weights: the same vectors
+    assert (await client.embed(model="minilm-copy", input="hello")).embeddings == r.embeddings
+    other = await client.embed(model="qwen3:8b", input="hello", dimensions=384)  # other weights
+    assert other.embeddings != r.embeddings
+
+
 async def test_list_show_ps(client: ollama.AsyncClient) -> None:
     tags = await client.list()
     names = [m.model for m in tags.models]
