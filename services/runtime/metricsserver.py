@@ -50,6 +50,11 @@ async def serve_metrics(registry: CollectorRegistry, port: int, host: str = "") 
     return server
 
 
+class MetricsPortError(OSError):
+    """The metrics port cannot be listened on (in use, not allowed): the service says so in one
+    line and exits 1."""
+
+
 @contextlib.asynccontextmanager
 async def metrics_served(registry: CollectorRegistry, port: int) -> AsyncIterator[asyncio.Server | None]:
     """A service's metrics port for the life of the block: ``registry`` served on ``port`` (0: off,
@@ -57,7 +62,10 @@ async def metrics_served(registry: CollectorRegistry, port: int) -> AsyncIterato
     if not port:
         yield None
         return
-    server = await serve_metrics(registry, port)
+    try:
+        server = await serve_metrics(registry, port)
+    except OSError as e:
+        raise MetricsPortError(f"cannot serve metrics on port {port}: {e.strerror or e}") from None
     try:
         yield server
     finally:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import uvicorn
 from corral.runtime.logs import setup_logging
+from corral.runtime.metricsserver import MetricsPortError
 from corral.runtime.nats import NatsRefused
 from corral.runtime.settings import CommonSettings, SettingsError, settings_from_args
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -50,10 +51,12 @@ def service_main(
     settings = parsed[1]
     setup_logging(settings.log_level, service=service)
     try:
-        return run(serve(settings))
-    except NatsRefused as e:  # a configuration error, said in one line: no traceback
+        rc = run(serve(settings))
+    except (NatsRefused, MetricsPortError) as e:  # a configuration error, said in one line: no traceback
         log.error("%s", e)
         return 1
+    log.info("stopped (exit status %d)", rc)  # its log's last line, as the operator reads it
+    return rc
 
 
 def run(coro: Coroutine[Any, Any, int]) -> int:
@@ -106,6 +109,7 @@ async def wait_for_signal() -> signal.Signals:
 
     def deliver(sig: signal.Signals) -> None:
         if not got.done():
+            log.info("%s: stopping", sig.name)
             got.set_result(sig)
 
     def again(sig: signal.Signals) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -360,3 +361,15 @@ async def test_corral_status_says_when_an_agents_ollama_is_down(nats_server: Nat
             body = {"model": "llama3.2", "prompt": "x", "stream": False}
             async with s.post(f"{f.url}/api/generate", json=body) as r:
                 assert r.status == 502 and "cannot be read now (nvidia-0)" in (await r.json())["error"]
+
+
+async def test_a_metrics_port_in_use_is_said_in_one_line(nats_server: NatsServer) -> None:
+    """A service whose --metrics-port is taken exits 1 saying so, not with a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, _, err = await cli.corral(
+            "aggregator", "--nats", nats_server.url, "--root", "metricsport", "--metrics-port", str(port)
+        )
+    assert rc == 1 and f"cannot serve metrics on port {port}" in err and "Traceback" not in err, err
