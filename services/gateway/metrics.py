@@ -95,6 +95,7 @@ class Decision:
     model_label: str = ""  # the requested model as a label, once worked out (`GatewayMetrics.model_label`)
     in_queue: bool = False  # waiting in the fleet queue now, no agent has claimed it (a stop answers it 503)
     stopped: bool = False  # the gateway's stop ended it: its client was told so (503 or a last error line)
+    cut: int = 0  # a begun answer ended by an error line instead: that error's status
 
     def headers(self, agent: str) -> list[tuple[bytes, bytes]]:
         """``X-Corral-Agent``, ``X-Corral-Route``, ``X-Corral-Model`` (the model that served) and,

@@ -173,6 +173,7 @@ async def _serve(
     target: str | None,
 ) -> None:
     status, agent = 499, ""  # 499: the client went away before an answer (nginx's convention)
+    answered = False  # the whole answer went out
     try:
         try:
             if target:
@@ -187,7 +188,12 @@ async def _serve(
         status, agent = reply.status, reply.agent
         async with reply:
             await stream_reply(reply, send, openai=openai, decision=decision)
+        answered = True
     finally:
+        if decision.cut:  # begun, then ended with an error line: what ended it
+            status = decision.cut
+        elif not answered and status < 400:  # begun, then its client left (the relay was cancelled)
+            status = 499
         if decision.stopped and status == 499:  # not its client's leaving: the stop answered it 503
             status = 503
         try:  # bookkeeping after the answer: never in the way of the request's own outcome
@@ -246,9 +252,11 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
         if partial := held[: held.rstrip(b"\n").rfind(b"\n") + 1]:
             await out(partial)  # all but the last line: a client that stops at "done" must not
         log.warning("stream from agent %s failed: %s", reply.agent, e)
+        d.cut = e.status
         await send({"type": "http.response.body", "body": _stream_error(reply, e, openai), "more_body": True})
     except Exception as e:  # never leave a client hanging on a half-written stream
         log.exception("relay failed")
+        d.cut = 500
         await send(
             {
                 "type": "http.response.body",

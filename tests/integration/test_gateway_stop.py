@@ -77,9 +77,10 @@ async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_strea
         assert lines[-1] == {"error": "server shutting down"} and len(lines) > 10
         async with asyncio.timeout(5):
             await sim.stats.wait_for(lambda st: st.cancelled >= 1, timeout=5)  # stopped at its Ollama
-        # counted as their clients saw them: the queued one 503, the stream 200; neither as gone
+        # counted as their clients were told: the queued one 503, the stream its last line's 503
+        # (not 200: it did not end as an answer), neither as gone (499)
         assert fleet.gateway is not None
-        assert statuses(fleet.gateway.planner.metrics.registry) == {"200": 1, "503": 1}
+        assert statuses(fleet.gateway.planner.metrics.registry) == {"503": 2}
     finally:
         if stopping is None:
             await fleet.stop()

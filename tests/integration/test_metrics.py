@@ -330,3 +330,52 @@ async def test_agent_and_aggregator_serve_their_own_metrics(fleet: LocalFleet) -
     finally:
         agent_server.close()
         agg_server.close()
+
+
+async def _streaming(s: aiohttp.ClientSession, url: str) -> tuple[aiohttp.ClientResponse, str]:
+    """A streamed generate that goes on (the replies here are endless), its first line read; and
+    the agent that serves it."""
+    r = await s.post(url + "/api/generate", json={"model": MODEL, "prompt": "on and on"})
+    assert r.status == 200
+    await r.content.readline()
+    return r, r.headers["x-corral-agent"]
+
+
+async def _counted(fleet: LocalFleet, s: aiohttp.ClientSession, **labels: str) -> None:
+    """Until this gateway's requests counter has one request of ``labels`` (woken by fleet changes:
+    the agent publishes its slot freed as the request ends)."""
+    assert fleet.gateway is not None
+
+    async def seen() -> bool:
+        return total((await scrape(s, fleet.url))[1], "corral_gateway_requests_total", **labels) == 1
+
+    await waits.until(seen, fleet.gateway.fleet.wait_changed, timeout=10.0)
+
+
+async def test_a_stream_whose_client_left_counts_499_not_200(fleet: LocalFleet) -> None:
+    async with aiohttp.ClientSession() as s:
+        r, agent = await _streaming(s, fleet.url)
+        r.close()  # the client goes away mid-answer
+        await _counted(fleet, s, model=KEY, status="499", agent=agent)
+        assert total((await scrape(s, fleet.url))[1], "corral_gateway_requests_total", status="200") == 0
+
+
+async def test_a_stream_its_ollama_cut_counts_that_error_not_200(fleet: LocalFleet) -> None:
+    async with aiohttp.ClientSession() as s:
+        r, agent = await _streaming(s, fleet.url)
+        sim = next(sim for a, sim in zip(fleet.agents, fleet.sims, strict=True) if a.id == agent)
+        await sim.stop()  # its Ollama dies mid-answer: the stream ends with an error line
+        last = [line async for line in r.content][-1]
+        assert "error" in json.loads(last)
+        assert fleet.gateway is not None
+
+        async def statuses() -> list[str]:
+            samples = (await scrape(s, fleet.url))[1]
+            cut = pick(samples, "corral_gateway_requests_total", model=KEY, agent=agent)
+            return [dict(lab)["status"] for lab, v in cut.items() if v]
+
+        async def counted() -> bool:
+            return bool(await statuses())
+
+        await waits.until(counted, fleet.gateway.fleet.wait_changed, timeout=10.0)
+        assert await statuses() in (["502"], ["503"]), await statuses()
