@@ -39,6 +39,7 @@ from corral.protocol.names import ANY_VENDOR
 from corral.protocol.priority import BATCH, INTERACTIVE, Priority
 from corral.routing import Route, warm
 from corral.runtime.fleet import FleetView
+from corral.runtime.telemetry import publish_span
 from corral.runtime.workqueue import (
     Queued,
     QueueFull,
@@ -170,7 +171,11 @@ class FleetQueue:
         try:
             if self._shutdown.draining.done():  # the gateway stops: nothing joins the queue now
                 raise NoCapacity(STOP_MESSAGE)
-            queued = await self._enqueue(req, vendor, payload, hdrs, lane)
+            # its own PRODUCER span, whose context rides in the queued headers: the agent that
+            # takes it carries on the request's trace
+            subject = transport.subjects.queue(vendor, token, lane)
+            with publish_span(transport.subjects.queue_template, subject, hdrs, tracer=transport.tracer):
+                queued = await self._enqueue(req, vendor, payload, hdrs, lane)
             if queued is None:
                 return None
             if decision is not None:

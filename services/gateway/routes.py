@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from corral import views
@@ -31,6 +32,27 @@ if TYPE_CHECKING:
     from corral.gateway.app import Gateway
 
 
+# What dashboards, probes and the console poll: with tracing on (``--otlp-endpoint``) FastAPI's own
+# spans of these would outnumber the requests' (three spans every poll)
+UNTRACED = frozenset(
+    {"/", "/ready", "/metrics", "/api/status", "/api/ps", "/api/tags", "/api/version", "/v1/models"}
+)
+
+
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    path: str = scope.get("path", "")
+    return path in UNTRACED or path.startswith("/console")
+
+
+def _telemetry() -> dict[str, Any]:
+    """FastAPI's own tracing (in the versions that have it): a SERVER span per request, not per
+    dependency and endpoint, and none for what is polled (`UNTRACED`). The model endpoints have
+    spans of their own (`corral.gateway.app`)."""
+    if "telemetry" not in inspect.signature(FastAPI).parameters:
+        return {}
+    return {"telemetry": {"operation_spans": False, "exclude": _untraced}}
+
+
 def build_app(gw: Gateway) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -40,7 +62,7 @@ def build_app(gw: Gateway) -> FastAPI:
         finally:
             await gw.stop()
 
-    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, **_telemetry())
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> Response:

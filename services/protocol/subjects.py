@@ -87,6 +87,11 @@ class Subjects(msgspec.Struct, frozen=True):
     def agent_work_template(self) -> str:
         return f"{self.root}.agent.{{id}}.work"
 
+    @property
+    def queue_template(self) -> str:
+        """Low-cardinality name of the fleet queue's subjects (span names)."""
+        return f"{self.root}.queue.{{vendor}}.{{model}}"
+
     def work(self, vendor: str, model_token: str, priority: Priority = INTERACTIVE) -> str:
         """The claim subject of ``model_token`` for ``vendor`` (or any); batch work has its own
         (``{root}.work.batch.{vendor}.{model}``), armed by agents only for slots they can spare."""

@@ -92,6 +92,11 @@ class Transport:
         self._reply_prefix = len(subjects.reply(self.id, "x")) - 1
         self._bodies = LargeBodies(nc, len(subjects.body(self.id, "x")) - 1)
 
+    @property
+    def tracer(self) -> Tracer | None:
+        """The tracer of this sender's spans (None: the global one)."""
+        return self._tracer
+
     async def start(self) -> None:
         self._subs.append(
             await self.nc.subscribe(

@@ -249,3 +249,30 @@ async def test_failover_is_one_trace_with_the_failed_attempt_an_error(
     assert failed[0].attributes["corral.outcome"] == "failed"
     assert failed[0].parent_id == server.span_id
     _assert_answer(server, call, survivor, r.prompt_eval_count or 0, r.eval_count)
+
+
+async def test_a_request_that_waited_in_the_fleet_queue_is_one_trace(
+    nats_server: NatsServer, root: str, tmp_path: Path
+) -> None:
+    """Six requests on one agent's four slots: those that wait in the fleet queue carry the
+    gateway's trace in the queued message, so the agent that takes one carries on its trace."""
+    async with (
+        traced_fleet(nats_server.url, root, tmp_path, agents=1, time_scale=1.0, decode_rate=20.0) as fleet,
+        ollama.AsyncClient(host=fleet.url) as client,
+    ):
+        await client.generate(model=MODEL, prompt="", keep_alive=-1)  # loaded: the rest is slots
+        await fleet.receiver.wait_for(lambda s: {"SERVER", "CONSUMER"} <= {x.kind for x in s})
+        fleet.receiver.spans.clear()  # the load's, all in
+        asks = [
+            client.generate(model=MODEL, prompt=f"wait {i}", options={"num_predict": 10}) for i in range(6)
+        ]
+        assert all(r.done for r in await asyncio.gather(*asks))
+        spans = await fleet.receiver.wait_for(
+            lambda s: sum(x.kind == "SERVER" for x in s) == 6 and sum(x.kind == "CONSUMER" for x in s) >= 6
+        )
+    queued = [s for s in spans if s.kind == "SERVER" and s.attributes["corral.route"] == "queued"]
+    assert queued, [s.attributes.get("corral.route") for s in spans if s.kind == "SERVER"]
+    for server in queued:
+        _, publish, consumer, _ = _chain([s for s in spans if s.trace_id == server.trace_id])
+        assert publish.name == f"{root}.queue.{{vendor}}.{{model}} publish"
+        assert consumer.status != "ERROR"
