@@ -152,3 +152,18 @@ def with_aliases(v1_models: bytes, policy: Policy, allowed: Callable[[str], bool
             data.append({"id": alias, "object": "model", "created": served["created"], "owned_by": "corral"})
     body["data"] = data or None
     return policy_encoder.encode(body)
+
+
+def v1_alias(policy: Policy, model_id: str, target_body: Callable[[str], bytes | None]) -> bytes | None:
+    """``/v1/models/{model_id}`` of an alias that `with_aliases` lists: its target's entry
+    (``target_body``, None when no agent has it) under the id asked for, owned by ``corral``;
+    None for a name that is no alias."""
+    try:
+        target = policy.aliases.get(model_key(model_id))
+    except InvalidModelName:
+        return None
+    served = None if target is None else target_body(target)
+    if served is None:
+        return None
+    entry = _any.decode(served)
+    return policy_encoder.encode({**entry, "id": model_id, "owned_by": "corral"})

@@ -17,7 +17,7 @@ from corral.gateway.auth import hides, key_of
 from corral.gateway.batch import routes as batch_routes
 from corral.gateway.errors import JSON, METHOD_NOT_ALLOWED, NOT_FOUND, openai_body
 from corral.gateway.metrics import CONTENT_TYPE
-from corral.gateway.policy import with_aliases
+from corral.gateway.policy import v1_alias, with_aliases
 from corral.protocol.errors import BadRequest
 from corral.runtime.health import not_ready
 from corral.runtime.workqueue import depths
@@ -124,7 +124,10 @@ def build_app(gw: Gateway) -> FastAPI:
 
     @app.get("/v1/models/{model}")
     async def v1_model(request: Request, model: str) -> Response:
-        body = None if hides(request.scope, model) else views.v1_model_body(gw.fleet.agents(), model)
+        agents = gw.fleet.agents()
+        body = None if hides(request.scope, model) else views.v1_model_body(agents, model)
+        if body is None and not hides(request.scope, model):  # an alias `/v1/models` lists
+            body = v1_alias(gw.policy.policy, model, lambda target: views.v1_model_body(agents, target))
         if body is None:
             return Response(openai_body(404, f"model '{model}' not found"), status_code=404, media_type=JSON)
         return Response(body, media_type=JSON)

@@ -119,6 +119,9 @@ async def test_an_alias_serves_openai_clients_on_every_gateway_until_it_is_remov
         assert completion.choices[0].message.content
         ids = [m.id async for m in client.models.list()]
         assert "gpt-4o-mini:latest" in ids and LLAMA in ids
+        # every id listed can be retrieved, as OpenAI's API promises (clients check ids so)
+        alias = await client.models.retrieve("gpt-4o-mini:latest")
+        assert (alias.id, alias.owned_by) == ("gpt-4o-mini:latest", "corral")
         assert (await substitutions(url))[("gpt-4o-mini:latest", LLAMA, "alias")] == 1.0
         await client.close()
 
