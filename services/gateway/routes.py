@@ -19,6 +19,7 @@ from corral.gateway.errors import JSON, METHOD_NOT_ALLOWED, NOT_FOUND, openai_bo
 from corral.gateway.metrics import CONTENT_TYPE
 from corral.gateway.policy import v1_alias, with_aliases
 from corral.protocol.errors import BadRequest
+from corral.protocol.gohttp import slash_redirect
 from corral.runtime.health import not_ready
 from corral.runtime.workqueue import depths
 from fastapi import FastAPI, Request
@@ -53,6 +54,11 @@ def _telemetry() -> dict[str, Any]:
     return {"telemetry": {"operation_spans": False, "exclude": _untraced}}
 
 
+def _paths(app: FastAPI) -> set[str]:
+    """The app's routes without a parameter: those a trailing slash is redirected to."""
+    return {p for r in app.routes if "{" not in (p := getattr(r, "path", "{"))}
+
+
 def build_app(gw: Gateway) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -63,15 +69,20 @@ def build_app(gw: Gateway) -> FastAPI:
             await gw.stop()
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, **_telemetry())
+    app.router.redirect_slashes = False  # gin's redirect instead (below), not Starlette's absolute 307
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        # gin's plain-text defaults, which Ollama clients see from a real server
-        if exc.status_code == 405:
-            return PlainTextResponse(METHOD_NOT_ALLOWED, status_code=405)
-        if exc.status_code == 404:
-            return PlainTextResponse(NOT_FOUND, status_code=404)
-        return PlainTextResponse(str(exc.detail), status_code=exc.status_code)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # gin's defaults, which Ollama clients see from a real server: a trailing slash redirected,
+        # plain text (no charset) for the rest, 405 with its Allow header
+        path = request.url.path
+        if exc.status_code == 404 and path != "/" and path.endswith("/") and path.rstrip("/") in _paths(app):
+            query = f"?{request.url.query}" if request.url.query else ""
+            status, headers, body = slash_redirect(request.method, path.rstrip("/") + query)
+            return Response(body, status_code=status, headers=dict(headers))
+        text = {405: METHOD_NOT_ALLOWED, 404: NOT_FOUND}.get(exc.status_code, str(exc.detail))
+        plain = {"content-type": "text/plain", **(exc.headers or {})}
+        return Response(text, status_code=exc.status_code, headers=plain)
 
     @app.api_route("/", methods=["GET", "HEAD"])
     async def root() -> Response:

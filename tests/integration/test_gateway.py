@@ -209,6 +209,10 @@ async def test_unknown_model_and_bad_bodies(fleet: LocalFleet, client: ollama.As
             assert r.status == 400 and await r.json() == {"error": "invalid model name"}
         async with s.get(fleet.url + "/api/nothing") as r:
             assert r.status == 404 and await r.text() == "404 page not found"
+            assert r.headers["content-type"] == "text/plain"  # gin's, no charset
+        async with s.post(fleet.url + "/api/tags") as r:
+            assert r.status == 405 and await r.text() == "405 method not allowed"
+            assert r.headers["content-type"] == "text/plain" and "GET" in r.headers["allow"]
         async with s.get(fleet.url + "/") as r:
             assert await r.text() == "Ollama is running"
 
@@ -402,18 +406,25 @@ async def test_a_management_body_go_cannot_decode_is_refused_in_ollamas_words(
     assert answers[1] == answers[0]
 
 
-@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "DELETE"])
-async def test_a_trailing_slash_is_redirected_as_ollamas_router_does(fleet: LocalFleet, method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [(m, "/api/chat") for m in ("GET", "HEAD", "POST", "DELETE")]
+    + [(m, "/api/tags") for m in ("GET", "HEAD")],
+)
+async def test_a_trailing_slash_is_redirected_as_ollamas_router_does(
+    fleet: LocalFleet, method: str, path: str
+) -> None:
     """gin's redirect: 301 for a GET with Go's small HTML body, 307 (method and body kept) for the
-    rest, the query kept; the gateway answers as a lone Ollama (here its simulator) does."""
+    rest, the query kept and the location relative; the gateway answers as a lone Ollama (here its
+    simulator) does, for the model endpoints and the views alike."""
     answers = []
     async with aiohttp.ClientSession() as http:
         for url in (fleet.sims[0].url, fleet.url):
-            async with http.request(method, url + "/api/chat/?x=1", allow_redirects=False) as r:
+            async with http.request(method, url + path + "/?x=1", allow_redirects=False) as r:
                 answers.append(
                     (r.status, r.headers.get("Location"), r.headers.get("Content-Type"), await r.read())
                 )
     assert answers[1] == answers[0]
     status, location, kind, body = answers[0]
-    assert status == (301 if method == "GET" else 307) and location == "/api/chat?x=1"
+    assert status == (301 if method == "GET" else 307) and location == path + "?x=1"
     assert (kind is not None, body != b"") == (method in ("GET", "HEAD"), method == "GET")
