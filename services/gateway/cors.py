@@ -14,6 +14,20 @@ from corral.gateway.origins import Origins, is_loopback
 
 METHODS: Final = b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
 MAX_AGE: Final = b"43200"  # seconds a browser may keep a preflight's answer (12 hours)
+# The request headers a page may send: Ollama's list (its server's CORS configuration, the OpenAI
+# SDK's own among them), then Corral's (priority, conversation, strategy, pull placement)
+ALLOW_HEADERS: Final = b", ".join(
+    [
+        b"Authorization", b"Content-Type", b"User-Agent", b"Accept", b"X-Requested-With", b"OpenAI-Beta",
+        *(b"X-Stainless-" + h for h in (
+            b"Arch", b"Async", b"Custom-Poll-Interval", b"Helper-Method", b"Lang", b"Os",
+            b"Package-Version", b"Poll-Helper", b"Retry-Count", b"Runtime", b"Runtime-Version",
+            b"Timeout",
+        )),
+        b"X-Corral-Priority", b"X-Corral-Session", b"X-Corral-Replicas", b"X-Corral-Vendor",
+        b"X-Load-Balancing-Strategy", b"X-Enforce-Strategy",
+    ]
+)  # fmt: skip
 
 
 def machine_origins(listen: str, extra: str) -> Origins:
@@ -71,8 +85,8 @@ class Gate:
                 (b"access-control-max-age", MAX_AGE),
                 (b"content-length", b"0"),
             ]
-            if asked_headers:
-                head.append((b"access-control-allow-headers", asked_headers))
+            if asked_headers:  # the list, not whatever was asked: a browser sends only what it names
+                head.append((b"access-control-allow-headers", ALLOW_HEADERS))
             await send({"type": "http.response.start", "status": 204, "headers": head})
             await send({"type": "http.response.body", "body": b""})
             return
