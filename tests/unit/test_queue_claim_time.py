@@ -33,6 +33,7 @@ class _Transport:
 
     def __init__(self, decision: Any) -> None:
         self.subjects = Subjects("t")
+        self.tracer = None  # the global one: a no-op here
         self.nc = SimpleNamespace(jetstream=lambda: None)
         self.claim_timeout = 2.0
         self.decision = decision
