@@ -158,7 +158,7 @@ async def status(s: _Session, as_json: bool) -> int:
             ", ".join(g.name for g in a.gpus) or "-",
             f"{_gb(a.vram_total - a.vram_free)}/{_gb(a.vram_total)}",
             ", ".join(m.model for m in a.loaded) or "-",
-            f"{a.in_flight}/{a.parallel}",
+            f"{a.in_flight}/{a.slots}",
             a.queued,
         )
         for a in st.agents

@@ -46,6 +46,7 @@ class Agent(msgspec.Struct):
     gpus: list[Gpu] = msgspec.field(default_factory=list)
     loaded: list[Loaded] = msgspec.field(default_factory=list)
     parallel: int = 0
+    slots: int = 0  # parallel per loaded or busy model (older gateways: absent)
     in_flight: int = 0
     queued: int = 0
 
@@ -147,7 +148,7 @@ def render(status: Status, url: str, now: datetime.datetime, width: int = 120) -
     rows: list[tuple[str, ...]] = []
     for a in status.agents:
         loaded = ", ".join(f"{m.model} ({_ctx(m.context_length)})" for m in a.loaded) or "-"
-        slots = f"{a.in_flight}/{a.parallel}"
+        slots = f"{a.in_flight}/{a.slots or a.parallel}"
         gpus = a.gpus or [Gpu(name="no GPU")]
         for i, g in enumerate(gpus):
             used = g.vram_total - g.vram_free

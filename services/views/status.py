@@ -24,6 +24,7 @@ class LoadedModel(msgspec.Struct, frozen=True):
     size_vram: int
     context_length: int
     expires_at: str
+    busy: bool = False  # requests of it hold slots on its agent now
 
 
 class AgentRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,6 +43,7 @@ class AgentRow(msgspec.Struct, frozen=True, kw_only=True):
     models_on_disk: int
     loaded: list[LoadedModel]
     parallel: int
+    slots: int  # ``parallel`` per runner, for the models loaded or busy there: what ``in_flight`` fills
     in_flight: int
     queued: int
     up_s: float
@@ -183,6 +185,10 @@ def status_view(
 
 
 def _agent_row(a: AgentState, now: float) -> AgentRow:
+    # Ollama runs ``parallel`` requests per loaded model: an agent with two busy models has twice
+    # the slots (a request waiting inside Ollama for a model swap counts among them)
+    busy = set(a.busy_models)
+    runners = {k for m in a.loaded if (k := key_of(m.name)) is not None}
     return AgentRow(
         id=a.id,
         vendor=a.vendor,
@@ -196,11 +202,12 @@ def _agent_row(a: AgentState, now: float) -> AgentRow:
         vram_free=sum(g.vram_free for g in a.gpus),
         models_on_disk=sum(1 for m in a.models if key_of(m.name) is not None),
         loaded=[
-            LoadedModel(m.name, m.size, m.size_vram, m.context_length, m.expires_at)
+            LoadedModel(m.name, m.size, m.size_vram, m.context_length, m.expires_at, key in busy)
             for m in a.loaded
-            if key_of(m.name) is not None
+            if (key := key_of(m.name)) is not None
         ],
         parallel=a.parallel,
+        slots=a.parallel * max(1, len(runners | busy)),
         in_flight=a.in_flight,
         queued=a.queued,
         up_s=round(max(now - a.started_at, 0.0), 3) if a.started_at else 0.0,

@@ -353,3 +353,22 @@ def test_rates_not_rewritten_for_five_of_their_periods_are_not_current() -> None
     unsaid = msgspec.structs.replace(rates, every_s=0.0)  # an aggregator that does not say
     assert views.current(unsaid, 3600.0) is unsaid
     assert views.current(None, 0.0) is None
+
+
+def test_an_agents_slots_are_its_parallel_per_model_loaded_or_busy() -> None:
+    """Ollama runs ``parallel`` requests per loaded model: one with two models busy (the second
+    waiting inside Ollama for a swap, say) has twice the slots, and its rows say which is in use."""
+    a = msgspec.structs.replace(
+        agent(
+            "a",
+            loaded=(ps("llama3.2:latest", "2099-01-01T00:00:00Z"), ps("qwen3:8b", "2099-01-01T00:00:00Z")),
+        ),
+        parallel=4,
+        in_flight=5,
+        busy_models=("llama3.2:latest", "gemma3:4b"),
+    )
+    row = json.loads(views.status_body([a]))["agents"][0]
+    assert (row["in_flight"], row["slots"], row["parallel"]) == (5, 12, 4)  # three models' runners
+    assert {m["model"]: m["busy"] for m in row["loaded"]} == {"llama3.2:latest": True, "qwen3:8b": False}
+    idle = json.loads(views.status_body([agent("b")]))["agents"][0]
+    assert idle["slots"] == idle["parallel"]  # nothing loaded: one runner's worth

@@ -181,7 +181,7 @@
       el("td", { text: a.host || "–" }),
       el("td", {}, el("span", { class: `status ${a.status}`, text: a.ollama_down ? `${a.status}, ollama down` : a.status })),
       el("td", {}, gpuCell(a)),
-      el("td", { text: `${a.in_flight} / ${a.parallel}` }),
+      el("td", { title: `${a.parallel} per loaded model`, text: `${a.in_flight} / ${a.slots ?? a.parallel}` }),
       el("td", { text: String(a.queued) }),
       el(
         "td",
@@ -207,7 +207,7 @@
             el("td", { text: a.id }),
             el("td", { text: m.context_length ? m.context_length.toLocaleString("en") : "–" }),
             el("td", { text: `${gib(m.size_vram)} GiB` }),
-            el("td", { text: `${a.in_flight} / ${a.parallel}` }),
+            el("td", { text: m.busy ? "in use" : "idle" }),
             el("td", { title: m.expires_at, text: until(m.expires_at) }),
             el("td", { class: "actions" }, adminButton("Unload", `unload:${a.id}:${m.model}`, `unload ${m.model}`, ask)),
           ),
@@ -223,7 +223,7 @@
     $("totals").textContent =
       `${t.agents} agents (${t.active} active), ${t.gpus} GPUs, VRAM ${gib(t.vram_total - t.vram_free)} of ` +
       `${gib(t.vram_total)} GiB used, ${t.models} models, ${t.loaded} loaded, ${t.in_flight} running, ${t.queued} queued`;
-    const agentsSig = JSON.stringify([state.role, st.agents.map((a) => [a.id, a.vendor, a.host, a.status, a.ollama_down, a.gpus, a.in_flight, a.parallel, a.queued])]);
+    const agentsSig = JSON.stringify([state.role, st.agents.map((a) => [a.id, a.vendor, a.host, a.status, a.ollama_down, a.gpus, a.in_flight, a.parallel, a.slots, a.queued])]);
     redraw($("agents").tBodies[0], agentsSig, st.agents.map(agentRow));
     const loadedSig = JSON.stringify([state.role, Math.floor(Date.now() / 10000), st.agents.map((a) => [a.id, a.loaded, a.in_flight])]);
     redraw($("loaded").tBodies[0], loadedSig, loadedRows(st.agents));
