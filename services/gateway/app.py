@@ -399,9 +399,11 @@ class Gateway:
                 await respond_error(send, ModelNotFound(f"model '{raw}' not found"), openai=openai)
                 return
             if work.expires_now and key is not None and key.role != "admin":
-                # keep_alive 0 ends the runner after this request, with nothing to run or not:
-                # other users' warm runner too
-                refused = Forbidden("forbidden: keep_alive 0 (unloading a model) needs an admin key")
+                # a keep_alive under a second ends the runner with this request (or a moment
+                # after it), with nothing to run or not: other users' warm runner too
+                refused = Forbidden(
+                    "forbidden: keep_alive under a second (unloading a model) needs an admin key"
+                )
                 await respond_error(send, refused, openai=openai, endpoint=endpoint)
                 return
             if bodies.is_unload(endpoint, view):
@@ -436,7 +438,7 @@ class Gateway:
         work = model_work(endpoint, body, raw, vendor=vendor, strict=strict, strategy=strategy)
         work.num_ctx = bodies.num_ctx(view)
         work.keep_alive = bodies.names_keep_alive(view)
-        work.expires_now = work.keep_alive and bodies.keep_alive_is_zero(view.keep_alive)
+        work.expires_now = work.keep_alive and bodies.ends_runner(view.keep_alive)
         work.priority = capped(priority, key.priority if key is not None else INTERACTIVE)
         if session is not None:  # the client names its conversation: every turn after the first follows
             work.session = "h." + hashlib.blake2b(session.encode(), digest_size=12).hexdigest()

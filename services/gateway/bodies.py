@@ -7,6 +7,7 @@ The body itself travels on unchanged; the one exception is a vendor pin in the m
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from typing import Any
 
@@ -18,6 +19,8 @@ from corral.protocol.gojson import as_go_reads
 _NULL = msgspec.Raw(b"null")
 _GO_DURATION = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
 _NUMBER = re.compile(r"\d+\.?\d*|\.\d+")
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class RouteView(msgspec.Struct):
@@ -79,6 +82,37 @@ def keep_alive_is_zero(raw: msgspec.Raw | None) -> bool:
             return True
         return _GO_DURATION.fullmatch(s) is not None and all(float(n) == 0 for n in _NUMBER.findall(s))
     return False
+
+
+def keep_alive_s(raw: msgspec.Raw | None) -> float | None:
+    """The keep_alive Ollama reads (api.Duration): a number as seconds, a string as a Go duration,
+    a negative one as forever (``inf``); None when absent, null or what Ollama refuses (400)."""
+    if raw is None:
+        return None
+    try:
+        v: Any = _any.decode(raw)
+    except msgspec.ValidationError:
+        return None
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int | float):
+        return math.inf if v < 0 else float(v)
+    if not isinstance(v, str):
+        return None
+    s = v.strip()
+    if s in ("0", "-0", "+0"):
+        return 0.0
+    if _GO_DURATION.fullmatch(s) is None:
+        return None
+    seconds = sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(s))
+    return math.inf if s.startswith("-") and seconds > 0 else seconds
+
+
+def ends_runner(raw: msgspec.Raw | None) -> bool:
+    """A keep_alive under a second: the runner ends with the request, or a moment after it (what a
+    user key may not do to a runner others share)."""
+    seconds = keep_alive_s(raw)
+    return seconds is not None and seconds < 1.0
 
 
 def names_keep_alive(view: RouteView) -> bool:

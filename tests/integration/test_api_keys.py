@@ -143,14 +143,16 @@ async def test_a_user_key_is_refused_management(fleet: LocalFleet) -> None:
     async with ollama.AsyncClient(host=fleet.url, headers=auth(key)) as c:
         assert (await c.generate(model=MODEL, prompt="hi", options={"num_predict": 2})).done
         assert (await c.show(MODEL)).modelfile is not None
-        # keep_alive 0 would end others' warm runners: with nothing to run, with a prompt, and
-        # through the embedding endpoints alike
+        # keep_alive 0 (or under a second) would end others' warm runners: with nothing to run,
+        # with a prompt, and through the embedding endpoints alike
         for unload in (
             c.generate(model=MODEL, keep_alive=0),
             c.generate(model=MODEL, prompt="hi", keep_alive="0s", options={"num_predict": 1}),
             c.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], keep_alive=0),
             c.embed(model=MODEL, input=[], keep_alive=0),
             c.embeddings(model=MODEL, prompt="", keep_alive=0),
+            c.generate(model=MODEL, prompt="hi", keep_alive=0.5, options={"num_predict": 1}),
+            c.generate(model=MODEL, prompt="hi", keep_alive="1ns", options={"num_predict": 1}),
         ):
             with pytest.raises(ollama.ResponseError) as refused:
                 await unload

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import msgspec
 import pytest
-from corral.gateway.bodies import RouteView, decode_view, is_unload, keep_alive_is_zero, names_keep_alive
+from corral.gateway.bodies import (
+    RouteView,
+    decode_view,
+    ends_runner,
+    is_unload,
+    keep_alive_is_zero,
+    keep_alive_s,
+    names_keep_alive,
+)
 from corral.transport import model_work
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -302,3 +311,36 @@ def test_pin_strip_property(obj: dict[str, Any]) -> None:
     obj = {**obj, "model": "llama3@nvidia"}
     out = json.loads(model_work("/api/chat", json.dumps(obj).encode(), "llama3@nvidia").body)
     assert out == {**obj, "model": "llama3"}
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (0, 0.0),
+        (0.5, 0.5),
+        (300, 300.0),
+        (-1, math.inf),
+        ("0", 0.0),
+        ("1ns", 1e-9),
+        ("0.4s", 0.4),
+        ("1h30m", 5400.0),
+        ("1m0.5s", 60.5),
+        ("500ms", 0.5),
+        ("-1m", math.inf),
+        ("300", None),  # a string without a unit: Ollama's 400
+        (True, None),
+        (None, None),
+    ],
+)
+def test_keep_alive_as_ollama_reads_it(value: Any, seconds: float | None) -> None:
+    assert keep_alive_s(ka(value)) == (seconds if seconds is None else pytest.approx(seconds))
+
+
+@pytest.mark.parametrize("value", [0, 0.5, 0.999, "0s", "1ns", "0.4s", "999ms"])
+def test_a_keep_alive_under_a_second_ends_the_runner(value: Any) -> None:
+    assert ends_runner(ka(value))
+
+
+@pytest.mark.parametrize("value", [1, "1s", "5m", -1, "-1m", "300", None])
+def test_a_keep_alive_of_a_second_or_more_does_not(value: Any) -> None:
+    assert not ends_runner(ka(value))
