@@ -34,6 +34,7 @@ from corral.agent.worker import Job
 from corral.protocol.names import ANY_VENDOR
 from corral.protocol.priority import BATCH
 from corral.protocol.subjects import Subjects
+from corral.runtime.nats import stream_delivery
 from corral.runtime.singleshot import SingleShots
 from corral.runtime.workqueue import Puller
 from nats.aio.client import Client as NATS
@@ -72,6 +73,7 @@ class Claims:
         self._on_claim = on_claim
         self._on_nudge = on_nudge
         self._retry = _TakeRetry(retry)
+        self._reconcile_again = retry
         self._unanswered = False  # the last reconcile's take of some lane went unanswered
         self._puller = Puller(nc, subjects)
         self._shots = SingleShots(nc)
@@ -102,10 +104,23 @@ class Claims:
             return False
         return slots.claim(job.token, job)
 
+    async def _delivered(self, msg: Msg) -> None:
+        """A delivery on a claim subscription: to the agent, unless a JetStream consumer delivered
+        it (`corral.runtime.nats.published`): that one is dropped, and the single-shot it used up
+        is retired and armed again, or each such delivery would take a slot's claim away."""
+        if stream_delivery(msg):
+            await self.spent(msg)
+            self._reconcile_again()
+            return
+        await self._on_claim(msg)
+
     async def spent(self, msg: Msg) -> None:
         """A claim subscription delivered: it is retired (a second delivery, of the race its arming
-        leaves, finds it gone already)."""
+        leaves, finds it gone already). Found by its subject, or by its id for a delivery whose
+        subject is not its subscription's (a JetStream consumer's keeps the stored subject)."""
         subs = self._armed.get(msg.subject)
+        if subs is None or all(s._id != msg.sid for s in subs):
+            subs = next((b for b in self._armed.values() if any(s._id == msg.sid for s in b)), None)
         if subs is None:
             return
         for i, s in enumerate(subs):
@@ -138,7 +153,7 @@ class Claims:
             return
         subs = self._armed.setdefault(subject, [])
         while len(subs) < n:
-            subs.append(await self._shots.arm(subject, subject, self._on_claim))
+            subs.append(await self._shots.arm(subject, subject, self._delivered))
 
     async def arm_free(self, token: str, free: int) -> None:
         for subject in self.subjects_of(token):

@@ -299,6 +299,40 @@ async def test_a_consumer_cannot_deliver_a_drain_its_creator_may_not_publish(
     assert victim.status == "active"
 
 
+async def test_a_consumer_delivery_on_a_claim_subject_takes_no_claim_away(
+    fleet: LocalFleet, as_user: Any
+) -> None:
+    """A claim subscription takes one delivery: a consumer's delivery there (see above) is dropped,
+    and the claim it used up is armed again, or each such delivery would take a slot's claim away."""
+    s = Subjects(ROOT)
+    attacker = (await as_user(agent_user(AGENTS[0]))).nc
+    claim = s.work("any", parse_name(MODEL).token)
+
+    def armed() -> set[int]:
+        return {sub._id for a in fleet.agents for sub in a._claims._armed.get(claim, [])}
+
+    await waits.until(lambda: bool(armed()), lambda t: round_trip(attacker, max(t, 0.01)), timeout=10.0)
+    before = armed()
+    key, stream = s.kv_key(s.agents_bucket, AGENTS[0]), s.kv_stream(s.agents_bucket)
+    mine = await (await attacker.jetstream().key_value(s.agents_bucket)).get(AGENTS[0])
+    seq = json.loads((await attacker.request(key, mine.value, timeout=5)).data)["seq"]
+    config = {"deliver_subject": claim, "deliver_group": claim, "deliver_policy": "by_start_sequence",
+              "opt_start_seq": seq, "ack_policy": "none", "filter_subject": key}  # fmt: skip
+    made = await attacker.request(
+        f"$JS.API.CONSUMER.CREATE.{stream}", json.dumps({"stream_name": stream, "config": config}).encode()
+    )
+    name = json.loads(made.data)["name"]
+    try:
+        # one claim subscription took it: retired, and another armed in its place
+        await waits.until(
+            lambda: len(armed()) == len(before) and armed() != before,
+            lambda t: round_trip(attacker, max(t, 0.01)),
+            timeout=10.0,
+        )
+    finally:
+        await attacker.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=5)
+
+
 async def test_a_gateway_cannot_give_a_batch_stream_other_subjects(fleet: LocalFleet, as_user: Any) -> None:
     """A stream's subjects are what it captures: a gateway that could change the Batch API's line
     stream could have it keep other gateways' replies (or every request) for it to read."""
