@@ -27,7 +27,11 @@ class Reading(NamedTuple):
 
 
 class Backend:
-    """Reads one Ollama (and this host's GPUs when a probe is given); holds the last reading."""
+    """Reads one Ollama (and this host's GPUs when a probe is given); holds the last reading.
+
+    Sixteen attributes: what it reads with (the client, the clock, the probe, the vendor and
+    context setting, the reading lock), the reading itself (models, loaded, version, GPUs, model
+    shapes, down, hung, started) and the shapes' cache and retries."""
 
     def __init__(
         self,
@@ -54,6 +58,7 @@ class Backend:
         self._meta_by_digest: dict[str, ModelMeta] = {}
         self._meta_retry_at: dict[str, float] = {}  # digest whose /api/show failed → when to ask again
         self.model_meta: dict[str, ModelMeta] = {}  # model key (on disk) → its shape
+        self._reading = asyncio.Lock()
 
     def next_read_s(self, longest: float) -> float:
         """Seconds until Ollama is to be read again: ``longest``, or sooner when a runner's
@@ -62,7 +67,12 @@ class Backend:
 
     async def read(self) -> Reading:
         """Re-read Ollama; an unreachable or odd backend reads as empty (advertise nothing until it
-        is back)."""
+        is back). One reading at a time (the periodic one, one before an answer ends): a reading
+        begun earlier never lands after, and over, a later one."""
+        async with self._reading:
+            return await self._read()
+
+    async def _read(self) -> Reading:
         before = (self.models, self.loaded, self.version, self.gpus)
         try:
             if not self.version:

@@ -111,11 +111,13 @@ class RunnerTracker:
         return token in self._load_waiters
 
     def shows_late(self, token: str | None, rid: str) -> bool:
-        """Request ``rid`` started a load of ``token``'s model, which the last reading does not list:
-        Ollama has it loaded now (it answered), and what the agent advertises does not say so."""
+        """Request ``rid`` started a load of ``token``'s model, which Ollama answered (`responded`:
+        not a load that failed) and the last reading does not list: Ollama has it loaded now, and
+        what the agent advertises does not say so."""
         return (
             token is not None
             and self._loaders.get(rid) == token
+            and token in self.ready
             and all(token_of(m.name) != token for m in self.loaded)
         )
 

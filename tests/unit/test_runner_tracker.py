@@ -151,8 +151,17 @@ def test_a_runner_past_its_expiry_still_listed_is_read_again_soon_for_one_period
 def test_a_load_a_request_started_shows_late_until_a_reading_lists_it() -> None:
     t = RunnerTracker(4096)
     t.will_run(TOKEN, "r1", 0)
-    assert t.shows_late(TOKEN, "r1") and not t.shows_late(TOKEN, "r2") and not t.shows_late(None, "r1")
+    assert not t.shows_late(TOKEN, "r1")  # not answered yet: the load may still fail
     t.responded(TOKEN, "r1", 200)
     assert t.shows_late(TOKEN, "r1")  # answered: loaded, and no reading says so yet
+    assert not t.shows_late(TOKEN, "r2") and not t.shows_late(None, "r1")
     t.observe([ps(4096)], {NAME: 0}, busy=(TOKEN,), default_num_ctx=4096)
+    assert not t.shows_late(TOKEN, "r1")
+
+
+def test_a_load_that_failed_does_not_show_late() -> None:
+    """Ollama refused the load (out of memory, say): nothing to publish before the answer ends."""
+    t = RunnerTracker(4096)
+    t.will_run(TOKEN, "r1", 0)
+    t.responded(TOKEN, "r1", 500)
     assert not t.shows_late(TOKEN, "r1")
