@@ -15,7 +15,8 @@ from corral.gateway.origins import Origins, is_loopback
 METHODS: Final = b"GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"
 MAX_AGE: Final = b"43200"  # seconds a browser may keep a preflight's answer (12 hours)
 # The request headers a page may send: Ollama's list (its server's CORS configuration, the OpenAI
-# SDK's own among them), then Corral's (priority, conversation, strategy, pull placement)
+# SDK's own among them), then Corral's (priority, conversation, strategy, pull placement) and the
+# W3C trace context a page's OpenTelemetry instrumentation adds (the gateway carries it on)
 ALLOW_HEADERS: Final = b", ".join(
     [
         b"Authorization", b"Content-Type", b"User-Agent", b"Accept", b"X-Requested-With", b"OpenAI-Beta",
@@ -25,7 +26,7 @@ ALLOW_HEADERS: Final = b", ".join(
             b"Timeout",
         )),
         b"X-Corral-Priority", b"X-Corral-Session", b"X-Corral-Replicas", b"X-Corral-Vendor",
-        b"X-Load-Balancing-Strategy", b"X-Enforce-Strategy",
+        b"X-Load-Balancing-Strategy", b"X-Enforce-Strategy", b"Traceparent", b"Tracestate",
     ]
 )  # fmt: skip
 

@@ -138,7 +138,12 @@ def build_app(gw: Gateway) -> FastAPI:
         agents = gw.fleet.agents()
         body = None if hides(request.scope, model) else views.v1_model_body(agents, model)
         if body is None and not hides(request.scope, model):  # an alias `/v1/models` lists
-            body = v1_alias(gw.policy.policy, model, lambda target: views.v1_model_body(agents, target))
+            # its target too must be one the key may see, as `/v1/models` lists it only then
+            body = v1_alias(
+                gw.policy.policy,
+                model,
+                lambda target: None if hides(request.scope, target) else views.v1_model_body(agents, target),
+            )
         if body is None:
             return Response(openai_body(404, f"model '{model}' not found"), status_code=404, media_type=JSON)
         return Response(body, media_type=JSON)

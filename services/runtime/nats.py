@@ -156,7 +156,7 @@ async def connect(
 
     async def on_error(e: Exception) -> None:
         if "permissions violation" in str(e).lower():
-            _last_denial[0] = str(e)  # what a command that then times out says (`command_error`)
+            _last_denial[:] = [str(e), time.monotonic()]  # what a call timing out soon after says
         if connected or not quiet_first:
             error_log(e)
         else:
@@ -299,7 +299,10 @@ COMMAND_ERRORS = (
 )  # JetStream's are NatsErrors
 
 
-_last_denial = [""]  # the last permissions violation this process's NATS connections were told
+# the last permissions violation this process's NATS connections were told, and when: a call the
+# server denies goes unanswered, so a command's timeout within `DENIAL_S` of one is that denial
+_last_denial: list[Any] = ["", 0.0]
+DENIAL_S = 15.0
 
 
 def command_error(url: str, e: BaseException) -> str:
@@ -307,7 +310,7 @@ def command_error(url: str, e: BaseException) -> str:
     server denied this identity goes unanswered, so a timeout after a denial names the denial."""
     if isinstance(e, (NatsUnreachable, NatsRefused, NoFleet)):
         return str(e)
-    if _last_denial[0]:
+    if _last_denial[0] and time.monotonic() - _last_denial[1] < DENIAL_S:
         return (
             f"NATS at {url} denied this identity what the command asked ({_last_denial[0]}); "
             "commands that change the fleet need the operator's identity (--nats-creds)"

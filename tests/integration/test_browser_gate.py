@@ -90,7 +90,13 @@ async def test_an_allowed_origin_gets_cors_headers_and_its_preflight_answered(
         assert "POST" in r.headers["access-control-allow-methods"]
         # Ollama's fixed list and Corral's own headers, not an echo of whatever was asked
         allowed = {h.strip().lower() for h in r.headers["access-control-allow-headers"].split(",")}
-        assert {"content-type", "authorization", "x-corral-priority", "x-stainless-os"} <= allowed
+        assert {
+            "content-type",
+            "authorization",
+            "x-corral-priority",
+            "x-stainless-os",
+            "traceparent",
+        } <= allowed
         assert r.headers["access-control-max-age"] == "43200"
     asked["Access-Control-Request-Headers"] = "x-evil"
     async with http.options(fleet.url + "/api/chat", headers=asked) as r:

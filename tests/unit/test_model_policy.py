@@ -18,6 +18,7 @@ from corral.gateway.policy import (
     candidates,
     quant_match,
     substitute,
+    v1_alias,
     with_aliases,
 )
 from corral.gateway.settings import GatewaySettings
@@ -317,3 +318,20 @@ def test_gateways_read_the_policy_bucket_and_only_the_operator_writes_it() -> No
     assert write in role_permissions("operator", s).publish
     for role in ("gateway", "gateway-g1", "registry", "aggregator", "agent-a1"):
         assert write not in role_permissions(role, s).publish, role
+
+
+def test_an_alias_is_retrieved_as_its_targets_entry_only_when_the_target_is() -> None:
+    rules = Policy(aliases={"gpt-4o-mini:latest": "llama3.2:latest"})
+    entry = b'{"id":"llama3.2:latest","object":"model","created":7,"owned_by":"library"}'
+    got = v1_alias(rules, "gpt-4o-mini", lambda target: entry if target == "llama3.2:latest" else None)
+    assert json.loads(got or b"") == {
+        "id": "gpt-4o-mini",
+        "object": "model",
+        "created": 7,
+        "owned_by": "corral",
+    }
+    assert (
+        v1_alias(rules, "gpt-4o-mini", lambda _: None) is None
+    )  # no agent has it, or the key may not see it
+    assert v1_alias(rules, "llama3.2", lambda _: entry) is None  # not an alias
+    assert v1_alias(rules, "bad:name:", lambda _: entry) is None
