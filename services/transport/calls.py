@@ -30,7 +30,7 @@ from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope, fits
 from corral.protocol.errors import AgentUnavailable, BadRequest, NoCapacity, from_code
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import published
+from corral.runtime.nats import published, stream_delivery
 from corral.runtime.telemetry import attempted, publish_span
 from corral.transport.bodies import LargeBodies
 from corral.transport.reply import Call, Outcome, Reply
@@ -101,7 +101,7 @@ class Transport:
         self._subs.append(
             await self.nc.subscribe(
                 self.subjects.reply_all(self.id),
-                cb=published(self._on_reply),
+                cb=self._on_reply,
                 pending_bytes_limit=512 * 1024 * 1024,
             )
         )
@@ -138,6 +138,8 @@ class Transport:
 
     # -- the reply mux ---------------------------------------------------------------------------
     async def _on_reply(self, msg: Msg) -> None:
+        if stream_delivery(msg):  # `corral.runtime.nats.published`, inline: every chunk passes here
+            return
         call = self._calls.get(msg.subject[self._reply_prefix :])
         if call is not None:
             overflowed = call.overflowed
