@@ -76,7 +76,7 @@ class _Session:
             # `corral status` is the deploy files' setup step, run as the operator beside a cluster
             # that may still be forming: as patient as a service, and it makes the API keys' buckets
             # too (with NATS identities no gateway may make them)
-            self.buckets = await ensure_buckets_at_start(js, self.subjects, replicas=replicas)
+            self.buckets = await ensure_buckets_at_start(js, self.subjects, replicas=replicas, setup=True)
             try:
                 if await keep_long_enough(js, self.subjects):
                     log.info("the queue stream now keeps requests for up to %.0f s", MAX_AGE_S)

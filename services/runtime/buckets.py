@@ -117,6 +117,7 @@ async def ensure_buckets(
     queue: QueueLimits | None = None,
     specs: dict[str, BucketSpec] | None = None,
     change_queue: bool = True,
+    setup: bool = False,
 ) -> Buckets:
     """Open the KV buckets and the overflow queue's stream, creating what does not exist yet
     (idempotent across services; safe to call again after a NATS restart). ``queue``: the queue's
@@ -124,11 +125,13 @@ async def ensure_buckets(
     A bucket that exists with other limits than its `BucketSpec` (``specs``, `BUCKETS` by default)
     is given them. ``change_queue`` False gives ``queue`` only to a queue stream made anew (see
     `ensure_stream`). An identity without stream-admin rights (``corral auth``) only opens what the
-    admin identity created: a missing bucket or stream raises, other limits are logged and kept."""
+    admin identity created: a missing bucket or stream raises, other limits are logged and kept.
+    ``setup``: the operator's setup step, which also turns rollups off on buckets made before
+    (`open_bucket`)."""
     specs = BUCKETS | (specs or {})
 
     async def bucket(kind: str, name: str) -> KeyValue:
-        return await open_bucket(js, name, specs[kind], replicas=replicas)
+        return await open_bucket(js, name, specs[kind], replicas=replicas, setup=setup)
 
     try:
         await ensure_stream(js, subjects, limits=queue, replicas=replicas, change=change_queue)
@@ -149,7 +152,12 @@ async def ensure_buckets(
 
 
 async def ensure_buckets_at_start(
-    js: JetStreamContext, subjects: Subjects, *, replicas: int = 1, queue: QueueLimits | None = None
+    js: JetStreamContext,
+    subjects: Subjects,
+    *,
+    replicas: int = 1,
+    queue: QueueLimits | None = None,
+    setup: bool = False,
 ) -> Buckets:
     """`ensure_buckets` for a service that starts. JetStream that does not answer yet is asked again,
     backing off, for up to `START_PATIENCE_S`: services started together on a cluster that has just
@@ -159,7 +167,7 @@ async def ensure_buckets_at_start(
     delay = 0.2
     while True:
         try:
-            return await ensure_buckets(js, subjects, replicas=replicas, queue=queue)
+            return await ensure_buckets(js, subjects, replicas=replicas, queue=queue, setup=setup)
         except (TimeoutError, JetStreamError) as e:
             if not _not_yet(e) or time.monotonic() + delay > deadline:
                 raise
@@ -178,13 +186,19 @@ def _not_yet(e: BaseException) -> bool:
     return isinstance(e, APIError) and e.err_code in (UNAVAILABLE, NO_PEERS, STREAM_NOT_FOUND)
 
 
-async def open_bucket(js: JetStreamContext, name: str, spec: BucketSpec, *, replicas: int = 1) -> KeyValue:
+async def open_bucket(
+    js: JetStreamContext, name: str, spec: BucketSpec, *, replicas: int = 1, setup: bool = False
+) -> KeyValue:
     """Open KV bucket ``name``, creating it as ``spec`` says when it does not exist, and giving an
     existing one the spec's bounds where it has others (logged and kept when this identity has no
-    stream-admin rights)."""
+    stream-admin rights). Rollups go off on a bucket made here, and with ``setup`` (the operator's
+    `corral status`) on one made before: a service does not try, so one whose identity may not
+    change streams does not wait out a refused change at every start after an upgrade."""
+    made = False
     try:
         kv = await js.key_value(name)
     except BucketNotFoundError:
+        made = True
         cfg = KeyValueConfig(
             bucket=name,
             history=1,
@@ -201,11 +215,11 @@ async def open_bucket(js: JetStreamContext, name: str, spec: BucketSpec, *, repl
             # another service made it meanwhile (and may have given it its spec already, which a
             # create with another configuration is refused): open theirs
             kv = await js.key_value(name)
-    await _hold_to(js, f"KV_{name}", spec)
+    await _hold_to(js, f"KV_{name}", spec, no_rollups=made or setup)
     return kv
 
 
-async def _hold_to(js: JetStreamContext, stream: str, spec: BucketSpec) -> None:
+async def _hold_to(js: JetStreamContext, stream: str, spec: BucketSpec, *, no_rollups: bool) -> None:
     """Give a bucket's stream the spec's size bound and discard policy, where it has others (a
     bucket made by an older version, or by a service with other specs), and no rollups: a put with
     a ``Nats-Rollup: all`` header would delete every other key of the bucket, and whoever may
@@ -213,10 +227,11 @@ async def _hold_to(js: JetStreamContext, stream: str, spec: BucketSpec) -> None:
     a key (a KV purge is such a rollup); deletes are markers of their own."""
     cfg = (await js.stream_info(stream)).config
     discard = DiscardPolicy.OLD if spec.evict else DiscardPolicy.NEW
-    if (cfg.max_bytes, cfg.discard, cfg.allow_rollup_hdrs) != (spec.max_bytes, discard, False):
+    rollups = False if no_rollups else cfg.allow_rollup_hdrs
+    if (cfg.max_bytes, cfg.discard, cfg.allow_rollup_hdrs) != (spec.max_bytes, discard, rollups):
         try:
             await js.update_stream(
-                replace(cfg, max_bytes=spec.max_bytes, discard=discard, allow_rollup_hdrs=False)
+                replace(cfg, max_bytes=spec.max_bytes, discard=discard, allow_rollup_hdrs=rollups)
             )
         except (NatsError, JetStreamError, TimeoutError) as e:  # no stream-admin rights (`corral auth`)
             log.warning("cannot give bucket stream %s its limits (%r): it keeps those it has", stream, e)

@@ -57,12 +57,17 @@ async def test_a_bucket_made_without_bounds_is_given_them(nc: NATS, root: str) -
 
 async def test_a_put_with_a_rollup_header_cannot_wipe_a_bucket(nc: NATS, root: str) -> None:
     """A bucket stream refuses rollups: whoever may write one key (an agent, its own state) would
-    otherwise delete every other key with ``Nats-Rollup: all``. Also for a bucket made before."""
+    otherwise delete every other key with ``Nats-Rollup: all``. A bucket made before has them turned
+    off by the operator's setup step (a service whose identity may not change streams would wait out
+    a refused change at every start)."""
     subjects = Subjects(root)
     js = nc.jetstream()
     await js.create_key_value(KeyValueConfig(bucket=subjects.agents_bucket, storage=StorageType.MEMORY))
     assert (await js.stream_info(f"KV_{subjects.agents_bucket}")).config.allow_rollup_hdrs
-    agents = (await ensure_buckets(js, subjects)).agents
+    await ensure_buckets(js, subjects)  # a service: it makes the others so, and leaves this one
+    assert not (await js.stream_info(f"KV_{subjects.views_bucket}")).config.allow_rollup_hdrs
+    assert (await js.stream_info(f"KV_{subjects.agents_bucket}")).config.allow_rollup_hdrs
+    agents = (await ensure_buckets(js, subjects, setup=True)).agents  # the operator's setup step
     await agents.put("other", b"kept")
     with pytest.raises(nats.js.errors.APIError, match="rollup not permitted"):
         await js.publish(
