@@ -348,8 +348,8 @@ class Gateway:
                 await self._model_request(scope, receive, send)
             else:  # gin's answer to a known path and another method
                 await plain(send, 405, METHOD_NOT_ALLOWED.encode(), [(b"allow", b"POST")])
-        elif path.endswith("/") and path.rstrip("/") in MODEL_ENDPOINTS:
-            await _redirect_slash(scope, send)
+        elif path[-1:] == "/" and path[:-1] in MODEL_ENDPOINTS and scope["method"] == "POST":
+            await _redirect_slash(scope, send)  # gin's, to a route of the request's method only
         else:
             await self.app(scope, receive, send)
 
@@ -451,7 +451,7 @@ class Gateway:
 async def _redirect_slash(scope: Scope, send: Send) -> None:
     """gin's trailing-slash redirect (`corral.protocol.gohttp.slash_redirect`)."""
     query = "?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else ""
-    status, headers, body = slash_redirect(scope["method"], scope["path"].rstrip("/") + query)
+    status, headers, body = slash_redirect(scope["method"], scope["path"][:-1] + query)
     head = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers]
     head.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": head})

@@ -25,6 +25,7 @@ from corral.runtime.workqueue import depths
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 # Ollama's own check of a blob digest (both separators, either case): at most 71 safe characters
 DIGEST = re.compile(r"sha256[:-][0-9a-fA-F]{64}")
@@ -54,9 +55,11 @@ def _telemetry() -> dict[str, Any]:
     return {"telemetry": {"operation_spans": False, "exclude": _untraced}}
 
 
-def _paths(app: FastAPI) -> set[str]:
-    """The app's routes without a parameter: those a trailing slash is redirected to."""
-    return {p for r in app.routes if "{" not in (p := getattr(r, "path", "{"))}
+def _routed(app: FastAPI, path: str, method: str) -> bool:
+    """Whether a route of the app serves ``method`` on ``path`` (parameters matched): gin redirects
+    a trailing slash only to a route of the request's own method."""
+    scope = {"type": "http", "path": path, "root_path": "", "method": method}
+    return any(r.matches(scope)[0] is Match.FULL for r in app.routes)
 
 
 def build_app(gw: Gateway) -> FastAPI:
@@ -76,9 +79,14 @@ def build_app(gw: Gateway) -> FastAPI:
         # gin's defaults, which Ollama clients see from a real server: a trailing slash redirected,
         # plain text (no charset) for the rest, 405 with its Allow header
         path = request.url.path
-        if exc.status_code == 404 and path != "/" and path.endswith("/") and path.rstrip("/") in _paths(app):
+        if (
+            exc.status_code == 404
+            and len(path) > 1
+            and path[-1] == "/"
+            and _routed(app, path[:-1], request.method)
+        ):
             query = f"?{request.url.query}" if request.url.query else ""
-            status, headers, body = slash_redirect(request.method, path.rstrip("/") + query)
+            status, headers, body = slash_redirect(request.method, path[:-1] + query)
             return Response(body, status_code=status, headers=dict(headers))
         text = {405: METHOD_NOT_ALLOWED, 404: NOT_FOUND}.get(exc.status_code, str(exc.detail))
         plain = {"content-type": "text/plain", **(exc.headers or {})}

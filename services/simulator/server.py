@@ -80,17 +80,24 @@ class SimServer:
             "/api/blobs/{digest}",
             "/v1/models/{model}",
         }
+        self._methods: dict[str, set[str]] = {}  # a path without parameters → the methods it serves
+        for r in app.router.routes():
+            if r.resource is not None and r.resource.canonical in self._known:
+                self._methods.setdefault(r.resource.canonical, set()).add(r.method)
         app.router.add_route("*", "/{tail:.*}", self._fallback)
         return app
 
     async def _fallback(self, request: web.Request) -> web.StreamResponse:
-        """gin's defaults: 405 text for a known path, 301/307 for a trailing slash, else 404 text."""
+        """gin's defaults: 405 text for a known path, 301/307 for a trailing slash after a path the
+        request's method is routed to, else 404 text."""
         path = request.path
         if path in self._known or (path.startswith(_PREFIX_ROUTES) and path.count("/") == 3):
             return text_response(405, "405 method not allowed")
-        if path.endswith("/") and path.rstrip("/") in self._known:
+        if path[-1:] == "/" and request.method in self._methods.get(
+            path[:-1], ()
+        ):  # gin: one slash, same method
             query = f"?{request.query_string}" if request.query_string else ""
-            status, headers, body = slash_redirect(request.method, path.rstrip("/") + query)
+            status, headers, body = slash_redirect(request.method, path[:-1] + query)
             return web.Response(status=status, headers=headers, body=body)
         return text_response(404, "404 page not found")
 

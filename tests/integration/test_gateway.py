@@ -226,9 +226,9 @@ async def test_wrong_methods_slashes_and_numbers_past_their_range_answer_as_olla
         async with s.post(fleet.url + "/api/generate/?x=1", allow_redirects=False) as r:
             assert r.status == 307 and r.headers["location"] == "/api/generate?x=1"
             assert "content-type" not in r.headers and await r.read() == b""
-        async with s.get(fleet.url + "/api/chat/", allow_redirects=False) as r:  # gin: 301 for a GET
-            assert r.status == 301 and r.headers["location"] == "/api/chat"
-            assert await r.text() == '<a href="/api/chat">Moved Permanently</a>.\n\n'
+        async with s.get(fleet.url + "/api/tags/", allow_redirects=False) as r:  # gin: 301 for a GET
+            assert r.status == 301 and r.headers["location"] == "/api/tags"
+            assert await r.text() == '<a href="/api/tags">Moved Permanently</a>.\n\n'
         body = {"model": MODEL, "prompt": "hi", "stream": False}
         async with s.post(fleet.url + "/api/generate/", json=body) as r:  # followed, POST and body kept
             assert r.status == 200 and (await r.json())["done"]
@@ -407,16 +407,16 @@ async def test_a_management_body_go_cannot_decode_is_refused_in_ollamas_words(
 
 
 @pytest.mark.parametrize(
-    ("method", "path"),
-    [(m, "/api/chat") for m in ("GET", "HEAD", "POST", "DELETE")]
-    + [(m, "/api/tags") for m in ("GET", "HEAD")],
+    ("method", "path", "redirected"),
+    [("POST", "/api/chat", True), ("GET", "/api/tags", True), ("HEAD", "/api/tags", True)]
+    + [("GET", "/api/chat", False), ("DELETE", "/api/chat", False), ("POST", "/api/tags", False)],
 )
 async def test_a_trailing_slash_is_redirected_as_ollamas_router_does(
-    fleet: LocalFleet, method: str, path: str
+    fleet: LocalFleet, method: str, path: str, redirected: bool
 ) -> None:
-    """gin's redirect: 301 for a GET with Go's small HTML body, 307 (method and body kept) for the
-    rest, the query kept and the location relative; the gateway answers as a lone Ollama (here its
-    simulator) does, for the model endpoints and the views alike."""
+    """gin's redirect, to a route of the request's own method only (else 404): 301 for a GET with
+    Go's small HTML body, 307 (method and body kept) for the rest, the query kept and the location
+    relative; the gateway answers as a lone Ollama (here its simulator) does."""
     answers = []
     async with aiohttp.ClientSession() as http:
         for url in (fleet.sims[0].url, fleet.url):
@@ -426,5 +426,14 @@ async def test_a_trailing_slash_is_redirected_as_ollamas_router_does(
                 )
     assert answers[1] == answers[0]
     status, location, kind, body = answers[0]
+    if not redirected:
+        assert (status, body) == (404, b"404 page not found")
+        return
     assert status == (301 if method == "GET" else 307) and location == path + "?x=1"
     assert (kind is not None, body != b"") == (method in ("GET", "HEAD"), method == "GET")
+
+
+async def test_a_trailing_slash_after_a_route_with_a_parameter_is_redirected_too(fleet: LocalFleet) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(fleet.url + "/v1/models/llama3.2:latest/", allow_redirects=False) as r:
+            assert r.status == 301 and r.headers["Location"] == "/v1/models/llama3.2:latest"
