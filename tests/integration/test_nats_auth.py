@@ -359,17 +359,38 @@ async def test_a_command_denied_by_nats_says_so(fleet: LocalFleet, auth_dir: Pat
 
 
 async def test_the_operators_setup_step_makes_the_batch_stores(tmp_path: Path) -> None:
-    """No gateway may make a stream, so the operator's `corral status` makes the Batch API's too."""
-    init(tmp_path, "bs", ("a1",))
+    """No gateway may make a stream, so the operator's `corral status` makes the Batch API's too;
+    an upload before it is told so (503), not left to time out into a 500."""
+    init(tmp_path, "bs", ("a1",), gateways=("g1",))
     async with NatsServer(auth_file=tmp_path / "auth.conf") as server:
         operator = str(creds_path(tmp_path, "operator"))
-        await corral_ok("status", "--nats", server.url, "--root", "bs", "--nats-creds", operator, timeout=30)
         nc = await connect(server.url, name="operator", auth=NatsAuth(operator))
         try:
-            opened = await BatchStore.open(
-                nc.jetstream(), Subjects("bs"), max_payload=nc.max_payload, create=False
+            await ensure_buckets(nc.jetstream(), Subjects("bs"))  # the fleet's, not the Batch API's
+            settings = GatewaySettings(
+                nats_url=server.url, root="bs", port=0, gateway_id="g1", **creds(tmp_path, gateway_user("g1"))
             )
-            assert opened is not None  # `Missing` before
+            gateway = Gateway(settings)
+            http = AsgiServer(gateway, "127.0.0.1", 0)
+            try:
+                await gateway.start()
+                await http.start()
+                async with openai.AsyncOpenAI(base_url=http.url + "/v1", api_key="x", max_retries=0) as c:
+                    with pytest.raises(openai.APIStatusError) as early:
+                        await c.files.create(file=("early.jsonl", b"{}"), purpose="batch")
+                    assert early.value.status_code == 503 and "corral status" in str(early.value)
+                    await corral_ok(
+                        "status", "--nats", server.url, "--root", "bs", "--nats-creds", operator, timeout=30
+                    )
+                    opened = await BatchStore.open(
+                        nc.jetstream(), Subjects("bs"), max_payload=nc.max_payload, create=False
+                    )
+                    assert opened is not None  # `Missing` before
+                    made = await c.files.create(file=("later.jsonl", b"{}"), purpose="batch")
+                    assert made.id
+            finally:
+                await http.stop()
+                await gateway.stop()
         finally:
             await nc.close()
 

@@ -147,7 +147,12 @@ def mount(app: FastAPI, gw: Gateway) -> None:
             owner=_owner(request),
             expires_at=FileMeta.expiry(created, expires_s),
         )
-        await gw.batches.open(create=True)
+        try:
+            await gw.batches.open(create=True)
+        except (NatsError, JetStreamError, TimeoutError) as e:  # under a NATS identity: not ours to make
+            log.warning("cannot open or make the Batch API's stores: %r", e)
+            return _error(503, "the Batch API's stores are not there and cannot be made by this gateway: "
+                          "the operator's `corral status` makes them")  # fmt: skip
         return _json(await store().put_file(model.new_id("file"), data, meta))
 
     @app.get("/v1/files")
