@@ -60,7 +60,7 @@ class _RateLimitedLog:
         self._last: float | None = None
         self._held = 0
 
-    def __call__(self, e: Exception) -> None:
+    def __call__(self, e: Exception | str) -> None:
         now = time.monotonic()
         if self._last is not None and now - self._last < ERROR_LOG_EVERY_S:
             self._held += 1
@@ -322,7 +322,7 @@ def command_error(url: str, e: BaseException) -> str:
 
 
 STREAM_DELIVERY = "$JS.ACK."  # the reply subject of every message a JetStream consumer delivers
-_dropped_logged = [0.0]  # when a dropped delivery was last logged (at most one a `ERROR_LOG_EVERY_S`)
+_DROPPED = _RateLimitedLog("a subscription of peers' messages")  # what `stream_delivery` drops
 
 
 def published(cb: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
@@ -342,11 +342,9 @@ def published(cb: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable
 
 
 def stream_delivery(msg: Msg) -> bool:
-    """Whether ``msg``, heard on a core subscription, is a JetStream consumer's delivery (logged,
-    at most once a `ERROR_LOG_EVERY_S`): see `published`."""
+    """Whether ``msg``, heard on a core subscription, is a JetStream consumer's delivery (logged as
+    NATS errors are, `_RateLimitedLog`): see `published`."""
     if not msg.reply.startswith(STREAM_DELIVERY):
         return False
-    if time.monotonic() - _dropped_logged[0] >= ERROR_LOG_EVERY_S:
-        _dropped_logged[0] = time.monotonic()
-        log.warning("dropped a JetStream delivery of %s on a subscription of peers' messages", msg.subject)
+    _DROPPED(f"dropped a JetStream consumer's delivery of {msg.subject}")
     return True
