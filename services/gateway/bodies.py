@@ -66,22 +66,7 @@ def decode_view(body: bytes) -> RouteView:
 
 def keep_alive_is_zero(raw: msgspec.Raw | None) -> bool:
     """``0``, ``0.0``, ``"0"``, ``"0s"``, ``"0m0s"`` … — Ollama's "unload now" (a Go duration of zero)."""
-    if raw is None:
-        return False
-    try:
-        v: Any = _any.decode(raw)
-    except msgspec.ValidationError:  # a number past float's range: not zero, and Ollama's to refuse
-        return False
-    if isinstance(v, bool):
-        return False
-    if isinstance(v, int | float):
-        return v == 0
-    if isinstance(v, str):
-        s = v.strip()
-        if s in ("0", "-0", "+0"):
-            return True
-        return _GO_DURATION.fullmatch(s) is not None and all(float(n) == 0 for n in _NUMBER.findall(s))
-    return False
+    return keep_alive_s(raw) == 0.0
 
 
 def keep_alive_s(raw: msgspec.Raw | None) -> float | None:
@@ -95,8 +80,8 @@ def keep_alive_s(raw: msgspec.Raw | None) -> float | None:
         return None
     if isinstance(v, bool):
         return None
-    if isinstance(v, int | float):
-        return math.inf if v < 0 else float(v)
+    if isinstance(v, int | float):  # an integer past float's range: as long as a Go duration gets
+        return math.inf if v < 0 else float(min(v, 2**63))
     if not isinstance(v, str):
         return None
     s = v.strip()
