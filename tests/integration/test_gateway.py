@@ -158,7 +158,9 @@ async def test_strict_pin_never_leaks(fleet: LocalFleet) -> None:
         await asyncio.gather(
             *(strict.generate(model=MODEL, prompt=f"{i}", options={"num_predict": 3}) for i in range(12))
         )
-    assert sum(s.stats.finished for s in amd) - before_amd == 12
+    # every request ran on AMD; on a loaded machine a claim later than the warm-claim wait can run
+    # one a second time (its cancel comes after a 3-token answer), never on another vendor
+    assert sum(s.stats.finished for s in amd) - before_amd >= 12
     assert sum(s.stats.finished for s in others) == before_other
 
 
