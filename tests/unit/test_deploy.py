@@ -558,6 +558,32 @@ def test_kubernetes_gateway_has_a_writable_tmp_for_uploads() -> None:
     assert "emptyDir" in volume and not tmp.get("readOnly")
 
 
+def test_kubernetes_secure_secrets_are_readable_by_the_service_alone() -> None:
+    """The secure component's credentials and keys are mounted 0440 to the service's group
+    (``fsGroup``), not world-readable; the GPU pods keep 0444, since a pod's fsGroup would re-own
+    their models volume on every mount (they say so)."""
+    patches = 0
+    for path in sorted((K8S / "components" / "secure").glob("*.yaml")):
+        for patch in yaml.safe_load_all(path.read_text()):
+            if not patch or patch.get("kind") not in WORKLOADS | {"Job"}:
+                continue
+            spec = patch["spec"]["template"]["spec"]
+            modes = {v["secret"]["defaultMode"] for v in spec.get("volumes", []) if "secret" in v}
+            if not modes:
+                continue
+            patches += 1
+            base = find_object(patch["kind"], patch["metadata"]["name"])
+            if base["spec"].get("volumeClaimTemplates"):
+                assert modes == {0o444} and "fsGroup" not in spec.get("securityContext", {}), path.name
+                assert "fsGroup would also re-own the models" in path.read_text(), path.name
+                continue
+            base_spec = base["spec"]["template"]["spec"]
+            run_as = base_spec.get("securityContext", {}).get("runAsGroup")
+            assert modes == {0o440}, f"{path.name}: secrets mounted {sorted(map(oct, modes))}"
+            assert spec["securityContext"]["fsGroup"] == run_as == 10001, path.name
+    assert patches == 6
+
+
 def test_kubernetes_gpu_pods_run_ollama_and_agent_side_by_side() -> None:
     by_pod = {
         inv.source.rsplit(" container ", 1)[0]: inv for inv in k8s_invocations() if inv.command == "agent"
