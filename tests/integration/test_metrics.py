@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -379,3 +381,67 @@ async def test_a_stream_its_ollama_cut_counts_that_error_not_200(fleet: LocalFle
 
         await waits.until(counted, fleet.gateway.fleet.wait_changed, timeout=10.0)
         assert await statuses() in (["502"], ["503"]), await statuses()
+
+
+def dashboard_series() -> dict[str, set[str]]:
+    """Each series the Grafana dashboard queries → the labels its queries group or match by."""
+    board = json.loads((Path(__file__).resolve().parents[2] / "deploy/grafana/corral.json").read_text())
+    exprs: list[str] = []
+
+    def walk(o: Any) -> None:
+        if isinstance(o, dict):
+            exprs.extend([o["expr"]] if isinstance(o.get("expr"), str) else [])
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+
+    walk(board)
+    out: dict[str, set[str]] = {}
+    for expr in exprs:
+        grouped = {g.strip() for by in re.findall(r"by \(([^)]*)\)", expr) for g in by.split(",")} - {"le"}
+        for name, matchers in re.findall(r"(corral_\w+)(\{[^}]*\})?", expr):
+            out.setdefault(name, set()).update(grouped, re.findall(r"(\w+)\s*!?=~?", matchers))
+    return out
+
+
+async def test_the_grafana_dashboard_queries_series_that_exist(fleet: LocalFleet) -> None:
+    """Every series `deploy/grafana/corral.json` queries is served, by the gateway (its own and the
+    fleet's) or by an agent, and carries every label the queries group or match by: a renamed
+    series or label would leave a panel empty without an error anywhere."""
+    agents = list(fleet.agents)
+    agent_server = await serve_metrics(registry_for(lambda: agents), 0, "127.0.0.1")
+    try:
+        async with aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "a", "options": {"num_predict": 3}}
+            async with s.post(fleet.url + "/api/generate", json=body) as r:
+                assert r.status == 200
+                await r.read()
+            async with s.post(fleet.url + "/api/embed", json={"model": COLD, "input": "x"}) as r:
+                assert r.status == 200
+            await until(fleet, lambda: any(a.loads.loads for a in agents))
+            families, samples = await scrape(s, fleet.url)
+            port = agent_server.sockets[0].getsockname()[1]
+            agent_families, agent_samples = await scrape(s, f"http://127.0.0.1:{port}")
+    finally:
+        agent_server.close()
+        await agent_server.wait_closed()
+    families |= agent_families
+    samples |= agent_samples
+    wanted = dashboard_series()
+    assert len(wanted) >= 15, wanted  # the dashboard was read
+    for name, labels in sorted(wanted.items()):
+        family = re.sub(r"_(total|bucket|sum|count)$", "", name)
+        assert family in families, f"the dashboard queries {name}, which nothing serves"
+        seen = [dict(lab) for (n, lab) in samples if n == name]
+        for lab in seen:  # a series with no sample yet (no failover so far) shows only its family
+            assert labels <= lab.keys(), (
+                f"{name} has labels {sorted(lab)}, the dashboard uses {sorted(labels)}"
+            )
+    with_samples = {n for n in wanted if any(k[0] == n for k in samples)}
+    assert {
+        "corral_gateway_requests_total",
+        "corral_fleet_slots",
+        "corral_agent_model_loads_total",
+    } <= with_samples
