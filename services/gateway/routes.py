@@ -144,14 +144,15 @@ def build_app(gw: Gateway) -> FastAPI:
     @app.get("/v1/models/{model}")
     async def v1_model(request: Request, model: str) -> Response:
         agents = gw.fleet.agents()
-        body = None if hides(request.scope, model) else views.v1_model_body(agents, model)
-        if body is None and not hides(request.scope, model):  # an alias `/v1/models` lists
-            # its target too must be one the key may see, as `/v1/models` lists it only then
-            body = v1_alias(
-                gw.policy.policy,
-                model,
-                lambda target: None if hides(request.scope, target) else views.v1_model_body(agents, target),
-            )
+
+        def seen(name: str) -> bytes | None:  # what `/v1/models` lists for this key under ``name``
+            return None if hides(request.scope, name) else views.v1_model_body(agents, name)
+
+        body = None
+        if not hides(request.scope, model):
+            body = views.v1_model_body(agents, model)
+            if body is None:  # an alias `/v1/models` lists: its target must be seen too
+                body = v1_alias(gw.policy.policy, model, seen)
         if body is None:
             return Response(openai_body(404, f"model '{model}' not found"), status_code=404, media_type=JSON)
         return Response(body, media_type=JSON)
