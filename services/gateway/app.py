@@ -36,7 +36,6 @@ from corral.gateway.settings import GatewaySettings
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.envelope import trace_context
 from corral.protocol.errors import BadRequest, CorralError, Forbidden, ModelNotFound
-from corral.protocol.gohttp import slash_redirect
 from corral.protocol.priority import HTTP_HEADER as PRIORITY_HEADER
 from corral.protocol.priority import INTERACTIVE, capped, parse_priority
 from corral.protocol.subjects import Subjects
@@ -348,9 +347,7 @@ class Gateway:
                 await self._model_request(scope, receive, send)
             else:  # gin's answer to a known path and another method
                 await plain(send, 405, METHOD_NOT_ALLOWED.encode(), [(b"allow", b"POST")])
-        elif path[-1:] == "/" and path[:-1] in MODEL_ENDPOINTS and scope["method"] == "POST":
-            await _redirect_slash(scope, send)  # gin's, to a route of the request's method only
-        else:
+        else:  # the app's routes, and gin's 404, 405 and trailing-slash redirects (`routes.http_error`)
             await self.app(scope, receive, send)
 
     async def _model_request(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -446,13 +443,3 @@ class Gateway:
         elif view.messages and work.model is not None:
             work.session, work.follow_up = bodies.session(work.model.key, view)
         return work, raw
-
-
-async def _redirect_slash(scope: Scope, send: Send) -> None:
-    """gin's trailing-slash redirect (`corral.protocol.gohttp.slash_redirect`)."""
-    query = "?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else ""
-    status, headers, body = slash_redirect(scope["method"], scope["path"][:-1] + query)
-    head = [(k.lower().encode(), v.encode("latin-1")) for k, v in headers]
-    head.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": head})
-    await send({"type": "http.response.body", "body": body})

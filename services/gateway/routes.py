@@ -18,6 +18,7 @@ from corral.gateway.batch import routes as batch_routes
 from corral.gateway.errors import JSON, METHOD_NOT_ALLOWED, NOT_FOUND, openai_body
 from corral.gateway.metrics import CONTENT_TYPE
 from corral.gateway.policy import v1_alias, with_aliases
+from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import BadRequest
 from corral.protocol.gohttp import slash_redirect
 from corral.runtime.health import not_ready
@@ -56,8 +57,11 @@ def _telemetry() -> dict[str, Any]:
 
 
 def _routed(app: FastAPI, path: str, method: str) -> bool:
-    """Whether a route of the app serves ``method`` on ``path`` (parameters matched): gin redirects
-    a trailing slash only to a route of the request's own method."""
+    """Whether the gateway serves ``method`` on ``path`` (parameters matched): gin redirects a
+    trailing slash only to a route of the request's own method. The model endpoints are served
+    before the app (`corral.gateway.app`), a trailing slash's redirect here."""
+    if method == "POST" and path in MODEL_ENDPOINTS:
+        return True
     scope = {"type": "http", "path": path, "root_path": "", "method": method}
     return any(r.matches(scope)[0] is Match.FULL for r in app.routes)
 
