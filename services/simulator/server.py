@@ -29,7 +29,8 @@ from corral.simulator.stats import SimStats
 
 log = logging.getLogger(__name__)
 
-_PREFIX_ROUTES: Final = ("/api/blobs/", "/v1/models/")
+_PARAMETER_ROUTES: Final = frozenset({"/api/blobs/{digest}", "/v1/models/{model}"})
+_PREFIX_ROUTES: Final = tuple(r.partition("{")[0] for r in sorted(_PARAMETER_ROUTES))  # "/api/blobs/", …
 
 
 class State(enum.Enum):
@@ -76,13 +77,10 @@ class SimServer:
         NativeRoutes(self.ctx).add_to(app)
         ManageRoutes(self.ctx).add_to(app)
         OpenAIRoutes(self.ctx).add_to(app)
-        self._known = {r.resource.canonical for r in app.router.routes() if r.resource is not None} - {
-            "/api/blobs/{digest}",
-            "/v1/models/{model}",
-        }
-        self._methods: dict[str, set[str]] = {}  # a path without parameters → the methods it serves
+        # a path without parameters → the methods it serves (the two with parameters are apart)
+        self._methods: dict[str, set[str]] = {}
         for r in app.router.routes():
-            if r.resource is not None and r.resource.canonical in self._known:
+            if r.resource is not None and r.resource.canonical not in _PARAMETER_ROUTES:
                 self._methods.setdefault(r.resource.canonical, set()).add(r.method)
         app.router.add_route("*", "/{tail:.*}", self._fallback)
         return app
@@ -91,7 +89,7 @@ class SimServer:
         """gin's defaults: 405 text for a known path, 301/307 for a trailing slash after a path the
         request's method is routed to, else 404 text."""
         path = request.path
-        if path in self._known or (path.startswith(_PREFIX_ROUTES) and path.count("/") == 3):
+        if path in self._methods or (path.startswith(_PREFIX_ROUTES) and path.count("/") == 3):
             return text_response(405, "405 method not allowed")
         if path[-1:] == "/" and request.method in self._methods.get(
             path[:-1], ()
