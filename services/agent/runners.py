@@ -118,8 +118,12 @@ class RunnerTracker:
             token is not None
             and self._loaders.get(rid) == token
             and token in self.ready
-            and all(token_of(m.name) != token for m in self.loaded)
+            and self._listed(token) is None
         )
+
+    def _listed(self, token: str) -> PsModel | None:
+        """The runner of ``token``'s model in the last reading, if it lists one."""
+        return next((m for m in self.loaded if token_of(m.name) == token), None)
 
     # -- facts about requests --------------------------------------------------------------
     def will_run(self, token: str, rid: str, num_ctx: int) -> RunnerChange:
@@ -131,7 +135,7 @@ class RunnerTracker:
         want = self.wanted_ctx(key, num_ctx)
         change = RunnerChange(state=True)
         if token not in self._load_waiters and token in self.ready:
-            runner = next((m for m in self.loaded if token_of(m.name) == token), None)
+            runner = self._listed(token)
             if runner is not None and runner.context_length in (0, want):
                 return NOTHING  # a runner that serves it is loaded
             # a runner at another context (a reload), or none since the last /api/ps (a load)
