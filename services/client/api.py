@@ -13,14 +13,20 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
+from corral.gateway import bodies
+from corral.gateway.management import unload_everywhere
 from corral.gateway.planner import Planner
+from corral.gateway.sessions import Sessions
 from corral.gateway.settings import GatewaySettings
-from corral.protocol.errors import CorralError, ModelNotFound, not_found_message
+from corral.protocol.errors import BadRequest, CorralError, ModelNotFound, not_found_message
+from corral.protocol.priority import parse_priority
 from corral.protocol.subjects import Subjects
+from corral.routing import parse_strategy
 from corral.runtime.buckets import ensure_buckets
 from corral.runtime.fleet import FleetView
 from corral.runtime.nats import NatsAuth, connect
-from corral.transport import Reply, Transport, model_work
+from corral.runtime.policy import PolicyStore
+from corral.transport import Reply, Transport, WorkRequest, model_work
 from nats.aio.client import Client as NATS
 
 Json = dict[str, Any]
@@ -68,6 +74,7 @@ class AsyncClient:
         self._fleet: FleetView | None = None
         self._transport: Transport | None = None
         self._planner: Planner | None = None
+        self._policy: PolicyStore | None = None
 
     async def connect(self) -> None:
         if self._planner is not None:
@@ -89,12 +96,22 @@ class AsyncClient:
         )
         await self._transport.start()
         self._fleet.on_gone(self._transport.agent_gone)  # its calls end now, not at the idle timeout
-        self._planner = Planner(self._transport, self._fleet, self._settings)
+        self._policy = PolicyStore(buckets.policy)  # aliases and fallbacks, as the gateways use them
+        await self._policy.start()
+        sessions = Sessions(buckets.sessions) if self._settings.sessions else None
+        self._planner = Planner(
+            self._transport, self._fleet, self._settings, sessions=sessions, policy=self._policy
+        )
 
     async def close(self) -> None:
         if self._planner is not None:
             await self._planner.stop()
+            if self._planner.sessions is not None:
+                await self._planner.sessions.close()
             self._planner = None
+        if self._policy is not None:
+            await self._policy.stop()
+            self._policy = None
         if self._transport is not None:
             await self._transport.stop()
             self._transport = None
@@ -139,17 +156,34 @@ class AsyncClient:
         stream: bool = False,
         vendor: str | None = None,
         strict: bool = False,
+        strategy: str | None = None,
+        priority: str | None = None,
     ) -> Any:
-        """Any model endpoint (``/api/*`` or ``/v1/*``). ``stream=True`` returns an async iterator."""
+        """Any model endpoint (``/api/*`` or ``/v1/*``). ``stream=True`` returns an async iterator.
+        The gateway's headers, as arguments: ``vendor`` a vendor to prefer, ``strict`` that vendor
+        only (``X-Enforce-Strategy``), ``strategy`` how to route (``X-Load-Balancing-Strategy``:
+        ``auto``, ``round_robin``, …), ``priority`` ``interactive`` or ``batch``."""
         if self._planner is None:
             raise RuntimeError("client not connected")
         payload = {**body}
         if endpoint in ("/api/generate", "/api/chat") or endpoint.startswith("/v1/"):
             payload["stream"] = stream
+        encoded = _enc.encode(payload)
         try:
-            work = model_work(
-                endpoint, _enc.encode(payload), str(body.get("model", "")), vendor=vendor, strict=strict
-            )
+            try:
+                how, preferred = parse_strategy(strategy or "")
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+            model = str(body.get("model", ""))
+            vendor = vendor or preferred
+            work = model_work(endpoint, encoded, model, vendor=vendor, strict=strict, strategy=how)
+            if priority is not None:
+                work.priority = parse_priority(priority)
+            view = bodies.decode_view(encoded)
+            bodies.derive(work, view)  # as the gateway routes: context, keep_alive, conversation
+            if bodies.is_unload(endpoint, view):
+                result = await self._unload(work)
+                return _one(result) if stream else result
             reply = await self._planner.send(work)
         except ModelNotFound as e:
             message = not_found_message(endpoint, str(body.get("model", "")), e.message, e.vendor)
@@ -170,6 +204,28 @@ class AsyncClient:
                 raise ResponseError(str(result["error"]), reply.status)
             return result
         return _lines(reply)
+
+    async def _unload(self, work: WorkRequest) -> Json:
+        """``keep_alive: 0`` with nothing to run: every agent that has the model loaded lets it go
+        (as through the gateway); Ollama's answer from one that did, else from one that has it."""
+        assert self._planner is not None and work.model is not None
+        answers = await unload_everywhere(self._planner, work)
+        done = [r for r in answers.values() if not isinstance(r, Exception)]
+        if not done:
+            holders = self._planner.fleet.with_model(work.model.key)
+            if not holders:
+                raise ModelNotFound(work.model.key)
+            async with await self._planner.send_to(holders[0].id, work) as reply:
+                done = [(reply.status, await reply.read(), "")]
+        status, data, _ = next((r for r in done if r[0] == 200), done[0])
+        if status >= 400:
+            raise ResponseError(_error_text(data), status)
+        result: Json = _dec.decode(data)
+        return result
+
+
+async def _one(item: Json) -> AsyncIterator[Json]:
+    yield item
 
 
 async def _lines(reply: Reply) -> AsyncIterator[Json]:

@@ -433,13 +433,9 @@ class Gateway:
             elif k == PRIORITY_HEADER:
                 priority = parse_priority(_text(k, v))
         work = model_work(endpoint, body, raw, vendor=vendor, strict=strict, strategy=strategy)
-        work.num_ctx = bodies.num_ctx(view)
-        work.keep_alive = bodies.names_keep_alive(view)
-        work.expires_now = work.keep_alive and bodies.ends_runner(view.keep_alive)
+        bodies.derive(work, view)
         work.priority = capped(priority, key.priority if key is not None else INTERACTIVE)
         if session is not None:  # the client names its conversation: every turn after the first follows
             work.session = "h." + hashlib.blake2b(session.encode(), digest_size=12).hexdigest()
             work.follow_up = True
-        elif view.messages and work.model is not None:
-            work.session, work.follow_up = bodies.session(work.model.key, view)
         return work, raw

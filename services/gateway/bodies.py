@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 from corral.protocol.envelope import MAX_NUM_CTX
 from corral.protocol.gojson import as_go_reads
+from corral.transport import WorkRequest
 
 # msgspec cannot decode a value into `Raw | None`; an explicit null Raw stands for "absent"
 _NULL = msgspec.Raw(b"null")
@@ -126,6 +127,17 @@ def num_ctx(view: RouteView) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         return None
     return min(int(value), MAX_NUM_CTX)  # Ollama truncates floats into int options
+
+
+def derive(work: WorkRequest, view: RouteView) -> None:
+    """Set on ``work`` what routing reads of its body, once, for the gateway and the direct NATS
+    client alike: the runner's context, whether it names a keep_alive and ends the runner with it,
+    and the conversation a chat continues."""
+    work.num_ctx = num_ctx(view)
+    work.keep_alive = names_keep_alive(view)
+    work.expires_now = work.keep_alive and ends_runner(view.keep_alive)
+    if view.messages and work.model is not None:
+        work.session, work.follow_up = session(work.model.key, view)
 
 
 def session(model_key: str, view: RouteView) -> tuple[str | None, bool]:

@@ -10,7 +10,7 @@ from corral.client import AsyncClient, Client, ResponseError
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
 
-from tests.integration.fleet_helpers import preload
+from tests.integration.fleet_helpers import preload, until
 
 pytestmark = pytest.mark.integration
 
@@ -115,3 +115,88 @@ async def test_a_quick_reply_claims_with_its_head_a_slow_one_claims_first(fleet:
     slow = await _raw_reply_kinds(fleet, {"model": "qwen3:8b", "prompt": "s", "stream": False})
     assert slow[0][H.KIND] == H.CLAIM and slow[0][H.AGENT] == fleet.agents[0].id
     assert slow[-1][H.KIND] == H.HEAD and H.AGENT not in slow[-1]
+
+
+async def _loaded(url: str) -> set[str]:
+    import ollama
+
+    async with ollama.AsyncClient(host=url) as c:
+        return {m.model or "" for m in (await c.ps()).models}
+
+
+async def _seen_loaded_everywhere(fleet: LocalFleet, c: AsyncClient) -> None:
+    assert c._planner is not None
+    view = c._planner.fleet
+    await until(fleet, lambda: len(view.loaded_on("qwen3:8b")) == len(fleet.agents))
+
+
+async def test_an_unload_lets_the_model_go_on_every_agent(fleet: LocalFleet) -> None:
+    """``keep_alive: 0`` with no prompt unloads the model wherever it is loaded, as through the
+    gateway, not on the one agent a generate would go to."""
+    async with AsyncClient(fleet.nats_url, root="cl") as c:
+        await preload(fleet, "qwen3:8b")
+        await _seen_loaded_everywhere(fleet, c)
+        r = await c.generate("qwen3:8b", "", keep_alive=0)
+        assert r["done"] and r["done_reason"] == "unload" and r["model"] == "qwen3:8b"
+        for sim in fleet.sims:
+            assert "qwen3:8b" not in await _loaded(sim.url)
+        await preload(fleet, "qwen3:8b")
+        await _seen_loaded_everywhere(fleet, c)
+        streamed = [p async for p in await c.chat("qwen3:8b", [], keep_alive=0, stream=True)]
+        assert [p["done_reason"] for p in streamed] == ["unload"]
+        for sim in fleet.sims:
+            assert "qwen3:8b" not in await _loaded(sim.url)
+
+
+async def test_an_alias_and_a_conversation_route_as_through_the_gateway(fleet: LocalFleet) -> None:
+    """The client reads the fleet's aliases, and each follow-up of a chat goes back to the agent
+    that served its opening (its prompt cache), as the gateway routes them."""
+    from tests.integration.cli_helpers import corral_ok
+
+    await corral_ok("alias", "house-model", "llama3.2", "--nats", fleet.nats_url, "--root", "cl")
+    try:
+        async with AsyncClient(fleet.nats_url, root="cl") as c:
+            assert c._policy is not None
+            await c._policy.wait_for(lambda p: "house-model:latest" in p.aliases, timeout=5.0)
+            r = await c.generate("house-model", "x", options={"num_predict": 2})
+            assert r["done"]
+            await preload(fleet, "llama3.2")  # warm everywhere again (an earlier test's loads may evict it)
+            # each chat opens on a vendor of its own, and its follow-up names none
+            for i, vendor in enumerate(("amd", "nvidia", "amd", "nvidia")):
+                opening = [{"role": "user", "content": f"conversation {i}"}]
+                body = {"model": "llama3.2", "messages": opening, "options": {"num_predict": 2}}
+                before = [s.stats.finished for s in fleet.sims]
+                await c.request("/api/chat", body, vendor=vendor, strict=True)
+                (opened,) = [s for s, b in zip(fleet.sims, before, strict=True) if s.stats.finished > b]
+                assert opened.config.vendor == vendor, i
+                follow = [
+                    *opening,
+                    {"role": "assistant", "content": "ok"},
+                    {"role": "user", "content": "more"},
+                ]
+                assert c._planner is not None  # the follow-up once the client sees the slot free again
+                await until(fleet, lambda: all(a.in_flight == 0 for a in c._planner.fleet.agents()))
+                before = [s.stats.finished for s in fleet.sims]
+                await c.chat("llama3.2", follow, options={"num_predict": 2})
+                (served,) = [s for s, b in zip(fleet.sims, before, strict=True) if s.stats.finished > b]
+                assert served.config.vendor == vendor, i
+    finally:
+        await corral_ok("alias", "--rm", "house-model", "--nats", fleet.nats_url, "--root", "cl")
+
+
+async def test_strategy_and_priority_as_the_gateway_reads_its_headers(fleet: LocalFleet) -> None:
+    body = {"model": "llama3.2", "prompt": "x", "options": {"num_predict": 2}}
+    async with AsyncClient(fleet.nats_url, root="cl") as c:
+        for vendor in ("amd", "nvidia"):  # a vendor given as the strategy, as the header allows
+            before = [s.stats.finished for s in fleet.sims]
+            r = await c.request("/api/generate", body, strategy=vendor.upper(), strict=True, priority="batch")
+            assert r["done"]
+            (served,) = [s for s, b in zip(fleet.sims, before, strict=True) if s.stats.finished > b]
+            assert served.config.vendor == vendor
+        assert (await c.request("/api/generate", body, strategy="round-robin"))["done"]
+        with pytest.raises(ResponseError) as e:
+            await c.request("/api/generate", body, strategy="fastest")
+        assert e.value.status_code == 400 and "unknown load-balancing strategy 'fastest'" in e.value.error
+        with pytest.raises(ResponseError) as e:
+            await c.request("/api/generate", body, priority="urgent")
+        assert e.value.status_code == 400 and e.value.error.startswith("invalid X-Corral-Priority 'urgent'")
