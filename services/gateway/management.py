@@ -4,9 +4,10 @@ once (`corral.transport.fan_out`), each reply closed however its read ends."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -20,14 +21,17 @@ from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, Mo
 from corral.protocol.gojson import as_go_reads, kind, syntax_message
 from corral.protocol.names import VENDORS, ModelName, host_allowed, parse_name, registry_refused
 from corral.routing import pull_order
+from corral.runtime.tasks import cancel_and_wait
 from corral.transport import Reply, WorkRequest, fan_out
 from fastapi import Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 log = logging.getLogger(__name__)
 
 REPLICAS_HEADER = "X-Corral-Replicas"  # /api/pull: on how many agents (a number or "all")
 VENDOR_HEADER = "X-Corral-Vendor"  # /api/pull: only agents of this vendor
+NDJSON = "application/x-ndjson"
+SUCCESS_LINE = b'{"status":"success"}\n'
 
 
 async def _whole(reply: Reply) -> tuple[int, bytes, str]:
@@ -190,9 +194,9 @@ async def to_first(planner: Planner, request: Request, endpoint: str) -> Respons
 async def create(planner: Planner, request: Request) -> Response:
     """A create from a model the fleet has (``from`` naming it, no ``files`` or ``adapters``) runs on
     every agent that has that model, so the new model is wherever its base is and requests for it
-    spread as its base's do; each agent runs it unstreamed and the client gets the one
-    ``{"status": "success"}`` (as its only line when it asked for a stream). A create that names
-    uploaded blobs goes where they went (`to_first`)."""
+    spread as its base's do: one success is the answer. Streamed, the client sees the first
+    holder's progress (`_create_streamed`). A create that names uploaded blobs goes where they went
+    (`to_first`)."""
     body = await request.body()
     try:
         fields = msgspec.json.decode(body)
@@ -209,12 +213,84 @@ async def create(planner: Planner, request: Request) -> Response:
         holders = []  # Ollama words the error
     if not holders:
         return await to_first(planner, request, "/api/create")
-    streamed = fields.get("stream") is not False
+    if fields.get("stream") is not False and _valid_name(fields.get("model") or fields.get("name")):
+        return StreamingResponse(_create_streamed(planner, holders, fields), media_type=NDJSON)
+    # unstreamed, or refused before any progress (a 400 from Ollama, not a stream's error line)
     work = WorkRequest(endpoint="/api/create", body=msgspec.json.encode({**fields, "stream": False}))
-    answer = await _on_every(planner, holders, work)
-    if streamed and answer.status_code == 200:
-        return Response(bytes(answer.body) + b"\n", media_type="application/x-ndjson")
-    return answer
+    return await _on_every(planner, holders, work)
+
+
+def _valid_name(raw: object) -> bool:
+    if not isinstance(raw, str) or not raw:
+        return False
+    try:
+        parse_name(raw)
+    except InvalidModelName:
+        return False
+    return True
+
+
+async def _create_streamed(
+    planner: Planner, holders: list[str], fields: Mapping[str, Any]
+) -> AsyncIterator[bytes]:
+    """A streamed create on every holder at once: the first holder's progress lines as they come
+    (its statuses; a quantisation's ``completed`` of ``total``), then one last line once every holder
+    has answered: ``{"status": "success"}`` when one succeeded, else the first failure's error."""
+    lead = holders[0]
+    progress: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def open_reply(agent: str) -> Awaitable[Reply]:
+        body = msgspec.json.encode({**fields, "stream": agent == lead})
+        return planner.send_to(agent, WorkRequest(endpoint="/api/create", body=body))
+
+    async def read(reply: Reply) -> tuple[int, bytes, str]:
+        if reply.agent != lead or reply.status != 200:
+            return await _whole(reply)
+        last = b""  # held back: the success or the error, said once every holder has answered
+        async for line in reply.lines():
+            if last:
+                progress.put_nowait(last + b"\n")
+            last = line
+        return reply.status, last, reply.content_type
+
+    async def everywhere() -> list[tuple[int, bytes, str] | Exception]:
+        try:
+            return await fan_out(holders, open_reply, read)
+        finally:
+            progress.put_nowait(None)
+
+    task = asyncio.create_task(everywhere())
+    try:
+        while (line := await progress.get()) is not None:
+            yield line
+        results = await task
+    finally:
+        await cancel_and_wait([task])
+    failures: list[str] = []
+    for agent, r in zip(holders, results, strict=True):
+        why = (
+            (r.message if isinstance(r, CorralError) else str(r)) if isinstance(r, Exception) else _failure(r)
+        )
+        if why is None:
+            yield SUCCESS_LINE
+            return
+        log.warning("/api/create on agent %s failed: %s", agent, why[:200])
+        failures.append(why)
+    yield native_body(failures[0]) + b"\n"
+
+
+def _failure(answer: tuple[int, bytes, str]) -> str | None:
+    """None for a create's success (an unstreamed answer, or a stream's last line), else its error."""
+    status, body, _ = answer
+    try:
+        obj = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        obj = None
+    if status == 200 and isinstance(obj, dict) and obj.get("status") == "success":
+        return None
+    if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+        return str(obj["error"])
+    return f"/api/create failed with status {status}"
 
 
 async def pull(planner: Planner, request: Request) -> Response:

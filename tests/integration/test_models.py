@@ -116,10 +116,17 @@ async def test_create_from_an_existing_model_lands_wherever_its_base_is(
     fleet: LocalFleet, client: ollama.AsyncClient
 ) -> None:
     both = _holders(fleet, "llama3.2")
+    async with ollama.AsyncClient(host=fleet.sims[0].url) as lone:  # what one Ollama streams for it
+        alone = [
+            p.status
+            async for p in await lone.create("pirate-alone", from_="llama3.2", system="Arr.", stream=True)
+        ]
+        await lone.delete("pirate-alone")
+    assert alone[-2:] == ["writing manifest", "success"] and len(alone) > 2, alone  # its layers first
     statuses = [
         p.status async for p in await client.create("pirate", from_="llama3.2", system="Arr.", stream=True)
     ]
-    assert statuses == ["success"]
+    assert statuses == alone
     await until(fleet, lambda: _holders(fleet, "pirate") == both)
     shown = await client.show("pirate")
     assert "Arr." in (shown.modelfile or "")
@@ -139,6 +146,32 @@ async def test_create_from_an_existing_model_lands_wherever_its_base_is(
     with pytest.raises(ollama.ResponseError) as e:
         await client.create("nobody", from_="not-in-the-fleet")
     assert e.value.status_code in (400, 404)
+
+
+async def test_a_streamed_quantize_shows_its_progress_and_its_error(
+    fleet: LocalFleet, client: ollama.AsyncClient
+) -> None:
+    """A create runs on every holder of its base; the client sees one holder's progress (as one
+    Ollama streams it), then one success once every holder has answered, or Ollama's error."""
+    parts = [
+        p async for p in await client.create("minilm-q4", from_="all-minilm", quantize="q4_K_M", stream=True)
+    ]
+    quantizing = [p for p in parts if p.status == "quantizing F16 model to Q4_K_M"]
+    assert len(quantizing) == 10, [p.status for p in parts]
+    done = [p.completed or 0 for p in quantizing]
+    assert done == sorted(done) and done[-1] == quantizing[-1].total and done[0] < done[-1]
+    assert [p.status for p in parts].count("success") == 1 and parts[-1].status == "success"
+    await until(fleet, lambda: _holders(fleet, "minilm-q4") == _holders(fleet, "all-minilm"))
+    await client.delete("minilm-q4")
+    with pytest.raises(ollama.ResponseError) as e:
+        async for _ in await client.create("bad-q", from_="llama3.2", quantize="q4_K_M", stream=True):
+            pass
+    assert e.value.error == "quantization is only supported for F16 and F32 models"
+    for bad in ("bad:name:", "a:b:c"):  # refused before any progress, with Ollama's status
+        with pytest.raises(ollama.ResponseError) as e:
+            async for _ in await client.create(bad, from_="llama3.2", stream=True):
+                pass
+        assert e.value.status_code == 400, bad
 
 
 @pytest.mark.parametrize("fleet_queue", [True, False], ids=["fleet-queue", "agent-queue"])
