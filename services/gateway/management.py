@@ -21,7 +21,6 @@ from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, Mo
 from corral.protocol.gojson import as_go_reads, kind, syntax_message
 from corral.protocol.names import VENDORS, ModelName, host_allowed, parse_name, registry_refused
 from corral.routing import pull_order
-from corral.runtime.tasks import cancel_and_wait
 from corral.transport import Reply, WorkRequest, fan_out
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -32,6 +31,7 @@ REPLICAS_HEADER = "X-Corral-Replicas"  # /api/pull: on how many agents (a number
 VENDOR_HEADER = "X-Corral-Vendor"  # /api/pull: only agents of this vendor
 NDJSON = "application/x-ndjson"
 SUCCESS_LINE = b'{"status":"success"}\n'
+_FINISHING: set[asyncio.Task[Any]] = set()  # streamed creates whose client left before the end
 
 
 async def _whole(reply: Reply) -> tuple[int, bytes, str]:
@@ -265,7 +265,9 @@ async def _create_streamed(
             yield line
         results = await task
     finally:
-        await cancel_and_wait([task])
+        if not task.done():  # the client left: the creates still finish, so the holders stay alike
+            _FINISHING.add(task)
+            task.add_done_callback(_FINISHING.discard)
     failures: list[str] = []
     for agent, r in zip(holders, results, strict=True):
         why = (

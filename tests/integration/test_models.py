@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -279,3 +280,26 @@ async def test_a_model_is_usable_the_moment_its_pull_says_success(
     assert any(m.model.startswith(name) for m in (await client.list()).models)
     r = await client.embed(model=name, input="at once")
     assert r.embeddings
+
+
+async def test_a_create_whose_client_left_still_finishes_on_every_holder(nats_server: NatsServer) -> None:
+    """The holders stay alike: a client that stops reading a streamed create's progress does not cut
+    it short on the agents (a quantisation here, 10 steps over about half a second)."""
+    big = {"name": "big-f16:latest", "size_gb": 20.0, "parameter_size": "10B", "quantization": "F16"}
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root="models-left",
+        sims=default_sims(2, time_scale=0.05, models=[big]),
+        agent={"heartbeat_s": 1.0},
+    )
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+        body = {"model": "big-q4", "from": "big-f16", "quantize": "q4_K_M"}
+        async with s.post(fleet.url + "/api/create", json=body) as r:
+            assert r.status == 200
+            first = json.loads(await r.content.readline())
+            assert first["status"] == "quantizing F16 model to Q4_K_M" and first["completed"] < first["total"]
+        # the connection is closed here, with nine steps to go
+        holders = _holders(fleet, "big-f16")
+        assert len(holders) == 2
+        await until(fleet, lambda: _holders(fleet, "big-q4") == holders, what="the create on both holders")
