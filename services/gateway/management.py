@@ -31,7 +31,6 @@ REPLICAS_HEADER = "X-Corral-Replicas"  # /api/pull: on how many agents (a number
 VENDOR_HEADER = "X-Corral-Vendor"  # /api/pull: only agents of this vendor
 NDJSON = "application/x-ndjson"
 SUCCESS_LINE = b'{"status":"success"}\n'
-_FINISHING: set[asyncio.Task[Any]] = set()  # streamed creates whose client left before the end
 
 
 async def _whole(reply: Reply) -> tuple[int, bytes, str]:
@@ -266,8 +265,7 @@ async def _create_streamed(
         results = await task
     finally:
         if not task.done():  # the client left: the creates still finish, so the holders stay alike
-            _FINISHING.add(task)
-            task.add_done_callback(_FINISHING.discard)
+            planner.outlive_client(task)
     failures: list[str] = []
     for agent, r in zip(holders, results, strict=True):
         why = (

@@ -42,9 +42,11 @@ After the head, failures end the stream with an error (`Reply.batches` raises).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from corral.gateway.autopull import AutoPuller
 from corral.gateway.metrics import LOAD, QUEUED, SESSION, WARM, Decision, GatewayMetrics, new_decision
@@ -63,6 +65,7 @@ from corral.protocol.priority import BATCH
 from corral.routing import Route, Router, estimate_wait, load, route_ctx, slots_taken, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.policy import PolicyStore
+from corral.runtime.tasks import cancel_and_wait
 from corral.transport import Outcome, Reply, Transport, WorkRequest
 
 log = logging.getLogger(__name__)
@@ -98,10 +101,18 @@ class Planner:
         self.pulls = AutoPuller(transport, fleet, settings)
         self.metrics = metrics or GatewayMetrics(fleet)
         self.policy = policy  # aliases and fallbacks (None: every model serves only itself)
+        self._outliving: set[asyncio.Task[Any]] = set()  # work whose client left (`outlive_client`)
 
     async def stop(self) -> None:
         await self.pulls.stop()
         self.queue.stop()
+        await cancel_and_wait(list(self._outliving))
+
+    def outlive_client(self, task: asyncio.Task[Any]) -> None:
+        """Keep ``task`` running after the client that asked for it has gone (a create's fan-out,
+        which must end alike on every agent); it is cancelled at `stop`."""
+        self._outliving.add(task)
+        task.add_done_callback(self._outliving.discard)
 
     async def send(
         self, req: WorkRequest, *, queue_timeout: float | None = None, decision: Decision | None = None
