@@ -25,6 +25,7 @@ from corral import views
 from corral.gateway.access import reply_tokens
 from corral.gateway.fleetmetrics import FleetCollector
 from corral.protocol.endpoints import MODEL_ENDPOINTS
+from corral.protocol.errors import CorralError
 from corral.protocol.subjects import Subjects
 from corral.runtime.fleet import FleetView
 from corral.runtime.workqueue import depths
@@ -96,6 +97,7 @@ class Decision:
     in_queue: bool = False  # waiting in the fleet queue now, no agent has claimed it (a stop answers it 503)
     stopped: bool = False  # the gateway's stop ended it: its client was told so (503 or a last error line)
     cut: int = 0  # a begun answer ended by an error line instead: that error's status
+    failure: CorralError | None = None  # the last error an agent failed it with before its head
 
     def headers(self, agent: str) -> list[tuple[bytes, bytes]]:
         """``X-Corral-Agent``, ``X-Corral-Route``, ``X-Corral-Model`` (the model that served) and,

@@ -62,11 +62,11 @@ from corral.protocol.errors import BackendError, CorralError, ModelNotFound, NoC
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ANY_VENDOR, ModelName, key_of, parse_name
 from corral.protocol.priority import BATCH
-from corral.routing import Route, Router, estimate_wait, load, route_ctx, slots_taken, warm
+from corral.routing import Route, Router, expected_waits, load, route_ctx, slots_taken, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.policy import PolicyStore
 from corral.runtime.tasks import cancel_and_wait
-from corral.transport import Outcome, Reply, Transport, WorkRequest
+from corral.transport import Failure, Outcome, Reply, Transport, WorkRequest
 
 log = logging.getLogger(__name__)
 
@@ -187,39 +187,70 @@ class Planner:
         if auto and req.session and req.follow_up and self.sessions is not None:
             session_agent = await self.sessions.lookup(req.session)
         pulled = False
-        while True:
-            t = self.transport
-            if (cut_off := self.outage.seen(t.nc.is_connected, time.monotonic(), t.epoch())) is not None:
-                raise NoCapacity(cut_off)
-            skip = self._unanswering()
-            avoid = failed | skip if skip else failed  # what this pass does not try
-            try:
-                reply = await self._send_once(req, deadline, avoid, strategy, session_agent, decision)
-            except ModelNotFound:
-                if pulled or not self.settings.auto_pull or req.model is None:
-                    raise
-                pulled = True
-                if not await self.pulls.pull(req):
-                    raise
-                deadline = time.monotonic() + wait_s  # the wait for capacity starts now
-                continue
-            finally:
-                if skip:
-                    failed |= avoid - skip  # what this pass found failing, not the skipped
-            if reply is not None:
-                if waited is not None:  # besides any wait in the fleet queue (`FleetQueue.wait`)
-                    decision.queue_s = (decision.queue_s or 0.0) + waited
-                if failed:
-                    self.metrics.failed_over(req)
-                if log.isEnabledFor(logging.DEBUG):
-                    self._explain(req, reply, decision)
-                return reply
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NoCapacity()
-            since = time.monotonic()
-            await self.fleet.wait_changed(min(remaining, 1.0))
-            waited = (waited or 0.0) + time.monotonic() - since
+        held: Reply | None = None  # an agent's 5xx, kept while others are tried (`_try_elsewhere`)
+        try:
+            while True:
+                t = self.transport
+                if (cut_off := self.outage.seen(t.nc.is_connected, time.monotonic(), t.epoch())) is not None:
+                    raise NoCapacity(cut_off)
+                skip = self._unanswering()
+                avoid = failed | skip if skip else failed  # what this pass does not try
+                try:
+                    reply = await self._send_once(req, deadline, avoid, strategy, session_agent, decision)
+                except ModelNotFound:
+                    if pulled or not self.settings.auto_pull or req.model is None:
+                        raise
+                    pulled = True
+                    if not await self.pulls.pull(req):
+                        raise
+                    deadline = time.monotonic() + wait_s  # the wait for capacity starts now
+                    continue
+                finally:
+                    if skip:
+                        failed |= avoid - skip  # what this pass found failing, not the skipped
+                if reply is not None and self._try_elsewhere(req, reply, failed | skip, decision):
+                    failed.add(reply.agent)
+                    if held is not None:
+                        await held.close()
+                    held = reply
+                    continue
+                if reply is not None:
+                    if waited is not None:  # besides any wait in the fleet queue (`FleetQueue.wait`)
+                        decision.queue_s = (decision.queue_s or 0.0) + waited
+                    if failed:
+                        self.metrics.failed_over(req)
+                    if log.isEnabledFor(logging.DEBUG):
+                        self._explain(req, reply, decision)
+                    return reply
+                if held is not None and not self._left_to_try(req, failed | skip):
+                    reply, held = held, None
+                    return reply  # Ollama's own error, from the last agent that gave one
+                if decision.failure is not None and not self._left_to_try(req, failed | skip):
+                    raise decision.failure  # as one Ollama would have answered, not a wait for the deadline
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise NoCapacity()
+                since = time.monotonic()
+                await self.fleet.wait_changed(min(remaining, 1.0))
+                waited = (waited or 0.0) + time.monotonic() - since
+        finally:
+            if held is not None:
+                await held.close()
+
+    def _try_elsewhere(self, req: WorkRequest, reply: Reply, failed: set[str], decision: Decision) -> bool:
+        """Whether a model call's reply is a server error (Ollama's 5xx: its runner crashed, the
+        model does not fit its memory, its own queue is full) that another agent may not give:
+        nothing has reached the client yet, so it is tried there, and given only if none is left."""
+        if reply.status < 500 or req.endpoint not in MODEL_ENDPOINTS:
+            return False
+        if not self._left_to_try(req, failed | {reply.agent}):
+            return False
+        log.warning(
+            "agent %s answered %d before any byte went out; trying elsewhere", reply.agent, reply.status
+        )
+        self.metrics.retried(req, "failed")
+        decision.failure = BackendError(f"agent {reply.agent} answered {reply.status}")
+        return True
 
     def _unanswering(self) -> set[str]:
         """Agents that let a request sent to them go unanswered (stopped, wedged or cut off from
@@ -230,31 +261,41 @@ class Planner:
 
     def _explain(self, req: WorkRequest, reply: Reply, decision: Decision) -> None:
         """The debug line of one routed request: where it went, why, and the candidates' expected waits."""
-        outstanding = self.transport.outstanding
-        if req.model is None:
-            candidates = ", ".join(f"{a.id} load {load(a, outstanding):.2f}" for a in self.fleet.agents())
-            model = "-"
-        else:
-            route = Route(key=req.model.key, vendor=req.vendor, strict=req.strict, num_ctx=req.num_ctx)
-            holders = self.fleet.with_model(req.model.key)
-            candidates = ", ".join(f"{a.id} {estimate_wait(route, a, outstanding):.3f}s" for a in holders)
-            model = req.model.key
+        m = req.model
+        route = (
+            None if m is None else Route(key=m.key, vendor=req.vendor, strict=req.strict, num_ctx=req.num_ctx)
+        )
+        agents = self.fleet.agents() if m is None else self.fleet.with_model(m.key)
         log.debug(
             "%s %s -> %s (route %s, strategy %s, queued %s s); candidates (expected wait): %s",
             req.endpoint,
-            model,
+            "-" if m is None else m.key,
             reply.agent,
             decision.route,
             decision.strategy,
             "-" if decision.queue_s is None else f"{decision.queue_s:.3f}",
-            candidates or "none",
+            expected_waits(route, agents, self.transport.outstanding),
         )
 
     async def _attempt(
-        self, req: WorkRequest, subject: str, agent: str | None, deadline: float, *, now: bool = False
+        self,
+        req: WorkRequest,
+        subject: str,
+        agent: str | None,
+        deadline: float,
+        failed: set[str],
+        decision: Decision,
+        *,
+        now: bool = False,
     ) -> Reply | Outcome:
-        """One attempt, its retry counted when it did not begin a reply and others may be tried."""
+        """One attempt, its retry counted when it did not begin a reply and others may be tried. An
+        agent that claimed it and failed it before its head joins ``failed``, its error noted as
+        ``decision.failure``: the request's answer if no agent is left to try."""
         outcome = await self.transport.attempt(req, subject, agent, deadline, now=now)
+        if isinstance(outcome, Failure):
+            failed.add(outcome.agent)
+            decision.failure = outcome.error
+            outcome = Outcome.FAILED
         if outcome is Outcome.BUSY or outcome is Outcome.FAILED:
             self.metrics.retried(req, outcome.name.lower())
         return outcome
@@ -281,7 +322,7 @@ class Planner:
             return reply
         decision.route = strategy
         for subject, agent in self._plan(req, failed, strategy):
-            outcome = await self._attempt(req, subject, agent, deadline)
+            outcome = await self._attempt(req, subject, agent, deadline, failed, decision)
             if isinstance(outcome, Reply):
                 return outcome
             if outcome is Outcome.FAILED and agent is not None:
@@ -299,6 +340,15 @@ class Planner:
         route = Route(key=req.model.key, vendor=req.vendor, strict=req.strict, num_ctx=self._num_ctx(req))
         for a in self.router.rank(strategy, route, usable, self.transport.outstanding):
             yield subjects.agent_work(a.id), a.id
+
+    def _left_to_try(self, req: WorkRequest, failed: set[str]) -> bool:
+        """Whether an agent the request has not failed on may still serve it."""
+        if req.model is None:
+            return any(a.status == "active" and a.id not in failed for a in self.fleet.agents())
+        try:
+            return bool(self._usable(req, failed))
+        except CorralError:  # no holder left at all
+            return False
 
     def _usable(self, req: WorkRequest, failed: set[str]) -> list[AgentState]:
         """Active holders of the request's model not yet failed; ModelNotFound when none hold it.
@@ -353,7 +403,9 @@ class Planner:
         async def direct(a: AgentState, why: str, *, now: bool = False) -> Reply | None:
             tried.add(a.id)
             decision.route = why
-            outcome = await self._attempt(req, transport.subjects.agent_work(a.id), a.id, deadline, now=now)
+            outcome = await self._attempt(
+                req, transport.subjects.agent_work(a.id), a.id, deadline, failed, decision, now=now
+            )
             if isinstance(outcome, Reply):
                 return outcome
             if outcome is Outcome.FAILED:
@@ -384,18 +436,22 @@ class Planner:
                 if (reply := await direct(ranked[0], SESSION)) is not None:
                     return reply
         # 2. warm claims: an agent with a free slot on a default-context runner takes it now. The
-        # fast path: no ranking, no fleet scan — NATS knows who has a free slot
-        if req.num_ctx is None:
+        # fast path: no ranking, no fleet scan — NATS knows who has a free slot. Not once an agent
+        # failed it: a shared subject cannot leave that agent out (it frees its slot at once)
+        if req.num_ctx is None and decision.failure is None:
             token, lane = model.token, req.priority
             subjects = [transport.subjects.work(req.vendor, token, lane)] if req.vendor else []
             if not (req.vendor and req.strict):
                 subjects.append(transport.subjects.work(ANY_VENDOR, token, lane))
             decision.route = WARM
             for subject in subjects:
-                outcome = await self._attempt(req, subject, None, deadline)
+                outcome = await self._attempt(req, subject, None, deadline, failed, decision)
                 if isinstance(outcome, Reply):
                     return outcome
-                unclaimed = unclaimed or outcome is Outcome.FAILED
+                # taken and never claimed (an agent failing it claimed it first: it answers)
+                unclaimed = unclaimed or (outcome is Outcome.FAILED and decision.failure is None)
+                if decision.failure is not None:
+                    break
         usable = self._usable(req, failed)
         route = route_for(usable)
         ranked = router.rank("auto", route, usable, transport.outstanding)
@@ -432,7 +488,8 @@ class Planner:
                     # next request must not wait on it as if it were under way
                     await loads.unplace(req, route, target, failed=reply is not None)
                 return reply
-        if req.num_ctx is None and self.settings.queue:
+        # the fleet queue, unless an agent failed it: any agent serves the queue, that one too
+        if req.num_ctx is None and self.settings.queue and decision.failure is None:
             decision.route = QUEUED
             return await self.queue.wait(req, route, deadline, failed, decision)  # sets its queue_s
         for a in live:  # its own num_ctx: wait at the agent whose runner will match soonest

@@ -49,7 +49,7 @@ from corral.runtime.workqueue import (
     still_queued,
     withdraw,
 )
-from corral.transport import Reply, Transport, WorkRequest
+from corral.transport import Failure, Reply, Transport, WorkRequest
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +270,10 @@ class FleetQueue:
                 if isinstance(outcome, Reply):
                     keep = True
                     return outcome
+                if isinstance(outcome, Failure):  # routed again, never to that agent
+                    failed.add(outcome.agent)
+                    if decision is not None:
+                        decision.failure = outcome.error
                 return None
         except asyncio.CancelledError:
             if queued is not None:

@@ -103,6 +103,7 @@ __all__ = [
     "as_placed",
     "estimate_ttft",
     "estimate_wait",
+    "expected_waits",
     "fits",
     "load",
     "load_time",
@@ -190,6 +191,13 @@ def estimate_wait(
     seen in the fleet (`observed_times`; the agent's own are used without it)."""
     plan = _cold_plan(route, agent, observed or {})
     return _estimate(route, agent, outstanding, loads or ObservedTimes(), plan)[0]
+
+
+def expected_waits(route: Route | None, agents: Sequence[AgentState], outstanding: Mapping[str, int]) -> str:
+    """For a debug line: each agent's expected wait for ``route`` (its load, for a call of no model)."""
+    if route is None:
+        return ", ".join(f"{a.id} load {load(a, outstanding):.2f}" for a in agents) or "none"
+    return ", ".join(f"{a.id} {estimate_wait(route, a, outstanding):.3f}s" for a in agents) or "none"
 
 
 def estimate_ttft(

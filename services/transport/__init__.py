@@ -7,7 +7,7 @@ the gateway, the registry, the CLI and the direct client. No routing decisions l
 
 from corral.transport.calls import Transport
 from corral.transport.fanout import fan_out
-from corral.transport.reply import Call, Outcome, Reply
+from corral.transport.reply import Call, Failure, Outcome, Reply
 from corral.transport.request import WorkRequest, model_work
 
-__all__ = ["Call", "Outcome", "Reply", "Transport", "WorkRequest", "fan_out", "model_work"]
+__all__ = ["Call", "Failure", "Outcome", "Reply", "Transport", "WorkRequest", "fan_out", "model_work"]

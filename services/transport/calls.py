@@ -33,7 +33,7 @@ from corral.protocol.subjects import Subjects
 from corral.runtime.nats import published, stream_delivery
 from corral.runtime.telemetry import attempted, publish_span
 from corral.transport.bodies import LargeBodies
-from corral.transport.reply import Call, Outcome, Reply
+from corral.transport.reply import Call, Failure, Outcome, Reply
 from corral.transport.request import WorkRequest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -301,7 +301,7 @@ class Transport:
         *,
         service: bool = False,
         now: bool = False,
-    ) -> Reply | Outcome:
+    ) -> Reply | Outcome | Failure:
         """Publish ``req`` on ``subject`` (an agent's own when ``agent`` is named; a service's queue
         group when ``service``) and wait for its head: for its claim, the claim timeout, or the warm
         one on a subject free slots share. A shared subject that answers busy is tried again a few
@@ -322,7 +322,7 @@ class Transport:
         deadline: float,
         service: bool,
         now: bool = False,
-    ) -> Reply | Outcome:
+    ) -> Reply | Outcome | Failure:
         call, hdrs, payload = self.register(req, agent, deadline, now=now)
         keep = False
         try:
@@ -337,11 +337,17 @@ class Transport:
                 except TimeoutError:
                     log.warning("no claim from %s within %.1fs", agent or subject, within)
                     self._unanswered(agent, epoch)
-                    outcome: Reply | Outcome = Outcome.FAILED
+                    outcome: Reply | Outcome | Failure = Outcome.FAILED
                 else:
                     outcome = await self.handshake(call, msg, subject)
-                why = outcome.value if isinstance(outcome, Outcome) else ""
-                attempted(span, call.agent, why, failed=outcome is Outcome.FAILED)
+                why = (
+                    outcome.value
+                    if isinstance(outcome, Outcome)
+                    else ""
+                    if isinstance(outcome, Reply)
+                    else "failed"
+                )
+                attempted(span, call.agent, why, failed=why == "failed")
             keep = isinstance(outcome, Reply)
             return outcome
         except asyncio.CancelledError:
@@ -375,7 +381,7 @@ class Transport:
             log.warning("ignoring a reply to %s from %r, which it was not sent to", call.rid, sender[:80])
         return ok
 
-    async def handshake(self, call: Call, msg: Msg, source: str) -> Reply | Outcome:
+    async def handshake(self, call: Call, msg: Msg, source: str) -> Reply | Outcome | Failure:
         """From the first reply message to the head: claim, pings, then head (or why not). The call
         stays registered; the `Reply` returned owns it."""
         mh = msg.headers or {}
@@ -409,9 +415,9 @@ class Transport:
                 continue
             if kind == H.END_KIND:
                 err = from_code(mh.get(H.ERROR_CODE, "internal"), mh.get(H.ERROR, "request failed"))
-                if err.retryable:
+                if err.retryable and call.agent:
                     log.warning("agent %s failed before answering (%s); trying elsewhere", call.agent, err)
-                    return Outcome.FAILED
+                    return Failure(call.agent, err)
                 raise err
             if kind == H.BUSY:
                 return Outcome.BUSY
@@ -434,6 +440,8 @@ class Transport:
         )
         if isinstance(outcome, Reply):
             return outcome
+        if isinstance(outcome, Failure):
+            raise outcome.error
         if outcome is Outcome.BUSY:
             raise NoCapacity()
         raise AgentUnavailable(f"agent {agent_id} did not answer")
@@ -443,6 +451,8 @@ class Transport:
         outcome = await self.attempt(req, subject, None, time.monotonic() + timeout, service=True)
         if isinstance(outcome, Reply):
             return outcome
+        if isinstance(outcome, Failure):
+            raise outcome.error
         if outcome is Outcome.NO_RESPONDERS:
             return None
         raise AgentUnavailable(f"no answer on {subject}")

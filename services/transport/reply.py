@@ -1,5 +1,5 @@
-"""The reply side of one call: `Call` (the messages that arrived for it), `Outcome` (why an attempt
-did not begin a reply) and `Reply`, the open reply stream, which owns its call.
+"""The reply side of one call: `Call` (the messages that arrived for it), `Outcome` and `Failure` (why
+an attempt did not begin a reply) and `Reply`, the open reply stream, which owns its call.
 
 Reply framing (see `corral.protocol.headers`): the agent that takes a request sends a ``claim``,
 ``ping``s while silent, then a ``head`` (Ollama's status and content type, maybe the first bytes
@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
 from corral.protocol import headers as H
-from corral.protocol.errors import AgentUnavailable, Cancelled, from_code
+from corral.protocol.errors import AgentUnavailable, Cancelled, CorralError, from_code
 from nats.aio.msg import Msg
 
 
@@ -26,6 +27,16 @@ class Outcome(enum.Enum):
     NO_RESPONDERS = "no responders"
     BUSY = "busy"
     FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An attempt an agent claimed and then failed before its head, with a retryable error (its
+    Ollama refused the connection, reset it, closed it): worth trying elsewhere, but never again on
+    that agent for this request; ``error`` is the answer when no agent is left to try."""
+
+    agent: str
+    error: CorralError
 
 
 class Call:

@@ -1,0 +1,96 @@
+"""An Ollama whose HTTP server answers (its `/api/ps`, `/api/tags`) while its model endpoints fail:
+the connection closed before any response, or Ollama's own 500 for a runner that died. The agent in
+front of it stays in the fleet, so routing is what keeps its failures from the clients: each request
+is tried there at most once and then on the agent that works; a request only that agent may serve
+gets its failure at once, as one Ollama would have given it, not a wait for the queue's deadline."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from corral.protocol.names import parse_name
+from corral.runtime.natsserver import NatsServer
+from corral.simulator import SimServer
+from corral.up import Backend, FleetOptions, LocalFleet, default_sims
+
+from tests.chaos.faulty_ollama import RUNNER_DIED, FaultyOllama
+from tests.integration.fleet_helpers import until
+
+pytestmark = pytest.mark.chaos
+
+MODEL = "llama3.2"
+KEY = parse_name(MODEL).key
+REQUESTS = 12
+
+
+@pytest.fixture
+async def fleet(nats_server: NatsServer, root: str) -> AsyncIterator[tuple[LocalFleet, FaultyOllama]]:
+    bad_sim, good_sim = default_sims(2, time_scale=0.01)
+    async with (
+        SimServer(bad_sim, port=0) as bad,
+        SimServer(good_sim, port=0) as good,
+        FaultyOllama(bad.url).serving() as faulty,
+    ):
+        options = FleetOptions(
+            port=0,
+            nats_url=nats_server.url,
+            root=root,
+            backends=[
+                Backend(url=faulty.url, vendor="nvidia", parallel=2),
+                Backend(url=good.url, vendor="amd", parallel=2),
+            ],
+            agent={"refresh_s": 0.5, "heartbeat_s": 0.5},
+            gateway={"queue_timeout_s": 30.0},  # a request caught waiting would end as a 503, not hang
+            aggregator=None,
+        )
+        async with LocalFleet(options) as f, aiohttp.ClientSession() as s:
+            for url in (bad.url, good.url):  # warm on both, before anything fails
+                body = {"model": MODEL, "prompt": "", "keep_alive": -1}
+                async with s.post(url + "/api/generate", json=body) as r:
+                    assert r.status == 200
+            for a in f.agents:
+                a._wake.refresh.set()
+            assert f.gateway is not None
+            view = f.gateway.fleet
+            await until(f, lambda: len(view.loaded_on(KEY)) == 2, what="warm on both agents")
+            yield f, faulty
+
+
+async def generate(s: aiohttp.ClientSession, url: str, **headers: str) -> tuple[int, str, dict[str, Any]]:
+    body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+    async with s.post(url + "/api/generate", json=body, headers=headers) as r:
+        return r.status, r.headers.get("x-corral-agent", ""), await r.json()
+
+
+@pytest.mark.parametrize("fault", ["reset", "500"])
+async def test_a_failing_ollama_is_tried_once_per_request_and_its_error_given_when_alone(
+    fleet: tuple[LocalFleet, FaultyOllama], fault: str
+) -> None:
+    f, faulty = fleet
+    bad_agent = next(a.id for a in f.agents if a.settings.vendor == "nvidia")
+    faulty.fault = fault  # type: ignore[assignment]
+    async with aiohttp.ClientSession() as s:
+        faulty.hits = 0
+        for _ in range(REQUESTS):
+            status, agent, body = await generate(s, f.url)
+            assert status == 200 and body["done"], body
+            assert agent != bad_agent
+        assert faulty.hits <= REQUESTS  # at most once each: never a second try on the failing agent
+        # only the failing agent may serve it: its failure at once, not the queue's deadline
+        faulty.hits = 0
+        status, _, body = await generate(
+            s, f.url, **{"X-Load-Balancing-Strategy": "nvidia", "X-Enforce-Strategy": "true"}
+        )
+        assert faulty.hits == 1
+        if fault == "500":  # Ollama's own answer, as it gave it
+            assert status == 500 and body == {"error": RUNNER_DIED.split('"')[3]}
+        else:  # the agent could not read an answer from its Ollama
+            assert status == 502 and body["error"].startswith("ollama unavailable"), body
+        faulty.fault = None  # mended: it serves again
+        status, agent, body = await generate(
+            s, f.url, **{"X-Load-Balancing-Strategy": "nvidia", "X-Enforce-Strategy": "true"}
+        )
+        assert status == 200 and agent == bad_agent
