@@ -23,7 +23,7 @@ from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects
 from corral.registry.lease import held
 from corral.registry.pins import LEASE_KEY, LEASE_S
-from corral.runtime.buckets import BUCKETS, open_bucket, require_fleet
+from corral.runtime.buckets import BUCKETS, kv_create, open_bucket, require_fleet
 from corral.runtime.fleet import FleetView
 from corral.runtime.kvwatch import watching
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
@@ -155,7 +155,7 @@ async def apply(kv: KeyValue, change: Change) -> Policy:
         value = policy_encoder.encode(new)
         try:
             if revision is None:
-                await kv.create(POLICY_KEY, value)
+                await kv_create(kv, POLICY_KEY, value)
             else:
                 await kv.update(POLICY_KEY, value, last=revision)
         except KeyWrongLastSequenceError:

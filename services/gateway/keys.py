@@ -17,7 +17,7 @@ import msgspec
 from corral.gateway.access import ApiKey, Role, api_key_decoder, hash_key, new_key, same_hash
 from corral.protocol.priority import Priority
 from corral.protocol.subjects import Subjects
-from corral.runtime.buckets import KEY_BUCKETS, open_bucket
+from corral.runtime.buckets import KEY_BUCKETS, kv_create, open_bucket
 from corral.runtime.kvwatch import snapshot, watching
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -75,7 +75,7 @@ async def create_key(
         created_at=round(time.time(), 3),
     )
     try:
-        await kv.create(name, _enc.encode(record))
+        await kv_create(kv, name, _enc.encode(record))
     except KeyWrongLastSequenceError:
         raise KeyExists(name) from None
     return key

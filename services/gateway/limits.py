@@ -21,6 +21,7 @@ import msgspec
 import nats.errors
 from corral.gateway.access import ApiKey, Window, over_limit, retry_after, window_decoder, window_of
 from corral.protocol.names import decode_token, encode_token, is_token
+from corral.runtime.buckets import kv_create
 from corral.runtime.kvwatch import snapshot
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -57,7 +58,7 @@ async def _add(kv: KeyValue, key: str, change: Callable[[bytes | None], bytes | 
             return None
         try:
             if revision is None:
-                await kv.create(key, new)
+                await kv_create(kv, key, new)
             else:
                 await kv.update(key, new, last=revision)
         except KeyWrongLastSequenceError:

@@ -37,6 +37,7 @@ import msgspec
 import nats.errors
 from corral.protocol.messages import AgentState, agent_state_of
 from corral.protocol.names import encode_token, key_of
+from corral.runtime.buckets import kv_create
 from corral.runtime.kvwatch import snapshot, watch_forever, watching
 from corral.runtime.tasks import cancel_and_wait, supervise
 from nats.js.errors import APIError, KeyNotFoundError
@@ -220,7 +221,7 @@ class ModelIndexWriter:
             await self._kv.delete(key, last=known[0])
             del self._stored[key]
         elif known is None:
-            self._stored[key] = (await self._kv.create(key, value), value)
+            self._stored[key] = (await kv_create(self._kv, key, value), value)
         else:
             self._stored[key] = (await self._kv.update(key, value, last=known[0]), value)
 

@@ -44,6 +44,7 @@ from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects, usable_reply
 from corral.registry.replicas import ReplicaSettings, Replicator
 from corral.routing import LOAD_MARKER_TTL_S, Route, Router, as_placed, marker_expired, warm
+from corral.runtime.buckets import kv_create
 from corral.runtime.fleet import FleetView
 from corral.runtime.kvwatch import snapshot
 from corral.transport import Transport
@@ -244,7 +245,7 @@ class Placer:
             revision = None
         try:
             if revision is None:
-                written = await self.kv.create(key, value)
+                written = await kv_create(self.kv, key, value)
             else:
                 written = await self.kv.update(key, value, last=revision)
             self._written[key] = (value, written)

@@ -43,7 +43,7 @@ from corral.registry.pins import PinKeeper
 from corral.registry.placement import Placer, ReplicaSettings
 from corral.registry.pulls import FleetPulls
 from corral.registry.settings import RegistrySettings
-from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start
+from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start, kv_create
 from corral.runtime.fleet import SILENT_RESTART_S, STALE_HEARTBEATS, FleetView, received_at
 from corral.runtime.kvwatch import watch_until, watching
 from corral.runtime.nats import NatsAuth, connect, published
@@ -309,7 +309,7 @@ class Registry:
         assert self._buckets is not None
         marker, value = _member_key(state.id), str(state.started_at).encode()
         try:
-            await self._buckets.views.create(marker, value)
+            await kv_create(self._buckets.views, marker, value)
         except KeyWrongLastSequenceError:  # known: announce only if it restarted, and only once
             try:
                 entry = await self._buckets.views.get(marker)

@@ -34,6 +34,8 @@ from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
 from nats.js.errors import (
     APIError,
     BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
     NoStreamResponseError,
     NotFoundError,
     ServiceUnavailableError,
@@ -314,3 +316,14 @@ class Reopener:
                 self._wanted.set()  # the supervisor retries after its backoff
                 raise
             self._reopened()
+
+
+async def kv_create(kv: KeyValue, key: str, value: bytes) -> int:
+    """``kv.create(key, value)``: the new revision, or `KeyWrongLastSequenceError` when the key
+    exists. nats-py's create, refused for a key that exists, reads it back to tell a deleted one; on
+    a cluster that read may reach a replica that has not seen the key yet and say it is not found:
+    that too means someone created it a moment ago."""
+    try:
+        return await kv.create(key, value)
+    except KeyNotFoundError as e:
+        raise KeyWrongLastSequenceError(description=f"key {key} was created meanwhile") from e

@@ -9,11 +9,24 @@ import nats
 import nats.js.errors
 import pytest
 from corral.protocol.subjects import Subjects
-from corral.runtime.buckets import BUCKETS, BucketSpec, ensure_buckets, ensure_buckets_at_start, open_bucket
+from corral.runtime.buckets import (
+    BUCKETS,
+    BucketSpec,
+    ensure_buckets,
+    ensure_buckets_at_start,
+    kv_create,
+    open_bucket,
+)
 from corral.runtime.natsserver import NatsServer
 from nats.aio.client import Client as NATS
 from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 SMALL = 64 * 1024
 
@@ -157,3 +170,23 @@ async def test_a_service_starting_against_a_server_without_jetstream_fails_at_on
                     await ensure_buckets_at_start(nc.jetstream(), Subjects(root))
         finally:
             await nc.close()
+
+
+async def test_a_create_a_stale_replica_answers_not_found_for_is_a_key_that_exists(
+    nc: NATS, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-py's create, refused for a key that exists, reads the key back; on a cluster that read
+    may come from a replica that has not seen the key yet. `kv_create` reads that as what it is."""
+    kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket=f"{root}_stale"))
+    assert await kv_create(kv, "k", b"1") == 1
+    with pytest.raises(KeyWrongLastSequenceError):
+        await kv_create(kv, "k", b"2")
+
+    async def not_seen_yet(key: str, *args: object, **kwargs: object) -> None:
+        raise KeyNotFoundError
+
+    monkeypatch.setattr(kv, "_get", not_seen_yet)  # the read-back, as a lagging replica answers it
+    with pytest.raises(KeyNotFoundError):
+        await kv.create("k", b"2")
+    with pytest.raises(KeyWrongLastSequenceError):
+        await kv_create(kv, "k", b"2")

@@ -37,7 +37,7 @@ from corral.gateway.batch.model import (
     record_decoder,
 )
 from corral.protocol.subjects import Subjects
-from corral.runtime.buckets import BATCH_STORES, BucketSpec, open_bucket
+from corral.runtime.buckets import BATCH_STORES, BucketSpec, kv_create, open_bucket
 from corral.runtime.kvwatch import Latest, latest_per_subject, operation
 from corral.runtime.workqueue import STREAM_NAME_IN_USE
 from nats.js import JetStreamContext
@@ -309,7 +309,7 @@ class BatchStore:
             ref.spilled = name
             data = msgspec.json.encode(ref)
         try:
-            await self._results.create(key, data)
+            await kv_create(self._results, key, data)
         except KeyWrongLastSequenceError:
             if name:  # another run's result came first: ours goes
                 await self.forget(name)
@@ -317,7 +317,7 @@ class BatchStore:
             result = result_decoder.decode(entry.value or b"")
         if not result.ok:  # also when an earlier writer died before marking it
             try:
-                await self._results.create(f"{batch_id}.f.{index}", b"")
+                await kv_create(self._results, f"{batch_id}.f.{index}", b"")
             except KeyWrongLastSequenceError:
                 pass
         return result
