@@ -26,7 +26,7 @@ from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import ensure_buckets, ensure_buckets_at_start, require_fleet
 from corral.runtime.fleet import FleetView, received_at
 from corral.runtime.kvwatch import snapshot
-from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command
+from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, command_error, connect_command, error_text
 from corral.runtime.policy import POLICY_KEY, policy_decoder
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import SERVICES_ONLY, CommonSettings, add_arguments
@@ -81,7 +81,9 @@ class _Session:
                 if await keep_long_enough(js, self.subjects):
                     log.info("the queue stream now keeps requests for up to %.0f s", MAX_AGE_S)
             except COMMAND_ERRORS as e:
-                log.warning("cannot give the queue stream its age limit (%r): it keeps its own", e)
+                log.warning(
+                    "cannot give the queue stream its age limit (%s): it keeps its own", error_text(e)
+                )
             try:
                 await open_key_buckets(js, self.subjects, replicas=replicas)
                 if self.settings.nats_creds:  # with NATS identities no gateway may make them either
@@ -90,7 +92,7 @@ class _Session:
                     )
             except COMMAND_ERRORS as e:  # an identity that may not make them: its create goes unanswered
                 log.warning("the API keys' or the Batch API's stores are not there and cannot be made "
-                            "here (%r): the operator's `corral status` makes them", e)  # fmt: skip
+                            "(%s); with NATS identities only the operator's may make them", error_text(e))  # fmt: skip
         else:
             await require_fleet(js, self.subjects)
             self.buckets = await ensure_buckets(js, self.subjects, replicas=replicas)

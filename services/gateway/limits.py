@@ -23,6 +23,7 @@ from corral.gateway.access import ApiKey, Window, over_limit, retry_after, windo
 from corral.protocol.names import decode_token, encode_token, is_token
 from corral.runtime.buckets import kv_create
 from corral.runtime.kvwatch import snapshot
+from corral.runtime.nats import error_text
 from nats.js.errors import Error as JetStreamError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -206,7 +207,7 @@ class UsageBook:
             try:
                 await _add(self._kv, k, add)
             except (nats.errors.Error, JetStreamError, TimeoutError) as e:
-                log.warning("usage not written yet (%r); kept for the next flush", e)
+                log.warning("usage not written yet (%s); kept for the next flush", error_text(e))
                 self._pending.setdefault(k, Usage(key=delta.key, model=delta.model, period=delta.period)).add(
                     delta
                 )

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import NoFleet
+from corral.runtime.nats import NoFleet, error_text
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import (
     NO_PEERS,
@@ -142,7 +142,7 @@ async def ensure_buckets(
             raise
         # an identity without stream-admin rights (``corral auth``) cannot set the queue's limits:
         # whoever administers JetStream does; the queue keeps the limits it has
-        log.warning("cannot give the queue stream its limits (%r): it keeps those it has", e)
+        log.warning("cannot give the queue stream its limits (%s): it keeps those it has", error_text(e))
         await ensure_stream(js, subjects, limits=None, replicas=replicas)
     return Buckets(
         agents=await bucket("agents", subjects.agents_bucket),
@@ -173,7 +173,7 @@ async def ensure_buckets_at_start(
         except (TimeoutError, JetStreamError) as e:
             if not _not_yet(e) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("JetStream does not answer yet (%r): asking again in %.1fs", e, delay)
+            log.warning("JetStream does not answer yet (%s): asking again in %.1fs", error_text(e), delay)
             await asyncio.sleep(delay)  # a backoff between attempts, not a wait for an event
             delay = min(delay * 2, 5.0)
 
@@ -236,7 +236,9 @@ async def _hold_to(js: JetStreamContext, stream: str, spec: BucketSpec, *, no_ro
                 replace(cfg, max_bytes=spec.max_bytes, discard=discard, allow_rollup_hdrs=rollups)
             )
         except (NatsError, JetStreamError, TimeoutError) as e:  # no stream-admin rights (`corral auth`)
-            log.warning("cannot give bucket stream %s its limits (%r): it keeps those it has", stream, e)
+            log.warning(
+                "cannot give bucket stream %s its limits (%s): it keeps those it has", stream, error_text(e)
+            )
 
 
 async def require_fleet(js: JetStreamContext, subjects: Subjects) -> None:

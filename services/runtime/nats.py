@@ -321,6 +321,12 @@ def command_error(url: str, e: BaseException) -> str:
     )
 
 
+def error_text(e: BaseException) -> str:
+    """An error for a log line: nats-py's own text (a JetStream error's code and description),
+    else its type's name (a bare `TimeoutError` has no text)."""
+    return str(e) or type(e).__name__
+
+
 STREAM_DELIVERY = "$JS.ACK."  # the reply subject of every message a JetStream consumer delivers
 _DROPPED = _RateLimitedLog("a subscription of peers' messages")  # what `stream_delivery` drops
 

@@ -25,6 +25,7 @@ from corral.gateway.batch import model
 from corral.gateway.batch.lines import assemble, common_model, parse_input
 from corral.gateway.batch.model import TERMINAL, BatchError, BatchRecord, FileMeta, Refused, now
 from corral.gateway.batch.store import BatchStore, Conflict, SpillRefused, Stored
+from corral.runtime.nats import error_text
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
 
@@ -170,7 +171,7 @@ class Lifecycle:
             try:
                 await self.delete_expired_files()
             except (NatsError, JetStreamError, TimeoutError) as e:
-                log.warning("deleting expired files failed (%r); the next sweep tries again", e)
+                log.warning("deleting expired files failed (%s); the next sweep tries again", error_text(e))
         for stored in await self.store.batches():
             rec = stored.record
             if rec.batch.status in TERMINAL:
@@ -179,7 +180,9 @@ class Lifecycle:
             try:
                 await self._tend(stored)
             except (NatsError, JetStreamError, TimeoutError, Conflict) as e:
-                log.warning("batch %s: sweep step failed (%r); next sweep tries again", rec.batch.id, e)
+                log.warning(
+                    "batch %s: sweep step failed (%s); next sweep tries again", rec.batch.id, error_text(e)
+                )
 
     async def _tend(self, stored: Stored) -> None:
         rec = stored.record

@@ -19,6 +19,7 @@ from corral.gateway.batch import model
 from corral.gateway.batch.model import ENDPOINTS, Batch, BatchRecord, FileMeta, Refused, now, visible_to
 from corral.gateway.batch.store import Conflict
 from corral.gateway.errors import JSON, TOO_DEEP, json_error
+from corral.runtime.nats import error_text
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from nats.errors import Error as NatsError
@@ -233,7 +234,7 @@ def mount(app: FastAPI, gw: Gateway) -> None:
         try:
             validated = await gw.batches.lifecycle.validate(record.batch.id)
         except (NatsError, JetStreamError, TimeoutError, Conflict) as e:  # made: the sweep validates it again
-            log.warning("batch %s: validation put off (%r)", record.batch.id, e)
+            log.warning("batch %s: validation put off (%s)", record.batch.id, error_text(e))
             validated = None  # a 500 here made clients retry, each retry another batch
         return _json(await _live_counts(store(), validated or record))
 
