@@ -17,7 +17,14 @@ from corral.gateway.errors import JSON, TOO_DEEP, json_error, native_body
 from corral.gateway.metrics import DIRECT, Decision
 from corral.gateway.planner import Planner
 from corral.gateway.relay import RelayResponse, ReplyResponse, relay, respond, respond_error
-from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound, not_found_message
+from corral.protocol.errors import (
+    BadRequest,
+    CorralError,
+    InvalidModelName,
+    ModelNotFound,
+    NoCapacity,
+    not_found_message,
+)
 from corral.protocol.gojson import as_go_reads, kind, syntax_message
 from corral.protocol.names import VENDORS, ModelName, host_allowed, parse_name, registry_refused
 from corral.routing import pull_order
@@ -329,6 +336,8 @@ async def pull(planner: Planner, request: Request) -> Response:
         return error(e)
     if reply is not None:
         return ReplyResponse(reply, planner.shutdown)
+    if replicas != "1":  # more than one copy: the registry's fan-out, not one agent said to be all
+        return error(NoCapacity(f"no registry is running: a pull onto {replicas} agents needs one"))
     # no registry running: the one agent the registry would have chosen first
     agents = pull_order(planner.fleet.agents(), model.key, vendor)
     if not agents:

@@ -321,6 +321,29 @@ async def test_client_disconnect_cancels_on_backend(nats_server: NatsServer) -> 
         assert sim.stats.finished == 0
 
 
+async def test_without_a_registry_a_pull_onto_several_agents_is_refused_not_done_on_one(
+    nats_server: NatsServer,
+) -> None:
+    options = FleetOptions(
+        port=0, nats_url=nats_server.url, root="noreg", sims=default_sims(2, time_scale=0.01), registry=None
+    )
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+        body = {"model": "mistral", "stream": False}
+        for replicas in ("all", "2"):
+            async with s.post(
+                fleet.url + "/api/pull", json=body, headers={"X-Corral-Replicas": replicas}
+            ) as r:
+                assert r.status == 503
+                assert await r.json() == {
+                    "error": f"no registry is running: a pull onto {replicas} agents needs one"
+                }
+        assert all(sim.ctx.catalog.get("mistral") is None for sim in fleet.sims)
+        async with s.post(
+            fleet.url + "/api/pull", json=body
+        ) as r:  # one copy: the agent the registry would pick
+            assert r.status == 200 and await r.json() == {"status": "success"}
+
+
 async def test_unload_reaches_every_agent(fleet: LocalFleet) -> None:
     """And its answer says which agent's answer it is and which model, as every model call does."""
     await preload(fleet, "qwen3:8b")
