@@ -94,7 +94,6 @@ class Decision:
     requested: str = ""  # with a substitution: the key of the model the client asked for
     substitution: str = ""  # alias, fallback or quant (`corral.gateway.policy`); empty: none
     model_label: str = ""  # the requested model as a label, once worked out (`GatewayMetrics.model_label`)
-    in_queue: bool = False  # waiting in the fleet queue now, no agent has claimed it (a stop answers it 503)
     stopped: bool = False  # the gateway's stop ended it: its client was told so (503 or a last error line)
     cut: int = 0  # a begun answer ended by an error line instead: that error's status
     failure: CorralError | None = None  # the last error an agent failed it with before its head

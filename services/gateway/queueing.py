@@ -150,9 +150,8 @@ class FleetQueue:
     ) -> Reply | None:
         """Wait in the fleet-wide queue for the next free slot; None to re-plan (nobody will serve it).
         What to do each time no claim came is `QueueWait`'s to say; this does the I/O. ``decision``
-        says whether it is in the queue now (`Decision.in_queue`) and, once an agent claimed it, how
-        long it waited (`Decision.queue_s`: until the claim, not the head, which an unstreamed reply
-        sends only at its end)."""
+        is told, once an agent claimed it, how long it waited (`Decision.queue_s`: until the claim,
+        not the head, which an unstreamed reply sends only at its end)."""
         assert req.model is not None
         transport = self._transport
         vendor = req.vendor if (req.vendor and req.strict) else ANY_VENDOR
@@ -169,7 +168,7 @@ class FleetQueue:
         began = time.monotonic()
         self._count(route.key, lane, +1)
         try:
-            if self._shutdown.draining.done():  # the gateway stops: nothing joins the queue now
+            if self._shutdown.closing.done():  # the gateway's grace is over: nothing joins the queue now
                 raise NoCapacity(STOP_MESSAGE)
             # its own PRODUCER span, whose context rides in the queued headers: the agent that
             # takes it carries on the request's trace
@@ -178,8 +177,6 @@ class FleetQueue:
                 queued = await self._enqueue(req, vendor, payload, hdrs, lane)
             if queued is None:
                 return None
-            if decision is not None:
-                decision.in_queue = True
             aging_s = self._settings.batch_aging_s if lane == BATCH else None
             queued_at = time.monotonic()
             state = QueueWait(
@@ -193,8 +190,8 @@ class FleetQueue:
                 try:
                     msg = await call.next(state.timeout(time.monotonic()))
                 except TimeoutError:
-                    if self._shutdown.draining.done() and not stop_tried:
-                        # it joined as the stop began, after the relay looked (`_until_gone`)
+                    if self._shutdown.closing.done() and not stop_tried:
+                        # it joined as the grace ran out, after the relay looked (`_until_gone`)
                         stop_tried = True  # once: a withdraw that fails means an agent has it
                         if await withdraw(self._js, queued):
                             raise NoCapacity(STOP_MESSAGE) from None
@@ -263,8 +260,7 @@ class FleetQueue:
                         if not await withdraw(self._js, queued):
                             continue  # an agent took it just now
                         return None  # withdrawn: nobody has or is loading the model any more
-                if decision is not None:
-                    decision.in_queue = False  # claimed: an agent has it
+                if decision is not None:  # claimed: an agent has it
                     decision.queue_s = (decision.queue_s or 0.0) + time.monotonic() - began
                 outcome = await transport.handshake(call, msg, "the queue")
                 if isinstance(outcome, Reply):
@@ -281,8 +277,6 @@ class FleetQueue:
             await asyncio.shield(transport.cancel(call))
             raise
         finally:
-            if decision is not None:
-                decision.in_queue = False
             if check is not None:
                 check.cancel()  # a JetStream request: a cancelled one is dropped when its answer comes
             self._count(route.key, lane, -1)

@@ -75,7 +75,7 @@ async def relay(
     def stopped() -> None:
         decision.stopped = True
 
-    await _until_gone(serve, receive, sent, planner.shutdown, openai, lambda: decision.in_queue, stopped)
+    await _until_gone(serve, receive, sent, planner.shutdown, openai, stopped)
 
 
 async def relay_reply(reply: Reply, receive: Receive, send: Send, shutdown: Shutdown) -> None:
@@ -117,23 +117,18 @@ async def _until_gone(
     sent: Sent,
     shutdown: Shutdown,
     openai: bool,
-    in_queue: Callable[[], bool] = lambda: False,
     on_stop: Callable[[], None] = lambda: None,
 ) -> None:
     """Run ``work`` raced against the client's disconnect (a client that goes cancels it) and the
-    gateway's stop: once it drains, a request still in the fleet queue is answered 503; once it
-    closes, whatever still runs is cancelled and ends in words (``on_stop`` is told first)."""
+    gateway's stop: once it closes, whatever still runs or waits for a slot is cancelled and ends
+    in words (``on_stop`` is told first)."""
     job = asyncio.create_task(work)
     gone = asyncio.create_task(until_disconnect(receive))
-    step = shutdown.draining  # shared by every request: never cancelled here
     stopped = False
     try:
-        while not stopped:
-            await asyncio.wait((job, gone, step), return_when=asyncio.FIRST_COMPLETED)
-            if job.done() or gone.done():
-                break
-            stopped = shutdown.closing.done() or (in_queue() and not sent.started)
-            step = shutdown.closing
+        # the closing is shared by every request: never cancelled here
+        await asyncio.wait((job, gone, shutdown.closing), return_when=asyncio.FIRST_COMPLETED)
+        stopped = not (job.done() or gone.done())
         if stopped:
             on_stop()
     finally:

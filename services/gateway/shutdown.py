@@ -1,14 +1,15 @@
 """A gateway's stop in two steps, so that no request it holds ends without a word.
 
 When the process is asked to stop (SIGTERM, Ctrl-C) the HTTP server stops accepting and lets open
-requests finish within its grace. `Shutdown.begin` marks the two moments the relays act on:
+requests finish within its grace. `Shutdown.begin` marks the two moments:
 
-- **draining**, at once: a request still waiting in the fleet queue (no agent has it) leaves the
-  queue and is answered ``503`` "server shutting down", so its client can retry another gateway
-  now instead of waiting out the grace; requests an agent is serving go on;
+- **draining**, at once: the stop has begun; requests an agent is serving go on, and those waiting
+  for a slot (in the fleet queue or at an agent) wait on, to be served within the grace (its clients
+  seldom retry another gateway by themselves);
 - **closing**, a little before the grace runs out: a request still running is cancelled at its
   agent and ends in words — a stream with a last ``{"error": ...}`` line (a ``data:`` event on
-  ``/v1``), an answer not begun with ``503`` — instead of being cut off by the server.
+  ``/v1``), an answer not begun (still queued, say) with ``503`` "server shutting down" — instead
+  of being cut off by the server.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""A gateway asked to stop (SIGTERM, Ctrl-C) ends every request it holds in words: one waiting in
-the fleet queue is answered 503 at once, one running may finish within the HTTP grace, and one
-still running near its end is cancelled at its agent and ends with an error line."""
+"""A gateway asked to stop (SIGTERM, Ctrl-C) ends every request it holds in words: one running may
+finish within the HTTP grace, one waiting in the fleet queue may be served within it, and near its
+end one still running is cancelled at its agent and ends with an error line, one still queued is
+answered 503."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.integration.fleet_helpers import preload
 pytestmark = pytest.mark.integration
 
 MODEL = "llama3.2"
-GRACE_S = 4  # the HTTP server's: running requests are ended in words 2 s before it runs out
+GRACE_S = 6  # the HTTP server's: requests are ended in words 2 s before it runs out
 
 
 def statuses(registry: CollectorRegistry) -> dict[str, int]:
@@ -47,7 +48,7 @@ def one_slot(nats_server: NatsServer, root: str) -> FleetOptions:
     )
 
 
-async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_streams_in_words(
+async def test_a_stopping_gateway_ends_what_its_grace_did_not_see_through_in_words(
     nats_server: NatsServer, root: str
 ) -> None:
     fleet = LocalFleet(one_slot(nats_server, root))
@@ -67,10 +68,11 @@ async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_strea
                 await nudges.next_msg(timeout=10)  # it waits in the fleet queue
                 await nudges.unsubscribe()
                 stopping = asyncio.create_task(fleet.stop())
-                async with asyncio.timeout(GRACE_S), await queued as r:
+                # the stop began: the queued request waits on, answered only as the grace runs out
+                # (the slot never freed), while the running stream goes on
+                async with asyncio.timeout(GRACE_S + 3), await queued as r:
                     assert r.status == 503 and await r.json() == {"error": "server shutting down"}
-                # answered at once: the running stream goes on after it, to the closing
-                assert msgspec.json.decode(await running.content.readline())["done"] is False
+                    assert fleet.gateway.planner.shutdown.closing.done()
                 async with asyncio.timeout(GRACE_S + 3):
                     lines = [msgspec.json.decode(line) async for line in running.content]
         # ended in words (a cut by the server would leave no such line), after running meanwhile
@@ -89,16 +91,21 @@ async def test_a_stopping_gateway_answers_queued_requests_and_ends_running_strea
                 await stopping
 
 
-async def test_a_request_that_would_queue_once_the_stop_began_is_answered_at_once(
+async def test_a_request_queued_while_the_gateway_stops_is_served_when_a_slot_frees(
     nats_server: NatsServer, root: str
 ) -> None:
+    """Within the grace a queued request is served as any other: its client (curl, the ollama
+    package) would not have retried another gateway on a 503."""
     async with LocalFleet(one_slot(nats_server, root)) as fleet, aiohttp.ClientSession() as s:
         await preload(fleet, MODEL)
         assert fleet.gateway is not None
         body = {"model": MODEL, "prompt": "a long story"}
+        short = {"model": MODEL, "prompt": "x", "stream": False, "options": {"num_predict": 2}}
         async with s.post(fleet.url + "/api/generate", json=body) as running:
             await running.content.readline()  # its one slot is busy now
             fleet.gateway.begin_stop(3600.0)  # the stop began; the server still takes connections
-            async with asyncio.timeout(5), s.post(fleet.url + "/api/generate", json=body) as r:
-                assert r.status == 503 and await r.json() == {"error": "server shutting down"}
+            queued = asyncio.create_task(s.post(fleet.url + "/api/generate", json=short))
             assert msgspec.json.decode(await running.content.readline())["done"] is False  # still running
+        # the running stream's client left: its slot frees, and the queued request takes it
+        async with asyncio.timeout(10), await queued as r:
+            assert r.status == 200 and (await r.json())["done"] is True
