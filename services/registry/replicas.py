@@ -185,6 +185,7 @@ class Replicator:
             starting=frozenset(backlog.starting) | self._placing(token),
             pinned=self._pinned(),
             router=self._router,
+            fleet=[a for a in self.fleet.agents() if a.status == "active"],
         )
         self.plans[token] = plan
         for agent_id in plan.load:

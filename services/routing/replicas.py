@@ -8,8 +8,10 @@ request would start: every slot takes a request when it is free and another ever
 (the queue forms only when every warm slot is taken, so a serving slot frees after about one
 request; a load under way is taken to be `LOADING_REMAINING` from its end). A replica elsewhere
 helps only if its load ends before that. `plan_replicas` walks the candidates — active agents with
-the model on disk where it fits in free VRAM without evicting anything (`fits`; a pinned model is
-never evicted), cheapest first by the router — and takes each one whose load (as observed there or
+the model on disk where it fits in free VRAM without evicting anything (`fits`), or once Ollama
+lets go of models idle there that another agent of the fleet also has loaded (`_frees_for`: their
+requests keep a place; a busy or pinned model is never evicted), cheapest first by the router
+(whose costs put an eviction after none) — and takes each one whose load (as observed there or
 on an agent like it, else estimated: `load_time`) ends before the backlog, with the replicas
 already taken, would have drained; it stops once the backlog has a slot for every
 ``backlog_per_slot`` waiting requests (serving slots count only while they free: a backlog that has
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from corral.protocol.messages import AgentState
-from corral.routing.model import LOADING_REMAINING, Router, fits, load_time
+from corral.routing.memory import ObservedSizes
+from corral.routing.model import LOADING_REMAINING, Router, fits, load_plan, load_time
 from corral.routing.route import Route, loading_for, warm
 
 __all__ = ["BACKLOG_PER_SLOT", "ReplicaPlan", "drain_s", "plan_replicas"]
@@ -84,13 +87,15 @@ def plan_replicas(
     pinned: frozenset[str] = frozenset(),
     backlog_per_slot: float = BACKLOG_PER_SLOT,
     router: Router | None = None,
+    fleet: Sequence[AgentState] = (),
 ) -> ReplicaPlan:
     """The replicas ``depth`` requests waiting for ``route``'s model need now.
 
     ``holders``: the active agents with the model on disk (the candidates, and those serving or
     loading it); ``request_s``: seconds one request holds a slot; ``starting``: agents a load was
     sent to that may not show it yet (they count as loading); ``pinned``: models kept warm;
-    ``router``: the caller's, whose observations of these very ``holders`` are reused.
+    ``router``: the caller's, whose observations of these very ``holders`` are reused; ``fleet``:
+    every agent, to tell an idle model a load would evict from a holder is loaded elsewhere too.
     """
     router = router or Router()
     sizes, loads = router.observations(holders)
@@ -102,7 +107,7 @@ def plan_replicas(
             serving.append(a)
         elif loading_for(route, a) or a.id in starting:
             loading.append(a)
-        elif fits(route, a, sizes):  # entirely in VRAM, evicting nothing
+        elif fits(route, a, sizes) or _frees_for(route, a, sizes, fleet, pinned):  # entirely in VRAM
             spare.append(a)
     ranked = router.rank("auto", route, spare, {}, pinned, observed_in=holders)
     ready_s = {a.id: load_time(route, a, loads) for a in [*loading, *ranked]}
@@ -130,6 +135,21 @@ def plan_replicas(
             groups.append((ready, _slots(a)))
             slots += _slots(a)
     return dataclasses.replace(plan, load=tuple(chosen))
+
+
+def _frees_for(
+    route: Route, agent: AgentState, sizes: ObservedSizes, fleet: Sequence[AgentState], pinned: frozenset[str]
+) -> bool:
+    """A load of ``route``'s model fits entirely in ``agent``'s VRAM once Ollama unloads models idle
+    there, each of them loaded on another agent of ``fleet`` too (so a request for it still finds a
+    runner) and none pinned: a backlog may take memory such models keep warm twice."""
+    plan = load_plan(route, agent, sizes)
+    if not (plan.evicts and plan.full) or plan.busy_evicted:
+        return False
+    return all(
+        k not in pinned and any(o.id != agent.id and warm(Route(key=k), o) for o in fleet)
+        for k in plan.evicts
+    )
 
 
 def _slots(agent: AgentState) -> int:

@@ -242,6 +242,30 @@ def test_only_agents_where_the_model_fits_without_evicting() -> None:
     assert plan_replicas(ROUTE, fleet, depth=20, request_s=4.0).load == ("room",)
 
 
+def test_an_idle_model_warm_on_another_agent_too_may_make_room_for_a_replica() -> None:
+    """A backlog may take the memory of a model idle on a holder when another agent also has that
+    model loaded: its requests keep a runner. An agent with free room still comes first; a model
+    loaded nowhere else, busy, or pinned is never evicted for a replica."""
+    elsewhere = agent("elsewhere", loaded_other=2 * GB)  # OTHER warm here too (not a holder: no NAME)
+    full = agent("full", vram=3 * GB, loaded_other=2 * GB)
+    busy = agent("busy", vram=3 * GB, loaded_other=2 * GB, busy_other=True)
+    holders = [agent("serving", warm=True), full, busy]
+    plan = plan_replicas(ROUTE, holders, depth=20, request_s=4.0, fleet=[*holders, elsewhere])
+    assert plan.load == ("full",)
+    with_room = [*holders, agent("room")]
+    plan = plan_replicas(ROUTE, with_room, depth=20, request_s=4.0, fleet=[*with_room, elsewhere])
+    assert plan.load[0] == "room" and "busy" not in plan.load
+    alone = [agent("serving", warm=True), full]  # OTHER loaded on "full" alone
+    assert plan_replicas(ROUTE, alone, depth=20, request_s=4.0, fleet=alone).load == ()
+    pinned = frozenset({parse_name(OTHER).key})
+    assert (
+        plan_replicas(
+            ROUTE, holders, depth=20, request_s=4.0, fleet=[*holders, elsewhere], pinned=pinned
+        ).load
+        == ()
+    )
+
+
 def test_a_backlog_that_never_drains_gets_its_slots() -> None:
     # the warm slot is held by a request of unknown length (request_s inf): it takes none of the
     # backlog, so the backlog gets its slot per two waiting requests from replicas
