@@ -440,8 +440,8 @@ class Transport:
         )
         if isinstance(outcome, Reply):
             return outcome
-        if isinstance(outcome, Failure):
-            raise outcome.error
+        if isinstance(outcome, Failure):  # its error, naming the agent among those of a fan-out
+            raise from_code(outcome.error.code, f"agent {agent_id}: {outcome.error.message}")
         if outcome is Outcome.BUSY:
             raise NoCapacity()
         raise AgentUnavailable(f"agent {agent_id} did not answer")
