@@ -97,6 +97,7 @@ class Agent:
             context_length=settings.context_length,
             gpus=tuple(gpus or ()),
             probe=probe,
+            stall_s=settings.stall_s,
         )
         self._tracer = tracer(__name__, tracer_provider)
         self._tg: asyncio.TaskGroup | None = None
@@ -421,9 +422,8 @@ class Agent:
     async def _refresh(self) -> None:
         b, heard = self._backend, {j.rid: j.last_bytes for j in self._jobs.values()}
         reading, busy = await b.read(), self.slots.busy_tokens()
-        for job in [j for j in self._jobs.values() if b.hung and heard.get(j.rid) is j.last_bytes]:
-            # nothing from its Ollama all the while that did not answer: it would wait for good
-            job.fail(BackendError(f"ollama at {self.ollama.base_url} is not answering"))
+        for job, why in b.stuck(list(self._jobs.values()), heard):  # they would wait for good
+            job.fail(BackendError(why))
         self.loads.observe(reading.loaded, busy | self.runners.ready)  # ready: answered, so ours
         self._apply(self.runners.observe(reading.loaded, reading.trained, busy, b.default_num_ctx()))
         self._changed(state=reading.changed)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple, TypeVar
 
 import msgspec
 from corral.agent.ollama import OLLAMA_ERRORS, OllamaClient
 from corral.agent.runners import until_expiry
+from corral.agent.stalls import Stalls, Watched
 from corral.protocol.messages import Gpu, ModelMeta, PsModel, TagModel
 from corral.protocol.names import key_of
 
 log = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+J = TypeVar("J", bound=Watched)
 META_RETRY_S = 60.0  # a model whose /api/show failed is asked again after this, not every refresh
 
 
@@ -29,9 +31,9 @@ class Reading(NamedTuple):
 class Backend:
     """Reads one Ollama (and this host's GPUs when a probe is given); holds the last reading.
 
-    Sixteen attributes: what it reads with (the client, the clock, the probe, the vendor and
+    Seventeen attributes: what it reads with (the client, the clock, the probe, the vendor and
     context setting, the reading lock), the reading itself (models, loaded, version, GPUs, model
-    shapes, down, hung, started) and the shapes' cache and retries."""
+    shapes, down, hung, started), the shapes' cache and retries, and its streams' silences."""
 
     def __init__(
         self,
@@ -41,6 +43,7 @@ class Backend:
         context_length: int,
         gpus: tuple[Gpu, ...],
         probe: Callable[[], list[Gpu]] | None,
+        stall_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ollama = ollama
@@ -59,11 +62,22 @@ class Backend:
         self._meta_retry_at: dict[str, float] = {}  # digest whose /api/show failed → when to ask again
         self.model_meta: dict[str, ModelMeta] = {}  # model key (on disk) → its shape
         self._reading = asyncio.Lock()
+        self._stalls = Stalls(stall_s)  # streamed requests it sends nothing for (`stuck`)
 
     def next_read_s(self, longest: float) -> float:
         """Seconds until Ollama is to be read again: ``longest``, or sooner when a runner's
         keep_alive runs out before (`corral.agent.runners.until_expiry`)."""
         return until_expiry(self.loaded, time.time(), longest)
+
+    def stuck(self, jobs: Sequence[J], heard: Mapping[str, bytes]) -> list[tuple[J, str]]:
+        """Running requests this Ollama would leave waiting for good, and why: those that heard
+        nothing from it (``heard``: their last bytes before the reading just made) while that
+        reading got no answer (`hung`), and streamed ones it has sent nothing for ``stall_s``."""
+        url = self.ollama.base_url
+        hung = [j for j in jobs if self.hung and heard.get(j.rid) is j.last_bytes]
+        stalled = [j for j in self._stalls.look(jobs, self._clock()) if j not in hung]
+        silent = f"ollama at {url} sent nothing for {self._stalls.limit_s:.0f} s"
+        return [(j, f"ollama at {url} is not answering") for j in hung] + [(j, silent) for j in stalled]
 
     async def read(self) -> Reading:
         """Re-read Ollama; an unreachable or odd backend reads as empty (advertise nothing until it

@@ -51,6 +51,15 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
         setting("a ping on every request: keep-alive and check that its requester is there", gt=0),
     ] = 2.0
     drain_grace_s: Annotated[float, setting("on stop, how long in-flight requests may finish", ge=0)] = 30.0
+    stall_s: Annotated[
+        float,
+        setting(
+            "a streamed request its Ollama sends nothing for this long (before its first token or "
+            "between two; a load Ollama itself gives 5 minutes) ends with an error, one that had sent "
+            "nothing is tried on another agent; 0 = never",
+            ge=0,
+        ),
+    ] = 300.0
     vram_gb: Annotated[
         float, setting("override the GPU probe with this much VRAM", ge=0, shown="0 (probe)")
     ] = 0.0

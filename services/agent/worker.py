@@ -69,6 +69,10 @@ class Job:
         return self.env.model
 
     @property
+    def streams(self) -> bool:
+        return self.env.stream
+
+    @property
     def reply(self) -> str:
         return self.out.reply
 

@@ -129,11 +129,20 @@ def num_ctx(view: RouteView) -> int | None:
     return min(int(value), MAX_NUM_CTX)  # Ollama truncates floats into int options
 
 
+def streams(endpoint: str, view: RouteView) -> bool:
+    """Whether Ollama streams its answer: by default on its native generate and chat, only when
+    asked on the OpenAI-compatible routes, never for embeddings."""
+    if endpoint in ("/api/generate", "/api/chat"):
+        return view.stream is not False
+    return endpoint in ("/v1/chat/completions", "/v1/completions") and view.stream is True
+
+
 def derive(work: WorkRequest, view: RouteView) -> None:
     """Set on ``work`` what routing reads of its body, once, for the gateway and the direct NATS
-    client alike: the runner's context, whether it names a keep_alive and ends the runner with it,
-    and the conversation a chat continues."""
+    client alike: the runner's context, whether Ollama streams its answer, whether it names a
+    keep_alive and ends the runner with it, and the conversation a chat continues."""
     work.num_ctx = num_ctx(view)
+    work.streams = streams(work.endpoint, view)
     work.keep_alive = names_keep_alive(view)
     work.expires_now = work.keep_alive and ends_runner(view.keep_alive)
     if view.messages and work.model is not None:

@@ -24,6 +24,7 @@ Headers (names in `corral.protocol.headers`)::
     Corral-Keep-Alive      the request names a keep_alive: what its runner shows changes; ``0`` when
                            it is zero (the runner ends with the request), else any other value
     Corral-Now             a direct send that must not wait in the agent's FIFO: busy instead
+    Corral-Stream          the body asks Ollama to stream its answer (any value)
     Corral-Reply           a queued request's reply subject (JetStream keeps headers, not reply-to)
     traceparent/tracestate W3C trace context (https://www.w3.org/TR/trace-context/), only when
                            well formed: traceparent 55 characters, tracestate at most 512
@@ -77,7 +78,7 @@ _NATS_HEADER_LINE = len("NATS/1.0\r\n") + len("\r\n")
 
 
 class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
-    """Sixteen attributes: the headers of the table above, each read once here (Corral-Keep-Alive
+    """Seventeen attributes: the headers of the table above, each read once here (Corral-Keep-Alive
     gives two, whether a keep_alive is named and whether it is zero; the trace context's two are
     one)."""
 
@@ -95,6 +96,7 @@ class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     keep_alive: bool = False
     expires_now: bool = False  # keep_alive 0 with something to run: the runner ends with the request
     now: bool = False  # a direct send that must not wait in the agent's FIFO: busy instead
+    stream: bool = False  # the body asks Ollama to stream its answer
     reply: str | None = None
     trace: dict[str, str] = msgspec.field(default_factory=dict)
 
@@ -115,6 +117,8 @@ class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
             h[H.KEEP_ALIVE] = "0" if self.expires_now else "1"
         if self.now:
             h[H.NOW] = "1"
+        if self.stream:
+            h[H.STREAM] = "1"
         if self.echo_model and self.upstream_model:
             h[H.ECHO_MODEL] = self.echo_model
             h[H.UPSTREAM_MODEL] = self.upstream_model
@@ -167,6 +171,7 @@ def decode_request(headers: Mapping[str, str] | None) -> RequestEnvelope:
         keep_alive=H.KEEP_ALIVE in h,
         expires_now=h.get(H.KEEP_ALIVE) == "0",
         now=H.NOW in h,
+        stream=H.STREAM in h,
         reply=_reply(h),
         trace=trace,
     )

@@ -55,6 +55,7 @@ ORIGIN: Final = "Corral-Origin"
 REPLY: Final = "Corral-Reply"
 NUM_CTX: Final = "Corral-Num-Ctx"  # set when the request gives options.num_ctx (value: that number)
 NOW: Final = "Corral-Now"  # a direct send that starts on a free slot or is answered busy
+STREAM: Final = "Corral-Stream"  # the body asks Ollama to stream its answer (a silence is bounded)
 UNLOAD: Final = "Corral-Unload"  # set on a keep_alive 0 unload: the agent re-reads its Ollama after it
 KEEP_ALIVE: Final = (
     "Corral-Keep-Alive"  # the request names a keep_alive: the agent re-reads its Ollama after it

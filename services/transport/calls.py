@@ -182,6 +182,7 @@ class Transport:
             upstream_model=req.upstream_model if req.echo_model else None,
             trace=req.trace,
             now=now,
+            stream=req.streams,
             reply=self.subjects.reply(self.id, rid) if queued else None,
         )
         payload = req.body

@@ -21,10 +21,10 @@ class WorkRequest:
     ``stream``, the body is still arriving from the client and is served to the agent as it asks
     (a blob upload: `corral.transport.bodies`), ``body`` left empty.
 
-    Eighteen attributes: what the client sent (endpoint, method, body or its stream, trace context)
+    Nineteen attributes: what the client sent (endpoint, method, body or its stream, trace context)
     and what the gateway derived from it once, so that routing never parses the body again
-    (model, vendor pin, context, conversation, strategy, priority, unload, keep_alive, the names to
-    restore)."""
+    (model, vendor pin, context, conversation, strategy, priority, unload, keep_alive, whether it
+    streams, the names to restore)."""
 
     endpoint: str
     body: bytes
@@ -44,6 +44,7 @@ class WorkRequest:
     expires_now: bool = False  # that keep_alive is 0: the runner ends with the request (read before it ends)
     stream: BodySource | None = None  # a body read from its client only as the agent asks for it
     priority: Priority = "interactive"  # batch work takes only slots no interactive request waits for
+    streams: bool = False  # the body asks Ollama to stream its answer
 
 
 def model_work(

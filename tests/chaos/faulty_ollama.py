@@ -7,13 +7,16 @@ Faults (`FaultyOllama.fault`):
 - ``"reset"``: the connection is closed before any response (a runner crash under a proxy, a
   load balancer giving up): the agent's HTTP client sees no status line at all;
 - ``"500"``: Ollama's own 500 for a runner that died while loading, ``{"error": "llama runner
-  process has terminated: exit status 2"}``.
+  process has terminated: exit status 2"}``;
+- ``"hang"``: nothing is answered at all (a wedged runner, before its first token);
+- ``"stall"``: the real answer's head and first chunk, then nothing (a runner wedged mid-stream).
 
 `FaultyOllama.hits` counts the model-endpoint requests it received, faulty or not.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -22,7 +25,7 @@ import aiohttp
 from aiohttp import web
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 
-Fault = Literal["reset", "500"] | None
+Fault = Literal["reset", "500", "hang", "stall"] | None
 RUNNER_DIED = '{"error":"llama runner process has terminated: exit status 2"}'
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
@@ -34,6 +37,7 @@ class FaultyOllama:
         self.hits = 0
         self.url = ""
         self._session: aiohttp.ClientSession | None = None
+        self._released = asyncio.Event()  # set as it stops: the hanging answers end
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         if request.path in MODEL_ENDPOINTS:
@@ -44,6 +48,10 @@ class FaultyOllama:
                 return web.Response()  # never written
             if self.fault == "500":
                 return web.Response(status=500, text=RUNNER_DIED, content_type="application/json")
+            if self.fault == "hang":
+                await self._released.wait()
+                return web.Response()
+        stall = request.path in MODEL_ENDPOINTS and self.fault == "stall"
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         async with self._session.request(
@@ -55,6 +63,9 @@ class FaultyOllama:
             await out.prepare(request)
             async for chunk in r.content.iter_any():
                 await out.write(chunk)
+                if stall:
+                    await self._released.wait()
+                    return out
             await out.write_eof()
             return out
 
@@ -72,4 +83,5 @@ class FaultyOllama:
             try:
                 yield self
             finally:
+                self._released.set()
                 await runner.cleanup()

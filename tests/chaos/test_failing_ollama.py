@@ -1,11 +1,13 @@
 """An Ollama whose HTTP server answers (its `/api/ps`, `/api/tags`) while its model endpoints fail:
-the connection closed before any response, or Ollama's own 500 for a runner that died. The agent in
-front of it stays in the fleet, so routing is what keeps its failures from the clients: each request
-is tried there at most once and then on the agent that works; a request only that agent may serve
-gets its failure at once, as one Ollama would have given it, not a wait for the queue's deadline."""
+the connection closed before any response, Ollama's own 500 for a runner that died, or a runner
+that stops sending. The agent in front of it stays in the fleet, so routing is what keeps its
+failures from the clients: each request is tried there at most once and then on the agent that
+works; a request only that agent may serve gets its failure at once, as one Ollama would have given
+it, not a wait for the queue's deadline; a stream it stops sending ends after `stall_s`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,6 +26,8 @@ pytestmark = pytest.mark.chaos
 MODEL = "llama3.2"
 KEY = parse_name(MODEL).key
 REQUESTS = 12
+STALL_S = 1.0  # a streamed request its Ollama sends nothing for this long ends (300 s by default)
+STRICT = {"X-Load-Balancing-Strategy": "nvidia", "X-Enforce-Strategy": "true"}  # the failing agent's
 
 
 @pytest.fixture
@@ -42,7 +46,7 @@ async def fleet(nats_server: NatsServer, root: str) -> AsyncIterator[tuple[Local
                 Backend(url=faulty.url, vendor="nvidia", parallel=2),
                 Backend(url=good.url, vendor="amd", parallel=2),
             ],
-            agent={"refresh_s": 0.5, "heartbeat_s": 0.5},
+            agent={"refresh_s": 0.5, "heartbeat_s": 0.5, "stall_s": STALL_S},
             gateway={"queue_timeout_s": 30.0},  # a request caught waiting would end as a 503, not hang
             aggregator=None,
         )
@@ -81,16 +85,35 @@ async def test_a_failing_ollama_is_tried_once_per_request_and_its_error_given_wh
         assert faulty.hits <= REQUESTS  # at most once each: never a second try on the failing agent
         # only the failing agent may serve it: its failure at once, not the queue's deadline
         faulty.hits = 0
-        status, _, body = await generate(
-            s, f.url, **{"X-Load-Balancing-Strategy": "nvidia", "X-Enforce-Strategy": "true"}
-        )
+        status, _, body = await generate(s, f.url, **STRICT)
         assert faulty.hits == 1
         if fault == "500":  # Ollama's own answer, as it gave it
             assert status == 500 and body == {"error": RUNNER_DIED.split('"')[3]}
         else:  # the agent could not read an answer from its Ollama
             assert status == 502 and body["error"].startswith("ollama unavailable"), body
         faulty.fault = None  # mended: it serves again
-        status, agent, body = await generate(
-            s, f.url, **{"X-Load-Balancing-Strategy": "nvidia", "X-Enforce-Strategy": "true"}
-        )
+        status, agent, body = await generate(s, f.url, **STRICT)
         assert status == 200 and agent == bad_agent
+
+
+async def streamed(s: aiohttp.ClientSession, url: str, **headers: str) -> tuple[int, list[dict[str, Any]]]:
+    body = {"model": MODEL, "prompt": "hi", "options": {"num_predict": 2}}
+    async with s.post(url + "/api/generate", json=body, headers=headers) as r:
+        return r.status, [json.loads(line) for line in (await r.text()).splitlines() if line.strip()]
+
+
+async def test_a_stream_its_ollama_stops_sending_ends_and_one_not_begun_goes_elsewhere(
+    fleet: tuple[LocalFleet, FaultyOllama],
+) -> None:
+    f, faulty = fleet
+    silent = f"ollama at {faulty.url} sent nothing for {STALL_S:.0f} s"
+    faulty.fault = "hang"  # a runner wedged before its first token; its server still answers
+    async with aiohttp.ClientSession() as s:
+        status, lines = await streamed(s, f.url, **STRICT)  # only that agent may serve it
+        assert status == 502 and lines == [{"error": silent}]
+        for _ in range(4):  # others: served by the agent that works, whichever was tried first
+            status, lines = await streamed(s, f.url)
+            assert status == 200 and lines[-1]["done"] is True
+        faulty.fault = "stall"  # wedged after its first token: the stream ends in words
+        status, lines = await streamed(s, f.url, **STRICT)
+        assert status == 200 and lines[0]["done"] is False and lines[-1] == {"error": silent}

@@ -16,6 +16,7 @@ from corral.gateway.bodies import (
     keep_alive_is_zero,
     keep_alive_s,
     names_keep_alive,
+    streams,
 )
 from corral.transport import model_work
 from hypothesis import given, settings
@@ -344,3 +345,19 @@ def test_a_keep_alive_under_a_second_ends_the_runner(value: Any) -> None:
 @pytest.mark.parametrize("value", [1, "1s", "5m", -1, "-1m", "300", None])
 def test_a_keep_alive_of_a_second_or_more_does_not(value: Any) -> None:
     assert not ends_runner(ka(value))
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "streamed"),
+    [
+        ("/api/generate", b'{"model":"m"}', True),  # Ollama's default
+        ("/api/chat", b'{"model":"m","stream":false}', False),
+        ("/api/chat", b'{"model":"m","stream":true}', True),
+        ("/v1/chat/completions", b'{"model":"m"}', False),  # OpenAI's default
+        ("/v1/completions", b'{"model":"m","stream":true}', True),
+        ("/api/embed", b'{"model":"m","stream":true}', False),  # never streams
+        ("/v1/embeddings", b'{"model":"m"}', False),
+    ],
+)
+def test_whether_ollama_streams_the_answer(endpoint: str, body: bytes, streamed: bool) -> None:
+    assert streams(endpoint, decode_view(body)) is streamed

@@ -37,6 +37,7 @@ _endpoints = st.sampled_from(["/api/generate", "/api/chat", "/v1/chat/completion
     keep_alive=st.booleans(),
     expires_now=st.booleans(),
     now=st.booleans(),
+    stream=st.booleans(),
 )
 def test_round_trip(
     rid: str,
@@ -51,6 +52,7 @@ def test_round_trip(
     keep_alive: bool,
     expires_now: bool,
     now: bool,
+    stream: bool,
 ) -> None:
     env = RequestEnvelope(
         rid=rid,
@@ -67,6 +69,7 @@ def test_round_trip(
         keep_alive=keep_alive or expires_now,  # a zero keep_alive is one named
         expires_now=expires_now,
         now=now,
+        stream=stream,
         reply="corral.reply.gw.1" if unload else None,
         trace={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
     )

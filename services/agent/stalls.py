@@ -1,0 +1,59 @@
+"""Streamed requests whose Ollama went silent: `Stalls`, pure, looked at on each refresh.
+
+Ollama streams a token at a time, so a stream that sends nothing for minutes is stuck (a wedged
+runner, while the server still answers `/api/ps`): before its first token (a load, the prompt) or
+between two. Nothing bounds such a wait in Ollama once its load is done, and nothing here would
+notice: the agent's readings of that Ollama come back fine. An unstreamed request is not judged:
+its whole answer comes at once, after however long the generation takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
+
+
+class Watched(Protocol):
+    """What is read of a job (`corral.agent.worker.Job`)."""
+
+    @property
+    def rid(self) -> str: ...
+
+    @property
+    def streams(self) -> bool: ...  # its body asks Ollama to stream the answer
+
+    started: bool
+    ran_from: float  # monotonic, when it began to run
+    last_bytes: bytes  # a new object with each chunk from its Ollama
+
+
+W = TypeVar("W", bound=Watched)
+
+
+class Stalls:
+    """Which running streamed jobs have heard nothing from their Ollama for ``limit_s`` (0: none
+    ever). Each look notes, per job, the last chunk it had and since when it has not changed, so
+    nothing is timed per chunk; a stall is seen at most one look late."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._seen: dict[str, tuple[bytes, float]] = {}  # rid → (its last chunk, unchanged since)
+
+    def look(self, jobs: Iterable[W], now: float) -> list[W]:
+        """The streamed jobs silent for the limit as of ``now``."""
+        if not self.limit_s:
+            return []
+        seen: dict[str, tuple[bytes, float]] = {}
+        stalled = []
+        for job in jobs:
+            if not (job.streams and job.started and job.ran_from):
+                continue
+            before = self._seen.get(job.rid)
+            since = before[1] if before is not None and before[0] is job.last_bytes else now
+            if before is None and not job.last_bytes:  # nothing yet: silent since it began to run
+                since = job.ran_from
+            seen[job.rid] = (job.last_bytes, since)
+            if now - since >= self.limit_s:
+                stalled.append(job)
+        self._seen = seen
+        return stalled

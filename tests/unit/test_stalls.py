@@ -1,0 +1,50 @@
+"""`Stalls`: which streamed requests their Ollama has sent nothing for the limit, judged from the
+last chunk each had at each look (nothing is timed per chunk)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from corral.agent.stalls import Stalls
+
+
+@dataclass(eq=False)
+class Job:
+    rid: str
+    streams: bool = True
+    started: bool = True
+    ran_from: float = 100.0
+    last_bytes: bytes = b""
+
+
+def test_a_stream_silent_since_it_began_is_caught_at_the_first_look_past_the_limit() -> None:
+    stalls = Stalls(10.0)
+    job = Job("a")
+    assert stalls.look([job], 105.0) == []
+    assert stalls.look([job], 110.0) == [job]  # nothing since it began to run, at 100
+
+
+def test_each_chunk_starts_the_silence_again() -> None:
+    stalls = Stalls(10.0)
+    job = Job("a", last_bytes=b"x")
+    assert stalls.look([job], 101.0) == []  # first seen with bytes: silent from this look
+    job.last_bytes = b"y"  # a new chunk
+    assert stalls.look([job], 110.0) == []
+    assert stalls.look([job], 119.0) == []
+    assert stalls.look([job], 120.0) == [job]  # unchanged since the look at 110
+
+
+def test_unstreamed_waiting_and_unlimited_are_never_judged() -> None:
+    unstreamed, waiting = Job("a", streams=False), Job("b", started=False, ran_from=0.0)
+    stalls = Stalls(1.0)
+    assert stalls.look([unstreamed, waiting], 1e6) == []
+    assert Stalls(0.0).look([Job("c")], 1e6) == []
+
+
+def test_a_job_gone_is_forgotten() -> None:
+    stalls = Stalls(10.0)
+    a, b = Job("a", last_bytes=b"x"), Job("b", last_bytes=b"x")
+    stalls.look([a, b], 101.0)
+    stalls.look([b], 105.0)  # a ended
+    again = Job("a", last_bytes=a.last_bytes)  # an id seen before, as a new job: judged afresh
+    assert stalls.look([again, b], 111.0) == [b]
