@@ -543,7 +543,9 @@ async def test_keys_on_before_any_key_the_setup_step_makes_their_buckets(
     rc, out, err = await corral(
         "status", "--nats", fleet.nats_url, "--root", ROOT, "--nats-creds", gateway_creds
     )
-    assert rc == 0 and "agents" in out and "with NATS identities only the operator's may make them" in err, err
+    assert rc == 0 and "agents" in out and "with NATS identities only the operator's may make them" in err, (
+        err
+    )
     await corral_ok("status", "--nats", fleet.nats_url, "--root", ROOT, "--nats-creds", operator, timeout=30)
     gateway = Gateway(settings)
     http = AsgiServer(gateway, "127.0.0.1", 0)
