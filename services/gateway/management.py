@@ -278,12 +278,10 @@ async def _create_streamed(
         why = (
             (r.message if isinstance(r, CorralError) else str(r)) if isinstance(r, Exception) else _failure(r)
         )
-        if why is None:
-            yield SUCCESS_LINE
-            return
-        log.warning("/api/create on agent %s failed: %s", agent, why[:200])
-        failures.append(why)
-    yield native_body(failures[0]) + b"\n"
+        if why is not None:
+            log.warning("/api/create on agent %s failed: %s", agent, why[:200])
+            failures.append(why)
+    yield SUCCESS_LINE if len(failures) < len(holders) else native_body(failures[0]) + b"\n"
 
 
 def _failure(answer: tuple[int, bytes, str]) -> str | None:
