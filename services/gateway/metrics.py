@@ -18,6 +18,7 @@ and a route is one of `ROUTES` or a strategy name.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -27,6 +28,7 @@ from corral.gateway.fleetmetrics import FleetCollector
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import CorralError
 from corral.protocol.subjects import Subjects
+from corral.routing import Route, expected_waits
 from corral.runtime.fleet import FleetView
 from corral.runtime.workqueue import depths
 from corral.transport import WorkRequest
@@ -109,6 +111,20 @@ class Decision:
         if self.queue_s is not None:
             out.append((b"x-corral-queue-ms", b"%d" % round(self.queue_s * 1000)))
         return out
+
+
+def explain(
+    req: WorkRequest, agent: str, decision: Decision, fleet: FleetView, outstanding: Mapping[str, int]
+) -> str:
+    """The debug line of one routed request: where it went, why, and the candidates' expected waits."""
+    m = req.model
+    route = None if m is None else Route(key=m.key, vendor=req.vendor, strict=req.strict, num_ctx=req.num_ctx)
+    queued = "-" if decision.queue_s is None else f"{decision.queue_s:.3f}"
+    waits = expected_waits(route, fleet.agents() if m is None else fleet.with_model(m.key), outstanding)
+    return (
+        f"{req.endpoint} {'-' if m is None else m.key} -> {agent} (route {decision.route}, strategy "
+        f"{decision.strategy}, queued {queued} s); candidates (expected wait): {waits}"
+    )
 
 
 def known_label(key: str, known: bool) -> str:

@@ -36,8 +36,10 @@ The seed strategies (round_robin, random, ...) use the plan below instead:
    start again, until the request's queue deadline; then Ollama's 503 ``server busy``.
 
 An attempt that fails before the agent sent its ``head`` (no claim in time, the agent went silent,
-the agent could not reach its Ollama) moves on to the next candidate; the client never notices.
-After the head, failures end the stream with an error (`Reply.batches` raises).
+the agent could not reach its Ollama, Ollama's 5xx) moves on to the next candidate; the client never
+notices. An agent that failed it is not tried again for it, nor, for a while, for its model's next
+requests (`corral.gateway.breaker`): those go to other agents by name. After the head, failures end
+the stream with an error (`Reply.batches` raises).
 """
 
 from __future__ import annotations
@@ -46,10 +48,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 from corral.gateway.autopull import AutoPuller
-from corral.gateway.metrics import LOAD, QUEUED, SESSION, WARM, Decision, GatewayMetrics, new_decision
+from corral.gateway.breaker import Breakers
+from corral.gateway.metrics import (
+    LOAD,
+    QUEUED,
+    SESSION,
+    WARM,
+    Decision,
+    GatewayMetrics,
+    explain,
+    new_decision,
+)
 from corral.gateway.outage import Outage
 from corral.gateway.placement import Loads
 from corral.gateway.policy import Candidate, candidates, quant_match, substitute
@@ -60,13 +73,14 @@ from corral.gateway.shutdown import Shutdown
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import BackendError, CorralError, ModelNotFound, NoCapacity
 from corral.protocol.messages import AgentState
-from corral.protocol.names import ANY_VENDOR, ModelName, key_of, parse_name
+from corral.protocol.names import ANY_VENDOR
 from corral.protocol.priority import BATCH
-from corral.routing import Route, Router, expected_waits, load, route_ctx, slots_taken, warm
+from corral.routing import Route, Router, load, route_ctx, slots_taken, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.policy import PolicyStore
 from corral.runtime.tasks import cancel_and_wait
 from corral.transport import Failure, Outcome, Reply, Transport, WorkRequest
+from corral.views import listed_as
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +116,7 @@ class Planner:
         self.metrics = metrics or GatewayMetrics(fleet)
         self.policy = policy  # aliases and fallbacks (None: every model serves only itself)
         self._outliving: set[asyncio.Task[Any]] = set()  # work whose client left (`outlive_client`)
+        self.breakers = Breakers()  # agents that lately failed a model's requests before answering
 
     async def stop(self) -> None:
         await self.pulls.stop()
@@ -126,20 +141,9 @@ class Planner:
             return await self._send(req, wait_s, decision)
         if self.policy is None or req.endpoint not in MODEL_ENDPOINTS:
             reply = await self._send(req, wait_s, decision)
-            decision.served = self._as_listed(reply.agent, req.model)
+            decision.served = listed_as(self.fleet.get(reply.agent), req.model)
             return reply
         return await self._send_by_policy(req, wait_s, decision)
-
-    def _as_listed(self, agent_id: str, model: ModelName) -> str:
-        """``model`` as the agent that served it lists it: names are case-insensitive, and a request
-        for ``LLAMA3.2`` is served by the ``llama3.2:latest`` that X-Corral-Model names."""
-        if model.display == model.display.lower():
-            return model.display  # the common case, spelled as listed already
-        state = self.fleet.get(agent_id)
-        for m in state.models if state is not None else ():
-            if key_of(m.name) == model.key:
-                return parse_name(m.name).display
-        return model.display
 
     async def _send_by_policy(self, req: WorkRequest, wait_s: float, decision: Decision) -> Reply:
         """Try the request's model (or its alias's target); when no agent has it, a loaded model
@@ -168,7 +172,7 @@ class Planner:
                         tries.insert(1, Candidate(quant, "quant"))
                 continue
             assert work.model is not None
-            decision.served = self._as_listed(reply.agent, work.model)
+            decision.served = listed_as(self.fleet.get(reply.agent), work.model)
             if attempt.kind is not None:
                 decision.requested, decision.substitution = requested, attempt.kind
                 log.info("%s served by %s (%s)", requested, decision.served, attempt.kind)
@@ -186,6 +190,10 @@ class Planner:
         session_agent = None
         if auto and req.session and req.follow_up and self.sessions is not None:
             session_agent = await self.sessions.lookup(req.session)
+        if req.model is not None and (trips := self.breakers.tripped(req.model.key, time.monotonic())):
+            if self._left_to_try(req, set(trips)):  # others may serve it: not those, for now
+                failed |= trips.keys()
+                decision.failure = next(iter(trips.values()))
         pulled = False
         held: Reply | None = None  # an agent's 5xx, kept while others are tried (`_try_elsewhere`)
         try:
@@ -208,19 +216,22 @@ class Planner:
                 finally:
                     if skip:
                         failed |= avoid - skip  # what this pass found failing, not the skipped
-                if reply is not None and self._try_elsewhere(req, reply, failed | skip, decision):
-                    failed.add(reply.agent)
+                if reply is not None and self._try_elsewhere(req, reply, failed | skip):
+                    error = BackendError(f"agent {reply.agent} answered {reply.status}")
+                    self._failed_on(req, Failure(reply.agent, error), failed, decision)
                     if held is not None:
                         await held.close()
                     held = reply
                     continue
                 if reply is not None:
+                    if req.model is not None:
+                        self.breakers.answered(reply.agent, req.model.key)
                     if waited is not None:  # besides any wait in the fleet queue (`FleetQueue.wait`)
                         decision.queue_s = (decision.queue_s or 0.0) + waited
                     if failed:
                         self.metrics.failed_over(req)
                     if log.isEnabledFor(logging.DEBUG):
-                        self._explain(req, reply, decision)
+                        log.debug("%s", explain(req, reply.agent, decision, self.fleet, t.outstanding))
                     return reply
                 if held is not None and not self._left_to_try(req, failed | skip):
                     reply, held = held, None
@@ -237,19 +248,17 @@ class Planner:
             if held is not None:
                 await held.close()
 
-    def _try_elsewhere(self, req: WorkRequest, reply: Reply, failed: set[str], decision: Decision) -> bool:
+    def _try_elsewhere(self, req: WorkRequest, reply: Reply, failed: set[str]) -> bool:
         """Whether a model call's reply is a server error (Ollama's 5xx: its runner crashed, the
         model does not fit its memory, its own queue is full) that another agent may not give:
         nothing has reached the client yet, so it is tried there, and given only if none is left."""
-        if reply.status < 500 or req.endpoint not in MODEL_ENDPOINTS:
-            return False
-        if not self._left_to_try(req, failed | {reply.agent}):
+        other = reply.status >= 500 and req.endpoint in MODEL_ENDPOINTS
+        if not (other and self._left_to_try(req, failed | {reply.agent})):
             return False
         log.warning(
             "agent %s answered %d before any byte went out; trying elsewhere", reply.agent, reply.status
         )
         self.metrics.retried(req, "failed")
-        decision.failure = BackendError(f"agent {reply.agent} answered {reply.status}")
         return True
 
     def _unanswering(self) -> set[str]:
@@ -258,24 +267,6 @@ class Planner:
         so one stopped agent costs one claim timeout, not one per request. A registry removes one
         that stays silent."""
         return self.transport.unanswering(self.fleet.heard)
-
-    def _explain(self, req: WorkRequest, reply: Reply, decision: Decision) -> None:
-        """The debug line of one routed request: where it went, why, and the candidates' expected waits."""
-        m = req.model
-        route = (
-            None if m is None else Route(key=m.key, vendor=req.vendor, strict=req.strict, num_ctx=req.num_ctx)
-        )
-        agents = self.fleet.agents() if m is None else self.fleet.with_model(m.key)
-        log.debug(
-            "%s %s -> %s (route %s, strategy %s, queued %s s); candidates (expected wait): %s",
-            req.endpoint,
-            "-" if m is None else m.key,
-            reply.agent,
-            decision.route,
-            decision.strategy,
-            "-" if decision.queue_s is None else f"{decision.queue_s:.3f}",
-            expected_waits(route, agents, self.transport.outstanding),
-        )
 
     async def _attempt(
         self,
@@ -293,12 +284,19 @@ class Planner:
         ``decision.failure``: the request's answer if no agent is left to try."""
         outcome = await self.transport.attempt(req, subject, agent, deadline, now=now)
         if isinstance(outcome, Failure):
-            failed.add(outcome.agent)
-            decision.failure = outcome.error
+            self._failed_on(req, outcome, failed, decision)
             outcome = Outcome.FAILED
         if outcome is Outcome.BUSY or outcome is Outcome.FAILED:
             self.metrics.retried(req, outcome.name.lower())
         return outcome
+
+    def _failed_on(self, req: WorkRequest, failure: Failure, failed: set[str], decision: Decision) -> None:
+        """An agent claimed ``req`` and failed it before its head: never again for this request,
+        and for a while not for its model's next ones either (`Breakers`)."""
+        failed.add(failure.agent)
+        decision.failure = failure.error
+        if req.model is not None:
+            self.breakers.failed(failure.agent, req.model.key, failure.error, time.monotonic())
 
     async def send_to(self, agent_id: str, req: WorkRequest, *, timeout: float | None = None) -> Reply:
         """Send to one agent's direct subject; no fallback (fan-out of unloads, pinned agents)."""
@@ -491,7 +489,8 @@ class Planner:
         # the fleet queue, unless an agent failed it: any agent serves the queue, that one too
         if req.num_ctx is None and self.settings.queue and decision.failure is None:
             decision.route = QUEUED
-            return await self.queue.wait(req, route, deadline, failed, decision)  # sets its queue_s
+            on_failure = partial(self._failed_on, req, failed=failed, decision=decision)
+            return await self.queue.wait(req, route, deadline, failed, decision, on_failure)  # sets queue_s
         for a in live:  # its own num_ctx: wait at the agent whose runner will match soonest
             if warm(route, a) or loads.loading_at(route, a):
                 return await direct(a, QUEUED)

@@ -23,7 +23,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import nats.errors
 from corral.gateway.metrics import Decision
@@ -147,11 +147,13 @@ class FleetQueue:
         deadline: float,
         failed: set[str],
         decision: Decision | None = None,
+        on_failure: Callable[[Failure], None] | None = None,
     ) -> Reply | None:
         """Wait in the fleet-wide queue for the next free slot; None to re-plan (nobody will serve it).
         What to do each time no claim came is `QueueWait`'s to say; this does the I/O. ``decision``
         is told, once an agent claimed it, how long it waited (`Decision.queue_s`: until the claim,
-        not the head, which an unstreamed reply sends only at its end)."""
+        not the head, which an unstreamed reply sends only at its end); ``on_failure``, when the
+        agent that took it failed it before its head (the request is then routed again)."""
         assert req.model is not None
         transport = self._transport
         vendor = req.vendor if (req.vendor and req.strict) else ANY_VENDOR
@@ -268,8 +270,8 @@ class FleetQueue:
                     return outcome
                 if isinstance(outcome, Failure):  # routed again, never to that agent
                     failed.add(outcome.agent)
-                    if decision is not None:
-                        decision.failure = outcome.error
+                    if on_failure is not None:
+                        on_failure(outcome)
                 return None
         except asyncio.CancelledError:
             if queued is not None:

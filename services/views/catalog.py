@@ -14,10 +14,21 @@ from datetime import UTC, datetime
 import msgspec
 from corral.protocol.errors import InvalidModelName
 from corral.protocol.messages import AgentState, PsModel, TagModel
-from corral.protocol.names import key_of, parse_name
+from corral.protocol.names import ModelName, key_of, parse_name
 
 _enc = msgspec.json.Encoder()
 _FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def listed_as(state: AgentState | None, model: ModelName) -> str:
+    """``model`` as the agent that served it (``state``) lists it: names are case-insensitive, and
+    a request for ``LLAMA3.2`` is served by the ``llama3.2:latest`` that X-Corral-Model names."""
+    if model.display == model.display.lower():
+        return model.display  # the common case, spelled as listed already
+    for m in state.models if state is not None else ():
+        if key_of(m.name) == model.key:
+            return parse_name(m.name).display
+    return model.display
 
 
 def parse_time(value: str) -> float:
