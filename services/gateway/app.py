@@ -262,8 +262,8 @@ class Gateway:
         return self._rates
 
     def begin_stop(self, grace_s: float) -> None:
-        """The HTTP server is about to stop, cutting what is open after ``grace_s``: queued requests
-        are answered now, running ones in words before then (`corral.gateway.shutdown`)."""
+        """The HTTP server is about to stop, cutting what is open after ``grace_s``: what is still
+        running or queued a little before then ends in words (`corral.gateway.shutdown`)."""
         if self._planner is not None:
             self._planner.shutdown.begin(grace_s)
 

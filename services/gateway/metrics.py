@@ -99,6 +99,7 @@ class Decision:
     stopped: bool = False  # the gateway's stop ended it: its client was told so (503 or a last error line)
     cut: int = 0  # a begun answer ended by an error line instead: that error's status
     failure: CorralError | None = None  # the last error an agent failed it with before its head
+    direct_only: bool = False  # an agent failed it, or a breaker is open: only named agents are sent it
 
     def headers(self, agent: str) -> list[tuple[bytes, bytes]]:
         """``X-Corral-Agent``, ``X-Corral-Route``, ``X-Corral-Model`` (the model that served) and,

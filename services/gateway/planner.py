@@ -190,10 +190,8 @@ class Planner:
         session_agent = None
         if auto and req.session and req.follow_up and self.sessions is not None:
             session_agent = await self.sessions.lookup(req.session)
-        if req.model is not None and (trips := self.breakers.tripped(req.model.key, time.monotonic())):
-            if self._left_to_try(req, set(trips)):  # others may serve it: not those, for now
-                failed |= trips.keys()
-                decision.failure = next(iter(trips.values()))
+        decision.failure, decision.direct_only = None, False  # per model tried (aliases, fallbacks)
+        bench = req.model is not None  # leave out agents whose breaker is open, while others may serve it
         pulled = False
         held: Reply | None = None  # an agent's 5xx, kept while others are tried (`_try_elsewhere`)
         try:
@@ -202,7 +200,12 @@ class Planner:
                 if (cut_off := self.outage.seen(t.nc.is_connected, time.monotonic(), t.epoch())) is not None:
                     raise NoCapacity(cut_off)
                 skip = self._unanswering()
-                avoid = failed | skip if skip else failed  # what this pass does not try
+                key = req.model.key if bench and req.model is not None else ""
+                benched = set(self.breakers.tripped(key, time.monotonic())) if key else set()
+                if benched and not self._left_to_try(req, failed | skip | benched):
+                    bench, benched = False, set()  # only they may serve it: the fault may have passed
+                decision.direct_only |= bool(benched)  # they would take shared subjects and the queue
+                avoid = failed | skip | benched if skip or benched else failed  # what this pass does not try
                 try:
                     reply = await self._send_once(req, deadline, avoid, strategy, session_agent, decision)
                 except ModelNotFound:
@@ -214,14 +217,11 @@ class Planner:
                     deadline = time.monotonic() + wait_s  # the wait for capacity starts now
                     continue
                 finally:
-                    if skip:
-                        failed |= avoid - skip  # what this pass found failing, not the skipped
-                if reply is not None and self._try_elsewhere(req, reply, failed | skip):
-                    error = BackendError(f"agent {reply.agent} answered {reply.status}")
-                    self._failed_on(req, Failure(reply.agent, error), failed, decision)
-                    if held is not None:
-                        await held.close()
-                    held = reply
+                    if skip or benched:
+                        failed |= avoid - skip - benched  # what this pass found failing
+                if reply is not None and held is None and self._try_elsewhere(req, reply, failed | skip):
+                    failed.add(reply.agent)  # once: a 5xx may be the request's own doing
+                    decision.direct_only, held = True, reply
                     continue
                 if reply is not None:
                     if req.model is not None:
@@ -254,7 +254,7 @@ class Planner:
         nothing has reached the client yet, so it is tried there, and given only if none is left."""
         other = reply.status >= 500 and req.endpoint in MODEL_ENDPOINTS
         if not (other and self._left_to_try(req, failed | {reply.agent})):
-            return False
+            return False  # (one other agent is tried: `_send` holds one 5xx at most)
         log.warning(
             "agent %s answered %d before any byte went out; trying elsewhere", reply.agent, reply.status
         )
@@ -294,7 +294,7 @@ class Planner:
         """An agent claimed ``req`` and failed it before its head: never again for this request,
         and for a while not for its model's next ones either (`Breakers`)."""
         failed.add(failure.agent)
-        decision.failure = failure.error
+        decision.failure, decision.direct_only = failure.error, True
         if req.model is not None:
             self.breakers.failed(failure.agent, req.model.key, failure.error, time.monotonic())
 
@@ -435,8 +435,8 @@ class Planner:
                     return reply
         # 2. warm claims: an agent with a free slot on a default-context runner takes it now. The
         # fast path: no ranking, no fleet scan — NATS knows who has a free slot. Not once an agent
-        # failed it: a shared subject cannot leave that agent out (it frees its slot at once)
-        if req.num_ctx is None and decision.failure is None:
+        # failed it or a breaker leaves one out: a shared subject cannot (it frees its slot at once)
+        if req.num_ctx is None and not decision.direct_only:
             token, lane = model.token, req.priority
             subjects = [transport.subjects.work(req.vendor, token, lane)] if req.vendor else []
             if not (req.vendor and req.strict):
@@ -448,7 +448,7 @@ class Planner:
                     return outcome
                 # taken and never claimed (an agent failing it claimed it first: it answers)
                 unclaimed = unclaimed or (outcome is Outcome.FAILED and decision.failure is None)
-                if decision.failure is not None:
+                if decision.direct_only:
                     break
         usable = self._usable(req, failed)
         route = route_for(usable)
@@ -486,11 +486,13 @@ class Planner:
                     # next request must not wait on it as if it were under way
                     await loads.unplace(req, route, target, failed=reply is not None)
                 return reply
-        # the fleet queue, unless an agent failed it: any agent serves the queue, that one too
-        if req.num_ctx is None and self.settings.queue and decision.failure is None:
+        # the fleet queue, unless an agent is to be left out: any agent serves the queue, that one too
+        if req.num_ctx is None and self.settings.queue and not decision.direct_only:
             decision.route = QUEUED
             on_failure = partial(self._failed_on, req, failed=failed, decision=decision)
             return await self.queue.wait(req, route, deadline, failed, decision, on_failure)  # sets queue_s
+        if batch and decision.direct_only:
+            return None  # no agent's own FIFO (no lanes there): it waits for the fleet to change
         for a in live:  # its own num_ctx: wait at the agent whose runner will match soonest
             if warm(route, a) or loads.loading_at(route, a):
                 return await direct(a, QUEUED)

@@ -275,7 +275,10 @@ class FleetQueue:
                 return None
         except asyncio.CancelledError:
             if queued is not None:
-                await asyncio.shield(withdraw(self._js, queued))
+                # in the background: its client (or the gateway's stop) is answered now, not after
+                # JetStream's answer; an agent that takes it meanwhile claims a call released,
+                # which cancels it
+                self._rechecks.withdraw(queued)
             await asyncio.shield(transport.cancel(call))
             raise
         finally:

@@ -82,9 +82,10 @@ async def test_a_failing_ollama_is_tried_once_per_request_and_its_error_given_wh
             status, agent, body = await generate(s, f.url)
             assert status == 200 and body["done"], body
             assert agent != bad_agent
-        # at most the first: its failure trips this gateway's breaker for the agent and model, and
-        # the next requests go to the other agent by name, not by the shared subjects it would take
-        assert faulty.hits <= 1
+        # a connection that ended with no answer: at most the first, whose failure trips this
+        # gateway's breaker for the agent and model (the next requests go to the other agent by
+        # name); a 5xx may be the request's own doing, trips nothing, and is tried once elsewhere
+        assert faulty.hits <= (1 if fault == "reset" else REQUESTS)
         # only the failing agent may serve it: its failure at once, not the queue's deadline
         faulty.hits = 0
         status, _, body = await generate(s, f.url, **STRICT)
