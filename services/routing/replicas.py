@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 from typing import Final
 
@@ -126,11 +126,16 @@ def plan_replicas(
     if not serving and not loading:
         return plan  # the first load is the placement's
     chosen: list[str] = []
+    evicting: set[tuple[str, str]] = set()  # (agent, model) the chosen loads unload
     for a in ranked:
         if slots >= depth / backlog_per_slot:
             break
         ready = ready_s[a.id]
+        unloads = {(a.id, k) for k in load_plan(route, a, sizes).evicts}
+        if unloads and not _frees_for(route, a, sizes, fleet, pinned, evicting | unloads):
+            continue  # another chosen load unloads the copy it counted on
         if ready < drain_s(depth, groups, request_s):  # ready before the backlog is gone
+            evicting |= unloads
             chosen.append(a.id)
             groups.append((ready, _slots(a)))
             slots += _slots(a)
@@ -138,16 +143,23 @@ def plan_replicas(
 
 
 def _frees_for(
-    route: Route, agent: AgentState, sizes: ObservedSizes, fleet: Sequence[AgentState], pinned: frozenset[str]
+    route: Route,
+    agent: AgentState,
+    sizes: ObservedSizes,
+    fleet: Sequence[AgentState],
+    pinned: frozenset[str],
+    unloaded: Set[tuple[str, str]] = frozenset(),
 ) -> bool:
     """A load of ``route``'s model fits entirely in ``agent``'s VRAM once Ollama unloads models idle
     there, each of them loaded on another agent of ``fleet`` too (so a request for it still finds a
-    runner) and none pinned: a backlog may take memory such models keep warm twice."""
+    runner; not one ``unloaded`` lists, (agent, model) that other loads of the plan unload) and none
+    pinned: a backlog may take memory such models keep warm twice."""
     plan = load_plan(route, agent, sizes)
     if not (plan.evicts and plan.full) or plan.busy_evicted:
         return False
     return all(
-        k not in pinned and any(o.id != agent.id and warm(Route(key=k), o) for o in fleet)
+        k not in pinned
+        and any(o.id != agent.id and (o.id, k) not in unloaded and warm(Route(key=k), o) for o in fleet)
         for k in plan.evicts
     )
 

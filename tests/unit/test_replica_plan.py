@@ -266,6 +266,14 @@ def test_an_idle_model_warm_on_another_agent_too_may_make_room_for_a_replica() -
     )
 
 
+def test_two_copies_of_an_idle_model_are_not_both_unloaded_for_one_backlog() -> None:
+    """Each of two holders keeps an idle copy of another model: either may give its copy up, since
+    the other keeps one, but not both in one plan."""
+    a, b = agent("a", vram=3 * GB, loaded_other=2 * GB), agent("b", vram=3 * GB, loaded_other=2 * GB)
+    holders = [agent("serving", warm=True), a, b]
+    assert len(plan_replicas(ROUTE, holders, depth=40, request_s=4.0, fleet=holders).load) == 1
+
+
 def test_a_backlog_that_never_drains_gets_its_slots() -> None:
     # the warm slot is held by a request of unknown length (request_s inf): it takes none of the
     # backlog, so the backlog gets its slot per two waiting requests from replicas
