@@ -422,7 +422,7 @@ class Agent:
     async def _refresh(self) -> None:
         b, heard = self._backend, {j.rid: j.last_bytes for j in self._jobs.values()}
         reading, busy = await b.read(), self.slots.busy_tokens()
-        for job, why in b.stuck(list(self._jobs.values()), heard):  # they would wait for good
+        for job, why in b.stuck(list(self._jobs.values()), heard, self.runners.ready):  # would wait for good
             job.fail(BackendError(why))
         self.loads.observe(reading.loaded, busy | self.runners.ready)  # ready: answered, so ours
         self._apply(self.runners.observe(reading.loaded, reading.trained, busy, b.default_num_ctx()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import NamedTuple, TypeVar
 
 import msgspec
@@ -69,13 +69,16 @@ class Backend:
         keep_alive runs out before (`corral.agent.runners.until_expiry`)."""
         return until_expiry(self.loaded, time.time(), longest)
 
-    def stuck(self, jobs: Sequence[J], heard: Mapping[str, bytes]) -> list[tuple[J, str]]:
+    def stuck(
+        self, jobs: Sequence[J], heard: Mapping[str, bytes], ready: Collection[str]
+    ) -> list[tuple[J, str]]:
         """Running requests this Ollama would leave waiting for good, and why: those that heard
         nothing from it (``heard``: their last bytes before the reading just made) while that
-        reading got no answer (`hung`), and streamed ones it has sent nothing for ``stall_s``."""
+        reading got no answer (`hung`), and streamed ones it has sent nothing for ``stall_s`` (of
+        a model ``ready``, loaded: `corral.agent.stalls`)."""
         url = self.ollama.base_url
         hung = [j for j in jobs if self.hung and heard.get(j.rid) is j.last_bytes]
-        stalled = [j for j in self._stalls.look(jobs, self._clock()) if j not in hung]
+        stalled = [j for j in self._stalls.look(jobs, self._clock(), ready) if j not in hung]
         silent = f"ollama at {url} sent nothing for {self._stalls.limit_s:.0f} s"
         return [(j, f"ollama at {url} is not answering") for j in hung] + [(j, silent) for j in stalled]
 

@@ -179,7 +179,10 @@ class AsyncClient:
             work = model_work(endpoint, encoded, model, vendor=vendor, strict=strict, strategy=how)
             if priority is not None:
                 work.priority = parse_priority(priority)
-            view = bodies.decode_view(encoded)
+            try:
+                view = bodies.decode_view(encoded)
+            except msgspec.ValidationError as e:  # a field of the wrong type: Ollama's 400
+                raise BadRequest(str(e)) from None
             bodies.derive(work, view)  # as the gateway routes: context, keep_alive, conversation
             if bodies.is_unload(endpoint, view):
                 result = await self._unload(work)

@@ -259,29 +259,34 @@ async def _create_streamed(
             last = line
         return reply.status, last, reply.content_type
 
-    async def everywhere() -> list[tuple[int, bytes, str] | Exception]:
+    async def everywhere() -> bytes:
+        """The last line: the creates' summary, logged here whether the client stayed or not."""
         try:
-            return await fan_out(holders, open_reply, read)
+            results: list[Any] = await fan_out(holders, open_reply, read)
+        except CorralError as e:
+            results = [e] * len(holders)
         finally:
             progress.put_nowait(None)
+        failures: list[str] = []
+        for agent, r in zip(holders, results, strict=True):
+            why = (
+                (r.message if isinstance(r, CorralError) else str(r))
+                if isinstance(r, Exception)
+                else _failure(r)
+            )
+            if why is not None:
+                log.warning("/api/create on agent %s failed: %s", agent, why[:200])
+                failures.append(why)
+        return SUCCESS_LINE if len(failures) < len(holders) else native_body(failures[0]) + b"\n"
 
     task = asyncio.create_task(everywhere())
     try:
         while (line := await progress.get()) is not None:
             yield line
-        results = await task
+        yield await task
     finally:
         if not task.done():  # the client left: the creates still finish, so the holders stay alike
             planner.outlive_client(task)
-    failures: list[str] = []
-    for agent, r in zip(holders, results, strict=True):
-        why = (
-            (r.message if isinstance(r, CorralError) else str(r)) if isinstance(r, Exception) else _failure(r)
-        )
-        if why is not None:
-            log.warning("/api/create on agent %s failed: %s", agent, why[:200])
-            failures.append(why)
-    yield SUCCESS_LINE if len(failures) < len(holders) else native_body(failures[0]) + b"\n"
 
 
 def _failure(answer: tuple[int, bytes, str]) -> str | None:
@@ -334,7 +339,8 @@ async def pull(planner: Planner, request: Request) -> Response:
         return error(e)
     if reply is not None:
         return ReplyResponse(reply, planner.shutdown)
-    if replicas != "1":  # more than one copy: the registry's fan-out, not one agent said to be all
+    several = int(replicas) > 1 if replicas != "all" else len(planner.fleet.agents()) > 1
+    if several:  # more than one copy: the registry's fan-out, not one agent said to be all
         return error(NoCapacity(f"no registry is running: a pull onto {replicas} agents needs one"))
     # no registry running: the one agent the registry would have chosen first
     agents = pull_order(planner.fleet.agents(), model.key, vendor)

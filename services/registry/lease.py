@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 
 import msgspec
+from corral.runtime.buckets import kv_create
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -65,7 +66,7 @@ class Lease:
         value = _enc.encode(_Record(self._me, now))
         try:
             if revision is None:
-                await self._kv.create(self._key, value)
+                await kv_create(self._kv, self._key, value)
             else:
                 await self._kv.update(self._key, value, last=revision)
         except KeyWrongLastSequenceError:  # another copy took it meanwhile

@@ -226,7 +226,7 @@ class BatchStore:
 
     # -- batch records -----------------------------------------------------------------------------
     async def create_batch(self, record: BatchRecord) -> None:
-        await self._batches.create(record.batch.id, msgspec.json.encode(record))
+        await kv_create(self._batches, record.batch.id, msgspec.json.encode(record))
 
     async def batch(self, batch_id: str) -> Stored | None:
         try:
