@@ -54,9 +54,9 @@ class AgentSettings(CommonSettings, frozen=True, kw_only=True):
     stall_s: Annotated[
         float,
         setting(
-            "a streamed request its Ollama sends nothing for this long (before its first token or "
-            "between two; a load Ollama itself gives 5 minutes) ends with an error, one that had sent "
-            "nothing is tried on another agent; 0 = never",
+            "a streamed request its Ollama sends nothing for this long (between two tokens, or before "
+            "the first once its model is loaded) ends with an error, one that had sent nothing is "
+            "tried on another agent; 0 = never",
             ge=0,
         ),
     ] = 300.0
