@@ -52,8 +52,18 @@ class Breakers:
             del self._trips[key]
 
     def tripped(self, key: str, now: float) -> dict[str, CorralError]:
-        """The agents to leave out of ``key``'s requests now, with what each failed with."""
+        """The agents to leave out of ``key``'s requests now, with what each failed with. A trip
+        that could no longer double (a span after it closed) is forgotten: an agent that left the
+        fleet leaves nothing behind."""
         per = self._trips.get(key)
         if not per:
             return {}
+        for agent in [a for a, trip in per.items() if now >= trip.until + trip.span]:
+            del per[agent]
+        if not per:
+            del self._trips[key]
         return {agent: trip.error for agent, trip in per.items() if trip.until > now}
+
+    def __len__(self) -> int:
+        """Trips remembered, open or able to double."""
+        return sum(len(per) for per in self._trips.values())

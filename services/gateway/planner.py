@@ -315,8 +315,8 @@ class Planner:
         """One pass over the fleet under ``strategy``; None when nothing could take it now."""
         if req.model is not None and strategy == "auto":
             reply = await self._send_auto(req, deadline, failed, session_agent, decision)
-            if reply is not None and req.session and self.sessions is not None:
-                self.sessions.remember(req.session, reply.agent)
+            if reply is not None and reply.status < 500 and req.session and self.sessions is not None:
+                self.sessions.remember(req.session, reply.agent)  # not one that failed it
             return reply
         decision.route = strategy
         for subject, agent in self._plan(req, failed, strategy):

@@ -42,3 +42,10 @@ def test_an_answer_closes_it() -> None:
     assert b.tripped(MODEL, 1.0) == {}
     b.failed("a", MODEL, ERR, 2.0)  # after an answer, a failure starts at the base span again
     assert b.tripped(MODEL, 6.9) and not b.tripped(MODEL, 7.0)
+
+
+def test_a_trip_that_can_no_longer_double_is_forgotten() -> None:
+    b = Breakers(base_s=5.0)
+    b.failed("gone", MODEL, ERR, 0.0)  # open until 5, could double until 10
+    assert b.tripped(MODEL, 9.0) == {} and len(b) == 1
+    assert b.tripped(MODEL, 10.0) == {} and len(b) == 0
