@@ -17,6 +17,7 @@ from corral.gateway.errors import JSON, TOO_DEEP, json_error, native_body
 from corral.gateway.metrics import DIRECT, Decision
 from corral.gateway.planner import Planner
 from corral.gateway.relay import RelayResponse, ReplyResponse, relay, respond, respond_error
+from corral.gateway.shutdown import MESSAGE as STOP_MESSAGE
 from corral.protocol.errors import (
     BadRequest,
     CorralError,
@@ -280,12 +281,21 @@ async def _create_streamed(
         return SUCCESS_LINE if len(failures) < len(holders) else native_body(failures[0]) + b"\n"
 
     task = asyncio.create_task(everywhere())
+    closing = planner.shutdown.closing  # the gateway's grace runs out: it ends in words, not cut
     try:
-        while (line := await progress.get()) is not None:
+        while True:
+            nxt: asyncio.Future[bytes | None] = asyncio.ensure_future(progress.get())
+            await asyncio.wait((nxt, closing), return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()
+                yield native_body(STOP_MESSAGE) + b"\n"
+                return
+            if (line := nxt.result()) is None:
+                break
             yield line
         yield await task
     finally:
-        if not task.done():  # the client left: the creates still finish, so the holders stay alike
+        if not task.done():  # the client or the gateway left: the creates still finish alike
             planner.outlive_client(task)
 
 

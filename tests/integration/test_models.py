@@ -303,3 +303,25 @@ async def test_a_create_whose_client_left_still_finishes_on_every_holder(nats_se
         holders = _holders(fleet, "big-f16")
         assert len(holders) == 2
         await until(fleet, lambda: _holders(fleet, "big-q4") == holders, what="the create on both holders")
+
+
+async def test_a_streamed_create_ends_in_words_when_the_gateway_stops(nats_server: NatsServer) -> None:
+    """At the end of the gateway's grace a create still under way ends with the stop's line, as
+    every streamed answer does, not cut off by the server."""
+    big = {"name": "big-f16:latest", "size_gb": 20.0, "parameter_size": "10B", "quantization": "F16"}
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root="models-stop",
+        sims=default_sims(1, time_scale=0.5, models=[big]),  # the quantisation takes 5 s
+        agent={"heartbeat_s": 1.0},
+    )
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as s:
+        assert fleet.gateway is not None
+        body = {"model": "big-q4", "from": "big-f16", "quantize": "q4_K_M"}
+        async with s.post(fleet.url + "/api/create", json=body) as r:
+            first = json.loads(await r.content.readline())
+            assert first["status"] == "quantizing F16 model to Q4_K_M"
+            fleet.gateway.begin_stop(0.0)  # its grace is over at once
+            rest = [json.loads(line) async for line in r.content if line.strip()]
+        assert rest[-1] == {"error": "server shutting down"}
