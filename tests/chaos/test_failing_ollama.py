@@ -120,3 +120,59 @@ async def test_a_stream_its_ollama_stops_sending_ends_and_one_not_begun_goes_els
         faulty.fault = "stall"  # wedged after its first token: the stream ends in words
         status, lines = await streamed(s, f.url, **STRICT)
         assert status == 200 and lines[0]["done"] is False and lines[-1] == {"error": silent}
+
+
+@pytest.fixture
+async def both_faulty(
+    nats_server: NatsServer, root: str
+) -> AsyncIterator[tuple[LocalFleet, FaultyOllama, FaultyOllama]]:
+    """Two agents, each behind its own faulty proxy (nvidia's first, then amd's)."""
+    nv_sim, amd_sim = default_sims(2, time_scale=0.01)
+    async with (
+        SimServer(nv_sim, port=0) as nv,
+        SimServer(amd_sim, port=0) as amd,
+        FaultyOllama(nv.url).serving() as nv_proxy,
+        FaultyOllama(amd.url).serving() as amd_proxy,
+    ):
+        options = FleetOptions(
+            port=0,
+            nats_url=nats_server.url,
+            root=root,
+            backends=[
+                Backend(url=nv_proxy.url, vendor="nvidia", parallel=2),
+                Backend(url=amd_proxy.url, vendor="amd", parallel=2),
+            ],
+            agent={"refresh_s": 0.5, "heartbeat_s": 0.5},
+            gateway={"queue_timeout_s": 30.0},
+            aggregator=None,
+        )
+        async with LocalFleet(options) as f, aiohttp.ClientSession() as s:
+            for url in (nv.url, amd.url):
+                async with s.post(
+                    url + "/api/generate", json={"model": MODEL, "prompt": "", "keep_alive": -1}
+                ) as r:
+                    assert r.status == 200
+            for a in f.agents:
+                a._wake.refresh.set()
+            assert f.gateway is not None
+            view = f.gateway.fleet
+            await until(f, lambda: len(view.loaded_on(KEY)) == 2, what="warm on both agents")
+            yield f, nv_proxy, amd_proxy
+
+
+async def test_a_tripped_agent_is_tried_once_the_others_fail_too(
+    both_faulty: tuple[LocalFleet, FaultyOllama, FaultyOllama],
+) -> None:
+    """A breaker leaves an agent out only while another may serve: the agent it tripped for has
+    mended, the other now fails, and the request is served by the one the breaker left out
+    rather than answered with the error that tripped it."""
+    f, nv_proxy, amd_proxy = both_faulty
+    nv_agent = next(a.id for a in f.agents if a.settings.vendor == "nvidia")
+    async with aiohttp.ClientSession() as s:
+        nv_proxy.fault = "reset"
+        status, _, _ = await generate(s, f.url, **STRICT)  # trips nvidia's breaker (5 s)
+        assert status == 502
+        nv_proxy.fault, amd_proxy.fault = None, "reset"
+        status, agent, body = await generate(s, f.url)
+        assert status == 200 and agent == nv_agent, body
+        assert amd_proxy.hits >= 1  # it went to amd first, as the breaker said

@@ -200,3 +200,10 @@ async def test_strategy_and_priority_as_the_gateway_reads_its_headers(fleet: Loc
         with pytest.raises(ResponseError) as e:
             await c.request("/api/generate", body, priority="urgent")
         assert e.value.status_code == 400 and e.value.error.startswith("invalid X-Corral-Priority 'urgent'")
+
+
+async def test_a_wrongly_typed_field_is_ollamas_400(fleet: LocalFleet) -> None:
+    async with AsyncClient(fleet.nats_url, root="cl") as c:
+        with pytest.raises(ResponseError) as e:
+            await c.request("/api/generate", {"model": "llama3.2", "prompt": 5})
+    assert e.value.status_code == 400

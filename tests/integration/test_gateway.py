@@ -342,6 +342,8 @@ async def test_without_a_registry_a_pull_onto_several_agents_is_refused_not_done
             fleet.url + "/api/pull", json=body
         ) as r:  # one copy: the agent the registry would pick
             assert r.status == 200 and await r.json() == {"status": "success"}
+        async with s.post(fleet.url + "/api/pull", json=body, headers={"X-Corral-Replicas": "01"}) as r:
+            assert r.status == 200  # one copy, however spelt
 
 
 async def test_unload_reaches_every_agent(fleet: LocalFleet) -> None:
