@@ -7,6 +7,7 @@ it, not a wait for the queue's deadline; a stream it stops sending ends after `s
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,28 +31,33 @@ STALL_S = 1.0  # a streamed request its Ollama sends nothing for this long ends 
 STRICT = {"X-Load-Balancing-Strategy": "nvidia", "X-Enforce-Strategy": "true"}  # the failing agent's
 
 
-@pytest.fixture
-async def fleet(nats_server: NatsServer, root: str) -> AsyncIterator[tuple[LocalFleet, FaultyOllama]]:
-    bad_sim, good_sim = default_sims(2, time_scale=0.01)
+@contextlib.asynccontextmanager
+async def proxied_fleet(
+    nats_server: NatsServer, root: str
+) -> AsyncIterator[tuple[LocalFleet, FaultyOllama, FaultyOllama]]:
+    """Two agents, nvidia's and amd's, each behind its own proxy (which passes everything through
+    while no fault is set), the model warm on both."""
+    nv_sim, amd_sim = default_sims(2, time_scale=0.01)
     async with (
-        SimServer(bad_sim, port=0) as bad,
-        SimServer(good_sim, port=0) as good,
-        FaultyOllama(bad.url).serving() as faulty,
+        SimServer(nv_sim, port=0) as nv,
+        SimServer(amd_sim, port=0) as amd,
+        FaultyOllama(nv.url).serving() as nv_proxy,
+        FaultyOllama(amd.url).serving() as amd_proxy,
     ):
         options = FleetOptions(
             port=0,
             nats_url=nats_server.url,
             root=root,
             backends=[
-                Backend(url=faulty.url, vendor="nvidia", parallel=2),
-                Backend(url=good.url, vendor="amd", parallel=2),
+                Backend(url=nv_proxy.url, vendor="nvidia", parallel=2),
+                Backend(url=amd_proxy.url, vendor="amd", parallel=2),
             ],
             agent={"refresh_s": 0.5, "heartbeat_s": 0.5, "stall_s": STALL_S},
             gateway={"queue_timeout_s": 30.0},  # a request caught waiting would end as a 503, not hang
             aggregator=None,
         )
         async with LocalFleet(options) as f, aiohttp.ClientSession() as s:
-            for url in (bad.url, good.url):  # warm on both, before anything fails
+            for url in (nv.url, amd.url):  # warm on both, before anything fails
                 body = {"model": MODEL, "prompt": "", "keep_alive": -1}
                 async with s.post(url + "/api/generate", json=body) as r:
                     assert r.status == 200
@@ -60,7 +66,22 @@ async def fleet(nats_server: NatsServer, root: str) -> AsyncIterator[tuple[Local
             assert f.gateway is not None
             view = f.gateway.fleet
             await until(f, lambda: len(view.loaded_on(KEY)) == 2, what="warm on both agents")
-            yield f, faulty
+            yield f, nv_proxy, amd_proxy
+
+
+@pytest.fixture
+async def fleet(nats_server: NatsServer, root: str) -> AsyncIterator[tuple[LocalFleet, FaultyOllama]]:
+    """The failing agent (nvidia's) and one that works (amd's, its proxy faultless)."""
+    async with proxied_fleet(nats_server, root) as (f, faulty, _):
+        yield f, faulty
+
+
+@pytest.fixture
+async def both_faulty(
+    nats_server: NatsServer, root: str
+) -> AsyncIterator[tuple[LocalFleet, FaultyOllama, FaultyOllama]]:
+    async with proxied_fleet(nats_server, root) as both:
+        yield both
 
 
 async def generate(s: aiohttp.ClientSession, url: str, **headers: str) -> tuple[int, str, dict[str, Any]]:
@@ -120,44 +141,6 @@ async def test_a_stream_its_ollama_stops_sending_ends_and_one_not_begun_goes_els
         faulty.fault = "stall"  # wedged after its first token: the stream ends in words
         status, lines = await streamed(s, f.url, **STRICT)
         assert status == 200 and lines[0]["done"] is False and lines[-1] == {"error": silent}
-
-
-@pytest.fixture
-async def both_faulty(
-    nats_server: NatsServer, root: str
-) -> AsyncIterator[tuple[LocalFleet, FaultyOllama, FaultyOllama]]:
-    """Two agents, each behind its own faulty proxy (nvidia's first, then amd's)."""
-    nv_sim, amd_sim = default_sims(2, time_scale=0.01)
-    async with (
-        SimServer(nv_sim, port=0) as nv,
-        SimServer(amd_sim, port=0) as amd,
-        FaultyOllama(nv.url).serving() as nv_proxy,
-        FaultyOllama(amd.url).serving() as amd_proxy,
-    ):
-        options = FleetOptions(
-            port=0,
-            nats_url=nats_server.url,
-            root=root,
-            backends=[
-                Backend(url=nv_proxy.url, vendor="nvidia", parallel=2),
-                Backend(url=amd_proxy.url, vendor="amd", parallel=2),
-            ],
-            agent={"refresh_s": 0.5, "heartbeat_s": 0.5},
-            gateway={"queue_timeout_s": 30.0},
-            aggregator=None,
-        )
-        async with LocalFleet(options) as f, aiohttp.ClientSession() as s:
-            for url in (nv.url, amd.url):
-                async with s.post(
-                    url + "/api/generate", json={"model": MODEL, "prompt": "", "keep_alive": -1}
-                ) as r:
-                    assert r.status == 200
-            for a in f.agents:
-                a._wake.refresh.set()
-            assert f.gateway is not None
-            view = f.gateway.fleet
-            await until(f, lambda: len(view.loaded_on(KEY)) == 2, what="warm on both agents")
-            yield f, nv_proxy, amd_proxy
 
 
 async def test_a_tripped_agent_is_tried_once_the_others_fail_too(
