@@ -2,8 +2,8 @@
 
 Ollama streams a token at a time, so a stream that sends nothing for minutes is stuck (a wedged
 runner, while the server still answers `/api/ps`): before its first token (once its model is
-loaded: the prompt) or between two. Nothing bounds such a wait in Ollama once its load is done, and nothing here would
-notice: the agent's readings of that Ollama come back fine. An unstreamed request is not judged:
+loaded: the prompt) or between two. Nothing bounds such a wait in Ollama once its load is done,
+and nothing here would notice: the agent's readings of that Ollama come back fine. An unstreamed request is not judged:
 its whole answer comes at once, after however long the generation takes.
 """
 
