@@ -8,7 +8,7 @@ request would start: every slot takes a request when it is free and another ever
 (the queue forms only when every warm slot is taken, so a serving slot frees after about one
 request; a load under way is taken to be `LOADING_REMAINING` from its end). A replica elsewhere
 helps only if its load ends before that. `plan_replicas` walks the candidates — active agents with
-the model on disk where it fits in free VRAM without evicting anything (`fits`), or once Ollama
+the model on disk where it fits in free VRAM without evicting anything (`load_plan`), or once Ollama
 lets go of models idle there that another agent of the fleet also has loaded (`_frees_for`: their
 requests keep a place; a busy or pinned model is never evicted), cheapest first by the router
 (whose costs put an eviction after none) — and takes each one whose load (as observed there or
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from corral.protocol.messages import AgentState
-from corral.routing.memory import ObservedSizes
-from corral.routing.model import LOADING_REMAINING, Router, fits, load_plan, load_time
+from corral.routing.memory import LoadPlan
+from corral.routing.model import LOADING_REMAINING, Router, load_plan, load_time
 from corral.routing.route import Route, loading_for, warm
 
 __all__ = ["BACKLOG_PER_SLOT", "ReplicaPlan", "drain_s", "plan_replicas"]
@@ -102,13 +102,14 @@ def plan_replicas(
     serving: list[AgentState] = []
     loading: list[AgentState] = []
     spare: list[AgentState] = []
+    plans: dict[str, LoadPlan] = {}  # a candidate's load, by Ollama's fit rule (made once)
     for a in holders:
         if warm(route, a):
             serving.append(a)
         elif loading_for(route, a) or a.id in starting:
             loading.append(a)
-        elif fits(route, a, sizes) or _frees_for(route, a, sizes, fleet, pinned):  # entirely in VRAM
-            spare.append(a)
+        elif _frees_for(a, plans.setdefault(a.id, load_plan(route, a, sizes)), fleet, pinned):
+            spare.append(a)  # entirely in VRAM
     ranked = router.rank("auto", route, spare, {}, pinned, observed_in=holders)
     ready_s = {a.id: load_time(route, a, loads) for a in [*loading, *ranked]}
     groups = [(request_s, _slots(a)) for a in serving]
@@ -131,8 +132,8 @@ def plan_replicas(
         if slots >= depth / backlog_per_slot:
             break
         ready = ready_s[a.id]
-        unloads = {(a.id, k) for k in load_plan(route, a, sizes).evicts}
-        if unloads and not _frees_for(route, a, sizes, fleet, pinned, evicting | unloads):
+        unloads = {(a.id, k) for k in plans[a.id].evicts}
+        if unloads and not _frees_for(a, plans[a.id], fleet, pinned, evicting | unloads):
             continue  # another chosen load unloads the copy it counted on
         if ready < drain_s(depth, groups, request_s):  # ready before the backlog is gone
             evicting |= unloads
@@ -143,19 +144,17 @@ def plan_replicas(
 
 
 def _frees_for(
-    route: Route,
     agent: AgentState,
-    sizes: ObservedSizes,
+    plan: LoadPlan,
     fleet: Sequence[AgentState],
     pinned: frozenset[str],
     unloaded: Set[tuple[str, str]] = frozenset(),
 ) -> bool:
-    """A load of ``route``'s model fits entirely in ``agent``'s VRAM once Ollama unloads models idle
-    there, each of them loaded on another agent of ``fleet`` too (so a request for it still finds a
-    runner; not one ``unloaded`` lists, (agent, model) that other loads of the plan unload) and none
-    pinned: a backlog may take memory such models keep warm twice."""
-    plan = load_plan(route, agent, sizes)
-    if not (plan.evicts and plan.full) or plan.busy_evicted:
+    """The load ``plan`` puts the model entirely in ``agent``'s VRAM, evicting nothing or only
+    models idle there that another agent of ``fleet`` also has loaded (so a request for one still
+    finds a runner; not a copy ``unloaded`` lists, (agent, model) that other loads of the plan
+    unload), none pinned: a backlog may take memory such models keep warm twice."""
+    if not plan.full or plan.busy_evicted:
         return False
     return all(
         k not in pinned
