@@ -4,12 +4,14 @@ cluster, in which a stream with three replicas can be created and is placed on a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats.errors
 import pytest
 from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import ensure_buckets_at_start
@@ -70,7 +72,13 @@ async def test_three_nodes_form_a_jetstream_cluster(nodes: list[NatsServer]) -> 
         js = nc.jetstream(timeout=5.0)
         info = await js.add_stream(StreamConfig(name="R3", subjects=["r3.>"], num_replicas=3))
         assert info.config.num_replicas == 3
-        ack = await js.publish("r3.one", b"x")
+        # the new stream's interest reaches the client's own node a moment after its creation:
+        # until then a publish meets "no responders" at once
+        ack = None
+        async with asyncio.timeout(10):
+            while ack is None:
+                with contextlib.suppress(nats.errors.NoRespondersError):
+                    ack = await js.publish("r3.one", b"x")
         assert ack.stream == "R3"
         info = await js.stream_info("R3")
         assert info.cluster is not None and info.cluster.name == "corral"
