@@ -78,7 +78,8 @@ class Backend:
         a model ``ready``, loaded: `corral.agent.stalls`)."""
         url = self.ollama.base_url
         hung = [j for j in jobs if self.hung and heard.get(j.rid) is j.last_bytes]
-        stalled = [j for j in self._stalls.look(jobs, self._clock(), ready) if j not in hung]
+        said = {j.rid for j in hung}
+        stalled = [j for j in self._stalls.look(jobs, self._clock(), ready) if j.rid not in said]
         silent = f"ollama at {url} sent nothing for {self._stalls.limit_s:.0f} s"
         return [(j, f"ollama at {url} is not answering") for j in hung] + [(j, silent) for j in stalled]
 
