@@ -357,11 +357,13 @@ class Gateway:
         with server_span(self._tracer, f"POST {endpoint}", carrier) as span:
             body: bytes = scope[BODY]
             if not body or body.isspace():  # no copy of a large body
-                await respond_error(send, BadRequest("missing request body"), openai=openai)
+                # /v1 gives Go's decoder's own error for no JSON value, the native API its own words
+                empty = BadRequest("EOF" if openai else "missing request body")
+                await respond_error(send, empty, openai=openai)
                 return
             key = key_of(scope)
             try:
-                view = bodies.decode_view(body)
+                view, body = bodies.read_view(body)
             except RecursionError:  # Go's decoder refuses such a body too
                 await respond_error(send, BadRequest(TOO_DEEP), openai=openai)
                 return

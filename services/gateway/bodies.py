@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 from corral.protocol.envelope import MAX_NUM_CTX
-from corral.protocol.gojson import as_go_reads
+from corral.protocol.gojson import as_go_reads, first_value, fold_keys
 from corral.transport import WorkRequest
 
 # msgspec cannot decode a value into `Raw | None`; an explicit null Raw stands for "absent"
@@ -48,21 +48,56 @@ _view = msgspec.json.Decoder(RouteView)
 _any = msgspec.json.Decoder()
 _options = msgspec.json.Decoder(_RunnerOptions)
 _message = msgspec.json.Decoder(_Message)
+_fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_VIEW_FIELDS = frozenset(RouteView.__struct_fields__)
 _enc = msgspec.json.Encoder(order="sorted")
 
 
 def decode_view(body: bytes) -> RouteView:
-    """The routing fields; a body with bytes that are not UTF-8 or with lone surrogate escapes is
-    read as Go reads it (U+FFFD: Ollama serves it), though the body itself travels on unchanged."""
+    """The routing fields (`read_view`)."""
+    return read_view(body)[0]
+
+
+def read_view(body: bytes) -> tuple[RouteView, bytes]:
+    """The routing fields, and the body to send on, read as Go reads it (`corral.protocol.gojson`:
+    Ollama serves such bodies). One with bytes that are not UTF-8 or with lone surrogate escapes
+    travels on unchanged: Ollama reads it alike. One with text after its JSON value, or with the
+    fields spelt in other letter case (``"Model"``), travels on as Ollama reads it, re-encoded, so
+    that whatever reads it after the gateway reads the same."""
     try:
-        return _view.decode(body)
+        view = _view.decode(body)
     except msgspec.ValidationError:
         raise
-    except msgspec.DecodeError:
-        fixed = as_go_reads(body)
-        if fixed == body:
-            raise
-        return _view.decode(fixed)
+    except msgspec.DecodeError as e:
+        view, body = _as_go_reads(body, e)
+    if view.model is None and view.name is None:  # a client that spells ``Model``, or none at all
+        return _folded(view, body)
+    return view, body
+
+
+def _as_go_reads(body: bytes, error: msgspec.DecodeError) -> tuple[RouteView, bytes]:
+    fixed = as_go_reads(body)
+    if fixed != body:
+        try:
+            return _view.decode(fixed), body
+        except msgspec.DecodeError:
+            pass
+    first = first_value(fixed)
+    if first is None:
+        raise error
+    return _view.decode(first), first
+
+
+def _folded(view: RouteView, body: bytes) -> tuple[RouteView, bytes]:
+    try:
+        fields = _fields.decode(body)
+    except msgspec.DecodeError:  # not UTF-8: as Go reads it (it decoded so into ``view``)
+        fields = _fields.decode(as_go_reads(body))
+    folded = fold_keys(fields, _VIEW_FIELDS)
+    if folded is None:
+        return view, body
+    body = _enc.encode(folded)
+    return _view.decode(body), body
 
 
 def keep_alive_is_zero(raw: msgspec.Raw | None) -> bool:

@@ -26,7 +26,7 @@ from corral.protocol.errors import (
     NoCapacity,
     not_found_message,
 )
-from corral.protocol.gojson import as_go_reads, kind, syntax_message
+from corral.protocol.gojson import as_go_reads, first_value, fold_keys, kind, syntax_message
 from corral.protocol.names import VENDORS, ModelName, host_allowed, parse_name, registry_refused
 from corral.routing import pull_order
 from corral.transport import Reply, WorkRequest, fan_out
@@ -121,7 +121,7 @@ async def _name(
     path = request.url.path.rstrip("/")
     struct = _GO_STRUCT.get(path, "ShowRequest")
     try:
-        obj = _decode(body)
+        obj, read = _decode(body)
     except msgspec.DecodeError as e:
         raise BadRequest(syntax_message(str(e), body)) from None
     except RecursionError:
@@ -132,7 +132,12 @@ async def _name(
         raise BadRequest(f"json: cannot unmarshal {kind(obj)} into Go value of type api.{struct}")
     # the name's field, with `model`'s older spelling `name`, then the struct's other typed fields
     names: dict[str, type] = {field: str, "name": str} if field == "model" else {field: str}
-    for key, wanted in (names | _GO_FIELDS.get(path, {})).items():
+    typed = names | _GO_FIELDS.get(path, {})
+    folded = fold_keys(obj, typed)  # ``"Model"``: Go reads it as ``model``
+    if folded is not None or read is not body:  # so is what follows the JSON value left unread
+        obj = folded or obj
+        body = msgspec.json.encode(obj)  # the body as Ollama reads it
+    for key, wanted in typed.items():
         value = obj.get(key)
         if value is not None and not isinstance(value, wanted):
             raise BadRequest(
@@ -147,16 +152,21 @@ async def _name(
     return body, obj, raw, parse_name(raw)
 
 
-def _decode(body: bytes) -> Any:
-    """``body`` as JSON; where the strict decoder refuses it, as Go reads it (invalid UTF-8 and lone
-    surrogates as U+FFFD), else the strict decoder's error."""
+def _decode(body: bytes) -> tuple[Any, bytes]:
+    """``body`` as JSON, and the bytes read so; where the strict decoder refuses it, as Go reads it
+    (invalid UTF-8 and lone surrogates as U+FFFD: ``body`` itself, which Ollama reads alike; what
+    follows its JSON value left unread: the value alone), else the strict decoder's error."""
     try:
-        return msgspec.json.decode(body)
+        return msgspec.json.decode(body), body
     except msgspec.DecodeError as e:
         fixed = as_go_reads(body)
         if fixed != body:
             with contextlib.suppress(msgspec.DecodeError):
-                return msgspec.json.decode(fixed)
+                return msgspec.json.decode(fixed), body
+        first = first_value(fixed)
+        if first is not None:
+            with contextlib.suppress(msgspec.DecodeError):
+                return msgspec.json.decode(first), first
         raise e from None
 
 
@@ -320,7 +330,8 @@ async def pull(planner: Planner, request: Request) -> Response:
     goes; a plain Ollama client gets one copy, on the agent with the fewest models.
     """
     try:
-        body, fields, raw, model = await _name(request)  # invalid UTF-8 read as Go reads it
+        # invalid UTF-8 read as Go reads it; no name is an invalid one, as Ollama's pull says
+        body, fields, raw, model = await _name(request, empty=True)
         replicas = request.headers.get(REPLICAS_HEADER, "1").strip().lower()
         vendor = request.headers.get(VENDOR_HEADER, "").strip().lower() or None
         if replicas != "all" and not (replicas.isascii() and replicas.isdigit() and int(replicas) > 0):

@@ -123,7 +123,7 @@ def not_found_message(endpoint: str, raw_model: str, display: str, vendor: str |
     (https://github.com/ollama/ollama/blob/main/docs/api.md); with ``vendor`` (a request that
     insists on one), it says that no agent of that vendor has the model."""
     where = f" on any {vendor} agent" if vendor else ""
-    if endpoint in ("/api/embed", "/api/embeddings"):
+    if endpoint in ("/api/embed", "/api/embeddings", "/v1/embeddings"):
         return f'model "{raw_model}" not found{where}, try pulling it first'
     if endpoint in ("/api/show", "/api/push"):  # these name the model as parsed: `nope:latest`
         return f"model '{display}' not found{where}"

@@ -1,19 +1,26 @@
-"""JSON text as Go's encoding/json reads it, for bodies a strict decoder refuses but Ollama serves.
-
-Go is lenient in two ways a strict decoder (msgspec) is not:
+"""JSON text as Go's encoding/json reads it, for bodies a strict decoder refuses or reads
+otherwise, but Ollama serves (https://pkg.go.dev/encoding/json#Unmarshal). Go is lenient in ways
+a strict decoder (msgspec) is not:
 
 - bytes that are not UTF-8 are read as U+FFFD, one per bad byte;
 - a ``\\uXXXX`` escape of a UTF-16 surrogate that is not the first half of a pair followed at once
   by its second half (a lone surrogate: what JavaScript's ``JSON.stringify`` writes for a string
-  cut in the middle of an emoji) is read as U+FFFD (https://pkg.go.dev/encoding/json#Unmarshal).
+  cut in the middle of an emoji) is read as U+FFFD;
+- what follows the body's JSON value is left unread (`first_value`: gin binds request bodies
+  with a ``json.Decoder``, which reads one value);
+- keys match struct fields whatever their letter case (`fold_keys`: ``"Model"`` is ``model``).
 
-`as_go_reads` rewrites a body so that a strict decoder reads what Go reads; callers use it only
-after the strict decoder refused the body, so well-formed bodies never pay for it.
+`as_go_reads` rewrites a body so that a strict decoder reads what Go reads for the first two;
+callers use these only after the strict decoder refused the body or missed a field, so well-formed
+bodies never pay for them.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Collection
+from typing import TypeVar
 
 # a run of backslashes, then u and a surrogate's four hex digits: an escape when the run is odd
 _SURROGATE_ESCAPE = re.compile(rb"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
@@ -134,3 +141,35 @@ def _quantum(src: bytes, si: int) -> tuple[int, int, int | None]:
                 si += 1
             return j, si, (si if si < len(src) else None)  # anything after the padding is garbage
     return 4, si, None
+
+
+_FIRST = json.JSONDecoder()
+_JSON_SPACE = " \t\r\n"
+
+
+def first_value(body: bytes) -> bytes | None:
+    """The JSON value ``body`` begins with, without what follows it; None when it does not begin
+    with a whole one. Go's ``json.Decoder`` (gin binds request bodies with it) reads the first value
+    and leaves the rest unread, so Ollama serves ``{"model": …} trailing``; a strict decoder refuses it."""
+    text = body.decode("utf-8", "replace")
+    start = len(text) - len(text.lstrip(_JSON_SPACE))
+    try:
+        _, end = _FIRST.raw_decode(text, start)
+    except (ValueError, RecursionError):
+        return None
+    return text[start:end].encode()
+
+
+V = TypeVar("V")
+
+
+def fold_keys(obj: dict[str, V], fields: Collection[str]) -> dict[str, V] | None:
+    """``obj`` with each key that names one of ``fields`` in other letter case (``"Model"``) renamed
+    to it, as Go's encoding/json matches keys to struct fields ignoring case; of several keys for one
+    field the last wins, as in Go. None when every key is spelt as its field already (or names none)."""
+    if all(k in fields or k.lower() not in fields for k in obj):
+        return None
+    out: dict[str, V] = {}
+    for k, v in obj.items():
+        out[k if k in fields or k.lower() not in fields else k.lower()] = v
+    return out

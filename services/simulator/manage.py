@@ -131,7 +131,7 @@ class ManageRoutes:
         try:
             req = decode(await request.read(), ModelRequest, "PullRequest")
             if not req.target:
-                raise BadRequest("model is required")
+                raise BadRequest("invalid model name")  # Ollama parses the empty name
             name = _parse(req.target)
         except CorralError as e:
             return error_response(e.status, e.message)

@@ -17,7 +17,6 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
-from corral.protocol.gojson import as_go_reads
 from corral.protocol.names import parse_name
 from corral.simulator.catalog import LocalModel
 from corral.simulator.context import SimContext
@@ -35,7 +34,7 @@ from corral.simulator.text import (
     seed_for,
     weights_seed,
 )
-from corral.simulator.wire import think_flag
+from corral.simulator.wire import decode_object, think_flag
 
 SSE: Final = "text/event-stream"
 _TYPES: Final = {400: "invalid_request_error", 404: "not_found_error"}
@@ -103,6 +102,15 @@ def _text_of(content: Any) -> str:
 # fails Go's decoding, a 400 before anything runs
 _FLOATS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
 _INTS = ("max_tokens", "max_completion_tokens", "seed")
+# the request fields read here, of the OpenAI request structs Ollama's middleware decodes
+_FIELDS = frozenset(
+    {
+        *_FLOATS,
+        *_INTS,
+        *("model", "messages", "prompt", "input", "stream", "stream_options", "stop", "tools"),
+        *("response_format", "reasoning_effort", "reasoning", "encoding_format", "dimensions"),
+    }
+)
 
 
 def _json_kind(value: Any) -> str:
@@ -161,24 +169,14 @@ class OpenAIRoutes:
         r.add_get("/v1/models/{model}", self.model)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
-        if not raw.strip():
-            raise BadRequest("missing request body")
-        try:
-            body = msgspec.json.decode(raw)
-        except msgspec.DecodeError:
-            try:  # invalid UTF-8, lone surrogate escapes: read as Go reads them
-                body = msgspec.json.decode(as_go_reads(raw))
-            except msgspec.DecodeError:
-                raise BadRequest("invalid request body") from None
-        if not isinstance(body, dict):
-            raise BadRequest("invalid request body")
-        return body
+        return decode_object(await request.read(), _FIELDS)
 
-    def _model(self, raw: Any) -> tuple[str, LocalModel]:
+    def _model(self, raw: Any, *, embed: bool = False) -> tuple[str, LocalModel]:
         if not isinstance(raw, str) or not raw:
             raise BadRequest("model is required")
-        return raw, find_model(self.ctx, raw, f"model '{raw}' not found")
+        # embeddings go through Ollama's embed handler, which words it so
+        missing = f'model "{raw}" not found, try pulling it first' if embed else f"model '{raw}' not found"
+        return raw, find_model(self.ctx, raw, missing)
 
     # ---- chat ---------------------------------------------------------------------------------
 
@@ -426,7 +424,7 @@ class OpenAIRoutes:
                 raise BadRequest(
                     f"Invalid value for 'encoding_format' = {fmt}. Supported values: ['float', 'base64']."
                 )
-            raw, model = self._model(body.get("model"))
+            raw, model = self._model(body.get("model"), embed=True)
             opts = merged_options(model, {})
         except CorralError as e:
             return openai_error(e.status, e.message)

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection
 from typing import Any, Final, TypeVar
 
 import msgspec
 from corral.protocol.errors import BadRequest, InternalError
-from corral.protocol.gojson import as_go_reads, base64_error, syntax_message
+from corral.protocol.gojson import as_go_reads, base64_error, first_value, fold_keys, syntax_message
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+T = TypeVar("T", bound=msgspec.Struct)
 
 
 class _Req(msgspec.Struct, kw_only=True):
@@ -154,9 +155,46 @@ def decode(body: bytes, t: type[T], go_name: str = "") -> T:
         fixed = as_go_reads(body)  # invalid UTF-8, lone surrogate escapes: U+FFFD, as Go reads them
         if fixed != body:
             return decode(fixed, t, go_name)
+        first = first_value(body)  # text after the JSON value: Go's decoder leaves it unread
+        if first is not None and first != body.strip():
+            return decode(first, t, go_name)
         raise BadRequest(syntax_message(str(e), body)) from None
+    if (folded := _folded(body, t)) is not None:
+        return decode(folded, t, go_name)
     _check_images(req)
     return req
+
+
+_OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def decode_object(raw: bytes, fields: Collection[str]) -> dict[str, Any]:
+    """A body as Ollama's OpenAI middleware binds it: Go's decoder's errors in its words, the JSON
+    value without what follows it, the keys of ``fields`` matched ignoring letter case."""
+    if not raw.strip():
+        raise BadRequest("EOF")  # Go's decoder found no value
+    try:
+        body = msgspec.json.decode(raw)
+    except msgspec.DecodeError as e:
+        fixed = as_go_reads(raw)  # invalid UTF-8, lone surrogate escapes: read as Go reads them
+        try:
+            body = msgspec.json.decode(first_value(fixed) or raw)
+        except msgspec.DecodeError:
+            raise BadRequest(syntax_message(str(e), raw)) from None
+    if not isinstance(body, dict):
+        raise BadRequest("invalid request body")
+    return fold_keys(body, fields) or body
+
+
+def _folded(body: bytes, t: type[msgspec.Struct]) -> bytes | None:
+    """``body`` with its keys spelt as ``t``'s fields where they differ only in letter case (Go
+    matches them so: `corral.protocol.gojson.fold_keys`); None when none does (or it is no object)."""
+    try:
+        obj = _OBJECT.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    folded = fold_keys(obj, t.__struct_encode_fields__)
+    return None if folded is None else msgspec.json.encode(folded)
 
 
 def _check_images(req: object) -> None:

@@ -264,6 +264,42 @@ async def test_wrong_methods_slashes_and_numbers_past_their_range_answer_as_olla
             assert r.status == 400 and "error" in await r.json()
 
 
+async def test_a_body_ollama_reads_leniently_is_routed_and_served(fleet: LocalFleet) -> None:
+    """Go's decoder matches keys ignoring case and leaves what follows the JSON value unread: a
+    client that writes ``"Model"`` (a .NET one, say) or a stray byte after the body is served."""
+    async with aiohttp.ClientSession() as s:
+        body = b'{"Model": "llama3.2", "Prompt": "hi", "Stream": false, "Options": {"num_predict": 2}}'
+        async with s.post(fleet.url + "/api/generate", data=body) as r:
+            assert r.status == 200 and r.content_type == "application/json", await r.text()
+            assert (await r.json())["done"] and r.headers["x-corral-model"] == "llama3.2:latest"
+        body = b'{"model": "llama3.2", "messages": [], "stream": false}\n}'
+        async with s.post(fleet.url + "/api/chat", data=body) as r:
+            assert r.status == 200 and (await r.json())["done_reason"] == "load", await r.text()
+        async with s.post(fleet.url + "/api/show", data=b'{"Model": "llama3.2"} x') as r:
+            assert r.status == 200 and "model_info" in await r.json(), await r.text()
+        body = b'{"MODEL": "llama3.2", "Messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+        async with s.post(fleet.url + "/v1/chat/completions", data=body) as r:
+            assert r.status == 200 and (await r.json())["object"] == "chat.completion", await r.text()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", b""),  # Go's decoder: EOF
+        ("/v1/completions", b"  "),
+        ("/v1/embeddings", b'{"model": "nope", "input": "x"}'),  # the embed handler's words
+        ("/v1/chat/completions", b'{"model": "llama3.2", "messages": "x"'),
+    ],
+)
+async def test_openai_errors_the_gateway_words_are_ollamas(fleet: LocalFleet, path: str, body: bytes) -> None:
+    async with aiohttp.ClientSession() as http:
+        answers = []
+        for url in (fleet.sims[0].url, fleet.url):
+            async with http.post(url + path, data=body) as r:
+                answers.append((r.status, await r.json()))
+    assert answers[1] == answers[0] and answers[0][0] in (400, 404)
+
+
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
@@ -407,9 +443,10 @@ async def test_strategy_header(fleet: LocalFleet) -> None:
         ("POST", "/api/show", b"[1, 2]"),
         ("POST", "/api/show", b"null"),  # Go leaves the struct empty: no model
         ("DELETE", "/api/delete", b"null"),
-        ("POST", "/api/show", b'{"model": "llama3.2"} x'),
         ("POST", "/api/show", b'{"model": "\xffnope"}'),
         ("POST", "/api/pull", b'{"model": '),
+        ("POST", "/api/pull", b"{}"),  # no name: an invalid one
+        ("POST", "/api/pull", b'{"Model": "x/y/z/w", "STREAM": false}'),  # keys in any case name fields
         ("POST", "/api/pull", b'{"name": true}'),
         ("POST", "/api/pull", b'{"model": "llama3.2", "stream": "yes"}'),
         ("POST", "/api/pull", b'{"model": "nope-\xff", "x": "\xff"}'),  # invalid UTF-8, read as Go does

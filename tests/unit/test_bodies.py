@@ -16,6 +16,7 @@ from corral.gateway.bodies import (
     keep_alive_is_zero,
     keep_alive_s,
     names_keep_alive,
+    read_view,
     streams,
 )
 from corral.transport import model_work
@@ -186,6 +187,33 @@ def test_a_body_that_is_not_utf8_is_read_as_go_reads_it() -> None:
     assert view.model == "llama3.2" and view.prompt == "a\ufffd\ufffdb"
     with pytest.raises(msgspec.DecodeError):
         decode_view(b'{"model":"llama3.2","prompt":"a\xff')  # broken beyond its bytes: still an error
+
+
+def test_a_body_go_reads_leniently_is_routed_and_sent_on_as_go_reads_it() -> None:
+    """Ollama serves text after the JSON value and keys in other letter case; the gateway routes
+    on them alike and sends on the body Ollama would have read, so whatever reads it next agrees."""
+    plain = b'{"model":"llama3.2","stream":false}'
+    assert read_view(plain) == (decode_view(plain), plain)  # the same bytes when nothing differs
+    view, sent = read_view(b'{"model":"llama3.2","stream":false} \n{"x":1}')
+    assert (view.model, view.stream) == ("llama3.2", False)
+    assert msgspec.json.decode(sent) == {"model": "llama3.2", "stream": False}
+    view, sent = read_view(b'{"Model":"llama3.2","STREAM":false,"Prompt":"hi","KEEP_ALIVE":"0s"}')
+    assert (view.model, view.stream, view.prompt, keep_alive_is_zero(view.keep_alive)) == (
+        "llama3.2",
+        False,
+        "hi",
+        True,
+    )
+    assert msgspec.json.decode(sent) == {
+        "model": "llama3.2",
+        "stream": False,
+        "prompt": "hi",
+        "keep_alive": "0s",
+    }
+    with pytest.raises(msgspec.ValidationError):  # a folded field is typed as the field is
+        read_view(b'{"Model":5}')
+    raw = b'{"model":"llama3.2","prompt":"a\xff"}'
+    assert read_view(raw)[1] is raw  # not UTF-8: sent on unchanged, Ollama reads it alike
 
 
 def test_absent_keep_alive_is_not_zero() -> None:

@@ -1,4 +1,5 @@
-"""Bodies read as Go's encoding/json reads them: invalid UTF-8 and lone surrogate escapes."""
+"""Bodies read as Go's encoding/json reads them: invalid UTF-8, lone surrogate escapes, text after
+the JSON value, keys in other letter case."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import msgspec
 import pytest
-from corral.protocol.gojson import as_go_reads, base64_error
+from corral.protocol.gojson import as_go_reads, base64_error, first_value, fold_keys
 
 
 @pytest.mark.parametrize(
@@ -58,3 +59,33 @@ def test_an_image_is_read_as_go_reads_base64(text: str, bad: int | None) -> None
     """Go's encoding/base64 (standard, padded) positions, as `illegal base64 data at input byte N`."""
     expected = None if bad is None else f"illegal base64 data at input byte {bad}"
     assert base64_error(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "first"),
+    [
+        (b'{"a": 1} trailing', b'{"a": 1}'),
+        (b'  {"a": 1}{"b": 2}', b'{"a": 1}'),  # a second value is left unread too
+        (b'{"a": "}"}\n\n]', b'{"a": "}"}'),  # a brace inside a string ends nothing
+        (b"[1, 2] 3", b"[1, 2]"),
+        (rb'{"a": "\u00e9"} x', rb'{"a": "\u00e9"}'),  # escapes kept as written
+        (b'{"a": 1', None),  # cut short: no whole value
+        (b"x{}", None),
+        (b"", None),
+    ],
+)
+def test_the_first_json_value_is_what_go_reads_of_a_body(body: bytes, first: bytes | None) -> None:
+    assert first_value(body) == first
+
+
+def test_keys_in_other_letter_case_name_their_field_and_the_last_one_wins() -> None:
+    fields = {"model", "stream", "keep_alive"}
+    assert fold_keys({"Model": "a", "STREAM": False, "Keep_Alive": 0}, fields) == {
+        "model": "a",
+        "stream": False,
+        "keep_alive": 0,
+    }
+    assert fold_keys({"model": "a", "Model": "b"}, fields) == {"model": "b"}  # Go: the last key wins
+    assert fold_keys({"Model": "b", "model": "a"}, fields) == {"model": "a"}
+    assert fold_keys({"Prompt": "x", "Model": "a"}, fields) == {"Prompt": "x", "model": "a"}  # others kept
+    assert fold_keys({"model": "a", "Prompt": "x"}, fields) is None  # nothing to rename
