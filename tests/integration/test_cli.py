@@ -16,6 +16,7 @@ import aiohttp
 import nats
 import openai
 import pytest
+from corral import up
 from corral.protocol.names import parse_name
 from corral.runtime.natsserver import NatsServer, free_port
 from corral.up import FleetOptions, LocalFleet, default_sims
@@ -142,6 +143,31 @@ async def test_help_lists_every_setting_with_its_default() -> None:
     for flag in ("--dead-after-s", "--dead-after", "--replica-check-s", "--nats-url", "--nats"):
         assert flag in out
     assert "CORRAL_PULL_TIMEOUT_S" in out and "3600.0" in out
+
+
+async def test_up_whose_nats_port_is_taken_exits_1_with_a_clear_message() -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        rc, out, err = await run_cli("up", "--nats-port", str(port), "--port", "0", "--sim", "1")
+    assert rc == 1 and "Traceback" not in err and "Corral is up" not in out, err
+    assert f"corral up: the embedded NATS cannot listen: 127.0.0.1:{port} is taken" in err, err
+    assert "give another --nats-port" in err
+
+
+def test_up_takes_a_free_nats_port_while_natss_own_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --nats-port, another NATS on 4222 (another fleet's, a system one) does not stop
+    `corral up`: its embedded one takes a free port, which its banner prints."""
+    assert up.embedded_nats_port(4333) == 4333  # given: as given, taken or not
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        monkeypatch.setattr(up, "NATS_PORT", held.getsockname()[1])
+        assert up.embedded_nats_port(None) == 0  # a free one
+    free = free_port()
+    monkeypatch.setattr(up, "NATS_PORT", free)
+    assert up.embedded_nats_port(None) == free
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
