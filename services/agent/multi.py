@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 import msgspec
 from corral.agent.agent import Agent
 from corral.agent.agentset import AgentSet, agent_id
-from corral.agent.docker import LOCAL_HOST, ContainerBackend, DockerWatch, require_docker
+from corral.agent.docker import LOCAL_HOST, ContainerBackend, DockerWatch, EngineGone, require_docker
 from corral.agent.gpu import GIB, SOURCE_AMD_SYSFS, SOURCE_CONFIG, SOURCE_NVML, GpuProbe, detect_vendor
 from corral.agent.settings import AgentSettings
-from corral.agent.spawn import OllamaServe, ollama_env, ports
+from corral.agent.spawn import OLLAMA, OllamaServe, ollama_env, ports
 from corral.protocol.messages import Gpu
 from corral.runtime.tasks import supervise
 
@@ -76,7 +77,11 @@ class DockerAgents:
 
     async def run(self) -> None:
         require_docker()
-        await supervise("the Docker watch", self.watch.run)  # an engine restart: follow it again
+        import docker
+
+        # an engine that stops, restarts or is not there yet: one line a try, followed again
+        away = (EngineGone, docker.errors.DockerException, OSError)
+        await supervise(f"the Docker watch of {self.watch.engine}", self.watch.run, expected=away)
 
     async def stop(self) -> None:
         """Nothing of its own to stop: cancelling `run` closes the events stream."""
@@ -119,7 +124,12 @@ class SpawnedAgents:
         found = await asyncio.to_thread(self.probes.reader(s.vendor))  # opens NVML before agents share it
         indices = list(range(s.gpus)) or [g.index for g in found if g.source in _PROBED]
         if not indices:
-            raise RuntimeError(f"--spawn: no {s.vendor} GPU found; give --gpus N to serve GPUs 0..N-1")
+            which = "no GPU (NVIDIA or AMD)" if s.vendor == "cpu" else f"no {s.vendor} GPU"
+            raise RuntimeError(f"--spawn: {which} found; give --gpus N to serve GPUs 0..N-1")
+        if shutil.which(OLLAMA, path=self.environ.get("PATH")) is None:  # else it fails, again and again
+            raise RuntimeError(
+                f"--spawn: no `{OLLAMA}` on PATH to start; install Ollama: https://ollama.com/download"
+            )
         for gpu, port in zip(indices, ports(s.spawn_port, len(indices)), strict=True):
             env = ollama_env(
                 self.environ,

@@ -32,6 +32,7 @@ from corral.runtime.tasks import BACKOFF_FIRST_S, BACKOFF_MAX_S, cancel_and_wait
 log = logging.getLogger(__name__)
 ollama_log = logging.getLogger(f"{__name__}.ollama")
 
+OLLAMA = "ollama"  # the executable, looked up on PATH
 READY_WAIT_S = 60.0  # an Ollama that never logs "Listening on" gets its agent after this anyway
 STOP_GRACE_S = 10.0  # on stop, SIGTERM, then SIGKILL after this
 HEALTHY_S = 30.0  # a run this long resets the backoff
@@ -97,7 +98,7 @@ class OllamaServe:
         *,
         on_up: Callable[[], Awaitable[None]],
         on_down: Callable[[], Awaitable[None]],
-        executable: str = "ollama",
+        executable: str = OLLAMA,
         first_s: float = BACKOFF_FIRST_S,
         max_s: float = BACKOFF_MAX_S,
     ) -> None:

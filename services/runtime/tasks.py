@@ -78,10 +78,12 @@ async def supervise(
     first_s: float = BACKOFF_FIRST_S,
     max_s: float = BACKOFF_MAX_S,
     healthy_s: float = 30.0,
+    expected: tuple[type[BaseException], ...] = (),
 ) -> None:
     """Run ``loop()`` until it returns; when it raises, log it (one warning line when NATS is away,
-    `NATS_AWAY`; else an error with its traceback) and run it again after a capped exponential
-    backoff (reset once a run lasted ``healthy_s``). Cancellation ends it.
+    `NATS_AWAY`, or for an ``expected`` error, such as another engine's being away; else an error
+    with its traceback) and run it again after a capped exponential backoff (reset once a run
+    lasted ``healthy_s``). Cancellation ends it.
 
     For a service's long-running loops (watches, reapers): a JetStream timeout must not end one
     silently while the rest of the service keeps answering."""
@@ -96,6 +98,8 @@ async def supervise(
             log.warning(
                 "%s failed, NATS away (%s); restarting it in %.1fs", name, str(e) or type(e).__name__, backoff
             )
+        except expected as e:
+            log.warning("%s failed (%s); restarting it in %.1fs", name, str(e) or type(e).__name__, backoff)
         except Exception:
             log.exception("%s failed; restarting it in %.1fs", name, backoff)
         if clock() - started >= healthy_s:

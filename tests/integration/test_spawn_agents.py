@@ -131,3 +131,17 @@ async def test_one_ollama_and_agent_per_gpu_restarted_when_killed(
                     os.kill(int(str(r["pid"])), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+async def test_no_ollama_to_spawn_stops_the_agent_with_a_clear_message(tmp_path: Path) -> None:
+    """Without `ollama` on PATH each GPU's Ollama would fail to start again and again: the agent
+    says so once and stops, before it reaches for NATS."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env["PATH"] = str(tmp_path)  # an empty folder: nothing to run
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.agent", "--spawn", "--gpus", "1", "--vendor", "nvidia",
+        "--vram-gb", "8", "--nats", "nats://127.0.0.1:1", env=env, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(agent.communicate(), 60)
+    assert agent.returncode == 1, err
+    assert b"--spawn: no `ollama` on PATH to start" in err and b"Traceback" not in err, err

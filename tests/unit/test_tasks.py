@@ -132,3 +132,20 @@ async def test_a_loop_failing_while_nats_is_away_logs_one_line_and_a_bug_its_tra
         ("ERROR", True),
     ], records
     assert "NATS away (nats: timeout)" in records[0][2]
+
+
+async def test_an_expected_failure_of_another_engine_logs_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A Docker engine that is not there yet fails its watch at every try: one line a try, not a
+    traceback, while an unexpected error still brings its traceback."""
+    failures: list[Exception] = [ConnectionRefusedError("no engine"), ValueError("bug")]
+
+    async def loop() -> None:
+        if failures:
+            raise failures.pop(0)
+
+    with caplog.at_level(logging.WARNING, logger="corral.runtime.tasks"):
+        async with asyncio.timeout(10):
+            await supervise("the watch", loop, first_s=0.0, expected=(OSError,))
+    records = [(r.levelname, r.exc_info is not None, r.getMessage()) for r in caplog.records]
+    assert [(level, traced) for level, traced, _ in records] == [("WARNING", False), ("ERROR", True)]
+    assert records[0][2] == "the watch failed (no engine); restarting it in 0.0s"
