@@ -29,6 +29,7 @@ from corral.gateway.errors import JSON, TOO_DEEP, json_error
 from corral.protocol import headers as H
 from corral.protocol.errors import CorralError
 from corral.protocol.names import parse_name
+from corral.runtime.nats import denied
 from corral.transport import WorkRequest
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
@@ -93,6 +94,13 @@ def router(gw: Gateway) -> APIRouter:
         try:
             await gw.nc.request(subject, b"", headers={H.CTL: action}, timeout=CONTROL_TIMEOUT_S)
         except nats.errors.Error as e:  # a timeout, no responders, or a permissions violation
+            if (why := denied(subject)) is not None:  # NATS identities: only the operator may
+                log.warning("%s of agent %s denied: %s", action, agent, why)
+                return json_error(
+                    403,
+                    f"this gateway's NATS identity may not {action} agents ({why}); "
+                    f"use `corral {action} {agent}` with the operator's identity",
+                )
             log.warning("%s of agent %s got no answer: %s", action, agent, e)
             return json_error(504, f"agent {agent} did not answer the {action}: {e}")
         log.info("agent %s: %s (through the console's HTTP call)", agent, action)

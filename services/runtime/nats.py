@@ -305,6 +305,15 @@ _last_denial: list[Any] = ["", 0.0]
 DENIAL_S = 15.0
 
 
+def denied(subject: str) -> str | None:
+    """The permissions violation NATS told this process lately of a publish to ``subject`` (a
+    request the server denied goes unanswered: its timeout is that denial), else None."""
+    text, at = _last_denial
+    if text and time.monotonic() - at < DENIAL_S and f'"{subject}"' in text:
+        return str(text)
+    return None
+
+
 def command_error(url: str, e: BaseException) -> str:
     """The one line a command prints for one of `COMMAND_ERRORS` (it then exits 1): a call the
     server denied this identity goes unanswered, so a timeout after a denial names the denial."""

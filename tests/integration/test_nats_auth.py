@@ -514,6 +514,33 @@ async def test_api_keys_work_under_a_gateways_identity(fleet: LocalFleet, auth_d
         await second.stop()
 
 
+async def test_a_console_drain_the_gateways_identity_may_not_send_is_refused_naming_why(
+    fleet: LocalFleet, auth_dir: Path
+) -> None:
+    """Only the operator may drain or cordon agents: NATS denies a gateway's console action, which
+    answers 403 naming the denial and the command to use, not an agent that did not answer. (A
+    gateway of its own: the denial stays on its connection, not on the fleet's.)"""
+    settings = GatewaySettings(
+        nats_url=fleet.nats_url, root=ROOT, port=0, gateway_id="gw2", **creds(auth_dir, gateway_user("gw2"))
+    )
+    gateway = Gateway(settings)
+    http = AsgiServer(gateway, "127.0.0.1", 0)
+    await gateway.start()
+    await http.start()
+    agent = fleet.agents[0].id
+    try:
+        await until(fleet, lambda: gateway.fleet.get(agent) is not None)
+        async with aiohttp.ClientSession() as s, s.post(f"{http.url}/api/corral/agents/{agent}/drain") as r:
+            assert r.status == 403, await r.text()
+            error = (await r.json())["error"]
+        assert error.startswith("this gateway's NATS identity may not drain agents (") and "iolation" in error
+        assert error.endswith(f"use `corral drain {agent}` with the operator's identity"), error
+        assert fleet.agents[0].status == "active"
+    finally:
+        await http.stop()
+        await gateway.stop()
+
+
 async def test_keys_on_before_any_key_the_setup_step_makes_their_buckets(
     fleet: LocalFleet, auth_dir: Path
 ) -> None:
