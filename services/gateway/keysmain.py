@@ -98,7 +98,11 @@ async def _run(args: argparse.Namespace, buckets: KeyBuckets) -> int:
         except KeyExists:
             _err(f"a key named {args.name!r} exists; revoke it first")
             return 1
-        _out(key)
+        if args.json:  # the key, once, beside what it may do
+            made = [_shown(k) for k in await list_keys(buckets.keys) if k.name == args.name]
+            _out(_enc.encode({"key": key, **(made[0] if made else {"name": args.name})}).decode())
+        else:
+            _out(key)
         return 0
     if args.command == "list":
         keys = await list_keys(buckets.keys)
@@ -113,6 +117,8 @@ async def _run(args: argparse.Namespace, buckets: KeyBuckets) -> int:
         if not await revoke_key(buckets.keys, args.name):
             _err(f"no key named {args.name!r}")
             return 1
+        if args.json:
+            _out(_enc.encode({"name": args.name, "revoked": True}).decode())
         return 0
     used: list[Usage] = await read_usage(buckets.usage, args.name)
     if (

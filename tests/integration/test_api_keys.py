@@ -108,6 +108,16 @@ async def test_a_created_key_works_from_ollama_openai_and_curl(fleet: LocalFleet
     assert key not in listed and "hash" not in listed
 
 
+async def test_create_and_revoke_with_json_say_what_they_did(fleet: LocalFleet) -> None:
+    rc, out, err = await corral(fleet, "create", "jason", "--rpm", "7", "--models", "llama*", "--json")
+    assert rc == 0, err
+    made = json.loads(out)
+    assert made["key"].startswith("corral-") and made["name"] == "jason" and "hash" not in made
+    assert (made["role"], made["rpm"], made["models"]) == ("user", 7, ["llama*"])
+    rc, out, err = await corral(fleet, "revoke", "jason", "--json")
+    assert rc == 0 and json.loads(out) == {"name": "jason", "revoked": True}, err
+
+
 async def test_a_missing_or_unknown_key_is_401(fleet: LocalFleet) -> None:
     for headers in ({}, auth("corral-not-a-key")):
         async with ollama.AsyncClient(host=fleet.url, headers=headers) as c:
