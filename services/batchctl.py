@@ -1,14 +1,14 @@
 """``corral batch``: the gateway's OpenAI Batch API from the command line, over HTTP.
 
-    corral batch submit FILE [--model M] [--endpoint /v1/chat/completions] [--wait]
+    corral batch submit FILE [--model M] [--endpoint E] [--completion-window 24h] [--wait]
     corral batch status ID
     corral batch results ID [-o FILE]
     corral batch cancel ID
     corral batch list
 
 FILE is an OpenAI batch file (JSONL, one ``{"custom_id", "method", "url", "body"}`` per line); a line
-that is a bare request body is taken as one too, with custom_id ``line-N`` (its line number) and the
-``--endpoint``; ``--model`` fills every body that names no model. Every command takes ``--url`` (the
+that is a bare request body (none of those keys) is taken as one too, with custom_id ``line-N`` (its
+line number) and the ``--endpoint``; ``--model`` fills every body that names no model. Every command takes ``--url`` (the
 gateway, default ``http://127.0.0.1:11434``) and ``--api-key`` (with ``CORRAL_AUTH=keys``).
 """
 
@@ -27,6 +27,8 @@ from typing import Any
 DEFAULT_URL = "http://127.0.0.1:11434"
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+# a line with any of these is a batch line (the gateway names what it lacks), else a bare body
+BATCH_LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
 POLL_S = 1.0  # how often --wait asks the gateway how the batch is doing
 BAR_WIDTH = 30
 TIMEOUT_S = 60.0
@@ -91,7 +93,7 @@ def batch_file(text: str, endpoint: str, model: str | None) -> bytes:
         except ValueError:
             out.append(raw)  # the gateway names the line in its validation errors
             continue
-        if isinstance(item, dict) and not ("custom_id" in item and "body" in item):
+        if isinstance(item, dict) and not BATCH_LINE_KEYS & item.keys():  # a bare body
             item = {"custom_id": f"line-{number}", "method": "POST", "url": endpoint, "body": item}
         if model and isinstance(item, dict) and isinstance(item.get("body"), dict):
             item["body"].setdefault("model", model)
@@ -158,8 +160,18 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", parents=[common], allow_abbrev=False, help="upload FILE and start a batch")
     s.add_argument("file", type=Path)
     s.add_argument("--model", help="the model of every request that names none")
-    s.add_argument("--endpoint", default=ENDPOINTS[0], choices=ENDPOINTS)
-    s.add_argument("--completion-window", default="24h")
+    s.add_argument(
+        "--endpoint",
+        default=ENDPOINTS[0],
+        choices=ENDPOINTS,
+        help=f"the batch's endpoint, and the url of its bare bodies (default {ENDPOINTS[0]})",
+    )
+    s.add_argument(
+        "--completion-window",
+        default="24h",
+        metavar="DURATION",
+        help="how long it may run before what is left expires: 24h, 90m, 600s (default 24h)",
+    )
     s.add_argument("--wait", action="store_true", help="follow it until it ends, with a progress bar")
     for name, text in (("status", "how a batch is doing"), ("cancel", "cancel a batch")):
         sub.add_parser(name, parents=[common], allow_abbrev=False, help=text).add_argument("id")

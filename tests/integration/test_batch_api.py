@@ -359,6 +359,18 @@ async def test_the_cli_submits_bare_bodies_waits_and_writes_the_results(
     assert code == 1 and "409" in err and "completed" in err
 
 
+async def test_the_cli_sends_a_batch_line_without_a_body_as_it_is_and_the_batch_fails_validation(
+    fleet: LocalFleet, tmp_path: Path
+) -> None:
+    """A line with batch keys is a batch line, not a bare body to wrap: one without a body, or with
+    a wrong method, fails the batch's validation naming it, as in OpenAI's Batch API."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(request(1)) + "\n" + json.dumps({"custom_id": "a", "method": "GET"}) + "\n")
+    code, out, err = await corral_batch(fleet, "submit", str(source), "--wait")
+    assert code == 1 and out.strip().startswith("batch_"), err
+    assert "line 2: invalid_method: The method must be 'POST'." in err
+
+
 async def test_a_line_or_result_too_big_for_a_nats_message_runs_and_is_kept(root: str) -> None:
     """A line over NATS's max_payload (a long prompt, an image) and a result over it (an embedding of
     many inputs) run as they would sent alone: each waits in the object store, not in one message.
