@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from corral.runtime.settings import described
+
 DEFAULT_URL = "http://127.0.0.1:11434"
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -155,7 +157,9 @@ def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=DEFAULT_URL, help=f"the gateway (default {DEFAULT_URL})")
     common.add_argument("--api-key", default="", help="an API key (with CORRAL_AUTH=keys)")
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="corral batch", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, prog="corral batch", description=described(__doc__.split("\n\n")[0])
+    )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", parents=[common], allow_abbrev=False, help="upload FILE and start a batch")
     s.add_argument("file", type=Path)

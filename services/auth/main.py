@@ -25,6 +25,7 @@ from corral.auth.config import (
     write_authorization,
 )
 from corral.runtime.natsauth import CredentialsError
+from corral.runtime.settings import described
 
 
 def _ids(raw: str) -> list[str]:
@@ -32,7 +33,9 @@ def _ids(raw: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="corral auth", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        allow_abbrev=False, prog="corral auth", description=described(__doc__.split("\n\n")[0])
+    )
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser(
         "init",

@@ -18,7 +18,7 @@ from corral.protocol.subjects import Subjects
 from corral.runtime.buckets import require_fleet
 from corral.runtime.nats import COMMAND_ERRORS, NatsAuth, NoFleet, command_error, connect_command
 from corral.runtime.process import parse_settings
-from corral.runtime.settings import SERVICES_ONLY, CommonSettings, add_arguments
+from corral.runtime.settings import SERVICES_ONLY, CommonSettings, add_arguments, described
 
 _enc = msgspec.json.Encoder()
 
@@ -39,7 +39,7 @@ def _limit(raw: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="corral keys", description=__doc__)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="corral keys", description=described(__doc__))
     commands = p.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", allow_abbrev=False, help="make a key; prints only the key, once")
     create.add_argument("name", help="the key's name: letters, digits, _ and -, at most 64")

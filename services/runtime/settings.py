@@ -219,6 +219,11 @@ def settings_from_args(cls: type[S], args: argparse.Namespace, environ: Mapping[
 SERVICES_ONLY: Final = frozenset({"otlp_endpoint", "allowed_registries"})
 
 
+def described(doc: str) -> str:
+    """A module's docstring as a command's ``--help`` text: its reST literals (````x````) plain."""
+    return doc.replace("``", "")
+
+
 def add_arguments(
     parser: argparse.ArgumentParser,
     cls: type[msgspec.Struct],

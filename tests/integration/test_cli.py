@@ -170,6 +170,12 @@ def test_up_takes_a_free_nats_port_while_natss_own_is_taken(monkeypatch: pytest.
     assert up.embedded_nats_port(None) == free
 
 
+@pytest.mark.parametrize("command", ["keys", "batch", "auth"])
+async def test_a_commands_help_reads_as_plain_text(command: str) -> None:
+    rc, out, _ = await run_cli(command, "--help")
+    assert rc == 0 and f"corral {command}" in out and "``" not in out, out
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 async def test_corral_nats_stopped_by_a_signal_exits_0(tmp_path: Path, sig: str) -> None:
     """A supervisor stopping the embedded nats-server sees a clean exit, not a failure."""
