@@ -408,7 +408,8 @@ def test_corral_up_takes_a_sim_config_files_time_scale_unless_told_otherwise(tmp
 def test_corral_up_defaults_are_the_declared_ones() -> None:
     args = up.parser().parse_args([])
     assert (args.host, args.port) == (GatewaySettings().host, GatewaySettings().port)
-    assert (args.root, args.log_level, args.nats_url, args.nats_port) == ("corral", "INFO", "", 4222)
+    assert (args.root, args.log_level, args.nats_url, args.nats_port) == ("corral", "INFO", "", None)
+    assert up.NATS_PORT == 4222  # NATS's own, taken when free (`up.embedded_nats_port`)
 
 
 # -- secrets -----------------------------------------------------------------------------------
