@@ -85,14 +85,18 @@ def same_hash(a: str, b: str) -> bool:
 
 def bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
     """The key of an ``Authorization: Bearer <key>`` header (what the ``openai`` SDK sends as its
-    ``api_key``); None without one."""
+    ``api_key``), else of an ``x-api-key`` header (what the ``anthropic`` SDK sends); None without
+    either."""
+    other = None
     for k, v in headers:
         if k == b"authorization":
             scheme, _, token = v.decode("latin-1").strip().partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
             return None
-    return None
+        if k == b"x-api-key" and v.strip():
+            other = v.decode("latin-1").strip()
+    return other
 
 
 def is_open(path: str) -> bool:
@@ -164,18 +168,22 @@ def over_limit(key: ApiKey, used: Window) -> str | None:
 
 # -- token counts of a reply ------------------------------------------------------------------------
 TAIL_BYTES: Final = 8192  # how much of a reply's end is kept to read its counts from
-_COUNT = re.compile(rb'(?<!\\)"(prompt_eval_count|eval_count|prompt_tokens|completion_tokens)"\s*:\s*(\d+)')
+_COUNT = re.compile(
+    rb'(?<!\\)"(prompt_eval_count|eval_count|prompt_tokens|completion_tokens|input_tokens|output_tokens)"'
+    rb"\s*:\s*(\d+)"
+)
 
 
 def reply_tokens(tail: bytes) -> tuple[int, int]:
     """(prompt, eval) tokens from the end of a reply; (0, 0) if it says none. Native replies end
     with an object carrying ``prompt_eval_count`` and ``eval_count``, /v1 ones with ``usage``
-    (``prompt_tokens``, ``completion_tokens``); the last of each in the tail counts. Read as
-    fields, not as a whole object, so a tail that begins mid-object (a long unstreamed reply) still
-    counts; a field name inside a JSON string has its quotes escaped and is not taken."""
+    (``prompt_tokens``, ``completion_tokens``; the Responses and Anthropic APIs' ``input_tokens``,
+    ``output_tokens``); the last of each in the tail counts. Read as fields, not as a whole
+    object, so a tail that begins mid-object (a long unstreamed reply) still counts; a field name
+    inside a JSON string has its quotes escaped and is not taken."""
     found: dict[bytes, int] = {}
     for m in _COUNT.finditer(tail):
         found[m.group(1)] = int(m.group(2))
-    prompt = found.get(b"prompt_eval_count", found.get(b"prompt_tokens", 0))
-    generated = found.get(b"eval_count", found.get(b"completion_tokens", 0))
+    prompt = found.get(b"prompt_eval_count", found.get(b"prompt_tokens", found.get(b"input_tokens", 0)))
+    generated = found.get(b"eval_count", found.get(b"completion_tokens", found.get(b"output_tokens", 0)))
     return prompt, generated

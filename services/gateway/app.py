@@ -25,7 +25,7 @@ from corral.gateway.batch.lifecycle import BatchLimits
 from corral.gateway.batch.runner import BatchRunner
 from corral.gateway.cors import Gate, machine_origins
 from corral.gateway.edge import BODY, Edge
-from corral.gateway.errors import METHOD_NOT_ALLOWED, TOO_DEEP, plain
+from corral.gateway.errors import METHOD_NOT_ALLOWED, TOO_DEEP, dialect, plain
 from corral.gateway.keys import open_key_buckets
 from corral.gateway.metrics import OTHER, known_label
 from corral.gateway.planner import Planner
@@ -352,41 +352,39 @@ class Gateway:
 
     async def _model_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint: str = scope["path"]
-        openai = endpoint.startswith("/v1/")
+        api = dialect(endpoint)
         carrier = trace_carrier(scope["headers"])
         with server_span(self._tracer, f"POST {endpoint}", carrier) as span:
             body: bytes = scope[BODY]
             if not body or body.isspace():  # no copy of a large body
                 # /v1 gives Go's decoder's own error for no JSON value, the native API its own words
-                empty = BadRequest("EOF" if openai else "missing request body")
-                await respond_error(send, empty, openai=openai)
+                empty = BadRequest("missing request body" if api == "ollama" else "EOF")
+                await respond_error(send, empty, api=api)
                 return
             key = key_of(scope)
             try:
                 view, body = bodies.read_view(body)
             except RecursionError:  # Go's decoder refuses such a body too
-                await respond_error(send, BadRequest(TOO_DEEP), openai=openai)
+                await respond_error(send, BadRequest(TOO_DEEP), api=api)
                 return
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
                 if key is not None and key.models:  # its model cannot be checked: it goes nowhere
-                    await respond_error(send, BadRequest(f"invalid request body: {e}"), openai=openai)
+                    await respond_error(send, BadRequest(f"invalid request body: {e}"), api=api)
                     return
                 # let an Ollama word the error exactly as it would
-                await relay(
-                    self.planner, WorkRequest(endpoint=endpoint, body=body), receive, send, openai=openai
-                )
+                await relay(self.planner, WorkRequest(endpoint=endpoint, body=body), receive, send, api=api)
                 return
             try:
                 work, raw = self._route(endpoint, body, view, scope["headers"], key)
             except CorralError as e:
-                await respond_error(send, e, openai=openai, endpoint=endpoint)
+                await respond_error(send, e, api=api, endpoint=endpoint)
                 return
             label = ""  # its model as a metrics label, and in usage: worked out once, here
             if work.model is not None:
                 if key is not None and not model_allowed(key.models, work.model.display):
                     # outside the key's allow-list: exactly what a model no agent has answers
                     err = ModelNotFound(work.model.display)
-                    await respond_error(send, err, openai=openai, endpoint=endpoint, raw_model=raw)
+                    await respond_error(send, err, api=api, endpoint=endpoint, raw_model=raw)
                     return
                 # usage is kept per model: a name no agent has is "other", so a client sending
                 # made-up names cannot fill the usage bucket with rows of its own
@@ -395,7 +393,7 @@ class Gateway:
                 scope[MODEL] = work.model.display if label != OTHER else OTHER
                 set_model(span, endpoint, work.model.display)
             elif key is not None and key.models:
-                await respond_error(send, ModelNotFound(f"model '{raw}' not found"), openai=openai)
+                await respond_error(send, ModelNotFound(f"model '{raw}' not found"), api=api)
                 return
             if work.expires_now and key is not None and key.role != "admin":
                 # a keep_alive under a second ends the runner with this request (or a moment
@@ -403,12 +401,12 @@ class Gateway:
                 refused = Forbidden(
                     "forbidden: keep_alive under a second (unloading a model) needs an admin key"
                 )
-                await respond_error(send, refused, openai=openai, endpoint=endpoint)
+                await respond_error(send, refused, api=api, endpoint=endpoint)
                 return
             if bodies.is_unload(endpoint, view):
                 await management.unload(self.planner, work, raw, receive, send)
                 return
-            await relay(self.planner, work, receive, send, openai=openai, raw_model=raw, model_label=label)
+            await relay(self.planner, work, receive, send, api=api, raw_model=raw, model_label=label)
 
     def _route(
         self,

@@ -26,7 +26,7 @@ from corral.gateway.access import (
     user_may,
 )
 from corral.gateway.asgi import App, Message, Receive, Scope, Send
-from corral.gateway.errors import refuse
+from corral.gateway.errors import dialect, refuse
 from corral.gateway.keys import KeyBuckets, KeyStore
 from corral.gateway.limits import Limited, Limiter, UsageBook
 from corral.runtime.kvwatch import watch_forever
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 KEY = "corral.key"  # the scope key under which the app finds the request's `ApiKey`
 MODEL = "corral.model"  # ... and under which it leaves the model it served (for usage)
 USAGE_FLUSH_S = 1.0  # how often usage is added to the usage bucket
-UNAUTHORIZED = "unauthorized: a valid API key is required (Authorization: Bearer <key>)"
+UNAUTHORIZED = "unauthorized: a valid API key is required (Authorization: Bearer <key>, or x-api-key: <key>)"
 
 
 def key_of(scope: Mapping[str, Any]) -> ApiKey | None:
@@ -112,24 +112,24 @@ class Access:
         if is_open(path):
             await app(scope, receive, send)
             return
-        openai = path.startswith("/v1/")
+        api = dialect(path)
         closing = method not in ("GET", "HEAD")
         token = bearer(scope["headers"])
         key = self.keys.lookup(token) if token else None
         if key is None:
             challenge = [(b"www-authenticate", b"Bearer")]
-            await refuse(send, 401, UNAUTHORIZED, openai=openai, close=closing, headers=challenge)
+            await refuse(send, 401, UNAUTHORIZED, api=api, close=closing, headers=challenge)
             return
         if not key.admin and not user_may(method, path):
             message = f"forbidden: this API key may not call {method} {path}"
-            await refuse(send, 403, message, openai=openai, close=closing)
+            await refuse(send, 403, message, api=api, close=closing)
             return
         try:
             await self.limiter.admit(key)
         except Limited as e:
             self.usage.record(key.name, "", prompt=0, generated=0, error=True)
             later = [(b"retry-after", str(e.retry_after).encode())]
-            await refuse(send, 429, e.message, openai=openai, close=closing, headers=later)
+            await refuse(send, 429, e.message, api=api, close=closing, headers=later)
             return
         scope[KEY] = key
         meter = _Meter(send)

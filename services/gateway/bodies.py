@@ -169,7 +169,10 @@ def streams(endpoint: str, view: RouteView) -> bool:
     asked on the OpenAI-compatible routes, never for embeddings."""
     if endpoint in ("/api/generate", "/api/chat"):
         return view.stream is not False
-    return endpoint in ("/v1/chat/completions", "/v1/completions") and view.stream is True
+    return endpoint in _V1_STREAMED and view.stream is True
+
+
+_V1_STREAMED = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"})
 
 
 def derive(work: WorkRequest, view: RouteView) -> None:

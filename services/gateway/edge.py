@@ -24,7 +24,7 @@ import asyncio
 import logging
 
 from corral.gateway.asgi import App, Message, Receive, Scope, Send
-from corral.gateway.errors import refuse
+from corral.gateway.errors import dialect, refuse
 from corral.protocol.envelope import MAX_BODY_SIZE
 from corral.protocol.errors import BUSY_MESSAGE, NoCapacity
 from corral.transport.bodies import BodyGone
@@ -98,9 +98,9 @@ class Edge:
     async def serve(self, scope: Scope, receive: Receive, send: Send, app: App) -> None:
         """Serve one HTTP request through ``app`` within the bounds."""
         counted = scope["method"] not in UNCOUNTED
-        openai = scope["path"].startswith("/v1/")
+        api = dialect(scope["path"])
         if counted and self.active >= self.max_requests:
-            await refuse(send, NoCapacity.status, BUSY_MESSAGE, openai=openai)
+            await refuse(send, NoCapacity.status, BUSY_MESSAGE, api=api)
             return
         self.active += counted
         self._admitted.set()
@@ -115,7 +115,7 @@ class Edge:
             except ConnectionResetError:
                 return
             except Refused as e:
-                await refuse(send, e.status, e.message, openai=openai, close=True)
+                await refuse(send, e.status, e.message, api=api, close=True)
                 return
             scope[BODY] = body  # read once: the model routes take it from here, others from receive
             await app(scope, _replay(body, receive), send)
@@ -151,7 +151,7 @@ class Edge:
         finally:
             body.close()
         if body.error is not None and not started:  # the upload ended for the client's fault: say why
-            await refuse(send, body.error.status, body.error.message, openai=False, close=True)
+            await refuse(send, body.error.status, body.error.message, api="ollama", close=True)
 
     async def _read(self, scope: Scope, receive: Receive, declared: int | None, held: list[int]) -> bytes:
         if declared is not None and declared > self.max_body_bytes:

@@ -1,6 +1,10 @@
-"""The only place Corral errors become HTTP: Ollama's ``{"error": ...}`` or /v1's error object."""
+"""The only place Corral errors become HTTP, in the shape of the API a request speaks (`Dialect`):
+Ollama's ``{"error": ...}``, OpenAI's error object on /v1, Anthropic's on /v1/messages."""
 
 from __future__ import annotations
+
+import secrets
+from typing import Literal
 
 import msgspec
 from corral.gateway.asgi import Send
@@ -32,6 +36,29 @@ class _NativeBody(msgspec.Struct):
     error: str
 
 
+# The API a request speaks, by its path: Ollama's own, its OpenAI-compatible routes (/v1), or its
+# Anthropic-compatible one (/v1/messages, https://docs.ollama.com/api/anthropic-compatibility)
+Dialect = Literal["ollama", "openai", "anthropic"]
+ANTHROPIC_PATH = "/v1/messages"
+
+
+def dialect(path: str) -> Dialect:
+    if path == ANTHROPIC_PATH:
+        return "anthropic"
+    return "openai" if path.startswith("/v1/") else "ollama"
+
+
+class _AnthropicError(msgspec.Struct):
+    type: str
+    message: str
+
+
+class _AnthropicBody(msgspec.Struct):
+    error: _AnthropicError
+    request_id: str
+    type: str = "error"
+
+
 def native_body(message: str) -> bytes:
     return _enc.encode(_NativeBody(message))
 
@@ -47,20 +74,39 @@ def openai_body(status: int, message: str) -> bytes:
     return _enc.encode(_OpenAIBody(_OpenAIError(message, kind)))
 
 
+def anthropic_body(status: int, message: str) -> bytes:
+    kind = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        429: "rate_limit_error",
+        503: "overloaded_error",
+        529: "overloaded_error",
+    }.get(status, "api_error")
+    return _enc.encode(_AnthropicBody(_AnthropicError(kind, message), f"req_{secrets.token_hex(12)}"))
+
+
+def error_body(api: Dialect, status: int, message: str) -> bytes:
+    if api == "openai":
+        return openai_body(status, message)
+    if api == "anthropic":
+        return anthropic_body(status, message)
+    return native_body(message)
+
+
 def error_response(
-    err: CorralError, *, openai: bool, endpoint: str = "", raw_model: str = ""
+    err: CorralError, *, api: Dialect, endpoint: str = "", raw_model: str = ""
 ) -> tuple[int, bytes]:
     message = err.message
     if isinstance(err, ModelNotFound) and raw_model:
         message = not_found_message(endpoint, raw_model, err.message, err.vendor)
-    status = err.status
-    return status, (openai_body(status, message) if openai else native_body(message))
+    return err.status, error_body(api, err.status, message)
 
 
-def json_error(status: int, message: str, *, openai: bool = False) -> Response:
-    """A route's error answer in the API's shape: Ollama's ``{"error": ...}``, or /v1's object."""
-    body = openai_body(status, message) if openai else native_body(message)
-    return Response(body, status_code=status, media_type=JSON)
+def json_error(status: int, message: str, *, api: Dialect = "ollama") -> Response:
+    """A route's error answer in the API's shape (`error_body`)."""
+    return Response(error_body(api, status, message), status_code=status, media_type=JSON)
 
 
 async def refuse(
@@ -68,14 +114,14 @@ async def refuse(
     status: int,
     message: str,
     *,
-    openai: bool,
+    api: Dialect,
     close: bool = False,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """Answer a request refused before it reached a route (the edge's bounds, a key's check) in
     the API's own error shape. ``close``: the request's body may still be on its way unread, so the
     connection must not be read for a next request."""
-    body = openai_body(status, message) if openai else native_body(message)
+    body = error_body(api, status, message)
     head = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode()), *(headers or [])]
     if close:
         head.append((b"connection", b"close"))

@@ -69,7 +69,7 @@ async def unload(planner: Planner, work: WorkRequest, raw: str, receive: Receive
     if not answers:
         holders = planner.fleet.with_model(key)
         if not holders:
-            await respond_error(send, ModelNotFound(key), openai=False, endpoint=work.endpoint, raw_model=raw)
+            await respond_error(send, ModelNotFound(key), api="ollama", endpoint=work.endpoint, raw_model=raw)
             return
         await relay(planner, work, receive, send, raw_model=raw, target=holders[0].id)
         return
@@ -80,7 +80,7 @@ async def unload(planner: Planner, work: WorkRequest, raw: str, receive: Receive
         elif first is None or (first[1][0] != 200 and r[0] == 200):
             first = agent, r
     if first is None:
-        await respond_error(send, ModelNotFound(key), openai=False, endpoint=work.endpoint, raw_model=raw)
+        await respond_error(send, ModelNotFound(key), api="ollama", endpoint=work.endpoint, raw_model=raw)
         return
     agent, (status, body, content_type) = first
     said = Decision(started=0.0, route=DIRECT, served=work.model.display).headers(agent)

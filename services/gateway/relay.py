@@ -17,7 +17,7 @@ from typing import Any
 
 from corral.gateway.access import TAIL_BYTES
 from corral.gateway.asgi import Message, Receive, Send
-from corral.gateway.errors import JSON, error_response, native_body, openai_body
+from corral.gateway.errors import JSON, Dialect, error_body, error_response, native_body
 from corral.gateway.metrics import DIRECT, Decision, new_decision, streamed
 from corral.gateway.planner import Planner
 from corral.gateway.shutdown import MESSAGE as STOP_MESSAGE
@@ -42,9 +42,9 @@ async def respond(
 
 
 async def respond_error(
-    send: Send, err: CorralError, *, openai: bool, endpoint: str = "", raw_model: str = ""
+    send: Send, err: CorralError, *, api: Dialect, endpoint: str = "", raw_model: str = ""
 ) -> None:
-    status, body = error_response(err, openai=openai, endpoint=endpoint, raw_model=raw_model)
+    status, body = error_response(err, api=api, endpoint=endpoint, raw_model=raw_model)
     await respond(send, status, body)
 
 
@@ -61,7 +61,7 @@ async def relay(
     receive: Receive,
     send: Send,
     *,
-    openai: bool = False,
+    api: Dialect = "ollama",
     raw_model: str = "",
     target: str | None = None,
     model_label: str = "",
@@ -70,19 +70,19 @@ async def relay(
     or the gateway's stop reaches it (`corral.gateway.shutdown`). ``model_label``: its model as a
     metrics label, when the caller worked it out already."""
     decision, sent = new_decision(model_label), Sent(send)
-    serve = _serve(planner, work, sent, decision, openai=openai, raw_model=raw_model, target=target)
+    serve = _serve(planner, work, sent, decision, api=api, raw_model=raw_model, target=target)
 
     def stopped() -> None:
         decision.stopped = True
 
-    await _until_gone(serve, receive, sent, planner.shutdown, openai, stopped)
+    await _until_gone(serve, receive, sent, planner.shutdown, api, stopped)
 
 
 async def relay_reply(reply: Reply, receive: Receive, send: Send, shutdown: Shutdown) -> None:
     """Stream a reply that has already begun; the client going away closes (cancels) it."""
     sent = Sent(send)
     async with reply:
-        await _until_gone(stream_reply(reply, sent, openai=False), receive, sent, shutdown, False)
+        await _until_gone(stream_reply(reply, sent, api="ollama"), receive, sent, shutdown, "ollama")
 
 
 class Sent:
@@ -116,7 +116,7 @@ async def _until_gone(
     receive: Receive,
     sent: Sent,
     shutdown: Shutdown,
-    openai: bool,
+    api: Dialect,
     on_stop: Callable[[], None] = lambda: None,
 ) -> None:
     """Run ``work`` raced against the client's disconnect (a client that goes cancels it) and the
@@ -140,19 +140,19 @@ async def _until_gone(
                 await t
     if stopped and not sent.ended:  # one that ended meanwhile has said all it had to
         try:
-            await _ended_by_stop(sent, openai)
+            await _ended_by_stop(sent, api)
         except (OSError, RuntimeError) as e:  # the client went away meanwhile
             log.info("cannot tell a request the gateway stops: %r", e)
 
 
-async def _ended_by_stop(sent: Sent, openai: bool) -> None:
+async def _ended_by_stop(sent: Sent, api: Dialect) -> None:
     """What a request the gateway's stop cut short is told: 503 when its answer had not begun,
     else a last error line (a ``data:`` event on an SSE stream)."""
     err = NoCapacity(STOP_MESSAGE)
     if not sent.started:
-        await respond_error(sent, err, openai=openai)
+        await respond_error(sent, err, api=api)
         return
-    line = _last_line(b"text/event-stream" in sent.content_type, err)
+    line = _last_line(api, b"text/event-stream" in sent.content_type, err)
     await sent({"type": "http.response.body", "body": line, "more_body": True})
     await sent({"type": "http.response.body", "body": b""})
 
@@ -163,7 +163,7 @@ async def _serve(
     send: Send,
     decision: Decision,
     *,
-    openai: bool,
+    api: Dialect,
     raw_model: str,
     target: str | None,
 ) -> None:
@@ -178,11 +178,11 @@ async def _serve(
                 reply = await planner.send(work, decision=decision)
         except CorralError as e:
             status = e.status
-            await respond_error(send, e, openai=openai, endpoint=work.endpoint, raw_model=raw_model)
+            await respond_error(send, e, api=api, endpoint=work.endpoint, raw_model=raw_model)
             return
         status, agent = reply.status, reply.agent
         async with reply:
-            await stream_reply(reply, send, openai=openai, decision=decision)
+            await stream_reply(reply, send, api=api, decision=decision)
         answered = True
     finally:
         if decision.cut:  # begun, then ended with an error line: what ended it
@@ -198,7 +198,7 @@ async def _serve(
             log.exception("recording the answer of %s failed", work.endpoint)
 
 
-async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Decision | None = None) -> None:
+async def stream_reply(reply: Reply, send: Send, *, api: Dialect, decision: Decision | None = None) -> None:
     """``decision``: how the request was routed, for the response's X-Corral headers; it is told
     when a streamed body's first byte went out and keeps the body's end (its token counts)."""
     extra = [] if decision is None else decision.headers(reply.agent)
@@ -248,14 +248,14 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
             await out(partial)  # all but the last line: a client that stops at "done" must not
         log.warning("stream from agent %s failed: %s", reply.agent, e)
         d.cut = e.status
-        await send({"type": "http.response.body", "body": _stream_error(reply, e, openai), "more_body": True})
+        await send({"type": "http.response.body", "body": _stream_error(reply, e, api), "more_body": True})
     except Exception as e:  # never leave a client hanging on a half-written stream
         log.exception("relay failed")
         d.cut = 500
         await send(
             {
                 "type": "http.response.body",
-                "body": _stream_error(reply, InternalError(str(e)), openai),
+                "body": _stream_error(reply, InternalError(str(e)), api),
                 "more_body": True,
             }
         )
@@ -263,29 +263,36 @@ async def stream_reply(reply: Reply, send: Send, *, openai: bool, decision: Deci
     await last({"type": "http.response.body", "body": b""})  # the end, through the `Sent` that notes it
 
 
-# An answer's last line: Ollama's NDJSON ``"done":true``, the OpenAI SSE ``[DONE]`` event at the
-# start of a line (in the text, a quote or a newline is escaped, so never these). The batch holding
-# it waits for the stream's end, which comes right after it: a reply that lost messages on the way
-# (a NATS node dying) ends with an error line instead, so no client takes a gapped answer for a
-# whole one.
+# An answer's last line: Ollama's NDJSON ``"done":true``, or at the start of a line the OpenAI SSE
+# ``[DONE]`` event, the Responses API's ``response.completed`` event, Anthropic's ``message_stop``
+# (in the text, a quote or a newline is escaped, so never these). The batch holding it waits for
+# the stream's end, which comes right after it: a reply that lost messages on the way (a NATS node
+# dying) ends with an error line instead, so no client takes a gapped answer for a whole one.
 _DONE = b'"done":true'
-_SSE_DONE = b"data: [DONE]"
-_SSE_DONE_LINE = b"\n" + _SSE_DONE
+_SSE_LAST = (b"data: [DONE]", b"event: response.completed", b"event: message_stop")
+_SSE_LAST_LINES = tuple(b"\n" + e for e in _SSE_LAST)
 
 
 def _ends_answer(batch: bytes) -> bool:
-    return _DONE in batch or batch.startswith(_SSE_DONE) or _SSE_DONE_LINE in batch
+    return _DONE in batch or batch.startswith(_SSE_LAST) or any(e in batch for e in _SSE_LAST_LINES)
 
 
-def _stream_error(reply: Reply, err: CorralError, openai: bool) -> bytes:
-    return _last_line("text/event-stream" in reply.content_type, err)
+def _stream_error(reply: Reply, err: CorralError, api: Dialect) -> bytes:
+    return _last_line(api, "text/event-stream" in reply.content_type, err)
 
 
-def _last_line(sse: bool, err: CorralError) -> bytes:
-    """The line that ends a stream with ``err``: an SSE ``data:`` event, or an NDJSON line."""
-    if sse:
-        return b"data: " + openai_body(err.status, err.message) + b"\n\n"
-    return native_body(err.message) + b"\n"
+def _last_line(api: Dialect, sse: bool, err: CorralError) -> bytes:
+    """The line that ends a stream with ``err``: an SSE ``data:`` event (Anthropic's ``error`` event
+    on /v1/messages), or an NDJSON line."""
+    if not sse:
+        return native_body(err.message) + b"\n"
+    event = b"event: error\n" if api == "anthropic" else b""
+    return (
+        event
+        + b"data: "
+        + error_body("openai" if api == "ollama" else api, err.status, err.message)
+        + b"\n\n"
+    )
 
 
 class RelayResponse(Response):

@@ -18,6 +18,8 @@ MODEL_ENDPOINTS: Final = frozenset(
         "/v1/chat/completions",
         "/v1/completions",
         "/v1/embeddings",
+        "/v1/responses",  # OpenAI's Responses API (Ollama 0.13.3 and later)
+        "/v1/messages",  # Anthropic's Messages API (Ollama 0.14 and later)
     }
 )
 

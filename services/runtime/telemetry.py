@@ -66,6 +66,8 @@ CORRAL_OUTCOME: Final = "corral.outcome"  # why an attempt did not begin a reply
 _OPERATIONS: Final = {
     "/api/chat": "chat",
     "/v1/chat/completions": "chat",
+    "/v1/responses": "chat",
+    "/v1/messages": "chat",
     "/api/generate": "text_completion",
     "/v1/completions": "text_completion",
     "/api/embed": "embeddings",

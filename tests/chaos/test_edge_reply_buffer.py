@@ -55,7 +55,7 @@ async def test_an_unread_reply_past_its_bound_is_cancelled_at_the_agent(
         ctl = await asyncio.wait_for(cancelled, 10)  # nobody has read a byte: the bound cancels it
         assert ctl[H.CTL] == H.CANCEL
         sink = AsgiSink()
-        await stream_reply(reply, sink, openai=False)
+        await stream_reply(reply, sink, api="ollama")
     finally:
         await transport.stop()
         await gw.close()

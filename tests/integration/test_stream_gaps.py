@@ -66,7 +66,7 @@ async def _relayed(
         reply = await transport.send_to(AGENT, WorkRequest(endpoint="/api/generate", body=b"{}"), timeout=5)
         assert isinstance(reply, Reply)
         async with asyncio.timeout(10), reply:
-            await stream_reply(reply, sink, openai=False)
+            await stream_reply(reply, sink, api="ollama")
     finally:
         await transport.stop()
         await gw.close()

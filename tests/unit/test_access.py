@@ -103,6 +103,10 @@ def test_bearer_reads_the_authorization_header() -> None:
     assert bearer([(b"authorization", b"Basic abc")]) is None
     assert bearer([(b"authorization", b"Bearer ")]) is None
     assert bearer([]) is None
+    # the anthropic SDK's header, when no Authorization names a key
+    assert bearer([(b"x-api-key", b" k1 "), (b"anthropic-version", b"2023-06-01")]) == "k1"
+    assert bearer([(b"x-api-key", b"k1"), (b"authorization", b"Bearer abc")]) == "abc"
+    assert bearer([(b"x-api-key", b"  ")]) is None
 
 
 def test_windows_are_whole_minutes() -> None:
@@ -135,6 +139,15 @@ def test_reply_tokens_native_v1_and_mid_object() -> None:
     assert reply_tokens(b'0.5, 0.25],"prompt_eval_count":4,"eval_count":0}') == (4, 0)  # a cut tail
     assert reply_tokens(b'{"response":"say \\"eval_count\\": 99"}') == (0, 0)  # inside a string
     assert reply_tokens(b"") == (0, 0)
+    # Anthropic's stream: an estimate first, the counts in its message_delta; the Responses API's usage
+    anthropic = (
+        b'event: message_start\ndata: {"message":{"usage":{"input_tokens":3,"output_tokens":0}}}\n\n'
+        b'event: message_delta\ndata: {"usage":{"input_tokens":11,"output_tokens":6}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    assert reply_tokens(anthropic) == (11, 6)
+    responses = b'"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":0},"output_tokens":4}'
+    assert reply_tokens(responses) == (9, 4)
 
 
 def test_allowed_registries() -> None:

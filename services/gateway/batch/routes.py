@@ -72,7 +72,7 @@ def _json(value: object, status: int = 200) -> Response:
 
 
 def _error(status: int, message: str) -> Response:
-    return json_error(status, message, openai=True)
+    return json_error(status, message, api="openai")
 
 
 def _viewer(request: Request) -> str | None:
