@@ -38,7 +38,7 @@ from corral.simulator.wire import decode_object, think_flag
 
 SSE: Final = "text/event-stream"
 _TYPES: Final = {400: "invalid_request_error", 404: "not_found_error"}
-_EFFORT: Final[dict[str, bool | str]] = {
+EFFORT: Final[dict[str, bool | str]] = {
     "none": False,
     "minimal": "low",
     "low": "low",
@@ -208,11 +208,11 @@ class OpenAIRoutes:
                 effort = body["reasoning"].get("effort")
             think: bool | str | None = None
             if effort is not None:
-                if effort not in _EFFORT:
+                if effort not in EFFORT:
                     raise BadRequest(
                         f'invalid reasoning value: \'{effort}\' (must be "high", "medium", "low", or "none")'
                     )
-                think = _EFFORT[effort]
+                think = EFFORT[effort]
                 if think and "thinking" not in caps:
                     raise BadRequest(f'"{raw}" does not support thinking')
             opts = merged_options(model, _options(body))

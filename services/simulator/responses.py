@@ -4,6 +4,7 @@ whose field order matches Ollama's (Go's declaration order), zero metrics omitte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -155,3 +156,20 @@ class Progress(msgspec.Struct, omit_defaults=True):
     digest: str = ""
     total: int = 0
     completed: int = 0
+
+
+SSE: Final = "text/event-stream"
+
+
+def sse_event(event: str, data: Any, enc: Callable[[Any], bytes] = encode) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + enc(data) + b"\n\n"
+
+
+async def finish_stream(writer: StreamWriter, data: bytes) -> web.StreamResponse:
+    """Write the stream's last ``data`` and end it; a client gone by then is a 499 in the log."""
+    try:
+        if data:
+            await writer.write(data)
+        return await writer.finish()
+    except ConnectionError:
+        return writer.response or web.Response(status=499)

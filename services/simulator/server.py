@@ -18,11 +18,13 @@ from typing import Final
 
 from aiohttp import web
 from corral.protocol.gohttp import slash_redirect
+from corral.simulator.anthropic import AnthropicRoutes
 from corral.simulator.config import SimConfig
 from corral.simulator.context import SimContext
 from corral.simulator.manage import ManageRoutes
 from corral.simulator.native import NativeRoutes
 from corral.simulator.openai_compat import OpenAIRoutes
+from corral.simulator.openai_responses import ResponsesRoutes
 from corral.simulator.responses import text_response
 from corral.simulator.scheduler import Scheduler
 from corral.simulator.stats import SimStats
@@ -77,6 +79,8 @@ class SimServer:
         NativeRoutes(self.ctx).add_to(app)
         ManageRoutes(self.ctx).add_to(app)
         OpenAIRoutes(self.ctx).add_to(app)
+        AnthropicRoutes(self.ctx).add_to(app)
+        ResponsesRoutes(self.ctx).add_to(app)
         # a path without parameters → the methods it serves (the two with parameters are apart)
         self._methods: dict[str, set[str]] = {}
         for r in app.router.routes():

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any, Final, TypeVar
 
 import msgspec
 from corral.protocol.errors import BadRequest, InternalError
 from corral.protocol.gojson import as_go_reads, base64_error, first_value, fold_keys, syntax_message
+from corral.protocol.gojson import kind as go_kind
 
 log = logging.getLogger(__name__)
 
@@ -294,3 +295,40 @@ def think_flag(think: bool | str | None, thinking_capable: bool) -> bool:
 def check_think(think: bool | str | None) -> None:
     if isinstance(think, str) and think.lower() not in ("low", "medium", "high", "max", "true", "false"):
         raise BadRequest(f'invalid think value: "{think}" (must be "high", "medium", "low", true, or false)')
+
+
+def go_body(raw: bytes, struct: str, fields: Collection[str]) -> dict[str, Any]:
+    """A request body as gin's ``ShouldBindJSON`` reads it into the Go struct ``struct``: ``null``
+    leaves every field unset, another non-object is Go's type error, keys match ``fields``
+    ignoring letter case; syntax errors in Go's words (`decode_object`)."""
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return decode_object(raw, fields)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"json: cannot unmarshal {go_kind(value)} into Go value of type {struct}")
+    return fold_keys(value, fields) or value
+
+
+def _fits(value: Any, gotype: str) -> bool:
+    if isinstance(value, bool):
+        return gotype == "bool"
+    if gotype in ("int", "float64"):
+        return isinstance(value, int) or (gotype == "float64" and isinstance(value, float))
+    return isinstance(
+        value, {"string": str, "bool": bool}.get(gotype) or (list if gotype[:2] == "[]" else dict)
+    )
+
+
+def check_fields(body: Mapping[str, Any], struct: str, spec: Mapping[str, str]) -> None:
+    """Go's error for the first field of ``body`` whose JSON type ``spec``'s Go type cannot take."""
+    for name, gotype in spec.items():
+        value = body.get(name)
+        if value is None or _fits(value, gotype):
+            continue
+        got = f"number {value}" if gotype == "int" and isinstance(value, float) else go_kind(value)
+        raise BadRequest(
+            f"json: cannot unmarshal {got} into Go struct field {struct}.{name} of type {gotype}"
+        )

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import anthropic
 import msgspec
 import ollama
 import openai
@@ -128,6 +129,19 @@ async def test_a_missing_or_unknown_key_is_401(fleet: LocalFleet) -> None:
     with pytest.raises(openai.AuthenticationError):
         await client.models.list()
     await client.close()
+    async with anthropic.AsyncAnthropic(base_url=fleet.url, api_key="corral-wrong", max_retries=0) as a:
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            await a.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert (
+        isinstance(refused.value.body, dict) and refused.value.body["error"]["type"] == "authentication_error"
+    )
+
+
+async def test_the_anthropic_sdks_x_api_key_is_a_key(fleet: LocalFleet) -> None:
+    _, key = await make_key(fleet)
+    async with anthropic.AsyncAnthropic(base_url=fleet.url, api_key=key, max_retries=0) as a:
+        m = await a.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert m.type == "message" and m.usage.output_tokens > 0
     r = await call(fleet.url, "GET", "/api/tags", None)
     assert r.status == 401 and r.headers["WWW-Authenticate"] == "Bearer"
     assert "error" in json.loads(await r.read())
