@@ -63,27 +63,22 @@ def native_body(message: str) -> bytes:
     return _enc.encode(_NativeBody(message))
 
 
+# an error's type by its status, as both OpenAI's and Anthropic's APIs name them; else "api_error"
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+
+
 def openai_body(status: int, message: str) -> bytes:
-    kind = {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        403: "permission_error",
-        404: "not_found_error",
-        429: "rate_limit_error",
-    }.get(status, "api_error")
-    return _enc.encode(_OpenAIBody(_OpenAIError(message, kind)))
+    return _enc.encode(_OpenAIBody(_OpenAIError(message, _ERROR_TYPES.get(status, "api_error"))))
 
 
 def anthropic_body(status: int, message: str) -> bytes:
-    kind = {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        403: "permission_error",
-        404: "not_found_error",
-        429: "rate_limit_error",
-        503: "overloaded_error",
-        529: "overloaded_error",
-    }.get(status, "api_error")
+    kind = "overloaded_error" if status in (503, 529) else _ERROR_TYPES.get(status, "api_error")
     return _enc.encode(_AnthropicBody(_AnthropicError(kind, message), f"req_{secrets.token_hex(12)}"))
 
 

@@ -25,7 +25,8 @@ from corral.protocol.errors import BadRequest, CorralError
 from corral.protocol.gojson import base64_error
 from corral.protocol.gojson import kind as go_kind
 from corral.simulator.context import SimContext
-from corral.simulator.engine import CONTENT, THINKING, TOOL_CALLS, Job
+from corral.simulator.converted import stream_converted
+from corral.simulator.engine import Job
 from corral.simulator.native import find_model, fit_context, merged_options, runner_options, unsupported
 from corral.simulator.responses import SSE, StreamWriter, encode, finish_stream, json_response, sse_event
 from corral.simulator.text import Plan, ToolCall, plan_reply, render_chat, seed_for
@@ -393,26 +394,13 @@ class AnthropicRoutes:
                 return self._error(e)
             return json_response(self._message(ident, raw, plan, (out.prompt_eval_count, out.eval_count)))
         events = _Events(ident, raw, estimate_tokens(body))
-        writer = StreamWriter(request, SSE)
-
-        async def emit(kind: int, piece: str) -> None:
-            if kind == THINKING:
-                await writer.write(events.think(piece))
-            elif kind == CONTENT:
-                await writer.write(events.say(piece))
-            elif kind == TOOL_CALLS:
-                await writer.write(events.call(plan.tool_calls))
-
-        try:
-            out = await ctx.engine.run(job, emit)
-        except CorralError as e:
-            if not writer.started:
-                return self._error(e)
-            return await finish_stream(writer, b"")  # Ollama's converter has nothing to say of it
-        except ConnectionError:
-            return writer.response or web.Response(status=499)
-        return await finish_stream(
-            writer, events.done(plan.done_reason, out.prompt_eval_count, out.eval_count)
+        return await stream_converted(
+            request,
+            ctx.engine,
+            job,
+            events,
+            failed=self._error,
+            done=lambda out: events.done(plan.done_reason, out.prompt_eval_count, out.eval_count),
         )
 
     @staticmethod

@@ -29,7 +29,8 @@ from corral.protocol.errors import BadRequest, CorralError
 from corral.protocol.gojson import base64_error
 from corral.protocol.gojson import kind as go_kind
 from corral.simulator.context import SimContext
-from corral.simulator.engine import CONTENT, THINKING, TOOL_CALLS, Job, Outcome
+from corral.simulator.converted import stream_converted
+from corral.simulator.engine import Job, Outcome
 from corral.simulator.native import find_model, fit_context, merged_options, runner_options, unsupported
 from corral.simulator.openai_compat import EFFORT, openai_error  # reasoning_effort's mapping
 from corral.simulator.responses import SSE, StreamWriter, finish_stream, json_response, sse_event
@@ -455,25 +456,14 @@ class ResponsesRoutes:
                 return openai_error(e.status, e.message)
             return json_response(self._response(req, item_id, plan, out))
         events = _Events(req, item_id, self.rng)
-        writer = StreamWriter(request, SSE)
-
-        async def emit(kind: int, piece: str) -> None:
-            if kind == THINKING:
-                await writer.write(events.think(piece))
-            elif kind == CONTENT:
-                await writer.write(events.say(piece))
-            elif kind == TOOL_CALLS:
-                await writer.write(events.call(plan.tool_calls))
-
-        try:
-            out = await ctx.engine.run(job, emit)
-        except CorralError as e:
-            if not writer.started:
-                return openai_error(e.status, e.message)
-            return await finish_stream(writer, b"")  # Ollama's converter has nothing to say of it
-        except ConnectionError:
-            return writer.response or web.Response(status=499)
-        return await finish_stream(writer, events.done(out))
+        return await stream_converted(
+            request,
+            ctx.engine,
+            job,
+            events,
+            failed=lambda e: openai_error(e.status, e.message),
+            done=events.done,
+        )
 
     @staticmethod
     def _response(req: _Request, item_id: str, plan: Plan, out: Outcome | None) -> dict[str, Any]:
