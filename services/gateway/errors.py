@@ -53,10 +53,10 @@ class _AnthropicError(msgspec.Struct):
     message: str
 
 
-class _AnthropicBody(msgspec.Struct):
+class _AnthropicBody(msgspec.Struct, kw_only=True):
+    type: str = "error"
     error: _AnthropicError
     request_id: str
-    type: str = "error"
 
 
 def native_body(message: str) -> bytes:
@@ -79,7 +79,9 @@ def openai_body(status: int, message: str) -> bytes:
 
 def anthropic_body(status: int, message: str) -> bytes:
     kind = "overloaded_error" if status in (503, 529) else _ERROR_TYPES.get(status, "api_error")
-    return _enc.encode(_AnthropicBody(_AnthropicError(kind, message), f"req_{secrets.token_hex(12)}"))
+    return _enc.encode(
+        _AnthropicBody(error=_AnthropicError(kind, message), request_id=f"req_{secrets.token_hex(12)}")
+    )
 
 
 def error_body(api: Dialect, status: int, message: str) -> bytes:

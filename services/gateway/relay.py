@@ -244,8 +244,8 @@ async def stream_reply(reply: Reply, send: Send, *, api: Dialect, decision: Deci
         if held:
             await out(held)
     except CorralError as e:
-        if partial := held[: held.rstrip(b"\n").rfind(b"\n") + 1]:
-            await out(partial)  # all but the last line: a client that stops at "done" must not
+        if partial := _all_but_last(held, "text/event-stream" in reply.content_type):
+            await out(partial)  # a client that stops at "done" (or its event) must not take it
         log.warning("stream from agent %s failed: %s", reply.agent, e)
         d.cut = e.status
         await send({"type": "http.response.body", "body": _stream_error(reply, e, api), "more_body": True})
@@ -275,6 +275,16 @@ _SSE_LAST_LINES = tuple(b"\n" + e for e in _SSE_LAST)
 
 def _ends_answer(batch: bytes) -> bool:
     return _DONE in batch or batch.startswith(_SSE_LAST) or any(e in batch for e in _SSE_LAST_LINES)
+
+
+def _all_but_last(held: bytes, sse: bool) -> bytes:
+    """A held batch without the answer's last line (NDJSON), or its last event (SSE: Anthropic's
+    ``message_stop`` is two lines, its ``event:`` and its ``data:``)."""
+    body = held.rstrip(b"\n")
+    if not sse:
+        return held[: body.rfind(b"\n") + 1]
+    cut = body.rfind(b"\n\n")
+    return held[: cut + 2] if cut >= 0 else b""
 
 
 def _stream_error(reply: Reply, err: CorralError, api: Dialect) -> bytes:

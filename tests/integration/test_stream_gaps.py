@@ -9,6 +9,7 @@ import asyncio
 import msgspec
 import nats
 import pytest
+from corral.gateway.errors import Dialect
 from corral.gateway.relay import stream_reply
 from corral.protocol import headers as H
 from corral.protocol.subjects import Subjects
@@ -40,6 +41,7 @@ async def _relayed(
     lines: list[bytes] = LINES,
     last: bytes = LAST,
     content_type: str = NDJSON,
+    api: Dialect = "ollama",
 ) -> list[bytes]:
     """The body lines a client gets for an answer whose agent sent every line but ``lost`` of
     them were lost on the way (its end still counts what it sent)."""
@@ -66,7 +68,7 @@ async def _relayed(
         reply = await transport.send_to(AGENT, WorkRequest(endpoint="/api/generate", body=b"{}"), timeout=5)
         assert isinstance(reply, Reply)
         async with asyncio.timeout(10), reply:
-            await stream_reply(reply, sink, api="ollama")
+            await stream_reply(reply, sink, api=api)
     finally:
         await transport.stop()
         await gw.close()
@@ -95,3 +97,24 @@ async def test_an_openai_stream_that_lost_a_message_ends_with_an_error_not_done(
     assert whole[-1] == b"data: [DONE]" and len(whole) == 2  # the text saying "data: [DONE]" too
     gapped = await _relayed(nats_server, root, lost=1, lines=SSE_LINES, last=SSE_LAST, content_type=SSE)
     assert b"data: [DONE]" not in gapped and b"lost 1 of 2 reply messages" in gapped[-1]
+
+
+ANTHROPIC_LINES = [
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"event: message_stop"}}\n\n'
+]
+ANTHROPIC_LAST = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+
+
+async def test_an_anthropic_stream_that_lost_a_message_ends_with_its_error_event(
+    nats_server: NatsServer, root: str
+) -> None:
+    """/v1/messages: its last event (``message_stop``) is held as ``[DONE]`` is; a gapped stream
+    ends with Anthropic's ``error`` event instead."""
+    sse = {"last": ANTHROPIC_LAST, "content_type": SSE, "api": "anthropic"}
+    whole = await _relayed(nats_server, root, lost=0, lines=ANTHROPIC_LINES, **sse)  # type: ignore[arg-type]
+    assert whole[-2:] == [b"event: message_stop", b'data: {"type":"message_stop"}']
+    gapped = await _relayed(nats_server, root, lost=1, lines=ANTHROPIC_LINES, **sse)  # type: ignore[arg-type]
+    assert gapped[-2] == b"event: error" and b"event: message_stop" not in gapped
+    error = msgspec.json.decode(gapped[-1].removeprefix(b"data: "))
+    assert error["type"] == "error" and "lost 1 of 2 reply messages" in error["error"]["message"]
