@@ -1,18 +1,18 @@
 """The agent: one per Ollama. Capacity is expressed as interest.
 
-The agent is an I/O shell around pure state machines: `SlotTable` (who runs, who waits),
-`RunnerTracker` (what Ollama has loaded, and which runners a request may go to now). It owns the
-NATS subscriptions, the Ollama client and the published state; `Claims` holds its interest in work
-(a claim subscription per free slot of each warm model, and the fleet queue).
+The agent is an I/O shell around pure state machines: `SlotTable` (who runs, who waits), `RunnerTracker`
+(what Ollama has loaded, and which runners a request may go to now). It owns the NATS subscriptions, the
+Ollama client and the published state; `Claims` holds its interest in work (a claim subscription per free
+slot of each warm model, and the fleet queue).
 
 Direct work (``agent.{id}.work``) is taken while the agent is active: with no slot free it waits in a
 bounded local FIFO served before the agent takes interest again; past that bound (at once, if marked
-``Corral-Now``) the agent answers ``busy``. A malformed work message is answered with a ``bad_request``
-end when it names where to answer, else logged and dropped; it never stops the agent.
+``Corral-Now``) the agent answers ``busy``. A malformed work message is answered with a ``bad_request`` end
+when it names where to answer, else logged and dropped; it never stops the agent.
 
-Lifecycle: NEW → RUNNING → DRAINING → STOPPED. `stop` drops every claim subscription, lets
-in-flight work finish within the grace period, cancels the rest with a final error, deletes the
-agent's KV entry and drains the connection; a `stop` while it still waits for NATS ends it at once.
+Lifecycle: NEW → RUNNING → DRAINING → STOPPED. `stop` drops every claim subscription, lets in-flight work
+finish within the grace period, cancels the rest with a final error, deletes the agent's KV entry and drains
+the connection; a `stop` while it still waits for NATS ends it at once.
 """
 
 from __future__ import annotations
@@ -111,12 +111,10 @@ class Agent:
     def _changed(self, *, claims: bool = False, state: bool = False, refresh: bool = False) -> None:
         """The one way the state machines' answers reach the loops: re-check claim subscriptions,
         publish the state, re-read Ollama."""
-        if claims:
-            self._wake.claims.set()
-        if state:
-            self._wake.state.set()
-        if refresh:
-            self._wake.refresh.set()
+        w = self._wake
+        for wanted, event in ((claims, w.claims), (state, w.state), (refresh, w.refresh)):
+            if wanted:
+                event.set()
 
     def _apply(self, change: RunnerChange) -> None:
         self._changed(claims=change.claims, state=change.state, refresh=change.refresh)
@@ -339,7 +337,10 @@ class Agent:
         return ended.freed
 
     def _on_response(self, job: Job, status: int) -> None:
-        if job.token is not None:
+        if not status:  # Ollama did not answer (refused, reset): take nothing more until it reads again
+            self._backend.down = True
+            self._changed(claims=True, state=True, refresh=True)
+        elif job.token is not None:
             self._apply(self.runners.responded(job.token, job.rid, status))
 
     async def _on_answered(self, job: Job) -> None:
@@ -415,8 +416,8 @@ class Agent:
         await self._claims.reconcile(self._claimable, self.slots.free, self._take)
 
     def _claimable(self) -> frozenset[str]:
-        """The models whose free slots this agent holds interest in: the warm ones, while active."""
-        return self.runners.warm if self.status == "active" else frozenset()
+        """Models whose free slots it holds interest in: the warm ones, while active and Ollama answers."""
+        return self.runners.warm if self.status == "active" and not self._backend.down else frozenset()
 
     # -- backend state -----------------------------------------------------------------------
     async def _refresh(self) -> None:
@@ -474,9 +475,8 @@ class Agent:
         try:
             await self._buckets.agents.put(self.id, agent_state_encoder.encode(state))
         except (NatsError, JetStreamError, TimeoutError) as e:
-            log.warning(
-                "cannot publish agent state (again in %.1fs): %s", self._pacer.failed(time.monotonic()), e
-            )
+            again = self._pacer.failed(time.monotonic())
+            log.warning("cannot publish agent state (again in %.1fs): %s", again, e)
             if self._reopener is not None:
                 self._reopener.missing(e)  # a bucket a restarted NATS lost: create it again
         else:

@@ -234,7 +234,7 @@ class Worker:
         on_answered: Callable[[Job], Awaitable[None]],
     ) -> None:
         """``on_response``: Ollama's head arrived (with its status) — a model it had to load is
-        loaded by then. ``on_answered``: Ollama's answer has ended; called just before the message
+        loaded by then; status 0: Ollama did not answer (refused the connection, reset it). ``on_answered``: Ollama's answer has ended; called just before the message
         that ends the reply, so what it does on NATS (re-arming the freed slot's claim) reaches the
         server before that message."""
         self.nc = nc
@@ -284,6 +284,8 @@ class Worker:
             raise
         except (OSError, TimeoutError) as e:
             log.warning("ollama request %s %s failed: %s", env.method, env.endpoint, e)
+            if not status:
+                self.on_response(job, 0)  # it did not answer at all
             await out.end(BackendError(f"ollama unavailable: {e}"))
         except NatsError as e:  # the body could not be fetched, or the reply not sent
             log.warning("request %s %s: %s", env.method, env.endpoint, e)

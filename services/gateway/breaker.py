@@ -8,7 +8,9 @@ sent there again (`corral.gateway.planner`), but the next one would meet it firs
 trips a breaker for that agent and model: while it is open, this gateway's requests for the model
 go to other agents only, by name (not by the shared claim subjects or the fleet queue, which that
 agent would take). It stays open for `BASE_S`, twice as long after each failure that follows within
-its last span, up to `MAX_S`; an answer from the agent closes it. When only tripped agents could
+its last span once it closed, up to `MAX_S`; failures while it is open (the requests the agent had
+taken when the fault began: a backlog it failed in a moment) count as that one. An answer from the
+agent closes it. When only tripped agents could
 serve a request, it is sent to them as ever: the fault may have passed.
 """
 
@@ -41,6 +43,8 @@ class Breakers:
         """``agent`` failed a request for model ``key`` before answering it."""
         per = self._trips.setdefault(key, {})
         last = per.get(agent)
+        if last is not None and now < last.until:
+            return  # while it is open: the same fault (requests it had taken already), counted once
         again = last is not None and now < last.until + last.span  # soon after the last one closed
         span = min(last.span * 2, self._max) if last is not None and again else self._base
         per[agent] = _Trip(now + span, span, error)

@@ -9,7 +9,9 @@ Faults (`FaultyOllama.fault`):
 - ``"500"``: Ollama's own 500 for a runner that died while loading, ``{"error": "llama runner
   process has terminated: exit status 2"}``;
 - ``"hang"``: nothing is answered at all (a wedged runner, before its first token);
-- ``"stall"``: the real answer's head and first chunk, then nothing (a runner wedged mid-stream).
+- ``"stall"``: the real answer's head and first chunk, then nothing (a runner wedged mid-stream);
+- ``"down"``: every request, its readings too, closed before any response (the Ollama process
+  gone while its port is still taken, or restarting).
 
 `FaultyOllama.hits` counts the model-endpoint requests it received, faulty or not.
 """
@@ -25,7 +27,7 @@ import aiohttp
 from aiohttp import web
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 
-Fault = Literal["reset", "500", "hang", "stall"] | None
+Fault = Literal["reset", "500", "hang", "stall", "down"] | None
 RUNNER_DIED = '{"error":"llama runner process has terminated: exit status 2"}'
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
@@ -40,6 +42,11 @@ class FaultyOllama:
         self._released = asyncio.Event()  # set as it stops: the hanging answers end
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if self.fault == "down":
+            self.hits += request.path in MODEL_ENDPOINTS
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()  # never written
         if request.path in MODEL_ENDPOINTS:
             self.hits += 1
             if self.fault == "reset":

@@ -7,6 +7,7 @@ it, not a wait for the queue's deadline; a stream it stops sending ends after `s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -159,3 +160,27 @@ async def test_a_tripped_agent_is_tried_once_the_others_fail_too(
         status, agent, body = await generate(s, f.url)
         assert status == 200 and agent == nv_agent, body
         assert amd_proxy.hits >= 1  # it went to amd first, as the breaker said
+
+
+async def test_an_ollama_gone_under_a_backlog_fails_no_more_than_its_agent_had_taken(
+    fleet: tuple[LocalFleet, FaultyOllama],
+) -> None:
+    """An Ollama that stops answering at all (its process gone) while requests wait for slots: its
+    agent takes no more work from the fleet queue once one failed, so the backlog goes to the
+    agent that works instead of being failed there in a moment; and once that Ollama is back, its
+    agent serves again (the gateway's breaker counted the failures it had taken as one)."""
+    f, faulty = fleet
+    bad = next(a for a in f.agents if a.settings.vendor == "nvidia")
+    assert f.gateway is not None
+    view = f.gateway.fleet
+    faulty.fault, faulty.hits = "down", 0
+    async with aiohttp.ClientSession() as s:
+        answers = await asyncio.gather(*(generate(s, f.url) for _ in range(3 * REQUESTS)))
+        assert all(status == 200 and body["done"] for status, _, body in answers), answers
+        assert faulty.hits <= 2 * bad.settings.parallel, faulty.hits  # not the whole backlog
+        await until(f, lambda: (a := view.get(bad.id)) is not None and a.ollama_down, what="seen down")
+        faulty.fault = None  # back: its next reading says so, and it serves again
+        bad._wake.refresh.set()
+        await until(f, lambda: (a := view.get(bad.id)) is not None and not a.ollama_down, what="seen up")
+        status, agent, body = await generate(s, f.url, **STRICT)
+        assert status == 200 and agent == bad.id, body

@@ -49,3 +49,14 @@ def test_a_trip_that_can_no_longer_double_is_forgotten() -> None:
     b.failed("gone", MODEL, ERR, 0.0)  # open until 5, could double until 10
     assert b.tripped(MODEL, 9.0) == {} and len(b) == 1
     assert b.tripped(MODEL, 10.0) == {} and len(b) == 0
+
+
+def test_failures_while_it_is_open_are_the_same_fault_counted_once() -> None:
+    """An Ollama that refused connections for two seconds failed the 54 requests its agent had
+    taken in a moment: one trip of the base span, not one doubled 54 times to the limit."""
+    b = Breakers(base_s=5.0, max_s=300.0)
+    for i in range(54):
+        b.failed("a", MODEL, ERR, 100.0 + i * 0.001)
+    assert b.tripped(MODEL, 104.9) and not b.tripped(MODEL, 105.0)  # open until 105, from the first
+    b.failed("a", MODEL, ERR, 106.0)  # once it closed, failing again soon: twice as long
+    assert b.tripped(MODEL, 115.9) and not b.tripped(MODEL, 116.0)
