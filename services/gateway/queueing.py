@@ -130,11 +130,13 @@ class FleetQueue:
             return None
 
     def someone_serves(self, route: Route, failed: set[str]) -> bool:
-        """Some usable agent has, or is loading, a runner for ``route``."""
+        """Some usable agent has, or is loading, a runner for ``route`` (of its vendor, when the
+        request insists on one: another vendor's runner never takes it from the queue)."""
         for a in self._fleet.with_model(route.key):
             if (
                 a.status == "active"
                 and a.id not in failed
+                and not (route.strict and route.vendor and a.vendor != route.vendor)
                 and (warm(route, a) or self._loads.loading_at(route, a))
             ):
                 return True
