@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 import msgspec
-from corral.protocol.envelope import MAX_NUM_CTX
+from corral.protocol.envelope import MAX_NUM_CTX, MIN_NUM_CTX
 from corral.protocol.gojson import as_go_reads, first_value, fold_keys
 from corral.transport import WorkRequest
 
@@ -150,18 +150,21 @@ def is_unload(endpoint: str, view: RouteView) -> bool:
 
 
 def num_ctx(view: RouteView) -> int | None:
-    """``options.num_ctx`` when it is a positive number, at most `MAX_NUM_CTX` (Ollama clamps a
-    context past the model's trained one to it, and so does the router); None otherwise (a wrong
-    type is left for Ollama to reject in its own words)."""
+    """``options.num_ctx`` when it is a number: at least 4 (Ollama raises a smaller one, zero and
+    negative ones too, to 4, a runner of its own), at most `MAX_NUM_CTX` (Ollama clamps a context
+    past the model's trained one to it, and so does the router); None otherwise (a wrong type is
+    left for Ollama to reject in its own words)."""
     if view.options is _NULL or view.options == _NULL:
         return None
     try:
         value = _options.decode(view.options).num_ctx
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return min(int(value), MAX_NUM_CTX)  # Ollama truncates floats into int options
+    if value >= MAX_NUM_CTX:
+        return MAX_NUM_CTX
+    return max(int(value), MIN_NUM_CTX)  # Ollama truncates floats into int options
 
 
 def streams(endpoint: str, view: RouteView) -> bool:

@@ -68,6 +68,7 @@ _ORIGIN = _RID
 _MAX_NAME = MAX_NAME_LENGTH  # characters of a model name carried in Echo/Upstream headers
 MAX_BODY_SIZE: Final = 1 << 40  # the largest Corral-Body-Size a receiver accepts
 MAX_NUM_CTX: Final = 1 << 24  # a Corral-Num-Ctx above this is refused (no model is trained past it)
+MIN_NUM_CTX: Final = 4  # Ollama raises a smaller num_ctx to this
 _MAX_TRACE = 512
 _TRACEPARENT = re.compile(r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _TRACESTATE_MEMBER = re.compile(

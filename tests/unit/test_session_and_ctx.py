@@ -52,6 +52,11 @@ def test_num_ctx_is_read_when_it_is_a_number() -> None:
     # past any trained context: Ollama clamps it to the model's, so the gateway carries it clamped
     assert bodies.num_ctx(_view(options={"num_ctx": 2**31 - 1})) == MAX_NUM_CTX
     assert bodies.num_ctx(_view(options={"num_ctx": 1e300})) == MAX_NUM_CTX
+    # past float's range: Ollama's decoder refuses it, in its own words
+    assert bodies.num_ctx(bodies.decode_view(b'{"options":{"num_ctx":1e400}}')) is None
+    # below 4: Ollama raises it to 4, a runner of its own, never the default context's
+    for small in (-1, 0, 3, 3.9):
+        assert bodies.num_ctx(_view(options={"num_ctx": small})) == 4, small
     assert bodies.num_ctx(_view(options={"temperature": 0})) is None
     assert bodies.num_ctx(_view()) is None
     assert bodies.num_ctx(_view(options=None)) is None
