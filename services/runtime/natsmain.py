@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from corral.runtime.logs import setup_logging
 from corral.runtime.natsserver import NatsServer, NatsServerError
@@ -57,6 +58,10 @@ async def _serve(args: argparse.Namespace) -> int:
     await asyncio.wait((stop, died), return_when=asyncio.FIRST_COMPLETED)
     signalled = stop.done()  # judged before stopping the server: stopping ends `died` too
     stop.cancel()
+    if not signalled:  # killed, or it failed: say so, as a supervisor's log is all there is
+        code = died.result()
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        print(f"corral nats: nats-server ended ({how}); stopping", file=sys.stderr, flush=True)
     await server.stop()
     died.cancel()
     return 0 if signalled else 1

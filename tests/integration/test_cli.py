@@ -196,6 +196,27 @@ async def test_corral_nats_stopped_by_a_signal_exits_0(tmp_path: Path, sig: str)
             await proc.wait()
 
 
+async def test_corral_nats_whose_server_is_killed_says_so_and_exits_1(tmp_path: Path) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "corral.cli", "nats", "--port", str(port), "--store-dir", str(tmp_path / "js"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert b"nats-server with JetStream on" in await asyncio.wait_for(proc.stdout.readline(), 30)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 1  # its nats-server
+        os.kill(int(children[0]), signal.SIGKILL)
+        assert await asyncio.wait_for(proc.wait(), 30) == 1
+        err = (await proc.stderr.read()).decode()
+        assert "corral nats: nats-server ended (killed by signal 9); stopping" in err, err
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 @pytest.mark.parametrize("command", [["status"], ["pin", "llama3.2"], ["keys", "list"]])
 async def test_a_fleet_command_jetstream_cannot_answer_exits_1_with_a_clear_message(
     command: list[str],
