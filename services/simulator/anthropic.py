@@ -29,7 +29,7 @@ from corral.simulator.converted import stream_converted
 from corral.simulator.engine import Job
 from corral.simulator.native import find_model, fit_context, merged_options, runner_options, unsupported
 from corral.simulator.responses import SSE, StreamWriter, encode, finish_stream, json_response, sse_event
-from corral.simulator.text import Plan, ToolCall, plan_reply, render_chat, seed_for
+from corral.simulator.text import Plan, ToolCall, plan_reply, render_chat, rendered, seed_for
 from corral.simulator.wire import check_fields, go_body, sampling_of, think_flag
 
 _TYPES: Final = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}
@@ -376,7 +376,9 @@ class AnthropicRoutes:
         if model.system and turns[0][0] != "system":
             turns.insert(0, ("system", model.system))
         sampling = sampling_of(opts)
-        job.tokens = fit_context(render_chat(turns, tools), ropts.num_ctx, opts)
+        job.tokens = fit_context(
+            await rendered(request.content_length, render_chat, turns, tools), ropts.num_ctx, opts
+        )
         plan = job.plan = plan_reply(
             seed_for(ctx.config.seed if sampling.seed is None else sampling.seed, job.tokens),
             length=ctx.config.reply_tokens,

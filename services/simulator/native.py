@@ -40,6 +40,7 @@ from corral.simulator.text import (
     plan_reply,
     render_chat,
     render_generate,
+    rendered,
     seed_for,
     weights_seed,
 )
@@ -173,9 +174,9 @@ class NativeRoutes:
             return await self._load_only(job, GenerateResponse, raw, response="")
         sampling = sampling_of(opts)
         system = req.system if req.system is not None else model.system
-        job.tokens = fit_context(
-            render_generate(prompt, system, req.context or (), bool(req.raw)), ropts.num_ctx, opts
-        )
+        size = request.content_length
+        tokens = await rendered(size, render_generate, prompt, system, req.context or (), bool(req.raw))
+        job.tokens = fit_context(tokens, ropts.num_ctx, opts)
         seed = ctx.config.seed if sampling.seed is None else sampling.seed
         plan = job.plan = plan_reply(
             seed_for(seed, job.tokens),
@@ -326,7 +327,8 @@ class NativeRoutes:
         turns = [((m.role or "user").lower(), m.content or "") for m in req.messages or []]
         if model.system and (not turns or turns[0][0] != "system"):
             turns.insert(0, ("system", model.system))
-        job.tokens = fit_context(render_chat(turns, req.tools or ()), job.options.num_ctx, opts)
+        tokens = await rendered(request.content_length, render_chat, turns, req.tools or ())
+        job.tokens = fit_context(tokens, job.options.num_ctx, opts)
         seed = ctx.config.seed if sampling.seed is None else sampling.seed
         plan = job.plan = plan_reply(
             seed_for(seed, job.tokens),

@@ -31,6 +31,7 @@ from corral.simulator.text import (
     plan_reply,
     render_chat,
     render_generate,
+    rendered,
     seed_for,
     weights_seed,
 )
@@ -221,7 +222,7 @@ class OpenAIRoutes:
             return openai_error(e.status, e.message)
         if model.system and turns[0][0] != "system":
             turns.insert(0, ("system", model.system))
-        tokens = render_chat(turns, tools)
+        tokens = await rendered(request.content_length, render_chat, turns, tools)
         seed = opts.get("seed", ctx.config.seed)
         plan = plan_reply(
             seed_for(seed, tokens),
@@ -364,7 +365,7 @@ class OpenAIRoutes:
                 return openai_error(e.status, e.message)
             ctx.engine.detach(job, runner)
             return json_response(response("", "load", None))
-        job.tokens = render_generate(prompt, model.system)
+        job.tokens = await rendered(request.content_length, render_generate, prompt, model.system)
         plan = job.plan = plan_reply(
             seed_for(opts.get("seed", ctx.config.seed), job.tokens),
             length=self.ctx.config.reply_tokens,

@@ -34,7 +34,7 @@ from corral.simulator.engine import Job, Outcome
 from corral.simulator.native import find_model, fit_context, merged_options, runner_options, unsupported
 from corral.simulator.openai_compat import EFFORT, openai_error  # reasoning_effort's mapping
 from corral.simulator.responses import SSE, StreamWriter, finish_stream, json_response, sse_event
-from corral.simulator.text import Plan, ToolCall, plan_reply, render_chat, seed_for
+from corral.simulator.text import Plan, ToolCall, plan_reply, render_chat, rendered, seed_for
 from corral.simulator.wire import check_fields, go_body, sampling_of, think_flag
 
 # openai.ResponsesRequest: each field's Go type, for Go's decoding errors
@@ -437,7 +437,9 @@ class ResponsesRoutes:
         if model.system and turns[0][0] != "system":
             turns.insert(0, ("system", model.system))
         sampling = sampling_of(opts)
-        job.tokens = fit_context(render_chat(turns, tools), ropts.num_ctx, opts)
+        job.tokens = fit_context(
+            await rendered(request.content_length, render_chat, turns, tools), ropts.num_ctx, opts
+        )
         plan = job.plan = plan_reply(
             seed_for(ctx.config.seed if sampling.seed is None else sampling.seed, job.tokens),
             length=ctx.config.reply_tokens,

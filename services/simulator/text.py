@@ -7,13 +7,14 @@ re-tokenises to itself), which is what makes a chat's next turn hit the slot's p
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import re
 import string
 import zlib
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -43,6 +44,18 @@ def tokenize(text: str) -> list[int]:
 
 def count_tokens(text: str) -> int:
     return len(_TOKEN_RE.findall(text))
+
+
+# a request body this large is tokenized in a worker thread: the event loop (in `corral up`, the
+# gateway's and the agents' too) keeps turning, its heartbeats included, however long that takes
+OFF_LOOP_BYTES = 1 << 20
+
+
+async def rendered(body_size: int | None, render: Callable[..., list[int]], *args: Any) -> list[int]:
+    """``render(*args)``: at once for a small request, in a thread for one of `OFF_LOOP_BYTES` or more."""
+    if (body_size or 0) < OFF_LOOP_BYTES:
+        return render(*args)
+    return await asyncio.to_thread(render, *args)
 
 
 def render_generate(

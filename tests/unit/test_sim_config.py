@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from corral.simulator.durations import (
     parse_keep_alive,
     parse_server_keep_alive,
 )
-from corral.simulator.text import embed, plan_reply, render_chat, seed_for, tokenize
+from corral.simulator.text import OFF_LOOP_BYTES, embed, plan_reply, render_chat, rendered, seed_for, tokenize
 from corral.simulator.wire import (
     ChatRequest,
     GenerateRequest,
@@ -324,3 +325,18 @@ def test_a_reply_of_a_million_tokens_is_as_long_as_asked() -> None:
     assert natural.eval_count >= 10**6 and natural.done_reason == "stop"
     assert natural.content[1:100] != natural.content[101:200]  # words, not one word repeated
     assert plan_reply(7, num_predict=654_321, length=(10**6, 10**6)).eval_count == 654_321
+
+
+async def test_a_large_request_is_tokenized_off_the_event_loop() -> None:
+    """A prompt of hundreds of megabytes takes its tokenizer many seconds: in `corral up` the gateway
+    and the agents share the simulators' loop, and a frozen loop misses heartbeats (agents taken for
+    gone, a 404 for a model they have). A small one is tokenized at once, without a thread's cost."""
+    seen: list[int] = []
+
+    def render(text: str) -> list[int]:
+        seen.append(threading.get_ident())
+        return tokenize(text)
+
+    assert await rendered(100, render, "a b") == tokenize("a b")
+    assert await rendered(OFF_LOOP_BYTES, render, "a b") == tokenize("a b")
+    assert seen[0] == threading.get_ident() != seen[1]
