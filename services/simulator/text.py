@@ -39,11 +39,32 @@ _ROLE_TOKENS: Final = {"system": 3, "user": 4, "assistant": 5, "tool": 6}
 
 
 def tokenize(text: str) -> list[int]:
-    return [zlib.crc32(w.encode()) % 120_000 + 256 for w in _TOKEN_RE.findall(text)]
+    return [zlib.crc32(w.encode()) % 120_000 + 256 for w in _pieces(text)]
 
 
 def count_tokens(text: str) -> int:
-    return len(_TOKEN_RE.findall(text))
+    return len(_pieces(text))
+
+
+_SLICE: Final = 1 << 18  # characters a regex call reads at once (it holds the interpreter's lock)
+_SPACE: Final = re.compile(r"\s")
+
+
+def _pieces(text: str) -> list[str]:
+    """The text's tokens; a long text read a slice at a time, cut at whitespace (no token spans
+    it), so a thread tokenizing megabytes lets the event loop's thread run between slices."""
+    if len(text) <= _SLICE:
+        return _TOKEN_RE.findall(text)
+    out: list[str] = []
+    start = 0
+    while start < len(text):
+        end = start + _SLICE
+        if end < len(text):
+            space = _SPACE.search(text, end)
+            end = space.start() if space else len(text)
+        out += _TOKEN_RE.findall(text, start, end)
+        start = end
+    return out
 
 
 # a request body this large is tokenized in a worker thread: the event loop (in `corral up`, the

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
+import re
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -340,3 +343,15 @@ async def test_a_large_request_is_tokenized_off_the_event_loop() -> None:
     assert await rendered(100, render, "a b") == tokenize("a b")
     assert await rendered(OFF_LOOP_BYTES, render, "a b") == tokenize("a b")
     assert seen[0] == threading.get_ident() != seen[1]
+
+
+def test_a_long_text_tokenized_a_slice_at_a_time_gives_the_same_tokens() -> None:
+    """Slices are cut at whitespace, so no token spans two; one call reading megabytes would hold
+    the interpreter's lock throughout, the event loop's thread waiting."""
+    rng = random.Random(7)
+    pieces = ["ab", " ", "c.d", "\n", "é", "xyz ", "x" * 1000, "\t"]
+    for n in (10, 100_000, 400_000):
+        text = "".join(rng.choice(pieces) for _ in range(n))
+        assert tokenize(text) == [
+            zlib.crc32(w.encode()) % 120_000 + 256 for w in re.findall(r"\w+|[^\w\s]", text)
+        ]
