@@ -421,13 +421,13 @@ class Agent:
 
     # -- backend state -----------------------------------------------------------------------
     async def _refresh(self) -> None:
-        b, heard = self._backend, {j.rid: j.last_bytes for j in self._jobs.values()}
+        b, heard, down = self._backend, {j.rid: j.last_bytes for j in self._jobs.values()}, self._backend.down
         reading, busy = await b.read(), self.slots.busy_tokens()
         for job, why in b.stuck(list(self._jobs.values()), heard, self.runners.ready):  # would wait for good
             job.fail(BackendError(why))
         self.loads.observe(reading.loaded, busy | self.runners.ready)  # ready: answered, so ours
         self._apply(self.runners.observe(reading.loaded, reading.trained, busy, b.default_num_ctx()))
-        self._changed(state=reading.changed)
+        self._changed(state=reading.changed or down != b.down, claims=down and not b.down)  # back: re-arm
 
     async def _refresh_loop(self) -> None:
         while not self._wake.closing.is_set():

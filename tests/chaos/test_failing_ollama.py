@@ -116,6 +116,11 @@ async def test_a_failing_ollama_is_tried_once_per_request_and_its_error_given_wh
             assert status == 500 and body == {"error": RUNNER_DIED.split('"')[3]}
         else:  # the agent could not read an answer from its Ollama
             assert status == 502 and body["error"].startswith("ollama unavailable"), body
+        # a connection that ended with no answer took that agent out until it read its Ollama
+        # again, at once: its server answers, so it holds its claims again (shared subjects, the
+        # fleet queue) before any request of its own ends
+        bad = next(a for a in f.agents if a.id == bad_agent)
+        await until(f, lambda: bad._claims is not None and any(bad._claims._armed.values()), what="re-armed")
         faulty.fault = None  # mended: it serves again
         status, agent, body = await generate(s, f.url, **STRICT)
         assert status == 200 and agent == bad_agent
