@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -269,12 +270,11 @@ async def stream_reply(reply: Reply, send: Send, *, api: Dialect, decision: Deci
 # the stream's end, which comes right after it: a reply that lost messages on the way (a NATS node
 # dying) ends with an error line instead, so no client takes a gapped answer for a whole one.
 _DONE = b'"done":true'
-_SSE_LAST = (b"data: [DONE]", b"event: response.completed", b"event: message_stop")
-_SSE_LAST_LINES = tuple(b"\n" + e for e in _SSE_LAST)
+_SSE_LAST = re.compile(rb"(?:^|\n)(?:data: \[DONE\]|event: response\.completed|event: message_stop)")
 
 
 def _ends_answer(batch: bytes) -> bool:
-    return _DONE in batch or batch.startswith(_SSE_LAST) or any(e in batch for e in _SSE_LAST_LINES)
+    return _DONE in batch or _SSE_LAST.search(batch) is not None
 
 
 def _all_but_last(held: bytes, sse: bool) -> bytes:
