@@ -25,12 +25,12 @@ from corral.protocol.errors import BadRequest, CorralError
 from corral.protocol.gojson import base64_error
 from corral.protocol.gojson import kind as go_kind
 from corral.simulator.context import SimContext
-from corral.simulator.converted import stream_converted
+from corral.simulator.converted import load_only, plan_chat, stream_converted
 from corral.simulator.engine import Job
-from corral.simulator.native import find_model, fit_context, merged_options, runner_options, unsupported
+from corral.simulator.native import find_model, merged_options, runner_options, unsupported
 from corral.simulator.responses import SSE, StreamWriter, encode, finish_stream, json_response, sse_event
-from corral.simulator.text import Plan, ToolCall, plan_reply, render_chat, rendered, seed_for
-from corral.simulator.wire import check_fields, go_body, sampling_of, think_flag
+from corral.simulator.text import Plan, ToolCall
+from corral.simulator.wire import check_fields, go_body, think_flag
 
 _TYPES: Final = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}
 _TYPES.update(
@@ -363,31 +363,15 @@ class AnthropicRoutes:
         stream = body.get("stream") is True
         job = Job(model=model, options=ropts, keep_alive=None, tokens=[], t0=t0)
         if not turns:  # nothing to say: the chat's load-only reply
-            try:
-                runner, _ = await ctx.engine.attach(job)
-            except CorralError as e:
-                return self._error(e)
-            ctx.engine.detach(job, runner)
+            if (failed := await load_only(ctx.engine, job)) is not None:
+                return self._error(failed)
             if stream:
                 events = _Events(ident, raw, estimate_tokens(body))
                 return await finish_stream(StreamWriter(request, SSE), events.done("load", 0, 0))
             empty = Plan(thinking=[], content=[], tool_calls=[], done_reason="load")
             return json_response(self._message(ident, raw, empty, (0, 0)))
-        if model.system and turns[0][0] != "system":
-            turns.insert(0, ("system", model.system))
-        sampling = sampling_of(opts)
-        job.tokens = fit_context(
-            await rendered(request.content_length, render_chat, turns, tools), ropts.num_ctx, opts
-        )
-        plan = job.plan = plan_reply(
-            seed_for(ctx.config.seed if sampling.seed is None else sampling.seed, job.tokens),
-            length=ctx.config.reply_tokens,
-            num_predict=sampling.num_predict,
-            think=think_flag(think, "thinking" in caps),
-            tools=tools,
-            last_user=turns[-1][1],
-            last_role=turns[-1][0],
-            stop=sampling.stop,
+        plan = await plan_chat(
+            ctx, request, job, model, turns, tools, opts, think=think_flag(think, "thinking" in caps)
         )
         if not stream:
             try:

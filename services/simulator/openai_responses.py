@@ -29,13 +29,13 @@ from corral.protocol.errors import BadRequest, CorralError
 from corral.protocol.gojson import base64_error
 from corral.protocol.gojson import kind as go_kind
 from corral.simulator.context import SimContext
-from corral.simulator.converted import stream_converted
+from corral.simulator.converted import load_only, plan_chat, stream_converted
 from corral.simulator.engine import Job, Outcome
-from corral.simulator.native import find_model, fit_context, merged_options, runner_options, unsupported
+from corral.simulator.native import find_model, merged_options, runner_options, unsupported
 from corral.simulator.openai_compat import EFFORT, openai_error  # reasoning_effort's mapping
 from corral.simulator.responses import SSE, StreamWriter, finish_stream, json_response, sse_event
-from corral.simulator.text import Plan, ToolCall, plan_reply, render_chat, rendered, seed_for
-from corral.simulator.wire import check_fields, go_body, sampling_of, think_flag
+from corral.simulator.text import Plan, ToolCall
+from corral.simulator.wire import check_fields, go_body, think_flag
 
 # openai.ResponsesRequest: each field's Go type, for Go's decoding errors
 _SPEC: Final = dict(
@@ -425,32 +425,15 @@ class ResponsesRoutes:
         job = Job(model=model, options=ropts, keep_alive=None, tokens=[], t0=t0)
         empty = Plan(thinking=[], content=[], tool_calls=[], done_reason="load")
         if not turns:  # nothing to answer: the chat's load-only reply
-            try:
-                runner, _ = await ctx.engine.attach(job)
-            except CorralError as e:
-                return openai_error(e.status, e.message)
-            ctx.engine.detach(job, runner)
+            if (failed := await load_only(ctx.engine, job)) is not None:
+                return openai_error(failed.status, failed.message)
             if not stream:
                 return json_response(self._response(req, item_id, empty, None))
             writer = StreamWriter(request, SSE)
             return await finish_stream(writer, _Events(req, item_id, self.rng).done(None))
-        if model.system and turns[0][0] != "system":
-            turns.insert(0, ("system", model.system))
-        sampling = sampling_of(opts)
-        job.tokens = fit_context(
-            await rendered(request.content_length, render_chat, turns, tools), ropts.num_ctx, opts
-        )
-        plan = job.plan = plan_reply(
-            seed_for(ctx.config.seed if sampling.seed is None else sampling.seed, job.tokens),
-            length=ctx.config.reply_tokens,
-            num_predict=sampling.num_predict,
-            think=think_flag(think, "thinking" in caps),
-            tools=tools,
-            last_user=turns[-1][1],
-            last_role=turns[-1][0],
-            fmt=fmt.get("schema") if fmt and fmt["type"] == "json_schema" else None,
-            stop=sampling.stop,
-        )
+        schema = fmt.get("schema") if fmt and fmt["type"] == "json_schema" else None
+        think_as = think_flag(think, "thinking" in caps)
+        plan = await plan_chat(ctx, request, job, model, turns, tools, opts, think=think_as, fmt=schema)
         if not stream:
             try:
                 out = await ctx.engine.run(job, None)
