@@ -136,7 +136,7 @@ class FleetQueue:
             if (
                 a.status == "active"
                 and a.id not in failed
-                and not (route.strict and route.vendor and a.vendor != route.vendor)
+                and route.admits(a.vendor)
                 and (warm(route, a) or self._loads.loading_at(route, a))
             ):
                 return True

@@ -410,9 +410,7 @@ def _by_vendor(route: Route, agents: Sequence[AgentState]) -> tuple[list[AgentSt
     if route.vendor is None:
         return list(agents), []
     first = [a for a in agents if a.vendor == route.vendor]
-    if route.strict:
-        return first, []
-    return first, [a for a in agents if a.vendor != route.vendor]
+    return first, [a for a in agents if a.vendor != route.vendor and route.admits(a.vendor)]
 
 
 def _rotated(group: list[AgentState], turn: int) -> list[AgentState]:

@@ -24,6 +24,10 @@ class Route:
     session_agent: str | None = None  # the agent that served this conversation last (prompt cache)
     model_size: int = 0  # bytes; 0 when unknown (then the agent's tags are asked)
 
+    def admits(self, vendor: str) -> bool:
+        """Whether an agent of ``vendor`` may serve it at all: any, unless it insists on another."""
+        return not (self.strict and self.vendor is not None and vendor != self.vendor)
+
 
 def wanted_ctx(key: str, num_ctx: int | None, agent: AgentState) -> int:
     """The context ``agent``'s Ollama gives a runner for ``key`` asked for ``num_ctx`` (None: the

@@ -32,10 +32,15 @@ from corral.simulator.responses import SSE, StreamWriter, encode, finish_stream,
 from corral.simulator.text import Plan, ToolCall
 from corral.simulator.wire import check_fields, go_body, think_flag
 
-_TYPES: Final = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error"}
-_TYPES.update(
-    {404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error", 529: "overloaded_error"}
-)
+_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 # anthropic.MessagesRequest: each field's Go type, for Go's decoding errors
 _SPEC: Final = dict(
     f.split(":", 1)
@@ -242,13 +247,14 @@ class _Events:
             return b""
         self.started = True
         usage = {"input_tokens": prompt_eval_count or self.estimate, "output_tokens": 0}
-        message: dict[str, Any] = {
+        message = {
             "id": self.ident,
             "type": "message",
             "role": "assistant",
             "model": self.model,
+            "content": [],
+            "usage": usage,
         }
-        message |= {"content": [], "usage": usage}
         return sse_event("message_start", {"type": "message_start", "message": message})
 
     def _open(self, block: dict[str, Any]) -> bytes:
@@ -302,9 +308,10 @@ class _Events:
         out = self._start(prompt_eval_count)
         if self.thinking or self.text:
             out += sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+        reason = _stop_reason(done_reason, self.tools > 0)
         delta = {
             "type": "message_delta",
-            "delta": {k: v for k, v in [("stop_reason", _stop_reason(done_reason, self.tools > 0))] if v},
+            "delta": {"stop_reason": reason} if reason else {},
             "usage": {"input_tokens": prompt_eval_count, "output_tokens": eval_count},
         }
         return out + sse_event("message_delta", delta) + sse_event("message_stop", {"type": "message_stop"})
