@@ -83,7 +83,7 @@ def same_hash(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
+def presented_key(headers: list[tuple[bytes, bytes]]) -> str | None:
     """The key of an ``Authorization: Bearer <key>`` header (what the ``openai`` SDK sends as its
     ``api_key``), else of an ``x-api-key`` header (what the ``anthropic`` SDK sends); None without
     either."""

@@ -19,9 +19,9 @@ from typing import Any
 from corral.gateway.access import (
     TAIL_BYTES,
     ApiKey,
-    bearer,
     is_open,
     model_allowed,
+    presented_key,
     reply_tokens,
     user_may,
 )
@@ -114,7 +114,7 @@ class Access:
             return
         api = dialect(path)
         closing = method not in ("GET", "HEAD")
-        token = bearer(scope["headers"])
+        token = presented_key(scope["headers"])
         key = self.keys.lookup(token) if token else None
         if key is None:
             challenge = [(b"www-authenticate", b"Bearer")]

@@ -7,12 +7,12 @@ import pytest
 from corral.gateway.access import (
     ApiKey,
     Window,
-    bearer,
     hash_key,
     is_open,
     model_allowed,
     new_key,
     over_limit,
+    presented_key,
     reply_tokens,
     retry_after,
     user_may,
@@ -97,16 +97,16 @@ def test_keys_are_fresh_and_only_their_hash_is_kept() -> None:
     assert a not in hash_key(a) and len(hash_key(a)) == 64
 
 
-def test_bearer_reads_the_authorization_header() -> None:
-    assert bearer([(b"authorization", b"Bearer abc")]) == "abc"
-    assert bearer([(b"authorization", b"bearer  abc ")]) == "abc"
-    assert bearer([(b"authorization", b"Basic abc")]) is None
-    assert bearer([(b"authorization", b"Bearer ")]) is None
-    assert bearer([]) is None
+def test_the_key_is_read_from_authorization_bearer_or_x_api_key() -> None:
+    assert presented_key([(b"authorization", b"Bearer abc")]) == "abc"
+    assert presented_key([(b"authorization", b"bearer  abc ")]) == "abc"
+    assert presented_key([(b"authorization", b"Basic abc")]) is None
+    assert presented_key([(b"authorization", b"Bearer ")]) is None
+    assert presented_key([]) is None
     # the anthropic SDK's header, when no Authorization names a key
-    assert bearer([(b"x-api-key", b" k1 "), (b"anthropic-version", b"2023-06-01")]) == "k1"
-    assert bearer([(b"x-api-key", b"k1"), (b"authorization", b"Bearer abc")]) == "abc"
-    assert bearer([(b"x-api-key", b"  ")]) is None
+    assert presented_key([(b"x-api-key", b" k1 "), (b"anthropic-version", b"2023-06-01")]) == "k1"
+    assert presented_key([(b"x-api-key", b"k1"), (b"authorization", b"Bearer abc")]) == "abc"
+    assert presented_key([(b"x-api-key", b"  ")]) is None
 
 
 def test_windows_are_whole_minutes() -> None:
