@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -176,45 +177,40 @@ async def test_a_commands_help_reads_as_plain_text(command: str) -> None:
     assert rc == 0 and f"corral {command}" in out and "``" not in out, out
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-async def test_corral_nats_stopped_by_a_signal_exits_0(tmp_path: Path, sig: str) -> None:
-    """A supervisor stopping the embedded nats-server sees a clean exit, not a failure."""
-    port = free_port()
+@contextlib.asynccontextmanager
+async def corral_nats(store: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``corral nats`` as a process, once it says its server is up; killed if a test leaves it."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "corral.cli", "nats", "--port", str(port), "--store-dir", str(tmp_path / "js"),
+        sys.executable, "-m", "corral.cli", "nats", "--port", str(free_port()), "--store-dir", str(store),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        assert b"nats-server with JetStream on" in line
-        proc.send_signal(getattr(signal, sig))
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert b"nats-server with JetStream on" in await asyncio.wait_for(proc.stdout.readline(), 30)
+        yield proc
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+async def test_corral_nats_stopped_by_a_signal_exits_0(tmp_path: Path, sig: str) -> None:
+    """A supervisor stopping the embedded nats-server sees a clean exit, not a failure."""
+    async with corral_nats(tmp_path / "js") as proc:
+        proc.send_signal(getattr(signal, sig))
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
 async def test_corral_nats_whose_server_is_killed_says_so_and_exits_1(tmp_path: Path) -> None:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "corral.cli", "nats", "--port", str(port), "--store-dir", str(tmp_path / "js"),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        assert b"nats-server with JetStream on" in await asyncio.wait_for(proc.stdout.readline(), 30)
+    async with corral_nats(tmp_path / "js") as proc:
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         assert len(children) == 1  # its nats-server
         os.kill(int(children[0]), signal.SIGKILL)
         assert await asyncio.wait_for(proc.wait(), 30) == 1
+        assert proc.stderr is not None
         err = (await proc.stderr.read()).decode()
         assert "corral nats: nats-server ended (killed by signal 9); stopping" in err, err
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 @pytest.mark.parametrize("command", [["status"], ["pin", "llama3.2"], ["keys", "list"]])
