@@ -38,7 +38,7 @@ from corral.protocol import headers as H
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import BackendError, InternalError
 from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
-from corral.protocol.names import VENDORS, decode_token
+from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects, usable_reply
 from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start
 from corral.runtime.nats import NatsAuth, connect
@@ -324,7 +324,7 @@ class Agent:
             if self._jobs.get(job.rid) is job:
                 del self._jobs[job.rid]
             if token is not None:
-                self._apply(self.runners.ended(token, job.rid))
+                self._apply(self.runners.ended(token, job.rid, time.monotonic()))
                 self._end_slot(token, job)
             self._changed(claims=True, state=True)
 
@@ -456,7 +456,7 @@ class Agent:
             default_ctx=dict(self.runners.learned_ctx),
             trained_ctx=self.runners.trained,
             model_meta=b.model_meta,
-            busy_models=tuple(sorted(decode_token(t) for t in busy)),
+            busy_models=self.runners.busy_models(busy, time.monotonic()),
             load_s=dict(self.runners.load_s),
             request_s=dict(self.runners.request_s),
             max_loaded=self.settings.max_loaded_models,

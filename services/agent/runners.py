@@ -14,6 +14,11 @@ It also keeps how long each model's last load here took (`load_s`): the request 
 reports, when it is served, how long the load took by its reply (`corral.agent.worker.reply_load_s`);
 and how long a request of each model holds a slot once it is loaded (`request_s`: the median of the
 last `REQUEST_SAMPLES` answered, their load left out), what the router's queue waits are made of.
+
+A model stays *busy* — not to be evicted, for routers reading the agent's state — for one of its
+request times after its last request here ended (`lingering`): a steady stream of requests that is
+between two of them when a router looks is not an idle model, and a load placed on that reading
+would evict it only for its next request to load it back (and evict the newcomer in turn).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import NamedTuple
 from corral.protocol.messages import PsModel
 from corral.protocol.names import decode_token, encode_token, key_of
 from corral.protocol.runners import effective_ctx
+from corral.routing import TYPICAL_REQUEST_S
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +102,7 @@ class RunnerTracker:
         self.load_s: dict[str, float] = {}  # model key → seconds its last load here took
         self.request_s: dict[str, float] = {}  # model key → median seconds a request of it held a slot
         self._held: dict[str, deque[float]] = {}  # model key → its last requests' seconds in a slot
+        self._ended_at: dict[str, float] = {}  # token → when its last request here ended (monotonic)
 
     def wanted_ctx(self, key: str, num_ctx: int, trained: int | None = None) -> int:
         """The context Ollama gives ``key``'s runner for a request asking ``num_ctx`` (0: the default
@@ -174,8 +181,11 @@ class RunnerTracker:
             change = change | RunnerChange(refresh=True)
         return change
 
-    def ended(self, token: str, rid: str) -> RunnerChange:
-        """``rid`` ended: it waits on no load any more."""
+    def ended(self, token: str, rid: str, at: float | None = None) -> RunnerChange:
+        """``rid`` ended (``at``: when, on the caller's monotonic clock): it waits on no load any
+        more, and its model lingers busy from then (`lingering`)."""
+        if at is not None:
+            self._ended_at[token] = at
         self._loaders.pop(rid, None)
         waiters = self._load_waiters.get(token)
         if waiters is not None and waiters.pop(rid, None) is not None and not waiters:
@@ -274,6 +284,22 @@ class RunnerTracker:
         return True
 
     # -- what the agent advertises ---------------------------------------------------------
+    def busy_models(self, busy: Collection[str], now: float) -> tuple[str, ...]:
+        """Model keys not to be evicted here: those of the tokens ``busy`` (requests holding slots
+        now) and the `lingering` ones, sorted."""
+        return tuple(sorted(decode_token(t) for t in {*busy, *self.lingering(now)}))
+
+    def lingering(self, now: float) -> set[str]:
+        """Tokens of the models still loaded here whose last request ended less than one of their
+        request times (`request_s`, `TYPICAL_REQUEST_S` before one is known) before ``now``."""
+        out = set()
+        for token, at in list(self._ended_at.items()):
+            if token in self.ready and now - at < self.request_s.get(decode_token(token), TYPICAL_REQUEST_S):
+                out.add(token)
+            else:
+                del self._ended_at[token]
+        return out
+
     def loading(self, busy: Collection[str]) -> tuple[str, ...]:
         """Model keys with requests here that Ollama has not finished loading."""
         return tuple(decode_token(t) for t in busy if t not in self.ready)

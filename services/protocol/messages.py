@@ -109,7 +109,7 @@ class AgentState(Message, frozen=True, kw_only=True, omit_defaults=True):
     # context (Ollama caps a runner's num_ctx at it, so a small model's default runner is smaller)
     model_meta: dict[str, ModelMeta] = msgspec.field(default_factory=dict)  # model key (on disk) →
     # its shape, for the router's estimate of what a load of it takes in memory
-    busy_models: tuple[str, ...] = ()  # model keys with requests running here (not to be evicted)
+    busy_models: tuple[str, ...] = ()  # model keys with requests here now or lately (not to be evicted)
     load_s: dict[str, float] = msgspec.field(default_factory=dict)  # model key → seconds its last
     # load here took, as observed (`corral.routing.loads`; the cost model estimates the others)
     max_loaded: int = 0  # its Ollama's OLLAMA_MAX_LOADED_MODELS, as configured (0: Ollama's default)

@@ -237,3 +237,37 @@ async def test_direct_work_before_the_agent_runs_is_answered_busy(nats_server: N
         await nc.close()
         await a._close()
         await sim.stop()
+
+
+async def test_a_model_stays_busy_in_the_agents_state_for_a_request_time_after_its_request_ended(
+    nats_server: NatsServer, root: str
+) -> None:
+    """Routers read ``busy_models`` to spare a model in use: one between two requests of a steady
+    stream is still in use, for about one of its request times after the last one ended."""
+    sim = SimServer(load_config(None, time_scale=1.0, num_parallel=1), host="127.0.0.1", port=0)
+    await sim.start()
+    a = Agent(AgentSettings(nats_url=nats_server.url, root=root, id="a1", ollama_url=sim.url, parallel=1))
+    task = asyncio.create_task(a.run())
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with asyncio.timeout(10):
+            await a.ready.wait()
+        body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 40}}
+        key = parse_name(MODEL).key
+        for rid in ("r1", "r2"):  # the second runs on the loaded model: its time is the request's own
+            headers = RequestEnvelope(rid=rid, endpoint="/api/generate", model=TOKEN).headers()
+            inbox = f"{root}.reply.test.{rid}"
+            sub = await nc.subscribe(inbox)
+            await nc.publish(
+                Subjects(root).agent_work("a1"), msgspec.json.encode(body), reply=inbox, headers=headers
+            )
+            assert (await ended(sub)).get(H.STATUS, "200") == "200"
+            assert await round_trip(nc, 10.0)
+        assert a.runners.request_s[key] >= 0.1  # long enough for the reading below to fall inside it
+        assert a.state().in_flight == 0 and a.slots.busy_tokens() == set()  # no request holds a slot
+        assert a.state().busy_models == (key,)
+    finally:
+        await nc.close()
+        await a.stop()
+        await task
+        await sim.stop()

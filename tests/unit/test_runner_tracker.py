@@ -8,6 +8,7 @@ import pytest
 from corral.agent.runners import EXPIRED_AGAIN_S, EXPIRY_MARGIN_S, RunnerChange, RunnerTracker, until_expiry
 from corral.protocol.messages import PsModel
 from corral.protocol.names import parse_name
+from corral.routing import TYPICAL_REQUEST_S
 
 NAME = "llama3.2:latest"
 KEY = parse_name(NAME).key
@@ -165,3 +166,26 @@ def test_a_load_that_failed_does_not_show_late() -> None:
     t.will_run(TOKEN, "r1", 0)
     t.responded(TOKEN, "r1", 500)
     assert not t.shows_late(TOKEN, "r1")
+
+
+def test_a_model_lingers_busy_for_one_of_its_request_times_after_its_last_request_ended() -> None:
+    """A steady stream between two requests is not idle: routers must not evict it on that reading."""
+    t = warm_tracker()
+    t.will_run(TOKEN, "a", 0)
+    t.served(TOKEN, 0, 200, "a", ran_s=2.0)  # its requests hold a slot 2 s
+    t.ended(TOKEN, "a", at=100.0)
+    assert t.busy_models(set(), 100.0) == (KEY,)
+    assert t.busy_models(set(), 101.9) == (KEY,)
+    assert t.busy_models(set(), 102.0) == ()  # one request time later: idle
+    assert t.busy_models(set(), 101.0) == ()  # and forgotten, not revived by an earlier clock
+    assert t.busy_models({TOKEN}, 103.0) == (KEY,)  # a request holding a slot is busy whatever
+
+
+def test_a_model_with_no_request_time_yet_lingers_the_typical_one_and_an_unloaded_one_not_at_all() -> None:
+    t = warm_tracker()
+    t.ended(TOKEN, "a", at=10.0)
+    assert t.lingering(10.0 + TYPICAL_REQUEST_S - 0.01) == {TOKEN}
+    t.ended(TOKEN, "b", at=20.0)
+    t.observe([], {}, busy=(), default_num_ctx=4096)  # unloaded (keep_alive ran out, evicted)
+    assert t.lingering(20.0) == set()  # nothing left to protect
+    assert t.ended(TOKEN, "c") == RunnerChange() and t.lingering(20.0) == set()  # no time: no linger
