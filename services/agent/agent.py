@@ -30,10 +30,10 @@ from corral.agent.lifecycle import Lifecycle, Requesters, Wakeups, default_agent
 from corral.agent.metrics import LoadBook
 from corral.agent.ollama import OllamaClient
 from corral.agent.pacing import Pace, Reading, StatePacer, parts
-from corral.agent.runners import RunnerChange, RunnerTracker
+from corral.agent.runners import RunnerChange, RunnerTracker, evicted_by
 from corral.agent.settings import AgentSettings
 from corral.agent.slots import Admission, SlotTable
-from corral.agent.worker import Job, Worker, finished_event, load_seconds, ran_seconds
+from corral.agent.worker import Job, Worker, load_seconds, ran_seconds, report_finished
 from corral.protocol import headers as H
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import BackendError, InternalError
@@ -297,7 +297,7 @@ class Agent:
     async def _execute(self, job: Job) -> None:
         """One job's whole life here. Nothing but cancellation leaves it, and that only ends this
         job: an error ends its reply with ``internal`` instead of stopping the agent."""
-        assert self._worker is not None
+        assert self._worker is not None and self.nc is not None
         token, env = job.token, job.env
         try:
             job.started = True
@@ -306,10 +306,13 @@ class Agent:
             if job.slot is not None:
                 await job.slot  # granted when a slot passes to it, in FIFO order
             if token is not None and not env.unload and env.endpoint in MODEL_ENDPOINTS:
-                self._apply(self.runners.will_run(token, job.rid, env.num_ctx))
+                if self.runners.yields(token):  # a load under way unloads it: Ollama would load it back
+                    return await send_busy(self.nc, job.reply, self.id)
+                gone = lambda: evicted_by(token, env.num_ctx, self.state())  # noqa: E731 - asked only for a load
+                self._apply(self.runners.will_run(token, job.rid, env.num_ctx, gone))
             status = await self._worker.run(job)
-            if token is not None:
-                await self._report(job, status)
+            if token is not None:  # one ``events.request`` each: what the aggregator's rates are made of
+                await report_finished(self.nc, self.subjects.event("request"), job, self.id, status)
                 load_s, ran_s = load_seconds(job), ran_seconds(job)
                 self._apply(self.runners.served(token, env.num_ctx, status, job.rid, load_s, ran_s))
             if (env.unload or env.keep_alive) and 200 <= status < 300:  # pulls: `_on_answered`
@@ -365,14 +368,6 @@ class Agent:
         ):
             return
         await self._claims.arm_free(token, self.slots.free(token))
-
-    async def _report(self, job: Job, status: int) -> None:
-        """One ``events.request`` per finished model request: what the aggregator's rates are made of."""
-        assert self.nc is not None
-        try:
-            await self.nc.publish(self.subjects.event("request"), finished_event(job, self.id, status))
-        except NatsError as e:
-            log.warning("cannot report request %s: %s", job.rid, e)
 
     @guarded
     async def _on_ctl(self, msg: Msg) -> None:

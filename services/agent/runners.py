@@ -19,6 +19,12 @@ A model stays *busy* — not to be evicted, for routers reading the agent's stat
 request times after its last request here ended (`lingering`): a steady stream of requests that is
 between two of them when a router looks is not an idle model, and a load placed on that reading
 would evict it only for its next request to load it back (and evict the newcomer in turn).
+
+A load this agent sends its Ollama may unload other models first (`evicted_by`: Ollama's fit rule on
+the agent's own state). Those *yield* until the load ends (`yields`): they are no longer warm, so
+the agent claims nothing for them, and a request for one that reaches it anyway is turned away
+(answered busy, so it goes elsewhere). Sent to Ollama, it would wait behind the load and then unload
+the newcomer to load its own model back, before the requests the newcomer was loaded for ran.
 """
 
 from __future__ import annotations
@@ -26,14 +32,14 @@ from __future__ import annotations
 import logging
 import statistics
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
-from corral.protocol.messages import PsModel
+from corral.protocol.messages import AgentState, PsModel
 from corral.protocol.names import decode_token, encode_token, key_of
 from corral.protocol.runners import effective_ctx
-from corral.routing import TYPICAL_REQUEST_S
+from corral.routing import TYPICAL_REQUEST_S, Route, load_plan
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,13 @@ def until_expiry(loaded: Sequence[PsModel], now: float, longest: float) -> float
     return wait
 
 
+def evicted_by(token: str, num_ctx: int, state: AgentState) -> set[str]:
+    """Tokens of the models the agent's Ollama unloads before it loads ``token``'s model for a
+    request asking ``num_ctx`` (0: the default), by Ollama's fit rule on the agent's ``state``."""
+    plan = load_plan(Route(key=decode_token(token), num_ctx=num_ctx or None), state)
+    return {encode_token(k) for k in plan.evicts} - {token}
+
+
 def token_of(name: str) -> str | None:
     key = key_of(name)  # memoised: names repeat on every /api/ps read
     return encode_token(key) if key is not None else None
@@ -103,6 +116,7 @@ class RunnerTracker:
         self.request_s: dict[str, float] = {}  # model key → median seconds a request of it held a slot
         self._held: dict[str, deque[float]] = {}  # model key → its last requests' seconds in a slot
         self._ended_at: dict[str, float] = {}  # token → when its last request here ended (monotonic)
+        self.yielding: dict[str, str] = {}  # token of a model a load under way unloads → the load's token
 
     def wanted_ctx(self, key: str, num_ctx: int, trained: int | None = None) -> int:
         """The context Ollama gives ``key``'s runner for a request asking ``num_ctx`` (0: the default
@@ -116,6 +130,10 @@ class RunnerTracker:
 
     def waits_on_load(self, token: str) -> bool:
         return token in self._load_waiters
+
+    def yields(self, token: str) -> bool:
+        """A load under way here unloads ``token``'s model first: its requests must go elsewhere."""
+        return token in self.yielding
 
     def shows_late(self, token: str | None, rid: str) -> bool:
         """Request ``rid`` started a load of ``token``'s model, which Ollama answered (`responded`:
@@ -133,9 +151,12 @@ class RunnerTracker:
         return next((m for m in self.loaded if token_of(m.name) == token), None)
 
     # -- facts about requests --------------------------------------------------------------
-    def will_run(self, token: str, rid: str, num_ctx: int) -> RunnerChange:
+    def will_run(
+        self, token: str, rid: str, num_ctx: int, evicts: Callable[[], Collection[str]] = frozenset
+    ) -> RunnerChange:
         """Before request ``rid`` reaches Ollama: will it load its model, or reload the runner at
-        another context? Then the model is loading — for that context — until Ollama answers."""
+        another context? Then the model is loading — for that context — until Ollama answers, and
+        the models the load unloads (``evicts()``, asked only for a load) yield until it ends."""
         if not num_ctx and token in self.warm and token not in self._load_waiters:
             return NOTHING  # the common case: a default request on a warm default runner
         key = decode_token(token)
@@ -152,8 +173,20 @@ class RunnerTracker:
                 change = RunnerChange(state=True, claims=True)
         if token not in self._load_waiters:
             self._loaders[rid] = token  # the first to wait on the load is the one that starts it
+            gone = {t for t in evicts() if t != token and t not in self.yielding}
+            self.yielding.update(dict.fromkeys(gone, token))
+            if gone & self.warm:
+                self.warm -= gone
+                change = RunnerChange(state=True, claims=True)
         self._load_waiters.setdefault(token, {})[rid] = (num_ctx, want)
         return change
+
+    def _load_over(self, token: str) -> RunnerChange:
+        """The load of ``token``'s model ended (loaded, failed, or nobody waits on it): the models
+        it unloads yield no more; read Ollama to see which are gone."""
+        before = len(self.yielding)
+        self.yielding = {t: by for t, by in self.yielding.items() if by != token}
+        return RunnerChange(state=True, claims=True, refresh=True) if len(self.yielding) < before else NOTHING
 
     def responded(self, token: str, rid: str, status: int) -> RunnerChange:
         """Ollama's answer to ``rid`` began with ``status``: a model it had to load is loaded."""
@@ -168,7 +201,7 @@ class RunnerTracker:
             # the runner now has this request's context: those waiting for the same context run on
             # it; any waiting for another context wait on a reload after it
             waiters = {r: w for r, w in waiters.items() if w[1] != mine[1]}
-            change = RunnerChange(state=True)
+            change = RunnerChange(state=True) | self._load_over(token)
             if waiters:
                 self._load_waiters[token] = waiters
                 return change
@@ -190,7 +223,7 @@ class RunnerTracker:
         waiters = self._load_waiters.get(token)
         if waiters is not None and waiters.pop(rid, None) is not None and not waiters:
             del self._load_waiters[token]
-            return RunnerChange(state=True)
+            return RunnerChange(state=True) | self._load_over(token)
         return NOTHING
 
     def served(
@@ -259,6 +292,7 @@ class RunnerTracker:
         ready = {t for t in self.ready if t in tokens or t in busy}
         ready |= {t for t in tokens if t not in busy}
         warm &= ready
+        warm -= self.yielding.keys()
         if tuple(loaded) != self.loaded:
             self.loaded, state = tuple(loaded), True
         if ready != self.ready or self._ready_news:

@@ -198,6 +198,14 @@ def finished_event(job: Job, agent_id: str, status: int) -> bytes:
     return _finished.encode(event)
 
 
+async def report_finished(nc: NATS, subject: str, job: Job, agent_id: str, status: int) -> None:
+    """Publish ``job``'s `finished_event` on ``subject``; a failure is logged, not raised."""
+    try:
+        await nc.publish(subject, finished_event(job, agent_id, status))
+    except NatsError as e:
+        log.warning("cannot report request %s: %s", job.rid, e)
+
+
 class EchoRewriter:
     """Put the client's model spelling back into Ollama's replies when a vendor pin was stripped.
 

@@ -20,6 +20,7 @@ from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.simulator.config import load_config
 from corral.simulator.server import SimServer
+from corral.up import sim_gpus
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 
@@ -266,6 +267,53 @@ async def test_a_model_stays_busy_in_the_agents_state_for_a_request_time_after_i
         assert a.runners.request_s[key] >= 0.1  # long enough for the reading below to fall inside it
         assert a.state().in_flight == 0 and a.slots.busy_tokens() == set()  # no request holds a slot
         assert a.state().busy_models == (key,)
+    finally:
+        await nc.close()
+        await a.stop()
+        await task
+        await sim.stop()
+
+
+async def test_a_request_for_a_model_a_load_under_way_unloads_is_turned_away_not_loaded_back(
+    nats_server: NatsServer, root: str
+) -> None:
+    """On an 8 GiB card ``qwen3:8b``'s runner does not fit beside ``llama3.2``'s (Ollama's 80 % rule):
+    its load unloads llama3.2 first. A llama3.2 request that reaches the agent meanwhile is answered
+    busy (the gateway sends it elsewhere). Sent on, it would wait behind the load in Ollama and then
+    unload qwen3 to load llama3.2 back, before any of qwen3's own requests ran."""
+    cfg = load_config(None, time_scale=0.0, num_parallel=1, vendor="nvidia", vram_gb=8)
+    sim = SimServer(cfg, host="127.0.0.1", port=0)
+    await sim.start()
+    settings = AgentSettings(
+        nats_url=nats_server.url, root=root, id="a1", ollama_url=sim.url, vendor="nvidia", parallel=1
+    )
+    a = Agent(settings, gpus=sim_gpus(cfg))
+    task = asyncio.create_task(a.run())
+    nc = await nats.connect(nats_server.url)
+    small, big = parse_name(MODEL), parse_name("qwen3:8b")
+    subject = Subjects(root).agent_work("a1")
+
+    async def sent(model: str, rid: str) -> Subscription:
+        inbox = f"{root}.reply.test.{rid}"
+        sub = await nc.subscribe(inbox)
+        body = msgspec.json.encode(
+            {"model": model, "prompt": "hi", "stream": False, "options": {"num_predict": 2}}
+        )
+        headers = RequestEnvelope(rid=rid, endpoint="/api/generate", model=parse_name(model).token).headers()
+        await nc.publish(subject, body, reply=inbox, headers=headers)
+        return sub
+
+    try:
+        async with asyncio.timeout(10):
+            await a.ready.wait()
+        assert (await ended(await sent(MODEL, "warm-up"))).get(H.STATUS, "200") == "200"
+        load = await sent("qwen3:8b", "load")  # the agent starts it first: the next one finds it yielding
+        turned = await sent(MODEL, "meanwhile")
+        assert (await ended(turned)).get(H.KIND) == H.BUSY
+        assert (await ended(load)).get(H.STATUS, "200") == "200"
+        assert sim.stats.model(small.key).loads == 1 and sim.stats.model(big.key).loads == 1
+        assert sim.stats.evictions == 1  # llama3.2, once, and nothing loaded back over qwen3
+        assert not a.runners.yields(small.token)  # the load is over
     finally:
         await nc.close()
         await a.stop()

@@ -5,7 +5,14 @@ from __future__ import annotations
 import logging
 
 import pytest
-from corral.agent.runners import EXPIRED_AGAIN_S, EXPIRY_MARGIN_S, RunnerChange, RunnerTracker, until_expiry
+from corral.agent.runners import (
+    EXPIRED_AGAIN_S,
+    EXPIRY_MARGIN_S,
+    RunnerChange,
+    RunnerTracker,
+    evicted_by,
+    until_expiry,
+)
 from corral.protocol.messages import PsModel
 from corral.protocol.names import parse_name
 from corral.routing import TYPICAL_REQUEST_S
@@ -189,3 +196,65 @@ def test_a_model_with_no_request_time_yet_lingers_the_typical_one_and_an_unloade
     t.observe([], {}, busy=(), default_num_ctx=4096)  # unloaded (keep_alive ran out, evicted)
     assert t.lingering(20.0) == set()  # nothing left to protect
     assert t.ended(TOKEN, "c") == RunnerChange() and t.lingering(20.0) == set()  # no time: no linger
+
+
+OTHER = "qwen3:8b"
+OTHER_TOKEN = parse_name(OTHER).token
+
+
+def test_the_models_a_load_unloads_yield_until_it_is_answered() -> None:
+    """Requests for a model a load under way unloads must go elsewhere: sent to Ollama they would wait
+    behind the load, then unload the newcomer to load their own model back."""
+    t = warm_tracker()
+    asked: list[bool] = []
+
+    def evicts() -> set[str]:
+        asked.append(True)
+        return {TOKEN, OTHER_TOKEN}  # its own token never yields
+
+    change = t.will_run(OTHER_TOKEN, "load", 0, evicts)
+    assert asked == [True] and change == RunnerChange(state=True, claims=True)  # no longer claimed
+    assert t.yields(TOKEN) and not t.yields(OTHER_TOKEN) and TOKEN not in t.warm
+    # a reading during the load still lists it: it stays out of the warm set
+    assert t.observe([ps(4096)], {NAME: 0}, busy=(), default_num_ctx=4096).claims is False
+    assert TOKEN not in t.warm
+    t.will_run(OTHER_TOKEN, "second", 0, evicts)  # waits on the same load: asks nothing
+    assert asked == [True]
+    assert t.responded(OTHER_TOKEN, "load", 200) == RunnerChange(state=True, claims=True, refresh=True)
+    assert not t.yields(TOKEN)
+    t.observe([ps(4096)], {NAME: 0}, busy=(), default_num_ctx=4096)  # not unloaded after all: warm again
+    assert TOKEN in t.warm
+
+
+def test_a_load_that_failed_or_was_dropped_releases_what_it_would_have_unloaded() -> None:
+    t = warm_tracker()
+    t.will_run(OTHER_TOKEN, "load", 0, lambda: {TOKEN})
+    assert t.responded(OTHER_TOKEN, "load", 500) == RunnerChange()  # refused: its end says so
+    assert t.yields(TOKEN)
+    assert t.ended(OTHER_TOKEN, "load") == RunnerChange(state=True, claims=True, refresh=True)
+    assert not t.yields(TOKEN)
+
+
+def test_a_request_on_a_warm_runner_asks_nothing_of_evictions() -> None:
+    t = warm_tracker()
+
+    def evicts() -> set[str]:
+        raise AssertionError("asked for a request that loads nothing")
+
+    assert t.will_run(TOKEN, "a", 0, evicts) == RunnerChange()
+
+
+def test_evicted_by_follows_ollamas_fit_rule_on_the_agents_own_state() -> None:
+    from tests.unit.qwen_fleet import GB, GIB, MODEL, agent
+    from tests.unit.qwen_fleet import ps as running
+
+    qwen = parse_name(MODEL).token
+    small = running("llama3.2:latest", 3 * GB)
+    big = running("gemma3:27b", 10 * GB)
+    # 24 GiB with a 3 GB runner: the 15.7 GB qwen runner fits within 80 % of the rest
+    assert evicted_by(qwen, 0, agent("a", loaded=(small,))) == set()
+    # with 13 GB taken it does not: Ollama unloads the biggest idle runner first, and that suffices
+    gone = evicted_by(qwen, 0, agent("a", vram=24 * GIB, loaded=(small, big)))
+    assert gone == {parse_name("gemma3:27b").token}
+    # at a 2048 context the runner is small enough to stay beside both
+    assert evicted_by(qwen, 2048, agent("a", vram=24 * GIB, loaded=(small, big))) == set()
