@@ -9,9 +9,10 @@ request would start: every slot takes a request when it is free and another ever
 request; a load under way is taken to be `LOADING_REMAINING` from its end). A replica elsewhere
 helps only if its load ends before that. `plan_replicas` walks the candidates — active agents with
 the model on disk where it fits in free VRAM without evicting anything (`load_plan`), or once Ollama
-lets go of models idle there that another agent of the fleet also has loaded (`_frees_for`: their
-requests keep a place; a busy or pinned model is never evicted), cheapest first by the router
-(whose costs put an eviction after none) — and takes each one whose load (as observed there or
+lets go of models there that another agent of the fleet also has loaded (`_frees_for`: their
+requests keep a place, and the agent turns them away while the load is under way; a model loaded
+nowhere else, or pinned, is never evicted), cheapest first by the router (whose costs put an
+eviction after none, and a busy model's after an idle one's) — and takes each one whose load (as observed there or
 on an agent like it, else estimated: `load_time`) ends before the backlog, with the replicas
 already taken, would have drained; it stops once the backlog has a slot for every
 ``backlog_per_slot`` waiting requests (serving slots count only while they free: a backlog that has
@@ -151,10 +152,11 @@ def _frees_for(
     unloaded: Set[tuple[str, str]] = frozenset(),
 ) -> bool:
     """The load ``plan`` puts the model entirely in ``agent``'s VRAM, evicting nothing or only
-    models idle there that another agent of ``fleet`` also has loaded (so a request for one still
-    finds a runner; not a copy ``unloaded`` lists, (agent, model) that other loads of the plan
-    unload), none pinned: a backlog may take memory such models keep warm twice."""
-    if not plan.full or plan.busy_evicted:
+    models that another agent of ``fleet`` also has loaded (so a request for one still finds a
+    runner; not a copy ``unloaded`` lists, (agent, model) that other loads of the plan unload), none
+    pinned: a backlog may take memory such models keep warm twice. A busy one among them finishes
+    its requests here first (Ollama waits for them), and the agent sends it no more meanwhile."""
+    if not plan.full:
         return False
     return all(
         k not in pinned

@@ -242,21 +242,26 @@ def test_only_agents_where_the_model_fits_without_evicting() -> None:
     assert plan_replicas(ROUTE, fleet, depth=20, request_s=4.0).load == ("room",)
 
 
-def test_an_idle_model_warm_on_another_agent_too_may_make_room_for_a_replica() -> None:
-    """A backlog may take the memory of a model idle on a holder when another agent also has that
-    model loaded: its requests keep a runner. An agent with free room still comes first; a model
-    loaded nowhere else, busy, or pinned is never evicted for a replica."""
+def test_a_model_warm_on_another_agent_too_may_make_room_for_a_replica_an_idle_one_first() -> None:
+    """A backlog may take the memory of a model on a holder when another agent also has that model
+    loaded: its requests keep a runner (and the holder turns them away while the load is under way,
+    `corral.agent.runners`). An agent with free room comes first, then one where an idle model makes
+    room, then one where a busy model does (its requests finish first); a model loaded nowhere else,
+    or pinned, is never evicted for a replica."""
     elsewhere = agent("elsewhere", loaded_other=2 * GB)  # OTHER warm here too (not a holder: no NAME)
     full = agent("full", vram=3 * GB, loaded_other=2 * GB)
     busy = agent("busy", vram=3 * GB, loaded_other=2 * GB, busy_other=True)
-    holders = [agent("serving", warm=True), full, busy]
+    holders = [agent("serving", warm=True), busy, full]
     plan = plan_replicas(ROUTE, holders, depth=20, request_s=4.0, fleet=[*holders, elsewhere])
-    assert plan.load == ("full",)
+    assert plan.load == ("full", "busy")
+    assert plan_replicas(ROUTE, holders, depth=3, request_s=4.0, fleet=[*holders, elsewhere]).load == (
+        "full",
+    )
     with_room = [*holders, agent("room")]
     plan = plan_replicas(ROUTE, with_room, depth=20, request_s=4.0, fleet=[*with_room, elsewhere])
-    assert plan.load[0] == "room" and "busy" not in plan.load
-    alone = [agent("serving", warm=True), full]  # OTHER loaded on "full" alone
-    assert plan_replicas(ROUTE, alone, depth=20, request_s=4.0, fleet=alone).load == ()
+    assert plan.load == ("room", "full", "busy")
+    alone = [agent("serving", warm=True), full, busy]  # OTHER loaded nowhere but on these two
+    assert plan_replicas(ROUTE, alone, depth=20, request_s=4.0, fleet=alone).load == ("full",)  # busy's stays
     pinned = frozenset({parse_name(OTHER).key})
     assert (
         plan_replicas(
