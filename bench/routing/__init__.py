@@ -67,9 +67,10 @@ where a request runs):
     The burst beside steady traffic: ``llama3.2:3b`` loaded everywhere and 12 closed loops streaming
     on it; after 5 simulated seconds the 50-request cold burst for phi4:14b. At
     ``OLLAMA_CONTEXT_LENGTH=8192`` the 16 GB card cannot load phi4:14b whole beside the busy model
-    (Ollama's 80 % rule) while the others can: a policy that loads it there evicts the busy model,
-    which its own traffic then loads back. The report adds the burst requests' TTFT p95 alone,
-    and the same figure under an ideal schedule (`ideal`).
+    (Ollama's 80 % rule) while the others can: a policy that loads it there evicts the busy model
+    (the agent then turns that model's requests away until the load ends, so they go to the other
+    cards rather than load it back). The report adds the burst requests' TTFT p95 alone, and the
+    same figure under an ideal schedule (`ideal`).
 ``num_ctx``
     Two models with ``options.num_ctx`` drawn from {default, 2048, 8192} (prompt sizes to match),
     closed loop with 8 concurrent clients; a runner loaded with another context must reload.
