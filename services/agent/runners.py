@@ -17,8 +17,8 @@ last `REQUEST_SAMPLES` answered, their load left out), what the router's queue w
 
 A model stays *busy* — not to be evicted, for routers reading the agent's state — for one of its
 request times after its last request here ended (`lingering`): a steady stream of requests that is
-between two of them when a router looks is not an idle model, and a load placed on that reading
-would evict it only for its next request to load it back (and evict the newcomer in turn).
+between two of them when a router looks is not an idle model (routers let idle models go first,
+and a busy one only where nothing else makes room).
 
 A load this agent sends its Ollama may unload other models first (`evicted_by`: Ollama's fit rule on
 the agent's own state). Those *yield* until the load ends (`yields`): they are no longer warm, so
