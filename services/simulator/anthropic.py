@@ -24,8 +24,9 @@ from aiohttp import web
 from corral.protocol.errors import BadRequest, CorralError
 from corral.protocol.gojson import base64_error
 from corral.protocol.gojson import kind as go_kind
+from corral.simulator.chatplan import load_only, plan_chat
 from corral.simulator.context import SimContext
-from corral.simulator.converted import load_only, plan_chat, stream_converted
+from corral.simulator.converted import stream_converted
 from corral.simulator.engine import Job
 from corral.simulator.native import find_model, merged_options, runner_options, unsupported
 from corral.simulator.responses import SSE, StreamWriter, encode, finish_stream, json_response, sse_event

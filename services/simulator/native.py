@@ -16,6 +16,7 @@ import msgspec
 from aiohttp import web
 from corral.protocol.errors import BadRequest, CorralError, ModelNotFound
 from corral.simulator.catalog import LocalModel
+from corral.simulator.chatplan import fit_context, load_only, plan_chat
 from corral.simulator.context import SimContext
 from corral.simulator.durations import DurationError, parse_keep_alive
 from corral.simulator.engine import CONTENT, THINKING, TOOL_CALLS, Job, Outcome
@@ -38,7 +39,6 @@ from corral.simulator.text import (
     embed,
     l2_normalize,
     plan_reply,
-    render_chat,
     render_generate,
     rendered,
     seed_for,
@@ -103,16 +103,6 @@ def unsupported(ctx: SimContext, message: str) -> BadRequest:
     """Ollama's 400 for a model that lacks what the request needs, counted (`SimStats.unsupported`)."""
     ctx.stats.bump("unsupported")
     return BadRequest(message)
-
-
-def fit_context(tokens: list[int], num_ctx: int, opts: Mapping[str, Any]) -> list[int]:
-    """A prompt longer than the context as Ollama's runner cuts it: the first ``num_keep`` tokens
-    (option, 4 by default) kept, then as many of the last as fit, so ``prompt_eval_count`` is at
-    most ``num_ctx`` and a huge prompt costs no more prompt evaluation than a full context."""
-    if len(tokens) <= num_ctx:
-        return tokens
-    keep = max(0, min(int(opts.get("num_keep", 4)), num_ctx - 1))
-    return tokens[:keep] + tokens[len(tokens) - (num_ctx - keep) :]
 
 
 def _check_top_logprobs(n: int | None) -> None:
@@ -260,11 +250,8 @@ class NativeRoutes:
 
     async def _load_only(self, job: Job, shape: Any, raw: str, **fields: Any) -> web.StreamResponse:
         ctx = self.ctx
-        try:
-            runner, _ = await ctx.engine.attach(job)
-        except CorralError as e:
+        if (e := await load_only(ctx.engine, job)) is not None:
             return error_response(e.status, e.message)
-        ctx.engine.detach(job, runner)
         return json_response(
             shape(model=raw, created_at=ctx.created_at.now(), done=True, done_reason="load", **fields)
         )
@@ -323,23 +310,10 @@ class NativeRoutes:
         opts: dict[str, Any],
     ) -> web.StreamResponse:
         ctx = self.ctx
-        sampling = sampling_of(opts)
         turns = [((m.role or "user").lower(), m.content or "") for m in req.messages or []]
-        if model.system and (not turns or turns[0][0] != "system"):
-            turns.insert(0, ("system", model.system))
-        tokens = await rendered(request.content_length, render_chat, turns, req.tools or ())
-        job.tokens = fit_context(tokens, job.options.num_ctx, opts)
-        seed = ctx.config.seed if sampling.seed is None else sampling.seed
-        plan = job.plan = plan_reply(
-            seed_for(seed, job.tokens),
-            length=self.ctx.config.reply_tokens,
-            num_predict=sampling.num_predict,
-            think=think_flag(req.think, "thinking" in model.config.capabilities),
-            tools=req.tools or (),
-            last_user=turns[-1][1] if turns else "",
-            last_role=turns[-1][0] if turns else "user",
-            fmt=req.format,
-            stop=sampling.stop,
+        think = think_flag(req.think, "thinking" in model.config.capabilities)
+        plan = await plan_chat(
+            ctx, request, job, model, turns, req.tools or (), opts, think=think, fmt=req.format
         )
 
         def final(out: Outcome, message: ChatMessageOut) -> ChatResponse:
