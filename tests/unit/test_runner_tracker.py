@@ -195,7 +195,9 @@ def test_a_model_with_no_request_time_yet_lingers_the_typical_one_and_an_unloade
     t.ended(TOKEN, "b", at=20.0)
     t.observe([], {}, busy=(), default_num_ctx=4096)  # unloaded (keep_alive ran out, evicted)
     assert t.lingering(20.0) == set()  # nothing left to protect
-    assert t.ended(TOKEN, "c") == RunnerChange() and t.lingering(20.0) == set()  # no time: no linger
+    loaded = warm_tracker()
+    assert loaded.ended(TOKEN, "c") == RunnerChange()
+    assert loaded.lingering(20.0) == set()  # loaded, but an end with no time given: no linger
 
 
 OTHER = "qwen3:8b"
