@@ -297,7 +297,10 @@ async def test_back_to_back_requests_find_the_freed_slot_armed(nats_server: Nats
     freed slot's claim before the answer's last message, not later in its background reconcile
     (held here), so every request is claimed off the claim subject: none falls back to a direct
     send or the fleet queue."""
-    opts = _options(nats_server, root, sims=1, sim={"time_scale": 0.0, "num_parallel": 1})
+    # a claim answered late (a stalled machine) would go to the fleet queue, which the held
+    # reconcile never reads: the claims get all the time they need
+    gateway = {"warm_claim_timeout_s": 10.0, "claim_timeout_s": 10.0}
+    opts = _options(nats_server, root, sims=1, sim={"time_scale": 0.0, "num_parallel": 1}, gateway=gateway)
     async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
         await preload(fleet, MODEL)
         gw, agent = fleet.gateway, fleet.agents[0]
