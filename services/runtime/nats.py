@@ -51,6 +51,22 @@ def _next_server(servers: list[Server], info: dict[str, Any]) -> tuple[Server | 
     return server, reconnect_delay(server.reconnects)
 
 
+class _Client(NATS):
+    """nats-py's client, closing the socket of a connection whose handshake failed. Its reconnect
+    loop keeps one transport object and opens the next attempt's socket over the last one without
+    closing it, so each attempt that reached something other than a NATS server (a proxy or a load
+    balancer with nothing behind it, the port taken by another program) left a socket open until
+    the garbage collector found it."""
+
+    async def _process_connect_init(self) -> None:
+        try:
+            await super()._process_connect_init()
+        except BaseException:
+            if self._transport is not None:
+                self._transport.close()  # type: ignore[no-untyped-call]
+            raise
+
+
 class _RateLimitedLog:
     """Logs an error at once, then at most one every `ERROR_LOG_EVERY_S` (saying how many were held
     back): a server that is away is one line every few seconds, not one per reconnect attempt."""
@@ -135,7 +151,7 @@ async def connect(
     memory: the caller wakes its own loops to ensure its buckets and restart its watches — the
     callback runs inside nats-py's reconnect, so it must not wait on NATS itself)."""
 
-    nc = NATS()
+    nc = _Client()
     connected = False
     error_log = _RateLimitedLog(name)
 

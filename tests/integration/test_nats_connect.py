@@ -76,6 +76,40 @@ async def test_a_commands_connection_gives_up_only_on_its_first_connect() -> Non
             await nc.close()
 
 
+async def test_a_reconnect_that_reached_no_nats_server_closes_its_socket() -> None:
+    """While NATS is away something else answers on its port (a proxy or load balancer with nothing
+    behind it, a program that took the port): every reconnect attempt there fails its handshake.
+    Each attempt's socket is closed when it fails, not left open for the garbage collector, and
+    the connection comes back once NATS does."""
+    async with NatsServer(port=free_port()) as server:
+        back, closed = asyncio.Event(), asyncio.Queue[None]()
+        nc = await connect(server.url, name="test")
+        nc._reconnected_cb = _also(nc._reconnected_cb, back.set)
+
+        async def not_nats(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # no INFO: the handshake fails
+            await writer.drain()
+            await reader.read()  # until the client closes its end
+            closed.put_nowait(None)
+            writer.close()
+
+        try:
+            await server.kill()
+            impostor = await asyncio.start_server(not_nats, server.host, server.port)
+            try:
+                async with asyncio.timeout(30):
+                    for _ in range(3):
+                        await closed.get()
+            finally:
+                impostor.close()
+                await impostor.wait_closed()
+            await server.start()
+            await asyncio.wait_for(back.wait(), 30)
+            assert nc.is_connected and await round_trip(nc, 5)
+        finally:
+            await nc.close()
+
+
 def _also(
     cb: Callable[[], Awaitable[None]] | None, then: Callable[[], None]
 ) -> Callable[[], Awaitable[None]]:
