@@ -17,7 +17,8 @@ the warm slots would at that pace (requests longer than those seen finishing hol
 that has not moved at all in that time counts as one they may never drain). Loads this registry
 placed (its load markers) or sent (its preloads, until the agent shows the model warm) count as
 loads under way. Each replica is a preload (Ollama's empty generate) sent straight to its agent
-(`corral.registry.preload`). Replicas that then sit idle are let go by Ollama's own ``keep_alive``.
+(`corral.registry.preload`); an agent where one failed gets no other for `RETRY_S`. Replicas that
+then sit idle are let go by Ollama's own ``keep_alive``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 RECHECK_SHARE = 0.25  # a persisting backlog is checked again after this share of a load
 RECHECK_MIN_S = 0.05  # ... but not more often than this
 REPLICA_SETTLE_S = 10.0  # at most this long from a replica's load to its agent showing it warm
+RETRY_S = 10.0  # an agent where a replica's load failed gets no other for this long
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Replicator:
         self.loads_started = 0  # replica loads this copy started (for tests and logs)
         self.plans: dict[str, ReplicaPlan] = {}  # model token → the last decision on its backlog
         self._router = Router()  # ranks replica candidates; keeps the holders' observations
+        self._failed: dict[str, float] = {}  # agent id → when a replica's load there failed (monotonic)
 
     # -- events --------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -172,8 +175,11 @@ class Replicator:
             return None
         key = decode_token(token)
         route = Route(key=key)
-        holders = self._holders(route)
         now = time.monotonic()
+        self._failed = {a: t for a, t in self._failed.items() if now - t < RETRY_S}
+        # an agent whose last replica load failed (gone, say, before the registry heard of it) is
+        # no candidate for a while, lest every check send it another; the model it serves counts
+        holders = [a for a in self._holders(route) if a.id not in self._failed or warm(route, a)]
         warm_slots = sum(max(a.parallel, 1) for a in holders if warm(route, a))
         if backlog.since is None or warm_slots != backlog.warm_slots:
             backlog.since, backlog.depth, backlog.enqueued, backlog.warm_slots = now, depth, 0, warm_slots
@@ -245,6 +251,7 @@ class Replicator:
             )
         except (CorralError, nats.errors.Error) as e:
             log.warning("replica of %s on %s did not load: %s", key, agent_id, e)
+            self._failed[agent_id] = time.monotonic()
         finally:
             backlog.starting.discard(agent_id)
 

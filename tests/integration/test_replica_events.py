@@ -11,14 +11,17 @@ import time
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
+from corral.protocol import headers as H
 from corral.protocol.names import parse_name
 from corral.registry.replicas import RECHECK_MIN_S
 from corral.routing import Route, warm
 from corral.runtime.natsserver import NatsServer
+from corral.runtime.workqueue import enqueue
 from corral.up import FleetOptions, LocalFleet, default_sims
 
-from tests.integration.fleet_helpers import queue_and_serve, until
+from tests.integration.fleet_helpers import Events, queue_and_serve, until
 
 MODEL = "llama3.2"
 KEY = parse_name(MODEL).key
@@ -139,3 +142,47 @@ async def test_a_request_stuck_behind_endless_streams_gets_a_replica_on_an_idle_
                 assert r.status == 200, await r.text()
                 assert r.headers["X-Corral-Agent"] == fleet.agents[spare].id
             assert fleet.sims[spare].stats.loads == 1
+
+
+async def test_an_agent_a_replica_failed_on_gets_no_other_while_it_is_still_listed(
+    nats_server: NatsServer, root: str
+) -> None:
+    """The spare agent's process is gone (its connection closed, its state still in the bucket for
+    three heartbeats): the replica the backlog asks for there fails at once (nothing answers), and
+    the checks that follow, every fraction of a second while the backlog lasts, send it no other
+    before the registry removes it."""
+    opts = _options(nats_server, root, load_bandwidth=1e10, reply_tokens=(100_000, 100_000))
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        gw, registry = fleet.gateway, fleet.registry
+        assert gw is not None and gw.nc is not None and registry is not None and registry.placer is not None
+        replicator = registry.placer.replicator
+        events = Events()
+        await gw.nc.subscribe(gw.subjects.event("agent"), cb=events.on)
+        await _generate(s, fleet, "cold")  # one load, on one agent
+        await until(
+            fleet,
+            lambda: (
+                any(KEY in a.request_s for a in gw.fleet.agents())
+                and any(warm(Route(key=KEY), a) for a in gw.fleet.agents())
+            ),
+        )
+        (loaded,) = [a for a in gw.fleet.agents() if warm(Route(key=KEY), a)]
+        gone = next(a for a in fleet.agents if a.id != loaded.id)
+        endless = {"model": MODEL, "prompt": "endless"}
+        async with s.post(fleet.url + "/api/generate", json=endless) as stream:
+            assert stream.status == 200
+            await stream.content.readline()  # the warm agent's one slot is taken for good
+            gone._wake.closing.set()  # what SIGKILL does, as NATS sees it: the connection closes
+            assert gone.nc is not None
+            await gone.nc.close()
+            # a request waits in the fleet queue (as a gateway queues it, with its nudge)
+            body = msgspec.json.encode({"model": MODEL, "prompt": "short", "stream": False})
+            headers = {H.REQUEST: "r0", H.ENDPOINT: "/api/generate", H.MODEL: TOKEN}
+            reply = f"{gw.subjects.root}.reply.test.r0"
+            await enqueue(
+                gw.nc, gw.nc.jetstream(), gw.subjects, "any", TOKEN, body, headers | {H.REPLY: reply}
+            )
+            await events.wait("dead", gone.id, timeout=20)  # three heartbeats of silence
+            assert replicator.loads_started == 1  # one replica there, not one per check
+            plan = replicator.plans.get(TOKEN)
+            assert plan is not None and plan.depth == 1 and gone.id not in plan.load
