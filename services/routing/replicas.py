@@ -9,7 +9,7 @@ request would start: every slot takes a request when it is free and another ever
 request; a load under way is taken to be `LOADING_REMAINING` from its end). A replica elsewhere
 helps only if its load ends before that. `plan_replicas` walks the candidates — active agents with
 the model on disk where it fits in free VRAM without evicting anything (`load_plan`), or once Ollama
-lets go of models there that another agent of the fleet also has loaded (`_frees_for`: their
+lets go of models there that another agent of the fleet also has loaded (`frees_for`: their
 requests keep a place, and the agent turns them away while the load is under way; a model loaded
 nowhere else, or pinned, is never evicted), cheapest first by the router (whose costs put an
 eviction after none, and a busy model's after an idle one's) — and takes each one whose load (as observed there or
@@ -28,16 +28,17 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections.abc import Iterable, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Final
 
 from corral.protocol.messages import AgentState
+from corral.routing.demand import Demand, spares
 from corral.routing.memory import LoadPlan
 from corral.routing.model import LOADING_REMAINING, Router, load_plan, load_time
-from corral.routing.route import Route, loading_for, warm
+from corral.routing.route import Route, loading_for, serving_slots, warm
 
-__all__ = ["BACKLOG_PER_SLOT", "ReplicaPlan", "drain_s", "plan_replicas"]
+__all__ = ["BACKLOG_PER_SLOT", "ReplicaPlan", "drain_s", "frees_for", "plan_replicas"]
 
 # A backlog gets at most one slot (serving, loading or to load) per this many waiting requests.
 BACKLOG_PER_SLOT: Final = 2.0
@@ -89,6 +90,7 @@ def plan_replicas(
     backlog_per_slot: float = BACKLOG_PER_SLOT,
     router: Router | None = None,
     fleet: Sequence[AgentState] = (),
+    demand: Mapping[str, Demand] | None = None,
 ) -> ReplicaPlan:
     """The replicas ``depth`` requests waiting for ``route``'s model need now.
 
@@ -96,7 +98,9 @@ def plan_replicas(
     loading it); ``request_s``: seconds one request holds a slot; ``starting``: agents a load was
     sent to that may not show it yet (they count as loading); ``pinned``: models kept warm;
     ``router``: the caller's, whose observations of these very ``holders`` are reused; ``fleet``:
-    every agent, to tell an idle model a load would evict from a holder is loaded elsewhere too.
+    every agent, to tell an idle model a load would evict from a holder is loaded elsewhere too;
+    ``demand``: each model's measured demand (`corral.routing.demand`), when known: a model is not
+    evicted from slots its demand needs.
     """
     router = router or Router()
     sizes, loads = router.observations(holders)
@@ -109,7 +113,7 @@ def plan_replicas(
             serving.append(a)
         elif loading_for(route, a) or a.id in starting:
             loading.append(a)
-        elif _frees_for(a, plans.setdefault(a.id, load_plan(route, a, sizes)), fleet, pinned):
+        elif frees_for(a, plans.setdefault(a.id, load_plan(route, a, sizes)), fleet, pinned, demand=demand):
             spare.append(a)  # entirely in VRAM
     ranked = router.rank("auto", route, spare, {}, pinned, observed_in=holders)
     ready_s = {a.id: load_time(route, a, loads) for a in [*loading, *ranked]}
@@ -134,7 +138,7 @@ def plan_replicas(
             break
         ready = ready_s[a.id]
         unloads = {(a.id, k) for k in plans[a.id].evicts}
-        if unloads and not _frees_for(a, plans[a.id], fleet, pinned, evicting | unloads):
+        if unloads and not frees_for(a, plans[a.id], fleet, pinned, evicting | unloads, demand=demand):
             continue  # another chosen load unloads the copy it counted on
         if ready < drain_s(depth, groups, request_s):  # ready before the backlog is gone
             evicting |= unloads
@@ -144,23 +148,40 @@ def plan_replicas(
     return dataclasses.replace(plan, load=tuple(chosen))
 
 
-def _frees_for(
+def frees_for(
     agent: AgentState,
     plan: LoadPlan,
     fleet: Sequence[AgentState],
     pinned: frozenset[str],
     unloaded: Set[tuple[str, str]] = frozenset(),
+    *,
+    demand: Mapping[str, Demand] | None = None,
 ) -> bool:
     """The load ``plan`` puts the model entirely in ``agent``'s VRAM, evicting nothing or only
     models that another agent of ``fleet`` also has loaded (so a request for one still finds a
     runner; not a copy ``unloaded`` lists, (agent, model) that other loads of the plan unload), none
-    pinned: a backlog may take memory such models keep warm twice. A busy one among them finishes
-    its requests here first (Ollama waits for them), and the agent sends it no more meanwhile."""
+    pinned, none loading there (its load would be lost), and — with ``demand`` — none whose
+    measured demand needs the slots it would lose (`corral.routing.demand.spares`): a backlog may
+    take memory such models keep warm twice. A busy one among them finishes its requests here first
+    (Ollama waits for them), and the agent sends it no more meanwhile."""
     if not plan.full:
         return False
+    if any(k in agent.loading for k in plan.evicts):
+        return False
+    serving = serving_slots(fleet) if demand and plan.evicts else {}
+    slots_of = {o.id: _slots(o) for o in fleet} if serving else {}
     return all(
         k not in pinned
         and any(o.id != agent.id and (o.id, k) not in unloaded and warm(Route(key=k), o) for o in fleet)
+        and (
+            not demand
+            or spares(
+                demand,
+                serving,
+                k,
+                _slots(agent) + sum(slots_of.get(i, 0) for i, m in unloaded if m == k and i != agent.id),
+            )
+        )
         for k in plan.evicts
     )
 

@@ -1,16 +1,27 @@
 """What one request asks of the fleet (`Route`) and what an agent's state holds for it: a runner
 ready to serve it without a reload (`warm`), a load under way that will (`loading_for`), the context
-its Ollama would give the model (`wanted_ctx`). Pure functions of `AgentState`."""
+its Ollama would give the model (`wanted_ctx`), the slots of every model's warm runners
+(`serving_slots`). Pure functions of `AgentState`."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from corral.protocol.messages import AgentState, PsModel
 from corral.protocol.names import key_of
 from corral.protocol.runners import effective_ctx
 
-__all__ = ["Route", "loading_for", "ready_runner", "runner_matches", "vram_free", "wanted_ctx", "warm"]
+__all__ = [
+    "Route",
+    "loading_for",
+    "ready_runner",
+    "runner_matches",
+    "serving_slots",
+    "vram_free",
+    "wanted_ctx",
+    "warm",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,3 +89,13 @@ def vram_free(agent: AgentState) -> int | None:
     if not agent.gpus:
         return None
     return sum(g.vram_free for g in agent.gpus)
+
+
+def serving_slots(agents: Iterable[AgentState]) -> dict[str, int]:
+    """Each model's slots on ``agents``' warm runners at the default context (a runner at another
+    context does not serve a request without one)."""
+    slots: dict[str, int] = {}
+    for a in agents:
+        for key in {k for m in a.loaded if (k := key_of(m.name)) is not None and warm(Route(key=k), a)}:
+            slots[key] = slots.get(key, 0) + max(a.parallel, 1)
+    return slots
