@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Mapping
 
 import msgspec
 import nats.errors
@@ -43,7 +44,7 @@ from corral.protocol.messages import (
 from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects, usable_reply
 from corral.registry.replicas import ReplicaSettings, Replicator
-from corral.routing import LOAD_MARKER_TTL_S, Route, Router, as_placed, marker_expired, warm
+from corral.routing import LOAD_MARKER_TTL_S, Demand, Route, Router, as_placed, marker_expired, warm
 from corral.runtime.buckets import kv_create
 from corral.runtime.fleet import FleetView
 from corral.runtime.kvwatch import snapshot
@@ -94,6 +95,7 @@ class Placer:
         load_grace_s: float = 1.0,
         preload_timeout_s: float = 3600.0,
         marker_ttl_s: float = LOAD_MARKER_TTL_S,
+        demand: Callable[[], Mapping[str, Demand]] = dict,
     ) -> None:
         self.nc = nc
         self.subjects = subjects
@@ -116,6 +118,7 @@ class Placer:
             replicas or ReplicaSettings(),
             pinned=lambda: self.pinned,
             placing=self.placing,
+            demand=demand,
             preload_timeout_s=preload_timeout_s,
         )
 

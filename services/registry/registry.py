@@ -42,6 +42,7 @@ from corral.registry.liveness import Prober
 from corral.registry.pins import PinKeeper
 from corral.registry.placement import Placer, ReplicaSettings
 from corral.registry.pulls import FleetPulls
+from corral.registry.rebalance import Rebalancer
 from corral.registry.settings import RegistrySettings
 from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start, kv_create
 from corral.runtime.fleet import SILENT_RESTART_S, STALE_HEARTBEATS, FleetView, received_at
@@ -73,7 +74,8 @@ class Registry:
         self._synced = asyncio.Event()
         self._pulls: FleetPulls | None = None  # fleet-wide pulls under way
         self.placer: Placer | None = None
-        self.pins: PinKeeper | None = None  # pinned models (16 attributes: each job's own state)
+        self.pins: PinKeeper | None = None  # pinned models (17 attributes: each job's own state)
+        self.rebalancer: Rebalancer | None = None  # switches cards to where a steady load waits
         self._index: ModelIndexWriter | None = None  # the model index in the models bucket
         self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit
         self._reopener: Reopener | None = None  # the buckets again after a NATS restart
@@ -131,6 +133,16 @@ class Registry:
         )
         # every copy hears a pull's cancel: the one running it stops it
         await self.nc.subscribe(self.subjects.registry_ctl, cb=published(self._pulls.on_cancel))
+        self.rebalancer = Rebalancer(
+            self.nc,
+            self.subjects,
+            self._fleet,
+            self._transport,
+            self._buckets.views,
+            self.settings.rebalance_s,
+            pinned=lambda: self.placer.pinned if self.placer is not None else frozenset(),
+            preload_timeout_s=self.settings.pull_timeout_s,
+        )
         self.placer = Placer(
             self.nc,
             self.subjects,
@@ -141,6 +153,7 @@ class Registry:
             load_grace_s=self.settings.load_grace_s,
             preload_timeout_s=self.settings.pull_timeout_s,
             marker_ttl_s=self.settings.load_marker_ttl_s,
+            demand=self.rebalancer.demand,  # replicas spare the slots a model's demand needs
         )
         await self.nc.subscribe(
             self.subjects.registry("place"), queue=QUEUE_GROUP, cb=published(self.placer.on_place)
@@ -152,6 +165,7 @@ class Registry:
         self._spawn("load markers", self.placer.marker_loop, "registry-markers")
         self.pins = PinKeeper(self.placer, self._buckets)
         self._spawn("pin keeper", self.pins.run, "registry-pins")
+        self._spawn("rebalancer", self.rebalancer.run, "registry-rebalance")
         log.info("registry ready: %d agents", len(self._known))
 
     def _spawn(self, what: str, run: Callable[[], Awaitable[None]], name: str) -> None:

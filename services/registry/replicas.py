@@ -17,7 +17,9 @@ the warm slots would at that pace (requests longer than those seen finishing hol
 that has not moved at all in that time counts as one they may never drain). Loads this registry
 placed (its load markers) or sent (its preloads, until the agent shows the model warm) count as
 loads under way. Each replica is a preload (Ollama's empty generate) sent straight to its agent
-(`corral.registry.preload`); an agent where one failed gets no other for `RETRY_S`. Replicas that
+(`corral.registry.preload`); an agent where one failed gets no other for `RETRY_S`. A replica
+evicts no model whose demand, as the registry's rebalancing measures it, needs the slots it would
+lose there (a steady load on it would make the next backlog load it back). Replicas that
 then sit idle are let go by Ollama's own ``keep_alive``.
 """
 
@@ -28,7 +30,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -37,7 +39,7 @@ from corral.protocol.messages import AgentState
 from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects
 from corral.registry.preload import preload
-from corral.routing import TYPICAL_REQUEST_S, ReplicaPlan, Route, Router, plan_replicas, warm
+from corral.routing import TYPICAL_REQUEST_S, Demand, ReplicaPlan, Route, Router, plan_replicas, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.nats import published
 from corral.runtime.tasks import cancel_and_wait
@@ -85,10 +87,13 @@ class Replicator:
         *,
         pinned: Callable[[], frozenset[str]] = frozenset,
         placing: Callable[[str], frozenset[str]] = lambda _token: frozenset(),
+        demand: Callable[[], Mapping[str, Demand]] = dict,
         preload_timeout_s: float = 3600.0,
     ) -> None:
         """``pinned``: the models kept warm now; ``placing``: agents a load of a model token was
-        placed on and is still marked (`corral.registry.placement.Placer`)."""
+        placed on and is still marked (`corral.registry.placement.Placer`); ``demand``: each
+        model's measured demand (`corral.registry.rebalance.Rebalancer.demand`): a replica does not
+        evict a model from slots its demand needs."""
         self.nc = nc
         self.subjects = subjects
         self.fleet = fleet
@@ -96,6 +101,7 @@ class Replicator:
         self.settings = settings
         self._pinned = pinned
         self._placing = placing
+        self._demand = demand
         self.preload_timeout_s = preload_timeout_s  # a replica's load may take this long
         self.backlogs: dict[str, _Backlog] = {}  # model token → its backlog, while it lasts
         self._tasks: set[asyncio.Task[None]] = set()  # checks and preloads under way
@@ -192,6 +198,7 @@ class Replicator:
             pinned=self._pinned(),
             router=self._router,
             fleet=[a for a in self.fleet.agents() if a.status == "active"],
+            demand=self._demand(),
         )
         self.plans[token] = plan
         for agent_id in plan.load:

@@ -44,6 +44,16 @@ class RegistrySettings(CommonSettings, frozen=True, kw_only=True):
             period=True,
         ),
     ] = 5.0
+    rebalance_s: Annotated[
+        float,
+        setting(
+            "rebalancing under a steady load: each model's requests running and waiting are averaged "
+            "over this long; a card switches to a model that waits from one with slots to spare when "
+            "that lowers the fleet's waiting requests (one switch at a time, this long apart); 0 = off",
+            ge=0,
+            period=True,
+        ),
+    ] = 30.0
     load_grace_s: Annotated[
         float,
         setting("a load marker counts as live this long before its agent shows the load", ge=0, period=True),

@@ -70,11 +70,12 @@ def test_an_agent_may_write_only_its_own_state_and_take_only_its_own_work() -> N
     assert "_INBOX_agent-a1.>" in p.subscribe
 
 
-def test_the_registry_hears_queue_nudges_but_not_finished_requests() -> None:
+def test_the_registry_hears_queue_nudges_and_finished_requests_but_no_other_event() -> None:
     p = role_permissions("registry", S)
     assert S.queued_all in p.subscribe
-    # demand replicas read how long requests take from the agents' published state, not the events
-    assert not any(s.startswith("corral.events") for s in p.subscribe)
+    # rebalancing measures each model's running requests from the finished ones; agents' comings
+    # and goings it reads from the agents bucket, as before
+    assert [s for s in p.subscribe if s.startswith("corral.events")] == [S.event("request")]
     assert not any(s.startswith(("corral.work", "corral.queue.")) for s in p.subscribe)
 
 

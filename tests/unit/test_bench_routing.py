@@ -146,7 +146,7 @@ def test_every_declared_period_is_scaled_and_nothing_else() -> None:
                 assert value == max(s.default * scale, 0.1), f"{cls.__name__}.{s.name} is not scaled"
             else:
                 assert value == s.default, f"{cls.__name__}.{s.name} is no period but was changed"
-    assert periods == 5
+    assert periods == 6
     gateway = built[GatewaySettings]
     assert gateway.claim_timeout_s == GatewaySettings().claim_timeout_s  # a timeout stays on the wall clock
     assert gateway.queue_recheck_s == GatewaySettings().queue_recheck_s * scale

@@ -447,7 +447,7 @@ def test_periods_are_declared_as_such_and_timeouts_are_not() -> None:
     }
     assert periods == {
         "AgentSettings": {"refresh_s"},
-        "RegistrySettings": {"replica_check_s", "load_grace_s"},
+        "RegistrySettings": {"replica_check_s", "rebalance_s", "load_grace_s"},
         "GatewaySettings": {"load_grace_s", "queue_recheck_s"},
         "AggregatorSettings": set(),
     }
