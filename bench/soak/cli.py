@@ -72,6 +72,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-s", type=float, default=1.0, help="agents' heartbeat (default 1)")
     p.add_argument("--seed", type=int, default=1, help="seed of the request mix (default 1)")
     p.add_argument(
+        "--rebalance-s",
+        type=float,
+        help="the registry's rebalancing time constant (default: the registry's own); 0 = off, to compare",
+    )
+    p.add_argument(
         "--conversations",
         type=int,
         default=512,
@@ -213,6 +218,7 @@ async def soak(args: argparse.Namespace, workdir: Path, log_dir: Path, stop_earl
         time_scale=args.time_scale,
         heartbeat_s=args.heartbeat_s,
         log_level=args.log_level,
+        rebalance_s=args.rebalance_s,
     )
     async with fleet:
         print(

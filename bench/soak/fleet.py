@@ -109,6 +109,7 @@ class Fleet:
         time_scale: float,
         heartbeat_s: float,
         log_level: str,
+        rebalance_s: float | None = None,
     ) -> None:
         self.workdir = workdir
         self.log_dir = log_dir
@@ -117,6 +118,7 @@ class Fleet:
         self.time_scale = time_scale
         self.heartbeat_s = heartbeat_s
         self.log_level = log_level
+        self.rebalance_s = rebalance_s  # the registry's CORRAL_REBALANCE_S; None: its default
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
         self.procs: dict[str, Proc] = {}  # in start order
         self.ports = Ports(nats=free_port(), gateway=free_port(), sims=[free_port() for _ in range(agents)])
@@ -176,7 +178,8 @@ class Fleet:
         await asyncio.gather(*(wait_port(p, s, 30) for p, s in zip(self.ports.sims, sims, strict=True)))
 
         nats_arg = ["--nats-url", self.nats_url]
-        registry = self._proc("registry", "corral.registry", nats_arg)
+        rebalance = [] if self.rebalance_s is None else ["--rebalance-s", str(self.rebalance_s)]
+        registry = self._proc("registry", "corral.registry", [*nats_arg, *rebalance])
         aggregator = self._proc("aggregator", "corral.aggregator", nats_arg)
         agents = [
             self._proc(
