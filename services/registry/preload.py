@@ -11,6 +11,7 @@ from collections.abc import Callable
 import msgspec
 from corral.protocol.errors import CorralError
 from corral.protocol.names import key_of, parse_name
+from corral.routing.route import Route, warm
 from corral.runtime.fleet import FleetView
 from corral.transport import Transport, WorkRequest
 
@@ -47,6 +48,13 @@ async def preload(
     deadline = time.monotonic() + settle_s
     while not shown() and (left := deadline - time.monotonic()) > 0:
         await fleet.wait_changed(left)
+
+
+def serves(fleet: FleetView, agent_id: str, key: str) -> bool:
+    """Whether the fleet shows agent ``agent_id`` serving model ``key`` (a warm default runner): what
+    a preload's ``shown`` waits for."""
+    agent = fleet.get(agent_id)
+    return agent is not None and warm(Route(key=key), agent)
 
 
 def _embeds_only(fleet: FleetView, agent_id: str, key: str) -> bool:

@@ -26,8 +26,8 @@ from corral.protocol.messages import RequestFinished
 from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects
 from corral.registry.lease import Lease
-from corral.registry.preload import preload
-from corral.routing import Demand, DemandMeter, Move, Route, Router, plan_move, warm
+from corral.registry.preload import preload, serves
+from corral.routing import Demand, DemandMeter, Move, Router, plan_move
 from corral.runtime.fleet import FleetView
 from corral.runtime.nats import published
 from corral.runtime.tasks import cancel_and_wait
@@ -160,7 +160,7 @@ class Rebalancer:
                 move.agent,
                 move.key,
                 timeout=self.preload_timeout_s,
-                shown=lambda: self._serves(move.agent, move.key),
+                shown=lambda: serves(self.fleet, move.agent, move.key),
                 settle_s=SETTLE_S,
             )
         except (CorralError, nats.errors.Error) as e:
@@ -168,10 +168,6 @@ class Rebalancer:
             self._failed[move.agent] = time.monotonic()
         ended = time.monotonic()
         self._next_at = ended + max(self.rebalance_s, LOADS_BETWEEN * (ended - began))
-
-    def _serves(self, agent_id: str, key: str) -> bool:
-        agent = self.fleet.get(agent_id)
-        return agent is not None and warm(Route(key=key), agent)
 
     async def stop(self) -> None:
         """End a switch under way (its load goes on in Ollama; the agent shows where it ends)."""

@@ -74,7 +74,7 @@ class Registry:
         self._synced = asyncio.Event()
         self._pulls: FleetPulls | None = None  # fleet-wide pulls under way
         self.placer: Placer | None = None
-        self.pins: PinKeeper | None = None  # pinned models (17 attributes: each job's own state)
+        self.pins: PinKeeper | None = None  # pinned models (18 attributes: each job's own state)
         self.rebalancer: Rebalancer | None = None  # switches cards to where a steady load waits
         self._index: ModelIndexWriter | None = None  # the model index in the models bucket
         self.lost = asyncio.Event()  # the NATS connection closed for good: the process must exit

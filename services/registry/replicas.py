@@ -38,7 +38,7 @@ from corral.protocol.errors import CorralError
 from corral.protocol.messages import AgentState
 from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects
-from corral.registry.preload import preload
+from corral.registry.preload import preload, serves
 from corral.routing import TYPICAL_REQUEST_S, Demand, ReplicaPlan, Route, Router, plan_replicas, warm
 from corral.runtime.fleet import FleetView
 from corral.runtime.nats import published
@@ -253,7 +253,7 @@ class Replicator:
                 agent_id,
                 key,
                 timeout=self.preload_timeout_s,
-                shown=lambda: self._serves(agent_id, key),
+                shown=lambda: serves(self.fleet, agent_id, key),
                 settle_s=REPLICA_SETTLE_S,
             )
         except (CorralError, nats.errors.Error) as e:
@@ -261,10 +261,6 @@ class Replicator:
             self._failed[agent_id] = time.monotonic()
         finally:
             backlog.starting.discard(agent_id)
-
-    def _serves(self, agent_id: str, key: str) -> bool:
-        agent = self.fleet.get(agent_id)
-        return agent is not None and warm(Route(key=key), agent)
 
     def _spawn(self, work: Coroutine[object, object, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=name)

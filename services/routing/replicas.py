@@ -8,13 +8,14 @@ request would start: every slot takes a request when it is free and another ever
 (the queue forms only when every warm slot is taken, so a serving slot frees after about one
 request; a load under way is taken to be `LOADING_REMAINING` from its end). A replica elsewhere
 helps only if its load ends before that. `plan_replicas` walks the candidates — active agents with
-the model on disk where it fits in free VRAM without evicting anything (`load_plan`), or once Ollama
-lets go of models there that another agent of the fleet also has loaded (`frees_for`: their
+the model on disk where it fits in free VRAM without evicting anything (`load_plan`), or once
+Ollama lets go of models there that another agent of the fleet also has loaded (`frees_for`: their
 requests keep a place, and the agent turns them away while the load is under way; a model loaded
-nowhere else, or pinned, is never evicted), cheapest first by the router (whose costs put an
-eviction after none, and a busy model's after an idle one's) — and takes each one whose load (as observed there or
-on an agent like it, else estimated: `load_time`) ends before the backlog, with the replicas
-already taken, would have drained; it stops once the backlog has a slot for every
+nowhere else, pinned, loading there or, by its measured demand, needing the slots, is never
+evicted), cheapest first by the router (whose costs put an eviction after none, and a busy model's
+after an idle one's) — and takes each one whose load (as observed there or on an agent like it,
+else estimated: `load_time`) ends before the backlog, with the replicas already taken, would have
+drained; it stops once the backlog has a slot for every
 ``backlog_per_slot`` waiting requests (serving slots count only while they free: a backlog that has
 not moved, ``request_s`` infinite, is waiting on requests that may never end). So fast loads and a
 deep backlog load several replicas at once, a backlog that drains before a load could end loads

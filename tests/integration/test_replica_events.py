@@ -14,6 +14,7 @@ import aiohttp
 import msgspec
 import pytest
 from corral.protocol import headers as H
+from corral.protocol.messages import AgentState
 from corral.protocol.names import parse_name
 from corral.registry.replicas import RECHECK_MIN_S
 from corral.routing import Route, warm
@@ -46,6 +47,23 @@ async def _generate(s: aiohttp.ClientSession, fleet: LocalFleet, prompt: str) ->
     async with s.post(fleet.url + "/api/generate", json=body) as r:
         assert r.status == 200
         await r.read()
+
+
+async def _warm_on_one(s: aiohttp.ClientSession, fleet: LocalFleet) -> AgentState:
+    """One request loads the model on one agent; that agent's state once it shows the runner and
+    how long a request took (the two may come in separate writes)."""
+    gw = fleet.gateway
+    assert gw is not None
+    await _generate(s, fleet, "cold")
+    await until(
+        fleet,
+        lambda: (
+            any(KEY in a.request_s for a in gw.fleet.agents())
+            and any(warm(Route(key=KEY), a) for a in gw.fleet.agents())
+        ),
+    )
+    (loaded,) = [a for a in gw.fleet.agents() if warm(Route(key=KEY), a)]
+    return loaded
 
 
 async def test_a_burst_that_drains_faster_than_a_load_starts_no_load(
@@ -122,16 +140,7 @@ async def test_a_request_stuck_behind_endless_streams_gets_a_replica_on_an_idle_
     async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
         gw = fleet.gateway
         assert gw is not None
-        await _generate(s, fleet, "cold")  # one load, on one agent
-        # its request time known, and its runner listed (the two may come in separate writes)
-        await until(
-            fleet,
-            lambda: (
-                any(KEY in a.request_s for a in gw.fleet.agents())
-                and any(warm(Route(key=KEY), a) for a in gw.fleet.agents())
-            ),
-        )
-        (loaded,) = [a for a in gw.fleet.agents() if warm(Route(key=KEY), a)]
+        loaded = await _warm_on_one(s, fleet)
         spare = next(i for i, a in enumerate(fleet.agents) if a.id != loaded.id)
         endless = {"model": MODEL, "prompt": "endless"}
         async with s.post(fleet.url + "/api/generate", json=endless) as stream:
@@ -158,15 +167,7 @@ async def test_an_agent_a_replica_failed_on_gets_no_other_while_it_is_still_list
         replicator = registry.placer.replicator
         events = Events()
         await gw.nc.subscribe(gw.subjects.event("agent"), cb=events.on)
-        await _generate(s, fleet, "cold")  # one load, on one agent
-        await until(
-            fleet,
-            lambda: (
-                any(KEY in a.request_s for a in gw.fleet.agents())
-                and any(warm(Route(key=KEY), a) for a in gw.fleet.agents())
-            ),
-        )
-        (loaded,) = [a for a in gw.fleet.agents() if warm(Route(key=KEY), a)]
+        loaded = await _warm_on_one(s, fleet)
         gone = next(a for a in fleet.agents if a.id != loaded.id)
         endless = {"model": MODEL, "prompt": "endless"}
         async with s.post(fleet.url + "/api/generate", json=endless) as stream:
