@@ -3,6 +3,8 @@ token counts of a reply, allowed registries, usage keys."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from corral.gateway.access import (
     ApiKey,
@@ -20,7 +22,7 @@ from corral.gateway.access import (
 )
 from corral.gateway.limits import periods, usage_key, usage_model
 from corral.protocol.names import InvalidModelName, host_allowed, parse_name, registry_host
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 
@@ -138,6 +140,7 @@ def test_reply_tokens_native_v1_and_mid_object() -> None:
     assert reply_tokens(sse) == (5, 7)
     assert reply_tokens(b'0.5, 0.25],"prompt_eval_count":4,"eval_count":0}') == (4, 0)  # a cut tail
     assert reply_tokens(b'{"response":"say \\"eval_count\\": 99"}') == (0, 0)  # inside a string
+    assert reply_tokens(b'{"say \\"eval_count": 5}') == (0, 0)  # the end of a key that quotes one
     assert reply_tokens(b"") == (0, 0)
     # Anthropic's stream: an estimate first, the counts in its message_delta; the Responses API's usage
     anthropic = (
@@ -148,6 +151,32 @@ def test_reply_tokens_native_v1_and_mid_object() -> None:
     assert reply_tokens(anthropic) == (11, 6)
     responses = b'"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":0},"output_tokens":4}'
     assert reply_tokens(responses) == (9, 4)
+
+
+# The rule reply_tokens keeps, as one expression (what it was written as before it searched with rfind)
+_COUNT_RULE = re.compile(
+    rb'(?<!\\)"(prompt_eval_count|eval_count|prompt_tokens|completion_tokens|input_tokens|output_tokens)"'
+    rb"\s*:\s*(\d+)"
+)
+_PIECES = [
+    b'"prompt_eval_count"', b'"eval_count"', b'"prompt_tokens"', b'"completion_tokens"', b'"input_tokens"',
+    b'"output_tokens"', b"\\", b":", b" ", b"\n", b"7", b"42", b'"', b"{", b"}", b",", b"x", b"_count",
+]  # fmt: skip
+
+
+def _by_rule(tail: bytes) -> tuple[int, int]:
+    found = {m.group(1): int(m.group(2)) for m in _COUNT_RULE.finditer(tail)}
+    prompt = found.get(b"prompt_eval_count", found.get(b"prompt_tokens", found.get(b"input_tokens", 0)))
+    generated = found.get(b"eval_count", found.get(b"completion_tokens", found.get(b"output_tokens", 0)))
+    return prompt, generated
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=40))
+@example([b'"eval_count"', b":", b"7", b"\\", b'"eval_count"', b":", b"42"])  # the last one is escaped
+@example([b'"eval_count"', b":", b"7", b'"eval_count"', b":", b"x"])  # the last one has no number
+def test_reply_tokens_reads_what_the_rule_reads(pieces: list[bytes]) -> None:
+    tail = b"".join(pieces)
+    assert reply_tokens(tail) == _by_rule(tail)
 
 
 def test_allowed_registries() -> None:
