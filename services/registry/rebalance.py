@@ -8,7 +8,8 @@ lease (`corral.registry.lease`) acts: once demand has been measured for ``rebala
 (`corral.registry.preload`); Ollama lets the other model's requests there finish and unloads it
 (the agent sends it no more meanwhile). One switch at a time; the next is weighed only ``rebalance_s``
 after this one ended (demand moves once the load does), and no sooner than `LOADS_BETWEEN` times
-as long as it took. A card where a switch failed is left alone for ``rebalance_s``.
+as long as it took. A card where a switch failed is left alone for ``rebalance_s``; a copy that has
+heard no finished request (none yet, or its NATS identity may not hear them) switches nothing.
 """
 
 from __future__ import annotations
@@ -127,22 +128,25 @@ class Rebalancer:
             return None
         if not await self.lease.held():
             return None
+        demand = self.meter.demand()
+        if not any(d.running > 0 for d in demand.values()):
+            return None  # no finished request heard (none yet, or not allowed to hear them): blind
         self._failed = {a: t for a, t in self._failed.items() if now - t < self.rebalance_s}
         move = plan_move(
             self.fleet.agents(),  # those heard lately
-            self.meter.demand(),
+            demand,
             pinned=self._pinned(),
             avoid=frozenset(self._failed),
             router=self._router,
         )
         if move is None:
             return None
-        demand = self.meter.demand()[move.key]
+        wanted = demand[move.key]
         log.info(
             "%s: %.1f requests in the fleet on average (%.1f waiting); switching %s to it%s (a load of %.1fs)",
             move.key,
-            demand.total,
-            demand.waiting,
+            wanted.total,
+            wanted.waiting,
             move.agent,
             f" from {', '.join(move.evicts)}" if move.evicts else "",
             move.load_s,
