@@ -110,3 +110,33 @@ async def test_a_card_switches_from_an_idle_model_to_one_that_waits(
         assert len(gw.fleet.loaded_on(IDLE_KEY)) == 1  # the idle model keeps its other card
         # at the demand measured, nothing more is worth a switch: the idle model's last card stays
         assert plan_move(gw.fleet.agents(), registry.rebalancer.meter.demand()) is None  # type: ignore[union-attr]
+
+
+async def test_no_switch_before_a_finished_request_is_heard(nats_server: NatsServer, root: str) -> None:
+    """Requests wait for the model on one card while the other model idles on two, but the registry
+    has heard no finished request (as under a NATS identity that may not hear them): it cannot tell
+    what runs, so it switches nothing; once it hears what ran, the same demand switches a card."""
+    async with LocalFleet(_options(nats_server, root, rebalance_s=3600.0)) as fleet:
+        gw, registry = fleet.gateway, fleet.registry
+        assert gw is not None and registry is not None and registry.rebalancer is not None
+        rebalancer = registry.rebalancer
+        assert rebalancer.meter is not None
+        await asyncio.gather(
+            _load(fleet.sims[0].url, BUSY), _load(fleet.sims[1].url, IDLE), _load(fleet.sims[2].url, IDLE)
+        )
+        for a in fleet.agents:
+            a._wake.refresh.set()
+        await until(
+            fleet,
+            lambda: len(gw.fleet.loaded_on(BUSY_KEY)) == 1 and len(gw.fleet.loaded_on(IDLE_KEY)) == 2,
+        )
+        await until(fleet, lambda: len(registry.fleet.loaded_on(IDLE_KEY)) == 2)  # the registry's view too
+        rebalancer._next_at = 0.0  # weighed at once, not an hour from now
+        meter, now = rebalancer.meter, rebalancer.meter.since
+        for t in range(1, 7200, 60):  # two hours of eight requests waiting, and nothing heard finishing
+            meter.sample(now + t, {BUSY_KEY: 8})
+        assert await rebalancer.step() is None and rebalancer.moves == []
+        meter.ran(BUSY_KEY, 4 * 60.0)  # a minute of its four slots running
+        meter.sample(meter.since + 7200 + 60, {BUSY_KEY: 8})
+        move = await rebalancer.step()
+        assert move is not None and move.key == BUSY_KEY and move.evicts == (IDLE_KEY,)
