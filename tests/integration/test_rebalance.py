@@ -39,6 +39,24 @@ async def _load(url: str, model: str) -> None:
         await c.generate(model=model, prompt="", keep_alive=-1)
 
 
+async def _split(fleet: LocalFleet) -> None:
+    """The split a first come, first served fleet can end in: the busy model on one card, the idle
+    one on two, as the gateway and the registry both see it."""
+    gw, registry = fleet.gateway, fleet.registry
+    assert gw is not None and registry is not None
+    await asyncio.gather(
+        _load(fleet.sims[0].url, BUSY), _load(fleet.sims[1].url, IDLE), _load(fleet.sims[2].url, IDLE)
+    )
+    for a in fleet.agents:
+        a._wake.refresh.set()
+    for view in (gw.fleet, registry.fleet):
+        await until(
+            fleet,
+            lambda v=view: len(v.loaded_on(BUSY_KEY)) == 1 and len(v.loaded_on(IDLE_KEY)) == 2,
+            what="one card serving the busy model, two the idle one",
+        )
+
+
 async def _clients(fleet: LocalFleet, model: str, n: int, stop: asyncio.Event, failures: list[str]) -> int:
     """``n`` clients, each sending ``model`` requests one after the other until ``stop``; how many
     were answered (any other answer goes to ``failures``)."""
@@ -66,17 +84,7 @@ async def test_a_card_switches_from_an_idle_model_to_one_that_waits(
     async with LocalFleet(_options(nats_server, root, rebalance_s=2.0)) as fleet:
         gw, registry = fleet.gateway, fleet.registry
         assert gw is not None and registry is not None and registry.rebalancer is not None
-        # the split a first come, first served fleet can end in: the busy model on one card
-        await asyncio.gather(
-            _load(fleet.sims[0].url, BUSY), _load(fleet.sims[1].url, IDLE), _load(fleet.sims[2].url, IDLE)
-        )
-        for a in fleet.agents:
-            a._wake.refresh.set()
-        await until(
-            fleet,
-            lambda: len(gw.fleet.loaded_on(BUSY_KEY)) == 1 and len(gw.fleet.loaded_on(IDLE_KEY)) == 2,
-            what="one card serving the busy model, two the idle one",
-        )
+        await _split(fleet)
         one_card = fleet.agents[0].id
         # a request's time observed (before, the gateway takes one for seconds, and a queue of them
         # for longer than a load: it would place the load itself)
@@ -121,16 +129,7 @@ async def test_no_switch_before_a_finished_request_is_heard(nats_server: NatsSer
         assert gw is not None and registry is not None and registry.rebalancer is not None
         rebalancer = registry.rebalancer
         assert rebalancer.meter is not None
-        await asyncio.gather(
-            _load(fleet.sims[0].url, BUSY), _load(fleet.sims[1].url, IDLE), _load(fleet.sims[2].url, IDLE)
-        )
-        for a in fleet.agents:
-            a._wake.refresh.set()
-        await until(
-            fleet,
-            lambda: len(gw.fleet.loaded_on(BUSY_KEY)) == 1 and len(gw.fleet.loaded_on(IDLE_KEY)) == 2,
-        )
-        await until(fleet, lambda: len(registry.fleet.loaded_on(IDLE_KEY)) == 2)  # the registry's view too
+        await _split(fleet)
         rebalancer._next_at = 0.0  # weighed at once, not an hour from now
         meter, now = rebalancer.meter, rebalancer.meter.since
         for t in range(1, 7200, 60):  # two hours of eight requests waiting, and nothing heard finishing
