@@ -175,6 +175,7 @@ class NatsServer:
         self._ready = asyncio.Event()
         self._reloaded = asyncio.Event()
         self._js_seen = False
+        self._up = False  # this run's "Server is ready" line was seen
         self._log_tail: list[str] = []
 
     @property
@@ -197,7 +198,7 @@ class NatsServer:
         if self._proc is not None:
             raise NatsServerError("nats-server already started")
         self._ready.clear()  # started again after `kill`: wait for this run's "ready" line
-        self._js_seen = False
+        self._js_seen = self._up = False
         args = [find_binary(), "-a", self.host, "-p", str(self.port)]
         if self.auth_file or self.tls or self.max_payload:
             args += ["-c", str(self._write_config())]
@@ -228,7 +229,12 @@ class NatsServer:
                 f"nats-server did not become ready in {self.ready_timeout:.0f}s:\n"
                 + "\n".join(self._log_tail)
             ) from None
-        if self._proc.returncode is not None:
+        if not self._up:
+            # the log ended without "ready": the process is ending. Its exit can be noticed after
+            # its stderr closed, so it is awaited, or a server that failed would pass for one up.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._proc.wait(), self.ready_timeout)
+        if not self._up or self._proc.returncode is not None:
             tail = "\n".join(self._log_tail)
             await self.stop()
             if "address already in use" in tail:
@@ -265,6 +271,7 @@ class NatsServer:
             if "Starting JetStream" in line:
                 self._js_seen = True
             if "Server is ready" in line:
+                self._up = True
                 self._ready.set()
             if "Reloaded server configuration" in line:
                 self._reloaded.set()
