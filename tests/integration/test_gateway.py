@@ -98,11 +98,14 @@ async def test_list_and_ps_are_merged(fleet: LocalFleet, client: ollama.AsyncCli
 
 async def test_requests_spread_over_agents(fleet: LocalFleet, client: ollama.AsyncClient) -> None:
     before = [s.stats.finished for s in fleet.sims]
-    await asyncio.gather(
+    answers = await asyncio.gather(
         *(client.generate(model=MODEL, prompt=f"q{i}", options={"num_predict": 4}) for i in range(30))
     )
+    assert all(a.done and a.response for a in answers)
     served = [s.stats.finished - b for s, b in zip(fleet.sims, before, strict=True)]
-    assert sum(served) == 30
+    # At least once each: one not claimed within the warm claim timeout (a loaded machine) goes to
+    # the fleet queue, and its late claimant, told to drop it, may have finished four tokens first.
+    assert sum(served) >= 30
     assert sum(1 for n in served if n > 0) >= 2, served
 
 
