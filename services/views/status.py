@@ -117,6 +117,15 @@ class PinRow(msgspec.Struct, frozen=True, kw_only=True):
     agents: list[str]
 
 
+class Cloud(msgspec.Struct, frozen=True, kw_only=True):
+    """Ollama's own ``/api/status`` (0.16.2+): whether cloud models are disabled, and by what.
+    Corral disables none itself (each Ollama behind it decides for the requests it is sent), so it
+    answers Ollama's default, and clients that read it see a well-formed answer."""
+
+    disabled: bool = False
+    source: str = "none"
+
+
 class FleetStatus(msgspec.Struct, frozen=True, kw_only=True):
     totals: Totals
     agents: list[AgentRow]
@@ -124,6 +133,7 @@ class FleetStatus(msgspec.Struct, frozen=True, kw_only=True):
     queue: dict[str, int] = msgspec.field(default_factory=dict)  # model → waiting in the fleet queue
     at: float = 0.0
     pins: list[PinRow] = msgspec.field(default_factory=list)
+    cloud: Cloud = Cloud()  # Ollama's own answer to GET /api/status, beside the fleet's
 
 
 def pinned_on(key: str, pin: Pin, agents: list[AgentState]) -> list[str]:

@@ -91,7 +91,10 @@ async def test_views_agree_with_each_server(fleet: LocalFleet) -> None:
         async with s.get(fleet.url + "/v1/models") as r:
             assert sorted(m["id"] for m in (await r.json())["data"]) == sorted(union)
         async with s.get(fleet.url + "/api/status") as r:
-            status = _status.decode(await r.read())
+            raw = await r.read()
+            status = _status.decode(raw)
+    # what Ollama 0.16.2+ answers there (cloud models not disabled), for clients that read it
+    assert json.loads(raw)["cloud"] == {"disabled": False, "source": "none"}
     assert status.totals.agents == 3 and {a.vendor for a in status.agents} == {"nvidia", "amd"}
     assert status.totals.vram_total == sum(s.config.total_vram for s in fleet.sims)
     assert status.totals.loaded == len(loaded) and status.totals.models == len(union)
