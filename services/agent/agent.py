@@ -33,6 +33,7 @@ from corral.agent.pacing import Pace, Reading, StatePacer, parts
 from corral.agent.runners import RunnerChange, RunnerTracker, evicted_by
 from corral.agent.settings import AgentSettings
 from corral.agent.slots import Admission, SlotTable
+from corral.agent.usage import SlotTime
 from corral.agent.worker import Job, Worker, load_seconds, ran_seconds, report_finished
 from corral.protocol import headers as H
 from corral.protocol.endpoints import MODEL_ENDPOINTS
@@ -105,6 +106,7 @@ class Agent:
         self.runners = RunnerTracker(self._backend.default_num_ctx())
         self.loads = LoadBook()  # what its /api/ps readings show loaded and evicted (for /metrics)
         self._jobs: dict[str, Job] = {}
+        self.slot_time = SlotTime()  # `slot_s` in its state: what each model's requests held here
         self._requesters = Requesters(self._jobs, settings.ping_interval_s, self._wake.closing)
         self._pacer = StatePacer(settings.heartbeat_s)  # when its state is published
 
@@ -326,7 +328,8 @@ class Agent:
             job.out.close()
             if self._jobs.get(job.rid) is job:
                 del self._jobs[job.rid]
-            if token is not None:
+            if token is not None:  # its time moves from running (`_jobs`) to finished in one step
+                self.slot_time.ended(job.slot_token, ran_seconds(job))
                 self._apply(self.runners.ended(token, job.rid, time.monotonic()))
                 self._end_slot(token, job)
             self._changed(claims=True, state=True)
@@ -454,6 +457,7 @@ class Agent:
             busy_models=self.runners.busy_models(busy, time.monotonic()),
             load_s=dict(self.runners.load_s),
             request_s=dict(self.runners.request_s),
+            slot_s=self.slot_time.totals((j.slot_token, ran_seconds(j)) for j in self._jobs.values()),
             max_loaded=self.settings.max_loaded_models,
             in_flight=self.slots.in_flight,
             queued=self.slots.queued,

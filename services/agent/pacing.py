@@ -12,8 +12,9 @@ heartbeats when it changed:
   counts the calls it placed itself (`corral.transport.calls.Transport.outstanding`), so the wait
   only delays what *other* senders learn of this agent's load, by at most `SETTLE_S`;
 * a change of ``request_s`` alone (how long its requests hold a slot: a median that moves with
-  nearly every request answered) does not call for a publish: it goes out with the next one, at the
-  latest with the heartbeat;
+  nearly every request answered) or of ``slot_s`` (the slot time its requests have held, which
+  grows while any runs) does not call for a publish: it goes out with the next one, at the latest
+  with the heartbeat;
 * nothing changed: nothing is published until the heartbeat is due;
 * a publish that failed (JetStream without a quorum, a leader being elected) is tried again after
   `RETRY_FIRST_S`, doubling to a heartbeat while it keeps failing, whatever changes meanwhile.
@@ -48,9 +49,10 @@ class Pace(enum.Enum):
 
 
 def parts(state: AgentState) -> Reading:
-    """(``state`` without its request counts, request times and timestamp, encoded; the counts)."""
+    """(``state`` without its request counts, request and slot times and timestamp, encoded; the
+    counts)."""
     shape = msgspec.structs.replace(
-        state, in_flight=0, queued=0, busy_models=(), request_s={}, updated_at=0.0
+        state, in_flight=0, queued=0, busy_models=(), request_s={}, slot_s={}, updated_at=0.0
     )
     return agent_state_encoder.encode(shape), (state.in_flight, state.queued, state.busy_models)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import msgspec
 from corral.agent.ollama import Answer, OllamaClient
 from corral.agent.probes import Probes
+from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.envelope import RequestEnvelope
 from corral.protocol.errors import BackendError, Cancelled, CorralError, InternalError, NoCapacity
 from corral.protocol.messages import RequestFinished
@@ -67,6 +68,13 @@ class Job:
     @property
     def token(self) -> str | None:
         return self.env.model
+
+    @property
+    def slot_token(self) -> str | None:
+        """The model whose slot it holds, for its slot time: a model request's, not a pull's,
+        a show's or an unload's."""
+        env = self.env
+        return env.model if env.endpoint in MODEL_ENDPOINTS and not env.unload else None
 
     @property
     def streams(self) -> bool:

@@ -148,15 +148,14 @@ def role_permissions(role: str, s: Subjects) -> Permissions:
                 s.kv_key(s.agents_bucket, ">"),
                 *read,
             ]
-            # demand-driven replicas hear each queued request's nudge, rebalancing each finished
-            # request, and a pull's cancel comes from whoever asked for it
+            # demand-driven replicas hear each queued request's nudge, and a pull's cancel comes
+            # from whoever asked for it
             subscribe = (
                 f"{s.root}.registry.>",
                 s.registry_ctl,
                 s.replies_all,
                 s.bodies_all,
                 s.queued_all,
-                s.event("request"),
                 inbox,
             )
             return Permissions(tuple(publish), subscribe)

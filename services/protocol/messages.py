@@ -115,6 +115,9 @@ class AgentState(Message, frozen=True, kw_only=True, omit_defaults=True):
     max_loaded: int = 0  # its Ollama's OLLAMA_MAX_LOADED_MODELS, as configured (0: Ollama's default)
     request_s: dict[str, float] = msgspec.field(default_factory=dict)  # model key → seconds a request
     # of it holds a slot here once the model is loaded (the median of the last few answered here)
+    slot_s: dict[str, float] = msgspec.field(default_factory=dict)  # model key → slot-seconds its
+    # requests have held here since the agent started, those running counted so far (what each
+    # model's demand is measured by: the difference between two readings is what it ran between)
     in_flight: int = 0
     queued: int = 0
     max_queue: int = 0

@@ -1,41 +1,37 @@
 """Rebalancing, on finished requests and queue depths: the registry's side of `corral.routing.rebalance`.
 
 Every registry copy measures each model's demand (`corral.routing.DemandMeter`, time constant
-``rebalance_s``): the slot-seconds of every finished request (``{root}.events.request``) and the
-fleet queue's depth, read every `sample_s` of that. The one copy holding the ``rebalance.keeper``
+``rebalance_s``): the slot-seconds its requests held, from the agents' running totals in their
+states (`corral.routing.SlotTimeReadings`: a stream running for minutes counts while it runs), and
+the fleet queue's depth, both read every `sample_s` of that. The one copy holding the ``rebalance.keeper``
 lease (`corral.registry.lease`) acts: once demand has been measured for ``rebalance_s``, it lets
 `corral.routing.plan_move` pick a card to switch, and sends that agent a preload of the waiting model
 (`corral.registry.preload`); Ollama lets the other model's requests there finish and unloads it
 (the agent sends it no more meanwhile). One switch at a time; the next is weighed only ``rebalance_s``
 after this one ended (demand moves once the load does), and no sooner than `LOADS_BETWEEN` times
-as long as it took. A card where a switch failed is left alone for ``rebalance_s``; a copy that has
-heard no finished request (none yet, or its NATS identity may not hear them) switches nothing.
+as long as it took. A card where a switch failed is left alone for ``rebalance_s``; while no agent has reported slot
+time (no request ran yet, or every agent is of a version that does not report it) nothing is switched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 
-import msgspec
 import nats.errors
 from corral.protocol.errors import CorralError
-from corral.protocol.messages import RequestFinished
 from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects
 from corral.registry.lease import Lease
 from corral.registry.preload import preload, serves
-from corral.routing import Demand, DemandMeter, Move, Router, plan_move
+from corral.routing import Demand, DemandMeter, Move, Router, SlotTimeReadings, plan_move
 from corral.runtime.fleet import FleetView
-from corral.runtime.nats import published
 from corral.runtime.tasks import cancel_and_wait
 from corral.runtime.workqueue import depths
 from corral.transport import Transport
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
@@ -46,8 +42,6 @@ SAMPLE_SHARE = 0.05  # the queue's depth is read every this share of ``rebalance
 SAMPLE_MAX_S = 1.0  # ... and at least this often
 LOADS_BETWEEN = 4.0  # switches are at least this many of the last one's load times apart
 SETTLE_S = 10.0  # at most this long from a switch's load to its agent showing the model warm
-
-_finished = msgspec.json.Decoder(RequestFinished)
 
 
 class Rebalancer:
@@ -74,6 +68,7 @@ class Rebalancer:
         self._pinned = pinned
         self.lease = Lease(views, LEASE_KEY, LEASE_S)
         self.meter = DemandMeter(rebalance_s, time.monotonic()) if rebalance_s > 0 else None
+        self._slot_time = SlotTimeReadings()
         self._router = Router()
         self._switch: asyncio.Task[None] | None = None
         self._next_at = 0.0  # monotonic: no switch is weighed before this
@@ -93,7 +88,6 @@ class Rebalancer:
         if self.meter is None:
             return
         self._next_at = self.meter.since + self.rebalance_s
-        sub = await self.nc.subscribe(self.subjects.event("request"), cb=published(self._on_finished))
         try:
             while True:
                 try:
@@ -102,22 +96,14 @@ class Rebalancer:
                     log.warning("rebalance step failed: %s", e)
                 await asyncio.sleep(self.sample_s)  # the sampling period, not a wait for an event
         finally:
-            with contextlib.suppress(nats.errors.Error):  # the connection is gone already
-                await sub.unsubscribe()
             await self.stop()
 
-    async def _on_finished(self, msg: Msg) -> None:
-        if self.meter is None:
-            return
-        try:
-            event = _finished.decode(msg.data)
-        except msgspec.DecodeError:
-            return  # not ours to judge: the aggregator logs what it cannot read
-        self.meter.ran(event.model, event.duration_ms / 1000)
-
     async def step(self) -> Move | None:
-        """Sample the queue; while holding the lease and free to, start the switch the demand asks."""
+        """Sample the slot time and the queue; while holding the lease and free to, start the
+        switch the demand asks."""
         assert self.meter is not None, "rebalancing is off"
+        for key, seconds in self._slot_time.read(self.fleet.agents()).items():
+            self.meter.ran(key, seconds)
         waiting: dict[str, int] = {}
         for subject, n in (await depths(self.nc.jetstream(), self.subjects)).items():
             key = decode_token(subject.rsplit(".", 1)[-1])
@@ -130,7 +116,7 @@ class Rebalancer:
             return None
         demand = self.meter.demand()
         if not any(d.running > 0 for d in demand.values()):
-            return None  # no finished request heard (none yet, or not allowed to hear them): blind
+            return None  # no slot time reported (nothing ran yet, or agents that do not report it): blind
         self._failed = {a: t for a, t in self._failed.items() if now - t < self.rebalance_s}
         move = plan_move(
             self.fleet.agents(),  # those heard lately

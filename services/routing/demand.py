@@ -1,8 +1,8 @@
 """A model's demand on the fleet, measured: its requests running and waiting, as moving averages.
 
-A model's **demand** is the mean number of its requests in the fleet: running (slot-seconds of
-finished requests per second) plus waiting (the fleet queue's depth), measured by `DemandMeter` as
-moving averages over a time constant. What its slots can run is their number times the share of
+A model's **demand** is the mean number of its requests in the fleet: running (the slot-seconds its
+requests held per second, by the agents' own counts: `SlotTimeReadings`) plus waiting (the fleet
+queue's depth), measured by `DemandMeter` as moving averages over a time constant. What its slots can run is their number times the share of
 them it keeps busy (`busy_shares`: measured on a model whose requests wait, for a slot also spends
 time between requests); demand above that waits (`waiting`). `spares` says whether a model can
 give up some of its slots and still run its demand. Pure: times are passed in.
@@ -11,11 +11,13 @@ give up some of its slots and still run its demand. Pure: times are passed in.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["SATURATED", "Demand", "DemandMeter", "busy_shares", "spares", "waiting"]
+from corral.protocol.messages import AgentState
+
+__all__ = ["SATURATED", "Demand", "DemandMeter", "SlotTimeReadings", "busy_shares", "spares", "waiting"]
 
 SATURATED: Final = 1.0  # a model with this many requests waiting on average runs all its slots can
 SHARE_FLOOR: Final = 0.25  # the least share of its slots a model is taken to keep running
@@ -34,10 +36,37 @@ class Demand:
         return self.running + self.waiting
 
 
+class SlotTimeReadings:
+    """What each model's requests held in slots between two readings of the fleet, from each agent's
+    running total (``AgentState.slot_s``: slot-seconds since it started, running requests counted so
+    far). An agent's first reading is its baseline (its past is not this interval's); one that
+    started again since (``started_at`` moved) counts from zero; one not in a reading starts again
+    from a baseline when it returns."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[float, Mapping[str, float]]] = {}  # agent id → (started_at, slot_s)
+
+    def read(self, agents: Iterable[AgentState]) -> dict[str, float]:
+        """Model key → slot-seconds its requests held since the last reading, over ``agents``."""
+        held: dict[str, float] = {}
+        last, self._last = self._last, {}
+        for a in agents:
+            self._last[a.id] = (a.started_at, a.slot_s)
+            before = last.get(a.id)
+            if before is None:
+                continue
+            since = {} if before[0] != a.started_at else before[1]
+            for key, total in a.slot_s.items():
+                grew = total - since.get(key, 0.0)
+                if grew > 0:
+                    held[key] = held.get(key, 0.0) + grew
+        return held
+
+
 class DemandMeter:
-    """Moving averages (time constant ``tau_s``) of each model's `Demand`. Finished requests add
-    their slot-seconds (`ran`); each `sample` closes an interval: its slot-seconds over its length,
-    and the queue depth read at its end, move the averages by the interval's weight."""
+    """Moving averages (time constant ``tau_s``) of each model's `Demand`. Slot-seconds held are
+    added as they are read (`ran`); each `sample` closes an interval: its slot-seconds over its
+    length, and the queue depth read at its end, move the averages by the interval's weight."""
 
     def __init__(self, tau_s: float, now: float) -> None:
         if tau_s <= 0:
@@ -50,7 +79,7 @@ class DemandMeter:
         self._waiting: dict[str, float] = {}
 
     def ran(self, key: str, seconds: float) -> None:
-        """A request of model ``key`` held a slot for ``seconds`` and finished."""
+        """Requests of model ``key`` held slots for ``seconds`` in all, in this interval."""
         if seconds > 0 and math.isfinite(seconds):
             self._ran[key] = self._ran.get(key, 0.0) + seconds
 

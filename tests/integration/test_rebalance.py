@@ -5,6 +5,7 @@ failing a request of either, and takes nothing from the model that keeps only on
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -120,10 +121,10 @@ async def test_a_card_switches_from_an_idle_model_to_one_that_waits(
         assert plan_move(gw.fleet.agents(), registry.rebalancer.meter.demand()) is None  # type: ignore[union-attr]
 
 
-async def test_no_switch_before_a_finished_request_is_heard(nats_server: NatsServer, root: str) -> None:
-    """Requests wait for the model on one card while the other model idles on two, but the registry
-    has heard no finished request (as under a NATS identity that may not hear them): it cannot tell
-    what runs, so it switches nothing; once it hears what ran, the same demand switches a card."""
+async def test_no_switch_before_any_slot_time_is_reported(nats_server: NatsServer, root: str) -> None:
+    """Requests wait for the model on one card while the other model idles on two, but no agent has
+    reported slot time (as agents of an older version do not): the registry cannot tell what runs,
+    so it switches nothing; once it reads what ran, the same demand switches a card."""
     async with LocalFleet(_options(nats_server, root, rebalance_s=3600.0)) as fleet:
         gw, registry = fleet.gateway, fleet.registry
         assert gw is not None and registry is not None and registry.rebalancer is not None
@@ -132,10 +133,32 @@ async def test_no_switch_before_a_finished_request_is_heard(nats_server: NatsSer
         await _split(fleet)
         rebalancer._next_at = 0.0  # weighed at once, not an hour from now
         meter, now = rebalancer.meter, rebalancer.meter.since
-        for t in range(1, 7200, 60):  # two hours of eight requests waiting, and nothing heard finishing
+        for t in range(1, 7200, 60):  # two hours of eight requests waiting, and nothing seen running
             meter.sample(now + t, {BUSY_KEY: 8})
         assert await rebalancer.step() is None and rebalancer.moves == []
         meter.ran(BUSY_KEY, 4 * 60.0)  # a minute of its four slots running
         meter.sample(meter.since + 7200 + 60, {BUSY_KEY: 8})
         move = await rebalancer.step()
         assert move is not None and move.key == BUSY_KEY and move.evicts == (IDLE_KEY,)
+
+
+async def test_a_stream_counts_in_the_demand_while_it_runs(nats_server: NatsServer, root: str) -> None:
+    """A stream a thousand tokens long: the registry's measure shows its slot in use while it
+    runs (from the slot time its agent publishes), not only once it ends."""
+    options = _options(nats_server, root, rebalance_s=2.0)
+    options.sims = default_sims(1, **CARD, reply_tokens=(1000, 1000))  # some fifteen seconds
+    async with LocalFleet(options) as fleet:
+        registry = fleet.registry
+        assert registry is not None and registry.rebalancer is not None
+        last: dict[str, Any] = {}
+        async with aiohttp.ClientSession() as s:
+            body = {"model": BUSY, "prompt": "a long one"}
+            async with s.post(fleet.url + "/api/generate", json=body) as r:
+                assert r.status == 200
+                async for line in r.content:  # read until the measure shows it, then hang up
+                    last = json.loads(line)
+                    shown = registry.rebalancer.demand().get(BUSY_KEY)
+                    if shown is not None and shown.running > 0:
+                        break
+        assert shown is not None and shown.running > 0
+        assert last.get("done") is False  # still streaming when it showed

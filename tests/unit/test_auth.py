@@ -70,12 +70,12 @@ def test_an_agent_may_write_only_its_own_state_and_take_only_its_own_work() -> N
     assert "_INBOX_agent-a1.>" in p.subscribe
 
 
-def test_the_registry_hears_queue_nudges_and_finished_requests_but_no_other_event() -> None:
+def test_the_registry_hears_queue_nudges_but_no_event() -> None:
     p = role_permissions("registry", S)
     assert S.queued_all in p.subscribe
-    # rebalancing measures each model's running requests from the finished ones; agents' comings
-    # and goings it reads from the agents bucket, as before
-    assert [s for s in p.subscribe if s.startswith("corral.events")] == [S.event("request")]
+    # rebalancing reads each model's slot time from the agents' states, and agents' comings and
+    # goings from the agents bucket: no event stream is its to hear
+    assert not any(s.startswith("corral.events") for s in p.subscribe)
     assert not any(s.startswith(("corral.work", "corral.queue.")) for s in p.subscribe)
 
 

@@ -97,3 +97,10 @@ def test_a_failed_publish_is_tried_again_backing_off_to_a_heartbeat_whatever_cha
     published(pacer, now, msgspec.structs.replace(IDLE, status="draining"))
     assert pacer.decide(now + 0.1, *at(IDLE, status="active")) is Pace.PUBLISH  # at once again
     assert pacer.failed(now + 0.1) == 0.2
+
+
+def test_slot_time_rides_along_with_the_next_publish() -> None:
+    pacer = published(StatePacer(HB), 0.0)
+    grown = at(IDLE, slot_s={"m:latest": 12.5})  # grows while any request runs
+    assert pacer.decide(1.0, *grown) is Pace.SKIP
+    assert pacer.decide(HB, *grown) is Pace.PUBLISH
