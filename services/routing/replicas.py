@@ -105,6 +105,7 @@ def plan_replicas(
     """
     router = router or Router()
     sizes, loads = router.observations(holders)
+    in_use = serving_slots(fleet) if demand else None  # once, for every candidate's `frees_for`
     serving: list[AgentState] = []
     loading: list[AgentState] = []
     spare: list[AgentState] = []
@@ -114,7 +115,14 @@ def plan_replicas(
             serving.append(a)
         elif loading_for(route, a) or a.id in starting:
             loading.append(a)
-        elif frees_for(a, plans.setdefault(a.id, load_plan(route, a, sizes)), fleet, pinned, demand=demand):
+        elif frees_for(
+            a,
+            plans.setdefault(a.id, load_plan(route, a, sizes)),
+            fleet,
+            pinned,
+            demand=demand,
+            serving=in_use,
+        ):
             spare.append(a)  # entirely in VRAM
     ranked = router.rank("auto", route, spare, {}, pinned, observed_in=holders)
     ready_s = {a.id: load_time(route, a, loads) for a in [*loading, *ranked]}
@@ -139,7 +147,9 @@ def plan_replicas(
             break
         ready = ready_s[a.id]
         unloads = {(a.id, k) for k in plans[a.id].evicts}
-        if unloads and not frees_for(a, plans[a.id], fleet, pinned, evicting | unloads, demand=demand):
+        if unloads and not frees_for(
+            a, plans[a.id], fleet, pinned, evicting | unloads, demand=demand, serving=in_use
+        ):
             continue  # another chosen load unloads the copy it counted on
         if ready < drain_s(depth, groups, request_s):  # ready before the backlog is gone
             evicting |= unloads
@@ -157,6 +167,7 @@ def frees_for(
     unloaded: Set[tuple[str, str]] = frozenset(),
     *,
     demand: Mapping[str, Demand] | None = None,
+    serving: Mapping[str, int] | None = None,
 ) -> bool:
     """The load ``plan`` puts the model entirely in ``agent``'s VRAM, evicting nothing or only
     models that another agent of ``fleet`` also has loaded (so a request for one still finds a
@@ -164,13 +175,18 @@ def frees_for(
     pinned, none loading there (its load would be lost), and — with ``demand`` — none whose
     measured demand needs the slots it would lose (`corral.routing.demand.spares`): a backlog may
     take memory such models keep warm twice. A busy one among them finishes its requests here first
-    (Ollama waits for them), and the agent sends it no more meanwhile."""
+    (Ollama waits for them), and the agent sends it no more meanwhile. ``serving``: `serving_slots`
+    of ``fleet``, when the caller asks of many agents at one demand (else worked out here)."""
     if not plan.full:
         return False
     if any(k in agent.loading for k in plan.evicts):
         return False
-    serving = serving_slots(fleet) if demand and plan.evicts else {}
-    slots_of = {o.id: _slots(o) for o in fleet} if serving else {}
+    if demand and plan.evicts:
+        serving = serving_slots(fleet) if serving is None else serving
+        ids = {i for i, _ in unloaded}
+        slots_of = {o.id: _slots(o) for o in fleet if o.id in ids} if ids else {}
+    else:
+        serving, slots_of = {}, {}
     return all(
         k not in pinned
         and any(o.id != agent.id and (o.id, k) not in unloaded and warm(Route(key=k), o) for o in fleet)

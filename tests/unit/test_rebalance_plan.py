@@ -14,7 +14,10 @@ from corral.routing import (
     Demand,
     DemandMeter,
     Route,
+    Router,
     busy_shares,
+    frees_for,
+    load_plan,
     plan_move,
     plan_replicas,
     serving_slots,
@@ -266,6 +269,22 @@ def test_a_replica_spares_the_slots_a_models_demand_needs():
     assert replicas({B: Demand(running=6)}) == ("b",)  # 6 need two cards
     assert replicas({B: Demand(running=10)}) == ()  # 10 need all three
     assert replicas({B: Demand(running=4, waiting=2)}) == ()  # B's requests wait already
+
+
+def test_a_replica_check_reads_the_same_with_the_slots_worked_out_once():
+    # plan_replicas works the fleet's serving slots out once and hands them to every check
+    fleet = [*fleet_of(A, B, B, B), card("e", B, parallel=2), card("f", None)]
+    route, sizes = Route(key=A), Router().observations(fleet)[0]
+    for running in (0, 3, 6, 10):
+        demand = {B: Demand(running=running)}
+        for a in fleet:
+            plan, unloaded = load_plan(route, a, sizes), {("b", B)}
+            for gone in (frozenset(), unloaded):
+                alone = frees_for(a, plan, fleet, frozenset(), gone, demand=demand)
+                given = frees_for(
+                    a, plan, fleet, frozenset(), gone, demand=demand, serving=serving_slots(fleet)
+                )
+                assert alone == given, (a.id, running, gone)
 
 
 def test_no_load_evicts_a_load_under_way():
