@@ -57,6 +57,7 @@ class SingleShots:
         self._task: asyncio.Task[None] | None = None  # the retiring, while there is any
         self._now = asyncio.Event()  # retire what is due without gathering more
         self._settling = 0  # callers of `settled`: while any wait, nothing is gathered
+        self._relimited = self._reconnects()  # the reconnect count `relimit` last went through
         # UNSUBs sent to take interest back before a round trip (none for a subscription its limit
         # ended); dropping one here afterwards (nats-py's unsubscribe) sends one more, needless one
         self.unsubscribed = 0
@@ -77,11 +78,14 @@ class SingleShots:
         """After a reconnect (nats-py subscribed again without the limit), send the limit again
         for every armed subscription."""
         now = self._reconnects()
+        if now == self._relimited:
+            return  # no reconnect since the last pass: each one armed since has its limit (the common case)
         for sid, (sub, limited) in list(self._armed.items()):
             if limited != now:
                 await self._nc._send_unsubscribe(sid, limit=1)  # one delivered already: gone at once
                 if sid in self._armed:  # not spent meanwhile
                     self._armed[sid] = sub, now
+        self._relimited = now
 
     async def spent(self, sub: Subscription) -> None:
         """``sub`` delivered: retire it. The server has (its limit), unless a reconnect replayed

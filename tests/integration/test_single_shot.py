@@ -219,6 +219,8 @@ class Restartable:
 
     async def restart(self) -> None:
         """Kill the server, start it again, and return once both connections are back."""
+        for back in self.back:
+            back.clear()
         await self.server.kill()
         await self.server.start()
         async with asyncio.timeout(WAIT_S):
@@ -260,6 +262,25 @@ async def test_after_a_reconnect_relimit_makes_them_single_shot_again(
     assert (await pub.request(subject, b"1", timeout=WAIT_S)).data == b"ok"
     with pytest.raises(nats.errors.NoRespondersError):  # replayed unlimited, limited again
         await pub.request(subject, b"2", timeout=WAIT_S)
+
+
+async def test_relimit_passes_over_them_only_once_per_reconnect(restartable: Restartable, root: str) -> None:
+    """Called on every reconcile, `relimit` sends nothing while no reconnect came, and each
+    reconnect's replay is limited again, the second as the first."""
+    sub_nc, pub = restartable.sub, restartable.pub
+    shots = SingleShots(sub_nc)
+    for n in (1, 2):
+        subject = f"{root}.work{n}"
+        await shots.arm(subject, "q", answering(sub_nc, Inbox()))
+        sent = sub_nc.stats["out_msgs"], sub_nc._pending_data_size
+        await shots.relimit()  # nothing to send: no reconnect since the last pass
+        assert (sub_nc.stats["out_msgs"], sub_nc._pending_data_size) == sent
+        await restartable.restart()
+        await shots.relimit()
+        assert await round_trip(sub_nc, WAIT_S)
+        assert (await pub.request(subject, b"1", timeout=WAIT_S)).data == b"ok"
+        with pytest.raises(nats.errors.NoRespondersError):  # replayed unlimited, limited again
+            await pub.request(subject, b"2", timeout=WAIT_S)
 
 
 async def test_spent_after_a_reconnect_unsubscribes(restartable: Restartable, root: str) -> None:
