@@ -1,8 +1,10 @@
 """The gate browsers meet before anything else (`corral.gateway.origins` has the rules): a ``Host``
 that is not local on a loopback gateway, or an ``Origin`` that is not allowed, is 403 with an empty
-body, as Ollama answers; a CORS preflight (``OPTIONS`` with ``Access-Control-Request-Method``) from
-an allowed origin is 204; every answer to an allowed origin carries ``Access-Control-Allow-Origin``.
-Requests without an ``Origin`` (every non-browser client) pass with nothing added."""
+body, as Ollama answers; an ``OPTIONS`` from an allowed origin is a CORS preflight, 204 (Ollama's CORS
+middleware takes every one as such); every answer to an allowed origin carries
+``Access-Control-Allow-Origin``. Requests without an ``Origin`` (every non-browser client) pass with
+nothing added, but for an ``OPTIONS`` to a loopback gateway from a local Host, which Ollama's host
+check answers 204 itself."""
 
 from __future__ import annotations
 
@@ -49,6 +51,11 @@ async def _forbidden(send: Send) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
+async def _no_content(send: Send, head: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": 204, "headers": [*head, (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
 class Gate:
     __slots__ = ("origins",)
 
@@ -56,20 +63,21 @@ class Gate:
         self.origins = origins
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, app: App) -> None:
-        host = origin = preflight = asked_headers = None
+        host = origin = asked_headers = None
         for name, value in scope["headers"]:
             if name == b"host":
                 host = value.decode("latin-1")
             elif name == b"origin":
                 origin = value.decode("latin-1")
-            elif name == b"access-control-request-method":
-                preflight = value
             elif name == b"access-control-request-headers":
                 asked_headers = value
         if not self.origins.host_allowed(host):
             await _forbidden(send)
             return
         if origin is None:
+            if scope["method"] == "OPTIONS" and self.origins.check_host:
+                await _no_content(send, [])
+                return
             await app(scope, receive, send)
             return
         if not self.origins.origin_allowed(origin, host):
@@ -79,17 +87,11 @@ class Gate:
             (b"access-control-allow-origin", b"*" if self.origins.any_origin else origin.encode("latin-1")),
             (b"vary", b"Origin"),
         ]
-        if scope["method"] == "OPTIONS" and preflight is not None:
-            head = [
-                *allow,
-                (b"access-control-allow-methods", METHODS),
-                (b"access-control-max-age", MAX_AGE),
-                (b"content-length", b"0"),
-            ]
+        if scope["method"] == "OPTIONS":
+            head = [*allow, (b"access-control-allow-methods", METHODS), (b"access-control-max-age", MAX_AGE)]
             if asked_headers:  # the list, not whatever was asked: a browser sends only what it names
                 head.append((b"access-control-allow-headers", ALLOW_HEADERS))
-            await send({"type": "http.response.start", "status": 204, "headers": head})
-            await send({"type": "http.response.body", "body": b""})
+            await _no_content(send, head)
             return
 
         async def with_cors(message: Message) -> None:

@@ -110,6 +110,26 @@ async def test_an_allowed_origin_gets_cors_headers_and_its_preflight_answered(
         assert r.status == 404 and r.headers["access-control-allow-origin"] == origin  # errors readable too
 
 
+async def test_an_options_request_is_answered_204_as_ollama_answers_it(
+    fleet: LocalFleet, http: aiohttp.ClientSession
+) -> None:
+    """Ollama's CORS middleware takes any OPTIONS from an allowed origin for a preflight, and its host
+    check answers an OPTIONS without one 204 on a loopback server; neither reaches a route."""
+    origin = "http://localhost:3000"
+    async with http.options(fleet.url + "/api/chat", headers={"Origin": origin}) as r:  # no method asked
+        assert r.status == 204 and await r.read() == b""
+        assert (
+            r.headers["access-control-allow-origin"] == origin
+            and "POST" in r.headers["access-control-allow-methods"]
+        )
+    for path in ("/api/chat", "/api/tags", "/v1/models", "/nowhere"):
+        async with http.options(fleet.url + path) as r:
+            assert r.status == 204 and await r.read() == b"", path
+            assert "access-control-allow-origin" not in r.headers
+    async with http.options(fleet.url + "/api/tags", headers={"Host": "evil.example.com"}) as r:
+        assert r.status == 403  # the host check first, as before
+
+
 async def test_the_gateways_own_origin_is_allowed_for_its_console(
     fleet: LocalFleet, http: aiohttp.ClientSession
 ) -> None:
