@@ -1,4 +1,5 @@
-"""The slot time each model's requests have held on this agent: `SlotTime`, pure (times passed in).
+"""The slot time each model's requests have held on this agent: `SlotTime`, pure (each request's
+seconds are passed in).
 
 Published in the agent's state as ``slot_s`` (model key → seconds since the agent started): the
 finished requests' time in a slot plus the running ones' so far, so a stream that runs for minutes

@@ -1,16 +1,18 @@
-"""Rebalancing, on finished requests and queue depths: the registry's side of `corral.routing.rebalance`.
+"""Rebalancing, on the agents' slot time and queue depths: the registry's side of
+`corral.routing.rebalance`.
 
 Every registry copy measures each model's demand (`corral.routing.DemandMeter`, time constant
 ``rebalance_s``): the slot-seconds its requests held, from the agents' running totals in their
 states (`corral.routing.SlotTimeReadings`: a stream running for minutes counts while it runs), and
-the fleet queue's depth, both read every `sample_s` of that. The one copy holding the ``rebalance.keeper``
-lease (`corral.registry.lease`) acts: once demand has been measured for ``rebalance_s``, it lets
-`corral.routing.plan_move` pick a card to switch, and sends that agent a preload of the waiting model
-(`corral.registry.preload`); Ollama lets the other model's requests there finish and unloads it
-(the agent sends it no more meanwhile). One switch at a time; the next is weighed only ``rebalance_s``
-after this one ended (demand moves once the load does), and no sooner than `LOADS_BETWEEN` times
-as long as it took. A card where a switch failed is left alone for ``rebalance_s``; while no agent has reported slot
-time (no request ran yet, or every agent is of a version that does not report it) nothing is switched.
+the fleet queue's depth, both read every `sample_s` of that. The one copy holding the
+``rebalance.keeper`` lease (`corral.registry.lease`) acts: once demand has been measured for
+``rebalance_s``, it lets `corral.routing.plan_move` pick a card to switch, and sends that agent a
+preload of the waiting model (`corral.registry.preload`); Ollama lets the other model's requests
+there finish and unloads it (the agent sends it no more meanwhile). One switch at a time; the next
+is weighed only ``rebalance_s`` after this one ended (demand moves once the load does), and no
+sooner than `LOADS_BETWEEN` times as long as it took. A card where a switch failed is left alone
+for ``rebalance_s``; while no agent has reported slot time (no request ran yet, or every agent is
+of a version that does not report it) nothing is switched.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 A model's **demand** is the mean number of its requests in the fleet: running (the slot-seconds its
 requests held per second, by the agents' own counts: `SlotTimeReadings`) plus waiting (the fleet
-queue's depth), measured by `DemandMeter` as moving averages over a time constant. What its slots can run is their number times the share of
-them it keeps busy (`busy_shares`: measured on a model whose requests wait, for a slot also spends
-time between requests); demand above that waits (`waiting`). `spares` says whether a model can
+queue's depth), measured by `DemandMeter` as moving averages over a time constant. What its slots
+can run is their number times the share of them it keeps busy (`busy_shares`: measured on a model
+whose requests wait, for a slot also spends time between requests); demand above that waits
+(`waiting`). `spares` says whether a model can
 give up some of its slots and still run its demand. Pure: times are passed in.
 """
 
