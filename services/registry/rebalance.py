@@ -24,7 +24,6 @@ from collections.abc import Callable
 
 import nats.errors
 from corral.protocol.errors import CorralError
-from corral.protocol.names import decode_token
 from corral.protocol.subjects import Subjects
 from corral.registry.lease import Lease
 from corral.registry.preload import preload, serves
@@ -33,6 +32,7 @@ from corral.runtime.fleet import FleetView
 from corral.runtime.tasks import cancel_and_wait
 from corral.runtime.workqueue import depths
 from corral.transport import Transport
+from corral.views.status import queue_by_model
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
@@ -106,10 +106,7 @@ class Rebalancer:
         assert self.meter is not None, "rebalancing is off"
         for key, seconds in self._slot_time.read(self.fleet.agents()).items():
             self.meter.ran(key, seconds)
-        waiting: dict[str, int] = {}
-        for subject, n in (await depths(self.nc.jetstream(), self.subjects)).items():
-            key = decode_token(subject.rsplit(".", 1)[-1])
-            waiting[key] = waiting.get(key, 0) + n
+        waiting = queue_by_model(await depths(self.nc.jetstream(), self.subjects))
         now = time.monotonic()
         self.meter.sample(now, waiting)
         if now < self._next_at or (self._switch is not None and not self._switch.done()):
