@@ -270,8 +270,8 @@ async def stream_reply(reply: Reply, send: Send, *, api: Dialect, decision: Deci
 # the stream's end, which comes right after it: a reply that lost messages on the way (a NATS node
 # dying) ends with an error line instead, so no client takes a gapped answer for a whole one.
 _DONE = b'"done":true'
-_SSE_LAST = re.compile(rb"(?:^|\n)(?:data: \[DONE\]|event: response\.completed|event: message_stop)")
-_SSE_WORDS = (b"data: [DONE]", b"event: response.completed", b"event: message_stop")
+_SSE_WORDS = (b"data: [DONE]", b"event: response.completed", b"event: message_stop")  # at a line's start
+_SSE_LAST = re.compile(rb"(?:^|\n)(?:" + b"|".join(re.escape(w) for w in _SSE_WORDS) + rb")")
 
 
 def _ends_answer(batch: bytes) -> bool:
