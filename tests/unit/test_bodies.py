@@ -210,6 +210,16 @@ def test_a_body_go_reads_leniently_is_routed_and_sent_on_as_go_reads_it() -> Non
         "prompt": "hi",
         "keep_alive": "0s",
     }
+    # with the model spelt as its field, the others are still read as Go reads them: an unload
+    # that says ``KEEP_ALIVE`` unloads, a generation that says ``PROMPT`` is no unload, and one that
+    # says ``Stream: false`` is not streamed
+    view, sent = read_view(b'{"model":"llama3.2","KEEP_ALIVE":0}')
+    assert is_unload("/api/generate", view) and msgspec.json.decode(sent)["keep_alive"] == 0
+    view, _ = read_view(b'{"model":"llama3.2","PROMPT":"hi","keep_alive":0}')
+    assert view.prompt == "hi" and not is_unload("/api/generate", view)
+    assert read_view(b'{"model":"llama3.2","prompt":"hi","Stream":false}')[0].stream is False
+    nested = b'{"model":"x","format":{"properties":{"Name":{"type":"string"}}}}'
+    assert read_view(nested)[1] is nested  # only the body's own keys are Go's fields
     with pytest.raises(msgspec.ValidationError):  # a folded field is typed as the field is
         read_view(b'{"Model":5}')
     raw = b'{"model":"llama3.2","prompt":"a\xff"}'
