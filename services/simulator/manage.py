@@ -14,6 +14,7 @@ from aiohttp import web
 from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
 from corral.protocol.names import ModelName, parse_name
 from corral.simulator.catalog import Layer, LocalModel
+from corral.simulator.config import ModelConfig
 from corral.simulator.context import SimContext
 from corral.simulator.durations import format_local
 from corral.simulator.responses import (
@@ -152,18 +153,7 @@ class ManageRoutes:
                     return error_response(500, msg)
                 await writer.write(encode({"error": msg}) + b"\n")
                 return await writer.finish()
-            existing = ctx.catalog.models.get(name.key)
-            target = LocalModel(
-                name=existing.name if existing else name, config=offer, modified_at=time.time()
-            )
-            have = ctx.catalog.layer_digests(ctx.catalog.models.values())
-            for layer in target.layers:
-                await self._transfer(layer, layer.digest in have, ctx.config.pull_bandwidth, "pulling", say)
-            await say(Progress("verifying sha256 digest"))
-            await say(Progress("writing manifest"))
-            if existing is not None and existing.digest != target.digest:
-                await say(Progress("removing unused layers"))
-            ctx.catalog.models[name.key] = target
+            await self._fetch(name, offer, say)
             await say(Progress("success"))
         except ConnectionError:
             ctx.stats.bump("pulls_cut")
@@ -176,6 +166,21 @@ class ManageRoutes:
         if not stream:
             return json_response(Progress("success"))
         return await writer.finish()
+
+    async def _fetch(self, name: ModelName, offer: ModelConfig, say: Any) -> None:
+        """Pull ``name`` (the registry's ``offer``) to disk: its layers, the digest check, the
+        manifest (the last ``success`` line is the caller's)."""
+        ctx = self.ctx
+        existing = ctx.catalog.models.get(name.key)
+        target = LocalModel(name=existing.name if existing else name, config=offer, modified_at=time.time())
+        have = ctx.catalog.layer_digests(ctx.catalog.models.values())
+        for layer in target.layers:
+            await self._transfer(layer, layer.digest in have, ctx.config.pull_bandwidth, "pulling", say)
+        await say(Progress("verifying sha256 digest"))
+        await say(Progress("writing manifest"))
+        if existing is not None and existing.digest != target.digest:
+            await say(Progress("removing unused layers"))
+        ctx.catalog.models[name.key] = target
 
     async def _transfer(self, layer: Layer, cached: bool, bandwidth: float, verb: str, say: Any) -> None:
         status = f"{verb} {layer.digest[7:19]}"
@@ -240,17 +245,27 @@ class ManageRoutes:
             if stream:
                 await writer.write(encode(p) + b"\n")
 
+        async def fail(msg: str, status: int) -> web.StreamResponse:
+            if not stream:
+                return error_response(status, msg)
+            await writer.write(encode({"error": msg}) + b"\n")
+            return await writer.finish()
+
         try:
+            if isinstance(source, ModelName):  # a base not on disk: Ollama pulls it first
+                await say(Progress("pulling manifest"))
+                offer = ctx.catalog.registry.get(source.key)
+                if offer is None:
+                    return await fail("pull model manifest: file does not exist", 500)
+                await self._fetch(source, offer, say)
+                await say(Progress("success"))  # the pull's own last line, as Ollama streams it
+                source = ctx.catalog.models[source.key]
             config = source.config
             for s in steps:
                 await say(Progress(s))
             if req.quantize:
                 if config.quantization.upper() not in _F16:
-                    msg = "quantization is only supported for F16 and F32 models"
-                    if not stream:
-                        return error_response(400, msg)
-                    await writer.write(encode({"error": msg}) + b"\n")
-                    return await writer.finish()
+                    return await fail("quantization is only supported for F16 and F32 models", 400)
                 q = req.quantize.upper()
                 total = config.size
                 status = f"quantizing {config.quantization.upper()} model to {q}"
@@ -282,16 +297,16 @@ class ManageRoutes:
             return json_response(Progress("success"))
         return await writer.finish()
 
-    def _create_source(self, req: CreateRequest) -> tuple[LocalModel, list[str]]:
+    def _create_source(self, req: CreateRequest) -> tuple[LocalModel | ModelName, list[str]]:
+        """The model a create starts from, or the name of a base not on disk (to be pulled), and
+        the steps it reports first."""
         catalog = self.ctx.catalog
         if req.from_:
             try:
                 src = catalog.get(req.from_)
+                return (src if src is not None else _parse(req.from_)), []
             except InvalidModelName:
                 raise BadRequest("invalid model name") from None
-            if src is None:
-                raise ModelNotFound(f"model '{req.from_}' not found")
-            return src, []
         if req.files:
             size = 0
             for digest in req.files.values():

@@ -144,9 +144,14 @@ async def test_create_from_an_existing_model_lands_wherever_its_base_is(
     done = await client.create("sage", from_="mistral", system="Be wise.")  # stream off: one object
     assert done.status == "success"
     await until(fleet, lambda: _holders(fleet, "sage") == [last])
+    # a base nobody has: one agent pulls it first, as Ollama does, and creates there; one no
+    # registry offers fails as that pull does
+    first = min(a.id for a in fleet.gateway.fleet.agents())  # type: ignore[union-attr]
+    assert (await client.create("gem-brief", from_="gemma3:4b", system="Brief.")).status == "success"
+    await until(fleet, lambda: _holders(fleet, "gem-brief") == _holders(fleet, "gemma3:4b") == [first])
     with pytest.raises(ollama.ResponseError) as e:
         await client.create("nobody", from_="not-in-the-fleet")
-    assert e.value.status_code in (400, 404)
+    assert (e.value.status_code, e.value.error) == (500, "pull model manifest: file does not exist")
 
 
 async def test_a_streamed_quantize_shows_its_progress_and_its_error(

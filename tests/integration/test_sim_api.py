@@ -265,6 +265,32 @@ async def test_copy_create_delete_push(client: ollama.AsyncClient) -> None:
     assert pushed[0] == "retrieving manifest" and pushed[-1] == "success"
 
 
+async def test_a_create_from_a_base_not_on_disk_pulls_it_first(client: ollama.AsyncClient) -> None:
+    """Ollama pulls a ``from`` it lacks before it creates (the pull's progress and its own
+    ``success`` in the create's stream); one the registry lacks fails as that pull does."""
+    assert "gemma3:4b" not in [m.model for m in (await client.list()).models]
+    parts = [
+        p async for p in await client.create("gem-brief", from_="gemma3:4b", system="Brief.", stream=True)
+    ]
+    statuses = [p.status or "" for p in parts]
+    assert statuses[0] == "pulling manifest" and statuses[-2:] == ["writing manifest", "success"], statuses
+    pulled = statuses.index("verifying sha256 digest")
+    assert statuses[pulled + 2] == "success" and statuses.count("success") == 2, statuses
+    layer = [p for p in parts[:pulled] if p.status and p.status.startswith("pulling ") and p.digest]
+    assert layer and all(p.total for p in layer)
+    held = [m.model for m in (await client.list()).models]
+    assert "gemma3:4b" in held and "gem-brief:latest" in held
+    shown = await client.show("gem-brief")
+    assert shown.details and shown.details.parent_model == "gemma3:4b"
+    with pytest.raises(ollama.ResponseError) as e:
+        async for _ in await client.create("x", from_="no-such-model", stream=True):
+            pass
+    assert e.value.error == "pull model manifest: file does not exist"
+    with pytest.raises(ollama.ResponseError) as e:
+        await client.create("x", from_="no-such-model")
+    assert (e.value.status_code, e.value.error) == (500, "pull model manifest: file does not exist")
+
+
 async def test_blobs_and_create_from_files(sim: SimServer, http: aiohttp.ClientSession) -> None:
     data = b"GGUF fake model bytes"
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
