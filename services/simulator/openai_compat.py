@@ -21,7 +21,7 @@ from corral.protocol.names import parse_name
 from corral.simulator.catalog import LocalModel
 from corral.simulator.context import SimContext
 from corral.simulator.engine import CONTENT, THINKING, TOOL_CALLS, Job, Outcome
-from corral.simulator.native import find_model, merged_options, runner_options
+from corral.simulator.native import find_model, merged_options, runner_options, unsupported
 from corral.simulator.responses import StreamWriter, encode, json_response
 from corral.simulator.text import (
     Plan,
@@ -340,6 +340,8 @@ class OpenAIRoutes:
             raw, model = self._model(body.get("model"))
             if "completion" not in model.config.capabilities:
                 raise BadRequest(f'"{raw}" does not support generate')
+            if body.get("suffix") and "insert" not in model.config.capabilities:  # Ollama's native check
+                raise unsupported(ctx, f"{model.name.canonical} does not support insert")
             opts = merged_options(model, _options(body))
         except CorralError as e:
             return openai_error(e.status, e.message)

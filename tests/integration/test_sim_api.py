@@ -379,6 +379,12 @@ async def test_openai_errors(oai: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e2:
         await oai.chat.completions.create(model="llama3.2", messages=[])
     assert "[] is too short - 'messages'" in str(e2.value)
+    with pytest.raises(openai.BadRequestError) as e2:  # a suffix reaches Ollama's native check
+        await oai.completions.create(model="llama3.2", prompt="def f(", suffix="return 1", max_tokens=4)
+    message = (
+        "registry.ollama.ai/library/llama3.2:latest does not support insert"  # as the native route words it
+    )
+    assert e2.value.body and e2.value.body["message"] == message  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
         await oai.models.retrieve("nope")
 
