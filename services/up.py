@@ -304,7 +304,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="simulated servers to start (default 3 without --ollama)",
+        help="simulated servers of the default kind to start, besides one per --sim-config file "
+        "(default 3 when neither --ollama nor --sim-config is given)",
     )
     p.add_argument(
         "--sim-config",
@@ -392,13 +393,14 @@ async def _up(args: argparse.Namespace) -> int:
     except BaseException:
         await cancel_and_wait([signalled])
         raise
+    n = len(fleet.agents)
     lines = [
         f"  {a.id:<12} {a.vendor:<7} {a.settings.ollama_url}"
         + ("   (not answering: its agent offers nothing until it does)" if a.state().ollama_down else "")
         for a in fleet.agents
     ]
     print(
-        f"\nCorral is up: {len(fleet.agents)} backends behind one Ollama endpoint.\n"
+        f"\nCorral is up: {n} backend{'' if n == 1 else 's'} behind one Ollama endpoint.\n"
         + "\n".join(lines)
         + f"\n\n  NATS      {fleet.nats_url}\n  Gateway   {fleet.url}\n\n"
         f"Point clients at it:  OLLAMA_HOST={fleet.url} ollama list\n"
