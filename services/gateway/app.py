@@ -201,7 +201,8 @@ class Gateway:
         )
         await self._batches.start()
         self._rates_task = asyncio.create_task(
-            supervise("rates watch", lambda: self._watch_rates(buckets.views)), name="rates-watch"
+            supervise("rates watch", lambda: self._watch_rates(buckets.views), wake=self._rates_restart),
+            name="rates-watch",
         )
         log.info("gateway ready: %d agents in the fleet", len(self._fleet.agents()))
 

@@ -85,7 +85,11 @@ class Access:
         """Start the keys watch and the usage flush; returns once the keys are loaded."""
         self._tasks = [
             asyncio.create_task(
-                supervise("keys watch", lambda: watch_forever(self.keys.watch_once, self._restart)),
+                supervise(
+                    "keys watch",
+                    lambda: watch_forever(self.keys.watch_once, self._restart),
+                    wake=self._restart,
+                ),
                 name="keys-watch",
             ),
             asyncio.create_task(supervise("usage flush", self._flush_loop), name="usage-flush"),

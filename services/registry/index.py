@@ -124,7 +124,9 @@ class ModelIndexWriter:
     async def start(self, timeout: float = 10.0) -> None:
         """Follow the agents bucket; returns once the current fleet has been read."""
         self._tasks.append(
-            asyncio.create_task(supervise("model index watch", self._follow), name="model-index-watch")
+            asyncio.create_task(
+                supervise("model index watch", self._follow, wake=self._rewatch), name="model-index-watch"
+            )
         )
         await asyncio.wait_for(self._synced.wait(), timeout)
         self._tasks.append(asyncio.create_task(self._loop(), name="model-index"))

@@ -105,7 +105,7 @@ class Registry:
         await self._fleet.start()
         self._transport = Transport(self.nc, self.subjects)
         await self._transport.start()
-        self._spawn("registry watch", self._watch, "registry-watch")
+        self._spawn("registry watch", self._watch, "registry-watch", wake=self._rewatch)
         await asyncio.wait_for(self._synced.wait(), 10)
         self._index = ModelIndexWriter(self._buckets.agents, self._buckets.models)
         await self._index.start()
@@ -168,8 +168,10 @@ class Registry:
         self._spawn("rebalancer", self.rebalancer.run, "registry-rebalance")
         log.info("registry ready: %d agents", len(self._known))
 
-    def _spawn(self, what: str, run: Callable[[], Awaitable[None]], name: str) -> None:
-        self._tasks.append(asyncio.create_task(supervise(what, run), name=name))
+    def _spawn(
+        self, what: str, run: Callable[[], Awaitable[None]], name: str, wake: asyncio.Event | None = None
+    ) -> None:
+        self._tasks.append(asyncio.create_task(supervise(what, run, wake=wake), name=name))
 
     async def stop(self) -> None:
         if self._reopener is not None:

@@ -71,7 +71,9 @@ class FleetView:
         self._gone_listeners.append(listener)
 
     async def start(self, timeout: float = 10.0) -> None:
-        self._task = asyncio.create_task(supervise("fleet watch", self._watch), name="fleet-watch")
+        self._task = asyncio.create_task(
+            supervise("fleet watch", self._watch, wake=self._restart), name="fleet-watch"
+        )
         await asyncio.wait_for(self._synced.wait(), timeout)
 
     async def stop(self) -> None:

@@ -51,7 +51,9 @@ class PolicyStore:
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start the watch; returns once the rules are loaded."""
-        self._task = asyncio.create_task(supervise("policy watch", self.watch), name="policy-watch")
+        self._task = asyncio.create_task(
+            supervise("policy watch", self.watch, wake=self._restart), name="policy-watch"
+        )
         async with asyncio.timeout(timeout):
             await self.loaded.wait()
 

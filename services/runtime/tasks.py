@@ -68,6 +68,9 @@ NATS_AWAY: tuple[type[BaseException], ...] = (
     nats.errors.UnexpectedEOF,
     nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServiceUnavailableError,
+    # a stream or bucket not found: a restarted NATS that lost what it kept in memory, before the
+    # service made them again (`corral.runtime.buckets.Reopener`)
+    nats.js.errors.NotFoundError,
 )
 
 
@@ -79,11 +82,14 @@ async def supervise(
     max_s: float = BACKOFF_MAX_S,
     healthy_s: float = 30.0,
     expected: tuple[type[BaseException], ...] = (),
+    wake: asyncio.Event | None = None,
 ) -> None:
     """Run ``loop()`` until it returns; when it raises, log it (one warning line when NATS is away,
     `NATS_AWAY`, or for an ``expected`` error, such as another engine's being away; else an error
     with its traceback) and run it again after a capped exponential backoff (reset once a run
-    lasted ``healthy_s``). Cancellation ends it.
+    lasted ``healthy_s``), or as soon as ``wake`` is set (the loop's own restart event: what it
+    failed on is back, such as the buckets opened again after a reconnect), the backoff reset.
+    Cancellation ends it.
 
     For a service's long-running loops (watches, reapers): a JetStream timeout must not end one
     silently while the rest of the service keeps answering."""
@@ -104,5 +110,15 @@ async def supervise(
             log.exception("%s failed; restarting it in %.1fs", name, backoff)
         if clock() - started >= healthy_s:
             backoff = first_s
-        await asyncio.sleep(backoff)  # a backoff period, not a wait for an event
+        if wake is not None:
+            try:
+                async with asyncio.timeout(backoff):  # a backoff period, cut short by the event
+                    await wake.wait()
+            except TimeoutError:
+                pass
+            else:
+                backoff = first_s  # the loop clears ``wake`` as it starts again
+                continue
+        else:
+            await asyncio.sleep(backoff)  # a backoff period, not a wait for an event
         backoff = min(backoff * 2, max_s)

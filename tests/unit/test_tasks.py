@@ -8,6 +8,7 @@ import contextlib
 import logging
 
 import nats.errors
+import nats.js.errors
 import pytest
 from corral.runtime.tasks import cancel_and_wait, supervise
 
@@ -115,6 +116,9 @@ async def test_a_loop_failing_while_nats_is_away_logs_one_line_and_a_bug_its_tra
     failures: list[Exception] = [
         nats.errors.TimeoutError(),
         nats.errors.ConnectionClosedError(),
+        nats.js.errors.NotFoundError(
+            description="stream not found"
+        ),  # a restarted NATS, buckets not made yet
         ValueError("bug"),
     ]
 
@@ -127,6 +131,7 @@ async def test_a_loop_failing_while_nats_is_away_logs_one_line_and_a_bug_its_tra
             await supervise("a loop", loop, first_s=0.0)
     records = [(r.levelname, r.exc_info is not None, r.getMessage()) for r in caplog.records]
     assert [(level, traced) for level, traced, _ in records] == [
+        ("WARNING", False),
         ("WARNING", False),
         ("WARNING", False),
         ("ERROR", True),
@@ -149,3 +154,29 @@ async def test_an_expected_failure_of_another_engine_logs_one_line(caplog: pytes
     records = [(r.levelname, r.exc_info is not None, r.getMessage()) for r in caplog.records]
     assert [(level, traced) for level, traced, _ in records] == [("WARNING", False), ("ERROR", True)]
     assert records[0][2] == "the watch failed (no engine); restarting it in 0.0s"
+
+
+async def test_a_failed_loop_starts_again_when_woken_not_at_the_end_of_its_backoff() -> None:
+    """A watch that failed while NATS was away waits out its backoff (up to 10 s) unless its restart
+    event says the buckets are open again: then it starts at once, its backoff back to the first."""
+    wake = asyncio.Event()
+    runs: list[asyncio.Event] = [asyncio.Event() for _ in range(3)]
+
+    async def loop() -> None:
+        n = sum(r.is_set() for r in runs)
+        runs[n].set()
+        if n < 2:
+            wake.clear()  # as a watch clears its restart event when it starts
+            raise nats.errors.TimeoutError
+
+    task = asyncio.create_task(supervise("a watch", loop, first_s=3600.0, max_s=3600.0, wake=wake))
+    try:
+        async with asyncio.timeout(10):
+            await runs[0].wait()
+            wake.set()  # the buckets are open again: the hour's backoff is cut short
+            await runs[1].wait()
+            wake.set()
+            await runs[2].wait()
+            await task  # the third run returned: the loop ended
+    finally:
+        await cancel_and_wait([task])
