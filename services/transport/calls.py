@@ -33,7 +33,7 @@ from corral.protocol.subjects import Subjects
 from corral.runtime.nats import published, stream_delivery
 from corral.runtime.telemetry import attempted, publish_span
 from corral.transport.bodies import LargeBodies
-from corral.transport.reply import Call, Failure, Outcome, Reply
+from corral.transport.reply import CONNECTION_LOST, Call, Failure, Outcome, Reply
 from corral.transport.request import WorkRequest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -90,6 +90,7 @@ class Transport:
         self.unanswered: dict[str, float] = {}
         self._subs: list[Subscription] = []
         self._reply_prefix = len(subjects.reply(self.id, "x")) - 1
+        self._reconnects = self.epoch()  # the connection's reconnects as of the last reply message
         self._bodies = LargeBodies(nc, len(subjects.body(self.id, "x")) - 1)
 
     @property
@@ -140,6 +141,9 @@ class Transport:
     async def _on_reply(self, msg: Msg) -> None:
         if stream_delivery(msg):  # `corral.runtime.nats.published`, inline: every chunk passes here
             return
+        if self.nc.stats["reconnects"] != self._reconnects:  # the first message since it came back
+            self._reconnects = self.nc.stats["reconnects"]
+            self._cut_replies()
         call = self._calls.get(msg.subject[self._reply_prefix :])
         if call is not None:
             overflowed = call.overflowed
@@ -153,6 +157,16 @@ class Transport:
             agent = msg.headers.get(H.AGENT)
             if agent:
                 await self._send_cancel(agent, msg.subject[self._reply_prefix :])
+
+    def _cut_replies(self) -> None:
+        """The connection came back: what agents sent to open replies while it was away is lost
+        (core NATS keeps nothing for a subscriber that is not there), so each ends where its hole
+        begins — everything that came before the outage first — rather than going on with text
+        missing from its middle, and its agent is told to stop."""
+        lost = {H.KIND: CONNECTION_LOST}
+        for call in self._calls.values():
+            if call.replying:
+                call.put(Msg(_client=self.nc, subject=self.reply_subject(call), headers=dict(lost)))
 
     # -- calls -----------------------------------------------------------------------------------
     def register(

@@ -21,6 +21,11 @@ from corral.protocol.errors import AgentUnavailable, Cancelled, CorralError, fro
 from nats.aio.msg import Msg
 
 
+# the mark `corral.transport.calls.Transport` queues for an open reply when its connection came back
+# (never on the wire): what the agent sent in between may be lost, so the reply ends there
+CONNECTION_LOST = "connection-lost"
+
+
 class Outcome(enum.Enum):
     """Why an attempt did not begin a reply."""
 
@@ -47,13 +52,14 @@ class Call:
     call is ``overflowed`` and its reader gets `Cancelled` once it has taken what came before.
     """
 
-    __slots__ = ("_bytes", "_max_bytes", "agent", "overflowed", "queue", "rid")
+    __slots__ = ("_bytes", "_max_bytes", "agent", "overflowed", "queue", "replying", "rid")
 
     def __init__(self, rid: str, max_bytes: int = 0) -> None:
         self.rid = rid
         self.queue: asyncio.Queue[Msg | None] = asyncio.Queue()  # None: the overflow mark
         self.agent: str | None = None
         self.overflowed = False
+        self.replying = False  # its head came and its end has not: a `Reply` reads it
         self._bytes = 0
         self._max_bytes = max_bytes
 
@@ -156,6 +162,8 @@ class Reply:
         self._epoch = owner.epoch()  # as of the last message: silence since may be the connection's loss
         if ended:
             owner.release(call)
+        else:
+            call.replying = True
 
     async def __aenter__(self) -> Reply:
         return self
@@ -195,6 +203,11 @@ class Reply:
                             yield b"".join(parts)
                         self._check_end(hdrs)
                         return
+                    elif hdrs.get(H.KIND) == CONNECTION_LOST:  # not ended: leaving cancels the work
+                        if parts:
+                            yield b"".join(parts)
+                        lost = f"the NATS connection was lost while agent {self.agent} answered"
+                        raise AgentUnavailable(f"{lost}: part of the reply may not have come")
                     try:
                         msg = call.take()
                     except asyncio.QueueEmpty:
