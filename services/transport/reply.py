@@ -20,7 +20,6 @@ from corral.protocol import headers as H
 from corral.protocol.errors import AgentUnavailable, Cancelled, CorralError, from_code
 from nats.aio.msg import Msg
 
-
 # the mark `corral.transport.calls.Transport` queues for an open reply when its connection came back
 # (never on the wire): what the agent sent in between may be lost, so the reply ends there
 CONNECTION_LOST = "connection-lost"
