@@ -126,7 +126,7 @@ async def status(s: _Session, as_json: bool) -> int:
     st = views.status_view(
         s.fleet.agents(),
         await s.rates(),
-        queue=views.queue_by_model(await depths(s.nc.jetstream(), s.subjects)),
+        queue=views.queue_by_model(await depths(s.nc, s.subjects)),
         pins=await s.pins(),
     )
     if as_json:

@@ -249,7 +249,7 @@ class Aggregator:
             views.STATUS_KEY: views.status_body(
                 agents,
                 theirs or rates,
-                views.queue_by_model(await depths(self.nc.jetstream(), self.subjects)),
+                views.queue_by_model(await depths(self.nc, self.subjects)),
             ),
         }
         if theirs is not None:  # the copy that wrote them rewrites them

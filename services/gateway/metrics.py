@@ -32,8 +32,8 @@ from corral.routing import Route, expected_waits
 from corral.runtime.fleet import FleetView
 from corral.runtime.workqueue import depths
 from corral.transport import WorkRequest
-from nats.js import JetStreamContext
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from nats.aio.client import Client as NATS
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -211,6 +211,11 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        self.nats_connected = Gauge(
+            "corral_gateway_nats_connected",
+            "1 while this gateway is connected to NATS, else 0 (the fleet series then show its last view)",
+            registry=r,
+        )
 
     def _child(self, series: Any, *labels: str) -> Any:
         key = (series, *labels)
@@ -271,9 +276,10 @@ class GatewayMetrics:
             if generated:
                 child(self.generated_tokens, model, agent).inc(generated)
 
-    async def scrape(self, js: JetStreamContext, subjects: Subjects) -> bytes:
+    async def scrape(self, nc: NATS, subjects: Subjects) -> bytes:
         """The exposition text: this gateway's series, then the fleet's as the shared state says now."""
-        queue = views.queue_by_model(await depths(js, subjects))
+        self.nats_connected.set(1 if nc.is_connected else 0)
+        queue = views.queue_by_model(await depths(nc, subjects))
         fleet = CollectorRegistry(auto_describe=False)
         fleet.register(FleetCollector(self._fleet.agents(), queue))
         return generate_latest(self.registry) + generate_latest(fleet)

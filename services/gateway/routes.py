@@ -112,7 +112,7 @@ def build_app(gw: Gateway) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:  # Prometheus: this gateway's requests and the fleet's state
         assert gw.nc is not None
-        body = await gw.planner.metrics.scrape(gw.nc.jetstream(), gw.subjects)
+        body = await gw.planner.metrics.scrape(gw.nc, gw.subjects)
         return Response(body, media_type=CONTENT_TYPE)
 
     @app.api_route("/api/version", methods=["GET", "HEAD"])
@@ -131,7 +131,7 @@ def build_app(gw: Gateway) -> FastAPI:
     @app.get("/api/status")
     async def status(request: Request) -> Response:
         assert gw.nc is not None
-        queue = views.queue_by_model(await depths(gw.nc.jetstream(), gw.subjects))
+        queue = views.queue_by_model(await depths(gw.nc, gw.subjects))
         pins = gw.policy.policy.pins
         body = userviews.status_body(gw.fleet.agents(), gw.rates, queue, key_of(request.scope), pins)
         return Response(body, media_type=JSON)

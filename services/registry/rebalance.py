@@ -106,7 +106,7 @@ class Rebalancer:
         assert self.meter is not None, "rebalancing is off"
         for key, seconds in self._slot_time.read(self.fleet.agents()).items():
             self.meter.ran(key, seconds)
-        waiting = queue_by_model(await depths(self.nc.jetstream(), self.subjects))
+        waiting = queue_by_model(await depths(self.nc, self.subjects))
         now = time.monotonic()
         self.meter.sample(now, waiting)
         if now < self._next_at or (self._switch is not None and not self._switch.done()):

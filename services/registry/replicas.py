@@ -238,7 +238,7 @@ class Replicator:
     async def _depths(self) -> dict[str, int]:
         """Requests waiting per model token (its vendor and batch lanes together)."""
         per_model: dict[str, int] = {}
-        for subject, n in (await depths(self.nc.jetstream(), self.subjects)).items():
+        for subject, n in (await depths(self.nc, self.subjects)).items():
             token = subject.rsplit(".", 1)[-1]
             per_model[token] = per_model.get(token, 0) + n
         return per_model

@@ -268,10 +268,14 @@ async def reader_position(
     return Reader(delivered, info.num_pending)
 
 
-async def depths(js: JetStreamContext, subjects: Subjects) -> dict[str, int]:
-    """Requests waiting per queue subject (``{root}.queue.{vendor}.{token}`` → count)."""
+async def depths(nc: NATS, subjects: Subjects) -> dict[str, int]:
+    """Requests waiting per queue subject (``{root}.queue.{vendor}.{token}`` → count); none known
+    while the connection is down (not a JetStream call left to time out: a status page or a scrape
+    answers at once)."""
+    if not nc.is_connected:
+        return {}
     try:
-        info = await js.stream_info(subjects.queue_stream, subjects_filter=subjects.queue_all)
+        info = await nc.jetstream().stream_info(subjects.queue_stream, subjects_filter=subjects.queue_all)
     except NotFoundError:
         return {}  # no queue stream yet: nothing waits
     except (NatsError, TimeoutError) as e:

@@ -87,7 +87,7 @@ async def test_a_flood_of_large_queued_requests_leaves_the_fleet_heartbeating(
             try:
 
                 async def queued() -> bool:
-                    return sum((await depths(nc.jetstream(), Subjects(root))).values()) >= REQUESTS // 2
+                    return sum((await depths(nc, Subjects(root))).values()) >= REQUESTS // 2
 
                 async def paced(left: float) -> None:  # by the fleet's changes, at least every 0.5 s
                     await view.wait_changed(min(left, 0.5))

@@ -61,7 +61,7 @@ async def test_requests_end_with_fleet_unreachable_once_nats_has_been_away_long_
         waiting = asyncio.ensure_future(_answer(http, fleet.url, "waits for a slot"))
 
         async def queued() -> bool:
-            return sum((await depths(nc.jetstream(), Subjects(root))).values()) == 1
+            return sum((await depths(nc, Subjects(root))).values()) == 1
 
         assert fleet.gateway is not None
         view = fleet.gateway.fleet  # the agents write their queued counts: woken by that, or each 0.5 s
@@ -75,6 +75,11 @@ async def test_requests_end_with_fleet_unreachable_once_nats_has_been_away_long_
             assert status == 503 and body["error"].startswith("fleet unreachable: "), body
             arriving = await _answer(http, fleet.url, "arrives while NATS is away")
             assert arriving[0] == 503 and arriving[1]["error"].startswith("fleet unreachable: "), arriving
+            # the status page and a scrape answer from what the gateway knows, and say it is cut off
+            async with http.get(f"{fleet.url}/metrics") as r:
+                assert r.status == 200 and "\ncorral_gateway_nats_connected 0.0\n" in await r.text()
+            async with http.get(f"{fleet.url}/api/status") as r:
+                assert r.status == 200 and (await r.json())["queue"] == {}
         for r in streams:
             r.close()
         await server.start()  # the fleet stops cleanly

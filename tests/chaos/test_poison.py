@@ -176,7 +176,7 @@ async def test_poisoned_queued_requests_are_taken_off_the_queue_and_serving_goes
         for hdrs in BAD_HEADERS[:8]:
             await enqueue(nc, js, subjects, "any", TOKEN, BODY, {**hdrs, H.REPLY: reply})
         async with asyncio.timeout(WITHIN_S):  # the agent took every one, and none came back
-            while sum((await depths(js, subjects)).values()):
+            while sum((await depths(nc, subjects)).values()):
                 await _heard_since(fleet, time.monotonic())  # woken by each heartbeat
         await _plain(fleet)
     finally:

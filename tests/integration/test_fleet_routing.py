@@ -766,7 +766,7 @@ async def test_queue_order_deadline_and_withdrawal(nats_server: NatsServer, root
         seen: list[object] = []
 
         async def emptied() -> bool:  # and if not, what the stream and the consumer say
-            left = await depths(js, subjects)
+            left = await depths(nc, subjects)
             if left:
                 consumer = await js.consumer_info(subjects.queue_stream, consumer_name(subject))
                 seen[:] = [left, consumer.delivered, consumer.ack_floor, consumer.num_ack_pending]

@@ -137,6 +137,7 @@ async def test_metrics_and_route_headers_after_traffic(
             "corral_gateway_routing_decisions",
             "corral_gateway_claim_retries",
             "corral_gateway_failovers",
+            "corral_gateway_nats_connected",
             "corral_fleet_agents",
             "corral_fleet_gpu_vram_total_bytes",
             "corral_fleet_gpu_vram_used_bytes",
@@ -170,6 +171,7 @@ async def test_metrics_and_route_headers_after_traffic(
             (("reason", "load"), ("strategy", "auto")): 1,
             (("reason", "round_robin"), ("strategy", "round_robin")): 1,
         }
+        assert total(samples, "corral_gateway_nats_connected") == 1
         # the fleet as the agents' states say
         states = gw.fleet.agents()
         assert total(samples, "corral_fleet_agents", status="active") == len(states) == 2
@@ -189,9 +191,7 @@ async def test_metrics_and_route_headers_after_traffic(
             async def same_fleet() -> bool:
                 scraped["ours"] = fleet_part((await scrape(s, fleet.url))[1])
                 scraped["theirs"] = fleet_part(
-                    parse(
-                        (await second.planner.metrics.scrape(second.nc.jetstream(), second.subjects)).decode()
-                    )[1]
+                    parse((await second.planner.metrics.scrape(second.nc, second.subjects)).decode())[1]
                 )  # type: ignore[union-attr]
                 return scraped["ours"] == scraped["theirs"]
 
@@ -204,9 +204,7 @@ async def test_metrics_and_route_headers_after_traffic(
                 what="both gateways report the same fleet",
                 state=lambda: scraped,
             )
-            _, own = parse(
-                (await second.planner.metrics.scrape(second.nc.jetstream(), second.subjects)).decode()
-            )  # type: ignore[union-attr]
+            _, own = parse((await second.planner.metrics.scrape(second.nc, second.subjects)).decode())  # type: ignore[union-attr]
             assert total(own, "corral_gateway_requests_total") == 0
         finally:
             await second.stop()

@@ -206,7 +206,7 @@ async def test_full_fleet_answers_503_after_the_queue_deadline(
         queued = asyncio.ensure_future(s.post(fleet.url + "/api/generate", json=body))
         if fleet_queue:
             await nudges.next_msg(timeout=10)
-            assert sum((await depths(nc.jetstream(), subjects)).values()) == 1
+            assert sum((await depths(nc, subjects)).values()) == 1
             async with s.get(fleet.url + "/api/status") as r:  # the wait is visible per model
                 st = await r.json()
             assert st["queue"] == {"llama3.2:latest": 1} and st["totals"]["waiting"] == 1

@@ -124,7 +124,7 @@ async def test_batch_work_leaves_the_reserved_slot_to_interactive_requests(
             waiting = asyncio.create_task(short(s, fleet.url, BATCH))
             await queued.wait(1)
             token = parse_name(MODEL).token
-            lanes = await depths(fleet.gateway.nc.jetstream(), Subjects(root))  # type: ignore[union-attr]
+            lanes = await depths(fleet.gateway.nc, Subjects(root))  # type: ignore[union-attr]
             assert lanes == {Subjects(root).queue("any", token, BATCH): 1}
             assert sim.stats.started == 2  # the preload and the holder: the batch request waits
             status, route = await short(s, fleet.url, "interactive")
@@ -173,7 +173,7 @@ async def test_a_batch_request_that_waited_its_aging_bound_goes_before_later_int
         async with holder(s, fleet.url):
             aged = asyncio.create_task(short(s, fleet.url, BATCH, done, "batch"))
             await queued.wait(2)  # queued in the batch lane, then moved: a second nudge
-            lanes = await depths(fleet.gateway.nc.jetstream(), subjects)  # type: ignore[union-attr]
+            lanes = await depths(fleet.gateway.nc, subjects)  # type: ignore[union-attr]
             assert lanes == {subjects.queue("any", token): 1}
             later = asyncio.create_task(short(s, fleet.url, "interactive", done, "interactive"))
             await queued.wait(3)

@@ -64,7 +64,7 @@ async def test_a_queued_request_with_a_bad_deadline_is_dropped_and_the_next_serv
         ack = await js.publish(subject, b"{}", headers=hdrs)
         if rid != "3":
             poison.append(ack.seq)
-    assert await depths(js, subjects) == {subject: 3}
+    assert await depths(nc, subjects) == {subject: 3}
     taken, _ = await Puller(nc, subjects).take_batch(subject, 3)
     assert [(m.headers or {})[H.REQUEST] for m in taken] == ["3"]
     # the poison messages were acknowledged (and so removed) before take_batch returned:
@@ -103,7 +103,7 @@ async def test_the_queue_is_bounded_in_bytes_and_the_bound_follows_the_setting(q
     with pytest.raises(QueueFull):
         for i in range(10):  # ten 1 kB requests cannot all fit in 4 kB
             await enqueue(nc, js, subjects, "any", f"m{i % 2}", body, hdrs)
-    assert 1 <= sum((await depths(js, subjects)).values()) < 5
+    assert 1 <= sum((await depths(nc, subjects)).values()) < 5
     # a gateway with a larger setting raises the bound of the existing stream
     await ensure_stream(js, subjects, limits=QueueLimits(depth=100, max_bytes=64 * 1024))
     await enqueue(nc, js, subjects, "any", "m0", body, hdrs)
