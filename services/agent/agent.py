@@ -26,7 +26,15 @@ from collections.abc import Callable
 from corral.agent.backend import Backend
 from corral.agent.claims import Claims
 from corral.agent.intake import guarded, job_from
-from corral.agent.lifecycle import Lifecycle, Requesters, Wakeups, default_agent_id, leave, wait_at_most
+from corral.agent.lifecycle import (
+    Lifecycle,
+    Requesters,
+    Wakeups,
+    default_agent_id,
+    finish_within,
+    leave,
+    wait_at_most,
+)
 from corral.agent.metrics import LoadBook
 from corral.agent.ollama import OllamaClient
 from corral.agent.pacing import Pace, Reading, StatePacer, parts
@@ -113,10 +121,7 @@ class Agent:
     def _changed(self, *, claims: bool = False, state: bool = False, refresh: bool = False) -> None:
         """The one way the state machines' answers reach the loops: re-check claim subscriptions,
         publish the state, re-read Ollama."""
-        w = self._wake
-        for wanted, event in ((claims, w.claims), (state, w.state), (refresh, w.refresh)):
-            if wanted:
-                event.set()
+        self._wake.wake(claims=claims, state=state, refresh=refresh)
 
     def _apply(self, change: RunnerChange) -> None:
         self._changed(claims=change.claims, state=change.state, refresh=change.refresh)
@@ -217,12 +222,8 @@ class Agent:
             await self._publish_state()
         for _, job in self.slots.waiters():
             job.cancel()
-        running = [j.task for j in self._jobs.values() if j.task is not None]
-        if running:
-            grace = self.settings.drain_grace_s
-            log.info("draining: waiting up to %.0fs for %d requests", grace, len(running))
-            _, pending = await asyncio.wait(running, timeout=grace)
-            await cancel_and_wait(pending)  # again until they end: nats-py can swallow one cancel
+        if running := [j for j in self._jobs.values() if j.task is not None]:
+            await finish_within(running, self.settings.drain_grace_s, self.id)
 
     async def _close(self) -> None:
         if self._reopener is not None:

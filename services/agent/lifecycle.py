@@ -9,13 +9,13 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from corral.agent.worker import Job
 from corral.protocol import headers as H
-from corral.protocol.errors import Cancelled
+from corral.protocol.errors import AgentUnavailable, Cancelled
 from corral.runtime.tasks import cancel_and_wait
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -44,6 +44,12 @@ class Wakeups:
     closing: asyncio.Event = field(default_factory=asyncio.Event)  # drained: the loops end
     done: asyncio.Event = field(default_factory=asyncio.Event)  # stopped
     lost: asyncio.Event = field(default_factory=asyncio.Event)  # NATS closed for good: exit non-zero
+
+    def wake(self, *, claims: bool, state: bool, refresh: bool) -> None:
+        """Set the events of the loops that have something to do."""
+        for wanted, event in ((claims, self.claims), (state, self.state), (refresh, self.refresh)):
+            if wanted:
+                event.set()
 
     def connection_closed(self) -> None:
         """The NATS connection closed: by our own stop, or for good (then the agent stops)."""
@@ -83,6 +89,18 @@ async def wait_at_most(event: asyncio.Event, timeout: float) -> None:
             await event.wait()
     except TimeoutError:
         return
+
+
+async def finish_within(jobs: Collection[Job], grace_s: float, agent_id: str) -> None:
+    """A draining agent's running ``jobs`` finish within ``grace_s``; the rest end then, each reply
+    saying why (a stream under way shows it as its error line; one not begun goes elsewhere)."""
+    log.info("draining: waiting up to %.0fs for %d requests", grace_s, len(jobs))
+    _, pending = await asyncio.wait([j.task for j in jobs if j.task is not None], timeout=grace_s)
+    why = AgentUnavailable(f"agent {agent_id} stopped: its drain grace of {grace_s:g}s ran out")
+    for job in jobs:
+        if job.task in pending:
+            job.fail(why)
+    await cancel_and_wait(pending)  # again until they end: nats-py can swallow one cancel
 
 
 async def leave(nc: NATS, agents: KeyValue | None, agent_id: str) -> None:

@@ -96,6 +96,35 @@ async def test_a_draining_agent_heartbeats_until_its_last_stream_has_finished(
         assert agent.id not in {a.id for a in view.agents()}  # gone once drained
 
 
+async def test_a_stream_past_its_agents_drain_grace_ends_saying_so(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A stop lets running streams finish within the drain grace; one that does not is ended then,
+    and its client reads why, not a bare cancellation."""
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=1.0, reply_tokens=[100_000, 100_000]),  # minutes
+        agent={"refresh_s": 0.5, "heartbeat_s": 0.5, "drain_grace_s": 0.5},
+        gateway={"idle_timeout_s": IDLE_TIMEOUT_S},
+        registry=None,
+        aggregator=None,
+    )
+    async with LocalFleet(options) as fleet:
+        await preload(fleet, MODEL)
+        agent = fleet.agents[0]
+        body = {"model": MODEL, "prompt": "a story"}
+        async with aiohttp.ClientSession() as s, s.post(f"{fleet.url}/api/generate", json=body) as r:
+            assert r.status == 200
+            await r.content.readline()  # tokens are flowing
+            stopping = asyncio.create_task(agent.stop())
+            async with asyncio.timeout(20):
+                lines = [msgspec.json.decode(line) async for line in r.content]
+                await stopping
+    assert lines[-1]["error"] == f"agent {agent.id} stopped: its drain grace of 0.5s ran out", lines[-1]
+
+
 async def test_a_model_held_only_by_a_lately_silent_agent_waits_for_it_not_answered_not_found(
     nats_server: NatsServer, root: str
 ) -> None:
