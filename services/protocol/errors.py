@@ -9,6 +9,8 @@
     ├── AgentUnavailable             502  the agent died or went silent; retryable before the first byte
     ├── BackendError                 502  the agent could not reach its Ollama; retryable
     ├── Cancelled                    499  the client went away
+    ├── ReplyOverflow                503  the reply came faster than it could be passed on, past the
+    │                                     gateway's bound on what one request may hold unread
     └── InternalError                500
 
 Errors travel between services in the ``Corral-Error`` / ``Corral-Error-Code`` headers; only the
@@ -92,6 +94,13 @@ class BackendError(CorralError):
 class Cancelled(CorralError):
     code = "cancelled"
     status = 499
+
+
+class ReplyOverflow(CorralError):
+    """Raised by the gateway's transport (``CORRAL_REPLY_BUFFER_BYTES``); its client is still there."""
+
+    code = "reply_overflow"
+    status = 503
 
 
 class InternalError(CorralError):

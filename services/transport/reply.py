@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Protocol
 
 from corral.protocol import headers as H
-from corral.protocol.errors import AgentUnavailable, Cancelled, CorralError, from_code
+from corral.protocol.errors import AgentUnavailable, CorralError, ReplyOverflow, from_code
 from nats.aio.msg import Msg
 
 # the mark `corral.transport.calls.Transport` queues for an open reply when its connection came back
@@ -48,7 +48,7 @@ class Call:
 
     Its queue holds at most ``max_bytes`` of reply data (0: no bound). A reply that arrives faster
     than its reader takes it (a client that stops reading) overflows it: the queue is emptied, the
-    call is ``overflowed`` and its reader gets `Cancelled` once it has taken what came before.
+    call is ``overflowed`` and its reader gets `ReplyOverflow` once it has taken what came before.
     """
 
     __slots__ = ("_bytes", "_max_bytes", "agent", "overflowed", "queue", "replying", "rid")
@@ -95,8 +95,8 @@ class Call:
     def _taken(self, msg: Msg | None) -> Msg:
         if msg is None:
             self.queue.put_nowait(None)  # every later read fails the same way
-            raise Cancelled(
-                f"reply cancelled: the client read it slower than it came (over {self._max_bytes} bytes waiting)"
+            raise ReplyOverflow(
+                f"reply cancelled: over {self._max_bytes} bytes of it waited unread (it came faster than it was read)"
             )
         self._bytes -= len(msg.data)
         return msg

@@ -16,6 +16,7 @@ from corral.protocol.errors import (
     InvalidModelName,
     ModelNotFound,
     NoCapacity,
+    ReplyOverflow,
     from_code,
 )
 
@@ -40,6 +41,7 @@ EXPECTED = {
     AgentUnavailable: ("agent_unavailable", 502, True),
     BackendError: ("backend_error", 502, True),
     Cancelled: ("cancelled", 499, False),
+    ReplyOverflow: ("reply_overflow", 503, False),
     InternalError: ("internal", 500, False),
 }
 
