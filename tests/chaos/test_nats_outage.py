@@ -1,6 +1,11 @@
 """A NATS outage that lasts: requests waiting for a slot when the gateway loses NATS, or arriving
 while it is away, end with a 503 that says the fleet is unreachable once it has been away for
-`CORRAL_NATS_OUTAGE_S`, not with the queue-is-full text at the end of their deadline."""
+`CORRAL_NATS_OUTAGE_S`, not with the queue-is-full text at the end of their deadline.
+
+And a short one, a restart under a streamed answer: what its agent sent while NATS was away is lost
+(core NATS keeps nothing for a subscriber that is not there), so the client's stream ends with an
+error line where the hole begins, its agent stops generating, and the client never sees text go on
+with words missing from its middle."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
+import msgspec
 import nats
 import pytest
 from corral.protocol.subjects import Subjects
@@ -83,3 +89,37 @@ async def test_requests_end_with_fleet_unreachable_once_nats_has_been_away_long_
         for r in streams:
             r.close()
         await server.start()  # the fleet stops cleanly
+
+
+async def test_a_stream_ends_in_words_where_a_nats_restart_cut_it(
+    server: NatsServer, fleet: LocalFleet
+) -> None:
+    sims = fleet.sims
+    finished = [sim.stats.finished for sim in sims]  # the preload's
+    lines: list[dict[str, object]] = []
+    async with aiohttp.ClientSession() as http, asyncio.timeout(BOUND_S):
+        body = {"model": MODEL, "prompt": "a long story"}
+        async with http.post(f"{fleet.url}/api/generate", json=body) as r:
+            assert r.status == 200
+            restarted = False
+            async for raw in r.content:
+                if not raw.strip():
+                    continue
+                lines.append(msgspec.json.decode(raw))
+                if len(lines) == 5 and not restarted:  # the stream runs: restart NATS under it
+                    await server.kill()
+                    await server.start()
+                    restarted = True
+        # the agent was told to stop: its Ollama's request ends as a client's that went away
+        cancelled = [
+            asyncio.ensure_future(s.stats.wait_for(lambda st: st.cancelled >= 1, BOUND_S)) for s in sims
+        ]
+        done, pending = await asyncio.wait(cancelled, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
+        assert all(t.exception() is None for t in done)
+    last = lines[-1]
+    assert "error" in last, last
+    assert str(last["error"]).startswith("the NATS connection was lost while agent "), last
+    assert not any(line.get("done") for line in lines), "a stream cut short never says done"
+    assert [sim.stats.finished for sim in sims] == finished
