@@ -111,7 +111,7 @@ class Agent:
         self._tracer = tracer(__name__, tracer_provider)
         self._tg: asyncio.TaskGroup | None = None
         self.slots: SlotTable[Job] = SlotTable(settings.parallel, settings.max_queue)
-        self.runners = RunnerTracker(self._backend.default_num_ctx())
+        self.runners = RunnerTracker(self._backend.default_num_ctx(), on_gpu=self.vendor != "cpu")
         self.loads = LoadBook()  # what its /api/ps readings show loaded and evicted (for /metrics)
         self._jobs: dict[str, Job] = {}
         self.slot_time = SlotTime()  # `slot_s` in its state: what each model's requests held here
@@ -364,14 +364,10 @@ class Agent:
         job.released = True
         freed = self._end_slot(token, job)
         assert self._claims is not None
-        if (
-            not freed
-            or self.status != "active"
-            or token not in self.runners.warm
-            or self._claims.queue_waits(token)
-        ):
+        if not freed or self.status != "active" or token not in self.runners.claimable:
             return
-        await self._claims.arm_free(token, self.slots.free(token))
+        if not self._claims.queue_waits(token):
+            await self._claims.arm_free(token, self.slots.free(token))
 
     @guarded
     async def _on_ctl(self, msg: Msg) -> None:
@@ -412,7 +408,9 @@ class Agent:
 
     async def _reconcile(self) -> None:
         assert self._claims is not None
-        await self._claims.reconcile(self._claimable, self.slots.free, self._take)
+        await self._claims.reconcile(
+            self._claimable, self.slots.free, self._take, lambda: self.runners.offloaded
+        )
 
     def _claimable(self) -> frozenset[str]:
         """Models whose free slots it holds interest in: the warm ones, while active and Ollama answers."""

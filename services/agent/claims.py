@@ -166,26 +166,31 @@ class Claims:
         warm: Callable[[], Collection[str]],
         free: Callable[[str], int],
         take: Callable[[str, list[Msg]], Awaitable[None]],
+        slow: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         """Hold interest in exactly the free slots of the ``warm()`` models (none while the agent is
-        not active: return no models), serving their queued requests first (``take``)."""
+        not active: return no models), serving their queued requests first (``take``). The
+        ``slow()`` ones (runners partly in system RAM) take queued requests but hold no claim
+        subscriptions: a free slot on a card with the model wholly in VRAM gets new work first."""
         async with self._reconciling:
-            await self._reconcile(warm(), free, take)
+            await self._reconcile(warm(), free, take, slow())
 
     async def _reconcile(
         self,
         warm: Collection[str],
         free: Callable[[str], int],
         take: Callable[[str, list[Msg]], Awaitable[None]],
+        slow: Collection[str],
     ) -> None:
         await self._shots.relimit()  # after a reconnect: the replayed claims fire once again
         await self._sync_nudges(warm)
+        fast = [t for t in warm if t not in slow] if slow else warm
         if self._unanswered:  # the queue did not answer the last take: new work first this time
-            await self._hold(warm, free)
+            await self._hold(fast, free)
         self._unanswered = False
         for token in warm:
             await self._take_queued(token, free, take)  # waiting requests first, then new work
-        await self._hold(warm, free)
+        await self._hold(fast, free)
 
     async def _hold(self, warm: Collection[str], free: Callable[[str], int]) -> None:
         """Hold exactly one armed claim subscription per free slot of the ``warm`` models."""

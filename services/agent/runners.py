@@ -98,12 +98,14 @@ def token_of(name: str) -> str | None:
 
 
 class RunnerTracker:
-    def __init__(self, default_num_ctx: int = 4096) -> None:
+    def __init__(self, default_num_ctx: int = 4096, *, on_gpu: bool = True) -> None:
         # the num_ctx this backend is assumed to give requests without one (configuration, VRAM)
         self.default_num_ctx = default_num_ctx
+        self.on_gpu = on_gpu  # a GPU's backend, where a runner partly in system RAM is a slow one
         self.loaded: tuple[PsModel, ...] = ()  # the last /api/ps reading
         self.ready: set[str] = set()  # tokens of the models Ollama has finished loading
-        self.warm: frozenset[str] = frozenset()  # ready at the default context: claimable
+        self.warm: frozenset[str] = frozenset()  # ready at the default context (`claimable`)
+        self.offloaded: frozenset[str] = frozenset()  # runners partly in system RAM (on a GPU)
         self.trained: dict[str, int] = {}  # loaded model key → trained context
         self.learned_ctx: dict[str, int] = {}  # model key → runner context seen without num_ctx
         # token → {request id: (its num_ctx or 0, the context it needs)} of the requests waiting on
@@ -127,6 +129,15 @@ class RunnerTracker:
         if num_ctx:
             return effective_ctx(num_ctx, trained)
         return self.learned_ctx.get(key) or effective_ctx(self.default_num_ctx, trained)
+
+    @property
+    def claimable(self) -> frozenset[str]:
+        """The warm models whose free slots the agent offers on the shared claim subjects: not one
+        running partly in system RAM, which decodes several times slower; NATS would hand it
+        requests while a card with the model wholly in VRAM has free slots. It still serves what
+        the router sends it and the fleet queue (else a model that spills everywhere would have
+        nobody to take its waiting requests)."""
+        return self.warm - self.offloaded if self.offloaded else self.warm
 
     def waits_on_load(self, token: str) -> bool:
         return token in self._load_waiters
@@ -268,7 +279,7 @@ class RunnerTracker:
         """A reading of /api/ps (``trained``: model name → its trained context, 0 = unknown) while
         the models ``busy`` have requests holding slots here."""
         self.default_num_ctx = default_num_ctx
-        tokens, warm = set(), set()
+        tokens, warm, offloaded = set(), set(), set()
         state = False
         by_key: dict[str, int] = {}
         for m in loaded:
@@ -284,6 +295,8 @@ class RunnerTracker:
             # a request without num_ctx runs at the default; any other runner would reload
             if m.context_length in (0, self.wanted_ctx(key, 0, by_key[key])):
                 warm.add(token)
+            if self.on_gpu and 0 < m.size_vram < m.size:  # none in VRAM: nothing faster to wait for here
+                offloaded.add(token)
         self._ran_default.clear()
         if by_key != self.trained:
             self.trained, state = by_key, True
@@ -297,8 +310,8 @@ class RunnerTracker:
             self.loaded, state = tuple(loaded), True
         if ready != self.ready or self._ready_news:
             self.ready, self._ready_news, state = ready, False, True
-        claims = warm != self.warm
-        self.warm = frozenset(warm)
+        claims = warm != self.warm or offloaded != self.offloaded
+        self.warm, self.offloaded = frozenset(warm), frozenset(offloaded)
         return RunnerChange(state=state, claims=claims)
 
     def _learn_default(self, key: str, seen: int, assumed: int) -> bool:

@@ -152,3 +152,41 @@ async def test_cold_burst_beside_steady_traffic_loads_whole_where_nothing_busy_i
         assert sorted(m["name"] for m in runners[sim_b.url]) == sorted([SMALL.name, COLD.name])
         partial = [m["name"] for ms in runners.values() for m in ms if m["size_vram"] < m["size"]]
         assert partial == []
+
+
+async def test_a_replica_partly_in_system_ram_gets_no_work_while_a_whole_one_has_free_slots(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A model loaded whole on a big card and, spilling into system RAM, on a small one: the small
+    card's runner decodes several times slower, so requests go to the big card while it has a free
+    slot (not to whichever agent NATS picks among the free slots' claims)."""
+    model = ModelConfig(name="qwen3:8b", size_gb=12.0, family="qwen3", context_length=40960, block_count=36)
+    sims = [_sim(48, 2, [model], 0, reply_tokens=(5, 10)), _sim(8, 2, [model], 1, reply_tokens=(5, 10))]
+    opts = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=sims,
+        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
+        registry={"replica_check_s": 0.0},
+    )
+    key = parse_name(model.name).key
+    async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
+        big, small = fleet.agents
+        for sim in fleet.sims:  # loaded on each directly, to stay
+            async with s.post(sim.url + "/api/generate", json={"model": model.name, "keep_alive": -1}) as r:
+                assert r.status == 200
+        spilled = [m for m in await _ps(s, fleet.sims[1].url) if m["name"] == model.name]
+        assert spilled and 0 < spilled[0]["size_vram"] < spilled[0]["size"]  # the premise
+        for a in fleet.agents:
+            a._wake.refresh.set()
+        gw = fleet.gateway
+        assert gw is not None
+        await until(fleet, lambda: len(gw.fleet.loaded_on(key)) == 2 and bool(small.runners.offloaded))
+        served = []
+        for i in range(12):  # one at a time: the big card always has a free slot
+            body = {"model": model.name, "prompt": f"one {i}", "stream": False}
+            async with s.post(fleet.url + "/api/generate", json=body) as r:
+                assert r.status == 200
+                served.append(r.headers["X-Corral-Agent"])
+        assert served == [big.id] * 12, served

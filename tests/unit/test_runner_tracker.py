@@ -45,6 +45,33 @@ def test_a_runner_at_another_context_is_ready_but_not_warm() -> None:
     assert TOKEN in t.ready and TOKEN not in t.warm
 
 
+def test_a_runner_partly_in_system_ram_is_warm_but_offered_on_no_shared_subject() -> None:
+    """A GPU agent's runner that spilled into system RAM decodes several times slower: requests it
+    can serve at once still go to it (warm), but it holds no claim on the shared subjects, where
+    NATS would hand it requests while a card with the model wholly in VRAM has free slots."""
+    spilled = PsModel(
+        name=NAME, model=NAME, size=32, digest="d1", expires_at="", size_vram=8, context_length=4096
+    )
+    t = RunnerTracker(4096)
+    change = t.observe([spilled], {NAME: 0}, busy=(), default_num_ctx=4096)
+    assert change.claims and TOKEN in t.warm and t.offloaded == {TOKEN} and t.claimable == frozenset()
+    whole = PsModel(
+        name=NAME, model=NAME, size=32, digest="d1", expires_at="", size_vram=32, context_length=4096
+    )
+    assert t.observe(
+        [whole], {NAME: 0}, busy=(), default_num_ctx=4096
+    ).claims  # reloaded whole: offered again
+    assert t.claimable == {TOKEN}
+    cpu = RunnerTracker(4096, on_gpu=False)  # a CPU backend: every runner is in system RAM, none slower
+    cpu.observe([spilled], {NAME: 0}, busy=(), default_num_ctx=4096)
+    assert cpu.claimable == {TOKEN}
+    in_ram = PsModel(
+        name=NAME, model=NAME, size=32, digest="d1", expires_at="", size_vram=0, context_length=4096
+    )
+    t.observe([in_ram], {NAME: 0}, busy=(), default_num_ctx=4096)  # none in VRAM: no faster copy here
+    assert t.claimable == {TOKEN}
+
+
 def test_a_model_listed_while_our_request_loads_it_stays_loading_until_ollama_answers() -> None:
     t = RunnerTracker(4096)
     assert t.will_run(TOKEN, "r1", 0) == RunnerChange(state=True)
