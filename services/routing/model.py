@@ -33,6 +33,8 @@ The auto cost model, in seconds (constants below)::
 
     loaded, matching num_ctx    queue_wait                       0 while a slot is free, else
                                                                  (busy - parallel + 1) * request / parallel
+                                (+ offload share * CPU_DECODE_SLOWDOWN * request for a runner
+                                partly in system RAM, on a GPU)
     loaded, other num_ctx       drain + load + CONTEXT_SWITCH_S  drain = busy * request / parallel
     loading                     LOADING_REMAINING * load + queue_wait
     on disk only                load + EVICTION_S per model Ollama unloads to make room
@@ -239,7 +241,10 @@ def _estimate(
     runner = ready_runner(agent, route.key)
     if runner is not None:
         if runner_matches(route, agent, runner):
-            return _queue_wait(busy, parallel, request_s), route.session_agent == agent.id
+            wait = _queue_wait(busy, parallel, request_s)
+            if agent.vendor != "cpu" and 0 < runner.size_vram < runner.size:  # partly in system RAM
+                wait += (1 - runner.size_vram / runner.size) * CPU_DECODE_SLOWDOWN * request_s
+            return wait, route.session_agent == agent.id
         drain = busy * request_s / parallel
         return drain + load_s + CONTEXT_SWITCH_S, False
     if route.key in agent.loading:

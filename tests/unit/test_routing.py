@@ -253,6 +253,17 @@ def test_auto_free_warm_slot_beats_a_queue() -> None:
     assert estimate_wait(Route(MODEL), fleet[1], {}) == 0.0
 
 
+def test_auto_a_free_slot_on_a_runner_partly_in_system_ram_comes_after_whole_ones() -> None:
+    a = agent("a", loaded=True)
+    spilled = msgspec.structs.replace(a, loaded=(msgspec.structs.replace(a.loaded[0], size_vram=2 * GB),))
+    whole = agent("b", loaded=True, in_flight=0)
+    assert rank("auto", Route(MODEL), [spilled, whole]) == ["b", "a"]
+    assert estimate_wait(Route(MODEL), spilled, {}) > estimate_wait(Route(MODEL), whole, {}) == 0.0
+    # on a CPU backend every runner is in system RAM: nothing faster to prefer
+    cpu = msgspec.structs.replace(spilled, vendor="cpu")
+    assert estimate_wait(Route(MODEL), cpu, {}) == 0.0
+
+
 def test_auto_outstanding_sends_fill_a_slot() -> None:
     fleet = [agent("a", loaded=True), agent("b", loaded=True, parallel=2, in_flight=1)]
     assert rank("auto", Route(MODEL), fleet) == ["a", "b"]  # equal cost: less loaded first
