@@ -387,6 +387,8 @@ class Gateway:
                     err = ModelNotFound(work.model.display)
                     await respond_error(send, err, api=api, endpoint=endpoint, raw_model=raw)
                     return
+                if key is not None:
+                    work.allowed = key.models  # and no fallback outside it serves it
                 # usage is kept per model: a name no agent has is "other", so a client sending
                 # made-up names cannot fill the usage bucket with rows of its own
                 k = work.model.key  # a model only lately silent agents hold may yet be served

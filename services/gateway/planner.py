@@ -152,7 +152,7 @@ class Planner:
         own answer."""
         assert req.model is not None and self.policy is not None
         requested = req.model.key
-        tries = candidates(self.policy.policy, requested)
+        tries = candidates(self.policy.policy, requested, req.allowed)
         deadline = time.monotonic() + wait_s
         first: CorralError | None = None
         i = 0
@@ -167,7 +167,7 @@ class Planner:
             except (ModelNotFound, NoCapacity) as e:
                 first = first or e
                 if i == 1 and isinstance(e, ModelNotFound) and self.settings.quant_fallback:
-                    quant = quant_match(attempt.key, self.fleet.agents())
+                    quant = quant_match(attempt.key, self.fleet.agents(), req.allowed)
                     if quant is not None and all(t.key != quant.lower() for t in tries):
                         tries.insert(1, Candidate(quant, "quant"))
                 continue

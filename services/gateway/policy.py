@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Final, Literal
 
 import msgspec
+from corral.gateway.access import model_allowed
 from corral.protocol.errors import InvalidModelName
 from corral.protocol.messages import AgentState
 from corral.protocol.names import ModelName, parse_name
@@ -60,15 +61,17 @@ class Candidate:
     kind: Kind | None
 
 
-def candidates(policy: Policy, requested: str) -> list[Candidate]:
+def candidates(policy: Policy, requested: str, allowed: tuple[str, ...] = ()) -> list[Candidate]:
     """What to try for a request of model key ``requested``, in order: the model itself (or its
-    alias's target), then its fallbacks (the alias's own list, else its target's)."""
+    alias's target), then its fallbacks (the alias's own list, else its target's) that an API key's
+    allow-list ``allowed`` admits (`model_allowed`; empty: any). The name the client sent was
+    checked against it, and an alias's target is what that name means; a fallback is another model."""
     target = policy.aliases.get(requested)
     first = Candidate(requested, None) if target is None else Candidate(target, "alias")
     out = [first]
     seen = {first.key}
     for key in policy.fallbacks.get(requested) or policy.fallbacks.get(first.key, ()):
-        if key not in seen:
+        if key not in seen and model_allowed(allowed, key):
             seen.add(key)
             out.append(Candidate(key, "fallback"))
     return out
@@ -82,10 +85,11 @@ def split_quant(name: ModelName) -> tuple[str, str] | None:
     return None
 
 
-def quant_match(requested: str, agents: Iterable[AgentState]) -> str | None:
+def quant_match(requested: str, agents: Iterable[AgentState], allowed: tuple[str, ...] = ()) -> str | None:
     """A loaded model that is ``requested`` in another quantisation: same host, namespace and name,
     same tag but for its quantisation (parameter size and variant), and a quantisation level its
-    agent reports. The one loaded on most agents wins (then the name, for a stable choice)."""
+    agent reports, that an API key's allow-list ``allowed`` admits (empty: any). The one loaded on
+    most agents wins (then the name, for a stable choice)."""
     try:
         want = parse_name(requested)
     except InvalidModelName:
@@ -113,6 +117,8 @@ def quant_match(requested: str, agents: Iterable[AgentState]) -> str | None:
                 and (have.host.lower(), have.namespace.lower(), have.model.lower())
                 == (want.host.lower(), want.namespace.lower(), want.model.lower())
             ):
+                if not model_allowed(allowed, have.key):
+                    continue
                 counts[have.key] = counts.get(have.key, 0) + 1
                 names.setdefault(have.key, have.display)
     if not counts:

@@ -21,10 +21,10 @@ class WorkRequest:
     ``stream``, the body is still arriving from the client and is served to the agent as it asks
     (a blob upload: `corral.transport.bodies`), ``body`` left empty.
 
-    Nineteen attributes: what the client sent (endpoint, method, body or its stream, trace context)
+    Twenty attributes: what the client sent (endpoint, method, body or its stream, trace context)
     and what the gateway derived from it once, so that routing never parses the body again
     (model, vendor pin, context, conversation, strategy, priority, unload, keep_alive, whether it
-    streams, the names to restore)."""
+    streams, the names to restore, the models its API key may be served by)."""
 
     endpoint: str
     body: bytes
@@ -45,6 +45,7 @@ class WorkRequest:
     stream: BodySource | None = None  # a body read from its client only as the agent asks for it
     priority: Priority = "interactive"  # batch work takes only slots no interactive request waits for
     streams: bool = False  # the body asks Ollama to stream its answer
+    allowed: tuple[str, ...] = ()  # its API key's model allow-list (globs; empty: any model)
 
 
 def model_work(

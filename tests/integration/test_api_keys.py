@@ -212,6 +212,25 @@ async def test_a_model_outside_the_allow_list_is_absent(fleet: LocalFleet) -> No
     await client.close()
 
 
+async def test_a_fallback_outside_a_keys_allow_list_does_not_serve_it(fleet: LocalFleet) -> None:
+    """A fleet rule serves a missing model by another: not for a key that may not use that other
+    (it would reach any model through such a rule); an admin key is served by it."""
+    rc, _, err = await cli.corral(
+        "fallback", "llama3-gone", "--to", "qwen3:8b", "--nats", fleet.nats_url, "--root", ROOT
+    )
+    assert rc == 0, err
+    gw = fleet.gateway
+    assert gw is not None and gw.policy is not None
+    await gw.policy.wait_for(lambda p: "llama3-gone:latest" in p.fallbacks, 5.0)
+    _, limited = await make_key(fleet, models=("llama3*",))
+    _, admin = await make_key(fleet, role="admin")
+    body = {"model": "llama3-gone", "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
+    r = await call(fleet.url, "POST", "/api/generate", admin, body)
+    assert r.status == 200 and r.headers["X-Corral-Model"] == "qwen3:8b"
+    r = await call(fleet.url, "POST", "/api/generate", limited, body)
+    assert r.status == 404 and json.loads(await r.read())["error"] == "model 'llama3-gone' not found"
+
+
 async def test_a_user_sees_no_backend_addresses(fleet: LocalFleet) -> None:
     _, user = await make_key(fleet)
     _, admin = await make_key(fleet, role="admin")

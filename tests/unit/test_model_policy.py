@@ -62,6 +62,17 @@ def test_an_aliass_own_fallbacks_win_and_no_model_is_tried_twice() -> None:
     ]
 
 
+def test_an_api_keys_allow_list_leaves_out_fallbacks_outside_it_not_an_aliass_target() -> None:
+    """The name a key sent is checked against its allow-list; an alias's target is what that name
+    means, but a fallback is another model, which the key may not reach through the rule."""
+    assert candidates(RULES, "llama3.1:70b", ("llama3.1*",)) == [
+        Candidate("llama3.1:70b", None),
+        Candidate("llama3.1:8b", "fallback"),
+    ]
+    assert candidates(RULES, "gpt-4o-mini:latest", ("gpt-4o*",)) == [Candidate("llama3.1:8b", "alias")]
+    assert candidates(RULES, "llama3.1:70b", ()) == candidates(RULES, "llama3.1:70b")  # no list: any
+
+
 def _agent(agent_id: str, *loaded: tuple[str, str], status: str = "active") -> AgentState:
     return AgentState(
         id=agent_id,
@@ -115,6 +126,12 @@ def test_only_loaded_models_of_active_agents_with_a_known_quantisation_stand_in(
     assert (
         quant_match("llama3.1:8b-instruct-q8_0", [_agent("a", ("llama3.1:8b-instruct-q4_K_M", ""))]) is None
     )
+
+
+def test_a_quantisation_outside_an_api_keys_allow_list_stands_in_for_nothing() -> None:
+    agents = [_agent("a", Q4)]
+    assert quant_match("llama3.1:8b-instruct-q8_0", agents, ("llama3.1:8b-instruct-q8*",)) is None
+    assert quant_match("llama3.1:8b-instruct-q8_0", agents, ("llama3.1*",)) == Q4[0]
 
 
 def test_the_quantisation_loaded_on_most_agents_wins() -> None:
