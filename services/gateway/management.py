@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from corral.gateway.asgi import Receive, Send
@@ -27,7 +27,14 @@ from corral.protocol.errors import (
     not_found_message,
 )
 from corral.protocol.gojson import as_go_reads, first_value, fold_keys, kind, syntax_message
-from corral.protocol.names import VENDORS, ModelName, host_allowed, parse_name, registry_refused
+from corral.protocol.names import (
+    VENDORS,
+    ModelName,
+    host_allowed,
+    parse_name,
+    registry_refused,
+    split_vendor_pin,
+)
 from corral.routing import pull_order
 from corral.transport import Reply, WorkRequest, fan_out
 from fastapi import Request
@@ -109,12 +116,20 @@ _GO_FIELDS: dict[str, dict[str, type]] = {
 _GO_TYPE = {bool: "bool", str: "string"}
 
 
-async def _name(
-    request: Request, field: str = "model", *, empty: bool = False
-) -> tuple[bytes, dict[str, Any], str, ModelName]:
+class Named(NamedTuple):
+    body: bytes  # as Ollama reads it (with a vendor pin: without it)
+    fields: dict[str, Any]
+    raw: str  # the name as the client spelt it (less a vendor pin)
+    model: ModelName
+    vendor: str | None = None  # the vendor a pinned name asked for (``amd/llama3``, ``llama3@amd``)
+
+
+async def _name(request: Request, field: str = "model", *, empty: bool = False, pins: bool = False) -> Named:
     """The body, its fields and the model it names (``field``, or Ollama's alias ``name``). No name is
     ``model is required``, or with ``empty`` an invalid (empty) name, as copy and delete say. A
-    body Go could not decode gets the error Go's encoding/json gives (`corral.protocol.gojson`)."""
+    body Go could not decode gets the error Go's encoding/json gives (`corral.protocol.gojson`).
+    With ``pins``, a vendor pin in the name is read as in a model call, and taken out of the body:
+    ``ollama run amd/llama3.2`` shows the model before it runs it (and pulls it on a 404)."""
     body = await request.body()
     if not body or body.isspace():  # no copy of a large body
         raise BadRequest("missing request body")
@@ -149,7 +164,11 @@ async def _name(
         raise InvalidModelName("")
     if not raw:
         raise BadRequest("model is required")
-    return body, obj, raw, parse_name(raw)
+    vendor, name = split_vendor_pin(raw) if pins else (None, raw)
+    if vendor is not None:
+        obj = {**obj, "model" if obj.get(field) else "name": name}
+        body = msgspec.json.encode(obj)
+    return Named(body, obj, name, parse_name(name), vendor)
 
 
 def _decode(body: bytes) -> tuple[Any, bytes]:
@@ -177,20 +196,25 @@ async def to_holder(
     *,
     hidden: Callable[[Mapping[str, Any], str], bool] | None = None,
 ) -> Response:
-    """Show and push go to the least busy agent that has the model, else to the one heard last
-    of those gone silent lately (`FleetView.lately_silent_with`: it may only be slow, and a 404
-    would make ``ollama run`` pull the model again); a model ``hidden`` from the request's API key
-    (`corral.gateway.auth.hides`) answers as if no agent had it."""
+    """Show and push go to the least busy agent that has the model (of a vendor pin's vendor
+    first), else to the one heard last of those gone silent lately (`FleetView.lately_silent_with`:
+    it may only be slow, and a 404 would make ``ollama run`` pull the model again); a model
+    ``hidden`` from the request's API key (`corral.gateway.auth.hides`) answers as if no agent had
+    it. A show of an alias shows its target: ``ollama run ALIAS`` shows the model first."""
     try:
-        body, _, raw, model = await _name(request)
+        body, fields, raw, model, vendor = await _name(request, pins=True)
     except CorralError as e:
         return error(e)
     fleet = planner.fleet
-    holders = sorted(fleet.with_model(model.key), key=lambda a: a.in_flight)
+    hide = hidden is not None and hidden(request.scope, model.display)
+    rules = planner.policy.policy if planner.policy is not None else None
+    if endpoint == "/api/show" and rules is not None and (target := rules.aliases.get(model.key)):
+        model, body = parse_name(target), msgspec.json.encode({**fields, "model": target, "name": target})
+    holders = sorted(fleet.with_model(model.key), key=lambda a: (a.vendor != vendor, a.in_flight))
     if not holders:
         holders = sorted(fleet.lately_silent_with(model.key), key=lambda a: -(fleet.heard(a.id) or 0.0))
-    if not holders or (hidden is not None and hidden(request.scope, model.display)):
-        msg = not_found_message(endpoint, raw, model.display)
+    if not holders or hide:
+        msg = not_found_message(endpoint, raw, parse_name(raw).display)
         return Response(native_body(msg), status_code=404, media_type=JSON)
     return RelayResponse(planner, WorkRequest(endpoint=endpoint, body=body, model=None), holders[0].id)
 
@@ -331,9 +355,9 @@ async def pull(planner: Planner, request: Request) -> Response:
     """
     try:
         # invalid UTF-8 read as Go reads it; no name is an invalid one, as Ollama's pull says
-        body, fields, raw, model = await _name(request, empty=True)
+        body, fields, raw, model, pinned = await _name(request, empty=True, pins=True)
         replicas = request.headers.get(REPLICAS_HEADER, "1").strip().lower()
-        vendor = request.headers.get(VENDOR_HEADER, "").strip().lower() or None
+        vendor = request.headers.get(VENDOR_HEADER, "").strip().lower() or pinned
         if replicas != "all" and not (replicas.isascii() and replicas.isdigit() and int(replicas) > 0):
             raise BadRequest(f"{REPLICAS_HEADER} must be a positive number or 'all'")
         if vendor is not None and vendor not in VENDORS:
@@ -374,7 +398,7 @@ async def to_all_holders(planner: Planner, request: Request, endpoint: str, meth
     """Delete and copy run on every agent that has the model; one success is the answer."""
     field = "source" if endpoint == "/api/copy" else "model"
     try:
-        body, _, raw, model = await _name(request, field, empty=True)
+        body, _, raw, model, _ = await _name(request, field, empty=True)
     except InvalidModelName as e:
         what = "source" if endpoint == "/api/copy" else "name"
         return error(BadRequest(f'{what} "{e.name}" is invalid'))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import ollama
 import openai
 import pytest
 from corral.gateway.app import Gateway
@@ -124,6 +125,11 @@ async def test_an_alias_serves_openai_clients_on_every_gateway_until_it_is_remov
         assert (alias.id, alias.owned_by) == ("gpt-4o-mini:latest", "corral")
         assert (await substitutions(url))[("gpt-4o-mini:latest", LLAMA, "alias")] == 1.0
         await client.close()
+
+    # `ollama run ALIAS` shows the model before it runs it, and pulls it on a 404
+    async with ollama.AsyncClient(host=pair.urls[0]) as c:
+        shown, target = await c.show("gpt-4o-mini"), await c.show(LLAMA)
+    assert shown.details == target.details and shown.modelfile == target.modelfile
 
     await pair.cli("alias", "--rm", "gpt-4o-mini")
     await pair.applied(lambda p: not p.aliases, timeout=1.0)  # on every gateway within a second

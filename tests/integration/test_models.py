@@ -60,6 +60,29 @@ async def test_pull_streams_progress_and_lands_on_one_agent(
     assert len(_holders(fleet, "gemma3:4b")) == 1
 
 
+async def test_a_vendor_pinned_name_shows_and_pulls_as_ollama_run_asks(
+    fleet: LocalFleet, client: ollama.AsyncClient
+) -> None:
+    """``ollama run amd/llama3.2`` shows the model first and pulls it on a 404: a pinned name shows
+    the model (from an agent of that vendor) and pulls onto that vendor's agents."""
+    assert fleet.gateway is not None
+    vendors = {a.id: a.vendor for a in fleet.gateway.fleet.agents()}
+    assert sorted(vendors.values()) == ["amd", "nvidia"]
+    plain = await client.show("llama3.2")
+    for name in ("amd/llama3.2", "llama3.2@amd", "nvidia/llama3.2:latest"):
+        shown = await client.show(name)
+        assert shown.details == plain.details and shown.modelfile == plain.modelfile, name
+    with pytest.raises(ollama.ResponseError) as e:
+        await client.show("amd/no-such-model")
+    assert (e.value.status_code, e.value.error) == (404, "model 'no-such-model:latest' not found")
+    assert _holders(fleet, "mistral") == []
+    assert (await client.pull("amd/mistral")).status == "success"
+    await until(fleet, lambda: len(_holders(fleet, "mistral")) == 1)
+    assert [vendors[a] for a in _holders(fleet, "mistral")] == ["amd"]
+    await client.delete("mistral")
+    await until(fleet, lambda: _holders(fleet, "mistral") == [])
+
+
 async def test_the_merged_list_keeps_what_each_ollama_says_of_a_model(fleet: LocalFleet) -> None:
     """Newer Ollamas list each model's capabilities; the fleet's list keeps them, and leaves out
     what no Ollama gave (an entry keeps Ollama's six detail keys, no more)."""
