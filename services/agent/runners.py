@@ -113,7 +113,8 @@ class RunnerTracker:
         self._load_waiters: dict[str, dict[str, tuple[int, int]]] = {}
         self._ran_default: set[str] = set()  # tokens just served without num_ctx (not yet warm)
         self._ready_news = False  # a model became ready since the last reading
-        self._loaders: dict[str, str] = {}  # request id → token of the load it started
+        # request id → (token, context) of the load (or reload) it started
+        self._loaders: dict[str, tuple[str, int]] = {}
         self.load_s: dict[str, float] = {}  # model key → seconds its last load here took
         self.request_s: dict[str, float] = {}  # model key → median seconds a request of it held a slot
         self._held: dict[str, deque[float]] = {}  # model key → its last requests' seconds in a slot
@@ -148,14 +149,14 @@ class RunnerTracker:
 
     def shows_late(self, token: str | None, rid: str) -> bool:
         """Request ``rid`` started a load of ``token``'s model, which Ollama answered (`responded`:
-        not a load that failed) and the last reading does not list: Ollama has it loaded now, and
-        what the agent advertises does not say so."""
-        return (
-            token is not None
-            and self._loaders.get(rid) == token
-            and token in self.ready
-            and self._listed(token) is None
-        )
+        not a load that failed) and the last reading does not list at that context (not at all, or
+        the runner a reload replaced): Ollama has it loaded now, and what the agent advertises does
+        not say so."""
+        loader = self._loaders.get(rid)
+        if token is None or loader is None or loader[0] != token or token not in self.ready:
+            return False
+        runner = self._listed(token)
+        return runner is None or runner.context_length not in (0, loader[1])
 
     def _listed(self, token: str) -> PsModel | None:
         """The runner of ``token``'s model in the last reading, if it lists one."""
@@ -183,7 +184,7 @@ class RunnerTracker:
                 self.warm = self.warm - {token}
                 change = RunnerChange(state=True, claims=True)
         if token not in self._load_waiters:
-            self._loaders[rid] = token  # the first to wait on the load is the one that starts it
+            self._loaders[rid] = (token, want)  # the first to wait on the load is the one that starts it
             gone = {t for t in evicts() if t != token and t not in self.yielding}
             self.yielding.update(dict.fromkeys(gone, token))
             if gone & self.warm:
@@ -254,7 +255,7 @@ class RunnerTracker:
         change = NOTHING
         key = decode_token(token)
         waited = load_s if load_s is not None and load_s > 0 else 0.0
-        if self._loaders.pop(rid, None) == token and waited and status == 200:
+        if (self._loaders.pop(rid, None) or ("",))[0] == token and waited and status == 200:
             self.load_s[key] = round(waited, 3)
             change = RunnerChange(state=True)
         if status == 200 and ran_s > 0:

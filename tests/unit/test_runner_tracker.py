@@ -194,6 +194,17 @@ def test_a_load_a_request_started_shows_late_until_a_reading_lists_it() -> None:
     assert not t.shows_late(TOKEN, "r1")
 
 
+def test_a_reload_at_another_context_shows_late_until_a_reading_lists_the_new_runner() -> None:
+    """A runner reloaded at a request's num_ctx keeps the model's name in /api/ps: only the context
+    tells the old reading from the new one."""
+    t = warm_tracker()
+    t.will_run(TOKEN, "r1", 8192)  # a reload of the warm default runner
+    t.responded(TOKEN, "r1", 200)
+    assert t.shows_late(TOKEN, "r1")  # the last reading lists the 4096 runner Ollama replaced
+    t.observe([ps(8192)], {NAME: 0}, busy=(TOKEN,), default_num_ctx=4096)
+    assert not t.shows_late(TOKEN, "r1")
+
+
 def test_a_load_that_failed_does_not_show_late() -> None:
     """Ollama refused the load (out of memory, say): nothing to publish before the answer ends."""
     t = RunnerTracker(4096)
