@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from corral.protocol.subjects import Subjects
-from corral.runtime.nats import NoFleet, error_text
+from corral.runtime.nats import NatsRefused, NoFleet, denied_js_create, error_text
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.workqueue import (
     NO_PEERS,
@@ -171,6 +171,12 @@ async def ensure_buckets_at_start(
         try:
             return await ensure_buckets(js, subjects, replicas=replicas, queue=queue, setup=setup)
         except (TimeoutError, JetStreamError) as e:
+            if (denial := denied_js_create()) is not None:  # no answer is coming: NATS said why
+                raise NatsRefused(
+                    f"NATS denied this identity the fleet's buckets and queue stream ({denial}): with "
+                    "NATS identities only the operator may make them; run `corral status` (the setup "
+                    "step) with the operator's credentials first"
+                ) from e
             if not _not_yet(e) or time.monotonic() + delay > deadline:
                 raise
             log.warning("JetStream does not answer yet (%s): asking again in %.1fs", error_text(e), delay)

@@ -330,6 +330,15 @@ def denied(subject: str) -> str | None:
     return None
 
 
+def denied_js_create() -> str | None:
+    """The permissions violation NATS told this process lately of a request to create a JetStream
+    stream (a KV bucket is one), else None: such a request goes unanswered, and waiting on cannot help."""
+    text, at = _last_denial
+    if text and time.monotonic() - at < DENIAL_S and "$JS.API.STREAM.CREATE." in str(text).upper():
+        return str(text)
+    return None
+
+
 def command_error(url: str, e: BaseException) -> str:
     """The one line a command prints for one of `COMMAND_ERRORS` (it then exits 1): a call the
     server denied this identity goes unanswered, so a timeout after a denial names the denial."""

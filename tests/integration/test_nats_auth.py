@@ -361,6 +361,29 @@ async def test_a_command_denied_by_nats_says_so(fleet: LocalFleet, auth_dir: Pat
     assert rc == 1 and "denied this identity" in err and "permissions violation" in err, err
 
 
+async def test_a_service_or_command_before_the_setup_step_says_what_to_run(tmp_path: Path) -> None:
+    """Before the operator made the fleet's buckets and queue stream, a gateway under its identity
+    may not make them: NATS denies the create and answers nothing, so waiting on would only end in
+    a timeout. It stops at once with a line saying what to run, and so does `corral status` run
+    by that identity."""
+    init(tmp_path, "fresh", ("a1",), gateways=("g1",))
+    async with NatsServer(auth_file=tmp_path / "auth.conf") as server:
+        g1 = creds(tmp_path, gateway_user("g1"))
+        early = Gateway(GatewaySettings(nats_url=server.url, root="fresh", port=0, gateway_id="g1", **g1))
+        try:
+            async with asyncio.timeout(30):  # within the first denial's answer, not the minute's patience
+                with pytest.raises(
+                    NatsRefused, match="run `corral status` .* with the operator's credentials"
+                ):
+                    await early.start()
+        finally:
+            await early.stop()
+        rc, _, err = await corral(
+            "status", "--nats", server.url, "--root", "fresh", "--nats-creds", g1["nats_creds"], timeout=30
+        )
+        assert rc == 1 and "only the operator may make them" in err and "Traceback" not in err, err
+
+
 async def test_the_operators_setup_step_makes_the_batch_stores(tmp_path: Path) -> None:
     """No gateway may make a stream, so the operator's `corral status` makes the Batch API's too;
     an upload before it is told so (503), not left to time out into a 500."""
