@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from corral.runtime.natsauth import CredentialsError
 from corral.runtime.natsauth import NatsAuth as NatsAuth  # callers take it from here, beside connect
 from nats.aio.client import Client as NATS
 from nats.aio.client import Server
@@ -310,6 +311,7 @@ COMMAND_ERRORS = (
     NatsUnreachable,
     NatsRefused,
     NoFleet,
+    CredentialsError,  # an identity or TLS file that cannot be read
     TimeoutError,
     NatsError,
 )  # JetStream's are NatsErrors
@@ -342,7 +344,7 @@ def denied_js_create() -> str | None:
 def command_error(url: str, e: BaseException) -> str:
     """The one line a command prints for one of `COMMAND_ERRORS` (it then exits 1): a call the
     server denied this identity goes unanswered, so a timeout after a denial names the denial."""
-    if isinstance(e, (NatsUnreachable, NatsRefused, NoFleet)):
+    if isinstance(e, (NatsUnreachable, NatsRefused, NoFleet, CredentialsError)):
         return str(e)
     if _last_denial[0] and time.monotonic() - _last_denial[1] < DENIAL_S:
         return (

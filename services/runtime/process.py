@@ -15,6 +15,7 @@ import uvicorn
 from corral.runtime.logs import setup_logging
 from corral.runtime.metricsserver import MetricsPortError
 from corral.runtime.nats import NatsRefused
+from corral.runtime.natsauth import CredentialsError
 from corral.runtime.settings import CommonSettings, SettingsError, settings_from_args
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -52,7 +53,7 @@ def service_main(
     setup_logging(settings.log_level, service=service)
     try:
         rc = run(serve(settings))
-    except (NatsRefused, MetricsPortError) as e:  # a configuration error, said in one line: no traceback
+    except (NatsRefused, MetricsPortError, CredentialsError) as e:  # a configuration error, in one line
         log.error("%s", e)
         return 1
     log.info("stopped (exit status %d)", rc)  # its log's last line, as the operator reads it

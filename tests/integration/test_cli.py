@@ -234,6 +234,30 @@ async def test_a_command_with_no_nats_to_reach_exits_1_with_a_clear_message(comm
     assert len(err.strip().splitlines()) == 1, err  # its own line, not nats-py's error before it too
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["keys", "list"],
+        ["gateway", "--port", "0"],
+        ["agent", "--ollama-url", "http://127.0.0.1:9"],
+    ],
+)
+@pytest.mark.parametrize(
+    "files",
+    [["--nats-creds", "/nonexistent/x.creds"], ["--nats-tls-key", "/nonexistent/k.pem"]],
+    ids=["creds", "tls-key-alone"],
+)
+async def test_an_identity_file_that_cannot_be_used_is_one_line_and_exit_1(
+    command: list[str], files: list[str]
+) -> None:
+    """A credentials or TLS file missing, unreadable or incomplete: the command or service says
+    which in one line and exits 1, before it tries NATS."""
+    rc, _, err = await cli.corral(*command, *files, "--nats", f"nats://127.0.0.1:{free_port()}", timeout=30)
+    assert rc == 1 and "Traceback" not in err, err
+    assert "cannot read NATS credentials" in err or "--nats-tls-key needs --nats-tls-cert" in err, err
+
+
 async def test_a_key_made_under_a_root_no_fleet_uses_comes_with_a_note(nats_server: NatsServer) -> None:
     """Keys may be made before the fleet starts, so the key is made; but a mistyped ``--root`` would
     give a key every gateway refuses, so the command says no fleet runs there."""
