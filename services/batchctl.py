@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from corral.runtime.settings import described
+from corral.runtime.settings import described, gateway_url
 
 DEFAULT_URL = "http://127.0.0.1:11434"
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -155,7 +155,9 @@ def results(api: Api, b: dict[str, Any]) -> bytes:
 
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=DEFAULT_URL, help=f"the gateway (default {DEFAULT_URL})")
+    common.add_argument(
+        "--url", type=gateway_url, default=DEFAULT_URL, help=f"the gateway (default {DEFAULT_URL})"
+    )
     common.add_argument("--api-key", default="", help="an API key (with CORRAL_AUTH=keys)")
     p = argparse.ArgumentParser(
         allow_abbrev=False, prog="corral batch", description=described(__doc__.split("\n\n")[0])

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import msgspec
+from corral.runtime.settings import gateway_url
 
 GIB = 2**30
 HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
@@ -174,7 +175,9 @@ def parser() -> argparse.ArgumentParser:
         prog="corral top",
         description="A live view of the fleet, read from a gateway's /api/status and redrawn in place.",
     )
-    p.add_argument("--url", default="http://127.0.0.1:11434", help="the gateway (default %(default)s)")
+    p.add_argument(
+        "--url", type=gateway_url, default="http://127.0.0.1:11434", help="the gateway (default %(default)s)"
+    )
     p.add_argument("--key", help="an API key, when the gateway has keys on (any role)")
     p.add_argument("--key-file", type=Path, help="a file holding the API key (kept out of `ps`)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between frames (default %(default)s)")

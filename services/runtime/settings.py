@@ -23,6 +23,7 @@ import functools
 import os
 import re
 import typing
+import urllib.parse
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -217,6 +218,22 @@ def settings_from_args(cls: type[S], args: argparse.Namespace, environ: Mapping[
 # the common settings a terminal command (`corral ps`, `corral keys`, ...) has no use for: it sends
 # no traces, and the registries a pull may reach are the gateway's and the registry's to enforce
 SERVICES_ONLY: Final = frozenset({"otlp_endpoint", "allowed_registries"})
+
+
+def gateway_url(raw: str) -> str:
+    """An argparse type for a command's ``--url``: a gateway's HTTP(S) URL, ``http://`` assumed when
+    no scheme is given (``127.0.0.1:11434``, as ``OLLAMA_HOST`` is often written)."""
+    text = raw.strip()
+    if "://" not in text:
+        text = "http://" + text
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a gateway URL (http://HOST:PORT)")
+    try:
+        parts.port  # noqa: B018 -- raises for a port that is not a number
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a gateway URL (http://HOST:PORT)") from None
+    return text.rstrip("/")
 
 
 def described(doc: str) -> str:

@@ -29,6 +29,7 @@ from corral.runtime.settings import (
     add_arguments,
     describe,
     env_name,
+    gateway_url,
     load_settings,
     mask,
     setting,
@@ -514,3 +515,22 @@ def test_terminal_commands_offer_no_flag_they_do_not_use() -> None:
     ):
         assert not SERVICES_ONLY & set(vars(args)), vars(args)
         assert "nats_creds" in vars(args) and "js_replicas" in vars(args)
+
+
+@pytest.mark.parametrize(
+    ("raw", "url"),
+    [
+        ("http://127.0.0.1:11434", "http://127.0.0.1:11434"),
+        ("127.0.0.1:11434", "http://127.0.0.1:11434"),  # as OLLAMA_HOST is often written
+        ("https://gw.example/", "https://gw.example"),
+        (" gpu-box ", "http://gpu-box"),
+    ],
+)
+def test_a_commands_gateway_url_takes_what_people_type(raw: str, url: str) -> None:
+    assert gateway_url(raw) == url
+
+
+@pytest.mark.parametrize("raw", ["ftp://x", "http://", "http://x:port", "://x", ""])
+def test_a_commands_gateway_url_refuses_what_is_none(raw: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a gateway URL"):
+        gateway_url(raw)
