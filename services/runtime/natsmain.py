@@ -25,7 +25,9 @@ def parser() -> argparse.ArgumentParser:
         help="JetStream storage directory (default .corral/nats; with --config the file decides)",
     )
     p.add_argument(
-        "--config", help="a nats-server config file that enables JetStream (e.g. deploy/nats.conf)"
+        "--config",
+        help="a nats-server config file that enables JetStream (e.g. deploy/nats.conf); --host and "
+        "--port still decide where it listens (nats-server's command line wins over the file's)",
     )
     p.add_argument(
         "--auth",
@@ -53,7 +55,8 @@ async def _serve(args: argparse.Namespace) -> int:
         stop.cancel()
         print(f"corral nats: {e}")
         return 1
-    print(f"nats-server with JetStream on {server.url} (store {args.store_dir}); Ctrl-C stops it", flush=True)
+    store = f"config {args.config}'s store" if args.config else f"store {args.store_dir}"
+    print(f"nats-server with JetStream on {server.url} ({store}); Ctrl-C stops it", flush=True)
     died = asyncio.create_task(server.wait())
     await asyncio.wait((stop, died), return_when=asyncio.FIRST_COMPLETED)
     signalled = stop.done()  # judged before stopping the server: stopping ends `died` too
