@@ -32,10 +32,24 @@ def _err(text: str) -> None:
 
 
 def _limit(raw: str) -> int:
-    n = int(raw)
+    try:
+        n = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
     if n < 0:
         raise argparse.ArgumentTypeError("must be 0 (no limit) or more")
     return n
+
+
+def _models(raw: str) -> tuple[str, ...]:
+    """An allow-list: at least one pattern. An empty one would allow every model, which a script
+    passing an unset variable (``--models "$MODELS"``) never meant: leave the option out for that."""
+    models = tuple(m.strip() for m in raw.split(",") if m.strip())
+    if not models:
+        raise argparse.ArgumentTypeError(
+            "needs at least one model pattern (leave --models out for every model)"
+        )
+    return models
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,7 +58,9 @@ def parser() -> argparse.ArgumentParser:
     create = commands.add_parser("create", allow_abbrev=False, help="make a key; prints only the key, once")
     create.add_argument("name", help="the key's name: letters, digits, _ and -, at most 64")
     create.add_argument("--role", choices=ROLES, default="user", help="user (inference, views) or admin")
-    create.add_argument("--models", default="", metavar="GLOB,...", help="allowed models (default: all)")
+    create.add_argument(
+        "--models", type=_models, default=(), metavar="GLOB,...", help="allowed models (default: all)"
+    )
     create.add_argument("--rpm", type=_limit, default=0, metavar="N", help="requests per minute (0: none)")
     create.add_argument("--tpm", type=_limit, default=0, metavar="N", help="tokens per minute (0: none)")
     create.add_argument(
@@ -83,7 +99,7 @@ def _shown(k: ApiKey) -> dict[str, Any]:
 
 async def _run(args: argparse.Namespace, buckets: KeyBuckets) -> int:
     if args.command == "create":
-        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        models = args.models
         try:
             key = await create_key(
                 buckets.keys,

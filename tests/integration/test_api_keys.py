@@ -117,6 +117,11 @@ async def test_create_and_revoke_with_json_say_what_they_did(fleet: LocalFleet) 
     assert (made["role"], made["rpm"], made["models"]) == ("user", 7, ["llama*"])
     rc, out, err = await corral(fleet, "revoke", "jason", "--json")
     assert rc == 0 and json.loads(out) == {"name": "jason", "revoked": True}, err
+    # an empty allow-list (a script's unset variable) would allow every model: a usage error
+    for bad in (["--models", ""], ["--models", " , "], ["--rpm", "abc"]):
+        rc, out, err = await corral(fleet, "create", "blank", *bad)
+        assert rc == 2 and not out and "Traceback" not in err, err
+    assert "needs at least one model pattern" in (await corral(fleet, "create", "b", "--models", ""))[2]
 
 
 async def test_a_missing_or_unknown_key_is_401(fleet: LocalFleet) -> None:
