@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from corral.gateway.batch.model import window_seconds
 from corral.runtime.settings import described, gateway_url
 
 DEFAULT_URL = "http://127.0.0.1:11434"
@@ -174,6 +175,7 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--completion-window",
+        type=_window,
         default="24h",
         metavar="DURATION",
         help="how long it may run before what is left expires: 24h, 90m, 600s (default 24h)",
@@ -188,6 +190,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", type=Path, help="write them here (default: standard output)")
     sub.add_parser("list", parents=[common], allow_abbrev=False, help="the batches, newest first")
     return p
+
+
+def _window(raw: str) -> str:
+    """A completion window the gateway takes, checked before the file is uploaded (else it would be
+    left there, with no batch)."""
+    try:
+        window_seconds(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return raw
 
 
 def run(args: argparse.Namespace) -> int:

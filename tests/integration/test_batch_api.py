@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import openai
@@ -357,6 +358,16 @@ async def test_the_cli_submits_bare_bodies_waits_and_writes_the_results(
     assert code == 0 and batch_id in out
     code, _, err = await corral_batch(fleet, "cancel", batch_id)
     assert code == 1 and "409" in err and "completed" in err
+    # a window the gateway would refuse is refused before the file goes up (it would stay there)
+    files = {f.id for f in (await _files(fleet))}
+    code, out, err = await corral_batch(fleet, "submit", str(source), "--completion-window", "2d")
+    assert code == 2 and not out and "invalid completion_window '2d'" in err, err
+    assert {f.id for f in (await _files(fleet))} == files
+
+
+async def _files(fleet: LocalFleet) -> list[Any]:
+    async with openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="x") as c:
+        return [f async for f in c.files.list()]
 
 
 async def test_the_cli_sends_a_batch_line_without_a_body_as_it_is_and_the_batch_fails_validation(
