@@ -296,7 +296,9 @@ class RunnerTracker:
             # a request without num_ctx runs at the default; any other runner would reload
             if m.context_length in (0, self.wanted_ctx(key, 0, by_key[key])):
                 warm.add(token)
-            if self.on_gpu and 0 < m.size_vram < m.size:  # none in VRAM: nothing faster to wait for here
+            # a spill: part in VRAM, the rest in system RAM (none in VRAM at all is an Ollama
+            # running on its CPU, every model alike: no faster runner here to prefer)
+            if self.on_gpu and 0 < m.size_vram < m.size:
                 offloaded.add(token)
         self._ran_default.clear()
         if by_key != self.trained:

@@ -68,7 +68,7 @@ def test_a_runner_partly_in_system_ram_is_warm_but_offered_on_no_shared_subject(
     in_ram = PsModel(
         name=NAME, model=NAME, size=32, digest="d1", expires_at="", size_vram=0, context_length=4096
     )
-    t.observe([in_ram], {NAME: 0}, busy=(), default_num_ctx=4096)  # none in VRAM: no faster copy here
+    t.observe([in_ram], {NAME: 0}, busy=(), default_num_ctx=4096)  # none in VRAM: an Ollama on its CPU
     assert t.claimable == {TOKEN}
 
 
