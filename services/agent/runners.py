@@ -98,6 +98,11 @@ def token_of(name: str) -> str | None:
 
 
 class RunnerTracker:
+    # Seventeen attributes: what the last /api/ps reading says (loaded, ready, warm, offloaded,
+    # trained, the default context, and whether a GPU serves them), what requests taught it (learned
+    # contexts, load and request times with their samples, when each model's last request ended),
+    # and the loads under way (their waiters and starters, the models they unload, news of a model
+    # ready, default-context runs not yet seen in a reading).
     def __init__(self, default_num_ctx: int = 4096, *, on_gpu: bool = True) -> None:
         # the num_ctx this backend is assumed to give requests without one (configuration, VRAM)
         self.default_num_ctx = default_num_ctx
