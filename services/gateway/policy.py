@@ -141,20 +141,24 @@ def substitute(work: WorkRequest, served: str) -> WorkRequest:
 
 
 # -- /v1/models ---------------------------------------------------------------------------------------
-def with_aliases(v1_models: bytes, policy: Policy, allowed: Callable[[str], bool]) -> bytes:
-    """OpenAI's model list with each alias whose target it lists (and ``allowed`` permits) added,
-    owned by ``corral``."""
+def with_aliases(
+    v1_models: bytes, policy: Policy, allowed: Callable[[str], bool], fleet: bytes | None = None
+) -> bytes:
+    """OpenAI's model list with each alias that ``allowed`` permits and whose target the fleet has
+    (``fleet``: the whole fleet's list, when ``v1_models`` is an API key's narrower one: an alias
+    the key may use serves its target, listed or not) added, owned by ``corral``."""
     if not policy.aliases:
         return v1_models
     body = _any.decode(v1_models)
     data = body.get("data") or []
     listed = {}
-    for m in data:
+    for m in data if fleet is None else (_any.decode(fleet).get("data") or []):
         with contextlib.suppress(InvalidModelName, TypeError, KeyError):
             listed[model_key(m["id"])] = m
+    ids = {m.get("id") for m in data if isinstance(m, dict)}
     for alias, target in sorted(policy.aliases.items()):
         served = listed.get(target)
-        if served is not None and alias not in listed and allowed(alias):
+        if served is not None and alias not in listed and alias not in ids and allowed(alias):
             data.append({"id": alias, "object": "model", "created": served["created"], "owned_by": "corral"})
     body["data"] = data or None
     return policy_encoder.encode(body)

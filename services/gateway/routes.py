@@ -138,25 +138,25 @@ def build_app(gw: Gateway) -> FastAPI:
 
     @app.get("/v1/models")
     async def v1_models(request: Request) -> Response:
-        key = key_of(request.scope)
-        body = userviews.v1_models_body(gw.fleet.agents(), key)
+        key, agents = key_of(request.scope), gw.fleet.agents()
+        body = userviews.v1_models_body(agents, key)
+        narrowed = key is not None and bool(key.models)  # an alias it may use serves a model it may not see
         body = with_aliases(
-            body, gw.policy.policy, lambda name: key is None or model_allowed(key.models, name)
+            body,
+            gw.policy.policy,
+            lambda name: key is None or model_allowed(key.models, name),
+            userviews.v1_models_body(agents, None) if narrowed else None,
         )
         return Response(body, media_type=JSON)
 
     @app.get("/v1/models/{model}")
     async def v1_model(request: Request, model: str) -> Response:
         agents = gw.fleet.agents()
-
-        def seen(name: str) -> bytes | None:  # what `/v1/models` lists for this key under ``name``
-            return None if hides(request.scope, name) else views.v1_model_body(agents, name)
-
         body = None
         if not hides(request.scope, model):
             body = views.v1_model_body(agents, model)
-            if body is None:  # an alias `/v1/models` lists: its target must be seen too
-                body = v1_alias(gw.policy.policy, model, seen)
+            if body is None:  # an alias `/v1/models` lists (its name is what the key's list holds to)
+                body = v1_alias(gw.policy.policy, model, lambda target: views.v1_model_body(agents, target))
         if body is None:
             return Response(openai_body(404, f"model '{model}' not found"), status_code=404, media_type=JSON)
         return Response(body, media_type=JSON)

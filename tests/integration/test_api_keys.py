@@ -234,6 +234,17 @@ async def test_a_fallback_outside_a_keys_allow_list_does_not_serve_it(fleet: Loc
     assert r.status == 200 and r.headers["X-Corral-Model"] == "qwen3:8b"
     r = await call(fleet.url, "POST", "/api/generate", limited, body)
     assert r.status == 404 and json.loads(await r.read())["error"] == "model 'llama3-gone' not found"
+    # an alias is what its name means: the key may use one its list admits, and sees it listed
+    rc, _, err = await cli.corral("alias", "llama3-q", "qwen3:8b", "--nats", fleet.nats_url, "--root", ROOT)
+    assert rc == 0, err
+    await gw.policy.wait_for(lambda p: "llama3-q:latest" in p.aliases, 5.0)
+    r = await call(fleet.url, "POST", "/api/generate", limited, {**body, "model": "llama3-q"})
+    assert r.status == 200 and r.headers["X-Corral-Model"] == "qwen3:8b"
+    client = openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key=limited)
+    listed = {m.id for m in (await client.models.list()).data}
+    assert "llama3-q:latest" in listed and "qwen3:8b" not in listed
+    assert (await client.models.retrieve("llama3-q")).owned_by == "corral"
+    await client.close()
 
 
 async def test_a_user_sees_no_backend_addresses(fleet: LocalFleet) -> None:
