@@ -47,6 +47,19 @@ def _sim(vram_gb: float, parallel: int, models: list[ModelConfig], seed: int, **
     )
 
 
+def _options(server: NatsServer, root: str, sims: list[SimConfig], **gateway: Any) -> FleetOptions:
+    """Agents that read their Ollama often, and no replica checks of the registry's own."""
+    return FleetOptions(
+        port=0,
+        nats_url=server.url,
+        root=root,
+        sims=sims,
+        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
+        gateway=gateway,
+        registry={"replica_check_s": 0.0},
+    )
+
+
 def _runner_size(m: ModelConfig, parallel: int) -> int:
     return loaded_size(m.size, m.kv_bytes(CTX, parallel))
 
@@ -86,15 +99,7 @@ async def test_cold_burst_beside_steady_traffic_loads_whole_where_nothing_busy_i
         _sim(A_VRAM_GB, A_PARALLEL, [BUSY, COLD], 0, reply_tokens=(150, 250)),
         _sim(B_VRAM_GB, B_PARALLEL, [SMALL, COLD], 1, reply_tokens=(30, 60)),
     ]
-    opts = FleetOptions(
-        port=0,
-        nats_url=nats_server.url,
-        root=root,
-        sims=sims,
-        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
-        gateway={"queue_timeout_s": 30.0},
-        registry={"replica_check_s": 0.0},
-    )
+    opts = _options(nats_server, root, sims, queue_timeout_s=30.0)
     busy, cold, small = (parse_name(m.name).key for m in (BUSY, COLD, SMALL))
     async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
         sim_a, sim_b = fleet.sims
@@ -162,14 +167,7 @@ async def test_a_replica_partly_in_system_ram_gets_no_work_while_a_whole_one_has
     slot (not to whichever agent NATS picks among the free slots' claims)."""
     model = ModelConfig(name="qwen3:8b", size_gb=12.0, family="qwen3", context_length=40960, block_count=36)
     sims = [_sim(48, 2, [model], 0, reply_tokens=(5, 10)), _sim(8, 2, [model], 1, reply_tokens=(5, 10))]
-    opts = FleetOptions(
-        port=0,
-        nats_url=nats_server.url,
-        root=root,
-        sims=sims,
-        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
-        registry={"replica_check_s": 0.0},
-    )
+    opts = _options(nats_server, root, sims)
     key = parse_name(model.name).key
     async with LocalFleet(opts) as fleet, aiohttp.ClientSession() as s:
         big, small = fleet.agents
