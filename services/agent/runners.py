@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 from corral.protocol.messages import AgentState, PsModel
 from corral.protocol.names import decode_token, encode_token, key_of
-from corral.protocol.runners import effective_ctx
+from corral.protocol.runners import effective_ctx, spilled_share
 from corral.routing import TYPICAL_REQUEST_S, Route, load_plan
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,8 @@ class RunnerTracker:
         change = NOTHING
         key = decode_token(token)
         waited = load_s if load_s is not None and load_s > 0 else 0.0
-        if (self._loaders.pop(rid, None) or ("",))[0] == token and waited and status == 200:
+        loader = self._loaders.pop(rid, None)
+        if loader is not None and loader[0] == token and waited and status == 200:
             self.load_s[key] = round(waited, 3)
             change = RunnerChange(state=True)
         if status == 200 and ran_s > 0:
@@ -301,9 +302,7 @@ class RunnerTracker:
             # a request without num_ctx runs at the default; any other runner would reload
             if m.context_length in (0, self.wanted_ctx(key, 0, by_key[key])):
                 warm.add(token)
-            # a spill: part in VRAM, the rest in system RAM (none in VRAM at all is an Ollama
-            # running on its CPU, every model alike: no faster runner here to prefer)
-            if self.on_gpu and 0 < m.size_vram < m.size:
+            if spilled_share(m.size, m.size_vram, on_gpu=self.on_gpu):
                 offloaded.add(token)
         self._ran_default.clear()
         if by_key != self.trained:

@@ -26,3 +26,11 @@ def loaded_size(weights: int, kv: int, graph: int = 0) -> int:
     """What a runner takes in (V)RAM, as Ollama's scheduler estimates it before a load: the
     weights (the model file), its KV cache and the compute graph."""
     return weights + kv + graph
+
+
+def spilled_share(size: int, size_vram: int, *, on_gpu: bool) -> float:
+    """The share of a loaded runner (``/api/ps``'s ``size`` and ``size_vram``) that spilled into
+    system RAM, where it decodes several times slower; 0 for one wholly in VRAM, and for one wholly
+    out of it or on a CPU backend (an Ollama running on its CPU, every model alike: no faster runner
+    there to prefer)."""
+    return 1.0 - size_vram / size if on_gpu and 0 < size_vram < size else 0.0

@@ -66,6 +66,7 @@ from typing import Final
 
 from corral.protocol.messages import AgentState
 from corral.protocol.names import VENDORS
+from corral.protocol.runners import spilled_share
 from corral.routing.loads import (
     DEFAULT_MODEL_SIZE,
     LOAD_BANDWIDTH,
@@ -241,9 +242,8 @@ def _estimate(
     runner = ready_runner(agent, route.key)
     if runner is not None:
         if runner_matches(route, agent, runner):
-            wait = _queue_wait(busy, parallel, request_s)
-            if agent.vendor != "cpu" and 0 < runner.size_vram < runner.size:  # partly in system RAM
-                wait += (1 - runner.size_vram / runner.size) * CPU_DECODE_SLOWDOWN * request_s
+            spilled = spilled_share(runner.size, runner.size_vram, on_gpu=agent.vendor != "cpu")
+            wait = _queue_wait(busy, parallel, request_s) + spilled * CPU_DECODE_SLOWDOWN * request_s
             return wait, route.session_agent == agent.id
         drain = busy * request_s / parallel
         return drain + load_s + CONTEXT_SWITCH_S, False
