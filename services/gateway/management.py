@@ -208,13 +208,14 @@ async def to_holder(
     fleet = planner.fleet
     hide = hidden is not None and hidden(request.scope, model.display)
     rules = planner.policy.policy if planner.policy is not None else None
+    shown = model  # what answers: the model named, or the target of the alias it names
     if endpoint == "/api/show" and rules is not None and (target := rules.aliases.get(model.key)):
-        model, body = parse_name(target), msgspec.json.encode({**fields, "model": target, "name": target})
-    holders = sorted(fleet.with_model(model.key), key=lambda a: (a.vendor != vendor, a.in_flight))
+        shown, body = parse_name(target), msgspec.json.encode({**fields, "model": target, "name": target})
+    holders = sorted(fleet.with_model(shown.key), key=lambda a: (a.vendor != vendor, a.in_flight))
     if not holders:
-        holders = sorted(fleet.lately_silent_with(model.key), key=lambda a: -(fleet.heard(a.id) or 0.0))
+        holders = sorted(fleet.lately_silent_with(shown.key), key=lambda a: -(fleet.heard(a.id) or 0.0))
     if not holders or hide:
-        msg = not_found_message(endpoint, raw, parse_name(raw).display)
+        msg = not_found_message(endpoint, raw, model.display)
         return Response(native_body(msg), status_code=404, media_type=JSON)
     return RelayResponse(planner, WorkRequest(endpoint=endpoint, body=body, model=None), holders[0].id)
 

@@ -155,10 +155,9 @@ def with_aliases(
     for m in data if fleet is None else (_any.decode(fleet).get("data") or []):
         with contextlib.suppress(InvalidModelName, TypeError, KeyError):
             listed[model_key(m["id"])] = m
-    ids = {m.get("id") for m in data if isinstance(m, dict)}
     for alias, target in sorted(policy.aliases.items()):
         served = listed.get(target)
-        if served is not None and alias not in listed and alias not in ids and allowed(alias):
+        if served is not None and alias not in listed and allowed(alias):
             data.append({"id": alias, "object": "model", "created": served["created"], "owned_by": "corral"})
     body["data"] = data or None
     return policy_encoder.encode(body)

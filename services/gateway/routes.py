@@ -140,10 +140,12 @@ def build_app(gw: Gateway) -> FastAPI:
     async def v1_models(request: Request) -> Response:
         key, agents = key_of(request.scope), gw.fleet.agents()
         body = userviews.v1_models_body(agents, key)
-        narrowed = key is not None and bool(key.models)  # an alias it may use serves a model it may not see
+        rules = gw.policy.policy
+        # a key's narrower list: an alias it may use serves a model it may not see, found in the fleet's
+        narrowed = key is not None and bool(key.models) and bool(rules.aliases)
         body = with_aliases(
             body,
-            gw.policy.policy,
+            rules,
             lambda name: key is None or model_allowed(key.models, name),
             userviews.v1_models_body(agents, None) if narrowed else None,
         )
