@@ -14,7 +14,6 @@ from aiohttp import web
 from corral.protocol.errors import BadRequest, CorralError, InvalidModelName, ModelNotFound
 from corral.protocol.names import ModelName, parse_name
 from corral.simulator.catalog import Layer, LocalModel
-from corral.simulator.config import ModelConfig
 from corral.simulator.context import SimContext
 from corral.simulator.durations import format_local
 from corral.simulator.responses import (
@@ -33,6 +32,9 @@ from corral.simulator.wire import CopyRequest, CreateRequest, ModelRequest, deco
 _DIGEST_RE: Final = re.compile(r"sha256[:-]([0-9a-fA-F]{64})")
 _TICK_S: Final = 0.06  # Ollama's pull progress tick
 _MAX_TICKS: Final = 100  # per layer, so huge pulls do not flood the stream
+NO_MANIFEST: Final = (
+    "pull model manifest: file does not exist"  # a pull of what the registry lacks (the CLI matches it)
+)
 _F16: Final = frozenset({"F16", "F32", "BF16"})
 
 
@@ -137,7 +139,6 @@ class ManageRoutes:
         except CorralError as e:
             return error_response(e.status, e.message)
         ctx.stats.bump("pulls")
-        offer = ctx.catalog.registry.get(name.key)
         stream = req.stream is not False
         writer = StreamWriter(request)
 
@@ -146,14 +147,11 @@ class ManageRoutes:
                 await writer.write(encode(p) + b"\n")
 
         try:
-            await say(Progress("pulling manifest"))
-            if offer is None:
-                msg = "pull model manifest: file does not exist"
+            if not await self._fetch(name, say):
                 if not stream:
-                    return error_response(500, msg)
-                await writer.write(encode({"error": msg}) + b"\n")
+                    return error_response(500, NO_MANIFEST)
+                await writer.write(encode({"error": NO_MANIFEST}) + b"\n")
                 return await writer.finish()
-            await self._fetch(name, offer, say)
             await say(Progress("success"))
         except ConnectionError:
             ctx.stats.bump("pulls_cut")
@@ -167,10 +165,15 @@ class ManageRoutes:
             return json_response(Progress("success"))
         return await writer.finish()
 
-    async def _fetch(self, name: ModelName, offer: ModelConfig, say: Any) -> None:
-        """Pull ``name`` (the registry's ``offer``) to disk: its layers, the digest check, the
-        manifest (the last ``success`` line is the caller's)."""
+    async def _fetch(self, name: ModelName, say: Any) -> bool:
+        """Pull ``name`` from the simulated registry to disk: its manifest, layers, the digest check
+        (the last ``success`` line is the caller's); False when the registry has no such model (the
+        caller's error is `NO_MANIFEST`)."""
         ctx = self.ctx
+        await say(Progress("pulling manifest"))
+        offer = ctx.catalog.registry.get(name.key)
+        if offer is None:
+            return False
         existing = ctx.catalog.models.get(name.key)
         target = LocalModel(name=existing.name if existing else name, config=offer, modified_at=time.time())
         have = ctx.catalog.layer_digests(ctx.catalog.models.values())
@@ -181,6 +184,7 @@ class ManageRoutes:
         if existing is not None and existing.digest != target.digest:
             await say(Progress("removing unused layers"))
         ctx.catalog.models[name.key] = target
+        return True
 
     async def _transfer(self, layer: Layer, cached: bool, bandwidth: float, verb: str, say: Any) -> None:
         status = f"{verb} {layer.digest[7:19]}"
@@ -253,11 +257,8 @@ class ManageRoutes:
 
         try:
             if isinstance(source, ModelName):  # a base not on disk: Ollama pulls it first
-                await say(Progress("pulling manifest"))
-                offer = ctx.catalog.registry.get(source.key)
-                if offer is None:
-                    return await fail("pull model manifest: file does not exist", 500)
-                await self._fetch(source, offer, say)
+                if not await self._fetch(source, say):
+                    return await fail(NO_MANIFEST, 500)
                 await say(Progress("success"))  # the pull's own last line, as Ollama streams it
                 source = ctx.catalog.models[source.key]
             config = source.config
