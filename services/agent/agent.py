@@ -222,8 +222,7 @@ class Agent:
             await self._publish_state()
         for _, job in self.slots.waiters():
             job.cancel()
-        if running := [j for j in self._jobs.values() if j.task is not None]:
-            await finish_within(running, self.settings.drain_grace_s, self.id)
+        await finish_within(list(self._jobs.values()), self.settings.drain_grace_s, self.id)
 
     async def _close(self) -> None:
         if self._reopener is not None:

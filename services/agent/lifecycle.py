@@ -94,8 +94,11 @@ async def wait_at_most(event: asyncio.Event, timeout: float) -> None:
 async def finish_within(jobs: Collection[Job], grace_s: float, agent_id: str) -> None:
     """A draining agent's running ``jobs`` finish within ``grace_s``; the rest end then, each reply
     saying why (a stream under way shows it as its error line; one not begun goes elsewhere)."""
-    log.info("draining: waiting up to %.0fs for %d requests", grace_s, len(jobs))
-    _, pending = await asyncio.wait([j.task for j in jobs if j.task is not None], timeout=grace_s)
+    running = [j.task for j in jobs if j.task is not None]
+    if not running:
+        return
+    log.info("draining: waiting up to %.0fs for %d requests", grace_s, len(running))
+    _, pending = await asyncio.wait(running, timeout=grace_s)
     why = AgentUnavailable(f"agent {agent_id} stopped: its drain grace of {grace_s:g}s ran out")
     for job in jobs:
         if job.task in pending:

@@ -141,8 +141,8 @@ class Transport:
     async def _on_reply(self, msg: Msg) -> None:
         if stream_delivery(msg):  # `corral.runtime.nats.published`, inline: every chunk passes here
             return
-        if self.nc.stats["reconnects"] != self._reconnects:  # the first message since it came back
-            self._reconnects = self.nc.stats["reconnects"]
+        if (reconnects := self.nc.stats["reconnects"]) != self._reconnects:  # the first since it came back
+            self._reconnects = reconnects
             self._cut_replies()
         call = self._calls.get(msg.subject[self._reply_prefix :])
         if call is not None:
