@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 from corral.gateway import bodies
-from corral.gateway.management import unload_everywhere
+from corral.gateway.management import unload_answerer, unload_everywhere
 from corral.gateway.planner import Planner
 from corral.gateway.sessions import Sessions
 from corral.gateway.settings import GatewaySettings
@@ -215,10 +215,10 @@ class AsyncClient:
         answers = await unload_everywhere(self._planner, work)
         done = [r for r in answers.values() if not isinstance(r, Exception)]
         if not done:
-            holders = self._planner.fleet.with_model(work.model.key)
-            if not holders:
+            answerer = unload_answerer(self._planner, work)
+            if answerer is None:
                 raise ModelNotFound(work.model.key)
-            async with await self._planner.send_to(holders[0].id, work) as reply:
+            async with await self._planner.send_to(answerer, work) as reply:
                 done = [(reply.status, await reply.read(), "")]
         status, data, _ = next((r for r in done if r[0] == 200), done[0])
         if status >= 400:

@@ -55,17 +55,34 @@ async def _whole(reply: Reply) -> tuple[int, bytes, str]:
 async def unload_everywhere(
     planner: Planner, work: WorkRequest, *, timeout: float | None = None
 ) -> dict[str, tuple[int, bytes, str] | Exception]:
-    """Tell every agent that has ``work``'s model loaded (of its vendor, when strict) to let it go,
-    all at once: agent → its answer (status, body, content type) or the error it failed with. Empty
-    when no agent has it loaded."""
+    """Tell every agent that has ``work``'s model loaded to let it go, all at once: agent → its
+    answer (status, body, content type) or the error it failed with. Empty when no agent has it
+    loaded. A vendor pin (``amd/llama3.2``) narrows it to that vendor's agents, as it steers a
+    request there: when none of them has it loaded, a preference unloads it everywhere (where the
+    pinned name's requests went), a strict pin nowhere."""
     assert work.model is not None
     work.unload = True
-    key = work.model.key
-    loaded = [a.id for a in planner.fleet.loaded_on(key) if not work.strict or a.vendor == work.vendor]
+    holders = planner.fleet.loaded_on(work.model.key)
+    if work.vendor is not None:
+        pinned = [a for a in holders if a.vendor == work.vendor]
+        if pinned or work.strict:
+            holders = pinned
+    loaded = [a.id for a in holders]
     if not loaded:
         return {}
     answers = await fan_out(loaded, lambda agent: planner.send_to(agent, work, timeout=timeout), _whole)
     return dict(zip(loaded, answers, strict=True))
+
+
+def unload_answerer(planner: Planner, work: WorkRequest) -> str | None:
+    """When no agent has the model loaded: one with it on disk, to answer the unload as Ollama does
+    (of the pinned vendor first; for a strict pin no other, where the model may be loaded)."""
+    assert work.model is not None
+    holders = [
+        a for a in planner.fleet.with_model(work.model.key) if not work.strict or a.vendor == work.vendor
+    ]
+    holders.sort(key=lambda a: a.vendor != work.vendor)
+    return holders[0].id if holders else None
 
 
 async def unload(planner: Planner, work: WorkRequest, raw: str, receive: Receive, send: Send) -> None:
@@ -74,11 +91,11 @@ async def unload(planner: Planner, work: WorkRequest, raw: str, receive: Receive
     key = work.model.key
     answers = await unload_everywhere(planner, work)
     if not answers:
-        holders = planner.fleet.with_model(key)
-        if not holders:
+        answerer = unload_answerer(planner, work)
+        if answerer is None:
             await respond_error(send, ModelNotFound(key), api="ollama", endpoint=work.endpoint, raw_model=raw)
             return
-        await relay(planner, work, receive, send, raw_model=raw, target=holders[0].id)
+        await relay(planner, work, receive, send, raw_model=raw, target=answerer)
         return
     first: tuple[str, tuple[int, bytes, str]] | None = None  # the agent whose answer is given
     for agent, r in answers.items():

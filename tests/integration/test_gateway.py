@@ -400,6 +400,33 @@ async def test_unload_reaches_every_agent(fleet: LocalFleet) -> None:
     await until(fleet, lambda: not fleet.gateway.fleet.loaded_on("qwen3:8b"))  # type: ignore[union-attr]
 
 
+async def test_an_unload_of_a_pinned_name_unloads_that_vendors_copies(fleet: LocalFleet) -> None:
+    """`ollama stop amd/qwen3:8b`: the AMD agent lets it go, the NVIDIA ones keep theirs; asked again
+    when no AMD agent has it loaded, the pin is a preference, and every copy goes."""
+    await preload(fleet, "qwen3:8b")
+    gw = fleet.gateway
+    assert gw is not None
+    vendors = {a.id: a.vendor for a in fleet.agents}
+    assert sorted(vendors.values()) == ["amd", "nvidia", "nvidia"]
+
+    def loaded_vendors() -> list[str]:
+        return sorted(vendors[a.id] for a in gw.fleet.loaded_on("qwen3:8b"))
+
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "amd/qwen3:8b", "prompt": "", "keep_alive": 0, "stream": False}
+        async with s.post(fleet.url + "/api/generate", json=body) as r:
+            assert r.status == 200 and (await r.json())["done_reason"] == "unload"
+            assert vendors[r.headers["X-Corral-Agent"]] == "amd"
+        for a in fleet.agents:
+            a._wake.refresh.set()
+        await until(fleet, lambda: loaded_vendors() == ["nvidia", "nvidia"])
+        async with s.post(fleet.url + "/api/generate", json=body) as r:
+            assert r.status == 200 and (await r.json())["done_reason"] == "unload"
+        for a in fleet.agents:
+            a._wake.refresh.set()
+        await until(fleet, lambda: not loaded_vendors())
+
+
 async def test_a_keep_alive_on_a_request_shows_in_ps_without_waiting_for_a_refresh(
     nats_server: NatsServer,
 ) -> None:
