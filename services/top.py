@@ -4,7 +4,8 @@ tokens/s, TTFT), redrawn in place with ANSI escapes, for people on an SSH sessio
 It reads the gateway's ``GET /api/status`` over HTTP, not NATS: one URL is all it needs (the same
 one Ollama clients use), it works from wherever the gateway is reachable without a NATS identity,
 and with API keys on it sees what its key may see (``--key`` or ``--key-file``; any role will do).
-``--once`` prints one frame without escapes (for scripts and tests); ``--interval`` sets the refresh.
+``--once`` prints one frame without escapes (for scripts and tests); into a pipe or a file it prints
+plain frames, one per ``--interval``.
 """
 
 from __future__ import annotations
@@ -209,9 +210,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _live(url: str, key: str | None, interval: float) -> int:
+    """Frames redrawn in place on a terminal; into a pipe or a file (``corral top > log``), plain
+    frames one after another, a blank line between them, as ``top -b`` writes them."""
     out = sys.stdout
-    out.write(HIDE_CURSOR + "\x1b[2J")
+    tty = out.isatty()
     try:
+        if tty:
+            out.write(HIDE_CURSOR + "\x1b[2J")
         while True:
             width = _columns()
             try:
@@ -220,14 +225,18 @@ def _live(url: str, key: str | None, interval: float) -> int:
                 )
             except Unavailable as e:
                 lines = [f"corral top  {url}  {datetime.datetime.now():%H:%M:%S}", "", str(e), "retrying…"]
-            out.write(frame([*lines, "", f"every {interval:g} s; Ctrl-C quits"]))
+            if tty:
+                out.write(frame([*lines, "", f"every {interval:g} s; Ctrl-C quits"]))
+            else:
+                out.write("\n".join(lines) + "\n\n")
             out.flush()
             time.sleep(interval)  # the refresh period, not a wait for anything
     except KeyboardInterrupt:
         return 0
     finally:
-        out.write(SHOW_CURSOR + "\n")
-        out.flush()
+        if tty:
+            out.write(SHOW_CURSOR + "\n")
+            out.flush()
 
 
 def _columns() -> int:

@@ -81,6 +81,35 @@ async def test_output_into_a_reader_that_stopped_ends_quietly(fleet: LocalFleet)
     assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
 
 
+async def test_top_into_a_pipe_writes_plain_frames_and_stops_when_the_reader_goes(fleet: LocalFleet) -> None:
+    """``corral top | tee log``: no cursor escapes, whole frames one after another; ``| head`` ends it."""
+    read, write = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "corral.cli", "top", "--url", fleet.url, "--interval", "0.01",
+            stdout=write, stderr=asyncio.subprocess.PIPE, env=cli.without_corral_settings(),
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    frames: list[list[str]] = [[]]
+    with open(read, encoding="utf-8") as reader:  # closed after two frames: the reader leaves
+        async with asyncio.timeout(60):
+            while len(frames) < 3:
+                line = await asyncio.to_thread(reader.readline)
+                assert line, "top ended early"
+                if line == "\n":
+                    frames.append([])
+                else:
+                    frames[-1].append(line)
+    async with asyncio.timeout(60):
+        _, err = await proc.communicate()
+    text = "".join(frames[0] + frames[1])
+    assert "\x1b" not in text, text
+    assert frames[0][0].startswith("corral top  " + fleet.url), frames[0]
+    assert all(a.id in "".join(frames[1]) for a in fleet.agents), frames[1]
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
+
+
 async def test_pull_with_replicas(fleet: LocalFleet) -> None:
     rc, out, err = await corral(fleet, "pull", "gemma3:4b", "--replicas", "2", "--json")
     assert rc == 0, err
