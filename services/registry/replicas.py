@@ -45,6 +45,7 @@ from corral.runtime.nats import published
 from corral.runtime.tasks import cancel_and_wait
 from corral.runtime.workqueue import depths
 from corral.transport import Transport
+from corral.views.status import queue_by_token
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -237,11 +238,7 @@ class Replicator:
 
     async def _depths(self) -> dict[str, int]:
         """Requests waiting per model token (its vendor and batch lanes together)."""
-        per_model: dict[str, int] = {}
-        for subject, n in (await depths(self.nc, self.subjects)).items():
-            token = subject.rsplit(".", 1)[-1]
-            per_model[token] = per_model.get(token, 0) + n
-        return per_model
+        return queue_by_token(await depths(self.nc, self.subjects))
 
     # -- loads ---------------------------------------------------------------------------------
     async def _preload(self, agent_id: str, key: str, backlog: _Backlog) -> None:

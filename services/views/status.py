@@ -155,13 +155,19 @@ def pin_rows(pins: dict[str, Pin], agents: list[AgentState]) -> list[PinRow]:
     return rows
 
 
-def queue_by_model(depths: dict[str, int]) -> dict[str, int]:
-    """Fleet-queue depths per model key, from `corral.runtime.workqueue.depths` (per subject)."""
+def queue_by_token(depths: dict[str, int]) -> dict[str, int]:
+    """Fleet-queue depths per model token (its vendor and batch lanes together), from
+    `corral.runtime.workqueue.depths` (per subject)."""
     out: dict[str, int] = {}
     for subject, n in depths.items():
-        key = decode_token(subject.rsplit(".", 1)[-1])
-        out[key] = out.get(key, 0) + n
-    return dict(sorted(out.items()))
+        token = subject.rsplit(".", 1)[-1]
+        out[token] = out.get(token, 0) + n
+    return out
+
+
+def queue_by_model(depths: dict[str, int]) -> dict[str, int]:
+    """Fleet-queue depths per model key (`queue_by_token`, its tokens decoded)."""
+    return dict(sorted((decode_token(token), n) for token, n in queue_by_token(depths).items()))
 
 
 def status_view(
