@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +26,7 @@ from types import TracebackType
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_STORE_LINE = re.compile(r'Store Directory: "(.*)"')
 
 
 class NatsServerError(RuntimeError):
@@ -175,6 +177,7 @@ class NatsServer:
         self._ready = asyncio.Event()
         self._reloaded = asyncio.Event()
         self._js_seen = False
+        self._store_seen: str | None = None  # the JetStream store the server's log names
         self._up = False  # this run's "Server is ready" line was seen
         self._log_tail: list[str] = []
 
@@ -199,6 +202,7 @@ class NatsServer:
             raise NatsServerError("nats-server already started")
         self._ready.clear()  # started again after `kill`: wait for this run's "ready" line
         self._js_seen = self._up = False
+        self._store_seen = None
         args = [find_binary(), "-a", self.host, "-p", str(self.port)]
         if self.auth_file or self.tls or self.max_payload:
             args += ["-c", str(self._write_config())]
@@ -245,7 +249,9 @@ class NatsServer:
             raise NatsServerError(
                 "nats-server started without JetStream; Corral needs it (check -js / config)"
             )
-        log.info("nats-server ready on %s (JetStream store %s)", self.url, self._store_dir)
+        log.info(
+            "nats-server ready on %s (JetStream store %s)", self.url, self._store_seen or self._store_dir
+        )
 
     def _write_config(self) -> Path:
         """JetStream in the store, max_payload, the authorization include, TLS: the file the server
@@ -270,6 +276,8 @@ class NatsServer:
             self._log_tail = [*self._log_tail[-40:], line]
             if "Starting JetStream" in line:
                 self._js_seen = True
+            if (store := _STORE_LINE.search(line)) is not None:
+                self._store_seen = store.group(1)  # where it really is, whichever file or flag said
             if "Server is ready" in line:
                 self._up = True
                 self._ready.set()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from corral.runtime import natsserver
-from corral.runtime.natsserver import NatsPortTaken, NatsServer, NatsServerError
+from corral.runtime.natsserver import NatsPortTaken, NatsServer, NatsServerError, free_port
 
 _BANNER = "[1] [INF] Starting JetStream\\n[1] [INF] Took 1ms to start JetStream\\n"
 
@@ -57,3 +57,17 @@ async def test_the_ready_line_starts_it(tmp_path: Path, monkeypatch: pytest.Monk
     assert server.pid is not None
     await server.stop()
     assert server.pid is None
+
+
+async def test_it_says_the_store_its_config_file_chose(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`corral nats --config FILE`: the file's store_dir is the store, and the ready line names it."""
+    port = free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{tmp_path / "kept"}" }}\n')
+    caplog.set_level("INFO", logger=natsserver.__name__)
+    async with NatsServer(port=port, config_file=conf, store_dir=tmp_path / "unused"):
+        pass
+    ready = [r.getMessage() for r in caplog.records if "nats-server ready" in r.getMessage()]
+    assert ready and f"(JetStream store {tmp_path / 'kept' / 'jetstream'})" in ready[0], ready
