@@ -36,6 +36,7 @@ from corral.gateway import __main__ as gateway_main
 from corral.gateway import keysmain as keys_main
 from corral.gateway.settings import GatewaySettings
 from corral.protocol.names import VENDORS, parse_name
+from corral.protocol.priority import BATCH, INTERACTIVE
 from corral.protocol.subjects import Subjects
 from corral.registry import __main__ as registry_main
 from corral.registry.settings import RegistrySettings
@@ -594,10 +595,12 @@ def test_autoscaling_reads_the_queue_the_fleet_uses() -> None:
     keda = (K8S / "autoscaling" / "keda.yaml").read_text()
     triggers = [t for doc in yaml.safe_load_all(keda) if doc for t in doc["spec"]["triggers"]]
     assert triggers and all(t["metadata"]["stream"] == subjects.queue_stream for t in triggers)
-    named = re.findall(r"consumer: (\S+)\s+# (\S+)", keda)
+    named = re.findall(r"consumer: (\S+)\s+# (batch )?(\S+)", keda)
     assert len(named) == len(triggers)
-    for consumer, model in named:
-        assert consumer == consumer_name(subjects.queue("any", parse_name(model).token)), model
+    for consumer, lane, model in named:
+        priority = BATCH if lane else INTERACTIVE
+        assert consumer == consumer_name(subjects.queue("any", parse_name(model).token, priority)), model
+    assert {lane for _, lane, _ in named} == {"", "batch "}  # both lanes of a model scale its GPUs
     hpa = yaml.safe_load((K8S / "autoscaling" / "hpa.yaml").read_text())
     (metric,) = hpa["spec"]["metrics"]
     assert metric["external"]["metric"]["selector"]["matchLabels"]["stream_name"] == subjects.queue_stream

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from corral.auth.config import init as auth_init
 from corral.protocol.names import ANY_VENDOR, parse_name
+from corral.protocol.priority import BATCH, INTERACTIVE
 from corral.protocol.subjects import Subjects
 from corral.runtime.natsserver import find_binary
 from corral.runtime.workqueue import consumer_name
@@ -249,7 +250,11 @@ def test_keda_triggers_name_the_real_queue_stream_and_consumer() -> None:
             # the comment beside the consumer names its model; the name must be that model's
             line = next(line for line in text.splitlines() if meta["consumer"] in line)
             model = line.split("#", 1)[1].strip()
-            assert meta["consumer"] == consumer_name(subjects.queue(ANY_VENDOR, parse_name(model).token))
+            lane, _, model = model.rpartition(" ")
+            priority = BATCH if lane == "batch" else INTERACTIVE
+            assert meta["consumer"] == consumer_name(
+                subjects.queue(ANY_VENDOR, parse_name(model).token, priority)
+            )
 
 
 def test_keda_validation_can_fail() -> None:
