@@ -18,7 +18,8 @@ def has_model(agent: AgentState, key: str) -> bool:
 
 def pull_order(agents: Iterable[AgentState], key: str, vendor: str | None) -> list[AgentState]:
     """Where a pull of ``key`` should go, best first: active agents (of ``vendor``) that already have
-    the model (a pull there only checks), then those with the fewest models; ties by agent id."""
-    usable = [a for a in agents if a.status == "active" and vendor in (None, a.vendor)]
+    the model (a pull there only checks), then those with the fewest models; ties by agent id. An
+    agent whose Ollama does not answer is none of them (it shows no models, so it would come first)."""
+    usable = [a for a in agents if a.status == "active" and not a.ollama_down and vendor in (None, a.vendor)]
     usable.sort(key=lambda a: (not has_model(a, key), len(a.models), a.id))
     return usable

@@ -527,6 +527,12 @@ def test_pull_order_prefers_holders_then_fewest_models_and_honours_the_vendor() 
     assert ids(pull_order([a, b, c], OTHER, None)) == ["a", "c", "b"]
 
 
+def test_pull_order_leaves_out_an_agent_whose_ollama_is_down() -> None:
+    """It shows no models while down: were it a candidate, every pull would go to it first and fail."""
+    down = msgspec.structs.replace(agent("a"), models=[], ollama_down=True)
+    assert ids(pull_order([down, agent("b", model=OTHER)], MODEL, None)) == ["b"]
+
+
 def test_num_ctx_above_the_trained_context_is_one_runner_and_one_marker() -> None:
     """32768, 65536 and 131072 on a model trained for 8192 are what Ollama runs at 8192: routed and
     marked as 8192, so they share the runner (and the load marker) and force no reload."""
