@@ -123,6 +123,7 @@ class Rebalancer:
             pinned=self._pinned(),
             avoid=frozenset(self._failed),
             router=self._router,
+            waiting_now=waiting,
         )
         if move is None:
             return None

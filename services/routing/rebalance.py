@@ -55,12 +55,16 @@ def plan_move(
     avoid: frozenset[str] = frozenset(),
     min_gain: float = MOVE_GAIN,
     router: Router | None = None,
+    waiting_now: Mapping[str, int] | None = None,
 ) -> Move | None:
     """The card switch to a model with requests waiting (`SATURATED`) that lowers `waiting` the
     most, or None when none lowers it by at least one request and ``min_gain`` of the card's slots.
     ``fleet``: every agent; ``pinned``: models kept warm (never evicted); ``avoid``: agents not to
-    use now (a switch there failed lately). A load under way counts as the slots it will bring; an
-    agent with one is not switched; ties go to the shorter load, then the agent id."""
+    use now (a switch there failed lately); ``waiting_now``: each model's requests in the queue at
+    this moment, when read: a model with none is not switched to, whatever its average says (its
+    burst is over, or a client has just unloaded it: a load now would serve nobody). A load under
+    way counts as the slots it will bring; an agent with one is not switched; ties go to the
+    shorter load, then the agent id."""
     router = router or Router()
     active = [a for a in fleet if a.status == "active" and not a.ollama_down]
     serving = serving_slots(active)  # each model's slots on warm runners (what it ran on)
@@ -72,8 +76,8 @@ def plan_move(
     now = waiting(demand, slots, shares, share)
     best: Move | None = None
     for key, d in demand.items():
-        if d.waiting < SATURATED:
-            continue  # its requests hardly wait
+        if d.waiting < SATURATED or (waiting_now is not None and not waiting_now.get(key)):
+            continue  # its requests hardly wait, or none waits now
         route = Route(key=key)
         holders = [a for a in active if any(key_of(m.name) == key for m in a.models)]
         sizes, loads = router.observations(holders)

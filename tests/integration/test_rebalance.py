@@ -10,7 +10,9 @@ from typing import Any
 
 import aiohttp
 import ollama
+import pytest
 from corral.protocol.names import parse_name
+from corral.registry import rebalance
 from corral.routing import Route, plan_move, warm
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
@@ -121,7 +123,9 @@ async def test_a_card_switches_from_an_idle_model_to_one_that_waits(
         assert plan_move(gw.fleet.agents(), registry.rebalancer.meter.demand()) is None  # type: ignore[union-attr]
 
 
-async def test_no_switch_before_any_slot_time_is_reported(nats_server: NatsServer, root: str) -> None:
+async def test_no_switch_before_any_slot_time_is_reported(
+    nats_server: NatsServer, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Requests wait for the model on one card while the other model idles on two, but no agent has
     reported slot time (as agents of an older version do not): the registry cannot tell what runs,
     so it switches nothing; once it reads what ran, the same demand switches a card."""
@@ -130,6 +134,12 @@ async def test_no_switch_before_any_slot_time_is_reported(nats_server: NatsServe
         assert gw is not None and registry is not None and registry.rebalancer is not None
         rebalancer = registry.rebalancer
         assert rebalancer.meter is not None
+        queued = {rebalancer.subjects.queue("any", parse_name(BUSY).token): 8}
+
+        async def eight_waiting(*_: object) -> dict[str, int]:  # what the hours below had in the queue
+            return queued
+
+        monkeypatch.setattr(rebalance, "depths", eight_waiting)
         await _split(fleet)
         rebalancer._next_at = 0.0  # weighed at once, not an hour from now
         meter, now = rebalancer.meter, rebalancer.meter.since
@@ -162,3 +172,22 @@ async def test_a_stream_counts_in_the_demand_while_it_runs(nats_server: NatsServ
                         break
         assert shown is not None and shown.running > 0
         assert last.get("done") is False  # still streaming when it showed
+
+
+async def test_no_switch_once_the_queue_is_empty(nats_server: NatsServer, root: str) -> None:
+    """An hour of requests waiting for the busy model is in the measure, but the fleet queue is empty
+    now (the burst is over, or a client has just unloaded the model with `keep_alive: 0`): no card
+    is switched to it, so an unload is not undone by a load that serves nobody."""
+    async with LocalFleet(_options(nats_server, root, rebalance_s=3600.0)) as fleet:
+        registry = fleet.registry
+        assert registry is not None and registry.rebalancer is not None
+        rebalancer = registry.rebalancer
+        assert rebalancer.meter is not None
+        await _split(fleet)
+        rebalancer._next_at = 0.0  # weighed at once, not an hour from now
+        meter, now = rebalancer.meter, rebalancer.meter.since
+        for t in range(1, 3600, 60):  # an hour of four slots running and eight requests waiting
+            meter.ran(BUSY_KEY, 4 * 60.0)
+            meter.sample(now + t, {BUSY_KEY: 8})
+        assert meter.demand()[BUSY_KEY].waiting > 4
+        assert await rebalancer.step() is None and rebalancer.moves == []

@@ -142,6 +142,17 @@ def test_no_move_when_nothing_waits():
     assert plan_move(fleet, {}) is None
 
 
+def test_no_move_to_a_model_with_nothing_in_the_queue_now():
+    """Its average still says it waited (a burst just ended, or a client unloaded it after one):
+    a load now would serve nobody, and would undo the unload."""
+    fleet = fleet_of(A, A, B, B)
+    demand = {A: Demand(running=8, waiting=4), B: Demand(running=4)}
+    assert plan_move(fleet, demand, waiting_now={A: 0, B: 2}) is None
+    assert plan_move(fleet, demand, waiting_now={B: 2}) is None
+    move = plan_move(fleet, demand, waiting_now={A: 1})
+    assert move is not None and move.key == A
+
+
 def test_a_free_card_takes_a_waiting_model_without_a_margin():
     fleet = fleet_of(A, A, B, None)
     move = plan_move(fleet, {A: Demand(running=8, waiting=1), B: Demand(running=4)})
