@@ -29,7 +29,7 @@ from corral.gateway.errors import METHOD_NOT_ALLOWED, TOO_DEEP, dialect, plain
 from corral.gateway.keys import open_key_buckets
 from corral.gateway.metrics import OTHER, known_label
 from corral.gateway.planner import Planner
-from corral.gateway.relay import relay, respond_error
+from corral.gateway.relay import Sent, relay, respond_error
 from corral.gateway.routes import build_app
 from corral.gateway.sessions import Sessions
 from corral.gateway.settings import GatewaySettings
@@ -46,12 +46,12 @@ from corral.runtime.kvwatch import watch_until, watching
 from corral.runtime.nats import NatsAuth, NatsRefused, connect
 from corral.runtime.policy import PolicyStore
 from corral.runtime.tasks import cancel_and_wait, supervise
-from corral.runtime.telemetry import server_span, set_model, tracer
+from corral.runtime.telemetry import server_span, set_http_status, set_model, tracer
 from corral.runtime.workqueue import QueueLimits
 from corral.transport import Transport, WorkRequest, model_work
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
-from opentelemetry.trace import TracerProvider
+from opentelemetry.trace import Span, TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -353,63 +353,71 @@ class Gateway:
 
     async def _model_request(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint: str = scope["path"]
+        with server_span(self._tracer, f"POST {endpoint}", trace_carrier(scope["headers"])) as span:
+            if not span.is_recording():
+                await self._model_call(span, scope, receive, send)
+                return
+            sent = Sent(send)  # the status it answers, for the span (a stream's body writes go around it)
+            try:
+                await self._model_call(span, scope, receive, sent)
+            finally:
+                set_http_status(span, sent.status)
+
+    async def _model_call(self, span: Span, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint: str = scope["path"]
         api = dialect(endpoint)
-        carrier = trace_carrier(scope["headers"])
-        with server_span(self._tracer, f"POST {endpoint}", carrier) as span:
-            body: bytes = scope[BODY]
-            if not body or body.isspace():  # no copy of a large body
-                # /v1 gives Go's decoder's own error for no JSON value, the native API its own words
-                empty = BadRequest("missing request body" if api == "ollama" else "EOF")
-                await respond_error(send, empty, api=api)
+        body: bytes = scope[BODY]
+        if not body or body.isspace():  # no copy of a large body
+            # /v1 gives Go's decoder's own error for no JSON value, the native API its own words
+            empty = BadRequest("missing request body" if api == "ollama" else "EOF")
+            await respond_error(send, empty, api=api)
+            return
+        key = key_of(scope)
+        try:
+            view, body = bodies.read_view(body)
+        except RecursionError:  # Go's decoder refuses such a body too
+            await respond_error(send, BadRequest(TOO_DEEP), api=api)
+            return
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            if key is not None and key.models:  # its model cannot be checked: it goes nowhere
+                await respond_error(send, BadRequest(f"invalid request body: {e}"), api=api)
                 return
-            key = key_of(scope)
-            try:
-                view, body = bodies.read_view(body)
-            except RecursionError:  # Go's decoder refuses such a body too
-                await respond_error(send, BadRequest(TOO_DEEP), api=api)
+            # let an Ollama word the error exactly as it would
+            await relay(self.planner, WorkRequest(endpoint=endpoint, body=body), receive, send, api=api)
+            return
+        try:
+            work, raw = self._route(endpoint, body, view, scope["headers"], key)
+        except CorralError as e:
+            await respond_error(send, e, api=api, endpoint=endpoint)
+            return
+        label = ""  # its model as a metrics label, and in usage: worked out once, here
+        if work.model is not None:
+            if key is not None and not model_allowed(key.models, work.model.display):
+                # outside the key's allow-list: exactly what a model no agent has answers
+                err = ModelNotFound(work.model.display)
+                await respond_error(send, err, api=api, endpoint=endpoint, raw_model=raw)
                 return
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                if key is not None and key.models:  # its model cannot be checked: it goes nowhere
-                    await respond_error(send, BadRequest(f"invalid request body: {e}"), api=api)
-                    return
-                # let an Ollama word the error exactly as it would
-                await relay(self.planner, WorkRequest(endpoint=endpoint, body=body), receive, send, api=api)
-                return
-            try:
-                work, raw = self._route(endpoint, body, view, scope["headers"], key)
-            except CorralError as e:
-                await respond_error(send, e, api=api, endpoint=endpoint)
-                return
-            label = ""  # its model as a metrics label, and in usage: worked out once, here
-            if work.model is not None:
-                if key is not None and not model_allowed(key.models, work.model.display):
-                    # outside the key's allow-list: exactly what a model no agent has answers
-                    err = ModelNotFound(work.model.display)
-                    await respond_error(send, err, api=api, endpoint=endpoint, raw_model=raw)
-                    return
-                if key is not None:
-                    work.allowed = key.models  # and no fallback outside it serves it
-                # usage is kept per model: a name no agent has is "other", so a client sending
-                # made-up names cannot fill the usage bucket with rows of its own
-                k = work.model.key  # a model only lately silent agents hold may yet be served
-                label = known_label(k, self.fleet.has_model(k) or bool(self.fleet.lately_silent_with(k)))
-                scope[MODEL] = work.model.display if label != OTHER else OTHER
-                set_model(span, endpoint, work.model.display)
-            elif key is not None and key.models:
-                await respond_error(send, ModelNotFound(f"model '{raw}' not found"), api=api)
-                return
-            if work.expires_now and key is not None and key.role != "admin":
-                # a keep_alive under a second ends the runner with this request (or a moment
-                # after it), with nothing to run or not: other users' warm runner too
-                refused = Forbidden(
-                    "forbidden: keep_alive under a second (unloading a model) needs an admin key"
-                )
-                await respond_error(send, refused, api=api, endpoint=endpoint)
-                return
-            if bodies.is_unload(endpoint, view):
-                await management.unload(self.planner, work, raw, receive, send)
-                return
-            await relay(self.planner, work, receive, send, api=api, raw_model=raw, model_label=label)
+            if key is not None:
+                work.allowed = key.models  # and no fallback outside it serves it
+            # usage is kept per model: a name no agent has is "other", so a client sending
+            # made-up names cannot fill the usage bucket with rows of its own
+            k = work.model.key  # a model only lately silent agents hold may yet be served
+            label = known_label(k, self.fleet.has_model(k) or bool(self.fleet.lately_silent_with(k)))
+            scope[MODEL] = work.model.display if label != OTHER else OTHER
+            set_model(span, endpoint, work.model.display)
+        elif key is not None and key.models:
+            await respond_error(send, ModelNotFound(f"model '{raw}' not found"), api=api)
+            return
+        if work.expires_now and key is not None and key.role != "admin":
+            # a keep_alive under a second ends the runner with this request (or a moment
+            # after it), with nothing to run or not: other users' warm runner too
+            refused = Forbidden("forbidden: keep_alive under a second (unloading a model) needs an admin key")
+            await respond_error(send, refused, api=api, endpoint=endpoint)
+            return
+        if bodies.is_unload(endpoint, view):
+            await management.unload(self.planner, work, raw, receive, send)
+            return
+        await relay(self.planner, work, receive, send, api=api, raw_model=raw, model_label=label)
 
     def _route(
         self,

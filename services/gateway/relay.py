@@ -91,16 +91,18 @@ class Sent:
     whether it ended. A stream's many body writes may go to the server's ``send`` itself
     (`direct`); its start and its last write come through here."""
 
-    __slots__ = ("content_type", "ended", "send", "started")
+    __slots__ = ("content_type", "ended", "send", "started", "status")
 
     def __init__(self, send: Send) -> None:
         self.send = send
         self.started = self.ended = False
         self.content_type = b""
+        self.status = 0
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
+            self.status = message["status"]
             self.content_type = next((v for k, v in message["headers"] if k == b"content-type"), b"")
         elif not message.get("more_body"):
             self.ended = True
@@ -108,8 +110,10 @@ class Sent:
 
 
 def direct(send: Send) -> Send:
-    """The server's own ``send`` under a `Sent`: for a stream's body writes, once it has begun."""
-    return send.send if isinstance(send, Sent) else send
+    """The server's own ``send`` under `Sent`s: for a stream's body writes, once it has begun."""
+    while isinstance(send, Sent):
+        send = send.send
+    return send
 
 
 async def _until_gone(

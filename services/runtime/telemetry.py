@@ -23,7 +23,9 @@ the gateway's SERVER span and the agent's CLIENT span carry ``gen_ai.request.mod
 ``gen_ai.operation.name``, ``gen_ai.usage.input_tokens`` / ``gen_ai.usage.output_tokens`` (read
 from the end of the answer) and ``corral.ttft_ms`` (each measured where it is: the gateway's from
 its routing to the first bytes sent, the agent's from its call to Ollama's); the gateway's also
-``corral.agent``, the agent that served it, and ``corral.route``, how it was routed. A PRODUCER
+``corral.agent``, the agent that served it, ``corral.route``, how it was routed, and
+``http.response.status_code``; a 5xx answer, or an answer that began and then ended with an error
+line, marks it failed (status ERROR, ``error.type`` the status it ended as). A PRODUCER
 span lasts from the publish until the agent's head or the attempt's failure, so an attempt that
 failed over is an error span of its own, with ``corral.agent`` when an agent had claimed it.
 """
@@ -58,6 +60,8 @@ GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
 GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
 GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
 GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+ERROR_TYPE: Final = "error.type"
 CORRAL_AGENT: Final = "corral.agent"  # the agent id that served (or claimed) the request
 CORRAL_TTFT_MS: Final = "corral.ttft_ms"  # milliseconds until the answer's first bytes
 CORRAL_ROUTE: Final = "corral.route"  # how the gateway routed it (warm, load, queue, direct ...)
@@ -150,6 +154,22 @@ def client_span(t: Tracer, name: str) -> Iterator[Span]:
         return
     with t.start_as_current_span(name, kind=SpanKind.CLIENT) as span:
         yield span
+
+
+def set_http_status(span: Span, status: int) -> None:
+    """Put on a SERVER span the HTTP status it answered (none: its client left first). A 5xx marks
+    it failed, as OpenTelemetry's HTTP conventions have it; a 4xx is the client's error, not ours."""
+    if not status or not span.is_recording():
+        return
+    span.set_attribute(HTTP_RESPONSE_STATUS_CODE, status)
+    if status >= 500:
+        failed(span, status, f"answered {status}")
+
+
+def failed(span: Span, status: int, why: str) -> None:
+    """Mark ``span`` failed with the HTTP status its request ended as (``error.type``)."""
+    span.set_attribute(ERROR_TYPE, str(status))
+    span.set_status(StatusCode.ERROR, why)
 
 
 def set_model(span: Span, endpoint: str, model: str) -> None:

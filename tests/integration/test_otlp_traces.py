@@ -168,6 +168,7 @@ def _assert_answer(
         assert span.attributes["corral.ttft_ms"] > 0
     assert server.attributes["corral.agent"] == agent
     assert server.attributes["corral.route"]  # how the gateway routed it (warm, load ...)
+    assert server.attributes["http.response.status_code"] == 200
     # the time to the first bytes is part of the request, which the span covers whole
     assert server.attributes["corral.ttft_ms"] <= server.duration_ms
     assert server.status != "ERROR" and client.status != "ERROR"
@@ -276,3 +277,39 @@ async def test_a_request_that_waited_in_the_fleet_queue_is_one_trace(
         _, publish, consumer, _ = _chain([s for s in spans if s.trace_id == server.trace_id])
         assert publish.name == f"{root}.queue.{{vendor}}.{{model}} publish"
         assert consumer.status != "ERROR"
+
+
+async def test_answers_that_failed_say_so_on_the_gateways_span(
+    nats_server: NatsServer, root: str, tmp_path: Path
+) -> None:
+    """A model no agent has: a 404, the client's error (not failed, routed nowhere). A stream whose
+    agent dies in its middle: it began 200, then ended with an error line, so its span is failed
+    with the status the request ended as."""
+    async with (
+        traced_fleet(nats_server.url, root, tmp_path, time_scale=1.0, decode_rate=20.0) as fleet,
+        ollama.AsyncClient(host=fleet.url) as client,
+    ):
+        with pytest.raises(ollama.ResponseError) as missing:
+            await client.generate(model="no-such-model", prompt="hi")
+        assert missing.value.status_code == 404
+        spans = await fleet.receiver.wait_for(lambda s: any(x.kind == "SERVER" for x in s))
+        (not_found,) = [x for x in spans if x.kind == "SERVER"]
+        assert not_found.attributes["http.response.status_code"] == 404
+        assert not_found.status != "ERROR" and "corral.route" not in not_found.attributes
+        fleet.receiver.spans.clear()
+
+        stream = await client.generate(
+            model=MODEL, prompt="a long one", stream=True, options={"num_predict": 400}
+        )
+        with pytest.raises(ollama.ResponseError):
+            async for part in stream:  # the first part: its agent is killed, the rest never comes
+                assert not part.done
+                if all(p.returncode is None for p in fleet.agents.values()):
+                    victim = next(
+                        a for a, sim in fleet.sims.items() if sim.stats.started > sim.stats.finished
+                    )
+                    fleet.agents[victim].kill()
+        spans = await fleet.receiver.wait_for(lambda s: any(x.kind == "SERVER" for x in s))
+    (cut,) = [x for x in spans if x.kind == "SERVER"]
+    assert cut.attributes["http.response.status_code"] == 200  # what went out before the error line
+    assert cut.status == "ERROR" and cut.attributes["error.type"] == "502", cut.attributes
