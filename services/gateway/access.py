@@ -38,6 +38,12 @@ _USER_CALLS: Final = frozenset(
     | {("GET", "/v1/models")}
     | {("GET", "/api/corral/whoami")}  # the console asks which role it has
 )
+# What the gateway answers from its own memory, for dashboards, the console and clients that poll
+# (Open WebUI lists tags and ps on every page): no key's rpm or concurrency counts them
+_VIEWS: Final = frozenset(
+    {(m, p) for m in ("GET", "HEAD") for p in ("/api/tags", "/api/version", "/api/ps", "/api/status")}
+    | {("GET", "/v1/models"), ("GET", "/api/corral/whoami")}
+)
 # The console's own admin calls (`corral.gateway.console`: drain, cordon, uncordon, unload) are
 # under /api/corral/ and, not being listed above, need an admin key like pull and delete.
 _V1_MODEL: Final = "/v1/models/"
@@ -103,6 +109,14 @@ def is_open(path: str) -> bool:
     """Whether a path answers without a key: liveness, readiness, and the console's pages (which
     then ask for a key before they read anything)."""
     return path in OPEN_PATHS or path == CONSOLE_PATH or path.startswith(CONSOLE_PATH + "/")
+
+
+def limited(method: str, path: str) -> bool:
+    """Whether a key's limits (rpm, tpm, concurrency) count this call: all but the views polled
+    (`_VIEWS`, ``GET /v1/models/{model}``), which would spend a key's budget on nothing."""
+    if (method, path) in _VIEWS:
+        return False
+    return not (method == "GET" and path.startswith(_V1_MODEL) and "/" not in path[len(_V1_MODEL) :])
 
 
 def user_may(method: str, path: str) -> bool:

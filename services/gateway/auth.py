@@ -20,6 +20,7 @@ from corral.gateway.access import (
     TAIL_BYTES,
     ApiKey,
     is_open,
+    limited,
     model_allowed,
     presented_key,
     reply_tokens,
@@ -128,19 +129,22 @@ class Access:
             message = f"forbidden: this API key may not call {method} {path}"
             await refuse(send, 403, message, api=api, close=closing)
             return
-        try:
-            await self.limiter.admit(key)
-        except Limited as e:
-            self.usage.record(key.name, "", prompt=0, generated=0, error=True)
-            later = [(b"retry-after", str(e.retry_after).encode())]
-            await refuse(send, 429, e.message, api=api, close=closing, headers=later)
-            return
+        counted = limited(method, path)
+        if counted:
+            try:
+                await self.limiter.admit(key)
+            except Limited as e:
+                self.usage.record(key.name, "", prompt=0, generated=0, error=True)
+                later = [(b"retry-after", str(e.retry_after).encode())]
+                await refuse(send, 429, e.message, api=api, close=closing, headers=later)
+                return
         scope[KEY] = key
         meter = _Meter(send)
         try:
             await app(scope, receive, meter.send)
         finally:
-            self.limiter.release(key)
+            if counted:
+                self.limiter.release(key)
             tokens = self.record(key, scope, meter.status, meter.tail)
         await self.count_tokens(key, tokens)
 

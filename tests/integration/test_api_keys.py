@@ -262,7 +262,14 @@ async def test_a_user_sees_no_backend_addresses(fleet: LocalFleet) -> None:
 
 
 async def test_requests_per_minute_answer_429_with_retry_after(fleet: LocalFleet) -> None:
+    """The views a console or Open WebUI polls spend nothing of it, before or after it is spent."""
     _, key = await make_key(fleet, rpm=2)
+    views = ["/api/tags", "/api/ps", "/api/status", "/api/version", "/v1/models", f"/v1/models/{MODEL}"]
+
+    async def polled() -> list[int]:
+        return [(await call(fleet.url, "GET", path, key)).status for path in views]
+
+    assert await polled() == [200] * len(views)
     body = {"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 1}}
     assert [(await call(fleet.url, "POST", "/api/generate", key, body)).status for _ in range(2)] == [
         200,
@@ -271,9 +278,10 @@ async def test_requests_per_minute_answer_429_with_retry_after(fleet: LocalFleet
     r = await call(fleet.url, "POST", "/api/generate", key, body)
     assert r.status == 429 and 1 <= int(r.headers["Retry-After"]) <= 60
     assert "2 requests per minute" in json.loads(await r.read())["error"]
+    assert await polled() == [200] * len(views)
     client = openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key=key, max_retries=0)
     with pytest.raises(openai.RateLimitError):
-        await client.models.list()
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     await client.close()
 
 
