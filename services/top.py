@@ -77,6 +77,7 @@ class Status(msgspec.Struct):
     agents: list[Agent] = msgspec.field(default_factory=list)
     rates: Rates | None = None
     queue: dict[str, int] = msgspec.field(default_factory=dict)
+    nats_away_s: float | None = None  # the gateway is cut off from NATS (older gateways: absent)
 
 
 _decoder = msgspec.json.Decoder(Status)
@@ -136,9 +137,19 @@ def render(status: Status, url: str, now: datetime.datetime, width: int = 120) -
         f"{t.agents} agents ({t.active} active)  {t.gpus} GPUs  VRAM {_gb(t.vram_total - t.vram_free)}"
         f"/{_gb(t.vram_total)} GiB  {t.loaded} loaded  {t.in_flight} running  {t.queued} queued",
     ]
+    if status.nats_away_s is not None:
+        head.insert(
+            1,
+            f"NATS LOST: the gateway has been cut off from NATS for {status.nats_away_s:.0f} s; "
+            "below is the fleet as it last saw it, and model requests fail",
+        )
     r = status.rates
     if r is None:
-        head.append("rates: no aggregator is running")
+        head.append(
+            "rates: none while cut off from NATS"
+            if status.nats_away_s is not None
+            else "rates: no aggregator is running"
+        )
     else:
         head.append(
             f"last {r.window_s:.0f} s: {r.requests_per_s:.2f} req/s  {r.tokens_per_s:.1f} tokens/s  "

@@ -40,3 +40,8 @@ class Outage:
         if self.limit_s > 0 and down >= self.limit_s:
             return MESSAGE.format(down)
         return None
+
+    def away_s(self, connected: bool, now: float, epoch: int) -> float | None:
+        """Record the connection's state as `seen` does; how long it has been down (None: up)."""
+        self.seen(connected, now, epoch)
+        return None if self.since is None else now - self.since

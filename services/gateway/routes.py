@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import time
 from collections.abc import AsyncIterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -133,7 +134,9 @@ def build_app(gw: Gateway) -> FastAPI:
         assert gw.nc is not None
         queue = views.queue_by_model(await depths(gw.nc, gw.subjects))
         pins = gw.policy.policy.pins
-        body = userviews.status_body(gw.fleet.agents(), gw.rates, queue, key_of(request.scope), pins)
+        t = gw.planner.transport
+        away = gw.planner.outage.away_s(t.nc.is_connected, time.monotonic(), t.epoch())
+        body = userviews.status_body(gw.fleet.agents(), gw.rates, queue, key_of(request.scope), pins, away)
         return Response(body, media_type=JSON)
 
     @app.get("/v1/models")

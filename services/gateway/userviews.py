@@ -58,14 +58,16 @@ def status_body(
     queue: dict[str, int],
     key: ApiKey | None,
     pins: dict[str, Pin] | None = None,
+    nats_away_s: float | None = None,
 ) -> bytes:
     if key is None or (key.admin and not key.models):
-        return views.status_body(agents, rates, queue, pins)
+        return views.status_body(agents, rates, queue, pins, nats_away_s)
     if key.models:
         agents = [_only_allowed(a, key) for a in agents]
         queue = {m: n for m, n in queue.items() if _ok(key, m)}
         pins = {m: p for m, p in (pins or {}).items() if _ok(key, m)}
-    status: dict[str, Any] = msgspec.to_builtins(views.status_view(agents, rates, queue=queue, pins=pins))
+    view = views.status_view(agents, rates, queue=queue, pins=pins, nats_away_s=nats_away_s)
+    status: dict[str, Any] = msgspec.to_builtins(view)
     if not key.admin:
         for row in status["agents"]:
             for field in _HIDDEN:

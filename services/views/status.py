@@ -24,7 +24,7 @@ class LoadedModel(msgspec.Struct, frozen=True):
     size_vram: int
     context_length: int
     expires_at: str
-    busy: bool = False  # requests of it hold slots on its agent now
+    busy: bool = False  # requests of it hold slots on its agent now, or ended within one request time
 
 
 class AgentRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,6 +134,9 @@ class FleetStatus(msgspec.Struct, frozen=True, kw_only=True):
     at: float = 0.0
     pins: list[PinRow] = msgspec.field(default_factory=list)
     cloud: Cloud = Cloud()  # Ollama's own answer to GET /api/status, beside the fleet's
+    # seconds the gateway answering has been cut off from NATS (None: connected); meanwhile the
+    # rest is the fleet as it last saw it, and model requests fail
+    nats_away_s: float | None = None
 
 
 def pinned_on(key: str, pin: Pin, agents: list[AgentState]) -> list[str]:
@@ -176,9 +179,11 @@ def status_view(
     now: float | None = None,
     queue: dict[str, int] | None = None,
     pins: dict[str, Pin] | None = None,
+    nats_away_s: float | None = None,
 ) -> FleetStatus:
     """``queue``: model key → requests waiting in the fleet-wide queue (`queue_by_model`);
-    ``pins``: the models kept warm, by key (the policy record's)."""
+    ``pins``: the models kept warm, by key (the policy record's); ``nats_away_s``: how long the
+    gateway has been cut off from NATS (None: it is not)."""
     now = time.time() if now is None else now
     queue = queue or {}
     waiting = sum(queue.values())
@@ -196,7 +201,13 @@ def status_view(
         waiting=waiting,
     )
     return FleetStatus(
-        totals=totals, agents=rows, rates=rates, queue=queue, at=now, pins=pin_rows(pins or {}, agents)
+        totals=totals,
+        agents=rows,
+        rates=rates,
+        queue=queue,
+        at=now,
+        pins=pin_rows(pins or {}, agents),
+        nats_away_s=None if nats_away_s is None else round(nats_away_s, 1),
     )
 
 
@@ -236,8 +247,9 @@ def status_body(
     rates: Rates | None = None,
     queue: dict[str, int] | None = None,
     pins: dict[str, Pin] | None = None,
+    nats_away_s: float | None = None,
 ) -> bytes:
-    return _enc.encode(status_view(agents, rates, queue=queue, pins=pins))
+    return _enc.encode(status_view(agents, rates, queue=queue, pins=pins, nats_away_s=nats_away_s))
 
 
 rates_decoder = msgspec.json.Decoder(Rates)

@@ -22,6 +22,7 @@ from corral.runtime.workqueue import depths
 from corral.up import FleetOptions, LocalFleet, default_sims
 
 from tests.integration.fleet_helpers import preload
+from tests.integration.fleet_helpers import until as fleet_until
 from tests.integration.waits import until
 
 pytestmark = pytest.mark.chaos
@@ -85,10 +86,18 @@ async def test_requests_end_with_fleet_unreachable_once_nats_has_been_away_long_
             async with http.get(f"{fleet.url}/metrics") as r:
                 assert r.status == 200 and "\ncorral_gateway_nats_connected 0.0\n" in await r.text()
             async with http.get(f"{fleet.url}/api/status") as r:
-                assert r.status == 200 and (await r.json())["queue"] == {}
+                shown = await r.json()
+                assert r.status == 200 and shown["queue"] == {}
+                assert shown["nats_away_s"] >= OUTAGE_S, shown  # its agents are only as last seen
         for r in streams:
             r.close()
         await server.start()  # the fleet stops cleanly
+        gw = fleet.gateway
+        await fleet_until(
+            fleet, lambda: gw.nc is not None and gw.nc.is_connected, what="the gateway back on NATS"
+        )
+        async with http.get(f"{fleet.url}/api/status") as r:
+            assert (await r.json())["nats_away_s"] is None
 
 
 async def test_a_stream_ends_in_words_where_a_nats_restart_cut_it(

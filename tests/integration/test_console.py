@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Route, expect, sync_playwright
 
 from tests.integration.cli_helpers import without_corral_settings
 from tests.integration.corral_up import CorralUp
@@ -207,7 +207,8 @@ def test_a_playground_chat_from_the_keyboard_streams_and_names_its_agent(
     page.keyboard.press("Enter")
     expect(page.locator("#panel-playground")).to_be_visible()
     expect(page.locator("#chat-prompt")).to_be_focused()
-    page.select_option("#chat-model", "llama3.2:latest")
+    # the first model by name, all-minilm, only embeds: the first that chats is picked
+    expect(page.locator("#chat-model")).to_have_value("llama3.2:latest")
     page.locator("#chat-prompt").fill("Why is the sky blue?")
     page.locator("#chat-prompt").press("Control+Enter")
     answer = page.locator(".msg.assistant").last
@@ -221,6 +222,37 @@ def test_a_playground_chat_from_the_keyboard_streams_and_names_its_agent(
     expect(page.locator("#chat-route")).not_to_have_text("…")
     screenshot(page, tmp_path, "playground.png")
     assert errors == []
+
+
+def test_a_gateway_cut_off_from_nats_is_said_so_and_a_failed_poll_clears_once_over(
+    page: Page, errors: list[str], up: Up
+) -> None:
+    """The gateway's own answers, changed on their way to the page: the first poll refused (as a
+    key's rate limit would), the next two from a gateway that has lost NATS, then as they are."""
+    polls = 0
+
+    def status(route: Route) -> None:
+        nonlocal polls
+        polls += 1
+        if polls == 1:
+            route.fulfill(status=429, json={"error": "rate limit exceeded: 10 requests per minute"})
+            return
+        answer = route.fetch()
+        body = answer.json()
+        if polls <= 3:
+            body["nats_away_s"] = 13.2
+        route.fulfill(response=answer, json=body)
+
+    page.route("**/api/status", status)
+    page.goto(up.url + "/console")
+    expect(page.locator("#notice")).to_contain_text("/api/status: rate limit exceeded")
+    away = page.locator("#nats-away")
+    expect(away).to_be_visible()
+    expect(away).to_contain_text("cut off from NATS for 13 s")
+    expect(page.locator("#notice")).to_be_hidden()  # the poll after the refused one cleared it
+    expect(away).to_be_hidden()
+    expect(agent_row(page, up.agents[0])).to_be_visible()
+    assert not [e for e in errors if e.startswith("pageerror")], errors
 
 
 def test_a_drain_confirmed_in_the_page_shows_the_agent_draining(

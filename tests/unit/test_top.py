@@ -50,7 +50,12 @@ def fleet_status(**kw: object) -> top.Status:
         ),
         agent("amd-1", "amd", [("W7800", 32, 32), ("W7800", 32, 16)], status="draining", queued=2),
     ]
-    body = status_body(agents, kw.get("rates"), {"llama3.2:latest": 5})  # type: ignore[arg-type]
+    body = status_body(
+        agents,
+        kw.get("rates"),  # type: ignore[arg-type]
+        {"llama3.2:latest": 5},
+        nats_away_s=kw.get("nats_away_s"),  # type: ignore[arg-type]
+    )
     return msgspec.json.decode(body, type=top.Status)
 
 
@@ -93,6 +98,15 @@ def test_without_an_aggregator_it_says_so_and_lines_fit_the_terminal() -> None:
     lines = top.render(fleet_status(), "http://gw:11434", NOW, width=40)
     assert "rates: no aggregator is running" in lines
     assert max(len(line) for line in lines) <= 40
+
+
+def test_a_gateway_cut_off_from_nats_is_said_first() -> None:
+    """Its view is the fleet as it last saw it, and model requests fail: the frame says so at the
+    top, and does not blame a missing aggregator for the rates it cannot read."""
+    lines = top.render(fleet_status(nats_away_s=12.34), "http://gw:11434", NOW)
+    assert lines[1].startswith("NATS LOST: the gateway has been cut off from NATS for 12 s")
+    assert "rates: none while cut off from NATS" in lines
+    assert not any(line.startswith("NATS LOST") for line in top.render(fleet_status(), "u", NOW))
 
 
 def test_a_user_keys_view_without_addresses_still_decodes() -> None:

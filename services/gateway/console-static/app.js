@@ -12,11 +12,12 @@
 
   const state = {
     key: sessionStorage.getItem("corral.key") || "",
-    role: "admin",
+    role: "", // "admin" or "user" once the gateway said (until then no admin button is live)
     auth: "off",
     history: [], // [{t, rps, tps, p50, p95}] from each poll, the last 15 minutes
     signatures: {},
     polls: 0,
+    statusNotice: false, // the notice shows a failed /api/status poll (cleared by the next that works)
     messages: [], // the playground conversation
   };
 
@@ -232,6 +233,13 @@
       ? queue.map(([m, n]) => `${m}: ${n} waiting`).join(", ")
       : "Nothing waiting in the fleet queue.";
     $("updated").textContent = `updated ${new Date().toLocaleTimeString("en-GB")}`;
+    const away = st.nats_away_s;
+    $("nats-away").hidden = away == null;
+    $("nats-away-detail").textContent =
+      away == null
+        ? ""
+        : `This gateway has been cut off from NATS for ${Math.round(away)} s: what follows is the fleet as ` +
+          "it last saw it, and model requests fail until NATS is back.";
   }
 
   function record(st) {
@@ -247,7 +255,9 @@
     while (state.history.length && state.history[0].t < now - SPAN_MS) state.history.shift();
     $("rates-note").textContent = r
       ? `Rolling ${Math.round(r.window_s)} s figures from the aggregator, sampled every ${POLL_MS / 1000} s since this page opened.`
-      : "No aggregator is running: no rates to chart.";
+      : st.nats_away_s != null
+        ? "No rates while this gateway is cut off from NATS."
+        : "No aggregator is running: no rates to chart.";
     const pts = (f) => state.history.map((h) => [h.t, h[f]]);
     const C = window.CorralCharts;
     C.draw($("chart-rps"), [{ cls: "rps", points: pts("rps") }], SPAN_MS, now);
@@ -258,24 +268,32 @@
   async function refreshTags() {
     const r = await api("/api/tags");
     if (!r.ok) return;
-    const names = (await r.json()).models.map((m) => m.name).sort();
+    const models = (await r.json()).models;
+    const names = models.map((m) => m.name).sort();
+    // BERT-family models (all-minilm, nomic-embed-text) only embed: not the playground's first pick
+    const embedders = new Set(models.filter((m) => /bert$/i.test((m.details && m.details.family) || "")).map((m) => m.name));
     const list = $("model-names");
     list.replaceChildren(...names.map((n) => el("option", { value: n })));
     const select = $("chat-model");
     const keep = select.value;
     select.replaceChildren(...names.map((n) => el("option", { value: n, text: n })));
     if (names.includes(keep)) select.value = keep;
+    else select.value = names.find((n) => !embedders.has(n)) || names[0] || "";
   }
 
   async function refresh() {
     try {
+      if (!state.role) await whoami(); // it failed before (a 429, a gateway restarting): ask again
       const r = await api("/api/status");
       if (r.ok) {
         const st = await r.json();
         render(st);
         record(st);
+        if (state.statusNotice) notice(""); // the error it showed is over
+        state.statusNotice = false;
       } else if (r.status !== 401) {
         notice(`/api/status: ${await errorOf(r)}`, true);
+        state.statusNotice = true;
       }
       if (state.polls++ % TAGS_EVERY === 0 || !$("chat-model").options.length) await refreshTags();
     } catch (e) {
