@@ -181,10 +181,10 @@ class FleetPulls:
             await cancel_and_wait([keepalive])
         if stream:
             if errors:
-                await out.data(_enc.encode({"error": failure_text(errors)}) + b"\n")
+                await out.data(_enc.encode({"error": failure_text(errors, len(targets))}) + b"\n")
             await out.end()
         elif errors:
-            await out.head(500, JSON, _enc.encode({"error": failure_text(errors)}), end=True)
+            await out.head(500, JSON, _enc.encode({"error": failure_text(errors, len(targets))}), end=True)
         else:
             await out.head(200, JSON, _enc.encode(_Progress("success")), end=True)
 
@@ -259,11 +259,12 @@ class FleetPulls:
             await cancel_and_wait([runner])
 
 
-def failure_text(errors: Mapping[str, str]) -> str:
-    """A failed pull's error: Ollama's own text when every agent that failed said the same (one
-    agent, or a model no registry has), else each agent's, named."""
+def failure_text(errors: Mapping[str, str], tried: int) -> str:
+    """A failed pull's error, of ``tried`` agents: Ollama's own text when every one failed and said
+    the same (one agent, or a model no registry has), else each failed agent's, named (the others
+    have the model: which ones did not is what an operator needs)."""
     texts = set(errors.values())
-    if len(texts) == 1:
+    if len(texts) == 1 and len(errors) >= tried:
         return texts.pop()
     return "; ".join(f"{agent}: {text}" for agent, text in errors.items())
 

@@ -20,6 +20,7 @@ from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
 from corral.runtime.buckets import ensure_buckets
 from corral.runtime.natsserver import NatsServer
+from corral.simulator import SimServer, load_config
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims
 from corral.views import FleetStatus
 
@@ -156,19 +157,33 @@ async def test_pull_with_replicas_merges_progress(fleet: LocalFleet) -> None:
 
 
 async def test_a_failing_agent_makes_the_pull_fail(fleet: LocalFleet) -> None:
-    # an agent whose Ollama is gone: its pull fails, so the fleet-wide pull must not say success
-    await fleet.add_agent(Backend("http://127.0.0.1:9", "cpu"), agent_id="broken")
-    async with aiohttp.ClientSession() as s:
-        async with s.post(
-            fleet.url + "/api/pull", json={"model": "gemma3:4b"}, headers={"X-Corral-Replicas": "all"}
-        ) as r:
-            lines = [json.loads(raw) async for raw in r.content if raw.strip()]
-    assert "error" in lines[-1] and "broken" in str(lines[-1]["error"])
-    assert not any(x.get("status") == "success" for x in lines)
-    with pytest.raises(ollama.ResponseError) as e:
-        async with ollama.AsyncClient(host=fleet.url, headers={"X-Corral-Replicas": "all"}) as c:
-            await c.pull("gemma3:4b")
-    assert "broken" in e.value.error
+    """An agent whose Ollama answers but cannot pull the model (its registry lacks it): its pull
+    fails, so the fleet-wide pull must not say success. One whose Ollama does not answer at all is
+    no candidate (`tests/unit/test_routing.py`): the pull goes to the others."""
+    config = load_config(None, time_scale=0.001)
+    config = msgspec.structs.replace(
+        config, models=[m for m in config.models if not m.name.startswith("gemma3")]
+    )
+    sim = SimServer(config, host="127.0.0.1", port=0)
+    await sim.start()
+    try:
+        await fleet.add_agent(Backend(sim.url, "cpu"), agent_id="broken")
+        await until(
+            fleet, lambda: fleet.gateway is not None and fleet.gateway.fleet.get("broken") is not None
+        )
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                fleet.url + "/api/pull", json={"model": "gemma3:4b"}, headers={"X-Corral-Replicas": "all"}
+            ) as r:
+                lines = [json.loads(raw) async for raw in r.content if raw.strip()]
+        assert "error" in lines[-1] and "broken" in str(lines[-1]["error"])
+        assert not any(x.get("status") == "success" for x in lines)
+        with pytest.raises(ollama.ResponseError) as e:
+            async with ollama.AsyncClient(host=fleet.url, headers={"X-Corral-Replicas": "all"}) as c:
+                await c.pull("gemma3:4b")
+        assert "broken" in e.value.error
+    finally:
+        await sim.stop()
 
 
 async def test_dead_agent_leaves_every_view_and_comes_back(
