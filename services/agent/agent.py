@@ -370,14 +370,16 @@ class Agent:
 
     @guarded
     async def _on_ctl(self, msg: Msg) -> None:
-        """A cancel, from whoever sent the request (drain and cordon come on `_on_admin`)."""
+        """A cancel or a read (it took that much of the reply), from whoever sent the request (drain
+        and cordon come on `_on_admin`)."""
         assert self.nc is not None
         h = msg.headers or {}
-        if h.get(H.CTL) == H.CANCEL:
-            job = self._jobs.get(h.get(H.REQUEST, ""))
-            if job is not None:
-                log.info("cancelling request %s at the gateway's request", job.rid)
-                job.cancel()
+        job, kind = self._jobs.get(h.get(H.REQUEST, "")), h.get(H.CTL)
+        if job is not None and kind == H.READ_CTL:
+            job.out.took(h.get(H.READ, ""))
+        elif job is not None and kind == H.CANCEL:
+            log.info("cancelling request %s at the gateway's request", job.rid)
+            job.cancel()
         if usable_reply(msg.reply):
             await self.nc.publish(msg.reply, b"")
 

@@ -76,7 +76,7 @@ async def job_from(
     body_subject = ""
     if env.body_size is not None and env.origin is not None:
         body_subject = subjects.body(env.origin, env.rid)
-    out = ReplyWriter(nc, reply, env.rid, sender)
+    out = ReplyWriter(nc, reply, env.rid, sender, window=env.window)
     return Job(env=env, subject=msg.subject, body=msg.data, out=out, body_subject=body_subject)
 
 

@@ -25,6 +25,9 @@ class Watched(Protocol):
     @property
     def token(self) -> str | None: ...  # its model's token
 
+    @property
+    def held(self) -> bool: ...  # its reply waits for its requester to read: Ollama is not asked
+
     started: bool
     ran_from: float  # monotonic, when it began to run
     last_bytes: bytes  # a new object with each chunk from its Ollama
@@ -55,7 +58,9 @@ class Stalls:
                 continue
             before = self._seen.get(job.rid)
             since = before[1] if before is not None and before[0] is job.last_bytes else now
-            if not job.last_bytes and job.token not in ready:
+            if job.held:
+                since = now  # its requester reads slowly: the agent, not Ollama, holds the stream back
+            elif not job.last_bytes and job.token not in ready:
                 since = now  # its model still loads: not a silence yet
             elif before is None and not job.last_bytes:  # nothing yet: silent since it began to run
                 since = job.ran_from

@@ -70,6 +70,11 @@ class Job:
         return self.env.model
 
     @property
+    def held(self) -> bool:
+        """Its reply waits for its requester to take what was sent (a slow client): not a stall."""
+        return self.out.held
+
+    @property
     def slot_token(self) -> str | None:
         """The model whose slot it holds, for its slot time: a model request's, not a pull's,
         a show's or an unload's."""

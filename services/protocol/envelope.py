@@ -26,6 +26,9 @@ Headers (names in `corral.protocol.headers`)::
     Corral-Now             a direct send that must not wait in the agent's FIFO: busy instead
     Corral-Stream          the body asks Ollama to stream its answer (any value)
     Corral-Reply           a queued request's reply subject (JetStream keeps headers, not reply-to)
+    Corral-Window          the requester reads the reply's body in windows of this many bytes: the
+                           sender has at most that many sent and not yet taken (its ``read`` controls
+                           on ``agent.{id}.ctl`` say how many it took); absent = no window
     traceparent/tracestate W3C trace context (https://www.w3.org/TR/trace-context/), only when
                            well formed: traceparent 55 characters, tracestate at most 512
 
@@ -79,7 +82,7 @@ _NATS_HEADER_LINE = len("NATS/1.0\r\n") + len("\r\n")
 
 
 class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
-    """Seventeen attributes: the headers of the table above, each read once here (Corral-Keep-Alive
+    """Eighteen attributes: the headers of the table above, each read once here (Corral-Keep-Alive
     gives two, whether a keep_alive is named and whether it is zero; the trace context's two are
     one)."""
 
@@ -99,6 +102,7 @@ class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     now: bool = False  # a direct send that must not wait in the agent's FIFO: busy instead
     stream: bool = False  # the body asks Ollama to stream its answer
     reply: str | None = None
+    window: int = 0  # bytes the sender may have sent and the requester not yet taken; 0 = no window
     trace: dict[str, str] = msgspec.field(default_factory=dict)
 
     def headers(self) -> dict[str, str]:
@@ -129,6 +133,8 @@ class RequestEnvelope(msgspec.Struct, frozen=True, kw_only=True):
                 h[H.ORIGIN] = self.origin
         if self.reply:
             h[H.REPLY] = self.reply
+        if self.window:
+            h[H.WINDOW] = str(self.window)
         return h
 
 
@@ -174,6 +180,7 @@ def decode_request(headers: Mapping[str, str] | None) -> RequestEnvelope:
         now=H.NOW in h,
         stream=H.STREAM in h,
         reply=_reply(h),
+        window=_number(h, H.WINDOW, 1, MAX_BODY_SIZE) or 0,
         trace=trace,
     )
 

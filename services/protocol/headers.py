@@ -57,6 +57,10 @@ NUM_CTX: Final = "Corral-Num-Ctx"  # set when the request gives options.num_ctx 
 NOW: Final = "Corral-Now"  # a direct send that starts on a free slot or is answered busy
 STREAM: Final = "Corral-Stream"  # the body asks Ollama to stream its answer (a silence is bounded)
 UNLOAD: Final = "Corral-Unload"  # set on a keep_alive 0 unload: the agent re-reads its Ollama after it
+WINDOW: Final = (
+    "Corral-Window"  # request: read the reply in windows of this many bytes; head: the sender keeps to it
+)
+READ: Final = "Corral-Read"  # a read control: the reply's body bytes its requester has taken so far
 KEEP_ALIVE: Final = (
     "Corral-Keep-Alive"  # the request names a keep_alive: the agent re-reads its Ollama after it
 )
@@ -84,6 +88,7 @@ BUSY: Final = "busy"
 
 # control kinds (Corral-Ctl on {root}.agent.{id}.ctl)
 CANCEL: Final = "cancel"
+READ_CTL: Final = "read"  # from the requester: it has taken Corral-Read bytes of the reply
 DRAIN: Final = "drain"
 CORDON: Final = "cordon"
 UNCORDON: Final = "uncordon"

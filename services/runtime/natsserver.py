@@ -135,9 +135,10 @@ class NatsServer:
     """An embedded nats-server process. ``async with NatsServer() as ns: ns.url``; with ``cluster``
     one node of a NATS cluster (`local_cluster` builds a whole one).
 
-    It keeps seventeen attributes: the options it starts the server with (address, store, JetStream,
+    It keeps eighteen attributes: the options it starts the server with (address, store, JetStream,
     config file, payload limit, cluster, authorization include, TLS) and the state of the one
-    process it runs (the process, its log reader and tail, the ready and reloaded events). Both
+    process it runs (the process, its log reader and tail, the ready and reloaded events, the store
+    its log names). Both
     halves are read together in `start`; apart, they would only pass each other everything."""
 
     def __init__(

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 # reply messages that say an agent holds the request (each names it): its claim, a head, its pings
 _HELD = frozenset({H.CLAIM, H.HEAD, H.PING})
 
+# an agent sends at most this many bytes of a reply ahead of what its requester has taken (a
+# ``Corral-Window``): a large answer, or a client that reads slowly, waits at the agent (and in its
+# Ollama's socket) instead of piling up in NATS, whose server drops a connection that falls 64 MB behind
+REPLY_WINDOW = 8 * 1024 * 1024
 WARM_BUSY_RETRIES = 3  # a shared subject answered busy: NATS may pick another listener next time
 
 
@@ -92,6 +96,24 @@ class Transport:
         self._reply_prefix = len(subjects.reply(self.id, "x")) - 1
         self._reconnects = self.epoch()  # the connection's reconnects as of the last reply message
         self._bodies = LargeBodies(nc, len(subjects.body(self.id, "x")) - 1)
+
+    @property
+    def reply_window(self) -> int:
+        """Bytes an agent may send of a reply ahead of what was taken of it: `REPLY_WINDOW`, at most
+        half the reply bound, so that a reply's queue never overflows it."""
+        return max(min(REPLY_WINDOW, self.reply_buffer // 2), 1) if self.reply_buffer else REPLY_WINDOW
+
+    async def took(self, call: Call, taken: int) -> None:
+        """Tell the agent replying to ``call`` that ``taken`` bytes of its body were taken."""
+        if call.agent:
+            try:
+                await self.nc.publish(
+                    self.subjects.agent_ctl(call.agent),
+                    b"",
+                    headers={H.CTL: H.READ_CTL, H.REQUEST: call.rid, H.READ: str(taken)},
+                )
+            except nats.errors.Error as e:  # the connection is closing: the reply ends with it
+                log.debug("cannot tell %s what was read of %s: %s", call.agent, call.rid, e)
 
     @property
     def tracer(self) -> Tracer | None:
@@ -198,6 +220,7 @@ class Transport:
             now=now,
             stream=req.streams,
             reply=self.subjects.reply(self.id, rid) if queued else None,
+            window=self.reply_window,
         )
         payload = req.body
         hdrs = envelope.headers()
@@ -445,6 +468,7 @@ class Transport:
             msg.data,
             ended=mh.get(H.END) == "1",
             idle_timeout=self.idle_timeout,
+            window=int(w) if (w := mh.get(H.WINDOW, "")).isascii() and w.isdigit() else 0,
         )
 
     async def send_to(self, agent_id: str, req: WorkRequest, *, timeout: float) -> Reply:

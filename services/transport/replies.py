@@ -13,7 +13,10 @@ The stream (headers in `corral.protocol.headers`), in order::
     busy    instead of all of the above: the sender cannot take it, try elsewhere
 
 No message is larger than the server's payload limit less `HEADER_HEADROOM`: a longer body is
-split across data messages. A reply quick enough claims with its head (`claim_soon`): one message
+split across data messages. A requester that reads in windows (``Corral-Window`` on the request)
+gets at most that many body bytes ahead of what it has taken (its ``read`` controls say how many):
+the writer waits for it (``held``), as a socket's sender waits for its reader, so a large answer or
+a slow client never piles up in NATS or in the requester. A reply quick enough claims with its head (`claim_soon`): one message
 instead of two.
 
 Any sender may use it: the agent names itself in the claim; the registry writes its pull replies
@@ -54,9 +57,14 @@ class ReplyWriter:
         "_claim_timer",
         "_limit",
         "_nc",
+        "_read",
+        "_read_more",
+        "_sent",
+        "_window",
         "claimed",
         "done",
         "headed",
+        "held",
         "last_pinged",
         "last_sent",
         "probe",
@@ -66,7 +74,9 @@ class ReplyWriter:
         "seq",
     )
 
-    def __init__(self, nc: NATS, reply: str, rid: str, sender: str | None = None) -> None:
+    def __init__(self, nc: NATS, reply: str, rid: str, sender: str | None = None, *, window: int = 0) -> None:
+        # nineteen attributes: where it writes, how far the stream got (claim, head, data messages,
+        # end, times), and the window (its size, bytes sent and taken, the wait for more taken)
         self._nc = nc
         self.reply = reply
         self.rid = rid
@@ -81,6 +91,33 @@ class ReplyWriter:
         self.probe = ""  # the claim's reply-to, where NATS says "no responders" if nobody heard it
         self._claim_timer: asyncio.TimerHandle | None = None
         self._claim_task: asyncio.Task[None] | None = None
+        self._window = window  # 0: the requester reads as it comes
+        self._sent = self._read = 0  # body bytes sent; taken by the requester, as it said
+        self._read_more: asyncio.Event | None = None
+        self.held = False  # waiting for the requester to take what was sent
+
+    def took(self, header: str) -> None:
+        """A read control's ``Corral-Read``: the requester has taken that many body bytes, and the
+        window moves on (a value that is no count changes nothing)."""
+        if not (header.isascii() and header.isdigit()):
+            return
+        taken = int(header)
+        if taken > self._read:
+            self._read = min(taken, self._sent)
+            if self._read_more is not None:
+                self._read_more.set()
+
+    async def _room(self) -> None:
+        """Wait until the window has room for more (the requester took enough), or the stream ended."""
+        if self._read_more is None:
+            self._read_more = asyncio.Event()
+        self.held = True
+        try:
+            while self._sent - self._read >= self._window and not self.done:
+                self._read_more.clear()
+                await self._read_more.wait()
+        finally:
+            self.held = False
 
     @property
     def limit(self) -> int:
@@ -142,7 +179,10 @@ class ReplyWriter:
         headers = {H.KIND: H.HEAD, H.STATUS: str(status), H.CONTENT_TYPE: content_type}
         if end and len(body) <= self._limit:
             headers[H.END] = "1"
-        first, rest = (body, b"") if len(body) <= self._limit else (body[: self._limit], body[self._limit :])
+        elif self._window:
+            headers[H.WINDOW] = str(self._window)  # the requester says what it took: it is kept to
+        most = min(self._limit, self._window) if self._window and H.END not in headers else self._limit
+        first, rest = (body, b"") if len(body) <= most else (body[:most], body[most:])
         self.headed = True
         probe = ""
         if not self.claimed:
@@ -150,6 +190,7 @@ class ReplyWriter:
             self._claim_headers(headers)
             probe = self.probe
         self.last_sent = time.monotonic()
+        self._sent += len(first)
         await self._nc.publish(self.reply, first, reply=probe, headers=headers)
         if H.END in headers:
             self.done = True
@@ -165,16 +206,27 @@ class ReplyWriter:
             return
         if not self.claimed:
             await self.claim()
-        if len(body) <= self._limit:  # the hot path: one header-less message, no copy
+        if len(body) <= self._limit and (
+            not self._window or self._sent - self._read + len(body) <= self._window
+        ):  # the hot path: one header-less message, no copy
             self.seq += 1
+            self._sent += len(body)
             self.last_sent = time.monotonic()
             await self._nc.publish(self.reply, body)
             return
-        view = memoryview(body)
-        for i in range(0, len(body), self._limit):
+        view, i = memoryview(body), 0
+        while i < len(body):  # in messages of at most the payload limit and what the window has room for
+            size = self._limit
+            if self._window:
+                if self._sent - self._read >= self._window:
+                    await self._room()
+                size = max(min(size, self._window - (self._sent - self._read)), 1)
+            part = bytes(view[i : i + size])
+            i += size
             self.seq += 1
+            self._sent += len(part)
             self.last_sent = time.monotonic()
-            await self._nc.publish(self.reply, bytes(view[i : i + self._limit]))
+            await self._nc.publish(self.reply, part)
 
     async def end(self, error: CorralError | None = None) -> None:
         """End the stream: the count of data messages, or the error that ended it (once: a stream

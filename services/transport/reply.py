@@ -117,6 +117,9 @@ class CallOwner(Protocol):
     def held(self, epoch: int) -> bool:
         """Whether the owner's connection is up and has not come back since ``epoch``."""
 
+    async def took(self, call: Call, taken: int) -> None:
+        """Tell the agent replying to ``call`` how many body bytes of it were taken."""
+
 
 class Reply:
     """An open reply from the agent that claimed the request: status, content type, body stream.
@@ -131,6 +134,9 @@ class Reply:
         "_epoch",
         "_idle",
         "_owner",
+        "_taken",
+        "_told",
+        "_window",
         "agent",
         "content_type",
         "ended",
@@ -148,8 +154,14 @@ class Reply:
         *,
         ended: bool,
         idle_timeout: float,
+        window: int = 0,
     ) -> None:
+        """``window``: the agent sends at most that many body bytes ahead of what was taken (its
+        head said so); what `batches` hands on is told to it, a quarter window at a time."""
         self._owner = owner
+        self._window = window
+        self._taken = len(first)  # body bytes handed on: the head's are the caller's before any batch
+        self._told = 0  # ... and how many of them the agent was told of
         self._call = call
         self._idle = idle_timeout
         self.agent = call.agent or ""
@@ -181,6 +193,7 @@ class Reply:
             return
         call, timeout = self._call, self._idle
         try:
+            await self._tell()  # the head's bytes, which may fill the window alone
             while True:
                 try:
                     msg = await call.next(timeout)
@@ -212,9 +225,19 @@ class Reply:
                     except asyncio.QueueEmpty:
                         break
                 if parts:
-                    yield b"".join(parts) if len(parts) > 1 else parts[0]
+                    batch = b"".join(parts) if len(parts) > 1 else parts[0]
+                    yield batch
+                    self._taken += len(batch)  # handed on: the window moves
+                    await self._tell()
         finally:
             await self.close()
+
+    async def _tell(self) -> None:
+        """Tell the agent what was taken, once a quarter of its window more was: what is left
+        unsaid is then under that, so an agent waiting for room always hears of it."""
+        if self._window and self._taken - self._told >= self._window // 4:
+            self._told = self._taken
+            await self._owner.took(self._call, self._taken)
 
     def _check_end(self, hdrs: dict[str, str]) -> None:
         if H.ERROR_CODE in hdrs:

@@ -1,18 +1,26 @@
-"""A client that stops reading cannot make the gateway hold its whole reply: past the per-request
-bound the work is cancelled at the agent and the client's stream ends with an error line."""
+"""A client that stops reading cannot make the gateway hold its whole reply. An agent that keeps to
+the request's window (``Corral-Window``) waits for the reader, so nothing piles up and the reply
+arrives whole once read; one that does not (an older agent, another sender) is cancelled past the
+per-request bound, and the client's stream ends with an error line."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
+import aiohttp
 import nats
 import pytest
 from corral.gateway.relay import stream_reply
 from corral.protocol import headers as H
+from corral.protocol.envelope import decode_request
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.transport import Reply, Transport, WorkRequest
+from corral.transport.replies import ReplyWriter
+from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.aio.msg import Msg
 
 from tests.integration.fleet_helpers import AsgiSink
@@ -65,3 +73,104 @@ async def test_an_unread_reply_past_its_bound_is_cancelled_at_the_agent(
     assert last.startswith(b'{"error":"reply cancelled')
     assert len(body) < 2 * BOUND  # what was held is at most the bound, never the whole reply
     assert transport.in_flight == 0
+
+
+class _Writer(ReplyWriter):
+    """An agent's reply writer that says when it first waits for its reader."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waited = asyncio.Event()
+        self.most_ahead = 0  # the most bytes it had sent and its reader not yet taken
+
+    async def _room(self) -> None:
+        self.waited.set()
+        await super()._room()
+
+    async def data(self, body: bytes) -> None:
+        await super().data(body)
+        self.most_ahead = max(self.most_ahead, self._sent - self._read)
+
+
+async def test_an_agent_keeps_a_windowed_reply_to_what_its_reader_takes(
+    nats_server: NatsServer, root: str
+) -> None:
+    """The same unread reply from an agent that keeps to the request's window: it waits for its
+    reader instead of sending on, so nothing overflows, and once read the whole reply arrives."""
+    subjects = Subjects(root)
+    gw = await nats.connect(nats_server.url)
+    agent = await nats.connect(nats_server.url)
+    writers: list[_Writer] = []
+    chunk = b'{"response":"' + b"x" * 1000 + b'"}\n'
+    n = 64
+
+    async def answer(out: _Writer) -> None:
+        await out.head(200, "application/x-ndjson", chunk)
+        for _ in range(n - 1):
+            await out.data(chunk)
+        await out.end()
+
+    async def on_work(msg: Msg) -> None:
+        assert msg.reply
+        env = decode_request(msg.headers)
+        out = _Writer(agent, msg.reply, env.rid, AGENT, window=env.window)
+        writers.append(out)
+        asyncio.ensure_future(answer(out))
+
+    async def on_ctl(msg: Msg) -> None:
+        h = msg.headers or {}
+        assert h[H.CTL] == H.READ_CTL, h  # never a cancel: nothing overflows
+        writers[0].took(h[H.READ])
+
+    await agent.subscribe(subjects.agent_work(AGENT), cb=on_work)
+    await agent.subscribe(subjects.agent_ctl(AGENT), cb=on_ctl)
+    assert await round_trip(agent, 10.0)
+    transport = Transport(gw, subjects, reply_buffer=BOUND)
+    await transport.start()
+    try:
+        reply = await transport.send_to(AGENT, WorkRequest(endpoint="/api/generate", body=b"{}"), timeout=5)
+        assert isinstance(reply, Reply)
+        (out,) = writers
+        await asyncio.wait_for(out.waited.wait(), 10)  # nobody has read a byte: it waits
+        window = transport.reply_window
+        assert window == BOUND // 2 and out.most_ahead <= window + len(chunk)
+        sink = AsgiSink()
+        await stream_reply(reply, sink, api="ollama")
+    finally:
+        await transport.stop()
+        await gw.close()
+        await agent.close()
+    assert sink.body == chunk * n  # all of it, in order, and no error line
+    assert out.most_ahead <= window + len(chunk)
+    assert transport.in_flight == 0
+
+
+async def test_a_large_answer_to_a_client_that_does_not_read_waits_at_the_agent(
+    nats_server: NatsServer, root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the gateway, with a simulated Ollama: an embedding answer many times the gateway's
+    reply bound, to a client that reads nothing until the agent has had to wait for it. Without
+    the window the gateway would cut it at the bound; with it, the client gets all of it."""
+    waited = asyncio.Event()
+    room = ReplyWriter._room
+
+    async def noted(self: ReplyWriter) -> None:
+        waited.set()
+        await room(self)
+
+    monkeypatch.setattr(ReplyWriter, "_room", noted)
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=0.0),
+        gateway={"reply_buffer_bytes": 256 * 1024},
+    )
+    inputs = [f"text {i}" for i in range(4000)]  # some 30 MB of JSON: more than the sockets hold
+    async with LocalFleet(options) as fleet, aiohttp.ClientSession() as http:
+        async with http.post(f"{fleet.url}/api/embed", json={"model": "all-minilm", "input": inputs}) as r:
+            assert r.status == 200
+            await asyncio.wait_for(waited.wait(), 30)  # the agent holds it back for the client
+            body = await r.read()
+    answer = json.loads(body)  # whole: no error line after it
+    assert len(answer["embeddings"]) == len(inputs) and len(body) > 80 * 256 * 1024

@@ -18,6 +18,7 @@ class Job:
     ran_from: float = 100.0
     last_bytes: bytes = b""
     token: str | None = "m"
+    held: bool = False
 
 
 def test_a_stream_silent_since_it_began_is_caught_at_the_first_look_past_the_limit() -> None:
@@ -62,3 +63,15 @@ def test_before_its_first_bytes_a_job_whose_model_still_loads_is_not_silent() ->
     mid = Job("b", last_bytes=b"x")  # under way: judged whatever the readings say
     stalls.look([mid], 200.0, frozenset())
     assert stalls.look([mid], 210.0, frozenset()) == [mid]
+
+
+def test_a_stream_held_back_for_its_slow_reader_is_not_a_stall() -> None:
+    """Its agent waits for the requester to take what was sent: Ollama is not being read, so its
+    silence says nothing of Ollama; once the reader catches up, the silence counts from then."""
+    stalls = Stalls(10.0)
+    job = Job("a", last_bytes=b"x", held=True)
+    assert stalls.look([job], 101.0, READY) == []
+    assert stalls.look([job], 130.0, READY) == []
+    job.held = False
+    assert stalls.look([job], 135.0, READY) == []
+    assert stalls.look([job], 140.0, READY) == [job]
