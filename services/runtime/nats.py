@@ -34,6 +34,12 @@ RECONNECT_MAX_S = 2.0  # the backoff's cap: a restarted server is found again wi
 ERROR_LOG_EVERY_S = 10.0  # the same connection error is logged at most this often
 COMMAND_RECONNECTS = 2  # a command run once (the CLI) tries each server this many times more
 REFUSED_CLOSE_S = 2.0  # the most a refused first connection is given to close its socket
+# A link cut without a word (a cable, a host's network gone) leaves a connection that looks up:
+# nothing arrives and nothing says why. The client pings the server this often and takes the
+# connection for lost once this many pings went unanswered (about 9 s; nats-py's defaults, 120 s
+# and 2, made it minutes, while requests waited on a connection that was gone)
+PING_INTERVAL_S = 3.0
+PINGS_OUTSTANDING = 2
 
 
 def reconnect_delay(attempts: int, *, rng: random.Random | None = None) -> float:
@@ -204,6 +210,8 @@ async def connect(
         error_cb=on_error,
         closed_cb=on_close,
         drain_timeout=5,  # bounded: a stop never waits longer than this for subscriptions to drain
+        ping_interval=PING_INTERVAL_S,
+        max_outstanding_pings=PINGS_OUTSTANDING,
         **(auth.options() if auth is not None else {}),
     )
     try:
