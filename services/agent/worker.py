@@ -122,6 +122,7 @@ class _Counts(msgspec.Struct):
     eval_count: int = 0
     prompt_eval_count: int = 0
     usage: dict[str, int] | None = None  # /v1 replies
+    done_reason: str = ""
 
 
 _counts = msgspec.json.Decoder(_Counts)
@@ -177,18 +178,31 @@ def reply_counts(tail: bytes) -> tuple[int, int]:
     Native replies end with a line carrying ``eval_count``; /v1 ones may carry ``usage`` (SSE:
     ``data: {...}`` lines before ``data: [DONE]``).
     """
+    c = _last_object(tail)
+    if c is None:
+        return 0, 0
+    if c.usage:
+        return c.usage.get("completion_tokens", 0), c.usage.get("prompt_tokens", 0)
+    return c.eval_count, c.prompt_eval_count
+
+
+def loads_only(tail: bytes) -> bool:
+    """Whether a reply is Ollama's answer to a load or an unload (``done_reason`` ``load`` or
+    ``unload``: an empty prompt, a preload, ``ollama stop``), not to a request that ran the model."""
+    c = _last_object(tail)
+    return c is not None and c.done_reason in ("load", "unload")
+
+
+def _last_object(tail: bytes) -> _Counts | None:
     for line in reversed(tail.split(b"\n")):
         line = line.strip().removeprefix(b"data:").strip()
         if not line.startswith(b"{"):
             continue
         try:
-            c = _counts.decode(line)
+            return _counts.decode(line)
         except msgspec.DecodeError:
-            return 0, 0  # the tail started mid-object: nothing reliable to report
-        if c.usage:
-            return c.usage.get("completion_tokens", 0), c.usage.get("prompt_tokens", 0)
-        return c.eval_count, c.prompt_eval_count
-    return 0, 0
+            return None  # the tail started mid-object: nothing reliable to report
+    return None
 
 
 _finished = msgspec.json.Encoder()
@@ -212,7 +226,10 @@ def finished_event(job: Job, agent_id: str, status: int) -> bytes:
 
 
 async def report_finished(nc: NATS, subject: str, job: Job, agent_id: str, status: int) -> None:
-    """Publish ``job``'s `finished_event` on ``subject``; a failure is logged, not raised."""
+    """Publish ``job``'s `finished_event` on ``subject``; a failure is logged, not raised. A load or
+    an unload is none: its seconds of loading are no request's time to first token."""
+    if status == 200 and loads_only(job.last_bytes):
+        return
     try:
         await nc.publish(subject, finished_event(job, agent_id, status))
     except NatsError as e:

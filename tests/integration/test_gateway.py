@@ -7,11 +7,14 @@ import json
 from collections.abc import AsyncIterator
 
 import aiohttp
+import nats
 import ollama
 import openai
 import pytest
+from corral.protocol.subjects import Subjects
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
+from nats.aio.msg import Msg
 
 from tests.integration.fleet_helpers import preload, until
 
@@ -531,3 +534,31 @@ async def test_a_trailing_slash_after_a_route_with_a_parameter_is_redirected_too
     async with aiohttp.ClientSession() as http:
         async with http.get(fleet.url + "/v1/models/llama3.2:latest/", allow_redirects=False) as r:
             assert r.status == 301 and r.headers["Location"] == "/v1/models/llama3.2:latest"
+
+
+async def test_loads_and_unloads_are_no_requests_in_the_fleets_rates(
+    fleet: LocalFleet, nats_server: NatsServer
+) -> None:
+    """A preload (an empty prompt) and an unload take seconds of loading and generate nothing: as
+    requests they would fill the rates' TTFT with load times. Only the request that ran counts."""
+    nc = await nats.connect(nats_server.url)
+    events: list[dict[str, object]] = []
+    got = asyncio.Event()
+
+    async def on_event(msg: Msg) -> None:
+        events.append(event := json.loads(msg.data))
+        if event["model"] == "llama3.2:latest":
+            got.set()
+
+    await nc.subscribe(Subjects("gw").event("request"), cb=on_event)
+    await nc.flush()
+    try:
+        async with ollama.AsyncClient(host=fleet.url) as c:
+            await c.generate(model="qwen3:8b", prompt="", keep_alive=-1)  # a load
+            await c.generate(model="qwen3:8b", prompt="", keep_alive=0)  # an unload
+            await c.generate(model=MODEL, prompt="counted", options={"num_predict": 3})
+        await asyncio.wait_for(got.wait(), 10)  # each event goes out as its answer ends: the load's
+        await nc.flush()  # and the unload's before the counted request was sent
+    finally:
+        await nc.close()
+    assert [(e["model"], e["status"]) for e in events] == [("llama3.2:latest", 200)], events
