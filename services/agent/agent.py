@@ -50,6 +50,7 @@ from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects, usable_reply
 from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start
+from corral.runtime.fleet import refuse_taken_id
 from corral.runtime.nats import NatsAuth, connect
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import tracer
@@ -174,9 +175,10 @@ class Agent:
             on_closed=self._wake.connection_closed,
             on_reconnected=self._reconnected,
         )
-        self._buckets = await ensure_buckets_at_start(
-            nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
-        )
+        js, replicas = nc.jetstream(), self.settings.js_replicas
+        buckets = await ensure_buckets_at_start(js, self.subjects, replicas=replicas)
+        await refuse_taken_id(buckets.agents, self.state(), self.settings.heartbeat_s)  # then left untouched
+        self._buckets = buckets
         self._reopener = Reopener(
             nc, self.subjects, lambda: self._changed(state=True), replicas=self.settings.js_replicas
         )
@@ -370,8 +372,7 @@ class Agent:
 
     @guarded
     async def _on_ctl(self, msg: Msg) -> None:
-        """A cancel or a read (it took that much of the reply), from whoever sent the request (drain
-        and cordon come on `_on_admin`)."""
+        """A cancel or a read (of the reply), from whoever sent the request (drain: `_on_admin`)."""
         assert self.nc is not None
         h = msg.headers or {}
         job, kind = self._jobs.get(h.get(H.REQUEST, "")), h.get(H.CTL)

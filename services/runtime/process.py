@@ -12,6 +12,7 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 import uvicorn
+from corral.runtime.fleet import IdInUse
 from corral.runtime.logs import setup_logging
 from corral.runtime.metricsserver import MetricsPortError
 from corral.runtime.nats import NatsRefused
@@ -53,7 +54,12 @@ def service_main(
     setup_logging(settings.log_level, service=service)
     try:
         rc = run(serve(settings))
-    except (NatsRefused, MetricsPortError, CredentialsError) as e:  # a configuration error, in one line
+    except (
+        NatsRefused,
+        MetricsPortError,
+        CredentialsError,
+        IdInUse,
+    ) as e:  # a configuration error, in one line
         log.error("%s", e)
         return 1
     log.info("stopped (exit status %d)", rc)  # its log's last line, as the operator reads it

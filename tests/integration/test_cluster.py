@@ -19,6 +19,7 @@ from corral.protocol.subjects import Subjects
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
 from corral.runtime.buckets import ensure_buckets
+from corral.runtime.fleet import IdInUse
 from corral.runtime.natsserver import NatsServer
 from corral.simulator import SimServer, load_config
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims
@@ -264,3 +265,21 @@ async def test_rates_an_aggregator_stopped_rewriting_are_not_shown(
         assert "req/s" in await corral_ok(*status)
         assert await written(1e-6) is None  # every microsecond, and not since: its aggregator stopped
         assert "req/s" not in await corral_ok(*status)
+
+
+async def test_an_agent_may_not_join_under_the_id_of_a_live_one_elsewhere(fleet: LocalFleet) -> None:
+    """A second agent started with a live agent's id, beside another Ollama (a host cloned with the
+    same name): it stops with why, and the one already there keeps its id, state and requests."""
+    held = fleet.agents[0]
+    sim = SimServer(load_config(None, time_scale=0.001), host="127.0.0.1", port=0)
+    await sim.start()
+    try:
+        with pytest.raises(IdInUse, match=f"agent id '{held.id}' is in use by a live agent"):
+            await fleet.add_agent(Backend(sim.url, "cpu"), agent_id=held.id)
+    finally:
+        await sim.stop()
+    assert fleet.gateway is not None
+    shown = fleet.gateway.fleet.get(held.id)
+    assert shown is not None and shown.ollama_url == held.state().ollama_url
+    async with ollama.AsyncClient(host=fleet.url, headers={"X-Corral-Agent": held.id}) as c:
+        assert (await c.generate(model="llama3.2", prompt="still mine", options={"num_predict": 2})).done
