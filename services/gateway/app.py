@@ -41,9 +41,9 @@ from corral.protocol.priority import INTERACTIVE, capped, parse_priority
 from corral.protocol.subjects import Subjects
 from corral.routing import STRATEGIES, Router, parse_strategy
 from corral.runtime.buckets import Reopener, ensure_buckets_at_start
-from corral.runtime.fleet import FleetView, received_at
+from corral.runtime.fleet import FleetView, IdInUse, received_at
 from corral.runtime.kvwatch import watch_until, watching
-from corral.runtime.nats import NatsAuth, NatsRefused, connect
+from corral.runtime.nats import NatsAuth, NatsRefused, connect, listened
 from corral.runtime.policy import PolicyStore
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import server_span, set_http_status, set_model, tracer
@@ -156,6 +156,11 @@ class Gateway:
         self._reopener.start()
         self._fleet = FleetView(buckets.agents)
         await self._fleet.start()
+        gid = self.settings.gateway_id  # not asked under a NATS identity: it may only read its replies
+        if gid and not self.settings.nats_creds and await listened(self.nc, self.subjects.reply(gid, "-")):
+            # both would take each other's answers for requests they never sent, and cancel them
+            raise IdInUse(f"gateway id {gid!r} is in use by a running gateway: give this "
+                          "one another --gateway-id (CORRAL_GATEWAY_ID), or its own identity")  # fmt: skip
         self._transport = Transport(
             self.nc,
             self.subjects,

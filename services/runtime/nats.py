@@ -25,7 +25,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.client import Server
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import NoServersError
+from nats.errors import NoRespondersError, NoServersError
+from nats.errors import TimeoutError as NatsTimeout
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +339,20 @@ def denied(subject: str) -> str | None:
     if text and time.monotonic() - at < DENIAL_S and f'"{subject}"' in text:
         return str(text)
     return None
+
+
+async def listened(nc: NATS, subject: str, timeout: float = 1.0) -> bool | None:
+    """Whether some process subscribes to ``subject``: NATS answers "no responders" at once to a
+    request nobody subscribes to (https://docs.nats.io/nats-concepts/core-nats/reqreply), while a
+    subscriber that does not answer lets it time out. None when NATS denied this identity the
+    request (it says nothing either way)."""
+    try:
+        await nc.request(subject, b"", timeout=timeout)
+    except NoRespondersError:
+        return False
+    except NatsTimeout:
+        return None if denied(subject) is not None else True
+    return True
 
 
 def denied_js_create() -> str | None:

@@ -26,7 +26,7 @@ from corral.protocol.subjects import Subjects
 from corral.registry.index import Holder, ModelEntry, index_key, model_entry_decoder
 from corral.registry.registry import Registry
 from corral.registry.settings import RegistrySettings
-from corral.runtime.fleet import FleetView
+from corral.runtime.fleet import FleetView, IdInUse
 from corral.runtime.natsserver import NatsServer
 from corral.runtime.process import AsgiServer
 from corral.up import FleetOptions, LocalFleet, default_sims
@@ -373,3 +373,25 @@ async def test_a_killed_agent_leaves_both_gateways_within_the_dead_timeout(pair:
     # two registries ran all along, yet every agent joined once and the death was announced once
     assert [events.of("joined", x.id) for x in fleet.agents] == [1, 1, 1]
     assert events.of("dead", victim.id) == 1 and events.of("left", victim.id) == 0
+
+
+async def test_a_second_gateway_under_a_running_ones_id_does_not_start(
+    nats_server: NatsServer, root: str
+) -> None:
+    """Two gateways with one --gateway-id take each other's answers for requests they never sent,
+    and cancel them: every request fails. The second says so and stops; another id starts."""
+    common = {"nats_url": nats_server.url, "root": root}
+    first = Gateway(GatewaySettings(**common, port=0, gateway_id="samegw"))
+    await first.start()
+    try:
+        second = Gateway(GatewaySettings(**common, port=0, gateway_id="samegw"))
+        try:
+            with pytest.raises(IdInUse, match="gateway id 'samegw' is in use by a running gateway"):
+                await second.start()
+        finally:
+            await second.stop()
+        third = Gateway(GatewaySettings(**common, port=0, gateway_id="othergw"))
+        await third.start()
+        await third.stop()
+    finally:
+        await first.stop()
