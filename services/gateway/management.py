@@ -263,6 +263,9 @@ async def create(planner: Planner, request: Request) -> Response:
         fields = None  # Ollama words the error
     except RecursionError:
         return error(BadRequest(TOO_DEEP))
+    made = fields.get("model") or fields.get("name") if isinstance(fields, dict) else None
+    if (refused := pin_named(made)) is not None:
+        return refused
     base = fields.get("from") if isinstance(fields, dict) else None
     if not isinstance(base, str) or fields.get("files") or fields.get("adapters"):
         return await to_first(planner, request, "/api/create")  # blobs, or no base to go by
@@ -277,6 +280,29 @@ async def create(planner: Planner, request: Request) -> Response:
     # unstreamed, or refused before any progress (a 400 from Ollama, not a stream's error line)
     work = WorkRequest(endpoint="/api/create", body=msgspec.json.encode({**fields, "stream": False}))
     return await _on_every(planner, holders, work)
+
+
+def pin_named(name: object) -> Response | None:
+    """A 400 for a model to be made (a copy's destination, a create's name) whose first segment is a
+    vendor (``nvidia/bar``): made so, every later request for it would read a vendor pin and find
+    no model ``bar``. With its host (``registry.ollama.ai/nvidia/bar``) it is made and reached."""
+    vendor, rest = split_vendor_pin(name) if isinstance(name, str) else (None, "")
+    if vendor is None or not str(name).lower().startswith(vendor + "/"):
+        return None  # (``bar@amd`` is no name Ollama makes: it says so itself)
+    return error(
+        BadRequest(
+            f'"{name}" would be read as a vendor pin here ({vendor}: model "{rest}"); name it '
+            f'registry.ollama.ai/{name} to make a model in the "{vendor}" namespace'
+        )
+    )
+
+
+def _field(body: bytes, name: str) -> object:
+    try:
+        fields = msgspec.json.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return fields.get(name) if isinstance(fields, dict) else None
 
 
 def _valid_name(raw: object) -> bool:
@@ -422,6 +448,8 @@ async def to_all_holders(planner: Planner, request: Request, endpoint: str, meth
         return error(BadRequest(f'{what} "{e.name}" is invalid'))
     except CorralError as e:
         return error(e)
+    if endpoint == "/api/copy" and (refused := pin_named(_field(body, "destination"))) is not None:
+        return refused
     holders = [a.id for a in planner.fleet.with_model(model.key)]
     if not holders:
         text = f"model '{raw}' not found" if endpoint == "/api/delete" else f'model "{raw}" not found'

@@ -562,3 +562,27 @@ async def test_loads_and_unloads_are_no_requests_in_the_fleets_rates(
     finally:
         await nc.close()
     assert [(e["model"], e["status"]) for e in events] == [("llama3.2:latest", 200)], events
+
+
+async def test_a_model_made_under_a_vendors_name_is_refused_before_any_agent_makes_it(
+    fleet: LocalFleet,
+) -> None:
+    """`ollama cp llama3.2 nvidia/bar` would make a model no request could reach (`nvidia/bar`
+    reads as a vendor pin): refused with how to name it; with its host it is made and reached."""
+    async with ollama.AsyncClient(host=fleet.url) as c:
+        for make in (
+            c.copy(MODEL, "nvidia/bar"),
+            c.create(model="AMD/bar", from_=MODEL, system="hi", stream=False),
+        ):
+            with pytest.raises(ollama.ResponseError) as refused:
+                await make
+            assert refused.value.status_code == 400
+            assert "would be read as a vendor pin here" in refused.value.error
+            assert "registry.ollama.ai/" in refused.value.error
+        assert not any(
+            m.model and m.model.split("/")[0].lower() in ("nvidia", "amd") for m in (await c.list()).models
+        )
+        await c.copy(MODEL, "registry.ollama.ai/nvidia/bar")
+        r = await c.generate(model="registry.ollama.ai/nvidia/bar", prompt="hi", options={"num_predict": 2})
+        assert r.done
+        await c.delete("registry.ollama.ai/nvidia/bar")
