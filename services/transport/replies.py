@@ -16,7 +16,8 @@ No message is larger than the server's payload limit less `HEADER_HEADROOM`: a l
 split across data messages. A requester that reads in windows (``Corral-Window`` on the request)
 gets at most that many body bytes ahead of what it has taken (its ``read`` controls say how many):
 the writer waits for it (``held``), as a socket's sender waits for its reader, so a large answer or
-a slow client never piles up in NATS or in the requester. A reply quick enough claims with its head (`claim_soon`): one message
+a slow client has at most a window of it in NATS and in the requester (one that takes none of it
+for `HOLD_S` ends it). A reply quick enough claims with its head (`claim_soon`): one message
 instead of two.
 
 Any sender may use it: the agent names itself in the claim; the registry writes its pull replies
@@ -31,11 +32,14 @@ from typing import Final
 
 from corral.protocol import headers as H
 from corral.protocol.envelope import HEADER_HEADROOM
-from corral.protocol.errors import CorralError
+from corral.protocol.errors import CorralError, ReplyOverflow
 from nats.aio.client import Client as NATS
 
 __all__ = ["CLAIM_DELAY_S", "ReplyWriter", "send_busy"]
 
+# A reply whose requester takes none of it for this long ends (its client stopped reading: it would
+# hold the agent's slot and Ollama's runner for as long as its socket lives)
+HOLD_S: Final = 300.0
 # A claim waits this long for its head: a reply that quick claims with its head, one message instead
 # of two (far inside a requester's claim timeout, which is seconds)
 CLAIM_DELAY_S: Final = 0.005
@@ -108,14 +112,20 @@ class ReplyWriter:
                 self._read_more.set()
 
     async def _room(self) -> None:
-        """Wait until the window has room for more (the requester took enough), or the stream ended."""
+        """Wait until the window has room for more (the requester took enough); `ReplyOverflow`
+        when it took none of it for `HOLD_S`."""
         if self._read_more is None:
             self._read_more = asyncio.Event()
         self.held = True
         try:
-            while self._sent - self._read >= self._window and not self.done:
-                self._read_more.clear()
-                await self._read_more.wait()
+            async with asyncio.timeout(HOLD_S):
+                while self._sent - self._read >= self._window:
+                    self._read_more.clear()
+                    await self._read_more.wait()
+        except TimeoutError:
+            raise ReplyOverflow(
+                f"reply cancelled: its requester took none of it for {HOLD_S:.0f} s"
+            ) from None
         finally:
             self.held = False
 
@@ -220,7 +230,9 @@ class ReplyWriter:
             if self._window:
                 if self._sent - self._read >= self._window:
                     await self._room()
-                size = max(min(size, self._window - (self._sent - self._read)), 1)
+                size = min(size, self._window - (self._sent - self._read))
+                if i + size < len(body) and (cut := body.rfind(b"\n", i, i + size)) >= i:
+                    size = cut + 1 - i  # whole lines where it can: a reader spots an answer's last one
             part = bytes(view[i : i + size])
             i += size
             self.seq += 1

@@ -204,11 +204,14 @@ class Reply:
                     raise AgentUnavailable(f"agent {self.agent} stopped responding") from None
                 self._epoch = self._owner.epoch()
                 parts: list[bytes] = []
+                pinged = False
                 while True:
                     hdrs = msg.headers
                     if not hdrs:
                         self._data_msgs += 1
                         parts.append(msg.data)
+                    elif hdrs.get(H.KIND) == H.PING:
+                        pinged = True
                     elif hdrs.get(H.KIND) == H.END_KIND:
                         self.ended = True
                         if parts:
@@ -229,6 +232,9 @@ class Reply:
                     yield batch
                     self._taken += len(batch)  # handed on: the window moves
                     await self._tell()
+                if pinged and self._window:  # the agent is silent: it may wait for a read control that
+                    self._told = self._taken  # was lost (NATS keeps none), so it hears the count again
+                    await self._owner.took(call, self._taken)
         finally:
             await self.close()
 

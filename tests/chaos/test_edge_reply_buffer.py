@@ -15,11 +15,13 @@ import pytest
 from corral.gateway.relay import stream_reply
 from corral.protocol import headers as H
 from corral.protocol.envelope import decode_request
+from corral.protocol.errors import ReplyOverflow
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer
-from corral.transport import Reply, Transport, WorkRequest
+from corral.transport import Reply, Transport, WorkRequest, replies
 from corral.transport.replies import ReplyWriter
+from corral.transport.reply import Call
 from corral.up import FleetOptions, LocalFleet, default_sims
 from nats.aio.msg import Msg
 
@@ -174,3 +176,97 @@ async def test_a_large_answer_to_a_client_that_does_not_read_waits_at_the_agent(
             body = await r.read()
     answer = json.loads(body)  # whole: no error line after it
     assert len(answer["embeddings"]) == len(inputs) and len(body) > 80 * 256 * 1024
+
+
+class _Sink(AsgiSink):
+    """An ASGI ``send`` that says when it was written to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wrote = asyncio.Event()
+
+    async def __call__(self, event: dict[str, object]) -> None:
+        await super().__call__(event)
+        self.wrote.set()
+
+
+async def test_a_lost_read_control_is_said_again_at_the_agents_ping(
+    nats_server: NatsServer, root: str
+) -> None:
+    """NATS keeps no message for later: every read control is lost until the reader has taken all
+    the agent sent and the agent waits; then nothing more would come from either side, but the
+    agent's next ping (it pings whatever it holds while silent) has the reader say its count again,
+    and the reply goes on to its end."""
+    subjects = Subjects(root)
+    gw = await nats.connect(nats_server.url)
+    agent = await nats.connect(nats_server.url)
+    writers: list[_Writer] = []
+    heard = asyncio.Event()  # read controls reach the agent from now on
+    chunk = b'{"response":"' + b"x" * 1000 + b'"}\n'
+    n = 64
+
+    async def answer(out: _Writer) -> None:
+        await out.head(200, "application/x-ndjson", chunk)
+        for _ in range(n - 1):
+            await out.data(chunk)
+        await out.end()
+
+    async def on_work(msg: Msg) -> None:
+        assert msg.reply
+        env = decode_request(msg.headers)
+        out = _Writer(agent, msg.reply, env.rid, AGENT, window=env.window)
+        writers.append(out)
+        asyncio.ensure_future(answer(out))
+
+    async def on_ctl(msg: Msg) -> None:
+        writers[0].took((msg.headers or {})[H.READ])
+
+    await agent.subscribe(subjects.agent_work(AGENT), cb=on_work)
+    await agent.subscribe(subjects.agent_ctl(AGENT), cb=on_ctl)
+    assert await round_trip(agent, 10.0)
+    transport = Transport(gw, subjects, reply_buffer=BOUND)
+    told = transport.took
+
+    async def lost_until_heard(call: Call, taken: int) -> None:
+        if heard.is_set():
+            await told(call, taken)
+
+    transport.took = lost_until_heard  # type: ignore[method-assign]
+    await transport.start()
+    try:
+        reply = await transport.send_to(AGENT, WorkRequest(endpoint="/api/generate", body=b"{}"), timeout=5)
+        assert isinstance(reply, Reply)
+        sink = _Sink()
+        reading = asyncio.ensure_future(stream_reply(reply, sink, api="ollama"))
+        (out,) = writers
+        await asyncio.wait_for(out.waited.wait(), 10)
+        async with asyncio.timeout(10):  # the reader has taken all that was sent, and said so in vain
+            while len(sink.body) < out._sent:
+                sink.wrote.clear()
+                await sink.wrote.wait()
+        heard.set()
+        await out.ping()  # what its agent's ping loop sends while it is silent
+        await asyncio.wait_for(reading, 10)
+    finally:
+        await transport.stop()
+        await gw.close()
+        await agent.close()
+    assert sink.body == chunk * n
+
+
+async def test_a_reply_its_requester_takes_none_of_ends(
+    monkeypatch: pytest.MonkeyPatch, nats_server: NatsServer
+) -> None:
+    """A client that stops reading would hold the agent's slot and runner for as long as its socket
+    lives: a writer whose window stays full for `HOLD_S` ends the reply (here a short one)."""
+    monkeypatch.setattr(replies, "HOLD_S", 0.05)
+    nc = await nats.connect(nats_server.url)
+    try:
+        out = ReplyWriter(nc, "unread.reply", "r1", AGENT, window=4096)
+        await out.head(200, "application/x-ndjson", b"x" * 4096)
+        with pytest.raises(ReplyOverflow, match="its requester took none of it for 0 s"):
+            async with asyncio.timeout(10):  # the bound of this test, not the writer's
+                await out.data(b"y" * 100)
+        assert not out.held
+    finally:
+        await nc.close()
