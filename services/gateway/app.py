@@ -159,8 +159,9 @@ class Gateway:
         gid = self.settings.gateway_id  # not asked under a NATS identity: it may only read its replies
         if gid and not self.settings.nats_creds and await listened(self.nc, self.subjects.reply(gid, "-")):
             # both would take each other's answers for requests they never sent, and cancel them
-            raise IdInUse(f"gateway id {gid!r} is in use by a running gateway: give this "
-                          "one another --gateway-id (CORRAL_GATEWAY_ID), or its own identity")  # fmt: skip
+            raise IdInUse(f"gateway id {gid!r} is in use: something listens on its replies (a running gateway; "
+                          "or one on a host lost minutes ago, until NATS drops it; or a `nats sub` on them): "
+                          "give this one another --gateway-id (CORRAL_GATEWAY_ID), or its own identity")  # fmt: skip
         self._transport = Transport(
             self.nc,
             self.subjects,

@@ -273,30 +273,33 @@ class IdInUse(RuntimeError):
 FRESH_HEARTBEATS = 3  # a state younger than this many heartbeats is a live member's
 
 
-def id_clash(held: AgentState | None, me: AgentState, now: float, heartbeat_s: float) -> str | None:
-    """Why ``me`` may not join under its id while ``held`` is the state stored there (None: it may).
-    A state heard within `FRESH_HEARTBEATS` heartbeats (``updated_at``, unix seconds) from another
-    host or another Ollama is a live agent elsewhere; one from this host and Ollama is this agent's
-    own, restarted (as a supervisor restarts it), and an older one is a member gone."""
-    if held is None or now - held.updated_at >= FRESH_HEARTBEATS * heartbeat_s:
+def id_clash(held: AgentState | None, me: AgentState, age_s: float, heartbeat_s: float) -> str | None:
+    """Why ``me`` may not join under its id while ``held`` is the state stored there, ``age_s``
+    seconds ago (None: it may). A state stored within `FRESH_HEARTBEATS` heartbeats from another
+    host or another Ollama is a live agent elsewhere (an id given twice, a configuration copied to
+    a second host); one from this host and Ollama is this agent's own, restarted (as a supervisor
+    restarts it), and an older one is a member gone."""
+    if held is None or age_s >= FRESH_HEARTBEATS * heartbeat_s:
         return None
     if held.host == me.host and held.ollama_url == me.ollama_url:
         return None
-    age = max(now - held.updated_at, 0.0)
     return (
         f"agent id {me.id!r} is in use by a live agent on {held.host} (Ollama {held.ollama_url}, heard "
-        f"{age:.0f}s ago): give this one another id (--id, CORRAL_ID); the default, <host>-<Ollama port>, "
-        "clashes on hosts cloned with the same name"
+        f"{max(age_s, 0.0):.0f}s ago): give this one another id (--id, CORRAL_ID)"
     )
 
 
 async def refuse_taken_id(agents: KeyValue, me: AgentState, heartbeat_s: float) -> None:
-    """Raise `IdInUse` when `id_clash` says so of the state stored under ``me``'s id (an entry that
-    cannot be read or decoded says nothing)."""
+    """Raise `IdInUse` when `id_clash` says so of the state stored under ``me``'s id, as old as the
+    server's timestamp of it says (never the peer's own clock); an entry that cannot be read or
+    decoded says nothing."""
     try:
         entry = await agents.get(me.id)
         held = agent_state_of(me.id, entry.value) if entry.value else None
     except (nats.errors.Error, msgspec.DecodeError, msgspec.ValidationError, TimeoutError):
         return  # none there, or not readable: nothing to say
-    if (why := id_clash(held, me, time.time(), heartbeat_s)) is not None:
+    created: object = entry.created  # nats-py types it int; it is the message's datetime
+    if not isinstance(created, datetime.datetime):
+        return
+    if (why := id_clash(held, me, time.time() - created.timestamp(), heartbeat_s)) is not None:
         raise IdInUse(why)

@@ -7,34 +7,26 @@ import msgspec
 from corral.protocol.messages import AgentState
 from corral.runtime.fleet import FRESH_HEARTBEATS, id_clash
 
-NOW = 1_000_000.0
 HEARTBEAT_S = 5.0
 
 
-def state(host: str = "box-1", url: str = "http://127.0.0.1:11434", heard_s_ago: float = 1.0) -> AgentState:
+def state(host: str = "box-1", url: str = "http://127.0.0.1:11434") -> AgentState:
     return msgspec.convert(
-        {
-            "id": "box-11434",
-            "vendor": "nvidia",
-            "host": host,
-            "ollama_url": url,
-            "updated_at": NOW - heard_s_ago,
-        },
-        AgentState,
+        {"id": "box-11434", "vendor": "nvidia", "host": host, "ollama_url": url}, AgentState
     )
 
 
 def test_a_live_agent_of_another_host_or_ollama_holds_its_id() -> None:
-    me = state(heard_s_ago=0.0)
-    why = id_clash(state(host="box-2"), me, NOW, HEARTBEAT_S)
+    me = state()
+    why = id_clash(state(host="box-2"), me, 1.0, HEARTBEAT_S)
     assert why is not None and "in use by a live agent on box-2" in why and "--id" in why
-    assert id_clash(state(url="http://127.0.0.1:11435"), me, NOW, HEARTBEAT_S) is not None
+    assert id_clash(state(url="http://127.0.0.1:11435"), me, 1.0, HEARTBEAT_S) is not None
 
 
 def test_its_own_state_a_gone_members_or_none_does_not() -> None:
-    me = state(heard_s_ago=0.0)
-    assert id_clash(None, me, NOW, HEARTBEAT_S) is None
-    assert id_clash(state(), me, NOW, HEARTBEAT_S) is None  # this agent, restarted at once
+    me = state()
+    assert id_clash(None, me, 1.0, HEARTBEAT_S) is None
+    assert id_clash(state(), me, 1.0, HEARTBEAT_S) is None  # this agent, restarted at once
     quiet = FRESH_HEARTBEATS * HEARTBEAT_S
-    assert id_clash(state(host="box-2", heard_s_ago=quiet), me, NOW, HEARTBEAT_S) is None
-    assert id_clash(state(host="box-2", heard_s_ago=quiet - 0.1), me, NOW, HEARTBEAT_S) is not None
+    assert id_clash(state(host="box-2"), me, quiet, HEARTBEAT_S) is None
+    assert id_clash(state(host="box-2"), me, quiet - 0.1, HEARTBEAT_S) is not None
