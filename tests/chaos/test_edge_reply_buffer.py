@@ -23,6 +23,7 @@ from corral.transport import Reply, Transport, WorkRequest, replies
 from corral.transport.replies import ReplyWriter
 from corral.transport.reply import Call
 from corral.up import FleetOptions, LocalFleet, default_sims
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from tests.integration.fleet_helpers import AsgiSink
@@ -94,22 +95,19 @@ class _Writer(ReplyWriter):
         self.most_ahead = max(self.most_ahead, self._sent - self._read)
 
 
-async def test_an_agent_keeps_a_windowed_reply_to_what_its_reader_takes(
-    nats_server: NatsServer, root: str
-) -> None:
-    """The same unread reply from an agent that keeps to the request's window: it waits for its
-    reader instead of sending on, so nothing overflows, and once read the whole reply arrives."""
-    subjects = Subjects(root)
-    gw = await nats.connect(nats_server.url)
-    agent = await nats.connect(nats_server.url)
+CHUNK = b'{"response":"' + b"x" * 1000 + b'"}\n'
+CHUNKS = 64
+
+
+async def _windowed_agent(agent: NATS, subjects: Subjects) -> list[_Writer]:
+    """A stand-in agent that keeps to each request's window: it answers `CHUNKS` lines of `CHUNK`
+    through a `_Writer` (listed, in the order the requests came) and hears its read controls."""
     writers: list[_Writer] = []
-    chunk = b'{"response":"' + b"x" * 1000 + b'"}\n'
-    n = 64
 
     async def answer(out: _Writer) -> None:
-        await out.head(200, "application/x-ndjson", chunk)
-        for _ in range(n - 1):
-            await out.data(chunk)
+        await out.head(200, "application/x-ndjson", CHUNK)
+        for _ in range(CHUNKS - 1):
+            await out.data(CHUNK)
         await out.end()
 
     async def on_work(msg: Msg) -> None:
@@ -127,6 +125,18 @@ async def test_an_agent_keeps_a_windowed_reply_to_what_its_reader_takes(
     await agent.subscribe(subjects.agent_work(AGENT), cb=on_work)
     await agent.subscribe(subjects.agent_ctl(AGENT), cb=on_ctl)
     assert await round_trip(agent, 10.0)
+    return writers
+
+
+async def test_an_agent_keeps_a_windowed_reply_to_what_its_reader_takes(
+    nats_server: NatsServer, root: str
+) -> None:
+    """The same unread reply from an agent that keeps to the request's window: it waits for its
+    reader instead of sending on, so nothing overflows, and once read the whole reply arrives."""
+    subjects = Subjects(root)
+    gw = await nats.connect(nats_server.url)
+    agent = await nats.connect(nats_server.url)
+    writers = await _windowed_agent(agent, subjects)
     transport = Transport(gw, subjects, reply_buffer=BOUND)
     await transport.start()
     try:
@@ -135,15 +145,15 @@ async def test_an_agent_keeps_a_windowed_reply_to_what_its_reader_takes(
         (out,) = writers
         await asyncio.wait_for(out.waited.wait(), 10)  # nobody has read a byte: it waits
         window = transport.reply_window
-        assert window == BOUND // 2 and out.most_ahead <= window + len(chunk)
+        assert window == BOUND // 2 and out.most_ahead <= window + len(CHUNK)
         sink = AsgiSink()
         await stream_reply(reply, sink, api="ollama")
     finally:
         await transport.stop()
         await gw.close()
         await agent.close()
-    assert sink.body == chunk * n  # all of it, in order, and no error line
-    assert out.most_ahead <= window + len(chunk)
+    assert sink.body == CHUNK * CHUNKS  # all of it, in order, and no error line
+    assert out.most_ahead <= window + len(CHUNK)
     assert transport.in_flight == 0
 
 
@@ -200,30 +210,8 @@ async def test_a_lost_read_control_is_said_again_at_the_agents_ping(
     subjects = Subjects(root)
     gw = await nats.connect(nats_server.url)
     agent = await nats.connect(nats_server.url)
-    writers: list[_Writer] = []
     heard = asyncio.Event()  # read controls reach the agent from now on
-    chunk = b'{"response":"' + b"x" * 1000 + b'"}\n'
-    n = 64
-
-    async def answer(out: _Writer) -> None:
-        await out.head(200, "application/x-ndjson", chunk)
-        for _ in range(n - 1):
-            await out.data(chunk)
-        await out.end()
-
-    async def on_work(msg: Msg) -> None:
-        assert msg.reply
-        env = decode_request(msg.headers)
-        out = _Writer(agent, msg.reply, env.rid, AGENT, window=env.window)
-        writers.append(out)
-        asyncio.ensure_future(answer(out))
-
-    async def on_ctl(msg: Msg) -> None:
-        writers[0].took((msg.headers or {})[H.READ])
-
-    await agent.subscribe(subjects.agent_work(AGENT), cb=on_work)
-    await agent.subscribe(subjects.agent_ctl(AGENT), cb=on_ctl)
-    assert await round_trip(agent, 10.0)
+    writers = await _windowed_agent(agent, subjects)
     transport = Transport(gw, subjects, reply_buffer=BOUND)
     told = transport.took
 
@@ -251,7 +239,7 @@ async def test_a_lost_read_control_is_said_again_at_the_agents_ping(
         await transport.stop()
         await gw.close()
         await agent.close()
-    assert sink.body == chunk * n
+    assert sink.body == CHUNK * CHUNKS
 
 
 async def test_a_reply_its_requester_takes_none_of_ends(

@@ -64,18 +64,24 @@ async def test_status_ps_models(fleet: LocalFleet) -> None:
     assert rc == 0 and out.split("\n")[0].split()[3:7] == ["SIZE", "GiB", "IN", "VRAM"], out
 
 
-async def test_output_into_a_reader_that_stopped_ends_quietly(fleet: LocalFleet) -> None:
-    """``corral status | head -1``: the reader is gone before the output is written (here, at
-    once), and the command ends as other tools do, with no traceback."""
+async def _piped(*args: str) -> tuple[asyncio.subprocess.Process, int]:
+    """``corral ARGS`` writing into a pipe: the process, and the pipe's read end (the caller's)."""
     read, write = os.pipe()
-    os.close(read)  # a reader that took what it wanted and left
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "corral.cli", "status", "--nats", fleet.nats_url, "--root", "cli",
+            sys.executable, "-m", "corral.cli", *args,
             stdout=write, stderr=asyncio.subprocess.PIPE, env=cli.without_corral_settings(),
         )  # fmt: skip
     finally:
         os.close(write)
+    return proc, read
+
+
+async def test_output_into_a_reader_that_stopped_ends_quietly(fleet: LocalFleet) -> None:
+    """``corral status | head -1``: the reader is gone before the output is written (here, at
+    once), and the command ends as other tools do, with no traceback."""
+    proc, read = await _piped("status", "--nats", fleet.nats_url, "--root", "cli")
+    os.close(read)  # a reader that took what it wanted and left
     async with asyncio.timeout(60):
         _, err = await proc.communicate()
     assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
@@ -83,14 +89,7 @@ async def test_output_into_a_reader_that_stopped_ends_quietly(fleet: LocalFleet)
 
 async def test_top_into_a_pipe_writes_plain_frames_and_stops_when_the_reader_goes(fleet: LocalFleet) -> None:
     """``corral top | tee log``: no cursor escapes, whole frames one after another; ``| head`` ends it."""
-    read, write = os.pipe()
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "corral.cli", "top", "--url", fleet.url, "--interval", "0.01",
-            stdout=write, stderr=asyncio.subprocess.PIPE, env=cli.without_corral_settings(),
-        )  # fmt: skip
-    finally:
-        os.close(write)
+    proc, read = await _piped("top", "--url", fleet.url, "--interval", "0.01")
     frames: list[list[str]] = [[]]
     with open(read, encoding="utf-8") as reader:  # closed after two frames: the reader leaves
         async with asyncio.timeout(60):
