@@ -294,10 +294,10 @@ async def refuse_taken_id(agents: KeyValue, me: AgentState, heartbeat_s: float) 
     server's timestamp of it says (never the peer's own clock); an entry that cannot be read or
     decoded says nothing."""
     try:
-        entry = await agents.get(me.id)
-        held = agent_state_of(me.id, entry.value) if entry.value else None
-    except (nats.errors.Error, msgspec.DecodeError, msgspec.ValidationError, TimeoutError):
-        return  # none there, or not readable: nothing to say
+        entry = (await agents.history(me.id))[-1]  # a get leaves out the server's timestamp; this has it
+        held = agent_state_of(me.id, entry.value) if entry.value and entry.operation is None else None
+    except (nats.errors.Error, msgspec.DecodeError, msgspec.ValidationError, TimeoutError, IndexError):
+        return  # none there (NoKeysError), or not readable: nothing to say
     created: object = entry.created  # nats-py types it int; it is the message's datetime
     if not isinstance(created, datetime.datetime):
         return
