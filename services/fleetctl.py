@@ -46,7 +46,9 @@ def _gb(n: int) -> str:
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    cells = [list(map(str, header)), *[[str(c) for c in r] for r in rows]]
+    """Aligned columns; cells other processes wrote (an agent's host, its GPUs) go to the
+    terminal with their control characters escaped (`corral.views.terminal`)."""
+    cells = [list(map(str, header)), *[[views.printable(str(c)) for c in r] for r in rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import msgspec
 from corral.runtime.settings import gateway_url
+from corral.views.terminal import printable
 
 GIB = 2**30
 HOME, CLEAR_LINE, CLEAR_BELOW = "\x1b[H", "\x1b[K", "\x1b[J"
@@ -170,7 +171,7 @@ def render(status: Status, url: str, now: datetime.datetime, width: int = 120) -
                 rows.append((a.id, a.vendor, a.status, g.name, vram, slots, str(a.queued), loaded))
             else:
                 rows.append(("", "", "", g.name, vram, "", "", ""))
-    table = [header, *rows]
+    table = [header, *[tuple(map(printable, r)) for r in rows]]  # agents wrote them: no escapes through
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table]
     return [line[:width] for line in [*head, "", *lines]]

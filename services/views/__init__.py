@@ -32,6 +32,7 @@ from corral.views.status import (
     status_body,
     status_view,
 )
+from corral.views.terminal import printable
 
 __all__ = [
     "RATES_KEY",
@@ -50,6 +51,7 @@ __all__ = [
     "merged_ps",
     "merged_tags",
     "parse_time",
+    "printable",
     "ps_body",
     "queue_by_model",
     "rates_decoder",
