@@ -297,14 +297,6 @@ def pin_named(name: object) -> Response | None:
     )
 
 
-def _field(body: bytes, name: str) -> object:
-    try:
-        fields = msgspec.json.decode(body)
-    except (msgspec.DecodeError, RecursionError):
-        return None
-    return fields.get(name) if isinstance(fields, dict) else None
-
-
 def _valid_name(raw: object) -> bool:
     if not isinstance(raw, str) or not raw:
         return False
@@ -442,13 +434,13 @@ async def to_all_holders(planner: Planner, request: Request, endpoint: str, meth
     """Delete and copy run on every agent that has the model; one success is the answer."""
     field = "source" if endpoint == "/api/copy" else "model"
     try:
-        body, _, raw, model, _ = await _name(request, field, empty=True)
+        body, fields, raw, model, _ = await _name(request, field, empty=True)
     except InvalidModelName as e:
         what = "source" if endpoint == "/api/copy" else "name"
         return error(BadRequest(f'{what} "{e.name}" is invalid'))
     except CorralError as e:
         return error(e)
-    if endpoint == "/api/copy" and (refused := pin_named(_field(body, "destination"))) is not None:
+    if endpoint == "/api/copy" and (refused := pin_named(fields.get("destination"))) is not None:
         return refused
     holders = [a.id for a in planner.fleet.with_model(model.key)]
     if not holders:
