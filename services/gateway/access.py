@@ -114,9 +114,12 @@ def is_open(path: str) -> bool:
 def limited(method: str, path: str) -> bool:
     """Whether a key's limits (rpm, tpm, concurrency) count this call: all but the views polled
     (`_VIEWS`, ``GET /v1/models/{model}``), which would spend a key's budget on nothing."""
-    if (method, path) in _VIEWS:
-        return False
-    return not (method == "GET" and path.startswith(_V1_MODEL) and "/" not in path[len(_V1_MODEL) :])
+    return (method, path) not in _VIEWS and not _v1_model(method, path)
+
+
+def _v1_model(method: str, path: str) -> bool:
+    """``GET /v1/models/{model}``: one model's entry of the list."""
+    return method == "GET" and path.startswith(_V1_MODEL) and "/" not in path[len(_V1_MODEL) :]
 
 
 def user_may(method: str, path: str) -> bool:
@@ -127,7 +130,7 @@ def user_may(method: str, path: str) -> bool:
         path == p or path.startswith(p + "/") for p in _BATCH_PREFIXES
     ):
         return True
-    return method == "GET" and path.startswith(_V1_MODEL) and "/" not in path[len(_V1_MODEL) :]
+    return _v1_model(method, path)
 
 
 def model_allowed(patterns: tuple[str, ...], name: str) -> bool:
