@@ -232,16 +232,16 @@ class Reply:
                     yield batch
                     self._taken += len(batch)  # handed on: the window moves
                     await self._tell()
-                if pinged and self._window:  # the agent is silent: it may wait for a read control that
-                    self._told = self._taken  # was lost (NATS keeps none), so it hears the count again
-                    await self._owner.took(call, self._taken)
+                if pinged:  # the agent is silent: it may wait for a read control that was lost (NATS
+                    await self._tell(again=True)  # keeps none), so it hears the count again
         finally:
             await self.close()
 
-    async def _tell(self) -> None:
+    async def _tell(self, *, again: bool = False) -> None:
         """Tell the agent what was taken, once a quarter of its window more was: what is left
-        unsaid is then under that, so an agent waiting for room always hears of it."""
-        if self._window and self._taken - self._told >= self._window // 4:
+        unsaid is then under that, so an agent waiting for room always hears of it (``again``:
+        even if it was told so already)."""
+        if self._window and (again or self._taken - self._told >= self._window // 4):
             self._told = self._taken
             await self._owner.took(self._call, self._taken)
 
