@@ -138,8 +138,8 @@ class NatsServer:
     It keeps eighteen attributes: the options it starts the server with (address, store, JetStream,
     config file, payload limit, cluster, authorization include, TLS) and the state of the one
     process it runs (the process, its log reader and tail, the ready and reloaded events, the store
-    its log names). Both
-    halves are read together in `start`; apart, they would only pass each other everything."""
+    its log names). Both halves are read together in `start`; apart, they would only pass each
+    other everything."""
 
     def __init__(
         self,

@@ -39,6 +39,10 @@ def parse_settings(
         return None
 
 
+# what stops a service before it is up, for a reason a restart cannot cure: said in one line, exit 1
+CONFIGURATION_ERRORS = (NatsRefused, MetricsPortError, CredentialsError, IdInUse)
+
+
 def service_main(
     parser: argparse.ArgumentParser,
     cls: type[S],
@@ -54,12 +58,7 @@ def service_main(
     setup_logging(settings.log_level, service=service)
     try:
         rc = run(serve(settings))
-    except (
-        NatsRefused,
-        MetricsPortError,
-        CredentialsError,
-        IdInUse,
-    ) as e:  # a configuration error, in one line
+    except CONFIGURATION_ERRORS as e:  # said in one line
         log.error("%s", e)
         return 1
     log.info("stopped (exit status %d)", rc)  # its log's last line, as the operator reads it
