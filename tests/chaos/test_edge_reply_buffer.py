@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -32,45 +34,53 @@ pytestmark = pytest.mark.chaos
 
 BOUND = 8 * 1024
 AGENT = "a1"
+CHUNK = b'{"response":"' + b"x" * 1000 + b'"}\n'
+CHUNKS = 64
+
+
+@asynccontextmanager
+async def _requester_and_agent(url: str, subjects: Subjects) -> AsyncIterator[tuple[Transport, NATS]]:
+    """A requester's `Transport` (reply bound `BOUND`, started) and an agent's NATS connection, on
+    connections of their own; both closed on the way out."""
+    gw, agent = await nats.connect(url), await nats.connect(url)
+    transport = Transport(gw, subjects, reply_buffer=BOUND)
+    try:
+        await transport.start()
+        yield transport, agent
+    finally:
+        await transport.stop()
+        await gw.close()
+        await agent.close()
 
 
 async def test_an_unread_reply_past_its_bound_is_cancelled_at_the_agent(
     nats_server: NatsServer, root: str
 ) -> None:
-    subjects = Subjects(root)
-    gw = await nats.connect(nats_server.url)
-    agent = await nats.connect(nats_server.url)
     cancelled: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
     reply_to: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    async with _requester_and_agent(nats_server.url, Subjects(root)) as (transport, agent):
 
-    async def on_work(msg: Msg) -> None:
-        assert msg.reply
-        await agent.publish(msg.reply, b"", headers={H.KIND: H.CLAIM, H.AGENT: AGENT})
-        await agent.publish(msg.reply, b"", headers={H.KIND: H.HEAD, H.STATUS: "200"})
-        reply_to.set_result(msg.reply)
+        async def on_work(msg: Msg) -> None:
+            assert msg.reply
+            await agent.publish(msg.reply, b"", headers={H.KIND: H.CLAIM, H.AGENT: AGENT})
+            await agent.publish(msg.reply, b"", headers={H.KIND: H.HEAD, H.STATUS: "200"})
+            reply_to.set_result(msg.reply)
 
-    async def on_ctl(msg: Msg) -> None:
-        if not cancelled.done():
-            cancelled.set_result(dict(msg.headers or {}))
+        async def on_ctl(msg: Msg) -> None:
+            if not cancelled.done():
+                cancelled.set_result(dict(msg.headers or {}))
 
-    await agent.subscribe(subjects.agent_work(AGENT), cb=on_work)
-    await agent.subscribe(subjects.agent_ctl(AGENT), cb=on_ctl)
-    assert await round_trip(agent, 10.0)
-    transport = Transport(gw, subjects, reply_buffer=BOUND)
-    await transport.start()
-    try:
+        await agent.subscribe(transport.subjects.agent_work(AGENT), cb=on_work)
+        await agent.subscribe(transport.subjects.agent_ctl(AGENT), cb=on_ctl)
+        assert await round_trip(agent, 10.0)
         reply = await transport.send_to(AGENT, WorkRequest(endpoint="/api/generate", body=b"{}"), timeout=5)
         assert isinstance(reply, Reply)
         for _ in range(64):  # a fast agent: far more than the bound, and nobody reading it
-            await agent.publish(await reply_to, b'{"response":"' + b"x" * 1000 + b'"}\n')
+            await agent.publish(await reply_to, CHUNK)
         ctl = await asyncio.wait_for(cancelled, 10)  # nobody has read a byte: the bound cancels it
         assert ctl[H.CTL] == H.CANCEL
         sink = AsgiSink()
         await stream_reply(reply, sink, api="ollama")
-    finally:
-        await transport.stop()
-        await gw.close()
-        await agent.close()
     body = sink.body
     last = body.strip().split(b"\n")[-1]
     assert last.startswith(b'{"error":"reply cancelled')
@@ -93,10 +103,6 @@ class _Writer(ReplyWriter):
     async def data(self, body: bytes) -> None:
         await super().data(body)
         self.most_ahead = max(self.most_ahead, self._sent - self._read)
-
-
-CHUNK = b'{"response":"' + b"x" * 1000 + b'"}\n'
-CHUNKS = 64
 
 
 async def _windowed_agent(agent: NATS, subjects: Subjects) -> list[_Writer]:
@@ -133,13 +139,8 @@ async def test_an_agent_keeps_a_windowed_reply_to_what_its_reader_takes(
 ) -> None:
     """The same unread reply from an agent that keeps to the request's window: it waits for its
     reader instead of sending on, so nothing overflows, and once read the whole reply arrives."""
-    subjects = Subjects(root)
-    gw = await nats.connect(nats_server.url)
-    agent = await nats.connect(nats_server.url)
-    writers = await _windowed_agent(agent, subjects)
-    transport = Transport(gw, subjects, reply_buffer=BOUND)
-    await transport.start()
-    try:
+    async with _requester_and_agent(nats_server.url, Subjects(root)) as (transport, agent):
+        writers = await _windowed_agent(agent, transport.subjects)
         reply = await transport.send_to(AGENT, WorkRequest(endpoint="/api/generate", body=b"{}"), timeout=5)
         assert isinstance(reply, Reply)
         (out,) = writers
@@ -148,10 +149,6 @@ async def test_an_agent_keeps_a_windowed_reply_to_what_its_reader_takes(
         assert window == BOUND // 2 and out.most_ahead <= window + len(CHUNK)
         sink = AsgiSink()
         await stream_reply(reply, sink, api="ollama")
-    finally:
-        await transport.stop()
-        await gw.close()
-        await agent.close()
     assert sink.body == CHUNK * CHUNKS  # all of it, in order, and no error line
     assert out.most_ahead <= window + len(CHUNK)
     assert transport.in_flight == 0
@@ -207,21 +204,16 @@ async def test_a_lost_read_control_is_said_again_at_the_agents_ping(
     the agent sent and the agent waits; then nothing more would come from either side, but the
     agent's next ping (it pings whatever it holds while silent) has the reader say its count again,
     and the reply goes on to its end."""
-    subjects = Subjects(root)
-    gw = await nats.connect(nats_server.url)
-    agent = await nats.connect(nats_server.url)
     heard = asyncio.Event()  # read controls reach the agent from now on
-    writers = await _windowed_agent(agent, subjects)
-    transport = Transport(gw, subjects, reply_buffer=BOUND)
-    told = transport.took
+    async with _requester_and_agent(nats_server.url, Subjects(root)) as (transport, agent):
+        writers = await _windowed_agent(agent, transport.subjects)
+        told = transport.took
 
-    async def lost_until_heard(call: Call, taken: int) -> None:
-        if heard.is_set():
-            await told(call, taken)
+        async def lost_until_heard(call: Call, taken: int) -> None:
+            if heard.is_set():
+                await told(call, taken)
 
-    transport.took = lost_until_heard  # type: ignore[method-assign]
-    await transport.start()
-    try:
+        transport.took = lost_until_heard  # type: ignore[method-assign]
         reply = await transport.send_to(AGENT, WorkRequest(endpoint="/api/generate", body=b"{}"), timeout=5)
         assert isinstance(reply, Reply)
         sink = _Sink()
@@ -235,10 +227,6 @@ async def test_a_lost_read_control_is_said_again_at_the_agents_ping(
         heard.set()
         await out.ping()  # what its agent's ping loop sends while it is silent
         await asyncio.wait_for(reading, 10)
-    finally:
-        await transport.stop()
-        await gw.close()
-        await agent.close()
     assert sink.body == CHUNK * CHUNKS
 
 
