@@ -57,6 +57,9 @@ def _parse(raw: str) -> ModelName:
 class ManageRoutes:
     def __init__(self, ctx: SimContext) -> None:
         self.ctx = ctx
+        # bytes of each layer a cut pull left on disk: the next pull resumes there, as Ollama's
+        # downloader resumes its partial blob files
+        self.partial: dict[str, int] = {}
 
     def add_to(self, app: web.Application) -> None:
         r = app.router
@@ -178,25 +181,43 @@ class ManageRoutes:
         target = LocalModel(name=existing.name if existing else name, config=offer, modified_at=time.time())
         have = ctx.catalog.layer_digests(ctx.catalog.models.values())
         for layer in target.layers:
-            await self._transfer(layer, layer.digest in have, ctx.config.pull_bandwidth, "pulling", say)
+            await self._transfer(
+                layer, layer.digest in have, ctx.config.pull_bandwidth, "pulling", say, self.partial
+            )
         await say(Progress("verifying sha256 digest"))
         await say(Progress("writing manifest"))
         if existing is not None and existing.digest != target.digest:
             await say(Progress("removing unused layers"))
         ctx.catalog.models[name.key] = target
+        for layer in target.layers:  # on disk as the model's now
+            self.partial.pop(layer.digest, None)
         return True
 
-    async def _transfer(self, layer: Layer, cached: bool, bandwidth: float, verb: str, say: Any) -> None:
+    async def _transfer(
+        self,
+        layer: Layer,
+        cached: bool,
+        bandwidth: float,
+        verb: str,
+        say: Any,
+        partial: dict[str, int] | None = None,
+    ) -> None:
+        """Move one layer at ``bandwidth``, saying its progress; ``partial``: where cut transfers
+        left off, kept for the next one to resume from."""
         status = f"{verb} {layer.digest[7:19]}"
         if cached:
             await say(Progress(status, layer.digest, layer.size, layer.size))
             return
-        await say(Progress(status, layer.digest, layer.size))
-        seconds = layer.size / bandwidth
+        done = partial.get(layer.digest, 0) if partial is not None else 0
+        await say(Progress(status, layer.digest, layer.size, done))
+        seconds = (layer.size - done) / bandwidth
         ticks = max(1, min(_MAX_TICKS, int(seconds / _TICK_S)))
         for i in range(1, ticks + 1):
             await self.ctx.clock.sleep(seconds / ticks)
-            await say(Progress(status, layer.digest, layer.size, layer.size * i // ticks))
+            now = done + (layer.size - done) * i // ticks
+            if partial is not None:
+                partial[layer.digest] = now
+            await say(Progress(status, layer.digest, layer.size, now))
 
     async def push(self, request: web.Request) -> web.StreamResponse:
         ctx = self.ctx

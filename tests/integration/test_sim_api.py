@@ -245,6 +245,25 @@ async def test_pull_with_progress(client: ollama.AsyncClient) -> None:
     assert e.value.status_code == 500
 
 
+async def test_a_cut_pull_resumes_where_it_left_off(http: aiohttp.ClientSession) -> None:
+    """Ollama keeps a cut download's partial blob and the next pull of the model resumes it: its
+    first progress line for that layer starts where the cut one got to."""
+    config = load_config(time_scale=1.0, pull_bandwidth=400e6)  # 1.3 GB: about 3 s
+    async with SimServer(config, port=0) as sim:
+        seen = {}
+        async with http.post(sim.url + "/api/pull", json={"model": "llama3.2:1b"}) as r:
+            async for raw in r.content:
+                seen = json.loads(raw)
+                if seen.get("completed"):
+                    break  # the client goes: the pull is cut
+        await sim.stats.wait_for(lambda st: st.pulls_cut == 1, timeout=10)
+        async with http.post(sim.url + "/api/pull", json={"model": "llama3.2:1b"}) as r:
+            lines = [json.loads(raw) async for raw in r.content]
+    resumed = next(line for line in lines if line.get("digest") == seen["digest"])
+    assert resumed["completed"] >= seen["completed"] > 0 and resumed["total"] == seen["total"]
+    assert lines[-1] == {"status": "success"}
+
+
 async def test_copy_create_delete_push(client: ollama.AsyncClient) -> None:
     assert (await client.copy("llama3.2", "backup:1")).status == "success"
     assert "backup:1" in [m.model for m in (await client.list()).models]
