@@ -31,7 +31,7 @@ from corral.runtime.policy import POLICY_KEY, policy_decoder
 from corral.runtime.process import parse_settings
 from corral.runtime.settings import SERVICES_ONLY, CommonSettings, add_arguments
 from corral.runtime.workqueue import MAX_AGE_S, depths, keep_long_enough
-from corral.transport import Transport, WorkRequest
+from corral.transport import Transport, WorkRequest, send_resending
 from corral.views.status import Pin
 from nats.js.errors import KeyNotFoundError
 
@@ -233,8 +233,8 @@ async def pull(s: _Session, as_json: bool, model: str, replicas: str, vendor: st
     transport = Transport(s.nc, s.subjects)
     await transport.start()
     try:
-        reply = await transport.send_service(
-            s.subjects.registry("pull"), WorkRequest("/api/pull", _enc.encode(order)), timeout=5
+        reply = await send_resending(
+            transport, s.subjects.registry("pull"), WorkRequest("/api/pull", _enc.encode(order)), timeout=5
         )
         if reply is None:
             print(

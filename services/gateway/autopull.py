@@ -17,7 +17,7 @@ from corral.protocol.names import ModelName, host_allowed, registry_refused
 from corral.routing import pull_order
 from corral.runtime.fleet import FleetView
 from corral.runtime.tasks import cancel_and_wait
-from corral.transport import Transport, WorkRequest
+from corral.transport import ReplyStream, Transport, WorkRequest, send_resending
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ class AutoPuller:
         body = _enc.encode({"model": model.display, "stream": False, "replicas": 1, "vendor": vendor})
         transport, settings = self._transport, self._settings
         try:
-            reply = await transport.send_service(
+            reply: ReplyStream | None = await send_resending(
+                transport,
                 transport.subjects.registry("pull"),
                 WorkRequest("/api/pull", body),
                 timeout=settings.claim_timeout_s,

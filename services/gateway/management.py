@@ -36,7 +36,7 @@ from corral.protocol.names import (
     split_vendor_pin,
 )
 from corral.routing import pull_order
-from corral.transport import Reply, WorkRequest, fan_out
+from corral.transport import Reply, WorkRequest, fan_out, send_resending
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -413,8 +413,9 @@ async def pull(planner: Planner, request: Request) -> Response:
     work = WorkRequest(endpoint="/api/pull", body=msgspec.json.encode(order))
     transport = planner.transport
     try:
-        reply = await transport.send_service(
-            transport.subjects.registry("pull"), work, timeout=planner.settings.claim_timeout_s
+        # a registry copy that stops under it hands it on to another (`send_resending`)
+        reply = await send_resending(
+            transport, transport.subjects.registry("pull"), work, timeout=planner.settings.claim_timeout_s
         )
     except CorralError as e:  # the registry took it and went silent
         return error(e)

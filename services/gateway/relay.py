@@ -25,7 +25,7 @@ from corral.gateway.shutdown import MESSAGE as STOP_MESSAGE
 from corral.gateway.shutdown import Shutdown
 from corral.gateway.spans import record_answer
 from corral.protocol.errors import CorralError, InternalError, NoCapacity
-from corral.transport import Reply, WorkRequest
+from corral.transport import ReplyStream, WorkRequest
 from fastapi.responses import Response
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ async def relay(
     await _until_gone(serve, receive, sent, planner.shutdown, api, stopped)
 
 
-async def relay_reply(reply: Reply, receive: Receive, send: Send, shutdown: Shutdown) -> None:
+async def relay_reply(reply: ReplyStream, receive: Receive, send: Send, shutdown: Shutdown) -> None:
     """Stream a reply that has already begun; the client going away closes (cancels) it."""
     sent = Sent(send)
     async with reply:
@@ -203,7 +203,9 @@ async def _serve(
             log.exception("recording the answer of %s failed", work.endpoint)
 
 
-async def stream_reply(reply: Reply, send: Send, *, api: Dialect, decision: Decision | None = None) -> None:
+async def stream_reply(
+    reply: ReplyStream, send: Send, *, api: Dialect, decision: Decision | None = None
+) -> None:
     """``decision``: how the request was routed, for the response's X-Corral headers; it is told
     when a streamed body's first byte went out and keeps the body's end (its token counts)."""
     extra = [] if decision is None else decision.headers(reply.agent)
@@ -296,7 +298,7 @@ def _all_but_last(held: bytes, sse: bool) -> bytes:
     return held[: cut + 2] if cut >= 0 else b""
 
 
-def _stream_error(reply: Reply, err: CorralError, api: Dialect) -> bytes:
+def _stream_error(reply: ReplyStream, err: CorralError, api: Dialect) -> bytes:
     return _last_line(api, "text/event-stream" in reply.content_type, err)
 
 
@@ -328,7 +330,7 @@ class RelayResponse(Response):
 class ReplyResponse(Response):
     """A FastAPI response relaying a reply that has already begun (its head is in hand)."""
 
-    def __init__(self, reply: Reply, shutdown: Shutdown) -> None:
+    def __init__(self, reply: ReplyStream, shutdown: Shutdown) -> None:
         super().__init__()
         self._reply, self._shutdown = reply, shutdown
 

@@ -7,6 +7,8 @@
     ├── ModelNotFound                404  "model 'x' not found"
     ├── NoCapacity                   503  nothing could start it before its deadline ("server busy")
     ├── AgentUnavailable             502  the agent died or went silent; retryable before the first byte
+    │   └── ServiceStopping          502  the service copy serving it stops; sent again, another copy
+    │                                     takes it (``Corral-Stopping: 1`` beside the code)
     ├── BackendError                 502  the agent could not reach its Ollama; retryable
     ├── Cancelled                    499  the client went away
     ├── ReplyOverflow                503  the reply came faster than it could be passed on, past the
@@ -19,7 +21,10 @@ gateway turns them into HTTP statuses and Ollama's ``{"error": "..."}`` (or `/v1
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
+
+from corral.protocol import headers as H
 
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
 
@@ -85,6 +90,13 @@ class AgentUnavailable(CorralError):
     retryable = True
 
 
+class ServiceStopping(AgentUnavailable):
+    """The service copy serving the request is stopping (a registry on SIGTERM), having left its
+    queue group first: the same request sent again reaches another copy, if one runs. It travels as
+    ``agent_unavailable`` plus ``Corral-Stopping: 1`` (`end_error`), which a sender that does not
+    know it reads as the plain retryable error."""
+
+
 class BackendError(CorralError):
     code = "backend_error"
     status = 502
@@ -124,6 +136,14 @@ def from_code(code: str, message: str) -> CorralError:
     CorralError.__init__(err, message)
     if isinstance(err, InvalidModelName):
         err.name = ""
+    return err
+
+
+def end_error(headers: Mapping[str, str]) -> CorralError:
+    """The error an ``end`` message carries (`corral.protocol.headers`)."""
+    err = from_code(headers.get(H.ERROR_CODE, "internal"), headers.get(H.ERROR, "request failed"))
+    if headers.get(H.STOPPING) == "1" and isinstance(err, AgentUnavailable):
+        return ServiceStopping(err.message)
     return err
 
 

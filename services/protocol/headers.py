@@ -26,7 +26,9 @@ Reply stream (agent → gateway, on the work message's reply subject), in order:
     ping   Corral-Kind: ping                              while Ollama has not answered (loading)
     head   Corral-Kind: head, Corral-Status, Corral-Content-Type; payload = first body bytes
     data   no headers at all; payload = the next body bytes (the cheap, frequent message)
-    end    Corral-Kind: end, Corral-Seq: <number of data messages>; optional Corral-Error(-Code)
+    end    Corral-Kind: end, Corral-Seq: <number of data messages>; optional Corral-Error(-Code),
+           and Corral-Stopping: 1 when the service copy that answered is stopping (a registry):
+           the same request sent again reaches another copy
     busy   Corral-Kind: busy                              the agent cannot take it; try elsewhere
 
 A ``head`` with ``Corral-End: 1`` is also the end (the whole response fit in one message).
@@ -73,6 +75,7 @@ SEQ: Final = "Corral-Seq"
 END: Final = "Corral-End"
 ERROR: Final = "Corral-Error"
 ERROR_CODE: Final = "Corral-Error-Code"
+STOPPING: Final = "Corral-Stopping"  # end: its sender is stopping; another copy may take the request
 
 CTL: Final = "Corral-Ctl"
 

@@ -20,17 +20,19 @@ from collections.abc import AsyncIterator, Mapping
 import msgspec
 from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope, decode_request
-from corral.protocol.errors import AgentUnavailable, BadEnvelope, BadRequest, CorralError
+from corral.protocol.errors import BadEnvelope, BadRequest, CorralError, ServiceStopping
 from corral.protocol.messages import AgentState
 from corral.protocol.names import VENDORS, parse_name
 from corral.protocol.subjects import REGISTRY_SENDER, Subjects
 from corral.routing import pull_order
 from corral.runtime.fleet import FleetView
+from corral.runtime.nats import published
 from corral.runtime.tasks import cancel_and_wait
 from corral.transport import Reply, Transport, WorkRequest, fan_out
 from corral.transport.replies import ReplyWriter
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,13 @@ class FleetPulls:
         self._pulls: set[asyncio.Task[None]] = set()
         self._by_request: dict[str, asyncio.Task[None]] = {}  # request id → the pull serving it
         self._cancelled: set[str] = set()  # request ids whose asker cancelled them
+        self._sub: Subscription | None = None
+
+    async def listen(self, queue: str) -> None:
+        """Take pulls from the registry's pull subject, one copy of queue group ``queue`` each."""
+        self._sub = await self._nc.subscribe(
+            self._subjects.registry("pull"), queue=queue, cb=published(self.on_pull)
+        )
 
     async def on_pull(self, msg: Msg) -> None:
         """A pull request: served in a task of its own (pulls take minutes)."""
@@ -112,8 +121,12 @@ class FleetPulls:
             task.cancel()
 
     async def stop(self) -> None:
-        """End the pulls under way, one taken a moment ago included (`cancel_and_wait` lets it
-        start): each reply ends with a retryable error (`_serve_pull`)."""
+        """Leave the queue group, then end the pulls under way, one taken a moment ago included
+        (`cancel_and_wait` lets it start): each reply ends with `ServiceStopping` (`_serve_pull`),
+        so its asker may send it again, to a copy still in the group."""
+        if self._sub is not None:
+            with contextlib.suppress(NatsError):  # the connection is gone: so is the subscription
+                await self._sub.unsubscribe()
         await cancel_and_wait(set(self._pulls))
 
     def targets(self, req: PullRequest) -> list[AgentState]:
@@ -136,9 +149,10 @@ class FleetPulls:
             await self._pull(msg, env, out)
         except asyncio.CancelledError:
             if rid not in self._cancelled:
-                # the registry is stopping: its asker hears so now, not at its idle timeout
+                # the registry is stopping: its asker hears so now, not at its idle timeout, and may
+                # send the pull again to another copy (this one left the queue group first)
                 with contextlib.suppress(NatsError):
-                    await asyncio.shield(out.end(AgentUnavailable("the registry is stopping")))
+                    await asyncio.shield(out.end(ServiceStopping("the registry is stopping")))
             raise
         finally:
             self._by_request.pop(rid, None)

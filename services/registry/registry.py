@@ -128,9 +128,7 @@ class Registry:
             pull_timeout_s=self.settings.pull_timeout_s,
             ping_interval_s=self.settings.ping_interval_s,
         )
-        await self.nc.subscribe(
-            self.subjects.registry("pull"), queue=QUEUE_GROUP, cb=published(self._pulls.on_pull)
-        )
+        await self._pulls.listen(QUEUE_GROUP)
         # every copy hears a pull's cancel: the one running it stops it
         await self.nc.subscribe(self.subjects.registry_ctl, cb=published(self._pulls.on_cancel))
         self.rebalancer = Rebalancer(
@@ -174,14 +172,14 @@ class Registry:
         self._tasks.append(asyncio.create_task(supervise(what, run, wake=wake), name=name))
 
     async def stop(self) -> None:
+        if self._pulls is not None:  # first: a pull it ends is sent again, to a copy that stays
+            await self._pulls.stop()
         if self._reopener is not None:
             await self._reopener.stop()
         if self.placer is not None:
             await self.placer.stop()
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
-        if self._pulls is not None:
-            await self._pulls.stop()
         if self._index is not None:
             await self._index.stop()
         if self._transport is not None:

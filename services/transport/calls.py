@@ -28,7 +28,7 @@ import msgspec
 import nats.errors
 from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope, fits
-from corral.protocol.errors import AgentUnavailable, BadRequest, NoCapacity, from_code
+from corral.protocol.errors import AgentUnavailable, BadRequest, NoCapacity, end_error, from_code
 from corral.protocol.subjects import Subjects
 from corral.runtime.nats import published, stream_delivery
 from corral.runtime.telemetry import attempted, publish_span
@@ -452,7 +452,7 @@ class Transport:
             if kind in (H.PING, H.HEAD):
                 continue
             if kind == H.END_KIND:
-                err = from_code(mh.get(H.ERROR_CODE, "internal"), mh.get(H.ERROR, "request failed"))
+                err = end_error(mh)
                 if err.retryable and call.agent:
                     log.warning("agent %s failed before answering (%s); trying elsewhere", call.agent, err)
                     return Failure(call.agent, err)

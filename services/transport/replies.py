@@ -32,7 +32,7 @@ from typing import Final
 
 from corral.protocol import headers as H
 from corral.protocol.envelope import HEADER_HEADROOM
-from corral.protocol.errors import CorralError, ReplyOverflow
+from corral.protocol.errors import CorralError, ReplyOverflow, ServiceStopping
 from nats.aio.client import Client as NATS
 
 __all__ = ["CLAIM_DELAY_S", "ReplyWriter", "send_busy"]
@@ -247,6 +247,8 @@ class ReplyWriter:
             return
         if error is not None:
             headers = {H.KIND: H.END_KIND, H.ERROR_CODE: error.code, H.ERROR: error.message}
+            if isinstance(error, ServiceStopping):
+                headers[H.STOPPING] = "1"
         else:
             headers = {H.KIND: H.END_KIND, H.SEQ: str(self.seq)}
         self.done = True

@@ -14,10 +14,10 @@ import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Self
 
 from corral.protocol import headers as H
-from corral.protocol.errors import AgentUnavailable, CorralError, ReplyOverflow, from_code
+from corral.protocol.errors import AgentUnavailable, CorralError, ReplyOverflow, end_error
 from nats.aio.msg import Msg
 
 # the mark `corral.transport.calls.Transport` queues for an open reply when its connection came back
@@ -121,7 +121,52 @@ class CallOwner(Protocol):
         """Tell the agent replying to ``call`` how many body bytes of it were taken."""
 
 
-class Reply:
+class ReplyStream:
+    """What a requester reads: status, content type, the head's bytes (``first``), then the rest
+    as it comes (`batches`); whole (`read`) or by NDJSON line (`lines`). Use it as ``async with``:
+    leaving it ends what it still holds."""
+
+    __slots__ = ()
+    agent: str
+    status: int
+    content_type: str
+    first: bytes
+    ended: bool
+
+    def batches(self) -> AsyncIterator[bytes]:
+        """The body after ``first``, as it arrives."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """The body as NDJSON lines (blank ones skipped), as they complete."""
+        tail = self.first
+        async for batch in self.batches():
+            tail += batch
+            *complete, tail = tail.split(b"\n")
+            for raw in complete:
+                if raw.strip():
+                    yield raw
+        for raw in tail.split(b"\n"):
+            if raw.strip():
+                yield raw
+
+    async def read(self) -> bytes:
+        """The whole body (first bytes plus the rest)."""
+        return self.first + b"".join([b async for b in self.batches()])
+
+
+class Reply(ReplyStream):
     """An open reply from the agent that claimed the request: status, content type, body stream.
 
     It owns its call: use it as ``async with reply:`` (or call `close`). Leaving it releases the
@@ -175,14 +220,6 @@ class Reply:
             owner.release(call)
         else:
             call.replying = True
-
-    async def __aenter__(self) -> Reply:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def batches(self) -> AsyncIterator[bytes]:
         """The body after ``first``: each item is everything that had arrived, joined.
@@ -247,29 +284,12 @@ class Reply:
 
     def _check_end(self, hdrs: dict[str, str]) -> None:
         if H.ERROR_CODE in hdrs:
-            raise from_code(hdrs[H.ERROR_CODE], hdrs.get(H.ERROR, "request failed"))
+            raise end_error(hdrs)
         sent = int(hdrs.get(H.SEQ, self._data_msgs))
         if sent != self._data_msgs:
             raise AgentUnavailable(
                 f"lost {sent - self._data_msgs} of {sent} reply messages from {self.agent}"
             )
-
-    async def lines(self) -> AsyncIterator[bytes]:
-        """The body as NDJSON lines (blank ones skipped), as they complete."""
-        tail = self.first
-        async for batch in self.batches():
-            tail += batch
-            *complete, tail = tail.split(b"\n")
-            for raw in complete:
-                if raw.strip():
-                    yield raw
-        for raw in tail.split(b"\n"):
-            if raw.strip():
-                yield raw
-
-    async def read(self) -> bytes:
-        """The whole body (first bytes plus the rest)."""
-        return self.first + b"".join([b async for b in self.batches()])
 
     async def close(self) -> None:
         """Release the call; cancels the work on the agent if the stream has not ended."""

@@ -1,8 +1,10 @@
-"""A registry that stops while pulls are under way ends each pull's reply at once."""
+"""A registry that stops while pulls are under way ends each pull's reply at once, saying it stops,
+so that a pull sent through the gateway carries on through another registry copy."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import msgspec
@@ -10,6 +12,8 @@ import pytest
 from corral.protocol import headers as H
 from corral.protocol.envelope import RequestEnvelope
 from corral.protocol.names import parse_name
+from corral.registry.registry import Registry
+from corral.registry.settings import RegistrySettings
 from corral.runtime.nats import round_trip
 from corral.runtime.natsserver import NatsServer
 from corral.up import FleetOptions, LocalFleet, default_sims
@@ -55,7 +59,8 @@ async def test_a_pull_taken_just_before_the_registry_stops_is_answered(
                     h = (await sub.next_msg(timeout=5)).headers or {}
                     if h.get(H.KIND) == H.END_KIND or h.get(H.END) == "1":
                         break
-            assert h.get(H.ERROR_CODE) == "agent_unavailable", h
+            assert h.get(H.ERROR_CODE) == "agent_unavailable", h  # what a sender that knows no more retries
+            assert h.get(H.STOPPING) == "1", h  # the same pull may go to another copy
 
 
 async def test_a_pull_whose_client_went_away_stops_on_every_agent(nats_server: NatsServer, root: str) -> None:
@@ -83,3 +88,50 @@ async def test_a_pull_whose_client_went_away_stops_on_every_agent(nats_server: N
             await sim.stats.wait_for(lambda st: st.pulls_ended == 1, timeout=10)
             assert sim.stats.pulls_cut == 1
             assert parse_name("llama3.2:1b").key not in sim.ctx.catalog.models
+
+
+async def test_a_pull_whose_registry_stops_carries_on_through_another_copy(
+    nats_server: NatsServer, root: str
+) -> None:
+    """A rolling restart of the registries under `ollama pull`: the copy running the pull leaves its
+    queue group and ends the pull saying it stops; the gateway sends it again, the other copy takes
+    it, and the client's one progress stream goes on to ``success`` with no error line."""
+    options = FleetOptions(
+        port=0,
+        nats_url=nats_server.url,
+        root=root,
+        sims=default_sims(1, time_scale=1.0, pull_bandwidth=400e6),  # 1.3 GB: about 3 s
+        agent={"refresh_s": 0.5, "heartbeat_s": 1.0},
+        aggregator=None,
+    )
+    async with LocalFleet(options) as fleet:
+        assert fleet.registry is not None
+        second = Registry(RegistrySettings(nats_url=nats_server.url, root=root, probe_s=0))
+        await second.start()
+        sim = fleet.sims[0]
+        lines = []
+        try:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(fleet.url + "/api/pull", json={"model": "llama3.2:1b"}) as r,
+            ):
+                assert r.status == 200
+                while not lines or not lines[-1].get("completed"):  # under way on the agent
+                    lines.append(json.loads(await r.content.readline()))
+                cut_at = len(lines)
+                serving = [reg for reg in (fleet.registry, second) if reg._pulls and reg._pulls._by_request]
+                assert len(serving) == 1
+                await serving[0].stop()
+                lines += [json.loads(raw) async for raw in r.content]
+        finally:
+            await second.stop()
+    assert [line for line in lines if "error" in line] == []
+    assert lines[-1] == {"status": "success"}
+    assert sim.stats.pulls == 2 and sim.stats.pulls_cut == 1  # the stopped copy's pull, then the other's
+    # the second pull resumed the layer where the first had got to, as Ollama resumes a partial blob
+    again = [i for i, line in enumerate(lines) if line == {"status": "pulling manifest"}]
+    assert len(again) == 2 and again[1] >= cut_at  # the other copy's lines follow the first's
+    digest = lines[cut_at - 1]["digest"]
+    resumed = next(line for line in lines[again[1] :] if line.get("digest") == digest)
+    assert resumed.get("completed", 0) >= lines[cut_at - 1]["completed"] > 0
+    assert parse_name("llama3.2:1b").key in sim.ctx.catalog.models

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from corral.protocol import headers as H
 from corral.protocol.errors import (
     BUSY_MESSAGE,
     AgentUnavailable,
@@ -17,6 +18,8 @@ from corral.protocol.errors import (
     ModelNotFound,
     NoCapacity,
     ReplyOverflow,
+    ServiceStopping,
+    end_error,
     from_code,
 )
 
@@ -39,6 +42,7 @@ EXPECTED = {
     ModelNotFound: ("model_not_found", 404, False),
     NoCapacity: ("no_capacity", 503, False),
     AgentUnavailable: ("agent_unavailable", 502, True),
+    ServiceStopping: ("agent_unavailable", 502, True),  # travels as its base, marked (`end_error`)
     BackendError: ("backend_error", 502, True),
     Cancelled: ("cancelled", 499, False),
     ReplyOverflow: ("reply_overflow", 503, False),
@@ -59,13 +63,13 @@ def test_code_status_and_retryable(cls: type[CorralError]) -> None:
 
 
 def test_codes_are_unique() -> None:
-    codes = [cls.code for cls in ALL if "code" in vars(cls)]  # BadEnvelope travels as its base
+    codes = [cls.code for cls in ALL if "code" in vars(cls)]  # BadEnvelope, ServiceStopping: as their bases
     assert len(codes) == len(set(codes))
     assert type(from_code("bad_request", "x")) is BadRequest
 
 
 def test_only_transport_failures_are_retryable() -> None:
-    assert {cls for cls in ALL if cls.retryable} == {AgentUnavailable, BackendError}
+    assert {cls for cls in ALL if cls.retryable} == {AgentUnavailable, ServiceStopping, BackendError}
 
 
 def test_message_is_kept() -> None:
@@ -114,3 +118,13 @@ def test_unknown_code_becomes_internal_error(code: str) -> None:
 def test_rebuilt_errors_can_be_raised_and_caught_by_class() -> None:
     with pytest.raises(BackendError, match="connection refused"):
         raise from_code("backend_error", "connection refused")
+
+
+def test_a_stopping_service_travels_as_the_retryable_error_older_senders_know() -> None:
+    stopped = end_error(
+        {H.ERROR_CODE: "agent_unavailable", H.ERROR: "the registry is stopping", H.STOPPING: "1"}
+    )
+    assert isinstance(stopped, ServiceStopping) and stopped.message == "the registry is stopping"
+    assert type(end_error({H.ERROR_CODE: "agent_unavailable", H.ERROR: "gone"})) is AgentUnavailable
+    assert type(end_error({H.ERROR_CODE: "bad_request", H.ERROR: "no", H.STOPPING: "1"})) is BadRequest
+    assert type(from_code("agent_unavailable", "x")) is AgentUnavailable  # the code alone: the base
