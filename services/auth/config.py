@@ -28,7 +28,7 @@ from corral.auth.permissions import (
     inbox_prefix,
     role_permissions,
 )
-from corral.protocol.subjects import Subjects, check_agent_id
+from corral.protocol.subjects import Subjects, check_agent_id, check_gateway_id
 from corral.runtime.natsauth import Credentials, read_credentials
 
 AUTH_FILE = "auth.conf"
@@ -74,7 +74,7 @@ def init(
     for a in agents:
         check_agent_id(a)
     for g in gateways:
-        subjects.agent_work(g)  # validates the id (the same rule for every subject token)
+        check_gateway_id(g)
     d.mkdir(parents=True, exist_ok=True)
     d.chmod(0o700)
     (d / ROOT_FILE).write_text(subjects.root + "\n")
@@ -93,6 +93,7 @@ def add_agent(directory: str | Path, agent_id: str, *, password: bool | None = N
 def add_gateway(directory: str | Path, gateway_id: str, *, password: bool | None = None) -> Path:
     """Write one more gateway's identity, for a gateway run with ``--gateway-id``: it reads only
     its own replies. Builds ``auth.conf`` again; returns the credentials file."""
+    check_gateway_id(gateway_id)
     return _add(directory, gateway_id, gateway_user(gateway_id), password)
 
 

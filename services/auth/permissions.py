@@ -24,7 +24,8 @@ https://docs.nats.io/nats-concepts/jetstream/js_api_reference):
   (``R.body.>``), takes from the queue (its consumers, ``MSG.NEXT``, acks), reports finished
   requests (``R.events.request``) and writes only its own state key (``$KV.R_agents.<id>``).
 - registry: serves ``R.registry.>``, sends pulls to agents (``R.agent.*.work``, ``.ctl``) and reads
-  their replies, hears a pull's cancel from its asker (``R.agent.registry.ctl``), probes agents on
+  their replies, its own only (``R.reply.registry.>``, ``R.body.registry.>``: each copy's requests
+  name it ``registry.<copy>``, a token no gateway may take), hears a pull's cancel from its asker (``R.agent.registry.ctl``), probes agents on
   their ``.ctl``, writes the model index, load markers and dead-agent markers
   (``$KV.R_models.>``, ``$KV.R_views.>``), deletes the state of dead agents (``$KV.R_agents.>``),
   announces membership (``R.events.agent``); hears queued requests' nudges (``R.queued.>``) for
@@ -153,8 +154,8 @@ def role_permissions(role: str, s: Subjects) -> Permissions:
             subscribe = (
                 f"{s.root}.registry.>",
                 s.registry_ctl,
-                s.replies_all,
-                s.bodies_all,
+                s.registry_replies,
+                s.registry_bodies,
                 s.queued_all,
                 inbox,
             )

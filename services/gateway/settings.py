@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from corral.protocol.subjects import GATEWAY_ID_PATTERN
 from corral.runtime.settings import CommonSettings, setting
 from corral.runtime.workqueue import MAX_AGE_S
 
@@ -19,8 +20,8 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
         str,
         setting(
             "this gateway's token in its reply and body subjects, unique in the fleet; up to 64 letters, "
-            "digits, _ and - (with NATS identities: its own, from `corral auth gateway`)",
-            pattern=r"^[A-Za-z0-9_-]{0,64}$",
+            "digits, _ and -, not `registry` (with NATS identities: its own, from `corral auth gateway`)",
+            pattern=GATEWAY_ID_PATTERN,
             shown="random",
         ),
     ] = ""

@@ -11,14 +11,17 @@ https://github.com/nats-io/nats-architecture-and-design/blob/main/adr/ADR-6.md):
     {root}.agent.{id}.work           direct work for one agent (affinity, pins, cold loads)
     {root}.agent.{id}.ctl            cancel a request on one agent (whoever sent it)
     {root}.agent.{id}.admin          drain / cordon / uncordon one agent (the operator)
-    {root}.reply.{gateway}.{req}     the reply stream of one request
-    {root}.body.{gateway}.{req}      an agent fetches a request body above the payload limit
+    {root}.reply.{sender}.{req}      the reply stream of one request
+    {root}.body.{sender}.{req}       an agent fetches a request body above the payload limit
     {root}.events.{kind}             agent joined/left/dead, request finished, ...
     {root}.registry.{op}             registry request API (queue group "registry")
     {root}.agg.{op}                  aggregator request API (queue group "aggregator")
     {root}.batchline.{batch}         the lines of one batch (JetStream work-queue stream)
 
 ``{vendor}`` is one of ``nvidia amd intel apple cpu any``; ``{model}`` is `ModelName.token`.
+``{sender}`` is the requester's token: a gateway's id (or a client's), or ``registry.{copy}`` for a
+registry copy, so that NATS permissions can give the registry identity the replies to its own
+requests (``{root}.reply.registry.>``) and no one else's (`registry_sender`).
 """
 
 from __future__ import annotations
@@ -37,8 +40,12 @@ _REPLY = re.compile(r"[!-)+-=?-~]{1,255}")
 _ID_CHARS = "[A-Za-z0-9_-]"
 _ID = re.compile(f"{_ID_CHARS}+")
 REGISTRY_SENDER = "registry"  # the sender the registry's replies name (`Subjects.registry_ctl`)
+# a requester's token in reply and body subjects: an id, or a registry copy's two tokens
+_SENDER = re.compile(f"(?:{REGISTRY_SENDER}\\.)?{_ID_CHARS}+")
 # an agent id: a subject token, and not the registry's (empty: the agent makes its own)
 AGENT_ID_PATTERN = f"^(?!{REGISTRY_SENDER}$){_ID_CHARS}*$"
+# a gateway id: a subject token of at most 64, and not the registry's (its replies are the registry's)
+GATEWAY_ID_PATTERN = f"^(?!{REGISTRY_SENDER}$){_ID_CHARS}{{0,64}}$"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -60,6 +67,32 @@ def _check_id(value: str) -> str:
     if not _ID.fullmatch(value):
         raise ValueError(f"not a valid subject token: {value!r}")
     return value
+
+
+def _check_sender(value: str) -> str:
+    if not _SENDER.fullmatch(value):
+        raise ValueError(f"not a valid sender: {value!r}")
+    return value
+
+
+def is_sender(value: str) -> bool:
+    """Whether ``value`` may name a requester in reply and body subjects (`registry_sender`)."""
+    return _SENDER.fullmatch(value) is not None
+
+
+def registry_sender(copy: str) -> str:
+    """The token of registry copy ``copy`` in its reply and body subjects: under the registry's
+    own (``registry.{copy}``), which no gateway id can be (`GATEWAY_ID_PATTERN`)."""
+    return f"{REGISTRY_SENDER}.{_check_id(copy)}"
+
+
+def check_gateway_id(value: str) -> str:
+    """``value`` if a gateway may be named so (`GATEWAY_ID_PATTERN`); else `ValueError`."""
+    if value == REGISTRY_SENDER:
+        raise ValueError(f"{value!r} is the registry's token in reply subjects, not a gateway's")
+    if len(value) > 64:
+        raise ValueError(f"a gateway id has at most 64 characters: {value[:80]!r}")
+    return _check_id(value)
 
 
 def check_agent_id(value: str) -> str:
@@ -141,8 +174,8 @@ class Subjects(msgspec.Struct, frozen=True):
         """``agent_work``, ``agent_ctl`` or ``agent_admin`` of every agent (``kind``: the last token)."""
         return f"{self.root}.agent.*.{_check_id(kind)}"
 
-    def reply(self, gateway_id: str, request_id: str) -> str:
-        return f"{self.root}.reply.{_check_id(gateway_id)}.{_check_id(request_id)}"
+    def reply(self, sender: str, request_id: str) -> str:
+        return f"{self.root}.reply.{_check_sender(sender)}.{_check_id(request_id)}"
 
     def is_reply(self, subject: str | None) -> TypeGuard[str]:
         """Whether ``subject`` is a usable reply subject of this root (``{root}.reply.…``): the only
@@ -150,14 +183,23 @@ class Subjects(msgspec.Struct, frozen=True):
         another subject its sender could not publish to itself."""
         return usable_reply(subject) and subject.startswith(f"{self.root}.reply.")
 
-    def reply_all(self, gateway_id: str) -> str:
-        return f"{self.root}.reply.{_check_id(gateway_id)}.*"
+    def reply_all(self, sender: str) -> str:
+        return f"{self.root}.reply.{_check_sender(sender)}.*"
 
-    def body(self, gateway_id: str, request_id: str) -> str:
-        return f"{self.root}.body.{_check_id(gateway_id)}.{_check_id(request_id)}"
+    def body(self, sender: str, request_id: str) -> str:
+        return f"{self.root}.body.{_check_sender(sender)}.{_check_id(request_id)}"
 
-    def body_all(self, gateway_id: str) -> str:
-        return f"{self.root}.body.{_check_id(gateway_id)}.*"
+    def body_all(self, sender: str) -> str:
+        return f"{self.root}.body.{_check_sender(sender)}.*"
+
+    @property
+    def registry_replies(self) -> str:
+        """The replies to every registry copy's requests (`registry_sender`), and no one else's."""
+        return f"{self.root}.reply.{REGISTRY_SENDER}.>"
+
+    @property
+    def registry_bodies(self) -> str:
+        return f"{self.root}.body.{REGISTRY_SENDER}.>"
 
     # -- cluster -----------------------------------------------------------------------------
     def event(self, kind: str) -> str:

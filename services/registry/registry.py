@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
@@ -35,7 +36,7 @@ from typing import NamedTuple
 import msgspec
 import nats.errors
 from corral.protocol.messages import AgentEvent, AgentState, agent_state_of
-from corral.protocol.subjects import Subjects
+from corral.protocol.subjects import Subjects, registry_sender
 from corral.registry.index import ModelIndexWriter
 from corral.registry.liveness import Known as Heard
 from corral.registry.liveness import Prober
@@ -103,7 +104,8 @@ class Registry:
         self._reopener.start()
         self._fleet = FleetView(self._buckets.agents)
         await self._fleet.start()
-        self._transport = Transport(self.nc, self.subjects)
+        # its replies under the registry's token: what the registry identity may read (`registry_sender`)
+        self._transport = Transport(self.nc, self.subjects, sender_id=registry_sender(secrets.token_hex(6)))
         await self._transport.start()
         self._spawn("registry watch", self._watch, "registry-watch", wake=self._rewatch)
         await asyncio.wait_for(self._synced.wait(), 10)

@@ -460,6 +460,23 @@ async def test_the_registry_cannot_drain_agents_touch_keys_or_hear_claims(
     await registry.denied("Subscription to")
 
 
+async def test_the_registry_reads_its_own_replies_and_no_gateways(fleet: LocalFleet, as_user: Any) -> None:
+    """Its requests (pulls, preloads) name it ``registry.<copy>`` in their reply subjects: the
+    registry identity reads those, never a gateway's answers (a chat's text) or large bodies."""
+    s = Subjects(ROOT)
+    assert fleet.registry is not None and fleet.registry._transport is not None
+    assert fleet.registry._transport.id.startswith("registry.")  # the fleet's pulls run on it (above)
+    registry = await as_user("registry")
+    for subject in (s.reply_all("gw1"), s.body_all("gw1"), s.replies_all, s.bodies_all, s.reply_all("other")):
+        await registry.nc.subscribe(subject)
+        assert await round_trip(registry.nc, 10.0)
+        await registry.denied(f'Subscription to "{subject}"')
+    await registry.nc.subscribe(s.registry_replies)  # its own: allowed
+    assert await round_trip(registry.nc, 10.0)
+    assert registry.errors.empty()
+    assert_no_violation(fleet)
+
+
 # -- deploy/nats.conf and password identities ----------------------------------------------------
 
 

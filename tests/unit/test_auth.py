@@ -121,6 +121,18 @@ def test_a_gateway_with_its_own_identity_reads_only_its_own_replies(tmp_path: Pa
     assert "# gateway-gw2" in (tmp_path / "a" / "auth.conf").read_text()
 
 
+def test_the_registry_reads_only_its_own_replies_and_no_gateway_takes_its_token(tmp_path: Path) -> None:
+    registry = role_permissions("registry", S)
+    assert S.registry_replies in registry.subscribe and S.registry_bodies in registry.subscribe
+    assert S.replies_all not in registry.subscribe and S.bodies_all not in registry.subscribe
+    assert S.replies_all in registry.publish  # it answers pulls on its askers' reply subjects
+    with pytest.raises(ValueError, match="registry"):
+        init(tmp_path / "a", "corral", gateways=["registry"])
+    init(tmp_path / "b", "corral")
+    with pytest.raises(ValueError, match="registry"):
+        add_gateway(tmp_path / "b", "registry")
+
+
 def test_gateways_count_key_usage_and_only_the_operator_writes_keys() -> None:
     gateway = role_permissions("gateway", S)
     assert (

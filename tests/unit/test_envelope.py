@@ -31,7 +31,7 @@ _endpoints = st.sampled_from(["/api/generate", "/api/chat", "/v1/chat/completion
     model=st.none() | st.sampled_from(["llama3.2:latest", "hf.co/u/r:q4", "a b c"]).map(encode_token),
     method=st.sampled_from(["POST", "GET", "DELETE", "HEAD"]),
     pin=st.none() | st.tuples(_names, _names),
-    large=st.none() | st.tuples(st.integers(1, 1 << 30), _rid),
+    large=st.none() | st.tuples(st.integers(1, 1 << 30), _rid | _rid.map(lambda r: "registry." + r)),
     num_ctx=st.integers(0, 1 << 20),
     unload=st.booleans(),
     keep_alive=st.booleans(),
@@ -103,7 +103,9 @@ GOOD = {H.REQUEST: "a1", H.ENDPOINT: "/api/generate"}
         {H.NUM_CTX: str(1 << 30)},
         {H.BODY_SIZE: "0", H.ORIGIN: "gw"},
         {H.BODY_SIZE: "100"},  # no origin to fetch it from
-        {H.BODY_SIZE: "100", H.ORIGIN: "gw.x"},
+        {H.BODY_SIZE: "100", H.ORIGIN: "gw.x"},  # two tokens are a registry copy's only
+        {H.BODY_SIZE: "100", H.ORIGIN: "registry.x.y"},
+        {H.BODY_SIZE: "100", H.ORIGIN: "registry." + "x" * 200},
         {H.ECHO_MODEL: "amd/llama3"},  # without its upstream pair
         {H.REPLY: "corral.reply.>"},  # a wildcard would fan the reply out
         {H.REPLY: "a b"},

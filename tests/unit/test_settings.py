@@ -534,3 +534,10 @@ def test_a_commands_gateway_url_takes_what_people_type(raw: str, url: str) -> No
 def test_a_commands_gateway_url_refuses_what_is_none(raw: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="is not a gateway URL"):
         gateway_url(raw)
+
+
+def test_a_gateway_may_not_take_the_registrys_token_in_reply_subjects() -> None:
+    assert load_settings(GatewaySettings, environ={"CORRAL_GATEWAY_ID": "gw-1"}).gateway_id == "gw-1"
+    for bad in ("registry", "a.b", "x" * 65):
+        with pytest.raises(SettingsError, match="CORRAL_GATEWAY_ID"):
+            load_settings(GatewaySettings, environ={"CORRAL_GATEWAY_ID": bad})

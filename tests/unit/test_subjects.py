@@ -7,7 +7,13 @@ import re
 import msgspec
 import pytest
 from corral.protocol.names import ANY_VENDOR, VENDORS, parse_name
-from corral.protocol.subjects import Subjects
+from corral.protocol.subjects import (
+    GATEWAY_ID_PATTERN,
+    Subjects,
+    check_gateway_id,
+    is_sender,
+    registry_sender,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -165,6 +171,29 @@ def test_id_tokens_are_validated(bad: str) -> None:
     for build in builders:
         with pytest.raises(ValueError):
             build()
+
+
+def test_a_registry_copys_replies_are_under_the_registrys_token_and_no_gateways() -> None:
+    """Each registry copy names itself ``registry.<copy>``: one wildcard covers every copy's replies
+    and bodies, and no gateway's, since no gateway may be called ``registry``."""
+    s = Subjects("r")
+    sender = registry_sender("ab12")
+    assert sender == "registry.ab12" and is_sender(sender) and is_sender("gw1")
+    assert s.reply(sender, "req") == "r.reply.registry.ab12.req"
+    for subject in (s.reply(sender, "req"), s.reply_all(sender).replace("*", "x")):
+        assert matches(s.registry_replies, subject)
+    assert matches(s.registry_bodies, s.body(sender, "req"))
+    for gateway in ("gw1", "registry2", "registry_", "Registry"):
+        assert not matches(s.registry_replies, s.reply(gateway, "req"))
+        assert check_gateway_id(gateway) == gateway and re.fullmatch(GATEWAY_ID_PATTERN, gateway)
+    for bad in ("registry", "x" * 65, "a.b"):
+        assert not re.fullmatch(GATEWAY_ID_PATTERN, bad)
+        with pytest.raises(ValueError):
+            check_gateway_id(bad)
+    for bad in ("other.ab12", "registry.", "registry.a.b", "registry.*"):
+        assert not is_sender(bad)
+        with pytest.raises(ValueError):
+            s.reply(bad, "req")
 
 
 # -- queue groups ------------------------------------------------------------------------------
