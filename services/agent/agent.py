@@ -49,8 +49,8 @@ from corral.protocol.errors import BackendError, InternalError
 from corral.protocol.messages import AgentState, Gpu, agent_state_encoder
 from corral.protocol.names import VENDORS
 from corral.protocol.subjects import Subjects, usable_reply
-from corral.runtime.buckets import Buckets, Reopener, ensure_buckets_at_start
-from corral.runtime.fleet import refuse_taken_id
+from corral.runtime.buckets import Reopener, ensure_buckets_at_start
+from corral.runtime.fleet import OwnState, refuse_taken_id
 from corral.runtime.nats import NatsAuth, connect
 from corral.runtime.tasks import cancel_and_wait, supervise
 from corral.runtime.telemetry import tracer
@@ -73,7 +73,7 @@ REFRESH_GAP_S = 0.2  # the least time between two readings of its Ollama
 
 class Agent:
     # 23 attributes: identity (settings, id, vendor, subjects, ollama), lifecycle (lifecycle, status, ready,
-    # wake-ups, state pacer), owned I/O (connection, buckets, reopener, subscriptions, worker, claims, backend,
+    # wake-ups, state pacer), owned I/O (connection, own state key, reopener, subscriptions, worker, claims, backend,
     # task group, tracer), state machines and their jobs (slots, runners, jobs, loads), mapped onto I/O.
     def __init__(
         self,
@@ -96,7 +96,7 @@ class Agent:
         self.ready = asyncio.Event()
         self._wake = Wakeups()
         self.nc: NATS | None = None
-        self._buckets: Buckets | None = None
+        self._own: OwnState | None = None  # its state's key, written while this process holds it
         self._reopener: Reopener | None = None  # the buckets again after a NATS restart
         self._subs: list[Subscription] = []
         self._worker: Worker | None = None
@@ -178,7 +178,7 @@ class Agent:
         js, replicas = nc.jetstream(), self.settings.js_replicas
         buckets = await ensure_buckets_at_start(js, self.subjects, replicas=replicas)
         await refuse_taken_id(buckets.agents, self.state(), self.settings.heartbeat_s)  # then left untouched
-        self._buckets = buckets
+        self._own = OwnState(buckets.agents, self.id, self._backend.started_at, self._wake.displaced)
         self._reopener = Reopener(
             nc, self.subjects, lambda: self._changed(state=True), replicas=self.settings.js_replicas
         )
@@ -204,7 +204,7 @@ class Agent:
 
     @property
     def connection_lost(self) -> bool:
-        return self._wake.lost.is_set()  # stopped because NATS closed the connection for good
+        return self._wake.lost.is_set()  # stopped by NATS closing it for good, or by its id's first holder
 
     def _reconnected(self) -> None:
         """Back on NATS (maybe a restarted server that lost the buckets): open them again (retried),
@@ -230,7 +230,7 @@ class Agent:
         if self._reopener is not None:
             await self._reopener.stop()
         if self.nc is not None:
-            await leave(self.nc, self._buckets.agents if self._buckets else None, self.id)
+            await leave(self.nc, self._own, self.id)
         await self.ollama.close()
 
     # -- work intake -------------------------------------------------------------------------
@@ -470,10 +470,10 @@ class Agent:
 
     async def _publish_state(self, state: AgentState | None = None, reading: Reading | None = None) -> None:
         """Publish ``state`` (default: as it is now); ``reading``: its `parts`, if made already."""
-        assert self._buckets is not None
+        assert self._own is not None
         state = state or self.state()
         try:
-            await self._buckets.agents.put(self.id, agent_state_encoder.encode(state))
+            await self._own.put(agent_state_encoder.encode(state))
         except (NatsError, JetStreamError, TimeoutError) as e:
             again = self._pacer.failed(time.monotonic())
             log.warning("cannot publish agent state (again in %.1fs): %s", again, e)

@@ -16,12 +16,12 @@ from typing import Any
 from corral.agent.worker import Job
 from corral.protocol import headers as H
 from corral.protocol.errors import AgentUnavailable, Cancelled
+from corral.runtime.fleet import OwnState
 from corral.runtime.tasks import cancel_and_wait
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
-from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class Wakeups:
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # asked to stop
     closing: asyncio.Event = field(default_factory=asyncio.Event)  # drained: the loops end
     done: asyncio.Event = field(default_factory=asyncio.Event)  # stopped
-    lost: asyncio.Event = field(default_factory=asyncio.Event)  # NATS closed for good: exit non-zero
+    # NATS closed for good, or another agent process holds its id: exit non-zero
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
 
     def wake(self, *, claims: bool, state: bool, refresh: bool) -> None:
         """Set the events of the loops that have something to do."""
@@ -55,6 +56,14 @@ class Wakeups:
         """The NATS connection closed: by our own stop, or for good (then the agent stops)."""
         if not self.stop.is_set():
             log.error("the NATS connection is closed for good: the agent stops")
+            self.lost.set()
+            self.stop.set()
+
+    def displaced(self, why: str) -> None:
+        """Another agent process held this agent's id first (`corral.runtime.fleet.OwnState`): the
+        agent stops, exit 1, leaving the id to it."""
+        if not self.stop.is_set():
+            log.error("%s", why)
             self.lost.set()
             self.stop.set()
 
@@ -106,19 +115,20 @@ async def finish_within(jobs: Collection[Job], grace_s: float, agent_id: str) ->
     await cancel_and_wait(pending)  # again until they end: nats-py can swallow one cancel
 
 
-async def leave(nc: NATS, agents: KeyValue | None, agent_id: str) -> None:
-    """The last step of a stop: remove the agent's state and drain the connection — or, with NATS
-    away, just close it: a delete or a drain would only wait for a server that is not there. The
-    state then expires by itself (missed heartbeats); what could not be sent is lost with it."""
+async def leave(nc: NATS, own: OwnState | None, agent_id: str) -> None:
+    """The last step of a stop: remove the agent's state (unless another process wrote it since:
+    `OwnState.delete`) and drain the connection — or, with NATS away, just close it: a delete or a
+    drain would only wait for a server that is not there. The state then expires by itself (missed
+    heartbeats); what could not be sent is lost with it."""
     if nc.is_closed:
         return
     if not nc.is_connected:
         log.warning("agent %s stopping without NATS: closing the connection", agent_id)
         await _close(nc)
         return
-    if agents is not None:
+    if own is not None:
         try:
-            await agents.delete(agent_id)
+            await own.delete()
         except (NatsError, JetStreamError, TimeoutError) as e:
             log.warning("cannot remove agent %s from the fleet: %s", agent_id, e)
     try:

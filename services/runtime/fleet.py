@@ -19,6 +19,7 @@ from corral.protocol.messages import AgentState, agent_state_of
 from corral.protocol.names import key_of
 from corral.runtime.kvwatch import watch_forever, watching
 from corral.runtime.tasks import cancel_and_wait, supervise
+from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
@@ -303,3 +304,82 @@ async def refuse_taken_id(agents: KeyValue, me: AgentState, heartbeat_s: float) 
         return
     if (why := id_clash(held, me, time.time() - created.timestamp(), heartbeat_s)) is not None:
         raise IdInUse(why)
+
+
+def displaced_by(held: AgentState | None, started_at: float) -> str | None:
+    """Why an agent process started at ``started_at`` must give up its id, finding ``held`` stored
+    under it where its own last write should be (None: it keeps it). Another process's state that
+    started earlier is a member that was there first, so this process is the duplicate (the same id
+    given twice, a host cloned with its configuration); one that started later is the duplicate
+    itself, and gives way at its own next write."""
+    if held is None or held.started_at >= started_at:
+        return None
+    return (
+        f"agent id {held.id!r} is in use by another agent process on {held.host} (Ollama "
+        f"{held.ollama_url}), which started {started_at - held.started_at:.0f}s before this one: this "
+        "one stops; give it another id (--id, CORRAL_ID)"
+    )
+
+
+class OwnState:
+    """An agent's state under its id in the agents bucket, written only while the key is this
+    process's: each write expects the revision of its last one. A write that finds another in
+    between reads it (`displaced_by`); when this process is the duplicate, ``on_displaced`` is told
+    why, once, and it writes nothing more, nor deletes the key at its stop. A key deleted meanwhile
+    (the registry took this agent for dead) or a write of its own whose answer was lost is written
+    over."""
+
+    def __init__(
+        self, agents: KeyValue, agent_id: str, started_at: float, on_displaced: Callable[[str], None]
+    ) -> None:
+        self.agents = agents
+        self._id, self._started_at, self._on_displaced = agent_id, started_at, on_displaced
+        self._revision = 0  # of its last write: 0 before the first, which is a plain put
+        self.displaced = False
+
+    async def put(self, value: bytes) -> None:
+        """Write ``value``; raises what the bucket raises (NATS errors, timeouts)."""
+        if self.displaced:
+            return
+        if self._revision:
+            try:
+                self._wrote(await self.agents.update(self._id, value, last=self._revision))
+                return
+            except KeyWrongLastSequenceError:
+                held = await self._held()
+                if (why := displaced_by(held[1] if held else None, self._started_at)) is not None:
+                    self.displaced = True
+                    self._on_displaced(why)
+                    return
+        self._wrote(await self.agents.put(self._id, value))
+
+    def _wrote(self, revision: int) -> None:
+        # two writes of its own may answer out of order: the later revision is its last write
+        self._revision = max(self._revision, revision)
+
+    async def _held(self) -> tuple[int, AgentState] | None:
+        """The revision and state stored under the id; None when deleted or not an agent's state."""
+        try:
+            entry = await self.agents.get(self._id)
+            return (entry.revision or 0, agent_state_of(self._id, entry.value)) if entry.value else None
+        except (NotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+    async def delete(self) -> None:
+        """Remove the state (a clean stop), unless another process wrote it since this one's last
+        write: a displaced agent leaves the key to the one it gave way to."""
+        if self.displaced:
+            return
+        try:
+            await self.agents.delete(self._id, last=self._revision or None)
+        except APIError as e:
+            if e.err_code not in _WRONG_LAST:
+                raise
+            held = await self._held()  # a write of its own whose answer was lost: still its own
+            if held is not None and held[1].started_at == self._started_at:
+                await self.agents.delete(self._id, last=held[0])
+            else:
+                log.info("agent %s: its state was written by another process since: left in place", self._id)
+
+
+_WRONG_LAST = (10071, 10164)  # JetStream's "wrong last sequence" error codes
