@@ -91,9 +91,9 @@ def plan(
     now = now or datetime.datetime.now(datetime.UTC)
     have = set(pinned_on(key, pin, agents))
     by_id = {a.id: a for a in agents}
-    refresh = tuple(
+    refresh = tuple(  # an agent whose load failed lately is not asked again, for a refresh either
         a
-        for a in sorted(have - starting)
+        for a in sorted(have - starting - avoid)
         if not all(forever(m.expires_at, now) for m in by_id[a].loaded if key_of(m.name) == key)
     )
     missing = pin.replicas - len(have | (starting & by_id.keys()))

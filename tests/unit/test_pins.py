@@ -83,6 +83,15 @@ def test_a_replica_that_would_expire_is_loaded_again_to_stay() -> None:
     assert pins.plan(PINNED, Pin(replicas=1), fleet, now=NOW) == pins.PinPlan(refresh=("a",))
 
 
+def test_a_replica_whose_refresh_failed_lately_is_not_asked_again() -> None:
+    """A refresh that failed (the agent does not answer: NATS restarting, an agent killed but not
+    yet removed) waits out its retry time like a load; asked again at once, the keeper retried it
+    thousands of times a second."""
+    fleet = [agent("a", loaded={PINNED: SOON}), agent("b", loaded={PINNED: SOON})]
+    todo = pins.plan(PINNED, Pin(replicas=2), fleet, avoid=frozenset({"a"}), now=NOW)
+    assert todo == pins.PinPlan(refresh=("b",))
+
+
 def test_draining_and_cordoned_agents_do_not_count_and_loads_under_way_do() -> None:
     fleet = [
         agent("a", status="draining", loaded={PINNED: FOREVER}),
