@@ -154,6 +154,7 @@ class Aggregator:
             auth=NatsAuth.of(self.settings),
             on_closed=self.lost.set,
             on_reconnected=self._reconnected,
+            on_disconnected=self._disconnected,
         )
         replicas = self.settings.js_replicas
         self._buckets = await ensure_buckets_at_start(self.nc.jetstream(), self.subjects, replicas=replicas)
@@ -178,6 +179,10 @@ class Aggregator:
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(nats.errors.Error):  # closed meanwhile: nothing left to drain
                 await self.nc.drain()
+
+    def _disconnected(self) -> None:
+        if self._fleet is not None:  # agents' silence while NATS is away is not theirs
+            self._fleet.connection_lost()
 
     def _reconnected(self) -> None:
         """Back on NATS, maybe a restarted one that lost the views bucket: open it again."""

@@ -147,6 +147,7 @@ class Gateway:
             auth=NatsAuth.of(self.settings),
             on_closed=self.lost.set,
             on_reconnected=self._reconnected,
+            on_disconnected=self._disconnected,
         )
         queue = QueueLimits(depth=self.settings.queue_depth, max_bytes=self.settings.queue_max_bytes)
         buckets = await ensure_buckets_at_start(
@@ -211,6 +212,10 @@ class Gateway:
             name="rates-watch",
         )
         log.info("gateway ready: %d agents in the fleet", len(self._fleet.agents()))
+
+    def _disconnected(self) -> None:
+        if self._fleet is not None:  # the fleet as last seen, not emptied by a silence it cannot hear
+            self._fleet.connection_lost()
 
     def _reconnected(self) -> None:
         """Back on NATS, maybe a restarted one that lost what it kept in memory: ensure the buckets

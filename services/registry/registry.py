@@ -96,6 +96,7 @@ class Registry:
             auth=NatsAuth.of(self.settings),
             on_closed=self.lost.set,
             on_reconnected=self._reconnected,
+            on_disconnected=self._disconnected,
         )
         self._buckets = await ensure_buckets_at_start(
             self.nc.jetstream(), self.subjects, replicas=self.settings.js_replicas
@@ -191,6 +192,10 @@ class Registry:
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(nats.errors.Error):  # closed meanwhile: nothing left to drain
                 await self.nc.drain()
+
+    def _disconnected(self) -> None:
+        if self._fleet is not None:  # agents' silence while NATS is away is not theirs
+            self._fleet.connection_lost()
 
     def _reconnected(self) -> None:
         """Back on NATS, maybe a restarted one that lost its memory buckets: open them again."""

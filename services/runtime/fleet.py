@@ -133,6 +133,16 @@ class FleetView:
                     self._heard[entry.key] = received_at(entry, snapshot=seen is not None)
                 self._notify()
 
+    def connection_lost(self) -> None:
+        """Its NATS connection is down (`corral.runtime.nats.connect`'s ``on_disconnected``): from
+        now until the watch hears again, agents' silence is not counted (`_now`). The watch itself
+        notices only when it has heard nothing for `SILENT_RESTART_S`, by when every agent would
+        have gone stale and the views shown an empty fleet."""
+        if self._deaf_since is None:
+            log.info("fleet view: NATS is away: agents' silence from now on is not counted")
+            self._deaf_since = time.monotonic()
+            self._notify()
+
     def _hears_again(self) -> None:
         """The watch hears again after failing (`_now`): the silence it could not hear is nobody's,
         so an agent not heard since it went deaf is as silent now as it was then (its state in the

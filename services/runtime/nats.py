@@ -140,6 +140,7 @@ async def connect(
     name: str,
     on_closed: Callable[[], object] | None = None,
     on_reconnected: Callable[[], object] | None = None,
+    on_disconnected: Callable[[], object] | None = None,
     auth: NatsAuth | None = None,
     reconnects: int = -1,
     quiet_first: bool = False,
@@ -155,6 +156,8 @@ async def connect(
     identity and TLS files (`NatsAuth.of(settings)`; raises `CredentialsError` for a bad one).
 
     ``on_closed`` is called once the connection is closed, by us or for good by nats-py;
+    ``on_disconnected`` whenever it is lost (not closed), for views to stop counting the silence
+    that follows as their peers' (`corral.runtime.fleet.FleetView.connection_lost`);
     ``on_reconnected`` after every reconnect (a restarted server may have lost what lived in
     memory: the caller wakes its own loops to ensure its buckets and restart its watches — the
     callback runs inside nats-py's reconnect, so it must not wait on NATS itself)."""
@@ -168,6 +171,8 @@ async def connect(
             log.debug("%s: NATS connection closed", name)
         else:
             log.warning("%s: disconnected from NATS", name)
+            if on_disconnected is not None:
+                on_disconnected()
 
     got_past: BaseException | None = None  # the last error a reconnect got past: no cause of a close
 

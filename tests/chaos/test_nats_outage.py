@@ -10,6 +10,7 @@ with words missing from its middle."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -89,6 +90,11 @@ async def test_requests_end_with_fleet_unreachable_once_nats_has_been_away_long_
                 shown = await r.json()
                 assert r.status == 200 and shown["queue"] == {}
                 assert shown["nats_away_s"] >= OUTAGE_S, shown  # its agents are only as last seen
+            # ... and stay as last seen: silence while NATS is away is not the agents', however
+            # long it lasts (the watch alone would notice only after 15 s of it, all agents stale)
+            assert view.deaf and len(shown["agents"]) == 2, shown["agents"]
+            known = [s for a in fleet.agents if (s := view.get(a.id)) is not None]
+            assert len(known) == 2 and all(view.alive(s, time.monotonic() + 3600) for s in known)
         for r in streams:
             r.close()
         await server.start()  # the fleet stops cleanly
@@ -98,6 +104,7 @@ async def test_requests_end_with_fleet_unreachable_once_nats_has_been_away_long_
         )
         async with http.get(f"{fleet.url}/api/status") as r:
             assert (await r.json())["nats_away_s"] is None
+        await fleet_until(fleet, lambda: not view.deaf and len(view.agents()) == 2, what="heard again")
 
 
 async def test_a_stream_ends_in_words_where_a_nats_restart_cut_it(
