@@ -179,9 +179,7 @@ class Agent:
         buckets = await ensure_buckets_at_start(js, self.subjects, replicas=replicas)
         await refuse_taken_id(buckets.agents, self.state(), self.settings.heartbeat_s)  # then left untouched
         self._own = OwnState(buckets.agents, self.id, self._backend.started_at, self._wake.displaced)
-        self._reopener = Reopener(
-            nc, self.subjects, lambda: self._changed(state=True), replicas=self.settings.js_replicas
-        )
+        self._reopener = Reopener(nc, self.subjects, lambda: self._changed(state=True), replicas=replicas)
         self._reopener.start()
         self._worker = Worker(
             nc,
@@ -256,7 +254,8 @@ class Agent:
     @guarded
     async def _on_direct(self, msg: Msg) -> None:
         assert self.nc is not None
-        job = await self._job_from(msg)
+        # displaced: another process holds this id, and its requests are not ours to answer, even busy
+        job = None if self._own is not None and self._own.displaced else await self._job_from(msg)
         if job is None:
             return
         if self.status != "active" or self._tg is None:  # draining, or announced but not yet running

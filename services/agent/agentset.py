@@ -99,5 +99,8 @@ class AgentSet:
         if error is not None:
             log.error("agent %s failed", agent.id, exc_info=error)
         else:
-            log.error("agent %s stopped on its own (NATS closed for good)", agent.id)
+            log.error(
+                "agent %s stopped on its own (NATS closed for good, or another process holds its id)",
+                agent.id,
+            )
         self.ended.set()

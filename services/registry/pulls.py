@@ -125,8 +125,12 @@ class FleetPulls:
         (`cancel_and_wait` lets it start): each reply ends with `ServiceStopping` (`_serve_pull`),
         so its asker may send it again, to a copy still in the group."""
         if self._sub is not None:
-            with contextlib.suppress(NatsError):  # the connection is gone: so is the subscription
-                await self._sub.unsubscribe()
+            # unsubscribed, and the pulls already on their way here taken (each then ended like the
+            # rest): an unsubscribe alone would drop them unanswered, to end at their claim timeout
+            with contextlib.suppress(
+                NatsError, TimeoutError
+            ):  # the connection is gone: so is the subscription
+                await self._sub.drain()  # type: ignore[no-untyped-call]
         await cancel_and_wait(set(self._pulls))
 
     def targets(self, req: PullRequest) -> list[AgentState]:

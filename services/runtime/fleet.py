@@ -312,8 +312,45 @@ async def refuse_taken_id(agents: KeyValue, me: AgentState, heartbeat_s: float) 
     created: object = entry.created  # nats-py types it int; it is the message's datetime
     if not isinstance(created, datetime.datetime):
         return
-    if (why := id_clash(held, me, time.time() - created.timestamp(), heartbeat_s)) is not None:
+    age_s = time.time() - created.timestamp()
+    if (why := id_clash(held, me, age_s, heartbeat_s)) is not None:
         raise IdInUse(why)
+    if held is None or held.started_at == me.started_at or age_s >= FRESH_HEARTBEATS * heartbeat_s:
+        return
+    # from this host and Ollama, and fresh: this agent's own, left by a run that crashed (a clean
+    # stop deletes it), or the same agent still running (started twice), which writes again within
+    # a heartbeat of its last write
+    wait_s = AGAIN_HEARTBEATS * held.heartbeat_s - max(age_s, 0.0)
+    if wait_s > 0 and (again := await _written_again(agents, me.id, entry.revision or 0, wait_s)):
+        raise IdInUse(
+            f"agent id {me.id!r} is in use by a live agent process on this host and Ollama ({again.host}, "
+            f"{again.ollama_url}): the same agent started twice? give this one another id (--id, CORRAL_ID)"
+        )
+
+
+AGAIN_HEARTBEATS = 1.5  # a live agent writes its state at least once a heartbeat (and on changes)
+
+
+async def _written_again(
+    agents: KeyValue, agent_id: str, revision: int, within_s: float
+) -> AgentState | None:
+    """The state written under ``agent_id`` after ``revision`` within ``within_s`` seconds, if any."""
+    deadline = time.monotonic() + within_s
+    async with watching(agents, agent_id) as watcher:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                entry = await watcher.updates(timeout=left)
+            except nats.errors.TimeoutError:
+                return None
+            if entry is None or (entry.revision or 0) <= revision:
+                continue  # the snapshot: what was read already
+            if entry.operation is not None or not entry.value:
+                return None  # deleted: it stopped
+            try:
+                return agent_state_of(agent_id, entry.value)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return None
+    return None
 
 
 def displaced_by(held: AgentState | None, started_at: float) -> str | None:
@@ -353,19 +390,17 @@ class OwnState:
             return
         if self._revision:
             try:
-                self._wrote(await self.agents.update(self._id, value, last=self._revision))
+                self._revision = await self.agents.update(self._id, value, last=self._revision)
                 return
             except KeyWrongLastSequenceError:
                 held = await self._held()
-                if (why := displaced_by(held[1] if held else None, self._started_at)) is not None:
+                # a write after its own last (a lagging replica may still answer with an older one)
+                later = held[1] if held is not None and held[0] > self._revision else None
+                if (why := displaced_by(later, self._started_at)) is not None:
                     self.displaced = True
                     self._on_displaced(why)
                     return
-        self._wrote(await self.agents.put(self._id, value))
-
-    def _wrote(self, revision: int) -> None:
-        # two writes of its own may answer out of order: the later revision is its last write
-        self._revision = max(self._revision, revision)
+        self._revision = await self.agents.put(self._id, value)
 
     async def _held(self) -> tuple[int, AgentState] | None:
         """The revision and state stored under the id; None when deleted or not an agent's state."""
@@ -380,16 +415,18 @@ class OwnState:
         write: a displaced agent leaves the key to the one it gave way to."""
         if self.displaced:
             return
-        try:
-            await self.agents.delete(self._id, last=self._revision or None)
-        except APIError as e:
-            if e.err_code not in _WRONG_LAST:
-                raise
-            held = await self._held()  # a write of its own whose answer was lost: still its own
-            if held is not None and held[1].started_at == self._started_at:
-                await self.agents.delete(self._id, last=held[0])
-            else:
-                log.info("agent %s: its state was written by another process since: left in place", self._id)
+        if self._revision:
+            try:
+                await self.agents.delete(self._id, last=self._revision)
+                return
+            except APIError as e:
+                if e.err_code not in _WRONG_LAST:
+                    raise
+        held = await self._held()  # no write of its own answered, or one whose answer was lost
+        if held is not None and held[1].started_at == self._started_at:
+            await self.agents.delete(self._id, last=held[0])
+        else:
+            log.info("agent %s: the state stored under its id is not its own: left in place", self._id)
 
 
 _WRONG_LAST = (10071, 10164)  # JetStream's "wrong last sequence" error codes

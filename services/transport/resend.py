@@ -5,8 +5,8 @@ what it still runs with `ServiceStopping`. A request that may safely run twice, 
 (Ollama resumes a partial download, so running it again costs only what was left), is then sent
 again on the same subject, where a copy that stays takes it. Its reader sees one body: the first
 reply's head and bytes, then the next reply's, its head's bytes included, as if one copy had
-answered (a line the stop cut short is ended first). A pull's progress thus carries on from about
-where it was.
+answered (a stream is handed on by whole lines, and a line the stop cut short is dropped). A pull's
+progress thus carries on from about where it was.
 """
 
 from __future__ import annotations
@@ -43,14 +43,25 @@ class Resent(ReplyStream):
     """The replies of one request sent again each time the service copy serving it stops, read as
     one: status, content type and first bytes are the first reply's. The body is NDJSON lines."""
 
-    __slots__ = ("_left", "_reply", "_send", "_subject", "agent", "content_type", "ended", "first", "status")
+    __slots__ = (
+        "_left",
+        "_reply",
+        "_send",
+        "_subject",
+        "_tail",
+        "agent",
+        "content_type",
+        "ended",
+        "first",
+        "status",
+    )
 
     def __init__(self, send: Callable[[], Awaitable[Reply | None]], subject: str, resends: int) -> None:
         self._send, self._subject, self._left = send, subject, resends
         self._reply: Reply | None = None  # the copy answering now
         self.agent = self.content_type = ""
         self.status = 0
-        self.first = b""
+        self.first = self._tail = b""
         self.ended = False
 
     async def begin(self) -> bool:
@@ -63,28 +74,32 @@ class Resent(ReplyStream):
             return False
         self._reply = reply
         self.agent, self.status, self.content_type = reply.agent, reply.status, reply.content_type
-        self.first, self.ended = reply.first, reply.ended
+        self.ended = reply.ended
+        # a whole body is handed on as it is; a stream's, by whole lines (`batches`)
+        self.first, self._tail = (reply.first, b"") if reply.ended else _lines(reply.first)
         return True
 
     async def batches(self) -> AsyncIterator[bytes]:
-        last = self.first  # what went out last: a line the stop cut is ended before the next reply
+        tail = self._tail  # the bytes after the last whole line handed on
         while self._reply is not None:
             try:
                 async for batch in self._reply.batches():
-                    last = batch or last
-                    yield batch
+                    whole, tail = _lines(tail + batch)
+                    if whole:
+                        yield whole
             except ServiceStopping as stopped:
                 following = await self._again(stopped)
                 if following is None:
                     raise
             else:
                 self.ended = True
+                if tail:
+                    yield tail  # the body's last line, without its newline
                 return
-            self._reply = following
-            cut = b"\n" if last and not last.endswith(b"\n") else b""
-            if out := cut + following.first:
-                last = out
-                yield out
+            self._reply = following  # a line the stop cut short is dropped: the next copy says it again
+            whole, tail = _lines(following.first)
+            if whole:
+                yield whole
 
     async def _again(self, stopped: ServiceStopping) -> Reply | None:
         """The next copy's reply; ``stopped`` again when the resends are spent; None when no copy
@@ -101,3 +116,9 @@ class Resent(ReplyStream):
     async def close(self) -> None:
         if self._reply is not None:
             await self._reply.close()
+
+
+def _lines(data: bytes) -> tuple[bytes, bytes]:
+    """``data`` split after its last newline: its whole lines, and the start of the next."""
+    end = data.rfind(b"\n") + 1
+    return data[:end], data[end:]

@@ -15,7 +15,7 @@ from corral import views
 from corral.agent.agent import Agent
 from corral.aggregator.aggregator import Aggregator
 from corral.aggregator.settings import AggregatorSettings
-from corral.protocol.messages import agent_state_of
+from corral.protocol.messages import agent_state_encoder, agent_state_of
 from corral.protocol.names import parse_name
 from corral.protocol.subjects import Subjects
 from corral.registry.registry import Registry
@@ -287,34 +287,34 @@ async def test_an_agent_may_not_join_under_the_id_of_a_live_one_elsewhere(fleet:
         assert (await c.generate(model="llama3.2", prompt="still mine", options={"num_predict": 2})).done
 
 
-async def test_a_second_process_under_a_live_agents_id_and_ollama_gives_way(
-    fleet: LocalFleet, root: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The same agent started twice (a second service unit, a host cloned with its name): at start
-    it looks like a restart of the first, so it joins; at its next state write it finds the first's
-    write in between, and the later of the two stops, exit 1, with why. The first keeps its id and
-    state (the second's stop deletes nothing) and its requests."""
+async def test_the_same_agent_started_twice_is_refused(fleet: LocalFleet) -> None:
+    """A second process under a live agent's id, beside the same Ollama on the same host (a second
+    service unit, say): its state there looks like this agent's own left by a crash, but a live
+    agent writes it again within a heartbeat, so the newcomer stops before it takes anything."""
     held = fleet.agents[0]
     first = held.state()
-    settings = msgspec.structs.replace(held.settings)  # the same id, Ollama and host
-    second = Agent(settings, gpus=list(first.gpus))
-    run = asyncio.create_task(second.run())
-    try:
-        async with asyncio.timeout(30):  # a few heartbeats of 0.5 s
-            await asyncio.shield(run)
-    finally:
-        if not run.done():  # it did not give way: stopped here, not left running
-            await second.stop()
-            await run
-    assert second.connection_lost  # what makes `corral agent` exit 1
-    assert any("is in use by another agent process" in r.getMessage() for r in caplog.records)
+    second = Agent(msgspec.structs.replace(held.settings), gpus=list(first.gpus))
+    with pytest.raises(IdInUse, match="the same agent started twice"):
+        async with asyncio.timeout(30):
+            await second.run()
     assert not held.connection_lost
+    assert fleet.gateway is not None and fleet.gateway.fleet.get(held.id) is not None
+
+
+async def test_an_agent_that_finds_an_earlier_process_writing_its_id_gives_way(
+    fleet: LocalFleet, root: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two processes under one id that both got in (started in the same instant, or hosts cloned
+    with the same name): each write expects the revision of its own last one, and the one started
+    later stops at its next write, exit 1, with why, leaving the key to the other."""
+    agent = fleet.agents[0]
     gateway = fleet.gateway
     assert gateway is not None and gateway.nc is not None
-    await until(
-        fleet, lambda: (s := gateway.fleet.get(held.id)) is not None and s.started_at == first.started_at
-    )
-    entry = await (await ensure_buckets(gateway.nc.jetstream(), Subjects(root))).agents.get(held.id)
-    assert agent_state_of(held.id, entry.value).started_at == first.started_at  # its own, not deleted
-    async with ollama.AsyncClient(host=fleet.url, headers={"X-Corral-Agent": held.id}) as c:
-        assert (await c.generate(model="llama3.2", prompt="still mine", options={"num_predict": 2})).done
+    agents = (await ensure_buckets(gateway.nc.jetstream(), Subjects(root))).agents
+    earlier = msgspec.structs.replace(agent.state(), host="clone", started_at=agent.state().started_at - 60)
+    await agents.put(agent.id, agent_state_encoder.encode(earlier))  # the other process's heartbeat
+    await until(fleet, lambda: agent.connection_lost, what="the later process gives way")
+    await agent.stop()
+    assert any("is in use by another agent process on clone" in r.getMessage() for r in caplog.records)
+    stored = agent_state_of(agent.id, (await agents.get(agent.id)).value or b"")
+    assert stored.host == "clone"  # it wrote nothing more, and its stop deleted nothing

@@ -53,22 +53,37 @@ async def read(resent: Resent) -> bytes:
 async def test_a_stream_cut_by_a_stopping_copy_carries_on_with_the_next_copys_reply() -> None:
     # the stop cuts a line short; the next copy's head holds half a line, its body the rest
     stopping = Scripted(
-        b'{"status":"pulling manifest"}\n', [b'{"completed":1}\n{"compl'], ServiceStopping("stops")
+        b'{"status":"pulling manifest"}\n{"sta',
+        [b'tus":"x"}\n{"completed":1}\n{"compl'],
+        ServiceStopping("stops"),
     )
     following = Scripted(b'{"status":"pull', [b'ing manifest"}\n{"completed":2}\n{"status":"success"}\n'])
     send, calls = sender(stopping, following)
     resent = Resent(send, "pull", 3)
     assert await resent.begin()
+    assert resent.first == b'{"status":"pulling manifest"}\n'  # whole lines only, from the first too
     body = await read(resent)
     assert body.splitlines() == [
         b'{"status":"pulling manifest"}',
-        b'{"completed":1}',
-        b'{"compl',  # ended, so that it spoils no line of the next reply
+        b'{"status":"x"}',
+        b'{"completed":1}',  # the line the stop cut short is dropped: no reader gets half a line
         b'{"status":"pulling manifest"}',
         b'{"completed":2}',
         b'{"status":"success"}',
     ]
     assert calls == [2] and resent.ended and following.closed  # leaving closes the reply open now
+
+
+async def test_a_whole_body_and_a_last_line_without_its_newline_are_handed_on_whole() -> None:
+    send, _ = sender(Scripted(b'{"status":"success"}', []))
+    resent = Resent(send, "pull", 3)
+    assert await resent.begin()
+    assert await read(resent) == b'{"status":"success"}'
+    ended = Scripted(b'{"error":"no"}', [])
+    ended.ended = True  # a head that is the whole answer
+    send, _ = sender(ended)
+    resent = Resent(send, "pull", 3)
+    assert await resent.begin() and resent.first == b'{"error":"no"}'
 
 
 async def test_a_copy_stopping_before_its_head_is_passed_over() -> None:
