@@ -42,7 +42,7 @@ from corral.agent.runners import RunnerChange, RunnerTracker, evicted_by
 from corral.agent.settings import AgentSettings
 from corral.agent.slots import Admission, SlotTable
 from corral.agent.usage import SlotTime
-from corral.agent.worker import Job, Worker, load_seconds, ran_seconds, report_finished
+from corral.agent.worker import Job, Worker, load_seconds, ran_seconds, report_failed, report_finished
 from corral.protocol import headers as H
 from corral.protocol.endpoints import MODEL_ENDPOINTS
 from corral.protocol.errors import BackendError, InternalError
@@ -322,6 +322,7 @@ class Agent:
                 self._changed(refresh=True)  # what is loaded, or until when, changed: advertise it now
         except asyncio.CancelledError:  # the job ends here; the TaskGroup must not see it as its own
             await job.end_reply(job.ending)
+            await report_failed(self.nc, self.subjects.event("request"), job, self.id)
         except Exception as e:
             log.exception("request %s (%s %s) failed", job.rid, env.method, env.endpoint)
             await job.end_reply(InternalError(f"agent error: {e}"))

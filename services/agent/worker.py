@@ -236,6 +236,19 @@ async def report_finished(nc: NATS, subject: str, job: Job, agent_id: str, statu
         log.warning("cannot report request %s: %s", job.rid, e)
 
 
+async def report_failed(nc: NATS, subject: str, job: Job, agent_id: str) -> None:
+    """A job ended by a failure of its own (a stall, its drain grace running out), not by its client
+    leaving: one `report_finished` with the failure's status, as the fleet's error rate counts."""
+    if job.token is not None and job.failure is not None:
+        await report_finished(nc, subject, job, agent_id, job.failure.status)
+
+
+async def _ended(out: ReplyWriter, error: CorralError) -> int:
+    """End ``out`` with ``error``; its status, as the request's."""
+    await out.end(error)
+    return error.status
+
+
 class EchoRewriter:
     """Put the client's model spelling back into Ollama's replies when a vendor pin was stripped.
 
@@ -293,7 +306,9 @@ class Worker:
         return self.ollama.upload(env.method, env.endpoint, chunks, env.body_size)
 
     async def run(self, job: Job) -> int:
-        """Execute the job; returns the HTTP status Ollama answered (0 when it never answered).
+        """Execute the job; returns the status it ended with: Ollama's, or that of the failure that
+        ended it (a `BackendError`'s 502 for an answer Ollama cut short or never gave), so that an
+        answer begun with 200 and cut is no success in the fleet's figures.
 
         Every way it can end ends its reply stream: a failure with its error, a cancellation with
         ``cancelled``, a bug in here with ``internal`` (logged with its traceback)."""
@@ -324,15 +339,15 @@ class Worker:
             log.warning("ollama request %s %s failed: %s", env.method, env.endpoint, e)
             if not status:
                 self.on_response(job, 0)  # it did not answer at all
-            await out.end(BackendError(f"ollama unavailable: {e}"))
+            return await _ended(out, BackendError(f"ollama unavailable: {e}"))
         except NatsError as e:  # the body could not be fetched, or the reply not sent
             log.warning("request %s %s: %s", env.method, env.endpoint, e)
-            await out.end(BackendError(f"request transport failed: {e}"))
+            return await _ended(out, BackendError(f"request transport failed: {e}"))
         except CorralError as e:
-            await out.end(e)
+            return await _ended(out, e)
         except Exception as e:  # a bug here must still end the client's request, never leave it hanging
             log.exception("request %s %s failed", env.method, env.endpoint)
-            await out.end(InternalError(f"agent error: {e}"))
+            return await _ended(out, InternalError(f"agent error: {e}"))
         return status
 
     async def _relay(self, job: Job, resp: Answer) -> None:

@@ -14,11 +14,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import nats
 import pytest
+from corral.protocol.messages import RequestFinished, request_finished_decoder
 from corral.protocol.names import parse_name
+from corral.protocol.subjects import Subjects
 from corral.runtime.natsserver import NatsServer
 from corral.simulator import SimServer
 from corral.up import Backend, FleetOptions, LocalFleet, default_sims
+from nats.aio.msg import Msg
 
 from tests.chaos.faulty_ollama import RUNNER_DIED, FaultyOllama
 from tests.integration.fleet_helpers import until
@@ -133,10 +137,19 @@ async def streamed(s: aiohttp.ClientSession, url: str, **headers: str) -> tuple[
 
 
 async def test_a_stream_its_ollama_stops_sending_ends_and_one_not_begun_goes_elsewhere(
-    fleet: tuple[LocalFleet, FaultyOllama],
+    fleet: tuple[LocalFleet, FaultyOllama], nats_server: NatsServer, root: str
 ) -> None:
     f, faulty = fleet
     silent = f"ollama at {faulty.url} sent nothing for {STALL_S:.0f} s"
+    failing = next(a.id for a in f.agents if a.vendor == "nvidia")
+    finished: asyncio.Queue[RequestFinished] = asyncio.Queue()  # what the fleet's rates are made of
+    nc = await nats.connect(nats_server.url)
+
+    async def heard(msg: Msg) -> None:
+        if (event := request_finished_decoder.decode(msg.data)).agent == failing:
+            finished.put_nowait(event)
+
+    await nc.subscribe(Subjects(root).event("request"), cb=heard)
     faulty.fault = "hang"  # a runner wedged before its first token; its server still answers
     async with aiohttp.ClientSession() as s:
         status, lines = await streamed(s, f.url, **STRICT)  # only that agent may serve it
@@ -147,6 +160,14 @@ async def test_a_stream_its_ollama_stops_sending_ends_and_one_not_begun_goes_els
         faulty.fault = "stall"  # wedged after its first token: the stream ends in words
         status, lines = await streamed(s, f.url, **STRICT)
         assert status == 200 and lines[0]["done"] is False and lines[-1] == {"error": silent}
+        faulty.fault = "reset"  # cut mid-answer, or before it: the failing agent reports each
+        await streamed(s, f.url, **STRICT)
+    # every request the failing agent took counts as failed in the fleet's figures, none as served
+    # (an answer begun with 200 and cut, too): `corral status` and /api/status report its errors
+    async with asyncio.timeout(10):
+        statuses = [(await finished.get()).status for _ in range(3)]
+    await nc.close()
+    assert statuses == [502, 502, 502] and finished.empty()
 
 
 async def test_a_tripped_agent_is_tried_once_the_others_fail_too(
