@@ -220,6 +220,8 @@ class _HeaderTimeout(HttpToolsProtocol):
         self._in_head = False
         self._disarm_head_timer()
         super().on_headers_complete()
+        if self.scope.get("http_version") == "1.0" and self.cycle is not None:
+            _close_delimited(self.cycle)
 
     def _arm_head_timer(self) -> None:
         if self._head_timer is None:
@@ -237,6 +239,37 @@ class _HeaderTimeout(HttpToolsProtocol):
                 "%s: request headers not received within %gs; closing", self.client, self.header_timeout_s
             )
             self.transport.close()
+
+
+def _close_delimited(cycle: Any) -> None:
+    """An HTTP/1.0 request's response without a length ends where its connection does, as Go's
+    net/http (Ollama's server) sends it: uvicorn would chunk it, which HTTP/1.0 does not know
+    (RFC 9112, 6.1: a server must not send Transfer-Encoding to it), so its client would read the
+    chunk sizes as part of the body. ``cycle``'s ``send`` (uvicorn's request-response cycle, before
+    its application starts) is wrapped: such a response is written as it comes, its connection
+    closed after it (uvicorn closes an HTTP/1.0 connection after each response)."""
+    send = cycle.send
+    raw = False
+
+    async def close_delimited(message: dict[str, Any]) -> None:
+        nonlocal raw
+        if message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", ())}
+            raw = (
+                b"content-length" not in names
+                and b"transfer-encoding" not in names
+                and cycle.scope["method"] != "HEAD"
+                and message["status"] not in (204, 304)
+                and message["status"] >= 200
+            )
+            if raw:  # uvicorn's bookkeeping of a body of known length, the length ours to keep
+                cycle.chunked_encoding = False
+                cycle.expected_content_length = sys.maxsize
+        elif raw and message["type"] == "http.response.body" and not message.get("more_body", False):
+            cycle.expected_content_length = len(message.get("body", b""))  # this is the end
+        await send(message)
+
+    cycle.send = close_delimited
 
 
 def _protocol(header_timeout_s: float) -> type[_HeaderTimeout]:

@@ -142,3 +142,39 @@ async def test_a_large_header_block_under_the_bound_is_served(fleet: LocalFleet)
         async with asyncio.timeout(CLOSED_WITHIN_S):
             head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
+
+
+@pytest.mark.parametrize("path", ["/api/generate", "/v1/completions"])
+async def test_an_http_10_client_reads_a_stream_to_the_connections_end_never_chunked(
+    fleet: LocalFleet, path: str
+) -> None:
+    """HTTP/1.0 knows no chunked encoding (a client of it, ApacheBench say, would read the chunk
+    sizes as text): a streamed answer comes as it is, its end where the connection closes, as Go's
+    server (Ollama's) sends it; an answer of known length keeps its Content-Length."""
+    body = b'{"model":"%s","prompt":"hi","stream":true,"options":{"num_predict":3}}' % MODEL.encode()
+    request = REQUEST.replace(b"HTTP/1.1", b"HTTP/1.0").replace(b"/api/generate", path.encode()) % (
+        len(body),
+        body,
+    )
+    async with _connection(fleet.url) as (reader, writer):
+        writer.write(request)
+        await writer.drain()
+        answer = await _closed(reader)  # it ends with the connection
+    head, _, streamed = answer.partition(b"\r\n\r\n")
+    names = {line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")[1:]}
+    assert (
+        head.startswith(b"HTTP/1.1 200")
+        and b"transfer-encoding" not in names
+        and b"content-length" not in names
+    )
+    lines = [line for line in streamed.split(b"\n") if line.strip()]
+    if path == "/api/generate":
+        assert b'"done":true' in lines[-1] and all(line.startswith(b"{") for line in lines), lines
+    else:  # server-sent events
+        assert lines[-1] == b"data: [DONE]" and all(line.startswith(b"data: ") for line in lines), lines
+    async with _connection(fleet.url) as (reader, writer):  # not streamed: its length, as before
+        writer.write(_generate().replace(b"HTTP/1.1", b"HTTP/1.0"))
+        await writer.drain()
+        whole = await _closed(reader)
+    assert b"content-length:" in whole.lower() and b"transfer-encoding" not in whole.lower()
+    assert whole.rstrip().endswith(b"}")
