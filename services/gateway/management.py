@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -15,6 +16,7 @@ from corral.gateway.asgi import Receive, Send
 from corral.gateway.edge import STREAM, ClientBody
 from corral.gateway.errors import JSON, TOO_DEEP, json_error, native_body
 from corral.gateway.metrics import DIRECT, Decision
+from corral.gateway.outage import MESSAGE as OUTAGE_MESSAGE
 from corral.gateway.planner import Planner
 from corral.gateway.relay import RelayResponse, ReplyResponse, relay, respond, respond_error
 from corral.gateway.shutdown import MESSAGE as STOP_MESSAGE
@@ -412,6 +414,8 @@ async def pull(planner: Planner, request: Request) -> Response:
     }
     work = WorkRequest(endpoint="/api/pull", body=msgspec.json.encode(order))
     transport = planner.transport
+    if (cut_off := _cut_off(planner)) is not None:
+        return cut_off
     try:
         # a registry copy that stops under it hands it on to another (`send_resending`)
         reply = await send_resending(
@@ -447,7 +451,20 @@ async def to_all_holders(planner: Planner, request: Request, endpoint: str, meth
     if not holders:
         text = f"model '{raw}' not found" if endpoint == "/api/delete" else f'model "{raw}" not found'
         return Response(native_body(text), status_code=404, media_type=JSON)
+    if (cut_off := _cut_off(planner)) is not None:
+        return cut_off
     return await _on_every(planner, holders, WorkRequest(endpoint=endpoint, body=body, method=method))
+
+
+def _cut_off(planner: Planner) -> Response | None:
+    """While this gateway is cut off from NATS, a fleet-wide change can reach no agent nor registry:
+    ``503`` saying so at once (as a model request says it after `CORRAL_NATS_OUTAGE_S`), not a
+    claim timeout's ``502 no answer``."""
+    t = planner.transport
+    if t.nc.is_connected:
+        return None
+    away = planner.outage.away_s(False, time.monotonic(), t.epoch()) or 0.0
+    return error(NoCapacity(OUTAGE_MESSAGE.format(away)))
 
 
 async def _on_every(planner: Planner, agents: list[str], work: WorkRequest) -> Response:

@@ -18,6 +18,7 @@ from typing import Protocol, Self
 
 from corral.protocol import headers as H
 from corral.protocol.errors import AgentUnavailable, CorralError, ReplyOverflow, end_error
+from corral.protocol.subjects import REGISTRY_SENDER
 from nats.aio.msg import Msg
 
 # the mark `corral.transport.calls.Transport` queues for an open reply when its connection came back
@@ -238,7 +239,8 @@ class Reply(ReplyStream):
                     if not self._owner.held(self._epoch):  # what followed may have been lost with it
                         lost = f"the NATS connection was lost while agent {self.agent} answered"
                         raise AgentUnavailable(f"{lost}: the rest of the reply did not come") from None
-                    raise AgentUnavailable(f"agent {self.agent} stopped responding") from None
+                    who = "the registry" if self.agent == REGISTRY_SENDER else f"agent {self.agent}"
+                    raise AgentUnavailable(f"{who} stopped responding") from None
                 self._epoch = self._owner.epoch()
                 parts: list[bytes] = []
                 pinged = False

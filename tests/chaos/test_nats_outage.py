@@ -95,6 +95,14 @@ async def test_requests_end_with_fleet_unreachable_once_nats_has_been_away_long_
             assert view.deaf and len(shown["agents"]) == 2, shown["agents"]
             known = [s for a in fleet.agents if (s := view.get(a.id)) is not None]
             assert len(known) == 2 and all(view.alive(s, time.monotonic() + 3600) for s in known)
+            # a fleet-wide change says at once that nothing can reach the fleet
+            for method, path, body in (
+                ("POST", "/api/pull", {"model": "mistral"}),
+                ("DELETE", "/api/delete", {"model": MODEL}),
+            ):
+                async with http.request(method, f"{fleet.url}{path}", json=body) as r:
+                    said = await r.json()
+                    assert r.status == 503 and said["error"].startswith("fleet unreachable: "), (path, said)
         for r in streams:
             r.close()
         await server.start()  # the fleet stops cleanly
