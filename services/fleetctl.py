@@ -174,6 +174,15 @@ async def status(s: _Session, as_json: bool) -> int:
     return 0
 
 
+FOREVER_S = 20 * 365 * 86400  # `ollama ps` says Forever past twenty years (Ollama's format.HumanTime)
+
+
+def _until(expires_at: str, now: float | None = None) -> str:
+    """A runner's expiry as `ollama ps` words one kept to stay (``keep_alive: -1``); else as is."""
+    expires = views.parse_time(expires_at)
+    return "Forever" if expires - (time.time() if now is None else now) > FOREVER_S else expires_at
+
+
 async def ps(s: _Session, as_json: bool) -> int:
     rows = views.merged_ps(s.fleet.agents())
     if as_json:
@@ -189,7 +198,7 @@ async def ps(s: _Session, as_json: bool) -> int:
                     _gb(r.size),
                     _gb(r.size_vram),
                     r.context_length,
-                    r.expires_at,
+                    _until(r.expires_at),
                 )
                 for r in rows
             ],

@@ -62,6 +62,8 @@ async def test_status_ps_models(fleet: LocalFleet) -> None:
     assert f"of {total:.1f} GiB" in out and "VRAM GiB" in out, out
     rc, out, _ = await corral(fleet, "ps")
     assert rc == 0 and out.split("\n")[0].split()[3:7] == ["SIZE", "GiB", "IN", "VRAM"], out
+    # loaded to stay (keep_alive -1): said as `ollama ps` says it, not as a date three centuries on
+    assert [line.split()[-1] for line in out.strip().split("\n")[1:]] == ["Forever", "Forever"], out
 
 
 async def _piped(*args: str) -> tuple[asyncio.subprocess.Process, int]:
