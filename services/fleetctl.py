@@ -153,6 +153,8 @@ async def status(s: _Session, as_json: bool) -> int:
             f"last {r.window_s:.0f}s: {r.requests_per_s:.2f} req/s, {r.tokens_per_s:.1f} tokens/s, "
             f"TTFT p50 {ttft}, {r.errors} errors"
         )
+    else:
+        print("rates: none (no aggregator has written them lately; they come from `corral aggregator`)")
     rows = [
         (
             a.id,

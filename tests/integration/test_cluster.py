@@ -266,7 +266,8 @@ async def test_rates_an_aggregator_stopped_rewriting_are_not_shown(
         assert (await written(3600.0) or {})["requests"] == 7  # rewritten every hour: current
         assert "req/s" in await corral_ok(*status)
         assert await written(1e-6) is None  # every microsecond, and not since: its aggregator stopped
-        assert "req/s" not in await corral_ok(*status)
+        shown = await corral_ok(*status)
+        assert "req/s" not in shown and "rates: none (no aggregator has written them lately" in shown
 
 
 async def test_an_agent_may_not_join_under_the_id_of_a_live_one_elsewhere(fleet: LocalFleet) -> None:
