@@ -38,6 +38,7 @@ from nats.errors import Error as NatsError
 log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
+DRAIN_S = 2.0  # a stopping registry waits at most this for the pulls already on their way to it
 JSON = "application/json; charset=utf-8"
 _enc = msgspec.json.Encoder()
 
@@ -124,13 +125,13 @@ class FleetPulls:
         """Leave the queue group, then end the pulls under way, one taken a moment ago included
         (`cancel_and_wait` lets it start): each reply ends with `ServiceStopping` (`_serve_pull`),
         so its asker may send it again, to a copy still in the group."""
-        if self._sub is not None:
+        if self._sub is not None and self._nc.is_connected:
             # unsubscribed, and the pulls already on their way here taken (each then ended like the
-            # rest): an unsubscribe alone would drop them unanswered, to end at their claim timeout
-            with contextlib.suppress(
-                NatsError, TimeoutError
-            ):  # the connection is gone: so is the subscription
-                await self._sub.drain()  # type: ignore[no-untyped-call]
+            # rest): an unsubscribe alone would drop them unanswered, to end at their claim timeout.
+            # Bounded: a drain waits for the server's answer, which a connection lost meanwhile
+            # would keep from a stop for nats-py's ten seconds
+            with contextlib.suppress(NatsError, TimeoutError):
+                await asyncio.wait_for(self._sub.drain(), DRAIN_S)  # type: ignore[no-untyped-call]
         await cancel_and_wait(set(self._pulls))
 
     def targets(self, req: PullRequest) -> list[AgentState]:
