@@ -179,10 +179,9 @@ async def status(s: _Session, as_json: bool) -> int:
 FOREVER_S = 20 * 365 * 86400  # `ollama ps` says Forever past twenty years (Ollama's format.HumanTime)
 
 
-def _until(expires_at: str, now: float | None = None) -> str:
+def _until(expires_at: str) -> str:
     """A runner's expiry as `ollama ps` words one kept to stay (``keep_alive: -1``); else as is."""
-    expires = views.parse_time(expires_at)
-    return "Forever" if expires - (time.time() if now is None else now) > FOREVER_S else expires_at
+    return "Forever" if views.parse_time(expires_at) - time.time() > FOREVER_S else expires_at
 
 
 async def ps(s: _Session, as_json: bool) -> int:

@@ -178,7 +178,7 @@ class Agent:
         js, replicas = nc.jetstream(), self.settings.js_replicas
         buckets = await ensure_buckets_at_start(js, self.subjects, replicas=replicas)
         await refuse_taken_id(buckets.agents, self.state(), self.settings.heartbeat_s)  # then left untouched
-        self._own = OwnState(buckets.agents, self.id, self._backend.started_at, self._wake.displaced)
+        self._own = OwnState(buckets.agents, self.id, self._backend.started_at, self._wake.stop_for_good)
         self._reopener = Reopener(nc, self.subjects, lambda: self._changed(state=True), replicas=replicas)
         self._reopener.start()
         self._worker = Worker(

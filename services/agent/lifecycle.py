@@ -54,14 +54,11 @@ class Wakeups:
 
     def connection_closed(self) -> None:
         """The NATS connection closed: by our own stop, or for good (then the agent stops)."""
-        if not self.stop.is_set():
-            log.error("the NATS connection is closed for good: the agent stops")
-            self.lost.set()
-            self.stop.set()
+        self.stop_for_good("the NATS connection is closed for good: the agent stops")
 
-    def displaced(self, why: str) -> None:
-        """Another agent process held this agent's id first (`corral.runtime.fleet.OwnState`): the
-        agent stops, exit 1, leaving the id to it."""
+    def stop_for_good(self, why: str) -> None:
+        """Stop, to exit non-zero, saying ``why`` (unless stopping already): the connection closed
+        for good, or another agent process held this agent's id first (`corral.runtime.fleet.OwnState`)."""
         if not self.stop.is_set():
             log.error("%s", why)
             self.lost.set()

@@ -67,7 +67,6 @@ METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE"})
 HEADER_HEADROOM: Final = 8 * 1024  # room under max_payload for headers added after the envelope
 _RID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ENDPOINT = re.compile(r"/(api|v1)(/[A-Za-z0-9_.:/-]*)?")
-_MAX_ORIGIN = 128  # a sender token (`corral.protocol.subjects.is_sender`): one id, or a registry copy's two
 _MAX_NAME = MAX_NAME_LENGTH  # characters of a model name carried in Echo/Upstream headers
 MAX_BODY_SIZE: Final = 1 << 40  # the largest Corral-Body-Size a receiver accepts
 MAX_NUM_CTX: Final = 1 << 24  # a Corral-Num-Ctx above this is refused (no model is trained past it)
@@ -160,7 +159,7 @@ def decode_request(headers: Mapping[str, str] | None) -> RequestEnvelope:
         raise BadEnvelope(f"{H.ECHO_MODEL} and {H.UPSTREAM_MODEL} come together, each a model name")
     body_size = _number(h, H.BODY_SIZE, 1, MAX_BODY_SIZE)
     origin = h.get(H.ORIGIN)
-    if body_size is not None and (origin is None or len(origin) > _MAX_ORIGIN or not is_sender(origin)):
+    if body_size is not None and (origin is None or not is_sender(origin)):
         raise BadEnvelope(f"{H.BODY_SIZE} needs a {H.ORIGIN} header naming the sender")
     trace = trace_context(h.get(H.TRACEPARENT), h.get(H.TRACESTATE))
     return RequestEnvelope(

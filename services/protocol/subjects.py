@@ -40,8 +40,8 @@ _REPLY = re.compile(r"[!-)+-=?-~]{1,255}")
 _ID_CHARS = "[A-Za-z0-9_-]"
 _ID = re.compile(f"{_ID_CHARS}+")
 REGISTRY_SENDER = "registry"  # the sender the registry's replies name (`Subjects.registry_ctl`)
-# a requester's token in reply and body subjects: an id, or a registry copy's two tokens
-_SENDER = re.compile(f"(?:{REGISTRY_SENDER}\\.)?{_ID_CHARS}+")
+# a requester's token in reply and body subjects: an id of at most 64, or a registry copy's two tokens
+_SENDER = re.compile(f"(?:{REGISTRY_SENDER}\\.)?{_ID_CHARS}{{1,64}}")
 # an agent id: a subject token, and not the registry's (empty: the agent makes its own)
 AGENT_ID_PATTERN = f"^(?!{REGISTRY_SENDER}$){_ID_CHARS}*$"
 # a gateway id: a subject token of at most 64, and not the registry's (its replies are the registry's)

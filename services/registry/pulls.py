@@ -38,8 +38,8 @@ from nats.errors import Error as NatsError
 log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
-DRAIN_S = 2.0  # a stopping registry waits at most this for the pulls already on their way to it
 JSON = "application/json; charset=utf-8"
+DRAIN_S = 2.0  # a stopping registry waits at most this for the pulls already on their way to it
 _enc = msgspec.json.Encoder()
 
 

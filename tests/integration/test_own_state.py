@@ -43,6 +43,20 @@ class Told:
         self.why.append(why)
 
 
+class Reads:
+    """The bucket, counting the reads made of it (`get`)."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv, self.reads = kv, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.kv, name)
+
+    async def get(self, key: str) -> object:
+        self.reads += 1
+        return await self.kv.get(key)
+
+
 async def stored(agents: KeyValue) -> float:
     return agent_state_of(AGENT, (await agents.get(AGENT)).value or b"").started_at
 
@@ -100,15 +114,16 @@ async def test_a_bucket_made_again_starts_its_revisions_again(nats_server: NatsS
     nc = await nats.connect(nats_server.url)
     try:
         js, subjects = nc.jetstream(), Subjects(root)
-        agents = (await ensure_buckets(js, subjects)).agents
-        own = OwnState(agents, AGENT, 1000.0, Told())
+        agents = Reads((await ensure_buckets(js, subjects)).agents)
+        own = OwnState(agents, AGENT, 1000.0, Told())  # type: ignore[arg-type]
         for _ in range(5):
             await own.put(state(1000.0))
         await js.delete_key_value(subjects.agents_bucket)
         await ensure_buckets(js, subjects)
-        await own.put(state(1000.0))
-        first = (await agents.get(AGENT)).revision
-        await own.put(state(1000.0))
-        assert first == 1 and (await agents.get(AGENT)).revision == 2 and not own.displaced
+        await own.put(state(1000.0))  # its compare-and-set fails once: read, then written over
+        assert agents.reads == 1 and (await agents.kv.get(AGENT)).revision == 1
+        for _ in range(3):
+            await own.put(state(1000.0))  # compare-and-set on the new revisions, no read between
+        assert agents.reads == 1 and (await agents.kv.get(AGENT)).revision == 4 and not own.displaced
     finally:
         await nc.close()
